@@ -1,0 +1,42 @@
+"""hooked_attnres: TransformerLens-style interpretability for Block Attention Residuals.
+
+Quick start::
+
+    from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+
+    cfg = HookedAttnResConfig(d_model=64, n_layers=4, n_heads=4, d_vocab=100,
+                              attnres_layout="cumulative", attnres_num_blocks=2, seed=0)
+    model = HookedAttnRes(cfg)
+    logits, cache = model.run_with_cache(tokens)
+    cache["weights", 3, "attn_res"]      # [batch, pos, n_sources] routing weights
+    model.source_labels(3, "attn_res")   # ["embedding", "block_1", "current"]
+"""
+
+__version__ = "0.1.0"
+
+from hooked_attnres.config import HookedAttnResConfig
+from hooked_attnres.loading import CheckpointError
+from hooked_attnres.model import (
+    FAMILIES,
+    ROUTERS,
+    DepthRouter,
+    DepthState,
+    HookedAttnRes,
+    Output,
+    RoutingLayout,
+    UnknownHookError,
+)
+
+__all__ = [
+    "FAMILIES",
+    "ROUTERS",
+    "CheckpointError",
+    "DepthRouter",
+    "DepthState",
+    "HookedAttnRes",
+    "HookedAttnResConfig",
+    "Output",
+    "RoutingLayout",
+    "UnknownHookError",
+    "__version__",
+]

@@ -1,0 +1,288 @@
+"""`HookedAttnResConfig`: the shape of a Qwen3 + Block AttnRes model.
+
+Field names follow TransformerLens's ``HookedTransformerConfig`` so that every
+TransformerLens utility that reads ``model.cfg`` (patching, ``ActivationCache``)
+finds what it expects. The ``attnres_*`` fields describe the depth routing; see
+``docs/architecture.md`` for the three layouts.
+
+The config validates itself on construction and after ``replace``; every error
+says which field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+LAYOUTS = ("cumulative", "kimi", "full", "none")
+MODES = ("block", "full")
+QUERY_INITS = ("zero", "normal")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+# Fields that describe the Qwen3 architecture. They exist because TransformerLens
+# utilities read them; this package implements exactly one value of each.
+_FIXED_ARCHITECTURE = {
+    "act_fn": "silu",
+    "normalization_type": "RMS",
+    "positional_embedding_type": "rotary",
+    "gated_mlp": True,
+    "final_rms": True,
+    "attn_only": False,
+    "parallel_attn_mlp": False,
+}
+
+
+def _dtype_from_any(value: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"dtype {value} is not supported; use one of {sorted(_DTYPES)}")
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {value!r} is not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling used in config.json)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class HookedAttnResConfig:
+    """Configuration of a `HookedAttnRes` model.
+
+    Required: ``d_model``, ``n_layers``, ``n_heads``, ``d_vocab``. ``d_head`` defaults to
+    ``d_model // n_heads``, ``d_mlp`` to ``3 * d_model``, ``n_key_value_heads`` to
+    ``n_heads``.
+
+    AttnRes fields:
+        attnres_layout: which depth sources each router reads (``attnres.md`` section 2):
+            ``"cumulative"`` (completed blocks are snapshots of the ordinary residual
+            stream; the layout of the public ``qwen3_attnres`` checkpoints),
+            ``"kimi"`` (paper-faithful: block sums plus a final router),
+            ``"full"`` (every sublayer output is its own source, plus a final router) or
+            ``"none"`` (a plain residual Qwen3; no routers).
+        attnres_num_blocks: number of blocks N for ``cumulative`` (block mode) and ``kimi``;
+            a block spans ``ceil(n_layers / N)`` layers. Default ``min(8, n_layers)``.
+        attnres_mode: ``"block"`` or ``"full"``; only for the cumulative layout. In
+            ``"full"`` mode the stream is snapshotted after every sublayer.
+        attnres_recency_bias: initial value of each router's learnable scalar bias on the
+            logit of its current source, or ``None`` for routers without a bias parameter.
+        attnres_query_init: ``"zero"`` (uniform routing at initialisation, as in the paper)
+            or ``"normal"`` (std ``initializer_range``).
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_vocab: int
+    d_head: Optional[int] = None
+    d_mlp: Optional[int] = None
+    n_key_value_heads: Optional[int] = None
+    n_ctx: int = 2048
+    eps: float = 1e-6
+    rotary_base: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: torch.dtype = torch.float32
+    device: Optional[str] = None
+    seed: Optional[int] = None
+    model_name: str = "custom"
+    original_architecture: str = "Qwen3ForCausalLM"
+    default_prepend_bos: bool = False
+    tokenizer_prepends_bos: Optional[bool] = None
+    tokenizer_name: Optional[str] = None
+
+    # --- Block AttnRes -------------------------------------------------------------
+    attnres_layout: Literal["cumulative", "kimi", "full", "none"] = "cumulative"
+    attnres_num_blocks: Optional[int] = None
+    attnres_mode: Literal["block", "full"] = "block"
+    attnres_recency_bias: Optional[float] = 0.0
+    attnres_query_init: Literal["zero", "normal"] = "zero"
+
+    # --- fixed by the Qwen3 architecture (TransformerLens reads them) ------------------
+    act_fn: str = "silu"
+    normalization_type: str = "RMS"
+    positional_embedding_type: str = "rotary"
+    gated_mlp: bool = True
+    final_rms: bool = True
+    use_qk_norm: bool = True
+    attn_only: bool = False
+    parallel_attn_mlp: bool = False
+    uses_rms_norm: bool = True
+    rotary_adjacent_pairs: bool = False
+    # TransformerLens feature flags whose hooks this model does not have.
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_hook_mlp_in: bool = False
+    use_attn_in: bool = False
+    use_hook_tokens: bool = False
+    layer_norm_folding: bool = False
+    num_experts: Optional[int] = None
+    experts_per_token: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_head is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "set d_head explicitly or change n_heads"
+                )
+            self.d_head = self.d_model // self.n_heads
+        if self.d_head < 2 or self.d_head % 2 != 0:
+            raise ValueError(
+                f"d_head={self.d_head} must be an even integer >= 2 (rotary embeddings rotate "
+                "pairs of dimensions)"
+            )
+        if self.d_mlp is None:
+            self.d_mlp = 3 * self.d_model
+        if self.d_mlp < 1:
+            raise ValueError(f"d_mlp must be a positive integer, got {self.d_mlp!r}")
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.n_key_value_heads < 1 or self.n_heads % self.n_key_value_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of "
+                f"n_key_value_heads={self.n_key_value_heads} (grouped-query attention)"
+            )
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        if not self.rotary_base > 0:
+            raise ValueError(f"rotary_base must be > 0, got {self.rotary_base!r}")
+        self.dtype = _dtype_from_any(self.dtype)
+        if self.device is None:
+            self.device = "cpu"
+        self.device = str(self.device)
+        for name, expected in _FIXED_ARCHITECTURE.items():
+            if getattr(self, name) != expected:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not supported: HookedAttnRes implements "
+                    f"the Qwen3 architecture, which has {name}={expected!r}"
+                )
+        if not self.use_qk_norm:
+            raise ValueError("use_qk_norm=False is not supported: Qwen3 normalises q and k per head")
+        self._validate_attnres()
+
+    def _validate_attnres(self) -> None:
+        if self.attnres_layout not in LAYOUTS:
+            raise ValueError(
+                f"attnres_layout={self.attnres_layout!r} is unknown; choose one of {LAYOUTS}"
+            )
+        if self.attnres_mode not in MODES:
+            raise ValueError(f"attnres_mode={self.attnres_mode!r} is unknown; choose one of {MODES}")
+        if self.attnres_mode == "full" and self.attnres_layout != "cumulative":
+            raise ValueError(
+                f"attnres_mode='full' only applies to the cumulative layout (got "
+                f"attnres_layout={self.attnres_layout!r}); for per-sublayer sources in the "
+                "paper-faithful form use attnres_layout='full'"
+            )
+        if self.attnres_query_init not in QUERY_INITS:
+            raise ValueError(
+                f"attnres_query_init={self.attnres_query_init!r} is unknown; choose one of "
+                f"{QUERY_INITS}"
+            )
+        if self.attnres_recency_bias is not None:
+            if isinstance(self.attnres_recency_bias, bool) or not math.isfinite(
+                float(self.attnres_recency_bias)
+            ):
+                raise ValueError(
+                    "attnres_recency_bias must be a finite number or None, got "
+                    f"{self.attnres_recency_bias!r}"
+                )
+            self.attnres_recency_bias = float(self.attnres_recency_bias)
+        if self.attnres_num_blocks is None:
+            self.attnres_num_blocks = min(8, self.n_layers)
+        n = self.attnres_num_blocks
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.n_layers:
+            raise ValueError(
+                f"attnres_num_blocks={n!r} must be an integer between 1 and n_layers="
+                f"{self.n_layers}; each block spans ceil(n_layers / attnres_num_blocks) layers"
+            )
+
+    # --- derived quantities ---------------------------------------------------------
+    @property
+    def d_vocab_out(self) -> int:
+        """Output vocabulary size (always ``d_vocab`` for Qwen3)."""
+        return self.d_vocab
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dimensions per head (Qwen3 rotates the whole head)."""
+        return self.d_head
+
+    @property
+    def layers_per_block(self) -> int:
+        """``S = ceil(n_layers / attnres_num_blocks)`` layers per AttnRes block."""
+        return math.ceil(self.n_layers / self.attnres_num_blocks)
+
+    @property
+    def has_routers(self) -> bool:
+        return self.attnres_layout != "none"
+
+    @property
+    def has_final_router(self) -> bool:
+        return self.attnres_layout in ("kimi", "full")
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (embedding and unembedding counted once when tied)."""
+        d, h, kv, dh = self.d_model, self.n_heads, self.n_key_value_heads, self.d_head
+        attn = d * h * dh * 2 + d * kv * dh * 2 + 2 * dh
+        mlp = 3 * d * self.d_mlp
+        n_routers = 2 * self.n_layers + int(self.has_final_router) if self.has_routers else 0
+        per_router = 2 * d + int(self.attnres_recency_bias is not None)
+        embed = self.d_vocab * d * (1 if self.tie_word_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * d) + n_routers * per_router + embed + d
+
+    # --- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``dtype`` as its name)."""
+        out = dataclasses.asdict(self)
+        out["dtype"] = dtype_name(self.dtype)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HookedAttnResConfig":
+        """Inverse of `to_dict`; unknown keys are an error (they usually mean a typo)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown HookedAttnResConfig field(s) {unknown}; known fields are {sorted(known)}"
+            )
+        return cls(**values)
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]) -> "HookedAttnResConfig":
+        """Parse a JSON string or read a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "HookedAttnResConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
