@@ -1,0 +1,125 @@
+"""Qwen3 grouped-query attention with TransformerLens names and layouts.
+
+Order of operations (as in Qwen3 and TransformerLens):
+``x -> q, k, v`` (raw projections) ``-> q_norm, k_norm`` (per-head RMSNorm) ``->
+rotary -> scores -> causal mask -> softmax (float32) -> z -> W_O``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.rotary import apply_rotary
+
+
+def _project(
+    x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    n_heads, d_model, d_head = W.shape
+    flat = W.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+    return (x @ flat).unflatten(-1, (n_heads, d_head))
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with per-head q/k RMSNorm and RoPE.
+
+    Parameters (TransformerLens layouts):
+        W_Q: ``[n_heads, d_model, d_head]``; W_O: ``[n_heads, d_head, d_model]``;
+        _W_K, _W_V: ``[n_key_value_heads, d_model, d_head]`` (the properties ``W_K`` /
+        ``W_V`` repeat them to ``n_heads``, as TransformerLens does for GQA);
+        q_norm.w, k_norm.w: ``[d_head]``.
+
+    Hooks:
+        hook_q: ``[batch, pos, n_heads, d_head]``, raw query projection.
+        hook_k, hook_v: ``[batch, pos, n_key_value_heads, d_head]``, raw projections.
+        q_norm.hook_scale / k_norm.hook_scale: ``[batch, pos, head, 1]``.
+        q_norm.hook_normalized / k_norm.hook_normalized: ``[batch, pos, head, d_head]``.
+        hook_rot_q: ``[batch, pos, n_heads, d_head]``; hook_rot_k:
+            ``[batch, pos, n_key_value_heads, d_head]`` (after q/k norm and rotary).
+        hook_attn_scores: ``[batch, n_heads, query_pos, key_pos]``, scaled and masked
+            (``-inf`` above the diagonal).
+        hook_pattern: ``[batch, n_heads, query_pos, key_pos]``, softmax of the scores.
+        hook_z: ``[batch, pos, n_heads, d_head]``, pattern-weighted values.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_key_value_heads: int, d_head: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_key_value_heads = n_key_value_heads
+        self.d_head = d_head
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self._W_K = nn.Parameter(torch.empty(n_key_value_heads, d_model, d_head))
+        self._W_V = nn.Parameter(torch.empty(n_key_value_heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        self.q_norm = RMSNorm(d_head, eps, pos_dim=-3)
+        self.k_norm = RMSNorm(d_head, eps, pos_dim=-3)
+        self.hook_q = make_hook(-3)
+        self.hook_k = make_hook(-3)
+        self.hook_v = make_hook(-3)
+        self.hook_rot_q = make_hook(-3)
+        self.hook_rot_k = make_hook(-3)
+        self.hook_attn_scores = make_hook(-2)
+        self.hook_pattern = make_hook(-2)
+        self.hook_z = make_hook(-3)
+
+    @property
+    def repeat_kv_heads(self) -> int:
+        return self.n_heads // self.n_key_value_heads
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._W_K.repeat_interleave(self.repeat_kv_heads, dim=0)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._W_V.repeat_interleave(self.repeat_kv_heads, dim=0)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_heads d_head"]:
+        return self.W_Q.new_zeros(self.n_heads, self.d_head)
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_heads d_head"]:
+        return self.W_Q.new_zeros(self.n_heads, self.d_head)
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_heads d_head"]:
+        return self.W_Q.new_zeros(self.n_heads, self.d_head)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        return self.W_O.new_zeros(self.W_O.shape[-1])
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cos: Float[Tensor, "pos d_head"],
+        sin: Float[Tensor, "pos d_head"],
+    ) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q(_project(x, self.W_Q))
+        k = self.hook_k(_project(x, self._W_K))
+        v = self.hook_v(_project(x, self._W_V))
+        q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos, sin))
+        k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin))
+
+        k = k.repeat_interleave(self.repeat_kv_heads, dim=2)
+        v = v.repeat_interleave(self.repeat_kv_heads, dim=2)
+        scores = einops.einsum(
+            q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos"
+        ) / math.sqrt(self.d_head)
+        n_pos = x.shape[1]
+        future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).triu(1)
+        scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype))
+        z = self.hook_z(
+            einops.einsum(
+                pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head"
+            )
+        )
+        return z.flatten(-2) @ self.W_O.flatten(0, 1)

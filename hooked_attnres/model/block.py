@@ -1,0 +1,94 @@
+"""One decoder layer: (router ->) RMSNorm -> attention, (router ->) RMSNorm -> MLP."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_attnres.config import HookedAttnResConfig
+from hooked_attnres.model.attention import Attention
+from hooked_attnres.model.depth import DepthState, RoutingLayout
+from hooked_attnres.model.mlp import GatedMLP
+from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.routing import DepthRouter
+
+
+class AttnResBlock(nn.Module):
+    """Decoder layer ``layer`` of a `HookedAttnRes` model.
+
+    Submodules: ``attn_res`` and ``mlp_res`` (`DepthRouter`, absent in layout
+    ``"none"``), ``ln1``, ``attn``, ``ln2``, ``mlp``.
+
+    Hooks (all ``[batch, pos, d_model]``):
+        hook_resid_pre / hook_resid_mid / hook_resid_post: the current source (the
+            running stream) before the layer, after attention and after the MLP. In
+            the cumulative and none layouts this is the ordinary residual stream; in
+            the kimi layout it is the running sum of the current block; in the full
+            layout it is the latest sublayer output.
+        hook_attn_out / hook_mlp_out: the sublayer outputs.
+        hook_committed_mid: the block committed after the attention sublayer (only
+            where every sublayer ends a block: full layout, cumulative full mode).
+        hook_committed_block: the block committed after the MLP sublayer (only at layers
+            that end a block). Every later router that reads the block reads this
+            hook's output.
+    """
+
+    def __init__(self, cfg: HookedAttnResConfig, layer: int, layout: RoutingLayout):
+        super().__init__()
+        self.layer = layer
+        self.layout = layout
+        routers = layout.has_routers
+        self.hook_resid_pre = make_hook()
+        if routers:
+            self.attn_res = DepthRouter(cfg.d_model, cfg.eps, cfg.attnres_recency_bias)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.eps)
+        self.hook_attn_out = make_hook()
+        self.hook_resid_mid = make_hook()
+        if layout.commits_after_attn(layer):
+            self.hook_committed_mid = make_hook()
+        if routers:
+            self.mlp_res = DepthRouter(cfg.d_model, cfg.eps, cfg.attnres_recency_bias)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
+        self.hook_mlp_out = make_hook()
+        self.hook_resid_post = make_hook()
+        if layout.commits_after_mlp(layer):
+            self.hook_committed_block = make_hook()
+
+    def _route(self, router_name: str, state: DepthState) -> Float[Tensor, "batch pos d_model"]:
+        if not self.layout.has_routers:
+            return state.current
+        return getattr(self, router_name)(state.sources)
+
+    def _after_sublayer(
+        self, state: DepthState, output: Tensor, resid_hook: nn.Module, commit_hook
+    ) -> DepthState:
+        state = self.layout.write(state, output, operator.add)
+        state.current = resid_hook(state.current)
+        if commit_hook is not None:
+            # A snapshot is a copy, so that editing the stream in place later does not
+            # reach the committed block (and vice versa).
+            value = state.current.clone() if self.layout.snapshots else state.current
+            state = self.layout.commit(state, commit_hook(value))
+        return state
+
+    def forward(
+        self,
+        state: DepthState,
+        cos: Float[Tensor, "pos d_head"],
+        sin: Float[Tensor, "pos d_head"],
+    ) -> DepthState:
+        """Run the layer on a depth state and return the next one (the input is not mutated)."""
+        state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(self._route("attn_res", state)), cos, sin))
+        state = self._after_sublayer(
+            state, attn_out, self.hook_resid_mid, getattr(self, "hook_committed_mid", None)
+        )
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self._route("mlp_res", state))))
+        return self._after_sublayer(
+            state, mlp_out, self.hook_resid_post, getattr(self, "hook_committed_block", None)
+        )

@@ -1,0 +1,269 @@
+"""The depth state and the layout rules that say which sources each router reads.
+
+Every layout keeps the same explicit state between sublayers (`DepthState`):
+
+* ``blocks``: the committed sources, oldest first;
+* ``current``: the running source (the last source every router reads);
+* ``current_is_committed``: the current source is a finished block that the next
+  sublayer output pushes into ``blocks`` (partial-sum layouts only).
+
+A router always reads ``blocks + [current]``. The layouts differ only in what a
+sublayer write and a commit do (``docs/architecture.md`` has worked examples):
+
+============  ============================  ===============================  ==========
+layout        sublayer write                commit (at a block boundary)     final router
+============  ============================  ===============================  ==========
+cumulative    ``current += out``            append a snapshot of ``current``  no
+kimi          ``current += out``, or start  mark ``current`` finished: the    yes
+              a new block with ``out``      next write pushes it to blocks
+full          like kimi; every sublayer     like kimi                        yes
+              ends a block
+none          ``current += out``            never                            no
+============  ============================  ===============================  ==========
+
+`RoutingLayout` holds these rules without tensors, so that source labels, families
+and counts come from exactly the schedule the forward pass runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Literal, Optional, TypeVar
+
+from hooked_attnres.config import HookedAttnResConfig
+
+Router = Literal["attn_res", "mlp_res", "final_res"]
+ROUTERS: tuple[str, ...] = ("attn_res", "mlp_res", "final_res")
+SUBLAYER_ROUTERS: tuple[str, ...] = ("attn_res", "mlp_res")
+FAMILIES: tuple[str, ...] = ("embedding", "older", "prev_completed", "current")
+
+Payload = TypeVar("Payload")
+
+
+@dataclass
+class DepthState(Generic[Payload]):
+    """The depth sources between two sublayers.
+
+    With tensors, every source is ``[batch, pos, d_model]``. The same class with string
+    payloads is used to derive source labels. A forward pass never mutates a state it
+    was given: `RoutingLayout.write` and `RoutingLayout.commit` return new states, so a
+    cached state can start any number of forward passes (``start_at_layer``).
+
+    Attributes:
+        blocks: committed sources, oldest first (the embedding is ``blocks[0]`` once
+            committed).
+        current: the running source, read last by every router.
+        current_is_committed: ``current`` is a finished block (kimi / full layouts).
+    """
+
+    blocks: list[Payload]
+    current: Payload
+    current_is_committed: bool = False
+
+    @property
+    def sources(self) -> list[Payload]:
+        """What a router reads: ``blocks + [current]``."""
+        return [*self.blocks, self.current]
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.blocks) + 1
+
+
+@dataclass(frozen=True)
+class RoutingLayout:
+    """The tensor-free rules of one model's depth routing.
+
+    Args:
+        layout: ``"cumulative"``, ``"kimi"``, ``"full"`` or ``"none"``.
+        n_layers: number of decoder layers ``L``.
+        layers_per_block: ``S = ceil(L / N)``.
+        mode: ``"block"`` or ``"full"`` (cumulative layout only).
+    """
+
+    layout: str
+    n_layers: int
+    layers_per_block: int
+    mode: str = "block"
+    _walk_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: HookedAttnResConfig) -> "RoutingLayout":
+        return cls(cfg.attnres_layout, cfg.n_layers, cfg.layers_per_block, cfg.attnres_mode)
+
+    # --- the schedule -----------------------------------------------------------------
+    @property
+    def has_routers(self) -> bool:
+        return self.layout != "none"
+
+    @property
+    def has_final_router(self) -> bool:
+        return self.layout in ("kimi", "full")
+
+    @property
+    def snapshots(self) -> bool:
+        """Committed blocks are copies of a never-reset stream (cumulative layout)."""
+        return self.layout == "cumulative"
+
+    def commits_after_attn(self, layer: int) -> bool:
+        """Whether the attention sublayer of ``layer`` ends a block."""
+        return self.layout == "full" or (self.layout == "cumulative" and self.mode == "full")
+
+    def commits_after_mlp(self, layer: int) -> bool:
+        """Whether the MLP sublayer of ``layer`` ends a block."""
+        if self.layout == "none":
+            return False
+        if self.commits_after_attn(layer):
+            return True
+        return (layer + 1) % self.layers_per_block == 0
+
+    def initial_state(self, embedding: Payload, current: Optional[Payload] = None) -> DepthState:
+        """The state before layer 0.
+
+        Snapshot layouts start with ``blocks=[embedding]`` and ``current`` equal to the
+        embedding (pass a separate copy as ``current`` so that in-place edits of the
+        stream do not reach the committed embedding). Partial-sum layouts start with the
+        embedding as a finished current block.
+        """
+        current = embedding if current is None else current
+        if self.snapshots:
+            return DepthState([embedding], current, False)
+        if self.layout == "none":
+            return DepthState([], current, False)
+        return DepthState([], current, True)
+
+    def write(self, state: DepthState, output, add) -> DepthState:
+        """The state after a sublayer writes ``output``; ``add(a, b)`` adds payloads."""
+        if state.current_is_committed:
+            return DepthState([*state.blocks, state.current], output, False)
+        return DepthState(list(state.blocks), add(state.current, output), False)
+
+    def commit(self, state: DepthState, committed) -> DepthState:
+        """The state after a block boundary; ``committed`` is the (hooked) block value.
+
+        Snapshot layouts append ``committed`` and keep ``current``; partial-sum layouts
+        replace ``current`` by ``committed`` and mark it finished.
+        """
+        if self.snapshots:
+            return DepthState([*state.blocks, committed], state.current, False)
+        return DepthState(list(state.blocks), committed, True)
+
+    # --- labels and families ----------------------------------------------------------
+    def _check_router(self, layer: Optional[int], router: str) -> None:
+        if not self.has_routers:
+            raise ValueError("this model has attnres_layout='none' and therefore no routers")
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router == "final_res":
+            if not self.has_final_router:
+                raise ValueError(
+                    f"the {self.layout!r} layout has no final router; routers are 'attn_res' "
+                    "and 'mlp_res'"
+                )
+            if layer is not None and layer != self.n_layers:
+                raise ValueError(f"the final router has no layer; pass layer=None, got {layer!r}")
+            return
+        if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
+            raise ValueError(
+                f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
+                f"{router!r}, got {layer!r}"
+            )
+
+    def _walk(self) -> dict:
+        """Run the schedule once with string payloads (memoised).
+
+        Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {layer:
+        (n_blocks, current_is_committed)}}`` where a signature describes the state
+        entering ``layer`` (``layer == n_layers`` is the state after the last layer).
+        """
+        if self._walk_cache:
+            return self._walk_cache
+        labels: dict[tuple[Optional[int], str], list[str]] = {}
+        signatures: dict[int, tuple[int, bool]] = {}
+        block_index = 0
+
+        def read(state: DepthState) -> list[str]:
+            names = state.sources
+            if len(names) > 1:
+                names[-1] = "current"
+            return names
+
+        def keep(current: str, _output: str) -> str:
+            return current
+
+        state = self.initial_state("embedding")
+        for layer in range(self.n_layers):
+            signatures[layer] = (len(state.blocks), state.current_is_committed)
+            for sublayer, router in (("attn", "attn_res"), ("mlp", "mlp_res")):
+                labels[(layer, router)] = read(state)
+                state = self.write(state, f"{sublayer}_{layer}", keep)
+                commits = (
+                    self.commits_after_attn(layer)
+                    if sublayer == "attn"
+                    else self.commits_after_mlp(layer)
+                )
+                if commits:
+                    if self.commits_after_attn(layer):
+                        name = f"{sublayer}_{layer}"
+                    else:
+                        block_index += 1
+                        name = f"block_{block_index}"
+                    state = self.commit(state, name)
+        signatures[self.n_layers] = (len(state.blocks), state.current_is_committed)
+        if self.has_final_router:
+            labels[(None, "final_res")] = read(state)
+        self._walk_cache.update(labels=labels, signatures=signatures)
+        return self._walk_cache
+
+    def state_signature(self, layer: int) -> tuple[int, bool]:
+        """``(len(blocks), current_is_committed)`` of the state entering ``layer``
+        (``0 <= layer <= n_layers``)."""
+        return self._walk()["signatures"][layer]
+
+    def source_labels(self, layer: Optional[int], router: str) -> list[str]:
+        """Names of the sources a router reads, in order (``hook_sources`` axis 2).
+
+        ``"embedding"`` first, ``"current"`` last; in between ``"block_{n}"`` (the n-th
+        committed block) or, where every sublayer commits, ``"attn_{l}"`` / ``"mlp_{l}"``.
+        A router with a single source (layer-0 attention in the kimi and full layouts)
+        reads only ``["embedding"]``.
+        """
+        self._check_router(layer, router)
+        if router == "final_res":
+            return list(self._walk()["labels"][(None, "final_res")])
+        layer = layer % self.n_layers
+        return list(self._walk()["labels"][(layer, router)])
+
+    def n_sources(self, layer: Optional[int], router: str) -> int:
+        return len(self.source_labels(layer, router))
+
+    def source_families(self, layer: Optional[int], router: str) -> dict[str, list[int]]:
+        """The seed paper's families as source indices (they partition the sources).
+
+        For sources ``[s_0, ..., s_k]``: ``embedding=[0]``, ``current=[k]`` (k >= 1),
+        ``prev_completed=[k-1]`` (k >= 2), ``older=[1, ..., k-2]``. Families that do not
+        exist at a router map to ``[]``.
+        """
+        k = self.n_sources(layer, router) - 1
+        return {
+            "embedding": [0],
+            "older": list(range(1, k - 1)),
+            "prev_completed": [k - 1] if k >= 2 else [],
+            "current": [k] if k >= 1 else [],
+        }
+
+    def routers(self) -> list[tuple[Optional[int], str]]:
+        """Every ``(layer, router)`` in forward order (``(None, "final_res")`` last)."""
+        if not self.has_routers:
+            return []
+        out: list[tuple[Optional[int], str]] = [
+            (layer, router) for layer in range(self.n_layers) for router in SUBLAYER_ROUTERS
+        ]
+        if self.has_final_router:
+            out.append((None, "final_res"))
+        return out
+
+
+def router_hook_prefix(layer: Optional[int], router: str) -> str:
+    """``(3, "attn_res") -> "blocks.3.attn_res"``; ``(None, "final_res") -> "final_res"``."""
+    return "final_res" if router == "final_res" else f"blocks.{layer}.{router}"

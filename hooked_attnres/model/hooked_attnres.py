@@ -1,0 +1,358 @@
+"""`HookedAttnRes`: a Qwen3 decoder with Block AttnRes depth routing and TL hooks.
+
+Read top to bottom: embedding -> ``n_layers`` x `AttnResBlock` (each threads a
+`DepthState`) -> final router (kimi / full layouts) -> ``ln_final`` -> unembedding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from hooked_attnres.config import HookedAttnResConfig
+from hooked_attnres.model.block import AttnResBlock
+from hooked_attnres.model.depth import DepthState, RoutingLayout, router_hook_prefix
+from hooked_attnres.model.hooked_root import HookedModule
+from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.rotary import rotary_tables
+from hooked_attnres.model.routing import DepthRouter
+from hooked_attnres.model.tokenization import TokenizerMixin
+from hooked_attnres.model.weights import WeightsMixin
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+class Output(NamedTuple):
+    """What ``forward(..., return_type="both")`` returns."""
+
+    logits: Float[Tensor, "batch pos d_vocab"]
+    loss: Union[Float[Tensor, ""], Float[Tensor, "batch pos_minus_1"]]
+
+
+class Embed(nn.Module):
+    """Token embedding ``W_E [d_vocab, d_model]``."""
+
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_E[tokens]
+
+
+class Unembed(nn.Module):
+    """Untied unembedding ``W_U [d_model, d_vocab]`` (absent when embeddings are tied)."""
+
+    def __init__(self, d_model: int, d_vocab: int):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
+
+
+def lm_cross_entropy_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    per_token: bool = False,
+) -> Union[Float[Tensor, ""], Float[Tensor, "batch pos_minus_1"]]:
+    """Next-token cross-entropy; padding (``attention_mask == 0``) is excluded."""
+    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
+    if attention_mask is None:
+        return losses if per_token else losses.mean()
+    keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(losses.dtype)
+    if per_token:
+        return losses * keep
+    return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+
+class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
+    """Qwen3 + Block Attention Residuals, hookable like a TransformerLens model.
+
+    Hook points (see ``docs/hooks.md`` for the full table and shapes):
+        ``hook_embed``; per layer ``blocks.{l}.hook_resid_pre/mid/post``,
+        ``blocks.{l}.{attn_res,mlp_res}.hook_sources/hook_logits/hook_weights/hook_out``,
+        ``blocks.{l}.ln1/ln2.hook_scale/hook_normalized``,
+        ``blocks.{l}.attn.hook_q/k/v/rot_q/rot_k/attn_scores/pattern/z``,
+        ``blocks.{l}.hook_attn_out``, ``blocks.{l}.mlp.hook_pre/pre_linear/post``,
+        ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_committed_block`` (layers that end a
+        block); ``final_res.*`` (kimi / full layouts); ``ln_final.hook_scale/normalized``.
+
+    Args:
+        cfg: the model configuration (or a dict of its fields).
+        tokenizer: an optional Hugging Face tokenizer (enables string inputs).
+    """
+
+    def __init__(self, cfg: Union[HookedAttnResConfig, dict], tokenizer=None):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = HookedAttnResConfig.from_dict(cfg)
+        if not isinstance(cfg, HookedAttnResConfig):
+            raise TypeError(f"cfg must be a HookedAttnResConfig or a dict, got {type(cfg).__name__}")
+        self._cfg = cfg
+        self.routing_layout = RoutingLayout.from_config(cfg)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = make_hook()
+        self.blocks = nn.ModuleList(
+            AttnResBlock(cfg, layer, self.routing_layout) for layer in range(cfg.n_layers)
+        )
+        if cfg.has_final_router:
+            self.final_res = DepthRouter(cfg.d_model, cfg.eps, cfg.attnres_recency_bias)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        if not cfg.tie_word_embeddings:
+            self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.init_weights()
+        self.to(device=cfg.device, dtype=cfg.dtype)
+        self.setup()
+        self.set_tokenizer(tokenizer)
+        self.eval()
+
+    @property
+    def cfg(self) -> HookedAttnResConfig:
+        return self._cfg
+
+    # --- initialisation ---------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, ``initializer_range``) matrices, unit norm gains, pseudo-queries per
+        ``attnres_query_init``, recency biases at ``attnres_recency_bias``.
+
+        With ``cfg.seed`` set, a private generator makes the weights a function of the
+        seed alone (the global RNG is left untouched).
+        """
+        cfg = self.cfg
+        if self.embed.W_E.is_meta:  # an empty shell that a loader will fill
+            return
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator().manual_seed(cfg.seed)
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "w":
+                param.fill_(1.0)
+            elif leaf == "recency_bias":
+                param.fill_(cfg.attnres_recency_bias)
+            elif leaf == "query":
+                if cfg.attnres_query_init == "zero":
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * cfg.initializer_range)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * cfg.initializer_range)
+
+    # --- device and dtype -------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "HookedAttnRes":
+        """``nn.Module.to`` that keeps ``cfg.device`` and ``cfg.dtype`` in sync."""
+        super().to(*args, **kwargs)
+        reference = self.embed.W_E
+        self._cfg.device = str(reference.device)
+        self._cfg.dtype = reference.dtype
+        return self
+
+    def cpu(self) -> "HookedAttnRes":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "HookedAttnRes":
+        return self.to("cuda" if device is None else device)
+
+    # --- routing metadata -------------------------------------------------------------
+    def source_labels(self, layer: Optional[int], router: str) -> list[str]:
+        """Names of the sources ``router`` reads at ``layer`` (the ``n_sources`` axis).
+
+        ``router`` is ``"attn_res"``, ``"mlp_res"`` or ``"final_res"`` (``layer=None``).
+        Example (cumulative, 8 layers, 4 blocks, layer 5):
+        ``["embedding", "block_1", "block_2", "current"]``.
+        """
+        return self.routing_layout.source_labels(layer, router)
+
+    def source_families(self, layer: Optional[int], router: str) -> dict[str, list[int]]:
+        """The seed paper's source families as index lists (a partition of the sources).
+
+        ``embedding`` = index 0, ``current`` = last, ``prev_completed`` = second to last
+        (when there are three or more sources), ``older`` = everything in between.
+        Some indices hold identical tensors: at layer 0 of the cumulative layout
+        ``embedding`` and ``current`` are both the embedding, and at a block-start
+        attention router of the cumulative layout ``prev_completed`` equals ``current``.
+        """
+        return self.routing_layout.source_families(layer, router)
+
+    def routers(self) -> list[tuple[Optional[int], str]]:
+        """Every ``(layer, router)`` pair in forward order; ``(None, "final_res")`` last."""
+        return self.routing_layout.routers()
+
+    def router(self, layer: Optional[int], router: str) -> DepthRouter:
+        """The `DepthRouter` module for ``(layer, router)``."""
+        self.routing_layout._check_router(layer, router)
+        return self.mod_dict[router_hook_prefix(self._layer_index(layer), router)]
+
+    def router_hook_name(self, layer: Optional[int], router: str, hook: str) -> str:
+        """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``."""
+        self.routing_layout._check_router(layer, router)
+        name = f"{router_hook_prefix(self._layer_index(layer), router)}.hook_{hook}"
+        self.check_hook_name(name)
+        return name
+
+    def _layer_index(self, layer: Optional[int]) -> Optional[int]:
+        return None if layer is None else layer % self.cfg.n_layers
+
+    # --- input handling ---------------------------------------------------------------
+    def _validate_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(
+                "input must be a string, a list of strings, a [batch, pos] integer tensor of "
+                f"token ids, or (with start_at_layer) a DepthState; got {type(tokens).__name__}"
+            )
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(
+                f"token ids must be an integer tensor (torch.long), got dtype {tokens.dtype}"
+            )
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}; truncate "
+                "the input or build the model with a larger n_ctx"
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.cfg.d_vocab:
+            raise ValueError(
+                f"token ids must be in [0, {self.cfg.d_vocab}) (d_vocab), got values in "
+                f"[{low}, {high}]"
+            )
+        return tokens.to(self.embed.W_E.device, torch.long)
+
+    def _validate_state(self, state, layer: int) -> DepthState:
+        if not isinstance(state, DepthState):
+            raise TypeError(
+                f"start_at_layer={layer} needs a DepthState as input (e.g. from "
+                f"model(tokens, stop_at_layer={layer})), got {type(state).__name__}"
+            )
+        n_blocks, committed = self.routing_layout.state_signature(layer)
+        if len(state.blocks) != n_blocks or state.current_is_committed != committed:
+            raise ValueError(
+                f"this DepthState ({len(state.blocks)} blocks, current_is_committed="
+                f"{state.current_is_committed}) cannot enter layer {layer}; the "
+                f"{self.cfg.attnres_layout!r} layout expects {n_blocks} blocks and "
+                f"current_is_committed={committed}"
+            )
+        return state
+
+    def _layer_range(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> range:
+        """Layers ``[start, stop)`` to run; negative values count from the end (as in TL)."""
+        n = self.cfg.n_layers
+
+        def resolve(name: str, value: Optional[int], default: int) -> int:
+            if value is None:
+                return default
+            if not isinstance(value, int) or isinstance(value, bool) or not -n <= value <= n:
+                raise ValueError(f"{name} must be an integer in [-{n}, {n}], got {value!r}")
+            return value + n if value < 0 else value
+
+        start = resolve("start_at_layer", start_at_layer, 0)
+        stop = resolve("stop_at_layer", stop_at_layer, n)
+        if start > stop:
+            raise ValueError(f"start_at_layer={start} is after stop_at_layer={stop}")
+        return range(start, stop)
+
+    def embed_state(self, tokens: Int[Tensor, "batch pos"]) -> DepthState:
+        """The depth state before layer 0 (fires ``hook_embed``)."""
+        embedding = self.hook_embed(self.embed(tokens))
+        current = embedding.clone() if self.routing_layout.snapshots else embedding
+        return self.routing_layout.initial_state(embedding, current)
+
+    # --- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input: Union[str, list[str], Int[Tensor, "batch pos"], DepthState],
+        return_type: Optional[str] = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        tokens: Optional[Int[Tensor, "batch pos"]] = None,
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    ):
+        """Run the model.
+
+        Args:
+            input: text (needs a tokenizer), token ids ``[batch, pos]``, or, with
+                ``start_at_layer``, the `DepthState` entering that layer.
+            return_type: ``"logits"`` (``[batch, pos, d_vocab]``), ``"loss"`` (mean
+                next-token cross-entropy), ``"both"`` (an `Output`), or ``None``.
+            loss_per_token: return the loss per position ``[batch, pos - 1]``.
+            prepend_bos, padding_side: as in TransformerLens (string inputs only; padding
+                is on the right).
+            start_at_layer: first layer to run (TransformerLens semantics).
+            stop_at_layer: run layers ``[start, stop)`` and return the `DepthState`
+                entering ``stop_at_layer`` instead of logits (TransformerLens returns the
+                residual stream; here the state holds every depth source).
+            tokens: the token ids, needed for a loss when ``input`` is a state.
+            attention_mask: ``[batch, pos]``, 0 at right-padding positions (excluded from
+                the loss); computed automatically for string inputs.
+        """
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        layers = self._layer_range(start_at_layer, stop_at_layer)
+        if start_at_layer is None:
+            if isinstance(input, DepthState):
+                raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
+            if isinstance(input, (str, list)):
+                input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
+                attention_mask = mask if attention_mask is None else attention_mask
+            tokens = self._validate_tokens(input)
+            state = self.embed_state(tokens)
+        else:
+            state = self._validate_state(input, layers.start)
+        n_pos = state.current.shape[1]
+        cos, sin = rotary_tables(n_pos, self.cfg.d_head, self.cfg.rotary_base, state.current.device)
+        for layer in layers:
+            state = self.blocks[layer](state, cos, sin)
+        if stop_at_layer is not None:
+            return state
+
+        final = self.final_res(state.sources) if self.cfg.has_final_router else state.current
+        logits = self.ln_final(final) @ self.W_U
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError("a loss needs the token ids: pass tokens=... with a DepthState input")
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    # --- checkpoints ------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) atomically.
+
+        See `hooked_attnres.loading.checkpoint.save_checkpoint` for the options.
+        """
+        from hooked_attnres.loading.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, **kwargs)
+
+    @classmethod
+    def from_hf_qwen3(cls, source, wrap: str = "recency", **kwargs) -> "HookedAttnRes":
+        """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``) in
+        AttnRes form; ``wrap`` is ``"recency"``, ``"exact"`` or ``"none"``. See
+        `hooked_attnres.loading.hf_qwen3.from_hf_qwen3`."""
+        from hooked_attnres.loading.hf_qwen3 import from_hf_qwen3
+
+        return from_hf_qwen3(source, wrap=wrap, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> "HookedAttnRes":
+        """Load a checkpoint directory written by `save_pretrained` (or another
+        supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`)."""
+        from hooked_attnres.loading.checkpoint import load_checkpoint
+
+        return load_checkpoint(directory, **kwargs)

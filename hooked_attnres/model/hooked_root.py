@@ -1,0 +1,148 @@
+"""`HookedRootModule` with the three things TransformerLens leaves to subclasses.
+
+1. Unknown hook names fail with the closest real names instead of a bare ``KeyError``
+   (in ``add_hook``, ``hooks``, ``run_with_hooks`` and ``run_with_cache(names_filter=...)``).
+2. ``run_with_cache(pos_slice=...)`` slices each hook's own position axis
+   (``HookPoint.pos_dim``, counted from the end), so 4-d tensors such as
+   ``hook_sources [batch, pos, n_sources, d_model]`` are sliced on ``pos``.
+   TransformerLens 4.3 guesses the axis from the hook name.
+3. ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (the base class
+   returns a plain dict), like ``HookedTransformer`` did.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import partial
+from typing import Any, Callable, Optional, Union
+
+from torch import Tensor
+
+from hooked_attnres._tl import ActivationCache, HookedRootModule, HookPoint, Slice
+from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
+
+NamesFilter = Union[None, str, list[str], Callable[[str], bool]]
+
+
+class UnknownHookError(KeyError):
+    """A hook name that the model does not have (a ``KeyError``, as in TransformerLens)."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0])
+
+
+class HookedModule(HookedRootModule):
+    """Base class of `HookedAttnRes`; see the module docstring."""
+
+    # --- hook-name validation ---------------------------------------------------------
+    def check_hook_name(self, name: str) -> None:
+        """Raise `UnknownHookError` naming the closest hook names if ``name`` is unknown."""
+        if name in self.hook_dict:
+            return
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
+        hint = f" Did you mean {close}?" if close else ""
+        if name in self.mod_dict:
+            raise UnknownHookError(
+                f"{name!r} is a module, not a hook point.{hint} All hook names: model.hook_dict."
+            )
+        raise UnknownHookError(
+            f"unknown hook name {name!r}.{hint} All {len(self.hook_dict)} hook names are in "
+            "model.hook_dict; a name can also be a predicate such as "
+            "lambda name: name.endswith('hook_weights')."
+        )
+
+    def _check_hook_list(self, hooks: list) -> None:
+        for entry in hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise TypeError(
+                    f"hooks must be (name_or_predicate, hook_fn) pairs, got {entry!r}"
+                )
+            name, fn = entry
+            if isinstance(name, str):
+                self.check_hook_name(name)
+            elif not callable(name):
+                raise TypeError(f"a hook name must be a string or a predicate, got {name!r}")
+            if not callable(fn):
+                raise TypeError(f"the hook function for {name!r} is not callable: {fn!r}")
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        return super().add_hook(
+            name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
+        )
+
+    def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
+        """Context manager adding temporary hooks (TransformerLens semantics), names checked first."""
+        self._check_hook_list(list(fwd_hooks))
+        self._check_hook_list(list(bwd_hooks))
+        return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+
+    def _names_predicate(self, names_filter: NamesFilter) -> Callable[[str], bool]:
+        if names_filter is None:
+            return lambda name: True
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+            return lambda name: name == names_filter
+        if isinstance(names_filter, (list, tuple, set)):
+            for name in names_filter:
+                self.check_hook_name(name)
+            wanted = set(names_filter)
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise ValueError("names_filter must be None, a string, a list of strings, or a function")
+
+    # --- caching ----------------------------------------------------------------------
+    def get_caching_hooks(
+        self,
+        names_filter: NamesFilter = None,
+        incl_bwd: bool = False,
+        device=None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+        pos_slice=None,
+    ) -> tuple[dict, list, list]:
+        """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``."""
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice)
+        wanted = self._names_predicate(names_filter)
+        self.is_caching = True
+
+        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
+            stored = tensor.detach().to(device)
+            if remove_batch_dim:
+                stored = drop_batch_dim(stored)
+            pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
+            if pos_slice is not None and stored.dim() >= -pos_dim:
+                stored = pos_slice.apply(stored, dim=pos_dim)
+            cache[hook.name + ("_grad" if is_backward else "")] = stored
+
+        fwd_hooks, bwd_hooks = [], []
+        for name in self.hook_dict:
+            if wanted(name):
+                fwd_hooks.append((name, partial(save_hook, is_backward=False)))
+                if incl_bwd:
+                    bwd_hooks.append((name, partial(save_hook, is_backward=True)))
+        return cache, fwd_hooks, bwd_hooks
+
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ):
+        """Run the model and cache activations.
+
+        Accepts every argument of TransformerLens's ``HookedRootModule.run_with_cache``
+        (``names_filter``, ``device``, ``incl_bwd``, ``reset_hooks_end``,
+        ``clear_contexts``, ``pos_slice``) plus the model's forward arguments.
+
+        Returns:
+            ``(model_output, cache)`` where ``cache`` is a TransformerLens
+            ``ActivationCache`` (a plain dict if ``return_cache_object=False``).
+        """
+        out, cache_dict = super().run_with_cache(
+            *model_args, remove_batch_dim=remove_batch_dim, **kwargs
+        )
+        if not return_cache_object:
+            return out, cache_dict
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)

@@ -1,0 +1,57 @@
+"""RMSNorm with TransformerLens hooks (``hook_scale``, ``hook_normalized``)."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_attnres._tl import HookPoint
+
+
+def make_hook(pos_dim: int = -2) -> HookPoint:
+    """A `HookPoint` whose position axis (counted from the end) is ``pos_dim``.
+
+    ``run_with_cache(pos_slice=...)`` slices that axis, so layouts such as
+    ``[batch, pos, head, d_head]`` (``pos_dim=-3``) are sliced correctly.
+    """
+    hook = HookPoint()
+    hook.pos_dim = pos_dim
+    return hook
+
+
+def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
+    """``sqrt(mean(x**2) + eps)`` over the last axis, computed in float32."""
+    return (x.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+class RMSNorm(nn.Module):
+    """Qwen3 RMSNorm: ``w * x / sqrt(mean(x**2) + eps)``, normalised in float32.
+
+    Hooks (``...`` is ``batch pos`` for the sublayer norms and ``batch pos head`` for
+    ``attn.q_norm`` / ``attn.k_norm``):
+        hook_scale: ``[..., 1]`` float32, the RMS ``sqrt(mean(x**2) + eps)``.
+        hook_normalized: ``[..., length]``, ``x / scale`` before the gain ``w``.
+
+    Args:
+        length: size of the normalised (last) axis.
+        eps: added to the mean square.
+        pos_dim: position axis of the input counted from the end (for ``pos_slice``).
+    """
+
+    def __init__(self, length: int, eps: float, pos_dim: int = -2):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(length))
+        self.hook_scale = make_hook(pos_dim)
+        self.hook_normalized = make_hook(pos_dim)
+
+    def normalize(
+        self, x: Float[Tensor, "... length"], dtype: torch.dtype | None = None
+    ) -> Float[Tensor, "... length"]:
+        """``x / scale`` (both hooks fire), returned in ``dtype`` (default ``x.dtype``)."""
+        scale = self.hook_scale(rms_scale(x, self.eps))
+        return self.hook_normalized((x.float() / scale).to(dtype or x.dtype))
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        return self.normalize(x) * self.w

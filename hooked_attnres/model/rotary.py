@@ -1,0 +1,40 @@
+"""Rotary position embeddings, Qwen3 style (half rotation, ``rotate_half``).
+
+The tables are computed in float32 for every forward pass (as Hugging Face does) and
+cast to the activation dtype when applied, so ``model.to(torch.bfloat16)`` never
+degrades them.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def rotary_tables(
+    n_pos: int, d_head: int, base: float, device: torch.device | str | None = None
+) -> tuple[Float[Tensor, "pos d_head"], Float[Tensor, "pos d_head"]]:
+    """``(cos, sin)`` for positions ``0 .. n_pos-1``, each ``[pos, d_head]`` float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head))
+    positions = torch.arange(n_pos, dtype=torch.float32, device=device)
+    angles = positions[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Float[Tensor, "... d_head"]) -> Float[Tensor, "... d_head"]:
+    """``[x1, x2] -> [-x2, x1]`` on the last axis."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"],
+    cos: Float[Tensor, "pos d_head"],
+    sin: Float[Tensor, "pos d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Rotate queries or keys laid out ``[batch, pos, head, d_head]``."""
+    cos = cos.to(x.dtype)[:, None, :]
+    sin = sin.to(x.dtype)[:, None, :]
+    return x * cos + rotate_half(x) * sin
