@@ -1,0 +1,254 @@
+"""Load a vanilla Hugging Face Qwen3 checkpoint into AttnRes form (``from_hf_qwen3``).
+
+Three wraps (``../shared/design/attnres.md`` section 4):
+
+* ``"recency"``: the seed paper's baseline. Cumulative layout, zero pseudo-queries,
+  key-norm gains 1, recency bias ``b`` on the current source. Routing is
+  content-independent (see `hooked_attnres.analysis.schedule.recency_schedule`) but the
+  model is *not* the vanilla function at ``b = 3``.
+* ``"exact"``: kimi layout with every pseudo-query zero (final router included). Every
+  router averages sources that sum to the vanilla residual stream, and every consumer
+  is an RMSNorm, so the model equals vanilla Qwen3 up to the RMSNorm epsilon.
+* ``"none"``: the plain residual Qwen3 (layout ``"none"``).
+
+Nothing here touches the network: ``source`` is a local directory or an in-memory
+``transformers.Qwen3ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
+from hooked_attnres.loading.checkpoint import (
+    CheckpointError,
+    _describe_mismatch,
+    assign_state_dict,
+    empty_model,
+    load_tokenizer,
+    read_config_json,
+    read_safetensors,
+    read_safetensors_shapes,
+)
+from hooked_attnres.loading.hf_keys import KeyMap
+
+WRAPS = ("recency", "exact", "none")
+_IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def rope_theta(config: Any) -> float:
+    """The rotary base of a HF config (``rope_parameters`` in transformers 5, else ``rope_theta``)."""
+    params = _get(config, "rope_parameters") or _get(config, "rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type != "default":
+        raise CheckpointError(
+            f"rope type {rope_type!r} is not supported; HookedAttnRes implements default RoPE"
+        )
+    theta = params.get("rope_theta") if params else None
+    theta = theta if theta is not None else _get(config, "rope_theta", 10_000.0)
+    return float(theta)
+
+
+def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = ("qwen3",)) -> None:
+    """Refuse configs this package cannot reproduce, saying what was found."""
+    model_type = _get(config, "model_type")
+    architectures = _get(config, "architectures") or []
+    if model_type not in model_types:
+        hint = ""
+        if model_type == "qwen3_attnres":
+            hint = "; it is an AttnRes checkpoint: load it with HookedAttnRes.from_pretrained"
+        raise CheckpointError(
+            f"{where} is not a Qwen3 checkpoint: expected model_type in {list(model_types)}, found "
+            f"model_type={model_type!r}, architectures={architectures}{hint}"
+        )
+    problems = []
+    if _get(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={_get(config, 'hidden_act')!r} (expected 'silu')")
+    if _get(config, "attention_bias", False):
+        problems.append("attention_bias=True (expected False)")
+    if _get(config, "use_sliding_window", False):
+        problems.append("use_sliding_window=True (expected False)")
+    if problems:
+        raise CheckpointError(f"{where} has unsupported settings: {', '.join(problems)}")
+
+
+def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
+    """A `HookedAttnResConfig` with the shape of a HF Qwen3 config (dict or object)."""
+    n_heads = _get(config, "num_attention_heads")
+    values = dict(
+        d_model=_get(config, "hidden_size"),
+        n_layers=_get(config, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_key_value_heads=_get(config, "num_key_value_heads") or n_heads,
+        d_head=_get(config, "head_dim") or _get(config, "hidden_size") // n_heads,
+        d_mlp=_get(config, "intermediate_size"),
+        d_vocab=_get(config, "vocab_size"),
+        n_ctx=_get(config, "max_position_embeddings", 2048),
+        eps=float(_get(config, "rms_norm_eps", 1e-6)),
+        rotary_base=rope_theta(config),
+        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+        original_architecture="Qwen3ForCausalLM",
+    )
+    values.update(overrides)
+    return HookedAttnResConfig(**values)
+
+
+def wrap_overrides(wrap: str, num_blocks: int, recency_bias: float) -> dict[str, Any]:
+    """The AttnRes config fields of each wrap."""
+    if wrap == "recency":
+        return dict(attnres_layout="cumulative", attnres_num_blocks=num_blocks,
+                    attnres_recency_bias=float(recency_bias), attnres_query_init="zero")
+    if wrap == "exact":
+        return dict(attnres_layout="kimi", attnres_num_blocks=num_blocks,
+                    attnres_recency_bias=None, attnres_query_init="zero")
+    if wrap == "none":
+        return dict(attnres_layout="none")
+    raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
+
+
+def _router_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Zero queries, unit key-norm gains and the configured bias for every router."""
+    cfg = model.cfg
+    state = {}
+    for name, param in model.state_dict().items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(".query"):
+            state[name] = torch.zeros(param.shape, dtype=dtype)
+        elif name.endswith("key_norm.w"):
+            state[name] = torch.ones(param.shape, dtype=dtype)
+        elif leaf == "recency_bias":
+            state[name] = torch.tensor(cfg.attnres_recency_bias, dtype=dtype)
+    return state
+
+
+def hf_weight_files(directory: Path) -> dict[str, Path]:
+    """HF key -> safetensors file of a (possibly sharded) checkpoint directory."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a valid shard index ({error})") from error
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{directory} is missing {len(missing)} of {len(shards)} shard(s) named in "
+                f"{index.name}: {missing}"
+            )
+        return {key: directory / shard for key, shard in weight_map.items()}
+    if single.exists():
+        return {key: single for key in read_safetensors_shapes(single)}
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(
+        f"{directory} has no model.safetensors or model.safetensors.index.json (found {found}); "
+        "only safetensors checkpoints are supported"
+    )
+
+
+def _file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        for key, shape in read_safetensors_shapes(path).items():
+            if files.get(key) == path:
+                shapes[key] = shape
+    return shapes
+
+
+def load_hf_weights(
+    model, files: dict[str, Path], keymap: KeyMap, dtype: torch.dtype, where: str
+) -> dict[str, torch.Tensor]:
+    """Read and convert every HF tensor our (empty) model needs, file by file.
+
+    Shapes are checked before any tensor is read; the error names missing,
+    unexpected and mis-shaped keys.
+    """
+    expected = dict(keymap.hf_shapes({n: tuple(t.shape) for n, t in model.state_dict().items()}))
+    found = {k: s for k, s in _file_shapes(files).items() if not k.endswith(_IGNORED_HF_KEYS)}
+    if model.cfg.tie_word_embeddings:
+        found.pop("lm_head.weight", None)
+    problem = _describe_mismatch(expected, found)
+    if problem:
+        raise CheckpointError(f"the weights in {where} do not match its config.json: {problem}")
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(files[key], []).append(key)
+    for path, keys in by_file.items():
+        for key, tensor in read_safetensors(path, keys).items():
+            name, converted = keymap.to_ours(key, tensor.to(dtype))
+            state[name] = converted
+    return state
+
+
+def from_hf_qwen3(
+    source: Union[str, Path, Any],
+    wrap: str = "recency",
+    num_blocks: int = 8,
+    recency_bias: float = 3.0,
+    dtype: Union[str, torch.dtype] = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    tokenizer=None,
+):
+    """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``).
+
+    Args:
+        source: a directory with ``config.json`` and ``model.safetensors`` (or shards
+            with ``model.safetensors.index.json``), or a ``Qwen3ForCausalLM``.
+        wrap: ``"recency"``, ``"exact"`` or ``"none"`` (see the module docstring).
+        num_blocks: AttnRes blocks for the recency and exact wraps (clipped to
+            ``n_layers``).
+        recency_bias: the recency wrap's bias ``b``.
+        dtype, device: of the returned model.
+        tokenizer: attach this tokenizer (default: the directory's, when present).
+
+    Returns:
+        A `HookedAttnRes` in eval mode.
+    """
+    if wrap not in WRAPS:
+        raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
+    dtype = _dtype_from_any(dtype)
+    if isinstance(source, (str, Path)):
+        directory = Path(source)
+        hf_config = read_config_json(directory)
+        where = str(directory)
+    elif hasattr(source, "config") and hasattr(source, "state_dict"):
+        directory, hf_config, where = None, source.config, f"the in-memory {type(source).__name__}"
+    else:
+        raise TypeError(
+            "source must be a checkpoint directory or a transformers Qwen3ForCausalLM, got "
+            f"{type(source).__name__}"
+        )
+    check_qwen3_config(hf_config, where)
+    n_layers = _get(hf_config, "num_hidden_layers")
+    cfg = config_from_hf(hf_config, dtype=dtype,
+                         **wrap_overrides(wrap, min(num_blocks, n_layers), recency_bias))
+    if directory is not None and tokenizer is None:
+        tokenizer = load_tokenizer(directory)
+    model = empty_model(cfg, tokenizer=tokenizer)
+    keymap = KeyMap(cfg)
+    if directory is not None:
+        state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where)
+    else:
+        state = {}
+        for key, tensor in source.state_dict().items():
+            if key.endswith(_IGNORED_HF_KEYS) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            name, converted = keymap.to_ours(key, tensor.detach().to(dtype))
+            state[name] = converted
+    state.update(_router_state(model, dtype))
+    try:
+        return assign_state_dict(model, state, device)
+    except RuntimeError as error:  # load_state_dict lists missing / unexpected / mis-shaped keys
+        raise CheckpointError(f"the weights of {where} do not fit its config: {error}") from error
