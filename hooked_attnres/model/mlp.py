@@ -43,6 +43,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(x @ self.W_gate)
+        gate = F.silu(pre)  # before the up projection: pre is still in cache
         pre_linear = self.hook_pre_linear(x @ self.W_in)
-        post = self.hook_post(F.silu(pre) * pre_linear)
+        post = self.hook_post(gate * pre_linear)
         return post @ self.W_out

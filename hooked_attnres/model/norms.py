@@ -20,9 +20,15 @@ def make_hook(pos_dim: int = -2) -> HookPoint:
     return hook
 
 
+def is_observed(hook: HookPoint) -> bool:
+    """Whether any forward or backward hook (TransformerLens or raw PyTorch) is attached."""
+    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
+
+
 def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
-    """``sqrt(mean(x**2) + eps)`` over the last axis, computed in float32."""
-    return (x.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    """``sqrt(mean(x**2) + eps)`` over the last axis, computed in float32 in one pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return (norm.square() / x.shape[-1] + eps).sqrt()
 
 
 class RMSNorm(nn.Module):
@@ -46,12 +52,27 @@ class RMSNorm(nn.Module):
         self.hook_scale = make_hook(pos_dim)
         self.hook_normalized = make_hook(pos_dim)
 
-    def normalize(
-        self, x: Float[Tensor, "... length"], dtype: torch.dtype | None = None
-    ) -> Float[Tensor, "... length"]:
-        """``x / scale`` (both hooks fire), returned in ``dtype`` (default ``x.dtype``)."""
-        scale = self.hook_scale(rms_scale(x, self.eps))
-        return self.hook_normalized((x.float() / scale).to(dtype or x.dtype))
-
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
-        return self.normalize(x) * self.w
+        scale = self.hook_scale(rms_scale(x, self.eps))
+        normalized = self.hook_normalized((x.float() * scale.reciprocal()).to(x.dtype))
+        return normalized * self.w
+
+
+class KeyNorm(nn.Module):
+    """The key RMSNorm of a router, applied implicitly (see `DepthRouter`).
+
+    Parameters: ``w`` ``[d_model]``, the gain. Hook: ``hook_scale``
+    ``[batch, pos, n_sources, 1]`` float32, the RMS of each source. The normalised keys
+    ``sources / scale`` are never materialised; the router folds the gain into its
+    query instead.
+    """
+
+    def __init__(self, length: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(length))
+        self.hook_scale = make_hook(-3)
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... 1"]:
+        """The hooked RMS ``sqrt(mean(x**2) + eps)``, float32."""
+        return self.hook_scale(rms_scale(x, self.eps))

@@ -7,6 +7,9 @@ For stacked sources ``V = [s_0, ..., s_k]`` (each ``[batch, pos, d_model]``)::
     weight = softmax(logit) over the source axis   # float32
     out    = sum_i weight_i * V_i              # the routed sublayer input
 
+Computed as ``logit_i = (V_i . (key_norm.w * query)) / rms(V_i)``, which is the same
+number without materialising the keys (a third fewer passes over the sources).
+
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
 """
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.norms import KeyNorm, make_hook
 
 
 class DepthRouter(nn.Module):
@@ -28,7 +31,7 @@ class DepthRouter(nn.Module):
 
     Parameters:
         query: ``[d_model]`` pseudo-query ``w_r``.
-        key_norm.w: ``[d_model]`` gain of the key RMSNorm.
+        key_norm.w: ``[d_model]`` gain of the key RMSNorm (a `KeyNorm`).
         recency_bias: ``[]`` learnable bias on the current (last) source's logit, or
             ``None`` when the model has no bias.
 
@@ -36,8 +39,7 @@ class DepthRouter(nn.Module):
     ``HookedAttnRes.source_labels``):
         hook_sources: ``[batch, pos, n_sources, d_model]``, the stacked sources read
             (editing it changes what this router mixes, not the stored sources).
-        key_norm.hook_scale: ``[batch, pos, n_sources, 1]`` float32.
-        key_norm.hook_normalized: ``[batch, pos, n_sources, d_model]`` float32.
+        key_norm.hook_scale: ``[batch, pos, n_sources, 1]`` float32, each source's RMS.
         hook_logits: ``[batch, pos, n_sources]`` float32, after the recency bias.
         hook_weights: ``[batch, pos, n_sources]`` float32, softmax of the logits.
         hook_out: ``[batch, pos, d_model]``, the weighted sum fed to the sublayer norm.
@@ -46,7 +48,7 @@ class DepthRouter(nn.Module):
     def __init__(self, d_model: int, eps: float, recency_bias: Optional[float]):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(d_model))
-        self.key_norm = RMSNorm(d_model, eps, pos_dim=-3)
+        self.key_norm = KeyNorm(d_model, eps)
         if recency_bias is None:
             self.register_parameter("recency_bias", None)
         else:
@@ -60,9 +62,9 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         values = self.hook_sources(torch.stack(sources, dim=-2))
-        normalized = self.key_norm.normalize(values, torch.float32)
-        # (normalized * gain) . query, without materialising the gained keys.
-        logits = normalized @ (self.key_norm.w.float() * self.query.float())
+        scale = self.key_norm(values)
+        effective_query = self.key_norm.w.float() * self.query.float()
+        logits = (values.float() @ effective_query) / scale.squeeze(-1)
         if self.recency_bias is not None:
             n_sources = logits.shape[-1]
             logits = logits + F.pad(self.recency_bias.float().reshape(1), (n_sources - 1, 0))

@@ -144,9 +144,11 @@ class TokenizerMixin:
     def tokens_to_residual_directions(
         self, tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, "..."]]
     ) -> Float[Tensor, "... d_model"]:
-        """Unembedding directions ``W_U[:, token]``: ``[d_model]`` for one token, else
-        ``[*tokens.shape, d_model]``."""
+        """The direction that the normalised final stream is dotted with to give a
+        token's logit: ``ln_final.w * W_U[:, token]`` (TransformerLens folds the gain into
+        ``W_U``; this model keeps it separate, so it is folded here). ``[d_model]`` for one
+        token, else ``[*tokens.shape, d_model]``. Used by ``ActivationCache.logit_attrs``."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return self.W_U[:, tokens].movedim(0, -1)
+        return (self.W_U[:, tokens] * self.ln_final.w.reshape(-1, *([1] * tokens.ndim))).movedim(0, -1)

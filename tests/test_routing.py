@@ -1,0 +1,254 @@
+"""Routing invariants, analytic weights and source counts of every layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import randomize_routing, tiny_model
+
+from hooked_attnres import HookedAttnRes
+
+
+def expected_n_sources(layout: str, mode: str, n_layers: int, num_blocks: int, layer, router):
+    """Source counts written from attnres.md section 2 (independent of RoutingLayout)."""
+    S = math.ceil(n_layers / num_blocks)
+    if layout == "cumulative" and mode == "block":
+        return 2 + layer // S  # embedding + completed snapshots + current
+    if layout == "cumulative" and mode == "full":
+        return 2 * layer + 2 if router == "attn_res" else 2 * layer + 3
+    if layout == "kimi":
+        if router == "final_res":
+            return 1 + math.ceil(n_layers / S)
+        j = layer // S
+        return j + 1 if (router == "attn_res" and layer % S == 0) else j + 2
+    if layout == "full":
+        if router == "final_res":
+            return 2 * n_layers + 1
+        return 2 * layer + 1 if router == "attn_res" else 2 * layer + 2
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize(
+    "layout,mode,n_layers,num_blocks",
+    [("cumulative", "block", 8, 4), ("cumulative", "block", 7, 3), ("cumulative", "full", 3, 3),
+     ("kimi", "block", 8, 4), ("kimi", "block", 7, 3), ("kimi", "block", 5, 5),
+     ("full", "block", 4, 4)],
+)
+def test_number_of_sources_matches_attnres_md(layout, mode, n_layers, num_blocks):
+    model = tiny_model(n_layers=n_layers, attnres_layout=layout, attnres_mode=mode,
+                       attnres_num_blocks=num_blocks)
+    tokens = torch.randint(0, 50, (2, 5))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_sources"))
+    routers = model.routers()
+    assert len(routers) == 2 * n_layers + (layout in ("kimi", "full"))
+    for layer, router in routers:
+        n = expected_n_sources(layout, mode, n_layers, num_blocks, layer, router)
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        assert cache[f"{prefix}.hook_sources"].shape == (2, 5, n, model.cfg.d_model)
+        assert len(model.source_labels(layer, router)) == n
+
+
+def test_qwen3_06b_shape_source_counts():
+    """attnres.md section 4: L=28, N=8 gives n = 1 + floor(l / 4) non-current sources."""
+    model = tiny_model(n_layers=28, attnres_num_blocks=8, d_model=16, n_heads=2, d_mlp=16)
+    for layer in range(28):
+        assert len(model.source_labels(layer, "attn_res")) - 1 == 1 + layer // 4
+
+
+def test_weights_sum_to_one_and_equal_softmax_of_logits(routed_layout, tokens):
+    model = randomize_routing(tiny_model(attnres_layout=routed_layout), scale=3.0)
+    _, cache = model.run_with_cache(tokens)
+    for layer, router in model.routers():
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        weights, logits = cache[f"{prefix}.hook_weights"], cache[f"{prefix}.hook_logits"]
+        assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)
+        assert torch.allclose(weights, logits.softmax(-1), atol=1e-7)
+        assert (weights >= 0).all()
+
+
+def test_logits_and_output_follow_the_routing_formula(tokens):
+    """Recompute each router from its cached sources and its parameters."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", attnres_recency_bias=0.5), scale=2.0)
+    _, cache = model.run_with_cache(tokens)
+    for layer, router in model.routers():
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        module = model.mod_dict[prefix]
+        sources = cache[f"{prefix}.hook_sources"]
+        keys = sources / (sources.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        logits = (keys * module.key_norm.w) @ module.query
+        logits[..., -1] += module.recency_bias
+        assert torch.allclose(cache[f"{prefix}.hook_logits"], logits, atol=1e-5)
+        routed = (cache[f"{prefix}.hook_weights"][..., None] * sources).sum(-2)
+        assert torch.allclose(cache[f"{prefix}.hook_out"], routed, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [None, 0.0, 3.0, -1.5])
+def test_zero_queries_give_analytic_weights(bias, tokens):
+    """With w = 0: current gets e^b / (e^b + n), every other source 1 / (e^b + n)."""
+    model = tiny_model(attnres_layout="cumulative", attnres_recency_bias=bias, n_layers=6,
+                       attnres_num_blocks=3)
+    _, cache = model.run_with_cache(tokens)
+    b = 0.0 if bias is None else bias
+    for layer, router in model.routers():
+        weights = cache[f"blocks.{layer}.{router}.hook_weights"]
+        n_other = weights.shape[-1] - 1
+        expected = torch.full((n_other + 1,), 1 / (math.exp(b) + n_other))
+        expected[-1] = math.exp(b) / (math.exp(b) + n_other)
+        assert torch.allclose(weights, expected.expand_as(weights), atol=1e-6)
+
+
+def test_uniform_routing_at_init_in_kimi_layout(tokens):
+    model = tiny_model(attnres_layout="kimi", attnres_recency_bias=None)
+    _, cache = model.run_with_cache(tokens)
+    for layer, router in model.routers():
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        weights = cache[f"{prefix}.hook_weights"]
+        assert torch.allclose(weights, torch.full_like(weights, 1 / weights.shape[-1]))
+
+
+def test_none_layout_has_no_routers(tokens):
+    model = tiny_model(attnres_layout="none")
+    assert model.routers() == []
+    assert not [name for name in model.hook_dict if "_res." in name]
+    with pytest.raises(ValueError, match="no routers"):
+        model.source_labels(0, "attn_res")
+
+
+def test_source_families_partition_sources(routed_layout):
+    model = tiny_model(attnres_layout=routed_layout, n_layers=6, attnres_num_blocks=3)
+    for layer, router in model.routers():
+        families = model.source_families(layer, router)
+        assert set(families) == {"embedding", "older", "prev_completed", "current"}
+        indices = sorted(i for idx in families.values() for i in idx)
+        assert indices == list(range(model.routing_layout.n_sources(layer, router)))
+        labels = model.source_labels(layer, router)
+        assert labels[0] == "embedding"
+        if len(labels) > 1:
+            assert families["current"] == [len(labels) - 1] and labels[-1] == "current"
+
+
+def test_cumulative_labels_and_duplicates(tokens):
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2)
+    assert model.source_labels(0, "attn_res") == ["embedding", "current"]
+    assert model.source_labels(3, "mlp_res") == ["embedding", "block_1", "current"]
+    _, cache = model.run_with_cache(tokens)
+    sources = cache["sources", 0, "attn_res"]
+    # layer 0: embedding and current are the same tensor (documented duplicate)
+    assert torch.equal(sources[:, :, 0], sources[:, :, 1])
+    # block-start attention router: prev_completed equals current
+    sources = cache["sources", 2, "attn_res"]
+    families = model.source_families(2, "attn_res")
+    assert torch.equal(sources[:, :, families["prev_completed"][0]], sources[:, :, -1])
+
+
+def test_kimi_labels():
+    model = tiny_model(attnres_layout="kimi", n_layers=4, attnres_num_blocks=2)
+    assert model.source_labels(0, "attn_res") == ["embedding"]
+    assert model.source_families(0, "attn_res")["current"] == []
+    assert model.source_labels(2, "mlp_res") == ["embedding", "block_1", "current"]
+    assert model.source_labels(None, "final_res") == ["embedding", "block_1", "current"]
+
+
+def test_invalid_router_queries_are_refused():
+    model = tiny_model(attnres_layout="cumulative")
+    with pytest.raises(ValueError, match="router must be one of"):
+        model.source_labels(0, "attn")
+    with pytest.raises(ValueError, match="layer must be an integer"):
+        model.source_labels(4, "attn_res")
+    with pytest.raises(ValueError, match="no final router"):
+        model.source_labels(None, "final_res")
+
+
+def test_editing_weights_changes_output_and_identity_hook_does_not(routed_layout, tokens):
+    model = randomize_routing(tiny_model(attnres_layout=routed_layout))
+    clean = model(tokens)
+    name = "blocks.2.mlp_res.hook_weights"
+
+    def unchanged(weights, hook):
+        return weights
+
+    def observe(weights, hook):
+        return None
+
+    def to_embedding_only(weights, hook):
+        edited = torch.zeros_like(weights)
+        edited[..., 0] = 1.0
+        return edited
+
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(name, unchanged)]), clean)
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(name, observe)]), clean)
+    edited = model.run_with_hooks(tokens, fwd_hooks=[(name, to_embedding_only)])
+    assert (edited - clean).abs().max() > 1e-3
+    # and the edit really reached the routed input
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.2.mlp_res.hook_out",
+                                                          "blocks.2.mlp_res.hook_sources"])
+    with model.hooks(fwd_hooks=[(name, to_embedding_only)]):
+        _, edited_cache = model.run_with_cache(tokens, names_filter=["blocks.2.mlp_res.hook_out"])
+    assert torch.allclose(edited_cache["blocks.2.mlp_res.hook_out"],
+                          cache["blocks.2.mlp_res.hook_sources"][:, :, 0])
+
+
+def test_committed_block_patch_reaches_every_later_reader(tokens):
+    model = randomize_routing(tiny_model(attnres_layout="cumulative", n_layers=6,
+                                         attnres_num_blocks=3))
+    _, clean = model.run_with_cache(tokens)
+
+    def zero(block, hook):
+        return torch.zeros_like(block)
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_committed_block", zero)]):
+        _, patched = model.run_with_cache(tokens)
+    # block_1 is source 1 of every router from layer 2 on, and nowhere before
+    for layer in range(6):
+        for router in ("attn_res", "mlp_res"):
+            sources = patched[f"blocks.{layer}.{router}.hook_sources"]
+            if layer >= 2:
+                assert model.source_labels(layer, router)[1] == "block_1"
+                assert sources[:, :, 1].abs().max() == 0
+            else:
+                assert torch.equal(sources, clean[f"blocks.{layer}.{router}.hook_sources"])
+    # the running stream itself is not the committed snapshot
+    assert torch.equal(patched["resid_post", 1], clean["resid_post", 1])
+
+
+def test_kimi_committed_block_is_the_next_current_source(tokens):
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4, attnres_num_blocks=2))
+
+    def zero(block, hook):
+        return torch.zeros_like(block)
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_committed_block", zero)]):
+        _, patched = model.run_with_cache(tokens)
+    # the block ending at layer 1 is read as "current" by layer 2's attention router,
+    # then as block_1 by every later router, including the final one
+    assert patched["sources", 2, "attn_res"][:, :, -1].abs().max() == 0
+    assert patched["sources", 3, "mlp_res"][:, :, 1].abs().max() == 0
+    assert patched["final_res.hook_sources"][:, :, 1].abs().max() == 0
+
+
+def test_in_place_edit_of_stream_does_not_reach_committed_snapshot(tokens):
+    """TL patch setters edit activations in place; snapshots must not alias the stream."""
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2)
+    _, clean = model.run_with_cache(tokens)
+
+    def zero_in_place(resid, hook):
+        resid[:] = 0
+        return resid
+
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", zero_in_place)]):
+        _, patched = model.run_with_cache(tokens)
+    sources = patched["sources", 2, "attn_res"]
+    assert sources[:, :, -1].abs().max() == 0  # the stream was zeroed
+    assert torch.equal(sources[:, :, 1], clean["sources", 2, "attn_res"][:, :, 1])  # block_1 kept
+    assert torch.equal(sources[:, :, 0], clean["hook_embed"])  # the embedding source kept
+
+
+def test_model_has_routing_parameters_per_router():
+    model = tiny_model(attnres_layout="kimi", attnres_recency_bias=1.0)
+    names = {n for n, _ in model.named_parameters()}
+    for layer, router in model.routers():
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        assert {f"{prefix}.query", f"{prefix}.key_norm.w", f"{prefix}.recency_bias"} <= names
+    assert isinstance(model, HookedAttnRes)

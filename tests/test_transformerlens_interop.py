@@ -1,0 +1,278 @@
+"""HookedAttnRes next to TransformerLens 4.x: protocol, cache, patching, hooks API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+from conftest import hf_qwen3, randomize_routing, tiny_model
+from transformer_lens import ActivationCache
+from transformer_lens.model_protocol import TransformerLensModel
+from transformer_lens.utilities import get_act_name
+
+from hooked_attnres import DepthState, HookedAttnRes, UnknownHookError
+
+REQUIRED_PER_LAYER = [
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+]
+ROUTER_HOOKS = ["hook_sources", "hook_logits", "hook_weights", "hook_out"]
+
+
+def test_satisfies_transformerlens_protocol():
+    model = tiny_model()
+    assert isinstance(model, TransformerLensModel)
+    assert model.cfg.n_layers == 4 and model.cfg.device == "cpu"
+
+
+def test_every_required_hook_exists_and_fires(layout, tokens):
+    model = tiny_model(attnres_layout=layout)
+    expected = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"}
+    for layer in range(model.cfg.n_layers):
+        expected |= {f"blocks.{layer}.{name}" for name in REQUIRED_PER_LAYER}
+        if layout != "none":
+            expected |= {f"blocks.{layer}.{r}.{h}" for r in ("attn_res", "mlp_res") for h in ROUTER_HOOKS}
+    if layout in ("kimi", "full"):
+        expected |= {f"final_res.{h}" for h in ROUTER_HOOKS}
+    assert expected <= set(model.hook_dict)
+    _, cache = model.run_with_cache(tokens)
+    # every hook point fires (no dead names in hook_dict)
+    assert set(cache.keys()) == set(model.hook_dict)
+
+
+def test_hook_shapes(tokens):
+    model = tiny_model(attnres_layout="kimi", n_layers=4, attnres_num_blocks=2)
+    _, cache = model.run_with_cache(tokens)
+    b, p = tokens.shape
+    cfg = model.cfg
+    assert cache["hook_embed"].shape == (b, p, cfg.d_model)
+    assert cache["resid_pre", 1].shape == (b, p, cfg.d_model)
+    assert cache["q", 1].shape == (b, p, cfg.n_heads, cfg.d_head)
+    assert cache["k", 1].shape == (b, p, cfg.n_key_value_heads, cfg.d_head)
+    assert cache["rot_k", 1].shape == (b, p, cfg.n_key_value_heads, cfg.d_head)
+    assert cache["z", 1].shape == (b, p, cfg.n_heads, cfg.d_head)
+    assert cache["pattern", 1].shape == (b, cfg.n_heads, p, p)
+    assert cache["attn_scores", 1].shape == (b, cfg.n_heads, p, p)
+    assert cache["blocks.1.attn.q_norm.hook_scale"].shape == (b, p, cfg.n_heads, 1)
+    assert cache["pre", 1].shape == cache["pre_linear", 1].shape == (b, p, cfg.d_mlp)
+    assert cache["scale", 1, "ln1"].shape == (b, p, 1)
+    assert cache["weights", 3, "attn_res"].shape == (b, p, 3)
+    assert cache["sources", 3, "attn_res"].shape == (b, p, 3, cfg.d_model)
+    assert cache["blocks.3.mlp_res.key_norm.hook_scale"].shape == (b, p, 3, 1)
+    assert cache["out", 3, "mlp_res"].shape == (b, p, cfg.d_model)
+    assert cache["final_res.hook_weights"].shape == (b, p, 3)
+    assert cache["committed_block", 1].shape == (b, p, cfg.d_model)
+
+
+def test_run_with_cache_returns_activation_cache_and_matches_forward(tokens):
+    model = randomize_routing(tiny_model())
+    logits, cache = model.run_with_cache(tokens)
+    assert isinstance(cache, ActivationCache)
+    # the cached run materialises attention patterns; the plain run uses fused attention
+    assert torch.allclose(logits, model(tokens), atol=1e-6)
+    assert torch.equal(cache["weights", 3, "attn_res"], cache["blocks.3.attn_res.hook_weights"])
+    assert get_act_name("weights", 3, "attn_res") == "blocks.3.attn_res.hook_weights"
+    _, as_dict = model.run_with_cache(tokens, return_cache_object=False)
+    assert isinstance(as_dict, dict) and set(as_dict) == set(cache.keys())
+
+
+def _pos_axis(name: str, cache) -> int:
+    """Position axis written from the documented layouts (not read from the model)."""
+    if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k",
+                      "hook_sources", "q_norm.hook_scale", "k_norm.hook_scale",
+                      "q_norm.hook_normalized", "k_norm.hook_normalized", "key_norm.hook_scale")):
+        return 1
+    if name.endswith(("hook_pattern", "hook_attn_scores")):
+        return 2  # query position
+    return 1
+
+
+@pytest.mark.parametrize("pos_slice", [-1, [0, 2], (1, 4)])
+def test_pos_slice_slices_the_position_axis_of_every_hook(pos_slice, tokens):
+    model = randomize_routing(tiny_model(attnres_layout="full"))
+    _, full = model.run_with_cache(tokens)
+    _, sliced = model.run_with_cache(tokens, pos_slice=pos_slice)
+    if isinstance(pos_slice, int):
+        index = torch.tensor([pos_slice % tokens.shape[1]])
+    elif isinstance(pos_slice, tuple):
+        index = torch.arange(*pos_slice)
+    else:
+        index = torch.tensor(pos_slice)
+    assert set(sliced.keys()) == set(full.keys())
+    for name in full.keys():
+        axis = _pos_axis(name, full)
+        expected = full[name].index_select(axis, index)
+        got = sliced[name]  # TL keeps the position axis for an integer pos_slice
+        assert got.shape == expected.shape, name
+        assert torch.equal(got, expected), name
+
+
+def test_remove_batch_dim(tokens):
+    model = tiny_model()
+    _, cache = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert cache["sources", 2, "attn_res"].shape == (9, 3, 32)
+    assert cache["pattern", 0].shape == (4, 9, 9)
+
+
+def test_unknown_hook_names_fail_with_suggestions(tokens):
+    model = tiny_model()
+    with pytest.raises(UnknownHookError, match=r"Did you mean \['blocks.0.attn_res.hook_weights'"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn_res.hook_weight", lambda x, hook: x)])
+    with pytest.raises(KeyError, match="unknown hook name 'nonsense'"):
+        model.add_hook("nonsense", lambda x, hook: x)
+    with pytest.raises(UnknownHookError, match="is a module, not a hook point"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn", lambda x, hook: x)])
+    with pytest.raises(UnknownHookError, match="blocks.9.hook_resid_pre"):
+        model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre", "blocks.9.hook_resid_pre"])
+    with pytest.raises(TypeError, match="not callable"):
+        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", 3)])
+    # nothing was left attached by the failed calls
+    assert not any(hp.fwd_hooks for hp in model.hook_points())
+
+
+def test_predicate_hooks_and_permanent_hooks(tokens):
+    model = tiny_model()
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_weights"),
+                                             lambda x, hook: seen.append(hook.name))])
+    assert len(seen) == 2 * model.cfg.n_layers
+    model.add_perma_hook("hook_embed", lambda x, hook: torch.zeros_like(x))
+    zeroed = model(tokens)
+    model.reset_hooks()  # keeps permanent hooks
+    assert torch.equal(model(tokens), zeroed)
+    model.reset_hooks(including_permanent=True)
+    assert not torch.equal(model(tokens), zeroed)
+
+
+def test_start_and_stop_at_layer_split_the_forward_pass(layout, tokens):
+    model = randomize_routing(tiny_model(attnres_layout=layout, n_layers=5, attnres_num_blocks=2))
+    full = model(tokens)
+    for layer in range(model.cfg.n_layers + 1):
+        state = model(tokens, stop_at_layer=layer)
+        assert isinstance(state, DepthState)
+        snapshot = [t.clone() for t in state.sources]
+        assert torch.allclose(model(state, start_at_layer=layer), full, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources))  # not mutated
+    middle = model(tokens, stop_at_layer=-2)
+    assert len(middle.sources) == len(model(tokens, stop_at_layer=3).sources)
+    loss = model(model(tokens, stop_at_layer=2), start_at_layer=2, tokens=tokens, return_type="loss")
+    assert torch.allclose(loss, model(tokens, return_type="loss"))
+    if layout != "none":  # in layout "none" every state looks alike (one tensor)
+        with pytest.raises(ValueError, match="cannot enter layer 4"):
+            model(model(tokens, stop_at_layer=1), start_at_layer=4)
+
+
+def test_state_for_the_wrong_layer_is_refused(tokens):
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2)
+    state = model(tokens, stop_at_layer=1)
+    with pytest.raises(ValueError, match="cannot enter layer 3"):
+        model(state, start_at_layer=3)
+    with pytest.raises(TypeError, match="needs a DepthState"):
+        model(tokens, start_at_layer=2)
+    with pytest.raises(TypeError, match="needs start_at_layer"):
+        model(state)
+    with pytest.raises(ValueError, match="a loss needs the token ids"):
+        model(state, start_at_layer=1, return_type="loss")
+
+
+def _metric(clean_logits, corrupted_logits, answer):
+    clean = clean_logits[:, -1, answer].mean()
+    corrupt = corrupted_logits[:, -1, answer].mean()
+
+    def metric(logits):
+        return (logits[:, -1, answer].mean() - corrupt) / (clean - corrupt)
+
+    return metric
+
+
+def test_transformerlens_patching_functions_run_with_documented_shapes():
+    model = randomize_routing(tiny_model(attnres_layout="cumulative", n_layers=3))
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 50, (2, 6), generator=generator)
+    corrupted = clean.clone()
+    corrupted[:, 2] = (corrupted[:, 2] + 7) % 50
+    clean_logits, clean_cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits, model(corrupted), answer=5)
+    n_layers, n_heads, n_pos = 3, model.cfg.n_heads, 6
+
+    resid = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    assert resid.shape == (n_layers, n_pos)
+    assert tl_patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric).shape == (n_layers, n_pos)
+    assert tl_patching.get_act_patch_mlp_out(model, corrupted, clean_cache, metric).shape == (n_layers, n_pos)
+    by_pos = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)
+    assert by_pos.shape == (n_layers, n_pos, n_heads)
+    all_pos = tl_patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)
+    assert all_pos.shape == (n_layers, n_heads)
+    k_all = tl_patching.get_act_patch_attn_head_k_all_pos(model, corrupted, clean_cache, metric)
+    assert k_all.shape == (n_layers, model.cfg.n_key_value_heads)
+    assert tl_patching.get_act_patch_block_every(model, corrupted, clean_cache, metric).shape == (3, n_layers, n_pos)
+    # positions before the corrupted token see identical inputs: no effect there
+    assert torch.allclose(resid[:, :2], torch.zeros(n_layers, 2), atol=1e-6)
+    # one cell, recomputed by hand with run_with_hooks
+    def patch(act, hook):
+        act[:, 4] = clean_cache["resid_pre", 1][:, 4]
+        return act
+
+    by_hand = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", patch)]))
+    assert torch.allclose(resid[1, 4], by_hand, atol=1e-6)
+
+
+def test_patching_refuses_training_mode():
+    model = tiny_model()
+    tokens = torch.randint(0, 50, (2, 4))
+    _, cache = model.run_with_cache(tokens)
+    model.train()
+    with pytest.raises(ValueError, match="evaluation mode"):
+        tl_patching.get_act_patch_resid_pre(model, tokens, cache, lambda logits: logits.sum())
+
+
+def test_activation_cache_helpers_on_plain_residual_model():
+    hf = hf_qwen3()
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="none")
+    tokens = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(2))
+    logits, cache = model.run_with_cache(tokens)
+    components = cache.decompose_resid(return_labels=False)
+    assert torch.allclose(components.sum(0), cache["resid_post", -1], atol=1e-5)
+    accumulated = cache.accumulated_resid(apply_ln=True)
+    assert accumulated.shape == (model.cfg.n_layers + 1, 2, 6, model.cfg.d_model)
+    assert cache.stack_activation("pattern").shape == (model.cfg.n_layers, 2, model.cfg.n_heads, 6, 6)
+    # direct logit attribution: the components' attributions sum to the answer logit
+    # (tokens_to_residual_directions folds the ln_final gain, as TL's fold_ln does)
+    answer = tokens[:, -1]
+    attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), tokens=answer, pos_slice=-1)
+    assert attrs.shape == (2 * model.cfg.n_layers + 1, 2)
+    expected = logits[torch.arange(2), -1, answer]
+    assert torch.allclose(attrs.sum(0), expected, atol=1e-4)
+
+
+def test_weights_have_transformerlens_layouts_and_meaning(tokens):
+    model = tiny_model(attnres_layout="none")
+    cfg = model.cfg
+    L, h, kv, d, dh, m = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    assert model.W_E.shape == (cfg.d_vocab, d) and model.W_U.shape == (d, cfg.d_vocab)
+    assert model.W_Q.shape == (L, h, d, dh) and model.W_O.shape == (L, h, dh, d)
+    assert model.W_K.shape == model.W_V.shape == (L, h, d, dh)  # GQA repeated to n_heads
+    assert model.W_in.shape == model.W_gate.shape == (L, d, m) and model.W_out.shape == (L, m, d)
+    assert model.b_U.shape == (cfg.d_vocab,) and not model.b_U.any()
+    assert model.QK.shape == (L, h, d, d) and model.OV.shape == (L, h, d, d)
+    _, cache = model.run_with_cache(tokens)
+    x = cache["normalized", 1, "ln1"] * model.blocks[1].ln1.w
+    assert torch.allclose(cache["q", 1], torch.einsum("bpd,hdk->bphk", x, model.W_Q[1]), atol=1e-6)
+    assert torch.allclose(cache["k", 1], torch.einsum("bpd,hdk->bphk", x, model.blocks[1].attn._W_K), atol=1e-6)
+    expanded = model.W_K[1]
+    assert torch.equal(expanded[0], expanded[1]) and not torch.equal(expanded[0], expanded[2])
+    z_out = torch.einsum("bphk,hkd->bpd", cache["z", 1], model.W_O[1])
+    assert torch.allclose(cache["attn_out", 1], z_out, atol=1e-6)
+    mlp_in = cache["normalized", 1, "ln2"] * model.blocks[1].ln2.w
+    assert torch.allclose(cache["pre", 1], mlp_in @ model.W_gate[1], atol=1e-6)
+    assert torch.allclose(cache["pre_linear", 1], mlp_in @ model.W_in[1], atol=1e-6)
+    assert torch.allclose(cache["mlp_out", 1], cache["post", 1] @ model.W_out[1], atol=1e-6)
+    tied = tiny_model(tie_word_embeddings=True)
+    assert torch.equal(tied.W_U, tied.W_E.T) and "unembed.W_U" not in tied.state_dict()
+    with torch.no_grad():
+        tied.ln_final.w.mul_(2.0)
+    directions = tied.tokens_to_residual_directions(torch.tensor([[3, 4]]))
+    assert directions.shape == (1, 2, d) and torch.allclose(directions[0, 1], 2 * tied.W_E[4])
