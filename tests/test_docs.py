@@ -1,0 +1,45 @@
+"""The hook table in docs/hooks.md matches the model, in both directions."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model
+
+DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
+
+
+def documented_patterns() -> dict[str, tuple[str, int]]:
+    text = DOC.read_text()
+    table = text.split("<!-- hook-table -->")[1].split("<!-- /hook-table -->")[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name, shape, pos_axis = cells[0].strip("`"), cells[1], int(cells[3])
+        pattern = re.escape(name).replace(r"\{l\}", r"\d+").replace(r"\{r\}", "(attn_res|mlp_res)")
+        rows[f"^{pattern}$"] = (shape, pos_axis)
+    return rows
+
+
+@pytest.mark.parametrize("layout,mode", [("cumulative", "block"), ("cumulative", "full"),
+                                         ("kimi", "block"), ("full", "block"), ("none", "block")])
+def test_every_hook_is_documented_with_its_rank_and_position_axis(layout, mode, tokens):
+    patterns = documented_patterns()
+    model = tiny_model(attnres_layout=layout, attnres_mode=mode)
+    _, cache = model.run_with_cache(tokens)
+    for name, hook in model.hook_dict.items():
+        matches = [p for p in patterns if re.match(p, name)]
+        assert len(matches) == 1, f"{name} is documented {len(matches)} times"
+        shape, pos_axis = patterns[matches[0]]
+        assert cache[name].ndim == shape.count(",") + 1, name
+        assert hook.pos_dim == pos_axis, name
+
+
+def test_every_documented_hook_exists_in_some_layout():
+    names = set()
+    for layout, mode in [("cumulative", "full"), ("kimi", "block"), ("full", "block")]:
+        names |= set(tiny_model(attnres_layout=layout, attnres_mode=mode).hook_dict)
+    for pattern in documented_patterns():
+        assert any(re.match(pattern, name) for name in names), pattern

@@ -1,0 +1,71 @@
+"""TransformerLens tokenizer helpers with an attached Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_routing, tiny_model
+
+
+@pytest.fixture
+def model(word_tokenizer):
+    model = randomize_routing(tiny_model(d_vocab=50))
+    model.set_tokenizer(word_tokenizer)
+    return model
+
+
+def test_to_tokens_and_back(model, word_tokenizer):
+    tokens = model.to_tokens("w1 w2 w3")
+    expected = [word_tokenizer.convert_tokens_to_ids(w) for w in ("w1", "w2", "w3")]
+    assert tokens.tolist() == [expected]
+    assert model.to_string(tokens[0]) == "w1 w2 w3"
+    assert model.to_str_tokens("w1 w2 w3") == ["w1", "w2", "w3"]
+    assert model.to_str_tokens(tokens) == ["w1", "w2", "w3"]
+    assert model.to_single_token("w7") == word_tokenizer.convert_tokens_to_ids("w7")
+    assert model.to_string(tokens) == ["w1 w2 w3"]
+
+
+def test_prepend_bos(model, word_tokenizer):
+    assert model.to_tokens("w1", prepend_bos=True).tolist() == [[word_tokenizer.bos_token_id,
+                                                                 word_tokenizer.convert_tokens_to_ids("w1")]]
+    assert model.to_str_tokens("w1", prepend_bos=True) == ["<bos>", "w1"]
+    assert model.to_tokens("w1").shape == (1, 1)  # Qwen3 default: no BOS
+
+
+def test_to_single_token_refuses_multiple_tokens(model):
+    with pytest.raises(ValueError, match=r"'w1 w2' is 2 tokens"):
+        model.to_single_token("w1 w2")
+
+
+def test_batched_strings_are_right_padded_and_match_unpadded_runs(model):
+    texts = ["w1 w2 w3 w4 w5", "w6 w7"]
+    tokens, mask = model.to_tokens_and_mask(texts)
+    assert tokens.shape == (2, 5) and mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
+    batched = model(texts)
+    for row, text in enumerate(texts):
+        alone = model(text)
+        n = alone.shape[1]
+        assert torch.allclose(batched[row, :n], alone[0], atol=1e-5)
+    # padding is excluded from the loss
+    loss = model(texts, return_type="loss", loss_per_token=True)
+    assert loss.shape == (2, 4) and torch.all(loss[1, 1:] == 0)
+    mean = model(texts, return_type="loss")
+    expected = (model(texts[0], return_type="loss") * 4 + model(texts[1], return_type="loss")) / 5
+    assert torch.allclose(mean, expected, atol=1e-5)
+
+
+def test_string_input_equals_token_input(model):
+    logits, loss = model("w3 w4 w5", return_type="both")
+    tokens = model.to_tokens("w3 w4 w5")
+    assert torch.allclose(logits, model(tokens))
+    assert torch.allclose(loss, model(tokens, return_type="loss"))
+
+
+def test_string_run_with_cache(model):
+    _, cache = model.run_with_cache("w1 w2 w3 w4")
+    assert cache["weights", 3, "attn_res"].shape == (1, 4, 3)
+
+
+def test_unknown_words_map_to_unk(model, word_tokenizer):
+    assert model.to_tokens("w1 zebra").tolist() == [[word_tokenizer.convert_tokens_to_ids("w1"),
+                                                     word_tokenizer.unk_token_id]]
