@@ -1,0 +1,125 @@
+"""The analytic routing of a recency-wrapped model, and how far a model is from it.
+
+With every pseudo-query zero, every logit is 0 except the recency bias ``b`` on the
+current source, so a router with ``n`` non-current sources puts ``e^b / (e^b + n)`` on
+the current source and ``1 / (e^b + n)`` on each other one, whatever the input
+(``../shared/design/attnres.md`` section 4). For the Qwen3-0.6B shape (28 layers,
+8 blocks, ``b = 3``) the layer-mean current weight is 0.8397; family means are current
+0.840, embedding 0.042, prev_completed 0.035, older 0.083.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout, router_hook_prefix
+
+
+@dataclass(frozen=True)
+class RecencySchedule:
+    """Predicted routing of a zero-query cumulative-layout model.
+
+    Attributes:
+        sources: one row per ``(layer, router, source)``; columns ``layer, router,
+            source_index, label, family, weight``.
+        families: one row per ``(layer, router, family)``; columns ``layer, router,
+            family, weight`` (families absent at a router have weight 0).
+        family_means: mean over layers of each family's weight; rows ``router`` in
+            ``attn_res, mlp_res, all``, columns the four families.
+    """
+
+    n_layers: int
+    num_blocks: int
+    bias: float
+    sources: pd.DataFrame
+    families: pd.DataFrame
+    family_means: pd.DataFrame
+
+    @property
+    def mean_current(self) -> float:
+        """Mean weight of the current source over all layers and both routers."""
+        return float(self.family_means.loc["all", "current"])
+
+    def weights(self, layer: int, router: str) -> torch.Tensor:
+        """Predicted weights ``[n_sources]`` of one router."""
+        rows = self.sources[(self.sources.layer == layer) & (self.sources.router == router)]
+        return torch.tensor(rows.sort_values("source_index").weight.to_numpy(), dtype=torch.float64)
+
+
+def recency_schedule(n_layers: int, num_blocks: int, bias: float = 3.0,
+                     mode: str = "block") -> RecencySchedule:
+    """Routing weights predicted for a recency-wrapped model (cumulative layout, zero queries).
+
+    Args:
+        n_layers: decoder layers ``L``.
+        num_blocks: AttnRes blocks ``N`` (``1 <= N <= L``).
+        bias: the recency bias ``b``.
+        mode: ``"block"`` (default) or ``"full"`` (a snapshot after every sublayer).
+    """
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+    if not isinstance(num_blocks, int) or not 1 <= num_blocks <= n_layers:
+        raise ValueError(f"num_blocks must be an integer in [1, n_layers={n_layers}], got {num_blocks!r}")
+    if not math.isfinite(bias):
+        raise ValueError(f"bias must be finite, got {bias!r}")
+    layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
+    source_rows, family_rows = [], []
+    for layer in range(n_layers):
+        for router in SUBLAYER_ROUTERS:
+            labels = layout.source_labels(layer, router)
+            n_other = len(labels) - 1
+            denominator = math.exp(bias) + n_other
+            weights = [1 / denominator] * n_other + [math.exp(bias) / denominator]
+            family_of = {i: f for f, idx in layout.source_families(layer, router).items() for i in idx}
+            for index, (label, weight) in enumerate(zip(labels, weights)):
+                source_rows.append(dict(layer=layer, router=router, source_index=index,
+                                        label=label, family=family_of[index], weight=weight))
+            for family, indices in layout.source_families(layer, router).items():
+                family_rows.append(dict(layer=layer, router=router, family=family,
+                                        weight=sum(weights[i] for i in indices)))
+    sources, families = pd.DataFrame(source_rows), pd.DataFrame(family_rows)
+    by_router = families.pivot_table(index="router", columns="family", values="weight", aggfunc="mean")
+    overall = families.groupby("family").weight.mean().rename("all")
+    means = pd.concat([by_router, overall.to_frame().T])[list(FAMILIES)]
+    return RecencySchedule(n_layers, num_blocks, float(bias), sources, families, means)
+
+
+def schedule_deviation(model, cache, schedule: RecencySchedule | None = None) -> float:
+    """Largest ``|measured - predicted|`` routing weight over every router, token and source.
+
+    Args:
+        model: a cumulative-layout `HookedAttnRes`.
+        cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``.
+        schedule: the prediction (default: `recency_schedule` of the model's shape and
+            configured recency bias).
+    """
+    cfg = model.cfg
+    if cfg.attnres_layout != "cumulative":
+        raise ValueError(
+            f"the recency schedule describes the cumulative layout; this model has "
+            f"{cfg.attnres_layout!r}"
+        )
+    if schedule is None:
+        if cfg.attnres_recency_bias is None:
+            raise ValueError("this model has no recency bias; pass a schedule explicitly")
+        schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks,
+                                    cfg.attnres_recency_bias, cfg.attnres_mode)
+    worst = 0.0
+    for layer, router in model.routers():
+        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+        if name not in cache:
+            raise KeyError(f"the cache has no {name}; run run_with_cache without a names_filter "
+                           "that excludes routing weights")
+        measured = cache[name].double()
+        predicted = schedule.weights(layer, router).to(measured.device)
+        if measured.shape[-1] != predicted.shape[0]:
+            raise ValueError(
+                f"{name} has {measured.shape[-1]} sources but the schedule predicts "
+                f"{predicted.shape[0]}; the schedule is for a different shape"
+            )
+        worst = max(worst, (measured - predicted).abs().max().item())
+    return worst

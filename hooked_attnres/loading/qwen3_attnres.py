@@ -1,0 +1,153 @@
+"""The public ``qwen3_attnres`` checkpoint format (open-attention-residuals).
+
+A Hugging Face directory: ``config.json`` with ``model_type = "qwen3_attnres"`` and
+``attnres_num_blocks``, ``attnres_recency_bias_init``, ``attnres_mode`` (``"block"`` or
+``"full"``), ``attnres_gate_type``; safetensors weights (one file or shards with an
+index) holding the standard Qwen3 keys plus, per layer ``i``,
+``model.layers.{i}.attn_res_proj.weight [1, d]``, ``model.layers.{i}.attn_res_norm.weight
+[d]``, ``model.layers.{i}.attn_res_bias []`` and the same three with ``mlp_res_``.
+
+It is the cumulative layout (``attnres.md`` section 2a): the attention and MLP routers
+read ``blocks + [current]``, blocks are snapshots of the residual stream every
+``ceil(L / N)`` layers (every sublayer in ``"full"`` mode), and there is no final router.
+Only ``attnres_gate_type = "bias"`` has that meaning; the sigmoid gates of the same code
+base mix the router output with the stream and are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import save_file
+
+from hooked_attnres._atomic import atomic_directory
+from hooked_attnres.config import _dtype_from_any, dtype_name
+from hooked_attnres.loading.checkpoint import (
+    CheckpointError,
+    assign_state_dict,
+    empty_model,
+    load_tokenizer,
+    read_config_json,
+)
+from hooked_attnres.loading.hf_keys import KeyMap
+from hooked_attnres.loading.hf_qwen3 import (
+    check_qwen3_config,
+    config_from_hf,
+    hf_weight_files,
+    load_hf_weights,
+)
+
+MODEL_TYPE = "qwen3_attnres"
+ARCHITECTURE = "Qwen3AttnResForCausalLM"
+SUPPORTED_GATES = ("bias",)
+
+
+def attnres_overrides(values: dict, where: str) -> dict:
+    """Our ``attnres_*`` fields for a ``qwen3_attnres`` config, or a clear refusal."""
+    gate = values.get("attnres_gate_type", "bias")
+    if gate not in SUPPORTED_GATES:
+        raise CheckpointError(
+            f"{where} has attnres_gate_type={gate!r}; only {list(SUPPORTED_GATES)} is supported "
+            "(the sigmoid gates blend the router output with the stream, which is not Block "
+            "AttnRes routing)"
+        )
+    mode = values.get("attnres_mode", "block")
+    if mode not in ("block", "full"):
+        raise CheckpointError(f"{where} has attnres_mode={mode!r}; expected 'block' or 'full'")
+    num_blocks = values.get("attnres_num_blocks", 8)
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise CheckpointError(f"{where} has attnres_num_blocks={num_blocks!r}; expected an integer >= 1")
+    n_layers = values["num_hidden_layers"]
+    return dict(
+        attnres_layout="cumulative",
+        attnres_mode=mode,
+        # more blocks than layers means one layer per block there, as min(N, L) does here
+        attnres_num_blocks=min(num_blocks, n_layers),
+        attnres_recency_bias=float(values.get("attnres_recency_bias_init", 3.0)),
+    )
+
+
+def load_qwen3_attnres(
+    directory: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+):
+    """Load a ``qwen3_attnres`` directory as a cumulative-layout `HookedAttnRes`.
+
+    Args:
+        directory: the checkpoint directory (single or sharded safetensors).
+        device: default ``"cpu"``.
+        dtype: default float32.
+    """
+    directory = Path(directory)
+    values = read_config_json(directory)
+    where = str(directory)
+    check_qwen3_config(values, where, model_types=(MODEL_TYPE,))
+    dtype = _dtype_from_any(dtype) if dtype is not None else torch.float32
+    cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
+    model = empty_model(cfg, tokenizer=load_tokenizer(directory))
+    state = load_hf_weights(model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where)
+    return assign_state_dict(model, state, device or "cpu")
+
+
+def qwen3_attnres_config(model) -> dict:
+    """The ``config.json`` of a cumulative-layout model in the public format."""
+    cfg = model.cfg
+    bias = cfg.attnres_recency_bias
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.d_vocab,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_key_value_heads,
+        "head_dim": cfg.d_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "rope_theta": cfg.rotary_base,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "dtype": dtype_name(cfg.dtype),
+        "attnres_num_blocks": cfg.attnres_num_blocks,
+        "attnres_recency_bias_init": 0.0 if bias is None else bias,
+        "attnres_mode": cfg.attnres_mode,
+        "attnres_gate_type": "bias",
+    }
+
+
+def save_qwen3_attnres(model, directory: Union[str, Path]) -> Path:
+    """Write a cumulative-layout model in the public format (atomically).
+
+    Routers without a bias parameter are written with bias 0, which routes identically.
+    """
+    cfg = model.cfg
+    if cfg.attnres_layout != "cumulative":
+        raise ValueError(
+            f"format='qwen3_attnres' holds cumulative-layout models only; this model has "
+            f"attnres_layout={cfg.attnres_layout!r} (save it in the default format instead)"
+        )
+    keymap = KeyMap(cfg, routers=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        hf_name, converted = keymap.to_hf(name, tensor.detach().cpu())
+        state[hf_name] = converted.contiguous()
+    if cfg.attnres_recency_bias is None:
+        for layer in range(cfg.n_layers):
+            for prefix in ("attn_res", "mlp_res"):
+                state[f"model.layers.{layer}.{prefix}_bias"] = torch.zeros((), dtype=cfg.dtype)
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(qwen3_attnres_config(model), indent=2) + "\n")
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+    return directory

@@ -1,0 +1,271 @@
+"""Real checkpoints: HF Qwen3 directories and models, the qwen3_attnres format, TL cross-check."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_word_tokenizer, hf_qwen3, randomize_routing
+from reference_attnres import reference_forward
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hooked_attnres import CheckpointError, HookedAttnRes
+from hooked_attnres.analysis import recency_schedule, schedule_deviation
+
+
+def write_public_qwen3_attnres(directory, hf, num_blocks, mode="block", gate="bias", seed=0):
+    """A qwen3_attnres checkpoint laid out as the public code base writes it: HF
+    ``save_pretrained`` (sharded) plus the router tensors, config fields per attnres.md 6."""
+    hf.save_pretrained(directory, max_shard_size="20KB")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="qwen3_attnres", architectures=["Qwen3AttnResForCausalLM"],
+                  attnres_num_blocks=num_blocks, attnres_recency_bias_init=3.0,
+                  attnres_mode=mode, attnres_gate_type=gate)
+    (directory / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(seed)
+    d = hf.config.hidden_size
+    routers = {}
+    for layer in range(hf.config.num_hidden_layers):
+        for prefix in ("attn_res", "mlp_res"):
+            routers[f"model.layers.{layer}.{prefix}_proj.weight"] = torch.randn(1, d, generator=generator)
+            routers[f"model.layers.{layer}.{prefix}_norm.weight"] = 1 + 0.3 * torch.randn(d, generator=generator)
+            routers[f"model.layers.{layer}.{prefix}_bias"] = 3 + torch.randn((), generator=generator)
+    save_file(routers, str(directory / "model-routers.safetensors"))
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({key: "model-routers.safetensors" for key in routers})
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return routers
+
+
+def public_router_params(routers):
+    def params(prefix):
+        layer, router = prefix.split(".")[1], prefix.split(".")[2]
+        base = f"model.layers.{layer}.{router}"
+        return (routers[f"{base}_proj.weight"].reshape(-1), routers[f"{base}_norm.weight"],
+                routers[f"{base}_bias"])
+    return params
+
+
+def read_all(directory):
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("mode,num_blocks", [("block", 2), ("full", 8), ("block", 9)])
+def test_public_qwen3_attnres_checkpoint_loads(tmp_path, mode, num_blocks):
+    hf = hf_qwen3(num_hidden_layers=4)
+    routers = write_public_qwen3_attnres(tmp_path / "public", hf, num_blocks, mode)
+    model = HookedAttnRes.from_pretrained(tmp_path / "public")
+    assert model.cfg.attnres_layout == "cumulative" and model.cfg.attnres_mode == mode
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = reference_forward(hf, "cumulative", num_blocks, public_router_params(routers),
+                                        tokens, mode)
+        got = model(tokens)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_qwen3_attnres_round_trip(tmp_path, mode):
+    hf = hf_qwen3(num_hidden_layers=4, tie_word_embeddings=(mode == "full"))
+    wrapped = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2)
+    model = HookedAttnRes(wrapped.cfg.replace(attnres_mode=mode))
+    model.load_state_dict(wrapped.state_dict())
+    randomize_routing(model, seed=3, scale=2.0)
+    model.save_pretrained(tmp_path / "export", format="qwen3_attnres")
+
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_attnres" and config["attnres_gate_type"] == "bias"
+    assert config["attnres_mode"] == mode and config["attnres_num_blocks"] == 2
+    tensors = read_all(tmp_path / "export")
+    expected_keys = set(hf.state_dict()) | {
+        f"model.layers.{i}.{p}_{k}" for i in range(4) for p in ("attn_res", "mlp_res")
+        for k in ("proj.weight", "norm.weight", "bias")}
+    if hf.config.tie_word_embeddings:
+        expected_keys.discard("lm_head.weight")
+    assert set(tensors) == expected_keys
+    assert tensors["model.layers.0.attn_res_proj.weight"].shape == (1, 32)
+    assert tensors["model.layers.0.attn_res_bias"].shape == ()
+
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    reloaded = HookedAttnRes.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens), model(tokens))
+        # what the public code base would compute from the exported files
+        expected, _ = reference_forward(hf, "cumulative", 2, public_router_params(tensors), tokens, mode)
+    assert (model(tokens) - expected).abs().max().item() <= 1e-5
+
+
+def test_other_gate_types_and_layouts_are_refused(tmp_path):
+    hf = hf_qwen3(num_hidden_layers=2)
+    write_public_qwen3_attnres(tmp_path / "sigmoid", hf, 2, gate="sigmoid_scalar")
+    with pytest.raises(CheckpointError, match="attnres_gate_type='sigmoid_scalar'"):
+        HookedAttnRes.from_pretrained(tmp_path / "sigmoid")
+    kimi = HookedAttnRes.from_hf_qwen3(hf, wrap="exact")
+    with pytest.raises(ValueError, match="cumulative-layout models only"):
+        kimi.save_pretrained(tmp_path / "kimi", format="qwen3_attnres")
+    assert not (tmp_path / "kimi").exists()
+
+
+@pytest.mark.parametrize("n_layers,n_kv,tied", [(3, 2, False), (4, 1, True), (6, 4, False)])
+def test_exact_wrap_equals_vanilla_qwen3(n_layers, n_kv, tied):
+    tokens = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    hf = hf_qwen3(num_hidden_layers=n_layers, num_key_value_heads=n_kv, tie_word_embeddings=tied,
+                  rms_norm_eps=0.0)
+    for num_blocks in range(1, n_layers + 1):
+        model = HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=num_blocks)
+        assert model.cfg.attnres_layout == "kimi" and model.cfg.has_final_router
+        with torch.no_grad():
+            assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+    # with the default epsilon the function moves slightly, the predictions do not
+    hf = hf_qwen3(num_hidden_layers=n_layers, num_key_value_heads=n_kv, tie_word_embeddings=tied)
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=2)
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, model(tokens)
+    assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    assert (got - expected).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("n_layers,num_blocks,bias", [(4, 2, 3.0), (7, 3, 1.0), (28, 8, 3.0), (5, 5, 0.0)])
+def test_recency_wrap_routes_exactly_as_the_schedule(n_layers, num_blocks, bias):
+    hf = hf_qwen3(num_hidden_layers=n_layers, hidden_size=16, head_dim=4, intermediate_size=16)
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias)
+    schedule = recency_schedule(n_layers, num_blocks, bias)
+    for seed in range(3):  # content independence: any input gives the same routing
+        tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(seed))
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_weights"))
+        assert schedule_deviation(model, cache, schedule) <= 1e-6
+    if (n_layers, num_blocks, bias) == (28, 8, 3.0):
+        assert abs(schedule.mean_current - 0.8397) < 5e-5
+
+
+def test_recency_schedule_for_the_qwen3_06b_shape():
+    schedule = recency_schedule(28, 8, 3.0)
+    means = schedule.family_means
+    expected = {"current": 0.840, "embedding": 0.042, "prev_completed": 0.035, "older": 0.083}
+    for family, value in expected.items():
+        assert abs(means.loc["all", family] - value) < 5e-4, family
+        assert abs(means.loc["attn_res", family] - means.loc["mlp_res", family]) < 1e-12
+    assert round(schedule.mean_current, 4) == 0.8397
+    # per layer, the family weights sum to one
+    totals = schedule.families.groupby(["layer", "router"]).weight.sum()
+    assert torch.allclose(torch.tensor(totals.to_numpy()), torch.ones(len(totals), dtype=torch.float64))
+
+
+def test_schedule_deviation_detects_learned_routing():
+    hf = hf_qwen3(num_hidden_layers=4)
+    model = randomize_routing(HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2))
+    _, cache = model.run_with_cache(torch.randint(0, 61, (2, 5)))
+    assert schedule_deviation(model, cache, recency_schedule(4, 2, 3.0)) > 0.01
+    with pytest.raises(ValueError, match="different shape"):
+        schedule_deviation(model, cache, recency_schedule(4, 1, 3.0))
+    with pytest.raises(ValueError, match="num_blocks must be"):
+        recency_schedule(4, 5, 3.0)
+
+
+def test_sharded_transformers_directory_with_tokenizer(tmp_path):
+    hf = hf_qwen3(num_hidden_layers=3)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(50)])
+    tokenizer.save_pretrained(tmp_path / "hf")
+    model = HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
+    tokens = model.to_tokens(["w1 w2 w3 w4 w5"])
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+    assert model.to_str_tokens(tokens) == ["w1", "w2", "w3", "w4", "w5"]
+    single = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=3)
+    hf.save_pretrained(tmp_path / "single")
+    from_dir = HookedAttnRes.from_hf_qwen3(tmp_path / "single", wrap="recency", num_blocks=3)
+    assert torch.equal(from_dir(tokens), single(tokens))
+
+
+def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
+    """Layout "none" and TL 4.x TransformerBridge agree on the same weights."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
+
+    hf = hf_qwen3()
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="none")
+    build_word_tokenizer([f"w{i}" for i in range(50)]).save_pretrained(tmp_path / "tok")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-qwen3-local", hf_model=copy.deepcopy(hf), tokenizer=tokenizer, device="cpu")
+    bridge.eval()
+    tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bridge_logits, bridge_cache = bridge.run_with_cache(tokens)
+        logits, cache = model.run_with_cache(tokens)
+    assert (bridge_logits - logits).abs().max().item() <= 1e-5
+    lower = torch.ones(7, 7, dtype=torch.bool).tril()
+    for layer in range(hf.config.num_hidden_layers):
+        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_pattern",
+                     "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                     "hook_attn_out", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_post"):
+            key = f"blocks.{layer}.{name}"
+            assert bridge_cache[key].shape == cache[key].shape, key
+            assert (bridge_cache[key] - cache[key]).abs().max().item() <= 1e-5, key
+        # scores agree where they are not masked (TL masks with the dtype minimum, we with -inf)
+        key = f"blocks.{layer}.attn.hook_attn_scores"
+        assert torch.allclose(bridge_cache[key][..., lower], cache[key][..., lower], atol=1e-5)
+
+
+def test_bad_sources_fail_with_what_was_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "missing")
+    with pytest.raises(TypeError, match="source must be a checkpoint directory"):
+        HookedAttnRes.from_hf_qwen3(42)
+    with pytest.raises(ValueError, match="wrap must be one of"):
+        HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="approximate")
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="model_type='llama'"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="not a Qwen3 checkpoint"):
+        HookedAttnRes.from_hf_qwen3(llama)
+
+    hf = hf_qwen3(num_hidden_layers=3)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"missing 1 of \d+ shard\(s\).*{shard.name}"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "sharded")
+
+    hf.save_pretrained(tmp_path / "resized")
+    config = json.loads((tmp_path / "resized" / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys.*mlp.down_proj.weight expected \(32, 48\) found \(32, 40\)"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
+
+    config["intermediate_size"], config["num_hidden_layers"] = 40, 4
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing keys.*model.layers.3"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
+
+    config["num_hidden_layers"], config["use_sliding_window"] = 3, True
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="use_sliding_window=True"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only safetensors checkpoints are supported"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "bin")
+
+    write_public_qwen3_attnres(tmp_path / "attnres", hf_qwen3(num_hidden_layers=2), 2)
+    with pytest.raises(CheckpointError, match="load it with HookedAttnRes.from_pretrained"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "attnres")
+    hf.save_pretrained(tmp_path / "vanilla")
+    with pytest.raises(CheckpointError, match="from_hf_qwen3"):
+        HookedAttnRes.from_pretrained(tmp_path / "vanilla")
