@@ -5,6 +5,12 @@ One table maps every parameter both ways, so that import (``from_hf_qwen3``, the
 cannot drift apart. Hugging Face stores ``nn.Linear`` weights ``[out, in]``;
 HookedAttnRes stores TransformerLens layouts (``W_Q [n_heads, d_model, d_head]``,
 ``W_in [d_model, d_mlp]``, ...).
+
+Every conversion is a *view* (transpose, reshape, permute): a model loaded from a
+safetensors file shares the file's memory map (copy-on-write) instead of copying the
+weights, so loading takes about as long and as much memory as ``transformers`` does.
+Such parameters are non-contiguous tensors in TransformerLens shapes; the forward pass
+multiplies them without copies.
 """
 
 from __future__ import annotations
@@ -26,37 +32,37 @@ def _same(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
 
 
 def _transpose(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return t.T.contiguous()
+    return t.T
 
 
 def _q_in(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return einops.rearrange(t, "(head d_head) d_model -> head d_model d_head", d_head=cfg.d_head).contiguous()
+    return einops.rearrange(t, "(head d_head) d_model -> head d_model d_head", d_head=cfg.d_head)
 
 
 _kv_in = _q_in
 
 
 def _q_out(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return einops.rearrange(t, "head d_model d_head -> (head d_head) d_model").contiguous()
+    return einops.rearrange(t, "head d_model d_head -> (head d_head) d_model")
 
 
 _kv_out = _q_out
 
 
 def _o_in(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return einops.rearrange(t, "d_model (head d_head) -> head d_head d_model", d_head=cfg.d_head).contiguous()
+    return einops.rearrange(t, "d_model (head d_head) -> head d_head d_model", d_head=cfg.d_head)
 
 
 def _o_out(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return einops.rearrange(t, "head d_head d_model -> d_model (head d_head)").contiguous()
+    return einops.rearrange(t, "head d_head d_model -> d_model (head d_head)")
 
 
 def _query_in(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return t.reshape(-1).contiguous()
+    return t.reshape(-1)
 
 
 def _query_out(t: Tensor, cfg: HookedAttnResConfig) -> Tensor:
-    return t.reshape(1, -1).contiguous()
+    return t.reshape(1, -1)
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,8 @@ def from_hf_qwen3(
             if key.endswith(_IGNORED_HF_KEYS) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                 continue
             name, converted = keymap.to_ours(key, tensor.detach().to(dtype))
-            state[name] = converted
+            # a private contiguous copy: the model must not alias the caller's module
+            state[name] = converted.clone(memory_format=torch.contiguous_format)
     state.update(_router_state(model, dtype))
     try:
         return assign_state_dict(model, state, device)

@@ -1,0 +1,133 @@
+"""Loading a Qwen3-0.6B-shaped checkpoint: ``from_hf_qwen3`` vs ``transformers``.
+
+The benchmark writes a randomly initialised checkpoint of the Qwen3-0.6B shape once
+(``benchmarks/.cache/qwen3-0.6b-random``, bfloat16, one safetensors file, about 1.2 GB),
+then loads it in fresh child processes, alternating:
+
+* ``transformers``: ``Qwen3ForCausalLM.from_pretrained(dir, dtype=...)``;
+* ``hooked_attnres``: ``HookedAttnRes.from_hf_qwen3(dir, wrap=..., dtype=...)``.
+
+Each child reports the wall time of the load call and its peak RSS above the RSS it had
+after imports. Targets (issue 3): time <= 1.2x and peak RSS <= 1.3x of transformers.
+
+    python benchmarks/bench_loading.py [--repeats 3] [--dtype bfloat16] [--wrap recency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path(__file__).parent / ".cache" / "qwen3-0.6b-random"
+SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+             max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
+             rms_norm_eps=1e-6)
+
+
+def write_checkpoint(directory: Path) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if (directory / "config.json").exists():
+        return
+    print(f"writing a random Qwen3-0.6B-shaped checkpoint to {directory} (once)")
+    config = Qwen3Config(**SHAPE)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model.tie_weights()  # to_empty unties the embedding and lm_head
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(directory)
+
+
+def child(kind: str, directory: str, dtype: str, wrap: str) -> None:
+    import resource
+
+    import torch
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    torch.set_num_threads(2)
+    if kind == "transformers":
+        from transformers import Qwen3ForCausalLM
+
+        def load():
+            return Qwen3ForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+    else:
+        from hooked_attnres import HookedAttnRes
+
+        def load():
+            return HookedAttnRes.from_hf_qwen3(directory, wrap=wrap, dtype=dtype, num_blocks=8)
+    before = rss_mb()
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n_params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
+                      "peak_above_imports_mb": peak - before, "params": n_params}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--wrap", default="recency", choices=["recency", "exact", "none"])
+    parser.add_argument("--child", choices=["transformers", "hooked_attnres"])
+    parser.add_argument("--dir", default=str(CACHE))
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.dir, args.dtype, args.wrap)
+        return
+    write_checkpoint(Path(args.dir))
+    results: dict[str, list[dict]] = {"transformers": [], "hooked_attnres": []}
+    for run in range(args.repeats + 1):  # the first round warms the page cache
+        for kind in results:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", kind, "--dir", args.dir,
+                 "--dtype", args.dtype, "--wrap", args.wrap],
+                check=True, capture_output=True, text=True,
+            )
+            if run > 0:
+                results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    summary = {}
+    for kind, runs in results.items():
+        summary[kind] = {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "peak_above_imports_mb": statistics.median(r["peak_above_imports_mb"] for r in runs),
+            "params": runs[0]["params"],
+        }
+        print(f"  {kind:15s} load {summary[kind]['seconds']:6.2f} s, peak RSS above imports "
+              f"{summary[kind]['peak_above_imports_mb']:7.0f} MiB, {summary[kind]['params'] / 1e6:.0f}M params")
+    time_ratio = summary["hooked_attnres"]["seconds"] / summary["transformers"]["seconds"]
+    rss_ratio = (summary["hooked_attnres"]["peak_above_imports_mb"]
+                 / summary["transformers"]["peak_above_imports_mb"])
+    print(f"  time ratio {time_ratio:.2f}x (target <= 1.2x); peak RSS ratio {rss_ratio:.2f}x "
+          f"(target <= 1.3x); dtype {args.dtype}, wrap {args.wrap}, {args.repeats} repeats")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_result
+
+    write_result(f"loading_{args.dtype}", {"shape": SHAPE, "dtype": args.dtype, "wrap": args.wrap,
+                                           "repeats": args.repeats, "summary": summary,
+                                           "time_ratio": time_ratio, "rss_ratio": rss_ratio})
+
+
+if __name__ == "__main__":
+    main()
