@@ -139,6 +139,14 @@ class HookedAttnResConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("d_head", "d_mlp", "n_key_value_heads", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer or None, got {value!r}")
+        if not (isinstance(self.initializer_range, (int, float)) and 0 <= self.initializer_range < math.inf):
+            raise ValueError(
+                f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}"
+            )
         if self.d_head is None:
             if self.d_model % self.n_heads != 0:
                 raise ValueError(
@@ -164,8 +172,8 @@ class HookedAttnResConfig:
             )
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-        if not self.rotary_base > 0:
-            raise ValueError(f"rotary_base must be > 0, got {self.rotary_base!r}")
+        if not 0 < self.rotary_base < math.inf:
+            raise ValueError(f"rotary_base must be a finite number > 0, got {self.rotary_base!r}")
         self.dtype = _dtype_from_any(self.dtype)
         if self.device is None:
             self.device = "cpu"

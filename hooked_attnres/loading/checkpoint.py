@@ -122,8 +122,16 @@ def load_tokenizer(directory: Path):
     if not any((Path(directory) / name).exists() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    # AutoTokenizer also reads config.json and warns that model_type is not one of its
+    # own; the tokenizer files are what matter here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def empty_model(cfg: HookedAttnResConfig, tokenizer=None):

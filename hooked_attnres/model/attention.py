@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook
+from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
 from hooked_attnres.model.rotary import apply_rotary
 
 
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         n_pos = q.shape[1]
         future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
         scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
-        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=stat_dtype(q.dtype)).to(q.dtype))
         return einops.einsum(
             pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head"
         )

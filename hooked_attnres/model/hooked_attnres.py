@@ -305,7 +305,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         if start_at_layer is None:
             if isinstance(input, DepthState):
                 raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
-            if isinstance(input, (str, list)):
+            if isinstance(input, str) or (
+                isinstance(input, list) and input and all(isinstance(t, str) for t in input)
+            ):
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 attention_mask = mask if attention_mask is None else attention_mask
             tokens = self._validate_tokens(input)

@@ -25,14 +25,20 @@ def is_observed(hook: HookPoint) -> bool:
     return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norm statistics and routing math: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
-    """``sqrt(mean(x**2) + eps)`` over the last axis, computed in float32 in one pass."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stat_dtype(x.dtype))
     return (norm.square() / x.shape[-1] + eps).sqrt()
 
 
 class RMSNorm(nn.Module):
-    """Qwen3 RMSNorm: ``w * x / sqrt(mean(x**2) + eps)``, normalised in float32.
+    """Qwen3 RMSNorm: ``w * x / sqrt(mean(x**2) + eps)``, normalised in float32 (float64
+    in a float64 model).
 
     Hooks (``...`` is ``batch pos`` for the sublayer norms and ``batch pos head`` for
     ``attn.q_norm`` / ``attn.k_norm``):
@@ -54,7 +60,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         scale = self.hook_scale(rms_scale(x, self.eps))
-        normalized = self.hook_normalized((x.float() * scale.reciprocal()).to(x.dtype))
+        normalized = self.hook_normalized((x.to(scale.dtype) * scale.reciprocal()).to(x.dtype))
         return normalized * self.w
 
 

@@ -39,9 +39,12 @@ class DepthRouter(nn.Module):
     ``HookedAttnRes.source_labels``):
         hook_sources: ``[batch, pos, n_sources, d_model]``, the stacked sources read
             (editing it changes what this router mixes, not the stored sources).
-        key_norm.hook_scale: ``[batch, pos, n_sources, 1]`` float32, each source's RMS.
-        hook_logits: ``[batch, pos, n_sources]`` float32, after the recency bias.
-        hook_weights: ``[batch, pos, n_sources]`` float32, softmax of the logits.
+        key_norm.hook_scale: ``[batch, pos, n_sources, 1]``, each source's RMS.
+        hook_logits: ``[batch, pos, n_sources]``, after the recency bias.
+        hook_weights: ``[batch, pos, n_sources]``, softmax of the logits.
+
+    The scale, logits and weights are float32 whatever the model dtype (float64 in a
+    float64 model).
         hook_out: ``[batch, pos, d_model]``, the weighted sum fed to the sublayer norm.
     """
 
@@ -62,13 +65,15 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         values = self.hook_sources(torch.stack(sources, dim=-2))
-        scale = self.key_norm(values)
-        effective_query = self.key_norm.w.float() * self.query.float()
-        logits = (values.float() @ effective_query) / scale.squeeze(-1)
+        scale = self.key_norm(values)  # float32 (float64 in a float64 model)
+        values_hp = values.to(scale.dtype)  # no copy unless the model runs in bf16 / fp16
+        effective_query = self.key_norm.w.to(scale.dtype) * self.query.to(scale.dtype)
+        logits = (values_hp @ effective_query) / scale.squeeze(-1)
         if self.recency_bias is not None:
             n_sources = logits.shape[-1]
-            logits = logits + F.pad(self.recency_bias.float().reshape(1), (n_sources - 1, 0))
+            bias = self.recency_bias.to(logits.dtype).reshape(1)
+            logits = logits + F.pad(bias, (n_sources - 1, 0))
         logits = self.hook_logits(logits)
         weights = self.hook_weights(logits.softmax(dim=-1))
-        routed = (weights.unsqueeze(-2) @ values.float()).squeeze(-2)
+        routed = (weights.unsqueeze(-2) @ values_hp).squeeze(-2)
         return self.hook_out(routed.to(values.dtype))

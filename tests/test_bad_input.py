@@ -1,0 +1,338 @@
+"""Bad input to the model and to the config fails early, saying what to change."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_word_tokenizer, tiny_config, tiny_model
+
+from hooked_attnres import DepthState, HookedAttnRes, HookedAttnResConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedAttnRes:
+    return tiny_model()  # d_vocab=50, n_ctx=32, n_layers=4, cumulative, 2 blocks
+
+
+@pytest.fixture
+def tok_model(word_tokenizer) -> HookedAttnRes:
+    model = tiny_model()
+    model.set_tokenizer(word_tokenizer)
+    return model
+
+
+GOOD = torch.tensor([[1, 2, 3, 4]])
+
+
+# --- token ids ---------------------------------------------------------------------------
+
+
+def test_valid_inputs_run(model):
+    """Controls for the failures below: the boundary values are accepted."""
+    logits = model(torch.tensor([[0, 49, 5]]))
+    assert logits.shape == (1, 3, 50)
+    assert model(torch.zeros(2, 32, dtype=torch.long)).shape == (2, 32, 50)  # exactly n_ctx
+    assert torch.equal(model(torch.tensor([0, 49, 5])), logits)  # [pos] is one sequence
+    assert torch.equal(model(torch.tensor([[0, 49, 5]], dtype=torch.int32)), logits)
+
+
+@pytest.mark.parametrize("bad", [-1, 50, 10_000], ids=["negative", "d_vocab", "huge"])
+def test_token_ids_out_of_range(model, bad):
+    tokens = torch.tensor([[1, bad, 3]])
+    with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50) (d_vocab)")) as info:
+        model(tokens)
+    assert str(bad) in str(info.value)  # the offending value is shown
+
+
+def test_sequence_longer_than_n_ctx(model):
+    with pytest.raises(ValueError, match="sequence length 33 exceeds n_ctx=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]], dtype=torch.float16),
+     torch.tensor([[True, False]]), torch.tensor([[1 + 0j]])],
+    ids=["float32", "float16", "bool", "complex"],
+)
+def test_non_integer_tokens(model, tokens):
+    with pytest.raises(TypeError, match=f"integer tensor.*dtype {re.escape(str(tokens.dtype))}"):
+        model(tokens)
+
+
+def test_three_dimensional_tokens(model):
+    with pytest.raises(ValueError, match=re.escape("[batch, pos]") + r".*shape \(1, 2, 3\)"):
+        model(torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_zero_dimensional_tokens(model):
+    with pytest.raises(ValueError, match=r"\[batch, pos\].*shape \(\)"):
+        model(torch.tensor(3))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1, 0), (0, 4)])
+def test_empty_tokens(model, shape):
+    with pytest.raises(ValueError, match="must not be empty"):
+        model(torch.zeros(shape, dtype=torch.long))
+
+
+def test_list_of_ints_is_refused(tok_model, model):
+    for candidate in (tok_model, model):  # with and without a tokenizer: not text, not a tensor
+        with pytest.raises(TypeError, match="integer tensor of token ids.*got list"):
+            candidate([1, 2, 3])
+
+
+def test_float64_model_runs_in_float64(tokens):
+    model = tiny_model(dtype=torch.float64)
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.dtype == torch.float64
+    assert cache["weights", 2, "attn_res"].dtype == torch.float64
+    reference = tiny_model()  # same seed, float32
+    assert torch.allclose(logits.float(), reference(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [(1, 2, 3), np.array([[1, 2, 3]]), 7],
+                         ids=["tuple", "numpy", "int"])
+def test_other_non_tensor_inputs(model, value):
+    with pytest.raises(TypeError, match="integer tensor of token ids.*got " + type(value).__name__):
+        model(value)
+
+
+# --- forward options ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("return_type", ["probs", "Logits", ""])
+def test_unknown_return_type(model, return_type):
+    with pytest.raises(ValueError, match=f"return_type must be one of .*got {return_type!r}"):
+        model(GOOD, return_type=return_type)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(stop_at_layer=5), "stop_at_layer"),
+    (dict(stop_at_layer=-5), "stop_at_layer"),
+    (dict(stop_at_layer=1.0), "stop_at_layer"),
+    (dict(stop_at_layer=True), "stop_at_layer"),
+])
+def test_stop_at_layer_out_of_range(model, kwargs, name):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be an integer in [-4, 4]")):
+        model(GOOD, **kwargs)
+
+
+@pytest.mark.parametrize("start", [5, -5, 2.5])
+def test_start_at_layer_out_of_range(model, start):
+    state = model(GOOD, stop_at_layer=2)
+    with pytest.raises(ValueError, match=re.escape("start_at_layer must be an integer in [-4, 4]")):
+        model(state, start_at_layer=start)
+
+
+def test_start_after_stop(model):
+    state = model(GOOD, stop_at_layer=3)
+    with pytest.raises(ValueError, match="start_at_layer=3 is after stop_at_layer=1"):
+        model(state, start_at_layer=3, stop_at_layer=1)
+    with pytest.raises(ValueError, match="start_at_layer=3 is after stop_at_layer=2"):
+        model(state, start_at_layer=-1, stop_at_layer=-2)  # negative values count from the end
+
+
+def test_layer_range_controls(model):
+    """Negative and boundary values that are allowed, and give the full forward."""
+    full = model(GOOD)
+    state = model(GOOD, stop_at_layer=-2)
+    assert isinstance(state, DepthState)
+    assert torch.equal(model(state, start_at_layer=2), full)
+    assert isinstance(model(GOOD, stop_at_layer=4), DepthState)
+
+
+def test_state_without_start_at_layer(model):
+    state = model(GOOD, stop_at_layer=2)
+    with pytest.raises(TypeError, match="DepthState input needs start_at_layer"):
+        model(state)
+
+
+def test_tokens_with_start_at_layer(model):
+    with pytest.raises(TypeError, match="start_at_layer=2 needs a DepthState.*got Tensor"):
+        model(GOOD, start_at_layer=2)
+
+
+def test_state_entering_the_wrong_layer(model):
+    state = model(GOOD, stop_at_layer=0)  # before any block has completed
+    with pytest.raises(ValueError, match="cannot enter layer 2.*'cumulative' layout expects"):
+        model(state, start_at_layer=2)
+
+
+def test_loss_from_state_needs_tokens(model):
+    state = model(GOOD, stop_at_layer=2)
+    with pytest.raises(ValueError, match="pass tokens="):
+        model(state, start_at_layer=2, return_type="loss")
+
+
+# --- strings and tokenizers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["w1 w2", ["w1", "w2 w3"]], ids=["str", "list"])
+def test_string_without_tokenizer(model, text):
+    assert model.tokenizer is None
+    with pytest.raises(ValueError, match=re.escape("call model.set_tokenizer(tokenizer)")):
+        model(text)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        model.to_tokens(text)
+
+
+def test_left_padding_is_refused(tok_model):
+    with pytest.raises(ValueError, match="padding_side='left' is not supported.*right"):
+        tok_model(["w1", "w2 w3"], padding_side="left")
+    with pytest.raises(ValueError, match="padding_side='left' is not supported"):
+        tok_model.to_tokens("w1", padding_side="left")
+    assert tok_model.to_tokens("w1 w2", padding_side="right").shape == (1, 2)
+
+
+def test_tokenizer_bigger_than_vocab_is_refused():
+    model = tiny_model()
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(60)])  # 63 tokens
+    with pytest.raises(ValueError, match="the tokenizer has 63 tokens but the model's d_vocab is 50"):
+        model.set_tokenizer(tokenizer)
+    assert model.tokenizer is None
+    with pytest.raises(ValueError, match="63 tokens"):
+        HookedAttnRes(tiny_config(), tokenizer=tokenizer)
+
+
+def test_tokenizer_that_fits_exactly_is_accepted():
+    model = tiny_model()
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(47)])  # 50 tokens
+    model.set_tokenizer(tokenizer)
+    assert model.tokenizer is tokenizer
+    assert model.to_tokens("w46").tolist() == [[49]]
+
+
+def test_config_of_wrong_type():
+    with pytest.raises(TypeError, match="HookedAttnResConfig or a dict, got str"):
+        HookedAttnRes("cumulative")
+
+
+# --- config validation -------------------------------------------------------------------
+
+BASE = dict(d_model=32, n_layers=4, n_heads=4, d_vocab=50)
+
+
+def make(**changes) -> HookedAttnResConfig:
+    return HookedAttnResConfig(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(attnres_layout="diagonal"),
+     "attnres_layout='diagonal' is unknown; choose one of ('cumulative', 'kimi', 'full', 'none')"),
+    (dict(attnres_num_blocks=0), "attnres_num_blocks=0 must be an integer between 1 and n_layers=4"),
+    (dict(attnres_num_blocks=5), "attnres_num_blocks=5 must be an integer between 1 and n_layers=4"),
+    (dict(attnres_num_blocks=2.0), "attnres_num_blocks=2.0 must be an integer"),
+    (dict(d_model=30), "d_model=30 is not divisible by n_heads=4; set d_head explicitly or change n_heads"),
+    (dict(d_model=12), "d_head=3 must be an even integer"),
+    (dict(d_head=7), "d_head=7 must be an even integer >= 2 (rotary"),
+    (dict(n_key_value_heads=3), "n_heads=4 must be a multiple of n_key_value_heads=3"),
+    (dict(n_key_value_heads=0), "must be a multiple of n_key_value_heads=0"),
+    (dict(attnres_mode="full", attnres_layout="kimi"),
+     "attnres_mode='full' only applies to the cumulative layout (got attnres_layout='kimi')"),
+    (dict(attnres_mode="sublayer"), "attnres_mode='sublayer' is unknown; choose one of ('block', 'full')"),
+    (dict(attnres_query_init="ones"), "attnres_query_init='ones' is unknown; choose one of ('zero', 'normal')"),
+    (dict(attnres_recency_bias=math.inf), "attnres_recency_bias must be a finite number or None, got inf"),
+    (dict(attnres_recency_bias=-math.inf), "attnres_recency_bias must be a finite number or None"),
+    (dict(attnres_recency_bias=math.nan), "attnres_recency_bias must be a finite number or None, got nan"),
+    (dict(attnres_recency_bias=True), "attnres_recency_bias must be a finite number or None"),
+    (dict(act_fn="gelu"), "act_fn='gelu' is not supported: HookedAttnRes implements the Qwen3 "
+                          "architecture, which has act_fn='silu'"),
+    (dict(normalization_type="LN"), "normalization_type='LN' is not supported.*normalization_type='RMS'"),
+    (dict(positional_embedding_type="standard"), "positional_embedding_type='standard' is not supported"),
+    (dict(use_qk_norm=False), "use_qk_norm=False is not supported"),
+    (dict(dtype="int8"), "dtype 'int8' is not supported; use one of"),
+    (dict(dtype=torch.int64), "dtype torch.int64 is not supported; use one of"),
+    (dict(dtype="float8"), "dtype 'float8' is not supported.*bfloat16"),
+    (dict(eps=-1e-6), "eps must be >= 0, got -1e-06"),
+    (dict(eps=math.nan), "eps must be >= 0, got nan"),
+    (dict(rotary_base=0.0), "rotary_base must be a finite number > 0, got 0.0"),
+    (dict(d_vocab=0), "d_vocab must be a positive integer, got 0"),
+    (dict(n_layers=-1), "n_layers must be a positive integer, got -1"),
+    (dict(n_ctx=0), "n_ctx must be a positive integer, got 0"),
+    (dict(d_model=32.0), "d_model must be a positive integer, got 32.0"),
+    (dict(n_heads=True), "n_heads must be a positive integer, got True"),
+    (dict(d_mlp=0), "d_mlp must be a positive integer, got 0"),
+    (dict(d_head=8.0), "d_head must be an integer or None, got 8.0"),
+    (dict(d_mlp=48.5), "d_mlp must be an integer or None, got 48.5"),
+    (dict(d_mlp=True), "d_mlp must be an integer or None, got True"),
+    (dict(n_key_value_heads=2.0), "n_key_value_heads must be an integer or None, got 2.0"),
+    (dict(seed="x"), "seed must be an integer or None, got 'x'"),
+    (dict(initializer_range=-0.1), "initializer_range must be a finite number >= 0, got -0.1"),
+    (dict(rotary_base=math.inf), "rotary_base must be a finite number > 0, got inf"),
+])
+def test_invalid_config(changes, message):
+    pattern = message if ".*" in message else re.escape(message)
+    with pytest.raises(ValueError, match=pattern):
+        make(**changes)
+
+
+def test_valid_config_controls():
+    """The fixes that the messages above suggest are accepted."""
+    cfg = make(d_model=30, d_head=8)
+    assert (cfg.d_head, cfg.d_mlp, cfg.n_key_value_heads) == (8, 90, 4)
+    assert make(attnres_mode="full").attnres_mode == "full"
+    assert make(attnres_num_blocks=4).layers_per_block == 1
+    assert make(attnres_recency_bias=None).attnres_recency_bias is None
+    assert make(attnres_recency_bias=2).attnres_recency_bias == 2.0
+    assert make(dtype="torch.bfloat16").dtype == torch.bfloat16
+    assert make(eps=0.0).eps == 0.0
+    assert make().attnres_num_blocks == 4  # min(8, n_layers)
+
+
+def test_from_dict_with_unknown_key():
+    values = make().to_dict()
+    values["n_layer"] = 4
+    with pytest.raises(ValueError, match=r"unknown HookedAttnResConfig field\(s\) \['n_layer'\]"):
+        HookedAttnResConfig.from_dict(values)
+
+
+def test_from_dict_validates():
+    values = make().to_dict()
+    values["attnres_layout"] = "diagonal"
+    with pytest.raises(ValueError, match="attnres_layout='diagonal' is unknown"):
+        HookedAttnResConfig.from_dict(values)
+
+
+def test_model_from_dict_with_unknown_key():
+    with pytest.raises(ValueError, match="unknown HookedAttnResConfig field.*d_modle"):
+        HookedAttnRes({**BASE, "d_modle": 32})
+
+
+def test_json_round_trip(tmp_path):
+    cfg = make(attnres_layout="kimi", attnres_num_blocks=2, attnres_recency_bias=None,
+               dtype=torch.bfloat16, tie_word_embeddings=True, n_key_value_heads=2, d_mlp=40,
+               attnres_query_init="normal", seed=7, n_ctx=64, rotary_base=10_000.0, eps=1e-5)
+    text = cfg.to_json()
+    again = HookedAttnResConfig.from_json(text)
+    assert again == cfg
+    assert again.dtype is torch.bfloat16
+    assert again.attnres_recency_bias is None
+    assert again.to_json() == text
+
+    path = tmp_path / "cfg.json"
+    assert cfg.to_json(path) == text
+    assert HookedAttnResConfig.from_json(path) == cfg
+    assert HookedAttnResConfig.from_json(str(path)) == cfg
+    assert HookedAttnResConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_replace_validates():
+    cfg = make(attnres_num_blocks=2)
+    with pytest.raises(ValueError, match="attnres_layout='diagonal' is unknown"):
+        cfg.replace(attnres_layout="diagonal")
+    with pytest.raises(ValueError, match="attnres_num_blocks=2 must be an integer between 1 and n_layers=1"):
+        cfg.replace(n_layers=1)
+    with pytest.raises(ValueError, match="attnres_mode='full' only applies to the cumulative layout"):
+        cfg.replace(attnres_mode="full", attnres_layout="none")
+    with pytest.raises(ValueError, match="act_fn='relu' is not supported"):
+        cfg.replace(act_fn="relu")
+    # a failed replace leaves the original alone; a valid one returns a new validated config
+    assert cfg.attnres_layout == "cumulative" and cfg.n_layers == 4
+    other = cfg.replace(attnres_layout="full", dtype="float16")
+    assert other.attnres_layout == "full" and other.dtype == torch.float16
+    assert cfg.attnres_layout == "cumulative" and cfg.dtype == torch.float32

@@ -1,0 +1,559 @@
+"""Checkpoints in this package's own format: round trips, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
+
+import hooked_attnres.loading.checkpoint as checkpoint_module
+from hooked_attnres import CheckpointError, HookedAttnRes
+from hooked_attnres._atomic import backups_of, recover
+
+TOKENS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def scrambled_model(seed: int = 0, **overrides) -> HookedAttnRes:
+    """A tiny model in which every parameter (norm gains and biases too) is random, so a
+    parameter that is dropped, swapped or re-initialised on load changes the logits."""
+    model = randomize_routing(tiny_model(**overrides), seed=seed)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator).to(param.dtype)
+            param.add_(0.1 * noise)
+    return model
+
+
+def assert_same_model(loaded: HookedAttnRes, original: HookedAttnRes) -> None:
+    expected = original.state_dict()
+    found = loaded.state_dict()
+    assert list(found) == list(expected)
+    for name, tensor in expected.items():
+        assert found[name].dtype == tensor.dtype, name
+        assert found[name].device.type == "cpu", name
+        assert torch.equal(found[name], tensor), name
+    assert loaded.cfg == original.cfg
+    assert torch.equal(loaded(TOKENS), original(TOKENS))
+
+
+def rewrite_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values))
+
+
+def rewrite_weights(directory: Path, edit) -> None:
+    path = directory / "model.safetensors"
+    state = safetensors.torch.load_file(str(path))
+    edit(state)
+    safetensors.torch.save_file(state, str(path))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """(directory, model) of a saved tiny cumulative model with untied embeddings."""
+    model = scrambled_model()
+    directory = tmp_path / "ckpt"
+    model.save_pretrained(directory)
+    return directory, model
+
+
+# --- round trips -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_round_trip_is_bitwise(tmp_path, layout, tied):
+    model = scrambled_model(attnres_layout=layout, tie_word_embeddings=tied)
+    returned = model.save_pretrained(tmp_path / "ckpt")
+    assert Path(returned) == tmp_path / "ckpt"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = HookedAttnRes.from_pretrained(str(tmp_path / "ckpt"))
+    assert isinstance(loaded, HookedAttnRes)
+    assert loaded.cfg.attnres_layout == layout
+    assert loaded.cfg.tie_word_embeddings is tied
+    assert_same_model(loaded, model)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(attnres_mode="full"), dict(attnres_recency_bias=None), dict(attnres_num_blocks=4, n_layers=4),
+     dict(n_key_value_heads=4, d_head=6, rotary_base=10_000.0, eps=1e-5, model_name="x")],
+    ids=["cumulative-full-mode", "no-recency-bias", "one-layer-blocks", "other-fields"],
+)
+def test_round_trip_other_configs(tmp_path, overrides):
+    model = scrambled_model(**overrides)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert_same_model(HookedAttnRes.from_pretrained(tmp_path / "ckpt"), model)
+
+
+def test_tied_checkpoint_stores_no_unembedding(tmp_path):
+    tied = scrambled_model(tie_word_embeddings=True)
+    tied.save_pretrained(tmp_path / "tied")
+    keys = set(safetensors.torch.load_file(str(tmp_path / "tied" / "model.safetensors")))
+    assert "unembed.W_U" not in keys and "embed.W_E" in keys
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "tied")
+    assert torch.equal(loaded.W_U, loaded.W_E.T)
+    with torch.no_grad():  # still tied after loading: editing W_E moves the logits' W_U
+        loaded.embed.W_E[3].mul_(2)
+    assert torch.equal(loaded.W_U[:, 3], loaded.embed.W_E[3])
+
+    untied = scrambled_model()
+    untied.save_pretrained(tmp_path / "untied")
+    keys = set(safetensors.torch.load_file(str(tmp_path / "untied" / "model.safetensors")))
+    assert "unembed.W_U" in keys
+
+
+def test_config_json_contents(saved):
+    directory, model = saved
+    values = json.loads((directory / "config.json").read_text())
+    assert values["model_type"] == "hooked_attnres"
+    assert values["format_version"] == 1
+    assert "device" not in values
+    assert values["d_model"] == 32 and values["n_layers"] == 4 and values["d_vocab"] == 50
+    assert values["attnres_layout"] == "cumulative" and values["attnres_num_blocks"] == 2
+    assert values["dtype"] == "float32"
+
+
+def test_bfloat16_round_trip_keeps_dtype(tmp_path):
+    model = scrambled_model(dtype=torch.bfloat16)
+    assert model.embed.W_E.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+    assert loaded.cfg.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert_same_model(loaded, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, "float64", "torch.float64"])
+def test_load_with_dtype_override(saved, dtype):
+    directory, model = saved
+    loaded = HookedAttnRes.from_pretrained(directory, dtype=dtype)
+    assert loaded.cfg.dtype == torch.float64
+    original = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float64, name
+        assert torch.equal(tensor, original[name].double()), name
+    # the override does not touch the checkpoint
+    assert HookedAttnRes.from_pretrained(directory).cfg.dtype == torch.float32
+
+
+def test_load_with_float16_override_runs(saved):
+    directory, model = saved
+    loaded = HookedAttnRes.from_pretrained(directory, dtype=torch.float16)
+    assert loaded.cfg.dtype == torch.float16
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.half()), name
+    logits = loaded(TOKENS)
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), model(TOKENS), atol=2e-2, rtol=2e-2)
+
+
+def test_load_bfloat16_checkpoint_as_float32(tmp_path):
+    model = scrambled_model(dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert loaded.cfg.dtype == torch.float32
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
+
+
+def test_load_with_device_cpu(saved):
+    directory, model = saved
+    loaded = HookedAttnRes.from_pretrained(directory, device="cpu")
+    assert loaded.cfg.device == "cpu"
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert not any(p.is_meta for p in loaded.parameters())
+    loaded = HookedAttnRes.from_pretrained(directory, device=torch.device("cpu"), dtype="float32")
+    assert_same_model(loaded, model)
+
+
+def test_invalid_dtype_override_is_refused(saved):
+    directory, _ = saved
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        HookedAttnRes.from_pretrained(directory, dtype="int8")
+
+
+def test_tokenizer_round_trip(tmp_path):
+    words = [f"w{i}" for i in range(30)]
+    model = scrambled_model()
+    model.set_tokenizer(build_word_tokenizer(words))
+    text = "w3 w17 w0 w29 w3"
+    before = model.to_tokens(text)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "tokenizer.json").exists()
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+    assert loaded.tokenizer is not None
+    assert len(loaded.tokenizer) == 33
+    after = loaded.to_tokens(text)
+    assert after.tolist() == before.tolist() == [[6, 20, 3, 32, 6]]
+    assert loaded.to_str_tokens(text) == text.split()
+    assert loaded.to_tokens("w1", prepend_bos=True).tolist() == [[2, 4]]
+    assert torch.equal(loaded(text), model(text))
+
+
+def test_no_tokenizer_loads_as_none(saved):
+    directory, _ = saved
+    assert HookedAttnRes.from_pretrained(directory).tokenizer is None
+
+
+# --- atomic writes -----------------------------------------------------------------------
+
+
+def failing_save_file(state, filename, metadata=None):
+    """Write half of a valid safetensors file, then fail (a full disk, a kill)."""
+    data = safetensors.torch.save(state, metadata=metadata)
+    with open(filename, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    raise OSError("simulated failure while writing the weights")
+
+
+def test_failed_save_leaves_existing_checkpoint_intact(tmp_path, monkeypatch):
+    old = scrambled_model(seed=0)
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    files_before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    new = scrambled_model(seed=1)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="simulated failure"):
+        new.save_pretrained(target)
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == files_before
+    assert_same_model(HookedAttnRes.from_pretrained(target), old)
+
+
+def test_failed_save_to_fresh_target_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="simulated failure"):
+        scrambled_model().save_pretrained(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+
+
+def test_failure_after_weights_are_written_also_rolls_back(tmp_path, monkeypatch):
+    """A failure in the last step (saving the tokenizer) must not leave a checkpoint
+    with new weights and no tokenizer."""
+    old = scrambled_model(seed=0)
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    new = scrambled_model(seed=1)
+    tokenizer = build_word_tokenizer(["a", "b"])
+    new.set_tokenizer(tokenizer)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer save failed")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken)
+    with pytest.raises(RuntimeError, match="tokenizer save failed"):
+        new.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_model(HookedAttnRes.from_pretrained(target), old)
+
+
+def test_save_replaces_existing_checkpoint(tmp_path):
+    target = tmp_path / "ckpt"
+    scrambled_model(seed=0).save_pretrained(target)
+    new = scrambled_model(seed=1, attnres_layout="kimi")
+    new.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert_same_model(HookedAttnRes.from_pretrained(target), new)
+
+
+def test_stale_tokenizer_files_do_not_survive_a_replace(tmp_path):
+    target = tmp_path / "ckpt"
+    with_tok = scrambled_model()
+    with_tok.set_tokenizer(build_word_tokenizer(["a", "b"]))
+    with_tok.save_pretrained(target)
+    scrambled_model(seed=1).save_pretrained(target)
+    assert HookedAttnRes.from_pretrained(target).tokenizer is None
+
+
+def test_save_into_empty_directory(tmp_path):
+    target = tmp_path / "empty"
+    target.mkdir()
+    model = scrambled_model()
+    model.save_pretrained(target)
+    assert_same_model(HookedAttnRes.from_pretrained(target), model)
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_checkpoint(tmp_path):
+    target = tmp_path / "notes"
+    target.mkdir()
+    (target / "important.txt").write_text("do not delete")
+    with pytest.raises(FileExistsError, match="does not look like a checkpoint"):
+        scrambled_model().save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["important.txt"]
+    assert (target / "important.txt").read_text() == "do not delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_refuses_to_overwrite_a_file(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(FileExistsError, match="a file is there"):
+        scrambled_model().save_pretrained(target)
+    assert target.read_text() == "x"
+
+
+def crash_between_renames(target: Path) -> Path:
+    """State after a crash between ``rename(target, backup)`` and ``rename(tmp, target)``."""
+    backup = target.parent / f".{target.name}.old-deadbeef"
+    os.rename(target, backup)
+    tmp = target.parent / f".{target.name}.tmp-cafef00d"  # the half-finished new version
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    return backup
+
+
+def test_recover_moves_backup_back(tmp_path):
+    target = tmp_path / "ckpt"
+    scrambled_model().save_pretrained(target)
+    backup = crash_between_renames(target)
+    assert not target.exists()
+    assert backups_of(target) == [backup]
+    assert recover(target) is True
+    assert target.is_dir() and not backup.exists()
+    assert backups_of(target) == []
+    assert recover(target) is False  # nothing to do once the target exists
+
+
+def test_recover_without_backup_does_nothing(tmp_path):
+    assert recover(tmp_path / "missing") is False
+    assert not (tmp_path / "missing").exists()
+
+
+def test_from_pretrained_recovers_after_crash_between_renames(tmp_path):
+    target = tmp_path / "ckpt"
+    old = scrambled_model()
+    old.save_pretrained(target)
+    crash_between_renames(target)
+    loaded = HookedAttnRes.from_pretrained(target)
+    assert_same_model(loaded, old)
+    assert target.is_dir() and backups_of(target) == []
+
+
+def test_next_save_recovers_and_cleans_up_after_crash(tmp_path):
+    target = tmp_path / "ckpt"
+    scrambled_model(seed=0).save_pretrained(target)
+    crash_between_renames(target)
+    new = scrambled_model(seed=1)
+    new.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # backup and tmp removed
+    assert_same_model(HookedAttnRes.from_pretrained(target), new)
+
+
+def test_save_with_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="format must be .*got 'nonsense'"):
+        scrambled_model().save_pretrained(tmp_path / "ckpt", format="nonsense")
+    assert not (tmp_path / "ckpt").exists()
+
+
+# --- corrupted and mismatched checkpoints ------------------------------------------------
+
+
+def test_truncated_weights(saved):
+    directory, _ = saved
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        HookedAttnRes.from_pretrained(directory)
+    assert "model.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all" * 10],
+                         ids=["empty", "garbage"])
+def test_weights_that_are_not_safetensors(saved, content):
+    directory, _ = saved
+    (directory / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_missing_key(saved):
+    directory, _ = saved
+    rewrite_weights(directory, lambda state: state.pop("blocks.2.attn.W_Q"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): blocks\.2\.attn\.W_Q") as info:
+        HookedAttnRes.from_pretrained(directory)
+    assert "unexpected keys" not in str(info.value)
+    assert "mis-shaped keys" not in str(info.value)
+
+
+def test_unexpected_key(saved):
+    directory, _ = saved
+    rewrite_weights(directory, lambda state: state.update({"blocks.1.extra_gate": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): blocks\.1\.extra_gate") as info:
+        HookedAttnRes.from_pretrained(directory)
+    assert "missing keys" not in str(info.value)
+
+
+def test_misshaped_key(saved):
+    directory, _ = saved
+    rewrite_weights(directory, lambda state: state.update({"blocks.0.mlp.W_in": torch.zeros(32, 40)}))
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("mis-shaped keys (1): blocks.0.mlp.W_in expected (32, 48) found (32, 40)"),
+    ):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_missing_unexpected_and_misshaped_are_all_reported(saved):
+    directory, _ = saved
+
+    def edit(state):
+        state.pop("ln_final.w")
+        state["bogus"] = torch.zeros(1)
+        state["embed.W_E"] = torch.zeros(51, 32)
+
+    rewrite_weights(directory, edit)
+    with pytest.raises(CheckpointError) as info:
+        HookedAttnRes.from_pretrained(directory)
+    message = str(info.value)
+    assert "missing keys (1): ln_final.w" in message
+    assert "unexpected keys (1): bogus" in message
+    assert "embed.W_E expected (50, 32) found (51, 32)" in message
+
+
+def test_config_with_other_d_model_reports_misshaped_keys(saved):
+    directory, _ = saved
+    rewrite_config(directory, d_model=64)
+    with pytest.raises(CheckpointError, match="mis-shaped keys") as info:
+        HookedAttnRes.from_pretrained(directory)
+    message = str(info.value)
+    # every tensor with a d_model axis: W_E, W_U, ln_final + 13 per layer; a long list is cut
+    assert "mis-shaped keys (55)" in message
+    assert "blocks.0.attn.W_Q expected (4, 64, 8) found (4, 32, 8)" in message
+    assert "(35 more)" in message
+    assert "missing keys" not in message and "unexpected keys" not in message
+
+
+def test_config_with_fewer_layers_reports_unexpected_keys(saved):
+    directory, _ = saved
+    rewrite_config(directory, n_layers=3)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(17\): blocks\.3\.") as info:
+        HookedAttnRes.from_pretrained(directory)
+    message = str(info.value)
+    assert "blocks.3.attn.W_Q" in message and "blocks.3.mlp_res.recency_bias" in message
+    assert "blocks.2." not in message and "missing keys" not in message
+
+
+def test_config_with_other_layout_reports_router_keys(saved):
+    directory, _ = saved
+    rewrite_config(directory, attnres_layout="kimi")  # kimi adds a final router
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \(3\): final_res\.key_norm\.w, final_res\.query, "
+                               r"final_res\.recency_bias"
+    ):
+        HookedAttnRes.from_pretrained(directory)
+    rewrite_config(directory, attnres_layout="none")  # no routers at all
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(24\): blocks\.0\.attn_res\.key_norm\.w"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_tied_config_for_untied_weights_reports_unexpected_unembedding(saved):
+    directory, _ = saved
+    rewrite_config(directory, tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): unembed\.W_U"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_missing_config(saved):
+    directory, _ = saved
+    (directory / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_invalid_json(saved):
+    directory, _ = saved
+    (directory / "config.json").write_text('{"d_model": 32,')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_json_that_is_not_an_object(saved):
+    directory, _ = saved
+    (directory / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_unknown_model_type(saved):
+    directory, _ = saved
+    rewrite_config(directory, model_type="gpt_neox")
+    with pytest.raises(CheckpointError, match="model_type='gpt_neox'"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_missing_model_type(saved):
+    directory, _ = saved
+    values = json.loads((directory / "config.json").read_text())
+    del values["model_type"]
+    (directory / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match="model_type=None"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_vanilla_qwen3_checkpoint_points_to_from_hf_qwen3(tmp_path):
+    hf_qwen3().save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(CheckpointError, match="vanilla Qwen3.*from_hf_qwen3"):
+        HookedAttnRes.from_pretrained(tmp_path / "qwen3")
+
+
+def test_missing_weights(saved):
+    directory, _ = saved
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_nonexistent_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        HookedAttnRes.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_file_instead_of_directory(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="a checkpoint is a directory"):
+        HookedAttnRes.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_unknown_config_field(saved):
+    directory, _ = saved
+    rewrite_config(directory, attnres_num_blcoks=2)
+    with pytest.raises(CheckpointError, match="attnres_num_blcoks"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_invalid_config_value(saved):
+    directory, _ = saved
+    rewrite_config(directory, attnres_layout="diagonal")
+    with pytest.raises(CheckpointError, match="not a valid config.*attnres_layout='diagonal'"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_wrong_format_version(saved, version):
+    directory, _ = saved
+    rewrite_config(directory, format_version=version)
+    with pytest.raises(CheckpointError, match=re.escape(f"format_version={version!r}")):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_loader_errors_are_value_errors():
+    """`CheckpointError` is catchable as ValueError (and is not a FileNotFoundError)."""
+    assert issubclass(CheckpointError, ValueError)
+    assert not issubclass(CheckpointError, OSError)
