@@ -252,3 +252,27 @@ def test_model_has_routing_parameters_per_router():
         prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
         assert {f"{prefix}.query", f"{prefix}.key_norm.w", f"{prefix}.recency_bias"} <= names
     assert isinstance(model, HookedAttnRes)
+
+
+def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens):
+    """Unobserved routers use a hand-written backward; observing a hook switches to plain
+    autograd. Both must give the same loss and gradients."""
+    model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
+    model = model.to(torch.float64)
+
+    def grads(observe: bool):
+        model.zero_grad(set_to_none=True)
+        hooks = [(lambda name: name.endswith("hook_weights"), lambda w, hook: None)] if observe else []
+        with model.hooks(fwd_hooks=hooks):
+            loss = model(tokens, return_type="loss")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused_loss, fused = grads(False)
+    plain_loss, plain = grads(True)
+    assert torch.equal(fused_loss, plain_loss)
+    assert fused.keys() == plain.keys()
+    routers = [n for n in fused if n.endswith(("query", "recency_bias", "key_norm.w"))]
+    assert routers and sum(bool(plain[n].abs().max() > 0) for n in routers if n.endswith("query")) >= 2
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -149,6 +149,18 @@ def assign_state_dict(model, state: dict[str, torch.Tensor], device: Union[str, 
     return model
 
 
+def write_checkpoint_files(model, directory: Path) -> None:
+    """Write this package's checkpoint files into an existing directory (not atomic)."""
+    config = {"model_type": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__}
+    config.update(model.cfg.to_dict())
+    config.pop("device")
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory))
+
+
 def save_checkpoint(model, directory: Union[str, Path], format: str = FORMAT) -> Path:
     """Write ``model`` to ``directory`` atomically.
 
@@ -168,15 +180,8 @@ def save_checkpoint(model, directory: Union[str, Path], format: str = FORMAT) ->
         return save_qwen3_attnres(model, directory)
     if format != FORMAT:
         raise ValueError(f"format must be {FORMAT!r} or 'qwen3_attnres', got {format!r}")
-    config = {"model_type": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__}
-    config.update(model.cfg.to_dict())
-    config.pop("device")
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp))
+        write_checkpoint_files(model, tmp)
     return directory
 
 

@@ -173,13 +173,15 @@ class RoutingLayout:
         """Run the schedule once with string payloads (memoised).
 
         Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {layer:
-        (n_blocks, current_is_committed)}}`` where a signature describes the state
-        entering ``layer`` (``layer == n_layers`` is the state after the last layer).
+        (n_blocks, current_is_committed)}, "commits": {(layer, sublayer): label}}`` where
+        a signature describes the state entering ``layer`` (``layer == n_layers`` is the
+        state after the last layer).
         """
         if self._walk_cache:
             return self._walk_cache
         labels: dict[tuple[Optional[int], str], list[str]] = {}
         signatures: dict[int, tuple[int, bool]] = {}
+        commits: dict[tuple[int, str], str] = {}
         block_index = 0
 
         def read(state: DepthState) -> list[str]:
@@ -197,23 +199,29 @@ class RoutingLayout:
             for sublayer, router in (("attn", "attn_res"), ("mlp", "mlp_res")):
                 labels[(layer, router)] = read(state)
                 state = self.write(state, f"{sublayer}_{layer}", keep)
-                commits = (
+                commits_here = (
                     self.commits_after_attn(layer)
                     if sublayer == "attn"
                     else self.commits_after_mlp(layer)
                 )
-                if commits:
+                if commits_here:
                     if self.commits_after_attn(layer):
                         name = f"{sublayer}_{layer}"
                     else:
                         block_index += 1
                         name = f"block_{block_index}"
+                    commits[(layer, sublayer)] = name
                     state = self.commit(state, name)
         signatures[self.n_layers] = (len(state.blocks), state.current_is_committed)
         if self.has_final_router:
             labels[(None, "final_res")] = read(state)
-        self._walk_cache.update(labels=labels, signatures=signatures)
+        self._walk_cache.update(labels=labels, signatures=signatures, commits=commits)
         return self._walk_cache
+
+    def committed_label(self, layer: int, sublayer: str) -> Optional[str]:
+        """The label of the block committed after ``sublayer`` (``"attn"`` / ``"mlp"``) of
+        ``layer``, or ``None`` if nothing is committed there."""
+        return self._walk()["commits"].get((layer, sublayer))
 
     def state_signature(self, layer: int) -> tuple[int, bool]:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``

@@ -6,6 +6,7 @@ Read top to bottom: embedding -> ``n_layers`` x `AttnResBlock` (each threads a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -25,6 +26,7 @@ from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import WeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
 
 
 class Output(NamedTuple):
@@ -118,8 +120,11 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
     # --- initialisation ---------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, ``initializer_range``) matrices, unit norm gains, pseudo-queries per
-        ``attnres_query_init``, recency biases at ``attnres_recency_bias``.
+        """Normal(0, ``initializer_range``) matrices, except the two matrices that write
+        to the stream (``W_O``, ``W_out``), whose std is divided by ``sqrt(2 * n_layers)``
+        (GPT-2 / nanoGPT; without it, 8-layer models barely learn the probe tasks); unit
+        norm gains; pseudo-queries per ``attnres_query_init``; recency biases at
+        ``attnres_recency_bias``.
 
         With ``cfg.seed`` set, a private generator makes the weights a function of the
         seed alone (the global RNG is left untouched).
@@ -142,7 +147,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator) * cfg.initializer_range)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * cfg.initializer_range)
+                std = cfg.initializer_range
+                if leaf in RESIDUAL_WRITERS:
+                    std = std / math.sqrt(2 * cfg.n_layers)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     # --- device and dtype -------------------------------------------------------------
     def to(self, *args, **kwargs) -> "HookedAttnRes":
@@ -331,6 +339,22 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             raise ValueError("a loss needs the token ids: pass tokens=... with a DepthState input")
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    def depth_states(self, tokens: Int[Tensor, "batch pos"]) -> list[DepthState]:
+        """The `DepthState` entering every layer, ``[state_0, ..., state_{n_layers}]``, from
+        one forward pass (``state_l`` equals ``model(tokens, stop_at_layer=l)``).
+
+        Any of them can start a forward pass: ``model(states[l], start_at_layer=l)``; this is
+        how interventions at layer ``l`` reuse the unchanged prefix of a run.
+        """
+        tokens = self._validate_tokens(tokens)
+        state = self.embed_state(tokens)
+        cos, sin = rotary_tables(tokens.shape[1], self.cfg.d_head, self.cfg.rotary_base, tokens.device)
+        states = [state]
+        for block in self.blocks:
+            state = block(state, cos, sin)
+            states.append(state)
+        return states
 
     # --- checkpoints ------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:
