@@ -1,0 +1,19 @@
+"""Synthetic probe tasks with answers, contrasts and clean / corrupted pairs."""
+
+from hooked_attnres.tasks.base import TaskBatch, Task
+from hooked_attnres.tasks.induction import InductionCopy
+from hooked_attnres.tasks.retrieval import KeyValueRetrieval
+from hooked_attnres.tasks.vocabulary import build_tokenizer, task_tokenizer
+
+TASKS = {"retrieval": KeyValueRetrieval, "induction": InductionCopy}
+
+
+def make_task(name: str, **kwargs) -> Task:
+    """A task by name (``"retrieval"`` or ``"induction"``) with its knobs."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["InductionCopy", "KeyValueRetrieval", "TASKS", "Task", "TaskBatch", "build_tokenizer",
+           "make_task", "task_tokenizer"]

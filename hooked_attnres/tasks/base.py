@@ -1,0 +1,191 @@
+"""What every probe task produces (`TaskBatch`) and how prompts are drawn (`Task`).
+
+A task draws prompts from a seeded generator: ``task.sample(n, seed, split)`` returns the
+same prompts for the same arguments on every machine (NumPy's PCG64). The ``train`` and
+``test`` splits are disjoint by construction: every prompt is assigned to one split by a
+hash of its tokens, and each split rejects the other's prompts.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+SPLITS = {"train": 0, "test": 1}
+TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
+
+
+@dataclass
+class TaskBatch:
+    """A batch of probe prompts with everything a metric or a patching run needs.
+
+    Attributes:
+        tokens: ``[batch, pos]`` prompt ids.
+        answer_pos: ``[batch]`` position whose logits predict the answer (the last one).
+        answer: ``[batch]`` the correct next token.
+        contrast: ``[batch]`` a wrong answer for logit differences: the answer of the
+            corrupted prompt.
+        corrupted_tokens: ``[batch, pos]`` the same prompts with one token changed so that
+            the correct answer becomes ``contrast`` (clean / corrupted pairs for patching).
+        targets: ``[batch, pos]`` next-token targets of every supervised position (the
+            answer, and any earlier in-prompt answers a task defines), ``-100`` elsewhere;
+            the training loss averages over them.
+        task: the name of the task that drew the batch.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    answer_pos: Int[Tensor, "batch"]
+    answer: Int[Tensor, "batch"]
+    contrast: Int[Tensor, "batch"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    targets: Int[Tensor, "batch pos"]
+    task: str = ""
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> "TaskBatch":
+        """A sub-batch (``index`` is a slice, a list or a tensor of rows)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return TaskBatch(**{f.name: (getattr(self, f.name)[index] if f.name != "task" else self.task)
+                            for f in fields(self)})
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(**{f.name: (getattr(self, f.name).to(device) if f.name != "task" else self.task)
+                            for f in fields(self)})
+
+    def answer_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch d_vocab"]:
+        """The logits at each prompt's answer position."""
+        return logits[torch.arange(len(self), device=logits.device), self.answer_pos.to(logits.device)]
+
+    def logit_diff(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+        """``logit[answer] - logit[contrast]`` at the answer position."""
+        at = self.answer_logits(logits)
+        rows = torch.arange(len(self), device=at.device)
+        return at[rows, self.answer.to(at.device)] - at[rows, self.contrast.to(at.device)]
+
+    def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+        """Log-probability of the correct answer."""
+        logprobs = self.answer_logits(logits).float().log_softmax(-1)
+        return logprobs[torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)]
+
+    def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+        """1.0 where the argmax at the answer position is the answer, else 0.0."""
+        return (self.answer_logits(logits).argmax(-1) == self.answer.to(logits.device)).float()
+
+    def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:
+        return self.correct(logits).mean().item()
+
+    def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        """Mean cross-entropy over the supervised positions (the training objective)."""
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), self.targets.to(logits.device).flatten(), ignore_index=-100
+        )
+
+
+def prompt_bucket(ids: Sequence[int]) -> int:
+    """Deterministic split bucket of a prompt (CRC32 of its ids, not Python's salted hash)."""
+    return zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes()) % TEST_FRACTION_BUCKETS
+
+
+def in_split(ids: Sequence[int], split: str) -> bool:
+    is_test = prompt_bucket(ids) == 0
+    return is_test if split == "test" else not is_test
+
+
+def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
+    """The generator of one (seed, split, stream); streams give independent batches."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return np.random.default_rng([int(seed), SPLITS[split], int(stream)])
+
+
+class Task:
+    """Base class of probe tasks. Subclasses define `words` and `_draw`.
+
+    ``_draw(rng, vocab)`` returns one prompt as ``(ids, answer, contrast, corrupted_ids,
+    supervised)`` with ``answer_pos = len(ids) - 1``; ``supervised`` maps earlier
+    positions to their target ids (the answer position is always supervised). Every prompt
+    of a task has the same length.
+    """
+
+    name = "task"
+
+    def words(self) -> list[str]:
+        """Every word the task's prompts use (for building a tokenizer)."""
+        raise NotImplementedError
+
+    @property
+    def prompt_length(self) -> int:
+        raise NotImplementedError
+
+    def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
+        raise NotImplementedError
+
+    def sample(self, n: int, seed: int = 0, split: str = "train", vocab=None, stream: int = 0,
+               max_tries_per_prompt: int = 1000) -> TaskBatch:
+        """``n`` prompts of ``split``, a pure function of ``(seed, split, stream)``.
+
+        Args:
+            n: number of prompts.
+            seed: the data seed.
+            split: ``"train"`` or ``"test"`` (disjoint sets of prompts).
+            vocab: word -> id (a tokenizer's ``get_vocab()``, or a tokenizer); default:
+                `hooked_attnres.tasks.build_tokenizer` of this task's words.
+            stream: independent batches of the same seed and split (e.g. the training step).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        vocab = self._resolve_vocab(vocab)
+        rng = rng_for(seed, split, stream)
+        rows = []
+        tries = 0
+        while len(rows) < n:
+            ids, answer, contrast, corrupted, supervised = self._draw(rng, vocab)
+            tries += 1
+            if in_split(ids, split):
+                rows.append((ids, answer, contrast, corrupted, supervised))
+            elif tries > max_tries_per_prompt * n:
+                raise RuntimeError(
+                    f"could not draw {n} {split} prompts for {self!r}; the task has too few "
+                    "distinct prompts for a held-out split"
+                )
+        tokens = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        targets = torch.full_like(tokens, -100)
+        for row, (_, answer, _, _, supervised) in enumerate(rows):
+            for position, target in supervised.items():
+                targets[row, position] = target
+            targets[row, -1] = answer
+        return TaskBatch(
+            tokens=tokens,
+            answer_pos=torch.full((n,), tokens.shape[1] - 1, dtype=torch.long),
+            answer=torch.tensor([r[1] for r in rows], dtype=torch.long),
+            contrast=torch.tensor([r[2] for r in rows], dtype=torch.long),
+            corrupted_tokens=torch.tensor([r[3] for r in rows], dtype=torch.long),
+            targets=targets,
+            task=self.name,
+        )
+
+    def _resolve_vocab(self, vocab) -> dict[str, int]:
+        if vocab is None:
+            from hooked_attnres.tasks.vocabulary import build_tokenizer
+
+            vocab = build_tokenizer(self.words())
+        if hasattr(vocab, "get_vocab"):
+            vocab = vocab.get_vocab()
+        missing = [w for w in ("<bos>", *self.words()) if w not in vocab]
+        if missing:
+            raise ValueError(
+                f"the vocabulary lacks {len(missing)} word(s) this task uses, e.g. {missing[:5]}; "
+                "build the tokenizer from task.words()"
+            )
+        return vocab

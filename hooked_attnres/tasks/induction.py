@@ -1,0 +1,77 @@
+"""Induction copying over a long history: a second task family with other routing needs.
+
+Prompt (``seq_len=5``, ``copy_len=2``)::
+
+    <bos> t8 t3 t11 t0 t6 | t8 t3          -> answer t11
+
+A segment of distinct random tokens, a separator, and its first ``copy_len`` tokens
+again; the answer is the token that followed them the first time. Retrieval needs a
+key lookup at one position; induction needs the previous-token / induction-head circuit
+across the whole segment, so the two tasks can show different depth routing. The
+corrupted prompt replaces the answer's first occurrence by an unused token (the
+contrast), which then becomes the right answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hooked_attnres.tasks.base import Task
+
+SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class InductionCopy(Task):
+    """Induction prompts.
+
+    Args:
+        seq_len: length of the random segment (distinct tokens).
+        copy_len: tokens repeated before the answer (``1 <= copy_len < seq_len``).
+        n_tokens: size of the token vocabulary ``t0 ..`` (> seq_len, for the contrast).
+
+    Every prompt has ``prompt_length = seq_len + copy_len + 2`` tokens.
+    """
+
+    seq_len: int = 12
+    copy_len: int = 4
+    n_tokens: int = 32
+    name: str = "induction"
+
+    def __post_init__(self) -> None:
+        for field_name in ("seq_len", "copy_len", "n_tokens"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+        if self.copy_len >= self.seq_len:
+            raise ValueError(
+                f"copy_len={self.copy_len} must be smaller than seq_len={self.seq_len} (the answer "
+                "is the token after the copied prefix)"
+            )
+        if self.n_tokens <= self.seq_len:
+            raise ValueError(
+                f"n_tokens={self.n_tokens} must exceed seq_len={self.seq_len}: segment tokens are "
+                "distinct and the contrast is a token not in the segment"
+            )
+
+    def words(self) -> list[str]:
+        return [f"t{i}" for i in range(self.n_tokens)] + [SEPARATOR]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.seq_len + self.copy_len + 2
+
+    def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
+        chosen = rng.choice(self.n_tokens, size=self.seq_len + 1, replace=False)
+        segment, unused = list(chosen[:-1]), int(chosen[-1])
+        answer = segment[self.copy_len]
+        ids = [vocab["<bos>"], *(vocab[f"t{t}"] for t in segment), vocab[SEPARATOR],
+               *(vocab[f"t{t}"] for t in segment[: self.copy_len])]
+        corrupted = list(ids)
+        corrupted[1 + self.copy_len] = vocab[f"t{unused}"]
+        # every copied token after the first is predictable too
+        start = self.seq_len + 2
+        supervised = {start + i - 1: vocab[f"t{segment[i]}"] for i in range(1, self.copy_len)}
+        return ids, vocab[f"t{answer}"], vocab[f"t{unused}"], corrupted, supervised

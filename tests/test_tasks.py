@@ -1,0 +1,161 @@
+"""Probe tasks: determinism, answer correctness, no leaks, splits, tokenizer, bad knobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hooked_attnres.tasks import (
+    InductionCopy,
+    KeyValueRetrieval,
+    build_tokenizer,
+    make_task,
+    task_tokenizer,
+)
+
+RETRIEVAL = KeyValueRetrieval(n_pairs=5, n_keys=12, n_values=10, n_distractors=3, n_queries=3)
+INDUCTION = InductionCopy(seq_len=8, copy_len=3, n_tokens=20)
+
+
+def words_of(tokenizer, ids):
+    return tokenizer.convert_ids_to_tokens(ids.tolist() if hasattr(ids, "tolist") else ids)
+
+
+@pytest.mark.parametrize("task", [RETRIEVAL, INDUCTION], ids=["retrieval", "induction"])
+def test_sampling_is_a_pure_function_of_seed_split_and_stream(task):
+    tok = task_tokenizer(task)
+    a = task.sample(64, seed=3, split="train", vocab=tok, stream=5)
+    b = task.sample(64, seed=3, split="train", vocab=tok, stream=5)
+    for name in ("tokens", "answer", "contrast", "corrupted_tokens", "targets", "answer_pos"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.tokens, task.sample(64, seed=4, vocab=tok, stream=5).tokens)
+    assert not torch.equal(a.tokens, task.sample(64, seed=3, vocab=tok, stream=6).tokens)
+    assert a.tokens.shape == (64, task.prompt_length)
+    assert torch.equal(a.answer_pos, torch.full((64,), task.prompt_length - 1))
+
+
+@pytest.mark.parametrize("task", [RETRIEVAL, INDUCTION], ids=["retrieval", "induction"])
+def test_train_and_test_prompts_are_disjoint(task):
+    tok = task_tokenizer(task)
+    train = {tuple(r) for r in task.sample(2000, seed=0, split="train", vocab=tok).tokens.tolist()}
+    test = {tuple(r) for r in task.sample(500, seed=0, split="test", vocab=tok).tokens.tolist()}
+    assert train.isdisjoint(test)
+    assert len(test) > 450  # the test split is not a handful of repeats
+
+
+def test_retrieval_answer_is_the_queried_value_and_appears_once():
+    tok = task_tokenizer(RETRIEVAL)
+    batch = RETRIEVAL.sample(300, seed=1, vocab=tok)
+    for row in range(len(batch)):
+        words = words_of(tok, batch.tokens[row])
+        answer = tok.convert_ids_to_tokens(int(batch.answer[row]))
+        contrast = tok.convert_ids_to_tokens(int(batch.contrast[row]))
+        assert words[0] == "<bos>" and words[-2] == "?"
+        query = words[-1]
+        context = words[1:words.index("?")]
+        pairs = {context[i]: context[i + 1] for i in range(len(context) - 1)
+                 if context[i].startswith("k")}
+        assert len(pairs) == RETRIEVAL.n_pairs and sum(w.startswith("x") for w in context) == 3
+        assert pairs[query] == answer  # the answer really is the queried key's value
+        assert words.count(answer) == 1  # ... and it appears nowhere else
+        assert contrast in pairs.values() and contrast != answer
+        assert words.count(contrast) == 1
+        corrupted = words_of(tok, batch.corrupted_tokens[row])
+        assert corrupted[:-1] == words[:-1] and pairs[corrupted[-1]] == contrast
+        # answered queries: each is "? k v" with the right value; targets supervise them
+        supervised = {p: tok.convert_ids_to_tokens(t) for p, t in enumerate(batch.targets[row].tolist())
+                      if t != -100}
+        assert len(supervised) == RETRIEVAL.n_queries
+        for position, target in supervised.items():
+            assert words[position - 1] == "?" and pairs[words[position]] == target
+        assert supervised[len(words) - 1] == answer
+
+
+def test_induction_answer_follows_the_copied_prefix():
+    tok = task_tokenizer(INDUCTION)
+    batch = INDUCTION.sample(300, seed=2, vocab=tok)
+    for row in range(len(batch)):
+        words = words_of(tok, batch.tokens[row])
+        segment, copied = words[1:1 + INDUCTION.seq_len], words[2 + INDUCTION.seq_len:]
+        assert words[1 + INDUCTION.seq_len] == "|" and copied == segment[:INDUCTION.copy_len]
+        assert len(set(segment)) == INDUCTION.seq_len
+        answer = tok.convert_ids_to_tokens(int(batch.answer[row]))
+        contrast = tok.convert_ids_to_tokens(int(batch.contrast[row]))
+        assert answer == segment[INDUCTION.copy_len] and words.count(answer) == 1
+        assert contrast not in words
+        corrupted = words_of(tok, batch.corrupted_tokens[row])
+        assert corrupted[1 + INDUCTION.copy_len] == contrast
+        assert sum(a != b for a, b in zip(words, corrupted)) == 1
+
+
+def test_batch_metrics():
+    tok = task_tokenizer(RETRIEVAL)
+    batch = RETRIEVAL.sample(4, seed=0, vocab=tok)
+    logits = torch.zeros(4, RETRIEVAL.prompt_length, len(tok))
+    logits[torch.arange(4), -1, batch.answer] = 3.0
+    logits[torch.arange(4), -1, batch.contrast] = 1.0
+    logits[0, -1, batch.contrast[0]] = 5.0  # the first prompt is wrong
+    assert torch.allclose(batch.logit_diff(logits), torch.tensor([-2.0, 2.0, 2.0, 2.0]))
+    assert batch.accuracy(logits) == 0.75
+    assert batch[1:3].tokens.shape == (2, RETRIEVAL.prompt_length)
+    expected = -torch.log_softmax(logits[1, -1], -1)[batch.answer[1]]
+    assert torch.allclose(-batch.answer_logprob(logits)[1], expected)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = task_tokenizer(RETRIEVAL, INDUCTION)
+    batch = RETRIEVAL.sample(8, seed=0, vocab=tok)
+    text = tok.decode(batch.tokens[0])
+    assert tok(text, add_special_tokens=False)["input_ids"] == batch.tokens[0].tolist()
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded.get_vocab() == tok.get_vocab()
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == batch.tokens[0].tolist()
+    assert tok.convert_tokens_to_ids(["<unk>", "<pad>", "<bos>"]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="contain no spaces"):
+        build_tokenizer(["two words"])
+
+
+def test_vocabulary_must_cover_the_task():
+    with pytest.raises(ValueError, match="lacks .* word"):
+        RETRIEVAL.sample(2, vocab=task_tokenizer(INDUCTION))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_pairs=0), "n_pairs=0: retrieval needs at least 2 pairs"),
+    (dict(n_pairs=1), "n_pairs=1: retrieval needs at least 2 pairs"),
+    (dict(n_pairs=20, n_keys=16), "n_pairs=20 is more than n_keys=16"),
+    (dict(n_pairs=6, n_keys=8, n_values=5), "n_pairs=6 is more than n_values=5"),
+    (dict(n_distractors=-1), "n_distractors must be a non-negative integer"),
+    (dict(n_pairs=3, n_queries=3), "n_queries=3 must be between 1 and n_pairs - 1 = 2"),
+    (dict(n_distractors=2, n_filler_words=0), "needs n_filler_words >= 1"),
+])
+def test_bad_retrieval_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KeyValueRetrieval(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(copy_len=12, seq_len=12), "copy_len=12 must be smaller than seq_len=12"),
+    (dict(seq_len=10, n_tokens=10), "n_tokens=10 must exceed seq_len=10"),
+    (dict(copy_len=0), "copy_len must be a positive integer"),
+])
+def test_bad_induction_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InductionCopy(**kwargs)
+
+
+def test_bad_sampling_arguments():
+    with pytest.raises(ValueError, match="split must be one of"):
+        RETRIEVAL.sample(2, split="validation")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        RETRIEVAL.sample(2, seed=-1)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        RETRIEVAL.sample(0)
+    with pytest.raises(ValueError, match="unknown task 'sorting'"):
+        make_task("sorting")
+    tiny = KeyValueRetrieval(n_pairs=2, n_keys=2, n_values=2)
+    with pytest.raises(RuntimeError, match="too few distinct prompts"):
+        tiny.sample(50, split="test", max_tries_per_prompt=2)
