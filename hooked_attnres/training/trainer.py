@@ -1,0 +1,295 @@
+"""Train a HookedAttnRes (any layout) or a vanilla ``Qwen3ForCausalLM`` on probe tasks.
+
+* AdamW, linear warm-up then cosine decay, gradient clipping; the objective is the
+  cross-entropy of the answer at the answer position.
+* Seeded and resumable bit for bit: the model is initialised from ``model_seed``; the
+  batch of step ``s`` is ``task.sample(batch_size, data_seed, "train", stream=s)``; the
+  learning rate is a function of the step. A checkpoint (model, optimizer, step,
+  history) is written atomically every ``checkpoint_every`` steps, at the end, and on
+  ``KeyboardInterrupt``; ``train`` resumes from it.
+* Held-out accuracy on ``eval_size`` test-split prompts every ``eval_every`` steps; a
+  tqdm bar shows loss and accuracy.
+
+Layout of ``out_dir``: ``checkpoint/`` (``model/``, ``optimizer.pt``,
+``trainer_state.json``), and at the end ``model/`` (the final model: this package's
+format, or Hugging Face's for a vanilla Qwen3, tokenizer included) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from hooked_attnres._atomic import atomic_directory
+from hooked_attnres.model.hooked_attnres import HookedAttnRes
+from hooked_attnres.tasks.base import Task, TaskBatch
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (all defaults are the study's).
+
+    Args:
+        steps: optimiser steps.
+        batch_size: prompts per step.
+        lr: peak learning rate; ``min_lr_ratio`` of it at the end of the cosine.
+        warmup_steps: linear warm-up from 0.
+        weight_decay, betas, grad_clip: AdamW and clipping (``grad_clip=None``: none).
+        data_seed: seed of the prompt stream and of the held-out set.
+        eval_every, eval_size: held-out accuracy schedule and size.
+        checkpoint_every: steps between checkpoints (``None``: only at the end).
+        threads: ``torch.set_num_threads`` during training (``None``: leave as is).
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: Optional[float] = 1.0
+    data_seed: int = 0
+    eval_every: int = 200
+    eval_size: int = 512
+    checkpoint_every: Optional[int] = 500
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        self.betas = tuple(self.betas)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (also written to ``out_dir/metrics.json``)."""
+
+    out_dir: Path
+    model_dir: Path
+    steps: int
+    final_accuracy: dict[str, float]
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, d_vocab]`` logits of a HookedAttnRes or a HF causal LM."""
+    if isinstance(model, HookedAttnRes):
+        return model(tokens)
+    return model(input_ids=tokens).logits
+
+
+def save_model(model, directory: Path, tokenizer=None) -> None:
+    """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
+    into an existing directory."""
+    if isinstance(model, HookedAttnRes):
+        from hooked_attnres.loading.checkpoint import write_checkpoint_files
+
+        write_checkpoint_files(model, directory)
+    else:
+        model.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+
+
+def load_model_state(model, directory: Path) -> None:
+    """Copy the weights saved by `save_model` into ``model`` (in place)."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    state = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    if not isinstance(model, HookedAttnRes) and model.config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str, float]:
+    """Answer accuracy of ``model`` on each named batch."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, batch in batches.items():
+        correct = 0.0
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            correct += part.correct(model_logits(model, part.tokens)).sum().item()
+        out[name] = correct / len(batch)
+    model.train(was_training)
+    return out
+
+
+class _Checkpoint:
+    """The resumable state in ``out_dir/checkpoint``."""
+
+    def __init__(self, out_dir: Path):
+        self.directory = out_dir / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.directory / "trainer_state.json").exists()
+
+    def save(self, model, optimizer, state: dict, tokenizer) -> None:
+        with atomic_directory(self.directory, markers=("trainer_state.json",)) as tmp:
+            (tmp / "model").mkdir()
+            save_model(model, tmp / "model", tokenizer)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def load(self, model, optimizer) -> dict:
+        state = json.loads((self.directory / "trainer_state.json").read_text())
+        load_model_state(model, self.directory / "model")
+        optimizer.load_state_dict(torch.load(self.directory / "optimizer.pt", weights_only=True))
+        return state
+
+
+def train(
+    model,
+    tasks: Union[Task, Sequence[Task]],
+    config: TrainConfig,
+    out_dir: Union[str, Path],
+    tokenizer=None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: Optional[int] = None,
+    description: Optional[dict] = None,
+    eval_tasks: Union[Task, Sequence[Task], None] = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``tasks`` and write checkpoints to ``out_dir``.
+
+    Args:
+        model: a `HookedAttnRes` or a ``transformers`` causal LM, freshly initialised.
+        tasks: one task, or several (step ``s`` draws from ``tasks[s % len(tasks)]``).
+        config: a `TrainConfig`.
+        out_dir: output directory (see the module docstring).
+        tokenizer: saved with the model (default: ``model.tokenizer`` for HookedAttnRes).
+        resume: continue from ``out_dir/checkpoint`` if it exists (the configuration must
+            match; the result equals an uninterrupted run).
+        progress: show a tqdm bar.
+        stop_after: stop (with a checkpoint) after this many steps in this call, without
+            finishing; used to test and demonstrate resumption.
+        description: extra JSON-able facts stored with the checkpoint and metrics (e.g.
+            the condition and model seed); must match on resume.
+        eval_tasks: tasks whose test split measures accuracy (default: ``tasks``); e.g.
+            train on multi-query prompts and evaluate on the single-query probe.
+
+    Returns:
+        A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task.
+    """
+    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    if not tasks:
+        raise ValueError("train needs at least one task")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
+    vocab = tokenizer.get_vocab()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    eval_tasks = tasks if eval_tasks is None else (
+        [eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
+    eval_batches = {t.name: t.sample(config.eval_size, config.data_seed, "test", vocab)
+                    for t in eval_tasks}
+    if len(eval_batches) != len(eval_tasks):
+        raise ValueError("evaluation tasks need distinct names (task.name)")
+    identity = {"train_config": config.to_dict(), "tasks": [repr(t) for t in tasks],
+                "eval_tasks": [repr(t) for t in eval_tasks], "description": description or {}}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+    checkpoint = _Checkpoint(out_dir)
+    step, history, seconds = 0, [], 0.0
+    if resume and checkpoint.exists():
+        saved = checkpoint.load(model, optimizer)
+        for key, value in identity.items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"{checkpoint.directory} was written by a different run ({key} differs: "
+                    f"{saved.get(key)!r} vs {value!r}); use another out_dir or resume=False"
+                )
+        step, history, seconds = saved["step"], saved["history"], saved["seconds"]
+
+    def state() -> dict:
+        return {**identity, "step": step, "history": history, "seconds": seconds}
+
+    model.train()
+    last_loss = float("nan")
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    started, steps_this_call = time.perf_counter(), 0
+    try:
+        while step < config.steps and (stop_after is None or steps_this_call < stop_after):
+            task = tasks[step % len(tasks)]
+            batch = task.sample(config.batch_size, config.data_seed, "train", vocab, stream=step)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
+            loss = batch.loss(model_logits(model, batch.tokens))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            steps_this_call += 1
+            last_loss = loss.item()
+            record = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
+            if step % config.eval_every == 0 or step == config.steps:
+                record["accuracy"] = evaluate(model, eval_batches)
+                bar.set_postfix(loss=f"{last_loss:.3f}", acc=" ".join(
+                    f"{v:.3f}" for v in record["accuracy"].values()))
+            elif step % 10 == 0:
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+            history.append(record)
+            bar.update(1)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                seconds_now = seconds + time.perf_counter() - started
+                checkpoint.save(model, optimizer, {**state(), "seconds": seconds_now}, tokenizer)
+    except KeyboardInterrupt:
+        seconds += time.perf_counter() - started
+        checkpoint.save(model, optimizer, state(), tokenizer)
+        bar.close()
+        raise
+    bar.close()
+    seconds += time.perf_counter() - started
+    checkpoint.save(model, optimizer, state(), tokenizer)
+    model_dir = out_dir / "model"
+    final = history[-1].get("accuracy", {}) if history else {}
+    if step >= config.steps:
+        model.eval()
+        with atomic_directory(model_dir) as tmp:
+            save_model(model, tmp, tokenizer)
+        metrics = {**state(), "final_accuracy": final}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return TrainResult(out_dir, model_dir, step, final, seconds, history)
