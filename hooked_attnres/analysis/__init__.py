@@ -1,5 +1,25 @@
-"""Analyses built on caches and interventions (routing mass, schedules, effects)."""
+"""Analyses built on caches and interventions: routing mass, ablation effects with
+bootstrap intervals, the mass-versus-effect dissociation, analytic schedules."""
 
-from hooked_attnres.analysis.schedule import RecencySchedule, recency_schedule, schedule_deviation
+from hooked_attnres.analysis.bootstrap import bootstrap_ci, bootstrap_ci_rows
+from hooked_attnres.analysis.dissociation import dissociation_report
+from hooked_attnres.analysis.effects import (
+    METRICS,
+    Ablation,
+    ablation_effects,
+    metric_values,
+    plan_ablations,
+    run_ablations,
+)
+from hooked_attnres.analysis.mass import band_of, routing_mass, summarize_mass
+from hooked_attnres.analysis.schedule import (
+    RecencySchedule,
+    recency_schedule,
+    schedule_comparison,
+    schedule_deviation,
+)
 
-__all__ = ["RecencySchedule", "recency_schedule", "schedule_deviation"]
+__all__ = ["METRICS", "Ablation", "RecencySchedule", "ablation_effects", "band_of", "bootstrap_ci",
+           "bootstrap_ci_rows", "dissociation_report", "metric_values", "plan_ablations",
+           "recency_schedule", "routing_mass", "run_ablations", "schedule_comparison",
+           "schedule_deviation", "summarize_mass"]

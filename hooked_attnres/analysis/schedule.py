@@ -123,3 +123,31 @@ def schedule_deviation(model, cache, schedule: RecencySchedule | None = None) ->
             )
         worst = max(worst, (measured - predicted).abs().max().item())
     return worst
+
+
+def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.DataFrame:
+    """Measured family mass next to the analytic prediction, per router and layer.
+
+    Args:
+        mass: per-prompt `hooked_attnres.analysis.routing_mass` of a cumulative-layout model.
+        schedule: the prediction (`recency_schedule` of the model's shape and bias).
+
+    Returns:
+        One row per ``(router, layer, family)``: ``measured`` (mean over prompts),
+        ``predicted``, ``max_abs_deviation`` (largest ``|measured - predicted|`` over
+        prompts; for a recency-wrapped model ~1e-7, i.e. routing is content-independent).
+    """
+    measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
+    grouped = measured.groupby(["router", "layer", "family"]).mass
+    table = grouped.mean().rename("measured").to_frame()
+    predicted = schedule.families.set_index(["router", "layer", "family"]).weight
+    missing = table.index.difference(predicted.index)
+    if len(missing):
+        raise ValueError(f"the schedule has no prediction for {list(missing)[:3]}; it is for a "
+                         "different shape than the measured model")
+    table["predicted"] = predicted.reindex(table.index)
+    deviation = (measured.mass - predicted.reindex(
+        pd.MultiIndex.from_frame(measured[["router", "layer", "family"]])).to_numpy()).abs()
+    table["max_abs_deviation"] = deviation.groupby(
+        [measured.router, measured.layer, measured.family]).max()
+    return table.reset_index()

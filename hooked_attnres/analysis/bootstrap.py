@@ -1,0 +1,59 @@
+"""Percentile bootstrap confidence intervals over prompts."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+
+
+def _as_array(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def bootstrap_ci(
+    values, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of ``values`` ``[n]`` and its percentile-bootstrap interval.
+
+    Resamples prompts with replacement ``n_resamples`` times (seeded, so the interval is
+    reproducible) and takes the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2``
+    quantiles of the resampled means.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    mean, low, high = bootstrap_ci_rows(_as_array(values)[None, :], n_resamples, confidence, seed)
+    return float(mean[0]), float(low[0]), float(high[0])
+
+
+def bootstrap_ci_rows(
+    values: Union[np.ndarray, torch.Tensor], n_resamples: int = 1000, confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise `bootstrap_ci` of ``values`` ``[rows, n]`` with the *same* resampled
+    prompts for every row (so that rows stay paired).
+
+    Returns:
+        ``(mean, low, high)``, each ``[rows]``. Rows that contain NaN give NaN.
+    """
+    values = _as_array(values)
+    if values.ndim != 2 or values.shape[1] < 1:
+        raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    n = values.shape[1]
+    rng = np.random.default_rng(seed)
+    means = np.empty((values.shape[0], n_resamples))
+    for start in range(0, n_resamples, 256):  # bounded memory: rows x 256 x n at a time
+        stop = min(n_resamples, start + 256)
+        index = rng.integers(0, n, size=(stop - start, n))
+        means[:, start:stop] = values[:, index].mean(axis=-1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha], axis=1)
+    return values.mean(axis=1), low, high

@@ -1,0 +1,75 @@
+"""Mass versus causal effect: does the family with the most routing weight matter most?
+
+The seed paper's finding is that the two dissociate. `dissociation_report` checks it per
+router type from a mass summary (`summarize_mass` by router and family) and an effect
+table (`ablation_effects` with ``groups="all"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hooked_attnres.model.depth import FAMILIES
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN if either is constant."""
+    ra = pd.Series(a).rank().to_numpy()
+    rb = pd.Series(b).rank().to_numpy()
+    if np.std(ra) == 0 or np.std(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def dissociation_report(
+    mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str = "logit_diff",
+    appreciable_mass: float = 0.05, group: str = "all",
+) -> pd.DataFrame:
+    """One row per router type comparing routing mass with ablation effect.
+
+    Args:
+        mass_summary: `summarize_mass(mass, by=("router", "family"))`.
+        effects: `ablation_effects(..., groups="all")` (or any table with a ``group``
+            column; ``group`` selects the rows to use).
+        metric: the effect metric to rank by.
+        appreciable_mass: the mass above which a family "carries appreciable mass".
+
+    Returns:
+        Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first;
+        effect ranked by ``|effect|``); ``spearman`` (rank correlation of mass and
+        ``|effect|`` over the families present); ``top_mass``, ``top_effect``,
+        ``top_mass_is_top_effect``; ``mass_effect_ratio`` (for every family, its share of
+        mass and of total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
+        >= ``appreciable_mass`` whose effect interval contains 0).
+    """
+    chosen = effects[(effects.metric == metric) & (effects.group == group)]
+    if chosen.empty:
+        raise ValueError(f"no effects for metric={metric!r} and group={group!r}; run "
+                         "ablation_effects(..., groups='all') with that metric")
+    rows = []
+    for router in sorted(set(mass_summary.router) & set(chosen.router)):
+        mass = mass_summary[mass_summary.router == router].set_index("family")
+        effect = chosen[chosen.router == router].set_index("family")
+        present = [f for f in FAMILIES if f in mass.index and f in effect.index
+                   and (mass.loc[f, "mass"] > 0 or effect.loc[f, "n_masked_routers"] > 0)]
+        m = np.array([mass.loc[f, "mass"] for f in present])
+        e = np.array([abs(effect.loc[f, "effect"]) for f in present])
+        mass_ranking = [f for _, f in sorted(zip(-m, present))]
+        effect_ranking = [f for _, f in sorted(zip(-e, present))]
+        null = [f for f in present if mass.loc[f, "mass"] >= appreciable_mass
+                and effect.loc[f, "ci_low"] <= 0 <= effect.loc[f, "ci_high"]]
+        total_effect = e.sum() if e.sum() > 0 else float("nan")
+        rows.append({
+            "router": router,
+            "mass_ranking": mass_ranking,
+            "effect_ranking": effect_ranking,
+            "spearman": _spearman(m, e),
+            "top_mass": mass_ranking[0],
+            "top_effect": effect_ranking[0],
+            "top_mass_is_top_effect": mass_ranking[0] == effect_ranking[0],
+            "shares": {f: {"mass": float(mi), "effect": float(ei / total_effect)}
+                       for f, mi, ei in zip(present, m, e)},
+            "appreciable_mass_no_effect": null,
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,124 @@
+"""Routing mass: how much weight each source family gets, per router, layer and prompt."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+from hooked_attnres.interventions.selection import depth_bands
+from hooked_attnres.model.depth import FAMILIES, router_hook_prefix
+from hooked_attnres.tasks.base import TaskBatch
+
+Positions = Union[str, Sequence[int], Tensor]
+
+
+def band_of(layer: Optional[int], bands: dict[str, list[int]]) -> str:
+    """The band a layer belongs to (``"final"`` for the final router)."""
+    if layer is None:
+        return "final"
+    for name, layers in bands.items():
+        if layer in layers:
+            return name
+    return "other"
+
+
+def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]) -> Tensor:
+    """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest."""
+    if isinstance(positions, str):
+        if positions == "all":
+            return weights.mean(dim=1)
+        if positions == "answer":
+            if answer_pos is None:
+                raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
+            return weights[torch.arange(weights.shape[0]), answer_pos.to(weights.device)]
+        raise ValueError(f"positions must be 'answer', 'all' or a list of positions, got {positions!r}")
+    index = torch.as_tensor(positions, device=weights.device)
+    return weights[:, index].mean(dim=1)
+
+
+def routing_mass(
+    model,
+    prompts: Union[TaskBatch, Int[Tensor, "batch pos"]],
+    positions: Positions = "answer",
+    answer_pos: Optional[Int[Tensor, "batch"]] = None,
+    bands: Optional[dict] = None,
+    chunk: int = 256,
+) -> pd.DataFrame:
+    """Routing weight of every source family at every router, per prompt.
+
+    Args:
+        model: a routed `HookedAttnRes`.
+        prompts: a `TaskBatch` or token ids ``[batch, pos]``.
+        positions: ``"answer"`` (the answer position of each prompt), ``"all"`` (mean over
+            positions), or a list of positions (mean over them).
+        answer_pos: ``[batch]``, for token inputs with ``positions="answer"``.
+        bands: custom depth bands (default: thirds, see `depth_bands`).
+        chunk: prompts per forward pass.
+
+    Returns:
+        A tidy DataFrame with one row per (prompt, router, layer, family): columns
+        ``prompt, router, layer, band, family, mass`` (``layer`` is -1 and ``band`` is
+        ``"final"`` for the final router). Families absent at a router have mass 0.
+    """
+    tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
+    if isinstance(prompts, TaskBatch) and answer_pos is None:
+        answer_pos = prompts.answer_pos
+    routers = model.routers()
+    if not routers:
+        raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    band_map = depth_bands(model.cfg.n_layers, bands)
+    names = [f"{router_hook_prefix(layer, router)}.hook_weights" for layer, router in routers]
+    family_index = [model.source_families(layer, router) for layer, router in routers]
+    per_router = []  # [router] -> [batch, family]
+    with torch.no_grad():
+        chunks = []
+        for start in range(0, tokens.shape[0], chunk):
+            part = tokens[start:start + chunk]
+            part_pos = None if answer_pos is None else answer_pos[start:start + chunk]
+            _, cache = model.run_with_cache(part, names_filter=names)
+            rows = []
+            for name, families in zip(names, family_index):
+                w = _position_weights(cache[name], positions, part_pos)  # [b, n]
+                rows.append(torch.stack([w[:, idx].sum(-1) if idx else torch.zeros(w.shape[0])
+                                         for idx in (families[f] for f in FAMILIES)], dim=-1))
+            chunks.append(torch.stack(rows, dim=0))  # [router, b, family]
+        per_router = torch.cat(chunks, dim=1).cpu().double().numpy()
+    n_routers, n_prompts, n_families = per_router.shape
+    router_names = np.array([router for _, router in routers])
+    layers = np.array([-1 if layer is None else layer for layer, _ in routers])
+    router_bands = np.array([band_of(layer, band_map) for layer, _ in routers])
+    return pd.DataFrame({
+        "prompt": np.tile(np.repeat(np.arange(n_prompts), n_families), n_routers),
+        "router": np.repeat(router_names, n_prompts * n_families),
+        "layer": np.repeat(layers, n_prompts * n_families),
+        "band": np.repeat(router_bands, n_prompts * n_families),
+        "family": np.tile(np.array(FAMILIES), n_routers * n_prompts),
+        "mass": per_router.reshape(-1),
+    })
+
+
+def summarize_mass(
+    mass: pd.DataFrame, by: Sequence[str] = ("router", "family"), n_bootstrap: int = 1000,
+    confidence: float = 0.95, seed: int = 0,
+) -> pd.DataFrame:
+    """Mean family mass per group with bootstrap intervals over prompts.
+
+    Each prompt's mass is first averaged over the routers in the group (e.g. all layers
+    of one router type), then the mean and its interval are taken over prompts.
+
+    Returns:
+        Columns ``*by, mass, ci_low, ci_high, n_prompts``.
+    """
+    by = list(by)
+    per_prompt = mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt")
+    mean, low, high = bootstrap_ci_rows(per_prompt.to_numpy(), n_bootstrap, confidence, seed)
+    out = per_prompt.index.to_frame(index=False)
+    out["mass"], out["ci_low"], out["ci_high"] = mean, low, high
+    out["n_prompts"] = per_prompt.shape[1]
+    return out

@@ -1,0 +1,19 @@
+"""Interventions on depth routing, as TransformerLens hook lists."""
+
+from hooked_attnres.interventions.routing import (
+    commit_hook_name,
+    mask_sources,
+    patch_committed,
+    patch_sources,
+    set_weights,
+)
+from hooked_attnres.interventions.selection import (
+    BAND_NAMES,
+    depth_bands,
+    resolve_layers,
+    resolve_routers,
+    resolve_sources,
+)
+
+__all__ = ["BAND_NAMES", "commit_hook_name", "depth_bands", "mask_sources", "patch_committed",
+           "patch_sources", "resolve_layers", "resolve_routers", "resolve_sources", "set_weights"]

@@ -1,0 +1,152 @@
+"""Which routers and which sources an intervention touches.
+
+Routers are chosen by type (``"attn_res"``, ``"mlp_res"``, ``"final_res"``) and layers
+(an index, a list, a ``range``, a ``(start, stop)`` pair, or the name of a depth band).
+Sources are chosen by family (``"embedding"``, ``"older"``, ``"prev_completed"``,
+``"current"``), by label (``"block_2"``, as in ``model.source_labels``) or by index;
+a family or label that a router does not have selects nothing there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+from hooked_attnres.model.depth import FAMILIES, ROUTERS, SUBLAYER_ROUTERS
+
+LayerSpec = Union[None, int, str, range, tuple, Sequence]
+SourceSpec = Union[str, int, Sequence[Union[str, int]]]
+BAND_NAMES = ("early", "middle", "late")
+
+
+def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[int]]:
+    """Named groups of layers.
+
+    Default: thirds, ``early = [0, ceil(L/3))``, ``middle = [ceil(L/3), ceil(2L/3))``,
+    ``late`` the rest (8 layers: 0-2, 3-5, 6-7). Custom bands: ``{"name": range or
+    (start, stop) or list}``; they must be non-empty and inside ``[0, n_layers)``.
+    """
+    if bands is None:
+        cuts = [0, math.ceil(n_layers / 3), math.ceil(2 * n_layers / 3), n_layers]
+        out = {name: list(range(cuts[i], cuts[i + 1])) for i, name in enumerate(BAND_NAMES)}
+        return {name: layers for name, layers in out.items() if layers}
+    out = {}
+    for name, spec in bands.items():
+        layers = sorted(set(_layer_list(spec, n_layers)))
+        if not layers:
+            raise ValueError(f"band {name!r} is empty")
+        out[name] = layers
+    return out
+
+
+def _layer_list(spec, n_layers: int) -> list[int]:
+    if isinstance(spec, bool):
+        raise ValueError(f"layers must be integers, got {spec!r}")
+    if isinstance(spec, int):
+        items = [spec]
+    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
+        items = list(range(*spec))
+    else:
+        items = list(spec)
+    out = []
+    for layer in items:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -n_layers <= layer < n_layers:
+            raise ValueError(f"layer {layer!r} is not in [-{n_layers}, {n_layers})")
+        out.append(layer % n_layers)
+    return out
+
+
+def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None) -> list[int]:
+    """Layer indices from an index, list, range, ``(start, stop)``, or band name(s)."""
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        return list(range(n_layers))
+    named = depth_bands(n_layers, bands)
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(v, str) for v in layers):
+        out = []
+        for name in layers:
+            if name not in named:
+                raise ValueError(f"unknown depth band {name!r}; bands are {sorted(named)}")
+            out.extend(named[name])
+        return sorted(set(out))
+    return sorted(set(_layer_list(layers, n_layers)))
+
+
+def resolve_routers(model, routers: Union[None, str, Sequence[str]] = None, layers: LayerSpec = None,
+                    bands: Optional[dict] = None) -> list[tuple[Optional[int], str]]:
+    """``(layer, router)`` pairs in forward order.
+
+    ``routers`` defaults to the two sublayer routers; ``"final_res"`` must be asked for
+    (it has no layer, so ``layers`` does not filter it).
+    """
+    if not model.routing_layout.has_routers:
+        raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    if routers is None:
+        routers = SUBLAYER_ROUTERS
+    elif isinstance(routers, str):
+        routers = (routers,)
+    for router in routers:
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; routers are {ROUTERS}")
+        if router == "final_res" and not model.cfg.has_final_router:
+            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
+    chosen_layers = set(resolve_layers(model, layers, bands))
+    return [(layer, router) for layer, router in model.routers()
+            if router in routers and (layer is None or layer in chosen_layers)]
+
+
+def _as_list(sources: SourceSpec) -> list:
+    if isinstance(sources, (str, int)):
+        return [sources]
+    return list(sources)
+
+
+def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpec) -> list[int]:
+    """Source indices of one router selected by families, labels and/or indices.
+
+    Raises ``ValueError`` for a name that is neither a family nor a label of *any*
+    router of the model, or for an index out of range; a family or label that this
+    router lacks selects nothing.
+    """
+    labels = model.source_labels(layer, router)
+    families = model.source_families(layer, router)
+    out: list[int] = []
+    for spec in _as_list(sources):
+        if isinstance(spec, bool):
+            raise ValueError(f"source {spec!r} is not a family, label or index")
+        if isinstance(spec, int):
+            if not -len(labels) <= spec < len(labels):
+                raise ValueError(
+                    f"source index {spec} is out of range for {len(labels)} sources at "
+                    f"{router} layer {layer} ({labels})"
+                )
+            out.append(spec % len(labels))
+        elif spec in FAMILIES:
+            out.extend(families[spec])
+        elif spec in labels:
+            out.append(labels.index(spec))
+        elif spec not in all_labels(model):
+            raise ValueError(
+                f"unknown source {spec!r}: families are {FAMILIES}, labels are "
+                f"{sorted(all_labels(model))}"
+            )
+    return sorted(set(out))
+
+
+def all_labels(model) -> set[str]:
+    return {label for layer, router in model.routers() for label in model.source_labels(layer, router)}
+
+
+def describe(layer: Optional[int], router: str) -> str:
+    return router if layer is None else f"{router} layer {layer}"
+
+
+def iter_selected(model, sources: SourceSpec, routers=None, layers: LayerSpec = None,
+                  bands: Optional[dict] = None) -> Iterable[tuple[Optional[int], str, list[int]]]:
+    """``(layer, router, source_indices)`` for every selected router with a non-empty selection."""
+    for layer, router in resolve_routers(model, routers, layers, bands):
+        indices = resolve_sources(model, layer, router, sources)
+        if indices:
+            yield layer, router, indices

@@ -1,0 +1,153 @@
+"""Activation patching of depth routing, with TransformerLens conventions.
+
+Same argument order as ``transformer_lens.patching`` -- ``(model, corrupted_tokens,
+clean_cache, patching_metric)`` -- the metric maps patched logits ``[batch, pos, d_vocab]``
+to a scalar, the result is a tensor whose axes are listed in each docstring, a tqdm bar
+shows progress, and the model must be in eval mode. Each patched run starts at the
+patched layer from the corrupted run's cached depth state, so a sweep costs a fraction
+of one full forward pass per cell.
+
+    clean_logits, clean_cache = model.run_with_cache(clean_tokens)
+    result = get_act_patch_routing_weights(model, corrupted_tokens, clean_cache, metric)
+    # result[r, l]: metric when router type r of layer l uses the clean routing weights
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_attnres.model.depth import SUBLAYER_ROUTERS, router_hook_prefix
+
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
+
+
+def _check(model, corrupted_tokens: Tensor, clean_cache, routers: Sequence[str]) -> None:
+    if model.training:
+        raise ValueError("activation patching requires the model in eval mode (model.eval())")
+    if not model.routing_layout.has_routers:
+        raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    for router in routers:
+        if router not in SUBLAYER_ROUTERS and router != "final_res":
+            raise ValueError(f"unknown router {router!r}; use 'attn_res', 'mlp_res' or 'final_res'")
+        if router == "final_res" and not model.cfg.has_final_router:
+            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
+    first = next(iter(clean_cache.values()))
+    if first.shape[0] != corrupted_tokens.shape[0]:
+        raise ValueError(
+            f"the clean cache has batch {first.shape[0]} but corrupted_tokens has "
+            f"{corrupted_tokens.shape[0]}; patch prompts pairwise"
+        )
+
+
+def _scalar(value) -> Tensor:
+    value = torch.as_tensor(value)
+    if value.ndim != 0:
+        raise ValueError(f"patching_metric must return a scalar, got shape {tuple(value.shape)}")
+    return value.detach()
+
+
+def _run_cells(model, corrupted_tokens, cells, metric: Metric, shape, desc: str) -> Tensor:
+    """``cells``: ``(index, start_layer, hook_name, hook_fn)``; returns a ``shape`` tensor
+    (NaN where no cell was given)."""
+    states = model.depth_states(corrupted_tokens)
+    out = torch.full(shape, float("nan"))
+    for index, start, name, fn in tqdm(cells, desc=desc, dynamic_ncols=True):
+        logits = model.run_with_hooks(states[start], start_at_layer=start, fwd_hooks=[(name, fn)])
+        out[index] = _scalar(metric(logits)).float().cpu()
+    return out
+
+
+def _router_rows(model, routers: Sequence[str]):
+    """``(row, layer_or_None, router)`` for the result's router axis."""
+    for row, router in enumerate(routers):
+        layers = [None] if router == "final_res" else range(model.cfg.n_layers)
+        for layer in layers:
+            yield row, layer, router
+
+
+@torch.no_grad()
+def get_act_patch_routing_weights(
+    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    routers: Sequence[str] = SUBLAYER_ROUTERS,
+) -> Float[Tensor, "router layer"]:
+    """Patch each router's clean routing weights (all positions) into the corrupted run.
+
+    Returns:
+        ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest
+        NaN).
+    """
+    _check(model, corrupted_tokens, clean_cache, routers)
+    cells = []
+    for row, layer, router in _router_rows(model, routers):
+        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+        clean = clean_cache[name]
+
+        def patch(weights, hook, clean=clean):
+            return clean.to(weights.device, weights.dtype).clone()
+
+        start = model.cfg.n_layers if layer is None else layer
+        cells.append(((row, 0 if layer is None else layer), start, name, patch))
+    return _run_cells(model, corrupted_tokens, cells, patching_metric,
+                      (len(routers), model.cfg.n_layers), "patch routing weights")
+
+
+@torch.no_grad()
+def get_act_patch_routing_weights_by_pos(
+    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    routers: Sequence[str] = SUBLAYER_ROUTERS,
+) -> Float[Tensor, "router layer pos"]:
+    """Patch the clean routing weights of one router at one position.
+
+    Returns:
+        ``[len(routers), n_layers, pos]`` (final router in layer column 0).
+    """
+    _check(model, corrupted_tokens, clean_cache, routers)
+    n_pos = corrupted_tokens.shape[-1]
+    cells = []
+    for row, layer, router in _router_rows(model, routers):
+        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+        clean = clean_cache[name]
+        for pos in range(n_pos):
+            def patch(weights, hook, clean=clean, pos=pos):
+                weights = weights.clone()
+                weights[:, pos] = clean[:, pos].to(weights.device, weights.dtype)
+                return weights
+
+            start = model.cfg.n_layers if layer is None else layer
+            cells.append(((row, 0 if layer is None else layer, pos), start, name, patch))
+    return _run_cells(model, corrupted_tokens, cells, patching_metric,
+                      (len(routers), model.cfg.n_layers, n_pos), "patch routing weights by pos")
+
+
+@torch.no_grad()
+def get_act_patch_committed_blocks_by_pos(
+    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+) -> Float[Tensor, "layer pos"]:
+    """Patch the clean committed block of each layer at one position, for every later
+    router that reads it (``blocks.{l}.hook_committed_block``).
+
+    Returns:
+        ``[n_layers, pos]``; rows of layers that commit no block are NaN.
+    """
+    _check(model, corrupted_tokens, clean_cache, ())
+    n_pos = corrupted_tokens.shape[-1]
+    cells = []
+    for layer in range(model.cfg.n_layers):
+        name = f"blocks.{layer}.hook_committed_block"
+        if name not in model.hook_dict:
+            continue
+        clean = clean_cache[name]
+        for pos in range(n_pos):
+            def patch(block, hook, clean=clean, pos=pos):
+                block = block.clone()
+                block[:, pos] = clean[:, pos].to(block.device, block.dtype)
+                return block
+
+            cells.append(((layer, pos), layer, name, patch))
+    return _run_cells(model, corrupted_tokens, cells, patching_metric,
+                      (model.cfg.n_layers, n_pos), "patch committed blocks by pos")
