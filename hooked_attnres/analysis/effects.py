@@ -10,7 +10,9 @@ there (``model(state_l, start_at_layer=l)``) instead of from the embedding, and
 ablations that start at the same layer run together in one batch, each copy of the
 prompts with its own mask. Ablations that mask nothing (the family does not exist at
 those routers) cost nothing: their metric is the clean one. ``fast=False`` runs one full
-forward pass per ablation (the reference the fast path is tested against).
+forward pass per ablation, no-ops included (the reference the fast path is tested
+against). On CPU, batching copies beyond ``max_rows`` rows per pass is slower than
+running them one by one, so by default each copy runs alone.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def _mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device) -> li
 @torch.no_grad()
 def run_ablations(
     model, batch: TaskBatch, ablations: Sequence[Ablation], metrics: Sequence[str] = ("logit_diff",),
-    fast: bool = True, chunk: int = 256, max_rows: int = 4096, progress: bool = True,
+    fast: bool = True, chunk: int = 256, max_rows: int = 256, progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
 
@@ -172,7 +174,7 @@ def run_ablations(
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
     active = [i for i, a in enumerate(ablations) if not a.is_noop]
     chunks = list(range(0, n, chunk))
-    total = len(chunks) * (len(active) if not fast else len({ablations[i].start_layer for i in active}) + 1)
+    total = len(chunks) * (len(ablations) if not fast else len({ablations[i].start_layer for i in active}) + 1)
     bar = tqdm(total=total, disable=not progress, desc="ablations", dynamic_ncols=True)
     for start in chunks:
         part = batch[start:start + chunk]
@@ -204,7 +206,7 @@ def run_ablations(
                             ablated[metric][i, rows] = metric_values(part, copy_logits, metric).cpu().numpy()
                 bar.update(1)
         else:
-            for i in active:
+            for i in range(len(ablations)):  # every ablation, no-ops included: the reference loop
                 hooks = _mask_hooks([ablations[i]], len(part), part.tokens.device)
                 out = model.run_with_hooks(part.tokens, fwd_hooks=hooks)
                 for metric in metrics:
