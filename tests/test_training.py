@@ -159,3 +159,21 @@ def test_unknown_condition_and_missing_tokenizer(tmp_path):
     model = HookedAttnRes(build_model("attnres", 0, task_tokenizer(TASK), SHAPE, 2).cfg)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         train(model, TASK, config(), tmp_path, progress=False)
+
+
+def test_two_processes_with_the_same_seed_write_the_same_file(tmp_path):
+    """Bitwise reproducibility across processes (in-process runs can hide thread-order
+    nondeterminism, such as the accumulating backward of tensor indexing)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-m", "hooked_attnres.cli", "train", "--condition", "attnres",
+                        "--out", str(out), "--steps", "6", "--set", "warmup_steps=2", "eval_every=6",
+                        "eval_size=16", "batch_size=32", "threads=2", "--no-progress"],
+                       check=True, capture_output=True)
+        digests.append(hashlib.sha256((out / "attnres_seed0" / "model" / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -44,7 +44,9 @@ class Embed(nn.Module):
         self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_E[tokens]
+        # F.embedding, not W_E[tokens]: its CPU backward is deterministic, while the
+        # accumulating index_put_ behind indexing is not with several threads
+        return torch.nn.functional.embedding(tokens, self.W_E)
 
 
 class Unembed(nn.Module):

@@ -127,6 +127,7 @@ class _FusedRouting(torch.autograd.Function):
         grad_values = values * coef.unsqueeze(-1)
         grad_values.addcmul_(weights.unsqueeze(-1), grad_out.unsqueeze(-2))
         grad_values.addcmul_(grad_dots.unsqueeze(-1), query)
-        grad_query = grad_dots.reshape(1, -1) @ values.reshape(-1, d_model)
+        # not a [1, N] @ [N, d] matmul: BLAS splits that reduction differently from run to run
+        grad_query = (grad_dots.unsqueeze(-1) * values).flatten(0, -2).sum(0)
         grad_bias = grad_logits[..., -1].sum() if ctx.has_bias else None
         return grad_values, grad_query.reshape(-1), grad_bias, None
