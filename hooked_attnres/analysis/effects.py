@@ -11,8 +11,8 @@ ablations that start at the same layer run together in one batch, each copy of t
 prompts with its own mask. Ablations that mask nothing (the family does not exist at
 those routers) cost nothing: their metric is the clean one. ``fast=False`` runs one full
 forward pass per ablation, no-ops included (the reference the fast path is tested
-against). On CPU, batching copies beyond ``max_rows`` rows per pass is slower than
-running them one by one, so by default each copy runs alone.
+against). ``max_rows`` caps the rows of one batched pass; on CPU one large pass of many
+copies is slower than the copies one by one, so by default (256) each copy runs alone.
 """
 
 from __future__ import annotations
