@@ -1,6 +1,9 @@
-"""Mass, effects (fast sweep == naive sweep), bootstrap coverage, dissociation, patching, plots."""
+"""Mass, effects (fast sweep == naive sweep), bootstrap coverage, dissociation, plots
+(activation patching is in test_patching.py)."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -8,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from conftest import hf_qwen3, randomize_routing
+from conftest import hf_qwen3, randomize_routing, tiny_model
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 from hooked_attnres import plotting
 from hooked_attnres.analysis import (
@@ -24,11 +27,6 @@ from hooked_attnres.analysis import (
     summarize_mass,
 )
 from hooked_attnres.model.depth import FAMILIES
-from hooked_attnres.patching import (
-    get_act_patch_committed_blocks_by_pos,
-    get_act_patch_routing_weights,
-    get_act_patch_routing_weights_by_pos,
-)
 from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
 
 TASK = KeyValueRetrieval(n_pairs=4, n_keys=8, n_values=8)
@@ -149,46 +147,6 @@ def test_dissociation_report_on_a_handmade_table():
         dissociation_report(mass, effects, metric="accuracy")
 
 
-def test_patching_shapes_self_patching_and_an_independent_cell(setup):
-    model, batch = setup
-    tokens = batch.tokens[:6]
-    _, cache = model.run_with_cache(tokens)
-    clean_metric = batch[:6].logit_diff(model(tokens)).mean()
-
-    def metric(logits):
-        return batch[:6].logit_diff(logits).mean()
-
-    n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
-    by_layer = get_act_patch_routing_weights(model, tokens, cache, metric)
-    by_pos = get_act_patch_routing_weights_by_pos(model, tokens, cache, metric)
-    blocks = get_act_patch_committed_blocks_by_pos(model, tokens, cache, metric)
-    assert by_layer.shape == (2, n_layers) and by_pos.shape == (2, n_layers, n_pos)
-    assert blocks.shape == (n_layers, n_pos)
-    for result in (by_layer, by_pos):
-        torch.testing.assert_close(result, torch.full_like(result, clean_metric.item()), atol=1e-5, rtol=0)
-    commits = [l for l in range(n_layers) if f"blocks.{l}.hook_committed_block" in model.hook_dict]
-    assert torch.isnan(blocks[[l for l in range(n_layers) if l not in commits]]).all()
-    torch.testing.assert_close(blocks[commits], torch.full((len(commits), n_pos), clean_metric.item()),
-                               atol=1e-5, rtol=0)
-
-    # a real patch: clean weights into corrupted prompts, checked against a full forward
-    corrupted = batch.corrupted_tokens[:6]
-    patched = get_act_patch_routing_weights(model, corrupted, cache, metric)
-    name = "blocks.3.mlp_res.hook_weights"
-    full = model.run_with_hooks(corrupted, fwd_hooks=[(name, lambda w, hook: cache[name])])
-    assert patched[1, 3].item() == pytest.approx(metric(full).item(), abs=1e-5)
-    assert not torch.allclose(patched, torch.full_like(patched, clean_metric.item()))
-
-    with pytest.raises(ValueError, match="batch"):
-        get_act_patch_routing_weights(model, batch.tokens[:5], cache, metric)
-    model.train()
-    try:
-        with pytest.raises(ValueError, match="eval mode"):
-            get_act_patch_routing_weights(model, tokens, cache, metric)
-    finally:
-        model.eval()
-
-
 def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
     model, batch = setup
     mass = routing_mass(model, batch)
@@ -206,6 +164,211 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
     assert all(isinstance(f, go.Figure) for f in figures.values())
     assert len(figures["heatmap"].data) == 2 and len(figures["bars"].data) == 4
     assert len(figures["bands"].data) == 2 * len(FAMILIES)
-    path = plotting.save_html(figures["bars"], tmp_path / "bars.html")
-    html = path.read_text()
-    assert "plotly" in html and 'src="https://cdn' not in html and len(html) > 1_000_000
+    assert len(figures["sources"].data) == 1
+    merged = summary.merge(effects[(effects.metric == "logit_diff") & (effects.group == "all")],
+                           on=["router", "family"])
+    assert len(figures["scatter"].data) == len(merged) == 2 * len(FAMILIES)
+    # the heatmap cells are the mean mass per layer and family (computed here from the table)
+    attn = figures["heatmap"].data[0]
+    for i, layer in enumerate(sorted(set(mass.layer))):
+        for j, family in enumerate(FAMILIES):
+            rows = mass[(mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family)]
+            assert attn.z[i][j] == pytest.approx(rows.mass.mean(), abs=1e-12)
+    # the source heatmap: one row per layer, one column per label, blank where a layer lacks it
+    z = np.asarray(figures["sources"].data[0].z, dtype=float)
+    columns = list(figures["sources"].data[0].x)
+    assert z.shape == (model.cfg.n_layers, len(columns)) and columns[-1] == "current"
+    for layer in range(model.cfg.n_layers):
+        labels = model.source_labels(layer, "mlp_res")
+        weights = cache[f"blocks.{layer}.mlp_res.hook_weights"].mean(dim=(0, 1))
+        for j, column in enumerate(columns):
+            if column in labels:
+                assert z[layer, j] == pytest.approx(weights[labels.index(column)].item(), abs=1e-6)
+            else:
+                assert np.isnan(z[layer, j])
+    for name, figure in figures.items():
+        path = plotting.save_html(figure, tmp_path / "out" / f"{name}.html")
+        html = path.read_text()
+        assert path.exists() and "plotly" in html and "Plotly.newPlot" in html
+        assert len(html) > 1_000_000  # plotly.js is inlined
+        assert not re.search(r"<script[^>]*\bsrc=", html), "an external script would need the network"
+
+
+# --- further checks -------------------------------------------------------------------------------
+
+def test_bootstrap_rows_share_their_resamples():
+    rng = np.random.default_rng(2)
+    rows = np.vstack([rng.exponential(size=40), rng.normal(size=40), 2 * rng.normal(size=40)])
+    mean, low, high = bootstrap_ci_rows(rows, n_resamples=300, confidence=0.9, seed=4)
+    np.testing.assert_allclose(mean, rows.mean(axis=1), atol=1e-12)
+    for i, row in enumerate(rows):  # the resampled prompts depend on n and the seed only
+        assert bootstrap_ci(row, n_resamples=300, confidence=0.9, seed=4) == pytest.approx(
+            (mean[i], low[i], high[i]), abs=1e-12)
+    # linearity in the paired rows: the interval of 3x is 3 times the interval of x
+    scaled = bootstrap_ci_rows(np.vstack([rows[0], 3 * rows[0]]), 300, seed=1)
+    assert scaled[1][1] == pytest.approx(3 * scaled[1][0]) and scaled[2][1] == pytest.approx(3 * scaled[2][0])
+    # the interval is made of resampled means: around the mean, inside [min, max] of the data
+    assert (low <= mean).all() and (mean <= high).all()
+    assert (low >= rows.min(axis=1)).all() and (high <= rows.max(axis=1)).all()
+
+
+def test_bootstrap_properties_and_bad_inputs():
+    values = torch.tensor([1.0, 4.0, 2.0, 8.0, 5.0, 7.0])
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values.numpy(), seed=3)  # tensors accepted
+    assert bootstrap_ci([2.5] * 10) == (2.5, 2.5, 2.5)
+    narrow = bootstrap_ci(values, confidence=0.5, seed=0)
+    wide = bootstrap_ci(values, confidence=0.99, seed=0)
+    assert wide[1] <= narrow[1] <= narrow[2] <= wide[2] and wide[2] - wide[1] > narrow[2] - narrow[1]
+    mean, low, high = bootstrap_ci_rows(np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]]), 100)
+    assert np.isnan([mean[0], low[0], high[0]]).all() and not np.isnan([mean[1], low[1], high[1]]).any()
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_ci([1.0, 2.0], n_resamples=0)
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0, 2.0], confidence=0.0)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bootstrap_ci_rows(np.zeros((2, 0)))
+
+
+def test_routing_mass_other_positions_and_chunks(setup):
+    model, batch = setup
+    small = batch[:10]
+    _, cache = model.run_with_cache(small.tokens)
+    for positions in ("all", [0, 3, 5]):
+        mass = routing_mass(model, small, positions=positions, chunk=4)  # chunks of 4, 4, 2 prompts
+        assert len(mass) == len(small) * len(model.routers()) * len(FAMILIES)
+        for layer, router in model.routers():
+            w = cache[f"blocks.{layer}.{router}.hook_weights"]
+            w = w.mean(1) if positions == "all" else w[:, positions].mean(1)
+            for family, indices in model.source_families(layer, router).items():
+                expected = w[:, indices].sum(-1) if indices else torch.zeros(len(small))
+                got = mass[(mass.router == router) & (mass.layer == layer) & (mass.family == family)]
+                np.testing.assert_allclose(got.sort_values("prompt").mass, expected.double(), atol=1e-6)
+    # token input with explicit answer positions equals the TaskBatch input
+    pd.testing.assert_frame_equal(routing_mass(model, small.tokens, answer_pos=small.answer_pos),
+                                  routing_mass(model, small))
+    bands = routing_mass(model, small).drop_duplicates("layer").set_index("layer").band
+    assert bands.to_dict() == {0: "early", 1: "early", 2: "middle", 3: "middle", 4: "late", 5: "late"}
+    with pytest.raises(ValueError, match="answer_pos"):
+        routing_mass(model, small.tokens, positions="answer")
+    with pytest.raises(ValueError, match="positions must be"):
+        routing_mass(model, small, positions="last")
+    with pytest.raises(ValueError, match="no routers"):
+        routing_mass(tiny_model(attnres_layout="none"), small.tokens, positions="all")
+
+
+def test_routing_mass_with_a_final_router():
+    tokenizer = task_tokenizer(TASK)
+    cfg = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_mlp=48,
+                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="kimi",
+                              attnres_num_blocks=2, seed=0)
+    model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer)).eval()
+    batch = TASK.sample(5, seed=1, split="test", vocab=tokenizer.get_vocab())
+    mass = routing_mass(model, batch)
+    assert (mass.groupby(["prompt", "router", "layer"]).mass.sum() - 1).abs().max() < 1e-6
+    final = mass[mass.router == "final_res"]
+    assert set(final.layer) == {-1} and set(final.band) == {"final"}
+    _, cache = model.run_with_cache(batch.tokens)
+    w = cache["final_res.hook_weights"][:, -1]  # the answer is read at the last position
+    labels = model.source_labels(None, "final_res")
+    got = final[final.family == "current"].sort_values("prompt").mass.to_numpy()
+    np.testing.assert_allclose(got, w[:, labels.index("current")].double(), atol=1e-6)
+    # layer 0 attention reads only the embedding: all of its mass is there
+    first = mass[(mass.router == "attn_res") & (mass.layer == 0)]
+    assert (first[first.family == "embedding"].mass == 1).all()
+    assert (first[first.family != "embedding"].mass == 0).all()
+
+
+@pytest.mark.parametrize("n_layers,num_blocks,bias", [(4, 2, 1.0), (5, 5, 0.0)])
+def test_recency_wrapped_mass_matches_the_schedule_for_other_shapes(n_layers, num_blocks, bias):
+    hf = hf_qwen3(num_hidden_layers=n_layers, hidden_size=16, head_dim=4, intermediate_size=16)
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias)
+    tokens = torch.randint(0, 61, (6, 7), generator=torch.Generator().manual_seed(3))
+    for positions in ("all", [1, 6]):
+        table = schedule_comparison(routing_mass(model, tokens, positions=positions),
+                                    recency_schedule(n_layers, num_blocks, bias))
+        assert table.max_abs_deviation.max() <= 1e-6
+        assert (table.measured - table.predicted).abs().max() <= 1e-6
+        # the prediction is not trivially uniform: e^b / (e^b + n) on the current source
+        current = table[(table.family == "current") & (table.layer == n_layers - 1)]
+        n_other = len(model.source_labels(n_layers - 1, "attn_res")) - 1
+        assert current.predicted.iloc[0] == pytest.approx(np.exp(bias) / (np.exp(bias) + n_other))
+    # a model with content-dependent routing deviates
+    routed_model = randomize_routing(model)
+    table = schedule_comparison(routing_mass(routed_model, tokens, positions="all"),
+                                recency_schedule(n_layers, num_blocks, bias))
+    assert table.max_abs_deviation.max() > 1e-3
+
+
+def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers():
+    tokenizer = task_tokenizer(TASK)
+    cfg = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_mlp=48,
+                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="kimi",
+                              attnres_num_blocks=2, attnres_recency_bias=0.5, seed=0)
+    model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=2).eval()
+    batch = TASK.sample(7, seed=2, split="test", vocab=tokenizer.get_vocab())
+    plan = plan_ablations(model, routers=("attn_res", "mlp_res", "final_res"), groups="layers")
+    assert len(plan) == 4 * (2 * 4 + 1)
+    metrics = ("logit_diff", "logprob", "accuracy")
+    # max_rows=14 batches two copies of the 7 prompts per pass; chunk=4 splits the prompts
+    fast = run_ablations(model, batch, plan, metrics=metrics, fast=True, chunk=4, max_rows=14, progress=False)
+    naive = run_ablations(model, batch, plan, metrics=metrics, fast=False, chunk=4, progress=False)
+    for metric in metrics:
+        np.testing.assert_allclose(fast[0][metric], naive[0][metric], atol=1e-5)
+        np.testing.assert_allclose(fast[1][metric], naive[1][metric], atol=1e-5)
+    # the clean metric is the model's own, computed here from a plain forward pass
+    with torch.no_grad():
+        np.testing.assert_allclose(fast[0]["logit_diff"], batch.logit_diff(model(batch.tokens)).numpy(),
+                                   atol=1e-5)
+    # kimi layer-0 attention reads only the embedding: masking it there is skipped, not NaN
+    skipped = [a for a in plan if a.skipped]
+    assert [(a.router, a.group, a.family) for a in skipped] == [("attn_res", "layer 0", "embedding")]
+    assert skipped[0].is_noop
+    for i, ablation in enumerate(plan):
+        if ablation.is_noop:
+            assert np.array_equal(fast[1]["logit_diff"][i], fast[0]["logit_diff"])
+    final = [i for i, a in enumerate(plan) if a.router == "final_res" and a.family == "current"]
+    name = "final_res.hook_logits"
+    assert plan[final[0]].masks[0][0] == name
+    with torch.no_grad():  # one ablation checked against the public intervention API
+        from hooked_attnres.interventions import mask_sources
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, "current", routers="final_res"))
+    np.testing.assert_allclose(fast[1]["logit_diff"][final[0]], batch.logit_diff(logits).numpy(), atol=1e-5)
+    effects = ablation_effects(model, batch, routers=("attn_res", "final_res"), groups="all",
+                               metrics=("logit_diff",), n_bootstrap=20, progress=False)
+    row = effects[(effects.router == "attn_res") & (effects.family == "embedding")].iloc[0]
+    assert row.skipped == "attn_res layer 0" and row.n_masked_routers == 3
+    assert list(effects[effects.router == "final_res"].group.unique()) == ["final"]
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            run_ablations(model, batch, plan[:1], progress=False)
+    finally:
+        model.eval()
+
+
+def test_dissociation_report_when_mass_and_effect_agree():
+    mass = pd.DataFrame({"router": ["attn_res"] * 4 + ["mlp_res"] * 4, "family": list(FAMILIES) * 2,
+                         "mass": [0.1, 0.0, 0.3, 0.6, 0.04, 0.5, 0.2, 0.26], "ci_low": 0.0, "ci_high": 1.0})
+    effects = pd.DataFrame({
+        "router": ["attn_res"] * 4 + ["mlp_res"] * 4, "group": "all", "metric": "logit_diff",
+        "family": list(FAMILIES) * 2,
+        "effect": [-0.1, 0.0, 0.5, -3.0, 0.02, -1.0, 0.3, -0.2],
+        "ci_low": [-0.2, 0.0, 0.1, -3.5, -0.01, -1.5, 0.2, -0.3],
+        "ci_high": [0.05, 0.0, 0.9, -2.5, 0.05, -0.5, 0.4, 0.1],
+        "n_masked_routers": [3, 0, 3, 3, 3, 3, 3, 3]})
+    report = dissociation_report(mass, effects).set_index("router")
+    attn, mlp = report.loc["attn_res"], report.loc["mlp_res"]
+    # attn: "older" has neither mass nor masked routers, so it is left out of the ranking
+    assert attn.mass_ranking == ["current", "prev_completed", "embedding"]
+    assert attn.effect_ranking == ["current", "prev_completed", "embedding"]
+    assert attn.top_mass_is_top_effect and attn.spearman == pytest.approx(1.0)
+    assert attn.appreciable_mass_no_effect == ["embedding"]  # mass 0.1, interval [-0.2, 0.05]
+    assert sum(v["mass"] for v in attn.shares.values()) == pytest.approx(1.0)
+    assert sum(v["effect"] for v in attn.shares.values()) == pytest.approx(1.0)
+    assert attn.shares["current"]["effect"] == pytest.approx(3.0 / 3.6)
+    # mlp: embedding (mass 0.04 < 0.05) has no effect but is not "appreciable"
+    assert mlp.mass_ranking == ["older", "current", "prev_completed", "embedding"]
+    assert mlp.effect_ranking == ["older", "prev_completed", "current", "embedding"]
+    assert mlp.top_mass_is_top_effect
+    assert mlp.appreciable_mass_no_effect == ["current"]
+    assert mlp.spearman == pytest.approx(0.8)  # ranks (1,4,2,3) vs (1,4,3,2): 1 - 6*2/60

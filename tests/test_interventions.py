@@ -68,17 +68,25 @@ def test_mask_only_at_given_positions(tokens):
     assert torch.equal(masked[:, others], clean[:, others])
 
 
-def test_masking_a_source_of_zero_weight_changes_nothing(tokens):
-    model = routed("cumulative")
-    # give the embedding source zero weight at layer 3's MLP router, then mask it there
-    zero_embedding = weights_under(model, tokens, [])["blocks.3.mlp_res.hook_weights"][0, 0].clone()
-    zero_embedding[0] = 0.0
-    zero_embedding /= zero_embedding.sum()
-    base = set_weights(model, zero_embedding, routers="mlp_res", layers=3)
-    before = model.run_with_hooks(tokens, fwd_hooks=base)
-    after = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "embedding", routers="mlp_res",
-                                                                layers=3) + base)
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+def test_masking_a_source_of_zero_weight_changes_nothing(routed_layout, tokens):
+    model = routed(routed_layout)
+    layer, router = 3, "mlp_res"
+    name = f"blocks.{layer}.{router}"
+    # a finite logit 1e4 below the others: exp underflows, the embedding gets weight exactly 0
+    push_down = [(f"{name}.hook_logits", lambda logits, hook: logits - 1e4 * (
+        torch.arange(logits.shape[-1]) == 0))]
+    weights = weights_under(model, tokens, push_down)[f"{name}.hook_weights"]
+    assert (weights[..., 0] == 0).all() and (weights[..., 1:] > 0).all()
+    # (no cache in the compared runs: observing the attention patterns switches attention
+    # from the fused kernel to the explicit one, which moves the logits by ~1e-7)
+    before = model.run_with_hooks(tokens, fwd_hooks=push_down)
+    masked = mask_sources(model, "embedding", routers=router, layers=layer)
+    after = model.run_with_hooks(tokens, fwd_hooks=push_down + masked)
+    assert torch.equal(after, before)
+    # control: the same construction with a source of non-zero weight does change the output
+    changed = model.run_with_hooks(tokens, fwd_hooks=push_down + mask_sources(
+        model, "current", routers=router, layers=layer))
+    assert (changed - before).abs().max() > 1e-3
 
 
 def test_masking_every_source_of_a_router_is_refused(tokens):
@@ -164,3 +172,376 @@ def test_depth_bands():
         depth_bands(8, {"none": []})
     with pytest.raises(ValueError, match="not in"):
         depth_bands(8, {"beyond": [8]})
+
+
+# --- further checks: every layout, every kind of source spec, all routers at once ----------------
+
+def source_specs(model, layer, router) -> dict[str, object]:
+    """One spec of each kind that selects something but not everything at this router."""
+    labels = model.source_labels(layer, router)
+    specs = {"family": "embedding", "index": -1}
+    if len(labels) > 2:
+        specs["label"] = labels[1]  # a committed block: "block_1", "attn_0", ...
+        specs["labels+family"] = [labels[1], "current"]
+    return specs
+
+
+def test_mask_one_router_by_family_label_and_index_every_layout(routed_layout, tokens):
+    model = routed(routed_layout)
+    clean = weights_under(model, tokens, [])
+    kinds = set()
+    for layer, router in model.routers():
+        if model.routing_layout.n_sources(layer, router) < 2:
+            continue
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        for kind, spec in source_specs(model, layer, router).items():
+            routers = router if layer is None else [router]
+            hooks = mask_sources(model, spec, routers=routers, layers=layer if layer is not None else None)
+            assert len(hooks) == 1 and hooks[0][0] == f"{prefix}.hook_logits"
+            w = weights_under(model, tokens, hooks)[f"{prefix}.hook_weights"]
+            labels = model.source_labels(layer, router)
+            # the masked slots, derived from the labels (not from resolve_sources)
+            if kind == "family":
+                masked = [0]
+            elif kind == "index":
+                masked = [len(labels) - 1]
+            elif kind == "label":
+                masked = [labels.index(spec)]
+            else:
+                masked = [labels.index(spec[0]), len(labels) - 1]
+            keep = torch.ones(len(labels), dtype=torch.bool)
+            keep[masked] = False
+            c = clean[f"{prefix}.hook_weights"]
+            expected = c * keep / (c * keep).sum(-1, keepdim=True)
+            assert torch.isfinite(w).all()
+            assert (w[..., ~keep] == 0).all()
+            torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6, rtol=0)
+            torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-5)
+            assert not torch.allclose(w, c, atol=1e-3)  # the mask did something
+            kinds.add(kind)
+    assert kinds == {"family", "index", "label", "labels+family"}
+
+
+@pytest.mark.parametrize("spec", ["embedding", "prev_completed", "block_1", ["older", -1]])
+def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout, tokens, spec):
+    """All routers at once: the upstream routers change the inputs, so compare each router with
+    the softmax of the logits it computed in the same run, recorded before the mask hook."""
+    model = routed(routed_layout, n_layers=6, attnres_num_blocks=3)
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    if routed_layout == "full" and spec == "block_1":
+        spec = "mlp_1"
+    try:
+        masks = mask_sources(model, spec, routers=routers)
+    except ValueError as error:  # e.g. the embedding is the only source of kimi/full layer-0 attention
+        assert "would mask all" in str(error)
+        masks = mask_sources(model, spec, routers=routers, layers=range(1, model.cfg.n_layers))
+    assert masks
+    recorded = {}
+
+    def record(logits, hook):
+        recorded[hook.name] = logits.detach().clone()
+
+    recorders = [(name, record) for name, _ in masks]
+    with model.hooks(fwd_hooks=recorders + masks):
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_weights"))
+    assert torch.isfinite(logits).all()
+    assert len(recorded) == len(masks)
+    for name, _ in masks:
+        prefix = name.rsplit(".", 1)[0]
+        layer = None if prefix == "final_res" else int(prefix.split(".")[1])
+        router = prefix.rsplit(".", 1)[-1]
+        labels = model.source_labels(layer, router)
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        for item in ([spec] if isinstance(spec, str) else spec):
+            if item == -1:
+                keep[-1] = False
+            elif item in labels and item not in ("embedding",):
+                keep[labels.index(item)] = False
+            elif item == "embedding":
+                keep[0] = False
+            elif item == "prev_completed" and len(labels) >= 3:
+                keep[len(labels) - 2] = False
+            elif item == "older":
+                keep[1:len(labels) - 2] = False
+        w = cache[f"{prefix}.hook_weights"]
+        unmasked = recorded[name].softmax(-1)
+        expected = unmasked * keep / (unmasked * keep).sum(-1, keepdim=True)
+        assert torch.isfinite(w).all()
+        assert (w[..., ~keep] == 0).all(), name
+        torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_mask_at_positions_renormalises_there_only(routed_layout, tokens):
+    model = routed(routed_layout)
+    clean = weights_under(model, tokens, [])
+    positions = [0, 4, -1]
+    hooks = mask_sources(model, "current", routers="mlp_res", layers=2, positions=positions)
+    w = weights_under(model, tokens, hooks)["blocks.2.mlp_res.hook_weights"]
+    c = clean["blocks.2.mlp_res.hook_weights"]
+    n_pos = tokens.shape[1]
+    at = [p % n_pos for p in positions]
+    others = [p for p in range(n_pos) if p not in at]
+    keep = torch.ones(c.shape[-1], dtype=torch.bool)
+    keep[-1] = False
+    expected = c[:, at] * keep / (c[:, at] * keep).sum(-1, keepdim=True)
+    assert (w[:, at, -1] == 0).all()
+    torch.testing.assert_close(w[:, at], expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(w[:, others], c[:, others])
+
+
+def test_masking_all_but_one_source_everywhere_is_one_hot_and_finite(routed_layout, tokens):
+    model = routed(routed_layout)
+    layers = range(1, model.cfg.n_layers)  # kimi/full layer-0 attention has only the embedding
+    hooks = mask_sources(model, ["embedding", "older", "prev_completed"], layers=layers)
+    weights = weights_under(model, tokens, hooks)
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert torch.isfinite(logits).all()
+    for layer in layers:
+        for router in ("attn_res", "mlp_res"):
+            w = weights[f"blocks.{layer}.{router}.hook_weights"]
+            expected = torch.zeros_like(w)
+            expected[..., -1] = 1.0
+            assert torch.equal(w, expected)
+
+
+@pytest.mark.parametrize("every", [["embedding", "older", "prev_completed", "current"], [0, -1], ["embedding", "block_1", "current"]])
+def test_masking_every_source_is_refused_for_any_spec(every):
+    model = routed("cumulative")  # layers 2-3 read [embedding, block_1, current]
+    if len(every) == 2:
+        with pytest.raises(ValueError, match="would mask all 2 of its sources"):
+            mask_sources(model, every, layers=0)
+    else:
+        with pytest.raises(ValueError, match="would mask all 3 of its sources") as error:
+            mask_sources(model, every, routers="mlp_res", layers=[2, 3])
+        assert "mlp_res layer 2" in str(error.value)
+
+
+def test_set_weights_uniform_every_layout_and_positions(routed_layout, tokens):
+    model = routed(routed_layout)
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    weights = weights_under(model, tokens, set_weights(model, "uniform", routers=routers))
+    assert len(weights) == len(model.routers())
+    for name, w in weights.items():
+        assert torch.allclose(w, torch.full_like(w, 1 / w.shape[-1]), atol=0, rtol=1e-6), name
+    # only at some positions
+    clean = weights_under(model, tokens, [])
+    name = "blocks.3.attn_res.hook_weights"
+    part = weights_under(model, tokens, set_weights(model, "uniform", routers="attn_res", layers=3,
+                                                    positions=[1, 2]))[name]
+    n = part.shape[-1]
+    assert torch.allclose(part[:, [1, 2]], torch.full_like(part[:, [1, 2]], 1 / n))
+    rest = [p for p in range(tokens.shape[1]) if p not in (1, 2)]
+    assert torch.equal(part[:, rest], clean[name][:, rest])
+
+
+def test_set_weights_from_a_vector_or_a_dict(tokens):
+    model = routed("cumulative")
+    vector = torch.tensor([0.2, 0.3, 0.5])
+    w = weights_under(model, tokens, set_weights(model, vector, routers="mlp_res", layers=3))
+    assert torch.equal(w["blocks.3.mlp_res.hook_weights"], vector.expand(*tokens.shape, 3))
+    per_router = {(2, "attn_res"): torch.tensor([1.0, 0.0, 0.0]), (3, "mlp_res"): vector}
+    # the selection also picks (3, attn_res) and (2, mlp_res), which the dict lacks: refused,
+    # not silently skipped
+    with pytest.raises(KeyError):
+        set_weights(model, per_router, layers=[2, 3])
+    hooks = set_weights(model, per_router, routers="attn_res", layers=2) + set_weights(
+        model, per_router, routers="mlp_res", layers=3)
+    w = weights_under(model, tokens, hooks)
+    assert (w["blocks.2.attn_res.hook_weights"][..., 0] == 1).all()
+    assert torch.equal(w["blocks.3.mlp_res.hook_weights"], vector.expand(*tokens.shape, 3))
+
+
+def test_routing_patching_reproduces_the_other_runs_weights_and_outputs(routed_layout, tokens):
+    model = routed(routed_layout)
+    other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(7))
+    _, clean = model.run_with_cache(tokens)
+    _, donor = model.run_with_cache(other)
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    hooks = set_weights(model, donor, routers=routers)
+    with model.hooks(fwd_hooks=hooks):
+        _, patched = model.run_with_cache(tokens)
+    for layer, router in model.routers():
+        prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
+        assert torch.equal(patched[f"{prefix}.hook_weights"], donor[f"{prefix}.hook_weights"])
+        # the sources are this run's, mixed with the donor's weights (independent computation)
+        mixed = (patched[f"{prefix}.hook_weights"].unsqueeze(-1) * patched[f"{prefix}.hook_sources"]).sum(-2)
+        torch.testing.assert_close(patched[f"{prefix}.hook_out"], mixed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(patched["blocks.3.attn_res.hook_weights"], clean["blocks.3.attn_res.hook_weights"])
+
+
+def test_local_patching_leaves_everything_upstream_and_the_stored_blocks_alone(tokens):
+    model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
+    _, clean = model.run_with_cache(tokens)
+    with model.hooks(fwd_hooks=patch_sources(model, "block_1", "zero", routers="attn_res", layers=4)):
+        _, local = model.run_with_cache(tokens)
+    slot = model.source_labels(4, "attn_res").index("block_1")
+    sources = local["blocks.4.attn_res.hook_sources"]
+    others = [i for i in range(sources.shape[2]) if i != slot]
+    assert (sources[..., slot, :] == 0).all()
+    assert torch.equal(sources[..., others, :], clean["blocks.4.attn_res.hook_sources"][..., others, :])
+    for name, value in clean.items():  # every hook before layer 4's attention router
+        layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        if name == "hook_embed" or (layer is not None and layer < 4) or name in (
+                "blocks.4.hook_resid_pre",):
+            assert torch.equal(local[name], value), name
+    assert not torch.equal(local["blocks.4.attn_res.hook_out"], clean["blocks.4.attn_res.hook_out"])
+    # the MLP router of the same layer and later routers still read the clean block_1
+    for layer, router in [(4, "mlp_res"), (5, "attn_res"), (5, "mlp_res")]:
+        s = model.source_labels(layer, router).index("block_1")
+        name = f"blocks.{layer}.{router}.hook_sources"
+        assert torch.equal(local[name][..., s, :], clean[name][..., s, :]), name
+        assert local[name][..., s, :].abs().sum() > 0
+
+
+def _readers_after(model, label: str) -> tuple[list, list]:
+    """Routers before the commit of ``label`` and routers after it (forward order)."""
+    hook = commit_hook_name(model, label)
+    layer = int(hook.split(".")[1])
+    after_attn = hook.endswith("hook_committed_mid")
+    before, after = [], []
+    for l, r in model.routers():
+        is_after = l is None or l > layer or (l == layer and after_attn and r == "mlp_res")
+        (after if is_after else before).append((l, r))
+    return before, after
+
+
+@pytest.mark.parametrize("layout,label", [("cumulative", "block_1"), ("kimi", "block_1"), ("full", "attn_1"),
+                                          ("full", "mlp_1")])
+def test_global_patching_every_layout(layout, label, tokens):
+    model = routed(layout, n_layers=6, attnres_num_blocks=3)
+    _, clean = model.run_with_cache(tokens)
+    hooks = patch_committed(model, label, "zero")
+    assert [name for name, _ in hooks] == [commit_hook_name(model, label)]
+    with model.hooks(fwd_hooks=hooks):
+        _, glob = model.run_with_cache(tokens)
+    assert (glob[hooks[0][0]] == 0).all()
+    before, after = _readers_after(model, label)
+    for l, r in before:
+        name = f"blocks.{l}.{r}.hook_sources"
+        assert torch.equal(glob[name], clean[name]), name
+    readers = 0
+    for i, (l, r) in enumerate(after):
+        prefix = "final_res" if l is None else f"blocks.{l}.{r}"
+        labels = model.source_labels(l, r)
+        sources = glob[f"{prefix}.hook_sources"]
+        if label in labels:
+            assert (sources[..., labels.index(label), :] == 0).all(), prefix
+            readers += 1
+        elif i == 0:
+            # the first router after the commit: partial-sum layouts read the new block as the
+            # current source; the cumulative layout's current is the un-snapshotted stream
+            if layout == "cumulative":
+                assert torch.equal(sources[..., -1, :], clean[f"{prefix}.hook_sources"][..., -1, :])
+            else:
+                assert (sources[..., -1, :] == 0).all(), prefix
+            readers += 1
+    assert readers >= 3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: mask_sources(m, "block_99"), "unknown source 'block_99'"),
+    (lambda m: mask_sources(m, "attn_0"), "unknown source 'attn_0'"),  # a label of other layouts
+    (lambda m: mask_sources(m, -4, layers=3), "out of range"),
+    (lambda m: mask_sources(m, True), "not a family, label or index"),
+    (lambda m: mask_sources(m, "embedding", layers=-5), "not in"),
+    (lambda m: mask_sources(m, "embedding", layers=(2, 9)), "not in"),
+    (lambda m: mask_sources(m, "embedding", layers="early", bands={"first": [0]}), "unknown depth band 'early'"),
+    (lambda m: patch_sources(m, "embedding", "half"), "value must be"),
+    (lambda m: patch_committed(m, "block_7"), "not a committed source"),
+    (lambda m: set_weights(m, "uniform", routers=["attn_res", "final_res"]), "no final router"),
+])
+def test_more_bad_selections(call, message):
+    model = routed("cumulative")
+    with pytest.raises(ValueError, match=message):
+        hooks = call(model)
+        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=hooks)  # value errors fire late
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: mask_sources(m, "embedding"),
+    lambda m: set_weights(m, "uniform"),
+    lambda m: patch_sources(m, "embedding"),
+    lambda m: resolve_sources(m, 0, "attn_res", "embedding"),
+])
+def test_no_router_interventions_on_a_layout_none_model(call):
+    with pytest.raises(ValueError, match="no routers"):
+        call(tiny_model(attnres_layout="none"))
+
+
+def test_custom_bands_select_layers(tokens):
+    model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
+    bands = {"outer": [0, 5], "inner": (2, 4)}
+    hooks = mask_sources(model, "embedding", routers="attn_res", layers="inner", bands=bands)
+    assert [name for name, _ in hooks] == ["blocks.2.attn_res.hook_logits", "blocks.3.attn_res.hook_logits"]
+    hooks = mask_sources(model, "embedding", routers="mlp_res", layers=["outer", "inner"], bands=bands)
+    assert [int(name.split(".")[1]) for name, _ in hooks] == [0, 2, 3, 5]
+    default = mask_sources(model, "embedding", routers="mlp_res", layers="late")
+    assert [int(name.split(".")[1]) for name, _ in default] == [4, 5]
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4, 5, 7, 28])
+def test_default_bands_partition_the_layers_in_order(n_layers):
+    bands = depth_bands(n_layers)
+    flat = [layer for layers in bands.values() for layer in layers]
+    assert flat == list(range(n_layers))
+    assert list(bands) == [b for b in ("early", "middle", "late") if b in bands]
+    assert all(bands.values())
+    sizes = [len(v) for v in bands.values()]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_patch_sources_values_several_slots_and_positions(tokens):
+    model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
+    other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(11))
+    name = "blocks.5.mlp_res.hook_sources"
+    # the same names_filter in every run: caching attention patterns would switch attention to
+    # its explicit (unfused) kernel, which moves activations by ~1e-7
+    _, clean = model.run_with_cache(tokens, names_filter=name)
+    _, donor = model.run_with_cache(other, names_filter=name)
+    labels = model.source_labels(5, "mlp_res")  # embedding, block_1, block_2, current
+    slots = [labels.index("embedding"), labels.index("block_2")]
+    rest = [i for i in range(len(labels)) if i not in slots]
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    c = clean[name]
+    expected = {
+        "zero": torch.zeros_like(c[..., slots, :]),
+        "mean": c[..., slots, :].mean(0, keepdim=True).expand_as(c[..., slots, :]),
+        "donor": donor[name][..., slots, :],
+        "tensor": vector.expand_as(c[..., slots, :]),
+    }
+    values = {"zero": "zero", "mean": "mean", "donor": donor, "tensor": vector}
+    for key, value in values.items():
+        hooks = patch_sources(model, ["embedding", "block_2"], value, routers="mlp_res", layers=5)
+        with model.hooks(fwd_hooks=hooks):
+            _, patched = model.run_with_cache(tokens, names_filter=name)
+        got = patched[name]
+        torch.testing.assert_close(got[..., slots, :], expected[key], atol=1e-6, rtol=0)
+        assert torch.equal(got[..., rest, :], c[..., rest, :]), key
+    # positions: only there
+    hooks = patch_sources(model, ["embedding", "block_2"], "zero", routers="mlp_res", layers=5, positions=[3])
+    with model.hooks(fwd_hooks=hooks):
+        _, patched = model.run_with_cache(tokens, names_filter=name)
+    assert (patched[name][:, 3][..., slots, :] == 0).all()
+    others = [p for p in range(tokens.shape[1]) if p != 3]
+    assert torch.equal(patched[name][:, others], c[:, others])
+    assert torch.equal(patched[name][:, 3][..., rest, :], c[:, 3][..., rest, :])
+
+
+def test_patch_committed_values_and_positions(tokens):
+    model = routed("kimi", n_layers=6, attnres_num_blocks=3)
+    other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(12))
+    hook = commit_hook_name(model, "block_1")
+    _, donor = model.run_with_cache(other, names_filter=hook)
+    names = [hook, "blocks.5.attn_res.hook_sources"]
+    slot = model.source_labels(5, "attn_res").index("block_1")
+    for value, expected in (("mean", None), (donor, donor[hook])):
+        with model.hooks(fwd_hooks=patch_committed(model, "block_1", value, positions=[0, 2])):
+            _, patched = model.run_with_cache(tokens, names_filter=names)
+        _, clean = model.run_with_cache(tokens, names_filter=names)
+        if expected is None:
+            expected = clean[hook].mean(0, keepdim=True).expand_as(clean[hook])
+        block = patched[hook]
+        torch.testing.assert_close(block[:, [0, 2]], expected[:, [0, 2]], atol=1e-6, rtol=0)
+        assert torch.equal(block[:, [1, 3, 4]], clean[hook][:, [1, 3, 4]])
+        # a later reader sees the patched block
+        assert torch.equal(patched["blocks.5.attn_res.hook_sources"][..., slot, :], block)

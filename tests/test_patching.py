@@ -1,0 +1,190 @@
+"""Activation patching of depth routing: shapes, NaN cells, self-patching, and cells checked
+against full forward passes with the same patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randomize_routing, tiny_model
+from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+from hooked_attnres.patching import (
+    get_act_patch_committed_blocks_by_pos,
+    get_act_patch_routing_weights,
+    get_act_patch_routing_weights_by_pos,
+)
+from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+TASK = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6)
+N_LAYERS = 4
+
+
+def build(layout: str):
+    tokenizer = task_tokenizer(TASK)
+    cfg = HookedAttnResConfig(d_model=32, n_layers=N_LAYERS, n_heads=4, n_key_value_heads=2, d_mlp=48,
+                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout=layout,
+                              attnres_num_blocks=2, attnres_recency_bias=0.5, seed=0)
+    model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=1).eval()
+    batch = TASK.sample(6, seed=5, split="test", vocab=tokenizer.get_vocab())
+    return model, batch
+
+
+@pytest.fixture(scope="module", params=["cumulative", "kimi", "full"])
+def setup(request):
+    model, batch = build(request.param)
+    _, clean_cache = model.run_with_cache(batch.tokens)
+    return model, batch, clean_cache
+
+
+def routers_of(model) -> tuple[str, ...]:
+    return ("attn_res", "mlp_res") + (("final_res",) if model.cfg.has_final_router else ())
+
+
+def mean_logit_diff(batch):
+    def metric(logits):
+        return batch.logit_diff(logits).mean()
+    return metric
+
+
+def commit_layers(model) -> list[int]:
+    return [l for l in range(model.cfg.n_layers) if f"blocks.{l}.hook_committed_block" in model.hook_dict]
+
+
+def test_shapes_and_nan_cells(setup):
+    model, batch, clean_cache = setup
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+    n_pos = corrupted.shape[1]
+    by_layer = get_act_patch_routing_weights(model, corrupted, clean_cache, metric)
+    assert by_layer.shape == (2, N_LAYERS) and not torch.isnan(by_layer).any()
+    by_pos = get_act_patch_routing_weights_by_pos(model, corrupted, clean_cache, metric)
+    assert by_pos.shape == (2, N_LAYERS, n_pos) and not torch.isnan(by_pos).any()
+    blocks = get_act_patch_committed_blocks_by_pos(model, corrupted, clean_cache, metric)
+    assert blocks.shape == (N_LAYERS, n_pos)
+    commits = commit_layers(model)
+    assert 0 < len(commits) <= N_LAYERS
+    for layer in range(N_LAYERS):
+        assert bool(torch.isnan(blocks[layer]).all()) == (layer not in commits)
+        assert not torch.isnan(blocks[layer]).any() or layer not in commits
+    if model.cfg.has_final_router:
+        with_final = get_act_patch_routing_weights(model, corrupted, clean_cache, metric,
+                                                   routers=routers_of(model))
+        assert with_final.shape == (3, N_LAYERS)
+        assert torch.equal(with_final[:2], by_layer)
+        assert not torch.isnan(with_final[2, 0]) and torch.isnan(with_final[2, 1:]).all()
+
+
+def test_self_patching_changes_nothing(setup):
+    model, batch, _ = setup
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+    _, own_cache = model.run_with_cache(corrupted)
+    with torch.no_grad():
+        unpatched = metric(model(corrupted)).item()
+    routers = routers_of(model)
+    results = [get_act_patch_routing_weights(model, corrupted, own_cache, metric, routers=routers),
+               get_act_patch_routing_weights_by_pos(model, corrupted, own_cache, metric, routers=routers),
+               get_act_patch_committed_blocks_by_pos(model, corrupted, own_cache, metric)]
+    for result in results:
+        filled = result[~torch.isnan(result)]
+        assert filled.numel() > 0
+        assert (filled - unpatched).abs().max().item() <= 1e-5
+
+
+def _full_forward(model, tokens, name, hook):
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
+
+
+def test_cells_equal_a_full_forward_with_the_same_patch(setup):
+    model, batch, clean_cache = setup
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+    n_pos = corrupted.shape[1]
+    routers = routers_of(model)
+    with torch.no_grad():
+        unpatched = metric(model(corrupted)).item()
+
+    by_layer = get_act_patch_routing_weights(model, corrupted, clean_cache, metric, routers=routers)
+    for row, layer in [(0, 0), (1, 2), (0, 3)]:
+        name = f"blocks.{layer}.{routers[row]}.hook_weights"
+        logits = _full_forward(model, corrupted, name, lambda w, hook, name=name: clean_cache[name].clone())
+        assert by_layer[row, layer].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+    if "final_res" in routers:
+        logits = _full_forward(model, corrupted, "final_res.hook_weights",
+                               lambda w, hook: clean_cache["final_res.hook_weights"].clone())
+        assert by_layer[2, 0].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+    # clean routing differs from corrupted routing, so some cell must move the metric
+    assert (by_layer[~torch.isnan(by_layer)] - unpatched).abs().max() > 1e-4
+
+    # A clean/corrupted pair differs only in the last token, so the routing at earlier
+    # positions is the same in both runs; a donor of unrelated prompts differs everywhere.
+    other = TASK.sample(len(batch), seed=9, split="test", vocab=model.tokenizer.get_vocab()).tokens
+    _, donor = model.run_with_cache(other)
+    assert not torch.equal(donor["blocks.1.attn_res.hook_weights"][:, 1],  # position 0 is <bos>
+                           clean_cache["blocks.1.attn_res.hook_weights"][:, 1])
+    clean_cache = donor
+    by_pos = get_act_patch_routing_weights_by_pos(model, corrupted, clean_cache, metric)
+    assert (by_pos[:, :, :-1] - unpatched).abs().max() > 1e-4  # earlier positions act via attention
+    for row, layer, pos in [(0, 1, n_pos - 1), (1, 2, 0), (1, 3, n_pos - 1), (0, 2, 3), (1, 1, 5)]:
+        name = f"blocks.{layer}.{('attn_res', 'mlp_res')[row]}.hook_weights"
+
+        def patch(w, hook, name=name, pos=pos):
+            w = w.clone()
+            w[:, pos] = clean_cache[name][:, pos]
+            return w
+
+        logits = _full_forward(model, corrupted, name, patch)
+        assert by_pos[row, layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+    assert by_pos[:, :, -1].sub(unpatched).abs().max() > 1e-4
+
+    blocks = get_act_patch_committed_blocks_by_pos(model, corrupted, clean_cache, metric)
+    layer = commit_layers(model)[0]
+    name = f"blocks.{layer}.hook_committed_block"
+    for pos in (0, 4, n_pos - 1):
+        def patch_block(b, hook, pos=pos):
+            b = b.clone()
+            b[:, pos] = clean_cache[name][:, pos]
+            return b
+
+        logits = _full_forward(model, corrupted, name, patch_block)
+        assert blocks[layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+    assert (blocks[~torch.isnan(blocks)] - unpatched).abs().max() > 1e-4
+
+
+def test_a_metric_is_called_on_logits_of_the_patched_run(setup):
+    model, batch, clean_cache = setup
+    seen = []
+
+    def metric(logits):
+        seen.append(tuple(logits.shape))
+        return logits[:, -1].sum()
+
+    get_act_patch_routing_weights(model, batch.corrupted_tokens, clean_cache, metric)
+    assert seen == [(len(batch), batch.tokens.shape[1], model.cfg.d_vocab)] * (2 * N_LAYERS)
+
+
+def test_bad_calls_are_refused():
+    model, batch = build("cumulative")
+    tokens, metric = batch.tokens, mean_logit_diff(batch)
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="batch"):
+        get_act_patch_routing_weights(model, tokens[:5], cache, metric)
+    with pytest.raises(ValueError, match="batch"):
+        get_act_patch_committed_blocks_by_pos(model, tokens[:5], cache, metric)
+    with pytest.raises(ValueError, match="unknown router"):
+        get_act_patch_routing_weights(model, tokens, cache, metric, routers=("bogus_res",))
+    with pytest.raises(ValueError, match="no final router"):
+        get_act_patch_routing_weights_by_pos(model, tokens, cache, metric, routers=("final_res",))
+    with pytest.raises(ValueError, match="scalar"):
+        get_act_patch_routing_weights(model, tokens, cache, lambda logits: batch.logit_diff(logits))
+    model.train()
+    try:
+        for fn in (get_act_patch_routing_weights, get_act_patch_routing_weights_by_pos,
+                   get_act_patch_committed_blocks_by_pos):
+            with pytest.raises(ValueError, match="eval mode"):
+                fn(model, tokens, cache, metric)
+    finally:
+        model.eval()
+    none = tiny_model(attnres_layout="none").eval()
+    toks = torch.randint(0, 50, (2, 5))
+    _, none_cache = none.run_with_cache(toks)
+    with pytest.raises(ValueError, match="no routers"):
+        get_act_patch_routing_weights(none, toks, none_cache, lambda logits: logits.sum())
