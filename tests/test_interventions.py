@@ -113,10 +113,13 @@ def test_set_weights_uniform_and_patching_another_runs_weights(tokens):
 
 def test_patching_a_runs_own_weights_and_sources_is_a_no_op(routed_layout, tokens):
     model = routed(routed_layout)
-    clean, cache = model.run_with_cache(tokens)
+    # without attention patterns in the cache, the cached run and the patched runs use the
+    # same attention kernel, so "no-op" can mean bit for bit
+    clean, cache = model.run_with_cache(tokens, names_filter=lambda name: not name.endswith(
+        ("hook_pattern", "hook_attn_scores")))
     for hooks in (set_weights(model, cache), patch_sources(model, ["embedding", "older", "current"], cache),
                   patch_committed(model, ["embedding"], cache)):
-        torch.testing.assert_close(model.run_with_hooks(tokens, fwd_hooks=hooks), clean, atol=1e-6, rtol=0)
+        assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=hooks), clean)
 
 
 def test_local_patching_touches_one_router_and_global_patching_every_reader(tokens):

@@ -49,4 +49,7 @@ def test_layout_matches_reference(layout, mode, n_layers, num_blocks, bias):
     for prefix, ref in expected_weights.items():
         got = cache[f"{prefix}.hook_weights"]  # [batch, pos, n_sources]
         assert got.shape == ref.permute(1, 2, 0).shape
-        assert (got - ref.permute(1, 2, 0)).abs().max().item() <= 1e-5, prefix
+        # float32 rounding in both implementations, amplified by sharp routing (scale 2.0)
+        # over up to 7 layers, reaches ~1.3e-5 (kimi, 7 layers); a wrong source, order or
+        # schedule moves weights by 1e-2 or more
+        assert (got - ref.permute(1, 2, 0)).abs().max().item() <= 5e-5, prefix

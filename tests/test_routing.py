@@ -276,3 +276,19 @@ def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens):
     assert routers and sum(bool(plain[n].abs().max() > 0) for n in routers if n.endswith("query")) >= 2
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(routed_layout, tokens, mode):
+    """Three ways through a router: the autograd Function (grad mode), the same math
+    without it (no grad needed), and the hooked path (a hook watches). Same bits."""
+    model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
+    watch = [(lambda name: name.endswith(("hook_logits", "hook_weights")), lambda x, hook: None)]
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():
+        plain = model(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=watch)
+    with torch.enable_grad():
+        reference = model(tokens)
+    assert plain.requires_grad == (mode == "grad")
+    assert torch.equal(plain, hooked) and torch.equal(plain, reference.detach())

@@ -8,7 +8,9 @@ For stacked sources ``V = [s_0, ..., s_k]`` (each ``[batch, pos, d_model]``)::
     out    = sum_i weight_i * V_i              # the routed sublayer input
 
 Computed as ``logit_i = (V_i . (key_norm.w * query)) / rms(V_i)``, which is the same
-number without materialising the keys (a third fewer passes over the sources).
+number without materialising the keys, and source by source: the unobserved path never
+stacks the sources (``hook_sources`` is a stacked copy, made only while it is watched).
+Both paths run the same per-source operations, so their outputs agree bit for bit.
 
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
@@ -16,7 +18,7 @@ keys see normalised sources, the values are the raw sources.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,65 +71,106 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         if sources[0].dtype == stat_dtype(sources[0].dtype) and not self._observed():
-            # nothing watches the intermediate tensors: one fused forward and backward
+            # nothing watches the intermediate tensors: the fused path
             effective_query = self.key_norm.w * self.query
-            return _FusedRouting.apply(torch.stack(sources, dim=-2), effective_query,
-                                       self.recency_bias, self.key_norm.eps)
+            bias, eps = self.recency_bias, self.key_norm.eps
+            if torch.is_grad_enabled() and (effective_query.requires_grad or any(
+                    source.requires_grad for source in sources)):
+                return _FusedRouting.apply(effective_query, bias, eps, *sources)
+            return _route(sources, effective_query, bias, eps)[0]
         values = self.hook_sources(torch.stack(sources, dim=-2))
         scale = self.key_norm(values)  # float32 (float64 in a float64 model)
-        values_hp = values.to(scale.dtype)  # no copy unless the model runs in bf16 / fp16
+        parts = values.to(scale.dtype).unbind(dim=-2)  # no copy unless the model runs in bf16 / fp16
         effective_query = self.key_norm.w.to(scale.dtype) * self.query.to(scale.dtype)
-        logits = (values_hp @ effective_query) / scale.squeeze(-1)
-        if self.recency_bias is not None:
-            n_sources = logits.shape[-1]
-            bias = self.recency_bias.to(logits.dtype).reshape(1)
-            logits = logits + F.pad(bias, (n_sources - 1, 0))
-        logits = self.hook_logits(logits)
-        weights = self.hook_weights(logits.softmax(dim=-1))
-        # a broadcast multiply-and-sum: batched [1 x n] @ [n x d] matmuls have a slow backward
-        routed = (weights.unsqueeze(-1) * values_hp).sum(dim=-2)
-        return self.hook_out(routed.to(values.dtype))
+        dots = source_dots(parts, effective_query)
+        logits = source_logits(dots, scale.squeeze(-1).movedim(-1, 0), self.recency_bias)
+        logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
+        weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
+        return self.hook_out(weighted_sum(parts, weights).to(values.dtype))
+
+
+# The routing math, shared by the hooked and the fused path so that both give the same
+# bits. Per-source quantities are laid out source-major, ``[n_sources, batch, pos]``:
+# a softmax over a short leading axis is several times faster than over a short last one.
+
+def source_dots(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], query: Float[Tensor, "d_model"]
+) -> Float[Tensor, "n_sources batch pos"]:
+    """``V_i . query`` for every source (one matrix-vector product per source)."""
+    return torch.stack([source @ query for source in sources])
+
+
+def source_logits(
+    dots: Float[Tensor, "n_sources batch pos"],
+    scale: Float[Tensor, "n_sources batch pos"],
+    bias: Optional[Float[Tensor, ""]],
+) -> Float[Tensor, "n_sources batch pos"]:
+    """``dots_i / scale_i``, plus ``bias`` on the last source."""
+    logits = dots / scale
+    if bias is not None:
+        logits = logits + F.pad(bias.to(logits.dtype).reshape(1), (dots.shape[0] - 1, 0))[:, None, None]
+    return logits
+
+
+def weighted_sum(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], weights: Float[Tensor, "n_sources batch pos"]
+) -> Float[Tensor, "batch pos d_model"]:
+    """``sum_i weights_i * V_i``, accumulated in source order (one pass per source)."""
+    out = sources[0] * weights[0].unsqueeze(-1)
+    for index in range(1, len(sources)):
+        out.addcmul_(sources[index], weights[index].unsqueeze(-1))
+    return out
+
+
+def _route(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    query: Float[Tensor, "d_model"],
+    bias: Optional[Float[Tensor, ""]],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, scale, dots, weights)`` of an unobserved router (the last three
+    ``[n_sources, batch, pos]``)."""
+    scale = torch.stack([rms_scale(source, eps).squeeze(-1) for source in sources])
+    dots = source_dots(sources, query)
+    weights = source_logits(dots, scale, bias).softmax(dim=0)
+    return weighted_sum(sources, weights), scale, dots, weights
 
 
 class _FusedRouting(torch.autograd.Function):
     """The router of an unobserved float32/float64 `DepthRouter` with a hand-written
-    backward: the same numbers as the hooked path (up to rounding), a fraction of the
-    autograd graph (training runs about twice as fast through the routers).
+    backward: the same numbers as the hooked path, a fraction of the autograd graph and
+    no stacked copy of the sources.
 
-    Forward, with ``r = 1 / sqrt(mean(V**2) + eps)`` per source::
+    Forward, with ``r_i = 1 / sqrt(mean(V_i**2) + eps)`` per source::
 
-        logits = (V . q) * r  (+ bias on the last source);  w = softmax(logits)
+        logits = (V_i . q) * r_i  (+ bias on the last source);  w = softmax(logits)
         out    = sum_i w_i V_i
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, query: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
-        # the same operations as the hooked path, so that the two agree bit for bit
-        scale = rms_scale(values, eps).squeeze(-1)  # [batch, pos, n_sources]
-        dots = values @ query
-        logits = dots / scale
-        if bias is not None:
-            logits = logits + F.pad(bias.reshape(1), (logits.shape[-1] - 1, 0))
-        weights = logits.softmax(dim=-1)
-        out = (weights.unsqueeze(-1) * values).sum(dim=-2)
-        ctx.save_for_backward(values, query, scale, dots, weights)
+    def forward(ctx, query: Tensor, bias: Optional[Tensor], eps: float, *sources: Tensor) -> Tensor:
+        out, scale, dots, weights = _route(sources, query, bias, eps)
+        ctx.save_for_backward(query, scale, dots, weights, *sources)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        values, query, scale, dots, weights = ctx.saved_tensors
-        d_model = values.shape[-1]
+        query, scale, dots, weights, *sources = ctx.saved_tensors  # [n_sources, batch, pos]
+        d_model = query.shape[-1]
         inv_rms = scale.reciprocal()
-        grad_weights = (values * grad_out.unsqueeze(-2)).sum(dim=-1)  # [batch, pos, n_sources]
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+        grad_weights = torch.stack([(source * grad_out).sum(dim=-1) for source in sources])
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
         grad_dots = grad_logits * inv_rms
         # d inv_rms / d V = -inv_rms**3 * V / d_model
         coef = -grad_logits * dots * inv_rms.pow(3) / d_model
-        grad_values = values * coef.unsqueeze(-1)
-        grad_values.addcmul_(weights.unsqueeze(-1), grad_out.unsqueeze(-2))
-        grad_values.addcmul_(grad_dots.unsqueeze(-1), query)
-        # not a [1, N] @ [N, d] matmul: BLAS splits that reduction differently from run to run
-        grad_query = (grad_dots.unsqueeze(-1) * values).flatten(0, -2).sum(0)
-        grad_bias = grad_logits[..., -1].sum() if ctx.has_bias else None
-        return grad_values, grad_query.reshape(-1), grad_bias, None
+        grad_sources, grad_query = [], torch.zeros_like(query)
+        for index, source in enumerate(sources):
+            grad = source * coef[index].unsqueeze(-1)
+            grad.addcmul_(weights[index].unsqueeze(-1), grad_out)
+            grad.addcmul_(grad_dots[index].unsqueeze(-1), query)
+            grad_sources.append(grad)
+            # not a [1, N] @ [N, d] matmul: BLAS splits that reduction differently from run to run
+            grad_query += (grad_dots[index].unsqueeze(-1) * source).flatten(0, -2).sum(0)
+        grad_bias = grad_logits[-1].sum() if ctx.has_bias else None
+        return (grad_query, grad_bias, None, *grad_sources)
