@@ -13,11 +13,12 @@ faster and agrees to float rounding (about 1e-7 in float32).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
@@ -107,37 +108,63 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         cos: Float[Tensor, "pos d_head"],
         sin: Float[Tensor, "pos d_head"],
-    ) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(_project(x, self.W_Q))
+        query_positions: Optional[Int[Tensor, "batch"]] = None,
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """Attend from every position (``query_pos = pos``), or, with ``query_positions``,
+        only from one position per prompt (``query_pos = 1``; the keys and values still
+        cover every position up to it). The hooks on queries, scores, pattern and ``z``
+        then see one query position."""
+        if query_positions is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            query_positions = query_positions.to(x.device)
+            x_query = x[rows, query_positions].unsqueeze(1)
+            cos_query, sin_query = cos[query_positions].unsqueeze(1), sin[query_positions].unsqueeze(1)
+        else:
+            x_query, cos_query, sin_query = x, cos, sin
+        q = self.hook_q(_project(x_query, self.W_Q))
         k = self.hook_k(_project(x, self._W_K))
         v = self.hook_v(_project(x, self._W_V))
-        q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos, sin))
+        q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos_query, sin_query))
         k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin))
 
+        future = self._future_mask(k.shape[1], query_positions, x.device)
         if is_observed(self.hook_attn_scores) or is_observed(self.hook_pattern):
-            z = self._explicit_attention(q, k, v)
+            z = self._explicit_attention(q, k, v, future)
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                is_causal=True, enable_gqa=self.repeat_kv_heads > 1,
+                attn_mask=None if future is None else ~future,
+                is_causal=query_positions is None, enable_gqa=self.repeat_kv_heads > 1,
             ).transpose(1, 2)
         z = self.hook_z(z)
         return z.flatten(-2) @ self.W_O.flatten(0, 1)
 
+    @staticmethod
+    def _future_mask(
+        n_pos: int, query_positions: Optional[Int[Tensor, "batch"]], device
+    ) -> Optional[Bool[Tensor, "batch 1 1 key_pos"]]:
+        """Keys after each prompt's query position (``None`` if there are none, or if every
+        position queries: then the ordinary causal mask applies)."""
+        if query_positions is None or bool((query_positions == n_pos - 1).all()):
+            return None
+        return (torch.arange(n_pos, device=device) > query_positions[:, None])[:, None, None, :]
+
     def _explicit_attention(
         self,
-        q: Float[Tensor, "batch pos head d_head"],
+        q: Float[Tensor, "batch query_pos head d_head"],
         k: Float[Tensor, "batch pos kv_head d_head"],
         v: Float[Tensor, "batch pos kv_head d_head"],
-    ) -> Float[Tensor, "batch pos head d_head"]:
+        future: Optional[Bool[Tensor, "batch 1 1 key_pos"]],
+    ) -> Float[Tensor, "batch query_pos head d_head"]:
         """Scores and pattern as tensors, so that their hooks can read and edit them."""
         k = k.repeat_interleave(self.repeat_kv_heads, dim=2)
         v = v.repeat_interleave(self.repeat_kv_heads, dim=2)
         scores = einops.einsum(
             q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos"
         ) / math.sqrt(self.d_head)
-        n_pos = q.shape[1]
-        future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=q.device).triu(1)
+        if future is None:
+            n_query, n_key = q.shape[1], k.shape[1]
+            future = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).triu(1 + n_key - n_query)
         scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=stat_dtype(q.dtype)).to(q.dtype))
         return einops.einsum(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Optional
 
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import Attention
-from hooked_attnres.model.depth import DepthState, RoutingLayout
+from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
 from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.routing import DepthRouter
@@ -76,19 +77,41 @@ class AttnResBlock(nn.Module):
             state = self.layout.commit(state, commit_hook(value))
         return state
 
+    def attn_sublayer(
+        self,
+        state: DepthState,
+        cos: Float[Tensor, "pos d_head"],
+        sin: Float[Tensor, "pos d_head"],
+        query_positions: Optional[Int[Tensor, "batch"]] = None,
+    ) -> DepthState:
+        """The attention half: the state entering ``mlp_res`` (the input is not mutated).
+
+        With ``query_positions`` (one per prompt) the attention runs only from there and
+        the returned state is gathered to that position (``pos = 1``); everything after
+        it is position-wise, so the rest of the model can run on that one position.
+        """
+        state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
+        attn_in = self.ln1(self._route("attn_res", state))
+        attn_out = self.hook_attn_out(self.attn(attn_in, cos, sin, query_positions))
+        if query_positions is not None:
+            state = gather_positions(state, query_positions)
+        return self._after_sublayer(
+            state, attn_out, self.hook_resid_mid, getattr(self, "hook_committed_mid", None)
+        )
+
+    def mlp_sublayer(self, state: DepthState) -> DepthState:
+        """The MLP half: the state leaving the layer (the input is not mutated)."""
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self._route("mlp_res", state))))
+        return self._after_sublayer(
+            state, mlp_out, self.hook_resid_post, getattr(self, "hook_committed_block", None)
+        )
+
     def forward(
         self,
         state: DepthState,
         cos: Float[Tensor, "pos d_head"],
         sin: Float[Tensor, "pos d_head"],
+        query_positions: Optional[Int[Tensor, "batch"]] = None,
     ) -> DepthState:
         """Run the layer on a depth state and return the next one (the input is not mutated)."""
-        state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
-        attn_out = self.hook_attn_out(self.attn(self.ln1(self._route("attn_res", state)), cos, sin))
-        state = self._after_sublayer(
-            state, attn_out, self.hook_resid_mid, getattr(self, "hook_committed_mid", None)
-        )
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self._route("mlp_res", state))))
-        return self._after_sublayer(
-            state, mlp_out, self.hook_resid_post, getattr(self, "hook_committed_block", None)
-        )
+        return self.mlp_sublayer(self.attn_sublayer(state, cos, sin, query_positions))

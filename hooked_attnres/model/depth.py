@@ -30,6 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Optional, TypeVar
 
+import torch
+from torch import Tensor
+
 from hooked_attnres.config import HookedAttnResConfig
 
 Router = Literal["attn_res", "mlp_res", "final_res"]
@@ -172,10 +175,10 @@ class RoutingLayout:
     def _walk(self) -> dict:
         """Run the schedule once with string payloads (memoised).
 
-        Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {layer:
+        Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {sublayer:
         (n_blocks, current_is_committed)}, "commits": {(layer, sublayer): label}}`` where
-        a signature describes the state entering ``layer`` (``layer == n_layers`` is the
-        state after the last layer).
+        a signature describes the state entering sublayer ``2 * layer`` (attention) or
+        ``2 * layer + 1`` (MLP); ``2 * n_layers`` is the state after the last layer.
         """
         if self._walk_cache:
             return self._walk_cache
@@ -195,8 +198,8 @@ class RoutingLayout:
 
         state = self.initial_state("embedding")
         for layer in range(self.n_layers):
-            signatures[layer] = (len(state.blocks), state.current_is_committed)
-            for sublayer, router in (("attn", "attn_res"), ("mlp", "mlp_res")):
+            for index, (sublayer, router) in enumerate((("attn", "attn_res"), ("mlp", "mlp_res"))):
+                signatures[2 * layer + index] = (len(state.blocks), state.current_is_committed)
                 labels[(layer, router)] = read(state)
                 state = self.write(state, f"{sublayer}_{layer}", keep)
                 commits_here = (
@@ -212,7 +215,7 @@ class RoutingLayout:
                         name = f"block_{block_index}"
                     commits[(layer, sublayer)] = name
                     state = self.commit(state, name)
-        signatures[self.n_layers] = (len(state.blocks), state.current_is_committed)
+        signatures[2 * self.n_layers] = (len(state.blocks), state.current_is_committed)
         if self.has_final_router:
             labels[(None, "final_res")] = read(state)
         self._walk_cache.update(labels=labels, signatures=signatures, commits=commits)
@@ -223,10 +226,11 @@ class RoutingLayout:
         ``layer``, or ``None`` if nothing is committed there."""
         return self._walk()["commits"].get((layer, sublayer))
 
-    def state_signature(self, layer: int) -> tuple[int, bool]:
+    def state_signature(self, layer: int, sublayer: str = "attn") -> tuple[int, bool]:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``
-        (``0 <= layer <= n_layers``)."""
-        return self._walk()["signatures"][layer]
+        (``0 <= layer <= n_layers``), or with ``sublayer="mlp"`` the state entering its
+        MLP sublayer."""
+        return self._walk()["signatures"][2 * layer + (sublayer == "mlp")]
 
     def source_labels(self, layer: Optional[int], router: str) -> list[str]:
         """Names of the sources a router reads, in order (``hook_sources`` axis 2).
@@ -270,6 +274,19 @@ class RoutingLayout:
         if self.has_final_router:
             out.append((None, "final_res"))
         return out
+
+
+def gather_positions(state: DepthState, positions: Tensor) -> DepthState:
+    """The state at one position per prompt: every source ``[batch, pos, d_model]`` becomes
+    ``[batch, 1, d_model]`` (``positions`` is ``[batch]``)."""
+    rows = torch.arange(state.current.shape[0], device=state.current.device)
+    positions = positions.to(state.current.device)
+
+    def gather(source: Tensor) -> Tensor:
+        return source[rows, positions].unsqueeze(1)
+
+    return DepthState([gather(block) for block in state.blocks], gather(state.current),
+                      state.current_is_committed)
 
 
 def router_hook_prefix(layer: Optional[int], router: str) -> str:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.block import AttnResBlock
-from hooked_attnres.model.depth import DepthState, RoutingLayout, router_hook_prefix
+from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions, router_hook_prefix
 from hooked_attnres.model.hooked_root import HookedModule
 from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.rotary import rotary_tables
@@ -239,21 +239,39 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         return tokens.to(self.embed.W_E.device, torch.long)
 
-    def _validate_state(self, state, layer: int) -> DepthState:
+    def _validate_state(self, state, layer: int, sublayer: str = "attn") -> DepthState:
+        where = f"start_at_layer={layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
         if not isinstance(state, DepthState):
             raise TypeError(
-                f"start_at_layer={layer} needs a DepthState as input (e.g. from "
-                f"model(tokens, stop_at_layer={layer})), got {type(state).__name__}"
+                f"{where} needs a DepthState as input (e.g. from "
+                f"model.depth_states(tokens)), got {type(state).__name__}"
             )
-        n_blocks, committed = self.routing_layout.state_signature(layer)
+        n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
         if len(state.blocks) != n_blocks or state.current_is_committed != committed:
+            entering = f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
             raise ValueError(
                 f"this DepthState ({len(state.blocks)} blocks, current_is_committed="
-                f"{state.current_is_committed}) cannot enter layer {layer}; the "
+                f"{state.current_is_committed}) cannot enter {entering}; the "
                 f"{self.cfg.attnres_layout!r} layout expects {n_blocks} blocks and "
                 f"current_is_committed={committed}"
             )
         return state
+
+    def _validate_logit_positions(
+        self, positions, state: DepthState
+    ) -> Int[Tensor, "batch"]:
+        batch, n_pos = state.current.shape[:2]
+        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.dtype == torch.bool:
+            raise TypeError(f"logit_positions must be an integer tensor [batch], got {positions!r}")
+        if tuple(positions.shape) != (batch,):
+            raise ValueError(
+                f"logit_positions must be [batch] = [{batch}] (one position per prompt), got "
+                f"shape {tuple(positions.shape)}"
+            )
+        if int(positions.min()) < 0 or int(positions.max()) >= n_pos:
+            raise ValueError(f"logit_positions must be in [0, {n_pos}), got values in "
+                             f"[{int(positions.min())}, {int(positions.max())}]")
+        return positions.to(state.current.device, torch.long)
 
     def _layer_range(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> range:
         """Layers ``[start, stop)`` to run; negative values count from the end (as in TL)."""
@@ -290,6 +308,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         stop_at_layer: Optional[int] = None,
         tokens: Optional[Int[Tensor, "batch pos"]] = None,
         attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+        logit_positions: Optional[Int[Tensor, "batch"]] = None,
     ):
         """Run the model.
 
@@ -308,6 +327,14 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             tokens: the token ids, needed for a loss when ``input`` is a state.
             attention_mask: ``[batch, pos]``, 0 at right-padding positions (excluded from
                 the loss); computed automatically for string inputs.
+            logit_positions: ``[batch]``, one position per prompt: return the logits
+                there only, ``[batch, 1, d_vocab]`` (not a TransformerLens argument). The
+                last layer's attention queries, its MLP sublayer, the final router and
+                the unembedding then run at that position only; the earlier layers run
+                everywhere (the last layer's keys and values need them). Equal to
+                ``logits[arange(batch), logit_positions, None]`` up to float rounding, and
+                faster when a metric reads one position. Hooks after the last attention
+                see ``pos = 1``.
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
@@ -324,15 +351,16 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
-        n_pos = state.current.shape[1]
-        cos, sin = rotary_tables(n_pos, self.cfg.d_head, self.cfg.rotary_base, state.current.device)
-        for layer in layers:
-            state = self.blocks[layer](state, cos, sin)
+        if logit_positions is not None:
+            if stop_at_layer is not None or return_type not in ("logits", None):
+                raise ValueError("logit_positions returns logits at one position per prompt; it "
+                                 "cannot be combined with stop_at_layer or a loss")
+            logit_positions = self._validate_logit_positions(logit_positions, state)
+        state = self._run_sublayers(state, range(2 * layers.start, 2 * layers.stop), logit_positions)
         if stop_at_layer is not None:
             return state
 
-        final = self.final_res(state.sources) if self.cfg.has_final_router else state.current
-        logits = self.ln_final(final) @ self.W_U
+        logits = self._unembed(state)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -342,21 +370,84 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
 
-    def depth_states(self, tokens: Int[Tensor, "batch pos"]) -> list[DepthState]:
+    def _run_sublayers(
+        self, state: DepthState, sublayers: range, logit_positions: Optional[Int[Tensor, "batch"]] = None
+    ) -> DepthState:
+        """Run sublayers ``2 * layer`` (attention) and ``2 * layer + 1`` (MLP) in ``sublayers``.
+
+        With ``logit_positions`` the last attention sublayer queries only there and the
+        state continues at those positions (gathered first if the run starts after it).
+        """
+        last_attention = 2 * self.cfg.n_layers - 2
+        if logit_positions is not None and sublayers.start > last_attention:
+            state = gather_positions(state, logit_positions)
+        cos, sin = rotary_tables(state.current.shape[1], self.cfg.d_head, self.cfg.rotary_base,
+                                 state.current.device)
+        for sublayer in sublayers:
+            layer, is_mlp = divmod(sublayer, 2)
+            block = self.blocks[layer]
+            if is_mlp:
+                state = block.mlp_sublayer(state)
+            else:
+                positions = logit_positions if sublayer == last_attention else None
+                state = block.attn_sublayer(state, cos, sin, positions)
+        return state
+
+    def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
+        """Final router (kimi / full layouts), ``ln_final`` and the unembedding."""
+        final = self.final_res(state.sources) if self.cfg.has_final_router else state.current
+        return self.ln_final(final) @ self.W_U
+
+    def depth_states(self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False) -> list[DepthState]:
         """The `DepthState` entering every layer, ``[state_0, ..., state_{n_layers}]``, from
         one forward pass (``state_l`` equals ``model(tokens, stop_at_layer=l)``).
 
         Any of them can start a forward pass: ``model(states[l], start_at_layer=l)``; this is
         how interventions at layer ``l`` reuse the unchanged prefix of a run.
+
+        With ``sublayers=True``: the state entering every sublayer, ``2 * n_layers + 1``
+        states; index ``2 * l`` enters layer ``l``'s attention, ``2 * l + 1`` its MLP (for
+        `forward_from`).
         """
         tokens = self._validate_tokens(tokens)
         state = self.embed_state(tokens)
         cos, sin = rotary_tables(tokens.shape[1], self.cfg.d_head, self.cfg.rotary_base, tokens.device)
         states = [state]
         for block in self.blocks:
-            state = block(state, cos, sin)
+            if sublayers:
+                state = block.attn_sublayer(state, cos, sin)
+                states.append(state)
+                state = block.mlp_sublayer(state)
+            else:
+                state = block(state, cos, sin)
             states.append(state)
         return states
+
+    def forward_from(
+        self, state: DepthState, sublayer: int, logit_positions: Optional[Int[Tensor, "batch"]] = None
+    ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "batch 1 d_vocab"]]:
+        """Logits of a forward pass that starts at a sublayer (finer than ``start_at_layer``).
+
+        Args:
+            state: the `DepthState` entering that sublayer (``depth_states(tokens,
+                sublayers=True)[sublayer]``).
+            sublayer: ``2 * layer`` starts at layer ``layer``'s attention router (the same
+                as ``start_at_layer=layer``), ``2 * layer + 1`` at its MLP router,
+                ``2 * n_layers`` runs only the final router and the unembedding.
+            logit_positions: ``[batch]``, as in `forward`: logits ``[batch, 1, d_vocab]``
+                at one position per prompt.
+
+        Hooks fire as in a full forward pass, from the sublayer on.
+        """
+        n_sublayers = 2 * self.cfg.n_layers
+        if not isinstance(sublayer, int) or isinstance(sublayer, bool) or not 0 <= sublayer <= n_sublayers:
+            raise ValueError(f"sublayer must be an integer in [0, {n_sublayers}] (2 * layer for "
+                             f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}")
+        layer, is_mlp = divmod(sublayer, 2)
+        state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
+        if logit_positions is not None:
+            logit_positions = self._validate_logit_positions(logit_positions, state)
+        return self._unembed(self._run_sublayers(state, range(sublayer, n_sublayers), logit_positions))
 
     # --- checkpoints ------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:

@@ -31,10 +31,13 @@ def rotate_half(x: Float[Tensor, "... d_head"]) -> Float[Tensor, "... d_head"]:
 
 def apply_rotary(
     x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos d_head"],
-    sin: Float[Tensor, "pos d_head"],
+    cos: Float[Tensor, "*batch pos d_head"],
+    sin: Float[Tensor, "*batch pos d_head"],
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """Rotate queries or keys laid out ``[batch, pos, head, d_head]``."""
-    cos = cos.to(x.dtype)[:, None, :]
-    sin = sin.to(x.dtype)[:, None, :]
+    """Rotate queries or keys laid out ``[batch, pos, head, d_head]``.
+
+    The tables are ``[pos, d_head]`` (shared by every prompt) or ``[batch, pos, d_head]``
+    (e.g. one query position per prompt)."""
+    cos = cos.to(x.dtype).unsqueeze(-2)
+    sin = sin.to(x.dtype).unsqueeze(-2)
     return x * cos + rotate_half(x) * sin

@@ -1,0 +1,126 @@
+"""Partial forward passes: starting at any sublayer (`forward_from`) and computing logits at
+one position per prompt (``logit_positions``), checked against the full forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randomize_routing, tiny_model
+from hooked_attnres import DepthState
+
+
+@pytest.fixture
+def model(layout):
+    model = tiny_model(attnres_layout=layout, n_layers=5, attnres_num_blocks=2,
+                       attnres_recency_bias=None if layout == "none" else 0.5)
+    return randomize_routing(model).eval() if layout != "none" else model.eval()
+
+
+@pytest.fixture
+def positions() -> torch.Tensor:
+    return torch.tensor([8, 3, 0])  # one per prompt of the 3 x 9 `tokens`; not all the last
+
+
+def at(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return logits[torch.arange(len(positions)), positions].unsqueeze(1)
+
+
+def test_sublayer_states_extend_the_layer_states(model, tokens):
+    layers = model.depth_states(tokens)
+    sublayers = model.depth_states(tokens, sublayers=True)
+    assert len(layers) == model.cfg.n_layers + 1 and len(sublayers) == 2 * model.cfg.n_layers + 1
+    for layer, state in enumerate(layers):
+        twin = sublayers[2 * layer]
+        assert len(twin.blocks) == len(state.blocks)
+        assert twin.current_is_committed == state.current_is_committed
+        assert all(torch.equal(a, b) for a, b in zip(twin.sources, state.sources))
+    # the state entering an MLP sublayer is what its router reads
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp_res.hook_sources"))
+    if model.cfg.attnres_layout != "none":
+        for layer in range(model.cfg.n_layers):
+            stacked = torch.stack(sublayers[2 * layer + 1].sources, dim=-2)
+            assert torch.equal(stacked, cache[f"blocks.{layer}.mlp_res.hook_sources"])
+
+
+def test_forward_from_every_sublayer_equals_the_full_pass(model, tokens):
+    full = model(tokens)
+    states = model.depth_states(tokens, sublayers=True)
+    for sublayer, state in enumerate(states):
+        snapshot = [t.clone() for t in state.sources]
+        assert torch.equal(model.forward_from(state, sublayer), full), sublayer
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources))  # not mutated
+        if sublayer % 2 == 0:
+            assert torch.equal(model(state, start_at_layer=sublayer // 2), full)
+
+
+def test_logit_positions_give_the_full_logits_there(model, tokens, positions):
+    full = model(tokens)
+    expected = at(full, positions)
+    got = model(tokens, logit_positions=positions)
+    assert got.shape == (3, 1, model.cfg.d_vocab)
+    # the last layer's single-query attention is a different kernel call: rounding only
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    states = model.depth_states(tokens, sublayers=True)
+    for sublayer, state in enumerate(states):
+        torch.testing.assert_close(model.forward_from(state, sublayer, logit_positions=positions),
+                                   expected, atol=1e-5, rtol=1e-5, msg=f"sublayer {sublayer}")
+    # with every query at the last position the keys need no mask
+    last = torch.full((3,), tokens.shape[1] - 1)
+    torch.testing.assert_close(model(tokens, logit_positions=last), full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_logit_positions_actually_restrict_the_last_layer(model, tokens, positions):
+    """Hooks after the last attention see one position; the explicit attention (pattern
+    hooked) agrees with the fused one; the future beyond each query is masked."""
+    last = model.cfg.n_layers - 1
+    seen = {}
+
+    def record(x, hook):
+        seen[hook.name] = tuple(x.shape)
+
+    names = [f"blocks.{last}.attn.hook_q", f"blocks.{last}.attn.hook_k", f"blocks.{last}.hook_mlp_out",
+             f"blocks.{last - 1}.hook_mlp_out", f"blocks.{last}.attn.hook_pattern"]
+    logits = model.run_with_hooks(tokens, logit_positions=positions,
+                                  fwd_hooks=[(name, record) for name in names])
+    n_heads, n_kv = model.cfg.n_heads, model.cfg.n_key_value_heads
+    assert seen[names[0]] == (3, 1, n_heads, model.cfg.d_head)
+    assert seen[names[1]] == (3, 9, n_kv, model.cfg.d_head)  # keys: every position
+    assert seen[names[2]] == (3, 1, model.cfg.d_model)
+    assert seen[names[3]] == (3, 9, model.cfg.d_model)  # earlier layers: every position
+    assert seen[names[4]] == (3, n_heads, 1, 9)
+    torch.testing.assert_close(logits, model(tokens, logit_positions=positions), atol=1e-5, rtol=1e-5)
+    _, cache = model.run_with_cache(tokens, logit_positions=positions,
+                                    names_filter=f"blocks.{last}.attn.hook_pattern")
+    pattern = cache[f"blocks.{last}.attn.hook_pattern"][:, :, 0]  # [batch, head, key_pos]
+    for prompt, position in enumerate(positions.tolist()):
+        assert (pattern[prompt, :, position + 1:] == 0).all()
+        torch.testing.assert_close(pattern[prompt].sum(-1), torch.ones(n_heads))
+
+
+def test_bad_partial_passes_are_refused(model, tokens, positions):
+    states = model.depth_states(tokens, sublayers=True)
+    n = 2 * model.cfg.n_layers
+    for bad in (-1, n + 1, 1.0, True):
+        with pytest.raises(ValueError, match=rf"sublayer must be an integer in \[0, {n}\]"):
+            model.forward_from(states[0], bad)
+    with pytest.raises(TypeError, match="needs a DepthState"):
+        model.forward_from(tokens, 0)
+    if model.cfg.attnres_layout != "none":  # in layout "none" every state looks alike
+        with pytest.raises(ValueError, match="cannot enter the MLP sublayer of layer 3"):
+            model.forward_from(states[0], 7)  # a block was committed after layer 2
+    with pytest.raises(ValueError, match=r"logit_positions must be \[batch\] = \[3\]"):
+        model(tokens, logit_positions=positions[:2])
+    with pytest.raises(ValueError, match=r"logit_positions must be in \[0, 9\)"):
+        model(tokens, logit_positions=torch.tensor([0, 9, 1]))
+    with pytest.raises(ValueError, match=r"in \[0, 9\)"):
+        model.forward_from(states[3], 3, logit_positions=torch.tensor([-1, 0, 1]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(tokens, logit_positions=positions.float())
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(tokens, logit_positions=[8, 3, 0])
+    with pytest.raises(ValueError, match="cannot be combined with stop_at_layer or a loss"):
+        model(tokens, logit_positions=positions, stop_at_layer=2)
+    with pytest.raises(ValueError, match="cannot be combined with stop_at_layer or a loss"):
+        model(tokens, logit_positions=positions, return_type="loss")
+    assert isinstance(model(tokens, stop_at_layer=2), DepthState)
