@@ -147,6 +147,29 @@ def test_predicate_hooks_and_permanent_hooks(tokens):
     assert not torch.equal(model(tokens), zeroed)
 
 
+def test_hook_contexts_remove_exactly_their_own_hooks(tokens):
+    """`hooks()` only visits hook points that hold hooks when it cleans up; the semantics
+    stay TransformerLens's: nested contexts, permanent hooks and backward hooks."""
+    model = tiny_model()
+    model.add_perma_hook("blocks.1.hook_mlp_out", lambda x, hook: x)
+    model.add_hook("blocks.0.hook_attn_out", lambda x, hook: x)  # added outside any context
+    outer = [("blocks.2.hook_resid_post", lambda x, hook: x)]
+    inner = [("hook_embed", lambda x, hook: x), ("blocks.2.hook_resid_post", lambda x, hook: x)]
+    with model.hooks(fwd_hooks=outer, bwd_hooks=[("blocks.3.hook_mlp_out", lambda g, hook: None)]):
+        with model.hooks(fwd_hooks=inner):
+            assert len(model.hook_dict["blocks.2.hook_resid_post"].fwd_hooks) == 2
+        assert len(model.hook_dict["blocks.2.hook_resid_post"].fwd_hooks) == 1
+        assert not model.hook_dict["hook_embed"].fwd_hooks
+        assert model.hook_dict["blocks.3.hook_mlp_out"].bwd_hooks
+    held = {name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks}
+    assert held == {"blocks.1.hook_mlp_out", "blocks.0.hook_attn_out"}
+    model.reset_hooks()
+    held = {name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks}
+    assert held == {"blocks.1.hook_mlp_out"}
+    with pytest.raises(ValueError, match="Invalid direction"):
+        model.reset_hooks(direction="sideways")
+
+
 def test_start_and_stop_at_layer_split_the_forward_pass(layout, tokens):
     model = randomize_routing(tiny_model(attnres_layout=layout, n_layers=5, attnres_num_blocks=2))
     full = model(tokens)

@@ -72,6 +72,20 @@ class HookedModule(HookedRootModule):
             name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
         )
 
+    def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
+        """TransformerLens semantics; hook points without hooks are skipped (a model has
+        hundreds, and ``hooks()`` / ``run_with_hooks`` call this after every pass)."""
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"Invalid direction {direction}")
+        for point in self.hook_points():
+            if point.fwd_hooks or point.bwd_hooks:
+                point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        for point in self.hook_points():
+            if point.ctx:
+                point.clear_context()
+
     def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
         """Context manager adding temporary hooks (TransformerLens semantics), names checked first."""
         self._check_hook_list(list(fwd_hooks))
