@@ -14,6 +14,10 @@ Quick start::
 
 __version__ = "0.1.0"
 
+from hooked_attnres.runtime import _tune_on_import
+
+_tune_on_import()  # glibc: reuse freed activation memory (see hooked_attnres.runtime)
+
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.loading import CheckpointError
 from hooked_attnres.model import (
