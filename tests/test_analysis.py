@@ -372,3 +372,35 @@ def test_dissociation_report_when_mass_and_effect_agree():
     assert mlp.top_mass_is_top_effect
     assert mlp.appreciable_mass_no_effect == ["current"]
     assert mlp.spearman == pytest.approx(0.8)  # ranks (1,4,2,3) vs (1,4,3,2): 1 - 6*2/60
+
+
+def test_sweep_plan_start_sublayers_and_the_repeated_ablation(setup):
+    """Each ablation starts at its first masked sublayer (2 * layer for attention, + 1 for the
+    MLP); at the first attention router of a cumulative model ``current`` is still a copy of
+    the embedding, so masking either routes the same tensor and the fast sweep runs it once."""
+    from hooked_attnres.analysis.effects import _same_routed_source
+
+    model, batch = setup
+    plan = plan_ablations(model, groups="layers")
+    for ablation in plan:
+        if ablation.is_noop:
+            assert ablation.start_sublayer is None and ablation.start_layer is None
+            continue
+        layer = int(ablation.group.split()[1])
+        assert ablation.start_layer == layer
+        assert ablation.start_sublayer == 2 * layer + (ablation.router == "mlp_res")
+    states = model.depth_states(batch.tokens[:6], sublayers=True)
+    for sublayer in (0, 1, 2):
+        indices = [i for i, a in enumerate(plan) if a.start_sublayer == sublayer]
+        same = _same_routed_source(plan, indices, states[sublayer])
+        if sublayer == 0:  # [embedding, current] with current == embedding
+            names = {(plan[i].family, plan[j].family) for i, j in same.items()}
+            assert names == {("current", "embedding")}
+        else:  # the MLP router of layer 0 reads embedding + attn_0: different sources
+            assert same == {}
+    # the repeated ablation's results are the naive loop's
+    first = [i for i, a in enumerate(plan) if a.start_sublayer == 0]
+    fast = run_ablations(model, batch[:6], [plan[i] for i in first], fast=True, progress=False)
+    naive = run_ablations(model, batch[:6], [plan[i] for i in first], fast=False, progress=False)
+    np.testing.assert_allclose(fast[1]["logit_diff"], naive[1]["logit_diff"], atol=1e-5)
+    np.testing.assert_array_equal(fast[1]["logit_diff"][0], fast[1]["logit_diff"][1])

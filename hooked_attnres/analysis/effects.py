@@ -4,11 +4,13 @@ An *ablation* masks one family (mask-and-renormalise) at every router of one typ
 one group of layers. `ablation_effects` measures a task metric with and without it, per
 prompt, and reports the mean change with a bootstrap interval over prompts.
 
-Speed (``fast=True``): the clean run's depth state entering every layer is computed once
-per chunk of prompts; an ablation whose first masked router is in layer ``l`` starts
-there (``model(state_l, start_at_layer=l)``) instead of from the embedding, and
-ablations that start at the same layer run together in one batch, each copy of the
-prompts with its own mask. Ablations that mask nothing (the family does not exist at
+Speed (``fast=True``): the clean run's depth state entering every sublayer is computed
+once per chunk of prompts; an ablation whose first masked router is at sublayer ``s``
+(``2 * layer`` for attention, ``2 * layer + 1`` for the MLP) starts there
+(``model.forward_from(state_s, s)``) instead of from the embedding, and computes logits
+only at the answer position (``logit_positions``: the last layer's queries, MLP and
+unembedding run there only). Ablations that start at the same sublayer can run together
+in one batch, each copy of the prompts with its own mask (see ``max_rows``). Ablations that mask nothing (the family does not exist at
 those routers) cost nothing: their metric is the clean one. ``fast=False`` runs one full
 forward pass per ablation, no-ops included (the reference the fast path is tested
 against). ``max_rows`` caps the rows of one batched pass; on CPU one large pass of many
@@ -17,6 +19,7 @@ copies is slower than the copies one by one, so by default (256) each copy runs 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -58,6 +61,10 @@ class Ablation:
         family: the masked source family (or a label / index spec).
         masks: ``{hook_logits name: [n_sources] bool}`` for routers where something is masked.
         skipped: routers left alone because the family is every source there.
+        start_layer: the first layer with a masked router (``n_layers`` for the final
+            router; ``None`` for a no-op).
+        start_sublayer: the first masked sublayer, ``2 * layer`` (attention router) or
+            ``2 * layer + 1`` (MLP router); ``2 * n_layers`` for the final router.
     """
 
     router: str
@@ -67,6 +74,7 @@ class Ablation:
     masks: tuple[tuple[str, tuple[bool, ...]], ...]
     skipped: tuple[str, ...]
     start_layer: Optional[int]
+    start_sublayer: Optional[int]
 
     @property
     def is_noop(self) -> bool:
@@ -108,7 +116,7 @@ def plan_ablations(
             raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
         for group, layers in router_groups.items():
             for family in families:
-                masks, skipped, start = [], [], None
+                masks, skipped, start, start_sublayer = [], [], None, None
                 for layer in layers:
                     indices = resolve_sources(model, layer, router, family)
                     n_sources = model.routing_layout.n_sources(layer, router)
@@ -120,13 +128,18 @@ def plan_ablations(
                     mask = tuple(i in indices for i in range(n_sources))
                     masks.append((f"{router_hook_prefix(layer, router)}.hook_logits", mask))
                     at = model.cfg.n_layers if layer is None else layer
+                    sublayer = 2 * at + (router == "mlp_res")
                     start = at if start is None else min(start, at)
+                    start_sublayer = sublayer if start_sublayer is None else min(start_sublayer, sublayer)
                 plan.append(Ablation(router, group, tuple(l for l in layers if l is not None),
-                                     family, tuple(masks), tuple(skipped), start))
+                                     family, tuple(masks), tuple(skipped), start, start_sublayer))
     return plan
 
 
 def _tile(state: DepthState, copies: int) -> DepthState:
+    if copies == 1:
+        return state  # forward passes never mutate their input state
+
     def tile(t: Tensor) -> Tensor:
         return t.repeat(copies, *([1] * (t.ndim - 1)))
 
@@ -153,6 +166,33 @@ def _mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device) -> li
     return hooks
 
 
+def _same_routed_source(ablations: Sequence[Ablation], indices: Sequence[int], state: DepthState) -> dict[int, int]:
+    """Ablations (starting at the sublayer ``state`` enters) that repeat an earlier one
+    exactly: ``{duplicate: original}``.
+
+    An ablation that masks one router and keeps a single source there routes exactly that
+    source (its weight is exactly 1), so two of them at the same router whose kept sources
+    hold equal values give identical passes: masking ``embedding`` or ``current`` at the
+    first attention router of a snapshot (cumulative) layout, where ``current`` is still
+    a copy of the embedding.
+    """
+    sources = state.sources
+    seen: list[tuple[str, Tensor, int]] = []
+    same_as = {}
+    for i in indices:
+        masks = ablations[i].masks
+        if len(masks) != 1 or sum(not masked for masked in masks[0][1]) != 1:
+            continue
+        name, mask = masks[0]
+        kept = sources[mask.index(False)]
+        original = next((j for other, value, j in seen if other == name and torch.equal(value, kept)), None)
+        if original is None:
+            seen.append((name, kept, i))
+        else:
+            same_as[i] = original
+    return same_as
+
+
 @torch.no_grad()
 def run_ablations(
     model, batch: TaskBatch, ablations: Sequence[Ablation], metrics: Sequence[str] = ("logit_diff",),
@@ -174,36 +214,45 @@ def run_ablations(
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
     active = [i for i, a in enumerate(ablations) if not a.is_noop]
     chunks = list(range(0, n, chunk))
-    total = len(chunks) * (len(ablations) if not fast else len({ablations[i].start_layer for i in active}) + 1)
+    by_start: dict[int, list[int]] = defaultdict(list)
+    for i in active:
+        by_start[ablations[i].start_sublayer].append(i)
+    total = len(chunks) * (len(ablations) if not fast else len(by_start) + 1)
     bar = tqdm(total=total, disable=not progress, desc="ablations", dynamic_ncols=True)
     for start in chunks:
         part = batch[start:start + chunk]
         rows = slice(start, start + len(part))
         if fast:
-            states = model.depth_states(part.tokens)
-            logits = model(states[-1], start_at_layer=model.cfg.n_layers)
+            # the metrics read the answer position only: logits there, [batch, 1, d_vocab]
+            at_answer = dataclasses.replace(part, answer_pos=torch.zeros_like(part.answer_pos))
+            states = model.depth_states(part.tokens, sublayers=True)
+            logits = model.forward_from(states[-1], len(states) - 1, logit_positions=part.answer_pos)
+            scored = at_answer
         else:
-            logits = model(part.tokens)
+            logits, scored = model(part.tokens), part
         for metric in metrics:
-            values = metric_values(part, logits, metric).cpu().numpy()
+            values = metric_values(scored, logits, metric).cpu().numpy()
             clean[metric][rows] = values
             ablated[metric][:, rows] = values  # no-op ablations keep these
         if fast:
             bar.update(1)
-            by_start: dict[int, list[int]] = defaultdict(list)
-            for i in active:
-                by_start[ablations[i].start_layer].append(i)
             per_pass = max(1, max_rows // len(part))
-            for layer, indices in sorted(by_start.items()):
+            for sublayer, indices in sorted(by_start.items()):
+                same_as = _same_routed_source(ablations, indices, states[sublayer])
+                indices = [i for i in indices if i not in same_as]
                 for group_start in range(0, len(indices), per_pass):
                     group = indices[group_start:group_start + per_pass]
                     hooks = _mask_hooks([ablations[i] for i in group], len(part), part.tokens.device)
-                    out = model.run_with_hooks(_tile(states[layer], len(group)), start_at_layer=layer,
-                                               fwd_hooks=hooks)
+                    with model.hooks(fwd_hooks=hooks):
+                        out = model.forward_from(_tile(states[sublayer], len(group)), sublayer,
+                                                 logit_positions=part.answer_pos.repeat(len(group)))
                     for copy, i in enumerate(group):
                         copy_logits = out[copy * len(part):(copy + 1) * len(part)]
                         for metric in metrics:
-                            ablated[metric][i, rows] = metric_values(part, copy_logits, metric).cpu().numpy()
+                            ablated[metric][i, rows] = metric_values(at_answer, copy_logits, metric).cpu().numpy()
+                for duplicate, original in same_as.items():
+                    for metric in metrics:
+                        ablated[metric][duplicate, rows] = ablated[metric][original, rows]
                 bar.update(1)
         else:
             for i in range(len(ablations)):  # every ablation, no-ops included: the reference loop
