@@ -52,14 +52,21 @@ def _scalar(value) -> Tensor:
 
 
 def _run_cells(model, corrupted_tokens, cells, metric: Metric, shape, desc: str) -> Tensor:
-    """``cells``: ``(index, start_layer, hook_name, hook_fn)``; returns a ``shape`` tensor
-    (NaN where no cell was given)."""
-    states = model.depth_states(corrupted_tokens)
+    """``cells``: ``(index, start_sublayer, hook_name, hook_fn)``; returns a ``shape`` tensor
+    (NaN where no cell was given). Each patched run starts from the corrupted run's state
+    at the sublayer of its hook (``2 * layer``: attention, ``2 * layer + 1``: MLP)."""
+    states = model.depth_states(corrupted_tokens, sublayers=True)
     out = torch.full(shape, float("nan"))
     for index, start, name, fn in tqdm(cells, desc=desc, dynamic_ncols=True):
-        logits = model.run_with_hooks(states[start], start_at_layer=start, fwd_hooks=[(name, fn)])
+        with model.hooks(fwd_hooks=[(name, fn)]):
+            logits = model.forward_from(states[start], start)
         out[index] = _scalar(metric(logits)).float().cpu()
     return out
+
+
+def _router_sublayer(model, layer: Optional[int], router: str) -> int:
+    """The sublayer whose router this is (``2 * n_layers`` for the final router)."""
+    return 2 * model.cfg.n_layers if layer is None else 2 * layer + (router == "mlp_res")
 
 
 def _router_rows(model, routers: Sequence[str]):
@@ -90,8 +97,7 @@ def get_act_patch_routing_weights(
         def patch(weights, hook, clean=clean):
             return clean.to(weights.device, weights.dtype).clone()
 
-        start = model.cfg.n_layers if layer is None else layer
-        cells.append(((row, 0 if layer is None else layer), start, name, patch))
+        cells.append(((row, 0 if layer is None else layer), _router_sublayer(model, layer, router), name, patch))
     return _run_cells(model, corrupted_tokens, cells, patching_metric,
                       (len(routers), model.cfg.n_layers), "patch routing weights")
 
@@ -118,8 +124,8 @@ def get_act_patch_routing_weights_by_pos(
                 weights[:, pos] = clean[:, pos].to(weights.device, weights.dtype)
                 return weights
 
-            start = model.cfg.n_layers if layer is None else layer
-            cells.append(((row, 0 if layer is None else layer, pos), start, name, patch))
+            cells.append(((row, 0 if layer is None else layer, pos), _router_sublayer(model, layer, router),
+                          name, patch))
     return _run_cells(model, corrupted_tokens, cells, patching_metric,
                       (len(routers), model.cfg.n_layers, n_pos), "patch routing weights by pos")
 
@@ -148,6 +154,6 @@ def get_act_patch_committed_blocks_by_pos(
                 block[:, pos] = clean[:, pos].to(block.device, block.dtype)
                 return block
 
-            cells.append(((layer, pos), layer, name, patch))
+            cells.append(((layer, pos), 2 * layer + 1, name, patch))  # committed after the MLP
     return _run_cells(model, corrupted_tokens, cells, patching_metric,
                       (model.cfg.n_layers, n_pos), "patch committed blocks by pos")
