@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from hooked_attnres.runtime import cpu_allocator_tuned
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -52,6 +54,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "malloc_tuned": cpu_allocator_tuned(),  # hooked_attnres.runtime (on import)
     }
 
 
