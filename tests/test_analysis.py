@@ -404,3 +404,22 @@ def test_sweep_plan_start_sublayers_and_the_repeated_ablation(setup):
     naive = run_ablations(model, batch[:6], [plan[i] for i in first], fast=False, progress=False)
     np.testing.assert_allclose(fast[1]["logit_diff"], naive[1]["logit_diff"], atol=1e-5)
     np.testing.assert_array_equal(fast[1]["logit_diff"][0], fast[1]["logit_diff"][1])
+
+
+def test_no_ablation_is_assumed_repeated_under_a_users_hooks(setup):
+    """A hook that edits what layer 0's attention router reads makes masking `embedding`
+    and masking `current` differ; the fast sweep must then run both."""
+    model, batch = setup
+    plan = [a for a in plan_ablations(model, groups="layers") if a.start_sublayer == 0]
+    assert [a.family for a in plan] == ["embedding", "current"]
+
+    def perturb_current(sources, hook):
+        sources = sources.clone()
+        sources[..., -1, :] += torch.linspace(-1.0, 1.0, sources.shape[-1])  # not undone by RMSNorm
+        return sources
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn_res.hook_sources", perturb_current)]):
+        fast = run_ablations(model, batch[:6], plan, fast=True, progress=False)
+        naive = run_ablations(model, batch[:6], plan, fast=False, progress=False)
+    np.testing.assert_allclose(fast[1]["logit_diff"], naive[1]["logit_diff"], atol=1e-5)
+    assert np.abs(naive[1]["logit_diff"][0] - naive[1]["logit_diff"][1]).max() > 1e-3

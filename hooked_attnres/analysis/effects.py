@@ -237,8 +237,11 @@ def run_ablations(
         if fast:
             bar.update(1)
             per_pass = max(1, max_rows // len(part))
+            # hooks already attached (e.g. a surrounding `model.hooks(...)`) could edit what
+            # a router reads, so then no two ablations are assumed alike
+            hooked = any(point.fwd_hooks for point in model.hook_points())
             for sublayer, indices in sorted(by_start.items()):
-                same_as = _same_routed_source(ablations, indices, states[sublayer])
+                same_as = {} if hooked else _same_routed_source(ablations, indices, states[sublayer])
                 indices = [i for i in indices if i not in same_as]
                 for group_start in range(0, len(indices), per_pass):
                     group = indices[group_start:group_start + per_pass]
