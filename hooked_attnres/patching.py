@@ -26,7 +26,12 @@ from hooked_attnres.model.depth import SUBLAYER_ROUTERS, router_hook_prefix
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
 
-def _check(model, corrupted_tokens: Tensor, clean_cache, routers: Sequence[str]) -> None:
+def _router_tuple(routers) -> tuple[str, ...]:
+    """``"attn_res"`` or a sequence of router types -> a tuple (a bare string is one router)."""
+    return (routers,) if isinstance(routers, str) else tuple(routers)
+
+
+def _check(model, corrupted_tokens: Tensor, routers: Sequence[str]) -> None:
     if model.training:
         raise ValueError("activation patching requires the model in eval mode (model.eval())")
     if not model.routing_layout.has_routers:
@@ -36,12 +41,25 @@ def _check(model, corrupted_tokens: Tensor, clean_cache, routers: Sequence[str])
             raise ValueError(f"unknown router {router!r}; use 'attn_res', 'mlp_res' or 'final_res'")
         if router == "final_res" and not model.cfg.has_final_router:
             raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
-    first = next(iter(clean_cache.values()))
-    if first.shape[0] != corrupted_tokens.shape[0]:
-        raise ValueError(
-            f"the clean cache has batch {first.shape[0]} but corrupted_tokens has "
-            f"{corrupted_tokens.shape[0]}; patch prompts pairwise"
+    if corrupted_tokens.ndim != 2:
+        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}")
+
+
+def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -> None:
+    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]."""
+    missing = [name for name in needed if name not in clean_cache]
+    if missing:
+        raise KeyError(
+            f"the clean cache lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
+            "model.run_with_cache(clean_tokens) without a names_filter that drops them"
         )
+    for name in needed[:1]:
+        clean_shape = tuple(clean_cache[name].shape[:2])
+        if clean_shape != tuple(corrupted_tokens.shape):
+            raise ValueError(
+                f"the clean cache has [batch, pos] = {list(clean_shape)} ({name}) but corrupted_tokens "
+                f"has {list(corrupted_tokens.shape)}; patch prompts pairwise, with equal lengths"
+            )
 
 
 def _scalar(value) -> Tensor:
@@ -69,6 +87,10 @@ def _router_sublayer(model, layer: Optional[int], router: str) -> int:
     return 2 * model.cfg.n_layers if layer is None else 2 * layer + (router == "mlp_res")
 
 
+def _weight_hooks(model, routers: Sequence[str]) -> list[str]:
+    return [f"{router_hook_prefix(layer, router)}.hook_weights" for _, layer, router in _router_rows(model, routers)]
+
+
 def _router_rows(model, routers: Sequence[str]):
     """``(row, layer_or_None, router)`` for the result's router axis."""
     for row, router in enumerate(routers):
@@ -88,7 +110,9 @@ def get_act_patch_routing_weights(
         ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest
         NaN).
     """
-    _check(model, corrupted_tokens, clean_cache, routers)
+    routers = _router_tuple(routers)
+    _check(model, corrupted_tokens, routers)
+    _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
     cells = []
     for row, layer, router in _router_rows(model, routers):
         name = f"{router_hook_prefix(layer, router)}.hook_weights"
@@ -112,7 +136,9 @@ def get_act_patch_routing_weights_by_pos(
     Returns:
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
     """
-    _check(model, corrupted_tokens, clean_cache, routers)
+    routers = _router_tuple(routers)
+    _check(model, corrupted_tokens, routers)
+    _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
     n_pos = corrupted_tokens.shape[-1]
     cells = []
     for row, layer, router in _router_rows(model, routers):
@@ -133,20 +159,35 @@ def get_act_patch_routing_weights_by_pos(
 @torch.no_grad()
 def get_act_patch_committed_blocks_by_pos(
     model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    sublayer: str = "mlp",
 ) -> Float[Tensor, "layer pos"]:
     """Patch the clean committed block of each layer at one position, for every later
-    router that reads it (``blocks.{l}.hook_committed_block``).
+    router that reads it.
+
+    Args:
+        sublayer: ``"mlp"`` patches the blocks committed after a layer's MLP
+            (``blocks.{l}.hook_committed_block``: every layout that commits blocks);
+            ``"attn"`` those committed after its attention (``blocks.{l}.hook_committed_mid``:
+            only where every sublayer commits, the ``full`` layout and ``attnres_mode="full"``).
 
     Returns:
-        ``[n_layers, pos]``; rows of layers that commit no block are NaN.
+        ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
     """
-    _check(model, corrupted_tokens, clean_cache, ())
+    _check(model, corrupted_tokens, ())
+    hook = {"mlp": "hook_committed_block", "attn": "hook_committed_mid"}.get(sublayer)
+    if hook is None:
+        raise ValueError(f"sublayer must be 'mlp' or 'attn', got {sublayer!r}")
+    names = {layer: f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)}
+    names = {layer: name for layer, name in names.items() if name in model.hook_dict}
+    if not names:
+        raise ValueError(
+            f"no layer of this {model.cfg.attnres_layout!r} model commits a block after its "
+            f"{sublayer} sublayer (blocks.*.{hook} does not exist)"
+        )
+    _check_cache(clean_cache, corrupted_tokens, list(names.values()))
     n_pos = corrupted_tokens.shape[-1]
     cells = []
-    for layer in range(model.cfg.n_layers):
-        name = f"blocks.{layer}.hook_committed_block"
-        if name not in model.hook_dict:
-            continue
+    for layer, name in names.items():
         clean = clean_cache[name]
         for pos in range(n_pos):
             def patch(block, hook, clean=clean, pos=pos):
@@ -154,6 +195,7 @@ def get_act_patch_committed_blocks_by_pos(
                 block[:, pos] = clean[:, pos].to(block.device, block.dtype)
                 return block
 
-            cells.append(((layer, pos), 2 * layer + 1, name, patch))  # committed after the MLP
+            # committed at the end of the sublayer: the run starts at that sublayer
+            cells.append(((layer, pos), 2 * layer + (sublayer == "mlp"), name, patch))
     return _run_cells(model, corrupted_tokens, cells, patching_metric,
-                      (model.cfg.n_layers, n_pos), "patch committed blocks by pos")
+                      (model.cfg.n_layers, n_pos), f"patch committed blocks ({sublayer}) by pos")

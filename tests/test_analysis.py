@@ -423,3 +423,81 @@ def test_no_ablation_is_assumed_repeated_under_a_users_hooks(setup):
         naive = run_ablations(model, batch[:6], plan, fast=False, progress=False)
     np.testing.assert_allclose(fast[1]["logit_diff"], naive[1]["logit_diff"], atol=1e-5)
     assert np.abs(naive[1]["logit_diff"][0] - naive[1]["logit_diff"][1]).max() > 1e-3
+
+
+def test_effects_match_an_independent_mask_sources_run_and_lie_inside_their_interval(setup):
+    """effect/ci of one row recomputed from mask_sources + run_with_hooks and numpy."""
+    from hooked_attnres.interventions import mask_sources
+
+    model, batch = setup
+    effects = ablation_effects(model, batch, families=["embedding", "current"], routers="mlp_res",
+                               groups={"early": [1, 2]}, metrics=("logit_diff",), n_bootstrap=400,
+                               progress=False)
+    assert set(effects.router) == {"mlp_res"} and set(effects.family) == {"embedding", "current"}
+    with torch.no_grad():
+        clean = batch.logit_diff(model(batch.tokens)).numpy()
+        for family in ("embedding", "current"):
+            hooks = mask_sources(model, family, routers="mlp_res", layers=[1, 2])
+            ablated = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=hooks)).numpy()
+            row = effects[effects.family == family].iloc[0]
+            assert row.effect == pytest.approx(float(np.mean(ablated - clean)), abs=1e-5)
+            assert row.clean == pytest.approx(float(clean.mean()), abs=1e-5)
+            assert row.ci_low <= row.effect <= row.ci_high
+            # a percentile bootstrap interval of a mean is about +-1.96 standard errors wide
+            standard_error = np.std(ablated - clean, ddof=1) / np.sqrt(len(clean))
+            assert (row.ci_high - row.ci_low) == pytest.approx(2 * 1.96 * standard_error, rel=0.3)
+
+
+def test_fast_sweep_equals_naive_sweep_in_the_full_layout():
+    tokenizer = task_tokenizer(TASK)
+    cfg = HookedAttnResConfig(d_model=32, n_layers=3, n_heads=4, n_key_value_heads=2, d_mlp=48,
+                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="full",
+                              attnres_recency_bias=0.5, seed=0)
+    model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=3).eval()
+    batch = TASK.sample(6, seed=4, split="test", vocab=tokenizer.get_vocab())
+    plan = plan_ablations(model, routers=("attn_res", "mlp_res", "final_res"), groups="layers")
+    fast = run_ablations(model, batch, plan, metrics=("logit_diff",), fast=True, progress=False)
+    naive = run_ablations(model, batch, plan, metrics=("logit_diff",), fast=False, progress=False)
+    np.testing.assert_allclose(fast[1]["logit_diff"], naive[1]["logit_diff"], atol=1e-5)
+    assert np.abs(naive[1]["logit_diff"] - naive[0]["logit_diff"][None]).max() > 1e-3
+
+
+def test_single_router_and_family_may_be_bare_and_bad_ones_are_named(setup):
+    model, batch = setup
+    bare = plan_ablations(model, families="embedding", routers="mlp_res", groups="all")
+    listed = plan_ablations(model, families=["embedding"], routers=["mlp_res"], groups="all")
+    assert bare == listed and len(bare) == 1
+    with pytest.raises(ValueError, match=r"unknown router\(s\) \['attn'\]"):
+        plan_ablations(model, routers=["attn"])
+    with pytest.raises(ValueError, match="unknown source 'embeddings'"):
+        plan_ablations(model, families="embeddings")
+
+
+def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
+    from hooked_attnres.interventions import mask_sources
+
+    model, batch = setup
+    plan = plan_ablations(model, families="current", routers="attn_res", groups={"l3": [3]})
+    user = mask_sources(model, ["embedding", "older", "prev_completed"], routers="attn_res", layers=3)
+    with model.hooks(fwd_hooks=user):
+        with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: with the hooks already attached"):
+            run_ablations(model, batch, plan, progress=False)
+
+
+def test_mass_positions_out_of_range_are_named(setup):
+    model, batch = setup
+    n_pos = batch.tokens.shape[1]
+    with pytest.raises(ValueError, match=rf"positions must be non-empty integers in \[-{n_pos}, {n_pos}\)"):
+        routing_mass(model, batch, positions=[0, n_pos])
+    table = routing_mass(model, batch, positions=[-1])
+    np.testing.assert_allclose(table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5)
+
+
+def test_dissociation_report_refuses_ambiguous_tables():
+    mass = pd.DataFrame({"router": ["mlp_res"] * 8, "band": ["early"] * 4 + ["late"] * 4,
+                         "family": list(FAMILIES) * 2, "mass": 0.25, "ci_low": 0.0, "ci_high": 1.0})
+    effects = pd.DataFrame({"router": ["mlp_res"] * 4, "group": "all", "metric": "logit_diff",
+                            "family": list(FAMILIES), "effect": -1.0, "ci_low": -2.0, "ci_high": -0.5,
+                            "n_masked_routers": 2})
+    with pytest.raises(ValueError, match="mass_summary has several rows for router='mlp_res', family='embedding'"):
+        dissociation_report(mass, effects)

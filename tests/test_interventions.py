@@ -98,6 +98,20 @@ def test_masking_every_source_of_a_router_is_refused(tokens):
         mask_sources(kimi, "embedding", routers="attn_res", layers=0)
 
 
+def test_two_mask_lists_that_together_mask_every_source_raise_not_nan(tokens):
+    model = routed("cumulative")
+    # each list alone is valid at attn_res layer 3; together they leave nothing to route
+    first = mask_sources(model, ["embedding", "older"], routers="attn_res", layers=3)
+    second = mask_sources(model, ["prev_completed", "current"], routers="attn_res", layers=3)
+    model.run_with_hooks(tokens, fwd_hooks=first)  # fine alone
+    with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: together with earlier hooks"):
+        model.run_with_hooks(tokens, fwd_hooks=first + second)
+    # at other positions only, the two lists leave every position one source: no error
+    partial = mask_sources(model, ["prev_completed", "current"], routers="attn_res", layers=3, positions=[0])
+    other = mask_sources(model, ["embedding", "older"], routers="attn_res", layers=3, positions=[1])
+    assert torch.isfinite(model.run_with_hooks(tokens, fwd_hooks=partial + other)).all()
+
+
 def test_set_weights_uniform_and_patching_another_runs_weights(tokens):
     model = routed("kimi")
     uniform = weights_under(model, tokens, set_weights(model, "uniform", routers=["attn_res", "final_res"]))
@@ -118,8 +132,14 @@ def test_patching_a_runs_own_weights_and_sources_is_a_no_op(routed_layout, token
     clean, cache = model.run_with_cache(tokens, names_filter=lambda name: not name.endswith(
         ("hook_pattern", "hook_attn_scores")))
     for hooks in (set_weights(model, cache), patch_sources(model, ["embedding", "older", "current"], cache),
-                  patch_committed(model, ["embedding"], cache)):
+                  patch_committed(model, ["embedding"], cache),
+                  patch_committed(model, model.source_labels(model.cfg.n_layers - 1, "mlp_res")[1:-1], cache)):
+        assert hooks
         assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=hooks), clean)
+    # control: another run's committed blocks do change the output
+    _, other = model.run_with_cache(tokens.flip(0))
+    blocks = model.source_labels(model.cfg.n_layers - 1, "mlp_res")[1:-1]
+    assert not torch.equal(model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, blocks, other)), clean)
 
 
 def test_local_patching_touches_one_router_and_global_patching_every_reader(tokens):
@@ -548,3 +568,15 @@ def test_patch_committed_values_and_positions(tokens):
         assert torch.equal(block[:, [1, 3, 4]], clean[hook][:, [1, 3, 4]])
         # a later reader sees the patched block
         assert torch.equal(patched["blocks.5.attn_res.hook_sources"][..., slot, :], block)
+
+
+def test_selection_errors_name_the_problem(tokens):
+    model = routed("cumulative")
+    with pytest.raises(ValueError, match="layers mixes band names and layer indices"):
+        mask_sources(model, "embedding", layers=["early", 3])
+    with pytest.raises(ValueError, match="global patching takes source labels"):
+        patch_committed(model, 0)
+    with pytest.raises(ValueError, match=r"positions \[99\] are not integer positions in \[-\d+, \d+\)"):
+        model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "embedding", layers=3, positions=[99]))
+    with pytest.raises(ValueError, match="are not integer positions"):
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, "uniform", layers=3, positions=[1.5]))

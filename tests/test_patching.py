@@ -149,6 +149,48 @@ def test_cells_equal_a_full_forward_with_the_same_patch(setup):
     assert (blocks[~torch.isnan(blocks)] - unpatched).abs().max() > 1e-4
 
 
+def test_blocks_committed_after_attention_are_patched_where_every_sublayer_commits():
+    model, batch = build("full")
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+    other = TASK.sample(len(batch), seed=9, split="test", vocab=model.tokenizer.get_vocab()).tokens
+    _, donor = model.run_with_cache(other)
+    mids = get_act_patch_committed_blocks_by_pos(model, corrupted, donor, metric, sublayer="attn")
+    assert mids.shape == (N_LAYERS, corrupted.shape[1])
+    for layer in range(N_LAYERS):  # every attention sublayer commits "attn_{l}" in this layout
+        assert f"blocks.{layer}.hook_committed_mid" in model.hook_dict
+        assert not torch.isnan(mids[layer]).any()
+    for layer, pos in [(0, 2), (2, corrupted.shape[1] - 1)]:
+        name = f"blocks.{layer}.hook_committed_mid"
+
+        def patch(b, hook, name=name, pos=pos):
+            b = b.clone()
+            b[:, pos] = donor[name][:, pos]
+            return b
+
+        logits = _full_forward(model, corrupted, name, patch)
+        assert mids[layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+    _, own = model.run_with_cache(corrupted)
+    with torch.no_grad():
+        unpatched = metric(model(corrupted)).item()
+    own_mids = get_act_patch_committed_blocks_by_pos(model, corrupted, own, metric, sublayer="attn")
+    assert (own_mids - unpatched).abs().max().item() <= 1e-5
+    blocks_model, _ = build("cumulative")
+    _, blocks_cache = blocks_model.run_with_cache(corrupted)
+    with pytest.raises(ValueError, match="commits a block after its attn sublayer"):
+        get_act_patch_committed_blocks_by_pos(blocks_model, corrupted, blocks_cache, metric, sublayer="attn")
+    with pytest.raises(ValueError, match="sublayer must be 'mlp' or 'attn'"):
+        get_act_patch_committed_blocks_by_pos(model, corrupted, own, metric, sublayer="final")
+
+
+def test_a_single_router_may_be_given_as_a_string(setup):
+    model, batch, clean_cache = setup
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+    both = get_act_patch_routing_weights(model, corrupted, clean_cache, metric)
+    mlp = get_act_patch_routing_weights(model, corrupted, clean_cache, metric, routers="mlp_res")
+    assert mlp.shape == (1, N_LAYERS)
+    torch.testing.assert_close(mlp[0], both[1], atol=1e-6, rtol=0)
+
+
 def test_a_metric_is_called_on_logits_of_the_patched_run(setup):
     model, batch, clean_cache = setup
     seen = []
@@ -171,6 +213,15 @@ def test_bad_calls_are_refused():
         get_act_patch_committed_blocks_by_pos(model, tokens[:5], cache, metric)
     with pytest.raises(ValueError, match="unknown router"):
         get_act_patch_routing_weights(model, tokens, cache, metric, routers=("bogus_res",))
+    with pytest.raises(ValueError, match=r"\[batch, pos\] = \[6, \d+\] .* has \[6, \d+\]; .*equal lengths"):
+        get_act_patch_routing_weights(model, tokens[:, :-1], cache, metric)
+    with pytest.raises(ValueError, match="must be \\[batch, pos\\]"):
+        get_act_patch_routing_weights(model, tokens[0], cache, metric)
+    _, weights_only = model.run_with_cache(tokens, names_filter=lambda name: "attn_res.hook_weights" in name)
+    with pytest.raises(KeyError, match="the clean cache lacks .*mlp_res.hook_weights"):
+        get_act_patch_routing_weights(model, tokens, weights_only, metric)
+    with pytest.raises(KeyError, match="hook_committed_block"):
+        get_act_patch_committed_blocks_by_pos(model, tokens, weights_only, metric)
     with pytest.raises(ValueError, match="no final router"):
         get_act_patch_routing_weights_by_pos(model, tokens, cache, metric, routers=("final_res",))
     with pytest.raises(ValueError, match="scalar"):

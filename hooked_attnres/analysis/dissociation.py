@@ -39,14 +39,23 @@ def dissociation_report(
         Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first;
         effect ranked by ``|effect|``); ``spearman`` (rank correlation of mass and
         ``|effect|`` over the families present); ``top_mass``, ``top_effect``,
-        ``top_mass_is_top_effect``; ``mass_effect_ratio`` (for every family, its share of
-        mass and of total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
+        ``top_mass_is_top_effect``; ``shares`` (for every family, its mass and its share
+        of the total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
         >= ``appreciable_mass`` whose effect interval contains 0).
     """
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r} and group={group!r}; run "
                          "ablation_effects(..., groups='all') with that metric")
+    for table, what in ((mass_summary, "mass_summary"), (chosen, "effects")):
+        repeated = table.duplicated(["router", "family"])
+        if repeated.any():
+            first = table[repeated].iloc[0]
+            raise ValueError(
+                f"{what} has several rows for router={first.router!r}, family={first.family!r} "
+                f"(columns {list(table.columns)}); summarize mass by ('router', 'family') and pass "
+                "the effects of one model / seed"
+            )
     rows = []
     for router in sorted(set(mass_summary.router) & set(chosen.router)):
         mass = mass_summary[mass_summary.router == router].set_index("family")

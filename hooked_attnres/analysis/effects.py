@@ -27,20 +27,23 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
 from hooked_attnres.interventions.selection import depth_bands, describe, resolve_sources
-from hooked_attnres.model.depth import FAMILIES, DepthState, router_hook_prefix
+from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, router_hook_prefix
 from hooked_attnres.tasks.base import TaskBatch
 
 METRICS = ("logit_diff", "logprob", "accuracy")
 
 
-def metric_values(batch: TaskBatch, logits: Tensor, metric: str) -> Tensor:
-    """Per-prompt metric ``[batch]``: ``logit_diff`` (answer - contrast), ``logprob`` (of the
-    answer) or ``accuracy`` (1 if the argmax is the answer)."""
+def metric_values(batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: str) -> Float[Tensor, "batch"]:
+    """Per-prompt metric ``[batch]`` read at ``batch.answer_pos``: ``logit_diff`` (answer -
+    contrast), ``logprob`` (of the answer) or ``accuracy`` (1 if the argmax is the answer).
+    ``logits`` may cover the answer positions only (``[batch, 1, d_vocab]`` with
+    ``answer_pos`` all 0, as the fast sweep passes them)."""
     if metric == "logit_diff":
         return batch.logit_diff(logits).float()
     if metric == "logprob":
@@ -101,13 +104,20 @@ def plan_ablations(
     """Every (router type x layer group x family) ablation, resolved to per-router masks.
 
     Args:
-        families: what to mask (families, labels or indices; one ablation each).
-        routers: router types; ``"final_res"`` gets a single group ``"final"``.
+        families: what to mask (families, labels or indices; one ablation each; a single
+            one may be given bare).
+        routers: router types (a single one may be a string); ``"final_res"`` gets a
+            single group ``"final"``.
         groups: ``"bands"`` (depth bands, default thirds), ``"layers"`` (one per layer),
             ``"all"`` (every layer at once), or ``{name: layers}``.
     """
     if not model.routing_layout.has_routers:
         raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    routers = (routers,) if isinstance(routers, str) else tuple(routers)
+    families = [families] if isinstance(families, (str, int)) else list(families)
+    unknown = [router for router in routers if router not in ROUTERS]
+    if unknown:
+        raise ValueError(f"unknown router(s) {unknown}; routers are {ROUTERS}")
     layer_groups = _groups(model, groups, bands)
     plan = []
     for router in routers:
@@ -160,7 +170,12 @@ def _mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device) -> li
             rows[copy * rows_per_copy:(copy + 1) * rows_per_copy] = torch.tensor(mask, device=device)
 
         def hook(logits, hook, rows=rows):
-            return logits.masked_fill(rows[:, None, :], float("-inf"))
+            masked = logits.masked_fill(rows[:, None, :], float("-inf"))
+            # hooks the caller attached (e.g. their own mask_sources) may have masked the rest
+            if torch.isneginf(masked).all(dim=-1).any():
+                raise ValueError(f"{hook.name}: with the hooks already attached, this ablation masks "
+                                 "every source at some position (the weights would be NaN)")
+            return masked
 
         hooks.append((name, hook))
     return hooks

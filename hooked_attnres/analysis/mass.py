@@ -38,7 +38,10 @@ def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optiona
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
             return weights[torch.arange(weights.shape[0]), answer_pos.to(weights.device)]
         raise ValueError(f"positions must be 'answer', 'all' or a list of positions, got {positions!r}")
-    index = torch.as_tensor(positions, device=weights.device)
+    index = torch.as_tensor(positions, device=weights.device).reshape(-1)
+    n_pos = weights.shape[1]
+    if index.numel() == 0 or index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
+        raise ValueError(f"positions must be non-empty integers in [-{n_pos}, {n_pos}), got {positions!r}")
     return weights[:, index].mean(dim=1)
 
 
@@ -85,7 +88,7 @@ def routing_mass(
             rows = []
             for name, families in zip(names, family_index):
                 w = _position_weights(cache[name], positions, part_pos)  # [b, n]
-                rows.append(torch.stack([w[:, idx].sum(-1) if idx else torch.zeros(w.shape[0])
+                rows.append(torch.stack([w[:, idx].sum(-1) if idx else w.new_zeros(w.shape[0])
                                          for idx in (families[f] for f in FAMILIES)], dim=-1))
             chunks.append(torch.stack(rows, dim=0))  # [router, b, family]
         per_router = torch.cat(chunks, dim=1).cpu().double().numpy()

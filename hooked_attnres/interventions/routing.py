@@ -31,8 +31,12 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
     """``[pos]`` bool mask of the positions an edit applies to (``None``: all)."""
     if positions is None:
         return None
+    index = torch.as_tensor(positions, device=device).reshape(-1)
+    if index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
+        raise ValueError(f"positions {positions!r} are not integer positions in [-{n_pos}, {n_pos}) "
+                         f"of this run's {n_pos} tokens")
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
-    mask[torch.as_tensor(positions, device=device)] = True
+    mask[index] = True
     return mask
 
 
@@ -69,7 +73,16 @@ def mask_sources(model, sources: SourceSpec, routers=None, layers: LayerSpec = N
             pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
             if pos_mask is not None:
                 where = where & pos_mask[:, None]
-            return logits.masked_fill(where, float("-inf"))
+            masked_logits = logits.masked_fill(where, float("-inf"))
+            # another hook on the same router (e.g. a second mask_sources list) may have
+            # masked the rest already: refuse rather than let the softmax return NaN
+            if torch.isneginf(masked_logits).all(dim=-1).any():
+                raise ValueError(
+                    f"{hook.name}: together with earlier hooks on this router, masking {sources!r} "
+                    "leaves no source unmasked at some position; the renormalised weights "
+                    "would be NaN"
+                )
+            return masked_logits
 
         hooks.append((f"{router_hook_prefix(layer, router)}.hook_logits", hook))
     return hooks
@@ -177,6 +190,9 @@ def patch_sources(model, sources: SourceSpec, value="zero", routers=None, layers
 def commit_hook_name(model, label: str) -> str:
     """The hook through which every reader sees source ``label`` (``"embedding"`` or a
     committed block such as ``"block_2"``, ``"attn_3"``, ``"mlp_3"``)."""
+    if not isinstance(label, str):
+        raise ValueError(f"global patching takes source labels such as 'embedding' or 'block_1', "
+                         f"not {label!r}; indices and families name different blocks at different routers")
     if label == "embedding":
         return "hook_embed"
     layout = model.routing_layout
@@ -196,8 +212,10 @@ def patch_committed(model, labels: Union[str, list[str]], value="zero", position
 
     ``"embedding"`` patches ``hook_embed`` (the token embedding wherever it is used, so
     in the cumulative layout also the start of the stream); a block label patches the
-    hook where that block is committed (``blocks.{l}.hook_committed_block``), so every
-    router that reads the block afterwards reads the patched value.
+    hook where that block is committed (``blocks.{l}.hook_committed_block``, or
+    ``blocks.{l}.hook_committed_mid`` for an ``attn_{l}`` source), so every router that
+    reads the block afterwards reads the patched value. Families and indices are refused:
+    they name different blocks at different routers (use `patch_sources` for that).
 
     Args:
         labels: one label or a list.
@@ -206,7 +224,7 @@ def patch_committed(model, labels: Union[str, list[str]], value="zero", position
         positions: only patch at these positions (default: all).
     """
     hooks: Hooks = []
-    for label in [labels] if isinstance(labels, str) else list(labels):
+    for label in [labels] if isinstance(labels, (str, int)) else list(labels):
         name = commit_hook_name(model, label)
 
         def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name):

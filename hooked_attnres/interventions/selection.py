@@ -64,7 +64,10 @@ def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None
     named = depth_bands(n_layers, bands)
     if isinstance(layers, str):
         layers = [layers]
-    if isinstance(layers, (list, tuple)) and layers and all(isinstance(v, str) for v in layers):
+    if isinstance(layers, (list, tuple)) and any(isinstance(v, str) for v in layers):
+        if not all(isinstance(v, str) for v in layers):
+            raise ValueError(f"layers mixes band names and layer indices ({layers!r}); give "
+                             "band names or indices, or custom bands={{name: layers}}")
         out = []
         for name in layers:
             if name not in named:
