@@ -186,6 +186,18 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
                 assert z[layer, j] == pytest.approx(weights[labels.index(column)].item(), abs=1e-6)
             else:
                 assert np.isnan(z[layer, j])
+    # bar heights and whisker ends are the summary's and the effect table's numbers
+    bars = figures["bars"].data  # [attn mass, attn effect, mlp mass, mlp effect]
+    for k, router in enumerate(("attn_res", "mlp_res")):
+        mass_bar, effect_bar = bars[2 * k], bars[2 * k + 1]
+        for j, family in enumerate(mass_bar.x):
+            row = merged[(merged.router == router) & (merged.family == family)].iloc[0]
+            assert mass_bar.y[j] == pytest.approx(row.mass)
+            assert mass_bar.y[j] + mass_bar.error_y.array[j] == pytest.approx(row.ci_high_x)
+            assert mass_bar.y[j] - mass_bar.error_y.arrayminus[j] == pytest.approx(row.ci_low_x)
+            assert effect_bar.y[j] == pytest.approx(row.effect)
+            assert effect_bar.y[j] + effect_bar.error_y.array[j] == pytest.approx(row.ci_high_y)
+            assert effect_bar.y[j] - effect_bar.error_y.arrayminus[j] == pytest.approx(row.ci_low_y)
     for name, figure in figures.items():
         path = plotting.save_html(figure, tmp_path / "out" / f"{name}.html")
         html = path.read_text()
