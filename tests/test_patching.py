@@ -89,6 +89,15 @@ def test_self_patching_changes_nothing(setup):
         assert (filled - unpatched).abs().max().item() <= 1e-5
 
 
+def _from_donor_at(donor_cache, name: str, pos: int):
+    """A hook that replaces position ``pos`` of its activation with the donor run's."""
+    def patch(activation, hook):
+        activation = activation.clone()
+        activation[:, pos] = donor_cache[name][:, pos]
+        return activation
+    return patch
+
+
 def _full_forward(model, tokens, name, hook):
     with torch.no_grad():
         return model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
@@ -125,13 +134,7 @@ def test_cells_equal_a_full_forward_with_the_same_patch(setup):
     assert (by_pos[:, :, :-1] - unpatched).abs().max() > 1e-4  # earlier positions act via attention
     for row, layer, pos in [(0, 1, n_pos - 1), (1, 2, 0), (1, 3, n_pos - 1), (0, 2, 3), (1, 1, 5)]:
         name = f"blocks.{layer}.{('attn_res', 'mlp_res')[row]}.hook_weights"
-
-        def patch(w, hook, name=name, pos=pos):
-            w = w.clone()
-            w[:, pos] = clean_cache[name][:, pos]
-            return w
-
-        logits = _full_forward(model, corrupted, name, patch)
+        logits = _full_forward(model, corrupted, name, _from_donor_at(clean_cache, name, pos))
         assert by_pos[row, layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
     assert by_pos[:, :, -1].sub(unpatched).abs().max() > 1e-4
 
@@ -139,12 +142,7 @@ def test_cells_equal_a_full_forward_with_the_same_patch(setup):
     layer = commit_layers(model)[0]
     name = f"blocks.{layer}.hook_committed_block"
     for pos in (0, 4, n_pos - 1):
-        def patch_block(b, hook, pos=pos):
-            b = b.clone()
-            b[:, pos] = clean_cache[name][:, pos]
-            return b
-
-        logits = _full_forward(model, corrupted, name, patch_block)
+        logits = _full_forward(model, corrupted, name, _from_donor_at(clean_cache, name, pos))
         assert blocks[layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
     assert (blocks[~torch.isnan(blocks)] - unpatched).abs().max() > 1e-4
 
@@ -161,13 +159,7 @@ def test_blocks_committed_after_attention_are_patched_where_every_sublayer_commi
         assert not torch.isnan(mids[layer]).any()
     for layer, pos in [(0, 2), (2, corrupted.shape[1] - 1)]:
         name = f"blocks.{layer}.hook_committed_mid"
-
-        def patch(b, hook, name=name, pos=pos):
-            b = b.clone()
-            b[:, pos] = donor[name][:, pos]
-            return b
-
-        logits = _full_forward(model, corrupted, name, patch)
+        logits = _full_forward(model, corrupted, name, _from_donor_at(donor, name, pos))
         assert mids[layer, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
     _, own = model.run_with_cache(corrupted)
     with torch.no_grad():
