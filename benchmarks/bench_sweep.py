@@ -34,10 +34,9 @@ def main() -> None:
     model = load_condition("attnres", 0, args.checkpoints)
     batch = probe_prompts(model, args.prompts)
     plan = plan_ablations(model, groups="layers")
-    active = sum(not a.is_noop for a in plan)
-    results = {}
-
     masking = [a for a in plan if not a.is_noop]
+    active = len(masking)
+    results = {}
 
     def sweep(fast: bool, ablations=plan, key=None):
         def run():

@@ -14,35 +14,27 @@ of one full forward pass per cell.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import SUBLAYER_ROUTERS, router_hook_prefix
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
 
-def _router_tuple(routers) -> tuple[str, ...]:
-    """``"attn_res"`` or a sequence of router types -> a tuple (a bare string is one router)."""
-    return (routers,) if isinstance(routers, str) else tuple(routers)
-
-
-def _check(model, corrupted_tokens: Tensor, routers: Sequence[str]) -> None:
+def _check(model, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()) -> tuple[str, ...]:
+    """Eval mode, a routed model, ``[batch, pos]`` tokens; returns the checked router types."""
     if model.training:
         raise ValueError("activation patching requires the model in eval mode (model.eval())")
-    if not model.routing_layout.has_routers:
-        raise ValueError("this model has attnres_layout='none' and therefore no routers")
-    for router in routers:
-        if router not in SUBLAYER_ROUTERS and router != "final_res":
-            raise ValueError(f"unknown router {router!r}; use 'attn_res', 'mlp_res' or 'final_res'")
-        if router == "final_res" and not model.cfg.has_final_router:
-            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
+    routers = check_routers(model, routers)
     if corrupted_tokens.ndim != 2:
         raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}")
+    return routers
 
 
 def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -> None:
@@ -110,8 +102,7 @@ def get_act_patch_routing_weights(
         ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest
         NaN).
     """
-    routers = _router_tuple(routers)
-    _check(model, corrupted_tokens, routers)
+    routers = _check(model, corrupted_tokens, routers)
     _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
     cells = []
     for row, layer, router in _router_rows(model, routers):
@@ -136,8 +127,7 @@ def get_act_patch_routing_weights_by_pos(
     Returns:
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
     """
-    routers = _router_tuple(routers)
-    _check(model, corrupted_tokens, routers)
+    routers = _check(model, corrupted_tokens, routers)
     _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
     n_pos = corrupted_tokens.shape[-1]
     cells = []
@@ -173,7 +163,7 @@ def get_act_patch_committed_blocks_by_pos(
     Returns:
         ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
     """
-    _check(model, corrupted_tokens, ())
+    _check(model, corrupted_tokens)
     hook = {"mlp": "hook_committed_block", "attn": "hook_committed_mid"}.get(sublayer)
     if hook is None:
         raise ValueError(f"sublayer must be 'mlp' or 'attn', got {sublayer!r}")

@@ -479,7 +479,7 @@ def test_single_router_and_family_may_be_bare_and_bad_ones_are_named(setup):
     bare = plan_ablations(model, families="embedding", routers="mlp_res", groups="all")
     listed = plan_ablations(model, families=["embedding"], routers=["mlp_res"], groups="all")
     assert bare == listed and len(bare) == 1
-    with pytest.raises(ValueError, match=r"unknown router\(s\) \['attn'\]"):
+    with pytest.raises(ValueError, match=r"unknown router 'attn'; routers are"):
         plan_ablations(model, routers=["attn"])
     with pytest.raises(ValueError, match="unknown source 'embeddings'"):
         plan_ablations(model, families="embeddings")

@@ -32,8 +32,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
-from hooked_attnres.interventions.selection import depth_bands, describe, resolve_sources
-from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, router_hook_prefix
+from hooked_attnres.interventions.routing import mask_logits
+from hooked_attnres.interventions.selection import check_routers, depth_bands, describe, resolve_sources
+from hooked_attnres.model.depth import FAMILIES, DepthState, router_hook_prefix
 from hooked_attnres.tasks.base import TaskBatch
 
 METRICS = ("logit_diff", "logprob", "accuracy")
@@ -111,19 +112,12 @@ def plan_ablations(
         groups: ``"bands"`` (depth bands, default thirds), ``"layers"`` (one per layer),
             ``"all"`` (every layer at once), or ``{name: layers}``.
     """
-    if not model.routing_layout.has_routers:
-        raise ValueError("this model has attnres_layout='none' and therefore no routers")
-    routers = (routers,) if isinstance(routers, str) else tuple(routers)
+    routers = check_routers(model, routers)
     families = [families] if isinstance(families, (str, int)) else list(families)
-    unknown = [router for router in routers if router not in ROUTERS]
-    if unknown:
-        raise ValueError(f"unknown router(s) {unknown}; routers are {ROUTERS}")
     layer_groups = _groups(model, groups, bands)
     plan = []
     for router in routers:
         router_groups = {"final": [None]} if router == "final_res" else layer_groups
-        if router == "final_res" and not model.cfg.has_final_router:
-            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
         for group, layers in router_groups.items():
             for family in families:
                 masks, skipped, start, start_sublayer = [], [], None, None
@@ -170,12 +164,9 @@ def _mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device) -> li
             rows[copy * rows_per_copy:(copy + 1) * rows_per_copy] = torch.tensor(mask, device=device)
 
         def hook(logits, hook, rows=rows):
-            masked = logits.masked_fill(rows[:, None, :], float("-inf"))
             # hooks the caller attached (e.g. their own mask_sources) may have masked the rest
-            if torch.isneginf(masked).all(dim=-1).any():
-                raise ValueError(f"{hook.name}: with the hooks already attached, this ablation masks "
-                                 "every source at some position (the weights would be NaN)")
-            return masked
+            return mask_logits(logits, rows[:, None, :], f"{hook.name}: with the hooks already attached, "
+                               "this ablation")
 
         hooks.append((name, hook))
     return hooks

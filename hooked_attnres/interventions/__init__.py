@@ -2,6 +2,7 @@
 
 from hooked_attnres.interventions.routing import (
     commit_hook_name,
+    mask_logits,
     mask_sources,
     patch_committed,
     patch_sources,
@@ -9,11 +10,13 @@ from hooked_attnres.interventions.routing import (
 )
 from hooked_attnres.interventions.selection import (
     BAND_NAMES,
+    check_routers,
     depth_bands,
     resolve_layers,
     resolve_routers,
     resolve_sources,
 )
 
-__all__ = ["BAND_NAMES", "commit_hook_name", "depth_bands", "mask_sources", "patch_committed",
-           "patch_sources", "resolve_layers", "resolve_routers", "resolve_sources", "set_weights"]
+__all__ = ["BAND_NAMES", "check_routers", "commit_hook_name", "depth_bands", "mask_logits", "mask_sources",
+           "patch_committed", "patch_sources", "resolve_layers", "resolve_routers", "resolve_sources",
+           "set_weights"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres.interventions.selection import (
@@ -38,6 +38,21 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
     mask[index] = True
     return mask
+
+
+def mask_logits(logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor, "... n_sources"],
+                what: str) -> Float[Tensor, "batch pos n_sources"]:
+    """``logits`` with ``-inf`` where ``where`` (broadcast) is true: mask-and-renormalise.
+
+    Raises ``ValueError("{what} masks every source at some position ...")`` if a position
+    is left with no finite logit, counting ``-inf`` already there (e.g. from another hook
+    on the same router), where the softmax would return NaN.
+    """
+    masked = logits.masked_fill(where, float("-inf"))
+    if torch.isneginf(masked).all(dim=-1).any():
+        raise ValueError(f"{what} masks every source at some position; the renormalised weights "
+                         "would be NaN")
+    return masked
 
 
 def mask_sources(model, sources: SourceSpec, routers=None, layers: LayerSpec = None,
@@ -73,16 +88,10 @@ def mask_sources(model, sources: SourceSpec, routers=None, layers: LayerSpec = N
             pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
             if pos_mask is not None:
                 where = where & pos_mask[:, None]
-            masked_logits = logits.masked_fill(where, float("-inf"))
             # another hook on the same router (e.g. a second mask_sources list) may have
-            # masked the rest already: refuse rather than let the softmax return NaN
-            if torch.isneginf(masked_logits).all(dim=-1).any():
-                raise ValueError(
-                    f"{hook.name}: together with earlier hooks on this router, masking {sources!r} "
-                    "leaves no source unmasked at some position; the renormalised weights "
-                    "would be NaN"
-                )
-            return masked_logits
+            # masked the rest already
+            return mask_logits(logits, where, f"{hook.name}: together with earlier hooks on this "
+                               f"router, masking {sources!r}")
 
         hooks.append((f"{router_hook_prefix(layer, router)}.hook_logits", hook))
     return hooks

@@ -77,6 +77,23 @@ def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None
     return sorted(set(_layer_list(layers, n_layers)))
 
 
+def check_routers(model, routers: Union[None, str, Sequence[str]] = None) -> tuple[str, ...]:
+    """Router types as a checked tuple: ``None`` is the two sublayer routers, a string is
+    one router; raises ``ValueError`` for a model without routers, an unknown router type,
+    or ``"final_res"`` on a layout without a final router."""
+    if not model.routing_layout.has_routers:
+        raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    if routers is None:
+        routers = SUBLAYER_ROUTERS
+    routers = (routers,) if isinstance(routers, str) else tuple(routers)
+    for router in routers:
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; routers are {ROUTERS}")
+        if router == "final_res" and not model.cfg.has_final_router:
+            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
+    return routers
+
+
 def resolve_routers(model, routers: Union[None, str, Sequence[str]] = None, layers: LayerSpec = None,
                     bands: Optional[dict] = None) -> list[tuple[Optional[int], str]]:
     """``(layer, router)`` pairs in forward order.
@@ -84,17 +101,7 @@ def resolve_routers(model, routers: Union[None, str, Sequence[str]] = None, laye
     ``routers`` defaults to the two sublayer routers; ``"final_res"`` must be asked for
     (it has no layer, so ``layers`` does not filter it).
     """
-    if not model.routing_layout.has_routers:
-        raise ValueError("this model has attnres_layout='none' and therefore no routers")
-    if routers is None:
-        routers = SUBLAYER_ROUTERS
-    elif isinstance(routers, str):
-        routers = (routers,)
-    for router in routers:
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; routers are {ROUTERS}")
-        if router == "final_res" and not model.cfg.has_final_router:
-            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
+    routers = check_routers(model, routers)
     chosen_layers = set(resolve_layers(model, layers, bands))
     return [(layer, router) for layer, router in model.routers()
             if router in routers and (layer is None or layer in chosen_layers)]
