@@ -38,18 +38,19 @@ def main() -> None:
     active = len(masking)
     results = {}
 
-    def sweep(fast: bool, ablations=plan, key=None):
+    def sweep(key: str, fast: bool, ablations):
         def run():
-            results[fast if key is None else key] = run_ablations(
-                model, batch, ablations, metrics=("logit_diff", "logprob"), fast=fast, progress=False)
+            results[key] = run_ablations(model, batch, ablations, metrics=("logit_diff", "logprob"),
+                                         fast=fast, progress=False)
         return run
 
     # "naive" runs every ablation of the sweep; "naive_masking_only" (a stricter reference)
     # skips those that mask nothing, which the fast path also skips
     with torch.inference_mode():
-        times = interleaved_medians({"naive": sweep(False), "naive_masking_only": sweep(False, masking, "masking"),
-                                     "fast": sweep(True)}, repeats=args.repeats, warmup=1)
-    worst = max(float(np.abs(results[True][1][m] - results[False][1][m]).max())
+        times = interleaved_medians({key: sweep(key, fast, ablations) for key, fast, ablations in (
+            ("naive", False, plan), ("naive_masking_only", False, masking), ("fast", True, plan))},
+            repeats=args.repeats, warmup=1)
+    worst = max(float(np.abs(results["fast"][1][m] - results["naive"][1][m]).max())
                 for m in ("logit_diff", "logprob"))
     speedup = times["naive"] / times["fast"]
     strict = times["naive_masking_only"] / times["fast"]

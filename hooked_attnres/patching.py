@@ -45,13 +45,12 @@ def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -
             f"the clean cache lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
             "model.run_with_cache(clean_tokens) without a names_filter that drops them"
         )
-    for name in needed[:1]:
-        clean_shape = tuple(clean_cache[name].shape[:2])
-        if clean_shape != tuple(corrupted_tokens.shape):
-            raise ValueError(
-                f"the clean cache has [batch, pos] = {list(clean_shape)} ({name}) but corrupted_tokens "
-                f"has {list(corrupted_tokens.shape)}; patch prompts pairwise, with equal lengths"
-            )
+    clean_shape = tuple(clean_cache[needed[0]].shape[:2])  # every patched hook is [batch, pos, ...]
+    if clean_shape != tuple(corrupted_tokens.shape):
+        raise ValueError(
+            f"the clean cache has [batch, pos] = {list(clean_shape)} ({needed[0]}) but corrupted_tokens "
+            f"has {list(corrupted_tokens.shape)}; patch prompts pairwise, with equal lengths"
+        )
 
 
 def _scalar(value) -> Tensor:
@@ -79,16 +78,12 @@ def _router_sublayer(model, layer: Optional[int], router: str) -> int:
     return 2 * model.cfg.n_layers if layer is None else 2 * layer + (router == "mlp_res")
 
 
-def _weight_hooks(model, routers: Sequence[str]) -> list[str]:
-    return [f"{router_hook_prefix(layer, router)}.hook_weights" for _, layer, router in _router_rows(model, routers)]
-
-
 def _router_rows(model, routers: Sequence[str]):
-    """``(row, layer_or_None, router)`` for the result's router axis."""
+    """``(row, layer_or_None, router, hook_weights name)`` for the result's router axis."""
     for row, router in enumerate(routers):
         layers = [None] if router == "final_res" else range(model.cfg.n_layers)
         for layer in layers:
-            yield row, layer, router
+            yield row, layer, router, f"{router_hook_prefix(layer, router)}.hook_weights"
 
 
 @torch.no_grad()
@@ -103,10 +98,10 @@ def get_act_patch_routing_weights(
         NaN).
     """
     routers = _check(model, corrupted_tokens, routers)
-    _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
+    rows = list(_router_rows(model, routers))
+    _check_cache(clean_cache, corrupted_tokens, [name for *_, name in rows])
     cells = []
-    for row, layer, router in _router_rows(model, routers):
-        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+    for row, layer, router, name in rows:
         clean = clean_cache[name]
 
         def patch(weights, hook, clean=clean):
@@ -128,11 +123,11 @@ def get_act_patch_routing_weights_by_pos(
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
     """
     routers = _check(model, corrupted_tokens, routers)
-    _check_cache(clean_cache, corrupted_tokens, _weight_hooks(model, routers))
+    rows = list(_router_rows(model, routers))
+    _check_cache(clean_cache, corrupted_tokens, [name for *_, name in rows])
     n_pos = corrupted_tokens.shape[-1]
     cells = []
-    for row, layer, router in _router_rows(model, routers):
-        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+    for row, layer, router, name in rows:
         clean = clean_cache[name]
         for pos in range(n_pos):
             def patch(weights, hook, clean=clean, pos=pos):

@@ -499,8 +499,10 @@ def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
 def test_mass_positions_out_of_range_are_named(setup):
     model, batch = setup
     n_pos = batch.tokens.shape[1]
-    with pytest.raises(ValueError, match=rf"positions must be non-empty integers in \[-{n_pos}, {n_pos}\)"):
+    with pytest.raises(ValueError, match=rf"positions \[0, {n_pos}\] must be integers in \[-{n_pos}, {n_pos}\)"):
         routing_mass(model, batch, positions=[0, n_pos])
+    with pytest.raises(ValueError, match="positions is empty"):
+        routing_mass(model, batch, positions=[])
     table = routing_mass(model, batch, positions=[-1])
     np.testing.assert_allclose(table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5)
 

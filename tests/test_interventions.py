@@ -576,7 +576,7 @@ def test_selection_errors_name_the_problem(tokens):
         mask_sources(model, "embedding", layers=["early", 3])
     with pytest.raises(ValueError, match="global patching takes source labels"):
         patch_committed(model, 0)
-    with pytest.raises(ValueError, match=r"positions \[99\] are not integer positions in \[-\d+, \d+\)"):
+    with pytest.raises(ValueError, match=r"positions \[99\] must be integers in \[-\d+, \d+\) \(this run has \d+ tokens\)"):
         model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "embedding", layers=3, positions=[99]))
-    with pytest.raises(ValueError, match="are not integer positions"):
+    with pytest.raises(ValueError, match=r"positions \[1.5\] must be integers in"):
         model.run_with_hooks(tokens, fwd_hooks=set_weights(model, "uniform", layers=3, positions=[1.5]))

@@ -11,7 +11,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
-from hooked_attnres.interventions.selection import depth_bands
+from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, router_hook_prefix
 from hooked_attnres.tasks.base import TaskBatch
 
@@ -38,10 +38,9 @@ def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optiona
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
             return weights[torch.arange(weights.shape[0]), answer_pos.to(weights.device)]
         raise ValueError(f"positions must be 'answer', 'all' or a list of positions, got {positions!r}")
-    index = torch.as_tensor(positions, device=weights.device).reshape(-1)
-    n_pos = weights.shape[1]
-    if index.numel() == 0 or index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
-        raise ValueError(f"positions must be non-empty integers in [-{n_pos}, {n_pos}), got {positions!r}")
+    index = position_index(positions, weights.shape[1], weights.device)
+    if index.numel() == 0:
+        raise ValueError("positions is empty: give at least one position to average over")
     return weights[:, index].mean(dim=1)
 
 

@@ -20,6 +20,7 @@ from hooked_attnres.interventions.selection import (
     SourceSpec,
     describe,
     iter_selected,
+    position_index,
     resolve_routers,
 )
 from hooked_attnres.model.depth import router_hook_prefix
@@ -31,12 +32,8 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
     """``[pos]`` bool mask of the positions an edit applies to (``None``: all)."""
     if positions is None:
         return None
-    index = torch.as_tensor(positions, device=device).reshape(-1)
-    if index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
-        raise ValueError(f"positions {positions!r} are not integer positions in [-{n_pos}, {n_pos}) "
-                         f"of this run's {n_pos} tokens")
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
-    mask[index] = True
+    mask[position_index(positions, n_pos, device)] = True
     return mask
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence, Union
 
+import torch
+from torch import Tensor
+
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, SUBLAYER_ROUTERS
 
 LayerSpec = Union[None, int, str, range, tuple, Sequence]
@@ -105,6 +108,19 @@ def resolve_routers(model, routers: Union[None, str, Sequence[str]] = None, laye
     chosen_layers = set(resolve_layers(model, layers, bands))
     return [(layer, router) for layer, router in model.routers()
             if router in routers and (layer is None or layer in chosen_layers)]
+
+
+def position_index(positions, n_pos: int, device=None) -> Tensor:
+    """``positions`` (an int, a list or a tensor) as a flat long index tensor ``[n]``
+    (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
+    ``n_pos`` tokens."""
+    index = torch.as_tensor(positions, device=device).reshape(-1)
+    if index.numel() == 0:
+        return index.long()  # torch reads [] as float
+    if index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
+        raise ValueError(f"positions {positions!r} must be integers in [-{n_pos}, {n_pos}) "
+                         f"(this run has {n_pos} tokens)")
+    return index
 
 
 def _as_list(sources: SourceSpec) -> list:
