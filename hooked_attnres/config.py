@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -242,11 +243,22 @@ class HookedAttnResConfig:
 
     @property
     def has_routers(self) -> bool:
-        return self.attnres_layout != "none"
+        """Deprecated: ``model.routing_layout.has_routers`` (the layout decides)."""
+        return self._layout("has_routers").has_routers
 
     @property
     def has_final_router(self) -> bool:
-        return self.attnres_layout in ("kimi", "full")
+        """Deprecated: ``model.routing_layout.has_final_router`` (the layout decides)."""
+        return self._layout("has_final_router").has_final_router
+
+    def _layout(self, deprecated: Optional[str] = None):
+        # the layout rules live in hooked_attnres.model.depth, above this module
+        from hooked_attnres.model.depth import RoutingLayout
+
+        if deprecated is not None:
+            warnings.warn(f"cfg.{deprecated} is deprecated; use model.routing_layout.{deprecated}",
+                          DeprecationWarning, stacklevel=3)
+        return RoutingLayout.from_config(self)
 
     @property
     def n_params(self) -> int:
@@ -254,7 +266,7 @@ class HookedAttnResConfig:
         d, h, kv, dh = self.d_model, self.n_heads, self.n_key_value_heads, self.d_head
         attn = d * h * dh * 2 + d * kv * dh * 2 + 2 * dh
         mlp = 3 * d * self.d_mlp
-        n_routers = 2 * self.n_layers + int(self.has_final_router) if self.has_routers else 0
+        n_routers = len(self._layout().sites())
         per_router = 2 * d + int(self.attnres_recency_bias is not None)
         embed = self.d_vocab * d * (1 if self.tie_word_embeddings else 2)
         return self.n_layers * (attn + mlp + 2 * d) + n_routers * per_router + embed + d

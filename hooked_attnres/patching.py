@@ -14,7 +14,7 @@ of one full forward pass per cell.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -22,9 +22,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres.interventions.selection import check_routers
-from hooked_attnres.model.depth import SUBLAYER_ROUTERS, router_hook_prefix
+from hooked_attnres.model.depth import SUBLAYER_ROUTERS, RouterSite
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
+# (corrupted activation, index, clean activation) -> patched activation, as in
+# transformer_lens.patching.generic_activation_patch
+PatchSetter = Callable[[Tensor, Any, Tensor], Tensor]
 
 
 def _check(model, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()) -> tuple[str, ...]:
@@ -60,30 +63,47 @@ def _scalar(value) -> Tensor:
     return value.detach()
 
 
-def _run_cells(model, corrupted_tokens, cells, metric: Metric, shape, desc: str) -> Tensor:
-    """``cells``: ``(index, start_sublayer, hook_name, hook_fn)``; returns a ``shape`` tensor
-    (NaN where no cell was given). Each patched run starts from the corrupted run's state
-    at the sublayer of its hook (``2 * layer``: attention, ``2 * layer + 1``: MLP)."""
+def layer_pos_patch_setter(corrupted: Tensor, index: Any, clean: Tensor) -> Tensor:
+    """Patch the whole activation (``index`` is ``None``) or one position (``index`` an int
+    on axis 1 of a ``[batch, pos, ...]`` activation)."""
+    clean = clean.to(corrupted.device, corrupted.dtype)
+    if index is None:
+        return clean.clone()
+    patched = corrupted.clone()
+    patched[:, index] = clean[:, index]
+    return patched
+
+
+def _patch_cells(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
+                 cells: list[tuple[tuple, str, int, Any]], shape: tuple[int, ...], desc: str,
+                 patch_setter: PatchSetter = layer_pos_patch_setter) -> Tensor:
+    """The one patching driver: ``cells`` are ``(result index, hook name, start sublayer,
+    setter index)``; each cell runs the corrupted pass from its start sublayer (the
+    sublayer whose hook it patches, from the corrupted run's cached depth state) with the
+    hook's activation replaced by ``patch_setter(corrupted, setter index, clean)``.
+    Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
+    _check_cache(clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells)))
     states = model.depth_states(corrupted_tokens, sublayers=True)
-    out = torch.full(shape, float("nan"))
-    for index, start, name, fn in tqdm(cells, desc=desc, dynamic_ncols=True):
-        with model.hooks(fwd_hooks=[(name, fn)]):
+    out = torch.full(shape, float("nan"), device=corrupted_tokens.device)
+    for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
+        clean = clean_cache[name]
+
+        def patch(activation, hook, clean=clean, setter_index=setter_index):
+            return patch_setter(activation, setter_index, clean)
+
+        with model.hooks(fwd_hooks=[(name, patch)]):
             logits = model.forward_from(states[start], start)
-        out[index] = _scalar(metric(logits)).float().cpu()
+        out[index] = _scalar(metric(logits)).float().to(out.device)
     return out
 
 
-def _router_sublayer(model, layer: Optional[int], router: str) -> int:
-    """The sublayer whose router this is (``2 * n_layers`` for the final router)."""
-    return 2 * model.cfg.n_layers if layer is None else 2 * layer + (router == "mlp_res")
+def _site_rows(model, routers: Sequence[str]) -> list[tuple[int, RouterSite]]:
+    """``(row, site)`` of the result's router axis; the final router sits in column 0."""
+    return [(row, site) for row, router in enumerate(routers) for site in model.sites(router)]
 
 
-def _router_rows(model, routers: Sequence[str]):
-    """``(row, layer_or_None, router, hook_weights name)`` for the result's router axis."""
-    for row, router in enumerate(routers):
-        layers = [None] if router == "final_res" else range(model.cfg.n_layers)
-        for layer in layers:
-            yield row, layer, router, f"{router_hook_prefix(layer, router)}.hook_weights"
+def _column(site: RouterSite) -> int:
+    return 0 if site.is_final else site.layer
 
 
 @torch.no_grad()
@@ -98,18 +118,10 @@ def get_act_patch_routing_weights(
         NaN).
     """
     routers = _check(model, corrupted_tokens, routers)
-    rows = list(_router_rows(model, routers))
-    _check_cache(clean_cache, corrupted_tokens, [name for *_, name in rows])
-    cells = []
-    for row, layer, router, name in rows:
-        clean = clean_cache[name]
-
-        def patch(weights, hook, clean=clean):
-            return clean.to(weights.device, weights.dtype).clone()
-
-        cells.append(((row, 0 if layer is None else layer), _router_sublayer(model, layer, router), name, patch))
-    return _run_cells(model, corrupted_tokens, cells, patching_metric,
-                      (len(routers), model.cfg.n_layers), "patch routing weights")
+    cells = [((row, _column(site)), site.hook("weights"), site.sublayer, None)
+             for row, site in _site_rows(model, routers)]
+    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
+                        (len(routers), model.cfg.n_layers), "patch routing weights")
 
 
 @torch.no_grad()
@@ -123,22 +135,11 @@ def get_act_patch_routing_weights_by_pos(
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
     """
     routers = _check(model, corrupted_tokens, routers)
-    rows = list(_router_rows(model, routers))
-    _check_cache(clean_cache, corrupted_tokens, [name for *_, name in rows])
     n_pos = corrupted_tokens.shape[-1]
-    cells = []
-    for row, layer, router, name in rows:
-        clean = clean_cache[name]
-        for pos in range(n_pos):
-            def patch(weights, hook, clean=clean, pos=pos):
-                weights = weights.clone()
-                weights[:, pos] = clean[:, pos].to(weights.device, weights.dtype)
-                return weights
-
-            cells.append(((row, 0 if layer is None else layer, pos), _router_sublayer(model, layer, router),
-                          name, patch))
-    return _run_cells(model, corrupted_tokens, cells, patching_metric,
-                      (len(routers), model.cfg.n_layers, n_pos), "patch routing weights by pos")
+    cells = [((row, _column(site), pos), site.hook("weights"), site.sublayer, pos)
+             for row, site in _site_rows(model, routers) for pos in range(n_pos)]
+    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
+                        (len(routers), model.cfg.n_layers, n_pos), "patch routing weights by pos")
 
 
 @torch.no_grad()
@@ -169,18 +170,9 @@ def get_act_patch_committed_blocks_by_pos(
             f"no layer of this {model.cfg.attnres_layout!r} model commits a block after its "
             f"{sublayer} sublayer (blocks.*.{hook} does not exist)"
         )
-    _check_cache(clean_cache, corrupted_tokens, list(names.values()))
     n_pos = corrupted_tokens.shape[-1]
-    cells = []
-    for layer, name in names.items():
-        clean = clean_cache[name]
-        for pos in range(n_pos):
-            def patch(block, hook, clean=clean, pos=pos):
-                block = block.clone()
-                block[:, pos] = clean[:, pos].to(block.device, block.dtype)
-                return block
-
-            # committed at the end of the sublayer: the run starts at that sublayer
-            cells.append(((layer, pos), 2 * layer + (sublayer == "mlp"), name, patch))
-    return _run_cells(model, corrupted_tokens, cells, patching_metric,
-                      (model.cfg.n_layers, n_pos), f"patch committed blocks ({sublayer}) by pos")
+    # committed at the end of the sublayer: the run starts at that sublayer
+    cells = [((layer, pos), name, 2 * layer + (sublayer == "mlp"), pos)
+             for layer, name in names.items() for pos in range(n_pos)]
+    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
+                        (model.cfg.n_layers, n_pos), f"patch committed blocks ({sublayer}) by pos")

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hooked_attnres.model.depth import FAMILIES, router_hook_prefix
+from hooked_attnres.model.depth import FAMILIES
 
 FAMILY_COLORS = {"embedding": "#1f77b4", "older": "#2ca02c", "prev_completed": "#ff7f0e",
                  "current": "#d62728"}
@@ -67,17 +67,18 @@ def source_heatmap(model, cache, router: str = "attn_res", positions: Union[str,
     """
     columns: list[str] = []
     rows = []
-    for layer in range(model.cfg.n_layers):
-        weights = cache[f"{router_hook_prefix(layer, router)}.hook_weights"]
+    sites = model.sites(router)
+    for site in sites:
+        weights = cache[site.hook("weights")]
         weights = weights.mean(dim=(0, 1)) if positions == "all" else weights[:, positions].mean(0)
-        labels = model.source_labels(layer, router)
+        labels = model.source_labels(site)
         for label in labels:
             if label not in columns:
                 columns.append(label)
         rows.append(dict(zip(labels, weights.tolist())))
     order = [c for c in columns if c not in ("current",)] + ["current"]
     z = np.array([[row.get(c, np.nan) for c in order] for row in rows])
-    fig = go.Figure(go.Heatmap(z=z, x=order, y=[f"layer {l}" for l in range(len(rows))], zmin=0, zmax=1,
+    fig = go.Figure(go.Heatmap(z=z, x=order, y=["final" if site.is_final else f"layer {site.layer}" for site in sites], zmin=0, zmax=1,
                                colorscale="Viridis", colorbar=dict(title="weight"),
                                text=np.round(z, 2), texttemplate="%{text}"))
     fig.update_yaxes(autorange="reversed")

@@ -492,7 +492,7 @@ def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
     plan = plan_ablations(model, families="current", routers="attn_res", groups={"l3": [3]})
     user = mask_sources(model, ["embedding", "older", "prev_completed"], routers="attn_res", layers=3)
     with model.hooks(fwd_hooks=user):
-        with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: with the hooks already attached"):
+        with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: together with earlier hooks on this router"):
             run_ablations(model, batch, plan, progress=False)
 
 

@@ -120,7 +120,7 @@ def test_exact_wrap_equals_vanilla_qwen3(n_layers, n_kv, tied):
                   rms_norm_eps=0.0)
     for num_blocks in range(1, n_layers + 1):
         model = HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=num_blocks)
-        assert model.cfg.attnres_layout == "kimi" and model.cfg.has_final_router
+        assert model.cfg.attnres_layout == "kimi" and model.routing_layout.has_final_router
         with torch.no_grad():
             assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
     # with the default epsilon the function moves slightly, the predictions do not

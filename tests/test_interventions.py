@@ -250,7 +250,7 @@ def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout
     """All routers at once: the upstream routers change the inputs, so compare each router with
     the softmax of the logits it computed in the same run, recorded before the mask hook."""
     model = routed(routed_layout, n_layers=6, attnres_num_blocks=3)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
     if routed_layout == "full" and spec == "block_1":
         spec = "mlp_1"
     try:
@@ -341,7 +341,7 @@ def test_masking_every_source_is_refused_for_any_spec(every):
 
 def test_set_weights_uniform_every_layout_and_positions(routed_layout, tokens):
     model = routed(routed_layout)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
     weights = weights_under(model, tokens, set_weights(model, "uniform", routers=routers))
     assert len(weights) == len(model.routers())
     for name, w in weights.items():
@@ -379,7 +379,7 @@ def test_routing_patching_reproduces_the_other_runs_weights_and_outputs(routed_l
     other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(7))
     _, clean = model.run_with_cache(tokens)
     _, donor = model.run_with_cache(other)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.cfg.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
     hooks = set_weights(model, donor, routers=routers)
     with model.hooks(fwd_hooks=hooks):
         _, patched = model.run_with_cache(tokens)

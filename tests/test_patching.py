@@ -37,7 +37,7 @@ def setup(request):
 
 
 def routers_of(model) -> tuple[str, ...]:
-    return ("attn_res", "mlp_res") + (("final_res",) if model.cfg.has_final_router else ())
+    return ("attn_res", "mlp_res") + (("final_res",) if model.routing_layout.has_final_router else ())
 
 
 def mean_logit_diff(batch):
@@ -65,7 +65,7 @@ def test_shapes_and_nan_cells(setup):
     for layer in range(N_LAYERS):
         assert bool(torch.isnan(blocks[layer]).all()) == (layer not in commits)
         assert not torch.isnan(blocks[layer]).any() or layer not in commits
-    if model.cfg.has_final_router:
+    if model.routing_layout.has_final_router:
         with_final = get_act_patch_routing_weights(model, corrupted, clean_cache, metric,
                                                    routers=routers_of(model))
         assert with_final.shape == (3, N_LAYERS)

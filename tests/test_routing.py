@@ -153,7 +153,7 @@ def test_kimi_labels():
 
 def test_invalid_router_queries_are_refused():
     model = tiny_model(attnres_layout="cumulative")
-    with pytest.raises(ValueError, match="router must be one of"):
+    with pytest.raises(ValueError, match=r"unknown router 'attn'; routers are \('attn_res', 'mlp_res', 'final_res'\)"):
         model.source_labels(0, "attn")
     with pytest.raises(ValueError, match="layer must be an integer"):
         model.source_labels(4, "attn_res")

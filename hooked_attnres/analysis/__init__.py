@@ -1,11 +1,13 @@
 """Analyses built on caches and interventions: routing mass, ablation effects with
 bootstrap intervals, the mass-versus-effect dissociation, analytic schedules."""
 
+import warnings
+
 from hooked_attnres.analysis.bootstrap import bootstrap_ci, bootstrap_ci_rows
 from hooked_attnres.analysis.dissociation import dissociation_report
 from hooked_attnres.analysis.effects import (
     METRICS,
-    Ablation,
+    PlannedAblation,
     ablation_effects,
     metric_values,
     plan_ablations,
@@ -19,7 +21,16 @@ from hooked_attnres.analysis.schedule import (
     schedule_deviation,
 )
 
-__all__ = ["METRICS", "Ablation", "RecencySchedule", "ablation_effects", "band_of", "bootstrap_ci",
-           "bootstrap_ci_rows", "dissociation_report", "metric_values", "plan_ablations",
-           "recency_schedule", "routing_mass", "run_ablations", "schedule_comparison",
-           "schedule_deviation", "summarize_mass"]
+__all__ = ["METRICS", "PlannedAblation", "RecencySchedule", "ablation_effects", "band_of",
+           "bootstrap_ci", "bootstrap_ci_rows", "dissociation_report", "metric_values",
+           "plan_ablations", "recency_schedule", "routing_mass", "run_ablations",
+           "schedule_comparison", "schedule_deviation", "summarize_mass"]
+
+
+def __getattr__(name: str):
+    if name == "Ablation":  # the plan entry of 0.1; the compiled intervention is interventions.Ablation
+        warnings.warn("hooked_attnres.analysis.Ablation is deprecated: plan entries are "
+                      "PlannedAblation; the compiled mask is hooked_attnres.interventions.Ablation",
+                      DeprecationWarning, stacklevel=2)
+        return PlannedAblation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

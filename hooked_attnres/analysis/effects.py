@@ -32,9 +32,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
-from hooked_attnres.interventions.routing import mask_logits
-from hooked_attnres.interventions.selection import check_routers, depth_bands, describe, resolve_sources
-from hooked_attnres.model.depth import FAMILIES, DepthState, router_hook_prefix
+from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
+from hooked_attnres.interventions.selection import check_routers, depth_bands
+from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
 
 METRICS = ("logit_diff", "logprob", "accuracy")
@@ -55,34 +55,48 @@ def metric_values(batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], 
 
 
 @dataclass(frozen=True)
-class Ablation:
-    """One mask-and-renormalise intervention (see `plan_ablations`).
+class PlannedAblation:
+    """One cell of an ablation sweep: a family masked at every router of one type in one
+    group of layers (see `plan_ablations`).
 
     Attributes:
         router: router type.
         group: the name of the layer group (a band, ``"layer 3"``, ``"all"``, ``"final"``).
         layers: the layers of the group.
         family: the masked source family (or a label / index spec).
-        masks: ``{hook_logits name: [n_sources] bool}`` for routers where something is masked.
-        skipped: routers left alone because the family is every source there.
-        start_layer: the first layer with a masked router (``n_layers`` for the final
-            router; ``None`` for a no-op).
-        start_sublayer: the first masked sublayer, ``2 * layer`` (attention router) or
-            ``2 * layer + 1`` (MLP router); ``2 * n_layers`` for the final router.
+        ablation: the compiled `hooked_attnres.interventions.Ablation` (its sites and
+            masks; routers where the family is every source are in ``ablation.skipped``).
     """
 
     router: str
     group: str
     layers: tuple[int, ...]
     family: Union[str, int]
-    masks: tuple[tuple[str, tuple[bool, ...]], ...]
-    skipped: tuple[str, ...]
-    start_layer: Optional[int]
-    start_sublayer: Optional[int]
+    ablation: Ablation
 
     @property
     def is_noop(self) -> bool:
-        return not self.masks
+        return self.ablation.is_noop
+
+    @property
+    def start_sublayer(self) -> Optional[int]:
+        """The first masked sublayer (`RouterSite.sublayer`; ``None`` for a no-op)."""
+        return self.ablation.start_sublayer
+
+    @property
+    def start_layer(self) -> Optional[int]:
+        """The layer of `start_sublayer` (``n_layers`` for the final router)."""
+        return None if self.start_sublayer is None else self.start_sublayer // 2
+
+    @property
+    def masks(self) -> tuple[tuple[str, tuple[bool, ...]], ...]:
+        """``((hook_logits name, mask), ...)`` of the masked routers."""
+        return tuple((site.hook("logits"), mask) for site, mask in self.ablation.masks)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """Routers left alone because the family is every source there."""
+        return tuple(str(site) for site in self.ablation.skipped)
 
 
 def _groups(model, groups, bands) -> dict[str, list[int]]:
@@ -101,8 +115,8 @@ def _groups(model, groups, bands) -> dict[str, list[int]]:
 def plan_ablations(
     model, families: Sequence[Union[str, int]] = FAMILIES, routers: Sequence[str] = ("attn_res", "mlp_res"),
     groups: Union[str, dict] = "bands", bands: Optional[dict] = None,
-) -> list[Ablation]:
-    """Every (router type x layer group x family) ablation, resolved to per-router masks.
+) -> list[PlannedAblation]:
+    """Every (router type x layer group x family) ablation, compiled to per-router masks.
 
     Args:
         families: what to mask (families, labels or indices; one ablation each; a single
@@ -117,26 +131,15 @@ def plan_ablations(
     layer_groups = _groups(model, groups, bands)
     plan = []
     for router in routers:
-        router_groups = {"final": [None]} if router == "final_res" else layer_groups
+        if router == "final_res":
+            router_groups: dict[str, list[int]] = {"final": []}
+        else:
+            router_groups = layer_groups
         for group, layers in router_groups.items():
             for family in families:
-                masks, skipped, start, start_sublayer = [], [], None, None
-                for layer in layers:
-                    indices = resolve_sources(model, layer, router, family)
-                    n_sources = model.routing_layout.n_sources(layer, router)
-                    if not indices:
-                        continue
-                    if len(indices) == n_sources:
-                        skipped.append(describe(layer, router))
-                        continue
-                    mask = tuple(i in indices for i in range(n_sources))
-                    masks.append((f"{router_hook_prefix(layer, router)}.hook_logits", mask))
-                    at = model.cfg.n_layers if layer is None else layer
-                    sublayer = 2 * at + (router == "mlp_res")
-                    start = at if start is None else min(start, at)
-                    start_sublayer = sublayer if start_sublayer is None else min(start_sublayer, sublayer)
-                plan.append(Ablation(router, group, tuple(l for l in layers if l is not None),
-                                     family, tuple(masks), tuple(skipped), start, start_sublayer))
+                ablation = Ablation.compile(model, family, routers=router, layers=layers or None,
+                                            on_full="skip")
+                plan.append(PlannedAblation(router, group, tuple(layers), family, ablation))
     return plan
 
 
@@ -150,29 +153,8 @@ def _tile(state: DepthState, copies: int) -> DepthState:
     return DepthState([tile(b) for b in state.blocks], tile(state.current), state.current_is_committed)
 
 
-def _mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device) -> list:
-    """One hook per touched router; copy ``i`` of the prompts gets ablation ``i``'s mask."""
-    per_hook: dict[str, list[tuple[int, tuple[bool, ...]]]] = defaultdict(list)
-    for copy, ablation in enumerate(ablations):
-        for name, mask in ablation.masks:
-            per_hook[name].append((copy, mask))
-    hooks = []
-    for name, entries in per_hook.items():
-        n_sources = len(entries[0][1])
-        rows = torch.zeros(len(ablations) * rows_per_copy, n_sources, dtype=torch.bool, device=device)
-        for copy, mask in entries:
-            rows[copy * rows_per_copy:(copy + 1) * rows_per_copy] = torch.tensor(mask, device=device)
-
-        def hook(logits, hook, rows=rows):
-            # hooks the caller attached (e.g. their own mask_sources) may have masked the rest
-            return mask_logits(logits, rows[:, None, :], f"{hook.name}: with the hooks already attached, "
-                               "this ablation")
-
-        hooks.append((name, hook))
-    return hooks
-
-
-def _same_routed_source(ablations: Sequence[Ablation], indices: Sequence[int], state: DepthState) -> dict[int, int]:
+def _same_routed_source(ablations: Sequence[PlannedAblation], indices: Sequence[int],
+                        state: DepthState) -> dict[int, int]:
     """Ablations (starting at the sublayer ``state`` enters) that repeat an earlier one
     exactly: ``{duplicate: original}``.
 
@@ -183,17 +165,17 @@ def _same_routed_source(ablations: Sequence[Ablation], indices: Sequence[int], s
     a copy of the embedding.
     """
     sources = state.sources
-    seen: list[tuple[str, Tensor, int]] = []
+    seen: list[tuple[RouterSite, Tensor, int]] = []
     same_as = {}
     for i in indices:
-        masks = ablations[i].masks
+        masks = ablations[i].ablation.masks
         if len(masks) != 1 or sum(not masked for masked in masks[0][1]) != 1:
             continue
-        name, mask = masks[0]
+        site, mask = masks[0]
         kept = sources[mask.index(False)]
-        original = next((j for other, value, j in seen if other == name and torch.equal(value, kept)), None)
+        original = next((j for other, value, j in seen if other == site and torch.equal(value, kept)), None)
         if original is None:
-            seen.append((name, kept, i))
+            seen.append((site, kept, i))
         else:
             same_as[i] = original
     return same_as
@@ -201,7 +183,7 @@ def _same_routed_source(ablations: Sequence[Ablation], indices: Sequence[int], s
 
 @torch.no_grad()
 def run_ablations(
-    model, batch: TaskBatch, ablations: Sequence[Ablation], metrics: Sequence[str] = ("logit_diff",),
+    model, batch: TaskBatch, ablations: Sequence[PlannedAblation], metrics: Sequence[str] = ("logit_diff",),
     fast: bool = True, chunk: int = 256, max_rows: int = 256, progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
@@ -251,7 +233,8 @@ def run_ablations(
                 indices = [i for i in indices if i not in same_as]
                 for group_start in range(0, len(indices), per_pass):
                     group = indices[group_start:group_start + per_pass]
-                    hooks = _mask_hooks([ablations[i] for i in group], len(part), part.tokens.device)
+                    hooks = batched_mask_hooks([ablations[i].ablation for i in group], len(part),
+                                               part.tokens.device)
                     with model.hooks(fwd_hooks=hooks):
                         out = model.forward_from(_tile(states[sublayer], len(group)), sublayer,
                                                  logit_positions=part.answer_pos.repeat(len(group)))
@@ -265,7 +248,7 @@ def run_ablations(
                 bar.update(1)
         else:
             for i in range(len(ablations)):  # every ablation, no-ops included: the reference loop
-                hooks = _mask_hooks([ablations[i]], len(part), part.tokens.device)
+                hooks = ablations[i].ablation.hooks()
                 out = model.run_with_hooks(part.tokens, fwd_hooks=hooks)
                 for metric in metrics:
                     ablated[metric][i, rows] = metric_values(part, out, metric).cpu().numpy()
@@ -310,7 +293,7 @@ def ablation_effects(
                 "layers": ",".join(map(str, ablation.layers)), "family": ablation.family,
                 "metric": metric, "clean": clean[metric].mean(), "ablated": ablated[metric][i].mean(),
                 "effect": mean[i], "ci_low": low[i], "ci_high": high[i],
-                "n_masked_routers": len(ablation.masks), "skipped": ";".join(ablation.skipped),
+                "n_masked_routers": len(ablation.ablation.masks), "skipped": ";".join(ablation.skipped),
                 "n_prompts": len(batch),
             })
     return pd.DataFrame(rows)

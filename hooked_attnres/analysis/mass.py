@@ -12,14 +12,16 @@ from torch import Tensor
 
 from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
 from hooked_attnres.interventions.selection import depth_bands, position_index
-from hooked_attnres.model.depth import FAMILIES, router_hook_prefix
+from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
 
 Positions = Union[str, Sequence[int], Tensor]
 
 
-def band_of(layer: Optional[int], bands: dict[str, list[int]]) -> str:
-    """The band a layer belongs to (``"final"`` for the final router)."""
+def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]) -> str:
+    """The band a layer (or a router site) belongs to (``"final"`` for the final router)."""
+    if isinstance(layer, RouterSite):
+        layer = layer.layer
     if layer is None:
         return "final"
     for name, layers in bands.items():
@@ -71,12 +73,12 @@ def routing_mass(
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
     if isinstance(prompts, TaskBatch) and answer_pos is None:
         answer_pos = prompts.answer_pos
-    routers = model.routers()
-    if not routers:
-        raise ValueError("this model has attnres_layout='none' and therefore no routers")
+    layout = model.routing_layout
+    layout.require_routers()
+    sites = layout.sites()
     band_map = depth_bands(model.cfg.n_layers, bands)
-    names = [f"{router_hook_prefix(layer, router)}.hook_weights" for layer, router in routers]
-    family_index = [model.source_families(layer, router) for layer, router in routers]
+    names = [site.hook("weights") for site in sites]
+    family_index = [layout.families(site) for site in sites]
     per_router = []  # [router] -> [batch, family]
     with torch.no_grad():
         chunks = []
@@ -92,9 +94,9 @@ def routing_mass(
             chunks.append(torch.stack(rows, dim=0))  # [router, b, family]
         per_router = torch.cat(chunks, dim=1).cpu().double().numpy()
     n_routers, n_prompts, n_families = per_router.shape
-    router_names = np.array([router for _, router in routers])
-    layers = np.array([-1 if layer is None else layer for layer, _ in routers])
-    router_bands = np.array([band_of(layer, band_map) for layer, _ in routers])
+    router_names = np.array([site.kind for site in sites])
+    layers = np.array([site.table_layer for site in sites])
+    router_bands = np.array([band_of(site, band_map) for site in sites])
     return pd.DataFrame({
         "prompt": np.tile(np.repeat(np.arange(n_prompts), n_families), n_routers),
         "router": np.repeat(router_names, n_prompts * n_families),

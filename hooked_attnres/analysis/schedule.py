@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout, router_hook_prefix
+from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,19 @@ def recency_schedule(n_layers: int, num_blocks: int, bias: float = 3.0,
         raise ValueError(f"bias must be finite, got {bias!r}")
     layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
     source_rows, family_rows = [], []
-    for layer in range(n_layers):
-        for router in SUBLAYER_ROUTERS:
-            labels = layout.source_labels(layer, router)
-            n_other = len(labels) - 1
-            denominator = math.exp(bias) + n_other
-            weights = [1 / denominator] * n_other + [math.exp(bias) / denominator]
-            family_of = {i: f for f, idx in layout.source_families(layer, router).items() for i in idx}
-            for index, (label, weight) in enumerate(zip(labels, weights)):
-                source_rows.append(dict(layer=layer, router=router, source_index=index,
-                                        label=label, family=family_of[index], weight=weight))
-            for family, indices in layout.source_families(layer, router).items():
-                family_rows.append(dict(layer=layer, router=router, family=family,
-                                        weight=sum(weights[i] for i in indices)))
+    for site in layout.sites():
+        labels = layout.labels(site)
+        n_other = len(labels) - 1
+        denominator = math.exp(bias) + n_other
+        weights = [1 / denominator] * n_other + [math.exp(bias) / denominator]
+        families = layout.families(site)
+        family_of = {i: f for f, idx in families.items() for i in idx}
+        for index, (label, weight) in enumerate(zip(labels, weights)):
+            source_rows.append(dict(layer=site.layer, router=site.kind, source_index=index,
+                                    label=label, family=family_of[index], weight=weight))
+        for family, indices in families.items():
+            family_rows.append(dict(layer=site.layer, router=site.kind, family=family,
+                                    weight=sum(weights[i] for i in indices)))
     sources, families = pd.DataFrame(source_rows), pd.DataFrame(family_rows)
     by_router = families.pivot_table(index="router", columns="family", values="weight", aggfunc="mean")
     overall = families.groupby("family").weight.mean().rename("all")
@@ -109,13 +109,13 @@ def schedule_deviation(model, cache, schedule: RecencySchedule | None = None) ->
         schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks,
                                     cfg.attnres_recency_bias, cfg.attnres_mode)
     worst = 0.0
-    for layer, router in model.routers():
-        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+    for site in model.sites():
+        name = site.hook("weights")
         if name not in cache:
             raise KeyError(f"the cache has no {name}; run run_with_cache without a names_filter "
                            "that excludes routing weights")
         measured = cache[name].double()
-        predicted = schedule.weights(layer, router).to(measured.device)
+        predicted = schedule.weights(site.layer, site.kind).to(measured.device)
         if measured.shape[-1] != predicted.shape[0]:
             raise ValueError(
                 f"{name} has {measured.shape[-1]} sources but the schedule predicts "

@@ -5,11 +5,17 @@ Every function returns ``[(hook_name, hook_fn), ...]`` for ``model.run_with_hook
 
     hooks = mask_sources(model, "embedding", routers="mlp_res", layers="early")
     ablated_logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+*Where* an intervention applies is a list of `RouterSite` s (chosen by
+`hooked_attnres.interventions.selection`); *what* it does is one hook function per site.
+Mask-and-renormalise ablation has one compiler, `Ablation`: `mask_sources` and the fast
+ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -17,15 +23,16 @@ from torch import Tensor
 
 from hooked_attnres.interventions.selection import (
     LayerSpec,
+    RouterSpec,
     SourceSpec,
-    describe,
     iter_selected,
     position_index,
-    resolve_routers,
+    select_sites,
 )
-from hooked_attnres.model.depth import router_hook_prefix
+from hooked_attnres.model.depth import RouterSite
 
 Hooks = list[tuple[str, Callable]]
+Value = Union[str, Tensor, Mapping]
 
 
 def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
@@ -35,6 +42,36 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
     mask[position_index(positions, n_pos, device)] = True
     return mask
+
+
+def _at_positions(new: Tensor, current: Tensor, positions, pos_dim: int = 1) -> Tensor:
+    """``new`` where ``positions`` select (all of it if ``positions`` is None), else
+    ``current``; ``pos_dim`` is the position axis of ``[batch, pos, ...]`` tensors."""
+    pos_mask = _positions_mask(positions, current.shape[pos_dim], current.device)
+    if pos_mask is None:
+        return new.clone()  # never hand out a cache's tensor or a broadcast view
+    pos_mask = pos_mask.reshape(-1, *([1] * (current.ndim - pos_dim - 1)))
+    return torch.where(pos_mask, new, current)
+
+
+def _is_cache(value) -> bool:
+    """An ``ActivationCache`` or a dict of tensors (not a tensor, not a string)."""
+    return hasattr(value, "keys") and not isinstance(value, (Tensor, str))
+
+
+def resolve_value(value: Value, current: Float[Tensor, "batch pos d_model"],
+                  from_cache: Callable[[Mapping], Tensor]) -> Float[Tensor, "batch pos d_model"]:
+    """What replaces ``current``: ``"zero"``; ``"mean"`` (over the batch, per position);
+    a cache of another run (``from_cache(cache)`` picks the matching tensor); or a tensor
+    broadcastable to ``current``. The one value resolver of every patching intervention."""
+    if isinstance(value, str):
+        if value == "zero":
+            return torch.zeros_like(current)
+        if value == "mean":
+            return current.mean(dim=0, keepdim=True).expand_as(current)
+        raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
+    new = from_cache(value) if _is_cache(value) else torch.as_tensor(value)
+    return new.to(current.device, current.dtype).expand_as(current)
 
 
 def mask_logits(logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor, "... n_sources"],
@@ -52,117 +89,191 @@ def mask_logits(logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor
     return masked
 
 
-def mask_sources(model, sources: SourceSpec, routers=None, layers: LayerSpec = None,
+def mask_hook(site: RouterSite, where: Bool[Tensor, "... n_sources"], positions=None,
+              what: str = "this ablation") -> tuple[str, Callable]:
+    """The ``hook_logits`` hook that masks ``where`` at one router.
+
+    Args:
+        where: ``[n_sources]`` (every prompt alike) or ``[batch, 1, n_sources]`` (one mask
+            per row of the batch, as the batched ablation sweep uses).
+        positions: only mask at these positions (default: all).
+    """
+    def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
+        mask = where.to(logits.device)
+        pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
+        if pos_mask is not None:
+            mask = mask & pos_mask[:, None]
+        # another hook on the same router (e.g. a second mask_sources list) may have
+        # masked the rest already
+        return mask_logits(logits, mask, f"{hook.name}: together with earlier hooks on this router, {what}")
+
+    return site.hook("logits"), hook
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A mask-and-renormalise ablation: at each of its router sites, which sources are
+    masked (their logits become ``-inf``; the other weights renormalise to sum to 1).
+
+    Build it with `Ablation.compile`; `hooks` gives the TransformerLens hook list.
+
+    Attributes:
+        masks: ``((site, mask), ...)`` in forward order; ``mask[i]`` is whether source
+            ``i`` of that router is masked. Only routers where something is masked.
+        skipped: sites where the selection was every source (left alone, with
+            ``on_full="skip"``).
+        positions: only mask at these positions (``None``: all; an int, a list or a
+            tensor, checked against the run's length when the hook runs).
+        what: a description used in error messages.
+    """
+
+    masks: tuple[tuple[RouterSite, tuple[bool, ...]], ...]
+    skipped: tuple[RouterSite, ...] = ()
+    positions: Any = field(default=None, compare=False)
+    what: str = "this ablation"
+
+    @classmethod
+    def compile(cls, model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
+                bands: Optional[dict] = None, positions=None, on_full: str = "raise") -> "Ablation":
+        """Resolve a selection to per-router masks.
+
+        Args:
+            sources: families, labels and/or indices (see `hooked_attnres.interventions.selection`).
+            routers, layers, bands: which routers (default: every attention and MLP router).
+            positions: only ablate at these positions (default: all).
+            on_full: a router where the selection is every source: ``"raise"`` a
+                ``ValueError`` naming it (the renormalisation is undefined there) or
+                ``"skip"`` it (listed in ``skipped``).
+        """
+        if on_full not in ("raise", "skip"):
+            raise ValueError(f"on_full must be 'raise' or 'skip', got {on_full!r}")
+        layout = model.routing_layout
+        masks, skipped = [], []
+        for site, indices in iter_selected(model, sources, routers, layers, bands):
+            n_sources = layout.n_sources(site)
+            if len(indices) == n_sources:
+                if on_full == "skip":
+                    skipped.append(site)
+                    continue
+                raise ValueError(
+                    f"masking {sources!r} at {site} would mask all {n_sources} of its sources "
+                    f"{layout.labels(site)}; the renormalised weights are undefined there. "
+                    "Exclude that router (routers= / layers=) or mask fewer sources."
+                )
+            masks.append((site, tuple(i in indices for i in range(n_sources))))
+        return cls(tuple(masks), tuple(skipped), positions, f"masking {sources!r}")
+
+    @property
+    def sites(self) -> tuple[RouterSite, ...]:
+        return tuple(site for site, _ in self.masks)
+
+    @property
+    def is_noop(self) -> bool:
+        """Nothing is masked (the family does not exist at the selected routers)."""
+        return not self.masks
+
+    @property
+    def start_sublayer(self) -> Optional[int]:
+        """The first sublayer it changes (`RouterSite.sublayer`; ``None`` for a no-op): a
+        forward pass can start there from the clean run's depth state."""
+        return min((site.sublayer for site in self.sites), default=None)
+
+    def hooks(self) -> Hooks:
+        """One ``hook_logits`` hook per masked router."""
+        return [mask_hook(site, torch.tensor(mask), self.positions, self.what) for site, mask in self.masks]
+
+
+def batched_mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device=None) -> Hooks:
+    """Hooks for a batch made of ``len(ablations)`` copies of ``rows_per_copy`` prompts:
+    copy ``i`` gets ablation ``i``'s masks (one hook per touched router, built by
+    `mask_hook` like `Ablation.hooks`). Position-restricted ablations are not batched."""
+    per_site: dict[RouterSite, Tensor] = {}
+    for copy, ablation in enumerate(ablations):
+        if ablation.positions is not None:
+            raise ValueError("batched_mask_hooks takes ablations over all positions")
+        for site, mask in ablation.masks:
+            if site not in per_site:
+                per_site[site] = torch.zeros(len(ablations) * rows_per_copy, len(mask), dtype=torch.bool,
+                                             device=device)
+            per_site[site][copy * rows_per_copy:(copy + 1) * rows_per_copy] = torch.tensor(mask, device=device)
+    return [mask_hook(site, rows[:, None, :], what="this ablation (with the hooks already attached)")
+            for site, rows in per_site.items()]
+
+
+def mask_sources(model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
                  bands: Optional[dict] = None, positions=None) -> Hooks:
     """Mask-and-renormalise ablation: the selected sources get weight 0 and the others
     are renormalised to sum to 1 (their logits are set to ``-inf`` before the softmax,
-    so ``hook_weights`` shows the renormalised weights).
+    so ``hook_weights`` shows the renormalised weights). ``Ablation.compile(...).hooks()``.
 
     Args:
         sources: families, labels and/or indices (see `hooked_attnres.interventions.selection`).
-        routers, layers, bands: which routers (default: every attention and MLP router).
+        routers, layers, bands: which routers (default: every attention and MLP router;
+            `RouterSite` s are accepted too).
         positions: only ablate at these positions (default: all).
 
     Raises:
         ValueError: if the selection would mask every source of some router (the
             renormalisation is undefined there), naming the router.
     """
-    hooks: Hooks = []
-    for layer, router, indices in iter_selected(model, sources, routers, layers, bands):
-        n_sources = model.routing_layout.n_sources(layer, router)
-        if len(indices) == n_sources:
-            labels = model.source_labels(layer, router)
-            raise ValueError(
-                f"masking {sources!r} at {describe(layer, router)} would mask all {n_sources} "
-                f"of its sources {labels}; the renormalised weights are undefined there. "
-                "Exclude that router (routers= / layers=) or mask fewer sources."
-            )
-        masked = torch.zeros(n_sources, dtype=torch.bool)
-        masked[indices] = True
-
-        def hook(logits: Float[Tensor, "batch pos n_sources"], hook, masked=masked):
-            where = masked.to(logits.device)
-            pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
-            if pos_mask is not None:
-                where = where & pos_mask[:, None]
-            # another hook on the same router (e.g. a second mask_sources list) may have
-            # masked the rest already
-            return mask_logits(logits, where, f"{hook.name}: together with earlier hooks on this "
-                               f"router, masking {sources!r}")
-
-        hooks.append((f"{router_hook_prefix(layer, router)}.hook_logits", hook))
-    return hooks
+    return Ablation.compile(model, sources, routers, layers, bands, positions).hooks()
 
 
-def _weights_for(weights, model, layer, router, n_sources: int) -> Union[str, Tensor]:
+def _weights_for(weights, model, site: RouterSite) -> Union[str, Tensor]:
+    layout = model.routing_layout
+    n_sources = layout.n_sources(site)
     if isinstance(weights, str):
         if weights != "uniform":
             raise ValueError(f"weights must be 'uniform', a tensor, a dict or a cache; got {weights!r}")
         return weights
-    if isinstance(weights, dict) and (layer, router) in weights:
-        weights = weights[(layer, router)]
-    elif hasattr(weights, "keys") and not isinstance(weights, Tensor):
-        name = f"{router_hook_prefix(layer, router)}.hook_weights"
+    if isinstance(weights, dict) and (site.layer, site.kind) in weights:
+        weights = weights[(site.layer, site.kind)]
+    elif isinstance(weights, dict) and site in weights:
+        weights = weights[site]
+    elif _is_cache(weights):
+        name = site.hook("weights")
         if name not in weights:
             raise KeyError(f"the weights source has no {name}")
         weights = weights[name]
     weights = torch.as_tensor(weights, dtype=torch.float32)
     if weights.shape[-1] != n_sources:
         raise ValueError(
-            f"weights for {describe(layer, router)} have {weights.shape[-1]} sources, the router "
-            f"has {n_sources} ({model.source_labels(layer, router)})"
+            f"weights for {site} have {weights.shape[-1]} sources, the router has {n_sources} "
+            f"({layout.labels(site)})"
         )
     if (weights < 0).any() or not torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-4):
-        raise ValueError(f"weights for {describe(layer, router)} must be non-negative and sum to 1")
+        raise ValueError(f"weights for {site} must be non-negative and sum to 1")
     return weights
 
 
-def set_weights(model, weights, routers=None, layers: LayerSpec = None,
+def set_weights(model, weights, routers: RouterSpec = None, layers: LayerSpec = None,
                 bands: Optional[dict] = None, positions=None) -> Hooks:
     """Replace routing weights.
 
     Args:
         weights: ``"uniform"``; a tensor ``[n_sources]`` or ``[batch, pos, n_sources]``
             (one router's shape, so usually with a single router selected); a dict
-            ``{(layer, router): tensor}``; or an ``ActivationCache`` / dict of another run
-            holding ``hook_weights`` (routing patching, e.g. clean weights into a
-            corrupted run).
+            ``{(layer, router) or RouterSite: tensor}``; or an ``ActivationCache`` / dict of
+            another run holding ``hook_weights`` (routing patching, e.g. clean weights into
+            a corrupted run).
         routers, layers, bands: which routers (default: every attention and MLP router).
         positions: only replace at these positions (default: all).
     """
     hooks: Hooks = []
-    for layer, router in resolve_routers(model, routers, layers, bands):
-        n_sources = model.routing_layout.n_sources(layer, router)
-        value = _weights_for(weights, model, layer, router, n_sources)
+    for site in select_sites(model, routers, layers, bands):
+        value = _weights_for(weights, model, site)
 
         def hook(current: Float[Tensor, "batch pos n_sources"], hook, value=value):
             new = (torch.full_like(current, 1.0 / current.shape[-1]) if isinstance(value, str)
                    else value.to(current.device, current.dtype).expand_as(current))
-            pos_mask = _positions_mask(positions, current.shape[-2], current.device)
-            if pos_mask is None:
-                return new.clone()
-            return torch.where(pos_mask[:, None], new, current)
+            return _at_positions(new, current, positions)
 
-        hooks.append((f"{router_hook_prefix(layer, router)}.hook_weights", hook))
+        hooks.append((site.hook("weights"), hook))
     return hooks
 
 
-def _replacement(value, current: Tensor, index: int, name: str) -> Tensor:
-    """What replaces ``current[..., index, :]`` (``[batch, pos, d_model]``)."""
-    source = current[..., index, :]
-    if isinstance(value, str):
-        if value == "zero":
-            return torch.zeros_like(source)
-        if value == "mean":
-            return source.mean(dim=0, keepdim=True).expand_as(source)
-        raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
-    if hasattr(value, "keys") and not isinstance(value, Tensor):
-        return value[name][..., index, :].to(source.device, source.dtype)
-    return torch.as_tensor(value).to(source.device, source.dtype).expand_as(source)
-
-
-def patch_sources(model, sources: SourceSpec, value="zero", routers=None, layers: LayerSpec = None,
-                  bands: Optional[dict] = None, positions=None) -> Hooks:
+def patch_sources(model, sources: SourceSpec, value: Value = "zero", routers: RouterSpec = None,
+                  layers: LayerSpec = None, bands: Optional[dict] = None, positions=None) -> Hooks:
     """Replace depth sources as *one router* sees them (local patching).
 
     Edits ``hook_sources`` of each selected router, so only that router's mix changes;
@@ -176,17 +287,15 @@ def patch_sources(model, sources: SourceSpec, value="zero", routers=None, layers
         positions: only patch at these positions (default: all).
     """
     hooks: Hooks = []
-    for layer, router, indices in iter_selected(model, sources, routers, layers, bands):
-        name = f"{router_hook_prefix(layer, router)}.hook_sources"
+    for site, indices in iter_selected(model, sources, routers, layers, bands):
+        name = site.hook("sources")
 
-        def hook(stacked: Float[Tensor, "batch pos n_sources d_model"], hook, indices=indices,
-                 name=name):
+        def hook(stacked: Float[Tensor, "batch pos n_sources d_model"], hook, indices=indices, name=name):
             out = stacked.clone()
-            pos_mask = _positions_mask(positions, stacked.shape[1], stacked.device)
             for index in indices:
-                new = _replacement(value, stacked, index, name)
-                out[..., index, :] = new if pos_mask is None else torch.where(
-                    pos_mask[:, None], new, stacked[..., index, :])
+                current = stacked[..., index, :]
+                new = resolve_value(value, current, lambda cache: cache[name][..., index, :])
+                out[..., index, :] = _at_positions(new, current, positions)
             return out
 
         hooks.append((name, hook))
@@ -213,7 +322,7 @@ def commit_hook_name(model, label: str) -> str:
     )
 
 
-def patch_committed(model, labels: Union[str, list[str]], value="zero", positions=None) -> Hooks:
+def patch_committed(model, labels: Union[str, list[str]], value: Value = "zero", positions=None) -> Hooks:
     """Replace committed sources for *every* later reader (global patching).
 
     ``"embedding"`` patches ``hook_embed`` (the token embedding wherever it is used, so
@@ -234,18 +343,8 @@ def patch_committed(model, labels: Union[str, list[str]], value="zero", position
         name = commit_hook_name(model, label)
 
         def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name):
-            if isinstance(value, str) and value == "zero":
-                new = torch.zeros_like(block)
-            elif isinstance(value, str) and value == "mean":
-                new = block.mean(dim=0, keepdim=True).expand_as(block)
-            elif isinstance(value, str):
-                raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
-            elif hasattr(value, "keys") and not isinstance(value, Tensor):
-                new = value[name].to(block.device, block.dtype)
-            else:
-                new = torch.as_tensor(value).to(block.device, block.dtype).expand_as(block)
-            pos_mask = _positions_mask(positions, block.shape[1], block.device)
-            return new.clone() if pos_mask is None else torch.where(pos_mask[:, None], new, block)
+            new = resolve_value(value, block, lambda cache: cache[name])
+            return _at_positions(new, block, positions)
 
         hooks.append((name, hook))
     return hooks

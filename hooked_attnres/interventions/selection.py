@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres.model.depth import FAMILIES, ROUTERS, SUBLAYER_ROUTERS
+from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
 LayerSpec = Union[None, int, str, range, tuple, Sequence]
 SourceSpec = Union[str, int, Sequence[Union[str, int]]]
@@ -84,30 +84,47 @@ def check_routers(model, routers: Union[None, str, Sequence[str]] = None) -> tup
     """Router types as a checked tuple: ``None`` is the two sublayer routers, a string is
     one router; raises ``ValueError`` for a model without routers, an unknown router type,
     or ``"final_res"`` on a layout without a final router."""
-    if not model.routing_layout.has_routers:
-        raise ValueError("this model has attnres_layout='none' and therefore no routers")
-    if routers is None:
-        routers = SUBLAYER_ROUTERS
-    routers = (routers,) if isinstance(routers, str) else tuple(routers)
-    for router in routers:
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; routers are {ROUTERS}")
-        if router == "final_res" and not model.cfg.has_final_router:
-            raise ValueError(f"the {model.cfg.attnres_layout!r} layout has no final router")
-    return routers
+    layout = model.routing_layout
+    layout.require_routers()
+    kinds = SUBLAYER_ROUTERS if routers is None else (
+        (routers,) if isinstance(routers, str) else tuple(routers))
+    layout.sites(kinds)  # unknown kinds
+    if "final_res" in kinds:
+        layout.site(None, "final_res")  # a layout without a final router
+    return kinds
 
 
-def resolve_routers(model, routers: Union[None, str, Sequence[str]] = None, layers: LayerSpec = None,
-                    bands: Optional[dict] = None) -> list[tuple[Optional[int], str]]:
-    """``(layer, router)`` pairs in forward order.
+RouterSpec = Union[None, str, RouterSite, Sequence[Union[str, RouterSite]]]
 
-    ``routers`` defaults to the two sublayer routers; ``"final_res"`` must be asked for
-    (it has no layer, so ``layers`` does not filter it).
+
+def select_sites(model, routers: RouterSpec = None, layers: LayerSpec = None,
+                 bands: Optional[dict] = None) -> list[RouterSite]:
+    """The `RouterSite` s an intervention or analysis touches, in forward order.
+
+    Args:
+        routers: router types (``"attn_res"``, ``"mlp_res"``, ``"final_res"``; default the
+            two sublayer types) and/or explicit `RouterSite` s (kept as given, checked).
+        layers, bands: which layers of the router types (see `resolve_layers`); the final
+            router has no layer, so ``layers`` does not filter it (it must be asked for).
     """
-    routers = check_routers(model, routers)
+    layout = model.routing_layout
+    if isinstance(routers, RouterSite) or (
+            isinstance(routers, (list, tuple)) and any(isinstance(r, RouterSite) for r in routers)):
+        given = [routers] if isinstance(routers, RouterSite) else list(routers)
+        explicit = [layout.check(r) for r in given if isinstance(r, RouterSite)]
+        kinds = [r for r in given if not isinstance(r, RouterSite)]
+        typed = select_sites(model, kinds, layers, bands) if kinds else []
+        chosen = set(explicit) | set(typed)
+        return [site for site in layout.sites() if site in chosen]
+    kinds = check_routers(model, routers)  # type: ignore[arg-type]
     chosen_layers = set(resolve_layers(model, layers, bands))
-    return [(layer, router) for layer, router in model.routers()
-            if router in routers and (layer is None or layer in chosen_layers)]
+    return [site for site in layout.sites(kinds) if site.is_final or site.layer in chosen_layers]
+
+
+def resolve_routers(model, routers: RouterSpec = None, layers: LayerSpec = None,
+                    bands: Optional[dict] = None) -> list[tuple[Optional[int], str]]:
+    """``(layer, router)`` pairs of `select_sites` (kept for compatibility)."""
+    return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
 def position_index(positions, n_pos: int, device=None) -> Tensor:
@@ -129,15 +146,16 @@ def _as_list(sources: SourceSpec) -> list:
     return list(sources)
 
 
-def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpec) -> list[int]:
+def source_indices(model, site: RouterSite, sources: SourceSpec) -> list[int]:
     """Source indices of one router selected by families, labels and/or indices.
 
     Raises ``ValueError`` for a name that is neither a family nor a label of *any*
     router of the model, or for an index out of range; a family or label that this
     router lacks selects nothing.
     """
-    labels = model.source_labels(layer, router)
-    families = model.source_families(layer, router)
+    layout = model.routing_layout
+    labels = layout.labels(site)
+    families = layout.families(site)
     out: list[int] = []
     for spec in _as_list(sources):
         if isinstance(spec, bool):
@@ -146,7 +164,7 @@ def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpe
             if not -len(labels) <= spec < len(labels):
                 raise ValueError(
                     f"source index {spec} is out of range for {len(labels)} sources at "
-                    f"{router} layer {layer} ({labels})"
+                    f"{site} ({labels})"
                 )
             out.append(spec % len(labels))
         elif spec in FAMILIES:
@@ -161,18 +179,21 @@ def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpe
     return sorted(set(out))
 
 
+def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpec) -> list[int]:
+    """`source_indices` of ``(layer, router)`` (kept for compatibility)."""
+    return source_indices(model, model.site(layer, router), sources)
+
+
 def all_labels(model) -> set[str]:
-    return {label for layer, router in model.routers() for label in model.source_labels(layer, router)}
+    """Every source label of every router of the model."""
+    layout = model.routing_layout
+    return {label for site in layout.sites() for label in layout.labels(site)}
 
 
-def describe(layer: Optional[int], router: str) -> str:
-    return router if layer is None else f"{router} layer {layer}"
-
-
-def iter_selected(model, sources: SourceSpec, routers=None, layers: LayerSpec = None,
-                  bands: Optional[dict] = None) -> Iterable[tuple[Optional[int], str, list[int]]]:
-    """``(layer, router, source_indices)`` for every selected router with a non-empty selection."""
-    for layer, router in resolve_routers(model, routers, layers, bands):
-        indices = resolve_sources(model, layer, router, sources)
+def iter_selected(model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
+                  bands: Optional[dict] = None) -> Iterable[tuple[RouterSite, list[int]]]:
+    """``(site, source_indices)`` for every selected router with a non-empty selection."""
+    for site in select_sites(model, routers, layers, bands):
+        indices = source_indices(model, site, sources)
         if indices:
-            yield layer, router, indices
+            yield site, indices

@@ -28,17 +28,77 @@ and counts come from exactly the schedule the forward pass runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import Tensor
 
-from hooked_attnres.config import HookedAttnResConfig
+if TYPE_CHECKING:
+    from hooked_attnres.config import HookedAttnResConfig
 
 Router = Literal["attn_res", "mlp_res", "final_res"]
 ROUTERS: tuple[str, ...] = ("attn_res", "mlp_res", "final_res")
 SUBLAYER_ROUTERS: tuple[str, ...] = ("attn_res", "mlp_res")
 FAMILIES: tuple[str, ...] = ("embedding", "older", "prev_completed", "current")
+# the hooks of every router: RouterSite.hook(name) -> module path of the HookPoint
+ROUTER_HOOKS: dict[str, str] = {
+    "sources": "hook_sources",
+    "scale": "key_norm.hook_scale",
+    "logits": "hook_logits",
+    "weights": "hook_weights",
+    "out": "hook_out",
+}
+NO_ROUTERS = "this model has attnres_layout='none' and therefore no routers"
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    """Where one router sits: ``(layer, kind)``, ``layer=None`` for the final router.
+
+    Get sites from the layout (``model.sites()``, ``model.site(3, "attn_res")``), which
+    checks them; every other module takes sites instead of formatting hook names.
+
+    Attributes:
+        layer: the decoder layer, or ``None`` for the final router.
+        kind: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
+        sublayer: the sublayer the router feeds, in forward order: ``2 * layer``
+            (attention), ``2 * layer + 1`` (MLP), ``2 * n_layers`` (final router, before
+            the unembedding); the index of `HookedAttnRes.depth_states` /
+            `HookedAttnRes.forward_from` where an intervention on this router starts.
+    """
+
+    layer: Optional[int]
+    kind: str
+    sublayer: int
+
+    @property
+    def is_final(self) -> bool:
+        return self.layer is None
+
+    @property
+    def prefix(self) -> str:
+        """Module path of the router: ``"blocks.3.attn_res"`` or ``"final_res"``."""
+        return self.kind if self.layer is None else f"blocks.{self.layer}.{self.kind}"
+
+    def hook(self, name: str) -> str:
+        """The name of one of the router's hooks: ``"sources"``, ``"scale"``,
+        ``"logits"``, ``"weights"`` or ``"out"`` (``"hook_weights"`` also works), e.g.
+        ``"blocks.3.attn_res.hook_weights"``."""
+        key = name.removeprefix("hook_")
+        if key not in ROUTER_HOOKS:
+            raise ValueError(f"a router has no hook {name!r}; its hooks are {list(ROUTER_HOOKS)}")
+        return f"{self.prefix}.{ROUTER_HOOKS[key]}"
+
+    @property
+    def table_layer(self) -> int:
+        """The layer as an integer column of a table: ``-1`` for the final router."""
+        return -1 if self.layer is None else self.layer
+
+    def __str__(self) -> str:
+        return self.kind if self.layer is None else f"{self.kind} layer {self.layer}"
+
+
+SiteLike = Union[RouterSite, tuple]
 
 Payload = TypeVar("Payload")
 
@@ -91,17 +151,25 @@ class RoutingLayout:
     _walk_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: HookedAttnResConfig) -> "RoutingLayout":
+    def from_config(cls, cfg: "HookedAttnResConfig") -> "RoutingLayout":
         return cls(cfg.attnres_layout, cfg.n_layers, cfg.layers_per_block, cfg.attnres_mode)
 
     # --- the schedule -----------------------------------------------------------------
     @property
     def has_routers(self) -> bool:
+        """Whether the model routes at all (every layout but ``"none"``)."""
         return self.layout != "none"
 
     @property
     def has_final_router(self) -> bool:
+        """Whether a final router mixes the sources before ``ln_final`` (partial-sum
+        layouts: ``"kimi"`` and ``"full"``). The only place this is decided."""
         return self.layout in ("kimi", "full")
+
+    def require_routers(self) -> None:
+        """Raise ``ValueError`` on a layout without routers (``"none"``)."""
+        if not self.has_routers:
+            raise ValueError(NO_ROUTERS)
 
     @property
     def snapshots(self) -> bool:
@@ -151,13 +219,19 @@ class RoutingLayout:
             return DepthState([*state.blocks, committed], state.current, False)
         return DepthState(list(state.blocks), committed, True)
 
-    # --- labels and families ----------------------------------------------------------
-    def _check_router(self, layer: Optional[int], router: str) -> None:
-        if not self.has_routers:
-            raise ValueError("this model has attnres_layout='none' and therefore no routers")
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if router == "final_res":
+    # --- router sites -------------------------------------------------------------------
+    def site(self, layer: Optional[int], kind: str) -> RouterSite:
+        """The checked `RouterSite` of ``(layer, kind)``; negative layers count from the end;
+        the final router is ``(None, "final_res")``.
+
+        Raises:
+            ValueError: on layout ``"none"``, an unknown kind, a layer out of range, or
+                ``"final_res"`` on a layout without a final router, naming what is valid.
+        """
+        self.require_routers()
+        if kind not in ROUTERS:
+            raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        if kind == "final_res":
             if not self.has_final_router:
                 raise ValueError(
                     f"the {self.layout!r} layout has no final router; routers are 'attn_res' "
@@ -165,13 +239,45 @@ class RoutingLayout:
                 )
             if layer is not None and layer != self.n_layers:
                 raise ValueError(f"the final router has no layer; pass layer=None, got {layer!r}")
-            return
-        if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
+            return RouterSite(None, kind, 2 * self.n_layers)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -self.n_layers <= layer < self.n_layers:
             raise ValueError(
                 f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
-                f"{router!r}, got {layer!r}"
+                f"{kind!r}, got {layer!r}"
             )
+        layer %= self.n_layers
+        return RouterSite(layer, kind, 2 * layer + (kind == "mlp_res"))
 
+    def check(self, site: SiteLike, kind: Optional[str] = None) -> RouterSite:
+        """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or
+        ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router."""
+        if isinstance(site, RouterSite):
+            checked = self.site(site.layer, site.kind)
+            if checked != site:
+                raise ValueError(f"{site!r} is not a router site of this model ({checked!r} is)")
+            return checked
+        if kind is not None:
+            return self.site(site, kind)  # type: ignore[arg-type]
+        if isinstance(site, tuple) and len(site) == 2:
+            return self.site(*site)
+        raise TypeError(f"expected a RouterSite or a (layer, router) pair, got {site!r}")
+
+    def sites(self, kinds: Union[None, str, Sequence[str]] = None) -> list[RouterSite]:
+        """Every router site in forward order (the final router last), optionally only
+        those of some kinds; ``[]`` on layout ``"none"``."""
+        if not self.has_routers:
+            return []
+        wanted = ROUTERS if kinds is None else ((kinds,) if isinstance(kinds, str) else tuple(kinds))
+        for kind in wanted:
+            if kind not in ROUTERS:
+                raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        out = [self.site(layer, kind) for layer in range(self.n_layers) for kind in SUBLAYER_ROUTERS
+               if kind in wanted]
+        if self.has_final_router and "final_res" in wanted:
+            out.append(self.site(None, "final_res"))
+        return out
+
+    # --- labels and families ----------------------------------------------------------
     def _walk(self) -> dict:
         """Run the schedule once with string payloads (memoised).
 
@@ -232,7 +338,7 @@ class RoutingLayout:
         MLP sublayer."""
         return self._walk()["signatures"][2 * layer + (sublayer == "mlp")]
 
-    def source_labels(self, layer: Optional[int], router: str) -> list[str]:
+    def labels(self, site: SiteLike) -> list[str]:
         """Names of the sources a router reads, in order (``hook_sources`` axis 2).
 
         ``"embedding"`` first, ``"current"`` last; in between ``"block_{n}"`` (the n-th
@@ -240,23 +346,21 @@ class RoutingLayout:
         A router with a single source (layer-0 attention in the kimi and full layouts)
         reads only ``["embedding"]``.
         """
-        self._check_router(layer, router)
-        if router == "final_res":
-            return list(self._walk()["labels"][(None, "final_res")])
-        layer = layer % self.n_layers
-        return list(self._walk()["labels"][(layer, router)])
+        site = self.check(site)
+        return list(self._walk()["labels"][(site.layer, site.kind)])
 
-    def n_sources(self, layer: Optional[int], router: str) -> int:
-        return len(self.source_labels(layer, router))
+    def n_sources(self, site: SiteLike, kind: Optional[str] = None) -> int:
+        """How many sources a router reads (``hook_weights``' last axis)."""
+        return len(self.labels(self.check(site, kind)))
 
-    def source_families(self, layer: Optional[int], router: str) -> dict[str, list[int]]:
+    def families(self, site: SiteLike) -> dict[str, list[int]]:
         """The seed paper's families as source indices (they partition the sources).
 
         For sources ``[s_0, ..., s_k]``: ``embedding=[0]``, ``current=[k]`` (k >= 1),
         ``prev_completed=[k-1]`` (k >= 2), ``older=[1, ..., k-2]``. Families that do not
         exist at a router map to ``[]``.
         """
-        k = self.n_sources(layer, router) - 1
+        k = self.n_sources(site) - 1
         return {
             "embedding": [0],
             "older": list(range(1, k - 1)),
@@ -264,16 +368,18 @@ class RoutingLayout:
             "current": [k] if k >= 1 else [],
         }
 
+    # ``(layer, router)`` spellings of the same (kept: they are public API)
+    def source_labels(self, layer: Optional[int], router: str) -> list[str]:
+        """`labels` of ``(layer, router)``."""
+        return self.labels(self.site(layer, router))
+
+    def source_families(self, layer: Optional[int], router: str) -> dict[str, list[int]]:
+        """`families` of ``(layer, router)``."""
+        return self.families(self.site(layer, router))
+
     def routers(self) -> list[tuple[Optional[int], str]]:
         """Every ``(layer, router)`` in forward order (``(None, "final_res")`` last)."""
-        if not self.has_routers:
-            return []
-        out: list[tuple[Optional[int], str]] = [
-            (layer, router) for layer in range(self.n_layers) for router in SUBLAYER_ROUTERS
-        ]
-        if self.has_final_router:
-            out.append((None, "final_res"))
-        return out
+        return [(site.layer, site.kind) for site in self.sites()]
 
 
 def gather_positions(state: DepthState, positions: Tensor) -> DepthState:
@@ -290,5 +396,9 @@ def gather_positions(state: DepthState, positions: Tensor) -> DepthState:
 
 
 def router_hook_prefix(layer: Optional[int], router: str) -> str:
-    """``(3, "attn_res") -> "blocks.3.attn_res"``; ``(None, "final_res") -> "final_res"``."""
+    """Deprecated: use ``RouterSite.prefix`` (``model.site(layer, router).prefix``)."""
+    import warnings
+
+    warnings.warn("router_hook_prefix is deprecated; use model.site(layer, router).prefix",
+                  DeprecationWarning, stacklevel=2)
     return "final_res" if router == "final_res" else f"blocks.{layer}.{router}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.block import AttnResBlock
-from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions, router_hook_prefix
+from hooked_attnres.model.depth import DepthState, RouterSite, RoutingLayout, SiteLike, gather_positions
 from hooked_attnres.model.hooked_root import HookedModule
 from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.rotary import rotary_tables
@@ -104,7 +104,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         self.blocks = nn.ModuleList(
             AttnResBlock(cfg, layer, self.routing_layout) for layer in range(cfg.n_layers)
         )
-        if cfg.has_final_router:
+        if self.routing_layout.has_final_router:
             self.final_res = DepthRouter(cfg.d_model, cfg.eps, cfg.attnres_recency_bias)
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         if not cfg.tie_word_embeddings:
@@ -170,16 +170,27 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return self.to("cuda" if device is None else device)
 
     # --- routing metadata -------------------------------------------------------------
-    def source_labels(self, layer: Optional[int], router: str) -> list[str]:
-        """Names of the sources ``router`` reads at ``layer`` (the ``n_sources`` axis).
+    def sites(self, kinds: Union[None, str, Sequence[str]] = None) -> list[RouterSite]:
+        """Every router's `RouterSite` in forward order (the final router last), or only
+        those of some kinds (``"attn_res"``, ``"mlp_res"``, ``"final_res"``)."""
+        return self.routing_layout.sites(kinds)
+
+    def site(self, layer: Optional[int], kind: str) -> RouterSite:
+        """The `RouterSite` of ``(layer, kind)`` (``(None, "final_res")`` for the final
+        router; negative layers count from the end), checked against the layout."""
+        return self.routing_layout.site(layer, kind)
+
+    def source_labels(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> list[str]:
+        """Names of the sources a router reads (the ``n_sources`` axis), by `RouterSite` or
+        by ``(layer, router)``.
 
         ``router`` is ``"attn_res"``, ``"mlp_res"`` or ``"final_res"`` (``layer=None``).
         Example (cumulative, 8 layers, 4 blocks, layer 5):
         ``["embedding", "block_1", "block_2", "current"]``.
         """
-        return self.routing_layout.source_labels(layer, router)
+        return self.routing_layout.labels(self.routing_layout.check(site, router))
 
-    def source_families(self, layer: Optional[int], router: str) -> dict[str, list[int]]:
+    def source_families(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> dict[str, list[int]]:
         """The seed paper's source families as index lists (a partition of the sources).
 
         ``embedding`` = index 0, ``current`` = last, ``prev_completed`` = second to last
@@ -188,26 +199,21 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         ``embedding`` and ``current`` are both the embedding, and at a block-start
         attention router of the cumulative layout ``prev_completed`` equals ``current``.
         """
-        return self.routing_layout.source_families(layer, router)
+        return self.routing_layout.families(self.routing_layout.check(site, router))
 
     def routers(self) -> list[tuple[Optional[int], str]]:
-        """Every ``(layer, router)`` pair in forward order; ``(None, "final_res")`` last."""
+        """Every ``(layer, router)`` pair in forward order; ``(None, "final_res")`` last
+        (`sites` gives the same as `RouterSite` objects)."""
         return self.routing_layout.routers()
 
-    def router(self, layer: Optional[int], router: str) -> DepthRouter:
-        """The `DepthRouter` module for ``(layer, router)``."""
-        self.routing_layout._check_router(layer, router)
-        return self.mod_dict[router_hook_prefix(self._layer_index(layer), router)]
+    def router(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> DepthRouter:
+        """The `DepthRouter` module of a site (or ``(layer, router)``)."""
+        return self.mod_dict[self.routing_layout.check(site, router).prefix]
 
     def router_hook_name(self, layer: Optional[int], router: str, hook: str) -> str:
-        """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``."""
-        self.routing_layout._check_router(layer, router)
-        name = f"{router_hook_prefix(self._layer_index(layer), router)}.hook_{hook}"
-        self.check_hook_name(name)
-        return name
-
-    def _layer_index(self, layer: Optional[int]) -> Optional[int]:
-        return None if layer is None else layer % self.cfg.n_layers
+        """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``
+        (the same as ``model.site(3, "attn_res").hook("weights")``)."""
+        return self.site(layer, router).hook(hook)
 
     # --- input handling ---------------------------------------------------------------
     def _validate_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
@@ -395,7 +401,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
 
     def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
         """Final router (kimi / full layouts), ``ln_final`` and the unembedding."""
-        final = self.final_res(state.sources) if self.cfg.has_final_router else state.current
+        final = self.final_res(state.sources) if self.routing_layout.has_final_router else state.current
         return self.ln_final(final) @ self.W_U
 
     def depth_states(self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False) -> list[DepthState]:
