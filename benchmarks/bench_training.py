@@ -18,7 +18,8 @@ import torch
 from _common import interleaved_medians, write_result
 
 from hooked_attnres.tasks import task_tokenizer
-from hooked_attnres.training import build_model, model_logits, study_task
+from hooked_attnres.study import build_model, study_task
+from hooked_attnres.training import model_logits
 
 
 def step_fn(model, batch):

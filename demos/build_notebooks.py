@@ -36,10 +36,9 @@ retrieval) and runs offline in seconds.
     code("""
 import torch
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.data import study_checkpoint
-from hooked_attnres.training import study_task
+from hooked_attnres.study import checkpoint_dir, study_task
 
-model = HookedAttnRes.from_pretrained(study_checkpoint("attnres")).eval()
+model = HookedAttnRes.from_pretrained(checkpoint_dir("attnres")).eval()
 task = study_task()
 batch = task.sample(64, seed=1, split="test", vocab=model.tokenizer.get_vocab())
 print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[:1]))

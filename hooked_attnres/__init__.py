@@ -12,12 +12,7 @@ Quick start::
     model.source_labels(3, "attn_res")   # ["embedding", "block_1", "current"]
 """
 
-__version__ = "0.1.0"
-
-from hooked_attnres.runtime import _tune_on_import
-
-_tune_on_import()  # glibc: reuse freed activation memory (see hooked_attnres.runtime)
-
+from hooked_attnres._version import __version__
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.loading import CheckpointError
 from hooked_attnres.model import (

@@ -35,8 +35,7 @@ def _key_values(pairs: Sequence[str], what: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres.training import CONDITIONS, train_condition
-    from hooked_attnres.training.study import study_task, study_train_config
+    from hooked_attnres.study import CONDITIONS, run_dir, study_task, study_train_config, train_condition
 
     conditions = CONDITIONS if args.condition == "both" else (args.condition,)
     config_values = _key_values(args.set, "set")
@@ -47,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = []
     for seed in args.seeds:
         for condition in conditions:
-            out_dir = Path(args.out) / f"{condition}_seed{seed}"
+            out_dir = run_dir(args.out, condition, seed)
             print(f"[hooked-attnres] training {condition} seed {seed} -> {out_dir}", flush=True)
             result = train_condition(condition, seed, out_dir, task=task,
                                      config=config, progress=not args.no_progress,
@@ -118,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from hooked_attnres.runtime import tune_from_environment
+
+    tune_from_environment()  # reuse freed activation memory (HOOKED_ATTNRES_TUNE_MALLOC=0: don't)
     return args.func(args)
 
 

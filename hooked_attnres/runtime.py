@@ -1,4 +1,4 @@
-"""CPU memory-allocator tuning, applied when the package is imported.
+"""CPU memory-allocator tuning, on request (the CLI and the benchmarks ask for it).
 
 PyTorch allocates CPU tensors with the C library's ``malloc``. glibc serves every block
 above its mmap threshold (128 KiB at start, adapting up to 32 MiB) with a fresh ``mmap``
@@ -12,10 +12,11 @@ pass: 33,000 -> under 100) and the per-layer ablation sweep about 1.8x faster.
 The cost: up to ``threshold`` bytes of freed memory stay in the process for reuse
 instead of going back to the system, as with PyTorch's own caching allocators.
 
-Set ``HOOKED_ATTNRES_TUNE_MALLOC=0`` before importing ``hooked_attnres`` to leave the
-allocator alone. The tuning is process-wide (it also speeds up other PyTorch code run
-in the same process, e.g. a Hugging Face reference model) and applies to glibc only;
-elsewhere it is a no-op.
+Importing ``hooked_attnres`` changes nothing process-wide. Call `tune_cpu_allocator` in a
+script or notebook to opt in; the ``hooked-attnres`` command and the benchmarks do
+(`tune_from_environment`), unless ``HOOKED_ATTNRES_TUNE_MALLOC=0``. The tuning is
+process-wide (it also speeds up other PyTorch code run in the same process, e.g. a
+Hugging Face reference model) and applies to glibc only; elsewhere it is a no-op.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def cpu_allocator_tuned() -> bool:
     return _state["tuned"]
 
 
-def _tune_on_import() -> None:
+def tune_from_environment() -> bool:
+    """`tune_cpu_allocator` unless ``HOOKED_ATTNRES_TUNE_MALLOC`` is ``0`` / ``false`` /
+    ``no`` / ``off`` (what the command line and the benchmarks call at start)."""
     if os.environ.get("HOOKED_ATTNRES_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
-        return
-    tune_cpu_allocator()
+        return False
+    return tune_cpu_allocator()

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from conftest import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
 
-import hooked_attnres.loading.checkpoint as checkpoint_module
+import hooked_attnres.loading.own_format as own_format_module
 from hooked_attnres import CheckpointError, HookedAttnRes
 from hooked_attnres._atomic import backups_of, recover
 
@@ -223,7 +223,7 @@ def test_failed_save_leaves_existing_checkpoint_intact(tmp_path, monkeypatch):
     files_before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     new = scrambled_model(seed=1)
-    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    monkeypatch.setattr(own_format_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="simulated failure"):
         new.save_pretrained(target)
     monkeypatch.undo()
@@ -234,7 +234,7 @@ def test_failed_save_leaves_existing_checkpoint_intact(tmp_path, monkeypatch):
 
 
 def test_failed_save_to_fresh_target_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    monkeypatch.setattr(own_format_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="simulated failure"):
         scrambled_model().save_pretrained(tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

@@ -9,9 +9,10 @@ import torch
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.analysis import recency_schedule
-from hooked_attnres.data import study_checkpoint, study_metrics
 from hooked_attnres.study import load_condition, probe_prompts, run_study
-from hooked_attnres.training import STUDY_BLOCKS, STUDY_SHAPE, study_task
+from hooked_attnres.study import STUDY_BLOCKS, STUDY_SHAPE, study_task
+from hooked_attnres.study import checkpoint_dir as study_checkpoint
+from hooked_attnres.study import metrics_path as study_metrics
 
 
 @pytest.mark.parametrize("condition", ["attnres", "vanilla"])
@@ -74,7 +75,7 @@ def test_a_failed_study_leaves_the_previous_results(tmp_path, monkeypatch):
     out = tmp_path / "study"
     run_study(out, conditions=("vanilla",), n_prompts=16, n_bootstrap=20, progress=False, plots=False)
     before = (out / "report.md").read_text()
-    import hooked_attnres.study as study_module
+    import hooked_attnres.study.run as study_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -86,7 +87,7 @@ def test_a_failed_study_leaves_the_previous_results(tmp_path, monkeypatch):
 
 
 def test_run_study_refuses_unknown_conditions_and_missing_runs(tmp_path):
-    with pytest.raises(ValueError, match="conditions must be among"):
+    with pytest.raises(ValueError, match="condition must be one of"):
         run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
     with pytest.raises(FileNotFoundError, match="holds no"):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)

@@ -10,7 +10,8 @@ import torch
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
-from hooked_attnres.training import TrainConfig, build_model, train, train_condition
+from hooked_attnres.study import build_model, train_condition
+from hooked_attnres.training import TrainConfig, train
 
 TASK = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=2)
 SHAPE = dict(d_model=32, n_layers=2, n_heads=2, n_key_value_heads=1, d_head=16, d_mlp=48, n_ctx=32,

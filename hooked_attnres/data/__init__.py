@@ -1,38 +1,30 @@
-"""Checkpoints shipped with the package (the study's seed-0 models), found offline.
+"""Data shipped with the package: the study's trained checkpoints (``data/study``).
 
-``study_checkpoint("attnres")`` and ``study_checkpoint("vanilla")`` are the directories of
-the two trained conditions; ``docs/training.md`` says how to recreate them bit for bit.
+Deprecated entry points: use `hooked_attnres.study.checkpoint_dir` and
+`hooked_attnres.study.metrics_path`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 STUDY_DIR = Path(__file__).parent / "study"
 
 
 def study_checkpoint(condition: str, seed: int = 0) -> Path:
-    """The ``model`` directory of a shipped study checkpoint.
+    """Deprecated: ``hooked_attnres.study.checkpoint_dir(condition, seed)``."""
+    from hooked_attnres.study.checkpoints import checkpoint_dir
 
-    Args:
-        condition: ``"attnres"`` (this package's format) or ``"vanilla"`` (a Hugging Face
-            Qwen3 directory, to be loaded with ``from_hf_qwen3``).
-        seed: the model seed; only seed 0 ships (train the others with
-            ``hooked-attnres train --seeds 1 2``).
-    """
-    if condition not in ("attnres", "vanilla"):
-        raise ValueError(f"condition must be 'attnres' or 'vanilla', got {condition!r}")
-    path = STUDY_DIR / f"{condition}_seed{seed}" / "model"
-    if not (path / "config.json").exists():
-        shipped = sorted(p.name for p in STUDY_DIR.glob("*_seed*")) if STUDY_DIR.exists() else []
-        raise FileNotFoundError(
-            f"no shipped checkpoint for {condition} seed {seed} (shipped: {shipped}); train it with "
-            f"`hooked-attnres train --condition {condition} --seeds {seed} --out runs` and pass "
-            "the runs directory to the study"
-        )
-    return path
+    warnings.warn("hooked_attnres.data.study_checkpoint is deprecated; use "
+                  "hooked_attnres.study.checkpoint_dir", DeprecationWarning, stacklevel=2)
+    return checkpoint_dir(condition, seed)
 
 
 def study_metrics(condition: str, seed: int = 0) -> Path:
-    """The ``metrics.json`` written when the shipped checkpoint was trained."""
-    return study_checkpoint(condition, seed).parent / "metrics.json"
+    """Deprecated: ``hooked_attnres.study.metrics_path(condition, seed)``."""
+    from hooked_attnres.study.checkpoints import metrics_path
+
+    warnings.warn("hooked_attnres.data.study_metrics is deprecated; use "
+                  "hooked_attnres.study.metrics_path", DeprecationWarning, stacklevel=2)
+    return metrics_path(condition, seed)

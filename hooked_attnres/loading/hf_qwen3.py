@@ -24,10 +24,10 @@ from typing import Any, Optional, Union
 import torch
 
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
-from hooked_attnres.loading.checkpoint import (
+from hooked_attnres.loading.io import (
     CheckpointError,
-    _describe_mismatch,
     assign_state_dict,
+    describe_mismatch,
     empty_model,
     load_tokenizer,
     read_config_json,
@@ -178,7 +178,7 @@ def load_hf_weights(
     found = {k: s for k, s in _file_shapes(files).items() if not k.endswith(_IGNORED_HF_KEYS)}
     if model.cfg.tie_word_embeddings:
         found.pop("lm_head.weight", None)
-    problem = _describe_mismatch(expected, found)
+    problem = describe_mismatch(expected, found)
     if problem:
         raise CheckpointError(f"the weights in {where} do not match its config.json: {problem}")
     state: dict[str, torch.Tensor] = {}
@@ -200,6 +200,7 @@ def from_hf_qwen3(
     dtype: Union[str, torch.dtype] = torch.float32,
     device: Union[str, torch.device] = "cpu",
     tokenizer=None,
+    model_class: Optional[type] = None,
 ):
     """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``).
 
@@ -212,6 +213,8 @@ def from_hf_qwen3(
         recency_bias: the recency wrap's bias ``b``.
         dtype, device: of the returned model.
         tokenizer: attach this tokenizer (default: the directory's, when present).
+        model_class: the class to build (default `HookedAttnRes`; ``from_hf_qwen3`` passes
+            its own).
 
     Returns:
         A `HookedAttnRes` in eval mode.
@@ -236,7 +239,7 @@ def from_hf_qwen3(
                          **wrap_overrides(wrap, min(num_blocks, n_layers), recency_bias))
     if directory is not None and tokenizer is None:
         tokenizer = load_tokenizer(directory)
-    model = empty_model(cfg, tokenizer=tokenizer)
+    model = empty_model(cfg, tokenizer=tokenizer, model_class=model_class)
     keymap = KeyMap(cfg)
     if directory is not None:
         state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
 
 from hooked_attnres._atomic import atomic_directory
 from hooked_attnres.config import _dtype_from_any, dtype_name
-from hooked_attnres.loading.checkpoint import (
+from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
     empty_model,
@@ -74,6 +74,7 @@ def load_qwen3_attnres(
     directory: Union[str, Path],
     device: Union[str, torch.device, None] = None,
     dtype: Union[str, torch.dtype, None] = None,
+    model_class: Optional[type] = None,
 ):
     """Load a ``qwen3_attnres`` directory as a cumulative-layout `HookedAttnRes`.
 
@@ -88,7 +89,7 @@ def load_qwen3_attnres(
     check_qwen3_config(values, where, model_types=(MODEL_TYPE,))
     dtype = _dtype_from_any(dtype) if dtype is not None else torch.float32
     cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
-    model = empty_model(cfg, tokenizer=load_tokenizer(directory))
+    model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
     state = load_hf_weights(model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where)
     return assign_state_dict(model, state, device or "cpu")
 

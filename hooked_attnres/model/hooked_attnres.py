@@ -472,7 +472,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         `hooked_attnres.loading.hf_qwen3.from_hf_qwen3`."""
         from hooked_attnres.loading.hf_qwen3 import from_hf_qwen3
 
-        return from_hf_qwen3(source, wrap=wrap, **kwargs)
+        return from_hf_qwen3(source, wrap=wrap, model_class=cls, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> "HookedAttnRes":
@@ -480,4 +480,4 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
-        return load_checkpoint(directory, **kwargs)
+        return load_checkpoint(directory, model_class=cls, **kwargs)

@@ -1,17 +1,25 @@
-"""Training on probe tasks, and the study's two conditions."""
+"""Training: the trainer for any `HookedAttnRes` or Hugging Face Qwen3 on probe tasks.
 
-from hooked_attnres.training.study import (
-    CONDITIONS,
-    STUDY_BLOCKS,
-    STUDY_SEEDS,
-    STUDY_SHAPE,
-    build_model,
-    study_task,
-    study_train_config,
-    train_condition,
-)
+The study's conditions (``build_model``, ``study_task``, ``train_condition``, ...) live in
+`hooked_attnres.study`; importing them from here still works for one release, with a
+``DeprecationWarning``.
+"""
+
+import warnings
+
 from hooked_attnres.training.trainer import TrainConfig, TrainResult, evaluate, model_logits, train
 
-__all__ = ["CONDITIONS", "STUDY_BLOCKS", "STUDY_SEEDS", "STUDY_SHAPE", "TrainConfig", "TrainResult",
-           "build_model", "evaluate", "model_logits", "study_task", "study_train_config", "train",
-           "train_condition"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "model_logits", "train"]
+
+_MOVED = ("CONDITIONS", "STUDY_BLOCKS", "STUDY_SHAPE", "build_model", "study_task",
+          "study_train_config", "train_condition")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"hooked_attnres.training.{name} is deprecated; import it from hooked_attnres.study",
+                      DeprecationWarning, stacklevel=2)
+        from hooked_attnres.study import conditions  # the application above the library
+
+        return getattr(conditions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

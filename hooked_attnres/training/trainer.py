@@ -113,7 +113,7 @@ def save_model(model, directory: Path, tokenizer=None) -> None:
     """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
     into an existing directory."""
     if isinstance(model, HookedAttnRes):
-        from hooked_attnres.loading.checkpoint import write_checkpoint_files
+        from hooked_attnres.loading.own_format import write_checkpoint_files
 
         write_checkpoint_files(model, directory)
     else:

@@ -41,37 +41,24 @@ from hooked_attnres.analysis import (
     schedule_comparison,
     summarize_mass,
 )
-from hooked_attnres.model.depth import FAMILIES
+from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
+from hooked_attnres.plotting import save_html
+from hooked_attnres.study.checkpoints import checkpoint_dir, seeds_found
+from hooked_attnres.study.conditions import STUDY_BLOCKS, study_task, check_conditions
+from hooked_attnres.study.figures import study_figures
+from hooked_attnres.study.report import study_report
 from hooked_attnres.tasks.base import TaskBatch
-from hooked_attnres.training.study import CONDITIONS, STUDY_BLOCKS, study_task
 
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
-
-
-def checkpoint_dir(condition: str, seed: int, checkpoints: Union[str, Path, None] = None) -> Path:
-    """``{checkpoints}/{condition}_seed{seed}/model``, or the shipped one when
-    ``checkpoints`` is None."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
-    if checkpoints is None:
-        from hooked_attnres.data import study_checkpoint
-
-        return study_checkpoint(condition, seed)
-    path = Path(checkpoints) / f"{condition}_seed{seed}" / "model"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path} holds no checkpoint; train it with `hooked-attnres train --condition "
-            f"{condition} --seeds {seed} --out {checkpoints}`"
-        )
-    return path
 
 
 def load_condition(condition: str, seed: int = 0, checkpoints: Union[str, Path, None] = None,
                    num_blocks: int = STUDY_BLOCKS, recency_bias: float = RECENCY_BIAS) -> HookedAttnRes:
     """The model of one condition, in eval mode: ``attnres`` as trained, ``vanilla``
     wrapped with ``wrap="recency"`` (``num_blocks`` blocks, bias ``recency_bias``)."""
+    check_conditions([condition])
     path = checkpoint_dir(condition, seed, checkpoints)
     if condition == "attnres":
         model = HookedAttnRes.from_pretrained(path)
@@ -129,7 +116,7 @@ def study_condition(model: HookedAttnRes, batch: TaskBatch, n_bootstrap: int = 1
     everywhere = mass.assign(band="all")
     summary = summarize_mass(pd.concat([mass, everywhere]), by=("router", "band", "family"),
                              n_bootstrap=n_bootstrap, seed=seed)
-    groups = {**_bands(model), "all": list(range(model.cfg.n_layers))}
+    groups = {**depth_bands(model.cfg.n_layers), "all": list(range(model.cfg.n_layers))}
     effects = ablation_effects(model, batch, groups=groups, n_bootstrap=n_bootstrap, seed=seed,
                                progress=progress)
     overall = summary[summary.band == "all"].drop(columns="band")
@@ -150,12 +137,6 @@ def model_is_zero_query(model: HookedAttnRes) -> bool:
     return bool(queries) and all(bool((q == 0).all()) for q in queries)
 
 
-def _bands(model) -> dict[str, list[int]]:
-    from hooked_attnres.interventions.selection import depth_bands
-
-    return depth_bands(model.cfg.n_layers)
-
-
 def _seeds_summary(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
     mass = mass_summary[mass_summary.band == "all"]
     effect = effects[(effects.group == "all") & (effects.metric == "logit_diff")].copy()
@@ -173,7 +154,7 @@ def run_study(
     out_dir: Union[str, Path] = "study_out",
     checkpoints: Union[str, Path, None] = None,
     seeds: Optional[Sequence[int]] = None,
-    conditions: Sequence[str] = CONDITIONS,
+    conditions: Sequence[str] = ("attnres", "vanilla"),
     n_prompts: int = 256,
     n_bootstrap: int = 1000,
     progress: bool = True,
@@ -197,11 +178,9 @@ def run_study(
         A `StudyResult`.
     """
     started = time.perf_counter()
-    for condition in conditions:
-        if condition not in CONDITIONS:
-            raise ValueError(f"conditions must be among {CONDITIONS}, got {condition!r}")
+    check_conditions(conditions)
     if seeds is None:
-        seeds = [0] if checkpoints is None else _seeds_found(checkpoints, conditions)
+        seeds = [0] if checkpoints is None else seeds_found(checkpoints, conditions)
     tables: dict[str, list[pd.DataFrame]] = {}
     for seed in seeds:
         for condition in conditions:
@@ -233,43 +212,8 @@ def _front(table: pd.DataFrame) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
-def _seeds_found(checkpoints, conditions) -> list[int]:
-    found = None
-    for condition in conditions:
-        seeds = {int(p.name.rsplit("_seed", 1)[1]) for p in Path(checkpoints).glob(f"{condition}_seed*")
-                 if (p / "model" / "config.json").exists()}
-        found = seeds if found is None else found & seeds
-    if not found:
-        raise FileNotFoundError(f"{checkpoints} holds no {{condition}}_seed{{n}}/model for all of {conditions}")
-    return sorted(found)
-
-
-def study_figures(result: StudyResult) -> dict:
-    """Plotly figures of a study: routing heatmaps and mass-vs-effect bars and scatter per
-    condition and seed."""
-    from hooked_attnres import plotting
-
-    figures = {}
-    for (condition, seed), mass in result.mass.groupby(["condition", "seed"]):
-        tag = f"{condition}_seed{seed}"
-        summary = result.mass_summary
-        summary = summary[(summary.condition == condition) & (summary.seed == seed) & (summary.band == "all")]
-        effects = result.effects[(result.effects.condition == condition) & (result.effects.seed == seed)]
-        figures[f"routing_{tag}"] = plotting.routing_heatmap(
-            mass, title=f"Routing mass at the answer position: {condition}, seed {seed}")
-        figures[f"mass_effect_{tag}"] = plotting.mass_effect_bars(
-            summary, effects, title=f"Mass vs ablation effect: {condition}, seed {seed}")
-        figures[f"scatter_{tag}"] = plotting.mass_effect_scatter(
-            summary, effects, title=f"Mass vs |effect|: {condition}, seed {seed}")
-        figures[f"bands_{tag}"] = plotting.effect_bands(
-            effects, title=f"Ablation effect per depth band: {condition}, seed {seed}")
-    return figures
-
-
 def write_study(result: StudyResult) -> Path:
     """Write the tables (CSV), the dissociation (JSON), figures (HTML) and ``report.md``."""
-    from hooked_attnres.plotting import save_html
-
     with atomic_directory(result.out_dir, markers=("report.md",)) as tmp:
         for name in ("accuracy", "mass", "mass_summary", "effects", "schedule", "seeds_summary"):
             table = getattr(result, name)
@@ -283,62 +227,3 @@ def write_study(result: StudyResult) -> Path:
     return result.out_dir
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return f"{value:.{digits}f}"
-
-
-def study_report(result: StudyResult) -> str:
-    """A Markdown report: accuracy, mass and effects per router type, dissociation, schedule."""
-    lines = ["# Routing mass versus causal effect", "",
-             "Mask-and-renormalise ablation of each source family per router type; effects are "
-             "mean changes of the answer-minus-contrast logit difference over held-out probe "
-             "prompts, with 95 % bootstrap intervals over prompts.", "", "## Accuracy", "",
-             "| condition | seed | accuracy | logit diff | prompts |", "|---|---|---|---|---|"]
-    for row in result.accuracy.itertuples():
-        lines.append(f"| {row.condition} | {row.seed} | {_fmt(row.accuracy)} | {_fmt(row.logit_diff, 2)} "
-                     f"| {row.n_prompts} |")
-    effects = result.effects[result.effects.metric == "logit_diff"]
-    for (condition, seed), diss in result.dissociation.groupby(["condition", "seed"], sort=False):
-        lines += ["", f"## {condition}, seed {seed}", "",
-                  "| router | family | mass [95% CI] | effect, all layers [95% CI] | "
-                  + " | ".join(f"effect, {b}" for b in _band_names(effects)) + " |",
-                  "|---|---|---|---|" + "---|" * len(_band_names(effects))]
-        mass = result.mass_summary
-        mass = mass[(mass.condition == condition) & (mass.seed == seed) & (mass.band == "all")]
-        eff = effects[(effects.condition == condition) & (effects.seed == seed)]
-        for router in ("attn_res", "mlp_res"):
-            for family in FAMILIES:
-                m = mass[(mass.router == router) & (mass.family == family)]
-                e = eff[(eff.router == router) & (eff.family == family)].set_index("group")
-                if m.empty or e.empty:
-                    continue
-                m = m.iloc[0]
-                cells = [f"{_fmt(e.loc[b, 'effect'], 2)}" for b in _band_names(effects)]
-                lines.append(
-                    f"| {router} | {family} | {_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}] | "
-                    f"{_fmt(e.loc['all', 'effect'], 2)} [{_fmt(e.loc['all', 'ci_low'], 2)}, "
-                    f"{_fmt(e.loc['all', 'ci_high'], 2)}] | " + " | ".join(cells) + " |")
-        lines += ["", "| router | mass ranking | effect ranking | Spearman | top mass = top effect | "
-                  "appreciable mass, no detectable effect |", "|---|---|---|---|---|---|"]
-        for row in diss.itertuples():
-            lines.append(f"| {row.router} | {', '.join(row.mass_ranking)} | {', '.join(row.effect_ranking)} | "
-                         f"{_fmt(row.spearman, 2)} | {'yes' if row.top_mass_is_top_effect else '**no**'} | "
-                         f"{', '.join(row.appreciable_mass_no_effect) or '-'} |")
-    if not result.schedule.empty:
-        worst = result.schedule.groupby("seed").max_abs_deviation.max()
-        lines += ["", "## Recency-wrapped baseline against the analytic schedule", "",
-                  "Largest |measured - predicted| family mass over routers, layers and prompts: "
-                  + ", ".join(f"seed {s}: {v:.1e}" for s, v in worst.items()) + "."]
-    if result.seeds_summary.n_seeds.max() > 1:
-        lines += ["", "## Across seeds (logit-diff effect, all layers)", "",
-                  "| condition | router | family | seeds | mass (sd) | effect (sd) | seeds with CI excluding 0 |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in result.seeds_summary.itertuples():
-            lines.append(f"| {row.condition} | {row.router} | {row.family} | {row.n_seeds} | "
-                         f"{_fmt(row.mass)} ({_fmt(row.mass_sd)}) | {_fmt(row.effect, 2)} "
-                         f"({_fmt(row.effect_sd, 2)}) | {row.seeds_excluding_zero} |")
-    return "\n".join(lines) + "\n"
-
-
-def _band_names(effects: pd.DataFrame) -> list[str]:
-    return [g for g in ("early", "middle", "late") if g in set(effects.group)]

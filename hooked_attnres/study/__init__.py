@@ -1,0 +1,39 @@
+"""The seed paper's study as an application of the library: conditions, checkpoints,
+the run, the report and its figures.
+
+    from hooked_attnres.study import run_study, load_condition, probe_prompts
+    result = run_study("study_out")          # the shipped checkpoints
+
+The library (model, loading, interventions, analysis, patching, plotting, tasks,
+training) never imports this package.
+"""
+
+from hooked_attnres.study.checkpoints import SHIPPED, checkpoint_dir, metrics_path, run_dir, seeds_found
+from hooked_attnres.study.conditions import (
+    CONDITIONS,
+    STUDY_BLOCKS,
+    STUDY_SHAPE,
+    build_model,
+    study_task,
+    study_train_config,
+    train_condition,
+)
+from hooked_attnres.study.figures import study_figures
+from hooked_attnres.study.report import study_report
+from hooked_attnres.study.run import (
+    PROBE_SEED,
+    RECENCY_BIAS,
+    StudyResult,
+    load_condition,
+    model_is_zero_query,
+    probe_prompts,
+    run_study,
+    study_condition,
+    write_study,
+)
+
+__all__ = ["CONDITIONS", "PROBE_SEED", "RECENCY_BIAS", "SHIPPED", "STUDY_BLOCKS", "STUDY_SHAPE",
+           "StudyResult", "build_model", "checkpoint_dir", "load_condition", "metrics_path",
+           "model_is_zero_query", "probe_prompts", "run_dir", "run_study", "seeds_found",
+           "study_condition", "study_figures", "study_report", "study_task", "study_train_config",
+           "train_condition", "write_study"]

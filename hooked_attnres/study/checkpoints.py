@@ -1,0 +1,65 @@
+"""Where the study's checkpoints live: the one place that knows the path convention.
+
+A training run of one condition and model seed writes ``{root}/{condition}_seed{seed}/``
+(`run_dir`) with the model in ``model/`` (`checkpoint_dir`) and its ``metrics.json``. The
+shipped checkpoints use the same convention under ``hooked_attnres/data/study``
+(`SHIPPED`), so ``checkpoints=None`` means "the shipped ones".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from hooked_attnres.study.conditions import check_conditions
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
+PathLike = Union[str, Path]
+
+
+def run_dir(root: PathLike, condition: str, seed: int) -> Path:
+    """``{root}/{condition}_seed{seed}``: what training one condition and seed writes."""
+    return Path(root) / f"{condition}_seed{seed}"
+
+
+def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:
+    """The ``model`` directory of a condition and seed, under ``checkpoints`` or, when it is
+    ``None``, among the shipped checkpoints; a clear error if there is none."""
+    check_conditions([condition])
+    root = SHIPPED if checkpoints is None else Path(checkpoints)
+    path = run_dir(root, condition, seed) / "model"
+    if not (path / "config.json").exists():
+        if checkpoints is None:
+            shipped = sorted(p.name for p in SHIPPED.glob("*_seed*")) if SHIPPED.exists() else []
+            raise FileNotFoundError(
+                f"no shipped checkpoint for {condition} seed {seed} (shipped: {shipped}); train it "
+                f"with `hooked-attnres train --condition {condition} --seeds {seed} --out runs` and "
+                "pass the runs directory to the study"
+            )
+        raise FileNotFoundError(
+            f"{path} holds no checkpoint; train it with `hooked-attnres train --condition "
+            f"{condition} --seeds {seed} --out {checkpoints}`"
+        )
+    return path
+
+
+def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:
+    """The ``metrics.json`` written when that checkpoint was trained."""
+    return checkpoint_dir(condition, seed, checkpoints).parent / "metrics.json"
+
+
+def seeds_found(checkpoints: Optional[PathLike], conditions: Sequence[str]) -> list[int]:
+    """The model seeds that have a checkpoint for every one of ``conditions``."""
+    root = SHIPPED if checkpoints is None else Path(checkpoints)
+    found: Optional[set[int]] = None
+    for condition in conditions:
+        seeds = set()
+        for path in root.glob(f"{condition}_seed*"):
+            suffix = path.name[len(condition) + len("_seed"):]
+            if suffix.isdigit() and run_dir(root, condition, int(suffix)) == path \
+                    and (path / "model" / "config.json").exists():
+                seeds.add(int(suffix))
+        found = seeds if found is None else found & seeds
+    if not found:
+        raise FileNotFoundError(f"{root} holds no {{condition}}_seed{{n}}/model for all of {list(conditions)}")
+    return sorted(found)
