@@ -7,8 +7,8 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -19,8 +19,9 @@ tune_from_environment()  # the benchmarks measure the tuned allocator, as the CL
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 15,
-                        warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds per call, with the candidates run round-robin so that drift in
     machine speed (thermal, other processes) affects all of them alike."""
     for fn in fns.values():

@@ -24,10 +24,19 @@ import time
 from pathlib import Path
 
 CACHE = Path(__file__).parent / ".cache" / "qwen3-0.6b-random"
-SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-             max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
-             rms_norm_eps=1e-6)
+SHAPE = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)
 
 
 def write_checkpoint(directory: Path) -> None:
@@ -75,14 +84,24 @@ def child(kind: str, directory: str, dtype: str, wrap: str) -> None:
 
         def load():
             return HookedAttnRes.from_hf_qwen3(directory, wrap=wrap, dtype=dtype, num_blocks=8)
+
     before = rss_mb()
     start = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
-                      "peak_above_imports_mb": peak - before, "params": n_params}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rss_before_mb": before,
+                "peak_rss_mb": peak,
+                "peak_above_imports_mb": peak - before,
+                "params": n_params,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -101,9 +120,21 @@ def main() -> None:
     for run in range(args.repeats + 1):  # the first round warms the page cache
         for kind in results:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", kind, "--dir", args.dir,
-                 "--dtype", args.dtype, "--wrap", args.wrap],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    kind,
+                    "--dir",
+                    args.dir,
+                    "--dtype",
+                    args.dtype,
+                    "--wrap",
+                    args.wrap,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             if run > 0:
                 results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -114,19 +145,35 @@ def main() -> None:
             "peak_above_imports_mb": statistics.median(r["peak_above_imports_mb"] for r in runs),
             "params": runs[0]["params"],
         }
-        print(f"  {kind:15s} load {summary[kind]['seconds']:6.2f} s, peak RSS above imports "
-              f"{summary[kind]['peak_above_imports_mb']:7.0f} MiB, {summary[kind]['params'] / 1e6:.0f}M params")
+        print(
+            f"  {kind:15s} load {summary[kind]['seconds']:6.2f} s, peak RSS above imports "
+            f"{summary[kind]['peak_above_imports_mb']:7.0f} MiB, "
+            f"{summary[kind]['params'] / 1e6:.0f}M params"
+        )
     time_ratio = summary["hooked_attnres"]["seconds"] / summary["transformers"]["seconds"]
-    rss_ratio = (summary["hooked_attnres"]["peak_above_imports_mb"]
-                 / summary["transformers"]["peak_above_imports_mb"])
-    print(f"  time ratio {time_ratio:.2f}x (target <= 1.2x); peak RSS ratio {rss_ratio:.2f}x "
-          f"(target <= 1.3x); dtype {args.dtype}, wrap {args.wrap}, {args.repeats} repeats")
+    rss_ratio = (
+        summary["hooked_attnres"]["peak_above_imports_mb"]
+        / summary["transformers"]["peak_above_imports_mb"]
+    )
+    print(
+        f"  time ratio {time_ratio:.2f}x (target <= 1.2x); peak RSS ratio {rss_ratio:.2f}x "
+        f"(target <= 1.3x); dtype {args.dtype}, wrap {args.wrap}, {args.repeats} repeats"
+    )
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_result
 
-    write_result(f"loading_{args.dtype}", {"shape": SHAPE, "dtype": args.dtype, "wrap": args.wrap,
-                                           "repeats": args.repeats, "summary": summary,
-                                           "time_ratio": time_ratio, "rss_ratio": rss_ratio})
+    write_result(
+        f"loading_{args.dtype}",
+        {
+            "shape": SHAPE,
+            "dtype": args.dtype,
+            "wrap": args.wrap,
+            "repeats": args.repeats,
+            "summary": summary,
+            "time_ratio": time_ratio,
+            "rss_ratio": rss_ratio,
+        },
+    )
 
 
 if __name__ == "__main__":

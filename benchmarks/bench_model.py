@@ -20,9 +20,16 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from hooked_attnres import HookedAttnRes
 
-SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-             max_position_embeddings=512)
+SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=512,
+)
 BATCH, SEQ = 8, 128
 
 
@@ -52,27 +59,43 @@ def main() -> None:
         "cumulative / hf": times["cumulative"] / times["hf"],
         "kimi / hf": times["kimi"] / times["hf"],
         "none run_with_cache / none forward": times["none+cache"] / times["none"],
-        "cumulative run_with_cache / cumulative forward": times["cumulative+cache"] / times["cumulative"],
+        "cumulative run_with_cache / cumulative forward": times["cumulative+cache"]
+        / times["cumulative"],
         "kimi run_with_cache / kimi forward": times["kimi+cache"] / times["kimi"],
     }
-    targets = {"none / hf": 1.15, "cumulative / hf": 1.35, "kimi / hf": 1.35,
-               "none run_with_cache / none forward": 2.0,
-               "cumulative run_with_cache / cumulative forward": 2.0,
-               "kimi run_with_cache / kimi forward": 2.0}
+    targets = {
+        "none / hf": 1.15,
+        "cumulative / hf": 1.35,
+        "kimi / hf": 1.35,
+        "none run_with_cache / none forward": 2.0,
+        "cumulative run_with_cache / cumulative forward": 2.0,
+        "kimi run_with_cache / kimi forward": 2.0,
+    }
     print(f"shape: {SHAPE}, batch {BATCH}, seq {SEQ}, float32, {args.repeats} repeats")
     for name, seconds in times.items():
         print(f"  {name:18s} {seconds * 1e3:8.1f} ms")
     for name, ratio in ratios.items():
         verdict = "ok" if ratio <= targets[name] else "OVER TARGET"
         print(f"  {name:48s} {ratio:5.2f}x (target <= {targets[name]}x) {verdict}")
-    print(f"  full cache (cumulative): {len(cache)} tensors, {total / 2**20:.1f} MiB "
-          f"({distinct / 2**20:.1f} MiB distinct storage)")
-    path = write_result("model_forward", {
-        "shape": SHAPE, "batch": BATCH, "seq": SEQ, "repeats": args.repeats,
-        "median_ms": {k: v * 1e3 for k, v in times.items()}, "ratios": ratios,
-        "targets": targets, "cache_tensors": len(cache), "cache_mib": total / 2**20,
-        "cache_distinct_mib": distinct / 2**20,
-    })
+    print(
+        f"  full cache (cumulative): {len(cache)} tensors, {total / 2**20:.1f} MiB "
+        f"({distinct / 2**20:.1f} MiB distinct storage)"
+    )
+    path = write_result(
+        "model_forward",
+        {
+            "shape": SHAPE,
+            "batch": BATCH,
+            "seq": SEQ,
+            "repeats": args.repeats,
+            "median_ms": {k: v * 1e3 for k, v in times.items()},
+            "ratios": ratios,
+            "targets": targets,
+            "cache_tensors": len(cache),
+            "cache_mib": total / 2**20,
+            "cache_distinct_mib": distinct / 2**20,
+        },
+    )
     print(f"  written to {path}")
 
 

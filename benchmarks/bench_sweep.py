@@ -5,7 +5,8 @@ prompts of the study task, with the shipped AttnRes checkpoint (or ``--checkpoin
 The fast path (`hooked_attnres.analysis.run_ablations(fast=True)`) starts each ablated
 pass at its first masked sublayer from the clean run's cached depth state; the naive loop
 runs ``model.run_with_hooks`` from the tokens for each ablation (also timed over only the
-ablations that mask something, a stricter reference). Both run in this process, alternately, and their results
+ablations that mask something, a stricter reference). Both run in this process, alternately,
+and their results
 are compared.
 
     python benchmarks/bench_sweep.py [--repeats 3] [--prompts 256]
@@ -29,7 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--checkpoints", default=None, help="directory of {condition}_seed{n}/model")
+    parser.add_argument(
+        "--checkpoints", default=None, help="directory of {condition}_seed{n}/model"
+    )
     args = parser.parse_args()
     model = load_condition("attnres", 0, args.checkpoints)
     batch = probe_prompts(model, args.prompts)
@@ -40,30 +43,57 @@ def main() -> None:
 
     def sweep(key: str, fast: bool, ablations):
         def run():
-            results[key] = run_ablations(model, batch, ablations, metrics=("logit_diff", "logprob"),
-                                         fast=fast, progress=False)
+            results[key] = run_ablations(
+                model,
+                batch,
+                ablations,
+                metrics=("logit_diff", "logprob"),
+                fast=fast,
+                progress=False,
+            )
+
         return run
 
     # "naive" runs every ablation of the sweep; "naive_masking_only" (a stricter reference)
     # skips those that mask nothing, which the fast path also skips
     with torch.inference_mode():
-        times = interleaved_medians({key: sweep(key, fast, ablations) for key, fast, ablations in (
-            ("naive", False, plan), ("naive_masking_only", False, masking), ("fast", True, plan))},
-            repeats=args.repeats, warmup=1)
-    worst = max(float(np.abs(results["fast"][1][m] - results["naive"][1][m]).max())
-                for m in ("logit_diff", "logprob"))
+        times = interleaved_medians(
+            {
+                key: sweep(key, fast, ablations)
+                for key, fast, ablations in (
+                    ("naive", False, plan),
+                    ("naive_masking_only", False, masking),
+                    ("fast", True, plan),
+                )
+            },
+            repeats=args.repeats,
+            warmup=1,
+        )
+    worst = max(
+        float(np.abs(results["fast"][1][m] - results["naive"][1][m]).max())
+        for m in ("logit_diff", "logprob")
+    )
     speedup = times["naive"] / times["fast"]
     strict = times["naive_masking_only"] / times["fast"]
     payload = {
-        "prompts": args.prompts, "ablations": len(plan), "ablations_that_mask_something": active,
-        "median_seconds": times, "speedup (naive / fast)": speedup,
+        "prompts": args.prompts,
+        "ablations": len(plan),
+        "ablations_that_mask_something": active,
+        "median_seconds": times,
+        "speedup (naive / fast)": speedup,
         "speedup (naive_masking_only / fast)": strict,
-        "max_abs_difference": worst, "targets": {"speedup": ">= 3", "max_abs_difference": "<= 1e-5"},
+        "max_abs_difference": worst,
+        "targets": {"speedup": ">= 3", "max_abs_difference": "<= 1e-5"},
     }
     path = write_result("sweep", payload)
     print(f"{len(plan)} ablations ({active} mask something), {args.prompts} prompts")
-    print(f"naive {times['naive']:.2f} s, fast {times['fast']:.2f} s: {speedup:.2f}x (target >= 3x)")
-    print(f"naive over the {active} masking ablations only {times['naive_masking_only']:.2f} s: {strict:.2f}x")
+    print(
+        f"naive {times['naive']:.2f} s, fast {times['fast']:.2f} s: {speedup:.2f}x (target >= 3x)"
+    )
+    print(
+        f"naive over the {active} masking ablations only "
+        f"{times['naive_masking_only']:.2f} s: {strict:.2f}x"
+    )
     print(f"max |fast - naive| = {worst:.2e} (target <= 1e-5); {path}")
 
 

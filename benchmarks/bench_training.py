@@ -17,8 +17,8 @@ import argparse
 import torch
 from _common import interleaved_medians, write_result
 
-from hooked_attnres.tasks import task_tokenizer
 from hooked_attnres.study import build_model, study_task
+from hooked_attnres.tasks import task_tokenizer
 from hooked_attnres.training import model_logits
 
 
@@ -44,9 +44,14 @@ def main() -> None:
     task = study_task()
     tokenizer = task_tokenizer(task)
     batch = task.sample(args.batch, seed=0, split="train", vocab=tokenizer.get_vocab())
-    models = {condition: build_model(condition, 0, tokenizer) for condition in ("vanilla", "attnres")}
-    times = interleaved_medians({name: step_fn(model, batch) for name, model in models.items()},
-                                repeats=args.repeats, warmup=3)
+    models = {
+        condition: build_model(condition, 0, tokenizer) for condition in ("vanilla", "attnres")
+    }
+    times = interleaved_medians(
+        {name: step_fn(model, batch) for name, model in models.items()},
+        repeats=args.repeats,
+        warmup=3,
+    )
     throughput = times["vanilla"] / times["attnres"]
     payload = {
         "shape": {"batch": args.batch, "seq": int(batch.tokens.shape[1])},
@@ -58,7 +63,10 @@ def main() -> None:
     path = write_result("training", payload)
     for name, seconds in times.items():
         print(f"{name:8s} {seconds * 1e3:8.1f} ms/step")
-    print(f"HookedAttnRes throughput = {throughput:.2f}x of Qwen3ForCausalLM (target >= 0.75x); {path}")
+    print(
+        f"HookedAttnRes throughput = {throughput:.2f}x of Qwen3ForCausalLM "
+        f"(target >= 0.75x); {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -197,15 +197,21 @@ px.imshow(by_pos[0].numpy(), labels=dict(x="position", y="layer", color="metric"
 """),
 ]
 
-NOTEBOOKS = {"01_routing_hooks.ipynb": ROUTING, "02_mass_vs_effect.ipynb": STUDY,
-             "03_patching.ipynb": PATCHING}
+NOTEBOOKS = {
+    "01_routing_hooks.ipynb": ROUTING,
+    "02_mass_vs_effect.ipynb": STUDY,
+    "03_patching.ipynb": PATCHING,
+}
 
 
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
         notebook = nbformat.v4.new_notebook(cells=cells)
-        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                           "language": "python"}
+        notebook.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
         nbformat.write(notebook, HERE / name)
         print(f"wrote {HERE / name}")
 

@@ -17,8 +17,15 @@ from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 
 def main() -> None:
     cfg = HookedAttnResConfig(
-        d_model=64, n_layers=6, n_heads=4, n_key_value_heads=2, d_vocab=100,
-        attnres_layout="cumulative", attnres_num_blocks=3, attnres_recency_bias=3.0, seed=0,
+        d_model=64,
+        n_layers=6,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_vocab=100,
+        attnres_layout="cumulative",
+        attnres_num_blocks=3,
+        attnres_recency_bias=3.0,
+        seed=0,
     )
     model = HookedAttnRes(cfg)
     tokens = torch.randint(0, cfg.d_vocab, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -29,7 +36,8 @@ def main() -> None:
     for layer in range(cfg.n_layers):
         weights = cache["weights", layer, "attn_res"].mean(dim=(0, 1))  # [n_sources]
         labels = model.source_labels(layer, "attn_res")
-        shown = ", ".join(f"{label}={w:.3f}" for label, w in zip(labels, weights.tolist()))
+        pairs = zip(labels, weights.tolist(), strict=True)
+        shown = ", ".join(f"{label}={w:.3f}" for label, w in pairs)
         print(f"  layer {layer} attention router: {shown}")
 
     # 2. Intervene: mask the embedding source of every MLP router and renormalise.
@@ -41,8 +49,9 @@ def main() -> None:
     ablated = model.run_with_hooks(
         tokens, fwd_hooks=[(lambda name: name.endswith("mlp_res.hook_weights"), mask_embedding)]
     )
-    print(f"max logit change after masking the embedding source: "
-          f"{(ablated - logits).abs().max():.4f}")
+    print(
+        f"max logit change after masking the embedding source: {(ablated - logits).abs().max():.4f}"
+    )
 
     # 3. TransformerLens patching runs on the model unchanged.
     corrupted = tokens.clone()

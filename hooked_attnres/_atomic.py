@@ -14,8 +14,9 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 CHECKPOINT_MARKERS = ("config.json",)
 
@@ -91,20 +92,4 @@ def atomic_directory(
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(target: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary file path; on success it replaces ``target`` (``os.replace``)."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise

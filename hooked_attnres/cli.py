@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _parse_value(text: str):
@@ -35,7 +36,13 @@ def _key_values(pairs: Sequence[str], what: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres.study import CONDITIONS, run_dir, study_task, study_train_config, train_condition
+    from hooked_attnres.study import (
+        CONDITIONS,
+        run_dir,
+        study_task,
+        study_train_config,
+        train_condition,
+    )
 
     conditions = CONDITIONS if args.condition == "both" else (args.condition,)
     config_values = _key_values(args.set, "set")
@@ -48,13 +55,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         for condition in conditions:
             out_dir = run_dir(args.out, condition, seed)
             print(f"[hooked-attnres] training {condition} seed {seed} -> {out_dir}", flush=True)
-            result = train_condition(condition, seed, out_dir, task=task,
-                                     config=config, progress=not args.no_progress,
-                                     resume=not args.no_resume)
-            results.append({"condition": condition, "seed": seed, "out_dir": str(out_dir),
-                            "accuracy": result.final_accuracy, "seconds": round(result.seconds, 1)})
-            print(f"[hooked-attnres] {condition} seed {seed}: held-out accuracy "
-                  f"{result.final_accuracy} in {result.seconds:.0f} s", flush=True)
+            result = train_condition(
+                condition,
+                seed,
+                out_dir,
+                task=task,
+                config=config,
+                progress=not args.no_progress,
+                resume=not args.no_resume,
+            )
+            results.append(
+                {
+                    "condition": condition,
+                    "seed": seed,
+                    "out_dir": str(out_dir),
+                    "accuracy": result.final_accuracy,
+                    "seconds": round(result.seconds, 1),
+                }
+            )
+            print(
+                f"[hooked-attnres] {condition} seed {seed}: held-out accuracy "
+                f"{result.final_accuracy} in {result.seconds:.0f} s",
+                flush=True,
+            )
     summary = Path(args.out) / "train_summary.json"
     summary.write_text(json.dumps(results, indent=2) + "\n")
     print(f"[hooked-attnres] summary: {summary}")
@@ -66,9 +89,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model = HookedAttnRes.from_pretrained(args.checkpoint)
     cfg = model.cfg
-    print(f"{args.checkpoint}: layout {cfg.attnres_layout}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
-          f"{cfg.attnres_num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"tokenizer {'yes' if model.tokenizer is not None else 'no'}")
+    print(
+        f"{args.checkpoint}: layout {cfg.attnres_layout}, {cfg.n_layers} layers, "
+        f"d_model {cfg.d_model}, {cfg.attnres_num_blocks} blocks, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"tokenizer {'yes' if model.tokenizer is not None else 'no'}"
+    )
     for layer, router in model.routers():
         print(f"  {router:9s} layer {layer}: {model.source_labels(layer, router)}")
     return 0
@@ -77,8 +103,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres.study import run_study
 
-    run_study(out_dir=args.out, checkpoints=args.checkpoints, seeds=args.seeds,
-              n_prompts=args.prompts, n_bootstrap=args.bootstrap, progress=not args.no_progress)
+    run_study(
+        out_dir=args.out,
+        checkpoints=args.checkpoints,
+        seeds=args.seeds,
+        n_prompts=args.prompts,
+        n_bootstrap=args.bootstrap,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -91,17 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seeds", type=int, nargs="+", default=[0])
     train.add_argument("--out", default="runs")
     train.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="TrainConfig fields, e.g. lr=1e-3 batch_size=32")
-    train.add_argument("--task-arg", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="KeyValueRetrieval knobs of the task (trained and evaluated), e.g. n_pairs=8")
+    train.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig fields, e.g. lr=1e-3 batch_size=32",
+    )
+    train.add_argument(
+        "--task-arg",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="KeyValueRetrieval knobs of the task (trained and evaluated), e.g. n_pairs=8",
+    )
     train.add_argument("--no-progress", action="store_true")
-    train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    train.add_argument(
+        "--no-resume", action="store_true", help="start over even if a checkpoint exists"
+    )
     train.set_defaults(func=cmd_train)
 
     study = sub.add_parser("study", help="routing mass vs causal effect on trained checkpoints")
-    study.add_argument("--checkpoints", default=None,
-                       help="directory with {condition}_seed{seed}/model (default: the shipped ones)")
+    study.add_argument(
+        "--checkpoints",
+        default=None,
+        help="directory with {condition}_seed{seed}/model (default: the shipped ones)",
+    )
     study.add_argument("--seeds", type=int, nargs="+", default=None)
     study.add_argument("--prompts", type=int, default=256)
     study.add_argument("--bootstrap", type=int, default=1000)

@@ -90,16 +90,17 @@ class HookedAttnResConfig:
     n_layers: int
     n_heads: int
     d_vocab: int
-    d_head: Optional[int] = None
-    d_mlp: Optional[int] = None
-    n_key_value_heads: Optional[int] = None
+    # None means "derive it" (filled in by __post_init__, so always an int afterwards)
+    d_head: int = None  # type: ignore[assignment]
+    d_mlp: int = None  # type: ignore[assignment]
+    n_key_value_heads: int = None  # type: ignore[assignment]
     n_ctx: int = 2048
     eps: float = 1e-6
     rotary_base: float = 1_000_000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     dtype: torch.dtype = torch.float32
-    device: Optional[str] = None
+    device: str = None  # type: ignore[assignment]
     seed: Optional[int] = None
     model_name: str = "custom"
     original_architecture: str = "Qwen3ForCausalLM"
@@ -109,7 +110,7 @@ class HookedAttnResConfig:
 
     # --- Block AttnRes -------------------------------------------------------------
     attnres_layout: Literal["cumulative", "kimi", "full", "none"] = "cumulative"
-    attnres_num_blocks: Optional[int] = None
+    attnres_num_blocks: int = None  # type: ignore[assignment]
     attnres_mode: Literal["block", "full"] = "block"
     attnres_recency_bias: Optional[float] = 0.0
     attnres_query_init: Literal["zero", "normal"] = "zero"
@@ -144,7 +145,10 @@ class HookedAttnResConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer or None, got {value!r}")
-        if not (isinstance(self.initializer_range, (int, float)) and 0 <= self.initializer_range < math.inf):
+        if not (
+            isinstance(self.initializer_range, (int, float))
+            and 0 <= self.initializer_range < math.inf
+        ):
             raise ValueError(
                 f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}"
             )
@@ -186,7 +190,9 @@ class HookedAttnResConfig:
                     f"the Qwen3 architecture, which has {name}={expected!r}"
                 )
         if not self.use_qk_norm:
-            raise ValueError("use_qk_norm=False is not supported: Qwen3 normalises q and k per head")
+            raise ValueError(
+                "use_qk_norm=False is not supported: Qwen3 normalises q and k per head"
+            )
         self._validate_attnres()
 
     def _validate_attnres(self) -> None:
@@ -195,7 +201,9 @@ class HookedAttnResConfig:
                 f"attnres_layout={self.attnres_layout!r} is unknown; choose one of {LAYOUTS}"
             )
         if self.attnres_mode not in MODES:
-            raise ValueError(f"attnres_mode={self.attnres_mode!r} is unknown; choose one of {MODES}")
+            raise ValueError(
+                f"attnres_mode={self.attnres_mode!r} is unknown; choose one of {MODES}"
+            )
         if self.attnres_mode == "full" and self.attnres_layout != "cumulative":
             raise ValueError(
                 f"attnres_mode='full' only applies to the cumulative layout (got "
@@ -256,8 +264,11 @@ class HookedAttnResConfig:
         from hooked_attnres.model.depth import RoutingLayout
 
         if deprecated is not None:
-            warnings.warn(f"cfg.{deprecated} is deprecated; use model.routing_layout.{deprecated}",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"cfg.{deprecated} is deprecated; use model.routing_layout.{deprecated}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         return RoutingLayout.from_config(self)
 
     @property
@@ -279,7 +290,7 @@ class HookedAttnResConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "HookedAttnResConfig":
+    def from_dict(cls, values: dict[str, Any]) -> HookedAttnResConfig:
         """Inverse of `to_dict`; unknown keys are an error (they usually mean a typo)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -296,13 +307,13 @@ class HookedAttnResConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]) -> "HookedAttnResConfig":
+    def from_json(cls, text_or_path: Union[str, Path]) -> HookedAttnResConfig:
         """Parse a JSON string or read a JSON file."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **changes: Any) -> "HookedAttnResConfig":
+    def replace(self, **changes: Any) -> HookedAttnResConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)

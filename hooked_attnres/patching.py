@@ -14,7 +14,8 @@ of one full forward pass per cell.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -24,19 +25,26 @@ from tqdm.auto import tqdm
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import SUBLAYER_ROUTERS, RouterSite
 
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 # (corrupted activation, index, clean activation) -> patched activation, as in
 # transformer_lens.patching.generic_activation_patch
 PatchSetter = Callable[[Tensor, Any, Tensor], Tensor]
 
 
-def _check(model, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()) -> tuple[str, ...]:
+def _check(
+    model: HookedAttnRes, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()
+) -> tuple[str, ...]:
     """Eval mode, a routed model, ``[batch, pos]`` tokens; returns the checked router types."""
     if model.training:
         raise ValueError("activation patching requires the model in eval mode (model.eval())")
     routers = check_routers(model, routers)
     if corrupted_tokens.ndim != 2:
-        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}")
+        raise ValueError(
+            f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}"
+        )
     return routers
 
 
@@ -51,7 +59,8 @@ def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -
     clean_shape = tuple(clean_cache[needed[0]].shape[:2])  # every patched hook is [batch, pos, ...]
     if clean_shape != tuple(corrupted_tokens.shape):
         raise ValueError(
-            f"the clean cache has [batch, pos] = {list(clean_shape)} ({needed[0]}) but corrupted_tokens "
+            f"the clean cache has [batch, pos] = {list(clean_shape)} ({needed[0]}) but "
+            "corrupted_tokens "
             f"has {list(corrupted_tokens.shape)}; patch prompts pairwise, with equal lengths"
         )
 
@@ -74,15 +83,24 @@ def layer_pos_patch_setter(corrupted: Tensor, index: Any, clean: Tensor) -> Tens
     return patched
 
 
-def _patch_cells(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
-                 cells: list[tuple[tuple, str, int, Any]], shape: tuple[int, ...], desc: str,
-                 patch_setter: PatchSetter = layer_pos_patch_setter) -> Tensor:
+def _patch_cells(
+    model: HookedAttnRes,
+    corrupted_tokens: Tensor,
+    clean_cache,
+    metric: Metric,
+    cells: list[tuple[tuple, str, int, Any]],
+    shape: tuple[int, ...],
+    desc: str,
+    patch_setter: PatchSetter = layer_pos_patch_setter,
+) -> Tensor:
     """The one patching driver: ``cells`` are ``(result index, hook name, start sublayer,
     setter index)``; each cell runs the corrupted pass from its start sublayer (the
     sublayer whose hook it patches, from the corrupted run's cached depth state) with the
     hook's activation replaced by ``patch_setter(corrupted, setter index, clean)``.
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
-    _check_cache(clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells)))
+    _check_cache(
+        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
+    )
     states = model.depth_states(corrupted_tokens, sublayers=True)
     out = torch.full(shape, float("nan"), device=corrupted_tokens.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
@@ -97,18 +115,21 @@ def _patch_cells(model, corrupted_tokens: Tensor, clean_cache, metric: Metric,
     return out
 
 
-def _site_rows(model, routers: Sequence[str]) -> list[tuple[int, RouterSite]]:
+def _site_rows(model: HookedAttnRes, routers: Sequence[str]) -> list[tuple[int, RouterSite]]:
     """``(row, site)`` of the result's router axis; the final router sits in column 0."""
     return [(row, site) for row, router in enumerate(routers) for site in model.sites(router)]
 
 
 def _column(site: RouterSite) -> int:
-    return 0 if site.is_final else site.layer
+    return 0 if site.layer is None else site.layer
 
 
 @torch.no_grad()
 def get_act_patch_routing_weights(
-    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric: Metric,
     routers: Sequence[str] = SUBLAYER_ROUTERS,
 ) -> Float[Tensor, "router layer"]:
     """Patch each router's clean routing weights (all positions) into the corrupted run.
@@ -118,15 +139,27 @@ def get_act_patch_routing_weights(
         NaN).
     """
     routers = _check(model, corrupted_tokens, routers)
-    cells = [((row, _column(site)), site.hook("weights"), site.sublayer, None)
-             for row, site in _site_rows(model, routers)]
-    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
-                        (len(routers), model.cfg.n_layers), "patch routing weights")
+    cells = [
+        ((row, _column(site)), site.hook("weights"), site.sublayer, None)
+        for row, site in _site_rows(model, routers)
+    ]
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        cells,
+        (len(routers), model.cfg.n_layers),
+        "patch routing weights",
+    )
 
 
 @torch.no_grad()
 def get_act_patch_routing_weights_by_pos(
-    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric: Metric,
     routers: Sequence[str] = SUBLAYER_ROUTERS,
 ) -> Float[Tensor, "router layer pos"]:
     """Patch the clean routing weights of one router at one position.
@@ -136,15 +169,28 @@ def get_act_patch_routing_weights_by_pos(
     """
     routers = _check(model, corrupted_tokens, routers)
     n_pos = corrupted_tokens.shape[-1]
-    cells = [((row, _column(site), pos), site.hook("weights"), site.sublayer, pos)
-             for row, site in _site_rows(model, routers) for pos in range(n_pos)]
-    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
-                        (len(routers), model.cfg.n_layers, n_pos), "patch routing weights by pos")
+    cells = [
+        ((row, _column(site), pos), site.hook("weights"), site.sublayer, pos)
+        for row, site in _site_rows(model, routers)
+        for pos in range(n_pos)
+    ]
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        cells,
+        (len(routers), model.cfg.n_layers, n_pos),
+        "patch routing weights by pos",
+    )
 
 
 @torch.no_grad()
 def get_act_patch_committed_blocks_by_pos(
-    model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache, patching_metric: Metric,
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric: Metric,
     sublayer: str = "mlp",
 ) -> Float[Tensor, "layer pos"]:
     """Patch the clean committed block of each layer at one position, for every later
@@ -172,7 +218,17 @@ def get_act_patch_committed_blocks_by_pos(
         )
     n_pos = corrupted_tokens.shape[-1]
     # committed at the end of the sublayer: the run starts at that sublayer
-    cells = [((layer, pos), name, 2 * layer + (sublayer == "mlp"), pos)
-             for layer, name in names.items() for pos in range(n_pos)]
-    return _patch_cells(model, corrupted_tokens, clean_cache, patching_metric, cells,
-                        (model.cfg.n_layers, n_pos), f"patch committed blocks ({sublayer}) by pos")
+    cells = [
+        ((layer, pos), name, 2 * layer + (sublayer == "mlp"), pos)
+        for layer, name in names.items()
+        for pos in range(n_pos)
+    ]
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        cells,
+        (model.cfg.n_layers, n_pos),
+        f"patch committed blocks ({sublayer}) by pos",
+    )

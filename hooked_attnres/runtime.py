@@ -24,12 +24,13 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import Any
 
 DEFAULT_THRESHOLD = 256 * 2**20  # bytes
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 
-_state = {"tuned": False, "threshold": None}
+_state: dict[str, Any] = {"tuned": False, "threshold": None}
 
 
 def tune_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -56,12 +57,17 @@ def tune_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
 
 def cpu_allocator_tuned() -> bool:
     """Whether `tune_cpu_allocator` has been applied in this process."""
-    return _state["tuned"]
+    return bool(_state["tuned"])
 
 
 def tune_from_environment() -> bool:
     """`tune_cpu_allocator` unless ``HOOKED_ATTNRES_TUNE_MALLOC`` is ``0`` / ``false`` /
     ``no`` / ``off`` (what the command line and the benchmarks call at start)."""
-    if os.environ.get("HOOKED_ATTNRES_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get("HOOKED_ATTNRES_TUNE_MALLOC", "1").strip().lower() in (
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
         return False
     return tune_cpu_allocator()

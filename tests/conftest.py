@@ -20,8 +20,17 @@ LAYOUTS = ("cumulative", "kimi", "full", "none")
 
 def tiny_config(**overrides) -> HookedAttnResConfig:
     """A small model config; any field can be overridden."""
-    values = dict(d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_vocab=50,
-                  d_mlp=48, n_ctx=32, attnres_num_blocks=2, seed=0)
+    values = dict(
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_vocab=50,
+        d_mlp=48,
+        n_ctx=32,
+        attnres_num_blocks=2,
+        seed=0,
+    )
     values.update(overrides)
     return HookedAttnResConfig(**values)
 
@@ -46,9 +55,17 @@ def randomize_routing(model: HookedAttnRes, seed: int = 0, scale: float = 1.0) -
 
 def hf_qwen3(seed: int = 0, perturb_norms: bool = True, **overrides) -> Qwen3ForCausalLM:
     """A random ``Qwen3ForCausalLM`` (norm gains perturbed so that they matter)."""
-    values = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=64, tie_word_embeddings=False)
+    values = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(**values)).eval()
@@ -69,8 +86,9 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                   pad_token="<pad>", bos_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>"
+    )
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ shares no code with ``hooked_attnres.model``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -30,15 +31,24 @@ def reference_route(sources, router_params, eps):
 
 def model_router_params(model) -> RouterParams:
     """Router parameters read from a HookedAttnRes (by module path)."""
+
     def params(prefix: str):
         router = model.mod_dict[prefix]
         bias = None if router.recency_bias is None else router.recency_bias.detach()
         return router.query.detach(), router.key_norm.w.detach(), bias
+
     return params
 
 
-def reference_forward(hf, layout: str, num_blocks: int, router_params: RouterParams, tokens,
-                      mode: str = "block", n_layers: Optional[int] = None):
+def reference_forward(
+    hf,
+    layout: str,
+    num_blocks: int,
+    router_params: RouterParams,
+    tokens,
+    mode: str = "block",
+    n_layers: Optional[int] = None,
+):
     """Logits and every router's weights ``{prefix: [n_sources, batch, pos]}``."""
     n_layers = hf.config.num_hidden_layers if n_layers is None else n_layers
     eps = hf.config.rms_norm_eps
@@ -50,8 +60,10 @@ def reference_forward(hf, layout: str, num_blocks: int, router_params: RouterPar
 
     def attn(layer, x):
         return hf.model.layers[layer].self_attn(
-            hf.model.layers[layer].input_layernorm(x), position_embeddings=rotary,
-            attention_mask=None)[0]
+            hf.model.layers[layer].input_layernorm(x),
+            position_embeddings=rotary,
+            attention_mask=None,
+        )[0]
 
     def mlp(layer, x):
         return hf.model.layers[layer].mlp(hf.model.layers[layer].post_attention_layernorm(x))

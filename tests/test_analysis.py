@@ -10,10 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-
 from conftest import hf_qwen3, randomize_routing, tiny_model
-from hooked_attnres import HookedAttnRes, HookedAttnResConfig
-from hooked_attnres import plotting
+
+from hooked_attnres import HookedAttnRes, HookedAttnResConfig, plotting
 from hooked_attnres.analysis import (
     ablation_effects,
     bootstrap_ci,
@@ -35,9 +34,19 @@ TASK = KeyValueRetrieval(n_pairs=4, n_keys=8, n_values=8)
 @pytest.fixture(scope="module")
 def setup():
     tokenizer = task_tokenizer(TASK)
-    cfg = HookedAttnResConfig(d_model=32, n_layers=6, n_heads=4, n_key_value_heads=2, d_mlp=48,
-                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="cumulative",
-                              attnres_num_blocks=3, attnres_recency_bias=0.5, seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=32,
+        n_layers=6,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=len(tokenizer),
+        n_ctx=32,
+        attnres_layout="cumulative",
+        attnres_num_blocks=3,
+        attnres_recency_bias=0.5,
+        seed=0,
+    )
     model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer)).eval()
     batch = TASK.sample(24, seed=3, split="test", vocab=tokenizer.get_vocab())
     return model, batch
@@ -75,16 +84,20 @@ def test_routing_mass_is_the_cache_summed_by_family(setup):
         for family, indices in model.source_families(layer, router).items():
             expected = weights[:, indices].sum(-1) if indices else torch.zeros(len(batch))
             got = mass[(mass.router == router) & (mass.layer == layer) & (mass.family == family)]
-            np.testing.assert_allclose(got.sort_values("prompt").mass.to_numpy(), expected.double().numpy(),
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                got.sort_values("prompt").mass.to_numpy(), expected.double().numpy(), atol=1e-6
+            )
     summary = summarize_mass(mass, by=("router", "family"), n_bootstrap=50)
     assert set(summary.columns) >= {"router", "family", "mass", "ci_low", "ci_high", "n_prompts"}
-    assert (summary.ci_low <= summary.mass + 1e-12).all() and (summary.mass <= summary.ci_high + 1e-12).all()
+    assert (summary.ci_low <= summary.mass + 1e-12).all() and (
+        summary.mass <= summary.ci_high + 1e-12
+    ).all()
 
 
 def test_recency_wrapped_mass_equals_the_analytic_schedule():
-    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(num_hidden_layers=6), wrap="recency", num_blocks=3,
-                                        recency_bias=3.0)
+    model = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(num_hidden_layers=6), wrap="recency", num_blocks=3, recency_bias=3.0
+    )
     tokens = torch.randint(0, 61, (16, 11), generator=torch.Generator().manual_seed(0))
     mass = routing_mass(model, tokens, positions="all")
     table = schedule_comparison(mass, recency_schedule(6, 3, 3.0))
@@ -98,10 +111,12 @@ def test_fast_sweep_equals_naive_sweep(setup):
     model, batch = setup
     plan = plan_ablations(model, groups="layers")
     assert len(plan) == 4 * 2 * model.cfg.n_layers
-    fast = run_ablations(model, batch, plan, metrics=("logit_diff", "logprob"), fast=True, chunk=10,
-                         progress=False)
-    naive = run_ablations(model, batch, plan, metrics=("logit_diff", "logprob"), fast=False, chunk=10,
-                          progress=False)
+    fast = run_ablations(
+        model, batch, plan, metrics=("logit_diff", "logprob"), fast=True, chunk=10, progress=False
+    )
+    naive = run_ablations(
+        model, batch, plan, metrics=("logit_diff", "logprob"), fast=False, chunk=10, progress=False
+    )
     for metric in ("logit_diff", "logprob"):
         np.testing.assert_allclose(fast[0][metric], naive[0][metric], atol=1e-5)
         np.testing.assert_allclose(fast[1][metric], naive[1][metric], atol=1e-5)
@@ -110,15 +125,35 @@ def test_fast_sweep_equals_naive_sweep(setup):
     for i in noops:  # the naive loop ran them: masking nothing leaves the metric unchanged
         np.testing.assert_allclose(naive[1]["logit_diff"][i], naive[0]["logit_diff"], atol=1e-6)
     changed = [i for i, a in enumerate(plan) if not a.is_noop]
-    assert max(np.abs(fast[1]["logit_diff"][i] - fast[0]["logit_diff"]).max() for i in changed) > 1e-3
+    assert (
+        max(np.abs(fast[1]["logit_diff"][i] - fast[0]["logit_diff"]).max() for i in changed) > 1e-3
+    )
 
 
 def test_ablation_effects_table(setup):
     model, batch = setup
-    effects = ablation_effects(model, batch, groups={"early": [0, 1], "late": [4, 5], "all": range(6)},
-                               n_bootstrap=50, progress=False)
-    assert list(effects.columns) == ["router", "group", "layers", "family", "metric", "clean", "ablated",
-                                     "effect", "ci_low", "ci_high", "n_masked_routers", "skipped", "n_prompts"]
+    effects = ablation_effects(
+        model,
+        batch,
+        groups={"early": [0, 1], "late": [4, 5], "all": range(6)},
+        n_bootstrap=50,
+        progress=False,
+    )
+    assert list(effects.columns) == [
+        "router",
+        "group",
+        "layers",
+        "family",
+        "metric",
+        "clean",
+        "ablated",
+        "effect",
+        "ci_low",
+        "ci_high",
+        "n_masked_routers",
+        "skipped",
+        "n_prompts",
+    ]
     assert len(effects) == 2 * 3 * 4 * 3
     absent = effects[effects.n_masked_routers == 0]
     assert (absent.effect == 0).all()
@@ -130,19 +165,36 @@ def test_ablation_effects_table(setup):
 
 
 def test_dissociation_report_on_a_handmade_table():
-    mass = pd.DataFrame({"router": ["mlp_res"] * 4, "family": list(FAMILIES),
-                         "mass": [0.2, 0.1, 0.15, 0.55], "ci_low": 0.0, "ci_high": 1.0})
-    effects = pd.DataFrame({"router": ["mlp_res"] * 4, "group": "all", "metric": "logit_diff",
-                            "family": list(FAMILIES), "effect": [-2.0, -0.5, 0.01, -0.4],
-                            "ci_low": [-2.5, -0.7, -0.1, -0.6], "ci_high": [-1.5, -0.3, 0.1, -0.2],
-                            "n_masked_routers": 3})
+    mass = pd.DataFrame(
+        {
+            "router": ["mlp_res"] * 4,
+            "family": list(FAMILIES),
+            "mass": [0.2, 0.1, 0.15, 0.55],
+            "ci_low": 0.0,
+            "ci_high": 1.0,
+        }
+    )
+    effects = pd.DataFrame(
+        {
+            "router": ["mlp_res"] * 4,
+            "group": "all",
+            "metric": "logit_diff",
+            "family": list(FAMILIES),
+            "effect": [-2.0, -0.5, 0.01, -0.4],
+            "ci_low": [-2.5, -0.7, -0.1, -0.6],
+            "ci_high": [-1.5, -0.3, 0.1, -0.2],
+            "n_masked_routers": 3,
+        }
+    )
     report = dissociation_report(mass, effects).iloc[0]
     assert report.mass_ranking == ["current", "embedding", "prev_completed", "older"]
     assert report.effect_ranking == ["embedding", "older", "current", "prev_completed"]
     assert report.top_mass == "current" and report.top_effect == "embedding"
     assert not report.top_mass_is_top_effect
     assert report.appreciable_mass_no_effect == ["prev_completed"]
-    assert report.spearman == pytest.approx(0.0, abs=1e-12)  # ranks (3,1,2,4) vs (4,3,1,2): sum d^2 = 10
+    assert report.spearman == pytest.approx(
+        0.0, abs=1e-12
+    )  # ranks (3,1,2,4) vs (4,3,1,2): sum d^2 = 10
     with pytest.raises(ValueError, match="no effects"):
         dissociation_report(mass, effects, metric="accuracy")
 
@@ -151,8 +203,9 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
     model, batch = setup
     mass = routing_mass(model, batch)
     summary = summarize_mass(mass, n_bootstrap=20)
-    effects = ablation_effects(model, batch, groups={"early": [0, 1], "all": range(6)}, n_bootstrap=20,
-                               progress=False)
+    effects = ablation_effects(
+        model, batch, groups={"early": [0, 1], "all": range(6)}, n_bootstrap=20, progress=False
+    )
     _, cache = model.run_with_cache(batch.tokens)
     figures = {
         "heatmap": plotting.routing_heatmap(mass),
@@ -165,14 +218,18 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
     assert len(figures["heatmap"].data) == 2 and len(figures["bars"].data) == 4
     assert len(figures["bands"].data) == 2 * len(FAMILIES)
     assert len(figures["sources"].data) == 1
-    merged = summary.merge(effects[(effects.metric == "logit_diff") & (effects.group == "all")],
-                           on=["router", "family"])
+    merged = summary.merge(
+        effects[(effects.metric == "logit_diff") & (effects.group == "all")],
+        on=["router", "family"],
+    )
     assert len(figures["scatter"].data) == len(merged) == 2 * len(FAMILIES)
     # the heatmap cells are the mean mass per layer and family (computed here from the table)
     attn = figures["heatmap"].data[0]
     for i, layer in enumerate(sorted(set(mass.layer))):
         for j, family in enumerate(FAMILIES):
-            rows = mass[(mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family)]
+            rows = mass[
+                (mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family)
+            ]
             assert attn.z[i][j] == pytest.approx(rows.mass.mean(), abs=1e-12)
     # the source heatmap: one row per layer, one column per label, blank where a layer lacks it
     z = np.asarray(figures["sources"].data[0].z, dtype=float)
@@ -203,10 +260,13 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
         html = path.read_text()
         assert path.exists() and "plotly" in html and "Plotly.newPlot" in html
         assert len(html) > 1_000_000  # plotly.js is inlined
-        assert not re.search(r"<script[^>]*\bsrc=", html), "an external script would need the network"
+        assert not re.search(r"<script[^>]*\bsrc=", html), (
+            "an external script would need the network"
+        )
 
 
 # --- further checks -------------------------------------------------------------------------------
+
 
 def test_bootstrap_rows_share_their_resamples():
     rng = np.random.default_rng(2)
@@ -215,10 +275,13 @@ def test_bootstrap_rows_share_their_resamples():
     np.testing.assert_allclose(mean, rows.mean(axis=1), atol=1e-12)
     for i, row in enumerate(rows):  # the resampled prompts depend on n and the seed only
         assert bootstrap_ci(row, n_resamples=300, confidence=0.9, seed=4) == pytest.approx(
-            (mean[i], low[i], high[i]), abs=1e-12)
+            (mean[i], low[i], high[i]), abs=1e-12
+        )
     # linearity in the paired rows: the interval of 3x is 3 times the interval of x
     scaled = bootstrap_ci_rows(np.vstack([rows[0], 3 * rows[0]]), 300, seed=1)
-    assert scaled[1][1] == pytest.approx(3 * scaled[1][0]) and scaled[2][1] == pytest.approx(3 * scaled[2][0])
+    assert scaled[1][1] == pytest.approx(3 * scaled[1][0]) and scaled[2][1] == pytest.approx(
+        3 * scaled[2][0]
+    )
     # the interval is made of resampled means: around the mean, inside [min, max] of the data
     assert (low <= mean).all() and (mean <= high).all()
     assert (low >= rows.min(axis=1)).all() and (high <= rows.max(axis=1)).all()
@@ -230,9 +293,14 @@ def test_bootstrap_properties_and_bad_inputs():
     assert bootstrap_ci([2.5] * 10) == (2.5, 2.5, 2.5)
     narrow = bootstrap_ci(values, confidence=0.5, seed=0)
     wide = bootstrap_ci(values, confidence=0.99, seed=0)
-    assert wide[1] <= narrow[1] <= narrow[2] <= wide[2] and wide[2] - wide[1] > narrow[2] - narrow[1]
+    assert (
+        wide[1] <= narrow[1] <= narrow[2] <= wide[2] and wide[2] - wide[1] > narrow[2] - narrow[1]
+    )
     mean, low, high = bootstrap_ci_rows(np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]]), 100)
-    assert np.isnan([mean[0], low[0], high[0]]).all() and not np.isnan([mean[1], low[1], high[1]]).any()
+    assert (
+        np.isnan([mean[0], low[0], high[0]]).all()
+        and not np.isnan([mean[1], low[1], high[1]]).any()
+    )
     with pytest.raises(ValueError, match="n_resamples"):
         bootstrap_ci([1.0, 2.0], n_resamples=0)
     with pytest.raises(ValueError, match="confidence"):
@@ -253,13 +321,25 @@ def test_routing_mass_other_positions_and_chunks(setup):
             w = w.mean(1) if positions == "all" else w[:, positions].mean(1)
             for family, indices in model.source_families(layer, router).items():
                 expected = w[:, indices].sum(-1) if indices else torch.zeros(len(small))
-                got = mass[(mass.router == router) & (mass.layer == layer) & (mass.family == family)]
-                np.testing.assert_allclose(got.sort_values("prompt").mass, expected.double(), atol=1e-6)
+                got = mass[
+                    (mass.router == router) & (mass.layer == layer) & (mass.family == family)
+                ]
+                np.testing.assert_allclose(
+                    got.sort_values("prompt").mass, expected.double(), atol=1e-6
+                )
     # token input with explicit answer positions equals the TaskBatch input
-    pd.testing.assert_frame_equal(routing_mass(model, small.tokens, answer_pos=small.answer_pos),
-                                  routing_mass(model, small))
+    pd.testing.assert_frame_equal(
+        routing_mass(model, small.tokens, answer_pos=small.answer_pos), routing_mass(model, small)
+    )
     bands = routing_mass(model, small).drop_duplicates("layer").set_index("layer").band
-    assert bands.to_dict() == {0: "early", 1: "early", 2: "middle", 3: "middle", 4: "late", 5: "late"}
+    assert bands.to_dict() == {
+        0: "early",
+        1: "early",
+        2: "middle",
+        3: "middle",
+        4: "late",
+        5: "late",
+    }
     with pytest.raises(ValueError, match="answer_pos"):
         routing_mass(model, small.tokens, positions="answer")
     with pytest.raises(ValueError, match="positions must be"):
@@ -270,9 +350,18 @@ def test_routing_mass_other_positions_and_chunks(setup):
 
 def test_routing_mass_with_a_final_router():
     tokenizer = task_tokenizer(TASK)
-    cfg = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_mlp=48,
-                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="kimi",
-                              attnres_num_blocks=2, seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=len(tokenizer),
+        n_ctx=32,
+        attnres_layout="kimi",
+        attnres_num_blocks=2,
+        seed=0,
+    )
     model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer)).eval()
     batch = TASK.sample(5, seed=1, split="test", vocab=tokenizer.get_vocab())
     mass = routing_mass(model, batch)
@@ -293,11 +382,15 @@ def test_routing_mass_with_a_final_router():
 @pytest.mark.parametrize("n_layers,num_blocks,bias", [(4, 2, 1.0), (5, 5, 0.0)])
 def test_recency_wrapped_mass_matches_the_schedule_for_other_shapes(n_layers, num_blocks, bias):
     hf = hf_qwen3(num_hidden_layers=n_layers, hidden_size=16, head_dim=4, intermediate_size=16)
-    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias)
+    model = HookedAttnRes.from_hf_qwen3(
+        hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias
+    )
     tokens = torch.randint(0, 61, (6, 7), generator=torch.Generator().manual_seed(3))
     for positions in ("all", [1, 6]):
-        table = schedule_comparison(routing_mass(model, tokens, positions=positions),
-                                    recency_schedule(n_layers, num_blocks, bias))
+        table = schedule_comparison(
+            routing_mass(model, tokens, positions=positions),
+            recency_schedule(n_layers, num_blocks, bias),
+        )
         assert table.max_abs_deviation.max() <= 1e-6
         assert (table.measured - table.predicted).abs().max() <= 1e-6
         # the prediction is not trivially uniform: e^b / (e^b + n) on the current source
@@ -306,34 +399,51 @@ def test_recency_wrapped_mass_matches_the_schedule_for_other_shapes(n_layers, nu
         assert current.predicted.iloc[0] == pytest.approx(np.exp(bias) / (np.exp(bias) + n_other))
     # a model with content-dependent routing deviates
     routed_model = randomize_routing(model)
-    table = schedule_comparison(routing_mass(routed_model, tokens, positions="all"),
-                                recency_schedule(n_layers, num_blocks, bias))
+    table = schedule_comparison(
+        routing_mass(routed_model, tokens, positions="all"),
+        recency_schedule(n_layers, num_blocks, bias),
+    )
     assert table.max_abs_deviation.max() > 1e-3
 
 
 def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers():
     tokenizer = task_tokenizer(TASK)
-    cfg = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_mlp=48,
-                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="kimi",
-                              attnres_num_blocks=2, attnres_recency_bias=0.5, seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=len(tokenizer),
+        n_ctx=32,
+        attnres_layout="kimi",
+        attnres_num_blocks=2,
+        attnres_recency_bias=0.5,
+        seed=0,
+    )
     model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=2).eval()
     batch = TASK.sample(7, seed=2, split="test", vocab=tokenizer.get_vocab())
     plan = plan_ablations(model, routers=("attn_res", "mlp_res", "final_res"), groups="layers")
     assert len(plan) == 4 * (2 * 4 + 1)
     metrics = ("logit_diff", "logprob", "accuracy")
     # max_rows=14 batches two copies of the 7 prompts per pass; chunk=4 splits the prompts
-    fast = run_ablations(model, batch, plan, metrics=metrics, fast=True, chunk=4, max_rows=14, progress=False)
+    fast = run_ablations(
+        model, batch, plan, metrics=metrics, fast=True, chunk=4, max_rows=14, progress=False
+    )
     naive = run_ablations(model, batch, plan, metrics=metrics, fast=False, chunk=4, progress=False)
     for metric in metrics:
         np.testing.assert_allclose(fast[0][metric], naive[0][metric], atol=1e-5)
         np.testing.assert_allclose(fast[1][metric], naive[1][metric], atol=1e-5)
     # the clean metric is the model's own, computed here from a plain forward pass
     with torch.no_grad():
-        np.testing.assert_allclose(fast[0]["logit_diff"], batch.logit_diff(model(batch.tokens)).numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            fast[0]["logit_diff"], batch.logit_diff(model(batch.tokens)).numpy(), atol=1e-5
+        )
     # kimi layer-0 attention reads only the embedding: masking it there is skipped, not NaN
     skipped = [a for a in plan if a.skipped]
-    assert [(a.router, a.group, a.family) for a in skipped] == [("attn_res", "layer 0", "embedding")]
+    assert [(a.router, a.group, a.family) for a in skipped] == [
+        ("attn_res", "layer 0", "embedding")
+    ]
     assert skipped[0].is_noop
     for i, ablation in enumerate(plan):
         if ablation.is_noop:
@@ -343,10 +453,22 @@ def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers()
     assert plan[final[0]].masks[0][0] == name
     with torch.no_grad():  # one ablation checked against the public intervention API
         from hooked_attnres.interventions import mask_sources
-        logits = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, "current", routers="final_res"))
-    np.testing.assert_allclose(fast[1]["logit_diff"][final[0]], batch.logit_diff(logits).numpy(), atol=1e-5)
-    effects = ablation_effects(model, batch, routers=("attn_res", "final_res"), groups="all",
-                               metrics=("logit_diff",), n_bootstrap=20, progress=False)
+
+        logits = model.run_with_hooks(
+            batch.tokens, fwd_hooks=mask_sources(model, "current", routers="final_res")
+        )
+    np.testing.assert_allclose(
+        fast[1]["logit_diff"][final[0]], batch.logit_diff(logits).numpy(), atol=1e-5
+    )
+    effects = ablation_effects(
+        model,
+        batch,
+        routers=("attn_res", "final_res"),
+        groups="all",
+        metrics=("logit_diff",),
+        n_bootstrap=20,
+        progress=False,
+    )
     row = effects[(effects.router == "attn_res") & (effects.family == "embedding")].iloc[0]
     assert row.skipped == "attn_res layer 0" and row.n_masked_routers == 3
     assert list(effects[effects.router == "final_res"].group.unique()) == ["final"]
@@ -359,15 +481,27 @@ def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers()
 
 
 def test_dissociation_report_when_mass_and_effect_agree():
-    mass = pd.DataFrame({"router": ["attn_res"] * 4 + ["mlp_res"] * 4, "family": list(FAMILIES) * 2,
-                         "mass": [0.1, 0.0, 0.3, 0.6, 0.04, 0.5, 0.2, 0.26], "ci_low": 0.0, "ci_high": 1.0})
-    effects = pd.DataFrame({
-        "router": ["attn_res"] * 4 + ["mlp_res"] * 4, "group": "all", "metric": "logit_diff",
-        "family": list(FAMILIES) * 2,
-        "effect": [-0.1, 0.0, 0.5, -3.0, 0.02, -1.0, 0.3, -0.2],
-        "ci_low": [-0.2, 0.0, 0.1, -3.5, -0.01, -1.5, 0.2, -0.3],
-        "ci_high": [0.05, 0.0, 0.9, -2.5, 0.05, -0.5, 0.4, 0.1],
-        "n_masked_routers": [3, 0, 3, 3, 3, 3, 3, 3]})
+    mass = pd.DataFrame(
+        {
+            "router": ["attn_res"] * 4 + ["mlp_res"] * 4,
+            "family": list(FAMILIES) * 2,
+            "mass": [0.1, 0.0, 0.3, 0.6, 0.04, 0.5, 0.2, 0.26],
+            "ci_low": 0.0,
+            "ci_high": 1.0,
+        }
+    )
+    effects = pd.DataFrame(
+        {
+            "router": ["attn_res"] * 4 + ["mlp_res"] * 4,
+            "group": "all",
+            "metric": "logit_diff",
+            "family": list(FAMILIES) * 2,
+            "effect": [-0.1, 0.0, 0.5, -3.0, 0.02, -1.0, 0.3, -0.2],
+            "ci_low": [-0.2, 0.0, 0.1, -3.5, -0.01, -1.5, 0.2, -0.3],
+            "ci_high": [0.05, 0.0, 0.9, -2.5, 0.05, -0.5, 0.4, 0.1],
+            "n_masked_routers": [3, 0, 3, 3, 3, 3, 3, 3],
+        }
+    )
     report = dissociation_report(mass, effects).set_index("router")
     attn, mlp = report.loc["attn_res"], report.loc["mlp_res"]
     # attn: "older" has neither mass nor masked routers, so it is left out of the ranking
@@ -442,9 +576,16 @@ def test_effects_match_an_independent_mask_sources_run_and_lie_inside_their_inte
     from hooked_attnres.interventions import mask_sources
 
     model, batch = setup
-    effects = ablation_effects(model, batch, families=["embedding", "current"], routers="mlp_res",
-                               groups={"early": [1, 2]}, metrics=("logit_diff",), n_bootstrap=400,
-                               progress=False)
+    effects = ablation_effects(
+        model,
+        batch,
+        families=["embedding", "current"],
+        routers="mlp_res",
+        groups={"early": [1, 2]},
+        metrics=("logit_diff",),
+        n_bootstrap=400,
+        progress=False,
+    )
     assert set(effects.router) == {"mlp_res"} and set(effects.family) == {"embedding", "current"}
     with torch.no_grad():
         clean = batch.logit_diff(model(batch.tokens)).numpy()
@@ -462,9 +603,18 @@ def test_effects_match_an_independent_mask_sources_run_and_lie_inside_their_inte
 
 def test_fast_sweep_equals_naive_sweep_in_the_full_layout():
     tokenizer = task_tokenizer(TASK)
-    cfg = HookedAttnResConfig(d_model=32, n_layers=3, n_heads=4, n_key_value_heads=2, d_mlp=48,
-                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout="full",
-                              attnres_recency_bias=0.5, seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=len(tokenizer),
+        n_ctx=32,
+        attnres_layout="full",
+        attnres_recency_bias=0.5,
+        seed=0,
+    )
     model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=3).eval()
     batch = TASK.sample(6, seed=4, split="test", vocab=tokenizer.get_vocab())
     plan = plan_ablations(model, routers=("attn_res", "mlp_res", "final_res"), groups="layers")
@@ -490,28 +640,56 @@ def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
 
     model, batch = setup
     plan = plan_ablations(model, families="current", routers="attn_res", groups={"l3": [3]})
-    user = mask_sources(model, ["embedding", "older", "prev_completed"], routers="attn_res", layers=3)
+    user = mask_sources(
+        model, ["embedding", "older", "prev_completed"], routers="attn_res", layers=3
+    )
     with model.hooks(fwd_hooks=user):
-        with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: together with earlier hooks on this router"):
+        with pytest.raises(
+            ValueError,
+            match="blocks.3.attn_res.hook_logits: together with earlier hooks on this router",
+        ):
             run_ablations(model, batch, plan, progress=False)
 
 
 def test_mass_positions_out_of_range_are_named(setup):
     model, batch = setup
     n_pos = batch.tokens.shape[1]
-    with pytest.raises(ValueError, match=rf"positions \[0, {n_pos}\] must be integers in \[-{n_pos}, {n_pos}\)"):
+    with pytest.raises(
+        ValueError, match=rf"positions \[0, {n_pos}\] must be integers in \[-{n_pos}, {n_pos}\)"
+    ):
         routing_mass(model, batch, positions=[0, n_pos])
     with pytest.raises(ValueError, match="positions is empty"):
         routing_mass(model, batch, positions=[])
     table = routing_mass(model, batch, positions=[-1])
-    np.testing.assert_allclose(table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5
+    )
 
 
 def test_dissociation_report_refuses_ambiguous_tables():
-    mass = pd.DataFrame({"router": ["mlp_res"] * 8, "band": ["early"] * 4 + ["late"] * 4,
-                         "family": list(FAMILIES) * 2, "mass": 0.25, "ci_low": 0.0, "ci_high": 1.0})
-    effects = pd.DataFrame({"router": ["mlp_res"] * 4, "group": "all", "metric": "logit_diff",
-                            "family": list(FAMILIES), "effect": -1.0, "ci_low": -2.0, "ci_high": -0.5,
-                            "n_masked_routers": 2})
-    with pytest.raises(ValueError, match="mass_summary has several rows for router='mlp_res', family='embedding'"):
+    mass = pd.DataFrame(
+        {
+            "router": ["mlp_res"] * 8,
+            "band": ["early"] * 4 + ["late"] * 4,
+            "family": list(FAMILIES) * 2,
+            "mass": 0.25,
+            "ci_low": 0.0,
+            "ci_high": 1.0,
+        }
+    )
+    effects = pd.DataFrame(
+        {
+            "router": ["mlp_res"] * 4,
+            "group": "all",
+            "metric": "logit_diff",
+            "family": list(FAMILIES),
+            "effect": -1.0,
+            "ci_low": -2.0,
+            "ci_high": -0.5,
+            "n_masked_routers": 2,
+        }
+    )
+    with pytest.raises(
+        ValueError, match="mass_summary has several rows for router='mlp_res', family='embedding'"
+    ):
         dissociation_report(mass, effects)

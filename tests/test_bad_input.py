@@ -43,7 +43,9 @@ def test_valid_inputs_run(model):
 @pytest.mark.parametrize("bad", [-1, 50, 10_000], ids=["negative", "d_vocab", "huge"])
 def test_token_ids_out_of_range(model, bad):
     tokens = torch.tensor([[1, bad, 3]])
-    with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50) (d_vocab)")) as info:
+    with pytest.raises(
+        ValueError, match=re.escape("token ids must be in [0, 50) (d_vocab)")
+    ) as info:
         model(tokens)
     assert str(bad) in str(info.value)  # the offending value is shown
 
@@ -55,8 +57,12 @@ def test_sequence_longer_than_n_ctx(model):
 
 @pytest.mark.parametrize(
     "tokens",
-    [torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]], dtype=torch.float16),
-     torch.tensor([[True, False]]), torch.tensor([[1 + 0j]])],
+    [
+        torch.tensor([[1.0, 2.0]]),
+        torch.tensor([[1.0, 2.0]], dtype=torch.float16),
+        torch.tensor([[True, False]]),
+        torch.tensor([[1 + 0j]]),
+    ],
     ids=["float32", "float16", "bool", "complex"],
 )
 def test_non_integer_tokens(model, tokens):
@@ -95,8 +101,9 @@ def test_float64_model_runs_in_float64(tokens):
     assert torch.allclose(logits.float(), reference(tokens), atol=1e-5)
 
 
-@pytest.mark.parametrize("value", [(1, 2, 3), np.array([[1, 2, 3]]), 7],
-                         ids=["tuple", "numpy", "int"])
+@pytest.mark.parametrize(
+    "value", [(1, 2, 3), np.array([[1, 2, 3]]), 7], ids=["tuple", "numpy", "int"]
+)
 def test_other_non_tensor_inputs(model, value):
     with pytest.raises(TypeError, match="integer tensor of token ids.*got " + type(value).__name__):
         model(value)
@@ -111,12 +118,15 @@ def test_unknown_return_type(model, return_type):
         model(GOOD, return_type=return_type)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(stop_at_layer=5), "stop_at_layer"),
-    (dict(stop_at_layer=-5), "stop_at_layer"),
-    (dict(stop_at_layer=1.0), "stop_at_layer"),
-    (dict(stop_at_layer=True), "stop_at_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(stop_at_layer=5), "stop_at_layer"),
+        (dict(stop_at_layer=-5), "stop_at_layer"),
+        (dict(stop_at_layer=1.0), "stop_at_layer"),
+        (dict(stop_at_layer=True), "stop_at_layer"),
+    ],
+)
 def test_stop_at_layer_out_of_range(model, kwargs, name):
     with pytest.raises(ValueError, match=re.escape(f"{name} must be an integer in [-4, 4]")):
         model(GOOD, **kwargs)
@@ -192,7 +202,9 @@ def test_left_padding_is_refused(tok_model):
 def test_tokenizer_bigger_than_vocab_is_refused():
     model = tiny_model()
     tokenizer = build_word_tokenizer([f"w{i}" for i in range(60)])  # 63 tokens
-    with pytest.raises(ValueError, match="the tokenizer has 63 tokens but the model's d_vocab is 50"):
+    with pytest.raises(
+        ValueError, match="the tokenizer has 63 tokens but the model's d_vocab is 50"
+    ):
         model.set_tokenizer(tokenizer)
     assert model.tokenizer is None
     with pytest.raises(ValueError, match="63 tokens"):
@@ -221,50 +233,91 @@ def make(**changes) -> HookedAttnResConfig:
     return HookedAttnResConfig(**{**BASE, **changes})
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(attnres_layout="diagonal"),
-     "attnres_layout='diagonal' is unknown; choose one of ('cumulative', 'kimi', 'full', 'none')"),
-    (dict(attnres_num_blocks=0), "attnres_num_blocks=0 must be an integer between 1 and n_layers=4"),
-    (dict(attnres_num_blocks=5), "attnres_num_blocks=5 must be an integer between 1 and n_layers=4"),
-    (dict(attnres_num_blocks=2.0), "attnres_num_blocks=2.0 must be an integer"),
-    (dict(d_model=30), "d_model=30 is not divisible by n_heads=4; set d_head explicitly or change n_heads"),
-    (dict(d_model=12), "d_head=3 must be an even integer"),
-    (dict(d_head=7), "d_head=7 must be an even integer >= 2 (rotary"),
-    (dict(n_key_value_heads=3), "n_heads=4 must be a multiple of n_key_value_heads=3"),
-    (dict(n_key_value_heads=0), "must be a multiple of n_key_value_heads=0"),
-    (dict(attnres_mode="full", attnres_layout="kimi"),
-     "attnres_mode='full' only applies to the cumulative layout (got attnres_layout='kimi')"),
-    (dict(attnres_mode="sublayer"), "attnres_mode='sublayer' is unknown; choose one of ('block', 'full')"),
-    (dict(attnres_query_init="ones"), "attnres_query_init='ones' is unknown; choose one of ('zero', 'normal')"),
-    (dict(attnres_recency_bias=math.inf), "attnres_recency_bias must be a finite number or None, got inf"),
-    (dict(attnres_recency_bias=-math.inf), "attnres_recency_bias must be a finite number or None"),
-    (dict(attnres_recency_bias=math.nan), "attnres_recency_bias must be a finite number or None, got nan"),
-    (dict(attnres_recency_bias=True), "attnres_recency_bias must be a finite number or None"),
-    (dict(act_fn="gelu"), "act_fn='gelu' is not supported: HookedAttnRes implements the Qwen3 "
-                          "architecture, which has act_fn='silu'"),
-    (dict(normalization_type="LN"), "normalization_type='LN' is not supported.*normalization_type='RMS'"),
-    (dict(positional_embedding_type="standard"), "positional_embedding_type='standard' is not supported"),
-    (dict(use_qk_norm=False), "use_qk_norm=False is not supported"),
-    (dict(dtype="int8"), "dtype 'int8' is not supported; use one of"),
-    (dict(dtype=torch.int64), "dtype torch.int64 is not supported; use one of"),
-    (dict(dtype="float8"), "dtype 'float8' is not supported.*bfloat16"),
-    (dict(eps=-1e-6), "eps must be >= 0, got -1e-06"),
-    (dict(eps=math.nan), "eps must be >= 0, got nan"),
-    (dict(rotary_base=0.0), "rotary_base must be a finite number > 0, got 0.0"),
-    (dict(d_vocab=0), "d_vocab must be a positive integer, got 0"),
-    (dict(n_layers=-1), "n_layers must be a positive integer, got -1"),
-    (dict(n_ctx=0), "n_ctx must be a positive integer, got 0"),
-    (dict(d_model=32.0), "d_model must be a positive integer, got 32.0"),
-    (dict(n_heads=True), "n_heads must be a positive integer, got True"),
-    (dict(d_mlp=0), "d_mlp must be a positive integer, got 0"),
-    (dict(d_head=8.0), "d_head must be an integer or None, got 8.0"),
-    (dict(d_mlp=48.5), "d_mlp must be an integer or None, got 48.5"),
-    (dict(d_mlp=True), "d_mlp must be an integer or None, got True"),
-    (dict(n_key_value_heads=2.0), "n_key_value_heads must be an integer or None, got 2.0"),
-    (dict(seed="x"), "seed must be an integer or None, got 'x'"),
-    (dict(initializer_range=-0.1), "initializer_range must be a finite number >= 0, got -0.1"),
-    (dict(rotary_base=math.inf), "rotary_base must be a finite number > 0, got inf"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(attnres_layout="diagonal"),
+            "attnres_layout='diagonal' is unknown; choose one of "
+            "('cumulative', 'kimi', 'full', 'none')",
+        ),
+        (
+            dict(attnres_num_blocks=0),
+            "attnres_num_blocks=0 must be an integer between 1 and n_layers=4",
+        ),
+        (
+            dict(attnres_num_blocks=5),
+            "attnres_num_blocks=5 must be an integer between 1 and n_layers=4",
+        ),
+        (dict(attnres_num_blocks=2.0), "attnres_num_blocks=2.0 must be an integer"),
+        (
+            dict(d_model=30),
+            "d_model=30 is not divisible by n_heads=4; set d_head explicitly or change n_heads",
+        ),
+        (dict(d_model=12), "d_head=3 must be an even integer"),
+        (dict(d_head=7), "d_head=7 must be an even integer >= 2 (rotary"),
+        (dict(n_key_value_heads=3), "n_heads=4 must be a multiple of n_key_value_heads=3"),
+        (dict(n_key_value_heads=0), "must be a multiple of n_key_value_heads=0"),
+        (
+            dict(attnres_mode="full", attnres_layout="kimi"),
+            "attnres_mode='full' only applies to the cumulative layout (got attnres_layout='kimi')",
+        ),
+        (
+            dict(attnres_mode="sublayer"),
+            "attnres_mode='sublayer' is unknown; choose one of ('block', 'full')",
+        ),
+        (
+            dict(attnres_query_init="ones"),
+            "attnres_query_init='ones' is unknown; choose one of ('zero', 'normal')",
+        ),
+        (
+            dict(attnres_recency_bias=math.inf),
+            "attnres_recency_bias must be a finite number or None, got inf",
+        ),
+        (
+            dict(attnres_recency_bias=-math.inf),
+            "attnres_recency_bias must be a finite number or None",
+        ),
+        (
+            dict(attnres_recency_bias=math.nan),
+            "attnres_recency_bias must be a finite number or None, got nan",
+        ),
+        (dict(attnres_recency_bias=True), "attnres_recency_bias must be a finite number or None"),
+        (
+            dict(act_fn="gelu"),
+            "act_fn='gelu' is not supported: HookedAttnRes implements the Qwen3 "
+            "architecture, which has act_fn='silu'",
+        ),
+        (
+            dict(normalization_type="LN"),
+            "normalization_type='LN' is not supported.*normalization_type='RMS'",
+        ),
+        (
+            dict(positional_embedding_type="standard"),
+            "positional_embedding_type='standard' is not supported",
+        ),
+        (dict(use_qk_norm=False), "use_qk_norm=False is not supported"),
+        (dict(dtype="int8"), "dtype 'int8' is not supported; use one of"),
+        (dict(dtype=torch.int64), "dtype torch.int64 is not supported; use one of"),
+        (dict(dtype="float8"), "dtype 'float8' is not supported.*bfloat16"),
+        (dict(eps=-1e-6), "eps must be >= 0, got -1e-06"),
+        (dict(eps=math.nan), "eps must be >= 0, got nan"),
+        (dict(rotary_base=0.0), "rotary_base must be a finite number > 0, got 0.0"),
+        (dict(d_vocab=0), "d_vocab must be a positive integer, got 0"),
+        (dict(n_layers=-1), "n_layers must be a positive integer, got -1"),
+        (dict(n_ctx=0), "n_ctx must be a positive integer, got 0"),
+        (dict(d_model=32.0), "d_model must be a positive integer, got 32.0"),
+        (dict(n_heads=True), "n_heads must be a positive integer, got True"),
+        (dict(d_mlp=0), "d_mlp must be a positive integer, got 0"),
+        (dict(d_head=8.0), "d_head must be an integer or None, got 8.0"),
+        (dict(d_mlp=48.5), "d_mlp must be an integer or None, got 48.5"),
+        (dict(d_mlp=True), "d_mlp must be an integer or None, got True"),
+        (dict(n_key_value_heads=2.0), "n_key_value_heads must be an integer or None, got 2.0"),
+        (dict(seed="x"), "seed must be an integer or None, got 'x'"),
+        (dict(initializer_range=-0.1), "initializer_range must be a finite number >= 0, got -0.1"),
+        (dict(rotary_base=math.inf), "rotary_base must be a finite number > 0, got inf"),
+    ],
+)
 def test_invalid_config(changes, message):
     pattern = message if ".*" in message else re.escape(message)
     with pytest.raises(ValueError, match=pattern):
@@ -304,9 +357,20 @@ def test_model_from_dict_with_unknown_key():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = make(attnres_layout="kimi", attnres_num_blocks=2, attnres_recency_bias=None,
-               dtype=torch.bfloat16, tie_word_embeddings=True, n_key_value_heads=2, d_mlp=40,
-               attnres_query_init="normal", seed=7, n_ctx=64, rotary_base=10_000.0, eps=1e-5)
+    cfg = make(
+        attnres_layout="kimi",
+        attnres_num_blocks=2,
+        attnres_recency_bias=None,
+        dtype=torch.bfloat16,
+        tie_word_embeddings=True,
+        n_key_value_heads=2,
+        d_mlp=40,
+        attnres_query_init="normal",
+        seed=7,
+        n_ctx=64,
+        rotary_base=10_000.0,
+        eps=1e-5,
+    )
     text = cfg.to_json()
     again = HookedAttnResConfig.from_json(text)
     assert again == cfg
@@ -325,9 +389,13 @@ def test_replace_validates():
     cfg = make(attnres_num_blocks=2)
     with pytest.raises(ValueError, match="attnres_layout='diagonal' is unknown"):
         cfg.replace(attnres_layout="diagonal")
-    with pytest.raises(ValueError, match="attnres_num_blocks=2 must be an integer between 1 and n_layers=1"):
+    with pytest.raises(
+        ValueError, match="attnres_num_blocks=2 must be an integer between 1 and n_layers=1"
+    ):
         cfg.replace(n_layers=1)
-    with pytest.raises(ValueError, match="attnres_mode='full' only applies to the cumulative layout"):
+    with pytest.raises(
+        ValueError, match="attnres_mode='full' only applies to the cumulative layout"
+    ):
         cfg.replace(attnres_mode="full", attnres_layout="none")
     with pytest.raises(ValueError, match="act_fn='relu' is not supported"):
         cfg.replace(act_fn="relu")

@@ -74,7 +74,10 @@ def test_round_trip_is_bitwise(tmp_path, layout, tied):
     model = scrambled_model(attnres_layout=layout, tie_word_embeddings=tied)
     returned = model.save_pretrained(tmp_path / "ckpt")
     assert Path(returned) == tmp_path / "ckpt"
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     loaded = HookedAttnRes.from_pretrained(str(tmp_path / "ckpt"))
     assert isinstance(loaded, HookedAttnRes)
     assert loaded.cfg.attnres_layout == layout
@@ -84,8 +87,12 @@ def test_round_trip_is_bitwise(tmp_path, layout, tied):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(attnres_mode="full"), dict(attnres_recency_bias=None), dict(attnres_num_blocks=4, n_layers=4),
-     dict(n_key_value_heads=4, d_head=6, rotary_base=10_000.0, eps=1e-5, model_name="x")],
+    [
+        dict(attnres_mode="full"),
+        dict(attnres_recency_bias=None),
+        dict(attnres_num_blocks=4, n_layers=4),
+        dict(n_key_value_heads=4, d_head=6, rotary_base=10_000.0, eps=1e-5, model_name="x"),
+    ],
     ids=["cumulative-full-mode", "no-recency-bias", "one-layer-blocks", "other-fields"],
 )
 def test_round_trip_other_configs(tmp_path, overrides):
@@ -374,8 +381,9 @@ def test_truncated_weights(saved):
     assert "model.safetensors" in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all" * 10],
-                         ids=["empty", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"not a safetensors file at all" * 10], ids=["empty", "garbage"]
+)
 def test_weights_that_are_not_safetensors(saved, content):
     directory, _ = saved
     (directory / "model.safetensors").write_bytes(content)
@@ -395,14 +403,18 @@ def test_missing_key(saved):
 def test_unexpected_key(saved):
     directory, _ = saved
     rewrite_weights(directory, lambda state: state.update({"blocks.1.extra_gate": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): blocks\.1\.extra_gate") as info:
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(1\): blocks\.1\.extra_gate"
+    ) as info:
         HookedAttnRes.from_pretrained(directory)
     assert "missing keys" not in str(info.value)
 
 
 def test_misshaped_key(saved):
     directory, _ = saved
-    rewrite_weights(directory, lambda state: state.update({"blocks.0.mlp.W_in": torch.zeros(32, 40)}))
+    rewrite_weights(
+        directory, lambda state: state.update({"blocks.0.mlp.W_in": torch.zeros(32, 40)})
+    )
     with pytest.raises(
         CheckpointError,
         match=re.escape("mis-shaped keys (1): blocks.0.mlp.W_in expected (32, 48) found (32, 40)"),
@@ -454,12 +466,15 @@ def test_config_with_other_layout_reports_router_keys(saved):
     directory, _ = saved
     rewrite_config(directory, attnres_layout="kimi")  # kimi adds a final router
     with pytest.raises(
-        CheckpointError, match=r"missing keys \(3\): final_res\.key_norm\.w, final_res\.query, "
-                               r"final_res\.recency_bias"
+        CheckpointError,
+        match=r"missing keys \(3\): final_res\.key_norm\.w, final_res\.query, "
+        r"final_res\.recency_bias",
     ):
         HookedAttnRes.from_pretrained(directory)
     rewrite_config(directory, attnres_layout="none")  # no routers at all
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(24\): blocks\.0\.attn_res\.key_norm\.w"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(24\): blocks\.0\.attn_res\.key_norm\.w"
+    ):
         HookedAttnRes.from_pretrained(directory)
 
 

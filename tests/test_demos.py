@@ -21,10 +21,19 @@ def test_there_are_demo_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for cell in notebook.cells if cell.cell_type == "code"
-              for o in cell.get("outputs", []) if o.output_type == "error"]
+    NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
+    errors = [
+        o
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert not errors
     # every code cell produced something to look at
     assert all(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")

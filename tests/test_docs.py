@@ -23,8 +23,16 @@ def documented_patterns() -> dict[str, tuple[str, int]]:
     return rows
 
 
-@pytest.mark.parametrize("layout,mode", [("cumulative", "block"), ("cumulative", "full"),
-                                         ("kimi", "block"), ("full", "block"), ("none", "block")])
+@pytest.mark.parametrize(
+    "layout,mode",
+    [
+        ("cumulative", "block"),
+        ("cumulative", "full"),
+        ("kimi", "block"),
+        ("full", "block"),
+        ("none", "block"),
+    ],
+)
 def test_every_hook_is_documented_with_its_rank_and_position_axis(layout, mode, tokens):
     patterns = documented_patterns()
     model = tiny_model(attnres_layout=layout, attnres_mode=mode)

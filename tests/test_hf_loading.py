@@ -21,18 +21,29 @@ def write_public_qwen3_attnres(directory, hf, num_blocks, mode="block", gate="bi
     ``save_pretrained`` (sharded) plus the router tensors, config fields per attnres.md 6."""
     hf.save_pretrained(directory, max_shard_size="20KB")
     config = json.loads((directory / "config.json").read_text())
-    config.update(model_type="qwen3_attnres", architectures=["Qwen3AttnResForCausalLM"],
-                  attnres_num_blocks=num_blocks, attnres_recency_bias_init=3.0,
-                  attnres_mode=mode, attnres_gate_type=gate)
+    config.update(
+        model_type="qwen3_attnres",
+        architectures=["Qwen3AttnResForCausalLM"],
+        attnres_num_blocks=num_blocks,
+        attnres_recency_bias_init=3.0,
+        attnres_mode=mode,
+        attnres_gate_type=gate,
+    )
     (directory / "config.json").write_text(json.dumps(config))
     generator = torch.Generator().manual_seed(seed)
     d = hf.config.hidden_size
     routers = {}
     for layer in range(hf.config.num_hidden_layers):
         for prefix in ("attn_res", "mlp_res"):
-            routers[f"model.layers.{layer}.{prefix}_proj.weight"] = torch.randn(1, d, generator=generator)
-            routers[f"model.layers.{layer}.{prefix}_norm.weight"] = 1 + 0.3 * torch.randn(d, generator=generator)
-            routers[f"model.layers.{layer}.{prefix}_bias"] = 3 + torch.randn((), generator=generator)
+            routers[f"model.layers.{layer}.{prefix}_proj.weight"] = torch.randn(
+                1, d, generator=generator
+            )
+            routers[f"model.layers.{layer}.{prefix}_norm.weight"] = 1 + 0.3 * torch.randn(
+                d, generator=generator
+            )
+            routers[f"model.layers.{layer}.{prefix}_bias"] = 3 + torch.randn(
+                (), generator=generator
+            )
     save_file(routers, str(directory / "model-routers.safetensors"))
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     index["weight_map"].update({key: "model-routers.safetensors" for key in routers})
@@ -44,8 +55,12 @@ def public_router_params(routers):
     def params(prefix):
         layer, router = prefix.split(".")[1], prefix.split(".")[2]
         base = f"model.layers.{layer}.{router}"
-        return (routers[f"{base}_proj.weight"].reshape(-1), routers[f"{base}_norm.weight"],
-                routers[f"{base}_bias"])
+        return (
+            routers[f"{base}_proj.weight"].reshape(-1),
+            routers[f"{base}_norm.weight"],
+            routers[f"{base}_bias"],
+        )
+
     return params
 
 
@@ -65,8 +80,9 @@ def test_public_qwen3_attnres_checkpoint_loads(tmp_path, mode, num_blocks):
     assert model.cfg.attnres_layout == "cumulative" and model.cfg.attnres_mode == mode
     tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, _ = reference_forward(hf, "cumulative", num_blocks, public_router_params(routers),
-                                        tokens, mode)
+        expected, _ = reference_forward(
+            hf, "cumulative", num_blocks, public_router_params(routers), tokens, mode
+        )
         got = model(tokens)
     assert (got - expected).abs().max().item() <= 1e-5
 
@@ -85,8 +101,11 @@ def test_qwen3_attnres_round_trip(tmp_path, mode):
     assert config["attnres_mode"] == mode and config["attnres_num_blocks"] == 2
     tensors = read_all(tmp_path / "export")
     expected_keys = set(hf.state_dict()) | {
-        f"model.layers.{i}.{p}_{k}" for i in range(4) for p in ("attn_res", "mlp_res")
-        for k in ("proj.weight", "norm.weight", "bias")}
+        f"model.layers.{i}.{p}_{k}"
+        for i in range(4)
+        for p in ("attn_res", "mlp_res")
+        for k in ("proj.weight", "norm.weight", "bias")
+    }
     if hf.config.tie_word_embeddings:
         expected_keys.discard("lm_head.weight")
     assert set(tensors) == expected_keys
@@ -98,7 +117,9 @@ def test_qwen3_attnres_round_trip(tmp_path, mode):
     with torch.no_grad():
         assert torch.equal(reloaded(tokens), model(tokens))
         # what the public code base would compute from the exported files
-        expected, _ = reference_forward(hf, "cumulative", 2, public_router_params(tensors), tokens, mode)
+        expected, _ = reference_forward(
+            hf, "cumulative", 2, public_router_params(tensors), tokens, mode
+        )
     assert (model(tokens) - expected).abs().max().item() <= 1e-5
 
 
@@ -116,8 +137,12 @@ def test_other_gate_types_and_layouts_are_refused(tmp_path):
 @pytest.mark.parametrize("n_layers,n_kv,tied", [(3, 2, False), (4, 1, True), (6, 4, False)])
 def test_exact_wrap_equals_vanilla_qwen3(n_layers, n_kv, tied):
     tokens = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
-    hf = hf_qwen3(num_hidden_layers=n_layers, num_key_value_heads=n_kv, tie_word_embeddings=tied,
-                  rms_norm_eps=0.0)
+    hf = hf_qwen3(
+        num_hidden_layers=n_layers,
+        num_key_value_heads=n_kv,
+        tie_word_embeddings=tied,
+        rms_norm_eps=0.0,
+    )
     for num_blocks in range(1, n_layers + 1):
         model = HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=num_blocks)
         assert model.cfg.attnres_layout == "kimi" and model.routing_layout.has_final_router
@@ -132,10 +157,14 @@ def test_exact_wrap_equals_vanilla_qwen3(n_layers, n_kv, tied):
     assert (got - expected).abs().max().item() < 0.05
 
 
-@pytest.mark.parametrize("n_layers,num_blocks,bias", [(4, 2, 3.0), (7, 3, 1.0), (28, 8, 3.0), (5, 5, 0.0)])
+@pytest.mark.parametrize(
+    "n_layers,num_blocks,bias", [(4, 2, 3.0), (7, 3, 1.0), (28, 8, 3.0), (5, 5, 0.0)]
+)
 def test_recency_wrap_routes_exactly_as_the_schedule(n_layers, num_blocks, bias):
     hf = hf_qwen3(num_hidden_layers=n_layers, hidden_size=16, head_dim=4, intermediate_size=16)
-    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias)
+    model = HookedAttnRes.from_hf_qwen3(
+        hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias
+    )
     schedule = recency_schedule(n_layers, num_blocks, bias)
     for seed in range(3):  # content independence: any input gives the same routing
         tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(seed))
@@ -155,7 +184,9 @@ def test_recency_schedule_for_the_qwen3_06b_shape():
     assert round(schedule.mean_current, 4) == 0.8397
     # per layer, the family weights sum to one
     totals = schedule.families.groupby(["layer", "router"]).weight.sum()
-    assert torch.allclose(torch.tensor(totals.to_numpy()), torch.ones(len(totals), dtype=torch.float64))
+    assert torch.allclose(
+        torch.tensor(totals.to_numpy()), torch.ones(len(totals), dtype=torch.float64)
+    )
 
 
 def test_schedule_deviation_detects_learned_routing():
@@ -197,7 +228,8 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
     build_word_tokenizer([f"w{i}" for i in range(50)]).save_pretrained(tmp_path / "tok")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
     bridge = TransformerBridge.boot_transformers(
-        "tiny-qwen3-local", hf_model=copy.deepcopy(hf), tokenizer=tokenizer, device="cpu")
+        "tiny-qwen3-local", hf_model=copy.deepcopy(hf), tokenizer=tokenizer, device="cpu"
+    )
     bridge.eval()
     tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -206,9 +238,20 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
     assert (bridge_logits - logits).abs().max().item() <= 1e-5
     lower = torch.ones(7, 7, dtype=torch.bool).tril()
     for layer in range(hf.config.num_hidden_layers):
-        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_pattern",
-                     "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                     "hook_attn_out", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_post"):
+        for name in (
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+            "attn.hook_pattern",
+            "attn.hook_z",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "hook_attn_out",
+            "hook_mlp_out",
+            "mlp.hook_pre",
+            "mlp.hook_post",
+        ):
             key = f"blocks.{layer}.{name}"
             assert bridge_cache[key].shape == cache[key].shape, key
             assert (bridge_cache[key] - cache[key]).abs().max().item() <= 1e-5, key
@@ -226,8 +269,16 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
         HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="approximate")
 
     from transformers import LlamaConfig, LlamaForCausalLM
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=16,
-                                         num_hidden_layers=1, num_attention_heads=2))
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=20,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
     llama.save_pretrained(tmp_path / "llama")
     with pytest.raises(CheckpointError, match="model_type='llama'"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "llama")
@@ -245,7 +296,10 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
     config = json.loads((tmp_path / "resized" / "config.json").read_text())
     config["intermediate_size"] = 48
     (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys.*mlp.down_proj.weight expected \(32, 48\) found \(32, 40\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped keys.*mlp.down_proj.weight expected \(32, 48\) found \(32, 40\)",
+    ):
         HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
 
     config["intermediate_size"], config["num_hidden_layers"] = 40, 4

@@ -10,19 +10,24 @@ from hooked_attnres import HookedAttnRes
 
 SHAPES = [
     # (layers, heads, kv heads, head_dim, hidden, tied)
-    (3, 4, 4, 8, 32, False),   # multi-head attention
-    (3, 4, 2, 8, 32, False),   # grouped-query attention
-    (2, 4, 1, 8, 32, True),    # multi-query attention, tied embeddings
-    (2, 2, 1, 24, 32, True),   # n_heads * d_head != d_model (allowed in Qwen3)
+    (3, 4, 4, 8, 32, False),  # multi-head attention
+    (3, 4, 2, 8, 32, False),  # grouped-query attention
+    (2, 4, 1, 8, 32, True),  # multi-query attention, tied embeddings
+    (2, 2, 1, 24, 32, True),  # n_heads * d_head != d_model (allowed in Qwen3)
     (4, 8, 2, 16, 64, False),
 ]
 
 
 @pytest.mark.parametrize("n_layers,n_heads,n_kv,d_head,d_model,tied", SHAPES)
 def test_layout_none_matches_hf_qwen3(n_layers, n_heads, n_kv, d_head, d_model, tied):
-    hf = hf_qwen3(num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                  num_key_value_heads=n_kv, head_dim=d_head, hidden_size=d_model,
-                  tie_word_embeddings=tied)
+    hf = hf_qwen3(
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=d_head,
+        hidden_size=d_model,
+        tie_word_embeddings=tied,
+    )
     model = HookedAttnRes.from_hf_qwen3(hf, wrap="none")
     tokens = torch.randint(0, 61, (3, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

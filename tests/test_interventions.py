@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomize_routing, tiny_model
+
 from hooked_attnres.interventions import (
     commit_hook_name,
     depth_bands,
@@ -19,7 +19,9 @@ from hooked_attnres.interventions import (
 
 
 def routed(layout: str, **overrides):
-    return randomize_routing(tiny_model(attnres_layout=layout, attnres_recency_bias=0.5, **overrides)).eval()
+    return randomize_routing(
+        tiny_model(attnres_layout=layout, attnres_recency_bias=0.5, **overrides)
+    ).eval()
 
 
 def weights_under(model, tokens, hooks) -> dict[str, torch.Tensor]:
@@ -28,7 +30,9 @@ def weights_under(model, tokens, hooks) -> dict[str, torch.Tensor]:
     return dict(cache.items())
 
 
-@pytest.mark.parametrize("sources", ["embedding", "older", "current", ["embedding", "prev_completed"], 0])
+@pytest.mark.parametrize(
+    "sources", ["embedding", "older", "current", ["embedding", "prev_completed"], 0]
+)
 def test_mask_zeroes_exactly_the_masked_sources_and_renormalises(routed_layout, tokens, sources):
     model = routed(routed_layout, n_layers=6, attnres_num_blocks=3)
     clean = weights_under(model, tokens, [])
@@ -62,7 +66,9 @@ def test_mask_only_at_given_positions(tokens):
     model = routed("cumulative")
     name = "blocks.3.attn_res.hook_weights"
     clean = weights_under(model, tokens, [])[name]
-    masked = weights_under(model, tokens, mask_sources(model, "embedding", layers=3, positions=[2, 5]))[name]
+    masked = weights_under(
+        model, tokens, mask_sources(model, "embedding", layers=3, positions=[2, 5])
+    )[name]
     assert (masked[:, [2, 5], 0] == 0).all()
     others = [p for p in range(tokens.shape[1]) if p not in (2, 5)]
     assert torch.equal(masked[:, others], clean[:, others])
@@ -73,8 +79,12 @@ def test_masking_a_source_of_zero_weight_changes_nothing(routed_layout, tokens):
     layer, router = 3, "mlp_res"
     name = f"blocks.{layer}.{router}"
     # a finite logit 1e4 below the others: exp underflows, the embedding gets weight exactly 0
-    push_down = [(f"{name}.hook_logits", lambda logits, hook: logits - 1e4 * (
-        torch.arange(logits.shape[-1]) == 0))]
+    push_down = [
+        (
+            f"{name}.hook_logits",
+            lambda logits, hook: logits - 1e4 * (torch.arange(logits.shape[-1]) == 0),
+        )
+    ]
     weights = weights_under(model, tokens, push_down)[f"{name}.hook_weights"]
     assert (weights[..., 0] == 0).all() and (weights[..., 1:] > 0).all()
     # (no cache in the compared runs: observing the attention patterns switches attention
@@ -84,15 +94,18 @@ def test_masking_a_source_of_zero_weight_changes_nothing(routed_layout, tokens):
     after = model.run_with_hooks(tokens, fwd_hooks=push_down + masked)
     assert torch.equal(after, before)
     # control: the same construction with a source of non-zero weight does change the output
-    changed = model.run_with_hooks(tokens, fwd_hooks=push_down + mask_sources(
-        model, "current", routers=router, layers=layer))
+    changed = model.run_with_hooks(
+        tokens, fwd_hooks=push_down + mask_sources(model, "current", routers=router, layers=layer)
+    )
     assert (changed - before).abs().max() > 1e-3
 
 
 def test_masking_every_source_of_a_router_is_refused(tokens):
     model = routed("cumulative")
     with pytest.raises(ValueError, match="would mask all"):
-        mask_sources(model, ["embedding", "older", "prev_completed", "current"], routers="attn_res", layers=3)
+        mask_sources(
+            model, ["embedding", "older", "prev_completed", "current"], routers="attn_res", layers=3
+        )
     kimi = routed("kimi")
     with pytest.raises(ValueError, match="would mask all 1 of its sources"):
         mask_sources(kimi, "embedding", routers="attn_res", layers=0)
@@ -104,23 +117,31 @@ def test_two_mask_lists_that_together_mask_every_source_raise_not_nan(tokens):
     first = mask_sources(model, ["embedding", "older"], routers="attn_res", layers=3)
     second = mask_sources(model, ["prev_completed", "current"], routers="attn_res", layers=3)
     model.run_with_hooks(tokens, fwd_hooks=first)  # fine alone
-    with pytest.raises(ValueError, match="blocks.3.attn_res.hook_logits: together with earlier hooks"):
+    with pytest.raises(
+        ValueError, match="blocks.3.attn_res.hook_logits: together with earlier hooks"
+    ):
         model.run_with_hooks(tokens, fwd_hooks=first + second)
     # at other positions only, the two lists leave every position one source: no error
-    partial = mask_sources(model, ["prev_completed", "current"], routers="attn_res", layers=3, positions=[0])
+    partial = mask_sources(
+        model, ["prev_completed", "current"], routers="attn_res", layers=3, positions=[0]
+    )
     other = mask_sources(model, ["embedding", "older"], routers="attn_res", layers=3, positions=[1])
     assert torch.isfinite(model.run_with_hooks(tokens, fwd_hooks=partial + other)).all()
 
 
 def test_set_weights_uniform_and_patching_another_runs_weights(tokens):
     model = routed("kimi")
-    uniform = weights_under(model, tokens, set_weights(model, "uniform", routers=["attn_res", "final_res"]))
+    uniform = weights_under(
+        model, tokens, set_weights(model, "uniform", routers=["attn_res", "final_res"])
+    )
     for name, w in uniform.items():
         if "mlp_res" not in name:
             assert torch.allclose(w, torch.full_like(w, 1 / w.shape[-1]))
     other = tokens.flip(0)
     _, other_cache = model.run_with_cache(other)
-    patched = weights_under(model, tokens, set_weights(model, other_cache, routers=["attn_res", "mlp_res", "final_res"]))
+    patched = weights_under(
+        model, tokens, set_weights(model, other_cache, routers=["attn_res", "mlp_res", "final_res"])
+    )
     for name, w in patched.items():
         assert torch.equal(w, other_cache[name]), name
 
@@ -129,29 +150,39 @@ def test_patching_a_runs_own_weights_and_sources_is_a_no_op(routed_layout, token
     model = routed(routed_layout)
     # without attention patterns in the cache, the cached run and the patched runs use the
     # same attention kernel, so "no-op" can mean bit for bit
-    clean, cache = model.run_with_cache(tokens, names_filter=lambda name: not name.endswith(
-        ("hook_pattern", "hook_attn_scores")))
-    for hooks in (set_weights(model, cache), patch_sources(model, ["embedding", "older", "current"], cache),
-                  patch_committed(model, ["embedding"], cache),
-                  patch_committed(model, model.source_labels(model.cfg.n_layers - 1, "mlp_res")[1:-1], cache)):
+    clean, cache = model.run_with_cache(
+        tokens, names_filter=lambda name: not name.endswith(("hook_pattern", "hook_attn_scores"))
+    )
+    for hooks in (
+        set_weights(model, cache),
+        patch_sources(model, ["embedding", "older", "current"], cache),
+        patch_committed(model, ["embedding"], cache),
+        patch_committed(model, model.source_labels(model.cfg.n_layers - 1, "mlp_res")[1:-1], cache),
+    ):
         assert hooks
         assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=hooks), clean)
     # control: another run's committed blocks do change the output
     _, other = model.run_with_cache(tokens.flip(0))
     blocks = model.source_labels(model.cfg.n_layers - 1, "mlp_res")[1:-1]
-    assert not torch.equal(model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, blocks, other)), clean)
+    assert not torch.equal(
+        model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, blocks, other)), clean
+    )
 
 
 def test_local_patching_touches_one_router_and_global_patching_every_reader(tokens):
     model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
     _, clean = model.run_with_cache(tokens)
     # local: zero block_1 as layer 4's attention router sees it
-    with model.hooks(fwd_hooks=patch_sources(model, "block_1", "zero", routers="attn_res", layers=4)):
+    with model.hooks(
+        fwd_hooks=patch_sources(model, "block_1", "zero", routers="attn_res", layers=4)
+    ):
         _, local = model.run_with_cache(tokens)
     slot = model.source_labels(4, "attn_res").index("block_1")
     assert (local["blocks.4.attn_res.hook_sources"][..., slot, :] == 0).all()
     assert not torch.equal(local["blocks.4.attn_res.hook_out"], clean["blocks.4.attn_res.hook_out"])
-    assert torch.equal(local["blocks.3.mlp_res.hook_out"], clean["blocks.3.mlp_res.hook_out"])  # earlier
+    assert torch.equal(
+        local["blocks.3.mlp_res.hook_out"], clean["blocks.3.mlp_res.hook_out"]
+    )  # earlier
     # global: zero the committed block_1 for every later router
     name = commit_hook_name(model, "block_1")
     assert name.endswith("hook_committed_block")
@@ -164,18 +195,24 @@ def test_local_patching_touches_one_router_and_global_patching_every_reader(toke
         assert (glob[f"blocks.{layer}.{router}.hook_sources"][..., slot, :] == 0).all()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "unknown router"),
-    (lambda m: mask_sources(m, "embedding", layers=9), "not in"),
-    (lambda m: mask_sources(m, "embedding", layers="deep"), "unknown depth band"),
-    (lambda m: mask_sources(m, "newest"), "unknown source 'newest'"),
-    (lambda m: mask_sources(m, 17, layers=3), "out of range"),
-    (lambda m: mask_sources(m, "embedding", routers="final_res"), "no final router"),
-    (lambda m: set_weights(m, "triangular"), "uniform"),
-    (lambda m: set_weights(m, torch.tensor([0.5, 0.6, -0.1]), routers="attn_res", layers=3), "non-negative and sum to 1"),
-    (lambda m: set_weights(m, torch.ones(7) / 7, routers="attn_res", layers=3), "sources"),
-    (lambda m: patch_committed(m, "current"), "not a committed source"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "unknown router"),
+        (lambda m: mask_sources(m, "embedding", layers=9), "not in"),
+        (lambda m: mask_sources(m, "embedding", layers="deep"), "unknown depth band"),
+        (lambda m: mask_sources(m, "newest"), "unknown source 'newest'"),
+        (lambda m: mask_sources(m, 17, layers=3), "out of range"),
+        (lambda m: mask_sources(m, "embedding", routers="final_res"), "no final router"),
+        (lambda m: set_weights(m, "triangular"), "uniform"),
+        (
+            lambda m: set_weights(m, torch.tensor([0.5, 0.6, -0.1]), routers="attn_res", layers=3),
+            "non-negative and sum to 1",
+        ),
+        (lambda m: set_weights(m, torch.ones(7) / 7, routers="attn_res", layers=3), "sources"),
+        (lambda m: patch_committed(m, "current"), "not a committed source"),
+    ],
+)
 def test_bad_selections_say_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
         call(routed("cumulative"))
@@ -190,7 +227,10 @@ def test_depth_bands():
     assert depth_bands(8) == {"early": [0, 1, 2], "middle": [3, 4, 5], "late": [6, 7]}
     assert depth_bands(28)["late"] == list(range(19, 28))
     assert depth_bands(8, {"first": (0, 2), "last": [7], "odd": range(1, 8, 2)}) == {
-        "first": [0, 1], "last": [7], "odd": [1, 3, 5, 7]}
+        "first": [0, 1],
+        "last": [7],
+        "odd": [1, 3, 5, 7],
+    }
     with pytest.raises(ValueError, match="empty"):
         depth_bands(8, {"none": []})
     with pytest.raises(ValueError, match="not in"):
@@ -198,6 +238,7 @@ def test_depth_bands():
 
 
 # --- further checks: every layout, every kind of source spec, all routers at once ----------------
+
 
 def source_specs(model, layer, router) -> dict[str, object]:
     """One spec of each kind that selects something but not everything at this router."""
@@ -219,7 +260,9 @@ def test_mask_one_router_by_family_label_and_index_every_layout(routed_layout, t
         prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
         for kind, spec in source_specs(model, layer, router).items():
             routers = router if layer is None else [router]
-            hooks = mask_sources(model, spec, routers=routers, layers=layer if layer is not None else None)
+            hooks = mask_sources(
+                model, spec, routers=routers, layers=layer if layer is not None else None
+            )
             assert len(hooks) == 1 and hooks[0][0] == f"{prefix}.hook_logits"
             w = weights_under(model, tokens, hooks)[f"{prefix}.hook_weights"]
             labels = model.source_labels(layer, router)
@@ -250,12 +293,16 @@ def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout
     """All routers at once: the upstream routers change the inputs, so compare each router with
     the softmax of the logits it computed in the same run, recorded before the mask hook."""
     model = routed(routed_layout, n_layers=6, attnres_num_blocks=3)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (
+        ["final_res"] if model.routing_layout.has_final_router else []
+    )
     if routed_layout == "full" and spec == "block_1":
         spec = "mlp_1"
     try:
         masks = mask_sources(model, spec, routers=routers)
-    except ValueError as error:  # e.g. the embedding is the only source of kimi/full layer-0 attention
+    except (
+        ValueError
+    ) as error:  # e.g. the embedding is the only source of kimi/full layer-0 attention
         assert "would mask all" in str(error)
         masks = mask_sources(model, spec, routers=routers, layers=range(1, model.cfg.n_layers))
     assert masks
@@ -266,7 +313,9 @@ def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout
 
     recorders = [(name, record) for name, _ in masks]
     with model.hooks(fwd_hooks=recorders + masks):
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_weights"))
+        logits, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("hook_weights")
+        )
     assert torch.isfinite(logits).all()
     assert len(recorded) == len(masks)
     for name, _ in masks:
@@ -275,7 +324,7 @@ def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout
         router = prefix.rsplit(".", 1)[-1]
         labels = model.source_labels(layer, router)
         keep = torch.ones(len(labels), dtype=torch.bool)
-        for item in ([spec] if isinstance(spec, str) else spec):
+        for item in [spec] if isinstance(spec, str) else spec:
             if item == -1:
                 keep[-1] = False
             elif item in labels and item not in ("embedding",):
@@ -285,7 +334,7 @@ def test_mask_at_every_router_renormalises_each_routers_own_logits(routed_layout
             elif item == "prev_completed" and len(labels) >= 3:
                 keep[len(labels) - 2] = False
             elif item == "older":
-                keep[1:len(labels) - 2] = False
+                keep[1 : len(labels) - 2] = False
         w = cache[f"{prefix}.hook_weights"]
         unmasked = recorded[name].softmax(-1)
         expected = unmasked * keep / (unmasked * keep).sum(-1, keepdim=True)
@@ -327,7 +376,14 @@ def test_masking_all_but_one_source_everywhere_is_one_hot_and_finite(routed_layo
             assert torch.equal(w, expected)
 
 
-@pytest.mark.parametrize("every", [["embedding", "older", "prev_completed", "current"], [0, -1], ["embedding", "block_1", "current"]])
+@pytest.mark.parametrize(
+    "every",
+    [
+        ["embedding", "older", "prev_completed", "current"],
+        [0, -1],
+        ["embedding", "block_1", "current"],
+    ],
+)
 def test_masking_every_source_is_refused_for_any_spec(every):
     model = routed("cumulative")  # layers 2-3 read [embedding, block_1, current]
     if len(every) == 2:
@@ -341,7 +397,9 @@ def test_masking_every_source_is_refused_for_any_spec(every):
 
 def test_set_weights_uniform_every_layout_and_positions(routed_layout, tokens):
     model = routed(routed_layout)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (
+        ["final_res"] if model.routing_layout.has_final_router else []
+    )
     weights = weights_under(model, tokens, set_weights(model, "uniform", routers=routers))
     assert len(weights) == len(model.routers())
     for name, w in weights.items():
@@ -349,8 +407,9 @@ def test_set_weights_uniform_every_layout_and_positions(routed_layout, tokens):
     # only at some positions
     clean = weights_under(model, tokens, [])
     name = "blocks.3.attn_res.hook_weights"
-    part = weights_under(model, tokens, set_weights(model, "uniform", routers="attn_res", layers=3,
-                                                    positions=[1, 2]))[name]
+    part = weights_under(
+        model, tokens, set_weights(model, "uniform", routers="attn_res", layers=3, positions=[1, 2])
+    )[name]
     n = part.shape[-1]
     assert torch.allclose(part[:, [1, 2]], torch.full_like(part[:, [1, 2]], 1 / n))
     rest = [p for p in range(tokens.shape[1]) if p not in (1, 2)]
@@ -368,7 +427,8 @@ def test_set_weights_from_a_vector_or_a_dict(tokens):
     with pytest.raises(KeyError):
         set_weights(model, per_router, layers=[2, 3])
     hooks = set_weights(model, per_router, routers="attn_res", layers=2) + set_weights(
-        model, per_router, routers="mlp_res", layers=3)
+        model, per_router, routers="mlp_res", layers=3
+    )
     w = weights_under(model, tokens, hooks)
     assert (w["blocks.2.attn_res.hook_weights"][..., 0] == 1).all()
     assert torch.equal(w["blocks.3.mlp_res.hook_weights"], vector.expand(*tokens.shape, 3))
@@ -379,7 +439,9 @@ def test_routing_patching_reproduces_the_other_runs_weights_and_outputs(routed_l
     other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(7))
     _, clean = model.run_with_cache(tokens)
     _, donor = model.run_with_cache(other)
-    routers = ["attn_res", "mlp_res"] + (["final_res"] if model.routing_layout.has_final_router else [])
+    routers = ["attn_res", "mlp_res"] + (
+        ["final_res"] if model.routing_layout.has_final_router else []
+    )
     hooks = set_weights(model, donor, routers=routers)
     with model.hooks(fwd_hooks=hooks):
         _, patched = model.run_with_cache(tokens)
@@ -387,25 +449,36 @@ def test_routing_patching_reproduces_the_other_runs_weights_and_outputs(routed_l
         prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
         assert torch.equal(patched[f"{prefix}.hook_weights"], donor[f"{prefix}.hook_weights"])
         # the sources are this run's, mixed with the donor's weights (independent computation)
-        mixed = (patched[f"{prefix}.hook_weights"].unsqueeze(-1) * patched[f"{prefix}.hook_sources"]).sum(-2)
+        mixed = (
+            patched[f"{prefix}.hook_weights"].unsqueeze(-1) * patched[f"{prefix}.hook_sources"]
+        ).sum(-2)
         torch.testing.assert_close(patched[f"{prefix}.hook_out"], mixed, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(patched["blocks.3.attn_res.hook_weights"], clean["blocks.3.attn_res.hook_weights"])
+    assert not torch.allclose(
+        patched["blocks.3.attn_res.hook_weights"], clean["blocks.3.attn_res.hook_weights"]
+    )
 
 
 def test_local_patching_leaves_everything_upstream_and_the_stored_blocks_alone(tokens):
     model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
     _, clean = model.run_with_cache(tokens)
-    with model.hooks(fwd_hooks=patch_sources(model, "block_1", "zero", routers="attn_res", layers=4)):
+    with model.hooks(
+        fwd_hooks=patch_sources(model, "block_1", "zero", routers="attn_res", layers=4)
+    ):
         _, local = model.run_with_cache(tokens)
     slot = model.source_labels(4, "attn_res").index("block_1")
     sources = local["blocks.4.attn_res.hook_sources"]
     others = [i for i in range(sources.shape[2]) if i != slot]
     assert (sources[..., slot, :] == 0).all()
-    assert torch.equal(sources[..., others, :], clean["blocks.4.attn_res.hook_sources"][..., others, :])
+    assert torch.equal(
+        sources[..., others, :], clean["blocks.4.attn_res.hook_sources"][..., others, :]
+    )
     for name, value in clean.items():  # every hook before layer 4's attention router
         layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
-        if name == "hook_embed" or (layer is not None and layer < 4) or name in (
-                "blocks.4.hook_resid_pre",):
+        if (
+            name == "hook_embed"
+            or (layer is not None and layer < 4)
+            or name in ("blocks.4.hook_resid_pre",)
+        ):
             assert torch.equal(local[name], value), name
     assert not torch.equal(local["blocks.4.attn_res.hook_out"], clean["blocks.4.attn_res.hook_out"])
     # the MLP router of the same layer and later routers still read the clean block_1
@@ -428,8 +501,10 @@ def _readers_after(model, label: str) -> tuple[list, list]:
     return before, after
 
 
-@pytest.mark.parametrize("layout,label", [("cumulative", "block_1"), ("kimi", "block_1"), ("full", "attn_1"),
-                                          ("full", "mlp_1")])
+@pytest.mark.parametrize(
+    "layout,label",
+    [("cumulative", "block_1"), ("kimi", "block_1"), ("full", "attn_1"), ("full", "mlp_1")],
+)
 def test_global_patching_every_layout(layout, label, tokens):
     model = routed(layout, n_layers=6, attnres_num_blocks=3)
     _, clean = model.run_with_cache(tokens)
@@ -461,31 +536,45 @@ def test_global_patching_every_layout(layout, label, tokens):
     assert readers >= 3
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: mask_sources(m, "block_99"), "unknown source 'block_99'"),
-    (lambda m: mask_sources(m, "attn_0"), "unknown source 'attn_0'"),  # a label of other layouts
-    (lambda m: mask_sources(m, -4, layers=3), "out of range"),
-    (lambda m: mask_sources(m, True), "not a family, label or index"),
-    (lambda m: mask_sources(m, "embedding", layers=-5), "not in"),
-    (lambda m: mask_sources(m, "embedding", layers=(2, 9)), "not in"),
-    (lambda m: mask_sources(m, "embedding", layers="early", bands={"first": [0]}), "unknown depth band 'early'"),
-    (lambda m: patch_sources(m, "embedding", "half"), "value must be"),
-    (lambda m: patch_committed(m, "block_7"), "not a committed source"),
-    (lambda m: set_weights(m, "uniform", routers=["attn_res", "final_res"]), "no final router"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: mask_sources(m, "block_99"), "unknown source 'block_99'"),
+        (
+            lambda m: mask_sources(m, "attn_0"),
+            "unknown source 'attn_0'",
+        ),  # a label of other layouts
+        (lambda m: mask_sources(m, -4, layers=3), "out of range"),
+        (lambda m: mask_sources(m, True), "not a family, label or index"),
+        (lambda m: mask_sources(m, "embedding", layers=-5), "not in"),
+        (lambda m: mask_sources(m, "embedding", layers=(2, 9)), "not in"),
+        (
+            lambda m: mask_sources(m, "embedding", layers="early", bands={"first": [0]}),
+            "unknown depth band 'early'",
+        ),
+        (lambda m: patch_sources(m, "embedding", "half"), "value must be"),
+        (lambda m: patch_committed(m, "block_7"), "not a committed source"),
+        (lambda m: set_weights(m, "uniform", routers=["attn_res", "final_res"]), "no final router"),
+    ],
+)
 def test_more_bad_selections(call, message):
     model = routed("cumulative")
     with pytest.raises(ValueError, match=message):
         hooks = call(model)
-        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=hooks)  # value errors fire late
+        model.run_with_hooks(
+            torch.zeros(1, 3, dtype=torch.long), fwd_hooks=hooks
+        )  # value errors fire late
 
 
-@pytest.mark.parametrize("call", [
-    lambda m: mask_sources(m, "embedding"),
-    lambda m: set_weights(m, "uniform"),
-    lambda m: patch_sources(m, "embedding"),
-    lambda m: resolve_sources(m, 0, "attn_res", "embedding"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: mask_sources(m, "embedding"),
+        lambda m: set_weights(m, "uniform"),
+        lambda m: patch_sources(m, "embedding"),
+        lambda m: resolve_sources(m, 0, "attn_res", "embedding"),
+    ],
+)
 def test_no_router_interventions_on_a_layout_none_model(call):
     with pytest.raises(ValueError, match="no routers"):
         call(tiny_model(attnres_layout="none"))
@@ -495,8 +584,13 @@ def test_custom_bands_select_layers(tokens):
     model = routed("cumulative", n_layers=6, attnres_num_blocks=3)
     bands = {"outer": [0, 5], "inner": (2, 4)}
     hooks = mask_sources(model, "embedding", routers="attn_res", layers="inner", bands=bands)
-    assert [name for name, _ in hooks] == ["blocks.2.attn_res.hook_logits", "blocks.3.attn_res.hook_logits"]
-    hooks = mask_sources(model, "embedding", routers="mlp_res", layers=["outer", "inner"], bands=bands)
+    assert [name for name, _ in hooks] == [
+        "blocks.2.attn_res.hook_logits",
+        "blocks.3.attn_res.hook_logits",
+    ]
+    hooks = mask_sources(
+        model, "embedding", routers="mlp_res", layers=["outer", "inner"], bands=bands
+    )
     assert [int(name.split(".")[1]) for name, _ in hooks] == [0, 2, 3, 5]
     default = mask_sources(model, "embedding", routers="mlp_res", layers="late")
     assert [int(name.split(".")[1]) for name, _ in default] == [4, 5]
@@ -541,7 +635,9 @@ def test_patch_sources_values_several_slots_and_positions(tokens):
         torch.testing.assert_close(got[..., slots, :], expected[key], atol=1e-6, rtol=0)
         assert torch.equal(got[..., rest, :], c[..., rest, :]), key
     # positions: only there
-    hooks = patch_sources(model, ["embedding", "block_2"], "zero", routers="mlp_res", layers=5, positions=[3])
+    hooks = patch_sources(
+        model, ["embedding", "block_2"], "zero", routers="mlp_res", layers=5, positions=[3]
+    )
     with model.hooks(fwd_hooks=hooks):
         _, patched = model.run_with_cache(tokens, names_filter=name)
     assert (patched[name][:, 3][..., slots, :] == 0).all()
@@ -576,7 +672,14 @@ def test_selection_errors_name_the_problem(tokens):
         mask_sources(model, "embedding", layers=["early", 3])
     with pytest.raises(ValueError, match="global patching takes source labels"):
         patch_committed(model, 0)
-    with pytest.raises(ValueError, match=r"positions \[99\] must be integers in \[-\d+, \d+\) \(this run has \d+ tokens\)"):
-        model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "embedding", layers=3, positions=[99]))
+    with pytest.raises(
+        ValueError,
+        match=r"positions \[99\] must be integers in \[-\d+, \d+\) \(this run has \d+ tokens\)",
+    ):
+        model.run_with_hooks(
+            tokens, fwd_hooks=mask_sources(model, "embedding", layers=3, positions=[99])
+        )
     with pytest.raises(ValueError, match=r"positions \[1.5\] must be integers in"):
-        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, "uniform", layers=3, positions=[1.5]))
+        model.run_with_hooks(
+            tokens, fwd_hooks=set_weights(model, "uniform", layers=3, positions=[1.5])
+        )

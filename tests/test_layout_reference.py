@@ -9,16 +9,15 @@ from reference_attnres import model_router_params, reference_forward
 
 from hooked_attnres import HookedAttnRes
 
-
 CASES = [
     # layout, mode, n_layers, num_blocks, bias
     ("cumulative", "block", 4, 2, 3.0),
-    ("cumulative", "block", 5, 2, 0.5),   # ragged: blocks of 3 and 2 layers
+    ("cumulative", "block", 5, 2, 0.5),  # ragged: blocks of 3 and 2 layers
     ("cumulative", "block", 6, 6, None),
     ("cumulative", "full", 3, 3, 1.0),
     ("kimi", "block", 4, 2, None),
-    ("kimi", "block", 7, 3, 0.7),         # ragged, with a bias
-    ("kimi", "block", 3, 1, None),        # one block: the final router reads [emb, partial]
+    ("kimi", "block", 7, 3, 0.7),  # ragged, with a bias
+    ("kimi", "block", 3, 1, None),  # one block: the final router reads [emb, partial]
     ("full", "block", 3, 3, None),
 ]
 
@@ -38,7 +37,8 @@ def test_layout_matches_reference(layout, mode, n_layers, num_blocks, bias):
     tokens = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_logits, expected_weights = reference_forward(
-            hf, layout, num_blocks, model_router_params(rebuilt), tokens, mode)
+            hf, layout, num_blocks, model_router_params(rebuilt), tokens, mode
+        )
         logits, cache = rebuilt.run_with_cache(tokens)
         plain = rebuilt(tokens)
     assert (logits - expected_logits).abs().max().item() <= 1e-4

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomize_routing, tiny_model
+
 from hooked_attnres import DepthState
 
 
 @pytest.fixture
 def model(layout):
-    model = tiny_model(attnres_layout=layout, n_layers=5, attnres_num_blocks=2,
-                       attnres_recency_bias=None if layout == "none" else 0.5)
+    model = tiny_model(
+        attnres_layout=layout,
+        n_layers=5,
+        attnres_num_blocks=2,
+        attnres_recency_bias=None if layout == "none" else 0.5,
+    )
     return randomize_routing(model).eval() if layout != "none" else model.eval()
 
 
@@ -34,9 +38,11 @@ def test_sublayer_states_extend_the_layer_states(model, tokens):
         twin = sublayers[2 * layer]
         assert len(twin.blocks) == len(state.blocks)
         assert twin.current_is_committed == state.current_is_committed
-        assert all(torch.equal(a, b) for a, b in zip(twin.sources, state.sources))
+        assert all(torch.equal(a, b) for a, b in zip(twin.sources, state.sources, strict=True))
     # the state entering an MLP sublayer is what its router reads
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp_res.hook_sources"))
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n.endswith("mlp_res.hook_sources")
+    )
     if model.cfg.attnres_layout != "none":
         for layer in range(model.cfg.n_layers):
             stacked = torch.stack(sublayers[2 * layer + 1].sources, dim=-2)
@@ -49,7 +55,8 @@ def test_forward_from_every_sublayer_equals_the_full_pass(model, tokens):
     for sublayer, state in enumerate(states):
         snapshot = [t.clone() for t in state.sources]
         assert torch.equal(model.forward_from(state, sublayer), full), sublayer
-        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources))  # not mutated
+        # not mutated
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources, strict=True))
         if sublayer % 2 == 0:
             assert torch.equal(model(state, start_at_layer=sublayer // 2), full)
 
@@ -63,11 +70,18 @@ def test_logit_positions_give_the_full_logits_there(model, tokens, positions):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     states = model.depth_states(tokens, sublayers=True)
     for sublayer, state in enumerate(states):
-        torch.testing.assert_close(model.forward_from(state, sublayer, logit_positions=positions),
-                                   expected, atol=1e-5, rtol=1e-5, msg=f"sublayer {sublayer}")
+        torch.testing.assert_close(
+            model.forward_from(state, sublayer, logit_positions=positions),
+            expected,
+            atol=1e-5,
+            rtol=1e-5,
+            msg=f"sublayer {sublayer}",
+        )
     # with every query at the last position the keys need no mask
     last = torch.full((3,), tokens.shape[1] - 1)
-    torch.testing.assert_close(model(tokens, logit_positions=last), full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(tokens, logit_positions=last), full[:, -1:], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_logit_positions_actually_restrict_the_last_layer(model, tokens, positions):
@@ -79,22 +93,31 @@ def test_logit_positions_actually_restrict_the_last_layer(model, tokens, positio
     def record(x, hook):
         seen[hook.name] = tuple(x.shape)
 
-    names = [f"blocks.{last}.attn.hook_q", f"blocks.{last}.attn.hook_k", f"blocks.{last}.hook_mlp_out",
-             f"blocks.{last - 1}.hook_mlp_out", f"blocks.{last}.attn.hook_pattern"]
-    logits = model.run_with_hooks(tokens, logit_positions=positions,
-                                  fwd_hooks=[(name, record) for name in names])
+    names = [
+        f"blocks.{last}.attn.hook_q",
+        f"blocks.{last}.attn.hook_k",
+        f"blocks.{last}.hook_mlp_out",
+        f"blocks.{last - 1}.hook_mlp_out",
+        f"blocks.{last}.attn.hook_pattern",
+    ]
+    logits = model.run_with_hooks(
+        tokens, logit_positions=positions, fwd_hooks=[(name, record) for name in names]
+    )
     n_heads, n_kv = model.cfg.n_heads, model.cfg.n_key_value_heads
     assert seen[names[0]] == (3, 1, n_heads, model.cfg.d_head)
     assert seen[names[1]] == (3, 9, n_kv, model.cfg.d_head)  # keys: every position
     assert seen[names[2]] == (3, 1, model.cfg.d_model)
     assert seen[names[3]] == (3, 9, model.cfg.d_model)  # earlier layers: every position
     assert seen[names[4]] == (3, n_heads, 1, 9)
-    torch.testing.assert_close(logits, model(tokens, logit_positions=positions), atol=1e-5, rtol=1e-5)
-    _, cache = model.run_with_cache(tokens, logit_positions=positions,
-                                    names_filter=f"blocks.{last}.attn.hook_pattern")
+    torch.testing.assert_close(
+        logits, model(tokens, logit_positions=positions), atol=1e-5, rtol=1e-5
+    )
+    _, cache = model.run_with_cache(
+        tokens, logit_positions=positions, names_filter=f"blocks.{last}.attn.hook_pattern"
+    )
     pattern = cache[f"blocks.{last}.attn.hook_pattern"][:, :, 0]  # [batch, head, key_pos]
     for prompt, position in enumerate(positions.tolist()):
-        assert (pattern[prompt, :, position + 1:] == 0).all()
+        assert (pattern[prompt, :, position + 1 :] == 0).all()
         torch.testing.assert_close(pattern[prompt].sum(-1), torch.ones(n_heads))
 
 

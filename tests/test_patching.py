@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomize_routing, tiny_model
+
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 from hooked_attnres.patching import (
     get_act_patch_committed_blocks_by_pos,
@@ -21,9 +21,19 @@ N_LAYERS = 4
 
 def build(layout: str):
     tokenizer = task_tokenizer(TASK)
-    cfg = HookedAttnResConfig(d_model=32, n_layers=N_LAYERS, n_heads=4, n_key_value_heads=2, d_mlp=48,
-                              d_vocab=len(tokenizer), n_ctx=32, attnres_layout=layout,
-                              attnres_num_blocks=2, attnres_recency_bias=0.5, seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=32,
+        n_layers=N_LAYERS,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=len(tokenizer),
+        n_ctx=32,
+        attnres_layout=layout,
+        attnres_num_blocks=2,
+        attnres_recency_bias=0.5,
+        seed=0,
+    )
     model = randomize_routing(HookedAttnRes(cfg, tokenizer=tokenizer), seed=1).eval()
     batch = TASK.sample(6, seed=5, split="test", vocab=tokenizer.get_vocab())
     return model, batch
@@ -37,17 +47,24 @@ def setup(request):
 
 
 def routers_of(model) -> tuple[str, ...]:
-    return ("attn_res", "mlp_res") + (("final_res",) if model.routing_layout.has_final_router else ())
+    return ("attn_res", "mlp_res") + (
+        ("final_res",) if model.routing_layout.has_final_router else ()
+    )
 
 
 def mean_logit_diff(batch):
     def metric(logits):
         return batch.logit_diff(logits).mean()
+
     return metric
 
 
 def commit_layers(model) -> list[int]:
-    return [l for l in range(model.cfg.n_layers) if f"blocks.{l}.hook_committed_block" in model.hook_dict]
+    return [
+        l
+        for l in range(model.cfg.n_layers)
+        if f"blocks.{l}.hook_committed_block" in model.hook_dict
+    ]
 
 
 def test_shapes_and_nan_cells(setup):
@@ -66,8 +83,9 @@ def test_shapes_and_nan_cells(setup):
         assert bool(torch.isnan(blocks[layer]).all()) == (layer not in commits)
         assert not torch.isnan(blocks[layer]).any() or layer not in commits
     if model.routing_layout.has_final_router:
-        with_final = get_act_patch_routing_weights(model, corrupted, clean_cache, metric,
-                                                   routers=routers_of(model))
+        with_final = get_act_patch_routing_weights(
+            model, corrupted, clean_cache, metric, routers=routers_of(model)
+        )
         assert with_final.shape == (3, N_LAYERS)
         assert torch.equal(with_final[:2], by_layer)
         assert not torch.isnan(with_final[2, 0]) and torch.isnan(with_final[2, 1:]).all()
@@ -80,9 +98,11 @@ def test_self_patching_changes_nothing(setup):
     with torch.no_grad():
         unpatched = metric(model(corrupted)).item()
     routers = routers_of(model)
-    results = [get_act_patch_routing_weights(model, corrupted, own_cache, metric, routers=routers),
-               get_act_patch_routing_weights_by_pos(model, corrupted, own_cache, metric, routers=routers),
-               get_act_patch_committed_blocks_by_pos(model, corrupted, own_cache, metric)]
+    results = [
+        get_act_patch_routing_weights(model, corrupted, own_cache, metric, routers=routers),
+        get_act_patch_routing_weights_by_pos(model, corrupted, own_cache, metric, routers=routers),
+        get_act_patch_committed_blocks_by_pos(model, corrupted, own_cache, metric),
+    ]
     for result in results:
         filled = result[~torch.isnan(result)]
         assert filled.numel() > 0
@@ -91,10 +111,12 @@ def test_self_patching_changes_nothing(setup):
 
 def _from_donor_at(donor_cache, name: str, pos: int):
     """A hook that replaces position ``pos`` of its activation with the donor run's."""
+
     def patch(activation, hook):
         activation = activation.clone()
         activation[:, pos] = donor_cache[name][:, pos]
         return activation
+
     return patch
 
 
@@ -114,11 +136,17 @@ def test_cells_equal_a_full_forward_with_the_same_patch(setup):
     by_layer = get_act_patch_routing_weights(model, corrupted, clean_cache, metric, routers=routers)
     for row, layer in [(0, 0), (1, 2), (0, 3)]:
         name = f"blocks.{layer}.{routers[row]}.hook_weights"
-        logits = _full_forward(model, corrupted, name, lambda w, hook, name=name: clean_cache[name].clone())
+        logits = _full_forward(
+            model, corrupted, name, lambda w, hook, name=name: clean_cache[name].clone()
+        )
         assert by_layer[row, layer].item() == pytest.approx(metric(logits).item(), abs=1e-5)
     if "final_res" in routers:
-        logits = _full_forward(model, corrupted, "final_res.hook_weights",
-                               lambda w, hook: clean_cache["final_res.hook_weights"].clone())
+        logits = _full_forward(
+            model,
+            corrupted,
+            "final_res.hook_weights",
+            lambda w, hook: clean_cache["final_res.hook_weights"].clone(),
+        )
         assert by_layer[2, 0].item() == pytest.approx(metric(logits).item(), abs=1e-5)
     # clean routing differs from corrupted routing, so some cell must move the metric
     assert (by_layer[~torch.isnan(by_layer)] - unpatched).abs().max() > 1e-4
@@ -127,8 +155,10 @@ def test_cells_equal_a_full_forward_with_the_same_patch(setup):
     # positions is the same in both runs; a donor of unrelated prompts differs everywhere.
     other = TASK.sample(len(batch), seed=9, split="test", vocab=model.tokenizer.get_vocab()).tokens
     _, donor = model.run_with_cache(other)
-    assert not torch.equal(donor["blocks.1.attn_res.hook_weights"][:, 1],  # position 0 is <bos>
-                           clean_cache["blocks.1.attn_res.hook_weights"][:, 1])
+    assert not torch.equal(
+        donor["blocks.1.attn_res.hook_weights"][:, 1],  # position 0 is <bos>
+        clean_cache["blocks.1.attn_res.hook_weights"][:, 1],
+    )
     clean_cache = donor
     by_pos = get_act_patch_routing_weights_by_pos(model, corrupted, clean_cache, metric)
     assert (by_pos[:, :, :-1] - unpatched).abs().max() > 1e-4  # earlier positions act via attention
@@ -169,7 +199,9 @@ def test_blocks_committed_after_attention_are_patched_where_every_sublayer_commi
     blocks_model, _ = build("cumulative")
     _, blocks_cache = blocks_model.run_with_cache(corrupted)
     with pytest.raises(ValueError, match="commits a block after its attn sublayer"):
-        get_act_patch_committed_blocks_by_pos(blocks_model, corrupted, blocks_cache, metric, sublayer="attn")
+        get_act_patch_committed_blocks_by_pos(
+            blocks_model, corrupted, blocks_cache, metric, sublayer="attn"
+        )
     with pytest.raises(ValueError, match="sublayer must be 'mlp' or 'attn'"):
         get_act_patch_committed_blocks_by_pos(model, corrupted, own, metric, sublayer="final")
 
@@ -205,11 +237,15 @@ def test_bad_calls_are_refused():
         get_act_patch_committed_blocks_by_pos(model, tokens[:5], cache, metric)
     with pytest.raises(ValueError, match="unknown router"):
         get_act_patch_routing_weights(model, tokens, cache, metric, routers=("bogus_res",))
-    with pytest.raises(ValueError, match=r"\[batch, pos\] = \[6, \d+\] .* has \[6, \d+\]; .*equal lengths"):
+    with pytest.raises(
+        ValueError, match=r"\[batch, pos\] = \[6, \d+\] .* has \[6, \d+\]; .*equal lengths"
+    ):
         get_act_patch_routing_weights(model, tokens[:, :-1], cache, metric)
     with pytest.raises(ValueError, match="must be \\[batch, pos\\]"):
         get_act_patch_routing_weights(model, tokens[0], cache, metric)
-    _, weights_only = model.run_with_cache(tokens, names_filter=lambda name: "attn_res.hook_weights" in name)
+    _, weights_only = model.run_with_cache(
+        tokens, names_filter=lambda name: "attn_res.hook_weights" in name
+    )
     with pytest.raises(KeyError, match="the clean cache lacks .*mlp_res.hook_weights"):
         get_act_patch_routing_weights(model, tokens, weights_only, metric)
     with pytest.raises(KeyError, match="hook_committed_block"):
@@ -220,8 +256,11 @@ def test_bad_calls_are_refused():
         get_act_patch_routing_weights(model, tokens, cache, lambda logits: batch.logit_diff(logits))
     model.train()
     try:
-        for fn in (get_act_patch_routing_weights, get_act_patch_routing_weights_by_pos,
-                   get_act_patch_committed_blocks_by_pos):
+        for fn in (
+            get_act_patch_routing_weights,
+            get_act_patch_routing_weights_by_pos,
+            get_act_patch_committed_blocks_by_pos,
+        ):
             with pytest.raises(ValueError, match="eval mode"):
                 fn(model, tokens, cache, metric)
     finally:

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -22,8 +21,16 @@ def configs(draw, layouts=("cumulative", "kimi", "full")):
     layout = draw(st.sampled_from(layouts))
     mode = draw(st.sampled_from(["block", "full"])) if layout == "cumulative" else "block"
     return HookedAttnResConfig(
-        d_model=16, n_layers=n_layers, n_heads=2 * n_kv, n_key_value_heads=n_kv, d_head=4,
-        d_mlp=24, d_vocab=30, n_ctx=16, attnres_layout=layout, attnres_mode=mode,
+        d_model=16,
+        n_layers=n_layers,
+        n_heads=2 * n_kv,
+        n_key_value_heads=n_kv,
+        d_head=4,
+        d_mlp=24,
+        d_vocab=30,
+        n_ctx=16,
+        attnres_layout=layout,
+        attnres_mode=mode,
         attnres_num_blocks=draw(st.integers(1, n_layers)),
         attnres_recency_bias=draw(st.one_of(st.none(), st.floats(-4, 4))),
         seed=draw(st.integers(0, 10_000)),
@@ -46,7 +53,11 @@ def test_routing_weights_are_a_distribution_and_the_softmax_of_logits(cfg, scale
         assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
         assert torch.allclose(weights, cache[f"{prefix}.hook_logits"].softmax(-1), atol=1e-6)
         n = weights.shape[-1]
-        assert cache[f"{prefix}.hook_sources"].shape[-2] == n == len(model.source_labels(layer, router))
+        assert (
+            cache[f"{prefix}.hook_sources"].shape[-2]
+            == n
+            == len(model.source_labels(layer, router))
+        )
         families = model.source_families(layer, router)
         assert sorted(i for idx in families.values() for i in idx) == list(range(n))
 
@@ -77,8 +88,12 @@ def test_stop_then_start_equals_one_pass(cfg, layer_fraction):
 @given(cfg=configs(layouts=("kimi", "full")), n_layers=st.integers(1, 5))
 def test_zero_query_partial_sum_layouts_equal_plain_residual_when_eps_is_zero(cfg, n_layers):
     """attnres.md section 4: uniform weights over sources that sum to the stream."""
-    cfg = cfg.replace(n_layers=n_layers, attnres_num_blocks=min(cfg.attnres_num_blocks, n_layers),
-                      attnres_recency_bias=None, eps=0.0)
+    cfg = cfg.replace(
+        n_layers=n_layers,
+        attnres_num_blocks=min(cfg.attnres_num_blocks, n_layers),
+        attnres_recency_bias=None,
+        eps=0.0,
+    )
     routed = HookedAttnRes(cfg)  # zero queries at init
     plain = HookedAttnRes(cfg.replace(attnres_layout="none"))
     plain.load_state_dict({k: v for k, v in routed.state_dict().items() if "_res." not in k})
@@ -90,12 +105,21 @@ def test_zero_query_partial_sum_layouts_equal_plain_residual_when_eps_is_zero(cf
 @given(n_layers=st.integers(1, 40), num_blocks=st.integers(1, 40), bias=st.floats(-5, 5))
 def test_zero_query_cumulative_weights_are_analytic(n_layers, num_blocks, bias):
     num_blocks = min(num_blocks, n_layers)
-    cfg = HookedAttnResConfig(d_model=8, n_layers=n_layers, n_heads=2, d_vocab=10, d_mlp=8,
-                              n_ctx=4, attnres_num_blocks=num_blocks, attnres_recency_bias=bias,
-                              seed=0)
+    cfg = HookedAttnResConfig(
+        d_model=8,
+        n_layers=n_layers,
+        n_heads=2,
+        d_vocab=10,
+        d_mlp=8,
+        n_ctx=4,
+        attnres_num_blocks=num_blocks,
+        attnres_recency_bias=bias,
+        seed=0,
+    )
     model = HookedAttnRes(cfg)
-    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]),
-                                    names_filter=lambda n: n.endswith("hook_weights"))
+    _, cache = model.run_with_cache(
+        torch.tensor([[1, 2, 3]]), names_filter=lambda n: n.endswith("hook_weights")
+    )
     S = math.ceil(n_layers / num_blocks)
     for layer in range(n_layers):
         n_other = 1 + layer // S

@@ -32,13 +32,20 @@ def expected_n_sources(layout: str, mode: str, n_layers: int, num_blocks: int, l
 
 @pytest.mark.parametrize(
     "layout,mode,n_layers,num_blocks",
-    [("cumulative", "block", 8, 4), ("cumulative", "block", 7, 3), ("cumulative", "full", 3, 3),
-     ("kimi", "block", 8, 4), ("kimi", "block", 7, 3), ("kimi", "block", 5, 5),
-     ("full", "block", 4, 4)],
+    [
+        ("cumulative", "block", 8, 4),
+        ("cumulative", "block", 7, 3),
+        ("cumulative", "full", 3, 3),
+        ("kimi", "block", 8, 4),
+        ("kimi", "block", 7, 3),
+        ("kimi", "block", 5, 5),
+        ("full", "block", 4, 4),
+    ],
 )
 def test_number_of_sources_matches_attnres_md(layout, mode, n_layers, num_blocks):
-    model = tiny_model(n_layers=n_layers, attnres_layout=layout, attnres_mode=mode,
-                       attnres_num_blocks=num_blocks)
+    model = tiny_model(
+        n_layers=n_layers, attnres_layout=layout, attnres_mode=mode, attnres_num_blocks=num_blocks
+    )
     tokens = torch.randint(0, 50, (2, 5))
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_sources"))
     routers = model.routers()
@@ -70,7 +77,9 @@ def test_weights_sum_to_one_and_equal_softmax_of_logits(routed_layout, tokens):
 
 def test_logits_and_output_follow_the_routing_formula(tokens):
     """Recompute each router from its cached sources and its parameters."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", attnres_recency_bias=0.5), scale=2.0)
+    model = randomize_routing(
+        tiny_model(attnres_layout="kimi", attnres_recency_bias=0.5), scale=2.0
+    )
     _, cache = model.run_with_cache(tokens)
     for layer, router in model.routers():
         prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
@@ -87,8 +96,9 @@ def test_logits_and_output_follow_the_routing_formula(tokens):
 @pytest.mark.parametrize("bias", [None, 0.0, 3.0, -1.5])
 def test_zero_queries_give_analytic_weights(bias, tokens):
     """With w = 0: current gets e^b / (e^b + n), every other source 1 / (e^b + n)."""
-    model = tiny_model(attnres_layout="cumulative", attnres_recency_bias=bias, n_layers=6,
-                       attnres_num_blocks=3)
+    model = tiny_model(
+        attnres_layout="cumulative", attnres_recency_bias=bias, n_layers=6, attnres_num_blocks=3
+    )
     _, cache = model.run_with_cache(tokens)
     b = 0.0 if bias is None else bias
     for layer, router in model.routers():
@@ -153,7 +163,10 @@ def test_kimi_labels():
 
 def test_invalid_router_queries_are_refused():
     model = tiny_model(attnres_layout="cumulative")
-    with pytest.raises(ValueError, match=r"unknown router 'attn'; routers are \('attn_res', 'mlp_res', 'final_res'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown router 'attn'; routers are \('attn_res', 'mlp_res', 'final_res'\)",
+    ):
         model.source_labels(0, "attn")
     with pytest.raises(ValueError, match="layer must be an integer"):
         model.source_labels(4, "attn_res")
@@ -182,17 +195,20 @@ def test_editing_weights_changes_output_and_identity_hook_does_not(routed_layout
     edited = model.run_with_hooks(tokens, fwd_hooks=[(name, to_embedding_only)])
     assert (edited - clean).abs().max() > 1e-3
     # and the edit really reached the routed input
-    _, cache = model.run_with_cache(tokens, names_filter=["blocks.2.mlp_res.hook_out",
-                                                          "blocks.2.mlp_res.hook_sources"])
+    _, cache = model.run_with_cache(
+        tokens, names_filter=["blocks.2.mlp_res.hook_out", "blocks.2.mlp_res.hook_sources"]
+    )
     with model.hooks(fwd_hooks=[(name, to_embedding_only)]):
         _, edited_cache = model.run_with_cache(tokens, names_filter=["blocks.2.mlp_res.hook_out"])
-    assert torch.allclose(edited_cache["blocks.2.mlp_res.hook_out"],
-                          cache["blocks.2.mlp_res.hook_sources"][:, :, 0])
+    assert torch.allclose(
+        edited_cache["blocks.2.mlp_res.hook_out"], cache["blocks.2.mlp_res.hook_sources"][:, :, 0]
+    )
 
 
 def test_committed_block_patch_reaches_every_later_reader(tokens):
-    model = randomize_routing(tiny_model(attnres_layout="cumulative", n_layers=6,
-                                         attnres_num_blocks=3))
+    model = randomize_routing(
+        tiny_model(attnres_layout="cumulative", n_layers=6, attnres_num_blocks=3)
+    )
     _, clean = model.run_with_cache(tokens)
 
     def zero(block, hook):
@@ -262,18 +278,24 @@ def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens):
 
     def grads(observe: bool):
         model.zero_grad(set_to_none=True)
-        hooks = [(lambda name: name.endswith("hook_weights"), lambda w, hook: None)] if observe else []
+        hooks = (
+            [(lambda name: name.endswith("hook_weights"), lambda w, hook: None)] if observe else []
+        )
         with model.hooks(fwd_hooks=hooks):
             loss = model(tokens, return_type="loss")
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     fused_loss, fused = grads(False)
     plain_loss, plain = grads(True)
     assert torch.equal(fused_loss, plain_loss)
     assert fused.keys() == plain.keys()
     routers = [n for n in fused if n.endswith(("query", "recency_bias", "key_norm.w"))]
-    assert routers and sum(bool(plain[n].abs().max() > 0) for n in routers if n.endswith("query")) >= 2
+    assert (
+        routers and sum(bool(plain[n].abs().max() > 0) for n in routers if n.endswith("query")) >= 2
+    )
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
 
@@ -284,7 +306,11 @@ def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(routed_layout
     without it (no grad needed), and the hooked path (a hook watches). Same bits."""
     model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
     watch = [(lambda name: name.endswith(("hook_logits", "hook_weights")), lambda x, hook: None)]
-    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    context = {
+        "grad": torch.enable_grad,
+        "no_grad": torch.no_grad,
+        "inference": torch.inference_mode,
+    }[mode]
     with context():
         plain = model(tokens)
         hooked = model.run_with_hooks(tokens, fwd_hooks=watch)

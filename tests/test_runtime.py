@@ -39,10 +39,14 @@ print(*after_import, refused, applied, runtime.cpu_allocator_tuned(), faults())
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="the tuning applies to glibc only (a no-op elsewhere, tested below)")
+@pytest.mark.skipif(
+    not GLIBC, reason="the tuning applies to glibc only (a no-op elsewhere, tested below)"
+)
 def test_import_leaves_the_allocator_alone_and_tuning_is_opt_in():
     env = {k: v for k, v in os.environ.items() if k != "HOOKED_ATTNRES_TUNE_MALLOC"}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
     tuned_on_import, untuned_faults, refused, applied, tuned, faults = out.stdout.split()
     assert (tuned_on_import, refused, applied, tuned) == ("False", "False", "True", "True")
     # untuned, glibc hands activations of ~2 MiB back to the system and faults them in again

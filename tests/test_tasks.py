@@ -52,9 +52,12 @@ def test_retrieval_answer_is_the_queried_value_and_appears_once():
         contrast = tok.convert_ids_to_tokens(int(batch.contrast[row]))
         assert words[0] == "<bos>" and words[-2] == "?"
         query = words[-1]
-        context = words[1:words.index("?")]
-        pairs = {context[i]: context[i + 1] for i in range(len(context) - 1)
-                 if context[i].startswith("k")}
+        context = words[1 : words.index("?")]
+        pairs = {
+            context[i]: context[i + 1]
+            for i in range(len(context) - 1)
+            if context[i].startswith("k")
+        }
         assert len(pairs) == RETRIEVAL.n_pairs and sum(w.startswith("x") for w in context) == 3
         assert pairs[query] == answer  # the answer really is the queried key's value
         assert words.count(answer) == 1  # ... and it appears nowhere else
@@ -63,8 +66,11 @@ def test_retrieval_answer_is_the_queried_value_and_appears_once():
         corrupted = words_of(tok, batch.corrupted_tokens[row])
         assert corrupted[:-1] == words[:-1] and pairs[corrupted[-1]] == contrast
         # answered queries: each is "? k v" with the right value; targets supervise them
-        supervised = {p: tok.convert_ids_to_tokens(t) for p, t in enumerate(batch.targets[row].tolist())
-                      if t != -100}
+        supervised = {
+            p: tok.convert_ids_to_tokens(t)
+            for p, t in enumerate(batch.targets[row].tolist())
+            if t != -100
+        }
         assert len(supervised) == RETRIEVAL.n_queries
         for position, target in supervised.items():
             assert words[position - 1] == "?" and pairs[words[position]] == target
@@ -76,8 +82,8 @@ def test_induction_answer_follows_the_copied_prefix():
     batch = INDUCTION.sample(300, seed=2, vocab=tok)
     for row in range(len(batch)):
         words = words_of(tok, batch.tokens[row])
-        segment, copied = words[1:1 + INDUCTION.seq_len], words[2 + INDUCTION.seq_len:]
-        assert words[1 + INDUCTION.seq_len] == "|" and copied == segment[:INDUCTION.copy_len]
+        segment, copied = words[1 : 1 + INDUCTION.seq_len], words[2 + INDUCTION.seq_len :]
+        assert words[1 + INDUCTION.seq_len] == "|" and copied == segment[: INDUCTION.copy_len]
         assert len(set(segment)) == INDUCTION.seq_len
         answer = tok.convert_ids_to_tokens(int(batch.answer[row]))
         contrast = tok.convert_ids_to_tokens(int(batch.contrast[row]))
@@ -85,7 +91,7 @@ def test_induction_answer_follows_the_copied_prefix():
         assert contrast not in words
         corrupted = words_of(tok, batch.corrupted_tokens[row])
         assert corrupted[1 + INDUCTION.copy_len] == contrast
-        assert sum(a != b for a, b in zip(words, corrupted)) == 1
+        assert sum(a != b for a, b in zip(words, corrupted, strict=True)) == 1
 
 
 def test_batch_metrics():
@@ -123,25 +129,31 @@ def test_vocabulary_must_cover_the_task():
         RETRIEVAL.sample(2, vocab=task_tokenizer(INDUCTION))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_pairs=0), "n_pairs=0: retrieval needs at least 2 pairs"),
-    (dict(n_pairs=1), "n_pairs=1: retrieval needs at least 2 pairs"),
-    (dict(n_pairs=20, n_keys=16), "n_pairs=20 is more than n_keys=16"),
-    (dict(n_pairs=6, n_keys=8, n_values=5), "n_pairs=6 is more than n_values=5"),
-    (dict(n_distractors=-1), "n_distractors must be a non-negative integer"),
-    (dict(n_pairs=3, n_queries=3), "n_queries=3 must be between 1 and n_pairs - 1 = 2"),
-    (dict(n_distractors=2, n_filler_words=0), "needs n_filler_words >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_pairs=0), "n_pairs=0: retrieval needs at least 2 pairs"),
+        (dict(n_pairs=1), "n_pairs=1: retrieval needs at least 2 pairs"),
+        (dict(n_pairs=20, n_keys=16), "n_pairs=20 is more than n_keys=16"),
+        (dict(n_pairs=6, n_keys=8, n_values=5), "n_pairs=6 is more than n_values=5"),
+        (dict(n_distractors=-1), "n_distractors must be a non-negative integer"),
+        (dict(n_pairs=3, n_queries=3), "n_queries=3 must be between 1 and n_pairs - 1 = 2"),
+        (dict(n_distractors=2, n_filler_words=0), "needs n_filler_words >= 1"),
+    ],
+)
 def test_bad_retrieval_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KeyValueRetrieval(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(copy_len=12, seq_len=12), "copy_len=12 must be smaller than seq_len=12"),
-    (dict(seq_len=10, n_tokens=10), "n_tokens=10 must exceed seq_len=10"),
-    (dict(copy_len=0), "copy_len must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(copy_len=12, seq_len=12), "copy_len=12 must be smaller than seq_len=12"),
+        (dict(seq_len=10, n_tokens=10), "n_tokens=10 must exceed seq_len=10"),
+        (dict(copy_len=0), "copy_len must be a positive integer"),
+    ],
+)
 def test_bad_induction_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         InductionCopy(**kwargs)

@@ -26,8 +26,9 @@ def test_to_tokens_and_back(model, word_tokenizer):
 
 
 def test_prepend_bos(model, word_tokenizer):
-    assert model.to_tokens("w1", prepend_bos=True).tolist() == [[word_tokenizer.bos_token_id,
-                                                                 word_tokenizer.convert_tokens_to_ids("w1")]]
+    assert model.to_tokens("w1", prepend_bos=True).tolist() == [
+        [word_tokenizer.bos_token_id, word_tokenizer.convert_tokens_to_ids("w1")]
+    ]
     assert model.to_str_tokens("w1", prepend_bos=True) == ["<bos>", "w1"]
     assert model.to_tokens("w1").shape == (1, 1)  # Qwen3 default: no BOS
 
@@ -67,5 +68,6 @@ def test_string_run_with_cache(model):
 
 
 def test_unknown_words_map_to_unk(model, word_tokenizer):
-    assert model.to_tokens("w1 zebra").tolist() == [[word_tokenizer.convert_tokens_to_ids("w1"),
-                                                     word_tokenizer.unk_token_id]]
+    assert model.to_tokens("w1 zebra").tolist() == [
+        [word_tokenizer.convert_tokens_to_ids("w1"), word_tokenizer.unk_token_id]
+    ]

@@ -9,18 +9,33 @@ import pytest
 import torch
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
 from hooked_attnres.study import build_model, train_condition
+from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
 from hooked_attnres.training import TrainConfig, train
 
 TASK = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=2)
-SHAPE = dict(d_model=32, n_layers=2, n_heads=2, n_key_value_heads=1, d_head=16, d_mlp=48, n_ctx=32,
-             rotary_base=10_000.0)
+SHAPE = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    n_key_value_heads=1,
+    d_head=16,
+    d_mlp=48,
+    n_ctx=32,
+    rotary_base=10_000.0,
+)
 
 
 def config(**overrides) -> TrainConfig:
-    values = dict(steps=12, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=6, eval_size=32,
-                  checkpoint_every=5)
+    values = dict(
+        steps=12,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        eval_size=32,
+        checkpoint_every=5,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -44,7 +59,14 @@ def test_training_lowers_the_loss(tmp_path, condition):
 
     with torch.no_grad():
         before = probe.loss(model_logits(model, probe.tokens)).item()
-    train(model, TASK, config(steps=40, checkpoint_every=None), tmp_path, tokenizer=tok, progress=False)
+    train(
+        model,
+        TASK,
+        config(steps=40, checkpoint_every=None),
+        tmp_path,
+        tokenizer=tok,
+        progress=False,
+    )
     with torch.no_grad():
         after = probe.loss(model_logits(model, probe.tokens)).item()
     assert before > math.log(len(tok)) - 0.5  # starts near uniform over the vocabulary
@@ -53,16 +75,35 @@ def test_training_lowers_the_loss(tmp_path, condition):
 
 @pytest.mark.parametrize("condition", ["attnres", "vanilla"])
 def test_same_seed_same_weights(tmp_path, condition):
-    runs = [train_condition(condition, 3, tmp_path / f"run{i}", task=TASK, config=config(),
-                            shape=SHAPE, num_blocks=2, progress=False) for i in range(2)]
+    runs = [
+        train_condition(
+            condition,
+            3,
+            tmp_path / f"run{i}",
+            task=TASK,
+            config=config(),
+            shape=SHAPE,
+            num_blocks=2,
+            progress=False,
+        )
+        for i in range(2)
+    ]
     loads = [json.loads((r.out_dir / "metrics.json").read_text()) for r in runs]
     assert [h["loss"] for h in loads[0]["history"]] == [h["loss"] for h in loads[1]["history"]]
     a, b = (sorted(r.model_dir.glob("*.safetensors")) for r in runs)
     from safetensors.torch import load_file
 
     assert_same_weights(load_file(str(a[0])), load_file(str(b[0])))
-    other = train_condition(condition, 4, tmp_path / "other", task=TASK, config=config(),
-                            shape=SHAPE, num_blocks=2, progress=False)
+    other = train_condition(
+        condition,
+        4,
+        tmp_path / "other",
+        task=TASK,
+        config=config(),
+        shape=SHAPE,
+        num_blocks=2,
+        progress=False,
+    )
     embedding = "model.embed_tokens.weight" if condition == "vanilla" else "embed.W_E"
     other_weights = load_file(str(sorted(other.model_dir.glob("*.safetensors"))[0]))
     assert not torch.equal(other_weights[embedding], load_file(str(a[0]))[embedding])
@@ -75,13 +116,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, condition):
     train(whole, TASK, config(), tmp_path / "whole", tokenizer=tok, progress=False)
 
     parts = build_model(condition, 0, tok, SHAPE, 2)
-    first = train(parts, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7)
+    first = train(
+        parts, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7
+    )
     assert first.steps == 7 and not (tmp_path / "parts" / "model").exists()
     fresh = build_model(condition, 0, tok, SHAPE, 2)  # a new process would start from scratch
     second = train(fresh, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False)
     assert second.steps == 12
     assert_same_weights(weights(whole), weights(fresh))
-    history = [json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in ("whole", "parts")]
+    history = [
+        json.loads((tmp_path / d / "metrics.json").read_text())["history"]
+        for d in ("whole", "parts")
+    ]
     assert history[0] == history[1]
 
 
@@ -101,7 +147,14 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch
     monkeypatch.setattr(trainer_module, "model_logits", interrupted_at_step_5)
     model = build_model("attnres", 0, tok, SHAPE, 2)
     with pytest.raises(KeyboardInterrupt):
-        train(model, TASK, config(checkpoint_every=None), tmp_path / "run", tokenizer=tok, progress=False)
+        train(
+            model,
+            TASK,
+            config(checkpoint_every=None),
+            tmp_path / "run",
+            tokenizer=tok,
+            progress=False,
+        )
     monkeypatch.undo()
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4 and len(state["history"]) == 4
@@ -109,26 +162,66 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch
     resumed = build_model("attnres", 0, tok, SHAPE, 2)
     other_task = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=1)
     with pytest.raises(ValueError, match="different run"):
-        train(resumed, other_task, config(checkpoint_every=None), tmp_path / "run", tokenizer=tok,
-              progress=False)
-    train(resumed, TASK, config(checkpoint_every=None), tmp_path / "run", tokenizer=tok, progress=False)
+        train(
+            resumed,
+            other_task,
+            config(checkpoint_every=None),
+            tmp_path / "run",
+            tokenizer=tok,
+            progress=False,
+        )
+    train(
+        resumed,
+        TASK,
+        config(checkpoint_every=None),
+        tmp_path / "run",
+        tokenizer=tok,
+        progress=False,
+    )
     whole = build_model("attnres", 0, tok, SHAPE, 2)
-    train(whole, TASK, config(checkpoint_every=None), tmp_path / "whole", tokenizer=tok, progress=False)
+    train(
+        whole,
+        TASK,
+        config(checkpoint_every=None),
+        tmp_path / "whole",
+        tokenizer=tok,
+        progress=False,
+    )
     assert_same_weights(weights(whole), weights(resumed))
 
 
 def test_outputs_load_as_checkpoints(tmp_path):
-    attnres = train_condition("attnres", 0, tmp_path / "a", task=TASK, config=config(), shape=SHAPE,
-                              num_blocks=2, progress=False)
-    vanilla = train_condition("vanilla", 0, tmp_path / "v", task=TASK, config=config(), shape=SHAPE,
-                              num_blocks=2, progress=False)
+    attnres = train_condition(
+        "attnres",
+        0,
+        tmp_path / "a",
+        task=TASK,
+        config=config(),
+        shape=SHAPE,
+        num_blocks=2,
+        progress=False,
+    )
+    vanilla = train_condition(
+        "vanilla",
+        0,
+        tmp_path / "v",
+        task=TASK,
+        config=config(),
+        shape=SHAPE,
+        num_blocks=2,
+        progress=False,
+    )
     tok = task_tokenizer(TASK)
     batch = TASK.sample(32, seed=0, split="test", vocab=tok)
     model = HookedAttnRes.from_pretrained(attnres.model_dir)
     assert model.cfg.attnres_layout == "cumulative" and model.tokenizer is not None
-    assert batch.accuracy(model(batch.tokens)) == pytest.approx(attnres.final_accuracy["retrieval"], abs=1e-9)
+    assert batch.accuracy(model(batch.tokens)) == pytest.approx(
+        attnres.final_accuracy["retrieval"], abs=1e-9
+    )
     plain = HookedAttnRes.from_hf_qwen3(vanilla.model_dir, wrap="none")
-    assert batch.accuracy(plain(batch.tokens)) == pytest.approx(vanilla.final_accuracy["retrieval"], abs=1e-9)
+    assert batch.accuracy(plain(batch.tokens)) == pytest.approx(
+        vanilla.final_accuracy["retrieval"], abs=1e-9
+    )
     wrapped = HookedAttnRes.from_hf_qwen3(vanilla.model_dir, wrap="recency", num_blocks=2)
     assert wrapped.cfg.attnres_layout == "cumulative" and wrapped.to_tokens("k1 v2").shape == (1, 2)
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -143,12 +236,15 @@ def test_learning_rate_schedule():
     assert cfg.lr_at(110) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "steps must be a positive integer"),
-    (dict(lr=0), "need lr > 0"),
-    (dict(warmup_steps=50, steps=10), r"warmup_steps must be in \[0, steps=10\]"),
-    (dict(checkpoint_every=0), "checkpoint_every must be >= 1 or None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(lr=0), "need lr > 0"),
+        (dict(warmup_steps=50, steps=10), r"warmup_steps must be in \[0, steps=10\]"),
+        (dict(checkpoint_every=0), "checkpoint_every must be >= 1 or None"),
+    ],
+)
 def test_bad_train_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
@@ -172,9 +268,32 @@ def test_two_processes_with_the_same_seed_write_the_same_file(tmp_path):
     digests = []
     for run in range(2):
         out = tmp_path / f"run{run}"
-        subprocess.run([sys.executable, "-m", "hooked_attnres.cli", "train", "--condition", "attnres",
-                        "--out", str(out), "--steps", "6", "--set", "warmup_steps=2", "eval_every=6",
-                        "eval_size=16", "batch_size=32", "threads=2", "--no-progress"],
-                       check=True, capture_output=True)
-        digests.append(hashlib.sha256((out / "attnres_seed0" / "model" / "model.safetensors").read_bytes()).hexdigest())
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hooked_attnres.cli",
+                "train",
+                "--condition",
+                "attnres",
+                "--out",
+                str(out),
+                "--steps",
+                "6",
+                "--set",
+                "warmup_steps=2",
+                "eval_every=6",
+                "eval_size=16",
+                "batch_size=32",
+                "threads=2",
+                "--no-progress",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        digests.append(
+            hashlib.sha256(
+                (out / "attnres_seed0" / "model" / "model.safetensors").read_bytes()
+            ).hexdigest()
+        )
     assert digests[0] == digests[1]

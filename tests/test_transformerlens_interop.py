@@ -13,11 +13,26 @@ from transformer_lens.utilities import get_act_name
 from hooked_attnres import DepthState, HookedAttnRes, UnknownHookError
 
 REQUIRED_PER_LAYER = [
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
 ]
 ROUTER_HOOKS = ["hook_sources", "hook_logits", "hook_weights", "hook_out"]
 
@@ -34,7 +49,9 @@ def test_every_required_hook_exists_and_fires(layout, tokens):
     for layer in range(model.cfg.n_layers):
         expected |= {f"blocks.{layer}.{name}" for name in REQUIRED_PER_LAYER}
         if layout != "none":
-            expected |= {f"blocks.{layer}.{r}.{h}" for r in ("attn_res", "mlp_res") for h in ROUTER_HOOKS}
+            expected |= {
+                f"blocks.{layer}.{r}.{h}" for r in ("attn_res", "mlp_res") for h in ROUTER_HOOKS
+            }
     if layout in ("kimi", "full"):
         expected |= {f"final_res.{h}" for h in ROUTER_HOOKS}
     assert expected <= set(model.hook_dict)
@@ -81,9 +98,22 @@ def test_run_with_cache_returns_activation_cache_and_matches_forward(tokens):
 
 def _pos_axis(name: str, cache) -> int:
     """Position axis written from the documented layouts (not read from the model)."""
-    if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k",
-                      "hook_sources", "q_norm.hook_scale", "k_norm.hook_scale",
-                      "q_norm.hook_normalized", "k_norm.hook_normalized", "key_norm.hook_scale")):
+    if name.endswith(
+        (
+            "hook_q",
+            "hook_k",
+            "hook_v",
+            "hook_z",
+            "hook_rot_q",
+            "hook_rot_k",
+            "hook_sources",
+            "q_norm.hook_scale",
+            "k_norm.hook_scale",
+            "q_norm.hook_normalized",
+            "k_norm.hook_normalized",
+            "key_norm.hook_scale",
+        )
+    ):
         return 1
     if name.endswith(("hook_pattern", "hook_attn_scores")):
         return 2  # query position
@@ -120,13 +150,17 @@ def test_remove_batch_dim(tokens):
 def test_unknown_hook_names_fail_with_suggestions(tokens):
     model = tiny_model()
     with pytest.raises(UnknownHookError, match=r"Did you mean \['blocks.0.attn_res.hook_weights'"):
-        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn_res.hook_weight", lambda x, hook: x)])
+        model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.attn_res.hook_weight", lambda x, hook: x)]
+        )
     with pytest.raises(KeyError, match="unknown hook name 'nonsense'"):
         model.add_hook("nonsense", lambda x, hook: x)
     with pytest.raises(UnknownHookError, match="is a module, not a hook point"):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn", lambda x, hook: x)])
     with pytest.raises(UnknownHookError, match="blocks.9.hook_resid_pre"):
-        model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre", "blocks.9.hook_resid_pre"])
+        model.run_with_cache(
+            tokens, names_filter=["blocks.0.hook_resid_pre", "blocks.9.hook_resid_pre"]
+        )
     with pytest.raises(TypeError, match="not callable"):
         model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", 3)])
     # nothing was left attached by the failed calls
@@ -136,8 +170,10 @@ def test_unknown_hook_names_fail_with_suggestions(tokens):
 def test_predicate_hooks_and_permanent_hooks(tokens):
     model = tiny_model()
     seen = []
-    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_weights"),
-                                             lambda x, hook: seen.append(hook.name))])
+    model.run_with_hooks(
+        tokens,
+        fwd_hooks=[(lambda n: n.endswith("hook_weights"), lambda x, hook: seen.append(hook.name))],
+    )
     assert len(seen) == 2 * model.cfg.n_layers
     model.add_perma_hook("hook_embed", lambda x, hook: torch.zeros_like(x))
     zeroed = model(tokens)
@@ -178,10 +214,13 @@ def test_start_and_stop_at_layer_split_the_forward_pass(layout, tokens):
         assert isinstance(state, DepthState)
         snapshot = [t.clone() for t in state.sources]
         assert torch.allclose(model(state, start_at_layer=layer), full, atol=1e-6)
-        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources))  # not mutated
+        # not mutated
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, state.sources, strict=True))
     middle = model(tokens, stop_at_layer=-2)
     assert len(middle.sources) == len(model(tokens, stop_at_layer=3).sources)
-    loss = model(model(tokens, stop_at_layer=2), start_at_layer=2, tokens=tokens, return_type="loss")
+    loss = model(
+        model(tokens, stop_at_layer=2), start_at_layer=2, tokens=tokens, return_type="loss"
+    )
     assert torch.allclose(loss, model(tokens, return_type="loss"))
     if layout != "none":  # in layout "none" every state looks alike (one tensor)
         with pytest.raises(ValueError, match="cannot enter layer 4"):
@@ -223,23 +262,36 @@ def test_transformerlens_patching_functions_run_with_documented_shapes():
 
     resid = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
     assert resid.shape == (n_layers, n_pos)
-    assert tl_patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric).shape == (n_layers, n_pos)
-    assert tl_patching.get_act_patch_mlp_out(model, corrupted, clean_cache, metric).shape == (n_layers, n_pos)
+    assert tl_patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric).shape == (
+        n_layers,
+        n_pos,
+    )
+    assert tl_patching.get_act_patch_mlp_out(model, corrupted, clean_cache, metric).shape == (
+        n_layers,
+        n_pos,
+    )
     by_pos = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)
     assert by_pos.shape == (n_layers, n_pos, n_heads)
     all_pos = tl_patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)
     assert all_pos.shape == (n_layers, n_heads)
     k_all = tl_patching.get_act_patch_attn_head_k_all_pos(model, corrupted, clean_cache, metric)
     assert k_all.shape == (n_layers, model.cfg.n_key_value_heads)
-    assert tl_patching.get_act_patch_block_every(model, corrupted, clean_cache, metric).shape == (3, n_layers, n_pos)
+    assert tl_patching.get_act_patch_block_every(model, corrupted, clean_cache, metric).shape == (
+        3,
+        n_layers,
+        n_pos,
+    )
     # positions before the corrupted token see identical inputs: no effect there
     assert torch.allclose(resid[:, :2], torch.zeros(n_layers, 2), atol=1e-6)
+
     # one cell, recomputed by hand with run_with_hooks
     def patch(act, hook):
         act[:, 4] = clean_cache["resid_pre", 1][:, 4]
         return act
 
-    by_hand = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", patch)]))
+    by_hand = metric(
+        model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", patch)])
+    )
     assert torch.allclose(resid[1, 4], by_hand, atol=1e-6)
 
 
@@ -261,7 +313,13 @@ def test_activation_cache_helpers_on_plain_residual_model():
     assert torch.allclose(components.sum(0), cache["resid_post", -1], atol=1e-5)
     accumulated = cache.accumulated_resid(apply_ln=True)
     assert accumulated.shape == (model.cfg.n_layers + 1, 2, 6, model.cfg.d_model)
-    assert cache.stack_activation("pattern").shape == (model.cfg.n_layers, 2, model.cfg.n_heads, 6, 6)
+    assert cache.stack_activation("pattern").shape == (
+        model.cfg.n_layers,
+        2,
+        model.cfg.n_heads,
+        6,
+        6,
+    )
     # direct logit attribution: the components' attributions sum to the answer logit
     # (tokens_to_residual_directions folds the ln_final gain, as TL's fold_ln does)
     answer = tokens[:, -1]
@@ -274,17 +332,27 @@ def test_activation_cache_helpers_on_plain_residual_model():
 def test_weights_have_transformerlens_layouts_and_meaning(tokens):
     model = tiny_model(attnres_layout="none")
     cfg = model.cfg
-    L, h, kv, d, dh, m = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, h, kv, d, dh, m = (
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_key_value_heads,
+        cfg.d_model,
+        cfg.d_head,
+        cfg.d_mlp,
+    )
     assert model.W_E.shape == (cfg.d_vocab, d) and model.W_U.shape == (d, cfg.d_vocab)
     assert model.W_Q.shape == (L, h, d, dh) and model.W_O.shape == (L, h, dh, d)
     assert model.W_K.shape == model.W_V.shape == (L, h, d, dh)  # GQA repeated to n_heads
+    assert model.blocks[0].attn._W_K.shape == (kv, d, dh)  # the stored KV heads
     assert model.W_in.shape == model.W_gate.shape == (L, d, m) and model.W_out.shape == (L, m, d)
     assert model.b_U.shape == (cfg.d_vocab,) and not model.b_U.any()
     assert model.QK.shape == (L, h, d, d) and model.OV.shape == (L, h, d, d)
     _, cache = model.run_with_cache(tokens)
     x = cache["normalized", 1, "ln1"] * model.blocks[1].ln1.w
     assert torch.allclose(cache["q", 1], torch.einsum("bpd,hdk->bphk", x, model.W_Q[1]), atol=1e-6)
-    assert torch.allclose(cache["k", 1], torch.einsum("bpd,hdk->bphk", x, model.blocks[1].attn._W_K), atol=1e-6)
+    assert torch.allclose(
+        cache["k", 1], torch.einsum("bpd,hdk->bphk", x, model.blocks[1].attn._W_K), atol=1e-6
+    )
     expanded = model.W_K[1]
     assert torch.equal(expanded[0], expanded[1]) and not torch.equal(expanded[0], expanded[2])
     z_out = torch.einsum("bphk,hkd->bpd", cache["z", 1], model.W_O[1])

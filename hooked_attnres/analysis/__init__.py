@@ -21,16 +21,35 @@ from hooked_attnres.analysis.schedule import (
     schedule_deviation,
 )
 
-__all__ = ["METRICS", "PlannedAblation", "RecencySchedule", "ablation_effects", "band_of",
-           "bootstrap_ci", "bootstrap_ci_rows", "dissociation_report", "metric_values",
-           "plan_ablations", "recency_schedule", "routing_mass", "run_ablations",
-           "schedule_comparison", "schedule_deviation", "summarize_mass"]
+__all__ = [
+    "METRICS",
+    "PlannedAblation",
+    "RecencySchedule",
+    "ablation_effects",
+    "band_of",
+    "bootstrap_ci",
+    "bootstrap_ci_rows",
+    "dissociation_report",
+    "metric_values",
+    "plan_ablations",
+    "recency_schedule",
+    "routing_mass",
+    "run_ablations",
+    "schedule_comparison",
+    "schedule_deviation",
+    "summarize_mass",
+]
 
 
 def __getattr__(name: str):
-    if name == "Ablation":  # the plan entry of 0.1; the compiled intervention is interventions.Ablation
-        warnings.warn("hooked_attnres.analysis.Ablation is deprecated: plan entries are "
-                      "PlannedAblation; the compiled mask is hooked_attnres.interventions.Ablation",
-                      DeprecationWarning, stacklevel=2)
+    if (
+        name == "Ablation"
+    ):  # the plan entry of 0.1; the compiled intervention is interventions.Ablation
+        warnings.warn(
+            "hooked_attnres.analysis.Ablation is deprecated: plan entries are "
+            "PlannedAblation; the compiled mask is hooked_attnres.interventions.Ablation",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return PlannedAblation
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

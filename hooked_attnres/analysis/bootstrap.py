@@ -31,7 +31,9 @@ def bootstrap_ci(
 
 
 def bootstrap_ci_rows(
-    values: Union[np.ndarray, torch.Tensor], n_resamples: int = 1000, confidence: float = 0.95,
+    values: Union[np.ndarray, torch.Tensor],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise `bootstrap_ci` of ``values`` ``[rows, n]`` with the *same* resampled

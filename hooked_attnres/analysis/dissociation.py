@@ -23,8 +23,11 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def dissociation_report(
-    mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str = "logit_diff",
-    appreciable_mass: float = 0.05, group: str = "all",
+    mass_summary: pd.DataFrame,
+    effects: pd.DataFrame,
+    metric: str = "logit_diff",
+    appreciable_mass: float = 0.05,
+    group: str = "all",
 ) -> pd.DataFrame:
     """One row per router type comparing routing mass with ablation effect.
 
@@ -45,8 +48,10 @@ def dissociation_report(
     """
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
-        raise ValueError(f"no effects for metric={metric!r} and group={group!r}; run "
-                         "ablation_effects(..., groups='all') with that metric")
+        raise ValueError(
+            f"no effects for metric={metric!r} and group={group!r}; run "
+            "ablation_effects(..., groups='all') with that metric"
+        )
     for table, what in ((mass_summary, "mass_summary"), (chosen, "effects")):
         repeated = table.duplicated(["router", "family"])
         if repeated.any():
@@ -60,25 +65,38 @@ def dissociation_report(
     for router in sorted(set(mass_summary.router) & set(chosen.router)):
         mass = mass_summary[mass_summary.router == router].set_index("family")
         effect = chosen[chosen.router == router].set_index("family")
-        present = [f for f in FAMILIES if f in mass.index and f in effect.index
-                   and (mass.loc[f, "mass"] > 0 or effect.loc[f, "n_masked_routers"] > 0)]
+        present = [
+            f
+            for f in FAMILIES
+            if f in mass.index
+            and f in effect.index
+            and (mass.loc[f, "mass"] > 0 or effect.loc[f, "n_masked_routers"] > 0)
+        ]
         m = np.array([mass.loc[f, "mass"] for f in present])
         e = np.array([abs(effect.loc[f, "effect"]) for f in present])
-        mass_ranking = [f for _, f in sorted(zip(-m, present))]
-        effect_ranking = [f for _, f in sorted(zip(-e, present))]
-        null = [f for f in present if mass.loc[f, "mass"] >= appreciable_mass
-                and effect.loc[f, "ci_low"] <= 0 <= effect.loc[f, "ci_high"]]
+        mass_ranking = [f for _, f in sorted(zip(-m, present, strict=True))]
+        effect_ranking = [f for _, f in sorted(zip(-e, present, strict=True))]
+        null = [
+            f
+            for f in present
+            if mass.loc[f, "mass"] >= appreciable_mass
+            and effect.loc[f, "ci_low"] <= 0 <= effect.loc[f, "ci_high"]
+        ]
         total_effect = e.sum() if e.sum() > 0 else float("nan")
-        rows.append({
-            "router": router,
-            "mass_ranking": mass_ranking,
-            "effect_ranking": effect_ranking,
-            "spearman": _spearman(m, e),
-            "top_mass": mass_ranking[0],
-            "top_effect": effect_ranking[0],
-            "top_mass_is_top_effect": mass_ranking[0] == effect_ranking[0],
-            "shares": {f: {"mass": float(mi), "effect": float(ei / total_effect)}
-                       for f, mi, ei in zip(present, m, e)},
-            "appreciable_mass_no_effect": null,
-        })
+        rows.append(
+            {
+                "router": router,
+                "mass_ranking": mass_ranking,
+                "effect_ranking": effect_ranking,
+                "spearman": _spearman(m, e),
+                "top_mass": mass_ranking[0],
+                "top_effect": effect_ranking[0],
+                "top_mass_is_top_effect": mass_ranking[0] == effect_ranking[0],
+                "shares": {
+                    f: {"mass": float(mi), "effect": float(ei / total_effect)}
+                    for f, mi, ei in zip(present, m, e, strict=True)
+                },
+                "appreciable_mass_no_effect": null,
+            }
+        )
     return pd.DataFrame(rows)

@@ -10,7 +10,8 @@ once per chunk of prompts; an ablation whose first masked router is at sublayer 
 (``model.forward_from(state_s, s)``) instead of from the embedding, and computes logits
 only at the answer position (``logit_positions``: the last layer's queries, MLP and
 unembedding run there only). Ablations that start at the same sublayer can run together
-in one batch, each copy of the prompts with its own mask (see ``max_rows``). Ablations that mask nothing (the family does not exist at
+in one batch, each copy of the prompts with its own mask (see ``max_rows``). Ablations
+that mask nothing (the family does not exist at
 those routers) cost nothing: their metric is the clean one. ``fast=False`` runs one full
 forward pass per ablation, no-ops included (the reference the fast path is tested
 against). ``max_rows`` caps the rows of one batched pass; on CPU one large pass of many
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -37,10 +39,15 @@ from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
 
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
 METRICS = ("logit_diff", "logprob", "accuracy")
 
 
-def metric_values(batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: str) -> Float[Tensor, "batch"]:
+def metric_values(
+    batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: str
+) -> Float[Tensor, " batch"]:
     """Per-prompt metric ``[batch]`` read at ``batch.answer_pos``: ``logit_diff`` (answer -
     contrast), ``logprob`` (of the answer) or ``accuracy`` (1 if the argmax is the answer).
     ``logits`` may cover the answer positions only (``[batch, 1, d_vocab]`` with
@@ -99,7 +106,7 @@ class PlannedAblation:
         return tuple(str(site) for site in self.ablation.skipped)
 
 
-def _groups(model, groups, bands) -> dict[str, list[int]]:
+def _groups(model: HookedAttnRes, groups, bands) -> dict[str, list[int]]:
     n = model.cfg.n_layers
     if groups == "bands":
         return depth_bands(n, bands)
@@ -109,12 +116,17 @@ def _groups(model, groups, bands) -> dict[str, list[int]]:
         return {"all": list(range(n))}
     if isinstance(groups, dict):
         return depth_bands(n, groups)
-    raise ValueError(f"groups must be 'bands', 'layers', 'all' or a dict of name -> layers, got {groups!r}")
+    raise ValueError(
+        f"groups must be 'bands', 'layers', 'all' or a dict of name -> layers, got {groups!r}"
+    )
 
 
 def plan_ablations(
-    model, families: Sequence[Union[str, int]] = FAMILIES, routers: Sequence[str] = ("attn_res", "mlp_res"),
-    groups: Union[str, dict] = "bands", bands: Optional[dict] = None,
+    model: HookedAttnRes,
+    families: Sequence[Union[str, int]] = FAMILIES,
+    routers: Sequence[str] = ("attn_res", "mlp_res"),
+    groups: Union[str, dict] = "bands",
+    bands: Optional[dict] = None,
 ) -> list[PlannedAblation]:
     """Every (router type x layer group x family) ablation, compiled to per-router masks.
 
@@ -137,8 +149,9 @@ def plan_ablations(
             router_groups = layer_groups
         for group, layers in router_groups.items():
             for family in families:
-                ablation = Ablation.compile(model, family, routers=router, layers=layers or None,
-                                            on_full="skip")
+                ablation = Ablation.compile(
+                    model, family, routers=router, layers=layers or None, on_full="skip"
+                )
                 plan.append(PlannedAblation(router, group, tuple(layers), family, ablation))
     return plan
 
@@ -150,11 +163,14 @@ def _tile(state: DepthState, copies: int) -> DepthState:
     def tile(t: Tensor) -> Tensor:
         return t.repeat(copies, *([1] * (t.ndim - 1)))
 
-    return DepthState([tile(b) for b in state.blocks], tile(state.current), state.current_is_committed)
+    return DepthState(
+        [tile(b) for b in state.blocks], tile(state.current), state.current_is_committed
+    )
 
 
-def _same_routed_source(ablations: Sequence[PlannedAblation], indices: Sequence[int],
-                        state: DepthState) -> dict[int, int]:
+def _same_routed_source(
+    ablations: Sequence[PlannedAblation], indices: Sequence[int], state: DepthState
+) -> dict[int, int]:
     """Ablations (starting at the sublayer ``state`` enters) that repeat an earlier one
     exactly: ``{duplicate: original}``.
 
@@ -173,7 +189,9 @@ def _same_routed_source(ablations: Sequence[PlannedAblation], indices: Sequence[
             continue
         site, mask = masks[0]
         kept = sources[mask.index(False)]
-        original = next((j for other, value, j in seen if other == site and torch.equal(value, kept)), None)
+        original = next(
+            (j for other, value, j in seen if other == site and torch.equal(value, kept)), None
+        )
         if original is None:
             seen.append((site, kept, i))
         else:
@@ -183,8 +201,14 @@ def _same_routed_source(ablations: Sequence[PlannedAblation], indices: Sequence[
 
 @torch.no_grad()
 def run_ablations(
-    model, batch: TaskBatch, ablations: Sequence[PlannedAblation], metrics: Sequence[str] = ("logit_diff",),
-    fast: bool = True, chunk: int = 256, max_rows: int = 256, progress: bool = True,
+    model: HookedAttnRes,
+    batch: TaskBatch,
+    ablations: Sequence[PlannedAblation],
+    metrics: Sequence[str] = ("logit_diff",),
+    fast: bool = True,
+    chunk: int = 256,
+    max_rows: int = 256,
+    progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
 
@@ -196,7 +220,9 @@ def run_ablations(
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; metrics are {METRICS}")
     if model.training:
-        raise ValueError("run ablations in eval mode (model.eval()); the results must not depend on it")
+        raise ValueError(
+            "run ablations in eval mode (model.eval()); the results must not depend on it"
+        )
     n = len(batch)
     clean = {m: np.zeros(n) for m in metrics}
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
@@ -204,17 +230,21 @@ def run_ablations(
     chunks = list(range(0, n, chunk))
     by_start: dict[int, list[int]] = defaultdict(list)
     for i in active:
-        by_start[ablations[i].start_sublayer].append(i)
+        start_sublayer = ablations[i].start_sublayer
+        assert start_sublayer is not None  # an active ablation masks some router
+        by_start[start_sublayer].append(i)
     total = len(chunks) * (len(ablations) if not fast else len(by_start) + 1)
     bar = tqdm(total=total, disable=not progress, desc="ablations", dynamic_ncols=True)
     for start in chunks:
-        part = batch[start:start + chunk]
+        part = batch[start : start + chunk]
         rows = slice(start, start + len(part))
         if fast:
             # the metrics read the answer position only: logits there, [batch, 1, d_vocab]
             at_answer = dataclasses.replace(part, answer_pos=torch.zeros_like(part.answer_pos))
             states = model.depth_states(part.tokens, sublayers=True)
-            logits = model.forward_from(states[-1], len(states) - 1, logit_positions=part.answer_pos)
+            logits = model.forward_from(
+                states[-1], len(states) - 1, logit_positions=part.answer_pos
+            )
             scored = at_answer
         else:
             logits, scored = model(part.tokens), part
@@ -229,19 +259,27 @@ def run_ablations(
             # a router reads, so then no two ablations are assumed alike
             hooked = any(point.fwd_hooks for point in model.hook_points())
             for sublayer, indices in sorted(by_start.items()):
-                same_as = {} if hooked else _same_routed_source(ablations, indices, states[sublayer])
+                same_as = (
+                    {} if hooked else _same_routed_source(ablations, indices, states[sublayer])
+                )
                 indices = [i for i in indices if i not in same_as]
                 for group_start in range(0, len(indices), per_pass):
-                    group = indices[group_start:group_start + per_pass]
-                    hooks = batched_mask_hooks([ablations[i].ablation for i in group], len(part),
-                                               part.tokens.device)
+                    group = indices[group_start : group_start + per_pass]
+                    hooks = batched_mask_hooks(
+                        [ablations[i].ablation for i in group], len(part), part.tokens.device
+                    )
                     with model.hooks(fwd_hooks=hooks):
-                        out = model.forward_from(_tile(states[sublayer], len(group)), sublayer,
-                                                 logit_positions=part.answer_pos.repeat(len(group)))
+                        out = model.forward_from(
+                            _tile(states[sublayer], len(group)),
+                            sublayer,
+                            logit_positions=part.answer_pos.repeat(len(group)),
+                        )
                     for copy, i in enumerate(group):
-                        copy_logits = out[copy * len(part):(copy + 1) * len(part)]
+                        copy_logits = out[copy * len(part) : (copy + 1) * len(part)]
                         for metric in metrics:
-                            ablated[metric][i, rows] = metric_values(at_answer, copy_logits, metric).cpu().numpy()
+                            ablated[metric][i, rows] = (
+                                metric_values(at_answer, copy_logits, metric).cpu().numpy()
+                            )
                 for duplicate, original in same_as.items():
                     for metric in metrics:
                         ablated[metric][duplicate, rows] = ablated[metric][original, rows]
@@ -258,11 +296,19 @@ def run_ablations(
 
 
 def ablation_effects(
-    model, batch: TaskBatch, families: Sequence[Union[str, int]] = FAMILIES,
-    routers: Sequence[str] = ("attn_res", "mlp_res"), groups: Union[str, dict] = "bands",
-    bands: Optional[dict] = None, metrics: Sequence[str] = ("logit_diff", "logprob", "accuracy"),
-    n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0, fast: bool = True,
-    chunk: int = 256, progress: bool = True,
+    model: HookedAttnRes,
+    batch: TaskBatch,
+    families: Sequence[Union[str, int]] = FAMILIES,
+    routers: Sequence[str] = ("attn_res", "mlp_res"),
+    groups: Union[str, dict] = "bands",
+    bands: Optional[dict] = None,
+    metrics: Sequence[str] = ("logit_diff", "logprob", "accuracy"),
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    fast: bool = True,
+    chunk: int = 256,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Effect of masking each family at each router type and layer group.
 
@@ -282,18 +328,29 @@ def ablation_effects(
         have give ``n_masked_routers = 0`` and effect 0 exactly.
     """
     plan = plan_ablations(model, families, routers, groups, bands)
-    clean, ablated = run_ablations(model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress)
+    clean, ablated = run_ablations(
+        model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress
+    )
     rows = []
     for metric in metrics:
         differences = ablated[metric] - clean[metric][None, :]
         mean, low, high = bootstrap_ci_rows(differences, n_bootstrap, confidence, seed)
         for i, ablation in enumerate(plan):
-            rows.append({
-                "router": ablation.router, "group": ablation.group,
-                "layers": ",".join(map(str, ablation.layers)), "family": ablation.family,
-                "metric": metric, "clean": clean[metric].mean(), "ablated": ablated[metric][i].mean(),
-                "effect": mean[i], "ci_low": low[i], "ci_high": high[i],
-                "n_masked_routers": len(ablation.ablation.masks), "skipped": ";".join(ablation.skipped),
-                "n_prompts": len(batch),
-            })
+            rows.append(
+                {
+                    "router": ablation.router,
+                    "group": ablation.group,
+                    "layers": ",".join(map(str, ablation.layers)),
+                    "family": ablation.family,
+                    "metric": metric,
+                    "clean": clean[metric].mean(),
+                    "ablated": ablated[metric][i].mean(),
+                    "effect": mean[i],
+                    "ci_low": low[i],
+                    "ci_high": high[i],
+                    "n_masked_routers": len(ablation.ablation.masks),
+                    "skipped": ";".join(ablation.skipped),
+                    "n_prompts": len(batch),
+                }
+            )
     return pd.DataFrame(rows)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,9 @@ from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
 from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 Positions = Union[str, Sequence[int], Tensor]
 
@@ -30,7 +34,9 @@ def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]
     return "other"
 
 
-def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]) -> Tensor:
+def _position_weights(
+    weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]
+) -> Tensor:
     """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest."""
     if isinstance(positions, str):
         if positions == "all":
@@ -39,7 +45,9 @@ def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optiona
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
             return weights[torch.arange(weights.shape[0]), answer_pos.to(weights.device)]
-        raise ValueError(f"positions must be 'answer', 'all' or a list of positions, got {positions!r}")
+        raise ValueError(
+            f"positions must be 'answer', 'all' or a list of positions, got {positions!r}"
+        )
     index = position_index(positions, weights.shape[1], weights.device)
     if index.numel() == 0:
         raise ValueError("positions is empty: give at least one position to average over")
@@ -47,10 +55,10 @@ def _position_weights(weights: Tensor, positions: Positions, answer_pos: Optiona
 
 
 def routing_mass(
-    model,
+    model: HookedAttnRes,
     prompts: Union[TaskBatch, Int[Tensor, "batch pos"]],
     positions: Positions = "answer",
-    answer_pos: Optional[Int[Tensor, "batch"]] = None,
+    answer_pos: Optional[Int[Tensor, " batch"]] = None,
     bands: Optional[dict] = None,
     chunk: int = 256,
 ) -> pd.DataFrame:
@@ -79,37 +87,48 @@ def routing_mass(
     band_map = depth_bands(model.cfg.n_layers, bands)
     names = [site.hook("weights") for site in sites]
     family_index = [layout.families(site) for site in sites]
-    per_router = []  # [router] -> [batch, family]
     with torch.no_grad():
         chunks = []
         for start in range(0, tokens.shape[0], chunk):
-            part = tokens[start:start + chunk]
-            part_pos = None if answer_pos is None else answer_pos[start:start + chunk]
+            part = tokens[start : start + chunk]
+            part_pos = None if answer_pos is None else answer_pos[start : start + chunk]
             _, cache = model.run_with_cache(part, names_filter=names)
             rows = []
-            for name, families in zip(names, family_index):
+            for name, families in zip(names, family_index, strict=True):
                 w = _position_weights(cache[name], positions, part_pos)  # [b, n]
-                rows.append(torch.stack([w[:, idx].sum(-1) if idx else w.new_zeros(w.shape[0])
-                                         for idx in (families[f] for f in FAMILIES)], dim=-1))
+                rows.append(
+                    torch.stack(
+                        [
+                            w[:, idx].sum(-1) if idx else w.new_zeros(w.shape[0])
+                            for idx in (families[f] for f in FAMILIES)
+                        ],
+                        dim=-1,
+                    )
+                )
             chunks.append(torch.stack(rows, dim=0))  # [router, b, family]
         per_router = torch.cat(chunks, dim=1).cpu().double().numpy()
     n_routers, n_prompts, n_families = per_router.shape
     router_names = np.array([site.kind for site in sites])
     layers = np.array([site.table_layer for site in sites])
     router_bands = np.array([band_of(site, band_map) for site in sites])
-    return pd.DataFrame({
-        "prompt": np.tile(np.repeat(np.arange(n_prompts), n_families), n_routers),
-        "router": np.repeat(router_names, n_prompts * n_families),
-        "layer": np.repeat(layers, n_prompts * n_families),
-        "band": np.repeat(router_bands, n_prompts * n_families),
-        "family": np.tile(np.array(FAMILIES), n_routers * n_prompts),
-        "mass": per_router.reshape(-1),
-    })
+    return pd.DataFrame(
+        {
+            "prompt": np.tile(np.repeat(np.arange(n_prompts), n_families), n_routers),
+            "router": np.repeat(router_names, n_prompts * n_families),
+            "layer": np.repeat(layers, n_prompts * n_families),
+            "band": np.repeat(router_bands, n_prompts * n_families),
+            "family": np.tile(np.array(FAMILIES), n_routers * n_prompts),
+            "mass": per_router.reshape(-1),
+        }
+    )
 
 
 def summarize_mass(
-    mass: pd.DataFrame, by: Sequence[str] = ("router", "family"), n_bootstrap: int = 1000,
-    confidence: float = 0.95, seed: int = 0,
+    mass: pd.DataFrame,
+    by: Sequence[str] = ("router", "family"),
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Mean family mass per group with bootstrap intervals over prompts.
 

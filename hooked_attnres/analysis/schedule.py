@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,9 @@ class RecencySchedule:
         return torch.tensor(rows.sort_values("source_index").weight.to_numpy(), dtype=torch.float64)
 
 
-def recency_schedule(n_layers: int, num_blocks: int, bias: float = 3.0,
-                     mode: str = "block") -> RecencySchedule:
+def recency_schedule(
+    n_layers: int, num_blocks: int, bias: float = 3.0, mode: str = "block"
+) -> RecencySchedule:
     """Routing weights predicted for a recency-wrapped model (cumulative layout, zero queries).
 
     Args:
@@ -63,7 +68,9 @@ def recency_schedule(n_layers: int, num_blocks: int, bias: float = 3.0,
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
     if not isinstance(num_blocks, int) or not 1 <= num_blocks <= n_layers:
-        raise ValueError(f"num_blocks must be an integer in [1, n_layers={n_layers}], got {num_blocks!r}")
+        raise ValueError(
+            f"num_blocks must be an integer in [1, n_layers={n_layers}], got {num_blocks!r}"
+        )
     if not math.isfinite(bias):
         raise ValueError(f"bias must be finite, got {bias!r}")
     layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
@@ -75,20 +82,38 @@ def recency_schedule(n_layers: int, num_blocks: int, bias: float = 3.0,
         weights = [1 / denominator] * n_other + [math.exp(bias) / denominator]
         families = layout.families(site)
         family_of = {i: f for f, idx in families.items() for i in idx}
-        for index, (label, weight) in enumerate(zip(labels, weights)):
-            source_rows.append(dict(layer=site.layer, router=site.kind, source_index=index,
-                                    label=label, family=family_of[index], weight=weight))
+        for index, (label, weight) in enumerate(zip(labels, weights, strict=True)):
+            source_rows.append(
+                dict(
+                    layer=site.layer,
+                    router=site.kind,
+                    source_index=index,
+                    label=label,
+                    family=family_of[index],
+                    weight=weight,
+                )
+            )
         for family, indices in families.items():
-            family_rows.append(dict(layer=site.layer, router=site.kind, family=family,
-                                    weight=sum(weights[i] for i in indices)))
+            family_rows.append(
+                dict(
+                    layer=site.layer,
+                    router=site.kind,
+                    family=family,
+                    weight=sum(weights[i] for i in indices),
+                )
+            )
     sources, families = pd.DataFrame(source_rows), pd.DataFrame(family_rows)
-    by_router = families.pivot_table(index="router", columns="family", values="weight", aggfunc="mean")
+    by_router = families.pivot_table(
+        index="router", columns="family", values="weight", aggfunc="mean"
+    )
     overall = families.groupby("family").weight.mean().rename("all")
     means = pd.concat([by_router, overall.to_frame().T])[list(FAMILIES)]
     return RecencySchedule(n_layers, num_blocks, float(bias), sources, families, means)
 
 
-def schedule_deviation(model, cache, schedule: RecencySchedule | None = None) -> float:
+def schedule_deviation(
+    model: HookedAttnRes, cache, schedule: RecencySchedule | None = None
+) -> float:
     """Largest ``|measured - predicted|`` routing weight over every router, token and source.
 
     Args:
@@ -106,15 +131,19 @@ def schedule_deviation(model, cache, schedule: RecencySchedule | None = None) ->
     if schedule is None:
         if cfg.attnres_recency_bias is None:
             raise ValueError("this model has no recency bias; pass a schedule explicitly")
-        schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks,
-                                    cfg.attnres_recency_bias, cfg.attnres_mode)
+        schedule = recency_schedule(
+            cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias, cfg.attnres_mode
+        )
     worst = 0.0
     for site in model.sites():
         name = site.hook("weights")
         if name not in cache:
-            raise KeyError(f"the cache has no {name}; run run_with_cache without a names_filter "
-                           "that excludes routing weights")
+            raise KeyError(
+                f"the cache has no {name}; run run_with_cache without a names_filter "
+                "that excludes routing weights"
+            )
         measured = cache[name].double()
+        assert site.layer is not None  # the cumulative layout has no final router
         predicted = schedule.weights(site.layer, site.kind).to(measured.device)
         if measured.shape[-1] != predicted.shape[0]:
             raise ValueError(
@@ -143,11 +172,18 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
     predicted = schedule.families.set_index(["router", "layer", "family"]).weight
     missing = table.index.difference(predicted.index)
     if len(missing):
-        raise ValueError(f"the schedule has no prediction for {list(missing)[:3]}; it is for a "
-                         "different shape than the measured model")
+        raise ValueError(
+            f"the schedule has no prediction for {list(missing)[:3]}; it is for a "
+            "different shape than the measured model"
+        )
     table["predicted"] = predicted.reindex(table.index)
-    deviation = (measured.mass - predicted.reindex(
-        pd.MultiIndex.from_frame(measured[["router", "layer", "family"]])).to_numpy()).abs()
+    deviation = (
+        measured.mass
+        - predicted.reindex(
+            pd.MultiIndex.from_frame(measured[["router", "layer", "family"]])
+        ).to_numpy()
+    ).abs()
     table["max_abs_deviation"] = deviation.groupby(
-        [measured.router, measured.layer, measured.family]).max()
+        [measured.router, measured.layer, measured.family]
+    ).max()
     return table.reset_index()

@@ -16,8 +16,12 @@ def study_checkpoint(condition: str, seed: int = 0) -> Path:
     """Deprecated: ``hooked_attnres.study.checkpoint_dir(condition, seed)``."""
     from hooked_attnres.study.checkpoints import checkpoint_dir
 
-    warnings.warn("hooked_attnres.data.study_checkpoint is deprecated; use "
-                  "hooked_attnres.study.checkpoint_dir", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "hooked_attnres.data.study_checkpoint is deprecated; use "
+        "hooked_attnres.study.checkpoint_dir",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return checkpoint_dir(condition, seed)
 
 
@@ -25,6 +29,9 @@ def study_metrics(condition: str, seed: int = 0) -> Path:
     """Deprecated: ``hooked_attnres.study.metrics_path(condition, seed)``."""
     from hooked_attnres.study.checkpoints import metrics_path
 
-    warnings.warn("hooked_attnres.data.study_metrics is deprecated; use "
-                  "hooked_attnres.study.metrics_path", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "hooked_attnres.data.study_metrics is deprecated; use hooked_attnres.study.metrics_path",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return metrics_path(condition, seed)

@@ -29,7 +29,24 @@ from hooked_attnres.interventions.selection import (
     source_indices,
 )
 
-__all__ = ["BAND_NAMES", "Ablation", "batched_mask_hooks", "check_routers", "commit_hook_name",
-           "depth_bands", "mask_hook", "mask_logits", "mask_sources", "patch_committed",
-           "patch_sources", "position_index", "resolve_layers", "resolve_routers", "resolve_sources",
-           "resolve_value", "select_sites", "set_weights", "source_indices"]
+__all__ = [
+    "BAND_NAMES",
+    "Ablation",
+    "batched_mask_hooks",
+    "check_routers",
+    "commit_hook_name",
+    "depth_bands",
+    "mask_hook",
+    "mask_logits",
+    "mask_sources",
+    "patch_committed",
+    "patch_sources",
+    "position_index",
+    "resolve_layers",
+    "resolve_routers",
+    "resolve_sources",
+    "resolve_value",
+    "select_sites",
+    "set_weights",
+    "source_indices",
+]

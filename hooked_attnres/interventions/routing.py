@@ -14,8 +14,9 @@ ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -31,7 +32,11 @@ from hooked_attnres.interventions.selection import (
 )
 from hooked_attnres.model.depth import RouterSite
 
-Hooks = list[tuple[str, Callable]]
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
+# TransformerLens's hook-list type: (hook name or name predicate, hook function)
+Hooks = list[tuple[Union[str, Callable[[str], bool]], Callable]]
 Value = Union[str, Tensor, Mapping]
 
 
@@ -59,8 +64,11 @@ def _is_cache(value) -> bool:
     return hasattr(value, "keys") and not isinstance(value, (Tensor, str))
 
 
-def resolve_value(value: Value, current: Float[Tensor, "batch pos d_model"],
-                  from_cache: Callable[[Mapping], Tensor]) -> Float[Tensor, "batch pos d_model"]:
+def resolve_value(
+    value: Value,
+    current: Float[Tensor, "batch pos d_model"],
+    from_cache: Callable[[Mapping], Tensor],
+) -> Float[Tensor, "batch pos d_model"]:
     """What replaces ``current``: ``"zero"``; ``"mean"`` (over the batch, per position);
     a cache of another run (``from_cache(cache)`` picks the matching tensor); or a tensor
     broadcastable to ``current``. The one value resolver of every patching intervention."""
@@ -70,12 +78,16 @@ def resolve_value(value: Value, current: Float[Tensor, "batch pos d_model"],
         if value == "mean":
             return current.mean(dim=0, keepdim=True).expand_as(current)
         raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
-    new = from_cache(value) if _is_cache(value) else torch.as_tensor(value)
+    if _is_cache(value):
+        new = from_cache(value)  # type: ignore[arg-type]
+    else:
+        new = torch.as_tensor(value)
     return new.to(current.device, current.dtype).expand_as(current)
 
 
-def mask_logits(logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor, "... n_sources"],
-                what: str) -> Float[Tensor, "batch pos n_sources"]:
+def mask_logits(
+    logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor, "... n_sources"], what: str
+) -> Float[Tensor, "batch pos n_sources"]:
     """``logits`` with ``-inf`` where ``where`` (broadcast) is true: mask-and-renormalise.
 
     Raises ``ValueError("{what} masks every source at some position ...")`` if a position
@@ -84,13 +96,18 @@ def mask_logits(logits: Float[Tensor, "batch pos n_sources"], where: Bool[Tensor
     """
     masked = logits.masked_fill(where, float("-inf"))
     if torch.isneginf(masked).all(dim=-1).any():
-        raise ValueError(f"{what} masks every source at some position; the renormalised weights "
-                         "would be NaN")
+        raise ValueError(
+            f"{what} masks every source at some position; the renormalised weights would be NaN"
+        )
     return masked
 
 
-def mask_hook(site: RouterSite, where: Bool[Tensor, "... n_sources"], positions=None,
-              what: str = "this ablation") -> tuple[str, Callable]:
+def mask_hook(
+    site: RouterSite,
+    where: Bool[Tensor, "... n_sources"],
+    positions=None,
+    what: str = "this ablation",
+) -> tuple[str, Callable]:
     """The ``hook_logits`` hook that masks ``where`` at one router.
 
     Args:
@@ -98,6 +115,7 @@ def mask_hook(site: RouterSite, where: Bool[Tensor, "... n_sources"], positions=
             per row of the batch, as the batched ablation sweep uses).
         positions: only mask at these positions (default: all).
     """
+
     def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
         mask = where.to(logits.device)
         pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
@@ -105,7 +123,9 @@ def mask_hook(site: RouterSite, where: Bool[Tensor, "... n_sources"], positions=
             mask = mask & pos_mask[:, None]
         # another hook on the same router (e.g. a second mask_sources list) may have
         # masked the rest already
-        return mask_logits(logits, mask, f"{hook.name}: together with earlier hooks on this router, {what}")
+        return mask_logits(
+            logits, mask, f"{hook.name}: together with earlier hooks on this router, {what}"
+        )
 
     return site.hook("logits"), hook
 
@@ -133,8 +153,16 @@ class Ablation:
     what: str = "this ablation"
 
     @classmethod
-    def compile(cls, model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
-                bands: Optional[dict] = None, positions=None, on_full: str = "raise") -> "Ablation":
+    def compile(
+        cls,
+        model: HookedAttnRes,
+        sources: SourceSpec,
+        routers: RouterSpec = None,
+        layers: LayerSpec = None,
+        bands: Optional[dict] = None,
+        positions=None,
+        on_full: str = "raise",
+    ) -> Ablation:
         """Resolve a selection to per-router masks.
 
         Args:
@@ -180,7 +208,10 @@ class Ablation:
 
     def hooks(self) -> Hooks:
         """One ``hook_logits`` hook per masked router."""
-        return [mask_hook(site, torch.tensor(mask), self.positions, self.what) for site, mask in self.masks]
+        return [
+            mask_hook(site, torch.tensor(mask), self.positions, self.what)
+            for site, mask in self.masks
+        ]
 
 
 def batched_mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device=None) -> Hooks:
@@ -193,15 +224,26 @@ def batched_mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device
             raise ValueError("batched_mask_hooks takes ablations over all positions")
         for site, mask in ablation.masks:
             if site not in per_site:
-                per_site[site] = torch.zeros(len(ablations) * rows_per_copy, len(mask), dtype=torch.bool,
-                                             device=device)
-            per_site[site][copy * rows_per_copy:(copy + 1) * rows_per_copy] = torch.tensor(mask, device=device)
-    return [mask_hook(site, rows[:, None, :], what="this ablation (with the hooks already attached)")
-            for site, rows in per_site.items()]
+                per_site[site] = torch.zeros(
+                    len(ablations) * rows_per_copy, len(mask), dtype=torch.bool, device=device
+                )
+            per_site[site][copy * rows_per_copy : (copy + 1) * rows_per_copy] = torch.tensor(
+                mask, device=device
+            )
+    return [
+        mask_hook(site, rows[:, None, :], what="this ablation (with the hooks already attached)")
+        for site, rows in per_site.items()
+    ]
 
 
-def mask_sources(model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
-                 bands: Optional[dict] = None, positions=None) -> Hooks:
+def mask_sources(
+    model: HookedAttnRes,
+    sources: SourceSpec,
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+    positions=None,
+) -> Hooks:
     """Mask-and-renormalise ablation: the selected sources get weight 0 and the others
     are renormalised to sum to 1 (their logits are set to ``-inf`` before the softmax,
     so ``hook_weights`` shows the renormalised weights). ``Ablation.compile(...).hooks()``.
@@ -219,12 +261,14 @@ def mask_sources(model, sources: SourceSpec, routers: RouterSpec = None, layers:
     return Ablation.compile(model, sources, routers, layers, bands, positions).hooks()
 
 
-def _weights_for(weights, model, site: RouterSite) -> Union[str, Tensor]:
+def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, Tensor]:
     layout = model.routing_layout
     n_sources = layout.n_sources(site)
     if isinstance(weights, str):
         if weights != "uniform":
-            raise ValueError(f"weights must be 'uniform', a tensor, a dict or a cache; got {weights!r}")
+            raise ValueError(
+                f"weights must be 'uniform', a tensor, a dict or a cache; got {weights!r}"
+            )
         return weights
     if isinstance(weights, dict) and (site.layer, site.kind) in weights:
         weights = weights[(site.layer, site.kind)]
@@ -246,8 +290,14 @@ def _weights_for(weights, model, site: RouterSite) -> Union[str, Tensor]:
     return weights
 
 
-def set_weights(model, weights, routers: RouterSpec = None, layers: LayerSpec = None,
-                bands: Optional[dict] = None, positions=None) -> Hooks:
+def set_weights(
+    model: HookedAttnRes,
+    weights,
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+    positions=None,
+) -> Hooks:
     """Replace routing weights.
 
     Args:
@@ -264,16 +314,26 @@ def set_weights(model, weights, routers: RouterSpec = None, layers: LayerSpec = 
         value = _weights_for(weights, model, site)
 
         def hook(current: Float[Tensor, "batch pos n_sources"], hook, value=value):
-            new = (torch.full_like(current, 1.0 / current.shape[-1]) if isinstance(value, str)
-                   else value.to(current.device, current.dtype).expand_as(current))
+            new = (
+                torch.full_like(current, 1.0 / current.shape[-1])
+                if isinstance(value, str)
+                else value.to(current.device, current.dtype).expand_as(current)
+            )
             return _at_positions(new, current, positions)
 
         hooks.append((site.hook("weights"), hook))
     return hooks
 
 
-def patch_sources(model, sources: SourceSpec, value: Value = "zero", routers: RouterSpec = None,
-                  layers: LayerSpec = None, bands: Optional[dict] = None, positions=None) -> Hooks:
+def patch_sources(
+    model: HookedAttnRes,
+    sources: SourceSpec,
+    value: Value = "zero",
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+    positions=None,
+) -> Hooks:
     """Replace depth sources as *one router* sees them (local patching).
 
     Edits ``hook_sources`` of each selected router, so only that router's mix changes;
@@ -290,11 +350,17 @@ def patch_sources(model, sources: SourceSpec, value: Value = "zero", routers: Ro
     for site, indices in iter_selected(model, sources, routers, layers, bands):
         name = site.hook("sources")
 
-        def hook(stacked: Float[Tensor, "batch pos n_sources d_model"], hook, indices=indices, name=name):
+        def hook(
+            stacked: Float[Tensor, "batch pos n_sources d_model"], hook, indices=indices, name=name
+        ):
             out = stacked.clone()
             for index in indices:
                 current = stacked[..., index, :]
-                new = resolve_value(value, current, lambda cache: cache[name][..., index, :])
+
+                def cached(cache: Mapping, index: int = index) -> Tensor:
+                    return cache[name][..., index, :]
+
+                new = resolve_value(value, current, cached)
                 out[..., index, :] = _at_positions(new, current, positions)
             return out
 
@@ -302,12 +368,14 @@ def patch_sources(model, sources: SourceSpec, value: Value = "zero", routers: Ro
     return hooks
 
 
-def commit_hook_name(model, label: str) -> str:
+def commit_hook_name(model: HookedAttnRes, label: str) -> str:
     """The hook through which every reader sees source ``label`` (``"embedding"`` or a
     committed block such as ``"block_2"``, ``"attn_3"``, ``"mlp_3"``)."""
     if not isinstance(label, str):
-        raise ValueError(f"global patching takes source labels such as 'embedding' or 'block_1', "
-                         f"not {label!r}; indices and families name different blocks at different routers")
+        raise ValueError(
+            f"global patching takes source labels such as 'embedding' or 'block_1', "
+            f"not {label!r}; indices and families name different blocks at different routers"
+        )
     if label == "embedding":
         return "hook_embed"
     layout = model.routing_layout
@@ -322,7 +390,9 @@ def commit_hook_name(model, label: str) -> str:
     )
 
 
-def patch_committed(model, labels: Union[str, list[str]], value: Value = "zero", positions=None) -> Hooks:
+def patch_committed(
+    model: HookedAttnRes, labels: Union[str, list[str]], value: Value = "zero", positions=None
+) -> Hooks:
     """Replace committed sources for *every* later reader (global patching).
 
     ``"embedding"`` patches ``hook_embed`` (the token embedding wherever it is used, so

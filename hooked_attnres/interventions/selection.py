@@ -10,12 +10,16 @@ a family or label that a router does not have selects nothing there.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor
 
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 LayerSpec = Union[None, int, str, range, tuple, Sequence]
 SourceSpec = Union[str, int, Sequence[Union[str, int]]]
@@ -53,13 +57,19 @@ def _layer_list(spec, n_layers: int) -> list[int]:
         items = list(spec)
     out = []
     for layer in items:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -n_layers <= layer < n_layers:
+        if (
+            not isinstance(layer, int)
+            or isinstance(layer, bool)
+            or not -n_layers <= layer < n_layers
+        ):
             raise ValueError(f"layer {layer!r} is not in [-{n_layers}, {n_layers})")
         out.append(layer % n_layers)
     return out
 
 
-def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None) -> list[int]:
+def resolve_layers(
+    model: HookedAttnRes, layers: LayerSpec = None, bands: Optional[dict] = None
+) -> list[int]:
     """Layer indices from an index, list, range, ``(start, stop)``, or band name(s)."""
     n_layers = model.cfg.n_layers
     if layers is None:
@@ -69,8 +79,10 @@ def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None
         layers = [layers]
     if isinstance(layers, (list, tuple)) and any(isinstance(v, str) for v in layers):
         if not all(isinstance(v, str) for v in layers):
-            raise ValueError(f"layers mixes band names and layer indices ({layers!r}); give "
-                             "band names or indices, or custom bands={{name: layers}}")
+            raise ValueError(
+                f"layers mixes band names and layer indices ({layers!r}); give "
+                "band names or indices, or custom bands={{name: layers}}"
+            )
         out = []
         for name in layers:
             if name not in named:
@@ -80,14 +92,19 @@ def resolve_layers(model, layers: LayerSpec = None, bands: Optional[dict] = None
     return sorted(set(_layer_list(layers, n_layers)))
 
 
-def check_routers(model, routers: Union[None, str, Sequence[str]] = None) -> tuple[str, ...]:
+def check_routers(
+    model: HookedAttnRes, routers: Union[None, str, Sequence[str]] = None
+) -> tuple[str, ...]:
     """Router types as a checked tuple: ``None`` is the two sublayer routers, a string is
     one router; raises ``ValueError`` for a model without routers, an unknown router type,
     or ``"final_res"`` on a layout without a final router."""
     layout = model.routing_layout
     layout.require_routers()
-    kinds = SUBLAYER_ROUTERS if routers is None else (
-        (routers,) if isinstance(routers, str) else tuple(routers))
+    kinds = (
+        SUBLAYER_ROUTERS
+        if routers is None
+        else ((routers,) if isinstance(routers, str) else tuple(routers))
+    )
     layout.sites(kinds)  # unknown kinds
     if "final_res" in kinds:
         layout.site(None, "final_res")  # a layout without a final router
@@ -97,8 +114,12 @@ def check_routers(model, routers: Union[None, str, Sequence[str]] = None) -> tup
 RouterSpec = Union[None, str, RouterSite, Sequence[Union[str, RouterSite]]]
 
 
-def select_sites(model, routers: RouterSpec = None, layers: LayerSpec = None,
-                 bands: Optional[dict] = None) -> list[RouterSite]:
+def select_sites(
+    model: HookedAttnRes,
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+) -> list[RouterSite]:
     """The `RouterSite` s an intervention or analysis touches, in forward order.
 
     Args:
@@ -109,11 +130,12 @@ def select_sites(model, routers: RouterSpec = None, layers: LayerSpec = None,
     """
     layout = model.routing_layout
     if isinstance(routers, RouterSite) or (
-            isinstance(routers, (list, tuple)) and any(isinstance(r, RouterSite) for r in routers)):
+        isinstance(routers, (list, tuple)) and any(isinstance(r, RouterSite) for r in routers)
+    ):
         given = [routers] if isinstance(routers, RouterSite) else list(routers)
         explicit = [layout.check(r) for r in given if isinstance(r, RouterSite)]
-        kinds = [r for r in given if not isinstance(r, RouterSite)]
-        typed = select_sites(model, kinds, layers, bands) if kinds else []
+        named = [r for r in given if not isinstance(r, RouterSite)]
+        typed = select_sites(model, named, layers, bands) if named else []
         chosen = set(explicit) | set(typed)
         return [site for site in layout.sites() if site in chosen]
     kinds = check_routers(model, routers)  # type: ignore[arg-type]
@@ -121,8 +143,12 @@ def select_sites(model, routers: RouterSpec = None, layers: LayerSpec = None,
     return [site for site in layout.sites(kinds) if site.is_final or site.layer in chosen_layers]
 
 
-def resolve_routers(model, routers: RouterSpec = None, layers: LayerSpec = None,
-                    bands: Optional[dict] = None) -> list[tuple[Optional[int], str]]:
+def resolve_routers(
+    model: HookedAttnRes,
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+) -> list[tuple[Optional[int], str]]:
     """``(layer, router)`` pairs of `select_sites` (kept for compatibility)."""
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
@@ -135,8 +161,10 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
     if index.numel() == 0:
         return index.long()  # torch reads [] as float
     if index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
-        raise ValueError(f"positions {positions!r} must be integers in [-{n_pos}, {n_pos}) "
-                         f"(this run has {n_pos} tokens)")
+        raise ValueError(
+            f"positions {positions!r} must be integers in [-{n_pos}, {n_pos}) "
+            f"(this run has {n_pos} tokens)"
+        )
     return index
 
 
@@ -146,7 +174,7 @@ def _as_list(sources: SourceSpec) -> list:
     return list(sources)
 
 
-def source_indices(model, site: RouterSite, sources: SourceSpec) -> list[int]:
+def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) -> list[int]:
     """Source indices of one router selected by families, labels and/or indices.
 
     Raises ``ValueError`` for a name that is neither a family nor a label of *any*
@@ -179,19 +207,26 @@ def source_indices(model, site: RouterSite, sources: SourceSpec) -> list[int]:
     return sorted(set(out))
 
 
-def resolve_sources(model, layer: Optional[int], router: str, sources: SourceSpec) -> list[int]:
+def resolve_sources(
+    model: HookedAttnRes, layer: Optional[int], router: str, sources: SourceSpec
+) -> list[int]:
     """`source_indices` of ``(layer, router)`` (kept for compatibility)."""
     return source_indices(model, model.site(layer, router), sources)
 
 
-def all_labels(model) -> set[str]:
+def all_labels(model: HookedAttnRes) -> set[str]:
     """Every source label of every router of the model."""
     layout = model.routing_layout
     return {label for site in layout.sites() for label in layout.labels(site)}
 
 
-def iter_selected(model, sources: SourceSpec, routers: RouterSpec = None, layers: LayerSpec = None,
-                  bands: Optional[dict] = None) -> Iterable[tuple[RouterSite, list[int]]]:
+def iter_selected(
+    model: HookedAttnRes,
+    sources: SourceSpec,
+    routers: RouterSpec = None,
+    layers: LayerSpec = None,
+    bands: Optional[dict] = None,
+) -> Iterable[tuple[RouterSite, list[int]]]:
     """``(site, source_indices)`` for every selected router with a non-empty selection."""
     for site in select_sites(model, routers, layers, bands):
         indices = source_indices(model, site, sources)

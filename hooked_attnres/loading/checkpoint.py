@@ -16,7 +16,7 @@ class in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
@@ -41,8 +41,13 @@ from hooked_attnres.loading.own_format import (  # noqa: F401
 from hooked_attnres.loading.qwen3_attnres import MODEL_TYPE as QWEN3_ATTNRES
 from hooked_attnres.loading.qwen3_attnres import load_qwen3_attnres, save_qwen3_attnres
 
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
-def save_checkpoint(model, directory: Union[str, Path], format: str = FORMAT) -> Path:
+
+def save_checkpoint(
+    model: HookedAttnRes, directory: Union[str, Path], format: str = FORMAT
+) -> Path:
     """Write ``model`` to ``directory`` atomically.
 
     Args:

@@ -16,8 +16,9 @@ multiplies them without copies.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import einops
 from torch import Tensor
@@ -90,9 +91,13 @@ LAYER_RULES = (
     KeyRule("blocks.{i}.attn.W_O", "model.layers.{i}.self_attn.o_proj.weight", _o_in, _o_out),
     KeyRule("blocks.{i}.attn.q_norm.w", "model.layers.{i}.self_attn.q_norm.weight"),
     KeyRule("blocks.{i}.attn.k_norm.w", "model.layers.{i}.self_attn.k_norm.weight"),
-    KeyRule("blocks.{i}.mlp.W_gate", "model.layers.{i}.mlp.gate_proj.weight", _transpose, _transpose),
+    KeyRule(
+        "blocks.{i}.mlp.W_gate", "model.layers.{i}.mlp.gate_proj.weight", _transpose, _transpose
+    ),
     KeyRule("blocks.{i}.mlp.W_in", "model.layers.{i}.mlp.up_proj.weight", _transpose, _transpose),
-    KeyRule("blocks.{i}.mlp.W_out", "model.layers.{i}.mlp.down_proj.weight", _transpose, _transpose),
+    KeyRule(
+        "blocks.{i}.mlp.W_out", "model.layers.{i}.mlp.down_proj.weight", _transpose, _transpose
+    ),
 )
 
 # The routers of the public qwen3_attnres format (cumulative layout).
@@ -100,7 +105,12 @@ ROUTER_RULES = tuple(
     rule
     for router, prefix in (("attn_res", "attn_res"), ("mlp_res", "mlp_res"))
     for rule in (
-        KeyRule(f"blocks.{{i}}.{router}.query", f"model.layers.{{i}}.{prefix}_proj.weight", _query_in, _query_out),
+        KeyRule(
+            f"blocks.{{i}}.{router}.query",
+            f"model.layers.{{i}}.{prefix}_proj.weight",
+            _query_in,
+            _query_out,
+        ),
         KeyRule(f"blocks.{{i}}.{router}.key_norm.w", f"model.layers.{{i}}.{prefix}_norm.weight"),
         KeyRule(f"blocks.{{i}}.{router}.recency_bias", f"model.layers.{{i}}.{prefix}_bias"),
     )
@@ -161,7 +171,9 @@ class KeyMap:
         rule, layer = hit
         return rule.hf.replace("{i}", layer or ""), rule.to_hf(tensor, self.cfg)
 
-    def hf_shapes(self, our_shapes: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    def hf_shapes(
+        self, our_shapes: dict[str, tuple[int, ...]]
+    ) -> Iterator[tuple[str, tuple[int, ...]]]:
         """The Hugging Face name and shape expected for each of our parameters."""
         import torch
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
+from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
@@ -34,7 +35,9 @@ from hooked_attnres.loading.io import (
     read_safetensors,
     read_safetensors_shapes,
 )
-from hooked_attnres.loading.hf_keys import KeyMap
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 WRAPS = ("recency", "exact", "none")
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
@@ -47,7 +50,8 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def rope_theta(config: Any) -> float:
-    """The rotary base of a HF config (``rope_parameters`` in transformers 5, else ``rope_theta``)."""
+    """The rotary base of a HF config (``rope_parameters`` in transformers 5, else
+    ``rope_theta``)."""
     params = _get(config, "rope_parameters") or _get(config, "rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
     if rope_type != "default":
@@ -106,17 +110,25 @@ def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
 def wrap_overrides(wrap: str, num_blocks: int, recency_bias: float) -> dict[str, Any]:
     """The AttnRes config fields of each wrap."""
     if wrap == "recency":
-        return dict(attnres_layout="cumulative", attnres_num_blocks=num_blocks,
-                    attnres_recency_bias=float(recency_bias), attnres_query_init="zero")
+        return dict(
+            attnres_layout="cumulative",
+            attnres_num_blocks=num_blocks,
+            attnres_recency_bias=float(recency_bias),
+            attnres_query_init="zero",
+        )
     if wrap == "exact":
-        return dict(attnres_layout="kimi", attnres_num_blocks=num_blocks,
-                    attnres_recency_bias=None, attnres_query_init="zero")
+        return dict(
+            attnres_layout="kimi",
+            attnres_num_blocks=num_blocks,
+            attnres_recency_bias=None,
+            attnres_query_init="zero",
+        )
     if wrap == "none":
         return dict(attnres_layout="none")
     raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
 
 
-def _router_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _router_state(model: HookedAttnRes, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Zero queries, unit key-norm gains and the configured bias for every router."""
     cfg = model.cfg
     state = {}
@@ -167,7 +179,7 @@ def _file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 
 def load_hf_weights(
-    model, files: dict[str, Path], keymap: KeyMap, dtype: torch.dtype, where: str
+    model: HookedAttnRes, files: dict[str, Path], keymap: KeyMap, dtype: torch.dtype, where: str
 ) -> dict[str, torch.Tensor]:
     """Read and convert every HF tensor our (empty) model needs, file by file.
 
@@ -235,8 +247,9 @@ def from_hf_qwen3(
         )
     check_qwen3_config(hf_config, where)
     n_layers = _get(hf_config, "num_hidden_layers")
-    cfg = config_from_hf(hf_config, dtype=dtype,
-                         **wrap_overrides(wrap, min(num_blocks, n_layers), recency_bias))
+    cfg = config_from_hf(
+        hf_config, dtype=dtype, **wrap_overrides(wrap, min(num_blocks, n_layers), recency_bias)
+    )
     if directory is not None and tokenizer is None:
         tokenizer = load_tokenizer(directory)
     model = empty_model(cfg, tokenizer=tokenizer, model_class=model_class)
@@ -245,8 +258,10 @@ def from_hf_qwen3(
         state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where)
     else:
         state = {}
-        for key, tensor in source.state_dict().items():
-            if key.endswith(_IGNORED_HF_KEYS) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+        for key, tensor in source.state_dict().items():  # type: ignore[union-attr]
+            if key.endswith(_IGNORED_HF_KEYS) or (
+                cfg.tie_word_embeddings and key == "lm_head.weight"
+            ):
                 continue
             name, converted = keymap.to_ours(key, tensor.detach().to(dtype))
             # a private contiguous copy: the model must not alias the caller's module

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from hooked_attnres._atomic import backups_of, recover
 from hooked_attnres.config import HookedAttnResConfig
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 CONFIG_NAME = "config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -28,7 +31,9 @@ def describe_mismatch(
 ) -> Optional[str]:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    misshaped = sorted(
+        k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k])
+    )
     if not (missing or unexpected or misshaped):
         return None
 
@@ -44,7 +49,9 @@ def describe_mismatch(
     if misshaped:
         parts.append(
             f"mis-shaped keys ({len(misshaped)}): "
-            + show(misshaped, lambda k: f"{k} expected {tuple(expected[k])} found {tuple(found[k])}")
+            + show(
+                misshaped, lambda k: f"{k} expected {tuple(expected[k])} found {tuple(found[k])}"
+            )
         )
     return "; ".join(parts)
 
@@ -136,10 +143,10 @@ def empty_model(cfg: HookedAttnResConfig, tokenizer=None, model_class: Optional[
         return model_class(cfg.replace(device="meta"), tokenizer=tokenizer)
 
 
-def assign_state_dict(model, state: dict[str, torch.Tensor], device: Union[str, torch.device]):
+def assign_state_dict(
+    model: HookedAttnRes, state: dict[str, torch.Tensor], device: Union[str, torch.device]
+):
     """Make ``state``'s tensors the model's parameters (no copies) and finish set-up."""
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)
     return model
-
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -31,40 +31,56 @@ from hooked_attnres.loading.io import (
     read_safetensors_shapes,
 )
 
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
 FORMAT = "hooked_attnres"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 
 
-def write_checkpoint_files(model, directory: Path) -> None:
+def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
     """Write this package's checkpoint files into an existing directory (not atomic)."""
-    config = {"model_type": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__}
+    config = {
+        "model_type": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+    }
     config.update(model.cfg.to_dict())
     config.pop("device")
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
+    }
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(directory))
 
 
-def load_own_format(directory: Path, values: dict[str, Any], model_class: Optional[type] = None,
-                    device: Union[str, torch.device, None] = None,
-                    dtype: Union[str, torch.dtype, None] = None):
+def load_own_format(
+    directory: Path,
+    values: dict[str, Any],
+    model_class: Optional[type] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+):
     """Build the model of a ``hooked_attnres`` checkpoint whose parsed ``config.json`` is
     ``values``; every key and shape is checked before a tensor is read."""
     values = dict(values)
     version = values.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{directory} has format_version={version!r}; this library reads version {FORMAT_VERSION}"
+            f"{directory} has format_version={version!r}; this library reads version "
+            f"{FORMAT_VERSION}"
         )
     for key in ("model_type", "library_version"):
         values.pop(key, None)
     try:
         cfg = HookedAttnResConfig.from_dict(values)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{directory / CONFIG_NAME} is not a valid config: {error}") from error
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} is not a valid config: {error}"
+        ) from error
     if dtype is not None:
         cfg = cfg.replace(dtype=_dtype_from_any(dtype))
 

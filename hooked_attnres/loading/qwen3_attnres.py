@@ -18,20 +18,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from safetensors.torch import save_file
 
 from hooked_attnres._atomic import atomic_directory
 from hooked_attnres.config import _dtype_from_any, dtype_name
-from hooked_attnres.loading.io import (
-    CheckpointError,
-    assign_state_dict,
-    empty_model,
-    load_tokenizer,
-    read_config_json,
-)
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.hf_qwen3 import (
     check_qwen3_config,
@@ -39,6 +32,16 @@ from hooked_attnres.loading.hf_qwen3 import (
     hf_weight_files,
     load_hf_weights,
 )
+from hooked_attnres.loading.io import (
+    CheckpointError,
+    assign_state_dict,
+    empty_model,
+    load_tokenizer,
+    read_config_json,
+)
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 MODEL_TYPE = "qwen3_attnres"
 ARCHITECTURE = "Qwen3AttnResForCausalLM"
@@ -59,7 +62,9 @@ def attnres_overrides(values: dict, where: str) -> dict:
         raise CheckpointError(f"{where} has attnres_mode={mode!r}; expected 'block' or 'full'")
     num_blocks = values.get("attnres_num_blocks", 8)
     if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise CheckpointError(f"{where} has attnres_num_blocks={num_blocks!r}; expected an integer >= 1")
+        raise CheckpointError(
+            f"{where} has attnres_num_blocks={num_blocks!r}; expected an integer >= 1"
+        )
     n_layers = values["num_hidden_layers"]
     return dict(
         attnres_layout="cumulative",
@@ -90,11 +95,13 @@ def load_qwen3_attnres(
     dtype = _dtype_from_any(dtype) if dtype is not None else torch.float32
     cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
     model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
-    state = load_hf_weights(model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where)
+    state = load_hf_weights(
+        model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where
+    )
     return assign_state_dict(model, state, device or "cpu")
 
 
-def qwen3_attnres_config(model) -> dict:
+def qwen3_attnres_config(model: HookedAttnRes) -> dict:
     """The ``config.json`` of a cumulative-layout model in the public format."""
     cfg = model.cfg
     bias = cfg.attnres_recency_bias
@@ -125,7 +132,7 @@ def qwen3_attnres_config(model) -> dict:
     }
 
 
-def save_qwen3_attnres(model, directory: Union[str, Path]) -> Path:
+def save_qwen3_attnres(model: HookedAttnRes, directory: Union[str, Path]) -> Path:
     """Write a cumulative-layout model in the public format (atomically).
 
     Routers without a bias parameter are written with bias 0, which routes identically.

@@ -100,7 +100,7 @@ class Attention(nn.Module):
         return self.W_Q.new_zeros(self.n_heads, self.d_head)
 
     @property
-    def b_O(self) -> Float[Tensor, "d_model"]:
+    def b_O(self) -> Float[Tensor, " d_model"]:
         return self.W_O.new_zeros(self.W_O.shape[-1])
 
     def forward(
@@ -108,7 +108,7 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         cos: Float[Tensor, "pos d_head"],
         sin: Float[Tensor, "pos d_head"],
-        query_positions: Optional[Int[Tensor, "batch"]] = None,
+        query_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> Float[Tensor, "batch query_pos d_model"]:
         """Attend from every position (``query_pos = pos``), or, with ``query_positions``,
         only from one position per prompt (``query_pos = 1``; the keys and values still
@@ -118,7 +118,10 @@ class Attention(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             query_positions = query_positions.to(x.device)
             x_query = x[rows, query_positions].unsqueeze(1)
-            cos_query, sin_query = cos[query_positions].unsqueeze(1), sin[query_positions].unsqueeze(1)
+            cos_query, sin_query = (
+                cos[query_positions].unsqueeze(1),
+                sin[query_positions].unsqueeze(1),
+            )
         else:
             x_query, cos_query, sin_query = x, cos, sin
         q = self.hook_q(_project(x_query, self.W_Q))
@@ -132,16 +135,19 @@ class Attention(nn.Module):
             z = self._explicit_attention(q, k, v, future)
         else:
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
                 attn_mask=None if future is None else ~future,
-                is_causal=query_positions is None, enable_gqa=self.repeat_kv_heads > 1,
+                is_causal=query_positions is None,
+                enable_gqa=self.repeat_kv_heads > 1,
             ).transpose(1, 2)
         z = self.hook_z(z)
         return z.flatten(-2) @ self.W_O.flatten(0, 1)
 
     @staticmethod
     def _future_mask(
-        n_pos: int, query_positions: Optional[Int[Tensor, "batch"]], device
+        n_pos: int, query_positions: Optional[Int[Tensor, " batch"]], device
     ) -> Optional[Bool[Tensor, "batch 1 1 key_pos"]]:
         """Keys after each prompt's query position (``None`` if there are none, or if every
         position queries: then the ordinary causal mask applies)."""
@@ -164,7 +170,9 @@ class Attention(nn.Module):
         ) / math.sqrt(self.d_head)
         if future is None:
             n_query, n_key = q.shape[1], k.shape[1]
-            future = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).triu(1 + n_key - n_query)
+            future = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).triu(
+                1 + n_key - n_query
+            )
         scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=stat_dtype(q.dtype)).to(q.dtype))
         return einops.einsum(

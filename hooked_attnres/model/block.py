@@ -82,7 +82,7 @@ class AttnResBlock(nn.Module):
         state: DepthState,
         cos: Float[Tensor, "pos d_head"],
         sin: Float[Tensor, "pos d_head"],
-        query_positions: Optional[Int[Tensor, "batch"]] = None,
+        query_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """The attention half: the state entering ``mlp_res`` (the input is not mutated).
 
@@ -111,7 +111,7 @@ class AttnResBlock(nn.Module):
         state: DepthState,
         cos: Float[Tensor, "pos d_head"],
         sin: Float[Tensor, "pos d_head"],
-        query_positions: Optional[Int[Tensor, "batch"]] = None,
+        query_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """Run the layer on a depth state and return the next one (the input is not mutated)."""
         return self.mlp_sublayer(self.attn_sublayer(state, cos, sin, query_positions))

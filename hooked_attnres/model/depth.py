@@ -27,8 +27,9 @@ and counts come from exactly the schedule the forward pass runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Literal, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Generic, Literal, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -151,7 +152,7 @@ class RoutingLayout:
     _walk_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: "HookedAttnResConfig") -> "RoutingLayout":
+    def from_config(cls, cfg: HookedAttnResConfig) -> RoutingLayout:
         return cls(cfg.attnres_layout, cfg.n_layers, cfg.layers_per_block, cfg.attnres_mode)
 
     # --- the schedule -----------------------------------------------------------------
@@ -240,7 +241,11 @@ class RoutingLayout:
             if layer is not None and layer != self.n_layers:
                 raise ValueError(f"the final router has no layer; pass layer=None, got {layer!r}")
             return RouterSite(None, kind, 2 * self.n_layers)
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -self.n_layers <= layer < self.n_layers:
+        if (
+            not isinstance(layer, int)
+            or isinstance(layer, bool)
+            or not -self.n_layers <= layer < self.n_layers
+        ):
             raise ValueError(
                 f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
                 f"{kind!r}, got {layer!r}"
@@ -248,7 +253,7 @@ class RoutingLayout:
         layer %= self.n_layers
         return RouterSite(layer, kind, 2 * layer + (kind == "mlp_res"))
 
-    def check(self, site: SiteLike, kind: Optional[str] = None) -> RouterSite:
+    def check(self, site: Union[SiteLike, int, None], kind: Optional[str] = None) -> RouterSite:
         """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or
         ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router."""
         if isinstance(site, RouterSite):
@@ -256,8 +261,8 @@ class RoutingLayout:
             if checked != site:
                 raise ValueError(f"{site!r} is not a router site of this model ({checked!r} is)")
             return checked
-        if kind is not None:
-            return self.site(site, kind)  # type: ignore[arg-type]
+        if kind is not None and (site is None or isinstance(site, int)):
+            return self.site(site, kind)
         if isinstance(site, tuple) and len(site) == 2:
             return self.site(*site)
         raise TypeError(f"expected a RouterSite or a (layer, router) pair, got {site!r}")
@@ -267,12 +272,18 @@ class RoutingLayout:
         those of some kinds; ``[]`` on layout ``"none"``."""
         if not self.has_routers:
             return []
-        wanted = ROUTERS if kinds is None else ((kinds,) if isinstance(kinds, str) else tuple(kinds))
+        wanted = (
+            ROUTERS if kinds is None else ((kinds,) if isinstance(kinds, str) else tuple(kinds))
+        )
         for kind in wanted:
             if kind not in ROUTERS:
                 raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
-        out = [self.site(layer, kind) for layer in range(self.n_layers) for kind in SUBLAYER_ROUTERS
-               if kind in wanted]
+        out = [
+            self.site(layer, kind)
+            for layer in range(self.n_layers)
+            for kind in SUBLAYER_ROUTERS
+            if kind in wanted
+        ]
         if self.has_final_router and "final_res" in wanted:
             out.append(self.site(None, "final_res"))
         return out
@@ -391,14 +402,18 @@ def gather_positions(state: DepthState, positions: Tensor) -> DepthState:
     def gather(source: Tensor) -> Tensor:
         return source[rows, positions].unsqueeze(1)
 
-    return DepthState([gather(block) for block in state.blocks], gather(state.current),
-                      state.current_is_committed)
+    return DepthState(
+        [gather(block) for block in state.blocks], gather(state.current), state.current_is_committed
+    )
 
 
 def router_hook_prefix(layer: Optional[int], router: str) -> str:
     """Deprecated: use ``RouterSite.prefix`` (``model.site(layer, router).prefix``)."""
     import warnings
 
-    warnings.warn("router_hook_prefix is deprecated; use model.site(layer, router).prefix",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "router_hook_prefix is deprecated; use model.site(layer, router).prefix",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return "final_res" if router == "final_res" else f"blocks.{layer}.{router}"

@@ -7,17 +7,23 @@ Read top to bottom: embedding -> ``n_layers`` x `AttnResBlock` (each threads a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.block import AttnResBlock
-from hooked_attnres.model.depth import DepthState, RouterSite, RoutingLayout, SiteLike, gather_positions
+from hooked_attnres.model.depth import (
+    DepthState,
+    RouterSite,
+    RoutingLayout,
+    SiteLike,
+    gather_positions,
+)
 from hooked_attnres.model.hooked_root import HookedModule
 from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.rotary import rotary_tables
@@ -96,7 +102,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         if isinstance(cfg, dict):
             cfg = HookedAttnResConfig.from_dict(cfg)
         if not isinstance(cfg, HookedAttnResConfig):
-            raise TypeError(f"cfg must be a HookedAttnResConfig or a dict, got {type(cfg).__name__}")
+            raise TypeError(
+                f"cfg must be a HookedAttnResConfig or a dict, got {type(cfg).__name__}"
+            )
         self._cfg = cfg
         self.routing_layout = RoutingLayout.from_config(cfg)
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
@@ -141,13 +149,15 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             leaf = name.rsplit(".", 1)[-1]
             if leaf == "w":
                 param.fill_(1.0)
-            elif leaf == "recency_bias":
-                param.fill_(cfg.attnres_recency_bias)
+            elif leaf == "recency_bias":  # exists only when the config sets a bias
+                param.fill_(float(cfg.attnres_recency_bias or 0.0))
             elif leaf == "query":
                 if cfg.attnres_query_init == "zero":
                     param.zero_()
                 else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * cfg.initializer_range)
+                    param.copy_(
+                        torch.randn(param.shape, generator=generator) * cfg.initializer_range
+                    )
             else:
                 std = cfg.initializer_range
                 if leaf in RESIDUAL_WRITERS:
@@ -155,7 +165,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     # --- device and dtype -------------------------------------------------------------
-    def to(self, *args, **kwargs) -> "HookedAttnRes":
+    def to(self, *args, **kwargs) -> HookedAttnRes:
         """``nn.Module.to`` that keeps ``cfg.device`` and ``cfg.dtype`` in sync."""
         super().to(*args, **kwargs)
         reference = self.embed.W_E
@@ -163,10 +173,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         self._cfg.dtype = reference.dtype
         return self
 
-    def cpu(self) -> "HookedAttnRes":
+    def cpu(self) -> HookedAttnRes:
         return self.to("cpu")
 
-    def cuda(self, device=None) -> "HookedAttnRes":
+    def cuda(self, device=None) -> HookedAttnRes:
         return self.to("cuda" if device is None else device)
 
     # --- routing metadata -------------------------------------------------------------
@@ -180,7 +190,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         router; negative layers count from the end), checked against the layout."""
         return self.routing_layout.site(layer, kind)
 
-    def source_labels(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> list[str]:
+    def source_labels(
+        self, site: Union[SiteLike, int, None], router: Optional[str] = None
+    ) -> list[str]:
         """Names of the sources a router reads (the ``n_sources`` axis), by `RouterSite` or
         by ``(layer, router)``.
 
@@ -190,7 +202,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         """
         return self.routing_layout.labels(self.routing_layout.check(site, router))
 
-    def source_families(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> dict[str, list[int]]:
+    def source_families(
+        self, site: Union[SiteLike, int, None], router: Optional[str] = None
+    ) -> dict[str, list[int]]:
         """The seed paper's source families as index lists (a partition of the sources).
 
         ``embedding`` = index 0, ``current`` = last, ``prev_completed`` = second to last
@@ -208,7 +222,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
 
     def router(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> DepthRouter:
         """The `DepthRouter` module of a site (or ``(layer, router)``)."""
-        return self.mod_dict[self.routing_layout.check(site, router).prefix]
+        module = self.mod_dict[self.routing_layout.check(site, router).prefix]
+        assert isinstance(module, DepthRouter)
+        return module
 
     def router_hook_name(self, layer: Optional[int], router: str, hook: str) -> str:
         """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``
@@ -229,7 +245,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}"
+            )
         if tokens.shape[1] == 0 or tokens.shape[0] == 0:
             raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.n_ctx:
@@ -246,7 +264,11 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return tokens.to(self.embed.W_E.device, torch.long)
 
     def _validate_state(self, state, layer: int, sublayer: str = "attn") -> DepthState:
-        where = f"start_at_layer={layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+        where = (
+            f"start_at_layer={layer}"
+            if sublayer == "attn"
+            else f"the MLP sublayer of layer {layer}"
+        )
         if not isinstance(state, DepthState):
             raise TypeError(
                 f"{where} needs a DepthState as input (e.g. from "
@@ -254,7 +276,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
         if len(state.blocks) != n_blocks or state.current_is_committed != committed:
-            entering = f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+            entering = (
+                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+            )
             raise ValueError(
                 f"this DepthState ({len(state.blocks)} blocks, current_is_committed="
                 f"{state.current_is_committed}) cannot enter {entering}; the "
@@ -263,11 +287,13 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         return state
 
-    def _validate_logit_positions(
-        self, positions, state: DepthState
-    ) -> Int[Tensor, "batch"]:
+    def _validate_logit_positions(self, positions, state: DepthState) -> Int[Tensor, " batch"]:
         batch, n_pos = state.current.shape[:2]
-        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.dtype == torch.bool:
+        if (
+            not isinstance(positions, Tensor)
+            or positions.is_floating_point()
+            or positions.dtype == torch.bool
+        ):
             raise TypeError(f"logit_positions must be an integer tensor [batch], got {positions!r}")
         if tuple(positions.shape) != (batch,):
             raise ValueError(
@@ -275,8 +301,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"shape {tuple(positions.shape)}"
             )
         if int(positions.min()) < 0 or int(positions.max()) >= n_pos:
-            raise ValueError(f"logit_positions must be in [0, {n_pos}), got values in "
-                             f"[{int(positions.min())}, {int(positions.max())}]")
+            raise ValueError(
+                f"logit_positions must be in [0, {n_pos}), got values in "
+                f"[{int(positions.min())}, {int(positions.max())}]"
+            )
         return positions.to(state.current.device, torch.long)
 
     def _layer_range(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> range:
@@ -314,7 +342,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         stop_at_layer: Optional[int] = None,
         tokens: Optional[Int[Tensor, "batch pos"]] = None,
         attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
-        logit_positions: Optional[Int[Tensor, "batch"]] = None,
+        logit_positions: Optional[Int[Tensor, " batch"]] = None,
     ):
         """Run the model.
 
@@ -359,10 +387,14 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             state = self._validate_state(input, layers.start)
         if logit_positions is not None:
             if stop_at_layer is not None or return_type not in ("logits", None):
-                raise ValueError("logit_positions returns logits at one position per prompt; it "
-                                 "cannot be combined with stop_at_layer or a loss")
+                raise ValueError(
+                    "logit_positions returns logits at one position per prompt; it "
+                    "cannot be combined with stop_at_layer or a loss"
+                )
             logit_positions = self._validate_logit_positions(logit_positions, state)
-        state = self._run_sublayers(state, range(2 * layers.start, 2 * layers.stop), logit_positions)
+        state = self._run_sublayers(
+            state, range(2 * layers.start, 2 * layers.stop), logit_positions
+        )
         if stop_at_layer is not None:
             return state
 
@@ -377,7 +409,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return loss if return_type == "loss" else Output(logits, loss)
 
     def _run_sublayers(
-        self, state: DepthState, sublayers: range, logit_positions: Optional[Int[Tensor, "batch"]] = None
+        self,
+        state: DepthState,
+        sublayers: range,
+        logit_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """Run sublayers ``2 * layer`` (attention) and ``2 * layer + 1`` (MLP) in ``sublayers``.
 
@@ -387,8 +422,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         last_attention = 2 * self.cfg.n_layers - 2
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
-        cos, sin = rotary_tables(state.current.shape[1], self.cfg.d_head, self.cfg.rotary_base,
-                                 state.current.device)
+        cos, sin = rotary_tables(
+            state.current.shape[1], self.cfg.d_head, self.cfg.rotary_base, state.current.device
+        )
         for sublayer in sublayers:
             layer, is_mlp = divmod(sublayer, 2)
             block = self.blocks[layer]
@@ -401,10 +437,14 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
 
     def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
         """Final router (kimi / full layouts), ``ln_final`` and the unembedding."""
-        final = self.final_res(state.sources) if self.routing_layout.has_final_router else state.current
+        final = (
+            self.final_res(state.sources) if self.routing_layout.has_final_router else state.current
+        )
         return self.ln_final(final) @ self.W_U
 
-    def depth_states(self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False) -> list[DepthState]:
+    def depth_states(
+        self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False
+    ) -> list[DepthState]:
         """The `DepthState` entering every layer, ``[state_0, ..., state_{n_layers}]``, from
         one forward pass (``state_l`` equals ``model(tokens, stop_at_layer=l)``).
 
@@ -417,7 +457,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         """
         tokens = self._validate_tokens(tokens)
         state = self.embed_state(tokens)
-        cos, sin = rotary_tables(tokens.shape[1], self.cfg.d_head, self.cfg.rotary_base, tokens.device)
+        cos, sin = rotary_tables(
+            tokens.shape[1], self.cfg.d_head, self.cfg.rotary_base, tokens.device
+        )
         states = [state]
         for block in self.blocks:
             if sublayers:
@@ -430,7 +472,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return states
 
     def forward_from(
-        self, state: DepthState, sublayer: int, logit_positions: Optional[Int[Tensor, "batch"]] = None
+        self,
+        state: DepthState,
+        sublayer: int,
+        logit_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "batch 1 d_vocab"]]:
         """Logits of a forward pass that starts at a sublayer (finer than ``start_at_layer``).
 
@@ -446,14 +491,22 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         Hooks fire as in a full forward pass, from the sublayer on.
         """
         n_sublayers = 2 * self.cfg.n_layers
-        if not isinstance(sublayer, int) or isinstance(sublayer, bool) or not 0 <= sublayer <= n_sublayers:
-            raise ValueError(f"sublayer must be an integer in [0, {n_sublayers}] (2 * layer for "
-                             f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}")
+        if (
+            not isinstance(sublayer, int)
+            or isinstance(sublayer, bool)
+            or not 0 <= sublayer <= n_sublayers
+        ):
+            raise ValueError(
+                f"sublayer must be an integer in [0, {n_sublayers}] (2 * layer for "
+                f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"
+            )
         layer, is_mlp = divmod(sublayer, 2)
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         if logit_positions is not None:
             logit_positions = self._validate_logit_positions(logit_positions, state)
-        return self._unembed(self._run_sublayers(state, range(sublayer, n_sublayers), logit_positions))
+        return self._unembed(
+            self._run_sublayers(state, range(sublayer, n_sublayers), logit_positions)
+        )
 
     # --- checkpoints ------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:
@@ -466,7 +519,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return save_checkpoint(self, directory, **kwargs)
 
     @classmethod
-    def from_hf_qwen3(cls, source, wrap: str = "recency", **kwargs) -> "HookedAttnRes":
+    def from_hf_qwen3(cls, source, wrap: str = "recency", **kwargs) -> HookedAttnRes:
         """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``) in
         AttnRes form; ``wrap`` is ``"recency"``, ``"exact"`` or ``"none"``. See
         `hooked_attnres.loading.hf_qwen3.from_hf_qwen3`."""
@@ -475,7 +528,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return from_hf_qwen3(source, wrap=wrap, model_class=cls, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> "HookedAttnRes":
+    def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> HookedAttnRes:
         """Load a checkpoint directory written by `save_pretrained` (or another
         supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint

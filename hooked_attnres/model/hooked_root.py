@@ -13,15 +13,16 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, HookedRootModule, HookPoint, Slice
-from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
+from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 
-NamesFilter = Union[None, str, list[str], Callable[[str], bool]]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 class UnknownHookError(KeyError):
@@ -54,9 +55,7 @@ class HookedModule(HookedRootModule):
     def _check_hook_list(self, hooks: list) -> None:
         for entry in hooks:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-                raise TypeError(
-                    f"hooks must be (name_or_predicate, hook_fn) pairs, got {entry!r}"
-                )
+                raise TypeError(f"hooks must be (name_or_predicate, hook_fn) pairs, got {entry!r}")
             name, fn = entry
             if isinstance(name, str):
                 self.check_hook_name(name)
@@ -65,7 +64,9 @@ class HookedModule(HookedRootModule):
             if not callable(fn):
                 raise TypeError(f"the hook function for {name!r} is not callable: {fn!r}")
 
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+    def add_hook(
+        self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False
+    ) -> None:
         if isinstance(name, str):
             self.check_hook_name(name)
         return super().add_hook(
@@ -87,7 +88,8 @@ class HookedModule(HookedRootModule):
                 point.clear_context()
 
     def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
-        """Context manager adding temporary hooks (TransformerLens semantics), names checked first."""
+        """Context manager adding temporary hooks (TransformerLens semantics), names checked
+        first."""
         self._check_hook_list(list(fwd_hooks))
         self._check_hook_list(list(bwd_hooks))
         return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
@@ -130,7 +132,7 @@ class HookedModule(HookedRootModule):
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
             if pos_slice is not None and stored.dim() >= -pos_dim:
                 stored = pos_slice.apply(stored, dim=pos_dim)
-            cache[hook.name + ("_grad" if is_backward else "")] = stored
+            cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
         for name in self.hook_dict:
@@ -141,7 +143,10 @@ class HookedModule(HookedRootModule):
         return cache, fwd_hooks, bwd_hooks
 
     def run_with_cache(
-        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
         **kwargs: Any,
     ):
         """Run the model and cache activations.

@@ -32,12 +32,12 @@ class GatedMLP(nn.Module):
         self.hook_post = make_hook()
 
     @property
-    def b_in(self) -> Float[Tensor, "d_mlp"]:
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
         """Zero bias (TransformerLens compatibility)."""
         return self.W_in.new_zeros(self.W_in.shape[1])
 
     @property
-    def b_out(self) -> Float[Tensor, "d_model"]:
+    def b_out(self) -> Float[Tensor, " d_model"]:
         """Zero bias (TransformerLens compatibility)."""
         return self.W_out.new_zeros(self.W_out.shape[1])
 

@@ -16,7 +16,9 @@ def rotary_tables(
     n_pos: int, d_head: int, base: float, device: torch.device | str | None = None
 ) -> tuple[Float[Tensor, "pos d_head"], Float[Tensor, "pos d_head"]]:
     """``(cos, sin)`` for positions ``0 .. n_pos-1``, each ``[pos, d_head]`` float32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head)
+    )
     positions = torch.arange(n_pos, dtype=torch.float32, device=device)
     angles = positions[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)

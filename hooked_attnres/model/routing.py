@@ -18,7 +18,8 @@ keys see normalised sources, the values are the raw sources.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,16 @@ class DepthRouter(nn.Module):
         self.hook_out = make_hook(-2)
 
     def _observed(self) -> bool:
-        return any(is_observed(hook) for hook in (self.hook_sources, self.key_norm.hook_scale,
-                                                  self.hook_logits, self.hook_weights, self.hook_out))
+        return any(
+            is_observed(hook)
+            for hook in (
+                self.hook_sources,
+                self.key_norm.hook_scale,
+                self.hook_logits,
+                self.hook_weights,
+                self.hook_out,
+            )
+        )
 
     def forward(
         self, sources: list[Float[Tensor, "batch pos d_model"]]
@@ -74,13 +83,16 @@ class DepthRouter(nn.Module):
             # nothing watches the intermediate tensors: the fused path
             effective_query = self.key_norm.w * self.query
             bias, eps = self.recency_bias, self.key_norm.eps
-            if torch.is_grad_enabled() and (effective_query.requires_grad or any(
-                    source.requires_grad for source in sources)):
+            if torch.is_grad_enabled() and (
+                effective_query.requires_grad or any(source.requires_grad for source in sources)
+            ):
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
             return _route(sources, effective_query, bias, eps)[0]
         values = self.hook_sources(torch.stack(sources, dim=-2))
         scale = self.key_norm(values)  # float32 (float64 in a float64 model)
-        parts = values.to(scale.dtype).unbind(dim=-2)  # no copy unless the model runs in bf16 / fp16
+        parts = values.to(scale.dtype).unbind(
+            dim=-2
+        )  # no copy unless the model runs in bf16 / fp16
         effective_query = self.key_norm.w.to(scale.dtype) * self.query.to(scale.dtype)
         dots = source_dots(parts, effective_query)
         logits = source_logits(dots, scale.squeeze(-1).movedim(-1, 0), self.recency_bias)
@@ -93,8 +105,9 @@ class DepthRouter(nn.Module):
 # bits. Per-source quantities are laid out source-major, ``[n_sources, batch, pos]``:
 # a softmax over a short leading axis is several times faster than over a short last one.
 
+
 def source_dots(
-    sources: Sequence[Float[Tensor, "batch pos d_model"]], query: Float[Tensor, "d_model"]
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], query: Float[Tensor, " d_model"]
 ) -> Float[Tensor, "n_sources batch pos"]:
     """``V_i . query`` for every source (one matrix-vector product per source)."""
     return torch.stack([source @ query for source in sources])
@@ -108,12 +121,15 @@ def source_logits(
     """``dots_i / scale_i``, plus ``bias`` on the last source."""
     logits = dots / scale
     if bias is not None:
-        logits = logits + F.pad(bias.to(logits.dtype).reshape(1), (dots.shape[0] - 1, 0))[:, None, None]
+        logits = (
+            logits + F.pad(bias.to(logits.dtype).reshape(1), (dots.shape[0] - 1, 0))[:, None, None]
+        )
     return logits
 
 
 def weighted_sum(
-    sources: Sequence[Float[Tensor, "batch pos d_model"]], weights: Float[Tensor, "n_sources batch pos"]
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    weights: Float[Tensor, "n_sources batch pos"],
 ) -> Float[Tensor, "batch pos d_model"]:
     """``sum_i weights_i * V_i``, accumulated in source order (one pass per source)."""
     out = sources[0] * weights[0].unsqueeze(-1)
@@ -124,7 +140,7 @@ def weighted_sum(
 
 def _route(
     sources: Sequence[Float[Tensor, "batch pos d_model"]],
-    query: Float[Tensor, "d_model"],
+    query: Float[Tensor, " d_model"],
     bias: Optional[Float[Tensor, ""]],
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hooked_attnres.config import HookedAttnResConfig
 
 
 class TokenizerMixin:
@@ -17,7 +20,15 @@ class TokenizerMixin:
     batches of unequal prompts give the same logits as unpadded runs at real positions.
     """
 
-    tokenizer = None
+    tokenizer: Any = None
+    if TYPE_CHECKING:  # provided by HookedAttnRes
+        ln_final: Any
+
+        @property
+        def cfg(self) -> HookedAttnResConfig: ...
+
+        @property
+        def W_U(self) -> Tensor: ...
 
     def set_tokenizer(self, tokenizer) -> None:
         """Attach a Hugging Face tokenizer (its vocabulary must fit in ``d_vocab``)."""
@@ -59,7 +70,9 @@ class TokenizerMixin:
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
         """Tokenise a string or a list of strings (right-padded) to ``[batch, pos]``."""
-        tokens, _ = self.to_tokens_and_mask(input, prepend_bos, padding_side, move_to_device, truncate)
+        tokens, _ = self.to_tokens_and_mask(
+            input, prepend_bos, padding_side, move_to_device, truncate
+        )
         return tokens
 
     def to_tokens_and_mask(
@@ -99,37 +112,45 @@ class TokenizerMixin:
         return tokens, mask
 
     def to_string(
-        self, tokens: Union[Int[Tensor, "pos"], Int[Tensor, "batch pos"], list[int]]
+        self, tokens: Union[Int[Tensor, " pos"], Int[Tensor, "batch pos"], list[int]]
     ) -> Union[str, list[str]]:
         """Decode ``[pos]`` to a string or ``[batch, pos]`` to a list of strings."""
         tokenizer = self._require_tokenizer("to_string")
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 2:
-            return [self.to_string(row) for row in tokens]
+            return [str(self.to_string(row)) for row in tokens]
         if tokens.ndim != 1:
-            raise ValueError(f"to_string takes [pos] or [batch, pos] tokens, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"to_string takes [pos] or [batch, pos] tokens, got {tuple(tokens.shape)}"
+            )
         return tokenizer.decode(tokens.tolist(), clean_up_tokenization_spaces=False)
 
     def to_str_tokens(
         self,
-        input: Union[str, list[str], Int[Tensor, "pos"], Int[Tensor, "1 pos"], list[int]],
+        input: Union[str, list[str], Int[Tensor, " pos"], Int[Tensor, "1 pos"], list[int]],
         prepend_bos: Optional[bool] = None,
     ) -> Union[list[str], list[list[str]]]:
         """One string per token: a string or ``[pos]`` tokens give ``list[str]``; a list of
         strings gives one list per string."""
-        tokenizer = self._require_tokenizer("to_str_tokens")
+        self._require_tokenizer("to_str_tokens")
         if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
-            return [self.to_str_tokens(text, prepend_bos) for text in input]
+            return [self._str_tokens_of_text(str(text), prepend_bos) for text in input]
         if isinstance(input, str):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, move_to_device=False)[0]
-        else:
-            tokens = torch.as_tensor(input)
-            if tokens.ndim == 2 and tokens.shape[0] == 1:
-                tokens = tokens[0]
-            if tokens.ndim != 1:
-                raise ValueError(
-                    f"to_str_tokens takes [pos] or [1, pos] tokens, got {tuple(tokens.shape)}"
-                )
+            return self._str_tokens_of_text(input, prepend_bos)
+        tokens = torch.as_tensor(input)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"to_str_tokens takes [pos] or [1, pos] tokens, got {tuple(tokens.shape)}"
+            )
+        return self._decode_each(tokens)
+
+    def _str_tokens_of_text(self, text: str, prepend_bos: Optional[bool]) -> list[str]:
+        return self._decode_each(self.to_tokens(text, prepend_bos, move_to_device=False)[0])
+
+    def _decode_each(self, tokens: Int[Tensor, " pos"]) -> list[str]:
+        tokenizer = self._require_tokenizer("to_str_tokens")
         return [tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in tokens.tolist()]
 
     def to_single_token(self, string: str) -> int:
@@ -137,12 +158,12 @@ class TokenizerMixin:
         tokens = self.to_tokens(string, prepend_bos=False, move_to_device=False)[0]
         if tokens.numel() != 1:
             raise ValueError(
-                f"{string!r} is {tokens.numel()} tokens {self.to_str_tokens(tokens)}, not one"
+                f"{string!r} is {tokens.numel()} tokens {self._decode_each(tokens)}, not one"
             )
         return int(tokens.item())
 
     def tokens_to_residual_directions(
-        self, tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, "..."]]
+        self, tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, ...]]
     ) -> Float[Tensor, "... d_model"]:
         """The direction that the normalised final stream is dotted with to give a
         token's logit: ``ln_final.w * W_U[:, token]`` (TransformerLens folds the gain into
@@ -151,4 +172,6 @@ class TokenizerMixin:
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return (self.W_U[:, tokens] * self.ln_final.w.reshape(-1, *([1] * tokens.ndim))).movedim(0, -1)
+        return (self.W_U[:, tokens] * self.ln_final.w.reshape(-1, *([1] * tokens.ndim))).movedim(
+            0, -1
+        )

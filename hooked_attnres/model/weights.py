@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from transformer_lens import FactoredMatrix
+from hooked_attnres._tl import FactoredMatrix
+
+if TYPE_CHECKING:
+    from hooked_attnres.config import HookedAttnResConfig
 
 
 class WeightsMixin:
@@ -16,6 +21,14 @@ class WeightsMixin:
     repeated to ``n_heads`` heads for grouped-query attention, as in TransformerLens.
     They are fresh tensors (``torch.stack``); edit parameters through ``model.blocks``.
     """
+
+    if TYPE_CHECKING:  # provided by HookedAttnRes
+        blocks: Any
+        embed: Any
+        unembed: Any
+
+        @property
+        def cfg(self) -> HookedAttnResConfig: ...
 
     def _stack(self, get) -> Tensor:
         return torch.stack([get(block) for block in self.blocks], dim=0)
@@ -32,7 +45,7 @@ class WeightsMixin:
         return self.unembed.W_U
 
     @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.W_E.new_zeros(self.cfg.d_vocab)
 
     @property
@@ -97,6 +110,8 @@ class WeightsMixin:
         """``W_V @ W_O`` per layer and head, ``[n_layers, n_heads, d_model, d_model]``."""
         return FactoredMatrix(self.W_V, self.W_O)
 
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True):
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ):
         """Sum of biases up to ``layer``: zero, since Qwen3 has none (``[d_model]``)."""
         return self.W_E.new_zeros(self.cfg.d_model)

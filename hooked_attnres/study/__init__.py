@@ -8,7 +8,13 @@ The library (model, loading, interventions, analysis, patching, plotting, tasks,
 training) never imports this package.
 """
 
-from hooked_attnres.study.checkpoints import SHIPPED, checkpoint_dir, metrics_path, run_dir, seeds_found
+from hooked_attnres.study.checkpoints import (
+    SHIPPED,
+    checkpoint_dir,
+    metrics_path,
+    run_dir,
+    seeds_found,
+)
 from hooked_attnres.study.conditions import (
     CONDITIONS,
     STUDY_BLOCKS,
@@ -32,8 +38,28 @@ from hooked_attnres.study.run import (
     write_study,
 )
 
-__all__ = ["CONDITIONS", "PROBE_SEED", "RECENCY_BIAS", "SHIPPED", "STUDY_BLOCKS", "STUDY_SHAPE",
-           "StudyResult", "build_model", "checkpoint_dir", "load_condition", "metrics_path",
-           "model_is_zero_query", "probe_prompts", "run_dir", "run_study", "seeds_found",
-           "study_condition", "study_figures", "study_report", "study_task", "study_train_config",
-           "train_condition", "write_study"]
+__all__ = [
+    "CONDITIONS",
+    "PROBE_SEED",
+    "RECENCY_BIAS",
+    "SHIPPED",
+    "STUDY_BLOCKS",
+    "STUDY_SHAPE",
+    "StudyResult",
+    "build_model",
+    "checkpoint_dir",
+    "load_condition",
+    "metrics_path",
+    "model_is_zero_query",
+    "probe_prompts",
+    "run_dir",
+    "run_study",
+    "seeds_found",
+    "study_condition",
+    "study_figures",
+    "study_report",
+    "study_task",
+    "study_train_config",
+    "train_condition",
+    "write_study",
+]

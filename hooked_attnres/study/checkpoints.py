@@ -8,8 +8,9 @@ shipped checkpoints use the same convention under ``hooked_attnres/data/study``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from hooked_attnres.study.conditions import check_conditions
 
@@ -32,8 +33,9 @@ def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike
         if checkpoints is None:
             shipped = sorted(p.name for p in SHIPPED.glob("*_seed*")) if SHIPPED.exists() else []
             raise FileNotFoundError(
-                f"no shipped checkpoint for {condition} seed {seed} (shipped: {shipped}); train it "
-                f"with `hooked-attnres train --condition {condition} --seeds {seed} --out runs` and "
+                f"no shipped checkpoint for {condition} seed {seed} (shipped: {shipped}); train "
+                f"it with `hooked-attnres train --condition {condition} --seeds {seed} --out runs` "
+                "and "
                 "pass the runs directory to the study"
             )
         raise FileNotFoundError(
@@ -55,11 +57,16 @@ def seeds_found(checkpoints: Optional[PathLike], conditions: Sequence[str]) -> l
     for condition in conditions:
         seeds = set()
         for path in root.glob(f"{condition}_seed*"):
-            suffix = path.name[len(condition) + len("_seed"):]
-            if suffix.isdigit() and run_dir(root, condition, int(suffix)) == path \
-                    and (path / "model" / "config.json").exists():
+            suffix = path.name[len(condition) + len("_seed") :]
+            if (
+                suffix.isdigit()
+                and run_dir(root, condition, int(suffix)) == path
+                and (path / "model" / "config.json").exists()
+            ):
                 seeds.add(int(suffix))
         found = seeds if found is None else found & seeds
     if not found:
-        raise FileNotFoundError(f"{root} holds no {{condition}}_seed{{n}}/model for all of {list(conditions)}")
+        raise FileNotFoundError(
+            f"{root} holds no {{condition}}_seed{{n}}/model for all of {list(conditions)}"
+        )
     return sorted(found)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -24,8 +24,16 @@ from hooked_attnres.tasks import KeyValueRetrieval, Task, task_tokenizer
 from hooked_attnres.training.trainer import TrainConfig, TrainResult, train
 
 CONDITIONS = ("attnres", "vanilla")
-STUDY_SHAPE = dict(d_model=128, n_layers=8, n_heads=4, n_key_value_heads=2, d_head=32, d_mlp=256,
-                   n_ctx=64, rotary_base=10_000.0)
+STUDY_SHAPE = dict(
+    d_model=128,
+    n_layers=8,
+    n_heads=4,
+    n_key_value_heads=2,
+    d_head=32,
+    d_mlp=256,
+    n_ctx=64,
+    rotary_base=10_000.0,
+)
 STUDY_BLOCKS = 4
 
 
@@ -38,7 +46,9 @@ def check_conditions(conditions) -> None:
 
 def study_task(**overrides) -> KeyValueRetrieval:
     """The study's retrieval probe (one query per prompt, nothing leaks)."""
-    values = dict(n_pairs=6, n_keys=16, n_values=16, n_distractors=0, n_filler_words=8, n_queries=1)
+    values: dict[str, Any] = dict(
+        n_pairs=6, n_keys=16, n_values=16, n_distractors=0, n_filler_words=8, n_queries=1
+    )
     values.update(overrides)
     return KeyValueRetrieval(**values)
 
@@ -46,32 +56,55 @@ def study_task(**overrides) -> KeyValueRetrieval:
 def study_train_config(**overrides) -> TrainConfig:
     """The study's optimiser settings: 1200 steps of 64 prompts, peak lr 5e-4 (the vanilla
     model does not learn the probe at 1e-3), 100 warm-up steps."""
-    values = dict(steps=1200, batch_size=64, lr=5e-4, warmup_steps=100, eval_every=200,
-                  eval_size=512, checkpoint_every=200)
+    values: dict[str, Any] = dict(
+        steps=1200,
+        batch_size=64,
+        lr=5e-4,
+        warmup_steps=100,
+        eval_every=200,
+        eval_size=512,
+        checkpoint_every=200,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
-def build_model(condition: str, seed: int, tokenizer, shape: Optional[dict] = None,
-                num_blocks: int = STUDY_BLOCKS):
+def build_model(
+    condition: str,
+    seed: int,
+    tokenizer,
+    shape: Optional[dict] = None,
+    num_blocks: int = STUDY_BLOCKS,
+):
     """A freshly initialised model of a condition (weights a function of ``seed``)."""
     check_conditions([condition])
     shape = dict(STUDY_SHAPE if shape is None else shape)
     vocab = len(tokenizer)
     if condition == "attnres":
-        cfg = HookedAttnResConfig(d_vocab=vocab, attnres_layout="cumulative",
-                                  attnres_num_blocks=num_blocks, attnres_recency_bias=0.0,
-                                  seed=seed, **shape)
+        cfg = HookedAttnResConfig(
+            d_vocab=vocab,
+            attnres_layout="cumulative",
+            attnres_num_blocks=num_blocks,
+            attnres_recency_bias=0.0,
+            seed=seed,
+            **shape,
+        )
         return HookedAttnRes(cfg, tokenizer=tokenizer)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=vocab, hidden_size=shape["d_model"], intermediate_size=shape["d_mlp"],
-        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_key_value_heads"], head_dim=shape["d_head"],
-        max_position_embeddings=shape["n_ctx"], tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=shape["d_model"],
+        intermediate_size=shape["d_mlp"],
+        num_hidden_layers=shape["n_layers"],
+        num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_key_value_heads"],
+        head_dim=shape["d_head"],
+        max_position_embeddings=shape["n_ctx"],
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": shape["rotary_base"]},
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng():
@@ -81,7 +114,9 @@ def build_model(condition: str, seed: int, tokenizer, shape: Optional[dict] = No
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
-                    param.normal_(0.0, config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+                    param.normal_(
+                        0.0, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+                    )
     return model
 
 
@@ -108,7 +143,20 @@ def train_condition(
     config = study_train_config() if config is None else config
     tokenizer = task_tokenizer(task, *(() if eval_task is None else (eval_task,)))
     model = build_model(condition, seed, tokenizer, shape, num_blocks)
-    description = {"condition": condition, "model_seed": seed, "shape": shape or STUDY_SHAPE,
-                   "num_blocks": num_blocks}
-    return train(model, task, config, out_dir, tokenizer=tokenizer, progress=progress,
-                 resume=resume, description=description, eval_tasks=eval_task)
+    description = {
+        "condition": condition,
+        "model_seed": seed,
+        "shape": shape or STUDY_SHAPE,
+        "num_blocks": num_blocks,
+    }
+    return train(
+        model,
+        task,
+        config,
+        out_dir,
+        tokenizer=tokenizer,
+        progress=progress,
+        resume=resume,
+        description=description,
+        eval_tasks=eval_task,
+    )

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import pandas as pd
 import torch
@@ -45,7 +46,7 @@ from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.plotting import save_html
 from hooked_attnres.study.checkpoints import checkpoint_dir, seeds_found
-from hooked_attnres.study.conditions import STUDY_BLOCKS, study_task, check_conditions
+from hooked_attnres.study.conditions import STUDY_BLOCKS, check_conditions, study_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report
 from hooked_attnres.tasks.base import TaskBatch
@@ -54,8 +55,13 @@ RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
 
 
-def load_condition(condition: str, seed: int = 0, checkpoints: Union[str, Path, None] = None,
-                   num_blocks: int = STUDY_BLOCKS, recency_bias: float = RECENCY_BIAS) -> HookedAttnRes:
+def load_condition(
+    condition: str,
+    seed: int = 0,
+    checkpoints: Union[str, Path, None] = None,
+    num_blocks: int = STUDY_BLOCKS,
+    recency_bias: float = RECENCY_BIAS,
+) -> HookedAttnRes:
     """The model of one condition, in eval mode: ``attnres`` as trained, ``vanilla``
     wrapped with ``wrap="recency"`` (``num_blocks`` blocks, bias ``recency_bias``)."""
     check_conditions([condition])
@@ -63,8 +69,9 @@ def load_condition(condition: str, seed: int = 0, checkpoints: Union[str, Path, 
     if condition == "attnres":
         model = HookedAttnRes.from_pretrained(path)
     else:
-        model = HookedAttnRes.from_hf_qwen3(path, wrap="recency", num_blocks=num_blocks,
-                                            recency_bias=recency_bias)
+        model = HookedAttnRes.from_hf_qwen3(
+            path, wrap="recency", num_blocks=num_blocks, recency_bias=recency_bias
+        )
     return model.eval()
 
 
@@ -104,29 +111,55 @@ class StudyResult:
     figures: dict = field(default_factory=dict)
 
 
-def study_condition(model: HookedAttnRes, batch: TaskBatch, n_bootstrap: int = 1000,
-                    progress: bool = True, seed: int = 0) -> dict[str, pd.DataFrame]:
+def study_condition(
+    model: HookedAttnRes,
+    batch: TaskBatch,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
     """Every table of the study for one model on one batch of probe prompts."""
     with torch.no_grad():
         logits = model(batch.tokens)
-    accuracy = pd.DataFrame([{"accuracy": batch.accuracy(logits),
-                              "logit_diff": batch.logit_diff(logits).mean().item(),
-                              "n_prompts": len(batch)}])
+    accuracy = pd.DataFrame(
+        [
+            {
+                "accuracy": batch.accuracy(logits),
+                "logit_diff": batch.logit_diff(logits).mean().item(),
+                "n_prompts": len(batch),
+            }
+        ]
+    )
     mass = routing_mass(model, batch, positions="answer")
     everywhere = mass.assign(band="all")
-    summary = summarize_mass(pd.concat([mass, everywhere]), by=("router", "band", "family"),
-                             n_bootstrap=n_bootstrap, seed=seed)
+    summary = summarize_mass(
+        pd.concat([mass, everywhere]),
+        by=("router", "band", "family"),
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
     groups = {**depth_bands(model.cfg.n_layers), "all": list(range(model.cfg.n_layers))}
-    effects = ablation_effects(model, batch, groups=groups, n_bootstrap=n_bootstrap, seed=seed,
-                               progress=progress)
+    effects = ablation_effects(
+        model, batch, groups=groups, n_bootstrap=n_bootstrap, seed=seed, progress=progress
+    )
     overall = summary[summary.band == "all"].drop(columns="band")
     dissociation = dissociation_report(overall, effects, metric="logit_diff", group="all")
-    tables = {"accuracy": accuracy, "mass": mass, "mass_summary": summary, "effects": effects,
-              "dissociation": dissociation}
+    tables = {
+        "accuracy": accuracy,
+        "mass": mass,
+        "mass_summary": summary,
+        "effects": effects,
+        "dissociation": dissociation,
+    }
     cfg = model.cfg
-    if cfg.attnres_layout == "cumulative" and model_is_zero_query(model):
-        schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias,
-                                    cfg.attnres_mode)
+    if (
+        cfg.attnres_layout == "cumulative"
+        and cfg.attnres_recency_bias is not None
+        and model_is_zero_query(model)
+    ):
+        schedule = recency_schedule(
+            cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias, cfg.attnres_mode
+        )
         tables["schedule"] = schedule_comparison(mass, schedule)
     return tables
 
@@ -141,13 +174,23 @@ def _seeds_summary(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.Data
     mass = mass_summary[mass_summary.band == "all"]
     effect = effects[(effects.group == "all") & (effects.metric == "logit_diff")].copy()
     effect["excludes_zero"] = (effect.ci_low > 0) | (effect.ci_high < 0)
-    merged = mass.merge(effect, on=["condition", "seed", "router", "family"], suffixes=("_mass", ""))
-    return (merged.groupby(["condition", "router", "family"], sort=False)
-            .agg(n_seeds=("seed", "nunique"), mass=("mass", "mean"), mass_sd=("mass", "std"),
-                 effect=("effect", "mean"), effect_sd=("effect", "std"),
-                 effect_min=("effect", "min"), effect_max=("effect", "max"),
-                 seeds_excluding_zero=("excludes_zero", "sum"))
-            .reset_index())
+    merged = mass.merge(
+        effect, on=["condition", "seed", "router", "family"], suffixes=("_mass", "")
+    )
+    return (
+        merged.groupby(["condition", "router", "family"], sort=False)
+        .agg(
+            n_seeds=("seed", "nunique"),
+            mass=("mass", "mean"),
+            mass_sd=("mass", "std"),
+            effect=("effect", "mean"),
+            effect_sd=("effect", "std"),
+            effect_min=("effect", "min"),
+            effect_max=("effect", "max"),
+            seeds_excluding_zero=("excludes_zero", "sum"),
+        )
+        .reset_index()
+    )
 
 
 def run_study(
@@ -192,8 +235,11 @@ def run_study(
                 tables.setdefault(name, []).append(table.assign(condition=condition, seed=seed))
     joined = {name: _front(pd.concat(parts, ignore_index=True)) for name, parts in tables.items()}
     result = StudyResult(
-        out_dir=Path(out_dir), accuracy=joined["accuracy"], mass=joined["mass"],
-        mass_summary=joined["mass_summary"], effects=joined["effects"],
+        out_dir=Path(out_dir),
+        accuracy=joined["accuracy"],
+        mass=joined["mass"],
+        mass_summary=joined["mass_summary"],
+        effects=joined["effects"],
         dissociation=joined["dissociation"],
         schedule=joined.get("schedule", pd.DataFrame()),
         seeds_summary=_seeds_summary(joined["mass_summary"], joined["effects"]),
@@ -223,7 +269,7 @@ def write_study(result: StudyResult) -> Path:
         for name, fig in result.figures.items():
             save_html(fig, tmp / "plots" / f"{name}.html")
         (tmp / "report.md").write_text(study_report(result))
-        (tmp / "run.json").write_text(json.dumps({"seconds": round(result.seconds, 1)}, indent=2) + "\n")
+        (tmp / "run.json").write_text(
+            json.dumps({"seconds": round(result.seconds, 1)}, indent=2) + "\n"
+        )
     return result.out_dir
-
-

@@ -1,6 +1,6 @@
 """Synthetic probe tasks with answers, contrasts and clean / corrupted pairs."""
 
-from hooked_attnres.tasks.base import TaskBatch, Task
+from hooked_attnres.tasks.base import Task, TaskBatch
 from hooked_attnres.tasks.induction import InductionCopy
 from hooked_attnres.tasks.retrieval import KeyValueRetrieval
 from hooked_attnres.tasks.vocabulary import build_tokenizer, task_tokenizer
@@ -15,5 +15,13 @@ def make_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["InductionCopy", "KeyValueRetrieval", "TASKS", "Task", "TaskBatch", "build_tokenizer",
-           "make_task", "task_tokenizer"]
+__all__ = [
+    "InductionCopy",
+    "KeyValueRetrieval",
+    "TASKS",
+    "Task",
+    "TaskBatch",
+    "build_tokenizer",
+    "make_task",
+    "task_tokenizer",
+]

@@ -9,8 +9,9 @@ hash of its tokens, and each split rejects the other's prompts.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +41,9 @@ class TaskBatch:
     """
 
     tokens: Int[Tensor, "batch pos"]
-    answer_pos: Int[Tensor, "batch"]
-    answer: Int[Tensor, "batch"]
-    contrast: Int[Tensor, "batch"]
+    answer_pos: Int[Tensor, " batch"]
+    answer: Int[Tensor, " batch"]
+    contrast: Int[Tensor, " batch"]
     corrupted_tokens: Int[Tensor, "batch pos"]
     targets: Int[Tensor, "batch pos"]
     task: str = ""
@@ -50,33 +51,42 @@ class TaskBatch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, index) -> "TaskBatch":
+    def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is a slice, a list or a tensor of rows)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return TaskBatch(**{f.name: (getattr(self, f.name)[index] if f.name != "task" else self.task)
-                            for f in fields(self)})
+        return self._map(lambda tensor: tensor[index])
 
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(**{f.name: (getattr(self, f.name).to(device) if f.name != "task" else self.task)
-                            for f in fields(self)})
+    def to(self, device) -> TaskBatch:
+        return self._map(lambda tensor: tensor.to(device))
 
-    def answer_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch d_vocab"]:
+    def _map(self, fn) -> TaskBatch:
+        """A batch with ``fn`` applied to every tensor field (``task`` is kept)."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TaskBatch(**{name: v if name == "task" else fn(v) for name, v in values.items()})
+
+    def answer_logits(
+        self, logits: Float[Tensor, "batch pos d_vocab"]
+    ) -> Float[Tensor, "batch d_vocab"]:
         """The logits at each prompt's answer position."""
-        return logits[torch.arange(len(self), device=logits.device), self.answer_pos.to(logits.device)]
+        return logits[
+            torch.arange(len(self), device=logits.device), self.answer_pos.to(logits.device)
+        ]
 
-    def logit_diff(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+    def logit_diff(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """``logit[answer] - logit[contrast]`` at the answer position."""
         at = self.answer_logits(logits)
         rows = torch.arange(len(self), device=at.device)
         return at[rows, self.answer.to(at.device)] - at[rows, self.contrast.to(at.device)]
 
-    def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+    def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """Log-probability of the correct answer."""
         logprobs = self.answer_logits(logits).float().log_softmax(-1)
-        return logprobs[torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)]
+        return logprobs[
+            torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)
+        ]
 
-    def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+    def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """1.0 where the argmax at the answer position is the answer, else 0.0."""
         return (self.answer_logits(logits).argmax(-1) == self.answer.to(logits.device)).float()
 
@@ -86,7 +96,9 @@ class TaskBatch:
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """Mean cross-entropy over the supervised positions (the training objective)."""
         return torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), self.targets.to(logits.device).flatten(), ignore_index=-100
+            logits.flatten(0, 1).float(),
+            self.targets.to(logits.device).flatten(),
+            ignore_index=-100,
         )
 
 
@@ -131,8 +143,15 @@ class Task:
     def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
         raise NotImplementedError
 
-    def sample(self, n: int, seed: int = 0, split: str = "train", vocab=None, stream: int = 0,
-               max_tries_per_prompt: int = 1000) -> TaskBatch:
+    def sample(
+        self,
+        n: int,
+        seed: int = 0,
+        split: str = "train",
+        vocab=None,
+        stream: int = 0,
+        max_tries_per_prompt: int = 1000,
+    ) -> TaskBatch:
         """``n`` prompts of ``split``, a pure function of ``(seed, split, stream)``.
 
         Args:
@@ -147,7 +166,7 @@ class Task:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         vocab = self._resolve_vocab(vocab)
         rng = rng_for(seed, split, stream)
-        rows = []
+        rows: list[tuple] = []
         tries = 0
         while len(rows) < n:
             ids, answer, contrast, corrupted, supervised = self._draw(rng, vocab)

@@ -67,8 +67,12 @@ class InductionCopy(Task):
         chosen = rng.choice(self.n_tokens, size=self.seq_len + 1, replace=False)
         segment, unused = list(chosen[:-1]), int(chosen[-1])
         answer = segment[self.copy_len]
-        ids = [vocab["<bos>"], *(vocab[f"t{t}"] for t in segment), vocab[SEPARATOR],
-               *(vocab[f"t{t}"] for t in segment[: self.copy_len])]
+        ids = [
+            vocab["<bos>"],
+            *(vocab[f"t{t}"] for t in segment),
+            vocab[SEPARATOR],
+            *(vocab[f"t{t}"] for t in segment[: self.copy_len]),
+        ]
         corrupted = list(ids)
         corrupted[1 + self.copy_len] = vocab[f"t{unused}"]
         # every copied token after the first is predictable too

@@ -52,8 +52,14 @@ class KeyValueRetrieval(Task):
     name: str = "retrieval"
 
     def __post_init__(self) -> None:
-        for field_name in ("n_pairs", "n_keys", "n_values", "n_distractors", "n_filler_words",
-                           "n_queries"):
+        for field_name in (
+            "n_pairs",
+            "n_keys",
+            "n_values",
+            "n_distractors",
+            "n_filler_words",
+            "n_queries",
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{field_name} must be a non-negative integer, got {value!r}")
@@ -76,13 +82,18 @@ class KeyValueRetrieval(Task):
             raise ValueError("n_distractors > 0 needs n_filler_words >= 1")
         if not 1 <= self.n_queries <= self.n_pairs - 1:
             raise ValueError(
-                f"n_queries={self.n_queries} must be between 1 and n_pairs - 1 = {self.n_pairs - 1} "
+                f"n_queries={self.n_queries} must be between 1 and n_pairs - 1 = "
+                f"{self.n_pairs - 1} "
                 "(answered queries avoid the final query's and the contrast's keys)"
             )
 
     def words(self) -> list[str]:
-        return ([f"k{i}" for i in range(self.n_keys)] + [f"v{i}" for i in range(self.n_values)]
-                + [f"x{i}" for i in range(self.n_filler_words)] + [QUERY_MARKER])
+        return (
+            [f"k{i}" for i in range(self.n_keys)]
+            + [f"v{i}" for i in range(self.n_values)]
+            + [f"x{i}" for i in range(self.n_filler_words)]
+            + [QUERY_MARKER]
+        )
 
     @property
     def prompt_length(self) -> int:
@@ -92,9 +103,10 @@ class KeyValueRetrieval(Task):
         keys = rng.choice(self.n_keys, size=self.n_pairs, replace=False)
         values = rng.choice(self.n_values, size=self.n_pairs, replace=False)
         order = rng.permutation(self.n_pairs)
-        query, other, answered = order[0], order[1], order[2:self.n_queries + 1]
-        gaps = np.bincount(rng.integers(0, self.n_pairs + 1, size=self.n_distractors),
-                           minlength=self.n_pairs + 1)
+        query, other, answered = order[0], order[1], order[2 : self.n_queries + 1]
+        gaps = np.bincount(
+            rng.integers(0, self.n_pairs + 1, size=self.n_distractors), minlength=self.n_pairs + 1
+        )
         fillers = iter(rng.integers(0, max(self.n_filler_words, 1), size=self.n_distractors))
         ids = [vocab["<bos>"]]
         for pair in range(self.n_pairs + 1):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -20,13 +20,19 @@ def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *words):
         if not word or any(ch.isspace() for ch in word):
-            raise ValueError(f"tokenizer words must be non-empty and contain no spaces, got {word!r}")
+            raise ValueError(
+                f"tokenizer words must be non-empty and contain no spaces, got {word!r}"
+            )
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
-        eos_token="<pad>", clean_up_tokenization_spaces=False,
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<pad>",
+        clean_up_tokenization_spaces=False,
     )
 
 

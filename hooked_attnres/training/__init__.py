@@ -11,14 +11,24 @@ from hooked_attnres.training.trainer import TrainConfig, TrainResult, evaluate, 
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "model_logits", "train"]
 
-_MOVED = ("CONDITIONS", "STUDY_BLOCKS", "STUDY_SHAPE", "build_model", "study_task",
-          "study_train_config", "train_condition")
+_MOVED = (
+    "CONDITIONS",
+    "STUDY_BLOCKS",
+    "STUDY_SHAPE",
+    "build_model",
+    "study_task",
+    "study_train_config",
+    "train_condition",
+)
 
 
 def __getattr__(name: str):
     if name in _MOVED:
-        warnings.warn(f"hooked_attnres.training.{name} is deprecated; import it from hooked_attnres.study",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"hooked_attnres.training.{name} is deprecated; import it from hooked_attnres.study",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from hooked_attnres.study import conditions  # the application above the library
 
         return getattr(conditions, name)

@@ -13,5 +13,8 @@ from hooked_attnres.study.conditions import (  # noqa: F401
     train_condition,
 )
 
-warnings.warn("hooked_attnres.training.study is deprecated; import from hooked_attnres.study",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "hooked_attnres.training.study is deprecated; import from hooked_attnres.study",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -21,9 +21,10 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -69,12 +70,16 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+            raise ValueError(
+                f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}"
+            )
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+            raise ValueError(
+                f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
+            )
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
-        self.betas = tuple(self.betas)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based)."""
@@ -144,7 +149,7 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
     for name, batch in batches.items():
         correct = 0.0
         for start in range(0, len(batch), chunk):
-            part = batch[start:start + chunk]
+            part = batch[start : start + chunk]
             correct += part.correct(model_logits(model, part.tokens)).sum().item()
         out[name] = correct / len(batch)
     model.train(was_training)
@@ -219,17 +224,26 @@ def train(
     vocab = tokenizer.get_vocab()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    eval_tasks = tasks if eval_tasks is None else (
-        [eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
-    eval_batches = {t.name: t.sample(config.eval_size, config.data_seed, "test", vocab)
-                    for t in eval_tasks}
+    eval_tasks = (
+        tasks
+        if eval_tasks is None
+        else ([eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
+    )
+    eval_batches = {
+        t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
+    }
     if len(eval_batches) != len(eval_tasks):
         raise ValueError("evaluation tasks need distinct names (task.name)")
-    identity = {"train_config": config.to_dict(), "tasks": [repr(t) for t in tasks],
-                "eval_tasks": [repr(t) for t in eval_tasks], "description": description or {}}
+    identity = {
+        "train_config": config.to_dict(),
+        "tasks": [repr(t) for t in tasks],
+        "eval_tasks": [repr(t) for t in eval_tasks],
+        "description": description or {},
+    }
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
     checkpoint = _Checkpoint(out_dir)
     step, history, seconds = 0, [], 0.0
     if resume and checkpoint.exists():
@@ -247,7 +261,9 @@ def train(
 
     model.train()
     last_loss = float("nan")
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True
+    )
     started, steps_this_call = time.perf_counter(), 0
     try:
         while step < config.steps and (stop_after is None or steps_this_call < stop_after):
@@ -264,16 +280,22 @@ def train(
             step += 1
             steps_this_call += 1
             last_loss = loss.item()
-            record = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
+            record: dict[str, Any] = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
             if step % config.eval_every == 0 or step == config.steps:
                 record["accuracy"] = evaluate(model, eval_batches)
-                bar.set_postfix(loss=f"{last_loss:.3f}", acc=" ".join(
-                    f"{v:.3f}" for v in record["accuracy"].values()))
+                bar.set_postfix(
+                    loss=f"{last_loss:.3f}",
+                    acc=" ".join(f"{v:.3f}" for v in record["accuracy"].values()),
+                )
             elif step % 10 == 0:
                 bar.set_postfix(loss=f"{last_loss:.3f}")
             history.append(record)
             bar.update(1)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            if (
+                config.checkpoint_every
+                and step % config.checkpoint_every == 0
+                and step < config.steps
+            ):
                 seconds_now = seconds + time.perf_counter() - started
                 checkpoint.save(model, optimizer, {**state(), "seconds": seconds_now}, tokenizer)
     except KeyboardInterrupt:
