@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres.interventions.selection import check_routers
-from hooked_attnres.model.depth import SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, RouterSite
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -121,6 +121,8 @@ def _site_rows(model: HookedAttnRes, routers: Sequence[str]) -> list[tuple[int, 
 
 
 def _column(site: RouterSite) -> int:
+    """The site's column on the result's layer axis (the final router, which has no layer,
+    sits in column 0)."""
     return 0 if site.layer is None else site.layer
 
 
@@ -206,15 +208,15 @@ def get_act_patch_committed_blocks_by_pos(
         ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
     """
     _check(model, corrupted_tokens)
-    hook = {"mlp": "hook_committed_block", "attn": "hook_committed_mid"}.get(sublayer)
-    if hook is None:
+    if sublayer not in COMMIT_HOOKS:
         raise ValueError(f"sublayer must be 'mlp' or 'attn', got {sublayer!r}")
-    names = {layer: f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)}
-    names = {layer: name for layer, name in names.items() if name in model.hook_dict}
+    layout = model.routing_layout
+    found = {layer: layout.commit_hook(layer, sublayer) for layer in range(model.cfg.n_layers)}
+    names = {layer: name for layer, name in found.items() if name is not None}
     if not names:
         raise ValueError(
             f"no layer of this {model.cfg.attnres_layout!r} model commits a block after its "
-            f"{sublayer} sublayer (blocks.*.{hook} does not exist)"
+            f"{sublayer} sublayer (blocks.*.{COMMIT_HOOKS[sublayer]} does not exist)"
         )
     n_pos = corrupted_tokens.shape[-1]
     # committed at the end of the sublayer: the run starts at that sublayer

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hooked_attnres.model.depth import FAMILIES
+from hooked_attnres.model.depth import FAMILIES, ROUTERS
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -164,7 +164,7 @@ def mass_effect_bars(
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
     """
     merged = _merged(mass_summary, effects, metric, group)
-    routers = [r for r in ("attn_res", "mlp_res", "final_res") if r in set(merged.router)]
+    routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
         rows=2,
         cols=len(routers),
@@ -295,7 +295,7 @@ def effect_bands(
         if groups is not None
         else [g for g in dict.fromkeys(chosen.group) if g != "all"]
     )
-    routers = [r for r in ("attn_res", "mlp_res", "final_res") if r in set(chosen.router)]
+    routers = [r for r in ROUTERS if r in set(chosen.router)]
     fig = make_subplots(
         rows=1,
         cols=len(routers),

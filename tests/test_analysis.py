@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import hf_qwen3, randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig, plotting
 from hooked_attnres.analysis import (

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import build_word_tokenizer, tiny_config, tiny_model
+from helpers import build_word_tokenizer, tiny_config, tiny_model
 
 from hooked_attnres import DepthState, HookedAttnRes, HookedAttnResConfig
 

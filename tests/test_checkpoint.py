@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
+from helpers import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
 
 import hooked_attnres.loading.own_format as own_format_module
 from hooked_attnres import CheckpointError, HookedAttnRes

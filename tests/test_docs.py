@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
 DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
 

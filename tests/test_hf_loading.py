@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_word_tokenizer, hf_qwen3, randomize_routing
+from helpers import build_word_tokenizer, hf_qwen3, randomize_routing
 from reference_attnres import reference_forward
 from safetensors import safe_open
 from safetensors.torch import save_file

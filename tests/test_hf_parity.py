@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_qwen3
+from helpers import hf_qwen3
 
 from hooked_attnres import HookedAttnRes
 

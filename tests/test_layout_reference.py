@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_qwen3, randomize_routing
+from helpers import hf_qwen3, randomize_routing
 from reference_attnres import model_router_params, reference_forward
 
 from hooked_attnres import HookedAttnRes

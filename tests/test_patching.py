@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_routing, tiny_model
+from helpers import randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 from hooked_attnres.patching import (

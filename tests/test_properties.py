@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import randomize_routing
+from helpers import randomize_routing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

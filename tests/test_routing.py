@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_routing, tiny_model
+from helpers import randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_routing, tiny_model
+from helpers import randomize_routing, tiny_model
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
-from conftest import hf_qwen3, randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, tiny_model
 from transformer_lens import ActivationCache
 from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name

@@ -143,7 +143,7 @@ def plan_ablations(
     layer_groups = _groups(model, groups, bands)
     plan = []
     for router in routers:
-        if router == "final_res":
+        if all(site.is_final for site in model.sites(router)):  # no layers to group
             router_groups: dict[str, list[int]] = {"final": []}
         else:
             router_groups = layer_groups

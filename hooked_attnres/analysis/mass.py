@@ -25,8 +25,10 @@ Positions = Union[str, Sequence[int], Tensor]
 def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]) -> str:
     """The band a layer (or a router site) belongs to (``"final"`` for the final router)."""
     if isinstance(layer, RouterSite):
+        if layer.is_final:
+            return "final"
         layer = layer.layer
-    if layer is None:
+    if layer is None:  # the final router given as (None, "final_res")
         return "final"
     for name, layers in bands.items():
         if layer in layers:

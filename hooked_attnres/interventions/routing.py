@@ -376,13 +376,9 @@ def commit_hook_name(model: HookedAttnRes, label: str) -> str:
             f"global patching takes source labels such as 'embedding' or 'block_1', "
             f"not {label!r}; indices and families name different blocks at different routers"
         )
-    if label == "embedding":
-        return "hook_embed"
-    layout = model.routing_layout
-    for layer in range(model.cfg.n_layers):
-        for sublayer, hook in (("attn", "hook_committed_mid"), ("mlp", "hook_committed_block")):
-            if layout.committed_label(layer, sublayer) == label:
-                return f"blocks.{layer}.{hook}"
+    hooks = model.routing_layout.commit_hooks()
+    if label in hooks:
+        return hooks[label]
     raise ValueError(
         f"{label!r} is not a committed source of this model; global patching takes 'embedding' "
         "or a committed block label (see model.source_labels); families name different blocks "

@@ -105,9 +105,7 @@ def check_routers(
         if routers is None
         else ((routers,) if isinstance(routers, str) else tuple(routers))
     )
-    layout.sites(kinds)  # unknown kinds
-    if "final_res" in kinds:
-        layout.site(None, "final_res")  # a layout without a final router
+    layout.sites(kinds)  # raises for unknown kinds and a missing final router
     return kinds
 
 

@@ -49,6 +49,8 @@ ROUTER_HOOKS: dict[str, str] = {
     "weights": "hook_weights",
     "out": "hook_out",
 }
+# the hook where a block is committed, by the sublayer that ends it (AttnResBlock creates them)
+COMMIT_HOOKS: dict[str, str] = {"attn": "hook_committed_mid", "mlp": "hook_committed_block"}
 NO_ROUTERS = "this model has attnres_layout='none' and therefore no routers"
 
 
@@ -269,7 +271,12 @@ class RoutingLayout:
 
     def sites(self, kinds: Union[None, str, Sequence[str]] = None) -> list[RouterSite]:
         """Every router site in forward order (the final router last), optionally only
-        those of some kinds; ``[]`` on layout ``"none"``."""
+        those of some kinds; ``[]`` on layout ``"none"``.
+
+        Raises:
+            ValueError: an unknown kind, or ``"final_res"`` asked for by name on a layout
+                without a final router.
+        """
         if not self.has_routers:
             return []
         wanted = (
@@ -278,6 +285,8 @@ class RoutingLayout:
         for kind in wanted:
             if kind not in ROUTERS:
                 raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        if kinds is not None and "final_res" in wanted:
+            self.site(None, "final_res")  # raises on a layout without a final router
         out = [
             self.site(layer, kind)
             for layer in range(self.n_layers)
@@ -342,6 +351,24 @@ class RoutingLayout:
         """The label of the block committed after ``sublayer`` (``"attn"`` / ``"mlp"``) of
         ``layer``, or ``None`` if nothing is committed there."""
         return self._walk()["commits"].get((layer, sublayer))
+
+    def commit_hook(self, layer: int, sublayer: str) -> Optional[str]:
+        """The hook through which every later reader sees the block committed after
+        ``sublayer`` (``"attn"`` / ``"mlp"``) of ``layer``: ``blocks.{l}.hook_committed_mid``
+        or ``blocks.{l}.hook_committed_block``; ``None`` if nothing is committed there."""
+        if sublayer not in COMMIT_HOOKS:
+            raise ValueError(f"sublayer must be one of {tuple(COMMIT_HOOKS)}, got {sublayer!r}")
+        if self.committed_label(layer, sublayer) is None:
+            return None
+        return f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}"
+
+    def commit_hooks(self) -> dict[str, str]:
+        """``{committed source label: the hook that commits it}``, ``"embedding"`` included
+        (``hook_embed``)."""
+        out = {"embedding": "hook_embed"} if self.has_routers else {}
+        for (layer, sublayer), label in self._walk()["commits"].items():
+            out[label] = f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}"
+        return out
 
     def state_signature(self, layer: int, sublayer: str = "attn") -> tuple[int, bool]:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``

@@ -1,0 +1,86 @@
+"""Helpers shared by the tests: tiny random models, a word-level tokenizer, all offline.
+
+Imported explicitly (``from helpers import tiny_model``); ``conftest.py`` holds only fixtures.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+
+LAYOUTS = ("cumulative", "kimi", "full", "none")
+
+
+def tiny_config(**overrides) -> HookedAttnResConfig:
+    """A small model config; any field can be overridden."""
+    values = dict(
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_vocab=50,
+        d_mlp=48,
+        n_ctx=32,
+        attnres_num_blocks=2,
+        seed=0,
+    )
+    values.update(overrides)
+    return HookedAttnResConfig(**values)
+
+
+def tiny_model(**overrides) -> HookedAttnRes:
+    return HookedAttnRes(tiny_config(**overrides))
+
+
+def randomize_routing(model: HookedAttnRes, seed: int = 0, scale: float = 1.0) -> HookedAttnRes:
+    """Give every router a non-trivial query, gain and bias (so routing depends on content)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".query"):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif name.endswith("key_norm.w"):
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("recency_bias"):
+                param.copy_(torch.randn((), generator=generator))
+    return model
+
+
+def hf_qwen3(seed: int = 0, perturb_norms: bool = True, **overrides) -> Qwen3ForCausalLM:
+    """A random ``Qwen3ForCausalLM`` (norm gains perturbed so that they matter)."""
+    values = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**values)).eval()
+    if perturb_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer with ``<unk>``, ``<pad>`` and ``<bos>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<bos>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>"
+    )
