@@ -1,8 +1,10 @@
-"""The hook table in docs/hooks.md matches the model, in both directions."""
+"""The docs match the code: the hook table of docs/hooks.md (both directions) and the
+reference forward quoted in docs/architecture.md."""
 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,13 @@ def test_every_documented_hook_exists_in_some_layout():
         names |= set(tiny_model(attnres_layout=layout, attnres_mode=mode).hook_dict)
     for pattern in documented_patterns():
         assert any(re.match(pattern, name) for name in names), pattern
+
+
+def test_architecture_doc_quotes_the_reference_forward_verbatim():
+    doc = (DOC.parent / "architecture.md").read_text()
+    quoted = doc.split("<!-- reference-forward -->")[1].split("<!-- /reference-forward -->")[0]
+    quoted = quoted.strip().removeprefix("```python").removesuffix("```").strip("\n")
+    source = (Path(__file__).parent / "reference_attnres.py").read_text()
+    body = source[source.index('    if layout == "cumulative":') :]
+    body = body[: body.index("weights\n") + len("weights")]
+    assert quoted == textwrap.dedent(body).strip("\n")
