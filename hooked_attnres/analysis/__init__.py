@@ -14,6 +14,15 @@ from hooked_attnres.analysis.effects import (
     run_ablations,
 )
 from hooked_attnres.analysis.mass import band_of, routing_mass, summarize_mass
+from hooked_attnres.analysis.motifs import (
+    CLAIMS,
+    PREREGISTERED,
+    Criteria,
+    motif_report,
+    motif_verdicts,
+    verdict_changes,
+    verdict_word,
+)
 from hooked_attnres.analysis.schedule import (
     RecencySchedule,
     recency_schedule,
@@ -22,6 +31,13 @@ from hooked_attnres.analysis.schedule import (
 )
 
 __all__ = [
+    "CLAIMS",
+    "PREREGISTERED",
+    "Criteria",
+    "motif_report",
+    "motif_verdicts",
+    "verdict_changes",
+    "verdict_word",
     "METRICS",
     "PlannedAblation",
     "RecencySchedule",

@@ -24,8 +24,11 @@ _MOVED = (
 
 def __getattr__(name: str):
     if name == "STUDY_SEEDS":  # unused since 0.1; the study finds the seeds it is given
-        warnings.warn("hooked_attnres.training.STUDY_SEEDS is deprecated and will be removed",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "hooked_attnres.training.STUDY_SEEDS is deprecated and will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return (0, 1, 2)
     if name in _MOVED:
         warnings.warn(

@@ -1,0 +1,402 @@
+"""The seed paper's routing motifs and mass-versus-effect dissociations, as pre-registered tests.
+
+The criteria are those written in ``docs/study.md`` ("Pre-registered criteria", 2026-11-28)
+before any condition of the grid was measured; `PREREGISTERED` holds their thresholds and
+`motif_report` applies them to the tables every study produces. Verdicts are generated
+from the numbers (`verdict_sentences`), never typed by hand.
+
+Motifs (family, router type, band), present in a seed when the ablation effect there is
+(1) harmful with a 95 % interval excluding 0, (2) at least 5 % of the clean logit
+difference or at least 2 accuracy points, and (3) the family's most harmful band at that
+router type:
+
+* M1: ``embedding`` through early MLP routers;
+* M2: ``current`` through early attention **and** MLP routers (M2-attn, M2-mlp alone);
+* M3: ``older`` through late attention routers.
+
+Dissociations (group ``all``): D1 per router type (the top-mass family is not the
+top-effect family and their effect intervals are separated); D2 in MLP routers
+(embedding mass < 0.5 x current mass while embedding harm >= 2 x current harm, embedding's
+interval excluding 0); D3 per router type (``prev_completed`` mass >= 0.10 and its effect
+interval contains 0 or its effect is < 10 % of the top family's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
+
+BANDS = ("early", "middle", "late")
+ROUTER_NAMES = {"attn_res": "attention", "mlp_res": "MLP"}
+# claim -> (family, router types, band, description)
+MOTIFS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "M1": ("embedding", ("mlp_res",), "early", "embedding through early MLP routers"),
+    "M2": (
+        "current",
+        ("attn_res", "mlp_res"),
+        "early",
+        "current through early attention and MLP routers",
+    ),
+    "M2-attn": ("current", ("attn_res",), "early", "current through early attention routers"),
+    "M2-mlp": ("current", ("mlp_res",), "early", "current through early MLP routers"),
+    "M3": ("older", ("attn_res",), "late", "older history through late attention routers"),
+}
+DISSOCIATIONS = {
+    "D1-attn_res": "attention routers: the top-mass family is not the top-effect family",
+    "D1-mlp_res": "MLP routers: the top-mass family is not the top-effect family",
+    "D2": "MLP routers: embedding has < 0.5x current's mass and >= 2x its effect",
+    "D3-attn_res": "attention routers: prev_completed has >= 0.10 mass and no detectable effect",
+    "D3-mlp_res": "MLP routers: prev_completed has >= 0.10 mass and no detectable effect",
+}
+CLAIMS = (*MOTIFS, *DISSOCIATIONS)
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """Thresholds of the criteria (the defaults are the pre-registered ones).
+
+    Attributes:
+        min_effect_fraction: a motif's harm must be at least this fraction of the clean
+            logit difference ...
+        min_accuracy_drop: ... or the accuracy must fall by at least this much (0.02 = 2
+            points).
+        d2_mass_ratio: D2: embedding mass below this times current mass.
+        d2_effect_ratio: D2: embedding harm at least this times current harm.
+        d3_min_mass: D3: prev_completed mass at least this.
+        d3_max_effect_fraction: D3: or its |effect| below this fraction of the top harm.
+    """
+
+    min_effect_fraction: float = 0.05
+    min_accuracy_drop: float = 0.02
+    d2_mass_ratio: float = 0.5
+    d2_effect_ratio: float = 2.0
+    d3_min_mass: float = 0.10
+    d3_max_effect_fraction: float = 0.10
+
+
+PREREGISTERED = Criteria()
+
+
+def _effect_rows(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
+    chosen = effects[effects.metric == metric]
+    if chosen.empty:
+        raise ValueError(
+            f"the effects table has no {metric!r} rows; run ablation_effects with "
+            f"metrics including {metric!r}"
+        )
+    return chosen.set_index(["router", "group", "family"])
+
+
+def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
+    table = mass_summary
+    if "band" in table.columns:
+        table = table[table.band == "all"]
+    if table.duplicated(["router", "family"]).any():
+        raise ValueError(
+            "mass_summary has several rows per router and family; pass one seed's "
+            "summary over all layers (band 'all')"
+        )
+    return table.set_index(["router", "family"]).mass
+
+
+def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
+    for name, table, columns in (
+        ("mass_summary", mass_summary, {"router", "family", "mass"}),
+        (
+            "effects",
+            effects,
+            {"router", "group", "family", "metric", "effect", "ci_low", "ci_high", "clean"},
+        ),
+    ):
+        missing = columns - set(table.columns)
+        if missing:
+            raise ValueError(f"{name} lacks the columns {sorted(missing)}")
+    groups = set(effects.group)
+    needed = {*BANDS, "all"} - groups
+    if needed:
+        raise ValueError(
+            f"the effects table needs the groups {sorted({*BANDS, 'all'})} (depth "
+            f"bands and 'all'); it lacks {sorted(needed)}: run ablation_effects("
+            "groups={**depth_bands(n_layers), 'all': range(n_layers)})"
+        )
+
+
+def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Criteria) -> list[dict]:
+    _check_inputs(mass_summary, effects)
+    logit = _effect_rows(effects, "logit_diff")
+    accuracy = _effect_rows(effects, "accuracy") if "accuracy" in set(effects.metric) else None
+    if logit.index.duplicated().any():
+        raise ValueError(
+            "the effects table has several rows per router, group and family; pass "
+            "one model seed at a time (motif_report splits by a 'seed' column)"
+        )
+    mass = _all_layer_mass(mass_summary)
+    clean = float(logit.clean.iloc[0])
+    rows: list[dict] = []
+
+    def cell(router: str, group: str, family: str) -> pd.Series:
+        return logit.loc[(router, group, family)]
+
+    def motif_part(family: str, router: str, band: str) -> dict:
+        here = cell(router, band, family)
+        harms = {b: -float(cell(router, b, family).effect) for b in BANDS}
+        acc = float(accuracy.loc[(router, band, family)].effect) if accuracy is not None else np.nan
+        harmful = bool(here.ci_high < 0)
+        large = bool(
+            -here.effect >= criteria.min_effect_fraction * clean
+            or (not np.isnan(acc) and acc <= -criteria.min_accuracy_drop)
+        )
+        localised = harms[band] >= max(harms.values())
+        return dict(
+            effect=float(here.effect),
+            ci_low=float(here.ci_low),
+            ci_high=float(here.ci_high),
+            clean=clean,
+            effect_fraction=float(-here.effect / clean) if clean else np.nan,
+            accuracy_effect=acc,
+            harmful=harmful,
+            large=large,
+            localised=localised,
+            largest_band=max(harms, key=lambda b: harms[b]),
+            present=harmful and large and localised,
+        )
+
+    for claim, (family, routers, band, _) in MOTIFS.items():
+        parts = [motif_part(family, router, band) for router in routers]
+        row = dict(
+            claim=claim,
+            kind="motif",
+            family=family,
+            router="+".join(routers),
+            band=band,
+            present=all(p["present"] for p in parts),
+        )
+        if len(parts) == 1:
+            row.update({k: v for k, v in parts[0].items() if k != "present"})
+        else:  # M2: the numbers are those of its parts, M2-attn and M2-mlp
+            row.update(clean=clean)
+        rows.append(row)
+
+    def family_table(router: str) -> pd.DataFrame:
+        out = []
+        for family in FAMILIES:
+            e = cell(router, "all", family)
+            out.append(
+                dict(
+                    family=family,
+                    mass=float(mass.get((router, family), 0.0)),
+                    effect=float(e.effect),
+                    ci_low=float(e.ci_low),
+                    ci_high=float(e.ci_high),
+                    harm=-float(e.effect),
+                )
+            )
+        return pd.DataFrame(out).set_index("family")
+
+    for router in SUBLAYER_ROUTERS:
+        table = family_table(router)
+        top_mass = str(table.mass.idxmax())
+        top_effect = str(table.harm.idxmax())
+        separated = bool(table.loc[top_effect, "ci_high"] < table.loc[top_mass, "ci_low"])
+        rows.append(
+            dict(
+                claim=f"D1-{router}",
+                kind="dissociation",
+                router=router,
+                top_mass=top_mass,
+                top_effect=top_effect,
+                separated=separated,
+                present=top_mass != top_effect and separated,
+            )
+        )
+        pc = table.loc["prev_completed"]
+        top_harm = float(table.harm.max())
+        no_effect = bool(
+            pc.ci_low <= 0 <= pc.ci_high
+            or abs(pc.effect) < criteria.d3_max_effect_fraction * top_harm
+        )
+        rows.append(
+            dict(
+                claim=f"D3-{router}",
+                kind="dissociation",
+                router=router,
+                family="prev_completed",
+                mass=float(pc.mass),
+                effect=float(pc.effect),
+                ci_low=float(pc.ci_low),
+                ci_high=float(pc.ci_high),
+                top_effect=top_effect,
+                top_harm=top_harm,
+                present=bool(pc.mass >= criteria.d3_min_mass) and no_effect,
+            )
+        )
+    mlp = family_table("mlp_res")
+    emb, cur = mlp.loc["embedding"], mlp.loc["current"]
+    mass_ok = bool(emb.mass < criteria.d2_mass_ratio * cur.mass)
+    effect_ok = bool(emb.harm >= criteria.d2_effect_ratio * max(cur.harm, 0.0) and emb.ci_high < 0)
+    rows.append(
+        dict(
+            claim="D2",
+            kind="dissociation",
+            router="mlp_res",
+            mass_embedding=float(emb.mass),
+            mass_current=float(cur.mass),
+            effect_embedding=float(emb.effect),
+            effect_current=float(cur.effect),
+            ci_high_embedding=float(emb.ci_high),
+            present=mass_ok and effect_ok,
+        )
+    )
+    order = {claim: i for i, claim in enumerate(CLAIMS)}
+    return sorted(rows, key=lambda r: order[r["claim"]])
+
+
+def motif_report(
+    mass_summary: pd.DataFrame,
+    effects: pd.DataFrame,
+    criteria: Criteria = PREREGISTERED,
+    by: Optional[list[str]] = None,
+) -> pd.DataFrame:
+    """Every pre-registered claim, per model seed (and per any other grouping column).
+
+    Args:
+        mass_summary: `summarize_mass` by ``(router, family)`` over every layer, or the
+            study's summary by ``(router, band, family)`` (its ``band == "all"`` rows are
+            used).
+        effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
+            default depth bands) and ``all``, and the metric ``logit_diff`` (``accuracy``
+            too, for the 2-point motif criterion).
+        criteria: the thresholds (default: the pre-registered ones).
+        by: columns that identify one model, present in both tables (default: those of
+            ``condition`` and ``seed`` that exist).
+
+    Returns:
+        One row per model and claim (`CLAIMS`): ``claim``, ``kind`` (motif /
+        dissociation), ``present`` and the numbers it was decided from (effects with
+        intervals, the clean logit difference, masses, the top-mass / top-effect
+        families, ...), plus the ``by`` columns.
+    """
+    if by is None:
+        by = [
+            c for c in ("condition", "seed") if c in effects.columns and c in mass_summary.columns
+        ]
+    if not by:
+        return pd.DataFrame(_one_seed(mass_summary, effects, criteria))
+    rows = []
+    for key, part in effects.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        selector = np.ones(len(mass_summary), dtype=bool)
+        for column, value in zip(by, key, strict=True):
+            selector &= (mass_summary[column] == value).to_numpy()
+        mass = mass_summary[selector]
+        if mass.empty:
+            raise ValueError(f"mass_summary has no rows for {dict(zip(by, key, strict=True))}")
+        for row in _one_seed(mass, part, criteria):
+            rows.append({**dict(zip(by, key, strict=True)), **row})
+    return pd.DataFrame(rows)
+
+
+def verdict_word(k: int, n: int) -> str:
+    """``replicated`` (k = n), ``majority`` (n/2 < k < n), ``minority`` (0 < k <= n/2) or
+    ``absent`` (k = 0): the pre-registered summary of "present in k of n seeds"."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if k == n:
+        return "replicated"
+    if k == 0:
+        return "absent"
+    return "majority" if k > n / 2 else "minority"
+
+
+def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.DataFrame:
+    """Claims across seeds: one row per claim (and per ``by`` group, default
+    ``condition`` when present) with ``k`` (seeds where present), ``n``, ``verdict``
+    (`verdict_word`) and ``sentence`` (generated from the numbers)."""
+    if by is None:
+        by = [c for c in ("condition",) if c in report.columns]
+    rows = []
+    groups = report.groupby(by, sort=False) if by else [((), report)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        for claim in CLAIMS:
+            rows_claim = part[part.claim == claim]
+            if rows_claim.empty:
+                continue
+            k, n = int(rows_claim.present.sum()), len(rows_claim)
+            rows.append(
+                {
+                    **dict(zip(by, key, strict=True)),
+                    "claim": claim,
+                    "k": k,
+                    "n": n,
+                    "verdict": verdict_word(k, n),
+                    "sentence": _sentence(claim, part, k, n),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _fmt_effect(row: pd.Series) -> str:
+    return f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+
+
+def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
+    """ "M1 (...): present in k of n seeds (verdict). seed 0: ...; seed 1: ...": the verdict
+    and, per seed, the numbers it was decided from."""
+    rows = report[report.claim == claim]
+    seeds = rows.seed.tolist() if "seed" in rows.columns else list(range(len(rows)))
+    what = MOTIFS[claim][3] if claim in MOTIFS else DISSOCIATIONS[claim]
+    head = (
+        f"{claim} ({what}): present in {k} of {n} seed{'s' if n != 1 else ''} "
+        f"({verdict_word(k, n)})"
+    )
+    details = []
+    for seed, (_, row) in zip(seeds, rows.iterrows(), strict=True):
+        if claim == "M2":
+            parts = []
+            for part in ("M2-attn", "M2-mlp"):
+                match = report[
+                    (report.claim == part)
+                    & ((report.seed == seed) if "seed" in report.columns else True)
+                ]
+                parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
+            details.append(f"seed {seed}: {', '.join(parts)}")
+        elif claim in MOTIFS:
+            details.append(
+                f"seed {seed}: effect {_fmt_effect(row)} logits = "
+                f"{100 * row.effect_fraction:.1f} % of the clean {row.clean:.2f}, most "
+                f"harmful band {row.largest_band}"
+            )
+        elif claim.startswith("D1"):
+            details.append(
+                f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}"
+                f"{'' if row.separated else ' (intervals overlap)'}"
+            )
+        elif claim == "D2":
+            details.append(
+                f"seed {seed}: mass {row.mass_embedding:.3f} vs {row.mass_current:.3f},"
+                f" effect {row.effect_embedding:+.2f} vs {row.effect_current:+.2f}"
+            )
+        else:
+            details.append(
+                f"seed {seed}: mass {row.mass:.3f}, effect {_fmt_effect(row)} (top "
+                f"family {row.top_effect}, harm {row.top_harm:.2f})"
+            )
+    return head + ". " + "; ".join(details) + "."
+
+
+def verdict_changes(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed claims whose ``present`` differs between two `motif_report` tables of the
+    same models (e.g. two disjoint sets of held-out prompts): the robustness check."""
+    keys = [c for c in ("condition", "seed", "claim") if c in first.columns and c in second.columns]
+    merged = first[keys + ["present"]].merge(
+        second[keys + ["present"]], on=keys, suffixes=("_first", "_second")
+    )
+    if len(merged) != len(first) or len(merged) != len(second):
+        raise ValueError("the two reports do not cover the same models and claims")
+    return merged[merged.present_first != merged.present_second].reset_index(drop=True)

@@ -1,0 +1,235 @@
+"""The pre-registered motif and dissociation detector on synthetic tables with known answers:
+each criterion true, false, and at its boundary (docs/study.md, "Pre-registered criteria")."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from hooked_attnres.analysis import (
+    CLAIMS,
+    motif_report,
+    motif_verdicts,
+    verdict_changes,
+    verdict_word,
+)
+
+FAMILIES = ("embedding", "older", "prev_completed", "current")
+GROUPS = ("early", "middle", "late", "all")
+
+
+def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
+    """(mass_summary, effects): every effect 0 with interval [-0.01, 0.01], accuracy effects 0,
+    masses 0.25, except the given ``{(router, group, family): (effect, low, high)}``,
+    ``{(router, group, family): accuracy effect}`` and ``{(router, family): mass}``."""
+    effects, accuracy, mass = effects or {}, accuracy or {}, mass or {}
+    rows = []
+    for router in ("attn_res", "mlp_res"):
+        for group in GROUPS:
+            for family in FAMILIES:
+                e, lo, hi = effects.get((router, group, family), (0.0, -0.01, 0.01))
+                rows.append(
+                    dict(
+                        router=router,
+                        group=group,
+                        family=family,
+                        metric="logit_diff",
+                        clean=clean,
+                        effect=e,
+                        ci_low=lo,
+                        ci_high=hi,
+                    )
+                )
+                a = accuracy.get((router, group, family), 0.0)
+                rows.append(
+                    dict(
+                        router=router,
+                        group=group,
+                        family=family,
+                        metric="accuracy",
+                        clean=1.0,
+                        effect=a,
+                        ci_low=a - 0.01,
+                        ci_high=a + 0.01,
+                    )
+                )
+    summary = pd.DataFrame(
+        [
+            dict(router=r, band="all", family=f, mass=mass.get((r, f), 0.25))
+            for r in ("attn_res", "mlp_res")
+            for f in FAMILIES
+        ]
+    )
+    effect_table = pd.DataFrame(rows)
+    if seed is not None:
+        summary["seed"], effect_table["seed"] = seed, seed
+    return summary, effect_table
+
+
+def present(report, claim) -> bool:
+    return bool(report.set_index("claim").loc[claim, "present"])
+
+
+def harmful(effect, width=0.2):
+    return (effect, effect - width, effect + width)
+
+
+def test_where_nothing_matters_only_d3_holds():
+    report = motif_report(*tables())
+    assert list(report.claim) == list(CLAIMS)
+    # prev_completed carries 0.25 of the mass with no effect: D3 by its definition
+    assert set(report.claim[report.present]) == {"D3-attn_res", "D3-mlp_res"}
+
+
+@pytest.mark.parametrize(
+    "claim,router,band,family",
+    [
+        ("M1", "mlp_res", "early", "embedding"),
+        ("M2-attn", "attn_res", "early", "current"),
+        ("M2-mlp", "mlp_res", "early", "current"),
+        ("M3", "attn_res", "late", "older"),
+    ],
+)
+def test_each_motif_is_found_where_it_is_and_nowhere_else(claim, router, band, family):
+    report = motif_report(*tables({(router, band, family): harmful(-1.0)}))
+    assert present(report, claim)
+    assert set(report.claim[report.present & (report.kind == "motif")]) == {claim}
+    other_band = "middle"
+    moved = motif_report(*tables({(router, other_band, family): harmful(-1.0)}))
+    assert not present(moved, claim)
+
+
+def test_m2_needs_both_router_types():
+    one = motif_report(*tables({("attn_res", "early", "current"): harmful(-1.0)}))
+    assert present(one, "M2-attn") and not present(one, "M2-mlp") and not present(one, "M2")
+    both = motif_report(
+        *tables(
+            {
+                ("attn_res", "early", "current"): harmful(-1.0),
+                ("mlp_res", "early", "current"): harmful(-1.0),
+            }
+        )
+    )
+    assert present(both, "M2") and present(both, "M2-attn") and present(both, "M2-mlp")
+
+
+def test_motif_criterion_1_the_interval_must_exclude_zero():
+    cell = ("mlp_res", "early", "embedding")
+    assert present(motif_report(*tables({cell: (-1.0, -1.5, -1e-9)})), "M1")
+    assert not present(motif_report(*tables({cell: (-1.0, -1.5, 0.0)})), "M1")  # boundary
+    assert not present(motif_report(*tables({cell: (-1.0, -2.0, 0.3)})), "M1")
+
+
+def test_motif_criterion_2_five_percent_of_the_clean_logit_difference_or_two_points():
+    cell = ("mlp_res", "early", "embedding")
+    assert present(motif_report(*tables({cell: harmful(-1.0)}, clean=20.0)), "M1")  # exactly 5 %
+    assert not present(motif_report(*tables({cell: harmful(-0.999)}, clean=20.0)), "M1")
+    small = {cell: harmful(-0.5, width=0.1)}  # 2.5 % of 20
+    assert present(motif_report(*tables(small, accuracy={cell: -0.02}, clean=20.0)), "M1")
+    assert not present(motif_report(*tables(small, accuracy={cell: -0.0199}, clean=20.0)), "M1")
+
+
+def test_motif_criterion_3_the_band_must_be_the_most_harmful():
+    cell = ("mlp_res", "early", "embedding")
+    stronger_later = {cell: harmful(-1.0), ("mlp_res", "late", "embedding"): harmful(-1.5)}
+    assert not present(motif_report(*tables(stronger_later)), "M1")
+    tie = {cell: harmful(-1.0), ("mlp_res", "middle", "embedding"): harmful(-1.0)}
+    assert present(motif_report(*tables(tie)), "M1")  # a tie counts as localised
+    report = motif_report(*tables(stronger_later)).set_index("claim")
+    assert report.loc["M1", "largest_band"] == "late"
+
+
+def test_d1_top_mass_is_not_top_effect_with_separated_intervals():
+    mass = {("attn_res", "current"): 0.6, ("attn_res", "embedding"): 0.1}
+    separated = {
+        ("attn_res", "all", "embedding"): (-2.0, -2.5, -1.5),
+        ("attn_res", "all", "current"): (-0.5, -1.0, 0.0),
+    }
+    assert present(motif_report(*tables(separated, mass=mass)), "D1-attn_res")
+    touching = {
+        ("attn_res", "all", "embedding"): (-2.0, -2.5, -1.0),
+        ("attn_res", "all", "current"): (-0.5, -1.0, 0.0),
+    }
+    assert not present(motif_report(*tables(touching, mass=mass)), "D1-attn_res")  # boundary
+    same = {("attn_res", "all", "current"): (-2.0, -2.5, -1.5)}
+    report = motif_report(*tables(same, mass=mass))
+    assert not present(report, "D1-attn_res") and not present(report, "D1-mlp_res")
+
+
+def test_d2_embedding_mass_below_half_and_effect_at_least_twice_current():
+    def d2(mass_embedding, effect_embedding, effect_current=(-0.5, -0.7, -0.3)):
+        mass = {("mlp_res", "embedding"): mass_embedding, ("mlp_res", "current"): 0.4}
+        effects = {
+            ("mlp_res", "all", "embedding"): effect_embedding,
+            ("mlp_res", "all", "current"): effect_current,
+        }
+        return present(motif_report(*tables(effects, mass=mass)), "D2")
+
+    assert d2(0.19, (-1.0, -1.2, -0.8))
+    assert not d2(0.2, (-1.0, -1.2, -0.8))  # mass exactly 0.5x: not below
+    assert d2(0.19, (-1.0, -1.2, -0.8))  # effect exactly 2x: enough
+    assert not d2(0.19, (-0.999, -1.2, -0.8))
+    assert not d2(0.19, (-1.0, -2.0, 0.5))  # embedding's interval contains 0
+    # a current effect of about zero does not make any embedding effect "twice" it
+    assert d2(0.19, (-0.3, -0.4, -0.2), effect_current=(0.1, 0.0, 0.2))
+
+
+def test_d3_prev_completed_mass_without_detectable_effect():
+    def d3(mass_pc, effect_pc, top=(-10.0, -11.0, -9.0)):
+        effects = {
+            ("attn_res", "all", "prev_completed"): effect_pc,
+            ("attn_res", "all", "current"): top,
+        }
+        return present(
+            motif_report(*tables(effects, mass={("attn_res", "prev_completed"): mass_pc})),
+            "D3-attn_res",
+        )
+
+    assert d3(0.10, (0.0, -0.1, 0.1))  # exactly the mass threshold
+    assert not d3(0.0999, (0.0, -0.1, 0.1))
+    assert d3(0.2, (-0.999, -1.1, -0.9))  # excludes 0 but < 10 % of the top harm (10)
+    assert not d3(0.2, (-1.0, -1.1, -0.9))  # exactly 10 %: not below
+
+
+def test_verdicts_across_seeds_say_k_of_n_and_the_preregistered_word():
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)} if seed < 2 else {}, seed=seed) for seed in range(3)]
+    report = motif_report(pd.concat([p[0] for p in parts]), pd.concat([p[1] for p in parts]))
+    assert list(report.seed.unique()) == [0, 1, 2]
+    verdicts = motif_verdicts(report).set_index("claim")
+    assert (verdicts.loc["M1", "k"], verdicts.loc["M1", "n"]) == (2, 3)
+    assert verdicts.loc["M1", "verdict"] == "majority"
+    assert verdicts.loc["M3", "verdict"] == "absent"
+    sentence = verdicts.loc["M1", "sentence"]
+    assert sentence.startswith("M1 (embedding through early MLP routers): present in 2 of 3 seeds")
+    assert "seed 0: effect -1.00 [-1.20, -0.80] logits = 10.0 % of the clean 10.00" in sentence
+    assert [verdict_word(k, 3) for k in range(4)] == [
+        "absent",
+        "minority",
+        "majority",
+        "replicated",
+    ]
+    assert verdict_word(1, 2) == "minority" and verdict_word(1, 1) == "replicated"
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        verdict_word(4, 3)
+
+
+def test_verdict_changes_between_two_prompt_sets():
+    cell = ("mlp_res", "early", "embedding")
+    first = motif_report(*tables({cell: harmful(-1.0)}, seed=0))
+    second = motif_report(*tables({}, seed=0))
+    changed = verdict_changes(first, second)
+    assert list(changed.claim) == ["M1"] and bool(changed.present_first.iloc[0])
+    assert verdict_changes(first, first).empty
+
+
+def test_bad_tables_are_refused_with_what_to_do():
+    summary, effects = tables()
+    with pytest.raises(ValueError, match="needs the groups"):
+        motif_report(summary, effects[effects.group != "all"])
+    with pytest.raises(ValueError, match="lacks the columns"):
+        motif_report(summary.drop(columns="mass"), effects)
+    with pytest.raises(ValueError, match="no 'logit_diff' rows"):
+        motif_report(summary, effects[effects.metric == "accuracy"])
+    with pytest.raises(ValueError, match="several rows per router, group and family"):
+        motif_report(summary, pd.concat([effects, effects]), by=[])
