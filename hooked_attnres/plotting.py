@@ -1,7 +1,12 @@
 """Plotly figures for routing and mass-versus-effect analyses.
 
-Every function returns a ``plotly.graph_objects.Figure``; `save_html` writes a
-self-contained file (plotly.js inlined, so it opens offline).
+Every function returns a ``plotly.graph_objects.Figure`` with a title and axis labels that
+sizes to its container (``autosize``). Colour scales come from the data (routing mass:
+0 to its largest value; signed results: symmetric around 0 up to the largest magnitude),
+missing cells are blank, and ablation effects are shown as a percentage of the clean logit
+difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %.
+`save_html` writes a self-contained file (plotly.js inlined, so it opens offline);
+`figure_div` gives the figure as an HTML fragment for a page that includes plotly.js once.
 """
 
 from __future__ import annotations
@@ -26,19 +31,71 @@ FAMILY_COLORS = {
     "prev_completed": "#ff7f0e",
     "current": "#d62728",
 }
+SEED_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 ROUTER_TITLES = {
     "attn_res": "attention routers",
     "mlp_res": "MLP routers",
     "final_res": "final router",
 }
+CONFIG = {"responsive": True, "displaylogo": False}  # plotly's config for every page
 
 
 def save_html(fig: go.Figure, path: Union[str, Path]) -> Path:
     """Write ``fig`` as a self-contained HTML file (works offline); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True, config=CONFIG)
     return path
+
+
+def figure_div(fig: go.Figure) -> str:
+    """``fig`` as an HTML ``<div>`` (plus its script) for a page that loads plotly.js once
+    (`plotly_js`)."""
+    return fig.to_html(include_plotlyjs=False, full_html=False, config=CONFIG)
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle, to inline once in a self-contained page."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _cell_text(z: np.ndarray, digits: int = 2) -> list[list[str]]:
+    """Cell labels: the value rounded, blank where it is missing (never "NaN")."""
+    return [["" if np.isnan(v) else f"{v:.{digits}f}" for v in row] for row in np.asarray(z, float)]
+
+
+def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(title=title, height=height, autosize=True, margin=dict(t=80, l=70, r=30))
+    return fig
+
+
+def _bar(x, y, low, high, name: str, color, hover: str, showlegend: bool = True, **kw) -> go.Bar:
+    """A bar series with asymmetric interval whiskers from ``low`` to ``high``."""
+    y, low, high = (np.asarray(v, dtype=float) for v in (y, low, high))
+    return go.Bar(
+        x=list(x),
+        y=y,
+        name=name,
+        marker_color=color,
+        showlegend=showlegend,
+        error_y=dict(type="data", symmetric=False, array=high - y, arrayminus=y - low),
+        hovertemplate=hover,
+        **kw,
+    )
+
+
+def _scale(effects: pd.DataFrame, relative: bool) -> tuple[pd.Series, str]:
+    """The factor that turns effects into the plotted unit, and the unit's name."""
+    if not relative:
+        return pd.Series(1.0, index=effects.index), "logits"
+    if (effects.clean <= 0).any():
+        raise ValueError(
+            "relative=True divides effects by the clean logit difference, which "
+            "is <= 0 for some rows; plot with relative=False"
+        )
+    return 100.0 / effects.clean, "% of the clean logit difference"
 
 
 def routing_heatmap(
@@ -46,48 +103,52 @@ def routing_heatmap(
     routers: Optional[Sequence[str]] = None,
     title: str = "Routing mass by family",
 ) -> go.Figure:
-    """Layer x family heatmap of mean routing mass, one panel per router type.
+    """Layer x family heatmap of mean routing mass, one panel per router type (one colour
+    scale from 0 to the largest mean mass).
 
     Args:
         mass: `hooked_attnres.analysis.routing_mass` output (per prompt; averaged here).
         routers: which router types (default: those in ``mass``, sublayer routers only).
     """
     routers = [r for r in (routers or ("attn_res", "mlp_res")) if r in set(mass.router)]
+    tables = {
+        router: mass[mass.router == router]
+        .groupby(["layer", "family"])
+        .mass.mean()
+        .unstack("family")
+        .reindex(columns=list(FAMILIES))
+        for router in routers
+    }
+    top = max(float(np.nanmax(t.to_numpy())) for t in tables.values())
     fig = make_subplots(
         rows=1,
         cols=len(routers),
-        subplot_titles=[ROUTER_TITLES[r] for r in routers],
         shared_yaxes=True,
         horizontal_spacing=0.08,
+        subplot_titles=[ROUTER_TITLES[r] for r in routers],
     )
-    for col, router in enumerate(routers, start=1):
-        table = (
-            mass[mass.router == router]
-            .groupby(["layer", "family"])
-            .mass.mean()
-            .unstack("family")
-            .reindex(columns=list(FAMILIES))
-        )
+    for col, (router, table) in enumerate(tables.items(), start=1):
+        z = table.to_numpy()
         fig.add_trace(
             go.Heatmap(
-                z=table.to_numpy(),
+                z=z,
                 x=list(FAMILIES),
-                y=[f"layer {l}" for l in table.index],
+                y=[f"layer {layer}" for layer in table.index],
                 zmin=0,
-                zmax=1,
+                zmax=top,
                 colorscale="Viridis",
                 showscale=col == len(routers),
                 colorbar=dict(title="mass"),
-                hovertemplate="%{y}, %{x}: %{z:.3f}<extra>" + router + "</extra>",
-                text=np.round(table.to_numpy(), 2),
+                text=_cell_text(z),
                 texttemplate="%{text}",
+                hovertemplate="%{y}, %{x}: %{z:.3f}<extra>" + router + "</extra>",
             ),
             row=1,
             col=col,
         )
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title, height=120 + 40 * mass.layer.nunique(), width=420 * len(routers))
-    return fig
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_xaxes(title_text="source family")
+    return _finish(fig, title, 160 + 40 * mass.layer.nunique())
 
 
 def source_heatmap(
@@ -98,11 +159,11 @@ def source_heatmap(
     title: Optional[str] = None,
 ) -> go.Figure:
     """Layer x source heatmap of routing weights from a cache (cells of sources a layer
-    does not have are blank).
+    does not have are blank; colours from 0 to the largest weight).
 
     Args:
         model, cache: a routed model and ``run_with_cache`` output.
-        router: ``"attn_res"`` or ``"mlp_res"``.
+        router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
         positions: ``"all"`` (mean over batch and positions) or one position.
     """
     columns: list[str] = []
@@ -116,7 +177,7 @@ def source_heatmap(
             if label not in columns:
                 columns.append(label)
         rows.append(dict(zip(labels, weights.tolist(), strict=True)))
-    order = [c for c in columns if c not in ("current",)] + ["current"]
+    order = [c for c in columns if c != "current"] + ["current"]
     z = np.array([[row.get(c, np.nan) for c in order] for row in rows])
     fig = go.Figure(
         go.Heatmap(
@@ -124,20 +185,60 @@ def source_heatmap(
             x=order,
             y=["final" if site.is_final else f"layer {site.layer}" for site in sites],
             zmin=0,
-            zmax=1,
+            zmax=float(np.nanmax(z)),
             colorscale="Viridis",
             colorbar=dict(title="weight"),
-            text=np.round(z, 2),
+            text=_cell_text(z),
             texttemplate="%{text}",
+            hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>",
         )
     )
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(
-        title=title or f"Routing weights, {ROUTER_TITLES[router]}",
-        height=120 + 40 * len(rows),
-        width=140 + 80 * len(order),
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(title_text="source")
+    where = "mean over prompts and positions" if positions == "all" else f"position {positions}"
+    return _finish(
+        fig, title or f"Routing weights, {ROUTER_TITLES[router]} ({where})", 160 + 40 * len(rows)
     )
-    return fig
+
+
+def patching_heatmap(
+    values,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    title: str,
+    value_name: str = "patched metric",
+    x_title: str = "position",
+    y_title: str = "layer",
+) -> go.Figure:
+    """A heatmap of a patching result (any ``[rows, columns]`` array), with a diverging
+    colour scale symmetric around 0 up to the largest magnitude (so values of 1e-4 are as
+    visible as values of 1), missing cells (NaN) blank."""
+    z = np.asarray(values, dtype=float)
+    if z.ndim != 2 or z.shape != (len(row_labels), len(column_labels)):
+        raise ValueError(
+            f"values must be [rows, columns] = [{len(row_labels)}, "
+            f"{len(column_labels)}], got shape {z.shape}"
+        )
+    bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    bound = bound or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(column_labels),
+            y=list(row_labels),
+            zmin=-bound,
+            zmax=bound,
+            zmid=0,
+            colorscale="RdBu",
+            colorbar=dict(title=value_name),
+            text=_cell_text(z, 3),
+            texttemplate="%{text}",
+            hovertemplate="%{y}, %{x}: %{z:.4g}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", title_text=y_title)
+    fig.update_xaxes(title_text=x_title)
+    return _finish(fig, title, 160 + 34 * len(row_labels))
 
 
 def _merged(
@@ -155,22 +256,32 @@ def mass_effect_bars(
     metric: str = "logit_diff",
     group: str = "all",
     title: Optional[str] = None,
+    relative: bool = True,
 ) -> go.Figure:
-    """Per router type: routing mass (top) and ablation effect (bottom) of each family,
-    with bootstrap-interval whiskers.
+    """Per router type: routing mass (top row) and ablation effect (bottom row) of each
+    family, with bootstrap-interval whiskers; each row shares its y-axis.
 
     Args:
         mass_summary: `summarize_mass(mass, by=("router", "family"))`.
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
+        relative: effects as a percentage of the clean logit difference (``logit_diff``
+            only); ``False``: in the metric's own unit.
     """
     merged = _merged(mass_summary, effects, metric, group)
+    factor, unit = _scale(merged, relative and metric == "logit_diff")
+    merged = merged.assign(
+        effect=merged.effect * factor,
+        ci_low=merged.ci_low * factor,
+        ci_high=merged.ci_high * factor,
+    )
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
         rows=2,
         cols=len(routers),
         shared_xaxes=True,
-        vertical_spacing=0.08,
-        subplot_titles=[ROUTER_TITLES[r] for r in routers] + [""] * len(routers),
+        shared_yaxes="rows",
+        vertical_spacing=0.1,
+        subplot_titles=[ROUTER_TITLES[r] for r in routers],
     )
     for col, router in enumerate(routers, start=1):
         part = (
@@ -181,47 +292,39 @@ def mass_effect_bars(
         )
         colors = [FAMILY_COLORS[f] for f in part.index]
         fig.add_trace(
-            go.Bar(
-                x=list(part.index),
-                y=part.mass,
-                marker_color=colors,
+            _bar(
+                part.index,
+                part.mass,
+                part.ci_low_mass,
+                part.ci_high_mass,
+                "mass",
+                colors,
+                "%{x}: mass %{y:.3f}<extra></extra>",
                 showlegend=False,
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=part.ci_high_mass - part.mass,
-                    arrayminus=part.mass - part.ci_low_mass,
-                ),
-                hovertemplate="%{x}: mass %{y:.3f}<extra></extra>",
             ),
             row=1,
             col=col,
         )
         fig.add_trace(
-            go.Bar(
-                x=list(part.index),
-                y=part.effect,
-                marker_color=colors,
+            _bar(
+                part.index,
+                part.effect,
+                part.ci_low,
+                part.ci_high,
+                "effect",
+                colors,
+                "%{x}: effect %{y:.3g}<extra></extra>",
                 showlegend=False,
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=part.ci_high - part.effect,
-                    arrayminus=part.effect - part.ci_low,
-                ),
-                hovertemplate="%{x}: effect %{y:.3f}<extra></extra>",
             ),
             row=2,
             col=col,
         )
     fig.update_yaxes(title_text="routing mass", row=1, col=1)
-    fig.update_yaxes(title_text=f"ablation effect ({metric})", row=2, col=1)
-    fig.update_layout(
-        title=title or f"Mass vs causal effect ({metric}, group {group})",
-        height=650,
-        width=380 * len(routers) + 80,
+    fig.update_yaxes(
+        title_text=f"ablation effect ({unit if metric == 'logit_diff' else metric})", row=2, col=1
     )
-    return fig
+    fig.update_xaxes(title_text="source family", row=2)
+    return _finish(fig, title or f"Mass vs causal effect ({metric}, group {group})", 650)
 
 
 def mass_effect_scatter(
@@ -264,14 +367,8 @@ def mass_effect_scatter(
                 ),
             )
         )
-    fig.update_layout(
-        title=title or f"Routing mass vs |effect| ({metric})",
-        xaxis_title="routing mass",
-        yaxis_title=f"|ablation effect| ({metric})",
-        height=500,
-        width=700,
-    )
-    return fig
+    fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|ablation effect| ({metric})")
+    return _finish(fig, title or f"Routing mass vs |effect| ({metric})", 500)
 
 
 def effect_bands(
@@ -279,17 +376,25 @@ def effect_bands(
     metric: str = "logit_diff",
     groups: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
+    relative: bool = True,
 ) -> go.Figure:
-    """Ablation effect of each family per depth group (x) and router type (panel), with
-    bootstrap whiskers: where in depth each family matters (the paper's motifs).
+    """Ablation effect of each family per depth group (x) and router type (panel, shared
+    y-axis), with bootstrap whiskers: where in depth each family matters (the paper's motifs).
 
     Args:
         effects: `ablation_effects` output.
         groups: the groups to show, in order (default: every group except ``"all"``).
+        relative: effects as a percentage of the clean logit difference.
     """
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
+    factor, unit = _scale(chosen, relative and metric == "logit_diff")
+    chosen = chosen.assign(
+        effect=chosen.effect * factor,
+        ci_low=chosen.ci_low * factor,
+        ci_high=chosen.ci_high * factor,
+    )
     groups = (
         list(groups)
         if groups is not None
@@ -307,29 +412,199 @@ def effect_bands(
         for family in FAMILIES:
             rows = part[part.family == family].set_index("group").reindex(groups)
             fig.add_trace(
-                go.Bar(
-                    x=groups,
-                    y=rows.effect,
-                    name=family,
-                    marker_color=FAMILY_COLORS[family],
-                    legendgroup=family,
+                _bar(
+                    groups,
+                    rows.effect,
+                    rows.ci_low,
+                    rows.ci_high,
+                    family,
+                    FAMILY_COLORS[family],
+                    family + " %{x}: %{y:.3g}<extra></extra>",
                     showlegend=col == 1,
-                    error_y=dict(
-                        type="data",
-                        symmetric=False,
-                        array=rows.ci_high - rows.effect,
-                        arrayminus=rows.effect - rows.ci_low,
-                    ),
-                    hovertemplate=family + " %{x}: %{y:.3f}<extra></extra>",
+                    legendgroup=family,
                 ),
                 row=1,
                 col=col,
             )
-    fig.update_yaxes(title_text=f"ablation effect ({metric})", row=1, col=1)
-    fig.update_layout(
-        barmode="group",
-        title=title or f"Ablation effect per depth group ({metric})",
-        height=450,
-        width=460 * len(routers) + 120,
+    fig.update_yaxes(
+        title_text=f"ablation effect ({unit if metric == 'logit_diff' else metric})", row=1, col=1
     )
-    return fig
+    fig.update_xaxes(title_text="depth band")
+    fig.update_layout(barmode="group")
+    return _finish(fig, title or f"Ablation effect per depth group ({metric})", 450)
+
+
+def effects_by_seed(
+    effects: pd.DataFrame,
+    family: str,
+    routers: Sequence[str],
+    groups: Sequence[str] = ("early", "middle", "late"),
+    columns: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    relative: bool = True,
+) -> go.Figure:
+    """One family's ablation effect per depth band (x), seeds side by side (bars), one
+    panel per router type (row) and condition (column), every panel on one y-axis: the
+    figure of a routing motif across seeds and conditions.
+
+    Args:
+        effects: `ablation_effects` rows with ``seed`` (and ``condition``) columns.
+        family: the masked family.
+        routers: router types, one row each.
+        groups: the bands on the x-axis.
+        columns: conditions, one column each (default: the table's, in order).
+        relative: effects as a percentage of each model's clean logit difference.
+    """
+    chosen = effects[
+        (effects.metric == "logit_diff")
+        & (effects.family == family)
+        & effects.router.isin(routers)
+        & effects.group.isin(groups)
+    ]
+    if chosen.empty:
+        raise ValueError(
+            f"no logit_diff effects of {family!r} at {list(routers)} in {list(groups)}"
+        )
+    if "condition" not in chosen.columns:
+        chosen = chosen.assign(condition="")
+    if "seed" not in chosen.columns:
+        chosen = chosen.assign(seed=0)
+    factor, unit = _scale(chosen, relative)
+    chosen = chosen.assign(
+        effect=chosen.effect * factor,
+        ci_low=chosen.ci_low * factor,
+        ci_high=chosen.ci_high * factor,
+    )
+    columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
+    seeds = sorted(set(chosen.seed))
+    titles = [
+        f"{c}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r] for r in routers for c in columns
+    ]
+    fig = make_subplots(
+        rows=len(routers),
+        cols=len(columns),
+        shared_yaxes="all",
+        subplot_titles=titles,
+        horizontal_spacing=0.04,
+        vertical_spacing=0.12,
+    )
+    for row, router in enumerate(routers, start=1):
+        for col, condition in enumerate(columns, start=1):
+            part = chosen[(chosen.router == router) & (chosen.condition == condition)]
+            for k, seed in enumerate(seeds):
+                rows = part[part.seed == seed].set_index("group").reindex(list(groups))
+                fig.add_trace(
+                    _bar(
+                        groups,
+                        rows.effect,
+                        rows.ci_low,
+                        rows.ci_high,
+                        f"seed {seed}",
+                        SEED_COLORS[k % len(SEED_COLORS)],
+                        f"seed {seed}, %{{x}}: %{{y:.3g}}<extra>{condition}</extra>",
+                        showlegend=row == 1 and col == 1,
+                        legendgroup=f"seed {seed}",
+                    ),
+                    row=row,
+                    col=col,
+                )
+    fig.update_yaxes(title_text=f"effect ({unit})", col=1)
+    fig.update_xaxes(title_text="depth band", row=len(routers))
+    fig.update_layout(barmode="group")
+    return _finish(
+        fig,
+        title or f"Masking {family}: effect per depth band, seeds side by side",
+        140 + 260 * len(routers),
+    )
+
+
+def mass_effect_by_seed(
+    mass_summary: pd.DataFrame,
+    effects: pd.DataFrame,
+    router: str,
+    columns: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    relative: bool = True,
+) -> go.Figure:
+    """Routing mass (top row) and ablation effect over all layers (bottom row) of every
+    family at one router type, seeds side by side, one column per condition; each row on
+    one y-axis: the figure of a mass-versus-effect dissociation across seeds.
+
+    Args:
+        mass_summary: the study's mass summary (``band == "all"`` rows are used when a
+            ``band`` column exists) with ``seed`` (and ``condition``) columns.
+        effects: `ablation_effects` rows (group ``"all"``) with the same columns.
+    """
+    mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
+    mass = mass[mass.router == router]
+    chosen = effects[
+        (effects.metric == "logit_diff") & (effects.group == "all") & (effects.router == router)
+    ]
+    if chosen.empty or mass.empty:
+        raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
+    for table_name in ("condition", "seed"):
+        if table_name not in chosen.columns:
+            chosen = chosen.assign(**{table_name: "" if table_name == "condition" else 0})
+            mass = mass.assign(**{table_name: "" if table_name == "condition" else 0})
+    factor, unit = _scale(chosen, relative)
+    chosen = chosen.assign(
+        effect=chosen.effect * factor,
+        ci_low=chosen.ci_low * factor,
+        ci_high=chosen.ci_high * factor,
+    )
+    columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
+    seeds = sorted(set(chosen.seed))
+    fig = make_subplots(
+        rows=2,
+        cols=len(columns),
+        shared_yaxes="rows",
+        shared_xaxes=True,
+        subplot_titles=[c or ROUTER_TITLES[router] for c in columns],
+        horizontal_spacing=0.04,
+        vertical_spacing=0.1,
+    )
+    for col, condition in enumerate(columns, start=1):
+        for k, seed in enumerate(seeds):
+            color = SEED_COLORS[k % len(SEED_COLORS)]
+            m = mass[(mass.condition == condition) & (mass.seed == seed)].set_index("family")
+            m = m.reindex(list(FAMILIES))
+            e = chosen[(chosen.condition == condition) & (chosen.seed == seed)].set_index("family")
+            e = e.reindex(list(FAMILIES))
+            common = dict(legendgroup=f"seed {seed}")
+            fig.add_trace(
+                _bar(
+                    FAMILIES,
+                    m.mass,
+                    m.ci_low,
+                    m.ci_high,
+                    f"seed {seed}",
+                    color,
+                    f"seed {seed}, %{{x}}: mass %{{y:.3f}}<extra>{condition}</extra>",
+                    showlegend=col == 1,
+                    **common,
+                ),
+                row=1,
+                col=col,
+            )
+            fig.add_trace(
+                _bar(
+                    FAMILIES,
+                    e.effect,
+                    e.ci_low,
+                    e.ci_high,
+                    f"seed {seed}",
+                    color,
+                    f"seed {seed}, %{{x}}: effect %{{y:.3g}}<extra>{condition}</extra>",
+                    showlegend=False,
+                    **common,
+                ),
+                row=2,
+                col=col,
+            )
+    fig.update_yaxes(title_text="routing mass", row=1, col=1)
+    fig.update_yaxes(title_text=f"effect ({unit})", row=2, col=1)
+    fig.update_xaxes(title_text="source family", row=2)
+    fig.update_layout(barmode="group")
+    return _finish(
+        fig, title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side", 620
+    )

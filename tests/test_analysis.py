@@ -252,9 +252,35 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
             assert mass_bar.y[j] == pytest.approx(row.mass)
             assert mass_bar.y[j] + mass_bar.error_y.array[j] == pytest.approx(row.ci_high_x)
             assert mass_bar.y[j] - mass_bar.error_y.arrayminus[j] == pytest.approx(row.ci_low_x)
-            assert effect_bar.y[j] == pytest.approx(row.effect)
-            assert effect_bar.y[j] + effect_bar.error_y.array[j] == pytest.approx(row.ci_high_y)
-            assert effect_bar.y[j] - effect_bar.error_y.arrayminus[j] == pytest.approx(row.ci_low_y)
+            # effects in % of the clean logit difference (the default, relative=True)
+            scale = 100 / row.clean
+            assert effect_bar.y[j] == pytest.approx(row.effect * scale)
+            assert effect_bar.y[j] + effect_bar.error_y.array[j] == pytest.approx(
+                row.ci_high_y * scale
+            )
+            assert effect_bar.y[j] - effect_bar.error_y.arrayminus[j] == pytest.approx(
+                row.ci_low_y * scale
+            )
+    absolute = plotting.mass_effect_bars(summary, effects, relative=False).data
+    assert list(absolute[1].y) == pytest.approx(
+        list(
+            merged[merged.router == "attn_res"].set_index("family").reindex(list(bars[1].x)).effect
+        )
+    )
+    # colour scales from the data; missing sources blank (not "NaN"); titles and axis labels
+    assert figures["heatmap"].data[0].zmax == pytest.approx(
+        mass.groupby(["router", "layer", "family"]).mass.mean().max()
+    )
+    text = figures["sources"].data[0].text
+    assert all(
+        (cell == "") == np.isnan(v)
+        for row_t, row_z in zip(text, z, strict=True)
+        for cell, v in zip(row_t, row_z, strict=True)
+    )
+    for name, figure in figures.items():
+        assert figure.layout.title.text, name
+        assert figure.layout.autosize and figure.layout.width is None, name
+        assert any(axis.title.text for axis in (figure.layout.xaxis, figure.layout.yaxis)), name
     for name, figure in figures.items():
         path = plotting.save_html(figure, tmp_path / "out" / f"{name}.html")
         html = path.read_text()
@@ -693,3 +719,63 @@ def test_dissociation_report_refuses_ambiguous_tables():
         ValueError, match="mass_summary has several rows for router='mlp_res', family='embedding'"
     ):
         dissociation_report(mass, effects)
+
+
+def test_seed_and_patching_figures_show_the_tables_numbers():
+    import pandas as pd
+
+    rows = []
+    for condition, clean in (("a", 10.0), ("b", 4.0)):
+        for seed in (0, 1):
+            for group in ("early", "middle", "late", "all"):
+                for family in FAMILIES:
+                    effect = -(seed + 1) * (FAMILIES.index(family) + 1) / 10
+                    rows.append(
+                        dict(
+                            condition=condition,
+                            seed=seed,
+                            router="mlp_res",
+                            group=group,
+                            family=family,
+                            metric="logit_diff",
+                            clean=clean,
+                            effect=effect,
+                            ci_low=effect - 0.05,
+                            ci_high=effect + 0.05,
+                        )
+                    )
+    effects = pd.DataFrame(rows)
+    fig = plotting.effects_by_seed(effects, "older", ["mlp_res"])
+    assert len(fig.data) == 4  # 2 conditions x 2 seeds
+    for trace in fig.data:
+        condition = trace.hovertemplate.split("<extra>")[1].removesuffix("</extra>")
+        seed = int(trace.name.split()[1])
+        clean = 10.0 if condition == "a" else 4.0
+        assert list(trace.y) == pytest.approx([100 * -(seed + 1) * 2 / 10 / clean] * 3)
+    assert fig.layout.yaxis2.matches == "y"  # one y-axis for every panel
+    mass = pd.DataFrame(
+        [
+            dict(
+                condition=c,
+                seed=s,
+                router="mlp_res",
+                band="all",
+                family=f,
+                mass=0.25,
+                ci_low=0.2,
+                ci_high=0.3,
+            )
+            for c in ("a", "b")
+            for s in (0, 1)
+            for f in FAMILIES
+        ]
+    )
+    fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    assert len(fig.data) == 8 and list(fig.data[0].y) == pytest.approx([0.25] * 4)
+    assert list(fig.data[1].y) == pytest.approx([100 * -k / 10 / 10.0 for k in (1, 2, 3, 4)])
+    tiny = np.array([[1e-4, -3e-4], [np.nan, 2e-4]])
+    heat = plotting.patching_heatmap(tiny, ["l0", "l1"], ["p0", "p1"], title="patching")
+    assert (heat.data[0].zmin, heat.data[0].zmax) == pytest.approx((-3e-4, 3e-4))
+    assert heat.data[0].text[1][0] == ""  # missing: blank
+    with pytest.raises(ValueError, match=r"values must be \[rows, columns\] = \[2, 3\]"):
+        plotting.patching_heatmap(tiny, ["l0", "l1"], ["p0", "p1", "p2"], title="x")

@@ -1,47 +1,67 @@
-"""The study end to end on the shipped checkpoints, and the shipped checkpoints themselves."""
+"""The study end to end (tables, verdicts, the report in text and HTML), on the shipped
+checkpoints and on tiny models, and the shipped checkpoints themselves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.analysis import recency_schedule
+from hooked_attnres.analysis import CLAIMS, recency_schedule
 from hooked_attnres.study import (
-    STUDY_BLOCKS,
-    STUDY_SHAPE,
+    SHIPPED,
+    available,
+    checkpoint_dir,
+    get_condition,
     load_condition,
+    make_task,
+    metrics_path,
     probe_prompts,
+    run_dir,
     run_study,
-    study_task,
 )
-from hooked_attnres.study import checkpoint_dir as study_checkpoint
-from hooked_attnres.study import metrics_path as study_metrics
+from hooked_attnres.tasks import task_tokenizer
+
+SHIPPED_RUNS = [(c, s) for c, seeds in available().items() for s in seeds]
 
 
-@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
-def test_shipped_checkpoints_solve_the_probe(condition):
-    model = load_condition(condition)
-    assert (
-        model.cfg.n_layers == STUDY_SHAPE["n_layers"]
-        and model.cfg.d_model == STUDY_SHAPE["d_model"]
+def test_shipped_checkpoints_match_their_sha256sums():
+    lines = (SHIPPED / "SHA256SUMS").read_text().split("\n")
+    listed = dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
+    weights = sorted(p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*.safetensors"))
+    assert sorted(listed) == weights  # every weight file is listed, nothing else
+    for name, digest in listed.items():
+        assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
+
+
+@pytest.mark.parametrize("condition,seed", SHIPPED_RUNS)
+def test_shipped_checkpoints_are_their_recipe_and_score_as_recorded(condition, seed):
+    recipe = get_condition(condition)
+    metrics = json.loads(metrics_path(condition, seed).read_text())
+    # the run that produced the checkpoint is the condition's recipe
+    assert metrics["train_config"] == recipe.train_config().to_dict()
+    assert metrics["tasks"] == [repr(recipe.make_task())]
+    assert metrics["description"] == json.loads(json.dumps(recipe.description(seed)))
+    model = load_condition(condition, seed)
+    assert model.cfg.n_layers == recipe.n_layers
+    batch = make_task(recipe.task).sample(
+        512, seed=0, split="test", vocab=model.tokenizer.get_vocab()
     )
-    assert model.cfg.attnres_layout == "cumulative" and model.cfg.attnres_num_blocks == STUDY_BLOCKS
-    batch = study_task().sample(512, seed=7, split="test", vocab=model.tokenizer.get_vocab())
     with torch.no_grad():
         accuracy = batch.accuracy(model(batch.tokens))
-    assert accuracy >= 0.95
-    metrics = json.loads(study_metrics(condition).read_text())
-    assert metrics["final_accuracy"]["retrieval"] >= 0.95
-    assert metrics["description"]["condition"] == condition
+    # the trainer's held-out accuracy (vanilla conditions are scored here through the wrap)
+    recorded = next(iter(metrics["final_accuracy"].values()))
+    assert accuracy == pytest.approx(recorded, abs=1e-9 if recipe.kind == "attnres" else 0.1)
 
 
 def test_the_vanilla_checkpoint_is_a_plain_hugging_face_directory():
     from transformers import Qwen3ForCausalLM
 
-    path = study_checkpoint("vanilla")
+    path = checkpoint_dir("vanilla")
     hf = Qwen3ForCausalLM.from_pretrained(path).eval()
     plain = HookedAttnRes.from_hf_qwen3(path, wrap="none")
     tokens = probe_prompts(plain, 16).tokens
@@ -49,55 +69,115 @@ def test_the_vanilla_checkpoint_is_a_plain_hugging_face_directory():
         assert (hf(tokens).logits - plain(tokens)).abs().max() <= 1e-4
 
 
-def test_missing_shipped_seed_says_how_to_train_it():
+def test_missing_checkpoints_say_how_to_train_them(tmp_path):
     with pytest.raises(
         FileNotFoundError, match="hooked-attnres train --condition attnres --seeds 5"
     ):
-        study_checkpoint("attnres", seed=5)
-    with pytest.raises(ValueError, match="condition must be"):
-        study_checkpoint("bogus")
+        checkpoint_dir("attnres", seed=5)
+    with pytest.raises(ValueError, match="condition must be one of"):
+        checkpoint_dir("bogus")
+    with pytest.raises(ValueError, match="condition must be one of"):
+        run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
+    with pytest.raises(FileNotFoundError, match="hold no"):
+        run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
 
 
-def test_run_study_writes_every_table_and_the_wrapped_model_follows_the_schedule(tmp_path):
-    out = tmp_path / "study"
-    result = run_study(out, n_prompts=48, n_bootstrap=100, progress=False)
+@pytest.fixture(scope="module")
+def shipped_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    result = run_study(
+        out, conditions=("attnres", "vanilla"), n_prompts=48, n_bootstrap=100, progress=False
+    )
+    return out, result
+
+
+def test_run_study_writes_every_table_and_the_wrapped_model_follows_the_schedule(shipped_study):
+    out, result = shipped_study
     for name in (
         "accuracy.csv",
         "mass.csv",
         "mass_summary.csv",
         "effects.csv",
         "schedule.csv",
+        "motifs.csv",
+        "verdicts.csv",
+        "fresh_motifs.csv",
         "dissociation.json",
         "report.md",
-        "plots/mass_effect_attnres_seed0.html",
+        "report.html",
+        "run.json",
     ):
         assert (out / name).exists(), name
+    assert not (out / "plots").exists()  # one page, not one file per figure
+    assert sum(p.stat().st_size for p in out.iterdir()) <= 8e6
     assert set(result.accuracy.condition) == {"attnres", "vanilla"}
     assert (result.accuracy.accuracy >= 0.95).all()
     # the recency-wrapped baseline: content-independent, equal to the analytic schedule
     assert result.schedule.max_abs_deviation.max() <= 1e-6
-    predicted = recency_schedule(STUDY_SHAPE["n_layers"], STUDY_BLOCKS, 3.0).families
-    current = predicted[predicted.family == "current"].weight.mean()
+    predicted = recency_schedule(8, 4, 3.0).families
     measured = result.mass_summary
     measured = measured[
         (measured.condition == "vanilla")
         & (measured.band == "all")
         & (measured.family == "current")
     ]
-    assert measured.mass.mean() == pytest.approx(current, abs=1e-6)
-    # one dissociation row per condition and router type; mass shares are a distribution
-    assert len(result.dissociation) == 4
-    for shares in result.dissociation.shares:
-        assert sum(s["mass"] for s in shares.values()) == pytest.approx(1.0, abs=1e-6)
-    report = (out / "report.md").read_text()
-    assert "attnres, seed 0" in report and "analytic schedule" in report
-
-
-def test_a_failed_study_leaves_the_previous_results(tmp_path, monkeypatch):
-    out = tmp_path / "study"
-    run_study(
-        out, conditions=("vanilla",), n_prompts=16, n_bootstrap=20, progress=False, plots=False
+    assert measured.mass.mean() == pytest.approx(
+        predicted[predicted.family == "current"].weight.mean(), abs=1e-6
     )
+    # every claim for every condition and seed, on both prompt sets
+    assert len(result.motifs) == len(result.fresh_motifs) == 2 * len(CLAIMS)
+    assert set(result.verdicts.claim) == set(CLAIMS)
+    assert (result.verdicts.n == 1).all() and result.verdicts.k.isin([0, 1]).all()
+    # the mass CSV is the per-prompt table averaged over prompts
+    import pandas as pd
+
+    written = pd.read_csv(out / "mass.csv")
+    row = written.iloc[0]
+    per_prompt = result.mass[
+        (result.mass.condition == row.condition)
+        & (result.mass.seed == row.seed)
+        & (result.mass.router == row.router)
+        & (result.mass.layer == row.layer)
+        & (result.mass.family == row.family)
+    ]
+    assert row.mass == pytest.approx(per_prompt.mass.mean()) and row.n_prompts == 48
+
+
+def test_the_report_states_the_verdicts_in_text_and_html(shipped_study):
+    out, result = shipped_study
+    markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    import html
+
+    for sentence in result.verdicts.sentence:
+        assert sentence in markdown and html.escape(sentence) in page
+    for heading in (
+        "Does routing mass tell which depth sources matter?",
+        "Verdicts",
+        "Accuracy on the held-out probe prompts",
+        "Figures",
+        "Tables",
+        "Settings and versions",
+    ):
+        assert f"# {heading}" in markdown or f"## {heading}" in markdown
+        assert heading in page
+    assert page.count("Plotly.newPlot") == len(result.figures)
+    assert page.count('<script type="text/javascript">/**') <= 1  # plotly.js inlined once
+    assert "analytic schedule to" in markdown
+
+
+def test_a_failed_study_leaves_the_previous_results_and_foreign_folders_are_refused(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "study"
+    kwargs = dict(
+        conditions=("vanilla",),
+        n_prompts=16,
+        n_bootstrap=20,
+        progress=False,
+        plots=False,
+        robustness=False,
+    )
+    run_study(out, **kwargs)
     before = (out / "report.md").read_text()
     import hooked_attnres.study.run as study_module
 
@@ -106,14 +186,109 @@ def test_a_failed_study_leaves_the_previous_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(study_module, "study_report", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        run_study(
-            out, conditions=("vanilla",), n_prompts=24, n_bootstrap=20, progress=False, plots=False
-        )
+        run_study(out, **{**kwargs, "n_prompts": 24})
     assert (out / "report.md").read_text() == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    calls = []
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: calls.append(a))
+    with pytest.raises(FileExistsError, match="does not hold an earlier study"):
+        run_study(foreign, **kwargs)
+    assert not calls and (foreign / "notes.txt").read_text() == "keep me"  # refused before work
 
 
-def test_run_study_refuses_unknown_conditions_and_missing_runs(tmp_path):
-    with pytest.raises(ValueError, match="condition must be one of"):
-        run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
-    with pytest.raises(FileNotFoundError, match="holds no"):
-        run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
+def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
+    condition = get_condition("hard_kimi_L8")
+    tokenizer = task_tokenizer(condition.make_task())
+    for seed in (0, 1):
+        cfg = tiny_config(
+            d_vocab=len(tokenizer),
+            attnres_layout="kimi",
+            n_layers=6,
+            attnres_num_blocks=3,
+            n_ctx=64,
+            seed=seed,
+        )
+        HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
+            run_dir(tmp_path / "runs", condition.name, seed) / "model"
+        )
+    result = run_study(
+        tmp_path / "out",
+        checkpoints=tmp_path / "runs",
+        n_prompts=24,
+        n_bootstrap=50,
+        progress=False,
+    )
+    assert sorted(set(result.motifs.seed)) == [0, 1]
+    assert len(result.motifs) == 2 * len(CLAIMS)
+    assert set(zip(result.motifs.seed, result.motifs.claim, strict=True)) == {
+        (s, c) for s in (0, 1) for c in CLAIMS
+    }
+    verdicts = result.verdicts.set_index("claim")
+    assert list(verdicts.index) == list(CLAIMS) and (verdicts.n == 2).all()
+    assert all(
+        f"of 2 seeds ({v})" in s for v, s in zip(verdicts.verdict, verdicts.sentence, strict=True)
+    )
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=30000",
+]
+
+
+def chromium() -> str:
+    import shutil
+
+    found = next(
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
+    if found is None:
+        pytest.fail(
+            "the report test needs a headless Chromium: `apt-get install chromium` "
+            "(.ci/run installs it)"
+        )
+    return found
+
+
+def test_the_html_report_renders_every_figure_in_a_real_browser(shipped_study, tmp_path):
+    import subprocess
+
+    out, result = shipped_study
+    page = (out / "report.html").as_uri()
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [chromium(), *flags, "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    # plotly replaces each figure's empty div by a rendered plot container with SVG roots
+    assert dom.count('class="plot-container plotly"') == len(result.figures) > 0
+    assert dom.count('class="main-svg"') >= 2 * len(result.figures)
+    import html
+
+    for sentence in result.verdicts.sentence:
+        assert html.escape(sentence, quote=False) in dom
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium(), *flags, "--window-size=1280,3000", f"--screenshot={shot}", page],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.stat().st_size > 50_000  # a page with content, not a blank image

@@ -373,9 +373,12 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 f"harmful band {row.largest_band}"
             )
         elif claim.startswith("D1"):
+            if row.top_mass == row.top_effect:
+                note = " (the same family)"
+            else:
+                note = "" if row.separated else " (their effect intervals overlap)"
             details.append(
-                f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}"
-                f"{'' if row.separated else ' (intervals overlap)'}"
+                f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}{note}"
             )
         elif claim == "D2":
             details.append(

@@ -10,6 +10,7 @@ training) never imports this package.
 
 from hooked_attnres.study.checkpoints import (
     SHIPPED,
+    available,
     checkpoint_dir,
     metrics_path,
     run_dir,
@@ -17,19 +18,27 @@ from hooked_attnres.study.checkpoints import (
 )
 from hooked_attnres.study.conditions import (
     CONDITIONS,
+    CONDITIONS_BY_NAME,
     STUDY_BLOCKS,
     STUDY_SHAPE,
+    TASKS,
+    Condition,
     build_model,
+    get_condition,
+    make_task,
     study_task,
     study_train_config,
     train_condition,
 )
 from hooked_attnres.study.figures import study_figures
-from hooked_attnres.study.report import study_report
+from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.study.run import (
+    FRESH_PROBE_SEED,
     PROBE_SEED,
     RECENCY_BIAS,
     StudyResult,
+    check_out_dir,
+    find_runs,
     load_condition,
     model_is_zero_query,
     probe_prompts,
@@ -40,15 +49,24 @@ from hooked_attnres.study.run import (
 
 __all__ = [
     "CONDITIONS",
+    "CONDITIONS_BY_NAME",
+    "FRESH_PROBE_SEED",
     "PROBE_SEED",
     "RECENCY_BIAS",
     "SHIPPED",
     "STUDY_BLOCKS",
     "STUDY_SHAPE",
+    "TASKS",
+    "Condition",
     "StudyResult",
+    "available",
     "build_model",
+    "check_out_dir",
     "checkpoint_dir",
+    "find_runs",
+    "get_condition",
     "load_condition",
+    "make_task",
     "metrics_path",
     "model_is_zero_query",
     "probe_prompts",
@@ -58,6 +76,7 @@ __all__ = [
     "study_condition",
     "study_figures",
     "study_report",
+    "study_report_html",
     "study_task",
     "study_train_config",
     "train_condition",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from hooked_attnres.study.conditions import check_conditions
+from hooked_attnres.study.conditions import CONDITIONS, get_condition
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
 PathLike = Union[str, Path]
@@ -26,7 +26,7 @@ def run_dir(root: PathLike, condition: str, seed: int) -> Path:
 def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:
     """The ``model`` directory of a condition and seed, under ``checkpoints`` or, when it is
     ``None``, among the shipped checkpoints; a clear error if there is none."""
-    check_conditions([condition])
+    get_condition(condition)
     root = SHIPPED if checkpoints is None else Path(checkpoints)
     path = run_dir(root, condition, seed) / "model"
     if not (path / "config.json").exists():
@@ -52,21 +52,28 @@ def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] 
 
 def seeds_found(checkpoints: Optional[PathLike], conditions: Sequence[str]) -> list[int]:
     """The model seeds that have a checkpoint for every one of ``conditions``."""
-    root = SHIPPED if checkpoints is None else Path(checkpoints)
-    found: Optional[set[int]] = None
-    for condition in conditions:
-        seeds = set()
-        for path in root.glob(f"{condition}_seed*"):
-            suffix = path.name[len(condition) + len("_seed") :]
-            if (
-                suffix.isdigit()
-                and run_dir(root, condition, int(suffix)) == path
-                and (path / "model" / "config.json").exists()
-            ):
-                seeds.add(int(suffix))
-        found = seeds if found is None else found & seeds
-    if not found:
+    found = available(checkpoints)
+    common = set.intersection(*(set(found.get(c, [])) for c in conditions)) if conditions else set()
+    if not common:
+        root = SHIPPED if checkpoints is None else Path(checkpoints)
         raise FileNotFoundError(
             f"{root} holds no {{condition}}_seed{{n}}/model for all of {list(conditions)}"
         )
-    return sorted(found)
+    return sorted(common)
+
+
+def available(checkpoints: Optional[PathLike] = None) -> dict[str, list[int]]:
+    """``{condition: [seeds]}`` of every known condition with a checkpoint under
+    ``checkpoints`` (default: the shipped ones), in `CONDITIONS` order."""
+    root = SHIPPED if checkpoints is None else Path(checkpoints)
+    out: dict[str, list[int]] = {}
+    for condition in CONDITIONS:
+        seeds = sorted(
+            int(path.name.rsplit("_seed", 1)[1])
+            for path in root.glob(f"{condition}_seed*")
+            if path.name.rsplit("_seed", 1)[1].isdigit()
+            and (path / "model" / "config.json").exists()
+        )
+        if seeds:
+            out[condition] = seeds
+    return out

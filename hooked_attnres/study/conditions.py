@@ -1,18 +1,26 @@
-"""The study's two conditions, ready to train: a Block AttnRes Qwen3 and a vanilla Qwen3.
+"""The study's conditions: named, reproducible recipes for every model the study trains.
 
-Both have the same shape (``STUDY_SHAPE``) and are trained on the same task
-(``study_task()``) with the same optimiser settings (``study_train_config()``); the
-AttnRes model uses the cumulative layout with ``STUDY_BLOCKS`` blocks (the layout of the
-public checkpoints and of the seed paper's wrapped baseline). The vanilla model is a
-``transformers.Qwen3ForCausalLM`` saved with ``save_pretrained``, so the recency wrap
-loads it like any Hugging Face checkpoint::
+A `Condition` fixes everything a trained checkpoint depends on: the model kind (a Block
+AttnRes ``HookedAttnRes`` or a vanilla ``transformers.Qwen3ForCausalLM``), the layout and
+depth, the probe task, and the optimiser settings. ``hooked-attnres train --condition NAME
+--seeds 0 1 2`` recreates its checkpoints; `load_condition` loads one for the study (a
+vanilla model through the recency wrap, the seed paper's baseline).
 
-    HookedAttnRes.from_hf_qwen3(out_dir / "model", wrap="recency", num_blocks=STUDY_BLOCKS)
+Conditions (``docs/study.md`` explains the grid):
+
+* ``{task}_{layout}_L{n}``: Block AttnRes, ``layout`` ``cumulative`` (the paper's) or
+  ``kimi``, ``n`` = 8 or 16 layers, two layers per block;
+* ``{task}_vanilla_L{n}``: the vanilla Qwen3 baseline of the same shape and task;
+* tasks: ``hard`` (key-value retrieval at paper-like difficulty), ``saturated`` (the
+  original 6-pair probe) and ``induction``;
+* ``attnres`` and ``vanilla``: the original two conditions (saturated probe, 8 layers,
+  trained with the machine's default threads).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,10 +28,9 @@ import torch
 
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
-from hooked_attnres.tasks import KeyValueRetrieval, Task, task_tokenizer
+from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
 from hooked_attnres.training.trainer import TrainConfig, TrainResult, train
 
-CONDITIONS = ("attnres", "vanilla")
 STUDY_SHAPE = dict(
     d_model=128,
     n_layers=8,
@@ -35,32 +42,44 @@ STUDY_SHAPE = dict(
     rotary_base=10_000.0,
 )
 STUDY_BLOCKS = 4
+BASE_STEPS, BASE_WARMUP = 1200, 100
 
-
-def check_conditions(conditions) -> None:
-    """Raise ``ValueError`` for a condition name that is not one of `CONDITIONS`."""
-    for condition in conditions:
-        if condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+# the probe tasks of the grid, by name (the arguments are part of every recipe)
+TASKS: dict[str, tuple[type, dict[str, Any]]] = {
+    "saturated": (
+        KeyValueRetrieval,
+        dict(n_pairs=6, n_keys=16, n_values=16, n_distractors=0, n_filler_words=8, n_queries=1),
+    ),
+    "hard": (
+        KeyValueRetrieval,
+        dict(n_pairs=9, n_keys=16, n_values=16, n_distractors=0, n_filler_words=8, n_queries=1),
+    ),
+    "induction": (InductionCopy, dict(seq_len=12, copy_len=4, n_tokens=32)),
+}
 
 
 def study_task(**overrides) -> KeyValueRetrieval:
-    """The study's retrieval probe (one query per prompt, nothing leaks)."""
-    values: dict[str, Any] = dict(
-        n_pairs=6, n_keys=16, n_values=16, n_distractors=0, n_filler_words=8, n_queries=1
-    )
-    values.update(overrides)
-    return KeyValueRetrieval(**values)
+    """The original study's retrieval probe (6 pairs, one query per prompt, nothing leaks)."""
+    cls, values = TASKS["saturated"]
+    return cls(**{**values, **overrides})
+
+
+def make_task(name: str) -> Task:
+    """A grid task by name (``"saturated"``, ``"hard"``, ``"induction"``)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown study task {name!r}; tasks are {sorted(TASKS)}")
+    cls, values = TASKS[name]
+    return cls(**values)
 
 
 def study_train_config(**overrides) -> TrainConfig:
     """The study's optimiser settings: 1200 steps of 64 prompts, peak lr 5e-4 (the vanilla
     model does not learn the probe at 1e-3), 100 warm-up steps."""
     values: dict[str, Any] = dict(
-        steps=1200,
+        steps=BASE_STEPS,
         batch_size=64,
         lr=5e-4,
-        warmup_steps=100,
+        warmup_steps=BASE_WARMUP,
         eval_every=200,
         eval_size=512,
         checkpoint_every=200,
@@ -69,31 +88,146 @@ def study_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def build_model(
-    condition: str,
-    seed: int,
-    tokenizer,
-    shape: Optional[dict] = None,
-    num_blocks: int = STUDY_BLOCKS,
-):
-    """A freshly initialised model of a condition (weights a function of ``seed``)."""
-    check_conditions([condition])
-    shape = dict(STUDY_SHAPE if shape is None else shape)
-    vocab = len(tokenizer)
-    if condition == "attnres":
-        cfg = HookedAttnResConfig(
-            d_vocab=vocab,
-            attnres_layout="cumulative",
-            attnres_num_blocks=num_blocks,
-            attnres_recency_bias=0.0,
-            seed=seed,
-            **shape,
+@dataclass(frozen=True)
+class Condition:
+    """A named training recipe.
+
+    Attributes:
+        name: the condition's name (also the checkpoint folder prefix).
+        kind: ``"attnres"`` (a ``HookedAttnRes``) or ``"vanilla"`` (a HF Qwen3).
+        task: a key of `TASKS`.
+        layout: the AttnRes layout (``None`` for vanilla).
+        n_layers: depth; AttnRes models have ``n_layers // 2`` blocks.
+        steps: optimiser steps (the warm-up scales with them: ``round(100 * steps / 1200)``).
+        threads: ``torch.set_num_threads`` while training (part of the recipe: the order of
+            float reductions depends on it); ``None`` leaves the machine's default.
+        eval_every: held-out evaluation interval (does not change the weights).
+        legacy: the original two conditions' recipe (their ``train`` description).
+    """
+
+    name: str
+    kind: str
+    task: str
+    layout: Optional[str] = None
+    n_layers: int = 8
+    steps: int = BASE_STEPS
+    threads: Optional[int] = 1
+    eval_every: int = 100
+    legacy: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.n_layers // 2
+
+    @property
+    def baseline(self) -> str:
+        """The vanilla condition of the same task and depth (the wrapped baseline)."""
+        return "vanilla" if self.legacy else f"{self.task}_vanilla_L{self.n_layers}"
+
+    def make_task(self) -> Task:
+        return make_task(self.task)
+
+    def shape(self) -> dict[str, Any]:
+        task = self.make_task()
+        return {
+            **STUDY_SHAPE,
+            "n_layers": self.n_layers,
+            "n_ctx": max(STUDY_SHAPE["n_ctx"], task.prompt_length),
+        }
+
+    def train_config(self) -> TrainConfig:
+        warmup = round(BASE_WARMUP * self.steps / BASE_STEPS)
+        return study_train_config(
+            steps=self.steps, warmup_steps=warmup, eval_every=self.eval_every, threads=self.threads
         )
-        return HookedAttnRes(cfg, tokenizer=tokenizer)
+
+    def build(self, seed: int, tokenizer) -> Union[HookedAttnRes, torch.nn.Module]:
+        """The freshly initialised model (weights a function of ``seed``)."""
+        shape = self.shape()
+        if self.kind == "attnres":
+            cfg = HookedAttnResConfig(
+                d_vocab=len(tokenizer),
+                attnres_layout=self.layout,  # type: ignore[arg-type]
+                attnres_num_blocks=self.num_blocks,
+                attnres_recency_bias=0.0,
+                seed=seed,
+                **shape,
+            )
+            return HookedAttnRes(cfg, tokenizer=tokenizer)
+        return build_vanilla(seed, tokenizer, shape)
+
+    def description(self, seed: int) -> dict[str, Any]:
+        """What the trainer stores with the checkpoint (and checks on resume)."""
+        if self.legacy:
+            return {
+                "condition": self.kind,
+                "model_seed": seed,
+                "shape": STUDY_SHAPE,
+                "num_blocks": STUDY_BLOCKS,
+            }
+        return {
+            "kind": self.kind,
+            "layout": self.layout,
+            "n_layers": self.n_layers,
+            "num_blocks": self.num_blocks if self.kind == "attnres" else None,
+            "model_seed": seed,
+            "shape": self.shape(),
+        }
+
+
+def _grid() -> dict[str, Condition]:
+    out: dict[str, Condition] = {
+        "attnres": Condition(
+            "attnres",
+            "attnres",
+            "saturated",
+            "cumulative",
+            threads=None,
+            eval_every=200,
+            legacy=True,
+        ),
+        "vanilla": Condition(
+            "vanilla", "vanilla", "saturated", threads=None, eval_every=200, legacy=True
+        ),
+    }
+    for task in TASKS:
+        for n_layers in (8, 16):
+            steps = GRID_STEPS[n_layers]
+            for layout in ("cumulative", "kimi"):
+                name = f"{task}_{layout}_L{n_layers}"
+                out[name] = Condition(name, "attnres", task, layout, n_layers, steps)
+            name = f"{task}_vanilla_L{n_layers}"
+            out[name] = Condition(name, "vanilla", task, None, n_layers, steps)
+    return out
+
+
+GRID_STEPS = {8: 1200, 16: 1200}
+CONDITIONS_BY_NAME: dict[str, Condition] = _grid()
+CONDITIONS = tuple(CONDITIONS_BY_NAME)
+
+
+def get_condition(name: Union[str, Condition]) -> Condition:
+    """The `Condition` of a name (``ValueError`` listing the names otherwise)."""
+    if isinstance(name, Condition):
+        return name
+    if name not in CONDITIONS_BY_NAME:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {name!r}")
+    return CONDITIONS_BY_NAME[name]
+
+
+def check_conditions(conditions) -> None:
+    """Raise ``ValueError`` for a condition name that is not one of `CONDITIONS`."""
+    for condition in conditions:
+        get_condition(condition)
+
+
+def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
+    """A vanilla ``Qwen3ForCausalLM`` initialised like ``HookedAttnRes.init_weights`` (the
+    two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=vocab,
+        vocab_size=len(tokenizer),
         hidden_size=shape["d_model"],
         intermediate_size=shape["d_mlp"],
         num_hidden_layers=shape["n_layers"],
@@ -110,7 +244,6 @@ def build_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
-        # the same scheme as HookedAttnRes.init_weights: stream writers get a smaller std
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -118,6 +251,36 @@ def build_model(
                         0.0, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
                     )
     return model
+
+
+def build_model(
+    condition: str,
+    seed: int,
+    tokenizer,
+    shape: Optional[dict] = None,
+    num_blocks: int = STUDY_BLOCKS,
+) -> Union[HookedAttnRes, torch.nn.Module]:
+    """A freshly initialised model of the original two conditions, ``"attnres"``
+    (cumulative, ``num_blocks`` blocks) or ``"vanilla"``, of ``shape`` (default
+    `STUDY_SHAPE`); weights a function of ``seed``."""
+    if condition not in ("attnres", "vanilla"):
+        get_condition(condition)  # a known name: say to use Condition.build
+        raise ValueError(
+            f"build_model builds 'attnres' or 'vanilla'; for {condition!r} use "
+            "get_condition(name).build(seed, tokenizer)"
+        )
+    shape = dict(STUDY_SHAPE if shape is None else shape)
+    if condition == "attnres":
+        cfg = HookedAttnResConfig(
+            d_vocab=len(tokenizer),
+            attnres_layout="cumulative",
+            attnres_num_blocks=num_blocks,
+            attnres_recency_bias=0.0,
+            seed=seed,
+            **shape,
+        )
+        return HookedAttnRes(cfg, tokenizer=tokenizer)
+    return build_vanilla(seed, tokenizer, shape)
 
 
 def train_condition(
@@ -132,19 +295,42 @@ def train_condition(
     progress: bool = True,
     resume: bool = True,
 ) -> TrainResult:
-    """Train one condition with one model seed (the data seed is ``config.data_seed``).
+    """Train one condition with one model seed into ``out_dir`` (``out_dir/model`` holds the
+    trained model, ``out_dir/metrics.json`` its held-out accuracy and history).
 
-    The default arguments produce the study's checkpoints (trained and evaluated on
-    `study_task`, single-query prompts: multi-query training lets a model answer by
-    exclusion); ``out_dir/model`` holds the trained model and
-    ``out_dir/metrics.json`` its held-out accuracy and history.
+    With only ``condition``, ``seed`` and ``out_dir`` this is the condition's recipe
+    (what the shipped checkpoints were trained with). The other arguments vary the
+    original two conditions (``"attnres"``, ``"vanilla"``): the task, the evaluation task,
+    the optimiser settings, the shape and the number of blocks.
     """
+    recipe = get_condition(condition)
+    custom = (
+        any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
+    )
+    if custom and not recipe.legacy:
+        raise ValueError(
+            f"{condition!r} is a fixed recipe; to vary it, train 'attnres' or "
+            "'vanilla' with task=, config=, shape=, num_blocks="
+        )
+    if not custom:
+        task = recipe.make_task()
+        tokenizer = task_tokenizer(task)
+        return train(
+            recipe.build(seed, tokenizer),
+            task,
+            recipe.train_config(),
+            out_dir,
+            tokenizer=tokenizer,
+            progress=progress,
+            resume=resume,
+            description=recipe.description(seed),
+        )
     task = study_task() if task is None else task
     config = study_train_config() if config is None else config
     tokenizer = task_tokenizer(task, *(() if eval_task is None else (eval_task,)))
-    model = build_model(condition, seed, tokenizer, shape, num_blocks)
+    model = build_model(recipe.kind, seed, tokenizer, shape, num_blocks)
     description = {
-        "condition": condition,
+        "condition": recipe.kind,
         "model_seed": seed,
         "shape": shape or STUDY_SHAPE,
         "num_blocks": num_blocks,

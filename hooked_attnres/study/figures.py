@@ -1,38 +1,66 @@
-"""The study's plotly figures, built from its tables."""
+"""The study's figures, built from its tables: one per paper claim and task, every seed and
+condition of the task side by side (the wrapped vanilla baseline beside the AttnRes
+conditions), plus the routing mass of each condition."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import plotly.graph_objects as go
+
 from hooked_attnres import plotting
+from hooked_attnres.analysis.motifs import MOTIFS
+from hooked_attnres.study.conditions import get_condition
 
 if TYPE_CHECKING:
     from hooked_attnres.study.run import StudyResult
 
 
-def study_figures(result: StudyResult) -> dict:
-    """Plotly figures of a study: routing heatmaps and mass-vs-effect bars and scatter per
-    condition and seed."""
-    figures = {}
-    for (condition, seed), mass in result.mass.groupby(["condition", "seed"]):
-        tag = f"{condition}_seed{seed}"
-        summary = result.mass_summary
-        summary = summary[
-            (summary.condition == condition) & (summary.seed == seed) & (summary.band == "all")
-        ]
-        effects = result.effects[
-            (result.effects.condition == condition) & (result.effects.seed == seed)
-        ]
-        figures[f"routing_{tag}"] = plotting.routing_heatmap(
-            mass, title=f"Routing mass at the answer position: {condition}, seed {seed}"
-        )
-        figures[f"mass_effect_{tag}"] = plotting.mass_effect_bars(
-            summary, effects, title=f"Mass vs ablation effect: {condition}, seed {seed}"
-        )
-        figures[f"scatter_{tag}"] = plotting.mass_effect_scatter(
-            summary, effects, title=f"Mass vs |effect|: {condition}, seed {seed}"
-        )
-        figures[f"bands_{tag}"] = plotting.effect_bands(
-            effects, title=f"Ablation effect per depth band: {condition}, seed {seed}"
-        )
+def conditions_by_task(result: StudyResult) -> dict[str, list[str]]:
+    """The studied conditions grouped by task, AttnRes conditions first, the vanilla
+    baseline last."""
+    out: dict[str, list[str]] = {}
+    for condition in dict.fromkeys(result.accuracy.condition):
+        out.setdefault(get_condition(condition).task, []).append(condition)
+    return {
+        task: sorted(names, key=lambda n: get_condition(n).kind == "vanilla")
+        for task, names in out.items()
+    }
+
+
+def study_figures(result: StudyResult) -> dict[str, go.Figure]:
+    """``{name: figure}``: per task, one figure per motif (M1, M2, M3: the family's effect
+    per depth band), one per router type for the dissociations (mass and effect of every
+    family), and the routing-mass heatmap of each condition's first seed."""
+    figures: dict[str, go.Figure] = {}
+    for task, conditions in conditions_by_task(result).items():
+        effects = result.effects[result.effects.condition.isin(conditions)]
+        mass_summary = result.mass_summary[result.mass_summary.condition.isin(conditions)]
+        for claim in ("M1", "M2", "M3"):
+            family, routers, band, what = MOTIFS[claim]
+            figures[f"{task}_{claim}"] = plotting.effects_by_seed(
+                effects,
+                family,
+                routers,
+                columns=conditions,
+                title=f"{claim} ({what}), task {task}: effect of masking {family} per band",
+            )
+        for router in ("attn_res", "mlp_res"):
+            figures[f"{task}_mass_effect_{router}"] = plotting.mass_effect_by_seed(
+                mass_summary,
+                effects,
+                router,
+                columns=conditions,
+                title=(
+                    f"D1-D3, task {task}, {plotting.ROUTER_TITLES[router]}: routing mass "
+                    "and ablation effect (all layers) of every family"
+                ),
+            )
+        for condition in conditions:
+            mass = result.mass[result.mass.condition == condition]
+            seed = int(mass.seed.min())
+            figures[f"routing_{condition}"] = plotting.routing_heatmap(
+                mass[mass.seed == seed],
+                title=f"Routing mass at the answer position: {condition}, seed {seed}",
+            )
     return figures

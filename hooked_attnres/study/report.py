@@ -1,54 +1,129 @@
-"""The study's Markdown report, generated from its tables."""
+"""The study's report: one document, rendered as a self-contained HTML page
+(`study_report_html`) and as Markdown text (`study_report`). Every sentence that states a
+result is generated from the tables (`hooked_attnres.analysis.motif_verdicts`).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import html
+import json
+from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
+from hooked_attnres.analysis.motifs import CLAIMS, DISSOCIATIONS, MOTIFS
 from hooked_attnres.model.depth import FAMILIES
+from hooked_attnres.study.conditions import get_condition
 
 if TYPE_CHECKING:
     from hooked_attnres.study.run import StudyResult
+
+# a document is a list of blocks: (kind, payload)
+Block = tuple[str, object]
+
+QUESTION = (
+    "Block Attention Residuals expose, at every sublayer, how much weight each earlier depth "
+    "source gets. Does that routing mass tell which sources matter? The seed paper claims "
+    "three localised routing motifs in a trained model (M1: the embedding through early MLP "
+    "routers; M2: the current stream through early attention and MLP routers; M3: older "
+    "history through late attention routers) and a dissociation of mass from causal effect "
+    "(D1: in each router type the family with the most mass is not the one with the largest "
+    "effect; D2: in MLP routers the embedding has less than half of current's mass and at "
+    "least twice its effect; D3: prev_completed carries mass without effect); and that a "
+    "recency-wrapped vanilla model routes exactly as an analytic schedule predicts. This "
+    "report tests each claim with the criteria pre-registered in docs/study.md, on every "
+    "condition and model seed below, by mask-and-renormalise ablation on held-out prompts."
+)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def study_report(result: StudyResult) -> str:
-    """A Markdown report: accuracy, mass and effects per router type, dissociation, schedule."""
-    lines = [
-        "# Routing mass versus causal effect",
-        "",
-        "Mask-and-renormalise ablation of each source family per router type; effects are "
-        "mean changes of the answer-minus-contrast logit difference over held-out probe "
-        "prompts, with 95 % bootstrap intervals over prompts.",
-        "",
-        "## Accuracy",
-        "",
-        "| condition | seed | accuracy | logit diff | prompts |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result.accuracy.itertuples():
-        lines.append(
-            f"| {row.condition} | {row.seed} | {_fmt(row.accuracy)} | {_fmt(row.logit_diff, 2)} "
-            f"| {row.n_prompts} |"
-        )
-    effects = result.effects[result.effects.metric == "logit_diff"]
-    for (condition, seed), diss in result.dissociation.groupby(["condition", "seed"], sort=False):
-        lines += [
-            "",
-            f"## {condition}, seed {seed}",
-            "",
-            "| router | family | mass [95% CI] | effect, all layers [95% CI] | "
-            + " | ".join(f"effect, {b}" for b in _band_names(effects))
-            + " |",
-            "|---|---|---|---|" + "---|" * len(_band_names(effects)),
+def _conclusion(result: StudyResult) -> list[str]:
+    """Sentences that summarise the verdicts (generated from the numbers)."""
+    verdicts = result.verdicts
+    if verdicts.empty:
+        return []
+    trained = [c for c in dict.fromkeys(verdicts.condition) if get_condition(c).kind == "attnres"]
+    lines = []
+    for claim in CLAIMS:
+        rows = verdicts[(verdicts.claim == claim) & verdicts.condition.isin(trained)]
+        if rows.empty:
+            continue
+        held = [
+            f"{r.condition} ({r.k}/{r.n})"
+            for r in rows.itertuples()
+            if r.verdict in ("replicated", "majority")
         ]
+        lines.append(
+            f"{claim}: {'holds in ' + ', '.join(held) if held else 'does not hold'} "
+            f"({len(held)} of {len(rows)} trained conditions hold it in a majority of "
+            "seeds)."
+        )
+    d1 = result.motifs[
+        result.motifs.claim.str.startswith("D1") & result.motifs.condition.isin(trained)
+    ]
+    if not d1.empty:
+        lines.append(
+            f"Across trained conditions, seeds and router types, the top-mass family was not the "
+            f"top-effect family with separated intervals (D1) in {int(d1.present.sum())} of "
+            f"{len(d1)} cases; the same family was on top of both in "
+            f"{int((d1.top_mass == d1.top_effect).sum())}."
+        )
+    if not result.robustness.empty or not result.fresh_motifs.empty:
+        n = len(result.motifs)
+        lines.append(
+            f"On a second, disjoint set of {result.settings.get('n_prompts', '?')} "
+            f"held-out prompts per model, {len(result.robustness)} of {n} per-seed "
+            "verdicts changed."
+        )
+    return lines
+
+
+def _schedule_sentences(result: StudyResult) -> list[str]:
+    if result.schedule.empty:
+        return []
+    worst = result.schedule.groupby(["condition", "seed"]).max_abs_deviation.max()
+    out = []
+    for condition, part in worst.groupby(level=0):
+        largest = float(part.max())
+        ok = "holds" if largest <= 1e-6 else "does not hold"
+        out.append(
+            f"Recency-wrapped {condition}: the routing equals the analytic schedule to "
+            f"{largest:.1e} (largest |measured - predicted| family mass over routers, "
+            f"layers, prompts and {len(part)} seed(s)); the claim {ok} (criterion "
+            "<= 1e-6)."
+        )
+    return out
+
+
+def _verdict_table(result: StudyResult) -> pd.DataFrame:
+    verdicts = result.verdicts
+    conditions = list(dict.fromkeys(verdicts.condition))
+    table = {
+        c: {
+            r.claim: f"{r.k}/{r.n} {r.verdict}"
+            for r in verdicts[verdicts.condition == c].itertuples()
+        }
+        for c in conditions
+    }
+    frame = pd.DataFrame(table).reindex(list(CLAIMS))
+    frame.insert(
+        0, "claim", [MOTIFS[c][3] if c in MOTIFS else DISSOCIATIONS[c] for c in frame.index]
+    )
+    return frame.reset_index(names="id")
+
+
+def _effect_tables(result: StudyResult) -> list[Block]:
+    blocks: list[Block] = []
+    effects = result.effects[result.effects.metric == "logit_diff"]
+    bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
+    for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
         mass = result.mass_summary
         mass = mass[(mass.condition == condition) & (mass.seed == seed) & (mass.band == "all")]
         eff = effects[(effects.condition == condition) & (effects.seed == seed)]
+        rows = []
         for router in ("attn_res", "mlp_res"):
             for family in FAMILIES:
                 m = mass[(mass.router == router) & (mass.family == family)]
@@ -56,53 +131,161 @@ def study_report(result: StudyResult) -> str:
                 if m.empty or e.empty:
                     continue
                 m = m.iloc[0]
-                cells = [f"{_fmt(e.loc[b, 'effect'], 2)}" for b in _band_names(effects)]
-                lines.append(
-                    f"| {router} | {family} | "
-                    f"{_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}] | "
-                    f"{_fmt(e.loc['all', 'effect'], 2)} [{_fmt(e.loc['all', 'ci_low'], 2)}, "
-                    f"{_fmt(e.loc['all', 'ci_high'], 2)}] | " + " | ".join(cells) + " |"
-                )
-        lines += [
-            "",
-            "| router | mass ranking | effect ranking | Spearman | top mass = top effect | "
-            "appreciable mass, no detectable effect |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in diss.itertuples():
-            lines.append(
-                f"| {row.router} | {', '.join(row.mass_ranking)} | "
-                f"{', '.join(row.effect_ranking)} | "
-                f"{_fmt(row.spearman, 2)} | {'yes' if row.top_mass_is_top_effect else '**no**'} | "
-                f"{', '.join(row.appreciable_mass_no_effect) or '-'} |"
-            )
-    if not result.schedule.empty:
-        worst = result.schedule.groupby("seed").max_abs_deviation.max()
-        lines += [
-            "",
-            "## Recency-wrapped baseline against the analytic schedule",
-            "",
-            "Largest |measured - predicted| family mass over routers, layers and prompts: "
-            + ", ".join(f"seed {s}: {v:.1e}" for s, v in worst.items())
-            + ".",
-        ]
-    if result.seeds_summary.n_seeds.max() > 1:
-        lines += [
-            "",
-            "## Across seeds (logit-diff effect, all layers)",
-            "",
-            "| condition | router | family | seeds | mass (sd) | effect (sd) "
-            "| seeds with CI excluding 0 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in result.seeds_summary.itertuples():
-            lines.append(
-                f"| {row.condition} | {row.router} | {row.family} | {row.n_seeds} | "
-                f"{_fmt(row.mass)} ({_fmt(row.mass_sd)}) | {_fmt(row.effect, 2)} "
-                f"({_fmt(row.effect_sd, 2)}) | {row.seeds_excluding_zero} |"
-            )
-    return "\n".join(lines) + "\n"
+                row = {
+                    "router": router,
+                    "family": family,
+                    "mass [95% CI]": f"{_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}]",
+                    "effect, all layers [95% CI]": (
+                        f"{_fmt(e.loc['all', 'effect'], 2)} [{_fmt(e.loc['all', 'ci_low'], 2)}, "
+                        f"{_fmt(e.loc['all', 'ci_high'], 2)}]"
+                    ),
+                }
+                row.update({f"effect, {b}": _fmt(e.loc[b, "effect"], 2) for b in bands})
+                rows.append(row)
+        blocks += [("h3", f"{condition}, seed {seed}"), ("table", pd.DataFrame(rows))]
+    return blocks
 
 
-def _band_names(effects: pd.DataFrame) -> list[str]:
-    return [g for g in ("early", "middle", "late") if g in set(effects.group)]
+def document(result: StudyResult) -> list[Block]:
+    """The report's content, top to bottom: the question, the verdicts, accuracy, the
+    figures, the tables, the settings."""
+    blocks: list[Block] = [
+        ("h1", "Does routing mass tell which depth sources matter?"),
+        ("p", QUESTION),
+        ("h2", "Verdicts"),
+    ]
+    blocks += [("li", line) for line in _conclusion(result) + _schedule_sentences(result)]
+    if not result.verdicts.empty:
+        blocks += [
+            (
+                "p",
+                "Per claim, condition and seed (pre-registered words: replicated = "
+                "every seed, majority = more than half, minority, absent = none):",
+            ),
+            ("table", _verdict_table(result)),
+        ]
+        for condition in dict.fromkeys(result.verdicts.condition):
+            recipe = get_condition(condition)
+            kind = (
+                "Block AttnRes, " + str(recipe.layout)
+                if recipe.kind == "attnres"
+                else "vanilla Qwen3, recency-wrapped"
+            )
+            blocks.append(
+                ("h3", f"{condition} ({kind}, {recipe.n_layers} layers, task {recipe.task})")
+            )
+            rows = result.verdicts[result.verdicts.condition == condition]
+            blocks += [("li", sentence) for sentence in rows.sentence]
+    accuracy = result.accuracy[["condition", "seed", "accuracy", "logit_diff", "n_prompts"]]
+    blocks += [
+        ("h2", "Accuracy on the held-out probe prompts"),
+        ("table", accuracy.round({"accuracy": 3, "logit_diff": 2})),
+    ]
+    if result.figures:
+        blocks += [
+            ("h2", "Figures"),
+            (
+                "p",
+                "Effects are in percent of each model's clean logit difference "
+                "(answer minus contrast); whiskers are 95 % bootstrap intervals over "
+                "prompts; panels that are compared share their y-axis.",
+            ),
+        ]
+        blocks += [("figure", name) for name in result.figures]
+    blocks += [
+        ("h2", "Tables"),
+        (
+            "p",
+            "Mass: mean routing weight of each family at the answer position over "
+            "every router of a type. Effects: mean change of the logit difference "
+            "when the family is masked (mask-and-renormalise) at every router of a type "
+            "in the group.",
+        ),
+    ]
+    blocks += _effect_tables(result)
+    blocks += [
+        ("h2", "Settings and versions"),
+        ("pre", json.dumps(result.settings, indent=2, default=str)),
+    ]
+    return blocks
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = [
+        "| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body])
+
+
+def study_report(result: StudyResult) -> str:
+    """The report as Markdown (the same content as ``report.html``; figures are named)."""
+    out: list[str] = []
+    for kind, payload in document(result):
+        if out and out[-1].startswith("* ") and kind != "li":
+            out.append("")
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + str(payload), ""]
+        elif kind == "p":
+            out += [str(payload), ""]
+        elif kind == "li":
+            out.append(f"* {payload}")
+        elif kind == "table":
+            out += ["", _md_table(payload), ""]  # type: ignore[arg-type]
+        elif kind == "figure":
+            out.append(f"* figure `{payload}` (in report.html)")
+        elif kind == "pre":
+            out += ["```json", str(payload), "```", ""]
+    return "\n".join(out).replace("\n\n\n", "\n\n") + "\n"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+       line-height: 1.45; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+li { margin: 0.3em 0; }
+.figure { margin: 1em 0 2em; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+"""
+
+
+def study_report_html(result: StudyResult) -> str:
+    """The report as one self-contained HTML page (plotly.js inlined once, so it opens
+    offline); every figure is interactive and sizes to the page."""
+    from hooked_attnres import plotting
+
+    parts: list[str] = []
+    in_list = False
+    for kind, payload in document(result):
+        if kind == "li" and not in_list:
+            parts.append("<ul>")
+            in_list = True
+        elif kind != "li" and in_list:
+            parts.append("</ul>")
+            in_list = False
+        text = html.escape(str(payload))
+        if kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{kind}>{text}</{kind}>")
+        elif kind == "li":
+            parts.append(f'<li class="verdict">{text}</li>')
+        elif kind == "table":
+            frame: Union[pd.DataFrame, object] = payload
+            assert isinstance(frame, pd.DataFrame)
+            parts.append(frame.to_html(index=False, border=0, na_rep="", escape=True))
+        elif kind == "figure":
+            figure = plotting.figure_div(result.figures[str(payload)])
+            parts.append(f'<div class="figure">{figure}</div>')
+        elif kind == "pre":
+            parts.append(f"<pre>{text}</pre>")
+    if in_list:
+        parts.append("</ul>")
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        "<title>Routing mass versus causal effect</title>"
+        f'<style>{STYLE}</style><script type="text/javascript">{plotting.plotly_js()}</script>'
+        "</head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )

@@ -1,24 +1,20 @@
-"""The seed paper's study in one call: routing mass versus causal effect, two conditions.
+"""The seed paper's study in one call: routing mass versus causal effect, on every condition.
 
-Conditions (``../shared/design/paper.md``):
-
-* ``attnres``: a cumulative-layout Block AttnRes Qwen3 trained from scratch;
-* ``vanilla``: a vanilla Qwen3 of the same shape, trained on the same task, loaded
-  through the recency wrap (zero pseudo-queries, bias 3) -- routing that is
-  content-independent and equals `recency_schedule`.
-
-For each condition and seed, on the same held-out probe prompts: answer accuracy; routing
-mass per family, router type, layer and depth band at the answer position (bootstrap
-intervals over prompts); the effect of mask-and-renormalise ablation of each family per
-router type and depth band (and over all layers) on logit difference, log-probability and
-accuracy (bootstrap intervals); the dissociation report; and for the wrapped model the
+For each condition (`hooked_attnres.study.conditions`) and model seed, on held-out probe
+prompts of the condition's task: answer accuracy; routing mass per family, router type,
+layer and depth band at the answer position (bootstrap intervals over prompts); the effect
+of mask-and-renormalise ablation of each family per router type and depth band (and over
+all layers) on logit difference, log-probability and accuracy (bootstrap intervals); the
+pre-registered motif and dissociation verdicts (`hooked_attnres.analysis.motif_report`),
+recomputed on a second, disjoint set of prompts; and for a recency-wrapped model the
 measured routing next to the analytic schedule.
 
     from hooked_attnres.study import run_study
-    result = run_study("study_out")          # the shipped seed-0 checkpoints, ~1 minute
-    result.dissociation                       # one row per condition, seed and router type
+    result = run_study("study_out")          # every shipped condition and seed
+    result.verdicts                           # "present in k of n seeds", per claim
 
-Everything is written to ``out_dir`` atomically (CSV, JSON, ``report.md``, HTML plots).
+Everything is written to ``out_dir`` atomically: ``report.html`` (one self-contained
+page), ``report.md`` (the same in text), CSV tables.
 """
 
 from __future__ import annotations
@@ -37,54 +33,80 @@ from hooked_attnres._atomic import atomic_directory
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
+    motif_report,
+    motif_verdicts,
     recency_schedule,
     routing_mass,
     schedule_comparison,
     summarize_mass,
+    verdict_changes,
 )
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
-from hooked_attnres.plotting import save_html
-from hooked_attnres.study.checkpoints import checkpoint_dir, seeds_found
-from hooked_attnres.study.conditions import STUDY_BLOCKS, check_conditions, study_task
+from hooked_attnres.study.checkpoints import available, checkpoint_dir
+from hooked_attnres.study.conditions import get_condition, make_task, study_task
 from hooked_attnres.study.figures import study_figures
-from hooked_attnres.study.report import study_report
-from hooked_attnres.tasks.base import TaskBatch
+from hooked_attnres.study.report import study_report, study_report_html
+from hooked_attnres.tasks.base import Task, TaskBatch
 
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
+FRESH_PROBE_SEED = 2  # a second, disjoint draw for the robustness of the verdicts
 
 
 def load_condition(
     condition: str,
     seed: int = 0,
     checkpoints: Union[str, Path, None] = None,
-    num_blocks: int = STUDY_BLOCKS,
+    num_blocks: Optional[int] = None,
     recency_bias: float = RECENCY_BIAS,
 ) -> HookedAttnRes:
-    """The model of one condition, in eval mode: ``attnres`` as trained, ``vanilla``
-    wrapped with ``wrap="recency"`` (``num_blocks`` blocks, bias ``recency_bias``)."""
-    check_conditions([condition])
+    """The model of one condition and seed, in eval mode: a Block AttnRes condition as
+    trained; a vanilla one through ``wrap="recency"`` (``num_blocks`` blocks, default the
+    condition's ``n_layers // 2``; bias ``recency_bias``), the seed paper's baseline.
+
+    Args:
+        checkpoints: a directory of ``{condition}_seed{seed}/model`` runs (what
+            ``hooked-attnres train --out DIR`` writes); default: the shipped checkpoints.
+    """
+    recipe = get_condition(condition)
     path = checkpoint_dir(condition, seed, checkpoints)
-    if condition == "attnres":
+    if recipe.kind == "attnres":
         model = HookedAttnRes.from_pretrained(path)
     else:
+        blocks = recipe.num_blocks if num_blocks is None else num_blocks
         model = HookedAttnRes.from_hf_qwen3(
-            path, wrap="recency", num_blocks=num_blocks, recency_bias=recency_bias
+            path, wrap="recency", num_blocks=blocks, recency_bias=recency_bias
         )
     return model.eval()
 
 
-def probe_prompts(model: HookedAttnRes, n_prompts: int = 256, seed: int = PROBE_SEED) -> TaskBatch:
-    """``n_prompts`` held-out (test split) prompts of the study task in the model's vocabulary."""
+def probe_prompts(
+    model: HookedAttnRes,
+    n_prompts: int = 256,
+    seed: int = PROBE_SEED,
+    task: Union[str, Task, None] = None,
+) -> TaskBatch:
+    """``n_prompts`` held-out (test split) prompts in the model's vocabulary.
+
+    Args:
+        seed: the prompt seed (the study uses `PROBE_SEED`, and `FRESH_PROBE_SEED` for the
+            robustness check; training evaluated on seed 0).
+        task: a task or a study task name (default: the original ``"saturated"`` probe);
+            ``get_condition(name).task`` is a condition's.
+    """
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
-    return study_task().sample(n_prompts, seed, "test", model.tokenizer.get_vocab())
+    if task is None:
+        task = study_task()
+    elif isinstance(task, str):
+        task = make_task(task)
+    return task.sample(n_prompts, seed, "test", model.tokenizer.get_vocab())
 
 
 @dataclass
 class StudyResult:
-    """Tables of a study run (also written to ``out_dir`` as CSV).
+    """Tables of a study run (also written to ``out_dir`` as CSV; columns in ``docs/study.md``).
 
     Attributes:
         accuracy: ``condition, seed, accuracy, logit_diff, n_prompts``.
@@ -93,10 +115,15 @@ class StudyResult:
             ``"all"`` = every layer) with bootstrap intervals.
         effects: `ablation_effects` rows + ``condition, seed`` (groups: bands and ``"all"``).
         dissociation: `dissociation_report` rows + ``condition, seed``.
-        schedule: for the wrapped condition, `schedule_comparison` + ``seed``.
+        schedule: for recency-wrapped conditions, `schedule_comparison` + ``condition, seed``.
         seeds_summary: per ``condition, router, family``: mean over seeds of mass and
             logit-difference effect (group ``"all"``), their spread over seeds, and how many
             seeds' effect intervals exclude zero.
+        motifs: `motif_report` per ``condition, seed`` (every pre-registered claim).
+        verdicts: `motif_verdicts` per condition: ``claim, k, n, verdict, sentence``.
+        fresh_motifs: `motif_report` on the second prompt set (`FRESH_PROBE_SEED`).
+        robustness: `verdict_changes` between the two prompt sets (empty: no verdict changed).
+        settings: what was run (conditions, seeds, prompts, versions).
     """
 
     out_dir: Path
@@ -107,6 +134,11 @@ class StudyResult:
     dissociation: pd.DataFrame
     schedule: pd.DataFrame
     seeds_summary: pd.DataFrame
+    motifs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    fresh_motifs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    robustness: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     figures: dict = field(default_factory=dict)
 
@@ -197,42 +229,53 @@ def run_study(
     out_dir: Union[str, Path] = "study_out",
     checkpoints: Union[str, Path, None] = None,
     seeds: Optional[Sequence[int]] = None,
-    conditions: Sequence[str] = ("attnres", "vanilla"),
+    conditions: Optional[Sequence[str]] = None,
     n_prompts: int = 256,
     n_bootstrap: int = 1000,
     progress: bool = True,
     plots: bool = True,
+    robustness: bool = True,
 ) -> StudyResult:
-    """Run the study on trained checkpoints and write every table, plot and a report.
+    """Run the study on trained checkpoints and write every table, the figures and a report.
 
     Args:
         out_dir: where results go (replaced atomically: a failed run leaves the previous
-            results in place).
+            results in place; a folder that does not look like study output is refused
+            before any work).
         checkpoints: a directory with ``{condition}_seed{seed}/model`` (what
             ``hooked-attnres train --out DIR`` writes); default: the shipped checkpoints.
-        seeds: model seeds (default: ``[0]``, the shipped ones; with ``checkpoints``,
-            every seed found for all conditions).
-        conditions: subset of ``("attnres", "vanilla")``.
-        n_prompts: held-out probe prompts (the same prompts for every model).
+        seeds: model seeds (default: every seed found for each condition).
+        conditions: condition names (default: every condition found).
+        n_prompts: held-out probe prompts per model (the same prompts for every model of a
+            task).
         n_bootstrap: bootstrap resamples for every interval.
-        progress, plots: tqdm bars; HTML figures.
+        progress, plots: progress lines and bars; figures.
+        robustness: recompute the verdicts on a second, disjoint prompt set.
 
     Returns:
         A `StudyResult`.
     """
     started = time.perf_counter()
-    check_conditions(conditions)
-    if seeds is None:
-        seeds = [0] if checkpoints is None else seeds_found(checkpoints, conditions)
+    check_out_dir(out_dir)
+    runs = find_runs(checkpoints, conditions, seeds)
     tables: dict[str, list[pd.DataFrame]] = {}
-    for seed in seeds:
-        for condition in conditions:
-            model = load_condition(condition, seed, checkpoints)
-            batch = probe_prompts(model, n_prompts)
-            if progress:
-                print(f"[study] {condition} seed {seed}: {len(batch)} probe prompts", flush=True)
-            for name, table in study_condition(model, batch, n_bootstrap, progress, seed=0).items():
-                tables.setdefault(name, []).append(table.assign(condition=condition, seed=seed))
+    for condition, seed in runs:
+        recipe = get_condition(condition)
+        model = load_condition(condition, seed, checkpoints)
+        if progress:
+            print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
+        prompt_sets = [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]
+        for prompt_seed in prompt_sets:
+            batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task)
+            found = study_condition(model, batch, n_bootstrap, progress=False)
+            motifs = motif_report(found["mass_summary"], found["effects"])
+            tag = {"condition": condition, "seed": seed}
+            if prompt_seed == FRESH_PROBE_SEED:
+                tables.setdefault("fresh_motifs", []).append(motifs.assign(**tag))
+                continue
+            found["motifs"] = motifs
+            for name, table in found.items():
+                tables.setdefault(name, []).append(table.assign(**tag))
     joined = {name: _front(pd.concat(parts, ignore_index=True)) for name, parts in tables.items()}
     result = StudyResult(
         out_dir=Path(out_dir),
@@ -243,14 +286,100 @@ def run_study(
         dissociation=joined["dissociation"],
         schedule=joined.get("schedule", pd.DataFrame()),
         seeds_summary=_seeds_summary(joined["mass_summary"], joined["effects"]),
+        motifs=joined["motifs"],
+        verdicts=motif_verdicts(joined["motifs"]),
+        fresh_motifs=joined.get("fresh_motifs", pd.DataFrame()),
+        settings=_settings(runs, checkpoints, n_prompts, n_bootstrap, robustness),
     )
+    if robustness:
+        result.robustness = verdict_changes(result.motifs, result.fresh_motifs)
     if plots:
         result.figures = study_figures(result)
     result.seconds = time.perf_counter() - started
+    result.settings["seconds"] = round(result.seconds, 1)
     write_study(result)
     if progress:
         print(f"[study] wrote {result.out_dir} in {result.seconds:.0f} s", flush=True)
     return result
+
+
+def find_runs(
+    checkpoints: Union[str, Path, None],
+    conditions: Optional[Sequence[str]],
+    seeds: Optional[Sequence[int]],
+) -> list[tuple[str, int]]:
+    """``(condition, seed)`` pairs to study, conditions in the order given (default: every
+    condition with a checkpoint, in `CONDITIONS` order), each with the seeds asked for
+    (default: every seed found for it)."""
+    if conditions is not None:
+        for condition in conditions:
+            get_condition(condition)
+    found = available(checkpoints)
+    names = list(conditions) if conditions is not None else list(found)
+    if not names:
+        raise FileNotFoundError(
+            f"{checkpoints or 'the shipped checkpoints'} hold no "
+            "{condition}_seed{n}/model run of a known condition"
+        )
+    runs = []
+    for name in names:
+        chosen = list(seeds) if seeds is not None else found.get(name, [])
+        if not chosen:
+            raise FileNotFoundError(
+                f"{checkpoints or 'the shipped checkpoints'} hold no {name}_seed{{n}}/model; "
+                f"train it with `hooked-attnres train --condition {name} --seeds 0 --out DIR`"
+            )
+        runs += [(name, seed) for seed in chosen]
+    for name, seed in runs:
+        checkpoint_dir(name, seed, checkpoints)  # every checkpoint exists, before any work
+    return runs
+
+
+def check_out_dir(out_dir: Union[str, Path]) -> None:
+    """Refuse, before any work, an ``out_dir`` that holds something other than study output
+    (its files would be replaced)."""
+    out = Path(out_dir)
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())
+    ):
+        raise FileExistsError(
+            f"refusing to write the study to {out}: it exists and does not hold an earlier "
+            "study (no report.md); choose a new or empty folder"
+        )
+
+
+def _settings(runs, checkpoints, n_prompts: int, n_bootstrap: int, robustness: bool) -> dict:
+    import platform
+
+    from hooked_attnres._version import __version__
+
+    def version(package: str) -> str:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as metadata_version
+
+        try:
+            return metadata_version(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "runs": [f"{c} seed {s}" for c, s in runs],
+        "checkpoints": str(checkpoints) if checkpoints is not None else "shipped",
+        "n_prompts": n_prompts,
+        "probe_seed": PROBE_SEED,
+        "fresh_probe_seed": FRESH_PROBE_SEED if robustness else None,
+        "n_bootstrap": n_bootstrap,
+        "confidence": 0.95,
+        "recency_bias": RECENCY_BIAS,
+        "versions": {
+            "hooked_attnres": __version__,
+            "torch": torch.__version__,
+            "transformer-lens": version("transformer-lens"),
+            "transformers": version("transformers"),
+            "python": platform.python_version(),
+        },
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _front(table: pd.DataFrame) -> pd.DataFrame:
@@ -258,18 +387,41 @@ def _front(table: pd.DataFrame) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
+def mass_by_layer(mass: pd.DataFrame) -> pd.DataFrame:
+    """The per-prompt mass table averaged over prompts: one row per ``condition, seed,
+    router, layer, band, family`` with ``mass`` (mean) and ``n_prompts`` (what ``mass.csv``
+    holds; the per-prompt table stays in memory, ``StudyResult.mass``)."""
+    keys = [c for c in ("condition", "seed", "router", "layer", "band", "family") if c in mass]
+    return (
+        mass.groupby(keys, sort=False)
+        .mass.agg(["mean", "count"])
+        .rename(columns={"mean": "mass", "count": "n_prompts"})
+        .reset_index()
+    )
+
+
 def write_study(result: StudyResult) -> Path:
-    """Write the tables (CSV), the dissociation (JSON), figures (HTML) and ``report.md``."""
+    """Write ``report.html`` (one self-contained page, plotly.js inlined once), ``report.md``
+    (the same content in text) and the tables as CSV (columns in ``docs/study.md``)."""
+    check_out_dir(result.out_dir)
     with atomic_directory(result.out_dir, markers=("report.md",)) as tmp:
-        for name in ("accuracy", "mass", "mass_summary", "effects", "schedule", "seeds_summary"):
+        for name in (
+            "accuracy",
+            "mass_summary",
+            "effects",
+            "schedule",
+            "seeds_summary",
+            "motifs",
+            "verdicts",
+            "fresh_motifs",
+            "robustness",
+        ):
             table = getattr(result, name)
             if not table.empty:
                 table.to_csv(tmp / f"{name}.csv", index=False)
+        mass_by_layer(result.mass).to_csv(tmp / "mass.csv", index=False)
         result.dissociation.to_json(tmp / "dissociation.json", orient="records", indent=2)
-        for name, fig in result.figures.items():
-            save_html(fig, tmp / "plots" / f"{name}.html")
         (tmp / "report.md").write_text(study_report(result))
-        (tmp / "run.json").write_text(
-            json.dumps({"seconds": round(result.seconds, 1)}, indent=2) + "\n"
-        )
+        (tmp / "report.html").write_text(study_report_html(result))
+        (tmp / "run.json").write_text(json.dumps(result.settings, indent=2) + "\n")
     return result.out_dir
