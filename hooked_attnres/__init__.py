@@ -10,21 +10,52 @@ Quick start::
     logits, cache = model.run_with_cache(tokens)
     cache["weights", 3, "attn_res"]      # [batch, pos, n_sources] routing weights
     model.source_labels(3, "attn_res")   # ["embedding", "block_1", "current"]
+
+The names below are imported on first use, so ``import hooked_attnres`` (and the
+command line's ``--help``) does not load torch or TransformerLens until they are needed.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hooked_attnres._version import __version__
-from hooked_attnres.config import HookedAttnResConfig
-from hooked_attnres.loading import CheckpointError
-from hooked_attnres.model import (
-    FAMILIES,
-    ROUTERS,
-    DepthRouter,
-    DepthState,
-    HookedAttnRes,
-    Output,
-    RoutingLayout,
-    UnknownHookError,
-)
+
+_LAZY = {
+    "HookedAttnResConfig": "hooked_attnres.config",
+    "CheckpointError": "hooked_attnres.loading.io",
+    "FAMILIES": "hooked_attnres.model.depth",
+    "ROUTERS": "hooked_attnres.model.depth",
+    "DepthState": "hooked_attnres.model.depth",
+    "RouterSite": "hooked_attnres.model.depth",
+    "RoutingLayout": "hooked_attnres.model.depth",
+    "DepthRouter": "hooked_attnres.model.routing",
+    "HookedAttnRes": "hooked_attnres.model.hooked_attnres",
+    "Output": "hooked_attnres.model.hooked_attnres",
+    "UnknownHookError": "hooked_attnres.model.hooked_root",
+}
+
+if TYPE_CHECKING:
+    from hooked_attnres.config import HookedAttnResConfig
+    from hooked_attnres.loading.io import CheckpointError
+    from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
+    from hooked_attnres.model.hooked_root import UnknownHookError
+    from hooked_attnres.model.routing import DepthRouter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'hooked_attnres' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "FAMILIES",
@@ -35,6 +66,7 @@ __all__ = [
     "HookedAttnRes",
     "HookedAttnResConfig",
     "Output",
+    "RouterSite",
     "RoutingLayout",
     "UnknownHookError",
     "__version__",

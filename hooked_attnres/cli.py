@@ -1,21 +1,44 @@
-"""``hooked-attnres``: the command line.
+"""hooked-attnres: train the study's conditions, run the study, describe a checkpoint.
 
-    hooked-attnres train --condition both --seeds 0 1 2 --out runs/
-    hooked-attnres study [--checkpoints DIR] --out study/
+    hooked-attnres train --condition hard_cumulative_L8 --seeds 0 1 2 --out runs
+    hooked-attnres study [--checkpoints runs] --out study_out
     hooked-attnres info CHECKPOINT_DIR
 
-``train`` writes ``OUT/{condition}_seed{seed}/`` (see `hooked_attnres.training.train`),
-resuming any interrupted run in place.
+``train`` writes ``OUT/{condition}_seed{seed}/`` and resumes an interrupted run in place.
+This module imports nothing heavy until a command runs, so ``--help`` answers at once.
+Errors print one line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
+
+PROG = "hooked-attnres"
+
+
+class CommandError(Exception):
+    """A usage problem found while running a command (printed as one line)."""
+
+
+def default_threads() -> int:
+    """Threads for torch: the cores this process may use, minus those the machine's load
+    already occupies (at least 1). torch's own default takes every core, which on a busy
+    machine makes each operation wait for the slowest thread (10-100x slower)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, round(cores - load)))
 
 
 def _parse_value(text: str):
@@ -29,41 +52,86 @@ def _key_values(pairs: Sequence[str], what: str) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--{what} takes key=value pairs, got {pair!r}")
+            raise CommandError(f"--{what} takes key=value pairs, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.replace("-", "_")] = _parse_value(value)
     return out
 
 
+def _conditions(names: Sequence[str]) -> list[str]:
+    from hooked_attnres.study import CONDITIONS, get_condition
+
+    out: list[str] = []
+    for name in names:
+        if name == "both":
+            out += ["attnres", "vanilla"]
+        elif name == "grid":
+            out += [c for c in CONDITIONS if not get_condition(c).legacy]
+        else:
+            get_condition(name)
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from hooked_attnres.study import CONDITIONS, get_condition
+
+    print(f"{'condition':24s} {'kind':8s} {'layout':11s} {'layers':>6s} {'task':10s} {'steps':>6s}")
+    for name in CONDITIONS:
+        c = get_condition(name)
+        print(
+            f"{name:24s} {c.kind:8s} {str(c.layout or '-'):11s} {c.n_layers:6d} {c.task:10s} "
+            f"{c.steps:6d}"
+        )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres.study import (
-        CONDITIONS,
+        get_condition,
         run_dir,
         study_task,
         study_train_config,
         train_condition,
     )
 
-    conditions = CONDITIONS if args.condition == "both" else (args.condition,)
-    config_values = _key_values(args.set, "set")
-    if args.steps is not None:
-        config_values["steps"] = args.steps
-    config = study_train_config(**config_values)
-    task = study_task(**_key_values(args.task_arg, "task-arg"))
+    conditions = _conditions(args.condition)
+    custom = bool(args.set or args.task_arg or args.steps is not None)
+    kwargs: dict = {}
+    if custom:
+        fixed = [c for c in conditions if not get_condition(c).legacy]
+        if fixed:
+            verb = "is a fixed recipe" if len(fixed) == 1 else "are fixed recipes"
+            raise CommandError(
+                f"{', '.join(fixed)} {verb}; --steps / --set / --task-arg vary only 'attnres' "
+                "and 'vanilla'"
+            )
+        values = _key_values(args.set, "set")
+        if args.steps is not None:
+            values["steps"] = args.steps
+            # the warm-up keeps its share of the run (100 of 1200 steps) unless it is set
+            values.setdefault("warmup_steps", round(100 * args.steps / 1200))
+        try:
+            kwargs = dict(
+                config=study_train_config(**values),
+                task=study_task(**_key_values(args.task_arg, "task-arg")),
+            )
+        except TypeError as error:
+            raise CommandError(f"unknown setting: {error}") from error
     results = []
     for seed in args.seeds:
         for condition in conditions:
             out_dir = run_dir(args.out, condition, seed)
-            print(f"[hooked-attnres] training {condition} seed {seed} -> {out_dir}", flush=True)
+            print(f"[{PROG}] training {condition} seed {seed} -> {out_dir}", flush=True)
             result = train_condition(
                 condition,
                 seed,
                 out_dir,
-                task=task,
-                config=config,
                 progress=not args.no_progress,
                 resume=not args.no_resume,
+                **kwargs,
             )
+            accuracy = ", ".join(f"{k} {v:.1%}" for k, v in result.final_accuracy.items())
             results.append(
                 {
                     "condition": condition,
@@ -74,13 +142,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                 }
             )
             print(
-                f"[hooked-attnres] {condition} seed {seed}: held-out accuracy "
-                f"{result.final_accuracy} in {result.seconds:.0f} s",
+                f"[{PROG}] {condition} seed {seed}: held-out accuracy {accuracy} in "
+                f"{result.seconds:.0f} s",
                 flush=True,
             )
     summary = Path(args.out) / "train_summary.json"
     summary.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"[hooked-attnres] summary: {summary}")
+    print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
+    for row in results:
+        final = float(next(iter(row["accuracy"].values()), float("nan")))
+        print(
+            f"{row['condition']:24s} {row['seed']:4d} {final:9.1%} {row['seconds']:8.0f}  "
+            f"{row['out_dir']}/model"
+        )
+    print(
+        f"\nsummary: {summary}; run the study on these with `{PROG} study --checkpoints {args.out}`"
+    )
     return 0
 
 
@@ -95,79 +172,161 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{sum(p.numel() for p in model.parameters()):,} parameters, "
         f"tokenizer {'yes' if model.tokenizer is not None else 'no'}"
     )
-    for layer, router in model.routers():
-        print(f"  {router:9s} layer {layer}: {model.source_labels(layer, router)}")
+    for site in model.sites():
+        print(f"  {str(site):20s} {model.source_labels(site)}")
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres.study import run_study
 
-    run_study(
+    conditions = _conditions(args.conditions) if args.conditions else None
+    result = run_study(
         out_dir=args.out,
         checkpoints=args.checkpoints,
         seeds=args.seeds,
+        conditions=conditions,
         n_prompts=args.prompts,
         n_bootstrap=args.bootstrap,
         progress=not args.no_progress,
+        robustness=not args.no_robustness,
+    )
+    out = Path(args.out)
+    print(
+        f"[{PROG}] study of {len(result.accuracy)} model(s) in {result.seconds:.0f} s: "
+        f"report {out / 'report.html'} (text: {out / 'report.md'}; tables: {out}/*.csv)"
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hooked-attnres", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0], formatter_class=formatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the free cores, "
+        f"{default_threads()} now; more threads than free cores is slower)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train the study's conditions (or your variant of them)")
-    train.add_argument("--condition", choices=["attnres", "vanilla", "both"], default="both")
-    train.add_argument("--seeds", type=int, nargs="+", default=[0])
-    train.add_argument("--out", default="runs")
-    train.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps")
+    train = sub.add_parser(
+        "train",
+        formatter_class=formatter,
+        parents=[common],
+        help="train conditions of the study (or a variant of the original two)",
+    )
+    train.add_argument(
+        "--condition",
+        nargs="+",
+        default=["both"],
+        metavar="NAME",
+        help="condition names (`hooked-attnres list`), 'both' (the original "
+        "attnres and vanilla) or 'grid' (every grid condition)",
+    )
+    train.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds")
+    train.add_argument("--out", default="runs", help="output folder")
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimiser steps (the warm-up scales with them); original two only",
+    )
     train.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="TrainConfig fields, e.g. lr=1e-3 batch_size=32",
+        help="TrainConfig fields, e.g. lr=1e-3 batch_size=32; original two only",
     )
     train.add_argument(
         "--task-arg",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="KeyValueRetrieval knobs of the task (trained and evaluated), e.g. n_pairs=8",
+        help="KeyValueRetrieval settings, e.g. n_pairs=8; original two only",
     )
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--no-resume", action="store_true", help="start over even if a checkpoint exists"
     )
     train.set_defaults(func=cmd_train)
 
-    study = sub.add_parser("study", help="routing mass vs causal effect on trained checkpoints")
+    study = sub.add_parser(
+        "study",
+        formatter_class=formatter,
+        parents=[common],
+        help="routing mass vs causal effect, with the pre-registered verdicts",
+    )
     study.add_argument(
         "--checkpoints",
         default=None,
-        help="directory with {condition}_seed{seed}/model (default: the shipped ones)",
+        help="folder of {condition}_seed{seed}/model runs (default: the shipped)",
     )
-    study.add_argument("--seeds", type=int, nargs="+", default=None)
-    study.add_argument("--prompts", type=int, default=256)
-    study.add_argument("--bootstrap", type=int, default=1000)
-    study.add_argument("--out", default="study_out")
-    study.add_argument("--no-progress", action="store_true")
+    study.add_argument(
+        "--conditions",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="conditions to study (default: every one with a checkpoint)",
+    )
+    study.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="model seeds (default: every seed found)"
+    )
+    study.add_argument("--prompts", type=int, default=256, help="held-out probe prompts per model")
+    study.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    study.add_argument(
+        "--out", default="study_out", help="output folder (report.html, report.md, CSV)"
+    )
+    study.add_argument(
+        "--no-robustness",
+        action="store_true",
+        help="skip the verdicts on a second, disjoint prompt set",
+    )
+    study.add_argument("--no-progress", action="store_true", help="no progress lines")
     study.set_defaults(func=cmd_study)
 
-    info = sub.add_parser("info", help="describe a checkpoint directory")
-    info.add_argument("checkpoint")
+    info = sub.add_parser(
+        "info", formatter_class=formatter, parents=[common], help="describe a checkpoint folder"
+    )
+    info.add_argument("checkpoint", help="a checkpoint folder")
     info.set_defaults(func=cmd_info)
+
+    listing = sub.add_parser(
+        "list", formatter_class=formatter, parents=[common], help="list the study's conditions"
+    )
+    listing.set_defaults(func=cmd_list)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from hooked_attnres.runtime import tune_from_environment
+    try:
+        if args.command != "list":
+            import torch
 
-    tune_from_environment()  # reuse freed activation memory (HOOKED_ATTNRES_TUNE_MALLOC=0: don't)
-    return args.func(args)
+            from hooked_attnres.runtime import tune_from_environment
+
+            torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+            tune_from_environment()  # reuse freed memory (HOOKED_ATTNRES_TUNE_MALLOC=0: don't)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"{PROG}: error: {message} ({type(error).__name__}; --debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -258,42 +258,48 @@ def test_unknown_condition_and_missing_tokenizer(tmp_path):
         train(model, TASK, config(), tmp_path, progress=False)
 
 
-def test_two_processes_with_the_same_seed_write_the_same_file(tmp_path):
+def test_a_separate_process_writes_the_same_file_as_this_one(tmp_path):
     """Bitwise reproducibility across processes (in-process runs can hide thread-order
-    nondeterminism, such as the accumulating backward of tensor indexing)."""
+    nondeterminism, such as the accumulating backward of tensor indexing): the command line
+    in a child process and `train_condition` here, with the same settings."""
     import hashlib
     import subprocess
     import sys
 
-    digests = []
-    for run in range(2):
-        out = tmp_path / f"run{run}"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hooked_attnres.cli",
-                "train",
-                "--condition",
-                "attnres",
-                "--out",
-                str(out),
-                "--steps",
-                "6",
-                "--set",
-                "warmup_steps=2",
-                "eval_every=6",
-                "eval_size=16",
-                "batch_size=32",
-                "threads=2",
-                "--no-progress",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        digests.append(
-            hashlib.sha256(
-                (out / "attnres_seed0" / "model" / "model.safetensors").read_bytes()
-            ).hexdigest()
-        )
+    from hooked_attnres.study import study_task, study_train_config
+
+    settings = dict(steps=6, warmup_steps=2, eval_every=6, eval_size=16, batch_size=32, threads=2)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hooked_attnres.cli",
+            "train",
+            "--condition",
+            "attnres",
+            "--out",
+            str(tmp_path / "child"),
+            "--steps",
+            "6",
+            "--no-progress",
+            "--set",
+            *(f"{k}={v}" for k, v in settings.items() if k != "steps"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    train_condition(
+        "attnres",
+        0,
+        tmp_path / "here" / "attnres_seed0",
+        task=study_task(),
+        config=study_train_config(**settings),
+        progress=False,
+    )
+    digests = [
+        hashlib.sha256(
+            (tmp_path / run / "attnres_seed0" / "model" / "model.safetensors").read_bytes()
+        ).hexdigest()
+        for run in ("child", "here")
+    ]
     assert digests[0] == digests[1]

@@ -1,0 +1,100 @@
+"""The command line: lazy imports (``--help`` loads no torch), help text for every option,
+one-line errors, readable endings."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from hooked_attnres import cli
+
+
+def test_help_imports_neither_torch_nor_transformer_lens():
+    code = (
+        "import sys, hooked_attnres.cli as c; c.build_parser().format_help(); "
+        "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_every_option_has_help_text_and_shows_its_default():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"train", "study", "info", "list"}
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}"
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "(default:" in text, name
+    assert "``" not in parser.format_help()
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hooked-attnres: error: no checkpoint directory")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["info", str(tmp_path / "missing"), "--debug"])
+    assert cli.main(["train", "--condition", "hard_kimi_L8", "--steps", "20"]) == 1
+    assert "is a fixed recipe" in capsys.readouterr().err
+    assert cli.main(["train", "--condition", "nope"]) == 1
+    assert "condition must be one of" in capsys.readouterr().err
+
+
+def test_steps_scale_the_warm_up_and_train_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    seen = {}
+
+    def fake_train(condition, seed, out_dir, config=None, task=None, **kwargs):
+        seen[condition] = config
+        return TrainResult(out_dir, out_dir / "model", config.steps, {"retrieval": 0.75}, 3.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    assert cli.main(["train", "--condition", "both", "--steps", "20", "--out", str(tmp_path)]) == 0
+    assert {c: (cfg.steps, cfg.warmup_steps) for c, cfg in seen.items()} == {
+        "attnres": (20, 2),
+        "vanilla": (20, 2),
+    }
+    out = capsys.readouterr().out
+    assert "attnres                     0     75.0%        3" in out
+    assert "summary:" in out and (tmp_path / "train_summary.json").exists()
+
+
+def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
+    code = cli.main(
+        [
+            "study",
+            "--conditions",
+            "vanilla",
+            "--prompts",
+            "16",
+            "--bootstrap",
+            "20",
+            "--no-robustness",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and f"report {tmp_path / 's' / 'report.html'}" in out[0]
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cli.default_threads() == 2
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cli.default_threads() == 1
