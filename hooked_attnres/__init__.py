@@ -18,15 +18,19 @@ from hooked_attnres.loading import CheckpointError
 from hooked_attnres.model import (
     FAMILIES,
     ROUTERS,
+    AttnResActivationCache,
     DepthRouter,
     DepthState,
     HookedAttnRes,
     Output,
+    RoutedResidualPatchWarning,
     RoutingLayout,
+    UnfoldedNormWarning,
     UnknownHookError,
 )
 
 __all__ = [
+    "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",
     "CheckpointError",
@@ -35,7 +39,9 @@ __all__ = [
     "HookedAttnRes",
     "HookedAttnResConfig",
     "Output",
+    "RoutedResidualPatchWarning",
     "RoutingLayout",
+    "UnfoldedNormWarning",
     "UnknownHookError",
     "__version__",
 ]
