@@ -508,3 +508,74 @@ def test_process_weights_options():
     assert torch.equal(tied.unembed(tied.embed.W_E[:1]), tied.embed.W_E[:1] @ tied.embed.W_E.T)
     with pytest.raises(ValueError, match="tied"):
         tied.process_weights(fold_ln=False, center_unembed=True)
+
+
+# --- the pieces, and bad calls ------------------------------------------------------------
+def test_layout_components_follow_the_schedule():
+    layout = tiny_model(
+        attnres_layout="cumulative", n_layers=2, attnres_num_blocks=2
+    ).routing_layout
+    assert layout.components(3) == [
+        ["embed"],
+        ["embed", "0_attn_out", "0_mlp_out"],
+        ["embed", "0_attn_out", "0_mlp_out", "1_attn_out"],
+    ]
+    assert layout.reader(4) is None  # ln_final reads the stream itself
+    kimi = tiny_model(attnres_layout="kimi", n_layers=2, attnres_num_blocks=1).routing_layout
+    assert kimi.components(0) == [["embed"]]
+    assert kimi.components(4) == [["embed"], ["0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]]
+    assert kimi.reader(4) == kimi.site(None, "final_res")
+    with pytest.raises(ValueError, match=r"sublayer must be an integer in \[0, 4\]"):
+        kimi.components(5)
+
+
+def test_router_aliases_work_wherever_hook_names_do():
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=2))
+    tokens = torch.randint(0, 50, (1, 5))
+    alias = model.site(1, "mlp_res").alias("weights")
+    assert alias == get_act_name("mlp_res_weights", 1) == "blocks.1.hook_mlp_res_weights"
+    assert model.site(None, "final_res").alias("out") == "hook_final_res_out"
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(alias, lambda x, hook: seen.append(hook.name))])
+    assert seen == ["blocks.1.mlp_res.hook_weights"]
+    _, cache = model.run_with_cache(tokens, names_filter=[alias, "hook_final_res_out"])
+    assert set(cache.keys()) == {"blocks.1.mlp_res.hook_weights", "final_res.hook_out"}
+    assert torch.equal(cache["final_res_out"], cache["final_res.hook_out"])
+    with pytest.raises(KeyError):
+        model.run_with_cache(tokens, names_filter="blocks.7.hook_mlp_res_weights")
+
+
+def test_bad_calls_name_what_to_do():
+    model = randomize_routing(tiny_model(attnres_layout="full", n_layers=2))
+    tokens = torch.randint(0, 50, (2, 4))
+    logits, cache = model.run_with_cache(tokens)
+
+    def metric(logits):
+        return logits[:, -1, 0].mean()
+
+    with pytest.raises(ValueError, match="sublayer must be 'attn' or 'mlp'"):
+        get_act_patch_depth_state(model, tokens, cache, metric, sublayer="final")
+    with pytest.raises(ValueError, match=r"\[batch, pos\]"):
+        get_act_patch_depth_state(model, tokens[0], cache, metric)
+    _, partial = model.run_with_cache(tokens, names_filter="hook_embed")
+    with pytest.raises(KeyError, match="hook_sources"):
+        get_act_patch_depth_state(model, tokens, partial, metric)
+    with pytest.raises(ValueError, match="final router has none"):
+        router_patch_index(model, "final_res")
+    with pytest.raises(ValueError, match="n_pos"):
+        router_patch_index(model, "attn_res", "weights", ("layer", "pos", "source"))
+    with pytest.raises(ValueError, match="start with 'layer'"):
+        router_patch_index(model, "attn_res", "weights", ("pos",))
+    with pytest.raises(ValueError, match="no hook 'bogus'"):
+        cache.stack_router_activation("bogus")
+    with pytest.raises(ValueError, match="router must be one of"):
+        cache.stack_router_activation("weights", "final_res")
+    with pytest.raises(ValueError, match="mlp_input=True needs a layer below"):
+        cache.decompose_resid(layer=None, mlp_input=True, routed=True)
+    with pytest.raises(KeyError, match="final_res.hook_weights"):
+        partial.decompose_resid(routed=True)
+    with pytest.raises(ValueError, match="another model"):
+        routing_lens(tiny_model(attnres_layout="full", n_layers=2), cache)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        get_act_patch_depth_state(model, tokens, cache, metric)

@@ -102,6 +102,9 @@ class AttnResActivationCache(ActivationCache):
         try:
             return super().__getitem__(key)
         except KeyError:
+            layout = getattr(self.model, "routing_layout", None)
+            if layout is None:
+                raise
             if isinstance(key, str):
                 name = key if key in self.cache_dict else get_act_name(key)
             else:
@@ -109,7 +112,7 @@ class AttnResActivationCache(ActivationCache):
                 if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
                     key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
                 name = get_act_name(*key)
-            real = self.model.routing_layout.resolve_alias(name)
+            real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:
                 return self.cache_dict[real]
             raise
