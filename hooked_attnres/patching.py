@@ -10,6 +10,11 @@ of one full forward pass per cell.
     clean_logits, clean_cache = model.run_with_cache(clean_tokens)
     result = get_act_patch_routing_weights(model, corrupted_tokens, clean_cache, metric)
     # result[r, l]: metric when router type r of layer l uses the clean routing weights
+
+`get_act_patch_depth_state(_by_pos)` patch the whole depth state entering a layer (every
+source routers read), the replacement for TransformerLens's ``get_act_patch_resid_pre`` in
+routed layouts, where ``hook_resid_pre`` is only the current source. `router_patch_index`
+makes TransformerLens's own ``generic_activation_patch`` reach router hooks.
 """
 
 from __future__ import annotations
