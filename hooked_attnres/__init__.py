@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 from hooked_attnres._version import __version__
 
 _LAZY = {
+    "AttnResActivationCache": "hooked_attnres.model.cache",
+    "RoutedResidualPatchWarning": "hooked_attnres.model.hooked_root",
+    "UnfoldedNormWarning": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
     "FAMILIES": "hooked_attnres.model.depth",
@@ -39,9 +42,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
     from hooked_attnres.loading.io import CheckpointError
+    from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
     from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
     from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
-    from hooked_attnres.model.hooked_root import UnknownHookError
+    from hooked_attnres.model.hooked_root import RoutedResidualPatchWarning, UnknownHookError
     from hooked_attnres.model.routing import DepthRouter
 
 
@@ -58,6 +62,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",
     "CheckpointError",
@@ -66,8 +71,10 @@ __all__ = [
     "HookedAttnRes",
     "HookedAttnResConfig",
     "Output",
+    "RoutedResidualPatchWarning",
     "RouterSite",
     "RoutingLayout",
+    "UnfoldedNormWarning",
     "UnknownHookError",
     "__version__",
 ]

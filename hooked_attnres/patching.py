@@ -10,20 +10,26 @@ of one full forward pass per cell.
     clean_logits, clean_cache = model.run_with_cache(clean_tokens)
     result = get_act_patch_routing_weights(model, corrupted_tokens, clean_cache, metric)
     # result[r, l]: metric when router type r of layer l uses the clean routing weights
+
+`get_act_patch_depth_state(_by_pos)` patch the whole depth state entering a layer (every
+source routers read), the replacement for TransformerLens's ``get_act_patch_resid_pre`` in
+routed layouts, where ``hook_resid_pre`` is only the current source. `router_patch_index`
+makes TransformerLens's own ``generic_activation_patch`` reach router hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._tl import get_act_name
 from hooked_attnres.interventions.selection import check_routers
-from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, DepthState, RouterSite
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -34,18 +40,22 @@ Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 PatchSetter = Callable[[Tensor, Any, Tensor], Tensor]
 
 
+def _check_run(model: HookedAttnRes, corrupted_tokens: Tensor) -> None:
+    """Eval mode and ``[batch, pos]`` tokens."""
+    if model.training:
+        raise ValueError("activation patching requires the model in eval mode (model.eval())")
+    if not isinstance(corrupted_tokens, Tensor) or corrupted_tokens.ndim != 2:
+        shape = getattr(corrupted_tokens, "shape", None)
+        shape = tuple(shape) if shape is not None else type(corrupted_tokens).__name__
+        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {shape}")
+
+
 def _check(
     model: HookedAttnRes, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()
 ) -> tuple[str, ...]:
     """Eval mode, a routed model, ``[batch, pos]`` tokens; returns the checked router types."""
-    if model.training:
-        raise ValueError("activation patching requires the model in eval mode (model.eval())")
-    routers = check_routers(model, routers)
-    if corrupted_tokens.ndim != 2:
-        raise ValueError(
-            f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}"
-        )
-    return routers
+    _check_run(model, corrupted_tokens)
+    return check_routers(model, routers)
 
 
 def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -> None:
@@ -92,11 +102,19 @@ def _patch_cells(
     shape: tuple[int, ...],
     desc: str,
     patch_setter: PatchSetter = layer_pos_patch_setter,
+    patch_state: bool = False,
 ) -> Tensor:
     """The one patching driver: ``cells`` are ``(result index, hook name, start sublayer,
     setter index)``; each cell runs the corrupted pass from its start sublayer (the
     sublayer whose hook it patches, from the corrupted run's cached depth state) with the
     hook's activation replaced by ``patch_setter(corrupted, setter index, clean)``.
+
+    With ``patch_state=True`` no hook is attached: ``hook name`` is the clean-cache entry
+    holding the depth state entering the start sublayer (``hook_sources``, stacked on
+    axis -2, or one ``[batch, pos, d_model]`` tensor in layout ``"none"``), and the run
+    starts from the corrupted state with every source replaced by
+    ``patch_setter(corrupted source, setter index, clean source)``.
+
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
     _check_cache(
         clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
@@ -105,14 +123,35 @@ def _patch_cells(
     out = torch.full(shape, float("nan"), device=corrupted_tokens.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
         clean = clean_cache[name]
+        if patch_state:
+            state = _patched_state(states[start], clean, setter_index, patch_setter, name)
+            logits = model.forward_from(state, start)
+        else:
 
-        def patch(activation, hook, clean=clean, setter_index=setter_index):
-            return patch_setter(activation, setter_index, clean)
+            def patch(activation, hook, clean=clean, setter_index=setter_index):
+                return patch_setter(activation, setter_index, clean)
 
-        with model.hooks(fwd_hooks=[(name, patch)]):
-            logits = model.forward_from(states[start], start)
+            with model.hooks(fwd_hooks=[(name, patch)]):
+                logits = model.forward_from(states[start], start)
         out[index] = _scalar(metric(logits)).float().to(out.device)
     return out
+
+
+def _patched_state(
+    state: DepthState, clean: Tensor, setter_index: Any, patch_setter: PatchSetter, name: str
+) -> DepthState:
+    """``state`` with every source patched from ``clean`` (the stacked clean state)."""
+    clean_sources = list(clean.unbind(dim=-2)) if clean.ndim == 4 else [clean]
+    if len(clean_sources) != state.n_sources:
+        raise ValueError(
+            f"{name} holds {len(clean_sources)} sources but the depth state there has "
+            f"{state.n_sources}; the clean cache must come from the same model"
+        )
+    sources = [
+        patch_setter(source, setter_index, clean_source)
+        for source, clean_source in zip(state.sources, clean_sources, strict=True)
+    ]
+    return DepthState(sources[:-1], sources[-1], state.current_is_committed)
 
 
 def _site_rows(model: HookedAttnRes, routers: Sequence[str]) -> list[tuple[int, RouterSite]]:
@@ -234,3 +273,166 @@ def get_act_patch_committed_blocks_by_pos(
         (model.cfg.n_layers, n_pos),
         f"patch committed blocks ({sublayer}) by pos",
     )
+
+
+# --- depth-state patching: the replacement for residual patching in routed layouts ---------
+DEPTH_STATE_SUBLAYERS = ("attn", "mlp")
+
+
+def depth_state_name(model: HookedAttnRes, layer: int, sublayer: str = "attn") -> str:
+    """The clean-cache entry that holds the depth state entering ``layer``'s attention
+    (``sublayer="attn"``) or MLP (``"mlp"``) router: its ``hook_sources`` (every source,
+    stacked on axis -2), or ``hook_resid_pre`` / ``hook_resid_mid`` in layout ``"none"``."""
+    if sublayer not in DEPTH_STATE_SUBLAYERS:
+        raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+    if not model.routing_layout.has_routers:
+        return get_act_name("resid_pre" if sublayer == "attn" else "resid_mid", layer)
+    return model.site(layer, SUBLAYER_ROUTERS[sublayer == "mlp"]).hook("sources")
+
+
+def _depth_state_cells(
+    model: HookedAttnRes, corrupted_tokens: Tensor, sublayer: str, by_pos: bool
+) -> list[tuple[tuple, str, int, Any]]:
+    _check_run(model, corrupted_tokens)
+    name = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
+    start = {layer: 2 * layer + (sublayer == "mlp") for layer in name}
+    if not by_pos:
+        return [((layer,), name[layer], start[layer], None) for layer in name]
+    return [
+        ((layer, pos), name[layer], start[layer], pos)
+        for layer in name
+        for pos in range(corrupted_tokens.shape[-1])
+    ]
+
+
+@torch.no_grad()
+def get_act_patch_depth_state(
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric: Metric,
+    sublayer: str = "attn",
+) -> Float[Tensor, " layer"]:
+    """Patch the whole clean depth state entering each layer (all positions) into the
+    corrupted run: every source that the routers at and after that point read (the
+    committed blocks, the embedding source and the current source), not only
+    ``hook_resid_pre``. The replacement for ``get_act_patch_resid_pre`` in routed layouts
+    (in layout ``"none"`` it is the same thing).
+
+    Args:
+        sublayer: ``"attn"``: the state entering the layer's attention router (TransformerLens
+            ``resid_pre``); ``"mlp"``: the state entering its MLP router (``resid_mid``).
+
+    Returns:
+        ``[n_layers]``. Every cell equals the clean metric (the rest of the run only sees
+        the state), which makes it a check on a normalised metric (1.0 everywhere).
+    """
+    cells = _depth_state_cells(model, corrupted_tokens, sublayer, by_pos=False)
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        cells,
+        (model.cfg.n_layers,),
+        f"patch depth state ({sublayer})",
+        patch_state=True,
+    )
+
+
+@torch.no_grad()
+def get_act_patch_depth_state_by_pos(
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric: Metric,
+    sublayer: str = "attn",
+) -> Float[Tensor, "layer pos"]:
+    """Patch the clean depth state entering each layer at one position: every source the
+    routers at and after that point read, at that position (the routed-layout meaning of
+    ``get_act_patch_resid_pre``, which patches only the current source).
+
+    Args:
+        sublayer: ``"attn"`` (state entering the attention router) or ``"mlp"``.
+
+    Returns:
+        ``[n_layers, pos]``.
+    """
+    cells = _depth_state_cells(model, corrupted_tokens, sublayer, by_pos=True)
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        cells,
+        (model.cfg.n_layers, corrupted_tokens.shape[-1]),
+        f"patch depth state ({sublayer}) by pos",
+        patch_state=True,
+    )
+
+
+# --- TransformerLens's generic_activation_patch over router hooks ------------------------
+def router_patch_index(
+    model: HookedAttnRes,
+    router: str = "attn_res",
+    hook: str = "weights",
+    index_axis_names: Sequence[str] = ("layer", "pos"),
+    n_pos: Union[int, None] = None,
+) -> dict[str, Any]:
+    """Arguments that make ``transformer_lens.patching.generic_activation_patch`` patch a
+    router hook at every layer.
+
+    ``generic_activation_patch`` names the hook of a cell ``get_act_name(activation_name,
+    layer)``; router hooks answer to those names through their aliases
+    (`RouterSite.alias`: ``get_act_name("attn_res_weights", 3) ==
+    "blocks.3.hook_attn_res_weights"``, the hook ``blocks.3.attn_res.hook_weights``)::
+
+        from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
+        result = generic_activation_patch(model, corrupted, clean_cache, metric,
+                                          layer_pos_patch_setter,
+                                          **router_patch_index(model, "mlp_res", "weights"))
+        # result[l, p] == get_act_patch_routing_weights_by_pos(...)[mlp row, l, p]
+
+    Args:
+        router: ``"attn_res"`` or ``"mlp_res"`` (the final router has no layer axis).
+        hook: ``"sources"``, ``"scale"``, ``"logits"``, ``"weights"`` or ``"out"``.
+        index_axis_names: axes TransformerLens knows (``"layer"``, ``"pos"``); with
+            ``"source"`` (its extent varies by layer) an ``index_df`` of the valid
+            ``(layer[, pos], source)`` rows is returned instead (needs ``n_pos`` if
+            ``"pos"`` is one of the axes) and the result is flattened, one value per row.
+
+    Returns:
+        ``{"activation_name": ..., "index_axis_names": ...}`` or
+        ``{"activation_name": ..., "index_df": ...}``, to pass as keyword arguments.
+    """
+    import pandas as pd
+
+    if router not in SUBLAYER_ROUTERS:
+        raise ValueError(
+            f"router must be one of {SUBLAYER_ROUTERS} (generic_activation_patch indexes "
+            f"by layer; the final router has none), got {router!r}"
+        )
+    check_routers(model, router)
+    name = RouterSite.activation_name(router, hook)
+    axes = tuple(index_axis_names)
+    if not axes or axes[0] != "layer":
+        raise ValueError(f"index_axis_names must start with 'layer', got {axes}")
+    unknown = set(axes) - {"layer", "pos", "source"}
+    if unknown:
+        raise ValueError(f"unknown axes {sorted(unknown)}; use 'layer', 'pos' and 'source'")
+    if "source" not in axes:
+        return {"activation_name": name, "index_axis_names": axes}
+    if "pos" in axes and n_pos is None:
+        raise ValueError("an index with 'pos' and 'source' axes needs n_pos (the sequence length)")
+    rows = []
+    for site in model.sites(router):
+        n_sources = model.routing_layout.n_sources(site)
+        positions: Sequence[Optional[int]] = [None]
+        if "pos" in axes:
+            assert n_pos is not None
+            positions = range(n_pos)
+        for pos in positions:
+            for source in range(n_sources):
+                values = {"layer": site.layer, "pos": pos, "source": source}
+                rows.append([values[axis] for axis in axes])
+    return {"activation_name": name, "index_df": pd.DataFrame(rows, columns=list(axes))}

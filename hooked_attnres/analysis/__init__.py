@@ -1,5 +1,6 @@
 """Analyses built on caches and interventions: routing mass, ablation effects with
-bootstrap intervals, the mass-versus-effect dissociation, analytic schedules."""
+bootstrap intervals, the mass-versus-effect dissociation, analytic schedules, the
+routing lens."""
 
 import warnings
 
@@ -13,6 +14,7 @@ from hooked_attnres.analysis.effects import (
     plan_ablations,
     run_ablations,
 )
+from hooked_attnres.analysis.lens import RoutingLens, lens_hook_names, routing_lens
 from hooked_attnres.analysis.mass import band_of, routing_mass, summarize_mass
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
@@ -41,14 +43,17 @@ __all__ = [
     "METRICS",
     "PlannedAblation",
     "RecencySchedule",
+    "RoutingLens",
     "ablation_effects",
     "band_of",
     "bootstrap_ci",
     "bootstrap_ci_rows",
     "dissociation_report",
+    "lens_hook_names",
     "metric_values",
     "plan_ablations",
     "recency_schedule",
+    "routing_lens",
     "routing_mass",
     "run_ablations",
     "schedule_comparison",

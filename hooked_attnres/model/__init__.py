@@ -1,17 +1,21 @@
 """The model: config-driven Qwen3 blocks threaded by an explicit depth state."""
 
+from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RoutingLayout
 from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
-from hooked_attnres.model.hooked_root import UnknownHookError
+from hooked_attnres.model.hooked_root import RoutedResidualPatchWarning, UnknownHookError
 from hooked_attnres.model.routing import DepthRouter
 
 __all__ = [
+    "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",
     "DepthRouter",
     "DepthState",
     "HookedAttnRes",
     "Output",
+    "RoutedResidualPatchWarning",
     "RoutingLayout",
+    "UnfoldedNormWarning",
     "UnknownHookError",
 ]

@@ -41,6 +41,9 @@ class AttnResBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.layout = layout
+        # read by TransformerLens's logit lens: hook_resid_post of the last block is the
+        # stream ln_final reads unless a final router mixes several sources first
+        self.hook_out_is_single_residual_stream = not layout.has_final_router
         routers = layout.has_routers
         self.hook_resid_pre = make_hook()
         if routers:

@@ -27,7 +27,8 @@ and counts come from exactly the schedule the forward pass runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, Optional, TypeVar, Union
 
@@ -52,6 +53,10 @@ ROUTER_HOOKS: dict[str, str] = {
 # the hook where a block is committed, by the sublayer that ends it (AttnResBlock creates them)
 COMMIT_HOOKS: dict[str, str] = {"attn": "hook_committed_mid", "mlp": "hook_committed_block"}
 NO_ROUTERS = "this model has attnres_layout='none' and therefore no routers"
+# RouterSite.alias: "blocks.{l}.hook_{kind}_{hook}" / "hook_final_res_{hook}"
+_ALIAS = re.compile(
+    r"(?:blocks\.(\d+)\.)?hook_(attn_res|mlp_res|final_res)_(sources|scale|logits|weights|out)"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,30 @@ class RouterSite:
         if key not in ROUTER_HOOKS:
             raise ValueError(f"a router has no hook {name!r}; its hooks are {list(ROUTER_HOOKS)}")
         return f"{self.prefix}.{ROUTER_HOOKS[key]}"
+
+    def alias(self, name: str) -> str:
+        """A second name of one of the router's hooks that TransformerLens's
+        ``get_act_name`` can produce: ``"blocks.3.hook_attn_res_weights"`` (``get_act_name(
+        "attn_res_weights", 3)``) or ``"hook_final_res_weights"``. The model's hook
+        functions and its `ActivationCache` accept it, so that
+        ``transformer_lens.patching.generic_activation_patch(..., activation_name=
+        "attn_res_weights", index_axis_names=("layer", "pos"))`` patches router hooks."""
+        key = name.removeprefix("hook_")
+        self.hook(key)  # checks the name
+        if self.layer is None:
+            return f"hook_{self.kind}_{key}"
+        return f"blocks.{self.layer}.hook_{self.kind}_{key}"
+
+    @staticmethod
+    def activation_name(kind: str, name: str) -> str:
+        """The ``get_act_name`` shorthand of a router hook: ``("attn_res", "weights") ->
+        "attn_res_weights"`` (``get_act_name("attn_res_weights", 3)`` is `alias`)."""
+        if kind not in ROUTERS:
+            raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        key = name.removeprefix("hook_")
+        if key not in ROUTER_HOOKS:
+            raise ValueError(f"a router has no hook {name!r}; its hooks are {list(ROUTER_HOOKS)}")
+        return f"{kind}_{key}"
 
     @property
     def table_layer(self) -> int:
@@ -255,6 +284,20 @@ class RoutingLayout:
         layer %= self.n_layers
         return RouterSite(layer, kind, 2 * layer + (kind == "mlp_res"))
 
+    def resolve_alias(self, name: str) -> Optional[str]:
+        """The hook name behind a `RouterSite.alias` of this model, else ``None``."""
+        match = _ALIAS.fullmatch(name)
+        if match is None or not self.has_routers:
+            return None
+        layer, kind, key = match.group(1), match.group(2), match.group(3)
+        if (layer is None) != (kind == "final_res"):
+            return None
+        try:
+            site = self.site(None if layer is None else int(layer), kind)
+        except ValueError:
+            return None
+        return site.hook(key)
+
     def check(self, site: Union[SiteLike, int, None], kind: Optional[str] = None) -> RouterSite:
         """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or
         ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router."""
@@ -297,20 +340,61 @@ class RoutingLayout:
             out.append(self.site(None, "final_res"))
         return out
 
+    # --- the schedule with symbolic payloads ---------------------------------------------
+    def commits_after(self, layer: int, sublayer: str) -> bool:
+        """Whether ``sublayer`` (``"attn"`` / ``"mlp"``) of ``layer`` ends a block."""
+        if sublayer == "attn":
+            return self.commits_after_attn(layer)
+        return self.commits_after_mlp(layer)
+
+    def trace(
+        self,
+        embedding: Payload,
+        output: Callable[[int, str], Payload],
+        add: Callable[[Payload, Payload], Payload],
+        committed: Callable[[DepthState, int, str], Payload],
+    ) -> tuple[list[DepthState], dict[tuple[int, str], Payload]]:
+        """Run the schedule on symbolic payloads (the tensor-free twin of
+        ``HookedAttnRes.depth_states(tokens, sublayers=True)``).
+
+        Args:
+            embedding: the payload of the embedding.
+            output: ``(layer, "attn" | "mlp") -> payload`` of a sublayer's output.
+            add: ``(current, output) -> payload``, what ``current += output`` means.
+            committed: ``(state, layer, sublayer) -> payload`` of the block committed there
+                (``state`` is the state after the write).
+
+        Returns:
+            ``(states, commits)``: the ``2 * n_layers + 1`` states entering every sublayer
+            (index ``2 * layer`` attention, ``2 * layer + 1`` MLP, ``2 * n_layers`` the
+            final readout) and ``{(layer, sublayer): committed payload}``.
+        """
+        states: list[DepthState] = []
+        commits: dict[tuple[int, str], Payload] = {}
+        state = self.initial_state(embedding)
+        for layer in range(self.n_layers):
+            for sublayer in ("attn", "mlp"):
+                states.append(state)
+                state = self.write(state, output(layer, sublayer), add)
+                if self.commits_after(layer, sublayer):
+                    value = committed(state, layer, sublayer)
+                    commits[(layer, sublayer)] = value
+                    state = self.commit(state, value)
+        states.append(state)
+        return states, commits
+
     # --- labels and families ----------------------------------------------------------
     def _walk(self) -> dict:
         """Run the schedule once with string payloads (memoised).
 
         Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {sublayer:
-        (n_blocks, current_is_committed)}, "commits": {(layer, sublayer): label}}`` where
-        a signature describes the state entering sublayer ``2 * layer`` (attention) or
-        ``2 * layer + 1`` (MLP); ``2 * n_layers`` is the state after the last layer.
+        (n_blocks, current_is_committed)}, "commits": {(layer, sublayer): label},
+        "components": {sublayer: [components of each source]}}`` where a signature
+        describes the state entering sublayer ``2 * layer`` (attention) or ``2 * layer + 1``
+        (MLP); ``2 * n_layers`` is the state after the last layer.
         """
         if self._walk_cache:
             return self._walk_cache
-        labels: dict[tuple[Optional[int], str], list[str]] = {}
-        signatures: dict[int, tuple[int, bool]] = {}
-        commits: dict[tuple[int, str], str] = {}
         block_index = 0
 
         def read(state: DepthState) -> list[str]:
@@ -319,33 +403,71 @@ class RoutingLayout:
                 names[-1] = "current"
             return names
 
-        def keep(current: str, _output: str) -> str:
-            return current
+        def name_block(state: DepthState, layer: int, sublayer: str) -> str:
+            nonlocal block_index
+            if self.commits_after_attn(layer):
+                return f"{sublayer}_{layer}"
+            block_index += 1
+            return f"block_{block_index}"
 
-        state = self.initial_state("embedding")
-        for layer in range(self.n_layers):
-            for index, (sublayer, router) in enumerate((("attn", "attn_res"), ("mlp", "mlp_res"))):
-                signatures[2 * layer + index] = (len(state.blocks), state.current_is_committed)
-                labels[(layer, router)] = read(state)
-                state = self.write(state, f"{sublayer}_{layer}", keep)
-                commits_here = (
-                    self.commits_after_attn(layer)
-                    if sublayer == "attn"
-                    else self.commits_after_mlp(layer)
-                )
-                if commits_here:
-                    if self.commits_after_attn(layer):
-                        name = f"{sublayer}_{layer}"
-                    else:
-                        block_index += 1
-                        name = f"block_{block_index}"
-                    commits[(layer, sublayer)] = name
-                    state = self.commit(state, name)
-        signatures[2 * self.n_layers] = (len(state.blocks), state.current_is_committed)
+        states, commits = self.trace(
+            "embedding", lambda layer, sublayer: f"{sublayer}_{layer}", lambda a, _b: a, name_block
+        )
+        labels: dict[tuple[Optional[int], str], list[str]] = {}
+        for sublayer, state in enumerate(states[:-1]):
+            labels[(sublayer // 2, SUBLAYER_ROUTERS[sublayer % 2])] = read(state)
         if self.has_final_router:
-            labels[(None, "final_res")] = read(state)
-        self._walk_cache.update(labels=labels, signatures=signatures, commits=commits)
+            labels[(None, "final_res")] = read(states[-1])
+        signatures = {
+            sublayer: (len(state.blocks), state.current_is_committed)
+            for sublayer, state in enumerate(states)
+        }
+
+        def output(layer: int, sublayer: str) -> tuple[str, ...]:
+            return (f"{layer}_{sublayer}_out",)
+
+        def concat(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+            return a + b
+
+        embed: tuple[str, ...] = ("embed",)
+        parts, _ = self.trace(embed, output, concat, lambda state, _layer, _sublayer: state.current)
+        components = {
+            sublayer: [list(source) for source in state.sources]
+            for sublayer, state in enumerate(parts)
+        }
+        if not self.has_final_router:  # ln_final reads the current source only
+            components[2 * self.n_layers] = [list(parts[-1].current)]
+        self._walk_cache.update(
+            labels=labels, signatures=signatures, commits=commits, components=components
+        )
         return self._walk_cache
+
+    def components(self, sublayer: int) -> list[list[str]]:
+        """What each source read at ``sublayer`` is a sum of, in TransformerLens's
+        ``decompose_resid`` labels (``"embed"``, ``"{l}_attn_out"``, ``"{l}_mlp_out"``).
+
+        ``sublayer`` indexes the read points as in `trace`: ``2 * layer`` is the input
+        of layer ``layer``'s attention (its ``attn_res`` router, or ``hook_resid_pre`` in
+        layout ``"none"``), ``2 * layer + 1`` its MLP, ``2 * n_layers`` what ``ln_final``
+        reads (the final router's sources, or the current source without a final router).
+        Example (cumulative, 2 layers, 1 block per layer, the MLP of layer 1):
+        ``[["embed"], ["embed", "0_attn_out", "0_mlp_out"], ["embed", "0_attn_out",
+        "0_mlp_out", "1_attn_out"]]``.
+        """
+        n = 2 * self.n_layers
+        if not isinstance(sublayer, int) or isinstance(sublayer, bool) or not 0 <= sublayer <= n:
+            raise ValueError(f"sublayer must be an integer in [0, {n}], got {sublayer!r}")
+        return [list(source) for source in self._walk()["components"][sublayer]]
+
+    def reader(self, sublayer: int) -> Optional[RouterSite]:
+        """The router that reads at ``sublayer`` (see `components`), or ``None`` where the
+        norm reads the current source directly (layout ``"none"``, and the final readout
+        of layouts without a final router)."""
+        if not self.has_routers:
+            return None
+        if sublayer == 2 * self.n_layers:
+            return self.site(None, "final_res") if self.has_final_router else None
+        return self.site(sublayer // 2, SUBLAYER_ROUTERS[sublayer % 2])
 
     def committed_label(self, layer: int, sublayer: str) -> Optional[str]:
         """The label of the block committed after ``sublayer`` (``"attn"`` / ``"mlp"``) of

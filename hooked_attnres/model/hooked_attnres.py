@@ -29,7 +29,7 @@ from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.rotary import rotary_tables
 from hooked_attnres.model.routing import DepthRouter
 from hooked_attnres.model.tokenization import TokenizerMixin
-from hooked_attnres.model.weights import WeightsMixin
+from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
@@ -53,14 +53,6 @@ class Embed(nn.Module):
         # F.embedding, not W_E[tokens]: its CPU backward is deterministic, while the
         # accumulating index_put_ behind indexing is not with several threads
         return torch.nn.functional.embedding(tokens, self.W_E)
-
-
-class Unembed(nn.Module):
-    """Untied unembedding ``W_U [d_model, d_vocab]`` (absent when embeddings are tied)."""
-
-    def __init__(self, d_model: int, d_vocab: int):
-        super().__init__()
-        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
 
 
 def lm_cross_entropy_loss(
@@ -115,8 +107,11 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         if self.routing_layout.has_final_router:
             self.final_res = DepthRouter(cfg.d_model, cfg.eps, cfg.attnres_recency_bias)
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        if not cfg.tie_word_embeddings:
-            self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.unembed: Union[Unembed, TiedUnembed] = (
+            TiedUnembed(self.embed)
+            if cfg.tie_word_embeddings
+            else Unembed(cfg.d_model, cfg.d_vocab)
+        )
         self.init_weights()
         self.to(device=cfg.device, dtype=cfg.dtype)
         self.setup()

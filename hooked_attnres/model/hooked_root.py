@@ -7,20 +7,29 @@
    ``hook_sources [batch, pos, n_sources, d_model]`` are sliced on ``pos``.
    TransformerLens 4.3 guesses the axis from the hook name.
 3. ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (the base class
-   returns a plain dict), like ``HookedTransformer`` did.
+   returns a plain dict), like ``HookedTransformer`` did: an `AttnResActivationCache`,
+   whose residual-stream analyses are exact in every layout or refuse.
+
+Also: router hooks answer to their ``get_act_name`` aliases (`RouterSite.alias`,
+``"blocks.3.hook_attn_res_weights"``), so TransformerLens's ``generic_activation_patch``
+can target them; and in routed layouts a hook that edits ``hook_resid_pre/mid/post``
+(what TransformerLens's ``get_act_patch_resid_*`` do) triggers one
+`RoutedResidualPatchWarning` per model, since those hooks hold only the current source.
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from hooked_attnres._tl import ActivationCache, HookedRootModule, HookPoint, Slice
+from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
+from hooked_attnres.model.cache import AttnResActivationCache
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -32,13 +41,29 @@ class UnknownHookError(KeyError):
         return str(self.args[0])
 
 
+class RoutedResidualPatchWarning(UserWarning):
+    """A hook edited ``hook_resid_pre/mid/post`` of a routed model, where those hooks hold
+    only the current depth source (see ``docs/hooks.md``)."""
+
+
+RESID_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
 class HookedModule(HookedRootModule):
     """Base class of `HookedAttnRes`; see the module docstring."""
 
     # --- hook-name validation ---------------------------------------------------------
+    def resolve_hook_name(self, name: str) -> str:
+        """``name``, or the hook behind a router alias (`RouterSite.alias`)."""
+        if name in self.hook_dict:
+            return name
+        layout = getattr(self, "routing_layout", None)
+        real = None if layout is None else layout.resolve_alias(name)
+        return name if real is None else real
+
     def check_hook_name(self, name: str) -> None:
         """Raise `UnknownHookError` naming the closest hook names if ``name`` is unknown."""
-        if name in self.hook_dict:
+        if self.resolve_hook_name(name) in self.hook_dict:
             return
         close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
         hint = f" Did you mean {close}?" if close else ""
@@ -69,6 +94,9 @@ class HookedModule(HookedRootModule):
     ) -> None:
         if isinstance(name, str):
             self.check_hook_name(name)
+            name = self.resolve_hook_name(name)
+        if dir == "fwd":
+            hook = self._watch_resid_edits(name, hook)
         return super().add_hook(
             name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
         )
@@ -92,18 +120,61 @@ class HookedModule(HookedRootModule):
         first."""
         self._check_hook_list(list(fwd_hooks))
         self._check_hook_list(list(bwd_hooks))
+        fwd_hooks = [
+            (self._resolved(name), self._watch_resid_edits(self._resolved(name), fn))
+            for name, fn in fwd_hooks
+        ]
+        bwd_hooks = [(self._resolved(name), fn) for name, fn in bwd_hooks]
         return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+
+    def _resolved(self, name):
+        return self.resolve_hook_name(name) if isinstance(name, str) else name
+
+    def _watch_resid_edits(self, name, fn: Callable) -> Callable:
+        """``fn``, wrapped to warn once if it edits ``hook_resid_*`` in a routed layout."""
+        layout = getattr(self, "routing_layout", None)
+        if layout is None or not layout.has_routers or getattr(fn, "_caches_only", False):
+            return fn
+        if isinstance(name, str) and not name.endswith(RESID_HOOKS):
+            return fn
+
+        def watched(activation, hook):
+            out = fn(activation, hook=hook)
+            if out is not None and str(hook.name).endswith(RESID_HOOKS):
+                self._warn_resid_edit(str(hook.name))
+            return out
+
+        return watched
+
+    def _warn_resid_edit(self, name: str) -> None:
+        if getattr(self, "_resid_edit_warned", False):
+            return
+        self._resid_edit_warned = True
+        layout = getattr(self, "routing_layout", None)
+        warnings.warn(
+            f"a hook edited {name} in the {getattr(layout, 'layout', '?')!r} layout, where "
+            "hook_resid_pre/mid/post hold only the current depth source: the committed blocks "
+            "(and the embedding) that later routers read are separate tensors this edit does "
+            "not reach, so transformer_lens.patching.get_act_patch_resid_* patch less than "
+            "the layer's input. To patch every source that routers at and after a layer "
+            "read, use hooked_attnres.patching.get_act_patch_depth_state (or _by_pos). "
+            "Warned once per model; silence with warnings.filterwarnings('ignore', "
+            "category=hooked_attnres.RoutedResidualPatchWarning).",
+            RoutedResidualPatchWarning,
+            stacklevel=2,
+        )
 
     def _names_predicate(self, names_filter: NamesFilter) -> Callable[[str], bool]:
         if names_filter is None:
             return lambda name: True
         if isinstance(names_filter, str):
             self.check_hook_name(names_filter)
-            return lambda name: name == names_filter
+            real = self.resolve_hook_name(names_filter)
+            return lambda name: name == real
         if isinstance(names_filter, (list, tuple, set)):
             for name in names_filter:
                 self.check_hook_name(name)
-            wanted = set(names_filter)
+            wanted = {self.resolve_hook_name(name) for name in names_filter}
             return lambda name: name in wanted
         if callable(names_filter):
             return names_filter
@@ -135,11 +206,14 @@ class HookedModule(HookedRootModule):
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
+        forward = partial(save_hook, is_backward=False)
+        backward = partial(save_hook, is_backward=True)
+        forward._caches_only = True  # type: ignore[attr-defined]  # never edits
         for name in self.hook_dict:
             if wanted(name):
-                fwd_hooks.append((name, partial(save_hook, is_backward=False)))
+                fwd_hooks.append((name, forward))
                 if incl_bwd:
-                    bwd_hooks.append((name, partial(save_hook, is_backward=True)))
+                    bwd_hooks.append((name, backward))
         return cache, fwd_hooks, bwd_hooks
 
     def run_with_cache(
@@ -156,12 +230,13 @@ class HookedModule(HookedRootModule):
         ``clear_contexts``, ``pos_slice``) plus the model's forward arguments.
 
         Returns:
-            ``(model_output, cache)`` where ``cache`` is a TransformerLens
-            ``ActivationCache`` (a plain dict if ``return_cache_object=False``).
+            ``(model_output, cache)`` where ``cache`` is an `AttnResActivationCache` (a
+            TransformerLens ``ActivationCache``; a plain dict if
+            ``return_cache_object=False``).
         """
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if not return_cache_object:
             return out, cache_dict
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)

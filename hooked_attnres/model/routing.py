@@ -100,6 +100,21 @@ class DepthRouter(nn.Module):
         weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
         return self.hook_out(weighted_sum(parts, weights).to(values.dtype))
 
+    @torch.no_grad()
+    def mix(
+        self, sources: Sequence[Float[Tensor, "batch pos d_model"]]
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos n_sources"]]:
+        """``(out, weights)`` of this router on any list of sources, without firing its
+        hooks (the routing lens applies the final router to the sources of earlier
+        depth states with it). The same operations as the hooked path of `forward`."""
+        dtype = stat_dtype(sources[0].dtype)
+        parts = [source.to(dtype) for source in sources]
+        scale = torch.stack([rms_scale(part, self.key_norm.eps).squeeze(-1) for part in parts])
+        effective_query = self.key_norm.w.to(dtype) * self.query.to(dtype)
+        logits = source_logits(source_dots(parts, effective_query), scale, self.recency_bias)
+        weights = logits.softmax(dim=0)
+        return weighted_sum(parts, weights).to(sources[0].dtype), weights.movedim(0, -1)
+
 
 # The routing math, shared by the hooked and the fused path so that both give the same
 # bits. Per-source quantities are laid out source-major, ``[n_sources, batch, pos]``:

@@ -6,12 +6,40 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_attnres._tl import FactoredMatrix
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+
+
+class Unembed(nn.Module):
+    """The unembedding ``W_U [d_model, d_vocab]``: ``unembed(x) = x @ W_U`` (``b_U`` is
+    zero)."""
+
+    def __init__(self, d_model: int, d_vocab: int):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return x @ self.W_U
+
+
+class TiedUnembed(nn.Module):
+    """The unembedding of a model with tied embeddings: ``W_U = W_E.T`` (a view of the
+    embedding; no parameters of its own, so checkpoints are unchanged)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self._embed: list[Any] = [embed]  # in a list: not registered, the embedding owns W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self._embed[0].W_E.T
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return x @ self.W_U
 
 
 class WeightsMixin:
@@ -26,6 +54,13 @@ class WeightsMixin:
         blocks: Any
         embed: Any
         unembed: Any
+        ln_final: Any
+
+        def sites(self) -> list: ...
+
+        def router(self, site) -> Any: ...
+
+        def setup(self) -> None: ...
 
         @property
         def cfg(self) -> HookedAttnResConfig: ...
@@ -115,3 +150,102 @@ class WeightsMixin:
     ):
         """Sum of biases up to ``layer``: zero, since Qwen3 has none (``[d_model]``)."""
         return self.W_E.new_zeros(self.cfg.d_model)
+
+    # --- weight processing (TransformerLens's process_weights / fold_layer_norm) ---------
+    @torch.no_grad()
+    def fold_layer_norm(self, fold_biases: bool = False, center_weights: bool = False) -> None:
+        """Fold every RMSNorm gain into the matrices that read the normalised stream
+        (TransformerLens's ``fold_layer_norm`` for RMS models); the model computes the same
+        function (logits agree to float rounding, about 1e-6 in float32).
+
+        * ``ln1.w`` into ``W_Q``, ``W_K``, ``W_V`` of the layer; ``ln2.w`` into ``W_gate``
+          and ``W_in``;
+        * ``ln_final.w`` into ``W_U`` (a model with tied embeddings gets its own ``W_U``
+          first: ``cfg.tie_word_embeddings`` becomes ``False``);
+        * each router's key-norm gain ``key_norm.w`` into its ``query`` (the router only
+          ever uses their product).
+
+        The gains become 1, so TransformerLens's scale-only readouts are exact:
+        ``cache.apply_ln_to_stack(stack) @ model.W_U`` is each component's logit
+        contribution. The per-head ``q_norm`` / ``k_norm`` gains stay: they act before the
+        rotary embedding, which mixes dimensions, so no matrix can absorb them. Sets
+        ``cfg.layer_norm_folding = True``. Running it twice changes nothing.
+
+        Args:
+            fold_biases, center_weights: TransformerLens's options for LayerNorm models;
+                RMSNorm has no bias and does not centre, so they must stay ``False``.
+        """
+        if fold_biases or center_weights:
+            raise ValueError(
+                "fold_biases and center_weights apply to LayerNorm models; Qwen3's RMSNorm "
+                "has no bias and does not centre the stream"
+            )
+
+        def fold(weight: Tensor, gain: Tensor, axis: int) -> None:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            weight.copy_((weight.to(dtype) * gain.to(dtype).reshape(shape)).to(weight.dtype))
+
+        for block in self.blocks:
+            for weight in (block.attn.W_Q, block.attn._W_K, block.attn._W_V):
+                fold(weight, block.ln1.w, -2)  # [heads, d_model, d_head]
+            for weight in (block.mlp.W_gate, block.mlp.W_in):
+                fold(weight, block.ln2.w, 0)  # [d_model, d_mlp]
+            block.ln1.w.fill_(1.0)
+            block.ln2.w.fill_(1.0)
+        for site in self.sites():
+            router = self.router(site)
+            fold(router.query, router.key_norm.w, 0)
+            router.key_norm.w.fill_(1.0)
+        if self.cfg.tie_word_embeddings:
+            untied = Unembed(self.cfg.d_model, self.cfg.d_vocab).to(
+                device=self.embed.W_E.device, dtype=self.embed.W_E.dtype
+            )
+            untied.W_U.copy_(self.embed.W_E.T)
+            self.unembed = untied
+            self.cfg.tie_word_embeddings = False
+            self.setup()
+        fold(self.unembed.W_U, self.ln_final.w, 0)  # [d_model, d_vocab]
+        self.ln_final.w.fill_(1.0)
+        self.cfg.layer_norm_folding = True
+
+    @torch.no_grad()
+    def process_weights(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = False,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """TransformerLens's weight processing, for this architecture.
+
+        Args:
+            fold_ln: `fold_layer_norm` (function-preserving).
+            center_writing_weights: nothing to do: TransformerLens centres writing weights
+                only for LayerNorm models (RMSNorm does not remove the mean), as here.
+            center_unembed: subtract each row's mean from ``W_U``: logits shift by one
+                constant per position, so probabilities are unchanged but logits are not.
+                ``False`` by default (TransformerLens defaults to ``True``) so that the
+                model's logits stay the same.
+            fold_value_biases: nothing to do: Qwen3 has no biases.
+            refactor_factored_attn_matrices: not supported (rotary embeddings and the
+                q/k norms sit between ``W_Q`` and ``W_K``); ``True`` raises ``ValueError``.
+        """
+        if refactor_factored_attn_matrices:
+            raise ValueError(
+                "refactor_factored_attn_matrices is not supported: the rotary embedding and "
+                "the per-head q/k RMSNorms sit between W_Q and W_K, so QK is not a product of "
+                "two weight matrices"
+            )
+        if fold_ln:
+            self.fold_layer_norm()
+        if center_unembed:
+            if self.cfg.tie_word_embeddings:
+                raise ValueError(
+                    "center_unembed would change the tied embedding too; call "
+                    "fold_layer_norm() first (it unties W_U) or pass center_unembed=False"
+                )
+            W_U = self.unembed.W_U
+            W_U.sub_(W_U.mean(dim=-1, keepdim=True))

@@ -1,0 +1,143 @@
+"""The routing lens: a logit lens over depth states and router inputs.
+
+TransformerLens's logit lens reads ``ln_final(hook_resid_*) @ W_U`` at every layer. With
+depth routing the model's readout is not always ``ln_final(current)``: in the ``kimi``
+and ``full`` layouts a final router mixes every depth source first. The routing lens
+asks, at every layer, what the model's own readout would produce from the sources that
+exist there:
+
+* **state readout** (``RoutingLens.logits``): for the depth state entering each layer
+  (and, with ``incl_mid``, each MLP sublayer), ``ln_final(current) @ W_U`` in the
+  ``none`` and ``cumulative`` layouts (TransformerLens's logit lens), and
+  ``ln_final(final_router(sources)) @ W_U`` in ``kimi`` and ``full``. The last entry is
+  the model's readout, so it equals the model's logits in every layout.
+* **router readout** (``RoutingLens.router_logits``): ``ln_final(hook_out) @ W_U`` for every
+  router, i.e. what each router feeds its sublayer, read as if it were the final stream.
+  The final router's entry equals the logits too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_attnres._tl import ActivationCache, Slice, get_act_name
+from hooked_attnres.model.cache import AttnResActivationCache
+from hooked_attnres.model.depth import RouterSite
+from hooked_attnres.model.norms import rms_scale
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
+
+@dataclass
+class RoutingLens:
+    """Result of `routing_lens`; ``*pos`` is ``pos`` after ``positions`` (absent for an
+    integer position).
+
+    Attributes:
+        logits: ``[n_states, batch, *pos, d_vocab]``, the readout of each depth state.
+        labels: the state labels, as TransformerLens's ``accumulated_resid``:
+            ``"{l}_pre"`` (entering layer ``l``), ``"{l}_mid"`` (entering its MLP, with
+            ``incl_mid``), ``"final_post"`` (after the last layer: the model's logits).
+        router_logits: ``[n_routers, batch, *pos, d_vocab]``, the readout of each router's
+            ``hook_out`` (empty in layout ``"none"``).
+        sites: the `RouterSite` of each ``router_logits`` entry, in forward order.
+    """
+
+    logits: Float[Tensor, "state batch *pos d_vocab"]
+    labels: list[str]
+    router_logits: Float[Tensor, "router batch *pos d_vocab"]
+    sites: list[RouterSite] = field(default_factory=list)
+
+    @property
+    def router_labels(self) -> list[str]:
+        """``str(site)`` of each router entry, e.g. ``"attn_res layer 3"``."""
+        return [str(site) for site in self.sites]
+
+
+def lens_hook_names(model: HookedAttnRes, incl_mid: bool = False) -> list[str]:
+    """The hooks `routing_lens` reads (what ``run_with_cache(names_filter=...)`` must keep)."""
+    layout = model.routing_layout
+    n_layers = model.cfg.n_layers
+    names = [site.hook("out") for site in model.sites()]
+    if layout.has_final_router:
+        for layer in range(n_layers):
+            for point in (2 * layer, 2 * layer + 1) if incl_mid else (2 * layer,):
+                site = layout.reader(point)
+                assert site is not None
+                names.append(site.hook("sources"))
+    else:
+        for layer in range(n_layers):
+            names.append(get_act_name("resid_pre", layer))
+            if incl_mid:
+                names.append(get_act_name("resid_mid", layer))
+        names.append(get_act_name("resid_post", n_layers - 1))
+    return list(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def routing_lens(
+    model: HookedAttnRes,
+    input: Union[Int[Tensor, "batch pos"], ActivationCache],
+    incl_mid: bool = False,
+    positions=None,
+    routers: bool = True,
+) -> RoutingLens:
+    """The routing lens of a run, from token ids (one cached forward pass) or a cache.
+
+    Args:
+        model: the model (in eval mode, as for any TransformerLens analysis).
+        input: token ids ``[batch, pos]``, or the `AttnResActivationCache` of a run.
+        incl_mid: also read the state entering each MLP sublayer.
+        positions: the positions to read (TransformerLens ``Slice`` semantics: ``None``
+            all, an int one position, dropping the axis; a list or slice); vocabulary
+            logits are large, so pass ``-1`` for the next-token prediction only.
+        routers: also read every router's ``hook_out``.
+
+    Returns:
+        A `RoutingLens`; ``logits[-1]`` equals the model's logits (to float rounding).
+
+    Raises:
+        KeyError: a cache without the hooks the lens reads (`lens_hook_names`).
+    """
+    if isinstance(input, ActivationCache):
+        if input.model is not model:
+            raise ValueError("the cache comes from another model; pass that model")
+        cache = input
+        if not isinstance(cache, AttnResActivationCache):
+            cache = AttnResActivationCache(cache.cache_dict, model, cache.has_batch_dim)
+    else:
+        _, cache = model.run_with_cache(input, names_filter=lens_hook_names(model, incl_mid))
+    pos_slice = positions if isinstance(positions, Slice) else Slice(positions)
+    stack, labels = cache.accumulated_resid(
+        incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True
+    )
+    logits = _readout(model, stack)
+    sites = model.sites() if routers else []
+    if sites:
+        outs = torch.stack([pos_slice.apply(cache[site.hook("out")], dim=-2) for site in sites])
+        router_logits = _readout(model, outs)
+    else:
+        router_logits = logits.new_zeros((0, *logits.shape[1:]))
+    return RoutingLens(logits, labels, router_logits, sites)
+
+
+def _readout(
+    model: HookedAttnRes, stack: Float[Tensor, "entry ... d_model"]
+) -> Float[Tensor, "entry ... d_vocab"]:
+    """``ln_final(x) @ W_U + b_U`` for every vector (norm statistics per vector)."""
+    flat = stack.reshape(1, -1, stack.shape[-1])
+    normalized = _unhooked_norm(model, flat)
+    return (normalized @ model.W_U + model.b_U).reshape(*stack.shape[:-1], -1)
+
+
+def _unhooked_norm(model: HookedAttnRes, x: Tensor) -> Tensor:
+    """``ln_final(x)`` (the same operations as `RMSNorm.forward`) without firing its hooks."""
+    ln = model.ln_final
+    scale = rms_scale(x, ln.eps)
+    return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype) * ln.w

@@ -1,0 +1,593 @@
+"""`AttnResActivationCache`: TransformerLens's ``ActivationCache``, exact or refusing in
+every layout.
+
+TransformerLens's residual-stream analyses (``decompose_resid``, ``accumulated_resid``,
+``stack_head_results``, ``stack_neuron_results``, ``get_full_resid_decomposition``,
+``apply_ln_to_stack``, ``logit_attrs``, ``logit_lens``) assume that the stream a norm
+reads is ``hook_resid_*``, the sum of the embedding and every earlier sublayer output.
+Here that holds only where the norm reads the current source directly: everywhere in
+layout ``"none"``, and at the unembedding (``ln_final``) of the ``"cumulative"`` layout.
+Everywhere else a router mixes several depth sources before the norm::
+
+    norm input = sum_i w_i s_i        (w: the router's hook_weights, s_i: its sources)
+
+and every source is a sum of components (the embedding and sublayer outputs; the layout
+says which: ``RoutingLayout.components``). So the exact decomposition of the norm's
+input weights each component ``c`` by ``sum_{i: c in s_i} w_i`` (per batch and position):
+the **routed** decomposition. At such a read point the analyses refuse, naming the layout,
+unless called with ``routed=True``; they then return (or, for ``apply_ln_to_stack`` and
+``logit_attrs``, expect) router-weighted components, which sum to the norm's input, so
+``apply_ln`` and direct logit attribution are exact. ``routed=True`` is accepted in every
+layout (the weights are 1 where nothing routes), so code written with it runs anywhere.
+
+A read point is a sublayer index as in ``HookedAttnRes.forward_from``: ``2 * layer``
+(layer ``layer``'s attention input; TransformerLens's ``layer=layer``), ``2 * layer + 1``
+(its MLP input; ``mlp_input=True``), ``2 * n_layers`` (``ln_final``; ``layer=None``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Optional, Union
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from hooked_attnres._tl import ActivationCache, Slice, get_act_name
+from hooked_attnres.model.depth import SUBLAYER_ROUTERS, RouterSite
+
+
+class UnfoldedNormWarning(UserWarning):
+    """``apply_ln`` divides by the cached RMS only, and this model still has norm gains
+    that are not folded into the matrices that read the stream."""
+
+
+def _point(model: Any, layer: Optional[int], mlp_input: bool) -> int:
+    """TransformerLens's ``(layer, mlp_input)`` as a read point (see the module docstring)."""
+    n_layers = model.cfg.n_layers
+    if layer is None or layer == -1:
+        layer = n_layers
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n_layers:
+        raise ValueError(f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer}")
+    if mlp_input and layer == n_layers:
+        raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")
+    return 2 * layer + int(mlp_input)
+
+
+def _where(model: Any, point: int) -> str:
+    layer, is_mlp = divmod(point, 2)
+    if layer == model.cfg.n_layers:
+        return "the unembedding (ln_final)"
+    return f"layer {layer}'s {'MLP' if is_mlp else 'attention'} input (ln{1 + is_mlp})"
+
+
+def is_single_stream(model: Any, point: int) -> bool:
+    """Whether the norm at ``point`` reads ``hook_resid_*`` (the sum of every earlier
+    component) directly: layout ``"none"``, and the unembedding of layouts without a
+    final router."""
+    return model.routing_layout.reader(point) is None
+
+
+def _norm_gain(model: Any, point: int) -> Tensor:
+    layer, is_mlp = divmod(point, 2)
+    if layer == model.cfg.n_layers:
+        return model.ln_final.w
+    block = model.blocks[layer]
+    return block.ln2.w if is_mlp else block.ln1.w
+
+
+def _resid_name(model: Any, point: int) -> str:
+    """The ``hook_resid_*`` TransformerLens reads as the stream at ``point``."""
+    layer, is_mlp = divmod(point, 2)
+    if layer == model.cfg.n_layers:
+        return get_act_name("resid_post", layer - 1)
+    return get_act_name("resid_mid" if is_mlp else "resid_pre", layer)
+
+
+class AttnResActivationCache(ActivationCache):
+    """A TransformerLens ``ActivationCache`` (``isinstance`` holds) whose residual-stream
+    analyses are exact in every layout or refuse; see the module docstring.
+
+    Also: router hooks can be read by their ``get_act_name`` aliases
+    (``cache["attn_res_weights", 3]``, see `RouterSite.alias`), `stack_activation` refuses
+    router hooks whose ``n_sources`` varies (use `stack_router_activation`), and
+    `routed_coefficients` / `norm_input` expose the weights of the routed decomposition.
+    """
+
+    model: Any  # a HookedAttnRes
+
+    # --- indexing -----------------------------------------------------------------------
+    def __getitem__(self, key) -> Tensor:
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            layout = getattr(self.model, "routing_layout", None)
+            if layout is None:
+                raise
+            if isinstance(key, str):
+                name = key if key in self.cache_dict else get_act_name(key)
+            else:
+                key = tuple(key)
+                if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+                    key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+                name = get_act_name(*key)
+            real = layout.resolve_alias(name)
+            if real is not None and real in self.cache_dict:
+                return self.cache_dict[real]
+            raise
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return AttnResActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim)
+
+    # --- the routed decomposition ---------------------------------------------------------
+    def _layout_name(self) -> str:
+        return repr(self.model.cfg.attnres_layout)
+
+    def _require(self, method: str, point: int, routed: bool, instead: str = "") -> None:
+        """Refuse a TransformerLens analysis at a read point where a router mixes sources,
+        unless ``routed=True``."""
+        if routed or is_single_stream(self.model, point):
+            return
+        site = self.model.routing_layout.reader(point)
+        n_sources = len(self.model.routing_layout.components(point))
+        raise ValueError(
+            f"cache.{method} at {_where(self.model, point)} assumes one residual stream, but "
+            f"in the {self._layout_name()} layout the {site.kind} router there mixes "
+            f"{n_sources} depth sources (hook_resid_* holds only the current one), so "
+            "TransformerLens's unweighted components do not sum to what the norm reads. "
+            f"Pass routed=True to weight each component by the routing weights of the sources "
+            f"that contain it (exact: they then sum to {site.hook('out')})"
+            + (f", or use {instead}" if instead else "")
+            + "."
+        )
+
+    def norm_input(self, point: int) -> Float[Tensor, "*batch_and_pos d_model"]:
+        """What the norm at read point ``point`` normalises: the router's ``hook_out``, or
+        ``hook_resid_*`` where no router reads."""
+        site = self.model.routing_layout.reader(point)
+        name = _resid_name(self.model, point) if site is None else site.hook("out")
+        return self._need(name)
+
+    def _need(self, name: str) -> Tensor:
+        if name not in self.cache_dict:
+            raise KeyError(
+                f"this analysis needs {name!r}, which the cache lacks; run "
+                "model.run_with_cache(tokens) without a names_filter that drops it"
+            )
+        return self.cache_dict[name]
+
+    def routed_coefficients(self, point: int) -> dict[str, Union[float, Tensor]]:
+        """``{component label: weight}`` of the routed decomposition at ``point``: the sum
+        of the routing weights (``[*batch_and_pos]``) of the sources that contain the
+        component (``"embed"``, ``"{l}_attn_out"``, ``"{l}_mlp_out"``); ``1.0`` where no
+        router reads. ``sum_c weight_c * component_c`` equals `norm_input`."""
+        layout = self.model.routing_layout
+        sources = layout.components(point)
+        site = layout.reader(point)
+        if site is None:
+            return {label: 1.0 for label in sources[-1]}
+        weights = self._need(site.hook("weights"))
+        out: dict[str, Union[float, Tensor]] = {}
+        for index, source in enumerate(sources):
+            for label in source:
+                previous = out.get(label, 0.0)
+                out[label] = weights[..., index] + previous
+        return out
+
+    def _routed_view(self, point: int) -> ActivationCache:
+        """A plain ``ActivationCache`` on this cache's tensors in which every component is
+        weighted by `routed_coefficients` at ``point`` and the stream TransformerLens reads
+        there is the norm's input: TransformerLens's own methods on it give the routed
+        decomposition."""
+        n_layers = self.model.cfg.n_layers
+        coefficients = self.routed_coefficients(point)
+        weighted: dict[str, Union[float, Tensor]] = {}
+        if "embed" in coefficients:
+            weighted["hook_embed"] = coefficients["embed"]
+        for layer in range(n_layers):
+            for names, label in (
+                (("attn_out", "z", "result"), f"{layer}_attn_out"),
+                (("mlp_out", "post"), f"{layer}_mlp_out"),
+            ):
+                for name in names:
+                    weighted[get_act_name(name, layer)] = coefficients.get(label, 0.0)
+        replaced = {name: self.norm_input(point) for name in _stream_names(self.model, point)}
+        view = ActivationCache(
+            _WeightedDict(self.cache_dict, weighted, replaced), self.model, self.has_batch_dim
+        )
+        return view
+
+    # --- TransformerLens analyses, exact or refusing -----------------------------------
+    def decompose_resid(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        mode: Literal["all", "mlp", "attn"] = "all",
+        apply_ln: bool = False,
+        pos_slice=None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+        routed: bool = False,
+    ):
+        """TransformerLens's ``decompose_resid`` (same arguments and labels,
+        ``[n_components, *batch_and_pos, d_model]``); at a routed read point it needs
+        ``routed=True`` and returns router-weighted components that sum to the norm's
+        input (module docstring)."""
+        point = _point(self.model, layer, mlp_input)
+        self._require("decompose_resid", point, routed)
+        self._warn_unfolded(point, apply_ln)
+        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        return ActivationCache.decompose_resid(
+            cache, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels
+        )
+
+    def stack_head_results(
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice=None,
+        apply_ln: bool = False,
+        routed: bool = False,
+    ):
+        """TransformerLens's ``stack_head_results`` (``[layer * n_heads, *batch_and_pos,
+        d_model]``, labels ``L{l}H{h}``); at a routed read point (the attention input of
+        ``layer``, or the unembedding) it needs ``routed=True`` and weights each head by
+        its layer's routed coefficient. Raw per-head outputs: ``cache.compute_head_results()``
+        then ``cache["result", l]``."""
+        point = _point(self.model, layer, False)
+        self._require(
+            "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
+        )
+        if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
+            raise ValueError(
+                "stack_head_results(layer=0, incl_remainder=True) reads TransformerLens's "
+                "whole-model remainder; pass the layer whose input you decompose"
+            )
+        self._warn_unfolded(point, apply_ln)
+        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        return ActivationCache.stack_head_results(
+            cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
+        )
+
+    def stack_neuron_results(
+        self,
+        layer: int,
+        pos_slice=None,
+        neuron_slice=None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: Optional[Tensor] = None,
+        mlp_input: bool = False,
+        routed: bool = False,
+    ):
+        """TransformerLens's ``stack_neuron_results``; at a routed read point it needs
+        ``routed=True`` and weights each neuron by its layer's routed coefficient."""
+        point = _point(self.model, layer, mlp_input)
+        self._require(
+            "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
+        )
+        if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
+            raise ValueError(
+                "stack_neuron_results(layer=0, incl_remainder=True) reads TransformerLens's "
+                "whole-model remainder; pass the layer whose input you decompose"
+            )
+        self._warn_unfolded(point, apply_ln)
+        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        return ActivationCache.stack_neuron_results(
+            cache,
+            layer,
+            pos_slice,
+            neuron_slice,
+            return_labels,
+            incl_remainder,
+            apply_ln,
+            project_output_onto,
+            mlp_input,
+        )
+
+    def get_full_resid_decomposition(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice=None,
+        return_labels: bool = False,
+        project_output_onto: Optional[Tensor] = None,
+        routed: bool = False,
+    ):
+        """TransformerLens's ``get_full_resid_decomposition`` (heads, neurons or MLPs,
+        ``embed``, ``bias``); at a routed read point it needs ``routed=True`` and returns
+        router-weighted components summing to the norm's input."""
+        point = _point(self.model, layer, mlp_input)
+        self._require("get_full_resid_decomposition", point, routed)
+        self._warn_unfolded(point, apply_ln)
+        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        return ActivationCache.get_full_resid_decomposition(
+            cache,
+            layer,
+            mlp_input,
+            expand_neurons,
+            apply_ln,
+            pos_slice,
+            return_labels,
+            project_output_onto,
+        )
+
+    def apply_ln_to_stack(
+        self,
+        residual_stack: Tensor,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        pos_slice=None,
+        batch_slice=None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+        routed: bool = False,
+    ) -> Tensor:
+        """TransformerLens's ``apply_ln_to_stack``: divide by the cached RMS of the norm at
+        ``(layer, mlp_input)`` (the gain is not applied; `process_weights` folds it).
+
+        At a routed read point the cached RMS is that of the router's mixture, so the
+        stack must decompose the mixture: pass ``routed=True`` to confirm that it does
+        (what the ``routed=True`` producers return). ``recompute_ln=True`` at the
+        unembedding applies ``ln_final`` itself to every entry and is allowed anywhere."""
+        point = _point(self.model, layer, mlp_input)
+        recompute = recompute_ln and point == 2 * self.model.cfg.n_layers
+        if not recompute:
+            self._require("apply_ln_to_stack", point, routed)
+            self._warn_unfolded(point, True)
+        return ActivationCache.apply_ln_to_stack(
+            self._plain(),
+            residual_stack,
+            layer,
+            mlp_input,
+            pos_slice,
+            batch_slice,
+            has_batch_dim,
+            recompute_ln,
+        )
+
+    def logit_attrs(
+        self,
+        residual_stack: Tensor,
+        tokens,
+        incorrect_tokens=None,
+        pos_slice=None,
+        batch_slice=None,
+        has_batch_dim: bool = True,
+        routed: bool = False,
+    ) -> Tensor:
+        """TransformerLens's ``logit_attrs`` (exact: the ``ln_final`` gain is folded into
+        the token directions). In layouts with a final router the stack must be a routed
+        decomposition of the final router's output: pass ``routed=True`` (and build the
+        stack with ``routed=True``)."""
+        point = 2 * self.model.cfg.n_layers
+        self._require("logit_attrs", point, routed)
+        return ActivationCache.logit_attrs(
+            self._plain(),
+            residual_stack,
+            tokens,
+            incorrect_tokens,
+            pos_slice,
+            batch_slice,
+            has_batch_dim,
+        )
+
+    def accumulated_resid(
+        self,
+        layer: Optional[int] = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice=None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+        routed: bool = False,
+    ):
+        """TransformerLens's ``accumulated_resid`` (``[n_entries, *batch_and_pos,
+        d_model]``, labels ``"{l}_pre"``, ``"{l}_mid"``, ``"final_post"``).
+
+        Layouts without a final router (``none``, ``cumulative``): the entries are
+        ``hook_resid_*``, the stream ``ln_final`` would read if the model stopped there.
+        Layouts with one (``kimi``, ``full``) need ``routed=True``: each entry is then the
+        final router applied to the sources of the depth state at that point (what
+        ``ln_final`` would read if the model stopped there; the last entry is exactly
+        ``final_res.hook_out``). ``apply_ln=True`` is exact at the unembedding
+        (``layer=None``: ``ln_final`` applied to every entry, the logit lens); with a
+        smaller ``layer`` it divides by that layer's ``ln1`` RMS, which is the RMS of a
+        router's mixture in routed layouts, and refuses there."""
+        model, layout = self.model, self.model.routing_layout
+        n_layers = model.cfg.n_layers
+        if layer is None or layer == -1:
+            layer = n_layers
+        if apply_ln and layer != n_layers and layout.has_routers:
+            raise ValueError(
+                f"accumulated_resid(apply_ln=True, layer={layer}) divides every entry by layer "
+                f"{layer}'s ln1 RMS, which in the {self._layout_name()} layout is the RMS of "
+                "the attn_res router's mixture, not of any entry. Use apply_ln=True with "
+                "layer=None (ln_final applied to every entry) or "
+                "hooked_attnres.analysis.routing_lens."
+            )
+        if not layout.has_final_router:
+            return ActivationCache.accumulated_resid(
+                self._plain(), layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels
+            )
+        if not routed:
+            raise ValueError(
+                f"cache.accumulated_resid: in the {self._layout_name()} layout hook_resid_* "
+                "holds the current block's partial sum, not a residual stream, and a final "
+                "router mixes the depth sources before ln_final. Pass routed=True for the "
+                "final router's mixture of each depth state's sources, or use "
+                "hooked_attnres.analysis.routing_lens (logits at every layer)."
+            )
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        entries, labels = [], []
+        for entry in range(layer + 1):
+            if entry == n_layers:
+                entries.append(self.norm_input(2 * n_layers))
+                labels.append("final_post")
+                continue
+            entries.append(self._state_mixture(2 * entry))
+            labels.append(f"{entry}_pre")
+            if (incl_mid and entry < layer) or (mlp_input and entry == layer):
+                entries.append(self._state_mixture(2 * entry + 1))
+                labels.append(f"{entry}_mid")
+        stack = torch.stack([pos_slice.apply(entry, dim=-2) for entry in entries])
+        if apply_ln:
+            stack = self.apply_ln_to_stack(
+                stack,
+                None,
+                pos_slice=pos_slice,
+                has_batch_dim=self.has_batch_dim,
+                recompute_ln=True,
+            )
+        return (stack, labels) if return_labels else stack
+
+    def _state_mixture(self, point: int) -> Float[Tensor, "*batch_and_pos d_model"]:
+        """The final router applied to the sources of the depth state at ``point``."""
+        site = self.model.routing_layout.reader(point)
+        sources = self._need(site.hook("sources"))
+        final = self.model.router(None, "final_res")
+        return final.mix(list(sources.unbind(dim=-2)))[0]
+
+    def logit_lens(self, **kwargs: Any) -> Any:
+        """TransformerLens's logit lens (``transformer_lens.tools.analysis.logit_lens``)
+        in layouts without a final router; refuses in ``kimi`` / ``full``, where
+        ``hooked_attnres.analysis.routing_lens`` is the lens over depth states."""
+        if self.model.routing_layout.has_final_router:
+            raise ValueError(
+                f"cache.logit_lens reads hook_resid_* through ln_final, but in the "
+                f"{self._layout_name()} layout a final router mixes the depth sources before "
+                "ln_final (hook_resid_* is the current block's partial sum). Use "
+                "hooked_attnres.analysis.routing_lens(model, cache), which applies the final "
+                "router to each depth state."
+            )
+        return ActivationCache.logit_lens(self._plain(), **kwargs)
+
+    # --- stacking router hooks ---------------------------------------------------------
+    def stack_activation(
+        self, activation_name: str, layer: int = -1, sublayer_type: Optional[str] = None
+    ) -> Tensor:
+        """TransformerLens's ``stack_activation``; refuses router hooks whose ``n_sources``
+        varies with depth (use `stack_router_activation`)."""
+        n_layers = self.model.cfg.n_layers
+        stop = n_layers if layer is None or layer == -1 else layer
+        shapes = {tuple(self[(activation_name, lay, sublayer_type)].shape) for lay in range(stop)}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cache.stack_activation({activation_name!r}, sublayer_type={sublayer_type!r}) "
+                f"finds shapes {sorted(shapes)}: in the {self._layout_name()} layout a router's "
+                "n_sources depends on its layer. Use cache.stack_router_activation("
+                f"{activation_name!r}, {sublayer_type!r}), which pads the source axis to the "
+                "largest n_sources and returns a mask."
+            )
+        return torch.stack([self[(activation_name, lay, sublayer_type)] for lay in range(stop)])
+
+    def stack_router_activation(
+        self, hook: str, router: str = "attn_res", pad_value: float = 0.0
+    ) -> tuple[Tensor, Bool[Tensor, "n_layers max_sources"]]:
+        """A router hook of every layer, stacked with the source axis padded.
+
+        Args:
+            hook: ``"sources"``, ``"scale"``, ``"logits"``, ``"weights"`` or ``"out"``.
+            router: ``"attn_res"`` or ``"mlp_res"``.
+            pad_value: the value of padded entries.
+
+        Returns:
+            ``(stacked, mask)``: ``stacked`` is ``[n_layers, *hook shape]`` with the
+            ``n_sources`` axis grown to the largest ``n_sources`` of these routers (for
+            ``"out"`` there is no source axis and nothing is padded); ``mask[l, i]`` is
+            ``True`` where layer ``l``'s router has source ``i`` (sources are
+            oldest first, so the padding is at the end).
+        """
+        if router not in SUBLAYER_ROUTERS:
+            raise ValueError(f"router must be one of {SUBLAYER_ROUTERS}, got {router!r}")
+        sites = self.model.sites(router)
+        if not sites:
+            raise ValueError(f"the {self._layout_name()} layout has no routers; nothing to stack")
+        RouterSite.activation_name(router, hook)  # checks the hook name
+        key = hook.removeprefix("hook_")
+        layout = self.model.routing_layout
+        counts = [layout.n_sources(site) for site in sites]
+        width = max(counts)
+        mask = torch.zeros(len(sites), width, dtype=torch.bool)
+        for row, count in enumerate(counts):
+            mask[row, :count] = True
+        values = [self._need(site.hook(key)) for site in sites]
+        if key == "out":
+            return torch.stack(values), mask
+        axis = -1 if key in ("logits", "weights") else -2
+        padded = []
+        for value in values:
+            pad = [0, 0] * (-axis - 1) + [0, width - value.shape[axis]]
+            padded.append(torch.nn.functional.pad(value, pad, value=pad_value))
+        return torch.stack(padded), mask.to(values[0].device)
+
+    # --- helpers --------------------------------------------------------------------------
+    def _plain(self) -> ActivationCache:
+        """TransformerLens's own class on the same tensors (no checks)."""
+        return ActivationCache(self.cache_dict, self.model, self.has_batch_dim)
+
+    def _warn_unfolded(self, point: int, apply_ln: bool) -> None:
+        if not apply_ln:
+            return
+        gain = _norm_gain(self.model, point)
+        if bool((gain == 1).all()) or getattr(self.model, "_unfolded_warned", False):
+            return
+        self.model._unfolded_warned = True
+        warnings.warn(
+            f"apply_ln divides by the cached RMS of the norm at {_where(self.model, point)} "
+            "only (TransformerLens semantics); this model keeps its norm gains unfolded, so "
+            "multiplying the result by W_U (or W_Q, W_in) misses the gain. Call "
+            "model.process_weights() first (function-preserving; folds every gain), or use "
+            "cache.logit_attrs, which folds the ln_final gain itself. Silence with "
+            "warnings.filterwarnings('ignore', category=hooked_attnres.UnfoldedNormWarning).",
+            UnfoldedNormWarning,
+            stacklevel=3,
+        )
+
+
+def _stream_names(model: Any, point: int) -> list[str]:
+    """The ``hook_resid_*`` names TransformerLens reads as the stream at ``point``
+    (``decompose_resid``'s target and the remainders of ``stack_head_results`` /
+    ``stack_neuron_results``)."""
+    layer, is_mlp = divmod(point, 2)
+    if is_mlp:
+        return [get_act_name("resid_mid", layer)]
+    names = [] if layer == model.cfg.n_layers else [get_act_name("resid_pre", layer)]
+    if layer > 0:
+        names.append(get_act_name("resid_post", layer - 1))
+    return names
+
+
+class _WeightedDict(dict):
+    """The tensors of a cache with some entries multiplied by a coefficient and some
+    replaced, computed when first read (a routed view is cheap to make)."""
+
+    def __init__(self, base: dict, weighted: dict, replaced: dict):
+        super().__init__(base)
+        super().update(replaced)
+        self._pending = {name: c for name, c in weighted.items() if name in base}
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        coefficient = self._pending.pop(name, None)
+        if coefficient is not None:
+            if isinstance(coefficient, Tensor):
+                coefficient = coefficient.to(value.dtype).reshape(
+                    *coefficient.shape, *([1] * (value.ndim - coefficient.ndim))
+                )
+            value = value * coefficient
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __setitem__(self, name, value) -> None:
+        self._pending.pop(name, None)
+        super().__setitem__(name, value)

@@ -1,0 +1,581 @@
+"""TransformerLens drop-in: every TL analysis is exact or refuses, in every layout.
+
+Each model case (the four layouts, and the three ``from_hf_qwen3`` wraps of a random Hugging
+Face Qwen3) runs TransformerLens's own functions and compares them with an independent
+computation (cells recomputed by a plain ``run_with_hooks``, decompositions summed and read
+out through the model's own logits, logit differences from the logits) or asserts the
+documented refusal.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from helpers import hf_qwen3, randomize_routing, tiny_model
+from transformer_lens import ActivationCache
+from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens
+from transformer_lens.utilities import get_act_name
+
+from hooked_attnres import (
+    AttnResActivationCache,
+    DepthState,
+    HookedAttnRes,
+    RoutedResidualPatchWarning,
+    UnfoldedNormWarning,
+)
+from hooked_attnres.analysis import routing_lens
+from hooked_attnres.patching import (
+    get_act_patch_depth_state,
+    get_act_patch_depth_state_by_pos,
+    get_act_patch_routing_weights_by_pos,
+    router_patch_index,
+)
+
+CASES = ("none", "cumulative", "kimi", "full", "wrap_recency", "wrap_exact", "wrap_none")
+ANSWER, WRONG = 3, 7
+ATOL = 1e-4
+
+
+def _perturb_gains(model: HookedAttnRes, seed: int) -> HookedAttnRes:
+    """Norm gains away from 1, so that unfolded gains would show up in every check."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("ln1.w") or name.endswith("ln2.w") or name.endswith("ln_final.w"):
+                param.mul_(1 + 0.4 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def build(case: str) -> HookedAttnRes:
+    if case.startswith("wrap_"):
+        # perturbed norm gains; the exact wrap's uniform routing is kept (its queries are 0)
+        return HookedAttnRes.from_hf_qwen3(hf_qwen3(seed=1), wrap=case.removeprefix("wrap_"))
+    model = tiny_model(attnres_layout=case, n_layers=3, attnres_num_blocks=2)
+    if case != "none":
+        randomize_routing(model, seed=2)
+    return _perturb_gains(model, seed=3)
+
+
+class Case:
+    def __init__(self, name: str):
+        self.name = name
+        self.model = build(name)
+        vocab = self.model.cfg.d_vocab
+        generator = torch.Generator().manual_seed(4)
+        self.clean = torch.randint(10, vocab, (2, 4), generator=generator)
+        self.corrupted = self.clean.clone()
+        self.corrupted[:, 1] = (self.corrupted[:, 1] + 5) % vocab
+        self.logits, self.cache = self.model.run_with_cache(self.clean)
+        self.corrupted_logits = self.model(self.corrupted)
+        self.clean_diff = self.logit_diff(self.logits)
+        self.corrupted_diff = self.logit_diff(self.corrupted_logits)
+        self.layout = self.model.cfg.attnres_layout
+
+    @staticmethod
+    def logit_diff(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, -1, ANSWER] - logits[:, -1, WRONG]).mean()
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """Normalised: 0 on the corrupted run, 1 on the clean run."""
+        return (self.logit_diff(logits) - self.corrupted_diff) / (
+            self.clean_diff - self.corrupted_diff
+        )
+
+    def by_hand(self, name: str, index) -> torch.Tensor:
+        """The metric with ``clean[index]`` written into ``name``, by a plain run_with_hooks."""
+        clean = self.cache[name]
+
+        def patch(activation, hook):
+            activation = activation.clone()
+            activation[index] = clean[index]
+            return activation
+
+        return self.metric(self.model.run_with_hooks(self.corrupted, fwd_hooks=[(name, patch)]))
+
+    @property
+    def routed_final(self) -> bool:
+        return self.model.routing_layout.has_final_router
+
+
+_CASES: dict[str, Case] = {}
+
+
+@pytest.fixture(params=CASES)
+def case(request) -> Case:
+    if request.param not in _CASES:
+        _CASES[request.param] = Case(request.param)
+    return _CASES[request.param]
+
+
+def test_the_cache_is_a_transformerlens_activation_cache(case):
+    assert isinstance(case.cache, ActivationCache)
+    assert isinstance(case.cache, AttnResActivationCache)
+    assert case.layout == {"wrap_recency": "cumulative", "wrap_exact": "kimi"}.get(
+        case.name, case.name.removeprefix("wrap_")
+    )
+
+
+# --- TransformerLens's patching functions ------------------------------------------------
+POS_FUNCTIONS = {  # function: (activation, index of cell (layer, pos) in the hook)
+    "get_act_patch_resid_pre": "resid_pre",
+    "get_act_patch_resid_mid": "resid_mid",
+    "get_act_patch_attn_out": "attn_out",
+    "get_act_patch_mlp_out": "mlp_out",
+}
+HEAD_FUNCTIONS = {  # (layer, head) cells, all positions
+    "get_act_patch_attn_head_out_all_pos": "z",
+    "get_act_patch_attn_head_q_all_pos": "q",
+    "get_act_patch_attn_head_k_all_pos": "k",
+    "get_act_patch_attn_head_v_all_pos": "v",
+}
+HEAD_POS_FUNCTIONS = {  # (layer, pos, head) cells
+    "get_act_patch_attn_head_out_by_pos": "z",
+    "get_act_patch_attn_head_q_by_pos": "q",
+    "get_act_patch_attn_head_k_by_pos": "k",
+    "get_act_patch_attn_head_v_by_pos": "v",
+}
+
+
+def _run_tl(case: Case, name: str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        return getattr(tlp, name)(case.model, case.corrupted, case.cache, case.metric)
+
+
+def test_transformerlens_patching_family_matches_run_with_hooks(case):
+    model = case.model
+    n_layers, n_pos = model.cfg.n_layers, case.clean.shape[1]
+    cells = [(0, 1), (n_layers - 1, n_pos - 1), (1, 2)]
+    for function, activation in POS_FUNCTIONS.items():
+        result = _run_tl(case, function)
+        assert result.shape == (n_layers, n_pos)
+        for layer, pos in cells:
+            expected = case.by_hand(get_act_name(activation, layer), (slice(None), pos))
+            assert torch.allclose(result[layer, pos], expected, atol=ATOL), (function, layer, pos)
+        # positions before the corrupted token see identical inputs
+        assert torch.allclose(result[:, 0], torch.zeros(n_layers), atol=ATOL)
+    for function, activation in HEAD_FUNCTIONS.items():
+        result = _run_tl(case, function)
+        n_heads = model.cfg.n_key_value_heads if activation in "kv" else model.cfg.n_heads
+        assert result.shape == (n_layers, n_heads)
+        for layer, head in [(0, 1), (n_layers - 1, n_heads - 1)]:
+            expected = case.by_hand(
+                get_act_name(activation, layer), (slice(None), slice(None), head)
+            )
+            assert torch.allclose(result[layer, head], expected, atol=ATOL), function
+    pattern = _run_tl(case, "get_act_patch_attn_head_pattern_all_pos")
+    expected = case.by_hand(get_act_name("pattern", 1), (slice(None), 2))
+    assert torch.allclose(pattern[1, 2], expected, atol=ATOL)
+    block = _run_tl(case, "get_act_patch_block_every")
+    assert block.shape == (3, n_layers, n_pos)
+    assert torch.allclose(block[0], _run_tl(case, "get_act_patch_resid_pre"), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["wrap_exact", "full"])
+def test_transformerlens_by_pos_head_patching_matches_run_with_hooks(name):
+    case = _CASES.setdefault(name, Case(name))
+    for function, activation in HEAD_POS_FUNCTIONS.items():
+        result = _run_tl(case, function)
+        layer, pos = case.model.cfg.n_layers - 1, 2
+        expected = case.by_hand(get_act_name(activation, layer), (slice(None), pos, 1))
+        assert torch.allclose(result[layer, pos, 1], expected, atol=ATOL), function
+    by_pos = _run_tl(case, "get_act_patch_attn_head_pattern_by_pos")  # [layer, head, dest]
+    expected = case.by_hand(get_act_name("pattern", 0), (slice(None), 1, 3))
+    assert torch.allclose(by_pos[0, 1, 3], expected, atol=ATOL)
+
+
+def test_residual_patching_warns_once_in_routed_layouts_only(case):
+    model = case.model
+    model._resid_edit_warned = False  # a fresh model would not have warned yet
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tlp.get_act_patch_resid_pre(model, case.corrupted, case.cache, case.metric)
+        tlp.get_act_patch_resid_mid(model, case.corrupted, case.cache, case.metric)
+    ours = [w for w in caught if issubclass(w.category, RoutedResidualPatchWarning)]
+    if case.layout == "none":
+        assert not ours
+        return
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "get_act_patch_depth_state" in message and repr(case.layout) in message
+    assert "filterwarnings" in message
+    # caching, reading hooks and other hooks never warn
+    model._resid_edit_warned = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RoutedResidualPatchWarning)
+        model.run_with_cache(case.clean)
+        model.run_with_hooks(
+            case.clean, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: None)]
+        )
+        tlp.get_act_patch_attn_out(model, case.corrupted, case.cache, case.metric)
+
+
+def test_generic_activation_patch_targets_router_hooks(case):
+    model = case.model
+    if case.layout == "none":
+        with pytest.raises(ValueError, match="no routers"):
+            router_patch_index(model, "attn_res", "weights")
+        return
+    reference = get_act_patch_routing_weights_by_pos(model, case.corrupted, case.cache, case.metric)
+    for row, router in enumerate(("attn_res", "mlp_res")):
+        result = tlp.generic_activation_patch(
+            model,
+            case.corrupted,
+            case.cache,
+            case.metric,
+            tlp.layer_pos_patch_setter,
+            **router_patch_index(model, router, "weights"),
+        )
+        assert torch.allclose(result, reference[row], atol=ATOL), router
+    # a source axis: one row per (layer, source) that exists
+    index = router_patch_index(model, "mlp_res", "sources", ("layer", "source"))
+    frame = index["index_df"]
+    assert len(frame) == sum(model.routing_layout.n_sources(s) for s in model.sites("mlp_res"))
+
+    def source_setter(corrupted, idx, clean):
+        corrupted[..., idx[1], :] = clean[..., idx[1], :]
+        return corrupted
+
+    values = tlp.generic_activation_patch(
+        model, case.corrupted, case.cache, case.metric, source_setter, **index
+    )
+    layer, source = (int(v) for v in frame.iloc[-1])
+    expected = case.by_hand(
+        model.site(layer, "mlp_res").hook("sources"), (..., source, slice(None))
+    )
+    assert torch.allclose(values[-1], expected, atol=ATOL)
+    # the aliases read the same tensors
+    assert torch.equal(
+        case.cache["attn_res_weights", 1], case.cache[model.site(1, "attn_res").hook("weights")]
+    )
+
+
+# --- decompositions, DLA and the lens ---------------------------------------------------
+def _refuses(call, layout: str):
+    with pytest.raises(
+        ValueError, match=rf"assumes one residual stream.*'{layout}' layout.*routed=True"
+    ):
+        call()
+
+
+def _final_norm_input(case: Case) -> torch.Tensor:
+    """What ln_final normalises, from its own hooks (scale * normalized)."""
+    return case.cache["ln_final.hook_normalized"] * case.cache["ln_final.hook_scale"]
+
+
+def test_decompose_resid_and_logit_attrs_are_exact_or_refuse(case):
+    cache, model = case.cache, case.model
+    answers = torch.tensor([ANSWER, ANSWER])
+    wrongs = torch.tensor([WRONG, WRONG])
+    true_diff = case.logits[:, -1, ANSWER] - case.logits[:, -1, WRONG]
+    routed = {"routed": True} if case.routed_final else {}
+    if case.routed_final:
+        _refuses(lambda: cache.decompose_resid(), case.layout)
+        _refuses(lambda: cache.logit_attrs(torch.zeros(1, 2, 32), answers), case.layout)
+        _refuses(lambda: cache.get_full_resid_decomposition(), case.layout)
+        _refuses(lambda: cache.stack_head_results(), case.layout)
+        _refuses(lambda: cache.stack_neuron_results(model.cfg.n_layers), case.layout)
+        _refuses(
+            lambda: cache.apply_ln_to_stack(torch.zeros(1, 2, 4, model.cfg.d_model)), case.layout
+        )
+    stack = cache.decompose_resid(pos_slice=-1, **routed)
+    assert torch.allclose(stack.sum(0), _final_norm_input(case)[:, -1], atol=ATOL)
+    attrs = cache.logit_attrs(stack, answers, wrongs, pos_slice=-1, **routed)
+    assert torch.allclose(attrs.sum(0), true_diff, atol=ATOL)
+    full, labels = cache.get_full_resid_decomposition(return_labels=True, **routed)
+    assert labels[-2:] == ["embed", "bias"]
+    assert torch.allclose(full.sum(0), _final_norm_input(case), atol=ATOL)
+    # every component readout sums to the logits (ln_final applied with the cached scale)
+    scaled = cache.apply_ln_to_stack(full, **routed) * model.ln_final.w
+    assert torch.allclose((scaled.sum(0) @ model.W_U), case.logits, atol=ATOL)
+    heads = cache.stack_head_results(incl_remainder=True, **routed)
+    assert torch.allclose(heads.sum(0), _final_norm_input(case), atol=ATOL)
+
+
+def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():
+    """The reason for refusing: TransformerLens's own class on the exact wrap reads the DLA
+    n_sources times too large (each source is averaged in, the components are not)."""
+    case = _CASES.setdefault("wrap_exact", Case("wrap_exact"))
+    plain = ActivationCache(case.cache.cache_dict, case.model)
+    stack = plain.decompose_resid(pos_slice=-1)
+    attrs = plain.logit_attrs(stack, torch.tensor([ANSWER, ANSWER]), pos_slice=-1)
+    n_sources = len(case.model.source_labels(None, "final_res"))
+    assert torch.allclose(attrs.sum(0), n_sources * case.logits[:, -1, ANSWER], atol=ATOL)
+    assert n_sources > 1
+
+
+def test_decompositions_of_every_sublayer_input(case):
+    """At every read point the (routed) decomposition sums to the norm's input, recovered
+    from that norm's own hooks."""
+    cache, model = case.cache, case.model
+    for layer in range(model.cfg.n_layers):
+        for mlp_input, norm in ((False, "ln1"), (True, "ln2")):
+            target = (
+                cache[f"blocks.{layer}.{norm}.hook_normalized"]
+                * cache[f"blocks.{layer}.{norm}.hook_scale"]
+            )
+            if case.layout != "none":
+                _refuses(
+                    lambda layer=layer, mlp_input=mlp_input: cache.decompose_resid(
+                        layer, mlp_input
+                    ),
+                    case.layout,
+                )
+            routed = case.layout != "none"
+            stack = cache.decompose_resid(layer, mlp_input, routed=routed)
+            assert torch.allclose(stack.sum(0), target, atol=ATOL), (layer, mlp_input)
+            full = cache.get_full_resid_decomposition(
+                layer, mlp_input, expand_neurons=False, routed=routed
+            )
+            assert torch.allclose(full.sum(0), target, atol=ATOL), (layer, mlp_input)
+            normalized = cache.apply_ln_to_stack(stack, layer, mlp_input, routed=routed).sum(0)
+            assert torch.allclose(
+                normalized, cache[f"blocks.{layer}.{norm}.hook_normalized"], atol=ATOL
+            )
+
+
+def test_accumulated_resid_and_logit_lens_are_exact_or_refuse(case):
+    cache, model = case.cache, case.model
+    if case.routed_final:
+        with pytest.raises(ValueError, match=rf"'{case.layout}' layout.*routing_lens"):
+            cache.accumulated_resid()
+        with pytest.raises(ValueError, match=rf"'{case.layout}' layout.*routing_lens"):
+            cache.logit_lens()
+        with pytest.raises(ValueError, match="single-stream"):  # TransformerLens's own check
+            tl_logit_lens(model, case.clean)
+    else:
+        accumulated = cache.accumulated_resid(apply_ln=True)
+        assert torch.allclose(accumulated[-1] @ model.W_U, case.logits, atol=ATOL)
+        for result in (
+            cache.logit_lens(positions=None),
+            tl_logit_lens(model, case.clean, positions=None),
+        ):
+            assert torch.allclose(result.values[-1], case.logits, atol=ATOL)
+        # every entry is ln_final of the stream entering that layer
+        lens = routing_lens(model, cache)
+        assert torch.allclose(lens.logits, result.values, atol=ATOL)
+    if case.layout != "none":
+        with pytest.raises(ValueError, match="ln1 RMS"):
+            cache.accumulated_resid(layer=1, apply_ln=True, routed=True)
+
+
+def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):
+    model = case.model
+    lens = routing_lens(model, case.clean)
+    n_layers = model.cfg.n_layers
+    assert lens.labels == [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    assert lens.logits.shape == (n_layers + 1, *case.logits.shape)
+    assert torch.allclose(lens.logits[-1], case.logits, atol=1e-5)
+    from_cache = routing_lens(model, case.cache, incl_mid=True, positions=-1)
+    assert from_cache.logits.shape == (2 * n_layers + 1, 2, model.cfg.d_vocab)
+    assert torch.allclose(from_cache.logits[-1], case.logits[:, -1], atol=1e-5)
+    assert torch.allclose(from_cache.logits[::2], lens.logits[:, :, -1], atol=1e-5)
+    assert [str(s) for s in lens.sites] == lens.router_labels
+    assert len(lens.sites) == len(model.sites())
+    # independent: the state entering layer l from stop_at_layer, read out by the model's
+    # own modules (the final router where there is one)
+    for layer in range(n_layers + 1):
+        state = model(case.clean, stop_at_layer=layer)
+        stream = model.final_res(state.sources) if case.routed_final else state.current
+        expected = model.ln_final(stream) @ model.W_U
+        assert torch.allclose(lens.logits[layer], expected, atol=1e-5), layer
+    if case.routed_final:
+        assert torch.allclose(lens.router_logits[-1], case.logits, atol=1e-5)
+    for site, logits in zip(lens.sites, lens.router_logits, strict=True):
+        expected = model.ln_final(case.cache[site.hook("out")]) @ model.W_U
+        assert torch.allclose(logits, expected, atol=1e-5)
+
+
+# --- depth-state patching ---------------------------------------------------------------
+def test_depth_state_patching(case):
+    model = case.model
+    n_layers, n_pos = model.cfg.n_layers, case.clean.shape[1]
+    for sublayer in ("attn", "mlp"):
+        whole = get_act_patch_depth_state(
+            model, case.corrupted, case.cache, case.metric, sublayer=sublayer
+        )
+        assert whole.shape == (n_layers,)
+        assert torch.allclose(whole, torch.ones(n_layers), atol=1e-4), sublayer
+    clean_metric = case.metric(case.logits)
+    same = get_act_patch_depth_state_by_pos(model, case.clean, case.cache, case.metric)
+    assert same.shape == (n_layers, n_pos)
+    assert torch.allclose(same, torch.full((n_layers, n_pos), float(clean_metric)), atol=1e-4)
+    by_pos = get_act_patch_depth_state_by_pos(
+        model, case.corrupted, case.cache, case.metric, sublayer="mlp"
+    )
+    # independent: the states of both runs from depth_states, one position swapped by hand
+    clean_states = model.depth_states(case.clean, sublayers=True)
+    corrupted_states = model.depth_states(case.corrupted, sublayers=True)
+    layer, pos = n_layers - 1, 1
+    start = 2 * layer + 1
+    sources = []
+    pairs = zip(clean_states[start].sources, corrupted_states[start].sources, strict=True)
+    for clean, corrupted in pairs:
+        patched = corrupted.clone()
+        patched[:, pos] = clean[:, pos]
+        sources.append(patched)
+    state = DepthState(sources[:-1], sources[-1], corrupted_states[start].current_is_committed)
+    expected = case.metric(model.forward_from(state, start))
+    assert torch.allclose(by_pos[layer, pos], expected, atol=1e-4)
+    if case.layout == "none":  # the depth state is the residual stream
+        resid = _run_tl(case, "get_act_patch_resid_pre")
+        attn = get_act_patch_depth_state_by_pos(model, case.corrupted, case.cache, case.metric)
+        assert torch.allclose(attn, resid, atol=1e-4)
+
+
+# --- router hooks in TransformerLens helpers ----------------------------------------------
+def test_stack_activation_on_router_hooks(case):
+    cache, model = case.cache, case.model
+    assert cache.stack_activation("resid_pre").shape == (
+        model.cfg.n_layers,
+        2,
+        4,
+        model.cfg.d_model,
+    )
+    if case.layout == "none":
+        with pytest.raises(ValueError, match="no routers"):
+            cache.stack_router_activation("weights")
+        return
+    counts = [model.routing_layout.n_sources(s) for s in model.sites("attn_res")]
+    if len(set(counts)) > 1:
+        with pytest.raises(ValueError, match="stack_router_activation"):
+            cache.stack_activation("weights", sublayer_type="attn_res")
+    for hook in ("weights", "sources", "scale", "logits"):
+        stacked, mask = cache.stack_router_activation(hook, "attn_res", pad_value=-5.0)
+        assert mask.tolist() == [[i < n for i in range(max(counts))] for n in counts]
+        for layer, n in enumerate(counts):
+            value = cache[model.site(layer, "attn_res").hook(hook)]
+            axis = -1 if hook in ("weights", "logits") else -2
+            assert torch.equal(stacked[layer].narrow(axis, 0, n), value)
+            assert (stacked[layer].narrow(axis, n, max(counts) - n) == -5.0).all()
+    out, _ = cache.stack_router_activation("out", "mlp_res")
+    assert out.shape == (model.cfg.n_layers, 2, 4, model.cfg.d_model)
+
+
+# --- fold_ln ----------------------------------------------------------------------------
+def test_process_weights_keeps_logits_and_makes_scale_only_readouts_exact(case):
+    _check_folding(build(case.name), case.clean)
+
+
+@pytest.mark.parametrize("layout", ["none", "cumulative", "kimi", "full"])
+def test_process_weights_unties_tied_embeddings(layout):
+    model = tiny_model(attnres_layout=layout, n_layers=3, tie_word_embeddings=True)
+    if layout != "none":
+        randomize_routing(model, seed=6)
+    _check_folding(_perturb_gains(model, seed=5), torch.randint(0, 50, (2, 4)))
+
+
+def _check_folding(model: HookedAttnRes, tokens: torch.Tensor) -> None:
+    before = model(tokens)
+    routed = {"routed": True} if model.routing_layout.has_final_router else {}
+    _, cache = model.run_with_cache(tokens)
+    stack = cache.decompose_resid(**routed)
+    model._unfolded_warned = False
+    with pytest.warns(UnfoldedNormWarning, match="process_weights"):
+        unfolded = cache.apply_ln_to_stack(stack, **routed).sum(0) @ model.W_U
+    assert (unfolded - before).abs().max() > 1e-2  # the gain is missing before folding
+    model.process_weights()
+    assert model.cfg.layer_norm_folding and not model.cfg.tie_word_embeddings
+    after = model(tokens)
+    assert torch.allclose(after, before, atol=1e-5)
+    for name, param in model.named_parameters():
+        if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "key_norm.w")):
+            assert torch.equal(param, torch.ones_like(param)), name
+    _, cache = model.run_with_cache(tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnfoldedNormWarning)
+        scale_only = cache.apply_ln_to_stack(cache.decompose_resid(**routed), **routed)
+    assert torch.allclose(scale_only.sum(0) @ model.W_U, before, atol=1e-4)
+    model.process_weights()  # idempotent
+    assert torch.allclose(model(tokens), before, atol=1e-5)
+
+
+def test_process_weights_options():
+    model = tiny_model(n_layers=2)
+    with pytest.raises(ValueError, match="rotary"):
+        model.process_weights(refactor_factored_attn_matrices=True)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        model.fold_layer_norm(fold_biases=True)
+    tokens = torch.randint(0, 50, (1, 5))
+    before = model(tokens).log_softmax(-1)
+    model.process_weights(center_unembed=True)
+    assert torch.allclose(model.W_U.mean(-1), torch.zeros(model.cfg.d_model), atol=1e-6)
+    assert torch.allclose(model(tokens).log_softmax(-1), before, atol=1e-5)
+    tied = tiny_model(n_layers=2, tie_word_embeddings=True)
+    assert torch.equal(tied.unembed(tied.embed.W_E[:1]), tied.embed.W_E[:1] @ tied.embed.W_E.T)
+    with pytest.raises(ValueError, match="tied"):
+        tied.process_weights(fold_ln=False, center_unembed=True)
+
+
+# --- the pieces, and bad calls ------------------------------------------------------------
+def test_layout_components_follow_the_schedule():
+    layout = tiny_model(
+        attnres_layout="cumulative", n_layers=2, attnres_num_blocks=2
+    ).routing_layout
+    assert layout.components(3) == [
+        ["embed"],
+        ["embed", "0_attn_out", "0_mlp_out"],
+        ["embed", "0_attn_out", "0_mlp_out", "1_attn_out"],
+    ]
+    assert layout.reader(4) is None  # ln_final reads the stream itself
+    kimi = tiny_model(attnres_layout="kimi", n_layers=2, attnres_num_blocks=1).routing_layout
+    assert kimi.components(0) == [["embed"]]
+    assert kimi.components(4) == [["embed"], ["0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]]
+    assert kimi.reader(4) == kimi.site(None, "final_res")
+    with pytest.raises(ValueError, match=r"sublayer must be an integer in \[0, 4\]"):
+        kimi.components(5)
+
+
+def test_router_aliases_work_wherever_hook_names_do():
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=2))
+    tokens = torch.randint(0, 50, (1, 5))
+    alias = model.site(1, "mlp_res").alias("weights")
+    assert alias == get_act_name("mlp_res_weights", 1) == "blocks.1.hook_mlp_res_weights"
+    assert model.site(None, "final_res").alias("out") == "hook_final_res_out"
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(alias, lambda x, hook: seen.append(hook.name))])
+    assert seen == ["blocks.1.mlp_res.hook_weights"]
+    _, cache = model.run_with_cache(tokens, names_filter=[alias, "hook_final_res_out"])
+    assert set(cache.keys()) == {"blocks.1.mlp_res.hook_weights", "final_res.hook_out"}
+    assert torch.equal(cache["final_res_out"], cache["final_res.hook_out"])
+    with pytest.raises(KeyError):
+        model.run_with_cache(tokens, names_filter="blocks.7.hook_mlp_res_weights")
+
+
+def test_bad_calls_name_what_to_do():
+    model = randomize_routing(tiny_model(attnres_layout="full", n_layers=2))
+    tokens = torch.randint(0, 50, (2, 4))
+    logits, cache = model.run_with_cache(tokens)
+
+    def metric(logits):
+        return logits[:, -1, 0].mean()
+
+    with pytest.raises(ValueError, match="sublayer must be 'attn' or 'mlp'"):
+        get_act_patch_depth_state(model, tokens, cache, metric, sublayer="final")
+    with pytest.raises(ValueError, match=r"\[batch, pos\]"):
+        get_act_patch_depth_state(model, tokens[0], cache, metric)
+    _, partial = model.run_with_cache(tokens, names_filter="hook_embed")
+    with pytest.raises(KeyError, match="hook_sources"):
+        get_act_patch_depth_state(model, tokens, partial, metric)
+    with pytest.raises(ValueError, match="final router has none"):
+        router_patch_index(model, "final_res")
+    with pytest.raises(ValueError, match="n_pos"):
+        router_patch_index(model, "attn_res", "weights", ("layer", "pos", "source"))
+    with pytest.raises(ValueError, match="start with 'layer'"):
+        router_patch_index(model, "attn_res", "weights", ("pos",))
+    with pytest.raises(ValueError, match="no hook 'bogus'"):
+        cache.stack_router_activation("bogus")
+    with pytest.raises(ValueError, match="router must be one of"):
+        cache.stack_router_activation("weights", "final_res")
+    with pytest.raises(ValueError, match="mlp_input=True needs a layer below"):
+        cache.decompose_resid(layer=None, mlp_input=True, routed=True)
+    with pytest.raises(KeyError, match="final_res.hook_weights"):
+        partial.decompose_resid(routed=True)
+    with pytest.raises(ValueError, match="another model"):
+        routing_lens(tiny_model(attnres_layout="full", n_layers=2), cache)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        get_act_patch_depth_state(model, tokens, cache, metric)
