@@ -20,6 +20,17 @@ def make_hook(pos_dim: int = -2) -> HookPoint:
     return hook
 
 
+def toggle_hook(owner: nn.Module, name: str, enabled: bool, pos_dim: int = -2) -> None:
+    """Add the `HookPoint` ``owner.<name>`` (``pos_dim`` as in `make_hook`) if ``enabled``,
+    keeping an existing one, or remove it. For TransformerLens's optional hooks, which
+    exist only while their ``set_use_*`` flag is on; the root model must call ``setup()``
+    afterwards to refresh its hook dictionary."""
+    if enabled and name not in owner._modules:
+        owner.add_module(name, make_hook(pos_dim))
+    elif not enabled and name in owner._modules:
+        delattr(owner, name)
+
+
 def is_observed(hook: HookPoint) -> bool:
     """Whether any forward or backward hook (TransformerLens or raw PyTorch) is attached."""
     return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
