@@ -76,9 +76,6 @@ class AttnResBlock(nn.Module):
         for owner in (self, self.attn):
             for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
                 toggle_hook(owner, name, enabled, pos_dim=-3)
-        # ln1 then normalises one copy per head: its hooks gain a head axis
-        for hook in (self.ln1.hook_scale, self.ln1.hook_normalized):
-            hook.pos_dim = -3 if enabled else -2
 
     def set_hook_mlp_in(self, enabled: bool) -> None:
         toggle_hook(self, "hook_mlp_in", enabled, pos_dim=-2)
@@ -88,15 +85,17 @@ class AttnResBlock(nn.Module):
         return "hook_q_input" in self._modules
 
     def _split_qkv(self, attn_in: Float[Tensor, "batch pos d_model"]) -> QKVInputs:
-        """Per-head copies of the attention input, each normalised by ``ln1`` on its own
-        (TransformerLens's ``use_split_qkv_input``)."""
+        """Per-head copies of the attention input, each normalised with ``ln1``'s gain on
+        its own (TransformerLens's ``use_split_qkv_input``). ``ln1``'s hooks fire once, on
+        the shared input, as in TransformerBridge."""
+        self.ln1(attn_in)  # fires ln1's hooks; the heads read their own normalised copies
         heads = (self.attn.n_heads, self.attn.n_key_value_heads, self.attn.n_key_value_heads)
         names = ("hook_q_input", "hook_k_input", "hook_v_input")
         out = []
         for n_heads, name in zip(heads, names, strict=True):
             copies = attn_in.unsqueeze(-2).repeat(1, 1, n_heads, 1)
             copies = getattr(self.attn, name)(getattr(self, name)(copies))
-            out.append(self.ln1(copies))
+            out.append(self.ln1.unhooked(copies))
         return out[0], out[1], out[2]
 
     def _route(self, router_name: str, state: DepthState) -> Float[Tensor, "batch pos d_model"]:

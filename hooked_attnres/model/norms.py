@@ -74,6 +74,12 @@ class RMSNorm(nn.Module):
         normalized = self.hook_normalized((x.to(scale.dtype) * scale.reciprocal()).to(x.dtype))
         return normalized * self.w
 
+    def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        """The same normalisation, bit for bit, without firing the hooks (for the per-head
+        copies of split q/k/v inputs)."""
+        scale = rms_scale(x, self.eps)
+        return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype) * self.w
+
 
 class KeyNorm(nn.Module):
     """The key RMSNorm of a router, applied implicitly (see `DepthRouter`).

@@ -73,10 +73,11 @@ class TLMethodsMixin:
         d_model]`` and ``hook_k_input`` / ``hook_v_input`` ``[batch, pos, n_kv, d_model]``
         (and the same three under ``blocks.{l}.attn.``, TransformerLens 4.x's names, which
         fire right after on the same tensors): one copy of the attention input per head,
-        each normalised by ``ln1`` on its own, so that a head's query, key or value input
-        can be patched alone (``transformer_lens.patching.get_act_patch_direct_path``).
-        While on, ``ln1``'s hooks fire three times per layer (queries, keys, values) with
-        a head axis, as in TransformerLens.
+        each normalised with ``ln1``'s gain on its own, so that a head's query, key or value
+        input can be patched alone (``transformer_lens.patching.get_act_patch_direct_path``).
+        While on, ``ln1``'s hooks still fire once per layer on the shared input (as in
+        TransformerBridge; ``HookedTransformer`` fired them once per copy), and editing
+        them does not reach the attention: patch the per-head inputs instead.
 
         Raises:
             ValueError: in a routed layout: there the attention input is a router's mix of
