@@ -84,8 +84,10 @@ def main() -> None:
         print(f"  {name:32s} {seconds * 1e3:8.1f} ms")
     verdict = "ok" if ratio <= TARGET else "OVER TARGET"
     print(f"  hooked_attnres / bridge: {ratio:.2f}x (target <= {TARGET}x) {verdict}")
+    if args.small:
+        return  # a debugging run: no result file
     path = write_result(
-        "tl_bridge_small" if args.small else "tl_bridge",
+        "tl_bridge",
         {
             "shape": shape,
             "batch": batch,
