@@ -192,7 +192,12 @@ def test_cached_forward_in_chunks_equals_one_forward(layout):
 
 def test_cache_misuse_is_refused():
     model = routed_model("kimi")
-    cache = KeyValueCache.init_cache(model.cfg.n_layers)
+    with pytest.raises(ValueError, match="past_kv_cache holds 3 prompts, the input has 2"):
+        model(
+            torch.randint(0, 50, (2, 4)),
+            past_kv_cache=KeyValueCache.init_cache(model.cfg, "cpu", 3),
+        )
+    cache = KeyValueCache.init_cache(model.cfg)
     model(torch.randint(0, 50, (2, 4)), past_kv_cache=cache)
     with pytest.raises(ValueError, match="past_kv_cache holds 2 prompts, the input has 3"):
         model(torch.randint(0, 50, (3, 1)), past_kv_cache=cache)
@@ -206,13 +211,13 @@ def test_cache_misuse_is_refused():
         model(torch.randint(0, 50, (2, 1)), past_kv_cache=KeyValueCache.init_cache(2))
 
 
-@pytest.mark.parametrize("name", [*LAYOUTS, "wrap=exact"])
+@pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
 def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
     if name.startswith("wrap"):
-        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="exact", num_blocks=2)
-        vocab = 61
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=name[5:], num_blocks=2)
     else:
-        model, vocab = routed_model(name), 50
+        model = routed_model(name)
+    vocab = model.cfg.d_vocab
     prompt = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(5))
     expected = prompt
     for _ in range(6):
@@ -238,6 +243,8 @@ def test_batched_string_generation_equals_one_prompt_at_a_time():
     assert isinstance(batched, list) and isinstance(singles[0], str) and batched == singles
     tokens = model.generate(prompts, return_type="tokens", **options)
     assert tokens.shape == (3, 10) and tokens[1, :3].tolist() == [1, 1, 1]  # left padding
+    uncached = model.generate(prompts, return_type="tokens", use_past_kv_cache=False, **options)
+    assert torch.equal(uncached, tokens)
     for row, prompt in enumerate(prompts):
         alone = model.generate(model.to_tokens(prompt), **options)
         assert torch.equal(tokens[row, 5 - len(prompt.split()) :], alone[0])
@@ -602,16 +609,17 @@ def test_all_head_labels():
 
 
 def test_transformerlens_test_prompt_runs_and_reports_the_true_rank(capsys):
-    model = routed_model("cumulative")
-    tl_test_prompt("w1 w2 w3", "w4", model, print_details=True, top_k=3)
-    printed = capsys.readouterr().out
-    logits = model(model.to_tokens("w1 w2 w3 w4"))[0, 2]
-    answer = model.to_single_token("w4")
-    rank = int((logits > logits[answer]).sum())
-    assert "Tokenized prompt: ['w1', 'w2', 'w3']" in printed
-    assert f"Rank: {rank}" in printed
-    top = model.to_string(logits.argmax())
-    assert f"Top 0th token. Logit: {logits.max().item():5.2f}" in printed and f"|{top}|" in printed
+    for name, model in every_model():
+        tl_test_prompt("w1 w2 w3", "w4", model, print_details=True, top_k=3)
+        printed = capsys.readouterr().out
+        logits = model(model.to_tokens("w1 w2 w3 w4"))[0, 2]
+        answer = model.to_single_token("w4")
+        rank = int((logits > logits[answer]).sum())
+        assert "Tokenized prompt: ['w1', 'w2', 'w3']" in printed, name
+        assert f"Rank: {rank}" in printed, name
+        top = model.to_string(logits.argmax())
+        assert f"Top 0th token. Logit: {logits.max().item():5.2f}" in printed, name
+        assert f"|{top}|" in printed, name
 
 
 # --- weights: tl_parameters and SVDInterpreter -----------------------------------------
@@ -631,12 +639,21 @@ def test_svd_interpreter_matches_an_svd_computed_here(tied):
     assert params["blocks.0.ln2.w"] is model.blocks[0].ln2.w
     assert set(dict(model.named_parameters())) <= set(params)
     assert dict(model.tl_named_parameters()).keys() == params.keys()
+    check_svd_interpreter(model)
+
+
+def test_svd_interpreter_in_every_layout_and_wrap():
+    for _, model in every_model():
+        check_svd_interpreter(model)
+
+
+def check_svd_interpreter(model: HookedAttnRes) -> None:
     svd = SVDInterpreter(model)
-    W_U = model.W_U
+    W_U, d_vocab = model.W_U, model.cfg.d_vocab
     ov = svd.get_singular_vectors("OV", layer_index=1, head_index=2, num_vectors=3)
     attn = model.blocks[1].attn
     _, _, Vh = torch.linalg.svd(attn.W_V[2] @ attn.W_O[2])
-    assert ov.shape == (50, 1, 3) and aligned(ov[:, 0], W_U.T @ Vh[:3].T)
+    assert ov.shape == (d_vocab, 1, 3) and aligned(ov[:, 0], W_U.T @ Vh[:3].T)
     w_in = svd.get_singular_vectors("w_in", layer_index=2, num_vectors=4)
     block = model.blocks[2]
     _, _, Vh = torch.linalg.svd(block.mlp.W_in.T * block.ln2.w)  # ln2's gain is not folded

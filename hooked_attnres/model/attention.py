@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import einops
 import torch
@@ -105,9 +105,15 @@ class KeyValueCache:
     batch_size: Optional[int] = field(default=None)
 
     @classmethod
-    def init_cache(cls, n_layers: int) -> KeyValueCache:
-        """An empty cache for a model with ``n_layers`` layers."""
-        return cls([LayerKeyValues() for _ in range(n_layers)])
+    def init_cache(
+        cls, cfg: Union[int, Any], device: Any = None, batch_size: Optional[int] = None
+    ) -> KeyValueCache:
+        """An empty cache for a model with ``cfg.n_layers`` layers (``cfg`` may also be the
+        number of layers). ``device`` is accepted for TransformerLens's signature (the
+        cache takes the device of the first keys it stores); ``batch_size``, if given, is
+        checked against the inputs."""
+        n_layers = cfg if isinstance(cfg, int) else cfg.n_layers
+        return cls([LayerKeyValues() for _ in range(n_layers)], batch_size=batch_size)
 
 
 @dataclass

@@ -183,7 +183,7 @@ class GenerationMixin:
                 f"{n_prompt + max_new_tokens - 1} positions, more than n_ctx={self.cfg.n_ctx}"
             )
         batch = tokens.shape[0]
-        cache = KeyValueCache.init_cache(self.cfg.n_layers) if use_past_kv_cache else None
+        cache = KeyValueCache.init_cache(self.cfg) if use_past_kv_cache else None
         finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         step_input, step_mask = tokens, mask
         for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):

@@ -146,10 +146,14 @@ class TokenizerMixin:
         self,
         input: Union[str, list[str], Int[Tensor, " pos"], Int[Tensor, "1 pos"], list[int]],
         prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
     ) -> Union[list[str], list[list[str]]]:
         """One string per token: a string or ``[pos]`` tokens give ``list[str]``; a list of
-        strings gives one list per string."""
+        strings gives one list per string (each tokenised alone, so ``padding_side``,
+        accepted for TransformerLens's signature, changes nothing)."""
         self._require_tokenizer("to_str_tokens")
+        if padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
             return [self._str_tokens_of_text(str(text), prepend_bos) for text in input]
         if isinstance(input, str):
