@@ -19,7 +19,7 @@ positions are read from the cache and only the new positions are computed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import einops
@@ -94,15 +94,18 @@ class KeyValueCache:
 
     Attributes:
         layers: one `LayerKeyValues` per layer.
-        attention_mask: ``[batch, past]`` (1 = real token) over the cached positions, or
-            ``None`` while every cached position is real.
+        attention_mask: ``[batch, past]`` (``True`` = real token) over the cached
+            positions, or ``None`` while every cached position is real.
         n_past: number of cached positions.
+        batch_size: the number of prompts (set by the first pass, then checked).
+
+    A pass that raises half-way leaves the cache inconsistent: start a new one.
     """
 
     layers: list[LayerKeyValues]
-    attention_mask: Optional[Int[Tensor, "batch past"]] = None
+    attention_mask: Optional[Bool[Tensor, "batch past"]] = None
     n_past: int = 0
-    batch_size: Optional[int] = field(default=None)
+    batch_size: Optional[int] = None
 
     @classmethod
     def init_cache(
