@@ -34,6 +34,7 @@ _LAZY = {
     "RouterSite": "hooked_attnres.model.depth",
     "RoutingLayout": "hooked_attnres.model.depth",
     "DepthRouter": "hooked_attnres.model.routing",
+    "KeyValueCache": "hooked_attnres.model.attention",
     "HookedAttnRes": "hooked_attnres.model.hooked_attnres",
     "Output": "hooked_attnres.model.hooked_attnres",
     "UnknownHookError": "hooked_attnres.model.hooked_root",
@@ -42,6 +43,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
     from hooked_attnres.loading.io import CheckpointError
+    from hooked_attnres.model.attention import KeyValueCache
     from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
     from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
     from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
@@ -70,6 +72,7 @@ __all__ = [
     "DepthState",
     "HookedAttnRes",
     "HookedAttnResConfig",
+    "KeyValueCache",
     "Output",
     "RoutedResidualPatchWarning",
     "RouterSite",

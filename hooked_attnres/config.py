@@ -107,6 +107,7 @@ class HookedAttnResConfig:
     default_prepend_bos: bool = False
     tokenizer_prepends_bos: Optional[bool] = None
     tokenizer_name: Optional[str] = None
+    default_padding_side: Literal["right", "left"] = "right"
 
     # --- Block AttnRes -------------------------------------------------------------
     attnres_layout: Literal["cumulative", "kimi", "full", "none"] = "cumulative"
@@ -192,6 +193,10 @@ class HookedAttnResConfig:
         if not self.use_qk_norm:
             raise ValueError(
                 "use_qk_norm=False is not supported: Qwen3 normalises q and k per head"
+            )
+        if self.default_padding_side not in ("right", "left"):
+            raise ValueError(
+                f"default_padding_side must be 'right' or 'left', got {self.default_padding_side!r}"
             )
         self._validate_attnres()
 

@@ -191,12 +191,15 @@ def test_string_without_tokenizer(model, text):
         model.to_tokens(text)
 
 
-def test_left_padding_is_refused(tok_model):
-    with pytest.raises(ValueError, match="padding_side='left' is not supported.*right"):
-        tok_model(["w1", "w2 w3"], padding_side="left")
-    with pytest.raises(ValueError, match="padding_side='left' is not supported"):
-        tok_model.to_tokens("w1", padding_side="left")
+def test_unknown_padding_side_is_refused(tok_model):
+    with pytest.raises(ValueError, match="padding_side must be 'right', 'left' or None, got 'up'"):
+        tok_model(["w1", "w2 w3"], padding_side="up")
+    with pytest.raises(ValueError, match="padding_side must be 'right', 'left' or None"):
+        tok_model.to_tokens("w1", padding_side="middle")
     assert tok_model.to_tokens("w1 w2", padding_side="right").shape == (1, 2)
+    assert tok_model.to_tokens("w1 w2", padding_side="left").shape == (1, 2)
+    with pytest.raises(ValueError, match="default_padding_side must be 'right' or 'left'"):
+        tiny_config(default_padding_side="centre")
 
 
 def test_tokenizer_bigger_than_vocab_is_refused():

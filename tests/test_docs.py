@@ -38,6 +38,11 @@ def documented_patterns() -> dict[str, tuple[str, int]]:
 def test_every_hook_is_documented_with_its_rank_and_position_axis(layout, mode, tokens):
     patterns = documented_patterns()
     model = tiny_model(attnres_layout=layout, attnres_mode=mode)
+    # TransformerLens's optional hooks too (split q/k/v inputs exist in layout none only)
+    model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
+    if layout == "none":
+        model.set_use_split_qkv_input(True)
     _, cache = model.run_with_cache(tokens)
     for name, hook in model.hook_dict.items():
         matches = [p for p in patterns if re.match(p, name)]
@@ -51,6 +56,8 @@ def test_every_documented_hook_exists_in_some_layout():
     names = set()
     for layout, mode in [("cumulative", "full"), ("kimi", "block"), ("full", "block")]:
         names |= set(tiny_model(attnres_layout=layout, attnres_mode=mode).hook_dict)
+    flags = dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True)
+    names |= set(tiny_model(attnres_layout="none", **flags).hook_dict)
     for pattern in documented_patterns():
         assert any(re.match(pattern, name) for name in names), pattern
 

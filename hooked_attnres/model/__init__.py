@@ -1,5 +1,6 @@
 """The model: config-driven Qwen3 blocks threaded by an explicit depth state."""
 
+from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RoutingLayout
 from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
@@ -13,6 +14,7 @@ __all__ = [
     "DepthRouter",
     "DepthState",
     "HookedAttnRes",
+    "KeyValueCache",
     "Output",
     "RoutedResidualPatchWarning",
     "RoutingLayout",

@@ -8,12 +8,19 @@ The scores and the pattern are materialised only while a hook is attached to
 ``hook_attn_scores`` or ``hook_pattern`` (``run_with_cache`` attaches them); otherwise
 the same computation runs as one fused ``scaled_dot_product_attention`` call, which is
 faster and agrees to float rounding (about 1e-7 in float32).
+
+Padding and cached keys (`AttentionContext`): a query never attends to a padding key
+(except a padding query to itself, so that no row is empty), padding queries get a zero
+pattern and a zero ``z``, and rotary positions count real tokens only (as Hugging Face
+does with ``position_ids``). With a `KeyValueCache`, the keys and values of earlier
+positions are read from the cache and only the new positions are computed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import einops
 import torch
@@ -21,16 +28,151 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
+from hooked_attnres._tl import HookPoint
+from hooked_attnres.model.norms import (
+    RMSNorm,
+    is_observed,
+    make_hook,
+    stat_dtype,
+    toggle_hook,
+)
 from hooked_attnres.model.rotary import apply_rotary
+
+QKVInputs = tuple[
+    Float[Tensor, "batch pos n_heads d_model"],
+    Float[Tensor, "batch pos n_kv d_model"],
+    Float[Tensor, "batch pos n_kv d_model"],
+]
 
 
 def _project(
-    x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"]
+    x: Union[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos head d_model"]],
+    W: Float[Tensor, "head d_model d_head"],
 ) -> Float[Tensor, "batch pos head d_head"]:
+    """``x W`` per head; ``x`` is shared by the heads or, with split q/k/v inputs, one copy
+    per head."""
     n_heads, d_model, d_head = W.shape
+    if x.ndim == 4:
+        return (x.unsqueeze(-2) @ W).squeeze(-2)
     flat = W.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
     return (x @ flat).unflatten(-1, (n_heads, d_head))
+
+
+@dataclass
+class LayerKeyValues:
+    """The rotated keys and the values of one layer for the positions run so far."""
+
+    keys: Optional[Float[Tensor, "batch past n_kv d_head"]] = None
+    values: Optional[Float[Tensor, "batch past n_kv d_head"]] = None
+
+    def extend(
+        self,
+        keys: Float[Tensor, "batch new n_kv d_head"],
+        values: Float[Tensor, "batch new n_kv d_head"],
+    ) -> tuple[Float[Tensor, "batch key n_kv d_head"], Float[Tensor, "batch key n_kv d_head"]]:
+        """Append the new positions; returns the keys and values of every position."""
+        if self.keys is not None and self.values is not None:
+            keys = torch.cat((self.keys, keys), dim=1)
+            values = torch.cat((self.values, values), dim=1)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+@dataclass
+class KeyValueCache:
+    """Keys and values of every layer, for incremental decoding (`HookedAttnRes.generate`,
+    or ``model(new_tokens, past_kv_cache=cache)``), like TransformerLens's
+    ``HookedTransformerKeyValueCache``.
+
+    Only attention looks across positions; routers, norms and the MLP act on each position
+    alone, so a new token needs the cached keys and values of earlier positions and
+    nothing else (its own depth sources are computed as it runs through the layers).
+
+    Every forward pass that is given the cache appends its positions to it. The keys are
+    cached after ``k_norm`` and rotary (``hook_rot_k``), the values as ``hook_v``: hooks
+    that edit them while the cache is filled edit what later positions read.
+
+    Attributes:
+        layers: one `LayerKeyValues` per layer.
+        attention_mask: ``[batch, past]`` (``True`` = real token) over the cached
+            positions, or ``None`` while every cached position is real.
+        n_past: number of cached positions.
+        batch_size: the number of prompts (set by the first pass, then checked).
+
+    A pass that raises half-way leaves the cache inconsistent: start a new one.
+    """
+
+    layers: list[LayerKeyValues]
+    attention_mask: Optional[Bool[Tensor, "batch past"]] = None
+    n_past: int = 0
+    batch_size: Optional[int] = None
+
+    @classmethod
+    def init_cache(
+        cls, cfg: Union[int, Any], device: Any = None, batch_size: Optional[int] = None
+    ) -> KeyValueCache:
+        """An empty cache for a model with ``cfg.n_layers`` layers (``cfg`` may also be the
+        number of layers). ``device`` is accepted for TransformerLens's signature (the
+        cache takes the device of the first keys it stores); ``batch_size``, if given, is
+        checked against the inputs."""
+        n_layers = cfg if isinstance(cfg, int) else cfg.n_layers
+        return cls([LayerKeyValues() for _ in range(n_layers)], batch_size=batch_size)
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares.
+
+    Attributes:
+        cos, sin: rotary tables of the positions run in this pass, ``[pos, d_head]``
+            (shared by every prompt) or ``[batch, pos, d_head]`` (position ids per prompt).
+        n_past: positions before this pass (in the key-value cache); query ``i`` of this
+            pass is key ``n_past + i``.
+        key_is_pad: ``[batch, n_past + pos]``, padding keys that real queries must not
+            see, or ``None`` when no real query comes after a padding key.
+        query_is_pad: ``[batch, pos]``, padding queries (zero pattern and ``z``), or
+            ``None``.
+        cache: the `KeyValueCache` to read and extend, or ``None``.
+    """
+
+    cos: Float[Tensor, "*batch pos d_head"]
+    sin: Float[Tensor, "*batch pos d_head"]
+    n_past: int = 0
+    key_is_pad: Optional[Bool[Tensor, "batch key"]] = None
+    query_is_pad: Optional[Bool[Tensor, "batch pos"]] = None
+    cache: Optional[KeyValueCache] = None
+
+    def layer_cache(self, layer: int) -> Optional[LayerKeyValues]:
+        return None if self.cache is None else self.cache.layers[layer]
+
+    def blocked(
+        self, n_query: int, n_key: int, query_positions: Optional[Int[Tensor, " batch"]], device
+    ) -> Optional[Bool[Tensor, "batch 1 query key"]]:
+        """Which keys each query must not see (``True`` = blocked); ``None`` for the plain
+        square causal mask (no cache, no padding, every position queries)."""
+        if query_positions is None and self.key_is_pad is None and n_query == n_key:
+            return None
+        if query_positions is None:
+            query_index = torch.arange(n_query, device=device)[None] + (n_key - n_query)
+        else:
+            query_index = query_positions[:, None] + self.n_past
+        keys = torch.arange(n_key, device=device)
+        blocked = keys > query_index[..., None]
+        if self.key_is_pad is not None:
+            own = keys == query_index[..., None]
+            blocked = blocked | (self.key_is_pad[:, None, :] & ~own)
+        return blocked[:, None]
+
+    def pad_queries(
+        self, query_positions: Optional[Int[Tensor, " batch"]]
+    ) -> Optional[Bool[Tensor, "batch query"]]:
+        """Padding queries of this pass (gathered at ``query_positions`` if given)."""
+        if self.query_is_pad is None:
+            return None
+        if query_positions is None:
+            return self.query_is_pad
+        rows = torch.arange(self.query_is_pad.shape[0], device=self.query_is_pad.device)
+        return self.query_is_pad[rows, query_positions][:, None]
 
 
 class Attention(nn.Module):
@@ -53,7 +195,17 @@ class Attention(nn.Module):
             (``-inf`` above the diagonal).
         hook_pattern: ``[batch, n_heads, query_pos, key_pos]``, softmax of the scores.
         hook_z: ``[batch, pos, n_heads, d_head]``, pattern-weighted values.
+        hook_q_input: ``[batch, pos, n_heads, d_model]``, hook_k_input / hook_v_input:
+            ``[batch, pos, n_kv, d_model]``: the per-head copies of the attention input
+            (before ``ln1``); only while ``model.set_use_split_qkv_input(True)``. Fired by
+            the block after its own ``blocks.{l}.hook_q_input`` (TransformerLens's two
+            names for the same tensor).
+        hook_result: ``[batch, pos, n_heads, d_model]``, each head's output ``z[h] W_O[h]``
+            (summing to the attention output); only while
+            ``model.set_use_attn_result(True)``.
     """
+
+    hook_result: HookPoint  # only while uses_attn_result (set_attn_result)
 
     def __init__(self, d_model: int, n_heads: int, n_key_value_heads: int, d_head: int, eps: float):
         super().__init__()
@@ -103,64 +255,90 @@ class Attention(nn.Module):
     def b_O(self) -> Float[Tensor, " d_model"]:
         return self.W_O.new_zeros(self.W_O.shape[-1])
 
+    @property
+    def uses_attn_result(self) -> bool:
+        """Whether ``hook_result`` exists (``model.set_use_attn_result(True)``)."""
+        return "hook_result" in self._modules
+
+    def set_attn_result(self, enabled: bool) -> None:
+        """Create or remove ``hook_result`` (the model's `set_use_attn_result` also
+        refreshes its hook dictionary)."""
+        toggle_hook(self, "hook_result", enabled, pos_dim=-3)
+
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        x: Union[Float[Tensor, "batch pos d_model"], QKVInputs],
+        context: AttentionContext,
         query_positions: Optional[Int[Tensor, " batch"]] = None,
+        layer_cache: Optional[LayerKeyValues] = None,
     ) -> Float[Tensor, "batch query_pos d_model"]:
         """Attend from every position (``query_pos = pos``), or, with ``query_positions``,
         only from one position per prompt (``query_pos = 1``; the keys and values still
         cover every position up to it). The hooks on queries, scores, pattern and ``z``
-        then see one query position."""
+        then see one query position.
+
+        Args:
+            x: the normalised input ``[batch, pos, d_model]``, or (split q/k/v inputs) the
+                normalised per-head inputs of the queries, keys and values.
+            context: rotary tables, padding and the cache position of this pass.
+            query_positions: ``[batch]``, one query position per prompt, or ``None``.
+            layer_cache: this layer's cached keys and values (read, then extended).
+        """
+        q_in, k_in, v_in = x if isinstance(x, tuple) else (x, x, x)
+        cos, sin = context.cos, context.sin
+        cos_query, sin_query = cos, sin
         if query_positions is not None:
-            rows = torch.arange(x.shape[0], device=x.device)
-            query_positions = query_positions.to(x.device)
-            x_query = x[rows, query_positions].unsqueeze(1)
-            cos_query, sin_query = (
-                cos[query_positions].unsqueeze(1),
-                sin[query_positions].unsqueeze(1),
-            )
-        else:
-            x_query, cos_query, sin_query = x, cos, sin
-        q = self.hook_q(_project(x_query, self.W_Q))
-        k = self.hook_k(_project(x, self._W_K))
-        v = self.hook_v(_project(x, self._W_V))
+            rows = torch.arange(q_in.shape[0], device=q_in.device)
+            query_positions = query_positions.to(q_in.device)
+            q_in = q_in[rows, query_positions].unsqueeze(1)
+            if cos.ndim == 3:
+                cos_query = cos[rows, query_positions].unsqueeze(1)
+                sin_query = sin[rows, query_positions].unsqueeze(1)
+            else:
+                cos_query = cos[query_positions].unsqueeze(1)
+                sin_query = sin[query_positions].unsqueeze(1)
+        q = self.hook_q(_project(q_in, self.W_Q))
+        k = self.hook_k(_project(k_in, self._W_K))
+        v = self.hook_v(_project(v_in, self._W_V))
         q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos_query, sin_query))
         k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin))
+        if layer_cache is not None:
+            k, v = layer_cache.extend(k, v)
 
-        future = self._future_mask(k.shape[1], query_positions, x.device)
+        blocked = context.blocked(q.shape[1], k.shape[1], query_positions, q.device)
+        pad_queries = context.pad_queries(query_positions)
         if is_observed(self.hook_attn_scores) or is_observed(self.hook_pattern):
-            z = self._explicit_attention(q, k, v, future)
+            z = self._explicit_attention(q, k, v, blocked, pad_queries)
         else:
+            if blocked is not None and not bool(blocked.any()):
+                blocked, is_causal = None, False
+            else:
+                is_causal = blocked is None
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                attn_mask=None if future is None else ~future,
-                is_causal=query_positions is None,
+                attn_mask=None if blocked is None else ~blocked,
+                is_causal=is_causal,
                 enable_gqa=self.repeat_kv_heads > 1,
             ).transpose(1, 2)
+            if pad_queries is not None:
+                z = z.masked_fill(pad_queries[..., None, None], 0.0)
         z = self.hook_z(z)
+        if self.uses_attn_result:
+            result = einops.einsum(
+                z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
+            )
+            return self.hook_result(result).sum(dim=-2)
         return z.flatten(-2) @ self.W_O.flatten(0, 1)
-
-    @staticmethod
-    def _future_mask(
-        n_pos: int, query_positions: Optional[Int[Tensor, " batch"]], device
-    ) -> Optional[Bool[Tensor, "batch 1 1 key_pos"]]:
-        """Keys after each prompt's query position (``None`` if there are none, or if every
-        position queries: then the ordinary causal mask applies)."""
-        if query_positions is None or bool((query_positions == n_pos - 1).all()):
-            return None
-        return (torch.arange(n_pos, device=device) > query_positions[:, None])[:, None, None, :]
 
     def _explicit_attention(
         self,
         q: Float[Tensor, "batch query_pos head d_head"],
-        k: Float[Tensor, "batch pos kv_head d_head"],
-        v: Float[Tensor, "batch pos kv_head d_head"],
-        future: Optional[Bool[Tensor, "batch 1 1 key_pos"]],
+        k: Float[Tensor, "batch key_pos kv_head d_head"],
+        v: Float[Tensor, "batch key_pos kv_head d_head"],
+        blocked: Optional[Bool[Tensor, "batch 1 query_pos key_pos"]],
+        pad_queries: Optional[Bool[Tensor, "batch query_pos"]],
     ) -> Float[Tensor, "batch query_pos head d_head"]:
         """Scores and pattern as tensors, so that their hooks can read and edit them."""
         k = k.repeat_interleave(self.repeat_kv_heads, dim=2)
@@ -168,13 +346,16 @@ class Attention(nn.Module):
         scores = einops.einsum(
             q, k, "batch q_pos head d_head, batch k_pos head d_head -> batch head q_pos k_pos"
         ) / math.sqrt(self.d_head)
-        if future is None:
+        if blocked is None:
             n_query, n_key = q.shape[1], k.shape[1]
-            future = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).triu(
+            blocked = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).triu(
                 1 + n_key - n_query
             )
-        scores = self.hook_attn_scores(scores.masked_fill(future, float("-inf")))
-        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=stat_dtype(q.dtype)).to(q.dtype))
+        scores = self.hook_attn_scores(scores.masked_fill(blocked, float("-inf")))
+        pattern = scores.softmax(dim=-1, dtype=stat_dtype(q.dtype)).to(q.dtype)
+        if pad_queries is not None:
+            pattern = pattern.masked_fill(pad_queries[:, None, :, None], 0.0)
+        pattern = self.hook_pattern(pattern)
         return einops.einsum(
             pattern, v, "batch head q_pos k_pos, batch k_pos head d_head -> batch q_pos head d_head"
         )

@@ -9,11 +9,12 @@ from typing import Optional
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from hooked_attnres._tl import HookPoint
 from hooked_attnres.config import HookedAttnResConfig
-from hooked_attnres.model.attention import Attention
+from hooked_attnres.model.attention import Attention, AttentionContext, QKVInputs
 from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
-from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.norms import RMSNorm, make_hook, toggle_hook
 from hooked_attnres.model.routing import DepthRouter
 
 
@@ -35,7 +36,15 @@ class AttnResBlock(nn.Module):
         hook_committed_block: the block committed after the MLP sublayer (only at layers
             that end a block). Every later router that reads the block reads this
             hook's output.
+        hook_q_input: ``[batch, pos, n_heads, d_model]``; hook_k_input / hook_v_input:
+            ``[batch, pos, n_kv, d_model]``: per-head copies of the attention input before
+            ``ln1`` (only while ``set_use_split_qkv_input(True)``; ``attn.hook_q_input``
+            etc. fire right after, on the same tensors).
+        hook_mlp_in: a copy of the MLP input before ``ln2`` (only while
+            ``set_use_hook_mlp_in(True)``).
     """
+
+    hook_mlp_in: HookPoint  # only while set_use_hook_mlp_in(True)
 
     def __init__(self, cfg: HookedAttnResConfig, layer: int, layout: RoutingLayout):
         super().__init__()
@@ -63,6 +72,35 @@ class AttnResBlock(nn.Module):
         if layout.commits_after_mlp(layer):
             self.hook_committed_block = make_hook()
 
+    # --- TransformerLens's optional hooks (created by the model's set_use_* methods) ----
+    def set_split_qkv_input(self, enabled: bool) -> None:
+        """Create or remove ``hook_{q,k,v}_input`` here and in ``attn`` (the model's
+        `set_use_split_qkv_input` also refreshes its hook dictionary)."""
+        for owner in (self, self.attn):
+            for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
+                toggle_hook(owner, name, enabled, pos_dim=-3)
+
+    def set_hook_mlp_in(self, enabled: bool) -> None:
+        toggle_hook(self, "hook_mlp_in", enabled, pos_dim=-2)
+
+    @property
+    def splits_qkv_input(self) -> bool:
+        return "hook_q_input" in self._modules
+
+    def _split_qkv(self, attn_in: Float[Tensor, "batch pos d_model"]) -> QKVInputs:
+        """Per-head copies of the attention input, each normalised with ``ln1``'s gain on
+        its own (TransformerLens's ``use_split_qkv_input``). ``ln1``'s hooks fire once, on
+        the shared input, as in TransformerBridge."""
+        self.ln1(attn_in)  # fires ln1's hooks; the heads read their own normalised copies
+        heads = (self.attn.n_heads, self.attn.n_key_value_heads, self.attn.n_key_value_heads)
+        names = ("hook_q_input", "hook_k_input", "hook_v_input")
+        out = []
+        for n_heads, name in zip(heads, names, strict=True):
+            copies = attn_in.unsqueeze(-2).repeat(1, 1, n_heads, 1)
+            copies = getattr(self.attn, name)(getattr(self, name)(copies))
+            out.append(self.ln1.unhooked(copies))
+        return out[0], out[1], out[2]
+
     def _route(self, router_name: str, state: DepthState) -> Float[Tensor, "batch pos d_model"]:
         if not self.layout.has_routers:
             return state.current
@@ -83,19 +121,22 @@ class AttnResBlock(nn.Module):
     def attn_sublayer(
         self,
         state: DepthState,
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        context: AttentionContext,
         query_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """The attention half: the state entering ``mlp_res`` (the input is not mutated).
 
-        With ``query_positions`` (one per prompt) the attention runs only from there and
-        the returned state is gathered to that position (``pos = 1``); everything after
+        ``context`` holds the rotary tables, the padding and the key-value cache of the
+        pass. With ``query_positions`` (one per prompt) the attention runs only from there
+        and the returned state is gathered to that position (``pos = 1``); everything after
         it is position-wise, so the rest of the model can run on that one position.
         """
         state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
-        attn_in = self.ln1(self._route("attn_res", state))
-        attn_out = self.hook_attn_out(self.attn(attn_in, cos, sin, query_positions))
+        attn_in = self._route("attn_res", state)
+        x = self._split_qkv(attn_in) if self.splits_qkv_input else self.ln1(attn_in)
+        attn_out = self.hook_attn_out(
+            self.attn(x, context, query_positions, context.layer_cache(self.layer))
+        )
         if query_positions is not None:
             state = gather_positions(state, query_positions)
         return self._after_sublayer(
@@ -104,7 +145,10 @@ class AttnResBlock(nn.Module):
 
     def mlp_sublayer(self, state: DepthState) -> DepthState:
         """The MLP half: the state leaving the layer (the input is not mutated)."""
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self._route("mlp_res", state))))
+        mlp_in = self._route("mlp_res", state)
+        if "hook_mlp_in" in self._modules:  # a copy: the stream itself is not edited
+            mlp_in = self.hook_mlp_in(mlp_in.clone())
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self._after_sublayer(
             state, mlp_out, self.hook_resid_post, getattr(self, "hook_committed_block", None)
         )
@@ -112,9 +156,8 @@ class AttnResBlock(nn.Module):
     def forward(
         self,
         state: DepthState,
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        context: AttentionContext,
         query_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """Run the layer on a depth state and return the next one (the input is not mutated)."""
-        return self.mlp_sublayer(self.attn_sublayer(state, cos, sin, query_positions))
+        return self.mlp_sublayer(self.attn_sublayer(state, context, query_positions))

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres.config import HookedAttnResConfig
+from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
 from hooked_attnres.model.depth import (
     DepthState,
@@ -24,10 +25,12 @@ from hooked_attnres.model.depth import (
     SiteLike,
     gather_positions,
 )
+from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule
 from hooked_attnres.model.norms import RMSNorm, make_hook
-from hooked_attnres.model.rotary import rotary_tables
+from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter
+from hooked_attnres.model.tl_methods import TLMethodsMixin
 from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
 
@@ -58,21 +61,38 @@ class Embed(nn.Module):
 def lm_cross_entropy_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     tokens: Int[Tensor, "batch pos"],
-    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    attention_mask: Optional[Union[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]] = None,
     per_token: bool = False,
 ) -> Union[Float[Tensor, ""], Float[Tensor, "batch pos_minus_1"]]:
-    """Next-token cross-entropy; padding (``attention_mask == 0``) is excluded."""
+    """Next-token cross-entropy; a prediction counts only if both its input token and its
+    target are real (``attention_mask == 1``; padding is excluded).
+
+    Raises:
+        ValueError: fewer than two positions, or no prediction with two real tokens (the
+            mean would be undefined).
+    """
+    if tokens.shape[-1] < 2:
+        raise ValueError(
+            f"a next-token loss needs at least two positions, got {tokens.shape[-1]}; use "
+            "return_type='logits' for a single token"
+        )
     log_probs = logits[:, :-1].float().log_softmax(dim=-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if attention_mask is None:
         return losses if per_token else losses.mean()
-    keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(losses.dtype)
+    keep = (attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()).to(losses.dtype)
+    n_kept = int(keep.sum())
+    if n_kept == 0:
+        raise ValueError(
+            "the loss has no valid prediction: no prompt has two consecutive real tokens "
+            "(attention_mask == 1); use return_type='logits'"
+        )
     if per_token:
         return losses * keep
-    return (losses * keep).sum() / keep.sum().clamp(min=1)
+    return (losses * keep).sum() / n_kept
 
 
-class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
+class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixin, HookedModule):
     """Qwen3 + Block Attention Residuals, hookable like a TransformerLens model.
 
     Hook points (see ``docs/hooks.md`` for the full table and shapes):
@@ -114,6 +134,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         )
         self.init_weights()
         self.to(device=cfg.device, dtype=cfg.dtype)
+        self._create_optional_hooks()  # cfg.use_attn_result etc. (TransformerLens flags)
         self.setup()
         self.set_tokenizer(tokenizer)
         self.eval()
@@ -160,19 +181,15 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     # --- device and dtype -------------------------------------------------------------
-    def to(self, *args, **kwargs) -> HookedAttnRes:
-        """``nn.Module.to`` that keeps ``cfg.device`` and ``cfg.dtype`` in sync."""
-        super().to(*args, **kwargs)
+    def _apply(self, fn, recurse: bool = True):
+        """Every dtype or device change (``to``, ``half``, ``bfloat16``, ``float``,
+        ``double``, ``cuda``, ``cpu``, ...) goes through here: keep ``cfg.device`` and
+        ``cfg.dtype`` equal to the parameters'."""
+        out = super()._apply(fn, recurse)
         reference = self.embed.W_E
         self._cfg.device = str(reference.device)
         self._cfg.dtype = reference.dtype
-        return self
-
-    def cpu(self) -> HookedAttnRes:
-        return self.to("cpu")
-
-    def cuda(self, device=None) -> HookedAttnRes:
-        return self.to("cuda" if device is None else device)
+        return out
 
     # --- routing metadata -------------------------------------------------------------
     def sites(self, kinds: Union[None, str, Sequence[str]] = None) -> list[RouterSite]:
@@ -227,7 +244,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return self.site(layer, router).hook(hook)
 
     # --- input handling ---------------------------------------------------------------
-    def _validate_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
+    def _validate_tokens(self, tokens, n_past: int = 0) -> Int[Tensor, "batch pos"]:
         if not isinstance(tokens, Tensor):
             raise TypeError(
                 "input must be a string, a list of strings, a [batch, pos] integer tensor of "
@@ -245,10 +262,11 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         if tokens.shape[1] == 0 or tokens.shape[0] == 0:
             raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.cfg.n_ctx:
+        if n_past + tokens.shape[1] > self.cfg.n_ctx:
+            cached = f" after {n_past} cached positions" if n_past else ""
             raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}; truncate "
-                "the input or build the model with a larger n_ctx"
+                f"sequence length {tokens.shape[1]}{cached} exceeds n_ctx={self.cfg.n_ctx}; "
+                "truncate the input or build the model with a larger n_ctx"
             )
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.cfg.d_vocab:
@@ -282,7 +300,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         return state
 
-    def _validate_logit_positions(self, positions, state: DepthState) -> Int[Tensor, " batch"]:
+    def _validate_logit_positions(
+        self, positions, state: DepthState, attention_mask: Optional[Bool[Tensor, "batch pos"]]
+    ) -> Int[Tensor, " batch"]:
         batch, n_pos = state.current.shape[:2]
         if (
             not isinstance(positions, Tensor)
@@ -300,7 +320,44 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"logit_positions must be in [0, {n_pos}), got values in "
                 f"[{int(positions.min())}, {int(positions.max())}]"
             )
-        return positions.to(state.current.device, torch.long)
+        positions = positions.to(state.current.device, torch.long)
+        if attention_mask is not None:
+            rows = torch.arange(batch, device=positions.device)
+            padded = (~attention_mask[rows, positions]).nonzero().flatten().tolist()
+            if padded:
+                raise ValueError(
+                    f"logit_positions point at padding (attention_mask == 0) in prompt(s) "
+                    f"{padded}; point them at real tokens"
+                )
+        return positions
+
+    def _validate_attention_mask(
+        self, mask, shape: tuple[int, ...], device
+    ) -> Optional[Bool[Tensor, "batch pos"]]:
+        """``None`` or a ``[batch, pos]`` boolean mask (True = real token), checked."""
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
+            raise TypeError(
+                "attention_mask must be a [batch, pos] tensor of 0/1 integers or booleans, got "
+                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"attention_mask must have the shape of the tokens {tuple(shape)}, got "
+                f"{tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+            mask = mask != 0
+        empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"attention_mask row(s) {empty} are all zero: a prompt needs at least one real "
+                "token (drop empty prompts from the batch)"
+            )
+        return mask.to(device)
 
     def _layer_range(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> range:
         """Layers ``[start, stop)`` to run; negative values count from the end (as in TL)."""
@@ -338,6 +395,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         tokens: Optional[Int[Tensor, "batch pos"]] = None,
         attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
         logit_positions: Optional[Int[Tensor, " batch"]] = None,
+        past_kv_cache: Optional[KeyValueCache] = None,
     ):
         """Run the model.
 
@@ -347,15 +405,22 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             return_type: ``"logits"`` (``[batch, pos, d_vocab]``), ``"loss"`` (mean
                 next-token cross-entropy), ``"both"`` (an `Output`), or ``None``.
             loss_per_token: return the loss per position ``[batch, pos - 1]``.
-            prepend_bos, padding_side: as in TransformerLens (string inputs only; padding
-                is on the right).
+            prepend_bos, padding_side: as in TransformerLens (string inputs only);
+                ``padding_side`` is ``"right"`` or ``"left"`` (default
+                ``cfg.default_padding_side``), and the attention mask of the padding is
+                applied automatically.
             start_at_layer: first layer to run (TransformerLens semantics).
             stop_at_layer: run layers ``[start, stop)`` and return the `DepthState`
                 entering ``stop_at_layer`` instead of logits (TransformerLens returns the
                 residual stream; here the state holds every depth source).
             tokens: the token ids, needed for a loss when ``input`` is a state.
-            attention_mask: ``[batch, pos]``, 0 at right-padding positions (excluded from
-                the loss); computed automatically for string inputs.
+            attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (left,
+                right or anywhere). Queries never attend to padding keys, rotary positions
+                count real tokens only (so a left-padded prompt gets the logits of the
+                unpadded prompt at its real positions), padding queries get a zero
+                attention pattern, and padding is excluded from the loss. Computed
+                automatically for string inputs; token inputs are taken as unpadded
+                unless it is given.
             logit_positions: ``[batch]``, one position per prompt: return the logits
                 there only, ``[batch, 1, d_vocab]`` (not a TransformerLens argument). The
                 last layer's attention queries, its MLP sublayer, the final router and
@@ -364,10 +429,21 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 ``logits[arange(batch), logit_positions, None]`` up to float rounding, and
                 faster when a metric reads one position. Hooks after the last attention
                 see ``pos = 1``.
+            past_kv_cache: a `KeyValueCache`: ``input`` are the tokens that follow the
+                cached ones (``attention_mask``, if given, covers only them); the cache is
+                extended by them. Hooks see the new positions only (TransformerLens
+                semantics). Not combinable with ``start_at_layer``, ``stop_at_layer`` or
+                ``logit_positions``.
+
+        Raises:
+            ValueError: an all-zero ``attention_mask`` row, a loss with fewer than two
+                positions or with no two consecutive real tokens, or a bad argument.
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         layers = self._layer_range(start_at_layer, stop_at_layer)
+        if past_kv_cache is not None:
+            self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
         if start_at_layer is None:
             if isinstance(input, DepthState):
                 raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
@@ -376,19 +452,23 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             ):
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 attention_mask = mask if attention_mask is None else attention_mask
-            tokens = self._validate_tokens(input)
+            tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
             state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
+        mask = self._validate_attention_mask(
+            attention_mask, tuple(state.current.shape[:2]), state.current.device
+        )
         if logit_positions is not None:
             if stop_at_layer is not None or return_type not in ("logits", None):
                 raise ValueError(
                     "logit_positions returns logits at one position per prompt; it "
                     "cannot be combined with stop_at_layer or a loss"
                 )
-            logit_positions = self._validate_logit_positions(logit_positions, state)
+            logit_positions = self._validate_logit_positions(logit_positions, state, mask)
+        context = self._attention_context(state, mask, past_kv_cache)
         state = self._run_sublayers(
-            state, range(2 * layers.start, 2 * layers.stop), logit_positions
+            state, range(2 * layers.start, 2 * layers.stop), context, logit_positions
         )
         if stop_at_layer is not None:
             return state
@@ -400,13 +480,87 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             return None
         if tokens is None:
             raise ValueError("a loss needs the token ids: pass tokens=... with a DepthState input")
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, loss_per_token)
+        loss = lm_cross_entropy_loss(logits, tokens, mask, loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    @staticmethod
+    def _n_past(cache: Optional[KeyValueCache]) -> int:
+        return 0 if cache is None else cache.n_past
+
+    def _check_cache_call(
+        self,
+        cache,
+        start_at_layer: Optional[int],
+        stop_at_layer: Optional[int],
+        logit_positions: Optional[Tensor],
+    ) -> None:
+        if not isinstance(cache, KeyValueCache):
+            raise TypeError(
+                "past_kv_cache must be a hooked_attnres.KeyValueCache (e.g. "
+                f"KeyValueCache.init_cache(model.cfg.n_layers)), got {type(cache).__name__}"
+            )
+        if len(cache.layers) != self.cfg.n_layers:
+            raise ValueError(
+                f"past_kv_cache has {len(cache.layers)} layers, the model {self.cfg.n_layers}"
+            )
+        if start_at_layer is not None or stop_at_layer is not None or logit_positions is not None:
+            raise ValueError(
+                "past_kv_cache runs whole forward passes over new tokens; it cannot be combined "
+                "with start_at_layer, stop_at_layer or logit_positions"
+            )
+
+    def _attention_context(
+        self,
+        state: DepthState,
+        mask: Optional[Bool[Tensor, "batch pos"]],
+        cache: Optional[KeyValueCache] = None,
+    ) -> AttentionContext:
+        """Rotary tables, padding and cache offset of a pass over ``state``'s positions
+        (extends the cache's mask and length: the pass appends its keys and values)."""
+        batch, n_pos = state.current.shape[:2]
+        device = state.current.device
+        n_past = self._n_past(cache)
+        full = mask
+        if cache is not None:
+            if cache.batch_size is not None and cache.batch_size != batch:
+                raise ValueError(
+                    f"past_kv_cache holds {cache.batch_size} prompts, the input has {batch}"
+                )
+            if cache.attention_mask is not None or mask is not None:
+                past = cache.attention_mask
+                if past is None:
+                    past = torch.ones(batch, n_past, dtype=torch.bool, device=device)
+                new = mask
+                if new is None:
+                    new = torch.ones(batch, n_pos, dtype=torch.bool, device=device)
+                full = torch.cat((past.to(device), new), dim=1)
+        d_head, base = self.cfg.d_head, self.cfg.rotary_base
+        if full is None or bool(full.all()):
+            positions = torch.arange(n_past, n_past + n_pos, device=device)
+            cos, sin = rotary_at(positions, d_head, base)
+            context = AttentionContext(cos, sin, n_past, None, None, cache)
+            full = None
+        else:
+            # rotary positions count real tokens only (Hugging Face's position_ids)
+            position_ids = (full.long().cumsum(dim=-1) - 1).clamp(min=0)[:, n_past:]
+            cos, sin = rotary_at(position_ids, d_head, base)
+            is_pad = ~full
+            # padding keys matter only if some real query comes after a padding key
+            pad_before_real = bool(((is_pad.long().cumsum(dim=-1) > 0) & full).any())
+            context = AttentionContext(
+                cos, sin, n_past, is_pad if pad_before_real else None, is_pad[:, n_past:], cache
+            )
+        if cache is not None:
+            cache.attention_mask = full
+            cache.n_past = n_past + n_pos
+            cache.batch_size = batch
+        return context
 
     def _run_sublayers(
         self,
         state: DepthState,
         sublayers: range,
+        context: AttentionContext,
         logit_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
         """Run sublayers ``2 * layer`` (attention) and ``2 * layer + 1`` (MLP) in ``sublayers``.
@@ -417,9 +571,6 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         last_attention = 2 * self.cfg.n_layers - 2
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
-        cos, sin = rotary_tables(
-            state.current.shape[1], self.cfg.d_head, self.cfg.rotary_base, state.current.device
-        )
         for sublayer in sublayers:
             layer, is_mlp = divmod(sublayer, 2)
             block = self.blocks[layer]
@@ -427,7 +578,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 state = block.mlp_sublayer(state)
             else:
                 positions = logit_positions if sublayer == last_attention else None
-                state = block.attn_sublayer(state, cos, sin, positions)
+                state = block.attn_sublayer(state, context, positions)
         return state
 
     def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
@@ -438,31 +589,34 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return self.ln_final(final) @ self.W_U
 
     def depth_states(
-        self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        sublayers: bool = False,
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     ) -> list[DepthState]:
         """The `DepthState` entering every layer, ``[state_0, ..., state_{n_layers}]``, from
         one forward pass (``state_l`` equals ``model(tokens, stop_at_layer=l)``).
 
         Any of them can start a forward pass: ``model(states[l], start_at_layer=l)``; this is
-        how interventions at layer ``l`` reuse the unchanged prefix of a run.
+        how interventions at layer ``l`` reuse the unchanged prefix of a run (pass the same
+        ``attention_mask`` to both for padded prompts).
 
         With ``sublayers=True``: the state entering every sublayer, ``2 * n_layers + 1``
         states; index ``2 * l`` enters layer ``l``'s attention, ``2 * l + 1`` its MLP (for
         `forward_from`).
         """
         tokens = self._validate_tokens(tokens)
+        mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
         state = self.embed_state(tokens)
-        cos, sin = rotary_tables(
-            tokens.shape[1], self.cfg.d_head, self.cfg.rotary_base, tokens.device
-        )
+        context = self._attention_context(state, mask)
         states = [state]
         for block in self.blocks:
             if sublayers:
-                state = block.attn_sublayer(state, cos, sin)
+                state = block.attn_sublayer(state, context)
                 states.append(state)
                 state = block.mlp_sublayer(state)
             else:
-                state = block(state, cos, sin)
+                state = block(state, context)
             states.append(state)
         return states
 
@@ -471,6 +625,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         state: DepthState,
         sublayer: int,
         logit_positions: Optional[Int[Tensor, " batch"]] = None,
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, "batch 1 d_vocab"]]:
         """Logits of a forward pass that starts at a sublayer (finer than ``start_at_layer``).
 
@@ -482,6 +637,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 ``2 * n_layers`` runs only the final router and the unembedding.
             logit_positions: ``[batch]``, as in `forward`: logits ``[batch, 1, d_vocab]``
                 at one position per prompt.
+            attention_mask: ``[batch, pos]``, as in `forward` (for padded prompts).
 
         Hooks fire as in a full forward pass, from the sublayer on.
         """
@@ -497,10 +653,14 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             )
         layer, is_mlp = divmod(sublayer, 2)
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
+        mask = self._validate_attention_mask(
+            attention_mask, tuple(state.current.shape[:2]), state.current.device
+        )
         if logit_positions is not None:
-            logit_positions = self._validate_logit_positions(logit_positions, state)
+            logit_positions = self._validate_logit_positions(logit_positions, state, mask)
+        context = self._attention_context(state, mask)
         return self._unembed(
-            self._run_sublayers(state, range(sublayer, n_sublayers), logit_positions)
+            self._run_sublayers(state, range(sublayer, n_sublayers), context, logit_positions)
         )
 
     # --- checkpoints ------------------------------------------------------------------

@@ -20,6 +20,17 @@ def make_hook(pos_dim: int = -2) -> HookPoint:
     return hook
 
 
+def toggle_hook(owner: nn.Module, name: str, enabled: bool, pos_dim: int = -2) -> None:
+    """Add the `HookPoint` ``owner.<name>`` (``pos_dim`` as in `make_hook`) if ``enabled``,
+    keeping an existing one, or remove it. For TransformerLens's optional hooks, which
+    exist only while their ``set_use_*`` flag is on; the root model must call ``setup()``
+    afterwards to refresh its hook dictionary."""
+    if enabled and name not in owner._modules:
+        owner.add_module(name, make_hook(pos_dim))
+    elif not enabled and name in owner._modules:
+        delattr(owner, name)
+
+
 def is_observed(hook: HookPoint) -> bool:
     """Whether any forward or backward hook (TransformerLens or raw PyTorch) is attached."""
     return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
@@ -62,6 +73,12 @@ class RMSNorm(nn.Module):
         scale = self.hook_scale(rms_scale(x, self.eps))
         normalized = self.hook_normalized((x.to(scale.dtype) * scale.reciprocal()).to(x.dtype))
         return normalized * self.w
+
+    def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        """The same normalisation, bit for bit, without firing the hooks (for the per-head
+        copies of split q/k/v inputs)."""
+        scale = rms_scale(x, self.eps)
+        return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype) * self.w
 
 
 class KeyNorm(nn.Module):

@@ -8,7 +8,7 @@ degrades them.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -16,11 +16,21 @@ def rotary_tables(
     n_pos: int, d_head: int, base: float, device: torch.device | str | None = None
 ) -> tuple[Float[Tensor, "pos d_head"], Float[Tensor, "pos d_head"]]:
     """``(cos, sin)`` for positions ``0 .. n_pos-1``, each ``[pos, d_head]`` float32."""
+    return rotary_at(torch.arange(n_pos, device=device), d_head, base)
+
+
+def rotary_at(
+    positions: Int[Tensor, "*shape"], d_head: int, base: float
+) -> tuple[Float[Tensor, "*shape d_head"], Float[Tensor, "*shape d_head"]]:
+    """``(cos, sin)`` at arbitrary integer positions (e.g. ``[batch, pos]`` position ids of
+    left-padded prompts, or the positions after a key-value cache), float32.
+
+    Row ``p`` is bit-identical to row ``p`` of `rotary_tables`, whatever the other
+    positions are, so a prompt gets the same rotation padded or alone."""
     inv_freq = 1.0 / (
-        base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head)
+        base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=positions.device) / d_head)
     )
-    positions = torch.arange(n_pos, dtype=torch.float32, device=device)
-    angles = positions[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 

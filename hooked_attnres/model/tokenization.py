@@ -13,11 +13,13 @@ if TYPE_CHECKING:
 
 
 class TokenizerMixin:
-    """``to_tokens``, ``to_str_tokens``, ``to_string``, ``to_single_token``.
+    """``to_tokens``, ``to_str_tokens``, ``to_string``, ``to_single_token``,
+    ``to_single_str_token``, ``get_token_position``.
 
     The model keeps a Hugging Face tokenizer in ``self.tokenizer`` (or ``None``).
-    Padding is on the right: with causal attention, real tokens never see padding, so
-    batches of unequal prompts give the same logits as unpadded runs at real positions.
+    Batches of unequal prompts are padded on ``padding_side`` (default
+    ``cfg.default_padding_side``, ``"right"``); the forward pass masks the padding, so
+    either side gives the logits of the unpadded prompts at their real positions.
     """
 
     tokenizer: Any = None
@@ -41,7 +43,7 @@ class TokenizerMixin:
                 )
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
-            tokenizer.padding_side = "right"
+            tokenizer.padding_side = self.cfg.default_padding_side
         self.tokenizer = tokenizer
 
     def _require_tokenizer(self, what: str):
@@ -69,7 +71,10 @@ class TokenizerMixin:
         move_to_device: bool = True,
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
-        """Tokenise a string or a list of strings (right-padded) to ``[batch, pos]``."""
+        """Tokenise a string or a list of strings to ``[batch, pos]``, padded on
+        ``padding_side`` (``"right"`` or ``"left"``; default ``cfg.default_padding_side``).
+        Pass the padding's mask to the model (`to_tokens_and_mask`) or pass the strings
+        themselves."""
         tokens, _ = self.to_tokens_and_mask(
             input, prepend_bos, padding_side, move_to_device, truncate
         )
@@ -85,10 +90,10 @@ class TokenizerMixin:
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """`to_tokens` plus the attention mask ``[batch, pos]`` (1 = real token, 0 = padding)."""
         tokenizer = self._require_tokenizer("to_tokens")
-        if padding_side not in (None, "right"):
-            raise ValueError(
-                f"padding_side={padding_side!r} is not supported: HookedAttnRes pads on the right"
-            )
+        if padding_side is None:
+            padding_side = self.cfg.default_padding_side
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("to_tokens takes a string or a non-empty list of strings")
@@ -105,23 +110,35 @@ class TokenizerMixin:
         tokens = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, row in enumerate(ids):
-            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
+            columns = (
+                slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+            )
+            tokens[i, columns] = torch.tensor(row, dtype=torch.long)
+            mask[i, columns] = 1
         if move_to_device:
             tokens, mask = tokens.to(self.cfg.device), mask.to(self.cfg.device)
         return tokens, mask
 
     def to_string(
-        self, tokens: Union[Int[Tensor, " pos"], Int[Tensor, "batch pos"], list[int]]
+        self,
+        tokens: Union[
+            int, Int[Tensor, ""], Int[Tensor, " pos"], Int[Tensor, "batch pos"], list[int]
+        ],
     ) -> Union[str, list[str]]:
-        """Decode ``[pos]`` to a string or ``[batch, pos]`` to a list of strings."""
+        """Decode one token id (an ``int`` or a 0-d tensor) or ``[pos]`` to a string, or
+        ``[batch, pos]`` to a list of strings."""
         tokenizer = self._require_tokenizer("to_string")
         tokens = torch.as_tensor(tokens)
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise TypeError(f"to_string takes integer token ids, got dtype {tokens.dtype}")
+        if tokens.ndim == 0:
+            tokens = tokens[None]
         if tokens.ndim == 2:
             return [str(self.to_string(row)) for row in tokens]
         if tokens.ndim != 1:
             raise ValueError(
-                f"to_string takes [pos] or [batch, pos] tokens, got {tuple(tokens.shape)}"
+                f"to_string takes a token id, [pos] or [batch, pos] tokens, got "
+                f"{tuple(tokens.shape)}"
             )
         return tokenizer.decode(tokens.tolist(), clean_up_tokenization_spaces=False)
 
@@ -129,10 +146,14 @@ class TokenizerMixin:
         self,
         input: Union[str, list[str], Int[Tensor, " pos"], Int[Tensor, "1 pos"], list[int]],
         prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
     ) -> Union[list[str], list[list[str]]]:
         """One string per token: a string or ``[pos]`` tokens give ``list[str]``; a list of
-        strings gives one list per string."""
+        strings gives one list per string (each tokenised alone, so ``padding_side``,
+        accepted for TransformerLens's signature, changes nothing)."""
         self._require_tokenizer("to_str_tokens")
+        if padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
             return [self._str_tokens_of_text(str(text), prepend_bos) for text in input]
         if isinstance(input, str):
@@ -161,6 +182,59 @@ class TokenizerMixin:
                 f"{string!r} is {tokens.numel()} tokens {self._decode_each(tokens)}, not one"
             )
         return int(tokens.item())
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's ``to_single_str_token``)."""
+        if isinstance(int_token, Tensor) and int_token.ndim == 0:
+            int_token = int(int_token.item())
+        if not isinstance(int_token, int) or isinstance(int_token, bool):
+            raise TypeError(f"to_single_str_token takes one integer token id, got {int_token!r}")
+        if not 0 <= int_token < self.cfg.d_vocab:
+            raise ValueError(f"token id {int_token} is not in [0, {self.cfg.d_vocab}) (d_vocab)")
+        return self._decode_each(torch.tensor([int_token]))[0]
+
+    def get_token_position(
+        self,
+        single_token: Union[str, int, Int[Tensor, ""]],
+        input: Union[str, Int[Tensor, " pos"], Int[Tensor, "1 pos"]],
+        mode: str = "first",
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+    ) -> int:
+        """The position of a token in a prompt (TransformerLens semantics).
+
+        Args:
+            single_token: a token id, or a string that is exactly one token.
+            input: a string (tokenised with ``prepend_bos`` / ``padding_side``), or
+                tokens ``[pos]`` / ``[1, pos]``.
+            mode: ``"first"`` or ``"last"`` occurrence.
+
+        Raises:
+            ValueError: the token does not occur, a bad ``mode``, or a batch of prompts.
+        """
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)
+        else:
+            tokens = torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(
+                    f"get_token_position takes one prompt: tokens [pos] or [1, pos], got "
+                    f"{tuple(tokens.shape)}"
+                )
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be [pos] or [1, pos], got {tuple(tokens.shape)}")
+        if isinstance(single_token, str):
+            single_token = self.to_single_token(single_token)
+        elif isinstance(single_token, Tensor):
+            single_token = int(single_token.item())
+        found = (tokens == single_token).nonzero().flatten()
+        if found.numel() == 0:
+            raise ValueError(f"token {single_token} does not occur in the prompt")
+        return int(found[0] if mode == "first" else found[-1])
 
     def tokens_to_residual_directions(
         self, tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, ...]]

@@ -1,0 +1,748 @@
+"""The TransformerLens model methods beyond hooks and caches: generate (with a key-value
+cache), left padding and attention masks, the optional hooks (set_use_*), tokenizer
+helpers, tl_parameters / SVDInterpreter, detect_head, test_prompt, cfg.dtype / cfg.device.
+
+Every number is checked against an independent computation (full forward passes, the
+unpadded prompt, TransformerLens's own functions, an SVD or attention score computed
+here) or the error is asserted by message."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+from helpers import LAYOUTS, build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
+from transformer_lens import SVDInterpreter
+from transformer_lens.head_detector import detect_head
+from transformer_lens.utilities import sample_logits as tl_sample_logits
+from transformer_lens.utilities import test_prompt as tl_test_prompt
+
+from hooked_attnres import HookedAttnRes, KeyValueCache, UnknownHookError
+from hooked_attnres.model.generation import sample_logits
+
+WRAPS = ("recency", "exact", "none")
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def routed_model(layout: str, **overrides) -> HookedAttnRes:
+    """A tiny model with content-dependent routing and weights large enough to matter."""
+    model = randomize_routing(tiny_model(attnres_layout=layout, initializer_range=0.1, **overrides))
+    model.set_tokenizer(build_word_tokenizer(WORDS))
+    return model
+
+
+def every_model():
+    """The four layouts and the three from_hf_qwen3 wraps."""
+    for layout in LAYOUTS:
+        yield layout, routed_model(layout)
+    for wrap in WRAPS:
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2)
+        model.set_tokenizer(build_word_tokenizer(WORDS))
+        yield f"wrap={wrap}", model
+
+
+# --- left padding and attention masks -------------------------------------------------
+def test_padding_on_either_side_gives_the_unpadded_logits_in_every_layout():
+    texts = ["w1 w2 w3 w4 w5 w6", "w7 w8", "w9 w10 w11"]
+    for name, model in every_model():
+        alone = [model(text)[0] for text in texts]
+        for side in ("left", "right"):
+            tokens, mask = model.to_tokens_and_mask(texts, padding_side=side)
+            assert (mask.sum(1).tolist(), side) == ([6, 2, 3], side)
+            if side == "left":
+                assert mask[1].tolist() == [0, 0, 0, 0, 1, 1]
+            for run in (
+                model(texts, padding_side=side),  # strings: the mask comes with them
+                model(tokens, attention_mask=mask),
+                model.run_with_cache(tokens, attention_mask=mask)[0],  # hooked attention
+            ):
+                assert torch.isfinite(run).all()
+                for row, expected in enumerate(alone):
+                    error = (run[row, mask[row].bool()] - expected).abs().max().item()
+                    assert error <= 1e-5, (name, side, row, error)
+        # the test has teeth: the same left-padded tokens without their mask differ
+        tokens, mask = model.to_tokens_and_mask(texts, padding_side="left")
+        unmasked = model(tokens)[1, mask[1].bool()]
+        assert (unmasked - alone[1]).abs().max().item() > 1e-3, name
+
+
+def test_left_padding_keeps_depth_states_and_routing_per_position(routed_layout):
+    model = routed_model(routed_layout)
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4 w5", "w6 w7"], padding_side="left")
+    alone = model.to_tokens("w6 w7")
+    padded_states = model.depth_states(tokens, attention_mask=mask)
+    alone_states = model.depth_states(alone)
+    for padded, single in zip(padded_states, alone_states, strict=True):
+        for a, b in zip(padded.sources, single.sources, strict=True):
+            assert torch.allclose(a[1, 3:], b[0], atol=1e-5)
+    site = model.site(2, "mlp_res")
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    _, single_cache = model.run_with_cache(alone)
+    weights = cache[site.hook("weights")]
+    assert torch.allclose(weights[1, 3:], single_cache[site.hook("weights")][0], atol=1e-5)
+    # a pass started from a cached padded state finishes like the full padded pass
+    middle = model(padded_states[2], start_at_layer=2, attention_mask=mask)
+    assert torch.allclose(middle, model(tokens, attention_mask=mask), atol=1e-6)
+    sub_states = model.depth_states(tokens, sublayers=True, attention_mask=mask)
+    from_mlp = model.forward_from(sub_states[3], 3, attention_mask=mask)
+    assert torch.allclose(from_mlp, model(tokens, attention_mask=mask), atol=1e-6)
+
+
+def test_a_gap_in_the_mask_equals_dropping_that_token(layout):
+    model = routed_model(layout)
+    tokens = torch.tensor([[3, 9, 4, 7, 12, 5]])
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1]])
+    logits = model(tokens, attention_mask=mask)
+    dropped = model(tokens[:, mask[0].bool()])
+    assert torch.allclose(logits[0, mask[0].bool()], dropped[0], atol=1e-5)
+
+
+def test_padding_queries_have_zero_pattern_and_no_nan(layout):
+    model = routed_model(layout)
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5"], padding_side="left")
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    for name in cache.keys():
+        if name.endswith("hook_attn_scores"):  # -inf where masked, never NaN
+            assert not torch.isnan(cache[name]).any(), name
+        else:
+            assert torch.isfinite(cache[name]).all(), name
+    pattern = cache["pattern", 1]
+    assert torch.all(pattern[1, :, :3] == 0)  # the three padding queries of prompt 1
+    assert torch.all(pattern[1, :, 3:, :3] == 0)  # its real query never sees padding
+    assert torch.allclose(pattern[1, :, 3, 3], torch.ones(model.cfg.n_heads))
+    assert torch.all(cache["z", 1][1, :3] == 0)
+
+
+def test_loss_with_padding_is_the_loss_of_the_real_tokens():
+    model = routed_model("kimi")
+    texts = ["w1 w2 w3 w4 w5", "w6 w7 w8"]
+    for side in ("left", "right"):
+        loss = model(texts, return_type="loss", padding_side=side)
+        sums = [model(text, return_type="loss") * (len(text.split()) - 1) for text in texts]
+        assert torch.allclose(loss, sum(sums) / 6, atol=1e-5), side
+        per_token = model(texts, return_type="loss", loss_per_token=True, padding_side=side)
+        assert per_token.shape == (2, 4) and int((per_token != 0).sum()) == 6
+
+
+def test_bad_masks_and_empty_losses_are_refused():
+    model = routed_model("cumulative")
+    tokens = torch.randint(0, 50, (2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[1\] are all zero"):
+        model(tokens, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        model(tokens, attention_mask=torch.full((2, 5), 2))
+    with pytest.raises(ValueError, match=r"shape of the tokens \(2, 5\), got \(2, 4\)"):
+        model(tokens, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="0/1 integers or booleans, got torch.float32"):
+        model(tokens, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="at least two positions, got 1"):
+        model(tokens[:, :1], return_type="loss")
+    with pytest.raises(ValueError, match="at least two positions"):
+        model(tokens[:, :1], return_type="both", loss_per_token=True)
+    lonely = torch.tensor([[1, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="no valid prediction: no prompt has two consecutive"):
+        model(tokens, return_type="loss", attention_mask=lonely)
+    assert torch.isfinite(model(tokens, attention_mask=lonely)).all()  # logits are fine
+    with pytest.raises(ValueError, match=r"logit_positions point at padding .* \[1\]"):
+        model(tokens, attention_mask=lonely, logit_positions=torch.tensor([0, 2]))
+
+
+def test_logit_positions_with_left_padding():
+    model = routed_model("full")
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5 w6"], padding_side="left")
+    full = model(tokens, attention_mask=mask)
+    positions = torch.tensor([2, 3])
+    one = model(tokens, attention_mask=mask, logit_positions=positions)
+    assert torch.allclose(one[:, 0], full[torch.arange(2), positions], atol=1e-5)
+
+
+def test_default_padding_side_is_read_from_the_config():
+    model = routed_model("none", default_padding_side="left")
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3", "w4"])
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert model.tokenizer.padding_side == "left"
+
+
+# --- key-value cache and generate -----------------------------------------------------
+def test_cached_forward_in_chunks_equals_one_forward(layout):
+    model = routed_model(layout)
+    tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(3))
+    cache = KeyValueCache.init_cache(model.cfg.n_layers)
+    chunks = [model(tokens[:, a:b], past_kv_cache=cache) for a, b in ((0, 4), (4, 5), (5, 11))]
+    assert cache.n_past == 11
+    assert torch.allclose(torch.cat(chunks, dim=1), model(tokens), atol=1e-5)
+    # with a left-padded first chunk
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5 w6"], padding_side="left")
+    following = torch.tensor([[7, 8], [9, 10]])
+    cache = KeyValueCache.init_cache(model.cfg.n_layers)
+    model(tokens, attention_mask=mask, past_kv_cache=cache)
+    step = model(following, past_kv_cache=cache)
+    whole = model(
+        torch.cat((tokens, following), 1),
+        attention_mask=torch.cat((mask, torch.ones(2, 2)), 1).long(),
+    )
+    assert torch.allclose(step, whole[:, -2:], atol=1e-5)
+    # hooks see the new positions only (TransformerLens semantics)
+    _, step_cache = model.run_with_cache(torch.tensor([[1], [2]]), past_kv_cache=cache)
+    assert step_cache["pattern", 0].shape == (2, model.cfg.n_heads, 1, 7)
+    assert step_cache["resid_pre", 0].shape == (2, 1, model.cfg.d_model)
+
+
+def test_cache_misuse_is_refused():
+    model = routed_model("kimi")
+    with pytest.raises(ValueError, match="past_kv_cache holds 3 prompts, the input has 2"):
+        model(
+            torch.randint(0, 50, (2, 4)),
+            past_kv_cache=KeyValueCache.init_cache(model.cfg, "cpu", 3),
+        )
+    cache = KeyValueCache.init_cache(model.cfg)
+    model(torch.randint(0, 50, (2, 4)), past_kv_cache=cache)
+    with pytest.raises(ValueError, match="past_kv_cache holds 2 prompts, the input has 3"):
+        model(torch.randint(0, 50, (3, 1)), past_kv_cache=cache)
+    with pytest.raises(ValueError, match="cannot be combined with start_at_layer, stop_at"):
+        model(torch.randint(0, 50, (2, 1)), past_kv_cache=cache, stop_at_layer=1)
+    with pytest.raises(ValueError, match="sequence length 29 after 4 cached positions exceeds"):
+        model(torch.randint(0, 50, (2, 29)), past_kv_cache=cache)
+    with pytest.raises(TypeError, match="past_kv_cache must be a hooked_attnres.KeyValueCache"):
+        model(torch.randint(0, 50, (2, 1)), past_kv_cache={})
+    with pytest.raises(ValueError, match="past_kv_cache has 2 layers, the model 4"):
+        model(torch.randint(0, 50, (2, 1)), past_kv_cache=KeyValueCache.init_cache(2))
+
+
+@pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
+def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
+    if name.startswith("wrap"):
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=name[5:], num_blocks=2)
+    else:
+        model = routed_model(name)
+    vocab = model.cfg.d_vocab
+    prompt = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(5))
+    expected = prompt
+    for _ in range(6):
+        expected = torch.cat((expected, model(expected)[:, -1].argmax(-1, keepdim=True)), 1)
+    for cached in (True, False):
+        out = model.generate(
+            prompt,
+            max_new_tokens=6,
+            do_sample=False,
+            stop_at_eos=False,
+            use_past_kv_cache=cached,
+            verbose=False,
+        )
+        assert torch.equal(out, expected), (name, cached)
+
+
+def test_batched_string_generation_equals_one_prompt_at_a_time():
+    model = routed_model("cumulative")
+    prompts = ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"]
+    options = dict(max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
+    batched = model.generate(prompts, **options)
+    singles = [model.generate(p, **options) for p in prompts]
+    assert isinstance(batched, list) and isinstance(singles[0], str) and batched == singles
+    tokens = model.generate(prompts, return_type="tokens", **options)
+    assert tokens.shape == (3, 10) and tokens[1, :3].tolist() == [1, 1, 1]  # left padding
+    uncached = model.generate(prompts, return_type="tokens", use_past_kv_cache=False, **options)
+    assert torch.equal(uncached, tokens)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(model.to_tokens(prompt), **options)
+        assert torch.equal(tokens[row, 5 - len(prompt.split()) :], alone[0])
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(0))
+
+    def run(seed, **kwargs):
+        return model.generate(
+            prompt,
+            max_new_tokens=8,
+            stop_at_eos=False,
+            verbose=False,
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+    # the cache changes nothing about which tokens are drawn
+    assert torch.equal(run(4, top_k=5), run(4, top_k=5, use_past_kv_cache=False))
+    # the global RNG (TransformerLens's convention) is reproducible too
+    torch.manual_seed(7)
+    first = model.generate(prompt, max_new_tokens=5, stop_at_eos=False, verbose=False)
+    torch.manual_seed(7)
+    assert torch.equal(
+        first, model.generate(prompt, max_new_tokens=5, stop_at_eos=False, verbose=False)
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"temperature": 0.7},
+        {"top_k": 3},
+        {"top_k": 1000},
+        {"top_p": 0.6},
+        {"freq_penalty": 1.5},
+        {"repetition_penalty": 1.8, "temperature": 0.5},
+        {"temperature": 0.0, "repetition_penalty": 2.0},
+    ],
+)
+def test_sampling_draws_what_transformerlens_draws(options):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 30, generator=generator) * 2
+    tokens = torch.randint(0, 30, (4, 6), generator=generator)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = sample_logits(logits, tokens=tokens, **options)
+        torch.manual_seed(seed)
+        theirs = tl_sample_logits(logits, tokens=tokens, **options)
+        assert torch.equal(ours, theirs), (options, seed)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample_logits(logits, top_k=2, generator=generator).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: top_p=0.8 keeps the first two
+    assert probs[0] < 0.8 < probs[:2].sum()
+    assert set(sample_logits(logits, top_p=0.8, generator=generator).tolist()) == {0, 1}
+    drawn = sample_logits(logits, generator=generator)
+    frequency = torch.bincount(drawn, minlength=5) / 2000
+    assert torch.allclose(frequency, probs, atol=0.04)
+
+
+def test_generation_stops_at_eos_and_pads_finished_prompts():
+    model = routed_model("none")
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(2))
+    free = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
+    )
+    new = free[:, 3:]
+    eos = int(new[0, 1])  # prompt 0 produces it at its second step
+    assert eos not in new[0, :1].tolist()
+    stopped = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, eos_token_id=eos, verbose=False
+    )
+    for row in range(2):
+        produced = new[row].tolist()
+        end = produced.index(eos) + 1 if eos in produced else 6
+        assert stopped[row, 3 : 3 + end].tolist() == produced[:end]
+        assert all(t == eos for t in stopped[row, 3 + end :].tolist())
+    if eos not in new[1].tolist():  # prompt 1 never ends: the loop runs to max_new_tokens
+        assert stopped.shape == (2, 9)
+    both = {int(new[0, 1]), int(new[1, 0])}
+    early = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, eos_token_id=list(both), verbose=False
+    )
+    assert early.shape[1] <= 3 + 2  # every prompt finished after at most two steps
+
+
+def test_bad_generation_arguments_are_refused():
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3))
+    quiet = {"verbose": False}
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        model.generate(prompt, max_new_tokens=0, **quiet)
+    with pytest.raises(ValueError, match="return_type must be one of"):
+        model.generate(prompt, return_type="logits", **quiet)
+    with pytest.raises(ValueError, match="stop_at_eos=True needs an end-of-sequence token"):
+        model.generate(prompt, **quiet)  # the word tokenizer has no eos token
+    with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+        model.generate(prompt, eos_token_id=99, **quiet)
+    with pytest.raises(ValueError, match="padding_side='right' is not supported here"):
+        model.generate(["w1", "w2 w3"], padding_side="right", stop_at_eos=False, **quiet)
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[0\] end in padding"):
+        model.generate(
+            torch.tensor([[1, 2, 0]]),
+            attention_mask=torch.tensor([[1, 1, 0]]),
+            stop_at_eos=False,
+            **quiet,
+        )
+    with pytest.raises(ValueError, match="needs 33 positions, more than n_ctx=32"):
+        model.generate(
+            torch.zeros(1, 30, dtype=torch.long), max_new_tokens=4, stop_at_eos=False, **quiet
+        )
+    assert model.generate(
+        prompt[:, :1].repeat(1, 30), max_new_tokens=3, stop_at_eos=False, **quiet
+    ).shape == (1, 33)
+    with pytest.raises(ValueError, match="no effect with do_sample=False"):
+        model.generate(prompt, do_sample=False, generator=torch.Generator(), **quiet)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        model.generate(prompt, top_p=1.5, stop_at_eos=False, **quiet)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate(prompt, temperature=-1.0, stop_at_eos=False, **quiet)
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        model.generate(prompt, top_k=0, stop_at_eos=False, **quiet)
+    with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+        model.generate(torch.ones(1, 3), stop_at_eos=False, **quiet)
+    with pytest.raises(ValueError, match="the input tokenises to zero tokens"):
+        model.generate("", stop_at_eos=False, **quiet)
+
+
+# --- optional hooks (set_use_*) --------------------------------------------------------
+def test_attn_result_hooks(layout, tokens):
+    model = routed_model(layout)
+    before, before_cache = model.run_with_cache(tokens)  # the same (explicit) attention path
+    plain = model(tokens)
+    with pytest.raises(UnknownHookError, match=r"set_use_attn_result\(True\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_result", lambda x, hook: x)])
+    model.set_use_attn_result(True)
+    assert model.cfg.use_attn_result
+    logits, cache = model.run_with_cache(tokens)
+    # the sum over heads rounds differently from one matmul (~1e-7), and these random
+    # routers amplify that (up to ~1e-5 in the full layout); a wrong result would be O(0.1)
+    assert torch.allclose(logits, before, atol=5e-5)
+    for layer in range(model.cfg.n_layers):
+        result = cache["result", layer]
+        assert result.shape == (3, 9, model.cfg.n_heads, model.cfg.d_model)
+        W_O = model.blocks[layer].attn.W_O
+        by_hand = torch.stack([cache["z", layer][:, :, h] @ W_O[h] for h in range(4)], dim=2)
+        assert torch.allclose(result, by_hand, atol=1e-6)
+        assert torch.allclose(result.sum(2), cache["attn_out", layer], atol=1e-6)
+    # editing one head's result = removing that head's z
+    zero_result = model.run_with_hooks(
+        tokens,
+        fwd_hooks=[
+            ("blocks.1.attn.hook_result", lambda x, hook: x.index_fill(2, torch.tensor([2]), 0))
+        ],
+    )
+    model.set_use_attn_result(False)
+    assert "blocks.1.attn.hook_result" not in model.hook_dict and not model.cfg.use_attn_result
+    assert torch.equal(model(tokens), plain)
+    zero_z = model.run_with_hooks(
+        tokens,
+        fwd_hooks=[("blocks.1.attn.hook_z", lambda x, hook: x.index_fill(2, torch.tensor([2]), 0))],
+    )
+    assert torch.allclose(zero_result, zero_z, atol=5e-5)
+    assert not torch.allclose(zero_z, plain, atol=1e-3)
+
+
+def test_split_qkv_input_hooks_on_the_residual_model(tokens):
+    model = routed_model("none")
+    before, _ = model.run_with_cache(tokens)
+    plain = model(tokens)
+    model.set_use_split_qkv_input(True)
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits, before, atol=1e-6)
+    assert torch.allclose(model(tokens), plain, atol=1e-6)
+    n_heads, n_kv, d_model = model.cfg.n_heads, model.cfg.n_key_value_heads, model.cfg.d_model
+    for layer in range(model.cfg.n_layers):
+        resid = cache["resid_pre", layer]
+        for name, heads in (("q_input", n_heads), ("k_input", n_kv), ("v_input", n_kv)):
+            for key in (f"blocks.{layer}.hook_{name}", f"blocks.{layer}.attn.hook_{name}"):
+                assert cache[key].shape == (3, 9, heads, d_model)
+                assert torch.equal(cache[key], resid[:, :, None].expand(-1, -1, heads, -1))
+        assert cache["scale", layer, "ln1"].shape == (3, 9, 1)  # ln1 hooks keep their shape
+    # a delta in one head's query input changes that head's query only, as computed here
+    delta = torch.randn(3, 9, d_model, generator=torch.Generator().manual_seed(0))
+
+    def add(x, hook):
+        x = x.clone()
+        x[:, :, 2] += delta
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.2.hook_q_input", add)]):
+        _, patched = model.run_with_cache(tokens, names_filter="blocks.2.attn.hook_q")
+    block = model.blocks[2]
+    moved = cache["resid_pre", 2] + delta
+    normalised = moved / moved.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt() * block.ln1.w
+    q = patched["q", 2]
+    assert torch.allclose(q[:, :, 2], normalised @ block.attn.W_Q[2], atol=1e-5)
+    assert torch.allclose(q[:, :, [0, 1, 3]], cache["q", 2][:, :, [0, 1, 3]], atol=1e-6)
+    model.set_use_split_qkv_input(False)
+    assert not any("_input" in name for name in model.hook_dict)
+
+
+def test_split_qkv_input_is_refused_in_routed_layouts(routed_layout):
+    model = routed_model(routed_layout)
+    with pytest.raises(ValueError, match="router's mix of depth sources, not the residual"):
+        model.set_use_split_qkv_input(True)
+    assert not model.cfg.use_split_qkv_input
+    with pytest.raises(ValueError, match="set_use_split_qkv_input.True. is refused"):
+        HookedAttnRes(model.cfg.replace(use_split_qkv_input=True))
+    with pytest.raises(TypeError, match="use_attn_result must be True or False"):
+        model.set_use_attn_result(1)
+
+
+def test_hook_mlp_in(layout, tokens):
+    model = routed_model(layout)
+    before, _ = model.run_with_cache(tokens)
+    plain = model(tokens)
+    model.set_use_hook_mlp_in(True)
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits, before, atol=1e-6)
+    assert torch.equal(model(tokens), plain)  # the copy changes no number
+    for layer in range(model.cfg.n_layers):
+        source = "resid_mid" if layout == "none" else model.site(layer, "mlp_res").hook("out")
+        expected = cache[source, layer] if layout == "none" else cache[source]
+        assert torch.equal(cache["mlp_in", layer], expected)
+    # an edit reaches the MLP only, not the stream it was copied from
+
+    def double(x, hook):
+        x *= 2
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_in", double)]):
+        _, edited = model.run_with_cache(tokens)
+    assert torch.allclose(edited["resid_mid", 1], cache["resid_mid", 1], atol=1e-6)
+    block = model.blocks[1]
+    assert torch.allclose(
+        edited["mlp_out", 1], block.mlp(block.ln2(2 * cache["mlp_in", 1])), atol=1e-5
+    )
+
+
+def test_optional_hooks_from_the_config_survive_a_checkpoint(tmp_path, tokens):
+    model = routed_model(
+        "none", use_attn_result=True, use_hook_mlp_in=True, use_split_qkv_input=True
+    )
+    assert {
+        "blocks.0.attn.hook_result",
+        "blocks.0.hook_mlp_in",
+        "blocks.0.attn.hook_v_input",
+    } <= set(model.hook_dict)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+    assert set(loaded.hook_dict) == set(model.hook_dict)
+    assert torch.allclose(loaded(tokens), model(tokens))
+    with pytest.raises(ValueError, match="use_attn_in=True is not supported"):
+        tiny_model(use_attn_in=True)
+
+
+def test_transformerlens_direct_path_patching_matches_a_hand_computed_edge():
+    model = routed_model("none", n_layers=3, n_key_value_heads=4)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 50, (2, 6), generator=generator)
+    corrupted = clean.clone()
+    corrupted[:, 1] = (corrupted[:, 1] + 11) % 50
+    _, clean_cache = model.run_with_cache(clean)
+    _, corrupted_cache = model.run_with_cache(corrupted)
+
+    def metric(logits):
+        return logits[:, -1, 7].mean()
+
+    src_layer, src_head, dst_layer, dst_head = 0, 1, 2, 3
+    W_O = model.blocks[src_layer].attn.W_O[src_head]
+    delta = (
+        clean_cache["z", src_layer][:, :, src_head]
+        - corrupted_cache["z", src_layer][:, :, src_head]
+    ) @ W_O
+    block = model.blocks[dst_layer]
+    moved = corrupted_cache["resid_pre", dst_layer] + delta
+    normalised = moved / moved.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt() * block.ln1.w
+    weights = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}
+    for component in ("q", "k", "v"):
+        result = tl_patching.get_act_patch_direct_path(
+            model,
+            corrupted,
+            clean_cache,
+            corrupted_cache,
+            metric,
+            src_layer,
+            src_head,
+            component=component,
+            verbose=False,
+        )
+        assert result.shape == (3, 4) and torch.all(result[: src_layer + 1] == 0)
+
+        def replace(x, hook, component=component):
+            x = x.clone()
+            x[:, :, dst_head] = normalised @ weights[component][dst_head]
+            return x
+
+        by_hand = metric(
+            model.run_with_hooks(
+                corrupted, fwd_hooks=[(f"blocks.{dst_layer}.attn.hook_{component}", replace)]
+            )
+        )
+        assert torch.allclose(result[dst_layer, dst_head], by_hand, atol=1e-5), component
+    assert not model.cfg.use_split_qkv_input  # TransformerLens restored the flag
+    routed = routed_model("cumulative")
+    _, cache = routed.run_with_cache(clean)
+    with pytest.raises(ValueError, match="set_use_split_qkv_input.True. is refused"):
+        tl_patching.get_act_patch_direct_path(
+            routed, corrupted, cache, cache, metric, 0, 0, verbose=False
+        )
+
+
+# --- tokenizer helpers, head labels, test_prompt ---------------------------------------
+def test_to_string_of_one_token_and_single_str_token():
+    model = routed_model("none")
+    token = model.to_single_token("w7")
+    assert model.to_string(token) == "w7"
+    assert model.to_string(torch.tensor(token)) == "w7"
+    assert model.to_string(torch.tensor([token, token])) == "w7 w7"
+    assert model.to_single_str_token(token) == "w7"
+    assert model.to_single_str_token(torch.tensor(token)) == "w7"
+    with pytest.raises(TypeError, match="one integer token id"):
+        model.to_single_str_token("w7")
+    with pytest.raises(ValueError, match=r"not in \[0, 50\)"):
+        model.to_single_str_token(50)
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.to_string(torch.tensor(1.0))
+
+
+def test_get_token_position():
+    model = routed_model("none")
+    tokens = model.to_tokens("w3 w4 w3 w5")
+    w3 = model.to_single_token("w3")
+    assert model.get_token_position("w3", "w3 w4 w3 w5") == 0
+    assert model.get_token_position("w3", "w3 w4 w3 w5", mode="last") == 2
+    assert model.get_token_position(w3, tokens, mode="last") == 2
+    assert model.get_token_position(torch.tensor(w3), tokens[0]) == 0
+    assert model.get_token_position("w3", "w3 w4", prepend_bos=True) == 1
+    with pytest.raises(ValueError, match="does not occur in the prompt"):
+        model.get_token_position("w9", tokens)
+    with pytest.raises(ValueError, match="mode must be 'first' or 'last'"):
+        model.get_token_position("w3", tokens, mode="middle")
+    with pytest.raises(ValueError, match="takes one prompt"):
+        model.get_token_position("w3", tokens.repeat(2, 1))
+
+
+def test_all_head_labels():
+    model = routed_model("kimi")
+    labels = model.all_head_labels
+    assert labels == [f"L{l}H{h}" for l in range(4) for h in range(4)]
+    assert model.all_head_labels() == labels  # HookedTransformer called it as a method
+
+
+def test_transformerlens_test_prompt_runs_and_reports_the_true_rank(capsys):
+    for name, model in every_model():
+        tl_test_prompt("w1 w2 w3", "w4", model, print_details=True, top_k=3)
+        printed = capsys.readouterr().out
+        logits = model(model.to_tokens("w1 w2 w3 w4"))[0, 2]
+        answer = model.to_single_token("w4")
+        rank = int((logits > logits[answer]).sum())
+        assert "Tokenized prompt: ['w1', 'w2', 'w3']" in printed, name
+        assert f"Rank: {rank}" in printed, name
+        top = model.to_string(logits.argmax())
+        assert f"Top 0th token. Logit: {logits.max().item():5.2f}" in printed, name
+        assert f"|{top}|" in printed, name
+
+
+# --- weights: tl_parameters and SVDInterpreter -----------------------------------------
+def aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Columns equal up to the sign of each singular vector."""
+    signs = torch.sign((a * b).sum(0, keepdim=True))
+    return torch.allclose(a * signs, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_svd_interpreter_matches_an_svd_computed_here(tied):
+    model = routed_model("kimi", tie_word_embeddings=tied)
+    params = model.tl_parameters()
+    assert params["blocks.1.attn.W_V"].shape == (4, 32, 8)  # repeated from 2 KV heads
+    assert torch.equal(params["blocks.1.attn.W_V"], model.blocks[1].attn.W_V)
+    assert torch.equal(params["unembed.W_U"], model.W_U)
+    assert params["blocks.0.ln2.w"] is model.blocks[0].ln2.w
+    assert set(dict(model.named_parameters())) <= set(params)
+    assert dict(model.tl_named_parameters()).keys() == params.keys()
+    check_svd_interpreter(model)
+
+
+def test_svd_interpreter_in_every_layout_and_wrap():
+    for _, model in every_model():
+        check_svd_interpreter(model)
+
+
+def check_svd_interpreter(model: HookedAttnRes) -> None:
+    svd = SVDInterpreter(model)
+    W_U, d_vocab = model.W_U, model.cfg.d_vocab
+    ov = svd.get_singular_vectors("OV", layer_index=1, head_index=2, num_vectors=3)
+    attn = model.blocks[1].attn
+    _, _, Vh = torch.linalg.svd(attn.W_V[2] @ attn.W_O[2])
+    assert ov.shape == (d_vocab, 1, 3) and aligned(ov[:, 0], W_U.T @ Vh[:3].T)
+    w_in = svd.get_singular_vectors("w_in", layer_index=2, num_vectors=4)
+    block = model.blocks[2]
+    _, _, Vh = torch.linalg.svd(block.mlp.W_in.T * block.ln2.w)  # ln2's gain is not folded
+    assert aligned(w_in[:, 0], W_U.T @ Vh[:4].T)
+    w_out = svd.get_singular_vectors("w_out", layer_index=0, num_vectors=2)
+    _, _, Vh = torch.linalg.svd(model.blocks[0].mlp.W_out)
+    assert aligned(w_out[:, 0], W_U.T @ Vh[:2].T)
+
+
+# --- detect_head --------------------------------------------------------------------
+@pytest.mark.parametrize("measure", ["mul", "abs"])
+def test_detect_head_matches_scores_from_the_cached_pattern(measure):
+    text = "w1 w2 w3 w4 w1 w2 w3 w4"
+    for name, model in every_model():
+        _, cache = model.run_with_cache(model.to_tokens(text), remove_batch_dim=True)
+        n = 8
+        previous = torch.zeros(n, n)
+        previous[1:, :-1] = torch.eye(n - 1)
+        for kind, pattern in (("previous_token_head", previous),):
+            scores = detect_head(model, text, kind, exclude_bos=True, error_measure=measure)
+            for layer in range(model.cfg.n_layers):
+                for head in range(model.cfg.n_heads):
+                    attention = cache["pattern", layer][head].clone()
+                    if measure == "mul":
+                        attention[:, 0] = 0
+                        expected = (attention * pattern).sum() / attention.sum()
+                        assert abs(scores[layer, head] - expected) < 1e-5, (name, layer, head)
+                    else:
+                        diff = (attention - pattern).abs()
+                        diff[:, 0] = 0
+                        expected = 1 - round(diff.sum().item() / n, 3)
+                        assert abs(scores[layer, head] - expected) < 1e-3, (name, layer, head)
+        assert scores.shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+# --- cfg.dtype and cfg.device ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "change,dtype",
+    [
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.bfloat16(), torch.bfloat16),
+        (lambda m: m.double(), torch.float64),
+        (lambda m: m.half().float(), torch.float32),
+        (lambda m: m.to(torch.float64), torch.float64),
+        (lambda m: m.to("cpu", torch.bfloat16), torch.bfloat16),
+        (lambda m: m.to(dtype=torch.float16), torch.float16),
+        (lambda m: m.double().cpu(), torch.float64),
+        (lambda m: m.type(torch.float64), torch.float64),
+    ],
+)
+def test_cfg_dtype_follows_every_dtype_change(change, dtype, tokens):
+    model = routed_model("kimi")
+    assert change(model) is model
+    assert model.cfg.dtype == dtype and model.cfg.device == "cpu"
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert model(tokens).dtype == dtype
+
+
+def test_cfg_device_follows_device_changes():
+    model = routed_model("none")
+    model.to("meta")
+    assert model.cfg.device == "meta"
+    model.to_empty(device="cpu")
+    assert model.cfg.device == "cpu"
+    # .cuda(), .cpu(), .to(), .half() ... are nn.Module's, which all call _apply
+    for method in ("to", "cuda", "cpu", "half", "bfloat16", "float", "double", "type"):
+        assert getattr(HookedAttnRes, method) is getattr(torch.nn.Module, method), method
+
+
+# --- q_norm / k_norm hooks -----------------------------------------------------------
+def test_q_and_k_norm_hooks_are_position_major(tokens):
+    model = routed_model("full")
+    _, cache = model.run_with_cache(tokens, pos_slice=-1)
+    n_heads, n_kv, d_head = 4, 2, model.cfg.d_head
+    assert cache["blocks.1.attn.q_norm.hook_scale"].shape == (3, 1, n_heads, 1)
+    assert cache["blocks.1.attn.k_norm.hook_normalized"].shape == (3, 1, n_kv, d_head)
+    _, cache = model.run_with_cache(tokens)
+    q = cache["q", 1]
+    scale = cache["blocks.1.attn.q_norm.hook_scale"]
+    assert torch.allclose(scale, q.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt())
+    assert torch.allclose(cache["blocks.1.attn.q_norm.hook_normalized"], q / scale, atol=1e-6)
+
+
+def test_unknown_optional_hook_message_is_specific():
+    model = routed_model("none")
+    for name, flag in (
+        ("blocks.0.hook_q_input", "set_use_split_qkv_input"),
+        ("blocks.0.attn.hook_k_input", "set_use_split_qkv_input"),
+        ("blocks.2.hook_mlp_in", "set_use_hook_mlp_in"),
+    ):
+        with pytest.raises(UnknownHookError, match=re.escape(f"model.{flag}(True)")):
+            model.add_hook(name, lambda x, hook: x)
