@@ -579,3 +579,23 @@ def test_bad_calls_name_what_to_do():
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         get_act_patch_depth_state(model, tokens, cache, metric)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full"])
+def test_head_results_from_set_use_attn_result_decompose_exactly(layout):
+    """With ``set_use_attn_result`` the cache holds ``hook_result``, which TransformerLens's
+    head stacks read: the routed decomposition weights it like ``hook_z``."""
+    model = randomize_routing(tiny_model(attnres_layout=layout))
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    routed = layout != "cumulative"
+    stacks = []
+    for flag in (False, True):
+        model.set_use_attn_result(flag)
+        _, cache = model.run_with_cache(tokens)
+        assert ("blocks.0.attn.hook_result" in cache) is flag
+        full = cache.get_full_resid_decomposition(expand_neurons=False, routed=routed)
+        target = cache["ln_final.hook_normalized"] * cache["ln_final.hook_scale"]
+        assert torch.allclose(full.sum(0), target, atol=ATOL)
+        stacks.append(cache.stack_head_results(layer=-1, routed=routed))
+    model.set_use_attn_result(False)
+    assert torch.allclose(stacks[0], stacks[1], atol=ATOL)
