@@ -1,14 +1,22 @@
 """Analyses built on caches and interventions: routing mass, ablation effects with
-bootstrap intervals, the mass-versus-effect dissociation, analytic schedules."""
+bootstrap intervals, attribution (ablation and patching effects estimated by gradients),
+the mass-versus-effect dissociation, analytic schedules."""
 
 import warnings
 
+from hooked_attnres.analysis.attribution import (
+    RoutingAttribution,
+    attribute_routing,
+    attribution_patch_routing_weights,
+)
 from hooked_attnres.analysis.bootstrap import bootstrap_ci, bootstrap_ci_rows
 from hooked_attnres.analysis.dissociation import dissociation_report
 from hooked_attnres.analysis.effects import (
     METRICS,
     PlannedAblation,
     ablation_effects,
+    effect_rows,
+    metric_name,
     metric_values,
     plan_ablations,
     run_ablations,
@@ -25,11 +33,16 @@ __all__ = [
     "METRICS",
     "PlannedAblation",
     "RecencySchedule",
+    "RoutingAttribution",
     "ablation_effects",
+    "attribute_routing",
+    "attribution_patch_routing_weights",
     "band_of",
     "bootstrap_ci",
     "bootstrap_ci_rows",
     "dissociation_report",
+    "effect_rows",
+    "metric_name",
     "metric_values",
     "plan_ablations",
     "recency_schedule",

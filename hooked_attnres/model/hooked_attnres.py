@@ -25,7 +25,7 @@ from hooked_attnres.model.depth import (
     gather_positions,
 )
 from hooked_attnres.model.hooked_root import HookedModule
-from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_tables
 from hooked_attnres.model.routing import DepthRouter
 from hooked_attnres.model.tokenization import TokenizerMixin
@@ -70,7 +70,7 @@ def lm_cross_entropy_loss(
     per_token: bool = False,
 ) -> Union[Float[Tensor, ""], Float[Tensor, "batch pos_minus_1"]]:
     """Next-token cross-entropy; padding (``attention_mask == 0``) is excluded."""
-    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    log_probs = logits[:, :-1].to(stat_dtype(logits.dtype)).log_softmax(dim=-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if attention_mask is None:
         return losses if per_token else losses.mean()
