@@ -260,6 +260,9 @@ class RoutingAttribution:
             only (summing over positions gives ``per_prompt``).
         plan: the `PlannedAblation` of every cell (the one ablation compiler's masks).
         clean: ``{metric name: [n_prompts]}`` clean metric.
+        masked_mass: ``[n_cells]``, the routing weight the ablation removes (mean over
+            prompts and positions, the largest over the cell's routers): near 1 the
+            ablation is all-or-nothing and the linear estimate extrapolates furthest.
         seconds: wall time of the attribution.
     """
 
@@ -268,6 +271,7 @@ class RoutingAttribution:
     by_position: Optional[dict[tuple[str, str], np.ndarray]]
     plan: list[PlannedAblation]
     clean: dict[str, np.ndarray]
+    masked_mass: np.ndarray
     seconds: float
     model: HookedAttnRes = field(repr=False)
     batch: TaskBatch = field(repr=False)
@@ -443,6 +447,7 @@ def attribute_routing(
         else None
     )
     clean = {nm: np.zeros(n) for nm in names}
+    mass_sums = np.zeros((len(plan), max((len(c.ablation.masks) for c in plan), default=0)))
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
@@ -463,6 +468,8 @@ def attribute_routing(
                         "gradient (it returns a detached or piecewise-constant value)"
                     )
                 grads = _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
+                if index == 0:
+                    _add_masked_mass(plan, captures, mass_sums)
                 with torch.no_grad():
                     _accumulate(
                         model,
@@ -487,6 +494,7 @@ def attribute_routing(
         by_position=positions,
         plan=plan,
         clean=clean,
+        masked_mass=(mass_sums / n).max(axis=1, initial=0.0),
         seconds=time.perf_counter() - start_time,
         model=model,
         batch=batch,
@@ -517,6 +525,17 @@ def _accumulate(
                 per_prompt[(method, name)][i, rows] += per_pos.sum(axis=1)
                 if positions is not None:
                     positions[(method, name)][i, rows] += per_pos
+
+
+def _add_masked_mass(plan, captures, sums: np.ndarray) -> None:
+    """Add each cell's removed weight, summed over a chunk's prompts and averaged over
+    positions, per masked router (``sums[cell, router]``)."""
+    for i, cell in enumerate(plan):
+        for j, (site, mask) in enumerate(cell.ablation.masks):
+            weights = captures[site].weights.detach()
+            where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
+            removed = (weights * where).sum(-1).mean(-1)  # [batch]
+            sums[i, j] += float(removed.sum())
 
 
 def _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed):

@@ -76,6 +76,10 @@ class DepthRouter(nn.Module):
             )
         )
 
+    def _stack_observed(self) -> bool:
+        """Whether a hook on a stacked tensor (sources or their scale) is attached."""
+        return is_observed(self.hook_sources) or is_observed(self.key_norm.hook_scale)
+
     def forward(
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -88,6 +92,10 @@ class DepthRouter(nn.Module):
             ):
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
             return _route(sources, effective_query, bias, eps)[0]
+        if sources[0].dtype == stat_dtype(sources[0].dtype) and not self._stack_observed():
+            # only the logits, weights or output are watched: the same per-source math in
+            # plain autograd, still without a stacked copy of the sources
+            return self._route_watched(sources)
         values = self.hook_sources(torch.stack(sources, dim=-2))
         scale = self.key_norm(values)  # float32 (float64 in a float64 model)
         parts = values.to(scale.dtype).unbind(
@@ -99,6 +107,18 @@ class DepthRouter(nn.Module):
         logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
         weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
         return self.hook_out(weighted_sum(parts, weights).to(values.dtype))
+
+    def _route_watched(
+        self, sources: list[Float[Tensor, "batch pos d_model"]]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`_route` with ``hook_logits``, ``hook_weights`` and ``hook_out`` (float32/64)."""
+        eps = self.key_norm.eps
+        scale = torch.stack([rms_scale(source, eps).squeeze(-1) for source in sources])
+        dots = source_dots(sources, self.key_norm.w * self.query)
+        logits = source_logits(dots, scale, self.recency_bias)
+        logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
+        weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
+        return self.hook_out(weighted_sum(sources, weights))
 
 
 # The routing math, shared by the hooked and the fused path so that both give the same
