@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.analysis.effects import (
     Metric,
     PlannedAblation,
@@ -60,7 +60,7 @@ from hooked_attnres.analysis.effects import (
 )
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
-from hooked_attnres.model.norms import RMSNorm, rms_scale
+from hooked_attnres.model.norms import RMSNorm, rms_scale, stat_dtype
 from hooked_attnres.model.routing import weighted_sum
 from hooked_attnres.patching import _check, _check_cache, _column, _site_rows
 from hooked_attnres.tasks.base import TaskBatch
@@ -461,29 +461,23 @@ def attribute_routing(
                 logits = model(part.tokens, logit_positions=answer_pos)
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
-                clean[names[index]][rows] = values.detach().double().cpu().numpy()
                 if not values.requires_grad:
                     raise ValueError(
                         f"metric {names[index]!r} does not depend on the logits through a "
                         "gradient (it returns a detached or piecewise-constant value)"
                     )
+                clean[names[index]][rows] = as_numpy(values)
                 grads = _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
-                if index == 0:
-                    _add_masked_mass(plan, captures, mass_sums)
                 with torch.no_grad():
-                    _accumulate(
-                        model,
-                        plan,
-                        captures,
-                        grads,
-                        methods,
-                        names[index],
-                        per_prompt,
-                        positions,
-                        rows,
-                        n_pos,
-                        answer_pos,
+                    if index == 0:
+                        mass_sums += as_numpy(_masked_mass(plan, captures))
+                    estimates = _chunk_estimates(
+                        model, plan, captures, grads, methods, n_pos, answer_pos, by_position
                     )
+                for method, (cells, cells_by_pos) in estimates.items():  # one copy per chunk
+                    per_prompt[(method, names[index])][:, rows] = as_numpy(cells)
+                    if positions is not None:
+                        positions[(method, names[index])][:, rows] = as_numpy(cells_by_pos)
         del captures, hooks, logits
         bar.update(1)
     bar.close()
@@ -505,37 +499,51 @@ def attribute_routing(
     )
 
 
-def _accumulate(
-    model, plan, captures, grads, methods, name, per_prompt, positions, rows, n_pos, answer_pos
-) -> None:
-    """Add every cell's estimate for one chunk and metric (``per_prompt``, ``positions``)."""
-    cache: dict = {}
-    for i, cell in enumerate(plan):
-        for site, mask in cell.ablation.masks:
-            capture = captures[site]
-            for method in methods:
+def _chunk_estimates(
+    model, plan, captures, grads, methods, n_pos, answer_pos, by_position
+) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
+    """Every cell's estimate for one chunk and metric, on the model's device:
+    ``{method: ([n_cells, batch], [n_cells, batch, pos] or None)}``."""
+    router_estimates: dict = {}  # (site, mask, method) -> [batch, pos]
+    out = {}
+    for method in methods:
+        cells = []
+        for cell in plan:
+            total = None
+            for site, mask in cell.ablation.masks:
                 key = (site, mask, method)
-                if key not in cache:
-                    assert capture.logits is not None
+                if key not in router_estimates:
+                    capture = captures[site]
                     new = _masked_weights(capture.logits, mask)
                     per_pos = _router_estimate(method, model, site, capture, grads[site], new)
-                    per_pos = _scatter_positions(per_pos, n_pos, answer_pos)
-                    cache[key] = per_pos.double().cpu().numpy()
-                per_pos = cache[key]
-                per_prompt[(method, name)][i, rows] += per_pos.sum(axis=1)
-                if positions is not None:
-                    positions[(method, name)][i, rows] += per_pos
+                    router_estimates[key] = _scatter_positions(per_pos, n_pos, answer_pos)
+                total = router_estimates[key] if total is None else total + router_estimates[key]
+            if total is None:  # masks nothing: exactly 0
+                dtype = stat_dtype(model.cfg.dtype)  # no float64 on devices that lack it
+                total = torch.zeros(len(answer_pos), n_pos, dtype=dtype, device=answer_pos.device)
+            cells.append(total)
+        stacked = torch.stack(cells)  # [n_cells, batch, pos]
+        out[method] = (stacked.sum(-1), stacked if by_position else None)
+    return out
 
 
-def _add_masked_mass(plan, captures, sums: np.ndarray) -> None:
-    """Add each cell's removed weight, summed over a chunk's prompts and averaged over
-    positions, per masked router (``sums[cell, router]``)."""
+def _masked_mass(plan, captures) -> Tensor:
+    """``[n_cells, max routers per cell]``: each cell's removed weight per masked router,
+    averaged over positions and summed over the chunk's prompts."""
+    width = max((len(cell.ablation.masks) for cell in plan), default=0)
+    reference = next(iter(captures.values())).weights if captures else None
+    sums = torch.zeros(
+        len(plan),
+        width,
+        dtype=None if reference is None else reference.dtype,
+        device=None if reference is None else reference.device,
+    )
     for i, cell in enumerate(plan):
         for j, (site, mask) in enumerate(cell.ablation.masks):
             weights = captures[site].weights.detach()
             where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
-            removed = (weights * where).sum(-1).mean(-1)  # [batch]
-            sums[i, j] += float(removed.sum())
+            sums[i, j] = (weights * where).sum(-1).mean(-1).sum()
+    return sums
 
 
 def _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed):

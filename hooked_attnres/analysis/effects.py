@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
@@ -298,10 +298,10 @@ def run_ablations(
             scored = at_answer
         else:
             logits, scored = model(part.tokens), part
-        for metric in metrics:
-            values = metric_values(scored, logits, metric).cpu().numpy()
-            clean[metric][rows] = values
-            ablated[metric][:, rows] = values  # no-op ablations keep these
+        # per-prompt values stay on the model's device until the chunk is done (one copy
+        # to the host per chunk and metric)
+        clean_now = {metric: metric_values(scored, logits, metric) for metric in metrics}
+        pending: dict = {metric: {} for metric in metrics}  # {ablation index: [prompts]}
         if fast:
             bar.update(1)
             per_pass = max(1, max_rows // len(part))
@@ -327,20 +327,23 @@ def run_ablations(
                     for copy, i in enumerate(group):
                         copy_logits = out[copy * len(part) : (copy + 1) * len(part)]
                         for metric in metrics:
-                            ablated[metric][i, rows] = (
-                                metric_values(at_answer, copy_logits, metric).cpu().numpy()
-                            )
+                            pending[metric][i] = metric_values(at_answer, copy_logits, metric)
                 for duplicate, original in same_as.items():
                     for metric in metrics:
-                        ablated[metric][duplicate, rows] = ablated[metric][original, rows]
+                        pending[metric][duplicate] = pending[metric][original]
                 bar.update(1)
         else:
             for i in range(len(ablations)):  # every ablation, no-ops included: the reference loop
                 hooks = ablations[i].ablation.hooks()
                 out = model.run_with_hooks(part.tokens, fwd_hooks=hooks)
                 for metric in metrics:
-                    ablated[metric][i, rows] = metric_values(part, out, metric).cpu().numpy()
+                    pending[metric][i] = metric_values(part, out, metric)
                 bar.update(1)
+        for metric in metrics:  # no-op ablations keep the clean values
+            values = [pending[metric].get(i, clean_now[metric]) for i in range(len(ablations))]
+            block = as_numpy(torch.stack([clean_now[metric], *values]))
+            clean[metric][rows] = block[0]
+            ablated[metric][:, rows] = block[1:]
     bar.close()
     return clean, ablated
 
