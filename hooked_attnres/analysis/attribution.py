@@ -60,7 +60,7 @@ from hooked_attnres.analysis.effects import (
 )
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
-from hooked_attnres.model.norms import RMSNorm, rms_scale, stat_dtype
+from hooked_attnres.model.norms import RMSNorm, is_observed, rms_scale, stat_dtype
 from hooked_attnres.model.routing import weighted_sum
 from hooked_attnres.patching import _check, _check_cache, _column, _site_rows
 from hooked_attnres.tasks.base import TaskBatch
@@ -131,20 +131,26 @@ def _norm_after(model: HookedAttnRes, site: RouterSite) -> RMSNorm:
 class _Capture:
     """What one run with the graph kept records at one router: its logits and weights
     ``[batch, pos, n_sources]`` (weights in the graph), and for ``method="norm"`` its
-    stacked sources ``[batch, pos, n_sources, d_model]`` and the following norm's
+    sources (``n_sources`` x ``[batch, pos, d_model]``) and the following norm's
     ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph)."""
 
     logits: Optional[Tensor] = None
     weights: Optional[Tensor] = None
-    sources: Optional[Tensor] = None
+    sources: Optional[list[Tensor]] = None
     normalized: Optional[Tensor] = None
 
 
-def _capture_hooks(
+@contextmanager
+def _capturing(
     model: HookedAttnRes, sites: Sequence[RouterSite], need_norm: bool
-) -> tuple[list, dict[RouterSite, _Capture]]:
+) -> Iterator[dict[RouterSite, _Capture]]:
+    """Record what the estimates need at every router while the block runs: logits and
+    weights through their hooks (the weights start the graph at the first router), and
+    for ``method="norm"`` the norm's ``hook_normalized`` and the router's input sources
+    (a module pre-hook, so that no stacked copy is made; through ``hook_sources`` only
+    where another hook already watches it, as that hook may edit them)."""
     captures = {site: _Capture() for site in sites}
-    hooks = []
+    hooks, handles = [], []
     for site, capture in captures.items():
 
         def on_logits(logits, hook, capture=capture):
@@ -158,17 +164,29 @@ def _capture_hooks(
 
         hooks += [(site.hook("logits"), on_logits), (site.hook("weights"), on_weights)]
         if need_norm:
+            router = model.router(site)
+
+            def on_input(module, args, capture=capture):
+                capture.sources = [source.detach() for source in args[0]]
 
             def on_sources(sources, hook, capture=capture):
-                capture.sources = sources.detach()
+                capture.sources = list(sources.detach().unbind(dim=-2))
 
             def on_normalized(normalized, hook, capture=capture):
                 capture.normalized = normalized
 
+            handles.append(router.register_forward_pre_hook(on_input))
+            if is_observed(router.hook_sources):
+                hooks.append((site.hook("sources"), on_sources))
             norm_hook = _norm_after(model, site).hook_normalized.name
             assert norm_hook is not None  # named by the model's setup()
-            hooks += [(site.hook("sources"), on_sources), (norm_hook, on_normalized)]
-    return hooks, captures
+            hooks.append((norm_hook, on_normalized))
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _gradients(
@@ -211,8 +229,8 @@ def _router_estimate(
     assert capture.sources is not None and capture.normalized is not None
     assert grads[1] is not None
     sources = capture.sources
-    parts = sources.to(weights.dtype).unbind(dim=-2)
-    out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources.dtype)
+    parts = [source.to(weights.dtype) for source in sources]
+    out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources[0].dtype)
     norm = _norm_after(model, site)
     scale = rms_scale(out, norm.eps)
     normalized = (out.to(scale.dtype) * scale.reciprocal()).to(out.dtype)
@@ -309,6 +327,7 @@ class RoutingAttribution:
         k: int = 10,
         metric: Optional[str] = None,
         method: Optional[str] = None,
+        min_masked_mass: Optional[float] = None,
         progress: bool = False,
     ) -> pd.DataFrame:
         """Run the exact ablation of the ``k`` cells with the largest ``|estimate|``.
@@ -317,16 +336,23 @@ class RoutingAttribution:
             k: how many cells (per metric).
             metric: rank by this metric only (default: the top ``k`` of each metric).
             method: whose estimates rank the cells (default: the first method computed).
+            min_masked_mass: also verify every cell whose ablation removes at least this
+                much routing weight at one of its routers (`masked_mass`), whatever its
+                estimate: there the ablation is all-or-nothing and a first-order estimate
+                can miss a large effect entirely (e.g. 0.9; ``docs/analysis.md``).
 
         Returns:
             The `ablation_effects` rows of those cells (exact ``clean, ablated, effect,
             ci_low, ci_high``; equal to what `ablation_effects` gives for them, computed by
             the same `run_ablations` and bootstrap) with ``estimate`` (of ``method``),
-            ``error = estimate - effect`` and ``method = "exact"``, sorted by metric and
-            ``|estimate|``.
+            ``error = estimate - effect``, ``method = "exact"``, ``estimate_method`` and
+            ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
+            and ``|estimate|``.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
+            raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
         methods = self.settings["methods"]
         method = methods[0] if method is None else method
         if method not in methods:
@@ -335,12 +361,15 @@ class RoutingAttribution:
         chosen = names if metric is None else [metric]
         if metric is not None and metric not in names:
             raise ValueError(f"metric {metric!r} was not computed; this result has {names}")
-        top: dict[str, list[int]] = {}
+        far = set()
+        if min_masked_mass is not None:
+            far = {int(i) for i in np.flatnonzero(self.masked_mass >= min_masked_mass)}
+        top: dict[str, set[int]] = {}
         for name in chosen:
             estimates = self.per_prompt[(method, name)].mean(axis=1)
             order = np.argsort(-np.abs(estimates), kind="stable")
-            top[name] = [int(i) for i in order[:k]]
-        cells = sorted({i for indices in top.values() for i in indices})
+            top[name] = {int(i) for i in order[:k]}
+        cells = sorted(far.union(*top.values()))
         sub_plan = [self.plan[i] for i in cells]
         metrics = [m for m in self.metrics if metric_name(m) in chosen]
         s = self.settings
@@ -355,7 +384,7 @@ class RoutingAttribution:
         for row, (name, i) in zip(
             rows, [(metric_name(m), i) for m in metrics for i in cells], strict=True
         ):
-            if i not in top[name]:
+            if i not in top[name] and i not in far:
                 continue
             estimate = float(self.per_prompt[(method, name)][i].mean())
             out.append(
@@ -365,6 +394,7 @@ class RoutingAttribution:
                     "error": estimate - row["effect"],
                     "method": "exact",
                     "estimate_method": method,
+                    "verified_because": "top estimate" if i in top[name] else "masked mass",
                 }
             )
         table = pd.DataFrame(out)
@@ -455,9 +485,8 @@ def attribute_routing(
         rows = slice(first, first + len(part))
         answer_pos = part.answer_pos.to(model.embed.W_E.device)
         at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
-        hooks, captures = _capture_hooks(model, sites, need_norm)
         with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
-            with model.hooks(fwd_hooks=hooks):
+            with _capturing(model, sites, need_norm) as captures:
                 logits = model(part.tokens, logit_positions=answer_pos)
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
@@ -478,7 +507,7 @@ def attribute_routing(
                     per_prompt[(method, names[index])][:, rows] = as_numpy(cells)
                     if positions is not None:
                         positions[(method, names[index])][:, rows] = as_numpy(cells_by_pos)
-        del captures, hooks, logits
+        del captures, logits
         bar.update(1)
     bar.close()
     table = _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed)
@@ -616,9 +645,8 @@ def attribution_patch_routing_weights(
     sites = [site for _, site in site_rows]
     _check_cache(clean_cache, corrupted_tokens, [site.hook("weights") for site in sites])
     need_norm = method == "norm"
-    hooks, captures = _capture_hooks(model, sites, need_norm)
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
-        with model.hooks(fwd_hooks=hooks):
+        with _capturing(model, sites, need_norm) as captures:
             logits = model(corrupted_tokens)
         value = torch.as_tensor(patching_metric(logits))
         if value.ndim != 0:
