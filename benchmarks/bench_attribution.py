@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process time (busy machine)"
+    )
     parser.add_argument("--condition", default="attnres", choices=("attnres", "vanilla"))
     parser.add_argument(
         "--checkpoints", default=None, help="directory of {condition}_seed{n}/model"
@@ -78,7 +81,7 @@ def main() -> None:
     }
     if not args.no_naive:
         fns["naive loop"] = naive
-    times = interleaved_medians(fns, repeats=args.repeats, warmup=1)
+    times = interleaved_medians(fns, repeats=args.repeats, warmup=1, clock=args.clock)
     f = times["forward (F)"]
     in_f = {name: seconds / f for name, seconds in times.items()}
     print(
@@ -106,6 +109,7 @@ def main() -> None:
             "cells": len(plan),
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
+            "clock": args.clock,
             "median_seconds": times,
             "in_units_of_F": in_f,
             "speedups": speedups,

@@ -79,13 +79,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process time (busy machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = study_task()
     tokenizer = task_tokenizer(task)
     batch = task.sample(args.batch, seed=0, split="train", vocab=tokenizer.get_vocab())
     tokens = args.batch * batch.tokens.shape[1]
-    payload: dict = {"batch": args.batch, "seq": int(batch.tokens.shape[1]), "shapes": {}}
+    payload: dict = {
+        "batch": args.batch,
+        "seq": int(batch.tokens.shape[1]),
+        "clock": args.clock,
+        "shapes": {},
+    }
     for name in args.shapes:
         shape, num_blocks = SHAPES[name]
         models = models_for(shape, num_blocks, tokenizer)
@@ -94,6 +102,7 @@ def main() -> None:
             {key: step_fn(model, batch) for key, model in models.items()},
             repeats=repeats,
             warmup=2,
+            clock=args.clock,
         )
         ratios = {key: times["hf"] / times[key] for key in LAYOUTS}
         payload["shapes"][name] = {
