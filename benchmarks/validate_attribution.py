@@ -39,8 +39,14 @@ import torch
 from _common import write_result
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.analysis import ablation_effects, attribute_routing
+from hooked_attnres.analysis import (
+    ablation_effects,
+    attribute_routing,
+    attribution_patch_routing_weights,
+    metric_values,
+)
 from hooked_attnres.analysis.dissociation import _spearman
+from hooked_attnres.patching import get_act_patch_routing_weights
 from hooked_attnres.study import PROBE_SEED, SHIPPED, study_task
 from hooked_attnres.tasks import TASKS, Task
 
@@ -189,7 +195,47 @@ def validate(model_dir: Path, args) -> dict:
             "attribution_F": min(seconds) / forward,
             "metrics": per_metric,
         }
+    results["patching"] = validate_patching(model, batch, routers)
     return results
+
+
+def validate_patching(model: HookedAttnRes, batch, routers: list[str]) -> dict:
+    """Clean routing weights patched into the corrupted run, one router at a time:
+    `attribution_patch_routing_weights` against `get_act_patch_routing_weights`."""
+    with torch.inference_mode():
+        _, clean_cache = model.run_with_cache(
+            batch.tokens, names_filter=lambda name: name.endswith("hook_weights")
+        )
+        corrupted = model(batch.corrupted_tokens)
+
+    def patching_metric(logits):  # answer minus contrast: low on the corrupted run
+        return metric_values(batch, logits, "logit_diff").mean()
+
+    base = float(patching_metric(corrupted))
+    out: dict = {"corrupted_metric": base, "clean_metric": float(clean_metric(model, batch))}
+    with torch.inference_mode():
+        exact = get_act_patch_routing_weights(
+            model, batch.corrupted_tokens, clean_cache, patching_metric, routers
+        )
+    for method in ("linear", "norm"):
+        estimate = attribution_patch_routing_weights(
+            model, batch.corrupted_tokens, clean_cache, patching_metric, routers, method=method
+        )
+        keep = ~exact.isnan()
+        x, e = (exact[keep] - base).numpy(), (estimate[keep] - base).numpy()
+        top = np.argsort(-np.abs(x), kind="stable")[:TOP]
+        out[method] = {
+            "spearman": _spearman(e, x),
+            "top10_abs_error_max": float(np.abs(e - x)[top].max()),
+            "largest_exact_change": float(x[top[0]]),
+            "its_estimate": float(e[top[0]]),
+        }
+    return out
+
+
+def clean_metric(model: HookedAttnRes, batch) -> float:
+    with torch.inference_mode():
+        return float(metric_values(batch, model(batch.tokens), "logit_diff").mean())
 
 
 def markdown(all_results: list[dict]) -> str:
@@ -253,6 +299,16 @@ def main() -> None:
                     for w in m["worst_cells"]
                 )
                 print(f"{Path(result['model']).parent.name} {method} {metric} worst: {worst}")
+        patching = result["patching"]
+        for method in ("linear", "norm"):
+            m = patching[method]
+            print(
+                f"{Path(result['model']).parent.name} patching clean weights into the corrupted "
+                f"run (logit_diff {patching['corrupted_metric']:.2f} -> clean "
+                f"{patching['clean_metric']:.2f}), {method}: Spearman {m['spearman']:.2f}, "
+                f"top-10 max abs error {m['top10_abs_error_max']:.3f}, largest exact change "
+                f"{m['largest_exact_change']:.3f} (estimate {m['its_estimate']:.3f})"
+            )
     path = write_result(args.out, {"results": all_results, "markdown": table})
     print(f"written to {path}")
 
