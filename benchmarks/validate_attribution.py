@@ -20,8 +20,9 @@ with ``from_hf_qwen3(wrap=--wrap, num_blocks=--num-blocks, recency_bias=--recenc
 from the task recorded in the run's ``metrics.json`` (``eval_tasks``), else ``--task``,
 else the study's retrieval task: held-out split, data seed 1, like the study.
 
-Writes ``benchmarks/results/attribution_validation.json`` (or ``--out``) and prints a
-markdown table for docs/analysis.md.
+Writes ``benchmarks/results/attribution_validation.json`` (``--out NAME`` for another name
+there, ``--out path.json`` for a file elsewhere) and prints a markdown table for
+docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -273,7 +274,11 @@ def main() -> None:
     parser.add_argument("--wrap", default="recency", choices=["recency", "exact"])
     parser.add_argument("--num-blocks", type=int, default=4)
     parser.add_argument("--recency-bias", type=float, default=3.0)
-    parser.add_argument("--out", default="attribution_validation")
+    parser.add_argument(
+        "--out",
+        default="attribution_validation",
+        help="a name under benchmarks/results, or a path ending in .json",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.model:
@@ -309,7 +314,12 @@ def main() -> None:
                 f"top-10 max abs error {m['top10_abs_error_max']:.3f}, largest exact change "
                 f"{m['largest_exact_change']:.3f} (estimate {m['its_estimate']:.3f})"
             )
-    path = write_result(args.out, {"results": all_results, "markdown": table})
+    payload = {"results": all_results, "markdown": table}
+    if args.out.endswith(".json"):  # a path of its own
+        path = Path(args.out)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    else:  # a name under benchmarks/results
+        path = write_result(args.out, payload)
     print(f"written to {path}")
 
 
