@@ -350,6 +350,19 @@ def test_bad_inputs_are_refused():
         attribute_routing(model, batch, method="quadratic", progress=False)
     with pytest.raises(TypeError, match="batch must be a TaskBatch"):
         attribute_routing(model, batch.tokens, progress=False)
+    weights_hook = [(model.site(1, "attn_res").hook("weights"), lambda w, hook: w)]
+    with (
+        model.hooks(fwd_hooks=weights_hook),
+        pytest.raises(
+            ValueError, match=r"a hook is already attached to blocks.1.attn_res.hook_weights"
+        ),
+    ):
+        attribute_routing(model, batch, progress=False)
+    out_hook = [(model.site(1, "mlp_res").hook("out"), lambda x, hook: x)]
+    with model.hooks(fwd_hooks=out_hook):
+        attribute_routing(model, batch, n_bootstrap=10, progress=False)  # linear: fine
+        with pytest.raises(ValueError, match="already attached to blocks.1.mlp_res.hook_out"):
+            attribute_routing(model, batch, method="norm", progress=False)
     result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         result.verify_top(0)

@@ -152,6 +152,17 @@ def _capturing(
     captures = {site: _Capture() for site in sites}
     hooks, handles = [], []
     for site, capture in captures.items():
+        router = model.router(site)
+        edited = [router.hook_weights] + ([router.hook_out] if need_norm else [])
+        for point in edited:
+            if is_observed(point):
+                raise ValueError(
+                    f"a hook is already attached to {point.name}; attribution takes the "
+                    "weights to be softmax(hook_logits) feeding the router's output unchanged "
+                    "(and method='norm' its output feeding the norm), so it cannot account "
+                    "for hooks there. Remove them, or attach them to hook_logits / "
+                    "hook_sources (which attribution sees)."
+                )
 
         def on_logits(logits, hook, capture=capture):
             capture.logits = logits.detach()
@@ -164,7 +175,6 @@ def _capturing(
 
         hooks += [(site.hook("logits"), on_logits), (site.hook("weights"), on_weights)]
         if need_norm:
-            router = model.router(site)
 
             def on_input(module, args, capture=capture):
                 capture.sources = [source.detach() for source in args[0]]
