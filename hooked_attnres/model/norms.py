@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from hooked_attnres._tl import HookPoint
 
@@ -91,6 +92,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         return normalized * w
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         normalized, inverse, w = ctx.saved_tensors
         grad_x = grad_w = None

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from hooked_attnres.model.norms import KeyNorm, is_observed, make_hook, stat_dtype
 
@@ -200,6 +201,7 @@ class _FusedRouting(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         # Memory passes over [batch, pos, d_model] tensors dominate (the per-source numbers
         # are [n_sources, batch, pos]): per source, two for the weight gradient, three for
