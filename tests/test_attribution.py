@@ -444,3 +444,28 @@ def test_validation_on_the_shipped_checkpoints(condition):
     assert len(row) == 1 and row.effect.iloc[0] == exact.effect[failing]
     assert abs(row.error.iloc[0]) > 10
     assert (verified.verified_because == "masked mass").sum() >= 1
+
+
+@pytest.mark.parametrize("wrap", ["recency", "exact"])
+def test_linear_estimate_equals_finite_differences_on_wrapped_qwen3(wrap):
+    """The from_hf_qwen3 wraps (zero queries: content-independent routing), float64."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+
+    model = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(), wrap=wrap, num_blocks=3, recency_bias=1.0, dtype=torch.float64
+    ).eval()
+    batch = random_batch(d_vocab=model.cfg.d_vocab, seed=8)
+    routers = ("attn_res", "mlp_res", "final_res") if wrap == "exact" else ("attn_res", "mlp_res")
+    result = attribute_routing(model, batch, routers=routers, groups="layers", progress=False)
+    estimates = result.per_prompt[("linear", "logit_diff")]
+    checked = 0
+    for i, cell in enumerate(result.plan):
+        if cell.is_noop:
+            continue
+        site, mask = cell.ablation.masks[0]
+        expected = central_difference(model, batch, site, masked_weights(model, batch, site, mask))
+        np.testing.assert_allclose(estimates[i], expected.numpy(), rtol=0, atol=1e-6)
+        checked += 1
+    assert checked >= 6 and np.abs(estimates).max() > 1e-4
