@@ -1,18 +1,33 @@
 """Forward-pass speed of HookedAttnRes against transformers' Qwen3ForCausalLM.
 
-Shape (issue 2): d_model 256, 8 layers, 4 heads of 64 (2 KV heads), d_mlp 768,
-vocabulary 4096, batch 8, sequence 128, float32, CPU. Every candidate runs
-round-robin in one process; the report is the median of ``--repeats`` runs.
+``--shape small`` (issue 2, the default): d_model 256, 8 layers, 4 heads of 64 (2 KV
+heads), d_mlp 768, vocabulary 4096, batch 8, sequence 128, float32, CPU. Targets: layout
+"none" <= 1.15x HF; cumulative and kimi (4 blocks) <= 1.35x HF; ``run_with_cache`` with
+every hook <= 2.0x the same model's plain forward.
+
+``--shape 0.6b`` (issue 15): the real Qwen3-0.6B configuration (28 layers, d_model 1024,
+16 heads x 128, 8 KV heads, d_mlp 3072, vocabulary 151936, tied embeddings) with random
+weights; the three wraps of `from_hf_qwen3` (``none``; ``recency`` = cumulative, 8 blocks;
+``exact`` = kimi, 8 blocks) against ``Qwen3ForCausalLM`` on the same weights, in float32
+and bfloat16, at batch 1 x 256 and 8 x 128: the plain forward, ``run_with_cache`` with
+every hook, and ``run_with_cache`` with the routing hooks only (every router's
+``hook_logits`` and ``hook_weights``). Targets: forward <= 1.03x HF in every wrap;
+routing-only cache <= 1.2x and every-hook cache <= 1.5x the same model's forward. Heavy
+(about 4 GB of float32 weights per model, seconds per pass): run it on an idle machine,
+one wrap at a time is kept in memory next to the HF model.
+
+Every candidate runs round-robin in one process; the report is the median of
+``--repeats`` runs.
 
     python benchmarks/bench_model.py [--repeats 15]
-
-Targets: layout "none" <= 1.15x HF; cumulative and kimi (4 blocks) <= 1.35x HF;
-``run_with_cache`` with every hook <= 2.0x the same model's plain forward.
+    python benchmarks/bench_model.py --shape 0.6b [--repeats 3] [--dtypes float32]
+        [--batches 1x256] [--wraps recency] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 from _common import interleaved_medians, tensor_bytes, write_result
@@ -32,11 +47,120 @@ SHAPE = dict(
 )
 BATCH, SEQ = 8, 128
 
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+)
+WRAPS_06B = {"none": "none", "recency": "cumulative, 8 blocks", "exact": "kimi, 8 blocks"}
+BATCHES_06B = {"1x256": (1, 256), "8x128": (8, 128)}
+TARGETS_06B = {"forward / hf": 1.03, "routing cache / forward": 1.2, "full cache / forward": 1.5}
+
+
+def routing_hooks(model: HookedAttnRes) -> set[str]:
+    """Every router's ``hook_logits`` and ``hook_weights``."""
+    return {site.hook(name) for site in model.sites() for name in ("logits", "weights")}
+
+
+def candidates(hf, model: HookedAttnRes, tokens: torch.Tensor, names: set[str]) -> dict:
+    """The timed calls of one wrap: HF, our forward, the two cached runs."""
+
+    def full_cache():
+        model.run_with_cache(tokens)[1].cache_dict.clear()
+
+    def routing_cache():
+        model.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+    fns = {
+        "hf": lambda: hf(tokens, use_cache=False).logits,
+        "forward": lambda: model(tokens),
+        "full cache": full_cache,
+    }
+    if names:
+        fns["routing cache"] = routing_cache
+    return fns
+
+
+def main_06b(args) -> None:
+    """The Qwen3-0.6B shape: three wraps x two dtypes x two batch shapes."""
+    torch.manual_seed(0)
+    config = Qwen3Config(**QWEN3_06B)
+    results: dict = {}
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        hf = Qwen3ForCausalLM(config).eval().to(dtype)
+        for wrap in args.wraps:
+            model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=8, dtype=dtype)
+            names = routing_hooks(model)
+            for batch_name in args.batches:
+                batch, seq = BATCHES_06B[batch_name]
+                tokens = torch.randint(0, config.vocab_size, (batch, seq))
+                fns = candidates(hf, model, tokens, names)
+                with torch.inference_mode():
+                    if wrap in ("none", "exact"):  # the function-preserving wraps: same logits
+                        gap = model(tokens).float() - hf(tokens, use_cache=False).logits.float()
+                        scale = float(hf(tokens, use_cache=False).logits.float().abs().max())
+                        print(
+                            f"  check {wrap} {dtype_name}: max |logits - HF| = "
+                            f"{float(gap.abs().max()):.2e} (max |logit| {scale:.1f})"
+                        )
+                    times = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+                ratios = {"forward / hf": times["forward"] / times["hf"]}
+                ratios["full cache / forward"] = times["full cache"] / times["forward"]
+                if "routing cache" in times:
+                    ratios["routing cache / forward"] = times["routing cache"] / times["forward"]
+                key = f"{wrap} ({WRAPS_06B[wrap]}), {dtype_name}, {batch_name}"
+                results[key] = {
+                    "median_ms": {k: v * 1e3 for k, v in times.items()},
+                    "ratios": ratios,
+                }
+                line = ", ".join(
+                    f"{name} {ratio:.3f}x"
+                    + ("" if ratio <= TARGETS_06B[name] else f" (OVER {TARGETS_06B[name]}x)")
+                    for name, ratio in ratios.items()
+                )
+                print(f"{key}: HF {times['hf'] * 1e3:.0f} ms; {line}", flush=True)
+            del model
+            gc.collect()
+        del hf
+        gc.collect()
+    path = write_result(
+        "model_forward_qwen3_0.6b",
+        {
+            "config": QWEN3_06B,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "results": results,
+            "targets": TARGETS_06B,
+        },
+    )
+    print(f"  written to {path}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--shape", choices=("small", "0.6b"), default="small")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1, help="0.6b: warm-up calls")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--batches", nargs="+", default=list(BATCHES_06B), choices=BATCHES_06B)
+    parser.add_argument("--wraps", nargs="+", default=list(WRAPS_06B), choices=WRAPS_06B)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.shape == "0.6b":
+        args.repeats = 3 if args.repeats is None else args.repeats
+        main_06b(args)
+        return
+    args.repeats = 15 if args.repeats is None else args.repeats
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(Qwen3Config(**SHAPE)).eval()
     tokens = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ))

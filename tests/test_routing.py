@@ -270,17 +270,17 @@ def test_model_has_routing_parameters_per_router():
     assert isinstance(model, HookedAttnRes)
 
 
-def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens):
+@pytest.mark.parametrize("watched", ["hook_weights", "hook_sources"])
+def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens, watched):
     """Unobserved routers use a hand-written backward; observing a hook switches to plain
-    autograd. Both must give the same loss and gradients."""
+    autograd (per source, or stacked when the sources are watched). All must give the same
+    loss and gradients."""
     model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
     model = model.to(torch.float64)
 
     def grads(observe: bool):
         model.zero_grad(set_to_none=True)
-        hooks = (
-            [(lambda name: name.endswith("hook_weights"), lambda w, hook: None)] if observe else []
-        )
+        hooks = [(lambda name: name.endswith(watched), lambda w, hook: None)] if observe else []
         with model.hooks(fwd_hooks=hooks):
             loss = model(tokens, return_type="loss")
         loss.backward()
@@ -300,12 +300,16 @@ def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens):
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("watched", [("hook_logits", "hook_weights"), ("hook_sources",)])
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
-def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(routed_layout, tokens, mode):
-    """Three ways through a router: the autograd Function (grad mode), the same math
-    without it (no grad needed), and the hooked path (a hook watches). Same bits."""
+def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(
+    routed_layout, tokens, mode, watched
+):
+    """Four ways through a router: the autograd Function (grad mode), the same math
+    without it (no grad needed), the per-source hooked path (only logits / weights / out
+    watched) and the stacked hooked path (the sources watched). Same bits."""
     model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
-    watch = [(lambda name: name.endswith(("hook_logits", "hook_weights")), lambda x, hook: None)]
+    watch = [(lambda name: name.endswith(watched), lambda x, hook: None)]
     context = {
         "grad": torch.enable_grad,
         "no_grad": torch.no_grad,

@@ -1,15 +1,22 @@
 """Analyses built on caches and interventions: routing mass, ablation effects with
-bootstrap intervals, the mass-versus-effect dissociation, analytic schedules, the
-routing lens."""
+bootstrap intervals, attribution (ablation and patching effects estimated by gradients),
+the mass-versus-effect dissociation, motifs, analytic schedules, the routing lens."""
 
 import warnings
 
+from hooked_attnres.analysis.attribution import (
+    RoutingAttribution,
+    attribute_routing,
+    attribution_patch_routing_weights,
+)
 from hooked_attnres.analysis.bootstrap import bootstrap_ci, bootstrap_ci_rows
 from hooked_attnres.analysis.dissociation import dissociation_report
 from hooked_attnres.analysis.effects import (
     METRICS,
     PlannedAblation,
     ablation_effects,
+    effect_rows,
+    metric_name,
     metric_values,
     plan_ablations,
     run_ablations,
@@ -44,12 +51,17 @@ __all__ = [
     "PlannedAblation",
     "RecencySchedule",
     "RoutingLens",
+    "RoutingAttribution",
     "ablation_effects",
+    "attribute_routing",
+    "attribution_patch_routing_weights",
     "band_of",
     "bootstrap_ci",
     "bootstrap_ci_rows",
     "dissociation_report",
     "lens_hook_names",
+    "effect_rows",
+    "metric_name",
     "metric_values",
     "plan_ablations",
     "recency_schedule",

@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 
-def _as_array(values) -> np.ndarray:
+def as_numpy(values) -> np.ndarray:
+    """A float64 NumPy array of a tensor on any device (or of any array-like): the one
+    place where the analyses move results to the host, once per table."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().double().numpy()
+        values = values.detach().to("cpu", torch.float64).numpy()
     return np.asarray(values, dtype=np.float64)
 
 
@@ -26,7 +28,7 @@ def bootstrap_ci(
     Returns:
         ``(mean, low, high)``.
     """
-    mean, low, high = bootstrap_ci_rows(_as_array(values)[None, :], n_resamples, confidence, seed)
+    mean, low, high = bootstrap_ci_rows(as_numpy(values)[None, :], n_resamples, confidence, seed)
     return float(mean[0]), float(low[0]), float(high[0])
 
 
@@ -42,7 +44,7 @@ def bootstrap_ci_rows(
     Returns:
         ``(mean, low, high)``, each ``[rows]``. Rows that contain NaN give NaN.
     """
-    values = _as_array(values)
+    values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
         raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
     if not 0 < confidence < 1:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
@@ -45,20 +45,72 @@ if TYPE_CHECKING:
 METRICS = ("logit_diff", "logprob", "accuracy")
 
 
+MetricFn = Callable[[TaskBatch, Tensor], Tensor]
+Metric = Union[str, MetricFn]
+
+
+def metric_name(metric: Metric) -> str:
+    """The name of a metric in a table: the string itself, or a callable's ``__name__``."""
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", repr(metric))
+
+
+def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
+    """Metrics as a list (a single one may be given bare): names from `METRICS` or
+    callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names."""
+    metrics = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
+    unknown = [m for m in metrics if not callable(m) and m not in METRICS]
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {unknown}; metrics are {METRICS} or callables "
+            "fn(batch, logits) -> [batch]"
+        )
+    names = [metric_name(m) for m in metrics]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metric names must be distinct, got {names}")
+    return metrics
+
+
+def _at_least_float32(values: Tensor) -> Tensor:
+    """float32 for float32 / bfloat16 / float16 values, float64 for float64 ones."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 def metric_values(
-    batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: str
+    batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: Metric
 ) -> Float[Tensor, " batch"]:
-    """Per-prompt metric ``[batch]`` read at ``batch.answer_pos``: ``logit_diff`` (answer -
-    contrast), ``logprob`` (of the answer) or ``accuracy`` (1 if the argmax is the answer).
+    """Per-prompt metric ``[batch]`` (float32; float64 in a float64 model) read at
+    ``batch.answer_pos``: ``logit_diff`` (answer - contrast), ``logprob`` (of the answer) or
+    ``accuracy`` (1 if the argmax is the answer), or a callable ``metric(batch, logits)``
+    that returns one float per prompt ``[batch]``.
     ``logits`` may cover the answer positions only (``[batch, 1, d_vocab]`` with
-    ``answer_pos`` all 0, as the fast sweep passes them)."""
+    ``answer_pos`` all 0, as the fast sweep passes them).
+
+    Raises:
+        ValueError: an unknown metric name, or a callable whose result is not ``[batch]``
+            (a scalar such as a batch mean is refused: the tables average per-prompt values
+            and bootstrap over prompts).
+    """
+    if callable(metric):
+        values = metric(batch, logits)
+        if (
+            not isinstance(values, Tensor)
+            or tuple(values.shape) != (len(batch),)
+            or not values.is_floating_point()
+        ):
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"metric {metric_name(metric)!r} must return one float per prompt, a tensor of "
+                f"shape [batch] = [{len(batch)}]; got {got}. Return per-prompt values (not "
+                "their mean): the tables average them and bootstrap over prompts"
+            )
+        return _at_least_float32(values)
     if metric == "logit_diff":
-        return batch.logit_diff(logits).float()
+        return _at_least_float32(batch.logit_diff(logits))
     if metric == "logprob":
-        return batch.answer_logprob(logits).float()
+        return _at_least_float32(batch.answer_logprob(logits))
     if metric == "accuracy":
         return batch.correct(logits).float()
-    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    raise ValueError(f"metric must be one of {METRICS} or a callable, got {metric!r}")
 
 
 @dataclass(frozen=True)
@@ -204,21 +256,19 @@ def run_ablations(
     model: HookedAttnRes,
     batch: TaskBatch,
     ablations: Sequence[PlannedAblation],
-    metrics: Sequence[str] = ("logit_diff",),
+    metrics: Sequence[Metric] = ("logit_diff",),
     fast: bool = True,
     chunk: int = 256,
     max_rows: int = 256,
     progress: bool = True,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> tuple[dict[Metric, np.ndarray], dict[Metric, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
 
     Returns:
         ``(clean, ablated)``: ``clean[metric]`` is ``[n_prompts]``, ``ablated[metric]`` is
-        ``[n_ablations, n_prompts]``.
+        ``[n_ablations, n_prompts]`` (keyed by the metrics as given).
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; metrics are {METRICS}")
+    metrics = check_metrics(metrics)
     if model.training:
         raise ValueError(
             "run ablations in eval mode (model.eval()); the results must not depend on it"
@@ -248,10 +298,10 @@ def run_ablations(
             scored = at_answer
         else:
             logits, scored = model(part.tokens), part
-        for metric in metrics:
-            values = metric_values(scored, logits, metric).cpu().numpy()
-            clean[metric][rows] = values
-            ablated[metric][:, rows] = values  # no-op ablations keep these
+        # per-prompt values stay on the model's device until the chunk is done (one copy
+        # to the host per chunk and metric)
+        clean_now = {metric: metric_values(scored, logits, metric) for metric in metrics}
+        pending: dict = {metric: {} for metric in metrics}  # {ablation index: [prompts]}
         if fast:
             bar.update(1)
             per_pass = max(1, max_rows // len(part))
@@ -277,20 +327,23 @@ def run_ablations(
                     for copy, i in enumerate(group):
                         copy_logits = out[copy * len(part) : (copy + 1) * len(part)]
                         for metric in metrics:
-                            ablated[metric][i, rows] = (
-                                metric_values(at_answer, copy_logits, metric).cpu().numpy()
-                            )
+                            pending[metric][i] = metric_values(at_answer, copy_logits, metric)
                 for duplicate, original in same_as.items():
                     for metric in metrics:
-                        ablated[metric][duplicate, rows] = ablated[metric][original, rows]
+                        pending[metric][duplicate] = pending[metric][original]
                 bar.update(1)
         else:
             for i in range(len(ablations)):  # every ablation, no-ops included: the reference loop
                 hooks = ablations[i].ablation.hooks()
                 out = model.run_with_hooks(part.tokens, fwd_hooks=hooks)
                 for metric in metrics:
-                    ablated[metric][i, rows] = metric_values(part, out, metric).cpu().numpy()
+                    pending[metric][i] = metric_values(part, out, metric)
                 bar.update(1)
+        for metric in metrics:  # no-op ablations keep the clean values
+            values = [pending[metric].get(i, clean_now[metric]) for i in range(len(ablations))]
+            block = as_numpy(torch.stack([clean_now[metric], *values]))
+            clean[metric][rows] = block[0]
+            ablated[metric][:, rows] = block[1:]
     bar.close()
     return clean, ablated
 
@@ -302,7 +355,7 @@ def ablation_effects(
     routers: Sequence[str] = ("attn_res", "mlp_res"),
     groups: Union[str, dict] = "bands",
     bands: Optional[dict] = None,
-    metrics: Sequence[str] = ("logit_diff", "logprob", "accuracy"),
+    metrics: Sequence[Metric] = ("logit_diff", "logprob", "accuracy"),
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -316,7 +369,8 @@ def ablation_effects(
         model: a routed `HookedAttnRes` (put in eval mode).
         batch: the prompts (a `TaskBatch`; the metric is read at the answer position).
         families, routers, groups, bands: what to ablate (see `plan_ablations`).
-        metrics: any of ``"logit_diff"``, ``"logprob"``, ``"accuracy"``.
+        metrics: any of ``"logit_diff"``, ``"logprob"``, ``"accuracy"``, or callables
+            ``fn(batch, logits) -> [batch]`` (see `metric_values`; named by ``__name__``).
         n_bootstrap, confidence, seed: the percentile bootstrap over prompts.
         fast: reuse the clean prefix and batch ablations (same results as ``False``).
 
@@ -327,10 +381,26 @@ def ablation_effects(
         helped the answer); ``ci_low``/``ci_high`` bound it. Families a group does not
         have give ``n_masked_routers = 0`` and effect 0 exactly.
     """
+    metrics = check_metrics(metrics)
     plan = plan_ablations(model, families, routers, groups, bands)
     clean, ablated = run_ablations(
         model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress
     )
+    return pd.DataFrame(effect_rows(plan, clean, ablated, metrics, n_bootstrap, confidence, seed))
+
+
+def effect_rows(
+    plan: Sequence[PlannedAblation],
+    clean: dict,
+    ablated: dict,
+    metrics: Sequence[Metric],
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """The rows of `ablation_effects` from `run_ablations`'s ``(clean, ablated)``: one per
+    metric x planned ablation, in that order. A row depends only on its own ablation (the
+    bootstrap draws the same prompts for every row), so a sub-plan gives the same rows."""
     rows = []
     for metric in metrics:
         differences = ablated[metric] - clean[metric][None, :]
@@ -342,7 +412,7 @@ def ablation_effects(
                     "group": ablation.group,
                     "layers": ",".join(map(str, ablation.layers)),
                     "family": ablation.family,
-                    "metric": metric,
+                    "metric": metric_name(metric),
                     "clean": clean[metric].mean(),
                     "ablated": ablated[metric][i].mean(),
                     "effect": mean[i],
@@ -350,7 +420,7 @@ def ablation_effects(
                     "ci_high": high[i],
                     "n_masked_routers": len(ablation.ablation.masks),
                     "skipped": ";".join(ablation.skipped),
-                    "n_prompts": len(batch),
+                    "n_prompts": differences.shape[1],
                 }
             )
-    return pd.DataFrame(rows)
+    return rows

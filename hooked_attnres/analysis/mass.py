@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
@@ -46,7 +46,8 @@ def _position_weights(
         if positions == "answer":
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
-            return weights[torch.arange(weights.shape[0]), answer_pos.to(weights.device)]
+            rows = torch.arange(weights.shape[0], device=weights.device)
+            return weights[rows, answer_pos.to(weights.device)]
         raise ValueError(
             f"positions must be 'answer', 'all' or a list of positions, got {positions!r}"
         )
@@ -108,7 +109,7 @@ def routing_mass(
                     )
                 )
             chunks.append(torch.stack(rows, dim=0))  # [router, b, family]
-        per_router = torch.cat(chunks, dim=1).cpu().double().numpy()
+        per_router = as_numpy(torch.cat(chunks, dim=1))
     n_routers, n_prompts, n_families = per_router.shape
     router_names = np.array([site.kind for site in sites])
     layers = np.array([site.table_layer for site in sites])

@@ -279,13 +279,16 @@ def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, 
         if name not in weights:
             raise KeyError(f"the weights source has no {name}")
         weights = weights[name]
-    weights = torch.as_tensor(weights, dtype=torch.float32)
+    weights = torch.as_tensor(weights)
+    if not weights.is_floating_point():
+        weights = weights.float()  # a float64 model's float64 weights stay float64
     if weights.shape[-1] != n_sources:
         raise ValueError(
             f"weights for {site} have {weights.shape[-1]} sources, the router has {n_sources} "
             f"({layout.labels(site)})"
         )
-    if (weights < 0).any() or not torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-4):
+    one = torch.ones((), dtype=weights.dtype, device=weights.device)
+    if (weights < 0).any() or not torch.allclose(weights.sum(-1), one, atol=1e-4):
         raise ValueError(f"weights for {site} must be non-negative and sum to 1")
     return weights
 

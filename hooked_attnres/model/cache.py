@@ -514,10 +514,10 @@ class AttnResActivationCache(ActivationCache):
         layout = self.model.routing_layout
         counts = [layout.n_sources(site) for site in sites]
         width = max(counts)
-        mask = torch.zeros(len(sites), width, dtype=torch.bool)
+        values = [self._need(site.hook(key)) for site in sites]
+        mask = torch.zeros(len(sites), width, dtype=torch.bool, device=values[0].device)
         for row, count in enumerate(counts):
             mask[row, :count] = True
-        values = [self._need(site.hook(key)) for site in sites]
         if key == "out":
             return torch.stack(values), mask
         axis = -1 if key in ("logits", "weights") else -2

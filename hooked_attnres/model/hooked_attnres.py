@@ -27,7 +27,7 @@ from hooked_attnres.model.depth import (
 )
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule
-from hooked_attnres.model.norms import RMSNorm, make_hook
+from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter
 from hooked_attnres.model.tl_methods import TLMethodsMixin
@@ -76,7 +76,7 @@ def lm_cross_entropy_loss(
             f"a next-token loss needs at least two positions, got {tokens.shape[-1]}; use "
             "return_type='logits' for a single token"
         )
-    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    log_probs = logits[:, :-1].to(stat_dtype(logits.dtype)).log_softmax(dim=-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if attention_mask is None:
         return losses if per_token else losses.mean()

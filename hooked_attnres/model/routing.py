@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from hooked_attnres.model.norms import KeyNorm, is_observed, make_hook, rms_scale, stat_dtype
+from hooked_attnres.model.norms import KeyNorm, is_observed, make_hook, stat_dtype
 
 
 class DepthRouter(nn.Module):
@@ -76,6 +77,10 @@ class DepthRouter(nn.Module):
             )
         )
 
+    def _stack_observed(self) -> bool:
+        """Whether a hook on a stacked tensor (sources or their scale) is attached."""
+        return is_observed(self.hook_sources) or is_observed(self.key_norm.hook_scale)
+
     def forward(
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -88,6 +93,10 @@ class DepthRouter(nn.Module):
             ):
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
             return _route(sources, effective_query, bias, eps)[0]
+        if sources[0].dtype == stat_dtype(sources[0].dtype) and not self._stack_observed():
+            # only the logits, weights or output are watched: the same per-source math in
+            # plain autograd, still without a stacked copy of the sources
+            return self._route_watched(sources)
         values = self.hook_sources(torch.stack(sources, dim=-2))
         scale = self.key_norm(values)  # float32 (float64 in a float64 model)
         parts = values.to(scale.dtype).unbind(
@@ -109,16 +118,37 @@ class DepthRouter(nn.Module):
         depth states with it). The same operations as the hooked path of `forward`."""
         dtype = stat_dtype(sources[0].dtype)
         parts = [source.to(dtype) for source in sources]
-        scale = torch.stack([rms_scale(part, self.key_norm.eps).squeeze(-1) for part in parts])
+        scale = source_scales(parts, self.key_norm.eps)
         effective_query = self.key_norm.w.to(dtype) * self.query.to(dtype)
         logits = source_logits(source_dots(parts, effective_query), scale, self.recency_bias)
         weights = logits.softmax(dim=0)
         return weighted_sum(parts, weights).to(sources[0].dtype), weights.movedim(0, -1)
 
+    def _route_watched(
+        self, sources: list[Float[Tensor, "batch pos d_model"]]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`_route` with ``hook_logits``, ``hook_weights`` and ``hook_out`` (float32/64)."""
+        scale = source_scales(sources, self.key_norm.eps)
+        dots = source_dots(sources, self.key_norm.w * self.query)
+        logits = source_logits(dots, scale, self.recency_bias)
+        logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
+        weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
+        return self.hook_out(weighted_sum(sources, weights))
+
 
 # The routing math, shared by the hooked and the fused path so that both give the same
 # bits. Per-source quantities are laid out source-major, ``[n_sources, batch, pos]``:
 # a softmax over a short leading axis is several times faster than over a short last one.
+
+
+def source_scales(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: float
+) -> Float[Tensor, "n_sources batch pos"]:
+    """``rms_scale`` of every source (the same bits: one norm per source, then the
+    elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once)."""
+    dtype = stat_dtype(sources[0].dtype)
+    norms = torch.stack([torch.linalg.vector_norm(s, dim=-1, dtype=dtype) for s in sources])
+    return (norms.square() / sources[0].shape[-1] + eps).sqrt()
 
 
 def source_dots(
@@ -161,7 +191,7 @@ def _route(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, scale, dots, weights)`` of an unobserved router (the last three
     ``[n_sources, batch, pos]``)."""
-    scale = torch.stack([rms_scale(source, eps).squeeze(-1) for source in sources])
+    scale = source_scales(sources, eps)
     dots = source_dots(sources, query)
     weights = source_logits(dots, scale, bias).softmax(dim=0)
     return weighted_sum(sources, weights), scale, dots, weights
@@ -186,22 +216,33 @@ class _FusedRouting(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        # Memory passes over [batch, pos, d_model] tensors dominate (the per-source numbers
+        # are [n_sources, batch, pos]): per source, two for the weight gradient, three for
+        # the source gradient, one multiply-accumulate for the query gradient.
         query, scale, dots, weights, *sources = ctx.saved_tensors  # [n_sources, batch, pos]
-        d_model = query.shape[-1]
         inv_rms = scale.reciprocal()
         grad_weights = torch.stack([(source * grad_out).sum(dim=-1) for source in sources])
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
         grad_dots = grad_logits * inv_rms
         # d inv_rms / d V = -inv_rms**3 * V / d_model
-        coef = -grad_logits * dots * inv_rms.pow(3) / d_model
-        grad_sources, grad_query = [], torch.zeros_like(query)
+        coef = (grad_dots * dots * inv_rms.square()).mul_(-1.0 / query.shape[-1]).unsqueeze(-1)
+        grad_dots_, weights_ = grad_dots.unsqueeze(-1), weights.unsqueeze(-1)
+        grad_sources: list[Tensor] = []
+        per_position_query: Optional[Tensor] = None
         for index, source in enumerate(sources):
-            grad = source * coef[index].unsqueeze(-1)
-            grad.addcmul_(weights[index].unsqueeze(-1), grad_out)
-            grad.addcmul_(grad_dots[index].unsqueeze(-1), query)
+            grad = source * coef[index]
+            grad.addcmul_(weights_[index], grad_out)
+            grad.addcmul_(grad_dots_[index], query)
             grad_sources.append(grad)
-            # not a [1, N] @ [N, d] matmul: BLAS splits that reduction differently from run to run
-            grad_query += (grad_dots[index].unsqueeze(-1) * source).flatten(0, -2).sum(0)
+            # accumulated per position, reduced once at the end: not a [1, N] @ [N, d]
+            # matmul, because BLAS splits that reduction differently from run to run
+            if per_position_query is None:
+                per_position_query = source * grad_dots_[index]
+            else:
+                per_position_query.addcmul_(source, grad_dots_[index])
+        assert per_position_query is not None
+        grad_query = per_position_query.flatten(0, -2).sum(0)
         grad_bias = grad_logits[-1].sum() if ctx.has_bias else None
         return (grad_query, grad_bias, None, *grad_sources)

@@ -191,7 +191,9 @@ class TokenizerMixin:
             raise TypeError(f"to_single_str_token takes one integer token id, got {int_token!r}")
         if not 0 <= int_token < self.cfg.d_vocab:
             raise ValueError(f"token id {int_token} is not in [0, {self.cfg.d_vocab}) (d_vocab)")
-        return self._decode_each(torch.tensor([int_token]))[0]
+        return self._require_tokenizer("to_single_str_token").decode(
+            [int_token], clean_up_tokenization_spaces=False
+        )
 
     def get_token_position(
         self,

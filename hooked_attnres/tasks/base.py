@@ -81,7 +81,8 @@ class TaskBatch:
 
     def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """Log-probability of the correct answer."""
-        logprobs = self.answer_logits(logits).float().log_softmax(-1)
+        at = self.answer_logits(logits)
+        logprobs = at.to(torch.promote_types(at.dtype, torch.float32)).log_softmax(-1)
         return logprobs[
             torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)
         ]
@@ -96,7 +97,7 @@ class TaskBatch:
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """Mean cross-entropy over the supervised positions (the training objective)."""
         return torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(),
+            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
             self.targets.to(logits.device).flatten(),
             ignore_index=-100,
         )

@@ -1,0 +1,692 @@
+"""Attribution over routing: every ablation or patch of routing weights, estimated from
+one forward and one backward pass (attribution patching, AtP), then verified exactly.
+
+**Mask-and-renormalise ablation** (`attribute_routing`). Masking a family at a router sets
+its logits to ``-inf``; the router's weights jump from ``w`` to the exact renormalised
+``w_masked = softmax(logits with the family at -inf)``. With ``g = d metric / d w`` (the
+gradient at the clean run with respect to that router's ``hook_weights``), the linear
+estimate of the metric's change is::
+
+    estimate = sum over the cell's routers and positions of  g . (w_masked - w)
+
+The softmax itself is not linearised (``w_masked`` is exact); what is linear is the rest of
+the network from the routing weights to the metric. A cell that masks several routers
+(a depth band) gets the sum of its routers' estimates: the first-order change when every
+router's weights move by ``eps (w_masked - w)`` on top of what they compute (interactions
+between the routers of a cell are second order and ignored, as in AtP).
+
+``method="norm"`` (AtP*-style refinement) propagates exactly through the nonlinearity right
+after the router, the sublayer's RMSNorm (``ln1``/``ln2``/``ln_final``; it is scale
+invariant, so renormalising weights that move the router's output in length is far from
+linear there): with ``y`` the norm's ``hook_normalized`` output and ``g_y`` the gradient
+there, ``estimate = g_y . (RMSNorm(sum_i w_masked_i V_i) - y)``, from the same backward pass.
+
+**Patching routing weights** (`attribution_patch_routing_weights`): the estimate of
+`hooked_attnres.patching.get_act_patch_routing_weights` (the clean weights of one router
+patched into the corrupted run): ``metric(corrupted) + g_corrupted . (w_clean - w_corrupted)``.
+
+Both are first-order estimates: they rank cells for a fraction of the cost of the exact
+sweep, and `RoutingAttribution.verify_top` re-runs the largest ones exactly. Where routing
+is saturated (a weight near 1 that the ablation moves to 0) or a sublayer's output depends
+on its input in an all-or-nothing way, the estimate can be far off; ``docs/analysis.md``
+has the validation numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
+from hooked_attnres.analysis.effects import (
+    Metric,
+    PlannedAblation,
+    check_metrics,
+    effect_rows,
+    metric_name,
+    metric_values,
+    plan_ablations,
+    run_ablations,
+)
+from hooked_attnres.interventions.selection import check_routers
+from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.norms import RMSNorm, is_observed, rms_scale, stat_dtype
+from hooked_attnres.model.routing import weighted_sum
+from hooked_attnres.patching import _check, _check_cache, _column, _site_rows
+from hooked_attnres.tasks.base import TaskBatch
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
+METHODS = ("linear", "norm")
+# metrics whose gradient is zero almost everywhere
+NOT_DIFFERENTIABLE = {
+    "accuracy": "accuracy is piecewise constant (its gradient is zero almost everywhere), so "
+    "it has no attribution; use metrics='logit_diff' or 'logprob' here, and "
+    "ablation_effects(..., metrics=('accuracy',)) or verify_top for exact accuracy effects"
+}
+
+
+# --- checks --------------------------------------------------------------------------
+
+
+def _check_model(model: HookedAttnRes, what: str) -> None:
+    if model.training:
+        raise ValueError(
+            f"{what} needs the model in eval mode (model.eval()); the estimate and the exact "
+            "ablation it is checked against must not depend on the mode"
+        )
+
+
+def _check_methods(method: Union[str, Sequence[str]]) -> list[str]:
+    methods = [method] if isinstance(method, str) else list(method)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"method must be one of {METHODS} (or a list of them), got {method!r}")
+    return methods
+
+
+def _check_differentiable(metrics: Sequence[Metric]) -> None:
+    for metric in metrics:
+        if isinstance(metric, str) and metric in NOT_DIFFERENTIABLE:
+            raise ValueError(NOT_DIFFERENTIABLE[metric])
+
+
+# --- capturing one run ---------------------------------------------------------------
+
+
+@contextmanager
+def _frozen_parameters(model: HookedAttnRes) -> Iterator[None]:
+    """Parameters need no gradient: the backward computes activation gradients only."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def _norm_after(model: HookedAttnRes, site: RouterSite) -> RMSNorm:
+    """The RMSNorm that reads a router's output (the only consumer of ``hook_out``)."""
+    if site.is_final:
+        return model.ln_final
+    assert site.layer is not None
+    block = model.blocks[site.layer]
+    return block.ln1 if site.kind == "attn_res" else block.ln2
+
+
+@dataclass
+class _Capture:
+    """What one run with the graph kept records at one router: its logits and weights
+    ``[batch, pos, n_sources]`` (weights in the graph), and for ``method="norm"`` its
+    sources (``n_sources`` x ``[batch, pos, d_model]``) and the following norm's
+    ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph)."""
+
+    logits: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    sources: Optional[list[Tensor]] = None
+    normalized: Optional[Tensor] = None
+
+
+@contextmanager
+def _capturing(
+    model: HookedAttnRes, sites: Sequence[RouterSite], need_norm: bool
+) -> Iterator[dict[RouterSite, _Capture]]:
+    """Record what the estimates need at every router while the block runs: logits and
+    weights through their hooks (the weights start the graph at the first router), and
+    for ``method="norm"`` the norm's ``hook_normalized`` and the router's input sources
+    (a module pre-hook, so that no stacked copy is made; through ``hook_sources`` only
+    where another hook already watches it, as that hook may edit them)."""
+    captures = {site: _Capture() for site in sites}
+    hooks, handles = [], []
+    for site, capture in captures.items():
+        router = model.router(site)
+        edited = [router.hook_weights] + ([router.hook_out] if need_norm else [])
+        for point in edited:
+            if is_observed(point):
+                raise ValueError(
+                    f"a hook is already attached to {point.name}; attribution takes the "
+                    "weights to be softmax(hook_logits) feeding the router's output unchanged "
+                    "(and method='norm' its output feeding the norm), so it cannot account "
+                    "for hooks there. Remove them, or attach them to hook_logits / "
+                    "hook_sources (which attribution sees)."
+                )
+
+        def on_logits(logits, hook, capture=capture):
+            capture.logits = logits.detach()
+
+        def on_weights(weights, hook, capture=capture):
+            if not weights.requires_grad:  # the first router: start the graph here
+                weights = weights.detach().requires_grad_()
+            capture.weights = weights
+            return weights
+
+        hooks += [(site.hook("logits"), on_logits), (site.hook("weights"), on_weights)]
+        if need_norm:
+
+            def on_input(module, args, capture=capture):
+                capture.sources = [source.detach() for source in args[0]]
+
+            def on_sources(sources, hook, capture=capture):
+                capture.sources = list(sources.detach().unbind(dim=-2))
+
+            def on_normalized(normalized, hook, capture=capture):
+                capture.normalized = normalized
+
+            handles.append(router.register_forward_pre_hook(on_input))
+            if is_observed(router.hook_sources):
+                hooks.append((site.hook("sources"), on_sources))
+            norm_hook = _norm_after(model, site).hook_normalized.name
+            assert norm_hook is not None  # named by the model's setup()
+            hooks.append((norm_hook, on_normalized))
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _gradients(
+    values: Tensor, captures: dict[RouterSite, _Capture], need_norm: bool, retain: bool
+) -> dict[RouterSite, tuple[Tensor, Optional[Tensor]]]:
+    """``{site: (d sum(values) / d weights, d sum(values) / d normalized or None)}``; a
+    tensor the metric does not depend on gets zeros."""
+    sites = list(captures)
+    inputs: list[Tensor] = []
+    for site in sites:
+        capture = captures[site]
+        assert capture.weights is not None, f"{site} did not run"
+        inputs.append(capture.weights)
+        if need_norm:
+            assert capture.normalized is not None
+            inputs.append(capture.normalized)
+    found = torch.autograd.grad(values.sum(), inputs, retain_graph=retain, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found, strict=True)]
+    out = {}
+    step = 2 if need_norm else 1
+    for index, site in enumerate(sites):
+        out[site] = (grads[step * index], grads[step * index + 1] if need_norm else None)
+    return out
+
+
+def _router_estimate(
+    method: str,
+    model: HookedAttnRes,
+    site: RouterSite,
+    capture: _Capture,
+    grads: tuple[Tensor, Optional[Tensor]],
+    new_weights: Float[Tensor, "batch pos n_sources"],
+) -> Float[Tensor, "batch pos"]:
+    """First-order change of the metric per prompt and position when one router's weights
+    become ``new_weights`` (float32, or float64 in a float64 model)."""
+    assert capture.weights is not None
+    weights = capture.weights.detach()
+    if method == "linear":
+        return (grads[0] * (new_weights - weights)).sum(-1)
+    assert capture.sources is not None and capture.normalized is not None
+    assert grads[1] is not None
+    sources = capture.sources
+    parts = [source.to(weights.dtype) for source in sources]
+    out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources[0].dtype)
+    norm = _norm_after(model, site)
+    scale = rms_scale(out, norm.eps)
+    normalized = (out.to(scale.dtype) * scale.reciprocal()).to(out.dtype)
+    change = normalized.to(weights.dtype) - capture.normalized.detach().to(weights.dtype)
+    return (grads[1].to(weights.dtype) * change).sum(-1)
+
+
+def _masked_weights(
+    logits: Float[Tensor, "batch pos n_sources"], mask: Sequence[bool]
+) -> Float[Tensor, "batch pos n_sources"]:
+    """The exact renormalised weights of mask-and-renormalise ablation."""
+    where = torch.tensor(mask, dtype=torch.bool, device=logits.device)
+    return logits.masked_fill(where, float("-inf")).softmax(dim=-1)
+
+
+def _scatter_positions(
+    per_pos: Float[Tensor, "batch q"], n_pos: int, answer_pos: Tensor
+) -> Float[Tensor, "batch pos"]:
+    """Per-position values of a router that ran only at the answer positions
+    (``logit_positions``) placed back on the full position axis (0 elsewhere)."""
+    if per_pos.shape[1] == n_pos:
+        return per_pos
+    out = per_pos.new_zeros(per_pos.shape[0], n_pos)
+    out[torch.arange(per_pos.shape[0], device=per_pos.device), answer_pos] = per_pos[:, 0]
+    return out
+
+
+# --- mask-and-renormalise attribution ------------------------------------------------
+
+
+@dataclass
+class RoutingAttribution:
+    """The result of `attribute_routing`.
+
+    Attributes:
+        table: one row per (method, metric, cell): the columns of
+            `hooked_attnres.analysis.ablation_effects` in its row order (per method),
+            plus ``estimate`` and ``method``. ``effect`` is the estimate (so the table
+            plots like an effect table), ``ablated = clean + estimate``, ``ci_low`` /
+            ``ci_high`` a bootstrap interval of the estimate over prompts; ``method``
+            says that these are estimates (``"linear"`` or ``"norm"``).
+        per_prompt: ``{(method, metric name): [n_cells, n_prompts]}`` estimates.
+        by_position: with ``by_position=True``, ``{(method, metric name): [n_cells,
+            n_prompts, pos]}``: the estimate of masking the cell's family at that position
+            only (summing over positions gives ``per_prompt``).
+        plan: the `PlannedAblation` of every cell (the one ablation compiler's masks).
+        clean: ``{metric name: [n_prompts]}`` clean metric.
+        masked_mass: ``[n_cells]``, the routing weight the ablation removes (mean over
+            prompts and positions, the largest over the cell's routers): near 1 the
+            ablation is all-or-nothing and the linear estimate extrapolates furthest.
+        seconds: wall time of the attribution.
+    """
+
+    table: pd.DataFrame
+    per_prompt: dict[tuple[str, str], np.ndarray]
+    by_position: Optional[dict[tuple[str, str], np.ndarray]]
+    plan: list[PlannedAblation]
+    clean: dict[str, np.ndarray]
+    masked_mass: np.ndarray
+    seconds: float
+    model: HookedAttnRes = field(repr=False)
+    batch: TaskBatch = field(repr=False)
+    metrics: list[Metric] = field(repr=False)
+    settings: dict = field(default_factory=dict, repr=False)
+
+    def position_table(self) -> pd.DataFrame:
+        """The per-position estimates as a tidy table: ``router, group, layers, family,
+        metric, method, pos, estimate`` (mean over prompts)."""
+        if self.by_position is None:
+            raise ValueError(
+                "run attribute_routing(..., by_position=True) for per-position estimates"
+            )
+        rows = []
+        for (method, metric), values in self.by_position.items():
+            means = values.mean(axis=1)
+            for i, cell in enumerate(self.plan):
+                for pos in range(means.shape[1]):
+                    rows.append(
+                        {
+                            "router": cell.router,
+                            "group": cell.group,
+                            "layers": ",".join(map(str, cell.layers)),
+                            "family": cell.family,
+                            "metric": metric,
+                            "method": method,
+                            "pos": pos,
+                            "estimate": means[i, pos],
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+    def verify_top(
+        self,
+        k: int = 10,
+        metric: Optional[str] = None,
+        method: Optional[str] = None,
+        min_masked_mass: Optional[float] = None,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """Run the exact ablation of the ``k`` cells with the largest ``|estimate|``.
+
+        Args:
+            k: how many cells (per metric).
+            metric: rank by this metric only (default: the top ``k`` of each metric).
+            method: whose estimates rank the cells (default: the first method computed).
+            min_masked_mass: also verify every cell whose ablation removes at least this
+                much routing weight at one of its routers (`masked_mass`), whatever its
+                estimate: there the ablation is all-or-nothing and a first-order estimate
+                can miss a large effect entirely (e.g. 0.9; ``docs/analysis.md``).
+
+        Returns:
+            The `ablation_effects` rows of those cells (exact ``clean, ablated, effect,
+            ci_low, ci_high``; equal to what `ablation_effects` gives for them, computed by
+            the same `run_ablations` and bootstrap) with ``estimate`` (of ``method``),
+            ``error = estimate - effect``, ``method = "exact"``, ``estimate_method`` and
+            ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
+            and ``|estimate|``.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
+            raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
+        methods = self.settings["methods"]
+        method = methods[0] if method is None else method
+        if method not in methods:
+            raise ValueError(f"method {method!r} was not computed; this result has {methods}")
+        names = [metric_name(m) for m in self.metrics]
+        chosen = names if metric is None else [metric]
+        if metric is not None and metric not in names:
+            raise ValueError(f"metric {metric!r} was not computed; this result has {names}")
+        far = set()
+        if min_masked_mass is not None:
+            far = {int(i) for i in np.flatnonzero(self.masked_mass >= min_masked_mass)}
+        top: dict[str, set[int]] = {}
+        for name in chosen:
+            estimates = self.per_prompt[(method, name)].mean(axis=1)
+            order = np.argsort(-np.abs(estimates), kind="stable")
+            top[name] = {int(i) for i in order[:k]}
+        cells = sorted(far.union(*top.values()))
+        sub_plan = [self.plan[i] for i in cells]
+        metrics = [m for m in self.metrics if metric_name(m) in chosen]
+        s = self.settings
+        _check_model(self.model, "verify_top")
+        clean, ablated = run_ablations(
+            self.model, self.batch, sub_plan, metrics, chunk=s["chunk"], progress=progress
+        )
+        rows = effect_rows(
+            sub_plan, clean, ablated, metrics, s["n_bootstrap"], s["confidence"], s["seed"]
+        )
+        out = []
+        for row, (name, i) in zip(
+            rows, [(metric_name(m), i) for m in metrics for i in cells], strict=True
+        ):
+            if i not in top[name] and i not in far:
+                continue
+            estimate = float(self.per_prompt[(method, name)][i].mean())
+            out.append(
+                {
+                    **row,
+                    "estimate": estimate,
+                    "error": estimate - row["effect"],
+                    "method": "exact",
+                    "estimate_method": method,
+                    "verified_because": "top estimate" if i in top[name] else "masked mass",
+                }
+            )
+        table = pd.DataFrame(out)
+        table["_order"] = -table["estimate"].abs()
+        return (
+            table.sort_values(["metric", "_order"], kind="stable")
+            .drop(columns="_order")
+            .reset_index(drop=True)
+        )
+
+
+def attribute_routing(
+    model: HookedAttnRes,
+    batch: TaskBatch,
+    metrics: Union[Metric, Sequence[Metric]] = "logit_diff",
+    families: Sequence[Union[str, int]] = FAMILIES,
+    routers: Sequence[str] = SUBLAYER_ROUTERS,
+    groups: Union[str, dict] = "bands",
+    bands: Optional[dict] = None,
+    method: Union[str, Sequence[str]] = "linear",
+    by_position: bool = False,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    chunk: int = 256,
+    progress: bool = True,
+) -> RoutingAttribution:
+    """Estimate the effect of every mask-and-renormalise ablation of `ablation_effects` from
+    one forward and one backward pass per chunk of prompts (attribution patching).
+
+    Args:
+        model: a routed `HookedAttnRes` in eval mode (any dtype and device; the routing
+            math and the estimates are float32, float64 in a float64 model).
+        batch: the prompts (a `TaskBatch`; the metric is read at the answer position).
+        metrics: ``"logit_diff"``, ``"logprob"``, a callable ``fn(batch, logits) -> [batch]``
+            (see `metric_values`), or a list (one backward pass each). ``"accuracy"`` has no
+            gradient and is refused.
+        families, routers, groups, bands: the cells, exactly as `ablation_effects` /
+            `plan_ablations` (the same compiled masks).
+        method: ``"linear"`` (gradient x exact weight change), ``"norm"`` (exact through the
+            sublayer RMSNorm; same passes, a little more arithmetic), or both as a list.
+        by_position: also keep the estimate of masking the family at each position alone.
+        n_bootstrap, confidence, seed: the bootstrap over prompts of the estimate.
+        chunk: prompts per forward/backward pass (memory: one pass keeps its graph).
+
+    Returns:
+        A `RoutingAttribution`: ``.table`` (the `ablation_effects` columns plus ``estimate``
+        and ``method``), ``.verify_top(k)`` (exact ablation of the largest estimates).
+
+    Cost: one forward pass with the routers observed (their hooked path) plus one backward
+    pass without parameter gradients, about 2.5 F per metric (F = a plain forward pass);
+    ``docs/benchmarks.md`` has the measured number.
+
+    Raises:
+        ValueError: a model in train mode or without routers, ``accuracy`` or an unknown
+            metric, a callable metric that does not return ``[batch]``, an unknown family,
+            router or group, an unknown method.
+    """
+    start_time = time.perf_counter()
+    _check_model(model, "attribute_routing")
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(
+            f"batch must be a TaskBatch (e.g. task.sample(...)), got {type(batch).__name__}"
+        )
+    metrics = check_metrics(metrics)
+    _check_differentiable(metrics)
+    methods = _check_methods(method)
+    check_routers(model, routers)
+    plan = plan_ablations(model, families, routers, groups, bands)
+    need_norm = "norm" in methods
+    sites = sorted(
+        {site for cell in plan for site, _ in cell.ablation.masks}, key=lambda s: s.sublayer
+    )
+    names = [metric_name(m) for m in metrics]
+    n, n_pos = len(batch), batch.tokens.shape[1]
+    per_prompt = {(mt, nm): np.zeros((len(plan), n)) for mt in methods for nm in names}
+    positions = (
+        {(mt, nm): np.zeros((len(plan), n, n_pos)) for mt in methods for nm in names}
+        if by_position
+        else None
+    )
+    clean = {nm: np.zeros(n) for nm in names}
+    mass_sums = np.zeros((len(plan), max((len(c.ablation.masks) for c in plan), default=0)))
+    chunks = list(range(0, n, chunk))
+    bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
+    for first in chunks:
+        part = batch[first : first + chunk]
+        rows = slice(first, first + len(part))
+        answer_pos = part.answer_pos.to(model.embed.W_E.device)
+        at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
+        with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
+            with _capturing(model, sites, need_norm) as captures:
+                logits = model(part.tokens, logit_positions=answer_pos)
+            for index, metric in enumerate(metrics):
+                values = metric_values(at_answer, logits, metric)
+                if not values.requires_grad:
+                    raise ValueError(
+                        f"metric {names[index]!r} does not depend on the logits through a "
+                        "gradient (it returns a detached or piecewise-constant value)"
+                    )
+                clean[names[index]][rows] = as_numpy(values)
+                grads = _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
+                with torch.no_grad():
+                    if index == 0:
+                        mass_sums += as_numpy(_masked_mass(plan, captures))
+                    estimates = _chunk_estimates(
+                        model, plan, captures, grads, methods, n_pos, answer_pos, by_position
+                    )
+                for method, (cells, cells_by_pos) in estimates.items():  # one copy per chunk
+                    per_prompt[(method, names[index])][:, rows] = as_numpy(cells)
+                    if positions is not None:
+                        positions[(method, names[index])][:, rows] = as_numpy(cells_by_pos)
+        del captures, logits
+        bar.update(1)
+    bar.close()
+    table = _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed)
+    return RoutingAttribution(
+        table=table,
+        per_prompt=per_prompt,
+        by_position=positions,
+        plan=plan,
+        clean=clean,
+        masked_mass=(mass_sums / n).max(axis=1, initial=0.0),
+        seconds=time.perf_counter() - start_time,
+        model=model,
+        batch=batch,
+        metrics=metrics,
+        settings=dict(
+            methods=methods, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed, chunk=chunk
+        ),
+    )
+
+
+def _chunk_estimates(
+    model, plan, captures, grads, methods, n_pos, answer_pos, by_position
+) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
+    """Every cell's estimate for one chunk and metric, on the model's device:
+    ``{method: ([n_cells, batch], [n_cells, batch, pos] or None)}``."""
+    router_estimates: dict = {}  # (site, mask, method) -> [batch, pos]
+    out = {}
+    for method in methods:
+        cells = []
+        for cell in plan:
+            total = None
+            for site, mask in cell.ablation.masks:
+                key = (site, mask, method)
+                if key not in router_estimates:
+                    capture = captures[site]
+                    new = _masked_weights(capture.logits, mask)
+                    per_pos = _router_estimate(method, model, site, capture, grads[site], new)
+                    router_estimates[key] = _scatter_positions(per_pos, n_pos, answer_pos)
+                total = router_estimates[key] if total is None else total + router_estimates[key]
+            if total is None:  # masks nothing: exactly 0
+                dtype = stat_dtype(model.cfg.dtype)  # no float64 on devices that lack it
+                total = torch.zeros(len(answer_pos), n_pos, dtype=dtype, device=answer_pos.device)
+            cells.append(total)
+        stacked = torch.stack(cells)  # [n_cells, batch, pos]
+        out[method] = (stacked.sum(-1), stacked if by_position else None)
+    return out
+
+
+def _masked_mass(plan, captures) -> Tensor:
+    """``[n_cells, max routers per cell]``: each cell's removed weight per masked router,
+    averaged over positions and summed over the chunk's prompts."""
+    width = max((len(cell.ablation.masks) for cell in plan), default=0)
+    reference = next(iter(captures.values())).weights if captures else None
+    sums = torch.zeros(
+        len(plan),
+        width,
+        dtype=None if reference is None else reference.dtype,
+        device=None if reference is None else reference.device,
+    )
+    for i, cell in enumerate(plan):
+        for j, (site, mask) in enumerate(cell.ablation.masks):
+            weights = captures[site].weights.detach()
+            where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
+            sums[i, j] = (weights * where).sum(-1).mean(-1).sum()
+    return sums
+
+
+def _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed):
+    rows = []
+    for method in methods:
+        for name in names:
+            estimates = per_prompt[(method, name)]
+            mean, low, high = bootstrap_ci_rows(estimates, n_bootstrap, confidence, seed)
+            base = clean[name].mean()
+            for i, cell in enumerate(plan):
+                rows.append(
+                    {
+                        "router": cell.router,
+                        "group": cell.group,
+                        "layers": ",".join(map(str, cell.layers)),
+                        "family": cell.family,
+                        "metric": name,
+                        "clean": base,
+                        "ablated": base + mean[i],
+                        "effect": mean[i],
+                        "ci_low": low[i],
+                        "ci_high": high[i],
+                        "n_masked_routers": len(cell.ablation.masks),
+                        "skipped": ";".join(cell.skipped),
+                        "n_prompts": estimates.shape[1],
+                        "estimate": mean[i],
+                        "method": method,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+# --- attribution patching of routing weights ------------------------------------------
+
+
+def attribution_patch_routing_weights(
+    model: HookedAttnRes,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache,
+    patching_metric,
+    routers: Sequence[str] = SUBLAYER_ROUTERS,
+    by_pos: bool = False,
+    method: str = "linear",
+) -> Tensor:
+    """The attribution-patching estimate of
+    `hooked_attnres.patching.get_act_patch_routing_weights` (``by_pos=False``) or
+    ``get_act_patch_routing_weights_by_pos`` (``by_pos=True``), with the same arguments and
+    result layout, from one forward and one backward pass of the corrupted run.
+
+    For each router: ``metric(corrupted) + g . (w_clean - w_corrupted)`` summed over
+    positions (or at each position), with ``g`` the gradient of ``patching_metric`` with
+    respect to the corrupted run's ``hook_weights`` (``method="norm"``: exact through the
+    sublayer RMSNorm, as in `attribute_routing`).
+
+    Args:
+        corrupted_tokens: ``[batch, pos]``.
+        clean_cache: a cache of the clean run holding every router's ``hook_weights``.
+        patching_metric: logits ``[batch, pos, d_vocab]`` -> a differentiable scalar.
+
+    Returns:
+        ``[len(routers), n_layers]`` or ``[len(routers), n_layers, pos]`` float32 (the final
+        router in column 0, other columns NaN), on the tokens' device: estimated metric
+        values of the patched runs.
+    """
+    _check_model(model, "attribution patching")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    routers = _check(model, corrupted_tokens, routers)
+    site_rows = _site_rows(model, routers)
+    sites = [site for _, site in site_rows]
+    _check_cache(clean_cache, corrupted_tokens, [site.hook("weights") for site in sites])
+    need_norm = method == "norm"
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
+        with _capturing(model, sites, need_norm) as captures:
+            logits = model(corrupted_tokens)
+        value = torch.as_tensor(patching_metric(logits))
+        if value.ndim != 0:
+            raise ValueError(
+                f"patching_metric must return a scalar, got shape {tuple(value.shape)}"
+            )
+        if not value.requires_grad:
+            raise ValueError(
+                "patching_metric must be differentiable in the logits (got a detached value)"
+            )
+        grads = _gradients(value.reshape(1), captures, need_norm, retain=False)
+        with torch.no_grad():
+            n_pos = corrupted_tokens.shape[1]
+            shape = (len(routers), model.cfg.n_layers) + ((n_pos,) if by_pos else ())
+            out = torch.full(shape, float("nan"), device=logits.device)
+            base = value.detach().float()
+            for row, site in site_rows:
+                capture = captures[site]
+                assert capture.weights is not None
+                new = torch.as_tensor(clean_cache[site.hook("weights")]).to(
+                    capture.weights.device, capture.weights.dtype
+                )
+                per_pos = _router_estimate(method, model, site, capture, grads[site], new).sum(0)
+                out[row, _column(site)] = base + (per_pos if by_pos else per_pos.sum()).float()
+    return out
+
+
+__all__ = [
+    "METHODS",
+    "RoutingAttribution",
+    "attribute_routing",
+    "attribution_patch_routing_weights",
+]
