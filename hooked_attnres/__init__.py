@@ -14,7 +14,7 @@ Quick start::
 
 from hooked_attnres._version import __version__
 from hooked_attnres.config import HookedAttnResConfig
-from hooked_attnres.loading import CheckpointError
+from hooked_attnres.loading import CheckpointConflictError, CheckpointError
 from hooked_attnres.model import (
     FAMILIES,
     ROUTERS,
@@ -29,6 +29,7 @@ from hooked_attnres.model import (
 __all__ = [
     "FAMILIES",
     "ROUTERS",
+    "CheckpointConflictError",
     "CheckpointError",
     "DepthRouter",
     "DepthState",

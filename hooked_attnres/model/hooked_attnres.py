@@ -512,7 +512,9 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) atomically.
 
-        See `hooked_attnres.loading.checkpoint.save_checkpoint` for the options.
+        Options (see `hooked_attnres.loading.checkpoint.save_checkpoint`): ``format``, and
+        ``overwrite=True`` to replace a directory that holds files no save wrote (refused
+        by default: `CheckpointConflictError`).
         """
         from hooked_attnres.loading.checkpoint import save_checkpoint
 
@@ -530,7 +532,10 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> HookedAttnRes:
         """Load a checkpoint directory written by `save_pretrained` (or another
-        supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`)."""
+        supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`).
+
+        Options: ``dtype``, ``device``, ``mmap`` (default False: the weights are copied, so
+        later changes to the files cannot reach the model)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
         return load_checkpoint(directory, model_class=cls, **kwargs)

@@ -260,7 +260,7 @@ def _front(table: pd.DataFrame) -> pd.DataFrame:
 
 def write_study(result: StudyResult) -> Path:
     """Write the tables (CSV), the dissociation (JSON), figures (HTML) and ``report.md``."""
-    with atomic_directory(result.out_dir, markers=("report.md",)) as tmp:
+    with atomic_directory(result.out_dir) as tmp:
         for name in ("accuracy", "mass", "mass_summary", "effects", "schedule", "seeds_summary"):
             table = getattr(result, name)
             if not table.empty:
