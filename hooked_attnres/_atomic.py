@@ -55,7 +55,7 @@ TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
 CRASH_ENV = "HOOKED_ATTNRES_CRASH_AT"
 
-# Where `_fault` can kill the process, in the order a save reaches them.
+# Where `fault_point` can kill the process, in the order a save reaches them.
 FAULT_STEPS = (
     "locked",  # the writer holds the lock, nothing written yet
     "payload",  # the new version's files are written, not yet fsynced
@@ -67,6 +67,11 @@ FAULT_STEPS = (
     "discard_marker",  # the old version's marker deleted, its files not yet
     "discard_partial",  # some of the old version's files deleted
     "done",  # everything finished, lock still held
+    # recovery (run by the next save or load)
+    "recover_moved_aside",  # recovery moved an older NAME aside, the newest not yet in place
+    "recover_installed",  # recovery installed the newest version, leftovers not yet discarded
+    # the trainer
+    "train_step",  # after an optimiser step, before any checkpoint of that step
 )
 
 
@@ -74,7 +79,7 @@ class CheckpointConflictError(FileExistsError):
     """A save would delete files it did not write (pass ``overwrite=True`` to allow it)."""
 
 
-def _fault(step: str) -> None:
+def fault_point(step: str) -> None:
     """SIGKILL this process at ``step`` if ``HOOKED_ATTNRES_CRASH_AT`` asks for it."""
     wanted = os.environ.get(CRASH_ENV)
     if not wanted:
@@ -155,7 +160,7 @@ def _write_marker(directory: Path, sequence: int) -> None:
         handle.write(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    _fault("marker_tmp")
+    fault_point("marker_tmp")
     os.rename(partial, directory / MARKER)
     _fsync_dir(directory)
 
@@ -279,12 +284,12 @@ def _discard(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (path / MARKER).unlink()
         _fsync_dir(path)
-    _fault("discard_marker")
+    fault_point("discard_marker")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     if files:
         with contextlib.suppress(FileNotFoundError):
             files[0].unlink()
-        _fault("discard_partial")
+        fault_point("discard_partial")
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -305,10 +310,12 @@ def _recover_locked(target: Path) -> bool:
                 os.rename(target, aside)
                 _fsync_dir(target.parent)
                 others.append(aside)
+                fault_point("recover_moved_aside")
             os.rename(best, target)
             _fsync_dir(target.parent)
             others.remove(best)
             installed = True
+            fault_point("recover_installed")
     elif not target.exists():
         # No complete version. A ``.old-*`` without a marker and no NAME is what the
         # protocol before completion markers left after a crash between its two renames
@@ -440,7 +447,7 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target, exclusive=True):
-        _fault("locked")
+        fault_point("locked")
         _recover_locked(target)
         check_replaceable(target, overwrite)
         marker = read_marker(target) if target.is_dir() else None
@@ -450,24 +457,24 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
         committed = False
         try:
             yield tmp
-            _fault("payload")
+            fault_point("payload")
             _fsync_tree(tmp)
-            _fault("fsynced")
+            fault_point("fsynced")
             _write_marker(tmp, sequence)
             committed = True
-            _fault("committed")
+            fault_point("committed")
             aside = None
             if target.exists() or target.is_symlink():
                 aside = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
                 os.rename(target, aside)
-                _fault("moved_aside")
+                fault_point("moved_aside")
             os.rename(tmp, target)
             _fsync_dir(target.parent)
-            _fault("installed")
+            fault_point("installed")
             if aside is not None:
                 with contextlib.suppress(OSError):  # the next save or load removes it
                     _discard(aside)
-            _fault("done")
+            fault_point("done")
         except BaseException:
             if committed:
                 _recover_locked(target)  # finish installing the committed version

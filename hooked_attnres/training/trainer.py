@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hooked_attnres._atomic import (
+    fault_point,
     atomic_directory,
     check_replaceable,
     foreign_files,
@@ -393,6 +394,7 @@ def train(
             optimizer.step()
             step += 1
             steps_this_call += 1
+            fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
             record: dict[str, Any] = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
             if step % config.eval_every == 0 or step == config.steps:
                 record["accuracy"] = evaluate(model, eval_batches)
