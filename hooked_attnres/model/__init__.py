@@ -2,14 +2,16 @@
 
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RoutingLayout
 from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
-from hooked_attnres.model.hooked_root import UnknownHookError
+from hooked_attnres.model.hooked_root import ConcurrentUseError, HookOutputError, UnknownHookError
 from hooked_attnres.model.routing import DepthRouter
 
 __all__ = [
     "FAMILIES",
     "ROUTERS",
+    "ConcurrentUseError",
     "DepthRouter",
     "DepthState",
+    "HookOutputError",
     "HookedAttnRes",
     "Output",
     "RoutingLayout",

@@ -24,7 +24,7 @@ from hooked_attnres.model.depth import (
     SiteLike,
     gather_positions,
 )
-from hooked_attnres.model.hooked_root import HookedModule
+from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, make_hook
 from hooked_attnres.model.rotary import rotary_tables
 from hooked_attnres.model.routing import DepthRouter
@@ -331,6 +331,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         return self.routing_layout.initial_state(embedding, current)
 
     # --- forward ----------------------------------------------------------------------
+    @guarded_pass
     def forward(
         self,
         input: Union[str, list[str], Int[Tensor, "batch pos"], DepthState],
@@ -442,6 +443,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
         )
         return self.ln_final(final) @ self.W_U
 
+    @guarded_pass
     def depth_states(
         self, tokens: Int[Tensor, "batch pos"], sublayers: bool = False
     ) -> list[DepthState]:
@@ -471,6 +473,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             states.append(state)
         return states
 
+    @guarded_pass
     def forward_from(
         self,
         state: DepthState,

@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hooked_attnres._atomic import (
-    fault_point,
     atomic_directory,
     check_replaceable,
+    fault_point,
     foreign_files,
     read_marker,
     reading,
