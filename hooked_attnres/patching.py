@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres.interventions.checks import check_cached
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, RouterSite
 
@@ -41,6 +42,11 @@ def _check(
     if model.training:
         raise ValueError("activation patching requires the model in eval mode (model.eval())")
     routers = check_routers(model, routers)
+    if not isinstance(corrupted_tokens, Tensor):
+        raise TypeError(
+            f"corrupted_tokens must be a [batch, pos] tensor of token ids, got "
+            f"{type(corrupted_tokens).__name__}"
+        )
     if corrupted_tokens.ndim != 2:
         raise ValueError(
             f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}"
@@ -48,8 +54,18 @@ def _check(
     return routers
 
 
-def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -> None:
-    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]."""
+def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str], model=None) -> None:
+    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]
+    (and, given the model, its sources per router, ``d_model`` and routing layout)."""
+    if model is not None:
+        check_cached(
+            model,
+            clean_cache,
+            needed,
+            "the clean cache",
+            batch_pos=tuple(corrupted_tokens.shape),  # type: ignore[arg-type]
+        )
+        return
     missing = [name for name in needed if name not in clean_cache]
     if missing:
         raise KeyError(
@@ -99,7 +115,7 @@ def _patch_cells(
     hook's activation replaced by ``patch_setter(corrupted, setter index, clean)``.
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
     _check_cache(
-        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
+        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells)), model
     )
     states = model.depth_states(corrupted_tokens, sublayers=True)
     out = torch.full(shape, float("nan"), device=corrupted_tokens.device)
