@@ -397,10 +397,12 @@ def foreign_files(target: Union[str, Path]) -> list[str]:
     return out
 
 
-def check_replaceable(target: Union[str, Path], overwrite: bool = False) -> None:
+def check_replaceable(
+    target: Union[str, Path], overwrite: bool = False, remedy: Optional[str] = None
+) -> None:
     """Raise unless a save may replace ``target``: it does not exist, is an empty directory,
     or holds only files that a save of this library wrote (``overwrite=True`` allows any
-    directory). A file is never replaced.
+    directory). A file is never replaced. ``remedy`` replaces the advice of the error.
 
     Raises:
         CheckpointConflictError: (a ``FileExistsError``) naming what would be deleted.
@@ -425,8 +427,11 @@ def check_replaceable(target: Union[str, Path], overwrite: bool = False) -> None
         )
         raise CheckpointConflictError(
             f"refusing to replace {target}: it holds files this library did not write ({shown})"
-            f"{legacy}; saving would delete them. Pass overwrite=True to replace the whole "
-            "directory, or choose another one"
+            f"{legacy}; saving would delete them. "
+            + (
+                remedy
+                or "Pass overwrite=True to replace the whole directory, or choose another one"
+            )
         )
 
 

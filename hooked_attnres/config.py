@@ -268,6 +268,10 @@ class HookedAttnResConfig:
         self.dtype = _dtype_from_any(self.dtype)
         if self.device is None:
             self.device = "cpu"
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"device={self.device!r} is not a torch device ({error})") from None
         self.device = str(self.device)
         for name, expected in _FIXED_ARCHITECTURE.items():
             if getattr(self, name) != expected:
@@ -378,12 +382,23 @@ class HookedAttnResConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HookedAttnResConfig:
         """Inverse of `to_dict`; unknown keys are an error (they usually mean a typo)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a dict of fields, got {type(values).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(str(key) for key in set(values) - known)
         if unknown:
             raise ValueError(
                 f"unknown HookedAttnResConfig field(s) {unknown}; known fields are {sorted(known)}"
             )
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ValueError(f"missing required HookedAttnResConfig field(s) {missing}")
         return cls(**values)
 
     def to_json(self, path: Union[str, Path, None] = None) -> str:
@@ -398,7 +413,11 @@ class HookedAttnResConfig:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the config is not valid JSON ({error})") from error
+        return cls.from_dict(values)
 
     def replace(self, **changes: Any) -> HookedAttnResConfig:
         """A validated copy with some fields changed."""

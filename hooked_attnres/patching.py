@@ -82,6 +82,10 @@ def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str], m
 
 
 def _scalar(value) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (Tensor, int, float)):
+        raise TypeError(
+            f"patching_metric must return a scalar tensor or a number, got {type(value).__name__}"
+        )
     value = torch.as_tensor(value)
     if value.ndim != 0:
         raise ValueError(f"patching_metric must return a scalar, got shape {tuple(value.shape)}")

@@ -25,6 +25,7 @@ from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public befo
     CONFIG_NAME,
     CheckpointError,
     assign_state_dict,
+    check_device,
     empty_model,
     load_tokenizer,
     read_config_json,
@@ -111,6 +112,7 @@ def load_checkpoint(
     directory = Path(directory)
     if not isinstance(mmap, bool):
         raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    check_device(device)
     with reading(directory):
         return _load_checkpoint(directory, device, dtype, model_class, mmap)
 

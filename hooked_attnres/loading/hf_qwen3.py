@@ -30,6 +30,7 @@ from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
+    check_device,
     describe_mismatch,
     empty_model,
     load_tokenizer,
@@ -254,6 +255,7 @@ def from_hf_qwen3(
         raise ValueError(f"recency_bias must be a finite number, got {recency_bias!r}")
     if not isinstance(mmap, bool):
         raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    check_device(device)
     dtype = _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):
         with reading(Path(source)):

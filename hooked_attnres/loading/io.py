@@ -238,6 +238,16 @@ def empty_model(cfg: HookedAttnResConfig, tokenizer=None, model_class: Optional[
         return model_class(cfg.replace(device="meta"), tokenizer=tokenizer)
 
 
+def check_device(device) -> None:
+    """Refuse a device that torch cannot parse, before anything is read."""
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error})") from None
+
+
 def assign_state_dict(
     model: HookedAttnRes, state: dict[str, torch.Tensor], device: Union[str, torch.device]
 ):

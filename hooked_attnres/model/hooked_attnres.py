@@ -32,6 +32,8 @@ from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import WeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+# attribute of a DepthState returned by depth_states / stop_at_layer: the sublayer it enters
+_ENTERING = "_entering_sublayer"
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
 
 
@@ -69,7 +71,13 @@ def lm_cross_entropy_loss(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     per_token: bool = False,
 ) -> Union[Float[Tensor, ""], Float[Tensor, "batch pos_minus_1"]]:
-    """Next-token cross-entropy; padding (``attention_mask == 0``) is excluded."""
+    """Next-token cross-entropy; padding (``attention_mask == 0``) is excluded. A prompt of
+    one token has no next token: refused (the mean over no positions would be NaN)."""
+    if tokens.shape[-1] < 2:
+        raise ValueError(
+            f"a next-token loss needs at least 2 tokens per prompt, got {tokens.shape[-1]}; "
+            "use return_type='logits' for a single token"
+        )
     log_probs = logits[:, :-1].float().log_softmax(dim=-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if attention_mask is None:
@@ -274,6 +282,14 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"{where} needs a DepthState as input (e.g. from "
                 f"model.depth_states(tokens)), got {type(state).__name__}"
             )
+        entering = getattr(state, _ENTERING, None)
+        expected = 2 * layer + (sublayer == "mlp")
+        if entering is not None and entering != expected:
+            raise ValueError(
+                f"this DepthState enters sublayer {entering} (it came from depth_states or "
+                f"stop_at_layer), but it is passed to sublayer {expected} ({where}); use "
+                f"states[{expected}] of depth_states(tokens, sublayers=True)"
+            )
         n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
         if len(state.blocks) != n_blocks or state.current_is_committed != committed:
             entering = (
@@ -397,6 +413,7 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             state, range(2 * layers.start, 2 * layers.stop), logit_positions
         )
         if stop_at_layer is not None:
+            setattr(state, _ENTERING, 2 * layers.stop)
             return state
 
         logits = self._unembed(state)
@@ -471,6 +488,8 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
             else:
                 state = block(state, cos, sin)
             states.append(state)
+        for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
+            setattr(entering, _ENTERING, index if sublayers else 2 * index)
         return states
 
     @guarded_pass

@@ -99,6 +99,11 @@ def shape_checked(fn: Callable) -> Callable:
             raise HookOutputError(
                 _describe_shape_change(str(hook.name), tuple(tensor.shape), tuple(out.shape))
             )
+        if tensor.is_floating_point() and not out.is_floating_point():
+            raise HookOutputError(
+                f"the hook function on {hook.name} returned dtype {out.dtype} for a "
+                f"{tensor.dtype} activation; return a floating-point tensor"
+            )
         return out
 
     with contextlib.suppress(AttributeError, TypeError):

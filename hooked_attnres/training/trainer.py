@@ -173,7 +173,12 @@ def _check_output(directory: Path) -> bool:
     """Fail before any work if the trainer may not write ``directory``; returns the
     ``overwrite`` flag for it."""
     legacy = _trainer_may_replace(directory)
-    check_replaceable(directory, overwrite=legacy)
+    check_replaceable(
+        directory,
+        overwrite=legacy,
+        remedy="Move them away or choose another out_dir (the trainer owns out_dir/model and "
+        "out_dir/checkpoint)",
+    )
     return legacy
 
 
@@ -247,11 +252,7 @@ class _Checkpoint:
         self.step: Optional[int] = None  # the step of the last checkpoint written or read
 
     def save(self, model, optimizer, state: dict, tokenizer) -> None:
-        _check_finite(
-            model,
-            state["step"],
-            f"it is not written; the last good checkpoint (step {self.step}) is kept",
-        )
+        _check_finite(model, state["step"], f"it is not written; {self.describe()}")
         with atomic_directory(self.directory, overwrite=self.overwrite) as tmp:
             (tmp / "model").mkdir()
             save_model(model, tmp / "model", tokenizer)
@@ -259,6 +260,11 @@ class _Checkpoint:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         self.overwrite = False  # written with a completion marker from now on
         self.step = state["step"]
+
+    def describe(self) -> str:
+        if self.step is None:
+            return f"no checkpoint had been written to {self.directory} yet"
+        return f"the last good checkpoint ({self.directory}, step {self.step}) is kept"
 
     def load(self, model, optimizer) -> Optional[dict]:
         """The saved trainer state (model and optimizer restored in place), or ``None``
@@ -273,6 +279,10 @@ class _Checkpoint:
             )
         self.step = state["step"]
         return state
+
+
+def _as_list(tasks) -> list:
+    return [tasks] if isinstance(tasks, Task) else list(tasks)
 
 
 def train(
@@ -311,6 +321,9 @@ def train(
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     if not tasks:
         raise ValueError("train needs at least one task")
+    for task in tasks if eval_tasks is None else [*tasks, *_as_list(eval_tasks)]:
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if stop_after is not None and (
@@ -383,9 +396,8 @@ def train(
                 raise TrainingDivergedError(
                     f"the training loss is {last_loss} at step {step + 1} (lr "
                     f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
-                    f"stopped. The last good checkpoint ({checkpoint.directory}, step "
-                    f"{checkpoint.step}) is kept and no final model was written; lower lr or "
-                    "clip the gradients"
+                    f"stopped; {checkpoint.describe()} and no final model was written. Lower "
+                    "lr or clip the gradients"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
