@@ -282,12 +282,15 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"{where} needs a DepthState as input (e.g. from "
                 f"model.depth_states(tokens)), got {type(state).__name__}"
             )
-        entering = getattr(state, _ENTERING, None)
+        made_for = getattr(state, _ENTERING, None)
         expected = 2 * layer + (sublayer == "mlp")
-        if entering is not None and entering != expected:
+        if made_for is not None and made_for != expected:
+            target = (
+                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+            )
             raise ValueError(
-                f"this DepthState enters sublayer {entering} (it came from depth_states or "
-                f"stop_at_layer), but it is passed to sublayer {expected} ({where}); use "
+                f"this DepthState enters sublayer {made_for} (it came from depth_states or "
+                f"stop_at_layer) and cannot enter {target} (sublayer {expected}); use "
                 f"states[{expected}] of depth_states(tokens, sublayers=True)"
             )
         n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
