@@ -125,8 +125,9 @@ def _save_forever(report, target, tags) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_kill_at_a_random_moment(tmp_path, seed):
     """The child saves in a loop and reports each finished save; the parent kills it
-    right after a random number of reports, i.e. somewhere inside a later save."""
-    rng = random.Random(seed)
+    right after a random number of reports, i.e. somewhere inside a later save
+    (``CRASH_LOOP_SEED`` varies the draws in benchmarks/crash_loop.py)."""
+    rng = random.Random(seed + int(os.environ.get("CRASH_LOOP_SEED", "0")))
     target = tmp_path / "ckpt"
     tags = [10, 11, 12]
     child = Reporter(_save_forever, target, tags)
