@@ -715,6 +715,18 @@ CASES = [
         ["empty", "selects no layer"],
     ),
     ("sources-empty-list", _patch("mask_sources", []), ValueError, ["sources is empty"]),
+    (
+        "positions-empty-list",
+        _patch("mask_sources", "embedding", positions=[]),
+        ValueError,
+        ["positions is empty"],
+    ),
+    (
+        "positions-floats",
+        _patch("patch_sources", "embedding", positions=[1.5]),
+        ValueError,
+        ["positions [1.5] must be integers", "None for all"],
+    ),
     ("sources-none", _patch("mask_sources", None), ValueError, ["sources must be"]),
     (
         "patch-sources-cache-of-other-layout",

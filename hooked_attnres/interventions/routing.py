@@ -32,6 +32,7 @@ from hooked_attnres.interventions.selection import (
     LayerSpec,
     RouterSpec,
     SourceSpec,
+    check_positions,
     iter_selected,
     position_index,
     select_sites,
@@ -207,6 +208,7 @@ class Ablation:
         """
         if on_full not in ("raise", "skip"):
             raise ValueError(f"on_full must be 'raise' or 'skip', got {on_full!r}")
+        check_positions(positions)
         layout = model.routing_layout
         masks, skipped = [], []
         for site, indices in iter_selected(model, sources, routers, layers, bands):
@@ -340,6 +342,7 @@ def set_weights(
         routers, layers, bands: which routers (default: every attention and MLP router).
         positions: only replace at these positions (default: all).
     """
+    check_positions(positions)
     hooks: Hooks = []
     for site in select_sites(model, routers, layers, bands):
         value = _weights_for(weights, model, site)
@@ -377,6 +380,7 @@ def patch_sources(
             ``hook_sources`` at the same router, e.g. clean sources into a corrupted run).
         positions: only patch at these positions (default: all).
     """
+    check_positions(positions)
     selected = list(iter_selected(model, sources, routers, layers, bands))
     value = check_value(
         model, value, [site.hook("sources") for site, _ in selected], "patch_sources"
@@ -439,6 +443,7 @@ def patch_committed(
             ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
+    check_positions(positions)
     names = [
         commit_hook_name(model, label)
         for label in ([labels] if isinstance(labels, (str, int)) else list(labels))

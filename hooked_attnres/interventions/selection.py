@@ -176,6 +176,31 @@ def resolve_routers(
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
+def check_positions(positions) -> None:
+    """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
+    positions (an int, a list or a tensor), not empty. Their range is checked when the hook
+    runs (the sequence length is known only then)."""
+    if positions is None:
+        return
+    try:
+        index = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError):
+        index = None
+    if index is not None and index.numel() == 0:
+        raise ValueError("positions is empty: give at least one position, or None for all")
+    if (
+        index is None
+        or isinstance(positions, bool)
+        or index.dtype == torch.bool
+        or index.is_floating_point()
+        or index.is_complex()
+    ):
+        raise ValueError(
+            f"positions {positions!r} must be integers in [-pos, pos) of the run (an int, a "
+            "list or a tensor), or None for all positions"
+        )
+
+
 def position_index(positions, n_pos: int, device=None) -> Tensor:
     """``positions`` (an int, a list or a tensor) as a flat long index tensor ``[n]``
     (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
