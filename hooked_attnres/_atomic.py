@@ -21,8 +21,8 @@ version with the highest sequence becomes ``NAME``; every other candidate is dis
 (marker first). Directory names carry no order; only the marker's sequence does.
 
 Lock: ``flock`` on the parent directory (no lock file is created; readable directories on
-read-only file systems work too); a lock file ``.NAME.lock`` is the fallback where a
-directory cannot be locked. Writers take it exclusively for the whole save; readers
+read-only file systems work too); a lock file ``.hooked_attnres.lock`` in the parent is the
+fallback where a directory cannot be locked. Writers take it exclusively for the whole save; readers
 (`reading`) take it shared for the whole read, so a reader sees one complete version,
 never a mixed or empty directory. Locks are re-entrant within a thread.
 
@@ -192,8 +192,9 @@ def _held() -> dict:
 
 
 def _open_lock(target: Path) -> Optional[int]:
-    """A file descriptor to ``flock`` for ``target``: its parent directory, else a lock file
-    ``.NAME.lock`` next to it; ``None`` where neither is possible (then nobody can write)."""
+    """A file descriptor to ``flock`` for ``target``: its parent directory, else the lock
+    file ``.hooked_attnres.lock`` in it (one per parent, like the directory lock); ``None``
+    where neither is possible (then nobody can write there)."""
     try:
         fd = os.open(target.parent, os.O_RDONLY)
     except OSError:
@@ -208,7 +209,7 @@ def _open_lock(target: Path) -> Optional[int]:
         except OSError:
             os.close(fd)
     try:
-        return os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(target.parent / ".hooked_attnres.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         return None
 
