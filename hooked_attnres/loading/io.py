@@ -170,6 +170,7 @@ def read_safetensors(
                     copies.append(key)
         if copies:
             base, offsets = _data_offsets(path)
+            copies.sort(key=lambda key: offsets[key][0])  # read the file front to back
             with open(path, "rb", buffering=0) as raw:
                 for key in copies:
                     shape, name = info[key]
