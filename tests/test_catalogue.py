@@ -206,11 +206,11 @@ def _train_kwargs():
     return model, task, config, tok
 
 
-def _train(out_dir) -> None:
+def _train(out_dir, **kwargs) -> None:
     from hooked_attnres.training import train
 
     model, task, config, tok = _train_kwargs()
-    train(model, task, config, out_dir, tokenizer=tok, progress=False)
+    train(model, task, config, out_dir, tokenizer=tok, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -1136,3 +1136,17 @@ def test_plain_forward_passes_of_two_threads_run_side_by_side(ctx):
     for thread in threads:
         thread.join()
     assert len(results) == 2 and all(torch.equal(r, expected) for r in results)
+
+
+def test_outputs_of_an_earlier_trainer_version_resume_and_are_replaced(tmp_path, uninterrupted):
+    """Checkpoints and models written before completion markers carry none: the trainer
+    still resumes from them (exactly) and may replace them (they hold only trainer files)."""
+    _train(tmp_path, stop_after=4)
+    (tmp_path / "checkpoint" / MARKER).unlink()  # as an earlier version wrote it
+    _train(tmp_path)
+    resumed = HookedAttnRes.from_pretrained(tmp_path / "model").state_dict()
+    assert all(torch.equal(resumed[name], t) for name, t in uninterrupted.items())
+    (tmp_path / "model" / MARKER).unlink()
+    _train(tmp_path)  # a finished run writes its model again, over the legacy one
+    assert read_marker(tmp_path / "model") is not None
+    assert_clean(tmp_path / "checkpoint")
