@@ -282,17 +282,6 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"{where} needs a DepthState as input (e.g. from "
                 f"model.depth_states(tokens)), got {type(state).__name__}"
             )
-        made_for = getattr(state, _ENTERING, None)
-        expected = 2 * layer + (sublayer == "mlp")
-        if made_for is not None and made_for != expected:
-            target = (
-                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
-            )
-            raise ValueError(
-                f"this DepthState enters sublayer {made_for} (it came from depth_states or "
-                f"stop_at_layer) and cannot enter {target} (sublayer {expected}); use "
-                f"states[{expected}] of depth_states(tokens, sublayers=True)"
-            )
         n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
         if len(state.blocks) != n_blocks or state.current_is_committed != committed:
             entering = (
@@ -303,6 +292,17 @@ class HookedAttnRes(TokenizerMixin, WeightsMixin, HookedModule):
                 f"{state.current_is_committed}) cannot enter {entering}; the "
                 f"{self.cfg.attnres_layout!r} layout expects {n_blocks} blocks and "
                 f"current_is_committed={committed}"
+            )
+        made_for = getattr(state, _ENTERING, None)
+        expected = 2 * layer + (sublayer == "mlp")
+        if made_for is not None and made_for != expected:
+            target = (
+                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+            )
+            raise ValueError(
+                f"this DepthState enters sublayer {made_for} (it came from depth_states or "
+                f"stop_at_layer) and cannot enter {target} (sublayer {expected}); use "
+                f"states[{expected}] of depth_states(tokens, sublayers=True)"
             )
         return state
 
