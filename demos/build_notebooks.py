@@ -3,7 +3,8 @@
     python demos/build_notebooks.py
 
 The notebooks run offline on the checkpoints shipped in ``hooked_attnres/data``;
-``tests/test_demos.py`` executes every one of them.
+``tests/test_demos.py`` executes every one of them. Each starts with what it will show
+and ends with what it showed, in sentences computed from its own outputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import nbformat
 
 HERE = Path(__file__).parent
+# the shipped Block AttnRes condition the single-model notebooks use (docs/study.md)
+MAIN = "hard_cumulative_L8"
 
 
 def md(text: str):
@@ -23,154 +26,212 @@ def code(text: str):
     return nbformat.v4.new_code_cell(text.strip())
 
 
+SETUP = code(f"""
+import os
+os.environ.setdefault("TQDM_DISABLE", "1")  # no text progress bars in the notebook
+import torch
+torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+from hooked_attnres.study import load_condition, probe_prompts, get_condition
+
+CONDITION = "{MAIN}"        # a shipped Block AttnRes checkpoint (hooked-attnres list)
+model = load_condition(CONDITION, seed=0)
+task = get_condition(CONDITION).task
+batch = probe_prompts(model, n_prompts=64, task=task)   # held-out prompts of its task
+print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[0]))
+""")
+
 ROUTING = [
-    md("""
+    md(f"""
 # Reading and steering depth routing
 
-A Block AttnRes model replaces each residual addition with a softmax over depth sources
-(the embedding, completed blocks, the current stream). `HookedAttnRes` exposes every
-routing logit, weight and source as a TransformerLens `HookPoint`. This notebook uses the
-AttnRes checkpoint shipped with the package (8 layers, 4 blocks, trained on key-value
-retrieval) and runs offline in seconds.
+**What this notebook shows.** A Block AttnRes model replaces each residual addition with a
+softmax over depth sources (the embedding, completed blocks, the current stream).
+`HookedAttnRes` exposes every routing logit, weight and source as a TransformerLens
+`HookPoint`. On the shipped `{MAIN}` checkpoint (seed 0) we read the routing weights from
+TransformerLens's own `ActivationCache`, name every router by its `RouterSite`, ablate a
+source family with a hook list, look through the routing lens, and run TransformerLens's
+`generate`. Everything runs offline in seconds; the last cell states what we found.
 """),
-    code("""
-import torch
-from hooked_attnres import HookedAttnRes
-from hooked_attnres.study import checkpoint_dir, study_task
-
-model = HookedAttnRes.from_pretrained(checkpoint_dir("attnres")).eval()
-task = study_task()
-batch = task.sample(64, seed=1, split="test", vocab=model.tokenizer.get_vocab())
-print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[:1]))
-print("accuracy:", batch.accuracy(model(batch.tokens)))
-"""),
+    SETUP,
     md("## The cache is TransformerLens's own `ActivationCache`"),
     code("""
+from transformer_lens import ActivationCache
+
 logits, cache = model.run_with_cache(batch.tokens)
-print(type(cache))
-layer = 5
-print(model.source_labels(layer, "attn_res"))
-print(model.source_families(layer, "attn_res"))
-print(cache["weights", layer, "attn_res"].shape)   # [batch, pos, n_sources]
-print(cache["blocks.5.attn_res.hook_sources"].shape)  # [batch, pos, n_sources, d_model]
+print(isinstance(cache, ActivationCache), "accuracy:", batch.accuracy(logits))
+site = model.site(5, "attn_res")             # the router vocabulary: RouterSite
+print(site, "|", site.hook("weights"), "| feeds sublayer", site.sublayer)
+print(model.source_labels(site))
+print(model.source_families(site))
+print(cache[site.hook("weights")].shape)       # [batch, pos, n_sources]
 """),
     md("## Routing weights at the answer position, layer by source"),
     code("""
 from hooked_attnres import plotting
+
 plotting.source_heatmap(model, cache, router="mlp_res", positions=-1)
 """),
     md("""
 ## Interventions are lists of `(hook_name, hook_fn)`
 
-Mask-and-renormalise the embedding source of the early MLP routers and watch the
-answer's logit difference.
+Mask-and-renormalise the embedding source of the early MLP routers (`Ablation`, the one
+compiler behind `mask_sources` and the ablation sweep), then replace every router's
+weights by uniform ones.
 """),
     code("""
-from hooked_attnres.interventions import mask_sources, set_weights
+from hooked_attnres.interventions import Ablation, set_weights
 
-hooks = mask_sources(model, "embedding", routers="mlp_res", layers="early")
-print([name for name, _ in hooks])
-ablated = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
-print("logit diff clean  :", batch.logit_diff(logits).mean().item())
-print("logit diff ablated:", batch.logit_diff(ablated).mean().item())
-uniform = model.run_with_hooks(batch.tokens, fwd_hooks=set_weights(model, "uniform"))
-print("logit diff, uniform routing everywhere:", batch.logit_diff(uniform).mean().item())
+ablation = Ablation.compile(model, "embedding", routers="mlp_res", layers="early")
+print([str(s) for s in ablation.sites], "start at sublayer", ablation.start_sublayer)
+clean_ld = batch.logit_diff(logits).mean().item()
+masked = model.run_with_hooks(batch.tokens, fwd_hooks=ablation.hooks())
+masked_ld = batch.logit_diff(masked).mean().item()
+uniform_ld = batch.logit_diff(
+    model.run_with_hooks(batch.tokens, fwd_hooks=set_weights(model, "uniform"))).mean().item()
+print(f"logit difference: clean {clean_ld:.2f}, embedding masked in early MLP routers "
+      f"{masked_ld:.2f}, uniform routing everywhere {uniform_ld:.2f}")
 """),
-    md("## TransformerLens's patching functions run unchanged"),
+    md("""
+## The routing lens
+
+What the final readout would say from the sources that exist entering each layer; exact at
+the last layer (equal to the logits) in every layout.
+"""),
     code("""
-import transformer_lens.patching as tl_patching
+from hooked_attnres.analysis import routing_lens
 
-def metric(patched_logits):
-    return batch.logit_diff(patched_logits).mean()
-
-_, clean_cache = model.run_with_cache(batch.tokens[:8])
-resid = tl_patching.get_act_patch_resid_pre(model, batch.corrupted_tokens[:8], clean_cache,
-                                            lambda l: batch[:8].logit_diff(l).mean())
-print(resid.shape)  # [n_layers, pos]
+lens = routing_lens(model, batch.tokens, positions=-1)
+answer_rank = [(lens.logits[i].argsort(-1, descending=True) == batch.answer[:, None])
+               .float().argmax(-1).float().mean().item() for i in range(len(lens.labels))]
+for label, rank in zip(lens.labels, answer_rank):
+    print(f"{label:>10s}: mean rank of the answer {rank:5.1f}")
+print("last state equals the logits:",
+      torch.allclose(lens.logits[-1], logits[:, -1], atol=1e-4))
+first_correct = next((label for label, rank in zip(lens.labels, answer_rank) if rank < 0.5), None)
+"""),
+    md("## TransformerLens's `generate`, with a key-value cache"),
+    code("""
+prompt = model.to_string(batch.tokens[0])
+completion = model.generate(prompt, max_new_tokens=1, do_sample=False, prepend_bos=False,
+                            verbose=False)
+print(completion)
+"""),
+    md("## What this notebook showed"),
+    code("""
+print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
+      f"{batch.accuracy(logits):.0%}): "
+      f"masking the embedding in the early MLP routers moves the logit difference from "
+      f"{clean_ld:.2f} to {masked_ld:.2f}; uniform routing everywhere gives {uniform_ld:.2f}. "
+      f"The routing lens first ranks the answer on top (mean rank < 0.5) at "
+      f"{first_correct or 'no state before the last'}, and equals the logits at the last state.")
 """),
 ]
 
-STUDY = [
+MOTIFS = [
     md("""
-# Routing mass versus causal effect
+# The seed paper's routing motifs and its mass-versus-effect dissociation
 
-The seed paper's study: summarise routing mass by source family, ablate each family per
-router type and depth band, and compare. Two conditions trained here on the same task:
-a Block AttnRes Qwen3 and a vanilla Qwen3 loaded through the recency wrap (routing fixed
-by an analytic schedule). Intervals are 95 % bootstrap intervals over prompts.
+**What this notebook shows.** For every shipped condition and every seed: whether each of
+the seed paper's claims holds, decided by the criteria pre-registered in `docs/study.md`
+(`hooked_attnres.analysis.motif_report`), never by eye. For each motif (M1-M3) and each
+dissociation (D1-D3): one figure with every seed side by side and the wrapped vanilla
+baseline beside the Block AttnRes conditions, and one sentence generated from the numbers
+with "k of n seeds". Effects are in percent of each model's clean logit difference, with
+95 % bootstrap intervals over held-out prompts. The last cell states the verdicts.
 """),
     code("""
-from hooked_attnres.study import load_condition, probe_prompts
-from hooked_attnres.analysis import (routing_mass, summarize_mass, ablation_effects,
-                                     dissociation_report, recency_schedule, schedule_comparison)
-from hooked_attnres import plotting
-
-model = load_condition("attnres")
-batch = probe_prompts(model, n_prompts=128)
-mass = routing_mass(model, batch, positions="answer")       # tidy, one row per prompt/router/family
-summary = summarize_mass(mass, by=("router", "family"), n_bootstrap=500)
-summary
-"""),
-    code("""
-groups = {"early": [0, 1, 2], "middle": [3, 4, 5], "late": [6, 7], "all": list(range(8))}
-effects = ablation_effects(model, batch, groups=groups, n_bootstrap=500, progress=False)
-effects[(effects.metric == "logit_diff") & (effects.group == "all")]
-"""),
-    code("""
-dissociation_report(summary, effects)
-"""),
-    code("""
-plotting.mass_effect_bars(summary, effects)
-"""),
-    code("""
-plotting.effect_bands(effects)
-"""),
-    md("## The wrapped baseline routes exactly as the analytic schedule predicts"),
-    code("""
-wrapped = load_condition("vanilla")
-wrapped_mass = routing_mass(wrapped, batch)
-comparison = schedule_comparison(wrapped_mass, recency_schedule(8, 4, 3.0))
-print("largest deviation:", comparison.max_abs_deviation.max())
-comparison.head(8)
-"""),
-    md("""
-## The whole study, both conditions, in one call
-
-`run_study` writes CSV tables, a Markdown report and HTML plots (here to a temporary
-directory); `hooked-attnres study --out study_out` does the same from the shell, and
-`--checkpoints runs/` runs it over every trained seed.
-"""),
-    code("""
+import os
+os.environ.setdefault("TQDM_DISABLE", "1")
 import tempfile
-from hooked_attnres.study import run_study
+import torch
+torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+from IPython.display import Markdown, display
+from hooked_attnres.study import available, run_study
 
-result = run_study(tempfile.mkdtemp(), n_prompts=128, n_bootstrap=300, progress=False, plots=False)
-print((result.out_dir / "report.md").read_text()[:1500])
+shipped = available()                       # {condition: [seeds]} of the shipped checkpoints
+print(shipped)
+result = run_study(tempfile.mkdtemp(), n_prompts=256, n_bootstrap=1000, progress=False,
+                   robustness=False)         # every shipped condition and seed
+result.accuracy
+"""),
+    code("""
+def claim(name, figure):
+    \"\"\"The figure and the generated sentences of one claim, for every condition.\"\"\"
+    display(result.figures[figure])
+    rows = result.verdicts[result.verdicts.claim == name]
+    display(Markdown("\\n".join(f"* **{r.condition}**: {r.sentence}" for r in rows.itertuples())))
+
+tasks = sorted({name.split("_M")[0] for name in result.figures if "_M1" in name})
+print("tasks:", tasks)
+"""),
+    md("## M1: the embedding through early MLP routers"),
+    code("""
+for task in tasks:
+    claim("M1", f"{task}_M1")
+"""),
+    md("## M2: the current stream through early attention and MLP routers"),
+    code("""
+for task in tasks:
+    claim("M2", f"{task}_M2")
+"""),
+    md("## M3: older history through late attention routers"),
+    code("""
+for task in tasks:
+    claim("M3", f"{task}_M3")
+"""),
+    md("## D1: the top-mass family is not the top-effect family (attention, then MLP routers)"),
+    code("""
+for task in tasks:
+    claim("D1-attn_res", f"{task}_mass_effect_attn_res")
+    claim("D1-mlp_res", f"{task}_mass_effect_mlp_res")
+"""),
+    md("## D2: in MLP routers, the embedding has under half of current's mass, twice its effect"),
+    code("""
+for task in tasks:
+    claim("D2", f"{task}_mass_effect_mlp_res")
+"""),
+    md("## D3: prev_completed carries mass without effect"),
+    code("""
+for task in tasks:
+    claim("D3-attn_res", f"{task}_mass_effect_attn_res")
+    claim("D3-mlp_res", f"{task}_mass_effect_mlp_res")
+"""),
+    md("## What this notebook showed"),
+    code("""
+summary = result.verdicts.pivot(index="claim", columns="condition", values="verdict")
+display(summary)
+for condition in summary.columns:
+    held = [c for c in summary.index if summary.loc[c, condition] in ("replicated", "majority")]
+    print(f"{condition}: {', '.join(held) if held else 'none of the claims'} "
+          f"{'holds' if len(held) == 1 else 'hold'} in a majority of its "
+          f"{int(result.verdicts[result.verdicts.condition == condition].n.max())} seeds.")
 """),
 ]
 
 PATCHING = [
-    md("""
-# Activation patching of routing
+    md(f"""
+# Activation patching and attribution of routing
 
-Patching functions with TransformerLens's conventions:
-`(model, corrupted_tokens, clean_cache, patching_metric)`. Clean prompts query one key,
-corrupted prompts another key of the same context; the metric is the clean answer's logit
-difference, normalised so 0 is the corrupted run and 1 the clean run.
+**What this notebook shows.** Patching with TransformerLens's conventions
+`(model, corrupted_tokens, clean_cache, patching_metric)` on the shipped `{MAIN}`
+checkpoint: clean prompts query one key, corrupted prompts another key of the same
+context; the metric is the clean answer's logit difference, normalised so 0 is the
+corrupted run and 1 the clean run. We patch routing weights, whole depth states (the
+routed-layout replacement for `resid_pre` patching) and committed blocks, then estimate
+every ablation at once by attribution and verify the largest estimates exactly. The last
+cell states what we found.
 """),
+    SETUP,
     code("""
-import torch
-from hooked_attnres.study import load_condition, probe_prompts
-from hooked_attnres.patching import (get_act_patch_routing_weights,
-                                     get_act_patch_routing_weights_by_pos,
-                                     get_act_patch_committed_blocks_by_pos)
+from hooked_attnres import plotting
+from hooked_attnres.patching import (get_act_patch_committed_blocks_by_pos,
+                                     get_act_patch_depth_state_by_pos,
+                                     get_act_patch_routing_weights)
 
-model = load_condition("attnres")
-batch = probe_prompts(model, n_prompts=32)
+batch = batch[:32]
 clean_logits, clean_cache = model.run_with_cache(batch.tokens)
-corrupted_logits = model(batch.corrupted_tokens)
 clean_ld = batch.logit_diff(clean_logits).mean()
-corrupted_ld = batch.logit_diff(corrupted_logits).mean()
+corrupted_ld = batch.logit_diff(model(batch.corrupted_tokens)).mean()
 
 def metric(logits):
     return (batch.logit_diff(logits).mean() - corrupted_ld) / (clean_ld - corrupted_ld)
@@ -178,33 +239,67 @@ def metric(logits):
 print(f"clean {clean_ld:.2f}, corrupted {corrupted_ld:.2f}")
 """),
     code("""
-by_layer = get_act_patch_routing_weights(model, batch.corrupted_tokens, clean_cache, metric)
-print(by_layer.shape)   # [router (attn_res, mlp_res), layer]
-by_layer
+weights = get_act_patch_routing_weights(model, batch.corrupted_tokens, clean_cache, metric)
+print(weights.shape)   # [router (attn_res, mlp_res), layer]
+plotting.patching_heatmap(weights, ["attention routers", "MLP routers"],
+                          [f"layer {l}" for l in range(model.cfg.n_layers)],
+                          title="Clean routing weights patched into the corrupted run",
+                          x_title="layer", y_title="router")
 """),
     code("""
-import plotly.express as px
+state = get_act_patch_depth_state_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
+print(state.shape)     # [layer, pos]
+plotting.patching_heatmap(state, [f"layer {l}" for l in range(model.cfg.n_layers)],
+                          model.to_str_tokens(batch.tokens[0]),
+                          title="The whole clean depth state entering each layer, one position")
+"""),
+    code("""
 blocks = get_act_patch_committed_blocks_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
-print(blocks.shape)     # [layer, pos]; layers that commit no block are NaN
-px.imshow(blocks.numpy(), labels=dict(x="position", y="layer", color="metric"),
-          color_continuous_scale="RdBu", zmin=-1, zmax=1)
+plotting.patching_heatmap(blocks, [f"layer {l}" for l in range(model.cfg.n_layers)],
+                          model.to_str_tokens(batch.tokens[0]),
+                          title="Committed blocks patched at one position (blank: no block)")
+"""),
+    md("""
+## Attribution: every ablation in about two forward passes, then the exact check
+
+`attribute_routing` estimates the effect of masking each family at each router type and
+layer from one forward and one backward pass (the gradient at the routing weights times
+the exact change of the renormalised weights); `verify_top` runs the exact ablation for
+the cells with the largest estimates.
 """),
     code("""
-by_pos = get_act_patch_routing_weights_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
-print(by_pos.shape)     # [router, layer, pos]
-px.imshow(by_pos[0].numpy(), labels=dict(x="position", y="layer", color="metric"),
-          title="attention routers", color_continuous_scale="RdBu", zmin=-1, zmax=1)
+from hooked_attnres.analysis import attribute_routing
+
+attribution = attribute_routing(model, probe_prompts(model, 128, task=task), groups="layers",
+                                n_bootstrap=200)
+checked = attribution.verify_top(5)
+checked[["router", "group", "family", "estimate", "effect"]]
+"""),
+    md("## What this notebook showed"),
+    code("""
+best = checked.iloc[(checked.effect).abs().argmax()]
+top = int(state[:, -1].argmax())
+print(f"On {CONDITION}: patching the whole clean depth state entering layer {top} at the last "
+      f"position recovers {float(state[top, -1]):.2f} of the clean-minus-corrupted logit "
+      f"difference; the largest routing-weight patch recovers "
+      f"{float(weights.nan_to_num().max()):.2f}. "
+      f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells; of the "
+      f"5 largest estimates, the strongest exact effect is {best.family} at {best.router} "
+      f"{best.group}: estimate {best.estimate:+.3f}, exact {best.effect:+.3f}.")
 """),
 ]
 
 NOTEBOOKS = {
     "01_routing_hooks.ipynb": ROUTING,
-    "02_mass_vs_effect.ipynb": STUDY,
-    "03_patching.ipynb": PATCHING,
+    "02_motifs_and_dissociation.ipynb": MOTIFS,
+    "03_patching_and_attribution.ipynb": PATCHING,
 }
 
 
 def main() -> None:
+    for old in HERE.glob("*.ipynb"):
+        if old.name not in NOTEBOOKS:
+            old.unlink()
     for name, cells in NOTEBOOKS.items():
         notebook = nbformat.v4.new_notebook(cells=cells)
         notebook.metadata["kernelspec"] = {

@@ -28,6 +28,9 @@ _LAZY = {
     "UnfoldedNormWarning": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
+    "CheckpointConflictError": "hooked_attnres.loading",
+    "ConcurrentUseError": "hooked_attnres.model.hooked_root",
+    "HookOutputError": "hooked_attnres.model.hooked_root",
     "FAMILIES": "hooked_attnres.model.depth",
     "ROUTERS": "hooked_attnres.model.depth",
     "DepthState": "hooked_attnres.model.depth",
@@ -42,12 +45,18 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+    from hooked_attnres.loading import CheckpointConflictError
     from hooked_attnres.loading.io import CheckpointError
     from hooked_attnres.model.attention import KeyValueCache
     from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
     from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
     from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
-    from hooked_attnres.model.hooked_root import RoutedResidualPatchWarning, UnknownHookError
+    from hooked_attnres.model.hooked_root import (
+        ConcurrentUseError,
+        HookOutputError,
+        RoutedResidualPatchWarning,
+        UnknownHookError,
+    )
     from hooked_attnres.model.routing import DepthRouter
 
 
@@ -67,10 +76,13 @@ __all__ = [
     "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",
+    "CheckpointConflictError",
     "CheckpointError",
+    "ConcurrentUseError",
     "DepthRouter",
     "DepthState",
     "HookedAttnRes",
+    "HookOutputError",
     "HookedAttnResConfig",
     "KeyValueCache",
     "Output",

@@ -1,95 +1,519 @@
-"""Atomic writes: a checkpoint directory or file is either the old one or the new one.
+"""Crash-safe, serialised checkpoint directories (the protocol of ``docs/loading.md``).
 
-Everything is written into a hidden sibling first, flushed to disk, and renamed into
-place. A crash mid-write leaves the previous version untouched (plus a hidden
-temporary directory that the next write to the same place removes). A crash in the
-instant between moving the old directory aside and moving the new one in leaves the
-old one as ``.{name}.old-*``; `recover` (called by every write and by the checkpoint
-loader) moves it back.
+A checkpoint is a directory ``NAME``. A *version* of it is a directory that carries a
+completion marker, ``MARKER`` (``.hooked_attnres_complete.json``), written last and
+fsynced: ``{"sequence": n, "written_at": ..., "files": {relative path: size}}``. The
+sequence number grows by one with every save to ``NAME``.
+
+Writer (`atomic_directory`), holding the exclusive lock:
+
+1. recover (below), then refuse if ``NAME`` holds files no save wrote (``overwrite``);
+2. write the new version into ``.NAME.tmp-<id>``, fsync every file;
+3. write the marker with sequence ``n + 1`` and fsync it: **the commit point**;
+4. rename ``NAME`` to ``.NAME.old-<id>``, rename the new version to ``NAME``, fsync the parent;
+5. discard the old version: delete its marker first (fsynced), then its files.
+
+Recovery (`recover`, run by every save and by every load that finds leftovers), under the
+exclusive lock: among ``NAME``, ``.NAME.tmp-*`` and ``.NAME.old-*``, a leftover is complete
+iff its marker parses and every file it lists exists with the listed size; ``NAME`` is
+complete iff it has a marker (it only ever receives complete versions). The complete
+version with the highest sequence becomes ``NAME``; every other candidate is discarded
+(marker first). Directory names carry no order; only the marker's sequence does.
+
+Lock: ``flock`` on the parent directory (no lock file is created; readable directories on
+read-only file systems work too); a lock file ``.hooked_attnres.lock`` in the parent is the
+fallback where a directory cannot be locked. Writers take it exclusively for the whole save; readers
+(`reading`) take it shared for the whole read, so a reader sees one complete version,
+never a mixed or empty directory. Locks are re-entrant within a thread.
+
+Fault injection (tests only): ``HOOKED_ATTNRES_CRASH_AT=<step>[:<n>]`` makes the process
+SIGKILL itself the ``n``-th time (default 1) it reaches ``step`` (see `FAULT_STEPS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Union
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional, Union
 
-CHECKPOINT_MARKERS = ("config.json",)
+try:  # POSIX; elsewhere saves and loads are not serialised across processes
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+MARKER = ".hooked_attnres_complete.json"
+MARKER_FORMAT = "hooked_attnres.complete"
+TMP_INFIX = ".tmp-"
+OLD_INFIX = ".old-"
+CRASH_ENV = "HOOKED_ATTNRES_CRASH_AT"
+
+# Where `fault_point` can kill the process, in the order a save reaches them.
+FAULT_STEPS = (
+    "locked",  # the writer holds the lock, nothing written yet
+    "payload",  # the new version's files are written, not yet fsynced
+    "fsynced",  # files fsynced, no marker
+    "marker_tmp",  # marker written to a temporary name, not yet renamed into place
+    "committed",  # marker in place (the commit point)
+    "moved_aside",  # NAME renamed to .NAME.old-*, the new version not yet in place
+    "installed",  # the new version is NAME, the old one not yet discarded
+    "discard_marker",  # the old version's marker deleted, its files not yet
+    "discard_partial",  # some of the old version's files deleted
+    "done",  # everything finished, lock still held
+    # recovery (run by the next save or load)
+    "recover_moved_aside",  # recovery moved an older NAME aside, the newest not yet in place
+    "recover_installed",  # recovery installed the newest version, leftovers not yet discarded
+    # the trainer
+    "train_step",  # after an optimiser step, before any checkpoint of that step
+)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+class CheckpointConflictError(FileExistsError):
+    """A save would delete files it did not write (pass ``overwrite=True`` to allow it)."""
+
+
+def fault_point(step: str) -> None:
+    """SIGKILL this process at ``step`` if ``HOOKED_ATTNRES_CRASH_AT`` asks for it."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    name, _, count = wanted.partition(":")
+    if name != step:
+        return
+    seen = _FAULT_COUNTS.get(step, 0) + 1
+    _FAULT_COUNTS[step] = seen
+    if seen >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+# --- fsync helpers ----------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # directories cannot be fsynced on every platform
-        fd = os.open(root, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def _remove_stale_temporaries(target: Path) -> None:
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(path)
+    _fsync_dir(root)
 
 
-def backups_of(target: Union[str, Path]) -> list[Path]:
-    """Previous versions left behind by a crash between the two renames of a replace."""
-    target = Path(target).absolute()
-    return sorted(target.parent.glob(f".{target.name}.old-*"))
+def _files(root: Path) -> dict[str, int]:
+    """``{relative path: size}`` of every regular file below ``root`` (the marker excluded)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            out[path.relative_to(root).as_posix()] = path.stat().st_size
+    return out
 
 
-def recover(target: Union[str, Path]) -> bool:
-    """If ``target`` is missing but a backup of it exists, move the backup back."""
-    target = Path(target).absolute()
-    backups = backups_of(target)
-    if target.exists() or not backups:
-        return False
-    os.rename(backups[-1], target)
-    return True
+# --- markers ----------------------------------------------------------------------------
+
+
+def read_marker(directory: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The parsed completion marker of a version directory, or ``None`` if it has none (or
+    an unreadable one)."""
+    try:
+        values = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(values, dict)
+        or values.get("format") != MARKER_FORMAT
+        or not isinstance(values.get("sequence"), int)
+        or not isinstance(values.get("files"), dict)
+    ):
+        return None
+    return values
+
+
+def _write_marker(directory: Path, sequence: int) -> None:
+    marker = {
+        "format": MARKER_FORMAT,
+        "sequence": sequence,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pid": os.getpid(),
+        "files": _files(directory),
+    }
+    partial = directory / (MARKER + ".partial")
+    with open(partial, "w") as handle:
+        handle.write(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    fault_point("marker_tmp")
+    os.rename(partial, directory / MARKER)
+    _fsync_dir(directory)
+
+
+def _leftover_complete(directory: Path) -> Optional[int]:
+    """The sequence of a complete leftover version (every listed file present with its
+    listed size), else ``None``."""
+    marker = read_marker(directory)
+    if marker is None:
+        return None
+    for name, size in marker["files"].items():
+        try:
+            if (directory / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return marker["sequence"]
+
+
+# --- locking ----------------------------------------------------------------------------
+
+_HELD = threading.local()  # lock key -> [mode, depth] held by this thread
+
+
+def _held() -> dict:
+    if not hasattr(_HELD, "locks"):
+        _HELD.locks = {}
+    return _HELD.locks
+
+
+def _open_lock(target: Path) -> Optional[int]:
+    """A file descriptor to ``flock`` for ``target``: its parent directory, else the lock
+    file ``.hooked_attnres.lock`` in it (one per parent, like the directory lock); ``None``
+    where neither is possible (then nobody can write there)."""
+    try:
+        fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return fd
+        except BlockingIOError:
+            return fd  # lockable, just held by someone else right now
+        except OSError:
+            os.close(fd)
+    try:
+        return os.open(target.parent / ".hooked_attnres.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
-def atomic_directory(
-    target: Union[str, Path], markers: tuple[str, ...] = CHECKPOINT_MARKERS
-) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``target`` atomically.
+def _locked(target: Path, exclusive: bool) -> Iterator[bool]:
+    """Hold the lock of ``target``; yields whether a lock is held (``False`` where the
+    parent cannot be opened, i.e. nothing can be written there)."""
+    if fcntl is None or not target.parent.is_dir():
+        yield False
+        return
+    key = str(target.parent)
+    held = _held()
+    if key in held:
+        mode, depth = held[key]
+        if exclusive and mode == "shared":
+            raise RuntimeError(
+                f"this thread reads {target} and tries to write it at the same time; "
+                "finish the read first"
+            )
+        held[key] = [mode, depth + 1]
+        try:
+            yield True
+        finally:
+            held[key][1] -= 1
+        return
+    fd = _open_lock(target)
+    if fd is None:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        held[key] = ["exclusive" if exclusive else "shared", 1]
+        try:
+            yield True
+        finally:
+            del held[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
-    An existing ``target`` is replaced only if it is empty or contains one of
-    ``markers`` (so a typo cannot wipe an unrelated folder). On an exception the
-    temporary directory is removed and ``target`` is left as it was.
+
+# --- leftovers and recovery -------------------------------------------------------------
+
+
+def leftovers_of(target: Union[str, Path]) -> list[Path]:
+    """The ``.NAME.tmp-*`` and ``.NAME.old-*`` siblings of ``target`` (unordered meaning;
+    sorted for display only)."""
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}"
+    return sorted(
+        p
+        for p in target.parent.iterdir()
+        if p.name.startswith(prefix + TMP_INFIX) or p.name.startswith(prefix + OLD_INFIX)
+    )
+
+
+def backups_of(target: Union[str, Path]) -> list[Path]:
+    """Leftover versions of ``target`` (``.NAME.tmp-*`` and ``.NAME.old-*``); empty once a
+    save or load has recovered it."""
+    return leftovers_of(target)
+
+
+def _discard(path: Path) -> None:
+    """Delete a version: its marker first (fsynced), so a partly deleted version is never
+    complete, then its files."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (path / MARKER).unlink()
+        _fsync_dir(path)
+    fault_point("discard_marker")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if files:
+        with contextlib.suppress(FileNotFoundError):
+            files[0].unlink()
+        fault_point("discard_partial")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _recover_locked(target: Path) -> bool:
+    """Recovery under the exclusive lock (module docstring). Returns whether another
+    version was installed as ``target``."""
+    others = leftovers_of(target)
+    if not others:
+        return False
+    complete = [(seq, path) for path in others if (seq := _leftover_complete(path)) is not None]
+    own = read_marker(target) if target.is_dir() else None
+    installed = False
+    if complete:
+        best_seq, best = max(complete, key=lambda item: item[0])
+        if own is None or best_seq > own["sequence"]:
+            if target.exists() or target.is_symlink():
+                aside = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
+                os.rename(target, aside)
+                _fsync_dir(target.parent)
+                others.append(aside)
+                fault_point("recover_moved_aside")
+            os.rename(best, target)
+            _fsync_dir(target.parent)
+            others.remove(best)
+            installed = True
+            fault_point("recover_installed")
+    elif not target.exists():
+        # No complete version. A ``.old-*`` without a marker and no NAME is what the
+        # protocol before completion markers left after a crash between its two renames
+        # (a complete version); restore it if it is the only one.
+        legacy = [p for p in others if OLD_INFIX in p.name and read_marker(p) is None]
+        if len(legacy) == 1:
+            os.rename(legacy[0], target)
+            _fsync_dir(target.parent)
+            others.remove(legacy[0])
+            installed = True
+        elif legacy:
+            raise FileNotFoundError(
+                f"no complete version of {target}: found {len(legacy)} backups without a "
+                f"completion marker ({[p.name for p in legacy]}), written by an older version "
+                "of this library; rename the right one to "
+                f"{target.name} by hand"
+            )
+    for path in others:
+        _discard(path)
+    return installed
+
+
+def recover(target: Union[str, Path]) -> bool:
+    """Bring ``target`` to its newest complete version and remove every leftover
+    (``.NAME.tmp-*``, ``.NAME.old-*``); see the module docstring. Returns whether a leftover
+    version was installed as ``target``."""
+    target = Path(target).absolute()
+    if not leftovers_of(target):
+        return False
+    with _locked(target, exclusive=True):
+        return _recover_locked(target)
+
+
+@contextlib.contextmanager
+def reading(target: Union[str, Path]) -> Iterator[Path]:
+    """Hold ``target`` still while it is read: the shared lock, after recovering leftovers
+    (under the exclusive lock, which is then kept for the read)."""
+    target = Path(target).absolute()
+    with _locked(target, exclusive=False) as locked:
+        if not leftovers_of(target):
+            yield target
+            return
+        if not locked:
+            raise PermissionError(
+                f"{target} has leftovers of an interrupted save ({leftovers_of(target)}) "
+                "and cannot be locked to recover them here; load it once from a process that "
+                "can write to its parent directory"
+            )
+        if _held()[str(target.parent)][0] == "exclusive":
+            _recover_locked(target)
+            yield target
+            return
+    with _locked(target, exclusive=True):
+        _recover_locked(target)
+        yield target
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def foreign_files(target: Union[str, Path]) -> list[str]:
+    """Paths in ``target`` that no save wrote (not listed in its completion marker; folders
+    end with ``/``); everything, for a directory without a marker."""
+    target = Path(target)
+    if not target.is_dir():
+        return []
+    marker = read_marker(target)
+    ours = set(marker["files"]) if marker else set()
+    ours.add(MARKER)
+    folders = {str(parent) for name in ours for parent in PurePosixPath(name).parents}
+    out = []
+    for path in sorted(target.rglob("*")):
+        name = path.relative_to(target).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if name not in folders:
+                out.append(name + "/")
+        elif name not in ours:
+            out.append(name)
+    return out
+
+
+def check_replaceable(
+    target: Union[str, Path], overwrite: bool = False, remedy: Optional[str] = None
+) -> None:
+    """Raise unless a save may replace ``target``: it does not exist, is an empty directory,
+    or holds only files that a save of this library wrote (``overwrite=True`` allows any
+    directory). A file is never replaced. ``remedy`` replaces the advice of the error.
+
+    Raises:
+        CheckpointConflictError: (a ``FileExistsError``) naming what would be deleted.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CheckpointConflictError(
+            f"cannot write a directory to {target}: a file is there; remove it or choose "
+            "another path"
+        )
+    if overwrite:
+        return
+    foreign = foreign_files(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f", ... ({len(foreign)} in all)" if len(foreign) > 5 else ""
+        )
+        legacy = (
+            ""
+            if read_marker(target)
+            else " (it has no completion marker: it was not written by this version of the library)"
+        )
+        raise CheckpointConflictError(
+            f"refusing to replace {target}: it holds files this library did not write ({shown})"
+            f"{legacy}; saving would delete them. "
+            + (
+                remedy
+                or "Pass overwrite=True to replace the whole directory, or choose another one"
+            )
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory; when the block ends without an exception it
+    becomes the new version of ``target`` (protocol in the module docstring).
+
+    Args:
+        target: the directory to write.
+        overwrite: replace ``target`` even if it holds files no save wrote (they are
+            deleted). Without it such a directory raises `CheckpointConflictError` before
+            anything is written.
+
+    On an exception before the commit point the temporary directory is removed and
+    ``target`` is left as it was.
     """
     target = Path(target).absolute()
-    recover(target)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"cannot write a directory to {target}: a file is there")
-        contents = list(target.iterdir())
-        if contents and not any((target / marker).exists() for marker in markers):
-            raise FileExistsError(
-                f"refusing to replace {target}: it is a non-empty directory without "
-                f"{' or '.join(markers)}, so it does not look like a checkpoint"
-            )
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with _locked(target, exclusive=True):
+        fault_point("locked")
+        _recover_locked(target)
+        check_replaceable(target, overwrite)
+        marker = read_marker(target) if target.is_dir() else None
+        sequence = (marker["sequence"] if marker else 0) + 1
+        tmp = target.parent / f".{target.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        committed = False
+        try:
+            yield tmp
+            fault_point("payload")
+            _fsync_tree(tmp)
+            fault_point("fsynced")
+            _write_marker(tmp, sequence)
+            committed = True
+            fault_point("committed")
+            aside = None
+            if target.exists() or target.is_symlink():
+                aside = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
+                os.rename(target, aside)
+                fault_point("moved_aside")
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            fault_point("installed")
+            if aside is not None:
+                with contextlib.suppress(OSError):  # the next save or load removes it
+                    _discard(aside)
+            fault_point("done")
+        except BaseException:
+            if committed:
+                _recover_locked(target)  # finish installing the committed version
+            else:
+                _discard(tmp)
+            raise
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Write a small text file atomically (a temporary sibling, fsynced, renamed)."""
+    path = Path(path)
+    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, backup)
-            os.rename(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        with open(partial, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(partial, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial.unlink()
         raise
+    _fsync_dir(path.parent)
+
+
+__all__ = [
+    "MARKER",
+    "CheckpointConflictError",
+    "atomic_directory",
+    "check_replaceable",
+    "foreign_files",
+    "reading",
+    "read_marker",
+    "recover",
+    "write_text_atomic",
+]

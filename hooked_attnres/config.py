@@ -45,6 +45,52 @@ _FIXED_ARCHITECTURE = {
 }
 
 
+# TransformerLens feature flags for hooks this model does not have, and Qwen3 facts:
+# each must keep its value (a different one would be silently ignored). The flags this
+# model implements are free: use_attn_result, use_split_qkv_input, use_hook_mlp_in (the
+# set_use_* methods; see docs/hooks.md) and layer_norm_folding (set by process_weights).
+_FIXED_FLAGS = {
+    "uses_rms_norm": True,
+    "rotary_adjacent_pairs": False,
+    "use_attn_in": False,
+    "use_hook_tokens": False,
+    "num_experts": None,
+    "experts_per_token": None,
+}
+
+_BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "default_prepend_bos",
+    "gated_mlp",
+    "final_rms",
+    "use_qk_norm",
+    "attn_only",
+    "parallel_attn_mlp",
+    "uses_rms_norm",
+    "rotary_adjacent_pairs",
+    "use_attn_result",
+    "use_split_qkv_input",
+    "use_hook_mlp_in",
+    "use_attn_in",
+    "use_hook_tokens",
+    "layer_norm_folding",
+)
+_STR_FIELDS = (
+    "model_name",
+    "original_architecture",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+    "attnres_layout",
+    "attnres_mode",
+    "attnres_query_init",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _dtype_from_any(value: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
@@ -137,7 +183,47 @@ class HookedAttnResConfig:
     num_experts: Optional[int] = None
     experts_per_token: Optional[int] = None
 
+    def _check_types(self) -> None:
+        """Every field has its type (a string for a boolean, ``True`` for a number or a
+        non-finite float would otherwise be accepted and misread)."""
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if self.tokenizer_prepends_bos is not None and not isinstance(
+            self.tokenizer_prepends_bos, bool
+        ):
+            raise ValueError(
+                f"tokenizer_prepends_bos must be True, False or None, got "
+                f"{self.tokenizer_prepends_bos!r}"
+            )
+        for name in _STR_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
+            raise ValueError(
+                f"tokenizer_name must be a string or None, got {self.tokenizer_name!r}"
+            )
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"device must be a string or a torch.device, got {self.device!r}")
+        for name in ("eps", "rotary_base", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        bias = self.attnres_recency_bias
+        if bias is not None and (not _is_number(bias) or not math.isfinite(bias)):
+            raise ValueError(f"attnres_recency_bias must be a finite number or None, got {bias!r}")
+        for name, expected in _FIXED_FLAGS.items():
+            if getattr(self, name) != expected:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not supported: HookedAttnRes "
+                    f"implements {name}={expected!r} (a Qwen3 without that TransformerLens "
+                    "feature)"
+                )
+
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -146,10 +232,7 @@ class HookedAttnResConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer or None, got {value!r}")
-        if not (
-            isinstance(self.initializer_range, (int, float))
-            and 0 <= self.initializer_range < math.inf
-        ):
+        if self.initializer_range < 0:
             raise ValueError(
                 f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}"
             )
@@ -176,13 +259,18 @@ class HookedAttnResConfig:
                 f"n_heads={self.n_heads} must be a multiple of "
                 f"n_key_value_heads={self.n_key_value_heads} (grouped-query attention)"
             )
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-        if not 0 < self.rotary_base < math.inf:
+        if self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        self.eps, self.rotary_base = float(self.eps), float(self.rotary_base)
+        if not 0 < self.rotary_base:
             raise ValueError(f"rotary_base must be a finite number > 0, got {self.rotary_base!r}")
         self.dtype = _dtype_from_any(self.dtype)
         if self.device is None:
             self.device = "cpu"
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"device={self.device!r} is not a torch device ({error})") from None
         self.device = str(self.device)
         for name, expected in _FIXED_ARCHITECTURE.items():
             if getattr(self, name) != expected:
@@ -297,12 +385,23 @@ class HookedAttnResConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HookedAttnResConfig:
         """Inverse of `to_dict`; unknown keys are an error (they usually mean a typo)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a dict of fields, got {type(values).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(str(key) for key in set(values) - known)
         if unknown:
             raise ValueError(
                 f"unknown HookedAttnResConfig field(s) {unknown}; known fields are {sorted(known)}"
             )
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ValueError(f"missing required HookedAttnResConfig field(s) {missing}")
         return cls(**values)
 
     def to_json(self, path: Union[str, Path, None] = None) -> str:
@@ -317,7 +416,11 @@ class HookedAttnResConfig:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the config is not valid JSON ({error})") from error
+        return cls.from_dict(values)
 
     def replace(self, **changes: Any) -> HookedAttnResConfig:
         """A validated copy with some fields changed."""

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._tl import get_act_name
+from hooked_attnres.interventions.checks import check_cached
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, DepthState, RouterSite
 
@@ -44,10 +45,15 @@ def _check_run(model: HookedAttnRes, corrupted_tokens: Tensor) -> None:
     """Eval mode and ``[batch, pos]`` tokens."""
     if model.training:
         raise ValueError("activation patching requires the model in eval mode (model.eval())")
-    if not isinstance(corrupted_tokens, Tensor) or corrupted_tokens.ndim != 2:
-        shape = getattr(corrupted_tokens, "shape", None)
-        shape = tuple(shape) if shape is not None else type(corrupted_tokens).__name__
-        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {shape}")
+    if not isinstance(corrupted_tokens, Tensor):
+        raise TypeError(
+            f"corrupted_tokens must be a [batch, pos] tensor of token ids, got "
+            f"{type(corrupted_tokens).__name__}"
+        )
+    if corrupted_tokens.ndim != 2:
+        raise ValueError(
+            f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}"
+        )
 
 
 def _check(
@@ -58,8 +64,18 @@ def _check(
     return check_routers(model, routers)
 
 
-def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -> None:
-    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]."""
+def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str], model=None) -> None:
+    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]
+    (and, given the model, its sources per router, ``d_model`` and routing layout)."""
+    if model is not None:
+        check_cached(
+            model,
+            clean_cache,
+            needed,
+            "the clean cache",
+            batch_pos=tuple(corrupted_tokens.shape),  # type: ignore[arg-type]
+        )
+        return
     missing = [name for name in needed if name not in clean_cache]
     if missing:
         raise KeyError(
@@ -76,6 +92,10 @@ def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]) -
 
 
 def _scalar(value) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (Tensor, int, float)):
+        raise TypeError(
+            f"patching_metric must return a scalar tensor or a number, got {type(value).__name__}"
+        )
     value = torch.as_tensor(value)
     if value.ndim != 0:
         raise ValueError(f"patching_metric must return a scalar, got shape {tuple(value.shape)}")
@@ -117,7 +137,7 @@ def _patch_cells(
 
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
     _check_cache(
-        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
+        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells)), model
     )
     states = model.depth_states(corrupted_tokens, sublayers=True)
     out = torch.full(shape, float("nan"), device=corrupted_tokens.device)

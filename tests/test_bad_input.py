@@ -303,8 +303,8 @@ def make(**changes) -> HookedAttnResConfig:
         (dict(dtype="int8"), "dtype 'int8' is not supported; use one of"),
         (dict(dtype=torch.int64), "dtype torch.int64 is not supported; use one of"),
         (dict(dtype="float8"), "dtype 'float8' is not supported.*bfloat16"),
-        (dict(eps=-1e-6), "eps must be >= 0, got -1e-06"),
-        (dict(eps=math.nan), "eps must be >= 0, got nan"),
+        (dict(eps=-1e-6), "eps must be a finite number >= 0, got -1e-06"),
+        (dict(eps=math.nan), "eps must be a finite number, got nan"),
         (dict(rotary_base=0.0), "rotary_base must be a finite number > 0, got 0.0"),
         (dict(d_vocab=0), "d_vocab must be a positive integer, got 0"),
         (dict(n_layers=-1), "n_layers must be a positive integer, got -1"),
@@ -318,7 +318,7 @@ def make(**changes) -> HookedAttnResConfig:
         (dict(n_key_value_heads=2.0), "n_key_value_heads must be an integer or None, got 2.0"),
         (dict(seed="x"), "seed must be an integer or None, got 'x'"),
         (dict(initializer_range=-0.1), "initializer_range must be a finite number >= 0, got -0.1"),
-        (dict(rotary_base=math.inf), "rotary_base must be a finite number > 0, got inf"),
+        (dict(rotary_base=math.inf), "rotary_base must be a finite number, got inf"),
     ],
 )
 def test_invalid_config(changes, message):

@@ -14,7 +14,7 @@ from helpers import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_mode
 
 import hooked_attnres.loading.own_format as own_format_module
 from hooked_attnres import CheckpointError, HookedAttnRes
-from hooked_attnres._atomic import backups_of, recover
+from hooked_attnres._atomic import MARKER, backups_of, read_marker, recover
 
 TOKENS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -75,9 +75,13 @@ def test_round_trip_is_bitwise(tmp_path, layout, tied):
     returned = model.save_pretrained(tmp_path / "ckpt")
     assert Path(returned) == tmp_path / "ckpt"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        MARKER,  # the completion marker, written last
         "config.json",
         "model.safetensors",
     ]
+    marker = read_marker(tmp_path / "ckpt")
+    assert marker["sequence"] == 1
+    assert set(marker["files"]) == {"config.json", "model.safetensors"}
     loaded = HookedAttnRes.from_pretrained(str(tmp_path / "ckpt"))
     assert isinstance(loaded, HookedAttnRes)
     assert loaded.cfg.attnres_layout == layout
@@ -266,7 +270,11 @@ def test_failure_after_weights_are_written_also_rolls_back(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="tokenizer save failed"):
         new.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        MARKER,
+        "config.json",
+        "model.safetensors",
+    ]
     assert_same_model(HookedAttnRes.from_pretrained(target), old)
 
 
@@ -300,7 +308,7 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_checkpoint(tmp_path):
     target = tmp_path / "notes"
     target.mkdir()
     (target / "important.txt").write_text("do not delete")
-    with pytest.raises(FileExistsError, match="does not look like a checkpoint"):
+    with pytest.raises(FileExistsError, match="holds files this library did not write"):
         scrambled_model().save_pretrained(target)
     assert sorted(p.name for p in target.iterdir()) == ["important.txt"]
     assert (target / "important.txt").read_text() == "do not delete"
@@ -330,7 +338,7 @@ def test_recover_moves_backup_back(tmp_path):
     scrambled_model().save_pretrained(target)
     backup = crash_between_renames(target)
     assert not target.exists()
-    assert backups_of(target) == [backup]
+    assert backups_of(target) == [backup, tmp_path / ".ckpt.tmp-cafef00d"]
     assert recover(target) is True
     assert target.is_dir() and not backup.exists()
     assert backups_of(target) == []

@@ -599,3 +599,14 @@ def test_head_results_from_set_use_attn_result_decompose_exactly(layout):
         stacks.append(cache.stack_head_results(layer=-1, routed=routed))
     model.set_use_attn_result(False)
     assert torch.allclose(stacks[0], stacks[1], atol=ATOL)
+
+
+def test_a_folded_model_saves_and_loads_as_folded(tmp_path):
+    model = randomize_routing(tiny_model(attnres_layout="kimi"))
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    before = model(tokens)
+    model.process_weights()
+    model.save_pretrained(tmp_path / "folded")
+    loaded = type(model).from_pretrained(tmp_path / "folded")
+    assert loaded.cfg.layer_norm_folding is True
+    assert torch.allclose(loaded(tokens), before, atol=1e-5)

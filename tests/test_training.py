@@ -239,10 +239,10 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(steps=0), "steps must be a positive integer"),
-        (dict(lr=0), "need lr > 0"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(lr=0), "lr must be > 0"),
         (dict(warmup_steps=50, steps=10), r"warmup_steps must be in \[0, steps=10\]"),
-        (dict(checkpoint_every=0), "checkpoint_every must be >= 1 or None"),
+        (dict(checkpoint_every=0), r"checkpoint_every must be an integer >= 1 or None"),
     ],
 )
 def test_bad_train_config(kwargs, message):

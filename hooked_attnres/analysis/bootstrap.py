@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Union
 
 import numpy as np
@@ -42,16 +44,33 @@ def bootstrap_ci_rows(
     prompts for every row (so that rows stay paired).
 
     Returns:
-        ``(mean, low, high)``, each ``[rows]``. Rows that contain NaN give NaN.
+        ``(mean, low, high)``, each ``[rows]``. Rows that contain NaN give NaN. With one
+        prompt (``n = 1``) every resample is that prompt, so there is no interval: ``low``
+        and ``high`` are NaN and a ``RuntimeWarning`` says so (the mean is returned).
     """
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
         raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not 0 < confidence < 1
+    ):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not isinstance(n_resamples, int) or isinstance(n_resamples, bool) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     n = values.shape[1]
+    if n == 1:
+        warnings.warn(
+            "a bootstrap interval needs at least 2 prompts; with 1 the interval is "
+            "undefined and is returned as NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        nan = np.full(values.shape[0], math.nan)
+        return values.mean(axis=1), nan, nan.copy()
     rng = np.random.default_rng(seed)
     means = np.empty((values.shape[0], n_resamples))
     for start in range(0, n_resamples, 256):  # bounded memory: rows x 256 x n at a time

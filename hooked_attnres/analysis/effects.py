@@ -269,6 +269,14 @@ def run_ablations(
         ``[n_ablations, n_prompts]`` (keyed by the metrics as given).
     """
     metrics = check_metrics(metrics)
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(
+            f"batch must be a TaskBatch (task.sample(...)), got {type(batch).__name__}; the "
+            "metrics are read at its answer positions"
+        )
+    for name, value in (("chunk", chunk), ("max_rows", max_rows)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if model.training:
         raise ValueError(
             "run ablations in eval mode (model.eval()); the results must not depend on it"

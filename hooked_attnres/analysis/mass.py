@@ -36,6 +36,11 @@ def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]
     return "other"
 
 
+def _check_chunk(chunk) -> None:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1 (prompts per pass), got {chunk!r}")
+
+
 def _position_weights(
     weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]
 ) -> Tensor:
@@ -84,6 +89,23 @@ def routing_mass(
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
     if isinstance(prompts, TaskBatch) and answer_pos is None:
         answer_pos = prompts.answer_pos
+    _check_chunk(chunk)
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+        raise ValueError("prompts must be a TaskBatch or a [batch, pos] tensor of token ids")
+    if answer_pos is not None:
+        answer_pos = torch.as_tensor(answer_pos)
+        if answer_pos.shape != (tokens.shape[0],) or answer_pos.is_floating_point():
+            raise ValueError(
+                f"answer_pos must be an integer tensor [batch={tokens.shape[0]}], got shape "
+                f"{tuple(answer_pos.shape)} and dtype {answer_pos.dtype}"
+            )
+        if len(answer_pos) and (
+            int(answer_pos.min()) < 0 or int(answer_pos.max()) >= tokens.shape[1]
+        ):
+            raise ValueError(
+                f"answer_pos must be in [0, {tokens.shape[1]}), got values in "
+                f"[{int(answer_pos.min())}, {int(answer_pos.max())}]"
+            )
     layout = model.routing_layout
     layout.require_routers()
     sites = layout.sites()
@@ -141,7 +163,15 @@ def summarize_mass(
     Returns:
         Columns ``*by, mass, ci_low, ci_high, n_prompts``.
     """
-    by = list(by)
+    by = [by] if isinstance(by, str) else list(by)
+    unknown = [column for column in by if column not in mass.columns or column == "mass"]
+    if unknown:
+        raise ValueError(
+            f"cannot group by {unknown}; the columns of a routing_mass table are "
+            f"{[c for c in mass.columns if c != 'mass']}"
+        )
+    if mass.empty:
+        raise ValueError("the mass table is empty: there is nothing to summarise")
     per_prompt = mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt")
     mean, low, high = bootstrap_ci_rows(per_prompt.to_numpy(), n_bootstrap, confidence, seed)
     out = per_prompt.index.to_frame(index=False)

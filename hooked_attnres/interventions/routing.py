@@ -22,10 +22,17 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hooked_attnres.interventions.checks import (
+    check_broadcast,
+    check_cached,
+    check_run_shape,
+    check_value_tensor,
+)
 from hooked_attnres.interventions.selection import (
     LayerSpec,
     RouterSpec,
     SourceSpec,
+    check_positions,
     iter_selected,
     position_index,
     select_sites,
@@ -64,14 +71,38 @@ def _is_cache(value) -> bool:
     return hasattr(value, "keys") and not isinstance(value, (Tensor, str))
 
 
+VALUE_NAMES = ("zero", "mean")
+
+
+def check_value(model: HookedAttnRes, value: Value, hook_names: Sequence[str], what: str) -> Value:
+    """Check a patching value when the intervention is built: ``"zero"`` / ``"mean"``, a
+    cache holding ``hook_names`` with this model's shapes, or a tensor broadcastable to
+    ``[batch, pos, d_model]``. ``what`` is the calling function's name. Returns the value
+    (a tensor for tensor-likes)."""
+    if isinstance(value, str):
+        if value not in VALUE_NAMES:
+            raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
+        return value
+    if _is_cache(value):
+        check_cached(model, value, hook_names, f"the cache given to {what}")  # type: ignore[arg-type]
+        return value
+    if isinstance(value, (Tensor, float, int, list, tuple)) and not isinstance(value, bool):
+        return check_value_tensor(value, model.cfg.d_model, what)
+    raise TypeError(
+        f"{what}: value must be 'zero', 'mean', a tensor or a cache, got {type(value).__name__}"
+    )
+
+
 def resolve_value(
     value: Value,
     current: Float[Tensor, "batch pos d_model"],
     from_cache: Callable[[Mapping], Tensor],
+    where: str = "patching",
 ) -> Float[Tensor, "batch pos d_model"]:
     """What replaces ``current``: ``"zero"``; ``"mean"`` (over the batch, per position);
-    a cache of another run (``from_cache(cache)`` picks the matching tensor); or a tensor
-    broadcastable to ``current``. The one value resolver of every patching intervention."""
+    a cache of another run (``from_cache(cache)`` picks the matching tensor, which must
+    have the run's ``[batch, pos]``); or a tensor broadcastable to ``current``. The one
+    value resolver of every patching intervention; ``where`` names the hook in errors."""
     if isinstance(value, str):
         if value == "zero":
             return torch.zeros_like(current)
@@ -80,8 +111,10 @@ def resolve_value(
         raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
     if _is_cache(value):
         new = from_cache(value)  # type: ignore[arg-type]
+        check_run_shape(new, current, where, "patching from a cache")
     else:
         new = torch.as_tensor(value)
+        check_broadcast(new, current, where, "patching with a tensor")
     return new.to(current.device, current.dtype).expand_as(current)
 
 
@@ -175,6 +208,7 @@ class Ablation:
         """
         if on_full not in ("raise", "skip"):
             raise ValueError(f"on_full must be 'raise' or 'skip', got {on_full!r}")
+        check_positions(positions)
         layout = model.routing_layout
         masks, skipped = [], []
         for site, indices in iter_selected(model, sources, routers, layers, bands):
@@ -276,8 +310,7 @@ def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, 
         weights = weights[site]
     elif _is_cache(weights):
         name = site.hook("weights")
-        if name not in weights:
-            raise KeyError(f"the weights source has no {name}")
+        check_cached(model, weights, [name], "the cache given to set_weights")
         weights = weights[name]
     weights = torch.as_tensor(weights)
     if not weights.is_floating_point():
@@ -312,16 +345,17 @@ def set_weights(
         routers, layers, bands: which routers (default: every attention and MLP router).
         positions: only replace at these positions (default: all).
     """
+    check_positions(positions)
     hooks: Hooks = []
     for site in select_sites(model, routers, layers, bands):
         value = _weights_for(weights, model, site)
 
         def hook(current: Float[Tensor, "batch pos n_sources"], hook, value=value):
-            new = (
-                torch.full_like(current, 1.0 / current.shape[-1])
-                if isinstance(value, str)
-                else value.to(current.device, current.dtype).expand_as(current)
-            )
+            if isinstance(value, str):
+                new = torch.full_like(current, 1.0 / current.shape[-1])
+            else:
+                check_broadcast(value, current, hook.name, "set_weights")
+                new = value.to(current.device, current.dtype).expand_as(current)
             return _at_positions(new, current, positions)
 
         hooks.append((site.hook("weights"), hook))
@@ -349,8 +383,13 @@ def patch_sources(
             ``hook_sources`` at the same router, e.g. clean sources into a corrupted run).
         positions: only patch at these positions (default: all).
     """
+    check_positions(positions)
+    selected = list(iter_selected(model, sources, routers, layers, bands))
+    value = check_value(
+        model, value, [site.hook("sources") for site, _ in selected], "patch_sources"
+    )
     hooks: Hooks = []
-    for site, indices in iter_selected(model, sources, routers, layers, bands):
+    for site, indices in selected:
         name = site.hook("sources")
 
         def hook(
@@ -363,7 +402,7 @@ def patch_sources(
                 def cached(cache: Mapping, index: int = index) -> Tensor:
                     return cache[name][..., index, :]
 
-                new = resolve_value(value, current, cached)
+                new = resolve_value(value, current, cached, name)
                 out[..., index, :] = _at_positions(new, current, positions)
             return out
 
@@ -407,12 +446,17 @@ def patch_committed(
             ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
+    check_positions(positions)
+    names = [
+        commit_hook_name(model, label)
+        for label in ([labels] if isinstance(labels, (str, int)) else list(labels))
+    ]
+    value = check_value(model, value, names, "patch_committed")
     hooks: Hooks = []
-    for label in [labels] if isinstance(labels, (str, int)) else list(labels):
-        name = commit_hook_name(model, label)
+    for name in names:
 
         def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name):
-            new = resolve_value(value, block, lambda cache: cache[name])
+            new = resolve_value(value, block, lambda cache: cache[name], name)
             return _at_positions(new, block, positions)
 
         hooks.append((name, hook))

@@ -47,14 +47,39 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
 
 
 def _layer_list(spec, n_layers: int) -> list[int]:
+    """Layer indices of an index, a list / range, or a ``(start, stop)`` pair (negative
+    values count from the end, as in a slice); an empty selection is refused."""
     if isinstance(spec, bool):
         raise ValueError(f"layers must be integers, got {spec!r}")
     if isinstance(spec, int):
         items = [spec]
-    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
-        items = list(range(*spec))
+    elif (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)
+    ):
+        for v in spec:
+            if not -n_layers <= v <= n_layers:
+                raise ValueError(
+                    f"layers={spec!r}: {v} is not in [-{n_layers}, {n_layers}] "
+                    "(a (start, stop) range)"
+                )
+        start, stop = (v + n_layers if v < 0 else v for v in spec)
+        if not 0 <= start < stop <= n_layers:
+            raise ValueError(
+                f"layers={spec!r} is a (start, stop) range that selects no layer of "
+                f"[0, {n_layers}); it needs start < stop (negative values count from the end)"
+            )
+        items = list(range(start, stop))
+    elif isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+        raise ValueError(
+            f"layers must be an index, a list, a range, a (start, stop) pair or band "
+            f"name(s), got {spec!r}"
+        )
     else:
         items = list(spec)
+    if not items:
+        raise ValueError(f"layers={spec!r} is empty: it selects no layer; give at least one")
     out = []
     for layer in items:
         if (
@@ -151,6 +176,31 @@ def resolve_routers(
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
+def check_positions(positions) -> None:
+    """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
+    positions (an int, a list or a tensor), not empty. Their range is checked when the hook
+    runs (the sequence length is known only then)."""
+    if positions is None:
+        return
+    try:
+        index = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError):
+        index = None
+    if index is not None and index.numel() == 0:
+        raise ValueError("positions is empty: give at least one position, or None for all")
+    if (
+        index is None
+        or isinstance(positions, bool)
+        or index.dtype == torch.bool
+        or index.is_floating_point()
+        or index.is_complex()
+    ):
+        raise ValueError(
+            f"positions {positions!r} must be integers in [-pos, pos) of the run (an int, a "
+            "list or a tensor), or None for all positions"
+        )
+
+
 def position_index(positions, n_pos: int, device=None) -> Tensor:
     """``positions`` (an int, a list or a tensor) as a flat long index tensor ``[n]``
     (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
@@ -169,7 +219,12 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
 def _as_list(sources: SourceSpec) -> list:
     if isinstance(sources, (str, int)):
         return [sources]
-    return list(sources)
+    if not isinstance(sources, Iterable):
+        raise ValueError(f"sources must be a family, a label, an index or a list, got {sources!r}")
+    out = list(sources)
+    if not out:
+        raise ValueError("sources is empty; name at least one family, label or index")
+    return out
 
 
 def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) -> list[int]:

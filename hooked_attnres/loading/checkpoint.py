@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
-from hooked_attnres._atomic import atomic_directory
+from hooked_attnres._atomic import atomic_directory, reading
 from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public before the split)
     CONFIG_NAME,
     CheckpointError,
     assign_state_dict,
+    check_device,
     empty_model,
     load_tokenizer,
     read_config_json,
@@ -46,25 +47,37 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(
-    model: HookedAttnRes, directory: Union[str, Path], format: str = FORMAT
+    model: HookedAttnRes,
+    directory: Union[str, Path],
+    format: str = FORMAT,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically.
+    """Write ``model`` to ``directory`` atomically (crash-safe, serialised with other saves
+    and loads of the same directory; protocol in ``docs/loading.md``).
 
     Args:
         model: a `HookedAttnRes`.
-        directory: target directory (replaced if it already holds a checkpoint).
+        directory: target directory. It is created, or replaced if it is empty or holds
+            only files an earlier save wrote.
         format: ``"hooked_attnres"`` (this package's format) or ``"qwen3_attnres"`` (the
             public open-attention-residuals format, cumulative layout only).
+        overwrite: also replace a directory holding other files (they are deleted).
 
     Returns:
         The directory path.
+
+    Raises:
+        CheckpointConflictError: (a ``FileExistsError``) ``directory`` is a file, or holds
+            files no save wrote and ``overwrite`` is False; nothing is written.
     """
     directory = Path(directory)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if format == QWEN3_ATTNRES:
-        return save_qwen3_attnres(model, directory)
+        return save_qwen3_attnres(model, directory, overwrite=overwrite)
     if format != FORMAT:
         raise ValueError(f"format must be {FORMAT!r} or {QWEN3_ATTNRES!r}, got {format!r}")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_checkpoint_files(model, tmp)
     return directory
 
@@ -74,6 +87,7 @@ def load_checkpoint(
     device: Union[str, torch.device, None] = None,
     dtype: Union[str, torch.dtype, None] = None,
     model_class: Optional[type] = None,
+    mmap: bool = False,
 ):
     """Load a checkpoint directory, whatever its format.
 
@@ -88,12 +102,28 @@ def load_checkpoint(
         dtype: parameter dtype (default: the dtype saved in the config).
         model_class: the class to build (default `HookedAttnRes`; ``from_pretrained``
             passes its own).
+        mmap: memory-map the weights instead of copying them (see ``docs/loading.md``:
+            faster, but truncating the file later kills the process with SIGBUS and
+            overwriting it in place changes the model). Default: copy.
+
+    The directory is read under the shared lock (a concurrent save waits; an interrupted
+    save is recovered first), so the model is one complete saved version.
     """
     directory = Path(directory)
+    if not isinstance(mmap, bool):
+        raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    check_device(device)
+    with reading(directory):
+        return _load_checkpoint(directory, device, dtype, model_class, mmap)
+
+
+def _load_checkpoint(directory: Path, device, dtype, model_class, mmap: bool):
     values = read_config_json(directory)
     model_type = values.get("model_type")
     if model_type == QWEN3_ATTNRES:
-        return load_qwen3_attnres(directory, device=device, dtype=dtype, model_class=model_class)
+        return load_qwen3_attnres(
+            directory, device=device, dtype=dtype, model_class=model_class, mmap=mmap
+        )
     if model_type == "qwen3":
         raise CheckpointError(
             f"{directory} is a vanilla Qwen3 checkpoint; load it with "
@@ -104,4 +134,4 @@ def load_checkpoint(
             f"{directory / CONFIG_NAME} has model_type={model_type!r}; supported are "
             f"{FORMAT!r}, {QWEN3_ATTNRES!r} and (via from_hf_qwen3) 'qwen3'"
         )
-    return load_own_format(directory, values, model_class, device=device, dtype=dtype)
+    return load_own_format(directory, values, model_class, device=device, dtype=dtype, mmap=mmap)

@@ -18,16 +18,19 @@ Nothing here touches the network: ``source`` is a local directory or an in-memor
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
+from hooked_attnres._atomic import reading
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
+    check_device,
     describe_mismatch,
     empty_model,
     load_tokenizer,
@@ -179,12 +182,18 @@ def _file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 
 def load_hf_weights(
-    model: HookedAttnRes, files: dict[str, Path], keymap: KeyMap, dtype: torch.dtype, where: str
+    model: HookedAttnRes,
+    files: dict[str, Path],
+    keymap: KeyMap,
+    dtype: torch.dtype,
+    where: str,
+    mmap: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read and convert every HF tensor our (empty) model needs, file by file.
 
     Shapes are checked before any tensor is read; the error names missing,
-    unexpected and mis-shaped keys.
+    unexpected and mis-shaped keys. Tensors are copied (``mmap=False``) or memory-mapped
+    (see `hooked_attnres.loading.io.read_safetensors`); non-floating tensors are refused.
     """
     expected = dict(keymap.hf_shapes({n: tuple(t.shape) for n, t in model.state_dict().items()}))
     found = {k: s for k, s in _file_shapes(files).items() if not k.endswith(_IGNORED_HF_KEYS)}
@@ -198,8 +207,8 @@ def load_hf_weights(
     for key in expected:
         by_file.setdefault(files[key], []).append(key)
     for path, keys in by_file.items():
-        for key, tensor in read_safetensors(path, keys).items():
-            name, converted = keymap.to_ours(key, tensor.to(dtype))
+        for key, tensor in read_safetensors(path, keys, dtype=dtype, mmap=mmap).items():
+            name, converted = keymap.to_ours(key, tensor)
             state[name] = converted
     return state
 
@@ -213,6 +222,7 @@ def from_hf_qwen3(
     device: Union[str, torch.device] = "cpu",
     tokenizer=None,
     model_class: Optional[type] = None,
+    mmap: bool = False,
 ):
     """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``).
 
@@ -227,13 +237,39 @@ def from_hf_qwen3(
         tokenizer: attach this tokenizer (default: the directory's, when present).
         model_class: the class to build (default `HookedAttnRes`; ``from_hf_qwen3`` passes
             its own).
+        mmap: memory-map the weights of a directory instead of copying them (see
+            ``docs/loading.md``); default: copy.
 
     Returns:
         A `HookedAttnRes` in eval mode.
     """
     if wrap not in WRAPS:
         raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    if (
+        isinstance(recency_bias, bool)
+        or not isinstance(recency_bias, (int, float))
+        or not math.isfinite(recency_bias)
+    ):
+        raise ValueError(f"recency_bias must be a finite number, got {recency_bias!r}")
+    if not isinstance(mmap, bool):
+        raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    check_device(device)
     dtype = _dtype_from_any(dtype)
+    if isinstance(source, (str, Path)):
+        with reading(Path(source)):
+            return _from_hf_qwen3(
+                source, wrap, num_blocks, recency_bias, dtype, device, tokenizer, model_class, mmap
+            )
+    return _from_hf_qwen3(
+        source, wrap, num_blocks, recency_bias, dtype, device, tokenizer, model_class, mmap
+    )
+
+
+def _from_hf_qwen3(
+    source, wrap, num_blocks, recency_bias, dtype, device, tokenizer, model_class, mmap
+):
     if isinstance(source, (str, Path)):
         directory = Path(source)
         hf_config = read_config_json(directory)
@@ -255,7 +291,7 @@ def from_hf_qwen3(
     model = empty_model(cfg, tokenizer=tokenizer, model_class=model_class)
     keymap = KeyMap(cfg)
     if directory is not None:
-        state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where)
+        state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where, mmap=mmap)
     else:
         state = {}
         for key, tensor in source.state_dict().items():  # type: ignore[union-attr]

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hooked_attnres._atomic import backups_of, recover
 from hooked_attnres.config import HookedAttnResConfig
 
 if TYPE_CHECKING:
@@ -56,28 +55,129 @@ def describe_mismatch(
     return "; ".join(parts)
 
 
-def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a safetensors file without reading the tensors."""
+# safetensors dtype names; only floating-point tensors can become parameters
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def read_safetensors_info(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, safetensors dtype name such as ``"F32"``) without reading tensors."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            out = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                out[key] = (tuple(part.get_shape()), str(part.get_dtype()))
+            return out
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
             f"could not read {path}: the file is truncated or not a safetensors file ({error})"
         ) from error
 
 
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file without reading the tensors."""
+    return {key: shape for key, (shape, _) in read_safetensors_info(path).items()}
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """``(start of the data section, {key: (begin, end)})`` from a safetensors header (the
+    file has been validated by ``safe_open`` already)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    offsets = {
+        key: (int(value["data_offsets"][0]), int(value["data_offsets"][1]))
+        for key, value in header.items()
+        if key != "__metadata__"
+    }
+    return 8 + length, offsets
+
+
+def _read_copy(
+    handle, start: int, shape: tuple[int, ...], dtype: torch.dtype, path: Path
+) -> torch.Tensor:
+    """A fresh tensor filled from ``handle`` at byte ``start`` (one copy, no mapping)."""
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    view = out.reshape(-1).view(torch.uint8).numpy().data
+    handle.seek(start)
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:])
+        if not got:
+            raise CheckpointError(
+                f"could not read {path}: the file ended early (it was truncated while loading)"
+            )
+        done += got
+    return out
+
+
+def check_float_tensors(path: Path, info: dict, keys, expected: Optional[torch.dtype]) -> None:
+    """Refuse integer or boolean tensors (a parameter is never cast from them), and, with
+    ``expected``, tensors of another floating dtype."""
+    for key in keys:
+        _, name = info[key]
+        if name not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {key} has dtype {name}; parameters must be floating point "
+                f"({sorted(_FLOAT_DTYPES)}), and an integer tensor is not cast silently"
+            )
+        if expected is not None and _FLOAT_DTYPES[name] != expected:
+            raise CheckpointError(
+                f"{path}: tensor {key} has dtype {name} but config.json says "
+                f"{str(expected).removeprefix('torch.')}; pass dtype=... to convert on purpose"
+            )
+
+
 def read_safetensors(
-    path: Path, keys: Optional[list[str]] = None, dtype: Optional[torch.dtype] = None
+    path: Path,
+    keys: Optional[list[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+    mmap: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (optionally a subset, optionally cast)."""
+    """Floating-point tensors of a safetensors file (optionally a subset, optionally cast).
+
+    With ``mmap=False`` (the default) no returned tensor refers to the file: tensors whose
+    dtype is kept are read into fresh memory, converted ones are new tensors anyway, so
+    changing or truncating the file later cannot touch the model. With ``mmap=True``
+    tensors whose dtype is kept are views of a memory map of the file (faster to load, no
+    copy; truncating the file later kills the process with SIGBUS, overwriting it in
+    place changes the weights).
+
+    Raises:
+        CheckpointError: a truncated or corrupt file, or a non-floating tensor.
+    """
+    info = read_safetensors_info(path)
+    wanted = list(info) if keys is None else list(keys)
+    check_float_tensors(path, info, wanted, None)
     out = {}
     try:
+        copies = []
         with safe_open(str(path), framework="pt") as handle:
-            for key in keys if keys is not None else list(handle.keys()):
-                tensor = handle.get_tensor(key)
-                out[key] = tensor if dtype is None else tensor.to(dtype)
-    except (SafetensorError, OSError, ValueError) as error:
+            for key in wanted:
+                file_dtype = _FLOAT_DTYPES[info[key][1]]
+                if dtype is not None and dtype != file_dtype:
+                    out[key] = handle.get_tensor(key).to(dtype)  # a new tensor
+                elif mmap:
+                    out[key] = handle.get_tensor(key)
+                else:
+                    copies.append(key)
+        if copies:
+            base, offsets = _data_offsets(path)
+            copies.sort(key=lambda key: offsets[key][0])  # read the file front to back
+            with open(path, "rb", buffering=0) as raw:
+                for key in copies:
+                    shape, name = info[key]
+                    out[key] = _read_copy(
+                        raw, base + offsets[key][0], shape, _FLOAT_DTYPES[name], path
+                    )
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise CheckpointError(
             f"could not read {path}: the file is truncated or corrupt ({error})"
         ) from error
@@ -85,15 +185,11 @@ def read_safetensors(
 
 
 def read_config_json(directory: Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint directory, with clear errors."""
+    """The parsed ``config.json`` of a checkpoint directory, with clear errors (call it
+    inside `hooked_attnres._atomic.reading`, which recovers interrupted saves)."""
     directory = Path(directory)
     if not directory.exists():
-        recovered = recover(directory)
-        if not recovered:
-            hint = ""
-            if backups_of(directory):
-                hint = f" (a backup exists: {backups_of(directory)[-1]})"
-            raise FileNotFoundError(f"no checkpoint directory at {directory}{hint}")
+        raise FileNotFoundError(f"no checkpoint directory at {directory}")
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file; a checkpoint is a directory")
     path = directory / CONFIG_NAME
@@ -103,7 +199,7 @@ def read_config_json(directory: Path) -> dict[str, Any]:
         )
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(values).__name__}")
@@ -141,6 +237,16 @@ def empty_model(cfg: HookedAttnResConfig, tokenizer=None, model_class: Optional[
     model_class = default_model_class() if model_class is None else model_class
     with torch.device("meta"):
         return model_class(cfg.replace(device="meta"), tokenizer=tokenizer)
+
+
+def check_device(device) -> None:
+    """Refuse a device that torch cannot parse, before anything is read."""
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error})") from None
 
 
 def assign_state_dict(

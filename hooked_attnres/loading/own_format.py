@@ -24,11 +24,12 @@ from hooked_attnres.loading.io import (
     CONFIG_NAME,
     CheckpointError,
     assign_state_dict,
+    check_float_tensors,
     describe_mismatch,
     empty_model,
     load_tokenizer,
     read_safetensors,
-    read_safetensors_shapes,
+    read_safetensors_info,
 )
 
 if TYPE_CHECKING:
@@ -63,9 +64,12 @@ def load_own_format(
     model_class: Optional[type] = None,
     device: Union[str, torch.device, None] = None,
     dtype: Union[str, torch.dtype, None] = None,
+    mmap: bool = False,
 ):
     """Build the model of a ``hooked_attnres`` checkpoint whose parsed ``config.json`` is
-    ``values``; every key and shape is checked before a tensor is read."""
+    ``values``; every key, shape and dtype is checked before a tensor is read (a tensor
+    whose dtype differs from the config's is refused unless ``dtype`` asks for a
+    conversion)."""
     values = dict(values)
     version = values.pop("format_version", None)
     if version != FORMAT_VERSION:
@@ -83,14 +87,17 @@ def load_own_format(
         ) from error
     if dtype is not None:
         cfg = cfg.replace(dtype=_dtype_from_any(dtype))
+    saved_dtype = None if dtype is not None else cfg.dtype
 
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
     model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    problem = describe_mismatch(expected, read_safetensors_shapes(weights))
+    info = read_safetensors_info(weights)
+    problem = describe_mismatch(expected, {key: shape for key, (shape, _) in info.items()})
     if problem:
         raise CheckpointError(f"{weights} does not match {directory / CONFIG_NAME}: {problem}")
-    state = read_safetensors(weights, dtype=cfg.dtype)
+    check_float_tensors(weights, info, expected, saved_dtype)
+    state = read_safetensors(weights, dtype=cfg.dtype, mmap=mmap)
     return assign_state_dict(model, state, device or "cpu")

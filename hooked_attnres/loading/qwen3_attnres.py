@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from safetensors.torch import save_file
 
-from hooked_attnres._atomic import atomic_directory
+from hooked_attnres._atomic import atomic_directory, reading
 from hooked_attnres.config import _dtype_from_any, dtype_name
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.hf_qwen3 import (
@@ -80,6 +80,7 @@ def load_qwen3_attnres(
     device: Union[str, torch.device, None] = None,
     dtype: Union[str, torch.dtype, None] = None,
     model_class: Optional[type] = None,
+    mmap: bool = False,
 ):
     """Load a ``qwen3_attnres`` directory as a cumulative-layout `HookedAttnRes`.
 
@@ -87,8 +88,14 @@ def load_qwen3_attnres(
         directory: the checkpoint directory (single or sharded safetensors).
         device: default ``"cpu"``.
         dtype: default float32.
+        mmap: memory-map instead of copying (see `hooked_attnres.loading.load_checkpoint`).
     """
     directory = Path(directory)
+    with reading(directory):
+        return _load(directory, device, dtype, model_class, mmap)
+
+
+def _load(directory: Path, device, dtype, model_class, mmap: bool):
     values = read_config_json(directory)
     where = str(directory)
     check_qwen3_config(values, where, model_types=(MODEL_TYPE,))
@@ -96,7 +103,7 @@ def load_qwen3_attnres(
     cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
     model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
     state = load_hf_weights(
-        model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where
+        model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where, mmap=mmap
     )
     return assign_state_dict(model, state, device or "cpu")
 
@@ -132,8 +139,11 @@ def qwen3_attnres_config(model: HookedAttnRes) -> dict:
     }
 
 
-def save_qwen3_attnres(model: HookedAttnRes, directory: Union[str, Path]) -> Path:
-    """Write a cumulative-layout model in the public format (atomically).
+def save_qwen3_attnres(
+    model: HookedAttnRes, directory: Union[str, Path], overwrite: bool = False
+) -> Path:
+    """Write a cumulative-layout model in the public format (atomically; ``overwrite`` as
+    in `hooked_attnres.loading.save_checkpoint`).
 
     Routers without a bias parameter are written with bias 0, which routes identically.
     """
@@ -153,7 +163,7 @@ def save_qwen3_attnres(model: HookedAttnRes, directory: Union[str, Path]) -> Pat
             for prefix in ("attn_res", "mlp_res"):
                 state[f"model.layers.{layer}.{prefix}_bias"] = torch.zeros((), dtype=cfg.dtype)
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(qwen3_attnres_config(model), indent=2) + "\n")
         if model.tokenizer is not None:

@@ -4,15 +4,22 @@ from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RoutingLayout
 from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
-from hooked_attnres.model.hooked_root import RoutedResidualPatchWarning, UnknownHookError
+from hooked_attnres.model.hooked_root import (
+    ConcurrentUseError,
+    HookOutputError,
+    RoutedResidualPatchWarning,
+    UnknownHookError,
+)
 from hooked_attnres.model.routing import DepthRouter
 
 __all__ = [
     "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",
+    "ConcurrentUseError",
     "DepthRouter",
     "DepthState",
+    "HookOutputError",
     "HookedAttnRes",
     "KeyValueCache",
     "Output",

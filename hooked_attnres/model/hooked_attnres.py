@@ -26,7 +26,7 @@ from hooked_attnres.model.depth import (
     gather_positions,
 )
 from hooked_attnres.model.generation import GenerationMixin
-from hooked_attnres.model.hooked_root import HookedModule
+from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter
@@ -35,6 +35,8 @@ from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+# attribute of a DepthState returned by depth_states / stop_at_layer: the sublayer it enters
+_ENTERING = "_entering_sublayer"
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
 
 
@@ -298,6 +300,17 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"{self.cfg.attnres_layout!r} layout expects {n_blocks} blocks and "
                 f"current_is_committed={committed}"
             )
+        made_for = getattr(state, _ENTERING, None)
+        expected = 2 * layer + (sublayer == "mlp")
+        if made_for is not None and made_for != expected:
+            target = (
+                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+            )
+            raise ValueError(
+                f"this DepthState enters sublayer {made_for} (it came from depth_states or "
+                f"stop_at_layer) and cannot enter {target} (sublayer {expected}); use "
+                f"states[{expected}] of depth_states(tokens, sublayers=True)"
+            )
         return state
 
     def _validate_logit_positions(
@@ -383,6 +396,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         return self.routing_layout.initial_state(embedding, current)
 
     # --- forward ----------------------------------------------------------------------
+    @guarded_pass
     def forward(
         self,
         input: Union[str, list[str], Int[Tensor, "batch pos"], DepthState],
@@ -471,6 +485,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             state, range(2 * layers.start, 2 * layers.stop), context, logit_positions
         )
         if stop_at_layer is not None:
+            setattr(state, _ENTERING, 2 * layers.stop)
             return state
 
         logits = self._unembed(state)
@@ -588,6 +603,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         )
         return self.ln_final(final) @ self.W_U
 
+    @guarded_pass
     def depth_states(
         self,
         tokens: Int[Tensor, "batch pos"],
@@ -618,8 +634,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             else:
                 state = block(state, context)
             states.append(state)
+        for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
+            setattr(entering, _ENTERING, index if sublayers else 2 * index)
         return states
 
+    @guarded_pass
     def forward_from(
         self,
         state: DepthState,
@@ -667,7 +686,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) atomically.
 
-        See `hooked_attnres.loading.checkpoint.save_checkpoint` for the options.
+        Options (see `hooked_attnres.loading.checkpoint.save_checkpoint`): ``format``, and
+        ``overwrite=True`` to replace a directory that holds files no save wrote (refused
+        by default: `CheckpointConflictError`).
         """
         from hooked_attnres.loading.checkpoint import save_checkpoint
 
@@ -685,7 +706,10 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], **kwargs) -> HookedAttnRes:
         """Load a checkpoint directory written by `save_pretrained` (or another
-        supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`)."""
+        supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`).
+
+        Options: ``dtype``, ``device``, ``mmap`` (default False: the weights are copied, so
+        later changes to the files cannot reach the model)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
         return load_checkpoint(directory, model_class=cls, **kwargs)

@@ -9,6 +9,17 @@
 3. ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (the base class
    returns a plain dict), like ``HookedTransformer`` did: an `AttnResActivationCache`,
    whose residual-stream analyses are exact in every layout or refuse.
+4. A hook function must return ``None`` or a tensor of its activation's shape: anything
+   else raises `HookOutputError` naming the hook and both shapes (for a router hook, the
+   two source counts) where TransformerLens would pass it on (hooks added through
+   ``add_hook``, ``hooks``, ``run_with_hooks`` and ``run_with_cache``; raw PyTorch hooks
+   on a hook point are not checked).
+5. Hooks are per model, not per thread (as in TransformerLens). Instead of leaking one
+   thread's hooks into another thread's forward pass, a model refuses with
+   `ConcurrentUseError`: attaching hooks while another thread runs the model or holds
+   hooks, or running it while another thread holds hooks. Plain forward passes of
+   several threads without hooks run side by side. Use one model per thread
+   (``copy.deepcopy(model)``) to run hooked passes in parallel.
 
 Also: router hooks answer to their ``get_act_name`` aliases (`RouterSite.alias`,
 ``"blocks.3.hook_attn_res_weights"``), so TransformerLens's ``generic_activation_patch``
@@ -19,11 +30,15 @@ can target them; and in routed layouts a hook that edits ``hook_resid_pre/mid/po
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 from torch import Tensor
 
@@ -47,6 +62,142 @@ class RoutedResidualPatchWarning(UserWarning):
 
 
 RESID_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+class HookOutputError(ValueError):
+    """A hook function returned something other than ``None`` or a tensor of its
+    activation's shape."""
+
+
+class ConcurrentUseError(RuntimeError):
+    """Two threads used one model while hooks were attached (see the module docstring)."""
+
+
+# the axis of the router hooks that counts sources (counted from the end)
+_SOURCE_AXIS = {"hook_weights": -1, "hook_logits": -1, "hook_sources": -2}
+
+
+def _describe_shape_change(name: str, expected: tuple, found: tuple) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    axis = _SOURCE_AXIS.get(leaf, -2 if name.endswith("key_norm.hook_scale") else None)
+    message = (
+        f"the hook function on {name} returned shape {found} for an activation of shape "
+        f"{expected}; a hook must return None or a tensor of its activation's shape"
+    )
+    if (
+        axis is not None
+        and len(found) == len(expected)
+        and found[axis] != expected[axis]
+        and [d for i, d in enumerate(found) if i != len(found) + axis]
+        == [d for i, d in enumerate(expected) if i != len(expected) + axis]
+    ):
+        message += (
+            f" (it has {found[axis]} sources; this router reads {expected[axis]}, see "
+            "model.source_labels)"
+        )
+    return message
+
+
+def shape_checked(fn: Callable) -> Callable:
+    """``fn`` as a hook that raises `HookOutputError` if it changes its activation's shape."""
+    if getattr(fn, "_shape_checked", False):
+        return fn
+
+    def checked(tensor, hook):
+        out = fn(tensor, hook=hook)
+        if out is None or not isinstance(tensor, Tensor):
+            return out
+        if not isinstance(out, Tensor):
+            raise HookOutputError(
+                f"the hook function on {hook.name} returned a {type(out).__name__}; a hook "
+                f"must return None or a tensor of its activation's shape {tuple(tensor.shape)}"
+            )
+        if out.shape != tensor.shape:
+            raise HookOutputError(
+                _describe_shape_change(str(hook.name), tuple(tensor.shape), tuple(out.shape))
+            )
+        if tensor.is_floating_point() and not out.is_floating_point():
+            raise HookOutputError(
+                f"the hook function on {hook.name} returned dtype {out.dtype} for a "
+                f"{tensor.dtype} activation; return a floating-point tensor"
+            )
+        return out
+
+    with contextlib.suppress(AttributeError, TypeError):
+        functools.update_wrapper(checked, fn)
+    checked._shape_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+class _UseGuard:
+    """Which thread holds hooks on a model and which threads are running it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hook_owner: Optional[int] = None
+        self.running: dict[int, int] = {}
+
+    def _refuse_others(self, action: str) -> None:
+        me = threading.get_ident()
+        if self.hook_owner not in (None, me):
+            raise ConcurrentUseError(
+                f"cannot {action}: another thread has hooks attached to this model, which "
+                "would apply to this thread's pass too (a model is not thread-safe while "
+                "hooked, as in TransformerLens); give each thread its own copy "
+                "(copy.deepcopy(model))"
+            )
+        if action != "run the model" and any(t != me for t in self.running):
+            raise ConcurrentUseError(
+                f"cannot {action}: another thread is running this model, and the hooks would "
+                "apply to its pass too (a model is not thread-safe while hooked, as in "
+                "TransformerLens); give each thread its own copy (copy.deepcopy(model))"
+            )
+
+    def claim_hooks(self, permanent: bool = False) -> None:
+        with self.lock:
+            self._refuse_others("attach hooks")
+            if not permanent:
+                self.hook_owner = threading.get_ident()
+
+    @contextlib.contextmanager
+    def running_pass(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.lock:
+            self._refuse_others("run the model")
+            self.running[me] = self.running.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running[me] -= 1
+                if not self.running[me]:
+                    del self.running[me]
+
+
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def use_guard(model) -> _UseGuard:
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(model)
+        if guard is None:
+            guard = _GUARDS[model] = _UseGuard()
+        return guard
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded_pass(method: F) -> F:
+    """Decorate a forward-pass method: refuse while another thread holds hooks."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with use_guard(self).running_pass():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class HookedModule(HookedRootModule):
@@ -95,10 +246,18 @@ class HookedModule(HookedRootModule):
         if isinstance(name, str):
             self.check_hook_name(name)
             name = self.resolve_hook_name(name)
+        if not callable(hook):
+            raise TypeError(f"the hook function for {name!r} is not callable: {hook!r}")
+        use_guard(self).claim_hooks(permanent=is_permanent)
         if dir == "fwd":
             hook = self._watch_resid_edits(name, hook)
         return super().add_hook(
-            name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
+            name,
+            shape_checked(hook),
+            dir=dir,
+            is_permanent=is_permanent,
+            level=level,
+            prepend=prepend,
         )
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
@@ -106,26 +265,47 @@ class HookedModule(HookedRootModule):
         hundreds, and ``hooks()`` / ``run_with_hooks`` call this after every pass)."""
         if direction not in ("fwd", "bwd", "both"):
             raise ValueError(f"Invalid direction {direction}")
+        guard = use_guard(self)
+        if guard.hook_owner is not None:
+            with guard.lock:
+                guard._refuse_others("remove hooks")
+        remaining = False
         for point in self.hook_points():
             if point.fwd_hooks or point.bwd_hooks:
                 point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+                remaining = remaining or any(
+                    not handle.is_permanent for handle in (*point.fwd_hooks, *point.bwd_hooks)
+                )
+        if not remaining:
+            guard.hook_owner = None
 
     def clear_contexts(self) -> None:
         for point in self.hook_points():
             if point.ctx:
                 point.clear_context()
 
+    @contextlib.contextmanager
     def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
         """Context manager adding temporary hooks (TransformerLens semantics), names checked
-        first."""
-        self._check_hook_list(list(fwd_hooks))
-        self._check_hook_list(list(bwd_hooks))
+        first, hook outputs checked (`HookOutputError`), refused while another thread uses
+        the model (`ConcurrentUseError`); router aliases resolved, residual edits watched."""
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        self._check_hook_list(fwd_hooks)
+        self._check_hook_list(bwd_hooks)
         fwd_hooks = [
             (self._resolved(name), self._watch_resid_edits(self._resolved(name), fn))
             for name, fn in fwd_hooks
         ]
         bwd_hooks = [(self._resolved(name), fn) for name, fn in bwd_hooks]
-        return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+        if fwd_hooks or bwd_hooks:
+            use_guard(self).claim_hooks()
+        with super().hooks(
+            [(name, shape_checked(fn)) for name, fn in fwd_hooks],
+            [(name, shape_checked(fn)) for name, fn in bwd_hooks],
+            reset_hooks_end,
+            clear_contexts,
+        ) as model:
+            yield model
 
     def _resolved(self, name):
         return self.resolve_hook_name(name) if isinstance(name, str) else name

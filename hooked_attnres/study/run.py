@@ -29,7 +29,7 @@ from typing import Optional, Union
 import pandas as pd
 import torch
 
-from hooked_attnres._atomic import atomic_directory
+from hooked_attnres._atomic import atomic_directory, check_replaceable
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
@@ -336,16 +336,18 @@ def find_runs(
 
 
 def check_out_dir(out_dir: Union[str, Path]) -> None:
-    """Refuse, before any work, an ``out_dir`` that holds something other than study output
-    (its files would be replaced)."""
-    out = Path(out_dir)
-    if out.exists() and (
-        not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())
-    ):
-        raise FileExistsError(
-            f"refusing to write the study to {out}: it exists and does not hold an earlier "
-            "study (no report.md); choose a new or empty folder"
-        )
+    """Refuse, before any work, an ``out_dir`` whose files a save would delete: anything but
+    an earlier study written by this library (the check of every atomic save,
+    `hooked_attnres._atomic.check_replaceable`).
+
+    Raises:
+        CheckpointConflictError: a ``FileExistsError`` naming the files.
+    """
+    check_replaceable(
+        out_dir,
+        remedy="it does not hold an earlier study written by this "
+        "library; choose a new or empty folder for the study",
+    )
 
 
 def _settings(runs, checkpoints, n_prompts: int, n_bootstrap: int, robustness: bool) -> dict:
@@ -404,7 +406,7 @@ def write_study(result: StudyResult) -> Path:
     """Write ``report.html`` (one self-contained page, plotly.js inlined once), ``report.md``
     (the same content in text) and the tables as CSV (columns in ``docs/study.md``)."""
     check_out_dir(result.out_dir)
-    with atomic_directory(result.out_dir, markers=("report.md",)) as tmp:
+    with atomic_directory(result.out_dir) as tmp:
         for name in (
             "accuracy",
             "mass_summary",

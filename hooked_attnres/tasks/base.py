@@ -52,9 +52,12 @@ class TaskBatch:
         return self.tokens.shape[0]
 
     def __getitem__(self, index) -> TaskBatch:
-        """A sub-batch (``index`` is a slice, a list or a tensor of rows)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
+        """A sub-batch (``index`` is an int, a slice, a list or a tensor of rows)."""
+        if isinstance(index, int) and not isinstance(index, bool):
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
+            index = slice(index % n, index % n + 1)
         return self._map(lambda tensor: tensor[index])
 
     def to(self, device) -> TaskBatch:
@@ -69,6 +72,16 @@ class TaskBatch:
         self, logits: Float[Tensor, "batch pos d_vocab"]
     ) -> Float[Tensor, "batch d_vocab"]:
         """The logits at each prompt's answer position."""
+        if not isinstance(logits, Tensor) or logits.ndim != 3 or logits.shape[0] != len(self):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"logits must be [batch={len(self)}, pos, d_vocab] for this batch, got {shape}"
+            )
+        if int(self.answer_pos.max()) >= logits.shape[1]:
+            raise ValueError(
+                f"logits have {logits.shape[1]} positions but an answer sits at position "
+                f"{int(self.answer_pos.max())}; pass the logits of the whole prompts"
+            )
         return logits[
             torch.arange(len(self), device=logits.device), self.answer_pos.to(logits.device)
         ]

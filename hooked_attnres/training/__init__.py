@@ -7,9 +7,23 @@ The study's conditions (``build_model``, ``study_task``, ``train_condition``, ..
 
 import warnings
 
-from hooked_attnres.training.trainer import TrainConfig, TrainResult, evaluate, model_logits, train
+from hooked_attnres.training.trainer import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    evaluate,
+    model_logits,
+    train,
+)
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "model_logits", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "evaluate",
+    "model_logits",
+    "train",
+]
 
 _MOVED = (
     "CONDITIONS",

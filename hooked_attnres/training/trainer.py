@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,15 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from hooked_attnres._atomic import atomic_directory
+from hooked_attnres._atomic import (
+    atomic_directory,
+    check_replaceable,
+    fault_point,
+    foreign_files,
+    read_marker,
+    reading,
+    write_text_atomic,
+)
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
 
@@ -65,21 +74,54 @@ class TrainConfig:
     threads: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_size"):
+        def integer(name: str, low: int, optional: bool = False) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
-                f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}"
-            )
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = f"an integer >= {low}" + (" or None" if optional else "")
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            return float(value)
+
+        for name in ("steps", "batch_size", "eval_every", "eval_size"):
+            integer(name, 1)
+        integer("warmup_steps", 0)
+        integer("data_seed", 0)
+        integer("checkpoint_every", 1, optional=True)
+        integer("threads", 1, optional=True)
+        self.lr = number("lr", self.lr)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        self.min_lr_ratio = number("min_lr_ratio", self.min_lr_ratio)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        self.weight_decay = number("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None:
+            self.grad_clip = number("grad_clip", self.grad_clip)
+            if self.grad_clip <= 0:
+                raise ValueError(
+                    f"grad_clip must be > 0 (the largest gradient norm) or None (no clipping), "
+                    f"got {self.grad_clip!r}; 0 would zero every update and a negative value "
+                    "would reverse them"
+                )
+        if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
             )
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (number("betas[0]", betas[0]), number("betas[1]", betas[1]))
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based)."""
@@ -93,6 +135,51 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
         return out
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the weights became NaN or infinite; training stopped without writing
+    them (the last good checkpoint is kept)."""
+
+
+def _check_finite(model, step: int, where: str) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise TrainingDivergedError(
+                f"parameter {name} is not finite after step {step}; {where}"
+            )
+
+
+# What earlier versions of the trainer wrote (before completion markers): a directory
+# holding only such files may be replaced by the trainer.
+_LEGACY_NAMES = re.compile(
+    r"^(model/)?(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+    r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
+    r"special_tokens_map\.json|chat_template\.jinja|optimizer\.pt|trainer_state\.json|"
+    r"model/)$"
+)
+
+
+def _trainer_may_replace(directory: Path) -> bool:
+    """Whether ``directory`` holds only what an earlier version of the trainer wrote (no
+    completion marker yet); `check_replaceable` refuses such directories otherwise."""
+    if read_marker(directory) is not None:
+        return False
+    foreign = foreign_files(directory)
+    return bool(foreign) and all(_LEGACY_NAMES.match(name) for name in foreign)
+
+
+def _check_output(directory: Path) -> bool:
+    """Fail before any work if the trainer may not write ``directory``; returns the
+    ``overwrite`` flag for it."""
+    legacy = _trainer_may_replace(directory)
+    check_replaceable(
+        directory,
+        overwrite=legacy,
+        remedy="Move them away or choose another out_dir (the trainer owns out_dir/model and "
+        "out_dir/checkpoint)",
+    )
+    return legacy
 
 
 @dataclass
@@ -161,22 +248,41 @@ class _Checkpoint:
 
     def __init__(self, out_dir: Path):
         self.directory = out_dir / "checkpoint"
-
-    def exists(self) -> bool:
-        return (self.directory / "trainer_state.json").exists()
+        self.overwrite = _check_output(self.directory)
+        self.step: Optional[int] = None  # the step of the last checkpoint written or read
 
     def save(self, model, optimizer, state: dict, tokenizer) -> None:
-        with atomic_directory(self.directory, markers=("trainer_state.json",)) as tmp:
+        _check_finite(model, state["step"], f"it is not written; {self.describe()}")
+        with atomic_directory(self.directory, overwrite=self.overwrite) as tmp:
             (tmp / "model").mkdir()
             save_model(model, tmp / "model", tokenizer)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        self.overwrite = False  # written with a completion marker from now on
+        self.step = state["step"]
 
-    def load(self, model, optimizer) -> dict:
-        state = json.loads((self.directory / "trainer_state.json").read_text())
-        load_model_state(model, self.directory / "model")
-        optimizer.load_state_dict(torch.load(self.directory / "optimizer.pt", weights_only=True))
+    def describe(self) -> str:
+        if self.step is None:
+            return f"no checkpoint had been written to {self.directory} yet"
+        return f"the last good checkpoint ({self.directory}, step {self.step}) is kept"
+
+    def load(self, model, optimizer) -> Optional[dict]:
+        """The saved trainer state (model and optimizer restored in place), or ``None``
+        if there is no checkpoint; an interrupted save is recovered first."""
+        with reading(self.directory):
+            if not (self.directory / "trainer_state.json").exists():
+                return None
+            state = json.loads((self.directory / "trainer_state.json").read_text())
+            load_model_state(model, self.directory / "model")
+            optimizer.load_state_dict(
+                torch.load(self.directory / "optimizer.pt", weights_only=True)
+            )
+        self.step = state["step"]
         return state
+
+
+def _as_list(tasks) -> list:
+    return [tasks] if isinstance(tasks, Task) else list(tasks)
 
 
 def train(
@@ -215,7 +321,21 @@ def train(
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     if not tasks:
         raise ValueError("train needs at least one task")
+    for task in tasks if eval_tasks is None else [*tasks, *_as_list(eval_tasks)]:
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if stop_after is not None and (
+        not isinstance(stop_after, int) or isinstance(stop_after, bool) or stop_after < 1
+    ):
+        raise ValueError(f"stop_after must be an integer >= 1 or None, got {stop_after!r}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {out_dir} is a file; the trainer writes a directory")
+    model_dir = out_dir / "model"
+    model_overwrite = _check_output(model_dir)  # before any work
+    checkpoint = _Checkpoint(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
@@ -244,10 +364,9 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
-    checkpoint = _Checkpoint(out_dir)
     step, history, seconds = 0, [], 0.0
-    if resume and checkpoint.exists():
-        saved = checkpoint.load(model, optimizer)
+    saved = checkpoint.load(model, optimizer) if resume else None
+    if saved is not None:
         for key, value in identity.items():
             if saved.get(key) != value:
                 raise ValueError(
@@ -272,6 +391,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             loss = batch.loss(model_logits(model, batch.tokens))
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise TrainingDivergedError(
+                    f"the training loss is {last_loss} at step {step + 1} (lr "
+                    f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
+                    f"stopped; {checkpoint.describe()} and no final model was written. Lower "
+                    "lr or clip the gradients"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -279,7 +406,7 @@ def train(
             optimizer.step()
             step += 1
             steps_this_call += 1
-            last_loss = loss.item()
+            fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
             record: dict[str, Any] = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
             if step % config.eval_every == 0 or step == config.steps:
                 record["accuracy"] = evaluate(model, eval_batches)
@@ -300,18 +427,21 @@ def train(
                 checkpoint.save(model, optimizer, {**state(), "seconds": seconds_now}, tokenizer)
     except KeyboardInterrupt:
         seconds += time.perf_counter() - started
+        bar.close()
         checkpoint.save(model, optimizer, state(), tokenizer)
+        raise
+    except BaseException:
         bar.close()
         raise
     bar.close()
     seconds += time.perf_counter() - started
     checkpoint.save(model, optimizer, state(), tokenizer)
-    model_dir = out_dir / "model"
     final = history[-1].get("accuracy", {}) if history else {}
     if step >= config.steps:
         model.eval()
-        with atomic_directory(model_dir) as tmp:
+        _check_finite(model, step, "the final model is not written")
+        with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
             save_model(model, tmp, tokenizer)
         metrics = {**state(), "final_accuracy": final}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return TrainResult(out_dir, model_dir, step, final, seconds, history)

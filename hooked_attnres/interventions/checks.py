@@ -1,0 +1,139 @@
+"""Checks of caches and tensors handed to interventions and patching, made when the call
+is made (not deep inside a sweep): the cache comes from a model with this routing layout,
+holds every hook the call patches, with this model's sources per router and ``d_model``,
+and (where the run is known) the run's ``[batch, pos]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
+
+def activation_shapes(model: HookedAttnRes) -> dict[str, tuple[int, ...]]:
+    """The shape after ``[batch, pos]`` of every router hook, ``hook_embed`` and the
+    committed-block hooks, by hook name (other hooks are not checked)."""
+    d_model = model.cfg.d_model
+    out: dict[str, tuple[int, ...]] = {"hook_embed": (d_model,)}
+    layout = model.routing_layout
+    for site in model.sites():
+        n = layout.n_sources(site)
+        out[site.hook("weights")] = (n,)
+        out[site.hook("logits")] = (n,)
+        out[site.hook("sources")] = (n, d_model)
+        out[site.hook("out")] = (d_model,)
+    for name in layout.commit_hooks().values():
+        out[name] = (d_model,)
+    return out
+
+
+def _describe(model) -> str:
+    cfg = model.cfg
+    return (
+        f"layout {cfg.attnres_layout!r}, {cfg.n_layers} layers, "
+        f"{cfg.attnres_num_blocks} blocks, mode {cfg.attnres_mode!r}, d_model {cfg.d_model}"
+    )
+
+
+def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:
+    """``what`` describes the cache (e.g. ``"the clean cache"``). An ``ActivationCache``
+    knows its model: refuse one from a model whose depth routing
+    or width differs (its sources would be other sources)."""
+    other = getattr(cache, "model", None)
+    if other is None or other is model or not hasattr(other, "routing_layout"):
+        return
+    if other.routing_layout != model.routing_layout or other.cfg.d_model != model.cfg.d_model:
+        raise ValueError(
+            f"{what} comes from a model with {_describe(other)}, but this model "
+            f"has {_describe(model)}; its sources are not this model's sources. Cache a run "
+            "of this model (model.run_with_cache(tokens))"
+        )
+
+
+def check_cached(
+    model: HookedAttnRes,
+    cache: Mapping,
+    names: Iterable[str],
+    what: str,
+    batch_pos: Optional[tuple[int, int]] = None,
+) -> None:
+    """Every hook in ``names`` is in ``cache`` with this model's shape (sources per router,
+    ``d_model``) and, with ``batch_pos``, the run's ``[batch, pos]``.
+
+    Raises:
+        KeyError: a hook is missing from the cache.
+        ValueError: the cache comes from another model, or a tensor has another shape.
+    """
+    check_cache_model(model, cache, what)
+    names = list(dict.fromkeys(names))
+    missing = [name for name in names if name not in cache]
+    if missing:
+        raise KeyError(
+            f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
+            "model.run_with_cache(tokens) without a names_filter that drops them"
+        )
+    shapes = activation_shapes(model)
+    for name in names:
+        tensor = cache[name]
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{what}: {name} is a {type(tensor).__name__}, not a tensor")
+        expected = shapes.get(name)
+        found = tuple(tensor.shape)
+        if expected is not None and (len(found) < 2 or found[2:] != expected):
+            hint = ""
+            if len(expected) >= 1 and name.endswith(("hook_weights", "hook_logits")):
+                hint = f" ({found[-1] if found else 0} sources; this router reads {expected[0]})"
+            elif name.endswith("hook_sources") and len(found) == 4:
+                hint = f" ({found[2]} sources; this router reads {expected[0]})"
+            raise ValueError(
+                f"{what}: {name} has shape {found}, but this model's {name} is "
+                f"[batch, pos, {', '.join(map(str, expected))}]{hint}; the cache comes from "
+                "another model or was sliced (remove_batch_dim / pos_slice)"
+            )
+        if batch_pos is not None and found[:2] != tuple(batch_pos):
+            raise ValueError(
+                f"{what}: {name} has [batch, pos] = {list(found[:2])} but the run "
+                f"(corrupted_tokens) has {list(batch_pos)}; patch prompts pairwise, with equal "
+                "lengths"
+            )
+
+
+def check_run_shape(cached: Tensor, current: Tensor, name: str, what: str) -> None:
+    """At hook time: a cached activation matches the running one's ``[batch, pos]``."""
+    if cached.shape[:2] != current.shape[:2]:
+        raise ValueError(
+            f"{what} at {name}: the cache has [batch, pos] = {list(cached.shape[:2])} but this "
+            f"run has {list(current.shape[:2])}; cache a run of the same prompts' shape"
+        )
+
+
+def check_value_tensor(value: Any, d_model: int, what: str) -> Tensor:
+    """A replacement tensor broadcastable to ``[batch, pos, d_model]`` (checked now)."""
+    tensor = torch.as_tensor(value)
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{what}: value must be a real tensor, got dtype {tensor.dtype}")
+    if tensor.ndim > 3 or (tensor.ndim >= 1 and tensor.shape[-1] not in (1, d_model)):
+        raise ValueError(
+            f"{what}: a value tensor must broadcast to [batch, pos, d_model={d_model}], got "
+            f"shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def check_broadcast(value: Tensor, current: Tensor, name: str, what: str) -> None:
+    """At hook time: a replacement tensor broadcasts to the running activation."""
+    try:
+        shape = torch.broadcast_shapes(value.shape, current.shape)
+    except RuntimeError:
+        shape = None
+    if shape != current.shape:
+        raise ValueError(
+            f"{what} at {name}: a value of shape {tuple(value.shape)} does not broadcast to "
+            f"this run's {tuple(current.shape)}"
+        )
