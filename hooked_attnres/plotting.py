@@ -86,16 +86,31 @@ def _bar(x, y, low, high, name: str, color, hover: str, showlegend: bool = True,
     )
 
 
-def _scale(effects: pd.DataFrame, relative: bool) -> tuple[pd.Series, str]:
-    """The factor that turns effects into the plotted unit, and the unit's name."""
+def _scaled(effects: pd.DataFrame, relative: bool) -> tuple[pd.DataFrame, str]:
+    """``effects`` with ``effect``, ``ci_low`` and ``ci_high`` in the plotted unit (percent of
+    each row's clean logit difference, or unchanged), and the unit's name."""
     if not relative:
-        return pd.Series(1.0, index=effects.index), "logits"
+        return effects, "logits"
     if (effects.clean <= 0).any():
         raise ValueError(
             "relative=True divides effects by the clean logit difference, which "
             "is <= 0 for some rows; plot with relative=False"
         )
-    return 100.0 / effects.clean, "% of the clean logit difference"
+    factor = 100.0 / effects.clean
+    return (
+        effects.assign(
+            effect=effects.effect * factor,
+            ci_low=effects.ci_low * factor,
+            ci_high=effects.ci_high * factor,
+        ),
+        "% of the clean logit difference",
+    )
+
+
+def _with_model_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``condition`` ("" ) and ``seed`` (0) columns where it has none."""
+    defaults = {"condition": "", "seed": 0}
+    return table.assign(**{k: v for k, v in defaults.items() if k not in table.columns})
 
 
 def routing_heatmap(
@@ -268,12 +283,7 @@ def mass_effect_bars(
             only); ``False``: in the metric's own unit.
     """
     merged = _merged(mass_summary, effects, metric, group)
-    factor, unit = _scale(merged, relative and metric == "logit_diff")
-    merged = merged.assign(
-        effect=merged.effect * factor,
-        ci_low=merged.ci_low * factor,
-        ci_high=merged.ci_high * factor,
-    )
+    merged, unit = _scaled(merged, relative and metric == "logit_diff")
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
         rows=2,
@@ -389,12 +399,7 @@ def effect_bands(
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
-    factor, unit = _scale(chosen, relative and metric == "logit_diff")
-    chosen = chosen.assign(
-        effect=chosen.effect * factor,
-        ci_low=chosen.ci_low * factor,
-        ci_high=chosen.ci_high * factor,
-    )
+    chosen, unit = _scaled(chosen, relative and metric == "logit_diff")
     groups = (
         list(groups)
         if groups is not None
@@ -465,16 +470,8 @@ def effects_by_seed(
         raise ValueError(
             f"no logit_diff effects of {family!r} at {list(routers)} in {list(groups)}"
         )
-    if "condition" not in chosen.columns:
-        chosen = chosen.assign(condition="")
-    if "seed" not in chosen.columns:
-        chosen = chosen.assign(seed=0)
-    factor, unit = _scale(chosen, relative)
-    chosen = chosen.assign(
-        effect=chosen.effect * factor,
-        ci_low=chosen.ci_low * factor,
-        ci_high=chosen.ci_high * factor,
-    )
+    chosen = _with_model_columns(chosen)
+    chosen, unit = _scaled(chosen, relative)
     columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
     seeds = sorted(set(chosen.seed))
     titles = [
@@ -542,16 +539,8 @@ def mass_effect_by_seed(
     ]
     if chosen.empty or mass.empty:
         raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
-    for table_name in ("condition", "seed"):
-        if table_name not in chosen.columns:
-            chosen = chosen.assign(**{table_name: "" if table_name == "condition" else 0})
-            mass = mass.assign(**{table_name: "" if table_name == "condition" else 0})
-    factor, unit = _scale(chosen, relative)
-    chosen = chosen.assign(
-        effect=chosen.effect * factor,
-        ci_low=chosen.ci_low * factor,
-        ci_high=chosen.ci_high * factor,
-    )
+    chosen, mass = _with_model_columns(chosen), _with_model_columns(mass)
+    chosen, unit = _scaled(chosen, relative)
     columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
     seeds = sorted(set(chosen.seed))
     fig = make_subplots(

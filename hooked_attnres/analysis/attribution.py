@@ -47,10 +47,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.effects import (
     Metric,
     PlannedAblation,
+    cell_rows,
     check_metrics,
     effect_rows,
     metric_name,
@@ -590,28 +591,8 @@ def _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confid
     for method in methods:
         for name in names:
             estimates = per_prompt[(method, name)]
-            mean, low, high = bootstrap_ci_rows(estimates, n_bootstrap, confidence, seed)
-            base = clean[name].mean()
-            for i, cell in enumerate(plan):
-                rows.append(
-                    {
-                        "router": cell.router,
-                        "group": cell.group,
-                        "layers": ",".join(map(str, cell.layers)),
-                        "family": cell.family,
-                        "metric": name,
-                        "clean": base,
-                        "ablated": base + mean[i],
-                        "effect": mean[i],
-                        "ci_low": low[i],
-                        "ci_high": high[i],
-                        "n_masked_routers": len(cell.ablation.masks),
-                        "skipped": ";".join(cell.skipped),
-                        "n_prompts": estimates.shape[1],
-                        "estimate": mean[i],
-                        "method": method,
-                    }
-                )
+            for row in cell_rows(plan, estimates, clean[name], name, n_bootstrap, confidence, seed):
+                rows.append({**row, "estimate": row["effect"], "method": method})
     return pd.DataFrame(rows)
 
 

@@ -412,23 +412,41 @@ def effect_rows(
     rows = []
     for metric in metrics:
         differences = ablated[metric] - clean[metric][None, :]
-        mean, low, high = bootstrap_ci_rows(differences, n_bootstrap, confidence, seed)
-        for i, ablation in enumerate(plan):
-            rows.append(
-                {
-                    "router": ablation.router,
-                    "group": ablation.group,
-                    "layers": ",".join(map(str, ablation.layers)),
-                    "family": ablation.family,
-                    "metric": metric_name(metric),
-                    "clean": clean[metric].mean(),
-                    "ablated": ablated[metric][i].mean(),
-                    "effect": mean[i],
-                    "ci_low": low[i],
-                    "ci_high": high[i],
-                    "n_masked_routers": len(ablation.ablation.masks),
-                    "skipped": ";".join(ablation.skipped),
-                    "n_prompts": differences.shape[1],
-                }
-            )
+        rows += cell_rows(
+            plan, differences, clean[metric], metric_name(metric), n_bootstrap, confidence, seed
+        )
     return rows
+
+
+def cell_rows(
+    plan: Sequence[PlannedAblation],
+    differences: np.ndarray,
+    clean: np.ndarray,
+    metric: str,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """One `ablation_effects` row per planned ablation from per-prompt effects
+    ``differences [n_cells, n_prompts]`` (measured, or estimated by attribution) and the
+    clean metric ``clean [n_prompts]``: the mean effect with its bootstrap interval."""
+    mean, low, high = bootstrap_ci_rows(differences, n_bootstrap, confidence, seed)
+    base = clean.mean()
+    return [
+        {
+            "router": cell.router,
+            "group": cell.group,
+            "layers": ",".join(map(str, cell.layers)),
+            "family": cell.family,
+            "metric": metric,
+            "clean": base,
+            "ablated": base + differences[i].mean(),
+            "effect": mean[i],
+            "ci_low": low[i],
+            "ci_high": high[i],
+            "n_masked_routers": len(cell.ablation.masks),
+            "skipped": ";".join(cell.skipped),
+            "n_prompts": differences.shape[1],
+        }
+        for i, cell in enumerate(plan)
+    ]
