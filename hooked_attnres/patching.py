@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._tl import get_act_name
-from hooked_attnres.interventions.checks import check_cached
+from hooked_attnres.interventions.checks import check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, DepthState, RouterSite
 
@@ -43,8 +43,7 @@ PatchSetter = Callable[[Tensor, Any, Tensor], Tensor]
 
 def _check_run(model: HookedAttnRes, corrupted_tokens: Tensor) -> None:
     """Eval mode and ``[batch, pos]`` tokens."""
-    if model.training:
-        raise ValueError("activation patching requires the model in eval mode (model.eval())")
+    require_eval(model, "activation patching")
     if not isinstance(corrupted_tokens, Tensor):
         raise TypeError(
             f"corrupted_tokens must be a [batch, pos] tensor of token ids, got "
@@ -64,31 +63,19 @@ def _check(
     return check_routers(model, routers)
 
 
-def _check_cache(clean_cache, corrupted_tokens: Tensor, needed: Sequence[str], model=None) -> None:
-    """The clean cache holds every hook a cell patches, with the corrupted run's [batch, pos]
-    (and, given the model, its sources per router, ``d_model`` and routing layout)."""
-    if model is not None:
-        check_cached(
-            model,
-            clean_cache,
-            needed,
-            "the clean cache",
-            batch_pos=tuple(corrupted_tokens.shape),  # type: ignore[arg-type]
-        )
-        return
-    missing = [name for name in needed if name not in clean_cache]
-    if missing:
-        raise KeyError(
-            f"the clean cache lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
-            "model.run_with_cache(clean_tokens) without a names_filter that drops them"
-        )
-    clean_shape = tuple(clean_cache[needed[0]].shape[:2])  # every patched hook is [batch, pos, ...]
-    if clean_shape != tuple(corrupted_tokens.shape):
-        raise ValueError(
-            f"the clean cache has [batch, pos] = {list(clean_shape)} ({needed[0]}) but "
-            "corrupted_tokens "
-            f"has {list(corrupted_tokens.shape)}; patch prompts pairwise, with equal lengths"
-        )
+def _check_cache(
+    model: HookedAttnRes, clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]
+) -> None:
+    """The clean cache holds every hook a cell patches, with the corrupted run's
+    ``[batch, pos]``, this model's sources per router and ``d_model``, and (an
+    ``ActivationCache``) its routing layout."""
+    check_cached(
+        model,
+        clean_cache,
+        needed,
+        "the clean cache",
+        batch_pos=tuple(corrupted_tokens.shape),  # type: ignore[arg-type]
+    )
 
 
 def _scalar(value) -> Tensor:
@@ -137,10 +124,10 @@ def _patch_cells(
 
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
     _check_cache(
-        clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells)), model
+        model, clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
     )
     states = model.depth_states(corrupted_tokens, sublayers=True)
-    out = torch.full(shape, float("nan"), device=corrupted_tokens.device)
+    out = torch.full(shape, float("nan"), device=model.W_E.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
         clean = clean_cache[name]
         if patch_state:

@@ -385,6 +385,34 @@ def test_bad_inputs_are_refused():
         )
     with pytest.raises(ValueError, match="no routers"):
         attribute_routing(tiny_model(attnres_layout="none"), batch, progress=False)
+    # arguments checked before any pass (a bad chunk once gave an empty, all-zero table)
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+            attribute_routing(model, batch, chunk=bad, progress=False)
+    with pytest.raises(ValueError, match=r"confidence must be a number in \(0, 1\)"):
+        attribute_routing(model, batch, confidence=95, progress=False)
+    # a cache from a model with another routing is refused, as in exact patching
+    other = routed_model("kimi", dtype=torch.float32)
+    _, other_cache = other.run_with_cache(batch.tokens)
+    with pytest.raises(ValueError, match="comes from a model with layout .kimi."):
+        attribution_patch_routing_weights(
+            model, batch.corrupted_tokens, other_cache, lambda logits: logits[:, -1, 0].sum()
+        )
+    # masking that leaves a router nothing, together with hooks already attached, is refused
+    from hooked_attnres.interventions import mask_sources
+
+    site = model.site(2, "attn_res")
+    labels = model.source_labels(site)
+    outer = mask_sources(model, labels[:-1], routers=[site])
+    with model.hooks(fwd_hooks=outer), pytest.raises(ValueError, match="masks every source"):
+        attribute_routing(
+            model,
+            batch,
+            families=["current"],
+            routers=["attn_res"],
+            groups={"l2": [2]},
+            progress=False,
+        )
     # the parameters' requires_grad flags are restored, also after an error
     assert all(p.requires_grad for p in model.parameters())
 

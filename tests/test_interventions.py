@@ -683,3 +683,22 @@ def test_selection_errors_name_the_problem(tokens):
         model.run_with_hooks(
             tokens, fwd_hooks=set_weights(model, "uniform", layers=3, positions=[1.5])
         )
+
+
+def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broadcast():
+    model = randomize_routing(tiny_model(attnres_layout="kimi"))
+    tokens = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    _, one_prompt = model.run_with_cache(tokens[:1])
+    with pytest.raises(
+        ValueError, match=r"the cache has \[batch, pos\] = \[1, 9\] but this run has \[3, 9\]"
+    ):
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, one_prompt, layers=2))
+    _, last_position = model.run_with_cache(tokens, pos_slice=[-1])
+    with pytest.raises(ValueError, match=r"\[3, 1\] but this run has \[3, 9\]"):
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, last_position, layers=2))
+    # a tensor meant to broadcast still does; a dict by site names what it lacks
+    site = model.site(2, "mlp_res")
+    uniform = torch.full((model.routing_layout.n_sources(site),), 1 / 3)
+    model.run_with_hooks(tokens, fwd_hooks=set_weights(model, uniform, routers=[site]))
+    with pytest.raises(KeyError, match=r"no entry for attn_res layer 2 \(key \(2, 'attn_res'\)"):
+        set_weights(model, {(2, "mlp_res"): uniform}, layers=2)

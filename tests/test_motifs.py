@@ -233,3 +233,27 @@ def test_bad_tables_are_refused_with_what_to_do():
         motif_report(summary, effects[effects.metric == "accuracy"])
     with pytest.raises(ValueError, match="several rows per router, group and family"):
         motif_report(summary, pd.concat([effects, effects]), by=[])
+
+
+def test_a_model_that_does_not_prefer_the_answer_meets_the_size_criterion_only_by_accuracy():
+    cell = ("mlp_res", "early", "embedding")
+    harm = {cell: harmful(-1.0)}
+    for clean in (0.0, -2.0):
+        report = motif_report(*tables(harm, clean=clean))
+        assert not present(report, "M1")  # 5 % of a non-positive difference is undefined
+        assert (
+            "the answer is not preferred"
+            in motif_verdicts(report.assign(seed=0)).set_index("claim").loc["M1", "sentence"]
+        )
+        assert present(motif_report(*tables(harm, accuracy={cell: -0.05}, clean=clean)), "M1")
+
+
+def test_attribution_estimates_are_refused_where_measured_effects_are_needed():
+    from hooked_attnres.analysis import dissociation_report
+
+    summary, effects = tables()
+    estimates = effects.assign(method="linear", estimate=effects.effect)
+    with pytest.raises(ValueError, match="needs measured effects"):
+        motif_report(summary, estimates)
+    with pytest.raises(ValueError, match="needs measured effects"):
+        dissociation_report(summary.drop(columns="band"), estimates[estimates.group == "all"])

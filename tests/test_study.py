@@ -292,3 +292,12 @@ def test_the_html_report_renders_every_figure_in_a_real_browser(shipped_study, t
         check=True,
     )
     assert shot.stat().st_size > 50_000  # a page with content, not a blank image
+
+
+def test_the_robustness_prompts_are_disjoint_from_the_first_set():
+    model = load_condition("attnres")
+    first = probe_prompts(model, 64)
+    fresh = probe_prompts(model, 64, seed=2, exclude=first)
+    assert len(fresh) == 64
+    assert not {tuple(r) for r in first.tokens.tolist()} & {tuple(r) for r in fresh.tokens.tolist()}
+    assert torch.equal(probe_prompts(model, 64, seed=2, exclude=first).tokens, fresh.tokens)

@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import as_numpy
+from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
     Metric,
     PlannedAblation,
@@ -59,11 +59,13 @@ from hooked_attnres.analysis.effects import (
     plan_ablations,
     run_ablations,
 )
+from hooked_attnres.interventions.checks import check_count, require_eval
+from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
-from hooked_attnres.model.norms import RMSNorm, is_observed, rms_scale, stat_dtype
+from hooked_attnres.model.norms import RMSNorm, is_observed, rms_normalize, stat_dtype
 from hooked_attnres.model.routing import weighted_sum
-from hooked_attnres.patching import _check, _check_cache, _column, _site_rows
+from hooked_attnres.patching import _check, _check_cache, _column, _scalar, _site_rows
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -79,14 +81,6 @@ NOT_DIFFERENTIABLE = {
 
 
 # --- checks --------------------------------------------------------------------------
-
-
-def _check_model(model: HookedAttnRes, what: str) -> None:
-    if model.training:
-        raise ValueError(
-            f"{what} needs the model in eval mode (model.eval()); the estimate and the exact "
-            "ablation it is checked against must not depend on the mode"
-        )
 
 
 def _check_methods(method: Union[str, Sequence[str]]) -> list[str]:
@@ -243,18 +237,19 @@ def _router_estimate(
     parts = [source.to(weights.dtype) for source in sources]
     out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources[0].dtype)
     norm = _norm_after(model, site)
-    scale = rms_scale(out, norm.eps)
-    normalized = (out.to(scale.dtype) * scale.reciprocal()).to(out.dtype)
+    normalized = rms_normalize(out, norm.eps)
     change = normalized.to(weights.dtype) - capture.normalized.detach().to(weights.dtype)
     return (grads[1].to(weights.dtype) * change).sum(-1)
 
 
 def _masked_weights(
-    logits: Float[Tensor, "batch pos n_sources"], mask: Sequence[bool]
+    logits: Float[Tensor, "batch pos n_sources"], mask: Sequence[bool], site: RouterSite
 ) -> Float[Tensor, "batch pos n_sources"]:
-    """The exact renormalised weights of mask-and-renormalise ablation."""
+    """The exact renormalised weights of mask-and-renormalise ablation (`mask_logits`, so a
+    mask that leaves a position nothing, together with hooks already masking there, is
+    refused as in the exact sweep)."""
     where = torch.tensor(mask, dtype=torch.bool, device=logits.device)
-    return logits.masked_fill(where, float("-inf")).softmax(dim=-1)
+    return mask_logits(logits, where, f"{site.hook('logits')}: this cell").softmax(dim=-1)
 
 
 def _scatter_positions(
@@ -384,7 +379,7 @@ class RoutingAttribution:
         sub_plan = [self.plan[i] for i in cells]
         metrics = [m for m in self.metrics if metric_name(m) in chosen]
         s = self.settings
-        _check_model(self.model, "verify_top")
+        require_eval(self.model, "verify_top")
         clean, ablated = run_ablations(
             self.model, self.batch, sub_plan, metrics, chunk=s["chunk"], progress=progress
         )
@@ -465,7 +460,7 @@ def attribute_routing(
             router or group, an unknown method.
     """
     start_time = time.perf_counter()
-    _check_model(model, "attribute_routing")
+    require_eval(model, "attribute_routing")
     if not isinstance(batch, TaskBatch):
         raise TypeError(
             f"batch must be a TaskBatch (e.g. task.sample(...)), got {type(batch).__name__}"
@@ -474,6 +469,8 @@ def attribute_routing(
     _check_differentiable(metrics)
     methods = _check_methods(method)
     check_routers(model, routers)
+    check_count("chunk", chunk)
+    check_bootstrap(n_bootstrap, confidence, seed)
     plan = plan_ablations(model, families, routers, groups, bands)
     need_norm = "norm" in methods
     sites = sorted(
@@ -554,7 +551,7 @@ def _chunk_estimates(
                 key = (site, mask, method)
                 if key not in router_estimates:
                     capture = captures[site]
-                    new = _masked_weights(capture.logits, mask)
+                    new = _masked_weights(capture.logits, mask, site)
                     per_pos = _router_estimate(method, model, site, capture, grads[site], new)
                     router_estimates[key] = _scatter_positions(per_pos, n_pos, answer_pos)
                 total = router_estimates[key] if total is None else total + router_estimates[key]
@@ -625,26 +622,23 @@ def attribution_patch_routing_weights(
 
     Returns:
         ``[len(routers), n_layers]`` or ``[len(routers), n_layers, pos]`` float32 (the final
-        router in column 0, other columns NaN), on the tokens' device: estimated metric
+        router in column 0, other columns NaN), on the model's device: estimated metric
         values of the patched runs.
     """
-    _check_model(model, "attribution patching")
+    require_eval(model, "attribution patching")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     routers = _check(model, corrupted_tokens, routers)
     site_rows = _site_rows(model, routers)
     sites = [site for _, site in site_rows]
-    _check_cache(clean_cache, corrupted_tokens, [site.hook("weights") for site in sites])
+    _check_cache(model, clean_cache, corrupted_tokens, [site.hook("weights") for site in sites])
     need_norm = method == "norm"
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
         with _capturing(model, sites, need_norm) as captures:
             logits = model(corrupted_tokens)
-        value = torch.as_tensor(patching_metric(logits))
-        if value.ndim != 0:
-            raise ValueError(
-                f"patching_metric must return a scalar, got shape {tuple(value.shape)}"
-            )
-        if not value.requires_grad:
+        value = patching_metric(logits)
+        _scalar(value)  # one scalar, as for exact patching
+        if not isinstance(value, Tensor) or not value.requires_grad:
             raise ValueError(
                 "patching_metric must be differentiable in the logits (got a detached value)"
             )
@@ -652,7 +646,7 @@ def attribution_patch_routing_weights(
         with torch.no_grad():
             n_pos = corrupted_tokens.shape[1]
             shape = (len(routers), model.cfg.n_layers) + ((n_pos,) if by_pos else ())
-            out = torch.full(shape, float("nan"), device=logits.device)
+            out = torch.full(shape, float("nan"), device=model.W_E.device)
             base = value.detach().float()
             for row, site in site_rows:
                 capture = captures[site]

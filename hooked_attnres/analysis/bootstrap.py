@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,20 @@ def bootstrap_ci(
     return float(mean[0]), float(low[0]), float(high[0])
 
 
+def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> None:
+    """The bootstrap's arguments, checked (analyses call it before their forward passes)."""
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not 0 < confidence < 1
+    ):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not isinstance(n_resamples, int) or isinstance(n_resamples, bool) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def bootstrap_ci_rows(
     values: Union[np.ndarray, torch.Tensor],
     n_resamples: int = 1000,
@@ -51,16 +65,7 @@ def bootstrap_ci_rows(
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
         raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, (int, float))
-        or not 0 < confidence < 1
-    ):
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    if not isinstance(n_resamples, int) or isinstance(n_resamples, bool) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_bootstrap(n_resamples, confidence, seed)
     n = values.shape[1]
     if n == 1:
         warnings.warn(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.model.depth import FAMILIES
 
 
@@ -46,6 +47,7 @@ def dissociation_report(
         of the total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
         >= ``appreciable_mass`` whose effect interval contains 0).
     """
+    require_measured(effects, "dissociation_report")
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(

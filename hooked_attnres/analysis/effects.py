@@ -15,7 +15,9 @@ that mask nothing (the family does not exist at
 those routers) cost nothing: their metric is the clean one. ``fast=False`` runs one full
 forward pass per ablation, no-ops included (the reference the fast path is tested
 against). ``max_rows`` caps the rows of one batched pass; on CPU one large pass of many
-copies is slower than the copies one by one, so by default (256) each copy runs alone.
+copies is slower than the copies one by one, so by default (``None``) each copy runs
+alone, which also makes every ablation's result independent of which others are run with
+it (`RoutingAttribution.verify_top` re-runs a subset and gets the same bits).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
+from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
+from hooked_attnres.model.norms import is_observed
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -259,7 +263,7 @@ def run_ablations(
     metrics: Sequence[Metric] = ("logit_diff",),
     fast: bool = True,
     chunk: int = 256,
-    max_rows: int = 256,
+    max_rows: Optional[int] = None,
     progress: bool = True,
 ) -> tuple[dict[Metric, np.ndarray], dict[Metric, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
@@ -274,13 +278,10 @@ def run_ablations(
             f"batch must be a TaskBatch (task.sample(...)), got {type(batch).__name__}; the "
             "metrics are read at its answer positions"
         )
-    for name, value in (("chunk", chunk), ("max_rows", max_rows)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if model.training:
-        raise ValueError(
-            "run ablations in eval mode (model.eval()); the results must not depend on it"
-        )
+    check_count("chunk", chunk)
+    if max_rows is not None:
+        check_count("max_rows", max_rows)
+    require_eval(model, "run_ablations")
     n = len(batch)
     clean = {m: np.zeros(n) for m in metrics}
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
@@ -312,10 +313,10 @@ def run_ablations(
         pending: dict = {metric: {} for metric in metrics}  # {ablation index: [prompts]}
         if fast:
             bar.update(1)
-            per_pass = max(1, max_rows // len(part))
+            per_pass = 1 if max_rows is None else max(1, max_rows // len(part))
             # hooks already attached (e.g. a surrounding `model.hooks(...)`) could edit what
             # a router reads, so then no two ablations are assumed alike
-            hooked = any(point.fwd_hooks for point in model.hook_points())
+            hooked = any(is_observed(point) for point in model.hook_points())
             for sublayer, indices in sorted(by_start.items()):
                 same_as = (
                     {} if hooked else _same_routed_source(ablations, indices, states[sublayer])
@@ -390,11 +391,23 @@ def ablation_effects(
         have give ``n_masked_routers = 0`` and effect 0 exactly.
     """
     metrics = check_metrics(metrics)
+    check_bootstrap(n_bootstrap, confidence, seed)  # before the sweep, not after it
     plan = plan_ablations(model, families, routers, groups, bands)
     clean, ablated = run_ablations(
         model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress
     )
     return pd.DataFrame(effect_rows(plan, clean, ablated, metrics, n_bootstrap, confidence, seed))
+
+
+def require_measured(effects: pd.DataFrame, what: str) -> None:
+    """Refuse a table of attribution *estimates* (`attribute_routing`: a ``method`` column)
+    where measured effects are needed (the pre-registered verdicts, the dissociation)."""
+    if "method" in effects.columns and (effects.method != "exact").any():
+        raise ValueError(
+            f"{what} needs measured effects (ablation_effects), but this table holds "
+            f"attribution estimates (method {sorted(set(effects.method))}); verify them with "
+            "RoutingAttribution.verify_top or run ablation_effects"
+        )
 
 
 def effect_rows(

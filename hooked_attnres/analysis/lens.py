@@ -28,7 +28,6 @@ from torch import Tensor
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
 from hooked_attnres.model.cache import AttnResActivationCache
 from hooked_attnres.model.depth import RouterSite
-from hooked_attnres.model.norms import rms_scale
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -132,12 +131,5 @@ def _readout(
 ) -> Float[Tensor, "entry ... d_vocab"]:
     """``ln_final(x) @ W_U + b_U`` for every vector (norm statistics per vector)."""
     flat = stack.reshape(1, -1, stack.shape[-1])
-    normalized = _unhooked_norm(model, flat)
+    normalized = model.ln_final.unhooked(flat)
     return (normalized @ model.W_U + model.b_U).reshape(*stack.shape[:-1], -1)
-
-
-def _unhooked_norm(model: HookedAttnRes, x: Tensor) -> Tensor:
-    """``ln_final(x)`` (the same operations as `RMSNorm.forward`) without firing its hooks."""
-    ln = model.ln_final
-    scale = rms_scale(x, ln.eps)
-    return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype) * ln.w

@@ -12,6 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
+from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.tasks.base import TaskBatch
@@ -34,11 +35,6 @@ def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]
         if layer in layers:
             return name
     return "other"
-
-
-def _check_chunk(chunk) -> None:
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1 (prompts per pass), got {chunk!r}")
 
 
 def _position_weights(
@@ -89,7 +85,7 @@ def routing_mass(
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
     if isinstance(prompts, TaskBatch) and answer_pos is None:
         answer_pos = prompts.answer_pos
-    _check_chunk(chunk)
+    check_count("chunk", chunk)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError("prompts must be a TaskBatch or a [batch, pos] tensor of token ids")
     if answer_pos is not None:

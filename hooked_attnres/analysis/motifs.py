@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
 
 BANDS = ("early", "middle", "late")
@@ -105,6 +106,7 @@ def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
 
 
 def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
+    require_measured(effects, "motif_report")
     for name, table, columns in (
         ("mass_summary", mass_summary, {"router", "family", "mass"}),
         (
@@ -147,8 +149,10 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         harms = {b: -float(cell(router, b, family).effect) for b in BANDS}
         acc = float(accuracy.loc[(router, band, family)].effect) if accuracy is not None else np.nan
         harmful = bool(here.ci_high < 0)
+        # "5 % of the clean logit difference" is undefined for a model that does not
+        # prefer the answer (clean <= 0): only the accuracy criterion can hold there
         large = bool(
-            -here.effect >= criteria.min_effect_fraction * clean
+            (clean > 0 and -here.effect >= criteria.min_effect_fraction * clean)
             or (not np.isnan(acc) and acc <= -criteria.min_accuracy_drop)
         )
         localised = harms[band] >= max(harms.values())
@@ -157,7 +161,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             ci_low=float(here.ci_low),
             ci_high=float(here.ci_high),
             clean=clean,
-            effect_fraction=float(-here.effect / clean) if clean else np.nan,
+            effect_fraction=float(-here.effect / clean) if clean > 0 else np.nan,
             accuracy_effect=acc,
             harmful=harmful,
             large=large,
@@ -367,9 +371,13 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
             details.append(f"seed {seed}: {', '.join(parts)}")
         elif claim in MOTIFS:
+            share = (
+                f"{100 * row.effect_fraction:.1f} % of the clean {row.clean:.2f}"
+                if row.clean > 0
+                else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
+            )
             details.append(
-                f"seed {seed}: effect {_fmt_effect(row)} logits = "
-                f"{100 * row.effect_fraction:.1f} % of the clean {row.clean:.2f}, most "
+                f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most "
                 f"harmful band {row.largest_band}"
             )
         elif claim.startswith("D1"):

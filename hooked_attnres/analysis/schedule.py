@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 
 if TYPE_CHECKING:
@@ -135,13 +136,9 @@ def schedule_deviation(
             cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias, cfg.attnres_mode
         )
     worst = 0.0
+    require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
     for site in model.sites():
         name = site.hook("weights")
-        if name not in cache:
-            raise KeyError(
-                f"the cache has no {name}; run run_with_cache without a names_filter "
-                "that excludes routing weights"
-            )
         measured = cache[name].double()
         assert site.layer is not None  # the cumulative layout has no final router
         predicted = schedule.weights(site.layer, site.kind).to(measured.device)

@@ -12,8 +12,28 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
+from hooked_attnres.model.cache import require_cached
+from hooked_attnres.model.depth import source_axis
+
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
+
+
+def require_eval(model: HookedAttnRes, what: str) -> None:
+    """Refuse a model in train mode (as TransformerLens 4.x's patching does): measured
+    effects, patching results and their estimates must not depend on the mode."""
+    if model.training:
+        raise ValueError(
+            f"{what} needs the model in eval mode (model.eval()); its results "
+            "must not depend on the mode"
+        )
+
+
+def check_count(name: str, value: Any) -> int:
+    """An integer >= 1 (prompts per pass, rows, resamples, ...), or ``ValueError``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def activation_shapes(model: HookedAttnRes) -> dict[str, tuple[int, ...]]:
@@ -72,12 +92,7 @@ def check_cached(
     """
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
-    missing = [name for name in names if name not in cache]
-    if missing:
-        raise KeyError(
-            f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
-            "model.run_with_cache(tokens) without a names_filter that drops them"
-        )
+    require_cached(cache, names, what)
     shapes = activation_shapes(model)
     for name in names:
         tensor = cache[name]
@@ -87,10 +102,9 @@ def check_cached(
         found = tuple(tensor.shape)
         if expected is not None and (len(found) < 2 or found[2:] != expected):
             hint = ""
-            if len(expected) >= 1 and name.endswith(("hook_weights", "hook_logits")):
-                hint = f" ({found[-1] if found else 0} sources; this router reads {expected[0]})"
-            elif name.endswith("hook_sources") and len(found) == 4:
-                hint = f" ({found[2]} sources; this router reads {expected[0]})"
+            axis = source_axis(name)
+            if axis is not None and len(found) == len(expected) + 2:
+                hint = f" ({found[axis]} sources; this router reads {expected[axis]})"
             raise ValueError(
                 f"{what}: {name} has shape {found}, but this model's {name} is "
                 f"[batch, pos, {', '.join(map(str, expected))}]{hint}; the cache comes from "

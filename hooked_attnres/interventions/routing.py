@@ -295,7 +295,11 @@ def mask_sources(
     return Ablation.compile(model, sources, routers, layers, bands, positions).hooks()
 
 
-def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, Tensor]:
+def _weights_for(
+    weights, model: HookedAttnRes, site: RouterSite
+) -> tuple[Union[str, Tensor], bool]:
+    """The weights for ``site`` and whether they come from another run's cache (whose
+    ``[batch, pos]`` must then equal the run's, not broadcast to it)."""
     layout = model.routing_layout
     n_sources = layout.n_sources(site)
     if isinstance(weights, str):
@@ -303,12 +307,22 @@ def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, 
             raise ValueError(
                 f"weights must be 'uniform', a tensor, a dict or a cache; got {weights!r}"
             )
-        return weights
-    if isinstance(weights, dict) and (site.layer, site.kind) in weights:
-        weights = weights[(site.layer, site.kind)]
-    elif isinstance(weights, dict) and site in weights:
-        weights = weights[site]
-    elif _is_cache(weights):
+        return weights, False
+    by_site = isinstance(weights, dict) and any(
+        isinstance(key, (tuple, RouterSite)) for key in weights
+    )
+    from_cache = _is_cache(weights) and not by_site
+    if by_site:
+        if (site.layer, site.kind) in weights:
+            weights = weights[(site.layer, site.kind)]
+        elif site in weights:
+            weights = weights[site]
+        else:
+            raise KeyError(
+                f"the weights dict has no entry for {site} (key ({site.layer}, "
+                f"{site.kind!r}) or the RouterSite); give one or select fewer routers"
+            )
+    elif from_cache:
         name = site.hook("weights")
         check_cached(model, weights, [name], "the cache given to set_weights")
         weights = weights[name]
@@ -323,7 +337,7 @@ def _weights_for(weights, model: HookedAttnRes, site: RouterSite) -> Union[str, 
     one = torch.ones((), dtype=weights.dtype, device=weights.device)
     if (weights < 0).any() or not torch.allclose(weights.sum(-1), one, atol=1e-4):
         raise ValueError(f"weights for {site} must be non-negative and sum to 1")
-    return weights
+    return weights, from_cache
 
 
 def set_weights(
@@ -348,12 +362,16 @@ def set_weights(
     check_positions(positions)
     hooks: Hooks = []
     for site in select_sites(model, routers, layers, bands):
-        value = _weights_for(weights, model, site)
+        value, from_cache = _weights_for(weights, model, site)
 
-        def hook(current: Float[Tensor, "batch pos n_sources"], hook, value=value):
+        def hook(
+            current: Float[Tensor, "batch pos n_sources"], hook, value=value, cached=from_cache
+        ):
             if isinstance(value, str):
                 new = torch.full_like(current, 1.0 / current.shape[-1])
             else:
+                if cached:  # another run's weights: its prompts, position by position
+                    check_run_shape(value, current, hook.name, "set_weights")
                 check_broadcast(value, current, hook.name, "set_weights")
                 new = value.to(current.device, current.dtype).expand_as(current)
             return _at_positions(new, current, positions)

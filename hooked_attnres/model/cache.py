@@ -35,7 +35,18 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
-from hooked_attnres.model.depth import SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite
+
+
+def require_cached(cache, names, what: str) -> None:
+    """Raise ``KeyError`` naming the hooks of ``names`` that ``cache`` lacks (the one
+    message for a cache cached with a ``names_filter`` that dropped what is needed)."""
+    missing = [name for name in dict.fromkeys(names) if name not in cache]
+    if missing:
+        raise KeyError(
+            f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
+            "model.run_with_cache(tokens) without a names_filter that drops them"
+        )
 
 
 class UnfoldedNormWarning(UserWarning):
@@ -151,11 +162,7 @@ class AttnResActivationCache(ActivationCache):
         return self._need(name)
 
     def _need(self, name: str) -> Tensor:
-        if name not in self.cache_dict:
-            raise KeyError(
-                f"this analysis needs {name!r}, which the cache lacks; run "
-                "model.run_with_cache(tokens) without a names_filter that drops it"
-            )
+        require_cached(self.cache_dict, [name], "this analysis's cache")
         return self.cache_dict[name]
 
     def routed_coefficients(self, point: int) -> dict[str, Union[float, Tensor]]:
@@ -520,12 +527,13 @@ class AttnResActivationCache(ActivationCache):
             mask[row, :count] = True
         if key == "out":
             return torch.stack(values), mask
-        axis = -1 if key in ("logits", "weights") else -2
+        axis = SOURCE_AXIS[key]
+        assert axis is not None
         padded = []
         for value in values:
             pad = [0, 0] * (-axis - 1) + [0, width - value.shape[axis]]
             padded.append(torch.nn.functional.pad(value, pad, value=pad_value))
-        return torch.stack(padded), mask.to(values[0].device)
+        return torch.stack(padded), mask
 
     # --- helpers --------------------------------------------------------------------------
     def _plain(self) -> ActivationCache:

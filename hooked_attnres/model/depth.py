@@ -52,7 +52,26 @@ ROUTER_HOOKS: dict[str, str] = {
 }
 # the hook where a block is committed, by the sublayer that ends it (AttnResBlock creates them)
 COMMIT_HOOKS: dict[str, str] = {"attn": "hook_committed_mid", "mlp": "hook_committed_block"}
+# the axis (counted from the end) along which each router hook holds its sources
+SOURCE_AXIS: dict[str, Optional[int]] = {
+    "sources": -2,
+    "scale": -2,
+    "logits": -1,
+    "weights": -1,
+    "out": None,
+}
 NO_ROUTERS = "this model has attnres_layout='none' and therefore no routers"
+
+
+def source_axis(hook_name: str) -> Optional[int]:
+    """The axis (from the end) that counts sources in a router hook's activation, from the
+    hook's name; ``None`` for other hooks (and ``hook_out``)."""
+    for key, leaf in ROUTER_HOOKS.items():
+        if hook_name.endswith("_res." + leaf):
+            return SOURCE_AXIS[key]
+    return None
+
+
 # RouterSite.alias: "blocks.{l}.hook_{kind}_{hook}" / "hook_final_res_{hook}"
 _ALIAS = re.compile(
     r"(?:blocks\.(\d+)\.)?hook_(attn_res|mlp_res|final_res)_(sources|scale|logits|weights|out)"

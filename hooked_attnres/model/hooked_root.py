@@ -1,4 +1,4 @@
-"""`HookedRootModule` with the three things TransformerLens leaves to subclasses.
+"""`HookedRootModule` with what TransformerLens leaves to subclasses.
 
 1. Unknown hook names fail with the closest real names instead of a bare ``KeyError``
    (in ``add_hook``, ``hooks``, ``run_with_hooks`` and ``run_with_cache(names_filter=...)``).
@@ -45,6 +45,7 @@ from torch import Tensor
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache
+from hooked_attnres.model.depth import source_axis
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -73,13 +74,8 @@ class ConcurrentUseError(RuntimeError):
     """Two threads used one model while hooks were attached (see the module docstring)."""
 
 
-# the axis of the router hooks that counts sources (counted from the end)
-_SOURCE_AXIS = {"hook_weights": -1, "hook_logits": -1, "hook_sources": -2}
-
-
 def _describe_shape_change(name: str, expected: tuple, found: tuple) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    axis = _SOURCE_AXIS.get(leaf, -2 if name.endswith("key_norm.hook_scale") else None)
+    axis = source_axis(name)
     message = (
         f"the hook function on {name} returned shape {found} for an activation of shape "
         f"{expected}; a hook must return None or a tensor of its activation's shape"

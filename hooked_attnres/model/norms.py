@@ -48,6 +48,13 @@ def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
     return (norm.square() / x.shape[-1] + eps).sqrt()
 
 
+def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d"]:
+    """``x / rms_scale(x)`` before any gain: the normalisation of `RMSNorm`, bit for bit,
+    without its hooks (statistics in `stat_dtype`, result in ``x``'s dtype)."""
+    scale = rms_scale(x, eps)
+    return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Qwen3 RMSNorm: ``w * x / sqrt(mean(x**2) + eps)``, normalised in float32 (float64
     in a float64 model).
@@ -88,8 +95,7 @@ class RMSNorm(nn.Module):
     def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         """The same normalisation, bit for bit, without firing the hooks (for the per-head
         copies of split q/k/v inputs)."""
-        scale = rms_scale(x, self.eps)
-        return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype) * self.w
+        return rms_normalize(x, self.eps) * self.w
 
 
 class _FusedRMSNorm(torch.autograd.Function):

@@ -141,14 +141,17 @@ class Condition:
             steps=self.steps, warmup_steps=warmup, eval_every=self.eval_every, threads=self.threads
         )
 
-    def build(self, seed: int, tokenizer) -> Union[HookedAttnRes, torch.nn.Module]:
-        """The freshly initialised model (weights a function of ``seed``)."""
-        shape = self.shape()
+    def build(
+        self, seed: int, tokenizer, shape: Optional[dict] = None, num_blocks: Optional[int] = None
+    ) -> Union[HookedAttnRes, torch.nn.Module]:
+        """The freshly initialised model (weights a function of ``seed``); ``shape`` and
+        ``num_blocks`` replace the recipe's (variants of the original two conditions)."""
+        shape = self.shape() if shape is None else dict(shape)
         if self.kind == "attnres":
             cfg = HookedAttnResConfig(
                 d_vocab=len(tokenizer),
                 attnres_layout=self.layout,  # type: ignore[arg-type]
-                attnres_num_blocks=self.num_blocks,
+                attnres_num_blocks=self.num_blocks if num_blocks is None else num_blocks,
                 attnres_recency_bias=0.0,
                 seed=seed,
                 **shape,
@@ -227,12 +230,6 @@ def get_condition(name: Union[str, Condition]) -> Condition:
     return CONDITIONS_BY_NAME[name]
 
 
-def check_conditions(conditions) -> None:
-    """Raise ``ValueError`` for a condition name that is not one of `CONDITIONS`."""
-    for condition in conditions:
-        get_condition(condition)
-
-
 def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     """A vanilla ``Qwen3ForCausalLM`` initialised like ``HookedAttnRes.init_weights`` (the
     two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``)."""
@@ -281,18 +278,9 @@ def build_model(
             f"build_model builds 'attnres' or 'vanilla'; for {condition!r} use "
             "get_condition(name).build(seed, tokenizer)"
         )
-    shape = dict(STUDY_SHAPE if shape is None else shape)
-    if condition == "attnres":
-        cfg = HookedAttnResConfig(
-            d_vocab=len(tokenizer),
-            attnres_layout="cumulative",
-            attnres_num_blocks=num_blocks,
-            attnres_recency_bias=0.0,
-            seed=seed,
-            **shape,
-        )
-        return HookedAttnRes(cfg, tokenizer=tokenizer)
-    return build_vanilla(seed, tokenizer, shape)
+    return get_condition(condition).build(
+        seed, tokenizer, STUDY_SHAPE if shape is None else shape, num_blocks
+    )
 
 
 def train_condition(

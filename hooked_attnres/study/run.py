@@ -86,6 +86,7 @@ def probe_prompts(
     n_prompts: int = 256,
     seed: int = PROBE_SEED,
     task: Union[str, Task, None] = None,
+    exclude: Optional[TaskBatch] = None,
 ) -> TaskBatch:
     """``n_prompts`` held-out (test split) prompts in the model's vocabulary.
 
@@ -94,6 +95,8 @@ def probe_prompts(
             robustness check; training evaluated on seed 0).
         task: a task or a study task name (default: the original ``"saturated"`` probe);
             ``get_condition(name).task`` is a condition's.
+        exclude: prompts none of which may be drawn again (the robustness check's second
+            set is disjoint from the first).
     """
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
@@ -101,7 +104,18 @@ def probe_prompts(
         task = study_task()
     elif isinstance(task, str):
         task = make_task(task)
-    return task.sample(n_prompts, seed, "test", model.tokenizer.get_vocab())
+    vocab = model.tokenizer.get_vocab()
+    if exclude is None:
+        return task.sample(n_prompts, seed, "test", vocab)
+    seen = {tuple(row) for row in exclude.tokens.tolist()}
+    drawn = task.sample(2 * n_prompts + len(seen), seed, "test", vocab)
+    keep = [i for i, row in enumerate(drawn.tokens.tolist()) if tuple(row) not in seen]
+    if len(keep) < n_prompts:
+        raise ValueError(
+            f"the task's test split has too few prompts outside the {len(seen)} "
+            f"excluded ones for {n_prompts} more; ask for fewer prompts"
+        )
+    return drawn[torch.tensor(keep[:n_prompts])]
 
 
 @dataclass
@@ -265,8 +279,10 @@ def run_study(
         if progress:
             print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
         prompt_sets = [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]
+        first: Optional[TaskBatch] = None
         for prompt_seed in prompt_sets:
-            batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task)
+            batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task, exclude=first)
+            first = batch if first is None else first
             found = study_condition(model, batch, n_bootstrap, progress=False)
             motifs = motif_report(found["mass_summary"], found["effects"])
             tag = {"condition": condition, "seed": seed}

@@ -2,7 +2,6 @@
 
 import warnings
 
-from hooked_attnres.study.conditions import *  # noqa: F401,F403
 from hooked_attnres.study.conditions import (  # noqa: F401
     CONDITIONS,
     STUDY_BLOCKS,
