@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable
 from typing import Optional
 
+import torch
+
 from hooked_attnres._atomic import CRASH_ENV
 
 KILLED = "killed"
@@ -24,6 +26,10 @@ EXITED = "exited"
 def _child(fn: Callable[..., None], crash_at: Optional[str], args: tuple) -> None:
     code = 0
     try:
+        # The parent's OpenMP thread pool does not survive ``fork``: a child that enters a
+        # parallel region waits forever on threads that do not exist (libgomp has no fork
+        # handler). One thread keeps every op inline in the child.
+        torch.set_num_threads(1)
         if crash_at is None:
             os.environ.pop(CRASH_ENV, None)
         else:
@@ -47,11 +53,16 @@ def _outcome(status: int) -> str:
 def run_forked(fn: Callable[..., None], *args, crash_at: Optional[str] = None) -> str:
     """Run ``fn(*args)`` in a forked child with ``HOOKED_ATTNRES_CRASH_AT=crash_at``;
     returns ``"killed"`` (SIGKILL) or ``"exited"`` (finished; any exception fails)."""
+    return _outcome(fork_and_wait(fn, *args, crash_at=crash_at))
+
+
+def fork_and_wait(fn: Callable[..., None], *args, crash_at: Optional[str] = None) -> int:
+    """Run ``fn(*args)`` in a forked child (one torch thread); the raw ``waitpid`` status."""
     pid = os.fork()
     if pid == 0:
         _child(fn, crash_at, args)
     _, status = os.waitpid(pid, 0)
-    return _outcome(status)
+    return status
 
 
 class Reporter:

@@ -21,7 +21,7 @@ import threading
 
 import pytest
 import torch
-from crash_helpers import EXITED, KILLED, Reporter, run_forked
+from crash_helpers import EXITED, KILLED, Reporter, fork_and_wait, run_forked
 from helpers import tiny_model
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
@@ -202,6 +202,7 @@ def _train_kwargs():
         eval_every=6,
         eval_size=8,
         checkpoint_every=2,
+        threads=1,  # the forked child trains with one thread; every run must match it
     )
     return model, task, config, tok
 
@@ -991,13 +992,7 @@ def test_mmap_is_opt_in_and_its_risk_is_real(ctx):
         handle.seek(path.stat().st_size - 20_000)
         handle.write(b"\x7f" * 20_000)
     assert not torch.equal(model(ctx.tokens), before)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _mmap_then_truncate(ctx.saved(), ctx.tokens)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
+    status = fork_and_wait(_mmap_then_truncate, ctx.saved(), ctx.tokens)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
 
 

@@ -22,7 +22,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,7 +57,8 @@ class TrainConfig:
         data_seed: seed of the prompt stream and of the held-out set.
         eval_every, eval_size: held-out accuracy schedule and size.
         checkpoint_every: steps between checkpoints (``None``: only at the end).
-        threads: ``torch.set_num_threads`` during training (``None``: leave as is).
+        threads: ``torch.set_num_threads`` during training, restored afterwards (``None``: leave
+            as is).
     """
 
     steps: int = 2000
@@ -285,6 +287,18 @@ def _as_list(tasks) -> list:
     return [tasks] if isinstance(tasks, Task) else list(tasks)
 
 
+@contextmanager
+def _thread_count(threads: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count after it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train(
     model,
     tasks: Union[Task, Sequence[Task]],
@@ -342,106 +356,113 @@ def train(
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
     vocab = tokenizer.get_vocab()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    eval_tasks = (
-        tasks
-        if eval_tasks is None
-        else ([eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
-    )
-    eval_batches = {
-        t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
-    }
-    if len(eval_batches) != len(eval_tasks):
-        raise ValueError("evaluation tasks need distinct names (task.name)")
-    identity = {
-        "train_config": config.to_dict(),
-        "tasks": [repr(t) for t in tasks],
-        "eval_tasks": [repr(t) for t in eval_tasks],
-        "description": description or {},
-    }
+    with _thread_count(config.threads):
+        eval_tasks = (
+            tasks
+            if eval_tasks is None
+            else ([eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
+        )
+        eval_batches = {
+            t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
+        }
+        if len(eval_batches) != len(eval_tasks):
+            raise ValueError("evaluation tasks need distinct names (task.name)")
+        identity = {
+            "train_config": config.to_dict(),
+            "tasks": [repr(t) for t in tasks],
+            "eval_tasks": [repr(t) for t in eval_tasks],
+            "description": description or {},
+        }
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
-    step, history, seconds = 0, [], 0.0
-    saved = checkpoint.load(model, optimizer) if resume else None
-    if saved is not None:
-        for key, value in identity.items():
-            if saved.get(key) != value:
-                raise ValueError(
-                    f"{checkpoint.directory} was written by a different run ({key} differs: "
-                    f"{saved.get(key)!r} vs {value!r}); use another out_dir or resume=False"
-                )
-        step, history, seconds = saved["step"], saved["history"], saved["seconds"]
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        step, history, seconds = 0, [], 0.0
+        saved = checkpoint.load(model, optimizer) if resume else None
+        if saved is not None:
+            for key, value in identity.items():
+                if saved.get(key) != value:
+                    raise ValueError(
+                        f"{checkpoint.directory} was written by a different run ({key} differs: "
+                        f"{saved.get(key)!r} vs {value!r}); use another out_dir or resume=False"
+                    )
+            step, history, seconds = saved["step"], saved["history"], saved["seconds"]
 
-    def state() -> dict:
-        return {**identity, "step": step, "history": history, "seconds": seconds}
+        def state() -> dict:
+            return {**identity, "step": step, "history": history, "seconds": seconds}
 
-    model.train()
-    last_loss = float("nan")
-    bar = tqdm(
-        total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True
-    )
-    started, steps_this_call = time.perf_counter(), 0
-    try:
-        while step < config.steps and (stop_after is None or steps_this_call < stop_after):
-            task = tasks[step % len(tasks)]
-            batch = task.sample(config.batch_size, config.data_seed, "train", vocab, stream=step)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(step)
-            loss = batch.loss(model_logits(model, batch.tokens))
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise TrainingDivergedError(
-                    f"the training loss is {last_loss} at step {step + 1} (lr "
-                    f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
-                    f"stopped; {checkpoint.describe()} and no final model was written. Lower "
-                    "lr or clip the gradients"
+        model.train()
+        last_loss = float("nan")
+        bar = tqdm(
+            total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True
+        )
+        started, steps_this_call = time.perf_counter(), 0
+        try:
+            while step < config.steps and (stop_after is None or steps_this_call < stop_after):
+                task = tasks[step % len(tasks)]
+                batch = task.sample(
+                    config.batch_size, config.data_seed, "train", vocab, stream=step
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            steps_this_call += 1
-            fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
-            record: dict[str, Any] = {"step": step, "loss": last_loss, "lr": config.lr_at(step - 1)}
-            if step % config.eval_every == 0 or step == config.steps:
-                record["accuracy"] = evaluate(model, eval_batches)
-                bar.set_postfix(
-                    loss=f"{last_loss:.3f}",
-                    acc=" ".join(f"{v:.3f}" for v in record["accuracy"].values()),
-                )
-            elif step % 10 == 0:
-                bar.set_postfix(loss=f"{last_loss:.3f}")
-            history.append(record)
-            bar.update(1)
-            if (
-                config.checkpoint_every
-                and step % config.checkpoint_every == 0
-                and step < config.steps
-            ):
-                seconds_now = seconds + time.perf_counter() - started
-                checkpoint.save(model, optimizer, {**state(), "seconds": seconds_now}, tokenizer)
-    except KeyboardInterrupt:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr_at(step)
+                loss = batch.loss(model_logits(model, batch.tokens))
+                last_loss = loss.item()
+                if not math.isfinite(last_loss):
+                    raise TrainingDivergedError(
+                        f"the training loss is {last_loss} at step {step + 1} (lr "
+                        f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
+                        f"stopped; {checkpoint.describe()} and no final model was written. Lower "
+                        "lr or clip the gradients"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                step += 1
+                steps_this_call += 1
+                fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": config.lr_at(step - 1),
+                }
+                if step % config.eval_every == 0 or step == config.steps:
+                    record["accuracy"] = evaluate(model, eval_batches)
+                    bar.set_postfix(
+                        loss=f"{last_loss:.3f}",
+                        acc=" ".join(f"{v:.3f}" for v in record["accuracy"].values()),
+                    )
+                elif step % 10 == 0:
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
+                history.append(record)
+                bar.update(1)
+                if (
+                    config.checkpoint_every
+                    and step % config.checkpoint_every == 0
+                    and step < config.steps
+                ):
+                    seconds_now = seconds + time.perf_counter() - started
+                    checkpoint.save(
+                        model, optimizer, {**state(), "seconds": seconds_now}, tokenizer
+                    )
+        except KeyboardInterrupt:
+            seconds += time.perf_counter() - started
+            bar.close()
+            checkpoint.save(model, optimizer, state(), tokenizer)
+            raise
+        except BaseException:
+            bar.close()
+            raise
+        bar.close()
         seconds += time.perf_counter() - started
-        bar.close()
         checkpoint.save(model, optimizer, state(), tokenizer)
-        raise
-    except BaseException:
-        bar.close()
-        raise
-    bar.close()
-    seconds += time.perf_counter() - started
-    checkpoint.save(model, optimizer, state(), tokenizer)
-    final = history[-1].get("accuracy", {}) if history else {}
-    if step >= config.steps:
-        model.eval()
-        _check_finite(model, step, "the final model is not written")
-        with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
-            save_model(model, tmp, tokenizer)
-        metrics = {**state(), "final_accuracy": final}
-        write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return TrainResult(out_dir, model_dir, step, final, seconds, history)
+        final = history[-1].get("accuracy", {}) if history else {}
+        if step >= config.steps:
+            model.eval()
+            _check_finite(model, step, "the final model is not written")
+            with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
+                save_model(model, tmp, tokenizer)
+            metrics = {**state(), "final_accuracy": final}
+            write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return TrainResult(out_dir, model_dir, step, final, seconds, history)
