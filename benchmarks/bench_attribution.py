@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process time (busy machine)"
     )
-    parser.add_argument("--condition", default="attnres", choices=("attnres", "vanilla"))
+    parser.add_argument(
+        "--condition", default="hard_cumulative_L8", help="a condition name (hooked-attnres list)"
+    )
     parser.add_argument(
         "--checkpoints", default=None, help="directory of {condition}_seed{n}/model"
     )

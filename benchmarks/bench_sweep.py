@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument(
         "--checkpoints", default=None, help="directory of {condition}_seed{n}/model"
     )
+    parser.add_argument(
+        "--condition", default="attnres", help="a condition name (hooked-attnres list)"
+    )
     args = parser.parse_args()
-    model = load_condition("attnres", 0, args.checkpoints)
+    model = load_condition(args.condition, 0, args.checkpoints)
     batch = probe_prompts(model, args.prompts)
     plan = plan_ablations(model, groups="layers")
     masking = [a for a in plan if not a.is_noop]

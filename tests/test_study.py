@@ -23,6 +23,7 @@ from hooked_attnres.study import (
     probe_prompts,
     run_dir,
     run_study,
+    verdict_matrix,
 )
 from hooked_attnres.tasks import task_tokenizer
 
@@ -230,6 +231,14 @@ def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
     assert all(
         f"of 2 seeds ({v})" in s for v, s in zip(verdicts.verdict, verdicts.sentence, strict=True)
     )
+    # the report's matrix: one row per condition, one "k/n verdict" cell per claim, where k
+    # counts the seeds whose per-seed row says present (recounted here from result.motifs)
+    matrix = verdict_matrix(result.verdicts).set_index("condition")
+    assert list(matrix.index) == [condition.name] and list(matrix.columns) == list(CLAIMS)
+    for claim in CLAIMS:
+        k = int(result.motifs[result.motifs.claim == claim].present.sum())
+        assert matrix.loc[condition.name, claim].startswith(f"{k}/2 ")
+    assert "| condition |" in (tmp_path / "out" / "report.md").read_text()
 
 
 CHROMIUM_FLAGS = [

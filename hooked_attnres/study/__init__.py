@@ -31,7 +31,7 @@ from hooked_attnres.study.conditions import (
     train_condition,
 )
 from hooked_attnres.study.figures import study_figures
-from hooked_attnres.study.report import study_report, study_report_html
+from hooked_attnres.study.report import study_report, study_report_html, verdict_matrix
 from hooked_attnres.study.run import (
     FRESH_PROBE_SEED,
     PROBE_SEED,
@@ -77,6 +77,7 @@ __all__ = [
     "study_figures",
     "study_report",
     "study_report_html",
+    "verdict_matrix",
     "study_task",
     "study_train_config",
     "train_condition",

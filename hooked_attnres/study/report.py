@@ -98,21 +98,28 @@ def _schedule_sentences(result: StudyResult) -> list[str]:
     return out
 
 
-def _verdict_table(result: StudyResult) -> pd.DataFrame:
-    verdicts = result.verdicts
-    conditions = list(dict.fromkeys(verdicts.condition))
-    table = {
-        c: {
-            r.claim: f"{r.k}/{r.n} {r.verdict}"
-            for r in verdicts[verdicts.condition == c].itertuples()
+def _claim_legend() -> pd.DataFrame:
+    """One row per claim id: what it says."""
+    return pd.DataFrame(
+        {
+            "id": list(CLAIMS),
+            "claim": [MOTIFS[c][3] if c in MOTIFS else DISSOCIATIONS[c] for c in CLAIMS],
         }
-        for c in conditions
-    }
-    frame = pd.DataFrame(table).reindex(list(CLAIMS))
-    frame.insert(
-        0, "claim", [MOTIFS[c][3] if c in MOTIFS else DISSOCIATIONS[c] for c in frame.index]
     )
-    return frame.reset_index(names="id")
+
+
+def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Conditions x claims: ``"k/n verdict"`` per cell (one row per condition, in order).
+
+    Args:
+        verdicts: `motif_verdicts` output (columns condition, claim, k, n, verdict).
+    """
+    table = {
+        c: {r.claim: f"{r.k}/{r.n} {r.verdict}" for r in part.itertuples()}
+        for c, part in verdicts.groupby("condition", sort=False)
+    }
+    frame = pd.DataFrame(table).reindex(list(CLAIMS)).T
+    return frame.reset_index(names="condition")
 
 
 def _effect_tables(result: StudyResult) -> list[Block]:
@@ -159,10 +166,12 @@ def document(result: StudyResult) -> list[Block]:
         blocks += [
             (
                 "p",
-                "Per claim, condition and seed (pre-registered words: replicated = "
-                "every seed, majority = more than half, minority, absent = none):",
+                "Per condition and claim, the seeds in which the claim holds (pre-registered "
+                "words: replicated = every seed, majority = more than half, minority, "
+                "absent = none). The claims:",
             ),
-            ("table", _verdict_table(result)),
+            ("table", _claim_legend()),
+            ("table", verdict_matrix(result.verdicts)),
         ]
         for condition in dict.fromkeys(result.verdicts.condition):
             recipe = get_condition(condition)
