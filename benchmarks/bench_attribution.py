@@ -1,7 +1,8 @@
 """Attribution over every family x router x layer cell, in units of one forward pass.
 
-On the shipped AttnRes checkpoint (or ``--checkpoints``) and 256 held-out prompts: the
-per-layer plan of the sweep benchmark (4 families x 2 router types x 8 layers = 64 cells),
+On a shipped checkpoint (``--condition``, default ``hard_cumulative_L8``; or
+``--checkpoints``) and 256 held-out prompts of its task: the per-layer plan of the sweep
+benchmark (4 families x 2 router types x 8 layers = 64 cells),
 estimated by `attribute_routing` (one metric, ``method="linear"`` and ``"norm"``), against
 
 * F: one plain forward pass of the same prompts (``model(tokens)`` in inference mode);

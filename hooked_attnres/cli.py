@@ -3,6 +3,7 @@
     hooked-attnres train --condition hard_cumulative_L8 --seeds 0 1 2 --out runs
     hooked-attnres study [--checkpoints runs] --out study_out
     hooked-attnres info CHECKPOINT_DIR
+    hooked-attnres list                      # every condition and its shipped seeds
 
 ``train`` writes ``OUT/{condition}_seed{seed}/`` and resumes an interrupted run in place.
 This module imports nothing heavy until a command runs, so ``--help`` answers at once.
@@ -74,14 +75,19 @@ def _conditions(names: Sequence[str]) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from hooked_attnres.study import CONDITIONS, get_condition
+    from hooked_attnres.study import CONDITIONS, available, get_condition
 
-    print(f"{'condition':24s} {'kind':8s} {'layout':11s} {'layers':>6s} {'task':10s} {'steps':>6s}")
+    shipped = available()
+    print(
+        f"{'condition':24s} {'kind':8s} {'layout':11s} {'layers':>6s} {'task':10s} {'steps':>6s}"
+        "  shipped seeds"
+    )
     for name in CONDITIONS:
         c = get_condition(name)
+        seeds = " ".join(map(str, shipped.get(name, []))) or "-"
         print(
             f"{name:24s} {c.kind:8s} {str(c.layout or '-'):11s} {c.n_layers:6d} {c.task:10s} "
-            f"{c.steps:6d}"
+            f"{c.steps:6d}  {seeds}"
         )
     return 0
 
@@ -226,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["both"],
         metavar="NAME",
-        help="condition names (`hooked-attnres list`), 'both' (the original "
-        "attnres and vanilla) or 'grid' (every grid condition)",
+        help="condition names (`hooked-attnres list`; shipped: hard_cumulative_L8 "
+        "hard_kimi_L8 hard_vanilla_L8), 'both' (the original attnres and vanilla) or 'grid' "
+        "(every grid condition)",
     )
     train.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds")
     train.add_argument("--out", default="runs", help="output folder")
@@ -292,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=cmd_study)
 
     info = sub.add_parser(
-        "info", formatter_class=formatter, parents=[common], help="describe a checkpoint folder"
+        "info",
+        formatter_class=formatter,
+        parents=[common],
+        help="describe a Block AttnRes checkpoint folder",
     )
     info.add_argument("checkpoint", help="a checkpoint folder")
     info.set_defaults(func=cmd_info)

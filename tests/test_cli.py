@@ -98,3 +98,23 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert cli.default_threads() == 2
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert cli.default_threads() == 1
+
+
+def test_list_names_every_condition_with_its_recipe_and_shipped_seeds(capsys):
+    from hooked_attnres.study import CONDITIONS, available, get_condition
+
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(CONDITIONS)
+    shipped = available()
+    for line in lines:
+        name, kind, layout, layers, task, steps, *seeds = line.split()
+        recipe = get_condition(name)
+        assert (kind, int(layers), task, int(steps)) == (
+            recipe.kind,
+            recipe.n_layers,
+            recipe.task,
+            recipe.steps,
+        )
+        assert layout == str(recipe.layout or "-")
+        assert seeds == ([str(s) for s in shipped[name]] if name in shipped else ["-"])

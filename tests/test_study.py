@@ -65,7 +65,7 @@ def test_the_vanilla_checkpoint_is_a_plain_hugging_face_directory():
     path = checkpoint_dir("vanilla")
     hf = Qwen3ForCausalLM.from_pretrained(path).eval()
     plain = HookedAttnRes.from_hf_qwen3(path, wrap="none")
-    tokens = probe_prompts(plain, 16).tokens
+    tokens = probe_prompts(plain, 16, task="saturated").tokens
     with torch.no_grad():
         assert (hf(tokens).logits - plain(tokens)).abs().max() <= 1e-4
 
@@ -301,6 +301,25 @@ def test_the_html_report_renders_every_figure_in_a_real_browser(shipped_study, t
         check=True,
     )
     assert shot.stat().st_size > 50_000  # a page with content, not a blank image
+
+
+def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
+    from hooked_attnres.study.run import PROBE_SEED
+
+    model = load_condition("attnres")  # the saturated probe: 6 pairs
+    hard = make_task("hard")  # 9 pairs, same vocabulary: a wrong guess would go unnoticed
+    vocab = model.tokenizer.get_vocab()
+    assert torch.equal(
+        probe_prompts(model, 8).tokens,
+        make_task("saturated").sample(8, PROBE_SEED, "test", vocab).tokens,
+    )
+    assert torch.equal(
+        probe_prompts(model, 8, task="hard").tokens,
+        hard.sample(8, PROBE_SEED, "test", vocab).tokens,
+    )
+    unknown = HookedAttnRes.from_pretrained(checkpoint_dir("attnres"))
+    with pytest.raises(ValueError, match="pass task="):
+        probe_prompts(unknown, 8)
 
 
 def test_the_robustness_prompts_are_disjoint_from_the_first_set():

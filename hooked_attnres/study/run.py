@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from hooked_attnres.analysis import (
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import available, checkpoint_dir
-from hooked_attnres.study.conditions import get_condition, make_task, study_task
+from hooked_attnres.study.conditions import TASKS, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.tasks.base import Task, TaskBatch
@@ -78,7 +79,12 @@ def load_condition(
         model = HookedAttnRes.from_hf_qwen3(
             path, wrap="recency", num_blocks=blocks, recency_bias=recency_bias
         )
+    _CONDITION_OF[model] = condition
     return model.eval()
+
+
+# which condition `load_condition` loaded a model for (so `probe_prompts` knows its task)
+_CONDITION_OF: weakref.WeakKeyDictionary[HookedAttnRes, str] = weakref.WeakKeyDictionary()
 
 
 def probe_prompts(
@@ -93,16 +99,23 @@ def probe_prompts(
     Args:
         seed: the prompt seed (the study uses `PROBE_SEED`, and `FRESH_PROBE_SEED` for the
             robustness check; training evaluated on seed 0).
-        task: a task or a study task name (default: the original ``"saturated"`` probe);
-            ``get_condition(name).task`` is a condition's.
+        task: a task or a study task name (``"hard"``, ``"saturated"``, ``"induction"``);
+            default: the task of the condition `load_condition` loaded ``model`` for. Other
+            models must name it (a wrong task would give numbers about the wrong prompts).
         exclude: prompts none of which may be drawn again (the robustness check's second
             set is disjoint from the first).
     """
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
     if task is None:
-        task = study_task()
-    elif isinstance(task, str):
+        if model not in _CONDITION_OF:
+            raise ValueError(
+                "probe_prompts cannot tell which task this model was trained on (it was not "
+                "loaded by load_condition): pass task= (a study task name: "
+                f"{', '.join(TASKS)}, or a Task)"
+            )
+        task = get_condition(_CONDITION_OF[model]).task
+    if isinstance(task, str):
         task = make_task(task)
     vocab = model.tokenizer.get_vocab()
     if exclude is None:
@@ -120,7 +133,8 @@ def probe_prompts(
 
 @dataclass
 class StudyResult:
-    """Tables of a study run (also written to ``out_dir`` as CSV; columns in ``docs/study.md``).
+    """Tables of a study run (also written to ``out_dir`` as CSV; columns in
+    ``docs/analysis.md``).
 
     Attributes:
         accuracy: ``condition, seed, accuracy, logit_diff, n_prompts``.
@@ -420,7 +434,7 @@ def mass_by_layer(mass: pd.DataFrame) -> pd.DataFrame:
 
 def write_study(result: StudyResult) -> Path:
     """Write ``report.html`` (one self-contained page, plotly.js inlined once), ``report.md``
-    (the same content in text) and the tables as CSV (columns in ``docs/study.md``)."""
+    (the same content in text) and the tables as CSV (columns in ``docs/analysis.md``)."""
     check_out_dir(result.out_dir)
     with atomic_directory(result.out_dir) as tmp:
         for name in (
