@@ -108,6 +108,17 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _default_modes(root: Path) -> None:
+    """Give every file below ``root`` the mode a plain ``open`` would (``0o666`` less the
+    umask, read from ``root``, which ``mkdir`` made with ``0o777`` less the umask):
+    safetensors >= 0.8 and other writers create owner-only (0600) files, which a shared
+    checkpoint folder cannot use."""
+    mode = root.stat().st_mode & 0o666
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
@@ -464,6 +475,7 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
         try:
             yield tmp
             fault_point("payload")
+            _default_modes(tmp)
             _fsync_tree(tmp)
             fault_point("fsynced")
             _write_marker(tmp, sequence)

@@ -580,3 +580,21 @@ def test_loader_errors_are_value_errors():
     """`CheckpointError` is catchable as ValueError (and is not a FileNotFoundError)."""
     assert issubclass(CheckpointError, ValueError)
     assert not issubclass(CheckpointError, OSError)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+def test_saved_files_get_the_umask_mode_not_owner_only(tmp_path, umask, fmt):
+    """safetensors 0.8 creates owner-only (0600) files; a save gives every file the mode a
+    plain ``open`` would (0o666 less the umask), so a shared folder can be read."""
+    model = tiny_model()
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "m", format=fmt)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {
+        p.name: 0o666 & ~umask for p in files
+    }
