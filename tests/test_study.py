@@ -239,6 +239,18 @@ def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
         k = int(result.motifs[result.motifs.claim == claim].present.sum())
         assert matrix.loc[condition.name, claim].startswith(f"{k}/2 ")
     assert "| condition |" in (tmp_path / "out" / "report.md").read_text()
+    # a model that does not prefer the answer (clean logit difference <= 0, like a model at
+    # chance): percent of it would be meaningless, so the task's figures are in logits and
+    # say so; otherwise in percent
+    from hooked_attnres.study import study_figures
+
+    def titles(figures):
+        return [f.layout.title.text for n, f in figures.items() if not n.startswith("rout")]
+
+    assert titles(result.figures) and not any("in logits" in t for t in titles(result.figures))
+    seed1 = (result.effects.seed == 1) & (result.effects.metric == "logit_diff")
+    result.effects.loc[seed1, "clean"] = -0.5
+    assert all("in logits" in t for t in titles(study_figures(result)))
 
 
 CHROMIUM_FLAGS = [

@@ -36,6 +36,10 @@ def study_figures(result: StudyResult) -> dict[str, go.Figure]:
     for task, conditions in conditions_by_task(result).items():
         effects = result.effects[result.effects.condition.isin(conditions)]
         mass_summary = result.mass_summary[result.mass_summary.condition.isin(conditions)]
+        # percent of the clean logit difference only where every model of the task prefers
+        # the answer (a model at chance has a clean difference near or below 0)
+        relative = bool((effects[effects.metric == "logit_diff"].clean > 0).all())
+        unit = "" if relative else " (in logits: a model of this task does not prefer the answer)"
         for claim in ("M1", "M2", "M3"):
             family, routers, band, what = MOTIFS[claim]
             figures[f"{task}_{claim}"] = plotting.effects_by_seed(
@@ -43,7 +47,8 @@ def study_figures(result: StudyResult) -> dict[str, go.Figure]:
                 family,
                 routers,
                 columns=conditions,
-                title=f"{claim} ({what}), task {task}: effect of masking {family} per band",
+                relative=relative,
+                title=f"{claim} ({what}), task {task}: effect of masking {family} per band{unit}",
             )
         for router in ("attn_res", "mlp_res"):
             figures[f"{task}_mass_effect_{router}"] = plotting.mass_effect_by_seed(
@@ -51,9 +56,10 @@ def study_figures(result: StudyResult) -> dict[str, go.Figure]:
                 effects,
                 router,
                 columns=conditions,
+                relative=relative,
                 title=(
                     f"D1-D3, task {task}, {plotting.ROUTER_TITLES[router]}: routing mass "
-                    "and ablation effect (all layers) of every family"
+                    f"and ablation effect (all layers) of every family{unit}"
                 ),
             )
         for condition in conditions:

@@ -196,8 +196,9 @@ def document(result: StudyResult) -> list[Block]:
             (
                 "p",
                 "Effects are in percent of each model's clean logit difference "
-                "(answer minus contrast); whiskers are 95 % bootstrap intervals over "
-                "prompts; panels that are compared share their y-axis.",
+                "(answer minus contrast), or in logits for a task where some model does "
+                "not prefer the answer (its titles say so); whiskers are 95 % bootstrap "
+                "intervals over prompts; panels that are compared share their y-axis.",
             ),
         ]
         blocks += [("figure", name) for name in result.figures]
