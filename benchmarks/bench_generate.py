@@ -15,20 +15,11 @@ import argparse
 
 import torch
 from _common import interleaved_medians, write_result
+from _shapes import BENCH_SHAPE as SHAPE
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from hooked_attnres import HookedAttnRes
 
-SHAPE = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=512,
-)
 BATCH = 4
 
 

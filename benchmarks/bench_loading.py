@@ -29,20 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from _shapes import QWEN3_06B as SHAPE
+
 CACHE = Path(__file__).parent / ".cache" / "qwen3-0.6b-random"
-SHAPE = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-)
 SMALL = dict(num_hidden_layers=4, vocab_size=32_000)
 KINDS = ("transformers", "hooked_attnres", "hooked_attnres_mmap")
 

@@ -31,34 +31,14 @@ import gc
 
 import torch
 from _common import interleaved_medians, tensor_bytes, write_result
+from _shapes import BENCH_BATCH as BATCH
+from _shapes import BENCH_SEQ as SEQ
+from _shapes import BENCH_SHAPE as SHAPE
+from _shapes import QWEN3_06B
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from hooked_attnres import HookedAttnRes
 
-SHAPE = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=512,
-)
-BATCH, SEQ = 8, 128
-
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-    tie_word_embeddings=True,
-)
 WRAPS_06B = {"none": "none", "recency": "cumulative, 8 blocks", "exact": "kimi, 8 blocks"}
 BATCHES_06B = {"1x256": (1, 256), "8x128": (8, 128)}
 TARGETS_06B = {"forward / hf": 1.03, "routing cache / forward": 1.2, "full cache / forward": 1.5}

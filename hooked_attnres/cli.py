@@ -232,9 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["both"],
         metavar="NAME",
-        help="condition names (`hooked-attnres list`; shipped: hard_cumulative_L8 "
-        "hard_kimi_L8 hard_vanilla_L8), 'both' (the original attnres and vanilla) or 'grid' "
-        "(every grid condition)",
+        help="condition names (`hooked-attnres list` shows them and their shipped seeds), "
+        "'both' (the original attnres and vanilla) or 'grid' (every grid condition)",
     )
     train.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds")
     train.add_argument("--out", default="runs", help="output folder")

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from hooked_attnres._tl import get_act_name
 from hooked_attnres.interventions.checks import check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers
-from hooked_attnres.model.depth import COMMIT_HOOKS, SUBLAYER_ROUTERS, DepthState, RouterSite
+from hooked_attnres.model.depth import (
+    COMMIT_HOOKS,
+    SUBLAYER_ROUTERS,
+    DepthState,
+    RouterSite,
+    sublayer_index,
+)
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -267,7 +273,7 @@ def get_act_patch_committed_blocks_by_pos(
     n_pos = corrupted_tokens.shape[-1]
     # committed at the end of the sublayer: the run starts at that sublayer
     cells = [
-        ((layer, pos), name, 2 * layer + (sublayer == "mlp"), pos)
+        ((layer, pos), name, sublayer_index(layer, sublayer), pos)
         for layer, name in names.items()
         for pos in range(n_pos)
     ]

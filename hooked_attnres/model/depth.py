@@ -52,6 +52,15 @@ ROUTER_HOOKS: dict[str, str] = {
 }
 # the hook where a block is committed, by the sublayer that ends it (AttnResBlock creates them)
 COMMIT_HOOKS: dict[str, str] = {"attn": "hook_committed_mid", "mlp": "hook_committed_block"}
+
+
+def sublayer_index(layer: int, sublayer: str) -> int:
+    """The forward-order index of ``layer``'s ``sublayer`` (``"attn"`` or ``"mlp"``):
+    ``2 * layer`` and ``2 * layer + 1`` (``2 * n_layers`` is what the final norm reads).
+    The index of `DepthState` read points, `RouterSite.sublayer` and ``forward_from``."""
+    return 2 * layer + (sublayer == "mlp")
+
+
 # the axis (counted from the end) along which each router hook holds its sources
 SOURCE_AXIS: dict[str, Optional[int]] = {
     "sources": -2,
@@ -301,7 +310,9 @@ class RoutingLayout:
                 f"{kind!r}, got {layer!r}"
             )
         layer %= self.n_layers
-        return RouterSite(layer, kind, 2 * layer + (kind == "mlp_res"))
+        return RouterSite(
+            layer, kind, sublayer_index(layer, "mlp" if kind == "mlp_res" else "attn")
+        )
 
     def resolve_alias(self, name: str) -> Optional[str]:
         """The hook name behind a `RouterSite.alias` of this model, else ``None``."""
@@ -515,7 +526,7 @@ class RoutingLayout:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``
         (``0 <= layer <= n_layers``), or with ``sublayer="mlp"`` the state entering its
         MLP sublayer."""
-        return self._walk()["signatures"][2 * layer + (sublayer == "mlp")]
+        return self._walk()["signatures"][sublayer_index(layer, sublayer)]
 
     def labels(self, site: SiteLike) -> list[str]:
         """Names of the sources a router reads, in order (``hook_sources`` axis 2).

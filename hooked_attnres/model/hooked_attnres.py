@@ -24,6 +24,7 @@ from hooked_attnres.model.depth import (
     RoutingLayout,
     SiteLike,
     gather_positions,
+    sublayer_index,
 )
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
@@ -279,11 +280,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         return tokens.to(self.embed.W_E.device, torch.long)
 
     def _validate_state(self, state, layer: int, sublayer: str = "attn") -> DepthState:
-        where = (
-            f"start_at_layer={layer}"
-            if sublayer == "attn"
-            else f"the MLP sublayer of layer {layer}"
-        )
+        entering = f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
+        where = f"start_at_layer={layer}" if sublayer == "attn" else entering
         if not isinstance(state, DepthState):
             raise TypeError(
                 f"{where} needs a DepthState as input (e.g. from "
@@ -291,9 +289,6 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             )
         n_blocks, committed = self.routing_layout.state_signature(layer, sublayer)
         if len(state.blocks) != n_blocks or state.current_is_committed != committed:
-            entering = (
-                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
-            )
             raise ValueError(
                 f"this DepthState ({len(state.blocks)} blocks, current_is_committed="
                 f"{state.current_is_committed}) cannot enter {entering}; the "
@@ -301,14 +296,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"current_is_committed={committed}"
             )
         made_for = getattr(state, _ENTERING, None)
-        expected = 2 * layer + (sublayer == "mlp")
+        expected = sublayer_index(layer, sublayer)
         if made_for is not None and made_for != expected:
-            target = (
-                f"layer {layer}" if sublayer == "attn" else f"the MLP sublayer of layer {layer}"
-            )
             raise ValueError(
                 f"this DepthState enters sublayer {made_for} (it came from depth_states or "
-                f"stop_at_layer) and cannot enter {target} (sublayer {expected}); use "
+                f"stop_at_layer) and cannot enter {entering} (sublayer {expected}); use "
                 f"states[{expected}] of depth_states(tokens, sublayers=True)"
             )
         return state
