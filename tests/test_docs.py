@@ -70,3 +70,43 @@ def test_architecture_doc_quotes_the_reference_forward_verbatim():
     body = source[source.index('    if layout == "cumulative":') :]
     body = body[: body.index("weights\n") + len("weights")]
     assert quoted == textwrap.dedent(body).strip("\n")
+
+
+REPO = Path(__file__).parents[1]
+MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped (hyphens and
+    underscores kept), spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # no headings in code
+    return {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_github_anchor_follows_githubs_rule():
+    assert github_anchor("Training throughput (`benchmarks/bench_training.py`)") == (
+        "training-throughput-benchmarksbench_trainingpy"
+    )
+    assert github_anchor("Pre-registered criteria (written 2026-11-28, before)") == (
+        "pre-registered-criteria-written-2026-11-28-before"
+    )
+
+
+@pytest.mark.parametrize("page", MARKDOWN, ids=lambda p: p.name)
+def test_every_relative_link_and_anchor_resolves(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no file {file.relative_to(REPO)})")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target} (no heading with anchor #{anchor})")
+    assert not broken, f"{page.name}: broken links: {broken}"
