@@ -1,7 +1,8 @@
 """The per-layer family-ablation sweep: fast path against one full forward per ablation.
 
 4 families x 2 router types x every layer (mask-and-renormalise), on 256 held-out
-prompts of the study task, with the shipped AttnRes checkpoint (or ``--checkpoint``).
+prompts of its task, on a shipped checkpoint (``--condition``, default the original
+``attnres``; or ``--checkpoints``).
 The fast path (`hooked_attnres.analysis.run_ablations(fast=True)`) starts each ablated
 pass at its first masked sublayer from the clean run's cached depth state; the naive loop
 runs ``model.run_with_hooks`` from the tokens for each ablation (also timed over only the

@@ -109,14 +109,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _default_modes(root: Path) -> None:
-    """Give every file below ``root`` the mode a plain ``open`` would (``0o666`` less the
-    umask, read from ``root``, which ``mkdir`` made with ``0o777`` less the umask):
+    """Give every file below ``root`` the mode a plain ``open`` would have given it, read
+    from ``root`` itself (``mkdir`` applied the umask or the parent's default ACL):
     safetensors >= 0.8 and other writers create owner-only (0600) files, which a shared
-    checkpoint folder cannot use."""
+    checkpoint folder cannot use. A file system that refuses ``chmod`` keeps its modes."""
     mode = root.stat().st_mode & 0o666
     for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            with contextlib.suppress(OSError):
+                path.chmod(mode)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -308,7 +308,7 @@ def _depth_state_cells(
 ) -> list[tuple[tuple, str, int, Any]]:
     _check_run(model, corrupted_tokens)
     name = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
-    start = {layer: 2 * layer + (sublayer == "mlp") for layer in name}
+    start = {layer: sublayer_index(layer, sublayer) for layer in name}
     if not by_pos:
         return [((layer,), name[layer], start[layer], None) for layer in name]
     return [

@@ -61,7 +61,18 @@ def fork_and_wait(fn: Callable[..., None], *args, crash_at: Optional[str] = None
     pid = os.fork()
     if pid == 0:
         _child(fn, crash_at, args)
-    _, status = os.waitpid(pid, 0)
+    return _wait(pid)
+
+
+def _wait(pid: int) -> int:
+    """``waitpid``; if the wait is interrupted (pytest-timeout, Ctrl-C), the child is killed
+    first, so a hung child never outlives its test holding pytest's output open."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     return status
 
 
@@ -94,6 +105,6 @@ class Reporter:
         return self.join()
 
     def join(self) -> str:
-        _, status = os.waitpid(self.pid, 0)
+        status = _wait(self.pid)
         self.lines.close()
         return _outcome(status)

@@ -1035,8 +1035,14 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     from hooked_attnres.training import TrainingDivergedError
 
     _nan_logits_from_step(5, monkeypatch)
-    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 5.*step 4\) is kept"):
-        _train(tmp_path)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 5.*step 4\) is kept"):
+            _train(tmp_path)  # trains with threads=1
+        assert torch.get_num_threads() == 3  # the caller's count, also after an error
+    finally:
+        torch.set_num_threads(previous)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4
     assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()

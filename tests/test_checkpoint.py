@@ -598,3 +598,17 @@ def test_saved_files_get_the_umask_mode_not_owner_only(tmp_path, umask, fmt):
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {
         p.name: 0o666 & ~umask for p in files
     }
+
+
+def test_atomic_directory_gives_nested_owner_only_files_the_umask_mode(tmp_path):
+    """Independent of the writer: a file created 0600 in a subfolder gets 0o666 & ~umask."""
+    from hooked_attnres._atomic import atomic_directory
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "sub").mkdir()
+            os.close(os.open(tmp / "sub" / "w.bin", os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "d" / "sub" / "w.bin").stat().st_mode & 0o777 == 0o644

@@ -118,3 +118,16 @@ def test_list_names_every_condition_with_its_recipe_and_shipped_seeds(capsys):
         )
         assert layout == str(recipe.layout or "-")
         assert seeds == ([str(s) for s in shipped[name]] if name in shipped else ["-"])
+    # and independently of available(): rows that must read so
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert rows["hard_cumulative_L8"][1:] == [
+        "attnres",
+        "cumulative",
+        "8",
+        "hard",
+        "1200",
+        "0",
+        "1",
+        "2",
+    ]
+    assert rows["hard_kimi_L16"][-1] == "-"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -240,18 +241,32 @@ def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
         k = int(result.motifs[result.motifs.claim == claim].present.sum())
         assert matrix.loc[condition.name, claim].startswith(f"{k}/2 ")
     assert "| condition |" in (tmp_path / "out" / "report.md").read_text()
-    # a model that does not prefer the answer (clean logit difference <= 0, like a model at
-    # chance): percent of it would be meaningless, so the task's figures are in logits and
-    # say so; otherwise in percent
+    # a model that does not clearly prefer the answer (clean logit difference under 1 logit,
+    # like a model at chance): percent of it would magnify noise, so the task's figures are
+    # in logits and name that model; otherwise in percent
     from hooked_attnres.study import study_figures
 
     def titles(figures):
         return [f.layout.title.text for n, f in figures.items() if not n.startswith("rout")]
 
-    assert titles(result.figures) and not any("in logits" in t for t in titles(result.figures))
+    def units(figures):
+        return {
+            a.title.text
+            for n, f in figures.items()
+            if not n.startswith("rout")
+            for a in f.select_yaxes()
+            if a.title.text and "effect" in a.title.text
+        }
+
     seed1 = (result.effects.seed == 1) & (result.effects.metric == "logit_diff")
-    result.effects.loc[seed1, "clean"] = -0.5
-    assert all("in logits" in t for t in titles(study_figures(result)))
+    for clean, in_logits in ((5.0, False), (0.01, True), (-0.5, True)):
+        result.effects.loc[result.effects.metric == "logit_diff", "clean"] = 5.0
+        result.effects.loc[seed1, "clean"] = clean
+        figures = study_figures(result)
+        assert titles(figures) and all(
+            ("in logits" in t and "seed 1" in t) == in_logits for t in titles(figures)
+        )
+        assert units(figures) and all(("logits" in u) == in_logits for u in units(figures))
 
 
 CHROMIUM_FLAGS = [
@@ -306,9 +321,10 @@ def test_the_html_report_renders_every_figure_in_a_real_browser(shipped_study, t
 
     for sentence in result.verdicts.sentence:
         assert html.escape(sentence, quote=False) in dom
-    # the screenshot is CI's artefact: docs/ci/report.png (ignored by git); the one kept in
-    # the repository, docs/report_screenshot.png, is of the full shipped study
-    shot = Path(__file__).resolve().parent.parent / "docs" / "ci" / "report.png"
+    # CI keeps the screenshot as an artefact (.ci/run sets HOOKED_ATTNRES_ARTEFACTS=docs/ci,
+    # ignored by git); elsewhere it goes to the test's temporary folder. The one kept in the
+    # repository, docs/report_screenshot.png, is of the full shipped study.
+    shot = Path(os.environ.get("HOOKED_ATTNRES_ARTEFACTS") or tmp_path) / "report.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
     subprocess.run(
@@ -334,9 +350,27 @@ def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
         probe_prompts(model, 8, task="hard").tokens,
         hard.sample(8, PROBE_SEED, "test", vocab).tokens,
     )
+    hard_model = load_condition("hard_cumulative_L8")  # its condition's task: 9 pairs
+    hard_model_tokens = hard.sample(8, PROBE_SEED, "test", hard_model.tokenizer.get_vocab()).tokens
+    assert torch.equal(probe_prompts(hard_model, 8).tokens, hard_model_tokens)
+    import copy
+
+    assert torch.equal(probe_prompts(copy.deepcopy(hard_model), 8).tokens, hard_model_tokens)
     unknown = HookedAttnRes.from_pretrained(checkpoint_dir("attnres"))
     with pytest.raises(ValueError, match="pass task="):
         probe_prompts(unknown, 8)
+
+
+def test_a_run_trained_on_another_task_than_its_conditions_is_refused(tmp_path):
+    import shutil
+
+    target = run_dir(tmp_path, "attnres", 0)
+    shutil.copytree(checkpoint_dir("attnres").parent, target)
+    metrics = json.loads((target / "metrics.json").read_text())
+    metrics["eval_tasks"] = [repr(make_task("hard"))]  # as `train --task-arg n_pairs=9` records
+    (target / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="was trained and evaluated on .*n_pairs=9.*task="):
+        load_condition("attnres", 0, tmp_path)
 
 
 def test_the_robustness_prompts_are_disjoint_from_the_first_set():

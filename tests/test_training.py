@@ -303,3 +303,28 @@ def test_a_separate_process_writes_the_same_file_as_this_one(tmp_path):
         for run in ("child", "here")
     ]
     assert digests[0] == digests[1]
+
+
+def test_training_threads_apply_inside_and_the_callers_count_returns(tmp_path, monkeypatch):
+    import hooked_attnres.training.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.model_logits
+
+    def logits(model, tokens):
+        seen.append(torch.get_num_threads())
+        return real(model, tokens)
+
+    monkeypatch.setattr(trainer_module, "model_logits", logits)
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train(model, TASK, config(steps=3, threads=1), tmp_path, tokenizer=tok, progress=False)
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        seen.clear()
+        train(model, TASK, config(steps=3), tmp_path / "b", tokenizer=tok, progress=False)
+        assert set(seen) == {3}  # threads=None leaves the count alone
+    finally:
+        torch.set_num_threads(previous)

@@ -349,12 +349,18 @@ def _fmt_effect(row: pd.Series) -> str:
     return f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
 
 
+def claim_text(claim: str) -> str:
+    """What a claim id (`CLAIMS`) says, e.g. ``"M1"`` -> ``"embedding through early MLP
+    routers"``."""
+    return MOTIFS[claim][3] if claim in MOTIFS else DISSOCIATIONS[claim]
+
+
 def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
     """ "M1 (...): present in k of n seeds (verdict). seed 0: ...; seed 1: ...": the verdict
     and, per seed, the numbers it was decided from."""
     rows = report[report.claim == claim]
     seeds = rows.seed.tolist() if "seed" in rows.columns else list(range(len(rows)))
-    what = MOTIFS[claim][3] if claim in MOTIFS else DISSOCIATIONS[claim]
+    what = claim_text(claim)
     head = (
         f"{claim} ({what}): present in {k} of {n} seed{'s' if n != 1 else ''} "
         f"({verdict_word(k, n)})"

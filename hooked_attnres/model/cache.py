@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
-from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 
 
 def require_cached(cache, names, what: str) -> None:
@@ -63,7 +63,7 @@ def _point(model: Any, layer: Optional[int], mlp_input: bool) -> int:
         raise ValueError(f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer}")
     if mlp_input and layer == n_layers:
         raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")
-    return 2 * layer + int(mlp_input)
+    return sublayer_index(layer, "mlp" if mlp_input else "attn")
 
 
 def _where(model: Any, point: int) -> str:

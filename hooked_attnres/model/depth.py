@@ -58,6 +58,8 @@ def sublayer_index(layer: int, sublayer: str) -> int:
     """The forward-order index of ``layer``'s ``sublayer`` (``"attn"`` or ``"mlp"``):
     ``2 * layer`` and ``2 * layer + 1`` (``2 * n_layers`` is what the final norm reads).
     The index of `DepthState` read points, `RouterSite.sublayer` and ``forward_from``."""
+    if sublayer not in COMMIT_HOOKS:
+        raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
     return 2 * layer + (sublayer == "mlp")
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
-from hooked_attnres.analysis.motifs import CLAIMS, DISSOCIATIONS, MOTIFS
+from hooked_attnres.analysis.motifs import CLAIMS, claim_text
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.conditions import get_condition
 
@@ -103,7 +103,7 @@ def _claim_legend() -> pd.DataFrame:
     return pd.DataFrame(
         {
             "id": list(CLAIMS),
-            "claim": [MOTIFS[c][3] if c in MOTIFS else DISSOCIATIONS[c] for c in CLAIMS],
+            "claim": [claim_text(c) for c in CLAIMS],
         }
     )
 
@@ -196,8 +196,8 @@ def document(result: StudyResult) -> list[Block]:
             (
                 "p",
                 "Effects are in percent of each model's clean logit difference "
-                "(answer minus contrast), or in logits for a task where some model does "
-                "not prefer the answer (its titles say so); whiskers are 95 % bootstrap "
+                "(answer minus contrast), or in logits for a task where some model's clean "
+                "difference is under 1 logit (its titles say which); whiskers are 95 % bootstrap "
                 "intervals over prompts; panels that are compared share their y-axis.",
             ),
         ]

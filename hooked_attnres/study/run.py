@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from hooked_attnres.analysis import (
 )
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
-from hooked_attnres.study.checkpoints import available, checkpoint_dir
+from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path
 from hooked_attnres.study.conditions import TASKS, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
@@ -72,6 +71,7 @@ def load_condition(
     """
     recipe = get_condition(condition)
     path = checkpoint_dir(condition, seed, checkpoints)
+    _check_trained_task(condition, seed, checkpoints)
     if recipe.kind == "attnres":
         model = HookedAttnRes.from_pretrained(path)
     else:
@@ -79,12 +79,29 @@ def load_condition(
         model = HookedAttnRes.from_hf_qwen3(
             path, wrap="recency", num_blocks=blocks, recency_bias=recency_bias
         )
-    _CONDITION_OF[model] = condition
+    setattr(model, _CONDITION_ATTRIBUTE, condition)  # kept by deepcopy, read by probe_prompts
     return model.eval()
 
 
-# which condition `load_condition` loaded a model for (so `probe_prompts` knows its task)
-_CONDITION_OF: weakref.WeakKeyDictionary[HookedAttnRes, str] = weakref.WeakKeyDictionary()
+# the condition `load_condition` loaded a model for (so `probe_prompts` knows its task)
+_CONDITION_ATTRIBUTE = "_study_condition"
+
+
+def _check_trained_task(condition: str, seed: int, checkpoints) -> None:
+    """Refuse a run whose ``metrics.json`` records another evaluation task than the
+    condition's recipe (e.g. trained with ``--task-arg``): probing it with the recipe's
+    prompts would measure the wrong task."""
+    path = metrics_path(condition, seed, checkpoints)
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text()).get("eval_tasks")
+    expected = [repr(get_condition(condition).make_task())]
+    if recorded is not None and recorded != expected:
+        raise ValueError(
+            f"{path.parent} was trained and evaluated on {recorded}, not on the task of "
+            f"condition {condition!r} ({expected}); load it with HookedAttnRes.from_pretrained "
+            "(or from_hf_qwen3) and pass its task to probe_prompts(model, task=...)"
+        )
 
 
 def probe_prompts(
@@ -108,13 +125,14 @@ def probe_prompts(
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
     if task is None:
-        if model not in _CONDITION_OF:
+        condition = getattr(model, _CONDITION_ATTRIBUTE, None)
+        if condition is None:
             raise ValueError(
                 "probe_prompts cannot tell which task this model was trained on (it was not "
-                "loaded by load_condition): pass task= (a study task name: "
-                f"{', '.join(TASKS)}, or a Task)"
+                "loaded by load_condition, nor copied from such a model): pass task= (a "
+                f"study task name: {', '.join(TASKS)}, or a Task)"
             )
-        task = get_condition(_CONDITION_OF[model]).task
+        task = get_condition(condition).task
     if isinstance(task, str):
         task = make_task(task)
     vocab = model.tokenizer.get_vocab()

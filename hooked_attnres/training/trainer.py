@@ -289,10 +289,13 @@ def _as_list(tasks) -> list:
 
 @contextmanager
 def _thread_count(threads: Optional[int]) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, the caller's count after it."""
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count after it
+    (``None``: nothing is touched)."""
+    if threads is None:
+        yield
+        return
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
