@@ -44,7 +44,7 @@ from hooked_attnres.analysis import (
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path
-from hooked_attnres.study.conditions import TASKS, get_condition, make_task
+from hooked_attnres.study.conditions import TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.tasks.base import Task, TaskBatch
@@ -71,7 +71,7 @@ def load_condition(
     """
     recipe = get_condition(condition)
     path = checkpoint_dir(condition, seed, checkpoints)
-    _check_trained_task(condition, seed, checkpoints)
+    _check_trained_task(recipe, seed, checkpoints)
     if recipe.kind == "attnres":
         model = HookedAttnRes.from_pretrained(path)
     else:
@@ -87,19 +87,19 @@ def load_condition(
 _CONDITION_ATTRIBUTE = "_study_condition"
 
 
-def _check_trained_task(condition: str, seed: int, checkpoints) -> None:
+def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     """Refuse a run whose ``metrics.json`` records another evaluation task than the
     condition's recipe (e.g. trained with ``--task-arg``): probing it with the recipe's
     prompts would measure the wrong task."""
-    path = metrics_path(condition, seed, checkpoints)
+    path = metrics_path(recipe.name, seed, checkpoints)
     if not path.exists():
         return
     recorded = json.loads(path.read_text()).get("eval_tasks")
-    expected = [repr(get_condition(condition).make_task())]
+    expected = [repr(recipe.make_task())]
     if recorded is not None and recorded != expected:
         raise ValueError(
             f"{path.parent} was trained and evaluated on {recorded}, not on the task of "
-            f"condition {condition!r} ({expected}); load it with HookedAttnRes.from_pretrained "
+            f"condition {recipe.name!r} ({expected}); load it with HookedAttnRes.from_pretrained "
             "(or from_hf_qwen3) and pass its task to probe_prompts(model, task=...)"
         )
 

@@ -360,11 +360,7 @@ def train(
         raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
     vocab = tokenizer.get_vocab()
     with _thread_count(config.threads):
-        eval_tasks = (
-            tasks
-            if eval_tasks is None
-            else ([eval_tasks] if isinstance(eval_tasks, Task) else list(eval_tasks))
-        )
+        eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
         eval_batches = {
             t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
         }
