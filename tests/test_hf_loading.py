@@ -324,3 +324,33 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
     hf.save_pretrained(tmp_path / "vanilla")
     with pytest.raises(CheckpointError, match="from_hf_qwen3"):
         HookedAttnRes.from_pretrained(tmp_path / "vanilla")
+
+
+@pytest.mark.parametrize("from_directory", [False, True])
+def test_wrapped_projections_are_private_and_multiplied_without_copies(tmp_path, from_directory):
+    """``from_hf_qwen3`` on a module copies its weights (editing the module afterwards
+    changes nothing) and, from a module or a directory, keeps HF's memory order, in which
+    the forward's ``[d_model, n_heads * d_head]`` projection matrices are views of the
+    parameters (not a copy per forward pass, which cost 5 % of a bfloat16 0.6B forward)."""
+    hf = hf_qwen3()
+    if from_directory:
+        hf.save_pretrained(tmp_path)
+    model = HookedAttnRes.from_hf_qwen3(tmp_path if from_directory else hf, wrap="exact")
+    tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    before = model(tokens)
+    hf_weights = {name: p for name, p in hf.named_parameters()}
+    for name, weight in model.named_parameters():
+        assert not any(
+            weight.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+            for p in hf_weights.values()
+        ), name
+    for attn in (block.attn for block in model.blocks):
+        for weight in (attn.W_Q, attn._W_K, attn._W_V):
+            n_heads, d_model, d_head = weight.shape
+            flat = weight.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+            assert flat.data_ptr() == weight.data_ptr()  # a view
+        assert attn.W_O.flatten(0, 1).data_ptr() == attn.W_O.data_ptr()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(1.0)
+    assert torch.equal(model(tokens), before)

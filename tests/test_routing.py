@@ -300,15 +300,18 @@ def test_fused_router_gradients_equal_the_hooked_path(routed_layout, tokens, wat
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("watched", [("hook_logits", "hook_weights"), ("hook_sources",)])
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
 def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(
-    routed_layout, tokens, mode, watched
+    routed_layout, tokens, mode, watched, dtype
 ):
-    """Four ways through a router: the autograd Function (grad mode), the same math
-    without it (no grad needed), the per-source hooked path (only logits / weights / out
-    watched) and the stacked hooked path (the sources watched). Same bits."""
+    """Four ways through a router: the autograd Function (grad mode; float32 only), the
+    same math without it (no grad needed; per source in bfloat16), the per-source hooked
+    path (only logits / weights / out watched) and the stacked hooked path (the sources
+    watched). Same bits, in float32 and in bfloat16."""
     model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
+    model = model.to(dtype)
     watch = [(lambda name: name.endswith(watched), lambda x, hook: None)]
     context = {
         "grad": torch.enable_grad,

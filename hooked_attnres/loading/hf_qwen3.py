@@ -300,8 +300,9 @@ def _from_hf_qwen3(
             ):
                 continue
             name, converted = keymap.to_ours(key, tensor.detach().to(dtype))
-            # a private contiguous copy: the model must not alias the caller's module
-            state[name] = converted.clone(memory_format=torch.contiguous_format)
+            # a private copy (the model must not alias the caller's module) in the HF
+            # memory order, which the forward multiplies without copying (hf_keys)
+            state[name] = converted.clone()
     state.update(_router_state(model, dtype))
     try:
         return assign_state_dict(model, state, device)

@@ -51,8 +51,8 @@ def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
 def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d"]:
     """``x / rms_scale(x)`` before any gain: the normalisation of `RMSNorm`, bit for bit,
     without its hooks (statistics in `stat_dtype`, result in ``x``'s dtype)."""
-    scale = rms_scale(x, eps)
-    return (x.to(scale.dtype) * scale.reciprocal()).to(x.dtype)
+    x_stat = x.to(stat_dtype(x.dtype))  # one conversion in bf16 / fp16, shared by both uses
+    return (x_stat * rms_scale(x_stat, eps).reciprocal()).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -88,8 +88,9 @@ class RMSNorm(nn.Module):
             # a gradient is needed and nothing watches: the same forward operations with a
             # hand-written backward (fewer memory passes than autograd's)
             return _FusedRMSNorm.apply(x, self.w, self.eps)
-        scale = self.hook_scale(rms_scale(x, self.eps))
-        normalized = self.hook_normalized((x.to(scale.dtype) * scale.reciprocal()).to(x.dtype))
+        x_stat = x.to(stat_dtype(x.dtype))  # as in rms_normalize
+        scale = self.hook_scale(rms_scale(x_stat, self.eps))
+        normalized = self.hook_normalized((x_stat * scale.reciprocal()).to(x.dtype))
         return normalized * self.w
 
     def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:

@@ -46,10 +46,12 @@ class DepthRouter(nn.Module):
         key_norm.hook_scale: ``[batch, pos, n_sources, 1]``, each source's RMS.
         hook_logits: ``[batch, pos, n_sources]``, after the recency bias.
         hook_weights: ``[batch, pos, n_sources]``, softmax of the logits.
-
-    The scale, logits and weights are float32 whatever the model dtype (float64 in a
-    float64 model).
         hook_out: ``[batch, pos, d_model]``, the weighted sum fed to the sublayer norm.
+
+    The scale, logits, weights and weighted sum are computed in float32 whatever the model
+    dtype (float64 in a float64 model); ``hook_out`` is in the model dtype. Unless its
+    sources are watched, a bfloat16 router converts each source once (`routing_parts`)
+    and never makes a stacked copy.
     """
 
     def __init__(self, d_model: int, eps: float, recency_bias: Optional[float]):
@@ -84,26 +86,27 @@ class DepthRouter(nn.Module):
     def forward(
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
-        if sources[0].dtype == stat_dtype(sources[0].dtype) and not self._observed():
+        if not self._observed():
             # nothing watches the intermediate tensors: the fused path
-            effective_query = self.key_norm.w * self.query
+            effective_query = self._effective_query(sources[0].dtype)
             bias, eps = self.recency_bias, self.key_norm.eps
+            if sources[0].dtype != effective_query.dtype:
+                # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
+                parts = routing_parts(sources)
+                return _route(parts, effective_query, bias, eps)[0].to(sources[0].dtype)
             if torch.is_grad_enabled() and (
                 effective_query.requires_grad or any(source.requires_grad for source in sources)
             ):
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
             return _route(sources, effective_query, bias, eps)[0]
-        if sources[0].dtype == stat_dtype(sources[0].dtype) and not self._stack_observed():
+        if not self._stack_observed():
             # only the logits, weights or output are watched: the same per-source math in
             # plain autograd, still without a stacked copy of the sources
             return self._route_watched(sources)
         values = self.hook_sources(torch.stack(sources, dim=-2))
         scale = self.key_norm(values)  # float32 (float64 in a float64 model)
-        parts = values.to(scale.dtype).unbind(
-            dim=-2
-        )  # no copy unless the model runs in bf16 / fp16
-        effective_query = self.key_norm.w.to(scale.dtype) * self.query.to(scale.dtype)
-        dots = source_dots(parts, effective_query)
+        parts = values.to(scale.dtype).unbind(dim=-2)  # a copy only in bf16 / fp16
+        dots = source_dots(parts, self._effective_query(values.dtype))
         logits = source_logits(dots, scale.squeeze(-1).movedim(-1, 0), self.recency_bias)
         logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
         weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
@@ -116,29 +119,43 @@ class DepthRouter(nn.Module):
         """``(out, weights)`` of this router on any list of sources, without firing its
         hooks (the routing lens applies the final router to the sources of earlier
         depth states with it). The same operations as the hooked path of `forward`."""
-        dtype = stat_dtype(sources[0].dtype)
-        parts = [source.to(dtype) for source in sources]
-        scale = source_scales(parts, self.key_norm.eps)
-        effective_query = self.key_norm.w.to(dtype) * self.query.to(dtype)
-        logits = source_logits(source_dots(parts, effective_query), scale, self.recency_bias)
-        weights = logits.softmax(dim=0)
-        return weighted_sum(parts, weights).to(sources[0].dtype), weights.movedim(0, -1)
+        effective_query = self._effective_query(sources[0].dtype)
+        out, _, _, weights = _route(
+            routing_parts(sources), effective_query, self.recency_bias, self.key_norm.eps
+        )
+        return out.to(sources[0].dtype), weights.movedim(0, -1)
+
+    def _effective_query(self, dtype: torch.dtype) -> Float[Tensor, " d_model"]:
+        """``key_norm.w * query`` in the routing dtype (`stat_dtype` of the sources')."""
+        routing_dtype = stat_dtype(dtype)
+        return self.key_norm.w.to(routing_dtype) * self.query.to(routing_dtype)
 
     def _route_watched(
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`_route` with ``hook_logits``, ``hook_weights`` and ``hook_out`` (float32/64)."""
-        scale = source_scales(sources, self.key_norm.eps)
-        dots = source_dots(sources, self.key_norm.w * self.query)
+        """`_route` with ``hook_logits``, ``hook_weights`` and ``hook_out``."""
+        parts = routing_parts(sources)
+        scale = source_scales(parts, self.key_norm.eps)
+        dots = source_dots(parts, self._effective_query(sources[0].dtype))
         logits = source_logits(dots, scale, self.recency_bias)
         logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
         weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
-        return self.hook_out(weighted_sum(sources, weights))
+        return self.hook_out(weighted_sum(parts, weights).to(sources[0].dtype))
 
 
 # The routing math, shared by the hooked and the fused path so that both give the same
 # bits. Per-source quantities are laid out source-major, ``[n_sources, batch, pos]``:
 # a softmax over a short leading axis is several times faster than over a short last one.
+
+
+def routing_parts(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+) -> list[Float[Tensor, "batch pos d_model"]]:
+    """The sources in the routing dtype (`stat_dtype`): the same tensors in float32 /
+    float64, one float32 copy each in bf16 / fp16 (made once, read by the scale, the dot
+    and the weighted sum; a norm with ``dtype=float32`` would convert its input again)."""
+    dtype = stat_dtype(sources[0].dtype)
+    return [source.to(dtype) for source in sources]
 
 
 def source_scales(
