@@ -243,6 +243,9 @@ def test_learning_rate_schedule():
         (dict(lr=0), "lr must be > 0"),
         (dict(warmup_steps=50, steps=10), r"warmup_steps must be in \[0, steps=10\]"),
         (dict(checkpoint_every=0), r"checkpoint_every must be an integer >= 1 or None"),
+        (dict(stop_accuracy=1.5), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
+        (dict(stop_accuracy=-0.1), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
+        (dict(stop_accuracy="half"), "stop_accuracy must be a number"),
     ],
 )
 def test_bad_train_config(kwargs, message):
@@ -328,3 +331,65 @@ def test_training_threads_apply_inside_and_the_callers_count_returns(tmp_path, m
         assert set(seen) == {3}  # threads=None leaves the count alone
     finally:
         torch.set_num_threads(previous)
+
+
+def test_stop_accuracy_ends_training_at_the_first_evaluation_that_reaches_it(tmp_path):
+    """The run stops at the first evaluation at or above ``stop_accuracy``: the final
+    model is the model of that step (equal to an uninterrupted run cut there), metrics
+    say so, and running again resumes nothing."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=40, eval_every=4, checkpoint_every=8, stop_accuracy=0.0)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    result = train(model, TASK, cfg, tmp_path / "stop", tokenizer=tok, progress=False)
+    assert result.stopped_early and result.steps == 4  # accuracy >= 0 at the first evaluation
+    metrics = json.loads((tmp_path / "stop" / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["step"] == 4
+    assert metrics["train_config"]["stop_accuracy"] == 0.0
+    assert result.final_accuracy == metrics["history"][-1]["accuracy"]
+    reference = build_model("attnres", 0, tok, SHAPE, 2)  # the same run cut at step 4
+    train(
+        reference,
+        TASK,
+        config(steps=40, eval_every=4, checkpoint_every=8),
+        tmp_path / "cut",
+        tokenizer=tok,
+        progress=False,
+        stop_after=4,
+    )
+    assert_same_weights(weights(model), weights(reference))
+    saved = HookedAttnRes.from_pretrained(tmp_path / "stop" / "model")
+    assert_same_weights(weights(saved), weights(model))
+    again = build_model("attnres", 0, tok, SHAPE, 2)
+    rerun = train(again, TASK, cfg, tmp_path / "stop", tokenizer=tok, progress=False)
+    assert rerun.steps == 4 and rerun.stopped_early
+    assert_same_weights(weights(again), weights(model))
+
+
+def test_a_stop_accuracy_never_reached_and_evaluations_change_no_weight(tmp_path):
+    """Evaluations (any schedule) never change the weights, so a run whose stop accuracy
+    is never reached equals the run without it, bit for bit, and records no stop."""
+    tok = task_tokenizer(TASK)
+    runs = {}
+    for name, overrides in {
+        "plain": dict(eval_every=6),
+        "often": dict(eval_every=1),
+        "unreached": dict(eval_every=2, stop_accuracy=1.0),
+    }.items():
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        result = train(
+            model, TASK, config(**overrides), tmp_path / name, tokenizer=tok, progress=False
+        )
+        runs[name] = (model, result)
+    assert (
+        max(
+            min(h["accuracy"].values())
+            for h in runs["unreached"][1].history
+            if "accuracy" in h
+        )
+        < 1.0
+    )
+    for name in ("often", "unreached"):
+        assert_same_weights(weights(runs["plain"][0]), weights(runs[name][0]))
+    assert not runs["unreached"][1].stopped_early and runs["unreached"][1].steps == 12
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert "stopped_early" not in plain and "stop_accuracy" not in plain["train_config"]

@@ -56,6 +56,10 @@ class TrainConfig:
         weight_decay, betas, grad_clip: AdamW and clipping (``grad_clip=None``: none).
         data_seed: seed of the prompt stream and of the held-out set.
         eval_every, eval_size: held-out accuracy schedule and size.
+        stop_accuracy: stop at the first evaluation whose held-out accuracy is at least
+            this on every evaluation task (the final model is the model of that step;
+            ``None``: train all ``steps``). Evaluations never change the weights, so a run
+            that does not reach it equals the same run without it, bit for bit.
         checkpoint_every: steps between checkpoints (``None``: only at the end).
         threads: ``torch.set_num_threads`` during training, restored afterwards (``None``: leave
             as is).
@@ -72,6 +76,7 @@ class TrainConfig:
     data_seed: int = 0
     eval_every: int = 200
     eval_size: int = 512
+    stop_accuracy: Optional[float] = None
     checkpoint_every: Optional[int] = 500
     threads: Optional[int] = None
 
@@ -103,6 +108,13 @@ class TrainConfig:
         self.min_lr_ratio = number("min_lr_ratio", self.min_lr_ratio)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.stop_accuracy is not None:
+            self.stop_accuracy = number("stop_accuracy", self.stop_accuracy)
+            if not 0 <= self.stop_accuracy <= 1:
+                raise ValueError(
+                    f"stop_accuracy must be an accuracy in [0, 1] or None, got "
+                    f"{self.stop_accuracy!r}"
+                )
         self.weight_decay = number("weight_decay", self.weight_decay)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -136,6 +148,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        if out["stop_accuracy"] is None:
+            # written only when set: runs without it keep the identity recorded before the
+            # field existed (their checkpoints resume, their metrics.json stay comparable)
+            del out["stop_accuracy"]
         return out
 
 
@@ -194,6 +210,7 @@ class TrainResult:
     final_accuracy: dict[str, float]
     seconds: float
     history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False  # `TrainConfig.stop_accuracy` was reached before `steps`
 
 
 def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -386,9 +403,13 @@ def train(
                         f"{saved.get(key)!r} vs {value!r}); use another out_dir or resume=False"
                     )
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
+        stopped = bool(saved.get("stopped_early", False)) if saved is not None else False
 
         def state() -> dict:
-            return {**identity, "step": step, "history": history, "seconds": seconds}
+            out = {**identity, "step": step, "history": history, "seconds": seconds}
+            if config.stop_accuracy is not None:
+                out["stopped_early"] = stopped
+            return out
 
         model.train()
         last_loss = float("nan")
@@ -397,7 +418,11 @@ def train(
         )
         started, steps_this_call = time.perf_counter(), 0
         try:
-            while step < config.steps and (stop_after is None or steps_this_call < stop_after):
+            while (
+                step < config.steps
+                and not stopped
+                and (stop_after is None or steps_this_call < stop_after)
+            ):
                 task = tasks[step % len(tasks)]
                 batch = task.sample(
                     config.batch_size, config.data_seed, "train", vocab, stream=step
@@ -428,6 +453,9 @@ def train(
                 }
                 if step % config.eval_every == 0 or step == config.steps:
                     record["accuracy"] = evaluate(model, eval_batches)
+                    stopped = config.stop_accuracy is not None and (
+                        min(record["accuracy"].values()) >= config.stop_accuracy
+                    )
                     bar.set_postfix(
                         loss=f"{last_loss:.3f}",
                         acc=" ".join(f"{v:.3f}" for v in record["accuracy"].values()),
@@ -440,6 +468,7 @@ def train(
                     config.checkpoint_every
                     and step % config.checkpoint_every == 0
                     and step < config.steps
+                    and not stopped
                 ):
                     seconds_now = seconds + time.perf_counter() - started
                     checkpoint.save(
@@ -457,11 +486,11 @@ def train(
         seconds += time.perf_counter() - started
         checkpoint.save(model, optimizer, state(), tokenizer)
         final = history[-1].get("accuracy", {}) if history else {}
-        if step >= config.steps:
+        if step >= config.steps or stopped:
             model.eval()
             _check_finite(model, step, "the final model is not written")
             with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
                 save_model(model, tmp, tokenizer)
             metrics = {**state(), "final_accuracy": final}
             write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        return TrainResult(out_dir, model_dir, step, final, seconds, history)
+        return TrainResult(out_dir, model_dir, step, final, seconds, history, stopped)
