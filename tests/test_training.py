@@ -381,11 +381,7 @@ def test_a_stop_accuracy_never_reached_and_evaluations_change_no_weight(tmp_path
         )
         runs[name] = (model, result)
     assert (
-        max(
-            min(h["accuracy"].values())
-            for h in runs["unreached"][1].history
-            if "accuracy" in h
-        )
+        max(min(h["accuracy"].values()) for h in runs["unreached"][1].history if "accuracy" in h)
         < 1.0
     )
     for name in ("often", "unreached"):
