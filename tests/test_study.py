@@ -51,14 +51,20 @@ def test_shipped_checkpoints_are_their_recipe_and_score_as_recorded(condition, s
     assert metrics["description"] == json.loads(json.dumps(recipe.description(seed)))
     model = load_condition(condition, seed)
     assert model.cfg.n_layers == recipe.n_layers
+    config = recipe.train_config()  # the trainer's held-out set (256 prompts for paperlike)
     batch = make_task(recipe.task).sample(
-        512, seed=0, split="test", vocab=model.tokenizer.get_vocab()
+        config.eval_size, seed=config.data_seed, split="test", vocab=model.tokenizer.get_vocab()
     )
     with torch.no_grad():
         accuracy = batch.accuracy(model(batch.tokens))
     # the trainer's held-out accuracy (vanilla conditions are scored here through the wrap)
     recorded = next(iter(metrics["final_accuracy"].values()))
     assert accuracy == pytest.approx(recorded, abs=1e-9 if recipe.kind == "attnres" else 0.1)
+    if metrics.get("stopped_early"):  # a paperlike run: stopped at its first pass >= 0.50
+        assert recipe.stop_accuracy is not None and recorded >= recipe.stop_accuracy
+        assert metrics["step"] < recipe.steps
+        evaluated = [h["accuracy"] for h in metrics["history"] if "accuracy" in h]
+        assert all(min(a.values()) < recipe.stop_accuracy for a in evaluated[:-1])
 
 
 def test_the_vanilla_checkpoint_is_a_plain_hugging_face_directory():
