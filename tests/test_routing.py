@@ -325,3 +325,29 @@ def test_unobserved_router_paths_equal_the_hooked_path_bit_for_bit(
         reference = model(tokens)
     assert plain.requires_grad == (mode == "grad")
     assert torch.equal(plain, hooked) and torch.equal(plain, reference.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_hook_tensors_and_mix_agree_bit_for_bit_across_paths(routed_layout, tokens, dtype):
+    """The float32 logits and weights and the output of every router are the same bits
+    whether the router runs per source (only they are watched) or stacked (its sources
+    watched too), and `DepthRouter.mix` on the sources it read gives them again: in
+    bfloat16 the model output alone (rounded to bfloat16) could hide a 1-ulp difference."""
+    model = randomize_routing(tiny_model(attnres_layout=routed_layout, attnres_recency_bias=0.5))
+    model = model.to(dtype)
+
+    def watched(name: str) -> bool:
+        return name.endswith(("hook_logits", "hook_weights", "hook_out"))
+
+    _, per_source = model.run_with_cache(tokens, names_filter=watched)
+    _, stacked = model.run_with_cache(
+        tokens, names_filter=lambda name: watched(name) or name.endswith("hook_sources")
+    )
+    assert per_source.keys() and all(watched(name) for name in per_source.keys())
+    for name in per_source.keys():
+        assert torch.equal(per_source[name], stacked[name]), name
+    for site in model.sites():
+        assert stacked[site.hook("weights")].dtype == torch.float32
+        out, weights = model.router(site).mix(list(stacked[site.hook("sources")].unbind(-2)))
+        assert torch.equal(weights, stacked[site.hook("weights")]), site
+        assert torch.equal(out, stacked[site.hook("out")]), site

@@ -386,3 +386,22 @@ def test_the_robustness_prompts_are_disjoint_from_the_first_set():
     assert len(fresh) == 64
     assert not {tuple(r) for r in first.tokens.tolist()} & {tuple(r) for r in fresh.tokens.tolist()}
     assert torch.equal(probe_prompts(model, 64, seed=2, exclude=first).tokens, fresh.tokens)
+
+
+def test_a_saturated_run_under_a_paperlike_name_is_refused(tmp_path):
+    """`paperlike` and `saturated` read the same prompts; the recorded stopping rule tells
+    their runs apart, so a run filed under the wrong one is refused, both ways."""
+    import shutil
+
+    paperlike = run_dir(tmp_path, "paperlike_cumulative_L8", 0)
+    shutil.copytree(checkpoint_dir("paperlike_cumulative_L8").parent, paperlike)
+    assert load_condition("paperlike_cumulative_L8", 0, tmp_path) is not None
+    wrong = run_dir(tmp_path, "saturated_cumulative_L8", 0)
+    shutil.copytree(paperlike, wrong)
+    with pytest.raises(ValueError, match="stop_accuracy=0.5, but condition 'saturated"):
+        load_condition("saturated_cumulative_L8", 0, tmp_path)
+    metrics = json.loads((paperlike / "metrics.json").read_text())
+    del metrics["train_config"]["stop_accuracy"]  # as a saturated run records it
+    (paperlike / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="stop_accuracy=None, but condition 'paperlike"):
+        load_condition("paperlike_cumulative_L8", 0, tmp_path)

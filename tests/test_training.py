@@ -10,7 +10,7 @@ import torch
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.study import build_model, train_condition
-from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, task_tokenizer
 from hooked_attnres.training import TrainConfig, train
 
 TASK = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=2)
@@ -389,3 +389,83 @@ def test_a_stop_accuracy_never_reached_and_evaluations_change_no_weight(tmp_path
     assert not runs["unreached"][1].stopped_early and runs["unreached"][1].steps == 12
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert "stopped_early" not in plain and "stop_accuracy" not in plain["train_config"]
+
+
+TASK_B = InductionCopy(seq_len=6, copy_len=2, n_tokens=8)
+
+
+def test_stop_accuracy_is_reached_at_or_above_it_on_every_evaluation_task(tmp_path):
+    """With two evaluation tasks the rule is ``min(accuracies) >= stop_accuracy``. A
+    threshold equal to the largest minimum the reference run reaches stops exactly there
+    (``>`` would never stop); a threshold above every minimum but below some mean never
+    stops (a mean rule would). The stopped model equals the reference cut at that step."""
+    tok = task_tokenizer(TASK, TASK_B)
+    settings = dict(steps=30, eval_every=2, checkpoint_every=None, eval_size=24)
+
+    def run(name, **overrides):
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        result = train(
+            model,
+            TASK,
+            config(**settings, **overrides.pop("cfg", {})),
+            tmp_path / name,
+            tokenizer=tok,
+            progress=False,
+            eval_tasks=[TASK, TASK_B],
+            **overrides,
+        )
+        return model, result
+
+    _, reference = run("reference")
+    evaluations = [h for h in reference.history if "accuracy" in h and h["step"] < 30]
+    minima = [min(h["accuracy"].values()) for h in evaluations]
+    means = [sum(h["accuracy"].values()) / 2 for h in evaluations]
+    expected = evaluations[minima.index(max(minima))]["step"]
+    stopped_model, stopped = run("stop", cfg=dict(stop_accuracy=max(minima)))
+    assert stopped.stopped_early and stopped.steps == expected
+    cut_model, _ = run("cut", stop_after=expected)
+    assert_same_weights(weights(stopped_model), weights(cut_model))
+    assert max(means) > max(minima)  # the two tasks differ, so a threshold fits between
+    _, between = run("between", cfg=dict(stop_accuracy=(max(minima) + max(means)) / 2))
+    assert not between.stopped_early and between.steps == 30
+    with pytest.raises(ValueError, match="stop_accuracy needs at least one evaluation task"):
+        train(
+            build_model("attnres", 0, tok, SHAPE, 2),
+            TASK,
+            config(stop_accuracy=0.5),
+            tmp_path / "none",
+            tokenizer=tok,
+            progress=False,
+            eval_tasks=[],
+        )
+
+
+def test_a_stop_interrupted_during_its_evaluation_is_found_on_resume(tmp_path, monkeypatch):
+    """Ctrl-C inside the evaluation that would stop the run: the checkpoint keeps the
+    step's record, resuming finishes the evaluation and stops there; history and weights
+    equal the uninterrupted run's."""
+    import hooked_attnres.training.trainer as trainer_module
+
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=20, eval_every=4, checkpoint_every=None, stop_accuracy=0.0)
+    whole = build_model("attnres", 0, tok, SHAPE, 2)
+    reference = train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
+    assert reference.steps == 4 and reference.stopped_early
+
+    real_evaluate = trainer_module.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "evaluate", interrupted)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and "accuracy" not in state["history"][-1]
+    resumed = build_model("attnres", 0, tok, SHAPE, 2)
+    result = train(resumed, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False)
+    assert result.stopped_early and result.steps == 4
+    assert result.history == reference.history
+    assert_same_weights(weights(resumed), weights(whole))

@@ -89,11 +89,10 @@ class DepthRouter(nn.Module):
         if not self._observed():
             # nothing watches the intermediate tensors: the fused path
             effective_query = self._effective_query(sources[0].dtype)
-            bias, eps = self.recency_bias, self.key_norm.eps
             if sources[0].dtype != effective_query.dtype:
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
-                parts = routing_parts(sources)
-                return _route(parts, effective_query, bias, eps)[0].to(sources[0].dtype)
+                return self._mix(sources)[0]
+            bias, eps = self.recency_bias, self.key_norm.eps
             if torch.is_grad_enabled() and (
                 effective_query.requires_grad or any(source.requires_grad for source in sources)
             ):
@@ -102,15 +101,15 @@ class DepthRouter(nn.Module):
         if not self._stack_observed():
             # only the logits, weights or output are watched: the same per-source math in
             # plain autograd, still without a stacked copy of the sources
-            return self._route_watched(sources)
+            parts = routing_parts(sources)
+            scale = source_scales(parts, self.key_norm.eps)
+            return self._hooked_tail(parts, scale, sources[0].dtype)
         values = self.hook_sources(torch.stack(sources, dim=-2))
-        scale = self.key_norm(values)  # float32 (float64 in a float64 model)
-        parts = values.to(scale.dtype).unbind(dim=-2)  # a copy only in bf16 / fp16
-        dots = source_dots(parts, self._effective_query(values.dtype))
-        logits = source_logits(dots, scale.squeeze(-1).movedim(-1, 0), self.recency_bias)
-        logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
-        weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
-        return self.hook_out(weighted_sum(parts, weights).to(values.dtype))
+        stacked = values.to(stat_dtype(values.dtype))  # one float32 copy in bf16 / fp16
+        scale = self.key_norm(stacked)  # [batch, pos, n_sources, 1]
+        return self._hooked_tail(
+            stacked.unbind(dim=-2), scale.squeeze(-1).movedim(-1, 0), values.dtype
+        )
 
     @torch.no_grad()
     def mix(
@@ -118,29 +117,41 @@ class DepthRouter(nn.Module):
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos n_sources"]]:
         """``(out, weights)`` of this router on any list of sources, without firing its
         hooks (the routing lens applies the final router to the sources of earlier
-        depth states with it). The same operations as the hooked path of `forward`."""
-        effective_query = self._effective_query(sources[0].dtype)
+        depth states with it). The same operations as every path of `forward`."""
+        out, weights = self._mix(sources)
+        return out, weights.movedim(0, -1)
+
+    def _mix(
+        self, sources: Sequence[Float[Tensor, "batch pos d_model"]]
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "n_sources batch pos"]]:
+        """The unhooked routing of any dtype: ``(out in the sources' dtype, weights)``."""
         out, _, _, weights = _route(
-            routing_parts(sources), effective_query, self.recency_bias, self.key_norm.eps
+            routing_parts(sources),
+            self._effective_query(sources[0].dtype),
+            self.recency_bias,
+            self.key_norm.eps,
         )
-        return out.to(sources[0].dtype), weights.movedim(0, -1)
+        return out.to(sources[0].dtype), weights
 
     def _effective_query(self, dtype: torch.dtype) -> Float[Tensor, " d_model"]:
         """``key_norm.w * query`` in the routing dtype (`stat_dtype` of the sources')."""
         routing_dtype = stat_dtype(dtype)
         return self.key_norm.w.to(routing_dtype) * self.query.to(routing_dtype)
 
-    def _route_watched(
-        self, sources: list[Float[Tensor, "batch pos d_model"]]
+    def _hooked_tail(
+        self,
+        parts: Sequence[Float[Tensor, "batch pos d_model"]],
+        scale: Float[Tensor, "n_sources batch pos"],
+        dtype: torch.dtype,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`_route` with ``hook_logits``, ``hook_weights`` and ``hook_out``."""
-        parts = routing_parts(sources)
-        scale = source_scales(parts, self.key_norm.eps)
-        dots = source_dots(parts, self._effective_query(sources[0].dtype))
+        """Logits, weights and output with ``hook_logits``, ``hook_weights`` and
+        ``hook_out`` (``parts``: the sources in the routing dtype; ``dtype``: the model's,
+        that of ``hook_out``)."""
+        dots = source_dots(parts, self._effective_query(dtype))
         logits = source_logits(dots, scale, self.recency_bias)
         logits = self.hook_logits(logits.movedim(0, -1)).movedim(-1, 0)
         weights = self.hook_weights(logits.softmax(dim=0).movedim(0, -1)).movedim(-1, 0)
-        return self.hook_out(weighted_sum(parts, weights).to(sources[0].dtype))
+        return self.hook_out(weighted_sum(parts, weights).to(dtype))
 
 
 # The routing math, shared by the hooked and the fused path so that both give the same

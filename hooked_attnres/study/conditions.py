@@ -71,7 +71,8 @@ def study_task(**overrides) -> KeyValueRetrieval:
 
 
 def make_task(name: str) -> Task:
-    """A grid task by name (``"saturated"``, ``"hard"``, ``"induction"``)."""
+    """A grid task by name (``"saturated"``, ``"hard"``, ``"induction"``, ``"paperlike"``,
+    which is the ``saturated`` probe)."""
     if name not in TASKS:
         raise ValueError(f"unknown study task {name!r}; tasks are {sorted(TASKS)}")
     cls, values = TASKS[name]
@@ -203,9 +204,9 @@ GRID_STEPS = {
     ("hard", 16): 650,
     ("saturated", 16): 900,
     ("induction", 16): 750,
-    ("paperlike", 8): 1200,  # the ``saturated`` steps (a run usually stops far earlier)
-    ("paperlike", 16): 900,
 }
+for _depth in (8, 16):  # ``paperlike`` has the ``saturated`` steps (and usually stops earlier)
+    GRID_STEPS[("paperlike", _depth)] = GRID_STEPS[("saturated", _depth)]
 
 
 def _grid() -> dict[str, Condition]:

@@ -94,13 +94,22 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     path = metrics_path(recipe.name, seed, checkpoints)
     if not path.exists():
         return
-    recorded = json.loads(path.read_text()).get("eval_tasks")
+    metrics = json.loads(path.read_text())
+    recorded = metrics.get("eval_tasks")
     expected = [repr(recipe.make_task())]
     if recorded is not None and recorded != expected:
         raise ValueError(
             f"{path.parent} was trained and evaluated on {recorded}, not on the task of "
             f"condition {recipe.name!r} ({expected}); load it with HookedAttnRes.from_pretrained "
             "(or from_hf_qwen3) and pass its task to probe_prompts(model, task=...)"
+        )
+    # `paperlike` reads the `saturated` prompts: what tells them apart is the stopping rule
+    stop = metrics.get("train_config", {}).get("stop_accuracy")
+    if "train_config" in metrics and stop != recipe.stop_accuracy:
+        raise ValueError(
+            f"{path.parent} was trained with stop_accuracy={stop}, but condition "
+            f"{recipe.name!r} stops at {recipe.stop_accuracy}; it is another condition's run "
+            "(e.g. saturated vs paperlike): put it under that condition's name"
         )
 
 
@@ -116,7 +125,8 @@ def probe_prompts(
     Args:
         seed: the prompt seed (the study uses `PROBE_SEED`, and `FRESH_PROBE_SEED` for the
             robustness check; training evaluated on seed 0).
-        task: a task or a study task name (``"hard"``, ``"saturated"``, ``"induction"``);
+        task: a task or a study task name (``"hard"``, ``"saturated"``, ``"induction"``,
+            ``"paperlike"``);
             default: the task of the condition `load_condition` loaded ``model`` for. Other
             models must name it (a wrong task would give numbers about the wrong prompts).
         exclude: prompts none of which may be drawn again (the robustness check's second

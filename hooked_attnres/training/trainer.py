@@ -58,8 +58,9 @@ class TrainConfig:
         eval_every, eval_size: held-out accuracy schedule and size.
         stop_accuracy: stop at the first evaluation whose held-out accuracy is at least
             this on every evaluation task (the final model is the model of that step;
-            ``None``: train all ``steps``). Evaluations never change the weights, so a run
-            that does not reach it equals the same run without it, bit for bit.
+            ``None``: train all ``steps``; reaching it at the last step is a normal end).
+            Evaluations never change the weights, so a run that does not reach it equals
+            the same run without it, bit for bit.
         checkpoint_every: steps between checkpoints (``None``: only at the end).
         threads: ``torch.set_num_threads`` during training, restored afterwards (``None``: leave
             as is).
@@ -383,6 +384,8 @@ def train(
         }
         if len(eval_batches) != len(eval_tasks):
             raise ValueError("evaluation tasks need distinct names (task.name)")
+        if not eval_batches and config.stop_accuracy is not None:
+            raise ValueError("stop_accuracy needs at least one evaluation task (eval_tasks=[])")
         identity = {
             "train_config": config.to_dict(),
             "tasks": [repr(t) for t in tasks],
@@ -404,6 +407,22 @@ def train(
                     )
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
         stopped = bool(saved.get("stopped_early", False)) if saved is not None else False
+
+        def evaluate_into(record: dict[str, Any]) -> bool:
+            """Add the held-out accuracy to ``record``; whether the run stops there."""
+            record["accuracy"] = evaluate(model, eval_batches)
+            return (
+                config.stop_accuracy is not None
+                and record["step"] < config.steps
+                and min(record["accuracy"].values()) >= config.stop_accuracy
+            )
+
+        def evaluation_due(at: int) -> bool:
+            return at % config.eval_every == 0 or at == config.steps
+
+        if history and history[-1]["step"] == step and "accuracy" not in history[-1]:
+            if evaluation_due(step):  # interrupted during this step's evaluation: finish it
+                stopped = evaluate_into(history[-1])
 
         def state() -> dict:
             out = {**identity, "step": step, "history": history, "seconds": seconds}
@@ -445,24 +464,23 @@ def train(
                 optimizer.step()
                 step += 1
                 steps_this_call += 1
-                fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
+                # the step's record goes into the history at once: a checkpoint written on
+                # Ctrl-C during the evaluation keeps it, and resuming finishes the evaluation
                 record: dict[str, Any] = {
                     "step": step,
                     "loss": last_loss,
                     "lr": config.lr_at(step - 1),
                 }
-                if step % config.eval_every == 0 or step == config.steps:
-                    record["accuracy"] = evaluate(model, eval_batches)
-                    stopped = config.stop_accuracy is not None and (
-                        min(record["accuracy"].values()) >= config.stop_accuracy
-                    )
+                history.append(record)
+                fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
+                if evaluation_due(step):
+                    stopped = evaluate_into(record)
                     bar.set_postfix(
                         loss=f"{last_loss:.3f}",
                         acc=" ".join(f"{v:.3f}" for v in record["accuracy"].values()),
                     )
                 elif step % 10 == 0:
                     bar.set_postfix(loss=f"{last_loss:.3f}")
-                history.append(record)
                 bar.update(1)
                 if (
                     config.checkpoint_every
