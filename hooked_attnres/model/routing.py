@@ -87,11 +87,11 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         if not self._observed():
-            # nothing watches the intermediate tensors: the fused path
-            effective_query = self._effective_query(sources[0].dtype)
-            if sources[0].dtype != effective_query.dtype:
+            if sources[0].dtype != stat_dtype(sources[0].dtype):
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
                 return self._mix(sources)[0]
+            # float32 / float64 and nothing watches the intermediate tensors: the fused path
+            effective_query = self._effective_query(sources[0].dtype)
             bias, eps = self.recency_bias, self.key_norm.eps
             if torch.is_grad_enabled() and (
                 effective_query.requires_grad or any(source.requires_grad for source in sources)
