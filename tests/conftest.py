@@ -15,6 +15,14 @@ from transformers import PreTrainedTokenizerFast
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_test() -> None:
+    """Every test starts from the same global random state, so that a model built with
+    the default initialisation is the same whichever tests ran before (a failure
+    reproduces when the test runs alone)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))

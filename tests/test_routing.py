@@ -351,3 +351,94 @@ def test_router_hook_tensors_and_mix_agree_bit_for_bit_across_paths(routed_layou
         out, weights = model.router(site).mix(list(stacked[site.hook("sources")].unbind(-2)))
         assert torch.equal(weights, stacked[site.hook("weights")]), site
         assert torch.equal(out, stacked[site.hook("out")]), site
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits (so that -0.0 and +0.0, or two nan payloads, are told apart)."""
+    integer = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    return tensor.view(integer[tensor.dtype])
+
+
+def _content_free_model(layout: str, dtype: torch.dtype, zero: str) -> HookedAttnRes:
+    """Routers whose effective query ``key_norm.w * query`` is exactly zero, through a zero
+    query (as in the wraps of a vanilla Qwen3) or a zero gain, with content elsewhere."""
+    model = randomize_routing(tiny_model(attnres_layout=layout, attnres_recency_bias=0.5))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".query" if zero == "query" else "key_norm.w"):
+                param.zero_()
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("zero", ["query", "gain"])
+def test_content_free_routers_equal_the_general_path_bit_for_bit(
+    routed_layout, tokens, dtype, zero, monkeypatch
+):
+    """A router whose effective query is exactly zero skips the RMS and dot products
+    without a gradient (the wraps' routers): the model output and every router output equal
+    the general path's (routers watched) bit for bit, in every dtype."""
+    from hooked_attnres.model import routing
+
+    model = _content_free_model(routed_layout, dtype, zero)
+    calls = []
+    content_free = routing._route_content_free
+    monkeypatch.setattr(
+        routing, "_route_content_free", lambda *a: calls.append(1) or content_free(*a)
+    )
+    with torch.inference_mode():
+        plain = model(tokens)
+        outs = {}
+        for site in model.sites():  # one router watched at a time: the rest stay content-free
+            _, cache = model.run_with_cache(tokens, names_filter=site.hook("out"))
+            outs[site] = cache[site.hook("out")]
+        _, general = model.run_with_cache(
+            tokens, names_filter=lambda name: name.endswith(("hook_logits", "hook_out"))
+        )
+    assert len(calls) >= len(model.sites())  # the shortcut ran (once per router per pass)
+    assert torch.equal(
+        _bits(plain),
+        _bits(
+            model.run_with_hooks(
+                tokens,
+                fwd_hooks=[(lambda name: name.endswith("hook_logits"), lambda x, hook: None)],
+            )
+        ),
+    )
+    for site, out in outs.items():
+        assert torch.equal(_bits(out), _bits(general[site.hook("out")])), site
+    # with a gradient the general path runs and gives the same numbers
+    assert torch.equal(_bits(model(tokens).detach()), _bits(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [None, 2.0])
+def test_content_free_router_keeps_the_general_path_non_finite_and_signed_zero_bits(dtype, bias):
+    """`DepthRouter.mix` is the general path (logits ``V . 0 / rms``): a source with an inf
+    or a nan at one position makes that whole position nan there (``inf * 0``), and the
+    content-free shortcut must give the same bits, including at a position whose sources
+    are all -0.0 (the output is -0.0) and a position with a huge but finite value."""
+    from hooked_attnres.model.routing import DepthRouter
+
+    generator = torch.Generator().manual_seed(3)
+    router = DepthRouter(16, 1e-6, bias).to(dtype)
+    sources = [torch.randn(2, 6, 16, generator=generator).to(dtype) for _ in range(4)]
+    sources[1][0, 1, 3] = float("inf")
+    sources[2][1, 4, 0] = float("nan")
+    sources[0][0, 2, 5] = float("-inf")
+    sources[3][1, 0, 7] = 1e30
+    for source in sources:
+        source[1, 5] = -0.0
+    with torch.no_grad():
+        shortcut = router(sources)
+    general, weights = router.mix(sources)
+    # the same nan positions (a nan's sign bit is not defined) and the same bits elsewhere
+    assert torch.equal(shortcut.isnan(), general.isnan())
+    finite = ~general.isnan()
+    assert torch.equal(_bits(shortcut)[finite], _bits(general)[finite])
+    nan_positions = {(0, 1), (1, 4), (0, 2)}
+    for b in range(2):
+        for p in range(6):
+            assert bool(shortcut[b, p].isnan().all()) == ((b, p) in nan_positions)
+            assert bool(weights[b, p].isnan().all()) == ((b, p) in nan_positions)
+    assert torch.equal(_bits(shortcut[1, 5]), _bits(torch.full((16,), -0.0, dtype=dtype)))

@@ -10,7 +10,17 @@ For stacked sources ``V = [s_0, ..., s_k]`` (each ``[batch, pos, d_model]``)::
 Computed as ``logit_i = (V_i . (key_norm.w * query)) / rms(V_i)``, which is the same
 number without materialising the keys, and source by source: the unobserved path never
 stacks the sources (``hook_sources`` is a stacked copy, made only while it is watched).
-Both paths run the same per-source operations, so their outputs agree bit for bit.
+Every path runs the same per-source operations, so their outputs agree bit for bit.
+
+*Content-free routing*: when ``key_norm.w * query`` is exactly zero (every router of the
+``recency`` and ``exact`` wraps of a vanilla Qwen3, an untrained model) and nothing
+watches the router or needs a gradient, every ``V_i . query`` is zero, so the logits are
+the recency bias alone: no source's RMS or dot product is computed, and in bf16 / fp16
+each source is converted to float32 into one reused buffer just before the weighted sum
+reads it (`routing_stream`). The same bits as the general path, including its ``nan``
+at a position where a source is not finite (``inf * 0``); only a nan's sign may differ.
+The zero test reads the query, so it runs on CPU tensors only (on an accelerator it
+would synchronise the device once per router).
 
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
@@ -18,7 +28,7 @@ keys see normalised sources, the values are the raw sources.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
 import torch
@@ -87,15 +97,25 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         if not self._observed():
-            if sources[0].dtype != stat_dtype(sources[0].dtype):
+            dtype = sources[0].dtype
+            low_precision = dtype != stat_dtype(dtype)
+            effective_query = self._effective_query(dtype)
+            bias, eps = self.recency_bias, self.key_norm.eps
+            needs_grad = torch.is_grad_enabled() and (
+                effective_query.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or any(source.requires_grad for source in sources)
+            )
+            if not needs_grad:
+                # skip what is known and stream bf16 conversions (the zero test reads the
+                # query, so it runs on CPU only: on an accelerator it would synchronise)
+                if effective_query.is_cpu and not effective_query.any():
+                    return _route_content_free(sources, bias).to(dtype)
+            if low_precision:
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
                 return self._mix(sources)[0]
-            # float32 / float64 and nothing watches the intermediate tensors: the fused path
-            effective_query = self._effective_query(sources[0].dtype)
-            bias, eps = self.recency_bias, self.key_norm.eps
-            if torch.is_grad_enabled() and (
-                effective_query.requires_grad or any(source.requires_grad for source in sources)
-            ):
+            if needs_grad:
+                # float32 / float64 and nothing watches the intermediate tensors: the fused path
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
             return _route(sources, effective_query, bias, eps)[0]
         if not self._stack_observed():
@@ -169,14 +189,41 @@ def routing_parts(
     return [source.to(dtype) for source in sources]
 
 
+def routing_stream(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+) -> Iterator[Float[Tensor, "batch pos d_model"]]:
+    """The sources in the routing dtype one at a time, for a no-grad pass that reads each
+    once: the same tensors in float32 / float64; in bf16 / fp16 each is converted into one
+    reused float32 buffer (valid until the next one is yielded). The same numbers as
+    `routing_parts` (the conversion is exact) without a float32 copy of every source."""
+    dtype = stat_dtype(sources[0].dtype)
+    if sources[0].dtype == dtype:
+        yield from sources
+        return
+    buffer = torch.empty(sources[0].shape, dtype=dtype, device=sources[0].device)
+    for source in sources:
+        yield buffer.copy_(source)
+
+
+def source_norm(part: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos"]:
+    """The L2 norm of one source in the routing dtype (``part`` already in it)."""
+    return torch.linalg.vector_norm(part, dim=-1, dtype=part.dtype)
+
+
+def scales_from_norms(
+    norms: Float[Tensor, "n_sources batch pos"], d_model: int, eps: float
+) -> Float[Tensor, "n_sources batch pos"]:
+    """``sqrt(norm**2 / d_model + eps)``: the RMS scale of every source at once."""
+    return (norms.square() / d_model + eps).sqrt()
+
+
 def source_scales(
     sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: float
 ) -> Float[Tensor, "n_sources batch pos"]:
-    """``rms_scale`` of every source (the same bits: one norm per source, then the
-    elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once)."""
-    dtype = stat_dtype(sources[0].dtype)
-    norms = torch.stack([torch.linalg.vector_norm(s, dim=-1, dtype=dtype) for s in sources])
-    return (norms.square() / sources[0].shape[-1] + eps).sqrt()
+    """``rms_scale`` of every source (``sources`` in the routing dtype; the same bits: one
+    norm per source, then the elementwise scale on all of them at once)."""
+    norms = torch.stack([source_norm(source) for source in sources])
+    return scales_from_norms(norms, sources[0].shape[-1], eps)
 
 
 def source_dots(
@@ -186,28 +233,38 @@ def source_dots(
     return torch.stack([source @ query for source in sources])
 
 
+def add_recency_bias(
+    logits: Float[Tensor, "n_sources batch pos"], bias: Optional[Float[Tensor, ""]]
+) -> Float[Tensor, "n_sources batch pos"]:
+    """``logits`` plus ``bias`` on the last source (``logits`` itself without a bias)."""
+    if bias is None:
+        return logits
+    pad = F.pad(bias.to(logits.dtype).reshape(1), (logits.shape[0] - 1, 0))
+    return logits + pad[:, None, None]
+
+
 def source_logits(
     dots: Float[Tensor, "n_sources batch pos"],
     scale: Float[Tensor, "n_sources batch pos"],
     bias: Optional[Float[Tensor, ""]],
 ) -> Float[Tensor, "n_sources batch pos"]:
     """``dots_i / scale_i``, plus ``bias`` on the last source."""
-    logits = dots / scale
-    if bias is not None:
-        logits = (
-            logits + F.pad(bias.to(logits.dtype).reshape(1), (dots.shape[0] - 1, 0))[:, None, None]
-        )
-    return logits
+    return add_recency_bias(dots / scale, bias)
 
 
 def weighted_sum(
-    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    sources: Iterable[Float[Tensor, "batch pos d_model"]],
     weights: Float[Tensor, "n_sources batch pos"],
 ) -> Float[Tensor, "batch pos d_model"]:
-    """``sum_i weights_i * V_i``, accumulated in source order (one pass per source)."""
-    out = sources[0] * weights[0].unsqueeze(-1)
-    for index in range(1, len(sources)):
-        out.addcmul_(sources[index], weights[index].unsqueeze(-1))
+    """``sum_i weights_i * V_i``, accumulated in source order (one pass per source;
+    ``sources`` may be a `routing_stream`)."""
+    out: Optional[Tensor] = None
+    for index, source in enumerate(sources):
+        if out is None:
+            out = source * weights[index].unsqueeze(-1)
+        else:
+            out.addcmul_(source, weights[index].unsqueeze(-1))
+    assert out is not None, "a router reads at least one source"
     return out
 
 
@@ -223,6 +280,24 @@ def _route(
     dots = source_dots(sources, query)
     weights = source_logits(dots, scale, bias).softmax(dim=0)
     return weighted_sum(sources, weights), scale, dots, weights
+
+
+def _route_content_free(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], bias: Optional[Float[Tensor, ""]]
+) -> Float[Tensor, "batch pos d_model"]:
+    """`_route`'s output (in the routing dtype) when the effective query is exactly zero:
+    every ``V_i . query`` is 0, so the logits are the recency bias alone (the same
+    bits as ``0 / scale + bias``) and no RMS or dot product is needed. A position where a
+    source is not finite is set to ``nan``, as the general path's ``inf * 0`` makes it."""
+    dtype = stat_dtype(sources[0].dtype)
+    zeros = torch.zeros(
+        (len(sources), *sources[0].shape[:-1]), dtype=dtype, device=sources[0].device
+    )
+    weights = add_recency_bias(zeros, bias).softmax(dim=0)
+    out = weighted_sum(routing_stream(sources), weights)
+    # out . 0 is 0 where a position is finite and nan where it is not (as inf * 0 makes
+    # the general path's logits); subtracting its absolute value keeps every finite bit
+    return out.sub_((out @ zeros.new_zeros(out.shape[-1])).abs_().unsqueeze(-1))
 
 
 class _FusedRouting(torch.autograd.Function):
