@@ -113,7 +113,7 @@ class DepthRouter(nn.Module):
                     return _route_content_free(sources, bias).to(dtype)
             if low_precision:
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
-                return self._mix(sources)[0]
+                return self._mix(sources, effective_query)[0]
             if needs_grad:
                 # float32 / float64 and nothing watches the intermediate tensors: the fused path
                 return _FusedRouting.apply(effective_query, bias, eps, *sources)
@@ -142,14 +142,16 @@ class DepthRouter(nn.Module):
         return out, weights.movedim(0, -1)
 
     def _mix(
-        self, sources: Sequence[Float[Tensor, "batch pos d_model"]]
+        self,
+        sources: Sequence[Float[Tensor, "batch pos d_model"]],
+        effective_query: Optional[Float[Tensor, " d_model"]] = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "n_sources batch pos"]]:
-        """The unhooked routing of any dtype: ``(out in the sources' dtype, weights)``."""
+        """The unhooked routing of any dtype: ``(out in the sources' dtype, weights)``
+        (``effective_query``: `_effective_query` of the sources' dtype, if already made)."""
+        if effective_query is None:
+            effective_query = self._effective_query(sources[0].dtype)
         out, _, _, weights = _route(
-            routing_parts(sources),
-            self._effective_query(sources[0].dtype),
-            self.recency_bias,
-            self.key_norm.eps,
+            routing_parts(sources), effective_query, self.recency_bias, self.key_norm.eps
         )
         return out.to(sources[0].dtype), weights
 
@@ -205,25 +207,14 @@ def routing_stream(
         yield buffer.copy_(source)
 
 
-def source_norm(part: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos"]:
-    """The L2 norm of one source in the routing dtype (``part`` already in it)."""
-    return torch.linalg.vector_norm(part, dim=-1, dtype=part.dtype)
-
-
-def scales_from_norms(
-    norms: Float[Tensor, "n_sources batch pos"], d_model: int, eps: float
-) -> Float[Tensor, "n_sources batch pos"]:
-    """``sqrt(norm**2 / d_model + eps)``: the RMS scale of every source at once."""
-    return (norms.square() / d_model + eps).sqrt()
-
-
 def source_scales(
     sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: float
 ) -> Float[Tensor, "n_sources batch pos"]:
-    """``rms_scale`` of every source (``sources`` in the routing dtype; the same bits: one
-    norm per source, then the elementwise scale on all of them at once)."""
-    norms = torch.stack([source_norm(source) for source in sources])
-    return scales_from_norms(norms, sources[0].shape[-1], eps)
+    """``rms_scale`` of every source (the same bits: one norm per source, then the
+    elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once)."""
+    dtype = stat_dtype(sources[0].dtype)
+    norms = torch.stack([torch.linalg.vector_norm(s, dim=-1, dtype=dtype) for s in sources])
+    return (norms.square() / sources[0].shape[-1] + eps).sqrt()
 
 
 def source_dots(
