@@ -60,8 +60,9 @@ class DepthRouter(nn.Module):
 
     The scale, logits, weights and weighted sum are computed in float32 whatever the model
     dtype (float64 in a float64 model); ``hook_out`` is in the model dtype. Unless its
-    sources are watched, a bfloat16 router converts each source once (`routing_parts`)
-    and never makes a stacked copy.
+    sources are watched, a bfloat16 router converts each source once (`routing_parts`;
+    a content-free router, see the module docstring, into one reused buffer,
+    `routing_stream`) and never makes a stacked copy.
     """
 
     def __init__(self, d_model: int, eps: float, recency_bias: Optional[float]):
