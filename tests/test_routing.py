@@ -452,3 +452,156 @@ def test_content_free_router_keeps_the_general_path_non_finite_and_signed_zero_b
             assert bool(shortcut[b, p].isnan().all()) == ((b, p) in nan_positions)
             assert bool(weights[b, p].isnan().all()) == ((b, p) in nan_positions)
     assert torch.equal(_bits(shortcut[1, 5]), _bits(torch.full((16,), -0.0, dtype=dtype)))
+
+
+@pytest.fixture
+def weighted_sums(monkeypatch) -> list:
+    """Records every `weighted_sum` the routers compute (a content-free router that reuses
+    its block's committed sum (`SharedSums`) computes none)."""
+    from hooked_attnres.model import routing
+
+    calls: list = []
+    weighted_sum = routing.weighted_sum
+    monkeypatch.setattr(routing, "weighted_sum", lambda *a: calls.append(1) or weighted_sum(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["cumulative", "kimi"])
+def test_shared_committed_sums_are_used_only_in_a_pass_without_hooks(
+    layout, tokens, dtype, weighted_sums
+):
+    """The content-free routers of a block share the weighted sum of their committed
+    sources in a pass with no hook anywhere; any hook (a do-nothing one on a non-routing
+    hook point, a raw PyTorch hook on a submodule, a global module hook) turns the sharing
+    off. The output bits are the same either way."""
+    model = _content_free_model(layout, dtype, "query")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("recency_bias"):  # one bias, as in the wraps
+                param.fill_(0.5)
+    n_routers = len(model.sites())
+    with torch.inference_mode():
+        plain = model(tokens)
+        shared = len(weighted_sums)
+        weighted_sums.clear()
+        hooked = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: None)]
+        )
+        unshared = len(weighted_sums)
+        handle = model.blocks[1].mlp.register_forward_hook(lambda *args: None)
+        try:
+            weighted_sums.clear()
+            raw_hooked = model(tokens)
+            assert len(weighted_sums) == unshared
+        finally:
+            handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+        try:
+            weighted_sums.clear()
+            global_hooked = model(tokens)
+            assert len(weighted_sums) == unshared
+        finally:
+            handle.remove()
+    assert unshared == n_routers  # without sharing every router sums its sources
+    assert shared <= n_routers - 4  # 2 blocks of 4 routers: 3 of each reuse a sum
+    assert torch.equal(_bits(hooked), _bits(plain))
+    assert torch.equal(_bits(raw_hooked), _bits(plain))
+    # a global hook watches every hook point, as a hook on each of them does (the
+    # attention pattern is then computed explicitly: not the fused kernel's bits)
+    with torch.inference_mode():
+        every_point = model.run_with_hooks(
+            tokens, fwd_hooks=[(lambda name: True, lambda x, hook: None)]
+        )
+    assert torch.equal(_bits(global_hooked), _bits(every_point))
+
+
+def test_an_in_place_edit_of_a_committed_block_reaches_the_later_routers_of_its_block(tokens):
+    """A hook that edits a committed block in place between two routers of the next
+    block: the later routers must read the edited block (a shared committed sum made
+    before the edit would be stale), as the watched general path does."""
+    model = _content_free_model("kimi", torch.float32, "query")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("recency_bias"):  # one bias: the routers could share sums
+                param.fill_(0.5)
+    committed: list = []
+
+    def edit_committed_block(x, hook):  # after layer 2's MLP router, before layer 3's
+        committed[0].mul_(3.0)
+
+    edit_hooks = [
+        ("blocks.1.hook_committed_block", lambda x, hook: committed.append(x)),
+        ("blocks.2.hook_mlp_out", edit_committed_block),
+    ]
+    watch_all = [(lambda name: name.endswith("hook_logits"), lambda x, hook: None)]
+    with torch.inference_mode():
+        unedited = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=edit_hooks)
+        committed.clear()
+        general = model.run_with_hooks(tokens, fwd_hooks=edit_hooks + watch_all)
+    assert not torch.allclose(edited, unedited)  # the edit matters
+    assert torch.equal(_bits(edited), _bits(general))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [None, 2.0])
+def test_shared_committed_sum_keeps_the_general_path_non_finite_bits(dtype, bias):
+    """A router that reuses a shared committed sum gives the general path's bits (`mix`)
+    with an inf or a nan in a committed source or in the current one, on the miss that
+    makes the sum and on the hit that reuses it."""
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    generator = torch.Generator().manual_seed(4)
+    routers = [DepthRouter(16, 1e-6, bias).to(dtype) for _ in range(2)]
+    committed = [torch.randn(2, 6, 16, generator=generator).to(dtype) for _ in range(3)]
+    committed[1][0, 1, 3] = float("inf")
+    committed[0][1, 4, 0] = float("nan")
+    shared_sums = SharedSums(routers[0])
+    for index, router in enumerate(routers):
+        current = torch.randn(2, 6, 16, generator=generator).to(dtype)
+        current[index, 2, 5] = float("-inf")
+        current[1, 3, 1] = 1e30
+        sources = [*committed, current]
+        with torch.no_grad():
+            shortcut = router(sources, shared_sums)
+        general, _ = router.mix(sources)
+        assert torch.equal(shortcut.isnan(), general.isnan())
+        assert int(general.isnan().any(-1).sum()) == 3
+        finite = ~general.isnan()
+        assert torch.equal(_bits(shortcut)[finite], _bits(general)[finite])
+    assert shared_sums._committed == tuple(committed)  # the second router reused the sum
+
+
+def test_pre_hooks_and_global_hooks_on_router_hook_points_fire(tokens):
+    """A raw PyTorch forward pre-hook on a router's hook point, and a global module hook,
+    see the router's tensors (the unwatched router paths skip only unwatched points)."""
+    model = _content_free_model("cumulative", torch.float32, "query")
+    site = model.sites()[2]
+    point = model.hook_dict[site.hook("weights")]
+
+    def uniform(module, args):
+        return (torch.full_like(args[0], 1.0 / args[0].shape[-1]),)
+
+    with torch.inference_mode():
+        plain = model(tokens)
+        expected = model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(site.hook("weights"), lambda x, hook: torch.full_like(x, 1 / x.shape[-1]))],
+        )
+        handle = point.register_forward_pre_hook(uniform)
+        try:
+            pre_hooked = model(tokens)
+        finally:
+            handle.remove()
+        seen: list = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: seen.append(module) if module is point else None
+        )
+        try:
+            model(tokens)
+        finally:
+            handle.remove()
+    assert not torch.equal(expected, plain)
+    assert torch.equal(pre_hooked, expected)
+    assert seen == [point]

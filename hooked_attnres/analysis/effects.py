@@ -40,7 +40,7 @@ from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
-from hooked_attnres.model.norms import is_observed
+from hooked_attnres.model.norms import any_hook_attached
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ def run_ablations(
             per_pass = 1 if max_rows is None else max(1, max_rows // len(part))
             # hooks already attached (e.g. a surrounding `model.hooks(...)`) could edit what
             # a router reads, so then no two ablations are assumed alike
-            hooked = any(is_observed(point) for point in model.hook_points())
+            hooked = any_hook_attached(model)
             for sublayer, indices in sorted(by_start.items()):
                 same_as = (
                     {} if hooked else _same_routed_source(ablations, indices, states[sublayer])

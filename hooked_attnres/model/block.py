@@ -15,7 +15,7 @@ from hooked_attnres.model.attention import Attention, AttentionContext, QKVInput
 from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
 from hooked_attnres.model.norms import RMSNorm, make_hook, toggle_hook
-from hooked_attnres.model.routing import DepthRouter
+from hooked_attnres.model.routing import DepthRouter, SharedSums
 
 
 class AttnResBlock(nn.Module):
@@ -101,10 +101,12 @@ class AttnResBlock(nn.Module):
             out.append(self.ln1.unhooked(copies))
         return out[0], out[1], out[2]
 
-    def _route(self, router_name: str, state: DepthState) -> Float[Tensor, "batch pos d_model"]:
+    def _route(
+        self, router_name: str, state: DepthState, shared_sums: Optional[SharedSums]
+    ) -> Float[Tensor, "batch pos d_model"]:
         if not self.layout.has_routers:
             return state.current
-        return getattr(self, router_name)(state.sources)
+        return getattr(self, router_name)(state.sources, shared_sums)
 
     def _after_sublayer(
         self, state: DepthState, output: Tensor, resid_hook: nn.Module, commit_hook
@@ -123,6 +125,7 @@ class AttnResBlock(nn.Module):
         state: DepthState,
         context: AttentionContext,
         query_positions: Optional[Int[Tensor, " batch"]] = None,
+        shared_sums: Optional[SharedSums] = None,
     ) -> DepthState:
         """The attention half: the state entering ``mlp_res`` (the input is not mutated).
 
@@ -130,9 +133,10 @@ class AttnResBlock(nn.Module):
         pass. With ``query_positions`` (one per prompt) the attention runs only from there
         and the returned state is gathered to that position (``pos = 1``); everything after
         it is position-wise, so the rest of the model can run on that one position.
+        ``shared_sums``: the pass's `SharedSums` (one per pass), if any.
         """
         state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
-        attn_in = self._route("attn_res", state)
+        attn_in = self._route("attn_res", state, shared_sums)
         x = self._split_qkv(attn_in) if self.splits_qkv_input else self.ln1(attn_in)
         attn_out = self.hook_attn_out(
             self.attn(x, context, query_positions, context.layer_cache(self.layer))
@@ -143,9 +147,12 @@ class AttnResBlock(nn.Module):
             state, attn_out, self.hook_resid_mid, getattr(self, "hook_committed_mid", None)
         )
 
-    def mlp_sublayer(self, state: DepthState) -> DepthState:
-        """The MLP half: the state leaving the layer (the input is not mutated)."""
-        mlp_in = self._route("mlp_res", state)
+    def mlp_sublayer(
+        self, state: DepthState, shared_sums: Optional[SharedSums] = None
+    ) -> DepthState:
+        """The MLP half: the state leaving the layer (the input is not mutated);
+        ``shared_sums`` as in `attn_sublayer`."""
+        mlp_in = self._route("mlp_res", state, shared_sums)
         if "hook_mlp_in" in self._modules:  # a copy: the stream itself is not edited
             mlp_in = self.hook_mlp_in(mlp_in.clone())
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
@@ -158,6 +165,8 @@ class AttnResBlock(nn.Module):
         state: DepthState,
         context: AttentionContext,
         query_positions: Optional[Int[Tensor, " batch"]] = None,
+        shared_sums: Optional[SharedSums] = None,
     ) -> DepthState:
         """Run the layer on a depth state and return the next one (the input is not mutated)."""
-        return self.mlp_sublayer(self.attn_sublayer(state, context, query_positions))
+        state = self.attn_sublayer(state, context, query_positions, shared_sums)
+        return self.mlp_sublayer(state, shared_sums)

@@ -30,7 +30,7 @@ from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_at
-from hooked_attnres.model.routing import DepthRouter
+from hooked_attnres.model.routing import DepthRouter, SharedSums
 from hooked_attnres.model.tl_methods import TLMethodsMixin
 from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
@@ -578,14 +578,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         last_attention = 2 * self.cfg.n_layers - 2
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
+        shared_sums = SharedSums(self)
         for sublayer in sublayers:
             layer, is_mlp = divmod(sublayer, 2)
             block = self.blocks[layer]
             if is_mlp:
-                state = block.mlp_sublayer(state)
+                state = block.mlp_sublayer(state, shared_sums)
             else:
                 positions = logit_positions if sublayer == last_attention else None
-                state = block.attn_sublayer(state, context, positions)
+                state = block.attn_sublayer(state, context, positions, shared_sums)
         return state
 
     def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
@@ -618,13 +619,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         state = self.embed_state(tokens)
         context = self._attention_context(state, mask)
         states = [state]
+        shared_sums = SharedSums(self)
         for block in self.blocks:
             if sublayers:
-                state = block.attn_sublayer(state, context)
+                state = block.attn_sublayer(state, context, shared_sums=shared_sums)
                 states.append(state)
-                state = block.mlp_sublayer(state)
+                state = block.mlp_sublayer(state, shared_sums)
             else:
-                state = block(state, context)
+                state = block(state, context, shared_sums=shared_sums)
             states.append(state)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
             setattr(entering, _ENTERING, index if sublayers else 2 * index)

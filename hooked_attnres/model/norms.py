@@ -32,9 +32,45 @@ def toggle_hook(owner: nn.Module, name: str, enabled: bool, pos_dim: int = -2) -
         delattr(owner, name)
 
 
+def _has_module_hooks(module: nn.Module) -> bool:
+    """Whether a raw PyTorch hook (forward, forward-pre, backward, backward-pre) is on
+    ``module`` itself (TransformerLens's hooks are registered as such hooks too)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _global_hooks_attached() -> bool:
+    """Whether a hook registered for every module (``register_module_forward_hook`` and
+    the like) exists: it would fire at every `HookPoint` that is called."""
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
 def is_observed(hook: HookPoint) -> bool:
-    """Whether any forward or backward hook (TransformerLens or raw PyTorch) is attached."""
-    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
+    """Whether anything would see or edit what ``hook`` is called with: a forward or
+    backward hook or pre-hook on it (TransformerLens or raw PyTorch), or a global module
+    hook. A path that skips an unobserved hook point gives the same numbers."""
+    return (
+        bool(hook.fwd_hooks or hook.bwd_hooks)
+        or _has_module_hooks(hook)
+        or (_global_hooks_attached())
+    )
+
+
+def any_hook_attached(model: nn.Module) -> bool:
+    """Whether any hook is attached to ``model`` or any of its submodules (hook points or
+    not), or a global module hook exists: while none is, nothing but the model's own code
+    runs during its forward pass."""
+    return _global_hooks_attached() or any(_has_module_hooks(module) for module in model.modules())
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

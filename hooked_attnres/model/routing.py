@@ -20,7 +20,9 @@ each source is converted to float32 into one reused buffer just before the weigh
 reads it (`routing_stream`). The same bits as the general path, including its ``nan``
 at a position where a source is not finite (``inf * 0``); only a nan's sign may differ.
 The zero test reads the query, so it runs on CPU tensors only (on an accelerator it
-would synchronise the device once per router).
+would synchronise the device once per router). The weights then depend only on the
+number of sources and the bias, so in a pass with no hook anywhere in the model the
+routers of a block share the weighted sum of their committed sources (`SharedSums`).
 
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
@@ -37,7 +39,13 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hooked_attnres.model.norms import KeyNorm, is_observed, make_hook, stat_dtype
+from hooked_attnres.model.norms import (
+    KeyNorm,
+    any_hook_attached,
+    is_observed,
+    make_hook,
+    stat_dtype,
+)
 
 
 class DepthRouter(nn.Module):
@@ -95,8 +103,12 @@ class DepthRouter(nn.Module):
         return is_observed(self.hook_sources) or is_observed(self.key_norm.hook_scale)
 
     def forward(
-        self, sources: list[Float[Tensor, "batch pos d_model"]]
+        self,
+        sources: list[Float[Tensor, "batch pos d_model"]],
+        shared_sums: Optional[SharedSums] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """The routed input of the sublayer (``hook_out``); ``shared_sums``: the pass's
+        `SharedSums`, if any (only content-free routers use it)."""
         if not self._observed():
             dtype = sources[0].dtype
             low_precision = dtype != stat_dtype(dtype)
@@ -111,7 +123,7 @@ class DepthRouter(nn.Module):
                 # skip what is known and stream bf16 conversions (the zero test reads the
                 # query, so it runs on CPU only: on an accelerator it would synchronise)
                 if effective_query.is_cpu and not effective_query.any():
-                    return _route_content_free(sources, bias).to(dtype)
+                    return _route_content_free(sources, bias, shared_sums)
             if low_precision:
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
                 return self._mix(sources, effective_query)[0]
@@ -274,22 +286,100 @@ def _route(
     return weighted_sum(sources, weights), scale, dots, weights
 
 
-def _route_content_free(
-    sources: Sequence[Float[Tensor, "batch pos d_model"]], bias: Optional[Float[Tensor, ""]]
-) -> Float[Tensor, "batch pos d_model"]:
-    """`_route`'s output (in the routing dtype) when the effective query is exactly zero:
-    every ``V_i . query`` is 0, so the logits are the recency bias alone (the same
-    bits as ``0 / scale + bias``) and no RMS or dot product is needed. A position where a
-    source is not finite is set to ``nan``, as the general path's ``inf * 0`` makes it."""
-    dtype = stat_dtype(sources[0].dtype)
+class SharedSums:
+    """One forward pass's memo for its content-free routers (module docstring).
+
+    Such a router's weights depend only on its number of sources and its recency bias,
+    so every router of a block that reads the same committed sources with the same bias
+    (all routers of a block in the ``recency`` and ``exact`` wraps) would recompute the
+    same weighted sum of the committed sources before adding the current one, the last in
+    source order. The memo keeps the latest such sum with the committed sources it was
+    made from, matched by identity (it holds them, so no other tensor can take their
+    place). The sum is the first ``n - 1`` steps of `weighted_sum`, so a router that reuses
+    it gives the same bits.
+
+    It is used only while no hook is attached anywhere in ``model`` (`any_hook_attached`,
+    checked once per pass, at the first router that could use it): then nothing but the
+    model's own code runs during the pass, and that never edits a committed source in
+    place. Make a new one for every pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._enabled: Optional[bool] = None
+        self._key: Optional[tuple[int, Optional[float]]] = None
+        self._committed: tuple[Tensor, ...] = ()
+        self._sum: Optional[tuple[Tensor, Tensor]] = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the memo may be used in this pass (no hook anywhere in the model)."""
+        if self._enabled is None:
+            self._enabled = not any_hook_attached(self._model)
+        return self._enabled
+
+    def committed_sum(
+        self, committed: Sequence[Float[Tensor, "batch pos d_model"]], bias: Optional[Tensor]
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "n_sources batch pos"]]:
+        """``(sum, weights)`` of a content-free router that reads ``committed`` and then one
+        more source: its weights (`_content_free_weights`) and the weighted sum of the
+        committed sources in the routing dtype, ``nan`` at a position where one is not
+        finite (`_non_finite_rows`); the remembered ones if the same sources were summed
+        with the same bias. Never edit them."""
+        key = (len(committed), None if bias is None else float(bias))
+        if key != self._key or any(
+            a is not b for a, b in zip(self._committed, committed, strict=True)
+        ):
+            weights = _content_free_weights(len(committed) + 1, committed[0], bias)
+            total = weighted_sum(routing_stream(committed), weights[:-1])
+            total.sub_(_non_finite_rows(total).unsqueeze(-1))
+            self._key, self._committed, self._sum = key, tuple(committed), (total, weights)
+        assert self._sum is not None
+        return self._sum
+
+
+def _content_free_weights(
+    n_sources: int, source: Float[Tensor, "batch pos d_model"], bias: Optional[Tensor]
+) -> Float[Tensor, "n_sources batch pos"]:
+    """The weights of a content-free router over ``n_sources`` sources shaped like
+    ``source``: the softmax of zero logits plus the recency bias on the last (the same
+    bits as the general path's ``0 / scale + bias``)."""
     zeros = torch.zeros(
-        (len(sources), *sources[0].shape[:-1]), dtype=dtype, device=sources[0].device
+        (n_sources, *source.shape[:-1]), dtype=stat_dtype(source.dtype), device=source.device
     )
-    weights = add_recency_bias(zeros, bias).softmax(dim=0)
+    return add_recency_bias(zeros, bias).softmax(dim=0)
+
+
+def _non_finite_rows(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos"]:
+    """``|x . 0|``: 0 where a row of ``x`` is finite, ``nan`` where it is not (as the
+    general path's ``inf * 0`` makes its logits). Adding or subtracting it keeps every
+    finite bit and makes a non-finite row ``nan``."""
+    return (x @ x.new_zeros(x.shape[-1])).abs_()
+
+
+def _route_content_free(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    bias: Optional[Float[Tensor, ""]],
+    shared_sums: Optional[SharedSums] = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """`_route`'s output, in the sources' dtype, when the effective query is exactly zero:
+    every ``V_i . query`` is 0, so the logits are the recency bias alone and no RMS or dot
+    product is needed. A position where a source is not finite is ``nan``, as the general
+    path's ``inf * 0`` makes it. With ``shared_sums`` (enabled) the committed sources'
+    part of the sum and the weights may be reused."""
+    dtype = sources[0].dtype
+    if len(sources) > 1 and shared_sums is not None and shared_sums.enabled:
+        committed, weights = shared_sums.committed_sum(sources[:-1], bias)
+        last = sources[-1].to(committed.dtype)
+        # the last source's nan test folded into its weight (w + 0 is w); out of place,
+        # the same kernel as weighted_sum's last addcmul_, so that the memo stays intact,
+        # rounded to the sources' dtype as it is stored (the bits of a separate .to)
+        last_weight = weights[-1] + _non_finite_rows(last)
+        out = torch.empty_like(sources[-1])
+        return torch.addcmul(committed, last, last_weight.unsqueeze(-1), out=out)
+    weights = _content_free_weights(len(sources), sources[0], bias)
     out = weighted_sum(routing_stream(sources), weights)
-    # out . 0 is 0 where a position is finite and nan where it is not (as inf * 0 makes
-    # the general path's logits); subtracting its absolute value keeps every finite bit
-    return out.sub_((out @ zeros.new_zeros(out.shape[-1])).abs_().unsqueeze(-1))
+    return out.sub_(_non_finite_rows(out).unsqueeze(-1)).to(dtype)
 
 
 class _FusedRouting(torch.autograd.Function):
