@@ -373,14 +373,19 @@ def content_free_calls(monkeypatch) -> list:
     return calls
 
 
-def _content_free_model(layout: str, dtype: torch.dtype, zero: str) -> HookedAttnRes:
+def _content_free_model(
+    layout: str, dtype: torch.dtype, zero: str, one_bias: bool = False
+) -> HookedAttnRes:
     """Routers whose effective query ``key_norm.w * query`` is exactly zero, through a zero
-    query (as in the wraps of a vanilla Qwen3) or a zero gain, with content elsewhere."""
+    query (as in the wraps of a vanilla Qwen3) or a zero gain, with content elsewhere;
+    with ``one_bias`` every recency bias is 0.5, as in the wraps (else each is random)."""
     model = randomize_routing(tiny_model(attnres_layout=layout, attnres_recency_bias=0.5))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".query" if zero == "query" else "key_norm.w"):
                 param.zero_()
+            elif one_bias and name.endswith("recency_bias"):
+                param.fill_(0.5)
     return model.to(dtype)
 
 
@@ -475,11 +480,7 @@ def test_shared_committed_sums_are_used_only_in_a_pass_without_hooks(
     sources in a pass with no hook anywhere; any hook (a do-nothing one on a non-routing
     hook point, a raw PyTorch hook on a submodule, a global module hook) turns the sharing
     off. The output bits are the same either way."""
-    model = _content_free_model(layout, dtype, "query")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("recency_bias"):  # one bias, as in the wraps
-                param.fill_(0.5)
+    model = _content_free_model(layout, dtype, "query", one_bias=True)
     n_routers = len(model.sites())
     with torch.inference_mode():
         plain = model(tokens)
@@ -489,20 +490,11 @@ def test_shared_committed_sums_are_used_only_in_a_pass_without_hooks(
             tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: None)]
         )
         unshared = len(weighted_sums)
-        handle = model.blocks[1].mlp.register_forward_hook(lambda *args: None)
-        try:
-            weighted_sums.clear()
-            raw_hooked = model(tokens)
-            assert len(weighted_sums) == unshared
-        finally:
-            handle.remove()
-        handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
-        try:
-            weighted_sums.clear()
-            global_hooked = model(tokens)
-            assert len(weighted_sums) == unshared
-        finally:
-            handle.remove()
+        raw_hook = model.blocks[1].mlp.register_forward_hook(lambda *args: None)
+        raw_hooked, raw_sums = _run_while(model, tokens, raw_hook, weighted_sums)
+        global_hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+        global_hooked, global_sums = _run_while(model, tokens, global_hook, weighted_sums)
+    assert raw_sums == global_sums == unshared
     assert unshared == n_routers  # without sharing every router sums its sources
     assert shared <= n_routers - 4  # 2 blocks of 4 routers: 3 of each reuse a sum
     assert torch.equal(_bits(hooked), _bits(plain))
@@ -516,15 +508,21 @@ def test_shared_committed_sums_are_used_only_in_a_pass_without_hooks(
     assert torch.equal(_bits(global_hooked), _bits(every_point))
 
 
+def _run_while(model: HookedAttnRes, tokens, handle, calls: list) -> tuple[torch.Tensor, int]:
+    """``model(tokens)`` while the hook ``handle`` is attached (removed afterwards), and
+    the number of calls ``calls`` (a recording fixture's list) gained in it."""
+    calls.clear()
+    try:
+        return model(tokens), len(calls)
+    finally:
+        handle.remove()
+
+
 def test_an_in_place_edit_of_a_committed_block_reaches_the_later_routers_of_its_block(tokens):
     """A hook that edits a committed block in place between two routers of the next
     block: the later routers must read the edited block (a shared committed sum made
     before the edit would be stale), as the watched general path does."""
-    model = _content_free_model("kimi", torch.float32, "query")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("recency_bias"):  # one bias: the routers could share sums
-                param.fill_(0.5)
+    model = _content_free_model("kimi", torch.float32, "query", one_bias=True)
     committed: list = []
 
     def edit_committed_block(x, hook):  # after layer 2's MLP router, before layer 3's
