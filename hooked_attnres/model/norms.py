@@ -59,11 +59,9 @@ def is_observed(hook: HookPoint) -> bool:
     """Whether anything would see or edit what ``hook`` is called with: a forward or
     backward hook or pre-hook on it (TransformerLens or raw PyTorch), or a global module
     hook. A path that skips an unobserved hook point gives the same numbers."""
-    return (
-        bool(hook.fwd_hooks or hook.bwd_hooks)
-        or _has_module_hooks(hook)
-        or (_global_hooks_attached())
-    )
+    if hook.fwd_hooks or hook.bwd_hooks or _has_module_hooks(hook):
+        return True
+    return _global_hooks_attached()
 
 
 def any_hook_attached(model: nn.Module) -> bool:
