@@ -359,18 +359,22 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(integer[tensor.dtype])
 
 
+def _record_calls(monkeypatch, name: str) -> list:
+    """A list that gains an entry at every call of ``hooked_attnres.model.routing.<name>``
+    (which still runs), for as long as the test runs."""
+    from hooked_attnres.model import routing
+
+    calls: list = []
+    function = getattr(routing, name)
+    monkeypatch.setattr(routing, name, lambda *a: calls.append(1) or function(*a))
+    return calls
+
+
 @pytest.fixture
 def content_free_calls(monkeypatch) -> list:
     """Records every call of the content-free router shortcut (so that a test of it fails
     if the shortcut never runs)."""
-    from hooked_attnres.model import routing
-
-    calls: list = []
-    content_free = routing._route_content_free
-    monkeypatch.setattr(
-        routing, "_route_content_free", lambda *a: calls.append(1) or content_free(*a)
-    )
-    return calls
+    return _record_calls(monkeypatch, "_route_content_free")
 
 
 def _content_free_model(
@@ -463,12 +467,7 @@ def test_content_free_router_keeps_the_general_path_non_finite_and_signed_zero_b
 def weighted_sums(monkeypatch) -> list:
     """Records every `weighted_sum` the routers compute (a content-free router that reuses
     its block's committed sum (`SharedSums`) computes none)."""
-    from hooked_attnres.model import routing
-
-    calls: list = []
-    weighted_sum = routing.weighted_sum
-    monkeypatch.setattr(routing, "weighted_sum", lambda *a: calls.append(1) or weighted_sum(*a))
-    return calls
+    return _record_calls(monkeypatch, "weighted_sum")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

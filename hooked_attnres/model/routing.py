@@ -119,11 +119,10 @@ class DepthRouter(nn.Module):
                 or (bias is not None and bias.requires_grad)
                 or any(source.requires_grad for source in sources)
             )
-            if not needs_grad:
-                # skip what is known and stream bf16 conversions (the zero test reads the
-                # query, so it runs on CPU only: on an accelerator it would synchronise)
-                if effective_query.is_cpu and not effective_query.any():
-                    return _route_content_free(sources, bias, shared_sums)
+            # content-free: skip what is known and stream bf16 conversions (the zero test
+            # reads the query, so it runs on CPU only: on an accelerator it would synchronise)
+            if not needs_grad and effective_query.is_cpu and not effective_query.any():
+                return _route_content_free(sources, bias, shared_sums)
             if low_precision:
                 # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
                 return self._mix(sources, effective_query)[0]
@@ -331,8 +330,7 @@ class SharedSums:
             a is not b for a, b in zip(self._committed, committed, strict=True)
         ):
             weights = _content_free_weights(len(committed) + 1, committed[0], bias)
-            total = weighted_sum(routing_stream(committed), weights[:-1])
-            total.sub_(_non_finite_rows(total).unsqueeze(-1))
+            total = _nan_checked_sum(committed, weights[:-1])
             self._key, self._committed, self._sum = key, tuple(committed), (total, weights)
         assert self._sum is not None
         return self._sum
@@ -357,6 +355,16 @@ def _non_finite_rows(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch po
     return (x @ x.new_zeros(x.shape[-1])).abs_()
 
 
+def _nan_checked_sum(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    weights: Float[Tensor, "n_sources batch pos"],
+) -> Float[Tensor, "batch pos d_model"]:
+    """`weighted_sum` of ``sources`` in the routing dtype (bf16 / fp16 streamed through one
+    buffer, `routing_stream`), ``nan`` over a position where a source is not finite."""
+    total = weighted_sum(routing_stream(sources), weights)
+    return total.sub_(_non_finite_rows(total).unsqueeze(-1))
+
+
 def _route_content_free(
     sources: Sequence[Float[Tensor, "batch pos d_model"]],
     bias: Optional[Float[Tensor, ""]],
@@ -378,8 +386,7 @@ def _route_content_free(
         out = torch.empty_like(sources[-1])
         return torch.addcmul(committed, last, last_weight.unsqueeze(-1), out=out)
     weights = _content_free_weights(len(sources), sources[0], bias)
-    out = weighted_sum(routing_stream(sources), weights)
-    return out.sub_(_non_finite_rows(out).unsqueeze(-1)).to(dtype)
+    return _nan_checked_sum(sources, weights).to(dtype)
 
 
 class _FusedRouting(torch.autograd.Function):
