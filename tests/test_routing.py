@@ -602,3 +602,77 @@ def test_pre_hooks_and_global_hooks_on_router_hook_points_fire(tokens):
     assert not torch.equal(expected, plain)
     assert torch.equal(pre_hooked, expected)
     assert seen == [point]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_zero_source_with_eps_zero_gives_the_general_path_nan(dtype, shared, content_free_calls):
+    """With a key-norm eps of 0 a zero source row has the logit ``0 / 0``: the general path
+    makes that position nan, so a content-free router may not take its shortcut (which
+    would give a finite row); with eps > 0 it does and agrees with the general path."""
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    generator = torch.Generator().manual_seed(5)
+    sources = [torch.randn(2, 3, 8, generator=generator).to(dtype) for _ in range(3)]
+    sources[1][0, 2] = 0.0
+    for eps, expected_nan in ((0.0, True), (1e-6, False)):
+        router = DepthRouter(8, eps, 1.0).to(dtype)
+        shared_sums = SharedSums(router) if shared else None
+        content_free_calls.clear()
+        with torch.inference_mode():
+            unhooked = router(sources, shared_sums)
+        general, _ = router.mix(sources)
+        assert bool(general[0, 2].isnan().all()) == expected_nan
+        assert int(general.isnan().sum()) == (8 if expected_nan else 0)
+        assert torch.equal(unhooked.isnan(), general.isnan())
+        finite = ~general.isnan()
+        assert torch.equal(_bits(unhooked)[finite], _bits(general)[finite])
+        assert content_free_calls == ([] if expected_nan else [1])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_finite_sum_that_overflows_is_inf_as_in_the_general_path(shared):
+    """Sources at the float32 maximum whose weighted sum rounds past it: the general path
+    gives inf there (every source is finite, so no logit is nan), and so does the
+    content-free shortcut: it makes a position nan only where a source is not finite."""
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    top = torch.finfo(torch.float32).max
+    sources = [torch.full((1, 2, 4), top) for _ in range(7)]
+    sources[-1][0, 1, 0] = float("nan")
+    router = DepthRouter(4, 1e-6, -20.0)
+    with torch.inference_mode():
+        unhooked = router(sources, SharedSums(router) if shared else None)
+    general, _ = router.mix(sources)
+    assert bool(general[0, 0].isinf().all())  # the overflow this test is about
+    assert bool(general[0, 1].isnan().all())  # a non-finite source: nan, as before
+    assert torch.equal(unhooked.isnan(), general.isnan())
+    assert torch.equal(unhooked[~general.isnan()], general[~general.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_pass_wide_content_free_decision_equals_each_routers_own(dtype):
+    """`SharedSums.is_content_free` decides for all the model's routers with one product;
+    it equals each router's own test: a zero query, a zero gain, a nonzero query, an
+    infinite gain times a zero query (nan, not content-free), eps 0, and a product that
+    underflows to zero in float32 but not in float64."""
+    from hooked_attnres.model.routing import SharedSums
+
+    model = _content_free_model("kimi", dtype, "query")
+    routers = [model.get_submodule(site.prefix) for site in model.sites()]
+    tiny = 1e-30 if dtype != torch.bfloat16 else 1e-25
+    with torch.no_grad():
+        routers[0].query[3] = 0.5  # content
+        routers[1].key_norm.w[2] = float("inf")  # inf * 0: nan
+        routers[2].query.fill_(tiny)
+        routers[2].key_norm.w.fill_(tiny)  # the product underflows in float32
+        routers[3].key_norm.w.zero_()
+        routers[3].query.fill_(0.25)
+    routers[4].key_norm.eps = 0.0
+    for source_dtype in {dtype, torch.float64}:
+        shared_sums = SharedSums(model)
+        decided = [shared_sums.is_content_free(router, source_dtype) for router in routers]
+        own = [router._content_free(router._effective_query(source_dtype)) for router in routers]
+        assert decided == own
+        assert decided[:5] == [False, False, source_dtype != torch.float64, True, False]
+        assert all(decided[5:])

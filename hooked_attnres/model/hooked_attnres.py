@@ -473,14 +473,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 )
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask, past_kv_cache)
+        shared_sums = SharedSums(self)
         state = self._run_sublayers(
-            state, range(2 * layers.start, 2 * layers.stop), context, logit_positions
+            state, range(2 * layers.start, 2 * layers.stop), context, shared_sums, logit_positions
         )
         if stop_at_layer is not None:
             setattr(state, _ENTERING, 2 * layers.stop)
             return state
 
-        logits = self._unembed(state)
+        logits = self._unembed(state, shared_sums)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -568,9 +569,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         state: DepthState,
         sublayers: range,
         context: AttentionContext,
+        shared_sums: SharedSums,
         logit_positions: Optional[Int[Tensor, " batch"]] = None,
     ) -> DepthState:
-        """Run sublayers ``2 * layer`` (attention) and ``2 * layer + 1`` (MLP) in ``sublayers``.
+        """Run sublayers ``2 * layer`` (attention) and ``2 * layer + 1`` (MLP) in ``sublayers``
+        (``shared_sums``: the pass's, also for `_unembed`).
 
         With ``logit_positions`` the last attention sublayer queries only there and the
         state continues at those positions (gathered first if the run starts after it).
@@ -578,7 +581,6 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         last_attention = 2 * self.cfg.n_layers - 2
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
-        shared_sums = SharedSums(self)
         for sublayer in sublayers:
             layer, is_mlp = divmod(sublayer, 2)
             block = self.blocks[layer]
@@ -589,10 +591,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 state = block.attn_sublayer(state, context, positions, shared_sums)
         return state
 
-    def _unembed(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
-        """Final router (kimi / full layouts), ``ln_final`` and the unembedding."""
+    def _unembed(
+        self, state: DepthState, shared_sums: SharedSums
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Final router (kimi / full layouts), ``ln_final`` and the unembedding
+        (``shared_sums``: the pass's)."""
         final = (
-            self.final_res(state.sources) if self.routing_layout.has_final_router else state.current
+            self.final_res(state.sources, shared_sums)
+            if self.routing_layout.has_final_router
+            else state.current
         )
         return self.ln_final(final) @ self.W_U
 
@@ -672,9 +679,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if logit_positions is not None:
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)
-        return self._unembed(
-            self._run_sublayers(state, range(sublayer, n_sublayers), context, logit_positions)
+        shared_sums = SharedSums(self)
+        state = self._run_sublayers(
+            state, range(sublayer, n_sublayers), context, shared_sums, logit_positions
         )
+        return self._unembed(state, shared_sums)
 
     # --- checkpoints ------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:

@@ -13,16 +13,20 @@ stacks the sources (``hook_sources`` is a stacked copy, made only while it is wa
 Every path runs the same per-source operations, so their outputs agree bit for bit.
 
 *Content-free routing*: when ``key_norm.w * query`` is exactly zero (every router of the
-``recency`` and ``exact`` wraps of a vanilla Qwen3, an untrained model) and nothing
-watches the router or needs a gradient, every ``V_i . query`` is zero, so the logits are
-the recency bias alone: no source's RMS or dot product is computed, and in bf16 / fp16
-each source is converted to float32 into one reused buffer just before the weighted sum
-reads it (`routing_stream`). The same bits as the general path, including its ``nan``
-at a position where a source is not finite (``inf * 0``); only a nan's sign may differ.
-The zero test reads the query, so it runs on CPU tensors only (on an accelerator it
+``recency`` and ``exact`` wraps of a vanilla Qwen3, an untrained model), the key norm's
+eps is positive and nothing watches the router or needs a gradient, every
+``V_i . query`` is zero, so the logits are the recency bias alone: no source's RMS or
+dot product is computed, and in bf16 / fp16 each source is converted to float32 into one
+reused buffer just before the weighted sum reads it (`routing_stream`). The same bits as
+the general path, including its ``nan`` at a position where a source is not finite
+(``inf * 0``; only a nan's sign may differ): a finite weighted sum proves every source
+finite, so the per-position test runs only when the sum is not (`_nan_checked_sum`).
+With eps 0 a zero source's logit is ``0 / 0``, nan, so such a router takes the general
+path. The zero test reads the query, so it runs on CPU tensors only (on an accelerator it
 would synchronise the device once per router). The weights then depend only on the
 number of sources and the bias, so in a pass with no hook anywhere in the model the
-routers of a block share the weighted sum of their committed sources (`SharedSums`).
+routers of a block share the weighted sum of their committed sources, and the zero test
+is made for all the model's routers at once (`SharedSums`).
 
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
@@ -30,6 +34,7 @@ keys see normalised sources, the values are the raw sources.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
@@ -108,28 +113,12 @@ class DepthRouter(nn.Module):
         shared_sums: Optional[SharedSums] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """The routed input of the sublayer (``hook_out``); ``shared_sums``: the pass's
-        `SharedSums`, if any (only content-free routers use it)."""
+        `SharedSums`, if any (used by content-free routers in a pass without hooks)."""
+        if shared_sums is not None and shared_sums.enabled:
+            # no hook anywhere in the model (tested once per pass): nothing watches it
+            return self._route_unobserved(sources, shared_sums)
         if not self._observed():
-            dtype = sources[0].dtype
-            low_precision = dtype != stat_dtype(dtype)
-            effective_query = self._effective_query(dtype)
-            bias, eps = self.recency_bias, self.key_norm.eps
-            needs_grad = torch.is_grad_enabled() and (
-                effective_query.requires_grad
-                or (bias is not None and bias.requires_grad)
-                or any(source.requires_grad for source in sources)
-            )
-            # content-free: skip what is known and stream bf16 conversions (the zero test
-            # reads the query, so it runs on CPU only: on an accelerator it would synchronise)
-            if not needs_grad and effective_query.is_cpu and not effective_query.any():
-                return _route_content_free(sources, bias, shared_sums)
-            if low_precision:
-                # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
-                return self._mix(sources, effective_query)[0]
-            if needs_grad:
-                # float32 / float64 and nothing watches the intermediate tensors: the fused path
-                return _FusedRouting.apply(effective_query, bias, eps, *sources)
-            return _route(sources, effective_query, bias, eps)[0]
+            return self._route_unobserved(sources, None)
         if not self._stack_observed():
             # only the logits, weights or output are watched: the same per-source math in
             # plain autograd, still without a stacked copy of the sources
@@ -142,6 +131,45 @@ class DepthRouter(nn.Module):
         return self._hooked_tail(
             stacked.unbind(dim=-2), scale.squeeze(-1).movedim(-1, 0), values.dtype
         )
+
+    def _route_unobserved(
+        self, sources: list[Float[Tensor, "batch pos d_model"]], shared_sums: Optional[SharedSums]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`forward` while none of the router's hook points is watched (``shared_sums``:
+        the pass's, enabled, or ``None``)."""
+        dtype = sources[0].dtype
+        bias = self.recency_bias
+        needs_grad = torch.is_grad_enabled() and (
+            self.query.requires_grad
+            or self.key_norm.w.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or any(source.requires_grad for source in sources)
+        )
+        effective_query: Optional[Tensor] = None
+        if shared_sums is not None:  # decided for all the model's routers at once
+            content_free = shared_sums.is_content_free(self, dtype)
+        else:
+            effective_query = self._effective_query(dtype)
+            content_free = self._content_free(effective_query)
+        # content-free: skip what is known and stream bf16 conversions
+        if content_free and not needs_grad:
+            return _route_content_free(sources, bias, shared_sums)
+        if effective_query is None:
+            effective_query = self._effective_query(dtype)
+        if dtype != stat_dtype(dtype):
+            # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
+            return self._mix(sources, effective_query)[0]
+        if needs_grad:
+            # float32 / float64 and nothing watches the intermediate tensors: the fused path
+            return _FusedRouting.apply(effective_query, bias, self.key_norm.eps, *sources)
+        return _route(sources, effective_query, bias, self.key_norm.eps)[0]
+
+    def _content_free(self, effective_query: Float[Tensor, " d_model"]) -> bool:
+        """Whether the router is content-free: its ``effective_query`` is exactly zero
+        and its key norm's eps positive (with eps 0 a zero source's logit is 0 / 0, nan:
+        the general path's). The zero test reads the query, so CPU only: on an
+        accelerator it would synchronise the device once per router."""
+        return self.key_norm.eps > 0 and effective_query.is_cpu and not effective_query.any()
 
     @torch.no_grad()
     def mix(
@@ -298,14 +326,17 @@ class SharedSums:
     it gives the same bits.
 
     It is used only while no hook is attached anywhere in ``model`` (`any_hook_attached`,
-    checked once per pass, at the first router that could use it): then nothing but the
-    model's own code runs during the pass, and that never edits a committed source in
-    place. Make a new one for every pass.
+    checked once per pass, at the first router): then nothing but the model's own code
+    runs during the pass, and that never edits a committed source or a parameter in
+    place. So the routers then skip their own hook checks, and whether each is
+    content-free is decided for all of them at once (`is_content_free`). Make a new one
+    for every pass.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
         self._enabled: Optional[bool] = None
+        self._content_free: dict[torch.dtype, dict[DepthRouter, bool]] = {}
         self._key: Optional[tuple[int, Optional[float]]] = None
         self._committed: tuple[Tensor, ...] = ()
         self._sum: Optional[tuple[Tensor, Tensor]] = None
@@ -317,23 +348,60 @@ class SharedSums:
             self._enabled = not any_hook_attached(self._model)
         return self._enabled
 
+    def is_content_free(self, router: DepthRouter, dtype: torch.dtype) -> bool:
+        """`DepthRouter._content_free` of ``router`` for sources of ``dtype``, decided for
+        every router of the model at once at the first call (`_content_free_routers`):
+        while no hook is attached nothing edits a parameter during the pass."""
+        routing_dtype = stat_dtype(dtype)
+        if routing_dtype not in self._content_free:
+            routers = [m for m in self._model.modules() if isinstance(m, DepthRouter)]
+            self._content_free[routing_dtype] = _content_free_routers(routers, routing_dtype)
+        decided = self._content_free[routing_dtype].get(router)
+        if decided is None:  # a router outside the model, or not decided at once
+            return router._content_free(router._effective_query(dtype))
+        return decided
+
     def committed_sum(
         self, committed: Sequence[Float[Tensor, "batch pos d_model"]], bias: Optional[Tensor]
-    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "n_sources batch pos"]]:
-        """``(sum, weights)`` of a content-free router that reads ``committed`` and then one
-        more source: its weights (`_content_free_weights`) and the weighted sum of the
-        committed sources in the routing dtype, ``nan`` at a position where one is not
-        finite (`_non_finite_rows`); the remembered ones if the same sources were summed
-        with the same bias. Never edit them."""
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos 1"]]:
+        """``(sum, last_weight)`` of a content-free router that reads ``committed`` and then
+        one more source: the weighted sum of the committed sources in the routing dtype
+        (`_nan_checked_sum`, its weights from `_content_free_weights`) and the weight of
+        the one more source; the remembered ones if the same sources were summed with the
+        same bias. Never edit them."""
         key = (len(committed), None if bias is None else float(bias))
         if key != self._key or any(
             a is not b for a, b in zip(self._committed, committed, strict=True)
         ):
             weights = _content_free_weights(len(committed) + 1, committed[0], bias)
             total = _nan_checked_sum(committed, weights[:-1])
-            self._key, self._committed, self._sum = key, tuple(committed), (total, weights)
+            self._key, self._committed = key, tuple(committed)
+            self._sum = (total, weights[-1].unsqueeze(-1))
         assert self._sum is not None
         return self._sum
+
+
+def _content_free_routers(
+    routers: Sequence[DepthRouter], routing_dtype: torch.dtype
+) -> dict[DepthRouter, bool]:
+    """`DepthRouter._content_free` of every router in ``routing_dtype``, with one product
+    for all of them: the same elementwise ``key_norm.w * query`` as each router's
+    `DepthRouter._effective_query` (stacked; the conversions are exact or the same
+    rounding). Routers with another shape, or off the CPU, are left out (undecided)."""
+    candidates = [
+        router
+        for router in routers
+        if router.key_norm.eps > 0
+        and router.query.is_cpu
+        and router.key_norm.w.is_cpu
+        and router.query.shape == router.key_norm.w.shape == routers[0].query.shape
+    ]
+    if not candidates:
+        return {}
+    queries = torch.stack([router.query.detach() for router in candidates]).to(routing_dtype)
+    gains = torch.stack([router.key_norm.w.detach() for router in candidates]).to(routing_dtype)
+    nonzero = (gains * queries).any(dim=-1).tolist()
+    return {router: not flag for router, flag in zip(candidates, nonzero, strict=True)}
 
 
 def _content_free_weights(
@@ -355,14 +423,29 @@ def _non_finite_rows(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch po
     return (x @ x.new_zeros(x.shape[-1])).abs_()
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite: its sum is (one reduction; a ``nan`` or
+    an infinity makes the sum one too, and an overflow of finite elements only answers
+    ``False`` too early). Reads the result, so CPU tensors only (it would synchronise an
+    accelerator)."""
+    return math.isfinite(x.sum().item())
+
+
 def _nan_checked_sum(
     sources: Sequence[Float[Tensor, "batch pos d_model"]],
     weights: Float[Tensor, "n_sources batch pos"],
 ) -> Float[Tensor, "batch pos d_model"]:
     """`weighted_sum` of ``sources`` in the routing dtype (bf16 / fp16 streamed through one
-    buffer, `routing_stream`), ``nan`` over a position where a source is not finite."""
+    buffer, `routing_stream`), ``nan`` over a position where a source is not finite.
+
+    A non-finite source element makes its element of the sum non-finite (a weight is 0 or
+    more: ``0 * inf`` is ``nan``), so a finite sum needs no per-position test; only a sum
+    with a non-finite element (rare) tests every source's rows."""
     total = weighted_sum(routing_stream(sources), weights)
-    return total.sub_(_non_finite_rows(total).unsqueeze(-1))
+    if not _all_finite(total):
+        for source in sources:
+            total.sub_(_non_finite_rows(source).unsqueeze(-1))
+    return total
 
 
 def _route_content_free(
@@ -377,14 +460,19 @@ def _route_content_free(
     part of the sum and the weights may be reused."""
     dtype = sources[0].dtype
     if len(sources) > 1 and shared_sums is not None and shared_sums.enabled:
-        committed, weights = shared_sums.committed_sum(sources[:-1], bias)
+        committed, last_weight = shared_sums.committed_sum(sources[:-1], bias)
         last = sources[-1].to(committed.dtype)
-        # the last source's nan test folded into its weight (w + 0 is w); out of place,
-        # the same kernel as weighted_sum's last addcmul_, so that the memo stays intact,
-        # rounded to the sources' dtype as it is stored (the bits of a separate .to)
-        last_weight = weights[-1] + _non_finite_rows(last)
+        # out of place, the same kernel as weighted_sum's last addcmul_, so that the memo
+        # stays intact, rounded to the sources' dtype as it is stored (the bits of a
+        # separate .to). A finite result means a finite last source (as in
+        # _nan_checked_sum); otherwise its non-finite rows are made nan through its
+        # weight (w + 0 is w)
         out = torch.empty_like(sources[-1])
-        return torch.addcmul(committed, last, last_weight.unsqueeze(-1), out=out)
+        torch.addcmul(committed, last, last_weight, out=out)
+        if _all_finite(out):
+            return out
+        last_weight = last_weight + _non_finite_rows(last).unsqueeze(-1)
+        return torch.addcmul(committed, last, last_weight, out=out)
     weights = _content_free_weights(len(sources), sources[0], bias)
     return _nan_checked_sum(sources, weights).to(dtype)
 
