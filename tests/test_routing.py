@@ -355,7 +355,12 @@ def test_router_hook_tensors_and_mix_agree_bit_for_bit_across_paths(routed_layou
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bits (so that -0.0 and +0.0, or two nan payloads, are told apart)."""
-    integer = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    integer = {
+        torch.bfloat16: torch.int16,
+        torch.float16: torch.int16,
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+    }
     return tensor.view(integer[tensor.dtype])
 
 
@@ -676,3 +681,26 @@ def test_the_pass_wide_content_free_decision_equals_each_routers_own(dtype):
         assert decided == own
         assert decided[:5] == [False, False, source_dtype != torch.float64, True, False]
         assert all(decided[5:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [False, True])
+def test_finite_sources_need_no_per_position_test(monkeypatch, dtype, shared):
+    """With every source finite, the content-free shortcut's sum is finite and no
+    per-position test runs (`_non_finite_rows`), also in float16, where the sum of a
+    ``[1, 64, 1024]`` tensor of values near 1 leaves float16's range; the bits are the
+    general path's."""
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    row_tests = _record_calls(monkeypatch, "_non_finite_rows")
+    generator = torch.Generator().manual_seed(6)
+    sources = [(torch.rand(1, 64, 1024, generator=generator) + 1).to(dtype) for _ in range(3)]
+    assert not math.isfinite(sources[-1].sum().item()) or dtype != torch.float16
+    routers = [DepthRouter(1024, 1e-6, 1.5).to(dtype) for _ in range(2)]
+    shared_sums = SharedSums(routers[0]) if shared else None
+    for router in routers:
+        with torch.inference_mode():
+            unhooked = router(sources, shared_sums)
+        general, _ = router.mix(sources)
+        assert torch.equal(_bits(unhooked), _bits(general))
+    assert row_tests == []

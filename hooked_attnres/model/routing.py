@@ -147,12 +147,12 @@ class DepthRouter(nn.Module):
         )
         effective_query: Optional[Tensor] = None
         if shared_sums is not None:  # decided for all the model's routers at once
-            content_free = shared_sums.is_content_free(self, dtype)
+            content_free = not needs_grad and shared_sums.is_content_free(self, dtype)
         else:
             effective_query = self._effective_query(dtype)
-            content_free = self._content_free(effective_query)
-        # content-free: skip what is known and stream bf16 conversions
-        if content_free and not needs_grad:
+            content_free = not needs_grad and self._content_free(effective_query)
+        if content_free:
+            # content-free: skip what is known and stream bf16 conversions
             return _route_content_free(sources, bias, shared_sums)
         if effective_query is None:
             effective_query = self._effective_query(dtype)
@@ -391,8 +391,7 @@ def _content_free_routers(
     candidates = [
         router
         for router in routers
-        if router.key_norm.eps > 0
-        and router.query.is_cpu
+        if router.query.is_cpu
         and router.key_norm.w.is_cpu
         and router.query.shape == router.key_norm.w.shape == routers[0].query.shape
     ]
@@ -401,7 +400,10 @@ def _content_free_routers(
     queries = torch.stack([router.query.detach() for router in candidates]).to(routing_dtype)
     gains = torch.stack([router.key_norm.w.detach() for router in candidates]).to(routing_dtype)
     nonzero = (gains * queries).any(dim=-1).tolist()
-    return {router: not flag for router, flag in zip(candidates, nonzero, strict=True)}
+    return {
+        router: router.key_norm.eps > 0 and not flag
+        for router, flag in zip(candidates, nonzero, strict=True)
+    }
 
 
 def _content_free_weights(
@@ -426,9 +428,11 @@ def _non_finite_rows(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch po
 def _all_finite(x: Tensor) -> bool:
     """Whether every element of ``x`` is finite: its sum is (one reduction; a ``nan`` or
     an infinity makes the sum one too, and an overflow of finite elements only answers
-    ``False`` too early). Reads the result, so CPU tensors only (it would synchronise an
+    ``False`` too early; float16, whose range a sum of many elements leaves, sums in
+    float32). Reads the result, so CPU tensors only (it would synchronise an
     accelerator)."""
-    return math.isfinite(x.sum().item())
+    total = x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+    return math.isfinite(total.item())
 
 
 def _nan_checked_sum(
