@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -68,7 +70,12 @@ def any_hook_attached(model: nn.Module) -> bool:
     """Whether any hook is attached to ``model`` or any of its submodules (hook points or
     not), or a global module hook exists: while none is, nothing but the model's own code
     runs during its forward pass."""
-    return _global_hooks_attached() or any(_has_module_hooks(module) for module in model.modules())
+    return hooks_attached(model.modules())
+
+
+def hooks_attached(modules: Iterable[nn.Module]) -> bool:
+    """`any_hook_attached` for the modules listed (all of a model's, from one walk)."""
+    return _global_hooks_attached() or any(_has_module_hooks(module) for module in modules)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from hooked_attnres.model.norms import (
     KeyNorm,
-    any_hook_attached,
+    hooks_attached,
     is_observed,
     make_hook,
     stat_dtype,
@@ -336,6 +336,7 @@ class SharedSums:
     def __init__(self, model: nn.Module) -> None:
         self._model = model
         self._enabled: Optional[bool] = None
+        self._routers: list[DepthRouter] = []
         self._content_free: dict[torch.dtype, dict[DepthRouter, bool]] = {}
         self._key: Optional[tuple[int, Optional[float]]] = None
         self._committed: tuple[Tensor, ...] = ()
@@ -345,7 +346,9 @@ class SharedSums:
     def enabled(self) -> bool:
         """Whether the memo may be used in this pass (no hook anywhere in the model)."""
         if self._enabled is None:
-            self._enabled = not any_hook_attached(self._model)
+            modules = list(self._model.modules())  # one walk: the hooks and the routers
+            self._enabled = not hooks_attached(modules)
+            self._routers = [module for module in modules if isinstance(module, DepthRouter)]
         return self._enabled
 
     def is_content_free(self, router: DepthRouter, dtype: torch.dtype) -> bool:
@@ -354,8 +357,9 @@ class SharedSums:
         while no hook is attached nothing edits a parameter during the pass."""
         routing_dtype = stat_dtype(dtype)
         if routing_dtype not in self._content_free:
-            routers = [m for m in self._model.modules() if isinstance(m, DepthRouter)]
-            self._content_free[routing_dtype] = _content_free_routers(routers, routing_dtype)
+            self._content_free[routing_dtype] = (
+                _content_free_routers(self._routers, routing_dtype) if self.enabled else {}
+            )
         decided = self._content_free[routing_dtype].get(router)
         if decided is None:  # a router outside the model, or not decided at once
             return router._content_free(router._effective_query(dtype))
@@ -387,22 +391,22 @@ def _content_free_routers(
     """`DepthRouter._content_free` of every router in ``routing_dtype``, with one product
     for all of them: the same elementwise ``key_norm.w * query`` as each router's
     `DepthRouter._effective_query` (stacked; the conversions are exact or the same
-    rounding). Routers with another shape, or off the CPU, are left out (undecided)."""
-    candidates = [
-        router
-        for router in routers
-        if router.query.is_cpu
-        and router.key_norm.w.is_cpu
-        and router.query.shape == router.key_norm.w.shape == routers[0].query.shape
-    ]
-    if not candidates:
+    rounding). If they cannot be stacked (shapes or devices differ) or are not on the CPU,
+    none is decided."""
+    if not routers:
         return {}
-    queries = torch.stack([router.query.detach() for router in candidates]).to(routing_dtype)
-    gains = torch.stack([router.key_norm.w.detach() for router in candidates]).to(routing_dtype)
-    nonzero = (gains * queries).any(dim=-1).tolist()
+    with torch.no_grad():
+        try:
+            queries = torch.stack([router.query for router in routers])
+            gains = torch.stack([router.key_norm.w for router in routers])
+        except RuntimeError:
+            return {}
+    if not (queries.is_cpu and gains.is_cpu and queries.shape == gains.shape):
+        return {}
+    nonzero = (gains.to(routing_dtype) * queries.to(routing_dtype)).any(dim=-1).tolist()
     return {
         router: router.key_norm.eps > 0 and not flag
-        for router, flag in zip(candidates, nonzero, strict=True)
+        for router, flag in zip(routers, nonzero, strict=True)
     }
 
 
