@@ -430,13 +430,11 @@ def _non_finite_rows(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch po
 
 
 def _all_finite(x: Tensor) -> bool:
-    """Whether every element of ``x`` is finite: its sum is (one reduction; a ``nan`` or
-    an infinity makes the sum one too, and an overflow of finite elements only answers
-    ``False`` too early; float16, whose range a sum of many elements leaves, sums in
-    float32). Reads the result, so CPU tensors only (it would synchronise an
-    accelerator)."""
-    total = x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
-    return math.isfinite(total.item())
+    """Whether every element of ``x`` (float32 / float64) is finite: its sum is (one
+    reduction; a ``nan`` or an infinity makes the sum one too, and an overflow of finite
+    elements only answers ``False`` too early). Reads the result, so CPU tensors only (it
+    would synchronise an accelerator)."""
+    return math.isfinite(x.sum().item())
 
 
 def _nan_checked_sum(
@@ -470,17 +468,18 @@ def _route_content_free(
     if len(sources) > 1 and shared_sums is not None and shared_sums.enabled:
         committed, last_weight = shared_sums.committed_sum(sources[:-1], bias)
         last = sources[-1].to(committed.dtype)
-        # out of place, the same kernel as weighted_sum's last addcmul_, so that the memo
-        # stays intact, rounded to the sources' dtype as it is stored (the bits of a
-        # separate .to). A finite result means a finite last source (as in
-        # _nan_checked_sum); otherwise its non-finite rows are made nan through its
-        # weight (w + 0 is w)
-        out = torch.empty_like(sources[-1])
-        torch.addcmul(committed, last, last_weight, out=out)
-        if _all_finite(out):
-            return out
-        last_weight = last_weight + _non_finite_rows(last).unsqueeze(-1)
-        return torch.addcmul(committed, last, last_weight, out=out)
+        # the same kernel as weighted_sum's last addcmul_, out of place so that the memo
+        # stays intact: into the float32 copy of a bf16 / fp16 source, a new tensor for a
+        # float32 one
+        total = torch.addcmul(
+            committed, last, last_weight, out=None if last is sources[-1] else last
+        )
+        if not _all_finite(total):
+            # only then can the last source be non-finite (as in _nan_checked_sum): its
+            # non-finite rows are made nan through its weight (w + 0 is w)
+            last_weight = last_weight + _non_finite_rows(sources[-1]).unsqueeze(-1)
+            total = torch.addcmul(committed, sources[-1].to(committed.dtype), last_weight)
+        return total.to(dtype)
     weights = _content_free_weights(len(sources), sources[0], bias)
     return _nan_checked_sum(sources, weights).to(dtype)
 
