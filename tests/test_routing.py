@@ -688,8 +688,8 @@ def test_the_pass_wide_content_free_decision_equals_each_routers_own(dtype):
 def test_finite_sources_need_no_per_position_test(monkeypatch, dtype, shared):
     """With every source finite, the content-free shortcut's sum is finite and no
     per-position test runs (`_non_finite_rows`), also in float16, where the sum of a
-    ``[1, 64, 1024]`` tensor of values near 1 leaves float16's range; the bits are the
-    general path's."""
+    ``[1, 64, 1024]`` tensor of values near 1 leaves float16's range (so the test must
+    not sum the float16 output); the bits are the general path's."""
     from hooked_attnres.model.routing import DepthRouter, SharedSums
 
     row_tests = _record_calls(monkeypatch, "_non_finite_rows")
