@@ -325,12 +325,12 @@ class SharedSums:
     place). The sum is the first ``n - 1`` steps of `weighted_sum`, so a router that reuses
     it gives the same bits.
 
-    It is used only while no hook is attached anywhere in ``model`` (`any_hook_attached`,
-    checked once per pass, at the first router): then nothing but the model's own code
-    runs during the pass, and that never edits a committed source or a parameter in
-    place. So the routers then skip their own hook checks, and whether each is
-    content-free is decided for all of them at once (`is_content_free`). Make a new one
-    for every pass.
+    It is used only while no hook is attached anywhere in ``model`` (`hooks_attached` over
+    all its modules, checked once per pass, at the first router): then nothing but the
+    model's own code runs during the pass, and that never edits a committed source or a
+    parameter in place. So the routers then skip their own hook checks, and whether each
+    is content-free is decided for all of them at once (`is_content_free`). Make a new
+    one for every pass.
     """
 
     def __init__(self, model: nn.Module) -> None:
