@@ -442,12 +442,19 @@ def _nan_checked_sum(
     weights: Float[Tensor, "n_sources batch pos"],
 ) -> Float[Tensor, "batch pos d_model"]:
     """`weighted_sum` of ``sources`` in the routing dtype (bf16 / fp16 streamed through one
-    buffer, `routing_stream`), ``nan`` over a position where a source is not finite.
+    buffer, `routing_stream`), ``nan`` over a position where a source is not finite."""
+    return _nan_where_not_finite(weighted_sum(routing_stream(sources), weights), sources)
 
-    A non-finite source element makes its element of the sum non-finite (a weight is 0 or
-    more: ``0 * inf`` is ``nan``), so a finite sum needs no per-position test; only a sum
-    with a non-finite element (rare) tests every source's rows."""
-    total = weighted_sum(routing_stream(sources), weights)
+
+def _nan_where_not_finite(
+    total: Float[Tensor, "batch pos d_model"],
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+) -> Float[Tensor, "batch pos d_model"]:
+    """``total``, a weighted sum that includes ``sources``, made ``nan`` in place over a
+    position where one of them is not finite (subtracting `_non_finite_rows` keeps every
+    finite bit). A non-finite source element makes its element of the sum non-finite (a
+    weight is 0 or more: ``0 * inf`` is ``nan``), so a finite sum needs no per-position
+    test; only a sum with a non-finite element (rare) tests the sources' rows."""
     if not _all_finite(total):
         for source in sources:
             total.sub_(_non_finite_rows(source).unsqueeze(-1))
@@ -470,16 +477,11 @@ def _route_content_free(
         last = sources[-1].to(committed.dtype)
         # the same kernel as weighted_sum's last addcmul_, out of place so that the memo
         # stays intact: into the float32 copy of a bf16 / fp16 source, a new tensor for a
-        # float32 one
+        # float32 one (the committed positions that are not finite are nan already)
         total = torch.addcmul(
             committed, last, last_weight, out=None if last is sources[-1] else last
         )
-        if not _all_finite(total):
-            # only then can the last source be non-finite (as in _nan_checked_sum): its
-            # non-finite rows are made nan through its weight (w + 0 is w)
-            last_weight = last_weight + _non_finite_rows(sources[-1]).unsqueeze(-1)
-            total = torch.addcmul(committed, sources[-1].to(committed.dtype), last_weight)
-        return total.to(dtype)
+        return _nan_where_not_finite(total, sources[-1:]).to(dtype)
     weights = _content_free_weights(len(sources), sources[0], bias)
     return _nan_checked_sum(sources, weights).to(dtype)
 
