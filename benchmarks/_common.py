@@ -23,14 +23,25 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2, clock: str = "wall"
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 15,
+    warmup: int = 2,
+    clock: str = "wall",
+    settle: int = 0,
 ) -> dict[str, float]:
     """Median seconds per call, with the candidates run round-robin so that drift in
     machine speed (thermal, other processes) affects all of them alike.
 
     ``clock="cpu"`` measures this process's CPU time instead of wall time: on a busy
     machine it leaves out the time the process waits for a core (but not the slowdown
-    from shared caches); single-threaded runs only, since threads add up."""
+    from shared caches); single-threaded runs only, since threads add up.
+
+    ``settle``: untimed calls of the same candidate right before each timed call, so that
+    every timed call follows a call of itself and none inherits the allocator and page
+    state that another candidate left behind (at the 0.6B shape that state alone moves a
+    forward / HF ratio by up to 3 %; see ``docs/benchmarks.md``)."""
+    if settle < 0:
+        raise ValueError(f"settle must be 0 or more, got {settle}")
     timer = CLOCKS[clock]
     for fn in fns.values():
         for _ in range(warmup):
@@ -38,6 +49,8 @@ def interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             start = timer()
             fn()
             times[name].append(timer() - start)

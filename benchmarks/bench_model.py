@@ -17,7 +17,10 @@ routing-only cache <= 1.2x and every-hook cache <= 1.5x the same model's forward
 one wrap at a time is kept in memory next to the HF model.
 
 Every candidate runs round-robin in one process; the report is the median of
-``--repeats`` runs.
+``--repeats`` runs. At the 0.6B shape every timed call follows ``--settle`` (default 1)
+untimed calls of itself: the time of a pass there depends on which call ran just before
+it (the allocator and page state it leaves), by up to 3 % of a forward / HF ratio, and
+settling makes each candidate inherit only its own state (``docs/benchmarks.md``).
 
     python benchmarks/bench_model.py [--repeats 15]
     python benchmarks/bench_model.py --shape 0.6b [--repeats 3] [--dtypes float32]
@@ -91,7 +94,9 @@ def main_06b(args) -> None:
                             f"  check {wrap} {dtype_name}: max |logits - HF| = "
                             f"{float(gap.abs().max()):.2e} (max |logit| {scale:.1f})"
                         )
-                    times = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+                    times = interleaved_medians(
+                        fns, repeats=args.repeats, warmup=args.warmup, settle=args.settle
+                    )
                 ratios = {"forward / hf": times["forward"] / times["hf"]}
                 ratios["full cache / forward"] = times["full cache"] / times["forward"]
                 if "routing cache" in times:
@@ -116,6 +121,7 @@ def main_06b(args) -> None:
         {
             "config": QWEN3_06B,
             "repeats": args.repeats,
+            "settle": args.settle,
             "threads": torch.get_num_threads(),
             "results": results,
             "targets": TARGETS_06B,
@@ -129,6 +135,12 @@ def main() -> None:
     parser.add_argument("--shape", choices=("small", "0.6b"), default="small")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1, help="0.6b: warm-up calls")
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=1,
+        help="0.6b: untimed calls of a candidate right before each of its timed calls",
+    )
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batches", nargs="+", default=list(BATCHES_06B), choices=BATCHES_06B)
     parser.add_argument("--wraps", nargs="+", default=list(WRAPS_06B), choices=WRAPS_06B)
