@@ -25,15 +25,28 @@ settling makes each candidate inherit only its own state (``docs/benchmarks.md``
     python benchmarks/bench_model.py [--repeats 15]
     python benchmarks/bench_model.py --shape 0.6b [--repeats 3] [--dtypes float32]
         [--batches 1x256] [--wraps recency] [--threads 2]
+    python benchmarks/bench_model.py --shape 0.6b --paired --dtypes bfloat16 [--repeats 25]
+
+``--paired`` times the forwards only (HF and every wrap in one round-robin, settled) and
+reports, per cell, the median of the per-round ratios forward / HF with a 95 % bootstrap
+interval (`paired_ratio`), in ``results/model_forward_qwen3_0.6b_paired_<dtype>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
+from functools import partial
 
 import torch
-from _common import interleaved_medians, tensor_bytes, write_result
+from _common import (
+    interleaved_medians,
+    interleaved_times,
+    paired_ratio,
+    tensor_bytes,
+    write_result,
+)
 from _shapes import BENCH_BATCH as BATCH
 from _shapes import BENCH_SEQ as SEQ
 from _shapes import BENCH_SHAPE as SHAPE
@@ -130,11 +143,67 @@ def main_06b(args) -> None:
     print(f"  written to {path}")
 
 
+def main_06b_paired(args) -> None:
+    """The Qwen3-0.6B shape, forwards only: per dtype and batch, HF and every wrap's
+    forward in one round-robin; per round the ratio forward / HF of that round
+    (`paired_ratio`: median and 95 % bootstrap interval). One file per dtype."""
+    torch.manual_seed(0)
+    config = Qwen3Config(**QWEN3_06B)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        hf = Qwen3ForCausalLM(config).eval().to(dtype)
+        models = {
+            wrap: HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=8, dtype=dtype)
+            for wrap in args.wraps
+        }
+        results: dict = {}
+        for batch_name in args.batches:
+            batch, seq = BATCHES_06B[batch_name]
+            tokens = torch.randint(0, config.vocab_size, (batch, seq))
+            fns = {"hf": partial(hf, tokens, use_cache=False)}
+            fns.update({wrap: partial(model, tokens) for wrap, model in models.items()})
+            with torch.inference_mode():
+                times = interleaved_times(fns, args.repeats, warmup=args.warmup, settle=args.settle)
+            for wrap in models:
+                ratio = paired_ratio(times[wrap], times["hf"])
+                key = f"{wrap} ({WRAPS_06B[wrap]}), {dtype_name}, {batch_name}"
+                results[key] = {
+                    "forward / hf": ratio,
+                    "times_ms": {name: [t * 1e3 for t in times[name]] for name in ("hf", wrap)},
+                }
+                verdict = "" if ratio["high"] <= TARGETS_06B["forward / hf"] else " (OVER)"
+                print(
+                    f"{key}: HF median {statistics.median(times['hf']) * 1e3:.0f} ms; "
+                    f"forward / HF {ratio['median']:.3f}x "
+                    f"[{ratio['low']:.3f}, {ratio['high']:.3f}]{verdict}",
+                    flush=True,
+                )
+        path = write_result(
+            f"model_forward_qwen3_0.6b_paired_{dtype_name}",
+            {
+                "config": QWEN3_06B,
+                "rounds": args.repeats,
+                "settle": args.settle,
+                "threads": torch.get_num_threads(),
+                "results": results,
+                "target": "95 % interval's upper end <= 1.03x in every cell",
+            },
+        )
+        print(f"  written to {path}")
+        del hf, models
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("small", "0.6b"), default="small")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1, help="0.6b: warm-up calls")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="0.6b: forwards only, ratios paired per round with a bootstrap interval",
+    )
     parser.add_argument(
         "--settle",
         type=int,
@@ -148,9 +217,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.paired and args.shape != "0.6b":
+        parser.error("--paired needs --shape 0.6b")
     if args.shape == "0.6b":
-        args.repeats = 3 if args.repeats is None else args.repeats
-        main_06b(args)
+        if args.paired:
+            args.repeats = 25 if args.repeats is None else args.repeats
+            main_06b_paired(args)
+        else:
+            args.repeats = 3 if args.repeats is None else args.repeats
+            main_06b(args)
         return
     args.repeats = 15 if args.repeats is None else args.repeats
     torch.manual_seed(0)
