@@ -26,7 +26,7 @@ def faults():
     with torch.no_grad():
         model(tokens)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
+        for _ in range(10):
             model(tokens)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
@@ -50,7 +50,8 @@ def test_import_leaves_the_allocator_alone_and_tuning_is_opt_in():
     tuned_on_import, untuned_faults, refused, applied, tuned, faults = out.stdout.split()
     assert (tuned_on_import, refused, applied, tuned) == ("False", "False", "True", "True")
     # untuned, glibc hands activations of ~2 MiB back to the system and faults them in again
-    # (measured: ~40,000 page faults in three forward passes); tuned, it reuses them (~500)
+    # (measured: 7,000-90,000 page faults in three forward passes, depending on where glibc's
+    # dynamic mmap threshold settles, so ten are counted); tuned, it reuses them (2-1,200)
     assert int(untuned_faults) > 10_000 and int(faults) < int(untuned_faults) / 10
 
 
