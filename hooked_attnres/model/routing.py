@@ -165,11 +165,15 @@ class DepthRouter(nn.Module):
         return _route(sources, effective_query, bias, self.key_norm.eps)[0]
 
     def _content_free(self, effective_query: Float[Tensor, " d_model"]) -> bool:
-        """Whether the router is content-free: its ``effective_query`` is exactly zero
-        and its key norm's eps positive (with eps 0 a zero source's logit is 0 / 0, nan:
-        the general path's). The zero test reads the query, so CPU only: on an
-        accelerator it would synchronise the device once per router."""
-        return self.key_norm.eps > 0 and effective_query.is_cpu and not effective_query.any()
+        """Whether the router is content-free (`_content_free_given`) with this
+        ``effective_query``. The zero test reads the query, so CPU only: on an accelerator
+        it would synchronise the device once per router."""
+        return effective_query.is_cpu and self._content_free_given(not effective_query.any())
+
+    def _content_free_given(self, query_is_zero: bool) -> bool:
+        """The content-free rule: the effective query is exactly zero and the key norm's
+        eps positive (with eps 0 a zero source's logit is 0 / 0, nan: the general path's)."""
+        return query_is_zero and self.key_norm.eps > 0
 
     @torch.no_grad()
     def mix(
@@ -405,7 +409,7 @@ def _content_free_routers(
         return {}
     nonzero = (gains.to(routing_dtype) * queries.to(routing_dtype)).any(dim=-1).tolist()
     return {
-        router: router.key_norm.eps > 0 and not flag
+        router: router._content_free_given(not flag)
         for router, flag in zip(routers, nonzero, strict=True)
     }
 
