@@ -704,3 +704,137 @@ def test_finite_sources_need_no_per_position_test(monkeypatch, dtype, shared):
         general, _ = router.mix(sources)
         assert torch.equal(_bits(unhooked), _bits(general))
     assert row_tests == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [None, 2.0])
+def test_route_normalized_equals_the_norm_of_the_general_route_bit_for_bit(
+    monkeypatch, dtype, bias
+):
+    """`SharedSums.route_normalized` tests the current source's finiteness through the
+    norm's RMS instead of the routed sum: its output equals ``norm`` of the general path
+    (`DepthRouter.mix`) bit for bit (nan where the general path is nan) with finite
+    sources, an inf or a nan in the current source, a row whose RMS overflows (finite, so
+    not nan), each with and without an inf in a committed source; the current source's
+    rows are tested only when the sum is not finite."""
+    from hooked_attnres.model.norms import RMSNorm
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    row_tests = _record_calls(monkeypatch, "_non_finite_rows")
+    generator = torch.Generator().manual_seed(7)
+    norm = RMSNorm(16, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.w.copy_(torch.rand(16, generator=generator) + 0.5)
+    huge = torch.finfo(dtype).max / 2  # a finite row whose sum of squares overflows
+    cases = ("finite", "non-finite", "overflow")
+    for committed_inf in (False, True):
+        routers = [DepthRouter(16, 1e-6, bias).to(dtype) for _ in cases]
+        committed = [torch.randn(2, 6, 16, generator=generator).to(dtype) for _ in range(3)]
+        if committed_inf:
+            committed[1][0, 1, 3] = float("inf")  # a nan row of the shared committed sum
+        shared_sums = SharedSums(routers[0])
+        counted = []
+        for router, case in zip(routers, cases, strict=True):
+            current = torch.randn(2, 6, 16, generator=generator).to(dtype)
+            if case == "non-finite":
+                current[1, 2, 5] = float("-inf")
+                current[0, 4, 0] = float("nan")
+            elif case == "overflow":
+                current[1, 3] = huge
+            sources = [*committed, current]
+            row_tests.clear()
+            with torch.inference_mode():
+                folded = shared_sums.route_normalized(router, sources, norm)
+                general = norm(router.mix(sources)[0])
+            counted.append(len(row_tests))
+            nan = general.isnan()
+            assert torch.equal(folded.isnan(), nan), case
+            assert torch.equal(_bits(folded)[~nan], _bits(general)[~nan]), case
+            n_nan_rows = int(nan.all(-1).sum())
+            assert n_nan_rows == committed_inf + 2 * (case == "non-finite"), case
+            assert int(nan.any(-1).sum()) == n_nan_rows  # nan rows are whole rows
+            if case == "overflow":
+                assert not bool(nan[1, 3].any())  # an overflow is not a nan row
+        assert shared_sums._committed == tuple(committed)  # made once, then reused
+        # an inf committed row: its 3 sources' rows tested once for the shared sum; then
+        # every sum has a nan row, so the current source's rows are tested every time.
+        # Else only a non-finite current source is tested, and the overflowing row,
+        # whose elements (not the float16 ones) add up past the float32 range
+        overflow_tested = int(dtype != torch.float16)
+        assert counted == ([3 + 1, 1, 1] if committed_inf else [0, 1, overflow_tested])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_normalized_skips_every_finiteness_test_of_the_sum_when_finite(monkeypatch, dtype):
+    """With finite sources the folded path makes no test of the ``[batch, pos, d_model]``
+    sum (`_nan_where_not_finite`) and no row test: the norm's scale proves it finite."""
+    from hooked_attnres.model.norms import RMSNorm
+    from hooked_attnres.model.routing import DepthRouter, SharedSums
+
+    sum_tests = _record_calls(monkeypatch, "_nan_where_not_finite")
+    generator = torch.Generator().manual_seed(8)
+    sources = [torch.randn(1, 5, 32, generator=generator).to(dtype) for _ in range(4)]
+    norm = RMSNorm(32, 1e-6).to(dtype)
+    routers = [DepthRouter(32, 1e-6, 1.0).to(dtype) for _ in range(2)]
+    shared_sums = SharedSums(routers[0])
+    with torch.inference_mode():
+        folded = [shared_sums.route_normalized(router, sources, norm) for router in routers]
+        general = norm(routers[0].mix(sources)[0])
+    assert sum_tests == [1]  # only the committed sum, made once, is tested
+    for out in folded:
+        assert torch.equal(_bits(out), _bits(general))
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", ["inf", "huge"])
+def test_a_non_finite_or_huge_embedding_gives_the_watched_pass_bits(layout, dtype, value):
+    """An inf, or a finite value whose square overflows, in one token's embedding reaches
+    the routers of a pass without hooks (shared committed sums, the finiteness test
+    through the norm's RMS and its fallback) as a current and a committed source: the
+    logits equal the watched general path's bit for bit (nan where it is: with an inf,
+    the whole prompt, as a nan value row reaches every query through ``0 * nan``)."""
+    model = _content_free_model(layout, dtype, "query", one_bias=True)
+    tokens = torch.arange(1, 13).reshape(2, 6)  # token 4 at [0, 3] only
+    with torch.no_grad():
+        model.embed.W_E[4, 5] = float("inf") if value == "inf" else torch.finfo(dtype).max / 2
+    watch_all = [(lambda name: name.endswith("hook_logits"), lambda x, hook: None)]
+    with torch.inference_mode():
+        plain = model(tokens)
+        general = model.run_with_hooks(tokens, fwd_hooks=watch_all)
+    nan = general.isnan()
+    assert bool(nan[0].all()) == (value == "inf")
+    assert not bool(nan[1].any())
+    assert torch.equal(plain.isnan(), nan)
+    assert torch.equal(_bits(plain)[~nan], _bits(general)[~nan])
+
+
+def test_modules_if_unhooked_lists_every_module_or_finds_any_hook():
+    """`modules_if_unhooked` lists the modules of ``model.modules()`` (a ``None``
+    submodule skipped), and is ``None`` with a TransformerLens hook, a raw forward
+    pre-hook deep in the model, or a global module hook; `any_hook_attached` agrees."""
+    from hooked_attnres.model.norms import any_hook_attached, modules_if_unhooked
+
+    model = tiny_model(attnres_layout="kimi")
+    model.blocks[1].register_module("unused", None)
+    listed = modules_if_unhooked(model)
+    assert listed is not None
+    assert {id(module) for module in listed} == {id(module) for module in model.modules()}
+    assert len(listed) == len(list(model.modules()))
+    assert not any_hook_attached(model)
+    deep = model.blocks[1].mlp
+    for attach in (
+        lambda: model.blocks[0].hook_resid_pre.add_hook(lambda x, hook: None) and None,
+        lambda: deep.register_forward_pre_hook(lambda module, args: None),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda *args: None),
+    ):
+        handle = attach()
+        try:
+            assert modules_if_unhooked(model) is None
+            assert any_hook_attached(model)
+        finally:
+            if handle is None:
+                model.reset_hooks()
+            else:
+                handle.remove()
+        assert modules_if_unhooked(model) is not None

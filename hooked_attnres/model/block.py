@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Optional
+from typing import Optional, Union
 
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from hooked_attnres.model.attention import Attention, AttentionContext, QKVInput
 from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
 from hooked_attnres.model.norms import RMSNorm, make_hook, toggle_hook
-from hooked_attnres.model.routing import DepthRouter, SharedSums
+from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 
 
 class AttnResBlock(nn.Module):
@@ -106,7 +106,17 @@ class AttnResBlock(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         if not self.layout.has_routers:
             return state.current
-        return getattr(self, router_name)(state.sources, shared_sums)
+        router = getattr(self, router_name)
+        if shared_sums is not None and shared_sums.enabled:
+            return shared_sums.route(router, state.sources)  # no hook anywhere: no __call__
+        return router(state.sources, shared_sums)
+
+    def _normalized_input(
+        self, router_name: str, norm: RMSNorm, state: DepthState, shared_sums: Optional[SharedSums]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``norm(self._route(router_name, state, shared_sums))`` (`normalized_route`)."""
+        router = getattr(self, router_name) if self.layout.has_routers else None
+        return normalized_route(router, state.sources, norm, shared_sums)
 
     def _after_sublayer(
         self, state: DepthState, output: Tensor, resid_hook: nn.Module, commit_hook
@@ -136,8 +146,11 @@ class AttnResBlock(nn.Module):
         ``shared_sums``: the pass's `SharedSums` (one per pass), if any.
         """
         state = dataclasses.replace(state, current=self.hook_resid_pre(state.current))
-        attn_in = self._route("attn_res", state, shared_sums)
-        x = self._split_qkv(attn_in) if self.splits_qkv_input else self.ln1(attn_in)
+        x: Union[Tensor, QKVInputs]
+        if self.splits_qkv_input:
+            x = self._split_qkv(self._route("attn_res", state, shared_sums))
+        else:
+            x = self._normalized_input("attn_res", self.ln1, state, shared_sums)
         attn_out = self.hook_attn_out(
             self.attn(x, context, query_positions, context.layer_cache(self.layer))
         )
@@ -152,10 +165,12 @@ class AttnResBlock(nn.Module):
     ) -> DepthState:
         """The MLP half: the state leaving the layer (the input is not mutated);
         ``shared_sums`` as in `attn_sublayer`."""
-        mlp_in = self._route("mlp_res", state, shared_sums)
         if "hook_mlp_in" in self._modules:  # a copy: the stream itself is not edited
-            mlp_in = self.hook_mlp_in(mlp_in.clone())
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
+            mlp_in = self.hook_mlp_in(self._route("mlp_res", state, shared_sums).clone())
+            x = self.ln2(mlp_in)
+        else:
+            x = self._normalized_input("mlp_res", self.ln2, state, shared_sums)
+        mlp_out = self.hook_mlp_out(self.mlp(x))
         return self._after_sublayer(
             state, mlp_out, self.hook_resid_post, getattr(self, "hook_committed_block", None)
         )

@@ -30,7 +30,7 @@ from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_at
-from hooked_attnres.model.routing import DepthRouter, SharedSums
+from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 from hooked_attnres.model.tl_methods import TLMethodsMixin
 from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
@@ -596,12 +596,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Final router (kimi / full layouts), ``ln_final`` and the unembedding
         (``shared_sums``: the pass's)."""
-        final = (
-            self.final_res(state.sources, shared_sums)
-            if self.routing_layout.has_final_router
-            else state.current
-        )
-        return self.ln_final(final) @ self.W_U
+        final_router = self.final_res if self.routing_layout.has_final_router else None
+        return normalized_route(final_router, state.sources, self.ln_final, shared_sums) @ self.W_U
 
     @guarded_pass
     def depth_states(

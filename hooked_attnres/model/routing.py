@@ -25,8 +25,10 @@ With eps 0 a zero source's logit is ``0 / 0``, nan, so such a router takes the g
 path. The zero test reads the query, so it runs on CPU tensors only (on an accelerator it
 would synchronise the device once per router). The weights then depend only on the
 number of sources and the bias, so in a pass with no hook anywhere in the model the
-routers of a block share the weighted sum of their committed sources, and the zero test
-is made for all the model's routers at once (`SharedSums`).
+routers of a block share the weighted sum of their committed sources, the zero test
+is made for all the model's routers at once (`SharedSums`), and without a gradient the
+current source's finiteness test reads the RMS of the norm that normalises the sum
+(`SharedSums.route_normalized`).
 
 (``../shared/design/attnres.md`` section 1). No temperature, no value projection; the
 keys see normalised sources, the values are the raw sources.
@@ -46,9 +48,10 @@ from torch.autograd.function import once_differentiable
 
 from hooked_attnres.model.norms import (
     KeyNorm,
-    hooks_attached,
+    RMSNorm,
     is_observed,
     make_hook,
+    modules_if_unhooked,
     stat_dtype,
 )
 
@@ -116,9 +119,9 @@ class DepthRouter(nn.Module):
         `SharedSums`, if any (used by content-free routers in a pass without hooks)."""
         if shared_sums is not None and shared_sums.enabled:
             # no hook anywhere in the model (tested once per pass): nothing watches it
-            return self._route_unobserved(sources, shared_sums)
+            return shared_sums.route(self, sources)
         if not self._observed():
-            return self._route_unobserved(sources, None)
+            return self._route_unobserved(sources)
         if not self._stack_observed():
             # only the logits, weights or output are watched: the same per-source math in
             # plain autograd, still without a stacked copy of the sources
@@ -132,30 +135,32 @@ class DepthRouter(nn.Module):
             stacked.unbind(dim=-2), scale.squeeze(-1).movedim(-1, 0), values.dtype
         )
 
-    def _route_unobserved(
-        self, sources: list[Float[Tensor, "batch pos d_model"]], shared_sums: Optional[SharedSums]
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """`forward` while none of the router's hook points is watched (``shared_sums``:
-        the pass's, enabled, or ``None``)."""
-        dtype = sources[0].dtype
+    def _needs_grad(self, sources: Sequence[Tensor]) -> bool:
+        """Whether the routing of ``sources`` needs a gradient (grad mode is on and a
+        parameter of the router or a source requires one)."""
+        if not torch.is_grad_enabled():
+            return False
         bias = self.recency_bias
-        needs_grad = torch.is_grad_enabled() and (
+        return (
             self.query.requires_grad
             or self.key_norm.w.requires_grad
             or (bias is not None and bias.requires_grad)
             or any(source.requires_grad for source in sources)
         )
-        effective_query: Optional[Tensor] = None
-        if shared_sums is not None:  # decided for all the model's routers at once
-            content_free = not needs_grad and shared_sums.is_content_free(self, dtype)
-        else:
-            effective_query = self._effective_query(dtype)
-            content_free = not needs_grad and self._content_free(effective_query)
-        if content_free:
+
+    def _route_unobserved(
+        self, sources: list[Float[Tensor, "batch pos d_model"]], shortcut_ruled_out: bool = False
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`forward` while none of the router's hook points is watched, without a pass's
+        `SharedSums` (``shortcut_ruled_out``: `SharedSums.route` already found that the
+        content-free shortcut does not apply)."""
+        dtype = sources[0].dtype
+        bias = self.recency_bias
+        needs_grad = self._needs_grad(sources)
+        effective_query = self._effective_query(dtype)
+        if not (shortcut_ruled_out or needs_grad) and self._content_free(effective_query):
             # content-free: skip what is known and stream bf16 conversions
-            return _route_content_free(sources, bias, shared_sums)
-        if effective_query is None:
-            effective_query = self._effective_query(dtype)
+            return _route_content_free(sources, bias)
         if dtype != stat_dtype(dtype):
             # bf16 / fp16: per source, the float32 math of the hooked path, plain autograd
             return self._mix(sources, effective_query)[0]
@@ -329,8 +334,8 @@ class SharedSums:
     place). The sum is the first ``n - 1`` steps of `weighted_sum`, so a router that reuses
     it gives the same bits.
 
-    It is used only while no hook is attached anywhere in ``model`` (`hooks_attached` over
-    all its modules, checked once per pass, at the first router): then nothing but the
+    It is used only while no hook is attached anywhere in ``model`` (`modules_if_unhooked`,
+    one walk over all its modules per pass, at the first router): then nothing but the
     model's own code runs during the pass, and that never edits a committed source or a
     parameter in place. So the routers then skip their own hook checks, and whether each
     is content-free is decided for all of them at once (`is_content_free`). Make a new
@@ -350,21 +355,56 @@ class SharedSums:
     def enabled(self) -> bool:
         """Whether the memo may be used in this pass (no hook anywhere in the model)."""
         if self._enabled is None:
-            modules = list(self._model.modules())  # one walk: the hooks and the routers
-            self._enabled = not hooks_attached(modules)
-            self._routers = [module for module in modules if isinstance(module, DepthRouter)]
+            modules = modules_if_unhooked(self._model)  # one walk: the hooks and the routers
+            self._enabled = modules is not None
+            if modules is not None:
+                self._routers = [module for module in modules if isinstance(module, DepthRouter)]
         return self._enabled
+
+    def route(
+        self, router: DepthRouter, sources: list[Float[Tensor, "batch pos d_model"]]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``router(sources, self)`` in a pass where the memo is `enabled`. Nothing watches
+        the router, so this skips its hook checks, and `HookedAttnRes`'s blocks call it
+        without ``nn.Module.__call__``, which with no hook anywhere only calls `forward`."""
+        if router._needs_grad(sources) or not self.is_content_free(router, sources[0].dtype):
+            return router._route_unobserved(sources, shortcut_ruled_out=True)
+        return _route_content_free(sources, router.recency_bias, self)
+
+    def route_normalized(
+        self,
+        router: DepthRouter,
+        sources: list[Float[Tensor, "batch pos d_model"]],
+        norm: RMSNorm,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``norm(router(sources, self))``, the normalised input of a sublayer, in a pass
+        where the memo is `enabled`, bit for bit.
+
+        Without a gradient, a content-free router that reuses a committed sum hands its
+        sum to ``norm`` before the current source's finiteness test: the norm's RMS of a
+        row that is not finite is inf or nan, so testing the ``[batch, pos, 1]`` scale
+        replaces testing the ``[batch, pos, d_model]`` sum. Only when a scale is not
+        finite (a source is not, or a row's RMS overflows) does the router's own test
+        run (`_nan_where_not_finite`), and the norm again on its output."""
+        dtype = sources[0].dtype
+        if len(sources) < 2 or torch.is_grad_enabled() or not self.is_content_free(router, dtype):
+            return norm(self.route(router, sources))
+        total = _shared_unchecked_sum(sources, router.recency_bias, self)
+        normalized, scale = norm.normalize(total.to(dtype))
+        if _all_finite(scale):  # then so is total: a non-finite element makes its row's
+            return normalized  # scale inf or nan, and the test would change nothing
+        return norm.normalize(_nan_where_not_finite(total, sources[-1:]).to(dtype))[0]
 
     def is_content_free(self, router: DepthRouter, dtype: torch.dtype) -> bool:
         """`DepthRouter._content_free` of ``router`` for sources of ``dtype``, decided for
         every router of the model at once at the first call (`_content_free_routers`):
         while no hook is attached nothing edits a parameter during the pass."""
-        routing_dtype = stat_dtype(dtype)
-        if routing_dtype not in self._content_free:
-            self._content_free[routing_dtype] = (
-                _content_free_routers(self._routers, routing_dtype) if self.enabled else {}
+        decisions = self._content_free.get(dtype)
+        if decisions is None:
+            decisions = self._content_free[dtype] = (
+                _content_free_routers(self._routers, stat_dtype(dtype)) if self.enabled else {}
             )
-        decided = self._content_free[routing_dtype].get(router)
+        decided = decisions.get(router)
         if decided is None:  # a router outside the model, or not decided at once
             return router._content_free(router._effective_query(dtype))
         return decided
@@ -387,6 +427,23 @@ class SharedSums:
             self._sum = (total, weights[-1].unsqueeze(-1))
         assert self._sum is not None
         return self._sum
+
+
+def normalized_route(
+    router: Optional[DepthRouter],
+    sources: list[Float[Tensor, "batch pos d_model"]],
+    norm: RMSNorm,
+    shared_sums: Optional[SharedSums],
+) -> Float[Tensor, "batch pos d_model"]:
+    """``norm`` of what ``router`` makes of ``sources`` (``router(sources, shared_sums)``),
+    the normalised input of a sublayer or of the unembedding; ``norm(sources[-1])``, the
+    current source, without a router. In a pass where ``shared_sums`` is enabled,
+    `SharedSums.route_normalized`."""
+    if router is None:
+        return norm(sources[-1])
+    if shared_sums is not None and shared_sums.enabled:
+        return shared_sums.route_normalized(router, sources, norm)
+    return norm(router(sources, shared_sums))
 
 
 def _content_free_routers(
@@ -473,21 +530,31 @@ def _route_content_free(
     """`_route`'s output, in the sources' dtype, when the effective query is exactly zero:
     every ``V_i . query`` is 0, so the logits are the recency bias alone and no RMS or dot
     product is needed. A position where a source is not finite is ``nan``, as the general
-    path's ``inf * 0`` makes it. With ``shared_sums`` (enabled) the committed sources'
-    part of the sum and the weights may be reused."""
+    path's ``inf * 0`` makes it. With ``shared_sums`` (enabled: from `SharedSums.route`)
+    the committed sources' part of the sum and the weights may be reused."""
     dtype = sources[0].dtype
-    if len(sources) > 1 and shared_sums is not None and shared_sums.enabled:
-        committed, last_weight = shared_sums.committed_sum(sources[:-1], bias)
-        last = sources[-1].to(committed.dtype)
-        # the same kernel as weighted_sum's last addcmul_, out of place so that the memo
-        # stays intact: into the float32 copy of a bf16 / fp16 source, a new tensor for a
-        # float32 one (the committed positions that are not finite are nan already)
-        total = torch.addcmul(
-            committed, last, last_weight, out=None if last is sources[-1] else last
-        )
+    if len(sources) > 1 and shared_sums is not None:
+        total = _shared_unchecked_sum(sources, bias, shared_sums)
         return _nan_where_not_finite(total, sources[-1:]).to(dtype)
     weights = _content_free_weights(len(sources), sources[0], bias)
     return _nan_checked_sum(sources, weights).to(dtype)
+
+
+def _shared_unchecked_sum(
+    sources: Sequence[Float[Tensor, "batch pos d_model"]],
+    bias: Optional[Float[Tensor, ""]],
+    shared_sums: SharedSums,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The weighted sum of a content-free router over two or more ``sources``, in the
+    routing dtype, from the shared sum of the committed ones (`SharedSums.committed_sum`,
+    nan already where one is not finite) and the current (last) source, before the
+    current source's finiteness test (`_nan_where_not_finite`)."""
+    committed, last_weight = shared_sums.committed_sum(sources[:-1], bias)
+    last = sources[-1].to(committed.dtype)
+    # the same kernel as weighted_sum's last addcmul_, out of place so that the memo
+    # stays intact: into the float32 copy of a bf16 / fp16 source, a new tensor for a
+    # float32 one
+    return torch.addcmul(committed, last, last_weight, out=None if last is sources[-1] else last)
 
 
 class _FusedRouting(torch.autograd.Function):
