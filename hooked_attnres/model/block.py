@@ -106,10 +106,7 @@ class AttnResBlock(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         if not self.layout.has_routers:
             return state.current
-        router = getattr(self, router_name)
-        if shared_sums is not None and shared_sums.enabled:
-            return shared_sums.route(router, state.sources)  # no hook anywhere: no __call__
-        return router(state.sources, shared_sums)
+        return getattr(self, router_name)(state.sources, shared_sums)
 
     def _normalized_input(
         self, router_name: str, norm: RMSNorm, state: DepthState, shared_sums: Optional[SharedSums]

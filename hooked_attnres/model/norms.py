@@ -77,7 +77,7 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     """Every module of ``model`` (itself included, in no fixed order; a module registered
     twice is listed twice), or ``None`` as soon as `any_hook_attached` finds a hook. One
     walk over the ``_modules`` dictionaries, about 2.5x faster than ``model.modules()``,
-    which builds every submodule's name (a model's routers share a pass's check)."""
+    which builds every submodule's name."""
     if _global_hooks_attached():
         return None
     found: list[nn.Module] = []

@@ -365,8 +365,8 @@ class SharedSums:
         self, router: DepthRouter, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         """``router(sources, self)`` in a pass where the memo is `enabled`. Nothing watches
-        the router, so this skips its hook checks, and `HookedAttnRes`'s blocks call it
-        without ``nn.Module.__call__``, which with no hook anywhere only calls `forward`."""
+        the router, so this skips its hook checks; `route_normalized` calls it without
+        ``nn.Module.__call__``, which with no hook anywhere only calls `forward`."""
         if router._needs_grad(sources) or not self.is_content_free(router, sources[0].dtype):
             return router._route_unobserved(sources, shortcut_ruled_out=True)
         return _route_content_free(sources, router.recency_bias, self)
