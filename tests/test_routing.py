@@ -786,7 +786,7 @@ def test_route_normalized_skips_every_finiteness_test_of_the_sum_when_finite(mon
 
 
 @pytest.mark.parametrize("layout", ["cumulative", "kimi"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("value", ["inf", "huge"])
 def test_a_non_finite_or_huge_embedding_gives_the_watched_pass_bits(layout, dtype, value):
     """An inf, or a finite value whose square overflows, in one token's embedding reaches
@@ -838,3 +838,27 @@ def test_modules_if_unhooked_lists_every_module_or_finds_any_hook():
             else:
                 handle.remove()
         assert modules_if_unhooked(model) is not None
+
+
+def test_raw_hooks_on_a_norm_or_a_router_fire_in_a_plain_forward(tokens):
+    """The shared pass calls the routers and the sublayer norms without
+    ``nn.Module.__call__``; a raw forward hook on a norm (``ln1``) or on a router
+    (``final_res``) must turn that off and fire, and its edit must reach the output."""
+    model = _content_free_model("kimi", torch.float32, "query", one_bias=True)
+    with torch.inference_mode():
+        plain = model(tokens)
+    for module in (model.blocks[1].ln1, model.final_res):
+        calls: list = []
+
+        def double(module, args, out, calls=calls):
+            calls.append(1)
+            return out * 2
+
+        handle = module.register_forward_hook(double)
+        try:
+            with torch.inference_mode():
+                hooked = model(tokens)
+        finally:
+            handle.remove()
+        assert calls == [1]
+        assert not torch.allclose(hooked, plain)

@@ -74,20 +74,22 @@ def any_hook_attached(model: nn.Module) -> bool:
 
 
 def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
-    """Every module of ``model`` (itself included, in no fixed order; a module registered
-    twice is listed twice), or ``None`` as soon as `any_hook_attached` finds a hook. One
-    walk over the ``_modules`` dictionaries, about 2.5x faster than ``model.modules()``,
-    which builds every submodule's name."""
+    """Every module of ``model`` (itself included, each once, in no fixed order), or
+    ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of
+    them, or a global module hook. One walk over the ``_modules`` dictionaries, about 1.7x
+    faster than ``model.modules()``, which builds every submodule's name."""
     if _global_hooks_attached():
         return None
     found: list[nn.Module] = []
+    seen: set[int] = set()
     stack: list[Optional[nn.Module]] = [model]
     while stack:
         module = stack.pop()
-        if module is None:  # a submodule registered as None
+        if module is None or id(module) in seen:  # a None submodule, or one met before
             continue
         if _has_module_hooks(module):
             return None
+        seen.add(id(module))
         found.append(module)
         stack.extend(module._modules.values())
     return found

@@ -151,9 +151,9 @@ class DepthRouter(nn.Module):
     def _route_unobserved(
         self, sources: list[Float[Tensor, "batch pos d_model"]], shortcut_ruled_out: bool = False
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`forward` while none of the router's hook points is watched, without a pass's
-        `SharedSums` (``shortcut_ruled_out``: `SharedSums.route` already found that the
-        content-free shortcut does not apply)."""
+        """`forward` while none of the router's hook points is watched, without using a
+        pass's `SharedSums` (also `SharedSums.route`'s path when the shortcut does not
+        apply: ``shortcut_ruled_out``, then the content-free test is not made again)."""
         dtype = sources[0].dtype
         bias = self.recency_bias
         needs_grad = self._needs_grad(sources)
@@ -346,6 +346,7 @@ class SharedSums:
         self._model = model
         self._enabled: Optional[bool] = None
         self._routers: list[DepthRouter] = []
+        # by the sources' dtype (bf16 and fp16 decide apart, as each router would)
         self._content_free: dict[torch.dtype, dict[DepthRouter, bool]] = {}
         self._key: Optional[tuple[int, Optional[float]]] = None
         self._committed: tuple[Tensor, ...] = ()
@@ -366,7 +367,9 @@ class SharedSums:
     ) -> Float[Tensor, "batch pos d_model"]:
         """``router(sources, self)`` in a pass where the memo is `enabled`. Nothing watches
         the router, so this skips its hook checks; `route_normalized` calls it without
-        ``nn.Module.__call__``, which with no hook anywhere only calls `forward`."""
+        ``nn.Module.__call__``, which with no hook anywhere only calls `forward`. Only
+        while `enabled` (asserted): otherwise the router's hooks would be skipped."""
+        assert self.enabled, "SharedSums.route is only for a pass without hooks"
         if router._needs_grad(sources) or not self.is_content_free(router, sources[0].dtype):
             return router._route_unobserved(sources, shortcut_ruled_out=True)
         return _route_content_free(sources, router.recency_bias, self)
@@ -385,7 +388,9 @@ class SharedSums:
         row that is not finite is inf or nan, so testing the ``[batch, pos, 1]`` scale
         replaces testing the ``[batch, pos, d_model]`` sum. Only when a scale is not
         finite (a source is not, or a row's RMS overflows) does the router's own test
-        run (`_nan_where_not_finite`), and the norm again on its output."""
+        run (`_nan_where_not_finite`), and the norm again on its output. Only while
+        `enabled` (asserted): the router's and the norm's hooks are not called."""
+        assert self.enabled, "SharedSums.route_normalized is only for a pass without hooks"
         dtype = sources[0].dtype
         if len(sources) < 2 or torch.is_grad_enabled() or not self.is_content_free(router, dtype):
             return norm(self.route(router, sources))
