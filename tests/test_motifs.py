@@ -235,6 +235,31 @@ def test_bad_tables_are_refused_with_what_to_do():
         motif_report(summary, pd.concat([effects, effects]), by=[])
 
 
+def test_a_mass_summary_without_every_family_at_every_router_is_refused_not_read_as_zero():
+    from hooked_attnres.analysis import dissociation_report
+
+    summary, effects = tables()
+    # summarize_mass by (router, band, family): no band "all" rows, every mass would be 0
+    per_band = pd.concat([summary.assign(band=band) for band in ("early", "middle", "late")])
+    with pytest.raises(ValueError, match="no band 'all' rows .* by=\\('router', 'family'\\)"):
+        motif_report(per_band, effects)
+    dropped = summary[~((summary.router == "mlp_res") & (summary.family == "embedding"))]
+    with pytest.raises(
+        ValueError, match=r"lacks the \(router, family\) rows \[\('mlp_res', 'embedding'\)\]"
+    ):
+        motif_report(dropped, effects)
+    with pytest.raises(
+        ValueError, match=r"lacks the \(router, family\) rows \[\('mlp_res', 'embedding'\)\]"
+    ):
+        dissociation_report(dropped.drop(columns="band"), effects[effects.group == "all"])
+    # with every row the masses are read as given (D2 reports them)
+    report = motif_report(
+        *tables(mass={("mlp_res", "embedding"): 0.1, ("mlp_res", "current"): 0.6})
+    )
+    d2 = report.set_index("claim").loc["D2"]
+    assert (d2.mass_embedding, d2.mass_current) == (0.1, 0.6)
+
+
 def test_a_model_that_does_not_prefer_the_answer_meets_the_size_criterion_only_by_accuracy():
     cell = ("mlp_res", "early", "embedding")
     harm = {cell: harmful(-1.0)}

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from hooked_attnres.analysis.effects import require_measured
+from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES
 
 
@@ -63,8 +64,10 @@ def dissociation_report(
                 f"(columns {list(table.columns)}); summarize mass by ('router', 'family') and pass "
                 "the effects of one model / seed"
             )
+    routers = sorted(set(mass_summary.router) & set(chosen.router))
+    require_family_rows(mass_summary, routers, "mass_summary")
     rows = []
-    for router in sorted(set(mass_summary.router) & set(chosen.router)):
+    for router in routers:
         mass = mass_summary[mass_summary.router == router].set_index("family")
         effect = chosen[chosen.router == router].set_index("family")
         present = [

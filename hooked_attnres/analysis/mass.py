@@ -37,6 +37,21 @@ def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]
     return "other"
 
 
+def require_family_rows(summary: pd.DataFrame, routers: Sequence[str], what: str) -> None:
+    """Raise unless ``summary`` (a `summarize_mass` table with ``router`` and ``family``
+    columns) has a row for every family at each of ``routers``: `routing_mass` gives every
+    family a row at every router (mass 0 where it is absent), so a missing row means a
+    filtered or foreign table, and reading it as 0 would be a silent wrong number."""
+    have = set(zip(summary.router, summary.family, strict=True))
+    missing = [(router, family) for router in routers for family in FAMILIES]
+    missing = [pair for pair in missing if pair not in have]
+    if missing:
+        raise ValueError(
+            f"{what} lacks the (router, family) rows {missing}; pass "
+            "summarize_mass(routing_mass(...), by=('router', 'family')) of the same model"
+        )
+
+
 def _position_weights(
     weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]
 ) -> Tensor:

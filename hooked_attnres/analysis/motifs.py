@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hooked_attnres.analysis.effects import require_measured
+from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
 
 BANDS = ("early", "middle", "late")
@@ -94,14 +95,24 @@ def _effect_rows(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
+    """The mass of every (sublayer router type, family) over all layers, indexed by both.
+    Refuses a summary that lacks one (never a silent 0: `routing_mass` gives every family
+    a row at every router, mass 0 where it is absent)."""
     table = mass_summary
     if "band" in table.columns:
         table = table[table.band == "all"]
+        if table.empty:
+            raise ValueError(
+                "mass_summary has a 'band' column but no band 'all' rows (bands found: "
+                f"{sorted(set(mass_summary.band))}); pass summarize_mass(mass, by=('router', "
+                "'family')), or summarize mass.assign(band='all') as the study does"
+            )
     if table.duplicated(["router", "family"]).any():
         raise ValueError(
             "mass_summary has several rows per router and family; pass one seed's "
             "summary over all layers (band 'all')"
         )
+    require_family_rows(table, SUBLAYER_ROUTERS, "mass_summary")
     return table.set_index(["router", "family"]).mass
 
 
@@ -193,7 +204,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             out.append(
                 dict(
                     family=family,
-                    mass=float(mass.get((router, family), 0.0)),
+                    mass=float(mass.loc[(router, family)]),
                     effect=float(e.effect),
                     ci_low=float(e.ci_low),
                     ci_high=float(e.ci_high),
@@ -271,7 +282,8 @@ def motif_report(
     Args:
         mass_summary: `summarize_mass` by ``(router, family)`` over every layer, or the
             study's summary by ``(router, band, family)`` (its ``band == "all"`` rows are
-            used).
+            used). Every family needs a row at both sublayer router types; a summary
+            without band ``"all"`` rows or with a row missing is refused.
         effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
             default depth bands) and ``all``, and the metric ``logit_diff`` (``accuracy``
             too, for the 2-point motif criterion).
