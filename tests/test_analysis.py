@@ -779,3 +779,56 @@ def test_seed_and_patching_figures_show_the_tables_numbers():
     assert heat.data[0].text[1][0] == ""  # missing: blank
     with pytest.raises(ValueError, match=r"values must be \[rows, columns\] = \[2, 3\]"):
         plotting.patching_heatmap(tiny, ["l0", "l1"], ["p0", "p1", "p2"], title="x")
+
+
+def test_a_users_position_hook_after_the_last_attention_sees_every_position(setup):
+    """A surrounding hook that edits position 0 of the last layer's MLP output: the sweep
+    must give what plain hooked forward passes give (the fast path would show that hook
+    the answer position alone, as its position 0), so with hooks attached it runs the
+    reference loop; checked against mask_sources + run_with_hooks, computed here."""
+    from hooked_attnres.interventions import mask_sources
+
+    model, batch = setup
+    batch = batch[:6]
+    last = model.cfg.n_layers - 1
+
+    def zero_position_0(x, hook):
+        x = x.clone()
+        x[:, 0] = 0.0
+        return x
+
+    user = [(f"blocks.{last}.hook_mlp_out", zero_position_0)]
+    families = ["embedding", "current"]
+    with model.hooks(fwd_hooks=user):
+        effects = ablation_effects(
+            model,
+            batch,
+            families=families,
+            groups="all",
+            metrics=("logit_diff",),
+            n_bootstrap=20,
+            progress=False,
+        ).set_index(["router", "family"])
+    with torch.no_grad():
+        clean = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=user)).numpy()
+        # the hook edits a position the metric does not read; at the answer position
+        # (what the fast path's logit_positions would show it as position 0) it matters
+        answer_pos = batch.answer_pos
+
+        def zero_answer(x, hook):
+            x = x.clone()
+            x[torch.arange(len(x)), answer_pos] = 0.0
+            return x
+
+        at_answer = [(f"blocks.{last}.hook_mlp_out", zero_answer)]
+        moved = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=at_answer))
+        assert np.abs(moved.numpy() - clean).max() > 1e-3
+        for router in ("attn_res", "mlp_res"):
+            for family in families:
+                hooks = user + mask_sources(model, family, routers=router)
+                ablated = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=hooks))
+                row = effects.loc[(router, family)]
+                assert row.clean == pytest.approx(float(clean.mean()), abs=1e-5)
+                assert row.effect == pytest.approx(
+                    float(np.mean(ablated.numpy() - clean)), abs=1e-5
+                )

@@ -497,3 +497,81 @@ def test_linear_estimate_equals_finite_differences_on_wrapped_qwen3(wrap):
         np.testing.assert_allclose(estimates[i], expected.numpy(), rtol=0, atol=1e-6)
         checked += 1
     assert checked >= 6 and np.abs(estimates).max() > 1e-4
+
+
+def test_a_users_position_hook_after_the_last_attention_sees_every_position():
+    """Under a surrounding hook that edits position 0 of the last MLP's output (a position
+    the metric does not read), the estimates are the derivatives of what plain hooked
+    forward passes give, and the clean metric is theirs: the pass must not show that hook
+    the answer position alone as its position 0 (``logit_positions``)."""
+    model = routed_model("kimi", scale=0.15, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(seed=5)
+    last = model.cfg.n_layers - 1
+
+    def zero_position_0(x, hook):
+        x = x.clone()
+        x[:, 0] = 0.0
+        return x
+
+    def zero_answer(x, hook):
+        x = x.clone()
+        x[torch.arange(len(x)), batch.answer_pos] = 0.0
+        return x
+
+    user = [(f"blocks.{last}.hook_mlp_out", zero_position_0)]
+    at_answer = [(f"blocks.{last}.hook_mlp_out", zero_answer)]
+    # the test can tell: at the answer position the hook changes the metric
+    assert (metric_at(model, batch, at_answer) - metric_at(model, batch, [])).abs().max() > 1e-3
+    with model.hooks(fwd_hooks=user):
+        result = attribute_routing(
+            model, batch, routers=("mlp_res", "final_res"), groups="layers", progress=False
+        )
+        np.testing.assert_allclose(
+            result.clean["logit_diff"], metric_at(model, batch, []).numpy(), rtol=0, atol=1e-10
+        )
+        estimates = result.per_prompt[("linear", "logit_diff")]
+        checked = 0
+        for i, cell in enumerate(result.plan):
+            if cell.is_noop or cell.group not in (f"layer {last}", "final"):
+                continue
+            site, mask = cell.ablation.masks[0]
+            new = masked_weights(model, batch, site, mask)
+            expected = central_difference(model, batch, site, new)
+            np.testing.assert_allclose(estimates[i], expected.numpy(), rtol=0, atol=1e-6)
+            checked += 1
+    assert checked >= 4
+
+
+def test_masked_mass_averages_the_positions_the_metric_reads_at_every_router(routed_layout):
+    """Up to the answer position at a router that feeds an attention, the answer position
+    at the routers after the last attention (recomputed here from a cache), the same with
+    hooks attached (where the pass runs every position)."""
+    model = routed_model(routed_layout, scale=0.5, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(seed=6)  # one prompt answers two positions before the end
+    result = attribute_routing(
+        model, batch, routers=routers_of(routed_layout), groups="layers", progress=False
+    )
+    _, cache = model.run_with_cache(batch.tokens)
+    n_pos = batch.tokens.shape[1]
+    positions = torch.arange(n_pos)
+    last_attention = 2 * model.cfg.n_layers - 2
+    checked = 0
+    for i, cell in enumerate(result.plan):
+        if cell.is_noop:
+            continue
+        site, mask = cell.ablation.masks[0]
+        removed = cache[site.hook("weights")][..., torch.tensor(mask)].sum(-1)  # [batch, pos]
+        if site.sublayer > last_attention:
+            read = positions[None, :] == batch.answer_pos[:, None]
+        else:
+            read = positions[None, :] <= batch.answer_pos[:, None]
+        expected = ((removed * read).sum(-1) / read.sum(-1)).mean()
+        assert result.masked_mass[i] == pytest.approx(float(expected), abs=1e-12)
+        checked += 1
+    assert checked >= 8
+    watched = [(lambda name: name.endswith("hook_mlp_out"), lambda x, hook: None)]
+    with model.hooks(fwd_hooks=watched):
+        again = attribute_routing(
+            model, batch, routers=routers_of(routed_layout), groups="layers", progress=False
+        )
+    np.testing.assert_allclose(again.masked_mass, result.masked_mass, rtol=0, atol=1e-12)

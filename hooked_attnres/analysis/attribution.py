@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -63,7 +63,13 @@ from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
-from hooked_attnres.model.norms import RMSNorm, is_observed, rms_normalize, stat_dtype
+from hooked_attnres.model.norms import (
+    RMSNorm,
+    any_hook_attached,
+    is_observed,
+    rms_normalize,
+    stat_dtype,
+)
 from hooked_attnres.model.routing import weighted_sum
 from hooked_attnres.patching import _check, _check_cache, _column, _scalar, _site_rows
 from hooked_attnres.tasks.base import TaskBatch
@@ -284,9 +290,11 @@ class RoutingAttribution:
             only (summing over positions gives ``per_prompt``).
         plan: the `PlannedAblation` of every cell (the one ablation compiler's masks).
         clean: ``{metric name: [n_prompts]}`` clean metric.
-        masked_mass: ``[n_cells]``, the routing weight the ablation removes (mean over
-            prompts and positions, the largest over the cell's routers): near 1 the
-            ablation is all-or-nothing and the linear estimate extrapolates furthest.
+        masked_mass: ``[n_cells]``, the routing weight the ablation removes (the largest
+            over the cell's routers of the mean over prompts and over the positions the
+            metric reads through: up to the answer position, or the answer position
+            alone at the routers after the last attention): near 1 the ablation is
+            all-or-nothing and the linear estimate extrapolates furthest.
         seconds: wall time of the attribution.
     """
 
@@ -486,6 +494,10 @@ def attribute_routing(
     )
     clean = {nm: np.zeros(n) for nm in names}
     mass_sums = np.zeros((len(plan), max((len(c.ablation.masks) for c in plan), default=0)))
+    # hooks already attached (e.g. a surrounding `model.hooks(...)`) must see what a plain
+    # forward pass shows them: every position, not the answer position alone after the
+    # last attention (`logit_positions`); then the logits are read at the answer position
+    every_position = any_hook_attached(model)
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
@@ -495,7 +507,11 @@ def attribute_routing(
         at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
         with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
             with _capturing(model, sites, need_norm) as captures:
-                logits = model(part.tokens, logit_positions=answer_pos)
+                if every_position:
+                    prompts = torch.arange(len(part), device=answer_pos.device)
+                    logits = model(part.tokens)[prompts, answer_pos].unsqueeze(1)
+                else:
+                    logits = model(part.tokens, logit_positions=answer_pos)
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
                 if not values.requires_grad:
@@ -507,7 +523,7 @@ def attribute_routing(
                 grads = _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
                 with torch.no_grad():
                     if index == 0:
-                        mass_sums += as_numpy(_masked_mass(plan, captures))
+                        mass_sums += as_numpy(_masked_mass(model, plan, captures, answer_pos))
                     estimates = _chunk_estimates(
                         model, plan, captures, grads, methods, n_pos, answer_pos, by_position
                     )
@@ -564,9 +580,10 @@ def _chunk_estimates(
     return out
 
 
-def _masked_mass(plan, captures) -> Tensor:
+def _masked_mass(model, plan, captures, answer_pos: Int[Tensor, " batch"]) -> Tensor:
     """``[n_cells, max routers per cell]``: each cell's removed weight per masked router,
-    averaged over positions and summed over the chunk's prompts."""
+    averaged over the positions the metric reads through (`_metric_positions`) and summed
+    over the chunk's prompts."""
     width = max((len(cell.ablation.masks) for cell in plan), default=0)
     reference = next(iter(captures.values())).weights if captures else None
     sums = torch.zeros(
@@ -575,12 +592,31 @@ def _masked_mass(plan, captures) -> Tensor:
         dtype=None if reference is None else reference.dtype,
         device=None if reference is None else reference.device,
     )
+    last_attention = model.routing_layout.last_attention_sublayer
     for i, cell in enumerate(plan):
         for j, (site, mask) in enumerate(cell.ablation.masks):
             weights = captures[site].weights.detach()
             where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
-            sums[i, j] = (weights * where).sum(-1).mean(-1).sum()
+            removed = (weights * where).sum(-1)  # [batch, pos run]
+            read = _metric_positions(site, last_attention, removed.shape[1], answer_pos)
+            sums[i, j] = ((removed * read).sum(-1) / read.sum(-1)).sum()
     return sums
+
+
+def _metric_positions(
+    site: RouterSite, last_attention: int, n_run: int, answer_pos: Int[Tensor, " batch"]
+) -> Bool[Tensor, "batch n_run"]:
+    """The positions of a router's run (``n_run``: every position, or 1 where it ran at
+    the answer position only) whose weights the metric, read at the answer position,
+    depends on: up to the answer position at a router that feeds an attention; the
+    answer position alone at a router after the last attention (the last MLP's, the
+    final router), which acts on each position alone."""
+    if n_run == 1:  # ran at the answer position only
+        return torch.ones(len(answer_pos), 1, dtype=torch.bool, device=answer_pos.device)
+    positions = torch.arange(n_run, device=answer_pos.device)
+    if site.sublayer > last_attention:
+        return positions[None, :] == answer_pos[:, None]
+    return positions[None, :] <= answer_pos[:, None]
 
 
 def _estimate_table(plan, per_prompt, clean, methods, names, n_bootstrap, confidence, seed):

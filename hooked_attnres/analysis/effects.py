@@ -268,6 +268,13 @@ def run_ablations(
 ) -> tuple[dict[Metric, np.ndarray], dict[Metric, np.ndarray]]:
     """Per-prompt metrics of the clean run and of every ablation.
 
+    ``fast`` (the module docstring) applies only while no hook is attached to the model:
+    hooks already attached (e.g. a surrounding ``model.hooks(...)``) would see, in the
+    fast path, copies of the batch and only the answer position after the last
+    attention (a hook on ``blocks.{L-1}.hook_mlp_out`` that edits position 0 would edit
+    the answer position), so then every ablation runs as a full forward pass, as with
+    ``fast=False``: what such a hook sees is what a plain forward pass shows it.
+
     Returns:
         ``(clean, ablated)``: ``clean[metric]`` is ``[n_prompts]``, ``ablated[metric]`` is
         ``[n_ablations, n_prompts]`` (keyed by the metrics as given).
@@ -282,6 +289,7 @@ def run_ablations(
     if max_rows is not None:
         check_count("max_rows", max_rows)
     require_eval(model, "run_ablations")
+    fast = fast and not any_hook_attached(model)  # before the sweep attaches its own
     n = len(batch)
     clean = {m: np.zeros(n) for m in metrics}
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
@@ -314,13 +322,8 @@ def run_ablations(
         if fast:
             bar.update(1)
             per_pass = 1 if max_rows is None else max(1, max_rows // len(part))
-            # hooks already attached (e.g. a surrounding `model.hooks(...)`) could edit what
-            # a router reads, so then no two ablations are assumed alike
-            hooked = any_hook_attached(model)
             for sublayer, indices in sorted(by_start.items()):
-                same_as = (
-                    {} if hooked else _same_routed_source(ablations, indices, states[sublayer])
-                )
+                same_as = _same_routed_source(ablations, indices, states[sublayer])
                 indices = [i for i in indices if i not in same_as]
                 for group_start in range(0, len(indices), per_pass):
                     group = indices[group_start : group_start + per_pass]
@@ -381,7 +384,8 @@ def ablation_effects(
         metrics: any of ``"logit_diff"``, ``"logprob"``, ``"accuracy"``, or callables
             ``fn(batch, logits) -> [batch]`` (see `metric_values`; named by ``__name__``).
         n_bootstrap, confidence, seed: the percentile bootstrap over prompts.
-        fast: reuse the clean prefix and batch ablations (same results as ``False``).
+        fast: reuse the clean prefix and batch ablations (same results as ``False``;
+            while hooks are attached to the model, ``False`` runs: see `run_ablations`).
 
     Returns:
         One row per (router, group, family, metric): ``router, group, layers, family,

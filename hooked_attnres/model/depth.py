@@ -228,6 +228,15 @@ class RoutingLayout:
         layouts: ``"kimi"`` and ``"full"``). The only place this is decided."""
         return self.layout in ("kimi", "full")
 
+    @property
+    def last_attention_sublayer(self) -> int:
+        """The sublayer index (as `RouterSite.sublayer`) of the last layer's attention,
+        ``2 * n_layers - 2``: every sublayer after it (the last MLP, the final router,
+        the unembedding) acts on each position alone, so a pass that needs logits at one
+        position per prompt (``logit_positions``) runs them, and the routers in front of
+        them, at that position only."""
+        return 2 * self.n_layers - 2
+
     def require_routers(self) -> None:
         """Raise ``ValueError`` on a layout without routers (``"none"``)."""
         if not self.has_routers:

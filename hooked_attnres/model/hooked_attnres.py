@@ -578,7 +578,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         With ``logit_positions`` the last attention sublayer queries only there and the
         state continues at those positions (gathered first if the run starts after it).
         """
-        last_attention = 2 * self.cfg.n_layers - 2
+        last_attention = self.routing_layout.last_attention_sublayer
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
         for sublayer in sublayers:
