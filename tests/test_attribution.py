@@ -363,6 +363,12 @@ def test_bad_inputs_are_refused():
         attribute_routing(model, batch, n_bootstrap=10, progress=False)  # linear: fine
         with pytest.raises(ValueError, match="already attached to blocks.1.mlp_res.hook_out"):
             attribute_routing(model, batch, method="norm", progress=False)
+    # the norm method also reads the norm after the router unedited
+    for point in ("blocks.1.ln2.hook_normalized", "blocks.2.ln1.hook_scale"):
+        with model.hooks(fwd_hooks=[(point, lambda x, hook: x)]):
+            attribute_routing(model, batch, n_bootstrap=10, progress=False)  # linear: fine
+            with pytest.raises(ValueError, match=f"already attached to {point}"):
+                attribute_routing(model, batch, method="norm", progress=False)
     result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         result.verify_top(0)

@@ -154,15 +154,18 @@ def _capturing(
     hooks, handles = [], []
     for site, capture in captures.items():
         router = model.router(site)
-        edited = [router.hook_weights] + ([router.hook_out] if need_norm else [])
+        norm = _norm_after(model, site)
+        edited = [router.hook_weights] + (
+            [router.hook_out, norm.hook_scale, norm.hook_normalized] if need_norm else []
+        )
         for point in edited:
             if is_observed(point):
                 raise ValueError(
                     f"a hook is already attached to {point.name}; attribution takes the "
                     "weights to be softmax(hook_logits) feeding the router's output unchanged "
-                    "(and method='norm' its output feeding the norm), so it cannot account "
-                    "for hooks there. Remove them, or attach them to hook_logits / "
-                    "hook_sources (which attribution sees)."
+                    "(and method='norm' its output normalised by the norm unchanged), so it "
+                    "cannot account for hooks there. Remove them, or attach them to "
+                    "hook_logits / hook_sources (which attribution sees)."
                 )
 
         def on_logits(logits, hook, capture=capture):
@@ -189,7 +192,7 @@ def _capturing(
             handles.append(router.register_forward_pre_hook(on_input))
             if is_observed(router.hook_sources):
                 hooks.append((site.hook("sources"), on_sources))
-            norm_hook = _norm_after(model, site).hook_normalized.name
+            norm_hook = norm.hook_normalized.name
             assert norm_hook is not None  # named by the model's setup()
             hooks.append((norm_hook, on_normalized))
     try:
