@@ -135,7 +135,8 @@ def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
         raise ValueError(
             f"the effects table needs the groups {sorted({*BANDS, 'all'})} (depth "
             f"bands and 'all'); it lacks {sorted(needed)}: run ablation_effects("
-            "groups={**depth_bands(n_layers), 'all': range(n_layers)})"
+            "groups={**depth_bands(n_layers), 'all': range(n_layers)}) (a model needs at "
+            "least 3 layers for the three bands)"
         )
 
 
