@@ -260,6 +260,13 @@ def test_a_mass_summary_without_every_family_at_every_router_is_refused_not_read
     assert (d2.mass_embedding, d2.mass_current) == (0.1, 0.6)
 
 
+def test_verdicts_of_several_unlabelled_seeds_are_refused():
+    report = motif_report(*tables())
+    with pytest.raises(ValueError, match="2 rows for M1 and no 'seed' column"):
+        motif_verdicts(pd.concat([report, report]))
+    assert motif_verdicts(report).set_index("claim").loc["M1", "n"] == 1
+
+
 def test_a_model_that_does_not_prefer_the_answer_meets_the_size_criterion_only_by_accuracy():
     cell = ("mlp_res", "early", "embedding")
     harm = {cell: harmful(-1.0)}

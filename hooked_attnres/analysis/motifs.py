@@ -344,6 +344,11 @@ def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.D
             rows_claim = part[part.claim == claim]
             if rows_claim.empty:
                 continue
+            if len(rows_claim) > 1 and "seed" not in part.columns:
+                raise ValueError(
+                    f"the report has {len(rows_claim)} rows for {claim} and no 'seed' column "
+                    "to tell them apart; pass motif_report of tables with a 'seed' column"
+                )
             k, n = int(rows_claim.present.sum()), len(rows_claim)
             rows.append(
                 {
