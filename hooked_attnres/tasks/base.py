@@ -38,6 +38,11 @@ class TaskBatch:
             answer, and any earlier in-prompt answers a task defines), ``-100`` elsewhere;
             the training loss averages over them.
         task: the name of the task that drew the batch.
+
+    A `TaskBatch` has no attention mask: every position is a real token to the analyses
+    that take one. Prompts of different lengths must be right-padded (causal attention
+    keeps positions after ``answer_pos`` from reaching the metric); left padding would
+    be attended to. The built-in tasks draw prompts of one length.
     """
 
     tokens: Int[Tensor, "batch pos"]
