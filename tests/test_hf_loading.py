@@ -325,6 +325,48 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
     with pytest.raises(CheckpointError, match="from_hf_qwen3"):
         HookedAttnRes.from_pretrained(tmp_path / "vanilla")
 
+    # the decoder alone (no "model." prefix, no lm_head): named, not a KeyError
+    with pytest.raises(
+        CheckpointError,
+        match=r"the weights of the in-memory Qwen3Model do not match its config \(from_hf_qwen3 "
+        r"takes a Qwen3ForCausalLM\): missing keys .*model.embed_tokens.weight",
+    ):
+        HookedAttnRes.from_hf_qwen3(hf.model)
+
+
+def test_config_fields_that_are_missing_or_not_numbers_are_named(tmp_path):
+    hf = hf_qwen3(num_hidden_layers=2)
+    write_public_qwen3_attnres(tmp_path / "attnres", hf, 2)
+    hf.save_pretrained(tmp_path / "vanilla")
+    for directory, load in (
+        ("attnres", HookedAttnRes.from_pretrained),
+        ("vanilla", HookedAttnRes.from_hf_qwen3),
+    ):
+        path = tmp_path / directory
+        good = json.loads((path / "config.json").read_text())
+        for field, value in (("num_hidden_layers", None), ("hidden_size", 32.0)):
+            config = dict(good)
+            if value is None:
+                del config[field]
+            else:
+                config[field] = value
+            (path / "config.json").write_text(json.dumps(config))
+            with pytest.raises(
+                CheckpointError, match=rf"{path} has {field}={value!r} in its config; expected a"
+            ):
+                load(path)
+        (path / "config.json").write_text(json.dumps(good))
+    path = tmp_path / "attnres"
+    good = json.loads((path / "config.json").read_text())
+    for field, value, expected in (
+        ("attnres_recency_bias_init", None, "a finite number"),
+        ("attnres_recency_bias_init", "3", "a finite number"),
+        ("attnres_num_blocks", True, "an integer >= 1"),
+    ):
+        (path / "config.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(CheckpointError, match=rf"{field}={value!r}; expected {expected}"):
+            HookedAttnRes.from_pretrained(path)
+
 
 @pytest.mark.parametrize("from_directory", [False, True])
 def test_wrapped_projections_are_private_and_multiplied_without_copies(tmp_path, from_directory):

@@ -66,6 +66,16 @@ def rope_theta(config: Any) -> float:
     return float(theta)
 
 
+# the config fields without a default here: the model's shape
+REQUIRED_SIZES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
 def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = ("qwen3",)) -> None:
     """Refuse configs this package cannot reproduce, saying what was found."""
     model_type = _get(config, "model_type")
@@ -78,6 +88,13 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
             f"{where} is not a Qwen3 checkpoint: expected model_type in {list(model_types)}, found "
             f"model_type={model_type!r}, architectures={architectures}{hint}"
         )
+    for name in REQUIRED_SIZES:
+        value = _get(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(
+                f"{where} has {name}={value!r} in its config; expected a positive integer "
+                f"(every one of {list(REQUIRED_SIZES)} must be given)"
+            )
     problems = []
     if _get(config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={_get(config, 'hidden_act')!r} (expected 'silu')")
@@ -181,6 +198,26 @@ def _file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _require_hf_shapes(
+    model: HookedAttnRes,
+    keymap: KeyMap,
+    found: dict[str, tuple[int, ...]],
+    whose: str,
+    config_name: str,
+) -> dict[str, tuple[int, ...]]:
+    """The HF keys and shapes ``model`` needs (``keymap.hf_shapes``), after checking that
+    ``found`` (a checkpoint's keys and shapes, ignored keys and a tied ``lm_head`` aside)
+    has exactly them; the error names the missing, unexpected and mis-shaped keys."""
+    expected = dict(keymap.hf_shapes({n: tuple(t.shape) for n, t in model.state_dict().items()}))
+    found = {k: s for k, s in found.items() if not k.endswith(_IGNORED_HF_KEYS)}
+    if model.cfg.tie_word_embeddings:
+        found.pop("lm_head.weight", None)
+    problem = describe_mismatch(expected, found)
+    if problem:
+        raise CheckpointError(f"the weights {whose} do not match {config_name}: {problem}")
+    return expected
+
+
 def load_hf_weights(
     model: HookedAttnRes,
     files: dict[str, Path],
@@ -195,13 +232,7 @@ def load_hf_weights(
     unexpected and mis-shaped keys. Tensors are copied (``mmap=False``) or memory-mapped
     (see `hooked_attnres.loading.io.read_safetensors`); non-floating tensors are refused.
     """
-    expected = dict(keymap.hf_shapes({n: tuple(t.shape) for n, t in model.state_dict().items()}))
-    found = {k: s for k, s in _file_shapes(files).items() if not k.endswith(_IGNORED_HF_KEYS)}
-    if model.cfg.tie_word_embeddings:
-        found.pop("lm_head.weight", None)
-    problem = describe_mismatch(expected, found)
-    if problem:
-        raise CheckpointError(f"the weights in {where} do not match its config.json: {problem}")
+    expected = _require_hf_shapes(model, keymap, _file_shapes(files), f"in {where}", "config.json")
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for key in expected:
@@ -293,13 +324,17 @@ def _from_hf_qwen3(
     if directory is not None:
         state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where, mmap=mmap)
     else:
+        weights = source.state_dict()  # type: ignore[union-attr]
+        needed = _require_hf_shapes(
+            model,
+            keymap,
+            {key: tuple(tensor.shape) for key, tensor in weights.items()},
+            f"of {where}",
+            "its config (from_hf_qwen3 takes a Qwen3ForCausalLM)",
+        )
         state = {}
-        for key, tensor in source.state_dict().items():  # type: ignore[union-attr]
-            if key.endswith(_IGNORED_HF_KEYS) or (
-                cfg.tie_word_embeddings and key == "lm_head.weight"
-            ):
-                continue
-            name, converted = keymap.to_ours(key, tensor.detach().to(dtype))
+        for key in needed:
+            name, converted = keymap.to_ours(key, weights[key].detach().to(dtype))
             # a private copy (the model must not alias the caller's module) in the HF
             # memory order, which the forward multiplies without copying (hf_keys)
             state[name] = converted.clone()

@@ -17,6 +17,7 @@ base mix the router output with the stream and are refused by name.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -61,17 +62,22 @@ def attnres_overrides(values: dict, where: str) -> dict:
     if mode not in ("block", "full"):
         raise CheckpointError(f"{where} has attnres_mode={mode!r}; expected 'block' or 'full'")
     num_blocks = values.get("attnres_num_blocks", 8)
-    if not isinstance(num_blocks, int) or num_blocks < 1:
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
         raise CheckpointError(
             f"{where} has attnres_num_blocks={num_blocks!r}; expected an integer >= 1"
         )
-    n_layers = values["num_hidden_layers"]
+    bias = values.get("attnres_recency_bias_init", 3.0)
+    if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+        raise CheckpointError(
+            f"{where} has attnres_recency_bias_init={bias!r}; expected a finite number"
+        )
+    n_layers = values["num_hidden_layers"]  # a positive integer (check_qwen3_config)
     return dict(
         attnres_layout="cumulative",
         attnres_mode=mode,
         # more blocks than layers means one layer per block there, as min(N, L) does here
         attnres_num_blocks=min(num_blocks, n_layers),
-        attnres_recency_bias=float(values.get("attnres_recency_bias_init", 3.0)),
+        attnres_recency_bias=float(bias),
     )
 
 
