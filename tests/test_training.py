@@ -469,3 +469,98 @@ def test_a_stop_interrupted_during_its_evaluation_is_found_on_resume(tmp_path, m
     assert result.stopped_early and result.steps == 4
     assert result.history == reference.history
     assert_same_weights(weights(resumed), weights(whole))
+
+
+def whole_run_weights(tmp_path, **overrides) -> dict:
+    tok = task_tokenizer(TASK)
+    whole = build_model("attnres", 0, tok, SHAPE, 2)
+    train(whole, TASK, config(**overrides), tmp_path / "whole", tokenizer=tok, progress=False)
+    return weights(whole)
+
+
+def test_ctrl_c_inside_the_optimizer_update_waits_for_the_step_to_complete(tmp_path, monkeypatch):
+    """A real SIGINT arriving as the 5th update starts: the update and its bookkeeping
+    finish first, so the checkpoint has 5 updates and says step 5, and resuming it equals
+    the uninterrupted run bit for bit."""
+    import signal
+
+    tok = task_tokenizer(TASK)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def signalled_at_update_5(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", signalled_at_update_5)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            model, TASK, config(checkpoint_every=2), tmp_path / "run", tokenizer=tok, progress=False
+        )
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and [r["step"] for r in state["history"]] == [1, 2, 3, 4, 5]
+    resumed = build_model("attnres", 0, tok, SHAPE, 2)
+    train(
+        resumed, TASK, config(checkpoint_every=2), tmp_path / "run", tokenizer=tok, progress=False
+    )
+    assert_same_weights(whole_run_weights(tmp_path, checkpoint_every=2), weights(resumed))
+
+
+def test_an_interrupt_raised_inside_the_optimizer_update_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    """A KeyboardInterrupt raised from inside the 5th update (after it changed the
+    weights): no checkpoint is written from that state, the one of step 4 stays, and
+    resuming it equals the uninterrupted run."""
+    tok = task_tokenizer(TASK)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def raising_after_update_5(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", raising_after_update_5)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        pytest.warns(
+            RuntimeWarning, match=r"inside the optimizer update of step 5.*step 4\) is kept"
+        ),
+    ):
+        train(
+            model, TASK, config(checkpoint_every=2), tmp_path / "run", tokenizer=tok, progress=False
+        )
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    resumed = build_model("attnres", 0, tok, SHAPE, 2)
+    train(
+        resumed, TASK, config(checkpoint_every=2), tmp_path / "run", tokenizer=tok, progress=False
+    )
+    assert_same_weights(whole_run_weights(tmp_path, checkpoint_every=2), weights(resumed))
+
+
+def test_resuming_into_another_model_is_refused_naming_what_differs(tmp_path):
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False, stop_after=3)
+    fewer_blocks = build_model("attnres", 0, tok, SHAPE, 1)  # the same tensors, routed apart
+    before = weights(fewer_blocks)
+    with pytest.raises(
+        ValueError, match=r"different run \(model.config.attnres_num_blocks differs: 2 vs 1\)"
+    ):
+        train(fewer_blocks, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+    assert_same_weights(before, weights(fewer_blocks))  # refused before anything is loaded
+    wider = build_model("attnres", 0, tok, SHAPE, 2).to(torch.float64)
+    with pytest.raises(ValueError, match=r"model.config.dtype differs: 'float32' vs 'float64'"):
+        train(wider, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+    vanilla = build_model("vanilla", 0, tok, SHAPE, 2)
+    with pytest.raises(ValueError, match=r"different run \(model.class differs"):
+        train(vanilla, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)

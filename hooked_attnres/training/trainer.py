@@ -6,7 +6,8 @@
   batch of step ``s`` is ``task.sample(batch_size, data_seed, "train", stream=s)``; the
   learning rate is a function of the step. A checkpoint (model, optimizer, step,
   history) is written atomically every ``checkpoint_every`` steps, at the end, and on
-  ``KeyboardInterrupt``; ``train`` resumes from it.
+  ``KeyboardInterrupt`` (Ctrl-C waits for an optimizer update and its bookkeeping to
+  finish); ``train`` resumes from it, for the same settings and model only.
 * Held-out accuracy on ``eval_size`` test-split prompts every ``eval_every`` steps; a
   tqdm bar shows loss and accuracy.
 
@@ -21,7 +22,10 @@ import dataclasses
 import json
 import math
 import re
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -281,18 +285,38 @@ class _Checkpoint:
         self.overwrite = False  # written with a completion marker from now on
         self.step = state["step"]
 
+    def _require_same_run(self, saved: dict, identity: dict[str, Any]) -> None:
+        for key, value in identity.items():
+            if key not in saved:
+                raise ValueError(
+                    f"{self.directory} does not record its run's {key!r} (written by an older "
+                    "version), so resuming it cannot be checked; use another out_dir or "
+                    "resume=False"
+                )
+            difference = _first_difference(saved[key], value)
+            if difference is not None:
+                field, before, now = difference
+                where = f"{key}.{field}" if field else key
+                raise ValueError(
+                    f"{self.directory} was written by a different run ({where} differs: "
+                    f"{before!r} vs {now!r}); use another out_dir or resume=False"
+                )
+
     def describe(self) -> str:
         if self.step is None:
             return f"no checkpoint had been written to {self.directory} yet"
         return f"the last good checkpoint ({self.directory}, step {self.step}) is kept"
 
-    def load(self, model, optimizer) -> Optional[dict]:
+    def load(self, model, optimizer, identity: dict[str, Any]) -> Optional[dict]:
         """The saved trainer state (model and optimizer restored in place), or ``None``
-        if there is no checkpoint; an interrupted save is recovered first."""
+        if there is no checkpoint; an interrupted save is recovered first. The run's
+        ``identity`` (its settings and model) must equal the saved one, checked before
+        anything is restored."""
         with reading(self.directory):
             if not (self.directory / "trainer_state.json").exists():
                 return None
             state = json.loads((self.directory / "trainer_state.json").read_text())
+            self._require_same_run(state, identity)
             load_model_state(model, self.directory / "model")
             optimizer.load_state_dict(
                 torch.load(self.directory / "optimizer.pt", weights_only=True)
@@ -318,6 +342,62 @@ def _thread_count(threads: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) inside the block and deliver it right after: the
+    optimizer update and the step's bookkeeping are then never cut apart, so the
+    checkpoint written on `KeyboardInterrupt` always has as many updates as steps. The
+    caller's handler gets the signal afterwards (``signal.raise_signal``); outside the
+    main thread, where Python handles no signal, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
+    """``(field, saved value, value now)`` where two JSON values first differ, descending
+    into dicts (``field`` dotted, ``""`` for the values themselves); ``None`` if equal."""
+    if saved == now:
+        return None
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now), key=str):
+            if saved.get(key) != now.get(key):
+                field = f"{path}.{key}" if path else str(key)
+                return _first_difference(saved.get(key), now.get(key), field)
+    return path, saved, now
+
+
+def model_identity(model) -> dict[str, Any]:
+    """What a resumed run's model must share with the checkpoint's: its class, its
+    configuration (not where it runs) and its parameters' dtypes, as JSON values (a model
+    of another layout, depth, number of blocks or dtype would load the same tensors)."""
+    if isinstance(model, HookedAttnRes):
+        config = model.cfg.to_dict()
+        config.pop("device", None)
+    else:  # a transformers model: its config, less what names the files and the version
+        config = model.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            config.pop(volatile, None)
+    return json.loads(
+        json.dumps(
+            {
+                "class": type(model).__name__,
+                "config": config,
+                "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            },
+            default=str,
+        )
+    )
 
 
 def train(
@@ -391,20 +471,15 @@ def train(
             "tasks": [repr(t) for t in tasks],
             "eval_tasks": [repr(t) for t in eval_tasks],
             "description": description or {},
+            "model": model_identity(model),
         }
 
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         step, history, seconds = 0, [], 0.0
-        saved = checkpoint.load(model, optimizer) if resume else None
+        saved = checkpoint.load(model, optimizer, identity) if resume else None
         if saved is not None:
-            for key, value in identity.items():
-                if saved.get(key) != value:
-                    raise ValueError(
-                        f"{checkpoint.directory} was written by a different run ({key} differs: "
-                        f"{saved.get(key)!r} vs {value!r}); use another out_dir or resume=False"
-                    )
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
         stopped = bool(saved.get("stopped_early", False)) if saved is not None else False
 
@@ -435,7 +510,7 @@ def train(
         bar = tqdm(
             total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True
         )
-        started, steps_this_call = time.perf_counter(), 0
+        started, steps_this_call, consistent = time.perf_counter(), 0, True
         try:
             while (
                 step < config.steps
@@ -461,17 +536,22 @@ def train(
                 loss.backward()
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                step += 1
-                steps_this_call += 1
-                # the step's record goes into the history at once: a checkpoint written on
-                # Ctrl-C during the evaluation keeps it, and resuming finishes the evaluation
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": config.lr_at(step - 1),
-                }
-                history.append(record)
+                # the update and its bookkeeping are one unit: Ctrl-C waits until both are
+                # done, and any other interrupt in between leaves the last checkpoint as is
+                consistent = False
+                with _interrupts_deferred():
+                    optimizer.step()
+                    step += 1
+                    steps_this_call += 1
+                    # the step's record goes into the history at once: a checkpoint written
+                    # on Ctrl-C during the evaluation keeps it, and resuming finishes it
+                    record: dict[str, Any] = {
+                        "step": step,
+                        "loss": last_loss,
+                        "lr": config.lr_at(step - 1),
+                    }
+                    history.append(record)
+                    consistent = True
                 fault_point("train_step")  # fault injection for the crash tests (no-op otherwise)
                 if evaluation_due(step):
                     stopped = evaluate_into(record)
@@ -495,7 +575,16 @@ def train(
         except KeyboardInterrupt:
             seconds += time.perf_counter() - started
             bar.close()
-            checkpoint.save(model, optimizer, state(), tokenizer)
+            if consistent:
+                checkpoint.save(model, optimizer, state(), tokenizer)
+            else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
+                warnings.warn(
+                    f"interrupted inside the optimizer update of step {step + 1}: the weights "
+                    f"may be partly updated, so no checkpoint was written; "
+                    f"{checkpoint.describe()}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             raise
         except BaseException:
             bar.close()
