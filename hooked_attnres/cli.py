@@ -93,6 +93,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hooked_attnres._atomic import write_text_atomic
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -153,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 flush=True,
             )
     summary = Path(args.out) / "train_summary.json"
-    summary.write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(summary, json.dumps(results, indent=2) + "\n")
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
         final = float(next(iter(row["accuracy"].values()), float("nan")))

@@ -99,7 +99,8 @@ def load_checkpoint(
     Args:
         directory: the checkpoint directory.
         device: where to put the model (default ``"cpu"``).
-        dtype: parameter dtype (default: the dtype saved in the config).
+        dtype: parameter dtype (default: the dtype saved in the config of this package's
+            format; float32 for a ``qwen3_attnres`` directory, whose config has none).
         model_class: the class to build (default `HookedAttnRes`; ``from_pretrained``
             passes its own).
         mmap: memory-map the weights instead of copying them (see ``docs/loading.md``:
