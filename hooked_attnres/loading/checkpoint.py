@@ -100,7 +100,8 @@ def load_checkpoint(
         directory: the checkpoint directory.
         device: where to put the model (default ``"cpu"``).
         dtype: parameter dtype (default: the dtype saved in the config of this package's
-            format; float32 for a ``qwen3_attnres`` directory, whose config has none).
+            format; float32 for a ``qwen3_attnres`` directory, whatever its config's
+            ``dtype`` says: ``docs/loading.md``).
         model_class: the class to build (default `HookedAttnRes`; ``from_pretrained``
             passes its own).
         mmap: memory-map the weights instead of copying them (see ``docs/loading.md``:
