@@ -350,12 +350,14 @@ def _interrupts_deferred() -> Iterator[None]:
     optimizer update and the step's bookkeeping are then never cut apart, so the
     checkpoint written on `KeyboardInterrupt` always has as many updates as steps. The
     caller's handler gets the signal afterwards (``signal.raise_signal``); outside the
-    main thread, where Python handles no signal, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
+    main thread, where Python handles no signal, or where the handler was not set from
+    Python (it could not be put back), nothing is changed."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
@@ -377,7 +379,7 @@ def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[st
     return path, saved, now
 
 
-def model_identity(model) -> dict[str, Any]:
+def _model_identity(model) -> dict[str, Any]:
     """What a resumed run's model must share with the checkpoint's: its class, its
     configuration (not where it runs) and its parameters' dtypes, as JSON values (a model
     of another layout, depth, number of blocks or dtype would load the same tensors)."""
@@ -471,7 +473,7 @@ def train(
             "tasks": [repr(t) for t in tasks],
             "eval_tasks": [repr(t) for t in eval_tasks],
             "description": description or {},
-            "model": model_identity(model),
+            "model": _model_identity(model),
         }
 
         optimizer = torch.optim.AdamW(
