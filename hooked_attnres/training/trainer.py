@@ -512,7 +512,8 @@ def train(
         bar = tqdm(
             total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True
         )
-        started, steps_this_call, consistent = time.perf_counter(), 0, True
+        started, steps_this_call = time.perf_counter(), 0
+        consistent, updating = True, step  # whether state() matches the weights
         try:
             while (
                 step < config.steps
@@ -540,7 +541,7 @@ def train(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 # the update and its bookkeeping are one unit: Ctrl-C waits until both are
                 # done, and any other interrupt in between leaves the last checkpoint as is
-                consistent = False
+                consistent, updating = False, step + 1
                 with _interrupts_deferred():
                     optimizer.step()
                     step += 1
@@ -581,7 +582,7 @@ def train(
                 checkpoint.save(model, optimizer, state(), tokenizer)
             else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
                 warnings.warn(
-                    f"interrupted inside the optimizer update of step {step + 1}: the weights "
+                    f"interrupted inside the optimizer update of step {updating}: the weights "
                     f"may be partly updated, so no checkpoint was written; "
                     f"{checkpoint.describe()}",
                     RuntimeWarning,
