@@ -136,8 +136,10 @@ the seed paper's claims holds, decided by the criteria pre-registered in `docs/s
 (`hooked_attnres.analysis.motif_report`), never by eye. For each motif (M1-M3) and each
 dissociation (D1-D3): one figure with every seed side by side and the wrapped vanilla
 baseline beside the Block AttnRes conditions, and one sentence generated from the numbers
-with "k of n seeds". Effects are in percent of each model's clean logit difference, with
-95 % bootstrap intervals over held-out prompts. The last cell states the verdicts.
+with "k of n seeds". Effects are in percent of each model's clean logit difference, or in
+logits for a task where some model's clean difference is under 1 logit (the figure titles
+say which), with 95 % bootstrap intervals over held-out prompts. The last cell states the
+verdicts.
 """),
     code("""
 import os
@@ -146,7 +148,7 @@ import tempfile
 import torch
 torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 from IPython.display import Markdown, display
-from hooked_attnres.study import available, run_study
+from hooked_attnres.study import available, get_condition, run_study
 
 shipped = available()                       # {condition: [seeds]} of the shipped checkpoints
 print(shipped)
@@ -155,10 +157,13 @@ result = run_study(tempfile.mkdtemp(), n_prompts=256, n_bootstrap=1000, progress
 result.accuracy
 """),
     code("""
-def claim(name, figure):
-    \"\"\"The figure and the generated sentences of one claim, for every condition.\"\"\"
+def claim(name, task, figure):
+    \"\"\"The figure of one claim for one task and the generated sentences of that task's
+    conditions.\"\"\"
     display(result.figures[figure])
-    rows = result.verdicts[result.verdicts.claim == name]
+    verdicts = result.verdicts
+    on_task = verdicts.condition.map(lambda c: get_condition(c).task == task)
+    rows = verdicts[(verdicts.claim == name) & on_task]
     display(Markdown("\\n".join(f"* **{r.condition}**: {r.sentence}" for r in rows.itertuples())))
 
 tasks = sorted({name.split("_M")[0] for name in result.figures if "_M1" in name})
@@ -167,34 +172,34 @@ print("tasks:", tasks)
     md("## M1: the embedding through early MLP routers"),
     code("""
 for task in tasks:
-    claim("M1", f"{task}_M1")
+    claim("M1", task, f"{task}_M1")
 """),
     md("## M2: the current stream through early attention and MLP routers"),
     code("""
 for task in tasks:
-    claim("M2", f"{task}_M2")
+    claim("M2", task, f"{task}_M2")
 """),
     md("## M3: older history through late attention routers"),
     code("""
 for task in tasks:
-    claim("M3", f"{task}_M3")
+    claim("M3", task, f"{task}_M3")
 """),
     md("## D1: the top-mass family is not the top-effect family (attention, then MLP routers)"),
     code("""
 for task in tasks:
-    claim("D1-attn_res", f"{task}_mass_effect_attn_res")
-    claim("D1-mlp_res", f"{task}_mass_effect_mlp_res")
+    claim("D1-attn_res", task, f"{task}_mass_effect_attn_res")
+    claim("D1-mlp_res", task, f"{task}_mass_effect_mlp_res")
 """),
     md("## D2: in MLP routers, the embedding has under half of current's mass, twice its effect"),
     code("""
 for task in tasks:
-    claim("D2", f"{task}_mass_effect_mlp_res")
+    claim("D2", task, f"{task}_mass_effect_mlp_res")
 """),
     md("## D3: prev_completed carries mass without effect"),
     code("""
 for task in tasks:
-    claim("D3-attn_res", f"{task}_mass_effect_attn_res")
-    claim("D3-mlp_res", f"{task}_mass_effect_mlp_res")
+    claim("D3-attn_res", task, f"{task}_mass_effect_attn_res")
+    claim("D3-mlp_res", task, f"{task}_mass_effect_mlp_res")
 """),
     md("## What this notebook showed"),
     code("""

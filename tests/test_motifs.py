@@ -209,7 +209,9 @@ def test_verdicts_across_seeds_say_k_of_n_and_the_preregistered_word():
         "majority",
         "replicated",
     ]
-    assert verdict_word(1, 2) == "minority" and verdict_word(1, 1) == "replicated"
+    # amendment 3: one seed replicates nothing
+    assert verdict_word(1, 2) == "minority" and verdict_word(1, 1) == "single seed"
+    assert verdict_word(0, 1) == "absent" and verdict_word(2, 2) == "replicated"
     with pytest.raises(ValueError, match="0 <= k <= n"):
         verdict_word(4, 3)
 
@@ -260,6 +262,29 @@ def test_a_mass_summary_without_every_family_at_every_router_is_refused_not_read
     assert (d2.mass_embedding, d2.mass_current) == (0.1, 0.6)
 
 
+def test_criterion_2_as_written_and_as_amended_differ_only_where_the_answer_is_not_preferred():
+    """Amendment 1: with clean <= 0 the 5 % test does not apply (only accuracy can make an
+    effect large); `present_as_written` is the verdict of the criterion as first written,
+    where any harm is at least 5 % of a non-positive clean difference."""
+    cell = ("mlp_res", "early", "embedding")
+    for clean, amended, as_written in ((10.0, True, True), (0.0, False, True), (-2.0, False, True)):
+        report = motif_report(*tables({cell: harmful(-1.0)}, clean=clean)).set_index("claim")
+        assert report.loc["M1", "present"] == amended
+        assert report.loc["M1", "present_as_written"] == as_written
+    # too small for 5 % of a positive clean difference: absent in both readings
+    report = motif_report(*tables({cell: harmful(-0.1)}, clean=10.0)).set_index("claim")
+    assert not report.loc["M1", "present"] and not report.loc["M1", "present_as_written"]
+    # M2 needs both parts in either reading; dissociations are the same in both
+    both = {
+        ("attn_res", "early", "current"): harmful(-1.0),
+        ("mlp_res", "early", "current"): harmful(-1.0),
+    }
+    report = motif_report(*tables(both, clean=-1.0)).set_index("claim")
+    assert report.loc["M2", "present_as_written"] and not report.loc["M2", "present"]
+    dissociations = report[report.kind == "dissociation"]
+    assert (dissociations.present == dissociations.present_as_written).all()
+
+
 def test_verdicts_of_several_unlabelled_seeds_are_refused():
     report = motif_report(*tables())
     with pytest.raises(ValueError, match="2 rows for M1 and no 'seed' column"):
@@ -289,3 +314,49 @@ def test_attribution_estimates_are_refused_where_measured_effects_are_needed():
         motif_report(summary, estimates)
     with pytest.raises(ValueError, match="needs measured effects"):
         dissociation_report(summary.drop(columns="band"), estimates[estimates.group == "all"])
+
+
+def test_the_report_gives_both_readings_of_criterion_2_and_calls_one_seed_a_single_seed(
+    tmp_path,
+):
+    from hooked_attnres.study.report import _conclusion
+    from hooked_attnres.study.run import StudyResult
+
+    cell = ("mlp_res", "early", "embedding")
+    parts = []
+    for seed in range(3):  # harmful where the answer is not preferred: absent as amended
+        summary, effects = tables({cell: harmful(-1.0)}, clean=-1.0, seed=seed)
+        parts.append(motif_report(summary, effects).assign(condition="hard_cumulative_L8"))
+    summary, effects = tables({cell: harmful(-1.0)}, clean=10.0, seed=0)
+    parts.append(motif_report(summary, effects).assign(condition="attnres"))  # one seed
+    motifs = pd.concat(parts, ignore_index=True)
+    empty = pd.DataFrame()
+    result = StudyResult(
+        tmp_path,
+        empty,
+        empty,
+        empty,
+        empty,
+        empty,
+        empty,
+        empty,
+        motifs=motifs,
+        verdicts=motif_verdicts(motifs),
+    )
+    lines = _conclusion(result)
+    assert (
+        "M1: does not hold (0 of 1 trained conditions with several seeds hold it in a "
+        "majority of seeds); present in the single seed of attnres." in lines
+    )
+    differ = [line for line in lines if line.startswith("Criterion 2 as first written")]
+    assert differ == [
+        "Criterion 2 as first written (amendment 1 in docs/study.md) decides 3 per-seed "
+        "verdict(s) differently: "
+        + "; ".join(
+            f"hard_cumulative_L8 seed {s} M1: present as written, absent as amended"
+            for s in range(3)
+        )
+        + "."
+    ]
+    verdicts = result.verdicts.set_index(["condition", "claim"])
+    assert verdicts.loc[("attnres", "M1"), "verdict"] == "single seed"

@@ -2,13 +2,16 @@
 
 The criteria are those written in ``docs/study.md`` ("Pre-registered criteria", 2026-11-28)
 before any condition of the grid was measured; `PREREGISTERED` holds their thresholds and
-`motif_report` applies them to the tables every study produces. Verdicts are generated
-from the numbers (`verdict_sentences`), never typed by hand.
+`motif_report` applies them to the tables every study produces, with the dated
+amendments written below them (1: criterion 2's 5 % test needs a positive clean logit
+difference, and ``present_as_written`` gives each verdict without it; 2: the schedule
+claim's threshold; 3: ``single seed`` instead of ``replicated`` for 1 of 1). Verdicts
+are generated from the numbers (`motif_verdicts`), never typed by hand.
 
 Motifs (family, router type, band), present in a seed when the ablation effect there is
 (1) harmful with a 95 % interval excluding 0, (2) at least 5 % of the clean logit
-difference or at least 2 accuracy points, and (3) the family's most harmful band at that
-router type:
+difference (if it is positive) or at least 2 accuracy points, and (3) the family's most
+harmful band at that router type:
 
 * M1: ``embedding`` through early MLP routers;
 * M2: ``current`` through early attention **and** MLP routers (M2-attn, M2-mlp alone);
@@ -71,6 +74,9 @@ class Criteria:
         d2_effect_ratio: D2: embedding harm at least this times current harm.
         d3_min_mass: D3: prev_completed mass at least this.
         d3_max_effect_fraction: D3: or its |effect| below this fraction of the top harm.
+        schedule_max_deviation: the schedule claim (a recency-wrapped vanilla model routes
+            as the analytic schedule predicts) holds when the largest ``|measured -
+            predicted|`` family mass is at most this (``docs/study.md``, amendment 2).
     """
 
     min_effect_fraction: float = 0.05
@@ -79,6 +85,7 @@ class Criteria:
     d2_effect_ratio: float = 2.0
     d3_min_mass: float = 0.10
     d3_max_effect_fraction: float = 0.10
+    schedule_max_deviation: float = 1e-6
 
 
 PREREGISTERED = Criteria()
@@ -161,12 +168,12 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         harms = {b: -float(cell(router, b, family).effect) for b in BANDS}
         acc = float(accuracy.loc[(router, band, family)].effect) if accuracy is not None else np.nan
         harmful = bool(here.ci_high < 0)
-        # "5 % of the clean logit difference" is undefined for a model that does not
-        # prefer the answer (clean <= 0): only the accuracy criterion can hold there
-        large = bool(
-            (clean > 0 and -here.effect >= criteria.min_effect_fraction * clean)
-            or (not np.isnan(acc) and acc <= -criteria.min_accuracy_drop)
-        )
+        by_accuracy = bool(not np.isnan(acc) and acc <= -criteria.min_accuracy_drop)
+        by_size = bool(-here.effect >= criteria.min_effect_fraction * clean)
+        # amendment 1 (docs/study.md): "5 % of the clean logit difference" is undefined
+        # for a model that does not prefer the answer (clean <= 0): only the accuracy
+        # criterion can hold there; as first written, any harm met it
+        large = (clean > 0 and by_size) or by_accuracy
         localised = harms[band] >= max(harms.values())
         return dict(
             effect=float(here.effect),
@@ -180,6 +187,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             localised=localised,
             largest_band=max(harms, key=lambda b: harms[b]),
             present=harmful and large and localised,
+            present_as_written=harmful and (by_size or by_accuracy) and localised,
         )
 
     for claim, (family, routers, band, _) in MOTIFS.items():
@@ -191,9 +199,12 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             router="+".join(routers),
             band=band,
             present=all(p["present"] for p in parts),
+            present_as_written=all(p["present_as_written"] for p in parts),
         )
         if len(parts) == 1:
-            row.update({k: v for k, v in parts[0].items() if k != "present"})
+            row.update(
+                {k: v for k, v in parts[0].items() if k not in ("present", "present_as_written")}
+            )
         else:  # M2: the numbers are those of its parts, M2-attn and M2-mlp
             row.update(clean=clean)
         rows.append(row)
@@ -268,6 +279,8 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             present=mass_ok and effect_ok,
         )
     )
+    for row in rows:  # amendment 1 changes criterion 2 of the motifs only
+        row.setdefault("present_as_written", row["present"])
     order = {claim: i for i, claim in enumerate(CLAIMS)}
     return sorted(rows, key=lambda r: order[r["claim"]])
 
@@ -319,10 +332,14 @@ def motif_report(
 
 
 def verdict_word(k: int, n: int) -> str:
-    """``replicated`` (k = n), ``majority`` (n/2 < k < n), ``minority`` (0 < k <= n/2) or
-    ``absent`` (k = 0): the pre-registered summary of "present in k of n seeds"."""
+    """``replicated`` (k = n >= 2), ``majority`` (n/2 < k < n), ``minority`` (0 < k <=
+    n/2) or ``absent`` (k = 0): the pre-registered summary of "present in k of n seeds";
+    ``single seed`` (k = n = 1; amendment 3 of ``docs/study.md``: one seed replicates
+    nothing)."""
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if k == n == 1:
+        return "single seed"
     if k == n:
         return "replicated"
     if k == 0:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
-from hooked_attnres.analysis.motifs import CLAIMS, claim_text
+from hooked_attnres.analysis.motifs import CLAIMS, PREREGISTERED, claim_text
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.conditions import get_condition
 
@@ -51,16 +51,22 @@ def _conclusion(result: StudyResult) -> list[str]:
         rows = verdicts[(verdicts.claim == claim) & verdicts.condition.isin(trained)]
         if rows.empty:
             continue
+        seeded = rows[rows.n > 1]  # one seed replicates nothing (amendment 3)
         held = [
             f"{r.condition} ({r.k}/{r.n})"
-            for r in rows.itertuples()
+            for r in seeded.itertuples()
             if r.verdict in ("replicated", "majority")
         ]
-        lines.append(
+        line = (
             f"{claim}: {'holds in ' + ', '.join(held) if held else 'does not hold'} "
-            f"({len(held)} of {len(rows)} trained conditions hold it in a majority of "
-            "seeds)."
+            f"({len(held)} of {len(seeded)} trained conditions with several seeds hold it in "
+            "a majority of seeds)"
         )
+        single = rows[(rows.n == 1) & (rows.k == 1)]
+        if not single.empty:
+            line += f"; present in the single seed of {', '.join(single.condition)}"
+        lines.append(line + ".")
+    lines += _as_written_lines(result)
     d1 = result.motifs[
         result.motifs.claim.str.startswith("D1") & result.motifs.condition.isin(trained)
     ]
@@ -81,6 +87,30 @@ def _conclusion(result: StudyResult) -> list[str]:
     return lines
 
 
+def _as_written_lines(result: StudyResult) -> list[str]:
+    """The per-seed verdicts that criterion 2 as first written (without amendment 1's
+    positive clean logit difference) decides differently (generated from the numbers)."""
+    motifs = result.motifs
+    if motifs.empty or "present_as_written" not in motifs.columns:
+        return []
+    differ = motifs[motifs.present != motifs.present_as_written]
+    if differ.empty:
+        return [
+            "Criterion 2 as first written (amendment 1 in docs/study.md) gives every per-seed "
+            "verdict the same."
+        ]
+    cases = "; ".join(
+        f"{r.condition} seed {r.seed} {r.claim}: "
+        f"{'present' if r.present_as_written else 'absent'} as written, "
+        f"{'present' if r.present else 'absent'} as amended"
+        for r in differ.itertuples()
+    )
+    return [
+        f"Criterion 2 as first written (amendment 1 in docs/study.md) decides "
+        f"{len(differ)} per-seed verdict(s) differently: {cases}."
+    ]
+
+
 def _schedule_sentences(result: StudyResult) -> list[str]:
     if result.schedule.empty:
         return []
@@ -88,12 +118,14 @@ def _schedule_sentences(result: StudyResult) -> list[str]:
     out = []
     for condition, part in worst.groupby(level=0):
         largest = float(part.max())
-        ok = "holds" if largest <= 1e-6 else "does not hold"
+        threshold = PREREGISTERED.schedule_max_deviation
+        ok = "holds" if largest <= threshold else "does not hold"
+        written = f"{threshold:.0e}".replace("e-0", "e-")  # 1e-6, as docs/study.md writes it
         out.append(
             f"Recency-wrapped {condition}: the routing equals the analytic schedule to "
             f"{largest:.1e} (largest |measured - predicted| family mass over routers, "
             f"layers, prompts and {len(part)} seed(s)); the claim {ok} (criterion "
-            "<= 1e-6)."
+            f"<= {written}, amendment 2)."
         )
     return out
 
@@ -168,7 +200,8 @@ def document(result: StudyResult) -> list[Block]:
                 "p",
                 "Per condition and claim, the seeds in which the claim holds (pre-registered "
                 "words: replicated = every seed, majority = more than half, minority, "
-                "absent = none). The claims:",
+                "absent = none; single seed = the one seed of a condition with one, "
+                "amendment 3). The claims:",
             ),
             ("table", _claim_legend()),
             ("table", verdict_matrix(result.verdicts)),
