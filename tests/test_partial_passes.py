@@ -147,3 +147,45 @@ def test_bad_partial_passes_are_refused(model, tokens, positions):
     with pytest.raises(ValueError, match="cannot be combined with stop_at_layer or a loss"):
         model(tokens, logit_positions=positions, return_type="loss")
     assert isinstance(model(tokens, stop_at_layer=2), DepthState)
+
+
+@pytest.mark.parametrize("start", ["start_at_layer", "forward_from"])
+def test_an_in_place_hook_edit_does_not_reach_the_callers_state(model, tokens, start):
+    """TransformerLens's patch setters edit in place: a hook on the first layer's
+    hook_resid_pre of a run started from a cached state must leave that state as it was,
+    so that it can start the next run."""
+    states = model.depth_states(tokens)
+    state = states[2]
+    before = state.current.clone()
+    clean = model(state, start_at_layer=2)
+
+    def zero_position_3(x, hook):
+        x[:, 3] = 0.0
+        return x
+
+    hooks = [("blocks.2.hook_resid_pre", zero_position_3)]
+    if start == "start_at_layer":
+        edited = model.run_with_hooks(state, start_at_layer=2, fwd_hooks=hooks)
+    else:
+        with model.hooks(fwd_hooks=hooks):
+            edited = model.forward_from(state, 4)
+    assert (edited - clean).abs().max() > 1e-3  # the edit took effect in that run
+    assert torch.equal(state.current, before)
+    assert torch.equal(model(state, start_at_layer=2), clean)
+
+
+def test_models_built_from_one_config_do_not_share_it():
+    from hooked_attnres import HookedAttnRes
+
+    first = tiny_model(attnres_layout="kimi", tie_word_embeddings=True)
+    second = HookedAttnRes(first.cfg)
+    assert second.cfg is not first.cfg and second.cfg == first.cfg
+    second.load_state_dict(first.state_dict())
+    tokens = torch.randint(0, first.cfg.d_vocab, (2, 6))
+    before = second(tokens)
+    first.fold_layer_norm()
+    first.double()
+    assert second.cfg.tie_word_embeddings and not second.cfg.layer_norm_folding
+    assert second.cfg.dtype == torch.float32
+    second.fold_layer_norm()
+    torch.testing.assert_close(second(tokens), before, atol=1e-5, rtol=0)

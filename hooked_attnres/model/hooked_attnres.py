@@ -6,6 +6,8 @@ Read top to bottom: embedding -> ``n_layers`` x `AttnResBlock` (each threads a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from hooked_attnres.model.depth import (
 )
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
-from hooked_attnres.model.norms import RMSNorm, make_hook, stat_dtype
+from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 from hooked_attnres.model.tl_methods import TLMethodsMixin
@@ -120,7 +122,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             raise TypeError(
                 f"cfg must be a HookedAttnResConfig or a dict, got {type(cfg).__name__}"
             )
-        self._cfg = cfg
+        # a private copy: folding or converting this model edits its config, which must
+        # not reach another model built from the same object
+        cfg = self._cfg = copy.copy(cfg)
         self.routing_layout = RoutingLayout.from_config(cfg)
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = make_hook()
@@ -303,6 +307,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"stop_at_layer) and cannot enter {entering} (sublayer {expected}); use "
                 f"states[{expected}] of depth_states(tokens, sublayers=True)"
             )
+        if sublayer == "attn" and layer < self.cfg.n_layers:
+            if is_observed(self.blocks[layer].hook_resid_pre):
+                # the hook is handed the caller's tensor: a copy, so that an in-place edit
+                # does not reach the state, which may start other runs
+                return dataclasses.replace(state, current=state.current.clone())
         return state
 
     def _validate_logit_positions(
