@@ -702,3 +702,67 @@ def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broa
     model.run_with_hooks(tokens, fwd_hooks=set_weights(model, uniform, routers=[site]))
     with pytest.raises(KeyError, match=r"no entry for attn_res layer 2 \(key \(2, 'attn_res'\)"):
         set_weights(model, {(2, "mlp_res"): uniform}, layers=2)
+
+
+def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout, tokens):
+    """positions= address the whole sequence: a key-value cache chunk (its position 0 is
+    a later position of the sequence) and the last layer of a logit_positions pass (one
+    position per prompt) refuse them; positions=None works there and gives the full run's
+    numbers."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed(routed_layout)
+    last = model.cfg.n_layers - 1
+    at_zero = mask_sources(model, "current", routers="mlp_res", layers=last, positions=0)
+    everywhere = mask_sources(model, "current", routers="mlp_res", layers=last)
+    answer = torch.tensor([8, 5, 3])
+    rows = torch.arange(3)
+    with model.hooks(fwd_hooks=at_zero):
+        full = model(tokens)  # the whole sequence: allowed
+        with pytest.raises(ValueError, match=r"positions=0 .* sees 1 position\(s\) of a 9"):
+            model(tokens, logit_positions=answer)
+        cache = KeyValueCache.init_cache(model.cfg)
+        first = model(tokens[:, :5], past_kv_cache=cache)  # the start of the sequence
+        torch.testing.assert_close(first, full[:, :5], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"its position 0 is the sequence's position 5"):
+            model(tokens[:, 5:], past_kv_cache=cache)
+        with pytest.raises(ValueError, match="positions=0 refers to positions of the whole"):
+            model.generate(
+                tokens, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False
+            )
+        model.generate(
+            tokens,
+            max_new_tokens=2,
+            do_sample=False,
+            stop_at_eos=False,
+            use_past_kv_cache=False,
+            verbose=False,
+        )
+    with model.hooks(fwd_hooks=everywhere):
+        full = model(tokens)
+        gathered = model(tokens, logit_positions=answer)
+        torch.testing.assert_close(gathered[:, 0], full[rows, answer], atol=1e-5, rtol=0)
+        cache = KeyValueCache.init_cache(model.cfg)
+        parts = [
+            model(tokens[:, :5], past_kv_cache=cache),
+            model(tokens[:, 5:], past_kv_cache=cache),
+        ]
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_a_mean_over_the_prompts_is_refused_where_their_positions_differ(tokens):
+    model = routed("kimi")
+    last = model.cfg.n_layers - 1
+    mean = patch_sources(model, "embedding", "mean", routers="mlp_res", layers=last)
+    with model.hooks(fwd_hooks=mean):
+        full = model(tokens)
+        with pytest.raises(ValueError, match=r"value='mean' .* logit_positions"):
+            model(tokens, logit_positions=torch.tensor([8, 5, 3]))
+        from hooked_attnres import KeyValueCache
+
+        cache = KeyValueCache.init_cache(model.cfg)  # aligned positions: allowed
+        parts = [
+            model(tokens[:, :5], past_kv_cache=cache),
+            model(tokens[:, 5:], past_kv_cache=cache),
+        ]
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)

@@ -38,6 +38,7 @@ from hooked_attnres.interventions.selection import (
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
+from hooked_attnres.model.passes import require_whole_sequence
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -48,9 +49,11 @@ Value = Union[str, Tensor, Mapping]
 
 
 def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
-    """``[pos]`` bool mask of the positions an edit applies to (``None``: all)."""
+    """``[pos]`` bool mask of the positions an edit applies to (``None``: all); refused in
+    a pass that runs part of the sequence (`require_whole_sequence`)."""
     if positions is None:
         return None
+    require_whole_sequence(n_pos, f"positions={positions!r}")
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
     mask[position_index(positions, n_pos, device)] = True
     return mask
@@ -107,6 +110,8 @@ def resolve_value(
         if value == "zero":
             return torch.zeros_like(current)
         if value == "mean":
+            # the prompts' positions must line up (not after a logit_positions gather)
+            require_whole_sequence(current.shape[1], "value='mean'", cached_ok=True)
             return current.mean(dim=0, keepdim=True).expand_as(current)
         raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
     if _is_cache(value):

@@ -31,6 +31,7 @@ from hooked_attnres.model.depth import (
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
+from hooked_attnres.model.passes import pass_extent
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 from hooked_attnres.model.tl_methods import TLMethodsMixin
@@ -481,16 +482,21 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                     "cannot be combined with stop_at_layer or a loss"
                 )
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
+        n_past = self._n_past(past_kv_cache)  # before the context extends the cache
         context = self._attention_context(state, mask, past_kv_cache)
         shared_sums = SharedSums(self)
-        state = self._run_sublayers(
-            state, range(2 * layers.start, 2 * layers.stop), context, shared_sums, logit_positions
-        )
-        if stop_at_layer is not None:
-            setattr(state, _ENTERING, 2 * layers.stop)
-            return state
-
-        logits = self._unembed(state, shared_sums)
+        with pass_extent(n_past, state.current.shape[1]):
+            state = self._run_sublayers(
+                state,
+                range(2 * layers.start, 2 * layers.stop),
+                context,
+                shared_sums,
+                logit_positions,
+            )
+            if stop_at_layer is not None:
+                setattr(state, _ENTERING, 2 * layers.stop)
+                return state
+            logits = self._unembed(state, shared_sums)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -632,14 +638,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
-        for block in self.blocks:
-            if sublayers:
-                state = block.attn_sublayer(state, context, shared_sums=shared_sums)
+        with pass_extent(0, tokens.shape[1]):
+            for block in self.blocks:
+                if sublayers:
+                    state = block.attn_sublayer(state, context, shared_sums=shared_sums)
+                    states.append(state)
+                    state = block.mlp_sublayer(state, shared_sums)
+                else:
+                    state = block(state, context, shared_sums=shared_sums)
                 states.append(state)
-                state = block.mlp_sublayer(state, shared_sums)
-            else:
-                state = block(state, context, shared_sums=shared_sums)
-            states.append(state)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
             setattr(entering, _ENTERING, index if sublayers else 2 * index)
         return states
@@ -685,10 +692,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)
         shared_sums = SharedSums(self)
-        state = self._run_sublayers(
-            state, range(sublayer, n_sublayers), context, shared_sums, logit_positions
-        )
-        return self._unembed(state, shared_sums)
+        with pass_extent(0, state.current.shape[1]):
+            state = self._run_sublayers(
+                state, range(sublayer, n_sublayers), context, shared_sums, logit_positions
+            )
+            return self._unembed(state, shared_sums)
 
     # --- checkpoints ------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path], **kwargs) -> Path:

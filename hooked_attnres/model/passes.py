@@ -1,0 +1,68 @@
+"""Which positions of the sequence the running forward pass covers.
+
+A hook sees the positions its pass runs: a pass with a key-value cache runs only the new
+positions (its position 0 is the sequence's position ``n_past``), and after the last
+attention a ``logit_positions`` pass runs one position per prompt. An intervention that
+addresses positions of the whole sequence (``positions=``) would silently move there, so
+the model records the extent of every pass (`pass_extent`) and such a hook checks it
+(`require_whole_sequence`) before it resolves a position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class PassExtent:
+    """The positions a forward pass runs: ``length`` positions after ``n_past`` cached
+    ones (``length`` counts every position the pass starts with, before a
+    ``logit_positions`` pass narrows to one per prompt)."""
+
+    n_past: int
+    length: int
+
+
+_CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
+
+
+@contextmanager
+def pass_extent(n_past: int, length: int) -> Iterator[None]:
+    """Record the running pass's extent for the hooks that fire inside the block (a pass
+    started from inside a hook restores the outer one afterwards)."""
+    token = _CURRENT.set(PassExtent(n_past, length))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def require_whole_sequence(n_pos: int, what: str, cached_ok: bool = False) -> None:
+    """Raise unless a hook that sees ``n_pos`` positions sees the whole sequence of the
+    running pass (outside any pass, or in a full pass, nothing to check). ``cached_ok``:
+    also accept a key-value cache pass over the new positions (for an operation that is
+    the same at every position, such as a mean over the prompts); ``what`` names the
+    operation in the error."""
+    extent = _CURRENT.get()
+    if extent is None or (n_pos == extent.length and (extent.n_past == 0 or cached_ok)):
+        return
+    if n_pos != extent.length:
+        why = (
+            "after the last attention a logit_positions pass runs one position per prompt, "
+            "each prompt's own"
+        )
+    else:
+        why = (
+            f"a pass with a key-value cache runs only the new positions (its position 0 is "
+            f"the sequence's position {extent.n_past})"
+        )
+    raise ValueError(
+        f"{what} refers to positions of the whole sequence, but this hook sees {n_pos} "
+        f"position(s) of a {extent.n_past + extent.length}-position sequence: {why}. Run the "
+        "whole sequence in one pass (no key-value cache, no logit_positions; generate(..., "
+        "use_past_kv_cache=False)), or intervene at every position (positions=None)"
+    )
