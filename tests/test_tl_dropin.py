@@ -389,6 +389,39 @@ def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):
         assert torch.allclose(logits, expected, atol=1e-5)
 
 
+def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_partial_caches(
+    case,
+):
+    """A local patch_sources edits one router's copy of its sources, not the depth state:
+    the lens reads the states as stored (as stop_at_layer returns them) in every layout;
+    a cache of a logit_positions run is refused, not read at mixed positions."""
+    from hooked_attnres.analysis import lens_hook_names
+    from hooked_attnres.interventions import patch_sources
+
+    model = case.model
+    if not model.routing_layout.has_routers:
+        with pytest.raises(ValueError, match="no routers"):
+            patch_sources(model, "embedding", "zero", routers="attn_res", layers=2)
+        return
+    local = patch_sources(model, "embedding", "zero", routers="attn_res", layers=2)
+    with model.hooks(fwd_hooks=local):
+        _, cache = model.run_with_cache(case.clean)
+        lens = routing_lens(model, cache)
+        for layer in range(1, model.cfg.n_layers + 1):
+            state = model(case.clean, stop_at_layer=layer)
+            stream = model.final_res(state.sources) if case.routed_final else state.current
+            expected = model.ln_final(stream) @ model.W_U
+            assert torch.allclose(lens.logits[layer], expected, atol=1e-5), layer
+        # the router did read the patched copy: the patch changed the run
+        assert not torch.allclose(lens.logits[-1], case.logits, atol=1e-3)
+    names = lens_hook_names(model)
+    _, partial = model.run_with_cache(
+        case.clean, names_filter=names, logit_positions=torch.tensor([3, 1])
+    )
+    with pytest.raises(ValueError, match="cover different numbers of positions.*logit_positions"):
+        routing_lens(model, partial)
+
+
 # --- depth-state patching ---------------------------------------------------------------
 def test_depth_state_patching(case):
     model = case.model

@@ -96,6 +96,23 @@ def _resid_name(model: Any, point: int) -> str:
     return get_act_name("resid_mid" if is_mlp else "resid_pre", layer)
 
 
+def state_source_names(model: Any, point: int) -> list[str]:
+    """The hooks that hold, as stored, each source of the depth state read at sublayer
+    ``point`` (the order of the reading router's ``hook_sources``): ``hook_embed`` and the
+    commit hooks for the embedding and the committed blocks, ``hook_resid_*`` for the
+    current stream. Unlike the router's ``hook_sources`` (its own copy), these are what
+    every later reader sees: an edit of one router's sources does not show in them."""
+    layout = model.routing_layout
+    site = layout.reader(point)
+    if site is None:
+        return [_resid_name(model, point)]
+    commits = layout.commit_hooks()
+    return [
+        _resid_name(model, point) if label == "current" else commits[label]
+        for label in layout.labels(site)
+    ]
+
+
 class AttnResActivationCache(ActivationCache):
     """A TransformerLens ``ActivationCache`` (``isinstance`` holds) whose residual-stream
     analyses are exact in every layout or refuse; see the module docstring.
@@ -455,11 +472,11 @@ class AttnResActivationCache(ActivationCache):
         return (stack, labels) if return_labels else stack
 
     def _state_mixture(self, point: int) -> Float[Tensor, "*batch_and_pos d_model"]:
-        """The final router applied to the sources of the depth state at ``point``."""
-        site = self.model.routing_layout.reader(point)
-        sources = self._need(site.hook("sources"))
+        """The final router applied to the sources of the depth state at ``point``, as
+        stored (`state_source_names`)."""
+        sources = [self._need(name) for name in state_source_names(self.model, point)]
         final = self.model.router(None, "final_res")
-        return final.mix(list(sources.unbind(dim=-2)))[0]
+        return final.mix(sources)[0]
 
     def logit_lens(self, **kwargs: Any) -> Any:
         """TransformerLens's logit lens (``transformer_lens.tools.analysis.logit_lens``)
