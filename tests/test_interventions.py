@@ -674,7 +674,7 @@ def test_selection_errors_name_the_problem(tokens):
         patch_committed(model, 0)
     with pytest.raises(
         ValueError,
-        match=r"positions \[99\] must be integers in \[-\d+, \d+\) \(this run has \d+ tokens\)",
+        match=r"positions \(99,\) must be integers in \[-\d+, \d+\) \(this run has \d+ tokens\)",
     ):
         model.run_with_hooks(
             tokens, fwd_hooks=mask_sources(model, "embedding", layers=3, positions=[99])
@@ -719,14 +719,14 @@ def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout
     rows = torch.arange(3)
     with model.hooks(fwd_hooks=at_zero):
         full = model(tokens)  # the whole sequence: allowed
-        with pytest.raises(ValueError, match=r"positions=0 .* sees 1 position\(s\) of a 9"):
+        with pytest.raises(ValueError, match=r"positions=\(0,\) .* sees 1 position\(s\) of a 9"):
             model(tokens, logit_positions=answer)
         cache = KeyValueCache.init_cache(model.cfg)
         first = model(tokens[:, :5], past_kv_cache=cache)  # the start of the sequence
         torch.testing.assert_close(first, full[:, :5], atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match=r"its position 0 is the sequence's position 5"):
             model(tokens[:, 5:], past_kv_cache=cache)
-        with pytest.raises(ValueError, match="positions=0 refers to positions of the whole"):
+        with pytest.raises(ValueError, match=r"positions=\(0,\) refers to positions of the whole"):
             model.generate(
                 tokens, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False
             )
@@ -766,3 +766,14 @@ def test_a_mean_over_the_prompts_is_refused_where_their_positions_differ(tokens)
             model(tokens[:, 5:], past_kv_cache=cache),
         ]
         torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_ablations_at_different_positions_are_different_ablations(tokens):
+    from hooked_attnres.interventions import Ablation
+
+    model = routed("cumulative")
+    at = {p: Ablation.compile(model, "current", positions=p) for p in (0, 1)}
+    assert at[0] != at[1] and len({at[0], at[1]}) == 2
+    same = [Ablation.compile(model, "current", positions=p) for p in (3, [3], torch.tensor([3]))]
+    assert same[0] == same[1] == same[2] and same[0].positions == (3,)
+    assert Ablation.compile(model, "current") != at[0]

@@ -15,8 +15,8 @@ ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -180,15 +180,22 @@ class Ablation:
             ``i`` of that router is masked. Only routers where something is masked.
         skipped: sites where the selection was every source (left alone, with
             ``on_full="skip"``).
-        positions: only mask at these positions (``None``: all; an int, a list or a
-            tensor, checked against the run's length when the hook runs).
+        positions: only mask at these positions (``None``: all; given as an int, a list
+            or a tensor, kept as a tuple of ints, so that ablations at different positions
+            compare unequal; checked against the run's length when the hook runs).
         what: a description used in error messages.
     """
 
     masks: tuple[tuple[RouterSite, tuple[bool, ...]], ...]
     skipped: tuple[RouterSite, ...] = ()
-    positions: Any = field(default=None, compare=False)
+    positions: Optional[tuple[int, ...]] = None
     what: str = "this ablation"
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions)
+        if self.positions is not None:
+            flat = torch.as_tensor(self.positions).reshape(-1).tolist()
+            object.__setattr__(self, "positions", tuple(int(p) for p in flat))
 
     @classmethod
     def compile(
