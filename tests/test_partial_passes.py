@@ -149,6 +149,7 @@ def test_bad_partial_passes_are_refused(model, tokens, positions):
     assert isinstance(model(tokens, stop_at_layer=2), DepthState)
 
 
+@pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")  # meant
 @pytest.mark.parametrize("start", ["start_at_layer", "forward_from"])
 def test_an_in_place_hook_edit_does_not_reach_the_callers_state(model, tokens, start):
     """TransformerLens's patch setters edit in place: a hook on the first layer's
