@@ -742,12 +742,16 @@ def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout
         full = model(tokens)
         gathered = model(tokens, logit_positions=answer)
         torch.testing.assert_close(gathered[:, 0], full[rows, answer], atol=1e-5, rtol=0)
-        cache = KeyValueCache.init_cache(model.cfg)
-        parts = [
-            model(tokens[:, :5], past_kv_cache=cache),
-            model(tokens[:, 5:], past_kv_cache=cache),
-        ]
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(in_two_cached_chunks(model, tokens), full, atol=1e-5, rtol=0)
+
+
+def in_two_cached_chunks(model, tokens, split: int = 5) -> torch.Tensor:
+    """The logits of ``tokens`` from two passes that share a key-value cache."""
+    from hooked_attnres import KeyValueCache
+
+    cache = KeyValueCache.init_cache(model.cfg)
+    first = model(tokens[:, :split], past_kv_cache=cache)
+    return torch.cat([first, model(tokens[:, split:], past_kv_cache=cache)], dim=1)
 
 
 def test_a_mean_over_the_prompts_is_refused_where_their_positions_differ(tokens):
@@ -758,14 +762,8 @@ def test_a_mean_over_the_prompts_is_refused_where_their_positions_differ(tokens)
         full = model(tokens)
         with pytest.raises(ValueError, match=r"value='mean' .* logit_positions"):
             model(tokens, logit_positions=torch.tensor([8, 5, 3]))
-        from hooked_attnres import KeyValueCache
-
-        cache = KeyValueCache.init_cache(model.cfg)  # aligned positions: allowed
-        parts = [
-            model(tokens[:, :5], past_kv_cache=cache),
-            model(tokens[:, 5:], past_kv_cache=cache),
-        ]
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+        # a cached pass: the prompts' positions line up, allowed
+        torch.testing.assert_close(in_two_cached_chunks(model, tokens), full, atol=1e-5, rtol=0)
 
 
 def test_ablations_at_different_positions_are_different_ablations(tokens):
