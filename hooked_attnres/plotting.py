@@ -256,12 +256,38 @@ def patching_heatmap(
     return _finish(fig, title, 160 + 34 * len(row_labels))
 
 
+def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy: str) -> None:
+    """Refuse a table with several rows for one cell of the figure (several models, seeds,
+    conditions or depth bands would be paired or drawn on top of each other)."""
+    repeated = table.duplicated(list(keys))
+    if repeated.any():
+        first = table[repeated].iloc[0]
+        cell = ", ".join(f"{key}={first[key]!r}" for key in keys)
+        same = table[(table[list(keys)] == first[list(keys)]).all(axis=1)]
+        extra = [
+            c
+            for c in ("condition", "seed", "band", "group")
+            if c in table and c not in keys and same[c].nunique() > 1
+        ]
+        raise ValueError(
+            f"{what} has several rows for {cell}"
+            + (f" (they differ in {extra})" if extra else "")
+            + f"; {remedy}"
+        )
+
+
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
+    remedy = (
+        "pass one model's tables, with the mass summarised by ('router', 'family') "
+        "(for several seeds or conditions use mass_effect_by_seed)"
+    )
+    _require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
+    _require_one_row(chosen, ("router", "family"), "effects", remedy)
     return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", ""))
 
 
@@ -399,6 +425,12 @@ def effect_bands(
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
+    _require_one_row(
+        chosen,
+        ("router", "group", "family"),
+        "effects",
+        "pass one model's effects (for several seeds or conditions use effects_by_seed)",
+    )
     chosen, unit = _scaled(chosen, relative and metric == "logit_diff")
     groups = (
         list(groups)

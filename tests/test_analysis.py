@@ -291,6 +291,78 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
         )
 
 
+def _plot_tables(seeds=(0,), bands=("all",)):
+    """Mass summary and effects tables shaped like the study's, with distinct numbers."""
+    rng = np.random.default_rng(0)
+    mass, effects = [], []
+    for seed in seeds:
+        for router in ("attn_res", "mlp_res"):
+            for family in FAMILIES:
+                for band in bands:
+                    m = float(rng.uniform())
+                    mass.append(
+                        dict(
+                            seed=seed,
+                            router=router,
+                            band=band,
+                            family=family,
+                            mass=m,
+                            ci_low=m - 0.01,
+                            ci_high=m + 0.02,
+                        )
+                    )
+                for group in ("early", "all"):
+                    e = float(rng.normal())
+                    effects.append(
+                        dict(
+                            seed=seed,
+                            router=router,
+                            group=group,
+                            family=family,
+                            metric="logit_diff",
+                            clean=4.0,
+                            effect=e,
+                            ci_low=e - 0.1,
+                            ci_high=e + 0.2,
+                        )
+                    )
+    return pd.DataFrame(mass), pd.DataFrame(effects)
+
+
+def test_mass_effect_plots_refuse_tables_of_several_models_or_bands():
+    # one model: one point / bar per router and family, at the table's numbers
+    mass, effects = _plot_tables()
+    scatter = plotting.mass_effect_scatter(mass, effects)
+    assert len(scatter.data) == 2 * len(FAMILIES)
+    for trace in scatter.data:
+        family, router = trace.name.split(" (")[0], trace.marker.symbol
+        router = {"circle": "attn_res", "square": "mlp_res"}[router]
+        row = effects[
+            (effects.router == router) & (effects.family == family) & (effects.group == "all")
+        ].iloc[0]
+        assert trace.x[0] == mass[(mass.router == router) & (mass.family == family)].mass.item()
+        assert trace.y[0] == pytest.approx(abs(row.effect))
+    # a mass summary per depth band would pair every band's mass with the overall effect
+    # (32 points instead of 8), and two seeds would pair seed 0's mass with seed 1's effect
+    banded, _ = _plot_tables(bands=("early", "middle", "late", "all"))
+    with pytest.raises(
+        ValueError,
+        match=r"mass_summary has several rows for router='attn_res'"
+        r", family='embedding' \(they differ in \['band'\]\)",
+    ):
+        plotting.mass_effect_scatter(banded, effects)
+    two_mass, two_effects = _plot_tables(seeds=(0, 1))
+    for plot in (plotting.mass_effect_scatter, plotting.mass_effect_bars):
+        with pytest.raises(ValueError, match="several rows .* use mass_effect_by_seed"):
+            plot(two_mass, two_effects)
+        with pytest.raises(ValueError, match="effects has several rows for router='attn_res'"):
+            plot(mass, two_effects)
+    with pytest.raises(
+        ValueError, match="several rows for router='attn_res', group='early'.*use effects_by_seed"
+    ):
+        plotting.effect_bands(two_effects)
+
+
 # --- further checks -------------------------------------------------------------------------------
 
 
