@@ -42,6 +42,26 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores - load)))
 
 
+def _integer_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (refused at parse time, before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its message
+    return parse
+
+
+POSITIVE = _integer_at_least(1)
+NON_NEGATIVE = _integer_at_least(0)
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -215,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument(
         "--threads",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="torch threads (default: the free cores, "
         f"{default_threads()} now; more threads than free cores is slower)",
@@ -236,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="condition names (`hooked-attnres list` shows them and their shipped seeds), "
         "'both' (the original attnres and vanilla) or 'grid' (every grid condition)",
     )
-    train.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds")
+    train.add_argument("--seeds", type=NON_NEGATIVE, nargs="+", default=[0], help="model seeds")
     train.add_argument("--out", default="runs", help="output folder")
     train.add_argument(
         "--steps",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="optimiser steps (the warm-up scales with them); original two only",
     )
@@ -283,10 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditions to study (default: every one with a checkpoint)",
     )
     study.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="model seeds (default: every seed found)"
+        "--seeds",
+        type=NON_NEGATIVE,
+        nargs="+",
+        default=None,
+        help="model seeds (default: every seed found)",
     )
-    study.add_argument("--prompts", type=int, default=256, help="held-out probe prompts per model")
-    study.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    study.add_argument(
+        "--prompts", type=POSITIVE, default=256, help="held-out probe prompts per model"
+    )
+    study.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
     study.add_argument(
         "--out", default="study_out", help="output folder (report.html, report.md, CSV)"
     )

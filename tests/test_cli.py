@@ -48,6 +48,30 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     assert "condition must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "x", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+        (["study", "--prompts", "0"], "argument --prompts: must be an integer >= 1, got 0"),
+        (["study", "--bootstrap", "-1"], "argument --bootstrap: must be an integer >= 1, got -1"),
+        (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
+        (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
+        (["train", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["train", "--steps", "abc"], "argument --steps: 'abc' is not an integer"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(argv, message, monkeypatch, capsys):
+    # --bootstrap 0 used to fail after the first model's whole sweep; --seeds -1 trained
+    # {condition}_seed-1, which the study never finds; --threads 0 failed inside torch
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("studied"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_steps_scale_the_warm_up_and_train_ends_with_a_summary(tmp_path, monkeypatch, capsys):
     from hooked_attnres import study
     from hooked_attnres.training import TrainResult

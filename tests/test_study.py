@@ -25,6 +25,7 @@ from hooked_attnres.study import (
     probe_prompts,
     run_dir,
     run_study,
+    train_condition,
     verdict_matrix,
 )
 from hooked_attnres.tasks import task_tokenizer
@@ -89,6 +90,29 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
         run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
     with pytest.raises(FileNotFoundError, match="hold no"):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_bootstrap": 0}, "n_resamples must be an integer >= 1, got 0"),
+        ({"n_prompts": 0}, "n_prompts must be an integer >= 1, got 0"),
+        ({"n_prompts": 2.5}, "n_prompts must be an integer >= 1, got 2.5"),
+        ({"seeds": [0, -1]}, "seeds must be integers >= 0, got -1"),
+    ],
+)
+def test_bad_study_settings_are_refused_before_any_model_is_loaded(
+    tmp_path, monkeypatch, kwargs, message
+):
+    # n_bootstrap=0 used to fail only after the first model's mass and ablation sweep
+    import hooked_attnres.study.run as study_module
+
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=message):
+        run_study(tmp_path / "x", conditions=("vanilla",), progress=False, **kwargs)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        train_condition("attnres", -1, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.fixture(scope="module")

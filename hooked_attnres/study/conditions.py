@@ -323,6 +323,9 @@ def train_condition(
     the optimiser settings, the shape and the number of blocks.
     """
     recipe = get_condition(condition)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     custom = (
         any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
     )

@@ -41,6 +41,7 @@ from hooked_attnres.analysis import (
     summarize_mass,
     verdict_changes,
 )
+from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path
@@ -312,6 +313,9 @@ def run_study(
         A `StudyResult`.
     """
     started = time.perf_counter()
+    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
+        raise ValueError(f"n_prompts must be an integer >= 1, got {n_prompts!r}")
+    check_bootstrap(n_bootstrap, 0.95, 0)  # before any model is loaded, not after the first
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
     tables: dict[str, list[pd.DataFrame]] = {}
@@ -372,6 +376,9 @@ def find_runs(
     if conditions is not None:
         for condition in conditions:
             get_condition(condition)
+    for seed in seeds or ():
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
     found = available(checkpoints)
     names = list(conditions) if conditions is not None else list(found)
     if not names:
