@@ -145,7 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         except TypeError as error:
             raise CommandError(f"unknown setting: {error}") from error
-    results = []
+    summary = Path(args.out) / "train_summary.json"
+    earlier = _earlier_summary(summary)
+    results: list[dict] = []
     for seed in args.seeds:
         for condition in conditions:
             out_dir = run_dir(args.out, condition, seed)
@@ -173,8 +175,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{result.seconds:.0f} s",
                 flush=True,
             )
-    summary = Path(args.out) / "train_summary.json"
-    write_text_atomic(summary, json.dumps(results, indent=2) + "\n")
+            # after every run, so that Ctrl-C or a crash later keeps the finished ones; runs
+            # of earlier commands into the same folder stay listed
+            done = {(row["condition"], row["seed"]) for row in results}
+            kept = [row for row in earlier if (row.get("condition"), row.get("seed")) not in done]
+            write_text_atomic(summary, json.dumps(kept + results, indent=2) + "\n")
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
         final = float(next(iter(row["accuracy"].values()), float("nan")))
@@ -186,6 +191,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\nsummary: {summary}; run the study on these with `{PROG} study --checkpoints {args.out}`"
     )
     return 0
+
+
+def _earlier_summary(path: Path) -> list[dict]:
+    """The runs an earlier ``train`` listed in ``path`` (none if it is missing or not a
+    summary this command wrote)."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return []
+    return rows
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -93,6 +93,40 @@ def test_steps_scale_the_warm_up_and_train_ends_with_a_summary(tmp_path, monkeyp
     assert "summary:" in out and (tmp_path / "train_summary.json").exists()
 
 
+def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
+    tmp_path, monkeypatch, capsys
+):
+    import json
+
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    def fake_train(condition, seed, out_dir, **kwargs):
+        if seed == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the second run
+        out_dir.mkdir(parents=True, exist_ok=True)
+        accuracy = {"attnres": 0.5, "vanilla": 0.25}[condition]
+        return TrainResult(out_dir, out_dir / "model", 5, {"retrieval": accuracy}, 2.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    summary = tmp_path / "train_summary.json"
+
+    def listed():
+        return [
+            (r["condition"], r["seed"], r["accuracy"]["retrieval"])
+            for r in json.loads(summary.read_text())
+        ]
+
+    out = ["--out", str(tmp_path), "--no-progress"]
+    assert cli.main(["train", "--condition", "attnres", "--seeds", "0", "1", *out]) == 130
+    assert listed() == [("attnres", 0, 0.5)]  # the finished run is listed (was: no file)
+    assert cli.main(["train", "--condition", "vanilla", *out]) == 0
+    assert listed() == [("attnres", 0, 0.5), ("vanilla", 0, 0.25)]  # (was: vanilla only)
+    assert cli.main(["train", "--condition", "attnres", *out]) == 0  # a rerun replaces its row
+    assert listed() == [("vanilla", 0, 0.25), ("attnres", 0, 0.5)]
+    capsys.readouterr()
+
+
 def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
     code = cli.main(
         [
