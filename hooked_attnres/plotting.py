@@ -181,6 +181,7 @@ def source_heatmap(
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
         positions: ``"all"`` (mean over batch and positions) or one position.
     """
+    model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
     columns: list[str] = []
     rows = []
     sites = model.sites(router)

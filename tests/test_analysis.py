@@ -291,6 +291,13 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
         )
 
 
+def test_source_heatmap_of_a_model_without_routers_says_why():
+    model = tiny_model(attnres_layout="none")
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="attnres_layout=.none. and therefore no routers"):
+        plotting.source_heatmap(model, cache)
+
+
 def _plot_tables(seeds=(0,), bands=("all",)):
     """Mass summary and effects tables shaped like the study's, with distinct numbers."""
     rng = np.random.default_rng(0)
