@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from hooked_attnres._validation import is_integer, require_finite_number, require_integer
+
 LAYOUTS = ("cumulative", "kimi", "full", "none")
 MODES = ("block", "full")
 QUERY_INITS = ("zero", "normal")
@@ -85,10 +87,6 @@ _STR_FIELDS = (
     "attnres_mode",
     "attnres_query_init",
 )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _dtype_from_any(value: Union[str, torch.dtype]) -> torch.dtype:
@@ -208,12 +206,8 @@ class HookedAttnResConfig:
         if self.device is not None and not isinstance(self.device, (str, torch.device)):
             raise ValueError(f"device must be a string or a torch.device, got {self.device!r}")
         for name in ("eps", "rotary_base", "initializer_range"):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        bias = self.attnres_recency_bias
-        if bias is not None and (not _is_number(bias) or not math.isfinite(bias)):
-            raise ValueError(f"attnres_recency_bias must be a finite number or None, got {bias!r}")
+            require_finite_number(name, getattr(self, name))
+        require_finite_number("attnres_recency_bias", self.attnres_recency_bias, optional=True)
         for name, expected in _FIXED_FLAGS.items():
             if getattr(self, name) != expected:
                 raise ValueError(
@@ -225,13 +219,9 @@ class HookedAttnResConfig:
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            require_integer(name, getattr(self, name), 1)
         for name in ("d_head", "d_mlp", "n_key_value_heads", "seed"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"{name} must be an integer or None, got {value!r}")
+            require_integer(name, getattr(self, name), optional=True)
         if self.initializer_range < 0:
             raise ValueError(
                 f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}"
@@ -251,7 +241,7 @@ class HookedAttnResConfig:
         if self.d_mlp is None:
             self.d_mlp = 3 * self.d_model
         if self.d_mlp < 1:
-            raise ValueError(f"d_mlp must be a positive integer, got {self.d_mlp!r}")
+            raise ValueError(f"d_mlp must be an integer >= 1, got {self.d_mlp!r}")
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
         if self.n_key_value_heads < 1 or self.n_heads % self.n_key_value_heads != 0:
@@ -320,7 +310,7 @@ class HookedAttnResConfig:
         if self.attnres_num_blocks is None:
             self.attnres_num_blocks = min(8, self.n_layers)
         n = self.attnres_num_blocks
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.n_layers:
+        if not is_integer(n) or not 1 <= n <= self.n_layers:
             raise ValueError(
                 f"attnres_num_blocks={n!r} must be an integer between 1 and n_layers="
                 f"{self.n_layers}; each block spans ceil(n_layers / attnres_num_blocks) layers"

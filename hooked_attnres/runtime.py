@@ -26,6 +26,8 @@ import os
 import platform
 from typing import Any
 
+from hooked_attnres._validation import is_integer
+
 DEFAULT_THRESHOLD = 256 * 2**20  # bytes
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -39,7 +41,7 @@ def tune_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     Returns:
         Whether the allocator was tuned (``False`` off glibc or if ``mallopt`` refused).
     """
-    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold <= 0:
+    if not is_integer(threshold) or threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold!r}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

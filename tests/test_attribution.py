@@ -370,7 +370,7 @@ def test_bad_inputs_are_refused():
             with pytest.raises(ValueError, match=f"already attached to {point}"):
                 attribute_routing(model, batch, method="norm", progress=False)
     result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
-    with pytest.raises(ValueError, match="k must be a positive integer"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
         result.verify_top(0)
     with pytest.raises(ValueError, match=r"min_masked_mass must be in \(0, 1\]"):
         result.verify_top(3, min_masked_mass=1.5)

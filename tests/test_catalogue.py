@@ -867,8 +867,18 @@ CASES = [
         ValueError,
         ["grad_clip must be > 0", "zero every update"],
     ),
-    ("train-lr-infinite", _train_config(lr=float("inf")), ValueError, ["lr must be finite"]),
-    ("train-lr-nan", _train_config(lr=float("nan")), ValueError, ["lr must be finite"]),
+    (
+        "train-lr-infinite",
+        _train_config(lr=float("inf")),
+        ValueError,
+        ["lr must be a finite number, got inf"],
+    ),
+    (
+        "train-lr-nan",
+        _train_config(lr=float("nan")),
+        ValueError,
+        ["lr must be a finite number, got nan"],
+    ),
     (
         "train-steps-bool",
         _train_config(steps=True),

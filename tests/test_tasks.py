@@ -136,7 +136,7 @@ def test_vocabulary_must_cover_the_task():
         (dict(n_pairs=1), "n_pairs=1: retrieval needs at least 2 pairs"),
         (dict(n_pairs=20, n_keys=16), "n_pairs=20 is more than n_keys=16"),
         (dict(n_pairs=6, n_keys=8, n_values=5), "n_pairs=6 is more than n_values=5"),
-        (dict(n_distractors=-1), "n_distractors must be a non-negative integer"),
+        (dict(n_distractors=-1), "n_distractors must be an integer >= 0"),
         (dict(n_pairs=3, n_queries=3), "n_queries=3 must be between 1 and n_pairs - 1 = 2"),
         (dict(n_distractors=2, n_filler_words=0), "needs n_filler_words >= 1"),
     ],
@@ -151,7 +151,7 @@ def test_bad_retrieval_parameters(kwargs, message):
     [
         (dict(copy_len=12, seq_len=12), "copy_len=12 must be smaller than seq_len=12"),
         (dict(seq_len=10, n_tokens=10), "n_tokens=10 must exceed seq_len=10"),
-        (dict(copy_len=0), "copy_len must be a positive integer"),
+        (dict(copy_len=0), "copy_len must be an integer >= 1"),
     ],
 )
 def test_bad_induction_parameters(kwargs, message):
@@ -162,9 +162,9 @@ def test_bad_induction_parameters(kwargs, message):
 def test_bad_sampling_arguments():
     with pytest.raises(ValueError, match="split must be one of"):
         RETRIEVAL.sample(2, split="validation")
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         RETRIEVAL.sample(2, seed=-1)
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
         RETRIEVAL.sample(0)
     with pytest.raises(ValueError, match="unknown task 'sorting'"):
         make_task("sorting")

@@ -376,7 +376,7 @@ def test_bad_generation_arguments_are_refused():
         model.generate(prompt, top_p=1.5, stop_at_eos=False, **quiet)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         model.generate(prompt, temperature=-1.0, stop_at_eos=False, **quiet)
-    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(prompt, top_k=0, stop_at_eos=False, **quiet)
     with pytest.raises(TypeError, match="token ids must be an integer tensor"):
         model.generate(torch.ones(1, 3), stop_at_eos=False, **quiet)

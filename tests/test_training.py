@@ -245,7 +245,7 @@ def test_learning_rate_schedule():
         (dict(checkpoint_every=0), r"checkpoint_every must be an integer >= 1 or None"),
         (dict(stop_accuracy=1.5), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
         (dict(stop_accuracy=-0.1), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
-        (dict(stop_accuracy="half"), "stop_accuracy must be a number"),
+        (dict(stop_accuracy="half"), "stop_accuracy must be a finite number"),
     ],
 )
 def test_bad_train_config(kwargs, message):

@@ -47,6 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._validation import require_integer
 from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
     Metric,
@@ -366,8 +367,7 @@ class RoutingAttribution:
             ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
             and ``|estimate|``.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        require_integer("k", k, 1)
         if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
             raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
         methods = self.settings["methods"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
+from hooked_attnres._validation import require_integer
 from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import source_axis
 
@@ -31,9 +32,7 @@ def require_eval(model: HookedAttnRes, what: str) -> None:
 
 def check_count(name: str, value: Any) -> int:
     """An integer >= 1 (prompts per pass, rows, resamples, ...), or ``ValueError``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return require_integer(name, value, 1)
 
 
 def activation_shapes(model: HookedAttnRes) -> dict[str, tuple[int, ...]]:

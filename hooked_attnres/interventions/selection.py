@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor
 
+from hooked_attnres._validation import is_integer
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
 if TYPE_CHECKING:
@@ -53,11 +54,7 @@ def _layer_list(spec, n_layers: int) -> list[int]:
         raise ValueError(f"layers must be integers, got {spec!r}")
     if isinstance(spec, int):
         items = [spec]
-    elif (
-        isinstance(spec, tuple)
-        and len(spec) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)
-    ):
+    elif isinstance(spec, tuple) and len(spec) == 2 and all(is_integer(v) for v in spec):
         for v in spec:
             if not -n_layers <= v <= n_layers:
                 raise ValueError(

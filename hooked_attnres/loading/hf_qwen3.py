@@ -18,13 +18,13 @@ Nothing here touches the network: ``source`` is a local directory or an in-memor
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from hooked_attnres._atomic import reading
+from hooked_attnres._validation import is_integer, require_finite_number, require_integer
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
@@ -90,7 +90,7 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
         )
     for name in REQUIRED_SIZES:
         value = _get(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_integer(value) or value < 1:
             raise CheckpointError(
                 f"{where} has {name}={value!r} in its config; expected a positive integer "
                 f"(every one of {list(REQUIRED_SIZES)} must be given)"
@@ -276,14 +276,8 @@ def from_hf_qwen3(
     """
     if wrap not in WRAPS:
         raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
-    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-    if (
-        isinstance(recency_bias, bool)
-        or not isinstance(recency_bias, (int, float))
-        or not math.isfinite(recency_bias)
-    ):
-        raise ValueError(f"recency_bias must be a finite number, got {recency_bias!r}")
+    require_integer("num_blocks", num_blocks, 1)
+    require_finite_number("recency_bias", recency_bias)
     if not isinstance(mmap, bool):
         raise TypeError(f"mmap must be True or False, got {mmap!r}")
     check_device(device)

@@ -17,7 +17,6 @@ base mix the router output with the stream and are refused by name.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from hooked_attnres._atomic import atomic_directory, reading
+from hooked_attnres._validation import is_finite_number, is_integer
 from hooked_attnres.config import _dtype_from_any, dtype_name
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.hf_qwen3 import (
@@ -62,12 +62,12 @@ def attnres_overrides(values: dict, where: str) -> dict:
     if mode not in ("block", "full"):
         raise CheckpointError(f"{where} has attnres_mode={mode!r}; expected 'block' or 'full'")
     num_blocks = values.get("attnres_num_blocks", 8)
-    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+    if not is_integer(num_blocks) or num_blocks < 1:
         raise CheckpointError(
             f"{where} has attnres_num_blocks={num_blocks!r}; expected an integer >= 1"
         )
     bias = values.get("attnres_recency_bias_init", 3.0)
-    if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+    if not is_finite_number(bias):
         raise CheckpointError(
             f"{where} has attnres_recency_bias_init={bias!r}; expected a finite number"
         )

@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
+from hooked_attnres._validation import is_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 
 
@@ -59,7 +60,7 @@ def _point(model: Any, layer: Optional[int], mlp_input: bool) -> int:
     n_layers = model.cfg.n_layers
     if layer is None or layer == -1:
         layer = n_layers
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n_layers:
+    if not is_integer(layer) or not 0 <= layer <= n_layers:
         raise ValueError(f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer}")
     if mlp_input and layer == n_layers:
         raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")

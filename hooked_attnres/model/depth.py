@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Generic, Literal, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
+from hooked_attnres._validation import is_integer
+
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
 
@@ -311,11 +313,7 @@ class RoutingLayout:
             if layer is not None and layer != self.n_layers:
                 raise ValueError(f"the final router has no layer; pass layer=None, got {layer!r}")
             return RouterSite(None, kind, 2 * self.n_layers)
-        if (
-            not isinstance(layer, int)
-            or isinstance(layer, bool)
-            or not -self.n_layers <= layer < self.n_layers
-        ):
+        if not is_integer(layer) or not -self.n_layers <= layer < self.n_layers:
             raise ValueError(
                 f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
                 f"{kind!r}, got {layer!r}"
@@ -496,7 +494,7 @@ class RoutingLayout:
         "0_mlp_out", "1_attn_out"]]``.
         """
         n = 2 * self.n_layers
-        if not isinstance(sublayer, int) or isinstance(sublayer, bool) or not 0 <= sublayer <= n:
+        if not is_integer(sublayer) or not 0 <= sublayer <= n:
             raise ValueError(f"sublayer must be an integer in [0, {n}], got {sublayer!r}")
         return [list(source) for source in self._walk()["components"][sublayer]]
 

@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.attention import KeyValueCache
 
 if TYPE_CHECKING:
@@ -62,8 +63,7 @@ def sample_logits(
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    require_integer("top_k", top_k, 1, optional=True)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
@@ -226,7 +226,7 @@ class GenerationMixin:
     def _check_generate_args(
         self, max_new_tokens, return_type, do_sample, padding_side, use_past_kv_cache, generator
     ) -> None:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        if not is_integer(max_new_tokens):
             raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -288,10 +288,7 @@ class GenerationMixin:
                     "stop_at_eos=False"
                 )
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not ids or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.cfg.d_vocab
-            for i in ids
-        ):
+        if not ids or not all(is_integer(i) and 0 <= i < self.cfg.d_vocab for i in ids):
             raise ValueError(
                 f"eos_token_id must be a token id or a list of token ids in [0, "
                 f"{self.cfg.d_vocab}), got {eos_token_id!r}"

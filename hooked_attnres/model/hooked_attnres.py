@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from hooked_attnres._validation import is_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
@@ -381,7 +382,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         def resolve(name: str, value: Optional[int], default: int) -> int:
             if value is None:
                 return default
-            if not isinstance(value, int) or isinstance(value, bool) or not -n <= value <= n:
+            if not is_integer(value) or not -n <= value <= n:
                 raise ValueError(f"{name} must be an integer in [-{n}, {n}], got {value!r}")
             return value + n if value < 0 else value
 
@@ -674,11 +675,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         Hooks fire as in a full forward pass, from the sublayer on.
         """
         n_sublayers = 2 * self.cfg.n_layers
-        if (
-            not isinstance(sublayer, int)
-            or isinstance(sublayer, bool)
-            or not 0 <= sublayer <= n_sublayers
-        ):
+        if not is_integer(sublayer) or not 0 <= sublayer <= n_sublayers:
             raise ValueError(
                 f"sublayer must be an integer in [0, {n_sublayers}] (2 * layer for "
                 f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"

@@ -8,6 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_attnres._validation import is_integer
+
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
 
@@ -187,7 +189,7 @@ class TokenizerMixin:
         """The string of one token id (TransformerLens's ``to_single_str_token``)."""
         if isinstance(int_token, Tensor) and int_token.ndim == 0:
             int_token = int(int_token.item())
-        if not isinstance(int_token, int) or isinstance(int_token, bool):
+        if not is_integer(int_token):
             raise TypeError(f"to_single_str_token takes one integer token id, got {int_token!r}")
         if not 0 <= int_token < self.cfg.d_vocab:
             raise ValueError(f"token id {int_token} is not in [0, {self.cfg.d_vocab}) (d_vocab)")

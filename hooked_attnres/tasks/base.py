@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_attnres._validation import is_integer, require_integer
+
 SPLITS = {"train": 0, "test": 1}
 TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
 
@@ -58,7 +60,7 @@ class TaskBatch:
 
     def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is an int, a slice, a list or a tensor of rows)."""
-        if isinstance(index, int) and not isinstance(index, bool):
+        if is_integer(index):
             n = len(self)
             if not -n <= index < n:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
@@ -135,8 +137,7 @@ def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
     """The generator of one (seed, split, stream); streams give independent batches."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    require_integer("seed", int(seed) if isinstance(seed, np.integer) else seed, 0)
     return np.random.default_rng([int(seed), SPLITS[split], int(stream)])
 
 
@@ -181,8 +182,7 @@ class Task:
                 `hooked_attnres.tasks.build_tokenizer` of this task's words.
             stream: independent batches of the same seed and split (e.g. the training step).
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        require_integer("n", n, 1)
         vocab = self._resolve_vocab(vocab)
         rng = rng_for(seed, split, stream)
         rows: list[tuple] = []

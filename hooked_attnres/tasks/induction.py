@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hooked_attnres._validation import require_integer
 from hooked_attnres.tasks.base import Task
 
 SEPARATOR = "|"
@@ -42,9 +43,7 @@ class InductionCopy(Task):
 
     def __post_init__(self) -> None:
         for field_name in ("seq_len", "copy_len", "n_tokens"):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+            require_integer(field_name, getattr(self, field_name), 1)
         if self.copy_len >= self.seq_len:
             raise ValueError(
                 f"copy_len={self.copy_len} must be smaller than seq_len={self.seq_len} (the answer "

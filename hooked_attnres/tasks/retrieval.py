@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hooked_attnres._validation import require_integer
 from hooked_attnres.tasks.base import Task
 
 QUERY_MARKER = "?"
@@ -60,9 +61,7 @@ class KeyValueRetrieval(Task):
             "n_filler_words",
             "n_queries",
         ):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{field_name} must be a non-negative integer, got {value!r}")
+            require_integer(field_name, getattr(self, field_name), 0)
         if self.n_pairs < 2:
             raise ValueError(
                 f"n_pairs={self.n_pairs}: retrieval needs at least 2 pairs (the contrast "

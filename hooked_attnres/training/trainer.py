@@ -44,6 +44,7 @@ from hooked_attnres._atomic import (
     reading,
     write_text_atomic,
 )
+from hooked_attnres._validation import require_finite_number, require_integer
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
 
@@ -87,19 +88,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                kind = f"an integer >= {low}" + (" or None" if optional else "")
-                raise ValueError(f"{name} must be {kind}, got {value!r}")
+            require_integer(name, getattr(self, name), low, optional)
 
         def number(name: str, value: Any) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-            return float(value)
+            return float(require_finite_number(name, value))
 
         for name in ("steps", "batch_size", "eval_every", "eval_size"):
             integer(name, 1)
@@ -443,10 +435,7 @@ def train(
             raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if stop_after is not None and (
-        not isinstance(stop_after, int) or isinstance(stop_after, bool) or stop_after < 1
-    ):
-        raise ValueError(f"stop_after must be an integer >= 1 or None, got {stop_after!r}")
+    require_integer("stop_after", stop_after, 1, optional=True)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"out_dir {out_dir} is a file; the trainer writes a directory")

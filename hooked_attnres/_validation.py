@@ -1,0 +1,47 @@
+"""Argument checks shared by every part of the package (a leaf module: no package imports).
+
+One rule for "an integer": a Python ``int`` that is not a ``bool`` (``True`` is an ``int``
+in Python, but ``n_layers=True`` is a mistake, not 1), and one wording for the error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, TypeGuard
+
+
+def is_integer(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is a Python ``int`` and not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_integer(
+    name: str, value: Any, minimum: Optional[int] = None, optional: bool = False
+) -> Any:
+    """``value`` if it is an integer (`is_integer`) ``>= minimum`` (no bound if ``None``),
+    or ``None`` when ``optional``; otherwise ``ValueError("{name} must be an integer >=
+    {minimum}[ or None], got {value!r}")``."""
+    if optional and value is None:
+        return value
+    if not is_integer(value) or (minimum is not None and value < minimum):
+        kind = "an integer" + ("" if minimum is None else f" >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite Python ``int`` or ``float`` (not a ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_finite_number(name: str, value: Any, optional: bool = False) -> Any:
+    """``value`` if it is a finite number (`is_finite_number`), or ``None`` when
+    ``optional``; otherwise ``ValueError("{name} must be a finite number[ or None], got
+    {value!r}")``."""
+    if optional and value is None:
+        return value
+    if not is_finite_number(value):
+        raise ValueError(
+            f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}"
+        )
+    return value
