@@ -422,6 +422,48 @@ def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_pa
         routing_lens(model, partial)
 
 
+def test_residual_analyses_refuse_a_logit_positions_cache(case):
+    """A logit_positions run caches its last layer at one position per prompt: stacking it
+    with the earlier layers (pos_slice=-1 reads their last position, the last layer's
+    answer position) gave a DLA that missed the logit difference of every prompt whose
+    answer is not at the last position (0.09 vs -0.03 in layout none, float64). Every
+    residual analysis refuses such a cache; the same prompts from a full run are exact."""
+    model, cache = case.model, case.cache
+    positions = torch.tensor([1, 3])
+    _, partial = model.run_with_cache(case.clean, logit_positions=positions)
+    answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
+    stack = cache.decompose_resid(pos_slice=-1, routed=True)
+    calls = {
+        "decompose_resid": lambda: partial.decompose_resid(pos_slice=-1, routed=True),
+        "stack_head_results": lambda: partial.stack_head_results(pos_slice=-1, routed=True),
+        "stack_neuron_results": lambda: partial.stack_neuron_results(
+            model.cfg.n_layers, pos_slice=-1, routed=True
+        ),
+        "get_full_resid_decomposition": lambda: partial.get_full_resid_decomposition(
+            pos_slice=-1, routed=True
+        ),
+        "apply_ln_to_stack": lambda: partial.apply_ln_to_stack(stack, pos_slice=-1, routed=True),
+        "logit_attrs": lambda: partial.logit_attrs(
+            stack, answers, wrongs, pos_slice=-1, routed=True
+        ),
+        "accumulated_resid": lambda: partial.accumulated_resid(pos_slice=-1, routed=True),
+        "logit_lens": lambda: partial.logit_lens(),
+    }
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=rf"different numbers of positions.*cache\.{method}"):
+            call()
+    # the full run's numbers at the same answer positions are exact
+    rows = torch.arange(2)
+    full_stack = cache.decompose_resid(routed=True)[:, rows, positions]
+    direction = model.tokens_to_residual_directions(answers) - model.tokens_to_residual_directions(
+        wrongs
+    )
+    scale = cache["ln_final.hook_scale"][rows, positions]
+    attrs = ((full_stack / scale) * direction).sum(-1)
+    true = case.logits[rows, positions, ANSWER] - case.logits[rows, positions, WRONG]
+    assert torch.allclose(attrs.sum(0), true, atol=ATOL)
+
+
 # --- depth-state patching ---------------------------------------------------------------
 def test_depth_state_patching(case):
     model = case.model

@@ -26,7 +26,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
-from hooked_attnres.model.cache import AttnResActivationCache, state_source_names
+from hooked_attnres.model.cache import (
+    AttnResActivationCache,
+    require_one_position_axis,
+    state_source_names,
+)
 from hooked_attnres.model.depth import RouterSite
 
 if TYPE_CHECKING:
@@ -108,7 +112,9 @@ def routing_lens(
         cache = input
         if not isinstance(cache, AttnResActivationCache):
             cache = AttnResActivationCache(cache.cache_dict, model, cache.has_batch_dim)
-        _require_one_position_axis(model, cache, lens_hook_names(model, incl_mid))
+        require_one_position_axis(
+            model, cache.cache_dict, lens_hook_names(model, incl_mid), "routing_lens"
+        )
     else:
         _, cache = model.run_with_cache(input, names_filter=lens_hook_names(model, incl_mid))
     pos_slice = positions if isinstance(positions, Slice) else Slice(positions)
@@ -123,23 +129,6 @@ def routing_lens(
     else:
         router_logits = logits.new_zeros((0, *logits.shape[1:]))
     return RoutingLens(logits, labels, router_logits, sites)
-
-
-def _require_one_position_axis(model: HookedAttnRes, cache: ActivationCache, names) -> None:
-    """Refuse a cache whose lens hooks cover different numbers of positions: a cache of a
-    ``logit_positions`` run (the last layer ran at one position per prompt), whose entries
-    would mix each prompt's answer position with the positions asked for."""
-    lengths = {
-        name: cache[name].shape[model.hook_dict[name].pos_dim] for name in names if name in cache
-    }
-    if len(set(lengths.values())) > 1:
-        shown = ", ".join(f"{name}: {length}" for name, length in list(lengths.items())[-3:])
-        raise ValueError(
-            f"the cache's hooks cover different numbers of positions (e.g. {shown}): it comes "
-            "from a logit_positions run, whose last layer ran at one position per prompt. "
-            "routing_lens reads every depth state at the same positions: cache a full run "
-            "(model.run_with_cache(tokens, names_filter=lens_hook_names(model)))"
-        )
 
 
 def _readout(

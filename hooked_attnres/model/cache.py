@@ -50,6 +50,41 @@ def require_cached(cache, names, what: str) -> None:
         )
 
 
+def require_one_position_axis(model: Any, cache: Any, names, what: str) -> None:
+    """Refuse a cache whose hooks ``names`` cover different numbers of positions: a cache
+    of a ``logit_positions`` run (the last layer ran at one position per prompt), whose
+    stacks would mix each prompt's answer position with the positions asked for
+    (``pos_slice=-1`` reads the last position of the early hooks but the answer position
+    of the late ones)."""
+    lengths = {
+        name: cache[name].shape[model.hook_dict[name].pos_dim]
+        for name in names
+        if name in cache and name in model.hook_dict
+    }
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name}: {length}" for name, length in list(lengths.items())[-3:])
+        raise ValueError(
+            f"the cache's hooks cover different numbers of positions (e.g. {shown}): it comes "
+            "from a logit_positions run, whose last layer ran at one position per prompt. "
+            f"{what} reads every depth component at the same positions: cache a full run "
+            "(model.run_with_cache(tokens), without logit_positions)"
+        )
+
+
+def residual_hook_names(model: Any) -> list[str]:
+    """``[batch, pos, d_model]``-like hooks of every sublayer (the embedding, each layer's
+    writes and residual hooks, the routers' outputs, ``ln_final``'s scale): the hooks
+    whose position extents `require_one_position_axis` compares for the cache's
+    residual-stream analyses."""
+    names = ["hook_embed"]
+    for layer in range(model.cfg.n_layers):
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            names.append(get_act_name(name, layer))
+    names += [site.hook("out") for site in model.sites()]
+    names.append("ln_final.hook_scale")
+    return names
+
+
 class UnfoldedNormWarning(UserWarning):
     """``apply_ln`` divides by the cached RMS only, and this model still has norm gains
     that are not folded into the matrices that read the stream."""
@@ -183,6 +218,12 @@ class AttnResActivationCache(ActivationCache):
         require_cached(self.cache_dict, [name], "this analysis's cache")
         return self.cache_dict[name]
 
+    def _require_full_run(self, method: str) -> None:
+        """Refuse a cache of a ``logit_positions`` run (`require_one_position_axis`)."""
+        require_one_position_axis(
+            self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
+        )
+
     def routed_coefficients(self, point: int) -> dict[str, Union[float, Tensor]]:
         """``{component label: weight}`` of the routed decomposition at ``point``: the sum
         of the routing weights (``[*batch_and_pos]``) of the sources that contain the
@@ -240,6 +281,7 @@ class AttnResActivationCache(ActivationCache):
         ``[n_components, *batch_and_pos, d_model]``); at a routed read point it needs
         ``routed=True`` and returns router-weighted components that sum to the norm's
         input (module docstring)."""
+        self._require_full_run("decompose_resid")
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
         self._warn_unfolded(point, apply_ln)
@@ -262,6 +304,7 @@ class AttnResActivationCache(ActivationCache):
         ``layer``, or the unembedding) it needs ``routed=True`` and weights each head by
         its layer's routed coefficient. Raw per-head outputs: ``cache.compute_head_results()``
         then ``cache["result", l]``."""
+        self._require_full_run("stack_head_results")
         point = _point(self.model, layer, False)
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
@@ -291,6 +334,7 @@ class AttnResActivationCache(ActivationCache):
     ):
         """TransformerLens's ``stack_neuron_results``; at a routed read point it needs
         ``routed=True`` and weights each neuron by its layer's routed coefficient."""
+        self._require_full_run("stack_neuron_results")
         point = _point(self.model, layer, mlp_input)
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
@@ -328,6 +372,7 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``get_full_resid_decomposition`` (heads, neurons or MLPs,
         ``embed``, ``bias``); at a routed read point it needs ``routed=True`` and returns
         router-weighted components summing to the norm's input."""
+        self._require_full_run("get_full_resid_decomposition")
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
         self._warn_unfolded(point, apply_ln)
@@ -361,6 +406,7 @@ class AttnResActivationCache(ActivationCache):
         stack must decompose the mixture: pass ``routed=True`` to confirm that it does
         (what the ``routed=True`` producers return). ``recompute_ln=True`` at the
         unembedding applies ``ln_final`` itself to every entry and is allowed anywhere."""
+        self._require_full_run("apply_ln_to_stack")
         point = _point(self.model, layer, mlp_input)
         recompute = recompute_ln and point == 2 * self.model.cfg.n_layers
         if not recompute:
@@ -391,6 +437,7 @@ class AttnResActivationCache(ActivationCache):
         the token directions). In layouts with a final router the stack must be a routed
         decomposition of the final router's output: pass ``routed=True`` (and build the
         stack with ``routed=True``)."""
+        self._require_full_run("logit_attrs")
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
         return ActivationCache.logit_attrs(
@@ -425,6 +472,7 @@ class AttnResActivationCache(ActivationCache):
         (``layer=None``: ``ln_final`` applied to every entry, the logit lens); with a
         smaller ``layer`` it divides by that layer's ``ln1`` RMS, which is the RMS of a
         router's mixture in routed layouts, and refuses there."""
+        self._require_full_run("accumulated_resid")
         model, layout = self.model, self.model.routing_layout
         n_layers = model.cfg.n_layers
         if layer is None or layer == -1:
@@ -483,6 +531,7 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's logit lens (``transformer_lens.tools.analysis.logit_lens``)
         in layouts without a final router; refuses in ``kimi`` / ``full``, where
         ``hooked_attnres.analysis.routing_lens`` is the lens over depth states."""
+        self._require_full_run("logit_lens")
         if self.model.routing_layout.has_final_router:
             raise ValueError(
                 f"cache.logit_lens reads hook_resid_* through ln_final, but in the "
