@@ -464,6 +464,48 @@ def test_residual_analyses_refuse_a_logit_positions_cache(case):
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def test_decompositions_refuse_a_cache_of_an_edited_run(case):
+    """When the run edited a depth source (here hook_resid_pre of layer 1 halved) or a
+    router's copy of its sources (patch_sources), the components weighted by the routing
+    weights no longer sum to what the norm read; the decompositions gave such sums
+    silently (kimi, final-router embedding source zeroed, float64: DLA -1.356 vs the true
+    logit difference -0.129). They refuse where the identity fails and stay exact where
+    the edit did not reach (a local patch at layer 2 leaves the unembedding exact)."""
+    model = case.model
+    answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
+    halve = [("blocks.1.hook_resid_pre", lambda act, hook: act * 0.5)]
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=halve):
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        _, edited = model.run_with_cache(case.clean)
+    stack = case.cache.decompose_resid(pos_slice=-1, routed=True)
+    for method, call in {
+        "decompose_resid": lambda: edited.decompose_resid(routed=True),
+        "stack_head_results": lambda: edited.stack_head_results(routed=True),
+        "stack_neuron_results": lambda: edited.stack_neuron_results(
+            model.cfg.n_layers, routed=True
+        ),
+        "get_full_resid_decomposition": lambda: edited.get_full_resid_decomposition(routed=True),
+        "logit_attrs": lambda: edited.logit_attrs(
+            stack, answers, wrongs, pos_slice=-1, routed=True
+        ),
+    }.items():
+        with pytest.raises(ValueError, match=rf"cache\.{method}: .*do not sum.*edited"):
+            call()
+    if not model.routing_layout.has_routers:
+        return
+    from hooked_attnres.interventions import patch_sources
+
+    local = patch_sources(model, "embedding", "zero", routers="attn_res", layers=2)
+    with model.hooks(fwd_hooks=local):
+        logits, patched = model.run_with_cache(case.clean)
+    with pytest.raises(ValueError, match="layer 2's attention input.*do not sum"):
+        patched.decompose_resid(2, routed=True)
+    stack = patched.decompose_resid(pos_slice=-1, routed=True)
+    attrs = patched.logit_attrs(stack, answers, wrongs, pos_slice=-1, routed=True)
+    true = logits[:, -1, ANSWER] - logits[:, -1, WRONG]
+    assert torch.allclose(attrs.sum(0), true, atol=ATOL)
+
+
 # --- depth-state patching ---------------------------------------------------------------
 def test_depth_state_patching(case):
     model = case.model

@@ -242,6 +242,43 @@ class AttnResActivationCache(ActivationCache):
                 out[label] = weights[..., index] + previous
         return out
 
+    def _require_decomposable(self, method: str, point: int) -> None:
+        """Refuse a cache in which the components, weighted by `routed_coefficients`, do not
+        sum to the norm's input at ``point`` (to the float rounding of the cache's dtype):
+        the run that made it edited a depth source, a router's copy of its sources or a
+        residual hook (``patch_sources``, ``mask_sources``, a commit-hook or
+        ``hook_resid_*`` edit), so no decomposition into components is exact there.
+        Skipped when the cache lacks the hooks needed to check (a ``names_filter``)."""
+        coefficients = self.routed_coefficients(point)
+        names = {label: _component_name(label) for label in coefficients}
+        site = self.model.routing_layout.reader(point)
+        target_name = _resid_name(self.model, point) if site is None else site.hook("out")
+        if target_name not in self.cache_dict or any(
+            name not in self.cache_dict for name in names.values()
+        ):
+            return
+        target = self.cache_dict[target_name]
+        dtype = torch.promote_types(target.dtype, torch.float32)
+        total = torch.zeros(target.shape, dtype=dtype, device=target.device)
+        for label, coefficient in coefficients.items():
+            component = self.cache_dict[names[label]].to(dtype)
+            if isinstance(coefficient, Tensor):
+                coefficient = coefficient.to(dtype)[..., None]
+            total += coefficient * component
+        error = float((total - target.to(dtype)).abs().max()) if total.numel() else 0.0
+        size = float(target.abs().max()) if target.numel() else 0.0
+        tolerance = _DECOMPOSITION_RTOL.get(target.dtype, 5e-2) * max(size, 1e-30)
+        if error > tolerance:
+            raise ValueError(
+                f"cache.{method}: at {_where(self.model, point)} the cached components "
+                "(hook_embed, attn_out, mlp_out) weighted by the routing weights do not sum "
+                f"to what the norm reads ({target_name}): max error {error:.3g}, max |input| "
+                f"{size:.3g}. The run that made this cache edited a depth source, a router's "
+                "copy of its sources (patch_sources / mask_sources) or a residual hook, so no "
+                "decomposition into components is exact there. Decompose a cache of an "
+                "unedited run, or read the router's hook_sources and hook_weights directly."
+            )
+
     def _routed_view(self, point: int) -> ActivationCache:
         """A plain ``ActivationCache`` on this cache's tensors in which every component is
         weighted by `routed_coefficients` at ``point`` and the stream TransformerLens reads
@@ -284,6 +321,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("decompose_resid")
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
+        self._require_decomposable("decompose_resid", point)
         self._warn_unfolded(point, apply_ln)
         cache = self if is_single_stream(self.model, point) else self._routed_view(point)
         return ActivationCache.decompose_resid(
@@ -309,6 +347,7 @@ class AttnResActivationCache(ActivationCache):
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
+        self._require_decomposable("stack_head_results", point)
         if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
             raise ValueError(
                 "stack_head_results(layer=0, incl_remainder=True) reads TransformerLens's "
@@ -339,6 +378,7 @@ class AttnResActivationCache(ActivationCache):
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
         )
+        self._require_decomposable("stack_neuron_results", point)
         if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
             raise ValueError(
                 "stack_neuron_results(layer=0, incl_remainder=True) reads TransformerLens's "
@@ -375,6 +415,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("get_full_resid_decomposition")
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
+        self._require_decomposable("get_full_resid_decomposition", point)
         self._warn_unfolded(point, apply_ln)
         cache = self if is_single_stream(self.model, point) else self._routed_view(point)
         return ActivationCache.get_full_resid_decomposition(
@@ -440,6 +481,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("logit_attrs")
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
+        self._require_decomposable("logit_attrs", point)
         return ActivationCache.logit_attrs(
             self._plain(),
             residual_stack,
@@ -624,6 +666,20 @@ class AttnResActivationCache(ActivationCache):
             UnfoldedNormWarning,
             stacklevel=3,
         )
+
+
+# relative tolerance of `_require_decomposable` by the cache's dtype (rounding of the
+# partial sums; bfloat16 / float16 accumulate about 2**-8 per add)
+_DECOMPOSITION_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _component_name(label: str) -> str:
+    """The hook of a `RoutingLayout.components` label: ``"embed"`` -> ``hook_embed``,
+    ``"{l}_attn_out"`` / ``"{l}_mlp_out"`` -> ``blocks.{l}.hook_attn_out`` / ``hook_mlp_out``."""
+    if label == "embed":
+        return "hook_embed"
+    layer, name = label.split("_", 1)
+    return get_act_name(name, int(layer))
 
 
 def _stream_names(model: Any, point: int) -> list[str]:
