@@ -448,7 +448,13 @@ def test_residual_analyses_refuse_a_logit_positions_cache(case):
         ),
         "accumulated_resid": lambda: partial.accumulated_resid(pos_slice=-1, routed=True),
         "logit_lens": lambda: partial.logit_lens(),
+        # the stacking helpers (the message blamed n_sources before)
+        "stack_activation": lambda: partial.stack_activation("resid_post"),
     }
+    if model.sites("mlp_res"):
+        calls["stack_router_activation"] = lambda: partial.stack_router_activation(
+            "weights", "mlp_res"
+        )
     for method, call in calls.items():
         with pytest.raises(ValueError, match=rf"different numbers of positions.*cache\.{method}"):
             call()

@@ -592,6 +592,8 @@ class AttnResActivationCache(ActivationCache):
         varies with depth (use `stack_router_activation`)."""
         n_layers = self.model.cfg.n_layers
         stop = n_layers if layer is None or layer == -1 else layer
+        names = [get_act_name(activation_name, lay, sublayer_type) for lay in range(stop)]
+        require_one_position_axis(self.model, self.cache_dict, names, "cache.stack_activation")
         shapes = {tuple(self[(activation_name, lay, sublayer_type)].shape) for lay in range(stop)}
         if len(shapes) > 1:
             raise ValueError(
@@ -630,6 +632,10 @@ class AttnResActivationCache(ActivationCache):
         layout = self.model.routing_layout
         counts = [layout.n_sources(site) for site in sites]
         width = max(counts)
+        names = [site.hook(key) for site in sites]
+        require_one_position_axis(
+            self.model, self.cache_dict, names, "cache.stack_router_activation"
+        )
         values = [self._need(site.hook(key)) for site in sites]
         mask = torch.zeros(len(sites), width, dtype=torch.bool, device=values[0].device)
         for row, count in enumerate(counts):
