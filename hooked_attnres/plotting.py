@@ -125,6 +125,14 @@ def routing_heatmap(
         mass: `hooked_attnres.analysis.routing_mass` output (per prompt; averaged here).
         routers: which router types (default: those in ``mass``, sublayer routers only).
     """
+    for column in ("condition", "seed", "model"):
+        if column in mass.columns and mass[column].nunique() > 1:
+            raise ValueError(
+                f"routing_heatmap averages one model's prompts; mass has "
+                f"{mass[column].nunique()} values of {column!r} "
+                f"({sorted(mass[column].unique().tolist())[:4]}): select one model's rows "
+                "first (mass[mass.seed == 0])"
+            )
     routers = [r for r in (routers or ("attn_res", "mlp_res")) if r in set(mass.router)]
     tables = {
         router: mass[mass.router == router]

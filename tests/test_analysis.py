@@ -231,6 +231,10 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
                 (mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family)
             ]
             assert attn.z[i][j] == pytest.approx(rows.mass.mean(), abs=1e-12)
+    # a table of two models would be averaged across them: refused
+    two_seeds = pd.concat([mass.assign(seed=0), mass.assign(seed=1, mass=1 - mass.mass)])
+    with pytest.raises(ValueError, match=r"mass has 2 values of 'seed' \(\[0, 1\]\)"):
+        plotting.routing_heatmap(two_seeds)
     # the source heatmap: one row per layer, one column per label, blank where a layer lacks it
     z = np.asarray(figures["sources"].data[0].z, dtype=float)
     columns = list(figures["sources"].data[0].x)
