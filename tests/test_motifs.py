@@ -360,3 +360,30 @@ def test_the_report_gives_both_readings_of_criterion_2_and_calls_one_seed_a_sing
     ]
     verdicts = result.verdicts.set_index(["condition", "claim"])
     assert verdicts.loc[("attnres", "M1"), "verdict"] == "single seed"
+
+
+def test_non_finite_numbers_are_refused_not_read_as_absent():
+    """Audit finding: NaN compares False, so an effect table of one prompt (NaN intervals)
+    read as "absent" everywhere, and a NaN harm in one band decided localisation by the
+    order of the bands (M3 present with NaN in the middle band, absent with it in the early
+    band). Every number a verdict reads must be finite."""
+    nan = float("nan")
+    late = ("attn_res", "late", "older")
+    for band in ("early", "middle"):
+        cells = {late: harmful(-2.0), ("attn_res", band, "older"): (nan, nan, nan)}
+        with pytest.raises(ValueError, match=f"non-finite effect .*group='{band}'.*2 prompts"):
+            motif_report(*tables(cells))
+    summary, effects = tables()
+    one_prompt = effects.assign(ci_low=nan, ci_high=nan, n_prompts=1)
+    with pytest.raises(ValueError, match="non-finite ci_low .* from 1 prompt"):
+        motif_report(summary, one_prompt)
+    with pytest.raises(ValueError, match="non-finite clean"):
+        motif_report(*tables(clean=nan))
+    with pytest.raises(ValueError, match="accuracy effects hold a non-finite effect"):
+        motif_report(*tables(accuracy={("mlp_res", "early", "embedding"): nan}))
+    with pytest.raises(ValueError, match="non-finite mass at router='mlp_res', family='current'"):
+        motif_report(*tables(mass={("mlp_res", "current"): nan}))
+    # rows the verdicts do not read may hold anything (e.g. a final router's group)
+    summary, effects = tables()
+    extra = effects.iloc[:1].assign(router="final_res", group="final", effect=nan)
+    assert len(motif_report(summary, pd.concat([effects, extra]))) == len(CLAIMS)

@@ -147,6 +147,52 @@ def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
         )
 
 
+def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass: pd.Series) -> None:
+    """Refuse NaN / infinite numbers among those the verdicts read: a comparison with NaN
+    is False, so an interval of one prompt (NaN) would read as "absent", and NaN in one
+    band would decide localisation by the order of the bands (Python's ``max``)."""
+    routers = list(SUBLAYER_ROUTERS)
+    groups = [*BANDS, "all"]
+    read = logit[
+        logit.index.get_level_values("router").isin(routers)
+        & logit.index.get_level_values("group").isin(groups)
+    ]
+    cells = [(read, ["effect", "ci_low", "ci_high", "clean"], "logit_diff")]
+    if accuracy is not None:
+        chosen = accuracy[
+            accuracy.index.get_level_values("router").isin(routers)
+            & accuracy.index.get_level_values("group").isin(groups)
+        ]
+        cells.append((chosen, ["effect"], "accuracy"))
+    for table, columns, metric in cells:
+        values = table[columns].to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row, column = (int(i[0]) for i in np.nonzero(bad))
+            router, group, family = table.index[row]
+            prompts = (
+                f" from {int(table.n_prompts.iloc[row])} prompt(s)"
+                if "n_prompts" in table.columns
+                else ""
+            )
+            raise ValueError(
+                f"the {metric} effects hold a non-finite {columns[column]} "
+                f"({values[row, column]}) at router={router!r}, group={group!r}, "
+                f"family={family!r}{prompts}; the pre-registered verdicts compare these "
+                "numbers and cannot be decided from NaN (a bootstrap interval needs at least "
+                "2 prompts): run ablation_effects on more prompts, or find what made the "
+                "metric non-finite"
+            )
+    masses = mass.loc[[(r, f) for r in routers for f in FAMILIES]]
+    if not np.isfinite(masses.to_numpy(dtype=float)).all():
+        router, family = masses.index[int(np.nonzero(~np.isfinite(masses.to_numpy()))[0][0])]
+        raise ValueError(
+            f"mass_summary holds a non-finite mass at router={router!r}, family={family!r}; "
+            "the dissociations cannot be decided from it: recompute summarize_mass of a "
+            "routing_mass table without NaN"
+        )
+
+
 def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Criteria) -> list[dict]:
     _check_inputs(mass_summary, effects)
     logit = _effect_rows(effects, "logit_diff")
@@ -157,6 +203,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             "one model seed at a time (motif_report splits by a 'seed' column)"
         )
     mass = _all_layer_mass(mass_summary)
+    _require_finite(logit, accuracy, mass)
     clean = float(logit.clean.iloc[0])
     rows: list[dict] = []
 
