@@ -201,6 +201,28 @@ def test_schedule_deviation_detects_learned_routing():
         recency_schedule(4, 5, 3.0)
 
 
+def test_a_non_finite_routing_weight_is_refused_not_read_as_agreement():
+    """Audit finding: Python's ``max(worst, nan)`` keeps ``worst`` and pandas' mean / max skip
+    NaN, so a NaN routing weight passed the schedule claim (deviation 2.2e-8)."""
+    from hooked_attnres.analysis import routing_mass, schedule_comparison
+
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="recency", num_blocks=2).eval()
+    tokens = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(0))
+    names = [site.hook("weights") for site in model.sites()]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    cache = {name: cache[name].clone() for name in names}
+    schedule = recency_schedule(3, 2, 3.0)
+    assert schedule_deviation(model, cache, schedule) < 1e-6
+    cache[names[1]][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{re.escape(names[1])} holds non-finite"):
+        schedule_deviation(model, cache, schedule)
+    mass = routing_mass(model, tokens, positions="all")
+    assert schedule_comparison(mass, schedule).max_abs_deviation.max() < 1e-6
+    mass.loc[5, "mass"] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite mass value"):
+        schedule_comparison(mass, schedule)
+
+
 def test_sharded_transformers_directory_with_tokenizer(tmp_path):
     hf = hf_qwen3(num_hidden_layers=3)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")

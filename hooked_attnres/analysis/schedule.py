@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -122,6 +123,10 @@ def schedule_deviation(
         cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``.
         schedule: the prediction (default: `recency_schedule` of the model's shape and
             configured recency bias).
+
+    Raises:
+        ValueError: a router's cached weights hold NaN or infinity (no deviation can be
+            measured; NaN would otherwise be skipped and the routing reported as agreeing).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
@@ -147,6 +152,12 @@ def schedule_deviation(
                 f"{name} has {measured.shape[-1]} sources but the schedule predicts "
                 f"{predicted.shape[0]}; the schedule is for a different shape"
             )
+        if not torch.isfinite(measured).all():
+            raise ValueError(
+                f"{name} holds non-finite routing weights; the deviation from the schedule "
+                "cannot be measured (Python's max would skip NaN and report agreement): "
+                "find what made the forward pass non-finite"
+            )
         worst = max(worst, (measured - predicted).abs().max().item())
     return worst
 
@@ -162,8 +173,21 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
         One row per ``(router, layer, family)``: ``measured`` (mean over prompts),
         ``predicted``, ``max_abs_deviation`` (largest ``|measured - predicted|`` over
         prompts; for a recency-wrapped model ~1e-7, i.e. routing is content-independent).
+
+    Raises:
+        ValueError: a NaN or infinite mass at a sublayer router (pandas' mean and max
+            would skip it and report agreement).
     """
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
+    finite = np.isfinite(measured.mass.to_numpy(dtype=float))
+    if not finite.all():
+        first = measured[~finite].iloc[0]
+        raise ValueError(
+            f"the mass table holds {int((~finite).sum())} non-finite mass value(s) (first: "
+            f"router={first.router!r}, layer={first.layer}, family={first.family!r}); the "
+            "comparison cannot be computed (pandas' mean and max would skip them and report "
+            "agreement): find what made the routing weights non-finite"
+        )
     grouped = measured.groupby(["router", "layer", "family"]).mass
     table = grouped.mean().rename("measured").to_frame()
     predicted = schedule.families.set_index(["router", "layer", "family"]).weight
