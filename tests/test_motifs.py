@@ -387,3 +387,29 @@ def test_non_finite_numbers_are_refused_not_read_as_absent():
     summary, effects = tables()
     extra = effects.iloc[:1].assign(router="final_res", group="final", effect=nan)
     assert len(motif_report(summary, pd.concat([effects, extra]))) == len(CLAIMS)
+
+
+def test_dissociation_report_refuses_non_finite_numbers():
+    """Audit finding: a NaN effect sorted to an arbitrary place, so NaN at ``embedding`` made
+    it the top-effect family over ``older`` (effect -3)."""
+    from hooked_attnres.analysis import dissociation_report
+
+    nan = float("nan")
+    older = {("attn_res", "all", "older"): (-3.0, -3.2, -2.8)}
+    summary, effects = tables(older)
+    top = dissociation_report(
+        summary.drop(columns="band"), effects[effects.group == "all"].assign(n_masked_routers=1)
+    )
+    assert top.set_index("router").loc["attn_res", "top_effect"] == "older"
+    for cell in ((nan, nan, nan), (-0.5, nan, nan)):
+        summary, effects = tables({**older, ("attn_res", "all", "embedding"): cell})
+        with pytest.raises(ValueError, match="'attn_res', family 'embedding': a non-finite"):
+            dissociation_report(
+                summary.drop(columns="band"),
+                effects[effects.group == "all"].assign(n_masked_routers=1),
+            )
+    summary, effects = tables(older, mass={("mlp_res", "current"): nan})
+    with pytest.raises(ValueError, match="'mlp_res', family 'current': a non-finite"):
+        dissociation_report(
+            summary.drop(columns="band"), effects[effects.group == "all"].assign(n_masked_routers=1)
+        )

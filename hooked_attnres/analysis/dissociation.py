@@ -47,6 +47,10 @@ def dissociation_report(
         ``top_mass_is_top_effect``; ``shares`` (for every family, its mass and its share
         of the total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
         >= ``appreciable_mass`` whose effect interval contains 0).
+
+    Raises:
+        ValueError: several rows per router and family, a missing family row, or a NaN /
+            infinite mass, effect or interval bound (e.g. the NaN intervals of one prompt).
     """
     require_measured(effects, "dissociation_report")
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
@@ -77,8 +81,21 @@ def dissociation_report(
             and f in effect.index
             and (mass.loc[f, "mass"] > 0 or effect.loc[f, "n_masked_routers"] > 0)
         ]
-        m = np.array([mass.loc[f, "mass"] for f in present])
-        e = np.array([abs(effect.loc[f, "effect"]) for f in present])
+        m = np.array([mass.loc[f, "mass"] for f in present], dtype=float)
+        e = np.array([abs(effect.loc[f, "effect"]) for f in present], dtype=float)
+        bounds = np.array(
+            [[effect.loc[f, "ci_low"], effect.loc[f, "ci_high"]] for f in present], dtype=float
+        )
+        finite = np.isfinite(m) & np.isfinite(e) & np.isfinite(bounds).all(axis=1)
+        if not finite.all():
+            family = present[int(np.nonzero(~finite)[0][0])]
+            raise ValueError(
+                f"router {router!r}, family {family!r}: a non-finite mass, effect or interval "
+                f"bound (mass {mass.loc[family, 'mass']}, effect {effect.loc[family, 'effect']} "
+                f"[{effect.loc[family, 'ci_low']}, {effect.loc[family, 'ci_high']}]); the "
+                "rankings cannot be computed (NaN would sort to an arbitrary place): a "
+                "bootstrap interval needs at least 2 prompts, and the metric must be finite"
+            )
         mass_ranking = [f for _, f in sorted(zip(-m, present, strict=True))]
         effect_ranking = [f for _, f in sorted(zip(-e, present, strict=True))]
         null = [
