@@ -96,9 +96,12 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
     "kwargs, message",
     [
         ({"n_bootstrap": 0}, "n_resamples must be an integer >= 1, got 0"),
-        ({"n_prompts": 0}, "n_prompts must be an integer >= 1, got 0"),
-        ({"n_prompts": 2.5}, "n_prompts must be an integer >= 1, got 2.5"),
-        ({"seeds": [0, -1]}, "seeds must be integers >= 0, got -1"),
+        ({"n_prompts": 0}, "n_prompts must be an integer >= 2 .*, got 0"),
+        # one prompt: every bootstrap interval is NaN, and NaN compared False ("absent")
+        ({"n_prompts": 1}, "n_prompts must be an integer >= 2 .*, got 1"),
+        ({"n_prompts": 2.5}, "n_prompts must be an integer >= 2 .*, got 2.5"),
+        ({"n_prompts": True}, "n_prompts must be an integer >= 2 .*, got True"),
+        ({"seeds": [0, -1]}, "seeds must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_study_settings_are_refused_before_any_model_is_loaded(

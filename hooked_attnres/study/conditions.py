@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from hooked_attnres._validation import require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
@@ -323,9 +324,8 @@ def train_condition(
     the optimiser settings, the shape and the number of blocks.
     """
     recipe = get_condition(condition)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
+    require_integer("seed", seed, 0)
     custom = (
         any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
     )

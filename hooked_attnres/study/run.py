@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from hooked_attnres._atomic import atomic_directory, check_replaceable
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
@@ -304,7 +305,7 @@ def run_study(
         seeds: model seeds (default: every seed found for each condition).
         conditions: condition names (default: every condition found).
         n_prompts: held-out probe prompts per model (the same prompts for every model of a
-            task).
+            task; at least 2, checked before any work, as is ``n_bootstrap``).
         n_bootstrap: bootstrap resamples for every interval.
         progress, plots: progress lines and bars; figures.
         robustness: recompute the verdicts on a second, disjoint prompt set.
@@ -313,8 +314,11 @@ def run_study(
         A `StudyResult`.
     """
     started = time.perf_counter()
-    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
-        raise ValueError(f"n_prompts must be an integer >= 1, got {n_prompts!r}")
+    if not is_integer(n_prompts) or n_prompts < 2:
+        raise ValueError(
+            f"n_prompts must be an integer >= 2 (the verdicts need bootstrap intervals over "
+            f"prompts, and one prompt has none), got {n_prompts!r}"
+        )
     check_bootstrap(n_bootstrap, 0.95, 0)  # before any model is loaded, not after the first
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
@@ -377,8 +381,7 @@ def find_runs(
         for condition in conditions:
             get_condition(condition)
     for seed in seeds or ():
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
+        require_integer("seeds", seed, 0)
     found = available(checkpoints)
     names = list(conditions) if conditions is not None else list(found)
     if not names:
