@@ -153,6 +153,7 @@ def test_ablation_effects_table(setup):
         "n_masked_routers",
         "skipped",
         "n_prompts",
+        "confidence",
     ]
     assert len(effects) == 2 * 3 * 4 * 3
     absent = effects[effects.n_masked_routers == 0]

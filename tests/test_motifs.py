@@ -413,3 +413,31 @@ def test_dissociation_report_refuses_non_finite_numbers():
         dissociation_report(
             summary.drop(columns="band"), effects[effects.group == "all"].assign(n_masked_routers=1)
         )
+
+
+def test_intervals_of_another_level_than_95_percent_are_refused():
+    """Audit finding: the criteria read 95 % intervals, but an effects table of
+    ``ablation_effects(confidence=0.5)`` was read as if it were one (criterion 1 met by a
+    50 % interval). The table records its level and motif_report checks it."""
+    from helpers import tiny_model
+
+    from hooked_attnres.analysis import ablation_effects, routing_mass, summarize_mass
+    from hooked_attnres.interventions.selection import depth_bands
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    task = KeyValueRetrieval(n_pairs=2, n_keys=8, n_values=8)
+    tokenizer = task_tokenizer(task)
+    model = tiny_model(n_layers=3, attnres_num_blocks=3, d_vocab=len(tokenizer)).eval()
+    batch = task.sample(6, 0, "test", tokenizer.get_vocab())
+    groups = {**depth_bands(3), "all": [0, 1, 2]}
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=20)
+    for level in (0.95, 0.5):
+        effects = ablation_effects(
+            model, batch, groups=groups, n_bootstrap=20, confidence=level, progress=False
+        )
+        assert (effects.confidence == level).all()
+        if level == 0.95:
+            assert len(motif_report(summary, effects)) == len(CLAIMS)
+        else:
+            with pytest.raises(ValueError, match=r"holds \[0.5\] intervals.*confidence=0.95"):
+                motif_report(summary, effects)

@@ -390,9 +390,10 @@ def ablation_effects(
     Returns:
         One row per (router, group, family, metric): ``router, group, layers, family,
         metric, clean, ablated, effect, ci_low, ci_high, n_masked_routers, skipped,
-        n_prompts``. ``effect = mean(ablated - clean)`` over prompts (negative: the family
-        helped the answer); ``ci_low``/``ci_high`` bound it. Families a group does not
-        have give ``n_masked_routers = 0`` and effect 0 exactly.
+        n_prompts, confidence`` (the intervals' level). ``effect = mean(ablated - clean)``
+        over prompts (negative: the family helped the answer); ``ci_low``/``ci_high``
+        bound it. Families a group does not have give ``n_masked_routers = 0`` and effect
+        0 exactly.
     """
     metrics = check_metrics(metrics)
     check_bootstrap(n_bootstrap, confidence, seed)  # before the sweep, not after it
@@ -464,6 +465,7 @@ def cell_rows(
             "n_masked_routers": len(cell.ablation.masks),
             "skipped": ";".join(cell.skipped),
             "n_prompts": differences.shape[1],
+            "confidence": confidence,
         }
         for i, cell in enumerate(plan)
     ]

@@ -89,6 +89,8 @@ class Criteria:
 
 
 PREREGISTERED = Criteria()
+# the level of every interval the criteria read ("95 % percentile-bootstrap intervals")
+PREREGISTERED_CONFIDENCE = 0.95
 
 
 def _effect_rows(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -136,6 +138,14 @@ def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
         missing = columns - set(table.columns)
         if missing:
             raise ValueError(f"{name} lacks the columns {sorted(missing)}")
+    if "confidence" in effects.columns:
+        levels = sorted(set(effects.confidence.astype(float)))
+        if any(abs(level - PREREGISTERED_CONFIDENCE) > 1e-12 for level in levels):
+            raise ValueError(
+                f"the effects table holds {levels} intervals; the pre-registered criteria "
+                f"read 95 % intervals (criterion 1, D1-D3): run ablation_effects with "
+                f"confidence={PREREGISTERED_CONFIDENCE}"
+            )
     groups = set(effects.group)
     needed = {*BANDS, "all"} - groups
     if needed:
