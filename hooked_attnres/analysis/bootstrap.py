@@ -9,6 +9,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from hooked_attnres._validation import require_integer
+
 
 def as_numpy(values) -> np.ndarray:
     """A float64 NumPy array of a tensor on any device (or of any array-like): the one
@@ -42,10 +44,8 @@ def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> None:
         or not 0 < confidence < 1
     ):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    if not isinstance(n_resamples, int) or isinstance(n_resamples, bool) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    require_integer("n_resamples", n_resamples, 1)
+    require_integer("seed", seed, 0)
 
 
 def bootstrap_ci_rows(
