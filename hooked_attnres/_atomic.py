@@ -504,11 +504,17 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
 
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     """Write a small text file atomically (a temporary sibling, fsynced, renamed)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
+    """Write a file atomically (a temporary sibling, fsynced, renamed): a reader finds the
+    old file or the whole new one, never a part."""
     path = Path(path)
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        with open(partial, "w") as handle:
-            handle.write(text)
+        with open(partial, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(partial, path)
@@ -528,5 +534,6 @@ __all__ = [
     "reading",
     "read_marker",
     "recover",
+    "write_bytes_atomic",
     "write_text_atomic",
 ]

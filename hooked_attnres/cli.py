@@ -223,18 +223,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres.study import run_study
+    from hooked_attnres.study.run import partial_dir
 
     conditions = _conditions(args.conditions) if args.conditions else None
-    result = run_study(
-        out_dir=args.out,
-        checkpoints=args.checkpoints,
-        seeds=args.seeds,
-        conditions=conditions,
-        n_prompts=args.prompts,
-        n_bootstrap=args.bootstrap,
-        progress=not args.no_progress,
-        robustness=not args.no_robustness,
-    )
+    try:
+        result = run_study(
+            out_dir=args.out,
+            checkpoints=args.checkpoints,
+            seeds=args.seeds,
+            conditions=conditions,
+            n_prompts=args.prompts,
+            n_bootstrap=args.bootstrap,
+            progress=not args.no_progress,
+            robustness=not args.no_robustness,
+        )
+    except BaseException:
+        kept = partial_dir(args.out)
+        if kept.is_dir() and any(kept.glob("*.pkl")):
+            print(
+                f"[{PROG}] the models finished so far are kept in {kept}: run the same "
+                "command again to resume",
+                file=sys.stderr,
+            )
+        raise
     out = Path(args.out)
     print(
         f"[{PROG}] study of {len(result.accuracy)} model(s) in {result.seconds:.0f} s: "
@@ -327,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model seeds (default: every seed found)",
     )
     study.add_argument(
-        "--prompts", type=POSITIVE, default=256, help="held-out probe prompts per model"
+        "--prompts", type=_integer_at_least(2), default=256, help="held-out probe prompts per model"
     )
     study.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
     study.add_argument(

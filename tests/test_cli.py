@@ -52,7 +52,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     "argv, message",
     [
         (["info", "x", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
-        (["study", "--prompts", "0"], "argument --prompts: must be an integer >= 1, got 0"),
+        (["study", "--prompts", "1"], "argument --prompts: must be an integer >= 2, got 1"),
         (["study", "--bootstrap", "-1"], "argument --bootstrap: must be an integer >= 1, got -1"),
         (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
         (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
@@ -125,6 +125,26 @@ def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
     assert cli.main(["train", "--condition", "attnres", *out]) == 0  # a rerun replaces its row
     assert listed() == [("vanilla", 0, 0.25), ("attnres", 0, 0.5)]
     capsys.readouterr()
+
+
+def test_an_interrupted_study_says_where_the_finished_models_are_kept(
+    tmp_path, monkeypatch, capsys
+):
+    from hooked_attnres import study
+    from hooked_attnres.study.run import partial_dir
+
+    out = tmp_path / "study_out"
+
+    def interrupted(out_dir, **kwargs):
+        partial_dir(out_dir).mkdir()
+        (partial_dir(out_dir) / "vanilla_seed0.pkl").write_bytes(b"")  # one model finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert cli.main(["study", "--out", str(out), "--no-progress"]) == 130
+    assert f"kept in {tmp_path / 'study_out.partial'}: run the same command again" in (
+        capsys.readouterr().err
+    )
 
 
 def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers import tiny_config
@@ -432,3 +433,86 @@ def test_a_saturated_run_under_a_paperlike_name_is_refused(tmp_path):
     (paperlike / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ValueError, match="stop_accuracy=None, but condition 'paperlike"):
         load_condition("paperlike_cumulative_L8", 0, tmp_path)
+
+
+def _tiny_runs(root: Path, condition: str, seeds) -> None:
+    """Tiny untrained kimi models saved as ``{condition}_seed{n}/model`` runs."""
+    tokenizer = task_tokenizer(get_condition(condition).make_task())
+    for seed in seeds:
+        cfg = tiny_config(
+            d_vocab=len(tokenizer),
+            attnres_layout="kimi",
+            n_layers=4,
+            attnres_num_blocks=2,
+            n_ctx=64,
+            seed=seed,
+        )
+        HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
+            run_dir(root, condition, seed) / "model", overwrite=True
+        )
+
+
+def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, monkeypatch):
+    """Ctrl-C after the first model used to lose its work; the same call now reads it back
+    and computes only the rest, with the same tables as an uninterrupted study. A kept run
+    is not reused when the settings, the checkpoint or the file itself changed."""
+    import hooked_attnres.study.run as study_module
+
+    condition = "hard_kimi_L8"
+    _tiny_runs(tmp_path / "runs", condition, (0, 1))
+    kwargs = dict(
+        checkpoints=tmp_path / "runs",
+        n_prompts=12,
+        n_bootstrap=20,
+        progress=False,
+        plots=False,
+    )
+    reference = run_study(tmp_path / "reference", **kwargs)
+    original = study_module._study_run
+    calls: list[tuple] = []
+
+    def counted(condition, seed, *args, interrupt_at=None):
+        calls.append((condition, seed))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return original(condition, seed, *args)
+
+    out = tmp_path / "out"
+    kept = study_module.partial_dir(out)
+    monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(out, **kwargs)
+    assert calls == [(condition, 0), (condition, 1)] and not out.exists()
+    assert [p.name for p in kept.iterdir()] == [f"{condition}_seed0.pkl"]
+
+    calls.clear()
+    monkeypatch.setattr(study_module, "_study_run", counted)
+    result = run_study(out, **kwargs)
+    assert calls == [(condition, 1)]  # seed 0 was read back, not recomputed
+    for name in ("accuracy", "mass_summary", "effects", "motifs", "verdicts", "fresh_motifs"):
+        pd.testing.assert_frame_equal(getattr(result, name), getattr(reference, name))
+    assert (out / "report.md").is_file() and not kept.exists()
+
+    def interrupted_then_rerun(**changes) -> list:
+        calls.clear()
+        monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+        with pytest.raises(KeyboardInterrupt):
+            run_study(out, **kwargs)
+        if "damage" in changes:
+            (kept / f"{condition}_seed0.pkl").write_bytes(b"not a pickle")
+        if "retrain" in changes:  # another model in seed 0's checkpoint folder
+            _tiny_runs(tmp_path / "other", condition, (5,))
+            source = run_dir(tmp_path / "other", condition, 5) / "model" / "model.safetensors"
+            target = run_dir(tmp_path / "runs", condition, 0) / "model" / "model.safetensors"
+            target.write_bytes(source.read_bytes())
+        calls.clear()
+        monkeypatch.setattr(study_module, "_study_run", counted)
+        settings = {**kwargs, **{k: v for k, v in changes.items() if k in kwargs}}
+        run_study(out, **settings)
+        return list(calls)
+
+    both = [(condition, 0), (condition, 1)]
+    assert interrupted_then_rerun() == [(condition, 1)]
+    assert interrupted_then_rerun(n_bootstrap=30) == both  # other settings
+    assert interrupted_then_rerun(damage=True) == both  # an unreadable kept file
+    assert interrupted_then_rerun(retrain=True) == both  # another checkpoint

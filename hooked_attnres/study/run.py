@@ -19,7 +19,11 @@ page), ``report.md`` (the same in text), CSV tables.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import pickle
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ from typing import Optional, Union
 import pandas as pd
 import torch
 
-from hooked_attnres._atomic import atomic_directory, check_replaceable
+from hooked_attnres._atomic import atomic_directory, check_replaceable, write_bytes_atomic
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.analysis import (
     ablation_effects,
@@ -45,7 +49,7 @@ from hooked_attnres.analysis import (
 from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
-from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path
+from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path, run_dir
 from hooked_attnres.study.conditions import TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
@@ -299,7 +303,10 @@ def run_study(
     Args:
         out_dir: where results go (replaced atomically: a failed run leaves the previous
             results in place; a folder that does not look like study output is refused
-            before any work).
+            before any work). Each finished model's tables are kept in `partial_dir`
+            (``{out_dir}.partial``) until the study is written: after a crash or Ctrl-C,
+            the same call resumes, recomputing only the models not finished (or whose
+            checkpoint, settings or library code changed since).
         checkpoints: a directory with ``{condition}_seed{seed}/model`` (what
             ``hooked-attnres train --out DIR`` writes); default: the shipped checkpoints.
         seeds: model seeds (default: every seed found for each condition).
@@ -322,26 +329,24 @@ def run_study(
     check_bootstrap(n_bootstrap, 0.95, 0)  # before any model is loaded, not after the first
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
+    partial = partial_dir(out_dir)
     tables: dict[str, list[pd.DataFrame]] = {}
     for condition, seed in runs:
-        recipe = get_condition(condition)
-        model = load_condition(condition, seed, checkpoints)
-        if progress:
-            print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
-        prompt_sets = [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]
-        first: Optional[TaskBatch] = None
-        for prompt_seed in prompt_sets:
-            batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task, exclude=first)
-            first = batch if first is None else first
-            found = study_condition(model, batch, n_bootstrap, progress=False)
-            motifs = motif_report(found["mass_summary"], found["effects"])
-            tag = {"condition": condition, "seed": seed}
-            if prompt_seed == FRESH_PROBE_SEED:
-                tables.setdefault("fresh_motifs", []).append(motifs.assign(**tag))
-                continue
-            found["motifs"] = motifs
-            for name, table in found.items():
-                tables.setdefault(name, []).append(table.assign(**tag))
+        key = _run_key(condition, seed, checkpoints, n_prompts, n_bootstrap, robustness)
+        found_before = _read_partial(partial, condition, seed, key)
+        if found_before is not None:
+            run_tables = found_before
+            if progress:
+                print(f"[study] {condition} seed {seed}: finished earlier, read from {partial}")
+        else:
+            if progress:
+                print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
+            run_tables = _study_run(
+                condition, seed, checkpoints, n_prompts, n_bootstrap, robustness
+            )
+            _write_partial(partial, condition, seed, key, run_tables)
+        for name, table in run_tables.items():
+            tables.setdefault(name, []).append(table)
     joined = {name: _front(pd.concat(parts, ignore_index=True)) for name, parts in tables.items()}
     result = StudyResult(
         out_dir=Path(out_dir),
@@ -364,9 +369,137 @@ def run_study(
     result.seconds = time.perf_counter() - started
     result.settings["seconds"] = round(result.seconds, 1)
     write_study(result)
+    shutil.rmtree(partial, ignore_errors=True)  # every model's tables are in out_dir now
     if progress:
         print(f"[study] wrote {result.out_dir} in {result.seconds:.0f} s", flush=True)
     return result
+
+
+def _study_run(
+    condition: str,
+    seed: int,
+    checkpoints: Union[str, Path, None],
+    n_prompts: int,
+    n_bootstrap: int,
+    robustness: bool,
+) -> dict[str, pd.DataFrame]:
+    """Every table `run_study` reads from one model, tagged with its condition and seed:
+    `study_condition`'s tables and the motifs on the probe prompts (and ``fresh_motifs``
+    on a second, disjoint prompt set when ``robustness``)."""
+    recipe = get_condition(condition)
+    model = load_condition(condition, seed, checkpoints)
+    tag = {"condition": condition, "seed": seed}
+    out: dict[str, pd.DataFrame] = {}
+    first: Optional[TaskBatch] = None
+    for prompt_seed in [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]:
+        batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task, exclude=first)
+        first = batch if first is None else first
+        found = study_condition(model, batch, n_bootstrap, progress=False)
+        motifs = motif_report(found["mass_summary"], found["effects"])
+        if prompt_seed == FRESH_PROBE_SEED:
+            out["fresh_motifs"] = motifs.assign(**tag)
+            continue
+        found["motifs"] = motifs
+        out.update({name: table.assign(**tag) for name, table in found.items()})
+    return out
+
+
+# --- resuming: every finished model's tables are kept until the whole study is written ----
+# The format of a kept run (bump it when what a run's tables hold changes).
+_PARTIAL_FORMAT = 1
+
+
+def partial_dir(out_dir: Union[str, Path]) -> Path:
+    """Where `run_study` keeps each finished model's tables while it runs: the sibling
+    ``{out_dir}.partial`` (removed once the study is written). An interrupted or failed
+    study is resumed by running it again with the same settings: models whose checkpoint,
+    settings and library code are unchanged are read from there, not recomputed."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """SHA-256 of the package's Python source: any change to the code invalidates the kept
+    runs (they might have been computed differently)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _files_fingerprint(paths: Sequence[Path]) -> str:
+    """SHA-256 of the files under ``paths`` (names and contents; a missing path counts)."""
+    digest = hashlib.sha256()
+    for root in paths:
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file():
+                digest.update(path.as_posix().encode() + b"\0" + path.read_bytes())
+            elif not path.exists():
+                digest.update(b"missing " + path.as_posix().encode())
+    return digest.hexdigest()
+
+
+def _run_key(
+    condition: str,
+    seed: int,
+    checkpoints: Union[str, Path, None],
+    n_prompts: int,
+    n_bootstrap: int,
+    robustness: bool,
+) -> dict:
+    """What a kept run must match to be reused: its settings, its checkpoint's files
+    (weights, config, ``metrics.json``) and the library's code."""
+    model = checkpoint_dir(condition, seed, checkpoints)
+    return {
+        "format": _PARTIAL_FORMAT,
+        "condition": condition,
+        "seed": seed,
+        "n_prompts": n_prompts,
+        "n_bootstrap": n_bootstrap,
+        "robustness": robustness,
+        "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
+        "code": _code_fingerprint(),
+    }
+
+
+def _partial_file(partial: Path, condition: str, seed: int) -> Path:
+    return partial / f"{run_dir('.', condition, seed).name}.pkl"
+
+
+def _write_partial(
+    partial: Path, condition: str, seed: int, key: dict, run_tables: dict[str, pd.DataFrame]
+) -> None:
+    """Keep one finished model's tables (written atomically: a crash leaves the whole
+    file or none)."""
+    partial.mkdir(parents=True, exist_ok=True)
+    data = pickle.dumps({"key": key, "tables": run_tables}, protocol=pickle.HIGHEST_PROTOCOL)
+    write_bytes_atomic(_partial_file(partial, condition, seed), data)
+
+
+def _read_partial(
+    partial: Path, condition: str, seed: int, key: dict
+) -> Optional[dict[str, pd.DataFrame]]:
+    """A kept run's tables if it was made with exactly ``key``; ``None`` (recompute) if
+    there is none, it is unreadable, or anything in the key differs."""
+    path = _partial_file(partial, condition, seed)
+    if not path.is_file():
+        return None
+    try:
+        kept = pickle.loads(path.read_bytes())  # written by `_write_partial` only
+    except Exception:  # a damaged file: recompute the run
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key:
+        return None
+    run_tables = kept.get("tables")
+    if not isinstance(run_tables, dict) or not all(
+        isinstance(table, pd.DataFrame) for table in run_tables.values()
+    ):
+        return None
+    return run_tables
 
 
 def find_runs(
