@@ -13,6 +13,7 @@ from hooked_attnres.analysis import (
     verdict_changes,
     verdict_word,
 )
+from hooked_attnres.analysis.motifs import same_top_family
 
 FAMILIES = ("embedding", "older", "prev_completed", "current")
 GROUPS = ("early", "middle", "late", "all")
@@ -154,6 +155,36 @@ def test_d1_top_mass_is_not_top_effect_with_separated_intervals():
     same = {("attn_res", "all", "current"): (-2.0, -2.5, -1.5)}
     report = motif_report(*tables(same, mass=mass))
     assert not present(report, "D1-attn_res") and not present(report, "D1-mlp_res")
+
+
+def test_d1_ties_for_the_top_are_decided_by_every_tied_family():
+    """Amendment 4: the first family of a tie in the fixed family order used to decide D1
+    (embedding and older tied for the largest harm: present with the narrow interval on
+    embedding, absent with it on older). Every tied family must now satisfy D1."""
+    mass = {("attn_res", "current"): 0.6}
+    narrow, wide = (-2.0, -2.1, -1.9), (-2.0, -3.0, -0.05)
+    base = {("attn_res", "all", "current"): (-0.5, -1.0, 0.0)}
+    for first, second in ((narrow, wide), (wide, narrow)):
+        effects = {
+            **base,
+            ("attn_res", "all", "embedding"): first,
+            ("attn_res", "all", "older"): second,
+        }
+        row = motif_report(*tables(effects, mass=mass)).set_index("claim").loc["D1-attn_res"]
+        assert row.top_effect == "embedding|older" and row.top_mass == "current"
+        assert not row.present  # one tied family's interval overlaps current's
+    both_narrow = {
+        **base,
+        ("attn_res", "all", "embedding"): narrow,
+        ("attn_res", "all", "older"): narrow,
+    }
+    assert present(motif_report(*tables(both_narrow, mass=mass)), "D1-attn_res")
+    # a family tied for the top mass that is also a top-effect family: the same family
+    tied_mass = {("attn_res", "current"): 0.4, ("attn_res", "embedding"): 0.4}
+    effects = {**base, ("attn_res", "all", "embedding"): narrow}
+    row = motif_report(*tables(effects, mass=tied_mass)).set_index("claim").loc["D1-attn_res"]
+    assert row.top_mass == "embedding|current" or row.top_mass == "current|embedding"
+    assert not row.present and same_top_family(row.top_mass, row.top_effect)
 
 
 def test_d2_embedding_mass_below_half_and_effect_at_least_twice_current():

@@ -284,9 +284,15 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
 
     for router in SUBLAYER_ROUTERS:
         table = family_table(router)
-        top_mass = str(table.mass.idxmax())
-        top_effect = str(table.harm.idxmax())
-        separated = bool(table.loc[top_effect, "ci_high"] < table.loc[top_mass, "ci_low"])
+        # ties (amendment 4): every family tied for the top must satisfy D1
+        mass_tops = list(table.index[table.mass == table.mass.max()])
+        effect_tops = list(table.index[table.harm == table.harm.max()])
+        top_mass, top_effect = "|".join(mass_tops), "|".join(effect_tops)
+        separated = all(
+            bool(table.loc[e, "ci_high"] < table.loc[m, "ci_low"])
+            for e in effect_tops
+            for m in mass_tops
+        )
         rows.append(
             dict(
                 claim=f"D1-{router}",
@@ -295,7 +301,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
                 top_mass=top_mass,
                 top_effect=top_effect,
                 separated=separated,
-                present=top_mass != top_effect and separated,
+                present=not set(mass_tops) & set(effect_tops) and separated,
             )
         )
         pc = table.loc["prev_completed"]
@@ -340,6 +346,12 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         row.setdefault("present_as_written", row["present"])
     order = {claim: i for i, claim in enumerate(CLAIMS)}
     return sorted(rows, key=lambda r: order[r["claim"]])
+
+
+def same_top_family(top_mass: str, top_effect: str) -> bool:
+    """Whether one family is on top of both the mass and the effect ranking of a D1 row
+    (``top_mass`` / ``top_effect`` name every family tied for the top, joined by ``|``)."""
+    return bool(set(top_mass.split("|")) & set(top_effect.split("|")))
 
 
 def motif_report(
@@ -479,7 +491,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 f"harmful band {row.largest_band}"
             )
         elif claim.startswith("D1"):
-            if row.top_mass == row.top_effect:
+            if same_top_family(row.top_mass, row.top_effect):
                 note = " (the same family)"
             else:
                 note = "" if row.separated else " (their effect intervals overlap)"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
-from hooked_attnres.analysis.motifs import CLAIMS, PREREGISTERED, claim_text
+from hooked_attnres.analysis.motifs import CLAIMS, PREREGISTERED, claim_text, same_top_family
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.conditions import get_condition
 
@@ -75,7 +75,7 @@ def _conclusion(result: StudyResult) -> list[str]:
             f"Across trained conditions, seeds and router types, the top-mass family was not the "
             f"top-effect family with separated intervals (D1) in {int(d1.present.sum())} of "
             f"{len(d1)} cases; the same family was on top of both in "
-            f"{int((d1.top_mass == d1.top_effect).sum())}."
+            f"{sum(map(same_top_family, d1.top_mass, d1.top_effect))}."
         )
     if not result.robustness.empty or not result.fresh_motifs.empty:
         n = len(result.motifs)
