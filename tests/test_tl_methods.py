@@ -165,6 +165,27 @@ def test_default_padding_side_is_read_from_the_config():
     assert model.tokenizer.padding_side == "left"
 
 
+def test_the_tokenizers_padding_side_is_the_default_as_in_transformerlens():
+    """Audit finding: TransformerLens pads on ``model.tokenizer.padding_side`` (Bridge 4.3
+    and HookedTransformer); we read only the config, so after
+    ``model.tokenizer.padding_side = "left"`` the short prompt's ``logits[:, -1]`` was a
+    padding position (0.37 off the Bridge's, another argmax)."""
+    texts = ["w1 w2 w3 w4 w5", "w6 w7"]
+    model = routed_model("none")
+    alone = model(texts[1])[0, -1]
+    model.tokenizer.padding_side = "left"
+    tokens, mask = model.to_tokens_and_mask(texts)
+    assert mask.tolist() == [[1] * 5, [0, 0, 0, 1, 1]]
+    assert model.to_tokens(texts).tolist() == tokens.tolist()
+    assert torch.allclose(model(texts)[1, -1], alone, atol=1e-5)
+    assert model.to_tokens_and_mask(texts, padding_side="right")[1][1].tolist() == [1, 1, 0, 0, 0]
+    # a config changed after the tokenizer was attached still counts (the tokenizer was not)
+    model = routed_model("none")
+    model.cfg.default_padding_side = "left"
+    assert model.to_tokens_and_mask(texts)[1][1].tolist() == [0, 0, 0, 1, 1]
+    assert model.default_padding_side == "left"
+
+
 # --- key-value cache and generate -----------------------------------------------------
 def test_cached_forward_in_chunks_equals_one_forward(layout):
     # float64 first, so that the comparison tests the cache and not float32 rounding (the

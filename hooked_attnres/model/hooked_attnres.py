@@ -424,6 +424,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             loss_per_token: return the loss per position ``[batch, pos - 1]``.
             prepend_bos, padding_side: as in TransformerLens (string inputs only);
                 ``padding_side`` is ``"right"`` or ``"left"`` (default
+                ``model.default_padding_side``: the tokenizer's ``padding_side``, set from
                 ``cfg.default_padding_side``), and the attention mask of the padding is
                 applied automatically.
             start_at_layer: first layer to run (TransformerLens semantics).

@@ -19,9 +19,11 @@ class TokenizerMixin:
     ``to_single_str_token``, ``get_token_position``.
 
     The model keeps a Hugging Face tokenizer in ``self.tokenizer`` (or ``None``).
-    Batches of unequal prompts are padded on ``padding_side`` (default
-    ``cfg.default_padding_side``, ``"right"``); the forward pass masks the padding, so
-    either side gives the logits of the unpadded prompts at their real positions.
+    Batches of unequal prompts are padded on ``padding_side`` (default: the tokenizer's
+    ``padding_side``, as in TransformerLens, which `set_tokenizer` sets to
+    ``cfg.default_padding_side``; see `default_padding_side`); the forward pass masks the
+    padding, so either side gives the logits of the unpadded prompts at their real
+    positions.
     """
 
     tokenizer: Any = None
@@ -47,6 +49,24 @@ class TokenizerMixin:
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = self.cfg.default_padding_side
         self.tokenizer = tokenizer
+        # what set_tokenizer wrote: tells which of the two was changed since
+        self._attached_padding_side = self.cfg.default_padding_side
+
+    @property
+    def default_padding_side(self) -> str:
+        """The side that batches of strings are padded on when ``padding_side`` is not
+        given: the attached tokenizer's ``padding_side``, as in TransformerLens
+        (``model.tokenizer.padding_side = "left"`` pads on the left), which `set_tokenizer`
+        sets to ``cfg.default_padding_side``. If the config field was changed after the
+        tokenizer was attached (and the tokenizer's was not), the config's value is used."""
+        configured = self.cfg.default_padding_side
+        tokenizer_side = getattr(self.tokenizer, "padding_side", None)
+        if tokenizer_side not in ("right", "left") or tokenizer_side == configured:
+            return configured
+        # they disagree: the one still equal to what set_tokenizer wrote was not changed
+        if tokenizer_side == getattr(self, "_attached_padding_side", None):
+            return configured
+        return tokenizer_side
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -74,7 +94,8 @@ class TokenizerMixin:
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
         """Tokenise a string or a list of strings to ``[batch, pos]``, padded on
-        ``padding_side`` (``"right"`` or ``"left"``; default ``cfg.default_padding_side``).
+        ``padding_side`` (``"right"`` or ``"left"``; default `default_padding_side`: the
+        tokenizer's ``padding_side``, as in TransformerLens).
         Pass the padding's mask to the model (`to_tokens_and_mask`) or pass the strings
         themselves."""
         tokens, _ = self.to_tokens_and_mask(
@@ -93,7 +114,7 @@ class TokenizerMixin:
         """`to_tokens` plus the attention mask ``[batch, pos]`` (1 = real token, 0 = padding)."""
         tokenizer = self._require_tokenizer("to_tokens")
         if padding_side is None:
-            padding_side = self.cfg.default_padding_side
+            padding_side = self.default_padding_side
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         texts = [input] if isinstance(input, str) else list(input)
