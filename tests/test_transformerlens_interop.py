@@ -147,6 +147,20 @@ def test_remove_batch_dim(tokens):
     assert cache["pattern", 0].shape == (4, 9, 9)
 
 
+def test_remove_batch_dim_refuses_a_batch_however_it_is_passed(tokens, word_tokenizer):
+    """Audit finding: TransformerLens asserts batch size 1 only for a token tensor passed
+    first; a list of strings or ``input=tokens`` gave a cache with ``has_batch_dim=False``
+    holding ``[2, pos, ...]`` tensors (TransformerBridge 4.3 refuses both)."""
+    model = tiny_model()
+    model.set_tokenizer(word_tokenizer)
+    for args, kwargs in (((), {"input": tokens}), ((["w1 w2", "w3 w4"],), {})):
+        with pytest.raises(ValueError, match=r"remove_batch_dim=True needs a batch of one"):
+            model.run_with_cache(*args, remove_batch_dim=True, **kwargs)
+        assert not any(point.fwd_hooks for point in model.hook_points())  # hooks removed
+    _, cache = model.run_with_cache(input=tokens[:1], remove_batch_dim=True)
+    assert cache["resid_post", 1].shape == (9, 32)
+
+
 def test_unknown_hook_names_fail_with_suggestions(tokens):
     model = tiny_model()
     with pytest.raises(UnknownHookError, match=r"Did you mean \['blocks.0.attn_res.hook_weights'"):

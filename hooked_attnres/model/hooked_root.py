@@ -366,7 +366,9 @@ class HookedModule(HookedRootModule):
         cache: Optional[dict] = None,
         pos_slice=None,
     ) -> tuple[dict, list, list]:
-        """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``."""
+        """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``, and
+        ``remove_batch_dim=True`` refuses (``ValueError``) a batch of more than one prompt
+        whatever the input (TransformerLens checks only a token tensor passed first)."""
         cache = {} if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
@@ -375,6 +377,14 @@ class HookedModule(HookedRootModule):
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
             stored = tensor.detach().to(device)
             if remove_batch_dim:
+                if stored.dim() == 0 or stored.shape[0] != 1:
+                    # TransformerLens asserts this for a token tensor only: a list of
+                    # strings or input=... kept the batch axis of a cache that says it has none
+                    raise ValueError(
+                        f"remove_batch_dim=True needs a batch of one prompt, but {hook.name} "
+                        f"has shape {tuple(stored.shape)}; run one prompt at a time or keep "
+                        "the batch axis (remove_batch_dim=False)"
+                    )
                 stored = drop_batch_dim(stored)
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
             if pos_slice is not None and stored.dim() >= -pos_dim:
