@@ -71,3 +71,20 @@ def test_unknown_words_map_to_unk(model, word_tokenizer):
     assert model.to_tokens("w1 zebra").tolist() == [
         [word_tokenizer.convert_tokens_to_ids("w1"), word_tokenizer.unk_token_id]
     ]
+
+
+def test_to_str_tokens_takes_what_transformerlens_takes(model, word_tokenizer):
+    """Audit finding: a list of token tensors (TransformerLens maps over any list) failed
+    with "only integer tensors of a single element can be converted to an index", and a
+    0-d tensor was refused; TransformerBridge 4.3 gives one list per item / one token."""
+    ids = {w: word_tokenizer.convert_tokens_to_ids(w) for w in ("w1", "w2", "w3")}
+    one, two = torch.tensor([ids["w1"], ids["w2"]]), torch.tensor([ids["w3"]])
+    assert model.to_str_tokens([one, two]) == [["w1", "w2"], ["w3"]]
+    assert model.to_str_tokens([one[None], "w3 w1"]) == [["w1", "w2"], ["w3", "w1"]]
+    assert model.to_str_tokens([[ids["w1"]], []]) == [["w1"], []]
+    assert model.to_str_tokens(torch.tensor(ids["w2"])) == ["w2"]
+    assert model.to_str_tokens([ids["w1"], ids["w3"]]) == ["w1", "w3"]  # a list of ids
+    with pytest.raises(TypeError, match="nested list holding"):
+        model.to_str_tokens([[ids["w1"], [ids["w2"]]]])
+    with pytest.raises(TypeError, match="integer token ids, got dtype torch.float32"):
+        model.to_str_tokens(torch.tensor([1.0]))

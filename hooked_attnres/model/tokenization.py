@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -12,6 +13,11 @@ from hooked_attnres._validation import is_integer
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+
+
+def _is_token_id(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool): an item of a list of token ids."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class TokenizerMixin:
@@ -171,17 +177,33 @@ class TokenizerMixin:
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[str] = None,
     ) -> Union[list[str], list[list[str]]]:
-        """One string per token: a string or ``[pos]`` tokens give ``list[str]``; a list of
-        strings gives one list per string (each tokenised alone, so ``padding_side``,
-        accepted for TransformerLens's signature, changes nothing)."""
+        """One string per token: a string, a token id or ``[pos]`` / ``[1, pos]`` tokens give
+        ``list[str]``; a list of token ids too; any other list (of strings, token tensors
+        or lists of ids, as in TransformerLens) gives one list per item, each tokenised
+        alone, so ``padding_side``, accepted for TransformerLens's signature, changes
+        nothing."""
         self._require_tokenizer("to_str_tokens")
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
-        if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
-            return [self._str_tokens_of_text(str(text), prepend_bos) for text in input]
+        if isinstance(input, (list, tuple)) and not all(_is_token_id(t) for t in input):
+            return [self._str_tokens_one(item, prepend_bos) for item in input]
+        return self._str_tokens_one(input, prepend_bos)
+
+    def _str_tokens_one(self, input, prepend_bos: Optional[bool]) -> list[str]:
+        if isinstance(input, (list, tuple)) and not input:
+            return []
         if isinstance(input, str):
             return self._str_tokens_of_text(input, prepend_bos)
+        if isinstance(input, (list, tuple)) and not all(_is_token_id(t) for t in input):
+            raise TypeError(
+                "to_str_tokens takes a string, token ids, or a list of those; got a nested "
+                f"list holding {sorted({type(t).__name__ for t in input})}"
+            )
         tokens = torch.as_tensor(input)
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise TypeError(f"to_str_tokens takes integer token ids, got dtype {tokens.dtype}")
+        if tokens.ndim == 0:
+            tokens = tokens[None]
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.ndim != 1:
