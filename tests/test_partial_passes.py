@@ -190,3 +190,19 @@ def test_models_built_from_one_config_do_not_share_it():
     assert second.cfg.dtype == torch.float32
     second.fold_layer_norm()
     torch.testing.assert_close(second(tokens), before, atol=1e-5, rtol=0)
+
+
+def test_a_loss_from_a_state_checks_its_tokens():
+    """Audit finding: ``tokens`` of another shape than the state were scored silently
+    (torch's gather reads the first rows / positions): 5 of 7 positions gave a loss of
+    3.90, one of two prompts 3.91, instead of an error."""
+    model = tiny_model(attnres_layout="cumulative")
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    state = model(tokens, stop_at_layer=1)
+    full = model(tokens, return_type="loss")
+    assert torch.allclose(model(state, start_at_layer=1, tokens=tokens, return_type="loss"), full)
+    for bad in (tokens[:, :5], tokens[:1], tokens[0]):
+        with pytest.raises(ValueError, match=r"tokens must be the \[batch, pos\] = \(2, 7\)"):
+            model(state, start_at_layer=1, tokens=bad, return_type="loss")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+        model(state, start_at_layer=1, tokens=tokens + 50, return_type="loss")

@@ -431,7 +431,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             stop_at_layer: run layers ``[start, stop)`` and return the `DepthState`
                 entering ``stop_at_layer`` instead of logits (TransformerLens returns the
                 residual stream; here the state holds every depth source).
-            tokens: the token ids, needed for a loss when ``input`` is a state.
+            tokens: the token ids ``[batch, pos]`` of the state's prompts, needed for a loss
+                when ``input`` is a state (checked: another shape raises ``ValueError``).
             attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (left,
                 right or anywhere). Queries never attend to padding keys, rotary positions
                 count real tokens only (so a left-padded prompt gets the logits of the
@@ -474,6 +475,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
+            if tokens is not None:
+                tokens = self._validate_tokens(tokens)
+                if tuple(tokens.shape) != tuple(state.current.shape[:2]):
+                    # torch's gather would silently score the first rows / positions
+                    raise ValueError(
+                        f"tokens must be the [batch, pos] = {tuple(state.current.shape[:2])} "
+                        f"token ids of the DepthState input, got shape {tuple(tokens.shape)}"
+                    )
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device
         )
