@@ -7,12 +7,19 @@ in Python, but ``n_layers=True`` is a mistake, not 1), and one wording for the e
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, TypeGuard
 
 
 def is_integer(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is a Python ``int`` and not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_integral(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (any ``numbers.Integral``) and not a
+    ``bool``: for values that are only read (token ids, seeds), not stored in a config."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require_integer(

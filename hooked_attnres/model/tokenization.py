@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, is_integral
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
-
-
-def _is_token_id(value: Any) -> bool:
-    """A Python or NumPy integer (not a bool): an item of a list of token ids."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class TokenizerMixin:
@@ -185,7 +179,7 @@ class TokenizerMixin:
         self._require_tokenizer("to_str_tokens")
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
-        if isinstance(input, (list, tuple)) and not all(_is_token_id(t) for t in input):
+        if isinstance(input, (list, tuple)) and not all(is_integral(t) for t in input):
             return [self._str_tokens_one(item, prepend_bos) for item in input]
         return self._str_tokens_one(input, prepend_bos)
 
@@ -194,7 +188,7 @@ class TokenizerMixin:
             return []
         if isinstance(input, str):
             return self._str_tokens_of_text(input, prepend_bos)
-        if isinstance(input, (list, tuple)) and not all(_is_token_id(t) for t in input):
+        if isinstance(input, (list, tuple)) and not all(is_integral(t) for t in input):
             raise TypeError(
                 "to_str_tokens takes a string, token ids, or a list of those; got a nested "
                 f"list holding {sorted({type(t).__name__ for t in input})}"

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, is_integral, require_integer
 
 SPLITS = {"train": 0, "test": 1}
 TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
@@ -137,7 +137,7 @@ def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
     """The generator of one (seed, split, stream); streams give independent batches."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    require_integer("seed", int(seed) if isinstance(seed, np.integer) else seed, 0)
+    require_integer("seed", int(seed) if is_integral(seed) else seed, 0)
     return np.random.default_rng([int(seed), SPLITS[split], int(stream)])
 
 
