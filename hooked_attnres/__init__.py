@@ -41,6 +41,7 @@ _LAZY = {
     "HookedAttnRes": "hooked_attnres.model.hooked_attnres",
     "Output": "hooked_attnres.model.hooked_attnres",
     "UnknownHookError": "hooked_attnres.model.hooked_root",
+    "LeftPaddingWithoutMaskWarning": "hooked_attnres.model.tokenization",
 }
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         UnknownHookError,
     )
     from hooked_attnres.model.routing import DepthRouter
+    from hooked_attnres.model.tokenization import LeftPaddingWithoutMaskWarning
 
 
 def __getattr__(name: str) -> Any:
@@ -85,6 +87,7 @@ __all__ = [
     "HookOutputError",
     "HookedAttnResConfig",
     "KeyValueCache",
+    "LeftPaddingWithoutMaskWarning",
     "Output",
     "RoutedResidualPatchWarning",
     "RouterSite",

@@ -16,7 +16,7 @@ def is_integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_integral(value: Any) -> bool:
+def is_integral(value: Any) -> TypeGuard[int]:  # NumPy integers act as ints where it is used
     """Whether ``value`` is a Python or NumPy integer (any ``numbers.Integral``) and not a
     ``bool``: for values that are only read (token ids, seeds), not stored in a config."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

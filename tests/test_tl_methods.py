@@ -9,6 +9,7 @@ here) or the error is asserted by message."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,12 @@ from transformer_lens.head_detector import detect_head
 from transformer_lens.utilities import sample_logits as tl_sample_logits
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 
-from hooked_attnres import HookedAttnRes, KeyValueCache, UnknownHookError
+from hooked_attnres import (
+    HookedAttnRes,
+    KeyValueCache,
+    LeftPaddingWithoutMaskWarning,
+    UnknownHookError,
+)
 from hooked_attnres.model.generation import sample_logits
 
 WRAPS = ("recency", "exact", "none")
@@ -184,6 +190,33 @@ def test_the_tokenizers_padding_side_is_the_default_as_in_transformerlens():
     model.cfg.default_padding_side = "left"
     assert model.to_tokens_and_mask(texts)[1][1].tolist() == [0, 0, 0, 1, 1]
     assert model.default_padding_side == "left"
+
+
+def test_left_padded_tokens_without_a_mask_warn_once():
+    """Left-padded token ids passed without their mask are attended as real tokens (no
+    guessing, as in TransformerBridge), so the short prompt's last logits differ from its
+    own; HookedTransformer guessed the mask. Warned once per model, not for the mask,
+    strings, unpadded tokens or right padding."""
+    texts = ["w1 w2 w3 w4 w5", "w6 w7"]
+    model = routed_model("none")
+    model.tokenizer.padding_side = "left"
+    tokens, mask = model.to_tokens_and_mask(texts)
+    alone = model(texts[1])[0, -1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.allclose(model(tokens, attention_mask=mask)[1, -1], alone, atol=1e-5)
+        model(texts)
+        model(tokens[:1])  # the long prompt alone is not padded
+    with pytest.warns(LeftPaddingWithoutMaskWarning, match=r"prompt\(s\) \[1\] start with"):
+        unmasked = model(tokens)
+    assert not torch.allclose(unmasked[1, -1], alone, atol=1e-3)  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(tokens)  # once per model
+    right = routed_model("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        right(right.to_tokens(texts))  # right padding: the real positions see no padding
 
 
 # --- key-value cache and generate -----------------------------------------------------

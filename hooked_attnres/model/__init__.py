@@ -11,6 +11,7 @@ from hooked_attnres.model.hooked_root import (
     UnknownHookError,
 )
 from hooked_attnres.model.routing import DepthRouter
+from hooked_attnres.model.tokenization import LeftPaddingWithoutMaskWarning
 
 __all__ = [
     "AttnResActivationCache",
@@ -22,6 +23,7 @@ __all__ = [
     "HookOutputError",
     "HookedAttnRes",
     "KeyValueCache",
+    "LeftPaddingWithoutMaskWarning",
     "Output",
     "RoutedResidualPatchWarning",
     "RoutingLayout",

@@ -472,6 +472,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 attention_mask = mask if attention_mask is None else attention_mask
             tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
+            if attention_mask is None and past_kv_cache is None:
+                self._warn_if_left_padded(tokens)
             state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -12,6 +13,12 @@ from hooked_attnres._validation import is_integer, is_integral
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+
+
+class LeftPaddingWithoutMaskWarning(UserWarning):
+    """Token ids that look left-padded (a row starts with the tokenizer's pad token, and
+    the model pads on the left) were passed without an ``attention_mask``: the padding is
+    attended as real tokens (TransformerLens's HookedTransformer would guess the mask)."""
 
 
 class TokenizerMixin:
@@ -67,6 +74,37 @@ class TokenizerMixin:
         if tokenizer_side == getattr(self, "_attached_padding_side", None):
             return configured
         return tokenizer_side
+
+    def _warn_if_left_padded(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Warn (once per model) when ``tokens``, passed without a mask, look left-padded:
+        the model pads on the left and a row starts with the pad token (which is not the
+        BOS token). The numbers are not changed: token inputs are taken as unpadded
+        (docs/hooks.md, padding)."""
+        tokenizer = self.tokenizer
+        if (
+            getattr(self, "_left_padding_warned", False)
+            or tokenizer is None
+            or self.default_padding_side != "left"
+        ):
+            return
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if not is_integral(pad) or pad == getattr(tokenizer, "bos_token_id", None):
+            return
+        rows = torch.eq(tokens[:, 0], int(pad)).nonzero().flatten().tolist()
+        if not rows:
+            return
+        self._left_padding_warned = True
+        warnings.warn(
+            f"the tokens of prompt(s) {rows[:4]} start with the pad token {pad} and the model "
+            "pads on the left, but no attention_mask was passed: the padding is attended as "
+            "real tokens and shifts the rotary positions (TransformerLens's "
+            "HookedTransformer would guess the mask). Pass attention_mask= (from "
+            "model.to_tokens_and_mask) or the strings themselves. Warned once per model; "
+            "silence with warnings.filterwarnings('ignore', "
+            "category=hooked_attnres.LeftPaddingWithoutMaskWarning).",
+            LeftPaddingWithoutMaskWarning,
+            stacklevel=4,
+        )
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
