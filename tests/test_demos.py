@@ -46,3 +46,37 @@ def test_notebooks_are_built_from_the_builder():
     for name, cells in namespace["NOTEBOOKS"].items():
         stored = nbf.read(DEMOS / name, as_version=4)
         assert [c.source for c in stored.cells] == [c.source for c in cells], name
+
+
+def _builder():
+    return runpy.run_path(str(DEMOS / "build_notebooks.py"))
+
+
+def test_motif_summary_counts_majorities_and_lists_single_seed_conditions(capsys):
+    """The motifs notebook's last cell: a claim present in 1 of 1 seed is reported as held
+    in that seed (it printed 'none of the claims hold in a majority of its 1 seeds' for
+    `attnres`, whose D3-mlp_res holds, and `vanilla`, whose M2-attn holds)."""
+    import types
+
+    import pandas as pd
+
+    from hooked_attnres.analysis.motifs import verdict_word
+
+    rows = [
+        ("attnres", "D3-mlp_res", 1, 1),
+        ("attnres", "M1", 0, 1),
+        ("cond3", "M1", 2, 3),
+        ("cond3", "M2", 1, 3),
+        ("cond3", "M3", 3, 3),
+        ("absent3", "M1", 0, 3),
+    ]
+    verdicts = pd.DataFrame(rows, columns=["condition", "claim", "k", "n"])
+    verdicts["verdict"] = [verdict_word(k, n) for _, _, k, n in rows]
+    namespace = {"result": types.SimpleNamespace(verdicts=verdicts), "display": lambda x: None}
+    exec(_builder()["SUMMARY"], namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "absent3: none of the claims hold in a majority of its 3 seeds.",
+        "attnres (a single seed, which replicates nothing): D3-mlp_res holds in its one seed.",
+        "cond3: M1, M3 hold in a majority of its 3 seeds.",
+    ]
