@@ -317,6 +317,8 @@ def main() -> None:
             old.unlink()
     for name, cells in NOTEBOOKS.items():
         notebook = nbformat.v4.new_notebook(cells=cells)
+        for number, cell in enumerate(notebook.cells):  # stable ids: a rebuild changes no id
+            cell.id = f"{name[:2]}-{number:02d}"
         notebook.metadata["kernelspec"] = {
             "name": "python3",
             "display_name": "Python 3",
