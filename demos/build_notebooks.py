@@ -151,7 +151,8 @@ MOTIFS = [
 
 **What this notebook shows.** For every shipped condition and every seed: whether each of
 the seed paper's claims holds, decided by the criteria pre-registered in `docs/study.md`
-(`hooked_attnres.analysis.motif_report`), never by eye. For each motif (M1-M3) and each
+with its dated amendments 1-4 (`hooked_attnres.analysis.motif_report`), never by eye; each
+criterion is quoted below, word for word, above its figures. For each motif (M1-M3) and each
 dissociation (D1-D3): one figure with every seed side by side and the wrapped vanilla
 baseline beside the Block AttnRes conditions, and one sentence generated from the numbers
 with "k of n seeds". Effects are in percent of each model's clean logit difference, or in
@@ -187,6 +188,38 @@ def claim(name, task, figure):
 tasks = sorted({name.split("_M")[0] for name in result.figures if "_M1" in name})
 print("tasks:", tasks)
 """),
+    md("""
+## The pre-registered criteria (quoted from `docs/study.md`)
+
+> Notation: `effect(f, r, g)` is the mean change of the logit difference when family `f` is
+> masked (mask-and-renormalise) at the routers of type `r` in group `g`; `harm = -effect`;
+> `clean` is the mean clean logit difference; `mass(f, r)` is the mean routing mass of
+> family `f` over every router of type `r` (band `all`).
+
+> A motif `(f, r, band)` is *present* in a seed when all three hold:
+>
+> 1. harmful: `ci_high < 0` for `effect(f, r, band)` (the 95 % interval excludes 0);
+> 2. large: `harm >= 0.05 * clean`, or the accuracy effect of the same ablation is at most
+>    -0.02 (2 points);
+> 3. localised: `band` is the band where family `f` at router type `r` does the most harm
+>    (largest `harm` of `early`, `middle`, `late`; a tie counts as localised).
+
+Amendment 1:
+
+> Since commit 269bd17 (2026-11-28 23:18) `motif_report` applies the 5 % test only when
+> `clean > 0` (otherwise only the 2-point accuracy test can make an effect large).
+
+Across seeds, with amendment 3:
+
+> Each claim is reported as "present in k of n seeds" and summarised as *replicated*
+> (k = n), *majority* (n/2 < k < n), *minority* (0 < k <= n/2) or *absent* (k = 0).
+
+> With one seed, "present in 1 of 1 seed" was worded *replicated* (k = n); one seed
+> replicates nothing, so it now reads *single seed*
+
+The per-seed sentences below give the logit-difference effect; a seed can also pass
+criterion 2 by the accuracy effect, which they do not show (`result.motifs` has it).
+"""),
     md("## M1: the embedding through early MLP routers"),
     code("""
 for task in tasks:
@@ -202,18 +235,43 @@ for task in tasks:
 for task in tasks:
     claim("M3", task, f"{task}_M3")
 """),
-    md("## D1: the top-mass family is not the top-effect family (attention, then MLP routers)"),
+    md("""
+## D1: top-mass family is not the top-effect family, intervals separated (attention, MLP)
+
+> **D1**, per router type: the top-mass family (largest `mass(f, r)`) is not the top-effect
+> family (largest `harm`), and their effect intervals are separated (the top-effect
+> family's `ci_high` is below the top-mass family's `ci_low`).
+
+Amendment 4 (ties):
+
+> every tied family must satisfy D1: no family is on top of both rankings, and every
+> top-effect family's `ci_high` is below every top-mass family's `ci_low`
+"""),
     code("""
 for task in tasks:
     claim("D1-attn_res", task, f"{task}_mass_effect_attn_res")
     claim("D1-mlp_res", task, f"{task}_mass_effect_mlp_res")
 """),
-    md("## D2: in MLP routers, the embedding has under half of current's mass, twice its effect"),
+    md("""
+## D2: in MLP routers, the embedding has under half of current's mass and at least twice its harm
+
+> **D2**, MLP routers: `mass(embedding) < 0.5 * mass(current)`, and `harm(embedding) >=
+> 2 * max(harm(current), 0)` with the embedding effect's interval excluding 0
+> (`ci_high < 0`; without that, "twice an effect of about zero" would be met by noise).
+"""),
     code("""
 for task in tasks:
     claim("D2", task, f"{task}_mass_effect_mlp_res")
 """),
-    md("## D3: prev_completed carries mass without effect"),
+    md("""
+## D3: prev_completed carries mass, its effect's interval contains 0 or the effect is small
+
+> **D3**, per router type: `mass(prev_completed) >= 0.10`, and its effect interval
+> contains 0 or `|effect(prev_completed)| < 0.10 * harm(top-effect family)`.
+
+So D3 can hold with an effect whose interval excludes 0, when that effect is under a tenth
+of the top family's harm.
+"""),
     code("""
 for task in tasks:
     claim("D3-attn_res", task, f"{task}_mass_effect_attn_res")

@@ -80,3 +80,30 @@ def test_motif_summary_counts_majorities_and_lists_single_seed_conditions(capsys
         "attnres (a single seed, which replicates nothing): D3-mlp_res holds in its one seed.",
         "cond3: M1, M3 hold in a majority of its 3 seeds.",
     ]
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_motif_notebook_quotes_the_criteria_word_for_word():
+    """Every block quote of the motifs notebook is a verbatim passage of docs/study.md (its
+    headings had paraphrased D3 as 'prev_completed carries mass without effect', while D3
+    holds for hard_cumulative_L8 seed 0 with an effect whose interval excludes 0)."""
+    study = _collapse((DEMOS.parent / "docs" / "study.md").read_text())
+    quotes = []
+    for cell in _builder()["NOTEBOOKS"]["02_motifs_and_dissociation.ipynb"]:
+        if cell.cell_type != "markdown":
+            continue
+        block: list[str] = []
+        for line in [*cell.source.splitlines(), ""]:
+            if line.startswith(">"):
+                block.append(line[1:])
+            elif block:
+                quotes.append(_collapse(" ".join(block)))
+                block = []
+    assert len(quotes) >= 8
+    for quote in quotes:
+        assert quote in study, quote
+    for claim in ("D1", "D2", "D3"):
+        assert any(q.startswith(f"**{claim}**") for q in quotes), claim
