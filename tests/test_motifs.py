@@ -472,3 +472,19 @@ def test_intervals_of_another_level_than_95_percent_are_refused():
         else:
             with pytest.raises(ValueError, match=r"holds \[0.5\] intervals.*confidence=0.95"):
                 motif_report(summary, effects)
+
+
+def test_d3_can_hold_with_a_detectable_effect_and_its_sentence_says_so():
+    """D3 passes with an effect whose interval excludes 0 when the effect is under 0.10 of
+    the top harm (hard_cumulative_L8 seed 0, attention routers: -0.01 [-0.02, -0.01]
+    against a harm of 8.29); its generated sentence called that 'no detectable effect'."""
+    effects = {
+        ("attn_res", "all", "prev_completed"): (-0.05, -0.07, -0.03),
+        ("attn_res", "all", "current"): harmful(-2.0),
+    }
+    report = motif_report(*tables(effects))
+    assert present(report, "D3-attn_res")
+    sentence = motif_verdicts(report).set_index("claim").loc["D3-attn_res", "sentence"]
+    assert "no detectable effect" not in sentence
+    assert "interval contains 0 or |effect| < 0.10x the top harm" in sentence
+    assert "effect -0.05 [-0.07, -0.03]" in sentence and "harm 2.00" in sentence

@@ -55,8 +55,14 @@ DISSOCIATIONS = {
     "D1-attn_res": "attention routers: the top-mass family is not the top-effect family",
     "D1-mlp_res": "MLP routers: the top-mass family is not the top-effect family",
     "D2": "MLP routers: embedding has < 0.5x current's mass and >= 2x its effect",
-    "D3-attn_res": "attention routers: prev_completed has >= 0.10 mass and no detectable effect",
-    "D3-mlp_res": "MLP routers: prev_completed has >= 0.10 mass and no detectable effect",
+    "D3-attn_res": (
+        "attention routers: prev_completed has >= 0.10 mass, its effect's interval contains 0 "
+        "or |effect| < 0.10x the top harm"
+    ),
+    "D3-mlp_res": (
+        "MLP routers: prev_completed has >= 0.10 mass, its effect's interval contains 0 "
+        "or |effect| < 0.10x the top harm"
+    ),
 }
 CLAIMS = (*MOTIFS, *DISSOCIATIONS)
 
