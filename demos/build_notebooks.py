@@ -291,8 +291,8 @@ checkpoint: clean prompts query one key, corrupted prompts another key of the sa
 context; the metric is the clean answer's logit difference, normalised so 0 is the
 corrupted run and 1 the clean run. We patch routing weights, whole depth states (the
 routed-layout replacement for `resid_pre` patching) and committed blocks, then estimate
-every ablation at once by attribution and verify the largest estimates exactly. The last
-cell states what we found.
+every ablation at once by attribution, verify the largest estimates exactly and compare
+every estimate with the exact sweep. The last cell states what we found.
 """),
     SETUP,
     code("""
@@ -309,7 +309,9 @@ corrupted_ld = batch.logit_diff(model(batch.corrupted_tokens)).mean()
 def metric(logits):
     return (batch.logit_diff(logits).mean() - corrupted_ld) / (clean_ld - corrupted_ld)
 
-print(f"clean {clean_ld:.2f}, corrupted {corrupted_ld:.2f}")
+differ = (batch.tokens != batch.corrupted_tokens).any(0).nonzero().flatten().tolist()
+print(f"clean {clean_ld:.2f}, corrupted {corrupted_ld:.2f}; "
+      f"clean and corrupted prompts differ at position(s) {differ}")
 """),
     code("""
 weights = get_act_patch_routing_weights(model, batch.corrupted_tokens, clean_cache, metric)
@@ -336,29 +338,51 @@ plotting.patching_heatmap(blocks, [f"layer {l}" for l in range(model.cfg.n_layer
 ## Attribution: every ablation in about two forward passes, then the exact check
 
 `attribute_routing` estimates the effect of masking each family at each router type and
-layer from one forward and one backward pass (the gradient at the routing weights times
-the exact change of the renormalised weights); `verify_top` runs the exact ablation for
-the cells with the largest estimates.
+layer from one forward and one backward pass (`method="norm"`: the gradient after the
+sublayer's RMSNorm times the exact change of its normalised input; `"linear"` stops at the
+routing weights); `verify_top` runs the exact ablation for the cells with the largest
+estimates. A first-order estimate can miss an all-or-nothing ablation entirely
+(`docs/analysis.md`, "Where the linear estimate fails"), so we also run the exact sweep of
+all cells (`ablation_effects`, a few seconds here) and compare.
 """),
     code("""
-from hooked_attnres.analysis import attribute_routing
+from hooked_attnres.analysis import ablation_effects, attribute_routing
 
-attribution = attribute_routing(model, probe_prompts(model, 128, task=task), groups="layers",
-                                n_bootstrap=200)
+probe = probe_prompts(model, 128, task=task)
+attribution = attribute_routing(model, probe, groups="layers", method="norm",
+                                n_bootstrap=200, progress=False)
 checked = attribution.verify_top(5)
-checked[["router", "group", "family", "estimate", "effect"]]
+display(checked[["router", "group", "family", "estimate", "effect"]])
+
+exact = ablation_effects(model, probe, groups="layers", metrics="logit_diff", n_bootstrap=200,
+                         progress=False)
+cells = ["router", "group", "family"]
+compared = attribution.table[cells + ["estimate"]].merge(exact[cells + ["effect"]], on=cells)
+compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min")
+spearman = compared.estimate.rank().corr(compared.effect.rank())  # Spearman: Pearson of ranks
+print(f"Spearman(estimate, exact effect) over {len(compared)} cells: {spearman:.2f}")
+compared.sort_values("effect").head(5)
 """),
     md("## What this notebook showed"),
     code("""
-best = checked.iloc[(checked.effect).abs().argmax()]
-top = int(state[:, -1].argmax())
-print(f"On {CONDITION}: patching the whole clean depth state entering layer {top} at the last "
-      f"position recovers {float(state[top, -1]):.2f} of the clean-minus-corrupted logit "
-      f"difference; the largest routing-weight patch recovers "
-      f"{float(weights.nan_to_num().max()):.2f}. "
-      f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells; of the "
-      f"5 largest estimates, the strongest exact effect is {best.family} at {best.router} "
-      f"{best.group}: estimate {best.estimate:+.3f}, exact {best.effect:+.3f}.")
+at_last = state[:, -1]
+full = [l for l in range(len(at_last)) if float(at_last[l]) >= 0.99]
+elsewhere = float(state[:, :-1].abs().max())
+largest = compared.loc[compared.effect.idxmin()]
+caught = ((checked.router == largest.router) & (checked.group == largest.group)
+          & (checked.family == largest.family)).any()
+print(f"On {CONDITION} (clean and corrupted prompts differ only at position(s) {differ}): "
+      f"patching the whole clean depth state at the last position recovers at least 0.99 of "
+      f"the clean-minus-corrupted logit difference entering {len(full)} of "
+      f"{len(at_last)} layers (at every other position at most {elsewhere:.2f}); "
+      f"the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.3f}. "
+      f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells. "
+      f"The largest exact effect is {largest.family} at {largest.router} {largest.group}: "
+      f"{largest.effect:+.2f} logits, estimated {largest.estimate:+.3f}"
+      f"{' (the opposite sign)' if largest.estimate * largest.effect < 0 else ''} (rank "
+      f"{int(largest.estimate_rank)} of {len(compared)} by |estimate|; verify_top(5) "
+      f"{'re-ran' if caught else 'missed'} it); Spearman over all cells {spearman:.2f}. "
+      f"Rank with the estimates, but report exact numbers.")
 """),
 ]
 
