@@ -219,7 +219,11 @@ def source_heatmap(
     )
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(title_text="source")
-    where = "mean over prompts and positions" if positions == "all" else f"position {positions}"
+    where = (
+        "mean over prompts and positions"
+        if positions == "all"
+        else f"position {positions}, mean over prompts"
+    )
     return _finish(
         fig, title or f"Routing weights, {ROUTER_TITLES[router]} ({where})", 160 + 40 * len(rows)
     )

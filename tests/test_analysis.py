@@ -248,6 +248,11 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
                 assert z[layer, j] == pytest.approx(weights[labels.index(column)].item(), abs=1e-6)
             else:
                 assert np.isnan(z[layer, j])
+    # one position: the cells are that position's weights averaged over prompts, as titled
+    last = plotting.source_heatmap(model, cache, "mlp_res", positions=-1)
+    assert "position -1, mean over prompts" in last.layout.title.text
+    weights = cache["blocks.0.mlp_res.hook_weights"][:, -1].mean(0)
+    assert np.asarray(last.data[0].z, dtype=float)[0, 0] == pytest.approx(weights[0].item())
     # bar heights and whisker ends are the summary's and the effect table's numbers
     bars = figures["bars"].data  # [attn mass, attn effect, mlp mass, mlp effect]
     for k, router in enumerate(("attn_res", "mlp_res")):
