@@ -65,7 +65,7 @@ print(model.source_labels(site))
 print(model.source_families(site))
 print(cache[site.hook("weights")].shape)       # [batch, pos, n_sources]
 """),
-    md("## Routing weights at the answer position, layer by source"),
+    md("## Routing weights at the last position (where the answer is read), mean over prompts"),
     code("""
 from hooked_attnres import plotting
 
@@ -101,13 +101,16 @@ the last layer (equal to the logits) in every layout.
 from hooked_attnres.analysis import routing_lens
 
 lens = routing_lens(model, batch.tokens, positions=-1)
-answer_rank = [(lens.logits[i].argsort(-1, descending=True) == batch.answer[:, None])
-               .float().argmax(-1).float().mean().item() for i in range(len(lens.labels))]
-for label, rank in zip(lens.labels, answer_rank):
-    print(f"{label:>10s}: mean rank of the answer {rank:5.1f}")
-print("last state equals the logits:",
-      torch.allclose(lens.logits[-1], logits[:, -1], atol=1e-4))
-first_correct = next((label for label, rank in zip(lens.labels, answer_rank) if rank < 0.5), None)
+ranks = [(lens.logits[i].argsort(-1, descending=True) == batch.answer[:, None]).float().argmax(-1)
+         for i in range(len(lens.labels))]   # per prompt, 0 = the answer is ranked first
+for label, rank in zip(lens.labels, ranks):
+    print(f"{label:>10s}: mean rank of the answer {rank.float().mean():5.1f}, "
+          f"ranked first in {(rank == 0).float().mean():4.0%} of the prompts")
+exact_last = torch.allclose(lens.logits[-1], logits[:, -1], atol=1e-4)
+print("last state equals the logits:", exact_last)
+first_correct = next(((label, (rank == 0).float().mean().item())
+                      for label, rank in zip(lens.labels, ranks)
+                      if (rank == 0).float().mean() > 0.5), None)
 """),
     md("## TransformerLens's `generate`, with a key-value cache"),
     code("""
@@ -122,8 +125,10 @@ print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
       f"{batch.accuracy(logits):.0%}): "
       f"masking the embedding in the early MLP routers moves the logit difference from "
       f"{clean_ld:.2f} to {masked_ld:.2f}; uniform routing everywhere gives {uniform_ld:.2f}. "
-      f"The routing lens first ranks the answer on top (mean rank < 0.5) at "
-      f"{first_correct or 'no state before the last'}, and equals the logits at the last state.")
+      + (f"The routing lens first ranks the answer on top for most prompts at {first_correct[0]} "
+         f"({first_correct[1]:.0%} of them)" if first_correct else
+         "The routing lens ranks the answer on top for most prompts at no state")
+      + f", and {'equals' if exact_last else 'does NOT equal'} the logits at the last state.")
 """),
 ]
 
