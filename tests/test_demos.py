@@ -107,3 +107,17 @@ def test_motif_notebook_quotes_the_criteria_word_for_word():
         assert quote in study, quote
     for claim in ("D1", "D2", "D3"):
         assert any(q.startswith(f"**{claim}**") for q in quotes), claim
+
+
+def test_quickstart_runs_and_prints_what_it_says(capsys):
+    """The module docstring promises the quickstart runs; no test ran it."""
+    runpy.run_path(str(DEMOS / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "get_act_patch_resid_pre -> (6, 12) [n_layers, pos]" in out
+    assert "round trip: identical logits" in out
+    change = float(out.split("masking the embedding source: ")[1].split()[0])
+    assert change > 0  # masking a source with weight ~0.05 moves the logits
+    for line in out.splitlines():
+        if "attention router:" in line:  # each router's mean weights sum to 1
+            weights = [float(part.split("=")[1]) for part in line.split(": ")[1].split(", ")]
+            assert abs(sum(weights) - 1) < 2e-3, line
