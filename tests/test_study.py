@@ -237,19 +237,7 @@ def test_a_failed_study_leaves_the_previous_results_and_foreign_folders_are_refu
 
 def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
     condition = get_condition("hard_kimi_L8")
-    tokenizer = task_tokenizer(condition.make_task())
-    for seed in (0, 1):
-        cfg = tiny_config(
-            d_vocab=len(tokenizer),
-            attnres_layout="kimi",
-            n_layers=6,
-            attnres_num_blocks=3,
-            n_ctx=64,
-            seed=seed,
-        )
-        HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
-            run_dir(tmp_path / "runs", condition.name, seed) / "model"
-        )
+    _tiny_runs(tmp_path / "runs", condition.name, (0, 1), n_layers=6, num_blocks=3)
     result = run_study(
         tmp_path / "out",
         checkpoints=tmp_path / "runs",
@@ -435,15 +423,15 @@ def test_a_saturated_run_under_a_paperlike_name_is_refused(tmp_path):
         load_condition("paperlike_cumulative_L8", 0, tmp_path)
 
 
-def _tiny_runs(root: Path, condition: str, seeds) -> None:
+def _tiny_runs(root: Path, condition: str, seeds, n_layers: int = 4, num_blocks: int = 2) -> None:
     """Tiny untrained kimi models saved as ``{condition}_seed{n}/model`` runs."""
     tokenizer = task_tokenizer(get_condition(condition).make_task())
     for seed in seeds:
         cfg = tiny_config(
             d_vocab=len(tokenizer),
             attnres_layout="kimi",
-            n_layers=4,
-            attnres_num_blocks=2,
+            n_layers=n_layers,
+            attnres_num_blocks=num_blocks,
             n_ctx=64,
             seed=seed,
         )

@@ -330,9 +330,10 @@ def run_study(
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
     partial = partial_dir(out_dir)
+    settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness)
     tables: dict[str, list[pd.DataFrame]] = {}
     for condition, seed in runs:
-        key = _run_key(condition, seed, checkpoints, n_prompts, n_bootstrap, robustness)
+        key = _run_key(condition, seed, settings)
         found_before = _read_partial(partial, condition, seed, key)
         if found_before is not None:
             run_tables = found_before
@@ -341,9 +342,7 @@ def run_study(
         else:
             if progress:
                 print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
-            run_tables = _study_run(
-                condition, seed, checkpoints, n_prompts, n_bootstrap, robustness
-            )
+            run_tables = _study_run(condition, seed, settings)
             _write_partial(partial, condition, seed, key, run_tables)
         for name, table in run_tables.items():
             tables.setdefault(name, []).append(table)
@@ -375,26 +374,30 @@ def run_study(
     return result
 
 
-def _study_run(
-    condition: str,
-    seed: int,
-    checkpoints: Union[str, Path, None],
-    n_prompts: int,
-    n_bootstrap: int,
-    robustness: bool,
-) -> dict[str, pd.DataFrame]:
+@dataclass(frozen=True)
+class _RunSettings:
+    """What `run_study` measures every model with."""
+
+    checkpoints: Union[str, Path, None]
+    n_prompts: int
+    n_bootstrap: int
+    robustness: bool
+
+
+def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, pd.DataFrame]:
     """Every table `run_study` reads from one model, tagged with its condition and seed:
     `study_condition`'s tables and the motifs on the probe prompts (and ``fresh_motifs``
-    on a second, disjoint prompt set when ``robustness``)."""
+    on a second, disjoint prompt set when ``settings.robustness``)."""
     recipe = get_condition(condition)
-    model = load_condition(condition, seed, checkpoints)
+    model = load_condition(condition, seed, settings.checkpoints)
+    n_prompts, robustness = settings.n_prompts, settings.robustness
     tag = {"condition": condition, "seed": seed}
     out: dict[str, pd.DataFrame] = {}
     first: Optional[TaskBatch] = None
     for prompt_seed in [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]:
         batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task, exclude=first)
         first = batch if first is None else first
-        found = study_condition(model, batch, n_bootstrap, progress=False)
+        found = study_condition(model, batch, settings.n_bootstrap, progress=False)
         motifs = motif_report(found["mass_summary"], found["effects"])
         if prompt_seed == FRESH_PROBE_SEED:
             out["fresh_motifs"] = motifs.assign(**tag)
@@ -443,24 +446,18 @@ def _files_fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _run_key(
-    condition: str,
-    seed: int,
-    checkpoints: Union[str, Path, None],
-    n_prompts: int,
-    n_bootstrap: int,
-    robustness: bool,
-) -> dict:
+def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
     """What a kept run must match to be reused: its settings, its checkpoint's files
     (weights, config, ``metrics.json``) and the library's code."""
+    checkpoints = settings.checkpoints
     model = checkpoint_dir(condition, seed, checkpoints)
     return {
         "format": _PARTIAL_FORMAT,
         "condition": condition,
         "seed": seed,
-        "n_prompts": n_prompts,
-        "n_bootstrap": n_bootstrap,
-        "robustness": robustness,
+        "n_prompts": settings.n_prompts,
+        "n_bootstrap": settings.n_bootstrap,
+        "robustness": settings.robustness,
         "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
         "code": _code_fingerprint(),
     }
