@@ -417,7 +417,7 @@ def partial_dir(out_dir: Union[str, Path]) -> Path:
     ``{out_dir}.partial`` (removed once the study is written). An interrupted or failed
     study is resumed by running it again with the same settings: models whose checkpoint,
     settings and library code are unchanged are read from there, not recomputed."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # "." has no name to extend
     return out_dir.with_name(out_dir.name + ".partial")
 
 
