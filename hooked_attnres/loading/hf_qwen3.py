@@ -53,15 +53,28 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def rope_theta(config: Any) -> float:
-    """The rotary base of a HF config (``rope_parameters`` in transformers 5, else
-    ``rope_theta``)."""
-    params = _get(config, "rope_parameters") or _get(config, "rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    """The rotary base of a HF config, read as ``transformers`` reads it.
+
+    ``transformers`` (4.x and 5.x alike) takes the RoPE settings from ``rope_scaling`` when
+    that is set, and otherwise from ``rope_parameters`` (the transformers-5 name); the base
+    is that dict's ``rope_theta``, else the top-level ``rope_theta``, else 10000. So a
+    ``config.json`` holding both (e.g. a transformers-5 config to which ``rope_scaling``
+    was added to extend the context) uses ``rope_scaling``. Only the default RoPE is
+    implemented: any other ``rope_type`` and per-layer-type (nested) settings are refused.
+    """
+    params = _get(config, "rope_scaling") or _get(config, "rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(
+            f"RoPE settings {params!r} are not supported: HookedAttnRes implements one default "
+            "RoPE for every layer (a dict with rope_type 'default' and rope_theta)"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(
-            f"rope type {rope_type!r} is not supported; HookedAttnRes implements default RoPE"
+            f"rope type {rope_type!r} (from {params!r}) is not supported; HookedAttnRes "
+            "implements default RoPE only (rope_type 'default')"
         )
-    theta = params.get("rope_theta") if params else None
+    theta = params.get("rope_theta")
     theta = theta if theta is not None else _get(config, "rope_theta", 10_000.0)
     return float(theta)
 

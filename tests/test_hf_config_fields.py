@@ -1,0 +1,69 @@
+"""Hugging Face Qwen3 config fields that change the computation: ``from_hf_qwen3`` either
+reproduces what ``transformers`` computes from the same ``config.json`` / module, or refuses
+with a `CheckpointError` naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import hf_qwen3
+from transformers import Qwen3ForCausalLM
+from transformers.utils import logging as hf_logging
+
+from hooked_attnres import CheckpointError, HookedAttnRes
+
+TOKENS = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def edited_checkpoint(directory, **changes):
+    """A saved random Qwen3 whose ``config.json`` has ``changes`` (value None: removed)."""
+    hf_qwen3().save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def hf_logits(directory):
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = Qwen3ForCausalLM.from_pretrained(directory).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return hf(TOKENS).logits
+
+
+def our_logits(source, wrap="none"):
+    model = HookedAttnRes.from_hf_qwen3(source, wrap=wrap)
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # transformers reads rope_scaling before rope_parameters
+        dict(rope_scaling={"rope_type": "default", "rope_theta": 50.0}),
+        dict(rope_parameters=None, rope_theta=50.0),  # the transformers-4 spelling
+        dict(rope_theta=50.0),  # rope_parameters' own rope_theta comes first
+    ],
+)
+def test_rope_settings_are_read_as_transformers_reads_them(tmp_path, changes):
+    directory = edited_checkpoint(tmp_path, **changes)
+    expected = hf_logits(directory)
+    assert (our_logits(directory) - expected).abs().max().item() <= 1e-5
+
+
+def test_rope_scaling_next_to_rope_parameters_is_refused(tmp_path):
+    """transformers uses the linear scaling here (not rope_parameters' default RoPE)."""
+    directory = edited_checkpoint(tmp_path, rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(CheckpointError, match="rope type 'linear'.*default RoPE only"):
+        HookedAttnRes.from_hf_qwen3(directory)
