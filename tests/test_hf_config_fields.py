@@ -67,3 +67,41 @@ def test_rope_scaling_next_to_rope_parameters_is_refused(tmp_path):
     directory = edited_checkpoint(tmp_path, rope_scaling={"type": "linear", "factor": 2.0})
     with pytest.raises(CheckpointError, match="rope type 'linear'.*default RoPE only"):
         HookedAttnRes.from_hf_qwen3(directory)
+
+
+def test_tied_config_with_a_different_lm_head_is_refused(tmp_path):
+    """transformers 5 leaves such a checkpoint untied (it unembeds with lm_head.weight);
+    loading it tied gave logits off by 0.98 with no argmax in common."""
+    directory = edited_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    match = r"tie_word_embeddings=True but also an lm_head.weight that differs .*max \|difference\|"
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(directory)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module = Qwen3ForCausalLM.from_pretrained(directory).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert module.config.tie_word_embeddings  # yet the module is untied
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(module)
+    # untied on purpose: the separate lm_head, as transformers computes
+    module.config.tie_word_embeddings = False
+    with torch.no_grad():
+        expected = module(TOKENS).logits
+    assert (our_logits(module) - expected).abs().max().item() <= 1e-5
+
+
+def test_tied_config_with_a_copy_of_the_embedding_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_qwen3(tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    weights = load_file(path)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, path, metadata={"format": "pt"})
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    for wrap_source in (tmp_path, hf):
+        assert (our_logits(wrap_source) - expected).abs().max().item() <= 1e-5

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 WRAPS = ("recency", "exact", "none")
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -176,6 +177,26 @@ def _router_state(model: HookedAttnRes, dtype: torch.dtype) -> dict[str, torch.T
     return state
 
 
+def check_tied_head(embed: torch.Tensor, head: torch.Tensor, where: str) -> None:
+    """Refuse ``tie_word_embeddings=True`` next to an ``lm_head.weight`` that is not the
+    embedding: ``transformers`` 5 then leaves the two untied and unembeds with the separate
+    ``lm_head`` (with a warning), ``transformers`` 4 ties them to the embedding, so the
+    checkpoint does not say which model it is. A copy equal to the embedding is fine."""
+    if head.shape == embed.shape and (
+        head.data_ptr() == embed.data_ptr() or torch.equal(head.to(embed.dtype), embed)
+    ):
+        return
+    found = f"shape {tuple(head.shape)}"
+    if head.shape == embed.shape:
+        found = f"max |difference| {(head.to(embed.dtype) - embed).abs().max().item():.3g}"
+    raise CheckpointError(
+        f"{where} has tie_word_embeddings=True but also an {_HEAD} that differs from "
+        f"{_EMBED} ({found}); transformers 5 unembeds with the separate {_HEAD}, "
+        "transformers 4 with the embedding. Set tie_word_embeddings to false (in config.json, "
+        f"or on the module's config) to load the separate {_HEAD}, or remove {_HEAD} to tie"
+    )
+
+
 def hf_weight_files(directory: Path) -> dict[str, Path]:
     """HF key -> safetensors file of a (possibly sharded) checkpoint directory."""
     index = directory / "model.safetensors.index.json"
@@ -254,6 +275,10 @@ def load_hf_weights(
         for key, tensor in read_safetensors(path, keys, dtype=dtype, mmap=mmap).items():
             name, converted = keymap.to_ours(key, tensor)
             state[name] = converted
+    if model.cfg.tie_word_embeddings and _HEAD in files:
+        # compared as stored (memory-mapped: nothing is copied)
+        embed = read_safetensors(files[_EMBED], [_EMBED], mmap=True)[_EMBED]
+        check_tied_head(embed, read_safetensors(files[_HEAD], [_HEAD], mmap=True)[_HEAD], where)
     return state
 
 
@@ -339,6 +364,8 @@ def _from_hf_qwen3(
             f"of {where}",
             "its config (from_hf_qwen3 takes a Qwen3ForCausalLM)",
         )
+        if cfg.tie_word_embeddings and _HEAD in weights and _EMBED in weights:
+            check_tied_head(weights[_EMBED], weights[_HEAD], where)
         state = {}
         for key in needed:
             name, converted = keymap.to_ours(key, weights[key].detach().to(dtype))
