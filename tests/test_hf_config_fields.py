@@ -105,3 +105,16 @@ def test_tied_config_with_a_copy_of_the_embedding_loads(tmp_path):
         expected = hf(TOKENS).logits
     for wrap_source in (tmp_path, hf):
         assert (our_logits(wrap_source) - expected).abs().max().item() <= 1e-5
+
+
+def test_sliding_window_layer_types_are_refused_by_name(tmp_path):
+    """Sliding-window layers are refused whether use_sliding_window says so or layer_types
+    does (transformers masks the latter with config.sliding_window, or fails without one)."""
+    hf = hf_qwen3(layer_types=["full_attention", "sliding_attention", "full_attention"])
+    hf.config.sliding_window = 4  # the module masks layer 1 with a 4-token window
+    match = r"unsupported settings: layer_types containing \['sliding_attention'\]"
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(hf)
+    directory = edited_checkpoint(tmp_path, layer_types=["sliding_attention"] * 3)
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(directory)

@@ -116,6 +116,11 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
         problems.append("attention_bias=True (expected False)")
     if _get(config, "use_sliding_window", False):
         problems.append("use_sliding_window=True (expected False)")
+    layer_types = _get(config, "layer_types") or []
+    other = sorted({str(kind) for kind in layer_types if kind != "full_attention"})
+    if other:
+        # transformers masks such layers with sliding_window (or fails without one)
+        problems.append(f"layer_types containing {other} (expected only 'full_attention')")
     if problems:
         raise CheckpointError(f"{where} has unsupported settings: {', '.join(problems)}")
 
