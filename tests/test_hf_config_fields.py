@@ -118,3 +118,23 @@ def test_sliding_window_layer_types_are_refused_by_name(tmp_path):
     directory = edited_checkpoint(tmp_path, layer_types=["sliding_attention"] * 3)
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_hf_qwen3(directory)
+
+
+@pytest.mark.parametrize(
+    "field,found", [("head_dim", "uses 128, not 8"), ("num_key_value_heads", "uses 32, not 4")]
+)
+def test_a_missing_size_is_refused_where_transformers_reads_another(tmp_path, field, found):
+    """transformers reads a missing head_dim as 128 and num_key_value_heads as 32 (its
+    class defaults), not as hidden_size // num_attention_heads and num_attention_heads."""
+    directory = edited_checkpoint(tmp_path, **{field: None})
+    if field == "num_key_value_heads":  # a checkpoint whose weights fit the derived value
+        hf_qwen3(num_key_value_heads=4).save_pretrained(directory)
+        config = json.loads((directory / "config.json").read_text())
+        del config[field]
+        (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=rf"no {field} \(transformers' Qwen3Config then {found}"
+    ):
+        HookedAttnRes.from_hf_qwen3(directory)
+    with pytest.raises(RuntimeError, match="mismatched|size mismatch|ignore_mismatched_sizes"):
+        Qwen3ForCausalLM.from_pretrained(directory)

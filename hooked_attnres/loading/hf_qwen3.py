@@ -110,6 +110,19 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
                 f"(every one of {list(REQUIRED_SIZES)} must be given)"
             )
     problems = []
+    if isinstance(config, dict):
+        # transformers' Qwen3Config fills a missing field with its class default, not with
+        # the value derived from the other sizes (which config_from_hf would use)
+        n_heads = config["num_attention_heads"]
+        for name, default, derived in (
+            ("head_dim", 128, config["hidden_size"] // n_heads),
+            ("num_key_value_heads", 32, n_heads),
+        ):
+            if name not in config and derived != default:
+                problems.append(
+                    f"no {name} (transformers' Qwen3Config then uses {default}, not {derived}; "
+                    f"write the intended {name} into config.json)"
+                )
     if _get(config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={_get(config, 'hidden_act')!r} (expected 'silu')")
     if _get(config, "attention_bias", False):
