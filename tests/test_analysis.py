@@ -921,3 +921,53 @@ def test_a_users_position_hook_after_the_last_attention_sees_every_position(setu
                 assert row.effect == pytest.approx(
                     float(np.mean(ablated.numpy() - clean)), abs=1e-5
                 )
+
+
+def test_a_callable_metric_that_reads_other_positions_gets_full_passes(setup, monkeypatch):
+    """The fast sweep computes logits at the answer positions only; a callable metric that
+    reads another position (the one before the answer, or the last one of right-padded
+    prompts) used to read the answer position there instead, silently (0.37 off on a
+    kimi model). It now runs full passes: checked against a hand-written -inf hook on
+    hook_logits and the metric on whole-sequence logits."""
+    model, batch = setup
+    n_pos = batch.tokens.shape[1]
+    batch = batch[:6]
+    batch.answer_pos = torch.tensor([n_pos - 1, n_pos - 2, n_pos - 3, n_pos - 1, 3, n_pos - 2])
+
+    def before_answer(b, logits):
+        return logits[torch.arange(len(b)), b.answer_pos - 1, b.answer]
+
+    def at_last(b, logits):
+        return logits[torch.arange(len(b)), -1, b.answer]
+
+    def at_answer(b, logits):
+        return logits[torch.arange(len(b)), b.answer_pos, b.answer]
+
+    layout = model.routing_layout
+    plan = plan_ablations(model, families=["embedding", "current"], groups="layers")
+    checked = [i for i, cell in enumerate(plan) if not cell.is_noop][::3]
+    for metric in (before_answer, at_last, at_answer):
+        clean, ablated = run_ablations(model, batch, plan, [metric], progress=False)
+        with torch.no_grad():
+            assert clean[metric] == pytest.approx(metric(batch, model(batch.tokens)).numpy())
+            for i in checked:
+                cell, hooks = plan[i], []
+                for site in model.sites(cell.router):
+                    indices = layout.families(site)[cell.family]
+                    if site.layer in cell.layers and 0 < len(indices) < layout.n_sources(site):
+
+                        def mask(logits, hook, indices=indices):
+                            return logits.index_fill(-1, torch.tensor(indices), float("-inf"))
+
+                        hooks.append((site.hook("logits"), mask))
+                expected = metric(batch, model.run_with_hooks(batch.tokens, fwd_hooks=hooks))
+                assert ablated[metric][i] == pytest.approx(expected.numpy(), abs=1e-5)
+    # a metric that reads the answer position keeps the fast path
+    calls = []
+    original = model.forward_from
+    monkeypatch.setattr(model, "forward_from", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run_ablations(model, batch, plan, [at_answer], progress=False)
+    assert calls
+    calls.clear()
+    run_ablations(model, batch, plan, [at_answer, at_last], progress=False)
+    assert not calls

@@ -581,3 +581,33 @@ def test_masked_mass_averages_the_positions_the_metric_reads_at_every_router(rou
             model, batch, routers=routers_of(routed_layout), groups="layers", progress=False
         )
     np.testing.assert_allclose(again.masked_mass, result.masked_mass, rtol=0, atol=1e-12)
+
+
+def test_a_callable_metric_must_read_the_answer_position_only():
+    """Attribution computes logits at the answer positions only: a callable metric that
+    reads another position is refused (it used to read the answer position's logits
+    instead, silently); one that reads the answer position gives the built-in's numbers."""
+    model = routed_model("kimi")
+    batch = random_batch()  # one prompt answers two positions before the end
+
+    def at_last(b, logits):
+        rows = torch.arange(len(b))
+        return logits[rows, -1, b.answer] - logits[rows, -1, b.contrast]
+
+    def before_answer(b, logits):
+        return logits[torch.arange(len(b)), b.answer_pos - 1, b.answer]
+
+    def at_answer(b, logits):
+        rows = torch.arange(len(b))
+        return logits[rows, b.answer_pos, b.answer] - logits[rows, b.answer_pos, b.contrast]
+
+    for metric in (at_last, before_answer):
+        for hooks in ([], [("hook_embed", lambda x, hook: x)]):  # both passes of attribution
+            with model.hooks(fwd_hooks=hooks):
+                with pytest.raises(ValueError, match="reads logits at positions other than"):
+                    attribute_routing(model, batch, metric, progress=False)
+    got = attribute_routing(model, batch, at_answer, n_bootstrap=10, progress=False)
+    expected = attribute_routing(model, batch, "logit_diff", n_bootstrap=10, progress=False)
+    np.testing.assert_allclose(
+        got.per_prompt[("linear", "at_answer")], expected.per_prompt[("linear", "logit_diff")]
+    )

@@ -58,6 +58,7 @@ from hooked_attnres.analysis.effects import (
     metric_name,
     metric_values,
     plan_ablations,
+    reads_answer_only,
     run_ablations,
 )
 from hooked_attnres.interventions.checks import check_count, require_eval
@@ -102,6 +103,22 @@ def _check_differentiable(metrics: Sequence[Metric]) -> None:
     for metric in metrics:
         if isinstance(metric, str) and metric in NOT_DIFFERENTIABLE:
             raise ValueError(NOT_DIFFERENTIABLE[metric])
+
+
+def _check_answer_only(metrics: Sequence[Metric], batch: TaskBatch, logits: Tensor) -> None:
+    """Refuse a callable metric that reads logits at positions other than the answer
+    positions (`reads_answer_only`): attribution has the logits there only."""
+    with torch.no_grad():
+        for metric in metrics:
+            if callable(metric) and not reads_answer_only(metric, batch, logits):
+                raise ValueError(
+                    f"metric {metric_name(metric)!r} reads logits at positions other than "
+                    "batch.answer_pos (e.g. answer_pos - 1, the last position or a mean over "
+                    "positions); attribution computes the logits at the answer positions "
+                    "only, so it would read other numbers there. Read "
+                    "logits[arange(batch), batch.answer_pos] only, or measure exact effects "
+                    "with ablation_effects(..., fast=False)"
+                )
 
 
 # --- capturing one run ---------------------------------------------------------------
@@ -515,6 +532,8 @@ def attribute_routing(
                     logits = model(part.tokens)[prompts, answer_pos].unsqueeze(1)
                 else:
                     logits = model(part.tokens, logit_positions=answer_pos)
+            if first == 0:
+                _check_answer_only(metrics, part, logits)
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
                 if not values.requires_grad:

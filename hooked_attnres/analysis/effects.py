@@ -117,6 +117,32 @@ def metric_values(
     raise ValueError(f"metric must be one of {METRICS} or a callable, got {metric!r}")
 
 
+PROBE_PROMPTS = 8  # prompts `reads_answer_only` tries a callable metric on
+
+
+def reads_answer_only(
+    metric: MetricFn, batch: TaskBatch, answer_logits: Float[Tensor, "batch 1 d_vocab"]
+) -> bool:
+    """Whether a callable metric reads the logits at ``batch.answer_pos`` only, as the
+    fast sweep and attribution need (they compute logits there alone): on the first
+    `PROBE_PROMPTS` prompts, the metric of whole-sequence logits that are NaN everywhere
+    but at the answer positions (which hold ``answer_logits [batch, 1, d_vocab]``) must
+    equal its value on ``answer_logits`` with ``answer_pos`` 0. A metric that reads
+    another position (``answer_pos - 1``, the last one, a mean over positions) reads NaN
+    there, or (reading a fixed index such as ``-1``) another number than it reads in
+    ``answer_logits``."""
+    k = min(len(batch), PROBE_PROMPTS)
+    part, answers = batch[:k], answer_logits[:k].detach()
+    rows = torch.arange(k, device=answers.device)
+    probe = answers.new_full((k, part.tokens.shape[1], answers.shape[-1]), float("nan"))
+    probe[rows, part.answer_pos.to(answers.device)] = answers[:, 0]
+    at_answer = dataclasses.replace(part, answer_pos=torch.zeros_like(part.answer_pos))
+    whole = metric_values(part, probe, metric).detach()
+    short = metric_values(at_answer, answers, metric).detach()
+    scale = float(short.abs().max()) if short.isfinite().all() else 1.0
+    return torch.allclose(whole, short, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
+
+
 @dataclass(frozen=True)
 class PlannedAblation:
     """One cell of an ablation sweep: a family masked at every router of one type in one
@@ -273,7 +299,10 @@ def run_ablations(
     fast path, copies of the batch and only the answer position after the last
     attention (a hook on ``blocks.{L-1}.hook_mlp_out`` that edits position 0 would edit
     the answer position), so then every ablation runs as a full forward pass, as with
-    ``fast=False``: what such a hook sees is what a plain forward pass shows it.
+    ``fast=False``: what such a hook sees is what a plain forward pass shows it. The
+    same holds for a callable metric that reads logits at positions other than
+    ``batch.answer_pos`` (`reads_answer_only`, tried on the first prompts): the fast
+    path computes logits at the answer positions only.
 
     Returns:
         ``(clean, ablated)``: ``clean[metric]`` is ``[n_prompts]``, ``ablated[metric]`` is
@@ -290,6 +319,12 @@ def run_ablations(
         check_count("max_rows", max_rows)
     require_eval(model, "run_ablations")
     fast = fast and not any_hook_attached(model)  # before the sweep attaches its own
+    if fast and any(callable(metric) for metric in metrics):
+        # the fast path computes logits at the answer positions only: a callable metric
+        # that reads any other position runs as full forward passes
+        probe = batch[:PROBE_PROMPTS]
+        answers = model(probe.tokens, logit_positions=probe.answer_pos)
+        fast = all(reads_answer_only(m, probe, answers) for m in metrics if callable(m))
     n = len(batch)
     clean = {m: np.zeros(n) for m in metrics}
     ablated = {m: np.zeros((len(ablations), n)) for m in metrics}
