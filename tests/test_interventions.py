@@ -775,3 +775,66 @@ def test_ablations_at_different_positions_are_different_ablations(tokens):
     same = [Ablation.compile(model, "current", positions=p) for p in (3, [3], torch.tensor([3]))]
     assert same[0] == same[1] == same[2] and same[0].positions == (3,)
     assert Ablation.compile(model, "current") != at[0]
+
+
+def masked_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of ``x [batch, pos, d]`` weighted by ``weights [batch, pos,
+    1]`` (1 at real tokens), expanded to ``x``'s shape."""
+    return ((x * weights).sum(0) / weights.sum(0)).expand_as(x)
+
+
+def test_a_mean_over_the_prompts_skips_their_padding(tokens):
+    """value='mean' in a padded batch: the mean over the prompts whose token is real at
+    each position (padding is no prompt's token; it used to enter the mean, 0.12 logits
+    off at real positions of a right-padded kimi batch). Checked against a hand-written
+    hook with the masked mean, right and left padding, patch_sources and patch_committed,
+    and a key-value cache pass (its mask covers the new positions)."""
+    model = randomize_routing(
+        tiny_model(attnres_layout="kimi", attnres_recency_bias=0.5, dtype=torch.float64)
+    ).eval()
+    real = torch.ones_like(tokens)
+    real[1, 6:], real[2, 4:] = 0, 0  # right padding
+    site = model.site(2, "attn_res")
+    name = site.hook("sources")
+    for mask in (real, real.flip(-1)):  # right and left padding
+        _, clean = model.run_with_cache(tokens, attention_mask=mask)
+        weights = mask[..., None].double()
+        committed = commit_hook_name(model, "block_1")
+        source_mean = masked_mean(clean[name][..., 0, :], weights)
+        committed_mean = masked_mean(clean[committed], weights)
+
+        def by_hand(x, hook, mean=source_mean):
+            x = x.clone()
+            x[..., 0, :] = mean
+            return x
+
+        def committed_by_hand(x, hook, mean=committed_mean):
+            return mean
+
+        cases = [
+            (patch_sources(model, "embedding", "mean", routers=site), [(name, by_hand)]),
+            (patch_committed(model, "block_1", "mean"), [(committed, committed_by_hand)]),
+        ]
+        with torch.no_grad():
+            for hooks, reference in cases:
+                got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+                expected = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=reference)
+                at_real = mask.bool()
+                torch.testing.assert_close(got[at_real], expected[at_real], atol=1e-12, rtol=0)
+    # unpadded (a mask of ones): the plain mean over the prompts
+    hooks = patch_sources(model, "embedding", "mean", routers=site)
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        torch.testing.assert_close(
+            model(tokens, attention_mask=torch.ones_like(tokens)), model(tokens), atol=0, rtol=0
+        )
+        # a cached pass: the second chunk's mask covers its own positions
+        from hooked_attnres import KeyValueCache
+
+        cache = KeyValueCache.init_cache(model.cfg)
+        first = model(tokens[:, :3], attention_mask=real[:, :3], past_kv_cache=cache)
+        second = model(tokens[:, 3:], attention_mask=real[:, 3:], past_kv_cache=cache)
+        whole = model(tokens, attention_mask=real)
+    at_real = real.bool()
+    torch.testing.assert_close(
+        torch.cat([first, second], dim=1)[at_real], whole[at_real], atol=1e-10, rtol=0
+    )

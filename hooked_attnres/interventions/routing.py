@@ -38,7 +38,7 @@ from hooked_attnres.interventions.selection import (
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
-from hooked_attnres.model.passes import require_whole_sequence
+from hooked_attnres.model.passes import real_tokens, require_whole_sequence
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -102,7 +102,9 @@ def resolve_value(
     from_cache: Callable[[Mapping], Tensor],
     where: str = "patching",
 ) -> Float[Tensor, "batch pos d_model"]:
-    """What replaces ``current``: ``"zero"``; ``"mean"`` (over the batch, per position);
+    """What replaces ``current``: ``"zero"``; ``"mean"`` (over the batch, per position;
+    in a pass whose ``attention_mask`` marks padding, over the prompts whose token at that
+    position is real);
     a cache of another run (``from_cache(cache)`` picks the matching tensor, which must
     have the run's ``[batch, pos]``); or a tensor broadcastable to ``current``. The one
     value resolver of every patching intervention; ``where`` names the hook in errors."""
@@ -112,7 +114,10 @@ def resolve_value(
         if value == "mean":
             # the prompts' positions must line up (not after a logit_positions gather)
             require_whole_sequence(current.shape[1], "value='mean'", cached_ok=True)
-            return current.mean(dim=0, keepdim=True).expand_as(current)
+            real = real_tokens(current.shape[0], current.shape[1])
+            if real is None:
+                return current.mean(dim=0, keepdim=True).expand_as(current)
+            return _mean_over_real(current, real).expand_as(current)
         raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
     if _is_cache(value):
         new = from_cache(value)  # type: ignore[arg-type]
@@ -121,6 +126,20 @@ def resolve_value(
         new = torch.as_tensor(value)
         check_broadcast(new, current, where, "patching with a tensor")
     return new.to(current.device, current.dtype).expand_as(current)
+
+
+def _mean_over_real(
+    current: Float[Tensor, "batch pos d_model"], real: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "1 pos d_model"]:
+    """The mean over the prompts whose token at each position is real (``real``, the
+    pass's attention mask), accumulated in float32 (float64 for float64); a position
+    where every prompt has padding gets the mean over all prompts."""
+    values = current.to(torch.promote_types(current.dtype, torch.float32))
+    weights = real.to(values.device, values.dtype)[..., None]  # [batch, pos, 1]
+    count = weights.sum(dim=0, keepdim=True)
+    mean = (values * weights).sum(dim=0, keepdim=True) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, values.mean(dim=0, keepdim=True))
+    return mean.to(current.dtype)
 
 
 def mask_logits(
@@ -408,7 +427,8 @@ def patch_sources(
 
     Args:
         sources: families, labels and/or indices.
-        value: ``"zero"``; ``"mean"`` (the mean over the batch, per position); a tensor
+        value: ``"zero"``; ``"mean"`` (the mean over the batch, per position, over the
+            prompts whose token there is real if the run has an ``attention_mask``); a tensor
             broadcastable to ``[batch, pos, d_model]``; or a cache of another run (its
             ``hook_sources`` at the same router, e.g. clean sources into a corrupted run).
         positions: only patch at these positions (default: all).
@@ -472,7 +492,8 @@ def patch_committed(
 
     Args:
         labels: one label or a list.
-        value: ``"zero"``, ``"mean"`` (over the batch), a tensor broadcastable to
+        value: ``"zero"``, ``"mean"`` (over the batch; over the prompts whose token is
+            real where the run has an ``attention_mask``), a tensor broadcastable to
             ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """

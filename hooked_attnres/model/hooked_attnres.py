@@ -498,7 +498,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         n_past = self._n_past(past_kv_cache)  # before the context extends the cache
         context = self._attention_context(state, mask, past_kv_cache)
         shared_sums = SharedSums(self)
-        with pass_extent(n_past, state.current.shape[1]):
+        with pass_extent(n_past, state.current.shape[1], mask):
             state = self._run_sublayers(
                 state,
                 range(2 * layers.start, 2 * layers.stop),
@@ -651,7 +651,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
-        with pass_extent(0, tokens.shape[1]):
+        with pass_extent(0, tokens.shape[1], mask):
             for block in self.blocks:
                 if sublayers:
                     state = block.attn_sublayer(state, context, shared_sums=shared_sums)
@@ -701,7 +701,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)
         shared_sums = SharedSums(self)
-        with pass_extent(0, state.current.shape[1]):
+        with pass_extent(0, state.current.shape[1], mask):
             state = self._run_sublayers(
                 state, range(sublayer, n_sublayers), context, shared_sums, logit_positions
             )

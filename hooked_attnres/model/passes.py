@@ -16,25 +16,33 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional
 
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class PassExtent:
     """The positions a forward pass runs: ``length`` positions after ``n_past`` cached
     ones (``length`` counts every position the pass starts with, before a
-    ``logit_positions`` pass narrows to one per prompt)."""
+    ``logit_positions`` pass narrows to one per prompt). ``real``: ``[batch, length]``,
+    True at real tokens, where the pass's ``attention_mask`` marks padding (``None``: no
+    padding)."""
 
     n_past: int
     length: int
+    real: Optional[Tensor] = None
 
 
 _CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
 
 
 @contextmanager
-def pass_extent(n_past: int, length: int) -> Iterator[None]:
+def pass_extent(n_past: int, length: int, real: Optional[Tensor] = None) -> Iterator[None]:
     """Record the running pass's extent for the hooks that fire inside the block (a pass
-    started from inside a hook restores the outer one afterwards)."""
-    token = _CURRENT.set(PassExtent(n_past, length))
+    started from inside a hook restores the outer one afterwards); ``real``: the pass's
+    ``[batch, length]`` attention mask of its own positions (True at real tokens), if any."""
+    if real is not None and bool(real.all()):
+        real = None
+    token = _CURRENT.set(PassExtent(n_past, length, real))
     try:
         yield
     finally:
@@ -66,3 +74,14 @@ def require_whole_sequence(n_pos: int, what: str, cached_ok: bool = False) -> No
         "whole sequence in one pass (no key-value cache, no logit_positions; generate(..., "
         "use_past_kv_cache=False)), or intervene at every position (positions=None)"
     )
+
+
+def real_tokens(batch: int, n_pos: int) -> Optional[Tensor]:
+    """``[batch, n_pos]``, True at real tokens, when a hook that sees ``[batch, n_pos]``
+    runs in a pass whose ``attention_mask`` marks padding among exactly those positions;
+    ``None`` without padding (or outside a pass, or where the hook sees other rows or
+    positions than the mask's)."""
+    extent = _CURRENT.get()
+    if extent is None or extent.real is None or tuple(extent.real.shape) != (batch, n_pos):
+        return None
+    return extent.real
