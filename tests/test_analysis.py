@@ -971,3 +971,23 @@ def test_a_callable_metric_that_reads_other_positions_gets_full_passes(setup, mo
     calls.clear()
     run_ablations(model, batch, plan, [at_answer, at_last], progress=False)
     assert not calls
+
+
+def test_the_metric_probe_sees_every_answer_position(setup):
+    """The prompts that answer before the end come after the first eight: the probe of a
+    callable metric still tries one of them (a metric reading the last position reads
+    the answer position for the first ten prompts only)."""
+    model, batch = setup
+    n_pos = batch.tokens.shape[1]
+    batch = batch[:12]
+    batch.answer_pos = torch.tensor([n_pos - 1] * 10 + [n_pos - 3, n_pos - 2])
+
+    def at_last(b, logits):
+        return logits[torch.arange(len(b)), -1, b.answer]
+
+    plan = plan_ablations(model, families=["current"], routers="mlp_res", groups="all")
+    fast = run_ablations(model, batch, plan, [at_last], progress=False)
+    full = run_ablations(model, batch, plan, [at_last], fast=False, progress=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(fast[0][at_last], at_last(batch, model(batch.tokens)), atol=1e-6)
+    np.testing.assert_allclose(fast[1][at_last], full[1][at_last], atol=1e-6)

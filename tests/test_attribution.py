@@ -611,3 +611,15 @@ def test_a_callable_metric_must_read_the_answer_position_only():
     np.testing.assert_allclose(
         got.per_prompt[("linear", "at_answer")], expected.per_prompt[("linear", "logit_diff")]
     )
+
+
+def test_every_chunk_of_attribution_is_probed():
+    model = routed_model("cumulative")
+    batch = random_batch(n=12)  # only the last prompt answers before the end
+
+    def at_last(b, logits):
+        rows = torch.arange(len(b))
+        return logits[rows, -1, b.answer] - logits[rows, -1, b.contrast]
+
+    with pytest.raises(ValueError, match="reads logits at positions other than"):
+        attribute_routing(model, batch, at_last, chunk=4, progress=False)

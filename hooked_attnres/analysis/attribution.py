@@ -532,8 +532,7 @@ def attribute_routing(
                     logits = model(part.tokens)[prompts, answer_pos].unsqueeze(1)
                 else:
                     logits = model(part.tokens, logit_positions=answer_pos)
-            if first == 0:
-                _check_answer_only(metrics, part, logits)
+            _check_answer_only(metrics, part, logits)  # a few prompts of each chunk
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
                 if not values.requires_grad:

@@ -120,21 +120,30 @@ def metric_values(
 PROBE_PROMPTS = 8  # prompts `reads_answer_only` tries a callable metric on
 
 
+def probe_rows(batch: TaskBatch) -> Tensor:
+    """``[k]`` rows of ``batch`` to try a callable metric on: the first `PROBE_PROMPTS`
+    and the first prompt of every other answer position."""
+    positions = batch.answer_pos.cpu().tolist()
+    first = {p: i for i, p in reversed(list(enumerate(positions)))}
+    rows = sorted(set(range(min(len(batch), PROBE_PROMPTS))) | set(first.values()))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def reads_answer_only(
     metric: MetricFn, batch: TaskBatch, answer_logits: Float[Tensor, "batch 1 d_vocab"]
 ) -> bool:
     """Whether a callable metric reads the logits at ``batch.answer_pos`` only, as the
-    fast sweep and attribution need (they compute logits there alone): on the first
-    `PROBE_PROMPTS` prompts, the metric of whole-sequence logits that are NaN everywhere
-    but at the answer positions (which hold ``answer_logits [batch, 1, d_vocab]``) must
-    equal its value on ``answer_logits`` with ``answer_pos`` 0. A metric that reads
-    another position (``answer_pos - 1``, the last one, a mean over positions) reads NaN
-    there, or (reading a fixed index such as ``-1``) another number than it reads in
-    ``answer_logits``."""
-    k = min(len(batch), PROBE_PROMPTS)
-    part, answers = batch[:k], answer_logits[:k].detach()
-    rows = torch.arange(k, device=answers.device)
-    probe = answers.new_full((k, part.tokens.shape[1], answers.shape[-1]), float("nan"))
+    fast sweep and attribution need (they compute logits there alone): on the prompts of
+    `probe_rows` (the first `PROBE_PROMPTS` and one of every answer position), the metric
+    of whole-sequence logits that are NaN everywhere but at the answer positions (which
+    hold ``answer_logits [batch, 1, d_vocab]``) must equal its value on ``answer_logits``
+    with ``answer_pos`` 0. A metric that reads another position (``answer_pos - 1``, the
+    last one, a mean over positions) reads NaN there."""
+    index = probe_rows(batch)
+    part = batch[index]
+    answers = answer_logits[index.to(answer_logits.device)].detach()
+    rows = torch.arange(len(part), device=answers.device)
+    probe = answers.new_full((len(part), part.tokens.shape[1], answers.shape[-1]), float("nan"))
     probe[rows, part.answer_pos.to(answers.device)] = answers[:, 0]
     at_answer = dataclasses.replace(part, answer_pos=torch.zeros_like(part.answer_pos))
     whole = metric_values(part, probe, metric).detach()
@@ -301,7 +310,7 @@ def run_ablations(
     the answer position), so then every ablation runs as a full forward pass, as with
     ``fast=False``: what such a hook sees is what a plain forward pass shows it. The
     same holds for a callable metric that reads logits at positions other than
-    ``batch.answer_pos`` (`reads_answer_only`, tried on the first prompts): the fast
+    ``batch.answer_pos`` (`reads_answer_only`, tried on the prompts of `probe_rows`): the fast
     path computes logits at the answer positions only.
 
     Returns:
@@ -322,7 +331,7 @@ def run_ablations(
     if fast and any(callable(metric) for metric in metrics):
         # the fast path computes logits at the answer positions only: a callable metric
         # that reads any other position runs as full forward passes
-        probe = batch[:PROBE_PROMPTS]
+        probe = batch[probe_rows(batch)]
         answers = model(probe.tokens, logit_positions=probe.answer_pos)
         fast = all(reads_answer_only(m, probe, answers) for m in metrics if callable(m))
     n = len(batch)
