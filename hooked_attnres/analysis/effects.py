@@ -123,10 +123,10 @@ PROBE_PROMPTS = 8  # prompts `reads_answer_only` tries a callable metric on
 def probe_rows(batch: TaskBatch) -> Tensor:
     """``[k]`` rows of ``batch`` to try a callable metric on: the first `PROBE_PROMPTS`
     and the first prompt of every other answer position."""
-    positions = batch.answer_pos.cpu().tolist()
+    positions = batch.answer_pos.tolist()
     first = {p: i for i, p in reversed(list(enumerate(positions)))}
     rows = sorted(set(range(min(len(batch), PROBE_PROMPTS))) | set(first.values()))
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long, device=batch.answer_pos.device)
 
 
 def reads_answer_only(
