@@ -30,15 +30,19 @@ def edited_checkpoint(directory, **changes):
     return directory
 
 
-def hf_logits(directory):
+def hf_module(directory) -> Qwen3ForCausalLM:
+    """transformers' own model of ``directory`` (its loading warnings silenced)."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        hf = Qwen3ForCausalLM.from_pretrained(directory).eval()
+        return Qwen3ForCausalLM.from_pretrained(directory).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def hf_logits(directory):
     with torch.no_grad():
-        return hf(TOKENS).logits
+        return hf_module(directory)(TOKENS).logits
 
 
 def our_logits(source, wrap="none"):
@@ -76,12 +80,7 @@ def test_tied_config_with_a_different_lm_head_is_refused(tmp_path):
     match = r"tie_word_embeddings=True but also an lm_head.weight that differs .*max \|difference\|"
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_hf_qwen3(directory)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        module = Qwen3ForCausalLM.from_pretrained(directory).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    module = hf_module(directory)
     assert module.config.tie_word_embeddings  # yet the module is untied
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_hf_qwen3(module)
