@@ -623,3 +623,29 @@ def test_every_chunk_of_attribution_is_probed():
 
     with pytest.raises(ValueError, match="reads logits at positions other than"):
         attribute_routing(model, batch, at_last, chunk=4, progress=False)
+
+
+def test_verify_top_refuses_other_hooks_than_the_attribution_had():
+    """attribute_routing under a user's hooks and verify_top outside them (or the other
+    way round) compared estimates of one model with exact effects of another, silently."""
+    model = routed_model("kimi", dtype=torch.float32)
+    batch = random_batch(n=4, seed=2)
+
+    def halve(act, hook):
+        return act * 0.5
+
+    hooks = [("blocks.1.hook_mlp_out", halve)]
+    kwargs = dict(groups="layers", n_bootstrap=20, seed=0, progress=False)
+    with model.hooks(fwd_hooks=hooks):
+        hooked = attribute_routing(model, batch, ["logit_diff"], **kwargs)
+        inside = hooked.verify_top(2)  # the same hooks: allowed
+    with pytest.raises(ValueError, match="other hooks attached to the model than attribute"):
+        hooked.verify_top(2)
+    plain = attribute_routing(model, batch, ["logit_diff"], **kwargs)
+    with model.hooks(fwd_hooks=hooks), pytest.raises(ValueError, match="other hooks attached"):
+        plain.verify_top(2)
+    # what the check protects: the exact rows under the hooks are not those without
+    outside = plain.verify_top(2)
+    assert not np.allclose(
+        inside.sort_values("effect").effect, outside.sort_values("effect").effect
+    )

@@ -68,6 +68,7 @@ from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
     RMSNorm,
     any_hook_attached,
+    hook_signature,
     is_observed,
     rms_normalize,
     stat_dtype,
@@ -408,6 +409,15 @@ class RoutingAttribution:
         metrics = [m for m in self.metrics if metric_name(m) in chosen]
         s = self.settings
         require_eval(self.model, "verify_top")
+        if hook_signature(self.model) != s.get("hooks", ()):
+            # the exact rows would come from another model than the estimates
+            raise ValueError(
+                "verify_top runs with other hooks attached to the model than attribute_routing "
+                "did (hooks added or removed since, e.g. outside the `with model.hooks(...)` "
+                "block of the attribution): its exact effects would not be of the model the "
+                "estimates are of. Call verify_top under the same hooks, or run "
+                "attribute_routing again"
+            )
         clean, ablated = run_ablations(
             self.model, self.batch, sub_plan, metrics, chunk=s["chunk"], progress=progress
         )
@@ -518,6 +528,7 @@ def attribute_routing(
     # forward pass shows them: every position, not the answer position alone after the
     # last attention (`logit_positions`); then the logits are read at the answer position
     every_position = any_hook_attached(model)
+    hooks_during_run = hook_signature(model)  # verify_top must see the same ones
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
@@ -568,7 +579,12 @@ def attribute_routing(
         batch=batch,
         metrics=metrics,
         settings=dict(
-            methods=methods, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed, chunk=chunk
+            methods=methods,
+            n_bootstrap=n_bootstrap,
+            confidence=confidence,
+            seed=seed,
+            chunk=chunk,
+            hooks=hooks_during_run,
         ),
     )
 

@@ -73,6 +73,43 @@ def any_hook_attached(model: nn.Module) -> bool:
     return modules_if_unhooked(model) is None
 
 
+def hook_signature(model: nn.Module) -> tuple:
+    """What is attached to ``model`` now: for every submodule with hooks, its name and
+    the identities of its forward / backward hooks and pre-hooks, plus the global module
+    hooks; ``()`` when nothing is attached. Two equal signatures mean the same hook
+    functions at the same places (to compare the conditions of two runs)."""
+    hooks = torch.nn.modules.module
+    found = (
+        [
+            (
+                "<global>",
+                tuple(
+                    id(h)
+                    for d in (
+                        hooks._global_forward_hooks,
+                        hooks._global_forward_pre_hooks,
+                        hooks._global_backward_hooks,
+                        hooks._global_backward_pre_hooks,
+                    )
+                    for h in d.values()
+                ),
+            )
+        ]
+        if _global_hooks_attached()
+        else []
+    )
+    for name, module in model.named_modules():
+        if _has_module_hooks(module):
+            attached = (
+                module._forward_hooks,
+                module._forward_pre_hooks,
+                module._backward_hooks,
+                module._backward_pre_hooks,
+            )
+            found.append((name, tuple(id(h) for d in attached for h in d.values())))
+    return tuple(found)
+
+
 def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     """Every module of ``model`` (itself included, each once, in no fixed order), or
     ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of
