@@ -129,6 +129,13 @@ def test_other_gate_types_and_layouts_are_refused(tmp_path):
     write_public_qwen3_attnres(tmp_path / "sigmoid", hf, 2, gate="sigmoid_scalar")
     with pytest.raises(CheckpointError, match="attnres_gate_type='sigmoid_scalar'"):
         HookedAttnRes.from_pretrained(tmp_path / "sigmoid")
+    # a fork's extra routing option would have been ignored: refused by name
+    write_public_qwen3_attnres(tmp_path / "fork", hf, 2)
+    config = json.loads((tmp_path / "fork" / "config.json").read_text())
+    config["attnres_use_null_source"] = True
+    (tmp_path / "fork" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"does not implement: \['attnres_use_null_source'\]"):
+        HookedAttnRes.from_pretrained(tmp_path / "fork")
     kimi = HookedAttnRes.from_hf_qwen3(hf, wrap="exact")
     with pytest.raises(ValueError, match="cumulative-layout models only"):
         kimi.save_pretrained(tmp_path / "kimi", format="qwen3_attnres")

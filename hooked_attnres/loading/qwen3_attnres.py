@@ -49,8 +49,27 @@ ARCHITECTURE = "Qwen3AttnResForCausalLM"
 SUPPORTED_GATES = ("bias",)
 
 
+# the attnres_* fields of a qwen3_attnres config this loader reads; any other changes the
+# model in a way it does not implement (e.g. forks' attnres_num_heads, attnres_use_null_source)
+KNOWN_ATTNRES_FIELDS = (
+    "attnres_gate_type",
+    "attnres_mode",
+    "attnres_num_blocks",
+    "attnres_recency_bias_init",
+)
+
+
 def attnres_overrides(values: dict, where: str) -> dict:
     """Our ``attnres_*`` fields for a ``qwen3_attnres`` config, or a clear refusal."""
+    unknown = sorted(
+        key for key in values if key.startswith("attnres_") and key not in KNOWN_ATTNRES_FIELDS
+    )
+    if unknown:
+        raise CheckpointError(
+            f"{where} has attnres fields this loader does not implement: {unknown} (it reads "
+            f"{list(KNOWN_ATTNRES_FIELDS)}); a fork's extra routing options would be ignored "
+            "silently, so the checkpoint is refused"
+        )
     gate = values.get("attnres_gate_type", "bias")
     if gate not in SUPPORTED_GATES:
         raise CheckpointError(
