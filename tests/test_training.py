@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -564,3 +565,125 @@ def test_resuming_into_another_model_is_refused_naming_what_differs(tmp_path):
     vanilla = build_model("vanilla", 0, tok, SHAPE, 2)
     with pytest.raises(ValueError, match=r"different run \(model.class differs"):
         train(vanilla, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+
+
+def _reference_training(model, task, tok, cfg: TrainConfig) -> tuple[list[float], list[float]]:
+    """``cfg.steps`` updates of ``model`` written out by hand: the batch of step ``s`` is
+    ``task.sample(batch_size, data_seed, "train", stream=s)``; the loss the mean negative
+    log-softmax of the supervised targets (gathered, not `TaskBatch.loss`); gradients by
+    plain autograd (every hook watched: no fused backward); global-norm clipping; the
+    warm-up / cosine schedule; AdamW (decoupled decay on every parameter, eps 1e-8).
+    Returns the losses and each step's clipping coefficient."""
+    params = dict(model.named_parameters())
+    first = {k: torch.zeros_like(p) for k, p in params.items()}
+    second = {k: torch.zeros_like(p) for k, p in params.items()}
+    (beta1, beta2), eps = cfg.betas, 1e-8
+    decay_steps = cfg.steps - cfg.warmup_steps
+    losses, coefficients = [], []
+    model.train()
+    for step in range(cfg.steps):
+        batch = task.sample(cfg.batch_size, cfg.data_seed, "train", tok.get_vocab(), stream=step)
+        model.zero_grad(set_to_none=True)
+        if isinstance(model, HookedAttnRes):
+            with model.hooks(fwd_hooks=[(lambda name: True, lambda tensor, hook: None)]):
+                logits = model(batch.tokens)
+        else:
+            logits = model(input_ids=batch.tokens).logits
+        supervised = batch.targets != -100
+        logprobs = logits.log_softmax(-1)[supervised]
+        loss = -logprobs.gather(-1, batch.targets[supervised][:, None]).mean()
+        loss.backward()
+        losses.append(loss.item())
+        norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params.values()))
+        coefficient = min(1.0, cfg.grad_clip / (norm + 1e-6))
+        coefficients.append(coefficient)
+        if step < cfg.warmup_steps:
+            lr = cfg.lr * (step + 1) / cfg.warmup_steps
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / decay_steps))
+            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+        with torch.no_grad():
+            for name, param in params.items():
+                grad = param.grad * coefficient
+                param.mul_(1 - lr * cfg.weight_decay)
+                first[name] = beta1 * first[name] + (1 - beta1) * grad
+                second[name] = beta2 * second[name] + (1 - beta2) * grad.square()
+                corrected = first[name] / (1 - beta1 ** (step + 1))
+                scale = (second[name] / (1 - beta2 ** (step + 1))).sqrt()
+                param.sub_(lr * corrected / (scale + eps))
+    return losses, coefficients
+
+
+@pytest.mark.parametrize("condition", ["attnres", "kimi", "vanilla"])
+def test_the_trainer_takes_hand_written_adamw_steps_on_the_cross_entropy(tmp_path, condition):
+    """Five float64 steps of `train` (warm-up, peak, cosine decay; clipping active at every
+    step; weight decay 0.3 on every parameter, norm gains, router queries and embeddings
+    included) equal `_reference_training`, and the history's loss and lr are its numbers.
+    The AttnRes models start with zero router queries (content-free routers), so the
+    fused router and RMSNorm backward passes are checked in training against autograd."""
+    tok = task_tokenizer(TASK)
+    if condition == "kimi":
+        from hooked_attnres.config import HookedAttnResConfig
+
+        cfg_model = HookedAttnResConfig(
+            d_vocab=len(tok), attnres_layout="kimi", attnres_num_blocks=2, seed=0, **SHAPE
+        )
+        model = HookedAttnRes(cfg_model, tokenizer=tok)
+    else:
+        model = build_model(condition, 0, tok, SHAPE, 2)
+    model = model.double()
+    reference = copy.deepcopy(model)
+    cfg = config(
+        steps=5,
+        warmup_steps=2,
+        lr=3e-2,
+        min_lr_ratio=0.2,
+        betas=(0.85, 0.95),
+        weight_decay=0.3,
+        grad_clip=0.05,
+        batch_size=8,
+        data_seed=5,
+        eval_every=5,
+        eval_size=8,
+        checkpoint_every=None,
+    )
+    result = train(model, TASK, cfg, tmp_path, tokenizer=tok, progress=False)
+    losses, coefficients = _reference_training(reference, TASK, tok, cfg)
+    assert max(coefficients) < 1  # the clipping acts at every step
+    assert [h["loss"] for h in result.history] == pytest.approx(losses, rel=1e-12)
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [
+            0.015,
+            0.03,
+            0.03,
+            0.03 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 3))),
+            0.03 * (0.2 + 0.8 * 0.5 * (1 + math.cos(2 * math.pi / 3))),
+        ],
+        rel=1e-12,
+    )
+    mine, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name, param in mine.items():
+        torch.testing.assert_close(param, theirs[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_the_training_loss_is_transformers_causal_lm_loss_of_the_supervised_tokens():
+    """`TaskBatch.loss` (the objective) of a vanilla Qwen3 equals ``Qwen3ForCausalLM``'s
+    own loss on the prompt followed by its answer, with the supervised targets as labels
+    (shifted by one, as transformers expects), and so does the loss of the same weights
+    loaded with ``wrap="none"``. Multi-query prompts: the answered queries count too."""
+    tok = task_tokenizer(TASK)
+    model = build_model("vanilla", 0, tok, SHAPE, 2)
+    batch = TASK.sample(8, 5, "train", tok)
+    supervised = batch.targets != -100
+    assert (supervised.sum(1) == 2).all()  # n_queries=2: the answered query and the answer
+    inside = supervised[:, :-1]
+    assert torch.equal(batch.targets[:, :-1][inside], batch.tokens[:, 1:][inside])
+    ids = torch.cat([batch.tokens, batch.answer[:, None]], dim=1)
+    labels = torch.cat([torch.full((8, 1), -100), batch.targets], dim=1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss
+        ours = batch.loss(model(input_ids=batch.tokens).logits)
+        wrapped = HookedAttnRes.from_hf_qwen3(model, wrap="none", tokenizer=tok)
+        theirs = batch.loss(wrapped(batch.tokens))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=0)

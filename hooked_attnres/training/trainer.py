@@ -1,7 +1,10 @@
 """Train a HookedAttnRes (any layout) or a vanilla ``Qwen3ForCausalLM`` on probe tasks.
 
-* AdamW, linear warm-up then cosine decay, gradient clipping; the objective is the
-  cross-entropy of the answer at the answer position.
+* AdamW (weight decay on every parameter), linear warm-up then cosine decay, clipping by
+  the global gradient norm; the objective is `TaskBatch.loss`, the mean cross-entropy
+  over the batch's supervised tokens (the answer at the answer position, and any earlier
+  answered query of a multi-query prompt). ``docs/training.md`` ("The numbers, exactly")
+  gives every formula.
 * Seeded and resumable bit for bit: the model is initialised from ``model_seed``; the
   batch of step ``s`` is ``task.sample(batch_size, data_seed, "train", stream=s)``; the
   learning rate is a function of the step. A checkpoint (model, optimizer, step,
@@ -58,7 +61,9 @@ class TrainConfig:
         batch_size: prompts per step.
         lr: peak learning rate; ``min_lr_ratio`` of it at the end of the cosine.
         warmup_steps: linear warm-up from 0.
-        weight_decay, betas, grad_clip: AdamW and clipping (``grad_clip=None``: none).
+        weight_decay, betas, grad_clip: AdamW (eps 1e-8; decoupled decay of every
+            parameter, norm gains and router parameters included) and clipping by the
+            global norm of all gradients (``grad_clip=None``: none).
         data_seed: seed of the prompt stream and of the held-out set.
         eval_every, eval_size: held-out accuracy schedule and size.
         stop_accuracy: stop at the first evaluation whose held-out accuracy is at least
@@ -135,7 +140,9 @@ class TrainConfig:
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimiser step ``step`` (0-based)."""
+        """Learning rate of optimiser step ``step`` (0-based): ``lr * (step + 1) /
+        warmup_steps`` during the warm-up, then the cosine from ``lr`` (at ``step ==
+        warmup_steps``) towards ``min_lr_ratio * lr`` (reached at ``step == steps``)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
