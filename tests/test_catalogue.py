@@ -1080,6 +1080,30 @@ def test_non_finite_weights_are_never_written(tmp_path, monkeypatch):
     assert state["step"] == 4  # the last good checkpoint
 
 
+def test_weights_broken_by_an_update_are_blamed_on_that_update(tmp_path, monkeypatch):
+    """An update that makes the weights NaN (the loss before it finite) used to be reported
+    as a NaN loss at the next step; the message now names the update that did it."""
+    from hooked_attnres.training import TrainingDivergedError
+
+    real_step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if self.state and next(iter(self.state.values()))["step"] == 5:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(
+        TrainingDivergedError, match=r"not finite after step 5; its update made them so"
+    ):
+        _train(tmp_path)
+    assert not (tmp_path / "model").exists()
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4  # the last good checkpoint
+
+
 # --- threads: a hooked model is used by one thread at a time --------------------------------------
 
 

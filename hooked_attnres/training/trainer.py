@@ -525,6 +525,14 @@ def train(
                 loss = batch.loss(model_logits(model, batch.tokens))
                 last_loss = loss.item()
                 if not math.isfinite(last_loss):
+                    if step > 0:  # the weights themselves, if the last update broke them
+                        _check_finite(
+                            model,
+                            step,
+                            f"its update made them so (the loss before it was finite): "
+                            f"training stopped; {checkpoint.describe()} and no final model "
+                            "was written. Lower lr or clip the gradients",
+                        )
                     raise TrainingDivergedError(
                         f"the training loss is {last_loss} at step {step + 1} (lr "
                         f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
