@@ -267,6 +267,58 @@ def test_cache_misuse_is_refused():
         model(torch.randint(0, 50, (2, 1)), past_kv_cache=KeyValueCache.init_cache(2))
 
 
+def test_a_pass_that_raises_leaves_the_cache_as_it_was():
+    """A cached pass extends the layers one by one: a hook that raises half-way (here
+    KeyboardInterrupt at layer 2, an intervention that refuses, a loss that is refused
+    after the layers ran) used to leave layers 0-1 one chunk longer than layers 2-3 and
+    n_past advanced, and the retry was 0.0087 logits off the full forward (kimi, float64),
+    silently. Now the cache is put back; the retry equals one forward pass. A cache whose
+    layers disagree with n_past (edited by hand) is refused."""
+    from hooked_attnres.interventions import mask_sources
+
+    model = routed_model("kimi").to(torch.float64)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    full = model(tokens)
+
+    def interrupt(x, hook):
+        raise KeyboardInterrupt
+
+    at_zero = mask_sources(model, "current", routers="mlp_res", layers=3, positions=0)
+    cache = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :5], past_kv_cache=cache)
+    with pytest.raises(KeyboardInterrupt):
+        model.run_with_hooks(
+            tokens[:, 5:6], past_kv_cache=cache, fwd_hooks=[("blocks.2.hook_resid_pre", interrupt)]
+        )
+    with pytest.raises(ValueError, match="its position 0 is the sequence's position 5"):
+        model.run_with_hooks(tokens[:, 5:6], past_kv_cache=cache, fwd_hooks=at_zero)
+    with pytest.raises(ValueError, match="a next-token loss needs at least two positions"):
+        model(tokens[:, 5:6], past_kv_cache=cache, return_type="loss")
+    assert cache.n_past == 5 and cache.batch_size == 2
+    assert [layer.keys.shape[1] for layer in cache.layers] == [5] * model.cfg.n_layers
+    assert [layer.values.shape[1] for layer in cache.layers] == [5] * model.cfg.n_layers
+    rest = model(tokens[:, 5:], past_kv_cache=cache)
+    torch.testing.assert_close(rest, full[:, 5:], atol=1e-10, rtol=0)
+    # a padded first chunk: the mask is put back too
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    cache = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :5], attention_mask=mask[:, :5], past_kv_cache=cache)
+    with pytest.raises(KeyboardInterrupt):
+        model.run_with_hooks(
+            tokens[:, 5:], past_kv_cache=cache, fwd_hooks=[("blocks.3.hook_mlp_out", interrupt)]
+        )
+    assert cache.attention_mask is not None and cache.attention_mask.shape == (2, 5)
+    padded = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(
+        model(tokens[:, 5:], past_kv_cache=cache), padded[:, 5:], atol=1e-10, rtol=0
+    )
+    # edited by hand: refused
+    cache.layers[1].keys = cache.layers[1].keys[:, :-1]
+    with pytest.raises(ValueError, match="n_past=8 but layer 1 holds keys and values of"):
+        model(tokens[:, :1], past_kv_cache=cache)
+
+
 @pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
 def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
     if name.startswith("wrap"):

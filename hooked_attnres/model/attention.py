@@ -19,6 +19,8 @@ positions are read from the cache and only the new positions are computed.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -99,7 +101,10 @@ class KeyValueCache:
         n_past: number of cached positions.
         batch_size: the number of prompts (set by the first pass, then checked).
 
-    A pass that raises half-way leaves the cache inconsistent: start a new one.
+    A pass that raises half-way (a hook that raises, an intervention that refuses,
+    ``KeyboardInterrupt``) leaves the cache as it was before that pass
+    (`restored_on_error`), so it can be used again; a cache whose layers disagree with
+    ``n_past`` (edited by hand) is refused by the next pass (`check_consistent`).
     """
 
     layers: list[LayerKeyValues]
@@ -117,6 +122,45 @@ class KeyValueCache:
         checked against the inputs."""
         n_layers = cfg if isinstance(cfg, int) else cfg.n_layers
         return cls([LayerKeyValues() for _ in range(n_layers)], batch_size=batch_size)
+
+    def check_consistent(self) -> None:
+        """Raise ``ValueError`` unless every layer holds the keys and values of the
+        ``n_past`` cached positions and the mask covers them (a pass reads each layer's
+        keys with the rotary positions and mask of ``n_past``; a layer holding other
+        positions would give wrong numbers silently)."""
+        for index, layer in enumerate(self.layers):
+            held = {0 if t is None else t.shape[1] for t in (layer.keys, layer.values)}
+            if held != {self.n_past}:
+                raise ValueError(
+                    f"past_kv_cache is inconsistent: n_past={self.n_past} but layer {index} "
+                    f"holds keys and values of {sorted(held)} positions (edited by hand?); "
+                    "start a new cache (KeyValueCache.init_cache(model.cfg))"
+                )
+        mask = self.attention_mask
+        if mask is not None and mask.shape[-1] != self.n_past:
+            raise ValueError(
+                f"past_kv_cache is inconsistent: n_past={self.n_past} but its attention_mask "
+                f"covers {mask.shape[-1]} positions; start a new cache "
+                "(KeyValueCache.init_cache(model.cfg))"
+            )
+
+    @contextmanager
+    def restored_on_error(self) -> Iterator[None]:
+        """Undo the additions of a pass that raises (any exception, also
+        ``KeyboardInterrupt``): the layers, mask, length and batch size are put back as
+        they were when the block was entered, and the exception propagates. (A pass
+        extends the layers one by one, so without this an interrupted pass would leave
+        the early layers one chunk longer than the rest and ``n_past`` already advanced:
+        the next pass would read wrong rotary positions and duplicated keys silently.)"""
+        saved = (self.attention_mask, self.n_past, self.batch_size)
+        layers = [(layer.keys, layer.values) for layer in self.layers]
+        try:
+            yield
+        except BaseException:
+            self.attention_mask, self.n_past, self.batch_size = saved
+            for layer, (keys, values) in zip(self.layers, layers, strict=True):
+                layer.keys, layer.values = keys, values
+            raise
 
 
 @dataclass

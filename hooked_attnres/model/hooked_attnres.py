@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -495,29 +496,35 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                     "cannot be combined with stop_at_layer or a loss"
                 )
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
-        n_past = self._n_past(past_kv_cache)  # before the context extends the cache
-        context = self._attention_context(state, mask, past_kv_cache)
-        shared_sums = SharedSums(self)
-        with pass_extent(n_past, state.current.shape[1], mask):
-            state = self._run_sublayers(
-                state,
-                range(2 * layers.start, 2 * layers.stop),
-                context,
-                shared_sums,
-                logit_positions,
-            )
-            if stop_at_layer is not None:
-                setattr(state, _ENTERING, 2 * layers.stop)
-                return state
-            logits = self._unembed(state, shared_sums)
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if tokens is None:
-            raise ValueError("a loss needs the token ids: pass tokens=... with a DepthState input")
-        loss = lm_cross_entropy_loss(logits, tokens, mask, loss_per_token)
-        return loss if return_type == "loss" else Output(logits, loss)
+        # a pass that raises (a hook, an intervention that refuses, KeyboardInterrupt)
+        # leaves the cache as it was
+        kept = nullcontext() if past_kv_cache is None else past_kv_cache.restored_on_error()
+        with kept:
+            n_past = self._n_past(past_kv_cache)  # before the context extends the cache
+            context = self._attention_context(state, mask, past_kv_cache)
+            shared_sums = SharedSums(self)
+            with pass_extent(n_past, state.current.shape[1], mask):
+                state = self._run_sublayers(
+                    state,
+                    range(2 * layers.start, 2 * layers.stop),
+                    context,
+                    shared_sums,
+                    logit_positions,
+                )
+                if stop_at_layer is not None:
+                    setattr(state, _ENTERING, 2 * layers.stop)
+                    return state
+                logits = self._unembed(state, shared_sums)
+            if return_type == "logits":
+                return logits
+            if return_type is None:
+                return None
+            if tokens is None:
+                raise ValueError(
+                    "a loss needs the token ids: pass tokens=... with a DepthState input"
+                )
+            loss = lm_cross_entropy_loss(logits, tokens, mask, loss_per_token)
+            return loss if return_type == "loss" else Output(logits, loss)
 
     @staticmethod
     def _n_past(cache: Optional[KeyValueCache]) -> int:
@@ -539,6 +546,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             raise ValueError(
                 f"past_kv_cache has {len(cache.layers)} layers, the model {self.cfg.n_layers}"
             )
+        cache.check_consistent()
         if start_at_layer is not None or stop_at_layer is not None or logit_positions is not None:
             raise ValueError(
                 "past_kv_cache runs whole forward passes over new tokens; it cannot be combined "
