@@ -766,6 +766,38 @@ def test_a_mean_over_the_prompts_is_refused_where_their_positions_differ(tokens)
         torch.testing.assert_close(in_two_cached_chunks(model, tokens), full, atol=1e-5, rtol=0)
 
 
+def test_interventions_at_hook_embed_see_the_passs_extent_and_mask(routed_layout, tokens):
+    """hook_embed fired before the pass recorded its extent and attention mask, so
+    patch_committed("embedding", ...) took neither into account: value="mean" averaged
+    padding into the mean (0.34-0.48 logits off at real positions of a left-padded batch),
+    and positions= in a key-value cache chunk patched the chunk's own position 0 (0.43
+    logits off the full forward). Checked against a hand-written mean over the real
+    tokens, in forward and depth_states, and the chunk is refused."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed(routed_layout, dtype=torch.float64)
+    mask = torch.ones_like(tokens)
+    mask[1, :3], mask[2, :5] = 0, 0  # left padding
+    weights = mask[..., None].double()
+    mean = masked_mean(model.embed(tokens), weights)
+    by_hand = [("hook_embed", lambda x, hook: mean.clone())]
+    hooks = patch_committed(model, "embedding", "mean")
+    with torch.no_grad():
+        got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+        expected = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=by_hand)
+        at_real = mask.bool()
+        torch.testing.assert_close(got[at_real], expected[at_real], atol=1e-12, rtol=0)
+        with model.hooks(fwd_hooks=hooks):
+            embedding = model.depth_states(tokens, attention_mask=mask)[0].sources[0]
+        torch.testing.assert_close(embedding[at_real], mean[at_real], atol=1e-12, rtol=0)
+        at_zero = patch_committed(model, "embedding", "zero", positions=0)
+        with model.hooks(fwd_hooks=at_zero):
+            cache = KeyValueCache.init_cache(model.cfg)
+            model(tokens[:, :5], past_kv_cache=cache)
+            with pytest.raises(ValueError, match=r"positions=0 .* sequence's position 5"):
+                model(tokens[:, 5:], past_kv_cache=cache)
+
+
 def test_ablations_at_different_positions_are_different_ablations(tokens):
     from hooked_attnres.interventions import Ablation
 

@@ -475,7 +475,12 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
             if attention_mask is None and past_kv_cache is None:
                 self._warn_if_left_padded(tokens)
-            state = self.embed_state(tokens)
+            attention_mask = self._validate_attention_mask(
+                attention_mask, tuple(tokens.shape), tokens.device
+            )
+            # hook_embed belongs to the pass: interventions there check its extent and mask
+            with pass_extent(self._n_past(past_kv_cache), tokens.shape[1], attention_mask):
+                state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
             if tokens is not None:
@@ -655,7 +660,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         """
         tokens = self._validate_tokens(tokens)
         mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
-        state = self.embed_state(tokens)
+        with pass_extent(0, tokens.shape[1], mask):
+            state = self.embed_state(tokens)
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
