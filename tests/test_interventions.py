@@ -745,6 +745,48 @@ def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout
         torch.testing.assert_close(in_two_cached_chunks(model, tokens), full, atol=1e-5, rtol=0)
 
 
+def test_values_with_a_position_axis_are_refused_in_a_cache_chunk(tokens):
+    """A value tensor with a position axis, or another run's cache, addresses positions of
+    the whole sequence: a key-value cache chunk of the same length used to take them at
+    its own, later positions silently (the full forward of the sequence refuses the
+    shape). Refused now, naming the pass; position-free values still give the full
+    forward's numbers in chunks."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi", dtype=torch.float64)
+    first, rest = tokens[:, :4], tokens[:, 4:8]  # two chunks of 4 positions
+    _, clean = model.run_with_cache(first)
+    site = model.site(2, "mlp_res")
+    n = model.routing_layout.n_sources(site)
+    generator = torch.Generator().manual_seed(0)
+    per_position = torch.randn(3, 4, model.cfg.d_model, generator=generator).double()
+    weights = torch.softmax(torch.randn(3, 4, n, generator=generator), -1)
+    refused = {
+        r"a value tensor of shape \(3, 4, 32\)": patch_committed(model, "block_1", per_position),
+        "a value from another run's cache": patch_sources(model, "embedding", clean, layers=2),
+        r"a value tensor of shape \(3, 4, 3\)": set_weights(model, weights, routers=[site]),
+        "set_weights at .* another run's cache": set_weights(model, clean, routers=[site]),
+    }
+    for what, hooks in refused.items():
+        with model.hooks(fwd_hooks=hooks):
+            model(first)  # the whole sequence of 4: the value's positions
+            cache = KeyValueCache.init_cache(model.cfg)
+            model(first, past_kv_cache=cache)
+            with pytest.raises(ValueError, match=rf"{what}.* sequence's position 4"):
+                model(rest, past_kv_cache=cache)
+    vector = per_position[0, 0]
+    for hooks in (
+        patch_committed(model, "block_1", vector),
+        patch_committed(model, "block_1", per_position[:, :1]),  # [batch, 1, d_model]
+        set_weights(model, weights[0, 0], routers=[site]),
+    ):
+        with model.hooks(fwd_hooks=hooks):
+            full = model(tokens[:, :8])
+            torch.testing.assert_close(
+                in_two_cached_chunks(model, tokens[:, :8], 4), full, atol=1e-10, rtol=0
+            )
+
+
 def in_two_cached_chunks(model, tokens, split: int = 5) -> torch.Tensor:
     """The logits of ``tokens`` from two passes that share a key-value cache."""
     from hooked_attnres import KeyValueCache

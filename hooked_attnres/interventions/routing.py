@@ -69,6 +69,27 @@ def _at_positions(new: Tensor, current: Tensor, positions, pos_dim: int = 1) -> 
     return torch.where(pos_mask, new, current)
 
 
+def _require_aligned(value: Optional[Tensor], current: Tensor, where: str) -> None:
+    """A value that addresses positions of the whole sequence (another run's cache:
+    ``value=None``; a tensor whose position axis, the one before the last, has more than
+    one position) is refused in a pass that runs part of the sequence
+    (`require_whole_sequence`): a key-value cache chunk would read the value's first
+    positions at its own, later ones."""
+    if value is None:
+        require_whole_sequence(
+            current.shape[-2],
+            f"{where}: a value from another run's cache",
+            instead="patch from a cache of a run over the same positions, in one pass",
+        )
+    elif value.ndim >= 2 and value.shape[-2] != 1:
+        require_whole_sequence(
+            current.shape[-2],
+            f"{where}: a value tensor of shape {tuple(value.shape)} (a position axis of "
+            f"{value.shape[-2]})",
+            instead="give a value without a position axis (its position axis of size 1)",
+        )
+
+
 def _is_cache(value) -> bool:
     """An ``ActivationCache`` or a dict of tensors (not a tensor, not a string)."""
     return hasattr(value, "keys") and not isinstance(value, (Tensor, str))
@@ -121,9 +142,11 @@ def resolve_value(
         raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
     if _is_cache(value):
         new = from_cache(value)  # type: ignore[arg-type]
+        _require_aligned(None, current, where)
         check_run_shape(new, current, where, "patching from a cache")
     else:
         new = torch.as_tensor(value)
+        _require_aligned(new, current, where)
         check_broadcast(new, current, where, "patching with a tensor")
     return new.to(current.device, current.dtype).expand_as(current)
 
@@ -401,6 +424,7 @@ def set_weights(
             if isinstance(value, str):
                 new = torch.full_like(current, 1.0 / current.shape[-1])
             else:
+                _require_aligned(None if cached else value, current, f"set_weights at {hook.name}")
                 if cached:  # another run's weights: its prompts, position by position
                     check_run_shape(value, current, hook.name, "set_weights")
                 check_broadcast(value, current, hook.name, "set_weights")

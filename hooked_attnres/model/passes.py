@@ -3,7 +3,8 @@
 A hook sees the positions its pass runs: a pass with a key-value cache runs only the new
 positions (its position 0 is the sequence's position ``n_past``), and after the last
 attention a ``logit_positions`` pass runs one position per prompt. An intervention that
-addresses positions of the whole sequence (``positions=``) would silently move there, so
+addresses positions of the whole sequence (``positions=``, a value tensor with a position
+axis, another run's cache) would silently move there, so
 the model records the extent of every pass (`pass_extent`) and such a hook checks it
 (`require_whole_sequence`) before it resolves a position.
 """
@@ -49,12 +50,17 @@ def pass_extent(n_past: int, length: int, real: Optional[Tensor] = None) -> Iter
         _CURRENT.reset(token)
 
 
-def require_whole_sequence(n_pos: int, what: str, cached_ok: bool = False) -> None:
+def require_whole_sequence(
+    n_pos: int,
+    what: str,
+    cached_ok: bool = False,
+    instead: str = "intervene at every position (positions=None)",
+) -> None:
     """Raise unless a hook that sees ``n_pos`` positions sees the whole sequence of the
     running pass (outside any pass, or in a full pass, nothing to check). ``cached_ok``:
     also accept a key-value cache pass over the new positions (for an operation that is
     the same at every position, such as a mean over the prompts); ``what`` names the
-    operation in the error."""
+    operation in the error, ``instead`` the alternative that works in any pass."""
     extent = _CURRENT.get()
     if extent is None or (n_pos == extent.length and (extent.n_past == 0 or cached_ok)):
         return
@@ -72,7 +78,7 @@ def require_whole_sequence(n_pos: int, what: str, cached_ok: bool = False) -> No
         f"{what} refers to positions of the whole sequence, but this hook sees {n_pos} "
         f"position(s) of a {extent.n_past + extent.length}-position sequence: {why}. Run the "
         "whole sequence in one pass (no key-value cache, no logit_positions; generate(..., "
-        "use_past_kv_cache=False)), or intervene at every position (positions=None)"
+        f"use_past_kv_cache=False)), or {instead}"
     )
 
 
