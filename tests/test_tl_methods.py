@@ -488,6 +488,10 @@ def test_bad_generation_arguments_are_refused():
         model.generate(torch.ones(1, 3), stop_at_eos=False, **quiet)
     with pytest.raises(ValueError, match="the input tokenises to zero tokens"):
         model.generate("", stop_at_eos=False, **quiet)
+    state = model.depth_states(torch.tensor([[4, 5]]))[0]
+    for not_a_prompt in (state, [], [4, 5], [[4, 5]], 3):
+        with pytest.raises(TypeError, match=r"generate continues a prompt: input must be a"):
+            model.generate(not_a_prompt, stop_at_eos=False, **quiet)
 
 
 # --- optional hooks (set_use_*) --------------------------------------------------------

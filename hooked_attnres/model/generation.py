@@ -250,6 +250,16 @@ class GenerationMixin:
         self, input, prepend_bos, padding_side, attention_mask
     ) -> tuple[Int[Tensor, "batch pos"], Optional[Bool[Tensor, "batch pos"]], str]:
         """``(tokens, mask or None, input type)`` of the prompt, left-padded."""
+        is_text = isinstance(input, str) or (
+            isinstance(input, list) and input and all(isinstance(t, str) for t in input)
+        )
+        if not is_text and not isinstance(input, Tensor):
+            raise TypeError(
+                "generate continues a prompt: input must be a string, a non-empty list of "
+                f"strings, or [batch, pos] / [pos] integer token ids, got {type(input).__name__}"
+                " (a DepthState has no tokens to continue: model(state, start_at_layer=...) "
+                "gives its logits; a list of token ids: torch.tensor(ids))"
+            )
         if isinstance(input, str) or (isinstance(input, list) and input):
             if attention_mask is not None:
                 raise ValueError(
