@@ -1059,45 +1059,32 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert_clean(tmp_path / "checkpoint")
 
 
-def test_non_finite_weights_are_never_written(tmp_path, monkeypatch):
-    """A finite last loss with weights that became NaN in the last update: no final model."""
+@pytest.mark.parametrize(
+    "poisoned_at, message",
+    [
+        # the last update: a finite last loss, no final model
+        (6, "not finite after step 6"),
+        # an earlier update (the loss before it finite): blamed on that update, not on the
+        # next step's NaN loss as before
+        (5, "not finite after step 5; its update made them so"),
+    ],
+)
+def test_weights_made_non_finite_by_an_update_are_never_written(
+    tmp_path, monkeypatch, poisoned_at, message
+):
     from hooked_attnres.training import TrainingDivergedError
 
     real_step = torch.optim.AdamW.step
 
     def poisoned_step(self, *args, **kwargs):
         out = real_step(self, *args, **kwargs)
-        if self.state and next(iter(self.state.values()))["step"] == 6:
+        if self.state and next(iter(self.state.values()))["step"] == poisoned_at:
             with torch.no_grad():
                 self.param_groups[0]["params"][0].fill_(float("nan"))
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(TrainingDivergedError, match="not finite after step 6"):
-        _train(tmp_path)
-    assert not (tmp_path / "model").exists()
-    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 4  # the last good checkpoint
-
-
-def test_weights_broken_by_an_update_are_blamed_on_that_update(tmp_path, monkeypatch):
-    """An update that makes the weights NaN (the loss before it finite) used to be reported
-    as a NaN loss at the next step; the message now names the update that did it."""
-    from hooked_attnres.training import TrainingDivergedError
-
-    real_step = torch.optim.AdamW.step
-
-    def poisoned_step(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        if self.state and next(iter(self.state.values()))["step"] == 5:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(
-        TrainingDivergedError, match=r"not finite after step 5; its update made them so"
-    ):
+    with pytest.raises(TrainingDivergedError, match=message):
         _train(tmp_path)
     assert not (tmp_path / "model").exists()
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
