@@ -475,11 +475,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
             if attention_mask is None and past_kv_cache is None:
                 self._warn_if_left_padded(tokens)
-            attention_mask = self._validate_attention_mask(
-                attention_mask, tuple(tokens.shape), tokens.device
-            )
+            mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
             # hook_embed belongs to the pass: interventions there check its extent and mask
-            with pass_extent(self._n_past(past_kv_cache), tokens.shape[1], attention_mask):
+            with pass_extent(self._n_past(past_kv_cache), tokens.shape[1], mask):
                 state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
@@ -491,9 +489,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                         f"tokens must be the [batch, pos] = {tuple(state.current.shape[:2])} "
                         f"token ids of the DepthState input, got shape {tuple(tokens.shape)}"
                     )
-        mask = self._validate_attention_mask(
-            attention_mask, tuple(state.current.shape[:2]), state.current.device
-        )
+            mask = self._validate_attention_mask(
+                attention_mask, tuple(state.current.shape[:2]), state.current.device
+            )
         if logit_positions is not None:
             if stop_at_layer is not None or return_type not in ("logits", None):
                 raise ValueError(
