@@ -34,9 +34,34 @@ def toggle_hook(owner: nn.Module, name: str, enabled: bool, pos_dim: int = -2) -
         delattr(owner, name)
 
 
+def _module_hook_dicts(module: nn.Module) -> tuple[dict, ...]:
+    """The raw PyTorch hooks (forward, forward-pre, backward, backward-pre) on ``module``
+    itself (TransformerLens's hooks are registered as such hooks too)."""
+    return (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+
+
+def _global_hook_dicts() -> tuple[dict, ...]:
+    """The hooks registered for every module (``register_module_forward_hook`` and the
+    like): they would fire at every `HookPoint` that is called."""
+    hooks = torch.nn.modules.module
+    return (
+        hooks._global_forward_hooks,
+        hooks._global_forward_pre_hooks,
+        hooks._global_backward_hooks,
+        hooks._global_backward_pre_hooks,
+    )
+
+
+# The two predicates below test the same dictionaries as `_module_hook_dicts` /
+# `_global_hook_dicts`, spelled out: they run for every module of every pass
+# (`modules_if_unhooked`), where building the tuple costs 19 % of the walk.
 def _has_module_hooks(module: nn.Module) -> bool:
-    """Whether a raw PyTorch hook (forward, forward-pre, backward, backward-pre) is on
-    ``module`` itself (TransformerLens's hooks are registered as such hooks too)."""
+    """Whether a raw PyTorch hook is on ``module`` itself (`_module_hook_dicts`)."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
@@ -46,8 +71,7 @@ def _has_module_hooks(module: nn.Module) -> bool:
 
 
 def _global_hooks_attached() -> bool:
-    """Whether a hook registered for every module (``register_module_forward_hook`` and
-    the like) exists: it would fire at every `HookPoint` that is called."""
+    """Whether a hook registered for every module exists (`_global_hook_dicts`)."""
     hooks = torch.nn.modules.module
     return bool(
         hooks._global_forward_hooks
@@ -78,35 +102,14 @@ def hook_signature(model: nn.Module) -> tuple:
     the identities of its forward / backward hooks and pre-hooks, plus the global module
     hooks; ``()`` when nothing is attached. Two equal signatures mean the same hook
     functions at the same places (to compare the conditions of two runs)."""
-    hooks = torch.nn.modules.module
-    found = (
-        [
-            (
-                "<global>",
-                tuple(
-                    id(h)
-                    for d in (
-                        hooks._global_forward_hooks,
-                        hooks._global_forward_pre_hooks,
-                        hooks._global_backward_hooks,
-                        hooks._global_backward_pre_hooks,
-                    )
-                    for h in d.values()
-                ),
-            )
-        ]
-        if _global_hooks_attached()
-        else []
-    )
+
+    def identities(dicts: tuple[dict, ...]) -> tuple[int, ...]:
+        return tuple(id(hook) for attached in dicts for hook in attached.values())
+
+    found = [("<global>", identities(_global_hook_dicts()))] if _global_hooks_attached() else []
     for name, module in model.named_modules():
         if _has_module_hooks(module):
-            attached = (
-                module._forward_hooks,
-                module._forward_pre_hooks,
-                module._backward_hooks,
-                module._backward_pre_hooks,
-            )
-            found.append((name, tuple(id(h) for d in attached for h in d.values())))
+            found.append((name, identities(_module_hook_dicts(module))))
     return tuple(found)
 
 
