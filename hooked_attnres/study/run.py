@@ -426,23 +426,24 @@ def _code_fingerprint() -> str:
     """SHA-256 of the package's Python source: any change to the code invalidates the kept
     runs (they might have been computed differently)."""
     root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return _files_fingerprint([root], pattern="*.py", names_relative_to=root)
 
 
-def _files_fingerprint(paths: Sequence[Path]) -> str:
-    """SHA-256 of the files under ``paths`` (names and contents; a missing path counts)."""
+def _files_fingerprint(
+    paths: Sequence[Path], pattern: str = "*", names_relative_to: Optional[Path] = None
+) -> str:
+    """SHA-256 of the files matching ``pattern`` under ``paths`` (names, relative to
+    ``names_relative_to`` if given, and contents; a missing path counts)."""
     digest = hashlib.sha256()
     for root in paths:
-        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        files = sorted(root.rglob(pattern)) if root.is_dir() else [root]
         for path in files:
+            named = path if names_relative_to is None else path.relative_to(names_relative_to)
+            name = named.as_posix().encode()
             if path.is_file():
-                digest.update(path.as_posix().encode() + b"\0" + path.read_bytes())
+                digest.update(name + b"\0" + path.read_bytes())
             elif not path.exists():
-                digest.update(b"missing " + path.as_posix().encode())
+                digest.update(b"missing " + name)
     return digest.hexdigest()
 
 
