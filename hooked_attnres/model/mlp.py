@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_attnres.model.norms import make_hook
+from hooked_attnres.model.norms import is_observed, make_hook
 
 
 class GatedMLP(nn.Module):
@@ -43,7 +43,13 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(x @ self.W_gate)
-        gate = F.silu(pre)  # before the up projection: pre is still in cache
+        # without a gradient, in place where nothing else holds the tensor: the same bits
+        # without two fresh [batch, pos, d_mlp] tensors (docs/benchmarks.md)
+        in_place = not torch.is_grad_enabled()
+        gate = F.silu(pre, inplace=in_place and not is_observed(self.hook_pre))
         pre_linear = self.hook_pre_linear(x @ self.W_in)
-        post = self.hook_post(gate * pre_linear)
-        return post @ self.W_out
+        if in_place and pre_linear.dtype == gate.dtype and pre_linear.shape == gate.shape:
+            post = gate.mul_(pre_linear)
+        else:
+            post = gate * pre_linear
+        return self.hook_post(post) @ self.W_out

@@ -150,7 +150,19 @@ def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d
     """``x / rms_scale(x)`` before any gain: the normalisation of `RMSNorm`, bit for bit,
     without its hooks (statistics in `stat_dtype`, result in ``x``'s dtype)."""
     x_stat = x.to(stat_dtype(x.dtype))  # one conversion in bf16 / fp16, shared by both uses
-    return (x_stat * rms_scale(x_stat, eps).reciprocal()).to(x.dtype)
+    return _divide_by_scale(x, x_stat, rms_scale(x_stat, eps)).to(x.dtype)
+
+
+def _divide_by_scale(
+    x: Float[Tensor, "... d"], x_stat: Float[Tensor, "... d"], scale: Float[Tensor, "... 1"]
+) -> Float[Tensor, "... d"]:
+    """``x_stat * scale.reciprocal()``, where ``x_stat`` is ``x`` in `stat_dtype`: in place
+    when ``x_stat`` is a conversion made for this norm alone (bf16 / fp16 input) that no
+    gradient needs, the same bits without a fresh ``[..., d]`` float32 tensor (about
+    1 % of a bfloat16 pass at the 0.6B shape, `docs/benchmarks.md`)."""
+    if x_stat is not x and not x_stat.requires_grad:
+        return x_stat.mul_(scale.reciprocal())
+    return x_stat * scale.reciprocal()
 
 
 class RMSNorm(nn.Module):
@@ -189,15 +201,39 @@ class RMSNorm(nn.Module):
         return self.normalize(x)[0]
 
     def normalize(
-        self, x: Float[Tensor, "... length"]
+        self, x: Float[Tensor, "... length"], stat_buffer: Optional[Tensor] = None
     ) -> tuple[Float[Tensor, "... length"], Float[Tensor, "... 1"]]:
         """``(forward(x), scale)`` on the hooked path (the hooks fire), with the RMS
         ``scale`` (``hook_scale``'s tensor): a row of ``x`` that is not finite makes its
-        scale inf or nan, so one reduction of ``[..., 1]`` tests the whole input."""
-        x_stat = x.to(stat_dtype(x.dtype))  # as in rms_normalize
+        scale inf or nan, so one reduction of ``[..., 1]`` tests the whole input.
+
+        ``stat_buffer``: optional, a tensor shaped like ``x`` in `stat_dtype` that the
+        caller gives up (it is overwritten), to hold ``x``'s conversion to that dtype
+        instead of a fresh tensor; only for a bf16 / fp16 ``x`` without a gradient."""
+        if stat_buffer is not None:
+            if not (
+                x.dtype != stat_dtype(x.dtype)
+                and stat_buffer.dtype == stat_dtype(x.dtype)
+                and stat_buffer.shape == x.shape
+                and not (x.requires_grad or stat_buffer.requires_grad)
+            ):
+                raise ValueError(
+                    "stat_buffer must be shaped like a bf16 / fp16 input without a "
+                    f"gradient and in {stat_dtype(x.dtype)}; got {tuple(stat_buffer.shape)} "
+                    f"{stat_buffer.dtype} for an input {tuple(x.shape)} {x.dtype}"
+                )
+            x_stat = stat_buffer.copy_(x)
+        else:
+            x_stat = x.to(stat_dtype(x.dtype))  # as in rms_normalize
         scale = self.hook_scale(rms_scale(x_stat, self.eps))
-        normalized = self.hook_normalized((x_stat * scale.reciprocal()).to(x.dtype))
-        return normalized * self.w, scale
+        normalized = self.hook_normalized(_divide_by_scale(x, x_stat, scale).to(x.dtype))
+        if (
+            torch.is_grad_enabled()
+            or is_observed(self.hook_normalized)
+            or self.w.dtype != normalized.dtype
+        ):
+            return normalized * self.w, scale
+        return normalized.mul_(self.w), scale  # nothing holds it: the same bits in place
 
     def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         """The same normalisation, bit for bit, without firing the hooks (for the per-head

@@ -395,10 +395,13 @@ class SharedSums:
         if len(sources) < 2 or torch.is_grad_enabled() or not self.is_content_free(router, dtype):
             return norm(self.route(router, sources))
         total = _shared_unchecked_sum(sources, router.recency_bias, self)
-        normalized, scale = norm.normalize(total.to(dtype))
+        if total.dtype == dtype:  # a float32 / float64 model
+            normalized, scale = norm.normalize(total)
+        else:  # the float32 sum is not needed after its rounding: the norm reuses it
+            normalized, scale = norm.normalize(total.to(dtype), stat_buffer=total)
         if _all_finite(scale):  # then so is total: a non-finite element makes its row's
             return normalized  # scale inf or nan, and the test would change nothing
-        return norm.normalize(_nan_where_not_finite(total, sources[-1:]).to(dtype))[0]
+        return norm(self.route(router, sources))  # with the current source's test
 
     def is_content_free(self, router: DepthRouter, dtype: torch.dtype) -> bool:
         """`DepthRouter._content_free` of ``router`` for sources of ``dtype``, decided for
