@@ -114,6 +114,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import write_text_atomic
+    from hooked_attnres._validation import is_integer
+    from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -135,9 +137,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         values = _key_values(args.set, "set")
         if args.steps is not None:
+            if "steps" in values and values["steps"] != args.steps:
+                raise CommandError(
+                    f"--steps {args.steps} and --set steps={values['steps']} disagree; give one"
+                )
             values["steps"] = args.steps
-            # the warm-up keeps its share of the run (100 of 1200 steps) unless it is set
-            values.setdefault("warmup_steps", round(100 * args.steps / 1200))
+        if "steps" in values and is_integer(values["steps"]) and values["steps"] > 0:
+            # however the steps are given, the warm-up keeps its share of the study run
+            # (BASE_WARMUP of BASE_STEPS) unless it is set too
+            values.setdefault("warmup_steps", round(BASE_WARMUP * values["steps"] / BASE_STEPS))
         try:
             kwargs = dict(
                 config=study_train_config(**values),
@@ -290,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=POSITIVE,
         default=None,
-        help="optimiser steps (the warm-up scales with them); original two only",
+        help="optimiser steps (the warm-up keeps its 100-of-1200 share unless "
+        "--set warmup_steps= is given; so does --set steps=); original two only",
     )
     train.add_argument(
         "--set",

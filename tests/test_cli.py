@@ -93,6 +93,43 @@ def test_steps_scale_the_warm_up_and_train_ends_with_a_summary(tmp_path, monkeyp
     assert "summary:" in out and (tmp_path / "train_summary.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "steps_and_warm_up"),
+    [
+        (["--steps", "600"], (600, 50)),
+        (["--set", "steps=600"], (600, 50)),  # once kept the 1200-step run's 100
+        (["--steps", "600", "--set", "steps=600"], (600, 50)),
+        (["--set", "steps=600", "warmup_steps=7"], (600, 7)),
+        (["--steps", "600", "--set", "warmup_steps=0"], (600, 0)),
+    ],
+)
+def test_the_warm_up_keeps_its_share_however_the_steps_are_given(
+    options, steps_and_warm_up, tmp_path, monkeypatch
+):
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    seen = []
+
+    def fake_train(condition, seed, out_dir, config=None, task=None, **kwargs):
+        seen.append((config.steps, config.warmup_steps))
+        return TrainResult(out_dir, out_dir / "model", config.steps, {"retrieval": 0.5}, 1.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv + options) == 0
+    assert seen == [steps_and_warm_up]
+
+
+def test_steps_given_twice_with_different_values_are_refused(tmp_path, monkeypatch, capsys):
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--steps", "600"]
+    assert cli.main(argv + ["--set", "steps=300"]) != 0
+    assert "--steps 600 and --set steps=300 disagree; give one" in capsys.readouterr().err
+
+
 def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
     tmp_path, monkeypatch, capsys
 ):
