@@ -319,6 +319,40 @@ def test_a_pass_that_raises_leaves_the_cache_as_it_was():
         model(tokens[:, :1], past_kv_cache=cache)
 
 
+def test_a_cache_filled_by_another_model_is_refused():
+    """Two models of one shape (here the same layout, other weights): continuing one
+    model's cache with the other used to read the first model's keys and values
+    silently. The other model now refuses it; the filling model continues it, also after
+    a pass that raised before it extended the cache."""
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    first, second = routed_model("kimi"), routed_model("kimi")
+    with torch.no_grad():
+        second.embed.W_E.mul_(2)
+    cache = KeyValueCache.init_cache(first.cfg)
+    first(tokens[:, :4], past_kv_cache=cache)
+    with pytest.raises(ValueError, match="holds 4 positions computed by another model"):
+        second(tokens[:, 4:], past_kv_cache=cache)
+    with pytest.raises(ValueError, match="holds 4 positions computed by another model"):
+        second.run_with_cache(tokens[:, 4:], past_kv_cache=cache)
+    assert cache.n_past == 4
+    torch.testing.assert_close(
+        first(tokens[:, 4:], past_kv_cache=cache), first(tokens)[:, 4:], atol=1e-5, rtol=0
+    )
+    # an empty cache may go to either model; the first pass that completes decides
+    empty = KeyValueCache.init_cache(first.cfg)
+
+    def interrupt(x, hook):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run_with_hooks(
+            tokens[:, :4], past_kv_cache=empty, fwd_hooks=[("blocks.1.hook_resid_pre", interrupt)]
+        )
+    second(tokens[:, :4], past_kv_cache=empty)
+    with pytest.raises(ValueError, match="computed by another model"):
+        first(tokens[:, 4:], past_kv_cache=empty)
+
+
 @pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
 def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
     if name.startswith("wrap"):

@@ -19,9 +19,10 @@ positions are read from the cache and only the new positions are computed.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import einops
@@ -104,13 +105,16 @@ class KeyValueCache:
     A pass that raises half-way (a hook that raises, an intervention that refuses,
     ``KeyboardInterrupt``) leaves the cache as it was before that pass
     (`restored_on_error`), so it can be used again; a cache whose layers disagree with
-    ``n_past`` (edited by hand) is refused by the next pass (`check_consistent`).
+    ``n_past`` (edited by hand) is refused by the next pass (`check_consistent`), and so
+    is a cache that another model filled (`check_filled_by`: one cache per model).
     """
 
     layers: list[LayerKeyValues]
     attention_mask: Optional[Bool[Tensor, "batch past"]] = None
     n_past: int = 0
     batch_size: Optional[int] = None
+    # a weak reference to the model whose passes computed the cached positions
+    _filled_by: Optional[weakref.ReferenceType] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def init_cache(
@@ -144,6 +148,22 @@ class KeyValueCache:
                 "(KeyValueCache.init_cache(model.cfg))"
             )
 
+    def check_filled_by(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` if positions are cached and ``model`` did not compute them:
+        another model's keys and values (the same number of layers and shapes, e.g. the
+        wrapped and the vanilla model of one comparison) would be read silently."""
+        owner = None if self._filled_by is None else self._filled_by()
+        if self.n_past and owner is not model:
+            raise ValueError(
+                f"past_kv_cache holds {self.n_past} positions computed by another model "
+                "(or a deleted one, or filled by hand); each model needs its own cache: "
+                "KeyValueCache.init_cache(model.cfg)"
+            )
+
+    def mark_filled_by(self, model: nn.Module) -> None:
+        """Record ``model`` as the one whose pass extends the cache (`check_filled_by`)."""
+        self._filled_by = weakref.ref(model)
+
     @contextmanager
     def restored_on_error(self) -> Iterator[None]:
         """Undo the additions of a pass that raises (any exception, also
@@ -152,12 +172,12 @@ class KeyValueCache:
         extends the layers one by one, so without this an interrupted pass would leave
         the early layers one chunk longer than the rest and ``n_past`` already advanced:
         the next pass would read wrong rotary positions and duplicated keys silently.)"""
-        saved = (self.attention_mask, self.n_past, self.batch_size)
+        saved = (self.attention_mask, self.n_past, self.batch_size, self._filled_by)
         layers = [(layer.keys, layer.values) for layer in self.layers]
         try:
             yield
         except BaseException:
-            self.attention_mask, self.n_past, self.batch_size = saved
+            self.attention_mask, self.n_past, self.batch_size, self._filled_by = saved
             for layer, (keys, values) in zip(self.layers, layers, strict=True):
                 layer.keys, layer.values = keys, values
             raise

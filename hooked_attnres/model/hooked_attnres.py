@@ -550,6 +550,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"past_kv_cache has {len(cache.layers)} layers, the model {self.cfg.n_layers}"
             )
         cache.check_consistent()
+        cache.check_filled_by(self)
         if start_at_layer is not None or stop_at_layer is not None or logit_positions is not None:
             raise ValueError(
                 "past_kv_cache runs whole forward passes over new tokens; it cannot be combined "
@@ -601,6 +602,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             cache.attention_mask = full
             cache.n_past = n_past + n_pos
             cache.batch_size = batch
+            cache.mark_filled_by(self)
         return context
 
     def _run_sublayers(
