@@ -333,7 +333,17 @@ def test_a_model_that_does_not_prefer_the_answer_meets_the_size_criterion_only_b
             "the answer is not preferred"
             in motif_verdicts(report.assign(seed=0)).set_index("claim").loc["M1", "sentence"]
         )
-        assert present(motif_report(*tables(harm, accuracy={cell: -0.05}, clean=clean)), "M1")
+        by_accuracy = motif_report(*tables(harm, accuracy={cell: -0.05}, clean=clean))
+        assert present(by_accuracy, "M1")
+        # the sentence shows the number that met criterion 2
+        sentence = motif_verdicts(by_accuracy.assign(seed=0)).set_index("claim").loc["M1"]
+        assert "present in 1 of 1 seed" in sentence.sentence
+        assert "(the answer is not preferred), accuracy -5.0 points" in sentence.sentence
+    # a large effect whose accuracy moves less than 2 points: the accuracy is not shown
+    report = motif_report(*tables(harm, accuracy={cell: -0.01}, clean=10.0)).assign(seed=0)
+    sentence = motif_verdicts(report).set_index("claim").loc["M1", "sentence"]
+    assert "= 10.0 % of the clean 10.00, most harmful band early" in sentence
+    assert "accuracy" not in sentence
 
 
 def test_attribution_estimates_are_refused_where_measured_effects_are_needed():

@@ -247,6 +247,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             accuracy_effect=acc,
             harmful=harmful,
             large=large,
+            large_by_accuracy=by_accuracy,
             localised=localised,
             largest_band=max(harms, key=lambda b: harms[b]),
             present=harmful and large and localised,
@@ -492,6 +493,8 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 if row.clean > 0
                 else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
             )
+            if bool(row.get("large_by_accuracy", False)):  # criterion 2 met by accuracy
+                share += f", accuracy {100 * row.accuracy_effect:+.1f} points"
             details.append(
                 f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most "
                 f"harmful band {row.largest_band}"
