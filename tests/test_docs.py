@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_model
 
 DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
@@ -111,3 +112,37 @@ def test_every_relative_link_and_anchor_resolves(page):
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target} (no heading with anchor #{anchor})")
     assert not broken, f"{page.name}: broken links: {broken}"
+
+
+def _readme_python_block(containing: str) -> str:
+    """The README's one ```python block that contains ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+def test_the_readme_loading_snippet_runs_as_written(tmp_path, monkeypatch):
+    """It used to load placeholder paths ("path/to/dir"); now it loads a shipped checkpoint,
+    saves it, and wraps a Qwen3 folder it writes itself."""
+    from hooked_attnres import HookedAttnRes
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_readme_python_block("from_hf_qwen3("), namespace)
+    assert isinstance(namespace["wrapped"], HookedAttnRes)
+    assert namespace["wrapped"].cfg.n_layers == 4
+    assert namespace["wrapped"].cfg.attnres_layout == "cumulative"  # the recency wrap
+    saved = HookedAttnRes.from_pretrained(tmp_path / "out" / "model")
+    tokens = torch.randint(0, saved.cfg.d_vocab, (1, 6))
+    assert torch.equal(saved(tokens), namespace["model"](tokens))
+
+
+def test_the_readme_first_snippet_runs_as_written():
+    namespace: dict = {}
+    exec(_readme_python_block("mask_embedding"), namespace)
+    assert namespace["model"].source_labels(4, "attn_res") == [
+        "embedding",
+        "block_1",
+        "block_2",
+        "current",
+    ]
