@@ -10,6 +10,8 @@ import math
 import numbers
 from typing import Any, Optional, TypeGuard
 
+import numpy as np
+
 
 def is_integer(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is a Python ``int`` and not a ``bool``."""
@@ -52,3 +54,11 @@ def require_finite_number(name: str, value: Any, optional: bool = False) -> Any:
             f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}"
         )
     return value
+
+
+def first_non_finite(values: Any) -> Optional[tuple[int, ...]]:
+    """The index (one integer per axis) of the first NaN or infinite element of
+    ``values`` (anything ``np.asarray(values, dtype=float)`` reads, in C order), or ``None``
+    when every element is finite: for refusals that name the offending cell."""
+    bad = np.argwhere(~np.isfinite(np.asarray(values, dtype=float)))
+    return None if len(bad) == 0 else tuple(int(i) for i in bad[0])

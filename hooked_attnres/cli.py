@@ -115,7 +115,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import write_text_atomic
     from hooked_attnres._validation import is_integer
-    from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -123,6 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         study_train_config,
         train_condition,
     )
+    from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
 
     conditions = _conditions(args.condition)
     custom = bool(args.set or args.task_arg or args.steps is not None)

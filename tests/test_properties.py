@@ -128,3 +128,35 @@ def test_zero_query_cumulative_weights_are_analytic(n_layers, num_blocks, bias):
         assert weights.shape[-1] == n_other + 1
         assert abs(weights[0, 0, -1].item() - current) < 1e-6
         assert abs(weights[0, 0, 0].item() - (1 - current) / n_other) < 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.one_of(
+                st.floats(allow_nan=False, allow_infinity=False),
+                st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+            ),
+            min_size=3,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_first_non_finite_is_the_first_bad_cell_in_reading_order(rows):
+    """The shared finder behind the refusals that name a NaN / infinite cell (motifs,
+    dissociations, schedule): against a loop over the rows in reading order."""
+    import math
+
+    from hooked_attnres._validation import first_non_finite
+
+    expected = next(
+        ((i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if not math.isfinite(v)),
+        None,
+    )
+    assert first_non_finite(rows) == expected
+    flat = [v for row in rows for v in row]
+    flat_expected = None if expected is None else (expected[0] * 3 + expected[1],)
+    assert first_non_finite(flat) == flat_expected

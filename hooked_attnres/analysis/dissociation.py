@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES
@@ -86,9 +87,9 @@ def dissociation_report(
         bounds = np.array(
             [[effect.loc[f, "ci_low"], effect.loc[f, "ci_high"]] for f in present], dtype=float
         )
-        finite = np.isfinite(m) & np.isfinite(e) & np.isfinite(bounds).all(axis=1)
-        if not finite.all():
-            family = present[int(np.nonzero(~finite)[0][0])]
+        found = first_non_finite(np.column_stack((m, e, bounds)))
+        if found is not None:
+            family = present[found[0]]
             raise ValueError(
                 f"router {router!r}, family {family!r}: a non-finite mass, effect or interval "
                 f"bound (mass {mass.loc[family, 'mass']}, effect {effect.loc[family, 'effect']} "

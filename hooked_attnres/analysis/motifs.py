@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
@@ -182,9 +183,9 @@ def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass:
         cells.append((chosen, ["effect"], "accuracy"))
     for table, columns, metric in cells:
         values = table[columns].to_numpy(dtype=float)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row, column = (int(i[0]) for i in np.nonzero(bad))
+        found = first_non_finite(values)
+        if found is not None:
+            row, column = found
             router, group, family = table.index[row]
             prompts = (
                 f" from {int(table.n_prompts.iloc[row])} prompt(s)"
@@ -200,8 +201,9 @@ def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass:
                 "metric non-finite"
             )
     masses = mass.loc[[(r, f) for r in routers for f in FAMILIES]]
-    if not np.isfinite(masses.to_numpy(dtype=float)).all():
-        router, family = masses.index[int(np.nonzero(~np.isfinite(masses.to_numpy()))[0][0])]
+    found = first_non_finite(masses)
+    if found is not None:
+        router, family = masses.index[found[0]]
         raise ValueError(
             f"mass_summary holds a non-finite mass at router={router!r}, family={family!r}; "
             "the dissociations cannot be decided from it: recompute summarize_mass of a "
