@@ -51,8 +51,12 @@ HOOKS_HANDED_A_TENSOR_THEN_REUSED = (
     "blocks.1.attn.q_norm.hook_normalized",
     "blocks.1.attn.k_norm.hook_normalized",
     "blocks.1.mlp.hook_pre",  # then the SiLU
-    "blocks.1.mlp.hook_pre_linear",
     "ln_final.hook_normalized",
+    # a norm's input: in a float32 model its float32 copy is the input itself
+    "blocks.1.attn.hook_q",
+    "blocks.1.attn.hook_k",
+    "blocks.1.mlp_res.hook_out",
+    "blocks.1.attn_res.hook_out",
 )
 
 
@@ -116,3 +120,35 @@ def test_rmsnorm_stat_buffer_gives_the_same_bits_and_is_checked(dtype):
             norm.normalize(x, stat_buffer=torch.empty(2, 3, 16, dtype=torch.float64))
         with pytest.raises(ValueError, match="bf16 / fp16 input"):
             norm.float().normalize(x.float(), stat_buffer=torch.empty(2, 3, 16))
+
+
+@pytest.mark.parametrize("name", ["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_pre"])
+@pytest.mark.parametrize("kind", ["torch", "transformer_lens"])
+def test_a_hook_that_removes_itself_keeps_what_it_saw(name, kind):
+    """Whether the tensor after a hook point may be edited in place is decided before the
+    hook runs: a one-shot hook that keeps its tensor and removes itself during its own
+    call (PyTorch allows it) used to find it edited afterwards (``normalized * w`` /
+    ``silu(pre)`` instead of what it was handed)."""
+    model = _model("kimi", torch.bfloat16)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(4))
+    hook_point = model.hook_dict[name]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if kind == "torch":
+
+        def keep_once(module, inputs, output):
+            seen.append((output, output.clone()))
+            handle.remove()
+
+        handle = hook_point.register_forward_hook(keep_once)
+    else:
+
+        def keep_once_tl(tensor, hook):
+            seen.append((tensor, tensor.clone()))
+            hook.remove_hooks()
+
+        hook_point.add_hook(keep_once_tl)
+    with torch.no_grad():
+        model(tokens)
+    ((kept, copy),) = seen
+    assert torch.equal(_bits(kept), _bits(copy))
+    assert not hook_point._forward_hooks  # it did remove itself

@@ -42,11 +42,13 @@ class GatedMLP(nn.Module):
         return self.W_out.new_zeros(self.W_out.shape[1])
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(x @ self.W_gate)
         # without a gradient, in place where nothing else holds the tensor: the same bits
-        # without two fresh [batch, pos, d_mlp] tensors (docs/benchmarks.md)
+        # without two fresh [batch, pos, d_mlp] tensors (docs/benchmarks.md); decided
+        # before the hook runs, so a hook that removes itself still holds what it saw
         in_place = not torch.is_grad_enabled()
-        gate = F.silu(pre, inplace=in_place and not is_observed(self.hook_pre))
+        silu_in_place = in_place and not is_observed(self.hook_pre)
+        pre = self.hook_pre(x @ self.W_gate)
+        gate = F.silu(pre, inplace=silu_in_place)
         pre_linear = self.hook_pre_linear(x @ self.W_in)
         if in_place and pre_linear.dtype == gate.dtype and pre_linear.shape == gate.shape:
             post = gate.mul_(pre_linear)

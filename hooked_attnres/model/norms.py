@@ -226,14 +226,12 @@ class RMSNorm(nn.Module):
         else:
             x_stat = x.to(stat_dtype(x.dtype))  # as in rms_normalize
         scale = self.hook_scale(rms_scale(x_stat, self.eps))
+        # decided before the hook runs: a hook that removes itself still holds the tensor
+        gain_in_place = not (torch.is_grad_enabled() or is_observed(self.hook_normalized))
         normalized = self.hook_normalized(_divide_by_scale(x, x_stat, scale).to(x.dtype))
-        if (
-            torch.is_grad_enabled()
-            or is_observed(self.hook_normalized)
-            or self.w.dtype != normalized.dtype
-        ):
-            return normalized * self.w, scale
-        return normalized.mul_(self.w), scale  # nothing holds it: the same bits in place
+        if gain_in_place and self.w.dtype == normalized.dtype:
+            return normalized.mul_(self.w), scale  # nothing holds it: the same bits in place
+        return normalized * self.w, scale
 
     def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         """The same normalisation, bit for bit, without firing the hooks (for the per-head
