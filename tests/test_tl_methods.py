@@ -353,6 +353,69 @@ def test_a_cache_filled_by_another_model_is_refused():
         first(tokens[:, 4:], past_kv_cache=empty)
 
 
+def test_a_cache_can_be_pickled_and_copied_and_a_loaded_one_names_no_model():
+    """A weak reference cannot be pickled, so torch.save of a filled cache raised
+    ``TypeError: cannot pickle 'weakref.ReferenceType' object``. A loaded cache names
+    no model and is refused until the caller says which model filled it; copies (deep
+    or shallow) stay in the process and keep the filling model."""
+    import copy
+    import io
+
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    model = routed_model("kimi")
+    cache = KeyValueCache.init_cache(model.cfg)
+    with torch.no_grad():
+        model(tokens[:, :4], past_kv_cache=cache)
+        full = model(tokens)[:, 4:]
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert cache.check_filled_by(model) is None  # saving kept the original's model
+        with pytest.raises(ValueError, match="holds 4 positions of no recorded model"):
+            model(tokens[:, 4:], past_kv_cache=loaded)
+        loaded.mark_filled_by(model)
+        torch.testing.assert_close(
+            model(tokens[:, 4:], past_kv_cache=loaded), full, atol=1e-5, rtol=0
+        )
+        for copied in (copy.deepcopy(cache), copy.copy(cache)):
+            torch.testing.assert_close(
+                model(tokens[:, 4:], past_kv_cache=copied), full, atol=1e-5, rtol=0
+            )
+            with pytest.raises(ValueError, match="computed by another model"):
+                routed_model("kimi")(tokens[:, 4:], past_kv_cache=copied)
+
+
+@pytest.mark.parametrize(
+    ("filled", "continued"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_a_cache_filled_before_the_model_was_converted_is_refused(filled, continued):
+    """``model.to(dtype)`` after filling: torch.cat promoted the old keys, so bfloat16 keys
+    were read by a float32 model silently (0.064 logits off its full forward in this
+    model), and float32 keys with a bfloat16 model failed inside attention with a message
+    about its inputs. Refused by name; the cache is untouched and works once the model is
+    converted back."""
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    model = routed_model("kimi").to(filled)
+    cache = KeyValueCache.init_cache(model.cfg)
+    with torch.no_grad():
+        model(tokens[:, :4], past_kv_cache=cache)
+        model.to(continued)
+        with pytest.raises(ValueError, match=f"holds keys in {filled} on cpu, this pass comp"):
+            model(tokens[:, 4:], past_kv_cache=cache)
+        assert cache.n_past == 4 and cache.layers[0].keys.shape[1] == 4
+        if filled == torch.bfloat16:  # a lossless round trip: the cache still fits
+            model.to(filled)
+            torch.testing.assert_close(
+                model(tokens[:, 4:], past_kv_cache=cache), model(tokens)[:, 4:]
+            )
+
+
 @pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
 def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
     if name.startswith("wrap"):

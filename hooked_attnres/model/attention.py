@@ -18,6 +18,7 @@ positions are read from the cache and only the new positions are computed.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Iterator
@@ -75,6 +76,15 @@ class LayerKeyValues:
     ) -> tuple[Float[Tensor, "batch key n_kv d_head"], Float[Tensor, "batch key n_kv d_head"]]:
         """Append the new positions; returns the keys and values of every position."""
         if self.keys is not None and self.values is not None:
+            if (self.keys.dtype, self.keys.device) != (keys.dtype, keys.device):
+                # torch.cat would promote (bfloat16 keys read as float32, silently) or
+                # fail later with a message about the attention's inputs
+                raise ValueError(
+                    f"past_kv_cache holds keys in {self.keys.dtype} on {self.keys.device}, "
+                    f"this pass computes them in {keys.dtype} on {keys.device} (the model "
+                    "was converted with .to / .half after it filled the cache); start a new "
+                    "cache (KeyValueCache.init_cache(model.cfg)) or convert the model back"
+                )
             keys = torch.cat((self.keys, keys), dim=1)
             values = torch.cat((self.values, values), dim=1)
         self.keys, self.values = keys, values
@@ -152,17 +162,43 @@ class KeyValueCache:
         """Raise ``ValueError`` if positions are cached and ``model`` did not compute them:
         another model's keys and values (the same number of layers and shapes, e.g. the
         wrapped and the vanilla model of one comparison) would be read silently."""
-        owner = None if self._filled_by is None else self._filled_by()
-        if self.n_past and owner is not model:
+        if not self.n_past:
+            return
+        if self._filled_by is None:
+            raise ValueError(
+                f"past_kv_cache holds {self.n_past} positions of no recorded model (filled "
+                "by hand, or loaded from a file: pickling drops the model); start a new "
+                "cache (KeyValueCache.init_cache(model.cfg)), or, if this model computed "
+                "them, say so with cache.mark_filled_by(model)"
+            )
+        if self._filled_by() is not model:
             raise ValueError(
                 f"past_kv_cache holds {self.n_past} positions computed by another model "
-                "(or a deleted one, or filled by hand); each model needs its own cache: "
+                "(or a deleted one); each model needs its own cache: "
                 "KeyValueCache.init_cache(model.cfg)"
             )
 
     def mark_filled_by(self, model: nn.Module) -> None:
         """Record ``model`` as the one whose pass extends the cache (`check_filled_by`)."""
         self._filled_by = weakref.ref(model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a weak reference cannot be pickled (torch.save of a cache raised); a loaded
+        # cache names no model, so check_filled_by refuses it until mark_filled_by
+        return {**self.__dict__, "_filled_by": None}
+
+    def __copy__(self) -> KeyValueCache:
+        # copies (unlike pickles) stay in this process: they keep the filling model
+        new = KeyValueCache.__new__(KeyValueCache)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KeyValueCache:
+        state = {k: v for k, v in self.__dict__.items() if k != "_filled_by"}
+        new = KeyValueCache.__new__(KeyValueCache)
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._filled_by = self._filled_by
+        return new
 
     @contextmanager
     def restored_on_error(self) -> Iterator[None]:
