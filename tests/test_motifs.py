@@ -344,6 +344,15 @@ def test_a_model_that_does_not_prefer_the_answer_meets_the_size_criterion_only_b
     sentence = motif_verdicts(report).set_index("claim").loc["M1", "sentence"]
     assert "= 10.0 % of the clean 10.00, most harmful band early" in sentence
     assert "accuracy" not in sentence
+    # a stored report without the column, concatenated with a newer one: its rows read
+    # NaN there, which once printed their accuracy as if it had met criterion 2
+    old = report.assign(seed=1).drop(columns="large_by_accuracy")
+    sentence = motif_verdicts(pd.concat([report, old], ignore_index=True))
+    sentence = sentence.set_index("claim").loc["M1", "sentence"]
+    assert (
+        "seed 1: effect -1.00 [-1.20, -0.80] logits = 10.0 % of the clean 10.00, most" in sentence
+    )
+    assert "accuracy" not in sentence
 
 
 def test_attribution_estimates_are_refused_where_measured_effects_are_needed():

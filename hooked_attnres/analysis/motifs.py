@@ -495,7 +495,10 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 if row.clean > 0
                 else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
             )
-            if bool(row.get("large_by_accuracy", False)):  # criterion 2 met by accuracy
+            # criterion 2 met by accuracy; missing (NaN) in rows of a report stored before
+            # the column existed, concatenated with newer ones: bool(NaN) would be True
+            by_accuracy = row.get("large_by_accuracy", False)
+            if not pd.isna(by_accuracy) and bool(by_accuracy):
                 share += f", accuracy {100 * row.accuracy_effect:+.1f} points"
             details.append(
                 f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most "
