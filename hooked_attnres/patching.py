@@ -116,6 +116,7 @@ def _patch_cells(
     desc: str,
     patch_setter: PatchSetter = layer_pos_patch_setter,
     patch_state: bool = False,
+    attention_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """The one patching driver: ``cells`` are ``(result index, hook name, start sublayer,
     setter index)``; each cell runs the corrupted pass from its start sublayer (the
@@ -128,24 +129,28 @@ def _patch_cells(
     starts from the corrupted state with every source replaced by
     ``patch_setter(corrupted source, setter index, clean source)``.
 
+    ``attention_mask`` (``[batch, pos]``, 1 at real tokens) is passed to the corrupted
+    run and to every patched run (padded prompts; the clean cache must come from a run
+    with the same mask).
+
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
     _check_cache(
         model, clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
     )
-    states = model.depth_states(corrupted_tokens, sublayers=True)
+    states = model.depth_states(corrupted_tokens, sublayers=True, attention_mask=attention_mask)
     out = torch.full(shape, float("nan"), device=model.W_E.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
         clean = clean_cache[name]
         if patch_state:
             state = _patched_state(states[start], clean, setter_index, patch_setter, name)
-            logits = model.forward_from(state, start)
+            logits = model.forward_from(state, start, attention_mask=attention_mask)
         else:
 
             def patch(activation, hook, clean=clean, setter_index=setter_index):
                 return patch_setter(activation, setter_index, clean)
 
             with model.hooks(fwd_hooks=[(name, patch)]):
-                logits = model.forward_from(states[start], start)
+                logits = model.forward_from(states[start], start, attention_mask=attention_mask)
         out[index] = _scalar(metric(logits)).float().to(out.device)
     return out
 
@@ -185,8 +190,17 @@ def get_act_patch_routing_weights(
     clean_cache,
     patching_metric: Metric,
     routers: Sequence[str] = SUBLAYER_ROUTERS,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Float[Tensor, "router layer"]:
     """Patch each router's clean routing weights (all positions) into the corrupted run.
+
+    Args:
+        routers: router types, one row each (a string is one router).
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
+            prompts; left padding needs it), used by the corrupted run and every patched
+            run. The clean cache must come from a run with the same mask
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            tokens are taken as unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest
@@ -205,6 +219,7 @@ def get_act_patch_routing_weights(
         cells,
         (len(routers), model.cfg.n_layers),
         "patch routing weights",
+        attention_mask=attention_mask,
     )
 
 
@@ -215,8 +230,17 @@ def get_act_patch_routing_weights_by_pos(
     clean_cache,
     patching_metric: Metric,
     routers: Sequence[str] = SUBLAYER_ROUTERS,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Float[Tensor, "router layer pos"]:
     """Patch the clean routing weights of one router at one position.
+
+    Args:
+        routers: as in `get_act_patch_routing_weights`.
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
+            prompts; left padding needs it), used by the corrupted run and every patched
+            run. The clean cache must come from a run with the same mask
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            tokens are taken as unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
@@ -236,6 +260,7 @@ def get_act_patch_routing_weights_by_pos(
         cells,
         (len(routers), model.cfg.n_layers, n_pos),
         "patch routing weights by pos",
+        attention_mask=attention_mask,
     )
 
 
@@ -246,6 +271,7 @@ def get_act_patch_committed_blocks_by_pos(
     clean_cache,
     patching_metric: Metric,
     sublayer: str = "mlp",
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Float[Tensor, "layer pos"]:
     """Patch the clean committed block of each layer at one position, for every later
     router that reads it.
@@ -255,6 +281,11 @@ def get_act_patch_committed_blocks_by_pos(
             (``blocks.{l}.hook_committed_block``: every layout that commits blocks);
             ``"attn"`` those committed after its attention (``blocks.{l}.hook_committed_mid``:
             only where every sublayer commits, the ``full`` layout and ``attnres_mode="full"``).
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
+            prompts; left padding needs it), used by the corrupted run and every patched
+            run. The clean cache must come from a run with the same mask
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            tokens are taken as unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
@@ -285,6 +316,7 @@ def get_act_patch_committed_blocks_by_pos(
         cells,
         (model.cfg.n_layers, n_pos),
         f"patch committed blocks ({sublayer}) by pos",
+        attention_mask=attention_mask,
     )
 
 
@@ -325,6 +357,7 @@ def get_act_patch_depth_state(
     clean_cache,
     patching_metric: Metric,
     sublayer: str = "attn",
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Float[Tensor, " layer"]:
     """Patch the whole clean depth state entering each layer (all positions) into the
     corrupted run: every source that the routers at and after that point read (the
@@ -335,6 +368,11 @@ def get_act_patch_depth_state(
     Args:
         sublayer: ``"attn"``: the state entering the layer's attention router (TransformerLens
             ``resid_pre``); ``"mlp"``: the state entering its MLP router (``resid_mid``).
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
+            prompts; left padding needs it), used by the corrupted run and every patched
+            run. The clean cache must come from a run with the same mask
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            tokens are taken as unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[n_layers]``. Every cell equals the clean metric (the rest of the run only sees
@@ -350,6 +388,7 @@ def get_act_patch_depth_state(
         (model.cfg.n_layers,),
         f"patch depth state ({sublayer})",
         patch_state=True,
+        attention_mask=attention_mask,
     )
 
 
@@ -360,6 +399,7 @@ def get_act_patch_depth_state_by_pos(
     clean_cache,
     patching_metric: Metric,
     sublayer: str = "attn",
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Float[Tensor, "layer pos"]:
     """Patch the clean depth state entering each layer at one position: every source the
     routers at and after that point read, at that position (the routed-layout meaning of
@@ -367,6 +407,11 @@ def get_act_patch_depth_state_by_pos(
 
     Args:
         sublayer: ``"attn"`` (state entering the attention router) or ``"mlp"``.
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
+            prompts; left padding needs it), used by the corrupted run and every patched
+            run. The clean cache must come from a run with the same mask
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            tokens are taken as unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[n_layers, pos]``.
@@ -381,6 +426,7 @@ def get_act_patch_depth_state_by_pos(
         (model.cfg.n_layers, corrupted_tokens.shape[-1]),
         f"patch depth state ({sublayer}) by pos",
         patch_state=True,
+        attention_mask=attention_mask,
     )
 
 

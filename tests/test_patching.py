@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import build_word_tokenizer, randomize_routing, tiny_model
 
-from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+from hooked_attnres import (
+    DepthState,
+    HookedAttnRes,
+    HookedAttnResConfig,
+    LeftPaddingWithoutMaskWarning,
+)
 from hooked_attnres.patching import (
     get_act_patch_committed_blocks_by_pos,
+    get_act_patch_depth_state_by_pos,
     get_act_patch_routing_weights,
     get_act_patch_routing_weights_by_pos,
 )
@@ -270,3 +276,74 @@ def test_bad_calls_are_refused():
     _, none_cache = none.run_with_cache(toks)
     with pytest.raises(ValueError, match="no routers"):
         get_act_patch_routing_weights(none, toks, none_cache, lambda logits: logits.sum())
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "none"])
+def test_left_padded_prompts_are_patched_with_their_attention_mask(layout):
+    """Every sweep takes ``attention_mask``: each cell equals a masked ``run_with_hooks``
+    with that one cell patched (before, the sweeps ran left-padded prompts unmasked,
+    silently: padding attended and rotary positions shifted)."""
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(20)])
+    model = tiny_model(
+        attnres_layout=layout, n_layers=2, d_vocab=len(tokenizer), default_padding_side="left"
+    )
+    if layout != "none":
+        randomize_routing(model, seed=2)
+    model.set_tokenizer(tokenizer)
+    model.eval()
+    clean, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5 w6"])
+    corrupted, corrupted_mask = model.to_tokens_and_mask(["w7 w2 w3 w4", "w8 w6"])
+    assert torch.equal(mask, corrupted_mask) and not bool(mask.all())
+    _, cache = model.run_with_cache(clean, attention_mask=mask)
+
+    def metric(logits):
+        return logits[:, -1, 5].sum() - logits[:, -1, 9].sum()
+
+    def by_hand(name, pos):
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                corrupted, attention_mask=mask, fwd_hooks=[(name, _from_donor_at(cache, name, pos))]
+            )
+        return metric(logits).item()
+
+    cells = [(0, 1), (1, 2), (1, 3)]  # (layer, pos): row 1's first real token is at pos 2
+    state = get_act_patch_depth_state_by_pos(
+        model, corrupted, cache, metric, sublayer="mlp", attention_mask=mask
+    )
+    if layout == "none":
+        for layer, pos in cells:  # the state entering the MLP is hook_resid_mid
+            name = f"blocks.{layer}.hook_resid_mid"
+            assert state[layer, pos].item() == pytest.approx(by_hand(name, pos), abs=1e-4)
+    else:
+        weights = get_act_patch_routing_weights_by_pos(
+            model, corrupted, cache, metric, attention_mask=mask
+        )
+        blocks = get_act_patch_committed_blocks_by_pos(
+            model, corrupted, cache, metric, attention_mask=mask
+        )
+        for layer, pos in cells:
+            for row, router in enumerate(("attn_res", "mlp_res")):
+                name = model.site(layer, router).hook("weights")
+                assert weights[row, layer, pos].item() == pytest.approx(
+                    by_hand(name, pos), abs=1e-4
+                )
+        name = "blocks.1.hook_committed_block"  # 2 layers, 2 blocks: both layers commit
+        assert blocks[1, 3].item() == pytest.approx(by_hand(name, 3), abs=1e-4)
+        # the whole state entering layer 1's MLP, clean at pos 3: the clean run's
+        # hook_sources there, written in by hand into a masked run from that state
+        states = model.depth_states(corrupted, sublayers=True, attention_mask=mask)
+        clean_sources = cache[model.site(1, "mlp_res").hook("sources")].unbind(-2)
+        sources = []
+        for corrupted_source, clean_source in zip(states[3].sources, clean_sources, strict=True):
+            patched = corrupted_source.clone()
+            patched[:, 3] = clean_source[:, 3]
+            sources.append(patched)
+        patched_state = DepthState(sources[:-1], sources[-1], states[3].current_is_committed)
+        with torch.no_grad():
+            expected = metric(model.forward_from(patched_state, 3, attention_mask=mask))
+        assert state[1, 3].item() == pytest.approx(expected.item(), abs=1e-4)
+    # unmasked: the padding is attended (other numbers), and it warns as model(tokens) does
+    model._left_padding_warned = False
+    with pytest.warns(LeftPaddingWithoutMaskWarning, match="attention_mask"):
+        unmasked = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric, "mlp")
+    assert (unmasked - state).abs().max() > 1e-3

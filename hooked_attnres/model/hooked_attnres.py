@@ -659,6 +659,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         `forward_from`).
         """
         tokens = self._validate_tokens(tokens)
+        if attention_mask is None:  # as in forward: left padding without a mask is attended
+            self._warn_if_left_padded(tokens)
         mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
         with pass_extent(0, tokens.shape[1], mask):
             state = self.embed_state(tokens)
