@@ -206,3 +206,26 @@ def test_a_loss_from_a_state_checks_its_tokens():
             model(state, start_at_layer=1, tokens=bad, return_type="loss")
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
         model(state, start_at_layer=1, tokens=tokens + 50, return_type="loss")
+
+
+def test_a_hook_editing_in_place_leaves_the_given_state_unchanged(model, tokens):
+    """A pass that starts at a layer fires ``hook_resid_pre`` on the given state's current
+    source first; a hook that edits it in place (``act += v``, TransformerLens style) must
+    edit a copy. Before, it edited the cached state: depth_states stored the state after
+    the edit, so ``forward_from`` applied it twice (and again on every later start)."""
+
+    def shift(activation, hook):
+        activation[:, 1] += 0.5  # in place, returns None
+
+    hooks = [("blocks.2.hook_resid_pre", shift)]
+    with torch.no_grad():
+        full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        with model.hooks(fwd_hooks=hooks):
+            states = model.depth_states(tokens, sublayers=True)
+            snapshot = [source.clone() for source in states[4].sources]
+            for _ in range(2):
+                torch.testing.assert_close(model.forward_from(states[4], 4), full)
+                torch.testing.assert_close(model(states[4], start_at_layer=2), full)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, states[4].sources, strict=True))
+    unhooked = model.depth_states(tokens, sublayers=True)  # the state entering layer 2
+    assert all(torch.equal(a, b) for a, b in zip(unhooked[4].sources, snapshot, strict=True))

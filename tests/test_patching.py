@@ -347,3 +347,29 @@ def test_left_padded_prompts_are_patched_with_their_attention_mask(layout):
     with pytest.warns(LeftPaddingWithoutMaskWarning, match="attention_mask"):
         unmasked = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric, "mlp")
     assert (unmasked - state).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")  # meant
+def test_a_sweep_under_an_in_place_hook_equals_full_runs_with_it(setup):
+    """A sweep inside ``model.hooks(...)`` whose hook edits ``hook_resid_pre`` in place:
+    each cell equals a full run with that hook and the cell's patch. Before, the cached
+    state entering layer 2 held the edit already, so the cells starting there applied it
+    twice (and once more per cell)."""
+    model, batch, clean_cache = setup
+    corrupted, metric = batch.corrupted_tokens, mean_logit_diff(batch)
+
+    def shift(activation, hook):
+        activation[:, 2] += 0.5
+
+    hooks = [("blocks.2.hook_resid_pre", shift)]
+    with model.hooks(fwd_hooks=hooks):
+        by_pos = get_act_patch_routing_weights_by_pos(
+            model, corrupted, clean_cache, metric, routers="attn_res"
+        )
+    name = model.site(2, "attn_res").hook("weights")
+    for pos in (0, 3, corrupted.shape[1] - 1):
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                corrupted, fwd_hooks=[*hooks, (name, _from_donor_at(clean_cache, name, pos))]
+            )
+        assert by_pos[0, 2, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)

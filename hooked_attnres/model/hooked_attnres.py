@@ -310,11 +310,17 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"stop_at_layer) and cannot enter {entering} (sublayer {expected}); use "
                 f"states[{expected}] of depth_states(tokens, sublayers=True)"
             )
-        if sublayer == "attn" and layer < self.cfg.n_layers:
-            if is_observed(self.blocks[layer].hook_resid_pre):
-                # the hook is handed the caller's tensor: a copy, so that an in-place edit
-                # does not reach the state, which may start other runs
-                return dataclasses.replace(state, current=state.current.clone())
+        if sublayer == "attn":
+            return self._private_current(state, layer)
+        return state
+
+    def _private_current(self, state: DepthState, layer: int) -> DepthState:
+        """``state`` about to enter ``layer``'s attention, with a copy of its current source
+        if ``hook_resid_pre`` is watched: the hook is handed that tensor, and an in-place
+        edit (``act += v``) must not reach a state someone else holds (a cached state
+        starts other runs; `depth_states` returns the states its own pass ran through)."""
+        if layer < self.cfg.n_layers and is_observed(self.blocks[layer].hook_resid_pre):
+            return dataclasses.replace(state, current=state.current.clone())
         return state
 
     def _validate_logit_positions(
@@ -668,13 +674,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         states = [state]
         shared_sums = SharedSums(self)
         with pass_extent(0, tokens.shape[1], mask):
-            for block in self.blocks:
+            for layer, block in enumerate(self.blocks):
+                entering = self._private_current(state, layer)  # states[-1] is returned
                 if sublayers:
-                    state = block.attn_sublayer(state, context, shared_sums=shared_sums)
+                    state = block.attn_sublayer(entering, context, shared_sums=shared_sums)
                     states.append(state)
                     state = block.mlp_sublayer(state, shared_sums)
                 else:
-                    state = block(state, context, shared_sums=shared_sums)
+                    state = block(entering, context, shared_sums=shared_sums)
                 states.append(state)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
             setattr(entering, _ENTERING, index if sublayers else 2 * index)
