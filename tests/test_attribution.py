@@ -262,6 +262,49 @@ def test_verify_top_agrees_exactly_with_ablation_effects():
     assert (verified.method == "exact").all()
 
 
+@pytest.mark.parametrize("layout", ["cumulative", "kimi"])
+def test_attribution_patching_of_left_padded_prompts_uses_their_attention_mask(layout):
+    """Row separability as the independent reference: with a metric summed over prompts,
+    the estimate for a left-padded batch (clean cache and corrupted run with the mask)
+    equals the sum over prompts of each prompt's estimate run alone, unpadded.
+    Without the mask the padding is attended and the numbers differ (before, no mask
+    could be given)."""
+    model = routed_model(layout, scale=0.15)
+    generator = torch.Generator().manual_seed(11)
+    clean = torch.randint(1, 50, (2, 6), generator=generator)
+    corrupted = torch.randint(1, 50, (2, 6), generator=generator)
+    pad = 2  # the second prompt is 4 tokens long, left-padded
+    clean[1, :pad] = corrupted[1, :pad] = 0
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :pad] = 0
+
+    def metric(logits):  # summed over prompts: each row adds its own term
+        return (logits[:, -1, 3] - logits[:, -1, 7]).sum()
+
+    routers = routers_of(layout)
+    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
+    padded = attribution_patch_routing_weights(
+        model, corrupted, clean_cache, metric, routers=routers, attention_mask=mask
+    )
+    alone = []
+    for row, start in ((0, 0), (1, pad)):
+        _, row_cache = model.run_with_cache(clean[row : row + 1, start:])
+        alone.append(
+            attribution_patch_routing_weights(
+                model, corrupted[row : row + 1, start:], row_cache, metric, routers=routers
+            )
+        )
+    # each estimate is the base metric plus the change; both add up over prompts
+    expected = alone[0] + alone[1]
+    assert torch.equal(padded.isnan(), expected.isnan())
+    finite = ~padded.isnan()
+    torch.testing.assert_close(padded[finite], expected[finite], atol=1e-5, rtol=0)
+    unmasked = attribution_patch_routing_weights(
+        model, corrupted, clean_cache, metric, routers=routers
+    )
+    assert float((unmasked[finite] - expected[finite]).abs().max()) > 1e-3
+
+
 def test_attribution_patching_equals_finite_differences_and_matches_the_layout_of_patching():
     model = routed_model("kimi", scale=0.15)
     batch = random_batch(seed=6)

@@ -677,6 +677,7 @@ def attribution_patch_routing_weights(
     routers: Sequence[str] = SUBLAYER_ROUTERS,
     by_pos: bool = False,
     method: str = "linear",
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Tensor:
     """The attribution-patching estimate of
     `hooked_attnres.patching.get_act_patch_routing_weights` (``by_pos=False``) or
@@ -692,6 +693,10 @@ def attribution_patch_routing_weights(
         corrupted_tokens: ``[batch, pos]``.
         clean_cache: a cache of the clean run holding every router's ``hook_weights``.
         patching_metric: logits ``[batch, pos, d_vocab]`` -> a differentiable scalar.
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding, for padded
+            prompts, as in the exact sweeps (the clean cache made with the same mask:
+            ``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
+            corrupted run attends to the padding (the model warns once on left padding).
 
     Returns:
         ``[len(routers), n_layers]`` or ``[len(routers), n_layers, pos]`` float32 (the final
@@ -708,7 +713,7 @@ def attribution_patch_routing_weights(
     need_norm = method == "norm"
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
         with _capturing(model, sites, need_norm) as captures:
-            logits = model(corrupted_tokens)
+            logits = model(corrupted_tokens, attention_mask=attention_mask)
         value = patching_metric(logits)
         _scalar(value)  # one scalar, as for exact patching
         if not isinstance(value, Tensor) or not value.requires_grad:
