@@ -278,6 +278,35 @@ def test_bad_calls_are_refused():
         get_act_patch_routing_weights(none, toks, none_cache, lambda logits: logits.sum())
 
 
+def test_a_clean_cache_of_a_key_value_cached_pass_is_refused():
+    """A cache of ``model.run_with_cache(rest, past_kv_cache=kv)`` holds the positions after
+    the cached ones: with the corrupted run's [batch, pos] it was accepted, and its
+    position 0 (the sequence's position n_past) was patched into position 0. Refused
+    now; ``cache.n_past`` says where it starts."""
+    from hooked_attnres import KeyValueCache
+    from hooked_attnres.analysis import attribution_patch_routing_weights
+
+    model, batch = build("kimi")
+    tokens, metric = batch.tokens, mean_logit_diff(batch)
+    n_pos = tokens.shape[1]
+    longer = torch.cat((tokens[:, :3], tokens), dim=1)  # the clean run after 3 cached ones
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(longer[:, :3], past_kv_cache=kv)
+    _, after_cache = model.run_with_cache(longer[:, 3:], past_kv_cache=kv)
+    assert (
+        after_cache.n_past == 3 and after_cache["blocks.0.attn_res.hook_weights"].shape[1] == n_pos
+    )
+    message = "comes from a pass after 3 cached positions .*its position 0 is the sequence's"
+    for sweep in (get_act_patch_routing_weights, get_act_patch_committed_blocks_by_pos):
+        with pytest.raises(ValueError, match=message):
+            sweep(model, tokens, after_cache, metric)
+    with pytest.raises(ValueError, match=message):
+        attribution_patch_routing_weights(model, tokens, after_cache, metric)
+    _, whole = model.run_with_cache(tokens)
+    assert whole.n_past == 0
+    assert torch.isfinite(get_act_patch_routing_weights(model, tokens, whole, metric)).any()
+
+
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "none"])
 def test_left_padded_prompts_are_patched_with_their_attention_mask(layout):
     """Every sweep takes ``attention_mask``: each cell equals a masked ``run_with_hooks``

@@ -87,11 +87,20 @@ def check_cached(
 
     Raises:
         KeyError: a hook is missing from the cache.
-        ValueError: the cache comes from another model, or a tensor has another shape.
+        ValueError: the cache comes from another model, or a tensor has another shape, or
+            (with ``batch_pos``) the cache is of a pass after key-value-cached positions
+            (``cache.n_past``), whose positions are not the run's.
     """
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
     require_cached(cache, names, what)
+    n_past = getattr(cache, "n_past", 0)
+    if batch_pos is not None and n_past:
+        raise ValueError(
+            f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
+            f"position 0 is the sequence's position {n_past}, not the run's position 0; "
+            "cache a whole-sequence run (model.run_with_cache(tokens), no past_kv_cache)"
+        )
     shapes = activation_shapes(model)
     for name in names:
         tensor = cache[name]

@@ -160,6 +160,9 @@ class AttnResActivationCache(ActivationCache):
     """
 
     model: Any  # a HookedAttnRes
+    # positions a key-value cache held before the cached pass (`run_with_cache` sets it):
+    # position 0 of every tensor here is the sequence's position n_past
+    n_past: int = 0
 
     # --- indexing -----------------------------------------------------------------------
     def __getitem__(self, key) -> Tensor:

@@ -418,11 +418,17 @@ class HookedModule(HookedRootModule):
         Returns:
             ``(model_output, cache)`` where ``cache`` is an `AttnResActivationCache` (a
             TransformerLens ``ActivationCache``; a plain dict if
-            ``return_cache_object=False``).
+            ``return_cache_object=False``). Its ``n_past`` is the number of positions
+            the key-value cache held before this pass (0 without one): its position 0
+            is the sequence's position ``n_past``.
         """
+        kv_cache = kwargs.get("past_kv_cache")
+        n_past = getattr(kv_cache, "n_past", 0)  # read before the pass extends the cache
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if not return_cache_object:
             return out, cache_dict
-        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        cache = AttnResActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        cache.n_past = n_past if isinstance(n_past, int) else 0
+        return out, cache
