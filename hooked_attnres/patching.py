@@ -236,11 +236,7 @@ def get_act_patch_routing_weights_by_pos(
 
     Args:
         routers: as in `get_act_patch_routing_weights`.
-        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
-            prompts; left padding needs it), used by the corrupted run and every patched
-            run. The clean cache must come from a run with the same mask
-            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            tokens are taken as unpadded, as in ``model(tokens)``.
+        attention_mask: as in `get_act_patch_routing_weights`.
 
     Returns:
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
@@ -281,11 +277,7 @@ def get_act_patch_committed_blocks_by_pos(
             (``blocks.{l}.hook_committed_block``: every layout that commits blocks);
             ``"attn"`` those committed after its attention (``blocks.{l}.hook_committed_mid``:
             only where every sublayer commits, the ``full`` layout and ``attnres_mode="full"``).
-        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
-            prompts; left padding needs it), used by the corrupted run and every patched
-            run. The clean cache must come from a run with the same mask
-            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            tokens are taken as unpadded, as in ``model(tokens)``.
+        attention_mask: as in `get_act_patch_routing_weights`.
 
     Returns:
         ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
@@ -368,11 +360,7 @@ def get_act_patch_depth_state(
     Args:
         sublayer: ``"attn"``: the state entering the layer's attention router (TransformerLens
             ``resid_pre``); ``"mlp"``: the state entering its MLP router (``resid_mid``).
-        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
-            prompts; left padding needs it), used by the corrupted run and every patched
-            run. The clean cache must come from a run with the same mask
-            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            tokens are taken as unpadded, as in ``model(tokens)``.
+        attention_mask: as in `get_act_patch_routing_weights`.
 
     Returns:
         ``[n_layers]``. Every cell equals the clean metric (the rest of the run only sees
@@ -407,11 +395,7 @@ def get_act_patch_depth_state_by_pos(
 
     Args:
         sublayer: ``"attn"`` (state entering the attention router) or ``"mlp"``.
-        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
-            prompts; left padding needs it), used by the corrupted run and every patched
-            run. The clean cache must come from a run with the same mask
-            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            tokens are taken as unpadded, as in ``model(tokens)``.
+        attention_mask: as in `get_act_patch_routing_weights`.
 
     Returns:
         ``[n_layers, pos]``.
