@@ -17,7 +17,10 @@ every-hook cache took 1.45x its forward pass with a 256 MiB trim threshold (200,
 400,000 page faults per call) and 1.19x with trimming off (76,000). So by default the
 tuning turns trimming off: freed heap memory stays in the process for reuse, as in
 PyTorch's CUDA caching allocator, and `release_cpu_memory` gives it back (like
-``torch.cuda.empty_cache``). Pass ``trim_threshold`` to cap it instead.
+``torch.cuda.empty_cache``). Pass ``trim_threshold`` to cap it instead. The price, besides
+the memory: at the 0.6B shape (1 x 256, bfloat16) the routed forward pass read about
+0.5-1 % more of Hugging Face's time with trimming off than with 256 MiB, for a reason not
+found (``docs/benchmarks.md``, session 11).
 
 Importing ``hooked_attnres`` changes nothing process-wide. Call `tune_cpu_allocator` in a
 script or notebook to opt in; the ``hooked-attnres`` command and the benchmarks do

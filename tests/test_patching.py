@@ -285,6 +285,7 @@ def test_a_clean_cache_of_a_key_value_cached_pass_is_refused():
     now; ``cache.n_past`` says where it starts."""
     from hooked_attnres import KeyValueCache
     from hooked_attnres.analysis import attribution_patch_routing_weights
+    from hooked_attnres.interventions.checks import check_cached
 
     model, batch = build("kimi")
     tokens, metric = batch.tokens, mean_logit_diff(batch)
@@ -302,6 +303,10 @@ def test_a_clean_cache_of_a_key_value_cached_pass_is_refused():
             sweep(model, tokens, after_cache, metric)
     with pytest.raises(ValueError, match=message):
         attribution_patch_routing_weights(model, tokens, after_cache, metric)
+    first = after_cache.apply_slice_to_batch_dim(slice(0, 1))  # a batch slice keeps n_past
+    assert first.n_past == 3 and isinstance(first, type(after_cache))
+    with pytest.raises(ValueError, match=message):
+        check_cached(model, first, ["blocks.0.attn_res.hook_weights"], "the clean cache", (1, n_pos))
     _, whole = model.run_with_cache(tokens)
     assert whole.n_past == 0
     assert torch.isfinite(get_act_patch_routing_weights(model, tokens, whole, metric)).any()

@@ -186,7 +186,9 @@ class AttnResActivationCache(ActivationCache):
 
     def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
         sliced = super().apply_slice_to_batch_dim(batch_slice)
-        return AttnResActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim)
+        result = AttnResActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim)
+        result.n_past = self.n_past  # the same positions, fewer sequences
+        return result
 
     # --- the routed decomposition ---------------------------------------------------------
     def _layout_name(self) -> str:
