@@ -13,7 +13,11 @@ from pathlib import Path
 
 import torch
 
-from hooked_attnres.runtime import cpu_allocator_tuned, tune_from_environment
+from hooked_attnres.runtime import (
+    cpu_allocator_settings,
+    cpu_allocator_tuned,
+    tune_from_environment,
+)
 
 tune_from_environment()  # the benchmarks measure the tuned allocator, as the CLI runs
 
@@ -119,6 +123,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "malloc_tuned": cpu_allocator_tuned(),  # hooked_attnres.runtime (tune_from_environment)
+        "malloc_settings": cpu_allocator_settings(),
     }
 
 

@@ -6,21 +6,22 @@ and returns it to the system on ``free``, so each new activation of a few MiB is
 for again in page faults: a forward pass of the study model on 256 prompts took about
 33,000 of them, and prefix-reusing partial passes (``forward_from``) relatively more.
 Raising the mmap threshold lets freed blocks be reused instead: on the machines of
-``docs/benchmarks.md`` that made a forward pass about 1.4x faster (page faults per pass:
-33,000 -> under 100) and the per-layer ablation sweep about 1.8x faster.
+``docs/benchmarks.md``, raising it and the trim threshold to 256 MiB made a forward pass
+about 1.4x faster (page faults per pass: 33,000 -> under 100) and the per-layer ablation
+sweep about 1.8x faster.
 
 glibc also hands the free memory at the top of its heap back to the system once it
 exceeds the trim threshold (128 KiB at start). A cache of every hook frees gigabytes at
 once at real shapes, and a 256 MiB trim threshold gave most of it back, so the next
 cache faulted it in again: at the Qwen3-0.6B shape (8 x 128, bfloat16) an
-every-hook cache took 1.45x its forward pass with a 256 MiB trim threshold (200,000-
-400,000 page faults per call) and 1.19x with trimming off (76,000). So by default the
+every-hook cache took 1.45x its forward pass with a 256 MiB trim threshold (196,000-
+395,000 page faults per call) and 1.19x with trimming off (76,000). So by default the
 tuning turns trimming off: freed heap memory stays in the process for reuse, as in
 PyTorch's CUDA caching allocator, and `release_cpu_memory` gives it back (like
 ``torch.cuda.empty_cache``). Pass ``trim_threshold`` to cap it instead. The price, besides
 the memory: at the 0.6B shape (1 x 256, bfloat16) the routed forward pass read about
-0.5-1 % more of Hugging Face's time with trimming off than with 256 MiB, for a reason not
-found (``docs/benchmarks.md``, session 11).
+0.5-1.5 % more of Hugging Face's time with trimming off than with 256 MiB, for a reason
+not found (``docs/benchmarks.md``, session 11).
 
 Importing ``hooked_attnres`` changes nothing process-wide. Call `tune_cpu_allocator` in a
 script or notebook to opt in; the ``hooked-attnres`` command and the benchmarks do
@@ -36,10 +37,10 @@ import os
 import platform
 from typing import Any
 
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import require_integer
 
 DEFAULT_THRESHOLD = 256 * 2**20  # bytes
-_MALLOPT_MAX = 2**31 - 1  # mallopt takes a C int; glibc would silently truncate more
+_MALLOPT_MAX = 2**31 - 1  # mallopt takes a C int; ctypes would silently wrap a larger one
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _NEVER_TRIM = -1  # M_TRIM_THRESHOLD = -1 turns trimming off (mallopt(3))
@@ -48,10 +49,11 @@ _state: dict[str, Any] = {"tuned": False, "threshold": None, "trim_threshold": N
 
 
 def _checked_bytes(value: Any, name: str) -> int:
-    if not is_integer(value) or not 0 < value <= _MALLOPT_MAX:
+    require_integer(name, value, minimum=1)
+    if value > _MALLOPT_MAX:
         raise ValueError(
-            f"{name} must be a positive number of bytes of at most 2**31 - 1 (glibc's "
-            f"mallopt takes a C int), got {value!r}"
+            f"{name} must be at most 2**31 - 1 bytes (mallopt takes a C int; a larger "
+            f"value would wrap around), got {value!r}"
         )
     return int(value)
 
@@ -79,7 +81,11 @@ def tune_cpu_allocator(
             for reuse until `release_cpu_memory`.
 
     Returns:
-        Whether the allocator was tuned (``False`` off glibc or if ``mallopt`` refused).
+        Whether the allocator was tuned: ``False`` off glibc, or if ``mallopt`` refused
+        one of the two settings (the mmap threshold may then be set, the trim one not).
+
+    Raises:
+        ValueError: a byte count that is not an integer in ``[1, 2**31 - 1]``.
     """
     threshold = _checked_bytes(threshold, "threshold")
     trim = _NEVER_TRIM
@@ -118,6 +124,13 @@ def release_cpu_memory() -> bool:
 def cpu_allocator_tuned() -> bool:
     """Whether `tune_cpu_allocator` has been applied in this process."""
     return bool(_state["tuned"])
+
+
+def cpu_allocator_settings() -> dict[str, Any]:
+    """What the last successful `tune_cpu_allocator` set: ``{"tuned": bool, "threshold":
+    bytes or None, "trim_threshold": bytes or None}`` (``trim_threshold`` ``None`` while
+    tuned: trimming off). The benchmarks record it with their results."""
+    return dict(_state)
 
 
 def tune_from_environment() -> bool:

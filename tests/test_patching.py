@@ -306,7 +306,13 @@ def test_a_clean_cache_of_a_key_value_cached_pass_is_refused():
     first = after_cache.apply_slice_to_batch_dim(slice(0, 1))  # a batch slice keeps n_past
     assert first.n_past == 3 and isinstance(first, type(after_cache))
     with pytest.raises(ValueError, match=message):
-        check_cached(model, first, ["blocks.0.attn_res.hook_weights"], "the clean cache", (1, n_pos))
+        check_cached(model, first, ["blocks.0.attn_res.hook_weights"], "a cache", (1, n_pos))
+    kv = KeyValueCache.init_cache(model.cfg)  # and so does a plain dict of such a pass
+    model(longer[:, :3], past_kv_cache=kv)
+    _, as_dict = model.run_with_cache(longer[:, 3:], past_kv_cache=kv, return_cache_object=False)
+    assert isinstance(as_dict, dict) and as_dict.n_past == 3
+    with pytest.raises(ValueError, match=message):
+        get_act_patch_routing_weights(model, tokens, as_dict, metric)
     _, whole = model.run_with_cache(tokens)
     assert whole.n_past == 0
     assert torch.isfinite(get_act_patch_routing_weights(model, tokens, whole, metric)).any()

@@ -58,10 +58,12 @@ def test_import_leaves_the_allocator_alone_and_tuning_is_opt_in():
 
 
 def test_tuning_arguments_and_platforms(monkeypatch):
-    with pytest.raises(ValueError, match="positive number of bytes"):
+    with pytest.raises(ValueError, match="threshold must be an integer >= 1, got 0"):
         runtime.tune_cpu_allocator(0)
-    with pytest.raises(ValueError, match="positive number of bytes"):
+    with pytest.raises(ValueError, match="threshold must be an integer >= 1, got 1.5"):
         runtime.tune_cpu_allocator(1.5)
+    with pytest.raises(ValueError, match="trim_threshold must be an integer >= 1, got 1.5"):
+        runtime.tune_cpu_allocator(trim_threshold=1.5)
     monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
     assert runtime.tune_cpu_allocator() is False
     assert runtime.release_cpu_memory() is False
@@ -89,9 +91,9 @@ print(released, faults_of_300_mib())
 @pytest.mark.parametrize("mode", ["kept", "released"])
 def test_freed_memory_is_kept_for_reuse_until_released(mode):
     """By default the freed 300 MiB (76,800 pages of 4 KiB) stays in the process and is
-    reused: 7,680-10,753 page faults in 16 probes (a 256 MiB trim threshold, the earlier
-    default, faulted 67,000-77,000 in 7 of 8); after `release_cpu_memory` it is faulted
-    in again (76,803 in 8 of 8)."""
+    reused: 7,680-10,753 page faults in 8 probes (a 256 MiB trim threshold, the earlier
+    default: 67,553-76,770 in 7 of 8, 10,752 in the 8th); after `release_cpu_memory` it is
+    faulted in again (76,803 in 8 of 8). Raw: benchmarks/results/allocator_trim_s11.txt."""
     out = subprocess.run(
         [sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True, check=True
     )
@@ -119,16 +121,43 @@ def test_the_thresholds_reach_mallopt(monkeypatch):
     monkeypatch.setattr(runtime, "_glibc", lambda: fake)
     monkeypatch.setattr(runtime, "_state", dict(runtime._state))
     assert runtime.tune_cpu_allocator() is True
+    assert runtime.cpu_allocator_settings() == {
+        "tuned": True,
+        "threshold": 256 * 2**20,
+        "trim_threshold": None,
+    }
     assert runtime.tune_cpu_allocator(2**20, trim_threshold=2**24) is True
     assert fake.calls == [(-3, 256 * 2**20), (-1, -1), (-3, 2**20), (-1, 2**24)]
+    assert runtime.cpu_allocator_settings()["trim_threshold"] == 2**24
 
 
-def test_byte_counts_beyond_a_c_int_are_refused_not_truncated():
-    # glibc's mallopt takes a C int: 2**32 + 5 would silently become 5
+def test_byte_counts_beyond_a_c_int_are_refused_not_wrapped():
+    # mallopt takes a C int: ctypes would pass 2**32 + 5 as 5
     for bad in (2**31, 2**32 + 5):
-        with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 .*mallopt takes a C int"):
+        with pytest.raises(ValueError, match=r"threshold must be at most 2\*\*31 - 1 bytes"):
             runtime.tune_cpu_allocator(bad)
-        with pytest.raises(ValueError, match=r"trim_threshold must be .*at most 2\*\*31 - 1"):
+        with pytest.raises(ValueError, match=r"trim_threshold must be at most .*takes a C int"):
             runtime.tune_cpu_allocator(trim_threshold=bad)
-    with pytest.raises(ValueError, match="trim_threshold must be a positive number of bytes"):
+    with pytest.raises(ValueError, match="trim_threshold must be an integer >= 1, got 0"):
         runtime.tune_cpu_allocator(trim_threshold=0)
+
+
+def test_a_refused_or_missing_mallopt_leaves_the_allocator_untuned(monkeypatch):
+    class RefusesTrim:
+        def mallopt(self, parameter, value):
+            return int(parameter != -1)  # sets the mmap threshold, refuses the trim one
+
+    glibc = runtime._glibc
+    monkeypatch.setattr(runtime, "_state", dict(runtime._state, tuned=False))
+    monkeypatch.setattr(runtime, "_glibc", RefusesTrim)
+    assert runtime.tune_cpu_allocator() is False and runtime.cpu_allocator_tuned() is False
+    monkeypatch.setattr(runtime, "_glibc", object)  # a C library without mallopt/malloc_trim
+    assert runtime.tune_cpu_allocator() is False and runtime.release_cpu_memory() is False
+    assert runtime.cpu_allocator_settings()["tuned"] is False
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(runtime, "_glibc", glibc)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", no_library)
+    assert runtime._glibc() is None and runtime.tune_cpu_allocator() is False

@@ -149,6 +149,15 @@ def state_source_names(model: Any, point: int) -> list[str]:
     ]
 
 
+class KeyValueRunCacheDict(dict):
+    """The plain ``dict`` that ``run_with_cache(..., past_kv_cache=kv,
+    return_cache_object=False)`` returns when ``kv`` held positions: it records ``n_past``
+    (position 0 of every tensor is the sequence's position ``n_past``), so patching can
+    refuse it as it refuses the cache object."""
+
+    n_past: int = 0
+
+
 class AttnResActivationCache(ActivationCache):
     """A TransformerLens ``ActivationCache`` (``isinstance`` holds) whose residual-stream
     analyses are exact in every layout or refuse; see the module docstring.
@@ -160,9 +169,14 @@ class AttnResActivationCache(ActivationCache):
     """
 
     model: Any  # a HookedAttnRes
-    # positions a key-value cache held before the cached pass (`run_with_cache` sets it):
-    # position 0 of every tensor here is the sequence's position n_past
-    n_past: int = 0
+
+    def __init__(
+        self, cache_dict: dict, model: Any, has_batch_dim: bool = True, n_past: int = 0
+    ) -> None:
+        super().__init__(cache_dict, model, has_batch_dim)
+        # positions a key-value cache held before the cached pass (`run_with_cache` sets
+        # it): position 0 of every tensor here is the sequence's position n_past
+        self.n_past = n_past
 
     # --- indexing -----------------------------------------------------------------------
     def __getitem__(self, key) -> Tensor:
@@ -185,10 +199,10 @@ class AttnResActivationCache(ActivationCache):
             raise
 
     def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
-        sliced = super().apply_slice_to_batch_dim(batch_slice)
-        result = AttnResActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim)
-        result.n_past = self.n_past  # the same positions, fewer sequences
-        return result
+        sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
+        return AttnResActivationCache(
+            sliced.cache_dict, self.model, sliced.has_batch_dim, n_past=self.n_past
+        )
 
     # --- the routed decomposition ---------------------------------------------------------
     def _layout_name(self) -> str:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
-from hooked_attnres.model.cache import AttnResActivationCache
+from hooked_attnres.model.cache import AttnResActivationCache, KeyValueRunCacheDict
 from hooked_attnres.model.depth import source_axis
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -418,17 +418,23 @@ class HookedModule(HookedRootModule):
         Returns:
             ``(model_output, cache)`` where ``cache`` is an `AttnResActivationCache` (a
             TransformerLens ``ActivationCache``; a plain dict if
-            ``return_cache_object=False``). Its ``n_past`` is the number of positions
+            ``return_cache_object=False``, a `KeyValueRunCacheDict` after key-value-cached
+            positions). Its ``n_past`` is the number of positions
             the key-value cache held before this pass (0 without one): its position 0
             is the sequence's position ``n_past``.
         """
         kv_cache = kwargs.get("past_kv_cache")
         n_past = getattr(kv_cache, "n_past", 0)  # read before the pass extends the cache
+        n_past = n_past if isinstance(n_past, int) else 0
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if not return_cache_object:
+            if n_past:
+                cache_dict = KeyValueRunCacheDict(cache_dict)
+                cache_dict.n_past = n_past
             return out, cache_dict
-        cache = AttnResActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
-        cache.n_past = n_past if isinstance(n_past, int) else 0
+        cache = AttnResActivationCache(
+            cache_dict, self, has_batch_dim=not remove_batch_dim, n_past=n_past
+        )
         return out, cache
