@@ -27,6 +27,7 @@ from hooked_attnres.analysis import (
 )
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+from hooked_attnres.tasks.base import TaskBatch
 
 TASK = KeyValueRetrieval(n_pairs=4, n_keys=8, n_values=8)
 
@@ -991,3 +992,45 @@ def test_the_metric_probe_sees_every_answer_position(setup):
     with torch.no_grad():
         np.testing.assert_allclose(fast[0][at_last], at_last(batch, model(batch.tokens)), atol=1e-6)
     np.testing.assert_allclose(fast[1][at_last], full[1][at_last], atol=1e-6)
+
+
+def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only():
+    """A TaskBatch's answer_pos is each prompt's last real position (right padding after
+    it). positions="all" averages each prompt's real positions (independent: each prompt
+    run alone, unpadded); before, it averaged the padding in as well. A position list
+    reaching past a prompt's answer_pos reads padding and is refused."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.cfg.d_vocab, (4, 8), generator=generator)
+    lengths = torch.tensor([8, 5, 3, 8])
+    tokens[torch.arange(8) >= lengths[:, None]] = 1  # right padding
+    zeros = torch.zeros(4, dtype=torch.long)
+    batch = TaskBatch(
+        tokens=tokens,
+        answer_pos=lengths - 1,
+        answer=zeros,
+        contrast=zeros,
+        corrupted_tokens=tokens.clone(),
+        targets=torch.full_like(tokens, -100),
+    )
+    mass = routing_mass(model, batch, positions="all", chunk=3)
+    for row, length in enumerate(lengths.tolist()):
+        _, cache = model.run_with_cache(tokens[row : row + 1, :length])
+        for site in model.sites():
+            w = cache[site.hook("weights")][0].mean(0)
+            for family, indices in model.routing_layout.families(site).items():
+                expected = float(w[indices].sum()) if indices else 0.0
+                got = mass[
+                    (mass.prompt == row)
+                    & (mass.router == site.kind)
+                    & (mass.layer == site.table_layer)
+                    & (mass.family == family)
+                ].mass
+                assert float(got.iloc[0]) == pytest.approx(expected, abs=1e-6), (row, site)
+    # the token input has no padding information: a plain mean over every position
+    plain = routing_mass(model, tokens, positions="all")
+    assert not np.allclose(plain.mass, mass.mass, atol=1e-3)
+    # positions inside every prompt are read as given; past an answer_pos they are refused
+    routing_mass(model, batch, positions=[0, 2])
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1, 2\] .*right padding"):
+        routing_mass(model, batch, positions=[-1])

@@ -53,12 +53,25 @@ def require_family_rows(summary: pd.DataFrame, routers: Sequence[str], what: str
 
 
 def _position_weights(
-    weights: Tensor, positions: Positions, answer_pos: Optional[Tensor]
+    weights: Tensor,
+    positions: Positions,
+    answer_pos: Optional[Tensor],
+    last_real: Optional[Tensor] = None,
 ) -> Tensor:
-    """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest."""
+    """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest; ``last_real``
+    (``[batch]``, a `TaskBatch`'s ``answer_pos``) marks the positions after it as right
+    padding, and ``"all"`` averages each prompt's real positions (`routing_mass` refuses a
+    list reaching past them)."""
+    n_pos = weights.shape[1]
+    if last_real is not None:
+        last_real = last_real.to(weights.device)
     if isinstance(positions, str):
         if positions == "all":
-            return weights.mean(dim=1)
+            if last_real is None:
+                return weights.mean(dim=1)
+            real = torch.arange(n_pos, device=weights.device) <= last_real[:, None]
+            real = real.to(weights.dtype)[..., None]  # [batch, pos, 1]
+            return (weights * real).sum(dim=1) / real.sum(dim=1)
         if positions == "answer":
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
@@ -67,7 +80,7 @@ def _position_weights(
         raise ValueError(
             f"positions must be 'answer', 'all' or a list of positions, got {positions!r}"
         )
-    index = position_index(positions, weights.shape[1], weights.device)
+    index = position_index(positions, n_pos, weights.device)
     if index.numel() == 0:
         raise ValueError("positions is empty: give at least one position to average over")
     return weights[:, index].mean(dim=1)
@@ -87,7 +100,10 @@ def routing_mass(
         model: a routed `HookedAttnRes`.
         prompts: a `TaskBatch` or token ids ``[batch, pos]``.
         positions: ``"answer"`` (the answer position of each prompt), ``"all"`` (mean over
-            positions), or a list of positions (mean over them).
+            positions), or a list of positions (mean over them). For a `TaskBatch` the
+            positions after each prompt's ``answer_pos`` are right padding: ``"all"``
+            averages positions ``0..answer_pos`` of each prompt, and a list reaching past
+            some prompt's ``answer_pos`` raises ``ValueError``.
         answer_pos: ``[batch]``, for token inputs with ``positions="answer"``.
         bands: custom depth bands (default: thirds, see `depth_bands`).
         chunk: prompts per forward pass.
@@ -98,6 +114,8 @@ def routing_mass(
         ``"final"`` for the final router). Families absent at a router have mass 0.
     """
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
+    # a TaskBatch's answer_pos is each prompt's last real position (right padding after)
+    last_real = prompts.answer_pos if isinstance(prompts, TaskBatch) else None
     if isinstance(prompts, TaskBatch) and answer_pos is None:
         answer_pos = prompts.answer_pos
     check_count("chunk", chunk)
@@ -117,6 +135,17 @@ def routing_mass(
                 f"answer_pos must be in [0, {tokens.shape[1]}), got values in "
                 f"[{int(answer_pos.min())}, {int(answer_pos.max())}]"
             )
+    if last_real is not None and not isinstance(positions, str):
+        index = position_index(positions, tokens.shape[1], last_real.device)
+        padded = ((index % tokens.shape[1])[None, :] > last_real[:, None]).any(dim=1)
+        if bool(padded.any()):
+            rows = padded.nonzero().flatten().tolist()
+            raise ValueError(
+                f"positions {positions!r} reach past the answer position of prompt(s) "
+                f"{rows[:8]} of the TaskBatch, into their right padding; pass positions at "
+                "or before every prompt's answer_pos, 'all' (each prompt's real positions) "
+                "or 'answer'"
+            )
     layout = model.routing_layout
     layout.require_routers()
     sites = layout.sites()
@@ -128,10 +157,11 @@ def routing_mass(
         for start in range(0, tokens.shape[0], chunk):
             part = tokens[start : start + chunk]
             part_pos = None if answer_pos is None else answer_pos[start : start + chunk]
+            part_real = None if last_real is None else last_real[start : start + chunk]
             _, cache = model.run_with_cache(part, names_filter=names)
             rows = []
             for name, families in zip(names, family_index, strict=True):
-                w = _position_weights(cache[name], positions, part_pos)  # [b, n]
+                w = _position_weights(cache[name], positions, part_pos, part_real)  # [b, n]
                 rows.append(
                     torch.stack(
                         [
