@@ -455,6 +455,29 @@ def test_batched_string_generation_equals_one_prompt_at_a_time():
         assert torch.equal(tokens[row, 5 - len(prompt.split()) :], alone[0])
 
 
+def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
+    """TransformerLens 4.x's generate(tokens, padding_side="left") reads the mask off the
+    leading pad tokens; padding_side was ignored here, so the padding was attended and the
+    short prompt's continuation differed from the masked (and the unpadded) one."""
+    model = routed_model("kimi")
+    options = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+    prompts = ["w1 w2 w3 w4", "w5 w6"]
+    for pad_is_bos in (False, True):
+        if pad_is_bos:  # the last leading pad token is then the BOS, a real token
+            model.tokenizer.pad_token = "<bos>"
+        tokens, mask = model.to_tokens_and_mask(
+            prompts, prepend_bos=pad_is_bos, padding_side="left"
+        )
+        masked = model.generate(tokens, attention_mask=mask, **options)
+        read = model.generate(tokens, padding_side="left", prepend_bos=pad_is_bos, **options)
+        assert torch.equal(read, masked), pad_is_bos
+        alone = model.generate(model.to_tokens(prompts[1], prepend_bos=pad_is_bos), **options)
+        assert torch.equal(read[1, -alone.shape[1] :], alone[0])
+    model.set_tokenizer(None)
+    with pytest.raises(ValueError, match="reads the padding off the pad token"):
+        model.generate(tokens, padding_side="left", **options)
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(0))

@@ -157,6 +157,10 @@ class GenerationMixin:
                 and much faster).
             prepend_bos, padding_side: for string inputs, as in ``to_tokens``; batched
                 prompts are always padded on the left (``padding_side="right"`` is refused).
+                For a token input without ``attention_mask``, ``padding_side="left"`` reads
+                the mask off the tokens (as TransformerLens 4.x does): each row's leading pad
+                tokens are padding (a BOS equal to the pad token, with ``prepend_bos``, is
+                kept).
             return_type: ``"input"`` (strings for string input, tokens for tokens),
                 ``"str"`` or ``"tokens"`` (``[batch, pos + generated]``, the prompt
                 included; special tokens such as padding are skipped in strings).
@@ -271,6 +275,8 @@ class GenerationMixin:
         else:
             tokens = self._validate_tokens(input)
             mask = attention_mask
+            if mask is None and padding_side is not None:  # "left": "right" was refused
+                mask = self._mask_of_left_padding(tokens, prepend_bos)
             input_type = "tokens"
         tokens = self._validate_tokens(tokens)
         mask = self._validate_attention_mask(mask, tuple(tokens.shape), tokens.device)
@@ -285,6 +291,29 @@ class GenerationMixin:
             if bool(mask.all()):
                 mask = None
         return tokens, mask, input_type
+
+    def _mask_of_left_padding(
+        self, tokens: Int[Tensor, "batch pos"], prepend_bos: Optional[bool]
+    ) -> Int[Tensor, "batch pos"]:
+        """The mask of left-padded token ids, read off the pad token as TransformerLens 4.x's
+        ``generate(tokens, padding_side="left")`` does: each row's leading pad tokens are
+        padding; when BOS is prepended (``prepend_bos``, default the config's) and the BOS
+        token is the pad token, the last of them is the BOS, a real token."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if not is_integer(pad):
+            raise ValueError(
+                "generate(tokens, padding_side='left') reads the padding off the pad token, "
+                "and no tokenizer with a pad token is attached; pass attention_mask=... "
+                "(from model.to_tokens_and_mask) instead"
+            )
+        leading = torch.eq(torch.ne(tokens, pad).long().cumsum(dim=-1), 0)
+        mask = ~leading
+        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if prepend and getattr(self.tokenizer, "bos_token_id", None) == pad:
+            n_leading = leading.sum(dim=-1)
+            rows = (n_leading > 0).nonzero().flatten()
+            mask[rows, n_leading[rows] - 1] = True
+        return mask.long()
 
     def _stop_tokens(self, stop_at_eos: bool, eos_token_id) -> list[int]:
         if not stop_at_eos:
