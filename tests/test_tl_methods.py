@@ -478,6 +478,19 @@ def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
         model.generate(tokens, padding_side="left", **options)
 
 
+def test_a_string_prompt_longer_than_n_ctx_is_refused_not_truncated():
+    """generate tokenised strings with to_tokens's truncation to n_ctx, so a 35-word prompt
+    (n_ctx=32) was cut to its first 32 tokens and continued from there, returning a
+    different prompt; TransformerLens 4.x's generate does not truncate."""
+    model = routed_model("none")
+    prompt = " ".join(WORDS[:35])
+    for prompts in (prompt, [prompt, "w1"]):
+        with pytest.raises(ValueError, match="sequence length 35 exceeds n_ctx=32"):
+            model.generate(
+                prompts, max_new_tokens=1, do_sample=False, stop_at_eos=False, verbose=False
+            )
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(0))

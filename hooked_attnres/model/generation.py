@@ -270,7 +270,9 @@ class GenerationMixin:
                     "attention_mask is for token inputs; string prompts get theirs from the "
                     "tokenizer"
                 )
-            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, "left")
+            # not truncated (as in TransformerLens 4.x): a prompt cut to n_ctx would be
+            # continued from its n_ctx-th token, not from its end
+            tokens, mask = self.to_tokens_and_mask(input, prepend_bos, "left", truncate=False)
             input_type = "str" if isinstance(input, str) else "list"
         else:
             tokens = self._validate_tokens(input)
