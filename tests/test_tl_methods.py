@@ -219,6 +219,27 @@ def test_left_padded_tokens_without_a_mask_warn_once():
         right(right.to_tokens(texts))  # right padding: the real positions see no padding
 
 
+def test_left_padded_tokens_without_a_mask_warn_in_cached_generation_too():
+    """generate's default (cached) path starts a key-value cache with the whole prompt,
+    and the forward pass skipped the warning for every cached pass, so the attended
+    padding changed the continuation without a word (the uncached path warned)."""
+    texts = ["w1 w2 w3 w4 w5", "w6 w7"]
+    options = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    for cached in (True, False):
+        model = routed_model("none")
+        model.tokenizer.padding_side = "left"
+        tokens, mask = model.to_tokens_and_mask(texts)
+        with pytest.warns(LeftPaddingWithoutMaskWarning, match=r"prompt\(s\) \[1\] start with"):
+            unmasked = model.generate(tokens, use_past_kv_cache=cached, **options)
+        masked = model.generate(tokens, attention_mask=mask, use_past_kv_cache=cached, **options)
+        assert not torch.equal(unmasked, masked)  # what the warning is about
+        fresh = routed_model("none")
+        fresh.tokenizer.padding_side = "left"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a masked prompt, then its continuation: silent
+            fresh.generate(tokens, attention_mask=mask, use_past_kv_cache=cached, **options)
+
+
 # --- key-value cache and generate -----------------------------------------------------
 def test_cached_forward_in_chunks_equals_one_forward(layout):
     # float64 first, so that the comparison tests the cache and not float32 rounding (the

@@ -479,7 +479,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 attention_mask = mask if attention_mask is None else attention_mask
             tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
-            if attention_mask is None and past_kv_cache is None:
+            # a pass that starts a cache too (generate's first step); later passes
+            # continue prompts whose padding, if any, was masked before
+            if attention_mask is None and self._n_past(past_kv_cache) == 0:
                 self._warn_if_left_padded(tokens)
             mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
             # hook_embed belongs to the pass: interventions there check its extent and mask
