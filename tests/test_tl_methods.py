@@ -602,6 +602,28 @@ def test_generation_stops_at_eos_and_pads_finished_prompts():
     assert early.shape[1] <= 3 + 2  # every prompt finished after at most two steps
 
 
+def test_finished_prompts_are_filled_with_transformerlens_end_token():
+    """With a list of end tokens, TransformerLens fills a finished prompt with the
+    tokenizer's eos_token_id (the list's first only without one); the first of the list
+    was used here, so the tokens after the end differed from TransformerLens's."""
+    model = routed_model("none")
+    model.tokenizer.eos_token = "w39"
+    tokenizer_eos = model.tokenizer.eos_token_id
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(2))
+    options = dict(max_new_tokens=6, do_sample=False, verbose=False)
+    new = model.generate(prompt, stop_at_eos=False, **options)[:, 3:]
+    end = int(new[0, 1])  # prompt 0 ends at its second step
+    other = next(t for t in range(3, 50) if t not in (end, tokenizer_eos))
+    assert tokenizer_eos not in new[0, :2].tolist()
+    for eos_token_id, expected_fill in (([other, end], tokenizer_eos), (end, end)):
+        stopped = model.generate(prompt, eos_token_id=eos_token_id, **options)
+        assert stopped[0, 3:5].tolist() == new[0, :2].tolist()
+        assert stopped.shape[1] > 5 and set(stopped[0, 5:].tolist()) == {expected_fill}
+    model.tokenizer.eos_token = None
+    stopped = model.generate(prompt, eos_token_id=[other, end], **options)
+    assert set(stopped[0, 5:].tolist()) == {other}  # no tokenizer eos: the list's first
+
+
 def test_bad_generation_arguments_are_refused():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (1, 3))

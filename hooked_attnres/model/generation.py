@@ -146,8 +146,10 @@ class GenerationMixin:
                 ends in the last column), or token ids ``[batch, pos]`` / ``[pos]``.
             max_new_tokens: number of tokens to generate (at least 1).
             stop_at_eos: stop a prompt once it produced an end-of-sequence token; later
-                positions of a finished prompt are filled with that token, and the loop
-                ends when every prompt has finished.
+                positions of a finished prompt are filled with the end token (as in
+                TransformerLens: ``eos_token_id`` if one id; for a list, the tokenizer's
+                ``eos_token_id`` if it has one, else the list's first), and the loop ends
+                when every prompt has finished.
             eos_token_id: the end token(s); default the tokenizer's ``eos_token_id``.
             do_sample: sample (``True``, TransformerLens's default) or take the argmax.
             top_k, top_p, temperature, freq_penalty, repetition_penalty: see
@@ -180,6 +182,7 @@ class GenerationMixin:
             input, prepend_bos, padding_side, attention_mask
         )
         stop_tokens = self._stop_tokens(stop_at_eos, eos_token_id)
+        fill = self._finished_fill(stop_tokens, eos_token_id)
         n_prompt = tokens.shape[1]
         if n_prompt + max_new_tokens - 1 > self.cfg.n_ctx:
             raise ValueError(
@@ -217,7 +220,7 @@ class GenerationMixin:
                     token_mask=token_mask,
                 )
             if stop_tokens:
-                sampled = sampled.masked_fill(finished, stop_tokens[0])
+                sampled = sampled.masked_fill(finished, fill)
                 finished |= torch.isin(sampled, torch.tensor(stop_tokens, device=sampled.device))
             tokens = torch.cat((tokens, sampled[:, None]), dim=1)
             if mask is not None:
@@ -335,6 +338,16 @@ class GenerationMixin:
                 f"{self.cfg.d_vocab}), got {eos_token_id!r}"
             )
         return ids
+
+    def _finished_fill(self, stop_tokens: list[int], eos_token_id) -> int:
+        """The token that fills a finished prompt's later positions (TransformerLens's
+        rule: one given id; for a list, the tokenizer's end token if any, else the first)."""
+        if not stop_tokens:
+            return 0  # never used: without stop tokens no prompt finishes
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos_token_id is None or isinstance(eos_token_id, int) or tokenizer_eos is None:
+            return stop_tokens[0]
+        return int(tokenizer_eos)
 
     def _generation_output(self, tokens, input_type: str, return_type: Optional[str]):
         if return_type == "input":
