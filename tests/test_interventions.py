@@ -704,6 +704,33 @@ def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broa
         set_weights(model, {(2, "mlp_res"): uniform}, layers=2)
 
 
+def test_a_cache_of_a_key_value_cached_pass_is_refused_as_a_value():
+    """A cache of ``run_with_cache(rest, past_kv_cache=kv)`` holds the sequence's positions
+    from ``n_past`` on. As a value of ``set_weights`` / ``patch_sources`` /
+    ``patch_committed`` in a whole run of its length it was accepted (the sweeps already
+    refused it) and its position ``i`` (the sequence's ``n_past + i``) went to position
+    ``i``: 0.38 logits off the unpatched run for the chunk's own weights (kimi)."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :3], past_kv_cache=kv)
+    _, chunk = model.run_with_cache(tokens[:, 3:], past_kv_cache=kv)
+    assert chunk.n_past == 3
+    message = "comes from a pass after 3 cached positions .*its position 0 is the sequence's"
+    for build in (
+        lambda cache: set_weights(model, cache),
+        lambda cache: patch_sources(model, "embedding", cache),
+        lambda cache: patch_committed(model, "embedding", cache),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build(chunk)
+        _, whole = model.run_with_cache(tokens[:, 3:])  # a whole run's cache still works
+        patched = model.run_with_hooks(tokens[:, 3:], fwd_hooks=build(whole))
+        torch.testing.assert_close(patched, model(tokens[:, 3:]), rtol=0, atol=1e-5)
+
+
 def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout, tokens):
     """positions= address the whole sequence: a key-value cache chunk (its position 0 is
     a later position of the sequence) and the last layer of a logit_positions pass (one

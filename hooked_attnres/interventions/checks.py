@@ -88,14 +88,16 @@ def check_cached(
     Raises:
         KeyError: a hook is missing from the cache.
         ValueError: the cache comes from another model, or a tensor has another shape, or
-            (with ``batch_pos``) the cache is of a pass after key-value-cached positions
-            (``cache.n_past``), whose positions are not the run's.
+            the cache is of a pass after key-value-cached positions (``cache.n_past``),
+            whose positions are not the run's (every cache checked here is patched into a
+            run's positions, and a run that takes another run's cache is a whole-sequence
+            run, `require_whole_sequence`).
     """
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
     require_cached(cache, names, what)
     n_past = getattr(cache, "n_past", 0)
-    if batch_pos is not None and n_past:
+    if n_past:
         raise ValueError(
             f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
             f"position 0 is the sequence's position {n_past}, not the run's position 0; "
