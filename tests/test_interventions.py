@@ -704,6 +704,33 @@ def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broa
         set_weights(model, {(2, "mlp_res"): uniform}, layers=2)
 
 
+def test_per_prompt_positions_are_refused_not_flattened(tokens):
+    """``positions=torch.tensor([[1], [4]])`` (one position per prompt) was flattened to
+    ``[1, 4]`` and applied to every prompt (each prompt also ablated at the other's
+    position), silently. Every intervention refuses a 2-d selection now."""
+    model = routed("kimi")
+    per_prompt = torch.tensor([[1], [4]])
+    site = model.site(2, "mlp_res")
+    uniform = torch.full((model.routing_layout.n_sources(site),), 1 / 3)
+    message = r"flat list of positions .* got shape \(2, 1\)"
+    for build in (
+        lambda p: mask_sources(model, "embedding", layers=2, positions=p),
+        lambda p: set_weights(model, uniform, routers=[site], positions=p),
+        lambda p: patch_sources(model, "embedding", "zero", layers=2, positions=p),
+        lambda p: patch_committed(model, "embedding", "zero", positions=p),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build(per_prompt)
+        with pytest.raises(ValueError, match=message):
+            build([[1], [4]])
+        # flat selections still work: a 1-d tensor as the list, a 0-d one as the int
+        flat = model.run_with_hooks(tokens, fwd_hooks=build(torch.tensor([1, 4])))
+        assert torch.equal(flat, model.run_with_hooks(tokens, fwd_hooks=build([4, 1])))
+        one = model.run_with_hooks(tokens, fwd_hooks=build(torch.tensor(4)))
+        assert torch.equal(one, model.run_with_hooks(tokens, fwd_hooks=build(4)))
+        assert not torch.equal(one, model(tokens))
+
+
 def test_a_cache_of_a_key_value_cached_pass_is_refused_as_a_value():
     """A cache of ``run_with_cache(rest, past_kv_cache=kv)`` holds the sequence's positions
     from ``n_past`` on. As a value of ``set_weights`` / ``patch_sources`` /

@@ -175,8 +175,10 @@ def resolve_routers(
 
 def check_positions(positions) -> None:
     """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
-    positions (an int, a list or a tensor), not empty. Their range is checked when the hook
-    runs (the sequence length is known only then)."""
+    positions (an int, a flat list or a 0-d / 1-d tensor), not empty. Every prompt is
+    edited at the same positions, so a nested list or a 2-d tensor (per-prompt positions,
+    which would be flattened and applied to every prompt) is refused. Their range is
+    checked when the hook runs (the sequence length is known only then)."""
     if positions is None:
         return
     try:
@@ -195,6 +197,13 @@ def check_positions(positions) -> None:
         raise ValueError(
             f"positions {positions!r} must be integers in [-pos, pos) of the run (an int, a "
             "list or a tensor), or None for all positions"
+        )
+    if index.ndim > 1:
+        raise ValueError(
+            f"positions must be one position or a flat list of positions (every prompt is "
+            f"edited at the same ones), got shape {tuple(index.shape)}: per-prompt positions "
+            "would be flattened and applied to every prompt. For per-prompt positions, "
+            "write a hook that edits [batch_index, positions]"
         )
 
 
