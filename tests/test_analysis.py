@@ -751,6 +751,30 @@ def test_single_router_and_family_may_be_bare_and_bad_ones_are_named(setup):
         plan_ablations(model, families="embeddings")
 
 
+def test_a_sweep_without_cells_or_with_ignored_bands_is_refused(setup):
+    """An empty selection gave an empty table (ablation_effects) or a misleading error
+    (attribute_routing), and bands= with groups other than 'bands' was ignored silently."""
+    from hooked_attnres.analysis import attribute_routing
+
+    model, batch = setup
+    empty = [
+        (dict(groups={}), "groups={} names no layer group"),
+        (dict(bands={}), "bands={} names no band"),
+        (dict(families=[]), "families is empty"),
+        (dict(routers=[]), "routers is empty"),
+        (dict(metrics=[]), "metrics is empty"),
+        (dict(groups="layers", bands={"a": [0]}), "bands= applies to groups='bands' only"),
+        (dict(groups={"x": [1]}, bands={"a": [0]}), "bands= applies to groups='bands' only"),
+    ]
+    for kwargs, message in empty:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ablation_effects(model, batch, progress=False, **kwargs)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attribute_routing(model, batch, progress=False, **kwargs)
+    plan = plan_ablations(model, families="current", groups="bands", bands={"a": [0, 1]})
+    assert {cell.group for cell in plan} == {"a"}
+
+
 def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
     from hooked_attnres.interventions import mask_sources
 

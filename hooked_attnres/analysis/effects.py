@@ -62,6 +62,11 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     """Metrics as a list (a single one may be given bare): names from `METRICS` or
     callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names."""
     metrics = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
+    if not metrics:
+        raise ValueError(
+            "metrics is empty: give at least one (a name of METRICS or a callable "
+            "fn(batch, logits) -> [batch])"
+        )
     unknown = [m for m in metrics if not callable(m) and m not in METRICS]
     if unknown:
         raise ValueError(
@@ -206,6 +211,8 @@ def _groups(model: HookedAttnRes, groups, bands) -> dict[str, list[int]]:
     if groups == "all":
         return {"all": list(range(n))}
     if isinstance(groups, dict):
+        if not groups:
+            raise ValueError("groups={} names no layer group; give at least one name -> layers")
         return depth_bands(n, groups)
     raise ValueError(
         f"groups must be 'bands', 'layers', 'all' or a dict of name -> layers, got {groups!r}"
@@ -228,9 +235,25 @@ def plan_ablations(
             single group ``"final"``.
         groups: ``"bands"`` (depth bands, default thirds), ``"layers"`` (one per layer),
             ``"all"`` (every layer at once), or ``{name: layers}``.
+        bands: ``{name: layers}`` for ``groups="bands"`` (default: thirds).
+
+    Raises:
+        ValueError: an empty ``families``, ``routers``, ``groups={}`` or ``bands={}`` (a
+            sweep without cells), ``bands`` with another ``groups`` than ``"bands"`` (it
+            would be ignored), an unknown family, router or group.
     """
     routers = check_routers(model, routers)
     families = [families] if isinstance(families, (str, int)) else list(families)
+    for name, chosen in (("routers", routers), ("families", families)):
+        if not chosen:
+            raise ValueError(f"{name} is empty: the sweep would have no cell; give at least one")
+    if bands is not None and not bands:
+        raise ValueError("bands={} names no band; give at least one name -> layers, or None")
+    if bands is not None and not (isinstance(groups, str) and groups == "bands"):
+        raise ValueError(
+            f"bands= applies to groups='bands' only, but groups={groups!r} would ignore it; "
+            "pass the bands as groups={name: layers} (or groups='bands', bands=...)"
+        )
     layer_groups = _groups(model, groups, bands)
     plan = []
     for router in routers:
