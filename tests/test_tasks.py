@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,6 +108,10 @@ def test_batch_metrics():
     assert batch[1:3].tokens.shape == (2, RETRIEVAL.prompt_length)
     expected = -torch.log_softmax(logits[1, -1], -1)[batch.answer[1]]
     assert torch.allclose(-batch.answer_logprob(logits)[1], expected)
+    # -1 read the last position wherever logits were indexed with it (the slow ablation
+    # path, attached hooks) while the fast path refused it: refused when the batch is built
+    with pytest.raises(ValueError, match="answer_pos must be each prompt's last real position"):
+        dataclasses.replace(batch, answer_pos=torch.full((4,), -1))
 
 
 def test_tokenizer_round_trip(tmp_path):

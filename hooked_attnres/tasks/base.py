@@ -55,6 +55,18 @@ class TaskBatch:
     targets: Int[Tensor, "batch pos"]
     task: str = ""
 
+    def __post_init__(self) -> None:
+        # a negative answer_pos would read a position counted from the end wherever the
+        # logits are indexed with it, and leave no real position in a right-padded prompt
+        if isinstance(self.answer_pos, Tensor) and self.answer_pos.numel():
+            lowest = int(self.answer_pos.min())
+            if lowest < 0:
+                raise ValueError(
+                    f"answer_pos must be each prompt's last real position, counted from 0 "
+                    f"(prompts are right-padded), got {lowest}; for a prompt of n tokens "
+                    "pass n - 1"
+                )
+
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
