@@ -470,6 +470,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         layers = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
+        n_past = self._n_past(past_kv_cache)  # before the pass's context extends the cache
         if start_at_layer is None:
             if isinstance(input, DepthState):
                 raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
@@ -478,14 +479,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             ):
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 attention_mask = mask if attention_mask is None else attention_mask
-            tokens = self._validate_tokens(input, n_past=self._n_past(past_kv_cache))
+            tokens = self._validate_tokens(input, n_past=n_past)
             # a pass that starts a cache too (generate's first step); later passes
             # continue prompts whose padding, if any, was masked before
-            if attention_mask is None and self._n_past(past_kv_cache) == 0:
+            if attention_mask is None and n_past == 0:
                 self._warn_if_left_padded(tokens)
             mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
             # hook_embed belongs to the pass: interventions there check its extent and mask
-            with pass_extent(self._n_past(past_kv_cache), tokens.shape[1], mask):
+            with pass_extent(n_past, tokens.shape[1], mask):
                 state = self.embed_state(tokens)
         else:
             state = self._validate_state(input, layers.start)
@@ -511,7 +512,6 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         # leaves the cache as it was
         kept = nullcontext() if past_kv_cache is None else past_kv_cache.restored_on_error()
         with kept:
-            n_past = self._n_past(past_kv_cache)  # before the context extends the cache
             context = self._attention_context(state, mask, past_kv_cache)
             shared_sums = SharedSums(self)
             with pass_extent(n_past, state.current.shape[1], mask):
