@@ -1018,12 +1018,22 @@ def test_the_metric_probe_sees_every_answer_position(setup):
     np.testing.assert_allclose(fast[1][at_last], full[1][at_last], atol=1e-6)
 
 
-def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only():
+def _padding_test_model(name: str) -> HookedAttnRes:
+    if name in ("recency", "exact"):
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(num_hidden_layers=4), wrap=name, num_blocks=2)
+    else:
+        model = tiny_model(attnres_layout=name)
+    return randomize_routing(model, seed=1).eval()  # routing that depends on the content
+
+
+@pytest.mark.parametrize("name", ["kimi", "cumulative", "full", "recency", "exact"])
+def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only(name):
     """A TaskBatch's answer_pos is each prompt's last real position (right padding after
     it). positions="all" averages each prompt's real positions (independent: each prompt
     run alone, unpadded); before, it averaged the padding in as well. A position list
-    reaching past a prompt's answer_pos reads padding and is refused."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    reaching past a prompt's answer_pos reads padding and is refused. Every routed layout
+    and wrap (layout "none" has no routers and is refused, below)."""
+    model = _padding_test_model(name)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, model.cfg.d_vocab, (4, 8), generator=generator)
     lengths = torch.tensor([8, 5, 3, 8])
@@ -1058,3 +1068,5 @@ def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only():
     routing_mass(model, batch, positions=[0, 2])
     with pytest.raises(ValueError, match=r"prompt\(s\) \[1, 2\] .*right padding"):
         routing_mass(model, batch, positions=[-1])
+    with pytest.raises(ValueError, match="routers"):
+        routing_mass(tiny_model(attnres_layout="none"), batch, positions="all")
