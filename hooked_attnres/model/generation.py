@@ -165,15 +165,18 @@ class GenerationMixin:
                 kept).
             return_type: ``"input"`` (strings for string input, tokens for tokens),
                 ``"str"`` or ``"tokens"`` (``[batch, pos + generated]``, the prompt
-                included; special tokens such as padding are skipped in strings).
+                included; special tokens such as padding are skipped in strings). With
+                ``"str"``, token ids of one prompt (``[pos]`` or ``[1, pos]``) give one
+                string, as in TransformerLens 4.3.
             verbose: show a progress bar.
             attention_mask: ``[batch, pos]`` for a left-padded token input (1 = real token).
             generator: a seeded ``torch.Generator`` for reproducible sampling; ``None`` uses
                 the global RNG (``torch.manual_seed``, as TransformerLens does).
 
         Returns:
-            A string, a list of strings (one per prompt of a list), or ``[batch, pos +
-            n_generated]`` token ids, per ``return_type``.
+            A string (a string prompt, or token ids of one prompt), a list of strings (one
+            per prompt of a list, also of a list of one, and of ``[batch > 1, pos]`` token
+            ids), or ``[batch, pos + n_generated]`` token ids, per ``return_type``.
         """
         self._check_generate_args(
             max_new_tokens, return_type, do_sample, padding_side, use_past_kv_cache, generator
@@ -359,4 +362,6 @@ class GenerationMixin:
                 "return_type='str' needs a tokenizer; none is attached (use return_type='tokens')"
             )
         texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
-        return texts[0] if input_type == "str" else texts
+        # as TransformerLens 4.3: one string for one prompt given as a string or as token
+        # ids ([pos] / [1, pos]); a list of strings keeps its list, also of one prompt
+        return texts if input_type == "list" or len(texts) > 1 else texts[0]
