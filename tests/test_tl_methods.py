@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -499,6 +500,44 @@ def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
     model.set_tokenizer(None)
     with pytest.raises(ValueError, match="reads the padding off the pad token"):
         model.generate(tokens, padding_side="left", **options)
+
+
+class NumpyPadTokenizer:
+    """A tokenizer whose ``pad_token_id`` is a NumPy integer (as a wrapper around another
+    tokenizer library may give); everything else is the wrapped tokenizer's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __len__(self):
+        return len(self._inner)
+
+    def __call__(self, *args, **kwargs):
+        return self._inner(*args, **kwargs)
+
+    @property
+    def pad_token_id(self):
+        return np.int64(self._inner.pad_token_id)
+
+
+def test_the_pad_token_is_read_the_same_way_everywhere():
+    """Audit finding: the left-padding warning took a NumPy pad id and generate(tokens,
+    padding_side="left") refused it, saying no tokenizer with a pad token was attached;
+    both now read it through one helper, and padding_side="left" gives the masked tokens."""
+    model = routed_model("kimi")
+    model.set_tokenizer(NumpyPadTokenizer(model.tokenizer))
+    options = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5 w6"], padding_side="left")
+    pad = model.tokenizer._inner.pad_token_id
+    assert tokens[1, :2].tolist() == [pad, pad]
+    masked = model.generate(tokens, attention_mask=mask, **options)
+    assert torch.equal(model.generate(tokens, padding_side="left", **options), masked)
+    model.tokenizer.padding_side = "left"  # the warning is for a model that pads on the left
+    with pytest.warns(LeftPaddingWithoutMaskWarning, match=f"start with the pad token {pad} "):
+        model(tokens)
 
 
 def test_a_string_prompt_longer_than_n_ctx_is_refused_not_truncated():

@@ -117,6 +117,8 @@ class GenerationMixin:
 
         def _validate_attention_mask(self, mask, shape, device) -> Optional[Tensor]: ...
 
+        def _pad_token_id(self) -> Optional[int]: ...
+
     @torch.no_grad()
     def generate(
         self,
@@ -307,8 +309,8 @@ class GenerationMixin:
         ``generate(tokens, padding_side="left")`` does: each row's leading pad tokens are
         padding; when BOS is prepended (``prepend_bos``, default the config's) and the BOS
         token is the pad token, the last of them is the BOS, a real token."""
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if not is_integer(pad):
+        pad = self._pad_token_id()
+        if pad is None:
             raise ValueError(
                 "generate(tokens, padding_side='left') reads the padding off the pad token, "
                 "and no tokenizer with a pad token is attached; pass attention_mask=... "

@@ -87,10 +87,10 @@ class TokenizerMixin:
             or self.default_padding_side != "left"
         ):
             return
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if not is_integral(pad) or pad == getattr(tokenizer, "bos_token_id", None):
+        pad = self._pad_token_id()
+        if pad is None or pad == getattr(tokenizer, "bos_token_id", None):
             return
-        rows = torch.eq(tokens[:, 0], int(pad)).nonzero().flatten().tolist()
+        rows = torch.eq(tokens[:, 0], pad).nonzero().flatten().tolist()
         if not rows:
             return
         self._left_padding_warned = True
@@ -105,6 +105,14 @@ class TokenizerMixin:
             LeftPaddingWithoutMaskWarning,
             stacklevel=4,
         )
+
+    def _pad_token_id(self) -> Optional[int]:
+        """The attached tokenizer's pad token id as an ``int`` (a Python or NumPy integer,
+        `is_integral`), or ``None`` without a tokenizer or a pad token. The one place that
+        reads it: the padding of `to_tokens`, the left-padding warning and
+        ``generate(tokens, padding_side="left")`` agree on what the pad token is."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if is_integral(pad) else None
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -167,8 +175,8 @@ class TokenizerMixin:
         width = max(len(row) for row in ids)
         if width == 0:
             raise ValueError("the input tokenises to zero tokens")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        tokens = torch.full((len(ids), width), pad, dtype=torch.long)
+        pad = self._pad_token_id()
+        tokens = torch.full((len(ids), width), 0 if pad is None else pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, row in enumerate(ids):
             columns = (
