@@ -6,7 +6,7 @@ Imported explicitly (``from helpers import tiny_model``); ``conftest.py`` holds 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 
@@ -84,3 +84,51 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>"
     )
+
+
+def build_sentencepiece_style_tokenizer(bos_post_processor: bool) -> PreTrainedTokenizerFast:
+    """A tiny Unigram tokenizer with SentencePiece's ``Metaspace`` pre-tokenizer that marks
+    only the start of the text (``prepend_scheme="first"``, as Llama-style tokenizers do):
+    ``"Hello"`` at the start is ``"▁Hello"``, after a special token it is ``"Hello"``.
+    With ``bos_post_processor`` the tokenizer prepends ``<s>`` itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = ["<unk>", "<pad>", "<s>", "</s>", "▁", "H", "e", "l", "o", "w", "r", "d"]
+    pieces += ["▁Hello", "Hello", "▁world", "world", "ello", "▁H"]
+    backend = Tokenizer(
+        models.Unigram([(p, -1.0 if len(p) > 1 else -5.0) for p in pieces], unk_id=0)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    if bos_post_processor:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 2)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def transformer_bridge_pair(directory, tokenizer):
+    """TransformerLens 4.3's ``TransformerBridge`` over a tiny HF Qwen3 and this model's
+    exact wrap of the same weights, each with ``tokenizer`` saved to ``directory`` and
+    loaded from there (the Bridge reloads its tokenizer from that path, with
+    ``add_bos_token=True``)."""
+    tokenizer.save_pretrained(directory)
+    # imported here: the Bridge's modules take seconds to import
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    hf = hf_qwen3()  # the Bridge rewires its model in place: each side gets its own copy
+    bridge = build_bridge_from_module(
+        hf,
+        "Qwen3ForCausalLM",
+        hf_config=hf.config,
+        tokenizer=AutoTokenizer.from_pretrained(directory),
+    )
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="exact", num_blocks=2)
+    model.set_tokenizer(AutoTokenizer.from_pretrained(directory))
+    return bridge, model

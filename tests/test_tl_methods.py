@@ -15,13 +15,18 @@ import numpy as np
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
-from helpers import LAYOUTS, build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
+from helpers import (
+    LAYOUTS,
+    build_word_tokenizer,
+    hf_qwen3,
+    randomize_routing,
+    tiny_model,
+    transformer_bridge_pair,
+)
 from transformer_lens import SVDInterpreter
 from transformer_lens.head_detector import detect_head
-from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 from transformer_lens.utilities import sample_logits as tl_sample_logits
 from transformer_lens.utilities import test_prompt as tl_test_prompt
-from transformers import AutoTokenizer
 
 from hooked_attnres import (
     HookedAttnRes,
@@ -663,24 +668,6 @@ def test_finished_prompts_are_filled_with_transformerlens_end_token():
     model.tokenizer.eos_token = None
     stopped = model.generate(prompt, eos_token_id=[other, end], **options)
     assert set(stopped[0, 5:].tolist()) == {other}  # no tokenizer eos: the list's first
-
-
-def transformer_bridge_pair(directory, tokenizer):
-    """TransformerLens 4.3's ``TransformerBridge`` over a tiny HF Qwen3 and this model's
-    exact wrap of the same weights, each with ``tokenizer`` saved to ``directory`` and
-    loaded from there (the Bridge reloads its tokenizer from that path, with
-    ``add_bos_token=True``)."""
-    tokenizer.save_pretrained(directory)
-    hf = hf_qwen3()  # the Bridge rewires its model in place: each side gets its own copy
-    bridge = build_bridge_from_module(
-        hf,
-        "Qwen3ForCausalLM",
-        hf_config=hf.config,
-        tokenizer=AutoTokenizer.from_pretrained(directory),
-    )
-    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="exact", num_blocks=2)
-    model.set_tokenizer(AutoTokenizer.from_pretrained(directory))
-    return bridge, model
 
 
 # the Bridge's key-value cached loop continues differently from HF's own generate on this

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import (
+    build_sentencepiece_style_tokenizer,
+    randomize_routing,
+    tiny_model,
+    transformer_bridge_pair,
+)
 
 
 @pytest.fixture
@@ -88,3 +93,53 @@ def test_to_str_tokens_takes_what_transformerlens_takes(model, word_tokenizer):
         model.to_str_tokens([[ids["w1"], [ids["w2"]]]])
     with pytest.raises(TypeError, match="integer token ids, got dtype torch.float32"):
         model.to_str_tokens(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("bos_post_processor", [False, True])
+def test_tokens_equal_transformer_bridges_for_a_sentencepiece_style_tokenizer(
+    tmp_path, bos_post_processor
+):
+    """to_tokens tokenises the text alone and puts the BOS id before it. A tokenizer that
+    marks only the start of the text (Metaspace, prepend_scheme="first") tokenises
+    "<s>Hello" as ["<s>", "Hello"], not ["<s>", "▁Hello"], so prepending the BOS as a
+    string would give other ids; TransformerBridge 4.3 reloads the tokenizer with
+    add_bos_token=True, so the tokenizer prepends the BOS itself and the ids are ours."""
+    tokenizer = build_sentencepiece_style_tokenizer(bos_post_processor)
+    bridge, model = transformer_bridge_pair(tmp_path, tokenizer)
+    assert bridge.cfg.tokenizer_prepends_bos  # also without the post-processor, after reloading
+    bos = tokenizer.bos_token_id
+    as_string = tokenizer("<s>Hello world", add_special_tokens=False)["input_ids"]
+    assert model.to_tokens("Hello world", prepend_bos=True)[0].tolist() != as_string
+    for text in ("Hello world", ["Hello world", "world", "Hello"]):
+        for prepend_bos in (True, False):
+            for side in ("right", "left"):
+                ours = model.to_tokens(text, prepend_bos=prepend_bos, padding_side=side)
+                theirs = bridge.to_tokens(text, prepend_bos=prepend_bos, padding_side=side)
+                assert torch.equal(ours, theirs), (text, prepend_bos, side)
+        strings = text if isinstance(text, list) else [text]
+        for prepend_bos in (True, False):
+            assert model.to_str_tokens(text, prepend_bos) == bridge.to_str_tokens(text, prepend_bos)
+            for string in strings:
+                for mode in ("first", "last"):
+                    assert model.get_token_position(
+                        bos if prepend_bos else tokenizer.convert_tokens_to_ids("▁world"),
+                        string + " world",
+                        mode,
+                        prepend_bos,
+                    ) == bridge.get_token_position(
+                        bos if prepend_bos else tokenizer.convert_tokens_to_ids("▁world"),
+                        string + " world",
+                        mode,
+                        prepend_bos,
+                    )
+    tokens = model.to_tokens(["Hello world", "Hello"], prepend_bos=True, padding_side="left")
+    assert model.to_string(tokens) == bridge.to_string(tokens)
+    assert model.to_string(tokens[0]) == bridge.to_string(tokens[0])
+    # documented difference: a text longer than n_ctx keeps its first n_ctx tokens here;
+    # the Bridge truncates with the BOS and then drops it (n_ctx - 1 tokens)
+    long = " ".join(["Hello world"] * 40)
+    untruncated = bridge.to_tokens(long, prepend_bos=False, truncate=False)
+    n_ctx = model.cfg.n_ctx
+    assert untruncated.shape[1] > n_ctx
+    assert torch.equal(model.to_tokens(long, prepend_bos=False), untruncated[:, :n_ctx])
+    assert bridge.to_tokens(long, prepend_bos=False).shape[1] == n_ctx - 1
