@@ -703,6 +703,42 @@ def test_generate_returns_what_transformer_bridge_returns(tmp_path):
     assert model.generate(["w5 w6"], **options) == [theirs]
 
 
+def test_stop_at_eos_reads_the_end_token_as_transformer_bridge_does(tmp_path):
+    """TransformerBridge 4.3 reads the end token from eos_token_id=, else cfg.eos_token_id
+    (which no adapter sets for Qwen3), else the tokenizer, and refuses stop_at_eos without
+    one (an AssertionError); so does generate here (a ValueError). Audit finding: a NumPy
+    eos_token_id (as NumPy pad ids are taken elsewhere) crashed with "'numpy.int64'
+    object is not iterable", a 0-d tensor with "iteration over a 0-d tensor"."""
+    tokenizer = build_word_tokenizer(WORDS)
+    bridge, model = transformer_bridge_pair(tmp_path, tokenizer)
+    assert getattr(bridge.cfg, "eos_token_id", None) is None
+    options = dict(max_new_tokens=5, do_sample=False, verbose=False, padding_side="left")
+    tokens = model.to_tokens(["w1 w2 w3 w4", "w5"], padding_side="left")
+    free = model.generate(tokens, stop_at_eos=False, **options)
+    end = int(free[0, tokens.shape[1] + 1])  # prompt 0 ends at its second new token
+    for side in (bridge, model):
+        side.tokenizer.eos_token = model.tokenizer.convert_ids_to_tokens(end)
+    ours = model.generate(tokens, **options)
+    theirs = bridge.generate(tokens, **options, **BRIDGE_OPTIONS)
+    assert torch.equal(ours, theirs)
+    assert (ours[0, tokens.shape[1] + 2 :] == end).all()  # finished: filled with the end
+    for given in (np.int64(end), [np.int64(end)], (end,)):
+        assert torch.equal(model.generate(tokens, eos_token_id=given, **options), ours)
+    with pytest.raises(ValueError, match=r"eos_token_id must be a token id or a list"):
+        model.generate(tokens, eos_token_id=torch.tensor(end), **options)
+    for side in (bridge, model):
+        side.tokenizer.eos_token = None
+    with pytest.raises(AssertionError, match="Must pass eos_token_id if stop_at_eos is True"):
+        bridge.generate(tokens, **options, **BRIDGE_OPTIONS)
+    with pytest.raises(ValueError, match="stop_at_eos=True needs an end-of-sequence token"):
+        model.generate(tokens, **options)
+    model.set_tokenizer(None)  # no tokenizer: the same refusal, and eos_token_id= works
+    with pytest.raises(ValueError, match="stop_at_eos=True needs an end-of-sequence token"):
+        model.generate(tokens, **dict(options, padding_side=None))
+    no_tokenizer = model.generate(tokens, eos_token_id=end, **dict(options, padding_side=None))
+    assert torch.equal(no_tokenizer[0], ours[0])  # prompt 0 has no padding to mask
+
+
 def test_bad_generation_arguments_are_refused():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (1, 3))

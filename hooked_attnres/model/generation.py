@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, is_integral, require_integer
 from hooked_attnres.model.attention import KeyValueCache
 
 if TYPE_CHECKING:
@@ -336,13 +336,19 @@ class GenerationMixin:
                     "none (or no tokenizer is attached); pass eos_token_id=... or "
                     "stop_at_eos=False"
                 )
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not ids or not all(is_integer(i) and 0 <= i < self.cfg.d_vocab for i in ids):
+        if is_integral(eos_token_id):  # NumPy integers too, as token ids elsewhere
+            ids = [eos_token_id]
+        else:
+            try:
+                ids = list(eos_token_id)
+            except TypeError:  # not a sequence (a 0-d tensor, a float): refused below
+                ids = []
+        if not ids or not all(is_integral(i) and 0 <= i < self.cfg.d_vocab for i in ids):
             raise ValueError(
                 f"eos_token_id must be a token id or a list of token ids in [0, "
                 f"{self.cfg.d_vocab}), got {eos_token_id!r}"
             )
-        return ids
+        return [int(i) for i in ids]
 
     def _finished_fill(self, stop_tokens: list[int], eos_token_id) -> int:
         """The token that fills a finished prompt's later positions (TransformerLens's
@@ -350,7 +356,7 @@ class GenerationMixin:
         if not stop_tokens:
             return 0  # never used: without stop tokens no prompt finishes
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos_token_id is None or isinstance(eos_token_id, int) or tokenizer_eos is None:
+        if eos_token_id is None or is_integral(eos_token_id) or tokenizer_eos is None:
             return stop_tokens[0]
         return int(tokenizer_eos)
 
