@@ -773,6 +773,14 @@ def test_bad_generation_arguments_are_refused():
         model.generate(prompt, top_p=1.5, stop_at_eos=False, **quiet)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         model.generate(prompt, temperature=-1.0, stop_at_eos=False, **quiet)
+    # greedy ignores freq_penalty (as TransformerLens) but refuses a negative one as it does
+    # (audit finding: it was accepted silently with do_sample=False)
+    with pytest.raises(ValueError, match="freq_penalty must be >= 0"):
+        model.generate(prompt, do_sample=False, freq_penalty=-1.0, stop_at_eos=False, **quiet)
+    greedy = dict(do_sample=False, stop_at_eos=False, **quiet)
+    assert torch.equal(
+        model.generate(prompt, freq_penalty=5.0, **greedy), model.generate(prompt, **greedy)
+    )
     with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(prompt, top_k=0, stop_at_eos=False, **quiet)
     with pytest.raises(TypeError, match="token ids must be an integer tensor"):

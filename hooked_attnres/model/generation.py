@@ -217,9 +217,10 @@ class GenerationMixin:
                     generator,
                 )
             else:
-                sampled = sample_logits(
+                sampled = sample_logits(  # freq_penalty: no effect on the argmax, but checked
                     logits[:, -1],
                     temperature=0.0,
+                    freq_penalty=freq_penalty,
                     repetition_penalty=repetition_penalty,
                     tokens=tokens,
                     token_mask=token_mask,
