@@ -89,6 +89,12 @@ def test_to_str_tokens_takes_what_transformerlens_takes(model, word_tokenizer):
     assert model.to_str_tokens([[ids["w1"]], []]) == [["w1"], []]
     assert model.to_str_tokens(torch.tensor(ids["w2"])) == ["w2"]
     assert model.to_str_tokens([ids["w1"], ids["w3"]]) == ["w1", "w3"]  # a list of ids
+    # a text of no tokens is no string tokens (TransformerBridge 4.3: []); audit finding:
+    # it raised "the input tokenises to zero tokens", also for a list holding one
+    assert model.to_str_tokens("") == [] and model.to_str_tokens(["w1", ""]) == [["w1"], []]
+    assert model.to_str_tokens("", prepend_bos=True) == ["<bos>"]
+    with pytest.raises(ValueError, match="the input tokenises to zero tokens"):
+        model.to_tokens("")  # no [1, 0] tensor: a forward pass of no tokens is refused
     with pytest.raises(TypeError, match="nested list holding"):
         model.to_str_tokens([[ids["w1"], [ids["w2"]]]])
     with pytest.raises(TypeError, match="integer token ids, got dtype torch.float32"):
@@ -132,6 +138,9 @@ def test_tokens_equal_transformer_bridges_for_a_sentencepiece_style_tokenizer(
                         mode,
                         prepend_bos,
                     )
+    for prepend_bos in (True, False):
+        for text in ("", ["Hello", ""]):
+            assert model.to_str_tokens(text, prepend_bos) == bridge.to_str_tokens(text, prepend_bos)
     tokens = model.to_tokens(["Hello world", "Hello"], prepend_bos=True, padding_side="left")
     assert model.to_string(tokens) == bridge.to_string(tokens)
     assert model.to_string(tokens[0]) == bridge.to_string(tokens[0])

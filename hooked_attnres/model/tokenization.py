@@ -158,7 +158,7 @@ class TokenizerMixin:
         truncate: bool = True,
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """`to_tokens` plus the attention mask ``[batch, pos]`` (1 = real token, 0 = padding)."""
-        tokenizer = self._require_tokenizer("to_tokens")
+        self._require_tokenizer("to_tokens")
         if padding_side is None:
             padding_side = self.default_padding_side
         if padding_side not in ("right", "left"):
@@ -166,12 +166,7 @@ class TokenizerMixin:
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("to_tokens takes a string or a non-empty list of strings")
-        bos = self._bos_id(prepend_bos)
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        if bos is not None:
-            ids = [[bos, *row] for row in ids]
-        if truncate:
-            ids = [row[: self.cfg.n_ctx] for row in ids]
+        ids = [self._token_ids(text, prepend_bos, truncate) for text in texts]
         width = max(len(row) for row in ids)
         if width == 0:
             raise ValueError("the input tokenises to zero tokens")
@@ -187,6 +182,17 @@ class TokenizerMixin:
         if move_to_device:
             tokens, mask = tokens.to(self.cfg.device), mask.to(self.cfg.device)
         return tokens, mask
+
+    def _token_ids(self, text: str, prepend_bos: Optional[bool], truncate: bool) -> list[int]:
+        """The ids of one text, unpadded: the text tokenised alone (no special tokens),
+        after the BOS id when ``prepend_bos`` (default the config's), cut to ``n_ctx``
+        when ``truncate``."""
+        tokenizer = self._require_tokenizer("to_tokens")
+        bos = self._bos_id(prepend_bos)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if bos is not None:
+            ids = [bos, *ids]
+        return ids[: self.cfg.n_ctx] if truncate else ids
 
     def to_string(
         self,
@@ -253,7 +259,8 @@ class TokenizerMixin:
         return self._decode_each(tokens)
 
     def _str_tokens_of_text(self, text: str, prepend_bos: Optional[bool]) -> list[str]:
-        return self._decode_each(self.to_tokens(text, prepend_bos, move_to_device=False)[0])
+        # a text of no tokens gives [] (as TransformerLens), where to_tokens refuses it
+        return self._decode_each(torch.tensor(self._token_ids(text, prepend_bos, True)))
 
     def _decode_each(self, tokens: Int[Tensor, " pos"]) -> list[str]:
         tokenizer = self._require_tokenizer("to_str_tokens")
