@@ -1070,3 +1070,29 @@ def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only(nam
         routing_mass(model, batch, positions=[-1])
     with pytest.raises(ValueError, match="routers"):
         routing_mass(tiny_model(attnres_layout="none"), batch, positions="all")
+
+
+def test_summarize_mass_refuses_the_nan_of_a_float16_overflow():
+    """Audit finding (low precision): a float16 forward pass that overflows at one prompt
+    gives NaN routing weights, and summarize_mass's pandas mean over the routers of a group
+    skipped them: the router type's mass came out finite, averaged over the layers that
+    happened not to overflow (here prompt 1's attn_res 'current' read 0.0 from layer 0
+    alone, layers 1-3 NaN, and the summary over prompts 0.249)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    model = model.to(torch.float16)
+    with torch.no_grad():
+        model.embed.W_E[7] *= 1e7  # past float16's 65504: an inf embedding
+    tokens = torch.randint(8, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    tokens[1, 5] = 7
+    mass = routing_mass(model, tokens, positions="all")
+    nan_rows = mass[mass.mass.isna()]
+    assert len(nan_rows) and set(nan_rows.prompt) == {1}  # only the overflowing prompt
+    # a group with a NaN layer and a finite one: the mean over it has no value
+    group = mass[(mass.router == "attn_res") & (mass.family == "current") & (mass.prompt == 1)]
+    assert group.mass.isna().any() and group.mass.notna().any()
+    found = rf"{len(nan_rows)} non-finite mass .*first: prompt=1, router='attn_res'"
+    with pytest.raises(ValueError, match=found):
+        summarize_mass(mass, n_bootstrap=20)
+    # the other prompts summarise as before
+    finite = summarize_mass(mass[mass.prompt != 1], n_bootstrap=20)
+    assert np.isfinite(finite.mass).all()

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
@@ -50,6 +51,26 @@ def require_family_rows(summary: pd.DataFrame, routers: Sequence[str], what: str
             f"{what} lacks the (router, family) rows {missing}; pass "
             "summarize_mass(routing_mass(...), by=('router', 'family')) of the same model"
         )
+
+
+def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
+    """Raise unless every ``mass`` value of a `routing_mass` table is finite: pandas'
+    means and maxima skip NaN, so a NaN mass (routing weights of a non-finite forward pass,
+    e.g. a float16 overflow) would drop out of an average and leave a finite, wrong number.
+    ``what`` names the result that cannot be computed."""
+    found = first_non_finite(mass.mass)
+    if found is None:
+        return
+    first = mass.iloc[found[0]].to_dict()
+    columns = [c for c in ("prompt", "router", "layer", "family") if c in first]
+    where = ", ".join(f"{c}={np.asarray(first[c]).tolist()!r}" for c in columns)  # no np.int64
+    n_bad = int((~np.isfinite(mass.mass.to_numpy(dtype=float))).sum())
+    raise ValueError(
+        f"the mass table holds {n_bad} non-finite mass value(s) (first: {where}); {what} "
+        "cannot be computed (pandas' mean and max would skip them): find what made the "
+        "routing weights non-finite (a float16 overflow? run the model in bfloat16 or "
+        "float32)"
+    )
 
 
 def _position_weights(
@@ -203,6 +224,11 @@ def summarize_mass(
 
     Returns:
         Columns ``*by, mass, ci_low, ci_high, n_prompts``.
+
+    Raises:
+        ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
+            other routers and prompts into a finite, wrong number), an unknown ``by``
+            column or an empty table.
     """
     by = [by] if isinstance(by, str) else list(by)
     unknown = [column for column in by if column not in mass.columns or column == "mass"]
@@ -213,6 +239,7 @@ def summarize_mass(
         )
     if mass.empty:
         raise ValueError("the mass table is empty: there is nothing to summarise")
+    require_finite_mass(mass, "the summary")
     per_prompt = mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt")
     mean, low, high = bootstrap_ci_rows(per_prompt.to_numpy(), n_bootstrap, confidence, seed)
     out = per_prompt.index.to_frame(index=False)

@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 import torch
 
-from hooked_attnres._validation import first_non_finite
+from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 
@@ -180,16 +179,7 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             would skip it and report agreement).
     """
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
-    found = first_non_finite(measured.mass)
-    if found is not None:
-        first = measured.iloc[found[0]]
-        n_bad = int((~np.isfinite(measured.mass.to_numpy(dtype=float))).sum())
-        raise ValueError(
-            f"the mass table holds {n_bad} non-finite mass value(s) (first: "
-            f"router={first.router!r}, layer={first.layer}, family={first.family!r}); the "
-            "comparison cannot be computed (pandas' mean and max would skip them and report "
-            "agreement): find what made the routing weights non-finite"
-        )
+    require_finite_mass(measured, "the comparison")
     grouped = measured.groupby(["router", "layer", "family"]).mass
     table = grouped.mean().rename("measured").to_frame()
     predicted = schedule.families.set_index(["router", "layer", "family"]).weight
