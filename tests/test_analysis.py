@@ -412,7 +412,8 @@ def test_bootstrap_properties_and_bad_inputs():
     assert (
         wide[1] <= narrow[1] <= narrow[2] <= wide[2] and wide[2] - wide[1] > narrow[2] - narrow[1]
     )
-    mean, low, high = bootstrap_ci_rows(np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]]), 100)
+    with pytest.warns(RuntimeWarning, match=r"row\(s\) \[0\]"):
+        mean, low, high = bootstrap_ci_rows(np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]]), 100)
     assert (
         np.isnan([mean[0], low[0], high[0]]).all()
         and not np.isnan([mean[1], low[1], high[1]]).any()
@@ -1096,3 +1097,24 @@ def test_summarize_mass_refuses_the_nan_of_a_float16_overflow():
     # the other prompts summarise as before
     finite = summarize_mass(mass[mass.prompt != 1], n_bootstrap=20)
     assert np.isfinite(finite.mass).all()
+
+
+def test_a_bootstrap_row_with_an_infinite_value_has_no_interval():
+    """Audit finding: a row holding +inf gave ``(inf, -0.18, nan)``: the resamples that
+    miss the infinite prompt (about (1 - 1/n)^n = 36 % of them) are finite, so the lower
+    percentile was a finite number, an interval bound for an infinite mean."""
+    rng = np.random.default_rng(1)
+    finite = rng.normal(size=40)
+    for bad in (np.inf, -np.inf, np.nan):
+        row = finite.copy()
+        row[3] = bad
+        with pytest.warns(RuntimeWarning, match=r"row\(s\) \[0\] .*NaN or infinite"):
+            mean, low, high = bootstrap_ci_rows(np.vstack([row, finite]), 300, seed=2)
+        assert np.isnan(low[0]) and np.isnan(high[0])
+        assert mean[0] == row.mean() or (np.isnan(mean[0]) and np.isnan(row.mean()))
+        # the finite row keeps its interval: the resamples depend on n and the seed only
+        assert (mean[1], low[1], high[1]) == pytest.approx(bootstrap_ci(finite, 300, seed=2))
+    row = finite.copy()
+    row[[3, 5]] = [np.inf, -np.inf]  # inf - inf: no mean either
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        assert np.isnan(bootstrap_ci(row)).all()

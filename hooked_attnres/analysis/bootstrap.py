@@ -58,7 +58,10 @@ def bootstrap_ci_rows(
     prompts for every row (so that rows stay paired).
 
     Returns:
-        ``(mean, low, high)``, each ``[rows]``. Rows that contain NaN give NaN. With one
+        ``(mean, low, high)``, each ``[rows]``. A row that holds NaN or an infinite value
+        has no interval: its ``low`` and ``high`` are NaN (its mean is the plain mean, NaN
+        or infinite) and a ``RuntimeWarning`` names it (resampled means with and without
+        an infinite value would otherwise give one finite, meaningless bound). With one
         prompt (``n = 1``) every resample is that prompt, so there is no interval: ``low``
         and ``high`` are NaN and a ``RuntimeWarning`` says so (the mean is returned).
     """
@@ -76,12 +79,26 @@ def bootstrap_ci_rows(
         )
         nan = np.full(values.shape[0], math.nan)
         return values.mean(axis=1), nan, nan.copy()
-    rng = np.random.default_rng(seed)
-    means = np.empty((values.shape[0], n_resamples))
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite).tolist()
+        warnings.warn(
+            f"row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} of the bootstrap hold NaN "
+            "or infinite values: their interval is undefined and is returned as NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    rng = np.random.default_rng(seed)  # the resamples depend on n and the seed only
+    kept = values[finite]
+    means = np.empty((kept.shape[0], n_resamples))
     for start in range(0, n_resamples, 256):  # bounded memory: rows x 256 x n at a time
         stop = min(n_resamples, start + 256)
         index = rng.integers(0, n, size=(stop - start, n))
-        means[:, start:stop] = values[:, index].mean(axis=-1)
+        means[:, start:stop] = kept[:, index].mean(axis=-1)
     alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha], axis=1)
-    return values.mean(axis=1), low, high
+    low, high = np.full((2, values.shape[0]), math.nan)
+    if kept.shape[0]:
+        low[finite], high[finite] = np.quantile(means, [alpha, 1 - alpha], axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf in a row: NaN, as documented
+        mean = values.mean(axis=1)
+    return mean, low, high
