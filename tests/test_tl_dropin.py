@@ -733,3 +733,43 @@ def test_a_folded_model_saves_and_loads_as_folded(tmp_path):
     loaded = type(model).from_pretrained(tmp_path / "folded")
     assert loaded.cfg.layer_norm_folding is True
     assert torch.allclose(loaded(tokens), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none"])
+def test_a_float16_cache_of_an_edited_run_is_refused_at_float16_rounding(layout):
+    """Audit finding (low precision): `_require_decomposable` allowed 5e-2 of the norm
+    input's largest entry in bfloat16 and float16 alike, about 50 times float16's rounding of a
+    4-layer model's partial sums, so a float16 cache of a run that nudged what ln_final
+    reads by 2 % was decomposed silently (the components missed the norm input by 2 %).
+    The float16 tolerance now grows with float16's eps and the number of components."""
+    model = tiny_model(attnres_layout=layout)
+    if layout != "none":
+        randomize_routing(model, seed=1)
+    model = model.eval().to(torch.float16)
+    tokens = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, 9, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    noise = noise / noise.abs().max()
+    point = 2 * model.cfg.n_layers  # the unembedding
+    read = "final_res.hook_out" if layout in ("kimi", "full") else "blocks.3.hook_resid_post"
+
+    def nudge(act, hook):  # 2 % of the largest entry of what ln_final reads
+        return act + (0.02 * act.abs().max() * noise).to(act.dtype)
+
+    def miss(cache) -> float:  # float64, from the public routed coefficients
+        target = cache.norm_input(point).double()
+        total = torch.zeros_like(target)
+        for label, c in cache.routed_coefficients(point).items():
+            name = "hook_embed" if label == "embed" else "blocks." + label.replace("_", ".hook_", 1)
+            weight = c.double()[..., None] if isinstance(c, torch.Tensor) else c
+            total += weight * cache[name].double()
+        return float((total - target).abs().max() / target.abs().max())
+
+    _, clean = model.run_with_cache(tokens)
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=[(read, nudge)]):
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        _, edited = model.run_with_cache(tokens)
+    assert miss(clean) < 2e-3  # float16 rounding of the unedited run
+    assert 10 * miss(clean) < miss(edited) < 5e-2  # under the old tolerance
+    clean.decompose_resid(routed=True)
+    with pytest.raises(ValueError, match=r"cache\.decompose_resid: .*do not sum.*edited"):
+        edited.decompose_resid(routed=True)
