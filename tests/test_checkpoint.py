@@ -447,6 +447,41 @@ def test_missing_unexpected_and_misshaped_are_all_reported(saved):
     assert "embed.W_E expected (50, 32) found (51, 32)" in message
 
 
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, fmt, mmap, value):
+    """A NaN or infinite weight used to load silently (every output through it NaN)."""
+    directory = tmp_path / "ckpt"
+    scrambled_model().save_pretrained(directory, format=fmt)
+    key = "blocks.1.mlp.W_in" if fmt == "hooked_attnres" else "model.layers.1.mlp.up_proj.weight"
+
+    def poison(state):
+        state[key].view(-1)[[3, 7]] = value
+
+    rewrite_weights(directory, poison)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"has weights with NaN or infinite values: {key} (2 of 1536 elements)"),
+    ):
+        HookedAttnRes.from_pretrained(directory, mmap=mmap)
+
+
+def test_a_conversion_that_overflows_is_refused_as_an_overflow(saved):
+    """float32 weights beyond float16's range became inf under ``dtype=float16``."""
+    directory, _ = saved
+    rewrite_weights(directory, lambda state: state["blocks.0.ln1.w"].fill_(1e5))
+    HookedAttnRes.from_pretrained(directory, dtype=torch.bfloat16)  # in bfloat16's range
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            "blocks.0.ln1.w (32 of 32 elements) (finite as stored in float32; it overflows "
+            "float16: its largest magnitude is 1e+05)"
+        ),
+    ):
+        HookedAttnRes.from_pretrained(directory, dtype=torch.float16)
+
+
 def test_config_with_other_d_model_reports_misshaped_keys(saved):
     directory, _ = saved
     rewrite_config(directory, d_model=64)

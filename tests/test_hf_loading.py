@@ -289,6 +289,32 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
         assert (theirs - ours).abs().max().item() <= 1e-4, name
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_non_finite_weights_of_a_vanilla_qwen3_are_refused(tmp_path, mmap):
+    """A NaN in a (sharded) directory or a module loaded silently before (NaN logits)."""
+    hf = hf_qwen3()
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.k_proj.weight[2, 5] = float("nan")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-\d+-of-00006\.safetensors has weights with NaN or infinite values: "
+        + re.escape("model.layers.1.self_attn.k_proj.weight (1 of 512 elements)"),
+    ):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none", mmap=mmap)
+    with torch.no_grad():
+        hf.model.norm.weight[0] = float("inf")
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            "the in-memory Qwen3ForCausalLM has weights with NaN or infinite values: "
+            "model.layers.1.self_attn.k_proj.weight (1 of 512 elements), model.norm.weight "
+            "(1 of 32 elements)"
+        ),
+    ):
+        HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=2)
+
+
 def test_bad_sources_fail_with_what_was_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "missing")

@@ -37,6 +37,7 @@ from hooked_attnres.loading.io import (
     read_config_json,
     read_safetensors,
     read_safetensors_shapes,
+    require_finite_weights,
 )
 
 if TYPE_CHECKING:
@@ -384,9 +385,13 @@ def _from_hf_qwen3(
         )
         if cfg.tie_word_embeddings and _HEAD in weights and _EMBED in weights:
             check_tied_head(weights[_EMBED], weights[_HEAD], where)
+        cast = {key: weights[key].detach().to(dtype) for key in needed}
+        require_finite_weights(
+            cast, where, {key: weights[key] for key in needed if weights[key].dtype != dtype}
+        )
         state = {}
         for key in needed:
-            name, converted = keymap.to_ours(key, weights[key].detach().to(dtype))
+            name, converted = keymap.to_ours(key, cast[key])
             # a private copy (the model must not alias the caller's module) in the HF
             # memory order, which the forward multiplies without copying (hf_keys)
             state[name] = converted.clone()

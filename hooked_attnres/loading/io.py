@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hooked_attnres._validation import non_finite_tensors
 from hooked_attnres.config import HookedAttnResConfig
 
 if TYPE_CHECKING:
@@ -135,6 +136,48 @@ def check_float_tensors(path: Path, info: dict, keys, expected: Optional[torch.d
             )
 
 
+def require_finite_weights(
+    tensors: dict[str, torch.Tensor],
+    where: object,
+    stored: Optional[dict[str, torch.Tensor]] = None,
+    limit: int = 10,
+) -> None:
+    """Refuse weights holding NaN or infinite values, naming each tensor and its count.
+
+    Args:
+        tensors: name -> tensor as it will be loaded (after any dtype conversion).
+        where: the file or module they come from (for the message).
+        stored: name -> tensor as stored, for the tensors that were converted; a tensor
+            finite there and not after the conversion is reported as an overflow of the
+            requested dtype.
+
+    Raises:
+        CheckpointError: some tensor is not finite.
+    """
+    bad = non_finite_tensors(tensors)
+    if not bad:
+        return
+    stored = stored or {}
+    parts = []
+    for name, count in bad[:limit]:
+        tensor = tensors[name]
+        text = f"{name} ({count} of {tensor.numel()} elements)"
+        original = stored.get(name)
+        if original is not None and not non_finite_tensors({name: original}):
+            text += (
+                f" (finite as stored in {str(original.dtype).removeprefix('torch.')}; it "
+                f"overflows {str(tensor.dtype).removeprefix('torch.')}: its largest magnitude "
+                f"is {original.abs().max().item():.4g})"
+            )
+        parts.append(text)
+    more = f", ... ({len(bad) - limit} more)" if len(bad) > limit else ""
+    raise CheckpointError(
+        f"{where} has weights with NaN or infinite values: {', '.join(parts)}{more}; every "
+        "output computed through them would be NaN or infinite, so the checkpoint is refused "
+        "(load a checkpoint written before training diverged)"
+    )
+
+
 def read_safetensors(
     path: Path,
     keys: Optional[list[str]] = None,
@@ -150,13 +193,18 @@ def read_safetensors(
     copy; truncating the file later kills the process with SIGBUS, overwriting it in
     place changes the weights).
 
+    Every tensor returned is finite (`require_finite_weights`, checked as returned, i.e.
+    after a dtype conversion, which can overflow).
+
     Raises:
-        CheckpointError: a truncated or corrupt file, or a non-floating tensor.
+        CheckpointError: a truncated or corrupt file, a non-floating tensor, or a NaN or
+            infinite value.
     """
     info = read_safetensors_info(path)
     wanted = list(info) if keys is None else list(keys)
     check_float_tensors(path, info, wanted, None)
     out = {}
+    converted: list[str] = []
     try:
         copies = []
         with safe_open(str(path), framework="pt") as handle:
@@ -164,6 +212,7 @@ def read_safetensors(
                 file_dtype = _FLOAT_DTYPES[info[key][1]]
                 if dtype is not None and dtype != file_dtype:
                     out[key] = handle.get_tensor(key).to(dtype)  # a new tensor
+                    converted.append(key)
                 elif mmap:
                     out[key] = handle.get_tensor(key)
                 else:
@@ -181,6 +230,12 @@ def read_safetensors(
         raise CheckpointError(
             f"could not read {path}: the file is truncated or corrupt ({error})"
         ) from error
+    bad = [name for name, _ in non_finite_tensors(out)]
+    if bad:
+        # a converted tensor: not finite as stored either, or an overflow of the dtype?
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {key: handle.get_tensor(key) for key in bad if key in converted}
+        require_finite_weights({key: out[key] for key in bad}, path, stored)
     return out
 
 

@@ -47,7 +47,11 @@ from hooked_attnres._atomic import (
     reading,
     write_text_atomic,
 )
-from hooked_attnres._validation import require_finite_number, require_integer
+from hooked_attnres._validation import (
+    non_finite_tensors,
+    require_finite_number,
+    require_integer,
+)
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
 
@@ -165,11 +169,11 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def _check_finite(model, step: int, where: str) -> None:
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            raise TrainingDivergedError(
-                f"parameter {name} is not finite after step {step}; {where}"
-            )
+    bad = non_finite_tensors(model.named_parameters())
+    if bad:
+        raise TrainingDivergedError(
+            f"parameter {bad[0][0]} is not finite after step {step}; {where}"
+        )
 
 
 # What earlier versions of the trainer wrote (before completion markers): a directory
