@@ -315,6 +315,39 @@ def test_non_finite_weights_of_a_vanilla_qwen3_are_refused(tmp_path, mmap):
         HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=2)
 
 
+@pytest.mark.parametrize("first_sharded", [False, True])
+def test_a_directory_with_both_a_single_file_and_a_shard_index_is_refused(tmp_path, first_sharded):
+    """``save_pretrained`` over a save of the other layout leaves both behind. A sharded
+    save over a single file: the shards were loaded here while ``transformers`` loads the
+    stale ``model.safetensors`` (the two models' logits differed by 0.58). The reverse
+    leaves a stale index whose shards are gone: refused here as "missing shards", loaded
+    by ``transformers``. Which weights are meant is not in the directory."""
+    from transformers import Qwen3ForCausalLM
+
+    old, new = hf_qwen3(seed=0), hf_qwen3(seed=1)
+    old.save_pretrained(tmp_path / "hf", max_shard_size="20KB" if first_sharded else "5GB")
+    new.save_pretrained(tmp_path / "hf", max_shard_size="5GB" if first_sharded else "20KB")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    tokens = torch.arange(8)[None]
+    with torch.no_grad():
+        theirs = Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()(tokens).logits
+        # transformers reads model.safetensors: the newer save or the stale one
+        assert torch.equal(theirs, (new if first_sharded else old)(tokens).logits)
+    both = "holds both model.safetensors and model.safetensors.index.json.*transformers loads"
+    with pytest.raises(CheckpointError, match=both):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
+    # the qwen3_attnres reader shares the file lookup
+    randomize_routing(HookedAttnRes.from_hf_qwen3(new, num_blocks=2)).save_pretrained(
+        tmp_path / "attnres", format="qwen3_attnres"
+    )
+    (tmp_path / "attnres" / "model.safetensors.index.json").write_text(
+        (tmp_path / "hf" / "model.safetensors.index.json").read_text()
+    )
+    with pytest.raises(CheckpointError, match=both):
+        HookedAttnRes.from_pretrained(tmp_path / "attnres")
+
+
 def test_bad_sources_fail_with_what_was_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "missing")

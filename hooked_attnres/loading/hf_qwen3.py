@@ -220,6 +220,17 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
     """HF key -> safetensors file of a (possibly sharded) checkpoint directory."""
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
+    if index.exists() and single.exists():
+        # transformers loads model.safetensors and ignores the index and its shards; its
+        # own save_pretrained leaves both behind when a sharded save replaces a single
+        # file (the new shards beside the stale file) or the reverse (a stale index)
+        raise CheckpointError(
+            f"{directory} holds both {single.name} and {index.name}, so it does not say which "
+            f"weights are the model: transformers loads {single.name} and ignores the shards, "
+            "and save_pretrained leaves both behind when one layout is saved over the other "
+            f"(the newer save is either). Delete the stale one (its modification time may "
+            "tell) and load again"
+        )
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
