@@ -7,10 +7,13 @@
   gives every formula.
 * Seeded and resumable bit for bit: the model is initialised from ``model_seed``; the
   batch of step ``s`` is ``task.sample(batch_size, data_seed, "train", stream=s)``; the
-  learning rate is a function of the step. A checkpoint (model, optimizer, step,
-  history) is written atomically every ``checkpoint_every`` steps, at the end, and on
-  ``KeyboardInterrupt`` (Ctrl-C waits for an optimizer update and its bookkeeping to
-  finish); ``train`` resumes from it, for the same settings and model only.
+  learning rate is a function of the step; torch's global generators are seeded with
+  ``_step_seed(data_seed, s)`` before step ``s`` (dropout of a ``transformers`` model),
+  inside ``torch.random.fork_rng`` (the caller's random state is left as it was). A
+  checkpoint (model, optimizer, step, history) is written atomically every
+  ``checkpoint_every`` steps, at the end, and on ``KeyboardInterrupt`` (Ctrl-C waits for
+  an optimizer update and its bookkeeping to finish); ``train`` resumes from it, for the
+  same settings and model only.
 * Held-out accuracy on ``eval_size`` test-split prompts every ``eval_every`` steps; a
   tqdm bar shows loss and accuracy.
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -347,6 +351,33 @@ def _thread_count(threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# the spawn key of the per-step torch seeds (`_step_seed`); the task streams use their own
+_STEP_RNG_STREAM = 0x5EED5
+
+
+def _step_seed(data_seed: int, step: int) -> int:
+    """The seed of torch's global random generators during optimiser step ``step``
+    (0-based): a function of ``data_seed`` and ``step`` only, like the step's batch, so
+    that randomness inside a step (dropout) is the same in a resumed run."""
+    sequence = np.random.SeedSequence(data_seed, spawn_key=(_STEP_RNG_STREAM, step))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
+
+@contextmanager
+def _own_rng(model) -> Iterator[None]:
+    """Give the block torch's global generators (CPU and the CUDA devices the model is
+    on) and restore the caller's states afterwards (`torch.random.fork_rng`)."""
+    devices = sorted(
+        {
+            param.device.index if param.device.index is not None else torch.cuda.current_device()
+            for param in model.parameters()
+            if param.device.type == "cuda"
+        }
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) inside the block and deliver it right after: the
@@ -459,7 +490,7 @@ def train(
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
     vocab = tokenizer.get_vocab()
-    with _thread_count(config.threads):
+    with _thread_count(config.threads), _own_rng(model):
         eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
         eval_batches = {
             t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
@@ -526,6 +557,7 @@ def train(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr_at(step)
+                torch.manual_seed(_step_seed(config.data_seed, step))  # e.g. dropout masks
                 loss = batch.loss(model_logits(model, batch.tokens))
                 last_loss = loss.item()
                 if not math.isfinite(last_loss):
