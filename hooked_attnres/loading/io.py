@@ -193,8 +193,10 @@ def read_safetensors(
     copy; truncating the file later kills the process with SIGBUS, overwriting it in
     place changes the weights).
 
-    Every tensor returned is finite (`require_finite_weights`, checked as returned, i.e.
-    after a dtype conversion, which can overflow).
+    Every tensor read into memory is finite (`require_finite_weights`, checked as
+    returned, i.e. after a dtype conversion, which can overflow). Mapped tensors
+    (``mmap=True``, dtype kept) are not scanned: that would page in the whole file at load
+    time, which is what mapping avoids (``docs/loading.md``).
 
     Raises:
         CheckpointError: a truncated or corrupt file, a non-floating tensor, or a NaN or
@@ -205,6 +207,7 @@ def read_safetensors(
     check_float_tensors(path, info, wanted, None)
     out = {}
     converted: list[str] = []
+    mapped: set[str] = set()
     try:
         copies = []
         with safe_open(str(path), framework="pt") as handle:
@@ -215,6 +218,7 @@ def read_safetensors(
                     converted.append(key)
                 elif mmap:
                     out[key] = handle.get_tensor(key)
+                    mapped.add(key)
                 else:
                     copies.append(key)
         if copies:
@@ -230,7 +234,7 @@ def read_safetensors(
         raise CheckpointError(
             f"could not read {path}: the file is truncated or corrupt ({error})"
         ) from error
-    bad = [name for name, _ in non_finite_tensors(out)]
+    bad = [name for name, _ in non_finite_tensors(i for i in out.items() if i[0] not in mapped)]
     if bad:
         # a converted tensor: not finite as stored either, or an overflow of the dtype?
         with safe_open(str(path), framework="pt") as handle:
