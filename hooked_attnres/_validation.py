@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, Optional, TypeGuard
 
 import numpy as np
@@ -82,3 +83,28 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
         if not (torch.isfinite(low) and torch.isfinite(high)):
             out.append((name, int((~torch.isfinite(tensor.detach())).sum())))
     return out
+
+
+def require_selection(
+    name: str,
+    items: Sequence[Any],
+    labels: Optional[Sequence[Any]] = None,
+    why: str = "the sweep would have no cell",
+) -> list[Any]:
+    """``items`` as a list if it names at least one thing and nothing twice (compared by
+    ``labels``, one per item, e.g. a metric's name; by the items themselves when
+    ``None``); otherwise ``ValueError("{name} is empty: {why}; give at least one")`` or
+    ``ValueError("{name} repeats ...")``: a repeated entry would give the same rows (or
+    hooks) twice, silently. The one check of every list a sweep or intervention takes
+    (families, routers, metrics, methods)."""
+    items = list(items)
+    if not items:
+        raise ValueError(f"{name} is empty: {why}; give at least one")
+    keys = list(items if labels is None else labels)
+    repeated = [key for index, key in enumerate(keys) if key in keys[:index]]
+    if repeated:
+        raise ValueError(
+            f"{name} repeats {list(dict.fromkeys(repeated))} (got {keys}): each entry would "
+            "give the same rows again; give each once"
+        )
+    return items

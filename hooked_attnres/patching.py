@@ -62,7 +62,9 @@ def _check_run(model: HookedAttnRes, corrupted_tokens: Tensor) -> None:
 
 
 def _check(
-    model: HookedAttnRes, corrupted_tokens: Tensor, routers: Union[str, Sequence[str]] = ()
+    model: HookedAttnRes,
+    corrupted_tokens: Tensor,
+    routers: Union[None, str, Sequence[str]] = None,
 ) -> tuple[str, ...]:
     """Eval mode, a routed model, ``[batch, pos]`` tokens; returns the checked router types."""
     _check_run(model, corrupted_tokens)

@@ -776,6 +776,57 @@ def test_a_sweep_without_cells_or_with_ignored_bands_is_refused(setup):
     assert {cell.group for cell in plan} == {"a"}
 
 
+def test_a_repeated_family_router_metric_or_method_is_refused(setup):
+    """``families=["embedding", "embedding"]`` (or a router, metric or method given twice)
+    gave every cell twice, silently (the table had twice the rows, and verify_top exact
+    rows twice). Refused by the one selection check, also in the patching sweeps, whose
+    result had a repeated router row."""
+    from hooked_attnres.analysis import attribute_routing, attribution_patch_routing_weights
+    from hooked_attnres.interventions import set_weights
+    from hooked_attnres.patching import get_act_patch_routing_weights
+
+    model, batch = setup
+    repeated = [
+        (dict(families=["embedding", "current", "embedding"]), r"families repeats \['embedding'\]"),
+        (dict(routers=["mlp_res", "mlp_res"]), r"routers repeats \['mlp_res'\]"),
+        (dict(metrics=["logprob", "logprob"]), r"metrics repeats \['logprob'\]"),
+    ]
+    for kwargs, message in repeated:
+        with pytest.raises(ValueError, match=message):
+            ablation_effects(model, batch, progress=False, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            attribute_routing(model, batch, progress=False, **kwargs)
+    with pytest.raises(ValueError, match=r"families repeats \[0\]"):
+        plan_ablations(model, families=[0, 0])
+    with pytest.raises(ValueError, match=r"method repeats \['linear'\]"):
+        attribute_routing(model, batch, method=["linear", "norm", "linear"], progress=False)
+    tokens = batch.tokens[:2]
+    _, cache = model.run_with_cache(tokens)
+
+    def metric(logits):
+        return logits[:, -1, 0].sum()
+
+    for sweep in (get_act_patch_routing_weights, attribution_patch_routing_weights):
+        with pytest.raises(ValueError, match=r"routers repeats \['attn_res'\]"):
+            sweep(model, tokens, cache, metric, routers=["attn_res", "attn_res"])
+        with pytest.raises(ValueError, match="routers is empty"):  # an empty result before
+            sweep(model, tokens, cache, metric, routers=[])
+    with pytest.raises(ValueError, match="routers is empty: it selects no router"):
+        set_weights(model, "uniform", routers=[])  # no hook at all before
+    # given once each, the same calls run
+    table = ablation_effects(
+        model,
+        batch,
+        families=["embedding", "current"],
+        routers="mlp_res",
+        groups="all",
+        metrics=["logprob"],
+        n_bootstrap=10,
+        progress=False,
+    )
+    assert list(table.family) == ["embedding", "current"]
+
+
 def test_fast_sweep_refuses_to_mask_everything_together_with_user_hooks(setup):
     from hooked_attnres.interventions import mask_sources
 

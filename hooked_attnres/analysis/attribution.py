@@ -47,7 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._validation import require_integer
+from hooked_attnres._validation import require_integer, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
     Metric,
@@ -94,8 +94,8 @@ NOT_DIFFERENTIABLE = {
 
 def _check_methods(method: Union[str, Sequence[str]]) -> list[str]:
     methods = [method] if isinstance(method, str) else list(method)
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
+    require_selection("method", methods, why=f"name one of {METHODS}")
+    if any(m not in METHODS for m in methods):
         raise ValueError(f"method must be one of {METHODS} (or a list of them), got {method!r}")
     return methods
 

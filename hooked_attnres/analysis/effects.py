@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._validation import require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
@@ -60,22 +61,21 @@ def metric_name(metric: Metric) -> str:
 
 def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     """Metrics as a list (a single one may be given bare): names from `METRICS` or
-    callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names."""
+    callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names,
+    an empty list or a name given twice (`require_selection`)."""
     metrics = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
-    if not metrics:
-        raise ValueError(
-            "metrics is empty: give at least one (a name of METRICS or a callable "
-            "fn(batch, logits) -> [batch])"
-        )
+    require_selection(
+        "metrics",
+        metrics,
+        [metric_name(m) for m in metrics],
+        why="a name of METRICS or a callable fn(batch, logits) -> [batch]",
+    )
     unknown = [m for m in metrics if not callable(m) and m not in METRICS]
     if unknown:
         raise ValueError(
             f"unknown metric(s) {unknown}; metrics are {METRICS} or callables "
             "fn(batch, logits) -> [batch]"
         )
-    names = [metric_name(m) for m in metrics]
-    if len(set(names)) != len(names):
-        raise ValueError(f"metric names must be distinct, got {names}")
     return metrics
 
 
@@ -239,14 +239,13 @@ def plan_ablations(
 
     Raises:
         ValueError: an empty ``families``, ``routers``, ``groups={}`` or ``bands={}`` (a
-            sweep without cells), ``bands`` with another ``groups`` than ``"bands"`` (it
-            would be ignored), an unknown family, router or group.
+            sweep without cells), a family or router given twice (its cells twice),
+            ``bands`` with another ``groups`` than ``"bands"`` (it would be ignored), an
+            unknown family, router or group.
     """
     routers = check_routers(model, routers)
     families = [families] if isinstance(families, (str, int)) else list(families)
-    for name, chosen in (("routers", routers), ("families", families)):
-        if not chosen:
-            raise ValueError(f"{name} is empty: the sweep would have no cell; give at least one")
+    require_selection("families", families)
     if bands is not None and not bands:
         raise ValueError("bands={} names no band; give at least one name -> layers, or None")
     if bands is not None and not (isinstance(groups, str) and groups == "bands"):

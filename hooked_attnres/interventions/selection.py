@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, require_selection
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
 if TYPE_CHECKING:
@@ -118,8 +118,10 @@ def check_routers(
     model: HookedAttnRes, routers: Union[None, str, Sequence[str]] = None
 ) -> tuple[str, ...]:
     """Router types as a checked tuple: ``None`` is the two sublayer routers, a string is
-    one router; raises ``ValueError`` for a model without routers, an unknown router type,
-    or ``"final_res"`` on a layout without a final router."""
+    one router; raises ``ValueError`` for a model without routers, an empty list or a
+    router type given twice (`require_selection`: a sweep would give its rows twice, an
+    intervention on no router would do nothing), an unknown router type, or
+    ``"final_res"`` on a layout without a final router."""
     layout = model.routing_layout
     layout.require_routers()
     kinds = (
@@ -127,6 +129,7 @@ def check_routers(
         if routers is None
         else ((routers,) if isinstance(routers, str) else tuple(routers))
     )
+    require_selection("routers", kinds, why="it selects no router")
     layout.sites(kinds)  # raises for unknown kinds and a missing final router
     return kinds
 
