@@ -426,12 +426,31 @@ def test_set_weights_from_a_vector_or_a_dict(tokens):
     # not silently skipped
     with pytest.raises(KeyError):
         set_weights(model, per_router, layers=[2, 3])
-    hooks = set_weights(model, per_router, routers="attn_res", layers=2) + set_weights(
-        model, per_router, routers="mlp_res", layers=3
-    )
+    # an entry outside the selection would be ignored: refused too (before, the second
+    # router's entry was dropped silently), so each call gets its own routers' entries
+    with pytest.raises(ValueError, match=r"entries for \['mlp_res layer 3'\], outside the"):
+        set_weights(model, per_router, routers="attn_res", layers=2)
+    hooks = set_weights(
+        model, {(2, "attn_res"): per_router[(2, "attn_res")]}, routers="attn_res", layers=2
+    ) + set_weights(model, {(-1, "mlp_res"): vector}, routers="mlp_res", layers=3)
     w = weights_under(model, tokens, hooks)
     assert (w["blocks.2.attn_res.hook_weights"][..., 0] == 1).all()
     assert torch.equal(w["blocks.3.mlp_res.hook_weights"], vector.expand(*tokens.shape, 3))
+    # one router selected by both keys, and a key that is no router, are refused
+    both = {(3, "mlp_res"): vector, model.site(3, "mlp_res"): vector}
+    with pytest.raises(ValueError, match="two entries for mlp_res layer 3"):
+        set_weights(model, both, routers="mlp_res", layers=3)
+    with pytest.raises(ValueError, match="mixes router keys with 'blocks.3"):
+        set_weights(model, {(3, "mlp_res"): vector, "blocks.3.mlp_res.hook_weights": vector})
+    # the whole selection given, in every form of key: the same hooks
+    sublayer_sites = [site for site in model.sites() if not site.is_final]
+    every = {site: torch.rand(model.routing_layout.n_sources(site)) for site in sublayer_sites}
+    every = {site: w / w.sum() for site, w in every.items()}
+    by_pair = {(site.layer, site.kind): w for site, w in every.items()}
+    assert torch.equal(
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, every)),
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, by_pair)),
+    )
 
 
 def test_routing_patching_reproduces_the_other_runs_weights_and_outputs(routed_layout, tokens):

@@ -349,6 +349,43 @@ def mask_sources(
     return Ablation.compile(model, sources, routers, layers, bands, positions).hooks()
 
 
+def _is_by_site(weights) -> bool:
+    """A dict of weights by router (``{(layer, router) or RouterSite: tensor}``), not a
+    cache (whose keys are hook names)."""
+    return isinstance(weights, dict) and any(
+        isinstance(key, (tuple, RouterSite)) for key in weights
+    )
+
+
+def _weights_by_site(
+    model: HookedAttnRes, weights: dict, selected: Sequence[RouterSite]
+) -> dict[RouterSite, object]:
+    """``{RouterSite: weights}`` of a dict by router (keys checked by the layout, so a
+    negative layer counts from the end), refusing a key that names no router, two keys for
+    one router, and an entry for a router outside the selection (it would be ignored)."""
+    layout = model.routing_layout
+    out: dict[RouterSite, object] = {}
+    for key, value in weights.items():
+        if not isinstance(key, (tuple, RouterSite)):
+            raise ValueError(
+                f"the weights dict mixes router keys with {key!r}; its keys must all be "
+                "(layer, router) pairs or RouterSites (a cache's hook names: pass the cache)"
+            )
+        site = layout.check(key)
+        if site in out:
+            raise ValueError(f"the weights dict has two entries for {site} (one is {key!r})")
+        out[site] = value
+    outside = [str(site) for site in out if site not in selected]
+    if outside:
+        raise ValueError(
+            f"the weights dict has entries for {outside}, outside the selected routers "
+            f"{[str(site) for site in selected]} (routers= / layers= / bands=); set_weights "
+            "would ignore them. Select those routers too, or pass only the selected "
+            "routers' entries"
+        )
+    return out
+
+
 def _weights_for(
     weights, model: HookedAttnRes, site: RouterSite
 ) -> tuple[Union[str, Tensor], bool]:
@@ -362,14 +399,10 @@ def _weights_for(
                 f"weights must be 'uniform', a tensor, a dict or a cache; got {weights!r}"
             )
         return weights, False
-    by_site = isinstance(weights, dict) and any(
-        isinstance(key, (tuple, RouterSite)) for key in weights
-    )
+    by_site = _is_by_site(weights)
     from_cache = _is_cache(weights) and not by_site
     if by_site:
-        if (site.layer, site.kind) in weights:
-            weights = weights[(site.layer, site.kind)]
-        elif site in weights:
+        if site in weights:
             weights = weights[site]
         else:
             raise KeyError(
@@ -407,15 +440,24 @@ def set_weights(
     Args:
         weights: ``"uniform"``; a tensor ``[n_sources]`` or ``[batch, pos, n_sources]``
             (one router's shape, so usually with a single router selected); a dict
-            ``{(layer, router) or RouterSite: tensor}``; or an ``ActivationCache`` / dict of
-            another run holding ``hook_weights`` (routing patching, e.g. clean weights into
-            a corrupted run).
+            ``{(layer, router) or RouterSite: tensor}`` with one entry per selected router
+            and none for another; or an ``ActivationCache`` / dict of another run holding
+            ``hook_weights`` (routing patching, e.g. clean weights into a corrupted run).
         routers, layers, bands: which routers (default: every attention and MLP router).
         positions: only replace at these positions (default: all).
+
+    Raises:
+        KeyError: a dict by router without an entry for a selected router.
+        ValueError: a dict by router with an entry for a router outside the selection
+            (it would be ignored), two entries for one router or a key that is not a
+            router; weights of another number of sources, negative or not summing to 1.
     """
     check_positions(positions)
     hooks: Hooks = []
-    for site in select_sites(model, routers, layers, bands):
+    sites = select_sites(model, routers, layers, bands)
+    if _is_by_site(weights):
+        weights = _weights_by_site(model, weights, sites)
+    for site in sites:
         value, from_cache = _weights_for(weights, model, site)
 
         def hook(
