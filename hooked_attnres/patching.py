@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._tl import get_act_name
-from hooked_attnres.interventions.checks import check_cached, require_eval
+from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import (
     COMMIT_HOOKS,
@@ -72,11 +72,16 @@ def _check(
 
 
 def _check_cache(
-    model: HookedAttnRes, clean_cache, corrupted_tokens: Tensor, needed: Sequence[str]
+    model: HookedAttnRes,
+    clean_cache,
+    corrupted_tokens: Tensor,
+    needed: Sequence[str],
+    attention_mask: Optional[Tensor] = None,
 ) -> None:
     """The clean cache holds every hook a cell patches, with the corrupted run's
-    ``[batch, pos]``, this model's sources per router and ``d_model``, and (an
-    ``ActivationCache``) its routing layout."""
+    ``[batch, pos]``, this model's sources per router and ``d_model``, (an
+    ``ActivationCache``) its routing layout, and (a cache of `run_with_cache`, which
+    records it) the sweep's ``attention_mask`` (`check_cache_mask`)."""
     check_cached(
         model,
         clean_cache,
@@ -84,6 +89,7 @@ def _check_cache(
         "the clean cache",
         batch_pos=tuple(corrupted_tokens.shape),  # type: ignore[arg-type]
     )
+    check_cache_mask(clean_cache, attention_mask, "the clean cache", "the sweep")
 
 
 def _scalar(value) -> Tensor:
@@ -133,12 +139,15 @@ def _patch_cells(
 
     ``attention_mask`` (``[batch, pos]``, 1 at real tokens) is passed to the corrupted
     run and to every patched run (padded prompts; the clean cache must come from a run
-    with the same mask).
+    with the same mask: a cache of `run_with_cache` records its mask, and another one is
+    refused).
 
     Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
-    _check_cache(
-        model, clean_cache, corrupted_tokens, list(dict.fromkeys(name for _, name, _, _ in cells))
+    mask = model._validate_attention_mask(
+        attention_mask, tuple(corrupted_tokens.shape), corrupted_tokens.device
     )
+    names = list(dict.fromkeys(name for _, name, _, _ in cells))
+    _check_cache(model, clean_cache, corrupted_tokens, names, mask)
     states = model.depth_states(corrupted_tokens, sublayers=True, attention_mask=attention_mask)
     out = torch.full(shape, float("nan"), device=model.W_E.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
@@ -201,8 +210,10 @@ def get_act_patch_routing_weights(
         attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (padded
             prompts; left padding needs it), used by the corrupted run and every patched
             run. The clean cache must come from a run with the same mask
-            (``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            tokens are taken as unpadded, as in ``model(tokens)``.
+            (``model.run_with_cache(clean_tokens, attention_mask=mask)``; a cache made with
+            another mask, or without one where this one marks padding, is refused: the
+            cache records its ``attention_mask``). Without it the tokens are taken as
+            unpadded, as in ``model(tokens)``.
 
     Returns:
         ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest

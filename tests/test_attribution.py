@@ -299,8 +299,9 @@ def test_attribution_patching_of_left_padded_prompts_uses_their_attention_mask(l
     assert torch.equal(padded.isnan(), expected.isnan())
     finite = ~padded.isnan()
     torch.testing.assert_close(padded[finite], expected[finite], atol=1e-5, rtol=0)
+    _, unmasked_cache = model.run_with_cache(clean)
     unmasked = attribution_patch_routing_weights(
-        model, corrupted, clean_cache, metric, routers=routers
+        model, corrupted, unmasked_cache, metric, routers=routers
     )
     assert float((unmasked[finite] - expected[finite]).abs().max()) > 1e-3
 

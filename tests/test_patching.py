@@ -15,6 +15,7 @@ from hooked_attnres import (
 )
 from hooked_attnres.patching import (
     get_act_patch_committed_blocks_by_pos,
+    get_act_patch_depth_state,
     get_act_patch_depth_state_by_pos,
     get_act_patch_routing_weights,
     get_act_patch_routing_weights_by_pos,
@@ -385,8 +386,86 @@ def test_left_padded_prompts_are_patched_with_their_attention_mask(layout):
     # unmasked: the padding is attended (other numbers), and it warns as model(tokens) does
     model._left_padding_warned = False
     with pytest.warns(LeftPaddingWithoutMaskWarning, match="attention_mask"):
-        unmasked = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric, "mlp")
+        _, unmasked_cache = model.run_with_cache(clean)
+        unmasked = get_act_patch_depth_state_by_pos(model, corrupted, unmasked_cache, metric, "mlp")
     assert (unmasked - state).abs().max() > 1e-3
+
+
+def test_a_clean_cache_made_with_another_attention_mask_is_refused():
+    """A clean cache made without the sweep's attention_mask (or with another one) was
+    accepted: with left padding its position p is another token, or the same token at
+    another rotary position, so every cell was off (up to 0.12 logits of a 0.2 metric,
+    kimi, 2 layers). The cache records the mask of its run (as it records n_past), also
+    as a plain dict and through a batch slice, and the sweeps refuse another one."""
+    from hooked_attnres.analysis import attribution_patch_routing_weights
+
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(20)])
+    model = tiny_model(
+        attnres_layout="kimi", n_layers=2, d_vocab=len(tokenizer), default_padding_side="left"
+    )
+    randomize_routing(model, seed=2)
+    model.set_tokenizer(tokenizer)
+    model.eval()
+    prompts = ["w1 w2 w3 w4", "w5 w6"]
+    clean, mask = model.to_tokens_and_mask(prompts)
+    corrupted, _ = model.to_tokens_and_mask(["w7 w2 w3 w4", "w8 w6"])
+    _, cache = model.run_with_cache(clean, attention_mask=mask)
+    _, from_strings = model.run_with_cache(prompts)  # the mask made for string prompts
+    _, as_dict = model.run_with_cache(clean, attention_mask=mask, return_cache_object=False)
+    for made in (cache, from_strings, as_dict):
+        assert torch.equal(made.attention_mask, mask.bool())
+    with pytest.warns(LeftPaddingWithoutMaskWarning):
+        model._left_padding_warned = False
+        _, unmasked = model.run_with_cache(clean)
+    _, all_ones = model.run_with_cache(clean, attention_mask=torch.ones_like(mask))
+    assert unmasked.attention_mask is None and all_ones.attention_mask is None
+    other_mask = mask.clone()
+    other_mask[1, 2] = 0
+    _, other = model.run_with_cache(clean, attention_mask=other_mask)
+
+    def metric(logits):
+        return logits[:, -1, 5].sum() - logits[:, -1, 9].sum()
+
+    sweeps = [
+        get_act_patch_routing_weights,
+        get_act_patch_routing_weights_by_pos,
+        get_act_patch_committed_blocks_by_pos,
+        get_act_patch_depth_state,
+        get_act_patch_depth_state_by_pos,
+        attribution_patch_routing_weights,
+    ]
+    refusals = [
+        (unmasked, mask, "was made with no padding .* but the sweep runs with an attention_mask"),
+        (cache, None, "was made with an attention_mask marking 2 padding .* runs with no padding"),
+        (other, mask, "marking 3 padding position.* but the sweep runs with another one"),
+        (as_dict, None, "was made with an attention_mask marking 2"),
+    ]
+    for sweep in sweeps:
+        for made, run_mask, message in refusals:
+            with pytest.raises(ValueError, match=message):
+                sweep(model, corrupted, made, metric, attention_mask=run_mask)
+        good = sweep(model, corrupted, cache, metric, attention_mask=mask)
+        assert torch.equal(
+            sweep(model, corrupted, from_strings, metric, attention_mask=mask).isnan(), good.isnan()
+        )
+        # an all-ones mask is no padding: the same pass as none
+        sweep(model, corrupted[:1], all_ones.apply_slice_to_batch_dim(slice(0, 1)), metric)
+    # a batch slice keeps its rows of the mask: the one-prompt sweep of the padded prompt
+    second = cache.apply_slice_to_batch_dim(slice(1, 2))
+    assert torch.equal(second.attention_mask, mask[1:].bool())
+    alone = get_act_patch_routing_weights(
+        model, corrupted[1:], second, metric, attention_mask=mask[1:]
+    )
+    with pytest.raises(ValueError, match="was made with an attention_mask marking 2"):
+        get_act_patch_routing_weights(model, corrupted[1:], second, metric)
+    assert torch.isfinite(alone).any()
+    # what the refusal prevents: the numbers of the unmasked cache (its tensors in a dict
+    # that records no mask, which cannot be checked) are far from the masked cache's
+    good = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric, attention_mask=mask)
+    wrong = get_act_patch_depth_state_by_pos(
+        model, corrupted, dict(unmasked.cache_dict), metric, attention_mask=mask
+    )
+    assert float((wrong - good).abs().max()) > 1e-2
 
 
 @pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")  # meant

@@ -695,8 +695,9 @@ def attribution_patch_routing_weights(
         patching_metric: logits ``[batch, pos, d_vocab]`` -> a differentiable scalar.
         attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding, for padded
             prompts, as in the exact sweeps (the clean cache made with the same mask:
-            ``model.run_with_cache(clean_tokens, attention_mask=mask)``). Without it the
-            corrupted run attends to the padding (the model warns once on left padding).
+            ``model.run_with_cache(clean_tokens, attention_mask=mask)``; a cache made with
+            another mask is refused). Without it the corrupted run attends to the padding
+            (the model warns once on left padding).
 
     Returns:
         ``[len(routers), n_layers]`` or ``[len(routers), n_layers, pos]`` float32 (the final
@@ -709,7 +710,11 @@ def attribution_patch_routing_weights(
     routers = _check(model, corrupted_tokens, routers)
     site_rows = _site_rows(model, routers)
     sites = [site for _, site in site_rows]
-    _check_cache(model, clean_cache, corrupted_tokens, [site.hook("weights") for site in sites])
+    mask = model._validate_attention_mask(
+        attention_mask, tuple(corrupted_tokens.shape), corrupted_tokens.device
+    )
+    needed = [site.hook("weights") for site in sites]
+    _check_cache(model, clean_cache, corrupted_tokens, needed, mask)
     need_norm = method == "norm"
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
         with _capturing(model, sites, need_norm) as captures:

@@ -128,6 +128,46 @@ def check_cached(
             )
 
 
+def _padding(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A ``[batch, pos]`` mask as the positions it marks real (bool, on the CPU), or
+    ``None`` where it marks no padding (no mask, or all ones: the same pass)."""
+    if mask is None:
+        return None
+    real = torch.as_tensor(mask) != 0
+    return None if bool(real.all()) else real.cpu()
+
+
+def _describe_mask(real: Optional[Tensor]) -> str:
+    if real is None:
+        return "no padding (no attention_mask, or all ones)"
+    return f"an attention_mask marking {int((~real).sum())} padding position(s)"
+
+
+def check_cache_mask(cache: Any, attention_mask: Optional[Tensor], what: str, run: str) -> None:
+    """Refuse a cache made with another attention mask than the run it is patched into:
+    with padding, its position ``p`` is another token, or the same token at another
+    rotary position, than the run's (silently wrong numbers). ``attention_mask`` is the
+    run's mask (``None``: no padding); ``what`` names the cache, ``run`` the run.
+    A cache that records no mask (a TransformerLens ``ActivationCache`` or a dict not made
+    by `run_with_cache`) cannot be checked and is taken as it is."""
+    if not hasattr(cache, "attention_mask"):
+        return
+    made, runs = _padding(cache.attention_mask), _padding(attention_mask)
+    if made is None and runs is None:
+        return
+    if made is not None and runs is not None and made.shape == runs.shape:
+        if torch.equal(made, runs):
+            return
+    raise ValueError(
+        f"{what} was made with {_describe_mask(made)}, but {run} runs with "
+        f"{_describe_mask(runs) if made is None or runs is None else 'another one'}: with "
+        "padding, a position of the cache is not the same token at the same position of "
+        "the run, so the patched numbers would be wrong. Cache the clean run with the "
+        "run's mask (model.run_with_cache(clean_tokens, attention_mask=mask)) and pass the "
+        "same attention_mask= here (cache.attention_mask is the mask a cache was made with)"
+    )
+
+
 def check_run_shape(cached: Tensor, current: Tensor, name: str, what: str) -> None:
     """At hook time: a cached activation matches the running one's ``[batch, pos]``."""
     if cached.shape[:2] != current.shape[:2]:

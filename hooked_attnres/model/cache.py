@@ -150,13 +150,23 @@ def state_source_names(model: Any, point: int) -> list[str]:
     ]
 
 
-class KeyValueRunCacheDict(dict):
-    """The plain ``dict`` that ``run_with_cache(..., past_kv_cache=kv,
-    return_cache_object=False)`` returns when ``kv`` held positions: it records ``n_past``
-    (position 0 of every tensor is the sequence's position ``n_past``), so patching can
-    refuse it as it refuses the cache object."""
+class RunCacheDict(dict):
+    """The plain ``dict`` of ``run_with_cache(..., return_cache_object=False)``: it records
+    what patching must know of the run that made it, as the cache object does:
+
+    Attributes:
+        n_past: positions a key-value cache held before the pass (position 0 of every
+            tensor is the sequence's position ``n_past``; 0 without one).
+        attention_mask: ``[batch, pos]`` bool, True at real tokens, of a pass whose
+            ``attention_mask`` marked padding (given, or made for string prompts);
+            ``None`` without padding (no mask, or all ones).
+    """
 
     n_past: int = 0
+    attention_mask: Optional[Tensor] = None
+
+
+KeyValueRunCacheDict = RunCacheDict  # its name before it also recorded the attention mask
 
 
 class AttnResActivationCache(ActivationCache):
@@ -172,12 +182,21 @@ class AttnResActivationCache(ActivationCache):
     model: Any  # a HookedAttnRes
 
     def __init__(
-        self, cache_dict: dict, model: Any, has_batch_dim: bool = True, n_past: int = 0
+        self,
+        cache_dict: dict,
+        model: Any,
+        has_batch_dim: bool = True,
+        n_past: int = 0,
+        attention_mask: Optional[Tensor] = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim)
         # positions a key-value cache held before the cached pass (`run_with_cache` sets
         # it): position 0 of every tensor here is the sequence's position n_past
         self.n_past = n_past
+        # [batch, pos] bool of the cached pass where its attention_mask marked padding
+        # (`run_with_cache` sets it; None: no padding), so that patching can refuse a
+        # clean cache made with another mask than the patched run's
+        self.attention_mask = attention_mask
 
     # --- indexing -----------------------------------------------------------------------
     def __getitem__(self, key) -> Tensor:
@@ -201,8 +220,16 @@ class AttnResActivationCache(ActivationCache):
 
     def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
         sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
+        mask = self.attention_mask
+        if mask is not None and self.has_batch_dim:  # the same rows of the mask
+            batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+            mask = batch_slice.apply(mask, dim=0)
         return AttnResActivationCache(
-            sliced.cache_dict, self.model, sliced.has_batch_dim, n_past=self.n_past
+            sliced.cache_dict,
+            self.model,
+            sliced.has_batch_dim,
+            n_past=self.n_past,
+            attention_mask=mask,
         )
 
     # --- the routed decomposition ---------------------------------------------------------

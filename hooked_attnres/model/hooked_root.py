@@ -44,8 +44,9 @@ from torch import Tensor
 
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
-from hooked_attnres.model.cache import AttnResActivationCache, KeyValueRunCacheDict
+from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
+from hooked_attnres.model.passes import pass_mask
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -368,13 +369,20 @@ class HookedModule(HookedRootModule):
     ) -> tuple[dict, list, list]:
         """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``, and
         ``remove_batch_dim=True`` refuses (``ValueError``) a batch of more than one prompt
-        whatever the input (TransformerLens checks only a token tensor passed first)."""
-        cache = {} if cache is None else cache
+        whatever the input (TransformerLens checks only a token tensor passed first).
+        Without a ``cache`` it returns a `RunCacheDict`, which records the attention mask
+        of the pass that fills it (``attention_mask``: ``None`` without padding)."""
+        cache = RunCacheDict() if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
         self.is_caching = True
+        unrecorded = [isinstance(cache, RunCacheDict)]  # the first forward hook records
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
+            if unrecorded[0] and not is_backward:
+                unrecorded[0] = False
+                mask = pass_mask()
+                cache.attention_mask = None if mask is None else mask.detach().to(device)
             stored = tensor.detach().to(device)
             if remove_batch_dim:
                 if stored.dim() == 0 or stored.shape[0] != 1:
@@ -417,11 +425,12 @@ class HookedModule(HookedRootModule):
 
         Returns:
             ``(model_output, cache)`` where ``cache`` is an `AttnResActivationCache` (a
-            TransformerLens ``ActivationCache``; a plain dict if
-            ``return_cache_object=False``, a `KeyValueRunCacheDict` after key-value-cached
-            positions). Its ``n_past`` is the number of positions
+            TransformerLens ``ActivationCache``; with ``return_cache_object=False`` a
+            `RunCacheDict`, a ``dict``). Its ``n_past`` is the number of positions
             the key-value cache held before this pass (0 without one): its position 0
-            is the sequence's position ``n_past``.
+            is the sequence's position ``n_past``. Its ``attention_mask`` is the pass's
+            ``[batch, pos]`` mask (bool) where it marks padding, ``None`` otherwise: the
+            patching sweeps refuse a clean cache made with another mask than theirs.
         """
         kv_cache = kwargs.get("past_kv_cache")
         n_past = getattr(kv_cache, "n_past", 0)  # read before the pass extends the cache
@@ -429,12 +438,15 @@ class HookedModule(HookedRootModule):
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
+        assert isinstance(cache_dict, RunCacheDict)  # made by get_caching_hooks
+        cache_dict.n_past = n_past
         if not return_cache_object:
-            if n_past:
-                cache_dict = KeyValueRunCacheDict(cache_dict)
-                cache_dict.n_past = n_past
             return out, cache_dict
         cache = AttnResActivationCache(
-            cache_dict, self, has_batch_dim=not remove_batch_dim, n_past=n_past
+            cache_dict,
+            self,
+            has_batch_dim=not remove_batch_dim,
+            n_past=n_past,
+            attention_mask=cache_dict.attention_mask,
         )
         return out, cache

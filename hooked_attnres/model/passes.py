@@ -91,3 +91,11 @@ def real_tokens(batch: int, n_pos: int) -> Optional[Tensor]:
     if extent is None or extent.real is None or tuple(extent.real.shape) != (batch, n_pos):
         return None
     return extent.real
+
+
+def pass_mask() -> Optional[Tensor]:
+    """The running pass's ``[batch, length]`` attention mask (True at real tokens) when it
+    marks padding; ``None`` without padding or outside a pass. What a cache of the pass
+    records (`RunCacheDict.attention_mask`)."""
+    extent = _CURRENT.get()
+    return None if extent is None else extent.real
