@@ -985,3 +985,50 @@ def test_a_mean_over_the_prompts_skips_their_padding(tokens):
     torch.testing.assert_close(
         torch.cat([first, second], dim=1)[at_real], whole[at_real], atol=1e-10, rtol=0
     )
+
+
+def test_patching_from_a_cache_made_with_another_attention_mask_is_refused(tokens):
+    """set_weights / patch_sources / patch_committed from another run's cache in a run
+    with another attention mask (a clean cache made without the mask of a left-padded
+    batch) took the cache's positions as the run's, silently: 0.05 (set_weights), 0.26
+    (patch_sources, patch_committed) logits off at real positions, 2-layer kimi. The
+    cache records its run's mask and the hook refuses another one; with the same mask the
+    patch equals a hand-written hook that copies the cached tensor."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=2)).eval()
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    other = torch.randint(0, 50, tokens.shape, generator=torch.Generator().manual_seed(3))
+    _, clean = model.run_with_cache(other, attention_mask=mask)
+    _, unmasked = model.run_with_cache(other)
+    site = model.site(1, "attn_res")
+    committed = commit_hook_name(model, "block_1")
+    interventions = {
+        site.hook("weights"): lambda c: set_weights(model, c, routers=[site]),
+        site.hook("sources"): lambda c: patch_sources(model, "current", c, routers=[site]),
+        committed: lambda c: patch_committed(model, "block_1", c),
+    }
+    for name, intervene in interventions.items():
+        with pytest.raises(ValueError, match="was made with no padding .* but this run runs"):
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=intervene(unmasked))
+        with pytest.raises(ValueError, match="marking 3 padding .* this run runs with no padding"):
+            model.run_with_hooks(tokens, fwd_hooks=intervene(clean))
+
+        def by_hand(x, hook, name=name):
+            if name.endswith("hook_sources"):
+                x = x.clone()
+                x[..., -1, :] = clean[name][..., -1, :]  # the current source is the last
+                return x
+            return clean[name]
+
+        with torch.no_grad():
+            got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=intervene(clean))
+            expected = model.run_with_hooks(
+                tokens, attention_mask=mask, fwd_hooks=[(name, by_hand)]
+            )
+            # what the refusal prevents: the unmasked cache's tensors in a dict that
+            # records no mask (not checkable) give other numbers at real positions
+            wrong = model.run_with_hooks(
+                tokens, attention_mask=mask, fwd_hooks=intervene(dict(unmasked.cache_dict))
+            )
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert float((wrong - got)[mask.bool()].abs().max()) > 1e-3

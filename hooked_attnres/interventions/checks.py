@@ -129,12 +129,12 @@ def check_cached(
 
 
 def _padding(mask: Optional[Tensor]) -> Optional[Tensor]:
-    """A ``[batch, pos]`` mask as the positions it marks real (bool, on the CPU), or
-    ``None`` where it marks no padding (no mask, or all ones: the same pass)."""
+    """A ``[batch, pos]`` mask as the positions it marks real (bool), or ``None`` where it
+    marks no padding (no mask, or all ones: the same pass)."""
     if mask is None:
         return None
     real = torch.as_tensor(mask) != 0
-    return None if bool(real.all()) else real.cpu()
+    return None if bool(real.all()) else real
 
 
 def _describe_mask(real: Optional[Tensor]) -> str:
@@ -156,7 +156,7 @@ def check_cache_mask(cache: Any, attention_mask: Optional[Tensor], what: str, ru
     if made is None and runs is None:
         return
     if made is not None and runs is not None and made.shape == runs.shape:
-        if torch.equal(made, runs):
+        if torch.equal(made, runs.to(made.device)):
             return
     raise ValueError(
         f"{what} was made with {_describe_mask(made)}, but {run} runs with "

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hooked_attnres.interventions.checks import (
     check_broadcast,
+    check_cache_mask,
     check_cached,
     check_run_shape,
     check_value_tensor,
@@ -38,7 +39,7 @@ from hooked_attnres.interventions.selection import (
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
-from hooked_attnres.model.passes import real_tokens, require_whole_sequence
+from hooked_attnres.model.passes import pass_mask, real_tokens, require_whole_sequence
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -144,6 +145,7 @@ def resolve_value(
         new = from_cache(value)  # type: ignore[arg-type]
         _require_aligned(None, current, where)
         check_run_shape(new, current, where, "patching from a cache")
+        check_cache_mask(value, pass_mask(), f"the cache patched in at {where}", "this run")
     else:
         new = torch.as_tensor(value)
         _require_aligned(new, current, where)
@@ -461,7 +463,11 @@ def set_weights(
         value, from_cache = _weights_for(weights, model, site)
 
         def hook(
-            current: Float[Tensor, "batch pos n_sources"], hook, value=value, cached=from_cache
+            current: Float[Tensor, "batch pos n_sources"],
+            hook,
+            value=value,
+            cached=from_cache,
+            cache=weights,
         ):
             if isinstance(value, str):
                 new = torch.full_like(current, 1.0 / current.shape[-1])
@@ -469,6 +475,8 @@ def set_weights(
                 _require_aligned(None if cached else value, current, f"set_weights at {hook.name}")
                 if cached:  # another run's weights: its prompts, position by position
                     check_run_shape(value, current, hook.name, "set_weights")
+                    where = f"the cache given to set_weights at {hook.name}"
+                    check_cache_mask(cache, pass_mask(), where, "this run")
                 check_broadcast(value, current, hook.name, "set_weights")
                 new = value.to(current.device, current.dtype).expand_as(current)
             return _at_positions(new, current, positions)
