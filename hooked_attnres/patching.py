@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._tl import get_act_name
+from hooked_attnres._validation import require_selection
 from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import (
@@ -452,7 +453,8 @@ def router_patch_index(
     Args:
         router: ``"attn_res"`` or ``"mlp_res"`` (the final router has no layer axis).
         hook: ``"sources"``, ``"scale"``, ``"logits"``, ``"weights"`` or ``"out"``.
-        index_axis_names: axes TransformerLens knows (``"layer"``, ``"pos"``); with
+        index_axis_names: axes TransformerLens knows (``"layer"``, ``"pos"``; each once,
+            ``"layer"`` first); with
             ``"source"`` (its extent varies by layer) an ``index_df`` of the valid
             ``(layer[, pos], source)`` rows is returned instead (needs ``n_pos`` if
             ``"pos"`` is one of the axes) and the result is flattened, one value per row.
@@ -471,7 +473,8 @@ def router_patch_index(
     check_routers(model, router)
     name = RouterSite.activation_name(router, hook)
     axes = tuple(index_axis_names)
-    if not axes or axes[0] != "layer":
+    require_selection("index_axis_names", axes, why="the result would have no axis")
+    if axes[0] != "layer":
         raise ValueError(f"index_axis_names must start with 'layer', got {axes}")
     unknown = set(axes) - {"layer", "pos", "source"}
     if unknown:

@@ -418,6 +418,8 @@ def test_bad_inputs_are_refused():
         result.verify_top(0)
     with pytest.raises(ValueError, match=r"min_masked_mass must be in \(0, 1\]"):
         result.verify_top(3, min_masked_mass=1.5)
+    with pytest.raises(ValueError, match="min_masked_mass must be a finite number or None"):
+        result.verify_top(3, min_masked_mass=True)  # was read as 1.0: no cell, silently
     with pytest.raises(ValueError, match="metric 'logprob' was not computed"):
         result.verify_top(3, metric="logprob")
     with pytest.raises(ValueError, match="by_position=True"):

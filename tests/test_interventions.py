@@ -1032,3 +1032,18 @@ def test_patching_from_a_cache_made_with_another_attention_mask_is_refused(token
             )
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         assert float((wrong - got)[mask.bool()].abs().max()) > 1e-3
+
+
+def test_patch_committed_refuses_no_label_or_a_label_twice(tokens):
+    """patch_committed(model, []) returned no hook (the run was silently unpatched); a
+    label twice patched one hook twice. Refused by the one selection check."""
+    model = routed("kimi")
+    with pytest.raises(ValueError, match="labels is empty: it patches no source"):
+        patch_committed(model, [])
+    with pytest.raises(ValueError, match=r"labels repeats \['block_1'\]"):
+        patch_committed(model, ["block_1", "embedding", "block_1"])
+    hooks = patch_committed(model, ["block_1", "embedding"])
+    assert [name for name, _ in hooks] == [
+        commit_hook_name(model, "block_1"),
+        commit_hook_name(model, "embedding"),
+    ]

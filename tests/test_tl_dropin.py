@@ -689,6 +689,14 @@ def test_bad_calls_name_what_to_do():
         router_patch_index(model, "attn_res", "weights", ("layer", "pos", "source"))
     with pytest.raises(ValueError, match="start with 'layer'"):
         router_patch_index(model, "attn_res", "weights", ("pos",))
+    # an axis twice made a redundant axis (a [layer, pos, pos] grid, or index_df rows
+    # with a repeated source column) silently
+    with pytest.raises(ValueError, match=r"index_axis_names repeats \['pos'\]"):
+        router_patch_index(model, "attn_res", "weights", ("layer", "pos", "pos"))
+    with pytest.raises(ValueError, match=r"index_axis_names repeats \['source'\]"):
+        router_patch_index(model, "attn_res", "weights", ("layer", "source", "source"))
+    with pytest.raises(ValueError, match="index_axis_names is empty"):
+        router_patch_index(model, "attn_res", "weights", ())
     with pytest.raises(ValueError, match="no hook 'bogus'"):
         cache.stack_router_activation("bogus")
     with pytest.raises(ValueError, match="router must be one of"):

@@ -47,7 +47,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._validation import require_integer, require_selection
+from hooked_attnres._validation import (
+    require_finite_number,
+    require_integer,
+    require_selection,
+)
 from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
     Metric,
@@ -386,6 +390,7 @@ class RoutingAttribution:
             and ``|estimate|``.
         """
         require_integer("k", k, 1)
+        require_finite_number("min_masked_mass", min_masked_mass, optional=True)
         if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
             raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
         methods = self.settings["methods"]

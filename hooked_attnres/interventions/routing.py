@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hooked_attnres._validation import require_selection
 from hooked_attnres.interventions.checks import (
     check_broadcast,
     check_cache_mask,
@@ -565,17 +566,16 @@ def patch_committed(
     they name different blocks at different routers (use `patch_sources` for that).
 
     Args:
-        labels: one label or a list.
+        labels: one label or a list (not empty, each label once).
         value: ``"zero"``, ``"mean"`` (over the batch; over the prompts whose token is
             real where the run has an ``attention_mask``), a tensor broadcastable to
             ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
     check_positions(positions)
-    names = [
-        commit_hook_name(model, label)
-        for label in ([labels] if isinstance(labels, (str, int)) else list(labels))
-    ]
+    labels = [labels] if isinstance(labels, (str, int)) else list(labels)
+    require_selection("labels", labels, why="it patches no source")
+    names = [commit_hook_name(model, label) for label in labels]
     value = check_value(model, value, names, "patch_committed")
     hooks: Hooks = []
     for name in names:

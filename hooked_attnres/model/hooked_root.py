@@ -376,13 +376,13 @@ class HookedModule(HookedRootModule):
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
         self.is_caching = True
-        unrecorded = [isinstance(cache, RunCacheDict)]  # the first forward hook records
+        # the first forward hook records the pass's mask
+        recorder = [cache] if isinstance(cache, RunCacheDict) else []
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
-            if unrecorded[0] and not is_backward:
-                unrecorded[0] = False
+            if recorder and not is_backward:
                 mask = pass_mask()
-                cache.attention_mask = None if mask is None else mask.detach().to(device)
+                recorder.pop().attention_mask = None if mask is None else mask.to(device)
             stored = tensor.detach().to(device)
             if remove_batch_dim:
                 if stored.dim() == 0 or stored.shape[0] != 1:
