@@ -856,6 +856,21 @@ def test_mass_positions_out_of_range_are_named(setup):
     np.testing.assert_allclose(
         table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5
     )
+    # a position twice (also as p and p - n_pos) counted twice in the mean (0.17 mass off
+    # for [1, 1, 2], kimi): refused; the mean over distinct positions is the cache's
+    for repeated in ([1, 1, 2], [1, 1 - n_pos, 2]):
+        with pytest.raises(ValueError, match=r"positions repeats \[1\]"):
+            routing_mass(model, batch, positions=repeated)
+    _, cache = model.run_with_cache(batch.tokens)
+    site = model.site(2, "attn_res")
+    weights = cache[site.hook("weights")][:, [1, 2]].mean(dim=1)  # [batch, n_sources]
+    families = model.routing_layout.families(site)
+    table = routing_mass(model, batch, positions=[1, 2])
+    rows = table[(table.router == "attn_res") & (table.layer == 2)]
+    for family in FAMILIES:
+        expected = weights[:, families[family]].sum(-1).numpy() if families[family] else 0.0
+        got = rows[rows.family == family].sort_values("prompt").mass.to_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_dissociation_report_refuses_ambiguous_tables():

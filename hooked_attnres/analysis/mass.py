@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hooked_attnres._validation import first_non_finite
+from hooked_attnres._validation import first_non_finite, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
@@ -102,8 +102,8 @@ def _position_weights(
             f"positions must be 'answer', 'all' or a list of positions, got {positions!r}"
         )
     index = position_index(positions, n_pos, weights.device)
-    if index.numel() == 0:
-        raise ValueError("positions is empty: give at least one position to average over")
+    # one weight per position: a position twice (also as p and p - n_pos) would count twice
+    require_selection("positions", (index % n_pos).tolist(), why="nothing to average over")
     return weights[:, index].mean(dim=1)
 
 
