@@ -507,3 +507,90 @@ def test_d3_can_hold_with_a_detectable_effect_and_its_sentence_says_so():
     assert "no detectable effect" not in sentence
     assert "interval contains 0 or |effect| < 0.10x the top harm" in sentence
     assert "effect -0.05 [-0.07, -0.03]" in sentence and "harm 2.00" in sentence
+
+
+def test_an_effects_table_without_accuracy_is_refused_not_read_as_no_accuracy_drop():
+    """Audit finding: without ``accuracy`` rows criterion 2's "or at most -0.02 accuracy"
+    silently never held (M1 with 2.5 % of the clean difference and -5 points read absent,
+    present with the rows); a table lacking one accuracy cell raised a bare KeyError."""
+    cell = ("mlp_res", "early", "embedding")
+    summary, effects = tables({cell: harmful(-0.5, width=0.1)}, accuracy={cell: -0.05}, clean=20.0)
+    assert present(motif_report(summary, effects), "M1")  # by the accuracy criterion
+    with pytest.raises(ValueError, match="no 'accuracy' rows.*criterion 2's 2 points"):
+        motif_report(summary, effects[effects.metric == "logit_diff"])
+    lacking = (
+        (effects.metric == "accuracy")
+        & (effects.router == "mlp_res")
+        & (effects.group == "early")
+        & (effects.family == "embedding")
+    )
+    with pytest.raises(
+        ValueError, match=r"'accuracy' effects lack .* \[\('mlp_res', 'early', 'embedding'\)\]"
+    ):
+        motif_report(summary, effects[~lacking])
+
+
+def test_effects_with_several_clean_logit_differences_are_refused():
+    """Audit finding: criterion 2 read the clean logit difference of the table's first row;
+    a table mixing two prompt sets (clean 100 first, 20 at the motif) read M1 absent, 5 %
+    of 100, where its own rows say 5 % of 20."""
+    cell = ("mlp_res", "early", "embedding")
+    summary, effects = tables({cell: harmful(-1.0)}, clean=20.0)
+    assert present(motif_report(summary, effects), "M1")
+    effects.loc[effects.index[0], "clean"] = 100.0
+    with pytest.raises(ValueError, match=r"2 different clean logit differences \(\[20.0, 100.0\]"):
+        motif_report(summary, effects)
+
+
+def test_every_summarised_model_needs_its_effects_and_a_label():
+    """Audit finding: a seed in the mass summary but not in the effects table, or a seed
+    label that is NaN (pandas' groupby drops it), left the count of seeds: M1, present in
+    all 3 seeds, read "2 of 2 (replicated)"."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    summary = pd.concat([p[0] for p in parts], ignore_index=True)
+    effects = pd.concat([p[1] for p in parts], ignore_index=True)
+    verdicts = motif_verdicts(motif_report(summary, effects)).set_index("claim")
+    assert (verdicts.loc["M1", "k"], verdicts.loc["M1", "n"]) == (3, 3)
+    with pytest.raises(ValueError, match=r"models that the effects table lacks: \[\{'seed': 2\}\]"):
+        motif_report(summary, effects[effects.seed != 2])
+    unlabelled = effects.assign(seed=effects.seed.where(effects.seed != 2))  # NaN for seed 2
+    with pytest.raises(ValueError, match="effects has rows without a 'seed' \\(NaN\\)"):
+        motif_report(summary, unlabelled)
+
+
+def test_k_of_n_counts_each_seed_once():
+    """Audit finding: ``n`` counted rows, not seeds: a report with seed 0 twice read M1
+    "4 of 4 seeds" (3 seeds), and one without seed 2's M1 row read "2 of 2 (replicated)"
+    while its M3 read "0 of 3"."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    report = motif_report(
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        pd.concat([p[1] for p in parts], ignore_index=True),
+    )
+    with pytest.raises(ValueError, match=r"claim M1 needs one row per seed, but seed\(s\) \[0\] "):
+        motif_verdicts(pd.concat([report, report[report.seed == 0]]))
+    lacking = report[~((report.seed == 2) & (report.claim == "M1"))]
+    with pytest.raises(
+        ValueError, match=r"M1 needs one row per seed, but seed\(s\) \[2\] have none"
+    ):
+        motif_verdicts(lacking)
+    with pytest.raises(ValueError, match="the report has rows without a 'seed'"):
+        motif_verdicts(report.assign(seed=report.seed.where(report.seed != 1)))
+
+
+def test_a_two_point_accuracy_drop_of_whole_prompts_meets_criterion_2_exactly():
+    """Criterion 2 reads "at most -0.02": 1 of 50, 2 of 100, ... prompts losing their
+    answer must meet it exactly (per-prompt accuracies are float32 0/1; the effect must be
+    the correctly rounded k/n, not a float32 mean a hair above -0.02)."""
+    import numpy as np
+
+    from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+    from hooked_attnres.analysis.motifs import PREREGISTERED
+
+    for k, n in ((1, 50), (2, 100), (3, 150), (4, 200), (5, 250)):
+        lost = np.zeros((1, n), dtype=np.float32)
+        lost[0, :k] = -1.0
+        mean = bootstrap_ci_rows(lost, 20)[0][0]
+        assert mean == -k / n and mean <= -PREREGISTERED.min_accuracy_drop

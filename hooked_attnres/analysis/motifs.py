@@ -101,13 +101,31 @@ PREREGISTERED_CONFIDENCE = 0.95
 
 
 def _effect_rows(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One model's ``metric`` rows indexed by ``(router, group, family)``; refuses a table
+    without them, with several rows of a cell, or without a cell the verdicts read (every
+    family at both sublayer router types in each band and ``all``)."""
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(
             f"the effects table has no {metric!r} rows; run ablation_effects with "
-            f"metrics including {metric!r}"
+            f"metrics including {metric!r} (the pre-registered criteria read 'logit_diff' "
+            "and, for criterion 2's 2 points, 'accuracy')"
         )
-    return chosen.set_index(["router", "group", "family"])
+    chosen = chosen.set_index(["router", "group", "family"])
+    if chosen.index.duplicated().any():
+        raise ValueError(
+            "the effects table has several rows per router, group and family; pass "
+            "one model seed at a time (motif_report splits by a 'seed' column)"
+        )
+    needed = [(r, g, f) for r in SUBLAYER_ROUTERS for g in (*BANDS, "all") for f in FAMILIES]
+    missing = [cell for cell in needed if cell not in chosen.index]
+    if missing:
+        raise ValueError(
+            f"the {metric!r} effects lack the (router, group, family) rows {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}; the verdicts read every family at both "
+            "router types in each band and 'all': pass the whole ablation_effects table"
+        )
+    return chosen
 
 
 def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
@@ -164,7 +182,7 @@ def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
         )
 
 
-def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass: pd.Series) -> None:
+def _require_finite(logit: pd.DataFrame, accuracy: pd.DataFrame, mass: pd.Series) -> None:
     """Refuse NaN / infinite numbers among those the verdicts read: a comparison with NaN
     is False, so an interval of one prompt (NaN) would read as "absent", and NaN in one
     band would decide localisation by the order of the bands (Python's ``max``)."""
@@ -174,13 +192,14 @@ def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass:
         logit.index.get_level_values("router").isin(routers)
         & logit.index.get_level_values("group").isin(groups)
     ]
-    cells = [(read, ["effect", "ci_low", "ci_high", "clean"], "logit_diff")]
-    if accuracy is not None:
-        chosen = accuracy[
-            accuracy.index.get_level_values("router").isin(routers)
-            & accuracy.index.get_level_values("group").isin(groups)
-        ]
-        cells.append((chosen, ["effect"], "accuracy"))
+    chosen = accuracy[
+        accuracy.index.get_level_values("router").isin(routers)
+        & accuracy.index.get_level_values("group").isin(groups)
+    ]
+    cells = [
+        (read, ["effect", "ci_low", "ci_high", "clean"], "logit_diff"),
+        (chosen, ["effect"], "accuracy"),
+    ]
     for table, columns, metric in cells:
         values = table[columns].to_numpy(dtype=float)
         found = first_non_finite(values)
@@ -214,15 +233,19 @@ def _require_finite(logit: pd.DataFrame, accuracy: Optional[pd.DataFrame], mass:
 def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Criteria) -> list[dict]:
     _check_inputs(mass_summary, effects)
     logit = _effect_rows(effects, "logit_diff")
-    accuracy = _effect_rows(effects, "accuracy") if "accuracy" in set(effects.metric) else None
-    if logit.index.duplicated().any():
-        raise ValueError(
-            "the effects table has several rows per router, group and family; pass "
-            "one model seed at a time (motif_report splits by a 'seed' column)"
-        )
+    # criterion 2's "or at most -0.02 accuracy": without these rows it could never hold
+    accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
     _require_finite(logit, accuracy, mass)
-    clean = float(logit.clean.iloc[0])
+    cleans = sorted(set(logit.clean.astype(float)))
+    if len(cleans) > 1:
+        raise ValueError(
+            f"the logit_diff effects hold {len(cleans)} different clean logit differences "
+            f"({cleans[:3]}...): one model on one prompt set has one; pass one "
+            "ablation_effects table per model and prompt set (criterion 2 compares the harm "
+            "with it)"
+        )
+    clean = cleans[0]
     rows: list[dict] = []
 
     def cell(router: str, group: str, family: str) -> pd.Series:
@@ -231,9 +254,9 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     def motif_part(family: str, router: str, band: str) -> dict:
         here = cell(router, band, family)
         harms = {b: -float(cell(router, b, family).effect) for b in BANDS}
-        acc = float(accuracy.loc[(router, band, family)].effect) if accuracy is not None else np.nan
+        acc = float(accuracy.loc[(router, band, family)].effect)
         harmful = bool(here.ci_high < 0)
-        by_accuracy = bool(not np.isnan(acc) and acc <= -criteria.min_accuracy_drop)
+        by_accuracy = bool(acc <= -criteria.min_accuracy_drop)
         by_size = bool(-here.effect >= criteria.min_effect_fraction * clean)
         # amendment 1 (docs/study.md): "5 % of the clean logit difference" is undefined
         # for a model that does not prefer the answer (clean <= 0): only the accuracy
@@ -377,8 +400,10 @@ def motif_report(
             used). Every family needs a row at both sublayer router types; a summary
             without band ``"all"`` rows or with a row missing is refused.
         effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
-            default depth bands) and ``all``, and the metric ``logit_diff`` (``accuracy``
-            too, for the 2-point motif criterion).
+            default depth bands) and ``all``, and the metrics ``logit_diff`` and
+            ``accuracy`` (criterion 2's 2 points; a table without it is refused), one clean
+            logit difference per model. With ``by`` columns, every model of
+            ``mass_summary`` must be in ``effects`` and no row may lack its label.
         criteria: the thresholds (default: the pre-registered ones).
         by: columns that identify one model, present in both tables (default: those of
             ``condition`` and ``seed`` that exist).
@@ -395,6 +420,19 @@ def motif_report(
         ]
     if not by:
         return pd.DataFrame(_one_seed(mass_summary, effects, criteria))
+    for name, table in (("effects", effects), ("mass_summary", mass_summary)):
+        _require_labels(table, by, name)
+    measured = set(effects[by].itertuples(index=False, name=None))
+    unmeasured = [
+        dict(zip(by, key, strict=True))
+        for key in dict.fromkeys(mass_summary[by].itertuples(index=False, name=None))
+        if key not in measured
+    ]
+    if unmeasured:  # its claims would silently drop out of "k of n seeds"
+        raise ValueError(
+            f"mass_summary has models that the effects table lacks: {unmeasured[:3]}; pass "
+            "the ablation_effects of every model summarised (or leave the model out of both)"
+        )
     rows = []
     for key, part in effects.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -407,6 +445,18 @@ def motif_report(
         for row in _one_seed(mass, part, criteria):
             rows.append({**dict(zip(by, key, strict=True)), **row})
     return pd.DataFrame(rows)
+
+
+def _require_labels(table: pd.DataFrame, columns: list[str], what: str) -> None:
+    """Refuse a missing (NaN) ``condition`` / ``seed`` label: pandas' ``groupby`` drops
+    such rows, so that model would silently leave the count of seeds."""
+    for column in columns:
+        if column not in table.columns:
+            raise ValueError(f"{what} lacks the column {column!r} that identifies a model")
+        if table[column].isna().any():
+            raise ValueError(
+                f"{what} has rows without a {column!r} (NaN); every row must name its model"
+            )
 
 
 def verdict_word(k: int, n: int) -> str:
@@ -431,18 +481,31 @@ def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.D
     (`verdict_word`) and ``sentence`` (generated from the numbers)."""
     if by is None:
         by = [c for c in ("condition",) if c in report.columns]
+    _require_labels(report, [*by, *(["seed"] if "seed" in report.columns else [])], "the report")
     rows = []
     groups = report.groupby(by, sort=False) if by else [((), report)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
+        seeds = list(dict.fromkeys(part.seed)) if "seed" in part.columns else None
         for claim in CLAIMS:
             rows_claim = part[part.claim == claim]
             if rows_claim.empty:
                 continue
-            if len(rows_claim) > 1 and "seed" not in part.columns:
+            if seeds is None and len(rows_claim) > 1:
                 raise ValueError(
                     f"the report has {len(rows_claim)} rows for {claim} and no 'seed' column "
                     "to tell them apart; pass motif_report of tables with a 'seed' column"
+                )
+            # n counts seeds: a seed twice, or a seed without this claim, would miscount it
+            if seeds is not None and sorted(rows_claim.seed.tolist()) != sorted(seeds):
+                repeated = sorted(set(rows_claim.seed[rows_claim.seed.duplicated()].tolist()))
+                lacking = [s for s in seeds if s not in set(rows_claim.seed)]
+                problems = [f"seed(s) {repeated} have several"] if repeated else []
+                problems += [f"seed(s) {lacking} have none"] if lacking else []
+                raise ValueError(
+                    f"{dict(zip(by, key, strict=True)) or 'the report'}: claim {claim} needs one "
+                    f"row per seed, but {' and '.join(problems)}; pass "
+                    "motif_report's table of each model once, unfiltered"
                 )
             k, n = int(rows_claim.present.sum()), len(rows_claim)
             rows.append(
