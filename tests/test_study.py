@@ -504,3 +504,34 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
     assert interrupted_then_rerun(n_bootstrap=30) == both  # other settings
     assert interrupted_then_rerun(damage=True) == both  # an unreadable kept file
     assert interrupted_then_rerun(retrain=True) == both  # another checkpoint
+
+
+def test_the_schedule_sentence_decides_from_every_seed_and_prints_its_side_of_the_threshold(
+    tmp_path,
+):
+    """Audit findings: a NaN deviation of one seed was skipped by pandas' max (the claim
+    "holds" on the other seed's 1e-7), and a deviation just above the 1e-6 criterion was
+    printed "1.0e-06" next to "does not hold (criterion <= 1e-6)"."""
+    from hooked_attnres.analysis.motifs import PREREGISTERED
+    from hooked_attnres.study.report import _schedule_sentences
+    from hooked_attnres.study.run import StudyResult
+
+    threshold = PREREGISTERED.schedule_max_deviation
+    empty = pd.DataFrame()
+
+    def sentence(deviations):
+        schedule = pd.DataFrame(
+            {"condition": "vanilla", "seed": [0, 1], "max_abs_deviation": deviations}
+        )
+        result = StudyResult(tmp_path, empty, empty, empty, empty, empty, schedule, empty)
+        return _schedule_sentences(result)[0]
+
+    assert "to 1.0e-06 " in sentence([threshold, 0.0]) and "claim holds" in sentence([threshold, 0])
+    above = threshold * (1 + 1e-7)
+    text = sentence([above, 0.0])
+    assert "claim does not hold" in text
+    printed = float(text.split("schedule to ")[1].split(" ")[0])
+    assert printed > threshold and printed == pytest.approx(above, rel=1e-9)
+    assert "to 7.6e-08 " in sentence([7.6e-8, 1e-8])  # the usual two digits otherwise
+    with pytest.raises(ValueError, match="vanilla seed 0 holds a non-finite deviation"):
+        sentence([float("nan"), 1e-7])

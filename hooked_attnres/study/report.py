@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
+from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.motifs import CLAIMS, PREREGISTERED, claim_text, same_top_family
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.conditions import get_condition
@@ -111,9 +112,29 @@ def _as_written_lines(result: StudyResult) -> list[str]:
     ]
 
 
+def _deviation_text(largest: float, threshold: float) -> str:
+    """``largest`` in 2 significant digits, or in as many as it takes for the printed
+    number to fall on the same side of ``threshold`` as the number itself (1.0000001e-6
+    printed "1.0e-06" next to "does not hold (criterion <= 1e-6)")."""
+    for digits in range(1, 17):
+        text = f"{largest:.{digits}e}"
+        if (float(text) <= threshold) == (largest <= threshold):
+            return text
+    return repr(largest)
+
+
 def _schedule_sentences(result: StudyResult) -> list[str]:
     if result.schedule.empty:
         return []
+    deviations = result.schedule.max_abs_deviation
+    found = first_non_finite(deviations)
+    if found is not None:  # pandas' max skips NaN: the claim would hold on the other rows
+        row = result.schedule.iloc[found[0]]
+        raise ValueError(
+            f"the schedule comparison of {row.condition} seed {row.seed} holds a non-finite "
+            f"deviation ({row.max_abs_deviation}); the schedule claim cannot be decided from "
+            "it: recompute schedule_comparison (it refuses non-finite routing masses)"
+        )
     worst = result.schedule.groupby(["condition", "seed"]).max_abs_deviation.max()
     out = []
     for condition, part in worst.groupby(level=0):
@@ -123,7 +144,8 @@ def _schedule_sentences(result: StudyResult) -> list[str]:
         written = f"{threshold:.0e}".replace("e-0", "e-")  # 1e-6, as docs/study.md writes it
         out.append(
             f"Recency-wrapped {condition}: the routing equals the analytic schedule to "
-            f"{largest:.1e} (largest |measured - predicted| family mass over routers, "
+            f"{_deviation_text(largest, threshold)} (largest |measured - predicted| family "
+            "mass over routers, "
             f"layers, prompts and {len(part)} seed(s)); the claim {ok} (criterion "
             f"<= {written}, amendment 2)."
         )
