@@ -535,3 +535,39 @@ def test_the_schedule_sentence_decides_from_every_seed_and_prints_its_side_of_th
     assert "to 7.6e-08 " in sentence([7.6e-8, 1e-8])  # the usual two digits otherwise
     with pytest.raises(ValueError, match="vanilla seed 0 holds a non-finite deviation"):
         sentence([float("nan"), 1e-7])
+
+
+def test_a_study_resumed_with_another_thread_count_recomputes_the_kept_models(
+    tmp_path, monkeypatch
+):
+    """Audit finding: the effects of 1 and 2 threads differ by ~1e-8 (paperlike_cumulative_L8
+    seed 1: 1.0e-8 in ci_high), but a kept run was reused whatever the thread count, so a
+    resumed study mixed models computed with both while run.json named one."""
+    import hooked_attnres.study.run as study_module
+
+    condition = "hard_kimi_L8"
+    _tiny_runs(tmp_path / "runs", condition, (0, 1))
+    kwargs = dict(
+        checkpoints=tmp_path / "runs", n_prompts=6, n_bootstrap=5, progress=False, plots=False
+    )
+    original = study_module._study_run
+    calls: list[tuple] = []
+
+    def counted(condition, seed, *args, interrupt_at=None):
+        calls.append((condition, seed))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return original(condition, seed, *args)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(out, **kwargs)
+    assert [p.name for p in study_module.partial_dir(out).iterdir()] == [f"{condition}_seed0.pkl"]
+    calls.clear()
+    monkeypatch.setattr(study_module, "_study_run", counted)
+    threads = torch.get_num_threads() + 1  # a real second thread is slow on a shared machine
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    result = run_study(out, **kwargs)
+    assert calls == [(condition, 0), (condition, 1)]  # the kept seed 0 is recomputed
+    assert result.settings["threads"] == threads

@@ -449,7 +449,12 @@ def _files_fingerprint(
 
 def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
     """What a kept run must match to be reused: its settings, its checkpoint's files
-    (weights, config, ``metrics.json``) and the library's code."""
+    (weights, config, ``metrics.json``), the library's code, and what else moves the
+    numbers: the thread count (1 and 2 threads differ by ~1e-8 in the effects) and the
+    versions of torch, NumPy and pandas (``run.json`` records one value of each for every
+    model)."""
+    import numpy
+
     checkpoints = settings.checkpoints
     model = checkpoint_dir(condition, seed, checkpoints)
     return {
@@ -461,6 +466,8 @@ def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
         "robustness": settings.robustness,
         "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
         "code": _code_fingerprint(),
+        "threads": torch.get_num_threads(),
+        "versions": [torch.__version__, numpy.__version__, pd.__version__],
     }
 
 
