@@ -594,3 +594,26 @@ def test_a_two_point_accuracy_drop_of_whole_prompts_meets_criterion_2_exactly():
         lost[0, :k] = -1.0
         mean = bootstrap_ci_rows(lost, 20)[0][0]
         assert mean == -k / n and mean <= -PREREGISTERED.min_accuracy_drop
+
+
+def test_dissociation_report_names_every_family_tied_for_the_top():
+    """Audit finding: ties for the top were broken by family name, so ``embedding`` tied
+    with ``current`` for the most mass and with the largest effect read "top mass current,
+    top effect embedding, not the same family" (D1's amendment 4 counts it as the same)."""
+    from hooked_attnres.analysis import dissociation_report
+
+    tied_mass = {("attn_res", "embedding"): 0.4, ("attn_res", "current"): 0.4}
+    tied_mass.update({("attn_res", "older"): 0.1, ("attn_res", "prev_completed"): 0.1})
+    effects = {("attn_res", "all", "embedding"): (-2.0, -2.5, -1.5)}
+    summary, table = tables(effects, mass=tied_mass)
+    row = dissociation_report(
+        summary.drop(columns="band"), table[table.group == "all"].assign(n_masked_routers=1)
+    ).set_index("router")
+    attn = row.loc["attn_res"]
+    assert set(attn.top_mass.split("|")) == {"embedding", "current"}
+    assert attn.top_effect == "embedding" and attn.top_mass_is_top_effect
+    d1 = motif_report(summary, table).set_index("claim").loc["D1-attn_res"]
+    assert same_top_family(d1.top_mass, d1.top_effect)  # the pre-registered D1 agrees
+    # mlp: every mass 0.25 and every effect 0: all four families tie for both tops
+    mlp = row.loc["mlp_res"]
+    assert len(mlp.top_mass.split("|")) == 4 and mlp.top_mass_is_top_effect

@@ -42,10 +42,11 @@ def dissociation_report(
         appreciable_mass: the mass above which a family "carries appreciable mass".
 
     Returns:
-        Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first;
-        effect ranked by ``|effect|``); ``spearman`` (rank correlation of mass and
-        ``|effect|`` over the families present); ``top_mass``, ``top_effect``,
-        ``top_mass_is_top_effect``; ``shares`` (for every family, its mass and its share
+        Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first,
+        ties in name order; effect ranked by ``|effect|``); ``spearman`` (rank correlation
+        of mass and ``|effect|`` over the families present); ``top_mass``, ``top_effect``
+        (every family tied for the top, joined by ``|``), ``top_mass_is_top_effect`` (one
+        family is on top of both); ``shares`` (for every family, its mass and its share
         of the total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
         >= ``appreciable_mass`` whose effect interval contains 0).
 
@@ -99,6 +100,10 @@ def dissociation_report(
             )
         mass_ranking = [f for _, f in sorted(zip(-m, present, strict=True))]
         effect_ranking = [f for _, f in sorted(zip(-e, present, strict=True))]
+        # every family tied for the top (as D1's amendment 4): the name order of the
+        # rankings must not decide whether one family is on top of both
+        mass_tops = [f for f, mi in zip(present, m, strict=True) if mi == m.max()]
+        effect_tops = [f for f, ei in zip(present, e, strict=True) if ei == e.max()]
         null = [
             f
             for f in present
@@ -112,9 +117,9 @@ def dissociation_report(
                 "mass_ranking": mass_ranking,
                 "effect_ranking": effect_ranking,
                 "spearman": _spearman(m, e),
-                "top_mass": mass_ranking[0],
-                "top_effect": effect_ranking[0],
-                "top_mass_is_top_effect": mass_ranking[0] == effect_ranking[0],
+                "top_mass": "|".join(mass_tops),
+                "top_effect": "|".join(effect_tops),
+                "top_mass_is_top_effect": bool(set(mass_tops) & set(effect_tops)),
                 "shares": {
                     f: {"mass": float(mi), "effect": float(ei / total_effect)}
                     for f, mi, ei in zip(present, m, e, strict=True)
