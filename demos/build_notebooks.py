@@ -222,8 +222,8 @@ Across seeds, with amendment 3:
 > With one seed, "present in 1 of 1 seed" was worded *replicated* (k = n); one seed
 > replicates nothing, so it now reads *single seed*
 
-The per-seed sentences below give the logit-difference effect; a seed can also pass
-criterion 2 by the accuracy effect, which they do not show (`result.motifs` has it).
+The per-seed sentences below give the logit-difference effect, and the accuracy effect
+too where that is what met criterion 2 (`result.motifs` has every number).
 """),
     md("## M1: the embedding through early MLP routers"),
     code("""
