@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -453,8 +454,6 @@ def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
     numbers: the thread count (1 and 2 threads differ by ~1e-8 in the effects) and the
     versions of torch, NumPy and pandas (``run.json`` records one value of each for every
     model)."""
-    import numpy
-
     checkpoints = settings.checkpoints
     model = checkpoint_dir(condition, seed, checkpoints)
     return {
@@ -467,7 +466,7 @@ def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
         "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
         "code": _code_fingerprint(),
         "threads": torch.get_num_threads(),
-        "versions": [torch.__version__, numpy.__version__, pd.__version__],
+        "versions": [torch.__version__, np.__version__, pd.__version__],
     }
 
 
