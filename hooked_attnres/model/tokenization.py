@@ -260,11 +260,12 @@ class TokenizerMixin:
 
     def _str_tokens_of_text(self, text: str, prepend_bos: Optional[bool]) -> list[str]:
         # a text of no tokens gives [] (as TransformerLens), where to_tokens refuses it
-        return self._decode_each(torch.tensor(self._token_ids(text, prepend_bos, True)))
+        return self._decode_each(self._token_ids(text, prepend_bos, True))
 
-    def _decode_each(self, tokens: Int[Tensor, " pos"]) -> list[str]:
+    def _decode_each(self, tokens: Union[Int[Tensor, " pos"], list[int]]) -> list[str]:
         tokenizer = self._require_tokenizer("to_str_tokens")
-        return [tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in tokens.tolist()]
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else tokens
+        return [tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids]
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (``ValueError`` otherwise)."""
