@@ -3,6 +3,8 @@ reference forward quoted in docs/architecture.md."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import re
 import textwrap
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_model
+
+from hooked_attnres.interventions.selection import depth_bands
 
 DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
 
@@ -114,11 +118,63 @@ def test_every_relative_link_and_anchor_resolves(page):
     assert not broken, f"{page.name}: broken links: {broken}"
 
 
-def _readme_python_block(containing: str) -> str:
-    """The README's one ```python block that contains ``containing``."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+def _python_block(page: str, containing: str) -> str:
+    """The one ```python block of ``page`` (relative to the repository) that contains
+    ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / page).read_text(), re.S)
     (block,) = [b for b in blocks if containing in b]
     return block
+
+
+def _readme_python_block(containing: str) -> str:
+    return _python_block("README.md", containing)
+
+
+def _stated(block: str) -> list[tuple[str, str]]:
+    """``(expression, comment)`` of every line ``expression  # comment`` of a snippet."""
+    pairs = []
+    for line in block.splitlines():
+        code, sep, comment = line.partition("  # ")
+        if not sep or not code.strip() or code.startswith((" ", ")")):
+            continue
+        try:
+            ast.parse(code.strip(), mode="eval")
+        except SyntaxError:  # an assignment, or a statement that goes on
+            continue
+        pairs.append((code.strip(), comment))
+    return pairs
+
+
+def _leading_literal(comment: str) -> tuple[bool, object]:
+    """The longest start of ``comment`` that is a Python literal (``(False, None)`` if none)."""
+    for end in range(len(comment), 0, -1):
+        try:
+            return True, ast.literal_eval(comment[:end])
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return False, None
+
+
+def check_stated_outputs(block: str, namespace: dict, dims: dict) -> int:
+    """Evaluate each commented expression of an executed snippet and compare it with what
+    its comment states: a leading literal (``# ["embedding", "current"]``) must equal the
+    value, and a leading shape (``# [batch, pos, n_sources]``, entries evaluated in
+    ``dims``) must be the tensor's shape. Returns how many statements were checked."""
+    checked = 0
+    for code, comment in _stated(block):
+        shape = re.match(r"\[([\w ,+*-]+)\]", comment)
+        if shape and any(c.isalpha() for c in shape.group(1)):
+            value = eval(code, namespace)  # noqa: S307 (the docs' own snippet)
+            if isinstance(value, torch.Tensor):
+                expected = tuple(eval(d, {}, dims) for d in shape.group(1).split(","))
+                assert tuple(value.shape) == expected, (code, comment, tuple(value.shape))
+                checked += 1
+            continue
+        found, literal = _leading_literal(comment)
+        if found:
+            assert eval(code, namespace) == literal, (code, comment)  # noqa: S307
+            checked += 1
+    return checked
 
 
 def test_the_readme_loading_snippet_runs_as_written(tmp_path, monkeypatch):
@@ -146,3 +202,258 @@ def test_the_readme_first_snippet_runs_as_written():
         "block_2",
         "current",
     ]
+
+
+# ---- every Python snippet of README.md and docs/*.md runs as written and prints what it
+# states (those that need the shipped study or a training run are only checked to call the
+# public functions with their real argument names: `check_calls_bind`)
+
+
+def check_calls_bind(block: str, names: dict) -> int:
+    """Every call in ``block`` of a function in ``names`` (or imported by the block) binds
+    to that function's signature (argument names and count); ``...`` and undefined names
+    stand for any value. Returns how many calls were checked."""
+    namespace = dict(names)
+    tree = ast.parse(block)
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            exec(compile(ast.Module([node], []), "<doc>", "exec"), namespace)  # noqa: S102
+    checked = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            function = namespace.get(node.func.id)
+            if callable(function):
+                signature = inspect.signature(function)
+                signature.bind(*node.args, **{k.arg: k.value for k in node.keywords if k.arg})
+                checked += 1
+    return checked
+
+
+def test_the_snippet_checkers_catch_a_wrong_statement():
+    namespace = {"x": torch.zeros(2, 3), "labels": ["embedding", "current"]}
+    assert (
+        check_stated_outputs(
+            'x  # [a, b + 1]\nlabels  # ["embedding", "current"]', namespace, {"a": 2, "b": 2}
+        )
+        == 2
+    )
+    with pytest.raises(AssertionError, match="current"):
+        check_stated_outputs('labels  # ["embedding", "block_1", "current"]', namespace, {})
+    with pytest.raises(AssertionError, match=r"\(2, 3\)"):
+        check_stated_outputs("x  # [a, b] zeros", namespace, {"a": 2, "b": 2})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        check_calls_bind("f(1, colour=2)", {"f": lambda a, color=0: a})
+
+
+def test_the_readme_first_snippet_states_what_it_prints():
+    namespace: dict = {}
+    block = _readme_python_block("mask_embedding")
+    exec(block, namespace)
+    model = namespace["model"]
+    dims = {"batch": 4, "pos": 12, "n_sources": len(model.source_labels(4, "attn_res"))}
+    assert check_stated_outputs(block, namespace, dims) == 2  # the shape and the labels
+
+
+def test_the_package_docstring_quick_start_states_what_it_prints(tokens):
+    import hooked_attnres
+
+    quick_start = hooked_attnres.__doc__.split("Quick start::")[1].split("\nThe names below")[0]
+    block = textwrap.dedent(quick_start)
+    namespace: dict = {"tokens": tokens}
+    exec(block, namespace)
+    dims = {"batch": tokens.shape[0], "pos": tokens.shape[1], "n_sources": 3}
+    assert check_stated_outputs(block, namespace, dims) == 2
+
+
+def test_the_readme_study_snippet_runs_on_fewer_prompts():
+    """As written but with 16 probe prompts instead of 256 (5.6 s -> 1.7 s)."""
+    block = _readme_python_block("dissociation_report(summary, effects)")
+    assert "n_prompts=256" in block
+    namespace: dict = {}
+    exec(block.replace("n_prompts=256", "n_prompts=16"), namespace)
+    model = namespace["model"]
+    # "the paper's layout, 8 layers, 4 blocks"
+    assert (model.cfg.attnres_layout, model.cfg.n_layers) == ("cumulative", 8)
+    assert model.cfg.attnres_num_blocks == 4
+    report = namespace["dissociation_report"](namespace["summary"], namespace["effects"])
+    assert sorted(report["router"]) == ["attn_res", "mlp_res"]  # "per router type"
+
+
+def test_the_readme_transformerlens_snippet_runs_on_a_shipped_model():
+    from hooked_attnres.study import load_condition
+
+    model = load_condition("hard_cumulative_L8", seed=0)
+    namespace: dict = {"model": model, "tokenizer": model.tokenizer, "torch": torch}
+    exec(_readme_python_block("generate("), namespace)
+    # "padding masked: exact at real tokens": each prompt alone, unpadded
+    logits = namespace["logits"]
+    for row, text in enumerate(["a b c", "d"]):
+        alone = model(text)[0]
+        torch.testing.assert_close(logits[row, -alone.shape[0] :], alone)
+    # "adds blocks.{l}.attn.hook_result [batch, pos, head, d_model]"
+    _, cache = model.run_with_cache(["a b", "c"], padding_side="left")
+    cfg = model.cfg
+    assert cache["blocks.0.attn.hook_result"].shape == (2, 2, cfg.n_heads, cfg.d_model)
+
+
+def _routed(layout: str, dtype=torch.float32):
+    from helpers import randomize_routing
+
+    return randomize_routing(tiny_model(attnres_layout=layout)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full"])
+def test_the_interventions_snippet_masks_what_it_says(layout, tokens):
+    model = _routed(layout)
+    namespace: dict = {"model": model, "tokens": tokens}
+    exec(_python_block("docs/analysis.md", "ablated_logits"), namespace)
+    with model.hooks(fwd_hooks=namespace["hooks"]):
+        logits, masked = model.run_with_cache(tokens)
+    torch.testing.assert_close(namespace["ablated_logits"], logits)
+    early = depth_bands(model.cfg.n_layers)["early"]
+    for layer in range(model.cfg.n_layers):
+        weights = masked[f"blocks.{layer}.mlp_res.hook_weights"][..., 0]  # source 0: embedding
+        assert weights.eq(0).all() == (layer in early), layer
+
+
+def _metric(logits):
+    return logits[:, -1, 3].mean() - logits[:, -1, 5].mean()
+
+
+def _clean_and_corrupted(tokens):
+    corrupted = tokens.clone()
+    corrupted[:, 2] = (corrupted[:, 2] + 7) % 50
+    return tokens, corrupted
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_the_depth_state_patching_snippet_runs(layout, tokens):
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    clean, corrupted = _clean_and_corrupted(tokens)
+    namespace = {"model": model, "clean_tokens": clean, "corrupted_tokens": corrupted}
+    namespace["metric"] = _metric
+    exec(_python_block("docs/analysis.md", "get_act_patch_depth_state_by_pos("), namespace)
+    result = namespace["result"]
+    assert result.shape == (model.cfg.n_layers, tokens.shape[1])  # result[l, p]
+    # position 2 (the corrupted one) clean in every source entering layer 0: the clean run
+    torch.testing.assert_close(result[0, 2], _metric(model(clean)))
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full"])
+def test_the_generic_activation_patch_snippet_equals_what_it_says(layout, tokens):
+    from hooked_attnres.patching import get_act_patch_routing_weights_by_pos
+
+    model = _routed(layout)
+    clean, corrupted = _clean_and_corrupted(tokens)
+    _, clean_cache = model.run_with_cache(clean)
+    namespace = {"model": model, "corrupted": corrupted, "clean_cache": clean_cache}
+    namespace["metric"] = _metric
+    exec(_python_block("docs/analysis.md", "generic_activation_patch("), namespace)
+    # "equals get_act_patch_routing_weights_by_pos(model, corrupted, clean_cache, metric)[1]"
+    expected = get_act_patch_routing_weights_by_pos(model, corrupted, clean_cache, _metric)[1]
+    torch.testing.assert_close(namespace["result"], expected)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_the_direct_logit_attribution_snippet_sums_to_the_logit_difference(layout, tokens):
+    model = (
+        _routed(layout, torch.float64)
+        if layout != "none"
+        else tiny_model(attnres_layout="none").to(torch.float64)
+    )
+    logits, cache = model.run_with_cache(tokens)
+    answer, contrast = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    namespace = {"cache": cache, "answer_ids": answer, "contrast_ids": contrast}
+    exec(_python_block("docs/analysis.md", "cache.logit_attrs("), namespace)
+    # "attrs.sum(0) == logits[:, -1, answer] - logits[:, -1, contrast]"
+    rows = torch.arange(3)
+    expected = logits[rows, -1, answer] - logits[rows, -1, contrast]
+    torch.testing.assert_close(namespace["attrs"].sum(0), expected)
+    assert len(namespace["labels"]) == namespace["stack"].shape[0]
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_the_routing_lens_snippet_states_what_it_prints(layout, tokens):
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    _, cache = model.run_with_cache(tokens)
+    namespace = {"model": model, "tokens": tokens, "cache": cache}
+    block = _python_block("docs/analysis.md", "routing_lens(model, tokens)")
+    exec(block, namespace)
+    lens, cfg = namespace["lens"], model.cfg
+    dims = dict(n_layers=cfg.n_layers, batch=3, pos=9, d_vocab=cfg.d_vocab)
+    dims["n_routers"] = len(lens.sites)
+    assert check_stated_outputs(block, namespace, dims) == 2
+    assert (lens.labels[0], lens.labels[-1]) == ("0_pre", "final_post")
+    torch.testing.assert_close(lens.logits[-1], model(tokens))  # "== model(tokens)"
+    last = eval(block.splitlines()[-1].split("  #")[0], namespace)  # noqa: S307
+    assert last.logits.shape == (2 * cfg.n_layers + 1, 3, cfg.d_vocab)  # + "{l}_mid"
+    assert [label for label in last.labels if label.endswith("_mid")] == [
+        f"{layer}_mid" for layer in range(cfg.n_layers)
+    ]
+
+
+def test_the_attribution_snippet_runs_and_gives_the_stated_columns():
+    from hooked_attnres.analysis import ablation_effects
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = _routed("kimi")
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (4, 7), generator=generator)
+    batch = TaskBatch(
+        tokens=tokens,
+        answer_pos=torch.full((4,), 6),
+        answer=torch.tensor([1, 2, 3, 4]),
+        contrast=torch.tensor([5, 6, 7, 8]),
+        corrupted_tokens=torch.randint(0, 50, (4, 7), generator=generator),
+        targets=torch.full((4, 7), -100),
+    )
+    namespace = {"model": model, "batch": batch}
+    exec(_python_block("docs/analysis.md", "attribute_routing(model, batch"), namespace)
+    result = namespace["result"]
+    effects = ablation_effects(model, batch, metrics="logit_diff", groups="layers")
+    # "the ablation_effects columns + estimate, method"
+    assert list(result.table.columns) == [*effects.columns, "estimate", "method"]
+    top = result.verify_top(10)
+    assert len(top) == 10 and set(top["method"]) == {"exact"}
+    assert {"estimate", "error", "estimate_method", "verified_because"} <= set(top.columns)
+
+
+def test_the_router_sites_snippet_states_what_it_prints():
+    """The model of the package docstring's quick start (4 layers, 2 blocks, cumulative)."""
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2)
+    namespace: dict = {"model": model}
+    block = _python_block("docs/architecture.md", "site.sublayer")
+    exec(block, namespace)
+    assert check_stated_outputs(block, namespace, {}) == 6
+    assert namespace["model"].sites()[-1] == model.site(3, "mlp_res")  # no final router here
+
+
+def test_the_from_hf_qwen3_signature_in_loading_md_is_the_real_one():
+    from hooked_attnres.loading.hf_qwen3 import from_hf_qwen3
+
+    call = ast.parse(_python_block("docs/loading.md", "from_hf_qwen3(")).body[0].value
+    documented = {k.arg: eval(ast.unparse(k.value), {"torch": torch}) for k in call.keywords}  # noqa: S307
+    parameters = dict(inspect.signature(from_hf_qwen3).parameters)
+    del parameters["model_class"]  # internal: HookedAttnRes.from_hf_qwen3 passes its own
+    assert [a.id for a in call.args] + list(documented) == list(parameters)
+    assert documented == {name: parameters[name].default for name in documented}
+
+
+@pytest.mark.parametrize(
+    "page,containing,expected",
+    [
+        ("docs/training.md", "train_condition(", 7),
+        ("docs/analysis.md", "run_study(", 2),
+    ],
+)
+def test_snippets_not_run_here_call_functions_by_their_real_arguments(page, containing, expected):
+    """The snippets that need a training run or the whole study at least call every
+    function with arguments it takes."""
+    assert check_calls_bind(_python_block(page, containing), {}) == expected
+
+
+def test_the_depth_state_snippet_names_the_real_fields():
+    from hooked_attnres import DepthState
+
+    block = _python_block("docs/architecture.md", "DepthState(")
+    assert check_calls_bind(block, {"DepthState": DepthState}) == 1
