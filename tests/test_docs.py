@@ -19,18 +19,34 @@ from hooked_attnres.interventions.selection import depth_bands
 DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
 
 
-def documented_patterns() -> dict[str, tuple[str, int]]:
+def documented_patterns() -> dict[str, tuple[str, int, str]]:
+    """``{name regex: (shape, pos axis, dtype)}`` of the hook table."""
     text = DOC.read_text()
     table = text.split("<!-- hook-table -->")[1].split("<!-- /hook-table -->")[0]
     rows = {}
     for line in table.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        name, shape, pos_axis = cells[0].strip("`"), cells[1], int(cells[3])
+        name, shape, dtype, pos_axis = cells[0].strip("`"), cells[1], cells[2], int(cells[3])
         pattern = re.escape(name).replace(r"\{l\}", r"\d+").replace(r"\{r\}", "(attn_res|mlp_res)")
-        rows[f"^{pattern}$"] = (shape, pos_axis)
+        rows[f"^{pattern}$"] = (shape, pos_axis, dtype)
     return rows
 
 
+def documented_shape(model, name: str, shape: str, batch: int, pos: int) -> tuple[int, ...]:
+    """The table's shape of hook ``name`` with the axis names of docs/hooks.md filled in."""
+    cfg = model.cfg
+    dims = dict(batch=batch, pos=pos, query_pos=pos, key_pos=pos, d_model=cfg.d_model)
+    dims |= dict(n_heads=cfg.n_heads, n_kv=cfg.n_key_value_heads, d_head=cfg.d_head)
+    dims |= dict(d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, **{"1": 1})
+    router = re.match(r"^(?:blocks\.(\d+)\.(attn_res|mlp_res)|final_res)\.", name)
+    if router:  # "n_sources (depends on the layer, router and layout ...)"
+        layer = None if router.group(1) is None else int(router.group(1))
+        site = model.site(layer, router.group(2) or "final_res")
+        dims["n_sources"] = len(model.routing_layout.labels(site))
+    return tuple(dims[axis.strip()] for axis in shape.strip("`[]").split(","))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
     "layout,mode",
     [
@@ -41,20 +57,26 @@ def documented_patterns() -> dict[str, tuple[str, int]]:
         ("none", "block"),
     ],
 )
-def test_every_hook_is_documented_with_its_rank_and_position_axis(layout, mode, tokens):
+def test_every_hook_is_documented_with_its_shape_dtype_and_position_axis(
+    layout, mode, dtype, tokens
+):
     patterns = documented_patterns()
-    model = tiny_model(attnres_layout=layout, attnres_mode=mode)
+    model = tiny_model(attnres_layout=layout, attnres_mode=mode).to(dtype)
     # TransformerLens's optional hooks too (split q/k/v inputs exist in layout none only)
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)
     if layout == "none":
         model.set_use_split_qkv_input(True)
     _, cache = model.run_with_cache(tokens)
+    # '"float32" ... means float32 in float32, bfloat16 and float16 models, and float64 in a
+    # float64 model'
+    dtypes = {"model": dtype, "float32": torch.float64 if dtype == torch.float64 else torch.float32}
     for name, hook in model.hook_dict.items():
         matches = [p for p in patterns if re.match(p, name)]
         assert len(matches) == 1, f"{name} is documented {len(matches)} times"
-        shape, pos_axis = patterns[matches[0]]
-        assert cache[name].ndim == shape.count(",") + 1, name
+        shape, pos_axis, documented_dtype = patterns[matches[0]]
+        assert cache[name].shape == documented_shape(model, name, shape, *tokens.shape), name
+        assert cache[name].dtype == dtypes[documented_dtype], name
         assert hook.pos_dim == pos_axis, name
 
 
