@@ -479,3 +479,137 @@ def test_the_depth_state_snippet_names_the_real_fields():
 
     block = _python_block("docs/architecture.md", "DepthState(")
     assert check_calls_bind(block, {"DepthState": DepthState}) == 1
+
+
+# ---- shapes that public docstrings and docs/analysis.md state, in every layout
+
+
+def annotated_axes(function) -> list[str]:
+    """The axis names of a function's jaxtyping return annotation (``Float[Tensor, "a b"]``)."""
+    annotation = inspect.signature(function).return_annotation
+    return re.search(r"Tensor, [\"']\s*([^\"']*)[\"']", annotation).group(1).split()
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_patching_sweeps_return_their_annotated_shapes(layout, tokens):
+    from hooked_attnres import patching
+    from hooked_attnres.analysis import attribution_patch_routing_weights
+
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    clean, corrupted = _clean_and_corrupted(tokens)
+    _, clean_cache = model.run_with_cache(clean)
+    axes = {"router": 2, "layer": model.cfg.n_layers, "pos": tokens.shape[1]}  # 2: the default
+    routing = [
+        patching.get_act_patch_routing_weights,
+        patching.get_act_patch_routing_weights_by_pos,
+        patching.get_act_patch_committed_blocks_by_pos,
+    ]
+    depth = [patching.get_act_patch_depth_state, patching.get_act_patch_depth_state_by_pos]
+    for sweep in routing + depth:
+        if layout == "none" and sweep in routing:  # "any routing call on layout none raises"
+            with pytest.raises(ValueError, match="no routers"):
+                sweep(model, corrupted, clean_cache, _metric)
+            continue
+        result = sweep(model, corrupted, clean_cache, _metric)
+        assert result.shape == tuple(axes[a] for a in annotated_axes(sweep)), sweep.__name__
+        assert result.dtype == torch.float32, sweep.__name__
+        if sweep in routing[:2]:  # "same layout" as the exact sweep it estimates
+            estimate = attribution_patch_routing_weights(
+                model, corrupted, clean_cache, _metric, by_pos=sweep is routing[1]
+            )
+            assert estimate.shape == result.shape and estimate.dtype == torch.float32
+    if layout in ("kimi", "full"):  # "a final_res row fills column 0, the rest NaN"
+        routers = ("attn_res", "mlp_res", "final_res")
+        result = patching.get_act_patch_routing_weights(
+            model, corrupted, clean_cache, _metric, routers=routers
+        )
+        assert result.shape == (3, model.cfg.n_layers)
+        assert result[2, 0].isfinite() and result[2, 1:].isnan().all()
+        assert result[:2].isfinite().all()
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_cache_routing_pieces_have_their_documented_shapes(layout, tokens):
+    """``routed_coefficients(point)``: ``{component label: weights [batch, pos]}`` (1.0 where
+    no router reads) whose weighted components sum to ``norm_input(point)``
+    ``[batch, pos, d_model]``; ``stack_router_activation``: ``[n_layers, *hook shape]`` with
+    the source axis grown to the largest ``n_sources`` and a ``[n_layers, max_sources]``
+    mask."""
+    model = (
+        _routed(layout, torch.float64)
+        if layout != "none"
+        else tiny_model(attnres_layout="none").to(torch.float64)
+    )
+    _, cache = model.run_with_cache(tokens)
+    cfg = model.cfg
+    for point in range(2 * cfg.n_layers + 1):
+        norm_input = cache.norm_input(point)
+        assert norm_input.shape == (*tokens.shape, cfg.d_model)
+        total = torch.zeros_like(norm_input)
+        for label, weight in cache.routed_coefficients(point).items():
+            if isinstance(weight, torch.Tensor):
+                assert weight.shape == tokens.shape, (point, label)
+            else:
+                assert weight == 1.0 and model.routing_layout.reader(point) is None
+            name = (
+                "hook_embed"
+                if label == "embed"
+                else "blocks.{}.hook_{}_{}".format(*label.split("_"))
+            )
+            total = (
+                total
+                + (weight[..., None] if isinstance(weight, torch.Tensor) else weight)
+                * (cache[name])
+            )
+        torch.testing.assert_close(total, norm_input)
+    if layout == "none":
+        return
+    for router in ("attn_res", "mlp_res"):
+        counts = [len(model.source_labels(site)) for site in model.sites(router)]
+        stacked, mask = cache.stack_router_activation("weights", router)
+        assert stacked.shape == (cfg.n_layers, *tokens.shape, max(counts))
+        assert mask.shape == (cfg.n_layers, max(counts))
+        assert mask.sum(1).tolist() == counts
+        stacked, mask = cache.stack_router_activation("out", router)
+        assert stacked.shape == (cfg.n_layers, *tokens.shape, cfg.d_model)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
+    from hooked_attnres.analysis import ablation_effects, attribute_routing, routing_mass
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    generator = torch.Generator().manual_seed(0)
+    n, n_pos = 4, 7
+    batch = TaskBatch(
+        tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
+        answer_pos=torch.full((n,), n_pos - 1),
+        answer=torch.tensor([1, 2, 3, 4]),
+        contrast=torch.tensor([5, 6, 7, 8]),
+        corrupted_tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
+        targets=torch.full((n, n_pos), -100),
+    )
+    if layout == "none":
+        for analysis in (routing_mass, ablation_effects, attribute_routing):
+            with pytest.raises(ValueError, match="no routers"):
+                analysis(model, batch)
+        return
+    # "tidy per-prompt table prompt, router, layer, band, family, mass"
+    mass = routing_mass(model, batch)
+    assert list(mass.columns) == ["prompt", "router", "layer", "band", "family", "mass"]
+    effects = ablation_effects(model, batch, metrics="logit_diff", groups="layers")
+    assert list(effects.columns) == [
+        *"router group layers family metric clean ablated effect ci_low ci_high".split(),
+        *"n_masked_routers skipped n_prompts confidence".split(),
+    ]
+    result = attribute_routing(
+        model, batch, groups="layers", method=["linear", "norm"], by_position=True
+    )
+    n_cells = len(effects)
+    assert list(result.table.columns) == [*effects.columns, "estimate", "method"]
+    assert len(result.table) == 2 * n_cells  # "one block of rows per method"
+    for method in ("linear", "norm"):
+        assert result.per_prompt[(method, "logit_diff")].shape == (n_cells, n)
+        assert result.by_position[(method, "logit_diff")].shape == (n_cells, n, n_pos)
+    assert result.masked_mass.shape == (n_cells,)
