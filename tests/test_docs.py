@@ -613,3 +613,23 @@ def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
         assert result.per_prompt[(method, "logit_diff")].shape == (n_cells, n)
         assert result.by_position[(method, "logit_diff")].shape == (n_cells, n, n_pos)
     assert result.masked_mass.shape == (n_cells,)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_depth_states_and_partial_passes_have_their_documented_shapes(layout, tokens):
+    """``depth_states``: ``n_layers + 1`` states (``2L + 1`` with ``sublayers=True``), every
+    source ``[batch, pos, d_model]``; ``forward_from`` / ``logit_positions``: logits
+    ``[batch, pos, d_vocab]`` or ``[batch, 1, d_vocab]``."""
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    cfg, (batch, pos) = model.cfg, tokens.shape
+    states = model.depth_states(tokens)
+    by_sublayer = model.depth_states(tokens, sublayers=True)
+    assert (len(states), len(by_sublayer)) == (cfg.n_layers + 1, 2 * cfg.n_layers + 1)
+    for state in [*states, *by_sublayer]:
+        assert all(s.shape == (batch, pos, cfg.d_model) for s in state.sources)
+    assert model.forward_from(by_sublayer[3], 3).shape == (batch, pos, cfg.d_vocab)
+    positions = torch.tensor([pos - 1, 2, 5])
+    at = model(tokens, logit_positions=positions)
+    assert at.shape == (batch, 1, cfg.d_vocab)
+    torch.testing.assert_close(at[:, 0], model(tokens)[torch.arange(batch), positions])
+    assert model.forward_from(by_sublayer[3], 3, logit_positions=positions).shape == at.shape
