@@ -633,3 +633,49 @@ def test_depth_states_and_partial_passes_have_their_documented_shapes(layout, to
     assert at.shape == (batch, 1, cfg.d_vocab)
     torch.testing.assert_close(at[:, 0], model(tokens)[torch.arange(batch), positions])
     assert model.forward_from(by_sublayer[3], 3, logit_positions=positions).shape == at.shape
+
+
+def _documented_signatures(page: str) -> list[tuple[str, list[str]]]:
+    """``(function name, argument texts)`` of every table row of ``page`` whose first cell is
+    a call ``name(arguments)``."""
+    rows = []
+    for cell in re.findall(r"^\| `(\w+)\((.*?)\)`", (REPO / page).read_text(), flags=re.M):
+        name, arguments = cell
+        parts = re.split(r",\s*(?![^()]*\))", arguments) if arguments else []
+        rows.append((name, [part.strip() for part in parts]))
+    return rows
+
+
+@pytest.mark.parametrize("page", ["docs/analysis.md", "docs/training.md"])
+def test_documented_signatures_in_tables_are_the_real_ones(page):
+    """A table row ``f(model, corrupted_tokens, ..., routers=("attn_res", "mlp_res"))``
+    names ``f``'s parameters (positional ones in order) and gives its defaults
+    (alternatives ``"a" / "b"`` start with the default)."""
+    import hooked_attnres.analysis
+    import hooked_attnres.interventions
+    import hooked_attnres.patching
+    import hooked_attnres.plotting
+    import hooked_attnres.tasks
+    from hooked_attnres import AttnResActivationCache
+
+    modules = [hooked_attnres.interventions, hooked_attnres.patching, hooked_attnres.analysis]
+    modules += [hooked_attnres.plotting, hooked_attnres.tasks]
+    rows = _documented_signatures(page)
+    assert rows
+    for name, arguments in rows:
+        if hasattr(AttnResActivationCache, name):  # a usage in the cache analyses' table
+            continue
+        (function,) = {getattr(m, name) for m in modules if hasattr(m, name)}
+        parameters = inspect.signature(function).parameters
+        for index, argument in enumerate(arguments):
+            keyword = re.match(r"(\w+)=(.+)$", argument)
+            if argument == "...":
+                continue
+            if keyword is None:  # positional: the parameter's name at that place
+                assert list(parameters)[index] == argument, (name, index, argument)
+                continue
+            assert keyword.group(1) in parameters, (name, argument)
+            default = keyword.group(2).split(" / ")[0]
+            if default not in ("...", "{..}", "[..]"):
+                expected = parameters[keyword.group(1)].default
+                assert ast.literal_eval(default) == expected, (name, argument)
