@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
+from hooked_attnres._validation import first_non_finite, is_integral, require_selection
+from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 
 if TYPE_CHECKING:
@@ -66,9 +69,73 @@ def _cell_text(z: np.ndarray, digits: int = 2) -> list[list[str]]:
     return [["" if np.isnan(v) else f"{v:.{digits}f}" for v in row] for row in np.asarray(z, float)]
 
 
+def _distinct_labels(labels: Sequence, what: str) -> list[str]:
+    """``labels`` as strings, a repeated one followed by its index (``"k3 (9)"``, ``"k3
+    (20)"``): plotly puts equal labels of a categorical axis into one category, so the
+    second row or column would be drawn over the first and vanish from the axis (the
+    query key of a retrieval prompt repeats a stored key)."""
+    text = [str(label) for label in labels]
+    repeated = {label for label in text if text.count(label) > 1}
+    out = [f"{label} ({i})" if label in repeated else label for i, label in enumerate(text)]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} {text} cannot be made distinct by their indices; rename them")
+    return out
+
+
+def _require_table(
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    what: str,
+    finite: Sequence[str] = (),
+    interval_of: Optional[str] = None,
+) -> None:
+    """Refuse a table without ``columns``, an empty one, one with a NaN or infinite value
+    in a ``finite`` column (plotly draws a NaN bar as no bar, read as 0, and a NaN whisker
+    as no whisker, read as a certain value), or, with ``interval_of``, a row whose
+    ``[ci_low, ci_high]`` does not contain that column's value (a whisker would point the
+    wrong way)."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks the column(s) {missing} (it has {list(table.columns)})")
+    if table.empty:
+        raise ValueError(f"{what} has no rows: there is nothing to plot")
+    for column in finite:
+        found = first_non_finite(table[column])
+        if found is None:
+            continue
+        row = table.iloc[found[0]]
+        keys = ("condition", "seed", "router", "layer", "group", "band", "family", "metric")
+        where = ", ".join(f"{k}={np.asarray(row[k]).tolist()!r}" for k in keys if k in table)
+        n_bad = int((~np.isfinite(table[column].to_numpy(dtype=float))).sum())
+        raise ValueError(
+            f"{what} holds {n_bad} non-finite {column!r} value(s) (first: {row[column]} at "
+            f"{where}); a figure would draw it as a missing bar or whisker, i.e. as 0 or as "
+            "certain (an interval is NaN when the bootstrap had one prompt): recompute it "
+            "(more prompts, or a finite forward pass)"
+        )
+    if interval_of is not None:
+        value = interval_of
+        # a row of equal per-prompt values has bounds one rounding step off its mean
+        slack = 1e-9 * (table[value].abs() + table.ci_low.abs() + table.ci_high.abs())
+        outside = (table.ci_low - slack > table[value]) | (table[value] > table.ci_high + slack)
+        if outside.any():
+            row = table[outside].iloc[0]
+            raise ValueError(
+                f"{what} has an interval [ci_low, ci_high] = [{row.ci_low}, {row.ci_high}] "
+                f"that does not contain its {value} {row[value]} ({int(outside.sum())} "
+                "row(s)): swapped bounds? whiskers would point the wrong way"
+            )
+
+
 def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(title=title, height=height, autosize=True, margin=dict(t=80, l=70, r=30))
     return fig
+
+
+EFFECT_COLUMNS = ("router", "group", "family", "metric", "effect", "ci_low", "ci_high")
+MASS_COLUMNS = ("router", "family", "mass", "ci_low", "ci_high")
+INTERVAL = ("mass", "ci_low", "ci_high")  # finite columns of a mass summary ...
+ESTIMATE = ("effect", "ci_low", "ci_high")  # ... and of an effects table
 
 
 def _bar(x, y, low, high, name: str, color, hover: str, showlegend: bool = True, **kw) -> go.Bar:
@@ -91,6 +158,7 @@ def _scaled(effects: pd.DataFrame, relative: bool) -> tuple[pd.DataFrame, str]:
     each row's clean logit difference, or unchanged), and the unit's name."""
     if not relative:
         return effects, "logits"
+    _require_table(effects, ["clean"], "effects", finite=["clean"])
     if (effects.clean <= 0).any():
         raise ValueError(
             "relative=True divides effects by the clean logit difference, which "
@@ -113,6 +181,11 @@ def _with_model_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(**{k: v for k, v in defaults.items() if k not in table.columns})
 
 
+def _layer_label(layer: int) -> str:
+    """A row label: ``"final"`` for the final router (layer ``-1`` in a mass table)."""
+    return "final" if layer == -1 else f"layer {layer}"
+
+
 def routing_heatmap(
     mass: pd.DataFrame,
     routers: Optional[Sequence[str]] = None,
@@ -123,7 +196,13 @@ def routing_heatmap(
 
     Args:
         mass: `hooked_attnres.analysis.routing_mass` output (per prompt; averaged here).
-        routers: which router types (default: those in ``mass``, sublayer routers only).
+        routers: which router types (default: those in ``mass``, sublayer routers only;
+            the final router's row is labelled ``"final"``).
+
+    Raises:
+        ValueError: a table without the columns of `routing_mass`, an empty one, a NaN or
+            infinite mass (the mean would skip it), several models, or a router type it
+            lacks.
     """
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
@@ -133,7 +212,22 @@ def routing_heatmap(
                 f"({sorted(mass[column].unique().tolist())[:4]}): select one model's rows "
                 "first (mass[mass.seed == 0])"
             )
-    routers = [r for r in (routers or ("attn_res", "mlp_res")) if r in set(mass.router)]
+    _require_table(mass, ("router", "layer", "family", "mass"), "mass")
+    require_finite_mass(mass, "the routing heatmap")  # a NaN would drop out of the mean
+    if routers is None:
+        routers = [r for r in ("attn_res", "mlp_res") if r in set(mass.router)]
+        if not routers:
+            raise ValueError(
+                f"mass has no sublayer router rows (routers {sorted(set(mass.router))}); pass "
+                "routers=[...] to choose the router types to show"
+            )
+    else:
+        routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
+        absent = [r for r in routers if r not in set(mass.router)]
+        if absent:
+            raise ValueError(
+                f"mass has no rows of router(s) {absent} (it has {sorted(set(mass.router))})"
+            )
     tables = {
         router: mass[mass.router == router]
         .groupby(["layer", "family"])
@@ -156,7 +250,7 @@ def routing_heatmap(
             go.Heatmap(
                 z=z,
                 x=list(FAMILIES),
-                y=[f"layer {layer}" for layer in table.index],
+                y=[_layer_label(layer) for layer in table.index],
                 zmin=0,
                 zmax=top,
                 colorscale="Viridis",
@@ -190,18 +284,26 @@ def source_heatmap(
         positions: ``"all"`` (mean over batch and positions) or one position.
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
+    if positions != "all" and not is_integral(positions):
+        raise ValueError(f"positions must be 'all' or one position (an int), got {positions!r}")
     columns: list[str] = []
     rows = []
     sites = model.sites(router)
     for site in sites:
         weights = cache[site.hook("weights")]
+        if not bool(torch.isfinite(weights).all()):  # blank would read "no such source"
+            raise ValueError(
+                f"the cached routing weights of {site} hold NaN or infinite values; a "
+                "heatmap would show them as blank cells (sources the layer lacks): find "
+                "what made the forward pass non-finite (float16 overflow?)"
+            )
         weights = weights.mean(dim=(0, 1)) if positions == "all" else weights[:, positions].mean(0)
         labels = model.source_labels(site)
         for label in labels:
             if label not in columns:
                 columns.append(label)
         rows.append(dict(zip(labels, weights.tolist(), strict=True)))
-    order = [c for c in columns if c != "current"] + ["current"]
+    order = [c for c in columns if c != "current"] + (["current"] if "current" in columns else [])
     z = np.array([[row.get(c, np.nan) for c in order] for row in rows])
     fig = go.Figure(
         go.Heatmap(
@@ -240,20 +342,31 @@ def patching_heatmap(
 ) -> go.Figure:
     """A heatmap of a patching result (any ``[rows, columns]`` array), with a diverging
     colour scale symmetric around 0 up to the largest magnitude (so values of 1e-4 are as
-    visible as values of 1), missing cells (NaN) blank."""
+    visible as values of 1), missing cells (NaN) blank. A label that repeats (a token that
+    occurs twice in a prompt) is followed by its index, ``"k3 (20)"``: plotly would draw
+    both rows or columns in one place.
+
+    Raises:
+        ValueError: a shape that does not match the labels, an infinite value (it would
+            stretch the colour scale to infinity) or no finite value at all (an empty
+            figure)."""
     z = np.asarray(values, dtype=float)
     if z.ndim != 2 or z.shape != (len(row_labels), len(column_labels)):
         raise ValueError(
             f"values must be [rows, columns] = [{len(row_labels)}, "
             f"{len(column_labels)}], got shape {z.shape}"
         )
-    bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-    bound = bound or 1.0
+    if np.isinf(z).any():
+        where = tuple(int(i) for i in np.argwhere(np.isinf(z))[0])
+        raise ValueError(f"values hold an infinite value (first at {where}); nothing to scale by")
+    if np.isnan(z).all():
+        raise ValueError("values are all NaN (missing): the heatmap would be empty")
+    bound = float(np.nanmax(np.abs(z))) or 1.0
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=list(column_labels),
-            y=list(row_labels),
+            x=_distinct_labels(column_labels, "column_labels"),
+            y=_distinct_labels(row_labels, "row_labels"),
             zmin=-bound,
             zmax=bound,
             zmid=0,
@@ -292,9 +405,20 @@ def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
+    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
+    _require_table(
+        shown,
+        INTERVAL,
+        "mass_summary (at the effects' routers)",
+        finite=INTERVAL,
+        interval_of="mass",
+    )
     remedy = (
         "pass one model's tables, with the mass summarised by ('router', 'family') "
         "(for several seeds or conditions use mass_effect_by_seed)"
@@ -321,6 +445,8 @@ def mass_effect_bars(
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
     """
+    if relative and metric == "logit_diff":
+        _require_table(effects, ["clean"], "effects")
     merged = _merged(mass_summary, effects, metric, group)
     merged, unit = _scaled(merged, relative and metric == "logit_diff")
     routers = [r for r in ROUTERS if r in set(merged.router)]
@@ -435,6 +561,7 @@ def effect_bands(
         groups: the groups to show, in order (default: every group except ``"all"``).
         relative: effects as a percentage of the clean logit difference.
     """
+    _require_table(effects, EFFECT_COLUMNS, "effects")
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
@@ -446,10 +573,23 @@ def effect_bands(
     )
     chosen, unit = _scaled(chosen, relative and metric == "logit_diff")
     groups = (
-        list(groups)
+        require_selection("groups", groups)
         if groups is not None
         else [g for g in dict.fromkeys(chosen.group) if g != "all"]
     )
+    if not groups:
+        raise ValueError(
+            f"effects has no {metric} rows of a depth group other than 'all'; compute "
+            "ablation_effects with groups='bands' (the default)"
+        )
+    absent = [g for g in groups if g not in set(chosen.group)]
+    if absent:
+        raise ValueError(
+            f"effects has no {metric} rows of group(s) {absent} (it has "
+            f"{list(dict.fromkeys(chosen.group))})"
+        )
+    chosen = chosen[chosen.group.isin(groups)]
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
     routers = [r for r in ROUTERS if r in set(chosen.router)]
     fig = make_subplots(
         rows=1,
@@ -484,6 +624,19 @@ def effect_bands(
     return _finish(fig, title or f"Ablation effect per depth group ({metric})", 450)
 
 
+def _columns(columns: Optional[Sequence[str]], chosen: pd.DataFrame) -> list[str]:
+    """The conditions shown, one panel column each: ``columns`` (each must have rows; an
+    unknown one would be an empty panel) or the table's, in order."""
+    have = list(dict.fromkeys(chosen.condition))
+    if columns is None:
+        return have
+    columns = require_selection("columns", [columns] if isinstance(columns, str) else columns)
+    absent = [c for c in columns if c not in have]
+    if absent:
+        raise ValueError(f"columns {absent} have no rows in the table (its conditions: {have})")
+    return columns
+
+
 def effects_by_seed(
     effects: pd.DataFrame,
     family: str,
@@ -505,6 +658,9 @@ def effects_by_seed(
         columns: conditions, one column each (default: the table's, in order).
         relative: effects as a percentage of each model's clean logit difference.
     """
+    _require_table(effects, EFFECT_COLUMNS, "effects")
+    routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
+    groups = require_selection("groups", [groups] if isinstance(groups, str) else groups)
     chosen = effects[
         (effects.metric == "logit_diff")
         & (effects.family == family)
@@ -516,8 +672,15 @@ def effects_by_seed(
             f"no logit_diff effects of {family!r} at {list(routers)} in {list(groups)}"
         )
     chosen = _with_model_columns(chosen)
+    _require_one_row(
+        chosen,
+        ("condition", "seed", "router", "group"),
+        "effects",
+        "give each model a distinct condition or seed",
+    )
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
     chosen, unit = _scaled(chosen, relative)
-    columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
+    columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))
     titles = [
         f"{c}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r] for r in routers for c in columns
@@ -577,6 +740,8 @@ def mass_effect_by_seed(
             ``band`` column exists) with ``seed`` (and ``condition``) columns.
         effects: `ablation_effects` rows (group ``"all"``) with the same columns.
     """
+    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
     mass = mass[mass.router == router]
     chosen = effects[
@@ -585,8 +750,13 @@ def mass_effect_by_seed(
     if chosen.empty or mass.empty:
         raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
     chosen, mass = _with_model_columns(chosen), _with_model_columns(mass)
+    remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
+    _require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
+    _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, interval_of="mass")
     chosen, unit = _scaled(chosen, relative)
-    columns = list(columns) if columns is not None else list(dict.fromkeys(chosen.condition))
+    columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))
     fig = make_subplots(
         rows=2,

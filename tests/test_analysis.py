@@ -1184,3 +1184,107 @@ def test_a_bootstrap_row_with_an_infinite_value_has_no_interval():
     row[[3, 5]] = [np.inf, -np.inf]  # inf - inf: no mean either
     with pytest.warns(RuntimeWarning, match="NaN or infinite"):
         assert np.isnan(bootstrap_ci(row)).all()
+
+
+def test_patching_heatmap_keeps_repeated_labels_apart_and_refuses_infinite_or_empty():
+    # a retrieval prompt repeats the queried key: plotly drew both columns in one category,
+    # so the query position's column vanished and its values showed at the stored key's
+    values = np.array([[1.0, -2.0, 3.0, -4.0], [0.5, 0.25, -0.5, 0.75]])
+    tokens = ["<bos>", "k3", "v1", "k3"]
+    heat = plotting.patching_heatmap(values, ["l0", "l0"], tokens, title="t").data[0]
+    assert len(set(heat.x)) == len(tokens) and len(set(heat.y)) == 2  # one category each
+    for j, label in enumerate(heat.x):
+        assert label.startswith(tokens[j])
+        assert list(np.asarray(heat.z)[:, j]) == list(values[:, j])
+    assert list(heat.x) == ["<bos>", "k3 (1)", "v1", "k3 (3)"]
+    with pytest.raises(ValueError, match=r"infinite value \(first at \(0, 1\)\)"):
+        plotting.patching_heatmap([[0.0, np.inf]], ["l0"], ["a", "b"], title="t")
+    with pytest.raises(ValueError, match="all NaN"):
+        plotting.patching_heatmap([[np.nan, np.nan]], ["l0"], ["a", "b"], title="t")
+
+
+def test_routing_heatmap_refuses_nan_and_missing_routers_and_labels_the_final_router():
+    model = randomize_routing(tiny_model(attnres_layout="kimi"))
+    mass = routing_mass(model, torch.randint(0, 50, (3, 7)), positions="all")
+    fig = plotting.routing_heatmap(mass, routers=["attn_res", "final_res"])
+    final = fig.data[1]
+    assert list(final.y) == ["final"]  # was "layer -1"
+    for j, family in enumerate(FAMILIES):
+        expected = mass[(mass.router == "final_res") & (mass.family == family)].mass.mean()
+        assert final.z[0][j] == pytest.approx(expected)
+    # a NaN mass dropped out of the mean: the cell showed the other prompts' mean
+    broken = mass.copy()
+    broken.loc[broken.index[0], "mass"] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite mass value.*the routing heatmap"):
+        plotting.routing_heatmap(broken)
+    with pytest.raises(ValueError, match="mass has no rows"):
+        plotting.routing_heatmap(mass.iloc[:0])
+    with pytest.raises(ValueError, match=r"mass lacks the column\(s\) \['family'\]"):
+        plotting.routing_heatmap(mass.drop(columns="family"))
+    with pytest.raises(ValueError, match=r"no rows of router\(s\) \['attn'\]"):
+        plotting.routing_heatmap(mass, routers=["attn"])
+    with pytest.raises(ValueError, match="no sublayer router rows"):
+        plotting.routing_heatmap(mass[mass.router == "final_res"])
+
+
+def test_source_heatmap_refuses_non_finite_weights_and_other_positions():
+    model = randomize_routing(tiny_model(attnres_layout="kimi"))
+    _, cache = model.run_with_cache(torch.randint(0, 50, (2, 5)))
+    with pytest.raises(ValueError, match="positions must be 'all' or one position"):
+        plotting.source_heatmap(model, cache, positions="answer")
+    name = "blocks.1.attn_res.hook_weights"
+    cache.cache_dict[name] = cache[name].clone()
+    cache.cache_dict[name][0, 0, 0] = float("nan")  # drawn blank, as if the source were absent
+    with pytest.raises(ValueError, match="attn_res layer 1 hold NaN or infinite"):
+        plotting.source_heatmap(model, cache)
+
+
+def test_effect_figures_refuse_nan_missing_columns_and_inverted_intervals():
+    mass, effects = _plot_tables(bands=("all",))
+    mass = mass.drop(columns=["seed", "band"])
+    effects = effects.drop(columns="seed")
+    one_model = [
+        lambda m, e: plotting.mass_effect_bars(m, e),
+        lambda m, e: plotting.mass_effect_scatter(m, e),
+        lambda m, e: plotting.effect_bands(e),
+    ]
+    first_all = effects.index[(effects.group == "all")][0]
+    first_early = effects.index[(effects.group == "early")][0]
+    for plot in one_model:
+        for column in ("effect", "ci_low", "ci_high"):
+            for row in (first_all, first_early):
+                broken = effects.copy()
+                broken.loc[row, column] = np.nan  # bar or whisker drawn as missing
+                # bars and scatter show group "all"; the bands every other group
+                if (broken.loc[row, "group"] == "all") != (plot is one_model[2]):
+                    with pytest.raises(ValueError, match=f"1 non-finite '{column}' value"):
+                        plot(mass, broken)
+        swapped = effects.assign(ci_low=effects.ci_high, ci_high=effects.ci_low)
+        with pytest.raises(ValueError, match="does not contain its effect"):
+            plot(mass, swapped)
+        with pytest.raises(ValueError, match=r"effects lacks the column\(s\) \['ci_high'\]"):
+            plot(mass, effects.drop(columns="ci_high"))
+    for plot in one_model[:2]:
+        broken = mass.copy()
+        broken.loc[0, "mass"] = np.nan  # the family vanished from both rows of the bars
+        with pytest.raises(ValueError, match="1 non-finite 'mass' value"):
+            plot(broken, effects)
+    with pytest.raises(ValueError, match=r"group\(s\) \['late'\]"):
+        plotting.effect_bands(effects, groups=["late"])
+    # several models: one table per figure, seeds side by side
+    seeds_mass, seeds = _plot_tables(seeds=(0, 1))
+    seeds = seeds.assign(condition="a")
+    seeds_mass = seeds_mass.assign(condition="a")
+    by_seed = [
+        lambda m, e, **kw: plotting.effects_by_seed(e, "older", ["mlp_res"], ["early"], **kw),
+        lambda m, e, **kw: plotting.mass_effect_by_seed(m, e, "mlp_res", **kw),
+    ]
+    for plot in by_seed:
+        broken = seeds.copy()
+        broken.loc[(broken.router == "mlp_res") & (broken.family == "older"), "ci_low"] = np.nan
+        with pytest.raises(ValueError, match="non-finite 'ci_low'"):
+            plot(seeds_mass, broken)
+        with pytest.raises(ValueError, match=r"columns \['b'\] have no rows"):
+            plot(seeds_mass, seeds, columns=["b"])
+        with pytest.raises(ValueError, match="effects has several rows for condition='a'"):
+            plot(seeds_mass, pd.concat([seeds, seeds]))
