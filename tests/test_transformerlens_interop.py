@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -10,7 +12,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
-from hooked_attnres import DepthState, HookedAttnRes, UnknownHookError
+from hooked_attnres import ConcurrentUseError, DepthState, HookedAttnRes, UnknownHookError
 
 REQUIRED_PER_LAYER = [
     "hook_resid_pre",
@@ -159,6 +161,46 @@ def test_remove_batch_dim_refuses_a_batch_however_it_is_passed(tokens, word_toke
         assert not any(point.fwd_hooks for point in model.hook_points())  # hooks removed
     _, cache = model.run_with_cache(input=tokens[:1], remove_batch_dim=True)
     assert cache["resid_post", 1].shape == (9, 32)
+
+
+def test_add_caching_hooks_caches_what_run_with_cache_does_and_refuses_the_same(tokens):
+    """Audit finding: TransformerLens's ``add_caching_hooks`` (behind ``cache_all`` /
+    ``cache_some``) attached to the hook points directly: a router alias or a misspelt
+    name cached nothing, ``remove_batch_dim=True`` kept the batch axis of a batch of 3,
+    and another thread's pass ran with the hooks and overwrote the cache with its own
+    activations."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"))
+    alias, real = "blocks.1.hook_attn_res_weights", "blocks.1.attn_res.hook_weights"
+    _, expected = model.run_with_cache(
+        tokens, return_type="loss", incl_bwd=True, names_filter=[real, "hook_embed"]
+    )
+    cache = model.add_caching_hooks(names_filter=[alias, "hook_embed"], incl_bwd=True)
+    model(tokens, return_type="loss").backward()
+    model.reset_hooks()
+    assert sorted(cache) == sorted([real, "hook_embed", real + "_grad", "hook_embed_grad"])
+    for name in cache:
+        assert torch.equal(cache[name], expected[name]), name
+    with pytest.raises(UnknownHookError, match="Did you mean"):
+        model.add_caching_hooks(names_filter=["blocks.1.attn_res.hook_weightz"])
+    model.add_caching_hooks(names_filter="hook_embed", remove_batch_dim=True)
+    with pytest.raises(ValueError, match="remove_batch_dim=True needs a batch of one"):
+        model(tokens)
+    model.reset_hooks()
+    cache = model.add_caching_hooks(names_filter="hook_embed")
+    errors: list = []
+
+    def other_thread() -> None:
+        try:
+            model(tokens[:1, :4])
+        except Exception as error:  # noqa: BLE001 - recorded and asserted below
+            errors.append(error)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    model.reset_hooks()
+    assert len(errors) == 1 and isinstance(errors[0], ConcurrentUseError), errors
+    assert cache == {}  # the other thread's pass stored nothing
 
 
 def test_unknown_hook_names_fail_with_suggestions(tokens):

@@ -1,7 +1,8 @@
 """`HookedRootModule` with what TransformerLens leaves to subclasses.
 
 1. Unknown hook names fail with the closest real names instead of a bare ``KeyError``
-   (in ``add_hook``, ``hooks``, ``run_with_hooks`` and ``run_with_cache(names_filter=...)``).
+   (in ``add_hook``, ``hooks``, ``run_with_hooks``, ``run_with_cache(names_filter=...)``
+   and ``add_caching_hooks``, which attaches through ``add_hook``).
 2. ``run_with_cache(pos_slice=...)`` slices each hook's own position axis
    (``HookPoint.pos_dim``, counted from the end), so 4-d tensors such as
    ``hook_sources [batch, pos, n_sources, d_model]`` are sliced on ``pos``.
@@ -409,6 +410,32 @@ class HookedModule(HookedRootModule):
                 if incl_bwd:
                     bwd_hooks.append((name, backward))
         return cache, fwd_hooks, bwd_hooks
+
+    def add_caching_hooks(
+        self,
+        names_filter: NamesFilter = None,
+        incl_bwd: bool = False,
+        device=None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+    ) -> dict:
+        """TransformerLens's ``add_caching_hooks`` (also behind ``cache_all`` /
+        ``cache_some``): hooks that store every matching activation (``name + "_grad"`` for
+        gradients) in ``cache`` (a new ``dict`` by default) on every later pass, until
+        ``reset_hooks()``. Made by `get_caching_hooks` and attached with `add_hook`, so the
+        names, router aliases, ``remove_batch_dim`` and the thread guard are those of
+        ``run_with_cache``. TransformerLens's own version attaches to the hook points
+        directly: an alias or a misspelt name cached nothing, ``remove_batch_dim=True``
+        kept a batch axis, and another thread's pass ran with the hooks and overwrote the
+        cache with its activations."""
+        cache, fwd_hooks, bwd_hooks = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim, {} if cache is None else cache
+        )
+        for name, fn in fwd_hooks:
+            self.add_hook(name, fn, dir="fwd")
+        for name, fn in bwd_hooks:
+            self.add_hook(name, fn, dir="bwd")
+        return cache
 
     def run_with_cache(
         self,
