@@ -75,22 +75,44 @@ def test_weights_sum_to_one_and_equal_softmax_of_logits(routed_layout, tokens):
         assert (weights >= 0).all()
 
 
-def test_logits_and_output_follow_the_routing_formula(tokens):
-    """Recompute each router from its cached sources and its parameters."""
+@pytest.mark.parametrize(
+    "layout,mode",
+    [("kimi", "block"), ("cumulative", "block"), ("cumulative", "full"), ("full", "block")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_hooks_follow_the_routing_formula(layout, mode, dtype, tokens):
+    """Recompute every router hook from its cached sources and its parameters, in float32
+    (the routing runs in float32 in a bfloat16 model too: logits within 2e-5, where
+    bfloat16 logits would be off by about 1e-2)."""
     model = randomize_routing(
-        tiny_model(attnres_layout="kimi", attnres_recency_bias=0.5), scale=2.0
-    )
+        tiny_model(attnres_layout=layout, attnres_mode=mode, attnres_recency_bias=0.5),
+        scale=2.0,
+    ).to(dtype)
     _, cache = model.run_with_cache(tokens)
     for layer, router in model.routers():
         prefix = "final_res" if layer is None else f"blocks.{layer}.{router}"
         module = model.mod_dict[prefix]
         sources = cache[f"{prefix}.hook_sources"]
-        keys = sources / (sources.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-        logits = (keys * module.key_norm.w) @ module.query
-        logits[..., -1] += module.recency_bias
-        assert torch.allclose(cache[f"{prefix}.hook_logits"], logits, atol=1e-5)
-        routed = (cache[f"{prefix}.hook_weights"][..., None] * sources).sum(-2)
-        assert torch.allclose(cache[f"{prefix}.hook_out"], routed, atol=1e-6)
+        assert sources.dtype == dtype
+        values = sources.float()
+        scale = (values.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        logits = (values / scale * module.key_norm.w.float()) @ module.query.float()
+        logits[..., -1] += module.recency_bias.float()
+        weights = logits.softmax(-1)
+        for name, expected, atol in (
+            ("key_norm.hook_scale", scale, 1e-6),
+            ("hook_logits", logits, 2e-5),
+            ("hook_weights", weights, 5e-6),
+        ):
+            got = cache[f"{prefix}.{name}"]
+            assert got.dtype == torch.float32 and got.shape == expected.shape, (prefix, name)
+            assert (got - expected).abs().max().item() <= atol, (prefix, name)
+        out = cache[f"{prefix}.hook_out"]
+        routed = (weights[..., None] * values).sum(-2)
+        assert out.dtype == dtype
+        # float32 rounding, or bfloat16's of the output (2**-8 relative)
+        rtol = 1e-6 if dtype == torch.float32 else 2**-8
+        assert (out.float() - routed).abs().max().item() <= rtol * routed.abs().max().item()
 
 
 @pytest.mark.parametrize("bias", [None, 0.0, 3.0, -1.5])

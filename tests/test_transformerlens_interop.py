@@ -262,6 +262,51 @@ def test_hook_contexts_remove_exactly_their_own_hooks(tokens):
         model.reset_hooks(direction="sideways")
 
 
+@pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")
+def test_backward_hooks_and_incl_bwd_give_the_autograd_gradient(layout, tokens):
+    """``run_with_cache(incl_bwd=True)`` and ``add_hook(..., dir="bwd")`` give, at every hook
+    that reaches the loss, the gradient ``torch.autograd.grad`` finds for a zero added
+    there; ``pos_slice`` and ``remove_batch_dim`` slice the gradients as the activations."""
+    model = randomize_routing(tiny_model(attnres_layout=layout))
+    deltas: dict = {}
+
+    def add_zero(x, hook):
+        deltas[hook.name] = torch.zeros_like(x, requires_grad=True)
+        return x + deltas[hook.name]
+
+    loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(lambda n: True, add_zero)])
+    names = list(deltas)
+    grads = torch.autograd.grad(loss, [deltas[name] for name in names], allow_unused=True)
+    expected = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
+    assert set(names) == set(model.hook_dict) and len(expected) >= len(names) - 1
+    _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    _, sliced = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, pos_slice=[1, 3])
+    assert {name[: -len("_grad")] for name in cache.keys() if name.endswith("_grad")} == set(
+        expected
+    )
+    for name, grad in expected.items():
+        assert torch.allclose(cache[f"{name}_grad"], grad, atol=1e-7), name
+        axis = grad.dim() + (model.hook_dict[name].pos_dim or -2)
+        assert torch.equal(
+            sliced[f"{name}_grad"], cache[f"{name}_grad"][(slice(None),) * axis + ([1, 3],)]
+        )
+    name = "blocks.2.attn.hook_pattern"
+    loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(name, add_zero)])
+    (alone,) = torch.autograd.grad(loss, [deltas[name]])  # the other hook points unwatched
+    seen: list = []
+    model.add_hook(name, lambda grad, hook: seen.append(grad), dir="bwd")
+    model(tokens, return_type="loss").backward()
+    model.reset_hooks()
+    assert len(seen) == 1 and torch.equal(seen[0], alone)
+    _, one = model.run_with_cache(
+        tokens[:1], return_type="loss", incl_bwd=True, remove_batch_dim=True, names_filter=name
+    )
+    _, batched = model.run_with_cache(
+        tokens[:1], return_type="loss", incl_bwd=True, names_filter=name
+    )
+    assert torch.equal(one[f"{name}_grad"], batched[f"{name}_grad"][0])
+
+
 def test_start_and_stop_at_layer_split_the_forward_pass(layout, tokens):
     model = randomize_routing(tiny_model(attnres_layout=layout, n_layers=5, attnres_num_blocks=2))
     full = model(tokens)
