@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,7 +257,9 @@ HEAD_MAJOR_IN_BRIDGE = re.compile(r"attn\.[qk]_norm\.hook_(scale|normalized)$")
 def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
     """Layout "none" and TL 4.x TransformerBridge, both loaded offline from the same local
     Qwen3 directory, agree on the logits and on every hook name they share (every hook of
-    ours, with the optional hooks switched on in both)."""
+    ours, with the optional hooks switched on in both) to 1e-5, without padding and, at the
+    real positions, with left padding; the names only the Bridge has are those
+    docs/hooks.md lists."""
     from transformer_lens.model_bridge import TransformerBridge
 
     directory = tmp_path / "qwen3"
@@ -271,22 +274,42 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
         flagged.set_use_split_qkv_input(True)
         flagged.set_use_hook_mlp_in(True)
     tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        bridge_logits, bridge_cache = bridge.run_with_cache(tokens)
-        logits, cache = model.run_with_cache(tokens)
-    assert (bridge_logits - logits).abs().max().item() <= 1e-4
-    # every hook of ours has a TransformerBridge counterpart under the same name
-    assert set(cache.keys()) <= set(bridge_cache.keys())
-    lower = torch.ones(7, 7, dtype=torch.bool).tril()
-    for name in cache.keys():
-        theirs, ours = bridge_cache[name], cache[name]
-        if HEAD_MAJOR_IN_BRIDGE.search(name):
-            theirs = theirs.transpose(1, 2)
-        assert theirs.shape == ours.shape, name
-        if name.endswith("hook_attn_scores"):
-            # TL masks with the dtype minimum, we with -inf: compare where not masked
-            theirs, ours = theirs[..., lower], ours[..., lower]
-        assert (theirs - ours).abs().max().item() <= 1e-4, name
+    left_padded = torch.ones(2, 7, dtype=torch.long)
+    left_padded[1, :3] = 0
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    for mask in (None, left_padded):
+        real = torch.ones(2, 7, dtype=torch.bool) if mask is None else mask.bool()
+        with torch.no_grad():
+            bridge_logits, bridge_cache = bridge.run_with_cache(tokens, attention_mask=mask)
+            logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+        assert (bridge_logits - logits)[real].abs().max().item() <= 1e-5
+        # every hook of ours has a TransformerBridge counterpart under the same name
+        assert set(cache.keys()) <= set(bridge_cache.keys())
+        for name in cache.keys():
+            theirs, ours = bridge_cache[name], cache[name]
+            if HEAD_MAJOR_IN_BRIDGE.search(name):
+                theirs = theirs.transpose(1, 2)
+            assert theirs.shape == ours.shape, name
+            if name.endswith(("hook_attn_scores", "hook_pattern")):
+                # [batch, head, query, key]: real queries (a padding query's row differs,
+                # docs/hooks.md); TL masks with the dtype minimum, we with -inf
+                rows = real[:, None, :, None].expand_as(ours)
+                if name.endswith("hook_attn_scores"):
+                    allowed = causal & real[:, None, None, :]
+                    assert torch.equal(
+                        (ours == float("-inf"))[rows], (~allowed.expand_as(ours))[rows]
+                    )
+                    rows = rows & allowed.expand_as(ours)
+                theirs, ours = theirs[rows], ours[rows]
+            elif ours.shape[:2] == real.shape:  # [batch, pos, ...]: the real positions
+                theirs, ours = theirs[real], ours[real]
+            assert (theirs - ours).abs().max().item() <= 1e-5, name
+    # the Bridge's own names (component hook_in / hook_out, rotary tables, ...) are listed
+    hooks_doc = (Path(__file__).parents[1] / "docs" / "hooks.md").read_text()
+    section = hooks_doc.split("## Names only TransformerBridge has")[1].split("\n## ")[0]
+    for name in set(bridge_cache.keys()) - set(cache.keys()):
+        generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
+        assert f"`{generic}`" in section, name
 
 
 @pytest.mark.parametrize("mmap", [False, True])
