@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
@@ -440,6 +441,31 @@ def _tiny_runs(root: Path, condition: str, seeds, n_layers: int = 4, num_blocks:
         )
 
 
+class _CountedRuns:
+    """Stands in for the study's per-model run (``_study_run``): records the ``(condition,
+    seed)`` of every call and, once `arm` is given ``interrupt_at=k``, raises
+    ``KeyboardInterrupt`` at the k-th call (Ctrl-C in the middle of a study)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import hooked_attnres.study.run as study_module
+
+        self.calls: list[tuple] = []
+        self._module, self._monkeypatch = study_module, monkeypatch
+        self._original = study_module._study_run
+
+    def arm(self, interrupt_at: Optional[int] = None) -> None:
+        """Forget the calls so far and count anew (interrupting at call ``interrupt_at``)."""
+        self.calls.clear()
+
+        def counted(condition, seed, *args):
+            self.calls.append((condition, seed))
+            if len(self.calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return self._original(condition, seed, *args)
+
+        self._monkeypatch.setattr(self._module, "_study_run", counted)
+
+
 def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, monkeypatch):
     """Ctrl-C after the first model used to lose its work; the same call now reads it back
     and computes only the rest, with the same tables as an uninterrupted study. A kept run
@@ -456,34 +482,24 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
         plots=False,
     )
     reference = run_study(tmp_path / "reference", **kwargs)
-    original = study_module._study_run
-    calls: list[tuple] = []
-
-    def counted(condition, seed, *args, interrupt_at=None):
-        calls.append((condition, seed))
-        if len(calls) == interrupt_at:
-            raise KeyboardInterrupt
-        return original(condition, seed, *args)
-
+    runs = _CountedRuns(monkeypatch)
     out = tmp_path / "out"
     kept = study_module.partial_dir(out)
-    monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+    runs.arm(interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
         run_study(out, **kwargs)
-    assert calls == [(condition, 0), (condition, 1)] and not out.exists()
+    assert runs.calls == [(condition, 0), (condition, 1)] and not out.exists()
     assert [p.name for p in kept.iterdir()] == [f"{condition}_seed0.pkl"]
 
-    calls.clear()
-    monkeypatch.setattr(study_module, "_study_run", counted)
+    runs.arm()
     result = run_study(out, **kwargs)
-    assert calls == [(condition, 1)]  # seed 0 was read back, not recomputed
+    assert runs.calls == [(condition, 1)]  # seed 0 was read back, not recomputed
     for name in ("accuracy", "mass_summary", "effects", "motifs", "verdicts", "fresh_motifs"):
         pd.testing.assert_frame_equal(getattr(result, name), getattr(reference, name))
     assert (out / "report.md").is_file() and not kept.exists()
 
     def interrupted_then_rerun(**changes) -> list:
-        calls.clear()
-        monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+        runs.arm(interrupt_at=2)
         with pytest.raises(KeyboardInterrupt):
             run_study(out, **kwargs)
         if "damage" in changes:
@@ -493,11 +509,10 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
             source = run_dir(tmp_path / "other", condition, 5) / "model" / "model.safetensors"
             target = run_dir(tmp_path / "runs", condition, 0) / "model" / "model.safetensors"
             target.write_bytes(source.read_bytes())
-        calls.clear()
-        monkeypatch.setattr(study_module, "_study_run", counted)
+        runs.arm()
         settings = {**kwargs, **{k: v for k, v in changes.items() if k in kwargs}}
         run_study(out, **settings)
-        return list(calls)
+        return list(runs.calls)
 
     both = [(condition, 0), (condition, 1)]
     assert interrupted_then_rerun() == [(condition, 1)]
@@ -550,24 +565,15 @@ def test_a_study_resumed_with_another_thread_count_recomputes_the_kept_models(
     kwargs = dict(
         checkpoints=tmp_path / "runs", n_prompts=6, n_bootstrap=5, progress=False, plots=False
     )
-    original = study_module._study_run
-    calls: list[tuple] = []
-
-    def counted(condition, seed, *args, interrupt_at=None):
-        calls.append((condition, seed))
-        if len(calls) == interrupt_at:
-            raise KeyboardInterrupt
-        return original(condition, seed, *args)
-
+    runs = _CountedRuns(monkeypatch)
     out = tmp_path / "out"
-    monkeypatch.setattr(study_module, "_study_run", lambda *a: counted(*a, interrupt_at=2))
+    runs.arm(interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
         run_study(out, **kwargs)
     assert [p.name for p in study_module.partial_dir(out).iterdir()] == [f"{condition}_seed0.pkl"]
-    calls.clear()
-    monkeypatch.setattr(study_module, "_study_run", counted)
+    runs.arm()
     threads = torch.get_num_threads() + 1  # a real second thread is slow on a shared machine
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     result = run_study(out, **kwargs)
-    assert calls == [(condition, 0), (condition, 1)]  # the kept seed 0 is recomputed
+    assert runs.calls == [(condition, 0), (condition, 1)]  # the kept seed 0 is recomputed
     assert result.settings["threads"] == threads
