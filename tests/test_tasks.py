@@ -45,6 +45,53 @@ def test_train_and_test_prompts_are_disjoint(task):
     assert len(test) > 450  # the test split is not a handful of repeats
 
 
+def _asked(tokenizer, batch, row, position):
+    """(the context words, the key asked at ``position``): what decides the answer there,
+    decoded from the words (the context ends at the first ``?``)."""
+    words = words_of(tokenizer, batch.tokens[row])
+    return tuple(words[: words.index("?")]), words[position]
+
+
+def test_no_held_out_retrieval_answer_is_ever_trained_on():
+    """A multi-query prompt supervises its answered queries too: before, a prompt's split
+    was the hash of the whole prompt, so a held-out (context, key) was trained on inside
+    train prompts with other answered queries (e.g. ``ctx ? k1 v1 ? k0`` held out while
+    ``ctx ? k0 v0 ? k2`` or ``ctx ? k2 v2 ? k0`` was trained on; 14 of 512 held-out prompts
+    of a 4-pair task over 300 steps of 64). Every supervised (context, key) of the train
+    split is now disjoint from the scored (context, key) of the test split, for the same
+    task and for its single-query version (what `train`'s ``eval_tasks`` scores)."""
+    task = KeyValueRetrieval(n_pairs=3, n_keys=4, n_values=4, n_queries=2)
+    single = dataclasses.replace(task, n_queries=1)
+    tok = task_tokenizer(task)
+    train = task.sample(3000, seed=0, split="train", vocab=tok)
+    trained = {
+        _asked(tok, train, row, position)
+        for row, position in (train.targets != -100).nonzero().tolist()
+    }
+    assert len(trained) > 1000  # most of the 1728 (context, key) questions
+    for held_out in (task, single):
+        test = held_out.sample(300, seed=0, split="test", vocab=tok)
+        scored = {_asked(tok, test, row, held_out.prompt_length - 1) for row in range(len(test))}
+        assert len(scored) > 100
+        assert scored.isdisjoint(trained)
+
+
+def test_a_one_query_prompt_is_in_the_split_of_the_hash_of_its_tokens():
+    """The split rule of one-question prompts (every study task) is unchanged: test
+    prompts are those whose CRC32 of the int64 token bytes is 0 mod 10 (so the study's
+    training batches and shipped checkpoints are what they were)."""
+    import zlib
+
+    import numpy as np
+
+    for task in (KeyValueRetrieval(n_pairs=3, n_keys=4, n_values=4), INDUCTION):
+        tok = task_tokenizer(task)
+        for split, is_test in (("train", False), ("test", True)):
+            rows = task.sample(200, seed=1, split=split, vocab=tok).tokens.tolist()
+            buckets = {zlib.crc32(np.asarray(r, dtype=np.int64).tobytes()) % 10 for r in rows}
+            assert (buckets == {0}) if is_test else (0 not in buckets)
+
+
 def test_retrieval_answer_is_the_queried_value_and_appears_once():
     tok = task_tokenizer(RETRIEVAL)
     batch = RETRIEVAL.sample(300, seed=1, vocab=tok)

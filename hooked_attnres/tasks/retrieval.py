@@ -121,3 +121,12 @@ class KeyValueRetrieval(Task):
         clean = [*ids, vocab[f"k{keys[query]}"]]
         corrupted = [*ids, vocab[f"k{keys[other]}"]]
         return clean, vocab[f"v{values[query]}"], vocab[f"v{values[other]}"], corrupted, supervised
+
+    def _questions(self, ids: list[int], supervised: dict[int, int]) -> list[list[int]]:
+        """The context followed by ``? key``, for the final query and each answered one:
+        a single-query prompt of the same context. An answered query ``? k v`` therefore
+        never trains on a held-out (context, key), whether the held-out prompt has more
+        queries or one (`train`'s ``eval_tasks``)."""
+        context = ids[: 1 + 2 * self.n_pairs + self.n_distractors]
+        # ``supervised`` maps each answered query's key position to its value
+        return [context + ids[-2:]] + [context + ids[p - 1 : p + 1] for p in sorted(supervised)]
