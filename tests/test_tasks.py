@@ -161,6 +161,16 @@ def test_batch_metrics():
         dataclasses.replace(batch, answer_pos=torch.full((4,), -1))
 
 
+@pytest.mark.parametrize("field", ["answer", "contrast"])
+def test_a_negative_answer_or_contrast_id_is_refused(field):
+    """-1 indexed the vocabulary from its end: logit_diff and answer_logprob read the last
+    token's logit as the answer's (or the contrast's) and correct() was 0, silently."""
+    tok = task_tokenizer(RETRIEVAL)
+    batch = RETRIEVAL.sample(4, seed=0, vocab=tok)
+    with pytest.raises(ValueError, match=f"{field} must hold token ids >= 0, got -1"):
+        dataclasses.replace(batch, **{field: torch.full((4,), -1)})
+
+
 def test_tokenizer_round_trip(tmp_path):
     tok = task_tokenizer(RETRIEVAL, INDUCTION)
     batch = RETRIEVAL.sample(8, seed=0, vocab=tok)

@@ -69,6 +69,15 @@ class TaskBatch:
                     f"(prompts are right-padded), got {lowest}; for a prompt of n tokens "
                     "pass n - 1"
                 )
+        # a negative token id would index the vocabulary from its end: logit_diff and
+        # answer_logprob read another token's logit, and correct() is silently 0
+        for name in ("answer", "contrast"):
+            ids = getattr(self, name)
+            if isinstance(ids, Tensor) and ids.numel() and int(ids.min()) < 0:
+                raise ValueError(
+                    f"{name} must hold token ids >= 0, got {int(ids.min())} (a negative id "
+                    "would read another token's logit, counted from the end of the vocabulary)"
+                )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
