@@ -132,6 +132,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, condition):
     assert history[0] == history[1]
 
 
+@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
+def test_the_same_model_object_resumes_its_own_run(tmp_path, condition):
+    """`train(..., stop_after=)` then `train` again with the same in-memory model. Saving
+    a transformers model set its ``config.architectures`` (``save_pretrained`` writes it
+    into the config object), so the model's identity changed and the vanilla run was
+    refused as "written by a different run (model.config.architectures differs)"."""
+    tok = task_tokenizer(TASK)
+    whole = build_model(condition, 0, tok, SHAPE, 2)
+    train(whole, TASK, config(), tmp_path / "whole", tokenizer=tok, progress=False)
+    model = build_model(condition, 0, tok, SHAPE, 2)
+    train(model, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7)
+    second = train(model, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False)
+    assert second.steps == 12
+    assert_same_weights(weights(whole), weights(model))
+
+
 def dropout_qwen3(tok, dropout: float):
     """The study's vanilla model of `SHAPE` with attention dropout (random in training)."""
     model = build_model("vanilla", 0, tok, SHAPE, 2)

@@ -240,7 +240,12 @@ def save_model(model, directory: Path, tokenizer=None) -> None:
 
         write_checkpoint_files(model, directory)
     else:
+        # save_pretrained sets the model's config.architectures (and config.dtype) in
+        # memory; put them back so that saving does not change the model's identity (a
+        # run continued with the same model object would be refused as another run's)
+        architectures, dtype = model.config.architectures, model.config.dtype
         model.save_pretrained(str(directory))
+        model.config.architectures, model.config.dtype = architectures, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
 
