@@ -777,6 +777,63 @@ def test_a_cache_of_a_key_value_cached_pass_is_refused_as_a_value():
         torch.testing.assert_close(patched, model(tokens[:, 3:]), rtol=0, atol=1e-5)
 
 
+def test_caching_hooks_record_the_pass_that_last_filled_them(tokens):
+    """``add_caching_hooks`` (a plain ``dict``) and ``get_caching_hooks`` (which recorded
+    the mask of its first pass only, and no ``n_past``) fill their dict on every pass.
+    Filled by a key-value cached pass, the dict was accepted as a value for a whole run of
+    its length (0.38 logits off the same interventions from a whole run's cache of those
+    tokens, kimi); kept over an unpadded then a padded pass, it said "no padding" and was
+    patched into an unpadded run (0.24 logits off). Each pass now records its extent, as
+    ``run_with_cache`` does, so both are refused."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    builds = (
+        lambda cache: set_weights(model, cache),
+        lambda cache: patch_committed(model, "block_1", cache),
+    )
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :3], past_kv_cache=kv)
+    added = model.add_caching_hooks()
+    model(tokens[:, 3:], past_kv_cache=kv)
+    model.reset_hooks()
+    _, chunk = model.run_with_cache(tokens[:, 3:], past_kv_cache=KeyValueCache.init_cache(4))
+    assert added.n_past == 3 and chunk.n_past == 0
+    for build in builds:
+        with pytest.raises(ValueError, match="comes from a pass after 3 cached positions"):
+            build(added)
+    # kept around generate: the dict holds its last step, the third new token's pass
+    # (one position after the prompt's 5 and the first new token)
+    cache, fwd, _ = model.get_caching_hooks()
+    with model.hooks(fwd_hooks=fwd):
+        model.generate(
+            tokens[:, :5], max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False
+        )
+    assert cache.n_past == 6 and cache["hook_embed"].shape[1] == 1
+    with pytest.raises(ValueError, match="comes from a pass after 6 cached positions"):
+        set_weights(model, cache)
+    # kept over an unpadded, then a padded pass: the padded pass's tensors and mask
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    _, padded = model.run_with_cache(tokens, attention_mask=mask)
+    cache, fwd, _ = model.get_caching_hooks()
+    with model.hooks(fwd_hooks=fwd):
+        model(tokens)
+        model(tokens, attention_mask=mask)
+    assert cache.n_past == 0 and torch.equal(cache.attention_mask, mask.bool())
+    for build in builds:
+        with pytest.raises(ValueError, match="was made with an attention_mask marking 4"):
+            model.run_with_hooks(tokens, fwd_hooks=build(cache))
+        # with the mask it was made with, it patches as the padded run's own cache does
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=build(cache)),
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=build(padded)),
+            rtol=0,
+            atol=0,
+        )
+
+
 def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout, tokens):
     """positions= address the whole sequence: a key-value cache chunk (its position 0 is
     a later position of the sequence) and the last layer of a logit_positions pass (one

@@ -47,7 +47,7 @@ from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
-from hooked_attnres.model.passes import pass_mask
+from hooked_attnres.model.passes import pass_mask, pass_n_past
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -371,19 +371,25 @@ class HookedModule(HookedRootModule):
         """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``, and
         ``remove_batch_dim=True`` refuses (``ValueError``) a batch of more than one prompt
         whatever the input (TransformerLens checks only a token tensor passed first).
-        Without a ``cache`` it returns a `RunCacheDict`, which records the attention mask
-        of the pass that fills it (``attention_mask``: ``None`` without padding)."""
+        Without a ``cache`` it returns a `RunCacheDict`, which records the extent of the
+        pass that last filled it: ``n_past`` (the positions a key-value cache held before
+        it, so that a cache of a cached pass is refused as a patching value, as
+        ``run_with_cache``'s is) and ``attention_mask`` (``None`` without padding). A
+        ``cache`` given as a plain ``dict`` records neither and cannot be checked."""
         cache = RunCacheDict() if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
         self.is_caching = True
-        # the first forward hook records the pass's mask
-        recorder = [cache] if isinstance(cache, RunCacheDict) else []
+        # every forward hook records the extent of its pass (n_past, mask), as the cache
+        # holds the last pass's tensors: caching hooks kept over several passes
+        # (add_caching_hooks, a hooks() context around generate) refill it on each
+        record = cache if isinstance(cache, RunCacheDict) else None
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
-            if recorder and not is_backward:
+            if record is not None and not is_backward:
                 mask = pass_mask()
-                recorder.pop().attention_mask = None if mask is None else mask.to(device)
+                record.n_past = pass_n_past()
+                record.attention_mask = None if mask is None else mask.to(device)
             stored = tensor.detach().to(device)
             if remove_batch_dim:
                 if stored.dim() == 0 or stored.shape[0] != 1:
@@ -421,7 +427,9 @@ class HookedModule(HookedRootModule):
     ) -> dict:
         """TransformerLens's ``add_caching_hooks`` (also behind ``cache_all`` /
         ``cache_some``): hooks that store every matching activation (``name + "_grad"`` for
-        gradients) in ``cache`` (a new ``dict`` by default) on every later pass, until
+        gradients) in ``cache`` (a new `RunCacheDict` by default, which records the
+        ``n_past`` and ``attention_mask`` of the last pass that filled it) on every later
+        pass, until
         ``reset_hooks()``. Made by `get_caching_hooks` and attached with `add_hook`, so the
         names, router aliases, ``remove_batch_dim`` and the thread guard are those of
         ``run_with_cache``. TransformerLens's own version attaches to the hook points
@@ -429,7 +437,7 @@ class HookedModule(HookedRootModule):
         kept a batch axis, and another thread's pass ran with the hooks and overwrote the
         cache with its activations."""
         cache, fwd_hooks, bwd_hooks = self.get_caching_hooks(
-            names_filter, incl_bwd, device, remove_batch_dim, {} if cache is None else cache
+            names_filter, incl_bwd, device, remove_batch_dim, cache
         )
         for name, fn in fwd_hooks:
             self.add_hook(name, fn, dir="fwd")

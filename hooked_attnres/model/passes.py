@@ -93,6 +93,14 @@ def real_tokens(batch: int, n_pos: int) -> Optional[Tensor]:
     return extent.real
 
 
+def pass_n_past() -> int:
+    """The positions a key-value cache held before the running pass (its position 0 is the
+    sequence's position ``n_past``); 0 without a cache or outside a pass. What a cache of
+    the pass records (`RunCacheDict.n_past`)."""
+    extent = _CURRENT.get()
+    return 0 if extent is None else extent.n_past
+
+
 def pass_mask() -> Optional[Tensor]:
     """The running pass's ``[batch, length]`` attention mask (True at real tokens) when it
     marks padding; ``None`` without padding or outside a pass. What a cache of the pass
