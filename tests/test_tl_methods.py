@@ -275,6 +275,128 @@ def test_cached_forward_in_chunks_equals_one_forward(layout):
     assert step_cache["resid_pre", 0].shape == (2, 1, model.cfg.d_model)
 
 
+def test_every_hook_of_a_chunked_pass_equals_the_full_forward_at_the_same_positions():
+    """Prefill 5 positions, then one at a time, with left padding and its mask: the logits
+    and every hook (router weights, logits and sources included; the pattern's key axis
+    up to the chunk's end) equal the full forward's at the same absolute positions, in
+    every layout and HF wrap (float64)."""
+    tokens = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens)
+    mask[1, :2], mask[2, :4] = 0, 0
+    for name, model in every_model():
+        model = model.to(torch.float64)
+        for attention_mask in (None, mask):
+            logits, full = model.run_with_cache(tokens, attention_mask=attention_mask)
+            cache = KeyValueCache.init_cache(model.cfg)
+            for start, stop in ((0, 5), *((i, i + 1) for i in range(5, 9))):
+                chunk_mask = None if attention_mask is None else attention_mask[:, start:stop]
+                got, chunk = model.run_with_cache(
+                    tokens[:, start:stop], attention_mask=chunk_mask, past_kv_cache=cache
+                )
+                at = (name, attention_mask is not None, start)
+                torch.testing.assert_close(got, logits[:, start:stop], rtol=0, atol=1e-10)
+                assert sorted(chunk.keys()) == sorted(full.keys()), at
+                for hook in full.keys():
+                    expected = full[hook]
+                    if hook.endswith(("hook_pattern", "hook_attn_scores")):
+                        expected = expected[:, :, start:stop, :stop]
+                    else:
+                        expected = expected[:, start:stop]
+                    torch.testing.assert_close(
+                        chunk[hook], expected, rtol=0, atol=1e-10, msg=f"{at} {hook}"
+                    )
+
+
+def test_interventions_under_generate_give_the_same_steps_with_and_without_the_cache():
+    """Routing interventions over every position (mask, set, local and global patching,
+    the mean over the real prompts) under generate, left-padded: the key-value cached loop
+    draws the same tokens from the same logits at every step as the loop that reruns the
+    whole sequence."""
+    from hooked_attnres.interventions import (
+        mask_sources,
+        patch_committed,
+        patch_sources,
+        set_weights,
+    )
+
+    prompt = torch.randint(3, 50, (3, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(prompt)
+    mask[1, :2], mask[2, :1] = 0, 0
+    for name, model in every_model():
+        if not model.routing_layout.has_routers:
+            continue
+        model = model.to(torch.float64)
+        last = model.cfg.n_layers - 1
+        interventions = {
+            "mask": mask_sources(model, "current", routers="mlp_res", layers=last),
+            "uniform": set_weights(model, "uniform"),
+            "local mean": patch_sources(model, "embedding", "mean"),
+            "global mean": patch_committed(model, "embedding", "mean"),
+        }
+        for what, hooks in interventions.items():
+            steps = {}
+            for cached in (True, False):
+                logits: list = []
+                handle = model.register_forward_hook(
+                    lambda module, args, out, logits=logits: logits.append(out[:, -1])
+                )
+                with model.hooks(fwd_hooks=hooks):
+                    out = model.generate(
+                        prompt,
+                        attention_mask=mask,
+                        max_new_tokens=4,
+                        do_sample=False,
+                        stop_at_eos=False,
+                        use_past_kv_cache=cached,
+                        verbose=False,
+                    )
+                handle.remove()
+                steps[cached] = out, torch.stack(logits)
+            assert torch.equal(steps[True][0], steps[False][0]), (name, what)
+            torch.testing.assert_close(
+                steps[True][1], steps[False][1], rtol=0, atol=1e-10, msg=f"{name} {what}"
+            )
+
+
+def test_hooks_in_cached_passes_see_the_new_positions_and_can_find_their_offset(layout):
+    """In a key-value cached pass hooks see the new positions only, so ``pos_slice`` of
+    ``run_with_cache`` and a hook's own indices count from the pass's first position, the
+    sequence's position ``n_past`` (``cache.n_past``; inside a hook, ``pass_n_past()``):
+    a negative index is the same in both readings. A hook that edits an absolute position
+    through ``pass_n_past()`` generates the same tokens with and without the cache."""
+    from hooked_attnres.model.passes import pass_n_past
+
+    model = routed_model(layout).to(torch.float64)
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    name = "blocks.2.hook_mlp_out"
+    _, full = model.run_with_cache(tokens, names_filter=name)
+    for pos_slice, positions in ((0, [5]), ((1, 3), [6, 7]), (-1, [8]), ([-3, -1], [6, 8])):
+        kv = KeyValueCache.init_cache(model.cfg)
+        model(tokens[:, :5], past_kv_cache=kv)
+        _, chunk = model.run_with_cache(
+            tokens[:, 5:], past_kv_cache=kv, names_filter=name, pos_slice=pos_slice
+        )
+        assert chunk.n_past == 5
+        torch.testing.assert_close(chunk[name], full[name][:, positions], rtol=0, atol=1e-10)
+    seen = []
+
+    def zero_position_2(embedding, hook):
+        seen.append(pass_n_past())
+        index = 2 - pass_n_past()  # the sequence's position 2 in this pass
+        if 0 <= index < embedding.shape[1]:
+            embedding = embedding.clone()
+            embedding[:, index] = 0
+        return embedding
+
+    options = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+    with model.hooks(fwd_hooks=[("hook_embed", zero_position_2)]):
+        cached = model.generate(tokens[:, :5], **options)
+        assert seen == [0, 5, 6, 7] and pass_n_past() == 0
+        uncached = model.generate(tokens[:, :5], use_past_kv_cache=False, **options)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, model.generate(tokens[:, :5], **options))  # it edits
+
+
 def test_cache_misuse_is_refused():
     model = routed_model("kimi")
     with pytest.raises(ValueError, match="past_kv_cache holds 3 prompts, the input has 2"):
