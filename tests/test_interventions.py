@@ -834,6 +834,49 @@ def test_caching_hooks_record_the_pass_that_last_filled_them(tokens):
         )
 
 
+def test_a_cache_object_built_around_a_run_cache_dict_keeps_its_record():
+    """``run_with_cache(..., return_cache_object=False)`` (or the caching hooks) gives a
+    `RunCacheDict` that records ``n_past`` and the mask; wrapped as TransformerLens does it,
+    ``ActivationCache(cache_dict, model)`` (or ``AttnResActivationCache(cache_dict,
+    model)``), the record was dropped: a key-value chunk's cache was patched into a whole
+    run of its length (0.38 logits off the same intervention from a whole run's cache,
+    kimi; the sweeps took it too) and a padded run's cache into an unpadded run. Both
+    wrappers now keep the record, so both are refused."""
+    from transformer_lens import ActivationCache
+
+    from hooked_attnres import KeyValueCache
+    from hooked_attnres.model.cache import AttnResActivationCache
+    from hooked_attnres.patching import get_act_patch_routing_weights
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :3], past_kv_cache=kv)
+    _, chunk = model.run_with_cache(tokens[:, 3:], past_kv_cache=kv, return_cache_object=False)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    _, padded = model.run_with_cache(tokens, attention_mask=mask, return_cache_object=False)
+    _, whole = model.run_with_cache(tokens, return_cache_object=False)
+
+    def metric(logits):
+        return logits[:, -1, 3].mean()
+
+    for wrap in (AttnResActivationCache, ActivationCache):
+        with pytest.raises(ValueError, match="comes from a pass after 3 cached positions"):
+            set_weights(model, wrap(chunk, model))
+        with pytest.raises(ValueError, match="comes from a pass after 3 cached positions"):
+            get_act_patch_routing_weights(model, tokens[:, 3:], wrap(chunk, model), metric)
+        with pytest.raises(ValueError, match="was made with an attention_mask marking 4"):
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, wrap(padded, model)))
+        # the record of a whole unpadded run lets it through, with the dict's numbers
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, wrap(whole, model))),
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, whole)),
+            rtol=0,
+            atol=0,
+        )
+
+
 def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout, tokens):
     """positions= address the whole sequence: a key-value cache chunk (its position 0 is
     a later position of the sequence) and the last layer of a logit_positions pass (one

@@ -60,6 +60,16 @@ def _describe(model) -> str:
     )
 
 
+def run_record(cache: Any) -> Any:
+    """What records the run that made ``cache`` (its ``n_past`` and ``attention_mask``):
+    the cache itself (an `AttnResActivationCache`, a `RunCacheDict`), else the
+    `RunCacheDict` inside a TransformerLens ``ActivationCache(cache_dict, model)`` built
+    around one (which would drop the record), else the cache, which then records nothing."""
+    if hasattr(cache, "n_past") or hasattr(cache, "attention_mask"):
+        return cache
+    return getattr(cache, "cache_dict", cache)
+
+
 def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:
     """``what`` describes the cache (e.g. ``"the clean cache"``). An ``ActivationCache``
     knows its model: refuse one from a model whose depth routing
@@ -96,7 +106,7 @@ def check_cached(
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
     require_cached(cache, names, what)
-    n_past = getattr(cache, "n_past", 0)
+    n_past = getattr(run_record(cache), "n_past", 0)
     if n_past:
         raise ValueError(
             f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
@@ -148,11 +158,13 @@ def check_cache_mask(cache: Any, attention_mask: Optional[Tensor], what: str, ru
     with padding, its position ``p`` is another token, or the same token at another
     rotary position, than the run's (silently wrong numbers). ``attention_mask`` is the
     run's mask (``None``: no padding); ``what`` names the cache, ``run`` the run.
-    A cache that records no mask (a TransformerLens ``ActivationCache`` or a dict not made
-    by `run_with_cache`) cannot be checked and is taken as it is."""
-    if not hasattr(cache, "attention_mask"):
+    A cache that records no mask (a TransformerLens ``ActivationCache`` around a plain
+    dict, or a dict not made by `run_with_cache` or the caching hooks) cannot be checked
+    and is taken as it is; one around a `RunCacheDict` is checked (`run_record`)."""
+    record = run_record(cache)
+    if not hasattr(record, "attention_mask"):
         return
-    made, runs = _padding(cache.attention_mask), _padding(attention_mask)
+    made, runs = _padding(record.attention_mask), _padding(attention_mask)
     if made is None and runs is None:
         return
     if made is not None and runs is not None and made.shape == runs.shape:

@@ -186,16 +186,19 @@ class AttnResActivationCache(ActivationCache):
         cache_dict: dict,
         model: Any,
         has_batch_dim: bool = True,
-        n_past: int = 0,
+        n_past: Optional[int] = None,
         attention_mask: Optional[Tensor] = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim)
         # positions a key-value cache held before the cached pass (`run_with_cache` sets
-        # it): position 0 of every tensor here is the sequence's position n_past
-        self.n_past = n_past
+        # it; by default what a `RunCacheDict` given as cache_dict records, else 0):
+        # position 0 of every tensor here is the sequence's position n_past
+        self.n_past = getattr(cache_dict, "n_past", 0) if n_past is None else n_past
         # [batch, pos] bool of the cached pass where its attention_mask marked padding
-        # (`run_with_cache` sets it; None: no padding), so that patching can refuse a
-        # clean cache made with another mask than the patched run's
+        # (`run_with_cache` sets it; by default a `RunCacheDict`'s; None: no padding), so
+        # that patching can refuse a clean cache made with another mask than the run's
+        if attention_mask is None:
+            attention_mask = getattr(cache_dict, "attention_mask", None)
         self.attention_mask = attention_mask
 
     # --- indexing -----------------------------------------------------------------------
