@@ -429,10 +429,9 @@ class HookedModule(HookedRootModule):
         ``cache_some``): hooks that store every matching activation (``name + "_grad"`` for
         gradients) in ``cache`` (a new `RunCacheDict` by default, which records the
         ``n_past`` and ``attention_mask`` of the last pass that filled it) on every later
-        pass, until
-        ``reset_hooks()``. Made by `get_caching_hooks` and attached with `add_hook`, so the
-        names, router aliases, ``remove_batch_dim`` and the thread guard are those of
-        ``run_with_cache``. TransformerLens's own version attaches to the hook points
+        pass, until ``reset_hooks()``. Made by `get_caching_hooks` and attached with
+        `add_hook`, so the names, router aliases, ``remove_batch_dim`` and the thread guard
+        are those of ``run_with_cache``. TransformerLens's own version attaches to the hook points
         directly: an alias or a misspelt name cached nothing, ``remove_batch_dim=True``
         kept a batch axis, and another thread's pass ran with the hooks and overwrote the
         cache with its activations."""
