@@ -492,3 +492,34 @@ def test_a_sweep_under_an_in_place_hook_equals_full_runs_with_it(setup):
                 corrupted, fwd_hooks=[*hooks, (name, _from_donor_at(clean_cache, name, pos))]
             )
         assert by_pos[0, 2, pos].item() == pytest.approx(metric(logits).item(), abs=1e-5)
+
+
+def test_a_right_padded_string_cache_needs_its_mask_in_the_sweep():
+    """Right padding is refused like left padding (docs/analysis.md): the cache of string
+    prompts records the mask made for them, and the sweep must run with it. With it, the
+    sweep equals the one from a cache of the same tokens and mask."""
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(20)])
+    model = tiny_model(attnres_layout="cumulative", n_layers=2, d_vocab=len(tokenizer))
+    randomize_routing(model, seed=3)
+    model.set_tokenizer(tokenizer)
+    model.eval()
+    prompts = ["w1 w2 w3 w4", "w5 w6"]
+    tokens, mask = model.to_tokens_and_mask(prompts)
+    assert model.default_padding_side == "right" and not bool(mask[1, -1])
+    corrupted = model.to_tokens(["w7 w2 w3 w4", "w8 w6"])
+    _, from_strings = model.run_with_cache(prompts)
+    assert torch.equal(from_strings.attention_mask, mask.bool())
+
+    def metric(logits):
+        return logits[0, -1, 5] - logits[1, 1, 9]  # each prompt's last real position
+
+    with pytest.raises(ValueError, match="marking 2 padding position.* runs with no padding"):
+        get_act_patch_routing_weights_by_pos(model, corrupted, from_strings, metric)
+    patched = get_act_patch_routing_weights_by_pos(
+        model, corrupted, from_strings, metric, attention_mask=from_strings.attention_mask
+    )
+    _, from_tokens = model.run_with_cache(tokens, attention_mask=mask)
+    expected = get_act_patch_routing_weights_by_pos(
+        model, corrupted, from_tokens, metric, attention_mask=mask
+    )
+    torch.testing.assert_close(patched, expected, rtol=0, atol=0, equal_nan=True)

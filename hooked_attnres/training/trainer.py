@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,9 +369,11 @@ def _step_seed(data_seed: int, step: int) -> int:
 
 
 @contextmanager
-def _own_rng(model) -> Iterator[None]:
+def _own_rng(model) -> Iterator[Callable[[int], None]]:
     """Give the block torch's global generators (CPU and the CUDA devices the model is
-    on) and restore the caller's states afterwards (`torch.random.fork_rng`)."""
+    on) and restore the caller's states afterwards (`torch.random.fork_rng`). Yields the
+    function that seeds exactly those generators (``torch.manual_seed`` would also reseed
+    CUDA devices the model is not on, whose state the fork does not restore)."""
     devices = sorted(
         {
             param.device.index if param.device.index is not None else torch.cuda.current_device()
@@ -379,8 +381,15 @@ def _own_rng(model) -> Iterator[None]:
             if param.device.type == "cuda"
         }
     )
+
+    def seed(value: int) -> None:
+        torch.default_generator.manual_seed(value)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(value)
+
     with torch.random.fork_rng(devices=devices):
-        yield
+        yield seed
 
 
 @contextmanager
@@ -495,7 +504,7 @@ def train(
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
     vocab = tokenizer.get_vocab()
-    with _thread_count(config.threads), _own_rng(model):
+    with _thread_count(config.threads), _own_rng(model) as seed_step:
         eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
         eval_batches = {
             t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
@@ -562,7 +571,7 @@ def train(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr_at(step)
-                torch.manual_seed(_step_seed(config.data_seed, step))  # e.g. dropout masks
+                seed_step(_step_seed(config.data_seed, step))  # e.g. dropout masks
                 loss = batch.loss(model_logits(model, batch.tokens))
                 last_loss = loss.item()
                 if not math.isfinite(last_loss):
