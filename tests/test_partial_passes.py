@@ -3,6 +3,8 @@ one position per prompt (``logit_positions``), checked against the full forward 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import randomize_routing, tiny_model
@@ -229,3 +231,39 @@ def test_a_hook_editing_in_place_leaves_the_given_state_unchanged(model, tokens)
     assert all(torch.equal(a, b) for a, b in zip(snapshot, states[4].sources, strict=True))
     unhooked = model.depth_states(tokens, sublayers=True)  # the state entering layer 2
     assert all(torch.equal(a, b) for a, b in zip(unhooked[4].sources, snapshot, strict=True))
+
+
+def test_a_state_resumes_only_with_the_padding_it_was_made_with(model, tokens):
+    """A state of a left-padded pass, resumed without its mask (or a state made without
+    one, resumed with it), would give other logits at the real positions: refused."""
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    full = model(tokens, attention_mask=mask)
+    real = mask.bool()
+    padded = model.depth_states(tokens, sublayers=True, attention_mask=mask)
+    unpadded = model.depth_states(tokens, sublayers=True)
+    stopped = model(tokens, stop_at_layer=2, attention_mask=mask)
+    # the same mask resumes exactly (float rounding only)
+    torch.testing.assert_close(model.forward_from(padded[3], 3, attention_mask=mask), full)
+    torch.testing.assert_close(model(stopped, start_at_layer=2, attention_mask=mask), full)
+    # an all-ones mask is no padding: a state made without a mask resumes with one
+    ones = torch.ones_like(tokens)
+    torch.testing.assert_close(
+        model.forward_from(unpadded[3], 3, attention_mask=ones), model(tokens)
+    )
+    # the wrong padding would change the real positions' logits
+    wrong = model.forward_from(dataclasses.replace(padded[3]), 3)
+    assert (wrong - full)[real].abs().max() > 1e-3
+    for call in (
+        lambda: model.forward_from(padded[3], 3),
+        lambda: model(padded[2], start_at_layer=1),
+        lambda: model(stopped, start_at_layer=2),
+        lambda: model.forward_from(unpadded[3], 3, attention_mask=mask),
+        lambda: model(unpadded[4], start_at_layer=2, attention_mask=mask),
+    ):
+        with pytest.raises(ValueError, match="pass the attention_mask= of the depth_states"):
+            call()
+    other = mask.clone()
+    other[2, :1] = 0
+    with pytest.raises(ValueError, match="attention_mask is a different one"):
+        model.forward_from(padded[3], 3, attention_mask=other)

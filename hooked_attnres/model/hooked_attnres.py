@@ -43,7 +43,40 @@ from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
 RETURN_TYPES = ("logits", "loss", "both", None)
 # attribute of a DepthState returned by depth_states / stop_at_layer: the sublayer it enters
 _ENTERING = "_entering_sublayer"
+# and the padding of the pass that made it (``None``: no padding), which a resumed pass
+# must share: padding moves the rotary positions and the keys a query attends to
+_MADE_WITH_MASK = "_made_with_padding"
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
+
+
+def _padding_only(mask: Optional[Bool[Tensor, "batch pos"]]) -> Optional[Tensor]:
+    """``mask`` if it marks some padding, else ``None`` (an all-ones mask is no mask)."""
+    return None if mask is None or bool(mask.all()) else mask
+
+
+def _check_same_padding(
+    state: DepthState, mask: Optional[Bool[Tensor, "batch pos"]], where: str
+) -> None:
+    """Refuse to resume a state from `depth_states` / ``stop_at_layer`` with other padding
+    than the pass that made it (a state built by hand records none and is not checked)."""
+    if not hasattr(state, _MADE_WITH_MASK):
+        return
+    made_with, given = getattr(state, _MADE_WITH_MASK), _padding_only(mask)
+    if made_with is None and given is None:
+        return
+    if (
+        made_with is not None
+        and given is not None
+        and torch.equal(made_with, given.to(made_with.device))
+    ):
+        return
+    made = "without padding" if made_with is None else "with an attention_mask marking padding"
+    now = "none" if given is None else "a different one"
+    raise ValueError(
+        f"{where}: this DepthState came from a pass {made}, and this call's attention_mask "
+        f"is {now}; pass the attention_mask= of the depth_states / stop_at_layer call that "
+        "made the state (padding moves rotary positions and the keys a query attends to)"
+    )
 
 
 class Output(NamedTuple):
@@ -501,6 +534,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             mask = self._validate_attention_mask(
                 attention_mask, tuple(state.current.shape[:2]), state.current.device
             )
+            _check_same_padding(input, mask, f"start_at_layer={layers.start}")
         if logit_positions is not None:
             if stop_at_layer is not None or return_type not in ("logits", None):
                 raise ValueError(
@@ -524,6 +558,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 )
                 if stop_at_layer is not None:
                     setattr(state, _ENTERING, 2 * layers.stop)
+                    setattr(state, _MADE_WITH_MASK, _padding_only(mask))
                     return state
                 logits = self._unembed(state, shared_sums)
             if return_type == "logits":
@@ -685,8 +720,10 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 else:
                     state = block(entering, context, shared_sums=shared_sums)
                 states.append(state)
+        padding = _padding_only(mask)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
             setattr(entering, _ENTERING, index if sublayers else 2 * index)
+            setattr(entering, _MADE_WITH_MASK, padding)
         return states
 
     @guarded_pass
@@ -707,7 +744,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 ``2 * n_layers`` runs only the final router and the unembedding.
             logit_positions: ``[batch]``, as in `forward`: logits ``[batch, 1, d_vocab]``
                 at one position per prompt.
-            attention_mask: ``[batch, pos]``, as in `forward` (for padded prompts).
+            attention_mask: ``[batch, pos]``, as in `forward` (for padded prompts): the
+                mask of the pass that made ``state`` (other padding raises ``ValueError``
+                for a state from `depth_states` / ``stop_at_layer``, which records it).
 
         Hooks fire as in a full forward pass, from the sublayer on.
         """
@@ -718,10 +757,12 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"
             )
         layer, is_mlp = divmod(sublayer, 2)
+        given = state
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device
         )
+        _check_same_padding(given, mask, "forward_from")
         if logit_positions is not None:
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)
