@@ -130,6 +130,26 @@ def test_steps_given_twice_with_different_values_are_refused(tmp_path, monkeypat
     assert "--steps 600 and --set steps=300 disagree; give one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "lr=1e-3", "lr=2e-3"], "--set gives 'lr' twice; give it once"),
+        (["--set", "batch-size=8", "batch_size=16"], "--set gives 'batch_size' twice"),
+        (["--task-arg", "n_pairs=4", "n_pairs=8"], "--task-arg gives 'n_pairs' twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused(extra, message, tmp_path, monkeypatch, capsys):
+    # before, the last value silently won (batch-size and batch_size are one field)
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "runs"
+    assert cli.main(["train", "--condition", "attnres", "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()  # nothing written
+
+
 def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
     tmp_path, monkeypatch, capsys
 ):
