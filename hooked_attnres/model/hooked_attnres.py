@@ -55,7 +55,7 @@ def _padding_only(mask: Optional[Bool[Tensor, "batch pos"]]) -> Optional[Tensor]
 
 
 def _check_same_padding(
-    state: DepthState, mask: Optional[Bool[Tensor, "batch pos"]], where: str
+    state: object, mask: Optional[Bool[Tensor, "batch pos"]], where: str
 ) -> None:
     """Refuse to resume a state from `depth_states` / ``stop_at_layer`` with other padding
     than the pass that made it (a state built by hand records none and is not checked)."""
