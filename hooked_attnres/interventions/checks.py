@@ -15,6 +15,7 @@ from torch import Tensor
 from hooked_attnres._validation import require_integer
 from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import source_axis
+from hooked_attnres.model.passes import padding_of, same_padding
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -138,15 +139,6 @@ def check_cached(
             )
 
 
-def _padding(mask: Optional[Tensor]) -> Optional[Tensor]:
-    """A ``[batch, pos]`` mask as the positions it marks real (bool), or ``None`` where it
-    marks no padding (no mask, or all ones: the same pass)."""
-    if mask is None:
-        return None
-    real = torch.as_tensor(mask) != 0
-    return None if bool(real.all()) else real
-
-
 def _describe_mask(real: Optional[Tensor]) -> str:
     if real is None:
         return "no padding (no attention_mask, or all ones)"
@@ -164,12 +156,9 @@ def check_cache_mask(cache: Any, attention_mask: Optional[Tensor], what: str, ru
     record = run_record(cache)
     if not hasattr(record, "attention_mask"):
         return
-    made, runs = _padding(record.attention_mask), _padding(attention_mask)
-    if made is None and runs is None:
+    if same_padding(record.attention_mask, attention_mask):
         return
-    if made is not None and runs is not None and made.shape == runs.shape:
-        if torch.equal(made, runs.to(made.device)):
-            return
+    made, runs = padding_of(record.attention_mask), padding_of(attention_mask)
     raise ValueError(
         f"{what} was made with {_describe_mask(made)}, but {run} runs with "
         f"{_describe_mask(runs) if made is None or runs is None else 'another one'}: with "

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from hooked_attnres._validation import is_integer, is_integral, require_integer
 from hooked_attnres.model.attention import KeyValueCache
+from hooked_attnres.model.passes import padding_of
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -299,7 +300,7 @@ class GenerationMixin:
                     "from the last column, so pad on the left (to_tokens(..., "
                     "padding_side='left'))"
                 )
-            if bool(mask.all()):
+            if padding_of(mask) is None:  # an all-ones mask runs the same pass as none
                 mask = None
         return tokens, mask, input_type
 

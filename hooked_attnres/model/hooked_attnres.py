@@ -33,7 +33,7 @@ from hooked_attnres.model.depth import (
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
-from hooked_attnres.model.passes import pass_extent
+from hooked_attnres.model.passes import padding_of, pass_extent, same_padding
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 from hooked_attnres.model.tl_methods import TLMethodsMixin
@@ -49,11 +49,6 @@ _MADE_WITH_MASK = "_made_with_padding"
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
 
 
-def _padding_only(mask: Optional[Bool[Tensor, "batch pos"]]) -> Optional[Tensor]:
-    """``mask`` if it marks some padding, else ``None`` (an all-ones mask is no mask)."""
-    return None if mask is None or bool(mask.all()) else mask
-
-
 def _check_same_padding(
     state: object, mask: Optional[Bool[Tensor, "batch pos"]], where: str
 ) -> None:
@@ -61,17 +56,11 @@ def _check_same_padding(
     than the pass that made it (a state built by hand records none and is not checked)."""
     if not hasattr(state, _MADE_WITH_MASK):
         return
-    made_with, given = getattr(state, _MADE_WITH_MASK), _padding_only(mask)
-    if made_with is None and given is None:
-        return
-    if (
-        made_with is not None
-        and given is not None
-        and torch.equal(made_with, given.to(made_with.device))
-    ):
+    made_with = getattr(state, _MADE_WITH_MASK)
+    if same_padding(made_with, mask):
         return
     made = "without padding" if made_with is None else "with an attention_mask marking padding"
-    now = "none" if given is None else "a different one"
+    now = "none" if padding_of(mask) is None else "a different one"
     raise ValueError(
         f"{where}: this DepthState came from a pass {made}, and this call's attention_mask "
         f"is {now}; pass the attention_mask= of the depth_states / stop_at_layer call that "
@@ -558,7 +547,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 )
                 if stop_at_layer is not None:
                     setattr(state, _ENTERING, 2 * layers.stop)
-                    setattr(state, _MADE_WITH_MASK, _padding_only(mask))
+                    setattr(state, _MADE_WITH_MASK, padding_of(mask))
                     return state
                 logits = self._unembed(state, shared_sums)
             if return_type == "logits":
@@ -720,7 +709,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 else:
                     state = block(entering, context, shared_sums=shared_sums)
                 states.append(state)
-        padding = _padding_only(mask)
+        padding = padding_of(mask)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
             setattr(entering, _ENTERING, index if sublayers else 2 * index)
             setattr(entering, _MADE_WITH_MASK, padding)

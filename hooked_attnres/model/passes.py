@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -36,14 +37,31 @@ class PassExtent:
 _CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
 
 
+def padding_of(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The one rule for "a pass has padding": ``[batch, pos]`` bool, True at real tokens,
+    when ``mask`` (an ``attention_mask``, any dtype) marks some padding; ``None`` for no
+    mask or an all-ones mask, which runs the same pass as none."""
+    if mask is None:
+        return None
+    real = torch.as_tensor(mask) != 0
+    return None if bool(real.all()) else real
+
+
+def same_padding(first: Optional[Tensor], second: Optional[Tensor]) -> bool:
+    """Whether two ``attention_mask``s (or ``None``) give the same padding (`padding_of`):
+    a cache or a depth state made with one may be used in a pass run with the other."""
+    first, second = padding_of(first), padding_of(second)
+    if first is None or second is None:
+        return first is None and second is None
+    return first.shape == second.shape and torch.equal(first, second.to(first.device))
+
+
 @contextmanager
 def pass_extent(n_past: int, length: int, real: Optional[Tensor] = None) -> Iterator[None]:
     """Record the running pass's extent for the hooks that fire inside the block (a pass
     started from inside a hook restores the outer one afterwards); ``real``: the pass's
     ``[batch, length]`` attention mask of its own positions (True at real tokens), if any."""
-    if real is not None and bool(real.all()):
-        real = None
-    token = _CURRENT.set(PassExtent(n_past, length, real))
+    token = _CURRENT.set(PassExtent(n_past, length, padding_of(real)))
     try:
         yield
     finally:
