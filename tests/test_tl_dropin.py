@@ -616,6 +616,48 @@ def _check_folding(model: HookedAttnRes, tokens: torch.Tensor) -> None:
     assert torch.allclose(model(tokens), before, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_process_weights_is_exact_in_float64_for_activations_and_analyses(name):
+    """Folding is exact arithmetic reordered: in float64 every hook of the run (routing
+    logits and weights, each router's key-norm RMS of the raw sources, q/k/v, the
+    pre-gain ``hook_normalized``, the logits) agrees before and after to 1e-12, in every
+    layout and wrap; folding a block's gain must not reach what its routers read. After
+    folding, the scale-only readouts times the matrix that reads them give that matrix's
+    output (``hook_q``, ``hook_pre``, ``hook_pre_linear``, the logits), and direct logit
+    attribution and the routing lens stay exact."""
+    model = build(name).to(torch.float64)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(7))
+    logits, before = model.run_with_cache(tokens)
+    model.process_weights()
+    folded, after = model.run_with_cache(tokens)
+    assert torch.allclose(folded, logits, rtol=0, atol=1e-12)
+    assert sorted(after.keys()) == sorted(before.keys())
+    for key in before.keys():
+        assert torch.allclose(after[key], before[key], rtol=0, atol=1e-12), key
+    # the scale-only readouts of the folded model are what each matrix reads
+    routed = {"routed": True} if model.routing_layout.has_routers else {}
+    for layer in range(model.cfg.n_layers):
+        for mlp_input in (False, True):
+            where = {"layer": layer, "mlp_input": mlp_input, **routed}
+            read = after.apply_ln_to_stack(after.decompose_resid(**where), **where).sum(0)
+            if mlp_input:
+                pairs = [(read @ model.W_gate[layer], after["pre", layer])]
+                pairs.append((read @ model.W_in[layer], after["pre_linear", layer]))
+            else:
+                pairs = [(torch.einsum("bpd,hde->bphe", read, model.W_Q[layer]), after["q", layer])]
+            for got, expected in pairs:
+                assert torch.allclose(got, expected, rtol=0, atol=1e-12), (layer, mlp_input)
+    stack = after.decompose_resid(pos_slice=-1, **routed)
+    readout = after.apply_ln_to_stack(stack, pos_slice=-1, **routed).sum(0) @ model.W_U
+    assert torch.allclose(readout, logits[:, -1], rtol=0, atol=1e-12)
+    answer, wrong = tokens[:, 0], tokens[:, 1]
+    attrs = after.logit_attrs(stack, answer, wrong, pos_slice=-1, **routed)
+    rows = torch.arange(2)
+    expected = logits[rows, -1, answer] - logits[rows, -1, wrong]
+    assert torch.allclose(attrs.sum(0), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(routing_lens(model, after).logits[-1], logits, rtol=0, atol=1e-12)
+
+
 def test_process_weights_options():
     model = tiny_model(n_layers=2)
     with pytest.raises(ValueError, match="rotary"):

@@ -468,3 +468,55 @@ def test_weights_have_transformerlens_layouts_and_meaning(tokens):
         tied.ln_final.w.mul_(2.0)
     directions = tied.tokens_to_residual_directions(torch.tensor([[3, 4]]))
     assert directions.shape == (1, 2, d) and torch.allclose(directions[0, 1], 2 * tied.W_E[4])
+
+
+def _bridge(hf):
+    # imported here: the Bridge's modules take seconds to import
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    return build_bridge_from_module(hf, "Qwen3ForCausalLM", hf_config=hf.config, tokenizer=None)
+
+
+def test_weight_accessors_and_processing_match_transformer_bridge():
+    """Layout ``none`` against TransformerLens 4.3's ``TransformerBridge`` on the same tiny
+    Qwen3 (GQA: 4 query heads, 2 key-value heads; norm gains away from 1). The Bridge's
+    model-level and per-block ``W_K`` / ``W_V`` hold the ``n_kv`` heads; here they are
+    repeated to ``n_heads`` (``repeat_interleave``: query head ``h`` reads key-value head
+    ``h // 2``), which is what the Bridge's ``QK``, ``OV`` and ``tl_parameters`` use, and
+    ``attn._W_K`` / ``_W_V`` are the Bridge's per-block tensors. ``process_weights`` with
+    TransformerLens's defaults gives the Bridge's processed weights bit for bit."""
+    bridge = _bridge(hf_qwen3())
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="none")
+    cfg = model.cfg
+    group = cfg.n_heads // cfg.n_key_value_heads
+    tokens = torch.randint(0, cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def check_weights():
+        for name in ("W_E", "W_U", "W_Q", "W_O", "W_in", "W_gate", "W_out"):
+            assert torch.equal(getattr(model, name), getattr(bridge, name)), name
+        for name in ("W_K", "W_V"):
+            grouped = getattr(bridge, name)  # [n_layers, n_kv, d_model, d_head]
+            assert grouped.shape[1] == cfg.n_key_value_heads
+            assert torch.equal(getattr(model, name), grouped.repeat_interleave(group, dim=1))
+            for layer, block in enumerate(model.blocks):
+                assert torch.equal(getattr(block.attn, f"_{name}"), grouped[layer])
+        for name in ("QK", "OV"):
+            assert torch.equal(getattr(model, name).AB, getattr(bridge, name).AB), name
+        with torch.no_grad():
+            assert torch.allclose(model(tokens), bridge(tokens), atol=1e-5)
+
+    check_weights()
+    assert list(model.all_head_labels) == bridge.all_head_labels
+    for layer in range(cfg.n_layers):
+        assert torch.equal(model.accumulated_bias(layer), bridge.accumulated_bias(layer))
+    params = bridge.tl_parameters()
+    assert torch.equal(model.tl_parameters()["blocks.1.attn.W_K"], params["blocks.1.attn.W_K"])
+    # the ln_final gain is folded into the direction here; the Bridge needs process_weights
+    ours = model.tokens_to_residual_directions(torch.tensor([3, 4]))
+    folded = _bridge(hf_qwen3())
+    folded.process_weights(center_unembed=False)
+    assert torch.allclose(ours, folded.tokens_to_residual_directions(torch.tensor([3, 4])))
+
+    bridge.process_weights()  # TransformerLens's defaults: fold_ln, centring
+    model.process_weights(center_unembed=True)  # off by default here
+    check_weights()

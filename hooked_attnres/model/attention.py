@@ -281,7 +281,10 @@ class Attention(nn.Module):
     Parameters (TransformerLens layouts):
         W_Q: ``[n_heads, d_model, d_head]``; W_O: ``[n_heads, d_head, d_model]``;
         _W_K, _W_V: ``[n_key_value_heads, d_model, d_head]`` (the properties ``W_K`` /
-        ``W_V`` repeat them to ``n_heads``, as TransformerLens does for GQA);
+        ``W_V`` repeat them to ``n_heads`` with ``repeat_interleave``, as
+        ``HookedTransformer`` did and TransformerLens 4.3's ``QK`` / ``OV`` /
+        ``tl_parameters`` do; ``TransformerBridge``'s ``attn.W_K`` keeps ``n_kv`` heads,
+        ``_W_K`` here);
         q_norm.w, k_norm.w: ``[d_head]``.
 
     Hooks:

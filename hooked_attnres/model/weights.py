@@ -46,7 +46,12 @@ class WeightsMixin:
     """``W_E, W_U, b_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out`` and zero biases.
 
     Per-layer tensors are stacked on a leading ``n_layers`` axis; ``W_K`` / ``W_V`` are
-    repeated to ``n_heads`` heads for grouped-query attention, as in TransformerLens.
+    repeated to ``n_heads`` heads for grouped-query attention (``repeat_interleave``: query
+    head ``h`` reads key-value head ``h // (n_heads // n_kv)``), as ``HookedTransformer``
+    did and TransformerLens 4.3's ``QK`` / ``OV`` / ``tl_parameters`` do.
+    ``TransformerBridge.W_K`` / ``W_V`` stack the ``n_kv`` heads instead (``attn._W_K`` /
+    ``_W_V`` here): index ``[layer, g]`` means key-value head ``g`` there and query head
+    ``g`` here.
     They are fresh tensors (``torch.stack``); edit parameters through ``model.blocks``.
     """
 
