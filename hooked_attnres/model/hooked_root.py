@@ -466,21 +466,12 @@ class HookedModule(HookedRootModule):
             ``[batch, pos]`` mask (bool) where it marks padding, ``None`` otherwise: the
             patching sweeps refuse a clean cache made with another mask than theirs.
         """
-        kv_cache = kwargs.get("past_kv_cache")
-        n_past = getattr(kv_cache, "n_past", 0)  # read before the pass extends the cache
-        n_past = n_past if isinstance(n_past, int) else 0
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
-        assert isinstance(cache_dict, RunCacheDict)  # made by get_caching_hooks
-        cache_dict.n_past = n_past
+        # made by get_caching_hooks, whose hooks recorded the pass's n_past and mask
+        assert isinstance(cache_dict, RunCacheDict)
         if not return_cache_object:
             return out, cache_dict
-        cache = AttnResActivationCache(
-            cache_dict,
-            self,
-            has_batch_dim=not remove_batch_dim,
-            n_past=n_past,
-            attention_mask=cache_dict.attention_mask,
-        )
-        return out, cache
+        # the cache object takes the dict's record (n_past, attention_mask)
+        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
