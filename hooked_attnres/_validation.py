@@ -66,6 +66,23 @@ def first_non_finite(values: Any) -> Optional[tuple[int, ...]]:
     return None if len(bad) == 0 else tuple(int(i) for i in bad[0])
 
 
+def non_finite_in_column(
+    table: Any, column: str, keys: Sequence[str]
+) -> Optional[tuple[int, Any, str]]:
+    """``(count, first value, "key=value, ...")`` of the NaN or infinite values in
+    ``table[column]`` (a pandas ``DataFrame``), the first one's row named by those of
+    ``keys`` the table has; ``None`` when every value is finite. For refusals of tables
+    whose means or figures would skip a NaN."""
+    found = first_non_finite(table[column])
+    if found is None:
+        return None
+    row = table.iloc[found[0]]
+    # np.asarray(...).tolist(): plain Python values in the message (no np.int64(3))
+    where = ", ".join(f"{k}={np.asarray(row[k]).tolist()!r}" for k in keys if k in table)
+    count = int((~np.isfinite(np.asarray(table[column], dtype=float))).sum())
+    return count, row[column], where
+
+
 def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     """``(name, number of NaN or infinite elements)`` for every floating tensor of
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.

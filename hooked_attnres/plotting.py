@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from hooked_attnres._validation import first_non_finite, is_integral, require_selection
+from hooked_attnres._validation import is_integral, non_finite_in_column, require_selection
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 
@@ -99,16 +99,14 @@ def _require_table(
         raise ValueError(f"{what} lacks the column(s) {missing} (it has {list(table.columns)})")
     if table.empty:
         raise ValueError(f"{what} has no rows: there is nothing to plot")
+    keys = ("condition", "seed", "router", "layer", "group", "band", "family", "metric")
     for column in finite:
-        found = first_non_finite(table[column])
+        found = non_finite_in_column(table, column, keys)
         if found is None:
             continue
-        row = table.iloc[found[0]]
-        keys = ("condition", "seed", "router", "layer", "group", "band", "family", "metric")
-        where = ", ".join(f"{k}={np.asarray(row[k]).tolist()!r}" for k in keys if k in table)
-        n_bad = int((~np.isfinite(table[column].to_numpy(dtype=float))).sum())
+        n_bad, first, where = found
         raise ValueError(
-            f"{what} holds {n_bad} non-finite {column!r} value(s) (first: {row[column]} at "
+            f"{what} holds {n_bad} non-finite {column!r} value(s) (first: {first} at "
             f"{where}); a figure would draw it as a missing bar or whisker, i.e. as 0 or as "
             "certain (an interval is NaN when the bootstrap had one prompt): recompute it "
             "(more prompts, or a finite forward pass)"

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hooked_attnres._validation import first_non_finite, require_selection
+from hooked_attnres._validation import non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
@@ -58,13 +58,10 @@ def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
     means and maxima skip NaN, so a NaN mass (routing weights of a non-finite forward pass,
     e.g. a float16 overflow) would drop out of an average and leave a finite, wrong number.
     ``what`` names the result that cannot be computed."""
-    found = first_non_finite(mass.mass)
+    found = non_finite_in_column(mass, "mass", ("prompt", "router", "layer", "family"))
     if found is None:
         return
-    first = mass.iloc[found[0]].to_dict()
-    columns = [c for c in ("prompt", "router", "layer", "family") if c in first]
-    where = ", ".join(f"{c}={np.asarray(first[c]).tolist()!r}" for c in columns)  # no np.int64
-    n_bad = int((~np.isfinite(mass.mass.to_numpy(dtype=float))).sum())
+    n_bad, _, where = found
     raise ValueError(
         f"the mass table holds {n_bad} non-finite mass value(s) (first: {where}); {what} "
         "cannot be computed (pandas' mean and max would skip them): find what made the "
