@@ -512,6 +512,80 @@ def test_decompositions_refuse_a_cache_of_an_edited_run(case):
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def _norm_inputs(cache, model) -> dict:
+    """What every norm normalises (read point -> scale * normalized), from its own hooks."""
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        for mlp_input, norm in ((False, "ln1"), (True, "ln2")):
+            prefix = f"blocks.{layer}.{norm}"
+            out[(layer, mlp_input)] = (
+                cache[f"{prefix}.hook_normalized"] * cache[f"{prefix}.hook_scale"]
+            )
+    out[(None, False)] = cache["ln_final.hook_normalized"] * cache["ln_final.hook_scale"]
+    return out
+
+
+def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
+    """A names_filter that keeps the components but drops the norm's input skipped the
+    check of `test_decompositions_refuse_a_cache_of_an_edited_run`: layout none, 3 layers,
+    hook_resid_pre of layer 1 halved, float32: decompose_resid(2) summed to 0.028 away
+    from what ln1 read (and 1.0 away after hook_resid_mid + 1), silently. Now a cache of
+    a pass in which other hooks ran refuses when it cannot check; a cache of an unhooked
+    pass stays exact. Left padding included."""
+    model = case.model
+    mask = torch.ones_like(case.clean)
+    mask[1, :1] = 0
+    halve = [("blocks.1.hook_resid_pre", lambda act, hook: act * 0.5)]
+
+    def kept(name: str) -> bool:
+        return name == "hook_embed" or name.endswith(("attn_out", "mlp_out", "hook_weights"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        with model.hooks(fwd_hooks=halve):
+            _, full = model.run_with_cache(case.clean, attention_mask=mask)
+        with model.hooks(fwd_hooks=halve):
+            _, filtered = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
+    _, unhooked = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
+    assert filtered.other_hooks_ran and unhooked.other_hooks_ran is False
+    edited_inputs = _norm_inputs(full, model)
+    _, plain = model.run_with_cache(case.clean, attention_mask=mask)
+    plain_inputs = _norm_inputs(plain, model)
+    n_exact = 0
+    n_layers = model.cfg.n_layers
+    for (layer, mlp_input), target in edited_inputs.items():
+        at = n_layers if layer is None else layer
+        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+            filtered.decompose_resid(layer, mlp_input, routed=True)
+        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+            filtered.stack_head_results(at, routed=True)
+        if model.routing_layout.reader(2 * at + mlp_input) is None:
+            # where no router reads, the unhooked cache needs nothing it dropped
+            stack = unhooked.decompose_resid(layer, mlp_input, routed=True)
+            assert torch.allclose(stack.sum(0), plain_inputs[(layer, mlp_input)], atol=ATOL)
+            n_exact += 1
+        try:  # the unfiltered cache of the edited run: exact or refused
+            stack = full.decompose_resid(layer, mlp_input, routed=True)
+        except ValueError as error:
+            assert "do not sum" in str(error)
+        else:
+            assert torch.allclose(stack.sum(0), target, atol=ATOL)
+    assert n_exact > 0 or model.routing_layout.has_final_router
+    # TransformerLens leaves the embedding out of a cache without hook_embed
+    _, no_embed = model.run_with_cache(
+        case.clean, attention_mask=mask, names_filter=lambda name: name != "hook_embed"
+    )
+    for call in (
+        lambda: no_embed.decompose_resid(routed=True),
+        lambda: no_embed.get_full_resid_decomposition(routed=True),
+    ):
+        with pytest.raises(KeyError, match=r"sums the embedding\) lacks \['hook_embed'\]"):
+            call()
+    without, labels = no_embed.decompose_resid(routed=True, incl_embeds=False, return_labels=True)
+    reference = plain.decompose_resid(routed=True, incl_embeds=False)
+    assert "embed" not in labels and torch.allclose(without, reference)
+
+
 # --- depth-state patching ---------------------------------------------------------------
 def test_depth_state_patching(case):
     model = case.model
@@ -540,8 +614,10 @@ def test_depth_state_patching(case):
         patched = corrupted.clone()
         patched[:, pos] = clean[:, pos]
         sources.append(patched)
+    # a state built by hand resumes with an explicit mask (all ones: no padding here)
     state = DepthState(sources[:-1], sources[-1], corrupted_states[start].current_is_committed)
-    expected = case.metric(model.forward_from(state, start))
+    ones = torch.ones_like(case.corrupted)
+    expected = case.metric(model.forward_from(state, start, attention_mask=ones))
     assert torch.allclose(by_pos[layer, pos], expected, atol=1e-4)
     if case.layout == "none":  # the depth state is the residual stream
         resid = _run_tl(case, "get_act_patch_resid_pre")
