@@ -389,6 +389,28 @@ def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):
         assert torch.allclose(logits, expected, atol=1e-5)
 
 
+def test_routing_lens_of_a_cache_without_a_batch_axis_reads_each_prompt_as_the_batched_lens(
+    case,
+):
+    """``run_with_cache(remove_batch_dim=True)`` caches ``[pos, d_model]`` tensors. The
+    final router's recency bias was broadcast for ``[n_sources, batch, pos]`` logits only:
+    on ``[n_sources, pos]`` it made an ``[n_sources, n_sources, pos]`` softmax, and the
+    lens crashed in the kimi and full layouts (a stack of ``[1, pos, d]`` and
+    ``[2, pos, d]`` mixtures). Each entry must be that prompt's entry of the batched lens,
+    whose every state is checked against ``stop_at_layer`` above."""
+    model = case.model
+    batched = routing_lens(model, case.clean, incl_mid=True)
+    for row in range(case.clean.shape[0]):
+        _, cache = model.run_with_cache(case.clean[row : row + 1], remove_batch_dim=True)
+        lens = routing_lens(model, cache, incl_mid=True)
+        assert lens.labels == batched.labels
+        assert lens.logits.shape == batched.logits[:, row].shape
+        torch.testing.assert_close(lens.logits, batched.logits[:, row], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            lens.router_logits, batched.router_logits[:, row], atol=1e-5, rtol=0
+        )
+
+
 def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_partial_caches(
     case,
 ):
