@@ -72,6 +72,7 @@ from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
     RMSNorm,
     any_hook_attached,
+    backward_hook_places,
     hook_signature,
     is_observed,
     rms_normalize,
@@ -173,6 +174,16 @@ def _capturing(
     for ``method="norm"`` the norm's ``hook_normalized`` and the router's input sources
     (a module pre-hook, so that no stacked copy is made; through ``hook_sources`` only
     where another hook already watches it, as that hook may edit them)."""
+    places = backward_hook_places(model)
+    if places:
+        raise ValueError(
+            f"a backward hook is attached to the model at {places}; the attribution's "
+            "backward pass would run it, and a backward hook that returns a tensor replaces "
+            "the gradient the estimates are made of (the exact ablation and patching it "
+            "estimates run forward only, unaffected by it). Remove the backward hooks "
+            "(model.reset_hooks(), or leave bwd_hooks out of model.hooks(...)) for the "
+            "attribution; forward hooks may stay."
+        )
     captures = {site: _Capture() for site in sites}
     hooks, handles = [], []
     for site, capture in captures.items():
