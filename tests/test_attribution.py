@@ -727,3 +727,44 @@ def test_attribution_refuses_backward_hooks_which_would_edit_its_gradients():
         handle.remove()
     assert all(param.requires_grad for param in model.parameters())  # restored
     attribute_routing(model, batch, groups="layers", progress=False)  # no hook: runs
+
+
+def test_norm_method_refuses_module_hooks_between_the_router_and_its_norm():
+    """``method="norm"`` recomputes the norm's input as the router's weighted sum. A raw
+    PyTorch forward hook on the router module (or a forward pre-hook on the norm) edits
+    that input where no hook point shows it: with the forward hook below, the per-prompt
+    estimates of masking a family at layer 1's attention router were up to 0.15 off the
+    method's own definition (the first-order change through the hooked norm input; 0.40
+    against 0.25 for one prompt), and ``current``'s mean read 0.051 for -0.001. It refuses;
+    the linear estimate is exact through such hooks (it is the derivative of the hooked
+    model: finite differences)."""
+    model = routed_model("kimi", scale=0.15, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(seed=4)
+    site = model.site(1, "attn_res")
+    gains = torch.linspace(0.2, 2.0, model.cfg.d_model, dtype=torch.float64)
+    for module, register in (
+        (model.router(site), "register_forward_hook"),
+        (model.blocks[1].ln1, "register_forward_pre_hook"),
+    ):
+        if register == "register_forward_hook":
+            handle = module.register_forward_hook(lambda mod, args, out: out * gains)
+        else:
+            handle = module.register_forward_pre_hook(lambda mod, args: (args[0] * gains,))
+        try:
+            with pytest.raises(ValueError, match=r"PyTorch forward .*blocks\.1\.attn_res"):
+                attribute_routing(model, batch, groups="layers", method="norm", progress=False)
+            result = attribute_routing(model, batch, "logit_diff", groups="layers", progress=False)
+            cell = next(
+                i
+                for i, c in enumerate(result.plan)
+                if c.ablation.masks and c.ablation.masks[0][0] == site and c.family == "embedding"
+            )
+            (_, mask), *_ = result.plan[cell].ablation.masks
+            expected = central_difference(
+                model, batch, site, masked_weights(model, batch, site, mask)
+            )
+            np.testing.assert_allclose(
+                result.per_prompt[("linear", "logit_diff")][cell], expected.numpy(), atol=1e-6
+            )
+        finally:
+            handle.remove()

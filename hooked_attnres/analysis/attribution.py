@@ -201,6 +201,16 @@ def _capturing(
                     "cannot account for hooks there. Remove them, or attach them to "
                     "hook_logits / hook_sources (which attribution sees)."
                 )
+        if need_norm and (router._forward_hooks or norm._forward_pre_hooks):
+            # PyTorch module hooks around the hook points: one on the router's output or
+            # the norm's input puts another tensor between hook_out and hook_normalized
+            raise ValueError(
+                f"a PyTorch forward hook is attached to the router {site.prefix} or a forward "
+                f"pre-hook to the norm that reads it ({norm.hook_normalized.name}'s module); "
+                "method='norm' recomputes the norm's input as the router's weighted sum, so "
+                "it cannot account for what such a hook does. Remove them, or use "
+                "method='linear' (exact through any forward hook)."
+            )
 
         def on_logits(logits, hook, capture=capture):
             capture.logits = logits.detach()
