@@ -157,12 +157,15 @@ class _Capture:
     """What one run with the graph kept records at one router: its logits and weights
     ``[batch, pos, n_sources]`` (weights in the graph), and for ``method="norm"`` its
     sources (``n_sources`` x ``[batch, pos, d_model]``) and the following norm's
-    ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph)."""
+    ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph); in a bfloat16 /
+    float16 model also that output recomputed in float32 without rounding
+    (``normalized_unrounded``, made when first needed)."""
 
     logits: Optional[Tensor] = None
     weights: Optional[Tensor] = None
     sources: Optional[list[Tensor]] = None
     normalized: Optional[Tensor] = None
+    normalized_unrounded: Optional[Tensor] = None  # bf16 / fp16: the clean one, float32
 
 
 @contextmanager
@@ -288,10 +291,20 @@ def _router_estimate(
     assert grads[1] is not None
     sources = capture.sources
     parts = [source.to(weights.dtype) for source in sources]
-    out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources[0].dtype)
-    norm = _norm_after(model, site)
-    normalized = rms_normalize(out, norm.eps)
-    change = normalized.to(weights.dtype) - capture.normalized.detach().to(weights.dtype)
+    eps = _norm_after(model, site).eps
+    if sources[0].dtype == weights.dtype:  # float32 / float64: the model's own numbers
+        out = weighted_sum(parts, new_weights.movedim(-1, 0))
+        change = rms_normalize(out, eps) - capture.normalized.detach()
+    else:
+        # bfloat16 / float16: both normalised outputs in the routing dtype, unrounded.
+        # Rounding the new one to the model's dtype before subtracting the model's
+        # (rounded) output made each element of a small change a difference of two
+        # 8-bit numbers (docs/analysis.md: 4x the linear method's rounding error)
+        if capture.normalized_unrounded is None:
+            clean_out = weighted_sum(parts, weights.movedim(-1, 0))
+            capture.normalized_unrounded = rms_normalize(clean_out, eps)
+        out = weighted_sum(parts, new_weights.movedim(-1, 0))
+        change = rms_normalize(out, eps) - capture.normalized_unrounded
     return (grads[1].to(weights.dtype) * change).sum(-1)
 
 
