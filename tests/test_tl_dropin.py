@@ -411,6 +411,34 @@ def test_routing_lens_of_a_cache_without_a_batch_axis_reads_each_prompt_as_the_b
         )
 
 
+def test_routing_lens_of_left_padded_tokens_takes_their_attention_mask(case):
+    """Each prompt's lens at its real positions equals the lens of that prompt run alone,
+    unpadded (rows are independent). Before, token ids could not come with a mask: the
+    lens attended the padding; now ``attention_mask=`` goes to the lens's run, and a
+    cache (which carries its run's mask) refuses one."""
+    model = case.model
+    tokens = case.clean.clone()
+    pad = 2  # the second prompt is 2 tokens long, left-padded
+    tokens[1, :pad] = 0
+    mask = torch.ones_like(tokens)
+    mask[1, :pad] = 0
+    padded = routing_lens(model, tokens, incl_mid=True, attention_mask=mask)
+    for row, start in ((0, 0), (1, pad)):
+        alone = routing_lens(model, tokens[row : row + 1, start:], incl_mid=True)
+        torch.testing.assert_close(
+            padded.logits[:, row, start:], alone.logits[:, 0], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            padded.router_logits[:, row, start:], alone.router_logits[:, 0], atol=1e-5, rtol=0
+        )
+    unmasked = routing_lens(model, tokens, incl_mid=True)
+    assert (unmasked.logits[:, 1, pad:] - padded.logits[:, 1, pad:]).abs().max() > 1e-3
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    torch.testing.assert_close(routing_lens(model, cache, incl_mid=True).logits, padded.logits)
+    with pytest.raises(ValueError, match="attention_mask cannot change that run"):
+        routing_lens(model, cache, attention_mask=mask)
+
+
 def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_partial_caches(
     case,
 ):
