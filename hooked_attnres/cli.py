@@ -117,7 +117,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import write_text_atomic
-    from hooked_attnres._validation import is_integer
+    from hooked_attnres._validation import is_integer, require_selection
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -128,6 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
 
     conditions = _conditions(args.condition)
+    # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
+    # twice in the summary
+    require_selection("--seeds", args.seeds, why="nothing would be trained")
     custom = bool(args.set or args.task_arg or args.steps is not None)
     kwargs: dict = {}
     if custom:

@@ -150,6 +150,34 @@ def test_a_key_given_twice_is_refused(extra, message, tmp_path, monkeypatch, cap
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_a_seed_given_twice_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    # train --seeds 0 0 trained (or resumed and rewrote) one run twice and listed it twice in
+    # train_summary.json; study --seeds 0 0 studied each model twice and then failed in the
+    # verdicts, after the work
+    from hooked_attnres import study
+    from hooked_attnres.study import run
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    out = tmp_path / "out"
+    argv = [command, "--seeds", "0", "1", "0", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seeds repeats [0] (got [0, 1, 0])" in err[0]
+    assert not out.exists()
+
+
+def test_run_study_refuses_a_condition_or_seed_given_twice_or_none(tmp_path):
+    from hooked_attnres.study.run import find_runs
+
+    with pytest.raises(ValueError, match=r"conditions repeats \['vanilla'\]"):
+        find_runs(None, ["vanilla", "vanilla"], [0])
+    with pytest.raises(ValueError, match="seeds is empty: no model would be studied"):
+        find_runs(None, ["vanilla"], [])
+    assert find_runs(None, ["vanilla"], [0]) == [("vanilla", 0)]
+
+
 def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
     tmp_path, monkeypatch, capsys
 ):

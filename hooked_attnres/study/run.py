@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from hooked_attnres._atomic import atomic_directory, check_replaceable, write_bytes_atomic
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_integer, require_selection
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
@@ -515,10 +515,15 @@ def find_runs(
     condition with a checkpoint, in `CONDITIONS` order), each with the seeds asked for
     (default: every seed found for it)."""
     if conditions is not None:
+        # a condition or seed given twice would study one model twice: its rows would be
+        # counted twice in every mean over seeds (the verdicts refuse them, after the work)
+        require_selection("conditions", conditions, why="no model would be studied")
         for condition in conditions:
             get_condition(condition)
-    for seed in seeds or ():
-        require_integer("seeds", seed, 0)
+    if seeds is not None:
+        require_selection("seeds", seeds, why="no model would be studied")
+        for seed in seeds:
+            require_integer("seeds", seed, 0)
     found = available(checkpoints)
     names = list(conditions) if conditions is not None else list(found)
     if not names:
