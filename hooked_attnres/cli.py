@@ -46,10 +46,14 @@ def _integer_at_least(minimum: int):
     """An argparse type: an integer >= ``minimum`` (refused at parse time, before any work)."""
 
     def parse(text: str) -> int:
+        # one message for every bad value, naming the accepted range (argparse prefixes
+        # the flag): "argument --steps: must be an integer >= 1, got '1.5'"
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}, got {text!r}"
+            ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
         return value

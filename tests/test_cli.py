@@ -57,7 +57,13 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
         (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
         (["train", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
-        (["train", "--steps", "abc"], "argument --steps: 'abc' is not an integer"),
+        # a non-integer named neither the range nor what was accepted ('abc' is not an integer)
+        (["train", "--steps", "abc"], "argument --steps: must be an integer >= 1, got 'abc'"),
+        (["train", "--steps", "1.5"], "argument --steps: must be an integer >= 1, got '1.5'"),
+        (["train", "--seeds", "0.5"], "argument --seeds: must be an integer >= 0, got '0.5'"),
+        (["study", "--prompts", "1e3"], "argument --prompts: must be an integer >= 2, got '1e3'"),
+        (["study", "--bootstrap", ""], "argument --bootstrap: must be an integer >= 1, got ''"),
+        (["info", "x", "--threads", "two"], "argument --threads: must be an integer >= 1, got"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(argv, message, monkeypatch, capsys):
