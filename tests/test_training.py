@@ -622,6 +622,81 @@ def test_resuming_into_another_model_is_refused_naming_what_differs(tmp_path):
         train(vanilla, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
 
 
+def permuted_tokenizer(task):
+    """A tokenizer of ``task``'s words with other ids: the same size, so the same model
+    shapes and task reprs."""
+    from hooked_attnres.tasks.vocabulary import build_tokenizer
+
+    tok = build_tokenizer(list(reversed(task.words())))
+    assert (
+        len(tok) == len(task_tokenizer(task))
+        and tok.get_vocab() != task_tokenizer(task).get_vocab()
+    )
+    return tok
+
+
+@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
+def test_resuming_with_another_vocabulary_of_the_same_size_is_refused(tmp_path, condition):
+    # it resumed silently and trained on other token ids from step 4 on (final weights 5.8e-3
+    # from the uninterrupted run's in the audit's 6-step reproduction)
+    tok, other = task_tokenizer(TASK), permuted_tokenizer(TASK)
+    model = build_model(condition, 0, tok, SHAPE, 2)
+    train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False, stop_after=3)
+    resumed = build_model(condition, 0, other, SHAPE, 2)
+    before = weights(resumed)
+    with pytest.raises(ValueError, match="another tokenizer: the vocabulary differs"):
+        train(resumed, TASK, config(), tmp_path / "run", tokenizer=other, progress=False)
+    assert_same_weights(before, weights(resumed))  # refused before anything is loaded
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+
+
+def _as_written_before_the_vocabulary_was_recorded(run) -> None:
+    path = run / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["vocabulary"]
+    path.write_text(json.dumps(state))  # the marker lists sizes only of the other files
+    from hooked_attnres._atomic import MARKER
+
+    marker = json.loads((run / "checkpoint" / MARKER).read_text())
+    marker["files"]["trainer_state.json"] = path.stat().st_size
+    (run / "checkpoint" / MARKER).write_text(json.dumps(marker))
+
+
+def test_an_older_checkpoint_is_checked_against_the_tokenizer_saved_with_it(tmp_path):
+    tok, other = task_tokenizer(TASK), permuted_tokenizer(TASK)
+    short = config(steps=4, eval_every=4, checkpoint_every=2)
+    whole = build_model("attnres", 0, tok, SHAPE, 2)
+    train(whole, TASK, short, tmp_path / "whole", tokenizer=tok, progress=False)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False, stop_after=2)
+    _as_written_before_the_vocabulary_was_recorded(tmp_path / "run")
+    with pytest.raises(ValueError, match="another tokenizer: the vocabulary differs"):
+        train(
+            build_model("attnres", 0, other, SHAPE, 2),
+            TASK,
+            short,
+            tmp_path / "run",
+            tokenizer=other,
+            progress=False,
+        )
+    resumed = build_model("attnres", 0, tok, SHAPE, 2)  # its own tokenizer: resumes exactly
+    train(resumed, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
+    assert_same_weights(weights(whole), weights(resumed))
+
+
+def test_an_older_checkpoint_without_a_saved_tokenizer_is_refused(tmp_path):
+    tok = task_tokenizer(TASK)
+    short = config(steps=4, eval_every=4, checkpoint_every=2)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    model.tokenizer = None  # saved without one (train's tokenizer= is not saved with it)
+    train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False, stop_after=2)
+    _as_written_before_the_vocabulary_was_recorded(tmp_path / "run")
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(ValueError, match="does not record its run's 'vocabulary'"):
+        train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
+
+
 def _reference_training(model, task, tok, cfg: TrainConfig) -> tuple[list[float], list[float]]:
     """``cfg.steps`` updates of ``model`` written out by hand: the batch of step ``s`` is
     ``task.sample(batch_size, data_seed, "train", stream=s)``; the loss the mean negative

@@ -25,6 +25,7 @@ format, or Hugging Face's for a vanilla Qwen3, tokenizer included) and ``metrics
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -305,6 +306,13 @@ class _Checkpoint:
                     "version), so resuming it cannot be checked; use another out_dir or "
                     "resume=False"
                 )
+            if key == "vocabulary" and saved[key] != value:
+                raise ValueError(
+                    f"{self.directory} was written by a run with another tokenizer: the "
+                    f"vocabulary differs (SHA-256 {str(saved[key])[:12]}... vs {value[:12]}...), "
+                    "so every prompt would be other token ids, even with the same words and "
+                    "size; pass the run's tokenizer, or use another out_dir or resume=False"
+                )
             difference = _first_difference(saved[key], value)
             if difference is not None:
                 field, before, now = difference
@@ -322,12 +330,18 @@ class _Checkpoint:
     def load(self, model, optimizer, identity: dict[str, Any]) -> Optional[dict]:
         """The saved trainer state (model and optimizer restored in place), or ``None``
         if there is no checkpoint; an interrupted save is recovered first. The run's
-        ``identity`` (its settings and model) must equal the saved one, checked before
-        anything is restored."""
+        ``identity`` (its settings, model and vocabulary) must equal the saved one, checked
+        before anything is restored."""
         with reading(self.directory):
             if not (self.directory / "trainer_state.json").exists():
                 return None
             state = json.loads((self.directory / "trainer_state.json").read_text())
+            if "vocabulary" not in state:
+                # written before the vocabulary was part of the identity: the tokenizer
+                # saved with the checkpoint's model tells it (none saved: refused below)
+                state["vocabulary"] = _saved_vocabulary(self.directory / "model")
+                if state["vocabulary"] is None:
+                    del state["vocabulary"]
             self._require_same_run(state, identity)
             load_model_state(model, self.directory / "model")
             optimizer.load_state_dict(
@@ -427,6 +441,22 @@ def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[st
     return path, saved, now
 
 
+def _vocabulary_identity(vocab: dict[str, int]) -> str:
+    """SHA-256 of a tokenizer's vocabulary (every token and its id): two vocabularies of
+    one size give the same model shapes and task reprs, but other token ids for every
+    prompt, so a run resumed with another one would silently train on other prompts."""
+    items = sorted((str(token), int(index)) for token, index in vocab.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def _saved_vocabulary(directory: Path) -> Optional[str]:
+    """`_vocabulary_identity` of the tokenizer saved in ``directory`` (``None``: none)."""
+    from hooked_attnres.loading.io import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    return None if tokenizer is None else _vocabulary_identity(tokenizer.get_vocab())
+
+
 def _model_identity(model) -> dict[str, Any]:
     """What a resumed run's model must share with the checkpoint's: its class, its
     configuration (not where it runs) and its parameters' dtypes, as JSON values (a model
@@ -519,6 +549,7 @@ def train(
             "eval_tasks": [repr(t) for t in eval_tasks],
             "description": description or {},
             "model": _model_identity(model),
+            "vocabulary": _vocabulary_identity(vocab),
         }
 
         optimizer = torch.optim.AdamW(
