@@ -33,6 +33,7 @@ SIGKILL itself the ``n``-th time (default 1) it reaches ``step`` (see `FAULT_STE
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -507,22 +508,33 @@ def write_text_atomic(path: Union[str, Path], text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+PARTIAL_INFIX = ".partial-"
+
+
 def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
-    """Write a file atomically (a temporary sibling, fsynced, renamed): a reader finds the
-    old file or the whole new one, never a part."""
+    """Write a file atomically (a temporary sibling ``.NAME.partial-<id>``, fsynced,
+    renamed): a reader finds the old file or the whole new one, never a part. Writers hold
+    the exclusive lock of the parent (`_locked`), so a temporary sibling found under it
+    was left by a writer that was killed: it is deleted (it used to stay forever, one per
+    crash)."""
     path = Path(path)
-    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-    _fsync_dir(path.parent)
+    partial = path.parent / f".{path.name}{PARTIAL_INFIX}{uuid.uuid4().hex[:8]}"
+    with _locked(path.absolute(), exclusive=True) as locked:
+        if locked:
+            for stale in path.parent.glob(f".{glob.escape(path.name)}{PARTIAL_INFIX}*"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(partial, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise
+        _fsync_dir(path.parent)
 
 
 __all__ = [

@@ -132,3 +132,23 @@ def transformer_bridge_pair(directory, tokenizer):
     model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="exact", num_blocks=2)
     model.set_tokenizer(AutoTokenizer.from_pretrained(directory))
     return bridge, model
+
+
+def tiny_study_runs(root, condition: str, seeds, n_layers: int = 4, num_blocks: int = 2) -> None:
+    """Tiny untrained kimi models saved as ``{condition}_seed{n}/model`` runs."""
+    from hooked_attnres.study import get_condition, run_dir
+    from hooked_attnres.tasks import task_tokenizer
+
+    tokenizer = task_tokenizer(get_condition(condition).make_task())
+    for seed in seeds:
+        cfg = tiny_config(
+            d_vocab=len(tokenizer),
+            attnres_layout="kimi",
+            n_layers=n_layers,
+            attnres_num_blocks=num_blocks,
+            n_ctx=64,
+            seed=seed,
+        )
+        HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
+            run_dir(root, condition, seed) / "model", overwrite=True
+        )

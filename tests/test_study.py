@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_study_runs
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.analysis import CLAIMS, recency_schedule
@@ -30,7 +30,6 @@ from hooked_attnres.study import (
     train_condition,
     verdict_matrix,
 )
-from hooked_attnres.tasks import task_tokenizer
 
 SHIPPED_RUNS = [(c, s) for c, seeds in available().items() for s in seeds]
 
@@ -248,7 +247,7 @@ def test_a_failed_study_leaves_the_previous_results_and_foreign_folders_are_refu
 
 def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
     condition = get_condition("hard_kimi_L8")
-    _tiny_runs(tmp_path / "runs", condition.name, (0, 1), n_layers=6, num_blocks=3)
+    tiny_study_runs(tmp_path / "runs", condition.name, (0, 1), n_layers=6, num_blocks=3)
     result = run_study(
         tmp_path / "out",
         checkpoints=tmp_path / "runs",
@@ -434,23 +433,6 @@ def test_a_saturated_run_under_a_paperlike_name_is_refused(tmp_path):
         load_condition("paperlike_cumulative_L8", 0, tmp_path)
 
 
-def _tiny_runs(root: Path, condition: str, seeds, n_layers: int = 4, num_blocks: int = 2) -> None:
-    """Tiny untrained kimi models saved as ``{condition}_seed{n}/model`` runs."""
-    tokenizer = task_tokenizer(get_condition(condition).make_task())
-    for seed in seeds:
-        cfg = tiny_config(
-            d_vocab=len(tokenizer),
-            attnres_layout="kimi",
-            n_layers=n_layers,
-            attnres_num_blocks=num_blocks,
-            n_ctx=64,
-            seed=seed,
-        )
-        HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
-            run_dir(root, condition, seed) / "model", overwrite=True
-        )
-
-
 class _CountedRuns:
     """Stands in for the study's per-model run (``_study_run``): records the ``(condition,
     seed)`` of every call and, once `arm` is given ``interrupt_at=k``, raises
@@ -483,7 +465,7 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
     import hooked_attnres.study.run as study_module
 
     condition = "hard_kimi_L8"
-    _tiny_runs(tmp_path / "runs", condition, (0, 1))
+    tiny_study_runs(tmp_path / "runs", condition, (0, 1))
     kwargs = dict(
         checkpoints=tmp_path / "runs",
         n_prompts=12,
@@ -515,7 +497,7 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
         if "damage" in changes:
             (kept / f"{condition}_seed0.pkl").write_bytes(b"not a pickle")
         if "retrain" in changes:  # another model in seed 0's checkpoint folder
-            _tiny_runs(tmp_path / "other", condition, (5,))
+            tiny_study_runs(tmp_path / "other", condition, (5,))
             source = run_dir(tmp_path / "other", condition, 5) / "model" / "model.safetensors"
             target = run_dir(tmp_path / "runs", condition, 0) / "model" / "model.safetensors"
             target.write_bytes(source.read_bytes())
@@ -571,7 +553,7 @@ def test_a_study_resumed_with_another_thread_count_recomputes_the_kept_models(
     import hooked_attnres.study.run as study_module
 
     condition = "hard_kimi_L8"
-    _tiny_runs(tmp_path / "runs", condition, (0, 1))
+    tiny_study_runs(tmp_path / "runs", condition, (0, 1))
     kwargs = dict(
         checkpoints=tmp_path / "runs", n_prompts=6, n_bootstrap=5, progress=False, plots=False
     )

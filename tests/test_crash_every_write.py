@@ -1,0 +1,264 @@
+"""A crash between any two writes of a training run or a study, then a resume.
+
+Every write that makes something durable ends in a rename (`hooked_attnres._atomic`: a
+file's temporary sibling, a checkpoint's completion marker, a version moved aside or
+installed, a recovery). A forked child runs the whole job with ``os.rename`` set to kill
+it (SIGKILL) instead of performing its ``k``-th rename, for every ``k`` of the
+uninterrupted job; the parent then runs the job again, which must resume and give exactly
+the uninterrupted job's final weights, history and tables, with no leftover. A second
+variant raises an exception there instead (the error paths of the same writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+from crash_helpers import KILLED, run_forked
+
+from hooked_attnres import HookedAttnRes
+from hooked_attnres._atomic import leftovers_of
+
+
+class _Crash(Exception):
+    """What the raising variant throws from inside a write."""
+
+
+def _renames_until(k: int, kill: bool):
+    """Make ``os.rename`` kill the process (or raise `_Crash`) instead of its ``k``-th call
+    (0-based) from now on; returns the list of renames done so far (its length counts
+    them)."""
+    real = os.rename
+    done: list[tuple] = []
+
+    def rename(src, dst, *args, **kwargs):
+        if len(done) == k:
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.rename = real  # one crash; the cleanup that follows may rename
+            raise _Crash(f"crash instead of rename {k}: {src} -> {dst}")
+        real(src, dst, *args, **kwargs)
+        done.append((str(src), str(dst)))
+
+    os.rename = rename
+    return real, done
+
+
+def _counted(job, *args) -> int:
+    real, done = _renames_until(-1, kill=False)
+    try:
+        job(*args)
+    finally:
+        os.rename = real
+    return len(done)
+
+
+def _killed_at(k: int, job, *args) -> None:
+    _renames_until(k, kill=True)  # a forked child: it never returns to the test
+    job(*args)
+
+
+def _assert_no_leftovers(root) -> None:
+    left = [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    left += [p for p in root.rglob("*") if ".partial" in p.name and p.is_file()]
+    assert not left, left
+    for path in root.rglob("*"):
+        if path.is_dir():
+            assert not leftovers_of(path), path
+
+
+# --- training ----------------------------------------------------------------------------
+
+# 4 steps, a checkpoint every 2: checkpoints after steps 2 and 4, the final model, metrics
+TRAIN_RENAMES = 2 + 3 + 2 + 1  # first save: marker, install; next: marker, aside, install
+
+
+def _train(out_dir, model_kind: str = "attnres") -> None:
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+    from hooked_attnres.training import TrainConfig, train
+
+    task = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=1)
+    tok = task_tokenizer(task)
+    shape = dict(
+        d_model=16, n_layers=2, n_heads=2, n_key_value_heads=1, d_head=8, d_mlp=24, n_ctx=32
+    )
+    shape["rotary_base"] = 10_000.0
+    config = TrainConfig(
+        steps=4,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_size=8,
+        checkpoint_every=2,
+        threads=1,  # the forked child trains with one thread; every run must match it
+    )
+    model = build_model(model_kind, 0, tok, shape, 2)
+    train(model, task, config, out_dir, tokenizer=tok, progress=False)
+
+
+def _final(out_dir, model_kind: str):
+    if model_kind == "attnres":
+        weights = HookedAttnRes.from_pretrained(out_dir / "model").state_dict()
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(out_dir / "model" / "model.safetensors"))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics.pop("seconds")
+    return weights, metrics
+
+
+@pytest.fixture(scope="module", params=["attnres", "vanilla"])
+def whole_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    torch.set_num_threads(1)
+    try:
+        renames = _counted(_train, out, request.param)
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return request.param, renames, _final(out, request.param)
+
+
+def _assert_resumes_to(out, whole_run) -> None:
+    kind, _, (weights, metrics) = whole_run
+    _train(out, kind)  # resumes from what the crash left
+    resumed_weights, resumed_metrics = _final(out, kind)
+    assert resumed_weights.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    assert resumed_metrics == metrics  # the history and accuracies too
+    _assert_no_leftovers(out.parent)
+
+
+def test_the_training_job_makes_every_rename_counted_here(whole_run):
+    assert whole_run[1] == TRAIN_RENAMES
+
+
+@pytest.mark.parametrize("k", range(TRAIN_RENAMES))
+def test_training_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, whole_run, k):
+    out = tmp_path / "run"
+    assert run_forked(_killed_at, k, _train, out, whole_run[0]) == KILLED
+    _assert_resumes_to(out, whole_run)
+
+
+@pytest.mark.parametrize("whole_run", ["attnres"], indirect=True)  # the writes' error paths
+@pytest.mark.parametrize("k", range(TRAIN_RENAMES))  # do not depend on the model
+def test_training_failing_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, whole_run, k):
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    real, _ = _renames_until(k, kill=False)
+    try:
+        with pytest.raises(_Crash):
+            _train(out, whole_run[0])
+    finally:
+        os.rename = real
+    _assert_resumes_to(out, whole_run)
+
+
+# --- the study ---------------------------------------------------------------------------
+
+STUDY_CONDITION = "hard_kimi_L8"
+# each model's kept tables (one file each), then the study folder: marker, (aside), install
+STUDY_RENAMES = {"new": 2 + 2, "over an earlier study": 2 + 3}
+
+
+def _study(out, runs, n_bootstrap: int = 5):
+    from hooked_attnres.study import run_study
+
+    return run_study(
+        out,
+        checkpoints=runs,
+        n_prompts=6,
+        n_bootstrap=n_bootstrap,
+        progress=False,
+        plots=False,
+        robustness=False,  # the second prompt set writes nothing more
+    )
+
+
+def _study_files(out) -> dict[str, bytes]:
+    """Every file the study wrote, less the seconds it took (``run.json`` and the reports
+    record them)."""
+    seconds = re.compile(rb"(&quot;|\")seconds(&quot;|\"): [0-9.]+")
+    return {
+        p.name: seconds.sub(b"seconds", p.read_bytes())
+        for p in sorted(out.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@pytest.fixture(scope="module")
+def study_reference(tmp_path_factory):
+    from helpers import tiny_study_runs
+
+    root = tmp_path_factory.mktemp("study")
+    tiny_study_runs(root / "runs", STUDY_CONDITION, (0, 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the forked children use (the kept runs record it)
+    try:
+        earlier = root / "earlier"
+        _study(earlier, root / "runs", n_bootstrap=7)  # an earlier study, other numbers
+        renames = {}
+        for case in STUDY_RENAMES:
+            out = root / case.replace(" ", "_")
+            if case != "new":
+                shutil.copytree(earlier, out)
+            renames[case] = _counted(_study, out, root / "runs")
+        reference = _study_files(out)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "runs", renames, reference, earlier
+
+
+def test_the_study_makes_every_rename_counted_here(study_reference):
+    assert study_reference[1] == STUDY_RENAMES
+
+
+def _study_cases():
+    for case, count in STUDY_RENAMES.items():
+        for k in range(count):
+            yield case, k
+        yield case, "rmtree"  # after every rename: killed while the kept tables are removed
+
+
+@pytest.mark.parametrize(("case", "k"), list(_study_cases()))
+def test_a_study_killed_at_any_write_resumes_to_the_uninterrupted_study(
+    tmp_path, study_reference, case, k, monkeypatch
+):
+    from hooked_attnres.study import run as study_module
+
+    runs, _, reference, earlier_study = study_reference
+    out = tmp_path / "out"
+    if case != "new":
+        shutil.copytree(earlier_study, out)
+        earlier = _study_files(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if k == "rmtree":
+
+            def killed_removing(path, *args, **kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            def job():
+                study_module.shutil.rmtree = killed_removing
+                _study(out, runs)
+
+            assert run_forked(job) == KILLED
+        else:
+            assert run_forked(_killed_at, k, _study, out, runs) == KILLED
+        if out.exists():  # the previous results or the whole new study, never a mix
+            assert _study_files(out) in ([earlier] if case != "new" else []) + [reference]
+        _study(out, runs)
+    finally:
+        torch.set_num_threads(threads)
+    assert _study_files(out) == reference
+    assert not study_module.partial_dir(out).exists()
+    _assert_no_leftovers(tmp_path)
