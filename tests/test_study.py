@@ -569,3 +569,25 @@ def test_a_study_resumed_with_another_thread_count_recomputes_the_kept_models(
     result = run_study(out, **kwargs)
     assert runs.calls == [(condition, 0), (condition, 1)]  # the kept seed 0 is recomputed
     assert result.settings["threads"] == threads
+
+
+def test_a_kept_run_is_not_reused_after_its_checkpoints_tokenizer_changed(tmp_path):
+    """The probe prompts are token ids of the checkpoint's own tokenizer: the same words
+    with other ids (same size, so the same model shapes) are other prompts, so the kept
+    tables of the run must not be reused (the key fingerprints the tokenizer files)."""
+    from hooked_attnres.study.run import _run_key, _RunSettings
+    from hooked_attnres.tasks.vocabulary import build_tokenizer
+
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path, condition, (0,))
+    settings = _RunSettings(tmp_path, 6, 5, False)
+    before = _run_key(condition, 0, settings)
+    model = checkpoint_dir(condition, 0, tmp_path)
+    saved = HookedAttnRes.from_pretrained(model).tokenizer
+    words = list(get_condition(condition).make_task().words())
+    other = build_tokenizer(list(reversed(words)))
+    assert len(other) == len(saved) and other.get_vocab() != saved.get_vocab()
+    other.save_pretrained(str(model))
+    assert HookedAttnRes.from_pretrained(model).tokenizer.get_vocab() == other.get_vocab()
+    after = _run_key(condition, 0, settings)
+    assert {k for k in before if before[k] != after[k]} == {"checkpoint"}
