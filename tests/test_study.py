@@ -591,3 +591,19 @@ def test_a_kept_run_is_not_reused_after_its_checkpoints_tokenizer_changed(tmp_pa
     assert HookedAttnRes.from_pretrained(model).tokenizer.get_vocab() == other.get_vocab()
     after = _run_key(condition, 0, settings)
     assert {k for k in before if before[k] != after[k]} == {"checkpoint"}
+
+
+@pytest.mark.parametrize("condition", ["hard_cumulative_L8", "attnres"])
+def test_decay_alone_moves_the_single_source_router_gain(condition):
+    """docs/training.md: AdamW decays every parameter, norm gains included. The layer-0
+    attention router of the cumulative layout has one source, so its key-norm gain gets no
+    gradient and only the decay moves it: from 1 to prod(1 - lr_s * weight_decay) over the
+    learning rates the run recorded."""
+    import math
+
+    metrics = json.loads(metrics_path(condition, 0).read_text())
+    decay = metrics["train_config"]["weight_decay"]
+    expected = math.prod(1 - record["lr"] * decay for record in metrics["history"])
+    gain = HookedAttnRes.from_pretrained(checkpoint_dir(condition, 0)).blocks[0].attn_res
+    assert expected < 1 - 1e-3  # the decay is visible at all
+    assert torch.allclose(gain.key_norm.w, torch.full_like(gain.key_norm.w, expected), rtol=1e-5)
