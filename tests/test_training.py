@@ -651,15 +651,18 @@ def test_resuming_with_another_vocabulary_of_the_same_size_is_refused(tmp_path, 
     assert state["step"] == 3
 
 
-def _as_written_before_the_vocabulary_was_recorded(run) -> None:
+def _as_written_before_the_vocabulary_was_recorded(run, tokenizer_saved: bool = True) -> None:
+    from hooked_attnres._atomic import MARKER, _files
+
     path = run / "checkpoint" / "trainer_state.json"
     state = json.loads(path.read_text())
     del state["vocabulary"]
-    path.write_text(json.dumps(state))  # the marker lists sizes only of the other files
-    from hooked_attnres._atomic import MARKER
-
+    path.write_text(json.dumps(state))
+    if not tokenizer_saved:  # e.g. a HookedAttnRes trained without an attached tokenizer
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (run / "checkpoint" / "model" / name).unlink(missing_ok=True)
     marker = json.loads((run / "checkpoint" / MARKER).read_text())
-    marker["files"]["trainer_state.json"] = path.stat().st_size
+    marker["files"] = _files(run / "checkpoint")  # a complete version of what is there
     (run / "checkpoint" / MARKER).write_text(json.dumps(marker))
 
 
@@ -689,9 +692,8 @@ def test_an_older_checkpoint_without_a_saved_tokenizer_is_refused(tmp_path):
     tok = task_tokenizer(TASK)
     short = config(steps=4, eval_every=4, checkpoint_every=2)
     model = build_model("attnres", 0, tok, SHAPE, 2)
-    model.tokenizer = None  # saved without one (train's tokenizer= is not saved with it)
     train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False, stop_after=2)
-    _as_written_before_the_vocabulary_was_recorded(tmp_path / "run")
+    _as_written_before_the_vocabulary_was_recorded(tmp_path / "run", tokenizer_saved=False)
     model = build_model("attnres", 0, tok, SHAPE, 2)
     with pytest.raises(ValueError, match="does not record its run's 'vocabulary'"):
         train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
@@ -817,3 +819,22 @@ def test_the_training_loss_is_transformers_causal_lm_loss_of_the_supervised_toke
         theirs = batch.loss(wrapped(batch.tokens))
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=0)
+
+
+def test_the_saved_model_carries_the_tokenizer_it_was_trained_with(tmp_path):
+    """A HookedAttnRes is saved with its attached tokenizer: one attached with other ids
+    than train's tokenizer= was saved with a model trained on tokenizer='s ids (every
+    prompt read back is another one), and a model with none attached was saved without
+    the tokenizer= it was trained with."""
+    tok, other = task_tokenizer(TASK), permuted_tokenizer(TASK)
+    short = config(steps=2, eval_every=2, checkpoint_every=None)
+    model = build_model("attnres", 0, other, SHAPE, 2)
+    with pytest.raises(ValueError, match="attached tokenizer and tokenizer= have different"):
+        train(model, TASK, short, tmp_path / "mixed", tokenizer=tok, progress=False)
+    assert not (tmp_path / "mixed").exists()  # refused before anything is written
+    bare = build_model("attnres", 0, tok, SHAPE, 2)
+    bare.tokenizer = None
+    train(bare, TASK, short, tmp_path / "bare", tokenizer=tok, progress=False)
+    for folder in ("model", "checkpoint/model"):
+        saved = HookedAttnRes.from_pretrained(tmp_path / "bare" / folder).tokenizer
+        assert saved is not None and saved.get_vocab() == tok.get_vocab(), folder

@@ -235,11 +235,14 @@ def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def save_model(model, directory: Path, tokenizer=None) -> None:
     """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
-    into an existing directory."""
+    into an existing directory, with ``tokenizer`` (a HookedAttnRes: its attached one, or
+    ``tokenizer`` when none is attached)."""
     if isinstance(model, HookedAttnRes):
         from hooked_attnres.loading.own_format import write_checkpoint_files
 
-        write_checkpoint_files(model, directory)
+        write_checkpoint_files(model, directory)  # with the attached tokenizer, if any
+        if model.tokenizer is None and tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
     else:
         # save_pretrained sets the model's config.architectures (and config.dtype) in
         # memory; put them back so that saving does not change the model's identity (a
@@ -528,12 +531,23 @@ def train(
     model_dir = out_dir / "model"
     model_overwrite = _check_output(model_dir)  # before any work
     checkpoint = _Checkpoint(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    attached = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        tokenizer = getattr(model, "tokenizer", None)
+        tokenizer = attached
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (pass tokenizer= or attach one to the model)")
     vocab = tokenizer.get_vocab()
+    if isinstance(model, HookedAttnRes) and attached is not None and attached is not tokenizer:
+        if attached.get_vocab() != vocab:
+            # the model is saved with its attached tokenizer: its ids would not be the ids
+            # it was trained on, and every later prompt would be another one
+            raise ValueError(
+                "the model's attached tokenizer and tokenizer= have different vocabularies: "
+                "the run would train on tokenizer='s ids and save the model with the attached "
+                "one; attach the tokenizer you train with (model.tokenizer = tokenizer) or "
+                "pass no tokenizer="
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
     with _thread_count(config.threads), _own_rng(model) as seed_step:
         eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
         eval_batches = {
