@@ -511,6 +511,15 @@ def write_text_atomic(path: Union[str, Path], text: str) -> None:
 PARTIAL_INFIX = ".partial-"
 
 
+@contextlib.contextmanager
+def updating(path: Union[str, Path]) -> Iterator[None]:
+    """Hold the exclusive lock of ``path``'s parent for a read-modify-write of the file
+    (`write_text_atomic` inside it takes the same lock, re-entrantly): another process
+    updating the file waits, so neither update is lost."""
+    with _locked(Path(path).absolute(), exclusive=True):
+        yield
+
+
 def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     """Write a file atomically (a temporary sibling ``.NAME.partial-<id>``, fsynced,
     renamed): a reader finds the old file or the whole new one, never a part. Writers hold

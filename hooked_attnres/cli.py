@@ -120,7 +120,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres._atomic import write_text_atomic
+    from hooked_attnres._atomic import updating, write_text_atomic
     from hooked_attnres._validation import is_integer, require_selection
     from hooked_attnres.study import (
         get_condition,
@@ -164,7 +164,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         except TypeError as error:
             raise CommandError(f"unknown setting: {error}") from error
     summary = Path(args.out) / "train_summary.json"
-    earlier = _earlier_summary(summary)
     results: list[dict] = []
     for seed in args.seeds:
         for condition in conditions:
@@ -194,10 +193,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 flush=True,
             )
             # after every run, so that Ctrl-C or a crash later keeps the finished ones; runs
-            # of earlier commands into the same folder stay listed
+            # of earlier commands into the same folder stay listed, and so do those another
+            # command running at the same time listed meanwhile (read again, under the lock)
             done = {(row["condition"], row["seed"]) for row in results}
-            kept = [row for row in earlier if (row.get("condition"), row.get("seed")) not in done]
-            write_text_atomic(summary, json.dumps(kept + results, indent=2) + "\n")
+            with updating(summary):
+                earlier = _earlier_summary(summary)
+                kept = [r for r in earlier if (r.get("condition"), r.get("seed")) not in done]
+                write_text_atomic(summary, json.dumps(kept + results, indent=2) + "\n")
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
         final = float(next(iter(row["accuracy"].values()), float("nan")))

@@ -218,6 +218,31 @@ def test_train_summary_keeps_finished_runs_after_ctrl_c_and_earlier_commands(
     capsys.readouterr()
 
 
+def test_train_summary_keeps_the_runs_of_a_command_running_at_the_same_time(
+    tmp_path, monkeypatch, capsys
+):
+    # the summary was read once when a command started: two `train` commands into one
+    # folder at the same time each wrote their own rows over the other's, which were lost
+    import json
+
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    out = ["--out", str(tmp_path), "--no-progress"]
+
+    def fake_train(condition, seed, out_dir, **kwargs):
+        if condition == "attnres":  # meanwhile, another command trains and lists vanilla
+            assert cli.main(["train", "--condition", "vanilla", *out]) == 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return TrainResult(out_dir, out_dir / "model", 5, {"retrieval": 0.5}, 2.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    assert cli.main(["train", "--condition", "attnres", *out]) == 0
+    rows = json.loads((tmp_path / "train_summary.json").read_text())
+    assert [(r["condition"], r["seed"]) for r in rows] == [("vanilla", 0), ("attnres", 0)]
+    capsys.readouterr()
+
+
 def test_an_interrupted_study_says_where_the_finished_models_are_kept(
     tmp_path, monkeypatch, capsys
 ):
