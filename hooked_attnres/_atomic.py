@@ -503,6 +503,18 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
             raise
 
 
+def remove_file(path: Union[str, Path]) -> None:
+    """Delete a file written by `write_bytes_atomic`, durably (the parent is fsynced), under
+    the parent's lock; nothing happens if it does not exist."""
+    path = Path(path)
+    with _locked(path.absolute(), exclusive=True):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     """Write a small text file atomically (a temporary sibling, fsynced, renamed)."""
     write_bytes_atomic(path, text.encode())
@@ -555,6 +567,7 @@ __all__ = [
     "reading",
     "read_marker",
     "recover",
+    "remove_file",
     "write_bytes_atomic",
     "write_text_atomic",
 ]

@@ -78,7 +78,7 @@ def _assert_no_leftovers(root) -> None:
 TRAIN_RENAMES = 2 + 3 + 2 + 1  # first save: marker, install; next: marker, aside, install
 
 
-def _train(out_dir, model_kind: str = "attnres") -> None:
+def _train(out_dir, model_kind: str = "attnres", lr: float = 3e-3, resume: bool = True) -> None:
     from hooked_attnres.study import build_model
     from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
     from hooked_attnres.training import TrainConfig, train
@@ -92,7 +92,7 @@ def _train(out_dir, model_kind: str = "attnres") -> None:
     config = TrainConfig(
         steps=4,
         batch_size=8,
-        lr=3e-3,
+        lr=lr,
         warmup_steps=1,
         eval_every=2,
         eval_size=8,
@@ -100,7 +100,7 @@ def _train(out_dir, model_kind: str = "attnres") -> None:
         threads=1,  # the forked child trains with one thread; every run must match it
     )
     model = build_model(model_kind, 0, tok, shape, 2)
-    train(model, task, config, out_dir, tokenizer=tok, progress=False)
+    train(model, task, config, out_dir, tokenizer=tok, progress=False, resume=resume)
 
 
 def _final(out_dir, model_kind: str):
@@ -118,16 +118,21 @@ def _final(out_dir, model_kind: str):
 @pytest.fixture(scope="module", params=["attnres", "vanilla"])
 def whole_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         renames = _counted(_train, out, request.param)
     finally:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    return request.param, renames, _final(out, request.param)
+        torch.set_num_threads(threads)
+    return request.param, renames, _final(out, request.param), out
+
+
+def whole_run_dir(whole_run):
+    return whole_run[3]
 
 
 def _assert_resumes_to(out, whole_run) -> None:
-    kind, _, (weights, metrics) = whole_run
+    kind, _, (weights, metrics), _ = whole_run
     _train(out, kind)  # resumes from what the crash left
     resumed_weights, resumed_metrics = _final(out, kind)
     assert resumed_weights.keys() == weights.keys()
@@ -160,6 +165,36 @@ def test_training_failing_at_any_write_resumes_to_the_uninterrupted_run(tmp_path
     finally:
         os.rename = real
     _assert_resumes_to(out, whole_run)
+
+
+# a run started over (resume=False) in the folder of a finished run with other settings:
+# every save replaces a version (marker, aside, install), then metrics.json
+RESTART_RENAMES = 3 + 3 + 3 + 1
+
+
+def test_a_run_started_over_makes_every_rename_counted_here(tmp_path, whole_run):
+    out = tmp_path / "run"
+    shutil.copytree(whole_run_dir(whole_run), out)
+    assert _counted(_train, out, "attnres", 1e-3, False) == RESTART_RENAMES
+
+
+@pytest.mark.parametrize("whole_run", ["attnres"], indirect=True)
+@pytest.mark.parametrize("k", range(RESTART_RENAMES))
+def test_a_run_started_over_and_killed_never_pairs_its_model_with_the_old_metrics(
+    tmp_path, whole_run, k
+):
+    """``train(resume=False)`` over a finished run with other settings, killed at any
+    write: ``model/`` and ``metrics.json`` must describe one run (or the metrics be gone),
+    never the new model with the old run's history and accuracy."""
+    out = tmp_path / "run"
+    shutil.copytree(whole_run_dir(whole_run), out)
+    old_weights, old_metrics = whole_run[2]
+    assert run_forked(_killed_at, k, _train, out, "attnres", 1e-3, False) == KILLED
+    weights = HookedAttnRes.from_pretrained(out / "model").state_dict()
+    old_model = all(torch.equal(weights[name], t) for name, t in old_weights.items())
+    if (out / "metrics.json").exists():
+        lr = json.loads((out / "metrics.json").read_text())["train_config"]["lr"]
+        assert lr == (old_metrics["train_config"]["lr"] if old_model else 1e-3)
 
 
 # --- the study ---------------------------------------------------------------------------

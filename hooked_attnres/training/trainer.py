@@ -50,6 +50,7 @@ from hooked_attnres._atomic import (
     foreign_files,
     read_marker,
     reading,
+    remove_file,
     write_text_atomic,
 )
 from hooked_attnres._validation import (
@@ -698,6 +699,11 @@ def train(
         if step >= config.steps or stopped:
             model.eval()
             _check_finite(model, step, "the final model is not written")
+            # the model and metrics.json are two writes: an earlier run's metrics go first,
+            # so that a crash between them never pairs this model with another run's
+            # history and accuracy (e.g. train(resume=False) over a finished run; the
+            # resumed run writes both)
+            remove_file(out_dir / "metrics.json")
             with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
                 save_model(model, tmp, tokenizer)
             metrics = {**state(), "final_accuracy": final}
