@@ -374,8 +374,10 @@ class HookedModule(HookedRootModule):
         Without a ``cache`` it returns a `RunCacheDict`, which records the extent of the
         pass that last filled it: ``n_past`` (the positions a key-value cache held before
         it, so that a cache of a cached pass is refused as a patching value, as
-        ``run_with_cache``'s is) and ``attention_mask`` (``None`` without padding). A
-        ``cache`` given as a plain ``dict`` records neither and cannot be checked."""
+        ``run_with_cache``'s is), ``attention_mask`` (``None`` without padding) and
+        which hooks an earlier pass with another record filled last (``stale``). A
+        ``cache`` given as a plain ``dict`` records nothing, and the interventions and
+        sweeps refuse it (give a `RunCacheDict` to have it recorded)."""
         cache = RunCacheDict() if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
@@ -386,10 +388,6 @@ class HookedModule(HookedRootModule):
         record = cache if isinstance(cache, RunCacheDict) else None
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
-            if record is not None and not is_backward:
-                mask = pass_mask()
-                record.n_past = pass_n_past()
-                record.attention_mask = None if mask is None else mask.to(device)
             stored = tensor.detach().to(device)
             if remove_batch_dim:
                 if stored.dim() == 0 or stored.shape[0] != 1:
@@ -404,6 +402,10 @@ class HookedModule(HookedRootModule):
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
             if pos_slice is not None and stored.dim() >= -pos_dim:
                 stored = pos_slice.apply(stored, dim=pos_dim)
+            if record is not None and not is_backward:
+                mask = pass_mask()
+                mask = None if mask is None else mask.to(device)
+                record.note_pass(str(hook.name), pass_n_past(), mask)
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
