@@ -713,9 +713,12 @@ def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broa
         ValueError, match=r"the cache has \[batch, pos\] = \[1, 9\] but this run has \[3, 9\]"
     ):
         model.run_with_hooks(tokens, fwd_hooks=set_weights(model, one_prompt, layers=2))
-    _, last_position = model.run_with_cache(tokens, pos_slice=[-1])
+    _, last_position = model.run_with_cache(tokens[:, -1:])
     with pytest.raises(ValueError, match=r"\[3, 1\] but this run has \[3, 9\]"):
         model.run_with_hooks(tokens, fwd_hooks=set_weights(model, last_position, layers=2))
+    _, sliced = model.run_with_cache(tokens, pos_slice=[-1])  # refused as it is made
+    with pytest.raises(ValueError, match=r"were cached with a pos_slice that drops or reorders"):
+        set_weights(model, sliced, layers=2)
     # a tensor meant to broadcast still does; a dict by site names what it lacks
     site = model.site(2, "mlp_res")
     uniform = torch.full((model.routing_layout.n_sources(site),), 1 / 3)
@@ -1355,3 +1358,25 @@ def test_patch_committed_refuses_no_label_or_a_label_twice(tokens):
         commit_hook_name(model, "block_1"),
         commit_hook_name(model, "embedding"),
     ]
+
+
+def test_a_cache_whose_pos_slice_reorders_positions_is_refused():
+    """``run_with_cache(pos_slice=...)`` with a list that keeps the number of positions but
+    not their order (reversed here) gave tensors of the run's shape whose position ``p``
+    is another position of the pass: set_weights from it was 0.39 logits off the same
+    intervention from the whole cache (kimi; 0.47 full). Refused by hook name now; a
+    pos_slice that keeps every position in order is the whole cache."""
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, reversed_cache = model.run_with_cache(tokens, pos_slice=list(range(8, -1, -1)))
+    _, whole = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="were cached with a pos_slice that drops or reorders"):
+        set_weights(model, reversed_cache)
+    for kept in (list(range(9)), slice(None)):
+        _, same = model.run_with_cache(tokens, pos_slice=kept)
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, same)),
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, whole)),
+            rtol=0,
+            atol=0,
+        )

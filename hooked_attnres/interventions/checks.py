@@ -89,6 +89,13 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
             "them), so they are not of the recorded pass. Cache one run "
             "(model.run_with_cache(tokens)), or reset the hooks between passes"
         )
+    sliced = [name for name in dict.fromkeys(names) if name in record.sliced]
+    if sliced:
+        raise ValueError(
+            f"{what}: {sliced[:3]}{' ...' if len(sliced) > 3 else ''} were cached with a "
+            "pos_slice that drops or reorders positions, so their position p is not the "
+            "run's position p. Cache the run without pos_slice"
+        )
     return record
 
 

@@ -168,11 +168,14 @@ class RunCacheDict(dict):
         stale: the hooks last filled by an earlier pass with another ``n_past`` or mask
             than the last pass's (caching hooks kept over several passes, the last of
             which did not reach them): their tensors are not of the recorded pass.
+        sliced: the hooks cached with a ``pos_slice`` that does not keep every position
+            in order: their position ``p`` is not the pass's position ``p``.
     """
 
     n_past: int = 0
     attention_mask: Optional[Tensor] = None
     stale: frozenset = frozenset()
+    sliced: frozenset = frozenset()
 
     def __init__(
         self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
@@ -185,12 +188,16 @@ class RunCacheDict(dict):
         """A shallow copy that keeps the record (``dict.copy`` would drop it)."""
         out = RunCacheDict(self, n_past=self.n_past)
         out.attention_mask, out.stale = self.attention_mask, self.stale
+        out.sliced = self.sliced
         return out
 
-    def note_pass(self, name: str, n_past: int, mask: Optional[Tensor]) -> None:
+    def note_pass(
+        self, name: str, n_past: int, mask: Optional[Tensor], sliced: bool = False
+    ) -> None:
         """Record that the pass with ``n_past`` and ``mask`` (`pass_mask`) fills ``name``
-        now: a pass with another record than the last one's makes every hook it has not
-        (yet) refilled `stale`."""
+        now (``sliced``: with a ``pos_slice`` that drops or reorders positions): a pass
+        with another record than the last one's makes every hook it has not (yet)
+        refilled `stale`."""
         if n_past != self.n_past or not (
             mask is self.attention_mask or same_padding(mask, self.attention_mask)
         ):
@@ -198,6 +205,8 @@ class RunCacheDict(dict):
             self.n_past, self.attention_mask = n_past, mask
         if name in self.stale:
             self.stale = self.stale - {name}
+        if sliced != (name in self.sliced):
+            self.sliced = self.sliced | {name} if sliced else self.sliced - {name}
 
 
 KeyValueRunCacheDict = RunCacheDict  # its name before it also recorded the attention mask
@@ -210,6 +219,7 @@ class RunRecord:
     n_past: int
     attention_mask: Optional[Tensor]
     stale: frozenset
+    sliced: frozenset = frozenset()
 
 
 def record_of(cache: Any) -> Optional[RunRecord]:
@@ -226,7 +236,7 @@ def record_of(cache: Any) -> Optional[RunRecord]:
         cache = getattr(cache, "cache_dict", None)
         if not isinstance(cache, RunCacheDict):
             return None
-    return RunRecord(cache.n_past, cache.attention_mask, cache.stale)
+    return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced)
 
 
 def _recorded(
@@ -247,6 +257,7 @@ def _recorded(
     out = RunCacheDict(items, n_past=record.n_past)
     out.attention_mask = mask  # as sliced (a row slice may keep no padding: still exact)
     out.stale = frozenset(name for name in record.stale if name in out)
+    out.sliced = frozenset(name for name in record.sliced if name in out)
     return out
 
 
@@ -289,7 +300,12 @@ class AttnResActivationCache(ActivationCache):
             return None if inner is None else record_of(inner)
         n_past = self._n_past if self._n_past is not None else getattr(inner, "n_past", 0)
         mask = self._mask if self._mask is not None else getattr(inner, "attention_mask", None)
-        return RunRecord(n_past, mask, getattr(inner, "stale", frozenset()))
+        return RunRecord(
+            n_past,
+            mask,
+            getattr(inner, "stale", frozenset()),
+            getattr(inner, "sliced", frozenset()),
+        )
 
     @property
     def n_past(self) -> int:

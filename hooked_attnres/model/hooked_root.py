@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Optional, TypeVar, Union
 
+import torch
 from torch import Tensor
 
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
@@ -400,12 +401,16 @@ class HookedModule(HookedRootModule):
                     )
                 stored = drop_batch_dim(stored)
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
+            sliced = False
             if pos_slice is not None and stored.dim() >= -pos_dim:
+                n_pos = stored.shape[pos_dim]
                 stored = pos_slice.apply(stored, dim=pos_dim)
+                kept = pos_slice.apply(torch.arange(n_pos), dim=0)
+                sliced = kept.shape != (n_pos,) or not bool((kept == torch.arange(n_pos)).all())
             if record is not None and not is_backward:
                 mask = pass_mask()
                 mask = None if mask is None else mask.to(device)
-                record.note_pass(str(hook.name), pass_n_past(), mask)
+                record.note_pass(str(hook.name), pass_n_past(), mask, sliced)
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
