@@ -405,8 +405,10 @@ class HookedModule(HookedRootModule):
             if pos_slice is not None and stored.dim() >= -pos_dim:
                 n_pos = stored.shape[pos_dim]
                 stored = pos_slice.apply(stored, dim=pos_dim)
-                kept = pos_slice.apply(torch.arange(n_pos), dim=0)
-                sliced = kept.shape != (n_pos,) or not bool((kept == torch.arange(n_pos)).all())
+                # the positions the slice keeps, in order: only all of them is the pass's
+                every = torch.arange(n_pos, device=stored.device)
+                kept = pos_slice.apply(every, dim=0)
+                sliced = kept.shape != every.shape or not bool((kept == every).all())
             if record is not None and not is_backward:
                 mask = pass_mask()
                 mask = None if mask is None else mask.to(device)
