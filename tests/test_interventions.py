@@ -1022,6 +1022,7 @@ def test_transformerlens_cache_methods_keep_the_record_or_lose_it_detectably():
     swapped = padded.apply_slice_to_batch_dim([1, 0])
     assert torch.equal(swapped.attention_mask, mask[[1, 0]].bool())
     assert torch.equal(swapped.cache_dict.attention_mask, mask[[1, 0]].bool())
+    assert padded.apply_slice_to_batch_dim([0]).attention_mask is None  # an unpadded row
     _, of_rows = model.run_with_cache(tokens[[1, 0]], attention_mask=mask[[1, 0]])
     rows, rows_mask = tokens[[1, 0]], mask[[1, 0]]
     torch.testing.assert_close(

@@ -254,8 +254,7 @@ def _recorded(
         mask = rows.apply(mask, dim=0)
     if mask is not None and device is not None:
         mask = mask.to(device)
-    out = RunCacheDict(items, n_past=record.n_past)
-    out.attention_mask = mask  # as sliced (a row slice may keep no padding: still exact)
+    out = RunCacheDict(items, n_past=record.n_past, attention_mask=mask)  # None: rows unpadded
     out.stale = frozenset(name for name in record.stale if name in out)
     out.sliced = frozenset(name for name in record.sliced if name in out)
     return out
