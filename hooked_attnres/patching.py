@@ -19,6 +19,7 @@ makes TransformerLens's own ``generic_activation_patch`` reach router hooks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -181,7 +182,8 @@ def _patched_state(
         patch_setter(source, setter_index, clean_source)
         for source, clean_source in zip(state.sources, clean_sources, strict=True)
     ]
-    return DepthState(sources[:-1], sources[-1], state.current_is_committed)
+    # replace keeps the state's record (the sublayer it enters, the padding of its pass)
+    return dataclasses.replace(state, blocks=sources[:-1], current=sources[-1])
 
 
 def _site_rows(model: HookedAttnRes, routers: Sequence[str]) -> list[tuple[int, RouterSite]]:

@@ -3,6 +3,8 @@ each criterion true, false, and at its boundary (docs/study.md, "Pre-registered 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -395,8 +397,8 @@ def test_the_report_gives_both_readings_of_criterion_2_and_calls_one_seed_a_sing
     )
     lines = _conclusion(result)
     assert (
-        "M1: does not hold (0 of 1 trained conditions with several seeds hold it in a "
-        "majority of seeds); present in the single seed of attnres." in lines
+        "M1: replicated or majority in 0 of 1 Block AttnRes conditions with several seeds; "
+        "present in the single seed of attnres." in lines
     )
     differ = [line for line in lines if line.startswith("Criterion 2 as first written")]
     assert differ == [
@@ -617,3 +619,182 @@ def test_dissociation_report_names_every_family_tied_for_the_top():
     # mlp: every mass 0.25 and every effect 0: all four families tie for both tops
     mlp = row.loc["mlp_res"]
     assert len(mlp.top_mass.split("|")) == 4 and mlp.top_mass_is_top_effect
+
+
+def fake_study(tmp_path, seeds_present, settings=None, changed=()):
+    """A `StudyResult` of synthetic tables: ``{condition: [seed, ...]}`` with M1 harmful
+    (present) at the seeds listed in ``seeds_present[condition][1]`` of the seeds
+    ``seeds_present[condition][0]``; ``changed``: (condition, seed) whose M1 flips on the
+    second prompt set."""
+    from hooked_attnres.study.run import StudyResult
+
+    cell = ("mlp_res", "early", "embedding")
+    summaries, effects, fresh, accuracy = [], [], [], []
+    for condition, (seeds, present_at) in seeds_present.items():
+        for seed in seeds:
+            here = seed in present_at
+            summary, effect = tables({cell: harmful(-1.0)} if here else {}, seed=seed)
+            summaries.append(summary.assign(condition=condition, ci_low=0.2, ci_high=0.3))
+            effects.append(effect.assign(condition=condition))
+            flip = (condition, seed) in changed
+            again = tables({cell: harmful(-1.0)} if here != flip else {}, seed=seed)
+            fresh.append(motif_report(*again).assign(condition=condition))
+            accuracy.append(
+                dict(condition=condition, seed=seed, accuracy=0.5, logit_diff=10.0, n_prompts=64)
+            )
+    mass_summary, effect_table = pd.concat(summaries), pd.concat(effects)
+    motifs = motif_report(mass_summary, effect_table)
+    fresh_motifs = pd.concat(fresh, ignore_index=True)
+    empty = pd.DataFrame()
+    return StudyResult(
+        tmp_path,
+        pd.DataFrame(accuracy),
+        empty,
+        mass_summary,
+        effect_table,
+        empty,
+        empty,
+        empty,
+        motifs=motifs,
+        verdicts=motif_verdicts(motifs),
+        fresh_motifs=fresh_motifs,
+        robustness=verdict_changes(motifs, fresh_motifs),
+        settings=settings or {},
+    )
+
+
+def test_the_verdict_lines_use_the_preregistered_words_and_name_the_wrapped_baselines(tmp_path):
+    """They said "M1: does not hold" where M1 was a minority (1 of 3 seeds), and left out the
+    recency-wrapped baselines, where a motif can be replicated (paperlike_vanilla_L8 M2,
+    3 of 3, on the shipped checkpoints)."""
+    from hooked_attnres.study.report import _conclusion, study_report
+
+    result = fake_study(
+        tmp_path,
+        {
+            "hard_cumulative_L8": ([0, 1, 2], [1]),
+            "paperlike_cumulative_L8": ([0, 1, 2], [0, 2]),
+            "attnres": ([0], []),
+            "hard_vanilla_L8": ([0, 1, 2], [0, 1, 2]),
+        },
+    )
+    lines = {line.split(":")[0]: line for line in _conclusion(result)}
+    assert lines["M1"] == (
+        "M1: replicated or majority in 1 of 2 Block AttnRes conditions with several seeds "
+        "(paperlike_cumulative_L8 2/3 majority); minority in hard_cumulative_L8 1/3; absent in "
+        "the single seed of attnres; recency-wrapped vanilla baselines: hard_vanilla_L8 3/3 "
+        "replicated."
+    )
+    # a claim present in no Block AttnRes seed is reported as not replicated (docs/study.md)
+    assert lines["M3"].endswith(
+        "absent in every seed of every Block AttnRes condition: not replicated; "
+        "recency-wrapped vanilla baselines: hard_vanilla_L8 0/3 absent."
+    )
+    # the words are defined as docs/study.md defines them
+    text = study_report(result)
+    for word in ("*replicated* (k = n)", "*majority* (n/2 < k < n)", "*minority* (0 < k <= n/2)"):
+        assert word.replace("*", "") in text
+
+
+def test_the_report_states_the_preregistered_criteria_formula_for_formula(tmp_path):
+    """Every formula of docs/study.md's motif and dissociation criteria is in the report,
+    as written there (the report used to give only the claims' short labels, whose D1 lacked
+    the separated intervals and D2 the embedding interval excluding 0)."""
+    import re
+
+    from hooked_attnres.analysis.motifs import claim_text
+    from hooked_attnres.study.report import study_report
+
+    docs = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
+    section = docs[docs.index("**Inputs**") : docs.index("**Across seeds.**")]
+    formulas = {
+        " ".join(f.split())
+        for f in re.findall(r"`([^`]+)`", section)
+        if any(op in f for op in ("<", ">", "*"))
+    }
+    assert len(formulas) >= 6  # the docs' formulas were found
+    text = " ".join(study_report(fake_study(tmp_path, {"hard_cumulative_L8": ([0], [])})).split())
+    missing = [f for f in formulas if f not in text]
+    assert not missing
+    assert "accuracy effect of the same ablation is at most -0.02 (2 points)" in text
+    assert "95 % percentile-bootstrap intervals" in text
+    assert "8 layers: early 0-2, middle 3-5, late 6-7" in text  # the docs' bands
+    # the claims' labels carry each criterion's conditions, not the claim alone
+    assert "effect intervals are separated" in claim_text("D1-attn_res")
+    assert "effect intervals are separated" in claim_text("D1-mlp_res")
+    assert "interval excluding 0" in claim_text("D2")
+
+
+def test_the_report_says_which_per_seed_verdicts_the_second_prompt_set_changes(tmp_path):
+    from hooked_attnres.study.report import _conclusion
+
+    result = fake_study(
+        tmp_path,
+        {"hard_cumulative_L8": ([0, 1, 2], [1])},
+        settings={"n_prompts": 64, "fresh_probe_seed": 2},
+        changed=[("hard_cumulative_L8", 0), ("hard_cumulative_L8", 1)],
+    )
+    line = next(x for x in _conclusion(result) if x.startswith("On a second"))
+    assert line == (
+        "On a second, disjoint set of 64 held-out prompts per model (data seed 2), 2 of 30 "
+        "per-seed verdicts changed: hard_cumulative_L8 seed 0 M1 absent -> present; "
+        "hard_cumulative_L8 seed 1 M1 present -> absent."
+    )
+
+
+def test_the_accuracy_table_names_the_model_wrap_and_prompts_of_each_number(tmp_path):
+    """A vanilla condition's accuracy is its recency-wrapped model's, which computes another
+    function than the trained Qwen3 (hard_vanilla_L8: 0.137 / 0.105 / 0.109 wrapped against
+    0.133 / 0.086 / 0.109 plain); the report used to give it unlabelled."""
+    from hooked_attnres.study import load_condition
+    from hooked_attnres.study.report import study_report
+
+    result = fake_study(
+        tmp_path,
+        {"hard_cumulative_L8": ([0], []), "hard_vanilla_L8": ([0], [])},
+        settings={"probe_seed": 1, "recency_bias": 3.0},
+    )
+    text = study_report(result)
+    table = text[text.index("## Accuracy") : text.index("## Tables")]
+    wrapped = load_condition("hard_vanilla_L8", 0).cfg  # the model the study measures
+    assert wrapped.attnres_layout == "cumulative"
+    model = (
+        f"vanilla Qwen3 through the recency wrap ({wrapped.attnres_num_blocks} blocks, "
+        f"recency bias {wrapped.attnres_recency_bias:g}), not the plain model"
+    )
+    header = "| condition | seed | model | prompts | n_prompts | accuracy | logit_diff |"
+    assert header in table
+    assert f"| hard_vanilla_L8 | 0 | {model} | test split, data seed 1 | 64 |" in table
+    trained = load_condition("hard_cumulative_L8", 0).cfg
+    assert (
+        f"| hard_cumulative_L8 | 0 | Block AttnRes, {trained.attnres_layout}, as trained | "
+        "test split, data seed 1 | 64 |"
+    ) in table
+    assert "A vanilla condition's rows are not the trained Qwen3's own accuracy" in table
+    assert f"### hard_vanilla_L8 ({model}, 8 layers, task hard)" in text
+
+
+def test_d3_sentences_print_the_size_test_with_the_digits_that_decide_it():
+    """On the shipped paperlike_cumulative_L8, D3-mlp read "effect -0.00 [-0.00, -0.00]
+    (top family current, harm 0.02)" for seed 0 (absent: |effect| 0.00252 >= 0.1 x 0.02174)
+    and "-0.00 [-0.00, -0.00] (..., harm 0.03)" for seed 1 (present): the printed numbers
+    could not tell the two verdicts apart."""
+    pc, cur = ("mlp_res", "all", "prev_completed"), ("mlp_res", "all", "current")
+    cases = {
+        0: {pc: (-0.0025, -0.0042, -0.0008), cur: (-0.0217, -0.03, -0.01)},  # 0.0025 >= 0.00217
+        1: {pc: (-0.0029, -0.0049, -0.0009), cur: (-0.0313, -0.04, -0.02)},  # 0.0029 < 0.00313
+        2: {pc: (-0.0013, -0.0027, 0.0001), cur: (-0.0359, -0.05, -0.02)},  # interval holds 0
+    }
+    parts = [tables(effects, seed=seed) for seed, effects in cases.items()]
+    report = motif_report(pd.concat([p[0] for p in parts]), pd.concat([p[1] for p in parts]))
+    rows = report[report.claim == "D3-mlp_res"].set_index("seed")
+    assert list(rows.present) == [False, True, True]
+    sentence = motif_verdicts(report).set_index("claim").loc["D3-mlp_res", "sentence"]
+    seed0, seed1, seed2 = sentence.split("; seed ")
+    assert seed0.endswith("harm 0.02), |effect| 0.0025 >= 0.0022 = 0.10x the top harm")
+    assert seed1.endswith("harm 0.03), |effect| 0.0029 < 0.0031 = 0.10x the top harm")
+    assert seed2.endswith("harm 0.04).") and "|effect|" not in seed2  # criterion met by the 0
+    # a report stored before the limit was a column: the sentence as before, no guessed limit
+    old = motif_verdicts(report.drop(columns="effect_limit")).set_index("claim")
+    assert old.loc["D3-mlp_res", "sentence"].endswith("(top family current, harm 0.04).")
+    assert ", |effect| 0.00" not in old.loc["D3-mlp_res", "sentence"]

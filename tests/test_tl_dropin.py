@@ -389,6 +389,56 @@ def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):
         assert torch.allclose(logits, expected, atol=1e-5)
 
 
+def test_routing_lens_of_a_cache_without_a_batch_axis_reads_each_prompt_as_the_batched_lens(
+    case,
+):
+    """``run_with_cache(remove_batch_dim=True)`` caches ``[pos, d_model]`` tensors. The
+    final router's recency bias was broadcast for ``[n_sources, batch, pos]`` logits only:
+    on ``[n_sources, pos]`` it made an ``[n_sources, n_sources, pos]`` softmax, and the
+    lens crashed in the kimi and full layouts (a stack of ``[1, pos, d]`` and
+    ``[2, pos, d]`` mixtures). Each entry must be that prompt's entry of the batched lens,
+    whose every state is checked against ``stop_at_layer`` above."""
+    model = case.model
+    batched = routing_lens(model, case.clean, incl_mid=True)
+    for row in range(case.clean.shape[0]):
+        _, cache = model.run_with_cache(case.clean[row : row + 1], remove_batch_dim=True)
+        lens = routing_lens(model, cache, incl_mid=True)
+        assert lens.labels == batched.labels
+        assert lens.logits.shape == batched.logits[:, row].shape
+        torch.testing.assert_close(lens.logits, batched.logits[:, row], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            lens.router_logits, batched.router_logits[:, row], atol=1e-5, rtol=0
+        )
+
+
+def test_routing_lens_of_left_padded_tokens_takes_their_attention_mask(case):
+    """Each prompt's lens at its real positions equals the lens of that prompt run alone,
+    unpadded (rows are independent). Before, token ids could not come with a mask: the
+    lens attended the padding; now ``attention_mask=`` goes to the lens's run, and a
+    cache (which carries its run's mask) refuses one."""
+    model = case.model
+    tokens = case.clean.clone()
+    pad = 2  # the second prompt is 2 tokens long, left-padded
+    tokens[1, :pad] = 0
+    mask = torch.ones_like(tokens)
+    mask[1, :pad] = 0
+    padded = routing_lens(model, tokens, incl_mid=True, attention_mask=mask)
+    for row, start in ((0, 0), (1, pad)):
+        alone = routing_lens(model, tokens[row : row + 1, start:], incl_mid=True)
+        torch.testing.assert_close(
+            padded.logits[:, row, start:], alone.logits[:, 0], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            padded.router_logits[:, row, start:], alone.router_logits[:, 0], atol=1e-5, rtol=0
+        )
+    unmasked = routing_lens(model, tokens, incl_mid=True)
+    assert (unmasked.logits[:, 1, pad:] - padded.logits[:, 1, pad:]).abs().max() > 1e-3
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    torch.testing.assert_close(routing_lens(model, cache, incl_mid=True).logits, padded.logits)
+    with pytest.raises(ValueError, match="attention_mask cannot change that run"):
+        routing_lens(model, cache, attention_mask=mask)
+
+
 def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_partial_caches(
     case,
 ):
@@ -512,6 +562,80 @@ def test_decompositions_refuse_a_cache_of_an_edited_run(case):
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def _norm_inputs(cache, model) -> dict:
+    """What every norm normalises (read point -> scale * normalized), from its own hooks."""
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        for mlp_input, norm in ((False, "ln1"), (True, "ln2")):
+            prefix = f"blocks.{layer}.{norm}"
+            out[(layer, mlp_input)] = (
+                cache[f"{prefix}.hook_normalized"] * cache[f"{prefix}.hook_scale"]
+            )
+    out[(None, False)] = cache["ln_final.hook_normalized"] * cache["ln_final.hook_scale"]
+    return out
+
+
+def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
+    """A names_filter that keeps the components but drops the norm's input skipped the
+    check of `test_decompositions_refuse_a_cache_of_an_edited_run`: layout none, 3 layers,
+    hook_resid_pre of layer 1 halved, float32: decompose_resid(2) summed to 0.028 away
+    from what ln1 read (and 1.0 away after hook_resid_mid + 1), silently. Now a cache of
+    a pass in which other hooks ran refuses when it cannot check; a cache of an unhooked
+    pass stays exact. Left padding included."""
+    model = case.model
+    mask = torch.ones_like(case.clean)
+    mask[1, :1] = 0
+    halve = [("blocks.1.hook_resid_pre", lambda act, hook: act * 0.5)]
+
+    def kept(name: str) -> bool:
+        return name == "hook_embed" or name.endswith(("attn_out", "mlp_out", "hook_weights"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        with model.hooks(fwd_hooks=halve):
+            _, full = model.run_with_cache(case.clean, attention_mask=mask)
+        with model.hooks(fwd_hooks=halve):
+            _, filtered = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
+    _, unhooked = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
+    assert filtered.other_hooks_ran and unhooked.other_hooks_ran is False
+    edited_inputs = _norm_inputs(full, model)
+    _, plain = model.run_with_cache(case.clean, attention_mask=mask)
+    plain_inputs = _norm_inputs(plain, model)
+    n_exact = 0
+    n_layers = model.cfg.n_layers
+    for (layer, mlp_input), target in edited_inputs.items():
+        at = n_layers if layer is None else layer
+        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+            filtered.decompose_resid(layer, mlp_input, routed=True)
+        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+            filtered.stack_head_results(at, routed=True)
+        if model.routing_layout.reader(2 * at + mlp_input) is None:
+            # where no router reads, the unhooked cache needs nothing it dropped
+            stack = unhooked.decompose_resid(layer, mlp_input, routed=True)
+            assert torch.allclose(stack.sum(0), plain_inputs[(layer, mlp_input)], atol=ATOL)
+            n_exact += 1
+        try:  # the unfiltered cache of the edited run: exact or refused
+            stack = full.decompose_resid(layer, mlp_input, routed=True)
+        except ValueError as error:
+            assert "do not sum" in str(error)
+        else:
+            assert torch.allclose(stack.sum(0), target, atol=ATOL)
+    assert n_exact > 0 or model.routing_layout.has_final_router
+    # TransformerLens leaves the embedding out of a cache without hook_embed
+    _, no_embed = model.run_with_cache(
+        case.clean, attention_mask=mask, names_filter=lambda name: name != "hook_embed"
+    )
+    for call in (
+        lambda: no_embed.decompose_resid(routed=True),
+        lambda: no_embed.get_full_resid_decomposition(routed=True),
+    ):
+        with pytest.raises(KeyError, match=r"sums the embedding\) lacks \['hook_embed'\]"):
+            call()
+    without, labels = no_embed.decompose_resid(routed=True, incl_embeds=False, return_labels=True)
+    reference = plain.decompose_resid(routed=True, incl_embeds=False)
+    assert "embed" not in labels and torch.allclose(without, reference)
+
+
 # --- depth-state patching ---------------------------------------------------------------
 def test_depth_state_patching(case):
     model = case.model
@@ -540,8 +664,10 @@ def test_depth_state_patching(case):
         patched = corrupted.clone()
         patched[:, pos] = clean[:, pos]
         sources.append(patched)
+    # a state built by hand resumes with an explicit mask (all ones: no padding here)
     state = DepthState(sources[:-1], sources[-1], corrupted_states[start].current_is_committed)
-    expected = case.metric(model.forward_from(state, start))
+    ones = torch.ones_like(case.corrupted)
+    expected = case.metric(model.forward_from(state, start, attention_mask=ones))
     assert torch.allclose(by_pos[layer, pos], expected, atol=1e-4)
     if case.layout == "none":  # the depth state is the residual stream
         resid = _run_tl(case, "get_act_patch_resid_pre")

@@ -65,13 +65,14 @@ from hooked_attnres.analysis.effects import (
     reads_answer_only,
     run_ablations,
 )
-from hooked_attnres.interventions.checks import check_count, require_eval
+from hooked_attnres.interventions.checks import check_count, require_eval, weights_signature
 from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
     RMSNorm,
     any_hook_attached,
+    backward_hook_places,
     hook_signature,
     is_observed,
     rms_normalize,
@@ -156,12 +157,15 @@ class _Capture:
     """What one run with the graph kept records at one router: its logits and weights
     ``[batch, pos, n_sources]`` (weights in the graph), and for ``method="norm"`` its
     sources (``n_sources`` x ``[batch, pos, d_model]``) and the following norm's
-    ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph)."""
+    ``hook_normalized`` output ``[batch, pos, d_model]`` (in the graph); in a bfloat16 /
+    float16 model also that output recomputed in float32 without rounding
+    (``normalized_unrounded``, made when first needed)."""
 
     logits: Optional[Tensor] = None
     weights: Optional[Tensor] = None
     sources: Optional[list[Tensor]] = None
     normalized: Optional[Tensor] = None
+    normalized_unrounded: Optional[Tensor] = None  # bf16 / fp16: the clean one, float32
 
 
 @contextmanager
@@ -173,6 +177,16 @@ def _capturing(
     for ``method="norm"`` the norm's ``hook_normalized`` and the router's input sources
     (a module pre-hook, so that no stacked copy is made; through ``hook_sources`` only
     where another hook already watches it, as that hook may edit them)."""
+    places = backward_hook_places(model)
+    if places:
+        raise ValueError(
+            f"a backward hook is attached to the model at {places}; the attribution's "
+            "backward pass would run it, and a backward hook that returns a tensor replaces "
+            "the gradient the estimates are made of (the exact ablation and patching it "
+            "estimates run forward only, unaffected by it). Remove the backward hooks "
+            "(model.reset_hooks(), or leave bwd_hooks out of model.hooks(...)) for the "
+            "attribution; forward hooks may stay."
+        )
     captures = {site: _Capture() for site in sites}
     hooks, handles = [], []
     for site, capture in captures.items():
@@ -190,6 +204,16 @@ def _capturing(
                     "cannot account for hooks there. Remove them, or attach them to "
                     "hook_logits / hook_sources (which attribution sees)."
                 )
+        if need_norm and (router._forward_hooks or norm._forward_pre_hooks):
+            # PyTorch module hooks around the hook points: one on the router's output or
+            # the norm's input puts another tensor between hook_out and hook_normalized
+            raise ValueError(
+                f"a PyTorch forward hook is attached to the router {site.prefix} or a forward "
+                f"pre-hook to the norm that reads it ({norm.hook_normalized.name}'s module); "
+                "method='norm' recomputes the norm's input as the router's weighted sum, so "
+                "it cannot account for what such a hook does. Remove them, or use "
+                "method='linear' (exact through any forward hook)."
+            )
 
         def on_logits(logits, hook, capture=capture):
             capture.logits = logits.detach()
@@ -267,10 +291,20 @@ def _router_estimate(
     assert grads[1] is not None
     sources = capture.sources
     parts = [source.to(weights.dtype) for source in sources]
-    out = weighted_sum(parts, new_weights.movedim(-1, 0)).to(sources[0].dtype)
-    norm = _norm_after(model, site)
-    normalized = rms_normalize(out, norm.eps)
-    change = normalized.to(weights.dtype) - capture.normalized.detach().to(weights.dtype)
+    eps = _norm_after(model, site).eps
+    if sources[0].dtype == weights.dtype:  # float32 / float64: the model's own numbers
+        out = weighted_sum(parts, new_weights.movedim(-1, 0))
+        change = rms_normalize(out, eps) - capture.normalized.detach()
+    else:
+        # bfloat16 / float16: both normalised outputs in the routing dtype, unrounded.
+        # Rounding the new one to the model's dtype before subtracting the model's
+        # (rounded) output made each element of a small change a difference of two
+        # 8-bit numbers (docs/analysis.md: 4x the linear method's rounding error)
+        if capture.normalized_unrounded is None:
+            clean_out = weighted_sum(parts, weights.movedim(-1, 0))
+            capture.normalized_unrounded = rms_normalize(clean_out, eps)
+        out = weighted_sum(parts, new_weights.movedim(-1, 0))
+        change = rms_normalize(out, eps) - capture.normalized_unrounded
     return (grads[1].to(weights.dtype) * change).sum(-1)
 
 
@@ -423,6 +457,13 @@ class RoutingAttribution:
                 "estimates are of. Call verify_top under the same hooks, or run "
                 "attribute_routing again"
             )
+        if weights_signature(self.model) != s.get("weights", ()):
+            raise ValueError(
+                "verify_top runs on other weights than attribute_routing did (the model's "
+                "parameters were edited, reloaded or converted to another dtype or device "
+                "since, e.g. load_state_dict of another checkpoint): its exact effects would "
+                "not be of the model the estimates are of. Run attribute_routing again"
+            )
         clean, ablated = run_ablations(
             self.model, self.batch, sub_plan, metrics, chunk=s["chunk"], progress=progress
         )
@@ -534,6 +575,7 @@ def attribute_routing(
     # last attention (`logit_positions`); then the logits are read at the answer position
     every_position = any_hook_attached(model)
     hooks_during_run = hook_signature(model)  # verify_top must see the same ones
+    weights_during_run = weights_signature(model)  # and the same weights
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
@@ -590,6 +632,7 @@ def attribute_routing(
             seed=seed,
             chunk=chunk,
             hooks=hooks_during_run,
+            weights=weights_during_run,
         ),
     )
 

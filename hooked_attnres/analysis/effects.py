@@ -276,8 +276,12 @@ def _tile(state: DepthState, copies: int) -> DepthState:
     def tile(t: Tensor) -> Tensor:
         return t.repeat(copies, *([1] * (t.ndim - 1)))
 
-    return DepthState(
-        [tile(b) for b in state.blocks], tile(state.current), state.current_is_committed
+    padding = state.padding
+    return dataclasses.replace(  # keeps the record of the sublayer the state enters
+        state,
+        blocks=[tile(b) for b in state.blocks],
+        current=tile(state.current),
+        padding=tile(padding) if isinstance(padding, Tensor) else padding,
     )
 
 

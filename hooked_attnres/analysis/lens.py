@@ -19,7 +19,7 @@ exist there:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -88,6 +88,7 @@ def routing_lens(
     incl_mid: bool = False,
     positions=None,
     routers: bool = True,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> RoutingLens:
     """The routing lens of a run, from token ids (one cached forward pass) or a cache.
 
@@ -99,14 +100,27 @@ def routing_lens(
             all, an int one position, dropping the axis; a list or slice); vocabulary
             logits are large, so pass ``-1`` for the next-token prediction only.
         routers: also read every router's ``hook_out``.
+        attention_mask: ``[batch, pos]``, 1 at real tokens, for padded token ids (the
+            run's rotary positions and keys skip the padding, as in
+            ``model(tokens, attention_mask=...)``). A cache carries the mask of its run:
+            with a cache, make it with the mask instead
+            (``model.run_with_cache(tokens, attention_mask=mask)``).
 
     Returns:
         A `RoutingLens`; ``logits[-1]`` equals the model's logits (to float rounding).
 
     Raises:
         KeyError: a cache without the hooks the lens reads (`lens_hook_names`).
+        ValueError: a cache of another model, of a ``logit_positions`` run, or given with
+            an ``attention_mask``.
     """
     if isinstance(input, ActivationCache):
+        if attention_mask is not None:
+            raise ValueError(
+                "routing_lens reads a cache as its run made it; an attention_mask cannot "
+                "change that run. Pass the mask to the run: routing_lens(model, tokens, "
+                "attention_mask=mask), or model.run_with_cache(tokens, attention_mask=mask)"
+            )
         if input.model is not model:
             raise ValueError("the cache comes from another model; pass that model")
         cache = input
@@ -116,7 +130,9 @@ def routing_lens(
             model, cache.cache_dict, lens_hook_names(model, incl_mid), "routing_lens"
         )
     else:
-        _, cache = model.run_with_cache(input, names_filter=lens_hook_names(model, incl_mid))
+        _, cache = model.run_with_cache(
+            input, names_filter=lens_hook_names(model, incl_mid), attention_mask=attention_mask
+        )
     pos_slice = positions if isinstance(positions, Slice) else Slice(positions)
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True

@@ -53,9 +53,18 @@ MOTIFS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     "M3": ("older", ("attn_res",), "late", "older history through late attention routers"),
 }
 DISSOCIATIONS = {
-    "D1-attn_res": "attention routers: the top-mass family is not the top-effect family",
-    "D1-mlp_res": "MLP routers: the top-mass family is not the top-effect family",
-    "D2": "MLP routers: embedding has < 0.5x current's mass and >= 2x its effect",
+    "D1-attn_res": (
+        "attention routers: the top-mass family is not the top-effect family, and their "
+        "effect intervals are separated"
+    ),
+    "D1-mlp_res": (
+        "MLP routers: the top-mass family is not the top-effect family, and their effect "
+        "intervals are separated"
+    ),
+    "D2": (
+        "MLP routers: embedding has < 0.5x current's mass and >= 2x its harm (current's "
+        "counted as >= 0), embedding's effect interval excluding 0"
+    ),
     "D3-attn_res": (
         "attention routers: prev_completed has >= 0.10 mass, its effect's interval contains 0 "
         "or |effect| < 0.10x the top harm"
@@ -338,10 +347,8 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         )
         pc = table.loc["prev_completed"]
         top_harm = float(table.harm.max())
-        no_effect = bool(
-            pc.ci_low <= 0 <= pc.ci_high
-            or abs(pc.effect) < criteria.d3_max_effect_fraction * top_harm
-        )
+        effect_limit = criteria.d3_max_effect_fraction * top_harm
+        no_effect = bool(pc.ci_low <= 0 <= pc.ci_high or abs(pc.effect) < effect_limit)
         rows.append(
             dict(
                 claim=f"D3-{router}",
@@ -354,6 +361,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
                 ci_high=float(pc.ci_high),
                 top_effect=top_effect,
                 top_harm=top_harm,
+                effect_limit=effect_limit,
                 present=bool(pc.mass >= criteria.d3_min_mass) and no_effect,
             )
         )
@@ -525,6 +533,15 @@ def _fmt_effect(row: pd.Series) -> str:
     return f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
 
 
+def _digits_apart(value: float, other: float) -> str:
+    """``value`` with 2 significant digits, or as many as it takes to print it apart from
+    ``other`` (0.00252 next to 0.00217: "0.0025" and "0.0022")."""
+    for digits in range(2, 17):
+        if f"{value:.{digits}g}" != f"{other:.{digits}g}":
+            return f"{value:.{digits}g}"
+    return repr(value)
+
+
 def claim_text(claim: str) -> str:
     """What a claim id (`CLAIMS`) says, e.g. ``"M1"`` -> ``"embedding through early MLP
     routers"``."""
@@ -581,10 +598,23 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 f" effect {row.effect_embedding:+.2f} vs {row.effect_current:+.2f}"
             )
         else:
-            details.append(
+            detail = (
                 f"seed {seed}: mass {row.mass:.3f}, effect {_fmt_effect(row)} (top "
                 f"family {row.top_effect}, harm {row.top_harm:.2f})"
             )
+            # where the interval excludes 0, the size test decides: its two numbers, with
+            # the digits that show the comparison (2 decimals printed -0.00 against "0.10x
+            # harm 0.02" both for a seed that passed and one that failed it); missing (NaN)
+            # in rows of a report stored before the column existed
+            limit = row.get("effect_limit", np.nan)
+            if not (row.ci_low <= 0 <= row.ci_high or pd.isna(limit)):
+                size = abs(row.effect)
+                what = f" = {limit / row.top_harm:.2f}x the top harm" if row.top_harm else ""
+                detail += (
+                    f", |effect| {_digits_apart(size, limit)} "
+                    f"{'<' if size < limit else '>='} {_digits_apart(limit, size)}{what}"
+                )
+            details.append(detail)
     return head + ". " + "; ".join(details) + "."
 
 

@@ -170,12 +170,16 @@ class RunCacheDict(dict):
             which did not reach them): their tensors are not of the recorded pass.
         sliced: the hooks cached with a ``pos_slice`` that does not keep every position
             in order: their position ``p`` is not the pass's position ``p``.
+        other_hooks_ran: whether hook functions other than the caching hooks ran in the
+            pass (they may have edited activations); set by ``run_with_cache``, ``None``
+            (unknown) for a dict filled by ``add_caching_hooks``.
     """
 
     n_past: int = 0
     attention_mask: Optional[Tensor] = None
     stale: frozenset = frozenset()
     sliced: frozenset = frozenset()
+    other_hooks_ran: Optional[bool] = None
 
     def __init__(
         self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
@@ -188,7 +192,7 @@ class RunCacheDict(dict):
         """A shallow copy that keeps the record (``dict.copy`` would drop it)."""
         out = RunCacheDict(self, n_past=self.n_past)
         out.attention_mask, out.stale = self.attention_mask, self.stale
-        out.sliced = self.sliced
+        out.sliced, out.other_hooks_ran = self.sliced, self.other_hooks_ran
         return out
 
     def note_pass(
@@ -285,6 +289,7 @@ class AttnResActivationCache(ActivationCache):
         has_batch_dim: bool = True,
         n_past: Optional[int] = None,
         attention_mask: Optional[Tensor] = None,
+        other_hooks_ran: Optional[bool] = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim)
         # what the arguments declare (None: read the cache_dict's record, live, so that a
@@ -292,6 +297,12 @@ class AttnResActivationCache(ActivationCache):
         self._n_past = None if n_past is None else require_integer("n_past", n_past, 0)
         self._mask = padding_of(attention_mask)
         self._declared = n_past is not None or attention_mask is not None
+        # whether other hooks than the caching ones ran in the cached pass (`run_with_cache`
+        # records it in its RunCacheDict); None: unknown. A decomposition that cannot check
+        # itself (a names_filter dropped what it needs) refuses unless this is False
+        if other_hooks_ran is None:
+            other_hooks_ran = getattr(cache_dict, "other_hooks_ran", None)
+        self.other_hooks_ran = other_hooks_ran
 
     def _record(self) -> Optional[RunRecord]:
         inner = self.cache_dict if isinstance(self.cache_dict, RunCacheDict) else None
@@ -359,13 +370,17 @@ class AttnResActivationCache(ActivationCache):
         if self.has_batch_dim:
             rows = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
         items = _recorded(sliced.cache_dict, self, rows=rows)
-        return AttnResActivationCache(items, self.model, sliced.has_batch_dim)
+        return AttnResActivationCache(
+            items, self.model, sliced.has_batch_dim, other_hooks_ran=self.other_hooks_ran
+        )
 
     def to(self, device) -> AttnResActivationCache:
         """TransformerLens's (in place), keeping the record (the mask moves too)."""
         record = self._record()
         super().to(device)
         self.cache_dict = _recorded(self.cache_dict, record, device=device)
+        if isinstance(self.cache_dict, RunCacheDict):
+            self.cache_dict.other_hooks_ran = self.other_hooks_ran
         self._n_past, self._mask, self._declared = None, None, False
         return self
 
@@ -426,13 +441,22 @@ class AttnResActivationCache(ActivationCache):
                 out[label] = weights[..., index] + previous
         return out
 
-    def _require_decomposable(self, method: str, point: int) -> None:
+    def _require_decomposable(self, method: str, point: int, needs_embed: bool = False) -> None:
         """Refuse a cache in which the components, weighted by `routed_coefficients`, do not
         sum to the norm's input at ``point`` (to the float rounding of the cache's dtype):
         the run that made it edited a depth source, a router's copy of its sources or a
         residual hook (``patch_sources``, ``mask_sources``, a commit-hook or
         ``hook_resid_*`` edit), so no decomposition into components is exact there.
-        Skipped when the cache lacks the hooks needed to check (a ``names_filter``)."""
+
+        When a ``names_filter`` dropped the hooks needed to check, the check is skipped
+        for a cache of a pass in which only caching hooks ran (unedited, so exact);
+        otherwise (other hooks ran, or unknown) it refuses with ``KeyError`` naming them.
+        ``needs_embed``: the method sums the embedding (TransformerLens silently leaves
+        it out of a cache without ``hook_embed``), so a cache without it refuses."""
+        if needs_embed:
+            require_cached(
+                self.cache_dict, ["hook_embed"], f"this cache (cache.{method} sums the embedding)"
+            )
         coefficients = self.routed_coefficients(point)
         names = {label: _component_name(label) for label in coefficients}
         site = self.model.routing_layout.reader(point)
@@ -440,7 +464,16 @@ class AttnResActivationCache(ActivationCache):
         if target_name not in self.cache_dict or any(
             name not in self.cache_dict for name in names.values()
         ):
-            return
+            if self.other_hooks_ran is False:
+                return
+            require_cached(
+                self.cache_dict,
+                [target_name, *names.values()],
+                f"cache.{method} at {_where(self.model, point)} (other hooks than the "
+                "caching ones ran in the pass that made this cache, or it does not record "
+                "that, so they may have edited the stream; checking that the components "
+                "sum to what the norm reads needs every component and the norm's input)",
+            )
         target = self.cache_dict[target_name]
         dtype = torch.promote_types(target.dtype, torch.float32)
         total = torch.zeros(target.shape, dtype=dtype, device=target.device)
@@ -505,7 +538,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("decompose_resid")
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
-        self._require_decomposable("decompose_resid", point)
+        self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
         cache = self if is_single_stream(self.model, point) else self._routed_view(point)
         return ActivationCache.decompose_resid(
@@ -599,7 +632,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("get_full_resid_decomposition")
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
-        self._require_decomposable("get_full_resid_decomposition", point)
+        self._require_decomposable("get_full_resid_decomposition", point, needs_embed=True)
         self._warn_unfolded(point, apply_ln)
         cache = self if is_single_stream(self.model, point) else self._routed_view(point)
         return ActivationCache.get_full_resid_decomposition(

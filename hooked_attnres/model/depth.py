@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Literal, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -167,6 +167,17 @@ SiteLike = Union[RouterSite, tuple]
 Payload = TypeVar("Payload")
 
 
+class _Unrecorded:
+    """The type of `UNRECORDED`."""
+
+    def __repr__(self) -> str:
+        return "UNRECORDED"
+
+
+# the padding of a DepthState built by hand: not known (None means "no padding")
+UNRECORDED: Any = _Unrecorded()
+
+
 @dataclass
 class DepthState(Generic[Payload]):
     """The depth sources between two sublayers.
@@ -181,11 +192,20 @@ class DepthState(Generic[Payload]):
             committed).
         current: the running source, read last by every router.
         current_is_committed: ``current`` is a finished block (kimi / full layouts).
+        entering_sublayer: (keyword) the sublayer index the state enters, recorded by
+            `HookedAttnRes.depth_states` / ``stop_at_layer``; ``None``: not recorded.
+        padding: (keyword) ``[batch, pos]`` bool, True at real tokens, of the pass that
+            made the state where its ``attention_mask`` marked padding; ``None`` for a
+            pass without padding; `UNRECORDED` (the default) for a state built by hand,
+            which resumes only with an explicit ``attention_mask=``. Both records survive
+            ``dataclasses.replace`` and `gather_positions`.
     """
 
     blocks: list[Payload]
     current: Payload
     current_is_committed: bool = False
+    entering_sublayer: Optional[int] = field(default=None, kw_only=True, compare=False, repr=False)
+    padding: Any = field(default=UNRECORDED, kw_only=True, compare=False, repr=False)
 
     @property
     def sources(self) -> list[Payload]:
@@ -583,15 +603,24 @@ class RoutingLayout:
 
 def gather_positions(state: DepthState, positions: Tensor) -> DepthState:
     """The state at one position per prompt: every source ``[batch, pos, d_model]`` becomes
-    ``[batch, 1, d_model]`` (``positions`` is ``[batch]``)."""
+    ``[batch, 1, d_model]`` (``positions`` is ``[batch]``); its recorded padding becomes
+    that of the gathered positions (``None`` where they are all real tokens)."""
     rows = torch.arange(state.current.shape[0], device=state.current.device)
     positions = positions.to(state.current.device)
 
     def gather(source: Tensor) -> Tensor:
         return source[rows, positions].unsqueeze(1)
 
+    padding = state.padding
+    if isinstance(padding, Tensor):
+        padding = padding[rows, positions.to(padding.device)].unsqueeze(1)
+        padding = None if bool(padding.all()) else padding
     return DepthState(
-        [gather(block) for block in state.blocks], gather(state.current), state.current_is_committed
+        [gather(block) for block in state.blocks],
+        gather(state.current),
+        state.current_is_committed,
+        entering_sublayer=state.entering_sublayer,
+        padding=padding,
     )
 
 

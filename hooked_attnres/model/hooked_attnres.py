@@ -23,6 +23,7 @@ from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
 from hooked_attnres.model.depth import (
+    UNRECORDED,
     DepthState,
     RouterSite,
     RoutingLayout,
@@ -41,22 +42,27 @@ from hooked_attnres.model.tokenization import TokenizerMixin
 from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
-# attribute of a DepthState returned by depth_states / stop_at_layer: the sublayer it enters
-_ENTERING = "_entering_sublayer"
-# and the padding of the pass that made it (``None``: no padding), which a resumed pass
-# must share: padding moves the rotary positions and the keys a query attends to
-_MADE_WITH_MASK = "_made_with_padding"
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
 
 
 def _check_same_padding(
-    state: object, mask: Optional[Bool[Tensor, "batch pos"]], where: str
+    state: DepthState, mask: Optional[Bool[Tensor, "batch pos"]], where: str
 ) -> None:
-    """Refuse to resume a state from `depth_states` / ``stop_at_layer`` with other padding
-    than the pass that made it (a state built by hand records none and is not checked)."""
-    if not hasattr(state, _MADE_WITH_MASK):
-        return
-    made_with = getattr(state, _MADE_WITH_MASK)
+    """Refuse to resume a state with other padding than the pass that made it recorded
+    (`DepthState.padding`), and a state built by hand, which records none, without an
+    explicit ``attention_mask``: padding moves the rotary positions and the keys a query
+    attends to, so a guess would silently give other logits."""
+    made_with = state.padding
+    if made_with is UNRECORDED:
+        if mask is not None:
+            return  # the caller says which padding the hand-built state has
+        raise ValueError(
+            f"{where}: this DepthState was built by hand (DepthState(...)) and does not "
+            "record the padding of the pass that made it, which would change the logits. "
+            "Pass attention_mask= (that pass's mask; torch.ones(batch, pos) if it had no "
+            "padding), or derive the state with dataclasses.replace(state, ...) from a "
+            "depth_states / stop_at_layer state, which keeps its record"
+        )
     if same_padding(made_with, mask):
         return
     made = "without padding" if made_with is None else "with an attention_mask marking padding"
@@ -324,7 +330,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"{self.cfg.attnres_layout!r} layout expects {n_blocks} blocks and "
                 f"current_is_committed={committed}"
             )
-        made_for = getattr(state, _ENTERING, None)
+        made_for = state.entering_sublayer
         expected = sublayer_index(layer, sublayer)
         if made_for is not None and made_for != expected:
             raise ValueError(
@@ -536,7 +542,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             mask = self._validate_attention_mask(
                 attention_mask, tuple(state.current.shape[:2]), state.current.device
             )
-            _check_same_padding(input, mask, f"start_at_layer={layers.start}")
+            _check_same_padding(state, mask, f"start_at_layer={layers.start}")
         if logit_positions is not None:
             if stop_at_layer is not None or return_type not in ("logits", None):
                 raise ValueError(
@@ -559,8 +565,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                     logit_positions,
                 )
                 if stop_at_layer is not None:
-                    setattr(state, _ENTERING, 2 * layers.stop)
-                    setattr(state, _MADE_WITH_MASK, padding_of(mask))
+                    state.entering_sublayer = 2 * layers.stop
+                    state.padding = padding_of(mask)
                     return state
                 logits = self._unembed(state, shared_sums)
             if return_type == "logits":
@@ -724,8 +730,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 states.append(state)
         padding = padding_of(mask)
         for index, entering in enumerate(states):  # so that a state cannot enter elsewhere
-            setattr(entering, _ENTERING, index if sublayers else 2 * index)
-            setattr(entering, _MADE_WITH_MASK, padding)
+            entering.entering_sublayer = index if sublayers else 2 * index
+            entering.padding = padding
         return states
 
     @guarded_pass
@@ -748,7 +754,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 at one position per prompt.
             attention_mask: ``[batch, pos]``, as in `forward` (for padded prompts): the
                 mask of the pass that made ``state`` (other padding raises ``ValueError``
-                for a state from `depth_states` / ``stop_at_layer``, which records it).
+                for a state from `depth_states` / ``stop_at_layer``, which records it in
+                `DepthState.padding`; a state built by hand records none and needs this
+                argument, all ones for prompts without padding).
 
         Hooks fire as in a full forward pass, from the sublayer on.
         """
@@ -759,12 +767,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"
             )
         layer, is_mlp = divmod(sublayer, 2)
-        given = state
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device
         )
-        _check_same_padding(given, mask, "forward_from")
+        _check_same_padding(state, mask, "forward_from")
         if logit_positions is not None:
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)

@@ -97,12 +97,28 @@ def _describe_shape_change(name: str, expected: tuple, found: tuple) -> str:
     return message
 
 
+# per thread: how many hook functions other than caching hooks have run (a pass and its
+# hooks run in one thread); `run_with_cache` compares it before and after its pass
+_OTHER_HOOK_CALLS = threading.local()
+
+
+def other_hook_calls() -> int:
+    """How many hook functions that are not caching hooks (`get_caching_hooks`) this thread
+    has run through `shape_checked` (every hook added by ``add_hook``, ``hooks``,
+    ``run_with_hooks``): a pass during which it grows may have edited activations."""
+    return getattr(_OTHER_HOOK_CALLS, "count", 0)
+
+
 def shape_checked(fn: Callable) -> Callable:
-    """``fn`` as a hook that raises `HookOutputError` if it changes its activation's shape."""
+    """``fn`` as a hook that raises `HookOutputError` if it changes its activation's shape
+    (and counts its calls in `other_hook_calls` unless it only caches)."""
     if getattr(fn, "_shape_checked", False):
         return fn
+    caches_only = getattr(fn, "_caches_only", False)
 
     def checked(tensor, hook):
+        if not caches_only:
+            _OTHER_HOOK_CALLS.count = other_hook_calls() + 1
         out = fn(tensor, hook=hook)
         if out is None or not isinstance(tensor, Tensor):
             return out
@@ -419,6 +435,7 @@ class HookedModule(HookedRootModule):
         forward = partial(save_hook, is_backward=False)
         backward = partial(save_hook, is_backward=True)
         forward._caches_only = True  # type: ignore[attr-defined]  # never edits
+        backward._caches_only = True  # type: ignore[attr-defined]
         for name in self.hook_dict:
             if wanted(name):
                 fwd_hooks.append((name, forward))
@@ -474,12 +491,18 @@ class HookedModule(HookedRootModule):
             is the sequence's position ``n_past``. Its ``attention_mask`` is the pass's
             ``[batch, pos]`` mask (bool) where it marks padding, ``None`` otherwise: the
             patching sweeps refuse a clean cache made with another mask than theirs.
+            Its ``other_hooks_ran`` says whether hooks other than the caching ones ran
+            in the pass (they may have edited activations): the residual decompositions
+            of a cache whose ``names_filter`` dropped the hooks that check them then
+            refuse.
         """
+        before = other_hook_calls()
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         # made by get_caching_hooks, whose hooks recorded the pass's n_past and mask
         assert isinstance(cache_dict, RunCacheDict)
+        cache_dict.other_hooks_ran = other_hook_calls() != before
         if not return_cache_object:
             return out, cache_dict
         # the cache object takes the dict's record (n_past, attention_mask)

@@ -113,6 +113,18 @@ def hook_signature(model: nn.Module) -> tuple:
     return tuple(found)
 
 
+def backward_hook_places(model: nn.Module) -> list[str]:
+    """Where a backward hook or backward pre-hook is attached to ``model`` (TransformerLens
+    ``bwd_hooks`` are such hooks): the names of those submodules, and ``"<global>"`` for a
+    global module backward hook; ``[]`` when none is. A backward hook that returns a
+    tensor replaces the gradient flowing through its module."""
+    found = ["<global>"] if any(_global_hook_dicts()[2:]) else []  # backward, backward-pre
+    for name, module in model.named_modules():
+        if any(_module_hook_dicts(module)[2:]):
+            found.append(name or "<model>")
+    return found
+
+
 def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     """Every module of ``model`` (itself included, each once, in no fixed order), or
     ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of

@@ -276,11 +276,13 @@ def source_dots(
 def add_recency_bias(
     logits: Float[Tensor, "n_sources batch pos"], bias: Optional[Float[Tensor, ""]]
 ) -> Float[Tensor, "n_sources batch pos"]:
-    """``logits`` plus ``bias`` on the last source (``logits`` itself without a bias)."""
+    """``logits`` plus ``bias`` on the last source (``logits`` itself without a bias).
+    ``logits`` is ``[n_sources, *rest]`` for any ``rest`` (``[pos]`` for the sources of a
+    cache without a batch axis, as `DepthRouter.mix` may be given)."""
     if bias is None:
         return logits
     pad = F.pad(bias.to(logits.dtype).reshape(1), (logits.shape[0] - 1, 0))
-    return logits + pad[:, None, None]
+    return logits + pad.reshape(-1, *([1] * (logits.ndim - 1)))
 
 
 def source_logits(

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Union
 import pandas as pd
 
 from hooked_attnres._validation import first_non_finite
-from hooked_attnres.analysis.motifs import CLAIMS, PREREGISTERED, claim_text, same_top_family
+from hooked_attnres.analysis.motifs import (
+    CLAIMS,
+    PREREGISTERED,
+    PREREGISTERED_CONFIDENCE,
+    claim_text,
+    same_top_family,
+)
+from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.conditions import get_condition
 
@@ -42,30 +49,43 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def _conclusion(result: StudyResult) -> list[str]:
-    """Sentences that summarise the verdicts (generated from the numbers)."""
+    """Sentences that summarise the verdicts (generated from the numbers), in the
+    pre-registered words (replicated, majority, minority, absent; single seed)."""
     verdicts = result.verdicts
     if verdicts.empty:
         return []
-    trained = [c for c in dict.fromkeys(verdicts.condition) if get_condition(c).kind == "attnres"]
+    names = list(dict.fromkeys(verdicts.condition))
+    trained = [c for c in names if get_condition(c).kind == "attnres"]
     lines = []
     for claim in CLAIMS:
-        rows = verdicts[(verdicts.claim == claim) & verdicts.condition.isin(trained)]
-        if rows.empty:
+        rows = verdicts[verdicts.claim == claim]
+        ours = rows[rows.condition.isin(trained)]
+        if ours.empty:
             continue
-        seeded = rows[rows.n > 1]  # one seed replicates nothing (amendment 3)
+        seeded = ours[ours.n > 1]  # one seed replicates nothing (amendment 3)
         held = [
-            f"{r.condition} ({r.k}/{r.n})"
+            f"{r.condition} {r.k}/{r.n} {r.verdict}"
             for r in seeded.itertuples()
             if r.verdict in ("replicated", "majority")
         ]
         line = (
-            f"{claim}: {'holds in ' + ', '.join(held) if held else 'does not hold'} "
-            f"({len(held)} of {len(seeded)} trained conditions with several seeds hold it in "
-            "a majority of seeds)"
+            f"{claim}: replicated or majority in {len(held)} of {len(seeded)} Block AttnRes "
+            "conditions with several seeds" + (f" ({', '.join(held)})" if held else "")
         )
-        single = rows[(rows.n == 1) & (rows.k == 1)]
-        if not single.empty:
-            line += f"; present in the single seed of {', '.join(single.condition)}"
+        minority = [
+            f"{r.condition} {r.k}/{r.n}" for r in seeded.itertuples() if r.verdict == "minority"
+        ]
+        if minority:
+            line += f"; minority in {', '.join(minority)}"
+        for r in ours[ours.n == 1].itertuples():
+            line += f"; {'present' if r.k else 'absent'} in the single seed of {r.condition}"
+        if (ours.k == 0).all():  # docs/study.md: "reported as not replicated"
+            line += "; absent in every seed of every Block AttnRes condition: not replicated"
+        baselines = rows[~rows.condition.isin(trained)]
+        if not baselines.empty:
+            line += "; recency-wrapped vanilla baselines: " + ", ".join(
+                f"{r.condition} {r.k}/{r.n} {r.verdict}" for r in baselines.itertuples()
+            )
         lines.append(line + ".")
     lines += _as_written_lines(result)
     d1 = result.motifs[
@@ -73,17 +93,24 @@ def _conclusion(result: StudyResult) -> list[str]:
     ]
     if not d1.empty:
         lines.append(
-            f"Across trained conditions, seeds and router types, the top-mass family was not the "
-            f"top-effect family with separated intervals (D1) in {int(d1.present.sum())} of "
-            f"{len(d1)} cases; the same family was on top of both in "
+            f"Across Block AttnRes conditions, seeds and router types, the top-mass family was "
+            f"not the top-effect family with separated intervals (D1) in "
+            f"{int(d1.present.sum())} of {len(d1)} cases; the same family was on top of both in "
             f"{sum(map(same_top_family, d1.top_mass, d1.top_effect))}."
         )
     if not result.robustness.empty or not result.fresh_motifs.empty:
         n = len(result.motifs)
+        changed = "".join(
+            f"{'; ' if i else ': '}{r.condition} seed {r.seed} {r.claim} "
+            f"{'present' if r.present_first else 'absent'} -> "
+            f"{'present' if r.present_second else 'absent'}"
+            for i, r in enumerate(result.robustness.itertuples())
+        )
         lines.append(
             f"On a second, disjoint set of {result.settings.get('n_prompts', '?')} "
-            f"held-out prompts per model, {len(result.robustness)} of {n} per-seed "
-            "verdicts changed."
+            f"held-out prompts per model (data seed "
+            f"{result.settings.get('fresh_probe_seed', '?')}), {len(result.robustness)} of {n} "
+            f"per-seed verdicts changed{changed}."
         )
     return lines
 
@@ -141,7 +168,7 @@ def _schedule_sentences(result: StudyResult) -> list[str]:
         largest = float(part.max())
         threshold = PREREGISTERED.schedule_max_deviation
         ok = "holds" if largest <= threshold else "does not hold"
-        written = f"{threshold:.0e}".replace("e-0", "e-")  # 1e-6, as docs/study.md writes it
+        written = _written(threshold)
         out.append(
             f"Recency-wrapped {condition}: the routing equals the analytic schedule to "
             f"{_deviation_text(largest, threshold)} (largest |measured - predicted| family "
@@ -160,6 +187,81 @@ def _claim_legend() -> pd.DataFrame:
             "claim": [claim_text(c) for c in CLAIMS],
         }
     )
+
+
+def _setting(result: StudyResult, name: str):
+    """A study setting from ``result.settings``, or `run_study`'s value where a result
+    built by hand lacks it."""
+    from hooked_attnres.study import run
+
+    defaults = {
+        "probe_seed": run.PROBE_SEED,
+        "fresh_probe_seed": run.FRESH_PROBE_SEED,
+        "recency_bias": run.RECENCY_BIAS,
+        "confidence": PREREGISTERED_CONFIDENCE,
+    }
+    return result.settings.get(name, defaults.get(name, "?"))
+
+
+def model_text(condition: str, recency_bias: float) -> str:
+    """What model a condition's numbers were measured on: a Block AttnRes checkpoint as
+    trained, or a vanilla Qwen3 checkpoint through the recency wrap (`load_condition`),
+    whose function is not the plain model's."""
+    recipe = get_condition(condition)
+    if recipe.kind == "attnres":
+        return f"Block AttnRes, {recipe.layout}, as trained"
+    return (
+        f"vanilla Qwen3 through the recency wrap ({recipe.num_blocks} blocks, recency bias "
+        f"{recency_bias:g}), not the plain model"
+    )
+
+
+def _written(threshold: float) -> str:
+    """A small threshold as docs/study.md writes it: 1e-6, not 1e-06."""
+    return f"{threshold:.0e}".replace("e-0", "e-")
+
+
+def _criteria(result: StudyResult) -> list[str]:
+    """The pre-registered criteria in the words and formulas of docs/study.md, with the
+    thresholds the verdicts were decided by (`PREREGISTERED`) and the bands of the
+    studied depths."""
+    c = PREREGISTERED
+    names = dict.fromkeys(result.verdicts.condition)
+    depths = sorted({get_condition(name).n_layers for name in names})
+    bands = "; ".join(
+        f"{n} layers: "
+        + ", ".join(f"{b} {layers[0]}-{layers[-1]}" for b, layers in depth_bands(n).items())
+        for n in depths
+    )
+    level = f"{100 * float(_setting(result, 'confidence')):g} %"
+    return [
+        "Criteria (pre-registered in docs/study.md on 2026-11-28, with its amendments 1-4), "
+        f"on {level} percentile-bootstrap intervals over prompts. effect(f, r, g) is the mean "
+        "change of the logit difference when family f is masked (mask-and-renormalise) at the "
+        "routers of type r in group g (a depth band, thirds of the layers: "
+        f"{bands}; or all, every layer); harm = -effect; clean is the mean clean logit "
+        "difference; mass(f, r) is the mean routing mass of family f over every router of "
+        "type r (band all).",
+        "A motif (f, r, band) is present in a seed when all three hold: (1) harmful: "
+        "ci_high < 0 for effect(f, r, band) (the interval excludes 0); (2) large: harm >= "
+        f"{c.min_effect_fraction:g} * clean (applied only when clean > 0, amendment 1), or the "
+        "accuracy effect of the same ablation is at most "
+        f"-{c.min_accuracy_drop:g} ({100 * c.min_accuracy_drop:g} points); (3) localised: band "
+        "is the band where family f at router type r does the most harm (largest harm of "
+        "early, middle, late; a tie counts as localised). M2 must hold at attention routers "
+        "and at MLP routers (M2-attn and M2-mlp).",
+        "Dissociations (group all). D1, per router type: the top-mass family (largest "
+        "mass(f, r)) is not the top-effect family (largest harm), and their effect intervals "
+        "are separated (the top-effect family's ci_high is below the top-mass family's "
+        "ci_low); every family tied for a top must satisfy this (amendment 4). D2, MLP "
+        f"routers: mass(embedding) < {c.d2_mass_ratio:g} * mass(current), and "
+        f"harm(embedding) >= {c.d2_effect_ratio:g} * max(harm(current), 0) with the embedding "
+        "effect's interval excluding 0 (ci_high < 0). D3, per router type: "
+        f"mass(prev_completed) >= {c.d3_min_mass:.2f}, and its effect interval contains 0 or "
+        f"|effect(prev_completed)| < {c.d3_max_effect_fraction:.2f} * harm(top-effect "
+        "family). The schedule claim holds when the largest |measured - predicted| family "
+        f"mass is at most {_written(c.schedule_max_deviation)} (amendment 2).",
+    ]
 
 
 def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -207,6 +309,35 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     return blocks
 
 
+def _accuracy_blocks(result: StudyResult) -> list[Block]:
+    """The accuracy table, each row saying which model it scored on which prompts."""
+    bias = float(_setting(result, "recency_bias"))
+    prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
+    table = result.accuracy[["condition", "seed", "n_prompts", "accuracy", "logit_diff"]].copy()
+    table.insert(2, "model", [model_text(c, bias) for c in table.condition])
+    table.insert(3, "prompts", prompts)
+    text = (
+        "Each row scores the model named in its model column, the one every mass and ablation "
+        "of this report was measured on, on n_prompts held-out probe prompts of its "
+        f"condition's task ({prompts}; not the prompts the trainer evaluated on, data seed 0): "
+        "accuracy is the fraction of those prompts whose largest logit at the answer position "
+        "is the answer; logit_diff is the mean logit difference there, answer minus contrast "
+        "(the clean logit difference every effect is compared with)."
+    )
+    if any(get_condition(c).kind == "vanilla" for c in dict.fromkeys(table.condition)):
+        text += (
+            " A vanilla condition's rows are not the trained Qwen3's own accuracy: its "
+            "checkpoint is loaded through the recency wrap, which computes another function "
+            "(docs/loading.md); the accuracies in each checkpoint's metrics.json are the plain "
+            "model's on the trainer's held-out prompts."
+        )
+    return [
+        ("h2", "Accuracy on the held-out probe prompts"),
+        ("p", text),
+        ("table", table.round({"accuracy": 3, "logit_diff": 2})),
+    ]
+
+
 def document(result: StudyResult) -> list[Block]:
     """The report's content, top to bottom: the question, the verdicts, accuracy, the
     figures, the tables, the settings."""
@@ -220,31 +351,24 @@ def document(result: StudyResult) -> list[Block]:
         blocks += [
             (
                 "p",
-                "Per condition and claim, the seeds in which the claim holds (pre-registered "
-                "words: replicated = every seed, majority = more than half, minority, "
-                "absent = none; single seed = the one seed of a condition with one, "
-                "amendment 3). The claims:",
+                "Per condition and claim, the seeds in which the claim holds, k of n, in the "
+                "pre-registered words: replicated (k = n), majority (n/2 < k < n), minority "
+                "(0 < k <= n/2), absent (k = 0); single seed (k = n = 1, amendment 3: one seed "
+                "replicates nothing). The claims:",
             ),
             ("table", _claim_legend()),
+            *[("p", text) for text in _criteria(result)],
             ("table", verdict_matrix(result.verdicts)),
         ]
         for condition in dict.fromkeys(result.verdicts.condition):
             recipe = get_condition(condition)
-            kind = (
-                "Block AttnRes, " + str(recipe.layout)
-                if recipe.kind == "attnres"
-                else "vanilla Qwen3, recency-wrapped"
-            )
+            kind = model_text(condition, float(_setting(result, "recency_bias")))
             blocks.append(
                 ("h3", f"{condition} ({kind}, {recipe.n_layers} layers, task {recipe.task})")
             )
             rows = result.verdicts[result.verdicts.condition == condition]
             blocks += [("li", sentence) for sentence in rows.sentence]
-    accuracy = result.accuracy[["condition", "seed", "accuracy", "logit_diff", "n_prompts"]]
-    blocks += [
-        ("h2", "Accuracy on the held-out probe prompts"),
-        ("table", accuracy.round({"accuracy": 3, "logit_diff": 2})),
-    ]
+    blocks += _accuracy_blocks(result)
     if result.figures:
         blocks += [
             ("h2", "Figures"),
