@@ -26,6 +26,7 @@ _LAZY = {
     "AttnResActivationCache": "hooked_attnres.model.cache",
     "RoutedResidualPatchWarning": "hooked_attnres.model.hooked_root",
     "UnfoldedNormWarning": "hooked_attnres.model.cache",
+    "RunCacheDict": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
     "CheckpointConflictError": "hooked_attnres.loading",
@@ -49,7 +50,11 @@ if TYPE_CHECKING:
     from hooked_attnres.loading import CheckpointConflictError
     from hooked_attnres.loading.io import CheckpointError
     from hooked_attnres.model.attention import KeyValueCache
-    from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
+    from hooked_attnres.model.cache import (
+        AttnResActivationCache,
+        RunCacheDict,
+        UnfoldedNormWarning,
+    )
     from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
     from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
     from hooked_attnres.model.hooked_root import (
@@ -92,6 +97,7 @@ __all__ = [
     "RoutedResidualPatchWarning",
     "RouterSite",
     "RoutingLayout",
+    "RunCacheDict",
     "UnfoldedNormWarning",
     "UnknownHookError",
     "__version__",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import randomize_routing, tiny_model
 
+from hooked_attnres import RunCacheDict
 from hooked_attnres.interventions import (
     commit_hook_name,
     depth_bands,
@@ -712,9 +713,12 @@ def test_set_weights_from_a_cache_of_another_batch_or_length_is_refused_not_broa
         ValueError, match=r"the cache has \[batch, pos\] = \[1, 9\] but this run has \[3, 9\]"
     ):
         model.run_with_hooks(tokens, fwd_hooks=set_weights(model, one_prompt, layers=2))
-    _, last_position = model.run_with_cache(tokens, pos_slice=[-1])
+    _, last_position = model.run_with_cache(tokens[:, -1:])
     with pytest.raises(ValueError, match=r"\[3, 1\] but this run has \[3, 9\]"):
         model.run_with_hooks(tokens, fwd_hooks=set_weights(model, last_position, layers=2))
+    _, sliced = model.run_with_cache(tokens, pos_slice=[-1])  # refused as it is made
+    with pytest.raises(ValueError, match=r"were cached with a pos_slice that drops or reorders"):
+        set_weights(model, sliced, layers=2)
     # a tensor meant to broadcast still does; a dict by site names what it lacks
     site = model.site(2, "mlp_res")
     uniform = torch.full((model.routing_layout.n_sources(site),), 1 / 3)
@@ -875,6 +879,215 @@ def test_a_cache_object_built_around_a_run_cache_dict_keeps_its_record():
             rtol=0,
             atol=0,
         )
+
+
+def _kv_chunk_and_whole(model, tokens, return_cache_object=True):
+    """The cache of ``tokens[:, 3:]`` run after 3 key-value cached positions, and of the
+    same tokens as a whole run."""
+    from hooked_attnres import KeyValueCache
+
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :3], past_kv_cache=kv)
+    _, chunk = model.run_with_cache(
+        tokens[:, 3:], past_kv_cache=kv, return_cache_object=return_cache_object
+    )
+    _, whole = model.run_with_cache(tokens[:, 3:], return_cache_object=return_cache_object)
+    return chunk, whole
+
+
+RECORDS_NOTHING = "does not record the pass that made it .* hooked_attnres.RunCacheDict"
+
+
+def test_a_cache_that_records_no_pass_is_refused_and_a_declared_one_is_exact():
+    """A plain ``dict`` of tensors (``{k: v for k, v in cache.items()}``,
+    ``dict(cache.cache_dict)``, ``torch.load``), or a cache object around one
+    (``ActivationCache(d, model)``, ``AttnResActivationCache(d, model)``, which took it as
+    a whole unpadded run), records neither ``n_past`` nor the mask; it was taken as it
+    was. A key-value chunk's plain dict into a whole run of its length: set_weights 0.38
+    logits off the same intervention from a whole run's cache (kimi; 0.41 full),
+    patch_committed 0.39, patch_sources 0.24; the routing-weight sweep 0.049 off on a
+    metric of 0.05 (full). A padded run's plain dict into an unpadded run: 0.24 (kimi),
+    0.41 (full). Refused now, saying what to pass; a dict declared as
+    ``RunCacheDict(tensors, n_past=..., attention_mask=...)`` is checked by its record."""
+    from transformer_lens import ActivationCache
+
+    from hooked_attnres.analysis import attribution_patch_routing_weights
+    from hooked_attnres.model.cache import AttnResActivationCache
+    from hooked_attnres.patching import get_act_patch_depth_state, get_act_patch_routing_weights
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    chunk, whole = _kv_chunk_and_whole(model, tokens)
+    plain = {name: tensor for name, tensor in chunk.items()}
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    _, padded = model.run_with_cache(tokens, attention_mask=mask)
+
+    def metric(logits):
+        return logits[:, -1, 3].mean()
+
+    builds = (
+        lambda cache: set_weights(model, cache),
+        lambda cache: patch_sources(model, "current", cache),
+        lambda cache: patch_committed(model, "block_1", cache),
+    )
+    sweeps = (
+        get_act_patch_routing_weights,
+        get_act_patch_depth_state,
+        attribution_patch_routing_weights,
+    )
+    for unrecorded in (plain, ActivationCache(plain, model), AttnResActivationCache(plain, model)):
+        for build in builds:
+            with pytest.raises(ValueError, match=RECORDS_NOTHING):
+                build(unrecorded)
+        for sweep in sweeps:
+            with pytest.raises(ValueError, match="the clean cache .*" + RECORDS_NOTHING):
+                sweep(model, tokens[:, 3:], unrecorded, metric)
+    # declared: the chunk's tensors as what they are (refused), the whole run's as a whole
+    # unpadded run (the numbers of run_with_cache's own cache), the padded run's with its mask
+    declared_chunk = RunCacheDict(plain, n_past=3)
+    declared_whole = RunCacheDict({name: tensor for name, tensor in whole.items()}, n_past=0)
+    declared_padded = RunCacheDict(dict(padded.cache_dict), attention_mask=mask)
+    for build in builds:
+        with pytest.raises(ValueError, match="comes from a pass after 3 cached positions"):
+            build(declared_chunk)
+        with pytest.raises(ValueError, match="was made with an attention_mask marking 4"):
+            model.run_with_hooks(tokens, fwd_hooks=build(declared_padded))
+        for declared, cache, run, run_mask in (
+            (declared_whole, whole, tokens[:, 3:], None),
+            (declared_padded, padded, tokens, mask),
+        ):
+            torch.testing.assert_close(
+                model.run_with_hooks(run, attention_mask=run_mask, fwd_hooks=build(declared)),
+                model.run_with_hooks(run, attention_mask=run_mask, fwd_hooks=build(cache)),
+                rtol=0,
+                atol=0,
+            )
+    for sweep in sweeps:
+        torch.testing.assert_close(
+            sweep(model, tokens[:, 3:], declared_whole, metric),
+            sweep(model, tokens[:, 3:], whole, metric),
+            rtol=0,
+            atol=0,
+            equal_nan=True,
+        )
+
+
+def test_transformerlens_cache_methods_keep_the_record_or_lose_it_detectably():
+    """TransformerLens's ``ActivationCache`` methods that make a new ``cache_dict`` (``to``,
+    ``apply_slice_to_batch_dim``) put plain dicts in it, and ``dict.copy`` returns a plain
+    dict: a key-value chunk's record was dropped there and the chunk was patched into a
+    whole run (0.38 logits off, kimi: ``ActivationCache(cache.to(d).cache_dict, model)``,
+    ``ActivationCache(run_cache_dict, model).to(d)`` / ``.apply_slice_to_batch_dim``,
+    ``cache_dict.copy()``). An ``AttnResActivationCache`` made around the dict of
+    ``add_caching_hooks`` before its passes kept n_past = 0 (0.38 off). Now our cache's
+    ``to`` / ``apply_slice_to_batch_dim`` (a list of rows too) / ``remove_batch_dim`` and
+    ``RunCacheDict.copy`` keep the record, the cache object reads its dict's record as it
+    is now, and what TransformerLens's own class drops is refused (records nothing)."""
+    from transformer_lens import ActivationCache
+
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    chunk, _ = _kv_chunk_and_whole(model, tokens)
+    chunk_dict, _ = _kv_chunk_and_whole(model, tokens, return_cache_object=False)
+    chunk_message = "comes from a pass after 3 cached positions"
+    kept = {
+        "to": chunk.to("cpu"),
+        "to().cache_dict": ActivationCache(chunk.to("cpu").cache_dict, model),
+        "apply_slice_to_batch_dim([1, 0])": chunk.apply_slice_to_batch_dim([1, 0]),
+        "its cache_dict": ActivationCache(chunk.apply_slice_to_batch_dim([1, 0]).cache_dict, model),
+        "copy()": chunk_dict.copy(),
+    }
+    chunk.toggle_autodiff(torch.is_grad_enabled())  # global state only
+    for what, cache in kept.items():
+        assert cache is not None and what
+        with pytest.raises(ValueError, match=chunk_message):
+            set_weights(model, cache)
+    one = chunk.apply_slice_to_batch_dim(slice(1, 2)).remove_batch_dim()
+    assert one.n_past == 3 and not one.has_batch_dim
+    for lost in (
+        ActivationCache(chunk_dict, model).to("cpu"),
+        ActivationCache(chunk_dict, model).apply_slice_to_batch_dim([0, 1]),
+        dict(chunk_dict),
+    ):
+        with pytest.raises(ValueError, match=RECORDS_NOTHING):
+            set_weights(model, lost)
+    # the mask follows a list of rows: rows [1, 0] of a padded cache patch as the padded
+    # cache of the rows [1, 0]
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    _, padded = model.run_with_cache(tokens, attention_mask=mask)
+    swapped = padded.apply_slice_to_batch_dim([1, 0])
+    assert torch.equal(swapped.attention_mask, mask[[1, 0]].bool())
+    assert torch.equal(swapped.cache_dict.attention_mask, mask[[1, 0]].bool())
+    assert padded.apply_slice_to_batch_dim([0]).attention_mask is None  # an unpadded row
+    _, of_rows = model.run_with_cache(tokens[[1, 0]], attention_mask=mask[[1, 0]])
+    rows, rows_mask = tokens[[1, 0]], mask[[1, 0]]
+    torch.testing.assert_close(
+        model.run_with_hooks(rows, attention_mask=rows_mask, fwd_hooks=set_weights(model, swapped)),
+        model.run_with_hooks(rows, attention_mask=rows_mask, fwd_hooks=set_weights(model, of_rows)),
+        rtol=0,
+        atol=1e-6,  # another batch order rounds differently
+    )
+    with pytest.raises(ValueError, match="was made with an attention_mask marking 4"):
+        model.run_with_hooks(tokens[[1, 0]], fwd_hooks=set_weights(model, swapped))
+    # a cache object made around the caching hooks' dict before its passes reads the
+    # dict's record as it is when used
+    from hooked_attnres import KeyValueCache
+
+    kv = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :3], past_kv_cache=kv)
+    added = model.add_caching_hooks()
+    early = AttnResActivationCache(added, model)
+    model(tokens[:, 3:], past_kv_cache=kv)
+    model.reset_hooks()
+    assert early.n_past == 3
+    with pytest.raises(ValueError, match=chunk_message):
+        set_weights(model, early)
+
+
+def test_caching_hooks_refuse_hooks_an_earlier_pass_with_another_mask_filled():
+    """Caching hooks kept over a padded whole pass and then an unpadded pass that stops
+    after layer 0 hold the padded pass's tensors at the later layers, but recorded the
+    last pass only ("no padding"): layer 2's weights were patched into an unpadded run
+    (0.41 logits off the unpadded run's own weights, full; 0.006 kimi). The hooks the
+    last pass did not refill are now refused by name; the ones it did refill patch as
+    the unpadded run's cache does."""
+    from hooked_attnres.patching import get_act_patch_routing_weights
+
+    model = routed("full")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    cache, fwd, _ = model.get_caching_hooks()
+    with model.hooks(fwd_hooks=fwd):
+        model(tokens, attention_mask=mask)
+        model(tokens, stop_at_layer=1)
+    _, unpadded = model.run_with_cache(tokens)
+    late, early = model.site(2, "attn_res"), model.site(0, "mlp_res")
+    with pytest.raises(ValueError, match=r"blocks.2.attn_res.hook_weights'\] were last filled by"):
+        set_weights(model, cache, routers=[late])
+    assert cache.attention_mask is None and late.hook("weights") in cache.stale
+    with pytest.raises(ValueError, match="were last filled by an earlier pass"):
+        get_act_patch_routing_weights(model, tokens, cache, lambda logits: logits.sum())
+    torch.testing.assert_close(
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, cache, routers=[early])),
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, unpadded, routers=[early])),
+        rtol=0,
+        atol=0,
+    )
+    # a later whole pass refills every hook: nothing is stale
+    with model.hooks(fwd_hooks=fwd):
+        model(tokens)
+    assert cache.stale == frozenset()
+    torch.testing.assert_close(
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, cache, routers=[late])),
+        model.run_with_hooks(tokens, fwd_hooks=set_weights(model, unpadded, routers=[late])),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_positions_are_refused_in_a_pass_over_part_of_the_sequence(routed_layout, tokens):
@@ -1125,11 +1338,10 @@ def test_patching_from_a_cache_made_with_another_attention_mask_is_refused(token
             expected = model.run_with_hooks(
                 tokens, attention_mask=mask, fwd_hooks=[(name, by_hand)]
             )
-            # what the refusal prevents: the unmasked cache's tensors in a dict that
-            # records no mask (not checkable) give other numbers at real positions
-            wrong = model.run_with_hooks(
-                tokens, attention_mask=mask, fwd_hooks=intervene(dict(unmasked.cache_dict))
-            )
+            # what the refusal prevents: the unmasked cache's tensors, declared (wrongly)
+            # as made with the mask, give other numbers at real positions
+            lie = RunCacheDict(unmasked.cache_dict, attention_mask=mask)
+            wrong = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=intervene(lie))
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         assert float((wrong - got)[mask.bool()].abs().max()) > 1e-3
 
@@ -1147,3 +1359,25 @@ def test_patch_committed_refuses_no_label_or_a_label_twice(tokens):
         commit_hook_name(model, "block_1"),
         commit_hook_name(model, "embedding"),
     ]
+
+
+def test_a_cache_whose_pos_slice_reorders_positions_is_refused():
+    """``run_with_cache(pos_slice=...)`` with a list that keeps the number of positions but
+    not their order (reversed here) gave tensors of the run's shape whose position ``p``
+    is another position of the pass: set_weights from it was 0.39 logits off the same
+    intervention from the whole cache (kimi; 0.47 full). Refused by hook name now; a
+    pos_slice that keeps every position in order is the whole cache."""
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, reversed_cache = model.run_with_cache(tokens, pos_slice=list(range(8, -1, -1)))
+    _, whole = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="were cached with a pos_slice that drops or reorders"):
+        set_weights(model, reversed_cache)
+    for kept in (list(range(9)), slice(None)):
+        _, same = model.run_with_cache(tokens, pos_slice=kept)
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, same)),
+            model.run_with_hooks(tokens, fwd_hooks=set_weights(model, whole)),
+            rtol=0,
+            atol=0,
+        )

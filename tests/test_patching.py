@@ -12,6 +12,7 @@ from hooked_attnres import (
     HookedAttnRes,
     HookedAttnResConfig,
     LeftPaddingWithoutMaskWarning,
+    RunCacheDict,
 )
 from hooked_attnres.patching import (
     get_act_patch_committed_blocks_by_pos,
@@ -459,12 +460,11 @@ def test_a_clean_cache_made_with_another_attention_mask_is_refused():
     with pytest.raises(ValueError, match="was made with an attention_mask marking 2"):
         get_act_patch_routing_weights(model, corrupted[1:], second, metric)
     assert torch.isfinite(alone).any()
-    # what the refusal prevents: the numbers of the unmasked cache (its tensors in a dict
-    # that records no mask, which cannot be checked) are far from the masked cache's
+    # what the refusal prevents: the numbers of the unmasked cache (its tensors declared,
+    # wrongly, as made with the mask) are far from the masked cache's
     good = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric, attention_mask=mask)
-    wrong = get_act_patch_depth_state_by_pos(
-        model, corrupted, dict(unmasked.cache_dict), metric, attention_mask=mask
-    )
+    lie = RunCacheDict(unmasked.cache_dict, attention_mask=mask)
+    wrong = get_act_patch_depth_state_by_pos(model, corrupted, lie, metric, attention_mask=mask)
     assert float((wrong - good).abs().max()) > 1e-2
 
 

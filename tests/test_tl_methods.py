@@ -140,6 +140,36 @@ def test_loss_with_padding_is_the_loss_of_the_real_tokens():
         assert per_token.shape == (2, 4) and int((per_token != 0).sum()) == 6
 
 
+def test_a_key_value_chunk_with_no_new_token_for_a_prompt_runs_as_the_whole_pass(layout):
+    """With a key-value cache the attention_mask covers the new positions only. A chunk in
+    which a prompt has no new token (its row all padding) was refused with "a prompt needs
+    at least one real token (drop empty prompts from the batch)", although the prompt's
+    real tokens are in the cache and a batched cache cannot drop a prompt. It now runs:
+    every chunk's logits equal the whole pass with the concatenated mask (float64), as
+    right padding and gaps do in a whole pass. A row with no real token in the cache
+    either is still refused."""
+    from hooked_attnres import KeyValueCache
+
+    model = tiny_model(attnres_layout=layout)
+    if layout != "none":
+        randomize_routing(model)
+    model = model.double().eval()
+    tokens = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, 5:8] = 0  # prompt 1: no new token in the second chunk
+    mask[2, :2] = 0  # prompt 2: left padding
+    whole = model(tokens, attention_mask=mask)
+    kv = KeyValueCache.init_cache(model.cfg)
+    chunks = [
+        model(tokens[:, start:stop], attention_mask=mask[:, start:stop], past_kv_cache=kv)
+        for start, stop in ((0, 5), (5, 8), (8, 11))
+    ]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), whole, rtol=0, atol=1e-12)
+    fresh = KeyValueCache.init_cache(model.cfg)
+    with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[1\] are all zero"):
+        model(tokens[:, 5:8], attention_mask=mask[:, 5:8], past_kv_cache=fresh)
+
+
 def test_bad_masks_and_empty_losses_are_refused():
     model = routed_model("cumulative")
     tokens = torch.randint(0, 50, (2, 5))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from hooked_attnres._validation import require_integer
-from hooked_attnres.model.cache import require_cached
+from hooked_attnres.model.cache import RunRecord, record_of, require_cached
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.passes import padding_of, same_padding
 
@@ -72,14 +72,42 @@ def _describe(model) -> str:
     )
 
 
-def run_record(cache: Any) -> Any:
-    """What records the run that made ``cache`` (its ``n_past`` and ``attention_mask``):
-    the cache itself (an `AttnResActivationCache`, a `RunCacheDict`), else the
-    `RunCacheDict` inside a TransformerLens ``ActivationCache(cache_dict, model)`` built
-    around one (which would drop the record), else the cache, which then records nothing."""
-    if hasattr(cache, "n_past") or hasattr(cache, "attention_mask"):
-        return cache
-    return getattr(cache, "cache_dict", cache)
+def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
+    """The record of the pass that made ``cache`` (`record_of`), refusing a cache that
+    records nothing (a plain ``dict``, or a cache object around one) and one whose hooks
+    ``names`` were last filled by another pass than the recorded one (`RunCacheDict.stale`):
+    a cache of a key-value chunk, or of padded prompts, could not be told from a whole
+    unpadded run's and would be patched in at the wrong positions (silently)."""
+    record = record_of(cache)
+    if record is None:
+        raise ValueError(
+            f"{what} ({type(cache).__name__}) does not record the pass that made it (its "
+            "n_past and attention_mask: a plain dict, e.g. dict(cache.cache_dict), "
+            "{k: v for k, v in cache.items()} or torch.load, or a cache object around one), "
+            "so a cache of a key-value cached chunk or of padded prompts would be patched in "
+            "as a whole unpadded run's, silently wrong. Pass the cache of "
+            "model.run_with_cache(...) (or its return_cache_object=False dict, or the dict of "
+            "add_caching_hooks), or declare the pass of a dict of tensors: "
+            "hooked_attnres.RunCacheDict(tensors, n_past=0, attention_mask=mask) (mask: the "
+            "run's [batch, pos] attention_mask, None without padding)"
+        )
+    stale = [name for name in dict.fromkeys(names) if name in record.stale]
+    if stale:
+        raise ValueError(
+            f"{what}: {stale[:3]}{' ...' if len(stale) > 3 else ''} were last filled by an "
+            "earlier pass than the one it records (caching hooks kept over passes with "
+            "different attention masks or key-value caches, the last of which did not reach "
+            "them), so they are not of the recorded pass. Cache one run "
+            "(model.run_with_cache(tokens)), or reset the hooks between passes"
+        )
+    sliced = [name for name in dict.fromkeys(names) if name in record.sliced]
+    if sliced:
+        raise ValueError(
+            f"{what}: {sliced[:3]}{' ...' if len(sliced) > 3 else ''} were cached with a "
+            "pos_slice that drops or reorders positions, so their position p is not the "
+            "run's position p. Cache the run without pos_slice"
+        )
+    return record
 
 
 def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:
@@ -113,12 +141,13 @@ def check_cached(
             the cache is of a pass after key-value-cached positions (``cache.n_past``),
             whose positions are not the run's (every cache checked here is patched into a
             run's positions, and a run that takes another run's cache is a whole-sequence
-            run, `require_whole_sequence`).
+            run, `require_whole_sequence`), or records nothing of its pass, or holds
+            some of ``names`` from an earlier pass than the recorded one (`recorded_run`).
     """
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
     require_cached(cache, names, what)
-    n_past = getattr(run_record(cache), "n_past", 0)
+    n_past = getattr(record_of(cache), "n_past", 0)
     if n_past:
         raise ValueError(
             f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
@@ -148,6 +177,7 @@ def check_cached(
                 f"(corrupted_tokens) has {list(batch_pos)}; patch prompts pairwise, with equal "
                 "lengths"
             )
+    recorded_run(cache, what, names)  # after the shapes, which say more where they differ
 
 
 def _describe_mask(real: Optional[Tensor]) -> str:
@@ -161,12 +191,8 @@ def check_cache_mask(cache: Any, attention_mask: Optional[Tensor], what: str, ru
     with padding, its position ``p`` is another token, or the same token at another
     rotary position, than the run's (silently wrong numbers). ``attention_mask`` is the
     run's mask (``None``: no padding); ``what`` names the cache, ``run`` the run.
-    A cache that records no mask (a TransformerLens ``ActivationCache`` around a plain
-    dict, or a dict not made by `run_with_cache` or the caching hooks) cannot be checked
-    and is taken as it is; one around a `RunCacheDict` is checked (`run_record`)."""
-    record = run_record(cache)
-    if not hasattr(record, "attention_mask"):
-        return
+    A cache that records nothing is refused (`recorded_run`)."""
+    record = recorded_run(cache, what)
     if same_padding(record.attention_mask, attention_mask):
         return
     made, runs = padding_of(record.attention_mask), padding_of(attention_mask)

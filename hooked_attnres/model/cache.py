@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -36,8 +37,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
+from hooked_attnres.model.passes import padding_of, same_padding
 
 
 def require_cached(cache, names, what: str) -> None:
@@ -151,8 +153,11 @@ def state_source_names(model: Any, point: int) -> list[str]:
 
 
 class RunCacheDict(dict):
-    """The plain ``dict`` of ``run_with_cache(..., return_cache_object=False)``: it records
-    what patching must know of the run that made it, as the cache object does:
+    """The plain ``dict`` of ``run_with_cache(..., return_cache_object=False)`` and of the
+    caching hooks: it records what patching must know of the pass that made it, as the
+    cache object does. Build one around a dict of tensors made or loaded some other way
+    to declare its pass: ``RunCacheDict(tensors, n_past=0, attention_mask=mask)`` (the
+    interventions and sweeps refuse a dict that records nothing, `record_of`).
 
     Attributes:
         n_past: positions a key-value cache held before the pass (position 0 of every
@@ -160,6 +165,11 @@ class RunCacheDict(dict):
         attention_mask: ``[batch, pos]`` bool, True at real tokens, of a pass whose
             ``attention_mask`` marked padding (given, or made for string prompts);
             ``None`` without padding (no mask, or all ones).
+        stale: the hooks last filled by an earlier pass with another ``n_past`` or mask
+            than the last pass's (caching hooks kept over several passes, the last of
+            which did not reach them): their tensors are not of the recorded pass.
+        sliced: the hooks cached with a ``pos_slice`` that does not keep every position
+            in order: their position ``p`` is not the pass's position ``p``.
         other_hooks_ran: whether hook functions other than the caching hooks ran in the
             pass (they may have edited activations); set by ``run_with_cache``, ``None``
             (unknown) for a dict filled by ``add_caching_hooks``.
@@ -167,10 +177,91 @@ class RunCacheDict(dict):
 
     n_past: int = 0
     attention_mask: Optional[Tensor] = None
+    stale: frozenset = frozenset()
+    sliced: frozenset = frozenset()
     other_hooks_ran: Optional[bool] = None
+
+    def __init__(
+        self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_past = require_integer("n_past", n_past, 0)
+        self.attention_mask = padding_of(attention_mask)
+
+    def copy(self) -> RunCacheDict:
+        """A shallow copy that keeps the record (``dict.copy`` would drop it)."""
+        out = RunCacheDict(self, n_past=self.n_past)
+        out.attention_mask, out.stale = self.attention_mask, self.stale
+        out.sliced, out.other_hooks_ran = self.sliced, self.other_hooks_ran
+        return out
+
+    def note_pass(
+        self, name: str, n_past: int, mask: Optional[Tensor], sliced: bool = False
+    ) -> None:
+        """Record that the pass with ``n_past`` and ``mask`` (`pass_mask`) fills ``name``
+        now (``sliced``: with a ``pos_slice`` that drops or reorders positions): a pass
+        with another record than the last one's makes every hook it has not (yet)
+        refilled `stale`."""
+        if n_past != self.n_past or not (
+            mask is self.attention_mask or same_padding(mask, self.attention_mask)
+        ):
+            self.stale = frozenset(self)
+            self.n_past, self.attention_mask = n_past, mask
+        if name in self.stale:
+            self.stale = self.stale - {name}
+        if sliced != (name in self.sliced):
+            self.sliced = self.sliced | {name} if sliced else self.sliced - {name}
 
 
 KeyValueRunCacheDict = RunCacheDict  # its name before it also recorded the attention mask
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a cache records of the pass that made it (see `RunCacheDict`)."""
+
+    n_past: int
+    attention_mask: Optional[Tensor]
+    stale: frozenset
+    sliced: frozenset = frozenset()
+
+
+def record_of(cache: Any) -> Optional[RunRecord]:
+    """The record of the pass that made ``cache``, or ``None`` where nothing records it.
+
+    A `RunCacheDict` records its pass; an `AttnResActivationCache` records what it was
+    given (``n_past=`` / ``attention_mask=``), else what its ``cache_dict`` records; a
+    TransformerLens ``ActivationCache`` what its ``cache_dict`` records. A plain ``dict``
+    (``dict(cache.cache_dict)``, ``{k: v for k, v in cache.items()}``, ``torch.load``),
+    or a cache object around one, records nothing."""
+    if isinstance(cache, AttnResActivationCache):
+        return cache._record()
+    if not isinstance(cache, RunCacheDict):
+        cache = getattr(cache, "cache_dict", None)
+        if not isinstance(cache, RunCacheDict):
+            return None
+    return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced)
+
+
+def _recorded(
+    items: dict, record: Any, rows: Any = None, device: Any = None
+) -> Union[dict, RunCacheDict]:
+    """``items`` in a `RunCacheDict` with the record of ``record`` (a cache, or a
+    `RunRecord`), its mask moved to ``device`` and cut to the batch rows ``rows`` (a
+    TransformerLens ``Slice``); a plain ``dict`` if ``record`` records nothing."""
+    if not isinstance(record, RunRecord):
+        record = record_of(record)
+    if record is None:
+        return dict(items)
+    mask = record.attention_mask
+    if mask is not None and rows is not None:
+        mask = rows.apply(mask, dim=0)
+    if mask is not None and device is not None:
+        mask = mask.to(device)
+    out = RunCacheDict(items, n_past=record.n_past, attention_mask=mask)  # None: rows unpadded
+    out.stale = frozenset(name for name in record.stale if name in out)
+    out.sliced = frozenset(name for name in record.sliced if name in out)
+    return out
 
 
 class AttnResActivationCache(ActivationCache):
@@ -181,6 +272,12 @@ class AttnResActivationCache(ActivationCache):
     (``cache["attn_res_weights", 3]``, see `RouterSite.alias`), `stack_activation` refuses
     router hooks whose ``n_sources`` varies (use `stack_router_activation`), and
     `routed_coefficients` / `norm_input` expose the weights of the routed decomposition.
+
+    It records the pass that made it (``n_past``, ``attention_mask``; `RunCacheDict`):
+    what its ``cache_dict`` records (a `RunCacheDict`, as ``run_with_cache`` makes), or
+    what ``n_past=`` / ``attention_mask=`` declare (for a plain dict, which records
+    nothing: giving either declares the pass, the other then meaning no key-value cache
+    or no padding). `to`, `apply_slice_to_batch_dim` and `remove_batch_dim` keep it.
     """
 
     model: Any  # a HookedAttnRes
@@ -195,22 +292,55 @@ class AttnResActivationCache(ActivationCache):
         other_hooks_ran: Optional[bool] = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim)
-        # positions a key-value cache held before the cached pass (`run_with_cache` sets
-        # it; by default what a `RunCacheDict` given as cache_dict records, else 0):
-        # position 0 of every tensor here is the sequence's position n_past
-        self.n_past = getattr(cache_dict, "n_past", 0) if n_past is None else n_past
-        # [batch, pos] bool of the cached pass where its attention_mask marked padding
-        # (`run_with_cache` sets it; by default a `RunCacheDict`'s; None: no padding), so
-        # that patching can refuse a clean cache made with another mask than the run's
-        if attention_mask is None:
-            attention_mask = getattr(cache_dict, "attention_mask", None)
-        self.attention_mask = attention_mask
+        # what the arguments declare (None: read the cache_dict's record, live, so that a
+        # dict the caching hooks refill after this object was made is read as it is now)
+        self._n_past = None if n_past is None else require_integer("n_past", n_past, 0)
+        self._mask = padding_of(attention_mask)
+        self._declared = n_past is not None or attention_mask is not None
         # whether other hooks than the caching ones ran in the cached pass (`run_with_cache`
         # records it in its RunCacheDict); None: unknown. A decomposition that cannot check
         # itself (a names_filter dropped what it needs) refuses unless this is False
         if other_hooks_ran is None:
             other_hooks_ran = getattr(cache_dict, "other_hooks_ran", None)
         self.other_hooks_ran = other_hooks_ran
+
+    def _record(self) -> Optional[RunRecord]:
+        inner = self.cache_dict if isinstance(self.cache_dict, RunCacheDict) else None
+        if not self._declared:
+            return None if inner is None else record_of(inner)
+        n_past = self._n_past if self._n_past is not None else getattr(inner, "n_past", 0)
+        mask = self._mask if self._mask is not None else getattr(inner, "attention_mask", None)
+        return RunRecord(
+            n_past,
+            mask,
+            getattr(inner, "stale", frozenset()),
+            getattr(inner, "sliced", frozenset()),
+        )
+
+    @property
+    def n_past(self) -> int:
+        """Positions a key-value cache held before the cached pass: position 0 of every
+        tensor here is the sequence's position ``n_past`` (0 if nothing records it)."""
+        record = self._record()
+        return 0 if record is None else record.n_past
+
+    @n_past.setter
+    def n_past(self, value: int) -> None:  # declares the pass (see the class docstring)
+        self._n_past = require_integer("n_past", value, 0)
+        self._declared = True
+
+    @property
+    def attention_mask(self) -> Optional[Bool[Tensor, "batch pos"]]:
+        """``[batch, pos]`` bool (True at real tokens) of the cached pass where its
+        ``attention_mask`` marked padding; ``None`` without padding (or if nothing
+        records it)."""
+        record = self._record()
+        return None if record is None else record.attention_mask
+
+    @attention_mask.setter
+    def attention_mask(self, value: Optional[Tensor]) -> None:
+        self._mask = padding_of(value)
+        self._declared = True
 
     # --- indexing -----------------------------------------------------------------------
     def __getitem__(self, key) -> Tensor:
@@ -232,20 +362,27 @@ class AttnResActivationCache(ActivationCache):
                 return self.cache_dict[real]
             raise
 
+    # --- TransformerLens methods that make a new cache_dict: keep the record -------------
     def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
+        """TransformerLens's, keeping the record (the same rows of the mask)."""
         sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
-        mask = self.attention_mask
-        if mask is not None and self.has_batch_dim:  # the same rows of the mask
-            batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
-            mask = batch_slice.apply(mask, dim=0)
+        rows = None
+        if self.has_batch_dim:
+            rows = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+        items = _recorded(sliced.cache_dict, self, rows=rows)
         return AttnResActivationCache(
-            sliced.cache_dict,
-            self.model,
-            sliced.has_batch_dim,
-            n_past=self.n_past,
-            attention_mask=mask,
-            other_hooks_ran=self.other_hooks_ran,
+            items, self.model, sliced.has_batch_dim, other_hooks_ran=self.other_hooks_ran
         )
+
+    def to(self, device) -> AttnResActivationCache:
+        """TransformerLens's (in place), keeping the record (the mask moves too)."""
+        record = self._record()
+        super().to(device)
+        self.cache_dict = _recorded(self.cache_dict, record, device=device)
+        if isinstance(self.cache_dict, RunCacheDict):
+            self.cache_dict.other_hooks_ran = self.other_hooks_ran
+        self._n_past, self._mask, self._declared = None, None, False
+        return self
 
     # --- the routed decomposition ---------------------------------------------------------
     def _layout_name(self) -> str:

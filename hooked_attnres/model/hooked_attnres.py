@@ -383,9 +383,13 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         return positions
 
     def _validate_attention_mask(
-        self, mask, shape: tuple[int, ...], device
+        self, mask, shape: tuple[int, ...], device, past: Optional[KeyValueCache] = None
     ) -> Optional[Bool[Tensor, "batch pos"]]:
-        """``None`` or a ``[batch, pos]`` boolean mask (True = real token), checked."""
+        """``None`` or a ``[batch, pos]`` boolean mask (True = real token), checked. With a
+        key-value cache ``past`` the mask covers the new positions only, and a row all
+        padding there is a prompt with no new token: accepted where the cache holds a real
+        token of that prompt (its padding queries attend to it, as right padding does in a
+        whole pass)."""
         if mask is None:
             return None
         if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
@@ -402,7 +406,12 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
             mask = mask != 0
-        empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+        real = mask.any(dim=-1)
+        n_past = self._n_past(past)
+        if past is not None and n_past:
+            earlier = past.attention_mask  # None: every cached position is real
+            real = real | (True if earlier is None else earlier.any(dim=-1).to(real.device))
+        empty = (~real).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"attention_mask row(s) {empty} are all zero: a prompt needs at least one real "
@@ -484,13 +493,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 faster when a metric reads one position. Hooks after the last attention
                 see ``pos = 1``.
             past_kv_cache: a `KeyValueCache`: ``input`` are the tokens that follow the
-                cached ones (``attention_mask``, if given, covers only them); the cache is
-                extended by them. Hooks see the new positions only (TransformerLens
+                cached ones (``attention_mask``, if given, covers only them; a prompt
+                may have no real token among them, if it has one in the cache); the cache
+                is extended by them. Hooks see the new positions only (TransformerLens
                 semantics). Not combinable with ``start_at_layer``, ``stop_at_layer`` or
                 ``logit_positions``.
 
         Raises:
-            ValueError: an all-zero ``attention_mask`` row, a loss with fewer than two
+            ValueError: an all-zero ``attention_mask`` row (of a prompt with no real
+                token in the key-value cache either), a loss with fewer than two
                 positions or with no two consecutive real tokens, or a bad argument.
         """
         if return_type not in RETURN_TYPES:
@@ -512,7 +523,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             # continue prompts whose padding, if any, was masked before
             if attention_mask is None and n_past == 0:
                 self._warn_if_left_padded(tokens)
-            mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
+            mask = self._validate_attention_mask(
+                attention_mask, tuple(tokens.shape), tokens.device, past_kv_cache
+            )
             # hook_embed belongs to the pass: interventions there check its extent and mask
             with pass_extent(n_past, tokens.shape[1], mask):
                 state = self.embed_state(tokens)

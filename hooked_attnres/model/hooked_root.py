@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Optional, TypeVar, Union
 
+import torch
 from torch import Tensor
 
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
@@ -390,8 +391,10 @@ class HookedModule(HookedRootModule):
         Without a ``cache`` it returns a `RunCacheDict`, which records the extent of the
         pass that last filled it: ``n_past`` (the positions a key-value cache held before
         it, so that a cache of a cached pass is refused as a patching value, as
-        ``run_with_cache``'s is) and ``attention_mask`` (``None`` without padding). A
-        ``cache`` given as a plain ``dict`` records neither and cannot be checked."""
+        ``run_with_cache``'s is), ``attention_mask`` (``None`` without padding) and
+        which hooks an earlier pass with another record filled last (``stale``). A
+        ``cache`` given as a plain ``dict`` records nothing, and the interventions and
+        sweeps refuse it (give a `RunCacheDict` to have it recorded)."""
         cache = RunCacheDict() if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
         wanted = self._names_predicate(names_filter)
@@ -402,10 +405,6 @@ class HookedModule(HookedRootModule):
         record = cache if isinstance(cache, RunCacheDict) else None
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
-            if record is not None and not is_backward:
-                mask = pass_mask()
-                record.n_past = pass_n_past()
-                record.attention_mask = None if mask is None else mask.to(device)
             stored = tensor.detach().to(device)
             if remove_batch_dim:
                 if stored.dim() == 0 or stored.shape[0] != 1:
@@ -418,8 +417,18 @@ class HookedModule(HookedRootModule):
                     )
                 stored = drop_batch_dim(stored)
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
+            sliced = False
             if pos_slice is not None and stored.dim() >= -pos_dim:
+                n_pos = stored.shape[pos_dim]
                 stored = pos_slice.apply(stored, dim=pos_dim)
+                # the positions the slice keeps, in order: only all of them is the pass's
+                every = torch.arange(n_pos, device=stored.device)
+                kept = pos_slice.apply(every, dim=0)
+                sliced = kept.shape != every.shape or not bool((kept == every).all())
+            if record is not None and not is_backward:
+                mask = pass_mask()
+                mask = None if mask is None else mask.to(device)
+                record.note_pass(str(hook.name), pass_n_past(), mask, sliced)
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
