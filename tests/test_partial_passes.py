@@ -319,3 +319,25 @@ def test_an_edited_or_hand_built_state_keeps_its_padding_or_is_refused(model, to
     torch.testing.assert_close(model.forward_from(gathered, last), at_positions)
     on_padding = gather_positions(states[last], torch.tensor([8, 0, 0]))
     assert torch.equal(on_padding.padding, torch.tensor([[True], [False], [True]]))
+
+
+def test_embed_state_records_the_padding_it_is_given(model, tokens):
+    """`embed_state` is a library state: it resumes at layer 0 as the pass from tokens with
+    the padding it records (none without a mask), and refuses other padding. After hand-
+    built states started to be refused without a mask, embed_state's state was one: it was
+    refused (test_device's meta-device pass) although the library made it."""
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        unpadded = model(model.embed_state(tokens), start_at_layer=0)
+        torch.testing.assert_close(unpadded, model(tokens), rtol=0, atol=0)
+        padded = model(
+            model.embed_state(tokens, attention_mask=mask), start_at_layer=0, attention_mask=mask
+        )
+        torch.testing.assert_close(padded, model(tokens, attention_mask=mask), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="came from a pass without padding"):
+            model(model.embed_state(tokens), start_at_layer=0, attention_mask=mask)
+        with pytest.raises(ValueError, match="attention_mask is none"):
+            model(model.embed_state(tokens, attention_mask=mask), start_at_layer=0)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model.embed_state(tokens, attention_mask=mask[:, 1:])

@@ -436,11 +436,28 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             raise ValueError(f"start_at_layer={start} is after stop_at_layer={stop}")
         return range(start, stop)
 
-    def embed_state(self, tokens: Int[Tensor, "batch pos"]) -> DepthState:
-        """The depth state before layer 0 (fires ``hook_embed``)."""
+    def embed_state(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    ) -> DepthState:
+        """The depth state before layer 0 (fires ``hook_embed``), for
+        ``model(state, start_at_layer=0, attention_mask=...)``.
+
+        ``attention_mask``: ``[batch, pos]``, 1 at real tokens, the padding the state is to
+        be run with. The embedding does not depend on it, but the state records it
+        (`DepthState.padding`) as `depth_states` does, so a resume with other padding is
+        refused; without it the state is that of an unpadded pass (``model(tokens)``)."""
+        if attention_mask is not None:
+            attention_mask = self._validate_attention_mask(
+                attention_mask, tuple(tokens.shape), tokens.device
+            )
         embedding = self.hook_embed(self.embed(tokens))
         current = embedding.clone() if self.routing_layout.snapshots else embedding
-        return self.routing_layout.initial_state(embedding, current)
+        state = self.routing_layout.initial_state(embedding, current)
+        state.entering_sublayer = 0
+        state.padding = padding_of(attention_mask)
+        return state
 
     # --- forward ----------------------------------------------------------------------
     @guarded_pass
