@@ -135,6 +135,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
     # twice in the summary
     require_selection("--seeds", args.seeds, why="nothing would be trained")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(
+            f"--out {args.out} is a file; training writes one folder per run into the "
+            "--out folder: choose a folder (new or holding earlier runs)"
+        )
     custom = bool(args.set or args.task_arg or args.steps is not None)
     kwargs: dict = {}
     if custom:

@@ -325,3 +325,22 @@ def test_list_names_every_condition_with_its_recipe_and_shipped_seeds(capsys):
         "2",
     ]
     assert rows["hard_kimi_L16"][-1] == "-"
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_an_out_path_that_is_a_file_is_refused_before_any_work(
+    command, tmp_path, monkeypatch, capsys
+):
+    # train --out <a file> failed with a raw "[Errno 20] Not a directory" from the trainer
+    from hooked_attnres import study
+    from hooked_attnres.study import run
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    argv = [command, "--seeds", "0", "--out", str(a_file), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("is a file" in err[0] or "a file is there" in err[0]), err
+    assert a_file.read_text() == "kept"
