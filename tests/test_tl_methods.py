@@ -1019,6 +1019,39 @@ def test_split_qkv_input_hooks_on_the_residual_model(tokens):
     assert not any("_input" in name for name in model.hook_dict)
 
 
+def test_editing_ln1_with_split_qkv_input_on_is_refused(tokens):
+    """With split inputs the heads read their own normalised copies, not ln1's output, so
+    an edit of ln1's hooks changed nothing (the zeroed hook_normalized of layer 1 moved
+    the logits by 2e-16 instead of 0.23, float64); it is refused, returned or in place."""
+    model = routed_model("none", dtype="float64")
+    plain = model(tokens)
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    def double_in_place(x, hook):
+        x.mul_(2)
+
+    edited = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.ln1.hook_normalized", zero)])
+    assert (edited - plain).abs().max() > 0.01  # the edit matters without split inputs
+    model.set_use_split_qkv_input(True)
+    for name, fn in (
+        ("blocks.1.ln1.hook_normalized", zero),
+        ("blocks.2.ln1.hook_scale", double_in_place),
+    ):
+        with pytest.raises(ValueError, match=r"a hook edited blocks\.\d\.ln1\.hook_normalized or"):
+            model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])
+    # reading ln1 (caching it, a hook that returns its input) is not an edit
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.allclose(logits, plain, atol=1e-12)
+    by_hand = cache["resid_pre", 1] / cache["scale", 1, "ln1"]
+    assert torch.allclose(cache["normalized", 1, "ln1"], by_hand, atol=1e-12)
+    kept = model.run_with_hooks(
+        tokens, fwd_hooks=[("blocks.1.ln1.hook_normalized", lambda x, hook: x)]
+    )
+    assert torch.allclose(kept, plain, atol=1e-12)
+
+
 def test_split_qkv_input_is_refused_in_routed_layouts(routed_layout):
     model = routed_model(routed_layout)
     with pytest.raises(ValueError, match="router's mix of depth sources, not the residual"):

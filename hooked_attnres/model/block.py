@@ -6,6 +6,7 @@ import dataclasses
 import operator
 from typing import Optional, Union
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -14,7 +15,7 @@ from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import Attention, AttentionContext, QKVInputs
 from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
-from hooked_attnres.model.norms import RMSNorm, make_hook, toggle_hook
+from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, toggle_hook
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 
 
@@ -90,8 +91,21 @@ class AttnResBlock(nn.Module):
     def _split_qkv(self, attn_in: Float[Tensor, "batch pos d_model"]) -> QKVInputs:
         """Per-head copies of the attention input, each normalised with ``ln1``'s gain on
         its own (TransformerLens's ``use_split_qkv_input``). ``ln1``'s hooks fire once, on
-        the shared input, as in TransformerBridge."""
-        self.ln1(attn_in)  # fires ln1's hooks; the heads read their own normalised copies
+        the shared input, as in TransformerBridge; the heads do not read that output, so
+        a hook that edits it (returned or in place) raises ``ValueError`` instead of being
+        dropped silently (TransformerBridge 4.3 drops it)."""
+        shared = self.ln1(attn_in)  # fires ln1's hooks; the heads read their own copies
+        if is_observed(self.ln1.hook_scale) or is_observed(self.ln1.hook_normalized):
+            unedited = self.ln1.unhooked(attn_in)  # the same bits when no hook edited
+            if not torch.allclose(shared, unedited, rtol=0.0, atol=0.0, equal_nan=True):
+                raise ValueError(
+                    f"a hook edited {self.ln1.hook_normalized.name} or "
+                    f"{self.ln1.hook_scale.name} while set_use_split_qkv_input(True) is on: "
+                    "the attention then reads one copy of its input per head, each "
+                    "normalised on its own (hook_q_input / hook_k_input / hook_v_input), "
+                    "not ln1's output, so the edit would change nothing. Edit the per-head "
+                    "inputs, or call model.set_use_split_qkv_input(False) to edit ln1"
+                )
         heads = (self.attn.n_heads, self.attn.n_key_value_heads, self.attn.n_key_value_heads)
         names = ("hook_q_input", "hook_k_input", "hook_v_input")
         out = []

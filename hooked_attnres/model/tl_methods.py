@@ -76,8 +76,9 @@ class TLMethodsMixin:
         each normalised with ``ln1``'s gain on its own, so that a head's query, key or value
         input can be patched alone (``transformer_lens.patching.get_act_patch_direct_path``).
         While on, ``ln1``'s hooks still fire once per layer on the shared input (as in
-        TransformerBridge; ``HookedTransformer`` fired them once per copy), and editing
-        them does not reach the attention: patch the per-head inputs instead.
+        TransformerBridge; ``HookedTransformer`` fired them once per copy); the heads do
+        not read them, so a hook that edits them raises ``ValueError`` during the pass:
+        patch the per-head inputs instead.
 
         Raises:
             ValueError: in a routed layout: there the attention input is a router's mix of
