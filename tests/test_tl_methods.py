@@ -1052,6 +1052,39 @@ def test_editing_ln1_with_split_qkv_input_on_is_refused(tokens):
     assert torch.allclose(kept, plain, atol=1e-12)
 
 
+def test_switching_an_optional_hook_off_refuses_to_drop_its_hooks(tokens):
+    """set_use_*(False) removed the hook points with their hooks: a permanent head
+    ablation on hook_result was gone after set_use_attn_result(False) then (True) (0.23
+    logits, float64), where TransformerLens's hook fires again. Now refused, and the
+    model (flag, hook points, hooks) is left as it was."""
+    model = routed_model("none", dtype="float64")
+    zero_head = lambda x, hook: x.index_fill(2, torch.tensor([1]), 0)  # noqa: E731
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+    assert (ablated - model(tokens)).abs().max() > 0.01
+    model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
+    model.set_use_split_qkv_input(True)
+    model.add_hook("blocks.1.attn.hook_result", zero_head, is_permanent=True)
+    model.add_hook("blocks.0.hook_mlp_in", lambda x, hook: None, is_permanent=True)
+    with model.hooks(fwd_hooks=[("blocks.2.attn.hook_v_input", lambda x, hook: None)]):
+        for method, name in (
+            ("set_use_attn_result", "blocks.1.attn.hook_result"),
+            ("set_use_hook_mlp_in", "blocks.0.hook_mlp_in"),
+            ("set_use_split_qkv_input", "blocks.2.attn.hook_v_input"),
+        ):
+            with pytest.raises(ValueError, match=rf"{method}\(False\) would remove .*{name}"):
+                getattr(model, method)(False)
+    assert model.cfg.use_attn_result and model.cfg.use_hook_mlp_in
+    assert torch.allclose(model(tokens), ablated, atol=1e-12)  # the ablation still runs
+    model.set_use_split_qkv_input(False)  # its temporary hook is gone: nothing to drop
+    model.reset_hooks(including_permanent=True)
+    model.set_use_attn_result(False)
+    model.set_use_hook_mlp_in(False)
+    assert not any(
+        name.endswith(("hook_result", "hook_mlp_in", "_input")) for name in model.hook_dict
+    )
+
+
 def test_split_qkv_input_is_refused_in_routed_layouts(routed_layout):
     model = routed_model(routed_layout)
     with pytest.raises(ValueError, match="router's mix of depth sources, not the residual"):

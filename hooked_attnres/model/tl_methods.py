@@ -12,6 +12,7 @@ from torch import Tensor
 from hooked_attnres.model.attention import Attention
 from hooked_attnres.model.hooked_root import UnknownHookError
 from hooked_attnres.model.mlp import GatedMLP
+from hooked_attnres.model.norms import _has_module_hooks
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -64,6 +65,7 @@ class TLMethodsMixin:
         attention output is then computed as its sum over heads (equal to the usual
         output to float rounding), so editing a head's result edits the output."""
         enabled = _flag("use_attn_result", use_attn_result)
+        self._refuse_dropping_hooks("set_use_attn_result", enabled)
         for block in self.blocks:
             block.attn.set_attn_result(enabled)
         self._refresh_hooks("use_attn_result", enabled)
@@ -88,6 +90,7 @@ class TLMethodsMixin:
         enabled = _flag("use_split_qkv_input", use_split_qkv_input)
         if enabled:
             self._refuse_split_qkv_when_routed()
+        self._refuse_dropping_hooks("set_use_split_qkv_input", enabled)
         for block in self.blocks:
             block.set_split_qkv_input(enabled)
         self._refresh_hooks("use_split_qkv_input", enabled)
@@ -98,9 +101,29 @@ class TLMethodsMixin:
         the ``mlp_res`` router's output in routed layouts); editing it edits only what
         the MLP reads."""
         enabled = _flag("use_hook_mlp_in", use_hook_mlp_in)
+        self._refuse_dropping_hooks("set_use_hook_mlp_in", enabled)
         for block in self.blocks:
             block.set_hook_mlp_in(enabled)
         self._refresh_hooks("use_hook_mlp_in", enabled)
+
+    def _refuse_dropping_hooks(self, method: str, enabled: bool) -> None:
+        """Raise ``ValueError`` before ``method(False)`` removes a hook point that holds
+        hooks: they would be gone silently, also after ``method(True)`` (TransformerLens
+        keeps its hook points, so there they fire again)."""
+        if enabled:
+            return
+        held = [
+            name
+            for name, point in self.hook_dict.items()
+            if OPTIONAL_HOOKS.get(name.rsplit(".", 1)[-1]) == method and _has_module_hooks(point)
+        ]
+        if held:
+            raise ValueError(
+                f"{method}(False) would remove hook points that hold hooks ({', '.join(held)}); "
+                "they would not come back with "
+                f"{method}(True). Remove them first (model.reset_hooks(), with "
+                "including_permanent=True for permanent ones)"
+            )
 
     def _refuse_split_qkv_when_routed(self) -> None:
         if self.routing_layout.has_routers:
