@@ -1019,6 +1019,44 @@ def test_split_qkv_input_hooks_on_the_residual_model(tokens):
     assert not any("_input" in name for name in model.hook_dict)
 
 
+def test_optional_hooks_change_no_number_in_every_layout_and_wrap(tokens):
+    """Every flag that a model allows on (split inputs in layout none only): the logits of
+    a plain, a padded and a key-value cached chunked pass equal the flags-off ones to
+    float64 rounding (measured 2e-14 at most, full layout), the per-head results sum to
+    the attention output, and hook_mlp_in holds what ln2 reads (the stream, or the
+    mlp_res router's output)."""
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    real = mask.bool()
+    models = [(layout, routed_model(layout, dtype="float64")) for layout in LAYOUTS]
+    for wrap in WRAPS:
+        hf = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2, dtype="float64")
+        models.append((f"wrap={wrap}", hf))
+    for name, model in models:
+        off = model(tokens), model(tokens, attention_mask=mask)
+        model.set_use_attn_result(True)
+        model.set_use_hook_mlp_in(True)
+        if not model.routing_layout.has_routers:
+            model.set_use_split_qkv_input(True)
+        logits, cache = model.run_with_cache(tokens)
+        assert (logits - off[0]).abs().max() < 1e-12, name
+        assert (model(tokens, attention_mask=mask) - off[1])[real].abs().max() < 1e-12, name
+        past = KeyValueCache.init_cache(model.cfg)
+        chunks = [
+            model(tokens[:, :5], past_kv_cache=past),
+            model(tokens[:, 5:], past_kv_cache=past),
+        ]
+        assert (torch.cat(chunks, dim=1) - off[0]).abs().max() < 1e-12, name
+        for layer in range(model.cfg.n_layers):
+            assert torch.equal(cache["result", layer].sum(2), cache["attn_out", layer]), name
+            if model.routing_layout.has_routers:
+                read = cache[model.site(layer, "mlp_res").hook("out")]
+            else:
+                read = cache["resid_mid", layer]
+            assert torch.equal(cache["mlp_in", layer], read), name
+
+
 def test_editing_ln1_with_split_qkv_input_on_is_refused(tokens):
     """With split inputs the heads read their own normalised copies, not ln1's output, so
     an edit of ln1's hooks changed nothing (the zeroed hook_normalized of layer 1 moved
