@@ -1178,6 +1178,21 @@ def test_optional_hooks_from_the_config_survive_a_checkpoint(tmp_path, tokens):
         tiny_model(use_attn_in=True)
 
 
+def test_set_use_attn_in_refuses_and_names_the_replacement(tokens):
+    """TransformerBridge's set_use_attn_in (hook_attn_in) was an AttributeError here; now
+    True refuses with what to use instead, and False, what TransformerLens's patching
+    calls to restore the flag, changes nothing."""
+    model = routed_model("none")
+    plain = model(tokens)
+    with pytest.raises(NotImplementedError, match=r"use set_use_split_qkv_input\(True\)"):
+        model.set_use_attn_in(True)
+    model.set_use_attn_in(False)
+    assert not model.cfg.use_attn_in
+    assert torch.equal(model(tokens), plain)
+    with pytest.raises(UnknownHookError, match="unknown hook name 'blocks.0.hook_attn_in'"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_attn_in", lambda x, hook: x)])
+
+
 def test_transformerlens_direct_path_patching_matches_a_hand_computed_edge():
     model = routed_model("none", n_layers=3, n_key_value_heads=4)
     generator = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 """TransformerLens model methods with no AttnRes meaning: the optional-hook flags
-(``set_use_attn_result``, ``set_use_split_qkv_input``, ``set_use_hook_mlp_in``),
+(``set_use_attn_result``, ``set_use_split_qkv_input``, ``set_use_hook_mlp_in``; and
+``set_use_attn_in``, which refuses),
 ``tl_parameters`` (what ``SVDInterpreter`` reads) and ``all_head_labels``."""
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ class TLMethodsMixin:
         for block in self.blocks:
             block.set_hook_mlp_in(enabled)
         self._refresh_hooks("use_hook_mlp_in", enabled)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerBridge's per-head copies of the attention input (``hook_attn_in``
+        ``[batch, pos, n_heads, d_model]``) are not implemented: ``True`` raises
+        ``NotImplementedError`` naming what to use instead; ``False`` (the state of every
+        model here) does nothing, so TransformerLens code that restores the flag runs.
+
+        Raises:
+            NotImplementedError: for ``True``.
+        """
+        if _flag("use_attn_in", use_attn_in):
+            raise NotImplementedError(
+                "set_use_attn_in(True) (hook_attn_in) is not implemented by HookedAttnRes. "
+                "For one input per head use set_use_split_qkv_input(True) (layout 'none'): "
+                "hook_q_input / hook_k_input / hook_v_input hold each head's query, key and "
+                "value input; in routed layouts patch the attention router's hook_out"
+            )
 
     def _refuse_dropping_hooks(self, method: str, enabled: bool) -> None:
         """Raise ``ValueError`` before ``method(False)`` removes a hook point that holds
