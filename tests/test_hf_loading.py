@@ -310,6 +310,34 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
     for name in set(bridge_cache.keys()) - set(cache.keys()):
         generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
         assert f"`{generic}`" in section, name
+    # editing each optional hook changes what the Bridge's edit of it changes: one head's
+    # query / key / value input, one head's result, the MLP input (measured 1.5e-7 apart,
+    # for effects of 0.03 to 0.17)
+    delta = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+
+    def add_to_head(head):
+        def hook(x, hook):
+            x = x.clone()
+            x[:, :, head] += delta
+            return x
+
+        return hook
+
+    edits = [
+        ("blocks.1.hook_q_input", add_to_head(2)),
+        ("blocks.1.attn.hook_q_input", add_to_head(1)),
+        ("blocks.1.hook_k_input", add_to_head(1)),
+        ("blocks.2.attn.hook_v_input", add_to_head(0)),
+        ("blocks.1.attn.hook_result", lambda x, hook: x.index_fill(2, torch.tensor([3]), 0)),
+        ("blocks.0.hook_mlp_in", lambda x, hook: x + delta),
+    ]
+    with torch.no_grad():
+        plain = model(tokens)
+        for name, hook in edits:
+            ours = model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
+            theirs = bridge.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
+            assert (ours - plain).abs().max() > 0.01, name  # the edit matters
+            assert (ours - theirs).abs().max() <= 1e-5, name
 
 
 @pytest.mark.parametrize("mmap", [False, True])
