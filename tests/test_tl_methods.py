@@ -1123,6 +1123,19 @@ def test_switching_an_optional_hook_off_refuses_to_drop_its_hooks(tokens):
     )
 
 
+def test_a_flag_assigned_to_the_config_directly_is_named_when_its_hook_is_missing(tokens):
+    """``model.cfg.use_attn_result = True`` (TransformerLens 2.x read the flag during the
+    pass) creates no hook here; the refusal of a hook on it says so."""
+    model = routed_model("none")
+    model.cfg.use_attn_result = True
+    with pytest.raises(
+        UnknownHookError, match=r"cfg\.use_attn_result is True, assigned directly.*set_use_attn"
+    ):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_result", lambda x, hook: x)])
+    model.set_use_attn_result(True)
+    assert model.run_with_cache(tokens)[1]["result", 1].shape == (3, 9, 4, 32)
+
+
 def test_split_qkv_input_is_refused_in_routed_layouts(routed_layout):
     model = routed_model(routed_layout)
     with pytest.raises(ValueError, match="router's mix of depth sources, not the residual"):

@@ -177,9 +177,18 @@ class TLMethodsMixin:
         if name not in self.hook_dict:
             leaf = name.rsplit(".", 1)[-1]
             if leaf in OPTIONAL_HOOKS and re.fullmatch(r"blocks\.\d+\.(attn\.)?hook_\w+", name):
+                method = OPTIONAL_HOOKS[leaf]
+                flag = method.removeprefix("set_")
+                assigned = (
+                    f"; model.cfg.{flag} is True, assigned directly, which creates no hook "
+                    f"(TransformerLens 2.x read the flag during the pass): call "
+                    f"model.{method}(True)"
+                    if getattr(self.cfg, flag, False)
+                    else ""
+                )
                 raise UnknownHookError(
-                    f"{name!r} exists only while model.{OPTIONAL_HOOKS[leaf]}(True) is on "
-                    "(TransformerLens's optional hooks)"
+                    f"{name!r} exists only while model.{method}(True) is on "
+                    f"(TransformerLens's optional hooks){assigned}"
                 )
         super().check_hook_name(name)  # type: ignore[misc]
 
