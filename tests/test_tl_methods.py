@@ -579,22 +579,160 @@ def test_a_cache_filled_before_the_model_was_converted_is_refused(filled, contin
     """``model.to(dtype)`` after filling: torch.cat promoted the old keys, so bfloat16 keys
     were read by a float32 model silently (0.064 logits off its full forward in this
     model), and float32 keys with a bfloat16 model failed inside attention with a message
-    about its inputs. Refused by name; the cache is untouched and works once the model is
-    converted back."""
+    about its inputs. Refused by name (the weights changed, `WeightsSignature`), also
+    after converting back (a round trip through bfloat16 rounds the weights). A cache
+    whose model is declared its filler anyway (``mark_filled_by``) is still refused by
+    the dtype of its keys; the cache is untouched."""
     tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
     model = routed_model("kimi").to(filled)
     cache = KeyValueCache.init_cache(model.cfg)
     with torch.no_grad():
         model(tokens[:, :4], past_kv_cache=cache)
         model.to(continued)
+        converted = f"embed.W_E was converted from {filled} on cpu to {continued} on cpu"
+        with pytest.raises(ValueError, match=re.escape(converted)):
+            model(tokens[:, 4:], past_kv_cache=cache)
+        cache.mark_filled_by(model)
         with pytest.raises(ValueError, match=f"holds keys in {filled} on cpu, this pass comp"):
             model(tokens[:, 4:], past_kv_cache=cache)
         assert cache.n_past == 4 and cache.layers[0].keys.shape[1] == 4
-        if filled == torch.bfloat16:  # a lossless round trip: the cache still fits
-            model.to(filled)
-            torch.testing.assert_close(
-                model(tokens[:, 4:], past_kv_cache=cache), model(tokens)[:, 4:]
-            )
+        model.to(filled)
+        with pytest.raises(ValueError, match="computed with other weights of this model"):
+            model(tokens[:, 4:], past_kv_cache=cache)
+
+
+def _scale_values(model):
+    with torch.no_grad():
+        model.blocks[1].attn._W_V.mul_(1.5)
+
+
+def _load_other(model):
+    other = routed_model("kimi").to(model.embed.W_E.dtype)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05)
+    model.load_state_dict(other.state_dict())
+
+
+def _replace_values(model):
+    attn = model.blocks[1].attn
+    attn._W_V = torch.nn.Parameter(attn._W_V.detach() * 1.5)
+
+
+def _round_trip(model):
+    model.to(torch.bfloat16).to(torch.float64)
+
+
+def _scale_router(model):
+    with torch.no_grad():
+        model.blocks[2].attn_res.query.mul_(3)
+
+
+def _optimizer_step(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randint(0, 50, (2, 6)), return_type="loss").backward()
+    optimizer.step()
+
+
+# how each edit changes the weights (part of the message), and how far a continuation of
+# the old cache was from the full forward of the new weights before it was refused
+# (float64, kimi, 5 cached positions + 3)
+WEIGHT_EDITS = {
+    "in place": (_scale_values, "blocks.1.attn._W_V was edited in place"),  # 1.1
+    "load_state_dict": (_load_other, "embed.W_E was edited in place"),  # 0.16
+    "new Parameter": (_replace_values, r"blocks.1.attn._W_V was replaced \(new memory\)"),  # 1.1
+    "to(bf16).to(f64)": (_round_trip, r"embed.W_E was replaced \(new memory\)"),  # 0.048
+    "process_weights": (
+        lambda m: m.process_weights(),
+        "attn_res.query was edited in place",
+    ),  # 5e-15
+    "router query": (_scale_router, "blocks.2.attn_res.query was edited in place"),  # 0.11
+    "optimizer step": (_optimizer_step, "embed.W_E was edited in place"),  # 1.7
+}
+
+
+@pytest.mark.parametrize("edit", list(WEIGHT_EDITS))
+def test_a_cache_filled_before_the_weights_changed_is_refused(edit):
+    """Editing the weights after filling a cache used to go unnoticed: the continuation
+    read keys and values of the old weights next to the new ones' (up to 1.7 logits off a
+    full forward of the new weights, see WEIGHT_EDITS; ``process_weights`` changes the
+    weights but not the function, and is refused too: the cache cannot tell). Now
+    ``model(rest, past_kv_cache=kv)`` and ``run_with_cache`` refuse the cache, naming the
+    parameter; the cache is untouched, and a new cache gives the full forward exactly."""
+    change, message = WEIGHT_EDITS[edit]
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    model = routed_model("kimi").to(torch.float64)
+    cache = KeyValueCache.init_cache(model.cfg)
+    with torch.no_grad():
+        model(tokens[:, :5], past_kv_cache=cache)
+    change(model)
+    model.eval()
+    with torch.no_grad():
+        full = model(tokens)
+        for run in (model, model.run_with_cache):
+            with pytest.raises(ValueError, match="5 positions computed with other weights"):
+                run(tokens[:, 5:], past_kv_cache=cache)
+            with pytest.raises(ValueError, match=message):
+                run(tokens[:, 5:], past_kv_cache=cache)
+        assert cache.n_past == 5 and cache.layers[0].keys.shape[1] == 5
+        fresh = KeyValueCache.init_cache(model.cfg)
+        model(tokens[:, :5], past_kv_cache=fresh)
+        torch.testing.assert_close(
+            model(tokens[:, 5:], past_kv_cache=fresh), full[:, 5:], atol=1e-12, rtol=0
+        )
+
+
+def test_a_cache_is_refused_by_a_copy_of_its_model_until_the_copy_is_declared_its_filler():
+    """A ``copy.deepcopy`` of the model has the same weights in other memory: one cache per
+    model object (a copy is then edited independently, and nothing cheap tells whether it
+    was); ``cache.mark_filled_by(copy)`` declares it, after which the copy continues the
+    cache exactly and the original is refused."""
+    import copy
+
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    model = routed_model("kimi").to(torch.float64)
+    twin = copy.deepcopy(model)
+    cache = KeyValueCache.init_cache(model.cfg)
+    with torch.no_grad():
+        model(tokens[:, :5], past_kv_cache=cache)
+        with pytest.raises(ValueError, match="holds 5 positions computed by another model"):
+            twin(tokens[:, 5:], past_kv_cache=cache)
+        cache.mark_filled_by(twin)
+        torch.testing.assert_close(
+            twin(tokens[:, 5:], past_kv_cache=cache), model(tokens)[:, 5:], atol=1e-12, rtol=0
+        )
+        with pytest.raises(ValueError, match="holds 8 positions computed by another model"):
+            model(tokens[:, :1], past_kv_cache=cache)
+
+
+def test_weights_signature_tells_a_replaced_parameter_from_the_same_one():
+    """The address and version of a parameter could repeat after it was replaced (the
+    allocator reuses the freed memory, the version counter stays with the Parameter on
+    ``param.data = ...``); the signature's weak reference to the storage tells them apart.
+    Pickled, a signature matches no model; copies are the signature itself."""
+    import copy
+    import pickle
+
+    from hooked_attnres.model.weights import WeightsSignature
+
+    model = routed_model("kimi")
+    signature = WeightsSignature(model)
+    assert signature.change(model) is None
+    assert copy.deepcopy(signature) is signature
+    assert "loaded from a file" in pickle.loads(pickle.dumps(signature)).change(model)
+    param = model.blocks[0].attn._W_V
+    # the same address after replacement, simulated: the old storage dies, the new data
+    # is written where the old was read from
+    old = param.data
+    param.data = old.clone()
+    del old
+    forged = WeightsSignature.__new__(WeightsSignature)
+    forged.names, forged._storages = signature.names, signature._storages
+    forged.entries = tuple(
+        entry if name != "blocks.0.attn._W_V" else (*entry[:2], param.data_ptr(), entry[3])
+        for name, entry in zip(signature.names, signature.entries, strict=True)
+    )
+    assert forged.change(model) == "blocks.0.attn._W_V was replaced (new memory)"
 
 
 @pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])

@@ -65,7 +65,7 @@ from hooked_attnres.analysis.effects import (
     reads_answer_only,
     run_ablations,
 )
-from hooked_attnres.interventions.checks import check_count, require_eval, weights_signature
+from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
@@ -79,6 +79,7 @@ from hooked_attnres.model.norms import (
     stat_dtype,
 )
 from hooked_attnres.model.routing import weighted_sum
+from hooked_attnres.model.weights import WeightsSignature
 from hooked_attnres.patching import _check, _check_cache, _column, _scalar, _site_rows
 from hooked_attnres.tasks.base import TaskBatch
 
@@ -457,12 +458,14 @@ class RoutingAttribution:
                 "estimates are of. Call verify_top under the same hooks, or run "
                 "attribute_routing again"
             )
-        if weights_signature(self.model) != s.get("weights", ()):
+        changed = s["weights"].change(self.model)
+        if changed is not None:
             raise ValueError(
-                "verify_top runs on other weights than attribute_routing did (the model's "
-                "parameters were edited, reloaded or converted to another dtype or device "
-                "since, e.g. load_state_dict of another checkpoint): its exact effects would "
-                "not be of the model the estimates are of. Run attribute_routing again"
+                f"verify_top runs on other weights than attribute_routing did ({changed}: "
+                "the model's parameters were edited, reloaded or converted to another dtype "
+                "or device since, e.g. load_state_dict of another checkpoint): its exact "
+                "effects would not be of the model the estimates are of. Run "
+                "attribute_routing again"
             )
         clean, ablated = run_ablations(
             self.model, self.batch, sub_plan, metrics, chunk=s["chunk"], progress=progress
@@ -575,7 +578,7 @@ def attribute_routing(
     # last attention (`logit_positions`); then the logits are read at the answer position
     every_position = any_hook_attached(model)
     hooks_during_run = hook_signature(model)  # verify_top must see the same ones
-    weights_during_run = weights_signature(model)  # and the same weights
+    weights_during_run = WeightsSignature(model)  # and the same weights
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:

@@ -31,17 +31,6 @@ def require_eval(model: HookedAttnRes, what: str) -> None:
         )
 
 
-def weights_signature(model: HookedAttnRes) -> tuple:
-    """What the parameters of ``model`` are now: for each, its name, dtype, device, storage
-    and version counter (which every in-place edit advances: ``load_state_dict``,
-    ``process_weights``, an optimiser step). Two equal signatures mean the same weights,
-    to compare the model of two runs (`RoutingAttribution.verify_top`)."""
-    return tuple(
-        (name, param.dtype, param.device, param.data_ptr(), param._version)
-        for name, param in model.named_parameters()
-    )
-
-
 def check_count(name: str, value: Any) -> int:
     """An integer >= 1 (prompts per pass, rows, resamples, ...), or ``ValueError``."""
     return require_integer(name, value, 1)

@@ -41,6 +41,7 @@ from hooked_attnres.model.norms import (
     toggle_hook,
 )
 from hooked_attnres.model.rotary import apply_rotary
+from hooked_attnres.model.weights import WeightsSignature
 
 QKVInputs = tuple[
     Float[Tensor, "batch pos n_heads d_model"],
@@ -116,7 +117,8 @@ class KeyValueCache:
     ``KeyboardInterrupt``) leaves the cache as it was before that pass
     (`restored_on_error`), so it can be used again; a cache whose layers disagree with
     ``n_past`` (edited by hand) is refused by the next pass (`check_consistent`), and so
-    is a cache that another model filled (`check_filled_by`: one cache per model).
+    is a cache that another model filled, or this model with other weights
+    (`check_filled_by`: one cache per model and weights).
     """
 
     layers: list[LayerKeyValues]
@@ -125,6 +127,8 @@ class KeyValueCache:
     batch_size: Optional[int] = None
     # a weak reference to the model whose passes computed the cached positions
     _filled_by: Optional[weakref.ReferenceType] = field(default=None, repr=False, compare=False)
+    # that model's weights when it filled the first positions
+    _weights: Optional[WeightsSignature] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def init_cache(
@@ -159,9 +163,12 @@ class KeyValueCache:
             )
 
     def check_filled_by(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` if positions are cached and ``model`` did not compute them:
-        another model's keys and values (the same number of layers and shapes, e.g. the
-        wrapped and the vanilla model of one comparison) would be read silently."""
+        """Raise ``ValueError`` if positions are cached and ``model`` with its current
+        weights did not compute them: another model's keys and values (the same number of
+        layers and shapes, e.g. the wrapped and the vanilla model of one comparison, or a
+        ``copy.deepcopy`` of the model), or this model's before its parameters were
+        edited, reloaded, converted or processed (`WeightsSignature`), would be read
+        silently next to keys and values of the weights it has now."""
         if not self.n_past:
             return
         if self._filled_by is None:
@@ -177,15 +184,27 @@ class KeyValueCache:
                 "(or a deleted one); each model needs its own cache: "
                 "KeyValueCache.init_cache(model.cfg)"
             )
+        changed = "no weights recorded" if self._weights is None else self._weights.change(model)
+        if changed is not None:
+            raise ValueError(
+                f"past_kv_cache holds {self.n_past} positions computed with other weights of "
+                f"this model ({changed}): its parameters were edited in place, reloaded "
+                "(load_state_dict), converted (.to / .half) or processed (process_weights, "
+                "fold_layer_norm) after the cache was filled, so its keys and values are of "
+                "the old weights; start a new cache (KeyValueCache.init_cache(model.cfg)) and "
+                "run the whole sequence again"
+            )
 
     def mark_filled_by(self, model: nn.Module) -> None:
-        """Record ``model`` as the one whose pass extends the cache (`check_filled_by`)."""
+        """Record ``model``, with its current weights, as the model that computed the cached
+        positions (`check_filled_by`); a pass on an empty cache records its model."""
         self._filled_by = weakref.ref(model)
+        self._weights = WeightsSignature(model)
 
     def __getstate__(self) -> dict[str, Any]:
         # a weak reference cannot be pickled (torch.save of a cache raised); a loaded
         # cache names no model, so check_filled_by refuses it until mark_filled_by
-        return {**self.__dict__, "_filled_by": None}
+        return {**self.__dict__, "_filled_by": None, "_weights": None}
 
     def __copy__(self) -> KeyValueCache:
         # copies (unlike pickles) stay in this process: they keep the filling model
@@ -194,10 +213,11 @@ class KeyValueCache:
         return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KeyValueCache:
-        state = {k: v for k, v in self.__dict__.items() if k != "_filled_by"}
+        kept = ("_filled_by", "_weights")
+        state = {k: v for k, v in self.__dict__.items() if k not in kept}
         new = KeyValueCache.__new__(KeyValueCache)
         new.__dict__.update(copy.deepcopy(state, memo))
-        new._filled_by = self._filled_by
+        new._filled_by, new._weights = self._filled_by, self._weights
         return new
 
     @contextmanager
@@ -208,12 +228,14 @@ class KeyValueCache:
         extends the layers one by one, so without this an interrupted pass would leave
         the early layers one chunk longer than the rest and ``n_past`` already advanced:
         the next pass would read wrong rotary positions and duplicated keys silently.)"""
-        saved = (self.attention_mask, self.n_past, self.batch_size, self._filled_by)
+        saved = (self.attention_mask, self.n_past, self.batch_size, self._filled_by, self._weights)
         layers = [(layer.keys, layer.values) for layer in self.layers]
         try:
             yield
         except BaseException:
-            self.attention_mask, self.n_past, self.batch_size, self._filled_by = saved
+            (self.attention_mask, self.n_past, self.batch_size, self._filled_by, self._weights) = (
+                saved
+            )
             for layer, (keys, values) in zip(self.layers, layers, strict=True):
                 layer.keys, layer.values = keys, values
             raise

@@ -670,7 +670,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             cache.attention_mask = full
             cache.n_past = n_past + n_pos
             cache.batch_size = batch
-            cache.mark_filled_by(self)
+            if not n_past:  # later passes: checked at their start (check_filled_by)
+                cache.mark_filled_by(self)
         return context
 
     def _run_sublayers(

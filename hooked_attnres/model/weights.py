@@ -2,16 +2,127 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from hooked_attnres._tl import FactoredMatrix
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+
+
+def _parameters_of(root: nn.Module) -> list[Optional[Tensor]]:
+    """Every parameter of ``root`` (``None`` for an unset one; a shared one once per
+    owner), in the order of `_named_parameters_of`. Walks ``_modules`` directly: three
+    times faster than ``named_parameters``, and it runs before every cached pass."""
+    found: list[Optional[Tensor]] = []
+    stack: list[Optional[nn.Module]] = [root]
+    while stack:
+        module = stack.pop()
+        if module is not None:
+            found.extend(module._parameters.values())
+            stack.extend(reversed(module._modules.values()))
+    return found
+
+
+def _named_parameters_of(root: nn.Module) -> list[tuple[str, Optional[Tensor]]]:
+    found: list[tuple[str, Optional[Tensor]]] = []
+    stack: list[tuple[str, Optional[nn.Module]]] = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        if module is not None:
+            found.extend((prefix + name, param) for name, param in module._parameters.items())
+            stack.extend(
+                (f"{prefix}{name}.", child) for name, child in reversed(module._modules.items())
+            )
+    return found
+
+
+def _entries(params: Iterable[Optional[Tensor]]) -> tuple:
+    return tuple(
+        None if p is None else (p.dtype, p.device, p.data_ptr(), p._version) for p in params
+    )
+
+
+class WeightsSignature:
+    """What the parameters of a model are at one moment, to tell later whether the model
+    still has the same weights: for each parameter its dtype, device, address and version
+    counter (which every in-place edit advances: ``load_state_dict``, ``process_weights``,
+    ``param.copy_`` / ``mul_`` under ``no_grad``, an optimiser step), and a weak
+    reference to its storage (so that a parameter replaced by new memory at the freed
+    address of the old one, e.g. by ``.to(bfloat16).to(float32)``, is not taken for the
+    old one). Keeps no weights alive. A parameter or module added, removed or replaced
+    changes the signature too.
+
+    Not detected (no cheap test can see them): writes through ``param.data`` (a tensor
+    with its own version counter), through numpy or DLPack views, or into memory shared
+    with another process. Copies are the object itself; a pickled signature matches no
+    model (its storages are of another process).
+
+    Used by `KeyValueCache` (cached keys and values of other weights) and
+    `RoutingAttribution.verify_top` (exact rows of other weights).
+    """
+
+    __slots__ = ("names", "entries", "_storages")
+
+    def __init__(self, model: nn.Module):
+        named = _named_parameters_of(model)
+        self.names = tuple(name for name, _ in named)
+        self.entries = _entries(param for _, param in named)
+        self._storages: Optional[tuple[StorageWeakRef, ...]] = tuple(
+            StorageWeakRef(param.untyped_storage()) for _, param in named if param is not None
+        )
+
+    def change(self, model: nn.Module) -> Optional[str]:
+        """``None`` if ``model`` has the weights this signature recorded, else what
+        changed first (for an error message)."""
+        storages = self._storages
+        if storages is not None and _entries(_parameters_of(model)) == self.entries:
+            if not any(ref.expired() for ref in storages):
+                return None
+        if storages is None:
+            return "the signature was loaded from a file (it names no weights of this process)"
+        named = _named_parameters_of(model)
+        now = dict(zip((name for name, _ in named), _entries(p for _, p in named), strict=True))
+        if now.keys() != set(self.names):
+            added = sorted(now.keys() - set(self.names))
+            removed = sorted(set(self.names) - now.keys())
+            return f"parameters were added {added} or removed {removed}"
+        live = iter(storages)
+        for name, old in zip(self.names, self.entries, strict=True):
+            new = now[name]
+            if old is None or new is None:
+                if old is not new:
+                    return f"{name} was set or unset"
+                continue
+            if old[:2] != new[:2]:
+                return f"{name} was converted from {old[0]} on {old[1]} to {new[0]} on {new[1]}"
+            if old[2] != new[2] or next(live).expired():
+                return f"{name} was replaced (new memory)"
+            if old[3] != new[3]:
+                return f"{name} was edited in place"
+        return "the parameters were reordered"
+
+    def __copy__(self) -> WeightsSignature:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeightsSignature:
+        return self
+
+    def __reduce__(self):
+        # a storage's weak reference is an address in this process: not picklable
+        return (_loaded_signature, (self.names, self.entries))
+
+
+def _loaded_signature(names: tuple, entries: tuple) -> WeightsSignature:
+    signature = WeightsSignature.__new__(WeightsSignature)
+    signature.names, signature.entries, signature._storages = names, entries, None
+    return signature
 
 
 class Unembed(nn.Module):
