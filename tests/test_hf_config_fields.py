@@ -137,3 +137,62 @@ def test_a_missing_size_is_refused_where_transformers_reads_another(tmp_path, fi
         HookedAttnRes.from_hf_qwen3(directory)
     with pytest.raises(RuntimeError, match="mismatched|size mismatch|ignore_mismatched_sizes"):
         Qwen3ForCausalLM.from_pretrained(directory)
+
+
+def _edit_eps(module):
+    module.config.rms_norm_eps = 0.1
+
+
+def _edit_rope_theta(module):
+    module.config.rope_parameters = {"rope_type": "default", "rope_theta": 50.0}
+
+
+@pytest.mark.parametrize(
+    "built,edit,match",
+    [
+        (
+            {},
+            _edit_eps,
+            r"rms_norm_eps: the config says 0\.1 but the RMSNorm modules .* use \[1e-06\]",
+        ),
+        (
+            {},
+            _edit_rope_theta,
+            r"RoPE: .*rope_theta=50\.0.*model\.rotary_emb has other frequencies",
+        ),
+        (
+            dict(hidden_act="gelu"),
+            lambda module: setattr(module.config, "hidden_act", "silu"),
+            r"hidden_act: the MLPs model\.layers\.0\.mlp, .* do not compute SiLU",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+            lambda module: setattr(
+                module.config, "rope_parameters", {"rope_type": "default", "rope_theta": 1e4}
+            ),
+            r"RoPE: .* model\.rotary_emb has rope_type='linear'",
+        ),
+    ],
+    ids=["rms_norm_eps", "rope_theta", "hidden_act", "rope_type"],
+)
+def test_a_module_whose_layers_differ_from_its_config_is_refused(built, edit, match):
+    """transformers reads these settings when it builds the layers, so a config edited
+    afterwards does not change what the module computes (it loaded from the edited config
+    before: logits 0.375 away for rms_norm_eps, 0.112 for rope_theta, 2e-3 for the
+    activation, 0.05 for the RoPE type, on logits of size 0.39)."""
+    module = hf_qwen3(**built)
+    edit(module)
+    with pytest.raises(CheckpointError, match=f"does not compute what its config says .*: {match}"):
+        HookedAttnRes.from_hf_qwen3(module)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_converted_module_is_not_taken_for_an_edited_one(dtype):
+    """``module.to(dtype)`` converts the rotary inv_freq buffer too; its rounding is not a
+    different RoPE."""
+    module = hf_qwen3().to(dtype)
+    model = HookedAttnRes.from_hf_qwen3(module, wrap="none", dtype=dtype)
+    with torch.no_grad():
+        expected = module(TOKENS).logits.float()
+        difference = (model(TOKENS).float() - expected).abs().max().item()
+    assert difference <= (1e-6 if dtype == torch.float64 else 1e-2)

@@ -139,6 +139,93 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
         raise CheckpointError(f"{where} has unsupported settings: {', '.join(problems)}")
 
 
+def _named_with(module: Any, attribute: str) -> list[tuple[str, Any]]:
+    return [(n, m) for n, m in module.named_modules() if hasattr(m, attribute)]
+
+
+def _summary(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def check_module_settings(module: Any, cfg: HookedAttnResConfig, where: str) -> None:
+    """Refuse an in-memory ``Qwen3ForCausalLM`` whose layers compute with other settings
+    than its ``config`` says (the model is built from the config).
+
+    ``transformers`` reads ``rms_norm_eps``, ``hidden_act``, the RoPE settings and
+    ``head_dim`` once, when it builds the layers; a config edited afterwards (or a module
+    put together from other parts) no longer describes what the module computes. Checked:
+    every RMSNorm's ``variance_epsilon``, every MLP's ``act_fn`` (on probe values), every
+    rotary embedding's type, ``attention_scaling`` and ``inv_freq`` (to the rounding of the
+    buffer's dtype), every attention's ``head_dim`` and ``scaling``.
+    """
+    from hooked_attnres.model.rotary import rotary_inv_freq
+
+    problems = []
+    for field, found, expected, names in (
+        (
+            "rms_norm_eps",
+            [(n, float(m.variance_epsilon)) for n, m in _named_with(module, "variance_epsilon")],
+            cfg.eps,
+            "RMSNorm",
+        ),
+        (
+            "head_dim",
+            [(n, m.head_dim) for n, m in _named_with(module, "head_dim") if hasattr(m, "scaling")],
+            cfg.d_head,
+            "attention",
+        ),
+        (
+            "head_dim (attention scaling)",
+            [(n, float(m.scaling)) for n, m in _named_with(module, "scaling")],
+            cfg.d_head**-0.5,
+            "attention",
+        ),
+    ):
+        off = [(n, v) for n, v in found if v != expected]
+        if off:
+            values = sorted({v for _, v in off})
+            problems.append(
+                f"{field}: the config says {expected!r} but the {names} modules "
+                f"{_summary([n for n, _ in off])} use {values}"
+            )
+    probe = torch.linspace(-8.0, 8.0, 33)
+    silu = torch.nn.functional.silu(probe)
+    off_act = [
+        n
+        for n, m in _named_with(module, "act_fn")
+        if not torch.allclose(m.act_fn(probe).float(), silu, rtol=1e-6, atol=1e-7)
+    ]
+    if off_act:
+        problems.append(f"hidden_act: the MLPs {_summary(off_act)} do not compute SiLU")
+    expected_freq = rotary_inv_freq(cfg.d_head, cfg.rotary_base).double()
+    for name, rotary in _named_with(module, "inv_freq"):
+        rope_type = getattr(rotary, "rope_type", "default")
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        freq = rotary.inv_freq.detach().cpu()
+        same = freq.shape == expected_freq.shape and torch.allclose(
+            freq.double(),
+            expected_freq.to(freq.dtype).double(),
+            rtol=max(1e-6, torch.finfo(freq.dtype).eps),
+            atol=0.0,
+        )
+        differences = [f"rope_type={rope_type!r}"] if rope_type != "default" else []
+        differences += [f"attention_scaling={scaling!r}"] if scaling != 1.0 else []
+        differences += [] if same else ["other frequencies (inv_freq)"]
+        if differences:
+            problems.append(
+                f"RoPE: the config says default RoPE with rope_theta={cfg.rotary_base!r} and "
+                f"head_dim={cfg.d_head} but {name or 'the module'} has {', '.join(differences)}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"{where} does not compute what its config says (transformers reads these "
+            f"settings when it builds the layers, so a config edited afterwards does not "
+            f"change the module): {'; '.join(problems)}. Build the module from the config "
+            "it is meant to have (e.g. Qwen3ForCausalLM.from_pretrained or "
+            "Qwen3ForCausalLM(config) + load_state_dict), or load its directory"
+        )
+
+
 def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
     """A `HookedAttnResConfig` with the shape of a HF Qwen3 config (dict or object)."""
     n_heads = _get(config, "num_attention_heads")
@@ -386,6 +473,7 @@ def _from_hf_qwen3(
     if directory is not None:
         state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where, mmap=mmap)
     else:
+        check_module_settings(source, cfg, where)
         weights = source.state_dict()  # type: ignore[union-attr]
         needed = _require_hf_shapes(
             model,

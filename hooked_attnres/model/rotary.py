@@ -19,6 +19,13 @@ def rotary_tables(
     return rotary_at(torch.arange(n_pos, device=device), d_head, base)
 
 
+def rotary_inv_freq(
+    d_head: int, base: float, device: torch.device | str | None = None
+) -> Float[Tensor, " half_d_head"]:
+    """The default-RoPE frequencies ``base ** (-2i / d_head)``, ``[d_head // 2]`` float32."""
+    return 1.0 / (base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head))
+
+
 def rotary_at(
     positions: Int[Tensor, "*shape"], d_head: int, base: float
 ) -> tuple[Float[Tensor, "*shape d_head"], Float[Tensor, "*shape d_head"]]:
@@ -27,10 +34,9 @@ def rotary_at(
 
     Row ``p`` is bit-identical to row ``p`` of `rotary_tables`, whatever the other
     positions are, so a prompt gets the same rotation padded or alone."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=positions.device) / d_head)
+    angles = positions.to(torch.float32)[..., None] * rotary_inv_freq(
+        d_head, base, positions.device
     )
-    angles = positions.to(torch.float32)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
