@@ -196,3 +196,45 @@ def test_a_converted_module_is_not_taken_for_an_edited_one(dtype):
         expected = module(TOKENS).logits.float()
         difference = (model(TOKENS).float() - expected).abs().max().item()
     assert difference <= (1e-6 if dtype == torch.float64 else 1e-2)
+
+
+def test_swish_is_silu(tmp_path):
+    """transformers' ACT2FN maps "swish" to torch.nn.SiLU."""
+    module = hf_qwen3(hidden_act="swish")
+    module.save_pretrained(tmp_path)
+    expected = hf_logits(tmp_path)
+    for source in (tmp_path, module):
+        assert (our_logits(source) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "attention_bias",
+        "use_sliding_window",
+    ],
+)
+def test_a_null_field_is_refused_as_transformers_refuses_it(tmp_path, field):
+    """Null read as a default here (head_dim: hidden_size // heads, tie: False) or crashed
+    (rms_norm_eps: TypeError); transformers refuses such a config.json."""
+    directory = edited_checkpoint(tmp_path, **{field: 0})
+    config = json.loads((directory / "config.json").read_text())
+    config[field] = None
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"unsupported settings: .*null \['{field}'\]"):
+        HookedAttnRes.from_hf_qwen3(directory)
+    with pytest.raises(Exception, match=field):
+        Qwen3ForCausalLM.from_pretrained(directory)
+
+
+def test_a_missing_max_position_embeddings_means_transformers_default(tmp_path):
+    """It meant 2048 here (to_tokens truncated to it, longer inputs were refused) and
+    32768 to transformers."""
+    directory = edited_checkpoint(tmp_path, max_position_embeddings=None)
+    model = HookedAttnRes.from_hf_qwen3(directory)
+    assert model.cfg.n_ctx == hf_module(directory).config.max_position_embeddings

@@ -81,6 +81,20 @@ def rope_theta(config: Any) -> float:
     return float(theta)
 
 
+# transformers' names of SiLU (ACT2FN maps "swish" to torch.nn.SiLU)
+SILU_NAMES = ("silu", "swish")
+
+# fields transformers' Qwen3Config types strictly (null is refused by it)
+NOT_NULL = (
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "use_sliding_window",
+)
+
 # the config fields without a default here: the model's shape
 REQUIRED_SIZES = (
     "hidden_size",
@@ -124,8 +138,17 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
                     f"no {name} (transformers' Qwen3Config then uses {default}, not {derived}; "
                     f"write the intended {name} into config.json)"
                 )
-    if _get(config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={_get(config, 'hidden_act')!r} (expected 'silu')")
+        nulls = [name for name in NOT_NULL if name in config and config[name] is None]
+        if nulls:
+            # transformers refuses to build such a config; here null would read as a default
+            problems.append(
+                f"null {nulls} (transformers' Qwen3Config refuses null there: give a value, "
+                "or remove the field to mean its default)"
+            )
+    if _get(config, "hidden_act", "silu") not in SILU_NAMES:
+        problems.append(
+            f"hidden_act={_get(config, 'hidden_act')!r} (expected one of {list(SILU_NAMES)})"
+        )
     if _get(config, "attention_bias", False):
         problems.append("attention_bias=True (expected False)")
     if _get(config, "use_sliding_window", False):
@@ -237,7 +260,7 @@ def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
         d_head=_get(config, "head_dim") or _get(config, "hidden_size") // n_heads,
         d_mlp=_get(config, "intermediate_size"),
         d_vocab=_get(config, "vocab_size"),
-        n_ctx=_get(config, "max_position_embeddings", 2048),
+        n_ctx=_get(config, "max_position_embeddings", 32768),  # Qwen3Config default
         eps=float(_get(config, "rms_norm_eps", 1e-6)),
         rotary_base=rope_theta(config),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
