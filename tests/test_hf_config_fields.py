@@ -238,3 +238,82 @@ def test_a_missing_max_position_embeddings_means_transformers_default(tmp_path):
     directory = edited_checkpoint(tmp_path, max_position_embeddings=None)
     model = HookedAttnRes.from_hf_qwen3(directory)
     assert model.cfg.n_ctx == hf_module(directory).config.max_position_embeddings
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(rms_norm_eps=0.1),
+        dict(head_dim=16),  # != hidden_size // num_attention_heads
+        dict(num_key_value_heads=1),
+        dict(tie_word_embeddings=True),
+        dict(attention_dropout=0.5),  # dropout only in training
+        dict(bos_token_id=2, eos_token_id=[3, 4], pad_token_id=1),
+        dict(dtype="bfloat16"),  # the stored dtype; loaded as dtype= asks
+        # no layer slides: transformers drops sliding_window when use_sliding_window is False
+        dict(use_sliding_window=False, sliding_window=4, max_window_layers=0),
+        # Qwen3's default RoPE ignores partial_rotary_factor
+        dict(
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 50.0,
+                "partial_rotary_factor": 0.5,
+            }
+        ),
+    ],
+    ids=lambda fields: ",".join(fields),
+)
+def test_implemented_and_inert_fields_give_transformers_logits(tmp_path, fields):
+    module = hf_qwen3(**fields)
+    module.save_pretrained(tmp_path)
+    expected = hf_logits(tmp_path)
+    for source in (tmp_path, module):
+        assert (our_logits(source) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(hidden_act="gelu"), r"hidden_act='gelu' \(expected one of \['silu', 'swish'\]\)"),
+        (dict(attention_bias=True), r"attention_bias=True \(expected False\)"),
+        (
+            dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+            r"use_sliding_window=True \(expected False\)",
+        ),
+    ]
+    + [
+        (
+            dict(rope_parameters={"rope_type": kind, "rope_theta": 1e4, **extra}),
+            rf"rope type '{kind}' .* default RoPE only",
+        )
+        for kind, extra in (
+            ("yarn", dict(factor=4.0, original_max_position_embeddings=16)),
+            ("linear", dict(factor=2.0)),
+            ("dynamic", dict(factor=2.0)),
+            (
+                "llama3",
+                dict(
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                ),
+            ),
+        )
+    ],
+    ids=["gelu", "attention_bias", "sliding_window", "yarn", "linear", "dynamic", "llama3"],
+)
+def test_unimplemented_fields_are_refused_by_every_loader(tmp_path, fields, match):
+    module = hf_qwen3(**fields)
+    module.save_pretrained(tmp_path / "hf")
+    attnres = tmp_path / "attnres"
+    module.save_pretrained(attnres)
+    config = json.loads((attnres / "config.json").read_text())
+    config.update(model_type="qwen3_attnres", attnres_num_blocks=1)
+    (attnres / "config.json").write_text(json.dumps(config))
+    for wrap in ("none", "recency", "exact"):
+        for source in (tmp_path / "hf", module):
+            with pytest.raises(CheckpointError, match=match):
+                HookedAttnRes.from_hf_qwen3(source, wrap=wrap)
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_pretrained(attnres)
