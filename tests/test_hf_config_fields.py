@@ -179,7 +179,7 @@ def test_a_module_whose_layers_differ_from_its_config_is_refused(built, edit, ma
     """transformers reads these settings when it builds the layers, so a config edited
     afterwards does not change what the module computes (it loaded from the edited config
     before: logits 0.375 away for rms_norm_eps, 0.112 for rope_theta, 2e-3 for the
-    activation, 0.05 for the RoPE type, on logits of size 0.39)."""
+    activation, 0.14 for a linear-RoPE module, on logits of size 0.39)."""
     module = hf_qwen3(**built)
     edit(module)
     with pytest.raises(CheckpointError, match=f"does not compute what its config says .*: {match}"):
