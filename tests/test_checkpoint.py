@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -653,3 +654,222 @@ def test_atomic_directory_gives_nested_owner_only_files_the_umask_mode(tmp_path)
     finally:
         os.umask(previous)
     assert (tmp_path / "d" / "sub" / "w.bin").stat().st_mode & 0o777 == 0o644
+
+
+# --- round trips of every kind of model (audit of session 13) --------------------------
+
+WORDS = [f"w{i}" for i in range(30)]
+BATCH = ["w3 w17 w0 w29", "w5"]  # two lengths: the shorter row is padded
+
+
+def _processed(**kwargs):
+    model = scrambled_model(tie_word_embeddings=True)
+    model.process_weights(**kwargs)
+    return model
+
+
+def _with_flags():
+    model = scrambled_model(attnres_layout="none")
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    return model
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["copy", "mmap"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _processed(),
+        lambda: _processed(center_unembed=True),
+        _with_flags,
+        lambda: scrambled_model(attnres_layout="kimi", dtype=torch.bfloat16),
+        lambda: scrambled_model(attnres_layout="full", dtype=torch.float16),
+        lambda: scrambled_model(attnres_layout="cumulative", dtype=torch.float64),
+        lambda: HookedAttnRes.from_hf_qwen3(hf_qwen3(vocab_size=50), wrap="none"),
+        lambda: HookedAttnRes.from_hf_qwen3(hf_qwen3(vocab_size=50), wrap="recency"),
+        lambda: HookedAttnRes.from_hf_qwen3(
+            hf_qwen3(vocab_size=50, tie_word_embeddings=True), wrap="exact", num_blocks=2
+        ),
+    ],
+    ids=[
+        "processed-tied",
+        "processed-centred",
+        "set-use-flags",
+        "kimi-bf16",
+        "full-f16",
+        "cumulative-f64",
+        "hf-none",
+        "hf-recency",
+        "hf-exact-tied",
+    ],
+)
+def test_round_trip_of_transformed_models_is_bitwise(tmp_path, make, mmap):
+    """Folded / centred weights (cfg.layer_norm_folding, untied head), the set_use_* hook
+    flags (their hook points exist after loading), every dtype and the HF wraps."""
+    model = make()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt", mmap=mmap)
+    assert_same_model(loaded, model)
+    assert sorted(loaded.hook_dict) == sorted(model.hook_dict)
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+@pytest.mark.parametrize("changed", ["tokenizer", "config"])
+def test_padding_side_changed_after_attaching_survives_a_round_trip(tmp_path, fmt, changed):
+    """``model.tokenizer.padding_side = "left"`` (the TransformerLens way, docs/hooks.md)
+    pads on the left; transformers does not save a tokenizer's padding_side, so the loaded
+    model padded on the right (the padding moved to the other end of the short row)."""
+    model = scrambled_model()
+    model.set_tokenizer(build_word_tokenizer(WORDS))
+    if changed == "tokenizer":
+        model.tokenizer.padding_side = "left"
+    else:
+        model.cfg.default_padding_side = "left"
+    tokens = model.to_tokens(BATCH)
+    pad = model.tokenizer.pad_token_id
+    assert tokens[1].tolist() == [pad, pad, pad, model.to_tokens("w5")[0, 0].item()]
+    model.save_pretrained(tmp_path / "ckpt", format=fmt)
+    for mmap in (False, True):
+        loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt", mmap=mmap)
+        assert loaded.default_padding_side == "left"
+        assert torch.equal(loaded.to_tokens(BATCH), tokens)
+        if fmt == "hooked_attnres":
+            assert loaded.cfg == model.cfg
+            assert torch.equal(loaded(BATCH), model(BATCH))
+
+
+def test_tokenizer_files_without_a_padding_side_keep_the_configured_one(tmp_path):
+    """Saves before the padding side was written (and other tools' tokenizers) still pad on
+    cfg.default_padding_side."""
+    model = scrambled_model(default_padding_side="left")
+    model.set_tokenizer(build_word_tokenizer(WORDS))
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "tokenizer_config.json"
+    values = json.loads(path.read_text())
+    assert values.pop("padding_side") == "left"
+    path.write_text(json.dumps(values))
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+    assert loaded.default_padding_side == "left"
+    assert torch.equal(loaded.to_tokens(BATCH), model.to_tokens(BATCH))
+
+
+def test_float64_qwen3_attnres_export_loads_without_rounding(tmp_path):
+    """The qwen3_attnres loader defaults to float32, which rounded a float64 model's
+    weights (logits off by 2.3e-6 on the tiny model); float64 weights now load as float64."""
+    model = scrambled_model(dtype=torch.float64)
+    model.save_pretrained(tmp_path / "export", format="qwen3_attnres")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "export")
+    assert loaded.cfg.dtype == torch.float64
+    expected = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == torch.float64, name
+        assert torch.equal(tensor, expected[name]), name
+    # narrower dtypes still load as float32 (exactly: the conversion widens)
+    half = scrambled_model(dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "half", format="qwen3_attnres")
+    widened = HookedAttnRes.from_pretrained(tmp_path / "half")
+    assert widened.cfg.dtype == torch.float32
+    for name, tensor in half.state_dict().items():
+        assert torch.equal(widened.state_dict()[name], tensor.float()), name
+
+
+def test_qwen3_attnres_export_refuses_default_prepend_bos(tmp_path):
+    model = scrambled_model(default_prepend_bos=True)
+    model.set_tokenizer(build_word_tokenizer(WORDS))
+    with pytest.raises(ValueError, match="no field for default_prepend_bos=True"):
+        model.save_pretrained(tmp_path / "export", format="qwen3_attnres")
+    assert not (tmp_path / "export").exists()
+    model.save_pretrained(tmp_path / "own")  # this package's format keeps it
+    assert HookedAttnRes.from_pretrained(tmp_path / "own").cfg.default_prepend_bos is True
+
+
+def test_folded_model_through_qwen3_attnres_keeps_its_function(tmp_path):
+    """The public format cannot say a model is folded: it loads with
+    layer_norm_folding=False, but with the folded weights (every folded gain exactly 1), so
+    it is the same function and folding it again changes no weight."""
+    model = scrambled_model(tie_word_embeddings=True)
+    model.process_weights()
+    model.save_pretrained(tmp_path / "export", format="qwen3_attnres")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "export")
+    assert loaded.cfg.layer_norm_folding is False
+    assert loaded.cfg.tie_word_embeddings is False
+    before = {name: tensor.clone() for name, tensor in loaded.state_dict().items()}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(before[name], tensor), name
+    loaded.fold_layer_norm()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert torch.allclose(loaded(TOKENS), model(TOKENS), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+def test_save_failing_at_each_file_write_leaves_the_old_checkpoint(tmp_path, monkeypatch, fmt):
+    """The k-th file written by a save over an existing checkpoint raises, for every k
+    (weights, config.json, the tokenizer files, the completion marker): the old version
+    stays, byte for byte, and no temporary directory is left."""
+    import builtins
+
+    import hooked_attnres.loading.qwen3_attnres as qwen3_attnres_module
+
+    target = tmp_path / "ckpt"
+    old = scrambled_model(seed=0)
+    old.set_tokenizer(build_word_tokenizer(["a", "b"]))
+    old.save_pretrained(target, format=fmt)
+    files_before = {p.name: p.read_bytes() for p in target.iterdir()}
+    new = scrambled_model(seed=1)
+    new.set_tokenizer(build_word_tokenizer(WORDS))
+
+    real_open, real_os_open = builtins.open, os.open
+    real_save = safetensors.torch.save_file
+    written: list[str] = []
+    for k in range(1, 20):
+        count = [0]
+
+        def tick(where, k=k, count=count):
+            count[0] += 1
+            if count[0] == k:
+                raise OSError(f"simulated failure at write {k} ({where})")
+            written.append(Path(where).name)
+
+        def writing_open(file, mode="r", *args, k=k, **kwargs):
+            if any(flag in mode for flag in "wax+") and str(tmp_path) in str(file):
+                tick(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def writing_os_open(path, flags, *args, k=k, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR) and str(tmp_path) in str(path):
+                tick(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def writing_save_file(state, filename, metadata=None):
+            tick(filename)
+            return real_save(state, filename, metadata=metadata)
+
+        written.clear()
+        monkeypatch.setattr(builtins, "open", writing_open)
+        monkeypatch.setattr(io, "open", writing_open)
+        monkeypatch.setattr(os, "open", writing_os_open)
+        monkeypatch.setattr(own_format_module, "save_file", writing_save_file)
+        monkeypatch.setattr(qwen3_attnres_module, "save_file", writing_save_file)
+        try:
+            new.save_pretrained(target, format=fmt)
+        except OSError as error:
+            assert f"write {k}" in str(error)
+            failed = True
+        else:
+            failed = False
+        finally:
+            monkeypatch.undo()
+        if not failed:
+            break
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], k
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == files_before, k
+    assert not failed
+    # every file of the save was made to fail once (the marker through its temporary name)
+    assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= set(written)
+    assert any(name.startswith(MARKER) for name in written), written
+    loaded = HookedAttnRes.from_pretrained(target)  # the first complete save: the new model
+    for name, tensor in new.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert len(loaded.tokenizer) == len(WORDS) + 3

@@ -80,6 +80,17 @@ def read_safetensors_info(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         ) from error
 
 
+def stored_float_dtypes(paths) -> set[torch.dtype]:
+    """The floating dtypes the tensors of some safetensors files are stored in (headers
+    only; other dtypes are refused when the tensors are read)."""
+    return {
+        _FLOAT_DTYPES[name]
+        for path in sorted(set(paths))
+        for _, name in read_safetensors_info(path).values()
+        if name in _FLOAT_DTYPES
+    }
+
+
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a safetensors file without reading the tensors."""
     return {key: shape for key, (shape, _) in read_safetensors_info(path).items()}
@@ -280,6 +291,43 @@ def load_tokenizer(directory: Path):
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def save_tokenizer(model: HookedAttnRes, directory: Path) -> None:
+    """Save ``model.tokenizer`` into ``directory`` with the side the model pads strings on
+    (`HookedAttnRes.default_padding_side`) written into ``tokenizer_config.json`` as
+    ``padding_side`` (``transformers`` reads it back from there, but does not write it: a
+    model whose ``model.tokenizer.padding_side`` was set to ``"left"`` after attaching
+    used to come back padding on the right)."""
+    model.tokenizer.save_pretrained(str(directory))
+    path = Path(directory) / _TOKENIZER_FILES[1]
+    if path.exists():
+        values = json.loads(path.read_text())
+        values["padding_side"] = model.default_padding_side
+        path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
+
+def model_with_saved_tokenizer(
+    cfg: HookedAttnResConfig, directory: Path, model_class: Optional[type] = None
+):
+    """`empty_model` with the tokenizer saved in ``directory`` (if any) attached as it was
+    saved: ``set_tokenizer`` sets the tokenizer's ``padding_side`` to
+    ``cfg.default_padding_side``; the side the saved model padded on, which the saved
+    tokenizer files hold (`save_tokenizer`), is put back after attaching, so the loaded
+    model pads strings where the saved one did (`HookedAttnRes.default_padding_side`).
+    Tokenizer files that do not name a side (older saves, other tools) leave the side
+    ``set_tokenizer`` chose."""
+    tokenizer = load_tokenizer(directory)
+    model = empty_model(cfg, tokenizer=tokenizer, model_class=model_class)
+    path = Path(directory) / _TOKENIZER_FILES[1]
+    if tokenizer is not None and path.exists():
+        try:
+            side = json.loads(path.read_text()).get("padding_side")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise CheckpointError(f"{path} is not a valid tokenizer config ({error})") from error
+        if side in ("right", "left"):
+            tokenizer.padding_side = side
+    return model
 
 
 def default_model_class() -> type:

@@ -26,10 +26,10 @@ from hooked_attnres.loading.io import (
     assign_state_dict,
     check_float_tensors,
     describe_mismatch,
-    empty_model,
-    load_tokenizer,
+    model_with_saved_tokenizer,
     read_safetensors,
     read_safetensors_info,
+    save_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(directory))
+        save_tokenizer(model, directory)
 
 
 def load_own_format(
@@ -92,7 +92,7 @@ def load_own_format(
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
-    model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
+    model = model_with_saved_tokenizer(cfg, directory, model_class)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     info = read_safetensors_info(weights)
     problem = describe_mismatch(expected, {key: shape for key, (shape, _) in info.items()})

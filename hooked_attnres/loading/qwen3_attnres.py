@@ -36,9 +36,10 @@ from hooked_attnres.loading.hf_qwen3 import (
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
-    empty_model,
-    load_tokenizer,
+    model_with_saved_tokenizer,
     read_config_json,
+    save_tokenizer,
+    stored_float_dtypes,
 )
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ def load_qwen3_attnres(
     Args:
         directory: the checkpoint directory (single or sharded safetensors).
         device: default ``"cpu"``.
-        dtype: default float32.
+        dtype: default float32 (float64 if a weight is stored in float64: the default never
+            rounds a weight).
         mmap: memory-map instead of copying (see `hooked_attnres.loading.load_checkpoint`).
     """
     directory = Path(directory)
@@ -124,12 +126,16 @@ def _load(directory: Path, device, dtype, model_class, mmap: bool):
     values = read_config_json(directory)
     where = str(directory)
     check_qwen3_config(values, where, model_types=(MODEL_TYPE,))
-    dtype = _dtype_from_any(dtype) if dtype is not None else torch.float32
+    files = hf_weight_files(directory)
+    if dtype is not None:
+        dtype = _dtype_from_any(dtype)
+    elif torch.float64 in stored_float_dtypes(files.values()):
+        dtype = torch.float64  # float32 would round the weights (a float64 model's export)
+    else:
+        dtype = torch.float32
     cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
-    model = empty_model(cfg, tokenizer=load_tokenizer(directory), model_class=model_class)
-    state = load_hf_weights(
-        model, hf_weight_files(directory), KeyMap(cfg, routers=True), dtype, where, mmap=mmap
-    )
+    model = model_with_saved_tokenizer(cfg, directory, model_class)
+    state = load_hf_weights(model, files, KeyMap(cfg, routers=True), dtype, where, mmap=mmap)
     return assign_state_dict(model, state, device or "cpu")
 
 
@@ -171,12 +177,21 @@ def save_qwen3_attnres(
     in `hooked_attnres.loading.save_checkpoint`).
 
     Routers without a bias parameter are written with bias 0, which routes identically.
+    What the format cannot hold is listed in ``docs/loading.md`` (round trips); a model
+    with ``default_prepend_bos=True`` is refused (strings would lose their BOS on load).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
         raise ValueError(
             f"format='qwen3_attnres' holds cumulative-layout models only; this model has "
             f"attnres_layout={cfg.attnres_layout!r} (save it in the default format instead)"
+        )
+    if cfg.default_prepend_bos:
+        raise ValueError(
+            "format='qwen3_attnres' has no field for default_prepend_bos=True: the loaded "
+            "model would tokenise strings without the BOS token, so string inputs would give "
+            "other logits. Save in the default format, or set model.cfg.default_prepend_bos "
+            "= False (and pass prepend_bos=True where it is wanted) before exporting"
         )
     keymap = KeyMap(cfg, routers=True)
     state = {}
@@ -192,5 +207,5 @@ def save_qwen3_attnres(
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(qwen3_attnres_config(model), indent=2) + "\n")
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(model, tmp)
     return directory
