@@ -873,3 +873,10 @@ def test_save_failing_at_each_file_write_leaves_the_old_checkpoint(tmp_path, mon
     for name, tensor in new.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert len(loaded.tokenizer) == len(WORDS) + 3
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+def test_from_hf_qwen3_on_a_saved_checkpoint_points_to_from_pretrained(tmp_path, fmt):
+    scrambled_model().save_pretrained(tmp_path / "ckpt", format=fmt)
+    with pytest.raises(CheckpointError, match=f"model_type='{fmt}'.*from_pretrained"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "ckpt")

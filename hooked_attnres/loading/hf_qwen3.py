@@ -111,7 +111,7 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
     architectures = _get(config, "architectures") or []
     if model_type not in model_types:
         hint = ""
-        if model_type == "qwen3_attnres":
+        if model_type in ("qwen3_attnres", "hooked_attnres"):
             hint = "; it is an AttnRes checkpoint: load it with HookedAttnRes.from_pretrained"
         raise CheckpointError(
             f"{where} is not a Qwen3 checkpoint: expected model_type in {list(model_types)}, found "
