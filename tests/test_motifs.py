@@ -798,3 +798,20 @@ def test_d3_sentences_print_the_size_test_with_the_digits_that_decide_it():
     old = motif_verdicts(report.drop(columns="effect_limit")).set_index("claim")
     assert old.loc["D3-mlp_res", "sentence"].endswith("(top family current, harm 0.04).")
     assert ", |effect| 0.00" not in old.loc["D3-mlp_res", "sentence"]
+
+
+def test_the_verdicts_say_when_the_robustness_check_was_not_run(tmp_path):
+    """docs/study.md pre-registers the robustness check; a study run without it
+    (robustness=False, the motifs notebook) left it out of the verdicts without a word."""
+    from hooked_attnres.study import verdict_sentences
+
+    ran = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1, 2], [1])})
+    assert any(line.startswith("On a second, disjoint set") for line in verdict_sentences(ran))
+    skipped = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1, 2], [1])})
+    skipped.fresh_motifs = skipped.fresh_motifs.iloc[:0]  # what run_study(robustness=False) keeps
+    lines = verdict_sentences(skipped)
+    assert lines[-1] == (
+        "The verdicts were not recomputed on a second, disjoint set of held-out prompts: "
+        "this run skipped the robustness check of docs/study.md."
+    )
+    assert not any(line.startswith("On a second") for line in lines)

@@ -31,7 +31,12 @@ from hooked_attnres.study.conditions import (
     train_condition,
 )
 from hooked_attnres.study.figures import study_figures
-from hooked_attnres.study.report import study_report, study_report_html, verdict_matrix
+from hooked_attnres.study.report import (
+    study_report,
+    study_report_html,
+    verdict_matrix,
+    verdict_sentences,
+)
 from hooked_attnres.study.run import (
     FRESH_PROBE_SEED,
     PROBE_SEED,
@@ -78,6 +83,7 @@ __all__ = [
     "study_report",
     "study_report_html",
     "verdict_matrix",
+    "verdict_sentences",
     "study_task",
     "study_train_config",
     "train_condition",

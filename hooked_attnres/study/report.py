@@ -112,6 +112,11 @@ def _conclusion(result: StudyResult) -> list[str]:
             f"{result.settings.get('fresh_probe_seed', '?')}), {len(result.robustness)} of {n} "
             f"per-seed verdicts changed{changed}."
         )
+    elif not result.motifs.empty:  # docs/study.md pre-registers the check: say it is missing
+        lines.append(
+            "The verdicts were not recomputed on a second, disjoint set of held-out prompts: "
+            "this run skipped the robustness check of docs/study.md."
+        )
     return lines
 
 
@@ -264,6 +269,19 @@ def _criteria(result: StudyResult) -> list[str]:
     ]
 
 
+def verdict_sentences(result: StudyResult) -> list[str]:
+    """The report's verdicts, one sentence per line, generated from the numbers: per claim,
+    in the pre-registered words (replicated or majority in h of N Block AttnRes conditions
+    with several seeds, minority, the single-seed conditions, the recency-wrapped vanilla
+    baselines), then criterion 2 as first written, D1's top families, the robustness check
+    (or that it was not run) and the schedule claim. The "Verdicts" list of `study_report`.
+
+    Args:
+        result: a `run_study` result.
+    """
+    return _conclusion(result) + _schedule_sentences(result)
+
+
 def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Conditions x claims: ``"k/n verdict"`` per cell (one row per condition, in order).
 
@@ -346,7 +364,7 @@ def document(result: StudyResult) -> list[Block]:
         ("p", QUESTION),
         ("h2", "Verdicts"),
     ]
-    blocks += [("li", line) for line in _conclusion(result) + _schedule_sentences(result)]
+    blocks += [("li", line) for line in verdict_sentences(result)]
     if not result.verdicts.empty:
         blocks += [
             (
