@@ -37,6 +37,7 @@ CONDITION = "{MAIN}"        # a shipped Block AttnRes checkpoint (hooked-attnres
 model = load_condition(CONDITION, seed=0)
 task = get_condition(CONDITION).task
 batch = probe_prompts(model, n_prompts=64, task=task)   # held-out prompts of its task
+print(batch.tokens.shape, batch.answer.shape)   # [batch, pos], [batch]
 print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[0]))
 """)
 
@@ -101,6 +102,7 @@ the last layer (equal to the logits) in every layout.
 from hooked_attnres.analysis import routing_lens
 
 lens = routing_lens(model, batch.tokens, positions=-1)
+print(lens.logits.shape)   # [n_states, batch, d_vocab] (one position)
 ranks = [(lens.logits[i].argsort(-1, descending=True) == batch.answer[:, None]).float().argmax(-1)
          for i in range(len(lens.labels))]   # per prompt, 0 = the answer is ranked first
 for label, rank in zip(lens.labels, ranks):
@@ -132,22 +134,16 @@ print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
 """),
 ]
 
-# the last cell of the motifs notebook (tests/test_demos.py runs it on made-up verdicts):
-# k > n / 2 is "a majority of its seeds"; a condition with one seed is listed apart, since
-# one seed replicates nothing (amendment 3 of docs/study.md)
+# the last cell of the motifs notebook (tests/test_demos.py runs it on a synthetic study):
+# the report's verdict table and its verdict sentences, in the pre-registered words
+# (replicated, majority, minority, absent; single seed), written once in
+# hooked_attnres.study.report
 SUMMARY = """
-summary = result.verdicts.pivot(index="claim", columns="condition", values="verdict")
-display(summary)
-for condition, rows in result.verdicts.groupby("condition", sort=True):
-    n = int(rows.n.max())
-    held = sorted(rows.claim[rows.k > n / 2])
-    claims = ", ".join(held) if held else "none of the claims"
-    verb = "holds" if len(held) == 1 else "hold"
-    if n == 1:
-        print(f"{condition} (a single seed, which replicates nothing): {claims} {verb} "
-              f"in its one seed.")
-    else:
-        print(f"{condition}: {claims} {verb} in a majority of its {n} seeds.")
+from hooked_attnres.study import verdict_matrix, verdict_sentences
+
+display(verdict_matrix(result.verdicts))   # k/n seeds and the word, per condition and claim
+for sentence in verdict_sentences(result):
+    print(f"* {sentence}")
 """
 
 MOTIFS = [
@@ -163,7 +159,7 @@ baseline beside the Block AttnRes conditions, and one sentence generated from th
 with "k of n seeds". Effects are in percent of each model's clean logit difference, or in
 logits for a task where some model's clean difference is under 1 logit (the figure titles
 say which), with 95 % bootstrap intervals over held-out prompts. The last cell states the
-verdicts.
+verdicts in the words of the shipped report (`hooked_attnres.study.verdict_sentences`).
 """),
     code("""
 import os
@@ -181,13 +177,13 @@ result = run_study(tempfile.mkdtemp(), n_prompts=256, n_bootstrap=1000, progress
 result.accuracy
 """),
     code("""
-def claim(name, task, figure):
-    \"\"\"The figure of one claim for one task and the generated sentences of that task's
-    conditions.\"\"\"
+def claim(names, task, figure):
+    \"\"\"The figure of one or more claims (names separated by spaces) for one task and
+    the generated sentences of that task's conditions.\"\"\"
     display(result.figures[figure])
     verdicts = result.verdicts
     on_task = verdicts.condition.map(lambda c: get_condition(c).task == task)
-    rows = verdicts[(verdicts.claim == name) & on_task]
+    rows = verdicts[verdicts.claim.isin(names.split()) & on_task]
     display(Markdown("\\n".join(f"* **{r.condition}**: {r.sentence}" for r in rows.itertuples())))
 
 tasks = sorted({name.split("_M")[0] for name in result.figures if "_M1" in name})
@@ -230,10 +226,15 @@ too where that is what met criterion 2 (`result.motifs` has every number).
 for task in tasks:
     claim("M1", task, f"{task}_M1")
 """),
-    md("## M2: the current stream through early attention and MLP routers"),
+    md("""
+## M2: the current stream through early attention and MLP routers
+
+M2 holds in a seed when it holds at the attention routers (M2-attn) and at the MLP routers
+(M2-mlp); each is also reported alone.
+"""),
     code("""
 for task in tasks:
-    claim("M2", task, f"{task}_M2")
+    claim("M2 M2-attn M2-mlp", task, f"{task}_M2")
 """),
     md("## M3: older history through late attention routers"),
     code("""
@@ -258,7 +259,7 @@ for task in tasks:
     claim("D1-mlp_res", task, f"{task}_mass_effect_mlp_res")
 """),
     md("""
-## D2: in MLP routers, the embedding has under half of current's mass and at least twice its harm
+## D2: MLP routers, embedding: < 0.5x current's mass, >= 2x its harm, interval excluding 0
 
 > **D2**, MLP routers: `mass(embedding) < 0.5 * mass(current)`, and `harm(embedding) >=
 > 2 * max(harm(current), 0)` with the embedding effect's interval excluding 0
@@ -335,6 +336,7 @@ plotting.patching_heatmap(state, [f"layer {l}" for l in range(model.cfg.n_layers
 """),
     code("""
 blocks = get_act_patch_committed_blocks_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
+print(blocks.shape)    # [layer, pos], NaN where the layer commits no block
 plotting.patching_heatmap(blocks, [f"layer {l}" for l in range(model.cfg.n_layers)],
                           model.to_str_tokens(batch.tokens[0]),
                           title="Committed blocks patched at one position (blank: no block)")
@@ -373,21 +375,36 @@ compared.sort_values("effect").head(5)
 at_last = state[:, -1]
 full = [l for l in range(len(at_last)) if float(at_last[l]) >= 0.99]
 elsewhere = float(state[:, :-1].abs().max())
+# prompts that differ at the last position only: the earlier positions are the same in both
+# runs (attention is causal), so the whole state there must recover 1 and elsewhere 0
+last_only = differ == [batch.tokens.shape[1] - 1]
+as_expected = len(full) == len(at_last) and elsewhere < 0.01
 largest = compared.loc[compared.effect.idxmin()]
 caught = ((checked.router == largest.router) & (checked.group == largest.group)
           & (checked.family == largest.family)).any()
+top5 = compared.loc[compared.effect.abs().nlargest(5).index]
+rerun = top5.merge(checked[cells], on=cells)   # the 5 largest |exact effects| verify_top re-ran
 print(f"On {CONDITION} (clean and corrupted prompts differ only at position(s) {differ}): "
       f"patching the whole clean depth state at the last position recovers at least 0.99 of "
       f"the clean-minus-corrupted logit difference entering {len(full)} of "
-      f"{len(at_last)} layers (at every other position at most {elsewhere:.2f}); "
-      f"the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.3f}. "
+      f"{len(at_last)} layers (at every other position at most {elsewhere:.2f})"
+      + ((", as it must: only the last position differs and attention is causal"
+          if as_expected else ", which causality forbids: a bug") if last_only else "")
+      + f"; the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.3f}. "
       f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells. "
       f"The largest exact effect is {largest.family} at {largest.router} {largest.group}: "
       f"{largest.effect:+.2f} logits, estimated {largest.estimate:+.3f}"
       f"{' (the opposite sign)' if largest.estimate * largest.effect < 0 else ''} (rank "
       f"{int(largest.estimate_rank)} of {len(compared)} by |estimate|; verify_top(5) "
-      f"{'re-ran' if caught else 'missed'} it); Spearman over all cells {spearman:.2f}. "
-      f"Rank with the estimates, but report exact numbers.")
+      f"{'re-ran' if caught else 'missed'} it); of the 5 largest exact effects, verify_top(5) "
+      f"re-ran {len(rerun)} (ranks by |estimate|: "
+      f"{', '.join(str(int(r)) for r in top5.estimate_rank)}); Spearman over all cells "
+      f"{spearman:.2f}. "
+      + ("The estimates found every large effect here; still report the exact numbers."
+         if len(rerun) == len(top5) else
+         "A ranking by the estimates misses large effects here: report exact numbers, from "
+         "the exact sweep where it is affordable.")
+      )
 """),
 ]
 

@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from hooked_attnres.study import study_report
+
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 NOTEBOOKS = sorted(DEMOS.glob("*.ipynb"))
 
@@ -52,34 +54,122 @@ def _builder():
     return runpy.run_path(str(DEMOS / "build_notebooks.py"))
 
 
-def test_motif_summary_counts_majorities_and_lists_single_seed_conditions(capsys):
-    """The motifs notebook's last cell: a claim present in 1 of 1 seed is reported as held
-    in that seed (it printed 'none of the claims hold in a majority of its 1 seeds' for
-    `attnres`, whose D3-mlp_res holds, and `vanilla`, whose M2-attn holds)."""
+def test_motif_summary_prints_the_shipped_reports_verdict_sentences(tmp_path, capsys):
+    """The motifs notebook's last cell states the verdicts in the report's pre-registered
+    words. It printed its own per-condition lines instead: "hard_cumulative_L8: D1-attn_res,
+    D3-attn_res, D3-mlp_res, M2-attn hold in a majority of its 3 seeds" for four claims
+    replicated 3/3, no word of the minority verdicts (paperlike_cumulative_L8 M1, D1-attn_res,
+    D1-mlp_res and saturated_cumulative_L16 M1, D1-attn_res at 1/3), the recency-wrapped
+    vanilla baselines listed like Block AttnRes conditions, and nothing of the schedule claim
+    or of the robustness check it did not run."""
+    from test_motifs import fake_study
+
+    result = fake_study(
+        tmp_path,
+        {
+            "hard_cumulative_L8": ([0, 1, 2], [1]),
+            "paperlike_cumulative_L8": ([0, 1, 2], [0, 2]),
+            "saturated_cumulative_L16": ([0, 1, 2], [0, 1, 2]),
+            "attnres": ([0], [0]),
+            "hard_vanilla_L8": ([0, 1, 2], []),
+        },
+    )
+    result.fresh_motifs = result.fresh_motifs.iloc[:0]  # as run_study(robustness=False)
+    shown = []
+    exec(_builder()["SUMMARY"], {"result": result, "display": shown.append})
+    printed = capsys.readouterr().out.splitlines()
+    # M1 is harmful at the listed seeds: 1/3 minority, 2/3 majority, 3/3 replicated, 1/1
+    assert printed[0] == (
+        "* M1: replicated or majority in 2 of 3 Block AttnRes conditions with several seeds "
+        "(paperlike_cumulative_L8 2/3 majority, saturated_cumulative_L16 3/3 replicated); "
+        "minority in hard_cumulative_L8 1/3; present in the single seed of attnres; "
+        "recency-wrapped vanilla baselines: hard_vanilla_L8 0/3 absent."
+    )
+    assert printed[-1] == (
+        "* The verdicts were not recomputed on a second, disjoint set of held-out prompts: "
+        "this run skipped the robustness check of docs/study.md."
+    )
+    # every line is a bullet of the report's verdicts, in the report's order
+    report = study_report(result).split("## Verdicts")[1].split("\n\n")[1]
+    assert printed == report.splitlines()
+    (table,) = shown
+    cells = table.set_index("condition")
+    assert cells.loc["hard_cumulative_L8", "M1"] == "1/3 minority"
+    assert cells.loc["attnres", "M1"] == "1/1 single seed"
+
+
+def _last_patching_cell(**overrides):
+    """Run the patching notebook's last cell on made-up results; returns what it printed."""
+    import contextlib
+    import io
     import types
 
     import pandas as pd
+    import torch
 
-    from hooked_attnres.analysis.motifs import verdict_word
+    cells = ["router", "group", "family"]
+    # exact effects and estimates of 6 cells; the largest |effect| has a small estimate
+    compared = pd.DataFrame(
+        {
+            "router": ["attn_res"] * 3 + ["mlp_res"] * 3,
+            "group": ["layer 0", "layer 1", "layer 2"] * 2,
+            "family": ["current"] * 6,
+            "estimate": [0.01, -0.5, -0.4, -0.3, -0.2, -0.1],
+            "effect": [-9.0, -0.05, -0.04, -3.0, -2.0, -1.0],
+        }
+    )
+    compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min")
+    checked = compared.nsmallest(2, "estimate")[cells]  # verify_top(2): ranks 1 and 2
+    state = torch.zeros(3, 4)
+    state[:, -1] = 1.0
+    namespace = dict(
+        CONDITION="c",
+        batch=types.SimpleNamespace(tokens=torch.zeros(2, 4)),
+        differ=[3],
+        state=state,
+        weights=torch.tensor([[0.1, float("nan")]]),
+        attribution=types.SimpleNamespace(seconds=0.5, plan=list(range(6))),
+        compared=compared,
+        checked=checked,
+        cells=cells,
+        spearman=0.1,
+    )
+    namespace.update(overrides)
+    source = _builder()["NOTEBOOKS"]["03_patching_and_attribution.ipynb"][-1].source
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(source, namespace)
+    return out.getvalue()
 
-    rows = [
-        ("attnres", "D3-mlp_res", 1, 1),
-        ("attnres", "M1", 0, 1),
-        ("cond3", "M1", 2, 3),
-        ("cond3", "M2", 1, 3),
-        ("cond3", "M3", 3, 3),
-        ("absent3", "M1", 0, 3),
-    ]
-    verdicts = pd.DataFrame(rows, columns=["condition", "claim", "k", "n"])
-    verdicts["verdict"] = [verdict_word(k, n) for _, _, k, n in rows]
-    namespace = {"result": types.SimpleNamespace(verdicts=verdicts), "display": lambda x: None}
-    exec(_builder()["SUMMARY"], namespace)
-    printed = capsys.readouterr().out.splitlines()
-    assert printed == [
-        "absent3: none of the claims hold in a majority of its 3 seeds.",
-        "attnres (a single seed, which replicates nothing): D3-mlp_res holds in its one seed.",
-        "cond3: M1, M3 hold in a majority of its 3 seeds.",
-    ]
+
+def test_patching_summary_counts_the_largest_exact_effects_verify_top_reran():
+    """It ended "Rank with the estimates, but report exact numbers." whatever the numbers;
+    on hard_cumulative_L8 the second largest exact effect (embedding at attn_res layer 1,
+    -6.57 logits) is rank 6 by |estimate| and verify_top(5) did not re-run it."""
+    text = _last_patching_cell()
+    # |effect| order: -9.0 (rank 6 by |estimate|), -3.0 (3), -2.0 (4), -1.0 (5), -0.05 (1)
+    assert "of the 5 largest exact effects, verify_top(5) re-ran 1 (ranks by |estimate|: " in text
+    assert "|estimate|: 6, 3, 4, 5, 1)" in text
+    assert "A ranking by the estimates misses large effects here" in text
+    assert "Rank with the estimates" not in text
+
+
+def test_patching_summary_says_the_last_position_recovers_all_by_construction():
+    """Prompts that differ at the last position only: patching the whole clean state there
+    must recover 1 at every layer and 0 elsewhere (causal attention); the sentence says so,
+    and calls a departure a bug instead of reporting it as a finding."""
+    import torch
+
+    assert "entering 3 of 3 layers (at every other position at most 0.00), as it must" in (
+        _last_patching_cell()
+    )
+    leaky = torch.zeros(3, 4)
+    leaky[:, -1] = 1.0
+    leaky[1, 0] = 0.3
+    assert "at most 0.30), which causality forbids: a bug" in _last_patching_cell(state=leaky)
+    # prompts that differ elsewhere too: no claim either way
+    text = _last_patching_cell(differ=[1, 3])
+    assert "as it must" not in text and "a bug" not in text
 
 
 def _collapse(text: str) -> str:
