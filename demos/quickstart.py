@@ -13,6 +13,7 @@ import torch
 import transformer_lens.patching as tl_patching
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+from hooked_attnres.patching import get_act_patch_depth_state_by_pos
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
         f"max logit change after masking the embedding source: {(ablated - logits).abs().max():.4f}"
     )
 
-    # 3. TransformerLens patching runs on the model unchanged.
+    # 3. TransformerLens patching runs on the model unchanged, with a caveat (below).
     corrupted = tokens.clone()
     corrupted[:, 3] = (corrupted[:, 3] + 1) % cfg.d_vocab
     answer = tokens[:, -1]
@@ -63,6 +64,14 @@ def main() -> None:
 
     result = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     print(f"get_act_patch_resid_pre -> {tuple(result.shape)} [n_layers, pos]")
+    # In a routed layout hook_resid_pre holds only the current depth source (the model warns
+    # once), so that patches less than a layer's input; the depth-state patch replaces every
+    # source the routers at and after the layer read (the routed meaning of resid_pre).
+    state = get_act_patch_depth_state_by_pos(model, corrupted, cache, metric)
+    print(
+        f"get_act_patch_depth_state_by_pos -> {tuple(state.shape)} [n_layers, pos]; largest "
+        f"difference from the resid_pre patch: {(state - result).abs().max():.4f}"
+    )
 
     # 4. Save and reload (atomic write, bitwise round trip).
     with tempfile.TemporaryDirectory() as tmp:

@@ -205,6 +205,10 @@ def test_quickstart_runs_and_prints_what_it_says(capsys):
     out = capsys.readouterr().out
     assert "get_act_patch_resid_pre -> (6, 12) [n_layers, pos]" in out
     assert "round trip: identical logits" in out
+    # resid_pre holds only the current source in the cumulative layout: the depth-state patch,
+    # which replaces every source the routers read, gives other numbers
+    assert "get_act_patch_depth_state_by_pos -> (6, 12) [n_layers, pos]" in out
+    assert float(out.split("difference from the resid_pre patch: ")[1].split()[0]) > 0
     change = float(out.split("masking the embedding source: ")[1].split()[0])
     assert change > 0  # masking a source with weight ~0.05 moves the logits
     for line in out.splitlines():
