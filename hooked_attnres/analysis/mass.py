@@ -122,7 +122,10 @@ def routing_mass(
             positions after each prompt's ``answer_pos`` are right padding: ``"all"``
             averages positions ``0..answer_pos`` of each prompt, and a list reaching past
             some prompt's ``answer_pos`` raises ``ValueError``.
-        answer_pos: ``[batch]``, for token inputs with ``positions="answer"``.
+        answer_pos: ``[batch]``, the positions ``positions="answer"`` reads (needed for
+            token inputs; a `TaskBatch`'s own by default, and one past it, in the right
+            padding, raises ``ValueError``). With other ``positions`` it raises
+            ``ValueError`` (it would be ignored).
         bands: custom depth bands (default: thirds, see `depth_bands`).
         chunk: prompts per forward pass.
 
@@ -134,6 +137,12 @@ def routing_mass(
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
     # a TaskBatch's answer_pos is each prompt's last real position (right padding after)
     last_real = prompts.answer_pos if isinstance(prompts, TaskBatch) else None
+    reads_answer = isinstance(positions, str) and positions == "answer"
+    if answer_pos is not None and not reads_answer:
+        raise ValueError(
+            f"answer_pos applies to positions='answer' only; positions={positions!r} would "
+            "ignore it"
+        )
     if isinstance(prompts, TaskBatch) and answer_pos is None:
         answer_pos = prompts.answer_pos
     check_count("chunk", chunk)
@@ -153,6 +162,14 @@ def routing_mass(
                 f"answer_pos must be in [0, {tokens.shape[1]}), got values in "
                 f"[{int(answer_pos.min())}, {int(answer_pos.max())}]"
             )
+        if last_real is not None:
+            padded = (answer_pos.to(last_real.device) > last_real).nonzero().flatten()
+            if len(padded):
+                raise ValueError(
+                    f"answer_pos reaches past the last real position (the TaskBatch's "
+                    f"answer_pos) of prompt(s) {padded.tolist()[:8]}, into their right "
+                    "padding; pass positions at or before every prompt's answer_pos"
+                )
     if last_real is not None and not isinstance(positions, str):
         index = position_index(positions, tokens.shape[1], last_real.device)
         padded = ((index % tokens.shape[1])[None, :] > last_real[:, None]).any(dim=1)
