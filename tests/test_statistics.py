@@ -4,12 +4,15 @@ intervals, the routing mass's positions and the analytic recency schedule's chec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, tiny_model
 
-from hooked_attnres.analysis import routing_mass
+from hooked_attnres import HookedAttnRes
+from hooked_attnres.analysis import recency_schedule, routing_mass, schedule_comparison
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.tasks.base import TaskBatch
 
@@ -59,3 +62,51 @@ def test_routing_mass_refuses_an_answer_pos_in_the_padding_or_one_it_would_ignor
             ].sort_values("prompt")
             np.testing.assert_allclose(got.mass.to_numpy(), expected, atol=1e-5)  # float32
     assert set(mass.family) == set(FAMILIES)
+
+
+def test_schedule_comparison_refuses_a_schedule_of_another_shape():
+    """Audit finding: schedule_comparison refused a schedule with fewer layers than the
+    measured model but compared any other: a recency-wrapped 4-layer, 2-block model read
+    against recency_schedule(4, 1) or (6, 2) deviated by 0.045 (against (4, 4): 0.083),
+    so the schedule claim failed for a model that routes exactly as its own schedule."""
+    hf = hf_qwen3(num_hidden_layers=4, hidden_size=16, head_dim=4, intermediate_size=16)
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2, recency_bias=3.0)
+    tokens = torch.randint(0, 61, (5, 7), generator=torch.Generator().manual_seed(3))
+    mass = routing_mass(model, tokens, positions="all")
+    table = schedule_comparison(mass, recency_schedule(4, 2, 3.0))
+    # the prediction, independently: e^b / (e^b + n) on current, 1 / (e^b + n) per other source
+    for site in model.sites():
+        n_other = len(model.routing_layout.labels(site)) - 1
+        row = table[
+            (table.router == site.kind) & (table.layer == site.layer) & (table.family == "current")
+        ]
+        assert row.predicted.iloc[0] == pytest.approx(math.e**3 / (math.e**3 + n_other))
+    assert table.max_abs_deviation.max() <= 1e-6
+    with pytest.raises(ValueError, match=r"no rows for the routers \[\('attn_res', 4\)"):
+        schedule_comparison(mass, recency_schedule(6, 2, 3.0))
+    for num_blocks in (1, 4):
+        with pytest.raises(ValueError, match="disagree on which source families exist"):
+            schedule_comparison(mass, recency_schedule(4, num_blocks, 3.0))
+    # a schedule for more layers of the same block size predicts the same for these
+    # layers, but it is for another model: refused as well
+    with pytest.raises(ValueError, match="different shape"):
+        schedule_comparison(mass, recency_schedule(8, 4, 3.0))
+
+
+def test_the_schedule_of_the_qwen3_06b_shape_is_the_design_notes_worked_example():
+    """../shared/design/attnres.md section 4: L = 28, N = 8, S = 4, n = 1 + floor(l / 4)
+    non-current sources at layer l; mean current mass (1/7) sum_{n=1..7} e^3 / (e^3 + n)."""
+    schedule = recency_schedule(28, 8, 3.0)
+    e = math.exp(3.0)
+    n = np.array([1 + layer // 4 for layer in range(28)])
+    expected = {
+        "current": np.mean(e / (e + n)),
+        "embedding": np.mean(1 / (e + n)),
+        "prev_completed": np.mean((n >= 2) / (e + n)),
+        "older": np.mean(np.maximum(n - 2, 0) / (e + n)),
+    }
+    assert np.mean([e / (e + k) for k in range(1, 8)]) == pytest.approx(expected["current"])
+    for router in ("attn_res", "mlp_res", "all"):
+        for family, value in expected.items():
+            assert schedule.family_means.loc[router, family] == pytest.approx(value, abs=1e-15)
+    assert round(schedule.mean_current, 4) == 0.8397  # the design notes' number

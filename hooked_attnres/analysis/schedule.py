@@ -176,7 +176,9 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
 
     Raises:
         ValueError: a NaN or infinite mass at a sublayer router (pandas' mean and max
-            would skip it and report agreement).
+            would skip it and report agreement); a schedule of another shape: routers the
+            one has and the other lacks (another number of layers), or another set of
+            families at a router (another block size or mode; the predictions differ).
     """
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
     require_finite_mass(measured, "the comparison")
@@ -189,7 +191,30 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             f"the schedule has no prediction for {list(missing)[:3]}; it is for a "
             "different shape than the measured model"
         )
+    unmeasured = (
+        predicted.index.droplevel("family")
+        .unique()
+        .difference(table.index.droplevel("family").unique())
+    )
+    if len(unmeasured):
+        raise ValueError(
+            f"the mass table has no rows for the routers {list(unmeasured)[:3]} the schedule "
+            f"predicts ({schedule.n_layers} layers); the schedule is for a different shape "
+            "than the measured model (pass the whole routing_mass table of a model of the "
+            "schedule's shape)"
+        )
     table["predicted"] = predicted.reindex(table.index)
+    # which families a router has: routing_mass gives an absent family exactly 0, a routed
+    # one the sum of its softmax weights; a mismatch means another block size or mode
+    measured_present = grouped.apply(lambda mass: bool((mass != 0).any()))
+    differs = table.index[measured_present.reindex(table.index) != (table.predicted > 0)]
+    if len(differs):
+        raise ValueError(
+            f"the schedule ({schedule.n_layers} layers, {schedule.num_blocks} blocks) and the "
+            f"measured model disagree on which source families exist at {list(differs)[:3]}: "
+            "the schedule is for a different shape (block size or mode) than the measured "
+            "model (or its routing weights underflowed to exactly 0: run in float32)"
+        )
     deviation = (
         measured.mass
         - predicted.reindex(
