@@ -12,7 +12,12 @@ import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.analysis import recency_schedule, routing_mass, schedule_comparison
+from hooked_attnres.analysis import (
+    recency_schedule,
+    routing_mass,
+    schedule_comparison,
+    summarize_mass,
+)
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.tasks.base import TaskBatch
 
@@ -110,3 +115,29 @@ def test_the_schedule_of_the_qwen3_06b_shape_is_the_design_notes_worked_example(
         for family, value in expected.items():
             assert schedule.family_means.loc[router, family] == pytest.approx(value, abs=1e-15)
     assert round(schedule.mean_current, 4) == 0.8397  # the design notes' number
+
+
+def test_summarize_mass_refuses_a_group_without_some_prompts_and_grouping_by_prompt():
+    """Audit finding: a filtered table (prompt 1's attention routers left out) gave that
+    router type a NaN mass and interval with a bootstrap warning about "NaN or infinite
+    values" (the mass is finite: the prompt is missing); ``by=("prompt",)`` crashed in
+    pandas ("The name prompt occurs multiple times")."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    mass = routing_mass(model, _padded_batch(model.cfg.d_vocab))
+    filtered = mass[~((mass.prompt == 1) & (mass.router == "attn_res"))]
+    with pytest.raises(ValueError, match=r"'router': 'attn_res'.* no rows for prompt\(s\) \[1\]"):
+        summarize_mass(filtered, n_bootstrap=50)
+    with pytest.raises(ValueError, match=r"cannot group by \['prompt'\]"):
+        summarize_mass(mass, by=("prompt", "family"), n_bootstrap=50)
+    # the whole table: per group, the mean over prompts of each prompt's mean over the
+    # group's routers, and the percentile interval of the same (independent: NumPy)
+    summary = summarize_mass(mass, by=("router", "family"), n_bootstrap=200, seed=5)
+    index = np.random.default_rng(5).integers(0, 4, size=(200, 4))
+    for row in summary.itertuples():
+        group = mass[(mass.router == row.router) & (mass.family == row.family)]
+        per_prompt = group.groupby("prompt").mass.mean().sort_index().to_numpy()  # [4]
+        low, high = np.quantile(per_prompt[index].mean(axis=1), [0.025, 0.975])
+        assert (row.mass, row.ci_low, row.ci_high) == pytest.approx(
+            (per_prompt.mean(), low, high), abs=1e-12
+        )
+        assert row.n_prompts == 4

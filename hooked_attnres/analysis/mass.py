@@ -242,19 +242,34 @@ def summarize_mass(
     Raises:
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
             other routers and prompts into a finite, wrong number), an unknown ``by``
-            column or an empty table.
+            column (or ``"prompt"``, the bootstrap's unit), an empty table, or a group
+            without rows for some prompt that other groups have (a filtered table).
     """
     by = [by] if isinstance(by, str) else list(by)
-    unknown = [column for column in by if column not in mass.columns or column == "mass"]
+    unknown = [c for c in by if c not in mass.columns or c in ("mass", "prompt")]
     if unknown:
         raise ValueError(
-            f"cannot group by {unknown}; the columns of a routing_mass table are "
-            f"{[c for c in mass.columns if c != 'mass']}"
+            f"cannot group by {unknown}; group by columns of the routing_mass table "
+            f"{[c for c in mass.columns if c not in ('mass', 'prompt')]} (the bootstrap "
+            "resamples the prompts)"
         )
     if mass.empty:
         raise ValueError("the mass table is empty: there is nothing to summarise")
     require_finite_mass(mass, "the summary")
     per_prompt = mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt")
+    absent = per_prompt.isna()  # the mass is finite: NaN is a (group, prompt) without rows
+    if absent.any(axis=None):
+        group = absent.any(axis=1).idxmax()
+        keys = [
+            k.item() if isinstance(k, np.generic) else k
+            for k in (group if isinstance(group, tuple) else (group,))
+        ]
+        raise ValueError(
+            f"the group {dict(zip(by, keys, strict=True))} has "
+            f"no rows for prompt(s) {per_prompt.columns[absent.loc[group]].tolist()[:8]} that "
+            "other groups have; its mass over the prompts cannot be compared with theirs: "
+            "summarise a routing_mass table with every router of every prompt"
+        )
     mean, low, high = bootstrap_ci_rows(per_prompt.to_numpy(), n_bootstrap, confidence, seed)
     out = per_prompt.index.to_frame(index=False)
     out["mass"], out["ci_low"], out["ci_high"] = mean, low, high
