@@ -64,6 +64,10 @@ def bootstrap_ci_rows(
         an infinite value would otherwise give one finite, meaningless bound). With one
         prompt (``n = 1``) every resample is that prompt, so there is no interval: ``low``
         and ``high`` are NaN and a ``RuntimeWarning`` says so (the mean is returned).
+        Fewer than ``2 / (1 - confidence)`` resamples (40 at 95 %) leave less than one
+        resampled mean beyond each bound: the interval is returned with a
+        ``RuntimeWarning`` (its coverage falls short of ``confidence``: about 79 % for a
+        95 % interval of 10 resamples, 0 % for 1).
     """
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
@@ -85,6 +89,16 @@ def bootstrap_ci_rows(
         warnings.warn(
             f"row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} of the bootstrap hold NaN "
             "or infinite values: their interval is undefined and is returned as NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if n_resamples * (1 - confidence) / 2 < 1 - 1e-9:  # 1e-9: 20 * (1 - 0.9) / 2 < 1
+        warnings.warn(
+            f"n_resamples={n_resamples} leaves fewer than one resampled mean beyond each bound "
+            f"of a {confidence:.0%} interval (it needs at least "
+            f"{math.ceil(2 / (1 - confidence) - 1e-9)}): the bounds are interpolated between "
+            "the most extreme resampled means and the interval covers the mean less often "
+            "than its level says",
             RuntimeWarning,
             stacklevel=2,
         )
