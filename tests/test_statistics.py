@@ -14,6 +14,7 @@ from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.analysis import (
+    ablation_effects,
     bootstrap_ci,
     bootstrap_ci_rows,
     recency_schedule,
@@ -22,6 +23,7 @@ from hooked_attnres.analysis import (
     summarize_mass,
 )
 from hooked_attnres.model.depth import FAMILIES
+from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
 from hooked_attnres.tasks.base import TaskBatch
 
 
@@ -206,3 +208,58 @@ def test_bootstrap_with_fewer_resamples_than_its_level_needs_warns():
     with pytest.warns(RuntimeWarning, match="n_resamples=1 "):
         _, low, high = bootstrap_ci([0.0, 1.0], n_resamples=1)
     assert low == high  # one resampled mean: what the warning is about
+
+
+def test_an_effects_interval_is_the_bootstrap_of_the_paired_per_prompt_differences():
+    """``effect`` and ``[ci_low, ci_high]`` of ablation_effects recomputed independently:
+    the ablation as a hook setting the family's router logits to -inf, the metric read
+    from plain forward passes, the interval the NumPy percentile bootstrap of the
+    per-prompt differences ablated - clean (paired: the same prompts resampled for both),
+    not of two independently resampled means."""
+    task = KeyValueRetrieval(n_pairs=4, n_keys=8, n_values=8)
+    tokenizer = task_tokenizer(task)
+    model = tiny_model(
+        d_vocab=len(tokenizer), attnres_layout="cumulative", n_layers=4, dtype=torch.float64
+    )
+    model = randomize_routing(model, seed=2, scale=4.0).eval()
+    batch = task.sample(32, seed=5, split="test", vocab=tokenizer.get_vocab())
+    effects = ablation_effects(
+        model,
+        batch,
+        families=["current", "embedding"],
+        routers="mlp_res",
+        groups={"early": [0, 1]},
+        metrics=("logit_diff",),
+        n_bootstrap=500,
+        confidence=0.9,
+        seed=3,
+        progress=False,
+    )
+    with torch.no_grad():
+        clean = batch.logit_diff(model(batch.tokens)).double().numpy()  # [32]
+    index = np.random.default_rng(3).integers(0, len(batch), (500, len(batch)))
+    for family in ("current", "embedding"):
+        hooks = []
+        for layer in (0, 1):
+            site = model.site(layer, "mlp_res")
+            masked = model.routing_layout.families(site)[family]
+
+            def mask(logits, hook, masked=masked):
+                logits = logits.clone()
+                logits[..., masked] = float("-inf")
+                return logits
+
+            hooks.append((site.hook("logits"), mask))
+        with torch.no_grad():
+            ablated = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=hooks))
+        differences = ablated.double().numpy() - clean  # [32]
+        low, high = np.quantile(differences[index].mean(axis=1), [0.05, 0.95])
+        row = effects[effects.family == family].iloc[0]
+        assert row.confidence == 0.9
+        assert row.effect == pytest.approx(differences.mean(), abs=1e-12)
+        assert (row.ci_low, row.ci_high) == pytest.approx((low, high), abs=1e-12)
+        # the unpaired interval (clean and ablated resampled apart) is another, wider one
+        other = np.random.default_rng(4).integers(0, len(batch), (500, len(batch)))
+        unpaired = ablated.double().numpy()[index].mean(1) - clean[other].mean(1)
+        unpaired_low, unpaired_high = np.quantile(unpaired, [0.05, 0.95])
+        assert unpaired_high - unpaired_low > 10 * (high - low)  # here about 500x
