@@ -20,6 +20,7 @@ from hooked_attnres.analysis import (
     recency_schedule,
     routing_mass,
     schedule_comparison,
+    schedule_deviation,
     summarize_mass,
 )
 from hooked_attnres.model.depth import FAMILIES
@@ -263,3 +264,26 @@ def test_an_effects_interval_is_the_bootstrap_of_the_paired_per_prompt_differenc
         unpaired = ablated.double().numpy()[index].mean(1) - clean[other].mean(1)
         unpaired_low, unpaired_high = np.quantile(unpaired, [0.05, 0.95])
         assert unpaired_high - unpaired_low > 10 * (high - low)  # here about 500x
+
+
+def test_recency_schedule_refuses_an_unknown_mode_and_full_mode_is_the_formula():
+    """Audit finding: recency_schedule(mode="Full") (any mode but "full") returned the
+    block-mode schedule (RoutingLayout reads any other mode as "block"): for 4 layers and
+    2 blocks, mean current weight 0.9310 where the full-mode schedule is 0.8242."""
+    for mode in ("Full", "blocks", "snapshot"):
+        with pytest.raises(ValueError, match=rf"mode={mode!r} is unknown; choose one of"):
+            recency_schedule(4, 2, 3.0, mode)
+    # full mode, independently: a snapshot after every sublayer, so the router of
+    # sublayer k (2 * layer for attention, 2 * layer + 1 for the MLP) has k + 1 others
+    schedule = recency_schedule(4, 2, 3.0, "full")
+    e = math.exp(3.0)
+    for (layer, router), group in schedule.families.groupby(["layer", "router"]):
+        k = 2 * layer + (router == "mlp_res")
+        current = group[group.family == "current"].weight.iloc[0]
+        assert current == pytest.approx(e / (e + k + 1), abs=1e-15)
+    expected = np.mean([e / (e + k + 1) for k in range(8)])
+    assert schedule.mean_current == pytest.approx(expected, abs=1e-15)
+    # and a zero-query full-mode model routes so
+    model = tiny_model(attnres_layout="cumulative", attnres_mode="full", attnres_recency_bias=3.0)
+    _, cache = model.eval().run_with_cache(torch.randint(0, 50, (2, 5)))
+    assert schedule_deviation(model, cache, schedule) <= 1e-6

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from hooked_attnres.analysis.mass import require_finite_mass
+from hooked_attnres.config import MODES
 from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 
@@ -75,6 +76,8 @@ def recency_schedule(
         )
     if not math.isfinite(bias):
         raise ValueError(f"bias must be finite, got {bias!r}")
+    if mode not in MODES:  # RoutingLayout reads any other mode as "block"
+        raise ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")
     layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
     source_rows, family_rows = [], []
     for site in layout.sites():
