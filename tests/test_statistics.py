@@ -135,6 +135,10 @@ def test_summarize_mass_refuses_a_group_without_some_prompts_and_grouping_by_pro
         summarize_mass(filtered, n_bootstrap=50)
     with pytest.raises(ValueError, match=r"cannot group by \['prompt'\]"):
         summarize_mass(mass, by=("prompt", "family"), n_bootstrap=50)
+    with pytest.raises(ValueError, match="by is empty"):
+        summarize_mass(mass, by=(), n_bootstrap=50)  # was: pandas' "must be a MultiIndex"
+    with pytest.raises(ValueError, match=r"by repeats \['router'\]"):
+        summarize_mass(mass, by=("router", "router"), n_bootstrap=50)
     # the whole table: per group, the mean over prompts of each prompt's mean over the
     # group's routers, and the percentile interval of the same (independent: NumPy)
     summary = summarize_mass(mass, by=("router", "family"), n_bootstrap=200, seed=5)

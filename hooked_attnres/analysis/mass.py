@@ -242,10 +242,12 @@ def summarize_mass(
     Raises:
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
             other routers and prompts into a finite, wrong number), an unknown ``by``
-            column (or ``"prompt"``, the bootstrap's unit), an empty table, or a group
-            without rows for some prompt that other groups have (a filtered table).
+            column (or ``"prompt"``, the bootstrap's unit), an empty ``by`` or one naming a
+            column twice, an empty table, or a group without rows for some prompt that
+            other groups have (a filtered table).
     """
     by = [by] if isinstance(by, str) else list(by)
+    require_selection("by", by, why="no columns to group by, e.g. ('router', 'family')")
     unknown = [c for c in by if c not in mass.columns or c in ("mass", "prompt")]
     if unknown:
         raise ValueError(
