@@ -8,6 +8,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
@@ -17,6 +18,7 @@ from hooked_attnres.analysis import (
     ablation_effects,
     bootstrap_ci,
     bootstrap_ci_rows,
+    dissociation_report,
     recency_schedule,
     routing_mass,
     schedule_comparison,
@@ -182,6 +184,12 @@ def test_bootstrap_is_the_percentile_bootstrap_of_an_independent_implementation(
     )
     # constant data: a zero-width interval at the mean
     assert got[1][2] == got[0][2] == got[2][2]
+    # two prompts: a resampled mean is a, (a + b) / 2 or b with probabilities 1/4, 1/2,
+    # 1/4, so (with 1000 resamples, P(fewer than 50 draws of a) < 1e-40) the interval is
+    # [min, max]; one prompt has no interval (tests/test_catalogue.py)
+    assert bootstrap_ci([0.3, -1.2], 1000, 0.9, seed) == pytest.approx(
+        (-0.45, -1.2, 0.3), abs=1e-15
+    )
     # another seed draws other prompts
     assert bootstrap_ci_rows(values, n_resamples, confidence, seed + 1)[1][0] != got[1][0]
 
@@ -291,3 +299,39 @@ def test_recency_schedule_refuses_an_unknown_mode_and_full_mode_is_the_formula()
     model = tiny_model(attnres_layout="cumulative", attnres_mode="full", attnres_recency_bias=3.0)
     _, cache = model.eval().run_with_cache(torch.randint(0, 50, (2, 5)))
     assert schedule_deviation(model, cache, schedule) <= 1e-6
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the mean of the ranks they span."""
+    return np.array([(values < v).sum() + ((values == v).sum() + 1) / 2 for v in values])
+
+
+def test_dissociation_spearman_with_ties_is_the_pearson_correlation_of_average_ranks():
+    families = list(FAMILIES)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mass_values = rng.choice([0.1, 0.2, 0.3], size=4)  # ties
+        effect_values = rng.choice([-0.5, -0.2, 0.2, 1.0], size=4)  # |effect| ties too
+        mass = pd.DataFrame(
+            {"router": "mlp_res", "family": families, "mass": mass_values, "ci_low": 0.0}
+        ).assign(ci_high=1.0)
+        effects = pd.DataFrame(
+            {
+                "router": "mlp_res",
+                "group": "all",
+                "metric": "logit_diff",
+                "family": families,
+                "effect": effect_values,
+                "ci_low": effect_values - 0.1,
+                "ci_high": effect_values + 0.1,
+                "n_masked_routers": 2,
+            }
+        )
+        got = dissociation_report(mass, effects).iloc[0].spearman
+        ranks_m = _average_ranks(mass_values)
+        ranks_e = _average_ranks(np.abs(effect_values))
+        if ranks_m.std() == 0 or ranks_e.std() == 0:
+            assert np.isnan(got)
+            continue
+        dm, de = ranks_m - ranks_m.mean(), ranks_e - ranks_e.mean()
+        assert got == pytest.approx((dm @ de) / np.sqrt((dm @ dm) * (de @ de)), abs=1e-12)
