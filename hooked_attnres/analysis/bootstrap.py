@@ -66,8 +66,8 @@ def bootstrap_ci_rows(
         and ``high`` are NaN and a ``RuntimeWarning`` says so (the mean is returned).
         Fewer than ``2 / (1 - confidence)`` resamples (40 at 95 %) leave less than one
         resampled mean beyond each bound: the interval is returned with a
-        ``RuntimeWarning`` (its coverage falls short of ``confidence``: about 79 % for a
-        95 % interval of 10 resamples, 0 % for 1).
+        ``RuntimeWarning`` (its coverage falls short of ``confidence``: 75 % for a 95 %
+        interval of 10 resamples of 30 normal values, 0 % for 1 resample).
     """
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
