@@ -949,3 +949,34 @@ def test_a_float16_cache_of_an_edited_run_is_refused_at_float16_rounding(layout)
     clean.decompose_resid(routed=True)
     with pytest.raises(ValueError, match=r"cache\.decompose_resid: .*do not sum.*edited"):
         edited.decompose_resid(routed=True)
+
+
+@pytest.mark.parametrize("pre_hook", [False, True])
+def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
+    """A forward hook attached with ``register_forward_hook`` (not ``add_hook``) edits the
+    stream unseen by the hook counter: other_hooks_ran was False and the filtered cache's
+    decompose_resid(2) summed 0.039 away from what ln1 read (layout none, float64) with
+    blocks.1.hook_resid_pre halved."""
+    model = randomize_routing(tiny_model(attnres_layout="none", n_layers=3)).double().eval()
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def kept(name: str) -> bool:
+        return name == "hook_embed" or name.endswith(("attn_out", "mlp_out"))
+
+    point = model.blocks[1].hook_resid_pre
+    if pre_hook:
+        handle = point.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    else:
+        handle = point.register_forward_hook(lambda module, args, out: out * 0.5)
+    try:
+        _, full = model.run_with_cache(tokens)
+        _, filtered = model.run_with_cache(tokens, names_filter=kept)
+    finally:
+        handle.remove()
+    read = full["blocks.2.ln1.hook_normalized"] * full["blocks.2.ln1.hook_scale"]
+    unedited = model.run_with_cache(tokens, names_filter=kept)[1]
+    assert unedited.other_hooks_ran is False  # TransformerLens hooks of the cache only
+    assert (unedited.decompose_resid(2).sum(0) - read).abs().max() > 1e-3  # the edit matters
+    assert filtered.other_hooks_ran is True
+    with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+        filtered.decompose_resid(2)

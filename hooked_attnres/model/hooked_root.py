@@ -48,6 +48,7 @@ from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
+from hooked_attnres.model.norms import raw_forward_hooks_attached
 from hooked_attnres.model.passes import pass_mask, pass_n_past
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -496,13 +497,15 @@ class HookedModule(HookedRootModule):
             of a cache whose ``names_filter`` dropped the hooks that check them then
             refuse.
         """
+        # hooks that add_hook did not attach run unseen by other_hook_calls
+        raw = raw_forward_hooks_attached(self)
         before = other_hook_calls()
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         # made by get_caching_hooks, whose hooks recorded the pass's n_past and mask
         assert isinstance(cache_dict, RunCacheDict)
-        cache_dict.other_hooks_ran = other_hook_calls() != before
+        cache_dict.other_hooks_ran = raw or other_hook_calls() != before
         if not return_cache_object:
             return out, cache_dict
         # the cache object takes the dict's record (n_past, attention_mask)
