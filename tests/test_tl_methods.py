@@ -705,6 +705,27 @@ def test_a_cache_is_refused_by_a_copy_of_its_model_until_the_copy_is_declared_it
             model(tokens[:, :1], past_kv_cache=cache)
 
 
+def test_a_model_built_under_inference_mode_continues_its_cache():
+    """Parameters made under ``torch.inference_mode()`` are inference tensors, which have
+    no version counter: every cached pass (generate with its key-value cache) crashed with
+    RuntimeError 'Inference tensors do not track version counter'. Now the cache is
+    continued, equal to the full forward, and a replaced parameter is still refused."""
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        model = routed_model("kimi").to(torch.float64).eval()
+        cache = KeyValueCache.init_cache(model.cfg)
+        model(tokens[:, :5], past_kv_cache=cache)
+        torch.testing.assert_close(
+            model(tokens[:, 5:7], past_kv_cache=cache),
+            model(tokens[:, :7])[:, 5:],
+            atol=1e-12,
+            rtol=0,
+        )
+        model.blocks[1].attn._W_V = torch.nn.Parameter(model.blocks[1].attn._W_V * 1.5)
+        with pytest.raises(ValueError, match=r"blocks.1.attn._W_V was replaced \(new memory\)"):
+            model(tokens[:, 7:], past_kv_cache=cache)
+
+
 def test_weights_signature_tells_a_replaced_parameter_from_the_same_one():
     """The address and version of a parameter could repeat after it was replaced (the
     allocator reuses the freed memory, the version counter stays with the Parameter on

