@@ -80,22 +80,23 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
             "hooked_attnres.RunCacheDict(tensors, n_past=0, attention_mask=mask) (mask: the "
             "run's [batch, pos] attention_mask, None without padding)"
         )
-    stale = [name for name in dict.fromkeys(names) if name in record.stale]
-    if stale:
-        raise ValueError(
-            f"{what}: {stale[:3]}{' ...' if len(stale) > 3 else ''} were last filled by an "
-            "earlier pass than the one it records (caching hooks kept over passes with "
-            "different attention masks or key-value caches, the last of which did not reach "
-            "them), so they are not of the recorded pass. Cache one run "
-            "(model.run_with_cache(tokens)), or reset the hooks between passes"
-        )
-    sliced = [name for name in dict.fromkeys(names) if name in record.sliced]
-    if sliced:
-        raise ValueError(
-            f"{what}: {sliced[:3]}{' ...' if len(sliced) > 3 else ''} were cached with a "
-            "pos_slice that drops or reorders positions, so their position p is not the "
-            "run's position p. Cache the run without pos_slice"
-        )
+    for marked, why in (
+        (
+            record.stale,
+            "were last filled by an earlier pass than the one it records (caching hooks kept "
+            "over passes with different attention masks or key-value caches, the last of "
+            "which did not reach them), so they are not of the recorded pass. Cache one run "
+            "(model.run_with_cache(tokens)), or reset the hooks between passes",
+        ),
+        (
+            record.sliced,
+            "were cached with a pos_slice that drops or reorders positions, so their position "
+            "p is not the run's position p. Cache the run without pos_slice",
+        ),
+    ):
+        found = [name for name in dict.fromkeys(names) if name in marked]
+        if found:
+            raise ValueError(f"{what}: {found[:3]}{' ...' if len(found) > 3 else ''} {why}")
     return record
 
 
