@@ -1381,3 +1381,28 @@ def test_a_cache_whose_pos_slice_reorders_positions_is_refused():
             rtol=0,
             atol=0,
         )
+
+
+def test_a_declaration_that_contradicts_a_recorded_pass_is_refused():
+    """``AttnResActivationCache(run_cache_dict, model, attention_mask=ones)`` around a
+    padded run's dict fell back to the dict's mask (an all-ones mask declares no padding,
+    which reads as no declaration), and ``n_past=0`` around a key-value chunk's dict was
+    taken over its record: a declaration that contradicts the record is now refused;
+    one that agrees with it changes nothing."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = routed("kimi")
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    chunk, _ = _kv_chunk_and_whole(model, tokens, return_cache_object=False)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    _, padded = model.run_with_cache(tokens, attention_mask=mask, return_cache_object=False)
+    with pytest.raises(ValueError, match="n_past=0 contradicts the n_past=3"):
+        AttnResActivationCache(chunk, model, n_past=0)
+    with pytest.raises(ValueError, match="attention_mask contradicts the padding"):
+        AttnResActivationCache(padded, model, attention_mask=torch.ones_like(tokens))
+    with pytest.raises(ValueError, match="attention_mask contradicts the padding"):
+        AttnResActivationCache(chunk, model, attention_mask=mask[:, 3:])
+    agreeing = AttnResActivationCache(padded, model, attention_mask=mask, n_past=0)
+    assert agreeing.n_past == 0 and torch.equal(agreeing.attention_mask, mask.bool())
+    assert AttnResActivationCache(chunk, model, n_past=3).n_past == 3

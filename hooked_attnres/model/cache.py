@@ -277,7 +277,8 @@ class AttnResActivationCache(ActivationCache):
     what its ``cache_dict`` records (a `RunCacheDict`, as ``run_with_cache`` makes), or
     what ``n_past=`` / ``attention_mask=`` declare (for a plain dict, which records
     nothing: giving either declares the pass, the other then meaning no key-value cache
-    or no padding). `to`, `apply_slice_to_batch_dim` and `remove_batch_dim` keep it.
+    or no padding; around a `RunCacheDict`, a declaration that contradicts its record
+    raises ``ValueError``). `to`, `apply_slice_to_batch_dim` and `remove_batch_dim` keep it.
     """
 
     model: Any  # a HookedAttnRes
@@ -297,6 +298,20 @@ class AttnResActivationCache(ActivationCache):
         self._n_past = None if n_past is None else require_integer("n_past", n_past, 0)
         self._mask = padding_of(attention_mask)
         self._declared = n_past is not None or attention_mask is not None
+        if isinstance(cache_dict, RunCacheDict):  # a declaration may not contradict a record
+            if n_past is not None and self._n_past != cache_dict.n_past:
+                raise ValueError(
+                    f"n_past={n_past} contradicts the n_past={cache_dict.n_past} its "
+                    "RunCacheDict recorded of the pass that filled it; leave n_past out"
+                )
+            if attention_mask is not None and not same_padding(
+                attention_mask, cache_dict.attention_mask
+            ):
+                raise ValueError(
+                    "attention_mask contradicts the padding its RunCacheDict recorded of "
+                    "the pass that filled it (cache_dict.attention_mask); leave "
+                    "attention_mask out"
+                )
         # whether other hooks than the caching ones ran in the cached pass (`run_with_cache`
         # records it in its RunCacheDict); None: unknown. A decomposition that cannot check
         # itself (a names_filter dropped what it needs) refuses unless this is False
