@@ -597,7 +597,7 @@ def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
         with model.hooks(fwd_hooks=halve):
             _, filtered = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
     _, unhooked = model.run_with_cache(case.clean, attention_mask=mask, names_filter=kept)
-    assert filtered.other_hooks_ran and unhooked.other_hooks_ran is False
+    assert filtered.other_hooks_attached and unhooked.other_hooks_attached is False
     edited_inputs = _norm_inputs(full, model)
     _, plain = model.run_with_cache(case.clean, attention_mask=mask)
     plain_inputs = _norm_inputs(plain, model)
@@ -605,9 +605,9 @@ def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
     n_layers = model.cfg.n_layers
     for (layer, mlp_input), target in edited_inputs.items():
         at = n_layers if layer is None else layer
-        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+        with pytest.raises(KeyError, match="other hooks than the caching ones were attached"):
             filtered.decompose_resid(layer, mlp_input, routed=True)
-        with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+        with pytest.raises(KeyError, match="other hooks than the caching ones were attached"):
             filtered.stack_head_results(at, routed=True)
         if model.routing_layout.reader(2 * at + mlp_input) is None:
             # where no router reads, the unhooked cache needs nothing it dropped
@@ -954,9 +954,9 @@ def test_a_float16_cache_of_an_edited_run_is_refused_at_float16_rounding(layout)
 @pytest.mark.parametrize("pre_hook", [False, True])
 def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
     """A forward hook attached with ``register_forward_hook`` (not ``add_hook``) edits the
-    stream unseen by the hook counter: other_hooks_ran was False and the filtered cache's
-    decompose_resid(2) summed 0.039 away from what ln1 read (layout none, float64) with
-    blocks.1.hook_resid_pre halved."""
+    stream unseen by a first version that counted TransformerLens hook calls: the record
+    said no other hook and the filtered cache's decompose_resid(2) summed 0.039 away from
+    what ln1 read (layout none, float64) with blocks.1.hook_resid_pre halved."""
     model = randomize_routing(tiny_model(attnres_layout="none", n_layers=3)).double().eval()
     tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -975,8 +975,8 @@ def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
         handle.remove()
     read = full["blocks.2.ln1.hook_normalized"] * full["blocks.2.ln1.hook_scale"]
     unedited = model.run_with_cache(tokens, names_filter=kept)[1]
-    assert unedited.other_hooks_ran is False  # TransformerLens hooks of the cache only
+    assert unedited.other_hooks_attached is False  # TransformerLens hooks of the cache only
     assert (unedited.decompose_resid(2).sum(0) - read).abs().max() > 1e-3  # the edit matters
-    assert filtered.other_hooks_ran is True
-    with pytest.raises(KeyError, match="other hooks than the caching ones ran"):
+    assert filtered.other_hooks_attached is True
+    with pytest.raises(KeyError, match="other hooks than the caching ones were attached"):
         filtered.decompose_resid(2)

@@ -170,16 +170,18 @@ class RunCacheDict(dict):
             which did not reach them): their tensors are not of the recorded pass.
         sliced: the hooks cached with a ``pos_slice`` that does not keep every position
             in order: their position ``p`` is not the pass's position ``p``.
-        other_hooks_ran: whether hook functions other than the caching hooks ran in the
-            pass (they may have edited activations); set by ``run_with_cache``, ``None``
-            (unknown) for a dict filled by ``add_caching_hooks``.
+        other_hooks_attached: whether any hook was attached to the model when the pass
+            began, besides the caching hooks ``run_with_cache`` adds (TransformerLens's or
+            raw PyTorch ones, or a global module hook: they may have edited activations);
+            set by ``run_with_cache``, ``None`` (unknown) for a dict filled by
+            ``add_caching_hooks``.
     """
 
     n_past: int = 0
     attention_mask: Optional[Tensor] = None
     stale: frozenset = frozenset()
     sliced: frozenset = frozenset()
-    other_hooks_ran: Optional[bool] = None
+    other_hooks_attached: Optional[bool] = None
 
     def __init__(
         self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
@@ -192,7 +194,7 @@ class RunCacheDict(dict):
         """A shallow copy that keeps the record (``dict.copy`` would drop it)."""
         out = RunCacheDict(self, n_past=self.n_past)
         out.attention_mask, out.stale = self.attention_mask, self.stale
-        out.sliced, out.other_hooks_ran = self.sliced, self.other_hooks_ran
+        out.sliced, out.other_hooks_attached = self.sliced, self.other_hooks_attached
         return out
 
     def note_pass(
@@ -290,7 +292,7 @@ class AttnResActivationCache(ActivationCache):
         has_batch_dim: bool = True,
         n_past: Optional[int] = None,
         attention_mask: Optional[Tensor] = None,
-        other_hooks_ran: Optional[bool] = None,
+        other_hooks_attached: Optional[bool] = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim)
         # what the arguments declare (None: read the cache_dict's record, live, so that a
@@ -312,12 +314,13 @@ class AttnResActivationCache(ActivationCache):
                     "the pass that filled it (cache_dict.attention_mask); leave "
                     "attention_mask out"
                 )
-        # whether other hooks than the caching ones ran in the cached pass (`run_with_cache`
-        # records it in its RunCacheDict); None: unknown. A decomposition that cannot check
-        # itself (a names_filter dropped what it needs) refuses unless this is False
-        if other_hooks_ran is None:
-            other_hooks_ran = getattr(cache_dict, "other_hooks_ran", None)
-        self.other_hooks_ran = other_hooks_ran
+        # whether other hooks than the caching ones were attached in the cached pass
+        # (`run_with_cache` records it in its RunCacheDict); None: unknown. A decomposition
+        # that cannot check itself (a names_filter dropped what it needs) refuses unless
+        # this is False
+        if other_hooks_attached is None:
+            other_hooks_attached = getattr(cache_dict, "other_hooks_attached", None)
+        self.other_hooks_attached = other_hooks_attached
 
     def _record(self) -> Optional[RunRecord]:
         inner = self.cache_dict if isinstance(self.cache_dict, RunCacheDict) else None
@@ -386,7 +389,7 @@ class AttnResActivationCache(ActivationCache):
             rows = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
         items = _recorded(sliced.cache_dict, self, rows=rows)
         return AttnResActivationCache(
-            items, self.model, sliced.has_batch_dim, other_hooks_ran=self.other_hooks_ran
+            items, self.model, sliced.has_batch_dim, other_hooks_attached=self.other_hooks_attached
         )
 
     def to(self, device) -> AttnResActivationCache:
@@ -395,7 +398,7 @@ class AttnResActivationCache(ActivationCache):
         super().to(device)
         self.cache_dict = _recorded(self.cache_dict, record, device=device)
         if isinstance(self.cache_dict, RunCacheDict):
-            self.cache_dict.other_hooks_ran = self.other_hooks_ran
+            self.cache_dict.other_hooks_attached = self.other_hooks_attached
         self._n_past, self._mask, self._declared = None, None, False
         return self
 
@@ -479,15 +482,16 @@ class AttnResActivationCache(ActivationCache):
         if target_name not in self.cache_dict or any(
             name not in self.cache_dict for name in names.values()
         ):
-            if self.other_hooks_ran is False:
+            if self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
                 [target_name, *names.values()],
                 f"cache.{method} at {_where(self.model, point)} (other hooks than the "
-                "caching ones ran in the pass that made this cache, or it does not record "
-                "that, so they may have edited the stream; checking that the components "
-                "sum to what the norm reads needs every component and the norm's input)",
+                "caching ones were attached to the model in the pass that made this cache, "
+                "or it does not record that, so they may have edited the stream; checking "
+                "that the components sum to what the norm reads needs every component and "
+                "the norm's input)",
             )
         target = self.cache_dict[target_name]
         dtype = torch.promote_types(target.dtype, torch.float32)

@@ -48,7 +48,7 @@ from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
-from hooked_attnres.model.norms import raw_forward_hooks_attached
+from hooked_attnres.model.norms import any_hook_attached
 from hooked_attnres.model.passes import pass_mask, pass_n_past
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -98,28 +98,12 @@ def _describe_shape_change(name: str, expected: tuple, found: tuple) -> str:
     return message
 
 
-# per thread: how many hook functions other than caching hooks have run (a pass and its
-# hooks run in one thread); `run_with_cache` compares it before and after its pass
-_OTHER_HOOK_CALLS = threading.local()
-
-
-def other_hook_calls() -> int:
-    """How many hook functions that are not caching hooks (`get_caching_hooks`) this thread
-    has run through `shape_checked` (every hook added by ``add_hook``, ``hooks``,
-    ``run_with_hooks``): a pass during which it grows may have edited activations."""
-    return getattr(_OTHER_HOOK_CALLS, "count", 0)
-
-
 def shape_checked(fn: Callable) -> Callable:
-    """``fn`` as a hook that raises `HookOutputError` if it changes its activation's shape
-    (and counts its calls in `other_hook_calls` unless it only caches)."""
+    """``fn`` as a hook that raises `HookOutputError` if it changes its activation's shape."""
     if getattr(fn, "_shape_checked", False):
         return fn
-    caches_only = getattr(fn, "_caches_only", False)
 
     def checked(tensor, hook):
-        if not caches_only:
-            _OTHER_HOOK_CALLS.count = other_hook_calls() + 1
         out = fn(tensor, hook=hook)
         if out is None or not isinstance(tensor, Tensor):
             return out
@@ -436,7 +420,6 @@ class HookedModule(HookedRootModule):
         forward = partial(save_hook, is_backward=False)
         backward = partial(save_hook, is_backward=True)
         forward._caches_only = True  # type: ignore[attr-defined]  # never edits
-        backward._caches_only = True  # type: ignore[attr-defined]
         for name in self.hook_dict:
             if wanted(name):
                 fwd_hooks.append((name, forward))
@@ -492,20 +475,20 @@ class HookedModule(HookedRootModule):
             is the sequence's position ``n_past``. Its ``attention_mask`` is the pass's
             ``[batch, pos]`` mask (bool) where it marks padding, ``None`` otherwise: the
             patching sweeps refuse a clean cache made with another mask than theirs.
-            Its ``other_hooks_ran`` says whether hooks other than the caching ones ran
-            in the pass (they may have edited activations): the residual decompositions
-            of a cache whose ``names_filter`` dropped the hooks that check them then
-            refuse.
+            Its ``other_hooks_attached`` says whether any hook was attached to the model
+            when the pass began (besides the caching hooks it adds; such a hook may have
+            edited activations): the residual decompositions of a cache whose
+            ``names_filter`` dropped the hooks that check them then refuse.
         """
-        # hooks that add_hook did not attach run unseen by other_hook_calls
-        raw = raw_forward_hooks_attached(self)
-        before = other_hook_calls()
+        # any hook on the model before the caching hooks are added (TransformerLens's or a
+        # raw PyTorch one, or a global module hook) may edit what the pass caches
+        hooked = any_hook_attached(self)
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
         # made by get_caching_hooks, whose hooks recorded the pass's n_past and mask
         assert isinstance(cache_dict, RunCacheDict)
-        cache_dict.other_hooks_ran = raw or other_hook_calls() != before
+        cache_dict.other_hooks_attached = hooked
         if not return_cache_object:
             return out, cache_dict
         # the cache object takes the dict's record (n_past, attention_mask)

@@ -125,24 +125,6 @@ def backward_hook_places(model: nn.Module) -> list[str]:
     return found
 
 
-def raw_forward_hooks_attached(model: nn.Module) -> bool:
-    """Whether a forward hook or forward pre-hook that TransformerLens's ``add_hook`` did
-    not attach (``module.register_forward_hook``, a global module hook) is on ``model`` or
-    a submodule: it runs in every pass unseen by `other_hook_calls`, and may edit what a
-    module returns or reads."""
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    for module in model.modules():
-        if module._forward_pre_hooks:
-            return True
-        if module._forward_hooks:
-            lens = {handle.hook.id for handle in getattr(module, "fwd_hooks", ())}
-            if not lens.issuperset(module._forward_hooks):
-                return True
-    return False
-
-
 def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     """Every module of ``model`` (itself included, each once, in no fixed order), or
     ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of
