@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 from helpers import hf_qwen3, randomize_routing, tiny_model
+from reference_attnres import model_router_params, reference_route
 from transformer_lens import ActivationCache
 from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens
 from transformer_lens.utilities import get_act_name
@@ -360,6 +361,53 @@ def test_accumulated_resid_and_logit_lens_are_exact_or_refuse(case):
     if case.layout != "none":
         with pytest.raises(ValueError, match="ln1 RMS"):
             cache.accumulated_resid(layer=1, apply_ln=True, routed=True)
+
+
+def _stop_here_readout_input(model: HookedAttnRes, cache, point: int) -> torch.Tensor:
+    """What ln_final would read if the model stopped at read point ``point``, from what
+    the router there read (its ``hook_sources``; the norm's own hooks where none reads):
+    the final router (by the reference formula) over those sources, or the current one."""
+    layout = model.routing_layout
+    site = layout.reader(point)
+    if site is None:
+        layer, is_mlp = divmod(point, 2)
+        prefix = "ln_final" if layer == model.cfg.n_layers else f"blocks.{layer}.ln{1 + is_mlp}"
+        return cache[f"{prefix}.hook_normalized"] * cache[f"{prefix}.hook_scale"]
+    sources = list(cache[site.hook("sources")].unbind(-2))
+    if not layout.has_final_router:
+        return sources[-1]
+    params = model_router_params(model)("final_res")
+    return reference_route(sources, params, model.cfg.eps)[0]
+
+
+def test_accumulated_resid_reads_each_state_as_stored_under_stream_edits(case):
+    """Audit finding: in the partial-sum layouts a committed block stays the current
+    source until the next sublayer writes, so an edit of the next layer's hook_resid_pre
+    (or of hook_committed_mid, read as the current source by the MLP router) changes the
+    stored block, and the commit hook (hook_embed for the embedding) no longer holds it.
+    accumulated_resid(routed=True) and the routing lens read the commit hooks and were
+    off silently (float64: 0.039 per entry with blocks.0.hook_resid_pre halved, kimi and
+    full; 1.2 after ln_final with blocks.1.hook_resid_pre halved, full; 0.73 wrap_exact).
+    Each entry must be what the router at that point read, mixed by the final router."""
+    model = build(case.name).double()
+    layout = model.routing_layout
+    n_layers = model.cfg.n_layers
+    edits = [get_act_name("resid_pre", layer) for layer in range(n_layers)]
+    edits += [get_act_name("resid_mid", 0), *layout.commit_hooks().values()]
+    for name in dict.fromkeys(edits):
+        with warnings.catch_warnings(), model.hooks(fwd_hooks=[(name, lambda a, hook: a * 0.5)]):
+            warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+            logits, cache = model.run_with_cache(case.clean)
+        stack, labels = cache.accumulated_resid(incl_mid=True, return_labels=True, routed=True)
+        for entry, label in zip(stack, labels, strict=True):
+            layer, kind = label.split("_")
+            point = 2 * n_layers if label == "final_post" else 2 * int(layer) + (kind == "mid")
+            expected = _stop_here_readout_input(model, cache, point)
+            torch.testing.assert_close(entry, expected, atol=1e-12, rtol=0, msg=(name, label))
+        lens = routing_lens(model, cache, incl_mid=True)
+        expected = model.ln_final(stack) @ model.W_U
+        torch.testing.assert_close(lens.logits, expected, atol=1e-12, rtol=0)
+        torch.testing.assert_close(lens.logits[-1], logits, atol=1e-12, rtol=0)
 
 
 def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):

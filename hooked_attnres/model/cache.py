@@ -137,19 +137,15 @@ def _resid_name(model: Any, point: int) -> str:
 
 def state_source_names(model: Any, point: int) -> list[str]:
     """The hooks that hold, as stored, each source of the depth state read at sublayer
-    ``point`` (the order of the reading router's ``hook_sources``): ``hook_embed`` and the
-    commit hooks for the embedding and the committed blocks, ``hook_resid_*`` for the
-    current stream. Unlike the router's ``hook_sources`` (its own copy), these are what
-    every later reader sees: an edit of one router's sources does not show in them."""
+    ``point`` (the order of the reading router's ``hook_sources``;
+    `RoutingLayout.source_hooks`): ``hook_embed``, commit hooks and ``hook_resid_*``
+    (``hook_resid_*`` alone where no router reads). Unlike the router's ``hook_sources``
+    (its own copy), these are what every later reader sees: an edit of one router's
+    sources does not show in them."""
     layout = model.routing_layout
-    site = layout.reader(point)
-    if site is None:
+    if layout.reader(point) is None:
         return [_resid_name(model, point)]
-    commits = layout.commit_hooks()
-    return [
-        _resid_name(model, point) if label == "current" else commits[label]
-        for label in layout.labels(site)
-    ]
+    return layout.source_hooks(point)
 
 
 class RunCacheDict(dict):

@@ -497,9 +497,52 @@ class RoutingLayout:
         if not self.has_final_router:  # ln_final reads the current source only
             components[2 * self.n_layers] = [list(parts[-1].current)]
         self._walk_cache.update(
-            labels=labels, signatures=signatures, commits=commits, components=components
+            labels=labels,
+            signatures=signatures,
+            commits=commits,
+            components=components,
+            stored=self._stored_walk(),
         )
         return self._walk_cache
+
+    def _stored_walk(self) -> dict[int, list[str]]:
+        """The schedule with hook names as payloads, each replaced by the hook the
+        forward pass runs it through (``hook_resid_*`` after every write and at every
+        layer's start, the commit hook at a block boundary): ``{sublayer: [the hook whose
+        output the state holds as each source]}`` (see `source_hooks`)."""
+        out: dict[int, list[str]] = {}
+        state: DepthState[str] = self.initial_state("hook_embed")
+        for layer in range(self.n_layers):
+            state = DepthState(
+                list(state.blocks), f"blocks.{layer}.hook_resid_pre", state.current_is_committed
+            )
+            for sublayer, resid in (("attn", "hook_resid_mid"), ("mlp", "hook_resid_post")):
+                out[sublayer_index(layer, sublayer)] = state.sources
+                state = self.write(state, "", lambda a, _b: a)
+                state.current = f"blocks.{layer}.{resid}"
+                if self.commits_after(layer, sublayer):
+                    state = self.commit(state, f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}")
+        out[2 * self.n_layers] = state.sources
+        return out
+
+    def source_hooks(self, sublayer: int) -> list[str]:
+        """For each source of the depth state entering ``sublayer`` (read points as in
+        `components`; the order of the reading router's ``hook_sources``), the hook whose
+        cached output is that source as the state stores it, i.e. as every later reader
+        sees it: ``hook_embed``, a commit hook, or a ``hook_resid_*``.
+
+        Not always the commit hook (`commit_hook`, through which an edit of a block
+        reaches every later reader): in the partial-sum layouts (``kimi``, ``full``) a
+        committed block stays ``current`` until the next sublayer writes, so the hook
+        that runs on ``current`` in between, ``blocks.{l+1}.hook_resid_pre`` after a block
+        committed at layer ``l``'s MLP (``blocks.0.hook_resid_pre`` for the embedding),
+        edits the stored block too; and the source read last after a commit is the commit
+        hook's output, not ``hook_resid_*``'s. In the ``cumulative`` layout blocks are
+        snapshots: the commit hooks (``hook_embed``) hold them."""
+        n = 2 * self.n_layers
+        if not is_integer(sublayer) or not 0 <= sublayer <= n:
+            raise ValueError(f"sublayer must be an integer in [0, {n}], got {sublayer!r}")
+        return list(self._walk()["stored"][sublayer])
 
     def components(self, sublayer: int) -> list[list[str]]:
         """What each source read at ``sublayer`` is a sum of, in TransformerLens's
