@@ -610,6 +610,74 @@ def test_decompositions_refuse_a_cache_of_an_edited_run(case):
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):
+    """Audit finding: TransformerLens's head and neuron stacks read hook_z (or hook_result)
+    and hook_post, not the sublayer output; a run that zero-ablated hook_attn_out or
+    hook_mlp_out (the usual TransformerLens ablation) left the sum check of
+    `test_decompositions_refuse_a_cache_of_an_edited_run` satisfied (it reads the sublayer
+    outputs), and the stacks were returned silently: float64, get_full_resid_decomposition
+    summed 0.037 away from what ln_final read (inputs of 0.086, recency wrap) with layer 1's
+    attention output zeroed, 0.0033 with layer 0's MLP output zeroed, in every layout. They
+    refuse now; the sublayer decompositions stay exact."""
+    model = case.model
+    target = _final_norm_input(case)
+    n_layers = model.cfg.n_layers
+    zero = [("blocks.0.hook_mlp_out", lambda act, hook: act * 0.0)]
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=zero):
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        _, mlp_zeroed = model.run_with_cache(case.clean)
+    neurons = r"layer 0's per-neuron results \(hook_post \* W_out\) do not sum to its "
+    neurons += r"blocks\.0\.hook_mlp_out.*edited.*decompose_resid"
+    for call in (
+        lambda: mlp_zeroed.get_full_resid_decomposition(routed=True),
+        lambda: mlp_zeroed.stack_neuron_results(n_layers, routed=True, neuron_slice=3),
+        lambda: mlp_zeroed.stack_neuron_results(1, mlp_input=True, routed=True),
+    ):
+        with pytest.raises(ValueError, match=neurons):
+            call()
+    read = mlp_zeroed["ln_final.hook_normalized"] * mlp_zeroed["ln_final.hook_scale"]
+    for stack in (
+        mlp_zeroed.get_full_resid_decomposition(routed=True, expand_neurons=False),
+        mlp_zeroed.decompose_resid(routed=True),
+        mlp_zeroed.stack_head_results(routed=True, incl_remainder=True),
+    ):
+        assert torch.allclose(stack.sum(0), read, atol=ATOL)
+    assert not torch.allclose(read, target, atol=ATOL)  # the ablation mattered
+    model.set_use_attn_result(True)  # per-head results cached as hook_result
+    try:
+        zero = [("blocks.1.hook_attn_out", lambda act, hook: act * 0.0)]
+        with warnings.catch_warnings(), model.hooks(fwd_hooks=zero):
+            warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+            _, attn_zeroed = model.run_with_cache(case.clean)
+    finally:
+        model.set_use_attn_result(False)
+    del attn_zeroed.cache_dict["blocks.0.attn.hook_result"]  # layer 0 from hook_z @ W_O
+    heads = r"layer 1's per-head results \(hook_result\) do not sum to its "
+    heads += r"blocks\.1\.hook_attn_out.*hook_z / hook_result"
+    for call in (
+        lambda: attn_zeroed.stack_head_results(routed=True),
+        lambda: attn_zeroed.stack_head_results(2, routed=True, apply_ln=True),
+        lambda: attn_zeroed.get_full_resid_decomposition(routed=True, expand_neurons=False),
+        lambda: attn_zeroed.get_full_resid_decomposition(1, mlp_input=True, routed=True),
+    ):
+        with pytest.raises(ValueError, match=heads):
+            call()
+    assert attn_zeroed.stack_head_results(1, routed=True).shape[0] == model.cfg.n_heads
+    read = attn_zeroed["ln_final.hook_normalized"] * attn_zeroed["ln_final.hook_scale"]
+    assert torch.allclose(attn_zeroed.decompose_resid(routed=True).sum(0), read, atol=ATOL)
+    # the weights changed after the run: an unedited cache's neurons are stale
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.mul_(2.0)
+    try:
+        with pytest.raises(ValueError, match="layer 1's per-neuron results.*weights changed"):
+            case.cache.stack_neuron_results(n_layers, routed=True)
+    finally:
+        with torch.no_grad():
+            model.blocks[1].mlp.W_out.div_(2.0)
+    full = case.cache.get_full_resid_decomposition(routed=True)
+    assert torch.allclose(full.sum(0), target, atol=ATOL)
+
+
 def _norm_inputs(cache, model) -> dict:
     """What every norm normalises (read point -> scale * normalized), from its own hooks."""
     out = {}

@@ -455,7 +455,14 @@ class AttnResActivationCache(ActivationCache):
                 out[label] = weights[..., index] + previous
         return out
 
-    def _require_decomposable(self, method: str, point: int, needs_embed: bool = False) -> None:
+    def _require_decomposable(
+        self,
+        method: str,
+        point: int,
+        needs_embed: bool = False,
+        head_layers: int = 0,
+        neuron_layers: int = 0,
+    ) -> None:
         """Refuse a cache in which the components, weighted by `routed_coefficients`, do not
         sum to the norm's input at ``point`` (to the float rounding of the cache's dtype):
         the run that made it edited a depth source, a router's copy of its sources or a
@@ -466,7 +473,10 @@ class AttnResActivationCache(ActivationCache):
         for a cache of a pass in which only caching hooks ran (unedited, so exact);
         otherwise (other hooks ran, or unknown) it refuses with ``KeyError`` naming them.
         ``needs_embed``: the method sums the embedding (TransformerLens silently leaves
-        it out of a cache without ``hook_embed``), so a cache without it refuses."""
+        it out of a cache without ``hook_embed``), so a cache without it refuses.
+        ``head_layers`` / ``neuron_layers``: the method reads the per-head / per-neuron
+        results of the layers below these (`_require_unit_results`)."""
+        self._require_unit_results(method, head_layers, neuron_layers)
         if needs_embed:
             require_cached(
                 self.cache_dict, ["hook_embed"], f"this cache (cache.{method} sums the embedding)"
@@ -509,6 +519,73 @@ class AttnResActivationCache(ActivationCache):
                 "copy of its sources (patch_sources / mask_sources) or a residual hook, so no "
                 "decomposition into components is exact there. Decompose a cache of an "
                 "unedited run, or read the router's hook_sources and hook_weights directly."
+            )
+
+    def _require_unit_results(self, method: str, head_layers: int, neuron_layers: int) -> None:
+        """Refuse a cache whose per-head results (what TransformerLens's head stacks read:
+        ``hook_result``, else ``hook_z @ W_O``) of a layer below ``head_layers``, or
+        per-neuron results (``hook_post * W_out``) of a layer below ``neuron_layers``, do
+        not sum to that layer's ``hook_attn_out`` / ``hook_mlp_out`` (to the rounding of
+        the cache's dtype): the run edited the sublayer's output after its heads or
+        neurons (``hook_attn_out`` / ``hook_mlp_out``, e.g. a zero ablation), or
+        ``W_O`` / ``W_out`` changed since, so the heads or neurons are not what the layer
+        wrote. `_require_decomposable`'s sum reads the sublayer outputs and does not see
+        this. A cache without a sublayer output is refused as there (``KeyError``) unless
+        only caching hooks were attached to its pass."""
+        checks = [("attn_out", layer) for layer in range(head_layers)]
+        checks += [("mlp_out", layer) for layer in range(neuron_layers)]
+        with torch.no_grad():
+            for kind, layer in checks:
+                self._require_unit_result(method, kind, layer)
+
+    def _require_unit_result(self, method: str, kind: str, layer: int) -> None:
+        """`_require_unit_results` for one layer's ``kind`` (``"attn_out"`` / ``"mlp_out"``)."""
+        out_name = get_act_name(kind, layer)
+        if kind == "attn_out":
+            source = get_act_name("result", layer)
+            result = self.cache_dict.get(source)
+            if result is None or result.ndim != 3 + self.has_batch_dim:
+                source = get_act_name("z", layer)  # TransformerLens computes hook_result
+        else:
+            source = get_act_name("post", layer)
+        if source not in self.cache_dict:
+            return  # TransformerLens's stack raises KeyError naming it
+        if out_name not in self.cache_dict:
+            if self.other_hooks_attached is False:
+                return
+            require_cached(
+                self.cache_dict,
+                [out_name],
+                f"cache.{method} (other hooks than the caching ones were attached to the "
+                "model in the pass that made this cache, or it does not record that; "
+                "checking that the per-head / per-neuron results sum to each sublayer's "
+                "output needs that output)",
+            )
+        out = self.cache_dict[out_name]
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        unit = self.cache_dict[source].to(dtype)
+        if source.endswith("hook_result"):
+            total, count, how = unit.sum(-2), unit.shape[-2], "hook_result"
+        elif kind == "attn_out":
+            weight = self.model.blocks[layer].attn.W_O
+            total = unit.flatten(-2) @ weight.flatten(0, 1).to(unit.device, dtype)
+            count, how = weight.shape[0], "hook_z @ W_O"
+        else:
+            weight = self.model.blocks[layer].mlp.W_out
+            total = unit @ weight.to(unit.device, dtype)
+            count, how = weight.shape[0], "hook_post * W_out"
+        error = float((total - out.to(dtype)).abs().max()) if out.numel() else 0.0
+        size = float(out.abs().max()) if out.numel() else 0.0
+        if error > _decomposition_rtol(out.dtype, count) * max(size, 1e-30):
+            what = "per-head results" if kind == "attn_out" else "per-neuron results"
+            edit = "hook_z / hook_result" if kind == "attn_out" else "hook_post"
+            raise ValueError(
+                f"cache.{method}: layer {layer}'s {what} ({how}) do not sum to its "
+                f"{out_name} (max error {error:.3g}, max |output| {size:.3g}): the run that "
+                f"made this cache edited {out_name} after them (or the model's weights "
+                "changed since), so they are not what the layer wrote. Use "
+                "cache.decompose_resid (whole sublayer outputs; exact), or edit "
+                f"{edit} instead of the sublayer output."
             )
 
     def _routed_view(self, point: int) -> ActivationCache:
@@ -579,7 +656,7 @@ class AttnResActivationCache(ActivationCache):
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
-        self._require_decomposable("stack_head_results", point)
+        self._require_decomposable("stack_head_results", point, head_layers=point // 2)
         if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
             raise ValueError(
                 "stack_head_results(layer=0, incl_remainder=True) reads TransformerLens's "
@@ -610,7 +687,7 @@ class AttnResActivationCache(ActivationCache):
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
         )
-        self._require_decomposable("stack_neuron_results", point)
+        self._require_decomposable("stack_neuron_results", point, neuron_layers=point // 2)
         if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
             raise ValueError(
                 "stack_neuron_results(layer=0, incl_remainder=True) reads TransformerLens's "
@@ -647,7 +724,13 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("get_full_resid_decomposition")
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
-        self._require_decomposable("get_full_resid_decomposition", point, needs_embed=True)
+        self._require_decomposable(
+            "get_full_resid_decomposition",
+            point,
+            needs_embed=True,
+            head_layers=(point + 1) // 2,
+            neuron_layers=point // 2 if expand_neurons else 0,
+        )
         self._warn_unfolded(point, apply_ln)
         cache = self if is_single_stream(self.model, point) else self._routed_view(point)
         return ActivationCache.get_full_resid_decomposition(
