@@ -410,6 +410,41 @@ def test_accumulated_resid_reads_each_state_as_stored_under_stream_edits(case):
         torch.testing.assert_close(lens.logits[-1], logits, atol=1e-12, rtol=0)
 
 
+def test_the_logit_lens_of_a_cache_does_not_fire_ln_final_hooks(case):
+    """Audit finding: accumulated_resid(apply_ln=True) and apply_ln_to_stack(recompute_ln=True)
+    applied ln_final by calling the module, so hooks attached while analysing (a
+    TransformerLens "freeze the final scale" hook, here returning the run's cached
+    ln_final scale) were applied to every lens entry: each was divided by the final
+    stream's RMS instead of its own (float32, 0.5 off in layout none to 50 in full, on
+    entries of about 5), and caching hooks got the lens's vectors. The lens is ln_final applied by
+    hand to each entry, whatever is attached (as routing_lens computes it)."""
+    model, cache = case.model, case.cache
+    frozen = cache["ln_final.hook_scale"]
+    calls = []
+    hooks = [
+        ("ln_final.hook_scale", lambda act, hook: frozen),
+        ("ln_final.hook_normalized", lambda act, hook: calls.append(hook.name)),
+    ]
+    stack = cache.accumulated_resid(incl_mid=True, routed=True)
+    rms = (stack.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    expected = stack / rms * model.ln_final.w
+    with model.hooks(fwd_hooks=hooks):
+        lens = cache.accumulated_resid(incl_mid=True, apply_ln=True, routed=True)
+        recomputed = cache.apply_ln_to_stack(stack, recompute_ln=True)
+        sliced = cache.apply_ln_to_stack(stack, recompute_ln=True, batch_slice=1)
+    assert not calls
+    for got in (lens, recomputed):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sliced, expected[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lens[-1] @ model.W_U, case.logits, atol=ATOL, rtol=0)
+    assert (stack[0] / frozen - stack[0] / rms[0]).abs().max() > 1e-2  # the hook matters
+    if case.layout == "none":  # below the unembedding: the cached RMS, warning as elsewhere
+        model._unfolded_warned = False
+        with pytest.warns(UnfoldedNormWarning, match="ln2"):
+            lens = cache.accumulated_resid(1, apply_ln=True, mlp_input=True)
+        torch.testing.assert_close(lens[-1], cache["blocks.1.ln2.hook_normalized"])
+
+
 def test_routing_lens_is_exact_at_the_last_layer_and_reads_each_state(case):
     model = case.model
     lens = routing_lens(model, case.clean)

@@ -761,13 +761,18 @@ class AttnResActivationCache(ActivationCache):
         At a routed read point the cached RMS is that of the router's mixture, so the
         stack must decompose the mixture: pass ``routed=True`` to confirm that it does
         (what the ``routed=True`` producers return). ``recompute_ln=True`` at the
-        unembedding applies ``ln_final`` itself to every entry and is allowed anywhere."""
+        unembedding applies ``ln_final`` itself to every entry (without firing its hooks:
+        the result depends on the cache and the weights only, as the routing lens's) and
+        is allowed anywhere."""
         self._require_full_run("apply_ln_to_stack")
         point = _point(self.model, layer, mlp_input)
-        recompute = recompute_ln and point == 2 * self.model.cfg.n_layers
-        if not recompute:
-            self._require("apply_ln_to_stack", point, routed)
-            self._warn_unfolded(point, True)
+        if recompute_ln and point == 2 * self.model.cfg.n_layers:
+            batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+            if has_batch_dim:  # as TransformerLens: the stack is cut to the batch slice
+                residual_stack = batch_slice.apply(residual_stack, dim=1)
+            return self.model.ln_final.unhooked(residual_stack)
+        self._require("apply_ln_to_stack", point, routed)
+        self._warn_unfolded(point, True)
         return ActivationCache.apply_ln_to_stack(
             self._plain(),
             residual_stack,
@@ -837,16 +842,18 @@ class AttnResActivationCache(ActivationCache):
         if apply_ln and layer != n_layers and layout.has_routers:
             raise ValueError(
                 f"accumulated_resid(apply_ln=True, layer={layer}) divides every entry by layer "
-                f"{layer}'s ln1 RMS, which in the {self._layout_name()} layout is the RMS of "
-                "the attn_res router's mixture, not of any entry. Use apply_ln=True with "
+                f"{layer}'s {'ln2' if mlp_input else 'ln1'} RMS, which in the "
+                f"{self._layout_name()} layout is the RMS of the "
+                f"{'mlp_res' if mlp_input else 'attn_res'} router's mixture, not of any entry. "
+                "Use apply_ln=True with "
                 "layer=None (ln_final applied to every entry) or "
                 "hooked_attnres.analysis.routing_lens."
             )
         if not layout.has_final_router:
-            return ActivationCache.accumulated_resid(
-                self._plain(), layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels
+            stack, labels = ActivationCache.accumulated_resid(
+                self._plain(), layer, incl_mid, False, pos_slice, mlp_input, True
             )
-        if not routed:
+        elif not routed:
             raise ValueError(
                 f"cache.accumulated_resid: in the {self._layout_name()} layout hook_resid_* "
                 "holds the current block's partial sum, not a residual stream, and a final "
@@ -854,6 +861,24 @@ class AttnResActivationCache(ActivationCache):
                 "final router's mixture of each depth state's sources, or use "
                 "hooked_attnres.analysis.routing_lens (logits at every layer)."
             )
+        else:
+            stack, labels = self._routed_accumulated(layer, incl_mid, pos_slice, mlp_input)
+        if apply_ln:  # ln_final per entry at the unembedding, else the cached RMS ("none")
+            stack = self.apply_ln_to_stack(
+                stack,
+                layer,
+                mlp_input and layer < n_layers,
+                pos_slice=pos_slice,
+                has_batch_dim=self.has_batch_dim,
+                recompute_ln=layer == n_layers,
+            )
+        return (stack, labels) if return_labels else stack
+
+    def _routed_accumulated(
+        self, layer: int, incl_mid: bool, pos_slice, mlp_input: bool
+    ) -> tuple[Float[Tensor, "n_entries *batch_and_pos d_model"], list[str]]:
+        """`accumulated_resid`'s entries with a final router, before any ``apply_ln``."""
+        n_layers = self.model.cfg.n_layers
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
         entries, labels = [], []
         for entry in range(layer + 1):
@@ -866,16 +891,7 @@ class AttnResActivationCache(ActivationCache):
             if (incl_mid and entry < layer) or (mlp_input and entry == layer):
                 entries.append(self._state_mixture(2 * entry + 1))
                 labels.append(f"{entry}_mid")
-        stack = torch.stack([pos_slice.apply(entry, dim=-2) for entry in entries])
-        if apply_ln:
-            stack = self.apply_ln_to_stack(
-                stack,
-                None,
-                pos_slice=pos_slice,
-                has_batch_dim=self.has_batch_dim,
-                recompute_ln=True,
-            )
-        return (stack, labels) if return_labels else stack
+        return torch.stack([pos_slice.apply(entry, dim=-2) for entry in entries]), labels
 
     def _state_mixture(self, point: int) -> Float[Tensor, "*batch_and_pos d_model"]:
         """The final router applied to the sources of the depth state at ``point``, as
