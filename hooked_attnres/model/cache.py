@@ -650,7 +650,8 @@ class AttnResActivationCache(ActivationCache):
         d_model]``, labels ``L{l}H{h}``); at a routed read point (the attention input of
         ``layer``, or the unembedding) it needs ``routed=True`` and weights each head by
         its layer's routed coefficient. Raw per-head outputs: ``cache.compute_head_results()``
-        then ``cache["result", l]``."""
+        then ``cache["result", l]``. Refuses a cache whose heads do not sum to
+        ``hook_attn_out`` (an edited sublayer output; `_require_unit_results`)."""
         self._require_full_run("stack_head_results")
         point = _point(self.model, layer, False)
         self._require(
@@ -681,7 +682,8 @@ class AttnResActivationCache(ActivationCache):
         routed: bool = False,
     ):
         """TransformerLens's ``stack_neuron_results``; at a routed read point it needs
-        ``routed=True`` and weights each neuron by its layer's routed coefficient."""
+        ``routed=True`` and weights each neuron by its layer's routed coefficient. Refuses
+        a cache whose neurons do not sum to ``hook_mlp_out`` (`_require_unit_results`)."""
         self._require_full_run("stack_neuron_results")
         point = _point(self.model, layer, mlp_input)
         self._require(
@@ -720,7 +722,9 @@ class AttnResActivationCache(ActivationCache):
     ):
         """TransformerLens's ``get_full_resid_decomposition`` (heads, neurons or MLPs,
         ``embed``, ``bias``); at a routed read point it needs ``routed=True`` and returns
-        router-weighted components summing to the norm's input."""
+        router-weighted components summing to the norm's input. Refuses a cache whose heads
+        (or, with ``expand_neurons``, neurons) do not sum to the sublayer outputs
+        (`_require_unit_results`)."""
         self._require_full_run("get_full_resid_decomposition")
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
