@@ -255,6 +255,11 @@ class AttentionContext:
         query_is_pad: ``[batch, pos]``, padding queries (zero pattern and ``z``), or
             ``None``.
         cache: the `KeyValueCache` to read and extend, or ``None``.
+        padding_keys: ``[batch, n_past + pos]``, every padding key (also those that only
+            later, causally blocked, queries would see), or ``None`` without padding.
+            Their values (and, in the fused call, keys) are zeroed for the product: a
+            blocked key has weight 0, and ``0 * nan`` would carry a non-finite padding
+            position into real ones.
     """
 
     cos: Float[Tensor, "*batch pos d_head"]
@@ -263,6 +268,7 @@ class AttentionContext:
     key_is_pad: Optional[Bool[Tensor, "batch key"]] = None
     query_is_pad: Optional[Bool[Tensor, "batch pos"]] = None
     cache: Optional[KeyValueCache] = None
+    padding_keys: Optional[Bool[Tensor, "batch key"]] = None
 
     def layer_cache(self, layer: int) -> Optional[LayerKeyValues]:
         return None if self.cache is None else self.cache.layers[layer]
@@ -432,9 +438,17 @@ class Attention(nn.Module):
 
         blocked = context.blocked(q.shape[1], k.shape[1], query_positions, q.device)
         pad_queries = context.pad_queries(query_positions)
+        padding_keys = context.padding_keys
+        if padding_keys is not None:
+            # weight 0 on a padding key must not read its value: at eps 0 a padding
+            # position's sources can be 0 / 0 (nan), and 0 * nan would reach real queries
+            padding_keys = padding_keys.to(v.device)[:, :, None, None]
+            v = v.masked_fill(padding_keys, 0.0)
         if is_observed(self.hook_attn_scores) or is_observed(self.hook_pattern):
             z = self._explicit_attention(q, k, v, blocked, pad_queries)
         else:
+            if padding_keys is not None:  # the fused call adds its mask to the scores
+                k = k.masked_fill(padding_keys, 0.0)
             if blocked is not None and not bool(blocked.any()):
                 blocked, is_causal = None, False
             else:

@@ -664,7 +664,13 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             # padding keys matter only if some real query comes after a padding key
             pad_before_real = bool(((is_pad.long().cumsum(dim=-1) > 0) & full).any())
             context = AttentionContext(
-                cos, sin, n_past, is_pad if pad_before_real else None, is_pad[:, n_past:], cache
+                cos,
+                sin,
+                n_past,
+                is_pad if pad_before_real else None,
+                is_pad[:, n_past:],
+                cache,
+                padding_keys=is_pad,
             )
         if cache is not None:
             cache.attention_mask = full
