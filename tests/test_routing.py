@@ -884,3 +884,51 @@ def test_raw_hooks_on_a_norm_or_a_router_fire_in_a_plain_forward(tokens):
             handle.remove()
         assert calls == [1]
         assert not torch.allclose(hooked, plain)
+
+
+@pytest.mark.parametrize(
+    "layout,mode,num_blocks",
+    [
+        ("cumulative", "block", 2),
+        ("cumulative", "full", 4),
+        ("kimi", "block", 2),
+        ("kimi", "block", 3),
+        ("full", "block", 4),
+    ],
+)
+def test_source_hooks_name_the_hook_whose_output_each_router_reads(layout, mode, num_blocks):
+    """``routing_layout.source_hooks(point)`` (derived from `RoutingLayout.trace`) against
+    the forward pass itself: with every hook that can hold a source (``hook_embed``,
+    ``hook_resid_*``, the commit hooks) scaling its activation by its own factor, each
+    source a router reads (its ``hook_sources``) is bit for bit the cached output of the
+    hook ``source_hooks`` names for it."""
+    import warnings
+
+    from hooked_attnres import RoutedResidualPatchWarning
+
+    model = randomize_routing(
+        tiny_model(attnres_layout=layout, attnres_mode=mode, attnres_num_blocks=num_blocks)
+    )
+    tokens = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    names = [
+        name
+        for name in model.hook_dict
+        if name == "hook_embed" or "hook_resid_" in name or "hook_committed_" in name
+    ]
+    hooks = [
+        (name, lambda act, hook, factor=1.0 + 0.125 * (k + 1): act * factor)
+        for k, name in enumerate(names)
+    ]
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=hooks):
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        _, cache = model.run_with_cache(tokens)
+    layout_rules = model.routing_layout
+    checked = 0
+    for site in layout_rules.sites():
+        read = cache[site.hook("sources")].unbind(-2)
+        stored = layout_rules.source_hooks(site.sublayer)
+        assert len(stored) == len(read), site
+        for source, name in zip(read, stored, strict=True):
+            assert torch.equal(source, cache[name]), (site, name)
+            checked += 1
+    assert checked > len(layout_rules.sites())  # routers with several sources were compared

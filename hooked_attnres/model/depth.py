@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union
 
 import torch
@@ -412,6 +412,7 @@ class RoutingLayout:
         output: Callable[[int, str], Payload],
         add: Callable[[Payload, Payload], Payload],
         committed: Callable[[DepthState, int, str], Payload],
+        enter: Optional[Callable[[Payload, int], Payload]] = None,
     ) -> tuple[list[DepthState], dict[tuple[int, str], Payload]]:
         """Run the schedule on symbolic payloads (the tensor-free twin of
         ``HookedAttnRes.depth_states(tokens, sublayers=True)``).
@@ -422,6 +423,9 @@ class RoutingLayout:
             add: ``(current, output) -> payload``, what ``current += output`` means.
             committed: ``(state, layer, sublayer) -> payload`` of the block committed there
                 (``state`` is the state after the write).
+            enter: optional ``(current, layer) -> payload``, what ``current`` becomes as
+                ``layer`` starts (the forward runs it through ``hook_resid_pre`` there);
+                ``None``: unchanged.
 
         Returns:
             ``(states, commits)``: the ``2 * n_layers + 1`` states entering every sublayer
@@ -432,6 +436,8 @@ class RoutingLayout:
         commits: dict[tuple[int, str], Payload] = {}
         state = self.initial_state(embedding)
         for layer in range(self.n_layers):
+            if enter is not None:  # as Block.attn_sublayer
+                state = replace(state, current=enter(state.current, layer))
             for sublayer in ("attn", "mlp"):
                 states.append(state)
                 state = self.write(state, output(layer, sublayer), add)
@@ -448,7 +454,8 @@ class RoutingLayout:
 
         Returns ``{"labels": {(layer, router): [label, ...]}, "signatures": {sublayer:
         (n_blocks, current_is_committed)}, "commits": {(layer, sublayer): label},
-        "components": {sublayer: [components of each source]}}`` where a signature
+        "components": {sublayer: [components of each source]}, "stored": {sublayer: [hook
+        holding each source]}}`` (`source_hooks`) where a signature
         describes the state entering sublayer ``2 * layer`` (attention) or ``2 * layer + 1``
         (MLP); ``2 * n_layers`` is the state after the last layer.
         """
@@ -506,24 +513,19 @@ class RoutingLayout:
         return self._walk_cache
 
     def _stored_walk(self) -> dict[int, list[str]]:
-        """The schedule with hook names as payloads, each replaced by the hook the
-        forward pass runs it through (``hook_resid_*`` after every write and at every
-        layer's start, the commit hook at a block boundary): ``{sublayer: [the hook whose
+        """`trace` with hook names as payloads, each the hook the forward pass last ran it
+        through (``hook_resid_pre`` as a layer starts, ``hook_resid_mid`` / ``_post``
+        after a write, the commit hook at a block boundary): ``{sublayer: [the hook whose
         output the state holds as each source]}`` (see `source_hooks`)."""
-        out: dict[int, list[str]] = {}
-        state: DepthState[str] = self.initial_state("hook_embed")
-        for layer in range(self.n_layers):
-            state = DepthState(
-                list(state.blocks), f"blocks.{layer}.hook_resid_pre", state.current_is_committed
-            )
-            for sublayer, resid in (("attn", "hook_resid_mid"), ("mlp", "hook_resid_post")):
-                out[sublayer_index(layer, sublayer)] = state.sources
-                state = self.write(state, "", lambda a, _b: a)
-                state.current = f"blocks.{layer}.{resid}"
-                if self.commits_after(layer, sublayer):
-                    state = self.commit(state, f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}")
-        out[2 * self.n_layers] = state.sources
-        return out
+        resid = {"attn": "hook_resid_mid", "mlp": "hook_resid_post"}
+        states, _ = self.trace(
+            "hook_embed",
+            lambda layer, sublayer: f"blocks.{layer}.{resid[sublayer]}",
+            lambda _current, written: written,  # current is then what hook_resid_* returned
+            lambda _state, layer, sublayer: f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}",
+            enter=lambda _current, layer: f"blocks.{layer}.hook_resid_pre",
+        )
+        return {sublayer: state.sources for sublayer, state in enumerate(states)}
 
     def source_hooks(self, sublayer: int) -> list[str]:
         """For each source of the depth state entering ``sublayer`` (read points as in
