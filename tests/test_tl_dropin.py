@@ -1102,6 +1102,37 @@ def test_a_float16_cache_of_an_edited_run_is_refused_at_float16_rounding(layout)
         edited.decompose_resid(routed=True)
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_backward_hook_does_not_count_as_another_hook(raw):
+    """A backward hook (a TransformerLens ``bwd`` hook, e.g. for gradient caching, or a raw
+    ``register_full_backward_hook``) cannot change a forward pass, but counted as another
+    hook attached: every decomposition of a filtered cache of an unedited pass refused
+    with KeyError while it was attached. It does not count now, and the filtered cache's
+    decompositions equal those of a full cache of the same pass."""
+    model = randomize_routing(tiny_model(attnres_layout="none", n_layers=3)).double().eval()
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def kept(name: str) -> bool:
+        return name == "hook_embed" or name.endswith(("attn_out", "mlp_out", "hook_z"))
+
+    point = model.blocks[1].hook_resid_pre
+    if raw:
+        handle = point.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    else:
+        model.add_hook(point.name, lambda grad, hook: None, dir="bwd")
+    try:
+        _, filtered = model.run_with_cache(tokens, names_filter=kept)
+    finally:
+        handle.remove() if raw else model.reset_hooks()
+    _, full = model.run_with_cache(tokens)
+    assert filtered.other_hooks_attached is False
+    for got, expected in (
+        (filtered.decompose_resid(2), full.decompose_resid(2)),
+        (filtered.stack_head_results(2), full.stack_head_results(2)),
+    ):  # the hooked path ran with the hook attached: float64 rounding apart
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("pre_hook", [False, True])
 def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
     """A forward hook attached with ``register_forward_hook`` (not ``add_hook``) edits the

@@ -166,11 +166,11 @@ class RunCacheDict(dict):
             which did not reach them): their tensors are not of the recorded pass.
         sliced: the hooks cached with a ``pos_slice`` that does not keep every position
             in order: their position ``p`` is not the pass's position ``p``.
-        other_hooks_attached: whether any hook was attached to the model when the pass
-            began, besides the caching hooks ``run_with_cache`` adds (TransformerLens's or
-            raw PyTorch ones, or a global module hook: they may have edited activations);
-            set by ``run_with_cache``, ``None`` (unknown) for a dict filled by
-            ``add_caching_hooks``.
+        other_hooks_attached: whether a forward hook or pre-hook was attached to the
+            model when the pass began, besides the caching hooks ``run_with_cache`` adds
+            (TransformerLens's or raw PyTorch ones, or a global module hook: they may have
+            edited activations; backward hooks do not count); set by ``run_with_cache``,
+            ``None`` (unknown) for a dict filled by ``add_caching_hooks``.
     """
 
     n_past: int = 0

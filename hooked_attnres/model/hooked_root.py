@@ -48,7 +48,7 @@ from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
-from hooked_attnres.model.norms import any_hook_attached
+from hooked_attnres.model.norms import forward_hooks_attached
 from hooked_attnres.model.passes import pass_mask, pass_n_past
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -475,14 +475,15 @@ class HookedModule(HookedRootModule):
             is the sequence's position ``n_past``. Its ``attention_mask`` is the pass's
             ``[batch, pos]`` mask (bool) where it marks padding, ``None`` otherwise: the
             patching sweeps refuse a clean cache made with another mask than theirs.
-            Its ``other_hooks_attached`` says whether any hook was attached to the model
-            when the pass began (besides the caching hooks it adds; such a hook may have
-            edited activations): the residual decompositions of a cache whose
-            ``names_filter`` dropped the hooks that check them then refuse.
+            Its ``other_hooks_attached`` says whether a forward hook or pre-hook was
+            attached to the model when the pass began (besides the caching hooks it adds;
+            such a hook may have edited activations; backward hooks cannot and do not
+            count): the residual decompositions of a cache whose ``names_filter`` dropped
+            the hooks that check them then refuse.
         """
-        # any hook on the model before the caching hooks are added (TransformerLens's or a
-        # raw PyTorch one, or a global module hook) may edit what the pass caches
-        hooked = any_hook_attached(self)
+        # a forward hook on the model before the caching hooks are added (TransformerLens's
+        # or a raw PyTorch one, or a global module hook) may edit what the pass caches
+        hooked = forward_hooks_attached(self)
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )

@@ -125,6 +125,16 @@ def backward_hook_places(model: nn.Module) -> list[str]:
     return found
 
 
+def forward_hooks_attached(model: nn.Module) -> bool:
+    """Whether a forward hook or forward pre-hook is attached to ``model`` or a submodule
+    (TransformerLens ``fwd_hooks`` or raw PyTorch ones), or a global module forward hook
+    exists: what may edit what a module reads or returns in a forward pass. Backward
+    hooks (`backward_hook_places`) do not count: they see and replace gradients only."""
+    if any(_global_hook_dicts()[:2]):  # forward, forward-pre
+        return True
+    return any(any(_module_hook_dicts(module)[:2]) for module in model.modules())
+
+
 def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     """Every module of ``model`` (itself included, each once, in no fixed order), or
     ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of
