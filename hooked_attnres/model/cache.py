@@ -470,8 +470,9 @@ class AttnResActivationCache(ActivationCache):
         ``hook_resid_*`` edit), so no decomposition into components is exact there.
 
         When a ``names_filter`` dropped the hooks needed to check, the check is skipped
-        for a cache of a pass in which only caching hooks ran (unedited, so exact);
-        otherwise (other hooks ran, or unknown) it refuses with ``KeyError`` naming them.
+        for a cache of a pass with no forward hook attached but the caching ones
+        (``other_hooks_attached`` False: unedited, so exact); otherwise (another was
+        attached, or unknown) it refuses with ``KeyError`` naming them.
         ``needs_embed``: the method sums the embedding (TransformerLens silently leaves
         it out of a cache without ``hook_embed``), so a cache without it refuses.
         ``head_layers`` / ``neuron_layers``: the method reads the per-head / per-neuron
@@ -531,7 +532,7 @@ class AttnResActivationCache(ActivationCache):
         ``W_O`` / ``W_out`` changed since, so the heads or neurons are not what the layer
         wrote. `_require_decomposable`'s sum reads the sublayer outputs and does not see
         this. A cache without a sublayer output is refused as there (``KeyError``) unless
-        only caching hooks were attached to its pass."""
+        no forward hook but the caching ones was attached to its pass."""
         checks = [("attn_out", layer) for layer in range(head_layers)]
         checks += [("mlp_out", layer) for layer in range(neuron_layers)]
         with torch.no_grad():
