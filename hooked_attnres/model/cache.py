@@ -837,7 +837,8 @@ class AttnResActivationCache(ActivationCache):
         ``ln_final`` would read if the model stopped there; the last entry is exactly
         ``final_res.hook_out``). ``apply_ln=True`` is exact at the unembedding
         (``layer=None``: ``ln_final`` applied to every entry, the logit lens); with a
-        smaller ``layer`` it divides by that layer's ``ln1`` RMS, which is the RMS of a
+        smaller ``layer`` it divides by that layer's ``ln1`` RMS (``ln2`` with
+        ``mlp_input``; a cached RMS, so it warns on unfolded gains), which is the RMS of a
         router's mixture in routed layouts, and refuses there."""
         self._require_full_run("accumulated_resid")
         model, layout = self.model, self.model.routing_layout
