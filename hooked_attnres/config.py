@@ -122,6 +122,9 @@ class HookedAttnResConfig:
             ``"none"`` (a plain residual Qwen3; no routers).
         attnres_num_blocks: number of blocks N for ``cumulative`` (block mode) and ``kimi``;
             a block spans ``ceil(n_layers / N)`` layers. Default ``min(8, n_layers)``.
+            Where ``N`` does not divide ``n_layers`` the model may have fewer blocks than
+            ``N`` (5 layers, ``N = 4``: blocks of 2 layers, so 3 blocks); the block count
+            the routers see is ``ceil(n_layers / ceil(n_layers / N))``.
         attnres_mode: ``"block"`` or ``"full"``; only for the cumulative layout. In
             ``"full"`` mode the stream is snapshotted after every sublayer.
         attnres_recency_bias: initial value of each router's learnable scalar bias on the
