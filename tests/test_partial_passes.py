@@ -3,7 +3,10 @@ one position per prompt (``logit_positions``), checked against the full forward 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
+import pickle
 import warnings
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from helpers import randomize_routing, tiny_model
 
 from hooked_attnres import DepthState, RoutedResidualPatchWarning
-from hooked_attnres.model.depth import gather_positions
+from hooked_attnres.model.depth import UNRECORDED, gather_positions
 
 
 @pytest.fixture
@@ -319,6 +322,36 @@ def test_an_edited_or_hand_built_state_keeps_its_padding_or_is_refused(model, to
     torch.testing.assert_close(model.forward_from(gathered, last), at_positions)
     on_padding = gather_positions(states[last], torch.tensor([8, 0, 0]))
     assert torch.equal(on_padding.padding, torch.tensor([[True], [False], [True]]))
+
+
+def test_a_copied_or_saved_hand_built_state_still_resumes_with_its_mask(model, tokens):
+    """A hand-built state stays a hand-built state through ``copy.deepcopy``, ``pickle`` and
+    ``torch.save``: it resumes with an explicit mask as the pass from tokens, and without
+    one is refused as built by hand. Before, the copy held a new instance of the
+    `UNRECORDED` marker, which no check recognised: every resume crashed with
+    ``RuntimeError: Could not infer dtype of _Unrecorded``, with or without a mask."""
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        state = model.depth_states(tokens, sublayers=True, attention_mask=mask)[3]
+        full = model(tokens, attention_mask=mask)
+    by_hand = DepthState(list(state.blocks), state.current, state.current_is_committed)
+
+    def saved(value):
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    for copied in (
+        copy.deepcopy(by_hand),
+        pickle.loads(pickle.dumps(by_hand)),  # noqa: S301 (our own bytes)
+        saved(by_hand),
+    ):
+        assert copied.padding is UNRECORDED
+        torch.testing.assert_close(model.forward_from(copied, 3, attention_mask=mask), full)
+        with pytest.raises(ValueError, match="built by hand.*Pass attention_mask="):
+            model.forward_from(copied, 3)
 
 
 def test_embed_state_records_the_padding_it_is_given(model, tokens):

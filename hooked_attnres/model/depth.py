@@ -168,10 +168,14 @@ Payload = TypeVar("Payload")
 
 
 class _Unrecorded:
-    """The type of `UNRECORDED`."""
+    """The type of `UNRECORDED`: one instance, which ``copy`` / ``copy.deepcopy``,
+    ``pickle`` and ``torch.save`` keep (so a copied hand-built state is still one)."""
 
     def __repr__(self) -> str:
         return "UNRECORDED"
+
+    def __reduce__(self) -> str:
+        return "UNRECORDED"  # the module attribute: copies and unpickling return it
 
 
 # the padding of a DepthState built by hand: not known (None means "no padding")
