@@ -388,6 +388,16 @@ class HookedModule(HookedRootModule):
         # holds the last pass's tensors: caching hooks kept over several passes
         # (add_caching_hooks, a hooks() context around generate) refill it on each
         record = cache if isinstance(cache, RunCacheDict) else None
+        keeps_all: dict[tuple[int, Any], bool] = {}  # (n_pos, device): pos_slice keeps all
+
+        def reorders(n_pos: int, device: Any) -> bool:
+            """Whether ``pos_slice`` drops or reorders some of ``n_pos`` positions (the
+            positions it keeps, in order, are the pass's only if it keeps all of them)."""
+            if (n_pos, device) not in keeps_all:
+                every = torch.arange(n_pos, device=device)
+                kept = pos_slice.apply(every, dim=0)
+                keeps_all[n_pos, device] = kept.shape == every.shape and bool((kept == every).all())
+            return not keeps_all[n_pos, device]
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool) -> None:
             stored = tensor.detach().to(device)
@@ -404,12 +414,8 @@ class HookedModule(HookedRootModule):
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
             sliced = False
             if pos_slice is not None and stored.dim() >= -pos_dim:
-                n_pos = stored.shape[pos_dim]
+                sliced = reorders(stored.shape[pos_dim], stored.device)
                 stored = pos_slice.apply(stored, dim=pos_dim)
-                # the positions the slice keeps, in order: only all of them is the pass's
-                every = torch.arange(n_pos, device=stored.device)
-                kept = pos_slice.apply(every, dim=0)
-                sliced = kept.shape != every.shape or not bool((kept == every).all())
             if record is not None and not is_backward:
                 mask = pass_mask()
                 mask = None if mask is None else mask.to(device)
