@@ -163,6 +163,24 @@ def test_remove_batch_dim_refuses_a_batch_however_it_is_passed(tokens, word_toke
     assert cache["resid_post", 1].shape == (9, 32)
 
 
+def test_remove_batch_dim_refuses_a_token_tensor_first_as_any_input_and_takes_one_pos_prompt(
+    tokens,
+):
+    """Audit finding: a token tensor passed first met TransformerLens's assert instead
+    (``AssertionError``, where docs/hooks.md says ``ValueError`` however the input is
+    passed), and the assert read the first axis of a ``[pos]`` prompt, which the model
+    runs as one prompt, as its batch: ``Cannot remove batch dimension from cache with
+    batch size 9``."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"remove_batch_dim=True needs a batch of one"):
+        model.run_with_cache(tokens, remove_batch_dim=True)
+    assert not any(point.fwd_hooks for point in model.hook_points())
+    _, batched = model.run_with_cache(tokens[:1])
+    for prompt in (tokens[0], tokens[:1]):
+        _, cache = model.run_with_cache(prompt, remove_batch_dim=True)
+        assert torch.equal(cache["resid_post", 1], batched["resid_post", 1][0])
+
+
 def test_add_caching_hooks_caches_what_run_with_cache_does_and_refuses_the_same(tokens):
     """Audit finding: TransformerLens's ``add_caching_hooks`` (behind ``cache_all`` /
     ``cache_some``) attached to the hook points directly: a router alias or a misspelt

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import inspect
 import threading
 import warnings
 import weakref
@@ -490,6 +491,12 @@ class HookedModule(HookedRootModule):
         # a forward hook on the model before the caching hooks are added (TransformerLens's
         # or a raw PyTorch one, or a global module hook) may edit what the pass caches
         hooked = forward_hooks_attached(self)
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
+            # TransformerLens asserts a batch of one for a token tensor passed first, from
+            # its first axis (an AssertionError, and a [pos] prompt read as pos prompts);
+            # passed by name, the caching hooks refuse a batch (ValueError) as for any input
+            kwargs.update(inspect.signature(self.forward).bind_partial(*model_args).arguments)
+            model_args = ()
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
         )
