@@ -679,3 +679,48 @@ def test_documented_signatures_in_tables_are_the_real_ones(page):
             if default not in ("...", "{..}", "[..]"):
                 expected = parameters[keyword.group(1)].default
                 assert ast.literal_eval(default) == expected, (name, argument)
+
+
+def _catalogue_counts() -> dict[int, int]:
+    """``{part: test cases}`` of tests/test_catalogue.py: every parametrised case of the
+    tests under its ``# --- part N`` comment (part 2 counts its bad-input ``CASES``)."""
+    import test_catalogue
+
+    source = (REPO / "tests" / "test_catalogue.py").read_text()
+    starts = [source[: source.index(f"# --- part {n}")].count("\n") for n in (1, 2, 3)]
+    counts = {1: 0, 2: len(test_catalogue.CASES), 3: 0}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+            continue
+        part = sum(node.lineno > start for start in starts)
+        if part == 2:
+            continue
+        cases = 1
+        for mark in getattr(getattr(test_catalogue, node.name), "pytestmark", []):
+            if mark.name == "parametrize":
+                cases *= len(mark.args[1])
+        counts[part] += cases
+    return counts
+
+
+def test_the_reliability_catalogue_counts_are_the_tests():
+    """docs/reliability.md's "Part N: ... (k scenarios / cases)" and the per-area counts of
+    its bad-input table are the cases of tests/test_catalogue.py."""
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    stated = {int(n): int(k) for n, k in re.findall(r"^## Part (\d): .*\((\d+) \w+\)$", doc, re.M)}
+    assert stated == _catalogue_counts()
+    table = doc.split("## Part 2")[1].split("## Part 3")[0]
+    areas = [int(k) for k in re.findall(r"^\| [\w ]+ \| (\d+) \|", table, re.M)]
+    assert sum(areas) == stated[2]
+
+
+def test_the_reliability_config_examples_are_refused():
+    """Every ``field=value`` example of the "config fields" row of docs/reliability.md is
+    refused by the config."""
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    row = re.search(r"^\| config fields \|.*$", doc, re.M).group(0)
+    examples = re.findall(r"`(\w+)=([^`]+)`", row)
+    assert examples
+    for field, value in examples:
+        with pytest.raises(ValueError):
+            tiny_model(**{field: eval(value, {"inf": float("inf")})})  # noqa: S307
