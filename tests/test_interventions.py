@@ -688,7 +688,8 @@ def test_patch_committed_values_and_positions(tokens):
 
 def test_selection_errors_name_the_problem(tokens):
     model = routed("cumulative")
-    with pytest.raises(ValueError, match="layers mixes band names and layer indices"):
+    # the suggested spelling is Python (it printed "bands={{name: layers}}")
+    with pytest.raises(ValueError, match=r"mixes band names and layer indices.*bands=\{name: "):
         mask_sources(model, "embedding", layers=["early", 3])
     with pytest.raises(ValueError, match="global patching takes source labels"):
         patch_committed(model, 0)

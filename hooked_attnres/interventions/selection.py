@@ -103,7 +103,7 @@ def resolve_layers(
         if not all(isinstance(v, str) for v in layers):
             raise ValueError(
                 f"layers mixes band names and layer indices ({layers!r}); give "
-                "band names or indices, or custom bands={{name: layers}}"
+                "band names or indices, or custom bands={name: layers}"
             )
         out = []
         for name in layers:
