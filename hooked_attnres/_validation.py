@@ -1,13 +1,18 @@
 """Argument checks shared by every part of the package (a leaf module: no package imports).
 
-One rule for "an integer": a Python ``int`` that is not a ``bool`` (``True`` is an ``int``
-in Python, but ``n_layers=True`` is a mistake, not 1), and one wording for the error.
+One rule for "an integer": a Python ``int`` or a NumPy integer scalar (``np.int64(3)``,
+what ``np.argsort`` or a pandas column gives), never a ``bool`` (``True`` is an ``int`` in
+Python, but ``n_layers=True`` is a mistake, not 1; ``np.True_`` is no NumPy integer); and
+one wording for the error. `require_integer` returns the value as a Python ``int``, so
+what is stored or written to JSON is one (``json.dumps(np.int64(3))`` raises). Refused:
+floats (even ``3.0``), strings, arrays of any shape (even of one element) and torch tensors
+(even 0-d integer ones: a tensor hashes by identity and formats as ``tensor(3)``, so it is
+no stand-in for an int; pass ``int(t)``).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any, Optional, TypeGuard
 
@@ -16,28 +21,24 @@ import torch
 
 
 def is_integer(value: Any) -> TypeGuard[int]:
-    """Whether ``value`` is a Python ``int`` and not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_integral(value: Any) -> TypeGuard[int]:  # NumPy integers act as ints where it is used
-    """Whether ``value`` is a Python or NumPy integer (any ``numbers.Integral``) and not a
-    ``bool``: for values that are only read (token ids, seeds), not stored in a config."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """Whether ``value`` is a Python ``int`` or a NumPy integer scalar, and not a ``bool``
+    (see the module docstring). Where the value is kept, stored or used to name something,
+    take ``int(value)`` (or `require_integer`'s result)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def require_integer(
     name: str, value: Any, minimum: Optional[int] = None, optional: bool = False
 ) -> Any:
-    """``value`` if it is an integer (`is_integer`) ``>= minimum`` (no bound if ``None``),
-    or ``None`` when ``optional``; otherwise ``ValueError("{name} must be an integer >=
-    {minimum}[ or None], got {value!r}")``."""
+    """``value`` as a Python ``int`` if it is an integer (`is_integer`) ``>= minimum`` (no
+    bound if ``None``), or ``None`` when ``optional``; otherwise ``ValueError("{name} must
+    be an integer >= {minimum}[ or None], got {value!r}")``."""
     if optional and value is None:
         return value
     if not is_integer(value) or (minimum is not None and value < minimum):
         kind = "an integer" + ("" if minimum is None else f" >= {minimum}")
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
-    return value
+    return int(value)
 
 
 def is_finite_number(value: Any) -> bool:

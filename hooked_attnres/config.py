@@ -222,9 +222,9 @@ class HookedAttnResConfig:
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
-            require_integer(name, getattr(self, name), 1)
-        for name in ("d_head", "d_mlp", "n_key_value_heads", "seed"):
-            require_integer(name, getattr(self, name), optional=True)
+            setattr(self, name, require_integer(name, getattr(self, name), 1))
+        for name in ("d_head", "d_mlp", "n_key_value_heads", "seed"):  # Python ints (JSON)
+            setattr(self, name, require_integer(name, getattr(self, name), optional=True))
         if self.initializer_range < 0:
             raise ValueError(
                 f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}"
@@ -318,6 +318,7 @@ class HookedAttnResConfig:
                 f"attnres_num_blocks={n!r} must be an integer between 1 and n_layers="
                 f"{self.n_layers}; each block spans ceil(n_layers / attnres_num_blocks) layers"
             )
+        self.attnres_num_blocks = int(n)
 
     # --- derived quantities ---------------------------------------------------------
     @property

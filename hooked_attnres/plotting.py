@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from hooked_attnres._validation import is_integral, non_finite_in_column, require_selection
+from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 
@@ -282,7 +282,7 @@ def source_heatmap(
         positions: ``"all"`` (mean over batch and positions) or one position.
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
-    if positions != "all" and not is_integral(positions):
+    if positions != "all" and not is_integer(positions):
         raise ValueError(f"positions must be 'all' or one position (an int), got {positions!r}")
     columns: list[str] = []
     rows = []

@@ -49,13 +49,13 @@ _state: dict[str, Any] = {"tuned": False, "threshold": None, "trim_threshold": N
 
 
 def _checked_bytes(value: Any, name: str) -> int:
-    require_integer(name, value, minimum=1)
+    value = require_integer(name, value, minimum=1)
     if value > _MALLOPT_MAX:
         raise ValueError(
             f"{name} must be at most 2**31 - 1 bytes (mallopt takes a C int; a larger "
             f"value would wrap around), got {value!r}"
         )
-    return int(value)
+    return value
 
 
 def _glibc() -> Any:

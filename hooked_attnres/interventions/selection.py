@@ -52,7 +52,7 @@ def _layer_list(spec, n_layers: int) -> list[int]:
     values count from the end, as in a slice); an empty selection is refused."""
     if isinstance(spec, bool):
         raise ValueError(f"layers must be integers, got {spec!r}")
-    if isinstance(spec, int):
+    if is_integer(spec):  # a NumPy integer too (np.argsort gives them)
         items = [spec]
     elif isinstance(spec, tuple) and len(spec) == 2 and all(is_integer(v) for v in spec):
         for v in spec:
@@ -61,7 +61,7 @@ def _layer_list(spec, n_layers: int) -> list[int]:
                     f"layers={spec!r}: {v} is not in [-{n_layers}, {n_layers}] "
                     "(a (start, stop) range)"
                 )
-        start, stop = (v + n_layers if v < 0 else v for v in spec)
+        start, stop = (int(v) + n_layers if v < 0 else int(v) for v in spec)
         if not 0 <= start < stop <= n_layers:
             raise ValueError(
                 f"layers={spec!r} is a (start, stop) range that selects no layer of "
@@ -79,13 +79,9 @@ def _layer_list(spec, n_layers: int) -> list[int]:
         raise ValueError(f"layers={spec!r} is empty: it selects no layer; give at least one")
     out = []
     for layer in items:
-        if (
-            not isinstance(layer, int)
-            or isinstance(layer, bool)
-            or not -n_layers <= layer < n_layers
-        ):
+        if not is_integer(layer) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer!r} is not in [-{n_layers}, {n_layers})")
-        out.append(layer % n_layers)
+        out.append(int(layer) % n_layers)
     return out
 
 

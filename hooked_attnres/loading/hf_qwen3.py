@@ -454,7 +454,7 @@ def from_hf_qwen3(
     """
     if wrap not in WRAPS:
         raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
-    require_integer("num_blocks", num_blocks, 1)
+    num_blocks = require_integer("num_blocks", num_blocks, 1)
     require_finite_number("recency_bias", recency_bias)
     if not isinstance(mmap, bool):
         raise TypeError(f"mmap must be True or False, got {mmap!r}")

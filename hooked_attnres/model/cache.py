@@ -100,6 +100,7 @@ def _point(model: Any, layer: Optional[int], mlp_input: bool) -> int:
         layer = n_layers
     if not is_integer(layer) or not 0 <= layer <= n_layers:
         raise ValueError(f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer}")
+    layer = int(layer)
     if mlp_input and layer == n_layers:
         raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")
     return sublayer_index(layer, "mlp" if mlp_input else "attn")

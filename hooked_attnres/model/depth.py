@@ -342,7 +342,7 @@ class RoutingLayout:
                 f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
                 f"{kind!r}, got {layer!r}"
             )
-        layer %= self.n_layers
+        layer = int(layer) % self.n_layers
         return RouterSite(
             layer, kind, sublayer_index(layer, "mlp" if kind == "mlp_res" else "attn")
         )

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._validation import is_integer, is_integral, require_integer
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.passes import padding_of
 
@@ -64,7 +64,7 @@ def sample_logits(
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    require_integer("top_k", top_k, 1, optional=True)
+    top_k = require_integer("top_k", top_k, 1, optional=True)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
@@ -338,14 +338,14 @@ class GenerationMixin:
                     "none (or no tokenizer is attached); pass eos_token_id=... or "
                     "stop_at_eos=False"
                 )
-        if is_integral(eos_token_id):  # NumPy integers too, as token ids elsewhere
+        if is_integer(eos_token_id):  # NumPy integers too, as token ids elsewhere
             ids = [eos_token_id]
         else:
             try:
                 ids = list(eos_token_id)
             except TypeError:  # not a sequence (a 0-d tensor, a float): refused below
                 ids = []
-        if not ids or not all(is_integral(i) and 0 <= i < self.cfg.d_vocab for i in ids):
+        if not ids or not all(is_integer(i) and 0 <= i < self.cfg.d_vocab for i in ids):
             raise ValueError(
                 f"eos_token_id must be a token id or a list of token ids in [0, "
                 f"{self.cfg.d_vocab}), got {eos_token_id!r}"
@@ -358,7 +358,7 @@ class GenerationMixin:
         if not stop_tokens:
             return 0  # never used: without stop tokens no prompt finishes
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos_token_id is None or is_integral(eos_token_id) or tokenizer_eos is None:
+        if eos_token_id is None or is_integer(eos_token_id) or tokenizer_eos is None:
             return stop_tokens[0]
         return int(tokenizer_eos)
 

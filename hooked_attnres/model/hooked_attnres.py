@@ -428,7 +428,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 return default
             if not is_integer(value) or not -n <= value <= n:
                 raise ValueError(f"{name} must be an integer in [-{n}, {n}], got {value!r}")
-            return value + n if value < 0 else value
+            return int(value) + n if value < 0 else int(value)
 
         start = resolve("start_at_layer", start_at_layer, 0)
         stop = resolve("stop_at_layer", stop_at_layer, n)
@@ -790,7 +790,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"sublayer must be an integer in [0, {n_sublayers}] (2 * layer for "
                 f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"
             )
-        layer, is_mlp = divmod(sublayer, 2)
+        layer, is_mlp = divmod(int(sublayer), 2)
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device

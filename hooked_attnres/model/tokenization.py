@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, is_integral
+from hooked_attnres._validation import is_integer
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -108,11 +108,11 @@ class TokenizerMixin:
 
     def _pad_token_id(self) -> Optional[int]:
         """The attached tokenizer's pad token id as an ``int`` (a Python or NumPy integer,
-        `is_integral`), or ``None`` without a tokenizer or a pad token. The one place that
+        `is_integer`), or ``None`` without a tokenizer or a pad token. The one place that
         reads it: the padding of `to_tokens`, the left-padding warning and
         ``generate(tokens, padding_side="left")`` agree on what the pad token is."""
         pad = getattr(self.tokenizer, "pad_token_id", None)
-        return int(pad) if is_integral(pad) else None
+        return int(pad) if is_integer(pad) else None
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -231,7 +231,7 @@ class TokenizerMixin:
         self._require_tokenizer("to_str_tokens")
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
-        if isinstance(input, (list, tuple)) and not all(is_integral(t) for t in input):
+        if isinstance(input, (list, tuple)) and not all(is_integer(t) for t in input):
             return [self._str_tokens_one(item, prepend_bos) for item in input]
         return self._str_tokens_one(input, prepend_bos)
 
@@ -240,7 +240,7 @@ class TokenizerMixin:
             return []
         if isinstance(input, str):
             return self._str_tokens_of_text(input, prepend_bos)
-        if isinstance(input, (list, tuple)) and not all(is_integral(t) for t in input):
+        if isinstance(input, (list, tuple)) and not all(is_integer(t) for t in input):
             raise TypeError(
                 "to_str_tokens takes a string, token ids, or a list of those; got a nested "
                 f"list holding {sorted({type(t).__name__ for t in input})}"
@@ -279,9 +279,10 @@ class TokenizerMixin:
     def to_single_str_token(self, int_token: int) -> str:
         """The string of one token id (TransformerLens's ``to_single_str_token``)."""
         if isinstance(int_token, Tensor) and int_token.ndim == 0:
-            int_token = int(int_token.item())
+            int_token = int_token.item()  # a float or bool tensor stays refused below
         if not is_integer(int_token):
             raise TypeError(f"to_single_str_token takes one integer token id, got {int_token!r}")
+        int_token = int(int_token)  # the tokenizer decodes Python ints
         if not 0 <= int_token < self.cfg.d_vocab:
             raise ValueError(f"token id {int_token} is not in [0, {self.cfg.d_vocab}) (d_vocab)")
         return self._require_tokenizer("to_single_str_token").decode(

@@ -325,7 +325,7 @@ def train_condition(
     """
     recipe = get_condition(condition)
     # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
-    require_integer("seed", seed, 0)
+    seed = require_integer("seed", seed, 0)
     custom = (
         any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
     )

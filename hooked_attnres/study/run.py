@@ -328,6 +328,7 @@ def run_study(
             f"prompts, and one prompt has none), got {n_prompts!r}"
         )
     check_bootstrap(n_bootstrap, 0.95, 0)  # before any model is loaded, not after the first
+    n_prompts, n_bootstrap = int(n_prompts), int(n_bootstrap)  # written to the settings (JSON)
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
     partial = partial_dir(out_dir)
@@ -522,8 +523,7 @@ def find_runs(
             get_condition(condition)
     if seeds is not None:
         require_selection("seeds", seeds, why="no model would be studied")
-        for seed in seeds:
-            require_integer("seeds", seed, 0)
+        seeds = [require_integer("seeds", seed, 0) for seed in seeds]  # Python ints (JSON)
     found = available(checkpoints)
     names = list(conditions) if conditions is not None else list(found)
     if not names:

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, is_integral, require_integer
+from hooked_attnres._validation import is_integer, require_integer
 
 SPLITS = {"train": 0, "test": 1}
 TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
@@ -84,8 +84,8 @@ class TaskBatch:
 
     def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is an int, a slice, a list or a tensor of rows)."""
-        if is_integer(index):
-            n = len(self)
+        if is_integer(index):  # a NumPy integer too: one row, never a dropped batch axis
+            index, n = int(index), len(self)
             if not -n <= index < n:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
             index = slice(index % n, index % n + 1)
@@ -161,8 +161,8 @@ def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
     """The generator of one (seed, split, stream); streams give independent batches."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    require_integer("seed", int(seed) if is_integral(seed) else seed, 0)
-    return np.random.default_rng([int(seed), SPLITS[split], int(stream)])
+    seed = require_integer("seed", seed, 0)
+    return np.random.default_rng([seed, SPLITS[split], int(stream)])
 
 
 class Task:
@@ -221,7 +221,7 @@ class Task:
                 `hooked_attnres.tasks.build_tokenizer` of this task's words.
             stream: independent batches of the same seed and split (e.g. the training step).
         """
-        require_integer("n", n, 1)
+        n = require_integer("n", n, 1)
         vocab = self._resolve_vocab(vocab)
         rng = rng_for(seed, split, stream)
         rows: list[tuple] = []

@@ -43,7 +43,8 @@ class InductionCopy(Task):
 
     def __post_init__(self) -> None:
         for field_name in ("seq_len", "copy_len", "n_tokens"):
-            require_integer(field_name, getattr(self, field_name), 1)
+            value = require_integer(field_name, getattr(self, field_name), 1)
+            object.__setattr__(self, field_name, value)  # a Python int (np.int64 given)
         if self.copy_len >= self.seq_len:
             raise ValueError(
                 f"copy_len={self.copy_len} must be smaller than seq_len={self.seq_len} (the answer "

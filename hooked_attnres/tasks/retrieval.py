@@ -61,7 +61,8 @@ class KeyValueRetrieval(Task):
             "n_filler_words",
             "n_queries",
         ):
-            require_integer(field_name, getattr(self, field_name), 0)
+            value = require_integer(field_name, getattr(self, field_name), 0)
+            object.__setattr__(self, field_name, value)  # a Python int (np.int64 given)
         if self.n_pairs < 2:
             raise ValueError(
                 f"n_pairs={self.n_pairs}: retrieval needs at least 2 pairs (the contrast "

@@ -103,7 +103,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:
-            require_integer(name, getattr(self, name), low, optional)
+            setattr(self, name, require_integer(name, getattr(self, name), low, optional))
 
         def number(name: str, value: Any) -> float:
             return float(require_finite_number(name, value))
@@ -525,7 +525,7 @@ def train(
             raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    require_integer("stop_after", stop_after, 1, optional=True)
+    stop_after = require_integer("stop_after", stop_after, 1, optional=True)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"out_dir {out_dir} is a file; the trainer writes a directory")

@@ -1,0 +1,122 @@
+"""One rule for an integer argument (hooked_attnres/_validation.py): a Python int or a NumPy
+integer scalar (what np.argsort or a pandas column gives) is accepted and kept as a Python
+int; a bool, a float, a string, an array of any shape and a torch tensor are refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config, tiny_model
+
+from hooked_attnres import HookedAttnResConfig
+from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres.interventions import resolve_layers
+from hooked_attnres.study.run import find_runs
+from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval
+from hooked_attnres.training.trainer import TrainConfig
+
+ACCEPTED = [3, np.int64(3), np.int32(3), np.int8(3), np.uint16(3), np.intp(3)]
+REFUSED = [
+    True,
+    np.True_,
+    3.0,
+    np.float64(3.0),
+    "3",
+    None,
+    np.array(3),
+    np.array([3]),
+    torch.tensor(3),
+    torch.tensor([3]),
+]
+
+
+@pytest.mark.parametrize("value", ACCEPTED, ids=lambda v: type(v).__name__)
+def test_integers_are_accepted_as_python_ints(value):
+    assert is_integer(value)
+    out = require_integer("n", value, 1)
+    assert type(out) is int and out == 3
+    assert json.dumps(out) == "3"  # json.dumps(np.int64(3)) raises TypeError
+
+
+@pytest.mark.parametrize("value", REFUSED, ids=lambda v: f"{type(v).__name__}-{v!r}")
+def test_non_integers_are_refused_with_the_value(value):
+    assert not is_integer(value)
+    with pytest.raises(ValueError, match=re.escape(f"n must be an integer >= 1, got {value!r}")):
+        require_integer("n", value, 1)
+
+
+def test_numpy_integer_below_the_minimum_is_refused():
+    with pytest.raises(ValueError, match=re.escape("n must be an integer >= 1, got np.int64(0)")):
+        require_integer("n", np.int64(0), 1)
+
+
+def test_optional_none_stays_none():
+    assert require_integer("n", None, 1, optional=True) is None
+
+
+def test_config_from_numpy_integers_is_the_config_of_ints():
+    """Stored as Python ints: the JSON is written and equals that of the int config."""
+    sizes = dict(d_model=32, n_layers=4, n_heads=4, d_vocab=50, n_ctx=32, d_mlp=64, seed=7)
+    given = {k: np.int64(v) for k, v in sizes.items()}
+    cfg = tiny_config(**given, attnres_num_blocks=np.int32(2))
+    assert all(type(getattr(cfg, k)) is int for k in [*sizes, "attnres_num_blocks"])
+    assert cfg.to_json() == tiny_config(**sizes, attnres_num_blocks=2).to_json()
+    assert HookedAttnResConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_train_config_and_tasks_keep_python_ints():
+    config = TrainConfig(
+        steps=np.int64(3), warmup_steps=np.int64(1), batch_size=np.int32(2), data_seed=np.int64(1)
+    )
+    assert json.dumps(config.to_dict()) == json.dumps(
+        TrainConfig(steps=3, warmup_steps=1, batch_size=2, data_seed=1).to_dict()
+    )
+    task = InductionCopy(seq_len=np.int64(6), copy_len=np.int64(2), n_tokens=np.int64(12))
+    assert (type(task.seq_len), type(task.copy_len), type(task.n_tokens)) == (int, int, int)
+    retrieval = KeyValueRetrieval(n_pairs=np.int64(3))
+    assert type(retrieval.n_pairs) is int and retrieval == KeyValueRetrieval(n_pairs=3)
+    plain = InductionCopy(seq_len=6, copy_len=2, n_tokens=12)
+    a, b = task.sample(np.int64(4), np.int64(5), "test"), plain.sample(4, 5, "test")
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_batch_row_by_numpy_integer_keeps_the_batch_axis():
+    """Before: ``batch[np.int64(1)]`` indexed every tensor with it, dropping the batch axis
+    (tokens ``[pos]`` instead of ``[1, pos]``)."""
+    batch = InductionCopy().sample(4, 0, "test")
+    row = batch[np.int64(1)]
+    assert row.tokens.shape == batch[1].tokens.shape == (1, batch.tokens.shape[1])
+    assert torch.equal(row.tokens, batch.tokens[1:2])
+
+
+def test_layer_arguments_take_numpy_integers():
+    model = tiny_model()  # 4 layers
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    assert resolve_layers(model, np.argsort([3, 0, 2, 1])[:2]) == [1, 3]
+    assert resolve_layers(model, (np.int64(-3), np.int64(4))) == [1, 2, 3]
+    assert resolve_layers(model, np.int64(-1)) == [3]
+    assert all(type(v) is int for v in resolve_layers(model, np.array([2, 0])))
+    partial = model(tokens, stop_at_layer=np.int64(2))
+    assert torch.equal(partial.current, model(tokens, stop_at_layer=2).current)
+    site = model.routing_layout.site(np.int64(-1), "attn_res")
+    assert type(site.layer) is int and site == model.routing_layout.site(3, "attn_res")
+
+
+def test_study_seeds_are_kept_as_python_ints():
+    runs = find_runs(None, ["attnres"], [np.int64(0)])
+    assert runs == [("attnres", 0)] and type(runs[0][1]) is int
+
+
+def test_single_token_of_a_float_tensor_is_refused(word_tokenizer):
+    """Before: ``to_single_str_token(torch.tensor(3.7))`` decoded token 3."""
+    model = tiny_model()
+    model.set_tokenizer(word_tokenizer)
+    assert model.to_single_str_token(np.int64(3)) == model.to_single_str_token(3)
+    assert model.to_single_str_token(torch.tensor(3)) == model.to_single_str_token(3)
+    for bad in (torch.tensor(3.7), torch.tensor(True)):
+        with pytest.raises(TypeError, match="takes one integer token id, got"):
+            model.to_single_str_token(bad)
