@@ -111,10 +111,88 @@ def test_sliding_window_layer_types_are_refused_by_name(tmp_path):
     does (transformers masks the latter with config.sliding_window, or fails without one)."""
     hf = hf_qwen3(layer_types=["full_attention", "sliding_attention", "full_attention"])
     hf.config.sliding_window = 4  # the module masks layer 1 with a 4-token window
-    match = r"unsupported settings: layer_types containing \['sliding_attention'\]"
+    match = r"unsupported settings: layer_types containing \['sliding_attention'\] at layers \["
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_hf_qwen3(hf)
     directory = edited_checkpoint(tmp_path, layer_types=["sliding_attention"] * 3)
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(directory)
+
+
+def float64_logits_of_transformers(source):
+    """``[batch, pos, d_vocab]`` float64 logits of transformers' Qwen3ForCausalLM of
+    ``source`` (a directory; its float32 weights widened)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module = Qwen3ForCausalLM.from_pretrained(source, dtype=torch.float64).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return module(TOKENS).logits, module.config.layer_types
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # save_pretrained writes the derived layer_types (all full: 3 layers < 3)
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=3),
+        # an older config.json without layer_types: transformers derives them
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=3, layer_types=None),
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=7, layer_types=None),
+        # a null window: transformers slides no layer
+        dict(use_sliding_window=True, max_window_layers=0, layer_types=None),
+    ],
+    ids=["layer_types", "max_window_layers=3", "max_window_layers=7", "null_window"],
+)
+def test_sliding_window_flag_without_a_sliding_layer_loads(tmp_path, changes):
+    """transformers runs every layer of these configs with full attention; they were
+    refused for use_sliding_window=True. Logits equal transformers' in float64 (to 1e-7:
+    measured 4.2e-8, transformers' RMSNorm computes in float32 even in a float64 model)."""
+    directory = edited_checkpoint(tmp_path, **changes)
+    if "sliding_window" not in changes:
+        config = json.loads((directory / "config.json").read_text())
+        config["sliding_window"] = None
+        (directory / "config.json").write_text(json.dumps(config))
+    expected, layer_types = float64_logits_of_transformers(directory)
+    assert layer_types == ["full_attention"] * 3
+    model = HookedAttnRes.from_hf_qwen3(directory, wrap="none", dtype=torch.float64)
+    with torch.no_grad():
+        assert (model(TOKENS) - expected).abs().max().item() <= 1e-7
+    for wrap in ("recency", "exact"):  # the AttnRes wraps load it too
+        assert HookedAttnRes.from_hf_qwen3(directory, wrap=wrap).cfg.n_layers == 3
+    # control: a window of 4 over these 12 tokens changes transformers' logits
+    sliding = edited_checkpoint(
+        tmp_path / "sliding",
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        layer_types=None,
+    )
+    assert (float64_logits_of_transformers(sliding)[0] - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (
+            dict(max_window_layers=1),
+            r"sliding_window=4 and max_window_layers=1: transformers' Qwen3 gives layers \[1, 2\] "
+            r"\(those >= max_window_layers\) sliding-window attention",
+        ),
+        (dict(max_window_layers=-2), r"gives layers \[0, 1, 2\] \(those >= max_window_layers\)"),
+        (dict(max_window_layers=None), r"max_window_layers=None \(expected an integer\)"),
+        (dict(max_window_layers=1.0), r"max_window_layers=1.0 \(expected an integer\)"),
+    ],
+    ids=["1", "negative", "null", "float"],
+)
+def test_a_sliding_layer_without_layer_types_is_refused_by_name(tmp_path, changes, match):
+    directory = edited_checkpoint(
+        tmp_path, use_sliding_window=True, sliding_window=4, max_window_layers=3, layer_types=None
+    )
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_hf_qwen3(directory)
 
@@ -278,7 +356,7 @@ def test_implemented_and_inert_fields_give_transformers_logits(tmp_path, fields)
         (dict(attention_bias=True), r"attention_bias=True \(expected False\)"),
         (
             dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
-            r"use_sliding_window=True \(expected False\)",
+            r"layer_types containing \['sliding_attention'\] at layers \[1, 2\]",
         ),
     ]
     + [

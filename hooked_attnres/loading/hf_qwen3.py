@@ -151,15 +151,46 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
         )
     if _get(config, "attention_bias", False):
         problems.append("attention_bias=True (expected False)")
-    if _get(config, "use_sliding_window", False):
-        problems.append("use_sliding_window=True (expected False)")
-    layer_types = _get(config, "layer_types") or []
-    other = sorted({str(kind) for kind in layer_types if kind != "full_attention"})
-    if other:
-        # transformers masks such layers with sliding_window (or fails without one)
-        problems.append(f"layer_types containing {other} (expected only 'full_attention')")
+    problems += _sliding_window_problems(config)
     if problems:
         raise CheckpointError(f"{where} has unsupported settings: {', '.join(problems)}")
+
+
+def _sliding_window_problems(config: Any) -> list[str]:
+    """What makes a layer of ``config`` slide in transformers' Qwen3 (none here: every
+    layer attends to every earlier position).
+
+    ``transformers`` (``Qwen3Config``) decides it per layer: ``layer_types`` when given
+    (a ``"sliding_attention"`` layer is masked with ``sliding_window``, or fails without
+    one); otherwise layer ``i`` slides iff ``use_sliding_window`` and ``sliding_window``
+    is not null and ``i >= max_window_layers`` (default 28). So ``use_sliding_window:
+    true`` with ``max_window_layers >= num_hidden_layers`` (or a null ``sliding_window``)
+    runs every layer with full attention, and is loaded."""
+    layer_types = _get(config, "layer_types")
+    if layer_types is not None:
+        other = sorted({str(kind) for kind in layer_types if kind != "full_attention"})
+        where = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+        # transformers masks such layers with sliding_window (or fails without one)
+        return (
+            [f"layer_types containing {other} at layers {where} (expected only 'full_attention')"]
+            if other
+            else []
+        )
+    window = _get(config, "sliding_window", 4096)
+    if not _get(config, "use_sliding_window", False) or window is None:
+        return []  # transformers drops sliding_window when use_sliding_window is False
+    first = _get(config, "max_window_layers", 28)
+    if not is_integer(first):
+        return [f"use_sliding_window=True with max_window_layers={first!r} (expected an integer)"]
+    sliding = list(range(max(first, 0), _get(config, "num_hidden_layers")))
+    if not sliding:
+        return []
+    return [
+        f"use_sliding_window=True with sliding_window={window!r} and max_window_layers="
+        f"{first!r}: transformers' Qwen3 gives layers {sliding} (those >= max_window_layers) "
+        "sliding-window attention, which is not implemented here (full attention only; "
+        "max_window_layers >= num_hidden_layers means no sliding layer)"
+    ]
 
 
 def _named_with(module: Any, attribute: str) -> list[tuple[str, Any]]:
