@@ -450,9 +450,10 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing keys.*model.layers.3"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
 
-    config["num_hidden_layers"], config["use_sliding_window"] = 3, True
+    config.update(num_hidden_layers=3, use_sliding_window=True, sliding_window=4)
+    config.update(max_window_layers=0, layer_types=None)  # every layer slides
     (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="use_sliding_window=True"):
+    with pytest.raises(CheckpointError, match="use_sliding_window=True with sliding_window=4"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
 
     (tmp_path / "bin").mkdir()
@@ -471,10 +472,40 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
     # the decoder alone (no "model." prefix, no lm_head): named, not a KeyError
     with pytest.raises(
         CheckpointError,
-        match=r"the weights of the in-memory Qwen3Model do not match its config \(from_hf_qwen3 "
-        r"takes a Qwen3ForCausalLM\): missing keys .*model.embed_tokens.weight",
+        match=r"the weights of the in-memory Qwen3Model are a base Qwen3Model's \(keys without ",
     ):
         HookedAttnRes.from_hf_qwen3(hf.model)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_base_qwen3model_is_refused_saying_what_it_is(tmp_path, tied):
+    """A Qwen3Model directory (what ``Qwen3ForCausalLM.model.save_pretrained`` writes:
+    keys without "model.", no lm_head) was refused with 36 missing and 35 unexpected keys
+    listed; now in one sentence that says what to do."""
+    from transformers import Qwen3ForCausalLM
+
+    hf = hf_qwen3(tie_word_embeddings=tied)
+    hf.model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen3Model"]
+    whose = {str(tmp_path): "in " + re.escape(str(tmp_path)), "module": "of the in-memory"}
+    what = r"are a base Qwen3Model's \(keys without the 'model.' prefix, no lm_head.weight\): "
+    todo = (
+        r"tie_word_embeddings=true\), so transformers' Qwen3ForCausalLM.from_pretrained of it"
+        if tied
+        else r"tie_word_embeddings=false\), so the head's weights are not in it"
+    )
+    for source, where in ((tmp_path, whose[str(tmp_path)]), (hf.model, whose["module"])):
+        with pytest.raises(CheckpointError, match=rf"the weights {where}.* {what}.*{todo}") as info:
+            HookedAttnRes.from_hf_qwen3(source)
+        assert "missing keys" not in str(info.value)
+    if tied:  # what the message says to do gives transformers' logits
+        module = Qwen3ForCausalLM.from_pretrained(tmp_path).eval()
+        tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
+        with torch.no_grad():
+            expected = hf(tokens).logits
+            assert torch.equal(module(tokens).logits, expected)
+            loaded = HookedAttnRes.from_hf_qwen3(module, wrap="none")(tokens)
+        assert (loaded - expected).abs().max().item() <= 1e-5
 
 
 def test_config_fields_that_are_missing_or_not_numbers_are_named(tmp_path):

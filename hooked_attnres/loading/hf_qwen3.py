@@ -419,8 +419,39 @@ def _require_hf_shapes(
         found.pop("lm_head.weight", None)
     problem = describe_mismatch(expected, found)
     if problem:
+        base = _base_model_refusal(expected, found, model.cfg.tie_word_embeddings)
+        if base is not None:
+            raise CheckpointError(f"the weights {whose} {base}")
         raise CheckpointError(f"the weights {whose} do not match {config_name}: {problem}")
     return expected
+
+
+def _base_model_refusal(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool
+) -> Optional[str]:
+    """Why weights that are a base ``Qwen3Model``'s (every key the causal LM needs but
+    ``lm_head.weight``, without the ``model.`` prefix; what ``Qwen3Model.save_pretrained``
+    writes) are refused, and what to do; ``None`` for any other mismatch."""
+    prefixed = {"model." + key: shape for key, shape in found.items()}
+    body = {key: shape for key, shape in expected.items() if key != _HEAD}
+    if not found or prefixed != body:
+        return None
+    if tied:
+        todo = (
+            "its config ties the head to the embedding (tie_word_embeddings=true), so "
+            "transformers' Qwen3ForCausalLM.from_pretrained of it (or of a directory the "
+            "module was saved to) builds the full model: pass that module to from_hf_qwen3"
+        )
+    else:
+        todo = (
+            "its config does not tie the head to the embedding (tie_word_embeddings=false), "
+            "so the head's weights are not in it (transformers would draw a random head): "
+            "load the Qwen3ForCausalLM checkpoint it was taken from"
+        )
+    return (
+        "are a base Qwen3Model's (keys without the 'model.' prefix, no lm_head.weight): "
+        f"the transformer without its language-model head, which gives no logits; {todo}"
+    )
 
 
 def load_hf_weights(
