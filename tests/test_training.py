@@ -622,6 +622,56 @@ def test_resuming_into_another_model_is_refused_naming_what_differs(tmp_path):
         train(vanilla, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
 
 
+@pytest.mark.parametrize("change", ["threads", "torch", "numpy"])
+def test_resuming_under_another_thread_count_or_version_is_refused(tmp_path, monkeypatch, change):
+    """The identity holds the study's definition of what moves the numbers (thread count,
+    torch and NumPy versions: `numerics_environment`); before, a run resumed under another
+    one silently and was then not the uninterrupted run."""
+    import numpy as np
+
+    tok = task_tokenizer(TASK)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the caller's count (TrainConfig.threads is None)
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False, stop_after=3)
+        state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+        versions = [torch.__version__, np.__version__]
+        assert state["environment"] == {"threads": 1, "versions": versions}
+        if change == "threads":
+            torch.set_num_threads(2)
+            found = r"this run has 2 and \['"
+        else:
+            monkeypatch.setattr(torch if change == "torch" else np, "__version__", "0.0.1")
+            found = r"this run has 1 and \[.*'0.0.1'"
+        resumed = build_model("attnres", 0, tok, SHAPE, 2)
+        before = weights(resumed)
+        with pytest.raises(
+            ValueError, match=r"was written with 1 threads and torch, NumPy \[.*" + found
+        ):
+            train(resumed, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+        assert_same_weights(before, weights(resumed))  # refused before anything is loaded
+        monkeypatch.undo()
+        torch.set_num_threads(1)  # as written: resumes
+        train(resumed, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_study_key_and_the_training_identity_share_one_environment(monkeypatch):
+    """One definition: the study's key of a kept run holds the same thread count and
+    versions (and pandas'), so both move together."""
+    import pandas as pd
+
+    from hooked_attnres._environment import numerics_environment
+    from hooked_attnres.study.run import _run_key, _RunSettings
+
+    monkeypatch.setattr(torch, "__version__", "0.0.2")
+    key = _run_key("attnres", 0, _RunSettings(None, 4, 10, False))
+    assert {k: key[k] for k in ("threads", "versions")} == numerics_environment(pd)
+    assert key["versions"][0] == "0.0.2" and key["threads"] == torch.get_num_threads()
+
+
 def permuted_tokenizer(task):
     """A tokenizer of ``task``'s words with other ids: the same size, so the same model
     shapes and task reprs."""

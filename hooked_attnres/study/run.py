@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import pandas as pd
 import torch
 
 from hooked_attnres._atomic import atomic_directory, check_replaceable, write_bytes_atomic
+from hooked_attnres._environment import numerics_environment
 from hooked_attnres._validation import is_integer, require_integer, require_selection
 from hooked_attnres.analysis import (
     ablation_effects,
@@ -466,8 +466,7 @@ def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
         "robustness": settings.robustness,
         "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
         "code": _code_fingerprint(),
-        "threads": torch.get_num_threads(),
-        "versions": [torch.__version__, np.__version__, pd.__version__],
+        **numerics_environment(pd),  # "threads", "versions" (torch, NumPy, pandas)
     }
 
 

@@ -53,6 +53,7 @@ from hooked_attnres._atomic import (
     remove_file,
     write_text_atomic,
 )
+from hooked_attnres._environment import numerics_environment
 from hooked_attnres._validation import (
     non_finite_tensors,
     require_finite_number,
@@ -317,6 +318,15 @@ class _Checkpoint:
                     "so every prompt would be other token ids, even with the same words and "
                     "size; pass the run's tokenizer, or use another out_dir or resume=False"
                 )
+            if key == "environment" and saved[key] != value:
+                raise ValueError(
+                    f"{self.directory} was written with {saved[key]['threads']} threads and "
+                    f"torch, NumPy {saved[key]['versions']}; this run has {value['threads']} "
+                    f"and {value['versions']}: resumed, it would not equal an uninterrupted "
+                    "run (both move float sums); resume with the same thread count "
+                    "(TrainConfig(threads=...)) and versions, or use another out_dir or "
+                    "resume=False"
+                )
             difference = _first_difference(saved[key], value)
             if difference is not None:
                 field, before, now = difference
@@ -565,6 +575,8 @@ def train(
             "description": description or {},
             "model": _model_identity(model),
             "vocabulary": _vocabulary_identity(vocab),
+            # the thread count (config.threads, set above, or the caller's) and versions
+            "environment": numerics_environment(),
         }
 
         optimizer = torch.optim.AdamW(
