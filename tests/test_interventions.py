@@ -1407,3 +1407,21 @@ def test_a_declaration_that_contradicts_a_recorded_pass_is_refused():
     agreeing = AttnResActivationCache(padded, model, attention_mask=mask, n_past=0)
     assert agreeing.n_past == 0 and torch.equal(agreeing.attention_mask, mask.bool())
     assert AttnResActivationCache(chunk, model, n_past=3).n_past == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_set_weights_sums_half_precision_weights_where_the_router_applies_them(dtype):
+    """The weights are applied in the routing dtype (float32 in a bfloat16 / float16
+    model), but the sum-to-1 check summed them in their own dtype: three bfloat16 1/3
+    (0.333984375 each, 1.00195 together) summed to 1.0 in bfloat16 and were accepted,
+    scaling the router's output by 1.002, while the same values in float32 are refused."""
+    model = routed("cumulative").to(dtype)
+    third = torch.full((3,), 1 / 3, dtype=dtype)  # the router at layer 3 has 3 sources
+    with pytest.raises(ValueError, match="sum to 1 .summed in float32"):
+        set_weights(model, third, routers="attn_res", layers=3)
+    with pytest.raises(ValueError, match="sum to 1"):
+        set_weights(model, third.float(), routers="attn_res", layers=3)
+    exact = torch.tensor([0.25, 0.25, 0.5], dtype=dtype)  # sums to 1 exactly
+    hooks = set_weights(model, exact, routers="attn_res", layers=3)
+    weights = weights_under(model, torch.tensor([[1, 2, 3]]), hooks)
+    assert torch.equal(weights["blocks.3.attn_res.hook_weights"][0, 0], exact.float())

@@ -424,9 +424,18 @@ def _weights_for(
             f"weights for {site} have {weights.shape[-1]} sources, the router has {n_sources} "
             f"({layout.labels(site)})"
         )
-    one = torch.ones((), dtype=weights.dtype, device=weights.device)
-    if (weights < 0).any() or not torch.allclose(weights.sum(-1), one, atol=1e-4):
-        raise ValueError(f"weights for {site} must be non-negative and sum to 1")
+    # summed in at least float32, the routing dtype where the hook applies them: a
+    # bfloat16 sum rounds to 8 bits and passed weights 2e-3 off 1 (three bfloat16 1/3)
+    total = weights.sum(-1, dtype=torch.promote_types(weights.dtype, torch.float32))
+    if (weights < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+        hint = ""
+        if weights.dtype in (torch.bfloat16, torch.float16):
+            hint = (
+                f" (summed in float32, where the router applies them: {weights.dtype} "
+                "cannot hold most fractions to 1e-4; give the weights in float32, the "
+                "routing dtype of bfloat16 / float16 models)"
+            )
+        raise ValueError(f"weights for {site} must be non-negative and sum to 1{hint}")
     return weights, from_cache
 
 
