@@ -22,6 +22,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
+from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 
@@ -338,7 +339,8 @@ def patching_heatmap(
     x_title: str = "position",
     y_title: str = "layer",
 ) -> go.Figure:
-    """A heatmap of a patching result (any ``[rows, columns]`` array), with a diverging
+    """A heatmap of a patching result (any ``[rows, columns]`` array or tensor, bfloat16
+    included), with a diverging
     colour scale symmetric around 0 up to the largest magnitude (so values of 1e-4 are as
     visible as values of 1), missing cells (NaN) blank. A label that repeats (a token that
     occurs twice in a prompt) is followed by its index, ``"k3 (20)"``: plotly would draw
@@ -348,7 +350,7 @@ def patching_heatmap(
         ValueError: a shape that does not match the labels, an infinite value (it would
             stretch the colour scale to infinity) or no finite value at all (an empty
             figure)."""
-    z = np.asarray(values, dtype=float)
+    z = as_numpy(values)  # a tensor of any dtype (NumPy has no bfloat16) or device
     if z.ndim != 2 or z.shape != (len(row_labels), len(column_labels)):
         raise ValueError(
             f"values must be [rows, columns] = [{len(row_labels)}, "

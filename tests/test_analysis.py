@@ -1352,3 +1352,14 @@ def test_float16_logit_diff_does_not_overflow_where_float32_does_not():
     logits[0, 1, 0], logits[0, 1, 1] = 40000.0, -40000.0
     assert batch.logit_diff(logits).tolist() == [80000.0]
     assert batch.logit_diff(logits).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_patching_heatmap_takes_half_precision_tensors(dtype):
+    """NumPy has no bfloat16: a bfloat16 tensor (say a sweep of a bfloat16 model's own
+    metric, or lens logits) crashed ``np.asarray`` ("unsupported ScalarType BFloat16")."""
+    values = np.array([[1.0, -2.0], [0.5, 0.25]])  # exact in bfloat16 and float16
+    heat = plotting.patching_heatmap(
+        torch.tensor(values, dtype=dtype), ["l0", "l1"], ["a", "b"], title="t"
+    ).data[0]
+    assert np.asarray(heat.z).tolist() == values.tolist()
