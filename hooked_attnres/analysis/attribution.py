@@ -80,7 +80,14 @@ from hooked_attnres.model.norms import (
 )
 from hooked_attnres.model.routing import weighted_sum
 from hooked_attnres.model.weights import WeightsSignature
-from hooked_attnres.patching import _check, _check_cache, _column, _scalar, _site_rows
+from hooked_attnres.patching import (
+    _check,
+    _check_cache,
+    _column,
+    _metric_input,
+    _scalar,
+    _site_rows,
+)
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -770,7 +777,7 @@ def attribution_patch_routing_weights(
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
         with _capturing(model, sites, need_norm) as captures:
             logits = model(corrupted_tokens, attention_mask=attention_mask)
-        value = patching_metric(logits)
+        value = patching_metric(_metric_input(logits))  # the logits exact patching gives
         _scalar(value)  # one scalar, as for exact patching
         if not isinstance(value, Tensor) or not value.requires_grad:
             raise ValueError(
