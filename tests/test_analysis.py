@@ -1302,14 +1302,23 @@ def random_batch(n: int, n_pos: int, d_vocab: int, seed: int = 0) -> TaskBatch:
     )
 
 
+def hand_logit_diff(batch: TaskBatch, logits: torch.Tensor) -> torch.Tensor:
+    """A callable metric written on the logits as given: answer minus contrast logit."""
+    at = batch.answer_logits(logits)
+    rows = torch.arange(len(batch))
+    return at[rows, batch.answer] - at[rows, batch.contrast]
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", hand_logit_diff])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_logit_diff_effects_are_the_models_logits_subtracted_exactly(dtype):
+def test_half_precision_logit_diff_effects_are_the_models_logits_subtracted_exactly(dtype, metric):
     """In a bfloat16 / float16 model ``logit_diff`` subtracted the two logits in the
     model's dtype, rounding every difference to 8 (11) bits before the effects subtracted
     two of them: here the mean effects (up to 0.05) were 3.8e-4 off in bfloat16 and 8.5e-5
     in float16 (in the audit's 4-layer cumulative model 1.2e-3 on effects of 1.6e-2, where
     the model's own rounding moves them by 1.5e-3). Now each effect is what the model's
-    logits give, subtracted in float64 by hand from full ablated forward passes."""
+    logits give, subtracted in float64 by hand from full ablated forward passes. The same
+    held for a callable metric that subtracts the logits it is given (now float32)."""
     model = randomize_routing(tiny_model(attnres_layout="kimi", d_model=48, d_vocab=61))
     with torch.no_grad():
         model.W_U.mul_(4.0)  # logits of a few units, as in a trained model
@@ -1317,7 +1326,7 @@ def test_half_precision_logit_diff_effects_are_the_models_logits_subtracted_exac
     batch = random_batch(12, 10, 61)
     plan = plan_ablations(model, routers="mlp_res", groups="layers")
     effects = ablation_effects(
-        model, batch, routers="mlp_res", groups="layers", metrics="logit_diff", n_bootstrap=10,
+        model, batch, routers="mlp_res", groups="layers", metrics=metric, n_bootstrap=10,
         progress=False,
     )  # fmt: skip
 

@@ -41,7 +41,7 @@ from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
-from hooked_attnres.model.norms import any_hook_attached
+from hooked_attnres.model.norms import any_hook_attached, stat_dtype
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
 
 def _at_least_float32(values: Tensor) -> Tensor:
     """float32 for float32 / bfloat16 / float16 values, float64 for float64 ones."""
-    return values.to(torch.promote_types(values.dtype, torch.float32))
+    return values.to(stat_dtype(values.dtype))
 
 
 def metric_values(
@@ -90,7 +90,9 @@ def metric_values(
     """Per-prompt metric ``[batch]`` (float32; float64 in a float64 model) read at
     ``batch.answer_pos``: ``logit_diff`` (answer - contrast), ``logprob`` (of the answer) or
     ``accuracy`` (1 if the argmax is the answer), or a callable ``metric(batch, logits)``
-    that returns one float per prompt ``[batch]``.
+    that returns one float per prompt ``[batch]``; a callable is given the logits in
+    float32 for a bfloat16 / float16 model (exactly; its own arithmetic on 8-bit logits
+    would round each value: a hand-written logit difference was 3.8e-4 off in bfloat16).
     ``logits`` may cover the answer positions only (``[batch, 1, d_vocab]`` with
     ``answer_pos`` all 0, as the fast sweep passes them).
 
@@ -100,7 +102,7 @@ def metric_values(
             and bootstrap over prompts).
     """
     if callable(metric):
-        values = metric(batch, logits)
+        values = metric(batch, _at_least_float32(logits))
         if (
             not isinstance(values, Tensor)
             or tuple(values.shape) != (len(batch),)
