@@ -2,8 +2,9 @@
 
 Same argument order as ``transformer_lens.patching`` -- ``(model, corrupted_tokens,
 clean_cache, patching_metric)`` -- the metric maps patched logits ``[batch, pos, d_vocab]``
-(float32 in a bfloat16 / float16 model: `_metric_input`) to a scalar, the result is a tensor whose axes are listed in each docstring, a tqdm bar
-shows progress, and the model must be in eval mode. Each patched run starts at the
+(float32 in a bfloat16 / float16 model: `_metric_input`) to a scalar, the result is a
+tensor whose axes are listed in each docstring, a tqdm bar shows progress, and the model
+must be in eval mode. Each patched run starts at the
 patched layer from the corrupted run's cached depth state, so a sweep costs a fraction
 of one full forward pass per cell.
 
