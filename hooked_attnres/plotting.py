@@ -24,7 +24,10 @@ from plotly.subplots import make_subplots
 from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import require_finite_mass
+from hooked_attnres.interventions.checks import recorded_run
+from hooked_attnres.model.cache import record_of
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
+from hooked_attnres.model.passes import padding_of
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -126,8 +129,19 @@ def _require_table(
             )
 
 
-def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
+def _finish(fig: go.Figure, title: str, height: int, categories: str = "") -> go.Figure:
+    """Title, height and margins; the axes named in ``categories`` (``"x"``, ``"y"``,
+    ``"xy"``) are categorical whatever the plotly template. Only some templates (the
+    default ``"plotly"`` among them) keep labels that look like numbers as categories;
+    under ``pio.templates.default = "none"`` (or ``"presentation"``, ``"gridon"``, ...)
+    plotly.js made such an axis numeric: position tokens ``["9", "3", "5"]`` drew their
+    columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
+    lost the columns of its three non-numbers."""
     fig.update_layout(title=title, height=height, autosize=True, margin=dict(t=80, l=70, r=30))
+    if "x" in categories:
+        fig.update_xaxes(type="category")
+    if "y" in categories:
+        fig.update_yaxes(type="category")
     return fig
 
 
@@ -264,7 +278,35 @@ def routing_heatmap(
         )
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
     fig.update_xaxes(title_text="source family")
-    return _finish(fig, title, 160 + 40 * mass.layer.nunique())
+    return _finish(fig, title, 160 + 40 * mass.layer.nunique(), categories="xy")
+
+
+def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Optional[torch.Tensor]:
+    """``[batch, pos]`` bool, True at the real tokens of the cached run where it had padding
+    and ``positions`` is ``"all"`` (``None``: no padding, or one position, which every
+    prompt must have as a real token). Refuses a cache of a pass after key-value-cached
+    positions, and one whose ``names`` were cached with a ``pos_slice`` or by an earlier
+    pass (`recorded_run`): their position ``p`` is not the run's position ``p``."""
+    if record_of(cache) is None:
+        return None  # a plain dict records nothing: taken as one unpadded run
+    record = recorded_run(cache, "the cache", names)
+    if record.n_past:
+        raise ValueError(
+            f"the cache comes from a pass after {record.n_past} cached positions "
+            "(past_kv_cache): its position 0 is the sequence's position "
+            f"{record.n_past}; cache a whole-sequence run (model.run_with_cache(tokens))"
+        )
+    real = padding_of(record.attention_mask)
+    if real is None or positions == "all":
+        return real
+    padded = (~real[:, int(positions)]).nonzero().flatten().tolist()
+    if padded:
+        raise ValueError(
+            f"prompt(s) {padded[:5]} are padding at position {positions} (the cache's "
+            "attention_mask): their weights there are not of a token of theirs; pass a "
+            "position every prompt has, or positions='all' (padding is left out)"
+        )
+    return None
 
 
 def source_heatmap(
@@ -278,9 +320,20 @@ def source_heatmap(
     does not have are blank; colours from 0 to the largest weight).
 
     Args:
-        model, cache: a routed model and ``run_with_cache`` output.
+        model, cache: a routed model and ``run_with_cache`` output. The cache's record of
+            its pass is read (`hooked_attnres.model.cache.record_of`): padding positions
+            of a run with an ``attention_mask`` are left out; a cache that records nothing
+            (a plain ``dict``) is taken as one unpadded whole-sequence run.
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
-        positions: ``"all"`` (mean over batch and positions) or one position.
+        positions: ``"all"`` (mean over prompts and their real positions) or one position
+            (mean over prompts).
+
+    Raises:
+        ValueError: no routers, a ``positions`` other than ``"all"`` or one int, non-finite
+            weights (at real positions), a position where some prompt is padding, a cache
+            of a pass after key-value-cached positions (its position 0 is not the
+            sequence's) or whose weights were cached with a ``pos_slice`` or by an earlier
+            pass than the recorded one (`recorded_run`).
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
     if positions != "all" and not is_integer(positions):
@@ -288,8 +341,11 @@ def source_heatmap(
     columns: list[str] = []
     rows = []
     sites = model.sites(router)
+    real = _real_tokens(cache, [site.hook("weights") for site in sites], positions)
     for site in sites:
         weights = cache[site.hook("weights")]
+        if real is not None:  # [batch, pos, n_sources] -> [n_real, n_sources]
+            weights = weights[real.to(weights.device)][:, None]
         if not bool(torch.isfinite(weights).all()):  # blank would read "no such source"
             raise ValueError(
                 f"the cached routing weights of {site} hold NaN or infinite values; a "
@@ -321,12 +377,15 @@ def source_heatmap(
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(title_text="source")
     where = (
-        "mean over prompts and positions"
+        "mean over prompts and positions" + (", padding left out" if real is not None else "")
         if positions == "all"
         else f"position {positions}, mean over prompts"
     )
     return _finish(
-        fig, title or f"Routing weights, {ROUTER_TITLES[router]} ({where})", 160 + 40 * len(rows)
+        fig,
+        title or f"Routing weights, {ROUTER_TITLES[router]} ({where})",
+        160 + 40 * len(rows),
+        categories="xy",
     )
 
 
@@ -362,6 +421,9 @@ def patching_heatmap(
     if np.isnan(z).all():
         raise ValueError("values are all NaN (missing): the heatmap would be empty")
     bound = float(np.nanmax(np.abs(z))) or 1.0
+    # 3 decimals, more where the largest value needs them (1e-4 would read "0.000" on the
+    # darkest cell): the largest magnitude keeps 3 significant digits
+    digits = max(3, 2 - int(np.floor(np.log10(bound))))
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -372,14 +434,14 @@ def patching_heatmap(
             zmid=0,
             colorscale="RdBu",
             colorbar=dict(title=value_name),
-            text=_cell_text(z, 3),
+            text=_cell_text(z, digits),
             texttemplate="%{text}",
             hovertemplate="%{y}, %{x}: %{z:.4g}<extra></extra>",
         )
     )
     fig.update_yaxes(autorange="reversed", title_text=y_title)
     fig.update_xaxes(title_text=x_title)
-    return _finish(fig, title, 160 + 34 * len(row_labels))
+    return _finish(fig, title, 160 + 34 * len(row_labels), categories="xy")
 
 
 def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy: str) -> None:
@@ -499,7 +561,9 @@ def mass_effect_bars(
         title_text=f"ablation effect ({unit if metric == 'logit_diff' else metric})", row=2, col=1
     )
     fig.update_xaxes(title_text="source family", row=2)
-    return _finish(fig, title or f"Mass vs causal effect ({metric}, group {group})", 650)
+    return _finish(
+        fig, title or f"Mass vs causal effect ({metric}, group {group})", 650, categories="x"
+    )
 
 
 def mass_effect_scatter(
@@ -544,6 +608,30 @@ def mass_effect_scatter(
         )
     fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|ablation effect| ({metric})")
     return _finish(fig, title or f"Routing mass vs |effect| ({metric})", 500)
+
+
+def _families(column: pd.Series) -> dict:
+    """``{family: colour}`` of the masked families in a table's ``family`` column: the four
+    families in their order, then labels or indices (`plan_ablations` masks those too)
+    in the table's order, each with a colour of its own."""
+    present = list(dict.fromkeys(column))
+    others = [f for f in present if f not in FAMILIES]
+    out = {f: FAMILY_COLORS[f] for f in FAMILIES if f in present}
+    out.update({f: SEED_COLORS[k % len(SEED_COLORS)] for k, f in enumerate(others)})
+    return out
+
+
+def _require_cells(values: pd.Series, what: str, series: str) -> None:
+    """Refuse a series that lacks a row at some of its panel's x positions: ``values`` is
+    reindexed to them, so NaN marks a missing row (a present row's NaN is refused
+    earlier), which plotly would draw as no bar, read as 0."""
+    missing = values.index[values.isna()].tolist()
+    if missing:
+        raise ValueError(
+            f"{what} has no row for {series} at {missing} (the other bars of its panel "
+            "have one); a missing bar would read as 0: pass the table with every row "
+            "(or select the rows to show)"
+        )
 
 
 def effect_bands(
@@ -591,6 +679,7 @@ def effect_bands(
     chosen = chosen[chosen.group.isin(groups)]
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
     routers = [r for r in ROUTERS if r in set(chosen.router)]
+    families = _families(chosen.family)
     fig = make_subplots(
         rows=1,
         cols=len(routers),
@@ -598,20 +687,22 @@ def effect_bands(
         subplot_titles=[ROUTER_TITLES[r] for r in routers],
     )
     for col, router in enumerate(routers, start=1):
-        part = chosen[(chosen.router == router) & chosen.group.isin(groups)]
-        for family in FAMILIES:
-            rows = part[part.family == family].set_index("group").reindex(groups)
+        part = chosen[chosen.router == router]
+        shown = [g for g in groups if g in set(part.group)]  # the final router: "final"
+        for family, color in families.items():
+            rows = part[part.family == family].set_index("group").reindex(shown)
+            _require_cells(rows.effect, "effects", f"router={router!r}, family={family!r}")
             fig.add_trace(
                 _bar(
-                    groups,
+                    shown,
                     rows.effect,
                     rows.ci_low,
                     rows.ci_high,
-                    family,
-                    FAMILY_COLORS[family],
-                    family + " %{x}: %{y:.3g}<extra></extra>",
+                    str(family),
+                    color,
+                    f"{family} %{{x}}: %{{y:.3g}}<extra></extra>",
                     showlegend=col == 1,
-                    legendgroup=family,
+                    legendgroup=str(family),
                 ),
                 row=1,
                 col=col,
@@ -621,7 +712,7 @@ def effect_bands(
     )
     fig.update_xaxes(title_text="depth band")
     fig.update_layout(barmode="group")
-    return _finish(fig, title or f"Ablation effect per depth group ({metric})", 450)
+    return _finish(fig, title or f"Ablation effect per depth group ({metric})", 450, categories="x")
 
 
 def _columns(columns: Optional[Sequence[str]], chosen: pd.DataFrame) -> list[str]:
@@ -635,6 +726,19 @@ def _columns(columns: Optional[Sequence[str]], chosen: pd.DataFrame) -> list[str
     if absent:
         raise ValueError(f"columns {absent} have no rows in the table (its conditions: {have})")
     return columns
+
+
+def _absent_seeds(table: pd.DataFrame, columns: Sequence[str], seeds: Sequence[int]) -> dict:
+    """``{condition: seeds}``: the figure's seeds that a condition lacks (their slots stay
+    empty, which the panel title says: `_seed_note`)."""
+    return {
+        c: [s for s in seeds if s not in set(table[table.condition == c].seed)] for c in columns
+    }
+
+
+def _seed_note(absent: Sequence[int]) -> str:
+    """A panel title's note of the seeds it lacks, ``" (no seed 1, 2)"``."""
+    return f" (no seed {', '.join(map(str, absent))})" if absent else ""
 
 
 def effects_by_seed(
@@ -679,11 +783,21 @@ def effects_by_seed(
         "give each model a distinct condition or seed",
     )
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    for axis, asked in (("router", routers), ("group", groups)):
+        lacking = [a for a in asked if a not in set(chosen[axis])]
+        if lacking:  # an empty panel, or an empty slot on every panel's x-axis
+            raise ValueError(
+                f"effects has no logit_diff rows of {family!r} at {axis}(s) {lacking} (it has "
+                f"{list(dict.fromkeys(chosen[axis]))})"
+            )
     chosen, unit = _scaled(chosen, relative)
     columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))
+    absent = _absent_seeds(chosen, columns, seeds)
     titles = [
-        f"{c}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r] for r in routers for c in columns
+        f"{c}{_seed_note(absent[c])}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r]
+        for r in routers
+        for c in columns
     ]
     fig = make_subplots(
         rows=len(routers),
@@ -698,6 +812,9 @@ def effects_by_seed(
             part = chosen[(chosen.router == router) & (chosen.condition == condition)]
             for k, seed in enumerate(seeds):
                 rows = part[part.seed == seed].set_index("group").reindex(list(groups))
+                if seed not in absent[condition]:  # a seed the condition has: every band
+                    where = f"condition={condition!r}, seed={seed}, router={router!r}"
+                    _require_cells(rows.effect, "effects", where)
                 fig.add_trace(
                     _bar(
                         groups,
@@ -720,6 +837,7 @@ def effects_by_seed(
         fig,
         title or f"Masking {family}: effect per depth band, seeds side by side",
         140 + 260 * len(routers),
+        categories="x",
     )
 
 
@@ -758,12 +876,14 @@ def mass_effect_by_seed(
     chosen, unit = _scaled(chosen, relative)
     columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))
+    families = [f for f in FAMILIES if f in set(chosen.family)]  # the ones with an effect
+    absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
     fig = make_subplots(
         rows=2,
         cols=len(columns),
         shared_yaxes="rows",
         shared_xaxes=True,
-        subplot_titles=[c or ROUTER_TITLES[router] for c in columns],
+        subplot_titles=[(c or ROUTER_TITLES[router]) + _seed_note(absent[c]) for c in columns],
         horizontal_spacing=0.04,
         vertical_spacing=0.1,
     )
@@ -771,13 +891,17 @@ def mass_effect_by_seed(
         for k, seed in enumerate(seeds):
             color = SEED_COLORS[k % len(SEED_COLORS)]
             m = mass[(mass.condition == condition) & (mass.seed == seed)].set_index("family")
-            m = m.reindex(list(FAMILIES))
+            m = m.reindex(families)
             e = chosen[(chosen.condition == condition) & (chosen.seed == seed)].set_index("family")
-            e = e.reindex(list(FAMILIES))
+            e = e.reindex(families)
+            if seed not in absent[condition]:  # a seed the condition has: every family
+                where = f"condition={condition!r}, seed={seed}"
+                _require_cells(m.mass, "mass_summary", where)
+                _require_cells(e.effect, "effects", where)
             common = dict(legendgroup=f"seed {seed}")
             fig.add_trace(
                 _bar(
-                    FAMILIES,
+                    families,
                     m.mass,
                     m.ci_low,
                     m.ci_high,
@@ -792,7 +916,7 @@ def mass_effect_by_seed(
             )
             fig.add_trace(
                 _bar(
-                    FAMILIES,
+                    families,
                     e.effect,
                     e.ci_low,
                     e.ci_high,
@@ -810,5 +934,8 @@ def mass_effect_by_seed(
     fig.update_xaxes(title_text="source family", row=2)
     fig.update_layout(barmode="group")
     return _finish(
-        fig, title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side", 620
+        fig,
+        title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side",
+        620,
+        categories="x",
     )

@@ -1,0 +1,261 @@
+"""Figures read back from the plotly object: every cell and bar under the right label, with
+the right value, in every layout (audit of the figures; more figure tests in
+test_analysis.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import hf_qwen3, randomize_routing, tiny_model
+
+from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
+from hooked_attnres.analysis import routing_mass
+from hooked_attnres.model.depth import FAMILIES
+
+
+def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), families=FAMILIES):
+    """An effects table with a distinct value in every row (band groups and ``"all"``)."""
+    rows = []
+    for condition in conditions:
+        for seed in seeds:
+            for router in routers:
+                for group in ("early", "middle", "late", "all"):
+                    for family in families:
+                        effect = -(len(rows) + 1) / 100
+                        rows.append(
+                            dict(
+                                condition=condition,
+                                seed=seed,
+                                router=router,
+                                group=group,
+                                family=family,
+                                metric="logit_diff",
+                                clean=5.0 + seed,
+                                effect=effect,
+                                ci_low=effect - 0.003,
+                                ci_high=effect + 0.001,
+                            )
+                        )
+    return pd.DataFrame(rows)
+
+
+def _mass(conditions=("a",), seeds=(0,), router="mlp_res"):
+    rows = []
+    for condition in conditions:
+        for seed in seeds:
+            for family in FAMILIES:
+                mass = (len(rows) + 1) / 50
+                rows.append(
+                    dict(
+                        condition=condition,
+                        seed=seed,
+                        router=router,
+                        band="all",
+                        family=family,
+                        mass=mass,
+                        ci_low=mass - 0.01,
+                        ci_high=mass + 0.01,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def _axis_types(fig, letter: str) -> list:
+    select = fig.select_xaxes if letter == "x" else fig.select_yaxes
+    return [axis.type for axis in select()]
+
+
+def test_category_axes_keep_numeric_looking_labels_in_place():
+    # plotly.js makes an axis numeric when most labels look like numbers, unless the
+    # template says otherwise (the default one does; "none" does not): these tokens lost
+    # their three non-numbers' columns there (rendered in Chromium); the axis type is pinned
+    tokens = ["<bos>", " 7", " +", " 5", " ="]
+    values = np.arange(10, dtype=float).reshape(2, 5) - 4.5
+    heat = plotting.patching_heatmap(values, ["0", "1"], tokens, title="t")
+    assert _axis_types(heat, "x") == ["category"] and _axis_types(heat, "y") == ["category"]
+    assert list(heat.data[0].x) == tokens and list(heat.data[0].y) == ["0", "1"]
+    np.testing.assert_array_equal(np.asarray(heat.data[0].z), values)
+    # depth groups named by numbers (groups={"1": ..., "2": ...}) in every bar figure
+    effects = _effects(seeds=(0, 1)).replace({"group": {"early": "1", "middle": "2", "late": "3"}})
+    one = effects[effects.seed == 0]
+    figures = {
+        "effect_bands": plotting.effect_bands(one),
+        "effects_by_seed": plotting.effects_by_seed(
+            effects, "older", ["attn_res", "mlp_res"], groups=("1", "2", "3")
+        ),
+        "mass_effect_by_seed": plotting.mass_effect_by_seed(
+            _mass(seeds=(0, 1)), effects, "mlp_res"
+        ),
+        "mass_effect_bars": plotting.mass_effect_bars(
+            _mass().drop(columns=["condition", "seed", "band"]), one
+        ),
+    }
+    for name, fig in figures.items():
+        assert set(_axis_types(fig, "x")) == {"category"}, name
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    mass = routing_mass(model, torch.randint(0, 50, (2, 5)), positions="all")
+    _, cache = model.run_with_cache(torch.randint(0, 50, (2, 5)))
+    for fig in (plotting.routing_heatmap(mass), plotting.source_heatmap(model, cache)):
+        assert set(_axis_types(fig, "x")) == set(_axis_types(fig, "y")) == {"category"}
+
+
+def _layout_models():
+    models = {
+        layout: randomize_routing(tiny_model(attnres_layout=layout)).eval()
+        for layout in ("kimi", "cumulative", "full")
+    }
+    models["recency"] = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(num_hidden_layers=4), wrap="recency", num_blocks=2, recency_bias=1.0
+    )
+    models["exact"] = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(num_hidden_layers=4), wrap="exact", num_blocks=2
+    )
+    return models
+
+
+def test_source_heatmap_cells_sit_under_their_labels_in_every_layout():
+    tokens = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    for name, model in _layout_models().items():
+        _, cache = model.run_with_cache(tokens)
+        for router in ("attn_res", "mlp_res", "final_res"):
+            if router == "final_res" and not model.routing_layout.has_final_router:
+                continue
+            trace = plotting.source_heatmap(model, cache, router).data[0]
+            z = np.asarray(trace.z, dtype=float)
+            sites = model.sites(router)
+            assert list(trace.y) == [
+                "final" if router == "final_res" else f"layer {layer}"
+                for layer in range(len(sites))
+            ], name
+            every = [label for site in sites for label in model.source_labels(site)]
+            assert sorted(trace.x) == sorted(set(every)) and trace.x[-1] == "current", name
+            for i, site in enumerate(sites):
+                weights = cache[site.hook("weights")].mean(dim=(0, 1))
+                labels = model.source_labels(site)
+                for j, column in enumerate(trace.x):
+                    if column in labels:
+                        expected = weights[labels.index(column)].item()
+                        assert z[i, j] == pytest.approx(expected, abs=1e-6), (name, site)
+                    else:
+                        assert np.isnan(z[i, j]) and trace.text[i][j] == "", (name, site)
+
+
+def test_source_heatmap_leaves_padding_out_and_refuses_positions_of_another_run():
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 3:] = 0  # prompt 1 has 3 tokens, then right padding
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    fig = plotting.source_heatmap(model, cache, "mlp_res")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    real = mask.bool()
+    for i, site in enumerate(model.sites("mlp_res")):
+        weights = cache[site.hook("weights")]
+        # the mean over the 8 + 3 real (prompt, position) pairs, not over all 16
+        expected = (weights * real[..., None]).sum((0, 1)) / real.sum()
+        for j, label in enumerate(model.source_labels(site)):
+            assert z[i, list(fig.data[0].x).index(label)] == pytest.approx(expected[j].item())
+    assert "padding left out" in fig.layout.title.text
+    # position 2 is real in both prompts; position -1 is padding of prompt 1
+    at_two = np.asarray(plotting.source_heatmap(model, cache, "mlp_res", 2).data[0].z, float)
+    site = model.site(3, "mlp_res")
+    assert at_two[3, 0] == pytest.approx(cache[site.hook("weights")][:, 2, 0].mean().item())
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] are padding at position -1"):
+        plotting.source_heatmap(model, cache, "mlp_res", positions=-1)
+    # a pos_slice cache: its position 0 is the run's position 2 (was titled "position 0")
+    _, sliced = model.run_with_cache(tokens, pos_slice=slice(2, None))
+    with pytest.raises(ValueError, match="were cached with a pos_slice"):
+        plotting.source_heatmap(model, sliced, "mlp_res", positions=0)
+    _, whole = model.run_with_cache(tokens, return_cache_object=False)
+    chunk = RunCacheDict(dict(whole), n_past=3)
+    with pytest.raises(ValueError, match="after 3 cached positions"):
+        plotting.source_heatmap(model, chunk, "mlp_res")
+
+
+def test_effect_bands_shows_every_masked_family_and_refuses_missing_rows():
+    # effects of labels (plan_ablations masks labels too): the bands figure drew the four
+    # family names with no bars (read as 0) and left the masked labels out
+    labels = _effects(families=("embedding", "attn_0")).drop(columns=["condition", "seed"])
+    fig = plotting.effect_bands(labels, relative=False)
+    assert [t.name for t in fig.data] == ["embedding", "attn_0"] * 2
+    for trace in fig.data:
+        router = "attn_res" if trace.xaxis == "x" else "mlp_res"
+        for group, value in zip(trace.x, trace.y, strict=True):
+            row = labels[
+                (labels.router == router) & (labels.group == group) & (labels.family == trace.name)
+            ]
+            assert value == pytest.approx(row.effect.item())
+    missing = labels.drop(index=labels.index[(labels.family == "attn_0")][1])
+    with pytest.raises(ValueError, match=r"no row for router='attn_res', family='attn_0' at"):
+        plotting.effect_bands(missing)
+    # the final router's single group "final" is its own panel's only x (was: an empty
+    # "final" slot in every sublayer panel and empty band slots in the final one)
+    final = _effects(routers=("final_res",)).drop(columns=["condition", "seed"])
+    final = final[final.group == "early"].assign(group="final")
+    both = pd.concat([labels[labels.family == "embedding"], final[final.family == "embedding"]])
+    fig = plotting.effect_bands(both)
+    assert [list(t.x) for t in fig.data] == [["early", "middle", "late"]] * 2 + [["final"]]
+
+
+def test_effects_by_seed_refuses_missing_rows_and_names_absent_seeds():
+    effects = _effects(conditions=("a", "b"), seeds=(0, 1, 2))
+    gap = (effects.condition == "a") & (effects.seed == 1) & (effects.group == "late")
+    with pytest.raises(ValueError, match=r"condition='a', seed=1, router='mlp_res' at \['late'\]"):
+        plotting.effects_by_seed(effects[~gap], "older", ["mlp_res"])
+    with pytest.raises(ValueError, match=r"at group\(s\) \['middle'\]"):
+        plotting.effects_by_seed(effects[effects.group != "middle"], "older", ["mlp_res"])
+    with pytest.raises(ValueError, match=r"at router\(s\) \['final_res'\]"):
+        plotting.effects_by_seed(effects, "older", ["mlp_res", "final_res"])
+    # a condition without some seed: its slots stay empty and its panel says so
+    fewer = effects[~((effects.condition == "b") & (effects.seed == 2))]
+    fig = plotting.effects_by_seed(fewer, "older", ["mlp_res"])
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["a: MLP routers", "b (no seed 2): MLP routers"]
+
+
+def test_mass_effect_by_seed_refuses_missing_rows_and_names_absent_seeds():
+    effects = _effects(conditions=("a", "b"), seeds=(0, 1, 2))
+    fewer = effects[~((effects.condition == "b") & (effects.seed == 2))]
+    mass = _mass(conditions=("a", "b"), seeds=(0, 1, 2))
+    mass_fewer = mass[~((mass.condition == "b") & (mass.seed == 2))]
+    fig = plotting.mass_effect_by_seed(mass_fewer, fewer, "mlp_res")
+    assert [a.text for a in fig.layout.annotations] == ["a", "b (no seed 2)"]
+    with pytest.raises(ValueError, match=r"mass_summary has no row for condition='a', seed=2"):
+        plotting.mass_effect_by_seed(mass[mass.seed != 2], fewer, "mlp_res")
+    # every bar of mass_effect_by_seed at its table's number; a missing mass row refused
+    for trace in fig.data:
+        condition = trace.hovertemplate.split("<extra>")[1].removesuffix("</extra>")
+        seed = int(trace.name.split()[1])
+        if (condition, seed) == ("b", 2):  # the absent seed's empty slots
+            assert np.isnan(np.asarray(trace.y, dtype=float)).all()
+            continue
+        column = "mass" if "mass" in trace.hovertemplate else "effect"
+        table = mass if column == "mass" else fewer[(fewer.group == "all")]
+        for family, value in zip(trace.x, trace.y, strict=True):
+            row = table[
+                (table.condition == condition)
+                & (table.seed == seed)
+                & (table.router == "mlp_res")
+                & (table.family == family)
+            ]
+            expected = row[column].item() * (1 if column == "mass" else 100 / row.clean.item())
+            assert value == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"mass_summary has no row for condition='b', seed=1"):
+        gone = (mass.condition == "b") & (mass.seed == 1) & (mass.family == "older")
+        plotting.mass_effect_by_seed(mass[~gone], effects, "mlp_res")
+
+
+def test_patching_heatmap_cell_text_keeps_small_values():
+    # a 3-decimal text read "0.000" and "-0.000" on the darkest cells of a 1e-4 result
+    values = np.array([[1.2e-4, -3.4e-4], [np.nan, 2.5e-5]])
+    trace = plotting.patching_heatmap(values, ["l0", "l1"], ["p0", "p1"], title="t").data[0]
+    for row_text, row_values in zip(trace.text, values, strict=True):
+        for text, value in zip(row_text, row_values, strict=True):
+            if np.isnan(value):
+                assert text == ""
+            else:
+                assert float(text) == pytest.approx(value, rel=0.02, abs=1e-7)
+    big = plotting.patching_heatmap([[0.5, -1.25]], ["l0"], ["a", "b"], title="t").data[0]
+    assert list(big.text[0]) == ["0.500", "-1.250"]  # 3 decimals where they suffice
