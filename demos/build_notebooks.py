@@ -316,6 +316,9 @@ def metric(logits):
     return (batch.logit_diff(logits).mean() - corrupted_ld) / (clean_ld - corrupted_ld)
 
 differ = (batch.tokens != batch.corrupted_tokens).any(0).nonzero().flatten().tolist()
+# the columns are positions, each the mean over every prompt; their tick labels are prompt
+# 0's tokens, which the other prompts share at few positions (their keys and values differ)
+POSITION_AXIS = "position (labelled with prompt 0's tokens; values: mean over the prompts)"
 print(f"clean {clean_ld:.2f}, corrupted {corrupted_ld:.2f}; "
       f"clean and corrupted prompts differ at position(s) {differ}")
 """),
@@ -332,14 +335,16 @@ state = get_act_patch_depth_state_by_pos(model, batch.corrupted_tokens, clean_ca
 print(state.shape)     # [layer, pos]
 plotting.patching_heatmap(state, [f"layer {l}" for l in range(model.cfg.n_layers)],
                           model.to_str_tokens(batch.tokens[0]),
-                          title="The whole clean depth state entering each layer, one position")
+                          title="The whole clean depth state entering each layer, one position",
+                          x_title=POSITION_AXIS)
 """),
     code("""
 blocks = get_act_patch_committed_blocks_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
 print(blocks.shape)    # [layer, pos], NaN where the layer commits no block
 plotting.patching_heatmap(blocks, [f"layer {l}" for l in range(model.cfg.n_layers)],
                           model.to_str_tokens(batch.tokens[0]),
-                          title="Committed blocks patched at one position (blank: no block)")
+                          title="Committed blocks patched at one position (blank: no block)",
+                          x_title=POSITION_AXIS)
 """),
     md("""
 ## Attribution: every ablation in about two forward passes, then the exact check

@@ -215,3 +215,23 @@ def test_quickstart_runs_and_prints_what_it_says(capsys):
         if "attention router:" in line:  # each router's mean weights sum to 1
             weights = [float(part.split("=")[1]) for part in line.split(": ")[1].split(", ")]
             assert abs(sum(weights) - 1) < 2e-3, line
+
+
+def test_token_labelled_patching_heatmaps_say_the_tokens_are_prompt_0s():
+    """The patching notebook's position heatmaps average every prompt, but label their
+    columns with prompt 0's tokens, which the other prompts share at 2 of 21 positions of
+    the shipped task (their keys and values differ): the axis title says so (it said
+    "position", as if every prompt had those tokens there)."""
+    namespace = _builder()
+    source = "\n".join(cell.source for cell in namespace["PATCHING"])
+    calls = source.split("plotting.patching_heatmap(")[1:]
+    token_labelled = [call for call in calls if "to_str_tokens(batch.tokens[0])" in call]
+    assert len(token_labelled) == 2
+    axis = next(
+        line.split("=", 1)[1].strip()
+        for line in source.splitlines()
+        if line.startswith("POSITION_AXIS =")
+    )
+    assert "prompt 0's tokens" in axis and "mean over the prompts" in axis
+    for call in token_labelled:
+        assert "x_title=POSITION_AXIS" in call.split("\n\n")[0]
