@@ -25,7 +25,6 @@ from hooked_attnres._validation import is_integer, non_finite_in_column, require
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.interventions.checks import recorded_run
-from hooked_attnres.model.cache import record_of
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
 
@@ -284,11 +283,9 @@ def routing_heatmap(
 def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Optional[torch.Tensor]:
     """``[batch, pos]`` bool, True at the real tokens of the cached run where it had padding
     and ``positions`` is ``"all"`` (``None``: no padding, or one position, which every
-    prompt must have as a real token). Refuses a cache of a pass after key-value-cached
-    positions, and one whose ``names`` were cached with a ``pos_slice`` or by an earlier
+    prompt must have as a real token). Refuses a cache that records nothing (a plain
+    ``dict``), a cache of a pass after key-value-cached positions, and one whose ``names`` were cached with a ``pos_slice`` or by an earlier
     pass (`recorded_run`): their position ``p`` is not the run's position ``p``."""
-    if record_of(cache) is None:
-        return None  # a plain dict records nothing: taken as one unpadded run
     record = recorded_run(cache, "the cache", names)
     if record.n_past:
         raise ValueError(
@@ -323,7 +320,8 @@ def source_heatmap(
         model, cache: a routed model and ``run_with_cache`` output. The cache's record of
             its pass is read (`hooked_attnres.model.cache.record_of`): padding positions
             of a run with an ``attention_mask`` are left out; a cache that records nothing
-            (a plain ``dict``) is taken as one unpadded whole-sequence run.
+            (a plain ``dict``) is refused, as patching refuses it (declare a dict's pass
+            with `hooked_attnres.RunCacheDict`).
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
         positions: ``"all"`` (mean over prompts and their real positions) or one position
             (mean over prompts).

@@ -172,6 +172,14 @@ def test_source_heatmap_leaves_padding_out_and_refuses_positions_of_another_run(
     chunk = RunCacheDict(dict(whole), n_past=3)
     with pytest.raises(ValueError, match="after 3 cached positions"):
         plotting.source_heatmap(model, chunk, "mlp_res")
+    # a plain dict records nothing, so the padded run's dict would be averaged with its
+    # padding: refused, as patching refuses it; declared, it is read like the cache
+    plain = {name: cache[name] for name in cache.keys()}
+    with pytest.raises(ValueError, match="does not record the pass that made it"):
+        plotting.source_heatmap(model, plain, "mlp_res")
+    declared = RunCacheDict(plain, n_past=0, attention_mask=mask)
+    redrawn = plotting.source_heatmap(model, declared, "mlp_res").data[0].z
+    np.testing.assert_array_equal(np.asarray(redrawn, float), z)
 
 
 def test_effect_bands_shows_every_masked_family_and_refuses_missing_rows():
