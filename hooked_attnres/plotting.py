@@ -284,8 +284,9 @@ def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Opt
     """``[batch, pos]`` bool, True at the real tokens of the cached run where it had padding
     and ``positions`` is ``"all"`` (``None``: no padding, or one position, which every
     prompt must have as a real token). Refuses a cache that records nothing (a plain
-    ``dict``), a cache of a pass after key-value-cached positions, and one whose ``names`` were cached with a ``pos_slice`` or by an earlier
-    pass (`recorded_run`): their position ``p`` is not the run's position ``p``."""
+    ``dict``), a cache of a pass after key-value-cached positions, and one whose ``names``
+    were cached with a ``pos_slice`` or by an earlier pass (`recorded_run`): their
+    position ``p`` is not the run's position ``p``."""
     record = recorded_run(cache, "the cache", names)
     if record.n_past:
         raise ValueError(
