@@ -631,6 +631,80 @@ def test_pre_hooks_and_global_hooks_on_router_hook_points_fire(tokens):
     assert seen == [point]
 
 
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "none"])
+def test_pytorch_hooks_on_key_norm_unembed_and_blocks_run(layout, tokens):
+    """A PyTorch forward hook on a module the pass used to bypass: ``key_norm`` (the router
+    computed the scales itself unless a hook point watched it), ``unembed`` (the pass
+    multiplied by ``W_U``) and ``blocks[l]`` (the pass ran its halves). Each was skipped
+    silently: scaling the key norm's output moved nothing where the equal weight edit moves
+    the logits by 0.13, scaling the unembedding's output nothing instead of 0.26 (float64,
+    tiny models). Now each equals the same edit made another way; a pass that would run
+    half of a hooked block raises instead."""
+    import copy
+    import dataclasses
+
+    model = tiny_model(attnres_layout=layout, dtype=torch.float64)
+    if layout != "none":
+        randomize_routing(model)
+    model.eval()
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+
+    def with_hook(module, hook, **kwargs):
+        handle = module.register_forward_hook(hook)
+        try:
+            return model(tokens, attention_mask=mask, **kwargs)
+        finally:
+            handle.remove()
+
+    edits = [(model.unembed, lambda m: m.unembed.W_U.mul_(1.5))]
+    if layout != "none":  # the key norm's output is the scale: scale * 1.5 == gain / 1.5
+        edits += [
+            (model.blocks[1].attn_res.key_norm, lambda m: m.blocks[1].attn_res.key_norm.w.div_(1.5))
+        ]
+    with torch.no_grad():
+        plain = model(tokens, attention_mask=mask)
+        for module, weight_edit in edits:
+            edited = copy.deepcopy(model)
+            weight_edit(edited)
+            expected = edited(tokens, attention_mask=mask)
+            assert (expected - plain).abs().max() > 1e-3  # the edit matters
+            got = with_hook(module, lambda m, args, out: out * 1.5)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        # a block's output is the DepthState leaving it; its current source is hook_resid_post
+        seen = []
+        with_hook(model.blocks[2], lambda m, args, out: seen.append(out.current.clone()))
+        names = "blocks.2.hook_resid_post"  # without the pattern hooks: the plain bits
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+        assert len(seen) == 1 and torch.equal(seen[0], cache["blocks.2.hook_resid_post"])
+        if layout == "none":  # no committed blocks: editing the stream is the whole edit
+            expected = model.run_with_hooks(
+                tokens,
+                attention_mask=mask,
+                fwd_hooks=[("blocks.2.hook_resid_post", lambda x, hook: x * 0.5)],
+            )
+            got = with_hook(
+                model.blocks[2],
+                lambda m, args, out: dataclasses.replace(out, current=out.current * 0.5),
+            )
+            assert torch.equal(got, expected)
+        states = model.depth_states(tokens, sublayers=True, attention_mask=mask)
+        handle = model.blocks[2].register_forward_hook(lambda *args: None)
+        try:
+            with pytest.raises(
+                ValueError, match=r"on blocks.2 .*forward_from starts at its MLP sublayer \(5\)"
+            ):
+                model.forward_from(states[5], 5, attention_mask=mask)
+            with pytest.raises(ValueError, match=r"depth_states\(sublayers=True\) runs each"):
+                model.depth_states(tokens, sublayers=True, attention_mask=mask)
+            # whole layers run it: from the layer's attention on, and per-layer states
+            torch.testing.assert_close(
+                model.forward_from(states[4], 4, attention_mask=mask), plain, rtol=0, atol=1e-12
+            )
+        finally:
+            handle.remove()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_zero_source_with_eps_zero_gives_the_general_path_nan(dtype, shared, content_free_calls):

@@ -33,7 +33,14 @@ from hooked_attnres.model.depth import (
 )
 from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
-from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, stat_dtype
+from hooked_attnres.model.norms import (
+    RMSNorm,
+    _global_hooks_attached,
+    _has_module_hooks,
+    is_observed,
+    make_hook,
+    stat_dtype,
+)
 from hooked_attnres.model.passes import padding_of, pass_extent, same_padding
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
@@ -697,23 +704,57 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         last_attention = self.routing_layout.last_attention_sublayer
         if logit_positions is not None and sublayers.start > last_attention:
             state = gather_positions(state, logit_positions)
+        called_whole = self._blocks_called_whole(sublayers.start, "forward_from")
         for sublayer in sublayers:
             layer, is_mlp = divmod(sublayer, 2)
             block = self.blocks[layer]
             if is_mlp:
-                state = block.mlp_sublayer(state, shared_sums)
+                if layer not in called_whole:
+                    state = block.mlp_sublayer(state, shared_sums)
+                continue
+            positions = logit_positions if sublayer == last_attention else None
+            if layer in called_whole:  # through nn.Module.__call__: its PyTorch hooks run
+                state = block(state, context, positions, shared_sums)
             else:
-                positions = logit_positions if sublayer == last_attention else None
                 state = block.attn_sublayer(state, context, positions, shared_sums)
         return state
+
+    def _blocks_called_whole(self, first_sublayer: int, what: str) -> set[int]:
+        """The layers whose `AttnResBlock` a pass from ``first_sublayer`` on calls as a
+        module rather than by its halves: those with a PyTorch hook on the block itself
+        (``model.blocks[l].register_forward_hook``), or all while a global module hook
+        exists, so that the hook runs (a pass runs each layer's attention and MLP halves
+        separately, which skipped it silently). A pass that starts inside a hooked layer
+        (``what``, at its MLP sublayer) cannot run that hook and raises ``ValueError``."""
+        if _global_hooks_attached():
+            layers = set(range(self.cfg.n_layers))
+        else:
+            layers = {i for i, block in enumerate(self.blocks) if _has_module_hooks(block)}
+        if not layers:
+            return layers
+        layer, is_mlp = divmod(first_sublayer, 2)
+        if is_mlp and layer in layers:
+            if _has_module_hooks(self.blocks[layer]):
+                raise ValueError(
+                    f"a PyTorch hook is registered on blocks.{layer} (the AttnResBlock module), "
+                    f"which runs when the whole layer runs, but {what} starts at its MLP "
+                    f"sublayer ({first_sublayer}), so the hook would not run. Start at the "
+                    f"layer's attention (sublayer {2 * layer}), or hook one of the layer's "
+                    f"hook points instead (e.g. blocks.{layer}.hook_resid_post)"
+                )
+            layers.discard(layer)
+        return layers
 
     def _unembed(
         self, state: DepthState, shared_sums: SharedSums
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Final router (kimi / full layouts), ``ln_final`` and the unembedding
-        (``shared_sums``: the pass's)."""
+        (``shared_sums``: the pass's). The unembedding is called as a module, so that a
+        PyTorch hook on ``model.unembed`` runs (before, ``@ W_U`` skipped it silently)."""
         final_router = self.final_res if self.routing_layout.has_final_router else None
-        return normalized_route(final_router, state.sources, self.ln_final, shared_sums) @ self.W_U
+        return self.unembed(
+            normalized_route(final_router, state.sources, self.ln_final, shared_sums)
+        )
 
     @guarded_pass
     def depth_states(
@@ -742,6 +783,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
+        if sublayers and any(_has_module_hooks(block) for block in self.blocks):
+            hooked = [i for i, block in enumerate(self.blocks) if _has_module_hooks(block)]
+            raise ValueError(
+                f"a PyTorch hook is registered on blocks.{hooked[0]} (the AttnResBlock "
+                "module), which runs when the whole layer runs, but depth_states(sublayers="
+                "True) runs each layer's attention and MLP halves separately, so the hook "
+                "would not run. Use sublayers=False, or hook one of the layer's hook points "
+                f"instead (e.g. blocks.{hooked[0]}.hook_resid_post)"
+            )
         with pass_extent(0, tokens.shape[1], mask):
             for layer, block in enumerate(self.blocks):
                 entering = self._private_current(state, layer)  # states[-1] is returned

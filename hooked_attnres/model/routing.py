@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 from hooked_attnres.model.norms import (
     KeyNorm,
     RMSNorm,
+    _has_module_hooks,
     is_observed,
     make_hook,
     modules_if_unhooked,
@@ -95,20 +96,19 @@ class DepthRouter(nn.Module):
         self.hook_out = make_hook(-2)
 
     def _observed(self) -> bool:
-        return any(
-            is_observed(hook)
-            for hook in (
-                self.hook_sources,
-                self.key_norm.hook_scale,
-                self.hook_logits,
-                self.hook_weights,
-                self.hook_out,
-            )
+        return self._stack_observed() or any(
+            is_observed(hook) for hook in (self.hook_logits, self.hook_weights, self.hook_out)
         )
 
     def _stack_observed(self) -> bool:
-        """Whether a hook on a stacked tensor (sources or their scale) is attached."""
-        return is_observed(self.hook_sources) or is_observed(self.key_norm.hook_scale)
+        """Whether a hook on a stacked tensor (sources or their scale) is attached: also a
+        PyTorch hook on the `KeyNorm` module itself (its input is the stacked sources, its
+        output their scale), which only the stacked path calls."""
+        return (
+            is_observed(self.hook_sources)
+            or is_observed(self.key_norm.hook_scale)
+            or _has_module_hooks(self.key_norm)
+        )
 
     def forward(
         self,
