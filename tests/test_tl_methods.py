@@ -1238,6 +1238,22 @@ def test_editing_ln1_with_split_qkv_input_on_is_refused(tokens):
     ):
         with pytest.raises(ValueError, match=r"a hook edited blocks\.\d\.ln1\.hook_normalized or"):
             model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])
+    # a PyTorch hook on the ln1 module itself (not its hook points) was dropped silently
+    # too (0.055 logits, float64 tiny model)
+    for register in ("register_forward_hook", "register_forward_pre_hook"):
+        edit = (
+            (lambda m, args, out: out * 1.5)
+            if "pre" not in register
+            else (lambda m, args: (args[0] * 1.5,))
+        )
+        handle = getattr(model.blocks[1].ln1, register)(edit)
+        try:
+            with pytest.raises(
+                ValueError, match=r"a PyTorch hook edited the output of the blocks\.1\.ln1"
+            ):
+                model(tokens)
+        finally:
+            handle.remove()
     # reading ln1 (caching it, a hook that returns its input) is not an edit
     logits, cache = model.run_with_cache(tokens)
     assert torch.allclose(logits, plain, atol=1e-12)

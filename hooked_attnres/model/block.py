@@ -15,7 +15,13 @@ from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import Attention, AttentionContext, QKVInputs
 from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positions
 from hooked_attnres.model.mlp import GatedMLP
-from hooked_attnres.model.norms import RMSNorm, is_observed, make_hook, toggle_hook
+from hooked_attnres.model.norms import (
+    RMSNorm,
+    _has_module_hooks,
+    is_observed,
+    make_hook,
+    toggle_hook,
+)
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 
 
@@ -95,12 +101,18 @@ class AttnResBlock(nn.Module):
         a hook that edits it (returned or in place) raises ``ValueError`` instead of being
         dropped silently (TransformerBridge 4.3 drops it)."""
         shared = self.ln1(attn_in)  # fires ln1's hooks; the heads read their own copies
-        if is_observed(self.ln1.hook_scale) or is_observed(self.ln1.hook_normalized):
+        if (
+            is_observed(self.ln1.hook_scale)
+            or is_observed(self.ln1.hook_normalized)
+            or _has_module_hooks(self.ln1)  # a PyTorch hook on the norm module itself
+        ):
             unedited = self.ln1.unhooked(attn_in)  # the same bits when no hook edited
             if not torch.allclose(shared, unedited, rtol=0.0, atol=0.0, equal_nan=True):
+                prefix = self.ln1.hook_normalized.name.rsplit(".", 1)[0]
                 raise ValueError(
                     f"a hook edited {self.ln1.hook_normalized.name} or "
-                    f"{self.ln1.hook_scale.name} while set_use_split_qkv_input(True) is on: "
+                    f"{self.ln1.hook_scale.name} (or a PyTorch hook edited the output of the "
+                    f"{prefix} module) while set_use_split_qkv_input(True) is on: "
                     "the attention then reads one copy of its input per head, each "
                     "normalised on its own (hook_q_input / hook_k_input / hook_v_input), "
                     "not ln1's output, so the edit would change nothing. Edit the per-head "
