@@ -168,6 +168,10 @@ def test_a_key_value_chunk_with_no_new_token_for_a_prompt_runs_as_the_whole_pass
     fresh = KeyValueCache.init_cache(model.cfg)
     with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[1\] are all zero"):
         model(tokens[:, 5:8], attention_mask=mask[:, 5:8], past_kv_cache=fresh)
+    # the first chunk of a left-padded prompt, all padding: the prompt is not empty, so the
+    # message no longer says only to drop empty prompts (it said just that)
+    with pytest.raises(ValueError, match=r"\[2\] are all zero.*end the first chunk after its"):
+        model(tokens[:, :2], attention_mask=mask[:, :2], past_kv_cache=fresh)
 
 
 def test_bad_masks_and_empty_losses_are_refused():

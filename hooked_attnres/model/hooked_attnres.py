@@ -420,9 +420,16 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             real = real | (True if earlier is None else earlier.any(dim=-1).to(real.device))
         empty = (~real).nonzero().flatten().tolist()
         if empty:
+            hint = "drop empty prompts from the batch"
+            if past is not None:  # e.g. the first chunk of a left-padded prompt
+                hint = (
+                    "with a key-value cache a prompt needs one in its first pass or in the "
+                    "cache; for a left-padded prompt, end the first chunk after its first "
+                    "real token, or drop empty prompts from the batch"
+                )
             raise ValueError(
                 f"attention_mask row(s) {empty} are all zero: a prompt needs at least one real "
-                "token (drop empty prompts from the batch)"
+                f"token ({hint})"
             )
         return mask.to(device)
 
