@@ -1425,3 +1425,32 @@ def test_set_weights_sums_half_precision_weights_where_the_router_applies_them(d
     hooks = set_weights(model, exact, routers="attn_res", layers=3)
     weights = weights_under(model, torch.tensor([[1, 2, 3]]), hooks)
     assert torch.equal(weights["blocks.3.attn_res.hook_weights"][0, 0], exact.float())
+
+
+def test_zero_patches_are_refused_when_eps_is_zero():
+    """With eps = 0 (the exact wrap of a Qwen3 with rms_norm_eps = 0) a zero source has no
+    RMS: its routing logit is 0 / 0, and patching one to zero made every logit of the run
+    NaN (neither a number nor an error). Refused, naming mask_sources; with eps > 0 a zero
+    patch runs and is finite."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+
+    tokens = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(rms_norm_eps=0.0), wrap="exact", num_blocks=2)
+    for make in (
+        lambda: patch_sources(model, "embedding", "zero", layers=1),
+        lambda: patch_sources(model, "embedding", torch.zeros(model.cfg.d_model), layers=1),
+        lambda: patch_committed(model, "block_1", "zero"),
+        lambda: patch_committed(model, "embedding", 0.0),
+    ):
+        with pytest.raises(ValueError, match=r"eps = 0 .*0 / 0.*mask_sources"):
+            make()
+    masked = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "embedding", layers=1))
+    assert masked.isfinite().all()
+    finite = tiny_model(attnres_layout="kimi")  # eps 1e-6
+    assert (
+        finite.run_with_hooks(tokens % 50, fwd_hooks=patch_committed(finite, "embedding", "zero"))
+        .isfinite()
+        .all()
+    )

@@ -108,15 +108,33 @@ def check_value(model: HookedAttnRes, value: Value, hook_names: Sequence[str], w
     if isinstance(value, str):
         if value not in VALUE_NAMES:
             raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
+        if value == "zero":
+            _refuse_zero_source(model, what, "value='zero'")
         return value
     if _is_cache(value):
         check_cached(model, value, hook_names, f"the cache given to {what}")  # type: ignore[arg-type]
         return value
     if isinstance(value, (Tensor, float, int, list, tuple)) and not isinstance(value, bool):
-        return check_value_tensor(value, model.cfg.d_model, what)
+        tensor = check_value_tensor(value, model.cfg.d_model, what)
+        if bool((tensor == 0).all(dim=-1).any()) if tensor.ndim else float(tensor) == 0:
+            _refuse_zero_source(model, what, "a value tensor that is zero over d_model")
+        return tensor
     raise TypeError(
         f"{what}: value must be 'zero', 'mean', a tensor or a cache, got {type(value).__name__}"
     )
+
+
+def _refuse_zero_source(model: HookedAttnRes, what: str, value: str) -> None:
+    """A source patched to zero has no RMS when the norms' ``eps`` is 0: its routing logit
+    (and RMSNorm) is ``0 / 0``, so the logits would be NaN, not a number to report."""
+    if model.cfg.eps == 0:
+        raise ValueError(
+            f"{what} with {value} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
+            "with rms_norm_eps = 0): a zero source has no RMS, its routing logit is 0 / 0, "
+            "so the patched logits would be NaN. Remove the source from the mix instead "
+            "(mask_sources, mask-and-renormalise), or patch it with 'mean' or another run's "
+            "cache"
+        )
 
 
 def resolve_value(
