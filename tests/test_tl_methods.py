@@ -8,6 +8,8 @@ here) or the error is asserted by message."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import warnings
 
@@ -34,7 +36,7 @@ from hooked_attnres import (
     LeftPaddingWithoutMaskWarning,
     UnknownHookError,
 )
-from hooked_attnres.model.generation import sample_logits
+from hooked_attnres.model.generation import sample_logits, sampling_probabilities
 
 WRAPS = ("recency", "exact", "none")
 WORDS = [f"w{i}" for i in range(40)]
@@ -935,6 +937,242 @@ def test_top_k_and_top_p_restrict_the_support():
     drawn = sample_logits(logits, generator=generator)
     frequency = torch.bincount(drawn, minlength=5) / 2000
     assert torch.allclose(frequency, probs, atol=0.04)
+
+
+# --- the sampling distribution, exactly (audit 25) ------------------------------------
+def reference_distribution(logits, tokens, top_k, top_p, temperature, freq, repetition):
+    """TransformerLens's documented sample_logits rules in plain Python floats (float64),
+    one row: repetition penalty on the tokens seen (divide a positive logit, multiply a
+    negative one), divide by the temperature, subtract freq * count, keep the top_k largest
+    (ties with the k-th kept) or every token whose more likely tokens have mass <= top_p."""
+    values = [float(v) for v in logits]
+    counts = [tokens.count(i) for i in range(len(values))]
+    values = [
+        (v / repetition if v > 0 else v * repetition) if c else v
+        for v, c in zip(values, counts, strict=True)
+    ]
+    values = [v / temperature - freq * c for v, c in zip(values, counts, strict=True)]
+    keep = [True] * len(values)
+    if top_k is not None:
+        kth = sorted(values, reverse=True)[min(top_k, len(values)) - 1]
+        keep = [v >= kth for v in values]
+    elif top_p is not None:
+        total = sum(math.exp(v) for v in values)
+        mass_before = 0.0
+        for index in sorted(range(len(values)), key=lambda i: -values[i]):
+            keep[index] = mass_before <= top_p
+            mass_before += math.exp(values[index]) / total
+    weights = [math.exp(v) if k else 0.0 for v, k in zip(values, keep, strict=True)]
+    return [w / sum(weights) for w in weights]
+
+
+def test_sampling_probabilities_follow_the_documented_rules():
+    """sampling_probabilities (what sample_logits draws from) equals the rules computed
+    independently, for every combination of temperature, top_k, top_p and the penalties,
+    on logits with ties at the top-k boundary and negative logits of seen tokens; and
+    equals Hugging Face's logits processors where the two agree (not freq_penalty, a
+    TransformerLens option, nor the top_p boundary, below)."""
+    import transformers.generation.logits_process as hf
+
+    logits = torch.tensor([[2.0, 1.0, 1.0, -0.5, -2.0, 0.35], [0.1, -1.0, 3.0, 3.0, -0.2, 0.0]])
+    tokens = torch.tensor([[1, 4, 4, 0], [3, 1, 1, 5]])  # seen: a positive and negative logit
+    grid = itertools.product(
+        (0.5, 1.0, 2.5),
+        [(None, None), (1, None), (2, None), (3, None), (99, None)]
+        + [(None, p) for p in (0.2, 0.6, 0.9, 1.0)],
+        (0.0, 0.7),
+        (1.0, 1.6, 0.8),
+    )
+    for temperature, (top_k, top_p), freq, repetition in grid:
+        options = dict(
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            freq_penalty=freq,
+            repetition_penalty=repetition,
+            tokens=tokens,
+        )
+        probs = sampling_probabilities(logits, **options)
+        for row in range(2):
+            expected = reference_distribution(
+                logits[row].tolist(),
+                tokens[row].tolist(),
+                top_k,
+                top_p,
+                temperature,
+                freq,
+                repetition,
+            )
+            assert probs[row].tolist() == pytest.approx(expected, abs=1e-6), options
+        if freq == 0:  # without ties: at a top_p boundary HF keeps the other one (below)
+            untied = logits + 1e-3 * torch.arange(6.0)
+            processors = [hf.RepetitionPenaltyLogitsProcessor(repetition)]
+            processors.append(hf.TemperatureLogitsWarper(temperature))
+            if top_k is not None:
+                processors.append(hf.TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1:
+                processors.append(hf.TopPLogitsWarper(top_p))
+            scores = untied.clone()
+            for processor in processors:
+                scores = processor(tokens, scores)
+            ours = sampling_probabilities(untied, **options)
+            torch.testing.assert_close(ours, scores.softmax(-1), rtol=0, atol=1e-6)
+    # temperature 0: one-hot at the argmax of the penalised logits (token 2 ties 3 in row 1
+    # before the penalty; 3 was seen, so 2 wins)
+    greedy = sampling_probabilities(logits, temperature=0.0, repetition_penalty=1.5, tokens=tokens)
+    assert greedy.argmax(-1).tolist() == [0, 2] and greedy.sum(-1).tolist() == [1.0, 1.0]
+    # the draws follow the distribution (a chi-square bound at 6 - 1 degrees of freedom)
+    options = dict(top_p=0.9, temperature=1.3, freq_penalty=0.4, repetition_penalty=1.2)
+    many = logits[:1].repeat(20000, 1)
+    drawn = sample_logits(
+        many,
+        tokens=tokens[:1].repeat(20000, 1),
+        generator=torch.Generator().manual_seed(3),
+        **options,
+    )
+    expected = sampling_probabilities(logits[:1], tokens=tokens[:1], **options)[0] * 20000
+    observed = torch.bincount(drawn, minlength=6).double()
+    support = expected > 0
+    assert (observed[~support] == 0).all()
+    chi2 = ((observed[support] - expected[support]) ** 2 / expected[support]).sum()
+    assert chi2 < 20.5  # the 0.999 quantile of chi2 with 5 degrees of freedom
+
+
+def test_top_p_keeps_one_token_more_than_hugging_face_at_an_exact_boundary():
+    """Documented differences: when the tokens before one reach top_p exactly, that token
+    is kept (TransformerLens's rule) where Hugging Face stops; of tokens tied at the
+    boundary, the lower id is kept (a stable sort; Hugging Face keeps the higher)."""
+    import transformers.generation.logits_process as hf
+
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # dyadic: exact in float32
+    probs = sampling_probabilities(logits, top_p=0.5)
+    assert probs[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0, 0], abs=1e-7)
+    theirs = hf.TopPLogitsWarper(0.5)(torch.zeros(1, 1, dtype=torch.long), logits).softmax(-1)
+    assert theirs[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.manual_seed(0)
+    drawn = tl_sample_logits(logits.repeat(400, 1), top_p=0.5)
+    assert set(drawn.tolist()) == {0, 1}  # TransformerLens keeps token 1 too
+    # of tied tokens at the boundary the lower id is kept (Hugging Face keeps the higher)
+    tied = torch.tensor([[0.0, 1.0, 1.0, -1.0]])
+    assert sampling_probabilities(tied, top_p=0.3)[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    theirs = hf.TopPLogitsWarper(0.3)(torch.zeros(1, 1, dtype=torch.long), tied).softmax(-1)
+    assert theirs[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_float64_logits_are_penalised_and_filtered_in_float64():
+    """Audit finding: sample_logits rounded the logits to float32 before the penalties and
+    filters, so in a float64 model two logits 1e-12 apart tied: greedy decoding with a
+    repetition penalty (on another token) chose token 0 where TransformerLens and the same
+    call without the penalty choose 1, and top_k=1 sampled token 0 in about half of the
+    draws."""
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, -5.0]], dtype=torch.float64)
+    seen = torch.tensor([[2]])
+    assert logits.argmax(-1).item() == 1
+    options = dict(temperature=0.0, repetition_penalty=1.5, tokens=seen)
+    assert sample_logits(logits, **options).item() == 1
+    assert tl_sample_logits(logits, **options).item() == 1
+    many = logits.repeat(200, 1)
+    drawn = sample_logits(many, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1}
+    drawn = sample_logits(
+        many,
+        top_k=1,
+        repetition_penalty=1.5,
+        tokens=seen.repeat(200, 1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert set(drawn.tolist()) == {1}
+
+
+def test_bad_sampling_arguments_and_non_finite_logits_are_refused():
+    """Audit findings: freq_penalty=nan was skipped silently (the draw was that of no
+    penalty); a NaN temperature or repetition penalty, an infinite freq_penalty, a
+    temperature of 1e-39 (logits / temperature overflows) and NaN logits crashed in
+    torch.multinomial ("probability tensor contains either inf, nan or element < 0"), and
+    greedy decoding of NaN logits returned a token; top_k with top_p ignored top_p
+    silently (Hugging Face applies both); generate(do_sample=False) did not check top_k,
+    top_p or temperature, and read stop_at_eos="no" as True."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    seen = torch.tensor([[0, 1]])
+    for name, value in (
+        ("freq_penalty", float("nan")),
+        ("freq_penalty", float("inf")),
+        ("repetition_penalty", float("nan")),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", True),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, got {value}"):
+            sample_logits(logits, tokens=seen, **{name: value})
+    with pytest.raises(ValueError, match=r"top_k=2 and top_p=0.5 were both given"):
+        sample_logits(logits, top_k=2, top_p=0.5)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\] or None, got True"):
+        sample_logits(logits, top_p=True)
+    with pytest.raises(ValueError, match=r"temperature=1e-39 overflow float32 .* use temperat"):
+        sample_logits(logits, temperature=1e-39)
+    for bad_logit in (float("nan"), float("inf")):
+        broken = torch.tensor([[1.0, bad_logit, 0.0], [1.0, 2.0, 0.0]])
+        with pytest.raises(ValueError, match=r"row\(s\) \[0\]: .* the model's logits"):
+            sample_logits(broken)
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\]: .* the model's logits"):
+        sample_logits(torch.tensor([[1.0, float("nan"), 0.0]]), temperature=0.0)
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\]: .* no finite value"):
+        sample_logits(torch.full((1, 3), float("-inf")))
+    # -inf logits (a hook banning tokens) are fine: never drawn
+    banned = torch.tensor([[1.0, float("-inf"), 0.0]]).repeat(500, 1)
+    assert 1 not in sample_logits(banned, generator=torch.Generator().manual_seed(0)).tolist()
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    greedy = dict(do_sample=False, stop_at_eos=False, verbose=False)
+    for options, message in (
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"freq_penalty": float("nan")}, "freq_penalty must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.generate(prompt, **options, **greedy)
+    for flag in ("stop_at_eos", "do_sample"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+            model.generate(prompt, **{**greedy, flag: "no"})
+    # greedy ignores them when valid, as TransformerLens does
+    plain = model.generate(prompt, **greedy)
+    assert torch.equal(model.generate(prompt, top_k=3, temperature=0.5, **greedy), plain)
+
+
+def test_greedy_generation_equals_hugging_face_generate():
+    """Greedy generate of the none wrap of a float64 Qwen3 equals HF's
+    generate(do_sample=False) token for token: left-padded, with and without the cache,
+    stopping at a list of end tokens (HF fills a finished prompt with its pad token,
+    TransformerLens and we with the end token) and with a repetition penalty."""
+    hf = hf_qwen3().double()
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3().double(), wrap="none", dtype=torch.float64)
+    real = torch.randint(3, 61, (3, 6), generator=torch.Generator().manual_seed(0))
+    tokens = torch.ones_like(real)  # pad id 1
+    mask = torch.zeros_like(real)
+    for row, length in enumerate((6, 2, 4)):
+        tokens[row, 6 - length :], mask[row, 6 - length :] = real[row, :length], 1
+    ours = dict(max_new_tokens=8, do_sample=False, verbose=False)
+    theirs = dict(max_new_tokens=8, do_sample=False, pad_token_id=1)
+    expected = hf.generate(tokens, attention_mask=mask, eos_token_id=None, **theirs)
+    for cached in (True, False):
+        out = model.generate(
+            tokens, attention_mask=mask, stop_at_eos=False, use_past_kv_cache=cached, **ours
+        )
+        assert torch.equal(out, expected), cached
+    ends = [int(expected[0, 8]), int(expected[1, 7])]  # rows 0 and 1 end early
+    expected = hf.generate(tokens, attention_mask=mask, eos_token_id=ends, **theirs)
+    out = model.generate(tokens, attention_mask=mask, eos_token_id=ends, **ours)
+    assert out.shape == expected.shape
+    for row in range(3):
+        new = expected[row, 6:].tolist()
+        stop = next((i + 1 for i, t in enumerate(new) if t in ends), len(new))
+        assert out[row, : 6 + stop].tolist() == expected[row, : 6 + stop].tolist()
+        assert set(out[row, 6 + stop :].tolist()) <= {ends[0]}  # HF: its pad token
+        assert set(expected[row, 6 + stop :].tolist()) <= {1}
+    expected = hf.generate(real, repetition_penalty=1.7, eos_token_id=None, **theirs)
+    out = model.generate(real, repetition_penalty=1.7, stop_at_eos=False, **ours)
+    assert torch.equal(out, expected)
 
 
 def test_generation_stops_at_eos_and_pads_finished_prompts():

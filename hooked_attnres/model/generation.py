@@ -15,7 +15,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import (
+    is_finite_number,
+    is_integer,
+    require_finite_number,
+    require_integer,
+)
 from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.passes import padding_of
 
@@ -23,6 +28,153 @@ if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
 
 RETURN_TYPES = ("input", "str", "tokens")
+
+
+def check_sampling_arguments(
+    top_k: Any = None,
+    top_p: Any = None,
+    temperature: Any = 1.0,
+    freq_penalty: Any = 0.0,
+    repetition_penalty: Any = 1.0,
+) -> Optional[int]:
+    """Refuse sampling arguments that `sample_logits` cannot honour (a ``ValueError`` that
+    names the argument); returns ``top_k`` as an ``int`` or ``None``.
+
+    Every number must be finite (a NaN ``freq_penalty`` used to be skipped silently; a NaN
+    temperature or repetition penalty crashed in ``torch.multinomial``), and ``top_k`` and
+    ``top_p`` are not combined: TransformerLens keeps ``top_k`` and silently ignores
+    ``top_p``, Hugging Face applies both, so either reading would surprise someone."""
+    for name, value in (
+        ("temperature", temperature),
+        ("freq_penalty", freq_penalty),
+        ("repetition_penalty", repetition_penalty),
+    ):
+        require_finite_number(name, value)
+    if freq_penalty < 0:
+        raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    top_k = require_integer("top_k", top_k, 1, optional=True)
+    if top_p is not None and not (is_finite_number(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_k is not None and top_p is not None:
+        raise ValueError(
+            f"top_k={top_k} and top_p={top_p} were both given: TransformerLens's "
+            "sample_logits keeps top_k and ignores top_p, Hugging Face applies both; give "
+            "one of them"
+        )
+    return top_k
+
+
+def _filtered_logits(
+    final_logits: Float[Tensor, "batch d_vocab"],
+    top_k: Optional[int],
+    top_p: Optional[float],
+    temperature: float,
+    freq_penalty: float,
+    repetition_penalty: float,
+    tokens: Optional[Int[Tensor, "batch pos"]],
+    token_mask: Optional[Bool[Tensor, "batch pos"]],
+) -> Float[Tensor, "batch d_vocab"]:
+    """The logits `sample_logits` draws from (after the penalties, the temperature and
+    top-k / top-p; filtered tokens are ``-inf``), or for ``temperature == 0`` the penalised
+    logits it takes the argmax of. In the logits' dtype if at least float32, else float32
+    (float64 logits stay float64, as in TransformerLens: rounding them to float32 first
+    made near-ties choose another token)."""
+    top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
+    if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
+        raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
+    logits = final_logits.to(torch.promote_types(final_logits.dtype, torch.float32))
+    counts = None
+    if tokens is not None and (freq_penalty > 0 or repetition_penalty != 1.0):
+        weights = None if token_mask is None else token_mask.to(logits.dtype)
+        counts = torch.zeros_like(logits).scatter_add_(
+            -1, tokens, torch.ones_like(tokens, dtype=logits.dtype) if weights is None else weights
+        )
+    if counts is not None and repetition_penalty != 1.0:
+        penalised = torch.where(
+            logits > 0, logits / repetition_penalty, logits * repetition_penalty
+        )
+        logits = torch.where(counts > 0, penalised, logits)
+    if temperature == 0.0:
+        return logits
+    logits = logits / temperature
+    if counts is not None and freq_penalty > 0:
+        logits = logits - freq_penalty * counts
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif top_p is not None:
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: low id first
+        before = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already exceed top_p (the first is kept)
+        drop = torch.zeros_like(before, dtype=torch.bool)
+        drop[..., 1:] = before[..., :-1] > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _refuse_non_finite(
+    logits: Float[Tensor, "batch d_vocab"],
+    final_logits: Float[Tensor, "batch d_vocab"],
+    temperature: float,
+) -> None:
+    """A ``ValueError`` instead of a NaN probability (``torch.multinomial``'s "probability
+    tensor contains either `inf`, `nan` or element < 0") or the argmax of a NaN (a token,
+    silently). ``logits``: what `_filtered_logits` gave (float32 when sampling);
+    ``temperature == 0``: only NaN is refused (an infinite logit has an argmax)."""
+    bad = torch.isnan(logits).any(dim=-1)
+    if temperature != 0.0:  # -inf is a filtered token; a row needs a finite one, no +inf
+        bad |= torch.eq(logits, float("inf")).any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    if bool(torch.isfinite(final_logits[rows]).all()):
+        why = (
+            f"the penalties and temperature={temperature} overflow float32 (a temperature "
+            "this small samples the argmax: use temperature=0 or do_sample=False)"
+        )
+    else:
+        why = "the model's logits (or a hook's edit of them) are NaN or infinite"
+    raise ValueError(
+        f"cannot choose the next token of row(s) {rows}: the logits have NaN, +inf or no "
+        f"finite value; {why}"
+    )
+
+
+def sampling_probabilities(
+    final_logits: Float[Tensor, "batch d_vocab"],
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    tokens: Optional[Int[Tensor, "batch pos"]] = None,
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """The distribution `sample_logits` draws the next token from, ``[batch, d_vocab]``
+    float32 (rows sum to 1; a filtered token has probability 0). For ``temperature == 0``
+    it is one-hot at the token `sample_logits` returns. Arguments as `sample_logits`."""
+    if temperature == 0.0:
+        chosen = sample_logits(
+            final_logits, top_k, top_p, 0.0, freq_penalty, repetition_penalty, tokens, token_mask
+        )
+        probs = torch.zeros(final_logits.shape, dtype=torch.float32, device=final_logits.device)
+        return probs.scatter_(-1, chosen[:, None], 1.0)
+    logits = _filtered_logits(
+        final_logits,
+        top_k,
+        top_p,
+        temperature,
+        freq_penalty,
+        repetition_penalty,
+        tokens,
+        token_mask,
+    ).float()  # as TransformerLens: filtered in the logits' dtype, drawn in float32
+    _refuse_non_finite(logits, final_logits, temperature)
+    return (logits - logits.logsumexp(dim=-1, keepdim=True)).softmax(dim=-1)
 
 
 def sample_logits(
@@ -36,15 +188,22 @@ def sample_logits(
     token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Int[Tensor, " batch"]:
-    """The next token of every prompt, with TransformerLens's ``sample_logits`` semantics.
+    """The next token of every prompt, with TransformerLens's ``sample_logits`` semantics
+    (the distribution it draws from: `sampling_probabilities`).
 
     In order: the repetition penalty (a logit of a token seen in ``tokens`` is divided by
     ``repetition_penalty`` if positive, multiplied if negative); ``temperature == 0``
     returns the argmax; otherwise the logits are divided by ``temperature``, the frequency
-    penalty subtracts ``freq_penalty`` times each token's count in ``tokens``, ``top_k``
-    keeps the ``k`` largest logits (ties kept; ``k`` is clamped to the vocabulary) or else
-    ``top_p`` keeps the smallest set of most likely tokens whose probability reaches
-    ``top_p``, and a token is drawn from the softmax (float32).
+    penalty subtracts ``freq_penalty`` times each token's count in ``tokens`` (the prompt
+    included), then ``top_k`` keeps the ``k`` largest logits (every token tied with the
+    ``k``-th too; ``k`` is clamped to the vocabulary) or ``top_p`` keeps, in order of
+    probability, every token whose more likely tokens have a total probability of at most
+    ``top_p`` (TransformerLens's rule: the smallest set that reaches ``top_p``, plus one
+    token when the tokens before it reach ``top_p`` exactly, where Hugging Face stops);
+    ``top_k`` with ``top_p`` is refused. The arithmetic is in the logits' dtype (float32
+    at least), the draw from the softmax in float32. Arguments are checked by
+    `check_sampling_arguments`; NaN logits, or logits that overflow (``temperature`` below
+    about ``1e-37``), raise a ``ValueError``.
 
     Args:
         final_logits: the logits of the last position ``[batch, d_vocab]``.
@@ -53,52 +212,29 @@ def sample_logits(
             the penalties); ``None`` counts every token.
         generator: a seeded ``torch.Generator`` for reproducible draws; ``None`` uses the
             global RNG (then the draws equal TransformerLens's under the same
-            ``torch.manual_seed``).
+            ``torch.manual_seed``). A batch draws its rows from one stream, so a prompt
+            sampled in a batch gets other tokens than alone under the same seed.
 
     Returns:
         ``[batch]`` token ids.
     """
-    if freq_penalty < 0:
-        raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    top_k = require_integer("top_k", top_k, 1, optional=True)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
-        raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
-    logits = final_logits.float()
-    counts = None
-    if tokens is not None and (freq_penalty > 0 or repetition_penalty != 1.0):
-        weights = None if token_mask is None else token_mask.to(logits.dtype)
-        counts = torch.zeros_like(logits).scatter_add_(
-            -1, tokens, torch.ones_like(tokens, dtype=logits.dtype) if weights is None else weights
+    if temperature != 0.0:
+        probs = sampling_probabilities(
+            final_logits,
+            top_k,
+            top_p,
+            temperature,
+            freq_penalty,
+            repetition_penalty,
+            tokens,
+            token_mask,
         )
-    if counts is not None and repetition_penalty != 1.0:
-        seen = counts > 0
-        penalised = torch.where(
-            logits > 0, logits / repetition_penalty, logits * repetition_penalty
-        )
-        logits = torch.where(seen, penalised, logits)
-    if temperature == 0.0:
-        return final_logits.argmax(dim=-1) if counts is None else logits.argmax(dim=-1)
-    logits = logits / temperature
-    if counts is not None and freq_penalty > 0:
-        logits = logits - freq_penalty * counts
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif top_p is not None:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        before = ordered.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the tokens before it already reach top_p (the first is kept)
-        drop = torch.zeros_like(before, dtype=torch.bool)
-        drop[..., 1:] = before[..., :-1] > top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = (logits - logits.logsumexp(dim=-1, keepdim=True)).softmax(dim=-1)
-    return torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
+        return torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
+    logits = _filtered_logits(
+        final_logits, top_k, top_p, 0.0, freq_penalty, repetition_penalty, tokens, token_mask
+    )
+    _refuse_non_finite(logits, final_logits, 0.0)
+    return logits.argmax(dim=-1)
 
 
 class GenerationMixin:
@@ -182,8 +318,19 @@ class GenerationMixin:
             ids), or ``[batch, pos + n_generated]`` token ids, per ``return_type``.
         """
         self._check_generate_args(
-            max_new_tokens, return_type, do_sample, padding_side, use_past_kv_cache, generator
+            max_new_tokens,
+            return_type,
+            padding_side,
+            generator,
+            {
+                "do_sample": do_sample,
+                "stop_at_eos": stop_at_eos,
+                "use_past_kv_cache": use_past_kv_cache,
+            },
         )
+        # checked whether or not they are used (greedy ignores top_k, top_p, temperature
+        # and freq_penalty, as in TransformerLens)
+        check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
         tokens, mask, input_type = self._generation_prompt(
             input, prepend_bos, padding_side, attention_mask
         )
@@ -238,8 +385,11 @@ class GenerationMixin:
         return self._generation_output(tokens, input_type, return_type)
 
     def _check_generate_args(
-        self, max_new_tokens, return_type, do_sample, padding_side, use_past_kv_cache, generator
+        self, max_new_tokens, return_type, padding_side, generator, flags: dict[str, Any]
     ) -> None:
+        for name, flag in flags.items():  # stop_at_eos="no" was read as True
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if not is_integer(max_new_tokens):
             raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
@@ -255,10 +405,8 @@ class GenerationMixin:
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and not do_sample:
+        if generator is not None and not flags["do_sample"]:
             raise ValueError("a generator seeds sampling; it has no effect with do_sample=False")
-        if not isinstance(use_past_kv_cache, bool):
-            raise TypeError(f"use_past_kv_cache must be a bool, got {use_past_kv_cache!r}")
 
     def _generation_prompt(
         self, input, prepend_bos, padding_side, attention_mask
