@@ -1338,6 +1338,10 @@ def test_bad_generation_arguments_are_refused():
         model.generate(prompt, top_k=0, stop_at_eos=False, **quiet)
     with pytest.raises(TypeError, match="token ids must be an integer tensor"):
         model.generate(torch.ones(1, 3), stop_at_eos=False, **quiet)
+    # audit finding: embeddings ([batch, pos, d_model], TransformerBridge's inputs_embeds)
+    # were refused only as "token ids must be an integer tensor (torch.long)"
+    with pytest.raises(TypeError, match=r"does not continue embeddings .*inputs_embeds"):
+        model.generate(torch.ones(1, 3, model.cfg.d_model), stop_at_eos=False, **quiet)
     with pytest.raises(ValueError, match="the input tokenises to zero tokens"):
         model.generate("", stop_at_eos=False, **quiet)
     state = model.depth_states(torch.tensor([[4, 5]]))[0]

@@ -433,6 +433,12 @@ class GenerationMixin:
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, "left", truncate=False)
             input_type = "str" if isinstance(input, str) else "list"
         else:
+            if input.is_floating_point():
+                raise TypeError(
+                    f"token ids must be an integer tensor, got a {input.dtype} tensor of shape "
+                    f"{tuple(input.shape)}: generate does not continue embeddings "
+                    "(TransformerBridge's inputs_embeds input); pass [batch, pos] token ids"
+                )
             tokens = self._validate_tokens(input)
             mask = attention_mask
             if mask is None and padding_side is not None:  # "left": "right" was refused
