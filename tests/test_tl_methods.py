@@ -916,15 +916,17 @@ def test_sampling_is_reproducible_with_a_generator():
     ],
 )
 def test_sampling_draws_what_transformerlens_draws(options):
+    """In float32 and float64 (TransformerLens filters in the logits' dtype, as here;
+    bfloat16 logits are filtered in float32 here and in bfloat16 there, documented)."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 30, generator=generator) * 2
     tokens = torch.randint(0, 30, (4, 6), generator=generator)
-    for seed in range(5):
+    for seed, dtype in itertools.product(range(5), (torch.float32, torch.float64)):
         torch.manual_seed(seed)
-        ours = sample_logits(logits, tokens=tokens, **options)
+        ours = sample_logits(logits.to(dtype), tokens=tokens, **options)
         torch.manual_seed(seed)
-        theirs = tl_sample_logits(logits, tokens=tokens, **options)
-        assert torch.equal(ours, theirs), (options, seed)
+        theirs = tl_sample_logits(logits.to(dtype), tokens=tokens, **options)
+        assert torch.equal(ours, theirs), (options, seed, dtype)
 
 
 def test_top_k_and_top_p_restrict_the_support():
