@@ -394,6 +394,30 @@ def test_interventions_under_generate_give_the_same_steps_with_and_without_the_c
             )
 
 
+def test_generate_under_hooks_equals_a_step_by_step_recompute_with_them():
+    """generate inside model.hooks() (a routing intervention and a plain hook) gives, with
+    and without the cache, the tokens of a loop that reruns the whole left-padded sequence
+    through run_with_hooks and takes the argmax; the hooks change the tokens."""
+    from hooked_attnres.interventions import set_weights
+
+    model = routed_model("kimi").to(torch.float64)
+    prompt = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    hooks = set_weights(model, "uniform") + [("blocks.1.hook_mlp_out", lambda x, hook: x * 0.3)]
+    expected, running = prompt, mask
+    for _ in range(5):
+        logits = model.run_with_hooks(expected, attention_mask=running, fwd_hooks=hooks)
+        expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), 1)
+        running = torch.cat((running, torch.ones_like(running[:, :1])), 1)
+    options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, stop_at_eos=False)
+    for cached in (True, False):
+        with model.hooks(fwd_hooks=hooks):
+            out = model.generate(prompt, use_past_kv_cache=cached, verbose=False, **options)
+        assert torch.equal(out, expected), cached
+    assert not torch.equal(model.generate(prompt, verbose=False, **options), expected)
+
+
 def test_hooks_in_cached_passes_see_the_new_positions_and_can_find_their_offset(layout):
     """In a key-value cached pass hooks see the new positions only, so ``pos_slice`` of
     ``run_with_cache`` and a hook's own indices count from the pass's first position, the
