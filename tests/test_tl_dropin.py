@@ -1102,6 +1102,93 @@ def test_a_float16_cache_of_an_edited_run_is_refused_at_float16_rounding(layout)
         edited.decompose_resid(routed=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["kimi", "full", "cumulative", "none", "wrap_exact"])
+@torch.no_grad()
+def test_half_precision_decompositions_add_no_rounding_of_their_own(case, dtype):
+    """Audit finding (low precision): in a bfloat16 / float16 model the routed views
+    multiplied every cached component by its routing coefficient in the model's dtype
+    (the float32 weights rounded to 8 bits, then the product), `logit_attrs` dotted with
+    ``W_U[:, t] * ln_final.w`` rounded to 8 bits, the head stacks' remainder and the
+    projected neuron stacks were computed in bfloat16: routed ``decompose_resid(apply_ln)``
+    1.3e-2 off on entries of 3.4 (full; 1.1e-2 of the model's own 1.8e-2 in the exact wrap),
+    ``logit_attrs`` 4.3e-3 on 1.1 (exact wrap). They now widen the cached activations and
+    the weights (exact) and compute in float32: against the same cache post-processed by
+    hand in float64, the error is float32's."""
+    model = build(case).to(dtype).eval()
+    warnings.simplefilter("ignore", UnfoldedNormWarning)  # the hand computation divides too
+    tokens = torch.randint(
+        10, model.cfg.d_vocab, (3, 7), generator=torch.Generator().manual_seed(5)
+    )
+    answers = torch.tensor([11, 12, 13])
+    _, cache = model.run_with_cache(tokens)
+    point = 2 * model.cfg.n_layers  # the unembedding
+    coefficients = cache.routed_coefficients(point)
+    n_heads = model.cfg.n_heads
+
+    def weighted(label: str, value: torch.Tensor) -> torch.Tensor:  # float64, by hand
+        c = coefficients[label]
+        c = (
+            c.double().reshape(*c.shape, *([1] * (value.ndim - c.ndim)))
+            if torch.is_tensor(c)
+            else c
+        )
+        return c * value
+
+    checked = []
+
+    def close(ours: torch.Tensor, hand: torch.Tensor) -> None:
+        checked.append((float((ours.double() - hand).abs().max() / hand.abs().max()), ours.dtype))
+
+    scale = cache["ln_final.hook_scale"].double()
+    stack, labels = cache.decompose_resid(routed=True, return_labels=True)
+    hand = torch.stack([weighted(lab, cache[_tl_name(lab)].double()) for lab in labels])
+    close(stack, hand)
+    close(cache.decompose_resid(routed=True, apply_ln=True), hand / scale)
+    directions = (model.W_U.double()[:, answers] * model.ln_final.w.double()[:, None]).T[:, None]
+    close(cache.logit_attrs(stack, answers, routed=True), (hand / scale * directions).sum(-1))
+    heads = []
+    for layer in range(model.cfg.n_layers):
+        w_o = model.blocks[layer].attn.W_O.double()
+        result = torch.einsum("bphd,hdm->bphm", cache["z", layer].double(), w_o)
+        heads.append(weighted(f"{layer}_attn_out", result).movedim(-2, 0))
+    heads = torch.cat(heads)
+    remainder = cache.norm_input(point).double() - heads.sum(0)
+    close(
+        cache.stack_head_results(routed=True, incl_remainder=True),
+        torch.cat([heads, remainder[None]]),
+    )
+    onto = directions[0, 0].to(dtype)  # a projection in the model's dtype
+    neurons = []
+    for layer in range(model.cfg.n_layers):
+        w_out = model.blocks[layer].mlp.W_out.double() @ onto.double()  # [d_mlp]
+        neurons.append(
+            weighted(f"{layer}_mlp_out", cache["post", layer].double() * w_out).movedim(-1, 0)
+        )
+    projected = cache.stack_neuron_results(
+        model.cfg.n_layers,
+        apply_ln=True,
+        project_output_onto=onto,
+        routed=True,
+    )
+    close(projected, torch.cat(neurons) / scale.squeeze(-1))
+    full = cache.get_full_resid_decomposition(
+        routed=True, expand_neurons=False, project_output_onto=onto
+    )
+    assert max(error for error, _ in checked) < 1e-5  # float32 rounding (was 8 / 11 bits)
+    assert {dtype for _, dtype in checked} == {torch.float32}
+    assert full.dtype == torch.float32
+    assert full.shape[0] == n_heads * model.cfg.n_layers + model.cfg.n_layers + 2
+
+
+def _tl_name(label: str) -> str:
+    """The hook of a ``decompose_resid`` label (``embed``, ``{l}_attn_out``, ``{l}_mlp_out``)."""
+    if label == "embed":
+        return "hook_embed"
+    layer, name = label.split("_", 1)
+    return get_act_name(name, int(layer))
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_a_backward_hook_does_not_count_as_another_hook(raw):
     """A backward hook (a TransformerLens ``bwd`` hook, e.g. for gradient caching, or a raw

@@ -27,6 +27,7 @@ A read point is a sublayer index as in ``HookedAttnRes.forward_from``: ``2 * lay
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from torch import Tensor
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
+from hooked_attnres.model.norms import stat_dtype
 from hooked_attnres.model.passes import padding_of, same_padding
 
 
@@ -590,28 +592,39 @@ class AttnResActivationCache(ActivationCache):
                 f"{edit} instead of the sublayer output."
             )
 
-    def _routed_view(self, point: int) -> ActivationCache:
-        """A plain ``ActivationCache`` on this cache's tensors in which every component is
-        weighted by `routed_coefficients` at ``point`` and the stream TransformerLens reads
-        there is the norm's input: TransformerLens's own methods on it give the routed
-        decomposition."""
-        n_layers = self.model.cfg.n_layers
-        coefficients = self.routed_coefficients(point)
+    def _view(self, point: int) -> ActivationCache:
+        """The cache TransformerLens's own methods run on for a decomposition at ``point``:
+        this cache where the norm reads ``hook_resid_*`` in a float32 / float64 model;
+        else a plain ``ActivationCache`` on its tensors in which every component is weighted
+        by `routed_coefficients` at ``point`` and the stream TransformerLens reads there is
+        the norm's input (where a router reads: TransformerLens's methods on it give the
+        routed decomposition), and in a bfloat16 / float16 model every tensor is widened
+        to `analysis_dtype` (exact) before it is weighted, with the weights the methods
+        multiply it by widened too (`_wide_model`): their sums, weightings and products
+        are float32, as are the stacks they return."""
+        dtype = analysis_dtype(self.model)
+        single = is_single_stream(self.model, point)
+        if single and dtype is None:
+            return self
         weighted: dict[str, Union[float, Tensor]] = {}
-        if "embed" in coefficients:
-            weighted["hook_embed"] = coefficients["embed"]
-        for layer in range(n_layers):
-            for names, label in (
-                (("attn_out", "z", "result"), f"{layer}_attn_out"),
-                (("mlp_out", "post"), f"{layer}_mlp_out"),
-            ):
-                for name in names:
-                    weighted[get_act_name(name, layer)] = coefficients.get(label, 0.0)
-        replaced = {name: self.norm_input(point) for name in _stream_names(self.model, point)}
-        view = ActivationCache(
-            _WeightedDict(self.cache_dict, weighted, replaced), self.model, self.has_batch_dim
+        replaced: dict[str, Tensor] = {}
+        if not single:
+            coefficients = self.routed_coefficients(point)
+            if "embed" in coefficients:
+                weighted["hook_embed"] = coefficients["embed"]
+            for layer in range(self.model.cfg.n_layers):
+                for names, label in (
+                    (("attn_out", "z", "result"), f"{layer}_attn_out"),
+                    (("mlp_out", "post"), f"{layer}_mlp_out"),
+                ):
+                    for name in names:
+                        weighted[get_act_name(name, layer)] = coefficients.get(label, 0.0)
+            norm_input = self.norm_input(point)
+            replaced = {name: norm_input for name in _stream_names(self.model, point)}
+        model = self.model if dtype is None else _wide_model(self.model, dtype)
+        return ActivationCache(
+            _WeightedDict(self.cache_dict, weighted, replaced, dtype), model, self.has_batch_dim
         )
-        return view
 
     # --- TransformerLens analyses, exact or refusing -----------------------------------
     def decompose_resid(
@@ -634,7 +647,7 @@ class AttnResActivationCache(ActivationCache):
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
-        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        cache = self._view(point)
         return ActivationCache.decompose_resid(
             cache, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels
         )
@@ -666,7 +679,7 @@ class AttnResActivationCache(ActivationCache):
                 "whole-model remainder; pass the layer whose input you decompose"
             )
         self._warn_unfolded(point, apply_ln)
-        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        cache = self._view(point)
         return ActivationCache.stack_head_results(
             cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
         )
@@ -698,7 +711,8 @@ class AttnResActivationCache(ActivationCache):
                 "whole-model remainder; pass the layer whose input you decompose"
             )
         self._warn_unfolded(point, apply_ln)
-        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        cache = self._view(point)
+        project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.stack_neuron_results(
             cache,
             layer,
@@ -738,7 +752,8 @@ class AttnResActivationCache(ActivationCache):
             neuron_layers=point // 2 if expand_neurons else 0,
         )
         self._warn_unfolded(point, apply_ln)
-        cache = self if is_single_stream(self.model, point) else self._routed_view(point)
+        cache = self._view(point)
+        project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.get_full_resid_decomposition(
             cache,
             layer,
@@ -809,7 +824,7 @@ class AttnResActivationCache(ActivationCache):
         self._require("logit_attrs", point, routed)
         self._require_decomposable("logit_attrs", point)
         return ActivationCache.logit_attrs(
-            self._plain(),
+            self._plain(wide=True),
             residual_stack,
             tokens,
             incorrect_tokens,
@@ -989,9 +1004,12 @@ class AttnResActivationCache(ActivationCache):
         return torch.stack(padded), mask
 
     # --- helpers --------------------------------------------------------------------------
-    def _plain(self) -> ActivationCache:
-        """TransformerLens's own class on the same tensors (no checks)."""
-        return ActivationCache(self.cache_dict, self.model, self.has_batch_dim)
+    def _plain(self, wide: bool = False) -> ActivationCache:
+        """TransformerLens's own class on the same tensors (no checks); ``wide``: with the
+        weights its methods multiply by in `analysis_dtype` (`_wide_model`)."""
+        dtype = analysis_dtype(self.model) if wide else None
+        model = self.model if dtype is None else _wide_model(self.model, dtype)
+        return ActivationCache(self.cache_dict, model, self.has_batch_dim)
 
     def _warn_unfolded(self, point: int, apply_ln: bool) -> None:
         if not apply_ln:
@@ -1054,22 +1072,33 @@ def _stream_names(model: Any, point: int) -> list[str]:
 
 class _WeightedDict(dict):
     """The tensors of a cache with some entries multiplied by a coefficient and some
-    replaced, computed when first read (a routed view is cheap to make)."""
+    replaced, computed when first read (a routed view is cheap to make). ``dtype``: every
+    floating tensor is first widened to at least it (exact), so the weighting, and what
+    TransformerLens computes from the entries, is done in it."""
 
-    def __init__(self, base: dict, weighted: dict, replaced: dict):
+    def __init__(
+        self, base: dict, weighted: dict, replaced: dict, dtype: Optional[torch.dtype] = None
+    ):
         super().__init__(base)
         super().update(replaced)
         self._pending = {name: c for name, c in weighted.items() if name in base}
+        self._dtype = dtype
+        self._narrow = set(self) if dtype is not None else set()  # not yet widened
 
     def __getitem__(self, name):
         value = super().__getitem__(name)
         coefficient = self._pending.pop(name, None)
+        widen = name in self._narrow
+        self._narrow.discard(name)
+        if widen:
+            value = _widened(value, self._dtype)
         if coefficient is not None:
             if isinstance(coefficient, Tensor):
                 coefficient = coefficient.to(value.dtype).reshape(
                     *coefficient.shape, *([1] * (value.ndim - coefficient.ndim))
                 )
             value = value * coefficient
+        if widen or coefficient is not None:
             super().__setitem__(name, value)
         return value
 
@@ -1078,4 +1107,61 @@ class _WeightedDict(dict):
 
     def __setitem__(self, name, value) -> None:
         self._pending.pop(name, None)
+        self._narrow.discard(name)
         super().__setitem__(name, value)
+
+
+def analysis_dtype(model: Any) -> Optional[torch.dtype]:
+    """The dtype in which the cache's decompositions (`decompose_resid`,
+    `stack_head_results`, `stack_neuron_results`, `get_full_resid_decomposition`) and
+    `logit_attrs` compute and return their results in a bfloat16 / float16 model:
+    `stat_dtype` (float32); they widen the cached activations (exact) and the weights they
+    multiply them by. ``None`` in a float32 / float64 model (computed in its dtype, as
+    TransformerLens does)."""
+    dtype = model.W_E.dtype
+    wide = stat_dtype(dtype)
+    return None if wide == dtype else wide
+
+
+def _widened(value: Any, dtype: Optional[torch.dtype]) -> Any:
+    """A floating tensor ``value`` in at least ``dtype`` (``None``: as it is)."""
+    if dtype is None or not isinstance(value, Tensor) or not value.is_floating_point():
+        return value
+    return value.to(torch.promote_types(value.dtype, dtype))
+
+
+class _Overlay:
+    """``target`` read through, with the attributes ``overrides`` replaced."""
+
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        self.__dict__.update(overrides)
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:  # only for what ``overrides`` does not set
+        return getattr(self._target, name)
+
+
+def _wide_model(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` as TransformerLens's cache methods read it, with what they multiply the
+    cached activations by in ``dtype``: each block's ``attn.W_O`` and ``mlp.W_out``,
+    ``tokens_to_residual_directions`` and ``accumulated_bias``."""
+    blocks = [
+        _Overlay(
+            block,
+            attn=_Overlay(block.attn, W_O=block.attn.W_O.to(dtype)),
+            mlp=_Overlay(block.mlp, W_out=block.mlp.W_out.to(dtype)),
+        )
+        for block in model.blocks
+    ]
+
+    def accumulated_bias(*args: Any, **kwargs: Any) -> Tensor:
+        return model.accumulated_bias(*args, **kwargs).to(dtype)
+
+    return _Overlay(
+        model,
+        blocks=blocks,
+        tokens_to_residual_directions=functools.partial(
+            model.tokens_to_residual_directions, dtype=dtype
+        ),
+        accumulated_bias=accumulated_bias,
+    )

@@ -333,15 +333,21 @@ class TokenizerMixin:
         return int(found[0] if mode == "first" else found[-1])
 
     def tokens_to_residual_directions(
-        self, tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, ...]]
+        self,
+        tokens: Union[str, int, Int[Tensor, ""], Int[Tensor, ...]],
+        dtype: Optional[torch.dtype] = None,
     ) -> Float[Tensor, "... d_model"]:
         """The direction that the normalised final stream is dotted with to give a
         token's logit: ``ln_final.w * W_U[:, token]`` (TransformerLens folds the gain into
         ``W_U``; this model keeps it separate, so it is folded here). ``[d_model]`` for one
-        token, else ``[*tokens.shape, d_model]``. Used by ``ActivationCache.logit_attrs``."""
+        token, else ``[*tokens.shape, d_model]``. Used by ``ActivationCache.logit_attrs``.
+
+        ``dtype``: the dtype of the product (default the model's). ``cache.logit_attrs``
+        of a bfloat16 / float16 model takes it in float32, where the product of the two
+        weights is exact (in the model's dtype it is rounded to 8 / 11 bits)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return (self.W_U[:, tokens] * self.ln_final.w.reshape(-1, *([1] * tokens.ndim))).movedim(
-            0, -1
-        )
+        dtype = self.W_U.dtype if dtype is None else dtype
+        gain = self.ln_final.w.to(dtype).reshape(-1, *([1] * tokens.ndim))
+        return (self.W_U[:, tokens].to(dtype) * gain).movedim(0, -1)
