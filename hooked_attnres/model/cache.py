@@ -273,6 +273,10 @@ class AttnResActivationCache(ActivationCache):
     (``cache["attn_res_weights", 3]``, see `RouterSite.alias`), `stack_activation` refuses
     router hooks whose ``n_sources`` varies (use `stack_router_activation`), and
     `routed_coefficients` / `norm_input` expose the weights of the routed decomposition.
+    In a bfloat16 / float16 model the decompositions (`decompose_resid`,
+    `stack_head_results`, `stack_neuron_results`, `get_full_resid_decomposition`) and
+    `logit_attrs` compute in float32 and return float32 (`analysis_dtype`);
+    `accumulated_resid` and `logit_lens` keep the model's dtype (its states and readout).
 
     It records the pass that made it (``n_past``, ``attention_mask``; `RunCacheDict`):
     what its ``cache_dict`` records (a `RunCacheDict`, as ``run_with_cache`` makes), or
