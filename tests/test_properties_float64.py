@@ -268,3 +268,56 @@ def test_padding_at_eps_zero_does_not_reach_real_positions(layout, side):
     ):
         assert (logits[:1, real] - alone).abs().max().item() <= TOL
         assert (logits[1:] - model(tokens[1:])).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+@pytest.mark.parametrize("watched", [False, True])
+def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, watched):
+    """The backward pass of the case above: a padding query's nan query (0 / 0 routing at
+    eps 0) met a zero gradient in the backward of its scores, and ``0 * nan`` made the
+    gradient of every real position of the padded prompt nan (an attribution's gradients
+    with respect to ``hook_embed`` or ``hook_weights``); and the loss, which excludes the
+    padding, multiplied its nan terms by 0: nan. Now the gradients at the real positions
+    equal those of the prompt alone (fused and explicit attention), and the loss equals
+    the mean over the real predictions (`lm_cross_entropy_loss` on the real tokens)."""
+    cfg = HookedAttnResConfig(
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        d_head=4,
+        d_vocab=17,
+        n_ctx=8,
+        attnres_layout=layout,
+        attnres_num_blocks=1,
+        eps=0.0,
+        dtype=torch.float64,
+        seed=0,
+    )
+    model = randomize_routing(HookedAttnRes(cfg))
+    tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding: the loss reads it
+    pattern = [("blocks.1.attn.hook_pattern", lambda x, hook: None)] if watched else []
+
+    def embedding_gradient(tokens, mask, picked):
+        delta = torch.zeros(*tokens.shape, 8, dtype=torch.float64, requires_grad=True)
+        hooks = [("hook_embed", lambda x, hook: x + delta), *pattern]
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(tokens, attention_mask=mask)
+        if mask is not None:  # the padding position is nan (docs/hooks.md)
+            assert torch.isnan(logits[0, 0]).all()
+        return torch.autograd.grad(picked(logits), delta)[0]
+
+    padded = embedding_gradient(tokens, mask, lambda logits: logits[0, 3, 4] + logits[1, 3, 5])
+    alone = embedding_gradient(tokens[:1, 1:], None, lambda logits: logits[0, 2, 4])
+    other = embedding_gradient(tokens[1:], None, lambda logits: logits[0, 3, 5])
+    assert (padded[0, 1:] - alone[0]).abs().max().item() <= TOL
+    assert (padded[1] - other[0]).abs().max().item() <= TOL
+
+    loss = model(tokens, attention_mask=mask, return_type="loss")
+    per_token = torch.cat(
+        [
+            model(tokens[:1, 1:], return_type="loss", loss_per_token=True)[0],
+            model(tokens[1:], return_type="loss", loss_per_token=True)[0],
+        ]
+    )
+    assert abs(loss.item() - per_token.mean().item()) <= TOL

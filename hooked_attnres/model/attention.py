@@ -444,11 +444,17 @@ class Attention(nn.Module):
             # position's sources can be 0 / 0 (nan), and 0 * nan would reach real queries
             padding_keys = padding_keys.to(v.device)[:, :, None, None]
             v = v.masked_fill(padding_keys, 0.0)
+            # and its key (the fused call adds its mask to the scores; a padding query's
+            # own score must be finite for the backward, below)
+            k = k.masked_fill(padding_keys, 0.0)
+        if pad_queries is not None:
+            # a padding query's row is zeroed below, but at eps 0 its query can be 0 / 0
+            # (nan), and the backward of its scores (zero gradient times a nan query, key
+            # or pattern) would carry nan into the gradients of real keys and values
+            q = q.masked_fill(pad_queries.to(q.device)[..., None, None], 0.0)
         if is_observed(self.hook_attn_scores) or is_observed(self.hook_pattern):
             z = self._explicit_attention(q, k, v, blocked, pad_queries)
         else:
-            if padding_keys is not None:  # the fused call adds its mask to the scores
-                k = k.masked_fill(padding_keys, 0.0)
             if blocked is not None and not bool(blocked.any()):
                 blocked, is_causal = None, False
             else:
@@ -461,8 +467,11 @@ class Attention(nn.Module):
                 is_causal=is_causal,
                 enable_gqa=self.repeat_kv_heads > 1,
             ).transpose(1, 2)
-            if pad_queries is not None:
-                z = z.masked_fill(pad_queries[..., None, None], 0.0)
+        if pad_queries is not None:
+            # zero (the explicit pattern's row already is): also a zero gradient into the
+            # product, whose backward would multiply a padding row's nan gradient (eps 0)
+            # by the keys' and values' zero weight
+            z = z.masked_fill(pad_queries[..., None, None], 0.0)
         z = self.hook_z(z)
         if self.uses_attn_result:
             result = einops.einsum(

@@ -123,16 +123,17 @@ def lm_cross_entropy_loss(
     losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     if attention_mask is None:
         return losses if per_token else losses.mean()
-    keep = (attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()).to(losses.dtype)
+    keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     n_kept = int(keep.sum())
     if n_kept == 0:
         raise ValueError(
             "the loss has no valid prediction: no prompt has two consecutive real tokens "
             "(attention_mask == 1); use return_type='logits'"
         )
-    if per_token:
-        return losses * keep
-    return (losses * keep).sum() / n_kept
+    # where, not a product: a padding position's logits may be nan (eps 0, docs/hooks.md)
+    # and nan * 0 is nan
+    kept = torch.where(keep, losses, losses.new_zeros(()))
+    return kept if per_token else kept.sum() / n_kept
 
 
 class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixin, HookedModule):
