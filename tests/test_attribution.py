@@ -306,6 +306,59 @@ def test_attribution_patching_of_left_padded_prompts_uses_their_attention_mask(l
     assert float((unmasked[finite] - expected[finite]).abs().max()) > 1e-3
 
 
+def test_attribution_patching_of_padded_prompts_at_eps_zero_is_finite_and_separable():
+    """With eps 0 (the exact wrap of a Qwen3 with rms_norm_eps = 0) a padding position's
+    routing weights can be 0 / 0 in both runs, and g * (nan - nan) made every estimate
+    that sums over it nan, where the exact sweep is finite. A padding position never
+    reaches a real one, so its change is 0: the padded batch's estimate equals the sum of
+    the prompts' estimates run alone, unpadded (float64)."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+
+    model = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(rms_norm_eps=0.0), wrap="exact", num_blocks=2, dtype=torch.float64
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # content-dependent routing: the estimates are not all zero
+        for site in model.sites():
+            model.router(site).query.normal_(generator=generator)
+    clean = torch.randint(1, 61, (2, 6), generator=generator)
+    corrupted = torch.randint(1, 61, (2, 6), generator=generator)
+    pad = 2
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :pad] = 0
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
+    assert clean_cache["blocks.1.attn_res.hook_weights"][1, :pad].isnan().all()  # 0 / 0
+    for by_pos in (False, True):
+        padded = attribution_patch_routing_weights(
+            model, corrupted, clean_cache, metric, by_pos=by_pos, attention_mask=mask
+        )
+        alone = []
+        for row, start in ((0, 0), (1, pad)):
+            _, row_cache = model.run_with_cache(clean[row : row + 1, start:])
+            estimate = attribution_patch_routing_weights(
+                model, corrupted[row : row + 1, start:], row_cache, metric, by_pos=by_pos
+            )
+            if by_pos:  # back to the batch's positions; a padding position changes nothing
+                with torch.no_grad():
+                    base = float(metric(model(corrupted[row : row + 1, start:])))
+                estimate = torch.cat(
+                    [estimate.new_full((*estimate.shape[:2], start), base), estimate], -1
+                )
+            alone.append(estimate)
+        expected = alone[0] + alone[1]
+        assert torch.equal(padded.isnan(), expected.isnan())
+        finite = ~padded.isnan()
+        assert finite.any(dim=-1).all()
+        # the results are float32 (as the sweeps')
+        torch.testing.assert_close(padded[finite], expected[finite], atol=1e-6, rtol=0)
+
+
 def test_attribution_patching_equals_finite_differences_and_matches_the_layout_of_patching():
     model = routed_model("kimi", scale=0.15)
     batch = random_batch(seed=6)

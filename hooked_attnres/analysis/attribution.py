@@ -78,6 +78,7 @@ from hooked_attnres.model.norms import (
     rms_normalize,
     stat_dtype,
 )
+from hooked_attnres.model.passes import padding_of
 from hooked_attnres.model.routing import weighted_sum
 from hooked_attnres.model.weights import WeightsSignature
 from hooked_attnres.patching import (
@@ -789,13 +790,22 @@ def attribution_patch_routing_weights(
             shape = (len(routers), model.cfg.n_layers) + ((n_pos,) if by_pos else ())
             out = torch.full(shape, float("nan"), device=model.W_E.device)
             base = value.detach().float()
+            real = padding_of(mask)
             for row, site in site_rows:
                 capture = captures[site]
                 assert capture.weights is not None
                 new = torch.as_tensor(clean_cache[site.hook("weights")]).to(
                     capture.weights.device, capture.weights.dtype
                 )
-                per_pos = _router_estimate(method, model, site, capture, grads[site], new).sum(0)
+                estimate = _router_estimate(method, model, site, capture, grads[site], new)
+                if real is not None:
+                    # a padding position never reaches a real one (the attention zeroes its
+                    # key and value), so patching its weights changes nothing the metric
+                    # reads; with eps 0 its weights can be 0 / 0 in both runs, and
+                    # g * (nan - nan) made every sum over it nan (the exact sweep: finite)
+                    padding = ~real.to(estimate.device)
+                    estimate = torch.where(padding & ~estimate.isfinite(), 0.0, estimate)
+                per_pos = estimate.sum(0)
                 out[row, _column(site)] = base + (per_pos if by_pos else per_pos.sum()).float()
     return out
 
