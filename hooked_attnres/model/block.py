@@ -17,7 +17,7 @@ from hooked_attnres.model.depth import DepthState, RoutingLayout, gather_positio
 from hooked_attnres.model.mlp import GatedMLP
 from hooked_attnres.model.norms import (
     RMSNorm,
-    _has_module_hooks,
+    has_module_hooks,
     is_observed,
     make_hook,
     toggle_hook,
@@ -104,7 +104,7 @@ class AttnResBlock(nn.Module):
         if (
             is_observed(self.ln1.hook_scale)
             or is_observed(self.ln1.hook_normalized)
-            or _has_module_hooks(self.ln1)  # a PyTorch hook on the norm module itself
+            or has_module_hooks(self.ln1)  # a PyTorch hook on the norm module itself
         ):
             unedited = self.ln1.unhooked(attn_in)  # the same bits when no hook edited
             if not torch.allclose(shared, unedited, rtol=0.0, atol=0.0, equal_nan=True):

@@ -35,8 +35,8 @@ from hooked_attnres.model.generation import GenerationMixin
 from hooked_attnres.model.hooked_root import HookedModule, guarded_pass
 from hooked_attnres.model.norms import (
     RMSNorm,
-    _global_hooks_attached,
-    _has_module_hooks,
+    global_hooks_attached,
+    has_module_hooks,
     is_observed,
     make_hook,
     stat_dtype,
@@ -734,15 +734,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         exists, so that the hook runs (a pass runs each layer's attention and MLP halves
         separately, which skipped it silently). A pass that starts inside a hooked layer
         (``what``, at its MLP sublayer) cannot run that hook and raises ``ValueError``."""
-        if _global_hooks_attached():
+        if global_hooks_attached():
             layers = set(range(self.cfg.n_layers))
         else:
-            layers = {i for i, block in enumerate(self.blocks) if _has_module_hooks(block)}
+            layers = {i for i, block in enumerate(self.blocks) if has_module_hooks(block)}
         if not layers:
             return layers
         layer, is_mlp = divmod(first_sublayer, 2)
         if is_mlp and layer in layers:
-            if _has_module_hooks(self.blocks[layer]):
+            if has_module_hooks(self.blocks[layer]):
                 raise ValueError(
                     f"a PyTorch hook is registered on blocks.{layer} (the AttnResBlock module), "
                     f"which runs when the whole layer runs, but {what} starts at its MLP "
@@ -791,8 +791,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
-        if sublayers and any(_has_module_hooks(block) for block in self.blocks):
-            hooked = [i for i, block in enumerate(self.blocks) if _has_module_hooks(block)]
+        if sublayers and any(has_module_hooks(block) for block in self.blocks):
+            hooked = [i for i, block in enumerate(self.blocks) if has_module_hooks(block)]
             raise ValueError(
                 f"a PyTorch hook is registered on blocks.{hooked[0]} (the AttnResBlock "
                 "module), which runs when the whole layer runs, but depth_states(sublayers="

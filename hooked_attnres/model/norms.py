@@ -60,7 +60,7 @@ def _global_hook_dicts() -> tuple[dict, ...]:
 # The two predicates below test the same dictionaries as `_module_hook_dicts` /
 # `_global_hook_dicts`, spelled out: they run for every module of every pass
 # (`modules_if_unhooked`), where building the tuple costs 19 % of the walk.
-def _has_module_hooks(module: nn.Module) -> bool:
+def has_module_hooks(module: nn.Module) -> bool:
     """Whether a raw PyTorch hook is on ``module`` itself (`_module_hook_dicts`)."""
     return bool(
         module._forward_hooks
@@ -70,7 +70,7 @@ def _has_module_hooks(module: nn.Module) -> bool:
     )
 
 
-def _global_hooks_attached() -> bool:
+def global_hooks_attached() -> bool:
     """Whether a hook registered for every module exists (`_global_hook_dicts`)."""
     hooks = torch.nn.modules.module
     return bool(
@@ -85,9 +85,9 @@ def is_observed(hook: HookPoint) -> bool:
     """Whether anything would see or edit what ``hook`` is called with: a forward or
     backward hook or pre-hook on it (TransformerLens or raw PyTorch), or a global module
     hook. A path that skips an unobserved hook point gives the same numbers."""
-    if hook.fwd_hooks or hook.bwd_hooks or _has_module_hooks(hook):
+    if hook.fwd_hooks or hook.bwd_hooks or has_module_hooks(hook):
         return True
-    return _global_hooks_attached()
+    return global_hooks_attached()
 
 
 def any_hook_attached(model: nn.Module) -> bool:
@@ -106,9 +106,9 @@ def hook_signature(model: nn.Module) -> tuple:
     def identities(dicts: tuple[dict, ...]) -> tuple[int, ...]:
         return tuple(id(hook) for attached in dicts for hook in attached.values())
 
-    found = [("<global>", identities(_global_hook_dicts()))] if _global_hooks_attached() else []
+    found = [("<global>", identities(_global_hook_dicts()))] if global_hooks_attached() else []
     for name, module in model.named_modules():
-        if _has_module_hooks(module):
+        if has_module_hooks(module):
             found.append((name, identities(_module_hook_dicts(module))))
     return tuple(found)
 
@@ -140,7 +140,7 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     ``None`` as soon as a hook is found: a raw PyTorch or TransformerLens hook on any of
     them, or a global module hook. One walk over the ``_modules`` dictionaries, about 1.7x
     faster than ``model.modules()``, which builds every submodule's name."""
-    if _global_hooks_attached():
+    if global_hooks_attached():
         return None
     found: list[nn.Module] = []
     seen: set[int] = set()
@@ -149,7 +149,7 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
         module = stack.pop()
         if module is None or id(module) in seen:  # a None submodule, or one met before
             continue
-        if _has_module_hooks(module):
+        if has_module_hooks(module):
             return None
         seen.add(id(module))
         found.append(module)

@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from hooked_attnres.model.norms import (
     KeyNorm,
     RMSNorm,
-    _has_module_hooks,
+    has_module_hooks,
     is_observed,
     make_hook,
     modules_if_unhooked,
@@ -107,7 +107,7 @@ class DepthRouter(nn.Module):
         return (
             is_observed(self.hook_sources)
             or is_observed(self.key_norm.hook_scale)
-            or _has_module_hooks(self.key_norm)
+            or has_module_hooks(self.key_norm)
         )
 
     def forward(

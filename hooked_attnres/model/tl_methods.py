@@ -13,7 +13,7 @@ from torch import Tensor
 from hooked_attnres.model.attention import Attention
 from hooked_attnres.model.hooked_root import UnknownHookError
 from hooked_attnres.model.mlp import GatedMLP
-from hooked_attnres.model.norms import _has_module_hooks
+from hooked_attnres.model.norms import has_module_hooks
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -133,7 +133,7 @@ class TLMethodsMixin:
         held = [
             name
             for name, point in self.hook_dict.items()
-            if OPTIONAL_HOOKS.get(name.rsplit(".", 1)[-1]) == method and _has_module_hooks(point)
+            if OPTIONAL_HOOKS.get(name.rsplit(".", 1)[-1]) == method and has_module_hooks(point)
         ]
         if held:
             raise ValueError(
