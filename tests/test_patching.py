@@ -564,3 +564,23 @@ def test_half_precision_metric_gets_float32_logits(dtype):
         model, batch.corrupted_tokens, clean_cache, metric, routers="attn_res"
     )
     torch.testing.assert_close(estimate[0, 0].double(), corrupted, rtol=1e-6, atol=0)
+
+
+def test_a_sweep_with_a_hooked_block_is_refused_naming_the_sweep():
+    """A PyTorch hook on ``blocks[l]`` (the whole layer) cannot run in a sweep: the
+    corrupted states come from ``depth_states(sublayers=True)``, which runs each layer by
+    halves. The refusal named only ``depth_states`` and told a sweep's caller to pass
+    ``sublayers=False``, an argument the sweep does not take; it now says the sweep runs
+    it and to remove the hook."""
+    model, batch = build("kimi")
+    _, clean_cache = model.run_with_cache(batch.tokens)
+    handle = model.blocks[1].register_forward_hook(lambda *args: None)
+    try:
+        with pytest.raises(
+            ValueError, match=r"blocks\.1 .*activation-patching sweeps .*remove the hook"
+        ):
+            get_act_patch_routing_weights(
+                model, batch.corrupted_tokens, clean_cache, lambda logits: logits.sum()
+            )
+    finally:
+        handle.remove()

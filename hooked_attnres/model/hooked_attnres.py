@@ -81,6 +81,17 @@ def _check_same_padding(
     )
 
 
+def _hooked_block_skipped(layer: int, but: str, instead: str) -> ValueError:
+    """The refusal of a pass that would run half of ``blocks[layer]`` while a PyTorch hook
+    is registered on it (the hook runs when the whole layer module is called): ``but``
+    says which pass, ``instead`` what to do."""
+    return ValueError(
+        f"a PyTorch hook is registered on blocks.{layer} (the AttnResBlock module), which "
+        f"runs when the whole layer runs, but {but}, so the hook would not run. {instead}, "
+        f"or hook one of the layer's hook points instead (e.g. blocks.{layer}.hook_resid_post)"
+    )
+
+
 class Output(NamedTuple):
     """What ``forward(..., return_type="both")`` returns."""
 
@@ -743,12 +754,10 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         layer, is_mlp = divmod(first_sublayer, 2)
         if is_mlp and layer in layers:
             if has_module_hooks(self.blocks[layer]):
-                raise ValueError(
-                    f"a PyTorch hook is registered on blocks.{layer} (the AttnResBlock module), "
-                    f"which runs when the whole layer runs, but {what} starts at its MLP "
-                    f"sublayer ({first_sublayer}), so the hook would not run. Start at the "
-                    f"layer's attention (sublayer {2 * layer}), or hook one of the layer's "
-                    f"hook points instead (e.g. blocks.{layer}.hook_resid_post)"
+                raise _hooked_block_skipped(
+                    layer,
+                    f"{what} starts at its MLP sublayer ({first_sublayer})",
+                    f"Start at the layer's attention (sublayer {2 * layer})",
                 )
             layers.discard(layer)
         return layers
@@ -791,14 +800,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         context = self._attention_context(state, mask)
         states = [state]
         shared_sums = SharedSums(self)
-        if sublayers and any(has_module_hooks(block) for block in self.blocks):
-            hooked = [i for i, block in enumerate(self.blocks) if has_module_hooks(block)]
-            raise ValueError(
-                f"a PyTorch hook is registered on blocks.{hooked[0]} (the AttnResBlock "
-                "module), which runs when the whole layer runs, but depth_states(sublayers="
-                "True) runs each layer's attention and MLP halves separately, so the hook "
-                "would not run. Use sublayers=False, or hook one of the layer's hook points "
-                f"instead (e.g. blocks.{hooked[0]}.hook_resid_post)"
+        hooked = [i for i, b in enumerate(self.blocks) if has_module_hooks(b)] if sublayers else []
+        if hooked:
+            raise _hooked_block_skipped(
+                hooked[0],
+                "depth_states(sublayers=True) runs each layer's attention and MLP halves "
+                "separately (the activation-patching sweeps run it for the corrupted run's "
+                "states)",
+                "Use sublayers=False (around a sweep: remove the hook)",
             )
         with pass_extent(0, tokens.shape[1], mask):
             for layer, block in enumerate(self.blocks):
