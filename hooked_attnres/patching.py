@@ -2,11 +2,11 @@
 
 Same argument order as ``transformer_lens.patching`` -- ``(model, corrupted_tokens,
 clean_cache, patching_metric)`` -- the metric maps patched logits ``[batch, pos, d_vocab]``
-(float32 in a bfloat16 / float16 model: `_metric_input`) to a scalar, the result is a
-tensor whose axes are listed in each docstring, a tqdm bar shows progress, and the model
-must be in eval mode. Each patched run starts at the
-patched layer from the corrupted run's cached depth state, so a sweep costs a fraction
-of one full forward pass per cell.
+(float32 in a bfloat16 / float16 model: `hooked_attnres._precision.widened`) to a scalar,
+the result is a tensor whose axes are listed in each docstring, a tqdm bar shows progress,
+and the model must be in eval mode. Each patched run starts at the patched layer from the
+corrupted run's cached depth state, so a sweep costs a fraction of one full forward pass
+per cell.
 
     clean_logits, clean_cache = model.run_with_cache(clean_tokens)
     result = get_act_patch_routing_weights(model, corrupted_tokens, clean_cache, metric)
@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._precision import widened
 from hooked_attnres._tl import get_act_name
 from hooked_attnres._validation import require_selection
 from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
@@ -40,7 +41,6 @@ from hooked_attnres.model.depth import (
     RouterSite,
     sublayer_index,
 )
-from hooked_attnres.model.norms import stat_dtype
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -107,15 +107,6 @@ def _scalar(value) -> Tensor:
     return value.detach()
 
 
-def _metric_input(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch pos d_vocab"]:
-    """The logits a patching metric is given: float32 for a bfloat16 / float16 model
-    (`stat_dtype`; the widening is exact), as they are for float32 / float64. A metric's
-    own arithmetic on the model's dtype (``logits[:, -1, a] - logits[:, -1, b]``, a mean
-    over the batch) rounded its result to 8 bits in bfloat16: 1.8e-3 on a patched metric
-    of 0.24 where the model's own rounding moves it by 7e-3 (a tiny cumulative model)."""
-    return logits.to(stat_dtype(logits.dtype))
-
-
 def layer_pos_patch_setter(corrupted: Tensor, index: Any, clean: Tensor) -> Tensor:
     """Patch the whole activation (``index`` is ``None``) or one position (``index`` an int
     on axis 1 of a ``[batch, pos, ...]`` activation)."""
@@ -175,7 +166,10 @@ def _patch_cells(
 
             with model.hooks(fwd_hooks=[(name, patch)]):
                 logits = model.forward_from(states[start], start, attention_mask=attention_mask)
-        out[index] = _scalar(metric(_metric_input(logits))).float().to(out.device)
+        # the metric is given float32 logits in a bfloat16 / float16 model: its own arithmetic
+        # on them (a logit difference, a batch mean) rounded each cell to 8 bits (1.8e-3 on
+        # 0.24, a tiny cumulative model)
+        out[index] = _scalar(metric(widened(logits))).float().to(out.device)
     return out
 
 

@@ -47,6 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
@@ -76,7 +77,6 @@ from hooked_attnres.model.norms import (
     hook_signature,
     is_observed,
     rms_normalize,
-    stat_dtype,
 )
 from hooked_attnres.model.passes import padding_of
 from hooked_attnres.model.routing import weighted_sum
@@ -85,7 +85,6 @@ from hooked_attnres.patching import (
     _check,
     _check_cache,
     _column,
-    _metric_input,
     _scalar,
     _site_rows,
 )
@@ -778,7 +777,7 @@ def attribution_patch_routing_weights(
     with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
         with _capturing(model, sites, need_norm) as captures:
             logits = model(corrupted_tokens, attention_mask=attention_mask)
-        value = patching_metric(_metric_input(logits))  # the logits exact patching gives
+        value = patching_metric(widened(logits))  # the logits exact patching gives
         _scalar(value)  # one scalar, as for exact patching
         if not isinstance(value, Tensor) or not value.requires_grad:
             raise ValueError(

@@ -35,13 +35,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._precision import widened
 from hooked_attnres._validation import require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
-from hooked_attnres.model.norms import any_hook_attached, stat_dtype
+from hooked_attnres.model.norms import any_hook_attached
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -79,11 +80,6 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     return metrics
 
 
-def _at_least_float32(values: Tensor) -> Tensor:
-    """float32 for float32 / bfloat16 / float16 values, float64 for float64 ones."""
-    return values.to(stat_dtype(values.dtype))
-
-
 def metric_values(
     batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: Metric
 ) -> Float[Tensor, " batch"]:
@@ -102,7 +98,7 @@ def metric_values(
             and bootstrap over prompts).
     """
     if callable(metric):
-        values = metric(batch, _at_least_float32(logits))
+        values = metric(batch, widened(logits))
         if (
             not isinstance(values, Tensor)
             or tuple(values.shape) != (len(batch),)
@@ -114,11 +110,11 @@ def metric_values(
                 f"shape [batch] = [{len(batch)}]; got {got}. Return per-prompt values (not "
                 "their mean): the tables average them and bootstrap over prompts"
             )
-        return _at_least_float32(values)
+        return widened(values)
     if metric == "logit_diff":
-        return _at_least_float32(batch.logit_diff(logits))
+        return batch.logit_diff(logits)  # widened
     if metric == "logprob":
-        return _at_least_float32(batch.answer_logprob(logits))
+        return batch.answer_logprob(logits)  # widened
     if metric == "accuracy":
         return batch.correct(logits).float()
     raise ValueError(f"metric must be one of {METRICS} or a callable, got {metric!r}")

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._validation import require_selection
 from hooked_attnres.interventions.checks import (
     check_broadcast,
@@ -178,7 +179,7 @@ def _mean_over_real(
     """The mean over the prompts whose token at each position is real (``real``, the
     pass's attention mask), accumulated in float32 (float64 for float64); a position
     where every prompt has padding gets the mean over all prompts."""
-    values = current.to(torch.promote_types(current.dtype, torch.float32))
+    values = widened(current)
     weights = real.to(values.device, values.dtype)[..., None]  # [batch, pos, 1]
     count = weights.sum(dim=0, keepdim=True)
     mean = (values * weights).sum(dim=0, keepdim=True) / count.clamp(min=1)
@@ -444,7 +445,7 @@ def _weights_for(
         )
     # summed in at least float32, the routing dtype where the hook applies them: a
     # bfloat16 sum rounds to 8 bits and passed weights 2e-3 off 1 (three bfloat16 1/3)
-    total = weights.sum(-1, dtype=torch.promote_types(weights.dtype, torch.float32))
+    total = weights.sum(-1, dtype=stat_dtype(weights.dtype))
     if (weights < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
         hint = ""
         if weights.dtype in (torch.bfloat16, torch.float16):

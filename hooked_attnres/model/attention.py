@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
 from hooked_attnres.model.norms import (
     RMSNorm,
     is_observed,
     make_hook,
-    stat_dtype,
     toggle_hook,
 )
 from hooked_attnres.model.rotary import apply_rotary

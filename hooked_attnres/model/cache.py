@@ -37,10 +37,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
-from hooked_attnres.model.norms import stat_dtype
 from hooked_attnres.model.passes import padding_of, same_padding
 
 
@@ -508,7 +508,7 @@ class AttnResActivationCache(ActivationCache):
                 "the norm's input)",
             )
         target = self.cache_dict[target_name]
-        dtype = torch.promote_types(target.dtype, torch.float32)
+        dtype = stat_dtype(target.dtype)
         total = torch.zeros(target.shape, dtype=dtype, device=target.device)
         for label, coefficient in coefficients.items():
             component = self.cache_dict[names[label]].to(dtype)
@@ -570,7 +570,7 @@ class AttnResActivationCache(ActivationCache):
                 "output needs that output)",
             )
         out = self.cache_dict[out_name]
-        dtype = torch.promote_types(out.dtype, torch.float32)
+        dtype = stat_dtype(out.dtype)
         unit = self.cache_dict[source].to(dtype)
         if source.endswith("hook_result"):
             total, count, how = unit.sum(-2), unit.shape[-2], "hook_result"

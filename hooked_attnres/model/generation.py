@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_attnres._precision import widened
 from hooked_attnres._validation import (
     is_finite_number,
     is_integer,
@@ -86,7 +87,7 @@ def _filtered_logits(
     top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
         raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
-    logits = final_logits.to(torch.promote_types(final_logits.dtype, torch.float32))
+    logits = widened(final_logits)
     counts = None
     if tokens is not None and (freq_penalty > 0 or repetition_penalty != 1.0):
         weights = None if token_mask is None else token_mask.to(logits.dtype)

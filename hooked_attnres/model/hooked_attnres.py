@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres._validation import is_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
@@ -39,7 +40,6 @@ from hooked_attnres.model.norms import (
     has_module_hooks,
     is_observed,
     make_hook,
-    stat_dtype,
 )
 from hooked_attnres.model.passes import padding_of, pass_extent, same_padding
 from hooked_attnres.model.rotary import rotary_at

@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
 
 
@@ -155,11 +156,6 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
         found.append(module)
         stack.extend(module._modules.values())
     return found
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of norm statistics and routing math: float32, or float64 for a float64 model."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:

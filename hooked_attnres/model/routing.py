@@ -46,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres.model.norms import (
     KeyNorm,
     RMSNorm,
@@ -53,7 +54,6 @@ from hooked_attnres.model.norms import (
     is_observed,
     make_hook,
     modules_if_unhooked,
-    stat_dtype,
 )
 
 

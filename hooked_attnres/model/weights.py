@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import FactoredMatrix
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ class WeightsMixin:
         def fold(weight: Tensor, gain: Tensor, axis: int) -> None:
             shape = [1] * weight.ndim
             shape[axis] = -1
-            dtype = torch.promote_types(weight.dtype, torch.float32)
+            dtype = stat_dtype(weight.dtype)
             weight.copy_((weight.to(dtype) * gain.to(dtype).reshape(shape)).to(weight.dtype))
 
         for block in self.blocks:

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_attnres._precision import widened
 from hooked_attnres._validation import is_integer, require_integer
 
 SPLITS = {"train": 0, "test": 1}
@@ -125,14 +126,13 @@ class TaskBatch:
         to 4e-3 on a logit difference of 1.5 in a tiny bfloat16 model)."""
         at = self.answer_logits(logits)
         rows = torch.arange(len(self), device=at.device)
-        dtype = torch.promote_types(at.dtype, torch.float32)
-        answer = at[rows, self.answer.to(at.device)].to(dtype)
-        return answer - at[rows, self.contrast.to(at.device)].to(dtype)
+        answer = widened(at[rows, self.answer.to(at.device)])
+        return answer - widened(at[rows, self.contrast.to(at.device)])
 
     def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """Log-probability of the correct answer."""
         at = self.answer_logits(logits)
-        logprobs = at.to(torch.promote_types(at.dtype, torch.float32)).log_softmax(-1)
+        logprobs = widened(at).log_softmax(-1)
         return logprobs[
             torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)
         ]
@@ -147,7 +147,7 @@ class TaskBatch:
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """Mean cross-entropy over the supervised positions (the training objective)."""
         return torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+            widened(logits.flatten(0, 1)),
             self.targets.to(logits.device).flatten(),
             ignore_index=-100,
         )

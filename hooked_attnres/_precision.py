@@ -1,0 +1,23 @@
+"""One rule for the precision of statistics, routing math and metrics (a leaf module):
+float32 for bfloat16 / float16 tensors, float32 / float64 tensors as they are.
+
+`stat_dtype` names the dtype; `widened` converts a tensor to it (exactly: every bfloat16 /
+float16 value is a float32 value). Where arithmetic on a half-precision model's tensors
+would round each result to 8 (11) bits -- a logit difference, a patching metric, a
+log-softmax, the sampling filters -- the operands are `widened` first."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norm statistics and routing math: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def widened(values: Tensor) -> Tensor:
+    """``values`` (any shape) in `stat_dtype` of its dtype: float32 for bfloat16 / float16
+    (exact), unchanged for float32 / float64; the same shape."""
+    return values.to(stat_dtype(values.dtype))
