@@ -181,6 +181,16 @@ def test_remove_batch_dim_refuses_a_token_tensor_first_as_any_input_and_takes_on
         assert torch.equal(cache["resid_post", 1], batched["resid_post", 1][0])
 
 
+def test_remove_batch_dim_refuses_an_input_given_twice(tokens):
+    """Audit finding: with remove_batch_dim=True a token tensor passed first is moved to a
+    keyword argument, which silently replaced an ``input=`` given too (the positional
+    prompt ran); without remove_batch_dim Python refuses the call. Both refuse it now."""
+    model = tiny_model()
+    for remove in (False, True):
+        with pytest.raises(TypeError, match="multiple values for argument 'input'"):
+            model.run_with_cache(tokens[:1], remove_batch_dim=remove, input=tokens[1:2])
+
+
 def test_add_caching_hooks_caches_what_run_with_cache_does_and_refuses_the_same(tokens):
     """Audit finding: TransformerLens's ``add_caching_hooks`` (behind ``cache_all`` /
     ``cache_some``) attached to the hook points directly: a router alias or a misspelt

@@ -495,7 +495,11 @@ class HookedModule(HookedRootModule):
             # TransformerLens asserts a batch of one for a token tensor passed first, from
             # its first axis (an AssertionError, and a [pos] prompt read as pos prompts);
             # passed by name, the caching hooks refuse a batch (ValueError) as for any input
-            kwargs.update(inspect.signature(self.forward).bind_partial(*model_args).arguments)
+            bound = inspect.signature(self.forward).bind_partial(*model_args).arguments
+            twice = [name for name in bound if name in kwargs]
+            if twice:  # as Python refuses the call without remove_batch_dim
+                raise TypeError(f"forward() got multiple values for argument {twice[0]!r}")
+            kwargs.update(bound)
             model_args = ()
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, **kwargs
