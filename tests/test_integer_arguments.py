@@ -120,3 +120,41 @@ def test_single_token_of_a_float_tensor_is_refused(word_tokenizer):
     for bad in (torch.tensor(3.7), torch.tensor(True)):
         with pytest.raises(TypeError, match="takes one integer token id, got"):
             model.to_single_str_token(bad)
+
+
+def test_source_family_and_layer_count_arguments_take_numpy_integers():
+    """Audit finding: the arguments that still tested ``isinstance(x, int)`` refused or
+    crashed on a NumPy integer (a source index from ``np.argsort`` of routing mass):
+    ``mask_sources(model, np.int64(1))`` was refused as "not a family, a label, an index
+    or a list", ``patch_committed(model, np.int64(1))`` crashed ("'numpy.int64' object is
+    not iterable"), ``plan_ablations(families=np.int64(1))`` likewise,
+    ``recency_schedule(np.int64(4), ...)`` was refused as no positive integer,
+    ``KeyValueCache.init_cache(np.int64(4))`` crashed (read as a config), and
+    ``routing_layout.check(np.int64(1), kind=...)`` raised TypeError. Each now equals
+    the call with the Python int."""
+    from hooked_attnres import KeyValueCache
+    from hooked_attnres.analysis import plan_ablations, recency_schedule
+    from hooked_attnres.interventions import mask_sources, patch_committed
+
+    model = tiny_model(attnres_layout="kimi").eval()
+    tokens = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    one = np.argsort([0.3, 0.9, 0.1])[-1]  # np.int64(1), the most massive source
+    assert isinstance(one, np.integer) and one == 1
+    by_int = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, 1, layers=2))
+    got = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, one, layers=2))
+    assert torch.equal(got, by_int)
+    message = "global patching takes source labels such as 'embedding'"
+    for label in (1, one):
+        with pytest.raises(ValueError, match=message):
+            patch_committed(model, label, "mean")
+    for family in (1, one):  # an index every router must have: the same refusal
+        with pytest.raises(ValueError, match=r"source index 1 is out of range for 1 sources"):
+            plan_ablations(model, families=family)
+    ours = recency_schedule(np.int64(4), np.int64(2), 1.0)
+    assert ours.n_layers == 4 and type(ours.n_layers) is int
+    assert repr(ours) == repr(recency_schedule(4, 2, 1.0))
+    assert len(KeyValueCache.init_cache(np.int64(4)).layers) == 4
+    with pytest.raises(ValueError, match="n_layers must be an integer >= 1, got True"):
+        KeyValueCache.init_cache(True)
+    layout = model.routing_layout
+    assert layout.check(np.int64(1), kind="attn_res") == layout.check(1, kind="attn_res")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.config import MODES
 from hooked_attnres.model.cache import require_cached
@@ -68,12 +69,12 @@ def recency_schedule(
         bias: the recency bias ``b``.
         mode: ``"block"`` (default) or ``"full"`` (a snapshot after every sublayer).
     """
-    if not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
-    if not isinstance(num_blocks, int) or not 1 <= num_blocks <= n_layers:
+    n_layers = require_integer("n_layers", n_layers, 1)
+    if not is_integer(num_blocks) or not 1 <= num_blocks <= n_layers:
         raise ValueError(
             f"num_blocks must be an integer in [1, n_layers={n_layers}], got {num_blocks!r}"
         )
+    num_blocks = int(num_blocks)
     if not math.isfinite(bias):
         raise ValueError(f"bias must be finite, got {bias!r}")
     if mode not in MODES:  # RoutingLayout reads any other mode as "block"

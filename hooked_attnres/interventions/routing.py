@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._validation import require_selection
+from hooked_attnres._validation import is_integer, require_selection
 from hooked_attnres.interventions.checks import (
     check_broadcast,
     check_cache_mask,
@@ -601,7 +601,7 @@ def patch_committed(
         positions: only patch at these positions (default: all).
     """
     check_positions(positions)
-    labels = [labels] if isinstance(labels, (str, int)) else list(labels)
+    labels = [labels] if isinstance(labels, str) or is_integer(labels) else list(labels)
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
     value = check_value(model, value, names, "patch_committed")

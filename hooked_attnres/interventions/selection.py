@@ -222,7 +222,7 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
 
 
 def _as_list(sources: SourceSpec) -> list:
-    if isinstance(sources, (str, int)):
+    if isinstance(sources, str) or is_integer(sources):  # a NumPy integer too
         return [sources]
     if not isinstance(sources, Iterable):
         raise ValueError(f"sources must be a family, a label, an index or a list, got {sources!r}")
@@ -246,13 +246,13 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
     for spec in _as_list(sources):
         if isinstance(spec, bool):
             raise ValueError(f"source {spec!r} is not a family, label or index")
-        if isinstance(spec, int):
+        if is_integer(spec):
             if not -len(labels) <= spec < len(labels):
                 raise ValueError(
                     f"source index {spec} is out of range for {len(labels)} sources at "
                     f"{site} ({labels})"
                 )
-            out.append(spec % len(labels))
+            out.append(int(spec) % len(labels))
         elif spec in FAMILIES:
             out.extend(families[spec])
         elif spec in labels:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
+from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.norms import (
     RMSNorm,
     is_observed,
@@ -138,7 +139,10 @@ class KeyValueCache:
         number of layers). ``device`` is accepted for TransformerLens's signature (the
         cache takes the device of the first keys it stores); ``batch_size``, if given, is
         checked against the inputs."""
-        n_layers = cfg if isinstance(cfg, int) else cfg.n_layers
+        if is_integer(cfg) or isinstance(cfg, bool):  # a bool is refused, not 1 layer
+            n_layers = require_integer("n_layers", cfg, 1)
+        else:
+            n_layers = cfg.n_layers
         return cls([LayerKeyValues() for _ in range(n_layers)], batch_size=batch_size)
 
     def check_consistent(self) -> None:

@@ -369,7 +369,7 @@ class RoutingLayout:
             if checked != site:
                 raise ValueError(f"{site!r} is not a router site of this model ({checked!r} is)")
             return checked
-        if kind is not None and (site is None or isinstance(site, int)):
+        if kind is not None and (site is None or is_integer(site)):
             return self.site(site, kind)
         if isinstance(site, tuple) and len(site) == 2:
             return self.site(*site)
