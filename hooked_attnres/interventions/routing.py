@@ -601,7 +601,8 @@ def patch_committed(
         positions: only patch at these positions (default: all).
     """
     check_positions(positions)
-    labels = [labels] if isinstance(labels, str) or is_integer(labels) else list(labels)
+    one = isinstance(labels, str) or is_integer(labels)  # an index is refused by name below
+    labels = [labels] if one else list(labels)  # type: ignore[list-item]
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
     value = check_value(model, value, names, "patch_committed")

@@ -133,7 +133,7 @@ class KeyValueCache:
 
     @classmethod
     def init_cache(
-        cls, cfg: Union[int, Any], device: Any = None, batch_size: Optional[int] = None
+        cls, cfg: Any, device: Any = None, batch_size: Optional[int] = None
     ) -> KeyValueCache:
         """An empty cache for a model with ``cfg.n_layers`` layers (``cfg`` may also be the
         number of layers). ``device`` is accepted for TransformerLens's signature (the
