@@ -298,7 +298,8 @@ class WeightsMixin:
 
         The gains become 1, so TransformerLens's scale-only readouts are exact:
         ``cache.apply_ln_to_stack(stack) @ model.W_U`` is each component's logit
-        contribution. The per-head ``q_norm`` / ``k_norm`` gains stay: they act before the
+        contribution (in a bfloat16 / float16 model the stack is float32: multiply by
+        ``model.W_U.float()``). The per-head ``q_norm`` / ``k_norm`` gains stay: they act before the
         rotary embedding, which mixes dimensions, so no matrix can absorb them. Sets
         ``cfg.layer_norm_folding = True``. Running it twice changes nothing.
 
