@@ -103,6 +103,15 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     return out
 
 
+def one_or_list(value: Any) -> list[Any]:
+    """``[value]`` for one name or index (a string, an integer as `is_integer` says, or a
+    ``bool``, kept so that the caller refuses it by name), else ``list(value)``: the
+    selections that take one item or a list (sources, labels, families)."""
+    if isinstance(value, (str, bool)) or is_integer(value):
+        return [value]
+    return list(value)
+
+
 def require_selection(
     name: str,
     items: Sequence[Any],

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import is_integer, require_selection
+from hooked_attnres._validation import one_or_list, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
@@ -242,7 +242,7 @@ def plan_ablations(
             unknown family, router or group.
     """
     routers = check_routers(model, routers)
-    families = [families] if isinstance(families, str) or is_integer(families) else list(families)
+    families = one_or_list(families)
     require_selection("families", families)
     if bands is not None and not bands:
         raise ValueError("bands={} names no band; give at least one name -> layers, or None")

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._validation import is_integer, require_selection
+from hooked_attnres._validation import one_or_list, require_selection
 from hooked_attnres.interventions.checks import (
     check_broadcast,
     check_cache_mask,
@@ -601,8 +601,7 @@ def patch_committed(
         positions: only patch at these positions (default: all).
     """
     check_positions(positions)
-    one = isinstance(labels, str) or is_integer(labels)  # an index is refused by name below
-    labels = [labels] if one else list(labels)  # type: ignore[list-item]
+    labels = one_or_list(labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
     value = check_value(model, value, names, "patch_committed")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, require_selection
+from hooked_attnres._validation import is_integer, one_or_list, require_selection
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
 if TYPE_CHECKING:
@@ -222,11 +222,9 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
 
 
 def _as_list(sources: SourceSpec) -> list:
-    if isinstance(sources, str) or is_integer(sources):  # a NumPy integer too
-        return [sources]
-    if not isinstance(sources, Iterable):
+    if not isinstance(sources, (str, bool, Iterable)) and not is_integer(sources):
         raise ValueError(f"sources must be a family, a label, an index or a list, got {sources!r}")
-    out = list(sources)
+    out = one_or_list(sources)
     if not out:
         raise ValueError("sources is empty; name at least one family, label or index")
     return out
