@@ -43,6 +43,7 @@ _LAZY = {
     "Output": "hooked_attnres.model.hooked_attnres",
     "UnknownHookError": "hooked_attnres.model.hooked_root",
     "LeftPaddingWithoutMaskWarning": "hooked_attnres.model.tokenization",
+    "QKNormWarning": "hooked_attnres.model.weights",
 }
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     )
     from hooked_attnres.model.routing import DepthRouter
     from hooked_attnres.model.tokenization import LeftPaddingWithoutMaskWarning
+    from hooked_attnres.model.weights import QKNormWarning
 
 
 def __getattr__(name: str) -> Any:
@@ -94,6 +96,7 @@ __all__ = [
     "KeyValueCache",
     "LeftPaddingWithoutMaskWarning",
     "Output",
+    "QKNormWarning",
     "RoutedResidualPatchWarning",
     "RouterSite",
     "RoutingLayout",

@@ -12,7 +12,13 @@ from transformer_lens import ActivationCache
 from transformer_lens.model_protocol import TransformerLensModel
 from transformer_lens.utilities import get_act_name
 
-from hooked_attnres import ConcurrentUseError, DepthState, HookedAttnRes, UnknownHookError
+from hooked_attnres import (
+    ConcurrentUseError,
+    DepthState,
+    HookedAttnRes,
+    QKNormWarning,
+    UnknownHookError,
+)
 
 REQUIRED_PER_LAYER = [
     "hook_resid_pre",
@@ -458,6 +464,7 @@ def test_activation_cache_helpers_on_plain_residual_model():
     assert torch.allclose(attrs.sum(0), expected, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::hooked_attnres.QKNormWarning")
 def test_weights_have_transformerlens_layouts_and_meaning(tokens):
     model = tiny_model(attnres_layout="none")
     cfg = model.cfg
@@ -505,6 +512,46 @@ def _bridge(hf):
     return build_bridge_from_module(hf, "Qwen3ForCausalLM", hf_config=hf.config, tokenizer=None)
 
 
+def test_qk_warns_once_that_it_is_not_the_scores_bilinear_form():
+    """``model.QK`` is TransformerLens's ``W_Q @ W_K^T``; Qwen3 normalises each head's query
+    and key (with gains) before the rotary embedding, so it warns once per model. The
+    warning's formula is checked against the scores the model computes: at a query's own
+    position (the rotation cancels) the score is ``x W_Q diag(g_q * g_k) W_K^T x /
+    (rms(x W_Q) rms(x W_K) sqrt(d_head))``, float64 (its rotary tables are float32)."""
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="none", dtype=torch.float64)
+    with pytest.warns(QKNormWarning, match=r"diag\(q_norm.w \* k_norm.w\)"):
+        assert model.QK.AB.shape[0] == model.cfg.n_layers
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qk = model.QK  # once per model
+    tokens = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+    layer = 1
+    attn = model.blocks[layer].attn
+    with torch.no_grad():
+        attn.q_norm.w.uniform_(0.5, 1.5)  # gains that matter
+        attn.k_norm.w.uniform_(0.5, 1.5)
+    _, cache = model.run_with_cache(tokens)
+    x = cache[f"blocks.{layer}.ln1.hook_normalized"] * model.blocks[layer].ln1.w
+    q = torch.einsum("bpd,hdk->bphk", x, model.W_Q[layer])
+    k = torch.einsum("bpd,hdk->bphk", x, model.W_K[layer])
+    rms_q = (q.pow(2).mean(-1) + attn.q_norm.eps).sqrt()
+    rms_k = (k.pow(2).mean(-1) + attn.k_norm.eps).sqrt()
+    bilinear = model.W_Q[layer] * (attn.q_norm.w * attn.k_norm.w) @ model.W_K[layer].mT
+    own = torch.einsum("bpd,hde,bpe->bhp", x, bilinear, x) / (
+        rms_q * rms_k * attn.d_head**0.5
+    ).transpose(1, 2)
+    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"].diagonal(dim1=-2, dim2=-1)
+    # to the rotary tables' float32 rounding (cos**2 + sin**2 is 1 to about 1e-7)
+    torch.testing.assert_close(own, scores, atol=1e-6, rtol=0)
+    plain = torch.einsum("bpd,hde,bpe->bhp", x, qk.AB[layer], x) / (
+        rms_q * rms_k * attn.d_head**0.5
+    ).transpose(1, 2)
+    assert float((plain - scores).abs().max()) > 1e-2  # QK itself misses the gains
+
+
+@pytest.mark.filterwarnings("ignore::hooked_attnres.QKNormWarning")
 def test_weight_accessors_and_processing_match_transformer_bridge():
     """Layout ``none`` against TransformerLens 4.3's ``TransformerBridge`` on the same tiny
     Qwen3 (GQA: 4 query heads, 2 key-value heads; norm gains away from 1). The Bridge's

@@ -12,6 +12,7 @@ from hooked_attnres.model.hooked_root import (
 )
 from hooked_attnres.model.routing import DepthRouter
 from hooked_attnres.model.tokenization import LeftPaddingWithoutMaskWarning
+from hooked_attnres.model.weights import QKNormWarning
 
 __all__ = [
     "AttnResActivationCache",
@@ -25,6 +26,7 @@ __all__ = [
     "KeyValueCache",
     "LeftPaddingWithoutMaskWarning",
     "Output",
+    "QKNormWarning",
     "RoutedResidualPatchWarning",
     "RoutingLayout",
     "UnfoldedNormWarning",

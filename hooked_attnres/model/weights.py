@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -15,6 +16,12 @@ from hooked_attnres._tl import FactoredMatrix
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
+
+
+class QKNormWarning(UserWarning):
+    """``model.QK`` is TransformerLens's ``W_Q @ W_K^T``, but Qwen3's attention normalises
+    the queries and keys per head (``q_norm`` / ``k_norm``, with gains) and rotates them, so
+    ``QK`` is not the bilinear form of its scores."""
 
 
 def _parameters_of(root: nn.Module) -> list[Optional[Tensor]]:
@@ -268,7 +275,29 @@ class WeightsMixin:
 
     @property
     def QK(self) -> FactoredMatrix:
-        """``W_Q @ W_K^T`` per layer and head, ``[n_layers, n_heads, d_model, d_model]``."""
+        """``W_Q @ W_K^T`` per layer and head, ``[n_layers, n_heads, d_model, d_model]``
+        (TransformerLens's ``QK``, the Bridge's bit for bit).
+
+        It is not the bilinear form of this model's attention scores: Qwen3 normalises each
+        head's query and key (``q_norm`` / ``k_norm``) and applies their gains before the
+        rotary embedding, so the score of query input ``x`` and key input ``y`` (both after
+        ``ln1``) at the same position is ``x W_Q diag(q_norm.w * k_norm.w) W_K^T y /
+        (rms(x W_Q) rms(y W_K) sqrt(d_head))``; at other positions the rotation enters too.
+        Warns once per model (`QKNormWarning`); exact scores: ``attn.hook_attn_scores``."""
+        if not getattr(self, "_qk_norm_warned", False):
+            self._qk_norm_warned = True
+            warnings.warn(
+                "model.QK is W_Q @ W_K^T per head, as in TransformerLens, but this model's "
+                "attention normalises each head's query and key (q_norm / k_norm, with "
+                "gains) before the rotary embedding: QK misses the gains' per-dimension "
+                "weighting (W_Q diag(q_norm.w * k_norm.w) W_K^T has it), the per-token "
+                "scale and the positions, so it is not the bilinear form of the scores. "
+                "Read exact scores from blocks.{l}.attn.hook_attn_scores. Warned once per "
+                "model; silence with warnings.filterwarnings('ignore', "
+                "category=hooked_attnres.QKNormWarning).",
+                QKNormWarning,
+                stacklevel=2,
+            )
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
