@@ -335,3 +335,23 @@ def test_dissociation_spearman_with_ties_is_the_pearson_correlation_of_average_r
             continue
         dm, de = ranks_m - ranks_m.mean(), ranks_e - ranks_e.mean()
         assert got == pytest.approx((dm @ de) / np.sqrt((dm @ dm) * (de @ de)), abs=1e-12)
+
+
+def test_summarize_mass_does_not_depend_on_the_row_order_of_the_table():
+    """Property-test finding (session 14): the bootstrap resampled the prompts in the
+    order they first appeared in the table, so the same table with its rows reordered
+    (sorted by mass, concatenated from filtered parts) got other intervals with the same
+    seed (0.048 apart, kimi); every ordering now gives the interval of the prompts in id
+    order, against the independent NumPy bootstrap."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    mass = routing_mass(model, _padded_batch(model.cfg.d_vocab))
+    index = np.random.default_rng(3).integers(0, 4, size=(100, 4))
+    for order in (mass.sort_values("mass"), mass.sample(frac=1.0, random_state=2)):
+        summary = summarize_mass(order, by=("router", "family"), n_bootstrap=100, seed=3)
+        for row in summary.itertuples():
+            group = mass[(mass.router == row.router) & (mass.family == row.family)]
+            per_prompt = group.groupby("prompt").mass.mean().sort_index().to_numpy()
+            low, high = np.quantile(per_prompt[index].mean(axis=1), [0.025, 0.975])
+            assert (row.mass, row.ci_low, row.ci_high) == pytest.approx(
+                (per_prompt.mean(), low, high), abs=1e-12
+            )

@@ -258,7 +258,11 @@ def summarize_mass(
     if mass.empty:
         raise ValueError("the mass table is empty: there is nothing to summarise")
     require_finite_mass(mass, "the summary")
-    per_prompt = mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt")
+    # prompts in id order (the bootstrap draws prompts by position): with sort=False the
+    # columns followed the table's row order, so a reordered table got other intervals
+    per_prompt = (
+        mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt").sort_index(axis=1)
+    )
     absent = per_prompt.isna()  # the mass is finite: NaN is a (group, prompt) without rows
     if absent.any(axis=None):
         group = absent.any(axis=1).idxmax()
