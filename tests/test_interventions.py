@@ -1454,3 +1454,48 @@ def test_zero_patches_are_refused_when_eps_is_zero():
         .isfinite()
         .all()
     )
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_set_weights_from_a_padded_cache_at_eps_zero(layout):
+    """Property-test finding (session 14): with eps = 0 a padding position's routing
+    weights are 0 / 0 (nan) from the first router that reads its zero attention output on,
+    in the cache as in the run. `set_weights(model, clean_cache)` of a left-padded batch
+    was refused as "must be non-negative and sum to 1", even with the run's own cache.
+    The check now reads the real positions (the cache records its padding, and the run
+    must have the same): each prompt's real positions equal that prompt patched alone,
+    unpadded, with its own clean run's weights; a dict of such weights (no record of
+    the padding) is refused, saying that they are nan."""
+    from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+
+    cfg = HookedAttnResConfig(
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        d_head=4,
+        d_vocab=17,
+        n_ctx=8,
+        attnres_layout=layout,
+        attnres_num_blocks=1,
+        eps=0.0,
+        dtype=torch.float64,
+        seed=0,
+    )
+    model = randomize_routing(HookedAttnRes(cfg)).eval()
+    clean = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
+    corrupted = torch.tensor([[7, 9, 8, 2], [1, 11, 3, 12]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # prompt 0: one left pad
+    _, cache = model.run_with_cache(clean, attention_mask=mask)
+    assert cache["blocks.0.mlp_res.hook_weights"][0, 0].isnan().all()  # the 0 / 0 padding
+    patched = model.run_with_hooks(
+        corrupted, attention_mask=mask, fwd_hooks=set_weights(model, cache)
+    )
+    for row, real in ((0, slice(1, None)), (1, slice(None))):
+        _, alone_cache = model.run_with_cache(clean[row : row + 1, real])
+        alone = model.run_with_hooks(
+            corrupted[row : row + 1, real], fwd_hooks=set_weights(model, alone_cache)
+        )
+        assert (patched[row, real] - alone[0]).abs().max().item() <= 1e-12
+    weights = {site: cache[site.hook("weights")] for site in model.routing_layout.sites()}
+    with pytest.raises(ValueError, match=r"sum to 1 \(\d+ of them are nan.*cache itself"):
+        set_weights(model, weights, routers=list(weights))

@@ -30,6 +30,7 @@ from hooked_attnres.interventions.checks import (
     check_cached,
     check_run_shape,
     check_value_tensor,
+    recorded_run,
 )
 from hooked_attnres.interventions.selection import (
     LayerSpec,
@@ -41,7 +42,12 @@ from hooked_attnres.interventions.selection import (
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
-from hooked_attnres.model.passes import pass_mask, real_tokens, require_whole_sequence
+from hooked_attnres.model.passes import (
+    padding_of,
+    pass_mask,
+    real_tokens,
+    require_whole_sequence,
+)
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -431,9 +437,15 @@ def _weights_for(
                 f"the weights dict has no entry for {site} (key ({site.layer}, "
                 f"{site.kind!r}) or the RouterSite); give one or select fewer routers"
             )
-    elif from_cache:
+    real = None  # [batch, pos], True at real tokens: the positions the check reads
+    if from_cache:
         name = site.hook("weights")
         check_cached(model, weights, [name], "the cache given to set_weights")
+        # the cache's padding positions are the run's (`check_cache_mask` when the hook
+        # runs) and never reach a real one; with eps = 0 their weights are 0 / 0 (nan) in
+        # the cache and in the run alike, which refused every padded cache as not summing
+        # to 1
+        real = padding_of(recorded_run(weights, "the cache given to set_weights").attention_mask)
         weights = weights[name]
     weights = torch.as_tensor(weights)
     if not weights.is_floating_point():
@@ -443,16 +455,26 @@ def _weights_for(
             f"weights for {site} have {weights.shape[-1]} sources, the router has {n_sources} "
             f"({layout.labels(site)})"
         )
+    checked = weights
+    if real is not None and weights.ndim == 3 and tuple(weights.shape[:2]) == tuple(real.shape):
+        checked = weights[real.to(weights.device)]
     # summed in at least float32, the routing dtype where the hook applies them: a
     # bfloat16 sum rounds to 8 bits and passed weights 2e-3 off 1 (three bfloat16 1/3)
-    total = weights.sum(-1, dtype=stat_dtype(weights.dtype))
-    if (weights < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+    total = checked.sum(-1, dtype=stat_dtype(checked.dtype))
+    if (checked < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
         hint = ""
         if weights.dtype in (torch.bfloat16, torch.float16):
             hint = (
                 f" (summed in float32, where the router applies them: {weights.dtype} "
                 "cannot hold most fractions to 1e-4; give the weights in float32, the "
                 "routing dtype of bfloat16 / float16 models)"
+            )
+        elif not bool(checked.isfinite().all()):
+            hint = (
+                f" ({int((~checked.isfinite()).sum())} of them are nan or infinite: e.g. the "
+                "padding positions of a run of a model with eps = 0, where a zero source's "
+                "routing logit is 0 / 0; pass that run's cache itself, which records its "
+                "padding, or give finite weights there)"
             )
         raise ValueError(f"weights for {site} must be non-negative and sum to 1{hint}")
     return weights, from_cache
