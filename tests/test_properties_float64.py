@@ -1,6 +1,9 @@
 """Property tests (hypothesis) in float64 over random tiny configurations, every layout
 (kimi, cumulative block/full, full, none), block counts that do not divide the layers,
-left padding: the model's own identities hold to 1e-12 (docs/architecture.md)."""
+left padding: the model's own identities hold to 1e-12 (docs/architecture.md), and so do
+the metamorphic laws of the intervention and analysis API (docs/analysis.md), also on the
+recency / exact wraps of a tiny Qwen3: identity patches, mask composition, sweep
+invariances, attribution's linearity."""
 
 from __future__ import annotations
 
@@ -314,3 +317,300 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
         ]
     )
     assert abs(loss.item() - per_token.mean().item()) <= TOL
+
+
+# --- metamorphic laws of the intervention and analysis API (session 14, audit 28) --------
+
+
+@st.composite
+def wrapped_cases(draw):
+    """A float64 ``from_hf_qwen3`` wrap (``recency`` or ``exact``) of a random tiny Qwen3,
+    with tokens and an optional left-padding mask, as `cases` gives for native layouts."""
+    n_layers = draw(st.integers(1, 4))
+    hf = hf_qwen3(
+        seed=draw(st.integers(0, 1000)),
+        num_hidden_layers=n_layers,
+        hidden_size=8,
+        intermediate_size=12,
+        head_dim=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=17,
+    )
+    wrap = draw(st.sampled_from(["recency", "exact"]))
+    num_blocks = draw(st.integers(1, n_layers))
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=num_blocks, dtype=torch.float64)
+    batch, pos = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    tokens = torch.randint(0, 17, (batch, pos), generator=torch.Generator().manual_seed(pos))
+    mask = None
+    if draw(st.booleans()):
+        pads = draw(st.lists(st.integers(0, pos - 1), min_size=batch, max_size=batch))
+        mask = (torch.arange(pos)[None, :] >= torch.tensor(pads)[:, None]).long()
+    return model.eval(), tokens, mask
+
+
+def any_case():
+    return st.one_of(cases(), wrapped_cases())
+
+
+@SETTINGS
+@given(case=any_case())
+def test_interventions_with_the_runs_own_values_are_the_identity(case):
+    """`set_weights` with the run's own cache or weights, `patch_sources` of every source
+    and `patch_committed` of every committed source from the run's own cache give the
+    unpatched run to 1e-12 (not bit for bit: which hooks a run observes changes the
+    order of some float64 sums, so the cache's values and the patched run's own differ
+    by an ulp). Layout ``none`` refuses them."""
+    from hooked_attnres.interventions import patch_committed, patch_sources, set_weights
+    from hooked_attnres.model.depth import FAMILIES
+
+    model, tokens, mask = case
+    logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    layout = model.routing_layout
+    if not layout.has_routers:
+        with pytest.raises(ValueError, match="none"):
+            set_weights(model, "uniform")
+        return
+    sites = layout.sites()
+    # a dict of tensors records no padding: its nan weights at padding positions (eps 0)
+    # are refused, so they are made a distribution there (a padding position reaches no
+    # real one)
+    own_weights = {
+        site: cache[site.hook("weights")].nan_to_num(1 / layout.n_sources(site)) for site in sites
+    }
+    labels = list(layout.commit_hooks())
+    for hooks in (
+        set_weights(model, cache, routers=sites),
+        set_weights(model, own_weights, routers=sites, positions=list(range(tokens.shape[1]))),
+        patch_sources(model, list(FAMILIES), cache, routers=sites),
+        patch_committed(model, labels, cache),
+    ):
+        patched = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+        assert _real_diff(patched, logits, mask) <= TOL
+
+
+@SETTINGS
+@given(case=any_case(), data=st.data())
+def test_masking_composes_and_equals_set_weights_of_the_renormalised_weights(case, data):
+    """At one router: masking family A, then (a second hook list) family B, equals masking
+    {A, B} at once, bit for bit; masking A equals `set_weights` with the softmax of the
+    router's logits over the kept sources, computed by hand (1e-12)."""
+    from hooked_attnres.interventions import set_weights
+
+    model, tokens, mask = case
+    if not model.routing_layout.has_routers:
+        return
+    site = data.draw(st.sampled_from(model.routing_layout.sites()))
+    families = model.source_families(site)
+    n = model.routing_layout.n_sources(site)
+    present = sorted(f for f, idx in families.items() if idx)
+    first = data.draw(st.sampled_from(present))
+    second = data.draw(st.sampled_from(present))
+    both = set(families[first]) | set(families[second])
+
+    def run(hooks):
+        return model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+
+    if len(both) == n:  # nothing left: refused, at construction or when the hook runs
+        with pytest.raises(ValueError, match="mask"):
+            run(mask_sources(model, first, routers=[site]) + mask_sources(model, second, [site]))
+        return
+    composed = run(mask_sources(model, first, routers=[site]) + mask_sources(model, second, [site]))
+    at_once = run(mask_sources(model, [first, second], routers=[site]))
+    assert _real_diff(composed, at_once, mask) == 0
+
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site.hook("logits"))
+    where = torch.zeros(n, dtype=torch.bool)
+    where[families[first]] = True
+    by_hand = cache[site.hook("logits")].masked_fill(where, float("-inf")).softmax(-1)
+    if mask is not None:  # padding positions may be nan (eps 0): any distribution there
+        by_hand = torch.where(mask.bool()[..., None], by_hand, torch.full_like(by_hand, 1 / n))
+    renormalised = run(set_weights(model, {site: by_hand}, routers=[site]))
+    assert _real_diff(run(mask_sources(model, first, routers=[site])), renormalised, mask) <= TOL
+
+
+def _metric(logits):
+    """A patching metric reading the last position (real in left-padded batches)."""
+    return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
+
+
+@SETTINGS
+@given(case=any_case(), by_pos=st.booleans())
+def test_patching_a_run_with_its_own_cache_gives_its_metric_in_every_cell(case, by_pos):
+    """Every cell of every sweep, clean cache into the clean run: the clean metric (float32
+    results). Attribution patching of the run's own weights estimates no change: the base
+    metric in every cell, both methods."""
+    from hooked_attnres.analysis import attribution_patch_routing_weights
+    from hooked_attnres.patching import (
+        get_act_patch_committed_blocks_by_pos,
+        get_act_patch_depth_state,
+        get_act_patch_depth_state_by_pos,
+        get_act_patch_routing_weights,
+        get_act_patch_routing_weights_by_pos,
+    )
+
+    model, tokens, mask = case
+    logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    expected = _metric(logits).float()
+    assert expected.isfinite()
+    depth = get_act_patch_depth_state_by_pos if by_pos else get_act_patch_depth_state
+    results = [
+        depth(model, tokens, cache, _metric, sublayer=sub, attention_mask=mask)
+        for sub in ("attn", "mlp")
+    ]
+    layout = model.routing_layout
+    if layout.has_routers:
+        routers = tuple(sorted({site.kind for site in layout.sites()}))
+        sweep = get_act_patch_routing_weights_by_pos if by_pos else get_act_patch_routing_weights
+        results.append(sweep(model, tokens, cache, _metric, routers, attention_mask=mask))
+        if by_pos:
+            results.append(
+                get_act_patch_committed_blocks_by_pos(
+                    model, tokens, cache, _metric, attention_mask=mask
+                )
+            )
+        for method in ("linear", "norm"):
+            results.append(
+                attribution_patch_routing_weights(
+                    model, tokens, cache, _metric, routers, by_pos, method, attention_mask=mask
+                )
+            )
+    for result in results:
+        filled = result[~result.isnan()]
+        assert filled.numel() and (filled - expected).abs().max().item() <= 1e-6
+
+
+def _task_batch(tokens, data):
+    """A `TaskBatch` of ``tokens`` (right-padded prompts: answer positions drawn per prompt)."""
+    from hooked_attnres.tasks.base import TaskBatch
+
+    n, pos = tokens.shape
+    answer_pos = torch.tensor(data.draw(st.lists(st.integers(0, pos - 1), min_size=n, max_size=n)))
+    answer = (tokens[:, 0] + 1) % 17
+    return TaskBatch(
+        tokens=tokens,
+        answer_pos=answer_pos,
+        answer=answer,
+        contrast=(answer + 3) % 17,
+        corrupted_tokens=tokens.flip(0),
+        targets=torch.full_like(tokens, -100),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:a bootstrap interval needs at least 2 prompts")
+@SETTINGS
+@given(case=any_case(), data=st.data())
+def test_ablation_sweeps_are_invariant_and_equal_the_hand_made_runs(case, data):
+    """`run_ablations`: the fast sweep equals the slow one and, per cell, the metric of a
+    plain run with that cell's hooks (1e-12); chunking the prompts and permuting them
+    (rows permute alike) change nothing. `attribute_routing`: the estimates of
+    ``c * metric`` are ``c`` times those of the metric, cells that mask nothing estimate
+    exactly 0, the per-position estimates sum to the cell's, and `verify_top`'s rows are
+    `ablation_effects`' rows of those cells bit for bit."""
+    import numpy as np
+
+    from hooked_attnres.analysis import (
+        ablation_effects,
+        attribute_routing,
+        metric_values,
+        plan_ablations,
+        run_ablations,
+    )
+
+    model, tokens, _ = case
+    if not model.routing_layout.has_routers:
+        return
+    batch = _task_batch(tokens, data)
+    groups = data.draw(st.sampled_from(["all", "layers", "bands"]))
+    plan = plan_ablations(model, groups=groups)
+    args = (model, batch, plan, ("logit_diff", "logprob"))
+    clean, ablated = run_ablations(*args, progress=False)
+    for other in (
+        run_ablations(*args, fast=False, progress=False),
+        run_ablations(*args, chunk=data.draw(st.integers(1, 3)), progress=False),
+    ):
+        for metric in ("logit_diff", "logprob"):
+            assert np.abs(other[0][metric] - clean[metric]).max() <= TOL
+            assert np.abs(other[1][metric] - ablated[metric]).max() <= TOL
+    order = torch.tensor(data.draw(st.permutations(range(len(batch)))))
+    permuted = run_ablations(model, batch[order], plan, ("logit_diff",), progress=False)
+    assert np.abs(permuted[1]["logit_diff"] - ablated["logit_diff"][:, order.numpy()]).max() <= TOL
+    with torch.no_grad():
+        for i, cell in enumerate(plan):
+            out = model.run_with_hooks(batch.tokens, fwd_hooks=cell.ablation.hooks())
+            by_hand = metric_values(batch, out, "logit_diff").numpy()
+            assert np.abs(ablated["logit_diff"][i] - by_hand).max() <= TOL
+
+    def logit_diff(batch, logits):
+        rows = torch.arange(len(batch))
+        answer_logits = logits[rows, batch.answer_pos]
+        return answer_logits[rows, batch.answer] - answer_logits[rows, batch.contrast]
+
+    def scaled(batch, logits):
+        return -2.5 * logit_diff(batch, logits)
+
+    result = attribute_routing(
+        model,
+        batch,
+        [logit_diff, scaled],
+        groups=groups,
+        method=["linear", "norm"],
+        by_position=True,
+        n_bootstrap=40,
+    )
+    for method in ("linear", "norm"):
+        estimates = result.per_prompt[(method, "logit_diff")]
+        scale = max(1.0, float(np.abs(estimates).max()))
+        assert np.abs(result.per_prompt[(method, "scaled")] + 2.5 * estimates).max() <= TOL * scale
+        summed = result.by_position[(method, "logit_diff")].sum(-1)
+        assert np.abs(summed - estimates).max() <= TOL * scale
+        for i, cell in enumerate(result.plan):
+            if cell.is_noop:
+                assert (estimates[i] == 0).all()
+    verified = result.verify_top(3, metric="logit_diff").set_index(["router", "group", "family"])
+    exact = ablation_effects(
+        model, batch, groups=groups, metrics=[logit_diff], n_bootstrap=40, progress=False
+    ).set_index(["router", "group", "family"])
+    columns = ["clean", "ablated", "effect", "ci_low", "ci_high", "n_masked_routers"]
+    assert verified[columns].equals(exact.loc[verified.index, columns])
+
+
+@SETTINGS
+@given(case=any_case(), data=st.data())
+def test_routing_mass_is_a_distribution_read_from_the_cache_and_permutes_with_the_batch(case, data):
+    """`routing_mass`: at every router and prompt the families' masses sum to 1; each is
+    the sum of its sources' cached weights at the answer position (``"answer"``) or their
+    mean over positions ``0..answer_pos`` (``"all"``); permuting the prompts permutes the
+    rows and nothing else."""
+    import numpy as np
+
+    from hooked_attnres.analysis import routing_mass
+    from hooked_attnres.model.depth import FAMILIES
+
+    model, tokens, _ = case
+    layout = model.routing_layout
+    if not layout.has_routers:
+        return
+    batch = _task_batch(tokens, data)
+    positions = data.draw(st.sampled_from(["answer", "all"]))
+    mass = routing_mass(model, batch, positions=positions)
+    totals = mass.groupby(["prompt", "router", "layer"]).mass.sum()
+    assert np.abs(totals.to_numpy() - 1).max() <= TOL
+    _, cache = model.run_with_cache(batch.tokens)
+    table = mass.set_index(["prompt", "router", "layer", "family"]).mass
+    for site in layout.sites():
+        weights = cache[site.hook("weights")]
+        for prompt, answer in enumerate(batch.answer_pos.tolist()):
+            read = (
+                weights[prompt, answer] if positions == "answer" else weights[prompt, : answer + 1]
+            )
+            for family in FAMILIES:
+                index = layout.families(site)[family]
+                expected = read[..., index].sum(-1).mean().item() if index else 0.0
+                got = table[(prompt, site.kind, site.table_layer, family)]
+                assert abs(got - expected) <= TOL
+    order = data.draw(st.permutations(range(len(batch))))
+    permuted = routing_mass(model, batch[torch.tensor(order)], positions=positions)
+    moved = permuted.assign(prompt=[order[p] for p in permuted.prompt])
+    moved = moved.set_index(["prompt", "router", "layer", "family"]).mass
+    assert np.abs(moved.sort_index().to_numpy() - table.sort_index().to_numpy()).max() <= TOL
