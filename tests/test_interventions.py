@@ -1499,3 +1499,63 @@ def test_set_weights_from_a_padded_cache_at_eps_zero(layout):
     weights = {site: cache[site.hook("weights")] for site in model.routing_layout.sites()}
     with pytest.raises(ValueError, match=r"sum to 1 \(\d+ of them are nan.*cache itself"):
         set_weights(model, weights, routers=list(weights))
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
+    """Property-test finding (session 14): with eps = 0 a padding position's sources are
+    nan from its first 0 / 0 routing on, and the mean over the real prompts multiplied
+    them by 0: nan, so `"mean"` (`patch_sources`, `patch_committed`) made every logit of
+    the prompts real at that position nan (silently). Now each real position equals the
+    patch with the mean over the prompts real there, computed by hand from the cache."""
+    from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+
+    cfg = HookedAttnResConfig(
+        d_model=8,
+        n_layers=3,
+        n_heads=2,
+        d_head=4,
+        d_vocab=17,
+        n_ctx=8,
+        attnres_layout=layout,
+        attnres_num_blocks=3 if layout == "kimi" else 1,
+        eps=0.0,
+        dtype=torch.float64,
+        seed=0,
+    )
+    model = randomize_routing(HookedAttnRes(cfg)).eval()
+    tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6], [9, 9, 2, 4]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    real = mask.bool()
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+
+    def mean_over_real(values):  # [batch, pos, d_model] -> [1, pos, d_model], by hand
+        rows = [
+            torch.stack([values[b, p] for b in range(len(values)) if real[b, p]]).mean(0)
+            for p in range(values.shape[1])
+        ]
+        return torch.stack(rows)[None]
+
+    site = model.site(2, "attn_res")
+    sources = cache[site.hook("sources")]
+    label = model.routing_layout.labels(site)[0]
+    assert sources[0, 0].isnan().any()  # the padding's nan sources reach this router
+    committed_label, name = next(  # the first committed source that is nan at padding
+        (lab, n)
+        for lab, n in model.routing_layout.commit_hooks().items()
+        if cache[n][0, 0].isnan().any()
+    )
+    for by_mean, by_hand in (
+        (
+            patch_sources(model, label, "mean", routers=[site]),
+            patch_sources(model, label, mean_over_real(sources[..., 0, :]), routers=[site]),
+        ),
+        (
+            patch_committed(model, committed_label, "mean"),
+            patch_committed(model, committed_label, mean_over_real(cache[name])),
+        ),
+    ):
+        got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=by_mean)[real]
+        expected = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=by_hand)[real]
+        assert got.isfinite().all()
+        assert (got - expected).abs().max().item() <= 1e-12

@@ -186,9 +186,13 @@ def _mean_over_real(
     pass's attention mask), accumulated in float32 (float64 for float64); a position
     where every prompt has padding gets the mean over all prompts."""
     values = widened(current)
-    weights = real.to(values.device, values.dtype)[..., None]  # [batch, pos, 1]
-    count = weights.sum(dim=0, keepdim=True)
-    mean = (values * weights).sum(dim=0, keepdim=True) / count.clamp(min=1)
+    real = real.to(values.device)[..., None]  # [batch, pos, 1]
+    count = real.to(values.dtype).sum(dim=0, keepdim=True)
+    # selected, not multiplied by 0 / 1: with eps = 0 a padding position's sources can be
+    # nan (its routing is 0 / 0), and nan * 0 made the mean nan at every real position
+    # there, then every logit of the prompts real there
+    kept = torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    mean = kept.sum(dim=0, keepdim=True) / count.clamp(min=1)
     mean = torch.where(count > 0, mean, values.mean(dim=0, keepdim=True))
     return mean.to(current.dtype)
 
