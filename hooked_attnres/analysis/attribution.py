@@ -799,9 +799,11 @@ def attribution_patch_routing_weights(
                 estimate = _router_estimate(method, model, site, capture, grads[site], new)
                 if real is not None:
                     # a padding position never reaches a real one (the attention zeroes its
-                    # key and value), so patching its weights changes nothing the metric
-                    # reads; with eps 0 its weights can be 0 / 0 in both runs, and
-                    # g * (nan - nan) made every sum over it nan (the exact sweep: finite)
+                    # key and value), so patching its weights changes only its own logits;
+                    # with eps 0 its weights can be 0 / 0 in both runs, and g * (nan - nan)
+                    # made every sum over it nan (the exact sweep: finite). Only a
+                    # non-finite estimate is replaced: a metric that reads a padding
+                    # position's logits has a finite, non-zero one there, which is kept
                     padding = ~real.to(estimate.device)
                     estimate = torch.where(padding & ~estimate.isfinite(), 0.0, estimate)
                 per_pos = estimate.sum(0)
