@@ -131,6 +131,26 @@ def test_padding_queries_have_zero_pattern_and_no_nan(layout):
     assert torch.all(cache["z", 1][1, :3] == 0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_query_scores_are_zero_at_every_key_they_see(side):
+    """docs/hooks.md: a padding query's query is zeroed before the scores (any ``eps``),
+    so its ``hook_attn_scores`` row is 0 at every key it sees and ``-inf`` elsewhere: its
+    own key alone with left padding, every key up to its own with right padding (no real
+    query follows a padding key, so only the causal mask applies)."""
+    model = routed_model("kimi")
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5"], padding_side=side)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    pads = (~mask[1].bool()).nonzero()[:, 0].tolist()
+    assert len(pads) == 3
+    for layer in range(model.cfg.n_layers):
+        scores = cache["attn_scores", layer][1]  # [head, query, key]
+        for query in pads:
+            seen = [query] if side == "left" else list(range(query + 1))
+            blocked = [key for key in range(scores.shape[-1]) if key not in seen]
+            assert torch.all(scores[:, query, seen] == 0), (layer, query)
+            assert torch.all(scores[:, query, blocked] == float("-inf")), (layer, query)
+
+
 def test_loss_with_padding_is_the_loss_of_the_real_tokens():
     model = routed_model("kimi")
     texts = ["w1 w2 w3 w4 w5", "w6 w7 w8"]

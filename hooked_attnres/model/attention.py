@@ -256,12 +256,12 @@ class AttentionContext:
             pass is key ``n_past + i``.
         key_is_pad: ``[batch, n_past + pos]``, padding keys that real queries must not
             see, or ``None`` when no real query comes after a padding key.
-        query_is_pad: ``[batch, pos]``, padding queries (zero pattern and ``z``), or
-            ``None``.
+        query_is_pad: ``[batch, pos]``, padding queries (a zero query before the
+            scores, zero pattern and ``z``), or ``None``.
         cache: the `KeyValueCache` to read and extend, or ``None``.
         padding_keys: ``[batch, n_past + pos]``, every padding key (also those that only
             later, causally blocked, queries would see), or ``None`` without padding.
-            Their values (and, in the fused call, keys) are zeroed for the product: a
+            Their values and keys are zeroed for the product (both paths): a
             blocked key has weight 0, and ``0 * nan`` would carry a non-finite padding
             position into real ones.
     """
