@@ -30,6 +30,24 @@ def tiny_config(**overrides) -> HookedAttnResConfig:
     return HookedAttnResConfig(**values)
 
 
+def eps_zero_config(layout: str, n_layers: int = 2, num_blocks: int = 1) -> HookedAttnResConfig:
+    """A float64 model config with ``eps = 0`` in ``layout`` (d_model 8, 2 heads of 4):
+    its padding positions' routing is ``0 / 0`` in the kimi and full layouts."""
+    return HookedAttnResConfig(
+        d_model=8,
+        n_layers=n_layers,
+        n_heads=2,
+        d_head=4,
+        d_vocab=17,
+        n_ctx=8,
+        attnres_layout=layout,
+        attnres_num_blocks=num_blocks,
+        eps=0.0,
+        dtype=torch.float64,
+        seed=0,
+    )
+
+
 def tiny_model(**overrides) -> HookedAttnRes:
     return HookedAttnRes(tiny_config(**overrides))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import eps_zero_config, randomize_routing, tiny_model
 
 from hooked_attnres import RunCacheDict
 from hooked_attnres.interventions import (
@@ -1466,22 +1466,9 @@ def test_set_weights_from_a_padded_cache_at_eps_zero(layout):
     must have the same): each prompt's real positions equal that prompt patched alone,
     unpadded, with its own clean run's weights; a dict of such weights (no record of
     the padding) is refused, saying that they are nan."""
-    from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+    from hooked_attnres import HookedAttnRes
 
-    cfg = HookedAttnResConfig(
-        d_model=8,
-        n_layers=2,
-        n_heads=2,
-        d_head=4,
-        d_vocab=17,
-        n_ctx=8,
-        attnres_layout=layout,
-        attnres_num_blocks=1,
-        eps=0.0,
-        dtype=torch.float64,
-        seed=0,
-    )
-    model = randomize_routing(HookedAttnRes(cfg)).eval()
+    model = randomize_routing(HookedAttnRes(eps_zero_config(layout))).eval()
     clean = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     corrupted = torch.tensor([[7, 9, 8, 2], [1, 11, 3, 12]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # prompt 0: one left pad
@@ -1508,21 +1495,9 @@ def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
     them by 0: nan, so `"mean"` (`patch_sources`, `patch_committed`) made every logit of
     the prompts real at that position nan (silently). Now each real position equals the
     patch with the mean over the prompts real there, computed by hand from the cache."""
-    from hooked_attnres import HookedAttnRes, HookedAttnResConfig
+    from hooked_attnres import HookedAttnRes
 
-    cfg = HookedAttnResConfig(
-        d_model=8,
-        n_layers=3,
-        n_heads=2,
-        d_head=4,
-        d_vocab=17,
-        n_ctx=8,
-        attnres_layout=layout,
-        attnres_num_blocks=3 if layout == "kimi" else 1,
-        eps=0.0,
-        dtype=torch.float64,
-        seed=0,
-    )
+    cfg = eps_zero_config(layout, n_layers=3, num_blocks=3 if layout == "kimi" else 1)
     model = randomize_routing(HookedAttnRes(cfg)).eval()
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6], [9, 9, 2, 4]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])

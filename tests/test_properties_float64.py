@@ -11,7 +11,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing
+from helpers import eps_zero_config, hf_qwen3, randomize_routing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -233,23 +233,6 @@ def test_more_blocks_than_layers_is_refused(n_layers):
         )
 
 
-def _eps_zero_config(layout: str) -> HookedAttnResConfig:
-    """A 2-layer float64 model with ``eps = 0`` (one block) in ``layout``."""
-    return HookedAttnResConfig(
-        d_model=8,
-        n_layers=2,
-        n_heads=2,
-        d_head=4,
-        d_vocab=17,
-        n_ctx=8,
-        attnres_layout=layout,
-        attnres_num_blocks=1,
-        eps=0.0,
-        dtype=torch.float64,
-        seed=0,
-    )
-
-
 @pytest.mark.parametrize("layout", ["kimi", "full"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_at_eps_zero_does_not_reach_real_positions(layout, side):
@@ -259,7 +242,7 @@ def test_padding_at_eps_zero_does_not_reach_real_positions(layout, side):
     (found by the property tests above). Each padded prompt equals itself unpadded, with
     the fused attention, the explicit one (``hook_pattern`` watched) and a key-value
     cache."""
-    cfg = _eps_zero_config(layout)
+    cfg = eps_zero_config(layout)
     model = randomize_routing(HookedAttnRes(cfg))
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     real = [1, 2, 3] if side == "left" else [0, 1, 2]
@@ -288,7 +271,7 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
     padding, multiplied its nan terms by 0: nan. Now the gradients at the real positions
     equal those of the prompt alone (fused and explicit attention), and the loss equals
     the mean over the real predictions (`lm_cross_entropy_loss` on the real tokens)."""
-    cfg = _eps_zero_config(layout)
+    cfg = eps_zero_config(layout)
     model = randomize_routing(HookedAttnRes(cfg))
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding: the loss reads it
