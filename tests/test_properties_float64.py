@@ -302,6 +302,25 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
     assert abs(loss.item() - per_token.mean().item()) <= TOL
 
 
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_loss_of_right_padding_at_eps_zero_is_that_of_the_real_tokens(layout):
+    """The loss at eps 0 with two padding tokens on the right: the first one's logits
+    (nan, docs/hooks.md) predict the second, and ``nan * 0`` made the loss nan, as it did
+    with left padding. The loss is the mean of the prompts' own per-token losses, and
+    ``loss_per_token`` holds them at the real predictions and 0 elsewhere."""
+    model = randomize_routing(HookedAttnRes(eps_zero_config(layout)))
+    tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.isnan(model(tokens, attention_mask=mask)[0, 2]).all()  # the case
+    first = model(tokens[:1, :2], return_type="loss", loss_per_token=True)[0]  # [1]
+    second = model(tokens[1:], return_type="loss", loss_per_token=True)[0]  # [3]
+    loss = model(tokens, attention_mask=mask, return_type="loss")
+    assert abs(loss.item() - torch.cat([first, second]).mean().item()) <= TOL
+    per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+    expected = torch.stack([torch.cat([first, first.new_zeros(2)]), second])
+    assert (per_token - expected).abs().max().item() <= TOL
+
+
 # --- metamorphic laws of the intervention and analysis API (session 14, audit 28) --------
 
 
