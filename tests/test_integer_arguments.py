@@ -158,3 +158,14 @@ def test_source_family_and_layer_count_arguments_take_numpy_integers():
         KeyValueCache.init_cache(True)
     layout = model.routing_layout
     assert layout.check(np.int64(1), kind="attn_res") == layout.check(1, kind="attn_res")
+
+
+def test_cache_alias_keys_take_a_negative_numpy_layer():
+    """``cache["attn_res_weights", -1]`` (a router alias, negative layer) counts the layer
+    from the end; with ``np.int64(-1)`` (a layer from ``np.argsort``) the alias lookup kept
+    the layer negative and raised ``KeyError``. Checked against the hook's own name."""
+    model = tiny_model(attnres_layout="kimi")
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    last = cache["blocks.3.attn_res.hook_weights"]
+    for layer in (-1, np.int64(-1), np.int32(-1), np.int64(3)):
+        assert torch.equal(cache["attn_res_weights", layer], last), type(layer)

@@ -375,8 +375,8 @@ class AttnResActivationCache(ActivationCache):
                 name = key if key in self.cache_dict else get_act_name(key)
             else:
                 key = tuple(key)
-                if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
-                    key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+                if len(key) > 1 and is_integer(key[1]) and key[1] < 0:  # NumPy too
+                    key = (key[0], self.model.cfg.n_layers + int(key[1]), *key[2:])
                 name = get_act_name(*key)
             real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:
