@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_attnres._precision import stat_dtype
+from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
@@ -1128,10 +1128,11 @@ def analysis_dtype(model: Any) -> Optional[torch.dtype]:
 
 
 def _widened(value: Any, dtype: Optional[torch.dtype]) -> Any:
-    """A floating tensor ``value`` in at least ``dtype`` (``None``: as it is)."""
+    """A floating tensor ``value`` `widened` when ``dtype`` (`analysis_dtype`: float32 in
+    a bfloat16 / float16 model) is given; as it is for ``None`` and for anything else."""
     if dtype is None or not isinstance(value, Tensor) or not value.is_floating_point():
         return value
-    return value.to(torch.promote_types(value.dtype, dtype))
+    return widened(value)
 
 
 class _Overlay:
