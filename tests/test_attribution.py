@@ -359,6 +359,48 @@ def test_attribution_patching_of_padded_prompts_at_eps_zero_is_finite_and_separa
         torch.testing.assert_close(padded[finite], expected[finite], atol=1e-6, rtol=0)
 
 
+def test_attribution_patching_keeps_a_finite_estimate_at_a_padding_position():
+    """The padding rule of `attribution_patch_routing_weights` replaces a padding
+    position's estimate only where it is not finite. A metric that reads a padding
+    position's logits (``logits[:, -1]`` of a right-padded batch) depends on that
+    position's own routing, and its finite estimate there is kept: the result equals
+    ``metric + g . (w_clean - w_corrupted)`` computed by hand from the gradients of the
+    metric with respect to every router's ``hook_weights`` (float64, eps 1e-6)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 50, (2, 6), generator=generator)
+    corrupted = torch.randint(0, 50, (2, 6), generator=generator)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # right padding: the metric reads padding position 5 of prompt 1
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
+    estimate = attribution_patch_routing_weights(
+        model, corrupted, clean_cache, metric, by_pos=True, attention_mask=mask
+    )
+    sites = [site for site in model.routing_layout.sites() if site.layer is not None]
+    _, corrupted_cache = model.run_with_cache(corrupted, attention_mask=mask)
+    deltas = {
+        site: torch.zeros_like(corrupted_cache[site.hook("weights")], requires_grad=True)
+        for site in sites
+    }
+    hooks = [(site.hook("weights"), lambda x, hook, d=deltas[site]: x + d) for site in sites]
+    with model.hooks(fwd_hooks=hooks):
+        value = metric(model(corrupted, attention_mask=mask))
+    grads = torch.autograd.grad(value, list(deltas.values()))
+    at_padding = 0.0  # the largest estimate of prompt 1's padding position 5
+    for site, grad in zip(sites, grads, strict=True):
+        change = clean_cache[site.hook("weights")] - corrupted_cache[site.hook("weights")]
+        per_prompt = (grad * change).sum(-1)  # [batch, pos]
+        at_padding = max(at_padding, abs(float(per_prompt[1, 5])))
+        expected = value.detach() + per_prompt.sum(0)  # [pos]
+        row = ["attn_res", "mlp_res"].index(site.kind)
+        torch.testing.assert_close(estimate[row, site.layer], expected.float(), atol=1e-5, rtol=0)
+    assert at_padding > 1e-2  # not 0: dropping it would be a silent wrong number
+
+
 def test_attribution_patching_equals_finite_differences_and_matches_the_layout_of_patching():
     model = routed_model("kimi", scale=0.15)
     batch = random_batch(seed=6)
@@ -873,45 +915,3 @@ def test_verify_top_refuses_other_weights_than_the_attribution_had():
         model.to(torch.float64).load_state_dict(original)
         result = attribute_routing(model, batch, groups="layers", n_bootstrap=10, progress=False)
         result.verify_top(2)
-
-
-def test_attribution_patching_keeps_a_finite_estimate_at_a_padding_position():
-    """The padding rule of `attribution_patch_routing_weights` replaces a padding
-    position's estimate only where it is not finite. A metric that reads a padding
-    position's logits (``logits[:, -1]`` of a right-padded batch) depends on that
-    position's own routing, and its finite estimate there is kept: the result equals
-    ``metric + g . (w_clean - w_corrupted)`` computed by hand from the gradients of the
-    metric with respect to every router's ``hook_weights`` (float64, eps 1e-6)."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, 50, (2, 6), generator=generator)
-    corrupted = torch.randint(0, 50, (2, 6), generator=generator)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, 4:] = 0  # right padding: the metric reads padding position 5 of prompt 1
-
-    def metric(logits):
-        return logits[:, -1, 3].sum()
-
-    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
-    estimate = attribution_patch_routing_weights(
-        model, corrupted, clean_cache, metric, by_pos=True, attention_mask=mask
-    )
-    sites = [site for site in model.routing_layout.sites() if site.layer is not None]
-    _, corrupted_cache = model.run_with_cache(corrupted, attention_mask=mask)
-    deltas = {
-        site: torch.zeros_like(corrupted_cache[site.hook("weights")], requires_grad=True)
-        for site in sites
-    }
-    hooks = [(site.hook("weights"), lambda x, hook, d=deltas[site]: x + d) for site in sites]
-    with model.hooks(fwd_hooks=hooks):
-        value = metric(model(corrupted, attention_mask=mask))
-    grads = torch.autograd.grad(value, list(deltas.values()))
-    at_padding = 0.0  # the largest estimate of prompt 1's padding position 5
-    for site, grad in zip(sites, grads, strict=True):
-        change = clean_cache[site.hook("weights")] - corrupted_cache[site.hook("weights")]
-        per_prompt = (grad * change).sum(-1)  # [batch, pos]
-        at_padding = max(at_padding, abs(float(per_prompt[1, 5])))
-        expected = value.detach() + per_prompt.sum(0)  # [pos]
-        row = ["attn_res", "mlp_res"].index(site.kind)
-        torch.testing.assert_close(estimate[row, site.layer], expected.float(), atol=1e-5, rtol=0)
-    assert at_padding > 1e-2  # not 0: dropping it would be a silent wrong number
