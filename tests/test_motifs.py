@@ -142,6 +142,22 @@ def test_motif_criterion_3_the_band_must_be_the_most_harmful():
     assert report.loc["M1", "largest_band"] == "late"
 
 
+def test_a_band_tied_for_the_most_harm_is_named_with_the_motif_band():
+    # M3 (older, late attention routers) tied with the early band: localised (a tie
+    # counts), so present; the sentence must not name "early" alone as the most harmful
+    # band next to "present" (it named the first band of the tie, in band order)
+    tie = {
+        ("attn_res", "late", "older"): harmful(-1.0),
+        ("attn_res", "early", "older"): harmful(-1.0),
+    }
+    report = motif_report(*tables(tie, seed=0))
+    row = report.set_index("claim").loc["M3"]
+    assert bool(row.present)
+    assert row.largest_band.split("|") == ["early", "late"]  # every band of the tie
+    sentence = motif_verdicts(report).set_index("claim").loc["M3", "sentence"]
+    assert "most harmful bands early and late (tied)" in sentence
+
+
 def test_d1_top_mass_is_not_top_effect_with_separated_intervals():
     mass = {("attn_res", "current"): 0.6, ("attn_res", "embedding"): 0.1}
     separated = {
