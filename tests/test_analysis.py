@@ -1372,3 +1372,19 @@ def test_patching_heatmap_takes_half_precision_tensors(dtype):
         torch.tensor(values, dtype=dtype), ["l0", "l1"], ["a", "b"], title="t"
     ).data[0]
     assert np.asarray(heat.z).tolist() == values.tolist()
+
+
+def test_mean_over_a_task_batchs_real_positions_selects_them():
+    """Audit 30: ``routing_mass(positions="all")`` of a `TaskBatch` averaged each prompt's
+    real positions by multiplying the weights by a 0 / 1 mask, so a nan weight in the
+    right padding (a pad token with a zero embedding in a model with eps = 0: its routing
+    is 0 / 0) made the prompt's mass nan. Now the mean selects the real positions: it
+    equals the mean over them computed by hand."""
+    from hooked_attnres.analysis.mass import _position_weights
+
+    weights = torch.rand(2, 4, 3, dtype=torch.float64)
+    weights[0, 3] = float("nan")  # prompt 0: answer at 2, position 3 is padding
+    last_real = torch.tensor([2, 3])
+    got = _position_weights(weights, "all", None, last_real)
+    expected = torch.stack([weights[0, :3].mean(0), weights[1].mean(0)])
+    assert (got - expected).abs().max().item() <= 1e-15

@@ -915,3 +915,45 @@ def test_verify_top_refuses_other_weights_than_the_attribution_had():
         model.to(torch.float64).load_state_dict(original)
         result = attribute_routing(model, batch, groups="layers", n_bootstrap=10, progress=False)
         result.verify_top(2)
+
+
+def test_masked_mass_selects_the_positions_the_metric_reads():
+    """Audit 30: `attribute_routing`'s masked mass averaged each router's removed weight
+    over the positions the metric reads by multiplying by a 0 / 1 mask (and summed the
+    masked sources the same way), so a nan weight after the answer position (a right-
+    padded prompt whose pad token has a zero embedding in a model with eps = 0: 0 / 0
+    routing there) made the cell's mass nan. Now the positions and sources are selected:
+    the mass equals the mean over the read positions computed by hand."""
+    from hooked_attnres.analysis.attribution import _Capture, _masked_mass, _metric_positions
+    from hooked_attnres.analysis.effects import plan_ablations
+
+    model = randomize_routing(tiny_model(attnres_layout="full"))
+    plan = plan_ablations(model)
+    sites = {site for cell in plan for site, _ in cell.ablation.masks}
+    answer_pos = torch.tensor([1, 3])
+    captures = {}
+    for site in sites:
+        weights = torch.rand(2, 4, model.routing_layout.n_sources(site)).softmax(-1)
+        weights[0, 2:] = float("nan")  # prompt 0's positions after its answer
+        captures[site] = _Capture(weights=weights)
+    got = _masked_mass(model, plan, captures, answer_pos)
+    last_attention = model.routing_layout.last_attention_sublayer
+    for i, cell in enumerate(plan):
+        for j, (site, mask) in enumerate(cell.ablation.masks):
+            read = _metric_positions(site, last_attention, 4, answer_pos)
+            expected = sum(
+                np.mean(
+                    [
+                        sum(
+                            float(captures[site].weights[b, p, s])
+                            for s in range(len(mask))
+                            if mask[s]
+                        )
+                        for p in range(4)
+                        if read[b, p]
+                    ]
+                )
+                for b in range(2)
+            )
+            assert abs(float(got[i, j]) - expected) <= 1e-6
+    assert got.isfinite().all()

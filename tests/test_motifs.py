@@ -142,6 +142,22 @@ def test_motif_criterion_3_the_band_must_be_the_most_harmful():
     assert report.loc["M1", "largest_band"] == "late"
 
 
+def test_a_band_tied_for_the_most_harm_is_named_with_the_motif_band():
+    # M3 (older, late attention routers) tied with the early band: localised (a tie
+    # counts), so present; the sentence must not name "early" alone as the most harmful
+    # band next to "present" (it named the first band of the tie, in band order)
+    tie = {
+        ("attn_res", "late", "older"): harmful(-1.0),
+        ("attn_res", "early", "older"): harmful(-1.0),
+    }
+    report = motif_report(*tables(tie, seed=0))
+    row = report.set_index("claim").loc["M3"]
+    assert bool(row.present)
+    assert row.largest_band.split("|") == ["early", "late"]  # every band of the tie
+    sentence = motif_verdicts(report).set_index("claim").loc["M3", "sentence"]
+    assert "most harmful bands early and late (tied)" in sentence
+
+
 def test_d1_top_mass_is_not_top_effect_with_separated_intervals():
     mass = {("attn_res", "current"): 0.6, ("attn_res", "embedding"): 0.1}
     separated = {
@@ -203,6 +219,7 @@ def test_d2_embedding_mass_below_half_and_effect_at_least_twice_current():
     assert d2(0.19, (-1.0, -1.2, -0.8))  # effect exactly 2x: enough
     assert not d2(0.19, (-0.999, -1.2, -0.8))
     assert not d2(0.19, (-1.0, -2.0, 0.5))  # embedding's interval contains 0
+    assert not d2(0.19, (-1.0, -2.0, 0.0))  # ci_high exactly 0: does not exclude 0
     # a current effect of about zero does not make any embedding effect "twice" it
     assert d2(0.19, (-0.3, -0.4, -0.2), effect_current=(0.1, 0.0, 0.2))
 
@@ -222,6 +239,9 @@ def test_d3_prev_completed_mass_without_detectable_effect():
     assert not d3(0.0999, (0.0, -0.1, 0.1))
     assert d3(0.2, (-0.999, -1.1, -0.9))  # excludes 0 but < 10 % of the top harm (10)
     assert not d3(0.2, (-1.0, -1.1, -0.9))  # exactly 10 %: not below
+    assert d3(0.2, (-1.0, -1.1, 0.0))  # the interval ends at 0: it contains 0 (closed)
+    assert d3(0.2, (1.0, 0.0, 1.1))  # ... at either end
+    assert not d3(0.2, (1.0, 1e-12, 1.1))  # a harmless effect of 10 % excludes 0 too
 
 
 def test_verdicts_across_seeds_say_k_of_n_and_the_preregistered_word():

@@ -616,3 +616,57 @@ def test_routing_mass_is_a_distribution_read_from_the_cache_and_permutes_with_th
     moved = permuted.assign(prompt=[order[p] for p in permuted.prompt])
     moved = moved.set_index(["prompt", "router", "layer", "family"]).mass
     assert np.abs(moved.sort_index().to_numpy() - table.sort_index().to_numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_decomposition_checks_of_a_padded_cache_at_eps_zero(layout, side):
+    """Audit 30: the sum checks of the cache decompositions (`_require_decomposable`: the
+    routed components sum to the norm's input; `_require_unit_results`: the neurons sum
+    to ``hook_mlp_out``) took the max error over every position. With eps = 0 a padding
+    position's entries are nan (docs/hooks.md), the max error was nan, and ``nan >
+    tolerance`` is False: every check passed, so the cache of an edited run with padding
+    was decomposed silently, where the same edit of each prompt alone, unpadded, is
+    refused. Now the checks read the real positions the cache records: an unedited cache
+    decomposes each prompt as it alone does, an edited one is refused as it alone is, and
+    a plain dict holding the nan padding is refused unless its mask is declared."""
+    from hooked_attnres.interventions import patch_sources
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = randomize_routing(HookedAttnRes(_eps_zero_config(layout))).eval()
+    tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
+    real = [1, 2, 3] if side == "left" else [0, 1, 2]
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[0, 3 if side == "right" else 0] = 0
+    site = model.site(1, "attn_res")
+    edits = {  # a router's copy of a source / a sublayer output after its neurons
+        "decompose_resid": patch_sources(
+            model, model.routing_layout.labels(site)[0], torch.full((8,), 0.7), routers=[site]
+        ),
+        "stack_neuron_results": [("blocks.0.hook_mlp_out", lambda x, hook: 1.5 * x)],
+    }
+
+    def analysis(cache, method):
+        if method == "decompose_resid":
+            return cache.decompose_resid(layer=1, routed=True)
+        return cache.stack_neuron_results(1, routed=True)
+
+    for method, hooks in edits.items():
+        _, clean = model.run_with_cache(tokens, attention_mask=mask)
+        _, alone = model.run_with_cache(tokens[:1, real])
+        padded = analysis(clean, method)
+        assert padded[:, 0, 0 if side == "left" else 3].isnan().any()  # the nan padding
+        assert (padded[:, :1, real] - analysis(alone, method)).abs().max().item() <= TOL
+        with model.hooks(fwd_hooks=hooks):
+            _, edited = model.run_with_cache(tokens, attention_mask=mask)
+            _, edited_alone = model.run_with_cache(tokens[:1, real])
+        with pytest.raises(ValueError, match="do not sum"):
+            analysis(edited_alone, method)  # the independent verdict: refused unpadded
+        with pytest.raises(ValueError, match="do not sum"):
+            analysis(edited, method)
+        undeclared = AttnResActivationCache(dict(clean.cache_dict), model)
+        with pytest.raises(ValueError, match="nan: the cache holds nan.*attention_mask=mask"):
+            analysis(undeclared, method)
+        declared = AttnResActivationCache(dict(clean.cache_dict), model, attention_mask=mask)
+        declared_stack = analysis(declared, method)[:, :1, real]
+        assert (declared_stack - analysis(alone, method)).abs().max().item() <= TOL

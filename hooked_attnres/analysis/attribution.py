@@ -692,9 +692,12 @@ def _masked_mass(model, plan, captures, answer_pos: Int[Tensor, " batch"]) -> Te
         for j, (site, mask) in enumerate(cell.ablation.masks):
             weights = captures[site].weights.detach()
             where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
-            removed = (weights * where).sum(-1)  # [batch, pos run]
+            zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+            removed = torch.where(where, weights, zero).sum(-1)  # [batch, pos run]
             read = _metric_positions(site, last_attention, removed.shape[1], answer_pos)
-            sums[i, j] = ((removed * read).sum(-1) / read.sum(-1)).sum()
+            # selected, not multiplied by 0 / 1: a nan weight at a position the metric
+            # does not read (after the answer) made the sum nan
+            sums[i, j] = (torch.where(read, removed, zero).sum(-1) / read.sum(-1)).sum()
     return sums
 
 

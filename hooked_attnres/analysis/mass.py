@@ -87,9 +87,11 @@ def _position_weights(
         if positions == "all":
             if last_real is None:
                 return weights.mean(dim=1)
-            real = torch.arange(n_pos, device=weights.device) <= last_real[:, None]
-            real = real.to(weights.dtype)[..., None]  # [batch, pos, 1]
-            return (weights * real).sum(dim=1) / real.sum(dim=1)
+            real = (torch.arange(n_pos, device=weights.device) <= last_real[:, None])[..., None]
+            # selected, not multiplied by 0 / 1: a nan weight in the padding (a zero pad
+            # embedding with eps = 0) times 0 made the mean nan
+            kept = torch.where(real, weights, torch.zeros((), dtype=weights.dtype))
+            return kept.sum(dim=1) / real.sum(dim=1).to(weights.dtype)
         if positions == "answer":
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")

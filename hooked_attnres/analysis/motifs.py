@@ -283,7 +283,9 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             large=large,
             large_by_accuracy=by_accuracy,
             localised=localised,
-            largest_band=max(harms, key=lambda b: harms[b]),
+            # every band tied for the most harm, joined by | (as D1's tied families): the
+            # first of a tie alone named another band than a present motif's
+            largest_band="|".join(b for b in BANDS if harms[b] == max(harms.values())),
             present=harmful and large and localised,
             present_as_written=harmful and (by_size or by_accuracy) and localised,
         )
@@ -580,9 +582,14 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
             by_accuracy = row.get("large_by_accuracy", False)
             if not pd.isna(by_accuracy) and bool(by_accuracy):
                 share += f", accuracy {100 * row.accuracy_effect:+.1f} points"
+            bands = str(row.largest_band).split("|")
+            where = (
+                f"band {bands[0]}"
+                if len(bands) == 1
+                else f"bands {', '.join(bands[:-1])} and {bands[-1]} (tied)"
+            )
             details.append(
-                f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most "
-                f"harmful band {row.largest_band}"
+                f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most harmful {where}"
             )
         elif claim.startswith("D1"):
             if same_top_family(row.top_mass, row.top_effect):

@@ -515,15 +515,15 @@ class AttnResActivationCache(ActivationCache):
             if isinstance(coefficient, Tensor):
                 coefficient = coefficient.to(dtype)[..., None]
             total += coefficient * component
-        error = float((total - target.to(dtype)).abs().max()) if total.numel() else 0.0
-        size = float(target.abs().max()) if target.numel() else 0.0
+        error, size = self._sum_error(total, target.to(dtype))
         tolerance = _decomposition_rtol(target.dtype, len(coefficients)) * max(size, 1e-30)
-        if error > tolerance:
+        if not error <= tolerance:  # a nan error is refused (`_sum_error`)
             raise ValueError(
                 f"cache.{method}: at {_where(self.model, point)} the cached components "
                 "(hook_embed, attn_out, mlp_out) weighted by the routing weights do not sum "
                 f"to what the norm reads ({target_name}): max error {error:.3g}, max |input| "
-                f"{size:.3g}. The run that made this cache edited a depth source, a router's "
+                f"{size:.3g}{_nan_note(error)}. The run that made this cache edited a depth "
+                "source, a router's "
                 "copy of its sources (patch_sources / mask_sources) or a residual hook, so no "
                 "decomposition into components is exact there. Decompose a cache of an "
                 "unedited run, or read the router's hook_sources and hook_weights directly."
@@ -582,19 +582,39 @@ class AttnResActivationCache(ActivationCache):
             weight = self.model.blocks[layer].mlp.W_out
             total = unit @ weight.to(unit.device, dtype)
             count, how = weight.shape[0], "hook_post * W_out"
-        error = float((total - out.to(dtype)).abs().max()) if out.numel() else 0.0
-        size = float(out.abs().max()) if out.numel() else 0.0
-        if error > _decomposition_rtol(out.dtype, count) * max(size, 1e-30):
+        error, size = self._sum_error(total, out.to(dtype))
+        if not error <= _decomposition_rtol(out.dtype, count) * max(size, 1e-30):
             what = "per-head results" if kind == "attn_out" else "per-neuron results"
             edit = "hook_z / hook_result" if kind == "attn_out" else "hook_post"
             raise ValueError(
                 f"cache.{method}: layer {layer}'s {what} ({how}) do not sum to its "
-                f"{out_name} (max error {error:.3g}, max |output| {size:.3g}): the run that "
+                f"{out_name} (max error {error:.3g}, max |output| {size:.3g}"
+                f"{_nan_note(error)}): the run that "
                 f"made this cache edited {out_name} after them (or the model's weights "
                 "changed since), so they are not what the layer wrote. Use "
                 "cache.decompose_resid (whole sublayer outputs; exact), or edit "
                 f"{edit} instead of the sublayer output."
             )
+
+    def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
+        """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
+        the cached pass where it recorded padding (`attention_mask`; ``total`` and
+        ``target``: ``[batch, pos, ...]``, or ``[pos, ...]`` without a batch axis). With
+        ``eps = 0`` a padding position's entries can be nan (docs/hooks.md) and reach no
+        real position; before, they made the max error nan, and ``nan > tolerance`` is
+        False: every check passed, so an edited run's cache was decomposed silently. A nan
+        left (at a real position, or padding the cache does not record) is refused by the
+        caller's ``not error <= tolerance``."""
+        real = self.attention_mask
+        if real is not None:
+            if not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
+                real = real[0]
+            if tuple(target.shape[: real.ndim]) == tuple(real.shape):
+                real = real.to(target.device)
+                total, target = total[real], target[real]
+        if not target.numel():
+            return 0.0, 0.0
+        return float((total - target).abs().max()), float(target.abs().max())
 
     def _view(self, point: int) -> ActivationCache:
         """The cache TransformerLens's own methods run on for a decomposition at ``point``:
@@ -1050,6 +1070,18 @@ def _decomposition_rtol(dtype: torch.dtype, n_components: int) -> float:
     if fixed is not None:
         return fixed
     return min(5e-2, 4 * torch.finfo(dtype).eps * math.sqrt(max(n_components, 1)))
+
+
+def _nan_note(error: float) -> str:
+    """The sum checks' hint when their max error is nan (`AttnResActivationCache._sum_error`)."""
+    if not math.isnan(error):
+        return ""
+    return (
+        " (nan: the cache holds nan at a real position, or at padding it does not record, "
+        "e.g. of a model with eps = 0; a cache of model.run_with_cache(tokens, "
+        "attention_mask=mask) records its padding, which the check leaves out; for a plain "
+        "dict declare it: AttnResActivationCache(tensors, model, attention_mask=mask))"
+    )
 
 
 def _component_name(label: str) -> str:
