@@ -633,7 +633,7 @@ def test_decomposition_checks_of_a_padded_cache_at_eps_zero(layout, side):
     from hooked_attnres.interventions import patch_sources
     from hooked_attnres.model.cache import AttnResActivationCache
 
-    model = randomize_routing(HookedAttnRes(_eps_zero_config(layout))).eval()
+    model = randomize_routing(HookedAttnRes(eps_zero_config(layout))).eval()
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     real = [1, 2, 3] if side == "left" else [0, 1, 2]
     mask = torch.ones(2, 4, dtype=torch.long)
