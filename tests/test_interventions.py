@@ -1486,6 +1486,11 @@ def test_set_weights_from_a_padded_cache_at_eps_zero(layout):
     weights = {site: cache[site.hook("weights")] for site in model.routing_layout.sites()}
     with pytest.raises(ValueError, match=r"sum to 1 \(\d+ of them are nan.*cache itself"):
         set_weights(model, weights, routers=list(weights))
+    # a pos_slice cache of the padded run is refused for its slicing (was: the nan message
+    # above, which told to pass the cache itself)
+    _, sliced = model.run_with_cache(clean, attention_mask=mask, pos_slice=[1, 0, 2, 3])
+    with pytest.raises(ValueError, match="were cached with a pos_slice"):
+        set_weights(model, sliced)
 
 
 @pytest.mark.parametrize("layout", ["kimi", "full"])
