@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,3 +235,43 @@ def test_bad_sampling_arguments():
     tiny = KeyValueRetrieval(n_pairs=2, n_keys=2, n_values=2)
     with pytest.raises(RuntimeError, match="too few distinct prompts"):
         tiny.sample(50, split="test", max_tries_per_prompt=2)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [torch.tensor(2), np.array(2), None, True, (0, 1), [[0, 1]]],
+    ids=["0-d tensor", "0-d array", "None", "True", "tuple", "list of lists"],
+)
+def test_an_index_that_does_not_select_rows_is_refused(index):
+    """``batch[torch.tensor(2)]`` dropped the batch axis: ``tokens [pos]``, ``answer`` 0-d,
+    and ``len()`` the number of positions (10 "prompts" of one 10-token prompt); ``None``
+    and ``True`` added an axis (``answer [1, batch]``), so that ``answer_pos`` no longer
+    matched the rows of ``tokens``."""
+    batch = INDUCTION.sample(5, seed=0)
+    with pytest.raises(IndexError, match=r"select rows.*int\(t\)"):
+        batch[index]
+
+
+def test_every_row_index_keeps_the_fields_aligned():
+    """Rows picked by an int, a NumPy int, a slice, a list, an integer / bool tensor or
+    array: every field of row ``i`` of the result is that of the chosen row."""
+    batch = RETRIEVAL.sample(7, seed=3)
+    mask = [True, False, True, False, False, False, True]
+    cases = [
+        (3, [3]),
+        (-1, [6]),
+        (np.int64(2), [2]),
+        (slice(1, 5, 2), [1, 3]),
+        ([4, 0, 4], [4, 0, 4]),
+        (torch.tensor([5, 1]), [5, 1]),
+        (np.array([2, 6]), [2, 6]),
+        (torch.tensor(mask), [0, 2, 6]),
+        (mask, [0, 2, 6]),
+    ]
+    names = ("tokens", "answer_pos", "answer", "contrast", "corrupted_tokens", "targets")
+    for index, rows in cases:
+        part = batch[index]
+        assert len(part) == len(rows) and part.task == batch.task
+        for name in names:
+            got, full = getattr(part, name), getattr(batch, name)
+            assert [got[i].tolist() for i in range(len(rows))] == [full[r].tolist() for r in rows]

@@ -84,12 +84,21 @@ class TaskBatch:
         return self.tokens.shape[0]
 
     def __getitem__(self, index) -> TaskBatch:
-        """A sub-batch (``index`` is an int, a slice, a list or a tensor of rows)."""
+        """A sub-batch (``index`` is an int, a slice, or a list / 1-d tensor / 1-d array of
+        row numbers or of one bool per row). Anything else (a 0-d tensor, ``None``,
+        ``True``, a tuple) raises `IndexError`: it would drop or add an axis, leaving
+        ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned."""
         if is_integer(index):  # a NumPy integer too: one row, never a dropped batch axis
             index, n = int(index), len(self)
             if not -n <= index < n:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
             index = slice(index % n, index % n + 1)
+        elif isinstance(index, list):  # one tensor index (a list of lists is 2-d, refused)
+            index = torch.as_tensor(index) if index else torch.zeros(0, dtype=torch.long)
+        if not isinstance(index, (slice, Tensor, np.ndarray)) or (
+            not isinstance(index, slice) and index.ndim != 1
+        ):
+            raise IndexError(_not_rows(index))
         return self._map(lambda tensor: tensor[index])
 
     def to(self, device) -> TaskBatch:
@@ -151,6 +160,15 @@ class TaskBatch:
             self.targets.to(logits.device).flatten(),
             ignore_index=-100,
         )
+
+
+def _not_rows(index) -> str:
+    shape = f" of shape {tuple(index.shape)}" if hasattr(index, "shape") else ""
+    return (
+        "a TaskBatch index must select rows: an int, a slice, or a list / 1-d tensor of "
+        f"rows or of one bool per row; got {type(index).__name__}{shape} (which would drop "
+        "or add the batch axis); for a 0-d tensor t pass int(t)"
+    )
 
 
 def prompt_bucket(ids: Sequence[int]) -> int:
