@@ -9,7 +9,9 @@ again; the answer is the token that followed them the first time. Retrieval need
 key lookup at one position; induction needs the previous-token / induction-head circuit
 across the whole segment, so the two tasks can show different depth routing. The
 corrupted prompt replaces the answer's first occurrence by an unused token (the
-contrast), which then becomes the right answer.
+contrast), which then becomes the right answer. Every copied token after the first is
+supervised too (``targets``: ``copy_len`` supervised tokens per prompt, the answer last),
+so training on this task is not the answer's cross-entropy alone.
 """
 
 from __future__ import annotations
