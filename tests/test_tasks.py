@@ -77,6 +77,34 @@ def test_no_held_out_retrieval_answer_is_ever_trained_on():
         assert scored.isdisjoint(trained)
 
 
+def test_no_held_out_retrieval_answer_is_trained_on_with_its_fillers_moved():
+    """Filler words ``x*`` do not decide an answer, but the question a prompt's split is
+    hashed from kept them: a held-out (pairs, key) was trained on in train prompts whose
+    fillers sat elsewhere or were other ``x`` words (512 of 512 held-out prompts of
+    ``KeyValueRetrieval(n_pairs=3, n_keys=4, n_values=4, n_distractors=2,
+    n_filler_words=1)`` over 300 steps of 64). A question is now the context without its
+    fillers, followed by ``? key``."""
+    task = KeyValueRetrieval(
+        n_pairs=3, n_keys=4, n_values=4, n_distractors=2, n_filler_words=2, n_queries=2
+    )
+    single = dataclasses.replace(task, n_queries=1)
+    tok = task_tokenizer(task)
+
+    def asked(batch, row, position):
+        words = words_of(tok, batch.tokens[row])
+        context = words[: words.index("?")]
+        return tuple(w for w in context if not w.startswith("x")), words[position]
+
+    train = task.sample(3000, seed=0, split="train", vocab=tok)
+    trained = {asked(train, r, p) for r, p in (train.targets != -100).nonzero().tolist()}
+    assert len(trained) > 1000  # most of the 1728 (pairs, key) questions
+    for held_out in (task, single):
+        test = held_out.sample(300, seed=0, split="test", vocab=tok)
+        scored = {asked(test, r, held_out.prompt_length - 1) for r in range(len(test))}
+        assert len(scored) > 100
+        assert scored.isdisjoint(trained)
+
+
 def test_a_one_query_prompt_is_in_the_split_of_the_hash_of_its_tokens():
     """The split rule of one-question prompts (every study task) is unchanged: test
     prompts are those whose CRC32 of the int64 token bytes is 0 mod 10 (so the study's

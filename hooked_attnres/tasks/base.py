@@ -5,8 +5,8 @@ same prompts for the same arguments on every machine (NumPy's PCG64). The ``trai
 ``test`` splits are disjoint by construction, down to what decides an answer: every
 *question* (the prompt that asks for one answer, `Task._questions`) is assigned to one
 split by a hash of its tokens; a test prompt's scored question is a test question, and a
-train prompt supervises train questions only. For one-question prompts (every study task)
-the question is the prompt itself.
+train prompt supervises train questions only. For one-question prompts without filler
+words (every study task) the question is the prompt itself.
 """
 
 from __future__ import annotations
@@ -211,17 +211,21 @@ class Task:
     def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
         raise NotImplementedError
 
-    def _questions(self, ids: list[int], supervised: dict[int, int]) -> list[list[int]]:
+    def _questions(
+        self, ids: list[int], supervised: dict[int, int], vocab: dict[str, int]
+    ) -> list[list[int]]:
         """The questions a drawn prompt asks, the scored one (its final answer) first: for
         each supervised answer, the shortest prompt of this task that asks for it. A
         prompt's split is decided by these, so that no test answer is ever trained on, not
         even inside a longer training prompt. Default: the prompt is one question."""
         return [ids]
 
-    def _in_split(self, ids: list[int], supervised: dict[int, int], split: str) -> bool:
+    def _in_split(
+        self, ids: list[int], supervised: dict[int, int], split: str, vocab: dict[str, int]
+    ) -> bool:
         """Whether a drawn prompt belongs to ``split``: a test prompt's scored question is
         a test question; every question a train prompt supervises is a train question."""
-        questions = self._questions(ids, supervised)
+        questions = self._questions(ids, supervised, vocab)
         if split == "test":
             return in_split(questions[0], "test")
         return all(in_split(question, "train") for question in questions)
@@ -253,7 +257,7 @@ class Task:
         while len(rows) < n:
             ids, answer, contrast, corrupted, supervised = self._draw(rng, vocab)
             tries += 1
-            if self._in_split(ids, supervised, split):
+            if self._in_split(ids, supervised, split, vocab):
                 rows.append((ids, answer, contrast, corrupted, supervised))
             elif tries > max_tries_per_prompt * n:
                 raise RuntimeError(

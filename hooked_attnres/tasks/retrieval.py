@@ -123,11 +123,16 @@ class KeyValueRetrieval(Task):
         corrupted = [*ids, vocab[f"k{keys[other]}"]]
         return clean, vocab[f"v{values[query]}"], vocab[f"v{values[other]}"], corrupted, supervised
 
-    def _questions(self, ids: list[int], supervised: dict[int, int]) -> list[list[int]]:
-        """The context followed by ``? key``, for the final query and each answered one:
-        a single-query prompt of the same context. An answered query ``? k v`` therefore
-        never trains on a held-out (context, key), whether the held-out prompt has more
-        queries or one (`train`'s ``eval_tasks``)."""
-        context = ids[: 1 + 2 * self.n_pairs + self.n_distractors]
+    def _questions(
+        self, ids: list[int], supervised: dict[int, int], vocab: dict[str, int]
+    ) -> list[list[int]]:
+        """The context without its filler words followed by ``? key``, for the final query
+        and each answered one. An answered query ``? k v`` therefore never trains on a
+        held-out (context, key), whether the held-out prompt has more queries or one
+        (`train`'s ``eval_tasks``), and neither does a prompt whose fillers (which do not
+        decide the answer) are other words or sit elsewhere. Without fillers (every study
+        task) the final question is the prompt itself."""
+        fillers = {vocab[f"x{i}"] for i in range(self.n_filler_words)}
+        context = [i for i in ids[: 1 + 2 * self.n_pairs + self.n_distractors] if i not in fillers]
         # ``supervised`` maps each answered query's key position to its value
         return [context + ids[-2:]] + [context + ids[p - 1 : p + 1] for p in sorted(supervised)]
