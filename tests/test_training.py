@@ -888,3 +888,33 @@ def test_the_saved_model_carries_the_tokenizer_it_was_trained_with(tmp_path):
     for folder in ("model", "checkpoint/model"):
         saved = HookedAttnRes.from_pretrained(tmp_path / "bare" / folder).tokenizer
         assert saved is not None and saved.get_vocab() == tok.get_vocab(), folder
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
+def test_a_half_precision_model_is_refused_before_any_work(tmp_path, condition, dtype):
+    """AdamW on bfloat16 weights rounds every update below half a step of the weight away:
+    at the study's peak lr (5e-4) every norm gain (1.0, spacing 2**-7) stays 1.0 for ever
+    (13 of the 37 tensors of the tiny attnres model never moved in 20 steps, silently);
+    in float16 eps = 1e-8 underflows and the first update made the embedding infinite,
+    reported as a divergence ("Lower lr"). The trainer refuses both, naming the remedy."""
+    tok = task_tokenizer(TASK)
+    model = build_model(condition, 0, tok, SHAPE, 2).to(dtype)
+    short = config(steps=2, eval_every=2, checkpoint_every=None)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"float32 or float64 parameters.*{name}.*\.float\(\)"):
+        train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_why_half_precision_is_refused_a_bfloat16_adamw_step_leaves_a_gain_unchanged():
+    """The measurement behind the refusal, with torch's AdamW alone: one step at the
+    study's lr on a gain of 1.0 moves it in float32 and not at all in bfloat16."""
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gain = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        optimizer = torch.optim.AdamW([gain], lr=5e-4, betas=(0.9, 0.98), weight_decay=0.01)
+        gain.grad = torch.full_like(gain, 0.3)
+        optimizer.step()
+        moved[dtype] = bool((gain != 1).all())
+    assert moved == {torch.float32: True, torch.bfloat16: False}

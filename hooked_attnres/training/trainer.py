@@ -365,6 +365,23 @@ class _Checkpoint:
         return state
 
 
+def _require_full_precision(model) -> None:
+    """Refuse bfloat16 / float16 parameters: AdamW updates them in their own dtype, where
+    an update below half a step of the weight rounds away (in bfloat16 at lr 5e-4 a norm
+    gain of 1.0, whose step is 2**-7, never moves) and eps 1e-8 underflows to 0 in
+    float16 (the first update overflows)."""
+    for name, param in model.named_parameters():
+        if param.dtype in (torch.bfloat16, torch.float16):
+            precision = str(param.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"train needs float32 or float64 parameters; {name} is {precision}: AdamW "
+                f"would update it in {precision}, where updates smaller than half a step "
+                "of the weight round away (bfloat16: every norm gain stays at 1.0 at lr "
+                "5e-4) and eps 1e-8 underflows (float16: the first update overflows). "
+                "Train in float32 (model.float()) and convert the trained model afterwards"
+            )
+
+
 def _as_list(tasks) -> list:
     return [tasks] if isinstance(tasks, Task) else list(tasks)
 
@@ -509,7 +526,8 @@ def train(
     """Train ``model`` in place on ``tasks`` and write checkpoints to ``out_dir``.
 
     Args:
-        model: a `HookedAttnRes` or a ``transformers`` causal LM, freshly initialised.
+        model: a `HookedAttnRes` or a ``transformers`` causal LM, freshly initialised,
+            with float32 or float64 parameters (bfloat16 / float16 are refused).
         tasks: one task, or several (step ``s`` draws from ``tasks[s % len(tasks)]``).
         config: a `TrainConfig`.
         out_dir: output directory (see the module docstring).
@@ -536,6 +554,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     stop_after = require_integer("stop_after", stop_after, 1, optional=True)
+    _require_full_precision(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"out_dir {out_dir} is a file; the trainer writes a directory")
