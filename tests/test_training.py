@@ -918,3 +918,27 @@ def test_why_half_precision_is_refused_a_bfloat16_adamw_step_leaves_a_gain_uncha
         optimizer.step()
         moved[dtype] = bool((gain != 1).all())
     assert moved == {torch.float32: True, torch.bfloat16: False}
+
+
+def test_a_thread_count_refusal_names_the_remedy_that_resumes(tmp_path):
+    """A thread count can differ only in runs whose `TrainConfig.threads` is None (a set
+    one is applied, and is part of the settings, compared first), so the refusal's advice
+    "TrainConfig(threads=...)" was refused in turn as another run's settings
+    (`hooked-attnres train --set threads=1`: "train_config.threads differs: None vs 1").
+    The refusal now names the caller's count, which resumes."""
+    tok = task_tokenizer(TASK)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False, stop_after=3)
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match=r"torch\.set_num_threads\(1\).*--threads 1"):
+            train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+        with pytest.raises(ValueError, match=r"train_config\.threads differs: None vs 1"):
+            train(model, TASK, config(threads=1), tmp_path / "run", tokenizer=tok, progress=False)
+        torch.set_num_threads(1)  # the remedy named: resumes
+        result = train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
+        assert result.steps == config().steps
+    finally:
+        torch.set_num_threads(previous)

@@ -319,13 +319,26 @@ class _Checkpoint:
                     "size; pass the run's tokenizer, or use another out_dir or resume=False"
                 )
             if key == "environment" and saved[key] != value:
+                # the settings (compared first) are equal, so a differing thread count is
+                # the caller's (TrainConfig.threads None): TrainConfig(threads=...) would be
+                # another run's settings, refused in turn
+                threads = saved[key]["threads"]
+                remedies = []
+                if threads != value["threads"]:
+                    remedies.append(
+                        f"set the caller's thread count to {threads} (torch.set_num_threads("
+                        f"{threads}); on the command line --threads {threads}), since this "
+                        "run's TrainConfig leaves it to the caller (threads=None)"
+                    )
+                if saved[key]["versions"] != value["versions"]:
+                    remedies.append(f"install torch, NumPy {saved[key]['versions']}")
+                remedy = " and ".join(remedies)
                 raise ValueError(
-                    f"{self.directory} was written with {saved[key]['threads']} threads and "
+                    f"{self.directory} was written with {threads} threads and "
                     f"torch, NumPy {saved[key]['versions']}; this run has {value['threads']} "
                     f"and {value['versions']}: resumed, it would not equal an uninterrupted "
-                    "run (both move float sums); resume with the same thread count "
-                    "(TrainConfig(threads=...)) and versions, or use another out_dir or "
-                    "resume=False"
+                    f"run (both move float sums); to resume, {remedy}; or use another "
+                    "out_dir or resume=False"
                 )
             difference = _first_difference(saved[key], value)
             if difference is not None:
