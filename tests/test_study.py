@@ -607,3 +607,42 @@ def test_decay_alone_moves_the_single_source_router_gain(condition):
     gain = HookedAttnRes.from_pretrained(checkpoint_dir(condition, 0)).blocks[0].attn_res
     assert expected < 1 - 1e-3  # the decay is visible at all
     assert torch.allclose(gain.key_norm.w, torch.full_like(gain.key_norm.w, expected), rtol=1e-5)
+
+
+def test_a_vanilla_model_of_a_partial_shape_gets_the_attnres_defaults():
+    """docs/training.md: ``build_model(..., shape=dict(d_model=64, n_layers=4, n_heads=4))``
+    ("HookedAttnResConfig fields, the rest default"). The vanilla condition raised
+    ``KeyError: 'd_mlp'``; it now completes the shape with the same documented defaults
+    (d_head d_model // n_heads, d_mlp 3 * d_model, as many KV heads as heads, n_ctx 2048)
+    as the AttnRes condition, so both are of one shape; a given ``eps`` reaches both (the
+    vanilla model ignored it)."""
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
+    shape = dict(d_model=64, n_layers=4, n_heads=4, eps=1e-5)
+    vanilla = build_model("vanilla", 0, tok, shape).config
+    attnres = build_model("attnres", 0, tok, shape).cfg
+    ours = (
+        vanilla.hidden_size,
+        vanilla.num_hidden_layers,
+        vanilla.num_attention_heads,
+        vanilla.head_dim,
+        vanilla.intermediate_size,
+        vanilla.num_key_value_heads,
+        vanilla.max_position_embeddings,
+        vanilla.rope_parameters["rope_theta"],
+        vanilla.rms_norm_eps,
+    )
+    assert ours[:7] == (64, 4, 4, 64 // 4, 3 * 64, 4, 2048)
+    assert ours == (
+        attnres.d_model,
+        attnres.n_layers,
+        attnres.n_heads,
+        attnres.d_head,
+        attnres.d_mlp,
+        attnres.n_key_value_heads,
+        attnres.n_ctx,
+        attnres.rotary_base,
+        attnres.eps,
+    )

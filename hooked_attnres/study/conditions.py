@@ -252,20 +252,24 @@ def get_condition(name: Union[str, Condition]) -> Condition:
 
 def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     """A vanilla ``Qwen3ForCausalLM`` initialised like ``HookedAttnRes.init_weights`` (the
-    two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``)."""
+    two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``). ``shape``
+    holds `HookedAttnResConfig` fields; the ones it leaves out take that config's defaults,
+    so a vanilla and an AttnRes model of one ``shape`` have one shape."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    full = HookedAttnResConfig(d_vocab=len(tokenizer), **shape)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=shape["d_model"],
-        intermediate_size=shape["d_mlp"],
-        num_hidden_layers=shape["n_layers"],
-        num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_key_value_heads"],
-        head_dim=shape["d_head"],
-        max_position_embeddings=shape["n_ctx"],
+        hidden_size=full.d_model,
+        intermediate_size=full.d_mlp,
+        num_hidden_layers=full.n_layers,
+        num_attention_heads=full.n_heads,
+        num_key_value_heads=full.n_key_value_heads,
+        head_dim=full.d_head,
+        max_position_embeddings=full.n_ctx,
+        rms_norm_eps=full.eps,
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": shape["rotary_base"]},
+        rope_parameters={"rope_type": "default", "rope_theta": full.rotary_base},
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
