@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -210,6 +210,13 @@ class Task:
 
     def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
         raise NotImplementedError
+
+    def leaks_into(self, trained: Task) -> Optional[str]:
+        """Why this task's ``"test"`` split is not held out from ``trained``'s ``"train"``
+        split (some held-out answer is trained on), or ``None`` when it is. `train` refuses
+        an ``eval_tasks`` entry for which this is not ``None``. Default: ``None`` (the
+        splits hash every question a prompt supervises, `_questions`)."""
+        return None
 
     def _questions(
         self, ids: list[int], supervised: dict[int, int], vocab: dict[str, int]

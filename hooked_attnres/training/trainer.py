@@ -553,7 +553,9 @@ def train(
         description: extra JSON-able facts stored with the checkpoint and metrics (e.g.
             the condition and model seed); must match on resume.
         eval_tasks: tasks whose test split measures accuracy (default: ``tasks``); e.g.
-            train on multi-query prompts and evaluate on the single-query probe.
+            train on multi-query prompts and evaluate on the single-query probe. A task
+            whose test split is not held out from a training task's (`Task.leaks_into`:
+            a shorter `InductionCopy`) is refused.
 
     Returns:
         A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task.
@@ -564,6 +566,11 @@ def train(
     for task in tasks if eval_tasks is None else [*tasks, *_as_list(eval_tasks)]:
         if not isinstance(task, Task):
             raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
+    for held_out in [] if eval_tasks is None else _as_list(eval_tasks):
+        for trained in tasks:  # a held-out answer trained on would inflate the accuracy
+            leak = held_out.leaks_into(trained)
+            if leak is not None:
+                raise ValueError(f"eval_tasks: {leak}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     stop_after = require_integer("stop_after", stop_after, 1, optional=True)
