@@ -108,7 +108,7 @@ class AttnResBlock(nn.Module):
         ):
             unedited = self.ln1.unhooked(attn_in)  # the same bits when no hook edited
             if not torch.allclose(shared, unedited, rtol=0.0, atol=0.0, equal_nan=True):
-                prefix = f"blocks.{self.layer}.ln1"
+                prefix = str(self.ln1.hook_normalized.name).rsplit(".", 1)[0]  # ln1's path
                 raise ValueError(
                     f"a hook edited {self.ln1.hook_normalized.name} or "
                     f"{self.ln1.hook_scale.name} (or a PyTorch hook edited the output of the "

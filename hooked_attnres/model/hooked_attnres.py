@@ -81,14 +81,15 @@ def _check_same_padding(
     )
 
 
-def _hooked_block_skipped(layer: int, but: str, instead: str) -> ValueError:
-    """The refusal of a pass that would run half of ``blocks[layer]`` while a PyTorch hook
-    is registered on it (the hook runs when the whole layer module is called): ``but``
-    says which pass, ``instead`` what to do."""
+def _hooked_block_skipped(block: AttnResBlock, but: str, instead: str) -> ValueError:
+    """The refusal of a pass that would run half of ``block`` while a PyTorch hook is
+    registered on it (the hook runs when the whole layer module is called): ``but`` says
+    which pass, ``instead`` what to do."""
+    resid_post = str(block.hook_resid_post.name)  # the hook names are the module paths
     return ValueError(
-        f"a PyTorch hook is registered on blocks.{layer} (the AttnResBlock module), which "
-        f"runs when the whole layer runs, but {but}, so the hook would not run. {instead}, "
-        f"or hook one of the layer's hook points instead (e.g. blocks.{layer}.hook_resid_post)"
+        f"a PyTorch hook is registered on {resid_post.rsplit('.', 1)[0]} (the AttnResBlock "
+        f"module), which runs when the whole layer runs, but {but}, so the hook would not "
+        f"run. {instead}, or hook one of the layer's hook points instead (e.g. {resid_post})"
     )
 
 
@@ -755,7 +756,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if is_mlp and layer in layers:
             if has_module_hooks(self.blocks[layer]):
                 raise _hooked_block_skipped(
-                    layer,
+                    self.blocks[layer],
                     f"{what} starts at its MLP sublayer ({first_sublayer})",
                     f"Start at the layer's attention (sublayer {2 * layer})",
                 )
@@ -803,7 +804,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         hooked = [i for i, b in enumerate(self.blocks) if has_module_hooks(b)] if sublayers else []
         if hooked:
             raise _hooked_block_skipped(
-                hooked[0],
+                self.blocks[hooked[0]],
                 "depth_states(sublayers=True) runs each layer's attention and MLP halves "
                 "separately (the activation-patching sweeps run it for the corrupted run's "
                 "states)",
