@@ -90,7 +90,7 @@ def _position_weights(
             real = (torch.arange(n_pos, device=weights.device) <= last_real[:, None])[..., None]
             # selected, not multiplied by 0 / 1: a nan weight in the padding (a zero pad
             # embedding with eps = 0) times 0 made the mean nan
-            kept = torch.where(real, weights, torch.zeros((), dtype=weights.dtype))
+            kept = torch.where(real, weights, weights.new_zeros(()))
             return kept.sum(dim=1) / real.sum(dim=1).to(weights.dtype)
         if positions == "answer":
             if answer_pos is None:
