@@ -942,3 +942,14 @@ def test_a_thread_count_refusal_names_the_remedy_that_resumes(tmp_path):
         assert result.steps == config().steps
     finally:
         torch.set_num_threads(previous)
+
+
+def test_default_warmup_longer_than_a_short_run_says_it_is_the_default():
+    """TrainConfig(steps=3) keeps the default warm-up, longer than the run: the refusal says
+    the value was the default and how to set one (an explicit value gets the plain message)."""
+    default = TrainConfig.__dataclass_fields__["warmup_steps"].default
+    with pytest.raises(ValueError, match=rf"got {default} \(the default; .*warmup_steps=0\)"):
+        TrainConfig(steps=3)
+    with pytest.raises(ValueError, match=rf"got {default + 1}$"):
+        TrainConfig(steps=3, warmup_steps=default + 1)
+    assert TrainConfig(steps=3, warmup_steps=0).warmup_steps == 0

@@ -140,8 +140,14 @@ class TrainConfig:
                     "would reverse them"
                 )
         if self.warmup_steps > self.steps:
+            note = (
+                f" (the default; a run this short sets its own, e.g. "
+                f"TrainConfig(steps={self.steps}, warmup_steps=0))"
+                if self.warmup_steps == type(self).warmup_steps
+                else ""
+            )
             raise ValueError(
-                f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
+                f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}{note}"
             )
         betas = self.betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
