@@ -280,9 +280,18 @@ def test_an_index_that_does_not_select_rows_is_refused(index):
         batch[index]
 
 
+def test_a_torch_uint8_index_is_refused_as_ambiguous():
+    """torch reads a uint8 tensor as a (deprecated) mask and NumPy as row numbers: refused,
+    naming both remedies, instead of torch's deprecation warning and mask rows."""
+    batch = RETRIEVAL.sample(4, seed=0)
+    with pytest.raises(IndexError, match=r"uint8.*index\.bool\(\).*index\.long\(\)"):
+        batch[torch.tensor([1, 0, 1, 0], dtype=torch.uint8)]
+
+
 def test_every_row_index_keeps_the_fields_aligned():
-    """Rows picked by an int, a NumPy int, a slice, a list, an integer / bool tensor or
-    array: every field of row ``i`` of the result is that of the chosen row."""
+    """Rows picked by an int, a NumPy int, a slice, a list, a range, an integer / bool tensor
+    or array (a NumPy array of any integer dtype is row numbers): every field of row ``i``
+    of the result is that of the chosen row."""
     batch = RETRIEVAL.sample(7, seed=3)
     mask = [True, False, True, False, False, False, True]
     cases = [
@@ -295,6 +304,11 @@ def test_every_row_index_keeps_the_fields_aligned():
         (np.array([2, 6]), [2, 6]),
         (torch.tensor(mask), [0, 2, 6]),
         (mask, [0, 2, 6]),
+        (range(2, 5), [2, 3, 4]),  # refused before as dropping an axis
+        (np.array([6, 1], dtype=np.int32), [6, 1]),
+        # NumPy's meaning (rows); torch read a uint8 array as a mask: rows 0, 2, 4, 6
+        (np.array([1, 0, 1, 0, 1, 0, 1], dtype=np.uint8), [1, 0, 1, 0, 1, 0, 1]),
+        (np.array([3, 3], dtype=np.uint8), [3, 3]),  # was an IndexError (mask of length 2)
     ]
     names = ("tokens", "answer_pos", "answer", "contrast", "corrupted_tokens", "targets")
     for index, rows in cases:

@@ -84,21 +84,32 @@ class TaskBatch:
         return self.tokens.shape[0]
 
     def __getitem__(self, index) -> TaskBatch:
-        """A sub-batch (``index`` is an int, a slice, or a list / 1-d tensor / 1-d array of
-        row numbers or of one bool per row). Anything else (a 0-d tensor, ``None``,
-        ``True``, a tuple) raises `IndexError`: it would drop or add an axis, leaving
-        ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned."""
+        """A sub-batch (``index`` is an int, a slice, or a list / range / 1-d tensor / 1-d
+        array of row numbers or of one bool per row; a NumPy array of any integer dtype,
+        ``uint8`` included, is row numbers, as in NumPy). Anything else (a 0-d tensor,
+        ``None``, ``True``, a tuple) raises `IndexError`: it would drop or add an axis,
+        leaving ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned; a
+        ``torch.uint8`` tensor (a mask to torch, rows to NumPy) is refused too."""
         if is_integer(index):  # a NumPy integer too: one row, never a dropped batch axis
             index, n = int(index), len(self)
             if not -n <= index < n:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
             index = slice(index % n, index % n + 1)
-        elif isinstance(index, list):  # one tensor index (a list of lists is 2-d, refused)
-            index = torch.as_tensor(index) if index else torch.zeros(0, dtype=torch.long)
+        elif isinstance(index, (list, range)):  # one tensor index (a list of lists is 2-d)
+            index = torch.as_tensor(list(index)) if index else torch.zeros(0, dtype=torch.long)
         if not isinstance(index, (slice, Tensor, np.ndarray)) or (
             not isinstance(index, slice) and index.ndim != 1
         ):
             raise IndexError(_not_rows(index))
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+            # row numbers, as in NumPy: torch would read a uint8 array as a mask
+            index = torch.as_tensor(index.astype(np.int64))
+        elif isinstance(index, Tensor) and index.dtype == torch.uint8:
+            raise IndexError(
+                "a torch.uint8 TaskBatch index is ambiguous (torch reads it as a deprecated "
+                "mask, NumPy as row numbers); pass index.bool() for one bool per row or "
+                "index.long() for row numbers"
+            )
         return self._map(lambda tensor: tensor[index])
 
     def to(self, device) -> TaskBatch:
