@@ -254,6 +254,75 @@ def test_generic_activation_patch_targets_router_hooks(case):
     )
 
 
+OPTIONAL_HOOK_PATCHES = {  # set_use_* method: (activation, cells (layer, pos[, head]))
+    "set_use_attn_result": ("result", [(0, 1, 0), (1, 2, 3), (2, 3, 1)]),
+    "set_use_hook_mlp_in": ("mlp_in", [(0, 1), (1, 2), (2, 3)]),
+    "set_use_split_qkv_input": ("q_input", [(0, 1, 2), (2, 3, 0)]),
+}
+
+
+def test_patching_optional_hooks_switched_on_after_eval_matches_run_with_hooks(case):
+    """A hook point made by ``set_use_*`` after ``model.eval()`` was in train mode, so
+    TransformerLens's patching refused the eval-mode model ("found training mode at
+    blocks.0.attn.hook_result ... Call model.eval()"). Now it takes the model's mode, and
+    patching a head's result, the MLP input or a head's query input is the plain
+    run_with_hooks patch, cell by cell."""
+    import pandas as pd
+
+    model = case.model
+    assert not model.training
+    for method, (activation, cells) in OPTIONAL_HOOK_PATCHES.items():
+        if method == "set_use_split_qkv_input" and model.routing_layout.has_routers:
+            with pytest.raises(ValueError, match="refused in the .* layout"):
+                getattr(model, method)(True)
+            continue
+        getattr(model, method)(True)
+        try:
+            assert not any(module.training for module in model.modules())
+            _, cache = model.run_with_cache(case.clean)
+            axes = ["layer", "pos", "head"][: len(cells[0])]
+            setter = (
+                tlp.layer_pos_head_vector_patch_setter
+                if len(axes) == 3
+                else tlp.layer_pos_patch_setter
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+                result = tlp.generic_activation_patch(
+                    model,
+                    case.corrupted,
+                    cache,
+                    case.metric,
+                    setter,
+                    activation,
+                    index_df=pd.DataFrame(cells, columns=axes),
+                )
+            for value, (layer, *cell) in zip(result, cells, strict=True):
+                name = get_act_name(activation, layer)
+                clean = cache[name]
+
+                def patch(x, hook, cell=tuple(cell), clean=clean):
+                    x = x.clone()
+                    x[(slice(None), *cell)] = clean[(slice(None), *cell)]
+                    return x
+
+                expected = case.metric(
+                    model.run_with_hooks(case.corrupted, fwd_hooks=[(name, patch)])
+                )
+                assert torch.allclose(value, expected, atol=ATOL), (method, layer, cell)
+            assert result.abs().max() > 1e-3  # the cells move the metric
+        finally:
+            getattr(model, method)(False)
+    # a model in train mode stays so: its new hook points are in train mode too
+    model.train()
+    try:
+        model.set_use_attn_result(True)
+        assert model.blocks[0].attn.hook_result.training
+    finally:
+        model.set_use_attn_result(False)
+        model.eval()
+
+
 # --- decompositions, DLA and the lens ---------------------------------------------------
 def _refuses(call, layout: str):
     with pytest.raises(

@@ -28,9 +28,11 @@ def toggle_hook(owner: nn.Module, name: str, enabled: bool, pos_dim: int = -2) -
     """Add the `HookPoint` ``owner.<name>`` (``pos_dim`` as in `make_hook`) if ``enabled``,
     keeping an existing one, or remove it. For TransformerLens's optional hooks, which
     exist only while their ``set_use_*`` flag is on; the root model must call ``setup()``
-    afterwards to refresh its hook dictionary."""
+    afterwards to refresh its hook dictionary. A new hook point takes ``owner``'s
+    train / eval mode, as if it had existed when ``model.eval()`` was called
+    (TransformerLens's patching refuses a model with any submodule in train mode)."""
     if enabled and name not in owner._modules:
-        owner.add_module(name, make_hook(pos_dim))
+        owner.add_module(name, make_hook(pos_dim).train(owner.training))
     elif not enabled and name in owner._modules:
         delattr(owner, name)
 
