@@ -323,6 +323,29 @@ def test_patching_optional_hooks_switched_on_after_eval_matches_run_with_hooks(c
         model.eval()
 
 
+def test_patching_an_optional_hook_that_is_off_names_its_set_use_call():
+    """TransformerLens's patching reads ``clean_cache[name]`` first: for an optional hook
+    that was off during the clean run this was a bare ``KeyError('blocks.0.attn.hook_result')``;
+    it now names the ``set_use_*`` call (the model's own hook check already did)."""
+    case = _CASES.setdefault("kimi", Case("kimi"))
+    for method, (activation, _) in OPTIONAL_HOOK_PATCHES.items():
+        setter = tlp.layer_pos_patch_setter
+        with pytest.raises(KeyError, match=rf"hook_{activation}.*model\.{method}\(True\)"):
+            tlp.generic_activation_patch(
+                case.model,
+                case.corrupted,
+                case.cache,
+                case.metric,
+                setter,
+                activation,
+                ["layer", "pos"],
+            )
+        with pytest.raises(KeyError, match=rf"model\.{method}\(True\)"):
+            case.cache[activation, -1]
+    with pytest.raises(KeyError, match="blocks.0.hook_nonexistent'$"):  # others as before
+        case.cache["blocks.0.hook_nonexistent"]
+
+
 # --- decompositions, DLA and the lens ---------------------------------------------------
 def _refuses(call, layout: str):
     with pytest.raises(

@@ -381,6 +381,15 @@ class AttnResActivationCache(ActivationCache):
             real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:
                 return self.cache_dict[real]
+            from hooked_attnres.model.tl_methods import optional_hook_method
+
+            method = optional_hook_method(name)
+            if method is not None:
+                raise KeyError(
+                    f"{name!r} is not in this cache: that hook exists only while "
+                    f"model.{method}(True) is on (TransformerLens's optional hooks); switch "
+                    "it on before run_with_cache"
+                ) from None
             raise
 
     # --- TransformerLens methods that make a new cache_dict: keep the record -------------

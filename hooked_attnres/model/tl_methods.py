@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
@@ -27,6 +27,15 @@ OPTIONAL_HOOKS: dict[str, str] = {
     "hook_v_input": "set_use_split_qkv_input",
     "hook_mlp_in": "set_use_hook_mlp_in",
 }
+
+
+def optional_hook_method(name: str) -> Optional[str]:
+    """The ``set_use_*`` method that creates the hook point ``name`` (a full name such as
+    ``blocks.0.attn.hook_result``), or ``None`` for a hook that always exists or no hook."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in OPTIONAL_HOOKS and re.fullmatch(r"blocks\.\d+\.(attn\.)?hook_\w+", name):
+        return OPTIONAL_HOOKS[leaf]
+    return None
 
 
 class HeadLabels(list):
@@ -175,9 +184,8 @@ class TLMethodsMixin:
         """As `HookedModule.check_hook_name`, naming the ``set_use_*`` flag for an
         optional hook that is switched off."""
         if name not in self.hook_dict:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in OPTIONAL_HOOKS and re.fullmatch(r"blocks\.\d+\.(attn\.)?hook_\w+", name):
-                method = OPTIONAL_HOOKS[leaf]
+            method = optional_hook_method(name)
+            if method is not None:
                 flag = method.removeprefix("set_")
                 assigned = (
                     f"; model.cfg.{flag} is True, assigned directly, which creates no hook "
