@@ -9,6 +9,7 @@ documented refusal.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -186,6 +187,51 @@ def test_transformerlens_by_pos_head_patching_matches_run_with_hooks(name):
     by_pos = _run_tl(case, "get_act_patch_attn_head_pattern_by_pos")  # [layer, head, dest]
     expected = case.by_hand(get_act_name("pattern", 0), (slice(None), 1, 3))
     assert torch.allclose(by_pos[0, 1, 3], expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_transformerlens_patching_is_the_run_with_hooks_patch_bit_for_bit_in_float64(layout):
+    """Every cell of TransformerLens's (layer, pos) and all-position head sweeps equals the
+    plain run_with_hooks patch of a float64 model exactly, once rounded to float32 (TL's
+    result tensors are float32 whatever the model's dtype; docs/hooks.md)."""
+    model = randomize_routing(
+        tiny_model(attnres_layout=layout, n_layers=3, attnres_num_blocks=2, dtype=torch.float64),
+        seed=2,
+    )
+    generator = torch.Generator().manual_seed(4)
+    clean = torch.randint(10, model.cfg.d_vocab, (2, 4), generator=generator)
+    corrupted = clean.clone()
+    corrupted[:, 1] = (corrupted[:, 1] + 5) % model.cfg.d_vocab
+    _, cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return (logits[:, -1, ANSWER] - logits[:, -1, WRONG]).mean()
+
+    functions = {**POS_FUNCTIONS, **HEAD_FUNCTIONS}
+    for function, activation in functions.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+            result = getattr(tlp, function)(model, corrupted, cache, metric)
+        assert result.dtype == torch.float32
+        expected = torch.empty_like(result)
+        for layer, cell in itertools.product(*map(range, result.shape)):
+            index = (
+                (slice(None), cell)
+                if activation in POS_FUNCTIONS.values()
+                else (slice(None), slice(None), cell)
+            )
+            name = get_act_name(activation, layer)
+
+            def patch(x, hook, index=index, name=name):
+                x = x.clone()
+                x[index] = cache[name][index]
+                return x
+
+            expected[layer, cell] = metric(
+                model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
+            )
+        assert torch.equal(result, expected), (function, (result - expected).abs().max())
+        assert expected.abs().max() > 1e-3
 
 
 def test_residual_patching_warns_once_in_routed_layouts_only(case):
