@@ -356,3 +356,25 @@ def test_induction_held_out_answers_and_the_refused_shorter_copy(tmp_path):
     with pytest.raises(ValueError, match=r"eval_tasks: .*copy_len=1.* is not held out"):
         train(model, task, TrainConfig(steps=1, warmup_steps=0), tmp_path, eval_tasks=[shorter])
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_a_shorter_induction_copy_of_another_n_tokens_is_refused_too():
+    """The prefixes of a longer copy's training prompts are the shorter copy's prompts
+    whenever the segment uses tokens of both vocabularies, whatever the two ``n_tokens``
+    (measured from the sampled tokens: held-out answers trained on), so `leaks_into`
+    refuses it as it refuses the same ``n_tokens``."""
+    task = InductionCopy(seq_len=4, copy_len=3, n_tokens=6)
+    for n_tokens in (5, 7):
+        shorter = InductionCopy(seq_len=4, copy_len=1, n_tokens=n_tokens)
+        tok = task_tokenizer(task, shorter)
+        train_batch = task.sample(2000, seed=0, split="train", vocab=tok)
+        trained = {
+            (tuple(train_batch.tokens[row, : pos + 1].tolist()), int(train_batch.targets[row, pos]))
+            for row, pos in (train_batch.targets != -100).nonzero().tolist()
+        }
+        test = shorter.sample(200, seed=0, split="test", vocab=tok)
+        scored = set(zip(map(tuple, test.tokens.tolist()), test.answer.tolist(), strict=True))
+        assert len(scored & trained) > 5  # held-out answers trained on
+        assert "not held out" in shorter.leaks_into(task)
+    other_segment = InductionCopy(seq_len=5, copy_len=1, n_tokens=7)  # '|' elsewhere
+    assert other_segment.leaks_into(task) is None

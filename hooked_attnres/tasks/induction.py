@@ -63,13 +63,14 @@ class InductionCopy(Task):
         return [f"t{i}" for i in range(self.n_tokens)] + [SEPARATOR]
 
     def leaks_into(self, trained: Task) -> Optional[str]:
-        """A training `InductionCopy` of the same segments with a longer ``copy_len``
+        """A training `InductionCopy` of the same ``seq_len`` with a longer ``copy_len``
         supervises each copied token, so its prompts' prefixes are this task's prompts and
         train on their answers; the split hashes whole prompts only (docs/training.md,
-        known issue)."""
+        known issue). Whatever the two ``n_tokens``: the segments drawn from the tokens
+        both use are common to the two tasks."""
         if (
             isinstance(trained, InductionCopy)
-            and (trained.seq_len, trained.n_tokens) == (self.seq_len, self.n_tokens)
+            and trained.seq_len == self.seq_len
             and trained.copy_len > self.copy_len
         ):
             return (
