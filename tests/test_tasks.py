@@ -378,3 +378,17 @@ def test_a_shorter_induction_copy_of_another_n_tokens_is_refused_too():
         assert "not held out" in shorter.leaks_into(task)
     other_segment = InductionCopy(seq_len=5, copy_len=1, n_tokens=7)  # '|' elsewhere
     assert other_segment.leaks_into(task) is None
+
+
+@pytest.mark.parametrize(
+    "index",
+    [np.array([1.5, 2.7]), np.array([0.0, 1.0, 0.0, 1.0]), np.array(["1"])],
+    ids=["float rows", "float mask", "str"],
+)
+def test_a_numpy_index_that_is_not_integer_or_bool_is_refused(index):
+    """A float array was truncated to row numbers by torch (``[1.5, 2.7]`` gave rows 1, 2;
+    the float 0 / 1 of `TaskBatch.correct` as a mask gave rows 0, 1, 0, 1), where NumPy
+    and torch (a float tensor) refuse it."""
+    batch = RETRIEVAL.sample(4, seed=0)
+    with pytest.raises(IndexError, match=r"integer or bool dtype, got dtype .*astype\(bool\)"):
+        batch[index]

@@ -86,7 +86,8 @@ class TaskBatch:
     def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is an int, a slice, or a list / range / 1-d tensor / 1-d
         array of row numbers or of one bool per row; a NumPy array of any integer dtype,
-        ``uint8`` included, is row numbers, as in NumPy). Anything else (a 0-d tensor,
+        ``uint8`` included, is row numbers, as in NumPy; one of another dtype, float or
+        str, is refused as in NumPy). Anything else (a 0-d tensor,
         ``None``, ``True``, a tuple) raises `IndexError`: it would drop or add an axis,
         leaving ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned; a
         ``torch.uint8`` tensor (a mask to torch, rows to NumPy) is refused too."""
@@ -101,6 +102,13 @@ class TaskBatch:
             not isinstance(index, slice) and index.ndim != 1
         ):
             raise IndexError(_not_rows(index))
+        if isinstance(index, np.ndarray) and index.dtype.kind not in "iub":
+            # torch truncates a float array to row numbers; NumPy refuses it
+            raise IndexError(
+                f"a NumPy TaskBatch index must be of an integer or bool dtype, got dtype "
+                f"{index.dtype}; pass index.astype(bool) for one bool per row or "
+                "index.astype(int) for row numbers"
+            )
         if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
             # row numbers, as in NumPy: torch would read a uint8 array as a mask
             index = torch.as_tensor(index.astype(np.int64))
