@@ -646,3 +646,28 @@ def test_a_vanilla_model_of_a_partial_shape_gets_the_attnres_defaults():
         attnres.rotary_base,
         attnres.eps,
     )
+
+
+def test_a_vanilla_model_refuses_the_shape_fields_it_would_ignore():
+    """The vanilla Qwen3ForCausalLM is built from the shape's sizes, ``eps`` and
+    ``rotary_base``; a ``shape`` with another field off its default made an AttnRes model
+    that has it and a vanilla one that silently had not (a float32, untied model
+    initialised at std 0.02), so the vanilla build refuses it. Fields at their defaults
+    are accepted."""
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
+    base = dict(d_model=32, n_layers=2, n_heads=2)
+    for extra in (
+        dict(dtype=torch.float64),
+        dict(tie_word_embeddings=True),
+        dict(initializer_range=0.5),
+    ):
+        attnres = build_model("attnres", 0, tok, {**base, **extra}, 1)
+        ((key, value),) = extra.items()
+        assert getattr(attnres.cfg, key) == value  # the AttnRes model has it
+        with pytest.raises(ValueError, match=rf"would ignore {key}=.*leave them out"):
+            build_model("vanilla", 0, tok, {**base, **extra})
+    vanilla = build_model("vanilla", 0, tok, {**base, "dtype": torch.float32, "seed": None})
+    assert vanilla.config.hidden_size == 32 and vanilla.lm_head.weight.dtype == torch.float32

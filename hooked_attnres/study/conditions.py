@@ -21,7 +21,7 @@ Conditions (``docs/study.md`` explains the grid):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -250,14 +250,39 @@ def get_condition(name: Union[str, Condition]) -> Condition:
     return CONDITIONS_BY_NAME[name]
 
 
+# the HookedAttnResConfig fields a vanilla Qwen3ForCausalLM is built from (`build_vanilla`)
+_VANILLA_FIELDS = (
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "n_key_value_heads",
+    "n_ctx",
+    "eps",
+    "rotary_base",
+)
+
+
 def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     """A vanilla ``Qwen3ForCausalLM`` initialised like ``HookedAttnRes.init_weights`` (the
     two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``). ``shape``
     holds `HookedAttnResConfig` fields; the ones it leaves out take that config's defaults,
-    so a vanilla and an AttnRes model of one ``shape`` have one shape."""
+    so a vanilla and an AttnRes model of one ``shape`` have one shape. Any other field
+    given a value other than its default (``dtype``, ``tie_word_embeddings``,
+    ``initializer_range``, ...) is refused: the vanilla model would not have it."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     full = HookedAttnResConfig(d_vocab=len(tokenizer), **shape)
+    default = {field.name: field.default for field in fields(HookedAttnResConfig)}
+    ignored = [k for k in shape if k not in _VANILLA_FIELDS and shape[k] != default[k]]
+    if ignored:  # the AttnRes model of this shape would differ in them
+        raise ValueError(
+            f"the vanilla Qwen3ForCausalLM is built from the shape's {', '.join(_VANILLA_FIELDS)}; "
+            f"it would ignore {', '.join(f'{k}={shape[k]!r}' for k in ignored)} (not the "
+            "HookedAttnResConfig default), so it would not be of the AttnRes model's shape; "
+            "leave them out, or build and convert the model yourself"
+        )
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=full.d_model,
