@@ -276,7 +276,7 @@ def test_an_index_that_does_not_select_rows_is_refused(index):
     and ``True`` added an axis (``answer [1, batch]``), so that ``answer_pos`` no longer
     matched the rows of ``tokens``."""
     batch = INDUCTION.sample(5, seed=0)
-    with pytest.raises(IndexError, match=r"select rows.*int\(t\)"):
+    with pytest.raises(IndexError, match=r"select rows.* range / 1-d tensor / 1-d array.*int\(t\)"):
         batch[index]
 
 

@@ -184,9 +184,9 @@ class TaskBatch:
 def _not_rows(index) -> str:
     shape = f" of shape {tuple(index.shape)}" if hasattr(index, "shape") else ""
     return (
-        "a TaskBatch index must select rows: an int, a slice, or a list / 1-d tensor of "
-        f"rows or of one bool per row; got {type(index).__name__}{shape} (which would drop "
-        "or add the batch axis); for a 0-d tensor t pass int(t)"
+        "a TaskBatch index must select rows: an int, a slice, or a list / range / 1-d "
+        f"tensor / 1-d array of rows or of one bool per row; got {type(index).__name__}"
+        f"{shape} (which would drop or add the batch axis); for a 0-d tensor t pass int(t)"
     )
 
 
