@@ -145,6 +145,35 @@ def _refuse_non_finite(
     )
 
 
+def _checked_logits(
+    final_logits: Float[Tensor, "batch d_vocab"],
+    top_k: Optional[int],
+    top_p: Optional[float],
+    temperature: float,
+    freq_penalty: float,
+    repetition_penalty: float,
+    tokens: Optional[Int[Tensor, "batch pos"]],
+    token_mask: Optional[Bool[Tensor, "batch pos"]],
+) -> Float[Tensor, "batch d_vocab"]:
+    """`_filtered_logits`, in float32 when sampling (as TransformerLens: filtered in the
+    logits' dtype, drawn in float32), after `_refuse_non_finite`: what the argmax
+    (``temperature == 0``) or the draw reads."""
+    logits = _filtered_logits(
+        final_logits,
+        top_k,
+        top_p,
+        temperature,
+        freq_penalty,
+        repetition_penalty,
+        tokens,
+        token_mask,
+    )
+    if temperature != 0.0:
+        logits = logits.float()
+    _refuse_non_finite(logits, final_logits, temperature)
+    return logits
+
+
 def sampling_probabilities(
     final_logits: Float[Tensor, "batch d_vocab"],
     top_k: Optional[int] = None,
@@ -158,13 +187,7 @@ def sampling_probabilities(
     """The distribution `sample_logits` draws the next token from, ``[batch, d_vocab]``
     float32 (rows sum to 1; a filtered token has probability 0). For ``temperature == 0``
     it is one-hot at the token `sample_logits` returns. Arguments as `sample_logits`."""
-    if temperature == 0.0:
-        chosen = sample_logits(
-            final_logits, top_k, top_p, 0.0, freq_penalty, repetition_penalty, tokens, token_mask
-        )
-        probs = torch.zeros(final_logits.shape, dtype=torch.float32, device=final_logits.device)
-        return probs.scatter_(-1, chosen[:, None], 1.0)
-    logits = _filtered_logits(
+    logits = _checked_logits(
         final_logits,
         top_k,
         top_p,
@@ -173,8 +196,10 @@ def sampling_probabilities(
         repetition_penalty,
         tokens,
         token_mask,
-    ).float()  # as TransformerLens: filtered in the logits' dtype, drawn in float32
-    _refuse_non_finite(logits, final_logits, temperature)
+    )
+    if temperature == 0.0:
+        probs = torch.zeros(final_logits.shape, dtype=torch.float32, device=final_logits.device)
+        return probs.scatter_(-1, logits.argmax(dim=-1)[:, None], 1.0)
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).softmax(dim=-1)
 
 
@@ -219,23 +244,11 @@ def sample_logits(
     Returns:
         ``[batch]`` token ids.
     """
-    if temperature != 0.0:
-        probs = sampling_probabilities(
-            final_logits,
-            top_k,
-            top_p,
-            temperature,
-            freq_penalty,
-            repetition_penalty,
-            tokens,
-            token_mask,
-        )
-        return torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
-    logits = _filtered_logits(
-        final_logits, top_k, top_p, 0.0, freq_penalty, repetition_penalty, tokens, token_mask
-    )
-    _refuse_non_finite(logits, final_logits, 0.0)
-    return logits.argmax(dim=-1)
+    arguments = (top_k, top_p, temperature, freq_penalty, repetition_penalty, tokens, token_mask)
+    if temperature == 0.0:
+        return _checked_logits(final_logits, *arguments).argmax(dim=-1)
+    probs = sampling_probabilities(final_logits, *arguments)
+    return torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
 
 
 class GenerationMixin:
