@@ -4,7 +4,11 @@ float32 for bfloat16 / float16 tensors, float32 / float64 tensors as they are.
 `stat_dtype` names the dtype; `widened` converts a tensor to it (exactly: every bfloat16 /
 float16 value is a float32 value). Where arithmetic on a half-precision model's tensors
 would round each result to 8 (11) bits -- a logit difference, a patching metric, a
-log-softmax, the sampling filters -- the operands are `widened` first."""
+log-softmax, the sampling filters -- the operands are `widened` first.
+
+`sum_where` sums the entries a mask keeps by selecting them, never by multiplying by a 0 /
+1 mask: an entry left out may be NaN (with eps = 0 a padding position's routing is 0 / 0),
+and NaN * 0 is NaN."""
 
 from __future__ import annotations
 
@@ -21,3 +25,11 @@ def widened(values: Tensor) -> Tensor:
     """``values`` (any shape) in `stat_dtype` of its dtype: float32 for bfloat16 / float16
     (exact), unchanged for float32 / float64; the same shape."""
     return values.to(stat_dtype(values.dtype))
+
+
+def sum_where(values: Tensor, keep: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """The sum over ``dim`` of the entries of ``values`` where ``keep`` (a bool tensor that
+    broadcasts to ``values``) is True, the others left out whatever they hold (NaN
+    included); ``values``' shape without ``dim`` (kept with ``keepdim``)."""
+    kept = torch.where(keep, values, values.new_zeros(()))
+    return kept.sum(dim=dim, keepdim=keepdim)

@@ -47,7 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._precision import stat_dtype, widened
+from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
@@ -692,12 +692,11 @@ def _masked_mass(model, plan, captures, answer_pos: Int[Tensor, " batch"]) -> Te
         for j, (site, mask) in enumerate(cell.ablation.masks):
             weights = captures[site].weights.detach()
             where = torch.tensor(mask, dtype=torch.bool, device=weights.device)
-            zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
-            removed = torch.where(where, weights, zero).sum(-1)  # [batch, pos run]
+            removed = sum_where(weights, where, dim=-1)  # [batch, pos run]
             read = _metric_positions(site, last_attention, removed.shape[1], answer_pos)
-            # selected, not multiplied by 0 / 1: a nan weight at a position the metric
-            # does not read (after the answer) made the sum nan
-            sums[i, j] = (torch.where(read, removed, zero).sum(-1) / read.sum(-1)).sum()
+            # selected (`sum_where`): a nan weight at a position the metric does not read
+            # (after the answer) made the sum nan
+            sums[i, j] = (sum_where(removed, read, dim=-1) / read.sum(-1)).sum()
     return sums
 
 

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hooked_attnres._precision import sum_where
 from hooked_attnres._validation import non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
 from hooked_attnres.interventions.checks import check_count
@@ -88,10 +89,8 @@ def _position_weights(
             if last_real is None:
                 return weights.mean(dim=1)
             real = (torch.arange(n_pos, device=weights.device) <= last_real[:, None])[..., None]
-            # selected, not multiplied by 0 / 1: a nan weight in the padding (a zero pad
-            # embedding with eps = 0) times 0 made the mean nan
-            kept = torch.where(real, weights, weights.new_zeros(()))
-            return kept.sum(dim=1) / real.sum(dim=1).to(weights.dtype)
+            # selected (a nan weight in the padding, a zero pad embedding with eps = 0)
+            return sum_where(weights, real, dim=1) / real.sum(dim=1).to(weights.dtype)
         if positions == "answer":
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_attnres._precision import stat_dtype, widened
+from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import one_or_list, require_selection
 from hooked_attnres.interventions.checks import (
     check_broadcast,
@@ -188,11 +188,9 @@ def _mean_over_real(
     values = widened(current)
     real = real.to(values.device)[..., None]  # [batch, pos, 1]
     count = real.to(values.dtype).sum(dim=0, keepdim=True)
-    # selected, not multiplied by 0 / 1: with eps = 0 a padding position's sources can be
-    # nan (its routing is 0 / 0), and nan * 0 made the mean nan at every real position
-    # there, then every logit of the prompts real there
-    kept = torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    mean = kept.sum(dim=0, keepdim=True) / count.clamp(min=1)
+    # selected (`sum_where`): with eps = 0 a padding position's sources can be nan, and a
+    # product with 0 made the mean nan at every real position there
+    mean = sum_where(values, real, dim=0, keepdim=True) / count.clamp(min=1)
     mean = torch.where(count > 0, mean, values.mean(dim=0, keepdim=True))
     return mean.to(current.dtype)
 
