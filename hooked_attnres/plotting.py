@@ -24,7 +24,7 @@ from plotly.subplots import make_subplots
 from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import require_finite_mass
-from hooked_attnres.interventions.checks import recorded_run
+from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
 
@@ -288,12 +288,7 @@ def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Opt
     were cached with a ``pos_slice`` or by an earlier pass (`recorded_run`): their
     position ``p`` is not the run's position ``p``."""
     record = recorded_run(cache, "the cache", names)
-    if record.n_past:
-        raise ValueError(
-            f"the cache comes from a pass after {record.n_past} cached positions "
-            "(past_kv_cache): its position 0 is the sequence's position "
-            f"{record.n_past}; cache a whole-sequence run (model.run_with_cache(tokens))"
-        )
+    refuse_chunk_cache(record.n_past, "the cache")
     real = padding_of(record.attention_mask)
     if real is None or positions == "all":
         return real

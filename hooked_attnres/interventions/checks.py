@@ -115,6 +115,17 @@ def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:
         )
 
 
+def refuse_chunk_cache(n_past: int, what: str) -> None:
+    """Refuse a cache (``what``) of a pass after ``n_past > 0`` key-value-cached positions:
+    its position ``p`` is the sequence's position ``n_past + p``, not a whole run's ``p``."""
+    if n_past:
+        raise ValueError(
+            f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
+            f"position 0 is the sequence's position {n_past}, not the run's position 0; "
+            "cache a whole-sequence run (model.run_with_cache(tokens), no past_kv_cache)"
+        )
+
+
 def check_cached(
     model: HookedAttnRes,
     cache: Mapping,
@@ -137,13 +148,7 @@ def check_cached(
     check_cache_model(model, cache, what)
     names = list(dict.fromkeys(names))
     require_cached(cache, names, what)
-    n_past = getattr(record_of(cache), "n_past", 0)
-    if n_past:
-        raise ValueError(
-            f"{what} comes from a pass after {n_past} cached positions (past_kv_cache): its "
-            f"position 0 is the sequence's position {n_past}, not the run's position 0; "
-            "cache a whole-sequence run (model.run_with_cache(tokens), no past_kv_cache)"
-        )
+    refuse_chunk_cache(getattr(record_of(cache), "n_past", 0), what)
     shapes = activation_shapes(model)
     for name in names:
         tensor = cache[name]
