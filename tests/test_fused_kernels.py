@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, tiny_model
 
+from hooked_attnres import HookedAttnRes
 from hooked_attnres.model.norms import RMSNorm, _FusedRMSNorm
 from hooked_attnres.model.routing import _FusedRouting
 
@@ -88,3 +89,193 @@ def test_training_step_gradients_equal_with_and_without_fused_kernels(routed_lay
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-12, atol=0)
     for name, grad in fused.items():
         torch.testing.assert_close(grad, plain[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+# Second derivatives (docs/architecture.md, "hand-written backward passes"): with
+# ``create_graph=True`` both hand-written backward passes differentiate the same formula
+# with autograd, so a Hessian-vector product or a gradient penalty is exact; before, the
+# graph of the first gradient silently lost every path through them (a finite, wrong
+# Hessian-vector product, or "appears to not have been used in the graph").
+
+
+@pytest.mark.parametrize("n_sources", [1, 3])
+@pytest.mark.parametrize("bias", [None, 0.7])
+def test_fused_router_double_backward_gradgradcheck(n_sources, bias):
+    generator = torch.Generator().manual_seed(n_sources)
+    sources = [
+        torch.randn(2, 3, 6, dtype=torch.float64, generator=generator).requires_grad_()
+        for _ in range(n_sources)
+    ]
+    query = torch.randn(6, dtype=torch.float64, generator=generator).requires_grad_()
+    bias_t = None if bias is None else torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(_FusedRouting.apply, (query, bias_t, 1e-6, *sources))
+
+
+def test_fused_rms_norm_double_backward_gradgradcheck():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=generator).requires_grad_()
+    w = (1 + 0.3 * torch.randn(8, dtype=torch.float64, generator=generator)).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w: _FusedRMSNorm.apply(x, w, 1e-6), (x, w))
+
+
+SECOND_ORDER_KINDS = ["kimi", "cumulative", "full", "none", "recency", "exact"]
+
+
+def _second_order_model(kind: str):
+    """A tiny float64 model: a native layout with random routing, or a wrap of a tiny
+    Qwen3 (``recency`` / ``exact``)."""
+    if kind in ("recency", "exact"):
+        hf = hf_qwen3(
+            seed=1,
+            num_hidden_layers=2,
+            hidden_size=8,
+            intermediate_size=12,
+            head_dim=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=17,
+        )
+        return HookedAttnRes.from_hf_qwen3(hf, wrap=kind, num_blocks=1, dtype=torch.float64)
+    model = tiny_model(
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        n_key_value_heads=1,
+        d_head=4,
+        d_mlp=12,
+        d_vocab=17,
+        attnres_layout=kind,
+        attnres_num_blocks=1,
+        attnres_recency_bias=0.5,
+        dtype=torch.float64,
+    )
+    return randomize_routing(model, seed=3)
+
+
+def _grad_fn_names(tensor: torch.Tensor) -> set[str]:
+    """The class names of every node of ``tensor``'s autograd graph."""
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _hvp_against_finite_differences(model, kind, thetas, fwd_hooks) -> None:
+    """The Hessian-vector product of a scalar metric of the logits with respect to
+    ``thetas`` (double backward) against central differences of its first gradient
+    (Richardson-extrapolated, so truncation is ``O(h**4)``), to 1e-7 relative."""
+    tokens = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(5)
+    vs = [torch.randn(t.shape, dtype=torch.float64, generator=generator) for t in thetas]
+    length = torch.cat([v.flatten() for v in vs]).norm()
+    vs = [v / length for v in vs]  # a unit direction, so that the steps below are small
+
+    def first_gradient(create_graph: bool):
+        logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+        if create_graph:  # the fast paths are the ones differentiated twice
+            names = " ".join(_grad_fn_names(logits))
+            assert "FusedRoutingBackward" in names or kind == "none"
+            assert "FusedRMSNormBackward" in names
+        metric = logits.logsumexp(-1).sum() + logits[..., 3].square().sum()
+        return torch.autograd.grad(metric, thetas, create_graph=create_graph)
+
+    grads = first_gradient(True)
+    dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
+    hvp = torch.cat([h.flatten() for h in torch.autograd.grad(dot, thetas)])
+
+    def central(h: float) -> torch.Tensor:
+        with torch.no_grad():
+            for theta, v in zip(thetas, vs, strict=True):
+                theta.add_(h * v)
+        plus = first_gradient(False)
+        with torch.no_grad():
+            for theta, v in zip(thetas, vs, strict=True):
+                theta.sub_(2 * h * v)
+        minus = first_gradient(False)
+        with torch.no_grad():
+            for theta, v in zip(thetas, vs, strict=True):
+                theta.add_(h * v)
+        return torch.cat([(p - m).flatten() / (2 * h) for p, m in zip(plus, minus, strict=True)])
+
+    h = 1e-4
+    expected = (4 * central(h / 2) - central(h)) / 3
+    assert (hvp - expected).norm() <= 1e-7 * expected.norm()
+
+
+@pytest.mark.parametrize("kind", SECOND_ORDER_KINDS)
+def test_hessian_vector_product_without_hooks(kind):
+    """The last block's MLP weights: no attention downstream, so no hook is needed and
+    the routers and norms take their hand-written backward passes (a finite Hessian-vector
+    product 0.3-9 % off before second derivatives went through them)."""
+    model = _second_order_model(kind)
+    params = dict(model.named_parameters())
+    thetas = [params["blocks.1.mlp.W_gate"], params["blocks.1.mlp.W_in"]]
+    _hvp_against_finite_differences(model, kind, thetas, fwd_hooks=[])
+
+
+@pytest.mark.parametrize("kind", SECOND_ORDER_KINDS)
+def test_hessian_vector_product_of_every_parameter_and_the_input(kind):
+    """Every parameter and an offset added to the embeddings, with an identity hook on
+    every ``attn.hook_pattern`` (PyTorch's CPU scaled_dot_product_attention has no second
+    derivative; the hooked attention has): exact against finite differences."""
+    model = _second_order_model(kind)
+    offset = torch.zeros(2, 4, model.cfg.d_model, dtype=torch.float64, requires_grad=True)
+    hooks = [("hook_embed", lambda t, hook: t + offset)]
+    hooks.append((lambda name: name.endswith("attn.hook_pattern"), lambda t, hook: t))
+    _hvp_against_finite_differences(model, kind, [*model.parameters(), offset], hooks)
+
+
+def test_second_derivative_through_fused_attention_refuses():
+    """Without a hook on ``attn.hook_pattern`` the attention is PyTorch's fused kernel,
+    whose backward has no derivative on CPU: PyTorch raises (docs/architecture.md)."""
+    model = _second_order_model("kimi")
+    tokens = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(7))
+    query = model.blocks[1].attn_res.query
+    (grad,) = torch.autograd.grad(model(tokens).square().sum(), query, create_graph=True)
+    with pytest.raises(RuntimeError, match="scaled_dot_product.*not implemented"):
+        torch.autograd.grad(grad.sum(), query)
+
+
+@pytest.mark.parametrize("kind", ["kimi", "recency"])
+def test_first_gradient_with_create_graph_equals_the_fused_one(kind):
+    """``backward(create_graph=True)`` (differentiated by autograd) gives the first-order
+    gradients of the hand-written backward passes, to 1e-12 relative."""
+    model = _second_order_model(kind)
+    tokens = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(7))
+    params = list(model.parameters())
+
+    def grads(create_graph: bool):
+        loss = model(tokens, return_type="loss")
+        return torch.autograd.grad(loss, params, create_graph=create_graph)
+
+    for mine, reference in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(mine.detach(), reference, rtol=1e-12, atol=1e-15)
+
+
+def test_double_backward_of_a_source_read_by_two_routers():
+    """The embedding read by two routers (the second also reads the first's output):
+    the first gradient under ``create_graph=True`` equals the hand-written one (it was
+    6.5 off when the inner autograd call differentiated with respect to the saved inputs
+    themselves, not a view of each), and its derivative passes gradgradcheck."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    query = torch.randn(6, dtype=torch.float64, generator=generator).requires_grad_()
+    index = torch.tensor([[0, 1, 2]])
+
+    def two_routers(table, query):
+        embedded = table[index]
+        first = _FusedRouting.apply(query, None, 1e-6, embedded, torch.tanh(embedded))
+        return _FusedRouting.apply(0.5 * query, None, 1e-6, embedded, first)
+
+    def first_gradient(create_graph: bool):
+        loss = two_routers(table, query).square().sum()
+        return torch.autograd.grad(loss, (table, query), create_graph=create_graph)
+
+    for mine, reference in zip(first_gradient(True), first_gradient(False), strict=True):
+        torch.testing.assert_close(mine.detach(), reference, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradgradcheck(two_routers, (table, query))

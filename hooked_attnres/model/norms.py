@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
@@ -266,20 +266,31 @@ class _FusedRMSNorm(torch.autograd.Function):
 
         dL/dw = sum over rows of g * n
         dL/dx = (g * w - n * mean(g * w * n)) / s
+
+    Under ``create_graph=True`` the backward is `differentiable_backward` of
+    ``rms_normalize(x) * w`` (the same function), so second derivatives are exact.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
         inverse = rms_scale(x, eps).reciprocal()
         normalized = x * inverse
-        ctx.save_for_backward(normalized, inverse, w)
+        # x rather than normalized (the same size; the backward remakes normalized with the
+        # same operation, the same bits): a second derivative needs x in the graph
+        ctx.save_for_backward(x, inverse, w)
+        ctx.eps = eps
         return normalized * w
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
-        normalized, inverse, w = ctx.saved_tensors
+        x, inverse, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_x, grad_w = differentiable_backward(
+                lambda x, w: rms_normalize(x, ctx.eps) * w, (x, w), ctx.needs_input_grad[:2], grad
+            )
+            return grad_x, grad_w, None
         grad_x = grad_w = None
+        normalized = x * inverse  # the forward's operation: the same bits
         product = grad * normalized
         if ctx.needs_input_grad[1]:
             grad_w = product.flatten(0, -2).sum(0)
@@ -288,6 +299,30 @@ class _FusedRMSNorm(torch.autograd.Function):
             grad_x = grad * w
             grad_x.addcmul_(normalized, mean).mul_(inverse)
         return grad_x, grad_w, None
+
+
+def differentiable_backward(
+    formula: Callable[..., Tensor],
+    inputs: Sequence[Optional[Tensor]],
+    needs_input_grad: Sequence[bool],
+    grad_out: Tensor,
+) -> tuple[Optional[Tensor], ...]:
+    """The backward of a hand-written `torch.autograd.Function` under
+    ``create_graph=True`` (grad mode is on inside its ``backward`` exactly then): the
+    gradients of ``formula(*inputs)`` (the same function as its forward, in plain autograd
+    operations) with respect to the ``inputs`` whose ``needs_input_grad`` is true (one
+    flag per input), ``None`` for the others, as a graph that a second derivative
+    follows. The hand-written backward reads tensors that its forward made (scales,
+    weights), which are not in the graph, so differentiating it would silently drop every
+    path through them; ``inputs`` must be the function's saved inputs, which are."""
+    # a fresh view of each input: the gradient with respect to an input itself would also
+    # count the paths through another input made from it (a router reading a source and
+    # an earlier router's output of it), which the outer backward counts again
+    views = [None if x is None else x.view_as(x) for x in inputs]
+    wanted = [x for x, need in zip(views, needs_input_grad, strict=True) if need and x is not None]
+    assert len(wanted) == sum(needs_input_grad)
+    grads = iter(torch.autograd.grad(formula(*views), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs_input_grad)
 
 
 class KeyNorm(nn.Module):

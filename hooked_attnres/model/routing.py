@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres.model.norms import (
     KeyNorm,
     RMSNorm,
+    differentiable_backward,
     has_module_hooks,
     is_observed,
     make_hook,
@@ -576,22 +576,34 @@ class _FusedRouting(torch.autograd.Function):
 
         logits = (V_i . q) * r_i  (+ bias on the last source);  w = softmax(logits)
         out    = sum_i w_i V_i
+
+    Under ``create_graph=True`` the backward is `differentiable_backward` of `_route`
+    (the same function), so second derivatives are exact.
     """
 
     @staticmethod
     def forward(ctx, query: Tensor, bias: Optional[Tensor], eps: float, *sources: Tensor) -> Tensor:
         out, scale, dots, weights = _route(sources, query, bias, eps)
-        ctx.save_for_backward(query, scale, dots, weights, *sources)
+        ctx.save_for_backward(query, scale, dots, weights, bias, *sources)
         ctx.has_bias = bias is not None
+        ctx.eps = eps
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True
+            query, _, _, _, bias, *sources = ctx.saved_tensors
+            grads = differentiable_backward(
+                lambda query, bias, *sources: _route(sources, query, bias, ctx.eps)[0],
+                (query, bias, *sources),
+                (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[3:]),
+                grad_out,
+            )
+            return (*grads[:2], None, *grads[2:])
         # Memory passes over [batch, pos, d_model] tensors dominate (the per-source numbers
         # are [n_sources, batch, pos]): per source, two for the weight gradient, three for
         # the source gradient, one multiply-accumulate for the query gradient.
-        query, scale, dots, weights, *sources = ctx.saved_tensors  # [n_sources, batch, pos]
+        query, scale, dots, weights, _, *sources = ctx.saved_tensors  # [n_sources, batch, pos]
         inv_rms = scale.reciprocal()
         grad_weights = torch.stack([(source * grad_out).sum(dim=-1) for source in sources])
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
