@@ -48,6 +48,20 @@ def eps_zero_config(layout: str, n_layers: int = 2, num_blocks: int = 1) -> Hook
     )
 
 
+def nan_at_padding(mask: torch.Tensor, name: str = "blocks.0.hook_attn_out") -> tuple:
+    """A forward hook ``(name, fn)`` that writes nan at the padding positions (``mask ==
+    0``, ``[batch, pos]``) of ``name``'s ``[batch, pos, ...]`` activation: the garbage a
+    padding position may hold (with eps 0 its routing was 0 / 0 before `padding_eps` made
+    it finite), to check that an analysis or the attention never lets it reach a real
+    position, selecting rather than multiplying by 0."""
+    padding = torch.as_tensor(mask) == 0
+
+    def fn(x: torch.Tensor, hook) -> torch.Tensor:
+        return x.masked_fill(padding.reshape(*padding.shape, *[1] * (x.ndim - 2)), float("nan"))
+
+    return name, fn
+
+
 def tiny_model(**overrides) -> HookedAttnRes:
     return HookedAttnRes(tiny_config(**overrides))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import nan_at_padding, randomize_routing, tiny_model
 
 from hooked_attnres.analysis import (
     ablation_effects,
@@ -311,7 +311,8 @@ def test_attribution_patching_of_padded_prompts_at_eps_zero_is_finite_and_separa
     routing weights can be 0 / 0 in both runs, and g * (nan - nan) made every estimate
     that sums over it nan, where the exact sweep is finite. A padding position never
     reaches a real one, so its change is 0: the padded batch's estimate equals the sum of
-    the prompts' estimates run alone, unpadded (float64)."""
+    the prompts' estimates run alone, unpadded (float64). Since `padding_eps` the padding
+    is finite: a hook writes the nan into the clean run's padding (`nan_at_padding`)."""
     from helpers import hf_qwen3
 
     from hooked_attnres import HookedAttnRes
@@ -332,8 +333,9 @@ def test_attribution_patching_of_padded_prompts_at_eps_zero_is_finite_and_separa
     def metric(logits):
         return logits[:, -1, 3].sum()
 
-    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
-    assert clean_cache["blocks.1.attn_res.hook_weights"][1, :pad].isnan().all()  # 0 / 0
+    with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
+        _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
+    assert clean_cache["blocks.1.attn_res.hook_weights"][1, :pad].isnan().all()
     for by_pos in (False, True):
         padded = attribution_patch_routing_weights(
             model, corrupted, clean_cache, metric, by_pos=by_pos, attention_mask=mask

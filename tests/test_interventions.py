@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import eps_zero_config, randomize_routing, tiny_model
+from helpers import eps_zero_config, nan_at_padding, randomize_routing, tiny_model
 
 from hooked_attnres import RunCacheDict
 from hooked_attnres.interventions import (
@@ -1465,17 +1465,20 @@ def test_set_weights_from_a_padded_cache_at_eps_zero(layout):
     The check now reads the real positions (the cache records its padding, and the run
     must have the same): each prompt's real positions equal that prompt patched alone,
     unpadded, with its own clean run's weights; a dict of such weights (no record of
-    the padding) is refused, saying that they are nan."""
+    the padding) is refused, saying that they are nan. Since `padding_eps` the padding
+    is finite: a hook writes the nan there (`nan_at_padding`), in every padded run."""
     from hooked_attnres import HookedAttnRes
 
     model = randomize_routing(HookedAttnRes(eps_zero_config(layout))).eval()
     clean = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     corrupted = torch.tensor([[7, 9, 8, 2], [1, 11, 3, 12]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # prompt 0: one left pad
-    _, cache = model.run_with_cache(clean, attention_mask=mask)
-    assert cache["blocks.0.mlp_res.hook_weights"][0, 0].isnan().all()  # the 0 / 0 padding
+    garbage = nan_at_padding(mask)
+    with model.hooks(fwd_hooks=[garbage]):
+        _, cache = model.run_with_cache(clean, attention_mask=mask)
+    assert cache["blocks.0.mlp_res.hook_weights"][0, 0].isnan().all()  # the nan padding
     patched = model.run_with_hooks(
-        corrupted, attention_mask=mask, fwd_hooks=set_weights(model, cache)
+        corrupted, attention_mask=mask, fwd_hooks=[garbage, *set_weights(model, cache)]
     )
     for row, real in ((0, slice(1, None)), (1, slice(None))):
         _, alone_cache = model.run_with_cache(clean[row : row + 1, real])
@@ -1499,7 +1502,9 @@ def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
     nan from its first 0 / 0 routing on, and the mean over the real prompts multiplied
     them by 0: nan, so `"mean"` (`patch_sources`, `patch_committed`) made every logit of
     the prompts real at that position nan (silently). Now each real position equals the
-    patch with the mean over the prompts real there, computed by hand from the cache."""
+    patch with the mean over the prompts real there, computed by hand from the cache.
+    Since `padding_eps` the padding is finite: a hook writes the nan there
+    (`nan_at_padding`), in every padded run."""
     from hooked_attnres import HookedAttnRes
 
     cfg = eps_zero_config(layout, n_layers=3, num_blocks=3 if layout == "kimi" else 1)
@@ -1507,7 +1512,9 @@ def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6], [9, 9, 2, 4]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
     real = mask.bool()
-    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    garbage = nan_at_padding(mask)
+    with model.hooks(fwd_hooks=[garbage]):
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
 
     def mean_over_real(values):  # [batch, pos, d_model] -> [1, pos, d_model], by hand
         rows = [
@@ -1535,7 +1542,8 @@ def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
             patch_committed(model, committed_label, mean_over_real(cache[name])),
         ),
     ):
-        got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=by_mean)[real]
-        expected = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=by_hand)[real]
+        got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[garbage, *by_mean])
+        expected = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[garbage, *by_hand])
+        got, expected = got[real], expected[real]
         assert got.isfinite().all()
         assert (got - expected).abs().max().item() <= 1e-12

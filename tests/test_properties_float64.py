@@ -11,7 +11,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import eps_zero_config, hf_qwen3, randomize_routing
+from helpers import eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -270,7 +270,9 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
     with respect to ``hook_embed`` or ``hook_weights``); and the loss, which excludes the
     padding, multiplied its nan terms by 0: nan. Now the gradients at the real positions
     equal those of the prompt alone (fused and explicit attention), and the loss equals
-    the mean over the real predictions (`lm_cross_entropy_loss` on the real tokens)."""
+    the mean over the real predictions (`lm_cross_entropy_loss` on the real tokens). The
+    norms of a padding row now use eps 1 (`padding_eps`), so the padding is finite: a hook
+    writes the nan there (`nan_at_padding`), as any garbage a padding position holds."""
     cfg = eps_zero_config(layout)
     model = randomize_routing(HookedAttnRes(cfg))
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
@@ -280,9 +282,11 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
     def embedding_gradient(tokens, mask, picked):
         delta = torch.zeros(*tokens.shape, 8, dtype=torch.float64, requires_grad=True)
         hooks = [("hook_embed", lambda x, hook: x + delta), *pattern]
+        if mask is not None:
+            hooks.append(nan_at_padding(mask))
         with model.hooks(fwd_hooks=hooks):
             logits = model(tokens, attention_mask=mask)
-        if mask is not None:  # the padding position is nan (docs/hooks.md)
+        if mask is not None:  # the padding position is nan (the hook)
             assert torch.isnan(logits[0, 0]).all()
         return torch.autograd.grad(picked(logits), delta)[0]
 
@@ -292,7 +296,8 @@ def test_padding_at_eps_zero_keeps_gradients_and_loss_of_real_positions(layout, 
     assert (padded[0, 1:] - alone[0]).abs().max().item() <= TOL
     assert (padded[1] - other[0]).abs().max().item() <= TOL
 
-    loss = model(tokens, attention_mask=mask, return_type="loss")
+    with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
+        loss = model(tokens, attention_mask=mask, return_type="loss")
     per_token = torch.cat(
         [
             model(tokens[:1, 1:], return_type="loss", loss_per_token=True)[0],
@@ -307,16 +312,18 @@ def test_loss_of_right_padding_at_eps_zero_is_that_of_the_real_tokens(layout):
     """The loss at eps 0 with two padding tokens on the right: the first one's logits
     (nan, docs/hooks.md) predict the second, and ``nan * 0`` made the loss nan, as it did
     with left padding. The loss is the mean of the prompts' own per-token losses, and
-    ``loss_per_token`` holds them at the real predictions and 0 elsewhere."""
+    ``loss_per_token`` holds them at the real predictions and 0 elsewhere. The padding is
+    finite since `padding_eps`: a hook writes the nan there (`nan_at_padding`)."""
     model = randomize_routing(HookedAttnRes(eps_zero_config(layout)))
     tokens = torch.tensor([[7, 3, 4, 5], [1, 2, 3, 6]])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    assert torch.isnan(model(tokens, attention_mask=mask)[0, 2]).all()  # the case
     first = model(tokens[:1, :2], return_type="loss", loss_per_token=True)[0]  # [1]
     second = model(tokens[1:], return_type="loss", loss_per_token=True)[0]  # [3]
-    loss = model(tokens, attention_mask=mask, return_type="loss")
+    with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
+        assert torch.isnan(model(tokens, attention_mask=mask)[0, 2]).all()  # the case
+        loss = model(tokens, attention_mask=mask, return_type="loss")
+        per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
     assert abs(loss.item() - torch.cat([first, second]).mean().item()) <= TOL
-    per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
     expected = torch.stack([torch.cat([first, first.new_zeros(2)]), second])
     assert (per_token - expected).abs().max().item() <= TOL
 
@@ -629,7 +636,8 @@ def test_decomposition_checks_of_a_padded_cache_at_eps_zero(layout, side):
     was decomposed silently, where the same edit of each prompt alone, unpadded, is
     refused. Now the checks read the real positions the cache records: an unedited cache
     decomposes each prompt as it alone does, an edited one is refused as it alone is, and
-    a plain dict holding the nan padding is refused unless its mask is declared."""
+    a plain dict holding the nan padding is refused unless its mask is declared. Since
+    `padding_eps` the padding is finite: a hook writes the nan (`nan_at_padding`)."""
     from hooked_attnres.interventions import patch_sources
     from hooked_attnres.model.cache import AttnResActivationCache
 
@@ -651,14 +659,17 @@ def test_decomposition_checks_of_a_padded_cache_at_eps_zero(layout, side):
             return cache.decompose_resid(layer=1, routed=True)
         return cache.stack_neuron_results(1, routed=True)
 
+    garbage = [nan_at_padding(mask)]  # the padding is finite since padding_eps: make it nan
     for method, hooks in edits.items():
-        _, clean = model.run_with_cache(tokens, attention_mask=mask)
+        with model.hooks(fwd_hooks=garbage):
+            _, clean = model.run_with_cache(tokens, attention_mask=mask)
         _, alone = model.run_with_cache(tokens[:1, real])
         padded = analysis(clean, method)
         assert padded[:, 0, 0 if side == "left" else 3].isnan().any()  # the nan padding
         assert (padded[:, :1, real] - analysis(alone, method)).abs().max().item() <= TOL
         with model.hooks(fwd_hooks=hooks):
-            _, edited = model.run_with_cache(tokens, attention_mask=mask)
+            with model.hooks(fwd_hooks=garbage):
+                _, edited = model.run_with_cache(tokens, attention_mask=mask)
             _, edited_alone = model.run_with_cache(tokens[:1, real])
         with pytest.raises(ValueError, match="do not sum"):
             analysis(edited_alone, method)  # the independent verdict: refused unpadded
