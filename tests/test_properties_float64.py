@@ -7,6 +7,7 @@ invariances, attribution's linearity."""
 
 from __future__ import annotations
 
+import functools
 from unittest.mock import patch
 
 import pytest
@@ -681,3 +682,78 @@ def test_decomposition_checks_of_a_padded_cache_at_eps_zero(layout, side):
         declared = AttnResActivationCache(dict(clean.cache_dict), model, attention_mask=mask)
         declared_stack = analysis(declared, method)[:, :1, real]
         assert (declared_stack - analysis(alone, method)).abs().max().item() <= TOL
+
+
+@functools.cache
+def _padding_gradient_model(name: str) -> HookedAttnRes:
+    """A float64 model with ``eps = 0``: a native layout (3 layers, 2 blocks, routing made
+    content-dependent) or a wrap of a Qwen3 with ``rms_norm_eps = 0``; token 0's embedding
+    is zero (as Hugging Face zeroes the ``padding_idx`` row)."""
+    if name in ("kimi", "full", "cumulative"):
+        model = randomize_routing(HookedAttnRes(eps_zero_config(name, 3, 2)))
+    else:
+        model = HookedAttnRes.from_hf_qwen3(
+            hf_qwen3(rms_norm_eps=0.0), wrap=name, num_blocks=2, dtype=torch.float64
+        )
+    with torch.no_grad():
+        model.embed.W_E[0] = 0.0
+    return model
+
+
+# the paths a pass may take: fused routers and norms (nothing watched), the routers'
+# plain-autograd path (their weights watched), the stacked key norm, the hooked RMSNorms
+# and the explicit attention (every scale and pattern watched)
+_WATCHED = {"unhooked": (), "weights": ("hook_weights",), "scales": ("hook_scale", "hook_pattern")}
+
+
+@pytest.mark.parametrize("name", ["kimi", "full", "cumulative", "exact", "recency", "none"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("watched", sorted(_WATCHED))
+@pytest.mark.parametrize("pad_token", [None, 0])
+def test_parameter_gradients_of_a_padded_batch_at_eps_zero(name, side, watched, pad_token):
+    """With eps = 0 a padding position's row can be all zero (a padding query's zero
+    attention output, a source or norm input made of such), whose RMS is 0: its routing
+    logit and norm were 0 / 0, nan, and although the loss excludes the padding, the
+    backward's ``0 * nan`` made the gradient of nearly every parameter nan (48 of 57
+    tensors in kimi / full, 42 of 50 in the exact wrap, fused and hooked paths alike;
+    with a zero pad-token embedding, ``pad_token=0``, every tensor in every layout).
+    The norms of a padding row now use eps 1 (`padding_eps`): every parameter gradient of
+    the padded batch's loss (the model's own and a hand-written masked sum) equals the
+    sum of the prompts' gradients run alone, unpadded."""
+    model = _padding_gradient_model(name)
+    suffixes = _WATCHED[watched]
+    hooks = [(lambda hook_name: hook_name.endswith(suffixes), lambda x, hook: None)]
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, 5), generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, slice(0, 2) if side == "left" else slice(3, None)] = 0
+    if pad_token is not None:  # a pad token whose embedding is zero
+        tokens[mask == 0] = pad_token
+    params = list(model.parameters())
+
+    def own_loss(tokens, mask):  # the model's loss, summed over the real predictions
+        per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+        return per_token[(mask[:, :-1] != 0) & (mask[:, 1:] != 0)].sum()
+
+    def masked_loss(tokens, mask):  # by hand: log-softmax of the real predictions
+        logits = model(tokens, attention_mask=mask)
+        picked = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return -picked[(mask[:, :-1] != 0) & (mask[:, 1:] != 0)].sum()
+
+    def gradients(loss):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+    for loss_of in (own_loss, masked_loss):
+        with model.hooks(fwd_hooks=hooks if suffixes else []):
+            padded = gradients(loss_of(tokens, mask))
+            alone = [
+                gradients(loss_of(real, torch.ones_like(real)))
+                for real in (tokens[row : row + 1, mask[row] != 0] for row in range(2))
+            ]
+        for (param, _), got, first, second in zip(
+            model.named_parameters(), padded, *alone, strict=True
+        ):
+            expected = first + second
+            error = (got - expected).abs().max().item()
+            assert error <= 1e-12 * max(1.0, expected.abs().max().item()), (param, error)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
+from hooked_attnres.model.passes import pass_mask, real_tokens
 
 
 def make_hook(pos_dim: int = -2) -> HookPoint:
@@ -160,10 +161,29 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     return found
 
 
+def padding_eps(eps: float, x: Float[Tensor, "batch pos *rest"]) -> Union[float, Tensor]:
+    """The eps of a norm of ``x`` over its last axis in the running forward pass: ``eps``,
+    except with ``eps == 0`` in a pass whose ``attention_mask`` marks padding among ``x``'s
+    leading ``[batch, pos]`` (`real_tokens`): then ``[batch, pos, 1, ...]`` (``x.ndim``
+    axes, `stat_dtype`), 0 at real tokens (``mean + 0`` is the same bits) and 1 at
+    padding. A padding row can be all zero there (a padding query's zero attention output,
+    a zero pad-token embedding), whose ``0 / 0`` made the padding position nan, and the
+    backward's ``0 * nan`` every parameter gradient of the pass (a padding position
+    reaches no real one, so its numbers are arbitrary; now they are finite)."""
+    if eps != 0 or pass_mask() is None or x.ndim < 3:  # the first two: unpadded passes
+        return eps
+    real = real_tokens(x.shape[0], x.shape[1])
+    if real is None:
+        return eps
+    padding = (~real).to(device=x.device, dtype=stat_dtype(x.dtype))
+    return padding.reshape(*real.shape, *([1] * (x.ndim - 2)))
+
+
 def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
-    """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``)."""
+    """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``),
+    with `padding_eps` (the same bits outside a padded pass of an ``eps = 0`` model)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stat_dtype(x.dtype))
-    return (norm.square() / x.shape[-1] + eps).sqrt()
+    return (norm.square() / x.shape[-1] + padding_eps(eps, x)).sqrt()
 
 
 def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d"]:

@@ -54,6 +54,7 @@ from hooked_attnres.model.norms import (
     is_observed,
     make_hook,
     modules_if_unhooked,
+    padding_eps,
 )
 
 
@@ -260,10 +261,14 @@ def source_scales(
     sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: float
 ) -> Float[Tensor, "n_sources batch pos"]:
     """``rms_scale`` of every source (the same bits: one norm per source, then the
-    elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once)."""
+    elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once; `padding_eps`
+    of a source ``[batch, pos, 1]`` is ``[batch, pos]`` here)."""
     dtype = stat_dtype(sources[0].dtype)
     norms = torch.stack([torch.linalg.vector_norm(s, dim=-1, dtype=dtype) for s in sources])
-    return (norms.square() / sources[0].shape[-1] + eps).sqrt()
+    row_eps = padding_eps(eps, sources[0])
+    if isinstance(row_eps, Tensor):
+        row_eps = row_eps.squeeze(-1)
+    return (norms.square() / sources[0].shape[-1] + row_eps).sqrt()
 
 
 def source_dots(
