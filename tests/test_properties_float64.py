@@ -7,6 +7,7 @@ invariances, attribution's linearity."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from unittest.mock import patch
 
@@ -757,3 +758,56 @@ def test_parameter_gradients_of_a_padded_batch_at_eps_zero(name, side, watched, 
             expected = first + second
             error = (got - expected).abs().max().item()
             assert error <= 1e-12 * max(1.0, expected.abs().max().item()), (param, error)
+
+
+@pytest.mark.parametrize("name", ["kimi", "full", "exact", "kimi eps 1e-6", "full eps 1e-6"])
+@pytest.mark.parametrize("watched", ["unhooked", "weights"])
+def test_second_derivatives_of_a_padded_batch(name, watched):
+    """A Hessian-vector product of a padded batch's masked loss equals the sum of the
+    prompts' run alone (attention needs a ``hook_pattern`` hook for a second derivative:
+    CPU SDPA has none). Two causes of nan at padding rows, which are all zero there:
+    autograd's derivative of `vector_norm` divides by the norm, ``0 / 0`` at a zero row in
+    a second derivative, whatever the eps (every norm's sum of squares now has the
+    derivative ``2 x``, `squared_norm`); and with eps 0 the hand-written backward passes
+    take their second derivative after the pass, when its padding is no longer known, so
+    they keep the eps their forward used (`padding_eps`). ``watched``: the routers'
+    fused or plain-autograd path."""
+    layout, _, eps = name.partition(" eps ")
+    if eps:  # a native model with a positive eps, the same shape and routing
+        model = randomize_routing(
+            HookedAttnRes(dataclasses.replace(eps_zero_config(layout, 3, 2), eps=float(eps)))
+        )
+    else:
+        model = _padding_gradient_model(layout)
+    suffixes = ("hook_pattern", *_WATCHED[watched])
+    hooks = [(lambda hook_name: hook_name.endswith(suffixes), lambda x, hook: None)]
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, 5), generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    tokens[mask == 0] = 0  # the zero-embedding pad token: all-zero padding rows
+    params = [p for n, p in model.named_parameters() if "blocks" in n]
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+
+    def hvp(tokens, mask):
+        logits = model(tokens, attention_mask=mask)
+        picked = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        loss = -picked[(mask[:, :-1] != 0) & (mask[:, 1:] != 0)].sum()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((g * v).sum() for g, v in zip(grads, direction, strict=True))
+        return torch.autograd.grad(dot, params, allow_unused=True)
+
+    with model.hooks(fwd_hooks=hooks):
+        padded = hvp(tokens, mask)
+        alone = [
+            hvp(real, torch.ones_like(real))
+            for real in (tokens[row : row + 1, mask[row] != 0] for row in range(2))
+        ]
+    for param, got, first, second in zip(params, padded, *alone, strict=True):
+        parts = [g for g in (got, first, second) if g is not None]
+        if not parts:
+            continue
+        expected = sum(torch.zeros_like(param) if g is None else g for g in (first, second))
+        assert got is not None
+        error = (got - expected).abs().max().item()
+        assert error <= 1e-10 * max(1.0, expected.abs().max().item()), error

@@ -161,7 +161,12 @@ def modules_if_unhooked(model: nn.Module) -> Optional[list[nn.Module]]:
     return found
 
 
-def padding_eps(eps: float, x: Float[Tensor, "batch pos *rest"]) -> Union[float, Tensor]:
+Eps = Union[float, Tensor]
+"""A norm's eps: a number, or `padding_eps`'s per-row answer (kept by a hand-written
+backward, whose second derivative runs after the pass, when its padding is not known)."""
+
+
+def padding_eps(eps: Eps, x: Float[Tensor, "batch pos *rest"]) -> Eps:
     """The eps of a norm of ``x`` over its last axis in the running forward pass: ``eps``,
     except with ``eps == 0`` in a pass whose ``attention_mask`` marks padding among ``x``'s
     leading ``[batch, pos]`` (`real_tokens`): then ``[batch, pos, 1, ...]`` (``x.ndim``
@@ -169,9 +174,10 @@ def padding_eps(eps: float, x: Float[Tensor, "batch pos *rest"]) -> Union[float,
     padding. A padding row can be all zero there (a padding query's zero attention output,
     a zero pad-token embedding), whose ``0 / 0`` made the padding position nan, and the
     backward's ``0 * nan`` every parameter gradient of the pass (a padding position
-    reaches no real one, so its numbers are arbitrary; now they are finite)."""
-    if eps != 0 or pass_mask() is None or x.ndim < 3:  # the first two: unpadded passes
-        return eps
+    reaches no real one, so its numbers are arbitrary; now they are finite). An ``eps``
+    that is a tensor is this function's earlier answer and is returned as it is."""
+    if isinstance(eps, Tensor) or eps != 0 or pass_mask() is None or x.ndim < 3:
+        return eps  # the middle two: unpadded passes
     real = real_tokens(x.shape[0], x.shape[1])
     if real is None:
         return eps
@@ -179,14 +185,39 @@ def padding_eps(eps: float, x: Float[Tensor, "batch pos *rest"]) -> Union[float,
     return padding.reshape(*real.shape, *([1] * (x.ndim - 2)))
 
 
-def rms_scale(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... 1"]:
+def squared_norm(x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
+    """``sum(x**2)`` over the last axis, in `stat_dtype`: ``vector_norm(x) ** 2`` (one pass
+    over ``x``). Where a gradient is needed its derivative is ``2 x`` (`_SquaredNorm`):
+    autograd's derivative of `vector_norm` divides by the norm, which is ``0 / 0`` at an
+    all-zero row (a padding position, an ablated source) in a second derivative."""
+    dtype = stat_dtype(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SquaredNorm.apply(x, dtype)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """`squared_norm` with the gradient ``2 x g``, in plain operations of the saved input,
+    so a second derivative follows it exactly."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return (2 * grad * x).to(x.dtype), None
+
+
+def rms_scale(x: Float[Tensor, "... d"], eps: Eps) -> Float[Tensor, "... 1"]:
     """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``),
     with `padding_eps` (the same bits outside a padded pass of an ``eps = 0`` model)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stat_dtype(x.dtype))
-    return (norm.square() / x.shape[-1] + padding_eps(eps, x)).sqrt()
+    return (squared_norm(x) / x.shape[-1] + padding_eps(eps, x)).sqrt()
 
 
-def rms_normalize(x: Float[Tensor, "... d"], eps: float) -> Float[Tensor, "... d"]:
+def rms_normalize(x: Float[Tensor, "... d"], eps: Eps) -> Float[Tensor, "... d"]:
     """``x / rms_scale(x)`` before any gain: the normalisation of `RMSNorm`, bit for bit,
     without its hooks (statistics in `stat_dtype`, result in ``x``'s dtype)."""
     x_stat = x.to(stat_dtype(x.dtype))  # one conversion in bf16 / fp16, shared by both uses
@@ -293,12 +324,13 @@ class _FusedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
-        inverse = rms_scale(x, eps).reciprocal()
+        # the pass's eps, kept for the second derivative (taken after the pass)
+        ctx.eps = padding_eps(eps, x)
+        inverse = rms_scale(x, ctx.eps).reciprocal()
         normalized = x * inverse
         # x rather than normalized (the same size; the backward remakes normalized with the
         # same operation, the same bits): a second derivative needs x in the graph
         ctx.save_for_backward(x, inverse, w)
-        ctx.eps = eps
         return normalized * w
 
     @staticmethod

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres.model.norms import (
+    Eps,
     KeyNorm,
     RMSNorm,
     differentiable_backward,
@@ -55,6 +56,7 @@ from hooked_attnres.model.norms import (
     make_hook,
     modules_if_unhooked,
     padding_eps,
+    squared_norm,
 )
 
 
@@ -258,17 +260,16 @@ def routing_stream(
 
 
 def source_scales(
-    sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: float
+    sources: Sequence[Float[Tensor, "batch pos d_model"]], eps: Eps
 ) -> Float[Tensor, "n_sources batch pos"]:
     """``rms_scale`` of every source (the same bits: one norm per source, then the
     elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once; `padding_eps`
     of a source ``[batch, pos, 1]`` is ``[batch, pos]`` here)."""
-    dtype = stat_dtype(sources[0].dtype)
-    norms = torch.stack([torch.linalg.vector_norm(s, dim=-1, dtype=dtype) for s in sources])
+    squares = torch.stack([squared_norm(source).squeeze(-1) for source in sources])
     row_eps = padding_eps(eps, sources[0])
     if isinstance(row_eps, Tensor):
         row_eps = row_eps.squeeze(-1)
-    return (norms.square() / sources[0].shape[-1] + row_eps).sqrt()
+    return (squares / sources[0].shape[-1] + row_eps).sqrt()
 
 
 def source_dots(
@@ -319,7 +320,7 @@ def _route(
     sources: Sequence[Float[Tensor, "batch pos d_model"]],
     query: Float[Tensor, " d_model"],
     bias: Optional[Float[Tensor, ""]],
-    eps: float,
+    eps: Eps,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, scale, dots, weights)`` of an unobserved router (the last three
     ``[n_sources, batch, pos]``)."""
@@ -588,10 +589,10 @@ class _FusedRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, bias: Optional[Tensor], eps: float, *sources: Tensor) -> Tensor:
-        out, scale, dots, weights = _route(sources, query, bias, eps)
+        ctx.eps = padding_eps(eps, sources[0])  # the pass's, kept for the second derivative
+        out, scale, dots, weights = _route(sources, query, bias, ctx.eps)
         ctx.save_for_backward(query, scale, dots, weights, bias, *sources)
         ctx.has_bias = bias is not None
-        ctx.eps = eps
         return out
 
     @staticmethod
