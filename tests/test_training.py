@@ -907,6 +907,71 @@ def test_a_half_precision_model_is_refused_before_any_work(tmp_path, condition, 
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
+def _freeze_embedding(model, dtype):
+    """The model's input embedding as a frozen ``dtype`` parameter (the rest as built)."""
+    name, param = next(iter(model.named_parameters()))
+    assert "emb" in name.lower() or "W_E" in name, name
+    param.data = param.data.to(dtype)
+    param.requires_grad_(False)
+    return name
+
+
+@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
+def test_a_frozen_half_precision_parameter_is_trained_around_and_never_touched(tmp_path, condition):
+    """The half-precision refusal is about AdamW's updates, so it covers only parameters
+    AdamW updates: a frozen bfloat16 embedding with a float32 rest trains, the embedding
+    stays bit for bit as it was (weight decay included), and the same parameters move as
+    beside a frozen float32 embedding holding the same (bfloat16-rounded) values (not to
+    the same numbers: the forward pass rounds the bfloat16 embedding's output in bfloat16
+    arithmetic where the float32 one does not). Before, the frozen embedding was refused
+    like a trainable one."""
+    tok = task_tokenizer(TASK)
+    short = config(steps=3, eval_every=3, checkpoint_every=None, weight_decay=0.5)
+    moved = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = build_model(condition, 0, tok, SHAPE, 2)
+        first = next(iter(model.parameters()))
+        first.data = first.data.to(torch.bfloat16)  # the same values in both runs
+        frozen = _freeze_embedding(model, dtype)
+        before = weights(model)
+        train(model, TASK, short, tmp_path / str(dtype), tokenizer=tok, progress=False)
+        after = weights(model)
+        assert after[frozen].dtype == dtype
+        assert torch.equal(after[frozen], before[frozen])
+        moved[dtype] = [k for k in before if not torch.equal(after[k], before[k])]
+    assert moved[torch.bfloat16] == moved[torch.float32]
+    assert len(moved[torch.float32]) > len(before) // 2
+
+
+def test_a_trainable_half_precision_parameter_among_float32_ones_is_refused(tmp_path):
+    """Only one trainable bfloat16 tensor (the rest float32, or frozen) is enough."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    name = _freeze_embedding(model, torch.bfloat16)
+    dict(model.named_parameters())[name].requires_grad_(True)
+    short = config(steps=2, eval_every=2, checkpoint_every=None)
+    with pytest.raises(ValueError, match=rf"{name} is bfloat16.*\.float\(\)"):
+        train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_other_parameters_frozen_is_refused(tmp_path):
+    """Which parameters are frozen is part of the run: resumed with the embedding
+    unfrozen, the run would update a tensor the checkpoint's run never did (not equal to
+    an uninterrupted run), so it is refused by name."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    frozen = _freeze_embedding(model, torch.float32)
+    run = config(steps=4, eval_every=2, checkpoint_every=2)
+    train(model, TASK, run, tmp_path, tokenizer=tok, progress=False, stop_after=2)
+    thawed = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(ValueError, match=rf"model\.frozen differs.*{frozen}"):
+        train(thawed, TASK, run, tmp_path, tokenizer=tok, progress=False)
+    again = build_model("attnres", 0, tok, SHAPE, 2)
+    _freeze_embedding(again, torch.float32)
+    train(again, TASK, run, tmp_path, tokenizer=tok, progress=False)
+
+
 def test_why_half_precision_is_refused_a_bfloat16_adamw_step_leaves_a_gain_unchanged():
     """The measurement behind the refusal, with torch's AdamW alone: one step at the
     study's lr on a gain of 1.0 moves it in float32 and not at all in bfloat16."""

@@ -385,12 +385,13 @@ class _Checkpoint:
 
 
 def _require_full_precision(model) -> None:
-    """Refuse bfloat16 / float16 parameters: AdamW updates them in their own dtype, where
-    an update below half a step of the weight rounds away (in bfloat16 at lr 5e-4 a norm
-    gain of 1.0, whose step is 2**-7, never moves) and eps 1e-8 underflows to 0 in
-    float16 (the first update overflows)."""
+    """Refuse trainable bfloat16 / float16 parameters: AdamW updates them in their own
+    dtype, where an update below half a step of the weight rounds away (in bfloat16 at lr
+    5e-4 a norm gain of 1.0, whose step is 2**-7, never moves) and eps 1e-8 underflows to
+    0 in float16 (the first update overflows). A frozen one (``requires_grad`` False) gets
+    no gradient, so AdamW never updates it (nor decays it): it is accepted."""
     for name, param in model.named_parameters():
-        if param.dtype in (torch.bfloat16, torch.float16):
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             precision = str(param.dtype).removeprefix("torch.")
             raise ValueError(
                 f"train needs float32 or float64 parameters; {name} is {precision}: AdamW "
@@ -509,8 +510,11 @@ def _saved_vocabulary(directory: Path) -> Optional[str]:
 
 def _model_identity(model) -> dict[str, Any]:
     """What a resumed run's model must share with the checkpoint's: its class, its
-    configuration (not where it runs) and its parameters' dtypes, as JSON values (a model
-    of another layout, depth, number of blocks or dtype would load the same tensors)."""
+    configuration (not where it runs), its parameters' dtypes and which of them are
+    frozen, as JSON values (a model of another layout, depth, number of blocks or dtype
+    would load the same tensors; one with another parameter frozen would update it, or
+    not, from the resumed step on). ``frozen`` is present only when some parameter is, so
+    that the checkpoints of runs that train every parameter keep resuming."""
     if isinstance(model, HookedAttnRes):
         config = model.cfg.to_dict()
         config.pop("device", None)
@@ -518,16 +522,15 @@ def _model_identity(model) -> dict[str, Any]:
         config = model.config.to_dict()
         for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
             config.pop(volatile, None)
-    return json.loads(
-        json.dumps(
-            {
-                "class": type(model).__name__,
-                "config": config,
-                "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-            },
-            default=str,
-        )
-    )
+    identity = {
+        "class": type(model).__name__,
+        "config": config,
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+    }
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        identity["frozen"] = frozen
+    return json.loads(json.dumps(identity, default=str))
 
 
 def train(
@@ -546,7 +549,8 @@ def train(
 
     Args:
         model: a `HookedAttnRes` or a ``transformers`` causal LM, freshly initialised,
-            with float32 or float64 parameters (bfloat16 / float16 are refused).
+            with float32 or float64 parameters (trainable bfloat16 / float16 ones are
+            refused; frozen ones, ``requires_grad`` False, are never updated).
         tasks: one task, or several (step ``s`` draws from ``tasks[s % len(tasks)]``).
         config: a `TrainConfig`.
         out_dir: output directory (see the module docstring).
