@@ -197,6 +197,90 @@ def test_a_sliding_layer_without_layer_types_is_refused_by_name(tmp_path, change
         HookedAttnRes.from_hf_qwen3(directory)
 
 
+N_POS = TOKENS.shape[1]  # 12: n_ctx of the configs below, the longest sequence accepted
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # a window of exactly n_ctx positions: transformers keeps kv_idx > q_idx - window,
+        # i.e. the last `window` positions, the query's own included, so every position
+        dict(use_sliding_window=True, sliding_window=N_POS, max_window_layers=1),
+        dict(use_sliding_window=True, sliding_window=10 * N_POS, max_window_layers=0),
+        # layer_types given: sliding layers masked with sliding_window (use_sliding_window
+        # True, else transformers drops the window and fails)
+        dict(
+            use_sliding_window=True,
+            sliding_window=N_POS,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ],
+    ids=["window=n_ctx", "window>n_ctx", "layer_types"],
+)
+def test_a_window_covering_every_accepted_length_loads(tmp_path, changes):
+    """A sliding window of at least max_position_embeddings (n_ctx, beyond which the
+    loaded model refuses a sequence) masks nothing transformers' causal mask does not, so
+    the checkpoint computes full attention at every accepted length; it was refused. Its
+    float64 logits at length n_ctx equal transformers' (to 1e-7, as above)."""
+    changes = dict(max_position_embeddings=N_POS, **changes)
+    if "layer_types" not in changes:
+        changes["layer_types"] = None  # derived by transformers from max_window_layers
+    directory = edited_checkpoint(tmp_path, **changes)
+    expected, layer_types = float64_logits_of_transformers(directory)
+    assert "sliding_attention" in layer_types
+    model = HookedAttnRes.from_hf_qwen3(directory, wrap="none", dtype=torch.float64)
+    assert model.cfg.n_ctx == N_POS
+    with torch.no_grad():
+        assert (model(TOKENS) - expected).abs().max().item() <= 1e-7
+    for wrap in ("recency", "exact"):
+        assert HookedAttnRes.from_hf_qwen3(directory, wrap=wrap).cfg.n_layers == 3
+    module = hf_module(directory)  # and the in-memory module of that config
+    with torch.no_grad():
+        assert (our_logits(module) - module(TOKENS).logits).abs().max().item() <= 1e-5
+
+
+def test_a_window_one_short_of_n_ctx_is_refused(tmp_path):
+    """A window of n_ctx - 1 positions differs from full attention at length n_ctx (the
+    control: transformers' logits move), so it stays refused, saying which window loads."""
+    full = edited_checkpoint(tmp_path / "full", max_position_embeddings=N_POS)
+    expected = float64_logits_of_transformers(full)[0]
+    directory = edited_checkpoint(
+        tmp_path / "short",
+        max_position_embeddings=N_POS,
+        use_sliding_window=True,
+        sliding_window=N_POS - 1,
+        max_window_layers=2,
+        layer_types=None,
+    )
+    logits, layer_types = float64_logits_of_transformers(directory)
+    assert layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    assert (logits - expected).abs().max().item() > 1e-4
+    match = (
+        rf"layers \[2\].*sliding-window attention over the last {N_POS - 1} positions.*"
+        rf"at least max_position_embeddings={N_POS}"
+    )
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(directory)
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(hf_module(directory))
+
+
+def test_a_module_built_with_a_shorter_window_than_its_config_says_is_refused(tmp_path):
+    """transformers' attention modules keep the window of the config they were built from
+    (flash attention uses it, the mask the config's): a config widened afterwards does not
+    make such a module full attention."""
+    module = hf_qwen3(
+        max_position_embeddings=N_POS,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+    module.config.sliding_window = N_POS
+    match = r"sliding_window: .* modules .*layers\.1\.self_attn.* were built with \[4\]"
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(module)
+
+
 @pytest.mark.parametrize(
     "field,found", [("head_dim", "uses 128, not 8"), ("num_key_value_heads", "uses 32, not 4")]
 )

@@ -156,40 +156,85 @@ def check_qwen3_config(config: Any, where: str, model_types: tuple[str, ...] = (
         raise CheckpointError(f"{where} has unsupported settings: {', '.join(problems)}")
 
 
+def _n_ctx(config: Any) -> Any:
+    """The loaded model's ``n_ctx``: ``max_position_embeddings`` (Qwen3Config's default
+    32768 when missing)."""
+    return _get(config, "max_position_embeddings", 32768)
+
+
+def window_covers_n_ctx(window: Any, n_ctx: Any) -> bool:
+    """Whether a sliding window of ``window`` positions masks nothing at any sequence length
+    a model of context ``n_ctx`` accepts. transformers keeps key ``k`` for query ``q`` iff
+    ``k > q - window`` (``masking_utils.sliding_window_overlay``; flash attention's
+    ``window_size=(window - 1, ...)`` and the sliding cache's last ``window - 1`` keys
+    agree): the last ``window`` positions, the query's own included, so a sequence of
+    ``n`` positions is attended in full iff ``n <= window``."""
+    return is_integer(window) and is_integer(n_ctx) and window >= n_ctx
+
+
 def _sliding_window_problems(config: Any) -> list[str]:
-    """What makes a layer of ``config`` slide in transformers' Qwen3 (none here: every
-    layer attends to every earlier position).
+    """What makes a layer of ``config`` slide in transformers' Qwen3 over fewer positions
+    than the loaded model accepts (none here: every layer attends to every earlier
+    position).
 
     ``transformers`` (``Qwen3Config``) decides it per layer: ``layer_types`` when given
     (a ``"sliding_attention"`` layer is masked with ``sliding_window``, or fails without
     one); otherwise layer ``i`` slides iff ``use_sliding_window`` and ``sliding_window``
     is not null and ``i >= max_window_layers`` (default 28). So ``use_sliding_window:
     true`` with ``max_window_layers >= num_hidden_layers`` (or a null ``sliding_window``)
-    runs every layer with full attention, and is loaded."""
+    runs every layer with full attention, and is loaded; so is a sliding layer whose
+    window covers ``max_position_embeddings`` (`window_covers_n_ctx`), the longest sequence
+    the loaded model accepts: it equals full attention at every accepted length."""
+    n_ctx = _n_ctx(config)
+    use_window = _get(config, "use_sliding_window", False)
+    unless = (
+        f"full attention only, which equals a window of at least max_position_embeddings="
+        f"{n_ctx!r}, the longest sequence the loaded model accepts"
+    )
     layer_types = _get(config, "layer_types")
     if layer_types is not None:
         other = sorted({str(kind) for kind in layer_types if kind != "full_attention"})
         where = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
-        # transformers masks such layers with sliding_window (or fails without one)
-        return (
-            [f"layer_types containing {other} at layers {where} (expected only 'full_attention')"]
-            if other
-            else []
+        if not other:
+            return []
+        found = f"layer_types containing {other} at layers {where}"
+        if other != ["sliding_attention"]:
+            return [f"{found} (expected only 'full_attention' or 'sliding_attention')"]
+        # transformers masks these layers with sliding_window: a config.json's is dropped
+        # unless use_sliding_window (Qwen3Config); a config object's has been, and its
+        # masks read its sliding_window as it is now
+        window = (
+            (_get(config, "sliding_window", 4096) if use_window else None)
+            if isinstance(config, dict)
+            else _get(config, "sliding_window")
         )
+        if window is None:
+            return [
+                f"{found} and no sliding_window (use_sliding_window={use_window!r}): "
+                "transformers' Qwen3 cannot mask them (it raises)"
+            ]
+        if window_covers_n_ctx(window, n_ctx):
+            return []
+        return [
+            f"{found}: transformers' Qwen3 gives them sliding-window attention over the last "
+            f"{window!r} positions (sliding_window, each query's own included), which is not "
+            f"implemented here ({unless})"
+        ]
     window = _get(config, "sliding_window", 4096)
-    if not _get(config, "use_sliding_window", False) or window is None:
+    if not use_window or window is None:
         return []  # transformers drops sliding_window when use_sliding_window is False
     first = _get(config, "max_window_layers", 28)
     if not is_integer(first):
         return [f"use_sliding_window=True with max_window_layers={first!r} (expected an integer)"]
     sliding = list(range(max(first, 0), _get(config, "num_hidden_layers")))
-    if not sliding:
+    if not sliding or window_covers_n_ctx(window, n_ctx):
         return []
     return [
         f"use_sliding_window=True with sliding_window={window!r} and max_window_layers="
         f"{first!r}: transformers' Qwen3 gives layers {sliding} (those >= max_window_layers) "
-        "sliding-window attention, which is not implemented here (full attention only; "
-        "max_window_layers >= num_hidden_layers means no sliding layer)"
+        f"sliding-window attention over the last {window!r} positions (each query's own "
+        f"included), which is not implemented here ({unless}; max_window_layers >= "
+        "num_hidden_layers means no sliding layer)"
     ]
 
 
@@ -242,6 +287,18 @@ def check_module_settings(module: Any, cfg: HookedAttnResConfig, where: str) -> 
                 f"{field}: the config says {expected!r} but the {names} modules "
                 f"{_summary([n for n, _ in off])} use {values}"
             )
+    short = [
+        (n, m.sliding_window)
+        for n, m in _named_with(module, "sliding_window")
+        if hasattr(m, "scaling") and m.sliding_window is not None
+        if not window_covers_n_ctx(m.sliding_window, cfg.n_ctx)
+    ]
+    if short:  # flash attention uses the module's window (the mask, the config's)
+        problems.append(
+            f"sliding_window: the attention modules {_summary([n for n, _ in short])} were "
+            f"built with {sorted({w for _, w in short})}, fewer positions than n_ctx="
+            f"{cfg.n_ctx} (max_position_embeddings)"
+        )
     probe = torch.linspace(-8.0, 8.0, 33)
     silu = torch.nn.functional.silu(probe)
     off_act = [
