@@ -671,3 +671,27 @@ def test_a_vanilla_model_refuses_the_shape_fields_it_would_ignore():
             build_model("vanilla", 0, tok, {**base, **extra})
     vanilla = build_model("vanilla", 0, tok, {**base, "dtype": torch.float32, "seed": None})
     assert vanilla.config.hidden_size == 32 and vanilla.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta"])
+def test_a_vanilla_model_is_built_on_the_shapes_device_as_the_attnres_one_is(device):
+    """``device`` says where the model lives, not what it computes: the AttnRes model of a
+    ``shape`` honours it, and so does the vanilla one now (it was refused as a field the
+    vanilla model "would ignore"). Every parameter and buffer is on that device, and on
+    the CPU the weights equal those built without ``device`` (the seed's)."""
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
+    base = dict(d_model=32, n_layers=2, n_heads=2)
+    expected = torch.device(device)
+    attnres = build_model("attnres", 0, tok, {**base, "device": device}, 1)
+    vanilla = build_model("vanilla", 0, tok, {**base, "device": device})
+    for model in (attnres, vanilla):
+        tensors = [*model.parameters(), *model.buffers()]
+        assert tensors and {t.device for t in tensors} == {expected}
+    if expected.type == "cpu":
+        plain = build_model("vanilla", 0, tok, base).state_dict()
+        on_device = vanilla.state_dict()
+        assert plain.keys() == on_device.keys()
+        assert all(torch.equal(plain[k], on_device[k]) for k in plain)
