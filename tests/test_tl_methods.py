@@ -1186,6 +1186,36 @@ def test_bad_sampling_arguments_and_non_finite_logits_are_refused():
     assert torch.equal(model.generate(prompt, top_k=3, temperature=0.5, **greedy), plain)
 
 
+def test_top_k_with_top_p_is_refused_only_where_they_filter():
+    """``top_k`` with ``top_p`` is ambiguous only when sampling (TransformerLens keeps
+    ``top_k`` and drops ``top_p``, Hugging Face applies both). Greedy decoding
+    (``do_sample=False``, or ``temperature=0``) takes the argmax, which neither filter
+    changes in either library (TransformerLens 4.3's ``sample_logits`` returns it before
+    reading them), so there the pair is accepted and changes nothing; it was refused."""
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    both = dict(top_k=2, top_p=0.5)
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(sample_logits(logits, temperature=0.0, **both), argmax)
+    assert torch.equal(tl_sample_logits(logits, temperature=0.0, **both), argmax)
+    one_hot = torch.nn.functional.one_hot(argmax, 7).float()
+    assert torch.equal(sampling_probabilities(logits, temperature=0.0, **both), one_hot)
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    greedy = dict(do_sample=False, stop_at_eos=False, verbose=False, max_new_tokens=4)
+    plain = model.generate(prompt, **greedy)
+    assert torch.equal(model.generate(prompt, **both, **greedy), plain)
+    sampled_at_zero = dict(greedy, do_sample=True, temperature=0.0)
+    assert torch.equal(model.generate(prompt, **both, **sampled_at_zero), plain)
+    # where they filter, still refused (the message says why and what to do)
+    message = r"top_k=2 and top_p=0.5 were both given: .*ignores top_p.*give one of them"
+    with pytest.raises(ValueError, match=message):
+        sample_logits(logits, **both)
+    with pytest.raises(ValueError, match=message):
+        sampling_probabilities(logits, temperature=0.5, **both)
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompt, **both, **dict(greedy, do_sample=True))
+
+
 def test_greedy_generation_equals_hugging_face_generate():
     """Greedy generate of the none wrap of a float64 Qwen3 equals HF's
     generate(do_sample=False) token for token: left-padded, with and without the cache,

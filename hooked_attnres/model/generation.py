@@ -37,14 +37,18 @@ def check_sampling_arguments(
     temperature: Any = 1.0,
     freq_penalty: Any = 0.0,
     repetition_penalty: Any = 1.0,
+    greedy: bool = False,
 ) -> Optional[int]:
     """Refuse sampling arguments that `sample_logits` cannot honour (a ``ValueError`` that
     names the argument); returns ``top_k`` as an ``int`` or ``None``.
 
     Every number must be finite (a NaN ``freq_penalty`` used to be skipped silently; a NaN
     temperature or repetition penalty crashed in ``torch.multinomial``), and ``top_k`` and
-    ``top_p`` are not combined: TransformerLens keeps ``top_k`` and silently ignores
-    ``top_p``, Hugging Face applies both, so either reading would surprise someone."""
+    ``top_p`` are not combined where they filter: TransformerLens keeps ``top_k`` and
+    silently ignores ``top_p``, Hugging Face applies both, so either reading would surprise
+    someone. Greedy decoding (``greedy``, i.e. ``generate(do_sample=False)``, or
+    ``temperature == 0``) takes the argmax, which neither filter changes (in both
+    libraries), so there the pair is accepted."""
     for name, value in (
         ("temperature", temperature),
         ("freq_penalty", freq_penalty),
@@ -60,11 +64,12 @@ def check_sampling_arguments(
     top_k = require_integer("top_k", top_k, 1, optional=True)
     if top_p is not None and not (is_finite_number(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if top_k is not None and top_p is not None:
+    if top_k is not None and top_p is not None and not greedy and temperature != 0:
         raise ValueError(
             f"top_k={top_k} and top_p={top_p} were both given: TransformerLens's "
             "sample_logits keeps top_k and ignores top_p, Hugging Face applies both; give "
-            "one of them"
+            "one of them (or decode greedily: do_sample=False or temperature=0, where "
+            "neither filters)"
         )
     return top_k
 
@@ -226,10 +231,10 @@ def sample_logits(
     probability, every token whose more likely tokens have a total probability of at most
     ``top_p`` (TransformerLens's rule: the smallest set that reaches ``top_p``, plus one
     token when the tokens before it reach ``top_p`` exactly, where Hugging Face stops);
-    ``top_k`` with ``top_p`` is refused. The arithmetic is in the logits' dtype (float32
-    at least), the draw from the softmax in float32. Arguments are checked by
-    `check_sampling_arguments`; NaN logits, or logits that overflow (``temperature`` below
-    about ``1e-37``), raise a ``ValueError``.
+    ``top_k`` with ``top_p`` is refused unless ``temperature == 0``. The arithmetic is in
+    the logits' dtype (float32 at least), the draw from the softmax in float32. Arguments
+    are checked by `check_sampling_arguments`; NaN logits, or logits that overflow
+    (``temperature`` below about ``1e-37``), raise a ``ValueError``.
 
     Args:
         final_logits: the logits of the last position ``[batch, d_vocab]``.
@@ -344,7 +349,9 @@ class GenerationMixin:
         )
         # checked whether or not they are used (greedy ignores top_k, top_p, temperature
         # and freq_penalty, as in TransformerLens)
-        check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
+        check_sampling_arguments(
+            top_k, top_p, temperature, freq_penalty, repetition_penalty, greedy=not do_sample
+        )
         tokens, mask, input_type = self._generation_prompt(
             input, prepend_bos, padding_side, attention_mask
         )
