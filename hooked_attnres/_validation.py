@@ -7,7 +7,9 @@ one wording for the error. `require_integer` returns the value as a Python ``int
 what is stored or written to JSON is one (``json.dumps(np.int64(3))`` raises). Refused:
 floats (even ``3.0``), strings, arrays of any shape (even of one element) and torch tensors
 (even 0-d integer ones: a tensor hashes by identity and formats as ``tensor(3)``, so it is
-no stand-in for an int; pass ``int(t)``).
+no stand-in for an int; pass ``int(t)``). "A number" is the same with floats: a Python
+``int`` or ``float`` or a NumPy integer or floating scalar, returned by
+`require_finite_number` as a Python number.
 """
 
 from __future__ import annotations
@@ -42,21 +44,30 @@ def require_integer(
 
 
 def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` is a finite Python ``int`` or ``float`` (not a ``bool``)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether ``value`` is a finite number: a Python ``int`` or ``float``, or a NumPy
+    integer or floating scalar (``np.float32(0.5)``, ``np.int64(3)``: what accepts ``0.5``
+    and ``3`` accepts them too), never a ``bool`` (nor ``np.True_``), an array or a tensor
+    (as for integers, see the module docstring). Where the value is kept, take
+    `require_finite_number`'s result (a Python number)."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def require_finite_number(name: str, value: Any, optional: bool = False) -> Any:
-    """``value`` if it is a finite number (`is_finite_number`), or ``None`` when
-    ``optional``; otherwise ``ValueError("{name} must be a finite number[ or None], got
-    {value!r}")``."""
+    """``value`` as a Python ``int`` or ``float`` if it is a finite number
+    (`is_finite_number`; a NumPy scalar becomes the Python number of its value, so what is
+    stored or written to JSON is one), or ``None`` when ``optional``; otherwise
+    ``ValueError("{name} must be a finite number[ or None], got {value!r}")``."""
     if optional and value is None:
         return value
     if not is_finite_number(value):
         raise ValueError(
             f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}"
         )
-    return value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def first_non_finite(values: Any) -> Optional[tuple[int, ...]]:

@@ -209,8 +209,10 @@ class HookedAttnResConfig:
         if self.device is not None and not isinstance(self.device, (str, torch.device)):
             raise ValueError(f"device must be a string or a torch.device, got {self.device!r}")
         for name in ("eps", "rotary_base", "initializer_range"):
-            require_finite_number(name, getattr(self, name))
-        require_finite_number("attnres_recency_bias", self.attnres_recency_bias, optional=True)
+            setattr(self, name, require_finite_number(name, getattr(self, name)))
+        self.attnres_recency_bias = require_finite_number(
+            "attnres_recency_bias", self.attnres_recency_bias, optional=True
+        )
         for name, expected in _FIXED_FLAGS.items():
             if getattr(self, name) != expected:
                 raise ValueError(

@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_config, tiny_model
 
 from hooked_attnres import HookedAttnResConfig
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_finite_number, require_integer
 from hooked_attnres.interventions import resolve_layers
 from hooked_attnres.study.run import find_runs
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval
@@ -169,3 +169,64 @@ def test_cache_alias_keys_take_a_negative_numpy_layer():
     last = cache["blocks.3.attn_res.hook_weights"]
     for layer in (-1, np.int64(-1), np.int32(-1), np.int64(3)):
         assert torch.equal(cache["attn_res_weights", layer], last), type(layer)
+
+
+# "A number" (eps, lr, confidence, temperature, ...): what accepts the int 3 and the float
+# 0.5 accepts their NumPy scalars too, kept as Python numbers
+NUMBERS = [np.float32(0.5), np.float16(0.5), np.float64(0.5), np.int64(3), np.uint8(3)]
+
+
+@pytest.mark.parametrize("value", NUMBERS, ids=lambda v: type(v).__name__)
+def test_numpy_number_scalars_are_numbers_kept_as_python_numbers(value):
+    """np.float32(0.5) and np.int64(3) were refused as "not a finite number" (only
+    np.float64, a float subclass, passed) although 0.5 and 3 are accepted."""
+    out = require_finite_number("x", value)
+    assert type(out) in (int, float) and out == value
+    assert json.dumps(out) == json.dumps(value.item())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.True_, np.float32("nan"), np.float32("inf"), np.array(0.5), torch.tensor(0.5), "0.5"],
+    ids=lambda v: f"{type(v).__name__}-{v!r}",
+)
+def test_non_numbers_and_non_finite_numpy_scalars_are_still_refused(value):
+    with pytest.raises(ValueError, match=re.escape(f"x must be a finite number, got {value!r}")):
+        require_finite_number("x", value)
+
+
+def test_numpy_numbers_configure_what_their_python_values_do():
+    """Through the public entry points: a config, a TrainConfig, the bootstrap's
+    confidence and the sampling arguments given NumPy scalars equal those given the same
+    values as Python numbers (and their JSON is written)."""
+    from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+    from hooked_attnres.model.generation import sample_logits
+
+    eps, base = np.float32(1e-5), np.int64(10_000)
+    cfg = tiny_config(eps=eps, rotary_base=base, initializer_range=np.float32(0.05))
+    python = tiny_config(
+        eps=float(eps), rotary_base=10_000, initializer_range=float(np.float32(0.05))
+    )
+    for name in ("eps", "rotary_base", "initializer_range"):
+        assert type(getattr(cfg, name)) is type(getattr(python, name)), name
+    assert cfg.to_json() == python.to_json()  # json.dumps(np.float32(...)) raises
+    config = TrainConfig(lr=np.float32(1e-3), betas=(np.float32(0.9), 0.98))
+    assert (
+        config.to_dict()
+        == TrainConfig(lr=float(np.float32(1e-3)), betas=(float(np.float32(0.9)), 0.98)).to_dict()
+    )
+    values = np.random.default_rng(0).normal(size=(2, 30))
+    confidence = np.float32(0.9)
+    assert np.array_equal(
+        np.stack(bootstrap_ci_rows(values, 200, confidence, 1)),
+        np.stack(bootstrap_ci_rows(values, 200, float(confidence), 1)),
+    )
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(0))
+
+    def draw(**options):
+        return sample_logits(logits, generator=torch.Generator().manual_seed(3), **options)
+
+    assert torch.equal(
+        draw(temperature=np.float32(0.5), top_p=np.float32(0.75), repetition_penalty=np.int64(1)),
+        draw(temperature=0.5, top_p=0.75, repetition_penalty=1),
+    )

@@ -564,7 +564,7 @@ def attribute_routing(
     methods = _check_methods(method)
     check_routers(model, routers)
     check_count("chunk", chunk)
-    check_bootstrap(n_bootstrap, confidence, seed)
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed)
     plan = plan_ablations(model, families, routers, groups, bands)
     need_norm = "norm" in methods
     sites = sorted(

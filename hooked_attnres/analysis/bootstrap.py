@@ -9,7 +9,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from hooked_attnres._validation import require_integer
+from hooked_attnres._validation import is_finite_number, require_finite_number, require_integer
 
 
 def as_numpy(values) -> np.ndarray:
@@ -36,16 +36,16 @@ def bootstrap_ci(
     return float(mean[0]), float(low[0]), float(high[0])
 
 
-def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> None:
-    """The bootstrap's arguments, checked (analyses call it before their forward passes)."""
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, (int, float))
-        or not 0 < confidence < 1
-    ):
+def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> tuple[int, float, int]:
+    """The bootstrap's arguments, checked (analyses call it before their forward passes),
+    as Python numbers (NumPy scalars are accepted: `hooked_attnres._validation`)."""
+    if not is_finite_number(confidence) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    require_integer("n_resamples", n_resamples, 1)
-    require_integer("seed", seed, 0)
+    return (
+        require_integer("n_resamples", n_resamples, 1),
+        require_finite_number("confidence", confidence),
+        require_integer("seed", seed, 0),
+    )
 
 
 def bootstrap_ci_rows(
@@ -72,7 +72,7 @@ def bootstrap_ci_rows(
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
         raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
-    check_bootstrap(n_resamples, confidence, seed)
+    n_resamples, confidence, seed = check_bootstrap(n_resamples, confidence, seed)
     n = values.shape[1]
     if n == 1:
         warnings.warn(

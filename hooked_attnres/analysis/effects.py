@@ -464,7 +464,8 @@ def ablation_effects(
         0 exactly.
     """
     metrics = check_metrics(metrics)
-    check_bootstrap(n_bootstrap, confidence, seed)  # before the sweep, not after it
+    # before the sweep, not after it
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed)
     plan = plan_ablations(model, families, routers, groups, bands)
     clean, ablated = run_ablations(
         model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress
