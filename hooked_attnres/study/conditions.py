@@ -303,7 +303,7 @@ def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model: torch.nn.Module = Qwen3ForCausalLM(config)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
