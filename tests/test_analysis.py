@@ -902,6 +902,41 @@ def test_dissociation_report_refuses_ambiguous_tables():
         dissociation_report(mass, effects)
 
 
+def test_dissociation_report_refuses_effects_without_a_family():
+    """Audit finding: a family missing from the effects (e.g. ``ablation_effects(...,
+    families=(...))`` without ``current``) dropped out of the rankings silently: the top-mass
+    family read ``embedding`` (mass 0.2) though ``current`` has 0.55, and "one family is on
+    top of both" flipped to True (Spearman 0.0 -> 0.5)."""
+    mass = pd.DataFrame(
+        {
+            "router": "mlp_res",
+            "family": list(FAMILIES),
+            "mass": [0.2, 0.1, 0.15, 0.55],  # current has the most mass
+            "ci_low": 0.0,
+            "ci_high": 1.0,
+        }
+    )
+    effects = pd.DataFrame(
+        {
+            "router": "mlp_res",
+            "group": "all",
+            "metric": "logit_diff",
+            "family": list(FAMILIES),
+            "effect": [-2.0, -0.5, 0.01, -0.4],
+            "ci_low": [-2.5, -0.7, -0.1, -0.6],
+            "ci_high": [-1.5, -0.3, 0.1, -0.2],
+            "n_masked_routers": 3,
+        }
+    )
+    report = dissociation_report(mass, effects).iloc[0]
+    assert report.top_mass == "current" and not report.top_mass_is_top_effect
+    with pytest.raises(
+        ValueError,
+        match=re.escape("effects lacks the (router, family) rows [('mlp_res', 'current')]"),
+    ):
+        dissociation_report(mass, effects[effects.family != "current"])
+
+
 def test_seed_and_patching_figures_show_the_tables_numbers():
     import pandas as pd
 

@@ -51,8 +51,9 @@ def dissociation_report(
         >= ``appreciable_mass`` whose effect interval contains 0).
 
     Raises:
-        ValueError: several rows per router and family, a missing family row, or a NaN /
-            infinite mass, effect or interval bound (e.g. the NaN intervals of one prompt).
+        ValueError: several rows per router and family, a missing family row (in either
+            table, at a router type both have), or a NaN / infinite mass, effect or interval
+            bound (e.g. the NaN intervals of one prompt).
     """
     require_measured(effects, "dissociation_report")
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
@@ -72,6 +73,13 @@ def dissociation_report(
             )
     routers = sorted(set(mass_summary.router) & set(chosen.router))
     require_family_rows(mass_summary, routers, "mass_summary")
+    # a family without an effect row would drop out of the rankings and the top families
+    require_family_rows(
+        chosen,
+        routers,
+        "effects",
+        remedy="ablation_effects(..., groups='all') with every family (its default families)",
+    )
     rows = []
     for router in routers:
         mass = mass_summary[mass_summary.router == router].set_index("family")

@@ -39,19 +39,23 @@ def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]
     return "other"
 
 
-def require_family_rows(summary: pd.DataFrame, routers: Sequence[str], what: str) -> None:
-    """Raise unless ``summary`` (a `summarize_mass` table with ``router`` and ``family``
-    columns) has a row for every family at each of ``routers``: `routing_mass` gives every
-    family a row at every router (mass 0 where it is absent), so a missing row means a
-    filtered or foreign table, and reading it as 0 would be a silent wrong number."""
+def require_family_rows(
+    summary: pd.DataFrame,
+    routers: Sequence[str],
+    what: str,
+    remedy: str = "summarize_mass(routing_mass(...), by=('router', 'family')) of the same model",
+) -> None:
+    """Raise unless ``summary`` (a table with ``router`` and ``family`` columns: a
+    `summarize_mass` table, or the effects of `ablation_effects`) has a row for every
+    family at each of ``routers``: `routing_mass` (`ablation_effects` with its default
+    families) gives every family a row at every router (mass or effect 0 where it is
+    absent), so a missing row means a filtered or foreign table, and reading it as 0 or
+    leaving the family out would be a silent wrong number. ``remedy`` says what to pass."""
     have = set(zip(summary.router, summary.family, strict=True))
     missing = [(router, family) for router in routers for family in FAMILIES]
     missing = [pair for pair in missing if pair not in have]
     if missing:
-        raise ValueError(
-            f"{what} lacks the (router, family) rows {missing}; pass "
-            "summarize_mass(routing_mass(...), by=('router', 'family')) of the same model"
-        )
+        raise ValueError(f"{what} lacks the (router, family) rows {missing}; pass {remedy}")
 
 
 def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
