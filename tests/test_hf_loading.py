@@ -198,6 +198,24 @@ def test_recency_schedule_for_the_qwen3_06b_shape():
     )
 
 
+def test_recency_schedule_of_a_large_bias_and_a_bool_bias():
+    """Audit finding: ``math.exp(bias)`` overflowed for a finite bias >= 710
+    (``OverflowError``), and ``bias=True`` was read as 1 (mean current 0.654)."""
+    for bias in (3.0, 705.0, 710.0, 1000.0, -800.0):
+        schedule = recency_schedule(4, 2, bias)
+        for layer in range(4):
+            for router in ("attn_res", "mlp_res"):
+                n_other = len(schedule.weights(layer, router)) - 1
+                logits = torch.zeros(n_other + 1, dtype=torch.float64)
+                logits[-1] = bias  # zero query: the bias on the current source only
+                expected = torch.softmax(logits, dim=0)
+                assert torch.allclose(
+                    schedule.weights(layer, router), expected, rtol=1e-12, atol=1e-300
+                )
+    with pytest.raises(ValueError, match="bias must be a finite number, got True"):
+        recency_schedule(4, 2, True)
+
+
 def test_schedule_deviation_detects_learned_routing():
     hf = hf_qwen3(num_hidden_layers=4)
     model = randomize_routing(HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2))

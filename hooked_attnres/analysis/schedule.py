@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_finite_number, require_integer
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.config import MODES
 from hooked_attnres.model.cache import require_cached
@@ -66,7 +66,7 @@ def recency_schedule(
     Args:
         n_layers: decoder layers ``L``.
         num_blocks: AttnRes blocks ``N`` (``1 <= N <= L``).
-        bias: the recency bias ``b``.
+        bias: the recency bias ``b`` (a finite number).
         mode: ``"block"`` (default) or ``"full"`` (a snapshot after every sublayer).
     """
     n_layers = require_integer("n_layers", n_layers, 1)
@@ -75,8 +75,7 @@ def recency_schedule(
             f"num_blocks must be an integer in [1, n_layers={n_layers}], got {num_blocks!r}"
         )
     num_blocks = int(num_blocks)
-    if not math.isfinite(bias):
-        raise ValueError(f"bias must be finite, got {bias!r}")
+    bias = float(require_finite_number("bias", bias))
     if mode not in MODES:  # RoutingLayout reads any other mode as "block"
         raise ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")
     layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
@@ -84,8 +83,11 @@ def recency_schedule(
     for site in layout.sites():
         labels = layout.labels(site)
         n_other = len(labels) - 1
-        denominator = math.exp(bias) + n_other
-        weights = [1 / denominator] * n_other + [math.exp(bias) / denominator]
+        # the softmax of logits [0] * n_other + [bias], divided through by the larger of
+        # e^bias and 1 (math.exp(bias) overflows for a bias >= 710)
+        current, other = (1.0, math.exp(-bias)) if bias >= 0 else (math.exp(bias), 1.0)
+        denominator = current + n_other * other
+        weights = [other / denominator] * n_other + [current / denominator]
         families = layout.families(site)
         family_of = {i: f for f, idx in families.items() for i in idx}
         for index, (label, weight) in enumerate(zip(labels, weights, strict=True)):
@@ -114,7 +116,7 @@ def recency_schedule(
     )
     overall = families.groupby("family").weight.mean().rename("all")
     means = pd.concat([by_router, overall.to_frame().T])[list(FAMILIES)]
-    return RecencySchedule(n_layers, num_blocks, float(bias), sources, families, means)
+    return RecencySchedule(n_layers, num_blocks, bias, sources, families, means)
 
 
 def schedule_deviation(
