@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -247,6 +248,37 @@ def test_a_non_finite_routing_weight_is_refused_not_read_as_agreement():
     mass.loc[5, "mass"] = float("nan")
     with pytest.raises(ValueError, match="1 non-finite mass value"):
         schedule_comparison(mass, schedule)
+
+
+def test_schedule_deviation_reads_the_real_positions_of_a_padded_cache():
+    """Audit finding: with ``eps = 0`` a zero padding embedding routes ``0 / 0`` (NaN) at
+    the padding, so schedule_deviation refused a cache whose real tokens route exactly as
+    the schedule ("non-finite routing weights"); it now reads the real positions the cache
+    records (all of them for a cache sliced by ``pos_slice``)."""
+    hf = hf_qwen3(rms_norm_eps=0.0)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[1] = 0  # the padding token
+    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2, dtype=torch.float64)
+    tokens = torch.tensor([[1, 1, 5, 6, 7], [4, 5, 6, 7, 8]])
+    mask = (tokens != 1).long()
+    schedule = recency_schedule(3, 2, 3.0)
+    for rows, keep_batch in ((slice(None), True), (slice(0, 1), False)):
+        _, cache = model.run_with_cache(
+            tokens[rows], attention_mask=mask[rows], remove_batch_dim=not keep_batch
+        )
+        expected = 0.0  # e^b / (e^b + n) on current, 1 / (e^b + n) elsewhere, real tokens
+        for site in model.sites():
+            weights = cache[site.hook("weights")]
+            real = weights[mask[rows].bool()] if keep_batch else weights[mask[0].bool()]
+            n = weights.shape[-1] - 1
+            predicted = torch.full((n + 1,), 1 / (math.exp(3) + n), dtype=torch.float64)
+            predicted[-1] = math.exp(3) / (math.exp(3) + n)
+            expected = max(expected, (real - predicted).abs().max().item())
+        assert schedule_deviation(model, cache, schedule) == pytest.approx(expected, abs=1e-15)
+    # with positions that are not the run's, the padding cannot be told: every one is read
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
+    with pytest.raises(ValueError, match="holds non-finite routing weights"):
+        schedule_deviation(model, cache, schedule)
 
 
 def test_sharded_transformers_directory_with_tokenizer(tmp_path):

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from hooked_attnres._validation import is_integer, require_finite_number, require_integer
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.config import MODES
-from hooked_attnres.model.cache import require_cached
+from hooked_attnres.model.cache import record_of, require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
+from hooked_attnres.model.passes import padding_of
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -126,13 +129,17 @@ def schedule_deviation(
 
     Args:
         model: a cumulative-layout `HookedAttnRes`.
-        cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``.
+        cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``
+            (``[batch, pos, n_sources]``). The padding its run recorded (``attention_mask``,
+            `hooked_attnres.model.cache.record_of`) is left out; a hook cached with a
+            ``pos_slice`` is read at every position (its padding cannot be told).
         schedule: the prediction (default: `recency_schedule` of the model's shape and
             configured recency bias).
 
     Raises:
-        ValueError: a router's cached weights hold NaN or infinity (no deviation can be
-            measured; NaN would otherwise be skipped and the routing reported as agreeing).
+        ValueError: a router's cached weights hold NaN or infinity at a token read (no
+            deviation can be measured; NaN would otherwise be skipped and the routing
+            reported as agreeing).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
@@ -148,9 +155,14 @@ def schedule_deviation(
         )
     worst = 0.0
     require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
+    record = record_of(cache)
+    real = None if record is None else padding_of(record.attention_mask)
     for site in model.sites():
         name = site.hook("weights")
-        measured = cache[name].double()
+        # a hook cached with a pos_slice or by an earlier pass: its positions are not the
+        # recorded run's, so its padding cannot be told
+        other = record is not None and (name in record.sliced or name in record.stale)
+        measured = _real_positions(cache[name].double(), real, other)
         assert site.layer is not None  # the cumulative layout has no final router
         predicted = schedule.weights(site.layer, site.kind).to(measured.device)
         if measured.shape[-1] != predicted.shape[0]:
@@ -166,6 +178,23 @@ def schedule_deviation(
             )
         worst = max(worst, (measured - predicted).abs().max().item())
     return worst
+
+
+def _real_positions(
+    weights: Float[Tensor, "... n_sources"], real: Optional[Tensor], other: bool
+) -> Float[Tensor, "... n_sources"]:
+    """``weights`` (``[batch, pos, n_sources]``, or ``[pos, n_sources]`` of a one-prompt
+    cache without its batch axis) at the real tokens of ``real`` (``[batch, pos]``, the
+    cache's recorded padding, `padding_of`), as ``[n_real, n_sources]``; all of them without
+    padding or when their positions are not the run's (``other``)."""
+    if real is None or other:
+        return weights
+    real = real.to(weights.device)
+    if weights.shape[:-1] == real.shape:
+        return weights[real]
+    if real.shape[0] == 1 and weights.shape[:-1] == real.shape[1:]:
+        return weights[real[0]]
+    return weights
 
 
 def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.DataFrame:
