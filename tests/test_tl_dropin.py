@@ -693,6 +693,27 @@ def test_routing_lens_reads_the_stored_states_under_a_local_patch_and_refuses_pa
         routing_lens(model, partial)
 
 
+def test_routing_lens_names_the_hooks_a_cache_lacks(case):
+    """Audit finding: a cache without a hook the lens reads raised a bare
+    ``KeyError('blocks.0.hook_resid_mid')`` in the none and cumulative layouts (the kimi and
+    full layouts named the hooks and what to do). A cache without the routers' inputs still
+    serves ``routers=False``, which does not read them."""
+    from hooked_attnres.analysis import lens_hook_names
+
+    model = case.model
+    _, cache = model.run_with_cache(case.clean, names_filter=lens_hook_names(model))
+    with pytest.raises(KeyError, match=r"routing_lens's cache lacks \['blocks\.\d\.hook_"):
+        routing_lens(model, cache, incl_mid=True)
+    inputs = {site.hook("out") for site in model.sites() if not site.is_final}
+    names = [name for name in lens_hook_names(model) if name not in inputs]
+    _, cache = model.run_with_cache(case.clean, names_filter=names)
+    lens = routing_lens(model, cache, routers=False)
+    assert torch.allclose(lens.logits, routing_lens(model, case.cache).logits, atol=1e-5)
+    if inputs:  # layouts with routers: routers=True reads them
+        with pytest.raises(KeyError, match="routing_lens's cache lacks"):
+            routing_lens(model, cache)
+
+
 def test_residual_analyses_refuse_a_logit_positions_cache(case):
     """A logit_positions run caches its last layer at one position per prompt: stacking it
     with the earlier layers (pos_slice=-1 reads their last position, the last layer's

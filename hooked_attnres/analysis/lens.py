@@ -28,6 +28,7 @@ from torch import Tensor
 from hooked_attnres._tl import ActivationCache, Slice, get_act_name
 from hooked_attnres.model.cache import (
     AttnResActivationCache,
+    require_cached,
     require_one_position_axis,
     state_source_names,
 )
@@ -110,7 +111,8 @@ def routing_lens(
         A `RoutingLens`; ``logits[-1]`` equals the model's logits (to float rounding).
 
     Raises:
-        KeyError: a cache without the hooks the lens reads (`lens_hook_names`).
+        KeyError: a cache without the hooks the lens reads (`lens_hook_names`; without the
+            routers' ``hook_out`` for ``routers=False``), naming them.
         ValueError: a cache of another model, of a ``logit_positions`` run, or given with
             an ``attention_mask``.
     """
@@ -126,9 +128,12 @@ def routing_lens(
         cache = input
         if not isinstance(cache, AttnResActivationCache):
             cache = AttnResActivationCache(cache.cache_dict, model, cache.has_batch_dim)
-        require_one_position_axis(
-            model, cache.cache_dict, lens_hook_names(model, incl_mid), "routing_lens"
-        )
+        needed = lens_hook_names(model, incl_mid)
+        if not routers:  # the routers' inputs are read for router_logits only
+            inputs = {site.hook("out") for site in model.sites() if not site.is_final}
+            needed = [name for name in needed if name not in inputs]
+        require_cached(cache.cache_dict, needed, "routing_lens's cache")
+        require_one_position_axis(model, cache.cache_dict, needed, "routing_lens")
     else:
         _, cache = model.run_with_cache(
             input, names_filter=lens_hook_names(model, incl_mid), attention_mask=attention_mask
