@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 @dataclass
 class RoutingLens:
     """Result of `routing_lens`; ``*pos`` is ``pos`` after ``positions`` (absent for an
-    integer position).
+    integer position), and ``batch`` is absent for a cache without a batch axis
+    (``run_with_cache(..., remove_batch_dim=True)``).
 
     Attributes:
         logits: ``[n_states, batch, *pos, d_vocab]``, the readout of each depth state.
