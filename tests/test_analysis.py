@@ -937,6 +937,31 @@ def test_dissociation_report_refuses_effects_without_a_family():
         dissociation_report(mass, effects[effects.family != "current"])
 
 
+def test_dissociation_report_refuses_an_appreciable_mass_that_is_no_number():
+    """Audit finding: ``appreciable_mass=nan`` (or ``True``, read as 1) compared false with
+    every mass, so no family was listed as carrying appreciable mass without effect."""
+    mass = pd.DataFrame(
+        {"router": "mlp_res", "family": list(FAMILIES), "mass": 0.25, "ci_low": 0.0}
+    ).assign(ci_high=1.0)
+    effects = pd.DataFrame(
+        {
+            "router": "mlp_res",
+            "group": "all",
+            "metric": "logit_diff",
+            "family": list(FAMILIES),
+            "effect": 0.0,
+            "ci_low": -0.1,
+            "ci_high": 0.1,
+            "n_masked_routers": 2,
+        }
+    )
+    row = dissociation_report(mass, effects, appreciable_mass=0.05).iloc[0]
+    assert row.appreciable_mass_no_effect == list(FAMILIES)  # 0.25 >= 0.05, 0 in [-0.1, 0.1]
+    for bad in (float("nan"), True, None):
+        with pytest.raises(ValueError, match="appreciable_mass must be a finite number"):
+            dissociation_report(mass, effects, appreciable_mass=bad)
+
+
 def test_seed_and_patching_figures_show_the_tables_numbers():
     import pandas as pd
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite
+from hooked_attnres._validation import first_non_finite, require_finite_number
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES
@@ -39,7 +39,8 @@ def dissociation_report(
         effects: `ablation_effects(..., groups="all")` (or any table with a ``group``
             column; ``group`` selects the rows to use).
         metric: the effect metric to rank by.
-        appreciable_mass: the mass above which a family "carries appreciable mass".
+        appreciable_mass: the mass from which on a family "carries appreciable mass" (a
+            finite number).
 
     Returns:
         Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first,
@@ -51,11 +52,13 @@ def dissociation_report(
         >= ``appreciable_mass`` whose effect interval contains 0).
 
     Raises:
-        ValueError: several rows per router and family, a missing family row (in either
-            table, at a router type both have), or a NaN / infinite mass, effect or interval
-            bound (e.g. the NaN intervals of one prompt).
+        ValueError: an ``appreciable_mass`` that is no finite number, several rows per
+            router and family, a missing family row (in either table, at a router type
+            both have), or a NaN / infinite mass, effect or interval bound (e.g. the NaN
+            intervals of one prompt).
     """
     require_measured(effects, "dissociation_report")
+    require_finite_number("appreciable_mass", appreciable_mass)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(
