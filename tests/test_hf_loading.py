@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_word_tokenizer, hf_qwen3, randomize_routing
+from helpers import build_word_tokenizer, hf_qwen3, nan_at_padding, randomize_routing
 from reference_attnres import reference_forward
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -251,32 +251,33 @@ def test_a_non_finite_routing_weight_is_refused_not_read_as_agreement():
 
 
 def test_schedule_deviation_reads_the_real_positions_of_a_padded_cache():
-    """Audit finding: with ``eps = 0`` a zero padding embedding routes ``0 / 0`` (NaN) at
-    the padding, so schedule_deviation refused a cache whose real tokens route exactly as
-    the schedule ("non-finite routing weights"); it now reads the real positions the cache
-    records (all of them for a cache sliced by ``pos_slice``)."""
-    hf = hf_qwen3(rms_norm_eps=0.0)
-    with torch.no_grad():
-        hf.model.embed_tokens.weight[1] = 0  # the padding token
-    model = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2, dtype=torch.float64)
+    """Audit finding: schedule_deviation read the padding positions too, so a NaN there
+    (garbage a padding position may hold: here a hook's, with eps 0 the model's own 0 / 0
+    before padding_eps) made it refuse a cache whose real tokens route exactly as the
+    schedule ("non-finite routing weights"). It now reads the real positions the cache
+    records (all of them for a hook cached with a ``pos_slice``)."""
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="recency", num_blocks=2)
     tokens = torch.tensor([[1, 1, 5, 6, 7], [4, 5, 6, 7, 8]])
-    mask = (tokens != 1).long()
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     schedule = recency_schedule(3, 2, 3.0)
     for rows, keep_batch in ((slice(None), True), (slice(0, 1), False)):
-        _, cache = model.run_with_cache(
-            tokens[rows], attention_mask=mask[rows], remove_batch_dim=not keep_batch
-        )
+        with model.hooks(fwd_hooks=[nan_at_padding(mask[rows])]):
+            _, cache = model.run_with_cache(
+                tokens[rows], attention_mask=mask[rows], remove_batch_dim=not keep_batch
+            )
         expected = 0.0  # e^b / (e^b + n) on current, 1 / (e^b + n) elsewhere, real tokens
         for site in model.sites():
-            weights = cache[site.hook("weights")]
+            weights = cache[site.hook("weights")].double()
             real = weights[mask[rows].bool()] if keep_batch else weights[mask[0].bool()]
             n = weights.shape[-1] - 1
             predicted = torch.full((n + 1,), 1 / (math.exp(3) + n), dtype=torch.float64)
             predicted[-1] = math.exp(3) / (math.exp(3) + n)
             expected = max(expected, (real - predicted).abs().max().item())
+        assert expected < 1e-6
         assert schedule_deviation(model, cache, schedule) == pytest.approx(expected, abs=1e-15)
     # with positions that are not the run's, the padding cannot be told: every one is read
-    _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
+    with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
     with pytest.raises(ValueError, match="holds non-finite routing weights"):
         schedule_deviation(model, cache, schedule)
 
