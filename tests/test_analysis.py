@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -957,6 +958,10 @@ def test_dissociation_report_refuses_an_appreciable_mass_that_is_no_number():
     )
     row = dissociation_report(mass, effects, appreciable_mass=0.05).iloc[0]
     assert row.appreciable_mass_no_effect == list(FAMILIES)  # 0.25 >= 0.05, 0 in [-0.1, 0.1]
+    # every effect 0: no total |effect| to share, and a constant ranking has no correlation
+    assert all(math.isnan(share["effect"]) for share in row.shares.values())
+    assert all(share["mass"] == 0.25 for share in row.shares.values())
+    assert math.isnan(row.spearman)
     for bad in (float("nan"), True, None):
         with pytest.raises(ValueError, match="appreciable_mass must be a finite number"):
             dissociation_report(mass, effects, appreciable_mass=bad)

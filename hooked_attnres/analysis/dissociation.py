@@ -48,7 +48,8 @@ def dissociation_report(
         of mass and ``|effect|`` over the families present); ``top_mass``, ``top_effect``
         (every family tied for the top, joined by ``|``), ``top_mass_is_top_effect`` (one
         family is on top of both); ``shares`` (for every family, its mass and its share
-        of the total ``|effect|``); ``appreciable_mass_no_effect`` (families with mass
+        of the total ``|effect|``, NaN when every effect is 0: there is no total to share;
+        ``spearman`` is NaN too, as for any constant ranking); ``appreciable_mass_no_effect`` (families with mass
         >= ``appreciable_mass`` whose effect interval contains 0).
 
     Raises:
