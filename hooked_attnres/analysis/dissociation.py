@@ -49,8 +49,9 @@ def dissociation_report(
         (every family tied for the top, joined by ``|``), ``top_mass_is_top_effect`` (one
         family is on top of both); ``shares`` (for every family, its mass and its share
         of the total ``|effect|``, NaN when every effect is 0: there is no total to share;
-        ``spearman`` is NaN too, as for any constant ranking); ``appreciable_mass_no_effect`` (families with mass
-        >= ``appreciable_mass`` whose effect interval contains 0).
+        ``spearman`` is NaN too, as for any constant ranking);
+        ``appreciable_mass_no_effect`` (families with mass >= ``appreciable_mass`` whose
+        effect interval contains 0).
 
     Raises:
         ValueError: an ``appreciable_mass`` that is no finite number, several rows per
