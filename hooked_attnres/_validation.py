@@ -43,6 +43,24 @@ def require_integer(
     return int(value)
 
 
+def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
+    """Refuse token ids that are not an integer tensor (``TypeError``) or lie outside
+    ``[0, d_vocab)`` (``ValueError``, showing the range found). Indexing a weight with
+    them would not fail but give other rows: a negative id counts from the end, a boolean
+    tensor is a mask."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"token ids must be an integer tensor (torch.long), got dtype {tokens.dtype}"
+        )
+    if tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= d_vocab:
+        raise ValueError(
+            f"token ids must be in [0, {d_vocab}) (d_vocab), got values in [{low}, {high}]"
+        )
+
+
 def is_finite_number(value: Any) -> bool:
     """Whether ``value`` is a finite number: a Python ``int`` or ``float``, or a NumPy
     integer or floating scalar (``np.float32(0.5)``, ``np.int64(3)``: what accepts ``0.5``

@@ -1793,6 +1793,28 @@ def test_get_token_position():
         model.get_token_position("w3", tokens.repeat(2, 1))
 
 
+def test_residual_directions_refuse_ids_that_would_index_other_tokens():
+    """Audit finding: ``tokens_to_residual_directions(-1)`` (and ``cache.logit_attrs``
+    with ``tokens=-1``) returned the direction of token ``d_vocab - 1`` and a boolean
+    tensor was used as a mask, with no error; the forward pass refuses both."""
+    model = routed_model("cumulative")
+    gain = model.state_dict()["ln_final.w"]
+    W_U = model.state_dict()["unembed.W_U"]  # [d_model, d_vocab], untied
+    ids = torch.tensor([[0, 49], [3, 3]])
+    expected = torch.stack([torch.stack([gain * W_U[:, int(t)] for t in row]) for row in ids])
+    assert torch.equal(model.tokens_to_residual_directions(ids), expected)  # the boundaries
+    for bad in (-1, torch.tensor(-1), torch.tensor([3, -2]), 50, torch.tensor([[1, 50]])):
+        with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50) (d_vocab)")):
+            model.tokens_to_residual_directions(bad)
+    for bad in (torch.tensor([True] + [False] * 49), True, 3.0, torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+            model.tokens_to_residual_directions(bad)
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    stack = cache.accumulated_resid(return_labels=False)
+    with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50)")):
+        cache.logit_attrs(stack, tokens=-1)
+
+
 def test_all_head_labels():
     model = routed_model("kimi")
     labels = model.all_head_labels

@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, require_token_ids
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
@@ -308,10 +308,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 "input must be a string, a list of strings, a [batch, pos] integer tensor of "
                 f"token ids, or (with start_at_layer) a DepthState; got {type(tokens).__name__}"
             )
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(
-                f"token ids must be an integer tensor (torch.long), got dtype {tokens.dtype}"
-            )
+        require_token_ids(tokens, self.cfg.d_vocab)
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2:
@@ -325,12 +322,6 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             raise ValueError(
                 f"sequence length {tokens.shape[1]}{cached} exceeds n_ctx={self.cfg.n_ctx}; "
                 "truncate the input or build the model with a larger n_ctx"
-            )
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.cfg.d_vocab:
-            raise ValueError(
-                f"token ids must be in [0, {self.cfg.d_vocab}) (d_vocab), got values in "
-                f"[{low}, {high}]"
             )
         return tokens.to(self.embed.W_E.device, torch.long)
 

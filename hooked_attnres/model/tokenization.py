@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, require_token_ids
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -344,10 +344,17 @@ class TokenizerMixin:
 
         ``dtype``: the dtype of the product (default the model's). ``cache.logit_attrs``
         of a bfloat16 / float16 model takes it in float32, where the product of the two
-        weights is exact (in the model's dtype it is rounded to 8 / 11 bits)."""
+        weights is exact (in the model's dtype it is rounded to 8 / 11 bits).
+
+        Raises:
+            TypeError: tokens that are not integers (a float or a boolean tensor, which
+                would index ``W_U`` as a mask).
+            ValueError: a token id outside ``[0, d_vocab)`` (a negative one would index
+                from the end: ``-1`` gave the direction of token ``d_vocab - 1``)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        require_token_ids(tokens, self.cfg.d_vocab)
         dtype = self.W_U.dtype if dtype is None else dtype
         gain = self.ln_final.w.to(dtype).reshape(-1, *([1] * tokens.ndim))
         return (self.W_U[:, tokens].to(dtype) * gain).movedim(0, -1)
