@@ -400,6 +400,40 @@ def test_weights_that_are_not_safetensors(saved, content):
         HookedAttnRes.from_pretrained(directory)
 
 
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 1048576\n"
+)
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres", "hf"])
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_git_lfs_pointer_files_are_named_as_such(tmp_path, fmt, name):
+    """Audit finding: a clone without ``git lfs`` leaves small pointer files where the
+    weights (and Hugging Face's tokenizer.json) should be; they were refused as "header
+    too large" or, for a tokenizer, with a bare ``JSONDecodeError`` from transformers."""
+    directory = tmp_path / "ckpt"
+    if fmt == "hf":
+        hf_qwen3().save_pretrained(directory)
+        build_word_tokenizer(["a", "b"]).save_pretrained(directory)
+    else:
+        model = scrambled_model()
+        model.set_tokenizer(build_word_tokenizer(["a", "b"]))
+        model.save_pretrained(directory, format=fmt)
+    (directory / name).write_text(LFS_POINTER)
+    load = (
+        (lambda: HookedAttnRes.from_hf_qwen3(directory, wrap="none"))
+        if fmt == "hf"
+        else (lambda: HookedAttnRes.from_pretrained(directory))
+    )
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{directory / name} is a Git LFS pointer file")
+    ) as info:
+        load()
+    assert "git lfs pull" in str(info.value)
+
+
 def test_missing_key(saved):
     directory, _ = saved
     rewrite_weights(directory, lambda state: state.pop("blocks.2.attn.W_Q"))

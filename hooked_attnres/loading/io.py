@@ -75,9 +75,29 @@ def read_safetensors_info(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 out[key] = (tuple(part.get_shape()), str(part.get_dtype()))
             return out
     except (SafetensorError, OSError, ValueError) as error:
+        require_not_lfs_pointer(path)
         raise CheckpointError(
             f"could not read {path}: the file is truncated or not a safetensors file ({error})"
         ) from error
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def require_not_lfs_pointer(path: Path) -> None:
+    """Refuse a Git LFS pointer file (the small text file that a clone without
+    ``git lfs`` leaves where a large file should be), naming it as one."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_LFS_POINTER))
+    except OSError:
+        return
+    if head == _LFS_POINTER:
+        raise CheckpointError(
+            f"{path} is a Git LFS pointer file ({path.stat().st_size} bytes), not the file "
+            "itself: the repository was cloned without its LFS objects. Run `git lfs pull` "
+            "in it (or download the file) and load again"
+        )
 
 
 def stored_float_dtypes(paths) -> set[torch.dtype]:
@@ -270,6 +290,7 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        require_not_lfs_pointer(path)
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(values).__name__}")
@@ -277,7 +298,16 @@ def read_config_json(directory: Path) -> dict[str, Any]:
 
 
 def load_tokenizer(directory: Path):
-    """The tokenizer saved in ``directory``, or ``None`` if there is none."""
+    """The tokenizer saved in ``directory``, or ``None`` if there is none.
+
+    Raises:
+        CheckpointError: a file of the directory (a tokenizer file or the weights, which
+            every loader reads after the tokenizer) is a Git LFS pointer
+            (`require_not_lfs_pointer`); ``transformers`` would fail on it with a bare
+            ``JSONDecodeError``."""
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            require_not_lfs_pointer(path)
     if not any((Path(directory) / name).exists() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
