@@ -75,7 +75,9 @@ def read_all(directory):
     return tensors
 
 
-@pytest.mark.parametrize("mode,num_blocks", [("block", 2), ("full", 8), ("block", 9)])
+@pytest.mark.parametrize(
+    "mode,num_blocks", [("block", 2), ("block", 3), ("full", 8), ("block", 9)]
+)  # 3 blocks of 4 layers: ceil(4 / 3) = 2 layers per block, so 2 blocks
 def test_public_qwen3_attnres_checkpoint_loads(tmp_path, mode, num_blocks):
     hf = hf_qwen3(num_hidden_layers=4)
     routers = write_public_qwen3_attnres(tmp_path / "public", hf, num_blocks, mode)
