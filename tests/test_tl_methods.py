@@ -1815,6 +1815,23 @@ def test_residual_directions_refuse_ids_that_would_index_other_tokens():
         cache.logit_attrs(stack, tokens=-1)
 
 
+def test_accumulated_bias_is_zero_where_a_stream_is_and_refuses_other_layers():
+    """Audit finding: any ``layer`` (100, -3, 2.5) gave a zero bias; TransformerLens
+    indexes its blocks (or asserts) there."""
+    model = routed_model("none")
+    for layer in range(5):  # n_layers = 4: the stream after the last layer too
+        assert torch.equal(model.accumulated_bias(layer), torch.zeros(32))
+    assert torch.equal(model.accumulated_bias(3, mlp_input=True), torch.zeros(32))
+    for layer, mlp_input in ((5, False), (4, True)):
+        with pytest.raises(
+            ValueError, match=re.escape(f"layer must be in [0, {3 + (not mlp_input)}]")
+        ):
+            model.accumulated_bias(layer, mlp_input=mlp_input)
+    for layer in (-1, 2.5, None):
+        with pytest.raises(ValueError, match="layer must be an integer >= 0"):
+            model.accumulated_bias(layer)
+
+
 def test_all_head_labels():
     model = routed_model("kimi")
     labels = model.all_head_labels

@@ -13,6 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import FactoredMatrix
+from hooked_attnres._validation import require_integer
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -308,7 +309,18 @@ class WeightsMixin:
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
     ):
-        """Sum of biases up to ``layer``: zero, since Qwen3 has none (``[d_model]``)."""
+        """Sum of biases up to ``layer``: zero, since Qwen3 has none (``[d_model]``).
+
+        Raises:
+            ValueError: ``layer`` outside ``[0, n_layers]`` (``[0, n_layers)`` with
+                ``mlp_input``, as TransformerLens asserts), where no residual stream is."""
+        n_layers = self.cfg.n_layers
+        last = n_layers - 1 if mlp_input else n_layers
+        if require_integer("layer", layer, minimum=0) > last:
+            raise ValueError(
+                f"layer must be in [0, {last}] (n_layers={n_layers}"
+                f"{', mlp_input=True' if mlp_input else ''}), got {layer}"
+            )
         return self.W_E.new_zeros(self.cfg.d_model)
 
     # --- weight processing (TransformerLens's process_weights / fold_layer_norm) ---------
