@@ -1791,6 +1791,15 @@ def test_get_token_position():
         model.get_token_position("w3", tokens, mode="middle")
     with pytest.raises(ValueError, match="takes one prompt"):
         model.get_token_position("w3", tokens.repeat(2, 1))
+    # audit finding: int() truncated a float tensor (3.7 -> 3) and True matched token 1
+    w1 = model.to_single_token("w1")
+    assert model.get_token_position(np.int64(w3), tokens) == 0
+    for bad in (torch.tensor(w3 + 0.7), torch.tensor(float(w3)), True, float(w3)):
+        with pytest.raises(TypeError, match="integer tensor|single_token must be a token id"):
+            model.get_token_position(bad, torch.tensor([w1, w3, w3]))
+    for bad in (-1, torch.tensor(50)):
+        with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50)")):
+            model.get_token_position(bad, torch.tensor([w1, w3]))
 
 
 def test_residual_directions_refuse_ids_that_would_index_other_tokens():

@@ -306,7 +306,9 @@ class TokenizerMixin:
             mode: ``"first"`` or ``"last"`` occurrence.
 
         Raises:
-            ValueError: the token does not occur, a bad ``mode``, or a batch of prompts.
+            ValueError: the token does not occur, a bad ``mode``, a batch of prompts, or a
+                token id outside ``[0, d_vocab)``.
+            TypeError: ``single_token`` is a float, a bool or a tensor of floats.
         """
         if mode not in ("first", "last"):
             raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
@@ -325,8 +327,16 @@ class TokenizerMixin:
             raise ValueError(f"tokens must be [pos] or [1, pos], got {tuple(tokens.shape)}")
         if isinstance(single_token, str):
             single_token = self.to_single_token(single_token)
-        elif isinstance(single_token, Tensor):
+        elif isinstance(single_token, Tensor) and single_token.numel() == 1:
+            require_token_ids(single_token, self.cfg.d_vocab)  # int() would truncate 3.7
             single_token = int(single_token.item())
+        elif is_integer(single_token):
+            require_token_ids(torch.tensor(single_token), self.cfg.d_vocab)
+        else:  # a float or a bool would compare equal to other ids (True == 1)
+            raise TypeError(
+                "single_token must be a token id (an int or a one-element integer tensor) or "
+                f"a string that is one token, got {single_token!r}"
+            )
         found = (tokens == single_token).nonzero().flatten()
         if found.numel() == 0:
             raise ValueError(f"token {single_token} does not occur in the prompt")
