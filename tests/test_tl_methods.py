@@ -1774,6 +1774,10 @@ def test_to_string_of_one_token_and_single_str_token():
         model.to_single_str_token(50)
     with pytest.raises(TypeError, match="integer token ids"):
         model.to_string(torch.tensor(1.0))
+    # audit finding: a negative id raised the tokenizer's bare OverflowError
+    for bad in (-1, [token, -1], torch.tensor([[token, 50]])):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+            model.to_string(bad)
 
 
 def test_get_token_position():

@@ -206,6 +206,7 @@ class TokenizerMixin:
         tokens = torch.as_tensor(tokens)
         if tokens.is_floating_point() or tokens.dtype == torch.bool:
             raise TypeError(f"to_string takes integer token ids, got dtype {tokens.dtype}")
+        require_token_ids(tokens, self.cfg.d_vocab)  # a negative id overflowed the decoder
         if tokens.ndim == 0:
             tokens = tokens[None]
         if tokens.ndim == 2:
