@@ -644,7 +644,8 @@ def test_invalid_config_value(saved):
         HookedAttnRes.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+# 1.0 and true: JSON numbers and booleans that equal 1 in Python were read as version 1
+@pytest.mark.parametrize("version", [2, 0, "1", None, 1.0, True])
 def test_wrong_format_version(saved, version):
     directory, _ = saved
     rewrite_config(directory, format_version=version)

@@ -456,6 +456,22 @@ def test_a_directory_with_both_a_single_file_and_a_shard_index_is_refused(tmp_pa
         HookedAttnRes.from_pretrained(tmp_path / "attnres")
 
 
+@pytest.mark.parametrize(
+    "weight_map", [["model.safetensors"], "model.safetensors", {"lm_head.weight": 3}, None]
+)
+def test_a_malformed_shard_index_is_refused(tmp_path, weight_map):
+    """A ``weight_map`` that is not a mapping of weight names to shard files raised a bare
+    ``TypeError`` / ``AttributeError`` from the shard lookup."""
+    hf_qwen3(seed=0).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="is not a valid shard index"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
+    index.write_text(json.dumps([1, 2]))  # not even an object
+    with pytest.raises(CheckpointError, match="is not a valid shard index"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
+
+
 def test_bad_sources_fail_with_what_was_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "missing")

@@ -432,8 +432,15 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{index} is not a valid shard index ({error})") from error
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(shard, str) for key, shard in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index} is not a valid shard index: its weight_map must map weight names to "
+                f"shard file names, got {type(weight_map).__name__}"
+            )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).exists()]
         if missing:

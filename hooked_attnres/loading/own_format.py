@@ -72,7 +72,7 @@ def load_own_format(
     conversion)."""
     values = dict(values)
     version = values.pop("format_version", None)
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and true equal 1
         raise CheckpointError(
             f"{directory} has format_version={version!r}; this library reads version "
             f"{FORMAT_VERSION}"
