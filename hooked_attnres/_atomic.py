@@ -55,6 +55,7 @@ MARKER_FORMAT = "hooked_attnres.complete"
 TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
 CRASH_ENV = "HOOKED_ATTNRES_CRASH_AT"
+LOCK_FILE = ".hooked_attnres.lock"  # the fallback lock (`_open_lock`)
 
 # Where `fault_point` can kill the process, in the order a save reaches them.
 FAULT_STEPS = (
@@ -222,7 +223,7 @@ def _open_lock(target: Path) -> Optional[int]:
         except OSError:
             os.close(fd)
     try:
-        return os.open(target.parent / ".hooked_attnres.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(target.parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         return None
 

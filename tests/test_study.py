@@ -695,3 +695,64 @@ def test_a_vanilla_model_is_built_on_the_shapes_device_as_the_attnres_one_is(dev
         on_device = vanilla.state_dict()
         assert plain.keys() == on_device.keys()
         assert all(torch.equal(plain[k], on_device[k]) for k in plain)
+
+
+def test_a_folder_of_yours_named_like_the_kept_tables_is_refused_before_any_work(
+    tmp_path, monkeypatch
+):
+    """Audit finding: the study keeps finished models in the sibling ``{out}.partial`` and
+    removed that folder with ``shutil.rmtree`` when done, so a folder of yours named
+    ``results.partial`` was deleted with everything in it by ``run_study("results")``. It
+    is refused now, before any model is loaded, and the files are kept."""
+    import hooked_attnres.study.run as study_module
+
+    calls = []
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: calls.append(a))
+    out = tmp_path / "results"
+    mine = study_module.partial_dir(out)
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    (mine / "vanilla_seed0.pkl").write_bytes(b"")  # a kept run's name: the study's own
+    with pytest.raises(
+        FileExistsError,
+        match=r"results\.partial.*holds files the study did not "
+        r"write \(thesis\.tex\)",
+    ):
+        run_study(out, conditions=("vanilla",), progress=False, plots=False)
+    assert not calls and (mine / "thesis.tex").read_text() == "keep me"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other.partial").write_text("a file of yours")  # a file there: refused too
+    with pytest.raises(FileExistsError, match=r"other\.partial for .* it is a file"):
+        run_study(tmp_path / "other", conditions=("vanilla",), progress=False, plots=False)
+    assert not calls and (tmp_path / "other.partial").read_text() == "a file of yours"
+
+
+def test_the_kept_tables_are_removed_but_files_put_there_during_the_study_are_kept(
+    tmp_path, monkeypatch
+):
+    """What the study removes when it is done: its own kept runs only, if something else
+    was put into ``{out}.partial`` while it ran."""
+    import hooked_attnres.study.run as study_module
+
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0,))
+    out = tmp_path / "out"
+    kept = study_module.partial_dir(out)
+    real = study_module._write_partial
+
+    def write_then_add(partial, *args):
+        real(partial, *args)
+        (partial / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(study_module, "_write_partial", write_then_add)
+    run_study(
+        out,
+        checkpoints=tmp_path / "runs",
+        n_prompts=6,
+        n_bootstrap=5,
+        progress=False,
+        plots=False,
+        robustness=False,
+    )
+    assert (out / "report.md").is_file()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -33,7 +34,14 @@ from typing import Optional, Union
 import pandas as pd
 import torch
 
-from hooked_attnres._atomic import atomic_directory, check_replaceable, write_bytes_atomic
+from hooked_attnres._atomic import (
+    LOCK_FILE,
+    PARTIAL_INFIX,
+    CheckpointConflictError,
+    atomic_directory,
+    check_replaceable,
+    write_bytes_atomic,
+)
 from hooked_attnres._environment import numerics_environment
 from hooked_attnres._validation import is_integer, require_integer, require_selection
 from hooked_attnres.analysis import (
@@ -51,7 +59,7 @@ from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path, run_dir
-from hooked_attnres.study.conditions import TASKS, Condition, get_condition, make_task
+from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.tasks.base import Task, TaskBatch
@@ -370,7 +378,7 @@ def run_study(
     result.seconds = time.perf_counter() - started
     result.settings["seconds"] = round(result.seconds, 1)
     write_study(result)
-    shutil.rmtree(partial, ignore_errors=True)  # every model's tables are in out_dir now
+    _remove_kept(partial)  # every model's tables are in out_dir now
     if progress:
         print(f"[study] wrote {result.out_dir} in {result.seconds:.0f} s", flush=True)
     return result
@@ -474,6 +482,41 @@ def _partial_file(partial: Path, condition: str, seed: int) -> Path:
     return partial / f"{run_dir('.', condition, seed).name}.pkl"
 
 
+# what `_write_partial` writes into `partial_dir`: ``{condition}_seed{n}.pkl``, and the
+# temporary sibling ``.{condition}_seed{n}.pkl.partial-<id>`` a killed write leaves (and,
+# where the folder cannot be locked, the lock file `LOCK_FILE`)
+_KEPT_FILE = re.compile(
+    rf"(\.)?(?:{'|'.join(map(re.escape, CONDITIONS))})_seed\d+\.pkl"
+    rf"(?(1){re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}})"
+)
+
+
+def _foreign_kept(partial: Path) -> list[str]:
+    """What in ``partial`` (`partial_dir`) the study did not write: everything if it is not
+    a directory (``[name]``), else every entry but kept runs and their temporary siblings
+    (folders end with ``/``)."""
+    if partial.is_symlink() or not partial.is_dir():
+        return [partial.name]
+    return sorted(
+        path.name + ("/" if path.is_dir() else "")
+        for path in partial.iterdir()
+        if path.is_dir()
+        or path.is_symlink()
+        or not (_KEPT_FILE.fullmatch(path.name) or path.name == LOCK_FILE)
+    )
+
+
+def _remove_kept(partial: Path) -> None:
+    """Remove ``partial`` (`partial_dir`) once the study is written; only the study's own
+    files if something else was put there meanwhile (that and the folder stay)."""
+    if not _foreign_kept(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    for path in partial.iterdir():
+        if _KEPT_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 def _write_partial(
     partial: Path, condition: str, seed: int, key: dict, run_tables: dict[str, pd.DataFrame]
 ) -> None:
@@ -547,11 +590,30 @@ def find_runs(
 def check_out_dir(out_dir: Union[str, Path]) -> None:
     """Refuse, before any work, an ``out_dir`` whose files a save would delete: anything but
     an earlier study written by this library (the check of every atomic save,
-    `hooked_attnres._atomic.check_replaceable`).
+    `hooked_attnres._atomic.check_replaceable`), and a `partial_dir` holding anything but
+    kept runs (the study deletes it when it is done).
 
     Raises:
         CheckpointConflictError: a ``FileExistsError`` naming the files.
     """
+    _check_study_folder(out_dir)
+    partial = partial_dir(out_dir)
+    if partial.exists() or partial.is_symlink():
+        foreign = _foreign_kept(partial)
+        if foreign == [partial.name]:
+            what = "it is a file or a link"
+        else:
+            what = "it holds files the study did not write (" + ", ".join(foreign[:5])
+            what += f", ... ({len(foreign)} in all))" if len(foreign) > 5 else ")"
+        if foreign:
+            raise CheckpointConflictError(
+                f"refusing to use {partial} for the finished models' tables: {what}, and the "
+                "study deletes that folder when it is done; move it away or choose another "
+                "out_dir"
+            )
+
+
+def _check_study_folder(out_dir: Union[str, Path]) -> None:
     check_replaceable(
         out_dir,
         remedy="it does not hold an earlier study written by this "
@@ -614,7 +676,7 @@ def mass_by_layer(mass: pd.DataFrame) -> pd.DataFrame:
 def write_study(result: StudyResult) -> Path:
     """Write ``report.html`` (one self-contained page, plotly.js inlined once), ``report.md``
     (the same content in text) and the tables as CSV (columns in ``docs/analysis.md``)."""
-    check_out_dir(result.out_dir)
+    _check_study_folder(result.out_dir)  # `partial_dir` was checked before the work
     with atomic_directory(result.out_dir) as tmp:
         for name in (
             "accuracy",
