@@ -33,9 +33,9 @@ SIGKILL itself the ``n``-th time (default 1) it reaches ``step`` (see `FAULT_STE
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -269,18 +269,22 @@ def _locked(target: Path, exclusive: bool) -> Iterator[bool]:
 # --- leftovers and recovery -------------------------------------------------------------
 
 
+def _leftover_name(name: str) -> re.Pattern:
+    """``.NAME.tmp-<id>`` and ``.NAME.old-<id>`` (``<id>``: 8 hex digits), whole names only:
+    a prefix would take the leftovers of a checkpoint named ``NAME.old-x`` for ``NAME``'s."""
+    return re.compile(
+        rf"\.{re.escape(name)}(?:{re.escape(TMP_INFIX)}|{re.escape(OLD_INFIX)})[0-9a-f]{{8}}"
+    )
+
+
 def leftovers_of(target: Union[str, Path]) -> list[Path]:
-    """The ``.NAME.tmp-*`` and ``.NAME.old-*`` siblings of ``target`` (unordered meaning;
-    sorted for display only)."""
+    """The ``.NAME.tmp-<id>`` and ``.NAME.old-<id>`` siblings of ``target`` (unordered
+    meaning; sorted for display only)."""
     target = Path(target).absolute()
     if not target.parent.is_dir():
         return []
-    prefix = f".{target.name}"
-    return sorted(
-        p
-        for p in target.parent.iterdir()
-        if p.name.startswith(prefix + TMP_INFIX) or p.name.startswith(prefix + OLD_INFIX)
-    )
+    pattern = _leftover_name(target.name)
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def backups_of(target: Union[str, Path]) -> list[Path]:
@@ -543,9 +547,11 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     partial = path.parent / f".{path.name}{PARTIAL_INFIX}{uuid.uuid4().hex[:8]}"
     with _locked(path.absolute(), exclusive=True) as locked:
         if locked:
-            for stale in path.parent.glob(f".{glob.escape(path.name)}{PARTIAL_INFIX}*"):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+            mine = re.compile(rf"\.{re.escape(path.name)}{re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}}")
+            for stale in path.parent.iterdir():
+                if mine.fullmatch(stale.name):
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
         try:
             with open(partial, "wb") as handle:
                 handle.write(data)

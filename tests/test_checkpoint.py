@@ -371,6 +371,39 @@ def test_next_save_recovers_and_cleans_up_after_crash(tmp_path):
     assert_same_model(HookedAttnRes.from_pretrained(target), new)
 
 
+def test_the_leftovers_of_a_checkpoint_named_like_a_leftover_are_not_taken_for_ours(tmp_path):
+    """Audit finding: leftovers were found by name prefix, so ``.a.old-b.old-<id>`` (what a
+    kill leaves of a save to a checkpoint named ``a.old-b``) counted as a leftover of ``a``:
+    complete and newer, it was installed as ``a``, and loading ``a`` gave the other
+    checkpoint's model without a word."""
+    mine, other = scrambled_model(seed=0), scrambled_model(seed=1)
+    mine.save_pretrained(tmp_path / "a")  # sequence 1
+    for _ in range(2):
+        other.save_pretrained(tmp_path / "a.old-b")  # sequence 2
+    # a kill between the two renames of the next save to "a.old-b": its old version aside
+    os.rename(tmp_path / "a.old-b", tmp_path / ".a.old-b.old-0123abcd")
+    assert backups_of(tmp_path / "a") == []
+    assert_same_model(HookedAttnRes.from_pretrained(tmp_path / "a"), mine)
+    assert_same_model(HookedAttnRes.from_pretrained(tmp_path / "a.old-b"), other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.old-b"]
+
+
+def test_a_file_write_removes_its_own_stale_temporaries_only(tmp_path):
+    """The temporaries a killed `write_text_atomic` left are removed by the next write of
+    that file, and nothing else: not a file of yours that starts like one, nor the
+    temporary of another file."""
+    from hooked_attnres._atomic import write_text_atomic
+
+    stale = tmp_path / ".metrics.json.partial-0123abcd"  # a killed write of metrics.json
+    yours = [tmp_path / ".metrics.json.partial-notes", tmp_path / ".metrics.json.partial-x.txt"]
+    for path in [stale, *yours]:
+        path.write_text("x")
+    write_text_atomic(tmp_path / "metrics.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["metrics.json"] + [p.name for p in yours]
+    )
+
+
 def test_save_with_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="format must be .*got 'nonsense'"):
         scrambled_model().save_pretrained(tmp_path / "ckpt", format="nonsense")
