@@ -98,6 +98,15 @@ def fault_point(step: str) -> None:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
+def _real(path: Union[str, Path]) -> Path:
+    """``path`` made absolute with every symbolic link resolved: a save to a link replaces
+    the directory (or file) it points to and keeps the link, and every spelling of a
+    directory takes the same lock (a link to a checkpoint used to be replaced by a new
+    directory, leaving the linked one stale, and readers through the link took another
+    lock than writers of the real path)."""
+    return Path(os.path.realpath(path))
+
+
 # --- fsync helpers ----------------------------------------------------------------------
 
 
@@ -280,7 +289,7 @@ def _leftover_name(name: str) -> re.Pattern:
 def leftovers_of(target: Union[str, Path]) -> list[Path]:
     """The ``.NAME.tmp-<id>`` and ``.NAME.old-<id>`` siblings of ``target`` (unordered
     meaning; sorted for display only)."""
-    target = Path(target).absolute()
+    target = _real(target)
     if not target.parent.is_dir():
         return []
     pattern = _leftover_name(target.name)
@@ -361,7 +370,7 @@ def recover(target: Union[str, Path]) -> bool:
     """Bring ``target`` to its newest complete version and remove every leftover
     (``.NAME.tmp-*``, ``.NAME.old-*``); see the module docstring. Returns whether a leftover
     version was installed as ``target``."""
-    target = Path(target).absolute()
+    target = _real(target)
     if not leftovers_of(target):
         return False
     with _locked(target, exclusive=True):
@@ -372,7 +381,7 @@ def recover(target: Union[str, Path]) -> bool:
 def reading(target: Union[str, Path]) -> Iterator[Path]:
     """Hold ``target`` still while it is read: the shared lock, after recovering leftovers
     (under the exclusive lock, which is then kept for the read)."""
-    target = Path(target).absolute()
+    target = _real(target)
     with _locked(target, exclusive=False) as locked:
         if not leftovers_of(target):
             yield target
@@ -468,7 +477,7 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
     On an exception before the commit point the temporary directory is removed and
     ``target`` is left as it was.
     """
-    target = Path(target).absolute()
+    target = _real(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target, exclusive=True):
         fault_point("locked")
@@ -511,8 +520,8 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
 def remove_file(path: Union[str, Path]) -> None:
     """Delete a file written by `write_bytes_atomic`, durably (the parent is fsynced), under
     the parent's lock; nothing happens if it does not exist."""
-    path = Path(path)
-    with _locked(path.absolute(), exclusive=True):
+    path = _real(path)
+    with _locked(path, exclusive=True):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -533,7 +542,7 @@ def updating(path: Union[str, Path]) -> Iterator[None]:
     """Hold the exclusive lock of ``path``'s parent for a read-modify-write of the file
     (`write_text_atomic` inside it takes the same lock, re-entrantly): another process
     updating the file waits, so neither update is lost."""
-    with _locked(Path(path).absolute(), exclusive=True):
+    with _locked(_real(path), exclusive=True):
         yield
 
 
@@ -543,9 +552,9 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     the exclusive lock of the parent (`_locked`), so a temporary sibling found under it
     was left by a writer that was killed: it is deleted (it used to stay forever, one per
     crash)."""
-    path = Path(path)
+    path = _real(path)
     partial = path.parent / f".{path.name}{PARTIAL_INFIX}{uuid.uuid4().hex[:8]}"
-    with _locked(path.absolute(), exclusive=True) as locked:
+    with _locked(path, exclusive=True) as locked:
         if locked:
             mine = re.compile(rf"\.{re.escape(path.name)}{re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}}")
             for stale in path.parent.iterdir():

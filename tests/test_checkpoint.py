@@ -948,3 +948,22 @@ def test_from_hf_qwen3_on_a_saved_checkpoint_points_to_from_pretrained(tmp_path,
     scrambled_model().save_pretrained(tmp_path / "ckpt", format=fmt)
     with pytest.raises(CheckpointError, match=f"model_type='{fmt}'.*from_pretrained"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "ckpt")
+
+
+def test_a_save_through_a_symbolic_link_replaces_the_linked_checkpoint(tmp_path):
+    """Audit finding: a save to a path that is a link to a checkpoint renamed the link
+    aside and put a new directory in its place: the link was gone and the linked checkpoint
+    (e.g. on a larger disk) kept the old model, which every load of its real path gave.
+    The link is followed now, for saves and loads alike."""
+    old, new = scrambled_model(seed=0), scrambled_model(seed=1)
+    real = tmp_path / "disk" / "ckpt"
+    old.save_pretrained(real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    new.save_pretrained(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert_same_model(HookedAttnRes.from_pretrained(real), new)
+    assert_same_model(HookedAttnRes.from_pretrained(link), new)
+    assert read_marker(real)["sequence"] == 2  # the second save of that checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["ckpt"]
