@@ -333,7 +333,7 @@ def _file(ctx):
 def _legacy_backups(ctx):
     target = ctx.saved()
     parent = target.parent
-    for suffix in ("aaaa", "bbbb"):  # two backups without markers, no NAME: ambiguous
+    for suffix in ("aaaaaaaa", "bbbbbbbb"):  # two backups without markers, no NAME: ambiguous
         copy = parent / f".{target.name}.old-{suffix}"
         import shutil
 
