@@ -275,6 +275,63 @@ def _locked(target: Path, exclusive: bool) -> Iterator[bool]:
         os.close(fd)
 
 
+RUN_LOCK = ".hooked_attnres_job.lock"
+
+
+class DirectoryBusyError(RuntimeError):
+    """Another job (a training run, a study) is writing the same output folder."""
+
+
+@contextlib.contextmanager
+def exclusive_job(directory: Union[str, Path], job: str) -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for one job at a time, across processes and
+    threads: an exclusive, non-blocking ``flock`` of the file `RUN_LOCK` in it, removed
+    when the job ends. Two jobs writing one folder would each write whole versions, but
+    pair one's model with the other's metrics (or delete the other's kept tables).
+
+    Raises:
+        DirectoryBusyError: another job holds ``directory`` (naming its process id);
+            nothing is written.
+        OSError: the lock file cannot be created (e.g. a read-only folder), before any work.
+    """
+    directory = _real(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RUN_LOCK
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise DirectoryBusyError(
+                f"{directory} is being written by another {holder or 'job'} right now (it "
+                f"holds {path}); wait for it to finish, or choose another folder for this {job}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file the previous holder removed after this process opened it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{job} (process {os.getpid()})".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        os.close(fd)
+
+
 # --- leftovers and recovery -------------------------------------------------------------
 
 
@@ -577,8 +634,10 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
 __all__ = [
     "MARKER",
     "CheckpointConflictError",
+    "DirectoryBusyError",
     "atomic_directory",
     "check_replaceable",
+    "exclusive_job",
     "foreign_files",
     "reading",
     "read_marker",

@@ -197,6 +197,45 @@ def test_a_run_started_over_and_killed_never_pairs_its_model_with_the_old_metric
         assert lr == (old_metrics["train_config"]["lr"] if old_model else 1e-3)
 
 
+@pytest.mark.parametrize("whole_run", ["attnres"], indirect=True)
+def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, whole_run, monkeypatch):
+    """Audit finding: two runs into one out_dir (e.g. the same command started twice,
+    once with other settings) each wrote whole versions, but the one writing its model
+    last was paired with the other's ``metrics.json``: here a run with lr 1e-3, started
+    while a run with lr 3e-3 was between its model and its metrics, left its model with
+    the 3e-3 run's history and accuracy. The second run is refused now, before any work."""
+    from hooked_attnres._atomic import DirectoryBusyError
+    from hooked_attnres.training import trainer as trainer_module
+
+    out = tmp_path / "run"
+    real = trainer_module.write_text_atomic
+    refused = []
+
+    def second_run_meanwhile(path, text):
+        if not refused:
+            refused.append(True)
+            with pytest.raises(
+                DirectoryBusyError,
+                match=r"run is being written by another training run \(process \d+\).*"
+                "choose another folder",
+            ):
+                _train(out, "attnres", 1e-3, False)  # even started over
+        real(path, text)
+
+    monkeypatch.setattr(trainer_module, "write_text_atomic", second_run_meanwhile)
+    torch.set_num_threads(1)
+    _train(out, "attnres")
+    assert refused
+    weights, metrics = _final(out, "attnres")
+    reference_weights, reference_metrics = whole_run[2]  # the uninterrupted 3e-3 run
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in reference_weights.items():  # was the 1e-3 run's (off by 9e-3)
+        assert torch.equal(weights[name], tensor), name
+    assert metrics == reference_metrics
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json", "model"]
+    _assert_no_leftovers(tmp_path)
+
+
 # --- the study ---------------------------------------------------------------------------
 
 STUDY_CONDITION = "hard_kimi_L8"

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from hooked_attnres._atomic import (
     atomic_directory,
     check_replaceable,
+    exclusive_job,
     fault_point,
     foreign_files,
     read_marker,
@@ -608,7 +609,12 @@ def train(
                 "pass no tokenizer="
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _thread_count(config.threads), _own_rng(model) as seed_step:
+    # one run at a time per out_dir (two would pair one's model with the other's metrics)
+    with (
+        exclusive_job(out_dir, "training run"),
+        _thread_count(config.threads),
+        _own_rng(model) as seed_step,
+    ):
         eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
         eval_batches = {
             t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
