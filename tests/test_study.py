@@ -756,3 +756,42 @@ def test_the_kept_tables_are_removed_but_files_put_there_during_the_study_are_ke
     )
     assert (out / "report.md").is_file()
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_a_second_study_into_the_same_folder_is_refused(tmp_path, monkeypatch):
+    """Audit finding: two studies into one ``out_dir`` share the kept tables in
+    ``{out}.partial``, which the first one to finish deletes: the other then failed with
+    ``FileNotFoundError`` writing its next finished model's tables (its work lost). A second
+    study is refused now, before any work, naming the process that holds the folder."""
+    import hooked_attnres.study.run as study_module
+    from hooked_attnres._atomic import DirectoryBusyError
+
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0,))
+    kwargs = dict(
+        checkpoints=tmp_path / "runs",
+        n_prompts=6,
+        n_bootstrap=5,
+        progress=False,
+        plots=False,
+        robustness=False,
+    )
+    out = tmp_path / "out"
+    real = study_module.write_bytes_atomic
+    second = []
+
+    def second_study_meanwhile(path, data):
+        if not second:
+            second.append(True)
+            with pytest.raises(
+                DirectoryBusyError,
+                match=r"out\.partial is being written by another study "
+                r"\(process \d+\)",
+            ):
+                run_study(out, **kwargs)
+        real(path, data)
+
+    monkeypatch.setattr(study_module, "write_bytes_atomic", second_study_meanwhile)
+    run_study(out, **kwargs)
+    assert second and (out / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]

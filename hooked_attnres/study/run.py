@@ -19,6 +19,7 @@ page), ``report.md`` (the same in text), CSV tables.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ import pickle
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -37,9 +38,11 @@ import torch
 from hooked_attnres._atomic import (
     LOCK_FILE,
     PARTIAL_INFIX,
+    RUN_LOCK,
     CheckpointConflictError,
     atomic_directory,
     check_replaceable,
+    exclusive_job,
     write_bytes_atomic,
 )
 from hooked_attnres._environment import numerics_environment
@@ -341,47 +344,67 @@ def run_study(
     runs = find_runs(checkpoints, conditions, seeds)
     partial = partial_dir(out_dir)
     settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness)
-    tables: dict[str, list[pd.DataFrame]] = {}
-    for condition, seed in runs:
-        key = _run_key(condition, seed, settings)
-        found_before = _read_partial(partial, condition, seed, key)
-        if found_before is not None:
-            run_tables = found_before
-            if progress:
-                print(f"[study] {condition} seed {seed}: finished earlier, read from {partial}")
-        else:
-            if progress:
-                print(f"[study] {condition} seed {seed}: {n_prompts} probe prompts", flush=True)
-            run_tables = _study_run(condition, seed, settings)
-            _write_partial(partial, condition, seed, key, run_tables)
-        for name, table in run_tables.items():
-            tables.setdefault(name, []).append(table)
-    joined = {name: _front(pd.concat(parts, ignore_index=True)) for name, parts in tables.items()}
-    result = StudyResult(
-        out_dir=Path(out_dir),
-        accuracy=joined["accuracy"],
-        mass=joined["mass"],
-        mass_summary=joined["mass_summary"],
-        effects=joined["effects"],
-        dissociation=joined["dissociation"],
-        schedule=joined.get("schedule", pd.DataFrame()),
-        seeds_summary=_seeds_summary(joined["mass_summary"], joined["effects"]),
-        motifs=joined["motifs"],
-        verdicts=motif_verdicts(joined["motifs"]),
-        fresh_motifs=joined.get("fresh_motifs", pd.DataFrame()),
-        settings=_settings(runs, checkpoints, n_prompts, n_bootstrap, robustness),
-    )
-    if robustness:
-        result.robustness = verdict_changes(result.motifs, result.fresh_motifs)
-    if plots:
-        result.figures = study_figures(result)
-    result.seconds = time.perf_counter() - started
-    result.settings["seconds"] = round(result.seconds, 1)
-    write_study(result)
-    _remove_kept(partial)  # every model's tables are in out_dir now
+    with _one_study_at_a_time(partial):
+        tables: dict[str, list[pd.DataFrame]] = {}
+        for condition, seed in runs:
+            key = _run_key(condition, seed, settings)
+            found_before = _read_partial(partial, condition, seed, key)
+            if found_before is not None:
+                run_tables = found_before
+                if progress:
+                    print(f"[study] {condition} seed {seed}: finished earlier, read from {partial}")
+            else:
+                if progress:
+                    print(
+                        f"[study] {condition} seed {seed}: {n_prompts} probe prompts",
+                        flush=True,
+                    )
+                run_tables = _study_run(condition, seed, settings)
+                _write_partial(partial, condition, seed, key, run_tables)
+            for name, table in run_tables.items():
+                tables.setdefault(name, []).append(table)
+        joined = {
+            name: _front(pd.concat(parts, ignore_index=True)) for name, parts in tables.items()
+        }
+        result = StudyResult(
+            out_dir=Path(out_dir),
+            accuracy=joined["accuracy"],
+            mass=joined["mass"],
+            mass_summary=joined["mass_summary"],
+            effects=joined["effects"],
+            dissociation=joined["dissociation"],
+            schedule=joined.get("schedule", pd.DataFrame()),
+            seeds_summary=_seeds_summary(joined["mass_summary"], joined["effects"]),
+            motifs=joined["motifs"],
+            verdicts=motif_verdicts(joined["motifs"]),
+            fresh_motifs=joined.get("fresh_motifs", pd.DataFrame()),
+            settings=_settings(runs, checkpoints, n_prompts, n_bootstrap, robustness),
+        )
+        if robustness:
+            result.robustness = verdict_changes(result.motifs, result.fresh_motifs)
+        if plots:
+            result.figures = study_figures(result)
+        result.seconds = time.perf_counter() - started
+        result.settings["seconds"] = round(result.seconds, 1)
+        write_study(result)
+        _remove_kept(partial)  # every model's tables are in out_dir now
     if progress:
         print(f"[study] wrote {result.out_dir} in {result.seconds:.0f} s", flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _one_study_at_a_time(partial: Path) -> Iterator[None]:
+    """Hold `partial_dir` for this study (`hooked_attnres._atomic.exclusive_job`): two
+    studies into one ``out_dir`` share the kept tables, which the first one to finish
+    deletes (the other then failed writing its next model's, or lost them). The folder is
+    removed afterwards if no model finished."""
+    try:
+        with exclusive_job(partial, "study"):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            partial.rmdir()  # only if empty
 
 
 @dataclass(frozen=True)
@@ -484,7 +507,7 @@ def _partial_file(partial: Path, condition: str, seed: int) -> Path:
 
 # what `_write_partial` writes into `partial_dir`: ``{condition}_seed{n}.pkl``, and the
 # temporary sibling ``.{condition}_seed{n}.pkl.partial-<id>`` a killed write leaves (and,
-# where the folder cannot be locked, the lock file `LOCK_FILE`)
+# where the folder cannot be locked, the lock file `LOCK_FILE`; the study's `RUN_LOCK`)
 _KEPT_FILE = re.compile(
     rf"(\.)?(?:{'|'.join(map(re.escape, CONDITIONS))})_seed\d+\.pkl"
     rf"(?(1){re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}})"
@@ -502,7 +525,7 @@ def _foreign_kept(partial: Path) -> list[str]:
         for path in partial.iterdir()
         if path.is_dir()
         or path.is_symlink()
-        or not (_KEPT_FILE.fullmatch(path.name) or path.name == LOCK_FILE)
+        or not (_KEPT_FILE.fullmatch(path.name) or path.name in (LOCK_FILE, RUN_LOCK))
     )
 
 
