@@ -217,10 +217,13 @@ def _held() -> dict:
 def _open_lock(target: Path) -> Optional[int]:
     """A file descriptor to ``flock`` for ``target``: its parent directory, else the lock
     file ``.hooked_attnres.lock`` in it (one per parent, like the directory lock); ``None``
-    where neither is possible (then nobody can write there)."""
+    where neither is possible (then nobody can write there). Only a directory that may not
+    be opened (no permission) falls back to the lock file: any other error (e.g. too many
+    open files) is raised, since the lock file is another lock than the directory that
+    other processes hold (a save would not be serialised with theirs)."""
     try:
         fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:
+    except PermissionError:
         fd = None
     if fd is not None:
         try:
@@ -326,10 +329,12 @@ def exclusive_job(directory: Union[str, Path], job: str) -> Iterator[None]:
         os.write(fd, f"{job} (process {os.getpid()})".encode())
         yield
     finally:
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.unlink(path)
-        os.close(fd)
+        try:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+        finally:  # even on an interrupt there: the lock must not outlive the job
+            os.close(fd)
 
 
 # --- leftovers and recovery -------------------------------------------------------------

@@ -967,3 +967,46 @@ def test_a_save_through_a_symbolic_link_replaces_the_linked_checkpoint(tmp_path)
     assert read_marker(real)["sequence"] == 2  # the second save of that checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]
     assert sorted(p.name for p in real.parent.iterdir()) == ["ckpt"]
+
+
+def test_a_parent_that_cannot_be_opened_is_an_error_not_another_lock(tmp_path, monkeypatch):
+    """Audit finding: when the parent directory could not be opened for any reason (e.g.
+    too many open files), the save locked the fallback file ``.hooked_attnres.lock``
+    instead, a lock other processes (which lock the directory) do not hold: the save was
+    not serialised with theirs, and the file stayed. Only a permission error falls back."""
+    import errno
+
+    real_open = os.open
+
+    def no_descriptors_left(path, flags, *args, **kwargs):
+        if Path(path) == tmp_path:
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_descriptors_left)
+    with pytest.raises(OSError, match="Too many open files"):
+        scrambled_model().save_pretrained(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_while_a_job_lock_is_removed_does_not_keep_the_folder_held(
+    tmp_path, monkeypatch
+):
+    """An interrupt (Ctrl-C) arriving while `exclusive_job` removes its lock file must not
+    leave the lock held: the next job in this process would be refused for good."""
+    from hooked_attnres._atomic import RUN_LOCK, exclusive_job
+
+    real_unlink = os.unlink
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == RUN_LOCK:
+            raise KeyboardInterrupt
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt), exclusive_job(tmp_path, "test"):
+        pass
+    monkeypatch.undo()
+    with exclusive_job(tmp_path, "test"):  # was: DirectoryBusyError (this process held it)
+        pass
+    assert list(tmp_path.iterdir()) == []
