@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,40 @@ def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, whole_r
     assert metrics == reference_metrics
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json", "model"]
     _assert_no_leftovers(tmp_path)
+
+
+def test_a_folder_the_run_cannot_write_is_refused_before_any_training(tmp_path, monkeypatch):
+    """A read-only out_dir (simulated: creating anything in it is refused; the tests may
+    run as root) failed only at the first checkpoint, after training up to it (with
+    ``checkpoint_every=None``, after the whole run). The run's lock file is created before
+    the first step now, so the error comes before any work."""
+    from hooked_attnres.training import trainer as trainer_module
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refused(path) -> bool:
+        return Path(path).parent == out
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    steps = []
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    monkeypatch.setattr(trainer_module, "fault_point", steps.append)
+    torch.set_num_threads(1)
+    with pytest.raises(PermissionError, match=r"Permission denied.*run/"):
+        _train(out, "attnres")
+    assert steps == [] and list(out.iterdir()) == []
 
 
 # --- the study ---------------------------------------------------------------------------
