@@ -30,6 +30,7 @@ _LAZY = {
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
     "CheckpointConflictError": "hooked_attnres.loading",
+    "DirectoryBusyError": "hooked_attnres.loading",
     "ConcurrentUseError": "hooked_attnres.model.hooked_root",
     "HookOutputError": "hooked_attnres.model.hooked_root",
     "FAMILIES": "hooked_attnres.model.depth",
@@ -48,7 +49,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
-    from hooked_attnres.loading import CheckpointConflictError
+    from hooked_attnres.loading import CheckpointConflictError, DirectoryBusyError
     from hooked_attnres.loading.io import CheckpointError
     from hooked_attnres.model.attention import KeyValueCache
     from hooked_attnres.model.cache import (
@@ -90,6 +91,7 @@ __all__ = [
     "ConcurrentUseError",
     "DepthRouter",
     "DepthState",
+    "DirectoryBusyError",
     "HookedAttnRes",
     "HookOutputError",
     "HookedAttnResConfig",

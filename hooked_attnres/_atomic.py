@@ -26,6 +26,10 @@ fallback where a directory cannot be locked. Writers take it exclusively for the
 (`reading`) take it shared for the whole read, so a reader sees one complete version,
 never a mixed or empty directory. Locks are re-entrant within a thread.
 
+Leftovers are named exactly ``.NAME.tmp-<id>`` / ``.NAME.old-<id>`` (8 hex digits).
+Symbolic links in a path are followed (`_real`). `exclusive_job` holds an output folder for
+one job (a training run, a study) at a time.
+
 Fault injection (tests only): ``HOOKED_ATTNRES_CRASH_AT=<step>[:<n>]`` makes the process
 SIGKILL itself the ``n``-th time (default 1) it reaches ``step`` (see `FAULT_STEPS`).
 """
