@@ -85,7 +85,10 @@ def require_finite_number(name: str, value: Any, optional: bool = False) -> Any:
         raise ValueError(
             f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}"
         )
-    return value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, np.integer):
+        return int(value)
+    # float(), not .item(): np.longdouble's .item() is an np.longdouble
+    return float(value) if isinstance(value, np.floating) else value
 
 
 def first_non_finite(values: Any) -> Optional[tuple[int, ...]]:
