@@ -8,7 +8,7 @@ import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.model.norms import RMSNorm, _FusedRMSNorm
+from hooked_attnres.model.norms import RMSNorm, _FusedRMSNorm, rms_scale
 from hooked_attnres.model.routing import _FusedRouting
 
 
@@ -279,3 +279,19 @@ def test_double_backward_of_a_source_read_by_two_routers():
     for mine, reference in zip(first_gradient(True), first_gradient(False), strict=True):
         torch.testing.assert_close(mine.detach(), reference, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradgradcheck(two_routers, (table, query))
+
+
+def test_torch_func_transforms_differentiate_the_norms():
+    """``torch.func.grad`` / ``vmap`` through a norm whose input needs a gradient (the
+    hooked path): `squared_norm`'s autograd.Function raised that it "must override the
+    setup_context staticmethod", where the `vector_norm` it replaced was accepted."""
+    x = torch.randn(3, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scale = (x.square().mean(-1, keepdim=True) + 1e-6).sqrt()  # by hand
+    expected = x / (x.shape[-1] * scale)  # d sqrt(mean(x**2) + eps) / dx
+
+    def total_scale(x):
+        return rms_scale(x, 1e-6).sum()
+
+    torch.testing.assert_close(torch.func.grad(total_scale)(x), expected, rtol=1e-12, atol=0)
+    per_row = torch.func.vmap(torch.func.grad(total_scale))(x)
+    torch.testing.assert_close(per_row, expected, rtol=1e-12, atol=0)

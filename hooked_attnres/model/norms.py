@@ -198,12 +198,19 @@ def squared_norm(x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
 
 class _SquaredNorm(torch.autograd.Function):
     """`squared_norm` with the gradient ``2 x g``, in plain operations of the saved input,
-    so a second derivative follows it exactly."""
+    so a second derivative follows it exactly. Written with ``setup_context`` and a
+    generated vmap rule, so ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``)
+    accept it, as they accept the `vector_norm` it replaced."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
