@@ -196,6 +196,17 @@ def squared_norm(x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()
 
 
+def squared_norms(xs: Sequence[Float[Tensor, "... d"]]) -> Float[Tensor, "n ..."]:
+    """`squared_norm` of each of the ``n`` tensors ``xs`` (one shape), the same bits,
+    stacked without the kept axis. Without a gradient, one square of the stacked norms:
+    a square (and a squeeze) per tensor made a no-grad router's source scales about 1.5x
+    slower at small shapes (5 sources ``[2, 8, 32]``: 25 us against 16 us)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return torch.stack([squared_norm(x).squeeze(-1) for x in xs])
+    dtype = stat_dtype(xs[0].dtype)
+    return torch.stack([torch.linalg.vector_norm(x, dim=-1, dtype=dtype) for x in xs]).square()
+
+
 class _SquaredNorm(torch.autograd.Function):
     """`squared_norm` with the gradient ``2 x g``, in plain operations of the saved input,
     so a second derivative follows it exactly. Written with ``setup_context`` and a

@@ -56,7 +56,7 @@ from hooked_attnres.model.norms import (
     make_hook,
     modules_if_unhooked,
     padding_eps,
-    squared_norm,
+    squared_norms,
 )
 
 
@@ -265,7 +265,7 @@ def source_scales(
     """``rms_scale`` of every source (the same bits: one norm per source, then the
     elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once; `padding_eps`
     of a source ``[batch, pos, 1]`` is ``[batch, pos]`` here)."""
-    squares = torch.stack([squared_norm(source).squeeze(-1) for source in sources])
+    squares = squared_norms(sources)
     row_eps = padding_eps(eps, sources[0])
     if isinstance(row_eps, Tensor):
         row_eps = row_eps.squeeze(-1)
