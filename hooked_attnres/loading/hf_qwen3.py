@@ -348,7 +348,7 @@ def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
         d_head=_get(config, "head_dim") or _get(config, "hidden_size") // n_heads,
         d_mlp=_get(config, "intermediate_size"),
         d_vocab=_get(config, "vocab_size"),
-        n_ctx=_get(config, "max_position_embeddings", 32768),  # Qwen3Config default
+        n_ctx=_n_ctx(config),  # the context the sliding windows are checked against
         eps=float(_get(config, "rms_norm_eps", 1e-6)),
         rotary_base=rope_theta(config),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
