@@ -9,7 +9,8 @@ from helpers import hf_qwen3, randomize_routing, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hooked_attnres import HookedAttnRes
-from hooked_attnres.model.norms import RMSNorm, _FusedRMSNorm, rms_scale
+from hooked_attnres.model.norms import RMSNorm, _FusedRMSNorm, padding_eps, rms_scale
+from hooked_attnres.model.passes import pass_extent
 from hooked_attnres.model.routing import _FusedRouting, source_scales
 
 
@@ -333,3 +334,23 @@ def test_source_scales_are_the_norms_bits_with_one_operation_per_extra_source(re
             assert torch.equal(scale, rms_scale(source, 1e-6).squeeze(-1))
     if not requires_grad:
         assert scales(4)[0] - scales(1)[0] == 3
+
+
+def test_padding_eps_is_the_passs_padding_made_once_per_pass():
+    """`padding_eps` of an eps-0 norm in a padded pass: 1 at the pass's padding rows, 0 at
+    its real ones, ``[batch, pos, 1, ...]``; one tensor for every norm of the pass (a new
+    one per norm cost about 7 % of a tiny padded eps-0 pass), and a later pass gets its own
+    padding, not the earlier pass's."""
+    x = torch.randn(2, 3, 4)
+    heads = torch.randn(2, 3, 2, 4)  # a q_norm / k_norm input [batch, pos, head, d_head]
+    for mask in (torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])):
+        expected = (mask == 0).to(torch.float32)
+        with pass_extent(0, 3, mask):
+            first = padding_eps(0.0, x)
+            assert torch.equal(first, expected[..., None])
+            assert padding_eps(0.0, x.clone()) is first
+            assert torch.equal(padding_eps(0.0, heads), expected[..., None, None])
+            assert torch.equal(padding_eps(0.0, x.double()), expected.double()[..., None])
+            assert padding_eps(1e-6, x) == 1e-6  # eps > 0: unchanged
+            assert padding_eps(0.0, torch.randn(2, 4, 4)) == 0.0  # not the pass's positions
+    assert padding_eps(0.0, x) == 0.0  # outside a pass

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
-from hooked_attnres.model.passes import pass_mask, real_tokens
+from hooked_attnres.model.passes import padding_rows
 
 
 def make_hook(pos_dim: int = -2) -> HookPoint:
@@ -170,19 +170,17 @@ def padding_eps(eps: Eps, x: Float[Tensor, "batch pos *rest"]) -> Eps:
     """The eps of a norm of ``x`` over its last axis in the running forward pass: ``eps``,
     except with ``eps == 0`` in a pass whose ``attention_mask`` marks padding among ``x``'s
     leading ``[batch, pos]`` (`real_tokens`): then ``[batch, pos, 1, ...]`` (``x.ndim``
-    axes, `stat_dtype`), 0 at real tokens (``mean + 0`` is the same bits) and 1 at
-    padding. A padding row can be all zero there (a padding query's zero attention output,
-    a zero pad-token embedding), whose ``0 / 0`` made the padding position nan, and the
-    backward's ``0 * nan`` every parameter gradient of the pass (a padding position
-    reaches no real one, so its numbers are arbitrary; now they are finite). An ``eps``
-    that is a tensor is this function's earlier answer and is returned as it is."""
-    if isinstance(eps, Tensor) or eps != 0 or pass_mask() is None or x.ndim < 3:
-        return eps  # the middle two: unpadded passes
-    real = real_tokens(x.shape[0], x.shape[1])
-    if real is None:
+    axes, `stat_dtype`; `padding_rows`, one tensor per pass), 0 at real tokens (``mean +
+    0`` is the same bits) and 1 at padding. A padding row can be all zero there (a padding
+    query's zero attention output, a zero pad-token embedding), whose ``0 / 0`` made the
+    padding position nan, and the backward's ``0 * nan`` every parameter gradient of the
+    pass (a padding position reaches no real one, so its numbers are arbitrary; now they
+    are finite). An ``eps`` that is a tensor is this function's earlier answer and is
+    returned as it is."""
+    if isinstance(eps, Tensor) or eps != 0 or x.ndim < 3:
         return eps
-    padding = (~real).to(device=x.device, dtype=stat_dtype(x.dtype))
-    return padding.reshape(*real.shape, *([1] * (x.ndim - 2)))
+    rows = padding_rows(x.shape[0], x.shape[1], x.ndim, stat_dtype(x.dtype), x.device)
+    return eps if rows is None else rows  # None: an unpadded pass, or none
 
 
 def squared_norm(x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
