@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing, tiny_model
+from helpers import eps_zero_config, hf_qwen3, randomize_routing, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hooked_attnres import HookedAttnRes
@@ -354,3 +354,38 @@ def test_padding_eps_is_the_passs_padding_made_once_per_pass():
             assert padding_eps(1e-6, x) == 1e-6  # eps > 0: unchanged
             assert padding_eps(0.0, torch.randn(2, 4, 4)) == 0.0  # not the pass's positions
     assert padding_eps(0.0, x) == 0.0  # outside a pass
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_a_norm_in_a_hook_of_a_padded_eps_zero_pass_normalises_another_tensor_exactly(layout):
+    """In a padded pass of an eps-0 model a norm applied in a hook to another run's tensor
+    (``model.ln_final(clean_cache[...])``, a router's `mix` of its sources) took eps 1 at
+    this pass's padding rows, real tokens of that run: 1.7 off at such a row of a 2-layer
+    kimi model (review finding). eps 1 is now kept to padding rows that are all zero, the
+    rows whose ``0 / 0`` it is for: another tensor is normalised exactly, bit for bit as
+    outside the pass, and the pass's own padding rows stay finite."""
+    model = HookedAttnRes(eps_zero_config(layout, 2, 1))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, 5), generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    other = torch.randn(2, 5, model.cfg.d_model, dtype=torch.float64, generator=generator)
+    other[0, 0] *= 1e-3  # a small real row of the other run at this pass's padding
+    sources = [other, 2 * other]
+    router = model.blocks[1].attn_res
+    outside = (model.ln_final(other), model.blocks[0].ln2(other), router.mix(sources))
+    inside = {}
+
+    def normalise_other(x, hook):
+        inside["ln_final"] = model.ln_final(other)
+        inside["ln2"] = model.blocks[0].ln2(other)
+        inside["mix"] = router.mix(sources)
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(
+            tokens, attention_mask=mask, fwd_hooks=[("blocks.1.hook_resid_pre", normalise_other)]
+        )
+    assert logits.isfinite().all()  # the pass's own all-zero padding rows: eps 1
+    assert torch.equal(inside["ln_final"], outside[0])
+    assert torch.equal(inside["ln2"], outside[1])
+    assert all(torch.equal(a, b) for a, b in zip(inside["mix"], outside[2], strict=True))

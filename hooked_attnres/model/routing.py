@@ -57,6 +57,7 @@ from hooked_attnres.model.norms import (
     modules_if_unhooked,
     padding_eps,
     squared_norms,
+    zero_row_eps,
 )
 
 
@@ -269,7 +270,7 @@ def source_scales(
     row_eps = padding_eps(eps, sources[0])
     if isinstance(row_eps, Tensor):
         row_eps = row_eps.squeeze(-1)
-    return (squares / sources[0].shape[-1] + row_eps).sqrt()
+    return (squares / sources[0].shape[-1] + zero_row_eps(row_eps, squares)).sqrt()
 
 
 def source_dots(
