@@ -332,7 +332,7 @@ class TokenizerMixin:
             require_token_ids(single_token, self.cfg.d_vocab)  # int() would truncate 3.7
             single_token = int(single_token.item())
         elif is_integer(single_token):
-            require_token_ids(torch.tensor(single_token), self.cfg.d_vocab)
+            require_token_ids(torch.tensor(single_token, device=tokens.device), self.cfg.d_vocab)
         else:  # a float or a bool would compare equal to other ids (True == 1)
             raise TypeError(
                 "single_token must be a token id (an int or a one-element integer tensor) or "
