@@ -724,3 +724,30 @@ def test_the_reliability_config_examples_are_refused():
     for field, value in examples:
         with pytest.raises(ValueError):
             tiny_model(**{field: eval(value, {"inf": float("inf")})})  # noqa: S307
+
+
+PACKAGES = [
+    "hooked_attnres",
+    *(f"hooked_attnres.{p.parent.name}" for p in sorted(REPO.glob("hooked_attnres/*/__init__.py"))),
+]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_exported_name_is_documented(package):
+    """Every name of a package's ``__all__`` (the package and its subpackages) is named in
+    code (a code block or an inline code span) in README.md or docs/*.md (benchmarks.md, a
+    log, does not count)."""
+    import importlib
+
+    pages = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    text = "\n".join(p.read_text() for p in pages if p.name != "benchmarks.md")
+    blocks = re.findall(r"```.*?```", text, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    code = "\n".join(blocks + spans)
+    module = importlib.import_module(package)
+    missing = [
+        name
+        for name in getattr(module, "__all__", [])
+        if not re.search(r"(?<![\w])" + re.escape(name) + r"(?![\w])", code)
+    ]
+    assert not missing, f"{package}: not in the docs: {missing}"
