@@ -467,6 +467,34 @@ def test_git_lfs_pointer_files_are_named_as_such(tmp_path, fmt, name):
     assert "git lfs pull" in str(info.value)
 
 
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres", "hf"])
+def test_git_lfs_pointer_of_a_file_no_loader_reads_is_ignored(tmp_path, fmt):
+    """Review finding: every file of the folder was checked for a Git LFS pointer, so a
+    complete checkpoint fetched with ``git lfs pull --include "*.safetensors"`` (the usual
+    way to skip a repository's other large files) was refused for a pointer left at a file
+    no loader reads (``pytorch_model.bin``, ``training_args.bin``)."""
+    directory = tmp_path / "ckpt"
+    if fmt == "hf":
+        reference = hf_qwen3().eval()
+        reference.save_pretrained(directory)
+        build_word_tokenizer(["a", "b"]).save_pretrained(directory)
+    else:
+        model = scrambled_model()
+        model.set_tokenizer(build_word_tokenizer(["a", "b"]))
+        model.save_pretrained(directory, format=fmt)
+    for name in ("pytorch_model.bin", "training_args.bin"):
+        (directory / name).write_text(LFS_POINTER)
+    tokens = torch.tensor([[1, 2, 3, 0]])
+    if fmt == "hf":
+        loaded = HookedAttnRes.from_hf_qwen3(directory, wrap="none")
+        expected = reference(tokens).logits
+    else:
+        loaded = HookedAttnRes.from_pretrained(directory)
+        expected = model(tokens)
+    torch.testing.assert_close(loaded(tokens), expected)
+    assert loaded.tokenizer is not None
+
+
 def test_missing_key(saved):
     directory, _ = saved
     rewrite_weights(directory, lambda state: state.pop("blocks.2.attn.W_Q"))

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# every file ``AutoTokenizer`` may read from a Qwen3 / word tokenizer folder (config.json
+# included): the files `load_tokenizer` checks for Git LFS pointers. Other files of the
+# folder are not read, and may be pointers (``git lfs pull --include "*.safetensors"``)
+_TOKENIZER_READS = (
+    *_TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -301,13 +314,12 @@ def load_tokenizer(directory: Path):
     """The tokenizer saved in ``directory``, or ``None`` if there is none.
 
     Raises:
-        CheckpointError: a file of the directory (a tokenizer file or the weights, which
-            every loader reads after the tokenizer) is a Git LFS pointer
-            (`require_not_lfs_pointer`); ``transformers`` would fail on it with a bare
-            ``JSONDecodeError``."""
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file():
-            require_not_lfs_pointer(path)
+        CheckpointError: a file the tokenizer is read from (`_TOKENIZER_READS`) is a Git
+            LFS pointer (`require_not_lfs_pointer`); ``transformers`` would fail on it with
+            a bare ``JSONDecodeError``. Pointers at the weights are named where they are
+            read (`read_safetensors_info`); files no loader reads are not looked at."""
+    for name in _TOKENIZER_READS:
+        require_not_lfs_pointer(Path(directory) / name)
     if not any((Path(directory) / name).exists() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
