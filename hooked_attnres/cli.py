@@ -247,6 +247,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from hooked_attnres._atomic import DirectoryBusyError
     from hooked_attnres.study import run_study
     from hooked_attnres.study.run import partial_dir
 
@@ -262,6 +263,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             robustness=not args.no_robustness,
         )
+    except DirectoryBusyError:
+        raise  # the kept models are the other study's, and it holds them
     except BaseException:
         kept = partial_dir(args.out)
         if kept.is_dir() and any(kept.glob("*.pkl")):

@@ -263,6 +263,31 @@ def test_an_interrupted_study_says_where_the_finished_models_are_kept(
     )
 
 
+def test_a_study_refused_as_busy_does_not_offer_another_studys_kept_models(
+    tmp_path, monkeypatch, capsys
+):
+    """Review finding: a study refused because another one writes the same out_dir
+    (``DirectoryBusyError``) said the models finished so far were kept and to run the
+    same command again: they are the other study's, and the same command is refused
+    again while it runs."""
+    from hooked_attnres import study
+    from hooked_attnres._atomic import DirectoryBusyError
+    from hooked_attnres.study.run import partial_dir
+
+    out = tmp_path / "study_out"
+
+    def busy(out_dir, **kwargs):
+        partial_dir(out_dir).mkdir()
+        (partial_dir(out_dir) / "vanilla_seed0.pkl").write_bytes(b"")  # the other's
+        raise DirectoryBusyError(f"{partial_dir(out_dir)} is being written by another study")
+
+    monkeypatch.setattr(study, "run_study", busy)
+    assert cli.main(["study", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is being written by another study (DirectoryBusyError" in err
+    assert "run the same command again" not in err
+
+
 def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
     code = cli.main(
         [
