@@ -277,10 +277,58 @@ def test_schedule_deviation_reads_the_real_positions_of_a_padded_cache():
             expected = max(expected, (real - predicted).abs().max().item())
         assert expected < 1e-6
         assert schedule_deviation(model, cache, schedule) == pytest.approx(expected, abs=1e-15)
-    # with positions that are not the run's, the padding cannot be told: every one is read
+    # with positions that are not the run's, the padding cannot be told: refused
     with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
         _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
-    with pytest.raises(ValueError, match="holds non-finite routing weights"):
+    with pytest.raises(ValueError, match="cached with a pos_slice"):
+        schedule_deviation(model, cache, schedule)
+
+
+def test_schedule_deviation_refuses_hooks_whose_padding_cannot_be_told():
+    """Review finding: a hook of a padded run cached with a ``pos_slice``, or left by an
+    earlier (padded) pass of kept caching hooks, was read at every position, its padding
+    included (finite routing of the pad token): here 0.63276 for a sliced cache whose real
+    tokens deviate by at most 0.62873. Both are refused now; a pos_slice of an unpadded
+    run is read as before."""
+    from helpers import tiny_model
+
+    model = randomize_routing(
+        tiny_model(attnres_layout="cumulative", dtype=torch.float64), seed=24, scale=0.5
+    )
+    cfg = model.cfg
+    schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias)
+    tokens = torch.tensor([[9, 9, 5, 6, 7], [4, 5, 6, 7, 8]])
+    mask = (tokens != 9).long()
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+
+    def deviation(rows_and_positions):  # independent: max |measured - predicted|
+        worst = 0.0
+        for site in model.sites():
+            weights = whole[site.hook("weights")]
+            measured = torch.stack([weights[b, p] for b, p in rows_and_positions])
+            predicted = schedule.weights(site.layer, site.kind).to(measured)
+            worst = max(worst, (measured - predicted).abs().max().item())
+        return worst
+
+    _, sliced = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
+    assert deviation([(0, 3), (1, 0), (1, 3)]) != pytest.approx(
+        deviation([(0, 0), (0, 3), (1, 0), (1, 3)]), abs=1e-3
+    )  # the padding (0, 0) would change the answer
+    with pytest.raises(ValueError, match=r"cached with a pos_slice.*without pos_slice"):
+        schedule_deviation(model, sliced, schedule)
+    # unpadded: every position is a real token, a pos_slice is read as it is
+    _, unpadded = model.run_with_cache(tokens[1:], pos_slice=[0, 3])
+    _, whole = model.run_with_cache(tokens[1:])
+    assert schedule_deviation(model, unpadded, schedule) == pytest.approx(
+        deviation([(0, 0), (0, 3)]), abs=1e-15
+    )
+    # caching hooks kept over a padded pass and a shorter unpadded one: the later layers
+    # hold the padded pass's weights, recorded as unpadded
+    cache, fwd, _ = model.get_caching_hooks()
+    with model.hooks(fwd_hooks=fwd):
+        model(tokens, attention_mask=mask)
+        model(tokens, stop_at_layer=1)
+    with pytest.raises(ValueError, match="were last filled by an earlier pass"):
         schedule_deviation(model, cache, schedule)
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from hooked_attnres._validation import is_integer, require_finite_number, require_integer
 from hooked_attnres.analysis.mass import require_finite_mass
 from hooked_attnres.config import MODES
+from hooked_attnres.interventions.checks import require_run_positions
 from hooked_attnres.model.cache import record_of, require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 from hooked_attnres.model.passes import padding_of
@@ -132,14 +133,16 @@ def schedule_deviation(
         cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``
             (``[batch, pos, n_sources]``). The padding its run recorded (``attention_mask``,
             `hooked_attnres.model.cache.record_of`) is left out; a hook cached with a
-            ``pos_slice`` is read at every position (its padding cannot be told).
+            ``pos_slice`` is read at every position if the run had no padding.
         schedule: the prediction (default: `recency_schedule` of the model's shape and
             configured recency bias).
 
     Raises:
         ValueError: a router's cached weights hold NaN or infinity at a token read (no
             deviation can be measured; NaN would otherwise be skipped and the routing
-            reported as agreeing).
+            reported as agreeing); hooks whose padding cannot be told
+            (`hooked_attnres.interventions.checks.require_run_positions`: cached with a
+            ``pos_slice`` in a padded run, or last filled by an earlier pass).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
@@ -157,12 +160,12 @@ def schedule_deviation(
     require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
     record = record_of(cache)
     real = None if record is None else padding_of(record.attention_mask)
+    if record is not None:  # hooks whose padding cannot be told (any, when unpadded)
+        names = [site.hook("weights") for site in model.sites()]
+        require_run_positions(record, "schedule_deviation's cache", names, real is not None)
     for site in model.sites():
         name = site.hook("weights")
-        # a hook cached with a pos_slice or by an earlier pass: its positions are not the
-        # recorded run's, so its padding cannot be told
-        other = record is not None and (name in record.sliced or name in record.stale)
-        measured = _real_positions(cache[name].double(), real, other)
+        measured = _real_positions(cache[name].double(), real)
         assert site.layer is not None  # the cumulative layout has no final router
         predicted = schedule.weights(site.layer, site.kind).to(measured.device)
         if measured.shape[-1] != predicted.shape[0]:
@@ -181,13 +184,13 @@ def schedule_deviation(
 
 
 def _real_positions(
-    weights: Float[Tensor, "... n_sources"], real: Optional[Tensor], other: bool
+    weights: Float[Tensor, "... n_sources"], real: Optional[Tensor]
 ) -> Float[Tensor, "... n_sources"]:
     """``weights`` (``[batch, pos, n_sources]``, or ``[pos, n_sources]`` of a one-prompt
     cache without its batch axis) at the real tokens of ``real`` (``[batch, pos]``, the
     cache's recorded padding, `padding_of`), as ``[n_real, n_sources]``; all of them without
-    padding or when their positions are not the run's (``other``)."""
-    if real is None or other:
+    padding."""
+    if real is None:
         return weights
     real = real.to(weights.device)
     if weights.shape[:-1] == real.shape:

@@ -80,6 +80,17 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
             "hooked_attnres.RunCacheDict(tensors, n_past=0, attention_mask=mask) (mask: the "
             "run's [batch, pos] attention_mask, None without padding)"
         )
+    require_run_positions(record, what, names)
+    return record
+
+
+def require_run_positions(
+    record: RunRecord, what: str, names: Iterable[str], sliced: bool = True
+) -> None:
+    """Refuse the hooks ``names`` of a cache (its ``record``, `record_of`) whose position
+    ``p`` may not be the recorded run's position ``p``: those last filled by an earlier
+    pass (`RunCacheDict.stale`), and (``sliced``) those cached with a ``pos_slice`` that
+    drops or reorders positions. Their padding, in particular, cannot be told."""
     for marked, why in (
         (
             record.stale,
@@ -89,7 +100,7 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
             "(model.run_with_cache(tokens)), or reset the hooks between passes",
         ),
         (
-            record.sliced,
+            record.sliced if sliced else frozenset(),
             "were cached with a pos_slice that drops or reorders positions, so their position "
             "p is not the run's position p. Cache the run without pos_slice",
         ),
@@ -97,7 +108,6 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
         found = [name for name in dict.fromkeys(names) if name in marked]
         if found:
             raise ValueError(f"{what}: {found[:3]}{' ...' if len(found) > 3 else ''} {why}")
-    return record
 
 
 def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:
