@@ -90,13 +90,15 @@ def _require_table(
     columns: Sequence[str],
     what: str,
     finite: Sequence[str] = (),
-    interval_of: Optional[str] = None,
+    intervals: bool = False,
 ) -> None:
     """Refuse a table without ``columns``, an empty one, one with a NaN or infinite value
     in a ``finite`` column (plotly draws a NaN bar as no bar, read as 0, and a NaN whisker
-    as no whisker, read as a certain value), or, with ``interval_of``, a row whose
-    ``[ci_low, ci_high]`` does not contain that column's value (a whisker would point the
-    wrong way)."""
+    as no whisker, read as a certain value), or, with ``intervals``, a row whose
+    ``ci_low`` exceeds its ``ci_high`` (swapped bounds). An estimate outside its ordered
+    interval is drawn as it is: plotly draws a whisker from ``value - arrayminus`` to
+    ``value + array`` whatever their signs, i.e. from ``ci_low`` to ``ci_high`` (a
+    percentile bootstrap interval may exclude the mean, e.g. with few resamples)."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{what} lacks the column(s) {missing} (it has {list(table.columns)})")
@@ -114,17 +116,14 @@ def _require_table(
             "certain (an interval is NaN when the bootstrap had one prompt): recompute it "
             "(more prompts, or a finite forward pass)"
         )
-    if interval_of is not None:
-        value = interval_of
-        # a row of equal per-prompt values has bounds one rounding step off its mean
-        slack = 1e-9 * (table[value].abs() + table.ci_low.abs() + table.ci_high.abs())
-        outside = (table.ci_low - slack > table[value]) | (table[value] > table.ci_high + slack)
-        if outside.any():
-            row = table[outside].iloc[0]
+    if intervals:
+        swapped = table.ci_low > table.ci_high
+        if swapped.any():
+            row = table[swapped].iloc[0]
             raise ValueError(
                 f"{what} has an interval [ci_low, ci_high] = [{row.ci_low}, {row.ci_high}] "
-                f"that does not contain its {value} {row[value]} ({int(outside.sum())} "
-                "row(s)): swapped bounds? whiskers would point the wrong way"
+                f"whose lower bound exceeds its upper ({int(swapped.sum())} row(s)): "
+                "swapped bounds? the whisker would not show the interval"
             )
 
 
@@ -466,14 +465,14 @@ def _merged(
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
     _require_table(
         shown,
         INTERVAL,
         "mass_summary (at the effects' routers)",
         finite=INTERVAL,
-        interval_of="mass",
+        intervals=True,
     )
     remedy = (
         "pass one model's tables, with the mass summarised by ('router', 'family') "
@@ -592,11 +591,11 @@ def mass_effect_scatter(
                     array=[row.ci_high_mass - row.mass],
                     arrayminus=[row.mass - row.ci_low_mass],
                 ),
-                error_y=dict(
+                error_y=dict(  # from low to high, also where size lies outside them
                     type="data",
                     symmetric=False,
-                    array=[max(high - size, 0)],
-                    arrayminus=[max(size - low, 0)],
+                    array=[high - size],
+                    arrayminus=[size - low],
                 ),
             )
         )
@@ -671,7 +670,7 @@ def effect_bands(
             f"{list(dict.fromkeys(chosen.group))})"
         )
     chosen = chosen[chosen.group.isin(groups)]
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     routers = [r for r in ROUTERS if r in set(chosen.router)]
     families = _families(chosen.family)
     fig = make_subplots(
@@ -776,7 +775,7 @@ def effects_by_seed(
         "effects",
         "give each model a distinct condition or seed",
     )
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     for axis, asked in (("router", routers), ("group", groups)):
         lacking = [a for a in asked if a not in set(chosen[axis])]
         if lacking:  # an empty panel, or an empty slot on every panel's x-axis
@@ -865,8 +864,8 @@ def mass_effect_by_seed(
     remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
     _require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
     _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, interval_of="effect")
-    _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, interval_of="mass")
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
+    _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
     chosen, unit = _scaled(chosen, relative)
     columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))

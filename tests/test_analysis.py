@@ -1304,6 +1304,59 @@ def test_source_heatmap_refuses_non_finite_weights_and_other_positions():
         plotting.source_heatmap(model, cache)
 
 
+def _whiskers(fig) -> list[tuple[float, float]]:
+    """Every drawn whisker's ``(bottom, top)``: plotly draws it from ``y - arrayminus`` to
+    ``y + array`` whatever their signs."""
+    out = []
+    for trace in fig.data:
+        error = trace.error_y
+        if error is None or error.array is None:
+            continue
+        for y, up, down in zip(trace.y, error.array, error.arrayminus, strict=True):
+            out.append((float(y) - float(down), float(y) + float(up)))
+    return out
+
+
+def test_an_estimate_outside_its_interval_is_drawn_with_the_interval():
+    """A percentile bootstrap interval may exclude the mean (e.g. with few resamples):
+    such rows were refused as if the bounds were swapped (a study with ``--bootstrap 10``
+    failed in its figures after every model had run), and the scatter's |effect| whisker
+    was clipped at the point (drawn from the estimate instead of the interval's bound).
+    The whiskers now span exactly ``[ci_low, ci_high]`` (the plotted unit: percent of the
+    clean logit difference in the bars and bands, |effect| in the scatter)."""
+    mass, effects = _plot_tables(bands=("all",))
+    mass = mass.drop(columns=["seed", "band"])
+    effects = effects.drop(columns="seed")
+    row = effects.index[(effects.group == "all") & (effects.effect > 0.3)][0]
+    e = effects.loc[row, "effect"]
+    effects.loc[row, ["ci_low", "ci_high"]] = [e + 0.1, e + 0.3]  # the mean below it
+    percent = 100 / effects.loc[row, "clean"]
+    expected = {
+        "bars": ((e + 0.1) * percent, (e + 0.3) * percent),
+        "scatter": (e + 0.1, e + 0.3),
+    }
+    figures = {
+        "bars": plotting.mass_effect_bars(mass, effects),
+        "scatter": plotting.mass_effect_scatter(mass, effects),
+    }
+    for name, fig in figures.items():
+        low, high = expected[name]
+        assert any(
+            abs(a - low) <= 1e-9 * abs(low) and abs(b - high) <= 1e-9 * abs(high)
+            for a, b in _whiskers(fig)
+        ), name
+    early = effects.index[(effects.group == "early") & (effects.effect > 0.3)][0]
+    e = effects.loc[early, "effect"]
+    effects.loc[early, ["ci_low", "ci_high"]] = [e - 0.3, e - 0.1]  # the mean above it
+    percent = 100 / effects.loc[early, "clean"]
+    bands = _whiskers(plotting.effect_bands(effects))
+    assert any(
+        abs(a - (e - 0.3) * percent) <= 1e-9 * abs(e * percent)
+        and abs(b - (e - 0.1) * percent) <= 1e-9 * abs(e * percent)
+        for a, b in bands
+    )
+
+
 def test_effect_figures_refuse_nan_missing_columns_and_inverted_intervals():
     mass, effects = _plot_tables(bands=("all",))
     mass = mass.drop(columns=["seed", "band"])
@@ -1325,7 +1378,7 @@ def test_effect_figures_refuse_nan_missing_columns_and_inverted_intervals():
                     with pytest.raises(ValueError, match=f"1 non-finite '{column}' value"):
                         plot(mass, broken)
         swapped = effects.assign(ci_low=effects.ci_high, ci_high=effects.ci_low)
-        with pytest.raises(ValueError, match="does not contain its effect"):
+        with pytest.raises(ValueError, match="whose lower bound exceeds its upper"):
             plot(mass, swapped)
         with pytest.raises(ValueError, match=r"effects lacks the column\(s\) \['ci_high'\]"):
             plot(mass, effects.drop(columns="ci_high"))
