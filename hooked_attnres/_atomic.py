@@ -58,6 +58,23 @@ MARKER = ".hooked_attnres_complete.json"
 MARKER_FORMAT = "hooked_attnres.complete"
 TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
+SIBLING_ID = "[0-9a-f]{8}"  # the <id> of `sibling`'s names, as a regular expression
+
+
+def sibling(target: Path, infix: str) -> Path:
+    """A new hidden sibling of ``target`` named ``.NAME{infix}<id>`` (``<id>``: 8 random hex
+    digits, `SIBLING_ID`): the temporary, set-aside and partial files of the writes here."""
+    return target.parent / f".{target.name}{infix}{uuid.uuid4().hex[:8]}"
+
+
+def sibling_pattern(name: str, *infixes: str) -> re.Pattern:
+    """The names `sibling` makes for a target named ``name`` with any of ``infixes``, whole
+    names only (use ``fullmatch``): a prefix would take the siblings of a target named
+    ``NAME.old-x`` for ``NAME``'s."""
+    alternatives = "|".join(map(re.escape, infixes))
+    return re.compile(rf"\.{re.escape(name)}(?:{alternatives}){SIBLING_ID}")
+
+
 CRASH_ENV = "HOOKED_ATTNRES_CRASH_AT"
 LOCK_FILE = ".hooked_attnres.lock"  # the fallback lock (`_open_lock`)
 
@@ -345,11 +362,8 @@ def exclusive_job(directory: Union[str, Path], job: str) -> Iterator[None]:
 
 
 def _leftover_name(name: str) -> re.Pattern:
-    """``.NAME.tmp-<id>`` and ``.NAME.old-<id>`` (``<id>``: 8 hex digits), whole names only:
-    a prefix would take the leftovers of a checkpoint named ``NAME.old-x`` for ``NAME``'s."""
-    return re.compile(
-        rf"\.{re.escape(name)}(?:{re.escape(TMP_INFIX)}|{re.escape(OLD_INFIX)})[0-9a-f]{{8}}"
-    )
+    """``.NAME.tmp-<id>`` and ``.NAME.old-<id>`` (`sibling_pattern`)."""
+    return sibling_pattern(name, TMP_INFIX, OLD_INFIX)
 
 
 def leftovers_of(target: Union[str, Path]) -> list[Path]:
@@ -400,7 +414,7 @@ def _recover_locked(target: Path) -> bool:
         best_seq, best = max(complete, key=lambda item: item[0])
         if own is None or best_seq > own["sequence"]:
             if target.exists() or target.is_symlink():
-                aside = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
+                aside = sibling(target, OLD_INFIX)
                 os.rename(target, aside)
                 _fsync_dir(target.parent)
                 others.append(aside)
@@ -551,7 +565,7 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
         check_replaceable(target, overwrite)
         marker = read_marker(target) if target.is_dir() else None
         sequence = (marker["sequence"] if marker else 0) + 1
-        tmp = target.parent / f".{target.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
+        tmp = sibling(target, TMP_INFIX)
         tmp.mkdir()
         committed = False
         try:
@@ -565,7 +579,7 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
             fault_point("committed")
             aside = None
             if target.exists() or target.is_symlink():
-                aside = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
+                aside = sibling(target, OLD_INFIX)
                 os.rename(target, aside)
                 fault_point("moved_aside")
             os.rename(tmp, target)
@@ -619,10 +633,10 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     was left by a writer that was killed: it is deleted (it used to stay forever, one per
     crash)."""
     path = _real(path)
-    partial = path.parent / f".{path.name}{PARTIAL_INFIX}{uuid.uuid4().hex[:8]}"
+    partial = sibling(path, PARTIAL_INFIX)
     with _locked(path, exclusive=True) as locked:
         if locked:
-            mine = re.compile(rf"\.{re.escape(path.name)}{re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}}")
+            mine = sibling_pattern(path.name, PARTIAL_INFIX)
             for stale in path.parent.iterdir():
                 if mine.fullmatch(stale.name):
                     with contextlib.suppress(OSError):

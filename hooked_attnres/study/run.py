@@ -39,6 +39,7 @@ from hooked_attnres._atomic import (
     LOCK_FILE,
     PARTIAL_INFIX,
     RUN_LOCK,
+    SIBLING_ID,
     CheckpointConflictError,
     atomic_directory,
     check_replaceable,
@@ -510,7 +511,7 @@ def _partial_file(partial: Path, condition: str, seed: int) -> Path:
 # where the folder cannot be locked, the lock file `LOCK_FILE`; the study's `RUN_LOCK`)
 _KEPT_FILE = re.compile(
     rf"(\.)?(?:{'|'.join(map(re.escape, CONDITIONS))})_seed\d+\.pkl"
-    rf"(?(1){re.escape(PARTIAL_INFIX)}[0-9a-f]{{8}})"
+    rf"(?(1){re.escape(PARTIAL_INFIX)}{SIBLING_ID})"
 )
 
 
