@@ -1772,7 +1772,7 @@ def test_to_string_of_one_token_and_single_str_token():
         model.to_single_str_token("w7")
     with pytest.raises(ValueError, match=r"not in \[0, 50\)"):
         model.to_single_str_token(50)
-    with pytest.raises(TypeError, match="integer token ids"):
+    with pytest.raises(TypeError, match="token ids must be an integer tensor"):
         model.to_string(torch.tensor(1.0))
     # audit finding: a negative id raised the tokenizer's bare OverflowError
     for bad in (-1, [token, -1], torch.tensor([[token, 50]])):

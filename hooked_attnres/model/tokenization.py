@@ -204,9 +204,8 @@ class TokenizerMixin:
         ``[batch, pos]`` to a list of strings."""
         tokenizer = self._require_tokenizer("to_string")
         tokens = torch.as_tensor(tokens)
-        if tokens.is_floating_point() or tokens.dtype == torch.bool:
-            raise TypeError(f"to_string takes integer token ids, got dtype {tokens.dtype}")
-        require_token_ids(tokens, self.cfg.d_vocab)  # a negative id overflowed the decoder
+        # integer ids in [0, d_vocab): a negative id overflowed the decoder
+        require_token_ids(tokens, self.cfg.d_vocab)
         if tokens.ndim == 0:
             tokens = tokens[None]
         if tokens.ndim == 2:
