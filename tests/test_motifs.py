@@ -835,3 +835,31 @@ def test_the_verdicts_say_when_the_robustness_check_was_not_run(tmp_path):
         "this run skipped the robustness check of docs/study.md."
     )
     assert not any(line.startswith("On a second") for line in lines)
+
+
+def test_the_verdict_lines_keep_the_baselines_claims_without_a_block_attnres_condition(tmp_path):
+    """A study of recency-wrapped baselines only (`hooked-attnres study --conditions
+    vanilla`) had no claim line at all: the shipped vanilla's M2-attn (1 of 1) and
+    paperlike_vanilla_L8's M2 (3 of 3) left the verdicts without a word; and a study whose
+    Block AttnRes conditions have one seed each read "replicated or majority in 0 of 0
+    Block AttnRes conditions with several seeds"."""
+    from hooked_attnres.study import verdict_sentences
+
+    alone = fake_study(tmp_path, {"hard_vanilla_L8": ([0, 1, 2], [0, 1, 2])})
+    lines = {line.split(":")[0]: line for line in verdict_sentences(alone)}
+    assert lines["M1"] == (
+        "M1: no Block AttnRes condition was studied; recency-wrapped vanilla baselines: "
+        "hard_vanilla_L8 3/3 replicated."
+    )
+    assert lines["M3"].endswith("hard_vanilla_L8 0/3 absent.")
+    assert all(claim in lines for claim in CLAIMS)
+    single = fake_study(tmp_path, {"attnres": ([0], [0]), "vanilla": ([0], [])})
+    lines = {line.split(":")[0]: line for line in verdict_sentences(single)}
+    assert lines["M1"] == (
+        "M1: present in the single seed of attnres; recency-wrapped vanilla baselines: "
+        "vanilla 0/1 absent."
+    )
+    assert lines["M3"] == (
+        "M3: absent in the single seed of attnres; absent in every seed of every Block AttnRes "
+        "condition: not replicated; recency-wrapped vanilla baselines: vanilla 0/1 absent."
+    )

@@ -59,33 +59,41 @@ def _conclusion(result: StudyResult) -> list[str]:
     lines = []
     for claim in CLAIMS:
         rows = verdicts[verdicts.claim == claim]
-        ours = rows[rows.condition.isin(trained)]
-        if ours.empty:
+        if rows.empty:
             continue
+        ours = rows[rows.condition.isin(trained)]
+        parts = []
         seeded = ours[ours.n > 1]  # one seed replicates nothing (amendment 3)
-        held = [
-            f"{r.condition} {r.k}/{r.n} {r.verdict}"
-            for r in seeded.itertuples()
-            if r.verdict in ("replicated", "majority")
-        ]
-        line = (
-            f"{claim}: replicated or majority in {len(held)} of {len(seeded)} Block AttnRes "
-            "conditions with several seeds" + (f" ({', '.join(held)})" if held else "")
-        )
-        minority = [
-            f"{r.condition} {r.k}/{r.n}" for r in seeded.itertuples() if r.verdict == "minority"
-        ]
-        if minority:
-            line += f"; minority in {', '.join(minority)}"
+        if not seeded.empty:
+            held = [
+                f"{r.condition} {r.k}/{r.n} {r.verdict}"
+                for r in seeded.itertuples()
+                if r.verdict in ("replicated", "majority")
+            ]
+            parts.append(
+                f"replicated or majority in {len(held)} of {len(seeded)} Block AttnRes "
+                "conditions with several seeds" + (f" ({', '.join(held)})" if held else "")
+            )
+            minority = [
+                f"{r.condition} {r.k}/{r.n}" for r in seeded.itertuples() if r.verdict == "minority"
+            ]
+            if minority:
+                parts.append(f"minority in {', '.join(minority)}")
         for r in ours[ours.n == 1].itertuples():
-            line += f"; {'present' if r.k else 'absent'} in the single seed of {r.condition}"
-        if (ours.k == 0).all():  # docs/study.md: "reported as not replicated"
-            line += "; absent in every seed of every Block AttnRes condition: not replicated"
+            parts.append(f"{'present' if r.k else 'absent'} in the single seed of {r.condition}")
+        if ours.empty:  # a study of baselines only: their verdicts are still reported
+            parts.append("no Block AttnRes condition was studied")
+        elif (ours.k == 0).all():  # docs/study.md: "reported as not replicated"
+            parts.append("absent in every seed of every Block AttnRes condition: not replicated")
         baselines = rows[~rows.condition.isin(trained)]
         if not baselines.empty:
-            line += "; recency-wrapped vanilla baselines: " + ", ".join(
-                f"{r.condition} {r.k}/{r.n} {r.verdict}" for r in baselines.itertuples()
+            parts.append(
+                "recency-wrapped vanilla baselines: "
+                + ", ".join(
+                    f"{r.condition} {r.k}/{r.n} {r.verdict}" for r in baselines.itertuples()
+                )
             )
+        line = f"{claim}: " + "; ".join(parts)
         lines.append(line + ".")
     lines += _as_written_lines(result)
     d1 = result.motifs[
