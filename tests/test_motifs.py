@@ -863,3 +863,21 @@ def test_the_verdict_lines_keep_the_baselines_claims_without_a_block_attnres_con
         "M3: absent in the single seed of attnres; absent in every seed of every Block AttnRes "
         "condition: not replicated; recency-wrapped vanilla baselines: vanilla 0/1 absent."
     )
+
+
+def test_the_accuracy_table_prints_the_same_digits_in_markdown_and_html(tmp_path):
+    """pandas' HTML pads a float column to common digits and the Markdown printed each
+    float as Python does: the shipped report's paperlike_vanilla_L16-like row read "0.18"
+    in report.md and "0.180" in report.html, and a logit difference 1.6 against 1.60."""
+    import re
+
+    from hooked_attnres.study.report import study_report, study_report_html
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [])})
+    result.accuracy = result.accuracy.assign(accuracy=[0.18, 0.59375], logit_diff=[1.6, 0.0123])
+    text = study_report(result)
+    markdown = [line.split(" | ")[-2:] for line in text.splitlines() if "| 64 |" in line]
+    assert markdown == [["0.180", "1.60 |"], ["0.594", "0.01 |"]]
+    page = study_report_html(result)
+    cells = re.findall(r"<td>64</td>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>", page)
+    assert cells == [("0.180", "1.60"), ("0.594", "0.01")]

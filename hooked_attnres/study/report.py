@@ -360,7 +360,15 @@ def _accuracy_blocks(result: StudyResult) -> list[Block]:
     return [
         ("h2", "Accuracy on the held-out probe prompts"),
         ("p", text),
-        ("table", table.round({"accuracy": 3, "logit_diff": 2})),
+        # as text, so that report.md and report.html print the same digits (pandas' HTML
+        # pads a float column to common digits: 0.18 read "0.180" there)
+        (
+            "table",
+            table.assign(
+                accuracy=[_fmt(v) for v in table.accuracy],
+                logit_diff=[_fmt(v, 2) for v in table.logit_diff],
+            ),
+        ),
     ]
 
 
