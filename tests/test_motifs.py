@@ -881,3 +881,39 @@ def test_the_accuracy_table_prints_the_same_digits_in_markdown_and_html(tmp_path
     page = study_report_html(result)
     cells = re.findall(r"<td>64</td>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>", page)
     assert cells == [("0.180", "1.60"), ("0.594", "0.01")]
+
+
+def test_per_seed_sentences_print_the_digits_that_decide_each_threshold():
+    """The sentences printed each number at fixed digits: an effect of 4.996 % of the clean
+    difference read "5.0 %" in a motif absent for its size (criterion 2: 5 %), a
+    prev_completed mass of 0.0996 read "mass 0.100" in an absent D3 (>= 0.10), and a D2
+    whose masses and effects pass read "mass 0.100 vs 0.400, effect -0.50 vs -0.10"
+    without the embedding interval (ci_high +0.01) that made it absent."""
+
+    def sentence(claim, effects, mass=None, clean=10.0):
+        report = motif_report(*tables(effects, mass=mass, clean=clean, seed=0))
+        row = report.set_index("claim").loc[claim]
+        verdict = motif_verdicts(report).set_index("claim").loc[claim, "sentence"]
+        return bool(row.present), verdict
+
+    cell = ("mlp_res", "early", "embedding")
+    held, text = sentence("M1", {cell: harmful(-0.49996, width=0.1)})
+    assert not held and "= 4.9996 % of the clean 10.00" in text  # 5.0 would read as met
+    held, text = sentence("M1", {cell: harmful(-0.5, width=0.1)})  # exactly 5 %: met
+    assert held and "= 5.0 % of the clean 10.00" in text
+    held, text = sentence("M1", {cell: harmful(-0.3, width=0.1)})  # the usual one decimal
+    assert not held and "= 3.0 % of the clean 10.00" in text
+    pc = ("attn_res", "all", "prev_completed")
+    held, text = sentence("D3-attn_res", {pc: (0.0, -0.1, 0.1)}, {("attn_res", pc[2]): 0.0996})
+    assert not held and "seed 0: mass 0.0996, effect" in text
+    held, text = sentence("D3-attn_res", {pc: (0.0, -0.1, 0.1)}, {("attn_res", pc[2]): 0.1})
+    assert held and "seed 0: mass 0.100, effect" in text
+    d2 = {("mlp_res", "embedding"): 0.1, ("mlp_res", "current"): 0.4}
+    emb, cur = ("mlp_res", "all", "embedding"), ("mlp_res", "all", "current")
+    held, text = sentence("D2", {emb: (-0.5, -0.9, 0.01), cur: (-0.1, -0.2, -0.05)}, d2)
+    assert not held and text.endswith(
+        "seed 0: mass 0.100 vs 0.400, effect -0.50 vs -0.10, but embedding's effect interval "
+        "does not exclude 0 (ci_high +0.01)."
+    )
+    held, text = sentence("D2", {emb: (-0.5, -0.9, -0.01), cur: (-0.1, -0.2, -0.05)}, d2)
+    assert held and text.endswith("seed 0: mass 0.100 vs 0.400, effect -0.50 vs -0.10.")

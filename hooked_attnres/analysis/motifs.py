@@ -544,6 +544,20 @@ def _digits_apart(value: float, other: float) -> str:
     return repr(value)
 
 
+def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
+    """``value`` formatted with ``digits`` decimals (``spec``: a format type, ``"f"`` or
+    ``"e"``, with any flag before it, ``"+f"``), or with as many more as it takes for the
+    printed number to compare with ``threshold`` as ``value`` does (below, equal, above):
+    an effect of 4.9996 % of the clean difference printed "5.0 %" beside criterion 2's 5 %,
+    which it fails."""
+    flag, kind = spec[:-1], spec[-1]
+    for places in range(digits, 17):
+        text = format(value, f"{flag}.{places}{kind}")
+        if np.sign(float(text) - threshold) == np.sign(value - threshold):
+            return text
+    return repr(value)
+
+
 def claim_text(claim: str) -> str:
     """What a claim id (`CLAIMS`) says, e.g. ``"M1"`` -> ``"embedding through early MLP
     routers"``."""
@@ -572,8 +586,11 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
             details.append(f"seed {seed}: {', '.join(parts)}")
         elif claim in MOTIFS:
+            percent = printed_beside(
+                100 * row.effect_fraction, 100 * PREREGISTERED.min_effect_fraction, 1
+            )
             share = (
-                f"{100 * row.effect_fraction:.1f} % of the clean {row.clean:.2f}"
+                f"{percent} % of the clean {row.clean:.2f}"
                 if row.clean > 0
                 else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
             )
@@ -600,13 +617,26 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}{note}"
             )
         elif claim == "D2":
-            details.append(
+            detail = (
                 f"seed {seed}: mass {row.mass_embedding:.3f} vs {row.mass_current:.3f},"
                 f" effect {row.effect_embedding:+.2f} vs {row.effect_current:+.2f}"
             )
+            # the embedding interval, where it alone decided: the masses and effects
+            # printed above would read as met
+            c = PREREGISTERED
+            others_met = row.mass_embedding < c.d2_mass_ratio * row.mass_current and (
+                -row.effect_embedding >= c.d2_effect_ratio * max(-row.effect_current, 0.0)
+            )
+            if not row.present and others_met and row.ci_high_embedding >= 0:
+                detail += (
+                    ", but embedding's effect interval does not exclude 0 (ci_high "
+                    f"{printed_beside(row.ci_high_embedding, 0.0, 2, '+f')})"
+                )
+            details.append(detail)
         else:
+            mass = printed_beside(row.mass, PREREGISTERED.d3_min_mass, 3)
             detail = (
-                f"seed {seed}: mass {row.mass:.3f}, effect {_fmt_effect(row)} (top "
+                f"seed {seed}: mass {mass}, effect {_fmt_effect(row)} (top "
                 f"family {row.top_effect}, harm {row.top_harm:.2f})"
             )
             # where the interval excludes 0, the size test decides: its two numbers, with

@@ -17,6 +17,7 @@ from hooked_attnres.analysis.motifs import (
     PREREGISTERED,
     PREREGISTERED_CONFIDENCE,
     claim_text,
+    printed_beside,
     same_top_family,
 )
 from hooked_attnres.interventions.selection import depth_bands
@@ -156,11 +157,7 @@ def _deviation_text(largest: float, threshold: float) -> str:
     """``largest`` in 2 significant digits, or in as many as it takes for the printed
     number to fall on the same side of ``threshold`` as the number itself (1.0000001e-6
     printed "1.0e-06" next to "does not hold (criterion <= 1e-6)")."""
-    for digits in range(1, 17):
-        text = f"{largest:.{digits}e}"
-        if (float(text) <= threshold) == (largest <= threshold):
-            return text
-    return repr(largest)
+    return printed_beside(largest, threshold, 1, "e")
 
 
 def _schedule_sentences(result: StudyResult) -> list[str]:
