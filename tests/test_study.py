@@ -103,6 +103,21 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
 
 
+def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
+    """`available` read any digits after "_seed": a copy named attnres_seed00 beside
+    attnres_seed0 listed seed 0 twice, so the study measured that model twice and was
+    refused only after the work; attnres_seed01 alone listed seed 1, whose folder
+    attnres_seed1 does not exist; and attnres_seed\u00b2 (a digit to str.isdigit, not to
+    int) crashed with "invalid literal for int()"."""
+    for name in ("attnres_seed0", "attnres_seed00", "attnres_seed01", "attnres_seed\u00b2"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text("{}")
+    assert available(tmp_path) == {"attnres": [0]}
+    assert [run_dir(tmp_path, "attnres", s).name for s in available(tmp_path)["attnres"]] == [
+        "attnres_seed0"
+    ]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

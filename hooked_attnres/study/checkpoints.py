@@ -8,6 +8,7 @@ shipped checkpoints use the same convention under ``hooked_attnres/data/study``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -68,10 +69,12 @@ def available(checkpoints: Optional[PathLike] = None) -> dict[str, list[int]]:
     root = SHIPPED if checkpoints is None else Path(checkpoints)
     out: dict[str, list[int]] = {}
     for condition in CONDITIONS:
+        # only the folder `run_dir` names: "_seed00" or "_seed01" would be read as seed 0 or
+        # 1 (twice, or one whose folder is another), and "_seed\u00b2" is a digit to isdigit
         seeds = sorted(
             int(path.name.rsplit("_seed", 1)[1])
             for path in root.glob(f"{condition}_seed*")
-            if path.name.rsplit("_seed", 1)[1].isdigit()
+            if re.fullmatch(r"0|[1-9][0-9]*", path.name.rsplit("_seed", 1)[1])
             and (path / "model" / "config.json").exists()
         )
         if seeds:
