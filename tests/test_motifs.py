@@ -888,7 +888,8 @@ def test_per_seed_sentences_print_the_digits_that_decide_each_threshold():
     difference read "5.0 %" in a motif absent for its size (criterion 2: 5 %), a
     prev_completed mass of 0.0996 read "mass 0.100" in an absent D3 (>= 0.10), and a D2
     whose masses and effects pass read "mass 0.100 vs 0.400, effect -0.50 vs -0.10"
-    without the embedding interval (ci_high +0.01) that made it absent."""
+    without the embedding interval (ci_high +0.01) that made it absent, and D2's effects of
+    a model at chance, -0.003 against -0.004 (not twice), read "-0.00 vs -0.00"."""
 
     def sentence(claim, effects, mass=None, clean=10.0):
         report = motif_report(*tables(effects, mass=mass, clean=clean, seed=0))
@@ -917,3 +918,9 @@ def test_per_seed_sentences_print_the_digits_that_decide_each_threshold():
     )
     held, text = sentence("D2", {emb: (-0.5, -0.9, -0.01), cur: (-0.1, -0.2, -0.05)}, d2)
     assert held and text.endswith("seed 0: mass 0.100 vs 0.400, effect -0.50 vs -0.10.")
+    # effects of about 0 (a model at chance): -0.003 is not twice -0.004, "-0.00" is "-0.00"
+    held, text = sentence("D2", {emb: (-0.003, -0.006, -0.001), cur: (-0.004, -0.01, -0.001)}, d2)
+    assert not held and text.endswith("seed 0: mass 0.100 vs 0.400, effect -0.003 vs -0.004.")
+    d2_close = {("mlp_res", "embedding"): 0.19996, ("mlp_res", "current"): 0.40006}  # 0.4998x
+    held, text = sentence("D2", {emb: (-0.5, -0.9, -0.1), cur: (-0.1, -0.2, -0.05)}, d2_close)
+    assert held and "seed 0: mass 0.2000 vs 0.4001, effect -0.50 vs -0.10" in text  # not 0.200

@@ -369,8 +369,8 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         )
     mlp = family_table("mlp_res")
     emb, cur = mlp.loc["embedding"], mlp.loc["current"]
-    mass_ok = bool(emb.mass < criteria.d2_mass_ratio * cur.mass)
-    effect_ok = bool(emb.harm >= criteria.d2_effect_ratio * max(cur.harm, 0.0) and emb.ci_high < 0)
+    mass_ok = _d2_mass(emb.mass, cur.mass, criteria)
+    effect_ok = _d2_effect(emb.effect, cur.effect, criteria) and bool(emb.ci_high < 0)
     rows.append(
         dict(
             claim="D2",
@@ -388,6 +388,17 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         row.setdefault("present_as_written", row["present"])
     order = {claim: i for i, claim in enumerate(CLAIMS)}
     return sorted(rows, key=lambda r: order[r["claim"]])
+
+
+def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
+    """D2's mass test: the embedding's MLP-router mass below half of current's."""
+    return bool(embedding < criteria.d2_mass_ratio * current)
+
+
+def _d2_effect(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
+    """D2's size test on the two effects: the embedding's harm at least twice current's
+    (current's counted as >= 0); its interval is tested apart."""
+    return bool(-embedding >= criteria.d2_effect_ratio * max(-current, 0.0))
 
 
 def same_top_family(top_mass: str, top_effect: str) -> bool:
@@ -544,18 +555,25 @@ def _digits_apart(value: float, other: float) -> str:
     return repr(value)
 
 
-def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
-    """``value`` formatted with ``digits`` decimals (``spec``: a format type, ``"f"`` or
-    ``"e"``, with any flag before it, ``"+f"``), or with as many more as it takes for the
-    printed number to compare with ``threshold`` as ``value`` does (below, equal, above):
-    an effect of 4.9996 % of the clean difference printed "5.0 %" beside criterion 2's 5 %,
-    which it fails."""
+def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
+    """``values`` formatted with ``digits`` decimals (``spec``: a format type, ``"f"`` or
+    ``"e"``, with any flag before it, ``"+f"``), or with as many more as it takes for
+    ``decide`` of the printed numbers to equal ``decide`` of the values: a sentence's
+    numbers then show the comparison that decided its verdict."""
     flag, kind = spec[:-1], spec[-1]
+    want = decide(*values)
     for places in range(digits, 17):
-        text = format(value, f"{flag}.{places}{kind}")
-        if np.sign(float(text) - threshold) == np.sign(value - threshold):
-            return text
-    return repr(value)
+        texts = [format(value, f"{flag}.{places}{kind}") for value in values]
+        if decide(*(float(text) for text in texts)) == want:
+            return texts
+    return [repr(value) for value in values]
+
+
+def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
+    """``value`` as `printed_deciding` prints it beside ``threshold``: on the same side of
+    it (below, equal, above) as the value is. An effect of 4.9996 % of the clean
+    difference printed "5.0 %" beside criterion 2's 5 %, which it fails."""
+    return printed_deciding([value], digits, lambda v: np.sign(v - threshold), spec)[0]
 
 
 def claim_text(claim: str) -> str:
@@ -617,15 +635,19 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}{note}"
             )
         elif claim == "D2":
+            # each test's numbers with the digits that decide it (an embedding effect of
+            # -0.003 against a current one of -0.004 both read "-0.00", which meets 2x)
+            masses = printed_deciding([row.mass_embedding, row.mass_current], 3, _d2_mass)
+            effects = printed_deciding(
+                [row.effect_embedding, row.effect_current], 2, _d2_effect, "+f"
+            )
             detail = (
-                f"seed {seed}: mass {row.mass_embedding:.3f} vs {row.mass_current:.3f},"
-                f" effect {row.effect_embedding:+.2f} vs {row.effect_current:+.2f}"
+                f"seed {seed}: mass {masses[0]} vs {masses[1]}, effect {effects[0]} vs {effects[1]}"
             )
             # the embedding interval, where it alone decided: the masses and effects
             # printed above would read as met
-            c = PREREGISTERED
-            others_met = row.mass_embedding < c.d2_mass_ratio * row.mass_current and (
-                -row.effect_embedding >= c.d2_effect_ratio * max(-row.effect_current, 0.0)
+            others_met = _d2_mass(row.mass_embedding, row.mass_current) and _d2_effect(
+                row.effect_embedding, row.effect_current
             )
             if not row.present and others_met and row.ci_high_embedding >= 0:
                 detail += (
