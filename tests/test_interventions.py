@@ -1547,3 +1547,68 @@ def test_mean_patches_of_a_padded_batch_at_eps_zero_are_finite(layout):
         got, expected = got[real], expected[real]
         assert got.isfinite().all()
         assert (got - expected).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "exact"])
+def test_zero_patches_at_eps_zero_are_refused_at_real_rows_only(layout):
+    """Audit 11: since `padding_eps` a zero source at a padding row of an eps = 0 model is
+    finite (eps 1 there), but `patch_sources` / `patch_committed` still refused every zero
+    value when the call was made: `"zero"` at positions that are padding in every prompt, a
+    value tensor zero only at padding rows or only at positions it does not patch, and a
+    block that no router reads (the last snapshot of the cumulative layout). Those now run,
+    and their real positions equal an independent computation (the unpatched run, or the
+    same patch with a non-zero value at the rows the zero never reached). A source that is
+    zero at a real row, where the key norm is still 0 / 0, stays refused when the hook
+    runs, counting the rows; so does a value whose squares underflow to 0 (1e-170 in
+    float64: its logit was 1e-170 / 0 = inf and every logit nan, not refused)."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+
+    if layout == "exact":
+        qwen = hf_qwen3(rms_norm_eps=0.0)
+        model = HookedAttnRes.from_hf_qwen3(qwen, wrap="exact", num_blocks=2, dtype=torch.float64)
+    else:
+        model = randomize_routing(HookedAttnRes(eps_zero_config(layout, 4, 2))).eval()
+    tokens = torch.tensor([[5, 3, 4, 5, 6], [5, 5, 2, 3, 6]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # position 0 is padding in both
+    real = mask.bool()
+    d_model = model.cfg.d_model
+    ones = torch.ones(2, 5, d_model, dtype=torch.float64)
+    zero_at_padding = torch.where(real[..., None], ones, 0.0)
+    zero_at_0, zero_at_1 = ones.clone(), ones.clone()
+    zero_at_0[:, 0] = 0  # position 0 only: padding in both prompts
+    zero_at_1[:, 1] = 0  # position 1 only: real in prompt 0
+
+    def run(hooks):
+        return model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)[real]
+
+    clean = run([])
+    for patch, kwargs in ((patch_sources, dict(sources="embedding", layers=2)),):
+        for value, positions, same_as in (
+            ("zero", 0, clean),
+            (zero_at_padding, None, run(patch(model, value=ones, **kwargs))),
+            (zero_at_0, [1, 2, 3, 4], run(patch(model, value=ones, **kwargs))),
+        ):
+            got = run(patch(model, value=value, positions=positions, **kwargs))
+            assert (got - same_as).abs().max().item() <= 1e-12
+    assert (
+        run(patch_committed(model, "embedding", "zero", positions=0)) - clean
+    ).abs().max() <= 1e-12
+    assert (
+        run(patch_committed(model, "embedding", zero_at_padding))
+        - run(patch_committed(model, "embedding", ones))
+    ).abs().max() <= 1e-12
+    if layout == "cumulative":  # block_2 is committed after the last layer: no router reads it
+        assert model.routing_layout.commit_hooks()["block_2"] == "blocks.3.hook_committed_block"
+        assert (run(patch_committed(model, "block_2", "zero")) - clean).abs().max() <= 1e-12
+    # a zero (or underflowing) source at a real row: 0 / 0, refused when the hook runs
+    tiny = torch.full((d_model,), 1e-170, dtype=torch.float64)  # 1e-340 squared: 0
+    for hooks in (
+        patch_sources(model, "embedding", "zero", layers=2, positions=[0, 1]),  # 1 real in row 0
+        patch_sources(model, "embedding", zero_at_1, layers=2),
+        patch_sources(model, "embedding", tiny, layers=2),
+        patch_committed(model, "embedding", "zero", positions=[-1]),
+    ):
+        with pytest.raises(ValueError, match=r"eps = 0.*zero .* at \d+ real position"):
+            run(hooks)

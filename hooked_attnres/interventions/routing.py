@@ -36,12 +36,14 @@ from hooked_attnres.interventions.selection import (
     LayerSpec,
     RouterSpec,
     SourceSpec,
+    all_labels,
     check_positions,
     iter_selected,
     position_index,
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
+from hooked_attnres.model.norms import squared_norm
 from hooked_attnres.model.passes import (
     padding_of,
     pass_mask,
@@ -107,15 +109,27 @@ def _is_cache(value) -> bool:
 VALUE_NAMES = ("zero", "mean")
 
 
-def check_value(model: HookedAttnRes, value: Value, hook_names: Sequence[str], what: str) -> Value:
+def check_value(
+    model: HookedAttnRes,
+    value: Value,
+    hook_names: Sequence[str],
+    what: str,
+    positions=None,
+    read: bool = True,
+) -> Value:
     """Check a patching value when the intervention is built: ``"zero"`` / ``"mean"``, a
     cache holding ``hook_names`` with this model's shapes, or a tensor broadcastable to
     ``[batch, pos, d_model]``. ``what`` is the calling function's name. Returns the value
-    (a tensor for tensor-likes)."""
+    (a tensor for tensor-likes).
+
+    In a model with ``eps = 0`` a value that is zero at every row it patches (``"zero"``
+    or an all-zero tensor, ``positions`` None) of a source some router ``read`` s is
+    refused now (`_refuse_zero_source`); one that may be zero at some rows only is checked
+    when the hook runs (`_zero_row_check`), where the pass's padding is known."""
     if isinstance(value, str):
         if value not in VALUE_NAMES:
             raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
-        if value == "zero":
+        if value == "zero" and positions is None and read:
             _refuse_zero_source(model, what, "value='zero'")
         return value
     if _is_cache(value):
@@ -123,25 +137,61 @@ def check_value(model: HookedAttnRes, value: Value, hook_names: Sequence[str], w
         return value
     if isinstance(value, (Tensor, float, int, list, tuple)) and not isinstance(value, bool):
         tensor = check_value_tensor(value, model.cfg.d_model, what)
-        if bool((tensor == 0).all(dim=-1).any()) if tensor.ndim else float(tensor) == 0:
-            _refuse_zero_source(model, what, "a value tensor that is zero over d_model")
+        if positions is None and read and bool((tensor == 0).all()):
+            _refuse_zero_source(model, what, "a value tensor that is zero")
         return tensor
     raise TypeError(
         f"{what}: value must be 'zero', 'mean', a tensor or a cache, got {type(value).__name__}"
     )
 
 
+_ZERO_SOURCE = (
+    "a zero source has no RMS, its routing logit (and RMSNorm) is 0 / 0, so the patched "
+    "logits would be NaN (at padding rows the norms take eps 1, so a zero there is "
+    "finite and allowed). Remove the source from the mix instead (mask_sources, "
+    "mask-and-renormalise), or patch it with 'mean' or another run's cache"
+)
+
+
 def _refuse_zero_source(model: HookedAttnRes, what: str, value: str) -> None:
-    """A source patched to zero has no RMS when the norms' ``eps`` is 0: its routing logit
-    (and RMSNorm) is ``0 / 0``, so the logits would be NaN, not a number to report."""
+    """A source patched to zero at a real row has no RMS when the norms' ``eps`` is 0: its
+    routing logit (and RMSNorm) is ``0 / 0``, so the logits would be NaN, not a number to
+    report. Refused when the call is made where every patched row is zero."""
     if model.cfg.eps == 0:
         raise ValueError(
             f"{what} with {value} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
-            "with rms_norm_eps = 0): a zero source has no RMS, its routing logit is 0 / 0, "
-            "so the patched logits would be NaN. Remove the source from the mix instead "
-            "(mask_sources, mask-and-renormalise), or patch it with 'mean' or another run's "
-            "cache"
+            f"with rms_norm_eps = 0): {_ZERO_SOURCE}"
         )
+
+
+def _zero_row_check(model: HookedAttnRes, read: bool, what: str) -> Optional[Callable]:
+    """In a model with ``eps = 0`` whose patched source some router reads (``read``):
+    ``check(new, positions, where)``, raising ``ValueError`` when the value ``new``
+    (``[batch, pos, d_model]``) is zero over ``d_model`` (its sum of squares in the
+    routing dtype is 0, as the key norm computes it: an underflowing value too) at a real
+    row of the running pass that ``positions`` patch; ``None`` otherwise. Padding rows are
+    not refused: their norms take eps 1 (`hooked_attnres.model.norms.padding_eps`)."""
+    if model.cfg.eps != 0 or not read:
+        return None
+
+    def check(new: Tensor, positions, where: str) -> None:
+        with torch.no_grad():
+            zero = squared_norm(new).squeeze(-1) == 0  # [batch, pos]
+        pos_mask = _positions_mask(positions, zero.shape[1], zero.device)
+        if pos_mask is not None:
+            zero = zero & pos_mask
+        real = real_tokens(zero.shape[0], zero.shape[1])
+        if real is not None:
+            zero = zero & real.to(zero.device)
+        if bool(zero.any()):
+            raise ValueError(
+                f"{what} at {where} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
+                f"with rms_norm_eps = 0): the value is zero over d_model (or its squares "
+                f"underflow to 0) at {int(zero.sum())} real position(s) it patches; "
+                f"{_ZERO_SOURCE}"
+            )
+
+    return check
 
 
 def resolve_value(
@@ -188,8 +238,9 @@ def _mean_over_real(
     values = widened(current)
     real = real.to(values.device)[..., None]  # [batch, pos, 1]
     count = real.to(values.dtype).sum(dim=0, keepdim=True)
-    # selected (`sum_where`): with eps = 0 a padding position's sources can be nan, and a
-    # product with 0 made the mean nan at every real position there
+    # selected (`sum_where`): a padding position's sources can be nan (a hook's edit; with
+    # eps = 0 they were 0 / 0 before `padding_eps`), and a product with 0 made the mean nan
+    # at every real position there
     mean = sum_where(values, real, dim=0, keepdim=True) / count.clamp(min=1)
     mean = torch.where(count > 0, mean, values.mean(dim=0, keepdim=True))
     return mean.to(current.dtype)
@@ -444,9 +495,9 @@ def _weights_for(
         name = site.hook("weights")
         check_cached(model, weights, [name], "the cache given to set_weights")
         # the cache's padding positions are the run's (`check_cache_mask` when the hook
-        # runs) and never reach a real one; with eps = 0 their weights are 0 / 0 (nan) in
-        # the cache and in the run alike, which refused every padded cache as not summing
-        # to 1
+        # runs) and never reach a real one; their weights may be nan (a hook's edit; with
+        # eps = 0 they were 0 / 0 before `padding_eps`), which refused every padded cache
+        # as not summing to 1
         real = padding_of(recorded_run(weights, "the cache given to set_weights").attention_mask)
         weights = weights[name]
     weights = torch.as_tensor(weights)
@@ -474,9 +525,8 @@ def _weights_for(
         elif not bool(checked.isfinite().all()):
             hint = (
                 f" ({int((~checked.isfinite()).sum())} of them are nan or infinite: e.g. the "
-                "padding positions of a run of a model with eps = 0, where a zero source's "
-                "routing logit is 0 / 0; pass that run's cache itself, which records its "
-                "padding, or give finite weights there)"
+                "padding positions of a run where a hook wrote nan; pass that run's cache "
+                "itself, which records its padding, or give finite weights there)"
             )
         raise ValueError(f"weights for {site} must be non-negative and sum to 1{hint}")
     return weights, from_cache
@@ -563,8 +613,9 @@ def patch_sources(
     check_positions(positions)
     selected = list(iter_selected(model, sources, routers, layers, bands))
     value = check_value(
-        model, value, [site.hook("sources") for site, _ in selected], "patch_sources"
+        model, value, [site.hook("sources") for site, _ in selected], "patch_sources", positions
     )
+    zero_check = _zero_row_check(model, True, "patch_sources")
     hooks: Hooks = []
     for site, indices in selected:
         name = site.hook("sources")
@@ -580,6 +631,8 @@ def patch_sources(
                     return cache[name][..., index, :]
 
                 new = resolve_value(value, current, cached, name)
+                if zero_check is not None:
+                    zero_check(new, positions, f"{name} (source {index})")
                 out[..., index, :] = _at_positions(new, current, positions)
             return out
 
@@ -605,6 +658,15 @@ def commit_hook_name(model: HookedAttnRes, label: str) -> str:
     )
 
 
+def _is_read(model: HookedAttnRes, label: str) -> bool:
+    """Whether a committed source ``label`` is read after its commit: always in the
+    partial-sum layouts (it becomes the next router's current source); in the snapshot
+    layout (cumulative) where some router lists it (not the block committed after the
+    last layer, which no router reads)."""
+    layout = model.routing_layout
+    return not layout.snapshots or label in all_labels(model)
+
+
 def patch_committed(
     model: HookedAttnRes, labels: Union[str, list[str]], value: Value = "zero", positions=None
 ) -> Hooks:
@@ -628,12 +690,18 @@ def patch_committed(
     labels = one_or_list(labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
-    value = check_value(model, value, names, "patch_committed")
+    # a snapshot committed after the last reader (the cumulative layout's last block) is
+    # read by no router and no norm: a zero there changes nothing
+    read = {name: _is_read(model, label) for label, name in zip(labels, names, strict=True)}
+    value = check_value(model, value, names, "patch_committed", positions, any(read.values()))
     hooks: Hooks = []
     for name in names:
+        zero_check = _zero_row_check(model, read[name], "patch_committed")
 
-        def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name):
+        def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name, check=zero_check):
             new = resolve_value(value, block, lambda cache: cache[name], name)
+            if check is not None:
+                check(new, positions, name)
             return _at_positions(new, block, positions)
 
         hooks.append((name, hook))
