@@ -237,3 +237,26 @@ def test_numpy_numbers_configure_what_their_python_values_do():
         draw(temperature=np.float32(0.5), top_p=np.float32(0.75), repetition_penalty=np.int64(1)),
         draw(temperature=0.5, top_p=0.75, repetition_penalty=1),
     )
+
+
+@pytest.mark.parametrize("value", [torch.tensor(1), torch.tensor([1, 2])], ids=["0d", "1d"])
+def test_layer_and_source_tensors_are_refused_by_name(value):
+    """Audit 11: a torch tensor as ``layers=`` or ``sources=`` (no integer, by the rule of
+    `hooked_attnres._validation`) crashed with ``TypeError: iteration over a 0-d tensor`` or
+    was refused as ``layer tensor(1) is not in [-4, 4)`` / ``unknown source tensor(0)``,
+    which name an in-range index as out of range; now a ``ValueError`` saying a tensor is
+    not taken and what to pass (``.tolist()``). NumPy arrays stay accepted."""
+    from hooked_attnres.interventions import mask_sources, select_sites, source_indices
+
+    model = tiny_model(attnres_layout="kimi")
+    site = model.site(2, "mlp_res")
+    for call in (
+        lambda: select_sites(model, layers=value),
+        lambda: source_indices(model, site, value),
+        lambda: mask_sources(model, value, layers=[1, 2]),
+    ):
+        with pytest.raises(ValueError, match=r"a torch tensor .*\.tolist\(\)"):
+            call()
+    as_list = np.array(value.tolist()).reshape(-1)
+    assert select_sites(model, layers=as_list) == select_sites(model, layers=value.tolist())
+    assert source_indices(model, site, as_list) == sorted(set(as_list.tolist()))

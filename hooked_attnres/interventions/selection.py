@@ -47,9 +47,21 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
     return out
 
 
+def _refuse_tensor(name: str, value) -> None:
+    """Refuse a torch tensor as a layer or source selection (or one of its items): no
+    integer by the rule of `hooked_attnres._validation`; iterating a 0-d one crashed, and
+    its items were named out of range or unknown."""
+    if isinstance(value, Tensor):
+        raise ValueError(
+            f"{name}={value!r}: a torch tensor is not taken as {name} (an index is a Python "
+            "int or a NumPy integer); pass value.tolist() (or int(value) for one index)"
+        )
+
+
 def _layer_list(spec, n_layers: int) -> list[int]:
     """Layer indices of an index, a list / range, or a ``(start, stop)`` pair (negative
     values count from the end, as in a slice); an empty selection is refused."""
+    _refuse_tensor("layers", spec)
     if isinstance(spec, bool):
         raise ValueError(f"layers must be integers, got {spec!r}")
     if is_integer(spec):  # a NumPy integer too (np.argsort gives them)
@@ -79,6 +91,7 @@ def _layer_list(spec, n_layers: int) -> list[int]:
         raise ValueError(f"layers={spec!r} is empty: it selects no layer; give at least one")
     out = []
     for layer in items:
+        _refuse_tensor("layers", layer)
         if not is_integer(layer) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer!r} is not in [-{n_layers}, {n_layers})")
         out.append(int(layer) % n_layers)
@@ -222,6 +235,7 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
 
 
 def _as_list(sources: SourceSpec) -> list:
+    _refuse_tensor("sources", sources)
     if not isinstance(sources, (str, bool, Iterable)) and not is_integer(sources):
         raise ValueError(f"sources must be a family, a label, an index or a list, got {sources!r}")
     out = one_or_list(sources)
@@ -242,6 +256,7 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
     families = layout.families(site)
     out: list[int] = []
     for spec in _as_list(sources):
+        _refuse_tensor("sources", spec)
         if isinstance(spec, bool):
             raise ValueError(f"source {spec!r} is not a family, label or index")
         if is_integer(spec):
