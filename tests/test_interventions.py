@@ -1584,6 +1584,7 @@ def test_zero_patches_at_eps_zero_are_refused_at_real_rows_only(layout):
         return model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)[real]
 
     clean = run([])
+    assert patch_sources(model, "older", "zero", layers=0) == []  # no router has it: no-op
     for patch, kwargs in ((patch_sources, dict(sources="embedding", layers=2)),):
         for value, positions, same_as in (
             ("zero", 0, clean),

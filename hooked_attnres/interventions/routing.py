@@ -612,9 +612,9 @@ def patch_sources(
     """
     check_positions(positions)
     selected = list(iter_selected(model, sources, routers, layers, bands))
-    value = check_value(
-        model, value, [site.hook("sources") for site, _ in selected], "patch_sources", positions
-    )
+    names = [site.hook("sources") for site, _ in selected]
+    # a selection that no selected router has patches nothing: no hook, nothing to refuse
+    value = check_value(model, value, names, "patch_sources", positions, bool(selected))
     zero_check = _zero_row_check(model, True, "patch_sources")
     hooks: Hooks = []
     for site, indices in selected:
