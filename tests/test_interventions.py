@@ -224,6 +224,19 @@ def test_layout_none_has_no_routers():
         resolve_routers(tiny_model(attnres_layout="none"))
 
 
+def test_global_patching_in_layout_none_says_it_has_no_routers():
+    """Audit 11: `patch_committed(model, "embedding", ...)` on layout "none" said
+    "'embedding' is not a committed source of this model; global patching takes
+    'embedding' ...", contradicting itself; now it says the layout has no routers, as
+    every other routing call does."""
+    model = tiny_model(attnres_layout="none")
+    for label in ("embedding", "block_1"):
+        with pytest.raises(ValueError, match="attnres_layout='none' and therefore no routers"):
+            patch_committed(model, label, "mean")
+        with pytest.raises(ValueError, match="no routers"):
+            commit_hook_name(model, label)
+
+
 def test_depth_bands():
     assert depth_bands(8) == {"early": [0, 1, 2], "middle": [3, 4, 5], "late": [6, 7]}
     assert depth_bands(28)["late"] == list(range(19, 28))

@@ -642,7 +642,9 @@ def patch_sources(
 
 def commit_hook_name(model: HookedAttnRes, label: str) -> str:
     """The hook through which every reader sees source ``label`` (``"embedding"`` or a
-    committed block such as ``"block_2"``, ``"attn_3"``, ``"mlp_3"``)."""
+    committed block such as ``"block_2"``, ``"attn_3"``, ``"mlp_3"``); ``ValueError`` on
+    layout ``"none"`` (no routers, so nothing is committed)."""
+    model.routing_layout.require_routers()
     if not isinstance(label, str):
         raise ValueError(
             f"global patching takes source labels such as 'embedding' or 'block_1', "
