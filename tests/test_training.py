@@ -12,7 +12,7 @@ import torch
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.study import build_model, train_condition
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, task_tokenizer
-from hooked_attnres.training import TrainConfig, train
+from hooked_attnres.training import TrainConfig, evaluate, train
 
 TASK = KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6, n_queries=2)
 SHAPE = dict(
@@ -1018,3 +1018,30 @@ def test_default_warmup_longer_than_a_short_run_says_it_is_the_default():
     with pytest.raises(ValueError, match=rf"got {default + 1}$"):
         TrainConfig(steps=3, warmup_steps=default + 1)
     assert TrainConfig(steps=3, warmup_steps=0).warmup_steps == 0
+
+
+def test_evaluate_refuses_a_chunk_below_one_and_an_empty_batch_and_restores_the_mode():
+    """`evaluate` is the fraction of prompts whose argmax at the answer position is the
+    answer, whatever the chunk; a chunk <= 0 scored no prompt (an empty range) and gave
+    accuracy 0.0 silently, and an empty batch divided by zero: both are refused. The
+    caller's training mode comes back even when the forward pass raises."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    batch = TASK.sample(9, 0, "test", tok)
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch.tokens)
+    rows = torch.arange(len(batch))
+    expected = (logits[rows, batch.answer_pos].argmax(-1) == batch.answer).double().mean().item()
+    model.train()
+    for chunk in (1, 4, 256):
+        assert evaluate(model, {"kv": batch}, chunk=chunk) == {"kv": pytest.approx(expected)}
+    for chunk in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+            evaluate(model, {"kv": batch}, chunk=chunk)
+    with pytest.raises(ValueError, match="batch 'kv' has no prompts"):
+        evaluate(model, {"kv": batch[[]]})
+    other = InductionCopy(seq_len=5, copy_len=2, n_tokens=64)  # ids beyond the model's vocab
+    with pytest.raises(ValueError, match="token ids must be in"):
+        evaluate(model, {"ind": other.sample(2, 0, "test")})
+    assert model.training

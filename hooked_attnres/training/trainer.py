@@ -278,17 +278,27 @@ def load_model_state(model, directory: Path) -> None:
 
 @torch.no_grad()
 def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str, float]:
-    """Answer accuracy of ``model`` on each named batch."""
+    """Answer accuracy of ``model`` on each named batch: ``{name: fraction of the batch's
+    prompts whose argmax at ``answer_pos`` is ``answer``}``, in eval mode (the caller's
+    mode is restored, also on an error), ``chunk`` prompts (an integer >= 1) per forward
+    pass. An empty batch is refused (it has no accuracy)."""
+    # a chunk <= 0 gave an empty range: no prompt scored, accuracy 0.0 silently
+    chunk = require_integer("chunk", chunk, 1)
+    for name, batch in batches.items():
+        if len(batch) == 0:
+            raise ValueError(f"evaluate: batch {name!r} has no prompts, so it has no accuracy")
     was_training = model.training
     model.eval()
     out = {}
-    for name, batch in batches.items():
-        correct = 0.0
-        for start in range(0, len(batch), chunk):
-            part = batch[start : start + chunk]
-            correct += part.correct(model_logits(model, part.tokens)).sum().item()
-        out[name] = correct / len(batch)
-    model.train(was_training)
+    try:
+        for name, batch in batches.items():
+            correct = 0.0
+            for start in range(0, len(batch), chunk):
+                part = batch[start : start + chunk]
+                correct += part.correct(model_logits(model, part.tokens)).sum().item()
+            out[name] = correct / len(batch)
+    finally:
+        model.train(was_training)
     return out
 
 
