@@ -6,6 +6,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -1045,3 +1046,66 @@ def test_evaluate_refuses_a_chunk_below_one_and_an_empty_batch_and_restores_the_
     with pytest.raises(ValueError, match="token ids must be in"):
         evaluate(model, {"ind": other.sample(2, 0, "test")})
     assert model.training
+
+
+def test_a_config_field_set_after_the_config_was_built_is_checked_again(tmp_path):
+    """`TrainConfig` checks its fields when it is built; one set afterwards was used
+    unchecked: the study's config with ``steps = 3`` kept its 100 warm-up steps (the rate
+    never left the warm-up), and ``grad_clip = 0`` zeroed every gradient. `train` checks
+    the config again, before any work."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    short = config()
+    short.steps = 1  # below its warmup_steps=2
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, steps=1\], got 2"):
+        train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
+    unclipped = config()
+    unclipped.grad_clip = 0
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        train(model, TASK, unclipped, tmp_path / "run", tokenizer=tok, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_description_is_saved_as_json_resumes_with_tuples_and_is_checked_first(tmp_path):
+    """``description`` is compared, on resume, with the JSON read back from the checkpoint:
+    a tuple in it (saved as a list) refused the run's own resumption (``[1, 2] vs (1,
+    2)``), and a NumPy integer or a torch dtype (``train_condition(shape=dict(...,
+    dtype=torch.float64))``) failed at the first checkpoint, after the steps before it.
+    Now it is taken as its JSON (NumPy scalars converted) before any work: the resumed run
+    equals the uninterrupted one, and what JSON cannot hold is refused at once."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=4, checkpoint_every=2, eval_every=2)
+
+    def run(out, stop_after=None):
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        description = {"blocks": (1, 2), "seed": np.int64(3), "dtype": torch.float64}
+        train(
+            model,
+            TASK,
+            cfg,
+            out,
+            tokenizer=tok,
+            progress=False,
+            stop_after=stop_after,
+            description=description,
+        )
+        return model
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "resumed", stop_after=2)
+    resumed = run(tmp_path / "resumed")
+    assert_same_weights(weights(whole), weights(resumed))
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["description"] == {"blocks": [1, 2], "seed": 3, "dtype": "torch.float64"}
+    for bad in ({"where": object()}, {"x": float("nan")}):
+        with pytest.raises(TypeError, match="description must hold JSON values"):
+            train(
+                build_model("attnres", 0, tok, SHAPE, 2),
+                TASK,
+                cfg,
+                tmp_path / "bad",
+                tokenizer=tok,
+                progress=False,
+                description=bad,
+            )
+    assert not (tmp_path / "bad").exists()

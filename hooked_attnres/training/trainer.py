@@ -413,6 +413,29 @@ def _require_full_precision(model) -> None:
             )
 
 
+def _json_values(name: str, value: Any) -> Any:
+    """``value`` as the JSON it is saved as (tuples become lists, NumPy scalars Python
+    numbers, keys strings, a torch dtype or device its name, e.g. ``"torch.float64"``), so
+    that a resumed run's value equals the one read back from its checkpoint; what JSON
+    cannot hold (or NaN, never equal to itself) is refused before any work, not at the
+    first checkpoint."""
+
+    def default(item: Any) -> Any:
+        if isinstance(item, np.generic):
+            return item.item()
+        if isinstance(item, (torch.dtype, torch.device)):  # e.g. train_condition(shape=)
+            return str(item)
+        raise TypeError(f"{type(item).__name__} {item!r} is not a JSON value")
+
+    try:
+        return json.loads(json.dumps(value, default=default, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name} must hold JSON values (dicts, lists, strings, finite numbers, bools, "
+            f"None; NumPy scalars are converted), since it is saved with the run: {error}"
+        ) from None
+
+
 def _as_list(tasks) -> list:
     return [tasks] if isinstance(tasks, Task) else list(tasks)
 
@@ -594,6 +617,11 @@ def train(
                 raise ValueError(f"eval_tasks: {leak}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    # checked again: a field set after the config was built was never checked (e.g.
+    # ``cfg.steps = 3`` on the study's config kept its 100 warm-up steps, so the rate never
+    # left the warm-up; ``cfg.grad_clip = 0`` zeroed every update)
+    config = dataclasses.replace(config)
+    description = _json_values("description", {} if description is None else description)
     stop_after = require_integer("stop_after", stop_after, 1, optional=True)
     _require_full_precision(model)
     out_dir = Path(out_dir)
@@ -637,7 +665,7 @@ def train(
             "train_config": config.to_dict(),
             "tasks": [repr(t) for t in tasks],
             "eval_tasks": [repr(t) for t in eval_tasks],
-            "description": description or {},
+            "description": description,
             "model": _model_identity(model),
             "vocabulary": _vocabulary_identity(vocab),
             # the thread count (config.threads, set above, or the caller's) and versions
