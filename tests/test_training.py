@@ -1109,3 +1109,39 @@ def test_a_description_is_saved_as_json_resumes_with_tuples_and_is_checked_first
                 description=bad,
             )
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("condition", ["attnres", "vanilla"])
+def test_resuming_from_a_model_of_other_initial_weights_is_refused(tmp_path, condition):
+    """A resumed run's weights are replaced by its checkpoint's, so a model of another
+    seed resumed the checkpoint's run silently (a ``transformers`` config records no seed;
+    a tiny vanilla model ended 0.15 from the run asked for after 2 of 4 steps). The run's
+    freshly built model and the same model object continuing its run resume; another
+    model is refused, nothing loaded."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=4, checkpoint_every=2, eval_every=2)
+
+    def fresh(seed: int):
+        if condition == "vanilla":
+            return build_model(condition, seed, tok, SHAPE, 2)
+        from hooked_attnres.config import HookedAttnResConfig
+
+        # built without cfg.seed: initialised from the caller's random state
+        cfg_model = HookedAttnResConfig(d_vocab=len(tok), attnres_num_blocks=2, **SHAPE)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return HookedAttnRes(cfg_model, tokenizer=tok)
+
+    whole = fresh(1)
+    train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
+    train(fresh(1), TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False, stop_after=1)
+    other = fresh(2)
+    before = weights(other)
+    assert any(not torch.equal(before[k], v) for k, v in weights(fresh(1)).items())
+    with pytest.raises(ValueError, match="started from other weights.*freshly built model"):
+        train(other, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False)
+    assert_same_weights(weights(other), before)  # nothing loaded
+    continuing = fresh(1)
+    train(continuing, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False, stop_after=1)
+    train(continuing, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False)  # same object
+    assert_same_weights(weights(whole), weights(continuing))

@@ -263,14 +263,31 @@ def save_model(model, directory: Path, tokenizer=None) -> None:
             tokenizer.save_pretrained(str(directory))
 
 
-def load_model_state(model, directory: Path) -> None:
-    """Copy the weights saved by `save_model` into ``model`` (in place)."""
+def _saved_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files `save_model` wrote into ``directory``."""
     from safetensors.torch import load_file
 
-    files = sorted(directory.glob("*.safetensors"))
     state = {}
-    for path in files:
+    for path in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(path)))
+    return state
+
+
+def _weights_identity(model) -> str:
+    """SHA-256 of every parameter (name, dtype, shape and bytes): the weights a run starts
+    from, which the model's configuration does not always say (a ``transformers`` model
+    does not record its seed)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        tensor = param.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {tensor.dtype} {tuple(param.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model_state(model, directory: Path) -> None:
+    """Copy the weights saved by `save_model` into ``model`` (in place)."""
+    state = _saved_weights(directory)
     if not isinstance(model, HookedAttnRes) and model.config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, strict=True)
@@ -309,9 +326,15 @@ class _Checkpoint:
         self.directory = out_dir / "checkpoint"
         self.overwrite = _check_output(self.directory)
         self.step: Optional[int] = None  # the step of the last checkpoint written or read
+        # `_weights_identity` of the run's model before its first step, written with every
+        # checkpoint (not into metrics.json); None: unknown (a checkpoint written before it
+        # was recorded)
+        self.initial_weights: Optional[str] = None
 
     def save(self, model, optimizer, state: dict, tokenizer) -> None:
         _check_finite(model, state["step"], f"it is not written; {self.describe()}")
+        if self.initial_weights is not None:
+            state = {**state, "initial_weights": self.initial_weights}
         with atomic_directory(self.directory, overwrite=self.overwrite) as tmp:
             (tmp / "model").mkdir()
             save_model(model, tmp / "model", tokenizer)
@@ -366,6 +389,26 @@ class _Checkpoint:
                     f"{before!r} vs {now!r}); use another out_dir or resume=False"
                 )
 
+    def _require_run_model(self, model) -> None:
+        """Refuse a model that is neither the run's initial model (checked by the caller)
+        nor the checkpoint's (the same model object continuing its run): its weights would
+        be replaced by the checkpoint's, so the result would be the checkpoint's run, not
+        the one asked for (e.g. a model of another seed, which a ``transformers`` config
+        does not record)."""
+        saved = _saved_weights(self.directory / "model")
+        params = dict(model.named_parameters())
+        if saved.keys() >= params.keys() and all(
+            torch.equal(saved[name], param.detach().cpu()) for name, param in params.items()
+        ):
+            return
+        raise ValueError(
+            f"{self.directory} was written by a run that started from other weights: the "
+            "model passed is neither that run's freshly built model nor its checkpoint's "
+            "(e.g. a model of another seed), and resuming would replace its weights by the "
+            "other run's; pass the run's freshly built model, or use another out_dir or "
+            "resume=False"
+        )
+
     def describe(self) -> str:
         if self.step is None:
             return f"no checkpoint had been written to {self.directory} yet"
@@ -387,6 +430,10 @@ class _Checkpoint:
                 if state["vocabulary"] is None:
                     del state["vocabulary"]
             self._require_same_run(state, identity)
+            initial = state.pop("initial_weights", None)
+            if initial is not None and initial != self.initial_weights:
+                self._require_run_model(model)
+            self.initial_weights = initial
             load_model_state(model, self.directory / "model")
             optimizer.load_state_dict(
                 torch.load(self.directory / "optimizer.pt", weights_only=True)
@@ -676,6 +723,8 @@ def train(
             model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         step, history, seconds = 0, [], 0.0
+        # the weights this run starts from (a resumed run must start from its own)
+        checkpoint.initial_weights = _weights_identity(model)
         saved = checkpoint.load(model, optimizer, identity) if resume else None
         if saved is not None:
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
