@@ -637,12 +637,15 @@ def train(
         out_dir: output directory (see the module docstring).
         tokenizer: saved with the model (default: ``model.tokenizer`` for HookedAttnRes).
         resume: continue from ``out_dir/checkpoint`` if it exists (the configuration must
-            match; the result equals an uninterrupted run).
+            match, and ``model`` must be the run's freshly built model or the same object
+            continuing it; the result equals an uninterrupted run).
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call, without
             finishing; used to test and demonstrate resumption.
         description: extra JSON-able facts stored with the checkpoint and metrics (e.g.
-            the condition and model seed); must match on resume.
+            the condition and model seed), taken as their JSON before any work (a tuple
+            is a list, a NumPy scalar a number, a torch dtype its name); must match on
+            resume.
         eval_tasks: tasks whose test split measures accuracy (default: ``tasks``); e.g.
             train on multi-query prompts and evaluate on the single-query probe. A task
             whose test split is not held out from a training task's (`Task.leaks_into`:
