@@ -303,6 +303,9 @@ def test_learning_rate_schedule():
         (dict(stop_accuracy=1.5), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
         (dict(stop_accuracy=-0.1), r"stop_accuracy must be an accuracy in \[0, 1\] or None"),
         (dict(stop_accuracy="half"), "stop_accuracy must be a finite number"),
+        # audit findings: accepted, then the weights flipped sign each step / a late crash
+        (dict(lr=0.5, weight_decay=2.0), r"lr \* weight_decay must be < 1"),
+        (dict(threads=2**31), r"threads must be < 2\*\*31"),
     ],
 )
 def test_bad_train_config(kwargs, message):

@@ -132,6 +132,14 @@ class TrainConfig:
         self.weight_decay = number("weight_decay", self.weight_decay)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.lr * self.weight_decay >= 1:  # the peak step's decay factor 1 - lr * wd
+            raise ValueError(
+                f"lr * weight_decay must be < 1, got {self.lr!r} * {self.weight_decay!r}: AdamW "
+                "multiplies every weight by 1 - lr * weight_decay each step, which would zero "
+                "the weights or flip their sign"
+            )
+        if self.threads is not None and self.threads >= 2**31:
+            raise ValueError(f"threads must be < 2**31 (torch.set_num_threads), got {self.threads}")
         if self.grad_clip is not None:
             self.grad_clip = number("grad_clip", self.grad_clip)
             if self.grad_clip <= 0:
