@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from hooked_attnres.analysis import (
     CLAIMS,
@@ -924,3 +926,129 @@ def test_per_seed_sentences_print_the_digits_that_decide_each_threshold():
     d2_close = {("mlp_res", "embedding"): 0.19996, ("mlp_res", "current"): 0.40006}  # 0.4998x
     held, text = sentence("D2", {emb: (-0.5, -0.9, -0.1), cur: (-0.1, -0.2, -0.05)}, d2_close)
     assert held and "seed 0: mass 0.2000 vs 0.4001, effect -0.50 vs -0.10" in text  # not 0.200
+
+
+def _side(x) -> int:
+    return (x > 0) - (x < 0)
+
+
+def _near(value: float, steps: int) -> float:
+    """``value`` moved ``steps`` floats up (or down, negative)."""
+    import math
+
+    for _ in range(abs(steps)):
+        value = math.nextafter(value, math.inf if steps > 0 else -math.inf)
+    return value
+
+
+_THRESHOLDS = [5.0, 0.1, 0.0, 1e-6, -0.25, 0.3, 1 / 3, 7e-300, 1e14, -2.0]
+_SPECS = [("f", 1), ("f", 3), ("+f", 2), ("e", 1)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    threshold=st.one_of(
+        st.sampled_from(_THRESHOLDS),
+        # a threshold as a sentence writes one, a short decimal (a float whose exact value
+        # has digits past its repr's at the printed places, 562949953421312.8 printed
+        # "...312.750" beside it, is no sentence's threshold)
+        st.builds(lambda m, k: float(f"{m}e{k}"), st.integers(-(10**6), 10**6), st.integers(-9, 3)),
+    ),
+    spec=st.sampled_from(_SPECS),
+    how=st.sampled_from(["ulps", "offset", "any"]),
+    steps=st.integers(-4, 4),
+    offset=st.floats(-30, 3),
+    anything=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_printed_beside_reads_on_the_values_side_of_its_threshold(
+    threshold, spec, how, steps, offset, anything
+):
+    """A reader of the printed number compares its decimal text (exactly, as a Decimal) with
+    the threshold as Python writes it (repr, the shortest text that reads back as it) and
+    must find the value's side (below, at, above), for values a few floats from the
+    threshold, at 10**offset from it, and anywhere; the decimals printed are the asked ones
+    or one more than the place where value and threshold first differ (a bound: no
+    17-digit print of an ordinary number)."""
+    import math
+    from decimal import Decimal
+
+    from hooked_attnres.analysis.motifs import printed_beside
+
+    if how == "ulps":
+        value = _near(threshold, steps)
+    elif how == "offset":
+        value = threshold + math.copysign(10.0**offset, steps or 1)
+    else:
+        value = anything
+    assume(math.isfinite(value))
+    kind, digits = spec
+    text = printed_beside(value, threshold, digits, kind)
+    assert _side(Decimal(text) - Decimal(repr(threshold))) == _side(value - threshold), text
+    gap = abs(value - threshold)
+    if kind.endswith("f") and 1e-12 < gap and abs(value) < 1e6 and abs(threshold) < 1e6:
+        places = len(text.split(".")[1]) if "." in text else 0
+        assert places <= max(digits, math.floor(-math.log10(gap)) + 1), (value, text)
+    asked = format(value, f"{kind[:-1]}.{digits}{kind[-1]}")
+    if value == threshold and float(asked) == threshold:
+        assert text == asked  # a tie at a threshold the asked digits write: as asked
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    other=st.one_of(
+        st.floats(-1, 1),
+        st.sampled_from([0.0, 0.4, -0.004, 0.3, 1 / 3, 1e-300, -1e-300]),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    steps=st.integers(-3, 3),
+    tied=st.booleans(),
+    anything=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_d2_numbers_read_as_their_tests_decide(other, steps, tied, anything):
+    """D2's two tests read from the printed masses / effects (exact decimal arithmetic, the
+    ratios 0.5 and 2 as written) decide as the values do, at ties and a few floats off."""
+    from decimal import Decimal, localcontext
+
+    from hooked_attnres.analysis.motifs import _d2_effect, _d2_mass, printed_deciding
+
+    mass = _near(0.5 * other, steps) if tied else anything
+    masses = printed_deciding([mass, other], 3, _d2_mass)
+    effect = _near(2 * min(other, 0.0), steps) if tied else anything
+    effects = printed_deciding([effect, other], 2, _d2_effect, "+f")
+    with localcontext(prec=1000):  # exact for any float's digits
+        half = Decimal("0.5") * Decimal(masses[1])
+        assert (Decimal(masses[0]) < half) == _d2_mass(mass, other), masses
+        twice = 2 * max(-Decimal(effects[1]), Decimal(0))
+        assert (-Decimal(effects[0]) >= twice) == _d2_effect(effect, other), effects
+
+
+def test_printing_a_nan_beside_a_threshold_is_refused():
+    """NaN is on no side of a threshold: it was printed "nan" after 16 tries."""
+    from hooked_attnres.analysis.motifs import _d2_mass, printed_beside, printed_deciding
+
+    with pytest.raises(ValueError, match="NaN.*no side"):
+        printed_beside(float("nan"), 5.0, 1)
+    with pytest.raises(ValueError, match="NaN.*no side"):
+        printed_deciding([0.1, float("nan")], 3, _d2_mass)
+
+
+@pytest.mark.parametrize(
+    "effect,clean",
+    [(-0.0765, 1.53), (-0.21099999999999997, 4.22), (-0.10849999999999999, 2.17), (-0.5, 10.0)],
+)
+def test_a_motifs_printed_percent_reads_as_its_size_test_decides(effect, clean):
+    """Criterion 2 tested ``-effect >= 0.05 * clean`` and the sentence printed
+    ``100 * (-effect / clean)``, another rounding: at a harm within a float of 5 % the
+    sentence read "5.0 % of the clean 1.53" for a motif absent for its size (-0.0765 of
+    1.53: 0.05 * 1.53 rounds up to 0.07650000000000001). The printed percent, read against
+    5 %, now decides as the verdict does."""
+    import re
+    from decimal import Decimal
+
+    cell = ("mlp_res", "early", "embedding")
+    report = motif_report(*tables({cell: (effect, 2 * effect, effect / 2)}, clean=clean, seed=0))
+    row = report.set_index("claim").loc["M1"]
+    assert row.harmful and row.localised and not row.large_by_accuracy  # size alone decides
+    text = motif_verdicts(report).set_index("claim").loc["M1", "sentence"]
+    percent = re.search(r"= (\S+) % of the clean", text).group(1)
+    assert (Decimal(percent) >= 5) == bool(row.present), text

@@ -27,6 +27,7 @@ interval contains 0 or its effect is < 10 % of the top family's).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Optional
 
 import numpy as np
@@ -266,7 +267,14 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         acc = float(accuracy.loc[(router, band, family)].effect)
         harmful = bool(here.ci_high < 0)
         by_accuracy = bool(acc <= -criteria.min_accuracy_drop)
-        by_size = bool(-here.effect >= criteria.min_effect_fraction * clean)
+        fraction = float(-here.effect / clean) if clean > 0 else np.nan
+        # on the fraction the sentence prints (`_percent_text`): -effect >= 0.05 * clean
+        # rounds otherwise, and "5.0 %" read as met beside a motif absent for its size
+        by_size = (
+            bool(fraction >= criteria.min_effect_fraction)
+            if clean > 0
+            else bool(-here.effect >= criteria.min_effect_fraction * clean)
+        )
         # amendment 1 (docs/study.md): "5 % of the clean logit difference" is undefined
         # for a model that does not prefer the answer (clean <= 0): only the accuracy
         # criterion can hold there; as first written, any harm met it
@@ -277,7 +285,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
             ci_low=float(here.ci_low),
             ci_high=float(here.ci_high),
             clean=clean,
-            effect_fraction=float(-here.effect / clean) if clean > 0 else np.nan,
+            effect_fraction=fraction,
             accuracy_effect=acc,
             harmful=harmful,
             large=large,
@@ -559,7 +567,15 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
     """``values`` formatted with ``digits`` decimals (``spec``: a format type, ``"f"`` or
     ``"e"``, with any flag before it, ``"+f"``), or with as many more as it takes for
     ``decide`` of the printed numbers to equal ``decide`` of the values: a sentence's
-    numbers then show the comparison that decided its verdict."""
+    numbers then show the comparison that decided its verdict. As many: one more than the
+    first decimal where a number and its threshold differ, at most 16 (past that,
+    ``repr``, e.g. a value 1e-20 beside 0). A NaN is refused: it is on no side of a threshold
+    (it was printed ``nan`` after 16 tries)."""
+    if np.isnan(np.asarray(values, dtype=float)).any():
+        raise ValueError(
+            f"cannot print {list(values)} for a threshold test: NaN is on no side of a "
+            "threshold (a table the verdicts were decided from holds no NaN)"
+        )
     flag, kind = spec[:-1], spec[-1]
     want = decide(*values)
     for places in range(digits, 17):
@@ -567,6 +583,15 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
         if decide(*(float(text) for text in texts)) == want:
             return texts
     return [repr(value) for value in values]
+
+
+def _percent_text(fraction: float, criteria: Criteria = PREREGISTERED) -> str:
+    """Criterion 2's ``fraction`` (harm / clean) in percent, with one decimal or as many
+    more as put it on its side of ``min_effect_fraction``: `printed_beside` the fraction
+    itself, its decimal point then moved two places (exact). ``100 * fraction`` rounds
+    again: a fraction a float below 0.05 became 5.0, printed "5.0 %" beside a miss."""
+    text = printed_beside(fraction, criteria.min_effect_fraction, 3)
+    return format(Decimal(text).scaleb(2), "f")
 
 
 def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
@@ -604,11 +629,8 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
             details.append(f"seed {seed}: {', '.join(parts)}")
         elif claim in MOTIFS:
-            percent = printed_beside(
-                100 * row.effect_fraction, 100 * PREREGISTERED.min_effect_fraction, 1
-            )
             share = (
-                f"{percent} % of the clean {row.clean:.2f}"
+                f"{_percent_text(row.effect_fraction)} % of the clean {row.clean:.2f}"
                 if row.clean > 0
                 else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
             )
