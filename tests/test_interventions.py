@@ -1626,3 +1626,29 @@ def test_zero_patches_at_eps_zero_are_refused_at_real_rows_only(layout):
     ):
         with pytest.raises(ValueError, match=r"eps = 0.*zero .* at \d+ real position"):
             run(hooks)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_a_patch_whose_mean_square_underflows_is_refused_at_eps_zero(layout):
+    """The hook-time check of zero patches at eps 0 tested the sum of squares, but the key
+    norm divides it by d_model first (`rms_scale`): a value 3.2e-162 in one of 8 entries
+    (float64) has a sum of squares 1e-323 (not 0) and a mean square 0, a scale of 0, and
+    its run gave NaN logits unrefused. Refused now, as a zero value is; the same value
+    with its mean square above 0 still runs, finite."""
+    from hooked_attnres import HookedAttnRes
+
+    model = randomize_routing(HookedAttnRes(eps_zero_config(layout, 4, 2))).eval()
+    tokens = torch.tensor([[5, 3, 4, 5, 6]])
+    tiny = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    tiny[0] = 3.2e-162
+    squares = (tiny**2).sum()
+    assert squares > 0 and squares / model.cfg.d_model == 0  # the case: only the mean is 0
+    for hooks in (
+        patch_sources(model, "embedding", tiny, layers=2),
+        patch_committed(model, "embedding", tiny),
+    ):
+        with pytest.raises(ValueError, match=r"eps = 0.*zero .* at 5 real position"):
+            model.run_with_hooks(tokens, fwd_hooks=hooks)
+    tiny[0] = 1e-160  # a mean square of 1.25e-321: a scale, finite logits
+    logits = model.run_with_hooks(tokens, fwd_hooks=patch_sources(model, "embedding", tiny))
+    assert logits.isfinite().all()

@@ -43,7 +43,7 @@ from hooked_attnres.interventions.selection import (
     select_sites,
 )
 from hooked_attnres.model.depth import RouterSite
-from hooked_attnres.model.norms import squared_norm
+from hooked_attnres.model.norms import rms_scale
 from hooked_attnres.model.passes import (
     padding_of,
     pass_mask,
@@ -167,16 +167,19 @@ def _refuse_zero_source(model: HookedAttnRes, what: str, value: str) -> None:
 def _zero_row_check(model: HookedAttnRes, read: bool, what: str) -> Optional[Callable]:
     """In a model with ``eps = 0`` whose patched source some router reads (``read``):
     ``check(new, positions, where)``, raising ``ValueError`` when the value ``new``
-    (``[batch, pos, d_model]``) is zero over ``d_model`` (its sum of squares in the
-    routing dtype is 0, as the key norm computes it: an underflowing value too) at a real
-    row of the running pass that ``positions`` patch; ``None`` otherwise. Padding rows are
+    (``[batch, pos, d_model]``) is zero over ``d_model`` (its RMS in the routing dtype is
+    0, as the key norm computes it, `rms_scale`: a value whose squares or their mean over
+    ``d_model`` underflow too) at a real row of the running pass that ``positions`` patch;
+    ``None`` otherwise. Padding rows are
     not refused: their norms take eps 1 (`hooked_attnres.model.norms.padding_eps`)."""
     if model.cfg.eps != 0 or not read:
         return None
 
     def check(new: Tensor, positions, where: str) -> None:
         with torch.no_grad():
-            zero = squared_norm(new).squeeze(-1) == 0  # [batch, pos]
+            # the scale itself: the sum of squares alone missed a mean that underflows
+            # (1e-323 / d_model), whose scale 0 made the logits NaN
+            zero = rms_scale(new, model.cfg.eps).squeeze(-1) == 0  # [batch, pos]
         pos_mask = _positions_mask(positions, zero.shape[1], zero.device)
         if pos_mask is not None:
             zero = zero & pos_mask
@@ -186,8 +189,8 @@ def _zero_row_check(model: HookedAttnRes, read: bool, what: str) -> Optional[Cal
         if bool(zero.any()):
             raise ValueError(
                 f"{what} at {where} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
-                f"with rms_norm_eps = 0): the value is zero over d_model (or its squares "
-                f"underflow to 0) at {int(zero.sum())} real position(s) it patches; "
+                f"with rms_norm_eps = 0): the value is zero over d_model (or its mean "
+                f"square underflows to 0) at {int(zero.sum())} real position(s) it patches; "
                 f"{_ZERO_SOURCE}"
             )
 
