@@ -1011,6 +1011,10 @@ def test_d2_numbers_read_as_their_tests_decide(other, steps, tied, anything):
 
     from hooked_attnres.analysis.motifs import _d2_effect, _d2_mass, printed_deciding
 
+    # normal floats: a subnormal's shortest repr, doubled, may name another float
+    # (-2.2250738585e-313 doubled reads as its next float up, -4.450147717e-313)
+    assume(other == 0 or abs(other) > 1e-300)
+    assume(anything == 0 or abs(anything) > 1e-300)
     mass = _near(0.5 * other, steps) if tied else anything
     masses = printed_deciding([mass, other], 3, _d2_mass)
     effect = _near(2 * min(other, 0.0), steps) if tied else anything
@@ -1052,3 +1056,25 @@ def test_a_motifs_printed_percent_reads_as_its_size_test_decides(effect, clean):
     text = motif_verdicts(report).set_index("claim").loc["M1", "sentence"]
     percent = re.search(r"= (\S+) % of the clean", text).group(1)
     assert (Decimal(percent) >= 5) == bool(row.present), text
+
+
+def test_sentence_intervals_read_on_their_side_of_zero():
+    """Per-seed sentences printed an effect's interval with 2 decimals: the shipped report's
+    D3-attn_res read "effect -0.02 [-0.03, -0.00]" (interval read as containing 0, which
+    meets D3) in a D3 absent because the interval excludes 0 and the effect is too large,
+    and a motif harmful by ci_high < 0 read "[..., -0.00]". Each bound now prints with the
+    digits that put it on its side of 0 (the tests "contains 0" and "< 0")."""
+    import re
+    from decimal import Decimal
+
+    pc = ("attn_res", "all", "prev_completed")
+    top = ("attn_res", "all", "embedding")
+    m1 = ("mlp_res", "early", "embedding")
+    effects = {pc: (-0.02, -0.03, -0.004), top: (-0.13, -0.2, -0.05), m1: (-0.9, -1.8, -0.003)}
+    report = motif_report(*tables(effects, seed=0))
+    rows = report.set_index("claim")
+    assert not rows.loc["D3-attn_res", "present"] and rows.loc["M1", "present"]
+    sentences = motif_verdicts(report).set_index("claim").sentence
+    for claim, contains_zero in (("D3-attn_res", False), ("M1", False)):
+        low, high = re.search(r"effect \S+ \[(\S+), (\S+)\]", sentences[claim]).groups()
+        assert (Decimal(low) <= 0 <= Decimal(high)) == contains_zero, sentences[claim]

@@ -551,7 +551,11 @@ def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.D
 
 
 def _fmt_effect(row: pd.Series) -> str:
-    return f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+    """``effect [ci_low, ci_high]`` with 2 decimals, each bound with as many more as put it
+    on its side of 0 (the criteria test "ci_high < 0" and "contains 0": "[-0.03, -0.00]"
+    read as containing 0 for an interval that excludes it)."""
+    low, high = (printed_beside(bound, 0.0, 2, "+f") for bound in (row.ci_low, row.ci_high))
+    return f"{row.effect:+.2f} [{low}, {high}]"
 
 
 def _digits_apart(value: float, other: float) -> str:
