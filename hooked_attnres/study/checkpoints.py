@@ -19,6 +19,9 @@ SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
 PathLike = Union[str, Path]
 
 
+SEED_DIGITS = "0|[1-9][0-9]*"  # how `run_dir` writes a seed, as a regular expression
+
+
 def run_dir(root: PathLike, condition: str, seed: int) -> Path:
     """``{root}/{condition}_seed{seed}``: what training one condition and seed writes."""
     return Path(root) / f"{condition}_seed{seed}"
@@ -74,7 +77,7 @@ def available(checkpoints: Optional[PathLike] = None) -> dict[str, list[int]]:
         seeds = sorted(
             int(path.name.rsplit("_seed", 1)[1])
             for path in root.glob(f"{condition}_seed*")
-            if re.fullmatch(r"0|[1-9][0-9]*", path.name.rsplit("_seed", 1)[1])
+            if re.fullmatch(SEED_DIGITS, path.name.rsplit("_seed", 1)[1])
             and (path / "model" / "config.json").exists()
         )
         if seeds:

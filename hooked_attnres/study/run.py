@@ -62,7 +62,13 @@ from hooked_attnres.analysis import (
 from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
-from hooked_attnres.study.checkpoints import available, checkpoint_dir, metrics_path, run_dir
+from hooked_attnres.study.checkpoints import (
+    SEED_DIGITS,
+    available,
+    checkpoint_dir,
+    metrics_path,
+    run_dir,
+)
 from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
@@ -510,7 +516,7 @@ def _partial_file(partial: Path, condition: str, seed: int) -> Path:
 # temporary sibling ``.{condition}_seed{n}.pkl.partial-<id>`` a killed write leaves (and,
 # where the folder cannot be locked, the lock file `LOCK_FILE`; the study's `RUN_LOCK`)
 _KEPT_FILE = re.compile(
-    rf"(\.)?(?:{'|'.join(map(re.escape, CONDITIONS))})_seed\d+\.pkl"
+    rf"(\.)?(?:{'|'.join(map(re.escape, CONDITIONS))})_seed(?:{SEED_DIGITS})\.pkl"
     rf"(?(1){re.escape(PARTIAL_INFIX)}{SIBLING_ID})"
 )
 
