@@ -389,3 +389,27 @@ def test_a_norm_in_a_hook_of_a_padded_eps_zero_pass_normalises_another_tensor_ex
     assert torch.equal(inside["ln_final"], outside[0])
     assert torch.equal(inside["ln2"], outside[1])
     assert all(torch.equal(a, b) for a, b in zip(inside["mix"], outside[2], strict=True))
+
+
+def test_a_padding_row_whose_mean_square_underflows_gets_eps_one():
+    """eps 1 was given to padding rows whose sum of squares is 0; a row whose sum is not 0
+    but whose mean (the sum over d_model) underflows to 0 still had scale 0 and was nan
+    (review finding): the rule now reads the mean square the scale adds eps to."""
+    model = HookedAttnRes(eps_zero_config("kimi", 2, 1))
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+
+    def tiny_padding(x, hook):  # one entry whose square is subnormal, and /8 underflows
+        x = x.clone()
+        x[0, :2] = 0.0
+        x[0, :2, 0] = 3.2e-162
+        return x
+
+    assert (torch.tensor(3.2e-162, dtype=torch.float64) ** 2 / 8).item() == 0.0
+    assert (torch.tensor(3.2e-162, dtype=torch.float64) ** 2).item() > 0.0
+    with torch.no_grad():
+        logits = model.run_with_hooks(
+            tokens, attention_mask=mask, fwd_hooks=[("blocks.0.hook_attn_out", tiny_padding)]
+        )
+    assert logits.isfinite().all()

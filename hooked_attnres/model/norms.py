@@ -227,20 +227,21 @@ class _SquaredNorm(torch.autograd.Function):
         return (2 * grad * x).to(x.dtype), None
 
 
-def zero_row_eps(row_eps: Eps, squares: Float[Tensor, "*rows"]) -> Eps:
-    """`padding_eps`'s answer kept only at rows whose sum of ``squares`` is exactly 0, the
-    rows whose ``0 / 0`` it is for (``squares`` broadcasts with it): a tensor the norm is
+def zero_row_eps(row_eps: Eps, mean_square: Float[Tensor, "*rows"]) -> Eps:
+    """`padding_eps`'s answer kept only at rows whose ``mean_square`` (what the scale adds
+    eps to, broadcasting with it) is exactly 0, the rows whose ``0 / 0`` it is for (a sum of
+    squares that is not 0 can underflow to 0 when divided by ``d``): a tensor the norm is
     given in a hook of a padded pass, another run's say, is normalised exactly at every
-    row that is not all zero, whatever this pass's padding."""
-    return row_eps * (squares == 0) if isinstance(row_eps, Tensor) else row_eps
+    row whose mean square is not 0, whatever this pass's padding."""
+    return row_eps * (mean_square == 0) if isinstance(row_eps, Tensor) else row_eps
 
 
 def rms_scale(x: Float[Tensor, "... d"], eps: Eps) -> Float[Tensor, "... 1"]:
     """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``),
     with `padding_eps` at all-zero rows (`zero_row_eps`; the same bits outside a padded
     pass of an ``eps = 0`` model)."""
-    squares = squared_norm(x)
-    return (squares / x.shape[-1] + zero_row_eps(padding_eps(eps, x), squares)).sqrt()
+    mean_square = squared_norm(x) / x.shape[-1]
+    return (mean_square + zero_row_eps(padding_eps(eps, x), mean_square)).sqrt()
 
 
 def rms_normalize(x: Float[Tensor, "... d"], eps: Eps) -> Float[Tensor, "... d"]:

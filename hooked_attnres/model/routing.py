@@ -266,11 +266,11 @@ def source_scales(
     """``rms_scale`` of every source (the same bits: one norm per source, then the
     elementwise ``sqrt(norm**2 / d_model + eps)`` on all of them at once; `padding_eps`
     of a source ``[batch, pos, 1]`` is ``[batch, pos]`` here)."""
-    squares = squared_norms(sources)
+    mean_squares = squared_norms(sources) / sources[0].shape[-1]
     row_eps = padding_eps(eps, sources[0])
     if isinstance(row_eps, Tensor):
         row_eps = row_eps.squeeze(-1)
-    return (squares / sources[0].shape[-1] + zero_row_eps(row_eps, squares)).sqrt()
+    return (mean_squares + zero_row_eps(row_eps, mean_squares)).sqrt()
 
 
 def source_dots(
