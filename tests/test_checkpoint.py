@@ -467,6 +467,17 @@ def test_git_lfs_pointer_files_are_named_as_such(tmp_path, fmt, name):
     assert "git lfs pull" in str(info.value)
 
 
+def test_a_git_lfs_pointer_at_a_shard_index_is_named_as_such(tmp_path):
+    """Review finding: a pointer left at a sharded checkpoint's index was refused as "not a
+    valid shard index (Expecting value: line 1 column 1 (char 0))"."""
+    directory = tmp_path / "ckpt"
+    hf_qwen3().save_pretrained(directory, max_shard_size="20KB")
+    index = directory / "model.safetensors.index.json"
+    index.write_text(LFS_POINTER)
+    with pytest.raises(CheckpointError, match=re.escape(f"{index} is a Git LFS pointer file")):
+        HookedAttnRes.from_hf_qwen3(directory, wrap="none")
+
+
 @pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres", "hf"])
 def test_git_lfs_pointer_of_a_file_no_loader_reads_is_ignored(tmp_path, fmt):
     """Review finding: every file of the folder was checked for a Git LFS pointer, so a

@@ -38,6 +38,7 @@ from hooked_attnres.loading.io import (
     read_safetensors,
     read_safetensors_shapes,
     require_finite_weights,
+    require_not_lfs_pointer,
 )
 
 if TYPE_CHECKING:
@@ -433,6 +434,7 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
+            require_not_lfs_pointer(index)
             raise CheckpointError(f"{index} is not a valid shard index ({error})") from error
         if not isinstance(weight_map, dict) or not all(
             isinstance(key, str) and isinstance(shard, str) for key, shard in weight_map.items()
