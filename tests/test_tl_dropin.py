@@ -19,7 +19,7 @@ from helpers import hf_qwen3, randomize_routing, tiny_model
 from reference_attnres import model_router_params, reference_route
 from transformer_lens import ActivationCache
 from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens
-from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities import Slice, get_act_name
 
 from hooked_attnres import (
     AttnResActivationCache,
@@ -474,6 +474,43 @@ def test_decompositions_of_every_sublayer_input(case):
             assert torch.allclose(
                 normalized, cache[f"blocks.{layer}.{norm}.hook_normalized"], atol=ATOL
             )
+
+
+def test_the_remainder_at_layer_0_is_the_first_attention_input(case):
+    """At layer 0 no head or neuron has written yet, so the remainder is all of what ln1
+    reads. TransformerLens reads ``cache["resid_post", layer - 1]`` there, which its
+    negative layer index turns into the last layer's output: layout none returned the whole
+    model's final stream (0.03 off an input of 0.07, float32), the routed layouts refused."""
+    warnings.simplefilter("ignore", UnfoldedNormWarning)  # the hand computation divides too
+    cache, model = case.cache, case.model
+    prefix = "blocks.0.ln1"
+    target = cache[f"{prefix}.hook_normalized"] * cache[f"{prefix}.hook_scale"]
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(7))
+    for pos_slice in (None, -1):
+        want = Slice(pos_slice).apply(target, dim=-2)
+        scale = Slice(pos_slice).apply(cache[f"{prefix}.hook_scale"], dim=-2)
+        heads, labels = cache.stack_head_results(
+            0, return_labels=True, incl_remainder=True, pos_slice=pos_slice, routed=True
+        )
+        assert labels == ["remainder"]
+        assert torch.allclose(heads, want[None], atol=ATOL)
+        normalized = cache.stack_head_results(
+            0, incl_remainder=True, pos_slice=pos_slice, apply_ln=True, routed=True
+        )
+        assert torch.allclose(normalized, (want / scale)[None], atol=ATOL)
+        for apply_ln in (False, True):
+            neurons, labels = cache.stack_neuron_results(
+                0,
+                pos_slice=pos_slice,
+                return_labels=True,
+                incl_remainder=True,
+                apply_ln=apply_ln,
+                project_output_onto=direction,
+                routed=True,
+            )
+            assert labels == ["remainder"]
+            projected = (want / scale if apply_ln else want) @ direction
+            assert torch.allclose(neurons, projected[None], atol=ATOL)
 
 
 def test_accumulated_resid_and_logit_lens_are_exact_or_refuse(case):

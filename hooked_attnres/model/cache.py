@@ -625,7 +625,7 @@ class AttnResActivationCache(ActivationCache):
             return 0.0, 0.0
         return float((total - target).abs().max()), float(target.abs().max())
 
-    def _view(self, point: int) -> ActivationCache:
+    def _view(self, point: int, remainder: bool = False) -> ActivationCache:
         """The cache TransformerLens's own methods run on for a decomposition at ``point``:
         this cache where the norm reads ``hook_resid_*`` in a float32 / float64 model;
         else a plain ``ActivationCache`` on its tensors in which every component is weighted
@@ -634,10 +634,13 @@ class AttnResActivationCache(ActivationCache):
         routed decomposition), and in a bfloat16 / float16 model every tensor is widened
         to `analysis_dtype` (exact) before it is weighted, with the weights the methods
         multiply it by widened too (`_wide_model`): their sums, weightings and products
-        are float32, as are the stacks they return."""
+        are float32, as are the stacks they return. ``remainder``: the caller reads
+        TransformerLens's remainder (which at layer 0 is the stream there, not the last
+        layer's output TransformerLens reads)."""
         dtype = analysis_dtype(self.model)
         single = is_single_stream(self.model, point)
-        if single and dtype is None:
+        whole_model = remainder and point == 0  # what TL reads there: `_stream_names`
+        if single and dtype is None and not whole_model:
             return self
         weighted: dict[str, Union[float, Tensor]] = {}
         replaced: dict[str, Tensor] = {}
@@ -652,6 +655,7 @@ class AttnResActivationCache(ActivationCache):
                 ):
                     for name in names:
                         weighted[get_act_name(name, layer)] = coefficients.get(label, 0.0)
+        if not single or whole_model:
             norm_input = self.norm_input(point)
             replaced = {name: norm_input for name in _stream_names(self.model, point)}
         model = self.model if dtype is None else _wide_model(self.model, dtype)
@@ -706,13 +710,8 @@ class AttnResActivationCache(ActivationCache):
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
         self._require_decomposable("stack_head_results", point, head_layers=point // 2)
-        if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
-            raise ValueError(
-                "stack_head_results(layer=0, incl_remainder=True) reads TransformerLens's "
-                "whole-model remainder; pass the layer whose input you decompose"
-            )
         self._warn_unfolded(point, apply_ln)
-        cache = self._view(point)
+        cache = self._view(point, remainder=incl_remainder)
         return ActivationCache.stack_head_results(
             cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
         )
@@ -738,13 +737,8 @@ class AttnResActivationCache(ActivationCache):
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
         )
         self._require_decomposable("stack_neuron_results", point, neuron_layers=point // 2)
-        if routed and incl_remainder and point == 0 and not is_single_stream(self.model, 0):
-            raise ValueError(
-                "stack_neuron_results(layer=0, incl_remainder=True) reads TransformerLens's "
-                "whole-model remainder; pass the layer whose input you decompose"
-            )
         self._warn_unfolded(point, apply_ln)
-        cache = self._view(point)
+        cache = self._view(point, remainder=incl_remainder)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.stack_neuron_results(
             cache,
@@ -1105,13 +1099,14 @@ def _component_name(label: str) -> str:
 def _stream_names(model: Any, point: int) -> list[str]:
     """The ``hook_resid_*`` names TransformerLens reads as the stream at ``point``
     (``decompose_resid``'s target and the remainders of ``stack_head_results`` /
-    ``stack_neuron_results``)."""
+    ``stack_neuron_results``, which read ``resid_post`` of ``layer - 1``: at layer 0 its
+    negative index makes that the last layer's ``resid_post``, the whole model's output,
+    so there `_view` replaces it with the input of layer 0 for a remainder)."""
     layer, is_mlp = divmod(point, 2)
     if is_mlp:
         return [get_act_name("resid_mid", layer)]
     names = [] if layer == model.cfg.n_layers else [get_act_name("resid_pre", layer)]
-    if layer > 0:
-        names.append(get_act_name("resid_post", layer - 1))
+    names.append(get_act_name("resid_post", (layer or model.cfg.n_layers) - 1))
     return names
 
 
