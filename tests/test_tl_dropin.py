@@ -18,6 +18,7 @@ import transformer_lens.patching as tlp
 from helpers import hf_qwen3, randomize_routing, tiny_model
 from reference_attnres import model_router_params, reference_route
 from transformer_lens import ActivationCache
+from transformer_lens.tools.analysis import attribution_patch, direct_logit_attribution
 from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens
 from transformer_lens.utilities import Slice, get_act_name
 
@@ -981,6 +982,60 @@ def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
     without, labels = no_embed.decompose_resid(routed=True, incl_embeds=False, return_labels=True)
     reference = plain.decompose_resid(routed=True, incl_embeds=False)
     assert "embed" not in labels and torch.allclose(without, reference)
+
+
+# --- TransformerLens 4.3's analysis tools -----------------------------------------------
+def test_transformerlens_direct_logit_attribution_tool_is_exact_or_refuses(case):
+    """``transformer_lens.tools.analysis.direct_logit_attribution`` calls the cache's
+    ``decompose_resid`` / ``stack_head_results`` / ``logit_attrs`` without ``routed``: its
+    attributions sum to the logit difference where no final router mixes sources, and it
+    raises the cache's refusal where one does."""
+    answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
+    true_diff = case.logits[:, -1, ANSWER] - case.logits[:, -1, WRONG]
+    for unit in ("component", "head"):
+
+        def call(unit=unit):
+            return direct_logit_attribution(case.model, case.clean, answers, wrongs, unit=unit)
+
+        if case.routed_final:
+            _refuses(call, case.layout)
+        else:
+            assert torch.allclose(call().attribution.sum(0), true_diff, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", ["none", "kimi", "full"])
+def test_transformerlens_node_attribution_patching_is_the_gradient_estimate(layout):
+    """``attribution_patch`` (node granularity) scores each writer by ``(clean - corrupt) .
+    d metric / d activation`` from backward hooks: equal to the same estimate from
+    ``retain_grad`` on the hooked activations, in routed layouts too (float64)."""
+    model = build(layout).double()
+    clean = torch.randint(10, model.cfg.d_vocab, (1, 4), generator=torch.Generator().manual_seed(4))
+    corrupt = clean.clone()
+    corrupt[:, 1] = (corrupt[:, 1] + 5) % model.cfg.d_vocab
+
+    def metric(logits):
+        return logits[0, -1, ANSWER] - logits[0, -1, WRONG]
+
+    scores = attribution_patch(model, clean, corrupt, metric).node_scores
+    names = ["hook_embed"] + [
+        get_act_name(name, layer)
+        for layer in range(model.cfg.n_layers)
+        for name in ("z", "mlp_out")
+    ]
+    _, clean_cache = model.run_with_cache(clean)
+    acts = {}
+
+    def keep(activation, hook):
+        activation.retain_grad()
+        acts[hook.name] = activation
+
+    metric(model.run_with_hooks(corrupt, fwd_hooks=[(n, keep) for n in names])).backward()
+    assert len(scores) == clean.shape[1] * (1 + model.cfg.n_layers * (model.cfg.n_heads + 1))
+    for node, score in scores.items():
+        act = acts[node.hook_name]
+        effect = (clean_cache[node.hook_name] - act.detach()) * act.grad
+        at = (0, node.position) if node.head is None else (0, node.position, node.head)
+        assert abs(score - float(effect[at].sum())) < 1e-12, node
 
 
 # --- depth-state patching ---------------------------------------------------------------
