@@ -952,7 +952,9 @@ class AttnResActivationCache(ActivationCache):
     def logit_lens(self, **kwargs: Any) -> Any:
         """TransformerLens's logit lens (``transformer_lens.tools.analysis.logit_lens``)
         in layouts without a final router; refuses in ``kimi`` / ``full``, where
-        ``hooked_attnres.analysis.routing_lens`` is the lens over depth states."""
+        ``hooked_attnres.analysis.routing_lens`` is the lens over depth states. It runs
+        on this cache, so ``ln_final`` is applied to each entry by `apply_ln_to_stack`
+        (``recompute_ln=True``: by hand, without firing ``ln_final``'s hooks)."""
         self._require_full_run("logit_lens")
         if self.model.routing_layout.has_final_router:
             raise ValueError(
@@ -962,7 +964,7 @@ class AttnResActivationCache(ActivationCache):
                 "hooked_attnres.analysis.routing_lens(model, cache), which applies the final "
                 "router to each depth state."
             )
-        return ActivationCache.logit_lens(self._plain(), **kwargs)
+        return ActivationCache.logit_lens(self, **kwargs)
 
     # --- stacking router hooks ---------------------------------------------------------
     def stack_activation(
