@@ -514,6 +514,28 @@ def test_the_remainder_at_layer_0_is_the_first_attention_input(case):
             assert torch.allclose(neurons, projected[None], atol=ATOL)
 
 
+def test_a_decomposition_with_no_component_is_an_empty_stack(case):
+    """Before layer 0's attention with ``incl_embeds=False`` (or before its MLP with
+    ``mode="mlp"``) nothing has written: an empty stack, as ``stack_head_results(0)``
+    gives, where TransformerLens's ``torch.stack`` of nothing raised a bare
+    ``RuntimeError``."""
+    cache, model = case.cache, case.model
+    for mlp_input, mode in ((False, "all"), (False, "attn"), (True, "mlp")):
+        for pos_slice in (None, -1):
+            stack, labels = cache.decompose_resid(
+                0,
+                mlp_input,
+                mode,
+                pos_slice=pos_slice,
+                incl_embeds=False,
+                return_labels=True,
+                routed=True,
+            )
+            batch_pos = Slice(pos_slice).apply(case.logits, dim=-2).shape[:-1]
+            assert labels == [] and stack.shape == (0, *batch_pos, model.cfg.d_model)
+            assert stack.dtype == cache["hook_embed"].dtype
+
+
 def test_accumulated_resid_and_logit_lens_are_exact_or_refuse(case):
     cache, model = case.cache, case.model
     if case.routed_final:
@@ -1090,6 +1112,10 @@ def test_stack_activation_on_router_hooks(case):
         4,
         model.cfg.d_model,
     )
+    # the layers below 0: none (TransformerLens's torch.stack of nothing raised)
+    for name, sublayer in (("resid_pre", None), ("pattern", None), ("scale", "ln1")):
+        empty = cache.stack_activation(name, 0, sublayer)
+        assert empty.shape == (0, *cache[name, 0, sublayer].shape)
     if case.layout == "none":
         with pytest.raises(ValueError, match="no routers"):
             cache.stack_router_activation("weights")

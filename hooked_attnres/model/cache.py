@@ -678,12 +678,21 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``decompose_resid`` (same arguments and labels,
         ``[n_components, *batch_and_pos, d_model]``); at a routed read point it needs
         ``routed=True`` and returns router-weighted components that sum to the norm's
-        input (module docstring)."""
+        input (module docstring). Where nothing is selected (layer 0 with
+        ``incl_embeds=False``) the stack is empty (``n_components = 0``)."""
         self._require_full_run("decompose_resid")
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
+        n_outputs = (point // 2) * ((mode != "mlp") + (mode != "attn")) + (
+            point % 2 == 1 and mode != "mlp"
+        )
+        if not incl_embeds and n_outputs == 0:  # TransformerLens's torch.stack([]) raises
+            like = Slice(pos_slice).apply(self.norm_input(point), dim=-2)
+            dtype = analysis_dtype(self.model) or like.dtype
+            empty = like.new_zeros((0, *like.shape), dtype=dtype)
+            return (empty, []) if return_labels else empty
         cache = self._view(point)
         return ActivationCache.decompose_resid(
             cache, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels
@@ -970,10 +979,13 @@ class AttnResActivationCache(ActivationCache):
     def stack_activation(
         self, activation_name: str, layer: int = -1, sublayer_type: Optional[str] = None
     ) -> Tensor:
-        """TransformerLens's ``stack_activation``; refuses router hooks whose ``n_sources``
+        """TransformerLens's ``stack_activation`` (``[layer, *hook shape]``, the layers
+        below ``layer``; empty for ``layer=0``); refuses router hooks whose ``n_sources``
         varies with depth (use `stack_router_activation`)."""
         n_layers = self.model.cfg.n_layers
         stop = n_layers if layer is None or layer == -1 else layer
+        if stop == 0:  # no layer below 0 (TransformerLens's torch.stack of nothing raises)
+            return self[(activation_name, 0, sublayer_type)].unsqueeze(0)[:0]
         names = [get_act_name(activation_name, lay, sublayer_type) for lay in range(stop)]
         require_one_position_axis(self.model, self.cache_dict, names, "cache.stack_activation")
         shapes = {tuple(self[(activation_name, lay, sublayer_type)].shape) for lay in range(stop)}
