@@ -14,9 +14,9 @@ from hooked_attnres.model.passes import pass_extent
 from hooked_attnres.model.routing import _FusedRouting, source_scales
 
 
-@pytest.mark.parametrize("n_sources", [1, 2, 4])
-@pytest.mark.parametrize("bias", [None, 0.7])
-def test_fused_router_backward_passes_gradcheck(n_sources, bias):
+def _router_inputs(n_sources: int, bias) -> tuple:
+    """``_FusedRouting.apply``'s arguments: a query, a bias (or None), eps and ``n_sources``
+    float64 sources ``[2, 3, 6]``, all requiring a gradient."""
     generator = torch.Generator().manual_seed(n_sources)
     sources = [
         torch.randn(2, 3, 6, dtype=torch.float64, generator=generator).requires_grad_()
@@ -24,8 +24,13 @@ def test_fused_router_backward_passes_gradcheck(n_sources, bias):
     ]
     query = torch.randn(6, dtype=torch.float64, generator=generator).requires_grad_()
     bias_t = None if bias is None else torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-    inputs = (query, bias_t, 1e-6, *sources)
-    assert torch.autograd.gradcheck(_FusedRouting.apply, inputs)
+    return (query, bias_t, 1e-6, *sources)
+
+
+@pytest.mark.parametrize("n_sources", [1, 2, 4])
+@pytest.mark.parametrize("bias", [None, 0.7])
+def test_fused_router_backward_passes_gradcheck(n_sources, bias):
+    assert torch.autograd.gradcheck(_FusedRouting.apply, _router_inputs(n_sources, bias))
 
 
 def test_fused_rms_norm_backward_passes_gradcheck():
@@ -103,14 +108,7 @@ def test_training_step_gradients_equal_with_and_without_fused_kernels(routed_lay
 @pytest.mark.parametrize("n_sources", [1, 3])
 @pytest.mark.parametrize("bias", [None, 0.7])
 def test_fused_router_double_backward_gradgradcheck(n_sources, bias):
-    generator = torch.Generator().manual_seed(n_sources)
-    sources = [
-        torch.randn(2, 3, 6, dtype=torch.float64, generator=generator).requires_grad_()
-        for _ in range(n_sources)
-    ]
-    query = torch.randn(6, dtype=torch.float64, generator=generator).requires_grad_()
-    bias_t = None if bias is None else torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(_FusedRouting.apply, (query, bias_t, 1e-6, *sources))
+    assert torch.autograd.gradgradcheck(_FusedRouting.apply, _router_inputs(n_sources, bias))
 
 
 def test_fused_rms_norm_double_backward_gradgradcheck():
