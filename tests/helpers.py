@@ -80,6 +80,17 @@ def randomize_routing(model: HookedAttnRes, seed: int = 0, scale: float = 1.0) -
     return model
 
 
+# the smallest Qwen3 shape the float64 tests wrap (d_model 8, 2 heads of 4, 1 KV head)
+SMALL_QWEN3 = dict(
+    hidden_size=8,
+    intermediate_size=12,
+    head_dim=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=17,
+)
+
+
 def hf_qwen3(seed: int = 0, perturb_norms: bool = True, **overrides) -> Qwen3ForCausalLM:
     """A random ``Qwen3ForCausalLM`` (norm gains perturbed so that they matter)."""
     values = dict(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import eps_zero_config, hf_qwen3, randomize_routing, tiny_model
+from helpers import SMALL_QWEN3, eps_zero_config, hf_qwen3, randomize_routing, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hooked_attnres import HookedAttnRes
@@ -125,16 +125,7 @@ def _second_order_model(kind: str):
     """A tiny float64 model: a native layout with random routing, or a wrap of a tiny
     Qwen3 (``recency`` / ``exact``)."""
     if kind in ("recency", "exact"):
-        hf = hf_qwen3(
-            seed=1,
-            num_hidden_layers=2,
-            hidden_size=8,
-            intermediate_size=12,
-            head_dim=4,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=17,
-        )
+        hf = hf_qwen3(seed=1, num_hidden_layers=2, **SMALL_QWEN3)
         return HookedAttnRes.from_hf_qwen3(hf, wrap=kind, num_blocks=1, dtype=torch.float64)
     model = tiny_model(
         d_model=8,

@@ -13,7 +13,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing
+from helpers import SMALL_QWEN3, eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -338,16 +338,7 @@ def wrapped_cases(draw):
     """A float64 ``from_hf_qwen3`` wrap (``recency`` or ``exact``) of a random tiny Qwen3,
     with tokens and an optional left-padding mask, as `cases` gives for native layouts."""
     n_layers = draw(st.integers(1, 4))
-    hf = hf_qwen3(
-        seed=draw(st.integers(0, 1000)),
-        num_hidden_layers=n_layers,
-        hidden_size=8,
-        intermediate_size=12,
-        head_dim=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=17,
-    )
+    hf = hf_qwen3(seed=draw(st.integers(0, 1000)), num_hidden_layers=n_layers, **SMALL_QWEN3)
     wrap = draw(st.sampled_from(["recency", "exact"]))
     num_blocks = draw(st.integers(1, n_layers))
     model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=num_blocks, dtype=torch.float64)
