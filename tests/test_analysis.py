@@ -167,7 +167,9 @@ def test_ablation_effects_table(setup):
         ablation_effects(model, batch, groups="thirds", progress=False)
 
 
-def test_dissociation_report_on_a_handmade_table():
+def _handmade_dissociation_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(mass, effects)`` of one MLP router type: ``current`` has the most mass (0.55),
+    ``embedding`` the largest harm (-2.0)."""
     mass = pd.DataFrame(
         {
             "router": ["mlp_res"] * 4,
@@ -189,6 +191,11 @@ def test_dissociation_report_on_a_handmade_table():
             "n_masked_routers": 3,
         }
     )
+    return mass, effects
+
+
+def test_dissociation_report_on_a_handmade_table():
+    mass, effects = _handmade_dissociation_tables()
     report = dissociation_report(mass, effects).iloc[0]
     assert report.mass_ranking == ["current", "embedding", "prev_completed", "older"]
     assert report.effect_ranking == ["embedding", "older", "current", "prev_completed"]
@@ -908,27 +915,7 @@ def test_dissociation_report_refuses_effects_without_a_family():
     families=(...))`` without ``current``) dropped out of the rankings silently: the top-mass
     family read ``embedding`` (mass 0.2) though ``current`` has 0.55, and "one family is on
     top of both" flipped to True (Spearman 0.0 -> 0.5)."""
-    mass = pd.DataFrame(
-        {
-            "router": "mlp_res",
-            "family": list(FAMILIES),
-            "mass": [0.2, 0.1, 0.15, 0.55],  # current has the most mass
-            "ci_low": 0.0,
-            "ci_high": 1.0,
-        }
-    )
-    effects = pd.DataFrame(
-        {
-            "router": "mlp_res",
-            "group": "all",
-            "metric": "logit_diff",
-            "family": list(FAMILIES),
-            "effect": [-2.0, -0.5, 0.01, -0.4],
-            "ci_low": [-2.5, -0.7, -0.1, -0.6],
-            "ci_high": [-1.5, -0.3, 0.1, -0.2],
-            "n_masked_routers": 3,
-        }
-    )
+    mass, effects = _handmade_dissociation_tables()  # current has the most mass
     report = dissociation_report(mass, effects).iloc[0]
     assert report.top_mass == "current" and not report.top_mass_is_top_effect
     with pytest.raises(
