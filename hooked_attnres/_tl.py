@@ -13,12 +13,20 @@ from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice, get_act_name, remove_batch_dim
 
+
+def as_slice(value) -> Slice:
+    """``value`` as a TransformerLens ``Slice`` (a ``Slice`` as is: ``Slice(Slice(...))``
+    raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes."""
+    return value if isinstance(value, Slice) else Slice(value)
+
+
 __all__ = [
     "ActivationCache",
     "FactoredMatrix",
     "HookPoint",
     "HookedRootModule",
     "Slice",
+    "as_slice",
     "get_act_name",
     "remove_batch_dim",
 ]

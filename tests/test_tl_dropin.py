@@ -521,7 +521,9 @@ def test_a_decomposition_with_no_component_is_an_empty_stack(case):
     ``RuntimeError``."""
     cache, model = case.cache, case.model
     for mlp_input, mode in ((False, "all"), (False, "attn"), (True, "mlp")):
-        for pos_slice in (None, -1):
+        # a Slice too, as TransformerLens takes (audit 15: Slice(Slice(-1)) raised 'Invalid
+        # input_slice')
+        for pos_slice in (None, -1, Slice(-1), Slice([0, 2])):
             stack, labels = cache.decompose_resid(
                 0,
                 mlp_input,
@@ -531,7 +533,8 @@ def test_a_decomposition_with_no_component_is_an_empty_stack(case):
                 return_labels=True,
                 routed=True,
             )
-            batch_pos = Slice(pos_slice).apply(case.logits, dim=-2).shape[:-1]
+            positions = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+            batch_pos = positions.apply(case.logits, dim=-2).shape[:-1]
             assert labels == [] and stack.shape == (0, *batch_pos, model.cfg.d_model)
             assert stack.dtype == cache["hook_embed"].dtype
 

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._tl import ActivationCache, Slice, get_act_name
+from hooked_attnres._tl import ActivationCache, as_slice, get_act_name
 from hooked_attnres.model.cache import (
     AttnResActivationCache,
     require_cached,
@@ -139,7 +139,7 @@ def routing_lens(
         _, cache = model.run_with_cache(
             input, names_filter=lens_hook_names(model, incl_mid), attention_mask=attention_mask
         )
-    pos_slice = positions if isinstance(positions, Slice) else Slice(positions)
+    pos_slice = as_slice(positions)
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True
     )

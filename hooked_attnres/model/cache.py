@@ -38,7 +38,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._tl import ActivationCache, Slice, get_act_name
+from hooked_attnres._tl import ActivationCache, as_slice, get_act_name
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 from hooked_attnres.model.passes import padding_of, same_padding
@@ -398,7 +398,7 @@ class AttnResActivationCache(ActivationCache):
         sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
         rows = None
         if self.has_batch_dim:
-            rows = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+            rows = as_slice(batch_slice)
         items = _recorded(sliced.cache_dict, self, rows=rows)
         return AttnResActivationCache(
             items, self.model, sliced.has_batch_dim, other_hooks_attached=self.other_hooks_attached
@@ -689,7 +689,7 @@ class AttnResActivationCache(ActivationCache):
             point % 2 == 1 and mode != "mlp"
         )
         if not incl_embeds and n_outputs == 0:  # TransformerLens's torch.stack([]) raises
-            like = Slice(pos_slice).apply(self.norm_input(point), dim=-2)
+            like = as_slice(pos_slice).apply(self.norm_input(point), dim=-2)
             dtype = analysis_dtype(self.model) or like.dtype
             empty = like.new_zeros((0, *like.shape), dtype=dtype)
             return (empty, []) if return_labels else empty
@@ -824,7 +824,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("apply_ln_to_stack")
         point = _point(self.model, layer, mlp_input)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
-            batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+            batch_slice = as_slice(batch_slice)
             if has_batch_dim:  # as TransformerLens: the stack is cut to the batch slice
                 residual_stack = batch_slice.apply(residual_stack, dim=1)
             return self.model.ln_final.unhooked(residual_stack)
@@ -937,7 +937,7 @@ class AttnResActivationCache(ActivationCache):
     ) -> tuple[Float[Tensor, "n_entries *batch_and_pos d_model"], list[str]]:
         """`accumulated_resid`'s entries with a final router, before any ``apply_ln``."""
         n_layers = self.model.cfg.n_layers
-        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        pos_slice = as_slice(pos_slice)
         entries, labels = [], []
         for entry in range(layer + 1):
             if entry == n_layers:
