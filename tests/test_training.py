@@ -1148,3 +1148,42 @@ def test_resuming_from_a_model_of_other_initial_weights_is_refused(tmp_path, con
     train(continuing, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False, stop_after=1)
     train(continuing, TASK, cfg, tmp_path / "run", tokenizer=tok, progress=False)  # same object
     assert_same_weights(weights(whole), weights(continuing))
+
+
+def test_the_same_model_object_resumes_after_an_error_between_checkpoints(tmp_path, monkeypatch):
+    """An error between two checkpoints (here the evaluation of step 3 of 4, checkpoint at
+    step 2) leaves the model object a step ahead of its checkpoint: neither the run's
+    initial weights nor the checkpoint's. Resuming with that object (the notebook workflow)
+    was refused as 'a model of another seed' (audit 15); it continues its run, equal to an
+    uninterrupted one. A model of the same object's weights edited since is still refused."""
+    import hooked_attnres.training.trainer as trainer
+
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=4, checkpoint_every=2, eval_every=1)
+    whole = build_model("vanilla", 1, tok, SHAPE, 2)
+    train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
+    real, calls = trainer.evaluate, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory in the evaluation of step 3")
+        return real(*args, **kwargs)
+
+    for edited in (True, False):
+        run = tmp_path / f"run_{edited}"
+        calls.clear()
+        model = build_model("vanilla", 1, tok, SHAPE, 2)
+        monkeypatch.setattr(trainer, "evaluate", failing)
+        with pytest.raises(MemoryError):
+            train(model, TASK, cfg, run, tokenizer=tok, progress=False)
+        monkeypatch.setattr(trainer, "evaluate", real)
+        assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+        if edited:  # e.g. another seed's weights loaded into the object since
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+            with pytest.raises(ValueError, match="started from other weights"):
+                train(model, TASK, cfg, run, tokenizer=tok, progress=False)
+        else:
+            train(model, TASK, cfg, run, tokenizer=tok, progress=False)
+            assert_same_weights(weights(whole), weights(model))

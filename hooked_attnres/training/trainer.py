@@ -33,6 +33,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -293,6 +294,24 @@ def _weights_identity(model) -> str:
     return digest.hexdigest()
 
 
+# model object -> (the initial weights of the run an error left it in, its weights then):
+# the object is that run's, a step or more past the run's last checkpoint (an error between
+# two checkpoints writes none), so resuming it continues its own run
+_LEFT_BY_ERROR: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _note_left_by_error(model, initial: Optional[str]) -> None:
+    """Record that an error left ``model`` in the run that started from ``initial``
+    (`_LEFT_BY_ERROR`), for `_Checkpoint.load`; nothing if that cannot be done (e.g. an
+    out-of-memory error again: resuming then needs the run's freshly built model)."""
+    if initial is None:
+        return
+    try:
+        _LEFT_BY_ERROR[model] = (initial, _weights_identity(model))
+    except Exception:  # the caller's error is the one to see
+        pass
+
+
 def load_model_state(model, directory: Path) -> None:
     """Copy the weights saved by `save_model` into ``model`` (in place)."""
     state = _saved_weights(directory)
@@ -398,8 +417,9 @@ class _Checkpoint:
                 )
 
     def _require_run_model(self, model) -> None:
-        """Refuse a model that is neither the run's initial model (checked by the caller)
-        nor the checkpoint's (the same model object continuing its run): its weights would
+        """Refuse a model that is neither the run's initial model nor one an error left in
+        the run (`_LEFT_BY_ERROR`; both checked by the caller) nor the checkpoint's (the
+        same model object continuing its run): its weights would
         be replaced by the checkpoint's, so the result would be the checkpoint's run, not
         the one asked for (e.g. a model of another seed, which a ``transformers`` config
         does not record)."""
@@ -439,7 +459,8 @@ class _Checkpoint:
                     del state["vocabulary"]
             self._require_same_run(state, identity)
             initial = state.pop("initial_weights", None)
-            if initial is not None and initial != self.initial_weights:
+            left_by_error = _LEFT_BY_ERROR.get(model) == (initial, self.initial_weights)
+            if initial is not None and initial != self.initial_weights and not left_by_error:
                 self._require_run_model(model)
             self.initial_weights = initial
             load_model_state(model, self.directory / "model")
@@ -646,7 +667,7 @@ def train(
         tokenizer: saved with the model (default: ``model.tokenizer`` for HookedAttnRes).
         resume: continue from ``out_dir/checkpoint`` if it exists (the configuration must
             match, and ``model`` must be the run's freshly built model or the same object
-            continuing it; the result equals an uninterrupted run).
+            continuing it, also after an error; the result equals an uninterrupted run).
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call, without
             finishing; used to test and demonstrate resumption.
@@ -846,6 +867,7 @@ def train(
             if consistent:
                 checkpoint.save(model, optimizer, state(), tokenizer)
             else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
+                _note_left_by_error(model, checkpoint.initial_weights)
                 warnings.warn(
                     f"interrupted inside the optimizer update of step {updating}: the weights "
                     f"may be partly updated, so no checkpoint was written; "
@@ -856,6 +878,7 @@ def train(
             raise
         except BaseException:
             bar.close()
+            _note_left_by_error(model, checkpoint.initial_weights)
             raise
         bar.close()
         seconds += time.perf_counter() - started
