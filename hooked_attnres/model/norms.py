@@ -238,8 +238,8 @@ def zero_row_eps(row_eps: Eps, mean_square: Float[Tensor, "*rows"]) -> Eps:
 
 def rms_scale(x: Float[Tensor, "... d"], eps: Eps) -> Float[Tensor, "... 1"]:
     """``sqrt(mean(x**2) + eps)`` over the last axis, in `stat_dtype` (one pass over ``x``),
-    with `padding_eps` at all-zero rows (`zero_row_eps`; the same bits outside a padded
-    pass of an ``eps = 0`` model)."""
+    with `padding_eps` at padding rows whose mean square is 0, all zero or underflowing
+    (`zero_row_eps`; the same bits outside a padded pass of an ``eps = 0`` model)."""
     mean_square = squared_norm(x) / x.shape[-1]
     return (mean_square + zero_row_eps(padding_eps(eps, x), mean_square)).sqrt()
 
