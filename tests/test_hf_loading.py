@@ -518,6 +518,9 @@ def test_a_malformed_shard_index_is_refused(tmp_path, weight_map):
     index.write_text(json.dumps([1, 2]))  # not even an object
     with pytest.raises(CheckpointError, match="is not a valid shard index"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
+    index.write_bytes(b"\xff\xfe{")  # not text (a bare UnicodeDecodeError before)
+    with pytest.raises(CheckpointError, match="is not a valid shard index"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "hf", wrap="none")
 
 
 def test_bad_sources_fail_with_what_was_found(tmp_path):

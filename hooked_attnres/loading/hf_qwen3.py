@@ -433,7 +433,7 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
             require_not_lfs_pointer(index)
             raise CheckpointError(f"{index} is not a valid shard index ({error})") from error
         if not isinstance(weight_map, dict) or not all(
