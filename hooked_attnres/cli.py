@@ -282,8 +282,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where they say nothing: an option whose help
+    names its own default (``default: the shipped``) and a flag's or unset option's ``None``
+    / ``False`` / ``[]`` (argparse appended ``(default: None)`` after ``(default: the
+    shipped)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, []):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.splitlines()[0], formatter_class=formatter
     )
@@ -318,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=POSITIVE,
         default=None,
-        help="optimiser steps (the warm-up keeps its 100-of-1200 share unless "
-        "--set warmup_steps= is given; so does --set steps=); original two only",
+        help="optimiser steps (default: the recipe's, 1200; the warm-up keeps its 100-of-1200 "
+        "share unless --set warmup_steps= is given; so does --set steps=); original two only",
     )
     train.add_argument(
         "--set",

@@ -369,3 +369,21 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("is a file" in err[0] or "a file is there" in err[0]), err
     assert a_file.read_text() == "kept"
+
+
+def test_help_shows_each_default_once_and_no_none_or_false():
+    # --checkpoints read "(default: the shipped) (default: None)", --threads "(default: the
+    # free cores, 1 now; ...) (default: None)", and every flag "(default: False)"
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = " ".join(sub.format_help().split())
+        for says_nothing in ("(default: None)", "(default: False)", "(default: [])"):
+            assert says_nothing not in text, (name, says_nothing)
+        for action in sub._actions:
+            if action.option_strings and action.help:
+                entry = sub._get_formatter()._expand_help(action)
+                assert entry.count("default") <= 1, (name, action.option_strings, entry)
+    study_help = " ".join(subparsers.choices["study"].format_help().split())
+    assert "(default: the shipped)" in study_help and "(default: 256)" in study_help
+    assert "(default: runs)" in " ".join(subparsers.choices["train"].format_help().split())
