@@ -28,9 +28,13 @@ class CommandError(Exception):
 
 
 def default_threads() -> int:
-    """Threads for torch: the cores this process may use, minus those the machine's load
-    already occupies (at least 1). torch's own default takes every core, which on a busy
-    machine makes each operation wait for the slowest thread (10-100x slower)."""
+    """Threads for torch: ``OMP_NUM_THREADS`` if it is set to a count (>= 1), else the
+    cores this process may use, minus those the machine's load already occupies (at least
+    1). torch's own default takes every core, which on a busy machine makes each operation
+    wait for the slowest thread (10-100x slower)."""
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if asked.isascii() and asked.isdigit() and int(asked) >= 1:
+        return int(asked)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -306,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=POSITIVE,
         default=None,
-        help="torch threads (default: the free cores, "
+        help="torch threads (default: OMP_NUM_THREADS if set, else the free cores; "
         f"{default_threads()} now; more threads than free cores is slower)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

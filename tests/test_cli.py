@@ -310,6 +310,7 @@ def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # honoured when set (below)
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
     assert cli.default_threads() == 1
@@ -387,3 +388,19 @@ def test_help_shows_each_default_once_and_no_none_or_false():
     study_help = " ".join(subparsers.choices["study"].format_help().split())
     assert "(default: the shipped)" in study_help and "(default: 256)" in study_help
     assert "(default: runs)" in " ".join(subparsers.choices["train"].format_help().split())
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    # OMP_NUM_THREADS=1 (to share a machine) was overridden by the free cores: the command
+    # set torch to 2 threads on an idle 2-core machine
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", " 3 ")  # asked for: not capped by the free cores
+    assert cli.default_threads() == 3
+    for ignored in ("0", "-2", "two", "1.5", "", "\u00b2"):  # not a count: the free cores
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert cli.default_threads() == 2, ignored
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli.default_threads() == 2
