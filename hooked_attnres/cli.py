@@ -178,14 +178,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         for condition in conditions:
             out_dir = run_dir(args.out, condition, seed)
             print(f"[{PROG}] training {condition} seed {seed} -> {out_dir}", flush=True)
-            result = train_condition(
-                condition,
-                seed,
-                out_dir,
-                progress=not args.no_progress,
-                resume=not args.no_resume,
-                **kwargs,
-            )
+            try:
+                result = train_condition(
+                    condition,
+                    seed,
+                    out_dir,
+                    progress=not args.no_progress,
+                    resume=not args.no_resume,
+                    **kwargs,
+                )
+            except KeyboardInterrupt:  # the trainer wrote a checkpoint on its way out
+                kept = out_dir / "checkpoint"
+                if kept.is_dir():
+                    again = (
+                        "the command without --no-resume" if args.no_resume else "the same command"
+                    )
+                    print(
+                        f"[{PROG}] {condition} seed {seed} stopped; its last checkpoint is kept "
+                        f"in {kept}: run {again} again to resume",
+                        file=sys.stderr,
+                    )
+                raise
             accuracy = ", ".join(f"{k} {v:.1%}" for k, v in result.final_accuracy.items())
             results.append(
                 {

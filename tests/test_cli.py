@@ -404,3 +404,22 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
         assert cli.default_threads() == 2, ignored
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert cli.default_threads() == 2
+
+
+@pytest.mark.parametrize("no_resume", [False, True])
+def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatch, capsys):
+    # it said only "hooked-attnres: interrupted", though the run's checkpoint was kept and
+    # the same command resumes it (with --no-resume, the same command would start over)
+    from hooked_attnres import study
+
+    def interrupted(condition, seed, out_dir, **kwargs):
+        (out_dir / "checkpoint").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "train_condition", interrupted)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv + ["--no-resume"] * no_resume) == 130
+    err = capsys.readouterr().err
+    kept = tmp_path / "attnres_seed0" / "checkpoint"
+    again = "the command without --no-resume" if no_resume else "the same command"
+    assert f"last checkpoint is kept in {kept}: run {again} again to resume" in err, err
