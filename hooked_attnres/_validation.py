@@ -22,6 +22,14 @@ import numpy as np
 import torch
 
 
+def some_names(names: Sequence[str], limit: int = 5) -> str:
+    """``names`` joined for an error message, the first ``limit`` only when there are more:
+    ``"a, b, c, d, e, ... (40 in all)"`` (a folder's whole listing made one line of
+    thousands of names)."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def is_integer(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is a Python ``int`` or a NumPy integer scalar, and not a ``bool``
     (see the module docstring). Where the value is kept, stored or used to name something,

@@ -83,6 +83,8 @@ def _key_values(pairs: Sequence[str], what: str) -> dict:
         if "=" not in pair:
             raise CommandError(f"--{what} takes key=value pairs, got {pair!r}")
         key, value = pair.split("=", 1)
+        if not key.strip():
+            raise CommandError(f"--{what} takes key=value pairs, got {pair!r} (no key)")
         key = key.replace("-", "_")
         if key in out:  # the last one would silently win
             raise CommandError(f"--{what} gives {key!r} twice; give it once")

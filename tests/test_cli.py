@@ -423,3 +423,32 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
     kept = tmp_path / "attnres_seed0" / "checkpoint"
     again = "the command without --no-resume" if no_resume else "the same command"
     assert f"last checkpoint is kept in {kept}: run {again} again to resume" in err, err
+
+
+def test_info_on_a_big_folder_names_a_few_of_its_files(tmp_path, capsys):
+    # it listed every file of the folder in its one line (`info /tmp`: 150 names here)
+    for i in range(40):
+        (tmp_path / f"file{i:02d}.txt").write_text("")
+    assert cli.main(["info", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path} has no config.json; found file00.txt, file01.txt, file02.txt, " in err
+    assert "file04.txt, ... (40 in all)" in err and "file05.txt" not in err, err
+    # and a Hugging Face folder without weights, the same way
+    from hooked_attnres.loading.hf_qwen3 import hf_weight_files
+
+    with pytest.raises(
+        Exception, match=r"\(found file00.txt, .*, file04.txt, \.\.\. \(40 in all\)\)"
+    ):
+        hf_weight_files(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["--set", "--task-arg"])
+def test_a_pair_without_a_key_is_refused(option, tmp_path, monkeypatch, capsys):
+    # --set =5 said "unknown setting: TrainConfig.__init__() got an unexpected keyword
+    # argument ''"
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path / "r"), option, "=5"]
+    assert cli.main(argv) == 1
+    assert f"{option} takes key=value pairs, got '=5' (no key)" in capsys.readouterr().err

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from hooked_attnres._atomic import reading
-from hooked_attnres._validation import is_integer, require_finite_number, require_integer
+from hooked_attnres._validation import (
+    is_integer,
+    require_finite_number,
+    require_integer,
+    some_names,
+)
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
 from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
@@ -453,7 +458,7 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
         return {key: directory / shard for key, shard in weight_map.items()}
     if single.exists():
         return {key: single for key in read_safetensors_shapes(single)}
-    found = sorted(p.name for p in directory.iterdir())
+    found = some_names(sorted(p.name for p in directory.iterdir())) or "nothing"
     raise CheckpointError(
         f"{directory} has no model.safetensors or model.safetensors.index.json (found {found}); "
         "only safetensors checkpoints are supported"

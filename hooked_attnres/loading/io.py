@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hooked_attnres._validation import non_finite_tensors
+from hooked_attnres._validation import non_finite_tensors, some_names
 from hooked_attnres.config import HookedAttnResConfig
 
 if TYPE_CHECKING:
@@ -298,7 +298,8 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(
-            f"{directory} has no {CONFIG_NAME}; found {sorted(p.name for p in directory.iterdir())}"
+            f"{directory} has no {CONFIG_NAME}; found "
+            + (some_names(sorted(p.name for p in directory.iterdir())) or "nothing")
         )
     try:
         values = json.loads(path.read_text())

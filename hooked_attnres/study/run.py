@@ -47,7 +47,7 @@ from hooked_attnres._atomic import (
     write_bytes_atomic,
 )
 from hooked_attnres._environment import numerics_environment
-from hooked_attnres._validation import is_integer, require_integer, require_selection
+from hooked_attnres._validation import is_integer, require_integer, require_selection, some_names
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
@@ -633,8 +633,7 @@ def check_out_dir(out_dir: Union[str, Path]) -> None:
         if foreign == [partial.name]:
             what = "it is a file or a link"
         else:
-            what = "it holds files the study did not write (" + ", ".join(foreign[:5])
-            what += f", ... ({len(foreign)} in all))" if len(foreign) > 5 else ")"
+            what = f"it holds files the study did not write ({some_names(foreign)})"
         if foreign:
             raise CheckpointConflictError(
                 f"refusing to use {partial} for the finished models' tables: {what}, and the "
