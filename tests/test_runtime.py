@@ -14,7 +14,14 @@ from hooked_attnres import runtime
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 PROBE = """
-import os, resource, torch
+import importlib, os, pkgutil, resource, torch
+torch.set_num_threads(3)
+environment = dict(os.environ)
+import hooked_attnres
+for module in pkgutil.walk_packages(hooked_attnres.__path__, "hooked_attnres."):
+    importlib.import_module(module.name)  # every module, the command line's too
+untouched = dict(os.environ) == environment and torch.get_num_threads() == 3
+torch.set_num_threads(1)
 import hooked_attnres.runtime as runtime
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 cfg = HookedAttnResConfig(d_model=128, n_layers=4, n_heads=4, n_key_value_heads=2, d_mlp=256,
@@ -35,7 +42,7 @@ os.environ["HOOKED_ATTNRES_TUNE_MALLOC"] = "off"
 refused = runtime.tune_from_environment()
 os.environ["HOOKED_ATTNRES_TUNE_MALLOC"] = "1"
 applied = runtime.tune_from_environment()
-print(*after_import, refused, applied, runtime.cpu_allocator_tuned(), faults())
+print(untouched, *after_import, refused, applied, runtime.cpu_allocator_tuned(), faults())
 """
 
 
@@ -47,8 +54,10 @@ def test_import_leaves_the_allocator_alone_and_tuning_is_opt_in():
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     )
-    tuned_on_import, untuned_faults, refused, applied, tuned, faults = out.stdout.split()
-    assert (tuned_on_import, refused, applied, tuned) == ("False", "False", "True", "True")
+    untouched, tuned_on_import, untuned_faults, refused, applied, tuned, faults = out.stdout.split()
+    # importing every module leaves the environment, torch's threads and the allocator alone
+    assert (untouched, tuned_on_import) == ("True", "False")
+    assert (refused, applied, tuned) == ("False", "True", "True")
     # untuned, glibc hands activations of ~2 MiB back to the system and faults them in again;
     # tuned, it reuses them. Ten cached passes, each allocating every hook's tensor afresh
     # (measured, six runs: 75,000-157,000 page faults untuned, 0-2,900 tuned). A plain
