@@ -452,3 +452,36 @@ def test_a_pair_without_a_key_is_refused(option, tmp_path, monkeypatch, capsys):
     argv = ["train", "--condition", "attnres", "--out", str(tmp_path / "r"), option, "=5"]
     assert cli.main(argv) == 1
     assert f"{option} takes key=value pairs, got '=5' (no key)" in capsys.readouterr().err
+
+
+def test_study_checkpoints_that_are_missing_a_file_or_empty_are_named_so(
+    tmp_path, monkeypatch, capsys
+):
+    # a missing folder or a file said "/nonexistent hold no {condition}_seed{n}/model run of
+    # a known condition"
+    from hooked_attnres.study import run
+
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    (tmp_path / "empty").mkdir()
+    expected = {
+        tmp_path / "missing": f"no checkpoints folder at {tmp_path / 'missing'}",
+        a_file: f"--checkpoints {a_file} is a file, not a folder of",
+        tmp_path / "empty": f"{tmp_path / 'empty'} holds no {{condition}}_seed{{n}}/model run",
+    }
+    for checkpoints, message in expected.items():
+        argv = ["study", "--checkpoints", str(checkpoints), "--out", str(tmp_path / "s")]
+        assert cli.main(argv + ["--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_a_study_into_the_file_system_root_is_refused_clearly(monkeypatch, capsys):
+    # it said "PosixPath('/') has an empty name"
+    from hooked_attnres.study import run
+
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    assert cli.main(["study", "--out", "/", "--conditions", "vanilla", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "out_dir / is the file-system root" in err, err

@@ -99,7 +99,7 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
         checkpoint_dir("bogus")
     with pytest.raises(ValueError, match="condition must be one of"):
         run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
-    with pytest.raises(FileNotFoundError, match="hold no"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder at"):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
 
 

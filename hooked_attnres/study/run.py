@@ -458,6 +458,11 @@ def partial_dir(out_dir: Union[str, Path]) -> Path:
     study is resumed by running it again with the same settings: models whose checkpoint,
     settings and library code are unchanged are read from there, not recomputed."""
     out_dir = Path(out_dir).absolute()  # "." has no name to extend
+    if not out_dir.name:
+        raise ValueError(
+            f"out_dir {out_dir} is the file-system root: the study keeps its finished models "
+            "beside its out_dir, in {out_dir}.partial; choose a folder"
+        )
     return out_dir.with_name(out_dir.name + ".partial")
 
 
@@ -596,19 +601,26 @@ def find_runs(
     if seeds is not None:
         require_selection("seeds", seeds, why="no model would be studied")
         seeds = [require_integer("seeds", seed, 0) for seed in seeds]  # Python ints (JSON)
+    if checkpoints is not None and not Path(checkpoints).is_dir():
+        if not Path(checkpoints).exists():
+            raise FileNotFoundError(f"no checkpoints folder at {checkpoints}")
+        raise NotADirectoryError(
+            f"--checkpoints {checkpoints} is a file, not a folder of "
+            "{condition}_seed{n}/model runs (what `hooked-attnres train --out DIR` writes)"
+        )
     found = available(checkpoints)
     names = list(conditions) if conditions is not None else list(found)
+    holds = f"{checkpoints} holds" if checkpoints is not None else "the shipped checkpoints hold"
     if not names:
         raise FileNotFoundError(
-            f"{checkpoints or 'the shipped checkpoints'} hold no "
-            "{condition}_seed{n}/model run of a known condition"
+            f"{holds} no {{condition}}_seed{{n}}/model run of a known condition"
         )
     runs = []
     for name in names:
         chosen = list(seeds) if seeds is not None else found.get(name, [])
         if not chosen:
             raise FileNotFoundError(
-                f"{checkpoints or 'the shipped checkpoints'} hold no {name}_seed{{n}}/model; "
+                f"{holds} no {name}_seed{{n}}/model; "
                 f"train it with `hooked-attnres train --condition {name} --seeds 0 --out DIR`"
             )
         runs += [(name, seed) for seed in chosen]
@@ -626,8 +638,8 @@ def check_out_dir(out_dir: Union[str, Path]) -> None:
     Raises:
         CheckpointConflictError: a ``FileExistsError`` naming the files.
     """
+    partial = partial_dir(out_dir)  # first: the root is refused before it is scanned
     _check_study_folder(out_dir)
-    partial = partial_dir(out_dir)
     if partial.exists() or partial.is_symlink():
         foreign = _foreign_kept(partial)
         if foreign == [partial.name]:
