@@ -190,14 +190,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                     **kwargs,
                 )
             except KeyboardInterrupt:  # the trainer wrote a checkpoint on its way out
-                kept = out_dir / "checkpoint"
-                if kept.is_dir():
+                checkpoint = out_dir / "checkpoint"
+                if checkpoint.is_dir():
                     again = (
                         "the command without --no-resume" if args.no_resume else "the same command"
                     )
                     print(
                         f"[{PROG}] {condition} seed {seed} stopped; its last checkpoint is kept "
-                        f"in {kept}: run {again} again to resume",
+                        f"in {checkpoint}: run {again} again to resume",
                         file=sys.stderr,
                     )
                 raise
