@@ -745,6 +745,10 @@ def test_a_folder_of_yours_named_like_the_kept_tables_is_refused_before_any_work
     assert not calls and (tmp_path / "other.partial").read_text() == "a file of yours"
 
 
+# the smallest study the job-lock tests run: 6 prompts, 5 resamples, no figures or robustness
+_QUICK_STUDY = dict(n_prompts=6, n_bootstrap=5, progress=False, plots=False, robustness=False)
+
+
 def test_the_kept_tables_are_removed_but_files_put_there_during_the_study_are_kept(
     tmp_path, monkeypatch
 ):
@@ -763,15 +767,7 @@ def test_the_kept_tables_are_removed_but_files_put_there_during_the_study_are_ke
         (partial / "notes.txt").write_text("mine")
 
     monkeypatch.setattr(study_module, "_write_partial", write_then_add)
-    run_study(
-        out,
-        checkpoints=tmp_path / "runs",
-        n_prompts=6,
-        n_bootstrap=5,
-        progress=False,
-        plots=False,
-        robustness=False,
-    )
+    run_study(out, checkpoints=tmp_path / "runs", **_QUICK_STUDY)
     assert (out / "report.md").is_file()
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
@@ -786,14 +782,7 @@ def test_a_second_study_into_the_same_folder_is_refused(tmp_path, monkeypatch):
 
     condition = "hard_kimi_L8"
     tiny_study_runs(tmp_path / "runs", condition, (0,))
-    kwargs = dict(
-        checkpoints=tmp_path / "runs",
-        n_prompts=6,
-        n_bootstrap=5,
-        progress=False,
-        plots=False,
-        robustness=False,
-    )
+    kwargs = dict(checkpoints=tmp_path / "runs", **_QUICK_STUDY)
     out = tmp_path / "out"
     real = study_module.write_bytes_atomic
     second = []
