@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
+from hooked_attnres._validation import some_names
+
 try:  # POSIX; elsewhere saves and loads are not serialised across processes
     import fcntl
 except ImportError:  # pragma: no cover
@@ -525,9 +527,7 @@ def check_replaceable(
         return
     foreign = foreign_files(target)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (
-            f", ... ({len(foreign)} in all)" if len(foreign) > 5 else ""
-        )
+        shown = some_names(foreign)
         legacy = (
             ""
             if read_marker(target)
