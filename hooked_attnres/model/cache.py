@@ -608,10 +608,11 @@ class AttnResActivationCache(ActivationCache):
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
         """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
         the cached pass where it recorded padding (`attention_mask`; ``total`` and
-        ``target``: ``[batch, pos, ...]``, or ``[pos, ...]`` without a batch axis). With
-        ``eps = 0`` a padding position's entries can be nan (docs/hooks.md) and reach no
-        real position; before, they made the max error nan, and ``nan > tolerance`` is
-        False: every check passed, so an edited run's cache was decomposed silently. A nan
+        ``target``: ``[batch, pos, ...]``, or ``[pos, ...]`` without a batch axis). A padding
+        position's entries can be nan (a hook's edit; with ``eps = 0`` they were ``0 / 0``
+        before `padding_eps`, docs/hooks.md) and reach no real position; they made the max
+        error nan, and ``nan > tolerance`` is False: every check passed, so an edited run's
+        cache was decomposed silently. A nan
         left (at a real position, or padding the cache does not record) is refused by the
         caller's ``not error <= tolerance``."""
         real = self.attention_mask
@@ -1095,7 +1096,7 @@ def _nan_note(error: float) -> str:
         return ""
     return (
         " (nan: the cache holds nan at a real position, or at padding it does not record, "
-        "e.g. of a model with eps = 0; a cache of model.run_with_cache(tokens, "
+        "e.g. where a hook wrote nan; a cache of model.run_with_cache(tokens, "
         "attention_mask=mask) records its padding, which the check leaves out; for a plain "
         "dict declare it: AttnResActivationCache(tensors, model, attention_mask=mask))"
     )
