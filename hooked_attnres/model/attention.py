@@ -452,9 +452,10 @@ class Attention(nn.Module):
             # own score must be finite for the backward, below)
             k = k.masked_fill(padding_keys, 0.0)
         if pad_queries is not None:
-            # a padding query's row is zeroed below, but at eps 0 its query can be 0 / 0
-            # (nan), and the backward of its scores (zero gradient times a nan query, key
-            # or pattern) would carry nan into the gradients of real keys and values
+            # a padding query's row is zeroed below, but its query can be nan (a hook's
+            # edit; at eps 0 it was 0 / 0 before `padding_eps`), and the backward of its
+            # scores (zero gradient times a nan query, key or pattern) would carry nan
+            # into the gradients of real keys and values
             q = q.masked_fill(pad_queries.to(q.device)[..., None, None], 0.0)
         if is_observed(self.hook_attn_scores) or is_observed(self.hook_pattern):
             z = self._explicit_attention(q, k, v, blocked, pad_queries)
@@ -473,8 +474,8 @@ class Attention(nn.Module):
             ).transpose(1, 2)
         if pad_queries is not None:
             # zero (the explicit pattern's row already is): also a zero gradient into the
-            # product, whose backward would multiply a padding row's nan gradient (eps 0)
-            # by the keys' and values' zero weight
+            # product, whose backward would multiply a padding row's nan gradient (a
+            # hook's nan) by the keys' and values' zero weight
             z = z.masked_fill(pad_queries[..., None, None], 0.0)
         z = self.hook_z(z)
         if self.uses_attn_result:
