@@ -7,8 +7,8 @@ would round each result to 8 (11) bits -- a logit difference, a patching metric,
 log-softmax, the sampling filters -- the operands are `widened` first.
 
 `sum_where` sums the entries a mask keeps by selecting them, never by multiplying by a 0 /
-1 mask: an entry left out may be NaN (with eps = 0 a padding position's routing is 0 / 0),
-and NaN * 0 is NaN."""
+1 mask: an entry left out may be NaN (a hook's edit at a padding position; with eps = 0
+its routing was 0 / 0 before `padding_eps`), and NaN * 0 is NaN."""
 
 from __future__ import annotations
 

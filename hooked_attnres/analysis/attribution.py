@@ -802,7 +802,8 @@ def attribution_patch_routing_weights(
                 if real is not None:
                     # a padding position never reaches a real one (the attention zeroes its
                     # key and value), so patching its weights changes only its own logits;
-                    # with eps 0 its weights can be 0 / 0 in both runs, and g * (nan - nan)
+                    # its weights can be nan in both runs (a hook's edit; with eps 0 they
+                    # were 0 / 0 before `padding_eps`), and g * (nan - nan)
                     # made every sum over it nan (the exact sweep: finite). Only a
                     # non-finite estimate is replaced: a metric that reads a padding
                     # position's logits has a finite, non-zero one there, which is kept

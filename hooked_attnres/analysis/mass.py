@@ -93,7 +93,7 @@ def _position_weights(
             if last_real is None:
                 return weights.mean(dim=1)
             real = (torch.arange(n_pos, device=weights.device) <= last_real[:, None])[..., None]
-            # selected (a nan weight in the padding, a zero pad embedding with eps = 0)
+            # selected (a nan weight a hook wrote in the padding)
             return sum_where(weights, real, dim=1) / real.sum(dim=1).to(weights.dtype)
         if positions == "answer":
             if answer_pos is None:

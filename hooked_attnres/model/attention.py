@@ -444,8 +444,9 @@ class Attention(nn.Module):
         pad_queries = context.pad_queries(query_positions)
         padding_keys = context.padding_keys
         if padding_keys is not None:
-            # weight 0 on a padding key must not read its value: at eps 0 a padding
-            # position's sources can be 0 / 0 (nan), and 0 * nan would reach real queries
+            # weight 0 on a padding key must not read its value: a padding position's
+            # sources can be nan (a hook's edit; at eps 0 they were 0 / 0 before
+            # `padding_eps`), and 0 * nan would reach real queries
             padding_keys = padding_keys.to(v.device)[:, :, None, None]
             v = v.masked_fill(padding_keys, 0.0)
             # and its key (the fused call adds its mask to the scores; a padding query's

@@ -142,7 +142,8 @@ def lm_cross_entropy_loss(
             "the loss has no valid prediction: no prompt has two consecutive real tokens "
             "(attention_mask == 1); use return_type='logits'"
         )
-    # where, not a product: a padding position's logits may be nan (eps 0, docs/hooks.md)
+    # where, not a product: a padding position's logits may be nan (a hook's edit,
+    # docs/hooks.md)
     # and nan * 0 is nan
     kept = torch.where(keep, losses, losses.new_zeros(()))
     return kept if per_token else kept.sum() / n_kept
