@@ -675,7 +675,6 @@ def test_a_vanilla_model_refuses_the_shape_fields_it_would_ignore():
     tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
     base = dict(d_model=32, n_layers=2, n_heads=2)
     for extra in (
-        dict(dtype=torch.float64),
         dict(tie_word_embeddings=True),
         dict(initializer_range=0.5),
     ):
@@ -686,6 +685,50 @@ def test_a_vanilla_model_refuses_the_shape_fields_it_would_ignore():
             build_model("vanilla", 0, tok, {**base, **extra})
     vanilla = build_model("vanilla", 0, tok, {**base, "dtype": torch.float32, "seed": None})
     assert vanilla.config.hidden_size == 32 and vanilla.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, "bfloat16"])
+def test_a_vanilla_model_is_built_in_the_shapes_dtype_as_the_attnres_one_is(dtype):
+    """``dtype`` in a ``shape`` made an AttnRes model of that dtype and was refused for the
+    vanilla one (a field it "would ignore"). Both honour it now, the vanilla model as the
+    AttnRes one does: initialised in float32 from the seed, then converted. So its
+    parameters have the dtype, and its weights and logits are those of the float32 model
+    built without ``dtype`` and converted afterwards."""
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
+    base = dict(d_model=32, n_layers=2, n_heads=2)
+    expected = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    attnres = build_model("attnres", 0, tok, {**base, "dtype": dtype}, 1)
+    vanilla = build_model("vanilla", 0, tok, {**base, "dtype": dtype})
+    assert attnres.cfg.dtype == expected
+    assert {p.dtype for p in vanilla.parameters()} == {expected}
+    converted = build_model("vanilla", 0, tok, base).to(expected)  # built in float32
+    built = {**vanilla.state_dict(), **dict(vanilla.named_buffers())}  # rotary tables too
+    reference = {**converted.state_dict(), **dict(converted.named_buffers())}
+    assert built.keys() == reference.keys()
+    assert all(torch.equal(built[k], reference[k]) for k in built)
+    tokens = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, expected_logits = vanilla(tokens).logits, converted(tokens).logits
+    assert logits.dtype == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["int8", torch.int64, "float8"])
+def test_a_vanilla_model_refuses_a_dtype_the_attnres_model_refuses(dtype):
+    """A dtype no model of the package has is refused for ``"vanilla"`` with the
+    config's message (the one check of dtypes, `HookedAttnResConfig`), naming the
+    supported ones."""
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+
+    tok = task_tokenizer(KeyValueRetrieval(n_pairs=3, n_keys=6, n_values=6))
+    shape = dict(d_model=32, n_layers=2, n_heads=2, dtype=dtype)
+    for kind in ("attnres", "vanilla"):
+        with pytest.raises(ValueError, match=r"dtype .* is not supported; use one of \[.*bfloat16"):
+            build_model(kind, 0, tok, shape)
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta"])

@@ -262,22 +262,27 @@ _VANILLA_FIELDS = (
     "eps",
     "rotary_base",
 )
+# the fields that say where the vanilla model lives and in which dtype, not what it is
+_PLACEMENT = ("device", "dtype")
 
 
 def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     """A vanilla ``Qwen3ForCausalLM`` initialised like ``HookedAttnRes.init_weights`` (the
     two matrices that write to the stream get std ``0.02 / sqrt(2 * n_layers)``). ``shape``
     holds `HookedAttnResConfig` fields; the ones it leaves out take that config's defaults,
-    so a vanilla and an AttnRes model of one ``shape`` have one shape. ``device`` places it
-    as it places the AttnRes model (initialised on the CPU, then moved: the same weights on
-    any device). Any other field given a value other than its default (``dtype``,
-    ``tie_word_embeddings``, ``initializer_range``, ...) is refused: the vanilla model
-    would not have it."""
+    so a vanilla and an AttnRes model of one ``shape`` have one shape. ``device`` and
+    ``dtype`` place and convert it as they do the AttnRes model (initialised in float32 on
+    the CPU, then converted and moved: the same weights, rounded to ``dtype``, on any
+    device; a dtype the config refuses is refused with its message). Any other field given
+    a value other than its default (``tie_word_embeddings``, ``initializer_range``, ...) is
+    refused: the vanilla model would not have it."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     full = HookedAttnResConfig(d_vocab=len(tokenizer), **shape)
     default = {field.name: field.default for field in fields(HookedAttnResConfig)}
-    ignored = [k for k in shape if k not in (*_VANILLA_FIELDS, "device") and shape[k] != default[k]]
+    ignored = [
+        k for k in shape if k not in (*_VANILLA_FIELDS, *_PLACEMENT) and shape[k] != default[k]
+    ]
     if ignored:  # the AttnRes model of this shape would differ in them
         raise ValueError(
             f"the vanilla Qwen3ForCausalLM is built from the shape's {', '.join(_VANILLA_FIELDS)}; "
@@ -310,7 +315,8 @@ def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
                     param.normal_(
                         0.0, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
                     )
-    return model.to(full.device)  # as HookedAttnRes places itself (cfg.device, "cpu" if None)
+    # as HookedAttnRes converts and places itself (cfg.dtype, cfg.device: "cpu" if None)
+    return model.to(device=full.device, dtype=full.dtype)
 
 
 def build_model(
