@@ -132,6 +132,8 @@ def test_config_json_contents(saved):
     assert values["d_model"] == 32 and values["n_layers"] == 4 and values["d_vocab"] == 50
     assert values["attnres_layout"] == "cumulative" and values["attnres_num_blocks"] == 2
     assert values["dtype"] == "float32"
+    # one dtype: nothing else recorded, so the file is what earlier versions wrote
+    assert "parameter_dtypes" not in values
 
 
 def test_bfloat16_round_trip_keeps_dtype(tmp_path):
@@ -143,6 +145,109 @@ def test_bfloat16_round_trip_keeps_dtype(tmp_path):
     assert loaded.cfg.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert_same_model(loaded, model)
+
+
+def mixed_model(make: str) -> tuple[HookedAttnRes, dict[str, torch.dtype]]:
+    """A model whose parameters have two dtypes, and the odd ones out ``{name: dtype}``:
+    ``"bf16-routers"``, a bfloat16 model whose routers (pseudo-queries, key-norm gains,
+    recency biases) are float32, as users keep them; ``"tied"``, the same with tied
+    embeddings; ``"f32-f64"``, a float32 model with float64 routers.
+    The odd ones hold values their model's dtype cannot (rounding them shows)."""
+    if make == "f32-f64":
+        model = scrambled_model()
+        odd = {name: torch.float64 for name, _ in model.named_parameters() if "_res." in name}
+    else:
+        model = scrambled_model(dtype=torch.bfloat16, tie_word_embeddings=make == "tied")
+        odd = {name: torch.float32 for name, _ in model.named_parameters() if "_res." in name}
+    generator = torch.Generator().manual_seed(7)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, dtype in odd.items():
+            noise = torch.randn(params[name].shape, generator=generator, dtype=dtype)
+            params[name].data = params[name].data.to(dtype) + 1e-3 * noise
+    assert {name for name, p in model.named_parameters() if p.dtype != model.cfg.dtype} == set(odd)
+    return model, odd
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mapped"])
+@pytest.mark.parametrize("make", ["bf16-routers", "tied", "f32-f64"])
+def test_a_model_of_mixed_dtypes_round_trips_bitwise(tmp_path, make, mmap):
+    """A model whose parameters have two dtypes saved, but loading it was refused until
+    ``dtype=`` cast everything to one (``tensor blocks.0.attn_res.query has dtype F32 but
+    config.json says bfloat16``). ``config.json`` now records the parameters whose dtype
+    is not ``dtype`` (``parameter_dtypes``), and every parameter comes back in its saved
+    dtype with the same bits, without ``dtype=``."""
+    model, odd = mixed_model(make)
+    model.save_pretrained(tmp_path / "ckpt")
+    values = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert values["parameter_dtypes"] == {k: str(v).removeprefix("torch.") for k, v in odd.items()}
+    stored = safetensors.torch.load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {k for k, t in stored.items() if t.dtype != model.cfg.dtype} == set(odd)
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt", mmap=mmap)
+    assert_same_model(loaded, model)  # every parameter's dtype and bits, the cfg, the logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_model_of_mixed_dtypes_loaded_with_dtype_is_cast_whole(tmp_path, dtype):
+    """``dtype=`` still converts every parameter, the recorded odd ones too."""
+    model, _ = mixed_model("bf16-routers")
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt", dtype=dtype)
+    assert loaded.cfg.dtype == dtype
+    found = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert found[name].dtype == dtype and torch.equal(found[name], tensor.to(dtype)), name
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        # the record says float64, the file holds float32
+        ({"blocks.0.attn_res.query": "float64"}, "has dtype F32 but config.json says float64"),
+        ({"blocks.9.attn_res.query": "float32"}, r"names parameters .*blocks\.9\.attn_res"),
+        ({"blocks.0.attn_res.query": "int8"}, r"parameter_dtypes.*'int8' is not supported"),
+        (["blocks.0.attn_res.query"], "parameter_dtypes must map parameter names to dtype"),
+        ({}, "has dtype F32 but config.json says bfloat16; pass dtype="),  # record removed
+    ],
+    ids=["wrong-dtype", "unknown-name", "bad-dtype", "not-a-dict", "dropped"],
+)
+def test_a_dtype_record_that_does_not_match_the_weights_is_refused(tmp_path, record, message):
+    """The record is checked against the file's tensors before any is read: a tensor whose
+    dtype is neither ``dtype`` nor the one recorded for it is refused as before."""
+    model, _ = mixed_model("bf16-routers")
+    model.save_pretrained(tmp_path / "ckpt")
+    values = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    if record == {}:  # as a writer that does not record dtypes would leave it
+        values.pop("parameter_dtypes")
+    elif isinstance(record, dict):
+        values["parameter_dtypes"].update(record)
+    else:
+        values["parameter_dtypes"] = record
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match=message):
+        HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+
+
+def test_the_shipped_checkpoints_load_as_stored():
+    """Every shipped checkpoint in this package's format loads as before the dtype record:
+    one dtype (float32), every parameter bitwise the file's tensor, and no record."""
+    from hooked_attnres.study import SHIPPED
+
+    directories = sorted(p.parent for p in SHIPPED.glob("*/model/config.json"))
+    ours = [
+        d
+        for d in directories
+        if json.loads((d / "config.json").read_text())["model_type"] == "hooked_attnres"
+    ]
+    assert len(ours) >= 10
+    for directory in ours:
+        assert "parameter_dtypes" not in json.loads((directory / "config.json").read_text())
+        stored = safetensors.torch.load_file(str(directory / "model.safetensors"))
+        found = HookedAttnRes.from_pretrained(directory).state_dict()
+        assert found.keys() == stored.keys(), directory
+        for name, tensor in stored.items():
+            assert found[name].dtype == tensor.dtype == torch.float32, (directory, name)
+            assert torch.equal(found[name], tensor), (directory, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, "float64", "torch.float64"])

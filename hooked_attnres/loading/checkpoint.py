@@ -99,10 +99,12 @@ def load_checkpoint(
     Args:
         directory: the checkpoint directory.
         device: where to put the model (default ``"cpu"``).
-        dtype: parameter dtype (default: the dtype saved in the config of this package's
-            format; float32 for a ``qwen3_attnres`` directory, whatever its config's
-            ``dtype`` says, or float64 if its weights are stored in float64, so that the
-            default never rounds a weight: ``docs/loading.md``).
+        dtype: parameter dtype, every parameter converted to it (default: the dtype
+            saved in the config of this package's format, each parameter's own if they
+            differ, ``parameter_dtypes`` in ``docs/loading.md``; float32 for a
+            ``qwen3_attnres`` directory, whatever its config's ``dtype`` says, or float64
+            if its weights are stored in float64, so that the default never rounds a
+            weight: ``docs/loading.md``).
         model_class: the class to build (default `HookedAttnRes`; ``from_pretrained``
             passes its own).
         mmap: memory-map the weights instead of copying them (see ``docs/loading.md``:

@@ -163,9 +163,18 @@ def _read_copy(
     return out
 
 
-def check_float_tensors(path: Path, info: dict, keys, expected: Optional[torch.dtype]) -> None:
+def check_float_tensors(
+    path: Path,
+    info: dict,
+    keys,
+    expected: Optional[torch.dtype],
+    recorded: Optional[dict[str, torch.dtype]] = None,
+) -> None:
     """Refuse integer or boolean tensors (a parameter is never cast from them), and, with
-    ``expected``, tensors of another floating dtype."""
+    ``expected``, tensors of another floating dtype than ``expected``, or than
+    ``recorded[key]`` for the keys ``recorded`` names (the parameters a config records in
+    another dtype)."""
+    recorded = recorded or {}
     for key in keys:
         _, name = info[key]
         if name not in _FLOAT_DTYPES:
@@ -173,10 +182,13 @@ def check_float_tensors(path: Path, info: dict, keys, expected: Optional[torch.d
                 f"{path}: tensor {key} has dtype {name}; parameters must be floating point "
                 f"({sorted(_FLOAT_DTYPES)}), and an integer tensor is not cast silently"
             )
-        if expected is not None and _FLOAT_DTYPES[name] != expected:
+        wanted = recorded.get(key, expected)
+        if wanted is not None and _FLOAT_DTYPES[name] != wanted:
+            source = " (its parameter_dtypes)" if key in recorded else ""
             raise CheckpointError(
                 f"{path}: tensor {key} has dtype {name} but config.json says "
-                f"{str(expected).removeprefix('torch.')}; pass dtype=... to convert on purpose"
+                f"{str(wanted).removeprefix('torch.')}{source}; pass dtype=... to convert "
+                "on purpose"
             )
 
 

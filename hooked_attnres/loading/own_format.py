@@ -3,7 +3,10 @@
 A checkpoint is a directory:
 
 * ``config.json``: ``{"model_type": "hooked_attnres", "format_version": 1, ...}`` plus
-  every `HookedAttnResConfig` field (``device`` is not stored);
+  every `HookedAttnResConfig` field (``device`` is not stored) and, only for a model whose
+  parameters have more than one dtype, ``parameter_dtypes``: ``{name: dtype name}`` of the
+  parameters whose dtype is not ``dtype`` (a model of one dtype writes what earlier
+  versions wrote);
 * ``model.safetensors``: the ``state_dict`` (TransformerLens-style names such as
   ``blocks.0.attn.W_Q``; no ``unembed.W_U`` when embeddings are tied);
 * tokenizer files, when a tokenizer is attached.
@@ -19,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from hooked_attnres._version import __version__
-from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
+from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any, dtype_name
 from hooked_attnres.loading.io import (
     CONFIG_NAME,
     CheckpointError,
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 FORMAT = "hooked_attnres"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+# config.json's record of the parameters whose dtype is not the config's ``dtype``
+PARAMETER_DTYPES = "parameter_dtypes"
 
 
 def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
@@ -52,6 +57,9 @@ def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
     state = {
         name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
     }
+    odd = {k: dtype_name(t.dtype) for k, t in state.items() if t.dtype != model.cfg.dtype}
+    if odd:  # e.g. float32 routers in a bfloat16 model: loaded back in their own dtype
+        config[PARAMETER_DTYPES] = odd
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if model.tokenizer is not None:
@@ -68,8 +76,10 @@ def load_own_format(
 ):
     """Build the model of a ``hooked_attnres`` checkpoint whose parsed ``config.json`` is
     ``values``; every key, shape and dtype is checked before a tensor is read (a tensor
-    whose dtype differs from the config's is refused unless ``dtype`` asks for a
-    conversion)."""
+    whose dtype differs from the config's ``dtype``, or for a parameter it records in
+    ``parameter_dtypes`` from that, is refused unless ``dtype`` asks for a conversion).
+    Without ``dtype`` every parameter keeps its stored dtype and bits; with it every
+    parameter is converted to ``dtype``."""
     values = dict(values)
     version = values.pop("format_version", None)
     if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and true equal 1
@@ -79,6 +89,7 @@ def load_own_format(
         )
     for key in ("model_type", "library_version"):
         values.pop(key, None)
+    recorded = _recorded_dtypes(directory, values.pop(PARAMETER_DTYPES, {}))
     try:
         cfg = HookedAttnResConfig.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -98,6 +109,26 @@ def load_own_format(
     problem = describe_mismatch(expected, {key: shape for key, (shape, _) in info.items()})
     if problem:
         raise CheckpointError(f"{weights} does not match {directory / CONFIG_NAME}: {problem}")
-    check_float_tensors(weights, info, expected, saved_dtype)
-    state = read_safetensors(weights, dtype=cfg.dtype, mmap=mmap)
+    unknown = sorted(set(recorded) - set(expected))
+    if unknown:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: {PARAMETER_DTYPES} names parameters the model does "
+            f"not have: {', '.join(unknown)}"
+        )
+    check_float_tensors(weights, info, expected, saved_dtype, recorded)
+    # no dtype: every tensor as stored, which the check above found to be its recorded one
+    state = read_safetensors(weights, dtype=None if dtype is None else cfg.dtype, mmap=mmap)
     return assign_state_dict(model, state, device or "cpu")
+
+
+def _recorded_dtypes(directory: Path, record: Any) -> dict[str, torch.dtype]:
+    """``parameter_dtypes`` of a ``config.json`` as ``{name: torch dtype}``, checked."""
+    if not isinstance(record, dict) or not all(isinstance(k, str) for k in record):
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: {PARAMETER_DTYPES} must map parameter names to dtype "
+            f"names, got {record!r}"
+        )
+    try:
+        return {name: _dtype_from_any(value) for name, value in record.items()}
+    except ValueError as error:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {PARAMETER_DTYPES}: {error}") from None
