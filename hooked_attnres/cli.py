@@ -301,6 +301,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Refused(argparse.Action):
+    """An option a command refuses when given, with ``reason`` as argparse's error (exit
+    code 2, ``argument --threads: {reason}``): one the other commands take, so that
+    giving it is not answered with a bare ``unrecognized arguments``."""
+
+    def __init__(self, *args, reason: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.reason)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults in the help, except where they say nothing: an option whose help
     names its own default (``default: the shipped``) and a flag's or unset option's ``None``
@@ -319,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.splitlines()[0], formatter_class=formatter
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument(
         "--threads",
         type=POSITIVE,
@@ -423,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     listing = sub.add_parser(
-        "list", formatter_class=formatter, parents=[common], help="list the study's conditions"
+        "list", formatter_class=formatter, parents=[debug], help="list the study's conditions"
+    )
+    listing.add_argument(  # refused, saying why (it was accepted and ignored)
+        "--threads",
+        nargs="?",
+        action=_Refused,
+        reason="list computes nothing with torch, so it takes no thread count",
+        help=argparse.SUPPRESS,
     )
     listing.set_defaults(func=cmd_list)
     return parser

@@ -320,6 +320,27 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert cli.default_threads() == 1
 
 
+@pytest.mark.parametrize(
+    "argv", [["list", "--threads", "2"], ["list", "--threads=1"], ["list", "--threads"]]
+)
+def test_list_refuses_threads_it_would_ignore(argv, capsys):
+    """``list`` took ``--threads`` (an option the other commands share) and ignored it: it
+    computes nothing with torch. It is refused when parsed, saying why (exit code 2), is
+    not in its help, and ``--debug`` is still accepted; the other commands keep it."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --threads: list computes nothing with torch, so it takes no" in err
+    subparsers = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    assert "--threads" not in subparsers.choices["list"].format_help()
+    for name in ("train", "study", "info"):
+        assert "--threads" in subparsers.choices[name].format_help(), name
+    assert cli.main(["list", "--debug"]) == 0
+
+
 def test_list_names_every_condition_with_its_recipe_and_shipped_seeds(capsys):
     from hooked_attnres.study import CONDITIONS, available, get_condition
 
