@@ -21,6 +21,7 @@ from hooked_attnres.analysis import (
     dissociation_report,
     plan_ablations,
     recency_schedule,
+    routing_lens,
     routing_mass,
     run_ablations,
     schedule_comparison,
@@ -1493,3 +1494,122 @@ def test_mean_over_a_task_batchs_real_positions_selects_them():
     got = _position_weights(weights, "all", None, last_real)
     expected = torch.stack([weights[0, :3].mean(0), weights[1].mean(0)])
     assert (got - expected).abs().max().item() <= 1e-15
+
+
+def _eps_zero_padded_model(layout: str) -> HookedAttnRes:
+    """A float64 ``eps = 0`` model in ``layout`` (``"exact"``: the exact wrap of a Qwen3
+    with ``rms_norm_eps = 0``) whose pad token 0 has a zero embedding (Hugging Face's
+    ``padding_idx`` row): its padding rows are all zero at every norm of every layout."""
+    from helpers import eps_zero_config
+
+    if layout == "exact":
+        qwen = hf_qwen3(rms_norm_eps=0.0)
+        model = HookedAttnRes.from_hf_qwen3(qwen, wrap="exact", num_blocks=2, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # content-dependent routing
+            for site in model.sites():
+                model.router(site).query.normal_(generator=generator)
+    else:
+        model = HookedAttnRes(eps_zero_config(layout))
+        if layout != "none":
+            randomize_routing(model)
+    with torch.no_grad():
+        model.embed.W_E[0] = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_norms_on_a_padded_eps_zero_cache_take_its_padding(layout, side):
+    """Norms applied to a cache's tensors after its run (the routing lens, the final
+    router's mixture of each depth state in `accumulated_resid`, `apply_ln_to_stack`'s
+    recomputed ``ln_final``, `DepthRouter.mix`) did not know the run's padding: with
+    eps 0 an all-zero padding row was ``0 / 0`` (before, every padding row of the
+    lens was nan: 15 of 15 states x padding rows in every native layout, 21 of 21 in the
+    exact wrap, where the run itself is finite). They now take the cache's padding (the
+    run's rule, `norms.padding_eps`): finite everywhere, the real rows equal to each
+    prompt's run alone, unpadded, and the lens's last entry, the final router's mixture
+    and its weights equal to what the run computed (padding included)."""
+    model = _eps_zero_padded_model(layout)
+    vocab = model.cfg.d_vocab
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, vocab, (6,), generator=generator)]
+    prompts.append(torch.randint(1, vocab, (3,), generator=generator))
+    pad = torch.zeros(3, dtype=torch.long)
+    short = torch.cat([pad, prompts[1]] if side == "left" else [prompts[1], pad])
+    tokens = torch.stack([prompts[0], short])
+    mask = (torch.arange(6) >= 3) if side == "left" else (torch.arange(6) < 3)
+    mask = torch.stack([torch.ones(6, dtype=torch.bool), mask]).long()
+    logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    routed = model.routing_layout.has_final_router
+    lens = routing_lens(model, cache, incl_mid=True)
+    stack = cache.decompose_resid(routed=routed)
+    normalized = cache.apply_ln_to_stack(stack, recompute_ln=True, routed=routed)
+    for name, value in (
+        ("lens", lens.logits),
+        ("router lens", lens.router_logits),
+        ("ln of decompose_resid", normalized),
+    ):
+        assert value.isfinite().all(), name
+    torch.testing.assert_close(lens.logits[-1], logits, atol=1e-12, rtol=0)
+    for row, prompt in enumerate(prompts):
+        real = mask[row].bool()
+        _, alone_cache = model.run_with_cache(prompt[None])
+        alone = routing_lens(model, alone_cache, incl_mid=True)
+        torch.testing.assert_close(lens.logits[:, row, real], alone.logits[:, 0])
+        torch.testing.assert_close(lens.router_logits[:, row, real], alone.router_logits[:, 0])
+        alone_stack = alone_cache.decompose_resid(routed=routed)
+        torch.testing.assert_close(
+            normalized[:, row, real],
+            alone_cache.apply_ln_to_stack(alone_stack, recompute_ln=True, routed=routed)[:, 0],
+        )
+    if routed:
+        final = model.router(None, "final_res")
+        sources = list(cache[final.hook_sources.name].unbind(-2))
+        out, weights = final.mix(sources, cache.attention_mask)
+        torch.testing.assert_close(out, cache[final.hook_out.name], atol=1e-12, rtol=0)
+        torch.testing.assert_close(weights, cache[final.hook_weights.name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_norms_given_a_cache_padding_keep_the_bits_where_eps_is_positive_or_rows_real(layout):
+    """The padding a norm outside its run is given changes nothing but an all-zero
+    padding row of an eps-0 model: with eps > 0, and at the real rows with eps 0, the
+    routing lens, `DepthRouter.mix` and `RMSNorm.unhooked` give the same bits as without
+    it (the eps 1 is added only where the mean square is 0)."""
+    from helpers import eps_zero_config
+
+    for eps in (1e-6, 0.0):
+        model = randomize_routing(HookedAttnRes(_with_eps(eps_zero_config(layout), eps)))
+        with torch.no_grad():
+            model.embed.W_E[0] = 0
+        tokens = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+        mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+        keep = torch.ones_like(mask, dtype=torch.bool) if eps else mask.bool()
+        final = model.router(None, "final_res")
+        sources = list(cache[final.hook_sources.name].unbind(-2))
+        with_mask = final.mix(sources, mask)
+        without = final.mix(sources)
+        for given, plain in zip(with_mask, without, strict=True):
+            assert torch.equal(given[keep], plain[keep])
+        stack = cache.decompose_resid(routed=True)
+        assert torch.equal(
+            model.ln_final.unhooked(stack, mask)[:, keep], model.ln_final.unhooked(stack)[:, keep]
+        )
+        assert not eps or torch.equal(
+            routing_lens(model, cache).logits, routing_lens(model, _unrecorded(cache)).logits
+        )
+
+
+def _with_eps(cfg: HookedAttnResConfig, eps: float) -> HookedAttnResConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, eps=eps)
+
+
+def _unrecorded(cache):
+    """The cache's tensors as a cache that records no padding."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    return AttnResActivationCache(dict(cache.cache_dict), cache.model)

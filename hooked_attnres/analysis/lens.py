@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, as_slice, get_act_name
@@ -143,20 +143,31 @@ def routing_lens(
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True
     )
-    logits = _readout(model, stack)
+    # the run's padding, as the stack's rows: with eps = 0 an all-zero padding row (a
+    # padding query's attention output) is finite, as in the run, not 0 / 0
+    real = cache.real_rows()
+    if real is not None:
+        real = pos_slice.apply(real, dim=-1)
+    logits = _readout(model, stack, real)
     sites = model.sites() if routers else []
     if sites:
         outs = torch.stack([pos_slice.apply(cache[site.hook("out")], dim=-2) for site in sites])
-        router_logits = _readout(model, outs)
+        router_logits = _readout(model, outs, real)
     else:
         router_logits = logits.new_zeros((0, *logits.shape[1:]))
     return RoutingLens(logits, labels, router_logits, sites)
 
 
 def _readout(
-    model: HookedAttnRes, stack: Float[Tensor, "entry ... d_model"]
+    model: HookedAttnRes,
+    stack: Float[Tensor, "entry ... d_model"],
+    real: Optional[Bool[Tensor, "*rows"]] = None,
 ) -> Float[Tensor, "entry ... d_vocab"]:
-    """``ln_final(x) @ W_U + b_U`` for every vector (norm statistics per vector)."""
+    """``ln_final(x) @ W_U + b_U`` for every vector (norm statistics per vector);
+    ``real``: the run's padding as the stack's ``...`` rows (`norms.padding_eps`)."""
     flat = stack.reshape(1, -1, stack.shape[-1])
-    normalized = model.ln_final.unhooked(flat)
+    mask = None
+    if real is not None and tuple(real.shape) == tuple(stack.shape[1:-1]):
+        mask = real.to(stack.device).expand(stack.shape[:-1]).reshape(1, -1)
+    normalized = model.ln_final.unhooked(flat, mask)
     return (normalized @ model.W_U + model.b_U).reshape(*stack.shape[:-1], -1)

@@ -605,6 +605,34 @@ class AttnResActivationCache(ActivationCache):
                 f"{edit} instead of the sublayer output."
             )
 
+    def real_rows(self) -> Optional[Bool[Tensor, "*batch_and_pos"]]:
+        """The recorded padding (`attention_mask`, True at real tokens) laid out as this
+        cache's ``[*batch_and_pos]`` axes: ``[batch, pos]``, or ``[pos]`` for a cache
+        without a batch axis (its one prompt's row); ``None`` without padding."""
+        real = self.attention_mask
+        if real is not None and not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
+            real = real[0]
+        return real
+
+    def _stack_padding(
+        self, stack: Tensor, pos_slice=None, batch_slice=None, has_batch_dim: bool = True
+    ) -> Optional[Bool[Tensor, "*batch_and_pos"]]:
+        """`real_rows` as the rows of ``stack`` (``[n, *batch_and_pos, d_model]``, cut by
+        ``pos_slice`` and, where it has a batch axis, ``batch_slice``), for a norm applied
+        to it (`norms.padding_eps`); ``None`` without padding or where the stack's rows
+        cannot be told (a stack without the cache's batch axis from a batch of several)."""
+        real = self.real_rows()
+        if real is None:
+            return None
+        if self.has_batch_dim and not has_batch_dim:  # the stack has dropped the batch axis
+            if real.shape[0] != 1:
+                return None
+            real = real[0]
+        elif self.has_batch_dim:
+            real = as_slice(batch_slice).apply(real, dim=0)
+        real = as_slice(pos_slice).apply(real, dim=-1)
+        return real if tuple(stack.shape[1:-1]) == tuple(real.shape) else None
+
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
         """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
         the cached pass where it recorded padding (`attention_mask`; ``total`` and
@@ -615,10 +643,8 @@ class AttnResActivationCache(ActivationCache):
         cache was decomposed silently. A nan
         left (at a real position, or padding the cache does not record) is refused by the
         caller's ``not error <= tolerance``."""
-        real = self.attention_mask
+        real = self.real_rows()
         if real is not None:
-            if not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
-                real = real[0]
             if tuple(target.shape[: real.ndim]) == tuple(real.shape):
                 real = real.to(target.device)
                 total, target = total[real], target[real]
@@ -821,14 +847,19 @@ class AttnResActivationCache(ActivationCache):
         (what the ``routed=True`` producers return). ``recompute_ln=True`` at the
         unembedding applies ``ln_final`` itself to every entry (without firing its hooks:
         the result depends on the cache and the weights only, as the routing lens's) and
-        is allowed anywhere."""
+        is allowed anywhere; with ``eps = 0`` it takes the run's padding (`real_rows`), so
+        an all-zero padding row (a padding query's attention output) is finite, as in the
+        run, not ``0 / 0``."""
         self._require_full_run("apply_ln_to_stack")
         point = _point(self.model, layer, mlp_input)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
             batch_slice = as_slice(batch_slice)
             if has_batch_dim:  # as TransformerLens: the stack is cut to the batch slice
                 residual_stack = batch_slice.apply(residual_stack, dim=1)
-            return self.model.ln_final.unhooked(residual_stack)
+            # the run's padding: with eps 0 an all-zero padding row (a padding query's zero
+            # attention output) is finite, as in the run, where it was 0 / 0
+            real = self._stack_padding(residual_stack, pos_slice, batch_slice, has_batch_dim)
+            return self.model.ln_final.unhooked(residual_stack, real)
         self._require("apply_ln_to_stack", point, routed)
         self._warn_unfolded(point, True)
         return ActivationCache.apply_ln_to_stack(
@@ -957,7 +988,9 @@ class AttnResActivationCache(ActivationCache):
         stored (`state_source_names`)."""
         sources = [self._need(name) for name in state_source_names(self.model, point)]
         final = self.model.router(None, "final_res")
-        return final.mix(sources)[0]
+        # the run's padding, for eps = 0 (ignored by the norm for a cache of other
+        # positions, a pos_slice's, whose rows it cannot tell)
+        return final.mix(sources, self.real_rows())[0]
 
     def logit_lens(self, **kwargs: Any) -> Any:
         """TransformerLens's logit lens (``transformer_lens.tools.analysis.logit_lens``)

@@ -6,12 +6,12 @@ from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
-from hooked_attnres.model.passes import padding_rows
+from hooked_attnres.model.passes import padding_of, padding_rows, padding_rows_of
 
 
 def make_hook(pos_dim: int = -2) -> HookPoint:
@@ -166,7 +166,9 @@ Eps = Union[float, Tensor]
 backward, whose second derivative runs after the pass, when its padding is not known)."""
 
 
-def padding_eps(eps: Eps, x: Float[Tensor, "batch pos *rest"]) -> Eps:
+def padding_eps(
+    eps: Eps, x: Float[Tensor, "batch pos *rest"], real: Optional[Bool[Tensor, "*lead"]] = None
+) -> Eps:
     """The eps of a norm of ``x`` over its last axis in the running forward pass: ``eps``,
     except with ``eps == 0`` in a pass whose ``attention_mask`` marks padding among ``x``'s
     leading ``[batch, pos]`` (`real_tokens`): then ``[batch, pos, 1, ...]`` (``x.ndim``
@@ -176,8 +178,22 @@ def padding_eps(eps: Eps, x: Float[Tensor, "batch pos *rest"]) -> Eps:
     padding position nan, and the backward's ``0 * nan`` every parameter gradient of the
     pass (a padding position reaches no real one, so its numbers are arbitrary; now they
     are finite). An ``eps`` that is a tensor is this function's earlier answer and is
-    returned as it is."""
-    if isinstance(eps, Tensor) or eps != 0 or x.ndim < 3:
+    returned as it is.
+
+    ``real``: for a tensor normalised outside its pass (a cache's, `DepthRouter.mix`,
+    `RMSNorm.unhooked`), the padding of the pass that made it, instead of the running
+    pass's: a bool ``[*lead]`` mask (`passes.padding_of`, True at real tokens) of the axes
+    of ``x`` just before its last (``[batch, pos]`` of ``[..., batch, pos, d]``, ``[pos]``
+    of a cache without a batch axis). The answer is then ``[*lead, 1]``, 1 at padding
+    (`passes.padding_rows_of`, the same rule); a ``real`` of other axes than ``x``'s is
+    ignored (``eps``), as the running pass's padding is for a tensor of other positions."""
+    if isinstance(eps, Tensor) or eps != 0:
+        return eps
+    if real is not None:
+        if real.ndim >= x.ndim or tuple(x.shape[x.ndim - 1 - real.ndim : -1]) != real.shape:
+            return eps
+        return padding_rows_of(real, real.ndim + 1, stat_dtype(x.dtype), x.device)
+    if x.ndim < 3:
         return eps
     rows = padding_rows(x.shape[0], x.shape[1], x.ndim, stat_dtype(x.dtype), x.device)
     return eps if rows is None else rows  # None: an unpadded pass, or none
@@ -331,10 +347,22 @@ class RMSNorm(nn.Module):
             return normalized.mul_(self.w), scale  # nothing holds it: the same bits in place
         return normalized * self.w, scale
 
-    def unhooked(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+    def unhooked(
+        self,
+        x: Float[Tensor, "... length"],
+        attention_mask: Optional[Int[Tensor, "*lead"]] = None,
+    ) -> Float[Tensor, "... length"]:
         """The same normalisation, bit for bit, without firing the hooks (for the per-head
-        copies of split q/k/v inputs)."""
-        return rms_normalize(x, self.eps) * self.w
+        copies of split q/k/v inputs, and for tensors of a cache).
+
+        ``attention_mask``: for ``x`` made in another pass (a cache's), that pass's mask
+        of the axes before ``x``'s last (``[batch, pos]``, ``cache.attention_mask``; 1 /
+        True at real tokens): with ``eps = 0`` an all-zero row at its padding is then
+        finite, as in the pass (`padding_eps`), where it would be ``0 / 0``; every other
+        row is the same bits."""
+        if attention_mask is None:
+            return rms_normalize(x, self.eps) * self.w
+        return rms_normalize(x, padding_eps(self.eps, x, padding_of(attention_mask))) * self.w
 
 
 class _FusedRMSNorm(torch.autograd.Function):

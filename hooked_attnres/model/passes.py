@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 
@@ -132,9 +132,19 @@ def padding_rows(
     key = (ndim, dtype, device, torch.is_inference_mode_enabled())
     rows = extent.padding.get(key)
     if rows is None:
-        rows = (~real).to(device=device, dtype=dtype).reshape(*real.shape, *[1] * (ndim - 2))
+        rows = padding_rows_of(real, ndim, dtype, device)
         extent.padding[key] = rows
     return rows
+
+
+def padding_rows_of(
+    real: Bool[Tensor, "*lead"], ndim: int, dtype: torch.dtype, device: torch.device
+) -> Float[Tensor, "*lead *ones"]:
+    """``[*lead, 1, ...]`` (``ndim`` axes) in ``dtype`` on ``device``: 1 where ``real`` (an
+    attention mask as `padding_of` gives it, True at real tokens) marks padding, 0 at the
+    real tokens. The one construction of `padding_rows` (the running pass's) and of the
+    padding a tensor made in another pass carries (`norms.padding_eps`'s ``real``)."""
+    return (~real).to(device=device, dtype=dtype).reshape(*real.shape, *[1] * (ndim - real.ndim))
 
 
 def pass_n_past() -> int:

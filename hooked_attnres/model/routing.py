@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
@@ -59,6 +59,7 @@ from hooked_attnres.model.norms import (
     squared_norms,
     zero_row_eps,
 )
+from hooked_attnres.model.passes import padding_of
 
 
 class DepthRouter(nn.Module):
@@ -186,26 +187,38 @@ class DepthRouter(nn.Module):
 
     @torch.no_grad()
     def mix(
-        self, sources: Sequence[Float[Tensor, "batch pos d_model"]]
+        self,
+        sources: Sequence[Float[Tensor, "batch pos d_model"]],
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos n_sources"]]:
         """``(out, weights)`` of this router on any list of sources, without firing its
         hooks (the routing lens applies the final router to the sources of earlier
-        depth states with it). The same operations as every path of `forward`."""
-        out, weights = self._mix(sources)
+        depth states with it). The same operations as every path of `forward`.
+
+        ``attention_mask``: for sources made in another pass (a cache's), that pass's
+        ``[batch, pos]`` mask (``cache.attention_mask``; ``[pos]`` for sources without a
+        batch axis; 1 / True at real tokens). With ``eps = 0`` a source that is all zero
+        at a padding row (a padding query's attention output) then takes eps 1 there, as
+        in the pass (`norms.padding_eps`): without it its logit is ``0 / 0`` and the
+        row's weights and output nan. Real rows are the same bits either way."""
+        out, weights = self._mix(sources, real=padding_of(attention_mask))
         return out, weights.movedim(0, -1)
 
     def _mix(
         self,
         sources: Sequence[Float[Tensor, "batch pos d_model"]],
         effective_query: Optional[Float[Tensor, " d_model"]] = None,
+        real: Optional[Bool[Tensor, "batch pos"]] = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "n_sources batch pos"]]:
         """The unhooked routing of any dtype: ``(out in the sources' dtype, weights)``
-        (``effective_query``: `_effective_query` of the sources' dtype, if already made)."""
+        (``effective_query``: `_effective_query` of the sources' dtype, if already made;
+        ``real``: the padding of the pass that made the sources, `padding_eps`)."""
         if effective_query is None:
             effective_query = self._effective_query(sources[0].dtype)
-        out, _, _, weights = _route(
-            routing_parts(sources), effective_query, self.recency_bias, self.key_norm.eps
+        eps = (
+            self.key_norm.eps if real is None else padding_eps(self.key_norm.eps, sources[0], real)
         )
+        out, _, _, weights = _route(routing_parts(sources), effective_query, self.recency_bias, eps)
         return out.to(sources[0].dtype), weights
 
     def _effective_query(self, dtype: torch.dtype) -> Float[Tensor, " d_model"]:
