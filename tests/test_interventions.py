@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import eps_zero_config, nan_at_padding, randomize_routing, tiny_model
 
-from hooked_attnres import RunCacheDict
+from hooked_attnres import HookedAttnRes, RunCacheDict
 from hooked_attnres.interventions import (
     commit_hook_name,
     depth_bands,
@@ -1467,6 +1467,46 @@ def test_zero_patches_are_refused_when_eps_is_zero():
         .isfinite()
         .all()
     )
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative"])
+def test_zero_patch_refusal_reads_the_eps_of_the_norms_that_read_the_source(layout):
+    """The zero-source refusal keys on the eps set at the norms a zero meets
+    (`zero_nan_norms`), not on the model's ``cfg.eps``. Before (audit 42), a hand-set
+    ``key_norm.eps = 0`` on one router of an eps > 0 model was not refused: a zero
+    embedding patched at that router (or committed for every reader) made every logit NaN
+    (600 of 600, kimi / full / cumulative); now refused, naming the norm, at the call and
+    in the hook for ``positions=``; at a router whose key norm keeps eps > 0 the patch
+    runs, finite. Conversely, an eps-0 model whose key norms were set to 1e-6 was refused
+    though finite; now it runs, and only a router with a single source (whose sublayer
+    norm reads the zero itself) is refused."""
+    model = randomize_routing(tiny_model(attnres_layout=layout)).eval()  # eps 1e-6
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.blocks[2].attn_res.key_norm.eps = 0.0
+    refused = r"eps = 0 \(blocks\.2\.attn_res\.key_norm; .*0 / 0.*mask_sources"
+    for make in (
+        lambda: patch_sources(model, "embedding", "zero", routers="attn_res", layers=2),
+        lambda: patch_sources(model, "embedding", torch.zeros(model.cfg.d_model)),
+        lambda: patch_committed(model, "embedding", "zero"),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            make()
+    at_two = patch_sources(model, "embedding", "zero", routers="attn_res", layers=2, positions=1)
+    with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.2\.attn_res\.key_norm; .* at 2 real"):
+        model.run_with_hooks(tokens, fwd_hooks=at_two)
+    elsewhere = patch_sources(model, "embedding", "zero", routers="mlp_res", layers=2)
+    assert model.run_with_hooks(tokens, fwd_hooks=elsewhere).isfinite().all()
+
+    zero = HookedAttnRes(eps_zero_config(layout, n_layers=3, num_blocks=2))
+    randomize_routing(zero)
+    for router in zero.sites():
+        zero.router(router).key_norm.eps = 1e-6
+    short = tokens[:, :4] % zero.cfg.d_vocab
+    later = patch_sources(zero, "embedding", "zero", layers=2)
+    assert zero.run_with_hooks(short, fwd_hooks=later).isfinite().all()
+    if zero.routing_layout.n_sources(zero.site(0, "attn_res")) == 1:  # kimi, full
+        with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.0\.ln1; "):
+            patch_sources(zero, "embedding", "zero", routers="attn_res", layers=0)
 
 
 @pytest.mark.parametrize("layout", ["kimi", "full"])

@@ -71,7 +71,6 @@ from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
-    RMSNorm,
     any_hook_attached,
     backward_hook_places,
     hook_signature,
@@ -151,15 +150,6 @@ def _frozen_parameters(model: HookedAttnRes) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _norm_after(model: HookedAttnRes, site: RouterSite) -> RMSNorm:
-    """The RMSNorm that reads a router's output (the only consumer of ``hook_out``)."""
-    if site.is_final:
-        return model.ln_final
-    assert site.layer is not None
-    block = model.blocks[site.layer]
-    return block.ln1 if site.kind == "attn_res" else block.ln2
-
-
 @dataclass
 class _Capture:
     """What one run with the graph kept records at one router: its logits and weights
@@ -199,7 +189,7 @@ def _capturing(
     hooks, handles = [], []
     for site, capture in captures.items():
         router = model.router(site)
-        norm = _norm_after(model, site)
+        norm = model.norm_after(site)
         edited = [router.hook_weights] + (
             [router.hook_out, norm.hook_scale, norm.hook_normalized] if need_norm else []
         )
@@ -299,7 +289,7 @@ def _router_estimate(
     assert grads[1] is not None
     sources = capture.sources
     parts = [source.to(weights.dtype) for source in sources]
-    eps = _norm_after(model, site).eps
+    eps = model.norm_after(site).eps
     if sources[0].dtype == weights.dtype:  # float32 / float64: the model's own numbers
         out = weighted_sum(parts, new_weights.movedim(-1, 0))
         change = rms_normalize(out, eps) - capture.normalized.detach()

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, sum_where, widened
-from hooked_attnres._validation import one_or_list, require_selection
+from hooked_attnres._validation import one_or_list, require_selection, some_names
 from hooked_attnres.interventions.checks import (
     check_broadcast,
     check_cache_mask,
@@ -36,7 +36,6 @@ from hooked_attnres.interventions.selection import (
     LayerSpec,
     RouterSpec,
     SourceSpec,
-    all_labels,
     check_positions,
     iter_selected,
     position_index,
@@ -115,30 +114,31 @@ def check_value(
     hook_names: Sequence[str],
     what: str,
     positions=None,
-    read: bool = True,
+    zero_nan: Sequence[str] = (),
 ) -> Value:
     """Check a patching value when the intervention is built: ``"zero"`` / ``"mean"``, a
     cache holding ``hook_names`` with this model's shapes, or a tensor broadcastable to
     ``[batch, pos, d_model]``. ``what`` is the calling function's name. Returns the value
     (a tensor for tensor-likes).
 
-    In a model with ``eps = 0`` a value that is zero at every row it patches (``"zero"``
-    or an all-zero tensor, ``positions`` None) of a source some router ``read`` s is
-    refused now (`_refuse_zero_source`); one that may be zero at some rows only is checked
-    when the hook runs (`_zero_row_check`), where the pass's padding is known."""
+    Where a zero source is ``0 / 0`` at a norm that reads it (``zero_nan``, the norms
+    `zero_nan_norms` names), a value that is zero at every row it patches (``"zero"`` or
+    an all-zero tensor, ``positions`` None) is refused now (`_refuse_zero_source`); one
+    that may be zero at some rows only is checked when the hook runs (`_zero_row_check`),
+    where the pass's padding is known."""
     if isinstance(value, str):
         if value not in VALUE_NAMES:
             raise ValueError(f"value must be 'zero', 'mean', a tensor or a cache, got {value!r}")
-        if value == "zero" and positions is None and read:
-            _refuse_zero_source(model, what, "value='zero'")
+        if value == "zero" and positions is None and zero_nan:
+            _refuse_zero_source(what, "value='zero'", zero_nan)
         return value
     if _is_cache(value):
         check_cached(model, value, hook_names, f"the cache given to {what}")  # type: ignore[arg-type]
         return value
     if isinstance(value, (Tensor, float, int, list, tuple)) and not isinstance(value, bool):
         tensor = check_value_tensor(value, model.cfg.d_model, what)
-        if positions is None and read and bool((tensor == 0).all()):
-            _refuse_zero_source(model, what, "a value tensor that is zero")
+        if positions is None and zero_nan and bool((tensor == 0).all()):
+            _refuse_zero_source(what, "a value tensor that is zero", zero_nan)
         return tensor
     raise TypeError(
         f"{what}: value must be 'zero', 'mean', a tensor or a cache, got {type(value).__name__}"
@@ -153,33 +153,53 @@ _ZERO_SOURCE = (
 )
 
 
-def _refuse_zero_source(model: HookedAttnRes, what: str, value: str) -> None:
-    """A source patched to zero at a real row has no RMS when the norms' ``eps`` is 0: its
-    routing logit (and RMSNorm) is ``0 / 0``, so the logits would be NaN, not a number to
-    report. Refused when the call is made where every patched row is zero."""
-    if model.cfg.eps == 0:
-        raise ValueError(
-            f"{what} with {value} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
-            f"with rms_norm_eps = 0): {_ZERO_SOURCE}"
-        )
+def zero_nan_norms(model: HookedAttnRes, sites: Sequence[RouterSite]) -> list[str]:
+    """The norms where a source that is zero over ``d_model`` at a real row, read by the
+    routers ``sites``, is ``0 / 0``: a router's key norm with eps 0 (its routing logit),
+    and after a router with a single source (passed on with weight 1) the sublayer norm
+    reading it, with eps 0. Their module paths; ``[]`` where there is none. The eps set
+    at each norm is read: every norm of an ``eps = 0`` model (e.g. the exact wrap of a
+    Qwen3 with ``rms_norm_eps = 0``), a hand-set ``key_norm.eps = 0`` in another. The one
+    rule of the zero-source refusals."""
+    found = []
+    for site in sites:
+        norm = model.norm_after(site)
+        if model.router(site).key_norm.eps == 0:
+            found.append(f"{site.prefix}.key_norm")
+        elif model.routing_layout.n_sources(site) == 1 and norm.eps == 0:
+            name = norm.hook_scale.name
+            assert name is not None  # named by the model's setup()
+            found.append(name.rsplit(".", 1)[0])
+    return found
 
 
-def _zero_row_check(model: HookedAttnRes, read: bool, what: str) -> Optional[Callable]:
-    """In a model with ``eps = 0`` whose patched source some router reads (``read``):
+def _refuse_zero_source(what: str, value: str, norms: Sequence[str]) -> None:
+    """A source patched to zero at a real row has no RMS at the ``norms`` whose ``eps`` is
+    0 (`zero_nan_norms`): its routing logit (or RMSNorm) is ``0 / 0``, so the logits would
+    be NaN, not a number to report. Refused when the call is made where every patched row
+    is zero."""
+    raise ValueError(
+        f"{what} with {value} where a norm reading it has eps = 0 ({some_names(norms)}; "
+        f"e.g. the exact wrap of a Qwen3 with rms_norm_eps = 0): {_ZERO_SOURCE}"
+    )
+
+
+def _zero_row_check(norms: Sequence[str], what: str) -> Optional[Callable]:
+    """Where a zero source is ``0 / 0`` at the ``norms`` that read it (`zero_nan_norms`):
     ``check(new, positions, where)``, raising ``ValueError`` when the value ``new``
     (``[batch, pos, d_model]``) is zero over ``d_model`` (its RMS in the routing dtype is
     0, as the key norm computes it, `rms_scale`: a value whose squares or their mean over
     ``d_model`` underflow too) at a real row of the running pass that ``positions`` patch;
-    ``None`` otherwise. Padding rows are
-    not refused: their norms take eps 1 (`hooked_attnres.model.norms.padding_eps`)."""
-    if model.cfg.eps != 0 or not read:
+    ``None`` where ``norms`` is empty. Padding rows are not refused: their norms take
+    eps 1 (`hooked_attnres.model.norms.padding_eps`)."""
+    if not norms:
         return None
 
     def check(new: Tensor, positions, where: str) -> None:
         with torch.no_grad():
             # the scale itself: the sum of squares alone missed a mean that underflows
             # (1e-323 / d_model), whose scale 0 made the logits NaN
-            zero = rms_scale(new, model.cfg.eps).squeeze(-1) == 0  # [batch, pos]
+            zero = rms_scale(new, 0.0).squeeze(-1) == 0  # [batch, pos]
         pos_mask = _positions_mask(positions, zero.shape[1], zero.device)
         if pos_mask is not None:
             zero = zero & pos_mask
@@ -188,10 +208,10 @@ def _zero_row_check(model: HookedAttnRes, read: bool, what: str) -> Optional[Cal
             zero = zero & real.to(zero.device)
         if bool(zero.any()):
             raise ValueError(
-                f"{what} at {where} in a model with eps = 0 (e.g. the exact wrap of a Qwen3 "
-                f"with rms_norm_eps = 0): the value is zero over d_model (or its mean "
-                f"square underflows to 0) at {int(zero.sum())} real position(s) it patches; "
-                f"{_ZERO_SOURCE}"
+                f"{what} at {where} where a norm reading it has eps = 0 ({some_names(norms)}; "
+                "e.g. the exact wrap of a Qwen3 with rms_norm_eps = 0): the value is zero "
+                f"over d_model (or its mean square underflows to 0) at {int(zero.sum())} real "
+                f"position(s) it patches; {_ZERO_SOURCE}"
             )
 
     return check
@@ -617,14 +637,20 @@ def patch_sources(
     selected = list(iter_selected(model, sources, routers, layers, bands))
     names = [site.hook("sources") for site, _ in selected]
     # a selection that no selected router has patches nothing: no hook, nothing to refuse
-    value = check_value(model, value, names, "patch_sources", positions, bool(selected))
-    zero_check = _zero_row_check(model, True, "patch_sources")
+    zero_nan = {site: zero_nan_norms(model, [site]) for site, _ in selected}
+    all_nan = [norm for norms in zero_nan.values() for norm in norms]
+    value = check_value(model, value, names, "patch_sources", positions, all_nan)
     hooks: Hooks = []
     for site, indices in selected:
         name = site.hook("sources")
+        zero_check = _zero_row_check(zero_nan[site], "patch_sources")
 
         def hook(
-            stacked: Float[Tensor, "batch pos n_sources d_model"], hook, indices=indices, name=name
+            stacked: Float[Tensor, "batch pos n_sources d_model"],
+            hook,
+            indices=indices,
+            name=name,
+            zero_check=zero_check,
         ):
             out = stacked.clone()
             for index in indices:
@@ -663,15 +689,6 @@ def commit_hook_name(model: HookedAttnRes, label: str) -> str:
     )
 
 
-def _is_read(model: HookedAttnRes, label: str) -> bool:
-    """Whether a committed source ``label`` is read after its commit: always in the
-    partial-sum layouts (it becomes the next router's current source); in the snapshot
-    layout (cumulative) where some router lists it (not the block committed after the
-    last layer, which no router reads)."""
-    layout = model.routing_layout
-    return not layout.snapshots or label in all_labels(model)
-
-
 def patch_committed(
     model: HookedAttnRes, labels: Union[str, list[str]], value: Value = "zero", positions=None
 ) -> Hooks:
@@ -695,13 +712,18 @@ def patch_committed(
     labels = one_or_list(labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
-    # a snapshot committed after the last reader (the cumulative layout's last block) is
-    # read by no router and no norm: a zero there changes nothing
-    read = {name: _is_read(model, label) for label, name in zip(labels, names, strict=True)}
-    value = check_value(model, value, names, "patch_committed", positions, any(read.values()))
+    # the norms among the source's readers where a zero is 0 / 0 (no reader for a snapshot
+    # committed after the last router, the cumulative layout's last block: a zero there
+    # changes nothing)
+    zero_nan = {
+        name: zero_nan_norms(model, model.routing_layout.commit_readers(label))
+        for label, name in zip(labels, names, strict=True)
+    }
+    all_nan = [norm for norms in zero_nan.values() for norm in norms]
+    value = check_value(model, value, names, "patch_committed", positions, all_nan)
     hooks: Hooks = []
     for name in names:
-        zero_check = _zero_row_check(model, read[name], "patch_committed")
+        zero_check = _zero_row_check(zero_nan[name], "patch_committed")
 
         def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name, check=zero_check):
             new = resolve_value(value, block, lambda cache: cache[name], name)

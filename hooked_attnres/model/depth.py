@@ -600,6 +600,18 @@ class RoutingLayout:
             out[label] = f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}"
         return out
 
+    def commit_readers(self, label: str) -> list[RouterSite]:
+        """The routers that read the committed source ``label`` through its commit hook
+        (`commit_hooks`): every router after the commit (in the partial-sum layouts the
+        next one as its current source, the later ones as a block); every router for
+        ``"embedding"``; none for the cumulative layout's block committed after the last
+        layer."""
+        after = -1
+        for (layer, sublayer), committed in self._walk()["commits"].items():
+            if committed == label:
+                after = sublayer_index(layer, sublayer)
+        return [site for site in self.sites() if site.sublayer > after]
+
     def state_signature(self, layer: int, sublayer: str = "attn") -> tuple[int, bool]:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``
         (``0 <= layer <= n_layers``), or with ``sublayer="mlp"`` the state entering its

@@ -297,6 +297,17 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         assert isinstance(module, DepthRouter)
         return module
 
+    def norm_after(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> RMSNorm:
+        """The `RMSNorm` that reads a router's output (its only consumer): ``ln1`` after
+        an ``attn_res`` router, ``ln2`` after ``mlp_res``, ``ln_final`` after the final
+        router."""
+        site = self.routing_layout.check(site, router)
+        if site.is_final:
+            return self.ln_final
+        assert site.layer is not None
+        block = self.blocks[site.layer]
+        return block.ln1 if site.kind == "attn_res" else block.ln2
+
     def router_hook_name(self, layer: Optional[int], router: str, hook: str) -> str:
         """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``
         (the same as ``model.site(3, "attn_res").hook("weights")``)."""
