@@ -1551,6 +1551,11 @@ def test_norms_on_a_padded_eps_zero_cache_take_its_padding(layout, side):
         ("ln of decompose_resid", normalized),
     ):
         assert value.isfinite().all(), name
+    for batch_slice, has_batch_dim, part in ((1, True, stack), (1, False, stack[:, 1])):
+        one = cache.apply_ln_to_stack(
+            part, batch_slice=batch_slice, has_batch_dim=has_batch_dim, recompute_ln=True
+        )
+        assert torch.equal(one, normalized[:, 1])
     torch.testing.assert_close(lens.logits[-1], logits, atol=1e-12, rtol=0)
     for row, prompt in enumerate(prompts):
         real = mask[row].bool()

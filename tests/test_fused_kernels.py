@@ -345,6 +345,24 @@ def test_padding_eps_is_the_passs_padding_made_once_per_pass():
     assert padding_eps(0.0, x) == 0.0  # outside a pass
 
 
+def test_padding_eps_of_a_tensor_outside_its_pass_takes_the_given_padding():
+    """`padding_eps(..., real=)`: a tensor of another pass (a cache's) with that pass's
+    padding ``real`` (True at real tokens) of the axes before its last gets
+    ``[*lead, 1]``, 1 at padding, for any axes in front (a stack of entries); a ``real``
+    of other axes is ignored (the rows cannot be told), as is an eps > 0."""
+    real = torch.tensor([[False, True, True], [True, True, False]])
+    expected = (~real).to(torch.float64)[..., None]
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert torch.equal(padding_eps(0.0, x, real), expected)
+    assert torch.equal(padding_eps(0.0, torch.randn(5, 2, 3, 4).double(), real), expected)
+    assert torch.equal(padding_eps(0.0, x[1], real[1]), expected[1])  # no batch axis
+    assert padding_eps(0.0, torch.randn(2, 4, 4), real) == 0.0  # other positions
+    assert padding_eps(0.0, torch.randn(3, 4), real) == 0.0  # fewer axes than the mask
+    assert padding_eps(1e-6, x, real) == 1e-6
+    with pass_extent(0, 3, torch.ones(2, 3)):  # the given padding, not the pass's
+        assert torch.equal(padding_eps(0.0, x, real), expected)
+
+
 @pytest.mark.parametrize("layout", ["kimi", "full"])
 def test_a_norm_in_a_hook_of_a_padded_eps_zero_pass_normalises_another_tensor_exactly(layout):
     """In a padded pass of an eps-0 model a norm applied in a hook to another run's tensor

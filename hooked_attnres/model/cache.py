@@ -618,18 +618,19 @@ class AttnResActivationCache(ActivationCache):
         self, stack: Tensor, pos_slice=None, batch_slice=None, has_batch_dim: bool = True
     ) -> Optional[Bool[Tensor, "*batch_and_pos"]]:
         """`real_rows` as the rows of ``stack`` (``[n, *batch_and_pos, d_model]``, cut by
-        ``pos_slice`` and, where it has a batch axis, ``batch_slice``), for a norm applied
-        to it (`norms.padding_eps`); ``None`` without padding or where the stack's rows
-        cannot be told (a stack without the cache's batch axis from a batch of several)."""
+        ``pos_slice`` and ``batch_slice``), for a norm applied to it (`norms.padding_eps`);
+        ``None`` without padding or where the stack's rows cannot be told (a stack without
+        a batch axis, ``has_batch_dim=False``, whose prompt ``batch_slice`` does not name
+        in a batch of several)."""
         real = self.real_rows()
         if real is None:
             return None
-        if self.has_batch_dim and not has_batch_dim:  # the stack has dropped the batch axis
-            if real.shape[0] != 1:
-                return None
-            real = real[0]
-        elif self.has_batch_dim:
-            real = as_slice(batch_slice).apply(real, dim=0)
+        if self.has_batch_dim:
+            real = as_slice(batch_slice).apply(real, dim=0)  # an int drops the batch axis
+            if not has_batch_dim and real.ndim == 2:  # the stack has no batch axis
+                if real.shape[0] != 1:
+                    return None
+                real = real[0]
         real = as_slice(pos_slice).apply(real, dim=-1)
         return real if tuple(stack.shape[1:-1]) == tuple(real.shape) else None
 
