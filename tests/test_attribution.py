@@ -16,6 +16,7 @@ from hooked_attnres.analysis import (
     plan_ablations,
 )
 from hooked_attnres.interventions import set_weights
+from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.patching import get_act_patch_routing_weights
 from hooked_attnres.tasks.base import TaskBatch
 
@@ -260,6 +261,46 @@ def test_verify_top_agrees_exactly_with_ablation_effects():
         assert rows.estimate.abs().min() >= np.sort(estimates.to_numpy())[-4] - 1e-12
     np.testing.assert_allclose(verified.error, verified.estimate - verified.effect)
     assert (verified.method == "exact").all()
+
+
+@pytest.mark.parametrize(
+    "layout,n_layers,families,routers",
+    [
+        ("cumulative", 2, ["older"], ("attn_res", "mlp_res")),  # no router has an older block
+        ("kimi", 1, list(FAMILIES), ("attn_res",)),  # its one attention router reads 1 source
+        ("full", 1, ["embedding", "current"], ("attn_res",)),
+    ],
+)
+def test_attribution_of_a_plan_that_masks_nothing_estimates_zero(
+    layout, n_layers, families, routers
+):
+    """Audit 44: when no cell of the plan masks anything (the family is at no router, or
+    is every source of a one-source router), no router is captured and the metric does
+    not reach any tensor that needs a gradient: `attribute_routing` refused with
+    "metric 'logit_diff' does not depend on the logits through a gradient", blaming the
+    metric, where `ablation_effects` of the same cells gives effect 0. Now every estimate
+    is exactly 0, the clean metric is that of a plain forward pass, and a detached metric
+    is still refused."""
+    model = routed_model(layout, n_layers=n_layers, attnres_num_blocks=1)
+    batch = random_batch(n=3, seed=2)
+    kwargs = dict(families=families, routers=routers, n_bootstrap=40, progress=False)
+    exact = ablation_effects(model, batch, metrics=["logit_diff", "logprob"], **kwargs)
+    assert (exact.n_masked_routers == 0).all()  # the case: every cell a no-op
+    result = attribute_routing(model, batch, ["logit_diff", "logprob"], **kwargs)
+    assert (result.table.estimate == 0).all() and (result.table.effect == 0).all()
+    with torch.no_grad():
+        logits = model(batch.tokens)
+    for metric in ("logit_diff", "logprob"):
+        by_hand = metric_values(batch, logits, metric).numpy()
+        assert np.abs(result.clean[metric] - by_hand).max() <= 1e-12
+        rows = result.table[result.table.metric == metric]
+        assert np.abs(rows.clean.to_numpy() - by_hand.mean()).max() <= 1e-12
+    verified = result.verify_top(2)
+    assert (verified.effect == 0).all()
+    with pytest.raises(ValueError, match="does not depend on the logits through a gradient"):
+        attribute_routing(
+            model, batch, lambda b, logits: metric_values(b, logits, "accuracy"), **kwargs
+        )
 
 
 @pytest.mark.parametrize("layout", ["cumulative", "kimi"])

@@ -590,6 +590,12 @@ def attribute_routing(
                     logits = model(part.tokens)[prompts, answer_pos].unsqueeze(1)
                 else:
                     logits = model(part.tokens, logit_positions=answer_pos)
+            if not sites:
+                # no cell masks anything (every estimate is exactly 0) and no router is
+                # captured, so nothing upstream needs a gradient: the metric is checked on
+                # a leaf copy of the logits (before, a plan of no-ops was refused as if
+                # the metric were detached)
+                logits = logits.detach().requires_grad_()
             _check_answer_only(metrics, part, logits)  # a few prompts of each chunk
             for index, metric in enumerate(metrics):
                 values = metric_values(at_answer, logits, metric)
@@ -599,7 +605,11 @@ def attribute_routing(
                         "gradient (it returns a detached or piecewise-constant value)"
                     )
                 clean[names[index]][rows] = as_numpy(values)
-                grads = _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
+                grads = (
+                    _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
+                    if captures
+                    else {}
+                )
                 with torch.no_grad():
                     if index == 0:
                         mass_sums += as_numpy(_masked_mass(model, plan, captures, answer_pos))
