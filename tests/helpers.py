@@ -115,6 +115,15 @@ def hf_qwen3(seed: int = 0, perturb_norms: bool = True, **overrides) -> Qwen3For
     return model
 
 
+def rms_norm_in_float64(self, hidden: torch.Tensor) -> torch.Tensor:
+    """``Qwen3RMSNorm.forward`` without its float32 round trip (transformers computes the
+    statistic of a float64 input in float32: 4e-8 on these logits, the only difference
+    from this model in float64); patch it in with
+    ``patch.object(Qwen3RMSNorm, "forward", rms_norm_in_float64)``."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer with ``<unk>``, ``<pad>`` and ``<bos>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -13,7 +13,14 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import SMALL_QWEN3, eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing
+from helpers import (
+    SMALL_QWEN3,
+    eps_zero_config,
+    hf_qwen3,
+    nan_at_padding,
+    randomize_routing,
+    rms_norm_in_float64,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -177,14 +184,6 @@ def test_key_value_cached_chunks_equal_the_full_pass(case, fraction):
     assert _real_diff(torch.cat(chunks, dim=1), full, mask) <= TOL
 
 
-def _rms_norm_in_float64(self, hidden):
-    """``Qwen3RMSNorm.forward`` without its float32 round trip (transformers computes the
-    statistic of a float64 input in float32: 4e-8 on these logits, the only difference
-    from this model in float64)."""
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
-
-
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     n_layers=st.integers(1, 4),
@@ -216,7 +215,7 @@ def test_exact_wrap_equals_transformers_in_float64_at_eps_zero(
     assert exact.cfg.attnres_num_blocks == min(num_blocks, n_layers)
     plain = HookedAttnRes.from_hf_qwen3(hf, wrap="none", dtype=torch.float64)
     tokens = torch.randint(0, 61, (batch, pos), generator=torch.Generator().manual_seed(pos))
-    with torch.no_grad(), patch.object(Qwen3RMSNorm, "forward", _rms_norm_in_float64):
+    with torch.no_grad(), patch.object(Qwen3RMSNorm, "forward", rms_norm_in_float64):
         expected = hf(tokens).logits
     with torch.no_grad():
         assert (exact(tokens) - expected).abs().max().item() <= TOL
