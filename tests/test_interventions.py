@@ -1692,3 +1692,21 @@ def test_a_patch_whose_mean_square_underflows_is_refused_at_eps_zero(layout):
     tiny[0] = 1e-160  # a mean square of 1.25e-321: a scale, finite logits
     logits = model.run_with_hooks(tokens, fwd_hooks=patch_sources(model, "embedding", tiny))
     assert logits.isfinite().all()
+
+
+def test_a_committed_label_no_router_lists_is_refused_with_where_to_find_it():
+    """In a one-layer full model the block committed after the MLP, ``mlp_0``, is read
+    only by the final router, as its ``current`` source; no router lists ``mlp_0``. The
+    refusal says so, and the two ways to reach it work."""
+    model = tiny_model(n_layers=1, attnres_num_blocks=1, attnres_layout="full")
+    layout = model.routing_layout
+    assert "mlp_0" in layout.commit_hooks()
+    assert all("mlp_0" not in layout.labels(site) for site in layout.sites())
+    message = r"'mlp_0' is committed, but no router lists it.*'current'"
+    with pytest.raises(ValueError, match=message):
+        mask_sources(model, "mlp_0")
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "current", routers="final_res"))
+    model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, "mlp_0"))
+    with pytest.raises(ValueError, match="unknown source 'block_99': families are"):
+        mask_sources(model, "block_99")  # not committed anywhere: no such note

@@ -271,8 +271,15 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
         elif spec in labels:
             out.append(labels.index(spec))
         elif spec not in all_labels(model):
+            committed = ""
+            if spec in layout.commit_hooks():
+                committed = (
+                    f" ({spec!r} is committed, but no router lists it under that name: the "
+                    "router after its commit reads it as 'current'; select 'current' "
+                    "there, or patch it with patch_committed)"
+                )
             raise ValueError(
-                f"unknown source {spec!r}: families are {FAMILIES}, labels are "
+                f"unknown source {spec!r}{committed}: families are {FAMILIES}, labels are "
                 f"{sorted(all_labels(model))}"
             )
     return sorted(set(out))
