@@ -1702,7 +1702,7 @@ def test_a_committed_label_no_router_lists_is_refused_with_where_to_find_it():
     layout = model.routing_layout
     assert "mlp_0" in layout.commit_hooks()
     assert all("mlp_0" not in layout.labels(site) for site in layout.sites())
-    message = r"'mlp_0' is committed, but no router lists it.*'current'"
+    message = r"'mlp_0' is committed, but no router lists it.*final_res reads it as 'current'"
     with pytest.raises(ValueError, match=message):
         mask_sources(model, "mlp_0")
     tokens = torch.zeros(1, 3, dtype=torch.long)
@@ -1710,3 +1710,8 @@ def test_a_committed_label_no_router_lists_is_refused_with_where_to_find_it():
     model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, "mlp_0"))
     with pytest.raises(ValueError, match="unknown source 'block_99': families are"):
         mask_sources(model, "block_99")  # not committed anywhere: no such note
+    # the cumulative layout's block committed after the last layer has no reader at all
+    cumulative = tiny_model(n_layers=2, attnres_num_blocks=2, attnres_layout="cumulative")
+    assert cumulative.routing_layout.commit_readers("block_2") == []
+    with pytest.raises(ValueError, match=r"'block_2' is committed, .*: no router reads it\)"):
+        mask_sources(cumulative, "block_2")

@@ -272,11 +272,13 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
             out.append(labels.index(spec))
         elif spec not in all_labels(model):
             committed = ""
-            if spec in layout.commit_hooks():
-                committed = (
-                    f" ({spec!r} is committed, but no router lists it under that name: the "
-                    "router after its commit reads it as 'current'; select 'current' "
-                    "there, or patch it with patch_committed)"
+            if spec in layout.commit_hooks():  # the block committed after the last layer
+                readers = layout.commit_readers(spec)
+                committed = f" ({spec!r} is committed, but no router lists it under that name: " + (
+                    f"{readers[0]} reads it as 'current'; select 'current' there, or "
+                    "patch it with patch_committed)"
+                    if readers
+                    else "no router reads it)"
                 )
             raise ValueError(
                 f"unknown source {spec!r}{committed}: families are {FAMILIES}, labels are "
