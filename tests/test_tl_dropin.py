@@ -435,6 +435,46 @@ def test_decompose_resid_and_logit_attrs_are_exact_or_refuse(case):
     assert torch.allclose(heads.sum(0), _final_norm_input(case), atol=ATOL)
 
 
+def test_a_stack_sliced_unlike_the_call_is_refused(case):
+    """Audit 43: a stack made without ``pos_slice`` (``[n, batch, pos, d_model]``) passed
+    to ``logit_attrs`` / ``apply_ln_to_stack`` with ``pos_slice=-1`` (or the other way
+    round) was divided by the RMS of other positions, broadcast by TransformerLens: one
+    prompt's stack came back ``[n, 1, pos]`` with every position scaled by the last
+    position's RMS (0.62 off the logit difference at the first position, kimi), and a stack
+    of 3 prompts of 3 positions came back ``[n, 3, 3]`` scaled position by prompt. Both
+    refuse now, naming the two shapes; the matching call stays exact."""
+    model = case.model
+    routed = {"routed": True} if case.routed_final else {}
+    logits, cache = model.run_with_cache(case.clean[:1])
+    true_diff = logits[0, :, ANSWER] - logits[0, :, WRONG]  # [pos]
+    whole = cache.decompose_resid(**routed)  # [n, 1, pos, d_model]
+    last = cache.decompose_resid(pos_slice=-1, **routed)  # [n, 1, d_model]
+    mismatch = r"stack.*\(1, 4\).*pos_slice=-1.*\(1,\).*same pos_slice"
+    with pytest.raises(ValueError, match=mismatch):
+        cache.logit_attrs(whole, ANSWER, WRONG, pos_slice=-1, **routed)
+    with pytest.raises(ValueError, match=mismatch):
+        cache.apply_ln_to_stack(whole, pos_slice=-1, **routed)
+    with pytest.raises(ValueError, match=r"stack.*\(1,\).*pos_slice=None.*\(1, 4\)"):
+        cache.logit_attrs(last, ANSWER, WRONG, **routed)
+    # the matching calls are exact
+    attrs = cache.logit_attrs(whole, ANSWER, WRONG, **routed)
+    assert torch.allclose(attrs.sum(0)[0], true_diff, atol=ATOL)
+    attrs = cache.logit_attrs(last, ANSWER, WRONG, pos_slice=-1, **routed)
+    assert torch.allclose(attrs.sum(0)[0], true_diff[-1], atol=ATOL)
+    # a layer's input (routed=True wherever a router reads there), and a cache without a
+    # batch axis
+    layer_routed = {"routed": True} if case.layout != "none" else {}
+    inputs = cache.decompose_resid(layer=1, **layer_routed)
+    with pytest.raises(ValueError, match=r"stack.*\(1, 4\).*pos_slice=-1.*\(1,\)"):
+        cache.apply_ln_to_stack(inputs, layer=1, pos_slice=-1, **layer_routed)
+    cache.remove_batch_dim()
+    whole = cache.decompose_resid(**routed)  # [n, pos, d_model]
+    with pytest.raises(ValueError, match=r"stack.*\(4,\).*pos_slice=-1.*\(\)"):
+        cache.logit_attrs(whole, ANSWER, WRONG, pos_slice=-1, **routed)
+    attrs = cache.logit_attrs(whole, ANSWER, WRONG, **routed)
+    assert torch.allclose(attrs.sum(0), true_diff, atol=ATOL)
+
+
 def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():
     """The reason for refusing: TransformerLens's own class on the exact wrap reads the DLA
     n_sources times too large (each source is averaged in, the components are not)."""

@@ -38,7 +38,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._tl import ActivationCache, as_slice, get_act_name
+from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 from hooked_attnres.model.passes import padding_of, same_padding
@@ -634,6 +634,51 @@ class AttnResActivationCache(ActivationCache):
         real = as_slice(pos_slice).apply(real, dim=-1)
         return real if tuple(stack.shape[1:-1]) == tuple(real.shape) else None
 
+    def _require_stack_fits(
+        self,
+        method: str,
+        residual_stack: Tensor,
+        point: int,
+        pos_slice,
+        batch_slice,
+        has_batch_dim: bool,
+    ) -> None:
+        """Refuse a ``[n_components, *batch_and_pos, d_model]`` stack whose batch and
+        position axes are not those of the cached RMS at ``point`` cut by this call's
+        ``pos_slice`` / ``batch_slice``, which TransformerLens divides it by: the two
+        broadcast whenever the shapes allow, and each entry was divided by the RMS of
+        another position (a stack made without ``pos_slice`` read with ``pos_slice=-1``:
+        every position by the last one's; with as many prompts as positions, position
+        ``p`` by prompt ``p``'s)."""
+        layer, is_mlp = divmod(point, 2)
+        if layer == self.model.cfg.n_layers:
+            name = "ln_final.hook_scale"
+        else:
+            name = f"blocks.{layer}.ln{1 + is_mlp}.hook_scale"
+        if name not in self.cache_dict:
+            return  # TransformerLens raises its KeyError naming the hook
+        rows = as_slice(batch_slice)
+        scale = as_slice(pos_slice).apply(self.cache_dict[name], dim=-2)
+        if self.has_batch_dim:
+            scale = rows.apply(scale)
+        stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
+        fits, axes = tuple(scale.shape[:-1]), tuple(stack.shape[1:-1])
+        if axes != fits:
+            shown = {"pos_slice": pos_slice, "batch_slice": batch_slice}
+            args = ", ".join(
+                f"{key}={value.slice if isinstance(value, Slice) else value!r}"
+                for key, value in shown.items()
+            )
+            raise ValueError(
+                f"cache.{method}: the residual stack's batch and position axes are {axes} "
+                f"(stack shape {tuple(residual_stack.shape)}), but the cached RMS it is "
+                f"divided by ({name}) with {args} covers {fits}: the stack was made with "
+                "another pos_slice (or batch slice) than this call, and the two would "
+                "broadcast, dividing entries by the RMS of other positions. Pass the same "
+                "pos_slice to the call that made the stack (e.g. "
+                "cache.decompose_resid(pos_slice=-1)) and to this one."
+            )
+
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
         """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
         the cached pass where it recorded padding (`attention_mask`; ``total`` and
@@ -862,6 +907,9 @@ class AttnResActivationCache(ActivationCache):
             real = self._stack_padding(residual_stack, pos_slice, batch_slice, has_batch_dim)
             return self.model.ln_final.unhooked(residual_stack, real)
         self._require("apply_ln_to_stack", point, routed)
+        self._require_stack_fits(
+            "apply_ln_to_stack", residual_stack, point, pos_slice, batch_slice, has_batch_dim
+        )
         self._warn_unfolded(point, True)
         return ActivationCache.apply_ln_to_stack(
             self._plain(),
@@ -892,6 +940,9 @@ class AttnResActivationCache(ActivationCache):
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
         self._require_decomposable("logit_attrs", point)
+        self._require_stack_fits(
+            "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
+        )
         return ActivationCache.logit_attrs(
             self._plain(wide=True),
             residual_stack,
