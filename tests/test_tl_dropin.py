@@ -475,6 +475,22 @@ def test_a_stack_sliced_unlike_the_call_is_refused(case):
     assert torch.allclose(attrs.sum(0), true_diff, atol=ATOL)
 
 
+def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
+    """Audit 43: ``run_with_cache(tokens, stop_at_layer=2)`` holds no hook of layer 2 on;
+    the routed ``accumulated_resid(layer=2)`` needs ``blocks.2.hook_resid_pre`` and said
+    only to run without a ``names_filter``, which this cache never had. The analyses up to
+    the layers the pass reached stay exact (equal to a full run's)."""
+    model = case.model
+    layer_routed = {"routed": True} if case.layout != "none" else {}
+    _, partial = model.run_with_cache(case.clean, stop_at_layer=2)
+    _, whole = model.run_with_cache(case.clean)
+    early = partial.decompose_resid(layer=1, mlp_input=True, **layer_routed)
+    assert torch.equal(early, whole.decompose_resid(layer=1, mlp_input=True, **layer_routed))
+    if case.routed_final:
+        with pytest.raises(KeyError, match=r"blocks\.2\.hook_resid_pre.*stop_at_layer"):
+            partial.accumulated_resid(layer=2, routed=True)
+
+
 def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():
     """The reason for refusing: TransformerLens's own class on the exact wrap reads the DLA
     n_sources times too large (each source is averaged in, the components are not)."""

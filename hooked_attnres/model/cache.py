@@ -46,12 +46,14 @@ from hooked_attnres.model.passes import padding_of, same_padding
 
 def require_cached(cache, names, what: str) -> None:
     """Raise ``KeyError`` naming the hooks of ``names`` that ``cache`` lacks (the one
-    message for a cache cached with a ``names_filter`` that dropped what is needed)."""
+    message for a cache cached with a ``names_filter`` that dropped what is needed, or
+    of a pass that stopped before them)."""
     missing = [name for name in dict.fromkeys(names) if name not in cache]
     if missing:
         raise KeyError(
             f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
-            "model.run_with_cache(tokens) without a names_filter that drops them"
+            "model.run_with_cache(tokens) without a names_filter that drops them and "
+            "without a stop_at_layer before them"
         )
 
 
