@@ -475,6 +475,25 @@ def test_a_stack_sliced_unlike_the_call_is_refused(case):
     assert torch.allclose(attrs.sum(0), true_diff, atol=ATOL)
 
 
+def test_logit_attrs_refuses_tokens_of_other_rows_than_the_stack(case):
+    """Audit 43: answer tokens of the whole batch with a ``batch_slice`` of one prompt
+    broadcast the prompt's components against every prompt's answer direction:
+    ``[n, 2]`` came back where the prompt has ``[n, 1]``, its second column neither
+    prompt's logit difference (-0.194 where prompt 1's is 0.098, kimi). Refused now; the
+    tokens of the selected rows are exact."""
+    routed = {"routed": True} if case.routed_final else {}
+    cache, logits = case.cache, case.logits
+    answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
+    stack = cache.decompose_resid(pos_slice=-1, **routed)
+    with pytest.raises(ValueError, match=r"tokens.*\(2,\).*stack.*\(1,\).*batch_slice"):
+        cache.logit_attrs(stack, answers, wrongs, pos_slice=-1, batch_slice=Slice([1]), **routed)
+    attrs = cache.logit_attrs(
+        stack, answers[1:], wrongs[1:], pos_slice=-1, batch_slice=Slice([1]), **routed
+    )
+    assert attrs.shape == (stack.shape[0], 1)
+    assert torch.allclose(attrs.sum(0)[0], logits[1, -1, 11] - logits[1, -1, 12], atol=ATOL)
+
+
 def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
     """Audit 43: ``run_with_cache(tokens, stop_at_layer=2)`` holds no hook of layer 2 on;
     the routed ``accumulated_resid(layer=2)`` needs ``blocks.2.hook_resid_pre`` and said

@@ -945,7 +945,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
-        return ActivationCache.logit_attrs(
+        attrs = ActivationCache.logit_attrs(
             self._plain(wide=True),
             residual_stack,
             tokens,
@@ -954,6 +954,20 @@ class AttnResActivationCache(ActivationCache):
             batch_slice,
             has_batch_dim,
         )
+        stack = as_slice(batch_slice).apply(residual_stack, dim=1) if has_batch_dim else None
+        axes = tuple((residual_stack if stack is None else stack).shape[1:-1])
+        if tuple(attrs.shape[1:]) != axes:
+            # the token directions broadcast against the stack and widened it
+            shape = tuple(torch.as_tensor(tokens).shape) if not isinstance(tokens, str) else ()
+            raise ValueError(
+                f"cache.logit_attrs: tokens of shape {shape} do not fit the stack's batch and "
+                f"position axes {axes} (after batch_slice="
+                f"{batch_slice.slice if isinstance(batch_slice, Slice) else batch_slice!r}): "
+                "TransformerLens broadcast them, giving the stack's components against the "
+                "answers of other rows. Pass one token, or tokens of the rows and positions "
+                "the stack holds (e.g. tokens[rows] with batch_slice=rows)."
+            )
+        return attrs
 
     def accumulated_resid(
         self,
