@@ -479,8 +479,8 @@ def test_logit_attrs_refuses_tokens_of_other_rows_than_the_stack(case):
     """Audit 43: answer tokens of the whole batch with a ``batch_slice`` of one prompt
     broadcast the prompt's components against every prompt's answer direction:
     ``[n, 2]`` came back where the prompt has ``[n, 1]``, its second column neither
-    prompt's logit difference (-0.194 where prompt 1's is 0.098, kimi). Refused now; the
-    tokens of the selected rows are exact."""
+    prompt's logit difference (-0.194 against 0.214 and 0.098 with ``batch_slice=[0]``,
+    4-layer kimi). Refused now; the tokens of the selected rows are exact."""
     routed = {"routed": True} if case.routed_final else {}
     cache, logits = case.cache, case.logits
     answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
