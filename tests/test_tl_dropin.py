@@ -440,7 +440,7 @@ def test_a_stack_sliced_unlike_the_call_is_refused(case):
     to ``logit_attrs`` / ``apply_ln_to_stack`` with ``pos_slice=-1`` (or the other way
     round) was divided by the RMS of other positions, broadcast by TransformerLens: one
     prompt's stack came back ``[n, 1, pos]`` with every position scaled by the last
-    position's RMS (0.62 off the logit difference at the first position, kimi), and a stack
+    position's RMS (up to 0.62 off the logit difference at earlier positions, kimi), and a stack
     of 3 prompts of 3 positions came back ``[n, 3, 3]`` scaled position by prompt. Both
     refuse now, naming the two shapes; the matching call stays exact."""
     model = case.model
