@@ -508,6 +508,16 @@ def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
     if case.routed_final:
         with pytest.raises(KeyError, match=r"blocks\.2\.hook_resid_pre.*stop_at_layer"):
             partial.accumulated_resid(layer=2, routed=True)
+    # TransformerLens computes every layer's head results, whichever layer is asked for:
+    # it raised a bare KeyError 'blocks.2.attn.hook_z'; now the refusal says why
+    head_calls = (
+        lambda: partial.stack_head_results(layer=1, **layer_routed),
+        lambda: partial.get_full_resid_decomposition(layer=1, **layer_routed),
+        partial.compute_head_results,
+    )
+    for call in head_calls:
+        with pytest.raises(KeyError, match=r"every layer's head results.*blocks\.2\.attn\.hook_z"):
+            call()
 
 
 def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():

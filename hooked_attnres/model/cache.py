@@ -455,6 +455,29 @@ class AttnResActivationCache(ActivationCache):
             self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
         )
 
+    def _require_head_inputs(self, method: str) -> None:
+        """Refuse (`require_cached`) a cache without every layer's ``hook_z`` (or
+        ``hook_result``): TransformerLens computes the head results of every layer, not
+        only of those a call reads, and its bare ``KeyError`` did not say why (a
+        ``stop_at_layer`` run)."""
+        names = [
+            get_act_name("z", layer)
+            for layer in range(self.model.cfg.n_layers)
+            if get_act_name("result", layer) not in self.cache_dict
+        ]
+        require_cached(
+            self.cache_dict,
+            names,
+            f"cache.{method} (TransformerLens computes every layer's head results)",
+        )
+
+    def compute_head_results(self) -> None:
+        """TransformerLens's ``compute_head_results`` (``cache["result", l]``,
+        ``[*batch_and_pos, n_heads, d_model]``, for every layer); refuses a cache without
+        every layer's ``hook_z`` (`_require_head_inputs`)."""
+        self._require_head_inputs("compute_head_results")
+        super().compute_head_results()
+
     def routed_coefficients(self, point: int) -> dict[str, Union[float, Tensor]]:
         """``{component label: weight}`` of the routed decomposition at ``point``: the sum
         of the routing weights (``[*batch_and_pos]``) of the sources that contain the
@@ -794,6 +817,7 @@ class AttnResActivationCache(ActivationCache):
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
         self._require_decomposable("stack_head_results", point, head_layers=point // 2)
+        self._require_head_inputs("stack_head_results")
         self._warn_unfolded(point, apply_ln)
         cache = self._view(point, remainder=incl_remainder)
         return ActivationCache.stack_head_results(
@@ -862,6 +886,7 @@ class AttnResActivationCache(ActivationCache):
             head_layers=(point + 1) // 2,
             neuron_layers=point // 2 if expand_neurons else 0,
         )
+        self._require_head_inputs("get_full_resid_decomposition")
         self._warn_unfolded(point, apply_ln)
         cache = self._view(point)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
