@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import Slice, get_act_name, remove_batch_dim
+from transformer_lens.model_bridge.composition_scores import CompositionScores
+from transformer_lens.utilities import Slice, composition_scores, get_act_name, remove_batch_dim
 
 
 def as_slice(value) -> Slice:
@@ -22,11 +23,13 @@ def as_slice(value) -> Slice:
 
 __all__ = [
     "ActivationCache",
+    "CompositionScores",
     "FactoredMatrix",
     "HookPoint",
     "HookedRootModule",
     "Slice",
     "as_slice",
+    "composition_scores",
     "get_act_name",
     "remove_batch_dim",
 ]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from reference_attnres import reference_forward
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hooked_attnres import CheckpointError, HookedAttnRes
+from hooked_attnres import CheckpointError, HookedAttnRes, QKNormWarning
 from hooked_attnres.analysis import recency_schedule, schedule_deviation
 
 
@@ -439,6 +440,22 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
             theirs = bridge.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
             assert (ours - plain).abs().max() > 0.01, name  # the edit matters
             assert (ours - theirs).abs().max() <= 1e-5, name
+    # composition scores: the Bridge's on the same weights, in every wrap (the routing
+    # scales sources by numbers, which a score does not see); before, AttributeError
+    wraps = [model] + [HookedAttnRes.from_hf_qwen3(directory, wrap=w) for w in ("recency", "exact")]
+    for mode in ("Q", "K", "V"):
+        theirs = bridge.all_composition_scores(mode)
+        assert theirs.scores.abs().max() > 0.05, mode  # later heads score against earlier
+        for wrapped in wraps:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", QKNormWarning)  # mode Q / K reads model.QK
+                ours = wrapped.all_composition_scores(mode)
+            assert ours.head_labels == theirs.head_labels
+            assert ours.layer_indices == theirs.layer_indices
+            assert ours.scores.shape == theirs.scores.shape == (3, 4, 3, 4)
+            assert (ours.scores - theirs.scores).abs().max() <= 1e-6, mode
+    with pytest.raises(ValueError, match=r"mode must be one of \['Q', 'K', 'V'\], got 'O'"):
+        model.all_composition_scores("O")
 
 
 @pytest.mark.parametrize("mmap", [False, True])

@@ -124,12 +124,14 @@ def is_single_stream(model: Any, point: int) -> bool:
     return model.routing_layout.reader(point) is None
 
 
-def _norm_gain(model: Any, point: int) -> Tensor:
+def _norm_at(model: Any, point: int) -> Any:
+    """The `RMSNorm` at read point ``point``: ``ln1`` / ``ln2`` of its layer, or
+    ``ln_final`` at ``2 * n_layers``."""
     layer, is_mlp = divmod(point, 2)
     if layer == model.cfg.n_layers:
-        return model.ln_final.w
+        return model.ln_final
     block = model.blocks[layer]
-    return block.ln2.w if is_mlp else block.ln1.w
+    return block.ln2 if is_mlp else block.ln1
 
 
 def _resid_name(model: Any, point: int) -> str:
@@ -675,11 +677,7 @@ class AttnResActivationCache(ActivationCache):
         another position (a stack made without ``pos_slice`` read with ``pos_slice=-1``:
         every position by the last one's; with as many prompts as positions, position
         ``p`` by prompt ``p``'s)."""
-        layer, is_mlp = divmod(point, 2)
-        if layer == self.model.cfg.n_layers:
-            name = "ln_final.hook_scale"
-        else:
-            name = f"blocks.{layer}.ln{1 + is_mlp}.hook_scale"
+        name = _norm_at(self.model, point).hook_scale.name
         if name not in self.cache_dict:
             return  # TransformerLens raises its KeyError naming the hook
         rows = as_slice(batch_slice)
@@ -1182,7 +1180,7 @@ class AttnResActivationCache(ActivationCache):
     def _warn_unfolded(self, point: int, apply_ln: bool) -> None:
         if not apply_ln:
             return
-        gain = _norm_gain(self.model, point)
+        gain = _norm_at(self.model, point).w
         if bool((gain == 1).all()) or getattr(self.model, "_unfolded_warned", False):
             return
         self.model._unfolded_warned = True

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from hooked_attnres._precision import stat_dtype
-from hooked_attnres._tl import FactoredMatrix
+from hooked_attnres._tl import CompositionScores, FactoredMatrix, composition_scores
 from hooked_attnres._validation import require_integer
 
 if TYPE_CHECKING:
@@ -305,6 +305,33 @@ class WeightsMixin:
     def OV(self) -> FactoredMatrix:
         """``W_V @ W_O`` per layer and head, ``[n_layers, n_heads, d_model, d_model]``."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_composition_scores(self, mode: str) -> CompositionScores:
+        """TransformerLens's composition scores of every pair of heads (Elhage et al.,
+        2021): ``||A B||_F / (||A||_F ||B||_F)`` for an earlier head's ``OV`` as ``A`` and a
+        later head's ``QK`` (``mode="Q"``), ``QK^T`` (``"K"``) or ``OV`` (``"V"``) as ``B``;
+        ``[n_layers, n_heads, n_layers, n_heads]``, 0 unless the first head's layer is
+        the earlier (TransformerBridge's `CompositionScores`, labels ``L{l}H{h}``).
+
+        Weight-based, as in TransformerLens: the norms between the heads (``ln1``'s gain
+        unless folded, Qwen3's ``q_norm`` / ``k_norm``, see `QK`) are left out. The routing
+        needs no term: a router scales each source by a number per position, which a
+        score does not see (it is invariant to scaling either matrix), so the scores mean
+        the same in every layout; but a high score is not a used path (a router may give
+        the source no weight). Raises ``ValueError`` for another ``mode``."""
+        if mode not in ("Q", "K", "V"):
+            raise ValueError(f"mode must be one of ['Q', 'K', 'V'], got {mode!r}")
+        left = self.OV
+        right = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: left}[mode]()
+        scores = composition_scores(left, right, broadcast_dims=True)
+        layers = torch.arange(self.cfg.n_layers, device=scores.device)
+        earlier = layers[:, None, None, None] < layers[None, None, :, None]
+        labels = [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+        return CompositionScores(
+            scores=torch.where(earlier, scores, torch.zeros_like(scores)),
+            layer_indices=list(range(self.cfg.n_layers)),
+            head_labels=labels,
+        )
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
