@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import eps_zero_config, nan_at_padding, randomize_routing, tiny_model
+from helpers import eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, RunCacheDict
 from hooked_attnres.interventions import (
@@ -1507,6 +1507,105 @@ def test_zero_patch_refusal_reads_the_eps_of_the_norms_that_read_the_source(layo
     if zero.routing_layout.n_sources(zero.site(0, "attn_res")) == 1:  # kimi, full
         with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.0\.ln1; "):
             patch_sources(zero, "embedding", "zero", routers="attn_res", layers=0)
+
+
+def _zeroing(model: HookedAttnRes, zeroed: dict) -> list:
+    """Plain hooks (not the code under test) writing zeros at ``{hook name: slots}``:
+    the slots of a ``hook_sources`` stack, or ``None`` for a whole activation."""
+
+    def make(slots):
+        def fn(x: torch.Tensor, hook) -> torch.Tensor:
+            x = x.clone()
+            if slots is None:
+                return torch.zeros_like(x)
+            x[..., slots, :] = 0
+            return x
+
+        return fn
+
+    return [(name, make(slots)) for name, slots in zeroed.items()]
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative"])
+def test_a_patch_that_zeroes_every_source_of_a_router_is_refused_at_its_sublayer_norm(layout):
+    """With key norms of eps > 0 the routing logit of a zero source is finite, but a
+    router whose every source is zero passes on zero, and a sublayer norm of eps 0
+    normalises it: 0 / 0. The rule named that norm only for a router with a single
+    source, so in an eps-0 model whose key norms were given eps 1e-6, patching every
+    source of a router (`patch_sources`), or committed labels that are all its sources
+    (`patch_committed`; in the cumulative layout the embedding alone is both sources of
+    the first router, the committed one and the stream), made every logit NaN,
+    unrefused (before session 16 every zero was refused in such a model). Refused now,
+    naming the norm; each refused patch is NaN when written as plain hooks, and the
+    patches that leave one source are finite."""
+    model = randomize_routing(HookedAttnRes(eps_zero_config(layout, n_layers=3, num_blocks=2)))
+    model.eval()
+    for site in model.sites():
+        model.router(site).key_norm.eps = 1e-6
+    tokens = torch.randint(1, 17, (2, 4), generator=torch.Generator().manual_seed(0))
+    site = model.site(1, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    assert n >= 2
+    every = list(range(n))
+    plain = model.run_with_hooks(tokens, fwd_hooks=_zeroing(model, {site.hook("sources"): every}))
+    assert plain.isnan().all()  # what the refusal keeps from being reported
+    with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.1\.ln1; .*mask_sources"):
+        patch_sources(model, every, "zero", routers="attn_res", layers=1)
+    some = patch_sources(model, every[:-1], "zero", routers="attn_res", layers=1)
+    assert model.run_with_hooks(tokens, fwd_hooks=some).isfinite().all()
+    at_one = patch_sources(model, every, "zero", routers="attn_res", layers=1, positions=1)
+    with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.1\.ln1; .* at 2 real"):
+        model.run_with_hooks(tokens, fwd_hooks=at_one)
+    if layout == "cumulative":  # the first router reads the embedding twice
+        plain = model.run_with_hooks(tokens, fwd_hooks=_zeroing(model, {"hook_embed": None}))
+        assert plain.isnan().all()
+        with pytest.raises(ValueError, match=r"eps = 0 \(blocks\.0\.ln1; "):
+            patch_committed(model, "embedding", "zero")
+    else:  # every source of the router right after a commit is a committed source
+        after, committed, norm = {
+            "kimi": ((2, "attn_res"), ["embedding", "block_1"], r"blocks\.2\.ln1"),
+            "full": ((1, "attn_res"), ["embedding", "attn_0", "mlp_0"], r"blocks\.1\.ln1"),
+        }[layout]  # kimi's block_1 is the "current" source there
+        reader = model.site(*after)
+        assert model.routing_layout.n_sources(reader) == len(committed)
+        hooks = {model.routing_layout.commit_hooks()[label]: None for label in committed}
+        assert model.run_with_hooks(tokens, fwd_hooks=_zeroing(model, hooks)).isnan().all()
+        with pytest.raises(ValueError, match=rf"eps = 0 \(.*{norm}"):
+            patch_committed(model, committed, "zero")
+        for label in committed[1:]:  # one block leaves a source (the embedding is
+            # layer 0's attention's single source: refused there, tested above)
+            one = patch_committed(model, label, "zero")
+            assert model.run_with_hooks(tokens, fwd_hooks=one).isfinite().all()
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "recency", "exact"])
+def test_held_sources_are_the_sources_a_commit_hook_edit_replaces(layout):
+    """`RoutingLayout.held_sources` (what the zero refusals of `patch_committed` count on)
+    against the forward pass: adding 1 at a commit hook moves by exactly 1 the sources
+    that hold that committed value and no other (a sum with later outputs moves by more),
+    and `commit_readers` are the routers with such a source."""
+    if layout in ("recency", "exact"):
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=layout, num_blocks=2)
+        model = model.to(torch.float64)
+    else:
+        model = randomize_routing(tiny_model(attnres_layout=layout, dtype=torch.float64))
+    model.eval()
+    routing = model.routing_layout
+    tokens = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    _, base = model.run_with_cache(tokens)
+    for label, hook in routing.commit_hooks().items():
+        with model.hooks(fwd_hooks=[(hook, lambda x, hook: x + 1.0)]):
+            _, moved = model.run_with_cache(tokens)
+        readers = []
+        for site in model.sites():
+            step = moved[site.hook("sources")] - base[site.hook("sources")]
+            by_one = [
+                (step[..., i, :] - 1).abs().max().item() < 1e-9 for i in range(step.shape[-2])
+            ]
+            assert by_one == [h == label for h in routing.held_sources(site)], (label, site)
+            if any(by_one):
+                readers.append(site)
+        assert routing.commit_readers(label) == readers
 
 
 @pytest.mark.parametrize("layout", ["kimi", "full"])

@@ -14,7 +14,7 @@ ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -153,20 +153,23 @@ _ZERO_SOURCE = (
 )
 
 
-def zero_nan_norms(model: HookedAttnRes, sites: Sequence[RouterSite]) -> list[str]:
-    """The norms where a source that is zero over ``d_model`` at a real row, read by the
-    routers ``sites``, is ``0 / 0``: a router's key norm with eps 0 (its routing logit),
-    and after a router with a single source (passed on with weight 1) the sublayer norm
-    reading it, with eps 0. Their module paths; ``[]`` where there is none. The eps set
-    at each norm is read: every norm of an ``eps = 0`` model (e.g. the exact wrap of a
-    Qwen3 with ``rms_norm_eps = 0``), a hand-set ``key_norm.eps = 0`` in another. The one
-    rule of the zero-source refusals."""
+def zero_nan_norms(model: HookedAttnRes, zeroed: Mapping[RouterSite, Collection[int]]) -> list[str]:
+    """The norms where a value that is zero over ``d_model`` at a real row, given to the
+    routers of ``zeroed`` as their sources of the indices it maps them to, is ``0 / 0``: a
+    router's key norm with eps 0 (its routing logit), and, after a router whose every
+    source the value replaces (a single source, or all of them: passed on as a zero),
+    the sublayer norm reading its output, with eps 0. Their module paths; ``[]`` where
+    there is none. The eps set at each norm is read: every norm of an ``eps = 0`` model
+    (e.g. the exact wrap of a Qwen3 with ``rms_norm_eps = 0``), a hand-set
+    ``key_norm.eps = 0`` in another. The one rule of the zero-source refusals."""
     found = []
-    for site in sites:
+    for site, indices in zeroed.items():
+        if not indices:
+            continue
         norm = model.norm_after(site)
         if model.router(site).key_norm.eps == 0:
             found.append(f"{site.prefix}.key_norm")
-        elif model.routing_layout.n_sources(site) == 1 and norm.eps == 0:
+        elif len(set(indices)) == model.routing_layout.n_sources(site) and norm.eps == 0:
             name = norm.hook_scale.name
             assert name is not None  # named by the model's setup()
             found.append(name.rsplit(".", 1)[0])
@@ -637,7 +640,7 @@ def patch_sources(
     selected = list(iter_selected(model, sources, routers, layers, bands))
     names = [site.hook("sources") for site, _ in selected]
     # a selection that no selected router has patches nothing: no hook, nothing to refuse
-    zero_nan = {site: zero_nan_norms(model, [site]) for site, _ in selected}
+    zero_nan = {site: zero_nan_norms(model, {site: indices}) for site, indices in selected}
     all_nan = [norm for norms in zero_nan.values() for norm in norms]
     value = check_value(model, value, names, "patch_sources", positions, all_nan)
     hooks: Hooks = []
@@ -712,11 +715,15 @@ def patch_committed(
     labels = one_or_list(labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
-    # the norms among the source's readers where a zero is 0 / 0 (no reader for a snapshot
-    # committed after the last router, the cumulative layout's last block: a zero there
-    # changes nothing)
+    # the norms among each source's readers where a zero is 0 / 0, with the sources of
+    # each reader that the labels replace together (no reader for a snapshot committed
+    # after the last router, the cumulative layout's last block: a zero there changes
+    # nothing)
+    layout = model.routing_layout
+    held = {site: layout.held_sources(site) for site in layout.sites()}
+    replaced = {site: [i for i, h in enumerate(hs) if h in labels] for site, hs in held.items()}
     zero_nan = {
-        name: zero_nan_norms(model, model.routing_layout.commit_readers(label))
+        name: zero_nan_norms(model, {site: replaced[site] for site in layout.commit_readers(label)})
         for label, name in zip(labels, names, strict=True)
     }
     all_nan = [norm for norms in zero_nan.values() for norm in norms]

@@ -507,7 +507,25 @@ class RoutingLayout:
         }
         if not self.has_final_router:  # ln_final reads the current source only
             components[2 * self.n_layers] = [list(parts[-1].current)]
+
+        # what each source holds unchanged: a committed source (its commit hook's value),
+        # or None for a sum with sublayer outputs since
+        def no_label(*_args: Any) -> Optional[str]:
+            return None
+
+        def commit_label(_state: DepthState, layer: int, sublayer: str) -> Optional[str]:
+            return commits[(layer, sublayer)]
+
+        first: Optional[str] = "embedding"
+        held_states, _ = self.trace(first, no_label, no_label, commit_label)
+        held: dict[tuple[Optional[int], str], list[Optional[str]]] = {
+            (sublayer // 2, SUBLAYER_ROUTERS[sublayer % 2]): state.sources
+            for sublayer, state in enumerate(held_states[:-1])
+        }
+        if self.has_final_router:
+            held[(None, "final_res")] = held_states[-1].sources
         self._walk_cache.update(
+            held=held,
             labels=labels,
             signatures=signatures,
             commits=commits,
@@ -600,17 +618,23 @@ class RoutingLayout:
             out[label] = f"blocks.{layer}.{COMMIT_HOOKS[sublayer]}"
         return out
 
+    def held_sources(self, site: SiteLike) -> list[Optional[str]]:
+        """For each source a router reads (`labels` order): the committed source
+        (``"embedding"`` or a committed block's label, `commit_hooks`) whose value it holds
+        unchanged, so that patching that commit hook replaces it; ``None`` for a sum with
+        sublayer outputs since. E.g. kimi, the router right after a commit: the committed
+        block as its ``"current"`` source; cumulative, layer 0's attention: ``["embedding",
+        "embedding"]`` (the stream starts as the embedding)."""
+        site = self.check(site)
+        return list(self._walk()["held"][(site.layer, site.kind)])
+
     def commit_readers(self, label: str) -> list[RouterSite]:
         """The routers that read the committed source ``label`` through its commit hook
-        (`commit_hooks`): every router after the commit (in the partial-sum layouts the
-        next one as its current source, the later ones as a block); every router for
-        ``"embedding"``; none for the cumulative layout's block committed after the last
-        layer."""
-        after = -1
-        for (layer, sublayer), committed in self._walk()["commits"].items():
-            if committed == label:
-                after = sublayer_index(layer, sublayer)
-        return [site for site in self.sites() if site.sublayer > after]
+        (`commit_hooks`), where `held_sources` names it: every router after the commit (in
+        the partial-sum layouts the next one as its current source, the later ones as a
+        block); every router for ``"embedding"``; none for the cumulative layout's block
+        committed after the last layer."""
+        return [site for site in self.sites() if label in self.held_sources(site)]
 
     def state_signature(self, layer: int, sublayer: str = "attn") -> tuple[int, bool]:
         """``(len(blocks), current_is_committed)`` of the state entering ``layer``
