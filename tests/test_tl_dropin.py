@@ -494,6 +494,65 @@ def test_logit_attrs_refuses_tokens_of_other_rows_than_the_stack(case):
     assert torch.allclose(attrs.sum(0)[0], logits[1, -1, 11] - logits[1, -1, 12], atol=ATOL)
 
 
+def test_logit_attrs_refuses_answers_that_broadcast_along_positions(case):
+    """Audit 46: with as many answers as positions, a ``[batch]`` answer tensor that is
+    not the stack's rows broadcast along the *position* axis, keeping the stack's shape:
+    the whole batch's answers with ``batch_slice=[0]`` (2 prompts of 2 positions) gave
+    prompt 0's position 1 prompt 1's answer (-0.0017 for -0.0011, 4-layer kimi; 0.090
+    for 0.175 in layout none), which the shape check after the call let through. The
+    answers' shape is checked against the stack's rows and positions now; the forms
+    TransformerLens documents stay exact."""
+    routed = {"routed": True} if case.routed_final else {}
+    logits, cache = case.model.run_with_cache(case.clean[:, :2])  # 2 prompts, 2 positions
+    stack = cache.decompose_resid(**routed)  # [n, 2, 2, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
+    with pytest.raises(ValueError, match=r"tokens of shape \(2,\).*\(1, 2\).*\[batch\]"):
+        cache.logit_attrs(stack, answers, wrongs, batch_slice=[0], **routed)
+    # the same numbers for one prompt: [batch] answers of its row, or [batch, pos] ones
+    true = logits[0, :, ANSWER] - logits[0, :, WRONG]
+    attrs = cache.logit_attrs(stack, answers[:1], wrongs[:1], batch_slice=[0], **routed)
+    assert torch.allclose(attrs.sum(0), true[None], atol=ATOL)
+    attrs = cache.logit_attrs(
+        stack,
+        answers[:1, None].expand(1, 2),
+        wrongs[:1, None].expand(1, 2),
+        batch_slice=[0],
+        **routed,
+    )
+    assert torch.allclose(attrs.sum(0), true[None], atol=ATOL)
+    # [batch] answers of every row, at every position (TransformerLens's unsqueeze)
+    attrs = cache.logit_attrs(stack, answers, wrongs, **routed)
+    rows = torch.arange(2)[:, None]
+    by_hand = logits[rows, :, answers[:, None]] - logits[rows, :, wrongs[:, None]]
+    assert torch.allclose(attrs.sum(0), by_hand[:, 0], atol=ATOL)
+    # one prompt's answers per position is [1, pos], not [pos] (which reads as [batch])
+    with pytest.raises(ValueError, match=r"tokens of shape \(2,\).*\[1, pos\]"):
+        cache.logit_attrs(stack, answers, wrongs, batch_slice=[1], **routed)
+
+
+def test_a_stack_without_batch_axis_of_a_one_prompt_cache_is_exact(case):
+    """Audit 46: one prompt's stack without its batch axis (``stack[:, 0]``, passed with
+    ``has_batch_dim=False``) on a cache that kept its batch axis of 1: TransformerLens
+    divides ``[n, pos, d_model]`` by the ``[1, pos, 1]`` RMS, which is exact; it was
+    refused as a stack sliced unlike the call. With several prompts it still needs the
+    prompt's index as ``batch_slice`` (the refusal says so)."""
+    routed = {"routed": True} if case.routed_final else {}
+    logits, cache = case.model.run_with_cache(case.clean[:1])
+    stack = cache.decompose_resid(**routed)[:, 0]  # [n, pos, d_model]
+    attrs = cache.logit_attrs(stack, ANSWER, WRONG, has_batch_dim=False, **routed)
+    assert torch.allclose(attrs.sum(0), logits[0, :, ANSWER] - logits[0, :, WRONG], atol=ATOL)
+    scaled = cache.apply_ln_to_stack(stack, has_batch_dim=False, **routed)
+    assert torch.allclose(scaled, stack / cache["ln_final.hook_scale"][0], atol=1e-6)
+    stack = case.cache.decompose_resid(**routed)[:, 1]  # prompt 1 of 2
+    with pytest.raises(ValueError, match=r"has_batch_dim=False.*int batch_slice"):
+        case.cache.logit_attrs(stack, ANSWER, WRONG, has_batch_dim=False, **routed)
+    attrs = case.cache.logit_attrs(
+        stack, ANSWER, WRONG, batch_slice=1, has_batch_dim=False, **routed
+    )
+    by_hand = case.logits[1, :, ANSWER] - case.logits[1, :, WRONG]
+    assert torch.allclose(attrs.sum(0), by_hand, atol=ATOL)
+
+
 def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
     """Audit 43: ``run_with_cache(tokens, stop_at_layer=2)`` holds no hook of layer 2 on;
     the routed ``accumulated_resid(layer=2)`` needs ``blocks.2.hook_resid_pre`` and said

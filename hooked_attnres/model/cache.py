@@ -134,6 +134,12 @@ def _norm_at(model: Any, point: int) -> Any:
     return block.ln2 if is_mlp else block.ln1
 
 
+def _shown(value) -> str:
+    """A ``pos_slice`` / ``batch_slice`` argument as a message shows it (a `Slice` by
+    what it holds)."""
+    return repr(value.slice if isinstance(value, Slice) else value)
+
+
 def _resid_name(model: Any, point: int) -> str:
     """The ``hook_resid_*`` TransformerLens reads as the stream at ``point``."""
     layer, is_mlp = divmod(point, 2)
@@ -676,7 +682,8 @@ class AttnResActivationCache(ActivationCache):
         broadcast whenever the shapes allow, and each entry was divided by the RMS of
         another position (a stack made without ``pos_slice`` read with ``pos_slice=-1``:
         every position by the last one's; with as many prompts as positions, position
-        ``p`` by prompt ``p``'s)."""
+        ``p`` by prompt ``p``'s). A stack without a batch axis (``has_batch_dim=False``)
+        on a cache of one prompt fits the RMS's batch axis of 1."""
         name = _norm_at(self.model, point).hook_scale.name
         if name not in self.cache_dict:
             return  # TransformerLens raises its KeyError naming the hook
@@ -686,21 +693,59 @@ class AttnResActivationCache(ActivationCache):
             scale = rows.apply(scale)
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         fits, axes = tuple(scale.shape[:-1]), tuple(stack.shape[1:-1])
-        if axes != fits:
-            shown = {"pos_slice": pos_slice, "batch_slice": batch_slice}
-            args = ", ".join(
-                f"{key}={value.slice if isinstance(value, Slice) else value!r}"
-                for key, value in shown.items()
-            )
-            raise ValueError(
-                f"cache.{method}: the residual stack's batch and position axes are {axes} "
-                f"(stack shape {tuple(residual_stack.shape)}), but the cached RMS it is "
-                f"divided by ({name}) with {args} covers {fits}: the stack was made with "
-                "another pos_slice (or batch slice) than this call, and the two would "
-                "broadcast, dividing entries by the RMS of other positions. Pass the same "
-                "pos_slice to the call that made the stack (e.g. "
-                "cache.decompose_resid(pos_slice=-1)) and to this one."
-            )
+        # a stack without a batch axis against the RMS of the one prompt it keeps
+        batchless = not has_batch_dim and self.has_batch_dim and rows.mode != "int"
+        if axes == fits or (batchless and fits == (1, *axes)):
+            return
+        args = f"pos_slice={_shown(pos_slice)}, batch_slice={_shown(batch_slice)}"
+        fix = (
+            "A stack without a batch axis (has_batch_dim=False) is one prompt's: pass its "
+            "index as an int batch_slice (e.g. batch_slice=0)."
+            if batchless
+            else "Pass the same pos_slice to the call that made the stack (e.g. "
+            "cache.decompose_resid(pos_slice=-1)) and to this one."
+        )
+        raise ValueError(
+            f"cache.{method}: the residual stack's batch and position axes are {axes} "
+            f"(stack shape {tuple(residual_stack.shape)}), but the cached RMS it is "
+            f"divided by ({name}) with {args} covers {fits}: the stack was made with "
+            "another pos_slice (or batch slice) than this call, and the two would "
+            f"broadcast, dividing entries by the RMS of other positions. {fix}"
+        )
+
+    def _require_tokens_fit(
+        self, residual_stack: Tensor, tokens, batch_slice, has_batch_dim: bool
+    ) -> None:
+        """Refuse answer ``tokens`` of `logit_attrs` that are not one token, ``[batch]``
+        tokens of the stack's rows or ``[batch, pos]`` tokens of its rows and positions
+        (a size-1 axis broadcasts): TransformerLens aligns their axes with the stack's
+        from the right (``[batch]`` against ``[batch, pos]`` only when it is the stack's
+        rows), so the whole batch's answers with a ``batch_slice`` widened the result, or,
+        with as many answers as positions, kept its shape and dotted position ``p`` with
+        prompt ``p``'s answer."""
+        rows = as_slice(batch_slice)
+        stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
+        axes = tuple(stack.shape[1:-1])
+        shape = () if isinstance(tokens, (str, int)) else tuple(torch.as_tensor(tokens).shape)
+        if len(shape) == 1 and len(axes) == 2 and has_batch_dim and rows.mode != "int":
+            # [batch]: TransformerLens reads them at every position of each row (if they
+            # are the stack's rows; other ones broadcast along the positions)
+            fits = shape[0] == axes[0]
+        elif len(shape) == len(axes):
+            fits = all(size in (1, axis) for size, axis in zip(shape, axes, strict=True))
+        else:
+            fits = False
+        if fits or (len(shape) <= len(axes) and all(size == 1 for size in shape)):
+            return  # (or one token)
+        raise ValueError(
+            f"cache.logit_attrs: tokens of shape {shape} do not fit the stack's batch and "
+            f"position axes {axes} (after batch_slice={_shown(batch_slice)}): "
+            "TransformerLens broadcasts them from the last axis, dotting the stack's "
+            "components with the answers of other rows or positions. Pass one token, "
+            "[batch] tokens of the rows the stack holds (e.g. tokens[rows] with "
+            "batch_slice=rows) or [batch, pos] tokens of its rows and positions ([1, pos] "
+            "for one prompt's answers at each position)."
+        )
 
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
         """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
@@ -968,7 +1013,8 @@ class AttnResActivationCache(ActivationCache):
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
-        attrs = ActivationCache.logit_attrs(
+        self._require_tokens_fit(residual_stack, tokens, batch_slice, has_batch_dim)
+        return ActivationCache.logit_attrs(
             self._plain(wide=True),
             residual_stack,
             tokens,
@@ -977,20 +1023,6 @@ class AttnResActivationCache(ActivationCache):
             batch_slice,
             has_batch_dim,
         )
-        stack = as_slice(batch_slice).apply(residual_stack, dim=1) if has_batch_dim else None
-        axes = tuple((residual_stack if stack is None else stack).shape[1:-1])
-        if tuple(attrs.shape[1:]) != axes:
-            # the token directions broadcast against the stack and widened it
-            shape = tuple(torch.as_tensor(tokens).shape) if not isinstance(tokens, str) else ()
-            raise ValueError(
-                f"cache.logit_attrs: tokens of shape {shape} do not fit the stack's batch and "
-                f"position axes {axes} (after batch_slice="
-                f"{batch_slice.slice if isinstance(batch_slice, Slice) else batch_slice!r}): "
-                "TransformerLens broadcast them, giving the stack's components against the "
-                "answers of other rows. Pass one token, or tokens of the rows and positions "
-                "the stack holds (e.g. tokens[rows] with batch_slice=rows)."
-            )
-        return attrs
 
     def accumulated_resid(
         self,
