@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing, tiny_model
 
-from hooked_attnres import HookedAttnRes, RunCacheDict
+from hooked_attnres import HookedAttnRes, RoutedResidualPatchWarning, RunCacheDict
 from hooked_attnres.interventions import (
     commit_hook_name,
     depth_bands,
@@ -1812,5 +1814,30 @@ def test_a_committed_label_no_router_lists_is_refused_with_where_to_find_it():
     # the cumulative layout's block committed after the last layer has no reader at all
     cumulative = tiny_model(n_layers=2, attnres_num_blocks=2, attnres_layout="cumulative")
     assert cumulative.routing_layout.commit_readers("block_2") == []
-    with pytest.raises(ValueError, match=r"'block_2' is committed, .*: no router reads it\)"):
+    with pytest.raises(ValueError, match=r"'block_2' is committed, .*: no router reads it; "):
         mask_sources(cumulative, "block_2")
+
+
+@pytest.mark.parametrize("mode,label", [("block", "block_2"), ("full", "mlp_1")])
+def test_the_last_cumulative_block_refusal_says_where_the_final_stream_is_edited(mode, label):
+    """Audit 46: the cumulative layout's block committed after the last layer is read by
+    no router (`patch_committed` of it changes nothing); the refusal of it as a source
+    said only that, not where the stream it snapshots (what ``ln_final`` reads) is
+    edited. It names the hook now, and editing that hook reaches the logits."""
+    model = randomize_routing(
+        tiny_model(n_layers=2, attnres_num_blocks=2, attnres_layout="cumulative", attnres_mode=mode)
+    )
+    tokens = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(0))
+    message = rf"'{label}' is committed.*no router reads it.*blocks\.1\.hook_resid_post"
+    with pytest.raises(ValueError, match=message):
+        mask_sources(model, label)
+    with torch.no_grad():
+        plain = model(tokens)
+        unread = model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, label))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+            zeroed = model.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: x * 0)]
+            )
+    assert torch.equal(unread, plain)
+    assert zeroed.abs().max() == 0 < plain.abs().max()  # lm_head(ln_final(0)) = 0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor
 
+from hooked_attnres._tl import get_act_name
 from hooked_attnres._validation import is_integer, one_or_list, require_selection
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
@@ -278,7 +279,9 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
                     f"{readers[0]} reads it as 'current'; select 'current' there, or "
                     "patch it with patch_committed)"
                     if readers
-                    else "no router reads it)"
+                    else "no router reads it; it is a snapshot of the final residual stream, "
+                    "what ln_final reads: to edit that, hook "
+                    f"{get_act_name('resid_post', model.cfg.n_layers - 1)})"
                 )
             raise ValueError(
                 f"unknown source {spec!r}{committed}: families are {FAMILIES}, labels are "
