@@ -124,6 +124,15 @@ def rms_norm_in_float64(self, hidden: torch.Tensor) -> torch.Tensor:
     return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def real_diff(got: torch.Tensor, expected: torch.Tensor, mask) -> float:
+    """max |got - expected| over the real positions of ``[batch, pos, ...]`` tensors (every
+    position without a ``[batch, pos]`` mask), both finite there; a padding position may
+    be nan with ``eps = 0`` (docs/hooks.md)."""
+    real = torch.ones(got.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    assert torch.isfinite(got[real]).all() and torch.isfinite(expected[real]).all()
+    return (got[real] - expected[real]).abs().max().item()
+
+
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer with ``<unk>``, ``<pad>`` and ``<bos>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -19,6 +19,7 @@ from helpers import (
     hf_qwen3,
     nan_at_padding,
     randomize_routing,
+    real_diff,
     rms_norm_in_float64,
 )
 from hypothesis import HealthCheck, given, settings
@@ -83,14 +84,6 @@ def cases(draw, layouts=LAYOUT_MODES):
     return model, tokens, mask
 
 
-def _real_diff(got, expected, mask) -> float:
-    """max |got - expected| over the real positions (every position without a mask); a
-    padding position may be nan with ``eps = 0`` (docs/hooks.md)."""
-    real = torch.ones(got.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-    assert torch.isfinite(got[real]).all() and torch.isfinite(expected[real]).all()
-    return (got[real] - expected[real]).abs().max().item()
-
-
 def _prefix(layer, router) -> str:
     return "final_res" if layer is None else f"blocks.{layer}.{router}"
 
@@ -103,14 +96,14 @@ def test_routing_identities_hold_in_float64(case):
     pass's logits are the plain pass's."""
     model, tokens, mask = case
     logits, cache = model.run_with_cache(tokens, attention_mask=mask)
-    assert _real_diff(logits, model(tokens, attention_mask=mask), mask) <= TOL
+    assert real_diff(logits, model(tokens, attention_mask=mask), mask) <= TOL
     assert len(model.routers()) == len(model.routing_layout.sites())
     for layer, router in model.routers():
         prefix = _prefix(layer, router)
         weights, sources = cache[f"{prefix}.hook_weights"], cache[f"{prefix}.hook_sources"]
-        assert _real_diff(weights.sum(-1), torch.ones_like(weights[..., 0]), mask) <= TOL
+        assert real_diff(weights.sum(-1), torch.ones_like(weights[..., 0]), mask) <= TOL
         expected = (weights[..., None] * sources).sum(-2)
-        assert _real_diff(cache[f"{prefix}.hook_out"], expected, mask) <= TOL
+        assert real_diff(cache[f"{prefix}.hook_out"], expected, mask) <= TOL
         n = weights.shape[-1]
         assert sources.shape[-2] == n == len(model.source_labels(layer, router))
         families = model.source_families(layer, router)
@@ -126,7 +119,7 @@ def test_every_sublayer_state_resumes_to_the_full_pass(case):
     assert len(states) == 2 * model.cfg.n_layers + 1
     for sublayer, state in enumerate(states):
         resumed = model.forward_from(state, sublayer, attention_mask=mask)
-        assert _real_diff(resumed, full, mask) <= TOL, sublayer
+        assert real_diff(resumed, full, mask) <= TOL, sublayer
 
 
 @SETTINGS
@@ -160,7 +153,7 @@ def test_masking_a_family_of_exactly_zero_weight_changes_nothing(case, data):
         baseline = model(tokens, attention_mask=mask)
         watched = mask_sources(model, [family], routers=[site])
         masked = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=watched)
-    assert _real_diff(masked, baseline, mask) == 0
+    assert real_diff(masked, baseline, mask) == 0
 
 
 @SETTINGS
@@ -181,7 +174,7 @@ def test_key_value_cached_chunks_equal_the_full_pass(case, fraction):
                 model(tokens[:, lo:hi], attention_mask=part, past_kv_cache=cache)
             return
         chunks.append(model(tokens[:, lo:hi], attention_mask=part, past_kv_cache=cache))
-    assert _real_diff(torch.cat(chunks, dim=1), full, mask) <= TOL
+    assert real_diff(torch.cat(chunks, dim=1), full, mask) <= TOL
 
 
 @settings(max_examples=6, deadline=None, derandomize=True)
@@ -387,7 +380,7 @@ def test_interventions_with_the_runs_own_values_are_the_identity(case):
         patch_committed(model, labels, cache),
     ):
         patched = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
-        assert _real_diff(patched, logits, mask) <= TOL
+        assert real_diff(patched, logits, mask) <= TOL
 
 
 @SETTINGS
@@ -418,7 +411,7 @@ def test_masking_composes_and_equals_set_weights_of_the_renormalised_weights(cas
         return
     composed = run(mask_sources(model, first, routers=[site]) + mask_sources(model, second, [site]))
     at_once = run(mask_sources(model, [first, second], routers=[site]))
-    assert _real_diff(composed, at_once, mask) == 0
+    assert real_diff(composed, at_once, mask) == 0
 
     _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site.hook("logits"))
     where = torch.zeros(n, dtype=torch.bool)
@@ -427,7 +420,7 @@ def test_masking_composes_and_equals_set_weights_of_the_renormalised_weights(cas
     if mask is not None:  # padding positions may be nan (eps 0): any distribution there
         by_hand = torch.where(mask.bool()[..., None], by_hand, torch.full_like(by_hand, 1 / n))
     renormalised = run(set_weights(model, {site: by_hand}, routers=[site]))
-    assert _real_diff(run(mask_sources(model, first, routers=[site])), renormalised, mask) <= TOL
+    assert real_diff(run(mask_sources(model, first, routers=[site])), renormalised, mask) <= TOL
 
 
 def _metric(logits):

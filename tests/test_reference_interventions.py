@@ -14,7 +14,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import SMALL_QWEN3, hf_qwen3, randomize_routing, rms_norm_in_float64
+from helpers import SMALL_QWEN3, hf_qwen3, randomize_routing, real_diff, rms_norm_in_float64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_attnres import Edit, model_router_params, reference_forward
@@ -325,12 +325,6 @@ def _first_sublayer(model, hooks) -> int:
     return first
 
 
-def _real_diff(got, expected, mask) -> float:
-    real = torch.ones(got.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-    assert torch.isfinite(expected[real]).all()
-    return (got[real] - expected[real]).abs().max().item()
-
-
 @settings(SETTINGS, max_examples=15)
 @given(case=cases(configs=CONFIGS[:4] + CONFIGS[5:]))
 def test_source_labels_and_families_are_the_references(case):
@@ -381,14 +375,14 @@ def test_composed_interventions_equal_the_hand_edited_reference(case):
             model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
         return
     got = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
-    assert _real_diff(got, expected, mask) <= TOL
+    assert real_diff(got, expected, mask) <= TOL
     start = _first_sublayer(model, hooks)
     if start >= 0:
         states = model.depth_states(tokens, sublayers=True, attention_mask=mask)
         sublayer = rng.randint(0, start)
         with model.hooks(fwd_hooks=hooks):
             resumed = model.forward_from(states[sublayer], sublayer, attention_mask=mask)
-        assert _real_diff(resumed, expected, mask) <= TOL
+        assert real_diff(resumed, expected, mask) <= TOL
 
 
 class Patch(Edit):
