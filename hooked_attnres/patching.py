@@ -301,18 +301,33 @@ def get_act_patch_committed_blocks_by_pos(
         attention_mask: as in `get_act_patch_routing_weights`.
 
     Returns:
-        ``[n_layers, pos]``; rows of layers that commit no block there are NaN.
+        ``[n_layers, pos]``; rows of layers that commit no block there are NaN, and so is
+        the row of a block no router reads (the cumulative layout's block committed after
+        the last layer, a snapshot of the final stream: patching it changes nothing, so
+        its row read the unpatched metric, as if the block did not matter; patch
+        ``hook_resid_post`` of the last layer for the final stream).
     """
     _check(model, corrupted_tokens)
     if sublayer not in COMMIT_HOOKS:
         raise ValueError(f"sublayer must be 'mlp' or 'attn', got {sublayer!r}")
     layout = model.routing_layout
-    found = {layer: layout.commit_hook(layer, sublayer) for layer in range(model.cfg.n_layers)}
-    names = {layer: name for layer, name in found.items() if name is not None}
+    labels = {layer: layout.committed_label(layer, sublayer) for layer in range(model.cfg.n_layers)}
+    names = {  # the commit hooks of the blocks some router reads
+        layer: layout.commit_hooks()[label]
+        for layer, label in labels.items()
+        if label is not None and layout.commit_readers(label)
+    }
     if not names:
+        unread = any(label is not None for label in labels.values())
         raise ValueError(
             f"no layer of this {model.cfg.attnres_layout!r} model commits a block after its "
-            f"{sublayer} sublayer (blocks.*.{COMMIT_HOOKS[sublayer]} does not exist)"
+            f"{sublayer} sublayer that a router reads ("
+            + (
+                "its only one, committed after the last layer, is read by none: patch "
+                f"{get_act_name('resid_post', model.cfg.n_layers - 1)} for the final stream)"
+                if unread
+                else f"blocks.*.{COMMIT_HOOKS[sublayer]} does not exist)"
+            )
         )
     n_pos = corrupted_tokens.shape[-1]
     # committed at the end of the sublayer: the run starts at that sublayer

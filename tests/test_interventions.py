@@ -1756,7 +1756,10 @@ def test_zero_patches_at_eps_zero_are_refused_at_real_rows_only(layout):
     ).abs().max() <= 1e-12
     if layout == "cumulative":  # block_2 is committed after the last layer: no router reads it
         assert model.routing_layout.commit_hooks()["block_2"] == "blocks.3.hook_committed_block"
-        assert (run(patch_committed(model, "block_2", "zero")) - clean).abs().max() <= 1e-12
+        zeroed = run([("blocks.3.hook_committed_block", lambda x, hook: x * 0)])
+        assert (zeroed - clean).abs().max() <= 1e-12
+        with pytest.raises(ValueError, match="no router reads it"):  # a no-op, refused
+            patch_committed(model, "block_2", "zero")
     # a zero (or underflowing) source at a real row: 0 / 0, refused when the hook runs
     tiny = torch.full((d_model,), 1e-170, dtype=torch.float64)  # 1e-340 squared: 0
     for hooks in (
@@ -1823,7 +1826,8 @@ def test_the_last_cumulative_block_refusal_says_where_the_final_stream_is_edited
     """Audit 46: the cumulative layout's block committed after the last layer is read by
     no router (`patch_committed` of it changes nothing); the refusal of it as a source
     said only that, not where the stream it snapshots (what ``ln_final`` reads) is
-    edited. It names the hook now, and editing that hook reaches the logits."""
+    edited. It names the hook now, and editing that hook reaches the logits.
+    `patch_committed` of the block, a no-op, is refused with the same reason."""
     model = randomize_routing(
         tiny_model(n_layers=2, attnres_num_blocks=2, attnres_layout="cumulative", attnres_mode=mode)
     )
@@ -1831,9 +1835,13 @@ def test_the_last_cumulative_block_refusal_says_where_the_final_stream_is_edited
     message = rf"'{label}' is committed.*no router reads it.*blocks\.1\.hook_resid_post"
     with pytest.raises(ValueError, match=message):
         mask_sources(model, label)
+    refused = rf"patch_committed\('{label}'\): no router reads it.*blocks\.1\.hook_resid_post"
+    with pytest.raises(ValueError, match=refused):
+        patch_committed(model, label)  # it would change nothing (before, accepted)
+    commit = model.routing_layout.commit_hooks()[label]
     with torch.no_grad():
         plain = model(tokens)
-        unread = model.run_with_hooks(tokens, fwd_hooks=patch_committed(model, label))
+        unread = model.run_with_hooks(tokens, fwd_hooks=[(commit, lambda x, hook: x * 0)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RoutedResidualPatchWarning)
             zeroed = model.run_with_hooks(

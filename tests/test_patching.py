@@ -87,9 +87,21 @@ def test_shapes_and_nan_cells(setup):
     assert blocks.shape == (N_LAYERS, n_pos)
     commits = commit_layers(model)
     assert 0 < len(commits) <= N_LAYERS
+    with torch.no_grad():
+        unpatched = model(corrupted)
+    unread = []  # committed blocks whose patch changes nothing at all: no router reads them
+    for layer in commits:
+        name = f"blocks.{layer}.hook_committed_block"
+        every_position = _full_forward(model, corrupted, name, lambda x, hook: x + 1.0)
+        if torch.equal(every_position, unpatched):
+            unread.append(layer)
+    # the cumulative layout's block committed after the last layer (a snapshot of the
+    # final stream): its row read the unpatched metric, as if the block did not matter
+    assert unread == ([N_LAYERS - 1] if model.cfg.attnres_layout == "cumulative" else [])
     for layer in range(N_LAYERS):
-        assert bool(torch.isnan(blocks[layer]).all()) == (layer not in commits)
-        assert not torch.isnan(blocks[layer]).any() or layer not in commits
+        empty = layer not in commits or layer in unread
+        assert bool(torch.isnan(blocks[layer]).all()) == empty
+        assert not torch.isnan(blocks[layer]).any() or empty
     if model.routing_layout.has_final_router:
         with_final = get_act_patch_routing_weights(
             model, corrupted, clean_cache, metric, routers=routers_of(model)
@@ -369,8 +381,12 @@ def test_left_padded_prompts_are_patched_with_their_attention_mask(layout):
                 assert weights[row, layer, pos].item() == pytest.approx(
                     by_hand(name, pos), abs=1e-4
                 )
-        name = "blocks.1.hook_committed_block"  # 2 layers, 2 blocks: both layers commit
-        assert blocks[1, 3].item() == pytest.approx(by_hand(name, 3), abs=1e-4)
+        # 2 layers, 2 blocks: both layers commit; the cumulative layout's block after the
+        # last layer is read by no router (its row is NaN), so check layer 0's there
+        read = 0 if layout == "cumulative" else 1
+        assert torch.isnan(blocks[1]).all() == (layout == "cumulative")
+        name = f"blocks.{read}.hook_committed_block"
+        assert blocks[read, 3].item() == pytest.approx(by_hand(name, 3), abs=1e-4)
         # the whole state entering layer 1's MLP, clean at pos 3: the clean run's
         # hook_sources there, written in by hand into a masked run from that state
         states = model.depth_states(corrupted, sublayers=True, attention_mask=mask)

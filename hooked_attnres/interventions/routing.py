@@ -40,6 +40,7 @@ from hooked_attnres.interventions.selection import (
     iter_selected,
     position_index,
     select_sites,
+    unread_commit,
 )
 from hooked_attnres.model.depth import RouterSite
 from hooked_attnres.model.norms import rms_scale
@@ -715,11 +716,12 @@ def patch_committed(
     labels = one_or_list(labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
-    # the norms among each source's readers where a zero is 0 / 0, with the sources of
-    # each reader that the labels replace together (no reader for a snapshot committed
-    # after the last router, the cumulative layout's last block: a zero there changes
-    # nothing)
     layout = model.routing_layout
+    for label in labels:
+        if not layout.commit_readers(label):  # the cumulative layout's last block
+            raise ValueError(f"patch_committed({label!r}): {unread_commit(model)}")
+    # the norms among each source's readers where a zero is 0 / 0, with the sources of
+    # each reader that the labels replace together
     held = {site: layout.held_sources(site) for site in layout.sites()}
     replaced = {site: [i for i, h in enumerate(hs) if h in labels] for site, hs in held.items()}
     zero_nan = {

@@ -279,9 +279,7 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
                     f"{readers[0]} reads it as 'current'; select 'current' there, or "
                     "patch it with patch_committed)"
                     if readers
-                    else "no router reads it; it is a snapshot of the final residual stream, "
-                    "what ln_final reads: to edit that, hook "
-                    f"{get_act_name('resid_post', model.cfg.n_layers - 1)})"
+                    else f"{unread_commit(model)})"
                 )
             raise ValueError(
                 f"unknown source {spec!r}{committed}: families are {FAMILIES}, labels are "
@@ -295,6 +293,17 @@ def resolve_sources(
 ) -> list[int]:
     """`source_indices` of ``(layer, router)`` (kept for compatibility)."""
     return source_indices(model, model.site(layer, router), sources)
+
+
+def unread_commit(model: HookedAttnRes) -> str:
+    """Why a committed block that no router reads (`RoutingLayout.commit_readers` empty:
+    the cumulative layout's block committed after the last layer) cannot be selected or
+    patched, and which hook to edit instead: the end of a refusal's message."""
+    return (
+        "no router reads it; it is a snapshot of the final residual stream, what ln_final "
+        "reads, so editing it changes nothing: to edit that stream, hook "
+        f"{get_act_name('resid_post', model.cfg.n_layers - 1)}"
+    )
 
 
 def all_labels(model: HookedAttnRes) -> set[str]:
