@@ -340,10 +340,11 @@ plotting.patching_heatmap(state, [f"layer {l}" for l in range(model.cfg.n_layers
 """),
     code("""
 blocks = get_act_patch_committed_blocks_by_pos(model, batch.corrupted_tokens, clean_cache, metric)
-print(blocks.shape)    # [layer, pos], NaN where the layer commits no block
+print(blocks.shape)    # [layer, pos], NaN where the layer commits no block a router reads
 plotting.patching_heatmap(blocks, [f"layer {l}" for l in range(model.cfg.n_layers)],
                           model.to_str_tokens(batch.tokens[0]),
-                          title="Committed blocks patched at one position (blank: no block)",
+                          title="Committed blocks patched at one position "
+                                "(blank: no block, or the last one, which no router reads)",
                           x_title=POSITION_AXIS)
 """),
     md("""
