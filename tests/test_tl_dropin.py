@@ -553,6 +553,59 @@ def test_a_stack_without_batch_axis_of_a_one_prompt_cache_is_exact(case):
     assert torch.allclose(attrs.sum(0), by_hand, atol=ATOL)
 
 
+def test_logit_attrs_refuses_the_whole_batchs_answers_with_an_int_batch_slice(case):
+    """Audit 48: with an int ``batch_slice`` (or a one-prompt stack, ``has_batch_dim=False``)
+    the stack has no batch axis, and the whole batch's answers (2 prompts of 2 positions)
+    were dotted along the positions, prompt ``p``'s answer at position ``p``, keeping the
+    stack's shape: prompt 0's position 1 read 0.038 for -0.143 (3-layer kimi), -0.156 for
+    -0.040 (layout none), unrefused. Refused now; one prompt's answers at each position as
+    ``[1, pos]`` (what the refusal asks for; it was refused too) or ``[pos]`` are exact."""
+    routed = {"routed": True} if case.routed_final else {}
+    logits, cache = case.model.run_with_cache(case.clean[:, :2])  # 2 prompts, 2 positions
+    stack = cache.decompose_resid(**routed)  # [n, 2, 2, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
+    true = logits[0, :, ANSWER] - logits[0, :, WRONG]
+    for kwargs in ({"batch_slice": 0}, {"batch_slice": 0, "has_batch_dim": False}):
+        one = stack[:, 0] if "has_batch_dim" in kwargs else stack
+        with pytest.raises(ValueError, match=r"shape \(2,\).*whole batch.*\[1, pos\]"):
+            cache.logit_attrs(one, answers, wrongs, **kwargs, **routed)
+        at_each = cache.logit_attrs(one, answers[None], wrongs[None], **kwargs, **routed)
+        assert torch.allclose(
+            at_each.sum(0), logits[0, [0, 1], answers] - logits[0, [0, 1], wrongs], atol=ATOL
+        )
+        pair = torch.tensor([[ANSWER, ANSWER]]), torch.tensor([[WRONG, WRONG]])
+        assert torch.allclose(
+            cache.logit_attrs(one, *pair, **kwargs, **routed).sum(0), true, atol=ATOL
+        )
+    # with 4 positions [pos] answers are no batch's: exact with an int batch_slice
+    stack = case.cache.decompose_resid(**routed)  # [n, 2, 4, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11, 13, 14]), torch.tensor([WRONG, 12, 15, 16])
+    attrs = case.cache.logit_attrs(stack, answers, wrongs, batch_slice=1, **routed)
+    by_hand = case.logits[1, range(4), answers] - case.logits[1, range(4), wrongs]
+    assert torch.allclose(attrs.sum(0), by_hand, atol=ATOL)
+
+
+def test_logit_attrs_takes_answers_shared_by_the_rows_at_each_position(case):
+    """Audit 48: a ``[pos]`` answer tensor whose length is not the batch's selects one
+    token per position for every prompt (TransformerLens documents it, and it is exact);
+    audit 46 refused it along with the whole batch's answers. Taken again, as are one
+    token in a ``[1]`` tensor for a stack without batch and position axes; the ambiguous
+    ``[pos]`` of the batch's length with a ``batch_slice`` stays refused (above)."""
+    routed = {"routed": True} if case.routed_final else {}
+    stack = case.cache.decompose_resid(**routed)  # [n, 2, 4, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11, 13, 14]), torch.tensor([WRONG, 12, 15, 16])
+    attrs = case.cache.logit_attrs(stack, answers, wrongs, **routed)
+    by_hand = case.logits[:, range(4), answers] - case.logits[:, range(4), wrongs]
+    assert torch.allclose(attrs.sum(0), by_hand, atol=ATOL)
+    attrs = case.cache.logit_attrs(stack, answers, wrongs, batch_slice=[1], **routed)
+    assert torch.allclose(attrs.sum(0), by_hand[1:], atol=ATOL)
+    last = case.cache.decompose_resid(pos_slice=-1, **routed)  # [n, 2, d_model]
+    attrs = case.cache.logit_attrs(
+        last, torch.tensor([11]), torch.tensor([12]), pos_slice=-1, batch_slice=1, **routed
+    )
+    assert torch.allclose(attrs.sum(0), case.logits[1, -1, 11] - case.logits[1, -1, 12], atol=ATOL)
+
+
 def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
     """Audit 43: ``run_with_cache(tokens, stop_at_layer=2)`` holds no hook of layer 2 on;
     the routed ``accumulated_resid(layer=2)`` needs ``blocks.2.hook_resid_pre`` and said

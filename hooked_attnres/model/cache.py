@@ -714,37 +714,57 @@ class AttnResActivationCache(ActivationCache):
         )
 
     def _require_tokens_fit(
-        self, residual_stack: Tensor, tokens, batch_slice, has_batch_dim: bool
+        self, residual_stack: Tensor, tokens, pos_slice, batch_slice, has_batch_dim: bool
     ) -> None:
-        """Refuse answer ``tokens`` of `logit_attrs` that are not one token, ``[batch]``
-        tokens of the stack's rows or ``[batch, pos]`` tokens of its rows and positions
-        (a size-1 axis broadcasts): TransformerLens aligns their axes with the stack's
-        from the right (``[batch]`` against ``[batch, pos]`` only when it is the stack's
-        rows), so the whole batch's answers with a ``batch_slice`` widened the result, or,
-        with as many answers as positions, kept its shape and dotted position ``p`` with
-        prompt ``p``'s answer."""
+        """Refuse answer ``tokens`` of `logit_attrs` whose axes, aligned with the stack's
+        batch and position axes from the right as TransformerLens aligns them, are not
+        each 1 or the stack's (at most one more leading axis, of size 1), except
+        ``[batch]`` tokens of the stack's rows, which TransformerLens reads at every
+        position of each row: the whole batch's answers with a ``batch_slice`` widened
+        the result, or, with as many answers as positions, kept its shape and dotted
+        position ``p`` with prompt ``p``'s answer. So ``[pos]`` tokens, one per position
+        for every row (TransformerLens's documented form), are refused where they have
+        the length of the cache's batch and the stack does not hold its rows: they may be
+        the batch's answers."""
         rows = as_slice(batch_slice)
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         axes = tuple(stack.shape[1:-1])
         shape = () if isinstance(tokens, (str, int)) else tuple(torch.as_tensor(tokens).shape)
         if len(shape) == 1 and len(axes) == 2 and has_batch_dim and rows.mode != "int":
-            # [batch]: TransformerLens reads them at every position of each row (if they
-            # are the stack's rows; other ones broadcast along the positions)
-            fits = shape[0] == axes[0]
-        elif len(shape) == len(axes):
-            fits = all(size in (1, axis) for size, axis in zip(shape, axes, strict=True))
-        else:
-            fits = False
-        if fits or (len(shape) <= len(axes) and all(size == 1 for size in shape)):
-            return  # (or one token)
+            if shape[0] == axes[0]:
+                return  # [batch]: TransformerLens reads them at every position of each row
+        extra = max(len(shape) - len(axes), 0)
+        inner = shape[extra:]
+        aligned = zip(inner, axes[len(axes) - len(inner) :], strict=True)
+        fits = (
+            extra <= 1  # a leading axis of 1 against the components'
+            and all(size == 1 for size in shape[:extra])
+            and all(size in (1, axis) for size, axis in aligned)
+        )
+        # a [pos] vector read along the positions with the length of the batch (without
+        # ln_final's scale TransformerLens raises its KeyError naming the hook)
+        scale = self.cache_dict.get(
+            _norm_at(self.model, 2 * self.model.cfg.n_layers).hook_scale.name
+        )
+        batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
+        along_positions = as_slice(pos_slice).mode != "int" and len(shape) == 1 and len(axes) > 0
+        if fits and not (along_positions and shape[0] == batch > 1):
+            return
+        why = (
+            f"they have the length of the cache's batch ({batch}), but the stack holds "
+            "other rows (or none), and TransformerLens would read them along the positions, "
+            "one answer per position: the whole batch's answers would give position p "
+            "prompt p's answer"
+            if fits
+            else "TransformerLens broadcasts them from the last axis, dotting the stack's "
+            "components with the answers of other rows or positions"
+        )
         raise ValueError(
             f"cache.logit_attrs: tokens of shape {shape} do not fit the stack's batch and "
-            f"position axes {axes} (after batch_slice={_shown(batch_slice)}): "
-            "TransformerLens broadcasts them from the last axis, dotting the stack's "
-            "components with the answers of other rows or positions. Pass one token, "
-            "[batch] tokens of the rows the stack holds (e.g. tokens[rows] with "
-            "batch_slice=rows) or [batch, pos] tokens of its rows and positions ([1, pos] "
-            "for one prompt's answers at each position)."
+            f"position axes {axes} (after batch_slice={_shown(batch_slice)}): {why}. Pass "
+            "one token, [batch] tokens of the rows the stack holds (e.g. tokens[rows] with "
+            "batch_slice=rows), [batch, pos] tokens of its rows and positions, or [1, pos] "
+            "tokens, one answer per position for every row it holds."
         )
 
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
@@ -1013,7 +1033,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
-        self._require_tokens_fit(residual_stack, tokens, batch_slice, has_batch_dim)
+        self._require_tokens_fit(residual_stack, tokens, pos_slice, batch_slice, has_batch_dim)
         return ActivationCache.logit_attrs(
             self._plain(wide=True),
             residual_stack,
