@@ -33,7 +33,7 @@ from hooked_attnres._precision import widened
 from hooked_attnres._tl import get_act_name
 from hooked_attnres._validation import require_selection
 from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
-from hooked_attnres.interventions.selection import check_routers
+from hooked_attnres.interventions.selection import check_routers, unread_commit
 from hooked_attnres.model.depth import (
     COMMIT_HOOKS,
     SUBLAYER_ROUTERS,
@@ -323,10 +323,10 @@ def get_act_patch_committed_blocks_by_pos(
             f"no layer of this {model.cfg.attnres_layout!r} model commits a block after its "
             f"{sublayer} sublayer that a router reads ("
             + (
-                "its only one, committed after the last layer, is read by none: patch "
-                f"{get_act_name('resid_post', model.cfg.n_layers - 1)} for the final stream)"
+                f"its only one is committed after the last layer: {unread_commit(model)})"
                 if unread
-                else f"blocks.*.{COMMIT_HOOKS[sublayer]} does not exist)"
+                else f"blocks.*.{COMMIT_HOOKS[sublayer]} does not exist; pass sublayer='mlp' "
+                "for the blocks committed after the MLP sublayers)"
             )
         )
     n_pos = corrupted_tokens.shape[-1]

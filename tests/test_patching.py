@@ -14,6 +14,7 @@ from hooked_attnres import (
     LeftPaddingWithoutMaskWarning,
     RunCacheDict,
 )
+from hooked_attnres.interventions import patch_committed
 from hooked_attnres.patching import (
     get_act_patch_committed_blocks_by_pos,
     get_act_patch_depth_state,
@@ -224,6 +225,35 @@ def test_blocks_committed_after_attention_are_patched_where_every_sublayer_commi
         )
     with pytest.raises(ValueError, match="sublayer must be 'mlp' or 'attn'"):
         get_act_patch_committed_blocks_by_pos(model, corrupted, own, metric, sublayer="final")
+
+
+def test_the_committed_blocks_sweep_refusals_say_what_to_patch_instead():
+    """Audit 48: where no layer commits a block after the asked sublayer that a router
+    reads, the refusal names what to use: ``sublayer="mlp"`` where no attention sublayer
+    commits (it said only that ``hook_committed_mid`` does not exist), and for the
+    cumulative layout's only block, committed after the last layer, the reason
+    `patch_committed` gives (`unread_commit`, one wording) with the hook of the final
+    stream it snapshots."""
+    model = randomize_routing(
+        tiny_model(n_layers=2, attnres_num_blocks=1, attnres_layout="cumulative")
+    )
+    tokens = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    with pytest.raises(ValueError, match=r"hook_committed_mid does not exist; pass sublayer='mlp'"):
+        get_act_patch_committed_blocks_by_pos(model, tokens, cache, metric, sublayer="attn")
+    unread = (
+        r"after the last layer: no router reads it; it is a snapshot .*blocks\.1\.hook_resid_post"
+    )
+    with pytest.raises(ValueError, match=unread):
+        get_act_patch_committed_blocks_by_pos(model, tokens, cache, metric)
+    with pytest.raises(
+        ValueError, match=r"patch_committed\('block_1'\): no router reads it; it is"
+    ):
+        patch_committed(model, "block_1")
 
 
 def test_a_single_router_may_be_given_as_a_string(setup):
