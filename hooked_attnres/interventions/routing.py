@@ -703,7 +703,10 @@ def patch_committed(
     hook where that block is committed (``blocks.{l}.hook_committed_block``, or
     ``blocks.{l}.hook_committed_mid`` for an ``attn_{l}`` source), so every router that
     reads the block afterwards reads the patched value. Families and indices are refused:
-    they name different blocks at different routers (use `patch_sources` for that).
+    they name different blocks at different routers (use `patch_sources` for that), and
+    so is a block that no router reads (`RoutingLayout.commit_readers` empty: the
+    cumulative layout's block committed after the last layer, whose patch changes
+    nothing; the message, `unread_commit`, names the hook of the final stream).
 
     Args:
         labels: one label or a list (not empty, each label once).
