@@ -1843,9 +1843,31 @@ def test_the_last_cumulative_block_refusal_says_where_the_final_stream_is_edited
         plain = model(tokens)
         unread = model.run_with_hooks(tokens, fwd_hooks=[(commit, lambda x, hook: x * 0)])
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+            # the hook the refusal names: ln_final reads it alone, so no warning that the
+            # edit misses what routers read (there was one, audit 48)
+            warnings.simplefilter("error", RoutedResidualPatchWarning)
             zeroed = model.run_with_hooks(
                 tokens, fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: x * 0)]
             )
     assert torch.equal(unread, plain)
     assert zeroed.abs().max() == 0 < plain.abs().max()  # lm_head(ln_final(0)) = 0
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full"])
+def test_the_resid_edit_warning_fires_where_routers_read_other_sources(layout):
+    """An edit of ``hook_resid_*`` warns that it misses the sources routers read, except
+    at the final stream of a layout without a final router (the cumulative layout's last
+    ``hook_resid_post``), which ``ln_final`` reads alone: there the edit reaches every
+    logit, as zeroing it shows."""
+    tokens = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(0))
+    zero = lambda x, hook: x * 0  # noqa: E731
+    for name in ("blocks.3.hook_resid_post", "blocks.2.hook_resid_post", "blocks.1.hook_resid_pre"):
+        model = randomize_routing(tiny_model(attnres_layout=layout))
+        silent = layout == "cumulative" and name == "blocks.3.hook_resid_post"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            zeroed = model.run_with_hooks(tokens, fwd_hooks=[(name, zero)])
+        warned = any(issubclass(w.category, RoutedResidualPatchWarning) for w in caught)
+        assert warned != silent, name
+        if silent:  # the edit reached every logit (lm_head(ln_final(0)) = 0)
+            assert zeroed.abs().max() == 0

@@ -45,7 +45,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres._tl import HookedRootModule, HookPoint, Slice
+from hooked_attnres._tl import HookedRootModule, HookPoint, Slice, get_act_name
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
@@ -319,10 +319,16 @@ class HookedModule(HookedRootModule):
         if isinstance(name, str) and not name.endswith(RESID_HOOKS):
             return fn
 
+        n_layers = layout.n_layers
+        # the final stream where no router reads it (the cumulative layout's last
+        # hook_resid_post): ln_final reads it alone, so an edit there reaches everything
+        whole = None if layout.reader(2 * n_layers) else get_act_name("resid_post", n_layers - 1)
+
         def watched(activation, hook):
             out = fn(activation, hook=hook)
-            if out is not None and str(hook.name).endswith(RESID_HOOKS):
-                self._warn_resid_edit(str(hook.name))
+            edited = str(hook.name)
+            if out is not None and edited.endswith(RESID_HOOKS) and edited != whole:
+                self._warn_resid_edit(edited)
             return out
 
         return watched
