@@ -20,6 +20,7 @@ from hooked_attnres.study import (
     SHIPPED,
     available,
     checkpoint_dir,
+    find_runs,
     get_condition,
     load_condition,
     make_task,
@@ -27,6 +28,7 @@ from hooked_attnres.study import (
     probe_prompts,
     run_dir,
     run_study,
+    seeds_found,
     train_condition,
     verdict_matrix,
 )
@@ -101,6 +103,23 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
         run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoints folder at"):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
+
+
+def test_one_condition_by_its_name_is_studied_and_a_bare_seed_is_refused(tmp_path, monkeypatch):
+    """``conditions="hard_cumulative_L8"`` was read as its letters ("conditions repeats
+    ['u', 'a', '_']", and `seeds_found` "holds no ... for all of ['h', 'a', ...]"), and
+    ``seeds=0`` raised "TypeError: 'int' object is not iterable"."""
+    import hooked_attnres.study.run as study_module
+
+    assert find_runs(None, "hard_cumulative_L8", [0, 2]) == find_runs(
+        None, ["hard_cumulative_L8"], [0, 2]
+    )
+    assert find_runs(None, "attnres", None) == [("attnres", 0)]
+    assert seeds_found(None, "hard_cumulative_L8") == seeds_found(None, ["hard_cumulative_L8"])
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: pytest.fail("loaded"))
+    for seeds in (0, 3, "0"):
+        with pytest.raises(ValueError, match=r"seeds must be a list of model seeds, e\.g\. seeds="):
+            run_study(tmp_path / "x", conditions="attnres", seeds=seeds, progress=False)
 
 
 def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):

@@ -55,7 +55,10 @@ def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] 
 
 
 def seeds_found(checkpoints: Optional[PathLike], conditions: Sequence[str]) -> list[int]:
-    """The model seeds that have a checkpoint for every one of ``conditions``."""
+    """The model seeds that have a checkpoint for every one of ``conditions`` (a list of
+    names, or one name)."""
+    if isinstance(conditions, str):  # one name, not its letters
+        conditions = [conditions]
     found = available(checkpoints)
     common = set.intersection(*(set(found.get(c, [])) for c in conditions)) if conditions else set()
     if not common:

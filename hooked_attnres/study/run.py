@@ -328,8 +328,8 @@ def run_study(
             checkpoint, settings or library code changed since).
         checkpoints: a directory with ``{condition}_seed{seed}/model`` (what
             ``hooked-attnres train --out DIR`` writes); default: the shipped checkpoints.
-        seeds: model seeds (default: every seed found for each condition).
-        conditions: condition names (default: every condition found).
+        seeds: model seeds, a list (default: every seed found for each condition).
+        conditions: condition names, or one name (default: every condition found).
         n_prompts: held-out probe prompts per model (the same prompts for every model of a
             task; at least 2, checked before any work, as is ``n_bootstrap``).
         n_bootstrap: bootstrap resamples for every interval.
@@ -591,7 +591,15 @@ def find_runs(
 ) -> list[tuple[str, int]]:
     """``(condition, seed)`` pairs to study, conditions in the order given (default: every
     condition with a checkpoint, in `CONDITIONS` order), each with the seeds asked for
-    (default: every seed found for it)."""
+    (default: every seed found for it). One condition may be given as its name; seeds
+    must be a list (``seeds=3`` could mean seed 3 or three seeds: refused)."""
+    if isinstance(conditions, str):  # one name: it was read as its letters ("repeats 'u'")
+        conditions = [conditions]
+    if seeds is not None and (is_integer(seeds) or isinstance(seeds, str)):
+        raise ValueError(
+            f"seeds must be a list of model seeds, e.g. seeds=[{seeds!r}] for that one seed; "
+            f"got {seeds!r}"
+        )
     if conditions is not None:
         # a condition or seed given twice would study one model twice: its rows would be
         # counted twice in every mean over seeds (the verdicts refuse them, after the work)
