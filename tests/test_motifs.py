@@ -1078,3 +1078,27 @@ def test_sentence_intervals_read_on_their_side_of_zero():
     for claim, contains_zero in (("D3-attn_res", False), ("M1", False)):
         low, high = re.search(r"effect \S+ \[(\S+), (\S+)\]", sentences[claim]).groups()
         assert (Decimal(low) <= 0 <= Decimal(high)) == contains_zero, sentences[claim]
+
+
+def test_the_verdicts_say_when_the_intervals_had_too_few_bootstrap_resamples(tmp_path):
+    """A study with ``n_bootstrap=1`` decided every verdict from zero-width "95 %" intervals
+    that need not contain the mean (effect -0.207, interval [-0.164, -0.164]: D1 present
+    as "separated"), and its report said only "95 % percentile-bootstrap intervals"; the
+    warning went to the console, not into the report. Fewer than 2 / (1 - 0.95) = 40
+    resamples leave less than one resampled mean beyond each bound."""
+    from hooked_attnres.study import verdict_sentences
+
+    def lines(n_bootstrap):
+        settings = {"n_bootstrap": n_bootstrap, "confidence": 0.95}
+        return verdict_sentences(fake_study(tmp_path, {"attnres": ([0], [0])}, settings))
+
+    for few in (1, 10, 39):
+        first = lines(few)[0]
+        assert first.startswith(f"The intervals were computed from {few} bootstrap resample"), first
+        assert "fewer than the 40 that a 95 % interval needs" in first
+        assert "rerun with n_bootstrap >= 40" in first
+    for enough in (40, 1000):
+        assert not any("bootstrap resample" in line for line in lines(enough))
+    # a result built by hand, without settings: nothing is claimed about the resamples
+    bare = verdict_sentences(fake_study(tmp_path, {"attnres": ([0], [0])}))
+    assert not any("bootstrap resample" in line for line in bare)

@@ -48,6 +48,19 @@ def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> tuple[int, 
     )
 
 
+def min_resamples(confidence: float) -> int:
+    """The fewest bootstrap resamples that leave at least one resampled mean beyond each
+    bound of a ``confidence`` interval: ``2 / (1 - confidence)`` (40 at 95 %, 200 at 99 %).
+    With fewer, the bounds are interpolated between the most extreme resampled means and
+    the interval covers the mean less often than its level says."""
+    return math.ceil(2 / (1 - confidence) - 1e-9)  # 1e-9: 2 / (1 - 0.9) is 20.000000000000004
+
+
+def too_few_resamples(n_resamples: int, confidence: float) -> bool:
+    """Whether ``n_resamples`` is below `min_resamples` for ``confidence``."""
+    return n_resamples < min_resamples(confidence)
+
+
 def bootstrap_ci_rows(
     values: Union[np.ndarray, torch.Tensor],
     n_resamples: int = 1000,
@@ -92,11 +105,11 @@ def bootstrap_ci_rows(
             RuntimeWarning,
             stacklevel=2,
         )
-    if n_resamples * (1 - confidence) / 2 < 1 - 1e-9:  # 1e-9: 20 * (1 - 0.9) / 2 < 1
+    if too_few_resamples(n_resamples, confidence):
         warnings.warn(
             f"n_resamples={n_resamples} leaves fewer than one resampled mean beyond each bound "
             f"of a {confidence:.0%} interval (it needs at least "
-            f"{math.ceil(2 / (1 - confidence) - 1e-9)}): the bounds are interpolated between "
+            f"{min_resamples(confidence)}): the bounds are interpolated between "
             "the most extreme resampled means and the interval covers the mean less often "
             "than its level says",
             RuntimeWarning,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Union
 import pandas as pd
 
 from hooked_attnres._validation import first_non_finite
+from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
     PREREGISTERED,
@@ -284,7 +285,31 @@ def verdict_sentences(result: StudyResult) -> list[str]:
     Args:
         result: a `run_study` result.
     """
-    return _conclusion(result) + _schedule_sentences(result)
+    return _resample_lines(result) + _conclusion(result) + _schedule_sentences(result)
+
+
+def _resample_lines(result: StudyResult) -> list[str]:
+    """A first line when the intervals had fewer bootstrap resamples than their level
+    needs (`hooked_attnres.analysis.bootstrap.min_resamples`): every verdict that reads an
+    interval was then decided by intervals narrower than "95 %" (with 1 resample, a point
+    that need not contain the mean), which the console warning alone left unsaid in the
+    report. Nothing for a result without ``settings["n_bootstrap"]`` (built by hand)."""
+    n_bootstrap = result.settings.get("n_bootstrap")
+    if n_bootstrap is None or result.verdicts.empty:
+        return []
+    confidence = float(_setting(result, "confidence"))
+    if not too_few_resamples(n_bootstrap, confidence):
+        return []
+    level = f"{100 * confidence:g} %"
+    return [
+        f"The intervals were computed from {n_bootstrap} bootstrap resample"
+        f"{'s' if n_bootstrap != 1 else ''}, fewer than the {min_resamples(confidence)} that a "
+        f"{level} interval needs (at least one resampled mean beyond each bound): they cover "
+        f"the mean less often than {level}, so every verdict that reads an interval "
+        "(criterion 1 of the motifs, D1, D2, D3) was not decided as docs/study.md "
+        f"pre-registers; rerun with n_bootstrap >= {min_resamples(confidence)} (the study's "
+        "default is 1000)."
+    ]
 
 
 def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
