@@ -1102,3 +1102,20 @@ def test_the_verdicts_say_when_the_intervals_had_too_few_bootstrap_resamples(tmp
     # a result built by hand, without settings: nothing is claimed about the resamples
     bare = verdict_sentences(fake_study(tmp_path, {"attnres": ([0], [0])}))
     assert not any("bootstrap resample" in line for line in bare)
+
+
+def test_a_report_without_a_seed_column_does_not_name_a_seed_it_was_not_given():
+    """`motif_report` of one model's tables without a ``seed`` column (the README's
+    notebook workflow: `load_condition(..., seed=2)`, `summarize_mass`, `ablation_effects`)
+    gave sentences reading "seed 0: effect ..." for any model, seed 2's too."""
+    summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)})
+    assert "seed" not in summary.columns and "seed" not in effects.columns
+    verdicts = motif_verdicts(motif_report(summary, effects)).set_index("claim")
+    for claim in CLAIMS:
+        sentence = verdicts.loc[claim, "sentence"]
+        assert "seed 0" not in sentence, sentence
+        assert sentence.split(". ", 1)[1].startswith("the model: "), sentence
+    # with a seed column, each seed is named as before
+    summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)}, seed=2)
+    sentence = motif_verdicts(motif_report(summary, effects)).set_index("claim").sentence
+    assert all(". seed 2: " in s for s in sentence)

@@ -615,7 +615,9 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
     """ "M1 (...): present in k of n seeds (verdict). seed 0: ...; seed 1: ...": the verdict
     and, per seed, the numbers it was decided from."""
     rows = report[report.claim == claim]
-    seeds = rows.seed.tolist() if "seed" in rows.columns else list(range(len(rows)))
+    # without a seed column there is one model (`motif_verdicts` refuses several rows):
+    # "the model", not a seed number it was never given ("seed 0" for a seed-2 model)
+    seeds = rows.seed.tolist() if "seed" in rows.columns else [None] * len(rows)
     what = claim_text(claim)
     head = (
         f"{claim} ({what}): present in {k} of {n} seed{'s' if n != 1 else ''} "
@@ -623,6 +625,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
     )
     details = []
     for seed, (_, row) in zip(seeds, rows.iterrows(), strict=True):
+        which = "the model" if seed is None else f"seed {seed}"
         if claim == "M2":
             parts = []
             for part in ("M2-attn", "M2-mlp"):
@@ -631,7 +634,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                     & ((report.seed == seed) if "seed" in report.columns else True)
                 ]
                 parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
-            details.append(f"seed {seed}: {', '.join(parts)}")
+            details.append(f"{which}: {', '.join(parts)}")
         elif claim in MOTIFS:
             share = (
                 f"{_percent_text(row.effect_fraction)} % of the clean {row.clean:.2f}"
@@ -650,16 +653,14 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 else f"bands {', '.join(bands[:-1])} and {bands[-1]} (tied)"
             )
             details.append(
-                f"seed {seed}: effect {_fmt_effect(row)} logits = {share}, most harmful {where}"
+                f"{which}: effect {_fmt_effect(row)} logits = {share}, most harmful {where}"
             )
         elif claim.startswith("D1"):
             if same_top_family(row.top_mass, row.top_effect):
                 note = " (the same family)"
             else:
                 note = "" if row.separated else " (their effect intervals overlap)"
-            details.append(
-                f"seed {seed}: top mass {row.top_mass}, top effect {row.top_effect}{note}"
-            )
+            details.append(f"{which}: top mass {row.top_mass}, top effect {row.top_effect}{note}")
         elif claim == "D2":
             # each test's numbers with the digits that decide it (an embedding effect of
             # -0.003 against a current one of -0.004 both read "-0.00", which meets 2x)
@@ -668,7 +669,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 [row.effect_embedding, row.effect_current], 2, _d2_effect, "+f"
             )
             detail = (
-                f"seed {seed}: mass {masses[0]} vs {masses[1]}, effect {effects[0]} vs {effects[1]}"
+                f"{which}: mass {masses[0]} vs {masses[1]}, effect {effects[0]} vs {effects[1]}"
             )
             # the embedding interval, where it alone decided: the masses and effects
             # printed above would read as met
@@ -684,7 +685,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
         else:
             mass = printed_beside(row.mass, PREREGISTERED.d3_min_mass, 3)
             detail = (
-                f"seed {seed}: mass {mass}, effect {_fmt_effect(row)} (top "
+                f"{which}: mass {mass}, effect {_fmt_effect(row)} (top "
                 f"family {row.top_effect}, harm {row.top_harm:.2f})"
             )
             # where the interval excludes 0, the size test decides: its two numbers, with
