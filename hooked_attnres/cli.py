@@ -279,6 +279,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             conditions=conditions,
             n_prompts=args.prompts,
             n_bootstrap=args.bootstrap,
+            bootstrap_seed=args.bootstrap_seed,
             progress=not args.no_progress,
             robustness=not args.no_robustness,
         )
@@ -416,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", type=_integer_at_least(2), default=256, help="held-out probe prompts per model"
     )
     study.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
+    study.add_argument(
+        "--bootstrap-seed",
+        type=NON_NEGATIVE,
+        default=0,
+        help="seed of the bootstrap's resampled prompts (default 0; recorded in run.json)",
+    )
     study.add_argument(
         "--out", default="study_out", help="output folder (report.html, report.md, CSV)"
     )

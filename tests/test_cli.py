@@ -64,6 +64,10 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         (["study", "--prompts", "1e3"], "argument --prompts: must be an integer >= 2, got '1e3'"),
         (["study", "--bootstrap", ""], "argument --bootstrap: must be an integer >= 1, got ''"),
         (["info", "x", "--threads", "two"], "argument --threads: must be an integer >= 1, got"),
+        (
+            ["study", "--bootstrap-seed", "-1"],
+            "argument --bootstrap-seed: must be an integer >= 0, got -1",
+        ),
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(argv, message, monkeypatch, capsys):
@@ -506,3 +510,21 @@ def test_a_study_into_the_file_system_root_is_refused_clearly(monkeypatch, capsy
     assert cli.main(["study", "--out", "/", "--conditions", "vanilla", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "out_dir / is the file-system root" in err, err
+
+
+def test_study_passes_the_bootstrap_seed(tmp_path, monkeypatch, capsys):
+    """run_study's bootstrap seed is a setting of the command too (default 0, as before)."""
+    from types import SimpleNamespace
+
+    from hooked_attnres import study
+
+    calls = []
+
+    def fake_study(**kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(accuracy=[], seconds=0.0)
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    for argv, seed in (([], 0), (["--bootstrap-seed", "5"], 5)):
+        assert cli.main(["study", "--out", str(tmp_path / "s"), "--no-progress", *argv]) == 0
+        assert calls[-1]["bootstrap_seed"] == seed

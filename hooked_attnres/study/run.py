@@ -316,6 +316,7 @@ def run_study(
     progress: bool = True,
     plots: bool = True,
     robustness: bool = True,
+    bootstrap_seed: int = 0,
 ) -> StudyResult:
     """Run the study on trained checkpoints and write every table, the figures and a report.
 
@@ -335,6 +336,8 @@ def run_study(
         n_bootstrap: bootstrap resamples for every interval.
         progress, plots: progress lines and bars; figures.
         robustness: recompute the verdicts on a second, disjoint prompt set.
+        bootstrap_seed: the seed of every bootstrap (the resampled prompts; recorded in
+            ``run.json``). Another seed draws other intervals around the same estimates.
 
     Returns:
         A `StudyResult`.
@@ -345,12 +348,13 @@ def run_study(
             f"n_prompts must be an integer >= 2 (the verdicts need bootstrap intervals over "
             f"prompts, and one prompt has none), got {n_prompts!r}"
         )
-    check_bootstrap(n_bootstrap, 0.95, 0)  # before any model is loaded, not after the first
-    n_prompts, n_bootstrap = int(n_prompts), int(n_bootstrap)  # written to the settings (JSON)
+    # before any model is loaded, not after the first
+    n_bootstrap, _, bootstrap_seed = check_bootstrap(n_bootstrap, 0.95, bootstrap_seed)
+    n_prompts = int(n_prompts)  # written to the settings (JSON)
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
     partial = partial_dir(out_dir)
-    settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness)
+    settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness, bootstrap_seed)
     with _one_study_at_a_time(partial):
         tables: dict[str, list[pd.DataFrame]] = {}
         for condition, seed in runs:
@@ -385,7 +389,7 @@ def run_study(
             motifs=joined["motifs"],
             verdicts=motif_verdicts(joined["motifs"]),
             fresh_motifs=joined.get("fresh_motifs", pd.DataFrame()),
-            settings=_settings(runs, checkpoints, n_prompts, n_bootstrap, robustness),
+            settings=_settings(settings, runs),
         )
         if robustness:
             result.robustness = verdict_changes(result.motifs, result.fresh_motifs)
@@ -422,6 +426,7 @@ class _RunSettings:
     n_prompts: int
     n_bootstrap: int
     robustness: bool
+    bootstrap_seed: int = 0
 
 
 def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, pd.DataFrame]:
@@ -437,7 +442,9 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
     for prompt_seed in [PROBE_SEED, FRESH_PROBE_SEED] if robustness else [PROBE_SEED]:
         batch = probe_prompts(model, n_prompts, prompt_seed, recipe.task, exclude=first)
         first = batch if first is None else first
-        found = study_condition(model, batch, settings.n_bootstrap, progress=False)
+        found = study_condition(
+            model, batch, settings.n_bootstrap, progress=False, seed=settings.bootstrap_seed
+        )
         motifs = motif_report(found["mass_summary"], found["effects"])
         if prompt_seed == FRESH_PROBE_SEED:
             out["fresh_motifs"] = motifs.assign(**tag)
@@ -507,6 +514,7 @@ def _run_key(condition: str, seed: int, settings: _RunSettings) -> dict:
         "n_prompts": settings.n_prompts,
         "n_bootstrap": settings.n_bootstrap,
         "robustness": settings.robustness,
+        "bootstrap_seed": settings.bootstrap_seed,
         "checkpoint": _files_fingerprint([model, metrics_path(condition, seed, checkpoints)]),
         "code": _code_fingerprint(),
         **numerics_environment(pd),  # "threads", "versions" (torch, NumPy, pandas)
@@ -670,7 +678,7 @@ def _check_study_folder(out_dir: Union[str, Path]) -> None:
     )
 
 
-def _settings(runs, checkpoints, n_prompts: int, n_bootstrap: int, robustness: bool) -> dict:
+def _settings(settings: _RunSettings, runs) -> dict:
     import platform
 
     from hooked_attnres._version import __version__
@@ -684,13 +692,15 @@ def _settings(runs, checkpoints, n_prompts: int, n_bootstrap: int, robustness: b
         except PackageNotFoundError:
             return "unknown"
 
+    checkpoints = settings.checkpoints
     return {
         "runs": [f"{c} seed {s}" for c, s in runs],
         "checkpoints": str(checkpoints) if checkpoints is not None else "shipped",
-        "n_prompts": n_prompts,
+        "n_prompts": settings.n_prompts,
         "probe_seed": PROBE_SEED,
-        "fresh_probe_seed": FRESH_PROBE_SEED if robustness else None,
-        "n_bootstrap": n_bootstrap,
+        "fresh_probe_seed": FRESH_PROBE_SEED if settings.robustness else None,
+        "n_bootstrap": settings.n_bootstrap,
+        "bootstrap_seed": settings.bootstrap_seed,
         "confidence": 0.95,
         "recency_bias": RECENCY_BIAS,
         "versions": {
