@@ -333,6 +333,13 @@ def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
             ("in logits" in t and "seed 1" in t) == in_logits for t in titles(figures)
         )
         assert units(figures) and all(("logits" in u) == in_logits for u in units(figures))
+    # just under the 1-logit rule: the title printed "a clean logit difference of 1.00"
+    # (saturated_cumulative_L16 seed 1 on 16 prompts: 0.9969) as the reason for logits
+    for clean in (0.9995, 0.99999):
+        result.effects.loc[seed1, "clean"] = clean
+        for title in titles(study_figures(result)):
+            printed = float(title.split("clean logit difference of ")[1].rstrip(")"))
+            assert printed < 1.0 and printed == pytest.approx(clean, abs=1e-3), title
 
 
 CHROMIUM_FLAGS = [

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 from hooked_attnres import plotting
-from hooked_attnres.analysis.motifs import MOTIFS
+from hooked_attnres.analysis.motifs import MOTIFS, printed_beside
 from hooked_attnres.study.conditions import get_condition
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ def study_figures(result: StudyResult) -> dict[str, go.Figure]:
             ""
             if relative
             else f" (in logits: {unclear.index[0][0]} seed {unclear.index[0][1]} has a clean "
-            f"logit difference of {unclear.iloc[0]:.2f})"
+            # on its side of the 1-logit rule: 0.9969 printed "1.00" as the reason for logits
+            f"logit difference of {printed_beside(unclear.iloc[0], MIN_CLEAN_FOR_PERCENT, 2)})"
         )
         for claim in ("M1", "M2", "M3"):
             family, routers, band, what = MOTIFS[claim]
