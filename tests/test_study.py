@@ -432,6 +432,14 @@ def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
     unknown = HookedAttnRes.from_pretrained(checkpoint_dir("attnres"))
     with pytest.raises(ValueError, match="pass task="):
         probe_prompts(unknown, 8)
+    # the count is named as the caller wrote it (it said "n must be an integer >= 1, got 0");
+    # with a set to exclude, 0 crashed (IndexError: "tensors used as indices must be long"),
+    # True gave 1 prompt and 2.5 said "got 9.0" (the draw's size)
+    first = probe_prompts(model, 4)
+    for bad in (0, -1, 2.5, True):
+        for exclude in (None, first):
+            with pytest.raises(ValueError, match=rf"n_prompts must be an integer >= 1, got {bad}"):
+                probe_prompts(model, bad, exclude=exclude)
 
 
 def test_a_run_trained_on_another_task_than_its_conditions_is_refused(tmp_path):

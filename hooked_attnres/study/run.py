@@ -157,6 +157,7 @@ def probe_prompts(
         exclude: prompts none of which may be drawn again (the robustness check's second
             set is disjoint from the first).
     """
+    n_prompts = require_integer("n_prompts", n_prompts, 1)  # not the sampler's "n"
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
     if task is None:
