@@ -325,7 +325,7 @@ def get_act_patch_committed_blocks_by_pos(
             + (
                 f"its only one is committed after the last layer: {unread_commit(model)})"
                 if unread
-                else f"blocks.*.{COMMIT_HOOKS[sublayer]} does not exist; pass sublayer='mlp' "
+                else f"there is no blocks.*.{COMMIT_HOOKS[sublayer]}; pass sublayer='mlp' "
                 "for the blocks committed after the MLP sublayers)"
             )
         )

@@ -243,7 +243,9 @@ def test_the_committed_blocks_sweep_refusals_say_what_to_patch_instead():
     def metric(logits):
         return logits[:, -1, 3].sum()
 
-    with pytest.raises(ValueError, match=r"hook_committed_mid does not exist; pass sublayer='mlp'"):
+    with pytest.raises(
+        ValueError, match=r"there is no blocks\.\*\.hook_committed_mid; pass sublayer='mlp'"
+    ):
         get_act_patch_committed_blocks_by_pos(model, tokens, cache, metric, sublayer="attn")
     unread = (
         r"after the last layer: no router reads it; it is a snapshot .*blocks\.1\.hook_resid_post"
