@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from _common import interleaved_times, write_result
@@ -53,9 +53,17 @@ NARROW = {  # width 64, the 0.6B depth
 
 
 @contextmanager
-def timed(owner: Any, name: str, seconds: dict[str, float], key: str, when=None) -> Iterator[None]:
+def timed(
+    owner: Any,
+    name: str,
+    seconds: dict[str, float],
+    key: str,
+    when=None,
+    calls: Optional[dict[str, int]] = None,
+) -> Iterator[None]:
     """Add the time of every call of ``owner.<name>`` (for which ``when(*args)`` holds, if
-    given) to ``seconds[key]`` while the context is open."""
+    given) to ``seconds[key]`` while the context is open, and count it in ``calls[key]``
+    (if given: a timer around a function the model no longer calls would read 0)."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -63,6 +71,8 @@ def timed(owner: Any, name: str, seconds: dict[str, float], key: str, when=None)
         result = original(*args, **kwargs)
         if when is None or when(*args):
             seconds[key] += time.perf_counter() - start
+            if calls is not None:
+                calls[key] += 1
         return result
 
     setattr(owner, name, wrapper)
@@ -79,22 +89,27 @@ def models(config: Qwen3Config, dtype: torch.dtype) -> tuple[Qwen3ForCausalLM, d
 
 
 def in_pass(rounds: int, dtype: torch.dtype) -> dict:
-    """Medians (ms) of the pass and of its parts, per candidate."""
+    """``{"ms": medians of the pass and of its parts, "calls_per_pass": timed calls of each
+    part in one pass}``, keyed ``"<candidate>: <part>"``."""
     config = Qwen3Config(**QWEN3_06B)
     hf, wraps = models(config, dtype)
     tokens = torch.randint(0, config.vocab_size, (1, 256))
     parts: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     samples: dict[str, list[float]] = defaultdict(list)
+    calls: dict[str, int] = {}  # timed calls in one pass, per candidate and part
     d_model = config.hidden_size
 
     def measured(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def call() -> None:
             parts.clear()
+            counts.clear()
             start = time.perf_counter()
             fn()
             samples[f"{name}: pass"].append(time.perf_counter() - start)
             for key, value in parts.items():
                 samples[f"{name}: {key}"].append(value)
+                calls[f"{name}: {key}"] = counts[key]
 
         return call
 
@@ -103,16 +118,18 @@ def in_pass(rounds: int, dtype: torch.dtype) -> dict:
     norm_class = modeling_qwen3.Qwen3RMSNorm
     with (
         torch.inference_mode(),
-        timed(norm_class, "forward", parts, "inputs", lambda _, x: x.shape[-1] == d_model),
-        timed(block_module, "normalized_route", parts, "inputs"),
-        timed(model_module, "normalized_route", parts, "inputs"),  # before the unembedding
-        timed(SharedSums, "committed_sum", parts, "committed sums"),
+        timed(norm_class, "forward", parts, "inputs", lambda _, x: x.shape[-1] == d_model, counts),
+        timed(block_module, "normalized_route", parts, "inputs", calls=counts),
+        # before the unembedding
+        timed(model_module, "normalized_route", parts, "inputs", calls=counts),
+        timed(SharedSums, "committed_sum", parts, "committed sums", calls=counts),
     ):
         interleaved_times(fns, rounds, warmup=WARMUP, settle=SETTLE)
     # every call was recorded: keep the timed ones (after the warm-up, the last of each
     # round's settle + 1 calls)
     timed_calls = slice(WARMUP + SETTLE, None, SETTLE + 1)
-    return {key: statistics.median(values[timed_calls]) * 1e3 for key, values in samples.items()}
+    medians = {key: statistics.median(values[timed_calls]) * 1e3 for key, values in samples.items()}
+    return {"ms": medians, "calls_per_pass": calls}
 
 
 def dispatch(rounds: int, dtype: torch.dtype) -> dict:
@@ -139,8 +156,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     inside = in_pass(args.rounds, dtype)
     narrow = dispatch(10 * args.rounds, dtype)
-    for key, value in inside.items():
-        print(f"0.6B 1x256 {args.dtype}, {key}: {value:.2f} ms")
+    for key, value in inside["ms"].items():
+        calls = inside["calls_per_pass"].get(key)
+        print(
+            f"0.6B 1x256 {args.dtype}, {key}: {value:.2f} ms"
+            + ("" if calls is None else f" ({calls} calls)")
+        )
     for name, value in narrow.items():
         print(f"width 64, one token, {name}: {value:.2f} ms")
     path = write_result(
@@ -148,7 +169,8 @@ def main() -> None:
         {
             "rounds": args.rounds,
             "threads": torch.get_num_threads(),
-            "in_pass_ms": inside,
+            "in_pass_ms": inside["ms"],
+            "in_pass_calls": inside["calls_per_pass"],
             "width64_one_token_ms": narrow,
         },
     )

@@ -1,0 +1,239 @@
+"""Smoke runs of the scripts in ``benchmarks/`` (not part of the timed suite otherwise), so
+that an API change cannot leave one of them broken unnoticed: each runs its own ``main`` at a
+tiny shape (the shape constants patched), writes its result file into a temporary directory
+(never ``benchmarks/results``), and the ratios it reports are recomputed from the times it
+recorded. Timings themselves are not checked."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# a Qwen3Config of 8 tiny layers in place of the Qwen3-0.6B shape (8 layers: the scripts
+# wrap it with 8 blocks); 256 positions for profile_routing_06b's 1 x 256 input
+TINY_QWEN3 = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)
+TINY_BATCHES = {"1x256": (1, 6), "8x128": (2, 4)}  # the scripts' batch names, tiny shapes
+TINY_HOOKED = dict(
+    d_model=32, n_layers=4, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=48, n_ctx=64
+)
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """``bench(name, *argv)``: the benchmark module ``name`` (imported from ``benchmarks/``,
+    without retuning this process's allocator), its result files going to ``tmp_path``;
+    ``argv`` becomes its command line. Restores torch's thread count (the scripts set it)."""
+    monkeypatch.setenv("HOOKED_ATTNRES_TUNE_MALLOC", "0")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+
+    def load(name: str, *argv: str):
+        common = importlib.import_module("_common")
+        monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        return importlib.import_module(name)
+
+    yield load
+    torch.set_num_threads(threads)
+
+
+def result(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_bench_model_small(bench, monkeypatch, tmp_path):
+    module = bench("bench_model", "--repeats", "1", "--threads", "1")
+    shape = {k: v for k, v in TINY_QWEN3.items() if k not in ("rope_theta", "rms_norm_eps")}
+    monkeypatch.setattr(module, "SHAPE", shape)
+    monkeypatch.setattr(module, "BATCH", 2)
+    monkeypatch.setattr(module, "SEQ", 5)
+    module.main()
+    out = result(tmp_path, "model_forward")
+    ms = out["median_ms"]
+    assert set(out["ratios"]) == set(out["targets"])
+    for layout in ("none", "cumulative", "kimi"):
+        assert out["ratios"][f"{layout} / hf"] == pytest.approx(ms[layout] / ms["hf"])
+        assert out["ratios"][f"{layout} run_with_cache / {layout} forward"] == pytest.approx(
+            ms[f"{layout}+cache"] / ms[layout]
+        )
+    assert out["cache_tensors"] > 0 and out["cache_distinct_mib"] <= out["cache_mib"]
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_bench_model_06b_code_path(bench, monkeypatch, tmp_path, paired):
+    argv = ["--shape", "0.6b", "--repeats", "2", "--warmup", "0", "--settle", "0", "--threads", "1"]
+    if paired:  # the grid: one dtype and batch (the paired run covers both dtypes and batches)
+        argv.append("--paired")
+    else:
+        argv += ["--dtypes", "bfloat16", "--batches", "8x128"]
+    module = bench("bench_model", *argv)
+    monkeypatch.setattr(module, "QWEN3_06B", TINY_QWEN3)
+    monkeypatch.setattr(module, "BATCHES_06B", TINY_BATCHES)
+    # its gc.collect() between models (GBs at the real shape) takes 0.2 s each in pytest
+    monkeypatch.setattr(module, "gc", SimpleNamespace(collect=lambda: 0))
+    module.main()
+    wraps = module.WRAPS_06B
+    if not paired:
+        cells = result(tmp_path, "model_forward_qwen3_0.6b")["results"]
+        assert len(cells) == len(wraps)
+        for key, cell in cells.items():
+            ms, ratios = cell["median_ms"], cell["ratios"]
+            assert ratios["forward / hf"] == pytest.approx(ms["forward"] / ms["hf"])
+            assert ratios["full cache / forward"] == pytest.approx(ms["full cache"] / ms["forward"])
+            routed = not key.startswith("none ")
+            assert ("routing cache / forward" in ratios) == routed, key
+            if routed:
+                assert ratios["routing cache / forward"] == pytest.approx(
+                    ms["routing cache"] / ms["forward"]
+                )
+        return
+    for dtype in ("float32", "bfloat16"):
+        cells = result(tmp_path, f"model_forward_qwen3_0.6b_paired_{dtype}")["results"]
+        assert len(cells) == len(wraps) * len(TINY_BATCHES)
+        for key, cell in cells.items():
+            wrap = key.split()[0]
+            times = cell["times_ms"]
+            assert len(times["hf"]) == len(times[wrap]) == 2
+            per_round = [a / b for a, b in zip(times[wrap], times["hf"], strict=True)]
+            ratio = cell["forward / hf"]
+            assert ratio["median"] == pytest.approx(statistics.median(per_round))
+            assert ratio["low"] <= ratio["median"] <= ratio["high"]
+
+
+def test_bench_kv_check(bench, monkeypatch, capsys):
+    module = bench("bench_kv_check", "--calls", "2")
+    monkeypatch.setattr(module, "QWEN3_06B", TINY_QWEN3)
+    module.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "tiny kimi (4 layers, d_model 32, float32)",
+        "Qwen3-0.6B shape, kimi, bfloat16",
+        "Qwen3-0.6B shape, none, bfloat16",
+    ]
+    assert all("us per call" in line and "of it)" in line for line in lines)
+
+
+def test_bench_generate(bench, monkeypatch, tmp_path):
+    module = bench("bench_generate", "--prompt", "3", "--new", "2", "--repeats", "1")
+    shape = {k: v for k, v in TINY_QWEN3.items() if k not in ("rope_theta", "rms_norm_eps")}
+    monkeypatch.setattr(module, "SHAPE", {**shape, "num_hidden_layers": 4})
+    module.main()  # asserts that cached and uncached generation give the same tokens
+    out = result(tmp_path, "generate")
+    for layout, speedup in out["speedup"].items():
+        ms = out["median_ms"]
+        assert speedup == pytest.approx(ms[f"{layout} uncached"] / ms[f"{layout} cached"])
+
+
+def test_bench_training(bench, monkeypatch, tmp_path):
+    module = bench("bench_training", "--repeats", "1", "--batch", "2", "--threads", "1")
+    monkeypatch.setattr(module, "SHAPES", {"study": (TINY_HOOKED, 2), "0.6b": (TINY_HOOKED, 2)})
+    module.main()
+    for shape in ("study", "0.6b"):
+        out = result(tmp_path, "training")["shapes"][shape]
+        seconds = out["median_step_seconds"]
+        for layout in module.LAYOUTS:
+            assert out["throughput vs hf"][layout] == pytest.approx(seconds["hf"] / seconds[layout])
+
+
+def test_bench_gpu_without_cuda(bench, monkeypatch, capsys):
+    module = bench("bench_gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("bench_gpu: no CUDA device available")
+
+
+def test_bench_gpu_quick_on_cpu(bench, monkeypatch, capsys):
+    argv = ["--device", "cpu", "--quick", "--repeats", "1", "--sections", "forward", "training"]
+    module = bench("bench_gpu", *argv)
+    monkeypatch.setattr(module, "QWEN3_06B", TINY_QWEN3)
+    monkeypatch.setattr(module, "BATCHES_06B", TINY_BATCHES)
+    monkeypatch.setattr(module, "SHAPES", {"study": (TINY_HOOKED, 2)})
+    module.main()
+    out = capsys.readouterr().out
+    assert out.count("forward / hf") == len(module.WRAPS_06B) * 2 * len(TINY_BATCHES)
+    assert "training study: cumulative" in out
+
+
+def test_profile_routing_times_the_parts(bench, monkeypatch, tmp_path):
+    """The profile wraps library functions by name (`normalized_route`, `SharedSums.
+    committed_sum`): if the model stopped calling them, their parts would be missing."""
+    module = bench("profile_routing_06b", "--rounds", "1", "--threads", "1")
+    monkeypatch.setattr(module, "QWEN3_06B", TINY_QWEN3)
+    module.main()
+    out = result(tmp_path, "profile_routing_qwen3_0.6b_bfloat16")
+    parts, calls = out["in_pass_ms"], out["in_pass_calls"]
+    n_inputs = 2 * TINY_QWEN3["num_hidden_layers"] + 1  # ln1, ln2 per layer; ln_final
+    for name in ("hf", "none", "recency", "exact"):
+        assert calls[f"{name}: inputs"] == n_inputs, name
+        assert 0 < parts[f"{name}: inputs"] < parts[f"{name}: pass"]
+    for name in ("recency", "exact"):
+        assert calls[f"{name}: committed sums"] > 0
+        assert 0 < parts[f"{name}: committed sums"] < parts[f"{name}: inputs"]
+    assert set(out["width64_one_token_ms"]) == {"hf", "none", "recency", "exact"}
+
+
+def test_bench_sweep(bench, monkeypatch, tmp_path):
+    module = bench("bench_sweep", "--prompts", "2", "--repeats", "1")
+    plan_ablations = module.plan_ablations  # the first 12 of 64 cells (8 mask something)
+    monkeypatch.setattr(module, "plan_ablations", lambda *a, **k: plan_ablations(*a, **k)[:12])
+    module.main()
+    out = result(tmp_path, "sweep")
+    assert out["ablations"] == 12 and 0 < out["ablations_that_mask_something"] < 12
+    seconds = out["median_seconds"]
+    assert out["speedup (naive / fast)"] == pytest.approx(seconds["naive"] / seconds["fast"])
+    assert out["max_abs_difference"] <= 1e-5
+
+
+def test_bench_attribution(bench, tmp_path):
+    bench("bench_attribution", "--prompts", "2", "--repeats", "1", "--no-naive").main()
+    out = result(tmp_path, "attribution")
+    seconds = out["median_seconds"]
+    for name, in_f in out["in_units_of_F"].items():
+        assert in_f == pytest.approx(seconds[name] / seconds["forward (F)"])
+    assert out["cells"] == 64
+
+
+def test_bench_tl_bridge_small(bench, tmp_path, capsys):
+    bench("bench_tl_bridge", "--small", "--repeats", "1", "--threads", "1").main()
+    out = capsys.readouterr().out
+    assert out.count("hooked_attnres / bridge:") == 2  # the two --small inputs
+    assert not list(tmp_path.iterdir())  # a debugging run writes no result file
+
+
+def test_validate_attribution(bench, tmp_path, capsys):
+    from hooked_attnres.study import SHIPPED
+
+    path = tmp_path / "validation.json"
+    model = SHIPPED / "attnres_seed0" / "model"
+    argv = ["--model", str(model), "--prompts", "2", "--metrics", "logit_diff"]
+    bench("validate_attribution", *argv, "--out", str(path)).main()
+    out = json.loads(path.read_text())
+    (validated,) = out["results"]
+    assert set(validated["methods"]) == {"linear", "norm"} and validated["cells"] == 64
+    header, rule, *rows = out["markdown"].splitlines()
+    assert len(rows) == 2  # one per method and metric
+    for line in (rule, *rows):  # every row has the header's columns
+        assert line.count("|") == header.count("|"), line
