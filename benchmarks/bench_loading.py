@@ -16,7 +16,10 @@ after imports. Targets: time <= 1.0x of transformers in bfloat16 (the file's dty
 checkpoint of the same width (for a quick check on a busy machine).
 
     python benchmarks/bench_loading.py [--repeats 3] [--dtype bfloat16] [--wrap recency]
-        [--scale full|small]
+        [--scale full|small] [--dir DIR] [--threads 2]
+
+A ``--dir`` that already holds a checkpoint of another shape is refused (it was reused
+silently before, and its loads reported under the asked-for scale).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if (directory / "config.json").exists():
+    if (directory / "config.json").exists():  # written before: reuse it if it has this shape
+        written = json.loads((directory / "config.json").read_text())
+        differ = {k: (written[k], v) for k, v in shape.items() if k in written and written[k] != v}
+        if differ:
+            raise SystemExit(
+                f"{directory} holds a checkpoint of another shape (written, wanted: {differ}); "
+                "pass another --dir or remove it"
+            )
         return
     print(f"writing a random Qwen3-0.6B-shaped checkpoint to {directory} (once)")
     config = Qwen3Config(**shape)
@@ -58,7 +68,7 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
     model.save_pretrained(directory)
 
 
-def child(kind: str, directory: str, dtype: str, wrap: str) -> None:
+def child(kind: str, directory: str, dtype: str, wrap: str, threads: int = 2) -> None:
     import resource
 
     import torch
@@ -70,7 +80,7 @@ def child(kind: str, directory: str, dtype: str, wrap: str) -> None:
                     return int(line.split()[1]) / 1024
         return 0.0
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     if kind == "transformers":
         from transformers import Qwen3ForCausalLM
 
@@ -111,13 +121,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--wrap", default="recency", choices=["recency", "exact", "none"])
     parser.add_argument("--scale", default="full", choices=["full", "small"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each load")
     parser.add_argument("--child", choices=list(KINDS))
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be 1 or more, got {args.repeats}")
     shape = SHAPE if args.scale == "full" else {**SHAPE, **SMALL}
     directory = args.dir or str(CACHE if args.scale == "full" else CACHE.with_name("qwen3-small"))
     if args.child:
-        child(args.child, directory, args.dtype, args.wrap)
+        child(args.child, directory, args.dtype, args.wrap, args.threads)
         return
     write_checkpoint(Path(directory), shape)
     results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -135,6 +148,8 @@ def main() -> None:
                     args.dtype,
                     "--wrap",
                     args.wrap,
+                    "--threads",
+                    str(args.threads),
                 ],
                 check=True,
                 capture_output=True,
@@ -179,6 +194,7 @@ def main() -> None:
             "dtype": args.dtype,
             "wrap": args.wrap,
             "repeats": args.repeats,
+            "threads": args.threads,
             "summary": summary,
             "ratios": ratios,
         },

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -237,3 +238,24 @@ def test_validate_attribution(bench, tmp_path, capsys):
     assert len(rows) == 2  # one per method and metric
     for line in (rule, *rows):  # every row has the header's columns
         assert line.count("|") == header.count("|"), line
+
+
+def test_bench_loading_child_loads(bench, tmp_path, capsys):
+    """The timed load of each kind, in this process (the script runs it in children)."""
+    module = bench("bench_loading")
+    module.write_checkpoint(tmp_path, TINY_QWEN3)
+    for kind in module.KINDS:
+        module.child(kind, str(tmp_path), "float32", "none", threads=1)
+    loads = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-3:]]
+    hf = sum(p.numel() for p in Qwen3ForCausalLM(Qwen3Config(**TINY_QWEN3)).parameters())
+    assert [load["params"] for load in loads] == [hf] * 3
+
+
+def test_bench_loading_refuses_a_checkpoint_of_another_shape(bench, tmp_path):
+    """A --dir written before at another shape (e.g. by ``--scale small``) was reused
+    silently, and its loads reported under the scale asked for."""
+    module = bench("bench_loading")
+    module.write_checkpoint(tmp_path, TINY_QWEN3)
+    module.write_checkpoint(tmp_path, TINY_QWEN3)  # the same shape: reused
+    with pytest.raises(SystemExit, match=r"another shape .*'num_hidden_layers': \(8, 4\)"):
+        module.write_checkpoint(tmp_path, {**TINY_QWEN3, "num_hidden_layers": 4})
