@@ -142,7 +142,7 @@ def validate(model_dir: Path, args) -> dict:
     for method in ("linear", "norm"):
         attribution = None
         seconds = []
-        for _ in range(2):  # the second run is the timed one that counts (warm allocator)
+        for _ in range(2):  # two runs, the faster counts (the first warms the allocator)
             start = time.perf_counter()
             attribution = attribute_routing(
                 model,

@@ -208,6 +208,23 @@ def test_bench_sweep(bench, monkeypatch, tmp_path):
     assert out["max_abs_difference"] <= 1e-5
 
 
+def test_bench_sweep_compares_the_clean_runs_too(bench, monkeypatch, tmp_path):
+    """The fast path computes its clean metrics in another way than the naive loop (from
+    depth states, logits at the answer only); a difference there was not reported (only the
+    ablated rows were compared)."""
+    module = bench("bench_sweep", "--prompts", "2", "--repeats", "1")
+    plan_ablations, run_ablations = module.plan_ablations, module.run_ablations
+    monkeypatch.setattr(module, "plan_ablations", lambda *a, **k: plan_ablations(*a, **k)[:4])
+
+    def clean_off_by_half(*args, fast, **kwargs):
+        clean, ablated = run_ablations(*args, fast=fast, **kwargs)
+        return ({m: v + 0.5 * fast for m, v in clean.items()}, ablated)
+
+    monkeypatch.setattr(module, "run_ablations", clean_off_by_half)
+    module.main()
+    assert result(tmp_path, "sweep")["max_abs_difference"] == pytest.approx(0.5)
+
+
 def test_bench_attribution(bench, tmp_path):
     bench("bench_attribution", "--prompts", "2", "--repeats", "1", "--no-naive").main()
     out = result(tmp_path, "attribution")
