@@ -2,7 +2,9 @@
 that an API change cannot leave one of them broken unnoticed: each runs its own ``main`` at a
 tiny shape (the shape constants patched), writes its result file into a temporary directory
 (never ``benchmarks/results``), and the ratios it reports are recomputed from the times it
-recorded. Timings themselves are not checked."""
+recorded. Timings themselves are not checked. Not run: ``crash_loop.py`` (the catalogue's
+crash tests themselves) and ``bench_loading.py``'s child processes (its checkpoint writing
+and the load each child times run here, in this process)."""
 
 from __future__ import annotations
 
