@@ -224,7 +224,8 @@ def test_bench_sweep_compares_the_clean_runs_too(bench, monkeypatch, tmp_path):
 
     monkeypatch.setattr(module, "run_ablations", clean_off_by_half)
     module.main()
-    assert result(tmp_path, "sweep")["max_abs_difference"] == pytest.approx(0.5)
+    # the fast and naive runs also differ by about 1e-6 (float32) on their own
+    assert result(tmp_path, "sweep")["max_abs_difference"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_bench_attribution(bench, tmp_path):
