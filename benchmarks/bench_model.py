@@ -236,7 +236,7 @@ def main() -> None:
         "cumulative": HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=4),
         "kimi": HookedAttnRes.from_hf_qwen3(hf, wrap="exact", num_blocks=4),
     }
-    fns = {"hf": lambda: hf(tokens).logits}
+    fns = {"hf": lambda: hf(tokens, use_cache=False).logits}  # as at the 0.6B shape
     for name, model in models.items():
         fns[name] = lambda model=model: model(tokens)
         fns[f"{name}+cache"] = lambda model=model: model.run_with_cache(tokens)
