@@ -197,23 +197,45 @@ def _layer_label(layer: int) -> str:
     return "final" if layer == -1 else f"layer {layer}"
 
 
+def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
+    """Layer x family mean mass of one router type's rows of a `routing_mass` table, NaN
+    (a blank cell) where the router reads no source of the family (``n_sources`` 0)."""
+    cells = mass.groupby(["layer", "family"])
+    counts = cells.n_sources.agg(["min", "max"])
+    varies = counts["min"] != counts["max"]
+    if varies.any():
+        layer, family = varies.idxmax()
+        raise ValueError(
+            f"mass rows of router {router!r}, layer {layer}, family {family!r} disagree on "
+            f"n_sources ({counts.loc[(layer, family), 'min']} vs "
+            f"{counts.loc[(layer, family), 'max']}): they are not one model's routing_mass rows"
+        )
+    table = cells.mass.mean().where(counts["max"] > 0)  # NaN: the family is absent there
+    return table.unstack("family").reindex(columns=list(FAMILIES))
+
+
 def routing_heatmap(
     mass: pd.DataFrame,
     routers: Optional[Sequence[str]] = None,
     title: str = "Routing mass by family",
 ) -> go.Figure:
     """Layer x family heatmap of mean routing mass, one panel per router type (one colour
-    scale from 0 to the largest mean mass).
+    scale from 0 to the largest mean mass). A family the router does not read
+    (``n_sources`` 0, e.g. ``older`` at a router before any older block exists) is a
+    blank cell; a family it reads that gets no weight is drawn as 0.00.
 
     Args:
-        mass: `hooked_attnres.analysis.routing_mass` output (per prompt; averaged here).
+        mass: `hooked_attnres.analysis.routing_mass` output (per prompt; averaged here;
+            the study's ``mass.csv`` of one model works too).
         routers: which router types (default: those in ``mass``, sublayer routers only;
             the final router's row is labelled ``"final"``).
 
     Raises:
-        ValueError: a table without the columns of `routing_mass`, an empty one, a NaN or
-            infinite mass (the mean would skip it), several models, or a router type it
-            lacks.
+        ValueError: a table without the columns of `routing_mass` (``n_sources`` included:
+            without it an absent family's mass 0 reads as "present, no weight"), an empty
+            one, a NaN or infinite mass (the mean would skip it), several models, a
+            (router, layer, family) whose ``n_sources`` differs between rows, or a router
+            type it lacks.
     """
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
@@ -223,7 +245,14 @@ def routing_heatmap(
                 f"({sorted(mass[column].unique().tolist())[:4]}): select one model's rows "
                 "first (mass[mass.seed == 0])"
             )
-    _require_table(mass, ("router", "layer", "family", "mass"), "mass")
+    if "n_sources" not in mass.columns:
+        raise ValueError(
+            "mass lacks the column 'n_sources' (how many sources of each family a router "
+            "reads): without it a family the router does not read (mass 0) cannot be told "
+            "from one that gets no weight, and would be drawn as 0.00; pass routing_mass "
+            "output (or the study's mass.csv)"
+        )
+    _require_table(mass, ("router", "layer", "family", "n_sources", "mass"), "mass")
     require_finite_mass(mass, "the routing heatmap")  # a NaN would drop out of the mean
     if routers is None:
         routers = [r for r in ("attn_res", "mlp_res") if r in set(mass.router)]
@@ -239,14 +268,7 @@ def routing_heatmap(
             raise ValueError(
                 f"mass has no rows of router(s) {absent} (it has {sorted(set(mass.router))})"
             )
-    tables = {
-        router: mass[mass.router == router]
-        .groupby(["layer", "family"])
-        .mass.mean()
-        .unstack("family")
-        .reindex(columns=list(FAMILIES))
-        for router in routers
-    }
+    tables = {router: _family_mass(mass[mass.router == router], router) for router in routers}
     top = max(float(np.nanmax(t.to_numpy())) for t in tables.values())
     fig = make_subplots(
         rows=1,

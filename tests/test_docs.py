@@ -595,9 +595,11 @@ def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
             with pytest.raises(ValueError, match="no routers"):
                 analysis(model, batch)
         return
-    # "tidy per-prompt table prompt, router, layer, band, family, mass"
+    # "tidy per-prompt table prompt, router, layer, band, family, n_sources, mass"
     mass = routing_mass(model, batch)
-    assert list(mass.columns) == ["prompt", "router", "layer", "band", "family", "mass"]
+    assert list(mass.columns) == [
+        *"prompt router layer band family n_sources mass".split(),
+    ]
     effects = ablation_effects(model, batch, metrics="logit_diff", groups="layers")
     assert list(effects.columns) == [
         *"router group layers family metric clean ablated effect ci_low ci_high".split(),

@@ -13,6 +13,7 @@ from helpers import hf_qwen3, randomize_routing, tiny_model
 from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
 from hooked_attnres.analysis import routing_mass
 from hooked_attnres.model.depth import FAMILIES
+from hooked_attnres.study.run import mass_by_layer
 
 
 def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), families=FAMILIES):
@@ -267,3 +268,57 @@ def test_patching_heatmap_cell_text_keeps_small_values():
                 assert float(text) == pytest.approx(value, rel=0.02, abs=1e-7)
     big = plotting.patching_heatmap([[0.5, -1.25]], ["l0"], ["a", "b"], title="t").data[0]
     assert list(big.text[0]) == ["0.500", "-1.250"]  # 3 decimals where they suffice
+
+
+def _families_read(labels: list[str]) -> set[str]:
+    """The families a router with source ``labels`` reads, from the labels alone (the
+    seed paper's families: the embedding first, current last, the block before current
+    prev_completed, every block before that older)."""
+    assert labels[0] == "embedding"
+    blocks = labels[1:-1] if len(labels) > 1 else []
+    read = {"embedding"} | ({"current"} if len(labels) > 1 else set())
+    return read | ({"prev_completed"} if blocks else set()) | ({"older"} if blocks[:-1] else set())
+
+
+def test_routing_heatmap_leaves_absent_families_blank_in_every_layout():
+    tokens = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(2))
+    n_absent = 0
+    for name, model in _layout_models().items():
+        mass = routing_mass(model, tokens, positions="all")
+        routers = ["attn_res", "mlp_res"] + ["final_res"] * model.routing_layout.has_final_router
+        # the study's mass.csv (averaged over prompts) draws the same cells
+        for table in (mass, mass_by_layer(mass)):
+            fig = plotting.routing_heatmap(table, routers=routers)
+            for trace, router in zip(fig.data, routers, strict=True):
+                z = np.asarray(trace.z, dtype=float)
+                assert list(trace.x) == list(FAMILIES), name
+                for i, site in enumerate(model.sites(router)):
+                    read = _families_read(model.source_labels(site))
+                    for j, family in enumerate(FAMILIES):
+                        rows = mass[
+                            (mass.router == router)
+                            & (mass.layer == site.table_layer)
+                            & (mass.family == family)
+                        ]
+                        if family in read:
+                            assert z[i, j] == pytest.approx(rows.mass.mean(), abs=1e-6)
+                            assert trace.text[i][j] == f"{rows.mass.mean():.2f}"
+                        else:  # was drawn as 0.00, like a family that gets no weight
+                            assert np.isnan(z[i, j]) and trace.text[i][j] == "", (name, site)
+                            n_absent += table is mass
+    assert n_absent > 0  # every layout of tiny models has routers without some family
+    # a family that is read and gets no weight stays 0.00 (not blank)
+    model = _layout_models()["kimi"]
+    mass = routing_mass(model, tokens, positions="all")
+    site = model.sites("attn_res")[-1]
+    zero = (mass.router == "attn_res") & (mass.layer == site.layer) & (mass.family == "current")
+    trace = plotting.routing_heatmap(mass.assign(mass=mass.mass.where(~zero, 0.0))).data[0]
+    assert trace.z[-1][FAMILIES.index("current")] == 0.0
+    assert trace.text[-1][FAMILIES.index("current")] == "0.00"
+    # a table that cannot tell absent from zero is refused, not drawn as 0.00
+    with pytest.raises(ValueError, match="lacks the column 'n_sources'.*drawn as 0.00"):
+        plotting.routing_heatmap(mass.drop(columns="n_sources"))
+    mixed = mass.copy()
+    mixed.loc[mixed.index[0], "n_sources"] += 1
+    with pytest.raises(ValueError, match="disagree on n_sources"):
+        plotting.routing_heatmap(mixed)

@@ -136,8 +136,12 @@ def routing_mass(
 
     Returns:
         A tidy DataFrame with one row per (prompt, router, layer, family): columns
-        ``prompt, router, layer, band, family, mass`` (``layer`` is -1 and ``band`` is
-        ``"final"`` for the final router). Families absent at a router have mass 0.
+        ``prompt, router, layer, band, family, n_sources, mass`` (``layer`` is -1 and
+        ``band`` is ``"final"`` for the final router). ``n_sources`` is how many of the
+        router's sources belong to the family (``len(model.routing_layout.families(site)
+        [family])``); a family absent at a router (``n_sources`` 0, e.g. ``older`` at a
+        router that reads no older block) has mass 0, so ``n_sources`` is what tells it
+        from a family that is there and gets no weight (figures draw it blank).
     """
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
     # a TaskBatch's answer_pos is each prompt's last real position (right padding after)
@@ -217,6 +221,7 @@ def routing_mass(
     router_names = np.array([site.kind for site in sites])
     layers = np.array([site.table_layer for site in sites])
     router_bands = np.array([band_of(site, band_map) for site in sites])
+    counts = np.array([[len(families[f]) for f in FAMILIES] for families in family_index])
     return pd.DataFrame(
         {
             "prompt": np.tile(np.repeat(np.arange(n_prompts), n_families), n_routers),
@@ -224,6 +229,7 @@ def routing_mass(
             "layer": np.repeat(layers, n_prompts * n_families),
             "band": np.repeat(router_bands, n_prompts * n_families),
             "family": np.tile(np.array(FAMILIES), n_routers * n_prompts),
+            "n_sources": np.repeat(counts[:, None, :], n_prompts, axis=1).reshape(-1),
             "mass": per_router.reshape(-1),
         }
     )

@@ -457,7 +457,7 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
 
 # --- resuming: every finished model's tables are kept until the whole study is written ----
 # The format of a kept run (bump it when what a run's tables hold changes).
-_PARTIAL_FORMAT = 1
+_PARTIAL_FORMAT = 2  # 2: the mass table has n_sources (audit 51)
 
 
 def partial_dir(out_dir: Union[str, Path]) -> Path:
@@ -722,9 +722,11 @@ def _front(table: pd.DataFrame) -> pd.DataFrame:
 
 def mass_by_layer(mass: pd.DataFrame) -> pd.DataFrame:
     """The per-prompt mass table averaged over prompts: one row per ``condition, seed,
-    router, layer, band, family`` with ``mass`` (mean) and ``n_prompts`` (what ``mass.csv``
-    holds; the per-prompt table stays in memory, ``StudyResult.mass``)."""
-    keys = [c for c in ("condition", "seed", "router", "layer", "band", "family") if c in mass]
+    router, layer, band, family`` with ``n_sources`` (0: the family is absent at that
+    router), ``mass`` (mean) and ``n_prompts`` (what ``mass.csv`` holds; the per-prompt
+    table stays in memory, ``StudyResult.mass``)."""
+    columns = ("condition", "seed", "router", "layer", "band", "family", "n_sources")
+    keys = [c for c in columns if c in mass]
     return (
         mass.groupby(keys, sort=False)
         .mass.agg(["mean", "count"])
