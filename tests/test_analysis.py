@@ -199,9 +199,9 @@ def test_dissociation_report_on_a_handmade_table():
     mass, effects = _handmade_dissociation_tables()
     report = dissociation_report(mass, effects).iloc[0]
     assert report.mass_ranking == ["current", "embedding", "prev_completed", "older"]
-    assert report.effect_ranking == ["embedding", "older", "current", "prev_completed"]
-    assert report.top_mass == "current" and report.top_effect == "embedding"
-    assert not report.top_mass_is_top_effect
+    assert report.abs_effect_ranking == ["embedding", "older", "current", "prev_completed"]
+    assert report.top_mass == "current" and report.top_abs_effect == "embedding"
+    assert not report.top_mass_is_top_abs_effect
     assert report.appreciable_mass_no_effect == ["prev_completed"]
     assert report.spearman == pytest.approx(
         0.0, abs=1e-12
@@ -636,16 +636,16 @@ def test_dissociation_report_when_mass_and_effect_agree():
     attn, mlp = report.loc["attn_res"], report.loc["mlp_res"]
     # attn: "older" has neither mass nor masked routers, so it is left out of the ranking
     assert attn.mass_ranking == ["current", "prev_completed", "embedding"]
-    assert attn.effect_ranking == ["current", "prev_completed", "embedding"]
-    assert attn.top_mass_is_top_effect and attn.spearman == pytest.approx(1.0)
+    assert attn.abs_effect_ranking == ["current", "prev_completed", "embedding"]
+    assert attn.top_mass_is_top_abs_effect and attn.spearman == pytest.approx(1.0)
     assert attn.appreciable_mass_no_effect == ["embedding"]  # mass 0.1, interval [-0.2, 0.05]
     assert sum(v["mass"] for v in attn.shares.values()) == pytest.approx(1.0)
     assert sum(v["effect"] for v in attn.shares.values()) == pytest.approx(1.0)
     assert attn.shares["current"]["effect"] == pytest.approx(3.0 / 3.6)
     # mlp: embedding (mass 0.04 < 0.05) has no effect but is not "appreciable"
     assert mlp.mass_ranking == ["older", "current", "prev_completed", "embedding"]
-    assert mlp.effect_ranking == ["older", "prev_completed", "current", "embedding"]
-    assert mlp.top_mass_is_top_effect
+    assert mlp.abs_effect_ranking == ["older", "prev_completed", "current", "embedding"]
+    assert mlp.top_mass_is_top_abs_effect
     assert mlp.appreciable_mass_no_effect == ["current"]
     assert mlp.spearman == pytest.approx(0.8)  # ranks (1,4,2,3) vs (1,4,3,2): 1 - 6*2/60
 
@@ -922,7 +922,7 @@ def test_dissociation_report_refuses_effects_without_a_family():
     top of both" flipped to True (Spearman 0.0 -> 0.5)."""
     mass, effects = _handmade_dissociation_tables()  # current has the most mass
     report = dissociation_report(mass, effects).iloc[0]
-    assert report.top_mass == "current" and not report.top_mass_is_top_effect
+    assert report.top_mass == "current" and not report.top_mass_is_top_abs_effect
     with pytest.raises(
         ValueError,
         match=re.escape("effects lacks the (router, family) rows [('mlp_res', 'current')]"),

@@ -474,7 +474,7 @@ def test_dissociation_report_refuses_non_finite_numbers():
     top = dissociation_report(
         summary.drop(columns="band"), effects[effects.group == "all"].assign(n_masked_routers=1)
     )
-    assert top.set_index("router").loc["attn_res", "top_effect"] == "older"
+    assert top.set_index("router").loc["attn_res", "top_abs_effect"] == "older"
     for cell in ((nan, nan, nan), (-0.5, nan, nan)):
         summary, effects = tables({**older, ("attn_res", "all", "embedding"): cell})
         with pytest.raises(ValueError, match="'attn_res', family 'embedding': a non-finite"):
@@ -635,12 +635,12 @@ def test_dissociation_report_names_every_family_tied_for_the_top():
     ).set_index("router")
     attn = row.loc["attn_res"]
     assert set(attn.top_mass.split("|")) == {"embedding", "current"}
-    assert attn.top_effect == "embedding" and attn.top_mass_is_top_effect
+    assert attn.top_abs_effect == "embedding" and attn.top_mass_is_top_abs_effect
     d1 = motif_report(summary, table).set_index("claim").loc["D1-attn_res"]
     assert same_top_family(d1.top_mass, d1.top_effect)  # the pre-registered D1 agrees
     # mlp: every mass 0.25 and every effect 0: all four families tie for both tops
     mlp = row.loc["mlp_res"]
-    assert len(mlp.top_mass.split("|")) == 4 and mlp.top_mass_is_top_effect
+    assert len(mlp.top_mass.split("|")) == 4 and mlp.top_mass_is_top_abs_effect
 
 
 def fake_study(tmp_path, seeds_present, settings=None, changed=()):
@@ -1119,3 +1119,31 @@ def test_a_report_without_a_seed_column_does_not_name_a_seed_it_was_not_given():
     summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)}, seed=2)
     sentence = motif_verdicts(motif_report(summary, effects)).set_index("claim").sentence
     assert all(". seed 2: " in s for s in sentence)
+
+
+def test_the_two_top_effect_families_are_named_by_their_ranking():
+    """Audit 51: ``dissociation_report`` ranks by ``|effect|`` (a family whose ablation
+    helps can be on top), the pre-registered D1 by harm; both called it ``top_effect``. The
+    |effect| one is now ``top_abs_effect``; the pre-registered name keeps its meaning."""
+    from hooked_attnres.analysis import dissociation_report
+
+    # older's ablation helps most (+3), embedding's harms most (-1): the rankings differ
+    effects = {
+        ("attn_res", "all", "older"): (3.0, 2.5, 3.5),
+        ("attn_res", "all", "embedding"): (-1.0, -1.2, -0.8),
+    }
+    summary, table = tables(effects)
+    attn = (
+        dissociation_report(
+            summary.drop(columns="band"), table[table.group == "all"].assign(n_masked_routers=1)
+        )
+        .set_index("router")
+        .loc["attn_res"]
+    )
+    cells = table[(table.router == "attn_res") & (table.group == "all")]
+    cells = cells[cells.metric == "logit_diff"].set_index("family").effect
+    assert attn.top_abs_effect == cells.abs().idxmax() == "older"
+    assert attn.abs_effect_ranking[0] == "older"
+    assert "top_effect" not in attn.index and "effect_ranking" not in attn.index
+    d1 = motif_report(summary, table).set_index("claim").loc["D1-attn_res"]
+    assert d1.top_effect == (-cells).idxmax() == "embedding"  # the pre-registered harm ranking

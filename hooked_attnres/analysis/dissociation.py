@@ -43,12 +43,15 @@ def dissociation_report(
             finite number).
 
     Returns:
-        Columns: ``router``; ``mass_ranking`` / ``effect_ranking`` (families, largest first,
-        ties in name order; effect ranked by ``|effect|``); ``spearman`` (rank correlation
-        of mass and ``|effect|`` over the families present); ``top_mass``, ``top_effect``
-        (every family tied for the top, joined by ``|``), ``top_mass_is_top_effect`` (one
-        family is on top of both); ``shares`` (for every family, its mass and its share
-        of the total ``|effect|``, NaN when every effect is 0: there is no total to share;
+        Columns: ``router``; ``mass_ranking`` / ``abs_effect_ranking`` (families, largest
+        first, ties in name order; the effect ranked by ``|effect|``); ``spearman`` (rank
+        correlation of mass and ``|effect|`` over the families present); ``top_mass``,
+        ``top_abs_effect`` (every family tied for the top, joined by ``|``; the top of the
+        ``|effect|`` ranking, which may be a family whose ablation helps: the
+        pre-registered D1 of `motif_report` ranks by harm instead, its ``top_effect``),
+        ``top_mass_is_top_abs_effect`` (one family is on top of both); ``shares`` (for
+        every family, its mass and its share of the total ``|effect|``, NaN when every
+        effect is 0: there is no total to share;
         ``spearman`` is NaN too, as for any constant ranking);
         ``appreciable_mass_no_effect`` (families with mass >= ``appreciable_mass`` whose
         effect interval contains 0).
@@ -112,7 +115,7 @@ def dissociation_report(
                 "bootstrap interval needs at least 2 prompts, and the metric must be finite"
             )
         mass_ranking = [f for _, f in sorted(zip(-m, present, strict=True))]
-        effect_ranking = [f for _, f in sorted(zip(-e, present, strict=True))]
+        abs_effect_ranking = [f for _, f in sorted(zip(-e, present, strict=True))]
         # every family tied for the top (as D1's amendment 4): the name order of the
         # rankings must not decide whether one family is on top of both
         mass_tops = [f for f, mi in zip(present, m, strict=True) if mi == m.max()]
@@ -128,11 +131,11 @@ def dissociation_report(
             {
                 "router": router,
                 "mass_ranking": mass_ranking,
-                "effect_ranking": effect_ranking,
+                "abs_effect_ranking": abs_effect_ranking,
                 "spearman": _spearman(m, e),
                 "top_mass": "|".join(mass_tops),
-                "top_effect": "|".join(effect_tops),
-                "top_mass_is_top_effect": bool(set(mass_tops) & set(effect_tops)),
+                "top_abs_effect": "|".join(effect_tops),
+                "top_mass_is_top_abs_effect": bool(set(mass_tops) & set(effect_tops)),
                 "shares": {
                     f: {"mass": float(mi), "effect": float(ei / total_effect)}
                     for f, mi, ei in zip(present, m, e, strict=True)

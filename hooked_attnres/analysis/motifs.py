@@ -411,7 +411,8 @@ def _d2_effect(embedding: float, current: float, criteria: Criteria = PREREGISTE
 
 def same_top_family(top_mass: str, top_effect: str) -> bool:
     """Whether one family is on top of both the mass and the effect ranking of a D1 row
-    (``top_mass`` / ``top_effect`` name every family tied for the top, joined by ``|``)."""
+    (``top_mass`` / ``top_effect`` name every family tied for the top, joined by ``|``;
+    `motif_report`'s ``top_effect`` is the top of the harm ranking)."""
     return bool(set(top_mass.split("|")) & set(top_effect.split("|")))
 
 
@@ -441,7 +442,9 @@ def motif_report(
         One row per model and claim (`CLAIMS`): ``claim``, ``kind`` (motif /
         dissociation), ``present`` and the numbers it was decided from (effects with
         intervals, the clean logit difference, masses, the top-mass / top-effect
-        families, ...), plus the ``by`` columns.
+        families, ...), plus the ``by`` columns. A D1 / D3 row's ``top_effect`` is the
+        family with the largest harm (``-effect``), as pre-registered; it is not
+        `dissociation_report`'s ``top_abs_effect`` (largest ``|effect|``).
     """
     if by is None:
         by = [
