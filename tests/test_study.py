@@ -914,3 +914,31 @@ def test_the_bootstrap_seed_is_a_setting_recorded_with_the_run(tmp_path):
             assert (row.ci_low, row.ci_high) == pytest.approx((low, high), abs=1e-12)
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         run_study(tmp_path / "c", bootstrap_seed=-1, **kwargs)
+
+
+def test_the_shipped_report_records_the_settings_a_default_study_records():
+    """README: the main job's report.md equals docs/results/shipped_report.md but for the
+    time. The bootstrap seed became a recorded setting (audit 47), so a default run's
+    "Settings and versions" block had a ``"bootstrap_seed": 0`` line the shipped report
+    lacked. The block's keys (in order) and the study's settings are compared with what
+    `run_study`'s defaults record; versions, threads and time are the machine's."""
+    import inspect
+
+    from hooked_attnres.study.run import _RunSettings, _settings
+
+    text = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
+    block = text.split("## Settings and versions", 1)[1].split("```json\n", 1)[1]
+    shipped = json.loads(block.split("\n```", 1)[0])
+    default = {k: p.default for k, p in inspect.signature(run_study).parameters.items()}
+    settings = _RunSettings(
+        None,
+        default["n_prompts"],
+        default["n_bootstrap"],
+        default["robustness"],
+        default["bootstrap_seed"],
+    )
+    recorded = {**_settings(settings, find_runs(None, None, None)), "seconds": 0.0}
+    assert list(recorded) == list(shipped)
+    assert list(recorded["versions"]) == list(shipped["versions"])
+    for key in set(recorded) - {"versions", "threads", "seconds"}:
+        assert recorded[key] == shipped[key], key
