@@ -140,7 +140,11 @@ def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"n_bootstrap": 0}, "n_resamples must be an integer >= 1, got 0"),
+        # named as run_study's caller wrote them (they read "n_resamples must be ..." and
+        # "seed must be ...", which in run_study reads as the model seeds)
+        ({"n_bootstrap": 0}, "^n_bootstrap must be an integer >= 1, got 0"),
+        ({"bootstrap_seed": -1}, "^bootstrap_seed must be an integer >= 0, got -1"),
+        ({"bootstrap_seed": 0.5}, "^bootstrap_seed must be an integer >= 0, got 0.5"),
         ({"n_prompts": 0}, "n_prompts must be an integer >= 2 .*, got 0"),
         # one prompt: every bootstrap interval is NaN, and NaN compared False ("absent")
         ({"n_prompts": 1}, "n_prompts must be an integer >= 2 .*, got 1"),
@@ -912,7 +916,7 @@ def test_the_bootstrap_seed_is_a_setting_recorded_with_the_run(tmp_path):
             draws = np.random.default_rng(seed).integers(0, len(values), (40, len(values)))
             low, high = np.quantile(values[draws].mean(axis=1), [0.025, 0.975])
             assert (row.ci_low, row.ci_high) == pytest.approx((low, high), abs=1e-12)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="^bootstrap_seed must be an integer >= 0, got -1"):
         run_study(tmp_path / "c", bootstrap_seed=-1, **kwargs)
 
 

@@ -59,7 +59,6 @@ from hooked_attnres.analysis import (
     summarize_mass,
     verdict_changes,
 )
-from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import (
@@ -349,8 +348,10 @@ def run_study(
             f"n_prompts must be an integer >= 2 (the verdicts need bootstrap intervals over "
             f"prompts, and one prompt has none), got {n_prompts!r}"
         )
-    # before any model is loaded, not after the first
-    n_bootstrap, _, bootstrap_seed = check_bootstrap(n_bootstrap, 0.95, bootstrap_seed)
+    # before any model is loaded, not after the first; by the names of this call (the
+    # bootstrap's own "seed" would read as the model seeds)
+    n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
+    bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
     n_prompts = int(n_prompts)  # written to the settings (JSON)
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
