@@ -122,6 +122,30 @@ def test_one_condition_by_its_name_is_studied_and_a_bare_seed_is_refused(tmp_pat
             run_study(tmp_path / "x", conditions="attnres", seeds=seeds, progress=False)
 
 
+def test_seeds_that_are_not_a_list_are_refused_and_selections_are_read_once():
+    """Audit 47 refused ``seeds=3``, but ``seeds=True`` and ``seeds=2.0`` still raised
+    "TypeError: 'bool' object is not iterable", ``seeds="0"`` was told to pass
+    ``seeds=['0']`` (itself refused), and ``conditions=3`` raised a TypeError. Seeds or
+    conditions given as a generator were read twice (the duplicate check emptied it):
+    "the shipped checkpoints hold no hard_cumulative_L8_seed{n}/model; train it" for
+    checkpoints that exist."""
+    import numpy as np
+
+    name = "hard_cumulative_L8"
+    expected = [(name, 0), (name, 1)]
+    assert find_runs(None, name, (s for s in [0, 1])) == expected
+    assert find_runs(None, (c for c in [name]), np.array([0, 1])) == expected
+    assert find_runs(None, (c for c in [name]), None) == find_runs(None, [name], None)
+    for seeds in (True, 2.0, "0", b"0"):
+        with pytest.raises(ValueError, match=r"^seeds must be a list of model seeds, e\.g\. ") as e:
+            find_runs(None, name, seeds)
+        assert f"seeds=[{seeds!r}]" not in str(e.value)
+    with pytest.raises(ValueError, match=r"e\.g\. seeds=\[3\] for that one seed; got"):
+        find_runs(None, name, np.int64(3))
+    with pytest.raises(ValueError, match=r"^conditions must be a condition name or a list"):
+        find_runs(None, 3, None)
+
+
 def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
     """`available` read any digits after "_seed": a copy named attnres_seed00 beside
     attnres_seed0 listed seed 0 twice, so the study measured that model twice and was

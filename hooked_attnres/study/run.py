@@ -27,7 +27,7 @@ import pickle
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -605,19 +605,22 @@ def find_runs(
     must be a list (``seeds=3`` could mean seed 3 or three seeds: refused)."""
     if isinstance(conditions, str):  # one name: it was read as its letters ("repeats 'u'")
         conditions = [conditions]
-    if seeds is not None and (is_integer(seeds) or isinstance(seeds, str)):
+    if conditions is not None and not isinstance(conditions, Iterable):
         raise ValueError(
-            f"seeds must be a list of model seeds, e.g. seeds=[{seeds!r}] for that one seed; "
-            f"got {seeds!r}"
+            f"conditions must be a condition name or a list of them, got {conditions!r}"
         )
+    if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable)):
+        example = f"seeds=[{int(seeds)}] for that one seed" if is_integer(seeds) else "seeds=[0, 1]"
+        raise ValueError(f"seeds must be a list of model seeds, e.g. {example}; got {seeds!r}")
+    # (each selection is read once, into a list: a generator read twice was empty)
     if conditions is not None:
         # a condition or seed given twice would study one model twice: its rows would be
         # counted twice in every mean over seeds (the verdicts refuse them, after the work)
-        require_selection("conditions", conditions, why="no model would be studied")
+        conditions = require_selection("conditions", conditions, why="no model would be studied")
         for condition in conditions:
             get_condition(condition)
     if seeds is not None:
-        require_selection("seeds", seeds, why="no model would be studied")
+        seeds = require_selection("seeds", seeds, why="no model would be studied")
         seeds = [require_integer("seeds", seed, 0) for seed in seeds]  # Python ints (JSON)
     if checkpoints is not None and not Path(checkpoints).is_dir():
         if not Path(checkpoints).exists():
