@@ -26,7 +26,9 @@ Also: router hooks answer to their ``get_act_name`` aliases (`RouterSite.alias`,
 ``"blocks.3.hook_attn_res_weights"``), so TransformerLens's ``generic_activation_patch``
 can target them; and in routed layouts a hook that edits ``hook_resid_pre/mid/post``
 (what TransformerLens's ``get_act_patch_resid_*`` do) triggers one
-`RoutedResidualPatchWarning` per model, since those hooks hold only the current source.
+`RoutedResidualPatchWarning` per model, since those hooks hold only the current source
+(not the last layer's ``hook_resid_post`` in a layout without a final router, the
+cumulative one: ``ln_final`` reads that stream alone).
 """
 
 from __future__ import annotations
