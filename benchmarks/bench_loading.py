@@ -125,8 +125,9 @@ def main() -> None:
     parser.add_argument("--child", choices=list(KINDS))
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be 1 or more, got {args.repeats}")
+    for name in ("repeats", "threads"):  # (each child failed in torch.set_num_threads(0))
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
     shape = SHAPE if args.scale == "full" else {**SHAPE, **SMALL}
     directory = args.dir or str(CACHE if args.scale == "full" else CACHE.with_name("qwen3-small"))
     if args.child:

@@ -279,3 +279,23 @@ def test_bench_loading_refuses_a_checkpoint_of_another_shape(bench, tmp_path):
     module.write_checkpoint(tmp_path, TINY_QWEN3)  # the same shape: reused
     with pytest.raises(SystemExit, match=r"another shape .*'num_hidden_layers': \(8, 4\)"):
         module.write_checkpoint(tmp_path, {**TINY_QWEN3, "num_hidden_layers": 4})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # crashed in statistics.median after every load had run
+        (["--repeats", "0"], "--repeats must be 1 or more, got 0"),
+        # each child failed in torch.set_num_threads(0), its reason in captured stderr
+        (["--threads", "0"], "--threads must be 1 or more, got 0"),
+    ],
+)
+def test_bench_loading_refuses_counts_below_one(
+    bench, monkeypatch, tmp_path, capsys, argv, message
+):
+    module = bench("bench_loading", "--dir", str(tmp_path / "never"), *argv)
+    monkeypatch.setattr(module, "SHAPE", TINY_QWEN3)  # were it not refused: a tiny file
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # refused before the checkpoint is written
