@@ -276,7 +276,9 @@ def _criteria(result: StudyResult) -> list[str]:
 
 
 def verdict_sentences(result: StudyResult) -> list[str]:
-    """The report's verdicts, one sentence per line, generated from the numbers: per claim,
+    """The report's verdicts, one sentence per line, generated from the numbers (first, where
+    the intervals had fewer bootstrap resamples than their level needs, a line that says
+    so: `_resample_lines`): per claim,
     in the pre-registered words (replicated or majority in h of N Block AttnRes conditions
     with several seeds, minority, the single-seed conditions, the recency-wrapped vanilla
     baselines), then criterion 2 as first written, D1's top families, the robustness check
