@@ -152,3 +152,22 @@ def test_every_derived_hook_name_exists(layout):
     assert [model.router(site) for site in model.sites()] == [
         model.mod_dict[site.prefix] for site in model.sites()
     ]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_norm_at_each_sublayer_is_the_one_its_hooks_name(layout):
+    """`norm_at` (one rule for the cache's analyses, the interventions and attribution):
+    sublayer ``2 l`` is ``blocks.l.ln1``, ``2 l + 1`` ``blocks.l.ln2``, ``2 n_layers``
+    ``ln_final``; `norm_after` of each router is the norm of the sublayer it feeds.
+    Indices outside ``[0, 2 n_layers]`` are refused."""
+    model = tiny_model(attnres_layout=layout)
+    n_layers = model.cfg.n_layers
+    expected = [f"blocks.{i // 2}.ln{1 + i % 2}.hook_scale" for i in range(2 * n_layers)]
+    expected.append("ln_final.hook_scale")
+    assert [model.norm_at(i).hook_scale.name for i in range(2 * n_layers + 1)] == expected
+    for site in model.sites():
+        assert model.norm_after(site) is model.norm_at(site.sublayer)
+    with pytest.raises(ValueError, match=r"sublayer must be in \[0, 8\], got 9"):
+        model.norm_at(2 * n_layers + 1)
+    with pytest.raises(ValueError, match="sublayer must be an integer >= 0, got -1"):
+        model.norm_at(-1)

@@ -124,16 +124,6 @@ def is_single_stream(model: Any, point: int) -> bool:
     return model.routing_layout.reader(point) is None
 
 
-def _norm_at(model: Any, point: int) -> Any:
-    """The `RMSNorm` at read point ``point``: ``ln1`` / ``ln2`` of its layer, or
-    ``ln_final`` at ``2 * n_layers``."""
-    layer, is_mlp = divmod(point, 2)
-    if layer == model.cfg.n_layers:
-        return model.ln_final
-    block = model.blocks[layer]
-    return block.ln2 if is_mlp else block.ln1
-
-
 def _shown(value) -> str:
     """A ``pos_slice`` / ``batch_slice`` argument as a message shows it (a `Slice` by
     what it holds)."""
@@ -684,7 +674,7 @@ class AttnResActivationCache(ActivationCache):
         every position by the last one's; with as many prompts as positions, position
         ``p`` by prompt ``p``'s). A stack without a batch axis (``has_batch_dim=False``)
         on a cache of one prompt fits the RMS's batch axis of 1."""
-        name = _norm_at(self.model, point).hook_scale.name
+        name = self.model.norm_at(point).hook_scale.name
         if name not in self.cache_dict:
             return  # TransformerLens raises its KeyError naming the hook
         rows = as_slice(batch_slice)
@@ -743,9 +733,7 @@ class AttnResActivationCache(ActivationCache):
         )
         # a [pos] vector read along the positions with the length of the batch (without
         # ln_final's scale TransformerLens raises its KeyError naming the hook)
-        scale = self.cache_dict.get(
-            _norm_at(self.model, 2 * self.model.cfg.n_layers).hook_scale.name
-        )
+        scale = self.cache_dict.get(self.model.norm_at(2 * self.model.cfg.n_layers).hook_scale.name)
         batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
         along_positions = as_slice(pos_slice).mode != "int" and len(shape) == 1 and len(axes) > 0
         if fits and not (along_positions and shape[0] == batch > 1):
@@ -1232,7 +1220,7 @@ class AttnResActivationCache(ActivationCache):
     def _warn_unfolded(self, point: int, apply_ln: bool) -> None:
         if not apply_ln:
             return
-        gain = _norm_at(self.model, point).w
+        gain = self.model.norm_at(point).w
         if bool((gain == 1).all()) or getattr(self.model, "_unfolded_warned", False):
             return
         self.model._unfolded_warned = True

@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
-from hooked_attnres._validation import is_integer, require_token_ids
+from hooked_attnres._validation import is_integer, require_integer, require_token_ids
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
@@ -297,16 +297,23 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         assert isinstance(module, DepthRouter)
         return module
 
+    def norm_at(self, sublayer: int) -> RMSNorm:
+        """The `RMSNorm` that reads the input of ``sublayer`` (`RouterSite.sublayer`'s
+        numbering: ``2 * layer`` attention, ``2 * layer + 1`` MLP, ``2 * n_layers`` the
+        unembedding): ``ln1``, ``ln2`` or ``ln_final``."""
+        layer, is_mlp = divmod(require_integer("sublayer", sublayer, minimum=0), 2)
+        if layer == self.cfg.n_layers and not is_mlp:
+            return self.ln_final
+        if layer >= self.cfg.n_layers:
+            raise ValueError(f"sublayer must be in [0, {2 * self.cfg.n_layers}], got {sublayer}")
+        block = self.blocks[layer]
+        return block.ln2 if is_mlp else block.ln1
+
     def norm_after(self, site: Union[SiteLike, int, None], router: Optional[str] = None) -> RMSNorm:
         """The `RMSNorm` that reads a router's output (its only consumer): ``ln1`` after
         an ``attn_res`` router, ``ln2`` after ``mlp_res``, ``ln_final`` after the final
-        router."""
-        site = self.routing_layout.check(site, router)
-        if site.is_final:
-            return self.ln_final
-        assert site.layer is not None
-        block = self.blocks[site.layer]
-        return block.ln1 if site.kind == "attn_res" else block.ln2
+        router (`norm_at` of its sublayer)."""
+        return self.norm_at(self.routing_layout.check(site, router).sublayer)
 
     def router_hook_name(self, layer: Optional[int], router: str, hook: str) -> str:
         """E.g. ``(3, "attn_res", "weights") -> "blocks.3.attn_res.hook_weights"``
