@@ -233,9 +233,9 @@ def routing_heatmap(
     Raises:
         ValueError: a table without the columns of `routing_mass` (``n_sources`` included:
             without it an absent family's mass 0 reads as "present, no weight"), an empty
-            one, a NaN or infinite mass (the mean would skip it), several models, a
-            (router, layer, family) whose ``n_sources`` differs between rows, or a router
-            type it lacks.
+            one, a NaN or infinite mass (the mean would skip it) or ``n_sources``, several
+            models, a (router, layer, family) whose ``n_sources`` differs between rows, or
+            a router type it lacks.
     """
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
@@ -249,10 +249,21 @@ def routing_heatmap(
         raise ValueError(
             "mass lacks the column 'n_sources' (how many sources of each family a router "
             "reads): without it a family the router does not read (mass 0) cannot be told "
-            "from one that gets no weight, and would be drawn as 0.00; pass routing_mass "
-            "output (or the study's mass.csv)"
+            "from one that gets no weight, and would be drawn as 0.00. Pass routing_mass "
+            "output or a study's mass.csv of this version (one written before n_sources "
+            "existed lacks it: run it again), or add the column to your table: "
+            "len(model.routing_layout.families(site)[family]) for the site of each row's "
+            "router and layer"
         )
     _require_table(mass, ("router", "layer", "family", "n_sources", "mass"), "mass")
+    keys = ("condition", "seed", "router", "layer", "family")
+    found = non_finite_in_column(mass, "n_sources", keys)
+    if found is not None:  # a NaN count would leave the cell blank, as an absent family
+        raise ValueError(
+            f"mass holds {found[0]} non-finite 'n_sources' value(s) (first: {found[1]} at "
+            f"{found[2]}): the cell would be drawn blank, as a family the router does not "
+            "read; recompute the table with routing_mass"
+        )
     require_finite_mass(mass, "the routing heatmap")  # a NaN would drop out of the mean
     if routers is None:
         routers = [r for r in ("attn_res", "mlp_res") if r in set(mass.router)]

@@ -322,3 +322,29 @@ def test_routing_heatmap_leaves_absent_families_blank_in_every_layout():
     mixed.loc[mixed.index[0], "n_sources"] += 1
     with pytest.raises(ValueError, match="disagree on n_sources"):
         plotting.routing_heatmap(mixed)
+
+
+def test_routing_heatmap_tells_how_to_get_n_sources_and_refuses_a_nan_count():
+    """Audit 52: a mass.csv written before n_sources existed was told to "pass routing_mass
+    output (or the study's mass.csv)", which is what it was, without a way to add the
+    column; and a NaN n_sources (a user's table, or an older table concatenated with a
+    newer one) was refused as rows that "disagree on n_sources (nan vs nan)"."""
+    model = _layout_models()["kimi"]
+    tokens = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(3))
+    mass = mass_by_layer(routing_mass(model, tokens, positions="all"))
+    with pytest.raises(ValueError, match=r"written before n_sources existed.*run it again") as e:
+        plotting.routing_heatmap(mass.drop(columns="n_sources"))
+    assert "model.routing_layout.families(" in str(e.value)  # how to add the column
+    # the recipe the message gives rebuilds the column routing_mass wrote
+    site = {(s.kind, s.table_layer): s for s in model.routing_layout.sites()}
+    rebuilt = [
+        len(model.routing_layout.families(site[(r.router, r.layer)])[r.family])
+        for r in mass.itertuples()
+    ]
+    assert rebuilt == mass.n_sources.tolist()
+    # a NaN count: the embedding, read at every router, would be drawn blank
+    cell = (mass.router == "attn_res") & (mass.layer == 0) & (mass.family == "embedding")
+    assert (mass[cell].n_sources > 0).all()
+    broken = mass.assign(n_sources=mass.n_sources.where(~cell))
+    with pytest.raises(ValueError, match=r"n_sources.*non-finite|non-finite.*n_sources"):
+        plotting.routing_heatmap(broken)
