@@ -144,6 +144,11 @@ def test_seeds_that_are_not_a_list_are_refused_and_selections_are_read_once():
         find_runs(None, name, np.int64(3))
     with pytest.raises(ValueError, match=r"^conditions must be a condition name or a list"):
         find_runs(None, 3, None)
+    # audit 52: a 0-d array or tensor claims to be iterable and raised "TypeError: iteration
+    # over a 0-d array" (seed 3, or three seeds?)
+    for seeds in (np.array(3), torch.tensor(3)):
+        with pytest.raises(ValueError, match=r"^seeds must be a list of model seeds, e\.g\. "):
+            find_runs(None, name, seeds)
 
 
 def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
