@@ -15,7 +15,7 @@ no stand-in for an int; pass ``int(t)``). "A number" is the same with floats: a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional, TypeGuard
 
 import numpy as np
@@ -143,18 +143,32 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     return out
 
 
-def one_or_list(value: Any) -> list[Any]:
+def one_or_list(name: str, value: Any) -> list[Any]:
     """``[value]`` for one name or index (a string, an integer as `is_integer` says, or a
-    ``bool``, kept so that the caller refuses it by name), else ``list(value)``: the
-    selections that take one item or a list (sources, labels, families)."""
+    ``bool``, kept so that the caller refuses it by name), else `as_items` (``value``
+    read once as a list; a non-iterable such as ``2.5`` refused by ``name``): the
+    selections that take one item or a list (sources, labels, families, routers)."""
     if isinstance(value, (str, bool)) or is_integer(value):
         return [value]
+    return as_items(name, value)
+
+
+def as_items(name: str, value: Any) -> list[Any]:
+    """``value`` as a list, read once (a generator, an iterator, a range, a tuple or a
+    NumPy array are lists of their items), or ``ValueError("{name} must be a list ...,
+    got {value!r}")`` for a value that is no iterable (``list(0)`` said "'int' object is
+    not iterable", naming no argument). Take this list and use it from then on: a
+    generator read a second time is empty."""
+    if not isinstance(value, Iterable):
+        raise ValueError(
+            f"{name} must be a list (or a tuple, range, array or generator) of items, got {value!r}"
+        )
     return list(value)
 
 
 def require_selection(
     name: str,
-    items: Sequence[Any],
+    items: Iterable[Any],
     labels: Optional[Sequence[Any]] = None,
     why: str = "the sweep would have no cell",
 ) -> list[Any]:
@@ -163,8 +177,9 @@ def require_selection(
     ``None``); otherwise ``ValueError("{name} is empty: {why}; give at least one")`` or
     ``ValueError("{name} repeats ...")``: a repeated entry would give the same rows (or
     hooks) twice, silently. The one check of every list a sweep or intervention takes
-    (families, routers, metrics, methods)."""
-    items = list(items)
+    (families, routers, metrics, methods). ``items`` may be any iterable (`as_items`: it
+    is read once; use the returned list), anything else is refused by ``name``."""
+    items = as_items(name, items)
     if not items:
         raise ValueError(f"{name} is empty: {why}; give at least one")
     keys = list(items if labels is None else labels)

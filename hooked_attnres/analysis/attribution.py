@@ -105,8 +105,9 @@ NOT_DIFFERENTIABLE = {
 
 
 def _check_methods(method: Union[str, Sequence[str]]) -> list[str]:
-    methods = [method] if isinstance(method, str) else list(method)
-    require_selection("method", methods, why=f"name one of {METHODS}")
+    methods = require_selection(
+        "method", [method] if isinstance(method, str) else method, why=f"name one of {METHODS}"
+    )
     if any(m not in METHODS for m in methods):
         raise ValueError(f"method must be one of {METHODS} (or a list of them), got {method!r}")
     return methods
@@ -552,9 +553,9 @@ def attribute_routing(
     metrics = check_metrics(metrics)
     _check_differentiable(metrics)
     methods = _check_methods(method)
-    check_routers(model, routers)
+    routers = check_routers(model, routers)  # read once: a generator is empty after
     check_count("chunk", chunk)
-    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed)
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)
     need_norm = "norm" in methods
     sites = sorted(

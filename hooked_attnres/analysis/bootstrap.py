@@ -36,13 +36,18 @@ def bootstrap_ci(
     return float(mean[0]), float(low[0]), float(high[0])
 
 
-def check_bootstrap(n_resamples: Any, confidence: Any, seed: Any) -> tuple[int, float, int]:
+def check_bootstrap(
+    n_resamples: Any, confidence: Any, seed: Any, resamples_name: str = "n_resamples"
+) -> tuple[int, float, int]:
     """The bootstrap's arguments, checked (analyses call it before their forward passes),
-    as Python numbers (NumPy scalars are accepted: `hooked_attnres._validation`)."""
+    as Python numbers (NumPy scalars are accepted: `hooked_attnres._validation`). The
+    count is refused under ``resamples_name``, the name the caller's caller wrote (the
+    analyses take it as ``n_bootstrap``; "n_resamples must be ..." named an argument
+    they do not have)."""
     if not is_finite_number(confidence) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     return (
-        require_integer("n_resamples", n_resamples, 1),
+        require_integer(resamples_name, n_resamples, 1),
         require_finite_number("confidence", confidence),
         require_integer("seed", seed, 0),
     )

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import one_or_list, require_selection
+from hooked_attnres._validation import as_items, one_or_list, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
@@ -64,7 +64,9 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     """Metrics as a list (a single one may be given bare): names from `METRICS` or
     callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names,
     an empty list or a name given twice (`require_selection`)."""
-    metrics = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
+    metrics = (
+        [metrics] if isinstance(metrics, str) or callable(metrics) else as_items("metrics", metrics)
+    )
     require_selection(
         "metrics",
         metrics,
@@ -242,7 +244,7 @@ def plan_ablations(
             unknown family, router or group.
     """
     routers = check_routers(model, routers)
-    families = one_or_list(families)
+    families = one_or_list("families", families)
     require_selection("families", families)
     if bands is not None and not bands:
         raise ValueError("bands={} names no band; give at least one name -> layers, or None")
@@ -465,7 +467,7 @@ def ablation_effects(
     """
     metrics = check_metrics(metrics)
     # before the sweep, not after it
-    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed)
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)
     clean, ablated = run_ablations(
         model, batch, plan, metrics, fast=fast, chunk=chunk, progress=progress
@@ -496,6 +498,7 @@ def effect_rows(
     """The rows of `ablation_effects` from `run_ablations`'s ``(clean, ablated)``: one per
     metric x planned ablation, in that order. A row depends only on its own ablation (the
     bootstrap draws the same prompts for every row), so a sub-plan gives the same rows."""
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     rows = []
     for metric in metrics:
         differences = ablated[metric] - clean[metric][None, :]

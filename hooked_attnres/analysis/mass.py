@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooked_attnres._precision import sum_where
 from hooked_attnres._validation import non_finite_in_column, require_selection
-from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows
+from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
@@ -257,8 +257,12 @@ def summarize_mass(
             column twice, an empty table, or a group without rows for some prompt that
             other groups have (a filtered table).
     """
-    by = [by] if isinstance(by, str) else list(by)
-    require_selection("by", by, why="no columns to group by, e.g. ('router', 'family')")
+    n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
+    by = require_selection(
+        "by",
+        [by] if isinstance(by, str) else by,
+        why="no columns to group by, e.g. ('router', 'family')",
+    )
     unknown = [c for c in by if c not in mass.columns or c in ("mass", "prompt")]
     if unknown:
         raise ValueError(

@@ -716,7 +716,7 @@ def patch_committed(
         positions: only patch at these positions (default: all).
     """
     check_positions(positions)
-    labels = one_or_list(labels)  # an index or a bool is refused by name below
+    labels = one_or_list("labels", labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
     layout = model.routing_layout

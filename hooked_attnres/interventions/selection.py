@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from hooked_attnres._tl import get_act_name
-from hooked_attnres._validation import is_integer, one_or_list, require_selection
+from hooked_attnres._validation import (
+    is_integer,
+    one_or_list,
+    require_integer,
+    require_selection,
+)
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
 if TYPE_CHECKING:
@@ -35,6 +40,7 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
     ``late`` the rest (8 layers: 0-2, 3-5, 6-7). Custom bands: ``{"name": range or
     (start, stop) or list}``; they must be non-empty and inside ``[0, n_layers)``.
     """
+    n_layers = require_integer("n_layers", n_layers, 1)
     if bands is None:
         cuts = [0, math.ceil(n_layers / 3), math.ceil(2 * n_layers / 3), n_layers]
         out = {name: list(range(cuts[i], cuts[i + 1])) for i, name in enumerate(BAND_NAMES)}
@@ -134,12 +140,13 @@ def check_routers(
     ``"final_res"`` on a layout without a final router."""
     layout = model.routing_layout
     layout.require_routers()
-    kinds = (
-        SUBLAYER_ROUTERS
-        if routers is None
-        else ((routers,) if isinstance(routers, str) else tuple(routers))
+    kinds = tuple(
+        require_selection(
+            "routers",
+            SUBLAYER_ROUTERS if routers is None else one_or_list("routers", routers),
+            why="it selects no router",
+        )
     )
-    require_selection("routers", kinds, why="it selects no router")
     layout.sites(kinds)  # raises for unknown kinds and a missing final router
     return kinds
 
@@ -186,20 +193,17 @@ def resolve_routers(
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
-def check_positions(positions) -> None:
-    """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
-    positions (an int, a flat list or a 0-d / 1-d tensor), not empty. Every prompt is
-    edited at the same positions, so a nested list or a 2-d tensor (per-prompt positions,
-    which would be flattened and applied to every prompt) is refused. Their range is
-    checked when the hook runs (the sequence length is known only then)."""
-    if positions is None:
-        return
+def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
+    """``positions`` as a tensor if they are integers (an int, a list, a range, a NumPy
+    array or a tensor; an empty one passes), else ``ValueError`` naming ``positions`` and
+    what to pass: a bool (``True`` indexed as a mask), floats, strings, or a generator (no
+    tensor reads one; "Could not infer dtype of generator" named no argument)."""
     try:
         index = torch.as_tensor(positions)
     except (TypeError, ValueError, RuntimeError):
         index = None
     if index is not None and index.numel() == 0:
-        raise ValueError("positions is empty: give at least one position, or None for all")
+        return index.long()  # torch reads [] as float
     if (
         index is None
         or isinstance(positions, bool)
@@ -208,9 +212,23 @@ def check_positions(positions) -> None:
         or index.is_complex()
     ):
         raise ValueError(
-            f"positions {positions!r} must be integers in [-pos, pos) of the run (an int, a "
-            "list or a tensor), or None for all positions"
+            f"positions {positions!r} must be integers in {bounds} (an int, a list or a "
+            f"tensor; list(...) a generator){alternative}"
         )
+    return index
+
+
+def check_positions(positions) -> None:
+    """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
+    positions (an int, a flat list or a 0-d / 1-d tensor), not empty. Every prompt is
+    edited at the same positions, so a nested list or a 2-d tensor (per-prompt positions,
+    which would be flattened and applied to every prompt) is refused. Their range is
+    checked when the hook runs (the sequence length is known only then)."""
+    if positions is None:
+        return
+    index = _integer_positions(positions, "[-pos, pos) of the run", ", or None for all positions")
+    if index.numel() == 0:
+        raise ValueError("positions is empty: give at least one position, or None for all")
     if index.ndim > 1:
         raise ValueError(
             f"positions must be one position or a flat list of positions (every prompt is "
@@ -224,10 +242,11 @@ def position_index(positions, n_pos: int, device=None) -> Tensor:
     """``positions`` (an int, a list or a tensor) as a flat long index tensor ``[n]``
     (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
     ``n_pos`` tokens."""
-    index = torch.as_tensor(positions, device=device).reshape(-1)
+    bounds = f"[-{n_pos}, {n_pos})"
+    index = _integer_positions(positions, bounds).to(device).reshape(-1)
     if index.numel() == 0:
-        return index.long()  # torch reads [] as float
-    if index.is_floating_point() or ((index < -n_pos) | (index >= n_pos)).any():
+        return index
+    if ((index < -n_pos) | (index >= n_pos)).any():
         raise ValueError(
             f"positions {positions!r} must be integers in [-{n_pos}, {n_pos}) "
             f"(this run has {n_pos} tokens)"
@@ -239,7 +258,7 @@ def _as_list(sources: SourceSpec) -> list:
     _refuse_tensor("sources", sources)
     if not isinstance(sources, (str, bool, Iterable)) and not is_integer(sources):
         raise ValueError(f"sources must be a family, a label, an index or a list, got {sources!r}")
-    out = one_or_list(sources)
+    out = one_or_list("sources", sources)
     if not out:
         raise ValueError("sources is empty; name at least one family, label or index")
     return out
@@ -319,7 +338,9 @@ def iter_selected(
     layers: LayerSpec = None,
     bands: Optional[dict] = None,
 ) -> Iterable[tuple[RouterSite, list[int]]]:
-    """``(site, source_indices)`` for every selected router with a non-empty selection."""
+    """``(site, source_indices)`` for every selected router with a non-empty selection.
+    ``sources`` is read once (a generator of them was empty from the second router on)."""
+    sources = _as_list(sources)
     for site in select_sites(model, routers, layers, bands):
         indices = source_indices(model, site, sources)
         if indices:

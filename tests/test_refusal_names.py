@@ -1,0 +1,117 @@
+"""Refusals name the argument the caller wrote, and a selection is read once (audit 54).
+
+Two kinds of defect: an inner helper validated under its own parameter name
+(``summarize_mass(n_bootstrap=0)`` said "n_resamples must be ..."), and a selection given
+as a generator was consumed by a first pass, so the real pass saw it empty
+(``attribute_routing(routers=<generator>)`` said "routers is empty").
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_routing, tiny_model
+from test_attribution import random_batch
+
+from hooked_attnres.analysis import (
+    ablation_effects,
+    attribute_routing,
+    effect_rows,
+    plan_ablations,
+    routing_mass,
+    run_ablations,
+    summarize_mass,
+)
+from hooked_attnres.interventions import depth_bands, mask_sources, patch_sources, position_index
+from hooked_attnres.study import study_condition
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_routing(tiny_model(attnres_layout="cumulative")).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_batch(n=4)
+
+
+def _bootstrap_callers(model, batch):
+    plan = plan_ablations(model, families=["embedding"], routers=["attn_res"], groups="all")
+    clean, ablated = run_ablations(model, batch, plan, progress=False)
+    mass = routing_mass(model, batch)
+    return {
+        "summarize_mass": lambda **kw: summarize_mass(mass, **kw),
+        "ablation_effects": lambda **kw: ablation_effects(model, batch, progress=False, **kw),
+        "attribute_routing": lambda **kw: attribute_routing(model, batch, progress=False, **kw),
+        "effect_rows": lambda **kw: effect_rows(plan, clean, ablated, ["logit_diff"], **kw),
+        "study_condition": lambda **kw: study_condition(model, batch, progress=False, **kw),
+    }
+
+
+@pytest.mark.parametrize(
+    "caller",
+    ["summarize_mass", "ablation_effects", "attribute_routing", "effect_rows", "study_condition"],
+)
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, np.int64(0)])
+def test_n_bootstrap_is_refused_by_its_own_name(model, batch, caller, bad):
+    # they said "n_resamples must be an integer >= 1", an argument none of them takes
+    with pytest.raises(
+        ValueError, match=f"^n_bootstrap must be an integer >= 1, got {re.escape(repr(bad))}$"
+    ):
+        _bootstrap_callers(model, batch)[caller](n_bootstrap=bad)
+
+
+def test_a_generator_of_routers_is_read_once(model, batch):
+    # check_routers consumed it and plan_ablations saw none: "routers is empty"
+    kwargs = dict(n_bootstrap=10, progress=False)
+    want = attribute_routing(model, batch, routers=["attn_res"], **kwargs).table
+    got = attribute_routing(model, batch, routers=(r for r in ["attn_res"]), **kwargs).table
+    assert len(want) > 0 and want.equals(got)
+
+
+@pytest.mark.parametrize("intervene", [mask_sources, patch_sources])
+def test_a_generator_of_sources_is_read_once(model, batch, intervene):
+    # the first router's selection consumed it; the others said "sources is empty"
+    # (mask_sources, patch_sources) before any hook was built
+    want = intervene(model, ["embedding", "block_1"])
+    got = intervene(model, iter(["embedding", "block_1"]))
+    assert len(want) > 1 and [name for name, _ in got] == [name for name, _ in want]
+    with torch.no_grad():
+        expected = model.run_with_hooks(batch.tokens, fwd_hooks=want)
+        actual = model.run_with_hooks(batch.tokens, fwd_hooks=got)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # these said "TypeError: 'int' object is not iterable" (or 'float', 'bool'), naming
+        # no argument
+        (lambda m, b: summarize_mass(routing_mass(m, b), by=0), r"^by must be a list .*got 0"),
+        (lambda m, b: ablation_effects(m, b, metrics=0), r"^metrics must be a list .*got 0"),
+        (lambda m, b: attribute_routing(m, b, method=1), r"^method must be a list .*got 1"),
+        (lambda m, b: plan_ablations(m, routers=2.5), r"^routers must be a list .*got 2.5"),
+        (lambda m, b: plan_ablations(m, families=2.5), r"^families must be a list .*got 2.5"),
+        # these said "Could not infer dtype of generator" (RuntimeError) and, for True,
+        # "IndexError: The shape of the mask [1] at index 0 does not match ..."
+        (
+            lambda m, b: routing_mass(m, b.tokens, positions=(p for p in [1, 2])),
+            r"^positions <generator .* must be integers in \[-7, 7\) .*list\(\.\.\.\) a generator",
+        ),
+        (
+            lambda m, b: routing_mass(m, b.tokens, positions=True),
+            r"^positions True must be integers in \[-7, 7\)",
+        ),
+        (lambda m, b: position_index(True, 5), r"^positions True must be integers in \[-5, 5\)"),
+        # depth_bands(0) gave {} and depth_bands(True) one band of layer 0
+        (lambda m, b: depth_bands(0), r"^n_layers must be an integer >= 1, got 0"),
+        (lambda m, b: depth_bands(True), r"^n_layers must be an integer >= 1, got True"),
+    ],
+)
+def test_bad_selections_are_refused_by_name(model, batch, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model, batch)
