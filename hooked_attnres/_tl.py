@@ -15,10 +15,23 @@ from transformer_lens.model_bridge.composition_scores import CompositionScores
 from transformer_lens.utilities import Slice, composition_scores, get_act_name, remove_batch_dim
 
 
-def as_slice(value) -> Slice:
+def as_slice(value, name: str) -> Slice:
     """``value`` as a TransformerLens ``Slice`` (a ``Slice`` as is: ``Slice(Slice(...))``
-    raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes."""
-    return value if isinstance(value, Slice) else Slice(value)
+    raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes;
+    anything else (a float, a string, a generator, or a ``bool``: ``Slice(True)`` is
+    index 1) is refused as ``ValueError`` naming ``name``, the caller's argument
+    (TransformerLens said "Invalid input_slice 2.5")."""
+    if isinstance(value, Slice):
+        return value
+    if not isinstance(value, bool):
+        try:
+            return Slice(value)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"{name} must be None, an int, a (start, stop[, step]) tuple, a list, array or tensor "
+        f"of indices, or a Slice, got {value!r}"
+    )
 
 
 __all__ = [

@@ -21,12 +21,13 @@ from hooked_attnres.analysis import (
     attribute_routing,
     effect_rows,
     plan_ablations,
+    routing_lens,
     routing_mass,
     run_ablations,
     summarize_mass,
 )
 from hooked_attnres.interventions import depth_bands, mask_sources, patch_sources, position_index
-from hooked_attnres.study import study_condition
+from hooked_attnres.study import checkpoint_dir, run_dir, seeds_found, study_condition
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,33 @@ def test_a_generator_of_sources_is_read_once(model, batch, intervene):
 def test_bad_selections_are_refused_by_name(model, batch, call, message):
     with pytest.raises(ValueError, match=message):
         call(model, batch)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
+def test_a_run_directory_seed_is_an_integer(tmp_path, bad):
+    # run_dir named "attnres_seedTrue" / "_seed2.5", and checkpoint_dir said "no shipped
+    # checkpoint for attnres seed True" (for "3": "seed 3", a checkpoint that exists)
+    match = f"^seed must be an integer >= 0, got {re.escape(repr(bad))}$"
+    with pytest.raises(ValueError, match=match):
+        run_dir(tmp_path, "attnres", bad)
+    with pytest.raises(ValueError, match=match):
+        checkpoint_dir("attnres", bad)
+
+
+def test_seeds_found_reads_conditions_once(tmp_path):
+    for name in ("attnres_seed0", "attnres_seed1"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text("{}")
+    assert seeds_found(tmp_path, (c for c in ["attnres"])) == [0, 1]
+    # the message listed the generator's second read: "... for all of []"
+    with pytest.raises(FileNotFoundError, match=r"for all of \['hard_vanilla_L8'\]"):
+        seeds_found(tmp_path, (c for c in ["hard_vanilla_L8"]))
+    with pytest.raises(ValueError, match="^conditions must be a list .*got 0"):
+        seeds_found(tmp_path, 0)  # was "'int' object is not iterable"
+
+
+@pytest.mark.parametrize("bad", [2.5, "3", True, (p for p in [1])])
+def test_routing_lens_positions_are_refused_by_name(model, batch, bad):
+    # TransformerLens' Slice said "Invalid input_slice 2.5"; True was read as position 1
+    with pytest.raises(ValueError, match=r"^positions must be None, an int, .* got "):
+        routing_lens(model, batch.tokens, positions=bad)

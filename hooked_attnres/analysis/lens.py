@@ -139,7 +139,7 @@ def routing_lens(
         _, cache = model.run_with_cache(
             input, names_filter=lens_hook_names(model, incl_mid), attention_mask=attention_mask
         )
-    pos_slice = as_slice(positions)
+    pos_slice = as_slice(positions, "positions")
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True
     )

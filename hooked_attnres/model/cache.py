@@ -398,7 +398,7 @@ class AttnResActivationCache(ActivationCache):
         sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
         rows = None
         if self.has_batch_dim:
-            rows = as_slice(batch_slice)
+            rows = as_slice(batch_slice, "batch_slice")
         items = _recorded(sliced.cache_dict, self, rows=rows)
         return AttnResActivationCache(
             items, self.model, sliced.has_batch_dim, other_hooks_attached=self.other_hooks_attached
@@ -649,12 +649,14 @@ class AttnResActivationCache(ActivationCache):
         if real is None:
             return None
         if self.has_batch_dim:
-            real = as_slice(batch_slice).apply(real, dim=0)  # an int drops the batch axis
+            real = as_slice(batch_slice, "batch_slice").apply(
+                real, dim=0
+            )  # an int drops the batch axis
             if not has_batch_dim and real.ndim == 2:  # the stack has no batch axis
                 if real.shape[0] != 1:
                     return None
                 real = real[0]
-        real = as_slice(pos_slice).apply(real, dim=-1)
+        real = as_slice(pos_slice, "pos_slice").apply(real, dim=-1)
         return real if tuple(stack.shape[1:-1]) == tuple(real.shape) else None
 
     def _require_stack_fits(
@@ -677,8 +679,8 @@ class AttnResActivationCache(ActivationCache):
         name = self.model.norm_at(point).hook_scale.name
         if name not in self.cache_dict:
             return  # TransformerLens raises its KeyError naming the hook
-        rows = as_slice(batch_slice)
-        scale = as_slice(pos_slice).apply(self.cache_dict[name], dim=-2)
+        rows = as_slice(batch_slice, "batch_slice")
+        scale = as_slice(pos_slice, "pos_slice").apply(self.cache_dict[name], dim=-2)
         if self.has_batch_dim:
             scale = rows.apply(scale)
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
@@ -716,7 +718,7 @@ class AttnResActivationCache(ActivationCache):
         for every row (TransformerLens's documented form), are refused where they have
         the length of the cache's batch and the stack does not hold its rows: they may be
         the batch's answers."""
-        rows = as_slice(batch_slice)
+        rows = as_slice(batch_slice, "batch_slice")
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         axes = tuple(stack.shape[1:-1])
         shape = () if isinstance(tokens, (str, int)) else tuple(torch.as_tensor(tokens).shape)
@@ -735,7 +737,9 @@ class AttnResActivationCache(ActivationCache):
         # ln_final's scale TransformerLens raises its KeyError naming the hook)
         scale = self.cache_dict.get(self.model.norm_at(2 * self.model.cfg.n_layers).hook_scale.name)
         batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
-        along_positions = as_slice(pos_slice).mode != "int" and len(shape) == 1 and len(axes) > 0
+        along_positions = (
+            as_slice(pos_slice, "pos_slice").mode != "int" and len(shape) == 1 and len(axes) > 0
+        )
         if fits and not (along_positions and shape[0] == batch > 1):
             return
         why = (
@@ -838,7 +842,7 @@ class AttnResActivationCache(ActivationCache):
             point % 2 == 1 and mode != "mlp"
         )
         if not incl_embeds and n_outputs == 0:  # TransformerLens's torch.stack([]) raises
-            like = as_slice(pos_slice).apply(self.norm_input(point), dim=-2)
+            like = as_slice(pos_slice, "pos_slice").apply(self.norm_input(point), dim=-2)
             dtype = analysis_dtype(self.model) or like.dtype
             empty = like.new_zeros((0, *like.shape), dtype=dtype)
             return (empty, []) if return_labels else empty
@@ -977,7 +981,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("apply_ln_to_stack")
         point = _point(self.model, layer, mlp_input)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
-            batch_slice = as_slice(batch_slice)
+            batch_slice = as_slice(batch_slice, "batch_slice")
             if has_batch_dim:  # as TransformerLens: the stack is cut to the batch slice
                 residual_stack = batch_slice.apply(residual_stack, dim=1)
             # the run's padding: with eps 0 an all-zero padding row (a padding query's zero
@@ -1100,7 +1104,7 @@ class AttnResActivationCache(ActivationCache):
     ) -> tuple[Float[Tensor, "n_entries *batch_and_pos d_model"], list[str]]:
         """`accumulated_resid`'s entries with a final router, before any ``apply_ln``."""
         n_layers = self.model.cfg.n_layers
-        pos_slice = as_slice(pos_slice)
+        pos_slice = as_slice(pos_slice, "pos_slice")
         entries, labels = [], []
         for entry in range(layer + 1):
             if entry == n_layers:

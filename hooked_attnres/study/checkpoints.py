@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
+from hooked_attnres._validation import as_items, require_integer
 from hooked_attnres.study.conditions import CONDITIONS, get_condition
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
@@ -23,8 +24,10 @@ SEED_DIGITS = "0|[1-9][0-9]*"  # how `run_dir` writes a seed, as a regular expre
 
 
 def run_dir(root: PathLike, condition: str, seed: int) -> Path:
-    """``{root}/{condition}_seed{seed}``: what training one condition and seed writes."""
-    return Path(root) / f"{condition}_seed{seed}"
+    """``{root}/{condition}_seed{seed}``: what training one condition and seed writes.
+    ``seed`` is an integer >= 0 (`require_integer`; ``seed=True`` named ``..._seedTrue``,
+    ``2.5`` ``..._seed2.5``, and `checkpoint_dir` said "no shipped checkpoint" for them)."""
+    return Path(root) / f"{condition}_seed{require_integer('seed', seed, 0)}"
 
 
 def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:
@@ -57,8 +60,8 @@ def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] 
 def seeds_found(checkpoints: Optional[PathLike], conditions: Sequence[str]) -> list[int]:
     """The model seeds that have a checkpoint for every one of ``conditions`` (a list of
     names, or one name)."""
-    if isinstance(conditions, str):  # one name, not its letters
-        conditions = [conditions]
+    # one name, not its letters; a list read once (a generator was empty in the message)
+    conditions = [conditions] if isinstance(conditions, str) else as_items("conditions", conditions)
     found = available(checkpoints)
     common = set.intersection(*(set(found.get(c, [])) for c in conditions)) if conditions else set()
     if not common:
