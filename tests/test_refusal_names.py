@@ -25,8 +25,16 @@ from hooked_attnres.analysis import (
     routing_mass,
     run_ablations,
     summarize_mass,
+    verdict_word,
 )
-from hooked_attnres.interventions import depth_bands, mask_sources, patch_sources, position_index
+from hooked_attnres.interventions import (
+    batched_mask_hooks,
+    depth_bands,
+    mask_sources,
+    patch_sources,
+    position_index,
+)
+from hooked_attnres.interventions.routing import Ablation
 from hooked_attnres.study import checkpoint_dir, run_dir, seeds_found, study_condition
 
 
@@ -146,3 +154,21 @@ def test_routing_lens_positions_are_refused_by_name(model, batch, bad):
     # TransformerLens' Slice said "Invalid input_slice 2.5"; True was read as position 1
     with pytest.raises(ValueError, match=r"^positions must be None, an int, .* got "):
         routing_lens(model, batch.tokens, positions=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_batched_mask_hooks_rows_per_copy_is_a_count(model, bad):
+    # 0 and True built hooks silently; -1, 2.5 and "3" failed inside torch.zeros
+    ablations = [Ablation.compile(model, "embedding", routers="attn_res")]
+    with pytest.raises(ValueError, match=f"^rows_per_copy must be an integer >= 1, got {bad!r}$"):
+        batched_mask_hooks(ablations, bad)
+
+
+@pytest.mark.parametrize(
+    "k, n, name", [(2.5, 3, "k"), (True, 3, "k"), ("3", 3, "k"), (1, 2.5, "n")]
+)
+def test_verdict_word_counts_are_integers(k, n, name):
+    # k=2.5 was "majority", k=True "minority", k="3" a TypeError from '<='
+    bad = k if name == "k" else n
+    with pytest.raises(ValueError, match=f"^{name} must be an integer >= .*, got {bad!r}$"):
+        verdict_word(k, n)

@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite
+from hooked_attnres._validation import first_non_finite, require_integer
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
@@ -495,7 +495,9 @@ def verdict_word(k: int, n: int) -> str:
     """``replicated`` (k = n >= 2), ``majority`` (n/2 < k < n), ``minority`` (0 < k <=
     n/2) or ``absent`` (k = 0): the pre-registered summary of "present in k of n seeds";
     ``single seed`` (k = n = 1; amendment 3 of ``docs/study.md``: one seed replicates
-    nothing)."""
+    nothing). ``k`` and ``n`` are integers (`require_integer`: ``k=2.5`` was "majority",
+    ``k=True`` "minority")."""
+    k, n = require_integer("k", k, 0), require_integer("n", n, 1)
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
     if k == n == 1:

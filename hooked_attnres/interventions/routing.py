@@ -23,7 +23,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, sum_where, widened
-from hooked_attnres._validation import one_or_list, require_selection, some_names
+from hooked_attnres._validation import (
+    one_or_list,
+    require_integer,
+    require_selection,
+    some_names,
+)
 from hooked_attnres.interventions.checks import (
     check_broadcast,
     check_cache_mask,
@@ -413,7 +418,9 @@ class Ablation:
 def batched_mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device=None) -> Hooks:
     """Hooks for a batch made of ``len(ablations)`` copies of ``rows_per_copy`` prompts:
     copy ``i`` gets ablation ``i``'s masks (one hook per touched router, built by
-    `mask_hook` like `Ablation.hooks`). Position-restricted ablations are not batched."""
+    `mask_hook` like `Ablation.hooks`). Position-restricted ablations are not batched.
+    ``rows_per_copy`` is an integer >= 1 (0 and ``True`` built hooks for no or one row)."""
+    rows_per_copy = require_integer("rows_per_copy", rows_per_copy, 1)
     per_site: dict[RouterSite, Tensor] = {}
     for copy, ablation in enumerate(ablations):
         if ablation.positions is not None:
