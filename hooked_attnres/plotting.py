@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy
-from hooked_attnres.analysis.mass import require_finite_mass
+from hooked_attnres.analysis.mass import family_read, require_finite_mass
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
@@ -210,7 +210,8 @@ def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
             f"n_sources ({counts.loc[(layer, family), 'min']} vs "
             f"{counts.loc[(layer, family), 'max']}): they are not one model's routing_mass rows"
         )
-    table = cells.mass.mean().where(counts["max"] > 0)  # NaN: the family is absent there
+    read = family_read(mass, "the routing heatmap").groupby([mass.layer, mass.family]).any()
+    table = cells.mass.mean().where(read)  # NaN: the family is absent there
     return table.unstack("family").reindex(columns=list(FAMILIES))
 
 
@@ -245,25 +246,8 @@ def routing_heatmap(
                 f"({sorted(mass[column].unique().tolist())[:4]}): select one model's rows "
                 "first (mass[mass.seed == 0])"
             )
-    if "n_sources" not in mass.columns:
-        raise ValueError(
-            "mass lacks the column 'n_sources' (how many sources of each family a router "
-            "reads): without it a family the router does not read (mass 0) cannot be told "
-            "from one that gets no weight, and would be drawn as 0.00. Pass routing_mass "
-            "output or a study's mass.csv of this version (one written before n_sources "
-            "existed lacks it: run it again), or add the column to your table: "
-            "len(model.routing_layout.families(site)[family]) for the site of each row's "
-            "router and layer"
-        )
+    family_read(mass, "the routing heatmap")  # refuses a table without n_sources, or a NaN
     _require_table(mass, ("router", "layer", "family", "n_sources", "mass"), "mass")
-    keys = ("condition", "seed", "router", "layer", "family")
-    found = non_finite_in_column(mass, "n_sources", keys)
-    if found is not None:  # a NaN count would leave the cell blank, as an absent family
-        raise ValueError(
-            f"mass holds {found[0]} non-finite 'n_sources' value(s) (first: {found[1]} at "
-            f"{found[2]}): the cell would be drawn blank, as a family the router does not "
-            "read; recompute the table with routing_mass"
-        )
     require_finite_mass(mass, "the routing heatmap")  # a NaN would drop out of the mean
     if routers is None:
         routers = [r for r in ("attn_res", "mlp_res") if r in set(mass.router)]
@@ -490,11 +474,48 @@ def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy
         )
 
 
+def _require_family_read(mass_summary: pd.DataFrame) -> None:
+    """Refuse a mass summary without ``family_read`` (`summarize_mass` of a table without
+    ``n_sources``, or a study's ``mass_summary.csv`` written before audit 53): a family
+    absent at every router of a type has mass 0 there, and would be drawn as a 0 bar."""
+    if "family_read" not in mass_summary.columns:
+        raise ValueError(
+            "mass_summary lacks the column 'family_read' (whether some router of the group "
+            "reads the family): without it a family no router reads (mass 0) cannot be told "
+            "from one that gets no weight, and would be drawn as 0; pass "
+            "summarize_mass(routing_mass(...)) (routing_mass gives n_sources, from which "
+            "summarize_mass derives family_read)"
+        )
+
+
+def _blank_unread(
+    table: pd.DataFrame, columns: Sequence[str], where: str, masked: Optional[pd.Series] = None
+) -> pd.DataFrame:
+    """``table`` (rows of a mass summary indexed by family, effects merged in or not) with
+    ``columns`` NaN, drawn as no bar, where ``family_read`` is False: no router of the type
+    reads the family, so its mass is 0 and its ablation masks nothing (effect 0) by
+    construction. ``masked`` (the effects' ``n_masked_routers`` by family, when the table
+    has it) must be 0 there: masked routers mean the effects are of another model."""
+    unread = table.family_read.eq(False)
+    if masked is not None:
+        clash = [f for f in table.index[unread] if masked.get(f, 0) > 0]
+        if clash:
+            raise ValueError(
+                f"at {where}, mass_summary says no router reads {clash} but the effects "
+                f"masked {int(masked[clash[0]])} router(s) for {clash[0]!r}: the tables are "
+                "of different models"
+            )
+    out = table.copy()
+    out.loc[unread, list(columns)] = np.nan
+    return out
+
+
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
     _require_table(effects, EFFECT_COLUMNS, "effects")
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
+    _require_family_read(mass_summary)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
@@ -525,10 +546,12 @@ def mass_effect_bars(
     relative: bool = True,
 ) -> go.Figure:
     """Per router type: routing mass (top row) and ablation effect (bottom row) of each
-    family, with bootstrap-interval whiskers; each row shares its y-axis.
+    family, with bootstrap-interval whiskers; each row shares its y-axis. A family no
+    router of the type reads (``family_read`` False) has no bars.
 
     Args:
-        mass_summary: `summarize_mass(mass, by=("router", "family"))`.
+        mass_summary: `summarize_mass(mass, by=("router", "family"))` (with
+            ``family_read``: a summary without it is refused).
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
@@ -547,11 +570,13 @@ def mass_effect_bars(
         subplot_titles=[ROUTER_TITLES[r] for r in routers],
     )
     for col, router in enumerate(routers, start=1):
-        part = (
-            merged[merged.router == router]
-            .set_index("family")
-            .reindex(list(FAMILIES))
-            .dropna(subset=["mass"])
+        part = merged[merged.router == router].set_index("family")
+        part = part.reindex([f for f in FAMILIES if f in part.index])
+        part = _blank_unread(
+            part,
+            ("mass", "ci_low_mass", "ci_high_mass", "effect", "ci_low", "ci_high"),
+            f"router {router!r}",
+            part.get("n_masked_routers"),
         )
         colors = [FAMILY_COLORS[f] for f in part.index]
         fig.add_trace(
@@ -600,11 +625,19 @@ def mass_effect_scatter(
     title: Optional[str] = None,
 ) -> go.Figure:
     """Routing mass (x) against |ablation effect| (y) per family and router type, with
-    both intervals; points far from the diagonal trend are dissociations."""
+    both intervals; points far from the diagonal trend are dissociations. A family no
+    router of the type reads (``family_read`` False) has no point; a summary without
+    ``family_read`` is refused."""
     merged = _merged(mass_summary, effects, metric, group)
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()
-    for (router, family), row in merged.set_index(["router", "family"]).iterrows():
+    for router in dict.fromkeys(merged.router):
+        part = merged[merged.router == router].set_index("family")
+        _blank_unread(part, (), f"router {router!r}", part.get("n_masked_routers"))
+    # a family no router of the type reads: no point (it was drawn at mass 0, effect 0)
+    for (router, family), row in (
+        merged[merged.family_read.ne(False)].set_index(["router", "family"]).iterrows()
+    ):
         size = abs(row.effect)
         low, high = sorted((abs(row.ci_low), abs(row.ci_high)))
         if row.ci_low <= 0 <= row.ci_high:
@@ -881,11 +914,14 @@ def mass_effect_by_seed(
 
     Args:
         mass_summary: the study's mass summary (``band == "all"`` rows are used when a
-            ``band`` column exists) with ``seed`` (and ``condition``) columns.
+            ``band`` column exists) with ``seed`` (and ``condition``) columns and
+            ``family_read`` (a family no router of the type reads has no bars; a summary
+            without the column is refused).
         effects: `ablation_effects` rows (group ``"all"``) with the same columns.
     """
     _require_table(effects, EFFECT_COLUMNS, "effects")
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
+    _require_family_read(mass_summary)
     mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
     mass = mass[mass.router == router]
     chosen = effects[
@@ -924,6 +960,14 @@ def mass_effect_by_seed(
                 where = f"condition={condition!r}, seed={seed}"
                 _require_cells(m.mass, "mass_summary", where)
                 _require_cells(e.effect, "effects", where)
+                # a family no router of the type reads: no bars (they were drawn as 0)
+                e = _blank_unread(
+                    e.assign(family_read=m.family_read),
+                    ("effect", "ci_low", "ci_high"),
+                    where,
+                    e.get("n_masked_routers"),
+                )
+                m = _blank_unread(m, ("mass", "ci_low", "ci_high"), where)
             common = dict(legendgroup=f"seed {seed}")
             fig.add_trace(
                 _bar(

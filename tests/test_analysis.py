@@ -340,6 +340,7 @@ def _plot_tables(seeds=(0,), bands=("all",)):
                             mass=m,
                             ci_low=m - 0.01,
                             ci_high=m + 0.02,
+                            family_read=True,
                         )
                     )
                 for group in ("early", "all"):
@@ -1002,6 +1003,7 @@ def test_seed_and_patching_figures_show_the_tables_numbers():
                 mass=0.25,
                 ci_low=0.2,
                 ci_high=0.3,
+                family_read=True,
             )
             for c in ("a", "b")
             for s in (0, 1)
@@ -1623,3 +1625,42 @@ def _unrecorded(cache):
     from hooked_attnres.model.cache import AttnResActivationCache
 
     return AttnResActivationCache(dict(cache.cache_dict), cache.model)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 4])
+def test_schedule_comparison_tells_absent_families_by_n_sources_not_by_mass(num_blocks):
+    """Audit 53: schedule_comparison told a family a router reads from one it lacks by
+    ``mass != 0``. A recency bias of 200 makes every weight but the current source's
+    exp(-200) in float64, 0 in float32: the model routes exactly as its schedule
+    (deviation ~1e-87), but the comparison refused it ("disagree on which source families
+    exist ... or its routing weights underflowed"). It reads routing_mass's n_sources
+    now, compared with the layout's own families."""
+    hf = hf_qwen3(num_hidden_layers=4, hidden_size=16, head_dim=4, intermediate_size=16)
+    model = HookedAttnRes.from_hf_qwen3(
+        hf, wrap="recency", num_blocks=num_blocks, recency_bias=200.0
+    )
+    tokens = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(4))
+    mass = routing_mass(model, tokens, positions="all")
+    schedule = recency_schedule(4, num_blocks, 200.0)
+    table = schedule_comparison(mass, schedule)
+    assert table.max_abs_deviation.max() <= 1e-6
+    layout = model.routing_layout
+    for site in layout.sites():
+        families = layout.families(site)
+        rows = table[(table.router == site.kind) & (table.layer == site.layer)]
+        for row in rows.itertuples():
+            # read families predicted > 0 in float64 (exp(-200) / (1 + n e^-200)), absent 0
+            assert (row.predicted > 0) == bool(families[row.family])
+    # a table that says a read family is absent is another model's: refused
+    site = layout.sites()[-1]
+    tampered = mass.copy()
+    at = (
+        (tampered.router == site.kind)
+        & (tampered.layer == site.layer)
+        & (tampered.family == "current")
+    )
+    tampered.loc[at, "n_sources"] = 0
+    with pytest.raises(ValueError, match="disagree on which source families exist"):
+        schedule_comparison(tampered, schedule)
+    with pytest.raises(ValueError, match="lacks the column 'n_sources'.*the comparison"):
+        schedule_comparison(mass.drop(columns="n_sources"), schedule)

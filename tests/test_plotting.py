@@ -11,9 +11,10 @@ import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
-from hooked_attnres.analysis import routing_mass
+from hooked_attnres.analysis import ablation_effects, routing_mass, summarize_mass
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.run import mass_by_layer
+from hooked_attnres.tasks.base import TaskBatch
 
 
 def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), families=FAMILIES):
@@ -58,6 +59,7 @@ def _mass(conditions=("a",), seeds=(0,), router="mlp_res"):
                         mass=mass,
                         ci_low=mass - 0.01,
                         ci_high=mass + 0.01,
+                        family_read=True,
                     )
                 )
     return pd.DataFrame(rows)
@@ -348,3 +350,115 @@ def test_routing_heatmap_tells_how_to_get_n_sources_and_refuses_a_nan_count():
     broken = mass.assign(n_sources=mass.n_sources.where(~cell))
     with pytest.raises(ValueError, match=r"n_sources.*non-finite|non-finite.*n_sources"):
         plotting.routing_heatmap(broken)
+
+
+def _read_by_type(model: HookedAttnRes) -> dict[str, set[str]]:
+    """``{router type: families}`` some router of the type reads, from the layout's own
+    source index (``routing_layout.families``), not from a mass table."""
+    layout = model.routing_layout
+    out: dict[str, set[str]] = {}
+    for site in layout.sites():
+        families = layout.families(site)
+        out.setdefault(site.kind, set()).update(f for f in FAMILIES if families[f])
+    return out
+
+
+def _random_task_batch(n: int, n_pos: int, d_vocab: int) -> TaskBatch:
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(d_vocab, (n, n_pos), generator=generator)
+    answer = torch.randint(d_vocab, (n,), generator=generator)
+    targets = torch.full((n, n_pos), -100)
+    targets[:, -1] = answer
+    wrong = (answer + 1) % d_vocab
+    return TaskBatch(tokens, torch.full((n,), n_pos - 1), answer, wrong, tokens, targets)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_mass_effect_figures_leave_a_family_no_router_of_a_type_reads_blank(layout):
+    """Audit 53: mass_effect_bars, mass_effect_scatter and mass_effect_by_seed drew a
+    family absent at every router of a type (kimi or cumulative with 1 block: older and
+    prev_completed; with 2 of 4 layers: older) as a mass-0 and effect-0 bar or point, like
+    a family that is read and gets no weight. summarize_mass now carries family_read, and
+    the figures draw no bar / point there."""
+    batch = _random_task_batch(6, 5, 50)
+    n_blank = 0
+    for num_blocks in (1, 2, 4):
+        model = randomize_routing(
+            tiny_model(attnres_layout=layout, attnres_num_blocks=num_blocks)
+        ).eval()
+        read = _read_by_type(model)
+        mass = routing_mass(model, batch)
+        summary = summarize_mass(mass, n_bootstrap=40)
+        for row in summary.itertuples():
+            assert row.family_read == (row.family in read[row.router]), (layout, num_blocks)
+        by_layer = summarize_mass(mass, by=("router", "layer", "family"), n_bootstrap=40)
+        for site in model.routing_layout.sites():
+            rows = by_layer[(by_layer.router == site.kind) & (by_layer.layer == site.table_layer)]
+            families = model.routing_layout.families(site)
+            assert dict(zip(rows.family, rows.family_read, strict=True)) == {
+                f: bool(families[f]) for f in FAMILIES
+            }
+        effects = ablation_effects(
+            model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+        )
+        # mass_effect_bars: per panel (router type) a mass and an effect trace over FAMILIES
+        bars = plotting.mass_effect_bars(summary, effects, relative=False)
+        routers = [r for r in plotting.ROUTERS if r in set(effects.router)]
+        assert len(bars.data) == 2 * len(routers)
+        for k, router in enumerate(routers):
+            for trace, table, column in (
+                (bars.data[2 * k], summary, "mass"),
+                (bars.data[2 * k + 1], effects, "effect"),
+            ):
+                for family, value in zip(trace.x, trace.y, strict=True):
+                    if family in read[router]:
+                        row = table[(table.router == router) & (table.family == family)]
+                        assert value == pytest.approx(row[column].item())
+                    else:  # drawn as 0 before
+                        assert value is None or np.isnan(value), (router, family)
+                        n_blank += 1
+        # mass_effect_scatter: one point per family some router of the type reads
+        scatter = plotting.mass_effect_scatter(summary, effects)
+        shown = {trace.name for trace in scatter.data}
+        expected = {
+            f"{family} ({plotting.ROUTER_TITLES[router]})"
+            for router in routers
+            for family in read[router]
+        }
+        assert shown == expected
+        # mass_effect_by_seed: the study's tables (band "all", condition and seed columns)
+        study_mass = summary.assign(condition="c", seed=0, band="all")
+        study_effects = effects.assign(condition="c", seed=0)
+        for router in ("attn_res", "mlp_res"):
+            fig = plotting.mass_effect_by_seed(study_mass, study_effects, router, relative=False)
+            for trace, table, column in (
+                (fig.data[0], study_mass, "mass"),
+                (fig.data[1], study_effects, "effect"),
+            ):
+                for family, value in zip(trace.x, trace.y, strict=True):
+                    if family in read[router]:
+                        row = table[(table.router == router) & (table.family == family)]
+                        assert value == pytest.approx(row[column].item())
+                    else:
+                        assert value is None or np.isnan(value), (router, family)
+                        n_blank += 1
+    assert n_blank > 0 or layout == "full"  # full reads every family everywhere
+    # a summary that cannot tell absent from zero is refused, not drawn as 0
+    with pytest.raises(ValueError, match="lacks the column 'family_read'.*drawn as 0"):
+        plotting.mass_effect_bars(summary.drop(columns="family_read"), effects)
+    with pytest.raises(ValueError, match="lacks the column 'family_read'.*drawn as 0"):
+        plotting.mass_effect_by_seed(
+            study_mass.drop(columns="family_read"), study_effects, "attn_res"
+        )
+    # effects that masked routers for a family the summary says no router reads: refused
+    if layout != "full":
+        model = randomize_routing(tiny_model(attnres_layout=layout, attnres_num_blocks=1))
+        model.eval()
+        mass = routing_mass(model, batch)
+        effects = ablation_effects(
+            model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+        )
+        summary = summarize_mass(mass, n_bootstrap=40)
+        wrong = effects.assign(n_masked_routers=effects.n_masked_routers.clip(lower=1))
+        with pytest.raises(ValueError, match="says no router reads.*different models"):
+            plotting.mass_effect_bars(summary, wrong)

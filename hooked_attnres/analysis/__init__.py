@@ -22,7 +22,7 @@ from hooked_attnres.analysis.effects import (
     run_ablations,
 )
 from hooked_attnres.analysis.lens import RoutingLens, lens_hook_names, routing_lens
-from hooked_attnres.analysis.mass import band_of, routing_mass, summarize_mass
+from hooked_attnres.analysis.mass import band_of, family_read, routing_mass, summarize_mass
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
     PREREGISTERED,
@@ -63,6 +63,7 @@ __all__ = [
     "dissociation_report",
     "lens_hook_names",
     "effect_rows",
+    "family_read",
     "metric_name",
     "metric_values",
     "plan_ablations",

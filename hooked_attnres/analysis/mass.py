@@ -58,6 +58,33 @@ def require_family_rows(
         raise ValueError(f"{what} lacks the (router, family) rows {missing}; pass {remedy}")
 
 
+def family_read(mass: pd.DataFrame, what: str) -> pd.Series:
+    """Per row of a `routing_mass` table: whether its router reads a source of its family
+    (``n_sources > 0``). A family the router does not read has mass 0, as does one it reads
+    and gives no weight; only ``n_sources`` tells them apart (not ``mass != 0``, which an
+    underflowed weight also fails). ``what`` names the result that needs it: a table
+    without ``n_sources`` (made before audit 51, or by hand) is refused."""
+    if "n_sources" not in mass.columns:
+        raise ValueError(
+            f"mass lacks the column 'n_sources' (how many sources of each family a router "
+            f"reads), which {what} needs: without it a family the router does not read "
+            "(mass 0) cannot be told from one that gets no weight, and would be read as 0 "
+            "(drawn as 0.00). Pass routing_mass output or a study's mass.csv of this version "
+            "(one written before n_sources existed lacks it: run it again), or add the "
+            "column to your table: len(model.routing_layout.families(site)[family]) for the "
+            "site of each row's router and layer"
+        )
+    keys = ("condition", "seed", "router", "layer", "family")
+    found = non_finite_in_column(mass, "n_sources", keys)
+    if found is not None:  # NaN > 0 is False: the family would read as absent
+        raise ValueError(
+            f"mass holds {found[0]} non-finite 'n_sources' value(s) (first: {found[1]} at "
+            f"{found[2]}), which {what} would read as a family the router does not read; "
+            "recompute the table with routing_mass"
+        )
+    return mass.n_sources > 0
+
+
 def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
     """Raise unless every ``mass`` value of a `routing_mass` table is finite: pandas'
     means and maxima skip NaN, so a NaN mass (routing weights of a non-finite forward pass,
@@ -248,7 +275,11 @@ def summarize_mass(
     of one router type), then the mean and its interval are taken over prompts.
 
     Returns:
-        Columns ``*by, mass, ci_low, ci_high, n_prompts``.
+        Columns ``*by, mass, ci_low, ci_high, n_prompts`` and, when ``mass`` has
+        ``n_sources`` (`routing_mass` output), ``family_read`` (last): whether
+        some router of the group reads a source of the family (`family_read`); False
+        where the family is absent at every router of the group (its mass is 0 because
+        there is nothing to weigh, not because the routers give it no weight).
 
     Raises:
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
@@ -295,4 +326,7 @@ def summarize_mass(
     out = per_prompt.index.to_frame(index=False)
     out["mass"], out["ci_low"], out["ci_high"] = mean, low, high
     out["n_prompts"] = per_prompt.shape[1]
+    if "n_sources" in mass.columns:
+        read = family_read(mass, "the summary").groupby([mass[c] for c in by]).any()
+        out["family_read"] = read.reindex(per_prompt.index).to_numpy()
     return out

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_attnres._validation import is_integer, require_finite_number, require_integer
-from hooked_attnres.analysis.mass import require_finite_mass
+from hooked_attnres.analysis.mass import family_read, require_finite_mass
 from hooked_attnres.config import MODES
 from hooked_attnres.interventions.checks import require_run_positions
 from hooked_attnres.model.cache import record_of, require_cached
@@ -216,7 +216,9 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
         ValueError: a NaN or infinite mass at a sublayer router (pandas' mean and max
             would skip it and report agreement); a schedule of another shape: routers the
             one has and the other lacks (another number of layers), or another set of
-            families at a router (another block size or mode; the predictions differ).
+            families at a router (another block size or mode; the predictions differ: the
+            mass table's ``n_sources`` against the schedule's sources); a mass table
+            without ``n_sources``.
     """
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
     require_finite_mass(measured, "the comparison")
@@ -242,16 +244,20 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             "schedule's shape)"
         )
     table["predicted"] = predicted.reindex(table.index)
-    # which families a router has: routing_mass gives an absent family exactly 0, a routed
-    # one the sum of its softmax weights; a mismatch means another block size or mode
-    measured_present = grouped.apply(lambda mass: bool((mass != 0).any()))
-    differs = table.index[measured_present.reindex(table.index) != (table.predicted > 0)]
+    # which families a router reads: routing_mass's n_sources, and the schedule's sources
+    # (not mass != 0 / weight > 0, which an underflowed weight fails too); a mismatch means
+    # another block size or mode
+    keys = [measured.router, measured.layer, measured.family]
+    measured_read = family_read(measured, "the comparison").groupby(keys).any()
+    sources = schedule.sources.groupby(["router", "layer", "family"]).size()
+    predicted_read = sources.reindex(table.index, fill_value=0) > 0
+    differs = table.index[measured_read.reindex(table.index) != predicted_read]
     if len(differs):
         raise ValueError(
             f"the schedule ({schedule.n_layers} layers, {schedule.num_blocks} blocks) and the "
             f"measured model disagree on which source families exist at {list(differs)[:3]}: "
             "the schedule is for a different shape (block size or mode) than the measured "
-            "model (or its routing weights underflowed to exactly 0: run in float32)"
+            "model"
         )
     deviation = (
         measured.mass

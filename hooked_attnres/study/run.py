@@ -458,7 +458,7 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
 
 # --- resuming: every finished model's tables are kept until the whole study is written ----
 # The format of a kept run (bump it when what a run's tables hold changes).
-_PARTIAL_FORMAT = 2  # 2: the mass table has n_sources (audit 51)
+_PARTIAL_FORMAT = 3  # 2: the mass table has n_sources (audit 51); 3: mass_summary family_read
 
 
 def partial_dir(out_dir: Union[str, Path]) -> Path:
