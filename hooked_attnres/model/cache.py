@@ -649,9 +649,8 @@ class AttnResActivationCache(ActivationCache):
         if real is None:
             return None
         if self.has_batch_dim:
-            real = as_slice(batch_slice, "batch_slice").apply(
-                real, dim=0
-            )  # an int drops the batch axis
+            # an int drops the batch axis
+            real = as_slice(batch_slice, "batch_slice").apply(real, dim=0)
             if not has_batch_dim and real.ndim == 2:  # the stack has no batch axis
                 if real.shape[0] != 1:
                     return None
