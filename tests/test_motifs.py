@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from hooked_attnres.analysis import (
@@ -994,6 +994,7 @@ def test_printed_beside_reads_on_the_values_side_of_its_threshold(
 
 
 @settings(max_examples=400, deadline=None)
+@example(other=-1 / 3, steps=0, tied=True, anything=0.0)  # a tie: repr's digits misread it
 @given(
     other=st.one_of(
         st.floats(-1, 1),

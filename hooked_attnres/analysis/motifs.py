@@ -27,8 +27,8 @@ interval contains 0 or its effect is < 10 % of the top family's).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Optional
+from decimal import Decimal, localcontext
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -398,15 +398,24 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     return sorted(rows, key=lambda r: order[r["claim"]])
 
 
+def _as_read(number: float, like) -> Any:
+    """``number`` (a criterion's ratio or threshold) as a reader reads it beside ``like``:
+    itself beside a float, its written digits (``repr``) beside a `Decimal` (a printed
+    number read exactly, `printed_deciding`)."""
+    return Decimal(repr(number)) if isinstance(like, Decimal) else number
+
+
 def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
     """D2's mass test: the embedding's MLP-router mass below half of current's."""
-    return bool(embedding < criteria.d2_mass_ratio * current)
+    return bool(embedding < _as_read(criteria.d2_mass_ratio, current) * current)
 
 
 def _d2_effect(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
     """D2's size test on the two effects: the embedding's harm at least twice current's
     (current's counted as >= 0); its interval is tested apart."""
-    return bool(-embedding >= criteria.d2_effect_ratio * max(-current, 0.0))
+    ratio = _as_read(criteria.d2_effect_ratio, current)
+    zero = Decimal(0) if isinstance(current, Decimal) else 0.0
+    return bool(-embedding >= ratio * max(-current, zero))
 
 
 def same_top_family(top_mass: str, top_effect: str) -> bool:
@@ -576,10 +585,15 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
     """``values`` formatted with ``digits`` decimals (``spec``: a format type, ``"f"`` or
     ``"e"``, with any flag before it, ``"+f"``), or with as many more as it takes for
     ``decide`` of the printed numbers to equal ``decide`` of the values: a sentence's
-    numbers then show the comparison that decided its verdict. As many: one more than the
-    first decimal where a number and its threshold differ, at most 16 (past that,
-    ``repr``, e.g. a value 1e-20 beside 0). A NaN is refused: it is on no side of a threshold
-    (it was printed ``nan`` after 16 tries)."""
+    numbers then show the comparison that decided its verdict, read as a reader reads
+    them: each printed number exactly, a criterion's ratio or threshold by its written
+    digits (`_as_read`). As many: one more than the first decimal where a number and its
+    threshold differ, at most 16; past that (a tie in floats, or a value 1e-20 beside 0),
+    ``repr``'s shortest digits, or else each value's exact decimal expansion. The texts
+    were checked as floats parsed back, which at a tie let ``repr`` through where exact
+    reading decides the other way (-1/6 beside -1/3: "-0.16666666666666666" is below half
+    of "-0.3333333333333333", though the floats tie). A NaN is refused: it is on no side
+    of a threshold (it was printed ``nan`` after 16 tries)."""
     if np.isnan(np.asarray(values, dtype=float)).any():
         raise ValueError(
             f"cannot print {list(values)} for a threshold test: NaN is on no side of a "
@@ -587,11 +601,18 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
         )
     flag, kind = spec[:-1], spec[-1]
     want = decide(*values)
-    for places in range(digits, 17):
-        texts = [format(value, f"{flag}.{places}{kind}") for value in values]
-        if decide(*(float(text) for text in texts)) == want:
-            return texts
-    return [repr(value) for value in values]
+    candidates = [
+        [format(value, f"{flag}.{places}{kind}") for value in values]
+        for places in range(digits, 17)
+    ]
+    candidates.append([repr(float(value)) for value in values])
+    candidates.append([format(Decimal(float(value)), f"{flag}{kind}") for value in values])
+    with localcontext() as context:
+        context.prec = 2000  # exact for any float's digits
+        for texts in candidates:  # read as a reader reads them: exact decimals
+            if decide(*(Decimal(text) for text in texts)) == want:
+                return texts
+    return candidates[-1]
 
 
 def _percent_text(fraction: float, criteria: Criteria = PREREGISTERED) -> str:
@@ -607,7 +628,12 @@ def printed_beside(value: float, threshold: float, digits: int, spec: str = "f")
     """``value`` as `printed_deciding` prints it beside ``threshold``: on the same side of
     it (below, equal, above) as the value is. An effect of 4.9996 % of the clean
     difference printed "5.0 %" beside criterion 2's 5 %, which it fails."""
-    return printed_deciding([value], digits, lambda v: np.sign(v - threshold), spec)[0]
+
+    def side(v) -> int:
+        written = _as_read(threshold, v)
+        return int(v > written) - int(v < written)
+
+    return printed_deciding([value], digits, side, spec)[0]
 
 
 def claim_text(claim: str) -> str:
