@@ -1186,6 +1186,41 @@ def test_bad_sampling_arguments_and_non_finite_logits_are_refused():
     assert torch.equal(model.generate(prompt, top_k=3, temperature=0.5, **greedy), plain)
 
 
+def test_greedy_decoding_refuses_a_row_with_every_token_banned():
+    """Audit finding: a row whose logits are all -inf (a hook on the unembedding banning
+    every token) has no token to choose; sampling refused it, but greedy decoding
+    (do_sample=False, temperature=0) returned token 0 silently, the argmax of a row of
+    ties. A row with a +inf logit still has its argmax."""
+    banned_row0 = torch.tensor([[float("-inf")] * 4, [0.0, 2.0, float("-inf"), 1.0]])
+    message = r"row\(s\) \[0\]: .*no finite value"
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=message):
+            sample_logits(banned_row0, temperature=temperature)
+        with pytest.raises(ValueError, match=message):
+            sampling_probabilities(banned_row0, temperature=temperature)
+    plus_inf = torch.tensor([[float("-inf"), float("inf"), float("-inf")]])
+    assert sample_logits(plus_inf, temperature=0.0).tolist() == [1]
+    model = routed_model("kimi")
+    prompt = torch.randint(3, 50, (2, 3), generator=torch.Generator().manual_seed(0))
+
+    def ban_everything_for_prompt_0(module, args, logits):
+        return torch.cat((torch.full_like(logits[:1], float("-inf")), logits[1:]))
+
+    handle = model.unembed.register_forward_hook(ban_everything_for_prompt_0)
+    try:
+        for cached in (True, False):
+            with pytest.raises(ValueError, match=message):
+                model.generate(
+                    prompt,
+                    do_sample=False,
+                    stop_at_eos=False,
+                    use_past_kv_cache=cached,
+                    verbose=False,
+                )
+    finally:
+        handle.remove()
+
+
 def test_top_k_with_top_p_is_refused_only_where_they_filter():
     """``top_k`` with ``top_p`` is ambiguous only when sampling (TransformerLens keeps
     ``top_k`` and drops ``top_p``, Hugging Face applies both). Greedy decoding

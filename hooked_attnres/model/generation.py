@@ -130,10 +130,15 @@ def _refuse_non_finite(
     """A ``ValueError`` instead of a NaN probability (``torch.multinomial``'s "probability
     tensor contains either `inf`, `nan` or element < 0") or the argmax of a NaN (a token,
     silently). ``logits``: what `_filtered_logits` gave (float32 when sampling);
-    ``temperature == 0``: only NaN is refused (an infinite logit has an argmax)."""
+    ``temperature == 0``: NaN and a row of only ``-inf`` (every token banned: its argmax,
+    token 0, was returned silently) are refused; a ``+inf`` logit is the argmax."""
     bad = torch.isnan(logits).any(dim=-1)
+    has_inf = torch.eq(logits, float("inf")).any(dim=-1)
+    no_finite = ~torch.isfinite(logits).any(dim=-1)
     if temperature != 0.0:  # -inf is a filtered token; a row needs a finite one, no +inf
-        bad |= torch.eq(logits, float("inf")).any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
+        bad |= has_inf | no_finite
+    else:  # a row of -inf has no token to choose (argmax would take token 0)
+        bad |= no_finite & ~has_inf
     if not bool(bad.any()):
         return
     rows = bad.nonzero().flatten().tolist()
