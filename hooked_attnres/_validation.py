@@ -51,6 +51,16 @@ def require_integer(
     return int(value)
 
 
+def require_bool(name: str, value: Any, optional: bool = False) -> Optional[bool]:
+    """``value`` if it is ``True`` or ``False`` (or ``None`` when ``optional``); otherwise
+    ``TypeError("{name} must be True or False[ or None], got {value!r}")``. A flag read by
+    truthiness took ``"no"`` or ``"False"`` as ``True``; NumPy booleans and ``0`` / ``1``
+    are refused too."""
+    if (optional and value is None) or isinstance(value, bool):
+        return value
+    raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
 def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
     """Refuse token ids that are not an integer tensor (``TypeError``) or lie outside
     ``[0, d_vocab)`` (``ValueError``, showing the range found). Indexing a weight with

@@ -1178,8 +1178,8 @@ def test_bad_sampling_arguments_and_non_finite_logits_are_refused():
     ):
         with pytest.raises(ValueError, match=message):
             model.generate(prompt, **options, **greedy)
-    for flag in ("stop_at_eos", "do_sample"):
-        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+    for flag in ("stop_at_eos", "do_sample", "use_past_kv_cache", "verbose"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
             model.generate(prompt, **{**greedy, flag: "no"})
     # greedy ignores them when valid, as TransformerLens does
     plain = model.generate(prompt, **greedy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -36,6 +37,43 @@ def test_prepend_bos(model, word_tokenizer):
     ]
     assert model.to_str_tokens("w1", prepend_bos=True) == ["<bos>", "w1"]
     assert model.to_tokens("w1").shape == (1, 1)  # Qwen3 default: no BOS
+
+
+def test_prepend_bos_that_is_not_a_bool_is_refused(model, word_tokenizer):
+    """Audit finding: prepend_bos was read by truthiness, so prepend_bos="no" (or "False")
+    prepended the BOS silently, in to_tokens, to_str_tokens, get_token_position, string
+    forward passes and generate (as stop_at_eos="no" was read as True before it was
+    checked); 0 and 1 dropped or added it. None (the config's default), True and False
+    are taken."""
+    calls = {
+        "to_tokens": lambda flag: model.to_tokens("w1 w2", prepend_bos=flag),
+        "to_str_tokens": lambda flag: model.to_str_tokens("w1 w2", prepend_bos=flag),
+        "get_token_position": lambda flag: model.get_token_position("w2", "w1 w2", "first", flag),
+        "forward": lambda flag: model(["w1 w2", "w3"], prepend_bos=flag),
+        "generate": lambda flag: model.generate(
+            "w1 w2", prepend_bos=flag, max_new_tokens=1, stop_at_eos=False, verbose=False
+        ),
+    }
+    tokens = model.to_tokens(["w1 w2 w3", "w4"], padding_side="left")
+    calls["generate(tokens, padding_side='left')"] = lambda flag: model.generate(
+        tokens,
+        padding_side="left",
+        prepend_bos=flag,
+        max_new_tokens=1,
+        verbose=False,
+        stop_at_eos=False,
+    )
+    for call in calls.values():
+        for flag in ("no", "False", 0, 1, np.bool_(True)):
+            with pytest.raises(
+                TypeError, match=f"prepend_bos must be True or False or None, got {flag!r}"
+            ):
+                call(flag)
+        for flag in (None, True, False):
+            call(flag)
+    bos = word_tokenizer.bos_token_id
+    assert model.to_tokens("w1", prepend_bos=False)[0, 0] != bos
+    assert model.to_tokens("w1", prepend_bos=True)[0, 0] == bos
 
 
 def test_to_single_token_refuses_multiple_tokens(model):

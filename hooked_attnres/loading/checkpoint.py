@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 
 from hooked_attnres._atomic import atomic_directory, reading
+from hooked_attnres._validation import require_bool
 from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public before the split)
     CONFIG_NAME,
     CheckpointError,
@@ -71,8 +72,7 @@ def save_checkpoint(
             files no save wrote and ``overwrite`` is False; nothing is written.
     """
     directory = Path(directory)
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    require_bool("overwrite", overwrite)
     if format == QWEN3_ATTNRES:
         return save_qwen3_attnres(model, directory, overwrite=overwrite)
     if format != FORMAT:
@@ -115,8 +115,7 @@ def load_checkpoint(
     save is recovered first), so the model is one complete saved version.
     """
     directory = Path(directory)
-    if not isinstance(mmap, bool):
-        raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    require_bool("mmap", mmap)
     check_device(device)
     with reading(directory):
         return _load_checkpoint(directory, device, dtype, model_class, mmap)

@@ -26,6 +26,7 @@ import torch
 from hooked_attnres._atomic import reading
 from hooked_attnres._validation import (
     is_integer,
+    require_bool,
     require_finite_number,
     require_integer,
     some_names,
@@ -589,8 +590,7 @@ def from_hf_qwen3(
         raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
     num_blocks = require_integer("num_blocks", num_blocks, 1)
     require_finite_number("recency_bias", recency_bias)
-    if not isinstance(mmap, bool):
-        raise TypeError(f"mmap must be True or False, got {mmap!r}")
+    require_bool("mmap", mmap)
     check_device(device)
     dtype = _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):

@@ -19,6 +19,7 @@ from hooked_attnres._precision import widened
 from hooked_attnres._validation import (
     is_finite_number,
     is_integer,
+    require_bool,
     require_finite_number,
     require_integer,
 )
@@ -280,6 +281,8 @@ class GenerationMixin:
 
         def _pad_token_id(self) -> Optional[int]: ...
 
+        def _prepend_bos(self, prepend_bos: Optional[bool]) -> bool: ...
+
     @torch.no_grad()
     def generate(
         self,
@@ -350,6 +353,7 @@ class GenerationMixin:
                 "do_sample": do_sample,
                 "stop_at_eos": stop_at_eos,
                 "use_past_kv_cache": use_past_kv_cache,
+                "verbose": verbose,
             },
         )
         # checked whether or not they are used (greedy ignores top_k, top_p, temperature
@@ -414,8 +418,7 @@ class GenerationMixin:
         self, max_new_tokens, return_type, padding_side, generator, flags: dict[str, Any]
     ) -> None:
         for name, flag in flags.items():  # stop_at_eos="no" was read as True
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+            require_bool(name, flag)
         if not is_integer(max_new_tokens):
             raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
@@ -500,8 +503,7 @@ class GenerationMixin:
             )
         leading = torch.eq(torch.ne(tokens, pad).long().cumsum(dim=-1), 0)
         mask = ~leading
-        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        if prepend and getattr(self.tokenizer, "bos_token_id", None) == pad:
+        if self._prepend_bos(prepend_bos) and getattr(self.tokenizer, "bos_token_id", None) == pad:
             n_leading = leading.sum(dim=-1)
             rows = (n_leading > 0).nonzero().flatten()
             mask[rows, n_leading[rows] - 1] = True

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
+from hooked_attnres._validation import require_bool
 from hooked_attnres.model.attention import Attention
 from hooked_attnres.model.hooked_root import UnknownHookError
 from hooked_attnres.model.mlp import GatedMLP
@@ -237,6 +238,4 @@ class TLMethodsMixin:
 
 
 def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+    return bool(require_bool(name, value))

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, require_token_ids
+from hooked_attnres._validation import is_integer, require_bool, require_token_ids
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -122,9 +122,14 @@ class TokenizerMixin:
             )
         return self.tokenizer
 
+    def _prepend_bos(self, prepend_bos: Optional[bool]) -> bool:
+        """``prepend_bos`` (``True`` / ``False``), or the config's default for ``None``;
+        anything else is refused (``TypeError``: ``"no"`` was read as ``True``)."""
+        require_bool("prepend_bos", prepend_bos, optional=True)
+        return self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+
     def _bos_id(self, prepend_bos: Optional[bool]) -> Optional[int]:
-        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        if not prepend:
+        if not self._prepend_bos(prepend_bos):
             return None
         bos = self.tokenizer.bos_token_id
         if bos is None:
