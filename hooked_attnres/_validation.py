@@ -61,6 +61,27 @@ def require_bool(name: str, value: Any, optional: bool = False) -> Optional[bool
     raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
 
 
+def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """``mask``, a ``[batch, pos]`` tensor of booleans or 0/1 integers (1 = real token, 0 =
+    padding) of the tokens' ``shape``, as a boolean tensor; otherwise ``TypeError`` (not
+    such a tensor) or ``ValueError`` (another shape, a value other than 0 and 1), naming
+    ``name``."""
+    if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+        raise TypeError(
+            f"{name} must be a [batch, pos] tensor of 0/1 integers or booleans, got "
+            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the shape of the tokens {tuple(shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token)")
+        mask = mask != 0
+    return mask
+
+
 def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
     """Refuse token ids that are not an integer tensor (``TypeError``) or lie outside
     ``[0, d_vocab)`` (``ValueError``, showing the range found). Indexing a weight with

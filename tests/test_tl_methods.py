@@ -1221,6 +1221,47 @@ def test_greedy_decoding_refuses_a_row_with_every_token_banned():
         handle.remove()
 
 
+def test_penalty_tokens_of_another_shape_than_the_logits_are_refused():
+    """Audit finding: sample_logits / sampling_probabilities with tokens of one prompt for
+    logits of two penalised the first prompt only (scatter_add fills the rows it is
+    given), so the second was drawn from its unpenalised distribution, silently; [pos]
+    tokens, float tokens, ids outside [0, d_vocab) and a token_mask of another shape than
+    the tokens crashed in torch.scatter_add_ with messages about an index tensor."""
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    seen = torch.tensor([[0, 1], [0, 1]])
+    penalised = sampling_probabilities(logits, repetition_penalty=3.0, tokens=seen)
+    # each row penalised alone (an independent computation: one row, its own tokens)
+    for row in range(2):
+        alone = sampling_probabilities(
+            logits[row : row + 1], repetition_penalty=3.0, tokens=seen[row : row + 1]
+        )
+        torch.testing.assert_close(penalised[row : row + 1], alone, rtol=0, atol=0)
+    cases = [
+        (
+            dict(tokens=seen[:1]),
+            ValueError,
+            r"tokens must be \[batch, pos\] = \[2, pos\].*got shape \(1, 2\)",
+        ),
+        (
+            dict(tokens=seen[0]),
+            ValueError,
+            r"tokens must be \[batch, pos\] = \[2, pos\].*got shape \(2,\)",
+        ),
+        (dict(tokens=seen.float()), TypeError, "token ids must be an integer tensor"),
+        (dict(tokens=seen + 2), ValueError, r"token ids must be in \[0, 3\)"),
+        (
+            dict(tokens=seen, token_mask=seen[:, :1].bool()),
+            ValueError,
+            r"token_mask must have the shape of the tokens \(2, 2\), got \(2, 1\)",
+        ),
+    ]
+    for kwargs, error, message in cases:
+        for penalty in (dict(repetition_penalty=3.0), dict(freq_penalty=1.0)):
+            for function in (sample_logits, sampling_probabilities):
+                with pytest.raises(error, match=message):
+                    function(logits, **penalty, **kwargs)
+
+
 def test_top_k_with_top_p_is_refused_only_where_they_filter():
     """``top_k`` with ``top_p`` is ambiguous only when sampling (TransformerLens keeps
     ``top_k`` and drops ``top_p``, Hugging Face applies both). Greedy decoding

@@ -22,6 +22,8 @@ from hooked_attnres._validation import (
     require_bool,
     require_finite_number,
     require_integer,
+    require_token_ids,
+    require_token_mask,
 )
 from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.passes import padding_of
@@ -75,6 +77,32 @@ def check_sampling_arguments(
     return top_k
 
 
+def _check_penalty_tokens(
+    final_logits: Float[Tensor, "batch d_vocab"],
+    tokens: Optional[Int[Tensor, "batch pos"]],
+    token_mask: Optional[Bool[Tensor, "batch pos"]],
+) -> Optional[Bool[Tensor, "batch pos"]]:
+    """Refuse ``tokens`` that are not ``[batch, pos]`` ids in ``[0, d_vocab)`` of the
+    logits' prompts, and a ``token_mask`` that is not their ``[batch, pos]`` 0/1 mask (with
+    the tokens of one prompt for two, the penalties counted the first prompt's only and
+    drew the second from its unpenalised logits, silently); returns the mask as bool."""
+    if tokens is None:
+        if token_mask is not None:
+            raise ValueError("token_mask marks the real tokens of tokens=, which was not given")
+        return None
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a [batch, pos] tensor of token ids, got {tokens!r}")
+    require_token_ids(tokens, final_logits.shape[-1])
+    if tokens.ndim != 2 or tokens.shape[0] != final_logits.shape[0]:
+        raise ValueError(
+            f"tokens must be [batch, pos] = [{final_logits.shape[0]}, pos] (the sequences of "
+            f"the logits' prompts), got shape {tuple(tokens.shape)}"
+        )
+    if token_mask is None:
+        return None
+    return require_token_mask("token_mask", token_mask, tuple(tokens.shape))
+
+
 def _filtered_logits(
     final_logits: Float[Tensor, "batch d_vocab"],
     top_k: Optional[int],
@@ -91,6 +119,7 @@ def _filtered_logits(
     (float64 logits stay float64, as in TransformerLens: rounding them to float32 first
     made near-ties choose another token)."""
     top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
+    token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
         raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
     logits = widened(final_logits)

@@ -19,7 +19,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
-from hooked_attnres._validation import is_integer, require_integer, require_token_ids
+from hooked_attnres._validation import (
+    is_integer,
+    require_integer,
+    require_token_ids,
+    require_token_mask,
+)
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.attention import AttentionContext, KeyValueCache
 from hooked_attnres.model.block import AttnResBlock
@@ -422,20 +427,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         whole pass)."""
         if mask is None:
             return None
-        if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
-            raise TypeError(
-                "attention_mask must be a [batch, pos] tensor of 0/1 integers or booleans, got "
-                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
-            )
-        if tuple(mask.shape) != tuple(shape):
-            raise ValueError(
-                f"attention_mask must have the shape of the tokens {tuple(shape)}, got "
-                f"{tuple(mask.shape)}"
-            )
-        if mask.dtype != torch.bool:
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-            mask = mask != 0
+        mask = require_token_mask("attention_mask", mask, shape)
         real = mask.any(dim=-1)
         n_past = self._n_past(past)
         if past is not None and n_past:
