@@ -1262,6 +1262,24 @@ def test_penalty_tokens_of_another_shape_than_the_logits_are_refused():
                     function(logits, **penalty, **kwargs)
 
 
+def test_logits_that_are_not_batch_by_vocab_are_refused_by_sampling():
+    """Audit finding: sample_logits took the logits of every position ([batch, pos,
+    d_vocab], model(tokens) itself) and returned a [batch, pos] argmax greedily, sampled
+    crashed with "prob_dist must be 1 or 2 dim", and sampling_probabilities returned a
+    [batch, pos, d_vocab] tensor; [d_vocab] logits gave a 0-d token greedily and "too
+    many indices" sampled. They are the last position's logits, [batch, d_vocab]."""
+    message = r"final_logits must be \[batch, d_vocab\], .*logits\[:, -1\].*got shape"
+    for logits in (torch.randn(2, 3, 5), torch.randn(5)):
+        for temperature in (0.0, 1.0):
+            for function in (sample_logits, sampling_probabilities):
+                with pytest.raises(ValueError, match=message):
+                    function(logits, temperature=temperature)
+    with pytest.raises(TypeError, match="final_logits must be a floating-point tensor"):
+        sample_logits(torch.tensor([[3, 1, 2]]), temperature=0.0)
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_logits(logits, temperature=0.0), logits.argmax(dim=-1))
+
+
 def test_top_k_with_top_p_is_refused_only_where_they_filter():
     """``top_k`` with ``top_p`` is ambiguous only when sampling (TransformerLens keeps
     ``top_k`` and drops ``top_p``, Hugging Face applies both). Greedy decoding

@@ -119,6 +119,16 @@ def _filtered_logits(
     (float64 logits stay float64, as in TransformerLens: rounding them to float32 first
     made near-ties choose another token)."""
     top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
+    if not isinstance(final_logits, Tensor) or not final_logits.is_floating_point():
+        raise TypeError(
+            "final_logits must be a floating-point tensor [batch, d_vocab], got "
+            f"{final_logits.dtype if isinstance(final_logits, Tensor) else final_logits!r}"
+        )
+    if final_logits.ndim != 2:  # model(tokens)'s [batch, pos, d_vocab] gave a [batch, pos] argmax
+        raise ValueError(
+            "final_logits must be [batch, d_vocab], the logits of the last position "
+            f"(logits[:, -1] of a forward pass), got shape {tuple(final_logits.shape)}"
+        )
     token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
         raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
