@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import (
     build_sentencepiece_style_tokenizer,
+    build_word_tokenizer,
     randomize_routing,
     tiny_model,
     transformer_bridge_pair,
@@ -74,6 +75,22 @@ def test_prepend_bos_that_is_not_a_bool_is_refused(model, word_tokenizer):
     bos = word_tokenizer.bos_token_id
     assert model.to_tokens("w1", prepend_bos=False)[0, 0] != bos
     assert model.to_tokens("w1", prepend_bos=True)[0, 0] == bos
+
+
+def test_to_single_token_counts_every_token_of_a_text_longer_than_n_ctx():
+    """Audit finding: to_single_token tokenised with to_tokens's truncation to n_ctx, so
+    with n_ctx=1 "w5 w6" was taken for the single token w5 (its id returned, silently),
+    and a longer text was refused as n_ctx tokens ("'w5 w6 w7' is 2 tokens" with
+    n_ctx=2)."""
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(40)])
+    for n_ctx in (1, 2):
+        model = tiny_model(n_ctx=n_ctx)
+        model.set_tokenizer(tokenizer)
+        assert model.to_single_token("w5") == tokenizer.convert_tokens_to_ids("w5")
+        with pytest.raises(ValueError, match=r"'w5 w6' is 2 tokens \['w5', 'w6'\], not one"):
+            model.to_single_token("w5 w6")
+        with pytest.raises(ValueError, match=r"'w5 w6 w7' is 3 tokens \['w5', 'w6', 'w7'\]"):
+            model.to_single_token("w5 w6 w7")
 
 
 def test_to_single_token_refuses_multiple_tokens(model):

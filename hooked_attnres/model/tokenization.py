@@ -273,8 +273,10 @@ class TokenizerMixin:
         return [tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids]
 
     def to_single_token(self, string: str) -> int:
-        """The id of a string that is exactly one token (``ValueError`` otherwise)."""
-        tokens = self.to_tokens(string, prepend_bos=False, move_to_device=False)[0]
+        """The id of a string that is exactly one token (``ValueError`` otherwise; every
+        token counts, also beyond ``n_ctx``)."""
+        # not truncated: cut to n_ctx=1, "w5 w6" was the single token w5
+        tokens = self.to_tokens(string, prepend_bos=False, move_to_device=False, truncate=False)[0]
         if tokens.numel() != 1:
             raise ValueError(
                 f"{string!r} is {tokens.numel()} tokens {self._decode_each(tokens)}, not one"
