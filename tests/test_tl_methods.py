@@ -1492,6 +1492,11 @@ def test_bad_generation_arguments_are_refused():
     ).shape == (1, 33)
     with pytest.raises(ValueError, match="no effect with do_sample=False"):
         model.generate(prompt, do_sample=False, generator=torch.Generator(), **quiet)
+    # audit finding: temperature=0 decodes greedily too, and took a generator silently
+    with pytest.raises(ValueError, match=r"no effect with temperature=0 \(greedy"):
+        model.generate(
+            prompt, temperature=0, generator=torch.Generator(), stop_at_eos=False, **quiet
+        )
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         model.generate(prompt, top_p=1.5, stop_at_eos=False, **quiet)
     with pytest.raises(ValueError, match="temperature must be >= 0"):

@@ -400,6 +400,11 @@ class GenerationMixin:
         check_sampling_arguments(
             top_k, top_p, temperature, freq_penalty, repetition_penalty, greedy=not do_sample
         )
+        if generator is not None and temperature == 0:  # do_sample=False: refused above
+            raise ValueError(
+                "a generator seeds sampling; it has no effect with temperature=0 (greedy "
+                "decoding, as do_sample=False)"
+            )
         tokens, mask, input_type = self._generation_prompt(
             input, prepend_bos, padding_side, attention_mask
         )
