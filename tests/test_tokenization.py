@@ -93,6 +93,20 @@ def test_to_single_token_counts_every_token_of_a_text_longer_than_n_ctx():
             model.to_single_token("w5 w6 w7")
 
 
+def test_get_token_position_names_the_truncation_when_the_token_is_beyond_n_ctx():
+    """Audit finding: a string prompt is truncated to n_ctx tokens (as in TransformerLens;
+    the forward pass reads no more), and a token that occurs only after them was refused
+    as "does not occur in the prompt", though it does."""
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(40)])
+    model = tiny_model(n_ctx=2)
+    model.set_tokenizer(tokenizer)
+    assert model.get_token_position("w1", "w0 w1 w2 w3") == 1
+    with pytest.raises(ValueError, match=r"occurs in the prompt only after its first n_ctx=2"):
+        model.get_token_position("w3", "w0 w1 w2 w3")
+    with pytest.raises(ValueError, match=r"token \d+ does not occur in the prompt$"):
+        model.get_token_position("w9", "w0 w1 w2 w3")
+
+
 def test_to_single_token_refuses_multiple_tokens(model):
     with pytest.raises(ValueError, match=r"'w1 w2' is 2 tokens"):
         model.to_single_token("w1 w2")

@@ -346,6 +346,14 @@ class TokenizerMixin:
             )
         found = (tokens == single_token).nonzero().flatten()
         if found.numel() == 0:
+            if isinstance(input, str) and len(tokens) == self.cfg.n_ctx:
+                whole = self.to_tokens(input, prepend_bos, padding_side, False, truncate=False)
+                if bool(torch.eq(whole, single_token).any()):
+                    raise ValueError(
+                        f"token {single_token} occurs in the prompt only after its first "
+                        f"n_ctx={self.cfg.n_ctx} tokens, which are all that to_tokens keeps of "
+                        "a string (and the model reads)"
+                    )
             raise ValueError(f"token {single_token} does not occur in the prompt")
         return int(found[0] if mode == "first" else found[-1])
 
