@@ -1730,3 +1730,76 @@ def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
     assert filtered.other_hooks_attached is True
     with pytest.raises(KeyError, match="other hooks than the caching ones were attached"):
         filtered.decompose_resid(2)
+
+
+def test_logit_attrs_refuses_pos_answers_that_may_be_some_prompts_answers(case):
+    """Audit 57: a ``[pos]`` answer tensor whose length is neither the stack's rows nor the
+    batch's was read per position (TransformerLens's documented form), so answers for
+    another number of prompts passed: 2 answers with ``batch_slice=[0]`` in a batch of 3
+    prompts of 2 positions gave prompt 0's position 1 the second answer (0.070 for -0.092,
+    3-layer kimi; -0.135 for -0.003 in layout none). A 1-D tensor is read per position
+    only where its length exceeds the cache's batch (it cannot be answers for some of its
+    prompts); shorter ones that are not the stack's rows are refused, naming ``[1, pos]``.
+    The documented forms stay exact: ``[rows]`` (per prompt; also where rows equal
+    positions, as TransformerLens reads it) and ``[1, pos]``."""
+    routed = {"routed": True} if case.routed_final else {}
+    three = torch.cat([case.clean, case.corrupted[:1]])[:, :2]  # 3 prompts, 2 positions
+    logits, cache = case.model.run_with_cache(three)
+    stack = cache.decompose_resid(**routed)  # [n, 3, 2, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
+    refusal = r"tokens of shape \(2,\).*at most the cache's batch \(3\).*\[1, pos\]"
+    for kwargs in ({"batch_slice": [0]}, {}, {"batch_slice": 0}, {"batch_slice": (2, 3)}):
+        with pytest.raises(ValueError, match=refusal):
+            cache.logit_attrs(stack, answers, wrongs, **kwargs, **routed)
+    with pytest.raises(ValueError, match=refusal):  # one prompt's stack, no batch axis
+        cache.logit_attrs(
+            stack[:, 0], answers, wrongs, batch_slice=0, has_batch_dim=False, **routed
+        )
+    per_pos = logits[:, [0, 1], answers] - logits[:, [0, 1], wrongs]  # [batch, pos]
+    attrs = cache.logit_attrs(stack, answers[None], wrongs[None], batch_slice=[0], **routed)
+    assert torch.allclose(attrs.sum(0), per_pos[:1], atol=ATOL)
+    attrs = cache.logit_attrs(stack, answers[None], wrongs[None], **routed)
+    assert torch.allclose(attrs.sum(0), per_pos, atol=ATOL)
+    # the rows' own answers, per prompt at every position (rows == positions here)
+    attrs = cache.logit_attrs(stack, answers, wrongs, batch_slice=[0, 1], **routed)
+    rows = torch.arange(2)[:, None]
+    by_hand = logits[rows, :, answers[:, None]] - logits[rows, :, wrongs[:, None]]
+    assert torch.allclose(attrs.sum(0), by_hand[:, 0], atol=ATOL)
+    attrs = cache.logit_attrs(stack, answers[:1], wrongs[:1], batch_slice=[0], **routed)
+    assert torch.allclose(attrs.sum(0), by_hand[:1, 0], atol=ATOL)
+
+
+def test_logit_attrs_takes_lists_and_strings_for_both_token_arguments(case):
+    """Audit 57: TransformerLens 4.3 crashed on list ``tokens`` with ``incorrect_tokens``
+    (``AttributeError: 'list' object has no attribute 'shape'``, in its shape check).
+    Lists (and tuples, NumPy integers, and a string of one token, as TransformerLens takes)
+    are read as the tensors they hold, for both arguments; a list of strings is refused
+    naming ``to_single_token``."""
+    import numpy as np
+
+    routed = {"routed": True} if case.routed_final else {}
+    logits, cache = case.logits, case.cache  # 2 prompts, 4 positions
+    stack = cache.decompose_resid(**routed)  # [n, 2, 4, d_model]
+    rows = torch.arange(2)[:, None]
+    answers, wrongs = [ANSWER, 11], [WRONG, 12]
+    by_hand = logits[rows, :, torch.tensor(answers)[:, None]]
+    by_hand = by_hand - logits[rows, :, torch.tensor(wrongs)[:, None]]  # [2, 1, pos]
+    for pair in (
+        (answers, wrongs),
+        (tuple(answers), tuple(wrongs)),
+        (answers, torch.tensor(wrongs)),
+    ):
+        attrs = cache.logit_attrs(stack, *pair, **routed)
+        assert torch.allclose(attrs.sum(0), by_hand[:, 0], atol=ATOL)
+    attrs = cache.logit_attrs(stack, answers, **routed)  # no incorrect tokens
+    assert torch.allclose(
+        attrs.sum(0), logits[rows, :, torch.tensor(answers)[:, None]][:, 0], atol=ATOL
+    )
+    per_pos = [[ANSWER, 11, 13, 14]], [[WRONG, 12, 15, 16]]  # [1, pos]
+    attrs = cache.logit_attrs(stack, *per_pos, **routed)
+    by_pos = logits[:, range(4), per_pos[0][0]] - logits[:, range(4), per_pos[1][0]]
+    assert torch.allclose(attrs.sum(0), by_pos, atol=ATOL)
+    attrs = cache.logit_attrs(stack, np.int64(ANSWER), np.int64(WRONG), **routed)
+    assert torch.allclose(attrs.sum(0), logits[..., ANSWER] - logits[..., WRONG], atol=ATOL)
+    with pytest.raises(TypeError, match=r"tokens.*to_single_token"):
+        cache.logit_attrs(stack, ["a", "b"], **routed)

@@ -2089,3 +2089,17 @@ def test_unknown_optional_hook_message_is_specific():
     ):
         with pytest.raises(UnknownHookError, match=re.escape(f"model.{flag}(True)")):
             model.add_hook(name, lambda x, hook: x)
+
+
+def test_logit_attrs_takes_a_string_of_one_token_for_both_token_arguments():
+    """Audit 57: ``tokens`` / ``incorrect_tokens`` given as strings of one token (as
+    TransformerLens takes them) read the same as their ids; with a ``[1]`` list beside
+    a string, the shapes differ and TransformerLens's shape check refuses."""
+    model = routed_model("kimi")
+    logits, cache = model.run_with_cache("w1 w2 w3")
+    stack = cache.decompose_resid(routed=True)
+    w3, w4 = model.to_single_token("w3"), model.to_single_token("w4")
+    attrs = cache.logit_attrs(stack, "w3", "w4", routed=True)
+    assert torch.allclose(attrs.sum(0), logits[..., w3] - logits[..., w4], atol=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        cache.logit_attrs(stack, "w3", [w4], routed=True)

@@ -714,13 +714,15 @@ class AttnResActivationCache(ActivationCache):
         position of each row: the whole batch's answers with a ``batch_slice`` widened
         the result, or, with as many answers as positions, kept its shape and dotted
         position ``p`` with prompt ``p``'s answer. So ``[pos]`` tokens, one per position
-        for every row (TransformerLens's documented form), are refused where they have
-        the length of the cache's batch and the stack does not hold its rows: they may be
-        the batch's answers."""
+        for every row (TransformerLens's documented form for a 1-D tensor of another length
+        than the stack's rows), are taken only where they are longer than the cache's batch:
+        a shorter one may be answers for as many of its prompts (the whole batch's, or
+        another selection than the stack's rows), which TransformerLens would dot along
+        the positions; ``[1, pos]`` says per position unambiguously."""
         rows = as_slice(batch_slice, "batch_slice")
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         axes = tuple(stack.shape[1:-1])
-        shape = () if isinstance(tokens, (str, int)) else tuple(torch.as_tensor(tokens).shape)
+        shape = tuple(tokens.shape)
         if len(shape) == 1 and len(axes) == 2 and has_batch_dim and rows.mode != "int":
             if shape[0] == axes[0]:
                 return  # [batch]: TransformerLens reads them at every position of each row
@@ -732,19 +734,22 @@ class AttnResActivationCache(ActivationCache):
             and all(size == 1 for size in shape[:extra])
             and all(size in (1, axis) for size, axis in aligned)
         )
-        # a [pos] vector read along the positions with the length of the batch (without
-        # ln_final's scale TransformerLens raises its KeyError naming the hook)
+        # a [pos] vector read along the positions, no longer than the batch: it may be
+        # answers for as many prompts (without ln_final's scale TransformerLens raises its
+        # KeyError naming the hook)
         scale = self.cache_dict.get(self.model.norm_at(2 * self.model.cfg.n_layers).hook_scale.name)
         batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
         along_positions = (
             as_slice(pos_slice, "pos_slice").mode != "int" and len(shape) == 1 and len(axes) > 0
         )
-        if fits and not (along_positions and shape[0] == batch > 1):
+        if fits and not (along_positions and 1 < shape[0] <= batch):
             return
+        held = axes[0] if len(axes) == 2 and has_batch_dim and rows.mode != "int" else 1
         why = (
-            f"they have the length of the cache's batch ({batch}), but the stack holds "
-            "other rows (or none), and TransformerLens would read them along the positions, "
-            "one answer per position: the whole batch's answers would give position p "
+            f"TransformerLens would read them along the positions, one answer per position, "
+            f"but their length is at most the cache's batch ({batch}) and not the "
+            f"{held} row(s) the stack holds: they may be answers for {shape[0]} prompts (the "
+            "whole batch's, or another selection's), whose position p would be dotted with "
             "prompt p's answer"
             if fits
             else "TransformerLens broadcasts them from the last axis, dotting the stack's "
@@ -755,8 +760,25 @@ class AttnResActivationCache(ActivationCache):
             f"position axes {axes} (after batch_slice={_shown(batch_slice)}): {why}. Pass "
             "one token, [batch] tokens of the rows the stack holds (e.g. tokens[rows] with "
             "batch_slice=rows), [batch, pos] tokens of its rows and positions, or [1, pos] "
-            "tokens, one answer per position for every row it holds."
+            "tokens (tokens[None]), one answer per position for every row it holds."
         )
+
+    def _token_tensor(self, tokens: Any, name: str) -> Tensor:
+        """``tokens`` / ``incorrect_tokens`` of `logit_attrs` as the tensor of token ids
+        they hold: a string of one token (``to_single_token``, as TransformerLens), a token
+        id (an int or NumPy integer), a list, tuple, array or tensor of ids. TransformerLens
+        4.3 read a list's ``.shape`` in its shape check (``AttributeError`` with
+        ``incorrect_tokens``)."""
+        if isinstance(tokens, str):
+            tokens = self.model.to_single_token(tokens)
+        try:
+            return torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"cache.logit_attrs: {name} must be a string of one token, a token id, or a "
+                f"list, array or tensor of token ids, got {tokens!r}; for several strings "
+                "pass [model.to_single_token(s) for s in strings]"
+            ) from error
 
     def _sum_error(self, total: Tensor, target: Tensor) -> tuple[float, float]:
         """``(max |total - target|, max |target|)`` of a sum check, over the real tokens of
@@ -1016,7 +1038,13 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``logit_attrs`` (exact: the ``ln_final`` gain is folded into
         the token directions). In layouts with a final router the stack must be a routed
         decomposition of the final router's output: pass ``routed=True`` (and build the
-        stack with ``routed=True``)."""
+        stack with ``routed=True``).
+
+        ``tokens`` / ``incorrect_tokens``: a string of one token or a token id; ``[rows]``
+        (one answer per prompt the stack holds, at each of its positions); ``[pos]`` (one
+        per position, for every row) only where longer than the cache's batch, else
+        ``[1, pos]``; ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
+        Returns ``[n_components, *batch_and_pos]``."""
         self._require_full_run("logit_attrs")
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
@@ -1024,6 +1052,9 @@ class AttnResActivationCache(ActivationCache):
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
+        tokens = self._token_tensor(tokens, "tokens")
+        if incorrect_tokens is not None:
+            incorrect_tokens = self._token_tensor(incorrect_tokens, "incorrect_tokens")
         self._require_tokens_fit(residual_stack, tokens, pos_slice, batch_slice, has_batch_dim)
         return ActivationCache.logit_attrs(
             self._plain(wide=True),
