@@ -14,6 +14,7 @@ import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig, plotting
+from hooked_attnres._tl import Slice
 from hooked_attnres.analysis import (
     ablation_effects,
     bootstrap_ci,
@@ -1581,6 +1582,49 @@ def test_norms_on_a_padded_eps_zero_cache_take_its_padding(layout, side):
         out, weights = final.mix(sources, cache.attention_mask)
         torch.testing.assert_close(out, cache[final.hook_out.name], atol=1e-12, rtol=0)
         torch.testing.assert_close(weights, cache[final.hook_weights.name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+def test_a_pos_slice_cache_of_an_eps_zero_padded_run_takes_its_kept_positions_padding(layout):
+    """Audit 57: a cache made with ``run_with_cache(..., pos_slice=...)`` recorded the
+    pass's ``[batch, pos]`` mask, which its sliced tensors' rows do not match, so the norms
+    its analyses apply after the run ignored it: with eps 0 every all-zero padding row was
+    ``0 / 0`` (nan in ``accumulated_resid(apply_ln=True)``, ``apply_ln_to_stack(
+    recompute_ln=True)``, ``logit_lens`` and the routing lens, in every layout, where the
+    run is finite). The cache now records its ``pos_slice`` and ``real_rows`` is the kept
+    positions' padding: the analyses equal the whole cache's cut by the same slice, and
+    the real rows keep their bits."""
+    model = _eps_zero_padded_model(layout)
+    routed = model.routing_layout.has_final_router
+    tokens = torch.tensor([[0, 0, 0, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+    kwargs = {"routed": True} if routed else {}
+    for pos_slice in ((1, 4), [0, 4], 1):
+        cut = Slice.unwrap(pos_slice)  # an int keeps its axis (TransformerLens)
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=pos_slice)
+        assert torch.equal(cache.real_rows(), cut.apply(mask.bool(), dim=-1))
+        analyses = {
+            "accumulated_resid": lambda c, s: c.accumulated_resid(
+                apply_ln=True, incl_mid=True, pos_slice=s, **kwargs
+            ),
+            "apply_ln_to_stack": lambda c, s: c.apply_ln_to_stack(
+                c.decompose_resid(pos_slice=s, routed=routed),
+                pos_slice=s,
+                recompute_ln=True,
+                routed=routed,
+            ),
+            "routing_lens": lambda c, s: routing_lens(model, c, incl_mid=True, positions=s).logits,
+        }
+        if not routed:
+            analyses["logit_lens"] = lambda c, s: c.logit_lens(positions=s, incl_mid=True).values
+        real = cache.real_rows()
+        for name, analysis in analyses.items():
+            got = analysis(cache, None)
+            assert got.isfinite().all(), (name, pos_slice)
+            torch.testing.assert_close(got, analysis(whole, cut), atol=1e-12, rtol=0)
+            plain = analysis(_unrecorded(cache), None)  # no padding: eps 0 everywhere
+            assert torch.equal(got[:, real], plain[:, real]), (name, pos_slice)
 
 
 @pytest.mark.parametrize("layout", ["kimi", "full"])

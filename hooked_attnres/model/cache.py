@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -169,6 +170,10 @@ class RunCacheDict(dict):
             which did not reach them): their tensors are not of the recorded pass.
         sliced: the hooks cached with a ``pos_slice`` that does not keep every position
             in order: their position ``p`` is not the pass's position ``p``.
+        pos_slice: the TransformerLens ``Slice`` the caching hooks cut every position
+            axis with (``run_with_cache(..., pos_slice=...)``), ``None`` without one: the
+            cached positions are ``pos_slice.apply(range(pos))`` of the pass's
+            (`AttnResActivationCache.real_rows` cuts ``attention_mask`` with it).
         other_hooks_attached: whether a forward hook or pre-hook was attached to the
             model when the pass began, besides the caching hooks ``run_with_cache`` adds
             (TransformerLens's or raw PyTorch ones, or a global module hook: they may have
@@ -181,6 +186,7 @@ class RunCacheDict(dict):
     stale: frozenset = frozenset()
     sliced: frozenset = frozenset()
     other_hooks_attached: Optional[bool] = None
+    pos_slice: Optional[Slice] = None
 
     def __init__(
         self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
@@ -194,20 +200,29 @@ class RunCacheDict(dict):
         out = RunCacheDict(self, n_past=self.n_past)
         out.attention_mask, out.stale = self.attention_mask, self.stale
         out.sliced, out.other_hooks_attached = self.sliced, self.other_hooks_attached
+        out.pos_slice = self.pos_slice
         return out
 
     def note_pass(
-        self, name: str, n_past: int, mask: Optional[Tensor], sliced: bool = False
+        self,
+        name: str,
+        n_past: int,
+        mask: Optional[Tensor],
+        sliced: bool = False,
+        pos_slice: Optional[Slice] = None,
     ) -> None:
         """Record that the pass with ``n_past`` and ``mask`` (`pass_mask`) fills ``name``
-        now (``sliced``: with a ``pos_slice`` that drops or reorders positions): a pass
-        with another record than the last one's makes every hook it has not (yet)
+        now, cut by ``pos_slice`` (``sliced``: one that drops or reorders positions): a
+        pass with another record than the last one's makes every hook it has not (yet)
         refilled `stale`."""
-        if n_past != self.n_past or not (
-            mask is self.attention_mask or same_padding(mask, self.attention_mask)
+        if (
+            n_past != self.n_past
+            or not (mask is self.attention_mask or same_padding(mask, self.attention_mask))
+            or not _same_slice(pos_slice, self.pos_slice)
         ):
             self.stale = frozenset(self)
             self.n_past, self.attention_mask = n_past, mask
+            self.pos_slice = pos_slice
         if name in self.stale:
             self.stale = self.stale - {name}
         if sliced != (name in self.sliced):
@@ -225,6 +240,17 @@ class RunRecord:
     attention_mask: Optional[Tensor]
     stale: frozenset
     sliced: frozenset = frozenset()
+    pos_slice: Optional[Slice] = None  # `RunCacheDict.pos_slice`
+
+
+def _same_slice(first: Optional[Slice], second: Optional[Slice]) -> bool:
+    """Whether two ``pos_slice`` records cut the same positions (``None``: none cut)."""
+    if first is None or second is None:
+        return first is second
+    one, other = first.slice, second.slice
+    if isinstance(one, slice) or isinstance(other, slice):
+        return isinstance(one, slice) and isinstance(other, slice) and one == other
+    return bool(np.array_equal(np.asarray(one), np.asarray(other)))
 
 
 def record_of(cache: Any) -> Optional[RunRecord]:
@@ -241,7 +267,7 @@ def record_of(cache: Any) -> Optional[RunRecord]:
         cache = getattr(cache, "cache_dict", None)
         if not isinstance(cache, RunCacheDict):
             return None
-    return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced)
+    return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced, cache.pos_slice)
 
 
 def _recorded(
@@ -262,6 +288,7 @@ def _recorded(
     out = RunCacheDict(items, n_past=record.n_past, attention_mask=mask)  # None: rows unpadded
     out.stale = frozenset(name for name in record.stale if name in out)
     out.sliced = frozenset(name for name in record.sliced if name in out)
+    out.pos_slice = record.pos_slice
     return out
 
 
@@ -336,6 +363,7 @@ class AttnResActivationCache(ActivationCache):
             mask,
             getattr(inner, "stale", frozenset()),
             getattr(inner, "sliced", frozenset()),
+            getattr(inner, "pos_slice", None),
         )
 
     @property
@@ -631,10 +659,17 @@ class AttnResActivationCache(ActivationCache):
     def real_rows(self) -> Optional[Bool[Tensor, "*batch_and_pos"]]:
         """The recorded padding (`attention_mask`, True at real tokens) laid out as this
         cache's ``[*batch_and_pos]`` axes: ``[batch, pos]``, or ``[pos]`` for a cache
-        without a batch axis (its one prompt's row); ``None`` without padding."""
+        without a batch axis (its one prompt's row), at the positions it holds (those a
+        ``run_with_cache(..., pos_slice=...)`` kept: ``[batch, kept]``, ``[batch]`` for
+        an int); ``None`` without padding."""
         real = self.attention_mask
-        if real is not None and not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
+        if real is None:
+            return None
+        if not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
             real = real[0]
+        record = self._record()
+        if record is not None and record.pos_slice is not None:
+            real = record.pos_slice.apply(real, dim=-1)
         return real
 
     def _stack_padding(

@@ -391,6 +391,8 @@ class HookedModule(HookedRootModule):
         sweeps refuse it (give a `RunCacheDict` to have it recorded)."""
         cache = RunCacheDict() if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
+        # what the record keeps of it (`RunCacheDict.pos_slice`): None where it cuts nothing
+        recorded_slice = None if pos_slice.mode == "identity" else pos_slice
         wanted = self._names_predicate(names_filter)
         self.is_caching = True
         # every forward hook records the extent of its pass (n_past, mask), as the cache
@@ -428,7 +430,7 @@ class HookedModule(HookedRootModule):
             if record is not None and not is_backward:
                 mask = pass_mask()
                 mask = None if mask is None else mask.to(device)
-                record.note_pass(str(hook.name), pass_n_past(), mask, sliced)
+                record.note_pass(str(hook.name), pass_n_past(), mask, sliced, recorded_slice)
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []
