@@ -356,10 +356,10 @@ class RMSNorm(nn.Module):
         copies of split q/k/v inputs, and for tensors of a cache).
 
         ``attention_mask``: for ``x`` made in another pass (a cache's), that pass's mask
-        of the axes before ``x``'s last (``[batch, pos]``, ``cache.attention_mask``; 1 /
-        True at real tokens): with ``eps = 0`` an all-zero row at its padding is then
-        finite, as in the pass (`padding_eps`), where it would be ``0 / 0``; every other
-        row is the same bits."""
+        of the axes before ``x``'s last (``[batch, pos]``, ``cache.real_rows()``: the
+        cache's ``attention_mask`` at the positions it holds; 1 / True at real tokens):
+        with ``eps = 0`` an all-zero row at its padding is then finite, as in the pass
+        (`padding_eps`), where it would be ``0 / 0``; every other row is the same bits."""
         if attention_mask is None:
             return rms_normalize(x, self.eps) * self.w
         return rms_normalize(x, padding_eps(self.eps, x, padding_of(attention_mask))) * self.w

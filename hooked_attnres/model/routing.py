@@ -196,7 +196,8 @@ class DepthRouter(nn.Module):
         depth states with it). The same operations as every path of `forward`.
 
         ``attention_mask``: for sources made in another pass (a cache's), that pass's
-        ``[batch, pos]`` mask (``cache.attention_mask``; ``[pos]`` for sources without a
+        ``[batch, pos]`` mask at their positions (``cache.real_rows()``: the cache's
+        ``attention_mask`` at the positions it holds, ``[pos]`` for sources without a
         batch axis; 1 / True at real tokens). With ``eps = 0`` a source that is all zero
         at a padding row (a padding query's attention output) then takes eps 1 there, as
         in the pass (`norms.padding_eps`): without it its logit is ``0 / 0`` and the
