@@ -1627,6 +1627,30 @@ def test_a_pos_slice_cache_of_an_eps_zero_padded_run_takes_its_kept_positions_pa
             assert torch.equal(got[:, real], plain[:, real]), (name, pos_slice)
 
 
+@pytest.mark.parametrize("layout", ["cumulative", "none"])
+def test_logit_lens_with_a_batch_slice_takes_the_padding_of_its_rows(layout):
+    """Audit 57: TransformerLens's ``logit_lens`` cuts the stack to ``batch_slice`` itself
+    and then calls ``apply_ln_to_stack(recompute_ln=True)`` without it, so the cache could
+    not tell the stack's rows and its norm ignored the run's padding: with eps 0 every
+    all-zero padding row of the selected prompts was ``0 / 0`` (nan, for every
+    ``batch_slice``: a list, a reordering, an int, a range), where the run is finite. The
+    cache's ``logit_lens`` now cuts the cache itself (its rows of the mask kept): the
+    result equals the whole batch's lens cut to the same rows, finite everywhere."""
+    model = _eps_zero_padded_model(layout)
+    tokens = torch.tensor([[0, 0, 0, 4, 5, 6], [7, 3, 4, 5, 1, 2], [1, 2, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    for positions in (None, [0, 4], 2):
+        whole = cache.logit_lens(positions=positions, incl_mid=True).values
+        assert whole.isfinite().all()
+        for batch_slice in ([2, 0], 0, (0, 2)):
+            result = cache.logit_lens(positions=positions, batch_slice=batch_slice, incl_mid=True)
+            assert result.has_batch_dim == (not isinstance(batch_slice, int))
+            assert result.values.isfinite().all(), (batch_slice, positions)
+            expected = Slice(batch_slice).apply(whole, dim=1)
+            torch.testing.assert_close(result.values, expected, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["kimi", "full"])
 def test_norms_given_a_cache_padding_keep_the_bits_where_eps_is_positive_or_rows_real(layout):
     """The padding a norm outside its run is given changes nothing but an all-zero

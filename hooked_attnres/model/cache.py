@@ -1197,7 +1197,11 @@ class AttnResActivationCache(ActivationCache):
         in layouts without a final router; refuses in ``kimi`` / ``full``, where
         ``hooked_attnres.analysis.routing_lens`` is the lens over depth states. It runs
         on this cache, so ``ln_final`` is applied to each entry by `apply_ln_to_stack`
-        (``recompute_ln=True``: by hand, without firing ``ln_final``'s hooks)."""
+        (``recompute_ln=True``: by hand, without firing ``ln_final``'s hooks). A
+        ``batch_slice`` cuts the cache (`apply_slice_to_batch_dim`, which keeps its rows
+        of the run's padding) before the lens reads it: TransformerLens cuts the stack and
+        normalises it without the slice, whose rows the cache could not tell (with
+        ``eps = 0`` its all-zero padding rows were ``0 / 0``)."""
         self._require_full_run("logit_lens")
         if self.model.routing_layout.has_final_router:
             raise ValueError(
@@ -1207,7 +1211,10 @@ class AttnResActivationCache(ActivationCache):
                 "hooked_attnres.analysis.routing_lens(model, cache), which applies the final "
                 "router to each depth state."
             )
-        return ActivationCache.logit_lens(self, **kwargs)
+        cache: ActivationCache = self
+        if self.has_batch_dim and kwargs.get("batch_slice") is not None:
+            cache = self.apply_slice_to_batch_dim(kwargs.pop("batch_slice"))
+        return ActivationCache.logit_lens(cache, **kwargs)
 
     # --- stacking router hooks ---------------------------------------------------------
     def stack_activation(
