@@ -978,6 +978,25 @@ def test_routing_lens_names_the_hooks_a_cache_lacks(case):
             routing_lens(model, cache)
 
 
+def test_a_logit_positions_run_refuses_a_pos_slice(case):
+    """Audit 57: with a ``pos_slice`` every hook of a ``logit_positions`` run had the same
+    number of positions (``pos_slice=-1``: one), so the refusal below, which compares
+    them, let it through: the early layers' position was the sequence's last, the last
+    layer's the answer position. A DLA of right-padded prompts (answer at position 3 of
+    6) summed to 0.0094 for a logit difference of -0.2425 (3-layer kimi), 0.0183 for
+    -0.0911 (layout none), the decomposition check passing on the padding it leaves out.
+    ``run_with_cache`` refuses the pair before the run; either alone is taken."""
+    model = case.model
+    positions = torch.tensor([1, 3])
+    for pos_slice in (-1, [0], (2, 4), Slice(-1)):
+        with pytest.raises(ValueError, match=r"pos_slice.*logit_positions.*without pos_slice"):
+            model.run_with_cache(case.clean, logit_positions=positions, pos_slice=pos_slice)
+    logits, _ = model.run_with_cache(case.clean, logit_positions=positions, pos_slice=None)
+    assert torch.allclose(logits, model(case.clean, logit_positions=positions), atol=1e-6)
+    _, cut = model.run_with_cache(case.clean, pos_slice=-1)
+    assert torch.equal(cut["ln_final.hook_scale"], case.cache["ln_final.hook_scale"][:, -1:])
+
+
 def test_residual_analyses_refuse_a_logit_positions_cache(case):
     """A logit_positions run caches its last layer at one position per prompt: stacking it
     with the earlier layers (pos_slice=-1 reads their last position, the last layer's

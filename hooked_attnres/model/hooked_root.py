@@ -501,6 +501,21 @@ class HookedModule(HookedRootModule):
         # a forward hook on the model before the caching hooks are added (TransformerLens's
         # or a raw PyTorch one, or a global module hook) may edit what the pass caches
         hooked = forward_hooks_attached(self)
+        if (
+            kwargs.get("logit_positions") is not None
+            and kwargs.get("pos_slice") is not None
+            and Slice.unwrap(kwargs["pos_slice"]).mode != "identity"
+        ):
+            # every hook would hold as many positions, the early layers' cut from the
+            # sequence's and the last layer's from its one position per prompt: the
+            # residual analyses' check (`require_one_position_axis`) could not tell them
+            raise ValueError(
+                "run_with_cache(..., pos_slice=...) with logit_positions would cut the early "
+                "layers' hooks at the sequence's positions but the last layer's at its one "
+                "position per prompt (logit_positions), so the cache's positions would not "
+                "be the same positions. Cache without pos_slice (and index the answer "
+                "positions yourself), or run without logit_positions."
+            )
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
             # TransformerLens asserts a batch of one for a token tensor passed first, from
             # its first axis (an AssertionError, and a [pos] prompt read as pos prompts);
