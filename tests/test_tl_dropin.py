@@ -1751,41 +1751,49 @@ def test_a_raw_pytorch_hook_counts_as_another_hook(pre_hook):
         filtered.decompose_resid(2)
 
 
-def test_logit_attrs_refuses_pos_answers_that_may_be_some_prompts_answers(case):
-    """Audit 57: a ``[pos]`` answer tensor whose length is neither the stack's rows nor the
-    batch's was read per position (TransformerLens's documented form), so answers for
-    another number of prompts passed: 2 answers with ``batch_slice=[0]`` in a batch of 3
-    prompts of 2 positions gave prompt 0's position 1 the second answer (0.070 for -0.092,
-    3-layer kimi; -0.135 for -0.003 in layout none). A 1-D tensor is read per position
-    only where its length exceeds the cache's batch (it cannot be answers for some of its
-    prompts); shorter ones that are not the stack's rows are refused, naming ``[1, pos]``.
-    The documented forms stay exact: ``[rows]`` (per prompt; also where rows equal
-    positions, as TransformerLens reads it) and ``[1, pos]``."""
+def test_logit_attrs_reads_pos_answers_per_position_unless_of_the_batch_length(case):
+    """A 1-D answer tensor is read per prompt where its length is the stack's rows (also
+    where rows equal positions, as TransformerLens reads it) and per position otherwise
+    (TransformerLens's documented form), except where its length is the cache's batch
+    against a stack that does not hold all its rows: those may be the whole batch's
+    answers, and are refused naming ``[1, pos]``. Audit 57 had refused every ``[pos]`` no
+    longer than the batch (2 answers with ``batch_slice=[0]``, 3 prompts of 2 positions),
+    which also refused the documented form for any batch of at least as many prompts as
+    positions; those are read per position again, checked against the logits."""
     routed = {"routed": True} if case.routed_final else {}
-    three = torch.cat([case.clean, case.corrupted[:1]])[:, :2]  # 3 prompts, 2 positions
+    three = torch.cat([case.clean, case.corrupted[:1]])[:, :3]  # 3 prompts, 3 positions
     logits, cache = case.model.run_with_cache(three)
-    stack = cache.decompose_resid(**routed)  # [n, 3, 2, d_model]
-    answers, wrongs = torch.tensor([ANSWER, 11]), torch.tensor([WRONG, 12])
-    refusal = r"tokens of shape \(2,\).*at most the cache's batch \(3\).*\[1, pos\]"
-    for kwargs in ({"batch_slice": [0]}, {}, {"batch_slice": 0}, {"batch_slice": (2, 3)}):
+    stack = cache.decompose_resid(**routed)  # [n, 3, 3, d_model]
+    answers, wrongs = torch.tensor([ANSWER, 11, 13]), torch.tensor([WRONG, 12, 14])
+    refusal = r"tokens of shape \(3,\).*the cache's batch \(3\).*\[1, pos\]"
+    for kwargs in ({"batch_slice": [0]}, {"batch_slice": 0}, {"batch_slice": (1, 3)}):
         with pytest.raises(ValueError, match=refusal):
             cache.logit_attrs(stack, answers, wrongs, **kwargs, **routed)
     with pytest.raises(ValueError, match=refusal):  # one prompt's stack, no batch axis
         cache.logit_attrs(
             stack[:, 0], answers, wrongs, batch_slice=0, has_batch_dim=False, **routed
         )
-    per_pos = logits[:, [0, 1], answers] - logits[:, [0, 1], wrongs]  # [batch, pos]
+    per_pos = logits[:, range(3), answers] - logits[:, range(3), wrongs]  # [batch, pos]
     attrs = cache.logit_attrs(stack, answers[None], wrongs[None], batch_slice=[0], **routed)
     assert torch.allclose(attrs.sum(0), per_pos[:1], atol=ATOL)
-    attrs = cache.logit_attrs(stack, answers[None], wrongs[None], **routed)
-    assert torch.allclose(attrs.sum(0), per_pos, atol=ATOL)
-    # the rows' own answers, per prompt at every position (rows == positions here)
-    attrs = cache.logit_attrs(stack, answers, wrongs, batch_slice=[0, 1], **routed)
-    rows = torch.arange(2)[:, None]
+    # the whole batch's stack: 3 answers are its rows' (per prompt, at every position)
+    attrs = cache.logit_attrs(stack, answers, wrongs, **routed)
+    rows = torch.arange(3)[:, None]
     by_hand = logits[rows, :, answers[:, None]] - logits[rows, :, wrongs[:, None]]
     assert torch.allclose(attrs.sum(0), by_hand[:, 0], atol=ATOL)
-    attrs = cache.logit_attrs(stack, answers[:1], wrongs[:1], batch_slice=[0], **routed)
-    assert torch.allclose(attrs.sum(0), by_hand[:1, 0], atol=ATOL)
+    # 2 positions, fewer than the batch's 3 prompts: [pos] is per position, every row
+    two = stack[:, :, :2]
+    attrs = cache.logit_attrs(two, answers[:2], wrongs[:2], pos_slice=(0, 2), **routed)
+    assert torch.allclose(attrs.sum(0), per_pos[:, :2], atol=ATOL)
+    attrs = cache.logit_attrs(
+        two[:, :1], answers[:2], wrongs[:2], batch_slice=[0], pos_slice=(0, 2), **routed
+    )
+    assert torch.allclose(attrs.sum(0), per_pos[:1, :2], atol=ATOL)
+    # 2 rows with 2 answers: per prompt, as TransformerLens reads rows == positions
+    attrs = cache.logit_attrs(
+        two[:, :2], answers[:2], wrongs[:2], batch_slice=[0, 1], pos_slice=(0, 2), **routed
+    )
+    assert torch.allclose(attrs.sum(0), by_hand[:2, 0, :2], atol=ATOL)
 
 
 def test_logit_attrs_takes_lists_and_strings_for_both_token_arguments(case):

@@ -750,10 +750,9 @@ class AttnResActivationCache(ActivationCache):
         the result, or, with as many answers as positions, kept its shape and dotted
         position ``p`` with prompt ``p``'s answer. So ``[pos]`` tokens, one per position
         for every row (TransformerLens's documented form for a 1-D tensor of another length
-        than the stack's rows), are taken only where they are longer than the cache's batch:
-        a shorter one may be answers for as many of its prompts (the whole batch's, or
-        another selection than the stack's rows), which TransformerLens would dot along
-        the positions; ``[1, pos]`` says per position unambiguously."""
+        than the stack's rows), are taken unless their length is the cache's batch: then
+        they may be the whole batch's answers, which TransformerLens would dot along the
+        positions; ``[1, pos]`` says per position unambiguously."""
         rows = as_slice(batch_slice, "batch_slice")
         stack = rows.apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         axes = tuple(stack.shape[1:-1])
@@ -769,23 +768,22 @@ class AttnResActivationCache(ActivationCache):
             and all(size == 1 for size in shape[:extra])
             and all(size in (1, axis) for size, axis in aligned)
         )
-        # a [pos] vector read along the positions, no longer than the batch: it may be
-        # answers for as many prompts (without ln_final's scale TransformerLens raises its
+        # a [pos] vector read along the positions, of the batch's length: it may be the
+        # whole batch's answers (without ln_final's scale TransformerLens raises its
         # KeyError naming the hook)
         scale = self.cache_dict.get(self.model.norm_at(2 * self.model.cfg.n_layers).hook_scale.name)
         batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
         along_positions = (
             as_slice(pos_slice, "pos_slice").mode != "int" and len(shape) == 1 and len(axes) > 0
         )
-        if fits and not (along_positions and 1 < shape[0] <= batch):
+        if fits and not (along_positions and 1 < shape[0] == batch):
             return
         held = axes[0] if len(axes) == 2 and has_batch_dim and rows.mode != "int" else 1
         why = (
             f"TransformerLens would read them along the positions, one answer per position, "
-            f"but their length is at most the cache's batch ({batch}) and not the "
-            f"{held} row(s) the stack holds: they may be answers for {shape[0]} prompts (the "
-            "whole batch's, or another selection's), whose position p would be dotted with "
-            "prompt p's answer"
+            f"but their length is the cache's batch ({batch}), not the {held} row(s) the "
+            "stack holds: they may be the whole batch's answers, whose position p would be "
+            "dotted with prompt p's answer"
             if fits
             else "TransformerLens broadcasts them from the last axis, dotting the stack's "
             "components with the answers of other rows or positions"
@@ -1077,8 +1075,8 @@ class AttnResActivationCache(ActivationCache):
 
         ``tokens`` / ``incorrect_tokens``: a string of one token or a token id; ``[rows]``
         (one answer per prompt the stack holds, at each of its positions); ``[pos]`` (one
-        per position, for every row) only where longer than the cache's batch, else
-        ``[1, pos]``; ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
+        per position, for every row) unless of the cache's batch's length (then
+        ``[1, pos]``); ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
         Returns ``[n_components, *batch_and_pos]``."""
         self._require_full_run("logit_attrs")
         point = 2 * self.model.cfg.n_layers
