@@ -172,3 +172,13 @@ def test_verdict_word_counts_are_integers(k, n, name):
     bad = k if name == "k" else n
     with pytest.raises(ValueError, match=f"^{name} must be an integer >= .*, got {bad!r}$"):
         verdict_word(k, n)
+
+
+@pytest.mark.parametrize(
+    "caller", ["summarize_mass", "ablation_effects", "effect_rows", "study_condition"]
+)
+def test_the_too_few_resamples_warning_names_n_bootstrap(model, batch, caller):
+    # the callers take n_bootstrap; the warning named the bootstrap's own "n_resamples=10"
+    with pytest.warns(RuntimeWarning, match=r"n_bootstrap=10 leaves fewer") as caught:
+        _bootstrap_callers(model, batch)[caller](n_bootstrap=10)
+    assert not [w for w in caught if "n_resamples" in str(w.message)]

@@ -71,9 +71,13 @@ def bootstrap_ci_rows(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    *,
+    resamples_name: str = "n_resamples",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise `bootstrap_ci` of ``values`` ``[rows, n]`` with the *same* resampled
-    prompts for every row (so that rows stay paired).
+    prompts for every row (so that rows stay paired). ``resamples_name``: the name under
+    which a refusal or the too-few-resamples warning gives the count (`check_bootstrap`;
+    the analyses pass ``"n_bootstrap"``, the argument their caller wrote).
 
     Returns:
         ``(mean, low, high)``, each ``[rows]``. A row that holds NaN or an infinite value
@@ -90,7 +94,7 @@ def bootstrap_ci_rows(
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:
         raise ValueError(f"values must be [rows, n] with n >= 1, got shape {values.shape}")
-    n_resamples, confidence, seed = check_bootstrap(n_resamples, confidence, seed)
+    n_resamples, confidence, seed = check_bootstrap(n_resamples, confidence, seed, resamples_name)
     n = values.shape[1]
     if n == 1:
         warnings.warn(
@@ -112,8 +116,8 @@ def bootstrap_ci_rows(
         )
     if too_few_resamples(n_resamples, confidence):
         warnings.warn(
-            f"n_resamples={n_resamples} leaves fewer than one resampled mean beyond each bound "
-            f"of a {confidence:.0%} interval (it needs at least "
+            f"{resamples_name}={n_resamples} leaves fewer than one resampled mean beyond "
+            f"each bound of a {confidence:.0%} interval (it needs at least "
             f"{min_resamples(confidence)}): the bounds are interpolated between "
             "the most extreme resampled means and the interval covers the mean less often "
             "than its level says",

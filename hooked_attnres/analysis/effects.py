@@ -520,7 +520,9 @@ def cell_rows(
     """One `ablation_effects` row per planned ablation from per-prompt effects
     ``differences [n_cells, n_prompts]`` (measured, or estimated by attribution) and the
     clean metric ``clean [n_prompts]``: the mean effect with its bootstrap interval."""
-    mean, low, high = bootstrap_ci_rows(differences, n_bootstrap, confidence, seed)
+    mean, low, high = bootstrap_ci_rows(
+        differences, n_bootstrap, confidence, seed, resamples_name="n_bootstrap"
+    )
     base = clean.mean()
     return [
         {

@@ -322,7 +322,9 @@ def summarize_mass(
             "other groups have; its mass over the prompts cannot be compared with theirs: "
             "summarise a routing_mass table with every router of every prompt"
         )
-    mean, low, high = bootstrap_ci_rows(per_prompt.to_numpy(), n_bootstrap, confidence, seed)
+    mean, low, high = bootstrap_ci_rows(
+        per_prompt.to_numpy(), n_bootstrap, confidence, seed, resamples_name="n_bootstrap"
+    )
     out = per_prompt.index.to_frame(index=False)
     out["mass"], out["ci_low"], out["ci_high"] = mean, low, high
     out["n_prompts"] = per_prompt.shape[1]
