@@ -1148,3 +1148,89 @@ def test_the_two_top_effect_families_are_named_by_their_ranking():
     assert "top_effect" not in attn.index and "effect_ranking" not in attn.index
     d1 = motif_report(summary, table).set_index("claim").loc["D1-attn_res"]
     assert d1.top_effect == (-cells).idxmax() == "embedding"  # the pre-registered harm ranking
+
+
+# a number of 1e16 or more in scientific notation: sign, one digit, its decimals, exponent
+_SCIENTIFIC = r"[+-]?\d(\.\d+)?e[+-]\d+"
+
+
+@settings(max_examples=300, deadline=None)
+@example(threshold=1e20, steps=0, spec=("+f", 2), anything=1e300)
+@example(threshold=-1e16, steps=-1, spec=("f", 3), anything=-1e16)
+@given(
+    threshold=st.one_of(
+        st.floats(1e16, 1e308), st.floats(-1e308, -1e16), st.sampled_from([1e16, 2.0**60])
+    ),
+    steps=st.integers(-3, 3),
+    spec=st.sampled_from([("f", 3), ("+f", 2), ("f", 1)]),
+    anything=st.one_of(st.floats(1e16, 1e308), st.floats(-1e308, -1e16)),
+)
+def test_huge_numbers_print_in_scientific_notation_on_their_side(threshold, steps, spec, anything):
+    """Numbers of 1e16 or more printed every integer digit ("100000000000000000000.00" for
+    1e20 with "+f" and 2 decimals): they print in scientific notation, still on their side
+    of the threshold read exactly (Fraction: independent of the Decimal reading), with no
+    more significant digits than a float needs (17)."""
+    import math
+    import re
+    from fractions import Fraction
+
+    from hooked_attnres.analysis.motifs import printed_beside
+
+    kind, digits = spec
+    for value in (_near(threshold, steps), anything, threshold):
+        assume(math.isfinite(value))
+        text = printed_beside(value, threshold, digits, kind)
+        if abs(value) >= 1e16:
+            assert re.fullmatch(_SCIENTIFIC, text), text
+            assert len(re.sub(r"\D", "", text.split("e")[0])) <= 17, text
+        else:  # a float next to -1e16, -9999999999999998: as before
+            assert text == format(value, f"{kind[:-1]}.{digits}f"), text
+        read = Fraction(text.replace("+", "", 1) if text.startswith("+") else text)
+        assert _side(read - Fraction(repr(threshold))) == _side(value - threshold), text
+
+
+@settings(max_examples=300, deadline=None)
+@example(other=1.2345678901234567e20, steps=0, tied=True)
+@example(other=-3.0e300, steps=0, tied=True)
+@given(
+    other=st.one_of(st.floats(4e16, 1e300), st.floats(-1e300, -4e16)),
+    steps=st.integers(-3, 3),
+    tied=st.booleans(),
+)
+def test_huge_d2_numbers_print_in_scientific_notation_as_their_tests_decide(other, steps, tied):
+    """D2's tests at huge magnitudes (ties included): scientific notation, read exactly
+    (Fraction) on the side the values decide."""
+    import re
+    from fractions import Fraction
+
+    from hooked_attnres.analysis.motifs import _d2_effect, _d2_mass, printed_deciding
+
+    mass = _near(0.5 * other, steps) if tied else -other
+    masses = printed_deciding([mass, other], 3, _d2_mass)
+    effect = _near(2 * min(other, 0.0), steps) if tied else other / 3
+    effects = printed_deciding([effect, other], 2, _d2_effect, "+f")
+    for value, text in zip([mass, other, effect, other], masses + effects, strict=True):
+        if abs(value) >= 1e16:  # (a tied effect beside a positive other is 0)
+            assert re.fullmatch(_SCIENTIFIC, text), text
+    m, o = (Fraction(t) for t in masses)
+    assert (m < Fraction(1, 2) * o) == _d2_mass(mass, other), masses
+    e, o = (Fraction(t.replace("+", "", 1)) for t in effects)
+    assert (-e >= 2 * max(-o, Fraction(0))) == _d2_effect(effect, other), effects
+
+
+@pytest.mark.parametrize("fraction", [1e14, 1e16, 1.2345e30, 0.05, 0.050000000000000010])
+def test_a_huge_percent_prints_in_scientific_notation_on_its_side(fraction):
+    """Criterion 2's percent of a tiny clean difference (harm / clean of 1e14 and more)
+    printed every integer digit; it prints in scientific notation from 1e16 %, read on the
+    fraction's side of 5 % (Fraction)."""
+    import re
+    from fractions import Fraction
+
+    from hooked_attnres.analysis.motifs import PREREGISTERED, _percent_text
+
+    text = _percent_text(fraction)
+    if 100 * fraction >= 1e16:
+        assert re.fullmatch(_SCIENTIFIC, text), text
+    limit = Fraction(repr(PREREGISTERED.min_effect_fraction))
+    want = _side(fraction - PREREGISTERED.min_effect_fraction)  # as the criterion decides
+    assert _side(Fraction(text) / 100 - limit) == want, text

@@ -26,6 +26,7 @@ interval contains 0 or its effect is < 10 % of the top family's).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any, Optional
@@ -593,35 +594,68 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
     were checked as floats parsed back, which at a tie let ``repr`` through where exact
     reading decides the other way (-1/6 beside -1/3: "-0.16666666666666666" is below half
     of "-0.3333333333333333", though the floats tie). A NaN is refused: it is on no side
-    of a threshold (it was printed ``nan`` after 16 tries)."""
+    of a threshold (it was printed ``nan`` after 16 tries). With ``"f"``, a number of
+    `SCIENTIFIC_FROM` (1e16) or more in magnitude is printed in scientific notation
+    (``"e"``, the same decimals: 1e20 beside 0 with ``"+f"`` and 2 decimals is
+    ``"+1.00e+20"``, not every integer digit), its exact expansion without trailing
+    zeros."""
     if np.isnan(np.asarray(values, dtype=float)).any():
         raise ValueError(
             f"cannot print {list(values)} for a threshold test: NaN is on no side of a "
             "threshold (a table the verdicts were decided from holds no NaN)"
         )
     flag, kind = spec[:-1], spec[-1]
+    kinds = [_readable_kind(value, kind) for value in values]
     want = decide(*values)
-    candidates = [
-        [format(value, f"{flag}.{places}{kind}") for value in values]
-        for places in range(digits, 17)
-    ]
-    candidates.append([repr(float(value)) for value in values])
-    candidates.append([format(Decimal(float(value)), f"{flag}{kind}") for value in values])
     with localcontext() as context:
         context.prec = 2000  # exact for any float's digits
+        candidates = [
+            [format(value, f"{flag}.{places}{k}") for value, k in zip(values, kinds, strict=True)]
+            for places in range(digits, 17)
+        ]
+        candidates.append([repr(float(value)) for value in values])
+        candidates.append(
+            [format(_exact(value, k), f"{flag}{k}") for value, k in zip(values, kinds, strict=True)]
+        )
         for texts in candidates:  # read as a reader reads them: exact decimals
             if decide(*(Decimal(text) for text in texts)) == want:
                 return texts
     return candidates[-1]
 
 
+# from this magnitude on, a number `printed_deciding` would print with "f" is printed with
+# "e": a float of 1e16 or more is an integer of 17 to 309 digits, every one of them printed
+SCIENTIFIC_FROM = 1e16
+
+
+def _readable_kind(value: float, kind: str) -> str:
+    """``"e"`` for a finite ``value`` of `SCIENTIFIC_FROM` or more in magnitude asked for
+    with ``"f"``, else ``kind``."""
+    huge = kind == "f" and math.isfinite(value) and abs(value) >= SCIENTIFIC_FROM
+    return "e" if huge else kind
+
+
+def _exact(value: float, kind: str) -> Decimal:
+    """``value``'s exact decimal expansion; for ``"e"`` without trailing zeros (1e20's is
+    "1e+20", not "1.00000000000000000000e+20"). Call it with a context precision that
+    holds every digit of a float."""
+    exact = Decimal(float(value))
+    return exact.normalize() if kind == "e" and exact.is_finite() else exact
+
+
 def _percent_text(fraction: float, criteria: Criteria = PREREGISTERED) -> str:
     """Criterion 2's ``fraction`` (harm / clean) in percent, with one decimal or as many
     more as put it on its side of ``min_effect_fraction``: `printed_beside` the fraction
     itself, its decimal point then moved two places (exact). ``100 * fraction`` rounds
-    again: a fraction a float below 0.05 became 5.0, printed "5.0 %" beside a miss."""
+    again: a fraction a float below 0.05 became 5.0, printed "5.0 %" beside a miss. A
+    percent of `SCIENTIFIC_FROM` or more (a harm of 1e14 tiny clean differences) is printed
+    in scientific notation without trailing zeros ("1e+16", not 17 digits)."""
     text = printed_beside(fraction, criteria.min_effect_fraction, 3)
-    return format(Decimal(text).scaleb(2), "f")
+    percent = Decimal(text).scaleb(2)
+    kind = _readable_kind(float(percent), "f")
+    with localcontext() as context:
+        context.prec = 2000  # exact for any float's digits
+        return format(percent.normalize() if kind == "e" else percent, kind)
 
 
 def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
