@@ -9,6 +9,7 @@ supported (``pyproject.toml``).
 
 from __future__ import annotations
 
+import numpy as np
 from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.composition_scores import CompositionScores
@@ -20,17 +21,29 @@ def as_slice(value, name: str) -> Slice:
     raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes;
     anything else (a float, a string, a generator, or a ``bool``: ``Slice(True)`` is
     index 1) is refused as ``ValueError`` naming ``name``, the caller's argument
-    (TransformerLens said "Invalid input_slice 2.5")."""
+    (TransformerLens said "Invalid input_slice 2.5"). So is an index array (a list, array
+    or tensor) of floats or strings, or a 0-d bool: torch truncated ``[2.5]`` to index 2
+    and a 0-d bool added an axis, silently; an integer array, a bool mask of one or more
+    dimensions and an empty list are TransformerLens' (numpy's) index arrays."""
     if isinstance(value, Slice):
         return value
     if not isinstance(value, bool):
         try:
-            return Slice(value)
-        except ValueError:
-            pass
+            sliced = Slice(value)
+        except (ValueError, TypeError):  # TypeError: torch cannot hold ["2"]
+            sliced = None
+        if sliced is not None and sliced.mode != "array":
+            return sliced
+        if sliced is not None:
+            index = np.asarray(sliced.slice)
+            if index.size == 0:  # [] reads as float64: an empty index
+                sliced.slice = index.astype(np.int64)
+                return sliced
+            if index.dtype.kind in "iu" or (index.dtype.kind == "b" and index.ndim > 0):
+                return sliced
     raise ValueError(
         f"{name} must be None, an int, a (start, stop[, step]) tuple, a list, array or tensor "
-        f"of indices, or a Slice, got {value!r}"
+        f"of integer indices (or a bool mask), or a Slice, got {value!r}"
     )
 
 

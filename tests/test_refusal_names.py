@@ -182,3 +182,42 @@ def test_the_too_few_resamples_warning_names_n_bootstrap(model, batch, caller):
     with pytest.warns(RuntimeWarning, match=r"n_bootstrap=10 leaves fewer") as caught:
         _bootstrap_callers(model, batch)[caller](n_bootstrap=10)
     assert not [w for w in caught if "n_resamples" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[2.5], np.array([0.5, 1.7]), torch.tensor(1.7), torch.tensor([2.0]), np.array(True)]
+    + [torch.tensor(True), ["2"], 2.5, True],
+)
+def test_float_and_bool_index_arrays_are_refused_by_name(model, batch, bad):
+    # TransformerLens' Slice reads them as an index array: torch truncated [2.5] to
+    # position 2 (routing_lens gave position 2's lens, silently) and a 0-d bool added an
+    # axis (accumulated_resid [5, 2, 1, 7, 32]); ["2"] failed in torch's conversion; the
+    # cache of a layout without a final router passed 2.5 to TransformerLens ("Invalid
+    # input_slice 2.5") and read True as index 1
+    with pytest.raises(ValueError, match=r"^positions must be None, an int, .* got "):
+        routing_lens(model, batch.tokens, positions=bad)
+    _, cache = model.run_with_cache(batch.tokens)
+    with pytest.raises(ValueError, match=r"^pos_slice must be None, an int, .* got "):
+        cache.accumulated_resid(pos_slice=bad)
+    with pytest.raises(ValueError, match=r"^batch_slice must be None, an int, .* got "):
+        cache.apply_slice_to_batch_dim(bad)
+
+
+@pytest.mark.parametrize(
+    "given, same",
+    [
+        (np.int64(2), 2),
+        (torch.tensor(2), 2),
+        (np.array([1, 2]), [1, 2]),
+        (torch.tensor([1, 2]), [1, 2]),
+        ((1, 3), [1, 2]),
+        ([], []),
+        (torch.tensor([], dtype=torch.long), []),
+        ([False, True, True, False, False, False, False], [1, 2]),  # a mask, as in torch
+    ],
+)
+def test_integer_and_mask_slices_read_as_transformer_lens_reads_them(model, batch, given, same):
+    _, cache = model.run_with_cache(batch.tokens)
+    want = cache.accumulated_resid(pos_slice=same)
+    torch.testing.assert_close(cache.accumulated_resid(pos_slice=given), want, rtol=0, atol=0)
