@@ -1234,3 +1234,23 @@ def test_a_huge_percent_prints_in_scientific_notation_on_its_side(fraction):
     limit = Fraction(repr(PREREGISTERED.min_effect_fraction))
     want = _side(fraction - PREREGISTERED.min_effect_fraction)  # as the criterion decides
     assert _side(Fraction(text) / 100 - limit) == want, text
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.05, 1e-6, 0.1])
+@pytest.mark.parametrize("steps", [-1, 0, 1])
+def test_printed_beside_takes_a_numpy_threshold(threshold, steps):
+    """A NumPy float threshold (a table's value) crashed: its repr "np.float64(0.5)" is no
+    Decimal (decimal.InvalidOperation). It prints as the same float's threshold does, on
+    the value's side of it (read exactly, Fraction)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from hooked_attnres.analysis.motifs import printed_beside
+
+    value = _near(threshold, steps)
+    for like in (np.float64(threshold), np.float32(threshold)):
+        text = printed_beside(value, like, 2)
+        written = Fraction(repr(float(like)))
+        assert _side(Fraction(text) - written) == _side(value - float(like)), text
+    assert printed_beside(value, np.float64(threshold), 2) == printed_beside(value, threshold, 2)

@@ -661,7 +661,10 @@ def _percent_text(fraction: float, criteria: Criteria = PREREGISTERED) -> str:
 def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
     """``value`` as `printed_deciding` prints it beside ``threshold``: on the same side of
     it (below, equal, above) as the value is. An effect of 4.9996 % of the clean
-    difference printed "5.0 %" beside criterion 2's 5 %, which it fails."""
+    difference printed "5.0 %" beside criterion 2's 5 %, which it fails. A NumPy
+    ``threshold`` is read as the float it holds (a float32 one compared in float32, where
+    0.49999999999999994 equals 0.5)."""
+    threshold = float(threshold)
 
     def side(v) -> int:
         written = _as_read(threshold, v)
