@@ -189,7 +189,13 @@ def as_items(name: str, value: Any) -> list[Any]:
     NumPy array are lists of their items), or ``ValueError("{name} must be a list ...,
     got {value!r}")`` for a value that is no iterable (``list(0)`` said "'int' object is
     not iterable", naming no argument). Take this list and use it from then on: a
-    generator read a second time is empty."""
+    generator read a second time is empty. A 0-d NumPy array or tensor is refused too: it
+    is an Iterable that cannot be iterated ("iteration over a 0-d array")."""
+    if getattr(value, "ndim", None) == 0:
+        raise ValueError(
+            f"{name} must be a list (or a tuple, range, array or generator) of items, got the "
+            f"0-d {type(value).__name__} {value!r}: pass [value.item()] for its one item"
+        )
     if not isinstance(value, Iterable):
         raise ValueError(
             f"{name} must be a list (or a tuple, range, array or generator) of items, got {value!r}"

@@ -34,7 +34,7 @@ from hooked_attnres.interventions import (
     patch_sources,
     position_index,
 )
-from hooked_attnres.interventions.routing import Ablation
+from hooked_attnres.interventions.routing import Ablation, patch_committed
 from hooked_attnres.study import checkpoint_dir, run_dir, seeds_found, study_condition
 
 
@@ -221,3 +221,21 @@ def test_integer_and_mask_slices_read_as_transformer_lens_reads_them(model, batc
     _, cache = model.run_with_cache(batch.tokens)
     want = cache.accumulated_resid(pos_slice=same)
     torch.testing.assert_close(cache.accumulated_resid(pos_slice=given), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m, b: plan_ablations(m, families=np.array("embedding")), "families"),
+        (lambda m, b: plan_ablations(m, routers=np.array("attn_res")), "routers"),
+        (lambda m, b: patch_committed(m, torch.tensor(1)), "labels"),
+        (lambda m, b: mask_sources(m, np.array(1)), "sources"),
+        (lambda m, b: summarize_mass(routing_mass(m, b), by=np.array("family")), "by"),
+        (lambda m, b: ablation_effects(m, b, metrics=np.array("logit_diff")), "metrics"),
+    ],
+)
+def test_a_zero_d_array_is_refused_by_name(model, batch, call, name):
+    # a 0-d NumPy array or tensor is an Iterable that cannot be iterated: as_items let it
+    # through to list(), "TypeError: iteration over a 0-d array", naming no argument
+    with pytest.raises(ValueError, match=rf"^{name} must be a list .*0-d.*\.item\(\)"):
+        call(model, batch)
