@@ -239,3 +239,34 @@ def test_a_zero_d_array_is_refused_by_name(model, batch, call, name):
     # through to list(), "TypeError: iteration over a 0-d array", naming no argument
     with pytest.raises(ValueError, match=rf"^{name} must be a list .*0-d.*\.item\(\)"):
         call(model, batch)
+
+
+@pytest.mark.parametrize(
+    "given, same",
+    [
+        (np.uint8(1), 1),
+        (np.array([1, 4], dtype=np.uint8), [1, 4]),
+        (np.uint64(3), 3),
+        (torch.tensor([0, 2], dtype=torch.uint8), [0, 2]),
+        (np.uint32(6), 6),
+    ],
+)
+def test_unsigned_positions_are_positions(model, batch, given, same):
+    # position_index compared a uint8 index with -n_pos, which wraps to 256 - n_pos:
+    # np.uint8(1) was refused as "must be integers in [-5, 5)"
+    assert position_index(given, 7).tolist() == position_index(same, 7).tolist()
+    want = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, 0, positions=same))
+    got = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, 0, positions=given))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(
+        routing_mass(model, batch.tokens, positions=given).mass,
+        routing_mass(model, batch.tokens, positions=same).mass,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_an_unsigned_position_past_int64_is_refused():
+    # np.uint64(2**64 - 1) cast to int64 is -1: the last position, silently
+    with pytest.raises(ValueError, match=r"^positions .* must be integers in \[-5, 5\)"):
+        position_index(np.array([2**64 - 1], dtype=np.uint64), 5)

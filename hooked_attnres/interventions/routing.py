@@ -347,9 +347,9 @@ class Ablation:
     what: str = "this ablation"
 
     def __post_init__(self) -> None:
-        check_positions(self.positions)
-        if self.positions is not None:
-            flat = torch.as_tensor(self.positions).reshape(-1).tolist()
+        index = check_positions(self.positions)  # int64 (NumPy's uint64 is no tensor)
+        if index is not None:
+            flat = index.reshape(-1).tolist()
             object.__setattr__(self, "positions", tuple(int(p) for p in flat))
 
     @classmethod

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -193,17 +194,36 @@ def resolve_routers(
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
+def _unsigned_values(positions) -> Optional[np.ndarray]:
+    """``positions`` as a NumPy array if they are a NumPy or torch array (or NumPy scalar)
+    of an unsigned integer type, else ``None``."""
+    if isinstance(positions, Tensor):
+        unsigned = not positions.dtype.is_floating_point and not positions.dtype.is_signed
+        if unsigned and positions.dtype != torch.bool:
+            return positions.detach().cpu().numpy()
+        return None
+    if isinstance(positions, (np.ndarray, np.generic)) and positions.dtype.kind == "u":
+        return np.asarray(positions)
+    return None
+
+
 def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     """``positions`` as a tensor if they are integers (an int, a list, a range, a NumPy
     array or a tensor; an empty one passes), else ``ValueError`` naming ``positions`` and
     what to pass: a bool (``True`` indexed as a mask), floats, strings, or a generator (no
-    tensor reads one; "Could not infer dtype of generator" named no argument)."""
+    tensor reads one; "Could not infer dtype of generator" named no argument). Unsigned
+    integers (NumPy's or torch's) are read as int64 (a uint8 index compared with
+    ``-n_pos`` wrapped around, refusing ``np.uint8(1)``; torch has no uint32 comparison),
+    and one past int64 is refused (cast, ``2**64 - 1`` is -1)."""
+    unsigned = _unsigned_values(positions)
     try:
-        index = torch.as_tensor(positions)
+        index = torch.as_tensor(positions if unsigned is None else unsigned.astype(np.int64))
     except (TypeError, ValueError, RuntimeError):
         index = None
     if index is not None and index.numel() == 0:
         return index.long()  # torch reads [] as float
+    if unsigned is not None and unsigned.size and unsigned.max() > np.iinfo(np.int64).max:
+        index = None  # no position of any run
     if (
         index is None
         or isinstance(positions, bool)
@@ -218,14 +238,15 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     return index
 
 
-def check_positions(positions) -> None:
+def check_positions(positions) -> Optional[Tensor]:
     """Check ``positions`` of an intervention when it is built: ``None`` (all) or integer
     positions (an int, a flat list or a 0-d / 1-d tensor), not empty. Every prompt is
     edited at the same positions, so a nested list or a 2-d tensor (per-prompt positions,
     which would be flattened and applied to every prompt) is refused. Their range is
-    checked when the hook runs (the sequence length is known only then)."""
+    checked when the hook runs (the sequence length is known only then). Returns them as
+    an integer tensor (``None`` for ``None``)."""
     if positions is None:
-        return
+        return None
     index = _integer_positions(positions, "[-pos, pos) of the run", ", or None for all positions")
     if index.numel() == 0:
         raise ValueError("positions is empty: give at least one position, or None for all")
@@ -236,6 +257,7 @@ def check_positions(positions) -> None:
             "would be flattened and applied to every prompt. For per-prompt positions, "
             "write a hook that edits [batch_index, positions]"
         )
+    return index
 
 
 def position_index(positions, n_pos: int, device=None) -> Tensor:
