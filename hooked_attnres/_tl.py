@@ -18,13 +18,22 @@ from transformer_lens.utilities import Slice, composition_scores, get_act_name, 
 
 def as_slice(value, name: str) -> Slice:
     """``value`` as a TransformerLens ``Slice`` (a ``Slice`` as is: ``Slice(Slice(...))``
-    raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes;
-    anything else (a float, a string, a generator, or a ``bool``: ``Slice(True)`` is
-    index 1) is refused as ``ValueError`` naming ``name``, the caller's argument
-    (TransformerLens said "Invalid input_slice 2.5"). So is an index array (a list, array
-    or tensor) of floats or strings, or a 0-d bool: torch truncated ``[2.5]`` to index 2
-    and a 0-d bool added an axis, silently; an integer array, a bool mask of one or more
-    dimensions and an empty list are TransformerLens' (numpy's) index arrays."""
+    raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes,
+    checked by `slice_input`."""
+    return value if isinstance(value, Slice) else Slice(slice_input(value, name))
+
+
+def slice_input(value, name: str):
+    """``value``, a ``pos_slice`` / ``batch_slice`` argument, checked, to hand to
+    TransformerLens (or to ``Slice``): as is, or an index array of unsigned integers (or
+    an empty list) as an int64 NumPy array (torch took a uint8 array as a mask: ``[0, 1, 1,
+    0]`` of the sequence's length selected positions 1 and 2). Anything else (a float, a
+    string, a generator, or a ``bool``: ``Slice(True)`` is index 1) is refused as
+    ``ValueError`` naming ``name``, the caller's argument (TransformerLens said "Invalid
+    input_slice 2.5"). So is an index array (a list, array or tensor) of floats or strings,
+    or a 0-d bool: torch truncated ``[2.5]`` to index 2 and a 0-d bool added an axis,
+    silently; an integer array and a bool mask of one or more dimensions are
+    TransformerLens' (numpy's) index arrays."""
     if isinstance(value, Slice):
         return value
     if not isinstance(value, bool):
@@ -33,14 +42,15 @@ def as_slice(value, name: str) -> Slice:
         except (ValueError, TypeError):  # TypeError: torch cannot hold ["2"]
             sliced = None
         if sliced is not None and sliced.mode != "array":
-            return sliced
+            return value
         if sliced is not None:
             index = np.asarray(sliced.slice)
             if index.size == 0:  # [] reads as float64: an empty index
-                sliced.slice = index.astype(np.int64)
-                return sliced
-            if index.dtype.kind in "iu" or (index.dtype.kind == "b" and index.ndim > 0):
-                return sliced
+                return index.astype(np.int64)
+            if index.dtype.kind == "u" and index.max() <= np.iinfo(np.int64).max:
+                return index.astype(np.int64)
+            if index.dtype.kind == "i" or (index.dtype.kind == "b" and index.ndim > 0):
+                return value
     raise ValueError(
         f"{name} must be None, an int, a (start, stop[, step]) tuple, a list, array or tensor "
         f"of integer indices (or a bool mask), or a Slice, got {value!r}"
@@ -58,4 +68,5 @@ __all__ = [
     "composition_scores",
     "get_act_name",
     "remove_batch_dim",
+    "slice_input",
 ]

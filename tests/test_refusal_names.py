@@ -215,12 +215,27 @@ def test_float_and_bool_index_arrays_are_refused_by_name(model, batch, bad):
         ([], []),
         (torch.tensor([], dtype=torch.long), []),
         ([False, True, True, False, False, False, False], [1, 2]),  # a mask, as in torch
+        # unsigned integers are indices: torch took a uint8 array of the sequence's length
+        # as a mask ([0, 1, 1, 0, 0, 0, 0]: positions 1 and 2, not 0, 1, 1, 0, 0, 0, 0)
+        (np.array([0, 1, 1, 0, 0, 0, 0], dtype=np.uint8), [0, 1, 1, 0, 0, 0, 0]),
+        (torch.tensor([0, 1, 1, 0, 0, 0, 0], dtype=torch.uint8), [0, 1, 1, 0, 0, 0, 0]),
+        (np.array([3, 1], dtype=np.uint64), [3, 1]),
     ],
 )
-def test_integer_and_mask_slices_read_as_transformer_lens_reads_them(model, batch, given, same):
+@pytest.mark.parametrize("layout", ["cumulative", "kimi"])  # TransformerLens' path, ours
+def test_integer_and_mask_slices_read_as_transformer_lens_reads_them(
+    model, batch, given, same, layout
+):
+    if layout != "cumulative":
+        model = randomize_routing(tiny_model(attnres_layout=layout)).eval()
     _, cache = model.run_with_cache(batch.tokens)
-    want = cache.accumulated_resid(pos_slice=same)
-    torch.testing.assert_close(cache.accumulated_resid(pos_slice=given), want, rtol=0, atol=0)
+    routed = dict(routed=True) if layout == "kimi" else {}
+    want = cache.accumulated_resid(pos_slice=same, **routed)
+    got = cache.accumulated_resid(pos_slice=given, **routed)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want = cache.apply_slice_to_batch_dim([1, 0])["hook_embed"]
+    got = cache.apply_slice_to_batch_dim(np.array([1, 0], dtype=np.uint8))["hook_embed"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

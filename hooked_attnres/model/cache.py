@@ -39,7 +39,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name
+from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 from hooked_attnres.model.passes import padding_of, same_padding
@@ -123,14 +123,6 @@ def is_single_stream(model: Any, point: int) -> bool:
     component) directly: layout ``"none"``, and the unembedding of layouts without a
     final router."""
     return model.routing_layout.reader(point) is None
-
-
-def _check_slices(**slices: Any) -> None:
-    """Refuse a ``pos_slice`` / ``batch_slice`` TransformerLens' ``Slice`` would misread or
-    reject without a name (`as_slice`: ``[2.5]`` was index 2, silently), by its name; the
-    value itself goes on to TransformerLens unchanged."""
-    for name, value in slices.items():
-        as_slice(value, name)
 
 
 def _shown(value) -> str:
@@ -431,7 +423,7 @@ class AttnResActivationCache(ActivationCache):
     # --- TransformerLens methods that make a new cache_dict: keep the record -------------
     def apply_slice_to_batch_dim(self, batch_slice) -> AttnResActivationCache:
         """TransformerLens's, keeping the record (the same rows of the mask)."""
-        _check_slices(batch_slice=batch_slice)
+        batch_slice = slice_input(batch_slice, "batch_slice")  # checked, unsigned as int64
         sliced = super().apply_slice_to_batch_dim(batch_slice)  # same positions, fewer rows
         rows = None
         if self.has_batch_dim:
@@ -897,7 +889,7 @@ class AttnResActivationCache(ActivationCache):
         input (module docstring). Where nothing is selected (layer 0 with
         ``incl_embeds=False``) the stack is empty (``n_components = 0``)."""
         self._require_full_run("decompose_resid")
-        _check_slices(pos_slice=pos_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
@@ -931,7 +923,7 @@ class AttnResActivationCache(ActivationCache):
         then ``cache["result", l]``. Refuses a cache whose heads do not sum to
         ``hook_attn_out`` (an edited sublayer output; `_require_unit_results`)."""
         self._require_full_run("stack_head_results")
-        _check_slices(pos_slice=pos_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         point = _point(self.model, layer, False)
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
@@ -960,7 +952,7 @@ class AttnResActivationCache(ActivationCache):
         ``routed=True`` and weights each neuron by its layer's routed coefficient. Refuses
         a cache whose neurons do not sum to ``hook_mlp_out`` (`_require_unit_results`)."""
         self._require_full_run("stack_neuron_results")
-        _check_slices(pos_slice=pos_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         point = _point(self.model, layer, mlp_input)
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
@@ -998,7 +990,7 @@ class AttnResActivationCache(ActivationCache):
         (or, with ``expand_neurons``, neurons) do not sum to the sublayer outputs
         (`_require_unit_results`)."""
         self._require_full_run("get_full_resid_decomposition")
-        _check_slices(pos_slice=pos_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
         self._require_decomposable(
@@ -1046,7 +1038,8 @@ class AttnResActivationCache(ActivationCache):
         an all-zero padding row (a padding query's attention output) is finite, as in the
         run, not ``0 / 0``."""
         self._require_full_run("apply_ln_to_stack")
-        _check_slices(pos_slice=pos_slice, batch_slice=batch_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        batch_slice = slice_input(batch_slice, "batch_slice")
         point = _point(self.model, layer, mlp_input)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
             batch_slice = as_slice(batch_slice, "batch_slice")
@@ -1093,7 +1086,8 @@ class AttnResActivationCache(ActivationCache):
         ``[1, pos]``); ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
         Returns ``[n_components, *batch_and_pos]``."""
         self._require_full_run("logit_attrs")
-        _check_slices(pos_slice=pos_slice, batch_slice=batch_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        batch_slice = slice_input(batch_slice, "batch_slice")
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
         self._require_decomposable("logit_attrs", point)
@@ -1138,7 +1132,7 @@ class AttnResActivationCache(ActivationCache):
         ``mlp_input``; a cached RMS, so it warns on unfolded gains), which is the RMS of a
         router's mixture in routed layouts, and refuses there."""
         self._require_full_run("accumulated_resid")
-        _check_slices(pos_slice=pos_slice)
+        pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         model, layout = self.model, self.model.routing_layout
         n_layers = model.cfg.n_layers
         if layer is None or layer == -1:
