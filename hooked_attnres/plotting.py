@@ -23,7 +23,12 @@ from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy
-from hooked_attnres.analysis.mass import family_read, require_finite_mass
+from hooked_attnres.analysis.mass import (
+    family_read,
+    require_family_read_column,
+    require_finite_mass,
+    require_read_agrees,
+)
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
@@ -475,17 +480,8 @@ def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy
 
 
 def _require_family_read(mass_summary: pd.DataFrame) -> None:
-    """Refuse a mass summary without ``family_read`` (`summarize_mass` of a table without
-    ``n_sources``, or a study's ``mass_summary.csv`` written before audit 53): a family
-    absent at every router of a type has mass 0 there, and would be drawn as a 0 bar."""
-    if "family_read" not in mass_summary.columns:
-        raise ValueError(
-            "mass_summary lacks the column 'family_read' (whether some router of the group "
-            "reads the family): without it a family no router reads (mass 0) cannot be told "
-            "from one that gets no weight, and would be drawn as 0; pass "
-            "summarize_mass(routing_mass(...)) (routing_mass gives n_sources, from which "
-            "summarize_mass derives family_read)"
-        )
+    """Refuse a mass summary without ``family_read`` (`require_family_read_column`)."""
+    require_family_read_column(mass_summary, "the mass-effect figures")
 
 
 def _blank_unread(
@@ -497,14 +493,7 @@ def _blank_unread(
     construction. ``masked`` (the effects' ``n_masked_routers`` by family, when the table
     has it) must be 0 there: masked routers mean the effects are of another model."""
     unread = table.family_read.eq(False)
-    if masked is not None:
-        clash = [f for f in table.index[unread] if masked.get(f, 0) > 0]
-        if clash:
-            raise ValueError(
-                f"at {where}, mass_summary says no router reads {clash} but the effects "
-                f"masked {int(masked[clash[0]])} router(s) for {clash[0]!r}: the tables are "
-                "of different models"
-            )
+    require_read_agrees(table.family_read, masked, where)
     out = table.copy()
     out.loc[unread, list(columns)] = np.nan
     return out

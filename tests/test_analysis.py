@@ -179,6 +179,7 @@ def _handmade_dissociation_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
             "mass": [0.2, 0.1, 0.15, 0.55],
             "ci_low": 0.0,
             "ci_high": 1.0,
+            "family_read": True,
         }
     )
     effects = pd.DataFrame(
@@ -620,6 +621,8 @@ def test_dissociation_report_when_mass_and_effect_agree():
             "mass": [0.1, 0.0, 0.3, 0.6, 0.04, 0.5, 0.2, 0.26],
             "ci_low": 0.0,
             "ci_high": 1.0,
+            # attn: no router reads "older" (mass 0, no masked routers)
+            "family_read": [True, False, True, True] + [True] * 4,
         }
     )
     effects = pd.DataFrame(
@@ -937,7 +940,7 @@ def test_dissociation_report_refuses_an_appreciable_mass_that_is_no_number():
     every mass, so no family was listed as carrying appreciable mass without effect."""
     mass = pd.DataFrame(
         {"router": "mlp_res", "family": list(FAMILIES), "mass": 0.25, "ci_low": 0.0}
-    ).assign(ci_high=1.0)
+    ).assign(ci_high=1.0, family_read=True)
     effects = pd.DataFrame(
         {
             "router": "mlp_res",
@@ -1732,3 +1735,73 @@ def test_schedule_comparison_tells_absent_families_by_n_sources_not_by_mass(num_
         schedule_comparison(tampered, schedule)
     with pytest.raises(ValueError, match="lacks the column 'n_sources'.*the comparison"):
         schedule_comparison(mass.drop(columns="n_sources"), schedule)
+
+
+def _recency_study_tables(num_blocks: int, bias: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(mass summary by router and family, effects of group "all")`` of a 4-layer
+    recency-wrapped tiny Qwen3 with ``num_blocks`` blocks and recency bias ``bias``."""
+    hf = hf_qwen3(num_hidden_layers=4, hidden_size=16, head_dim=4, intermediate_size=16)
+    model = HookedAttnRes.from_hf_qwen3(
+        hf, wrap="recency", num_blocks=num_blocks, recency_bias=bias
+    )
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 61, (6, 5), generator=generator)
+    batch = TaskBatch(
+        tokens=tokens,
+        answer_pos=torch.full((6,), 4),
+        answer=torch.randint(0, 61, (6,), generator=generator),
+        contrast=torch.randint(0, 61, (6,), generator=generator),
+        corrupted_tokens=tokens.clone(),
+        targets=torch.full_like(tokens, -100),
+    )
+    summary = summarize_mass(routing_mass(model, batch, positions="answer"), n_bootstrap=50)
+    effects = ablation_effects(
+        model, batch, groups="all", metrics=("logit_diff",), n_bootstrap=50, progress=False
+    )
+    return summary, effects
+
+
+@pytest.mark.parametrize("num_blocks", [1, 4])
+def test_dissociation_report_tells_present_families_by_family_read(num_blocks):
+    """Audit 56: dissociation_report decided which families a router type has by its own
+    rule, ``mass > 0 or n_masked_routers > 0``, not by `family_read` (the one rule, audit
+    53). A family read with an underflowed weight (recency bias 200: float32 e^-200 = 0)
+    must count as present, one no router reads as absent; and the old rule ranked a family
+    the mass summary's model does not have when the effects were of another model (its
+    mass 0, its effect the other model's): such tables are refused now."""
+    summary, effects = _recency_study_tables(num_blocks, 200.0)
+    layout = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(num_hidden_layers=4, hidden_size=16, head_dim=4, intermediate_size=16),
+        wrap="recency",
+        num_blocks=num_blocks,
+    ).routing_layout
+    report = dissociation_report(summary, effects).set_index("router")
+    for router in ("attn_res", "mlp_res"):
+        # the families some router of the type reads, from the layout itself
+        read = {
+            f
+            for site in layout.sites()
+            if site.kind == router
+            for f, sources in layout.families(site).items()
+            if sources
+        }
+        row = report.loc[router]
+        assert set(row.mass_ranking) == read == set(row.shares)
+        zero = summary[(summary.router == router) & (summary.mass == 0)].family
+        if num_blocks == 4:
+            # read, and every weight underflowed: present with mass exactly 0
+            assert {"older", "prev_completed"} <= read & set(zero)
+        else:
+            assert read == {"embedding", "current"}  # nothing else to weigh: absent
+    # effects of the 4-block model beside the mass of the 1-block one: `older` and
+    # `prev_completed` are read there (masked routers, an effect), not here; the old rule
+    # ranked them as present at mass 0
+    one_block, _ = _recency_study_tables(1, 3.0)
+    _, four_blocks = _recency_study_tables(4, 3.0)
+    assert (four_blocks[four_blocks.family == "older"].n_masked_routers > 0).all()
+    with pytest.raises(ValueError, match="says no router reads .*'older'.*different models"):
+        dissociation_report(one_block, four_blocks)
+    with pytest.raises(ValueError, match="lacks the column 'family_read'.*dissociation_report"):
+        dissociation_report(summary.drop(columns="family_read"), effects)
+    with pytest.raises(ValueError, match="not True or False"):
+        dissociation_report(summary.assign(family_read=float("nan")), effects)

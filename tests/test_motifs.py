@@ -60,7 +60,7 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                 )
     summary = pd.DataFrame(
         [
-            dict(router=r, band="all", family=f, mass=mass.get((r, f), 0.25))
+            dict(router=r, band="all", family=f, mass=mass.get((r, f), 0.25), family_read=True)
             for r in ("attn_res", "mlp_res")
             for f in FAMILIES
         ]

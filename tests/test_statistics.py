@@ -314,7 +314,7 @@ def test_dissociation_spearman_with_ties_is_the_pearson_correlation_of_average_r
         effect_values = rng.choice([-0.5, -0.2, 0.2, 1.0], size=4)  # |effect| ties too
         mass = pd.DataFrame(
             {"router": "mlp_res", "family": families, "mass": mass_values, "ci_low": 0.0}
-        ).assign(ci_high=1.0)
+        ).assign(ci_high=1.0, family_read=True)
         effects = pd.DataFrame(
             {
                 "router": "mlp_res",

@@ -12,7 +12,11 @@ import pandas as pd
 
 from hooked_attnres._validation import first_non_finite, require_finite_number
 from hooked_attnres.analysis.effects import require_measured
-from hooked_attnres.analysis.mass import require_family_rows
+from hooked_attnres.analysis.mass import (
+    require_family_read_column,
+    require_family_rows,
+    require_read_agrees,
+)
 from hooked_attnres.model.depth import FAMILIES
 
 
@@ -35,7 +39,8 @@ def dissociation_report(
     """One row per router type comparing routing mass with ablation effect.
 
     Args:
-        mass_summary: `summarize_mass(mass, by=("router", "family"))`.
+        mass_summary: `summarize_mass(mass, by=("router", "family"))` of a `routing_mass`
+            table (with its ``family_read`` column: which families each router type reads).
         effects: `ablation_effects(..., groups="all")` (or any table with a ``group``
             column; ``group`` selects the rows to use).
         metric: the effect metric to rank by.
@@ -45,7 +50,8 @@ def dissociation_report(
     Returns:
         Columns: ``router``; ``mass_ranking`` / ``abs_effect_ranking`` (families, largest
         first, ties in name order; the effect ranked by ``|effect|``); ``spearman`` (rank
-        correlation of mass and ``|effect|`` over the families present); ``top_mass``,
+        correlation of mass and ``|effect|`` over the families present: those some
+        router of the type reads, ``family_read``, whatever their mass); ``top_mass``,
         ``top_abs_effect`` (every family tied for the top, joined by ``|``; the top of the
         ``|effect|`` ranking, which may be a family whose ablation helps: the
         pre-registered D1 of `motif_report` ranks by harm instead, its ``top_effect``),
@@ -59,8 +65,10 @@ def dissociation_report(
     Raises:
         ValueError: an ``appreciable_mass`` that is no finite number, several rows per
             router and family, a missing family row (in either table, at a router type
-            both have), or a NaN / infinite mass, effect or interval bound (e.g. the NaN
-            intervals of one prompt).
+            both have), a mass summary without a True / False ``family_read`` column, effects
+            that masked routers for a family ``family_read`` says no router reads (tables of
+            different models), or a NaN / infinite mass, effect or interval bound (e.g. the
+            NaN intervals of one prompt).
     """
     require_measured(effects, "dissociation_report")
     require_finite_number("appreciable_mass", appreciable_mass)
@@ -88,17 +96,18 @@ def dissociation_report(
         "effects",
         remedy="ablation_effects(..., groups='all') with every family (its default families)",
     )
+    # which families a router type has: the one rule `family_read` (some router reads a
+    # source of the family), not its mass (0 also for a family read with an underflowed
+    # weight) nor the effects' masked routers (0 also where masking would leave nothing)
+    require_family_read_column(
+        mass_summary[mass_summary.router.isin(routers)], "dissociation_report"
+    )
     rows = []
     for router in routers:
         mass = mass_summary[mass_summary.router == router].set_index("family")
         effect = chosen[chosen.router == router].set_index("family")
-        present = [
-            f
-            for f in FAMILIES
-            if f in mass.index
-            and f in effect.index
-            and (mass.loc[f, "mass"] > 0 or effect.loc[f, "n_masked_routers"] > 0)
-        ]
+        require_read_agrees(mass.family_read, effect.get("n_masked_routers"), f"router {router!r}")
+        present = [f for f in FAMILIES if mass.loc[f, "family_read"]]
         m = np.array([mass.loc[f, "mass"] for f in present], dtype=float)
         e = np.array([abs(effect.loc[f, "effect"]) for f in present], dtype=float)
         bounds = np.array(

@@ -85,6 +85,46 @@ def family_read(mass: pd.DataFrame, what: str) -> pd.Series:
     return mass.n_sources > 0
 
 
+def require_family_read_column(mass_summary: pd.DataFrame, what: str) -> None:
+    """Refuse a mass summary without a True / False ``family_read`` column (`summarize_mass`
+    of a table without ``n_sources``, a ``mass_summary.csv`` written before audit 53, or a
+    hand-made table): a family absent at every router of a type has mass 0 there, as has
+    one its routers read and give no weight (an underflowed weight), and only
+    ``family_read`` tells them apart. ``what`` names the result that needs it."""
+    if "family_read" not in mass_summary.columns:
+        raise ValueError(
+            "mass_summary lacks the column 'family_read' (whether some router of the group "
+            f"reads the family), which {what} needs: without it a family no router reads "
+            "(mass 0) cannot be told from one that gets no weight, and would be drawn as 0 "
+            "or ranked as present; pass summarize_mass(routing_mass(...)) (routing_mass "
+            "gives n_sources, from which summarize_mass derives family_read)"
+        )
+    bad = mass_summary.family_read[~mass_summary.family_read.isin([True, False])]
+    if not bad.empty:
+        raise ValueError(
+            f"mass_summary's 'family_read' holds {len(bad)} value(s) that are not True or "
+            f"False (first: {bad.iloc[0]!r}), which {what} cannot read as whether a router "
+            "reads the family; pass summarize_mass(routing_mass(...)) of one model"
+        )
+
+
+def require_read_agrees(read: pd.Series, masked: Optional[pd.Series], where: str) -> None:
+    """Refuse effects that masked routers (``masked``: `ablation_effects`'
+    ``n_masked_routers`` by family) for a family the mass summary says no router reads
+    (``read``: its ``family_read`` by family): an ablation masks only sources a router
+    reads, so the two tables are of different models. ``masked`` ``None``: nothing to
+    check (a table without the column)."""
+    if masked is None:
+        return
+    clash = [f for f in read.index[read.eq(False)] if masked.get(f, 0) > 0]
+    if clash:
+        raise ValueError(
+            f"at {where}, mass_summary says no router reads {clash} but the effects "
+            f"masked {int(masked[clash[0]])} router(s) for {clash[0]!r}: the tables are "
+            "of different models"
+        )
+
+
 def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
     """Raise unless every ``mass`` value of a `routing_mass` table is finite: pandas'
     means and maxima skip NaN, so a NaN mass (routing weights of a non-finite forward pass,
