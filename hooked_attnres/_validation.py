@@ -38,16 +38,26 @@ def is_integer(value: Any) -> TypeGuard[int]:
 
 
 def require_integer(
-    name: str, value: Any, minimum: Optional[int] = None, optional: bool = False
+    name: str,
+    value: Any,
+    minimum: Optional[int] = None,
+    optional: bool = False,
+    maximum: Optional[int] = None,
+    why_maximum: str = "",
 ) -> Any:
     """``value`` as a Python ``int`` if it is an integer (`is_integer`) ``>= minimum`` (no
     bound if ``None``), or ``None`` when ``optional``; otherwise ``ValueError("{name} must
-    be an integer >= {minimum}[ or None], got {value!r}")``."""
+    be an integer >= {minimum}[ or None], got {value!r}")``. An integer above ``maximum``
+    (no bound if ``None``) raises ``ValueError("{name} must be an integer <= {maximum}
+    ({why_maximum}), got {value!r}")``."""
     if optional and value is None:
         return value
     if not is_integer(value) or (minimum is not None and value < minimum):
         kind = "an integer" + ("" if minimum is None else f" >= {minimum}")
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+    if maximum is not None and value > maximum:
+        why = f" ({why_maximum})" if why_maximum else ""
+        raise ValueError(f"{name} must be an integer <= {maximum}{why}, got {value!r}")
     return int(value)
 
 

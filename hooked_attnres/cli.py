@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
+
 PROG = "hooked-attnres"
 
 
@@ -46,8 +48,9 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores - load)))
 
 
-def _integer_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (refused at parse time, before any work)."""
+def _integer_at_least(minimum: int, maximum: Optional[int] = None, why_maximum: str = ""):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``, if given; its reason
+    ``why_maximum``), refused at parse time, before any work."""
 
     def parse(text: str) -> int:
         # one message for every bad value, naming the accepted range (argparse prefixes
@@ -60,6 +63,10 @@ def _integer_at_least(minimum: int):
             ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer <= {maximum} ({why_maximum}), got {value}"
+            )
         return value
 
     parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its message
@@ -414,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="model seeds (default: every seed found)",
     )
     study.add_argument(
-        "--prompts", type=_integer_at_least(2), default=256, help="held-out probe prompts per model"
+        "--prompts",
+        type=_integer_at_least(2, MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS),
+        default=256,
+        help="held-out probe prompts per model",
     )
     study.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
     study.add_argument(

@@ -53,6 +53,9 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     [
         (["info", "x", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
         (["study", "--prompts", "1"], "argument --prompts: must be an integer >= 2, got 1"),
+        # audit 56: 10**9 drew prompts for days (a Python loop) towards a terabyte
+        (["study", "--prompts", "16385"], "argument --prompts: must be an integer <= 16384 ("),
+        (["study", "--prompts", "1000000000"], "must be an integer <= 16384 (the most probe"),
         (["study", "--bootstrap", "-1"], "argument --bootstrap: must be an integer >= 1, got -1"),
         (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
         (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),

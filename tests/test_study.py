@@ -475,6 +475,58 @@ def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
                 probe_prompts(model, bad, exclude=exclude)
 
 
+def test_too_many_or_too_few_probe_prompts_are_refused_before_any_work(tmp_path, monkeypatch):
+    """Audit 56: ``n_prompts=10**9`` was drawn before anything failed (a Python loop: 21 s
+    and 65 MB per 50 000 prompts measured, so about 119 hours towards 1.3 TB, after the
+    first model was loaded); `study_condition` of one prompt failed only after its forward
+    passes and whole ablation sweep (NaN intervals), and a bad ``n_bootstrap`` after the
+    forward pass and the routing mass."""
+    import hooked_attnres.study.run as study_module
+    from hooked_attnres.study import MAX_PROBE_PROMPTS, study_condition
+    from hooked_attnres.tasks.base import Task
+
+    assert MAX_PROBE_PROMPTS == 16384  # the bound docs/study.md and --prompts state
+    model = load_condition("attnres")
+    first = probe_prompts(model, 4)
+    drawn = []
+
+    def no_draw(self, n, *args, **kwargs):
+        drawn.append(n)
+        raise AssertionError("drew prompts")
+
+    monkeypatch.setattr(Task, "sample", no_draw)
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: pytest.fail("loaded"))
+    for too_many in (MAX_PROBE_PROMPTS + 1, 10**9):
+        message = rf"^n_prompts must be an integer <= {MAX_PROBE_PROMPTS} \(the most probe "
+        with pytest.raises(ValueError, match=message + rf".*\), got {too_many}$"):
+            run_study(tmp_path / "x", conditions=("vanilla",), n_prompts=too_many, progress=False)
+        for exclude in (None, first):
+            with pytest.raises(ValueError, match=message):
+                probe_prompts(model, too_many, exclude=exclude)
+    with pytest.raises(AssertionError, match="drew prompts"):
+        probe_prompts(model, MAX_PROBE_PROMPTS)  # the bound itself is drawn
+    assert drawn == [MAX_PROBE_PROMPTS]
+    monkeypatch.undo()
+
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"^batch holds 1 prompt; study_condition needs "):
+            study_condition(model, first[:1], progress=False)
+        with pytest.raises(ValueError, match=r"one prompt has none"):
+            study_condition(model, first[[2]], progress=False)
+        huge = first[torch.zeros(MAX_PROBE_PROMPTS + 1, dtype=torch.long)]
+        with pytest.raises(ValueError, match=rf"^batch holds {MAX_PROBE_PROMPTS + 1} prompts; "):
+            study_condition(model, huge, progress=False)
+        with pytest.raises(ValueError, match="^n_bootstrap must be an integer >= 1, got 0"):
+            study_condition(model, first, n_bootstrap=0, progress=False)
+        with pytest.raises(ValueError, match="^seed must be an integer >= 0, got -1"):
+            study_condition(model, first, seed=-1, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before the first forward pass
+
+
 def test_a_run_trained_on_another_task_than_its_conditions_is_refused(tmp_path):
     import shutil
 

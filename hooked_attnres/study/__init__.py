@@ -39,6 +39,7 @@ from hooked_attnres.study.report import (
 )
 from hooked_attnres.study.run import (
     FRESH_PROBE_SEED,
+    MAX_PROBE_PROMPTS,
     PROBE_SEED,
     RECENCY_BIAS,
     StudyResult,
@@ -56,6 +57,7 @@ __all__ = [
     "CONDITIONS",
     "CONDITIONS_BY_NAME",
     "FRESH_PROBE_SEED",
+    "MAX_PROBE_PROMPTS",
     "PROBE_SEED",
     "RECENCY_BIAS",
     "SHIPPED",

@@ -47,6 +47,7 @@ from hooked_attnres._atomic import (
     write_bytes_atomic,
 )
 from hooked_attnres._environment import numerics_environment
+from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
 from hooked_attnres._validation import is_integer, require_integer, require_selection, some_names
 from hooked_attnres.analysis import (
     ablation_effects,
@@ -59,6 +60,7 @@ from hooked_attnres.analysis import (
     summarize_mass,
     verdict_changes,
 )
+from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import (
@@ -76,6 +78,8 @@ from hooked_attnres.tasks.base import Task, TaskBatch
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
 FRESH_PROBE_SEED = 2  # a second, disjoint draw for the robustness of the verdicts
+# why the study needs two prompts or more (`run_study`'s n_prompts, `study_condition`'s batch)
+_WHY_TWO_PROMPTS = "the verdicts need bootstrap intervals over prompts, and one prompt has none"
 
 
 def load_condition(
@@ -147,6 +151,7 @@ def probe_prompts(
     """``n_prompts`` held-out (test split) prompts in the model's vocabulary.
 
     Args:
+        n_prompts: an integer from 1 to `MAX_PROBE_PROMPTS` (16384).
         seed: the prompt seed (the study uses `PROBE_SEED`, and `FRESH_PROBE_SEED` for the
             robustness check; training evaluated on seed 0).
         task: a task or a study task name (``"hard"``, ``"saturated"``, ``"induction"``,
@@ -156,7 +161,10 @@ def probe_prompts(
         exclude: prompts none of which may be drawn again (the robustness check's second
             set is disjoint from the first).
     """
-    n_prompts = require_integer("n_prompts", n_prompts, 1)  # not the sampler's "n"
+    # not the sampler's "n"; at most MAX_PROBE_PROMPTS, before any is drawn
+    n_prompts = require_integer(
+        "n_prompts", n_prompts, 1, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
+    )
     if model.tokenizer is None:
         raise ValueError("the study needs a model with its tokenizer attached")
     if task is None:
@@ -231,7 +239,24 @@ def study_condition(
     progress: bool = True,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
-    """Every table of the study for one model on one batch of probe prompts."""
+    """Every table of the study for one model on one batch of probe prompts.
+
+    Raises:
+        ValueError: before any work, a ``batch`` of fewer than 2 prompts (one prompt has no
+            bootstrap interval: it failed after the whole sweep) or more than
+            `MAX_PROBE_PROMPTS`, and an ``n_bootstrap`` or ``seed`` the bootstrap refuses.
+    """
+    if len(batch) < 2:
+        raise ValueError(
+            f"batch holds {len(batch)} prompt; study_condition needs at least 2 "
+            f"({_WHY_TWO_PROMPTS})"
+        )
+    if len(batch) > MAX_PROBE_PROMPTS:
+        raise ValueError(
+            f"batch holds {len(batch)} prompts; study_condition takes at most "
+            f"{MAX_PROBE_PROMPTS} ({WHY_MAX_PROBE_PROMPTS})"
+        )
+    check_bootstrap(n_bootstrap, 0.95, seed, "n_bootstrap")  # not after the forward pass
     with torch.no_grad():
         logits = model(batch.tokens)
     accuracy = pd.DataFrame(
@@ -332,7 +357,8 @@ def run_study(
         seeds: model seeds, a list (default: every seed found for each condition).
         conditions: condition names, or one name (default: every condition found).
         n_prompts: held-out probe prompts per model (the same prompts for every model of a
-            task; at least 2, checked before any work, as is ``n_bootstrap``).
+            task; from 2 to `MAX_PROBE_PROMPTS`, 16384, checked before any work, as is
+            ``n_bootstrap``).
         n_bootstrap: bootstrap resamples for every interval.
         progress, plots: progress lines and bars; figures.
         robustness: recompute the verdicts on a second, disjoint prompt set.
@@ -345,9 +371,11 @@ def run_study(
     started = time.perf_counter()
     if not is_integer(n_prompts) or n_prompts < 2:
         raise ValueError(
-            f"n_prompts must be an integer >= 2 (the verdicts need bootstrap intervals over "
-            f"prompts, and one prompt has none), got {n_prompts!r}"
+            f"n_prompts must be an integer >= 2 ({_WHY_TWO_PROMPTS}), got {n_prompts!r}"
         )
+    require_integer(
+        "n_prompts", n_prompts, 2, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
+    )
     # before any model is loaded, not after the first; by the names of this call (the
     # bootstrap's own "seed" would read as the model seeds)
     n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
