@@ -527,6 +527,37 @@ def test_too_many_or_too_few_probe_prompts_are_refused_before_any_work(tmp_path,
     assert calls == []  # refused before the first forward pass
 
 
+def test_load_condition_checks_its_arguments_before_the_checkpoint_and_ignores_none(tmp_path):
+    """Audit 56: ``num_blocks`` / ``recency_bias`` were checked after the checkpoint was
+    looked for (a missing one said "holds no checkpoint" for ``num_blocks=0``), and a Block
+    AttnRes condition accepted both and ignored them (``num_blocks=2`` loaded the trained
+    4-block model)."""
+    missing = tmp_path / "no_runs"
+    for kwargs, message in (
+        ({"num_blocks": 0}, "^num_blocks must be an integer >= 1 or None, got 0"),
+        ({"num_blocks": 2.5}, "^num_blocks must be an integer >= 1 or None, got 2.5"),
+        ({"recency_bias": float("nan")}, "^recency_bias must be a finite number or None"),
+        ({"recency_bias": True}, "^recency_bias must be a finite number or None, got True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_condition("vanilla", 0, missing, **kwargs)
+    for kwargs in ({"num_blocks": 2}, {"recency_bias": 1.0}):
+        with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} applies to the recency wrap"):
+            load_condition("attnres", 0, missing, **kwargs)
+        with pytest.raises(ValueError, match="load 'hard_vanilla_L8'"):
+            load_condition("hard_cumulative_L8", 0, **kwargs)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        load_condition("vanilla", 0, missing, num_blocks=2)  # good arguments: then the path
+    wrapped = load_condition("vanilla", 0, num_blocks=2, recency_bias=1.5).cfg
+    assert (wrapped.attnres_num_blocks, wrapped.attnres_recency_bias) == (2, 1.5)
+    default = load_condition("vanilla", 0).cfg
+    recipe = get_condition("vanilla")
+    assert (default.attnres_num_blocks, default.attnres_recency_bias) == (
+        recipe.n_layers // 2,
+        3.0,  # RECENCY_BIAS, the seed paper's b
+    )
+
+
 def test_a_run_trained_on_another_task_than_its_conditions_is_refused(tmp_path):
     import shutil
 

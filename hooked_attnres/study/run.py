@@ -48,7 +48,13 @@ from hooked_attnres._atomic import (
 )
 from hooked_attnres._environment import numerics_environment
 from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
-from hooked_attnres._validation import is_integer, require_integer, require_selection, some_names
+from hooked_attnres._validation import (
+    is_integer,
+    require_finite_number,
+    require_integer,
+    require_selection,
+    some_names,
+)
 from hooked_attnres.analysis import (
     ablation_effects,
     dissociation_report,
@@ -87,25 +93,43 @@ def load_condition(
     seed: int = 0,
     checkpoints: Union[str, Path, None] = None,
     num_blocks: Optional[int] = None,
-    recency_bias: float = RECENCY_BIAS,
+    recency_bias: Optional[float] = None,
 ) -> HookedAttnRes:
     """The model of one condition and seed, in eval mode: a Block AttnRes condition as
     trained; a vanilla one through ``wrap="recency"`` (``num_blocks`` blocks, default the
-    condition's ``n_layers // 2``; bias ``recency_bias``), the seed paper's baseline.
+    condition's ``n_layers // 2``; bias ``recency_bias``, default `RECENCY_BIAS`), the seed
+    paper's baseline.
 
     Args:
         checkpoints: a directory of ``{condition}_seed{seed}/model`` runs (what
             ``hooked-attnres train --out DIR`` writes); default: the shipped checkpoints.
+        num_blocks, recency_bias: of the recency wrap, so for a vanilla condition only (a
+            Block AttnRes condition's blocks and routing are trained: refused there).
+
+    Raises:
+        ValueError: a ``num_blocks`` that is no integer >= 1, a ``recency_bias`` that is
+            no finite number, or either for a Block AttnRes condition, before the
+            checkpoint is looked for.
     """
     recipe = get_condition(condition)
+    num_blocks = require_integer("num_blocks", num_blocks, 1, optional=True)
+    recency_bias = require_finite_number("recency_bias", recency_bias, optional=True)
+    if recipe.kind == "attnres" and (num_blocks is not None or recency_bias is not None):
+        given = "num_blocks" if num_blocks is not None else "recency_bias"
+        raise ValueError(
+            f"{given} applies to the recency wrap of a vanilla condition; {condition!r} is a "
+            "trained Block AttnRes model (its blocks and routing are its own): leave "
+            f"{given} out, or load {recipe.baseline!r}"
+        )
     path = checkpoint_dir(condition, seed, checkpoints)
     _check_trained_task(recipe, seed, checkpoints)
     if recipe.kind == "attnres":
         model = HookedAttnRes.from_pretrained(path)
     else:
         blocks = recipe.num_blocks if num_blocks is None else num_blocks
+        bias = RECENCY_BIAS if recency_bias is None else recency_bias
         model = HookedAttnRes.from_hf_qwen3(
-            path, wrap="recency", num_blocks=blocks, recency_bias=recency_bias
+            path, wrap="recency", num_blocks=blocks, recency_bias=bias
         )
     setattr(model, _CONDITION_ATTRIBUTE, condition)  # kept by deepcopy, read by probe_prompts
     return model.eval()
