@@ -495,7 +495,7 @@ def test_study_checkpoints_that_are_missing_a_file_or_empty_are_named_so(
     (tmp_path / "empty").mkdir()
     expected = {
         tmp_path / "missing": f"no checkpoints folder at {tmp_path / 'missing'}",
-        a_file: f"--checkpoints {a_file} is a file, not a folder of",
+        a_file: f"checkpoints {a_file} is a file, not a folder of",
         tmp_path / "empty": f"{tmp_path / 'empty'} holds no {{condition}}_seed{{n}}/model run",
     }
     for checkpoints, message in expected.items():

@@ -103,6 +103,11 @@ def test_missing_checkpoints_say_how_to_train_them(tmp_path):
         run_study(tmp_path / "x", conditions=("attnres", "baseline"), progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoints folder at"):
         run_study(tmp_path / "x", checkpoints=tmp_path / "nothing", progress=False)
+    # named as the caller wrote it, not as the command line's flag (audit 56: it said
+    # "--checkpoints ... is a file" to run_study(checkpoints=...))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"^checkpoints .*a_file is a file, not a folder"):
+        run_study(tmp_path / "x", checkpoints=tmp_path / "a_file", progress=False)
 
 
 def test_one_condition_by_its_name_is_studied_and_a_bare_seed_is_refused(tmp_path, monkeypatch):

@@ -683,7 +683,7 @@ def find_runs(
         if not Path(checkpoints).exists():
             raise FileNotFoundError(f"no checkpoints folder at {checkpoints}")
         raise NotADirectoryError(
-            f"--checkpoints {checkpoints} is a file, not a folder of "
+            f"checkpoints {checkpoints} is a file, not a folder of "
             "{condition}_seed{n}/model runs (what `hooked-attnres train --out DIR` writes)"
         )
     found = available(checkpoints)
