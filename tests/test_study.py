@@ -575,6 +575,20 @@ def test_a_run_trained_on_another_task_than_its_conditions_is_refused(tmp_path):
         load_condition("attnres", 0, tmp_path)
 
 
+def test_a_run_of_another_task_is_refused_before_the_first_model_is_studied(tmp_path, monkeypatch):
+    """Audit 56: `run_study` checked each run's recorded task when it loaded it, so a run
+    trained on another task as the last of a study failed after every other model's work."""
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0, 1))
+    metrics = {"eval_tasks": [repr(make_task("saturated"))]}  # not the hard task
+    (run_dir(tmp_path / "runs", condition, 1) / "metrics.json").write_text(json.dumps(metrics))
+    runs = _CountedRuns(monkeypatch)
+    runs.arm()
+    with pytest.raises(ValueError, match=r"hard_kimi_L8_seed1 was trained and evaluated on"):
+        run_study(tmp_path / "out", checkpoints=tmp_path / "runs", **_QUICK_STUDY)
+    assert runs.calls == []
+
+
 def test_the_robustness_prompts_are_disjoint_from_the_first_set():
     model = load_condition("attnres")
     first = probe_prompts(model, 64)

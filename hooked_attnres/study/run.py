@@ -384,6 +384,8 @@ def run_study(
             task; from 2 to `MAX_PROBE_PROMPTS`, 16384, checked before any work, as is
             ``n_bootstrap``).
         n_bootstrap: bootstrap resamples for every interval.
+            (Every run's ``metrics.json`` is checked against its condition's task and
+            stopping rule before any work, too, as `load_condition` checks one.)
         progress, plots: progress lines and bars; figures.
         robustness: recompute the verdicts on a second, disjoint prompt set.
         bootstrap_seed: the seed of every bootstrap (the resampled prompts; recorded in
@@ -407,6 +409,8 @@ def run_study(
     n_prompts = int(n_prompts)  # written to the settings (JSON)
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
+    for condition, seed in runs:  # every run's recorded task, not when its turn comes
+        _check_trained_task(get_condition(condition), seed, checkpoints)
     partial = partial_dir(out_dir)
     settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness, bootstrap_seed)
     with _one_study_at_a_time(partial):
