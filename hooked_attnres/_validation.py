@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, TypeGuard
+from typing import Any, Literal, Optional, TypeGuard, overload
 
 import numpy as np
 import torch
@@ -61,14 +61,29 @@ def require_integer(
     return int(value)
 
 
+@overload
+def require_bool(name: str, value: Any, optional: Literal[False] = False) -> bool: ...
+
+
+@overload
+def require_bool(name: str, value: Any, optional: bool) -> Optional[bool]: ...
+
+
 def require_bool(name: str, value: Any, optional: bool = False) -> Optional[bool]:
-    """``value`` if it is ``True`` or ``False`` (or ``None`` when ``optional``); otherwise
-    ``TypeError("{name} must be True or False[ or None], got {value!r}")``. A flag read by
-    truthiness took ``"no"`` or ``"False"`` as ``True``; NumPy booleans and ``0`` / ``1``
-    are refused too."""
-    if (optional and value is None) or isinstance(value, bool):
-        return value
-    raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+    """``value`` as a Python ``bool`` if it is ``True`` or ``False`` or a NumPy boolean
+    scalar (``np.True_``, what ``(a > b).any()`` of an array gives: as for integers, a
+    NumPy scalar is taken, see the module docstring), or ``None`` when ``optional``;
+    otherwise ``TypeError("{name} must be True or False[ or None], got {value!r}")``. A
+    flag read by truthiness took ``"no"`` or ``"False"`` as ``True``; ``0`` / ``1`` and
+    tensors (even 0-d boolean ones: pass ``bool(t)``) are refused. Use the returned value."""
+    if optional and value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    hint = " (a tensor: pass bool(t))" if isinstance(value, torch.Tensor) else ""
+    raise TypeError(
+        f"{name} must be True or False{' or None' if optional else ''}, got {value!r}{hint}"
+    )
 
 
 def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Tensor:

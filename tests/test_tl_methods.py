@@ -1525,6 +1525,31 @@ def test_bad_generation_arguments_are_refused():
             model.generate(not_a_prompt, stop_at_eos=False, **quiet)
 
 
+def test_generate_takes_numpy_booleans_and_checks_prepend_bos_of_token_prompts():
+    """Audit findings: generate's verbose (and prepend_bos) were taken by truthiness until
+    session 17, when their check refused np.True_ / np.False_ (TransformerLens takes
+    them); a NumPy boolean is the bool it holds, for every flag. prepend_bos="no" was
+    still taken silently for a token prompt without padding_side (unused there, but
+    every other argument is checked whether or not it is used)."""
+    model = routed_model("kimi")
+    prompt = torch.randint(3, 50, (2, 3), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=3, stop_at_eos=False, do_sample=False, verbose=False)
+    plain = model.generate(prompt, **options)
+    for flag in ("stop_at_eos", "do_sample", "use_past_kv_cache", "verbose"):
+        assert torch.equal(
+            model.generate(prompt, **{**options, flag: np.bool_(options.get(flag, True))}), plain
+        )
+    eos = dict(options, stop_at_eos=np.True_, eos_token_id=int(plain[0, 3]))
+    stopped = model.generate(prompt, **eos)
+    assert torch.equal(stopped, model.generate(prompt, **dict(eos, stop_at_eos=True)))
+    with pytest.raises(TypeError, match="prepend_bos must be True or False or None, got 'no'"):
+        model.generate(prompt, prepend_bos="no", **options)
+    with pytest.raises(TypeError, match=r"verbose must be True or False, got 0$"):
+        model.generate(prompt, **{**options, "verbose": 0})
+    with pytest.raises(TypeError, match=r"got tensor\(False\) \(a tensor: pass bool\(t\)\)"):
+        model.generate(prompt, **{**options, "do_sample": torch.tensor(False)})
+
+
 # --- optional hooks (set_use_*) --------------------------------------------------------
 def test_attn_result_hooks(layout, tokens):
     model = routed_model(layout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -65,9 +67,10 @@ def test_prepend_bos_that_is_not_a_bool_is_refused(model, word_tokenizer):
         stop_at_eos=False,
     )
     for call in calls.values():
-        for flag in ("no", "False", 0, 1, np.bool_(True)):
+        for flag in ("no", "False", 0, 1, torch.tensor(True)):
             with pytest.raises(
-                TypeError, match=f"prepend_bos must be True or False or None, got {flag!r}"
+                TypeError,
+                match=re.escape(f"prepend_bos must be True or False or None, got {flag!r}"),
             ):
                 call(flag)
         for flag in (None, True, False):
@@ -75,6 +78,31 @@ def test_prepend_bos_that_is_not_a_bool_is_refused(model, word_tokenizer):
     bos = word_tokenizer.bos_token_id
     assert model.to_tokens("w1", prepend_bos=False)[0, 0] != bos
     assert model.to_tokens("w1", prepend_bos=True)[0, 0] == bos
+
+
+def test_prepend_bos_takes_numpy_booleans_as_the_bools_they_are(model, word_tokenizer):
+    """Audit finding: the check of prepend_bos refused np.True_ / np.False_ (what
+    ``(array > 0).any()`` gives), which TransformerLens takes by truthiness and this
+    package took before the check; a NumPy boolean is the bool it holds, as a NumPy
+    integer is an int. The result equals the Python bool's, with and without the BOS."""
+    bos = word_tokenizer.bos_token_id
+    for value in (True, False):
+        flag = np.bool_(value)
+        expected = model.to_tokens("w1 w2", prepend_bos=value)
+        assert (expected[0, 0] == bos) == value  # the two cases differ
+        assert torch.equal(model.to_tokens("w1 w2", prepend_bos=flag), expected)
+        assert model.to_str_tokens("w1 w2", prepend_bos=flag) == model.to_str_tokens(
+            "w1 w2", prepend_bos=value
+        )
+        assert model.get_token_position("w2", "w1 w2", "first", flag) == int(value) + 1
+        torch.testing.assert_close(
+            model("w1 w2", prepend_bos=flag), model("w1 w2", prepend_bos=value), rtol=0, atol=0
+        )
+        options = dict(max_new_tokens=1, stop_at_eos=False, do_sample=False, verbose=False)
+        assert torch.equal(
+            model.generate("w1 w2", prepend_bos=flag, return_type="tokens", **options),
+            model.generate("w1 w2", prepend_bos=value, return_type="tokens", **options),
+        )
 
 
 def test_to_single_token_counts_every_token_of_a_text_longer_than_n_ctx():

@@ -72,7 +72,7 @@ def save_checkpoint(
             files no save wrote and ``overwrite`` is False; nothing is written.
     """
     directory = Path(directory)
-    require_bool("overwrite", overwrite)
+    overwrite = require_bool("overwrite", overwrite)
     if format == QWEN3_ATTNRES:
         return save_qwen3_attnres(model, directory, overwrite=overwrite)
     if format != FORMAT:
@@ -115,7 +115,7 @@ def load_checkpoint(
     save is recovered first), so the model is one complete saved version.
     """
     directory = Path(directory)
-    require_bool("mmap", mmap)
+    mmap = require_bool("mmap", mmap)
     check_device(device)
     with reading(directory):
         return _load_checkpoint(directory, device, dtype, model_class, mmap)

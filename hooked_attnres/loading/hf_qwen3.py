@@ -590,7 +590,7 @@ def from_hf_qwen3(
         raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
     num_blocks = require_integer("num_blocks", num_blocks, 1)
     require_finite_number("recency_bias", recency_bias)
-    require_bool("mmap", mmap)
+    mmap = require_bool("mmap", mmap)
     check_device(device)
     dtype = _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):

@@ -383,27 +383,25 @@ class GenerationMixin:
             per prompt of a list, also of a list of one, and of ``[batch > 1, pos]`` token
             ids), or ``[batch, pos + n_generated]`` token ids, per ``return_type``.
         """
-        self._check_generate_args(
-            max_new_tokens,
-            return_type,
-            padding_side,
-            generator,
-            {
-                "do_sample": do_sample,
-                "stop_at_eos": stop_at_eos,
-                "use_past_kv_cache": use_past_kv_cache,
-                "verbose": verbose,
-            },
+        # NumPy booleans become bools; prepend_bos is checked for token inputs too, as
+        # every argument is whether or not it is used
+        do_sample, stop_at_eos, use_past_kv_cache, verbose = (
+            require_bool("do_sample", do_sample),
+            require_bool("stop_at_eos", stop_at_eos),
+            require_bool("use_past_kv_cache", use_past_kv_cache),
+            require_bool("verbose", verbose),
         )
+        prepend_bos = require_bool("prepend_bos", prepend_bos, optional=True)
+        self._check_generate_args(max_new_tokens, return_type, padding_side, generator)
         # checked whether or not they are used (greedy ignores top_k, top_p, temperature
         # and freq_penalty, as in TransformerLens)
         check_sampling_arguments(
             top_k, top_p, temperature, freq_penalty, repetition_penalty, greedy=not do_sample
         )
-        if generator is not None and temperature == 0:  # do_sample=False: refused above
+        if generator is not None and (not do_sample or temperature == 0):
+            greedy = "do_sample=False" if not do_sample else "temperature=0"
             raise ValueError(
-                "a generator seeds sampling; it has no effect with temperature=0 (greedy "
-                "decoding, as do_sample=False)"
+                f"a generator seeds sampling; it has no effect with {greedy} (greedy decoding)"
             )
         tokens, mask, input_type = self._generation_prompt(
             input, prepend_bos, padding_side, attention_mask
@@ -458,11 +456,7 @@ class GenerationMixin:
                 break
         return self._generation_output(tokens, input_type, return_type)
 
-    def _check_generate_args(
-        self, max_new_tokens, return_type, padding_side, generator, flags: dict[str, Any]
-    ) -> None:
-        for name, flag in flags.items():  # stop_at_eos="no" was read as True
-            require_bool(name, flag)
+    def _check_generate_args(self, max_new_tokens, return_type, padding_side, generator) -> None:
         if not is_integer(max_new_tokens):
             raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
@@ -478,8 +472,6 @@ class GenerationMixin:
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and not flags["do_sample"]:
-            raise ValueError("a generator seeds sampling; it has no effect with do_sample=False")
 
     def _generation_prompt(
         self, input, prepend_bos, padding_side, attention_mask

@@ -238,4 +238,4 @@ class TLMethodsMixin:
 
 
 def _flag(name: str, value) -> bool:
-    return bool(require_bool(name, value))
+    return require_bool(name, value)

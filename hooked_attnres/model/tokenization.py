@@ -125,8 +125,8 @@ class TokenizerMixin:
     def _prepend_bos(self, prepend_bos: Optional[bool]) -> bool:
         """``prepend_bos`` (``True`` / ``False``), or the config's default for ``None``;
         anything else is refused (``TypeError``: ``"no"`` was read as ``True``)."""
-        require_bool("prepend_bos", prepend_bos, optional=True)
-        return self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        prepend = require_bool("prepend_bos", prepend_bos, optional=True)
+        return self.cfg.default_prepend_bos if prepend is None else prepend
 
     def _bos_id(self, prepend_bos: Optional[bool]) -> Optional[int]:
         if not self._prepend_bos(prepend_bos):
