@@ -1525,6 +1525,23 @@ def test_bad_generation_arguments_are_refused():
             model.generate(not_a_prompt, stop_at_eos=False, **quiet)
 
 
+def test_generate_return_type_none_returns_tokens_as_transformerlens():
+    """Audit finding: generate(return_type=None) was refused though the signature says
+    Optional[str]; TransformerBridge 4.3 returns the token ids for it (its generate
+    returns tokens for anything but "input" and "str"), also for a string prompt, where
+    the default "input" gives a string. Compared with return_type="tokens" and with the
+    prompt's own tokens (the same greedy continuation, the prompt included)."""
+    model = routed_model("kimi")
+    options = dict(max_new_tokens=3, stop_at_eos=False, do_sample=False, verbose=False)
+    for prompt in ("w1 w2 w3", ["w1 w2 w3", "w4"], model.to_tokens("w1 w2 w3")):
+        out = model.generate(prompt, return_type=None, **options)
+        assert isinstance(out, torch.Tensor)
+        assert torch.equal(out, model.generate(prompt, return_type="tokens", **options))
+    out = model.generate("w1 w2 w3", return_type=None, **options)
+    assert torch.equal(out[:, :3], model.to_tokens("w1 w2 w3"))
+    assert isinstance(model.generate("w1 w2 w3", **options), str)  # "input": a string
+
+
 def test_generate_takes_numpy_booleans_and_checks_prepend_bos_of_token_prompts():
     """Audit findings: generate's verbose (and prepend_bos) were taken by truthiness until
     session 17, when their check refused np.True_ / np.False_ (TransformerLens takes

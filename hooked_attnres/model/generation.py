@@ -31,7 +31,9 @@ from hooked_attnres.model.passes import padding_of
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
 
-RETURN_TYPES = ("input", "str", "tokens")
+# None: token ids, as in TransformerLens 4.3 (whose generate returns tokens for any
+# return_type but "input" and "str")
+RETURN_TYPES = ("input", "str", "tokens", None)
 
 
 def check_sampling_arguments(
@@ -370,7 +372,9 @@ class GenerationMixin:
                 kept).
             return_type: ``"input"`` (strings for string input, tokens for tokens),
                 ``"str"`` or ``"tokens"`` (``[batch, pos + generated]``, the prompt
-                included; special tokens such as padding are skipped in strings). With
+                included; special tokens such as padding are skipped in strings);
+                ``None`` is ``"tokens"``, as in TransformerLens 4.3 (not the default,
+                ``"input"``). With
                 ``"str"``, token ids of one prompt (``[pos]`` or ``[1, pos]``) give one
                 string, as in TransformerLens 4.3.
             verbose: show a progress bar.
@@ -583,7 +587,7 @@ class GenerationMixin:
     def _generation_output(self, tokens, input_type: str, return_type: Optional[str]):
         if return_type == "input":
             return_type = "tokens" if input_type == "tokens" else "str"
-        if return_type == "tokens":
+        if return_type in ("tokens", None):
             return tokens
         if self.tokenizer is None:
             raise ValueError(
