@@ -1262,6 +1262,31 @@ def test_penalty_tokens_of_another_shape_than_the_logits_are_refused():
                     function(logits, **penalty, **kwargs)
 
 
+def test_penalty_tokens_of_any_integer_dtype_are_counted():
+    """Audit finding: sample_logits / sampling_probabilities with uint8 or int16 penalty
+    tokens (accepted as integer ids by the shape check) crashed in scatter_add_
+    ("Expected dtype int32/int64 for index"). They count as the same ids in int64; the
+    reference is TransformerLens's sample_logits's penalty rule written out per row."""
+    logits = torch.tensor([[3.0, -2.0, 1.0, 0.5], [0.2, 2.0, -1.0, 1.0]], dtype=torch.float64)
+    seen = torch.tensor([[0, 1, 1], [2, 3, 3]])
+    penalised = logits.clone()
+    for row in range(2):
+        ids = seen[row].unique()
+        score = logits[row, ids]
+        penalised[row, ids] = torch.where(score > 0, score / 2.0, score * 2.0)
+        penalised[row] -= 0.5 * torch.bincount(seen[row], minlength=4)
+    expected = penalised.softmax(dim=-1).float()
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.long):
+        got = sampling_probabilities(
+            logits, repetition_penalty=2.0, freq_penalty=0.5, tokens=seen.to(dtype)
+        )
+        torch.testing.assert_close(got, expected)
+        draws = sample_logits(
+            logits.repeat(50, 1), repetition_penalty=2.0, tokens=seen.to(dtype).repeat(50, 1)
+        )
+        assert draws.shape == (100,)
+
+
 def test_logits_that_are_not_batch_by_vocab_are_refused_by_sampling():
     """Audit finding: sample_logits took the logits of every position ([batch, pos,
     d_vocab], model(tokens) itself) and returned a [batch, pos] argmax greedily, sampled

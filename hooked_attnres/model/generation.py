@@ -83,15 +83,17 @@ def _check_penalty_tokens(
     final_logits: Float[Tensor, "batch d_vocab"],
     tokens: Optional[Int[Tensor, "batch pos"]],
     token_mask: Optional[Bool[Tensor, "batch pos"]],
-) -> Optional[Bool[Tensor, "batch pos"]]:
-    """Refuse ``tokens`` that are not ``[batch, pos]`` ids in ``[0, d_vocab)`` of the
-    logits' prompts, and a ``token_mask`` that is not their ``[batch, pos]`` 0/1 mask (with
-    the tokens of one prompt for two, the penalties counted the first prompt's only and
-    drew the second from its unpenalised logits, silently); returns the mask as bool."""
+) -> tuple[Optional[Int[Tensor, "batch pos"]], Optional[Bool[Tensor, "batch pos"]]]:
+    """``(tokens, token_mask)`` as ``torch.long`` ids and a bool mask, after refusing
+    ``tokens`` that are not ``[batch, pos]`` ids in ``[0, d_vocab)`` of the logits'
+    prompts, and a ``token_mask`` that is not their ``[batch, pos]`` 0/1 mask (with the
+    tokens of one prompt for two, the penalties counted the first prompt's only and drew
+    the second from its unpenalised logits, silently). Any integer dtype is taken
+    (``uint8`` / ``int16`` ids crashed in ``scatter_add_``, which indexes with int64)."""
     if tokens is None:
         if token_mask is not None:
             raise ValueError("token_mask marks the real tokens of tokens=, which was not given")
-        return None
+        return None, None
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a [batch, pos] tensor of token ids, got {tokens!r}")
     require_token_ids(tokens, final_logits.shape[-1])
@@ -100,9 +102,9 @@ def _check_penalty_tokens(
             f"tokens must be [batch, pos] = [{final_logits.shape[0]}, pos] (the sequences of "
             f"the logits' prompts), got shape {tuple(tokens.shape)}"
         )
-    if token_mask is None:
-        return None
-    return require_token_mask("token_mask", token_mask, tuple(tokens.shape))
+    if token_mask is not None:
+        token_mask = require_token_mask("token_mask", token_mask, tuple(tokens.shape))
+    return tokens.long(), token_mask
 
 
 def _filtered_logits(
@@ -131,7 +133,7 @@ def _filtered_logits(
             "final_logits must be [batch, d_vocab], the logits of the last position "
             f"(logits[:, -1] of a forward pass), got shape {tuple(final_logits.shape)}"
         )
-    token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
+    tokens, token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
     if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
         raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
     logits = widened(final_logits)
