@@ -129,10 +129,31 @@ def test_get_token_position_names_the_truncation_when_the_token_is_beyond_n_ctx(
     model = tiny_model(n_ctx=2)
     model.set_tokenizer(tokenizer)
     assert model.get_token_position("w1", "w0 w1 w2 w3") == 1
-    with pytest.raises(ValueError, match=r"occurs in the prompt only after its first n_ctx=2"):
+    with pytest.raises(ValueError, match=r"occurs in the prompt after its first n_ctx=2"):
         model.get_token_position("w3", "w0 w1 w2 w3")
     with pytest.raises(ValueError, match=r"token \d+ does not occur in the prompt$"):
         model.get_token_position("w9", "w0 w1 w2 w3")
+
+
+def test_get_token_position_last_refuses_an_occurrence_beyond_n_ctx():
+    """Audit finding: mode="last" of a string longer than n_ctx returned the last
+    occurrence within its first n_ctx tokens, silently, where the token occurs again
+    later in the prompt (position 0 for w1 in "w1 w2 w3 w1" with n_ctx=3; the prompt's
+    last w1 is at 3). It is refused, naming both; "first" is the same either way, and
+    the tokens the model reads (to_tokens) give the position within them."""
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(40)])
+    model = tiny_model(n_ctx=3)
+    model.set_tokenizer(tokenizer)
+    prompt = "w1 w2 w3 w1"
+    with pytest.raises(
+        ValueError,
+        match=r"after its first n_ctx=3 tokens \(at position 3\).*last in them at "
+        r"position 0: pass model.to_tokens\(prompt\)",
+    ):
+        model.get_token_position("w1", prompt, mode="last")
+    assert model.get_token_position("w1", prompt, mode="first") == 0
+    assert model.get_token_position("w1", model.to_tokens(prompt), mode="last") == 0
+    assert model.get_token_position("w2", prompt, mode="last") == 1  # not beyond n_ctx
 
 
 def test_to_single_token_refuses_multiple_tokens(model):

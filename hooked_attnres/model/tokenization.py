@@ -345,15 +345,27 @@ class TokenizerMixin:
                 f"a string that is one token, got {single_token!r}"
             )
         found = (tokens == single_token).nonzero().flatten()
+        truncated = isinstance(input, str) and len(tokens) == self.cfg.n_ctx
+        if truncated and (found.numel() == 0 or mode == "last"):
+            # the string's tokens beyond n_ctx (which to_tokens drops, as the model reads
+            # no more) hold the token: "not in the prompt" and the last position kept
+            # would both be wrong about the prompt as written
+            whole = self.to_tokens(input, prepend_bos, padding_side, False, truncate=False)[0]
+            beyond = torch.eq(whole[self.cfg.n_ctx :], single_token)
+            if bool(beyond.any()):
+                kept = (
+                    "not at all in them"
+                    if found.numel() == 0
+                    else f"last in them at position {int(found[-1])}"
+                )
+                raise ValueError(
+                    f"token {single_token} occurs in the prompt after its first "
+                    f"n_ctx={self.cfg.n_ctx} tokens (at position "
+                    f"{self.cfg.n_ctx + int(beyond.nonzero()[-1])}), which are all that "
+                    f"to_tokens keeps of a string (and the model reads); it is {kept}: "
+                    "pass model.to_tokens(prompt), the tokens the model reads, to search them"
+                )
         if found.numel() == 0:
-            if isinstance(input, str) and len(tokens) == self.cfg.n_ctx:
-                whole = self.to_tokens(input, prepend_bos, padding_side, False, truncate=False)
-                if bool(torch.eq(whole, single_token).any()):
-                    raise ValueError(
-                        f"token {single_token} occurs in the prompt only after its first "
-                        f"n_ctx={self.cfg.n_ctx} tokens, which are all that to_tokens keeps of "
-                        "a string (and the model reads)"
-                    )
             raise ValueError(f"token {single_token} does not occur in the prompt")
         return int(found[0] if mode == "first" else found[-1])
 
