@@ -345,8 +345,8 @@ class TokenizerMixin:
                 f"a string that is one token, got {single_token!r}"
             )
         found = (tokens == single_token).nonzero().flatten()
-        truncated = isinstance(input, str) and len(tokens) == self.cfg.n_ctx
-        if truncated and (found.numel() == 0 or mode == "last"):
+        truncated = len(tokens) == self.cfg.n_ctx
+        if isinstance(input, str) and truncated and (found.numel() == 0 or mode == "last"):
             # the string's tokens beyond n_ctx (which to_tokens drops, as the model reads
             # no more) hold the token: "not in the prompt" and the last position kept
             # would both be wrong about the prompt as written
