@@ -75,7 +75,7 @@ class TLMethodsMixin:
         ``[batch, pos, n_heads, d_model]``: each head's output ``z[h] @ W_O[h]``. The
         attention output is then computed as its sum over heads (equal to the usual
         output to float rounding), so editing a head's result edits the output."""
-        enabled = _flag("use_attn_result", use_attn_result)
+        enabled = require_bool("use_attn_result", use_attn_result)
         self._refuse_dropping_hooks("set_use_attn_result", enabled)
         for block in self.blocks:
             block.attn.set_attn_result(enabled)
@@ -98,7 +98,7 @@ class TLMethodsMixin:
                 depth sources, not the residual stream, so TransformerLens's direct-path
                 patching (which adds a head's write to this input) would be silently wrong.
         """
-        enabled = _flag("use_split_qkv_input", use_split_qkv_input)
+        enabled = require_bool("use_split_qkv_input", use_split_qkv_input)
         if enabled:
             self._refuse_split_qkv_when_routed()
         self._refuse_dropping_hooks("set_use_split_qkv_input", enabled)
@@ -111,7 +111,7 @@ class TLMethodsMixin:
         a copy of the MLP input before ``ln2`` (the residual stream in layout ``none``,
         the ``mlp_res`` router's output in routed layouts); editing it edits only what
         the MLP reads."""
-        enabled = _flag("use_hook_mlp_in", use_hook_mlp_in)
+        enabled = require_bool("use_hook_mlp_in", use_hook_mlp_in)
         self._refuse_dropping_hooks("set_use_hook_mlp_in", enabled)
         for block in self.blocks:
             block.set_hook_mlp_in(enabled)
@@ -126,7 +126,7 @@ class TLMethodsMixin:
         Raises:
             NotImplementedError: for ``True``.
         """
-        if _flag("use_attn_in", use_attn_in):
+        if require_bool("use_attn_in", use_attn_in):
             raise NotImplementedError(
                 "set_use_attn_in(True) (hook_attn_in) is not implemented by HookedAttnRes. "
                 "For one input per head use set_use_split_qkv_input(True) (layout 'none'): "
@@ -235,7 +235,3 @@ class TLMethodsMixin:
         return HeadLabels(
             f"L{layer}H{head}" for layer in range(cfg.n_layers) for head in range(cfg.n_heads)
         )
-
-
-def _flag(name: str, value) -> bool:
-    return require_bool(name, value)
