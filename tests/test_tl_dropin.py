@@ -985,7 +985,8 @@ def test_a_logit_positions_run_refuses_a_pos_slice(case):
     layer's the answer position. A DLA of right-padded prompts (answer at position 3 of
     6) summed to 0.0094 for a logit difference of -0.2425 (3-layer kimi), 0.0183 for
     -0.0911 (layout none), the decomposition check passing on the padding it leaves out.
-    ``run_with_cache`` refuses the pair before the run; either alone is taken."""
+    ``run_with_cache`` refuses the pair (its caching hooks, in the pass: audit 60); either
+    alone is taken."""
     model = case.model
     positions = torch.tensor([1, 3])
     for pos_slice in (-1, [0], (2, 4), Slice(-1)):
@@ -995,6 +996,40 @@ def test_a_logit_positions_run_refuses_a_pos_slice(case):
     assert torch.allclose(logits, model(case.clean, logit_positions=positions), atol=1e-6)
     _, cut = model.run_with_cache(case.clean, pos_slice=-1)
     assert torch.equal(cut["ln_final.hook_scale"], case.cache["ln_final.hook_scale"][:, -1:])
+
+
+def test_caching_hooks_with_a_pos_slice_refuse_a_logit_positions_pass(case):
+    """Audit 60: the refusal of ``pos_slice`` with ``logit_positions`` (audit 57) read
+    ``run_with_cache``'s arguments, so the same caching hooks made by
+    ``get_caching_hooks(pos_slice=-1)`` around a ``logit_positions`` pass (``hooks()`` or
+    ``run_with_hooks``) still cut the early layers at the sequence's last position and the
+    last layer at the answer position: every hook one position, so the analyses took the
+    cache. A DLA of right-padded prompts (answers at positions 1 and 3 of 6) summed to
+    0.0109 for a logit difference of -0.0528 (3-layer kimi), -0.0153 for 0.0203 (none).
+    The caching hook refuses a cut of a hook that does not see the whole sequence."""
+    model = case.model
+    tokens = torch.cat([case.clean, case.clean], dim=1)[:, :6]
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    positions = torch.tensor([1, 3])
+    for pos_slice in (-1, [0], (2, 4), Slice(-1)):
+        cache, fwd, _ = model.get_caching_hooks(pos_slice=pos_slice)
+        with pytest.raises(ValueError, match=r"pos_slice.*logit_positions.*without pos_slice"):
+            with model.hooks(fwd_hooks=fwd):
+                model(tokens, attention_mask=mask, logit_positions=positions)
+        with pytest.raises(ValueError, match=r"pos_slice.*logit_positions.*without pos_slice"):
+            model.run_with_hooks(
+                tokens, attention_mask=mask, logit_positions=positions, fwd_hooks=fwd
+            )
+    # the model runs as before, and the same hooks cache a full pass as run_with_cache does
+    logits = model(tokens, attention_mask=mask, logit_positions=positions)
+    full = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(logits[:, 0], full[torch.arange(2), positions])
+    cache, fwd, _ = model.get_caching_hooks(pos_slice=-1)
+    with model.hooks(fwd_hooks=fwd):
+        model(tokens, attention_mask=mask)
+    _, expected = model.run_with_cache(tokens, attention_mask=mask, pos_slice=-1)
+    assert cache.keys() == expected.cache_dict.keys()
+    assert all(torch.equal(cache[name], expected[name]) for name in cache)
 
 
 def test_residual_analyses_refuse_a_logit_positions_cache(case):

@@ -52,7 +52,7 @@ from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
-from hooked_attnres.model.passes import pass_mask, pass_n_past
+from hooked_attnres.model.passes import pass_mask, pass_n_past, require_whole_sequence
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -424,6 +424,18 @@ class HookedModule(HookedRootModule):
                 stored = drop_batch_dim(stored)
             pos_dim = hook.pos_dim if hook.pos_dim is not None else -2
             sliced = False
+            if recorded_slice is not None and stored.dim() >= -pos_dim:
+                # a logit_positions pass runs its last layer at one position per prompt:
+                # cut there and at the sequence's positions before, every hook would hold
+                # as many positions, which are not the same positions, and the residual
+                # analyses' check (`require_one_position_axis`) could not tell them
+                require_whole_sequence(
+                    stored.shape[pos_dim],
+                    "a caching hook's pos_slice (run_with_cache / get_caching_hooks(..., "
+                    "pos_slice=...))",
+                    cached_ok=True,
+                    instead="cache without pos_slice (and index the answer positions yourself)",
+                )
             if pos_slice is not None and stored.dim() >= -pos_dim:
                 sliced = reorders(stored.shape[pos_dim], stored.device)
                 stored = pos_slice.apply(stored, dim=pos_dim)
@@ -501,21 +513,6 @@ class HookedModule(HookedRootModule):
         # a forward hook on the model before the caching hooks are added (TransformerLens's
         # or a raw PyTorch one, or a global module hook) may edit what the pass caches
         hooked = forward_hooks_attached(self)
-        if (
-            kwargs.get("logit_positions") is not None
-            and kwargs.get("pos_slice") is not None
-            and Slice.unwrap(kwargs["pos_slice"]).mode != "identity"
-        ):
-            # every hook would hold as many positions, the early layers' cut from the
-            # sequence's and the last layer's from its one position per prompt: the
-            # residual analyses' check (`require_one_position_axis`) could not tell them
-            raise ValueError(
-                "run_with_cache(..., pos_slice=...) with logit_positions would cut the early "
-                "layers' hooks at the sequence's positions but the last layer's at its one "
-                "position per prompt (logit_positions), so the cache's positions would not "
-                "be the same positions. Cache without pos_slice (and index the answer "
-                "positions yourself), or run without logit_positions."
-            )
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
             # TransformerLens asserts a batch of one for a token tensor passed first, from
             # its first axis (an AssertionError, and a [pos] prompt read as pos prompts);
