@@ -1630,6 +1630,68 @@ def test_a_pos_slice_cache_of_an_eps_zero_padded_run_takes_its_kept_positions_pa
             assert torch.equal(got[:, real], plain[:, real]), (name, pos_slice)
 
 
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+def test_cache_analyses_refuse_hooks_an_earlier_pass_filled(layout):
+    """Audit 60: caching hooks kept over two passes into one dict (``get_caching_hooks(
+    cache=...)``), the second with another ``pos_slice`` (``(1, 5)`` then ``(0, 4)`` for
+    ``blocks.0`` only) or another padding, mark the hooks the second did not refill
+    `RunCacheDict.stale`, but the cache's analyses did not read the mark: the stack mixed
+    ``blocks.0``'s positions 0-3 with the later layers' 1-4 (and normalised them with the
+    second pass's padding): ``accumulated_resid(apply_ln=True)`` was off the first pass's by
+    up to 2.74, silently (eps 0, kimi and none alike). They refuse such a cache now (the
+    `require_run_positions` of the patching sweeps); one pos_slice twice is taken, equal to
+    the whole cache's cut."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = _eps_zero_padded_model(layout)
+    routed = model.routing_layout.has_final_router
+    kwargs = {"routed": True} if routed else {}
+    tokens = torch.tensor([[0, 0, 0, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+
+    def two_passes(first: dict, second: dict) -> AttnResActivationCache:
+        cache, hooks, _ = model.get_caching_hooks(pos_slice=first.get("pos_slice"))
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, attention_mask=first.get("mask"))
+        _, hooks, _ = model.get_caching_hooks(
+            cache=cache,
+            pos_slice=second.get("pos_slice"),
+            names_filter=lambda name: name.startswith("blocks.0."),
+        )
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, attention_mask=second.get("mask"))
+        return AttnResActivationCache(cache, model)
+
+    mixed = {
+        "pos_slice": two_passes(
+            {"pos_slice": (1, 5), "mask": mask}, {"pos_slice": (0, 4), "mask": mask}
+        ),
+        "padding": two_passes({"mask": mask}, {"mask": None}),
+    }
+    for why, cache in mixed.items():
+        assert cache.cache_dict.stale, why
+        calls = {
+            "accumulated_resid": lambda c: c.accumulated_resid(apply_ln=True, **kwargs),
+            "decompose_resid": lambda c: c.decompose_resid(routed=routed),
+            "routing_lens": lambda c: routing_lens(model, c),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=r"earlier pass"):
+                call(cache)
+                pytest.fail(f"{name} took the {why} mix")
+    same = two_passes(
+        {"pos_slice": (1, 5), "mask": mask}, {"pos_slice": Slice((1, 5)), "mask": mask}
+    )
+    assert not same.cache_dict.stale
+    torch.testing.assert_close(
+        same.accumulated_resid(apply_ln=True, **kwargs),
+        whole.accumulated_resid(apply_ln=True, pos_slice=(1, 5), **kwargs),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
 @pytest.mark.parametrize("layout", ["cumulative", "none"])
 def test_logit_lens_with_a_batch_slice_takes_the_padding_of_its_rows(layout):
     """Audit 57: TransformerLens's ``logit_lens`` cuts the stack to ``batch_slice`` itself

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 
 from hooked_attnres._validation import require_integer
-from hooked_attnres.model.cache import RunRecord, record_of, require_cached
+from hooked_attnres.model.cache import (
+    RunRecord,
+    record_of,
+    require_cached,
+    require_run_positions,
+)
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.passes import padding_of, same_padding
 
@@ -82,32 +87,6 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
         )
     require_run_positions(record, what, names)
     return record
-
-
-def require_run_positions(
-    record: RunRecord, what: str, names: Iterable[str], sliced: bool = True
-) -> None:
-    """Refuse the hooks ``names`` of a cache (its ``record``, `record_of`) whose position
-    ``p`` may not be the recorded run's position ``p``: those last filled by an earlier
-    pass (`RunCacheDict.stale`), and (``sliced``) those cached with a ``pos_slice`` that
-    drops or reorders positions. Their padding, in particular, cannot be told."""
-    for marked, why in (
-        (
-            record.stale,
-            "were last filled by an earlier pass than the one it records (caching hooks kept "
-            "over passes with different attention masks or key-value caches, the last of "
-            "which did not reach them), so they are not of the recorded pass. Cache one run "
-            "(model.run_with_cache(tokens)), or reset the hooks between passes",
-        ),
-        (
-            record.sliced if sliced else frozenset(),
-            "were cached with a pos_slice that drops or reorders positions, so their position "
-            "p is not the run's position p. Cache the run without pos_slice",
-        ),
-    ):
-        found = [name for name in dict.fromkeys(names) if name in marked]
-        if found:
-            raise ValueError(f"{what}: {found[:3]}{' ...' if len(found) > 3 else ''} {why}")
 
 
 def check_cache_model(model: HookedAttnRes, cache: Any, what: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -270,6 +271,32 @@ def record_of(cache: Any) -> Optional[RunRecord]:
     return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced, cache.pos_slice)
 
 
+def require_run_positions(
+    record: RunRecord, what: str, names: Iterable[str], sliced: bool = True
+) -> None:
+    """Refuse the hooks ``names`` of a cache (its ``record``, `record_of`) whose position
+    ``p`` may not be the recorded run's position ``p``: those last filled by an earlier
+    pass (`RunCacheDict.stale`), and (``sliced``) those cached with a ``pos_slice`` that
+    drops or reorders positions. Their padding, in particular, cannot be told."""
+    for marked, why in (
+        (
+            record.stale,
+            "were last filled by an earlier pass than the one it records (caching hooks kept "
+            "over passes with different attention masks or key-value caches, the last of "
+            "which did not reach them), so they are not of the recorded pass. Cache one run "
+            "(model.run_with_cache(tokens)), or reset the hooks between passes",
+        ),
+        (
+            record.sliced if sliced else frozenset(),
+            "were cached with a pos_slice that drops or reorders positions, so their position "
+            "p is not the run's position p. Cache the run without pos_slice",
+        ),
+    ):
+        found = [name for name in dict.fromkeys(names) if name in marked]
+        if found:
+            raise ValueError(f"{what}: {found[:3]}{' ...' if len(found) > 3 else ''} {why}")
+
+
 def _recorded(
     items: dict, record: Any, rows: Any = None, device: Any = None
 ) -> Union[dict, RunCacheDict]:
@@ -477,7 +504,15 @@ class AttnResActivationCache(ActivationCache):
         return self.cache_dict[name]
 
     def _require_full_run(self, method: str) -> None:
-        """Refuse a cache of a ``logit_positions`` run (`require_one_position_axis`)."""
+        """Refuse a cache whose residual hooks an earlier pass than the recorded one
+        filled (`RunCacheDict.stale`, `require_run_positions`: caching hooks kept over
+        passes with other padding, key-value caches or ``pos_slice``, the last of which
+        did not reach them; their positions and padding are not the recorded pass's),
+        and a cache of a ``logit_positions`` run (`require_one_position_axis`)."""
+        record = self._record()
+        if record is not None:
+            names = residual_hook_names(self.model)
+            require_run_positions(record, f"cache.{method}", names, sliced=False)
         require_one_position_axis(
             self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
         )
