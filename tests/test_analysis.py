@@ -1692,6 +1692,64 @@ def test_cache_analyses_refuse_hooks_an_earlier_pass_filled(layout):
     )
 
 
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+def test_a_cache_without_a_position_axis_refuses_a_pos_slice(layout):
+    """Audit 60: ``run_with_cache(..., pos_slice=Slice(k))`` (a ``Slice`` of an int, which
+    TransformerLens applies as it is) drops every hook's position axis (``[batch, d]``), and
+    the cache records it (`RunCacheDict.pos_slice`), but its analyses applied their own
+    ``pos_slice`` to the axis that is left, the prompts': ``logit_lens()`` (default
+    ``positions=-1``) returned the last prompt's lens alone, ``[n, d_vocab]``, and
+    ``decompose_resid(pos_slice=-1)`` the last prompt's components; and ``logit_attrs``
+    refused ``[batch]`` answers as ``[pos]`` ones of the batch's length. They refuse a
+    ``pos_slice`` other than ``None`` there now; without one they equal the whole
+    cache's at position ``k`` (``[batch]`` answers too)."""
+    model = _eps_zero_padded_model(layout)
+    routed = model.routing_layout.has_final_router
+    kwargs = {"routed": True} if routed else {}
+    tokens = torch.tensor([[0, 0, 0, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(4))
+    assert cache["blocks.0.hook_resid_pre"].shape == (2, model.cfg.d_model)
+    stack = cache.decompose_resid(routed=routed)
+    calls = {
+        "decompose_resid": lambda c, s: c.decompose_resid(pos_slice=s, routed=routed),
+        "accumulated_resid": lambda c, s: c.accumulated_resid(pos_slice=s, apply_ln=True, **kwargs),
+        "get_full_resid_decomposition": lambda c, s: c.get_full_resid_decomposition(
+            pos_slice=s, routed=routed
+        ),
+        "stack_head_results": lambda c, s: c.stack_head_results(pos_slice=s, routed=routed),
+        "stack_neuron_results": lambda c, s: c.stack_neuron_results(
+            model.cfg.n_layers, pos_slice=s, routed=routed
+        ),
+        "apply_ln_to_stack": lambda c, s: c.apply_ln_to_stack(
+            c.decompose_resid(pos_slice=s, routed=routed) if c is whole else stack,
+            pos_slice=s,
+            recompute_ln=True,
+            routed=routed,
+        ),
+        "logit_attrs": lambda c, s: c.logit_attrs(
+            c.decompose_resid(pos_slice=s, routed=routed) if c is whole else stack,
+            torch.tensor([1, 2]),
+            pos_slice=s,
+            routed=routed,
+        ),
+        "routing_lens": lambda c, s: routing_lens(model, c, positions=s).logits,
+    }
+    if not routed:
+        calls["logit_lens"] = lambda c, s: (
+            c.logit_lens().values if s == -1 else c.logit_lens(positions=s).values
+        )
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"no position axis.*(pos_slice|positions)=None"):
+            call(cache, -1)
+            pytest.fail(f"{name} took pos_slice=-1")
+        expected = call(whole, [4])  # the position axis of 1 the cache lacks
+        got = call(cache, None)
+        assert got.ndim == expected.ndim - 1, name
+        torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["cumulative", "none"])
 def test_logit_lens_with_a_batch_slice_takes_the_padding_of_its_rows(layout):
     """Audit 57: TransformerLens's ``logit_lens`` cuts the stack to ``batch_slice`` itself

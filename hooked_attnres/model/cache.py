@@ -503,16 +503,37 @@ class AttnResActivationCache(ActivationCache):
         require_cached(self.cache_dict, [name], "this analysis's cache")
         return self.cache_dict[name]
 
-    def _require_full_run(self, method: str) -> None:
+    def _has_position_axis(self) -> bool:
+        """Whether the cache's tensors keep their position axis: ``False`` for one cached
+        with ``pos_slice=Slice(k)`` (an int ``Slice``, which TransformerLens applies as
+        it is: ``[batch, d_model]`` at that position; `RunCacheDict.pos_slice`)."""
+        record = self._record()
+        cut = None if record is None else record.pos_slice
+        return cut is None or cut.mode != "int"
+
+    def _require_full_run(self, method: str, pos_slice=None, name: str = "pos_slice") -> None:
         """Refuse a cache whose residual hooks an earlier pass than the recorded one
         filled (`RunCacheDict.stale`, `require_run_positions`: caching hooks kept over
         passes with other padding, key-value caches or ``pos_slice``, the last of which
         did not reach them; their positions and padding are not the recorded pass's),
-        and a cache of a ``logit_positions`` run (`require_one_position_axis`)."""
+        a cache of a ``logit_positions`` run (`require_one_position_axis`), and a
+        ``pos_slice`` (the argument ``name``) other than ``None`` on a cache without a
+        position axis (cached with ``pos_slice=Slice(k)``, an int ``Slice``, which
+        TransformerLens applies as it is): it would index the prompts."""
         record = self._record()
         if record is not None:
             names = residual_hook_names(self.model)
             require_run_positions(record, f"cache.{method}", names, sliced=False)
+            cut = record.pos_slice
+            if not self._has_position_axis() and as_slice(pos_slice, name).mode != "identity":
+                assert cut is not None
+                raise ValueError(
+                    f"cache.{method}: this cache has no position axis (it was cached with "
+                    f"pos_slice=Slice({cut.slice}), an int Slice, which drops it: its tensors "
+                    f"hold that one position of every prompt), so {name}={_shown(pos_slice)} "
+                    f"would index its prompts. Pass {name}=None, or cache with "
+                    f"pos_slice={cut.slice} (a plain int keeps a position axis of 1)"
+                )
         require_one_position_axis(
             self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
         )
@@ -810,7 +831,10 @@ class AttnResActivationCache(ActivationCache):
         scale = self.cache_dict.get(self.model.norm_at(2 * self.model.cfg.n_layers).hook_scale.name)
         batch = scale.shape[0] if self.has_batch_dim and scale is not None else 1
         along_positions = (
-            as_slice(pos_slice, "pos_slice").mode != "int" and len(shape) == 1 and len(axes) > 0
+            as_slice(pos_slice, "pos_slice").mode != "int"
+            and self._has_position_axis()
+            and len(shape) == 1
+            and len(axes) > 0
         )
         if fits and not (along_positions and 1 < shape[0] == batch):
             return
@@ -923,8 +947,8 @@ class AttnResActivationCache(ActivationCache):
         ``routed=True`` and returns router-weighted components that sum to the norm's
         input (module docstring). Where nothing is selected (layer 0 with
         ``incl_embeds=False``) the stack is empty (``n_components = 0``)."""
-        self._require_full_run("decompose_resid")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("decompose_resid", pos_slice)
         point = _point(self.model, layer, mlp_input)
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
@@ -957,8 +981,8 @@ class AttnResActivationCache(ActivationCache):
         its layer's routed coefficient. Raw per-head outputs: ``cache.compute_head_results()``
         then ``cache["result", l]``. Refuses a cache whose heads do not sum to
         ``hook_attn_out`` (an edited sublayer output; `_require_unit_results`)."""
-        self._require_full_run("stack_head_results")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("stack_head_results", pos_slice)
         point = _point(self.model, layer, False)
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
@@ -986,8 +1010,8 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``stack_neuron_results``; at a routed read point it needs
         ``routed=True`` and weights each neuron by its layer's routed coefficient. Refuses
         a cache whose neurons do not sum to ``hook_mlp_out`` (`_require_unit_results`)."""
-        self._require_full_run("stack_neuron_results")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("stack_neuron_results", pos_slice)
         point = _point(self.model, layer, mlp_input)
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
@@ -1024,8 +1048,8 @@ class AttnResActivationCache(ActivationCache):
         router-weighted components summing to the norm's input. Refuses a cache whose heads
         (or, with ``expand_neurons``, neurons) do not sum to the sublayer outputs
         (`_require_unit_results`)."""
-        self._require_full_run("get_full_resid_decomposition")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("get_full_resid_decomposition", pos_slice)
         point = _point(self.model, layer, mlp_input)
         self._require("get_full_resid_decomposition", point, routed)
         self._require_decomposable(
@@ -1072,8 +1096,8 @@ class AttnResActivationCache(ActivationCache):
         is allowed anywhere; with ``eps = 0`` it takes the run's padding (`real_rows`), so
         an all-zero padding row (a padding query's attention output) is finite, as in the
         run, not ``0 / 0``."""
-        self._require_full_run("apply_ln_to_stack")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("apply_ln_to_stack", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
         point = _point(self.model, layer, mlp_input)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
@@ -1120,8 +1144,8 @@ class AttnResActivationCache(ActivationCache):
         per position, for every row) unless of the cache's batch's length (then
         ``[1, pos]``); ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
         Returns ``[n_components, *batch_and_pos]``."""
-        self._require_full_run("logit_attrs")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("logit_attrs", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
@@ -1166,8 +1190,8 @@ class AttnResActivationCache(ActivationCache):
         smaller ``layer`` it divides by that layer's ``ln1`` RMS (``ln2`` with
         ``mlp_input``; a cached RMS, so it warns on unfolded gains), which is the RMS of a
         router's mixture in routed layouts, and refuses there."""
-        self._require_full_run("accumulated_resid")
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        self._require_full_run("accumulated_resid", pos_slice)
         model, layout = self.model, self.model.routing_layout
         n_layers = model.cfg.n_layers
         if layer is None or layer == -1:
@@ -1245,7 +1269,7 @@ class AttnResActivationCache(ActivationCache):
         of the run's padding) before the lens reads it: TransformerLens cuts the stack and
         normalises it without the slice, whose rows the cache could not tell (with
         ``eps = 0`` its all-zero padding rows were ``0 / 0``)."""
-        self._require_full_run("logit_lens")
+        self._require_full_run("logit_lens", kwargs.get("positions", -1), "positions")
         if self.model.routing_layout.has_final_router:
             raise ValueError(
                 f"cache.logit_lens reads hook_resid_* through ln_final, but in the "
