@@ -145,9 +145,7 @@ def routing_lens(
     )
     # the run's padding, as the stack's rows: with eps = 0 an all-zero padding row (a
     # padding query's attention output) is finite, as in the run, not 0 / 0
-    real = cache.real_rows()
-    if real is not None:
-        real = pos_slice.apply(real, dim=-1)
+    real = cache._stack_padding(stack, pos_slice)
     logits = _readout(model, stack, real)
     sites = model.sites() if routers else []
     if sites:

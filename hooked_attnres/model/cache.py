@@ -1255,8 +1255,7 @@ class AttnResActivationCache(ActivationCache):
         stored (`state_source_names`)."""
         sources = [self._need(name) for name in state_source_names(self.model, point)]
         final = self.model.router(None, "final_res")
-        # the run's padding, for eps = 0 (ignored by the norm for a cache of other
-        # positions, a pos_slice's, whose rows it cannot tell)
+        # the run's padding at the cached positions, for eps = 0
         return final.mix(sources, self.real_rows())[0]
 
     def logit_lens(self, **kwargs: Any) -> Any:
