@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hooked_attnres import CheckpointError, HookedAttnRes, QKNormWarning
+from hooked_attnres._tl import Slice
 from hooked_attnres.analysis import recency_schedule, schedule_deviation
 
 
@@ -278,19 +279,20 @@ def test_schedule_deviation_reads_the_real_positions_of_a_padded_cache():
             expected = max(expected, (real - predicted).abs().max().item())
         assert expected < 1e-6
         assert schedule_deviation(model, cache, schedule) == pytest.approx(expected, abs=1e-15)
-    # with positions that are not the run's, the padding cannot be told: refused
+    # a pos_slice's positions: the cache records it, so their padding is told (audit 60)
     with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
         _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[0, 3])
-    with pytest.raises(ValueError, match="cached with a pos_slice"):
-        schedule_deviation(model, cache, schedule)
+    assert schedule_deviation(model, cache, schedule) < 1e-6
 
 
 def test_schedule_deviation_refuses_hooks_whose_padding_cannot_be_told():
     """Review finding: a hook of a padded run cached with a ``pos_slice``, or left by an
     earlier (padded) pass of kept caching hooks, was read at every position, its padding
     included (finite routing of the pad token): here 0.63276 for a sliced cache whose real
-    tokens deviate by at most 0.62873. Both are refused now; a pos_slice of an unpadded
-    run is read as before."""
+    tokens deviate by at most 0.62873. The second is refused; the first was too until
+    audit 60, and is read at the real tokens of its kept positions now that the cache
+    records its ``pos_slice`` (a list, an int ``Slice`` that drops the axis); a pos_slice
+    of an unpadded run is read as before."""
     from helpers import tiny_model
 
     model = randomize_routing(
@@ -315,8 +317,12 @@ def test_schedule_deviation_refuses_hooks_whose_padding_cannot_be_told():
     assert deviation([(0, 3), (1, 0), (1, 3)]) != pytest.approx(
         deviation([(0, 0), (0, 3), (1, 0), (1, 3)]), abs=1e-3
     )  # the padding (0, 0) would change the answer
-    with pytest.raises(ValueError, match=r"cached with a pos_slice.*without pos_slice"):
-        schedule_deviation(model, sliced, schedule)
+    assert schedule_deviation(model, sliced, schedule) == pytest.approx(
+        deviation([(0, 3), (1, 0), (1, 3)]), abs=1e-15
+    )
+    _, one = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(0))
+    assert one["blocks.0.attn_res.hook_weights"].ndim == 2  # [batch, n]
+    assert schedule_deviation(model, one, schedule) == pytest.approx(deviation([(1, 0)]), abs=1e-15)
     # unpadded: every position is a real token, a pos_slice is read as it is
     _, unpadded = model.run_with_cache(tokens[1:], pos_slice=[0, 3])
     _, whole = model.run_with_cache(tokens[1:])

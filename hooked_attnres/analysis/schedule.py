@@ -132,8 +132,8 @@ def schedule_deviation(
         model: a cumulative-layout `HookedAttnRes`.
         cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``
             (``[batch, pos, n_sources]``). The padding its run recorded (``attention_mask``,
-            `hooked_attnres.model.cache.record_of`) is left out; a hook cached with a
-            ``pos_slice`` is read at every position if the run had no padding.
+            `hooked_attnres.model.cache.record_of`) is left out, at the positions a
+            ``pos_slice`` kept (`RunRecord.kept`).
         schedule: the prediction (default: `recency_schedule` of the model's shape and
             configured recency bias).
 
@@ -141,8 +141,8 @@ def schedule_deviation(
         ValueError: a router's cached weights hold NaN or infinity at a token read (no
             deviation can be measured; NaN would otherwise be skipped and the routing
             reported as agreeing); hooks whose padding cannot be told
-            (`hooked_attnres.interventions.checks.require_run_positions`: cached with a
-            ``pos_slice`` in a padded run, or last filled by an earlier pass).
+            (`hooked_attnres.interventions.checks.require_run_positions`: last filled by
+            an earlier pass).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
@@ -159,10 +159,11 @@ def schedule_deviation(
     worst = 0.0
     require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
     record = record_of(cache)
-    real = None if record is None else padding_of(record.attention_mask)
-    if record is not None:  # hooks whose padding cannot be told (any, when unpadded)
+    # the padding at the cached positions (a pos_slice's: `RunRecord.kept`)
+    real = None if record is None else record.kept(padding_of(record.attention_mask))
+    if record is not None:  # hooks whose padding cannot be told
         names = [site.hook("weights") for site in model.sites()]
-        require_run_positions(record, "schedule_deviation's cache", names, real is not None)
+        require_run_positions(record, "schedule_deviation's cache", names, sliced=False)
     for site in model.sites():
         name = site.hook("weights")
         measured = _real_positions(cache[name].double(), real)

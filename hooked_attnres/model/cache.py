@@ -243,6 +243,14 @@ class RunRecord:
     sliced: frozenset = frozenset()
     pos_slice: Optional[Slice] = None  # `RunCacheDict.pos_slice`
 
+    def kept(self, real: Optional[Tensor]) -> Optional[Tensor]:
+        """``real`` (the recorded padding, ``[batch, pos]``, or ``[pos]`` of one prompt;
+        ``None``: none) at the positions the cache holds: cut by its ``pos_slice``
+        (``[batch, kept]``; ``[batch]`` for an int ``Slice``, which drops the axis)."""
+        if real is None or self.pos_slice is None:
+            return real
+        return self.pos_slice.apply(real, dim=-1)
+
 
 def _same_slice(first: Optional[Slice], second: Optional[Slice]) -> bool:
     """Whether two ``pos_slice`` records cut the same positions (``None``: none cut)."""
@@ -725,9 +733,7 @@ class AttnResActivationCache(ActivationCache):
         if not self.has_batch_dim and real.ndim == 2 and real.shape[0] == 1:
             real = real[0]
         record = self._record()
-        if record is not None and record.pos_slice is not None:
-            real = record.pos_slice.apply(real, dim=-1)
-        return real
+        return real if record is None else record.kept(real)
 
     def _stack_padding(
         self, stack: Tensor, pos_slice=None, batch_slice=None, has_batch_dim: bool = True
