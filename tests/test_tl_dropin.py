@@ -1030,6 +1030,15 @@ def test_caching_hooks_with_a_pos_slice_refuse_a_logit_positions_pass(case):
     _, expected = model.run_with_cache(tokens, attention_mask=mask, pos_slice=-1)
     assert cache.keys() == expected.cache_dict.keys()
     assert all(torch.equal(cache[name], expected[name]) for name in cache)
+    # hooks before the last attention all see the whole sequence: taken
+    _, early = model.run_with_cache(
+        tokens,
+        attention_mask=mask,
+        logit_positions=positions,
+        pos_slice=-1,
+        names_filter="blocks.0.hook_resid_pre",
+    )
+    assert torch.equal(early["blocks.0.hook_resid_pre"], expected["blocks.0.hook_resid_pre"])
 
 
 def test_residual_analyses_refuse_a_logit_positions_cache(case):
