@@ -43,6 +43,8 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                         effect=e,
                         ci_low=lo,
                         ci_high=hi,
+                        n_masked_routers=1,  # every family masked at one router
+                        skipped="",
                     )
                 )
                 a = accuracy.get((router, group, family), 0.0)
@@ -56,6 +58,8 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                         effect=a,
                         ci_low=a - 0.01,
                         ci_high=a + 0.01,
+                        n_masked_routers=1,
+                        skipped="",
                     )
                 )
     summary = pd.DataFrame(
@@ -1254,3 +1258,63 @@ def test_printed_beside_takes_a_numpy_threshold(threshold, steps):
         written = Fraction(repr(float(like)))
         assert _side(Fraction(text) - written) == _side(value - float(like)), text
     assert printed_beside(value, np.float64(threshold), 2) == printed_beside(value, threshold, 2)
+
+
+def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
+    """Audit finding: the effect tables printed "0.00" for ablations that masked no router
+    (``older`` in the early band: no early router reads it; 27 such rows of each router
+    type in docs/results/grid/effects.csv), as if a zero effect had been measured, and said
+    every family was masked "at every router of a type in the group", though a router of
+    which the family is every source is left alone (``skipped``). Every cell is rederived
+    here from the effects table: "–" where ``n_masked_routers`` is 0, else the number; the
+    mass "–" where ``family_read`` is False."""
+    import re
+
+    from hooked_attnres.study.report import study_report, study_report_html
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0], [])})
+    effects, mass = result.effects.copy(), result.mass_summary.copy()
+    effects.loc[(effects.group == "early") & (effects.family == "older"), "n_masked_routers"] = 0
+    unread = (effects.router == "mlp_res") & (effects.family == "prev_completed")
+    effects.loc[unread, "n_masked_routers"] = 0
+    mass.loc[(mass.router == "mlp_res") & (mass.family == "prev_completed"), "family_read"] = False
+    skipped = (
+        (effects.router == "attn_res")
+        & (effects.family == "embedding")
+        & effects.group.isin(["early", "all"])
+    )
+    effects.loc[skipped, "skipped"] = "attn_res layer 0"
+    result.effects, result.mass_summary = effects, mass
+    text = study_report(result)
+    shown = {}
+    for line in text.split("### hard_cumulative_L8, seed 0", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("attn_res", "mlp_res"):
+            shown[cells[0], cells[1]] = cells[2:]
+    assert len(shown) == 8
+    logit = effects[effects.metric == "logit_diff"].set_index(["router", "family", "group"])
+    n_unmasked = 0
+    for (router, family), cells in shown.items():
+        expected = []
+        for group in ("all", "early", "middle", "late"):
+            row = logit.loc[(router, family, group)]
+            number = f"{row.effect:.2f}"
+            if group == "all":
+                number += f" [{row.ci_low:.2f}, {row.ci_high:.2f}]"
+            n_unmasked += row.n_masked_routers == 0
+            expected.append("–" if row.n_masked_routers == 0 else number)
+        read = mass.set_index(["router", "family"]).loc[(router, family), "family_read"]
+        assert cells[0].startswith("0.250 [") if read else cells[0] == "–"
+        assert cells[1:] == expected, (router, family)
+    assert n_unmasked == 6  # two older early cells, mlp_res prev_completed in four groups
+    assert shown["attn_res", "older"][3] == "0.00"  # masked, measured 0: printed
+    assert re.search(r"^–: nothing was masked \(.*effects\.csv holds effect 0 there", text, re.M)
+    assert "at every router of a type in the group that reads it, except a router" in text
+    assert (
+        "in this study: embedding at attn_res layer 0 (groups early, all; 1 of 1 model))." in text
+    )
+    page = study_report_html(result)
+    assert page.count("<td>–</td>") == 6 + 1  # the effect cells and the unread mass
+    result.effects = effects.drop(columns="n_masked_routers")
+    with pytest.raises(ValueError, match="effects lacks the column 'n_masked_routers'"):
+        study_report(result)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
+from hooked_attnres.analysis.mass import require_family_read_column
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
     PREREGISTERED,
@@ -328,9 +329,80 @@ def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(names="condition")
 
 
+# what the report's tables print where nothing was measured: a cell whose ablation masked no
+# router (`ablation_effects`' ``n_masked_routers`` 0; its effect is 0 by construction, not a
+# measured 0), or a mass no router of the type reads (``family_read`` False)
+NOT_MEASURED = "–"
+
+
+def _require_masked_column(effects: pd.DataFrame) -> None:
+    """Refuse effects without ``n_masked_routers`` (a hand-made table): only it tells an
+    ablation that masked nothing (effect 0 by construction) from a measured 0."""
+    if "n_masked_routers" not in effects.columns:
+        raise ValueError(
+            "effects lacks the column 'n_masked_routers' (how many routers each ablation "
+            "masked), which the report's tables need: without it an ablation that masked "
+            "nothing (effect 0 by construction) would be printed as a measured 0.00; pass "
+            "ablation_effects output (a run_study result)"
+        )
+
+
+def _effect_cell(effects: pd.DataFrame, group: str, interval: bool = False) -> str:
+    """One effect cell of the report's tables (``effects`` indexed by group): the effect in
+    2 decimals (with its interval if ``interval``), or `NOT_MEASURED` where the ablation
+    masked no router."""
+    row = effects.loc[group]
+    if row.n_masked_routers == 0:
+        return NOT_MEASURED
+    text = _fmt(row.effect, 2)
+    return f"{text} [{_fmt(row.ci_low, 2)}, {_fmt(row.ci_high, 2)}]" if interval else text
+
+
+def _skipped_text(effects: pd.DataFrame, n_models: int) -> str:
+    """The routers the ablations left alone, read from the effects' ``skipped`` column
+    (`hooked_attnres.interventions.Ablation.compile` with ``on_full="skip"`` lists them):
+    ``"embedding at attn_res layer 0 (groups early, all; 2 of 2 models)"``, or ``"none"``."""
+    cells: dict[tuple[str, str], tuple[dict, set]] = {}
+    for row in effects.itertuples():
+        if not isinstance(row.skipped, str) or not row.skipped:
+            continue  # "" in memory, NaN in a CSV read back
+        for site in row.skipped.split(";"):
+            groups, models = cells.setdefault((row.family, site), ({}, set()))
+            groups[row.group] = None
+            models.add((row.condition, row.seed))
+    return (
+        "; ".join(
+            f"{family} at {site} (group{'s' if len(groups) > 1 else ''} {', '.join(groups)}; "
+            f"{len(models)} of {n_models} model{'s' if n_models != 1 else ''})"
+            for (family, site), (groups, models) in cells.items()
+        )
+        or "none"
+    )
+
+
+def _tables_text(result: StudyResult) -> list[str]:
+    """What the tables hold: the mass, the effects (masked where, left alone where) and
+    the legend of `NOT_MEASURED`."""
+    effects = result.effects[result.effects.metric == "logit_diff"]
+    n_models = len(result.accuracy.groupby(["condition", "seed"]))
+    return [
+        "Mass: mean routing weight of each family at the answer position over every router "
+        "of a type. Effects: mean change of the logit difference when the family is masked "
+        "(mask-and-renormalise) at every router of a type in the group that reads it, "
+        "except a router of which it is every source (masking it there would leave nothing "
+        "to renormalise: such a router is left alone and listed in effects.csv's skipped "
+        f"column; in this study: {_skipped_text(effects, n_models)}).",
+        f"{NOT_MEASURED}: nothing was masked (no router of the type in the group reads the "
+        "family, or each that does was left alone); effects.csv holds effect 0 there, by "
+        "construction.",
+    ]
+
+
 def _effect_tables(result: StudyResult) -> list[Block]:
     blocks: list[Block] = []
     effects = result.effects[result.effects.metric == "logit_diff"]
+    _require_masked_column(effects)
+    require_family_read_column(result.mass_summary, "the study report")
     bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
     for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
         mass = result.mass_summary
@@ -344,16 +416,18 @@ def _effect_tables(result: StudyResult) -> list[Block]:
                 if m.empty or e.empty:
                     continue
                 m = m.iloc[0]
+                read = m.family_read  # True / False (checked above)
                 row = {
                     "router": router,
                     "family": family,
-                    "mass [95% CI]": f"{_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}]",
-                    "effect, all layers [95% CI]": (
-                        f"{_fmt(e.loc['all', 'effect'], 2)} [{_fmt(e.loc['all', 'ci_low'], 2)}, "
-                        f"{_fmt(e.loc['all', 'ci_high'], 2)}]"
+                    "mass [95% CI]": (
+                        f"{_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}]"
+                        if read
+                        else NOT_MEASURED
                     ),
+                    "effect, all layers [95% CI]": _effect_cell(e, "all", interval=True),
                 }
-                row.update({f"effect, {b}": _fmt(e.loc[b, "effect"], 2) for b in bands})
+                row.update({f"effect, {b}": _effect_cell(e, b) for b in bands})
                 rows.append(row)
         blocks += [("h3", f"{condition}, seed {seed}"), ("table", pd.DataFrame(rows))]
     return blocks
@@ -441,14 +515,8 @@ def document(result: StudyResult) -> list[Block]:
         blocks += [("figure", name) for name in result.figures]
     blocks += [
         ("h2", "Tables"),
-        (
-            "p",
-            "Mass: mean routing weight of each family at the answer position over "
-            "every router of a type. Effects: mean change of the logit difference "
-            "when the family is masked (mask-and-renormalise) at every router of a type "
-            "in the group.",
-        ),
     ]
+    blocks += [("p", text) for text in _tables_text(result)]
     blocks += _effect_tables(result)
     blocks += [
         ("h2", "Settings and versions"),
