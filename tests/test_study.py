@@ -198,6 +198,23 @@ def test_bad_study_settings_are_refused_before_any_model_is_loaded(
         run_study(tmp_path / "x", conditions=("vanilla",), progress=False, **kwargs)
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         train_condition("attnres", -1, tmp_path / "never", progress=False)
+
+
+@pytest.mark.parametrize("flag", ["progress", "plots", "robustness"])
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
+def test_the_study_flags_must_be_true_or_false(tmp_path, monkeypatch, flag, value):
+    """Audit finding: ``progress``, ``plots`` and ``robustness`` were read by truthiness, so
+    ``robustness="no"`` ran the robustness check (and was written so into every kept run's
+    key); refused now, by name, before any model is loaded."""
+    import hooked_attnres.study.run as study_module
+
+    monkeypatch.setattr(study_module, "load_condition", lambda *a, **k: pytest.fail("loaded"))
+    kwargs = {"progress": False, flag: value}
+    with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got {value!r}$"):
+        run_study(tmp_path / "x", conditions=("vanilla",), **kwargs)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    with pytest.raises(ValueError, match="^out_dir / is the file-system root"):
+        run_study("/", conditions=("vanilla",), progress=False)
     assert not (tmp_path / "never").exists()
 
 
@@ -478,6 +495,10 @@ def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
         for exclude in (None, first):
             with pytest.raises(ValueError, match=rf"n_prompts must be an integer >= 1, got {bad}"):
                 probe_prompts(model, bad, exclude=exclude)
+    # exclude="x" raised a bare AttributeError ('str' object has no attribute 'tokens')
+    for bad in ("x", first.tokens, [first]):
+        with pytest.raises(TypeError, match=r"^exclude must be a TaskBatch .* or None, got "):
+            probe_prompts(model, 4, exclude=bad)
 
 
 def test_too_many_or_too_few_probe_prompts_are_refused_before_any_work(tmp_path, monkeypatch):

@@ -50,6 +50,7 @@ from hooked_attnres._environment import numerics_environment
 from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
 from hooked_attnres._validation import (
     is_integer,
+    require_bool,
     require_finite_number,
     require_integer,
     require_selection,
@@ -183,8 +184,16 @@ def probe_prompts(
             default: the task of the condition `load_condition` loaded ``model`` for. Other
             models must name it (a wrong task would give numbers about the wrong prompts).
         exclude: prompts none of which may be drawn again (the robustness check's second
-            set is disjoint from the first).
+            set is disjoint from the first): a `TaskBatch`, or ``None``.
+
+    Raises:
+        TypeError: an ``exclude`` that is neither a `TaskBatch` nor ``None``.
     """
+    if exclude is not None and not isinstance(exclude, TaskBatch):  # it read exclude.tokens
+        raise TypeError(
+            "exclude must be a TaskBatch (prompts drawn before, e.g. probe_prompts(model, "
+            f"...)) or None, got {type(exclude).__name__} {exclude!r}"
+        )
     # not the sampler's "n"; at most MAX_PROBE_PROMPTS, before any is drawn
     n_prompts = require_integer(
         "n_prompts", n_prompts, 1, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
@@ -386,8 +395,9 @@ def run_study(
         n_bootstrap: bootstrap resamples for every interval.
             (Every run's ``metrics.json`` is checked against its condition's task and
             stopping rule before any work, too, as `load_condition` checks one.)
-        progress, plots: progress lines and bars; figures.
-        robustness: recompute the verdicts on a second, disjoint prompt set.
+        progress, plots: progress lines and bars; figures (each ``True`` or ``False``).
+        robustness: recompute the verdicts on a second, disjoint prompt set (``True`` or
+            ``False``; the three flags are checked before any work, ``TypeError``).
         bootstrap_seed: the seed of every bootstrap (the resampled prompts; recorded in
             ``run.json``). Another seed draws other intervals around the same estimates.
 
@@ -406,6 +416,9 @@ def run_study(
     # bootstrap's own "seed" would read as the model seeds)
     n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
     bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
+    # read by truthiness, "no" was True; robustness is written to every kept run's key too
+    for flag, value in (("progress", progress), ("plots", plots), ("robustness", robustness)):
+        require_bool(flag, value)
     n_prompts = int(n_prompts)  # written to the settings (JSON)
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
