@@ -275,9 +275,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import DirectoryBusyError
     from hooked_attnres.study import run_study
-    from hooked_attnres.study.run import partial_dir
+    from hooked_attnres.study.run import check_out_dir, partial_dir
 
     conditions = _conditions(args.conditions) if args.conditions else None
+    check_out_dir(args.out, name="--out")  # run_study checks it too, naming out_dir
     try:
         result = run_study(
             out_dir=args.out,

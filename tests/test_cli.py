@@ -512,7 +512,21 @@ def test_a_study_into_the_file_system_root_is_refused_clearly(monkeypatch, capsy
     monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
     assert cli.main(["study", "--out", "/", "--conditions", "vanilla", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "out_dir / is the file-system root" in err, err
+    # by the option the caller wrote (it said "out_dir", run_study's argument)
+    assert "--out / is the file-system root" in err and "out_dir" not in err, err
+
+
+def test_a_study_refuses_a_foreign_kept_folder_by_the_option_the_caller_wrote(
+    tmp_path, monkeypatch, capsys
+):
+    from hooked_attnres.study import run
+
+    monkeypatch.setattr(run, "load_condition", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "s.partial").write_text("a file of yours")
+    argv = ["study", "--out", str(tmp_path / "s"), "--conditions", "vanilla", "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "move it away or choose another --out" in err and "out_dir" not in err, err
 
 
 def test_study_passes_the_bootstrap_seed(tmp_path, monkeypatch, capsys):

@@ -530,16 +530,23 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
 _PARTIAL_FORMAT = 3  # 2: the mass table has n_sources (audit 51); 3: mass_summary family_read
 
 
-def partial_dir(out_dir: Union[str, Path]) -> Path:
+def partial_dir(out_dir: Union[str, Path], name: str = "out_dir") -> Path:
     """Where `run_study` keeps each finished model's tables while it runs: the sibling
-    ``{out_dir}.partial`` (removed once the study is written). An interrupted or failed
-    study is resumed by running it again with the same settings: models whose checkpoint,
-    settings and library code are unchanged are read from there, not recomputed."""
+    ``{out_dir}.partial`` (its own files removed once the study is written: `_remove_kept`).
+    An interrupted or failed study is resumed by running it again with the same settings:
+    models whose checkpoint, settings and library code are unchanged are read from there,
+    not recomputed.
+
+    Raises:
+        ValueError: ``out_dir`` is the file-system root (no name to extend), naming it as
+            ``name`` (the command line passes ``"--out"``).
+    """
     out_dir = Path(out_dir).absolute()  # "." has no name to extend
     if not out_dir.name:
         raise ValueError(
-            f"out_dir {out_dir} is the file-system root: the study keeps its finished models "
-            "beside its out_dir, in {out_dir}.partial; choose a folder"
+            f"{name} {out_dir} is the file-system root: the study keeps its finished models "
+            "beside its output folder, in a sibling named after it (the name + '.partial'), "
+            "and the root has no name; choose a folder"
         )
     return out_dir.with_name(out_dir.name + ".partial")
 
@@ -724,16 +731,18 @@ def find_runs(
     return runs
 
 
-def check_out_dir(out_dir: Union[str, Path]) -> None:
+def check_out_dir(out_dir: Union[str, Path], name: str = "out_dir") -> None:
     """Refuse, before any work, an ``out_dir`` whose files a save would delete: anything but
     an earlier study written by this library (the check of every atomic save,
     `hooked_attnres._atomic.check_replaceable`), and a `partial_dir` holding anything but
-    kept runs (the study deletes it when it is done).
+    kept runs (the study deletes it when it is done). ``name``: what the caller calls
+    ``out_dir`` in the messages (the command line: ``"--out"``).
 
     Raises:
         CheckpointConflictError: a ``FileExistsError`` naming the files.
+        ValueError: ``out_dir`` is the file-system root (`partial_dir`).
     """
-    partial = partial_dir(out_dir)  # first: the root is refused before it is scanned
+    partial = partial_dir(out_dir, name)  # first: the root is refused before it is scanned
     _check_study_folder(out_dir)
     if partial.exists() or partial.is_symlink():
         foreign = _foreign_kept(partial)
@@ -744,8 +753,8 @@ def check_out_dir(out_dir: Union[str, Path]) -> None:
         if foreign:
             raise CheckpointConflictError(
                 f"refusing to use {partial} for the finished models' tables: {what}, and the "
-                "study deletes that folder when it is done; move it away or choose another "
-                "out_dir"
+                f"study deletes that folder when it is done; move it away or choose another "
+                f"{name}"
             )
 
 
