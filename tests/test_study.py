@@ -1005,6 +1005,49 @@ def test_the_kept_tables_are_removed_but_files_put_there_during_the_study_are_ke
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
+def test_a_study_of_other_models_keeps_an_interrupted_studys_finished_models(
+    tmp_path, monkeypatch, capsys
+):
+    """Audit finding: a study into an ``out_dir`` deleted, when it finished, the whole
+    ``{out}.partial``: the kept runs of an earlier study of other conditions into the same
+    folder, interrupted, were lost, and running that study again recomputed them. Its own
+    kept runs are removed, the other study's stay (and are said to), and that study then
+    resumes from them; the folder goes once it is empty."""
+    import hooked_attnres.study.run as study_module
+
+    first, other = "hard_kimi_L8", "induction_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", first, (0, 1))
+    tiny_study_runs(tmp_path / "runs", other, (0,))
+    kwargs = dict(
+        checkpoints=tmp_path / "runs",
+        n_prompts=6,
+        n_bootstrap=5,
+        plots=False,
+        robustness=False,
+    )
+    runs = _CountedRuns(monkeypatch)
+    out = tmp_path / "out"
+    kept = study_module.partial_dir(out)
+    runs.arm(interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(out, conditions=[first], progress=False, **kwargs)
+    assert [p.name for p in kept.iterdir()] == [f"{first}_seed0.pkl"]
+    saved = (kept / f"{first}_seed0.pkl").read_bytes()
+    runs.arm()
+    capsys.readouterr()
+    run_study(out, conditions=[other], progress=True, **kwargs)
+    assert runs.calls == [(other, 0)] and (out / "report.md").is_file()
+    assert [p.name for p in kept.iterdir()] == [f"{first}_seed0.pkl"]
+    assert (kept / f"{first}_seed0.pkl").read_bytes() == saved
+    printed = capsys.readouterr().out
+    assert f"{kept} still keeps 1 finished model(s) of another study" in printed
+    assert f"({first}_seed0.pkl): run that study again" in printed
+    runs.arm()
+    run_study(out, conditions=[first], progress=False, **kwargs)
+    assert runs.calls == [(first, 1)]  # seed 0 resumed from the kept run
+    assert not kept.exists()
+
+
 def test_a_second_study_into_the_same_folder_is_refused(tmp_path, monkeypatch):
     """Audit finding: two studies into one ``out_dir`` share the kept tables in
     ``{out}.partial``, which the first one to finish deletes: the other then failed with

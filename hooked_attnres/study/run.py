@@ -469,9 +469,16 @@ def run_study(
         result.seconds = time.perf_counter() - started
         result.settings["seconds"] = round(result.seconds, 1)
         write_study(result)
-        _remove_kept(partial)  # every model's tables are in out_dir now
+        others = _remove_kept(partial, runs)  # every model's tables are in out_dir now
     if progress:
         print(f"[study] wrote {result.out_dir} in {result.seconds:.0f} s", flush=True)
+        if others:
+            print(
+                f"[study] {partial} still keeps {len(others)} finished model(s) of another "
+                f"study into this out_dir ({some_names(others)}): run that study again to "
+                "resume it, or delete the folder to discard them",
+                flush=True,
+            )
     return result
 
 
@@ -627,15 +634,36 @@ def _foreign_kept(partial: Path) -> list[str]:
     )
 
 
-def _remove_kept(partial: Path) -> None:
-    """Remove ``partial`` (`partial_dir`) once the study is written; only the study's own
-    files if something else was put there meanwhile (that and the folder stay)."""
-    if not _foreign_kept(partial):
+def _remove_kept(partial: Path, runs: Sequence[tuple[str, int]]) -> list[str]:
+    """Remove the kept runs of ``runs`` (this study's ``(condition, seed)`` pairs) from
+    ``partial`` (`partial_dir`) once the study is written, with the temporary files of
+    killed writes; the whole folder if nothing else is in it. Returns the names of the
+    kept runs of other models, which stay: they are another study's into the same
+    ``out_dir`` that failed or was interrupted, and running it again resumes from them
+    (until audit 62 they were deleted with the folder). Anything else put there meanwhile
+    stays too."""
+    if not partial.is_dir():
+        return []
+    mine = {_partial_file(partial, condition, seed).name for condition, seed in runs}
+    others = sorted(
+        path.name
+        for path in partial.iterdir()
+        if _KEPT_FILE.fullmatch(path.name)
+        and not path.name.startswith(".")  # a killed write's temporary file: no kept run
+        and path.name not in mine
+    )
+    if not others and not _foreign_kept(partial):
         shutil.rmtree(partial, ignore_errors=True)
-        return
+        return []
     for path in partial.iterdir():
-        if _KEPT_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+        if (
+            _KEPT_FILE.fullmatch(path.name)
+            and path.name not in others
+            and path.is_file()
+            and not path.is_symlink()
+        ):
             path.unlink(missing_ok=True)
+    return others
 
 
 def _write_partial(
