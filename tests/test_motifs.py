@@ -3,6 +3,7 @@ each criterion true, false, and at its boundary (docs/study.md, "Pre-registered 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -1232,7 +1233,7 @@ def test_a_huge_percent_prints_in_scientific_notation_on_its_side(fraction):
 
     from hooked_attnres.analysis.motifs import PREREGISTERED, _percent_text
 
-    text = _percent_text(fraction)
+    text = _percent_text(fraction, PREREGISTERED.min_effect_fraction)
     if 100 * fraction >= 1e16:
         assert re.fullmatch(_SCIENTIFIC, text), text
     limit = Fraction(repr(PREREGISTERED.min_effect_fraction))
@@ -1318,3 +1319,224 @@ def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
     result.effects = effects.drop(columns="n_masked_routers")
     with pytest.raises(ValueError, match="effects lacks the column 'n_masked_routers'"):
         study_report(result)
+
+
+# thresholds other than the pre-registered ones, each deciding the cases below otherwise
+_CUSTOM = dict(
+    min_effect_fraction=0.075,
+    min_accuracy_drop=0.0214,
+    d2_mass_ratio=0.75,
+    d2_effect_ratio=1.5,
+    d3_min_mass=0.2,
+    d3_max_effect_fraction=0.125,
+)
+
+
+def _read(text: str):
+    """A printed number as a reader reads it: exactly."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    return Fraction(Decimal(text))
+
+
+def _custom_sentences(criteria, effects=None, accuracy=None, mass=None, clean=10.0):
+    """(report rows by claim, sentences by claim) of one seed under ``criteria``."""
+    report = motif_report(
+        *tables(effects, accuracy=accuracy, mass=mass, clean=clean, seed=0), criteria=criteria
+    )
+    sentences = motif_verdicts(report).set_index("claim").sentence
+    return report.set_index("claim"), sentences
+
+
+def test_sentences_of_custom_criteria_print_their_numbers_beside_the_thresholds_that_decided():
+    """With custom `Criteria`, the sentences printed each number with the digits that put it
+    on its side of the pre-registered threshold, and named the pre-registered thresholds:
+    7.4996 % read "7.5 %" in a motif absent beside 7.5 %; an accuracy effect of -2.149
+    points, present beside 2.14, read "-2.1 points"; D2 masses 0.29996 vs 0.4, met beside
+    0.75x, read "0.300 vs 0.400"; D2 effects -0.149 vs -0.1, not 1.5x, read "-0.15 vs -0.10";
+    a D2 absent only by its interval lacked the "but embedding's effect interval" clause
+    (the masses fail 0.5x); a D3 mass of 0.19996, absent beside 0.2, read "mass 0.200"; D3's
+    limit read "0.12x the top harm" for 0.125; the claim texts said 0.5x, 2x, 0.10."""
+    from fractions import Fraction
+
+    from hooked_attnres.analysis import Criteria, claim_text
+
+    c = Criteria(**_CUSTOM)
+    at = {name: Fraction(repr(value)) for name, value in _CUSTOM.items()}
+    cell = ("mlp_res", "early", "embedding")
+    rows, text = _custom_sentences(c, {cell: harmful(-0.74996, width=0.1)})
+    assert not rows.loc["M1", "present"]
+    (percent,) = re.findall(r"logits = (\S+) % of the clean", text["M1"])
+    assert _read(percent) / 100 < at["min_effect_fraction"], text["M1"]
+    rows, text = _custom_sentences(c, {cell: harmful(-0.1, width=0.05)}, {cell: -0.02149})
+    assert rows.loc["M1", "present"] and rows.loc["M1", "large_by_accuracy"]
+    (points,) = re.findall(r"accuracy (\S+) points", text["M1"])
+    assert _read(points) / 100 <= -at["min_accuracy_drop"], text["M1"]
+
+    emb, cur = ("mlp_res", "all", "embedding"), ("mlp_res", "all", "current")
+    close = {("mlp_res", "embedding"): 0.29996, ("mlp_res", "current"): 0.4}
+    far = {("mlp_res", "embedding"): 0.1, ("mlp_res", "current"): 0.4}
+    pattern = r"seed 0: mass (\S+) vs (\S+), effect (\S+) vs (\S+)[.,]"
+    rows, text = _custom_sentences(
+        c, {emb: (-0.5, -0.9, -0.1), cur: (-0.1, -0.2, -0.05)}, mass=close
+    )
+    assert rows.loc["D2", "present"]
+    m, o, _, _ = (_read(t) for t in re.findall(pattern, text["D2"])[0])
+    assert m < at["d2_mass_ratio"] * o, text["D2"]
+    rows, text = _custom_sentences(
+        c, {emb: (-0.149, -0.3, -0.1), cur: (-0.1, -0.2, -0.05)}, mass=far
+    )
+    assert not rows.loc["D2", "present"]
+    _, _, e, o = (_read(t) for t in re.findall(pattern, text["D2"])[0])
+    assert not -e >= at["d2_effect_ratio"] * max(-o, 0), text["D2"]
+    rows, text = _custom_sentences(
+        c, {emb: (-0.5, -0.9, 0.01), cur: (-0.1, -0.2, -0.05)}, mass=close
+    )
+    assert not rows.loc["D2", "present"]
+    assert text["D2"].endswith(
+        "but embedding's effect interval does not exclude 0 (ci_high +0.01)."
+    ), text["D2"]
+
+    pc = ("attn_res", "all", "prev_completed")
+    rows, text = _custom_sentences(c, {pc: (0.0, -0.1, 0.1)}, mass={("attn_res", pc[2]): 0.19996})
+    assert not rows.loc["D3-attn_res", "present"]
+    (printed,) = re.findall(r"seed 0: mass (\S+), effect", text["D3-attn_res"])
+    assert _read(printed) < at["d3_min_mass"], text["D3-attn_res"]
+    top = ("attn_res", "all", "embedding")
+    rows, text = _custom_sentences(c, {pc: (-0.01, -0.02, -0.005), top: (-1.0, -1.2, -0.8)})
+    assert rows.loc["D3-attn_res", "present"]
+    (named,) = re.findall(r"= (\S+)x the top harm\.$", text["D3-attn_res"])
+    assert _read(named) == at["d3_max_effect_fraction"], text["D3-attn_res"]
+
+    # the claims name the custom thresholds, read exactly
+    d2 = re.findall(r"< (\S+)x current's mass and >= (\S+)x its harm", claim_text("D2", c))
+    assert [tuple(map(_read, d2[0]))] == [(at["d2_mass_ratio"], at["d2_effect_ratio"])]
+    for router in ("attn_res", "mlp_res"):
+        said = claim_text(f"D3-{router}", c)
+        assert text[f"D3-{router}"].startswith(f"D3-{router} ({said}): ")
+        d3 = re.findall(r">= (\S+) mass, .* \|effect\| < (\S+)x the top harm", said)
+        assert [tuple(map(_read, d3[0]))] == [(at["d3_min_mass"], at["d3_max_effect_fraction"])]
+    assert text["D2"].startswith(f"D2 ({claim_text('D2', c)}): ")
+
+
+_SHORT = st.builds(lambda m, k: float(f"{m}e{k}"), st.integers(1, 999), st.integers(-5, -3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    fraction=_SHORT,
+    drop=_SHORT,
+    ratios=st.tuples(
+        st.sampled_from([0.3, 0.45, 0.6, 0.75, 0.9]), st.sampled_from([1.1, 1.5, 3.0, 2.5])
+    ),
+    d3=st.tuples(_SHORT, _SHORT),
+    steps=st.lists(st.integers(-3, 3), min_size=6, max_size=6),
+)
+def test_custom_criteria_sentences_read_as_their_verdicts_decide(fraction, drop, ratios, d3, steps):
+    """Numbers a few floats from custom thresholds: each printed number, read exactly
+    (Fraction), is on the side of the custom threshold (as written, its repr) that the
+    verdict's float test put it on; D3's sentence names the custom fraction."""
+    from fractions import Fraction
+
+    from hooked_attnres.analysis import Criteria
+
+    mass_ratio, effect_ratio = ratios
+    min_mass, max_fraction = d3
+    c = Criteria(
+        min_effect_fraction=fraction,
+        min_accuracy_drop=drop,
+        d2_mass_ratio=mass_ratio,
+        d2_effect_ratio=effect_ratio,
+        d3_min_mass=min_mass,
+        d3_max_effect_fraction=max_fraction,
+    )
+    size = _near(fraction, steps[0])  # harm / clean with clean 1
+    acc = -_near(drop, steps[1])
+    emb_mass = _near(mass_ratio * 0.4, steps[2])
+    emb_effect = -_near(effect_ratio * 0.1, steps[3])
+    pc_mass = _near(min_mass, steps[4])
+    pc_effect = -_near(max_fraction * 2.0, steps[5])  # beside the limit of a top harm of 2
+    m1 = ("mlp_res", "early", "embedding")
+    effects = {
+        m1: (-size, -2 * size, -size / 2),
+        ("mlp_res", "all", "embedding"): (emb_effect, 2 * emb_effect, emb_effect / 2),
+        ("mlp_res", "all", "current"): (-0.1, -0.2, -0.05),
+        ("attn_res", "all", "prev_completed"): (pc_effect, 2 * pc_effect, pc_effect / 2),
+        ("attn_res", "all", "embedding"): (-2.0, -2.5, -1.5),
+    }
+    masses = {
+        ("mlp_res", "embedding"): emb_mass,
+        ("mlp_res", "current"): 0.4,
+        ("attn_res", "prev_completed"): pc_mass,
+    }
+    rows, text = _custom_sentences(c, effects, {m1: acc}, masses, clean=1.0)
+    at = Fraction(repr(fraction))
+    (percent,) = re.findall(r"logits = (\S+) % of the clean", text["M1"])
+    assert _side(_read(percent) / 100 - at) == _side(size - fraction), text["M1"]
+    if acc <= -drop:
+        (points,) = re.findall(r"accuracy (\S+) points", text["M1"])
+        assert _read(points) / 100 <= -Fraction(repr(drop)), text["M1"]
+    assert bool(rows.loc["M1", "present"]) == (size >= fraction or acc <= -drop)
+    m, o, e, oe = map(
+        _read, re.findall(r"mass (\S+) vs (\S+), effect (\S+) vs (\S+)[.,]", text["D2"])[0]
+    )
+    assert (m < Fraction(repr(mass_ratio)) * o) == (emb_mass < mass_ratio * 0.4), text["D2"]
+    assert (-e >= Fraction(repr(effect_ratio)) * max(-oe, 0)) == (
+        -emb_effect >= effect_ratio * 0.1
+    ), text["D2"]
+    (mass,) = re.findall(r"seed 0: mass (\S+), effect", text["D3-attn_res"])
+    assert (_read(mass) >= Fraction(repr(min_mass))) == (pc_mass >= min_mass), text["D3-attn_res"]
+    named = re.findall(r"= (\S+)x the top harm\.$", text["D3-attn_res"])
+    assert [_read(t) for t in named] == [Fraction(repr(max_fraction))], text["D3-attn_res"]
+
+
+def test_verdicts_refuse_criteria_other_than_those_that_decided_the_report(tmp_path):
+    """The sentences take the report's criteria (`motif_report` records them); other
+    criteria given, or a report read from a file whose stored decisions the criteria
+    contradict (read by the pre-registered ones), are refused: the sentences would print
+    numbers beside thresholds that did not decide them."""
+    from hooked_attnres.analysis import PREREGISTERED, Criteria
+
+    c = Criteria(**_CUSTOM)
+    pc = ("attn_res", "all", "prev_completed")
+    report = motif_report(
+        *tables({pc: (0.0, -0.1, 0.1)}, mass={("attn_res", pc[2]): 0.15}, seed=0), criteria=c
+    )
+    assert report.attrs["criteria"] == c
+    with pytest.raises(ValueError, match="was decided by Criteria.*not the criteria="):
+        motif_verdicts(report, criteria=PREREGISTERED)
+    report.to_csv(tmp_path / "motifs.csv", index=False)
+    stored = pd.read_csv(tmp_path / "motifs.csv")
+    assert not stored.attrs
+    # D3's mass 0.15 is absent beside 0.2, present beside 0.10
+    with pytest.raises(ValueError, match="D3-attn_res row seed 0 was not decided by Criteria"):
+        motif_verdicts(stored)
+    given = motif_verdicts(stored, criteria=c).set_index("claim")
+    recorded = motif_verdicts(report).set_index("claim")
+    pd.testing.assert_frame_equal(given, recorded)
+
+
+def test_the_shipped_reports_sentences_are_those_of_the_preregistered_criteria():
+    """The criteria-given texts write the pre-registered thresholds as the shipped report
+    (docs/results/shipped_report.md) does: its claim legend and every sentence's head, D3's
+    "= 0.10x the top harm"; and its accuracy points (effects of 256 prompts, multiples of
+    1/256) print as the fixed one decimal they were printed with."""
+    from hooked_attnres.analysis import CLAIMS, PREREGISTERED, claim_text
+    from hooked_attnres.analysis.motifs import _percent_text, _threshold_text
+
+    shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
+    for claim in CLAIMS:
+        assert f"\n| {claim} | {claim_text(claim)} |\n" in shipped, claim
+        heads = re.findall(rf"\n\* {re.escape(claim)} \((.*?)\): present in", shipped)
+        assert len(heads) >= 7 and set(heads) == {claim_text(claim)}, claim
+    limits = re.findall(r"= (\S+)x the top harm\.", shipped)
+    assert limits and set(limits) == {_threshold_text(PREREGISTERED.d3_max_effect_fraction, 2)}
+    assert claim_text("D2", PREREGISTERED) == claim_text("D2")
+    points = re.findall(r"accuracy (\S+) points", shipped)
+    assert len(points) >= 10
+    for k in range(-256, 0):
+        if k / 256 <= -PREREGISTERED.min_accuracy_drop:
+            text = _percent_text(k / 256, -PREREGISTERED.min_accuracy_drop, "+f")
+            assert text == f"{100 * k / 256:+.1f}", k
+    assert set(points) <= {f"{100 * k / 256:+.1f}" for k in range(-256, -5)}

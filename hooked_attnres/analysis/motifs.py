@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
+from functools import partial
 from typing import Any, Optional
 
 import numpy as np
@@ -63,17 +64,19 @@ DISSOCIATIONS = {
         "MLP routers: the top-mass family is not the top-effect family, and their effect "
         "intervals are separated"
     ),
+    # D2 / D3 name their thresholds: `claim_text` writes them from a `Criteria`
     "D2": (
-        "MLP routers: embedding has < 0.5x current's mass and >= 2x its harm (current's "
-        "counted as >= 0), embedding's effect interval excluding 0"
+        "MLP routers: embedding has < {d2_mass_ratio}x current's mass and >= "
+        "{d2_effect_ratio}x its harm (current's counted as >= 0), embedding's effect "
+        "interval excluding 0"
     ),
     "D3-attn_res": (
-        "attention routers: prev_completed has >= 0.10 mass, its effect's interval contains 0 "
-        "or |effect| < 0.10x the top harm"
+        "attention routers: prev_completed has >= {d3_min_mass} mass, its effect's interval "
+        "contains 0 or |effect| < {d3_max_effect_fraction}x the top harm"
     ),
     "D3-mlp_res": (
-        "MLP routers: prev_completed has >= 0.10 mass, its effect's interval contains 0 "
-        "or |effect| < 0.10x the top harm"
+        "MLP routers: prev_completed has >= {d3_min_mass} mass, its effect's interval "
+        "contains 0 or |effect| < {d3_max_effect_fraction}x the top harm"
     ),
 }
 CLAIMS = (*MOTIFS, *DISSOCIATIONS)
@@ -454,14 +457,15 @@ def motif_report(
         intervals, the clean logit difference, masses, the top-mass / top-effect
         families, ...), plus the ``by`` columns. A D1 / D3 row's ``top_effect`` is the
         family with the largest harm (``-effect``), as pre-registered; it is not
-        `dissociation_report`'s ``top_abs_effect`` (largest ``|effect|``).
+        `dissociation_report`'s ``top_abs_effect`` (largest ``|effect|``). The table's
+        ``attrs["criteria"]`` is ``criteria`` (`motif_verdicts` writes its sentences by it).
     """
     if by is None:
         by = [
             c for c in ("condition", "seed") if c in effects.columns and c in mass_summary.columns
         ]
     if not by:
-        return pd.DataFrame(_one_seed(mass_summary, effects, criteria))
+        return _decided_by(pd.DataFrame(_one_seed(mass_summary, effects, criteria)), criteria)
     for name, table in (("effects", effects), ("mass_summary", mass_summary)):
         _require_labels(table, by, name)
     measured = set(effects[by].itertuples(index=False, name=None))
@@ -486,7 +490,14 @@ def motif_report(
             raise ValueError(f"mass_summary has no rows for {dict(zip(by, key, strict=True))}")
         for row in _one_seed(mass, part, criteria):
             rows.append({**dict(zip(by, key, strict=True)), **row})
-    return pd.DataFrame(rows)
+    return _decided_by(pd.DataFrame(rows), criteria)
+
+
+def _decided_by(report: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
+    """``report`` recording the criteria its verdicts were decided by (``attrs``), which
+    `motif_verdicts` reads its sentences by."""
+    report.attrs["criteria"] = criteria
+    return report
 
 
 def _require_labels(table: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -519,10 +530,22 @@ def verdict_word(k: int, n: int) -> str:
     return "majority" if k > n / 2 else "minority"
 
 
-def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.DataFrame:
+def motif_verdicts(
+    report: pd.DataFrame, by: Optional[list[str]] = None, criteria: Optional[Criteria] = None
+) -> pd.DataFrame:
     """Claims across seeds: one row per claim (and per ``by`` group, default
     ``condition`` when present) with ``k`` (seeds where present), ``n``, ``verdict``
-    (`verdict_word`) and ``sentence`` (generated from the numbers)."""
+    (`verdict_word`) and ``sentence`` (generated from the numbers, each printed with the
+    digits that put it on its side of the threshold that decided it, and naming that
+    threshold).
+
+    ``criteria``: the `Criteria` the report was decided by; default the one `motif_report`
+    recorded in ``report.attrs["criteria"]``, else (a table read from a file, or joined from
+    reports of different criteria) `PREREGISTERED`. Another one than the recorded one is
+    refused, and so is a report whose stored decisions (criterion 2's ``large``, D2, D3)
+    those criteria contradict: its sentences would print numbers on the wrong side of the
+    thresholds they name."""
+    criteria = _report_criteria(report, criteria)
     if by is None:
         by = [c for c in ("condition",) if c in report.columns]
     _require_labels(report, [*by, *(["seed"] if "seed" in report.columns else [])], "the report")
@@ -559,10 +582,65 @@ def motif_verdicts(report: pd.DataFrame, by: Optional[list[str]] = None) -> pd.D
                     "k": k,
                     "n": n,
                     "verdict": verdict_word(k, n),
-                    "sentence": _sentence(claim, part, k, n),
+                    "sentence": _sentence(claim, part, k, n, criteria),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _report_criteria(report: pd.DataFrame, criteria: Optional[Criteria]) -> Criteria:
+    """The criteria ``report``'s verdicts were decided by (see `motif_verdicts`); refuses
+    ``criteria`` other than the recorded ones and a report its decisions contradict."""
+    recorded = report.attrs.get("criteria")
+    if criteria is not None and recorded is not None and criteria != recorded:
+        raise ValueError(
+            f"the report was decided by {recorded}, not the criteria={criteria} given: its "
+            "sentences would print the numbers beside thresholds that did not decide them; "
+            "pass motif_report's criteria (or none)"
+        )
+    chosen = criteria if criteria is not None else recorded
+    chosen = PREREGISTERED if chosen is None else chosen
+    if not isinstance(chosen, Criteria):
+        raise TypeError(f"criteria must be a Criteria, got {type(chosen).__name__}")
+    for _, row in report.iterrows():
+        if _contradicts(row, chosen):
+            seed = f" seed {row.seed}" if "seed" in report.columns else ""
+            raise ValueError(
+                f"the report's {row.claim} row{seed} was not decided by {chosen} (its stored "
+                "decision differs from theirs); pass motif_verdicts(report, criteria=...) the "
+                "criteria given to motif_report"
+            )
+    return chosen
+
+
+def _contradicts(row: pd.Series, criteria: Criteria) -> bool:
+    """Whether ``row``'s stored decision differs from the one ``criteria`` give its numbers
+    (the tests of `_one_seed` that the row's columns allow redoing; a row of a report
+    stored before a column existed is not checked by it)."""
+    claim = row.claim
+    if claim in MOTIFS and claim != "M2" and not pd.isna(row.get("large_by_accuracy", np.nan)):
+        by_accuracy = bool(row.accuracy_effect <= -criteria.min_accuracy_drop)
+        by_size = row.clean > 0 and bool(row.effect_fraction >= criteria.min_effect_fraction)
+        return bool(row.large_by_accuracy) != by_accuracy or bool(row.large) != (
+            by_size or by_accuracy
+        )
+    if claim == "D2":
+        decided = (
+            _d2_mass(row.mass_embedding, row.mass_current, criteria)
+            and _d2_effect(row.effect_embedding, row.effect_current, criteria)
+            and bool(row.ci_high_embedding < 0)
+        )
+        return decided != bool(row.present)
+    if claim.startswith("D3"):
+        limit = row.get("effect_limit", np.nan)
+        if pd.isna(limit):
+            return False
+        no_effect = bool(row.ci_low <= 0 <= row.ci_high or abs(row.effect) < limit)
+        decided = bool(row.mass >= criteria.d3_min_mass) and no_effect
+        return decided != bool(row.present) or bool(
+            limit != criteria.d3_max_effect_fraction * row.top_harm
+        )
+    return False
 
 
 def _fmt_effect(row: pd.Series) -> str:
@@ -643,19 +721,20 @@ def _exact(value: float, kind: str) -> Decimal:
     return exact.normalize() if kind == "e" and exact.is_finite() else exact
 
 
-def _percent_text(fraction: float, criteria: Criteria = PREREGISTERED) -> str:
-    """Criterion 2's ``fraction`` (harm / clean) in percent, with one decimal or as many
-    more as put it on its side of ``min_effect_fraction``: `printed_beside` the fraction
-    itself, its decimal point then moved two places (exact). ``100 * fraction`` rounds
-    again: a fraction a float below 0.05 became 5.0, printed "5.0 %" beside a miss. A
-    percent of `SCIENTIFIC_FROM` or more (a harm of 1e14 tiny clean differences) is printed
-    in scientific notation without trailing zeros ("1e+16", not 17 digits)."""
-    text = printed_beside(fraction, criteria.min_effect_fraction, 3)
+def _percent_text(fraction: float, threshold: float, spec: str = "f") -> str:
+    """``fraction`` in percent, with one decimal or as many more as put it on its side of
+    ``threshold`` (a fraction too: criterion 2's ``min_effect_fraction`` for harm / clean,
+    ``-min_accuracy_drop`` for an accuracy effect): `printed_beside` the fraction itself,
+    its decimal point then moved two places (exact). ``100 * fraction`` rounds again: a
+    fraction a float below 0.05 became 5.0, printed "5.0 %" beside a miss. A percent of
+    `SCIENTIFIC_FROM` or more (a harm of 1e14 tiny clean differences) is printed in
+    scientific notation without trailing zeros ("1e+16", not 17 digits)."""
+    text = printed_beside(fraction, threshold, 3, spec)
     percent = Decimal(text).scaleb(2)
     kind = _readable_kind(float(percent), "f")
     with localcontext() as context:
         context.prec = 2000  # exact for any float's digits
-        return format(percent.normalize() if kind == "e" else percent, kind)
+        return format(percent.normalize() if kind == "e" else percent, spec[:-1] + kind)
 
 
 def printed_beside(value: float, threshold: float, digits: int, spec: str = "f") -> str:
@@ -673,20 +752,38 @@ def printed_beside(value: float, threshold: float, digits: int, spec: str = "f")
     return printed_deciding([value], digits, side, spec)[0]
 
 
-def claim_text(claim: str) -> str:
+def claim_text(claim: str, criteria: Criteria = PREREGISTERED) -> str:
     """What a claim id (`CLAIMS`) says, e.g. ``"M1"`` -> ``"embedding through early MLP
-    routers"``."""
-    return MOTIFS[claim][3] if claim in MOTIFS else DISSOCIATIONS[claim]
+    routers"``; D2 and D3 name ``criteria``'s thresholds (the pre-registered ``"< 0.5x
+    current's mass"``, ``">= 0.10 mass"``), each written as it reads exactly."""
+    if claim in MOTIFS:
+        return MOTIFS[claim][3]
+    c = criteria
+    return DISSOCIATIONS[claim].format(
+        d2_mass_ratio=_threshold_text(c.d2_mass_ratio, 0),
+        d2_effect_ratio=_threshold_text(c.d2_effect_ratio, 0),
+        d3_min_mass=_threshold_text(c.d3_min_mass, 2),
+        d3_max_effect_fraction=_threshold_text(c.d3_max_effect_fraction, 2),
+    )
 
 
-def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
+def _threshold_text(threshold: float, digits: int) -> str:
+    """A criterion's ``threshold`` with ``digits`` decimals if they write it (as `_as_read`
+    reads it: its ``repr``), else its ``repr`` (0.125 with 2: "0.125", not "0.12")."""
+    text = f"{threshold:.{digits}f}"
+    return text if Decimal(text) == Decimal(repr(float(threshold))) else repr(float(threshold))
+
+
+def _sentence(
+    claim: str, report: pd.DataFrame, k: int, n: int, criteria: Criteria = PREREGISTERED
+) -> str:
     """ "M1 (...): present in k of n seeds (verdict). seed 0: ...; seed 1: ...": the verdict
     and, per seed, the numbers it was decided from."""
     rows = report[report.claim == claim]
     # without a seed column there is one model (`motif_verdicts` refuses several rows):
     # "the model", not a seed number it was never given ("seed 0" for a seed-2 model)
     seeds = rows.seed.tolist() if "seed" in rows.columns else [None] * len(rows)
-    what = claim_text(claim)
+    what = claim_text(claim, criteria)
     head = (
         f"{claim} ({what}): present in {k} of {n} seed{'s' if n != 1 else ''} "
         f"({verdict_word(k, n)})"
@@ -705,7 +802,8 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
             details.append(f"{which}: {', '.join(parts)}")
         elif claim in MOTIFS:
             share = (
-                f"{_percent_text(row.effect_fraction)} % of the clean {row.clean:.2f}"
+                f"{_percent_text(row.effect_fraction, criteria.min_effect_fraction)} % of "
+                f"the clean {row.clean:.2f}"
                 if row.clean > 0
                 else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
             )
@@ -713,7 +811,8 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
             # the column existed, concatenated with newer ones: bool(NaN) would be True
             by_accuracy = row.get("large_by_accuracy", False)
             if not pd.isna(by_accuracy) and bool(by_accuracy):
-                share += f", accuracy {100 * row.accuracy_effect:+.1f} points"
+                points = _percent_text(row.accuracy_effect, -criteria.min_accuracy_drop, "+f")
+                share += f", accuracy {points} points"
             bands = str(row.largest_band).split("|")
             where = (
                 f"band {bands[0]}"
@@ -732,17 +831,22 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
         elif claim == "D2":
             # each test's numbers with the digits that decide it (an embedding effect of
             # -0.003 against a current one of -0.004 both read "-0.00", which meets 2x)
-            masses = printed_deciding([row.mass_embedding, row.mass_current], 3, _d2_mass)
+            masses = printed_deciding(
+                [row.mass_embedding, row.mass_current], 3, partial(_d2_mass, criteria=criteria)
+            )
             effects = printed_deciding(
-                [row.effect_embedding, row.effect_current], 2, _d2_effect, "+f"
+                [row.effect_embedding, row.effect_current],
+                2,
+                partial(_d2_effect, criteria=criteria),
+                "+f",
             )
             detail = (
                 f"{which}: mass {masses[0]} vs {masses[1]}, effect {effects[0]} vs {effects[1]}"
             )
             # the embedding interval, where it alone decided: the masses and effects
             # printed above would read as met
-            others_met = _d2_mass(row.mass_embedding, row.mass_current) and _d2_effect(
-                row.effect_embedding, row.effect_current
+            others_met = _d2_mass(row.mass_embedding, row.mass_current, criteria) and _d2_effect(
+                row.effect_embedding, row.effect_current, criteria
             )
             if not row.present and others_met and row.ci_high_embedding >= 0:
                 detail += (
@@ -751,7 +855,7 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
                 )
             details.append(detail)
         else:
-            mass = printed_beside(row.mass, PREREGISTERED.d3_min_mass, 3)
+            mass = printed_beside(row.mass, criteria.d3_min_mass, 3)
             detail = (
                 f"{which}: mass {mass}, effect {_fmt_effect(row)} (top "
                 f"family {row.top_effect}, harm {row.top_harm:.2f})"
@@ -763,7 +867,8 @@ def _sentence(claim: str, report: pd.DataFrame, k: int, n: int) -> str:
             limit = row.get("effect_limit", np.nan)
             if not (row.ci_low <= 0 <= row.ci_high or pd.isna(limit)):
                 size = abs(row.effect)
-                what = f" = {limit / row.top_harm:.2f}x the top harm" if row.top_harm else ""
+                fraction = _threshold_text(criteria.d3_max_effect_fraction, 2)
+                what = f" = {fraction}x the top harm" if row.top_harm else ""
                 detail += (
                     f", |effect| {_digits_apart(size, limit)} "
                     f"{'<' if size < limit else '>='} {_digits_apart(limit, size)}{what}"
