@@ -15,12 +15,15 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.composition_scores import CompositionScores
 from transformer_lens.utilities import Slice, composition_scores, get_act_name, remove_batch_dim
 
+from hooked_attnres._validation import unsigned_as_int64
+
 
 def as_slice(value, name: str) -> Slice:
     """``value`` as a TransformerLens ``Slice`` (a ``Slice`` as is: ``Slice(Slice(...))``
     raises), for the ``pos_slice`` / ``batch_slice`` arguments TransformerLens takes,
     checked by `slice_input`."""
-    return value if isinstance(value, Slice) else Slice(slice_input(value, name))
+    checked = slice_input(value, name)
+    return checked if isinstance(checked, Slice) else Slice(checked)
 
 
 def slice_input(value, name: str):
@@ -33,10 +36,20 @@ def slice_input(value, name: str):
     input_slice 2.5"). So is an index array (a list, array or tensor) of floats or strings,
     or a 0-d bool: torch truncated ``[2.5]`` to index 2 and a 0-d bool added an axis,
     silently; an integer array and a bool mask of one or more dimensions are
-    TransformerLens' (numpy's) index arrays."""
+    TransformerLens' (numpy's) index arrays. A ``Slice`` of an index array is checked as
+    that array (``Slice(np.array([0, 1, 1], dtype=np.uint8))`` was a mask too)."""
     if isinstance(value, Slice):
-        return value
-    if not isinstance(value, bool):
+        if value.mode != "array":
+            return value
+        try:
+            checked = slice_input(value.slice, name)
+        except ValueError:
+            checked = None  # refused below, naming the Slice
+        if checked is value.slice:
+            return value
+        if checked is not None:
+            return Slice(checked)
+    elif not isinstance(value, bool):
         try:
             sliced = Slice(value)
         except (ValueError, TypeError):  # TypeError: torch cannot hold ["2"]
@@ -47,9 +60,15 @@ def slice_input(value, name: str):
             index = np.asarray(sliced.slice)
             if index.size == 0:  # [] reads as float64: an empty index
                 return index.astype(np.int64)
-            if index.dtype.kind == "u" and index.max() <= np.iinfo(np.int64).max:
-                return index.astype(np.int64)
-            if index.dtype.kind == "i" or (index.dtype.kind == "b" and index.ndim > 0):
+            try:
+                signed = unsigned_as_int64(index)
+                past_int64 = False
+            except ValueError:  # no index of any run: refused below
+                signed, past_int64 = None, True
+            if signed is not None:
+                return signed
+            integer = index.dtype.kind == "i" or (index.dtype.kind == "b" and index.ndim > 0)
+            if integer and not past_int64:
                 return value
     raise ValueError(
         f"{name} must be None, an int, a (start, stop[, step]) tuple, a list, array or tensor "

@@ -199,6 +199,36 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     return out
 
 
+def unsigned_as_int64(value: Any) -> Optional[np.ndarray]:
+    """``value`` as an int64 NumPy array if it holds unsigned integers, else ``None``: a
+    NumPy or torch array or a NumPy scalar of an unsigned type, or a list / tuple that
+    NumPy reads as one (of NumPy unsigned scalars, or of Python ints past int64). An index
+    or position of an unsigned type is an integer like any other, but torch reads a uint8
+    index array as a mask and compares a uint8 position with ``-n_pos`` wrapped around
+    (``np.uint8(1) < -5``), so the analyses read them as int64. ``ValueError`` for a value
+    past int64 (its cast would wrap: ``2**64 - 1`` is -1), which is no index of any run;
+    the caller names its argument."""
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype.is_signed or dtype == torch.bool:
+            return None
+        unsigned = value.detach().cpu().numpy()
+    elif isinstance(value, (np.ndarray, np.generic)):
+        unsigned = np.asarray(value)
+    elif isinstance(value, (list, tuple)):
+        try:
+            unsigned = np.asarray(value)
+        except (ValueError, TypeError):  # ragged, or what NumPy cannot read
+            return None
+    else:
+        return None
+    if unsigned.dtype.kind != "u":
+        return None
+    if unsigned.size and unsigned.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{value!r} holds an integer past int64, no index of any run")
+    return unsigned.astype(np.int64)
+
+
 def one_or_list(name: str, value: Any) -> list[Any]:
     """``[value]`` for one name or index (a string, an integer as `is_integer` says, or a
     ``bool``, kept so that the caller refuses it by name), else `as_items` (``value``

@@ -264,6 +264,10 @@ def test_a_zero_d_array_is_refused_by_name(model, batch, call, name):
         (np.uint64(3), 3),
         (torch.tensor([0, 2], dtype=torch.uint8), [0, 2]),
         (np.uint32(6), 6),
+        # a list of NumPy unsigned scalars is a uint8 tensor to torch: [np.uint8(1),
+        # np.uint8(4)] was refused when the hook ran ("must be integers in [-7, 7)")
+        ([np.uint8(1), np.uint8(4)], [1, 4]),
+        ((np.uint64(3), np.uint64(0)), [3, 0]),
     ],
 )
 def test_unsigned_positions_are_positions(model, batch, given, same):
@@ -285,3 +289,39 @@ def test_an_unsigned_position_past_int64_is_refused():
     # np.uint64(2**64 - 1) cast to int64 is -1: the last position, silently
     with pytest.raises(ValueError, match=r"^positions .* must be integers in \[-5, 5\)"):
         position_index(np.array([2**64 - 1], dtype=np.uint64), 5)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi"])  # TransformerLens' path, ours
+def test_run_with_cache_and_slice_objects_check_their_index_arrays(batch, layout):
+    # slice_input checked the cache methods' bare arguments only: run_with_cache(pos_slice=)
+    # took a uint8 array as a mask (2 positions cached for [0, 1, 1, 0, 0, 0, 0]), [2.5] as
+    # position 2 and a 0-d bool as an added axis, silently; so did a Slice of such an array
+    # in the cache's methods; stack_neuron_results' neuron_slice was not checked at all
+    from transformer_lens.utilities import Slice
+
+    model = randomize_routing(tiny_model(attnres_layout=layout)).eval()
+    _, full = model.run_with_cache(batch.tokens)
+    index = [0, 1, 1, 0, 0, 0, 0]
+    for given in (np.array(index, dtype=np.uint8), torch.tensor(index, dtype=torch.uint8)):
+        _, cut = model.run_with_cache(batch.tokens, pos_slice=given)
+        for name in ("blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"):
+            torch.testing.assert_close(cut[name], full[name][:, index], rtol=0, atol=0)
+    for bad in ([2.5], np.array(True), True, Slice(np.array([2.5]))):
+        with pytest.raises(ValueError, match=r"^pos_slice must be None, an int, .* got "):
+            model.run_with_cache(batch.tokens, pos_slice=bad)
+    routed = dict(routed=True) if layout == "kimi" else {}
+    every = full.accumulated_resid(**routed)
+    got = full.accumulated_resid(pos_slice=Slice(np.array(index, dtype=np.uint8)), **routed)
+    torch.testing.assert_close(got, every[:, :, index], rtol=0, atol=0)
+    rows = full.apply_slice_to_batch_dim(Slice(np.array([1, 0], dtype=np.uint8)))
+    torch.testing.assert_close(rows["hook_embed"], full["hook_embed"][[1, 0]], rtol=0, atol=0)
+    for bad in (Slice(np.array([2.5])), Slice(np.array(True)), Slice(torch.tensor([1.0]))):
+        with pytest.raises(ValueError, match=r"^pos_slice must be None, an int, .* got Slice"):
+            full.accumulated_resid(pos_slice=bad, **routed)
+    want = full.stack_neuron_results(1, neuron_slice=[3, 0, 0], routed=True)
+    got = full.stack_neuron_results(
+        1, neuron_slice=np.array([3, 0, 0], dtype=np.uint8), routed=True
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^neuron_slice must be None, an int, .* got \[2.5\]"):
+        full.stack_neuron_results(1, neuron_slice=[2.5], routed=True)

@@ -13,7 +13,6 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,6 +22,7 @@ from hooked_attnres._validation import (
     one_or_list,
     require_integer,
     require_selection,
+    unsigned_as_int64,
 )
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 
@@ -194,19 +194,6 @@ def resolve_routers(
     return [(site.layer, site.kind) for site in select_sites(model, routers, layers, bands)]
 
 
-def _unsigned_values(positions) -> Optional[np.ndarray]:
-    """``positions`` as a NumPy array if they are a NumPy or torch array (or NumPy scalar)
-    of an unsigned integer type, else ``None``."""
-    if isinstance(positions, Tensor):
-        unsigned = not positions.dtype.is_floating_point and not positions.dtype.is_signed
-        if unsigned and positions.dtype != torch.bool:
-            return positions.detach().cpu().numpy()
-        return None
-    if isinstance(positions, (np.ndarray, np.generic)) and positions.dtype.kind == "u":
-        return np.asarray(positions)
-    return None
-
-
 def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     """``positions`` as a tensor if they are integers (an int, a list, a range, a NumPy
     array or a tensor; an empty one passes), else ``ValueError`` naming ``positions`` and
@@ -215,15 +202,13 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     integers (NumPy's or torch's) are read as int64 (a uint8 index compared with
     ``-n_pos`` wrapped around, refusing ``np.uint8(1)``; torch has no uint32 comparison),
     and one past int64 is refused (cast, ``2**64 - 1`` is -1)."""
-    unsigned = _unsigned_values(positions)
     try:
-        index = torch.as_tensor(positions if unsigned is None else unsigned.astype(np.int64))
+        signed = unsigned_as_int64(positions)  # refuses one past int64: no position
+        index = torch.as_tensor(positions if signed is None else signed)
     except (TypeError, ValueError, RuntimeError):
         index = None
     if index is not None and index.numel() == 0:
         return index.long()  # torch reads [] as float
-    if unsigned is not None and unsigned.size and unsigned.max() > np.iinfo(np.int64).max:
-        index = None  # no position of any run
     if (
         index is None
         or isinstance(positions, bool)

@@ -1017,6 +1017,7 @@ class AttnResActivationCache(ActivationCache):
         ``routed=True`` and weights each neuron by its layer's routed coefficient. Refuses
         a cache whose neurons do not sum to ``hook_mlp_out`` (`_require_unit_results`)."""
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
+        neuron_slice = slice_input(neuron_slice, "neuron_slice")
         self._require_full_run("stack_neuron_results", pos_slice)
         point = _point(self.model, layer, mlp_input)
         self._require(

@@ -47,7 +47,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres._tl import HookedRootModule, HookPoint, Slice, get_act_name
+from hooked_attnres._tl import HookedRootModule, HookPoint, Slice, get_act_name, slice_input
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
@@ -379,7 +379,8 @@ class HookedModule(HookedRootModule):
         cache: Optional[dict] = None,
         pos_slice=None,
     ) -> tuple[dict, list, list]:
-        """Like TransformerLens's, but ``pos_slice`` uses each hook's ``pos_dim``, and
+        """Like TransformerLens's, but ``pos_slice`` (checked by `slice_input`, as the
+        cache's methods check theirs) uses each hook's ``pos_dim``, and
         ``remove_batch_dim=True`` refuses (``ValueError``) a batch of more than one prompt
         whatever the input (TransformerLens checks only a token tensor passed first).
         Without a ``cache`` it returns a `RunCacheDict`, which records the extent of the
@@ -390,7 +391,9 @@ class HookedModule(HookedRootModule):
         ``cache`` given as a plain ``dict`` records nothing, and the interventions and
         sweeps refuse it (give a `RunCacheDict` to have it recorded)."""
         cache = RunCacheDict() if cache is None else cache
-        pos_slice = Slice.unwrap(pos_slice)
+        # checked as the cache's methods check it (`slice_input`): unchecked, an unsigned
+        # index array was a mask, [2.5] position 2 and a 0-d bool an added axis, silently
+        pos_slice = Slice.unwrap(slice_input(pos_slice, "pos_slice"))
         # what the record keeps of it (`RunCacheDict.pos_slice`): None where it cuts nothing
         recorded_slice = None if pos_slice.mode == "identity" else pos_slice
         wanted = self._names_predicate(names_filter)
@@ -513,6 +516,8 @@ class HookedModule(HookedRootModule):
         # a forward hook on the model before the caching hooks are added (TransformerLens's
         # or a raw PyTorch one, or a global module hook) may edit what the pass caches
         hooked = forward_hooks_attached(self)
+        if "pos_slice" in kwargs:  # before TransformerLens' Slice.unwrap reads True as [True]
+            kwargs["pos_slice"] = slice_input(kwargs["pos_slice"], "pos_slice")
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
             # TransformerLens asserts a batch of one for a token tensor passed first, from
             # its first axis (an AssertionError, and a [pos] prompt read as pos prompts);
