@@ -280,6 +280,15 @@ def test_an_index_that_does_not_select_rows_is_refused(index):
         batch[index]
 
 
+def test_a_row_number_past_int64_is_refused():
+    """A uint64 row number past int64 was cast to a negative one: ``2**64 - 1`` read the
+    last row, silently."""
+    batch = RETRIEVAL.sample(4, seed=3)
+    for index in (np.array([2**64 - 1], dtype=np.uint64), [np.uint64(2**64 - 1)], [2**63]):
+        with pytest.raises(IndexError, match=r"^TaskBatch rows must be row numbers .*past int64"):
+            batch[index]
+
+
 def test_a_torch_uint8_index_is_refused_as_ambiguous():
     """torch reads a uint8 tensor as a (deprecated) mask and NumPy as row numbers: refused,
     naming both remedies, instead of torch's deprecation warning and mask rows."""
@@ -309,6 +318,10 @@ def test_every_row_index_keeps_the_fields_aligned():
         # NumPy's meaning (rows); torch read a uint8 array as a mask: rows 0, 2, 4, 6
         (np.array([1, 0, 1, 0, 1, 0, 1], dtype=np.uint8), [1, 0, 1, 0, 1, 0, 1]),
         (np.array([3, 3], dtype=np.uint8), [3, 3]),  # was an IndexError (mask of length 2)
+        # a list of NumPy unsigned scalars is rows too (as in NumPy): it was a uint8 tensor,
+        # refused as an "ambiguous torch.uint8" index the caller never passed
+        ([np.uint8(1), np.uint8(0), np.uint8(1), np.uint8(0)], [1, 0, 1, 0]),
+        (np.array([6, 0], dtype=np.uint64), [6, 0]),
     ]
     names = ("tokens", "answer_pos", "answer", "contrast", "corrupted_tokens", "targets")
     for index, rows in cases:

@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_integer, unsigned_as_int64
 
 SPLITS = {"train": 0, "test": 1}
 TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
@@ -86,7 +86,8 @@ class TaskBatch:
     def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is an int, a slice, or a list / range / 1-d tensor / 1-d
         array of row numbers or of one bool per row; a NumPy array of any integer dtype,
-        ``uint8`` included, is row numbers, as in NumPy; one of another dtype, float or
+        ``uint8`` included, is row numbers, as in NumPy, and so is a list of NumPy unsigned
+        scalars (a row number past int64 is refused); one of another dtype, float or
         str, is refused as in NumPy). Anything else (a 0-d tensor,
         ``None``, ``True``, a tuple) raises `IndexError`: it would drop or add an axis,
         leaving ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned; a
@@ -97,7 +98,8 @@ class TaskBatch:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
             index = slice(index % n, index % n + 1)
         elif isinstance(index, (list, range)):  # one tensor index (a list of lists is 2-d)
-            index = torch.as_tensor(list(index)) if index else torch.zeros(0, dtype=torch.long)
+            rows = _signed_rows(list(index))
+            index = torch.as_tensor(rows) if len(rows) else torch.zeros(0, dtype=torch.long)
         if not isinstance(index, (slice, Tensor, np.ndarray)) or (
             not isinstance(index, slice) and index.ndim != 1
         ):
@@ -111,7 +113,7 @@ class TaskBatch:
             )
         if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
             # row numbers, as in NumPy: torch would read a uint8 array as a mask
-            index = torch.as_tensor(index.astype(np.int64))
+            index = torch.as_tensor(_signed_rows(index).astype(np.int64))
         elif isinstance(index, Tensor) and index.dtype == torch.uint8:
             raise IndexError(
                 "a torch.uint8 TaskBatch index is ambiguous (torch reads it as a deprecated "
@@ -320,3 +322,17 @@ class Task:
                 "build the tokenizer from task.words()"
             )
         return vocab
+
+
+def _signed_rows(rows: Any) -> Any:
+    """``rows`` (a list or a NumPy array of row numbers) with unsigned integers as int64
+    (`unsigned_as_int64`: a list of NumPy uint8 scalars was a uint8 tensor, refused as an
+    "ambiguous torch.uint8" index; a uint64 array's ``2**64 - 1`` was cast to -1, the last
+    row); ``IndexError`` for a row number past int64."""
+    try:
+        signed = unsigned_as_int64(rows)
+    except ValueError:
+        raise IndexError(
+            f"TaskBatch rows must be row numbers of the batch, got {rows!r} (past int64)"
+        ) from None
+    return rows if signed is None else signed
