@@ -325,3 +325,39 @@ def test_run_with_cache_and_slice_objects_check_their_index_arrays(batch, layout
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"^neuron_slice must be None, an int, .* got \[2.5\]"):
         full.stack_neuron_results(1, neuron_slice=[2.5], routed=True)
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "none"])
+def test_get_neuron_results_checks_its_slices_as_the_cache_does(batch, layout):
+    # audit 63: get_neuron_results was TransformerLens's unchecked method: a uint8
+    # neuron_slice / pos_slice was a mask (neurons 1 and 2 for [0, 1, 1, 0]), [2.5] was
+    # truncated to 2, and on a cache without a position axis (pos_slice=Slice(k)) a
+    # pos_slice indexed its prompts
+    from transformer_lens.utilities import Slice
+
+    model = randomize_routing(tiny_model(attnres_layout=layout)).eval()
+    _, cache = model.run_with_cache(batch.tokens)
+    post, w_out = cache["post", 1], model.blocks[1].mlp.W_out.detach()
+    neurons, positions = [0, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0]
+    want = post[:, positions][..., neurons, None] * w_out[neurons]  # by hand, in torch
+    got = cache.get_neuron_results(
+        1,
+        neuron_slice=np.array(neurons, dtype=np.uint8),
+        pos_slice=np.array(positions, dtype=np.uint8),
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = cache.get_neuron_results(
+        1, neuron_slice=Slice(np.array(neurons, dtype=np.uint8)), pos_slice=Slice(-1)
+    )
+    torch.testing.assert_close(got, post[:, -1][..., neurons, None] * w_out[neurons])
+    for name in ("neuron_slice", "pos_slice"):
+        for bad in ([2.5], np.array(True), True, Slice(np.array([2.5]))):
+            with pytest.raises(ValueError, match=rf"^{name} must be None, an int, .* got "):
+                cache.get_neuron_results(1, **{name: bad})
+    # a cache without a position axis: its tensors are [batch, d_mlp] at position 2
+    _, at_two = model.run_with_cache(batch.tokens, pos_slice=Slice(2))
+    torch.testing.assert_close(
+        at_two.get_neuron_results(1), post[:, 2, :, None] * w_out, rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match=r"get_neuron_results: this cache has no position axis"):
+        at_two.get_neuron_results(1, pos_slice=-1)

@@ -519,29 +519,36 @@ class AttnResActivationCache(ActivationCache):
         cut = None if record is None else record.pos_slice
         return cut is None or cut.mode != "int"
 
+    def _require_position_axis(self, method: str, pos_slice=None, name: str = "pos_slice") -> None:
+        """Refuse a ``pos_slice`` (the argument ``name``) other than ``None`` on a cache
+        without a position axis (cached with ``pos_slice=Slice(k)``, an int ``Slice``,
+        which TransformerLens applies as it is): it would index the prompts."""
+        record = self._record()
+        if record is None or self._has_position_axis():
+            return
+        if as_slice(pos_slice, name).mode != "identity":
+            cut = record.pos_slice
+            assert cut is not None
+            raise ValueError(
+                f"cache.{method}: this cache has no position axis (it was cached with "
+                f"pos_slice=Slice({cut.slice}), an int Slice, which drops it: its tensors "
+                f"hold that one position of every prompt), so {name}={_shown(pos_slice)} "
+                f"would index its prompts. Pass {name}=None, or cache with "
+                f"pos_slice={cut.slice} (a plain int keeps a position axis of 1)"
+            )
+
     def _require_full_run(self, method: str, pos_slice=None, name: str = "pos_slice") -> None:
         """Refuse a cache whose residual hooks an earlier pass than the recorded one
         filled (`RunCacheDict.stale`, `require_run_positions`: caching hooks kept over
         passes with other padding, key-value caches or ``pos_slice``, the last of which
         did not reach them; their positions and padding are not the recorded pass's),
         a cache of a ``logit_positions`` run (`require_one_position_axis`), and a
-        ``pos_slice`` (the argument ``name``) other than ``None`` on a cache without a
-        position axis (cached with ``pos_slice=Slice(k)``, an int ``Slice``, which
-        TransformerLens applies as it is): it would index the prompts."""
+        ``pos_slice`` on a cache without a position axis (`_require_position_axis`)."""
         record = self._record()
         if record is not None:
             names = residual_hook_names(self.model)
             require_run_positions(record, f"cache.{method}", names, sliced=False)
-            cut = record.pos_slice
-            if not self._has_position_axis() and as_slice(pos_slice, name).mode != "identity":
-                assert cut is not None
-                raise ValueError(
-                    f"cache.{method}: this cache has no position axis (it was cached with "
-                    f"pos_slice=Slice({cut.slice}), an int Slice, which drops it: its tensors "
-                    f"hold that one position of every prompt), so {name}={_shown(pos_slice)} "
-                    f"would index its prompts. Pass {name}=None, or cache with "
-                    f"pos_slice={cut.slice} (a plain int keeps a position axis of 1)"
-                )
+        self._require_position_axis(method, pos_slice, name)
         require_one_position_axis(
             self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
         )
@@ -1288,6 +1295,26 @@ class AttnResActivationCache(ActivationCache):
         if self.has_batch_dim and kwargs.get("batch_slice") is not None:
             cache = self.apply_slice_to_batch_dim(kwargs.pop("batch_slice"))
         return ActivationCache.logit_lens(cache, **kwargs)
+
+    def get_neuron_results(
+        self,
+        layer: int,
+        neuron_slice=None,
+        pos_slice=None,
+        project_output_onto: Optional[Tensor] = None,
+    ) -> Tensor:
+        """TransformerLens's ``get_neuron_results`` (each neuron's raw write ``post[n] *
+        W_out[n]``: ``[*batch_and_pos, n_neurons, d_model]``, or the projection's last
+        axis), with ``neuron_slice`` and ``pos_slice`` checked as the cache's other
+        methods check theirs (`slice_input`: unchecked, an unsigned index array was a
+        mask and ``[2.5]`` index 2, silently), and a ``pos_slice`` on a cache without a
+        position axis refused (`_require_position_axis`: it indexed the prompts)."""
+        neuron_slice = slice_input(neuron_slice, "neuron_slice")
+        pos_slice = slice_input(pos_slice, "pos_slice")
+        self._require_position_axis("get_neuron_results", pos_slice)
+        return ActivationCache.get_neuron_results(
+            self, layer, neuron_slice, pos_slice, project_output_onto
+        )
 
     # --- stacking router hooks ---------------------------------------------------------
     def stack_activation(
