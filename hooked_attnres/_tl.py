@@ -15,7 +15,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.composition_scores import CompositionScores
 from transformer_lens.utilities import Slice, composition_scores, get_act_name, remove_batch_dim
 
-from hooked_attnres._validation import unsigned_as_int64
+from hooked_attnres._validation import refuse_uint8_index, unsigned_as_int64
 
 
 def as_slice(value, name: str) -> Slice:
@@ -37,7 +37,9 @@ def slice_input(value, name: str):
     or a 0-d bool: torch truncated ``[2.5]`` to index 2 and a 0-d bool added an axis,
     silently; an integer array and a bool mask of one or more dimensions are
     TransformerLens' (numpy's) index arrays. A ``Slice`` of an index array is checked as
-    that array (``Slice(np.array([0, 1, 1], dtype=np.uint8))`` was a mask too)."""
+    that array (``Slice(np.array([0, 1, 1], dtype=np.uint8))`` was a mask too). A
+    ``torch.uint8`` tensor is refused as ambiguous (`refuse_uint8_index`, the package's
+    one rule: ``AmbiguousIndexError``, a ``ValueError``)."""
     if isinstance(value, Slice):
         if value.mode != "array":
             return value
@@ -50,6 +52,7 @@ def slice_input(value, name: str):
         if checked is not None:
             return Slice(checked)
     elif not isinstance(value, bool):
+        refuse_uint8_index(name, value)  # a mask to torch, indices to NumPy: ambiguous
         try:
             sliced = Slice(value)
         except (ValueError, TypeError):  # TypeError: torch cannot hold ["2"]

@@ -199,6 +199,32 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     return out
 
 
+class AmbiguousIndexError(ValueError, IndexError):
+    """A ``torch.uint8`` tensor given as an index (`refuse_uint8_index`): both a
+    ``ValueError`` (what the analyses raise for a bad argument) and an ``IndexError``
+    (what ``TaskBatch[...]`` raises, as NumPy does)."""
+
+
+def refuse_uint8_index(name: str, value: Any) -> None:
+    """The package's one rule for a torch tensor used as an index (``pos_slice``,
+    ``batch_slice``, ``neuron_slice``, ``positions``, ``TaskBatch`` rows): a ``torch.bool``
+    tensor is a mask (as torch, NumPy and TransformerLens read it) where the argument takes
+    masks; a ``torch.uint8`` tensor of one or more dimensions raises `AmbiguousIndexError`:
+    torch reads it as a (deprecated) mask, so TransformerLens's ``Slice``, which hands it
+    to torch, takes ``[0, 1, 1, 0]`` as positions 1 and 2, while NumPy, TransformerLens's
+    documentation and the package's other unsigned integers read it as indices 0, 1, 1, 0.
+    A 0-d one is the integer it holds (as TransformerLens's ``to_python_int`` reads it),
+    and NumPy unsigned arrays are indices (as in NumPy: `unsigned_as_int64`); a ``Slice``
+    holds a NumPy array (TransformerLens converts a tensor), so ``Slice(t)`` of a uint8
+    tensor is read as NumPy's uint8 array."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim > 0:
+        raise AmbiguousIndexError(
+            f"{name} is a torch.uint8 tensor, which is ambiguous as an index: torch (and "
+            "TransformerLens's Slice, which hands it to torch) reads it as a deprecated mask, "
+            f"NumPy as indices; pass {name}.bool() for a mask or {name}.long() for indices"
+        )
+
+
 def unsigned_as_int64(value: Any) -> Optional[np.ndarray]:
     """``value`` as an int64 NumPy array if it holds unsigned integers, else ``None``: a
     NumPy or torch array or a NumPy scalar of an unsigned type, or a list / tuple that

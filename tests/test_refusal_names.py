@@ -215,10 +215,13 @@ def test_float_and_bool_index_arrays_are_refused_by_name(model, batch, bad):
         ([], []),
         (torch.tensor([], dtype=torch.long), []),
         ([False, True, True, False, False, False, False], [1, 2]),  # a mask, as in torch
-        # unsigned integers are indices: torch took a uint8 array of the sequence's length
-        # as a mask ([0, 1, 1, 0, 0, 0, 0]: positions 1 and 2, not 0, 1, 1, 0, 0, 0, 0)
+        # unsigned NumPy integers are indices: torch took a uint8 array of the sequence's
+        # length as a mask ([0, 1, 1, 0, 0, 0, 0]: positions 1 and 2, not 0, 1, 1, 0, 0, 0,
+        # 0); a torch.uint8 tensor is refused (test_a_torch_uint8_index_is_refused_...)
         (np.array([0, 1, 1, 0, 0, 0, 0], dtype=np.uint8), [0, 1, 1, 0, 0, 0, 0]),
-        (torch.tensor([0, 1, 1, 0, 0, 0, 0], dtype=torch.uint8), [0, 1, 1, 0, 0, 0, 0]),
+        (torch.tensor([0, 1, 1, 0, 0, 0, 0], dtype=torch.int16), [0, 1, 1, 0, 0, 0, 0]),
+        (torch.tensor([3, 1], dtype=torch.uint32), [3, 1]),  # no mask to torch: indices
+        (torch.tensor(2, dtype=torch.uint8), 2),  # 0-d: the int, as TransformerLens reads it
         (np.array([3, 1], dtype=np.uint64), [3, 1]),
     ],
 )
@@ -262,7 +265,8 @@ def test_a_zero_d_array_is_refused_by_name(model, batch, call, name):
         (np.uint8(1), 1),
         (np.array([1, 4], dtype=np.uint8), [1, 4]),
         (np.uint64(3), 3),
-        (torch.tensor([0, 2], dtype=torch.uint8), [0, 2]),
+        (torch.tensor([0, 2], dtype=torch.uint16), [0, 2]),
+        (torch.tensor(2, dtype=torch.uint8), 2),
         (np.uint32(6), 6),
         # a list of NumPy unsigned scalars is a uint8 tensor to torch: [np.uint8(1),
         # np.uint8(4)] was refused when the hook ran ("must be integers in [-7, 7)")
@@ -302,7 +306,7 @@ def test_run_with_cache_and_slice_objects_check_their_index_arrays(batch, layout
     model = randomize_routing(tiny_model(attnres_layout=layout)).eval()
     _, full = model.run_with_cache(batch.tokens)
     index = [0, 1, 1, 0, 0, 0, 0]
-    for given in (np.array(index, dtype=np.uint8), torch.tensor(index, dtype=torch.uint8)):
+    for given in (np.array(index, dtype=np.uint8), torch.tensor(index, dtype=torch.uint16)):
         _, cut = model.run_with_cache(batch.tokens, pos_slice=given)
         for name in ("blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"):
             torch.testing.assert_close(cut[name], full[name][:, index], rtol=0, atol=0)
@@ -361,3 +365,73 @@ def test_get_neuron_results_checks_its_slices_as_the_cache_does(batch, layout):
     )
     with pytest.raises(ValueError, match=r"get_neuron_results: this cache has no position axis"):
         at_two.get_neuron_results(1, pos_slice=-1)
+
+
+def test_a_torch_uint8_index_is_refused_at_every_entry_point(batch):
+    # audit 63, one rule (_validation.refuse_uint8_index): torch reads a torch.uint8 index
+    # tensor as a (deprecated) mask, and so does TransformerLens's Slice, which hands it to
+    # torch; pos_slice, batch_slice, neuron_slice and positions read it as indices (here
+    # [0, 1, 1, 0, 0, 0, 0], where TransformerLens caches positions 1 and 2), TaskBatch
+    # refused it: now refused everywhere, a torch.bool tensor being the mask it is
+    from transformer_lens.utilities import Slice
+
+    from hooked_attnres._validation import AmbiguousIndexError
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = batch.tokens
+    _, cache = model.run_with_cache(tokens)
+    index = [0, 1, 1, 0, 0, 0, 0]
+    u8 = torch.tensor(index, dtype=torch.uint8)
+    every = cache.accumulated_resid(routed=True)
+    entry_points = {
+        "pos_slice": [
+            lambda x: model.run_with_cache(tokens, pos_slice=x),
+            lambda x: model.get_caching_hooks(pos_slice=x),
+            lambda x: cache.accumulated_resid(pos_slice=x, routed=True),
+            lambda x: cache.decompose_resid(pos_slice=x, routed=True),
+            lambda x: cache.stack_head_results(1, pos_slice=x, routed=True),
+            lambda x: cache.get_full_resid_decomposition(pos_slice=x, routed=True),
+            lambda x: cache.get_neuron_results(1, pos_slice=x),
+        ],
+        "batch_slice": [
+            lambda x: cache.apply_slice_to_batch_dim(x),
+            lambda x: cache.apply_ln_to_stack(every, batch_slice=x, routed=True),
+        ],
+        "neuron_slice": [
+            lambda x: cache.stack_neuron_results(1, neuron_slice=x, routed=True),
+            lambda x: cache.get_neuron_results(1, neuron_slice=x),
+        ],
+        "positions": [
+            lambda x: routing_lens(model, tokens, positions=x),
+            lambda x: position_index(x, 7),
+            lambda x: mask_sources(model, 0, positions=x),
+            lambda x: routing_mass(model, tokens, positions=x),
+        ],
+    }
+    for name, calls in entry_points.items():
+        for call in calls:
+            with pytest.raises(ValueError, match=rf"^{name} is a torch.uint8 tensor.*\.long\(\)"):
+                call(u8 if name != "batch_slice" else u8[:4])
+    with pytest.raises(IndexError, match=r"^index is a torch.uint8 tensor.*index\.long\(\)"):
+        batch[torch.tensor([1, 0, 1, 0], dtype=torch.uint8)]
+    assert issubclass(AmbiguousIndexError, ValueError) and issubclass(
+        AmbiguousIndexError, IndexError
+    )
+    # a bool tensor is the mask it is, wherever masks are taken (as in torch / NumPy)
+    mask = torch.tensor(index, dtype=torch.bool)
+    torch.testing.assert_close(
+        cache.accumulated_resid(pos_slice=mask, routed=True), every[:, :, [1, 2]], rtol=0, atol=0
+    )
+    _, cut = model.run_with_cache(tokens, pos_slice=mask)
+    torch.testing.assert_close(cut["hook_embed"], cache["hook_embed"][:, [1, 2]], rtol=0, atol=0)
+    rows = torch.tensor([True, False, True, False])
+    assert torch.equal(batch[rows].tokens, tokens[[0, 2]])
+    torch.testing.assert_close(
+        cache.apply_slice_to_batch_dim(rows)["hook_embed"], cache["hook_embed"][[0, 2]]
+    )
+    # ... and refused where only integer positions are (interventions, routing_mass)
+    with pytest.raises(ValueError, match=r"^positions .* must be integers"):
+        mask_sources(model, 0, positions=mask)
+    # a Slice holds a NumPy array (TransformerLens converts the tensor): NumPy's reading
+    got = cache.accumulated_resid(pos_slice=Slice(u8), routed=True)
+    torch.testing.assert_close(got, every[:, :, index], rtol=0, atol=0)

@@ -20,6 +20,7 @@ from hooked_attnres._tl import get_act_name
 from hooked_attnres._validation import (
     is_integer,
     one_or_list,
+    refuse_uint8_index,
     require_integer,
     require_selection,
     unsigned_as_int64,
@@ -201,7 +202,9 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     tensor reads one; "Could not infer dtype of generator" named no argument). Unsigned
     integers (NumPy's or torch's) are read as int64 (a uint8 index compared with
     ``-n_pos`` wrapped around, refusing ``np.uint8(1)``; torch has no uint32 comparison),
-    and one past int64 is refused (cast, ``2**64 - 1`` is -1)."""
+    and one past int64 is refused (cast, ``2**64 - 1`` is -1); a ``torch.uint8`` tensor is
+    refused as ambiguous (`refuse_uint8_index`: a mask to torch, indices to NumPy)."""
+    refuse_uint8_index("positions", positions)
     try:
         signed = unsigned_as_int64(positions)  # refuses one past int64: no position
         index = torch.as_tensor(positions if signed is None else signed)

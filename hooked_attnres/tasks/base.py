@@ -22,7 +22,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import is_integer, require_integer, unsigned_as_int64
+from hooked_attnres._validation import (
+    is_integer,
+    refuse_uint8_index,
+    require_integer,
+    unsigned_as_int64,
+)
 
 SPLITS = {"train": 0, "test": 1}
 TEST_FRACTION_BUCKETS = 10  # one bucket in ten of all prompts is reserved for "test"
@@ -91,7 +96,8 @@ class TaskBatch:
         str, is refused as in NumPy). Anything else (a 0-d tensor,
         ``None``, ``True``, a tuple) raises `IndexError`: it would drop or add an axis,
         leaving ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned; a
-        ``torch.uint8`` tensor (a mask to torch, rows to NumPy) is refused too."""
+        ``torch.uint8`` tensor (a mask to torch, rows to NumPy) is refused too
+        (`refuse_uint8_index`, the package's one rule for index tensors)."""
         if is_integer(index):  # a NumPy integer too: one row, never a dropped batch axis
             index, n = int(index), len(self)
             if not -n <= index < n:
@@ -114,12 +120,8 @@ class TaskBatch:
         if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
             # row numbers, as in NumPy: torch would read a uint8 array as a mask
             index = torch.as_tensor(_signed_rows(index).astype(np.int64))
-        elif isinstance(index, Tensor) and index.dtype == torch.uint8:
-            raise IndexError(
-                "a torch.uint8 TaskBatch index is ambiguous (torch reads it as a deprecated "
-                "mask, NumPy as row numbers); pass index.bool() for one bool per row or "
-                "index.long() for row numbers"
-            )
+        else:  # a mask to torch, row numbers to NumPy: AmbiguousIndexError, an IndexError
+            refuse_uint8_index("index", index)
         return self._map(lambda tensor: tensor[index])
 
     def to(self, device) -> TaskBatch:
