@@ -30,6 +30,7 @@ from hooked_attnres.analysis.mass import (
     require_read_agrees,
 )
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
+from hooked_attnres.model.cache import RunRecord
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
 
@@ -301,18 +302,27 @@ def routing_heatmap(
     return _finish(fig, title, 160 + 40 * mass.layer.nunique(), categories="xy")
 
 
-def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Optional[torch.Tensor]:
-    """``[batch, pos]`` bool, True at the real tokens of the cached run where it had padding
-    and ``positions`` is ``"all"`` (``None``: no padding, or one position, which every
-    prompt must have as a real token). Refuses a cache that records nothing (a plain
-    ``dict``), a cache of a pass after key-value-cached positions, and one whose ``names``
-    were cached with a ``pos_slice`` or by an earlier pass (`recorded_run`): their
-    position ``p`` is not the run's position ``p``."""
-    record = recorded_run(cache, "the cache", names)
+def _real_tokens(
+    cache, names: Sequence[str], positions: Union[str, int]
+) -> tuple[Optional[torch.Tensor], RunRecord]:
+    """``(real, record)``: the cache's `RunRecord`, and ``real``, ``[batch, pos]`` bool,
+    True at the real tokens of the cached run at the positions the cache holds (those a
+    ``pos_slice`` kept, `RunRecord.kept`; ``[batch, 1]`` for an int ``Slice``, which drops
+    the position axis) where it had padding and ``positions`` is ``"all"`` (``None``: no
+    padding, or one position, which every prompt must have as a real token). Refuses a
+    cache that records nothing (a plain ``dict``), a cache of a pass after
+    key-value-cached positions, one whose ``names`` an earlier pass filled
+    (`recorded_run`), and for one position a cache whose ``names`` were cached with a
+    ``pos_slice`` that drops or reorders positions: its position ``p`` is not the run's
+    position ``p``."""
+    record = recorded_run(cache, "the cache", names, sliced=positions != "all")
     refuse_chunk_cache(record.n_past, "the cache")
     real = padding_of(record.attention_mask)
     if real is None or positions == "all":
-        return real
+        real = record.kept(real)
+        if real is not None and not record.has_position_axis:
+            real = real[..., None]
+        return real, record
     padded = (~real[:, int(positions)]).nonzero().flatten().tolist()
     if padded:
         raise ValueError(
@@ -320,7 +330,16 @@ def _real_tokens(cache, names: Sequence[str], positions: Union[str, int]) -> Opt
             "attention_mask): their weights there are not of a token of theirs; pass a "
             "position every prompt has, or positions='all' (padding is left out)"
         )
-    return None
+    return None, record
+
+
+def _batch_pos_sources(weights: torch.Tensor, record: RunRecord) -> torch.Tensor:
+    """A router's cached ``hook_weights`` as ``[batch, pos, n_sources]``: a cache without
+    a position axis (an int ``Slice``) gets one of 1, and one without a batch axis
+    (``remove_batch_dim``) a batch of 1."""
+    if not record.has_position_axis:
+        weights = weights.unsqueeze(-2)
+    return weights[None] if weights.ndim == 2 else weights
 
 
 def source_heatmap(
@@ -340,15 +359,17 @@ def source_heatmap(
             (a plain ``dict``) is refused, as patching refuses it (declare a dict's pass
             with `hooked_attnres.RunCacheDict`).
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
-        positions: ``"all"`` (mean over prompts and their real positions) or one position
-            (mean over prompts).
+        positions: ``"all"`` (mean over prompts and their real positions; of a cache
+            made with a ``pos_slice``, over the real tokens at the positions it kept,
+            `RunRecord.kept`) or one position (mean over prompts).
 
     Raises:
         ValueError: no routers, a ``positions`` other than ``"all"`` or one int, non-finite
             weights (at real positions), a position where some prompt is padding, a cache
             of a pass after key-value-cached positions (its position 0 is not the
-            sequence's) or whose weights were cached with a ``pos_slice`` or by an earlier
-            pass than the recorded one (`recorded_run`).
+            sequence's) or whose weights were cached by an earlier pass than the recorded
+            one (`recorded_run`), and one position of a cache made with a ``pos_slice``
+            that drops or reorders positions (its position ``p`` is not the run's).
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
     if positions != "all" and not is_integer(positions):
@@ -356,9 +377,9 @@ def source_heatmap(
     columns: list[str] = []
     rows = []
     sites = model.sites(router)
-    real = _real_tokens(cache, [site.hook("weights") for site in sites], positions)
+    real, record = _real_tokens(cache, [site.hook("weights") for site in sites], positions)
     for site in sites:
-        weights = cache[site.hook("weights")]
+        weights = _batch_pos_sources(cache[site.hook("weights")], record)
         if real is not None:  # [batch, pos, n_sources] -> [n_real, n_sources]
             weights = weights[real.to(weights.device)][:, None]
         if not bool(torch.isfinite(weights).all()):  # blank would read "no such source"
@@ -392,7 +413,9 @@ def source_heatmap(
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(title_text="source")
     where = (
-        "mean over prompts and positions" + (", padding left out" if real is not None else "")
+        "mean over prompts and positions"
+        + (" the pos_slice kept" if record.pos_slice is not None else "")
+        + (", padding left out" if real is not None else "")
         if positions == "all"
         else f"position {positions}, mean over prompts"
     )

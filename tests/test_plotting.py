@@ -185,6 +185,49 @@ def test_source_heatmap_leaves_padding_out_and_refuses_positions_of_another_run(
     np.testing.assert_array_equal(np.asarray(redrawn, float), z)
 
 
+def test_source_heatmap_reads_a_pos_slice_cache_of_a_padded_run_at_its_real_tokens():
+    """Audit 63: with positions='all' a pos_slice cache of a padded run was refused as
+    positions whose padding cannot be told, which the cache records (`RunRecord.kept`):
+    now the mean over the real tokens of the kept positions, as from the whole cache by
+    hand; so is a cache without a position axis (an int Slice) and one without a batch
+    axis (remove_batch_dim). One position of a pos_slice cache is still refused (its
+    index p is not the run's position p)."""
+    from transformer_lens.utilities import Slice
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = torch.randint(3, 50, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 3:] = 0  # right padding
+    mask[2, :2] = 0  # left padding
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+
+    def expected(kept, rows=slice(None)):  # the whole cache's mean by hand
+        real = mask.bool()[rows][:, kept]
+        for site in model.sites("mlp_res"):
+            weights = whole[site.hook("weights")][rows][:, kept]
+            yield site, (weights * real[..., None]).sum((0, 1)) / real.sum()
+
+    def check(cache, kept, rows=slice(None)):
+        fig = plotting.source_heatmap(model, cache, "mlp_res")
+        z, x = np.asarray(fig.data[0].z, dtype=float), list(fig.data[0].x)
+        for i, (site, want) in enumerate(expected(kept, rows)):
+            for j, label in enumerate(model.source_labels(site)):
+                assert z[i, x.index(label)] == pytest.approx(want[j].item(), abs=1e-6)
+        return fig
+
+    for pos_slice, kept in (([0, 5, 2, 7], [0, 5, 2, 7]), ((1, 6), list(range(1, 6)))):
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=pos_slice)
+        assert "padding left out" in check(cache, kept).layout.title.text
+        with pytest.raises(ValueError, match="were cached with a pos_slice"):
+            plotting.source_heatmap(model, cache, "mlp_res", positions=0)
+    _, at_one = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(1))
+    check(at_one, [1])  # prompt 2 is padding at position 1: left out
+    _, one = model.run_with_cache(
+        tokens[2:], attention_mask=mask[2:], pos_slice=[1, 4], remove_batch_dim=True
+    )
+    check(one, [1, 4], rows=slice(2, None))
+
+
 def test_effect_bands_shows_every_masked_family_and_refuses_missing_rows():
     # effects of labels (plan_ablations masks labels too): the bands figure drew the four
     # family names with no bars (read as 0) and left the masked labels out

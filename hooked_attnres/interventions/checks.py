@@ -66,12 +66,16 @@ def _describe(model) -> str:
     )
 
 
-def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
+def recorded_run(
+    cache: Any, what: str, names: Iterable[str] = (), sliced: bool = True
+) -> RunRecord:
     """The record of the pass that made ``cache`` (`record_of`), refusing a cache that
     records nothing (a plain ``dict``, or a cache object around one) and one whose hooks
-    ``names`` were last filled by another pass than the recorded one (`RunCacheDict.stale`):
-    a cache of a key-value chunk, or of padded prompts, could not be told from a whole
-    unpadded run's and would be patched in at the wrong positions (silently)."""
+    ``names`` were last filled by another pass than the recorded one (`RunCacheDict.stale`),
+    or (``sliced``) cached with a ``pos_slice`` that drops or reorders positions
+    (`require_run_positions`): a cache of a key-value chunk, or of padded prompts, could not
+    be told from a whole unpadded run's and would be patched in at the wrong positions
+    (silently)."""
     record = record_of(cache)
     if record is None:
         raise ValueError(
@@ -85,7 +89,7 @@ def recorded_run(cache: Any, what: str, names: Iterable[str] = ()) -> RunRecord:
             "hooked_attnres.RunCacheDict(tensors, n_past=0, attention_mask=mask) (mask: the "
             "run's [batch, pos] attention_mask, None without padding)"
         )
-    require_run_positions(record, what, names)
+    require_run_positions(record, what, names, sliced)
     return record
 
 

@@ -243,6 +243,13 @@ class RunRecord:
     sliced: frozenset = frozenset()
     pos_slice: Optional[Slice] = None  # `RunCacheDict.pos_slice`
 
+    @property
+    def has_position_axis(self) -> bool:
+        """Whether the cache's tensors keep their position axis: ``False`` for one cached
+        with ``pos_slice=Slice(k)`` (an int ``Slice``, which TransformerLens applies as it
+        is: ``[batch, ...]`` at that position)."""
+        return self.pos_slice is None or self.pos_slice.mode != "int"
+
     def kept(self, real: Optional[Tensor]) -> Optional[Tensor]:
         """``real`` (the recorded padding, ``[batch, pos]``, or ``[pos]`` of one prompt;
         ``None``: none) at the positions the cache holds: cut by its ``pos_slice``
@@ -512,12 +519,10 @@ class AttnResActivationCache(ActivationCache):
         return self.cache_dict[name]
 
     def _has_position_axis(self) -> bool:
-        """Whether the cache's tensors keep their position axis: ``False`` for one cached
-        with ``pos_slice=Slice(k)`` (an int ``Slice``, which TransformerLens applies as
-        it is: ``[batch, d_model]`` at that position; `RunCacheDict.pos_slice`)."""
+        """Whether the cache's tensors keep their position axis (`RunRecord.has_position_axis`:
+        ``False`` for one cached with ``pos_slice=Slice(k)``)."""
         record = self._record()
-        cut = None if record is None else record.pos_slice
-        return cut is None or cut.mode != "int"
+        return record is None or record.has_position_axis
 
     def _require_position_axis(self, method: str, pos_slice=None, name: str = "pos_slice") -> None:
         """Refuse a ``pos_slice`` (the argument ``name``) other than ``None`` on a cache
