@@ -388,7 +388,8 @@ def source_heatmap(
                 "heatmap would show them as blank cells (sources the layer lacks): find "
                 "what made the forward pass non-finite (float16 overflow?)"
             )
-        weights = weights.mean(dim=(0, 1)) if positions == "all" else weights[:, positions].mean(0)
+        at = weights if positions == "all" else weights[:, [int(positions)]]
+        weights = at.mean(dim=(0, 1))
         labels = model.source_labels(site)
         for label in labels:
             if label not in columns:
