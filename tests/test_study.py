@@ -499,6 +499,14 @@ def test_probe_prompts_use_the_loaded_conditions_task_and_refuse_to_guess():
     for bad in ("x", first.tokens, [first]):
         with pytest.raises(TypeError, match=r"^exclude must be a TaskBatch .* or None, got "):
             probe_prompts(model, 4, exclude=bad)
+    # audit 64: a task that is no Task nor a name raised a bare AttributeError ("'int' object
+    # has no attribute 'sample'"); a Task class (not an instance) a TypeError about sample()
+    for bad in (3, ["hard"], type(hard), True):
+        with pytest.raises(
+            TypeError,
+            match=r"^task must be a Task, a study task name \(saturated, .*\) or None, got ",
+        ):
+            probe_prompts(model, 4, task=bad)
 
 
 def test_too_many_or_too_few_probe_prompts_are_refused_before_any_work(tmp_path, monkeypatch):

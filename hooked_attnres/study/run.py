@@ -187,12 +187,18 @@ def probe_prompts(
             set is disjoint from the first): a `TaskBatch`, or ``None``.
 
     Raises:
-        TypeError: an ``exclude`` that is neither a `TaskBatch` nor ``None``.
+        TypeError: an ``exclude`` that is neither a `TaskBatch` nor ``None``, a ``task``
+            that is neither a `Task`, a name nor ``None``.
     """
     if exclude is not None and not isinstance(exclude, TaskBatch):  # it read exclude.tokens
         raise TypeError(
             "exclude must be a TaskBatch (prompts drawn before, e.g. probe_prompts(model, "
             f"...)) or None, got {type(exclude).__name__} {exclude!r}"
+        )
+    if task is not None and not isinstance(task, (str, Task)):  # it read task.sample
+        raise TypeError(
+            f"task must be a Task, a study task name ({', '.join(TASKS)}) or None, got "
+            f"{type(task).__name__} {task!r}"
         )
     # not the sampler's "n"; at most MAX_PROBE_PROMPTS, before any is drawn
     n_prompts = require_integer(
