@@ -150,9 +150,14 @@ def test_seeds_that_are_not_a_list_are_refused_and_selections_are_read_once():
     with pytest.raises(ValueError, match=r"^conditions must be a condition name or a list"):
         find_runs(None, 3, None)
     # audit 52: a 0-d array or tensor claims to be iterable and raised "TypeError: iteration
-    # over a 0-d array" (seed 3, or three seeds?)
+    # over a 0-d array" (seed 3, or three seeds?); audit 64: refused by the one check of
+    # every selection (as_items), which find_runs repeated with its own message
     for seeds in (np.array(3), torch.tensor(3)):
-        with pytest.raises(ValueError, match=r"^seeds must be a list of model seeds, e\.g\. "):
+        with pytest.raises(
+            ValueError,
+            match=rf"^seeds must be a list \(or a tuple, range, array or generator\) of items, "
+            rf"got the 0-d {type(seeds).__name__} .*: pass \[value\.item\(\)\] for its one item$",
+        ):
             find_runs(None, name, seeds)
 
 

@@ -719,12 +719,9 @@ def find_runs(
         raise ValueError(
             f"conditions must be a condition name or a list of them, got {conditions!r}"
         )
-    # (a 0-d NumPy array or tensor is an Iterable that cannot be iterated)
-    if seeds is not None and (
-        isinstance(seeds, (str, bytes))
-        or not isinstance(seeds, Iterable)
-        or getattr(seeds, "ndim", None) == 0
-    ):
+    # (a 0-d NumPy array or tensor, an Iterable that cannot be iterated, is refused by
+    # require_selection below: `as_items`, the one check of every selection)
+    if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable)):
         example = f"seeds=[{int(seeds)}] for that one seed" if is_integer(seeds) else "seeds=[0, 1]"
         raise ValueError(f"seeds must be a list of model seeds, e.g. {example}; got {seeds!r}")
     # (each selection is read once, into a list: a generator read twice was empty)
