@@ -1540,3 +1540,51 @@ def test_the_shipped_reports_sentences_are_those_of_the_preregistered_criteria()
             text = _percent_text(k / 256, -PREREGISTERED.min_accuracy_drop, "+f")
             assert text == f"{100 * k / 256:+.1f}", k
     assert set(points) <= {f"{100 * k / 256:+.1f}" for k in range(-256, -5)}
+
+
+@pytest.mark.parametrize("scale", [1e20, -1e20, 3e300])
+def test_huge_effects_clean_differences_and_harms_print_in_scientific_notation(scale):
+    """Audit 64: a verdict sentence printed the effect, the clean difference and D3's top
+    harm with ``.2f``, every integer digit of a huge value ("effect
+    -30000000000000000000.00 ... of the clean 100000000000000000000.00", a 3e300 harm its 301
+    digits). They print in scientific notation from `SCIENTIFIC_FROM` (1e16), as the
+    numbers beside a threshold do; the clean difference, which decides its clause (clean >
+    0), on its side of 0. Checked against the values read back (Fraction)."""
+    import re
+    from fractions import Fraction
+
+    harm = 0.3 * abs(scale)
+    cell = harmful(-harm, width=0.1 * harm)
+    summary, effects = tables(
+        {("mlp_res", "early", "embedding"): cell, ("mlp_res", "all", "embedding"): cell},
+        clean=scale,
+    )
+    sentences = motif_verdicts(motif_report(summary, effects)).set_index("claim").sentence
+    for claim in ("M1", "D3-mlp_res"):
+        assert not re.search(r"\d{17}", sentences[claim]), sentences[claim]
+    m1 = re.search(
+        rf"effect (?P<effect>{_SCIENTIFIC}) \[{_SCIENTIFIC}, {_SCIENTIFIC}\] logits = .*?"
+        rf"(?:of the clean|clean logit difference) (?P<clean>{_SCIENTIFIC})",
+        sentences["M1"],
+    )
+    assert m1, sentences["M1"]
+    effect, clean = Fraction(m1["effect"]), Fraction(m1["clean"])
+    assert abs(effect + Fraction(harm)) <= Fraction(harm) / 100
+    assert _side(clean) == _side(scale) and abs(clean - Fraction(scale)) <= abs(scale) / 100
+    d3 = re.search(rf"harm ({_SCIENTIFIC})\)", sentences["D3-mlp_res"])
+    assert d3 and abs(Fraction(d3.group(1)) - Fraction(harm)) <= Fraction(harm) / 100, sentences
+
+
+@pytest.mark.parametrize("clean", [0.004, -0.004])
+def test_a_small_clean_difference_prints_on_its_side_of_zero(clean):
+    """Audit 64: a clean logit difference of 0.004 (> 0: criterion 2 applies) printed "of
+    the clean 0.00", which reads as not above 0, and -0.004 "clean logit difference -0.00
+    (the answer is not preferred)"; printed beside 0 (`printed_beside`), read exactly."""
+    import re
+    from fractions import Fraction
+
+    summary, effects = tables(clean=clean)
+    sentence = motif_verdicts(motif_report(summary, effects)).set_index("claim").sentence["M1"]
+    found = re.search(r"(?:of the clean|clean logit difference) ([-+]?[\d.]+)", sentence)
+    assert found, sentence
+    assert _side(Fraction(found.group(1))) == _side(clean), sentence

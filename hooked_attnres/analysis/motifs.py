@@ -648,7 +648,7 @@ def _fmt_effect(row: pd.Series) -> str:
     on its side of 0 (the criteria test "ci_high < 0" and "contains 0": "[-0.03, -0.00]"
     read as containing 0 for an interval that excludes it)."""
     low, high = (printed_beside(bound, 0.0, 2, "+f") for bound in (row.ci_low, row.ci_high))
-    return f"{row.effect:+.2f} [{low}, {high}]"
+    return f"{printed_readable(row.effect, 2, '+f')} [{low}, {high}]"
 
 
 def _digits_apart(value: float, other: float) -> str:
@@ -688,7 +688,7 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
     with localcontext() as context:
         context.prec = 2000  # exact for any float's digits
         candidates = [
-            [format(value, f"{flag}.{places}{k}") for value, k in zip(values, kinds, strict=True)]
+            [printed_readable(value, places, spec) for value in values]
             for places in range(digits, 17)
         ]
         candidates.append([repr(float(value)) for value in values])
@@ -704,6 +704,16 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
 # from this magnitude on, a number `printed_deciding` would print with "f" is printed with
 # "e": a float of 1e16 or more is an integer of 17 to 309 digits, every one of them printed
 SCIENTIFIC_FROM = 1e16
+
+
+def printed_readable(value: float, digits: int, spec: str = "f") -> str:
+    """``value`` with ``digits`` decimals (``spec`` as in `printed_deciding`: ``"f"``,
+    ``"+f"``, ``"e"``), in scientific notation from `SCIENTIFIC_FROM` with ``"f"``: a number
+    of a sentence beside no threshold (an effect, a harm), printed by the rule of those
+    beside one, without every integer digit of a huge value (``-3e19`` with ``"+f"`` and 2
+    decimals: ``"-3.00e+19"``, not ``"-30000000000000000000.00"``)."""
+    flag, kind = spec[:-1], spec[-1]
+    return format(value, f"{flag}.{digits}{_readable_kind(value, kind)}")
 
 
 def _readable_kind(value: float, kind: str) -> str:
@@ -801,11 +811,13 @@ def _sentence(
                 parts.append(f"{part} {'yes' if bool(match.present.iloc[0]) else 'no'}")
             details.append(f"{which}: {', '.join(parts)}")
         elif claim in MOTIFS:
+            # the clean difference decides criterion 2's clause (clean > 0): beside 0
+            clean = printed_beside(row.clean, 0.0, 2)
             share = (
                 f"{_percent_text(row.effect_fraction, criteria.min_effect_fraction)} % of "
-                f"the clean {row.clean:.2f}"
+                f"the clean {clean}"
                 if row.clean > 0
-                else f"clean logit difference {row.clean:.2f} (the answer is not preferred)"
+                else f"clean logit difference {clean} (the answer is not preferred)"
             )
             # criterion 2 met by accuracy; missing (NaN) in rows of a report stored before
             # the column existed, concatenated with newer ones: bool(NaN) would be True
@@ -858,7 +870,7 @@ def _sentence(
             mass = printed_beside(row.mass, criteria.d3_min_mass, 3)
             detail = (
                 f"{which}: mass {mass}, effect {_fmt_effect(row)} (top "
-                f"family {row.top_effect}, harm {row.top_harm:.2f})"
+                f"family {row.top_effect}, harm {printed_readable(row.top_harm, 2)})"
             )
             # where the interval excludes 0, the size test decides: its two numbers, with
             # the digits that show the comparison (2 decimals printed -0.00 against "0.10x
