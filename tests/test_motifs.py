@@ -1588,3 +1588,31 @@ def test_a_small_clean_difference_prints_on_its_side_of_zero(clean):
     found = re.search(r"(?:of the clean|clean logit difference) ([-+]?[\d.]+)", sentence)
     assert found, sentence
     assert _side(Fraction(found.group(1))) == _side(clean), sentence
+
+
+def test_the_report_files_are_written_in_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Audit 64: since the report prints "–" where nothing was masked (audit 62) it holds a
+    character outside ASCII, and write_study wrote report.md / report.html in the locale's
+    encoding: under an ASCII locale (LC_ALL=C with PYTHONCOERCECLOCALE=0, measured:
+    UnicodeEncodeError) the study failed after every model's work, and under cp1252 the page
+    that declares charset utf-8 got the byte 0x96. Emulated here by a locale default of
+    ASCII for every write_text without an encoding."""
+    from hooked_attnres.study.run import write_study
+
+    result = fake_study(tmp_path / "tables", {"hard_cumulative_L8": ([0], [])})
+    effects = result.effects.copy()
+    effects.loc[(effects.group == "early") & (effects.family == "older"), "n_masked_routers"] = 0
+    result.effects, result.out_dir = effects, tmp_path / "out"
+    result.mass = pd.DataFrame(  # mass.csv's per-layer rows (fake_study has none)
+        [dict(condition="hard_cumulative_L8", seed=0, router="mlp_res", layer=0, band="early")]
+    ).assign(family="embedding", n_sources=1, mass=0.25, prompt=0)
+    real = Path.write_text
+
+    def locale_ascii(self, data, encoding=None, errors=None, newline=None):
+        return real(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
+
+    monkeypatch.setattr(Path, "write_text", locale_ascii)
+    write_study(result)
+    for name in ("report.md", "report.html"):
+        text = (result.out_dir / name).read_bytes().decode("utf-8")
+        assert "–" in text, name

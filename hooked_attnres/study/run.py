@@ -874,7 +874,11 @@ def write_study(result: StudyResult) -> Path:
                 table.to_csv(tmp / f"{name}.csv", index=False)
         mass_by_layer(result.mass).to_csv(tmp / "mass.csv", index=False)
         result.dissociation.to_json(tmp / "dissociation.json", orient="records", indent=2)
-        (tmp / "report.md").write_text(study_report(result))
-        (tmp / "report.html").write_text(study_report_html(result))
-        (tmp / "run.json").write_text(json.dumps(result.settings, indent=2) + "\n")
+        # UTF-8 whatever the locale: the page says charset utf-8, and the tables print "–"
+        # (NOT_MEASURED), which an ASCII locale could not write (after the whole study)
+        (tmp / "report.md").write_text(study_report(result), encoding="utf-8")
+        (tmp / "report.html").write_text(study_report_html(result), encoding="utf-8")
+        (tmp / "run.json").write_text(
+            json.dumps(result.settings, indent=2) + "\n", encoding="utf-8"
+        )
     return result.out_dir
