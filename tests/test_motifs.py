@@ -1263,8 +1263,9 @@ def test_printed_beside_takes_a_numpy_threshold(threshold, steps):
 
 def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
     """Audit finding: the effect tables printed "0.00" for ablations that masked no router
-    (``older`` in the early band: no early router reads it; 27 such rows of each router
-    type in docs/results/grid/effects.csv), as if a zero effect had been measured, and said
+    (``older`` in the early band: no early router reads it; with kimi's early attention
+    ``prev_completed``, 36 attention and 27 MLP rows of docs/results/grid/effects.csv), as
+    if a zero effect had been measured, and said
     every family was masked "at every router of a type in the group", though a router of
     which the family is every source is left alone (``skipped``). Every cell is rederived
     here from the effects table: "–" where ``n_masked_routers`` is 0, else the number; the
