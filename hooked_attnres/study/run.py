@@ -411,11 +411,11 @@ def run_study(
         A `StudyResult`.
     """
     started = time.perf_counter()
-    if not is_integer(n_prompts) or n_prompts < 2:
+    if not is_integer(n_prompts) or n_prompts < 2:  # the minimum's reason, then the maximum's
         raise ValueError(
             f"n_prompts must be an integer >= 2 ({_WHY_TWO_PROMPTS}), got {n_prompts!r}"
         )
-    require_integer(
+    n_prompts = require_integer(  # a Python int: written to the settings (JSON)
         "n_prompts", n_prompts, 2, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
     )
     # before any model is loaded, not after the first; by the names of this call (the
@@ -423,9 +423,9 @@ def run_study(
     n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
     bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
     # read by truthiness, "no" was True; robustness is written to every kept run's key too
-    for flag, value in (("progress", progress), ("plots", plots), ("robustness", robustness)):
-        require_bool(flag, value)
-    n_prompts = int(n_prompts)  # written to the settings (JSON)
+    progress = require_bool("progress", progress)
+    plots = require_bool("plots", plots)
+    robustness = require_bool("robustness", robustness)  # written to every kept run's key
     check_out_dir(out_dir)
     runs = find_runs(checkpoints, conditions, seeds)
     for condition, seed in runs:  # every run's recorded task, not when its turn comes
