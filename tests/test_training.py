@@ -1187,3 +1187,82 @@ def test_the_same_model_object_resumes_after_an_error_between_checkpoints(tmp_pa
         else:
             train(model, TASK, cfg, run, tokenizer=tok, progress=False)
             assert_same_weights(weights(whole), weights(model))
+
+
+def test_eval_tasks_given_as_a_generator_are_evaluated(tmp_path):
+    """``eval_tasks`` was read three times (type check, leak check, evaluation): a generator
+    was empty by the third, so the run evaluated nothing and ended with ``final_accuracy
+    {}``, silently. It is read once, and scores what a list scores."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=2, warmup_steps=0, eval_every=1, checkpoint_every=None)
+    runs = {}
+    for name, given in (("list", [TASK]), ("generator", (t for t in [TASK]))):
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        runs[name] = train(
+            model, TASK, cfg, tmp_path / name, tokenizer=tok, progress=False, eval_tasks=given
+        )
+    assert runs["list"].final_accuracy.keys() == {TASK.name}
+    assert runs["generator"].final_accuracy == runs["list"].final_accuracy
+    assert runs["generator"].history == runs["list"].history
+    with pytest.raises(ValueError, match="eval_tasks must be a list"):
+        train(
+            build_model("attnres", 0, tok, SHAPE, 2),
+            TASK,
+            cfg,
+            tmp_path / "bad",
+            tokenizer=tok,
+            progress=False,
+            eval_tasks=5,
+        )
+
+
+@pytest.mark.parametrize("flag", ["resume", "progress"])
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
+def test_the_flags_of_train_and_train_condition_are_true_or_false(tmp_path, flag, value):
+    """``resume`` and ``progress`` were read by truthiness: ``resume="no"`` resumed the
+    checkpoint it meant to start over from, ``progress="False"`` showed the bar. Both are
+    refused by name, before any work, by `train` and `train_condition` alike."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    cfg = config(steps=2, warmup_steps=0)
+    with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got {value!r}"):
+        train(model, TASK, cfg, tmp_path / "a", tokenizer=tok, **{"progress": False, flag: value})
+    with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got {value!r}"):
+        train_condition("attnres", 0, tmp_path / "b", **{"progress": False, flag: value})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_false_starts_over_from_a_checkpoint(tmp_path):
+    """The behaviour the flag check protects: ``resume=False`` over a stopped run's
+    checkpoint trains every step again, from step 1 (with ``resume="no"`` it resumed)."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=4, warmup_steps=0, checkpoint_every=None)
+    run = tmp_path / "run"
+    train(
+        build_model("attnres", 0, tok, SHAPE, 2),
+        TASK,
+        cfg,
+        run,
+        tokenizer=tok,
+        progress=False,
+        stop_after=2,
+    )
+    fresh = train(
+        build_model("attnres", 0, tok, SHAPE, 2),
+        TASK,
+        cfg,
+        tmp_path / "fresh",
+        tokenizer=tok,
+        progress=False,
+    )
+    again = train(
+        build_model("attnres", 0, tok, SHAPE, 2),
+        TASK,
+        cfg,
+        run,
+        tokenizer=tok,
+        progress=False,
+        resume=False,
+    )
+    assert [r["step"] for r in again.history] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in fresh.history]

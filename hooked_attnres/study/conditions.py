@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from hooked_attnres._validation import require_integer
+from hooked_attnres._validation import require_bool, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
@@ -363,6 +363,9 @@ def train_condition(
     recipe = get_condition(condition)
     # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
     seed = require_integer("seed", seed, 0)
+    # before the model is built (train checks them too)
+    progress = require_bool("progress", progress)
+    resume = require_bool("resume", resume)
     custom = (
         any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
     )

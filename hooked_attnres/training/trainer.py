@@ -57,7 +57,9 @@ from hooked_attnres._atomic import (
 )
 from hooked_attnres._environment import numerics_environment
 from hooked_attnres._validation import (
+    as_items,
     non_finite_tensors,
+    require_bool,
     require_finite_number,
     require_integer,
 )
@@ -514,8 +516,9 @@ def _json_values(name: str, value: Any) -> Any:
         ) from None
 
 
-def _as_list(tasks) -> list:
-    return [tasks] if isinstance(tasks, Task) else list(tasks)
+def _as_list(name: str, tasks: Any) -> list:
+    """One task as ``[task]``, else ``tasks`` read once as a list (`as_items`)."""
+    return [tasks] if isinstance(tasks, Task) else as_items(name, tasks)
 
 
 @contextmanager
@@ -685,13 +688,17 @@ def train(
     Returns:
         A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task.
     """
-    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    # each list read once: a generator read a second time is empty (eval_tasks was read
+    # three times, so a generator's tasks were never evaluated: final_accuracy {})
+    tasks = _as_list("tasks", tasks)
     if not tasks:
         raise ValueError("train needs at least one task")
-    for task in tasks if eval_tasks is None else [*tasks, *_as_list(eval_tasks)]:
+    if eval_tasks is not None:
+        eval_tasks = _as_list("eval_tasks", eval_tasks)
+    for task in tasks if eval_tasks is None else [*tasks, *eval_tasks]:
         if not isinstance(task, Task):
             raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
-    for held_out in [] if eval_tasks is None else _as_list(eval_tasks):
+    for held_out in [] if eval_tasks is None else eval_tasks:
         for trained in tasks:  # a held-out answer trained on would inflate the accuracy
             leak = held_out.leaks_into(trained)
             if leak is not None:
@@ -704,6 +711,9 @@ def train(
     config = dataclasses.replace(config)
     description = _json_values("description", {} if description is None else description)
     stop_after = require_integer("stop_after", stop_after, 1, optional=True)
+    # read by truthiness before: resume="no" resumed, progress="False" showed the bar
+    resume = require_bool("resume", resume)
+    progress = require_bool("progress", progress)
     _require_full_precision(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -734,7 +744,7 @@ def train(
         _thread_count(config.threads),
         _own_rng(model) as seed_step,
     ):
-        eval_tasks = tasks if eval_tasks is None else _as_list(eval_tasks)
+        eval_tasks = tasks if eval_tasks is None else eval_tasks
         eval_batches = {
             t.name: t.sample(config.eval_size, config.data_seed, "test", vocab) for t in eval_tasks
         }
