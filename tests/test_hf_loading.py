@@ -713,3 +713,45 @@ def test_wrapped_projections_are_private_and_multiplied_without_copies(tmp_path,
         for p in hf.parameters():
             p.add_(1.0)
     assert torch.equal(model(tokens), before)
+
+
+def _float64_qwen3():
+    """A ``Qwen3ForCausalLM`` in float64 whose weights float32 cannot hold."""
+    module = hf_qwen3().double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(1e-3 * torch.randn(param.shape, generator=generator, dtype=torch.float64))
+    return module
+
+
+@pytest.mark.parametrize("wrap", ["none", "recency"])
+@pytest.mark.parametrize("kind", ["directory", "module"])
+def test_from_hf_qwen3_keeps_float64_weights_by_default(tmp_path, wrap, kind):
+    """The default dtype was float32 whatever the weights: a float64 Qwen3 (e.g. a vanilla
+    study run trained in float64) was rounded silently, by up to 5.9e-8 per weight and
+    1.0e-7 in the logits of the tiny model, while ``from_pretrained`` of a ``qwen3_attnres``
+    directory keeps float64 weights. Now the default is float32 unless a weight is float64,
+    as there (and as ``transformers``' own ``from_pretrained`` gives the stored dtype)."""
+    module = _float64_qwen3()
+    source = module
+    if kind == "directory":
+        module.save_pretrained(tmp_path)
+        source = tmp_path
+    model = HookedAttnRes.from_hf_qwen3(source, wrap=wrap)
+    assert model.cfg.dtype == torch.float64
+    asked = HookedAttnRes.from_hf_qwen3(source, wrap=wrap, dtype=torch.float64)
+    expected = dict(asked.named_parameters())
+    for name, got in model.named_parameters():
+        assert got.dtype == torch.float64 and torch.equal(got, expected[name]), name
+    tokens = torch.arange(12)[None] % 61
+    with torch.no_grad():
+        assert torch.equal(model(tokens), asked(tokens))
+        if wrap == "none":  # the vanilla function in float64 (its float32 RoPE tables aside)
+            hf = module(input_ids=tokens).logits
+            assert (model(tokens) - hf).abs().max() < 1e-7
+    # float32 weights still load as float32, and dtype= still converts
+    float32 = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap)
+    assert {p.dtype for p in float32.parameters()} == {torch.float32}
+    rounded = HookedAttnRes.from_hf_qwen3(source, wrap=wrap, dtype="float32")
+    assert {p.dtype for p in rounded.parameters()} == {torch.float32}

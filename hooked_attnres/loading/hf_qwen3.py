@@ -37,6 +37,7 @@ from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
     check_device,
+    default_load_dtype,
     describe_mismatch,
     empty_model,
     load_tokenizer,
@@ -45,6 +46,7 @@ from hooked_attnres.loading.io import (
     read_safetensors_shapes,
     require_finite_weights,
     require_not_lfs_pointer,
+    stored_float_dtypes,
 )
 
 if TYPE_CHECKING:
@@ -561,7 +563,7 @@ def from_hf_qwen3(
     wrap: str = "recency",
     num_blocks: int = 8,
     recency_bias: float = 3.0,
-    dtype: Union[str, torch.dtype] = torch.float32,
+    dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device] = "cpu",
     tokenizer=None,
     model_class: Optional[type] = None,
@@ -576,7 +578,10 @@ def from_hf_qwen3(
         num_blocks: AttnRes blocks for the recency and exact wraps (clipped to
             ``n_layers``).
         recency_bias: the recency wrap's bias ``b``.
-        dtype, device: of the returned model.
+        dtype: of the returned model (default: float32, or float64 if a weight is
+            float64, so that the default never rounds a weight; bfloat16 and float16
+            weights convert to float32 exactly).
+        device: of the returned model.
         tokenizer: attach this tokenizer (default: the directory's, when present).
         model_class: the class to build (default `HookedAttnRes`; ``from_hf_qwen3`` passes
             its own).
@@ -592,7 +597,7 @@ def from_hf_qwen3(
     require_finite_number("recency_bias", recency_bias)
     mmap = require_bool("mmap", mmap)
     check_device(device)
-    dtype = _dtype_from_any(dtype)
+    dtype = None if dtype is None else _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):
         with reading(Path(source)):
             return _from_hf_qwen3(
@@ -618,6 +623,14 @@ def _from_hf_qwen3(
             f"{type(source).__name__}"
         )
     check_qwen3_config(hf_config, where)
+    files = None if directory is None else hf_weight_files(directory)
+    if dtype is None:
+        stored = (
+            stored_float_dtypes(files.values())
+            if files is not None
+            else {tensor.dtype for tensor in source.state_dict().values()}
+        )
+        dtype = default_load_dtype(stored)
     n_layers = _get(hf_config, "num_hidden_layers")
     cfg = config_from_hf(
         hf_config, dtype=dtype, **wrap_overrides(wrap, min(num_blocks, n_layers), recency_bias)
@@ -626,8 +639,8 @@ def _from_hf_qwen3(
         tokenizer = load_tokenizer(directory)
     model = empty_model(cfg, tokenizer=tokenizer, model_class=model_class)
     keymap = KeyMap(cfg)
-    if directory is not None:
-        state = load_hf_weights(model, hf_weight_files(directory), keymap, dtype, where, mmap=mmap)
+    if files is not None:
+        state = load_hf_weights(model, files, keymap, dtype, where, mmap=mmap)
     else:
         check_module_settings(source, cfg, where)
         weights = source.state_dict()  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ other loading module and no model module (the model class is passed in).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -122,6 +123,14 @@ def stored_float_dtypes(paths) -> set[torch.dtype]:
         for _, name in read_safetensors_info(path).values()
         if name in _FLOAT_DTYPES
     }
+
+
+def default_load_dtype(stored: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype a Hugging Face layout loads in when none is asked for, given the floating
+    dtypes its weights are stored in: float32 (bfloat16 and float16 weights convert to it
+    exactly), or float64 if any weight is float64, which float32 would round. One rule for
+    `from_hf_qwen3` and the ``qwen3_attnres`` loader: the default never rounds a weight."""
+    return torch.float64 if torch.float64 in set(stored) else torch.float32
 
 
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

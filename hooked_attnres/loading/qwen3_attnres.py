@@ -36,6 +36,7 @@ from hooked_attnres.loading.hf_qwen3 import (
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
+    default_load_dtype,
     model_with_saved_tokenizer,
     read_config_json,
     save_tokenizer,
@@ -129,10 +130,8 @@ def _load(directory: Path, device, dtype, model_class, mmap: bool):
     files = hf_weight_files(directory)
     if dtype is not None:
         dtype = _dtype_from_any(dtype)
-    elif torch.float64 in stored_float_dtypes(files.values()):
-        dtype = torch.float64  # float32 would round the weights (a float64 model's export)
-    else:
-        dtype = torch.float32
+    else:  # float64 for a float64 model's export: float32 would round its weights
+        dtype = default_load_dtype(stored_float_dtypes(files.values()))
     cfg = config_from_hf(values, dtype=dtype, **attnres_overrides(values, where))
     model = model_with_saved_tokenizer(cfg, directory, model_class)
     state = load_hf_weights(model, files, KeyMap(cfg, routers=True), dtype, where, mmap=mmap)
