@@ -545,3 +545,19 @@ def test_study_passes_the_bootstrap_seed(tmp_path, monkeypatch, capsys):
     for argv, seed in (([], 0), (["--bootstrap-seed", "5"], 5)):
         assert cli.main(["study", "--out", str(tmp_path / "s"), "--no-progress", *argv]) == 0
         assert calls[-1]["bootstrap_seed"] == seed
+
+
+def test_a_run_of_other_settings_is_refused_with_the_command_line_remedy(tmp_path, capsys):
+    """Training into the folder of a run with other settings is refused; the message gave
+    the Python remedy only (``use another out_dir or resume=False``), which names nothing
+    a command-line user wrote. It names ``--no-resume`` and ``--out`` too (a real, tiny
+    run: one step of two prompts)."""
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    tiny = ["--threads", "1", "--steps", "1", "--set", "batch_size=2", "eval_size=2"]
+    assert cli.main(argv + tiny) == 0
+    capsys.readouterr()
+    assert cli.main(argv + tiny + ["lr=1e-4"]) == 1
+    err = capsys.readouterr().err
+    assert "train_config.lr differs: 0.0005 vs 0.0001" in err, err
+    assert "on the command line: another --out, or --no-resume" in err, err
+    assert cli.main(argv + tiny + ["lr=1e-4", "--no-resume"]) == 0

@@ -350,6 +350,13 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
     return out
 
 
+# the remedy of a refused resumption, in the words of both callers: `train` and the
+# command line (whose run folders are OUT/{condition}_seed{seed})
+_START_OVER = (
+    "use another out_dir or resume=False (on the command line: another --out, or --no-resume)"
+)
+
+
 class _Checkpoint:
     """The resumable state in ``out_dir/checkpoint``."""
 
@@ -379,15 +386,14 @@ class _Checkpoint:
             if key not in saved:
                 raise ValueError(
                     f"{self.directory} does not record its run's {key!r} (written by an older "
-                    "version), so resuming it cannot be checked; use another out_dir or "
-                    "resume=False"
+                    f"version), so resuming it cannot be checked; {_START_OVER}"
                 )
             if key == "vocabulary" and saved[key] != value:
                 raise ValueError(
                     f"{self.directory} was written by a run with another tokenizer: the "
                     f"vocabulary differs (SHA-256 {str(saved[key])[:12]}... vs {value[:12]}...), "
                     "so every prompt would be other token ids, even with the same words and "
-                    "size; pass the run's tokenizer, or use another out_dir or resume=False"
+                    f"size; pass the run's tokenizer, or {_START_OVER}"
                 )
             if key == "environment" and saved[key] != value:
                 # the settings (compared first) are equal, so a differing thread count is
@@ -408,8 +414,7 @@ class _Checkpoint:
                     f"{self.directory} was written with {threads} threads and "
                     f"torch, NumPy {saved[key]['versions']}; this run has {value['threads']} "
                     f"and {value['versions']}: resumed, it would not equal an uninterrupted "
-                    f"run (both move float sums); to resume, {remedy}; or use another "
-                    "out_dir or resume=False"
+                    f"run (both move float sums); to resume, {remedy}; or {_START_OVER}"
                 )
             difference = _first_difference(saved[key], value)
             if difference is not None:
@@ -417,7 +422,7 @@ class _Checkpoint:
                 where = f"{key}.{field}" if field else key
                 raise ValueError(
                     f"{self.directory} was written by a different run ({where} differs: "
-                    f"{before!r} vs {now!r}); use another out_dir or resume=False"
+                    f"{before!r} vs {now!r}); {_START_OVER}"
                 )
 
     def _require_run_model(self, model) -> None:
@@ -437,8 +442,7 @@ class _Checkpoint:
             f"{self.directory} was written by a run that started from other weights: the "
             "model passed is neither that run's freshly built model nor its checkpoint's "
             "(e.g. a model of another seed), and resuming would replace its weights by the "
-            "other run's; pass the run's freshly built model, or use another out_dir or "
-            "resume=False"
+            f"other run's; pass the run's freshly built model, or {_START_OVER}"
         )
 
     def describe(self) -> str:
