@@ -258,7 +258,22 @@ def _earlier_summary(path: Path) -> list[dict]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from hooked_attnres import HookedAttnRes
+    from hooked_attnres.loading.io import read_config_json
 
+    path = Path(args.checkpoint)
+    if path.is_dir() and read_config_json(path).get("model_type") == "qwen3":
+        # a vanilla run's model (train --condition vanilla): from_pretrained refuses it with
+        # a Python remedy (from_hf_qwen3), which the command line has no option for
+        model = HookedAttnRes.from_hf_qwen3(path, wrap="none")
+        cfg = model.cfg
+        print(
+            f"{args.checkpoint}: vanilla Qwen3 (no routers), {cfg.n_layers} layers, "
+            f"d_model {cfg.d_model}, {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters, tokenizer {'yes' if model.tokenizer is not None else 'no'}; the "
+            "study reads it through HookedAttnRes.from_hf_qwen3(path, wrap='recency') "
+            "(docs/loading.md)"
+        )
+        return 0
     model = HookedAttnRes.from_pretrained(args.checkpoint)
     cfg = model.cfg
     print(
@@ -449,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         formatter_class=formatter,
         parents=[common],
-        help="describe a Block AttnRes checkpoint folder",
+        help="describe a Block AttnRes checkpoint folder (or a vanilla Qwen3 run's model)",
     )
     info.add_argument("checkpoint", help="a checkpoint folder")
     info.set_defaults(func=cmd_info)

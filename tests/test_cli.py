@@ -561,3 +561,22 @@ def test_a_run_of_other_settings_is_refused_with_the_command_line_remedy(tmp_pat
     assert "train_config.lr differs: 0.0005 vs 0.0001" in err, err
     assert "on the command line: another --out, or --no-resume" in err, err
     assert cli.main(argv + tiny + ["lr=1e-4", "--no-resume"]) == 0
+
+
+def test_info_describes_a_vanilla_qwen3_run_instead_of_a_python_remedy(tmp_path, capsys):
+    """``info`` of a vanilla run's model (what ``train --condition vanilla`` writes, and the
+    shipped ``vanilla_seed0/model``) failed with ``load it with
+    HookedAttnRes.from_hf_qwen3(directory, wrap=...)``, a Python call the command line has
+    no option for. It describes the plain Qwen3 (no routers) and says how the study reads
+    it; the numbers are those of the transformers model it was saved from."""
+    from helpers import hf_qwen3
+
+    hf = hf_qwen3()
+    hf.save_pretrained(tmp_path)
+    assert cli.main(["info", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    cfg = hf.config
+    assert f"{tmp_path}: vanilla Qwen3 (no routers), {cfg.num_hidden_layers} layers" in out, out
+    assert f"d_model {cfg.hidden_size}" in out
+    assert f"{sum(p.numel() for p in hf.parameters()):,} parameters" in out
+    assert "wrap='recency'" in out  # how the study reads it (a Python call, named as such)
