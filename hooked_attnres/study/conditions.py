@@ -366,6 +366,14 @@ def train_condition(
     # before the model is built (train checks them too)
     progress = require_bool("progress", progress)
     resume = require_bool("resume", resume)
+    # by the name the caller wrote (the config refused "attnres_num_blocks=0")
+    num_blocks = require_integer("num_blocks", num_blocks, 1)
+    for name, value in (("task", task), ("eval_task", eval_task)):
+        if value is not None and not isinstance(value, Task):
+            raise TypeError(
+                f"{name} must be a Task (e.g. KeyValueRetrieval(n_pairs=4)) or None, got "
+                f"{type(value).__name__} {value!r}"
+            )
     custom = (
         any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
     )
@@ -373,6 +381,13 @@ def train_condition(
         raise ValueError(
             f"{condition!r} is a fixed recipe; to vary it, train 'attnres' or "
             "'vanilla' with task=, config=, shape=, num_blocks="
+        )
+    if recipe.kind == "vanilla" and num_blocks != STUDY_BLOCKS:
+        # the vanilla model has no blocks: the run trained the same weights, recording it
+        raise ValueError(
+            f"num_blocks applies to 'attnres' (its routers' blocks); {condition!r} is a "
+            "vanilla Qwen3 with no blocks, so it would be ignored: leave it out (the study "
+            "wraps a vanilla run with load_condition(..., num_blocks=))"
         )
     if not custom:
         task = recipe.make_task()
