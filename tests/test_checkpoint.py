@@ -515,6 +515,20 @@ def test_save_with_unknown_format_is_refused(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("format", ["hooked_attnres", "qwen3_attnres"])
+def test_saving_what_is_no_hooked_attnres_is_refused_with_what_to_use(tmp_path, format):
+    """``save_checkpoint`` of a ``transformers`` model (e.g. the trainer's vanilla model)
+    failed with ``AttributeError: 'Qwen3ForCausalLM' object has no attribute 'cfg'``; it is
+    refused naming the type and the way to save and load it, before anything is written."""
+    from hooked_attnres.loading import save_checkpoint
+
+    with pytest.raises(TypeError, match=r"a HookedAttnRes, got Qwen3ForCausalLM.*save_pretrained"):
+        save_checkpoint(hf_qwen3(), tmp_path / "ckpt", format=format)
+    with pytest.raises(TypeError, match="a HookedAttnRes, got str"):
+        save_checkpoint("model", tmp_path / "ckpt", format=format)
+    assert not (tmp_path / "ckpt").exists()
+
+
 # --- corrupted and mismatched checkpoints ------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import torch
 
 from hooked_attnres._atomic import atomic_directory, reading
 from hooked_attnres._validation import require_bool
+from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public before the split)
     CONFIG_NAME,
     CheckpointError,
@@ -73,6 +74,13 @@ def save_checkpoint(
     """
     directory = Path(directory)
     overwrite = require_bool("overwrite", overwrite)
+    if not isinstance(getattr(model, "cfg", None), HookedAttnResConfig):
+        # (a transformers model failed with "object has no attribute 'cfg'")
+        raise TypeError(
+            f"save_checkpoint saves a HookedAttnRes, got {type(model).__name__}; save a "
+            "transformers model with its own save_pretrained (HookedAttnRes.from_hf_qwen3 "
+            "loads the directory it writes)"
+        )
     if format == QWEN3_ATTNRES:
         return save_qwen3_attnres(model, directory, overwrite=overwrite)
     if format != FORMAT:
