@@ -382,13 +382,6 @@ def train_condition(
             f"{condition!r} is a fixed recipe; to vary it, train 'attnres' or "
             "'vanilla' with task=, config=, shape=, num_blocks="
         )
-    if recipe.kind == "vanilla" and num_blocks != STUDY_BLOCKS:
-        # the vanilla model has no blocks: the run trained the same weights, recording it
-        raise ValueError(
-            f"num_blocks applies to 'attnres' (its routers' blocks); {condition!r} is a "
-            "vanilla Qwen3 with no blocks, so it would be ignored: leave it out (the study "
-            "wraps a vanilla run with load_condition(..., num_blocks=))"
-        )
     if not custom:
         task = recipe.make_task()
         tokenizer = task_tokenizer(task)
