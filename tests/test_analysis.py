@@ -1925,3 +1925,95 @@ def test_dissociation_report_tells_present_families_by_family_read(num_blocks):
         dissociation_report(summary.drop(columns="family_read"), effects)
     with pytest.raises(ValueError, match="not True or False"):
         dissociation_report(summary.assign(family_read=float("nan")), effects)
+
+
+def _cached_over(model: HookedAttnRes, passes: list) -> dict:
+    """One `RunCacheDict` filled by caching hooks over every pass of ``passes`` (each a
+    ``(names_filter, call)``: the hooks of that filter attached while ``call()`` runs)."""
+    cache = None
+    for names_filter, call in passes:
+        cache, hooks, _ = model.get_caching_hooks(names_filter=names_filter, cache=cache)
+        with model.hooks(fwd_hooks=hooks):
+            call()
+    assert cache is not None
+    return cache
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+def test_cache_analyses_refuse_hooks_a_pass_over_other_inputs_filled(layout):
+    """Audit 67: caching hooks kept over ``model(A)`` and then ``model(B, stop_at_layer=1)``
+    hold layer 0 of prompts B and the later layers of prompts A, and nothing was `stale`
+    (the record compared only ``n_past``, padding and ``pos_slice``):
+    ``accumulated_resid(apply_ln=True)`` was 3.3 to 6.5 off B's own cache (3.96 measured by
+    the reviewer on ``none``), silently. The record now holds the pass's input
+    (`PassInput`): a pass over other token ids, with other weights, or over the same
+    tokens with another mask makes what it did not refill stale, and the analyses refuse."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = _eps_zero_padded_model(layout)
+    routed = model.routing_layout.has_final_router
+    kwargs = {"routed": True} if routed else {}
+    tokens_a = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+    tokens_b = torch.tensor([[6, 5, 4, 3, 2, 1], [2, 1, 5, 4, 3, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    calls = {
+        "accumulated_resid": lambda c: c.accumulated_resid(apply_ln=True, **kwargs),
+        "decompose_resid": lambda c: c.decompose_resid(routed=routed),
+        "routing_lens": lambda c: routing_lens(model, c),
+    }
+
+    def edit_weights():
+        with torch.no_grad():
+            model.blocks[1].mlp.W_in.mul_(1.5)
+
+    mixes = {
+        "other token ids": [
+            (None, lambda: model(tokens_a)),
+            (None, lambda: model(tokens_b, stop_at_layer=1)),
+        ],
+        "another attention mask": [
+            (None, lambda: model(tokens_a, attention_mask=mask)),
+            (None, lambda: model(tokens_a, stop_at_layer=1)),
+        ],
+        "other weights": [
+            (None, lambda: model(tokens_a)),
+            (None, edit_weights),
+            (None, lambda: model(tokens_a, stop_at_layer=1)),
+        ],
+    }
+    for why, passes in mixes.items():
+        cache = AttnResActivationCache(_cached_over(model, passes), model)
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=rf"were last filled by an earlier pass.*{why}"):
+                call(cache)
+                pytest.fail(f"{name} took the mix of a pass with {why}")
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "none", "exact"])
+def test_split_names_filter_caching_of_one_input_equals_one_run(layout):
+    """Audit 67: one pass cached in pieces (two passes over the same token ids, new tensors
+    each time, the same mask, split ``names_filter`` s) is still one pass's cache: nothing
+    stale, and its analyses equal those of one ``run_with_cache``."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    model = _eps_zero_padded_model(layout)
+    routed = model.routing_layout.has_final_router
+    kwargs = {"routed": True} if routed else {}
+    tokens = torch.tensor([[0, 0, 3, 4, 5, 6], [7, 3, 4, 5, 1, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+    early = lambda name: name == "hook_embed" or name.startswith("blocks.0.")  # noqa: E731
+    split = _cached_over(
+        model,
+        [
+            (early, lambda: model(tokens.clone(), attention_mask=mask.clone())),
+            (lambda name: not early(name), lambda: model(tokens.clone(), attention_mask=mask)),
+        ],
+    )
+    assert split.keys() == whole.cache_dict.keys() and not split.stale
+    cache = AttnResActivationCache(split, model)
+    for call in (
+        lambda c: c.accumulated_resid(apply_ln=True, **kwargs),
+        lambda c: c.decompose_resid(routed=routed),
+    ):
+        torch.testing.assert_close(call(cache), call(whole), atol=1e-12, rtol=0)

@@ -374,3 +374,106 @@ def test_embed_state_records_the_padding_it_is_given(model, tokens):
             model(model.embed_state(tokens, attention_mask=mask), start_at_layer=0)
         with pytest.raises(ValueError, match="attention_mask"):
             model.embed_state(tokens, attention_mask=mask[:, 1:])
+
+
+def _cached_over(model, passes: list):
+    """One `RunCacheDict` filled by caching hooks over every ``(names_filter, call)`` of
+    ``passes`` (the hooks of that filter attached while ``call()`` runs)."""
+    cache = None
+    for names_filter, call in passes:
+        cache, hooks, _ = model.get_caching_hooks(names_filter=names_filter, cache=cache)
+        with model.hooks(fwd_hooks=hooks):
+            call()
+    return cache
+
+
+def _refused(cache, why: str) -> None:
+    from hooked_attnres.model.cache import record_of, require_run_positions
+
+    with pytest.raises(ValueError, match=rf"were last filled by an earlier pass.*{why}"):
+        require_run_positions(record_of(cache), "the test", list(cache))
+
+
+def test_caching_hooks_over_partial_passes_take_one_input_only(model, tokens):
+    """Audit 67: a `RunCacheDict` filled over two passes that start inside the model
+    (``start_at_layer``, `forward_from`) from the states of other prompts, or one of them
+    from token ids (or `embed_state` of other prompts), marks what the second did not refill
+    stale; two passes from one state (a copy the second time) with split ``names_filter`` s
+    are one pass's cache, equal to ``run_with_cache``'s of that state."""
+    states = model.depth_states(tokens, sublayers=True)
+    others = model.depth_states(tokens.roll(1, dims=0), sublayers=True)
+    layer_1 = lambda name: name.startswith("blocks.1.")  # noqa: E731
+    final = lambda name: not name.startswith("blocks.")  # noqa: E731
+    mixes = {
+        "a pass over another input": [
+            (None, lambda: model(states[2], start_at_layer=1)),
+            (layer_1, lambda: model(others[2], start_at_layer=1)),
+        ],
+        "another input": [
+            (None, lambda: model.forward_from(states[3], 3)),
+            (final, lambda: model.forward_from(others[3], 3)),
+        ],
+        "a pass from a DepthState and one from token ids": [
+            (None, lambda: model(tokens)),
+            (layer_1, lambda: model(states[2], start_at_layer=1)),
+        ],
+        "a pass over other token ids": [  # embed_state by itself is a pass of its own
+            (None, lambda: model(tokens)),
+            (None, lambda: model.embed_state(tokens.roll(1, dims=0))),
+        ],
+    }
+    for why, passes in mixes.items():
+        _refused(_cached_over(model, passes), why)
+
+    copied = dataclasses.replace(
+        states[2], blocks=[b.clone() for b in states[2].blocks], current=states[2].current.clone()
+    )
+    split = _cached_over(
+        model,
+        [
+            (layer_1, lambda: model(states[2], start_at_layer=1)),
+            (lambda name: not layer_1(name), lambda: model(copied, start_at_layer=1)),
+        ],
+    )
+    _, whole = model.run_with_cache(states[2], start_at_layer=1)
+    assert not split.stale and split.keys() == whole.cache_dict.keys()
+    for name, tensor in split.items():  # float32: a watched hook may take another kernel
+        torch.testing.assert_close(tensor, whole[name], rtol=1e-4, atol=1e-4)
+
+
+def test_caching_hooks_over_key_value_passes_take_one_prefix_only(model, tokens):
+    """Audit 67: two passes over the same new tokens and ``n_past`` continue key-value
+    caches of other prompts: a `RunCacheDict` over both marks what the second did not
+    refill stale (the record held the new tokens only); continuing a copy of the same
+    cache is one pass's cache, equal to ``run_with_cache``'s."""
+    from hooked_attnres import KeyValueCache
+
+    def filled(prefix):
+        kv = KeyValueCache.init_cache(model.cfg)
+        with torch.no_grad():  # a cache of tensors with a graph cannot be deep-copied
+            model(prefix, past_kv_cache=kv)
+        return kv
+
+    kv_a, kv_b = filled(tokens[:, :5]), filled(tokens.roll(1, dims=0)[:, :5])
+    kv_a2, kv_a3 = copy.deepcopy(kv_a), copy.deepcopy(kv_a)
+    new = tokens[:, 5:]
+    layer_0 = lambda name: name.startswith("blocks.0.")  # noqa: E731
+    mixed = _cached_over(
+        model,
+        [
+            (None, lambda: model(new, past_kv_cache=kv_a)),
+            (layer_0, lambda: model(new, past_kv_cache=kv_b)),
+        ],
+    )
+    _refused(mixed, "other positions in its key-value cache")
+    split = _cached_over(
+        model,
+        [
+            (layer_0, lambda: model(new, past_kv_cache=kv_a2)),
+            (lambda name: not layer_0(name), lambda: model(new.clone(), past_kv_cache=kv_a3)),
+        ],
+    )
+    _, whole = model.run_with_cache(new, past_kv_cache=copy.deepcopy(filled(tokens[:, :5])))
+    assert not split.stale and split.keys() == whole.cache_dict.keys()
+    for name, tensor in split.items():  # float32: a watched hook may take another kernel
+        torch.testing.assert_close(tensor, whole[name], rtol=1e-4, atol=1e-4)

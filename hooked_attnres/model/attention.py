@@ -130,6 +130,8 @@ class KeyValueCache:
     _filled_by: Optional[weakref.ReferenceType] = field(default=None, repr=False, compare=False)
     # that model's weights when it filled the first positions
     _weights: Optional[WeightsSignature] = field(default=None, repr=False, compare=False)
+    # copies of the token ids of every pass that filled it, oldest first (`filled_with`)
+    _inputs: tuple[Tensor, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def init_cache(
@@ -199,6 +201,20 @@ class KeyValueCache:
                 "run the whole sequence again"
             )
 
+    def filled_with(self) -> Optional[tuple[Optional[Tensor], ...]]:
+        """What the cached positions were computed from, for a pass that continues them
+        (`PassInput.past`): copies of the token ids of every pass that filled the cache,
+        oldest first, and its ``attention_mask``; ``None`` where they do not add up to
+        ``n_past`` (keys and values filled by hand)."""
+        if sum(tokens.shape[1] for tokens in self._inputs) != self.n_past:
+            return None
+        return (*self._inputs, self.attention_mask)
+
+    def note_filled_with(self, tokens: Tensor) -> None:
+        """Record a pass over ``tokens`` ``[batch, pos]`` (copied) that extends the cache
+        (`filled_with`)."""
+        self._inputs = (*self._inputs, tokens.detach().clone())
+
     def mark_filled_by(self, model: nn.Module) -> None:
         """Record ``model``, with its current weights, as the model that computed the cached
         positions (`check_filled_by`); a pass on an empty cache records its model."""
@@ -232,14 +248,26 @@ class KeyValueCache:
         extends the layers one by one, so without this an interrupted pass would leave
         the early layers one chunk longer than the rest and ``n_past`` already advanced:
         the next pass would read wrong rotary positions and duplicated keys silently.)"""
-        saved = (self.attention_mask, self.n_past, self.batch_size, self._filled_by, self._weights)
+        saved = (
+            self.attention_mask,
+            self.n_past,
+            self.batch_size,
+            self._filled_by,
+            self._weights,
+            self._inputs,
+        )
         layers = [(layer.keys, layer.values) for layer in self.layers]
         try:
             yield
         except BaseException:
-            (self.attention_mask, self.n_past, self.batch_size, self._filled_by, self._weights) = (
-                saved
-            )
+            (
+                self.attention_mask,
+                self.n_past,
+                self.batch_size,
+                self._filled_by,
+                self._weights,
+                self._inputs,
+            ) = saved
             for layer, (keys, values) in zip(self.layers, layers, strict=True):
                 layer.keys, layer.values = keys, values
             raise

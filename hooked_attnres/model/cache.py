@@ -43,7 +43,7 @@ from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
 from hooked_attnres._validation import is_integer, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
-from hooked_attnres.model.passes import padding_of, same_padding
+from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
 
 def require_cached(cache, names, what: str) -> None:
@@ -166,9 +166,16 @@ class RunCacheDict(dict):
         attention_mask: ``[batch, pos]`` bool, True at real tokens, of a pass whose
             ``attention_mask`` marked padding (given, or made for string prompts);
             ``None`` without padding (no mask, or all ones).
-        stale: the hooks last filled by an earlier pass with another ``n_past`` or mask
-            than the last pass's (caching hooks kept over several passes, the last of
-            which did not reach them): their tensors are not of the recorded pass.
+        source: the `PassInput` of the last pass (its model, weights, input: token ids or
+            a `DepthState`'s sources, and what its key-value cache held); ``None`` where
+            not recorded.
+        stale: the hooks last filled by an earlier pass that differs from the last pass
+            in its ``n_past``, mask, ``pos_slice`` or `PassInput` (caching hooks kept over
+            several passes, the last of which did not reach them, e.g. ``model(A)`` then
+            ``model(B, stop_at_layer=1)``): their tensors are not of the recorded pass.
+            Two passes over the same input (split ``names_filter`` s) leave none stale.
+        stale_reason: how the last pass that made hooks `stale` differed from the one
+            before (for the error message).
         sliced: the hooks cached with a ``pos_slice`` that does not keep every position
             in order: their position ``p`` is not the pass's position ``p``.
         pos_slice: the TransformerLens ``Slice`` the caching hooks cut every position
@@ -188,6 +195,8 @@ class RunCacheDict(dict):
     sliced: frozenset = frozenset()
     other_hooks_attached: Optional[bool] = None
     pos_slice: Optional[Slice] = None
+    source: Optional[PassInput] = None
+    stale_reason: str = ""
 
     def __init__(
         self, *args: Any, n_past: int = 0, attention_mask: Optional[Tensor] = None, **kwargs: Any
@@ -201,7 +210,11 @@ class RunCacheDict(dict):
         out = RunCacheDict(self, n_past=self.n_past)
         out.attention_mask, out.stale = self.attention_mask, self.stale
         out.sliced, out.other_hooks_attached = self.sliced, self.other_hooks_attached
-        out.pos_slice = self.pos_slice
+        out.pos_slice, out.source, out.stale_reason = (
+            self.pos_slice,
+            self.source,
+            self.stale_reason,
+        )
         return out
 
     def note_pass(
@@ -211,19 +224,31 @@ class RunCacheDict(dict):
         mask: Optional[Tensor],
         sliced: bool = False,
         pos_slice: Optional[Slice] = None,
+        source: Optional[PassInput] = None,
     ) -> None:
-        """Record that the pass with ``n_past`` and ``mask`` (`pass_mask`) fills ``name``
-        now, cut by ``pos_slice`` (``sliced``: one that drops or reorders positions): a
-        pass with another record than the last one's makes every hook it has not (yet)
-        refilled `stale`."""
-        if (
-            n_past != self.n_past
-            or not (mask is self.attention_mask or same_padding(mask, self.attention_mask))
-            or not _same_slice(pos_slice, self.pos_slice)
-        ):
+        """Record that the pass with ``n_past``, ``mask`` (`pass_mask`) and ``source``
+        (`pass_input`) fills ``name`` now, cut by ``pos_slice`` (``sliced``: one that drops
+        or reorders positions): a pass with another record than the last one's makes every
+        hook it has not (yet) refilled `stale`. The sources are compared once per pass (at
+        its first hook here; its later hooks bring the same object)."""
+        why = None
+        if n_past != self.n_past:
+            why = f"a pass with n_past={n_past} after one with n_past={self.n_past}"
+        elif not (mask is self.attention_mask or same_padding(mask, self.attention_mask)):
+            why = "a pass with another attention mask"
+        elif not _same_slice(pos_slice, self.pos_slice):
+            why = "a pass with another pos_slice"
+        elif source is not self.source:
+            if source is None or self.source is None:
+                why = "a pass after hooks filled by no recorded pass"
+            else:
+                why = self.source.difference(source)
+        if why is not None:
             self.stale = frozenset(self)
+            self.stale_reason = why
             self.n_past, self.attention_mask = n_past, mask
             self.pos_slice = pos_slice
+        self.source = source  # equal to the last one if why is None: compare once per pass
         if name in self.stale:
             self.stale = self.stale - {name}
         if sliced != (name in self.sliced):
@@ -242,6 +267,8 @@ class RunRecord:
     stale: frozenset
     sliced: frozenset = frozenset()
     pos_slice: Optional[Slice] = None  # `RunCacheDict.pos_slice`
+    source: Optional[PassInput] = None  # `RunCacheDict.source`
+    stale_reason: str = ""  # `RunCacheDict.stale_reason`
 
     @property
     def has_position_axis(self) -> bool:
@@ -283,7 +310,15 @@ def record_of(cache: Any) -> Optional[RunRecord]:
         cache = getattr(cache, "cache_dict", None)
         if not isinstance(cache, RunCacheDict):
             return None
-    return RunRecord(cache.n_past, cache.attention_mask, cache.stale, cache.sliced, cache.pos_slice)
+    return RunRecord(
+        cache.n_past,
+        cache.attention_mask,
+        cache.stale,
+        cache.sliced,
+        cache.pos_slice,
+        cache.source,
+        cache.stale_reason,
+    )
 
 
 def require_run_positions(
@@ -297,9 +332,11 @@ def require_run_positions(
         (
             record.stale,
             "were last filled by an earlier pass than the one it records (caching hooks kept "
-            "over passes with different attention masks or key-value caches, the last of "
-            "which did not reach them), so they are not of the recorded pass. Cache one run "
-            "(model.run_with_cache(tokens)), or reset the hooks between passes",
+            "over several passes into one dict, the last of which did not reach them and "
+            f"was {record.stale_reason or 'another pass'}), so they are not of the recorded "
+            "pass. Cache the pass in one call (model.run_with_cache(tokens)), or clear the "
+            "dict (cache_dict.clear()) before caching a pass over another input; split "
+            "names_filters are taken over the same input, mask, pos_slice and weights",
         ),
         (
             record.sliced if sliced else frozenset(),
@@ -331,6 +368,7 @@ def _recorded(
     out.stale = frozenset(name for name in record.stale if name in out)
     out.sliced = frozenset(name for name in record.sliced if name in out)
     out.pos_slice = record.pos_slice
+    out.source, out.stale_reason = record.source, record.stale_reason
     return out
 
 
@@ -406,6 +444,8 @@ class AttnResActivationCache(ActivationCache):
             getattr(inner, "stale", frozenset()),
             getattr(inner, "sliced", frozenset()),
             getattr(inner, "pos_slice", None),
+            getattr(inner, "source", None),
+            getattr(inner, "stale_reason", ""),
         )
 
     @property

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -46,12 +48,18 @@ from hooked_attnres.model.norms import (
     is_observed,
     make_hook,
 )
-from hooked_attnres.model.passes import padding_of, pass_extent, same_padding
+from hooked_attnres.model.passes import (
+    PassInput,
+    in_pass,
+    padding_of,
+    pass_extent,
+    same_padding,
+)
 from hooked_attnres.model.rotary import rotary_at
 from hooked_attnres.model.routing import DepthRouter, SharedSums, normalized_route
 from hooked_attnres.model.tl_methods import TLMethodsMixin
 from hooked_attnres.model.tokenization import TokenizerMixin
-from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin
+from hooked_attnres.model.weights import TiedUnembed, Unembed, WeightsMixin, WeightsSignature
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 RESIDUAL_WRITERS = ("W_O", "W_out")  # parameters whose output is added to the stream
@@ -481,7 +489,12 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             attention_mask = self._validate_attention_mask(
                 attention_mask, tuple(tokens.shape), tokens.device
             )
-        embedding = self.hook_embed(self.embed(tokens))
+        if in_pass():
+            embedding = self.hook_embed(self.embed(tokens))
+        else:  # called by itself: a pass of its own, for the caches of hook_embed
+            source = self._pass_source("tokens", (tokens, None))
+            with pass_extent(0, tokens.shape[1], attention_mask, source):
+                embedding = self.hook_embed(self.embed(tokens))
         current = embedding.clone() if self.routing_layout.snapshots else embedding
         state = self.routing_layout.initial_state(embedding, current)
         state.entering_sublayer = 0
@@ -556,6 +569,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
         n_past = self._n_past(past_kv_cache)  # before the pass's context extends the cache
+        positions = logit_positions if isinstance(logit_positions, Tensor) else None
         if start_at_layer is None:
             if isinstance(input, DepthState):
                 raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
@@ -572,10 +586,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             mask = self._validate_attention_mask(
                 attention_mask, tuple(tokens.shape), tokens.device, past_kv_cache
             )
+            past = () if past_kv_cache is None else past_kv_cache.filled_with()
+            source = self._pass_source("tokens", (tokens, positions), past)
             # hook_embed belongs to the pass: interventions there check its extent and mask
-            with pass_extent(n_past, tokens.shape[1], mask):
+            with pass_extent(n_past, tokens.shape[1], mask, source):
                 state = self.embed_state(tokens)
         else:
+            if isinstance(input, DepthState):  # the caller's, before any hook could edit it
+                source = self._pass_source("state", (*input.sources, positions))
             state = self._validate_state(input, layers.start)
             if tokens is not None:
                 tokens = self._validate_tokens(tokens)
@@ -601,8 +619,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         kept = nullcontext() if past_kv_cache is None else past_kv_cache.restored_on_error()
         with kept:
             context = self._attention_context(state, mask, past_kv_cache)
+            if past_kv_cache is not None:
+                assert tokens is not None  # a cached pass starts from token ids
+                past_kv_cache.note_filled_with(tokens)
             shared_sums = SharedSums(self)
-            with pass_extent(n_past, state.current.shape[1], mask):
+            with pass_extent(n_past, state.current.shape[1], mask, source):
                 state = self._run_sublayers(
                     state,
                     range(2 * layers.start, 2 * layers.stop),
@@ -625,6 +646,24 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 )
             loss = lm_cross_entropy_loss(logits, tokens, mask, loss_per_token)
             return loss if return_type == "loss" else Output(logits, loss)
+
+    def _pass_source(
+        self,
+        kind: str,
+        tensors: tuple[Optional[Tensor], ...],
+        past: Optional[tuple[Optional[Tensor], ...]] = (),
+    ) -> Callable[[], PassInput]:
+        """The maker of a pass's `PassInput` (`pass_extent`'s ``source``), memoised: it
+        copies ``tensors`` (the input: token ids or a state's sources, then
+        ``logit_positions``) and records the weights at the first caching hook of the pass
+        that asks, and only then (a pass that caches nothing pays nothing)."""
+
+        @functools.cache
+        def made() -> PassInput:
+            copies = tuple(None if t is None else t.detach().clone() for t in tensors)
+            return PassInput(weakref.ref(self), WeightsSignature(self), kind, copies, past)
+
+        return made
 
     @staticmethod
     def _n_past(cache: Optional[KeyValueCache]) -> int:
@@ -798,7 +837,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if attention_mask is None:  # as in forward: left padding without a mask is attended
             self._warn_if_left_padded(tokens)
         mask = self._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
-        with pass_extent(0, tokens.shape[1], mask):
+        source = self._pass_source("tokens", (tokens, None))
+        with pass_extent(0, tokens.shape[1], mask, source):
             state = self.embed_state(tokens)
         context = self._attention_context(state, mask)
         states = [state]
@@ -812,7 +852,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 "states)",
                 "Use sublayers=False (around a sweep: remove the hook)",
             )
-        with pass_extent(0, tokens.shape[1], mask):
+        with pass_extent(0, tokens.shape[1], mask, source):
             for layer, block in enumerate(self.blocks):
                 entering = self._private_current(state, layer)  # states[-1] is returned
                 if sublayers:
@@ -861,6 +901,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 f"attention, 2 * layer + 1 for the MLP), got {sublayer!r}"
             )
         layer, is_mlp = divmod(int(sublayer), 2)
+        positions = logit_positions if isinstance(logit_positions, Tensor) else None
+        if isinstance(state, DepthState):  # the caller's, before any hook could edit it
+            source = self._pass_source("state", (*state.sources, positions))
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device
@@ -870,7 +913,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             logit_positions = self._validate_logit_positions(logit_positions, state, mask)
         context = self._attention_context(state, mask)
         shared_sums = SharedSums(self)
-        with pass_extent(0, state.current.shape[1], mask):
+        with pass_extent(0, state.current.shape[1], mask, source):
             state = self._run_sublayers(
                 state, range(sublayer, n_sublayers), context, shared_sums, logit_positions
             )

@@ -52,7 +52,12 @@ from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
-from hooked_attnres.model.passes import pass_mask, pass_n_past, require_whole_sequence
+from hooked_attnres.model.passes import (
+    pass_input,
+    pass_mask,
+    pass_n_past,
+    require_whole_sequence,
+)
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -445,7 +450,9 @@ class HookedModule(HookedRootModule):
             if record is not None and not is_backward:
                 mask = pass_mask()
                 mask = None if mask is None else mask.to(device)
-                record.note_pass(str(hook.name), pass_n_past(), mask, sliced, recorded_slice)
+                record.note_pass(
+                    str(hook.name), pass_n_past(), mask, sliced, recorded_slice, pass_input()
+                )
             cache[f"{hook.name}_grad" if is_backward else str(hook.name)] = stored
 
         fwd_hooks, bwd_hooks = [], []

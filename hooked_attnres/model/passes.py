@@ -11,15 +11,21 @@ the model records the extent of every pass (`pass_extent`) and such a hook check
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hooked_attnres.model.weights import WeightsSignature
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class PassExtent:
     # `padding_rows` of this pass, made at its first norm: {(ndim, dtype, device, inference
     # mode): tensor}
     padding: dict = field(default_factory=dict, compare=False, repr=False)
+    # the pass's `PassInput`, made when a caching hook first asks (`pass_input`); shared by
+    # the extents of one forward pass (its embedding and its sublayers)
+    source: Optional[Callable[[], PassInput]] = field(default=None, compare=False, repr=False)
 
 
 _CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
@@ -60,12 +69,91 @@ def same_padding(first: Optional[Tensor], second: Optional[Tensor]) -> bool:
     return first.shape == second.shape and torch.equal(first, second.to(first.device))
 
 
+@dataclass(frozen=True, eq=False)
+class PassInput:
+    """What a forward pass computed its activations from, besides its ``n_past`` and padding
+    (which caches record apart): the model and its weights, the pass's input (``kind``
+    ``"tokens"``: copies of its token ids and ``logit_positions``; ``"state"``: of the
+    sources of the `DepthState` it started from, for ``start_at_layer`` / `forward_from`)
+    and what its key-value cache held (``past``: the token ids and mask of every pass that
+    filled it, `KeyValueCache.filled_with`; ``None`` where not recorded). Two passes with
+    equal records compute the same activations at every hook both reach (up to hooks that
+    edit activations): a cache filled by caching hooks over several passes
+    (`RunCacheDict.note_pass`) is whole only where they agree.
+
+    Made once per pass, and only when a caching hook asks (`pass_input`): a pass caches
+    nothing else. Its cost is one copy of the input (``[batch, pos]`` token ids; a state's
+    sources, ``[batch, pos, d_model]`` each) and a `WeightsSignature` (no weights copied)."""
+
+    model: weakref.ReferenceType[nn.Module]
+    weights: WeightsSignature
+    kind: str
+    tensors: tuple[Optional[Tensor], ...]
+    past: Optional[tuple[Optional[Tensor], ...]] = ()
+
+    def difference(self, other: PassInput) -> Optional[str]:
+        """``None`` if ``other`` (a later pass) computed from the same model, weights and
+        input as this pass, else how it differs (for an error message)."""
+        model = other.model()
+        if model is None or model is not self.model():
+            return "a pass of another model"
+        changed = self.weights.change(model)
+        if changed is not None:
+            return f"a pass with other weights ({changed})"
+        if other.kind != self.kind or not _same_tensors(other.tensors, self.tensors):
+            what = "other token ids" if self.kind == other.kind == "tokens" else "another input"
+            return f"a pass over {what}" + (
+                " (a pass from a DepthState and one from token ids count as different inputs)"
+                if other.kind != self.kind
+                else ""
+            )
+        if self.past is None or other.past is None or not _same_tensors(self.past, other.past):
+            return "a pass after other positions in its key-value cache"
+        return None
+
+
+def _same_tensors(first: tuple, second: tuple) -> bool:
+    """Whether two tuples of tensors (or ``None``) hold the same values."""
+    return len(first) == len(second) and all(
+        one is two
+        or (
+            one is not None
+            and two is not None
+            and one.shape == two.shape
+            and one.dtype == two.dtype
+            and one.device == two.device
+            and torch.equal(one, two)
+        )
+        for one, two in zip(first, second, strict=True)
+    )
+
+
+def in_pass() -> bool:
+    """Whether a forward pass is running (`pass_extent`)."""
+    return _CURRENT.get() is not None
+
+
+def pass_input() -> Optional[PassInput]:
+    """The running pass's `PassInput` (made at the first call of the pass); ``None`` outside
+    a pass or in one that records none. What a cache of the pass records
+    (`RunCacheDict.source`)."""
+    extent = _CURRENT.get()
+    return None if extent is None or extent.source is None else extent.source()
+
+
 @contextmanager
-def pass_extent(n_past: int, length: int, real: Optional[Tensor] = None) -> Iterator[None]:
+def pass_extent(
+    n_past: int,
+    length: int,
+    real: Optional[Tensor] = None,
+    source: Optional[Callable[[], PassInput]] = None,
+) -> Iterator[None]:
     """Record the running pass's extent for the hooks that fire inside the block (a pass
     started from inside a hook restores the outer one afterwards); ``real``: the pass's
-    ``[batch, length]`` attention mask of its own positions (True at real tokens), if any."""
-    token = _CURRENT.set(PassExtent(n_past, length, padding_of(real)))
+    ``[batch, length]`` attention mask of its own positions (True at real tokens), if any;
+    ``source``: a function (memoised: every call returns one object) that makes the pass's
+    `PassInput`, for `pass_input`."""
+    token = _CURRENT.set(PassExtent(n_past, length, padding_of(real), source=source))
     try:
         yield
     finally:
