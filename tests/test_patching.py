@@ -632,3 +632,38 @@ def test_a_sweep_with_a_hooked_block_is_refused_naming_the_sweep():
             )
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative"])
+def test_sweeps_refuse_a_clean_cache_of_two_inputs(layout):
+    """Audit 67: a clean cache filled by caching hooks kept over ``model(clean)`` and then
+    ``model(other, stop_at_layer=1)`` holds layer 0 of other prompts beside the clean
+    run's later layers; nothing was stale and the sweep patched the mix in silently (0.020
+    off the clean cache's sweep, of values up to 0.079, kimi). It
+    is refused now, naming the difference; the same split over the clean tokens is taken,
+    equal to the sweep of one ``run_with_cache``."""
+    model = randomize_routing(tiny_model(attnres_layout=layout)).eval()
+    clean = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.roll(1, dims=0)
+
+    def metric(logits):
+        return logits[:, -1, 0].mean()
+
+    def two_passes(second):
+        cache, hooks, _ = model.get_caching_hooks()
+        with model.hooks(fwd_hooks=hooks):
+            model(clean)
+        _, hooks, _ = model.get_caching_hooks(
+            cache=cache, names_filter=lambda name: name.startswith("blocks.0.")
+        )
+        with model.hooks(fwd_hooks=hooks):
+            model(second, stop_at_layer=1)
+        return cache
+
+    with pytest.raises(ValueError, match="earlier pass.*a pass over other token ids"):
+        get_act_patch_routing_weights(model, corrupted, two_passes(corrupted), metric)
+    _, whole = model.run_with_cache(clean)
+    torch.testing.assert_close(
+        get_act_patch_routing_weights(model, corrupted, two_passes(clean.clone()), metric),
+        get_act_patch_routing_weights(model, corrupted, whole, metric),
+    )
