@@ -62,26 +62,38 @@ def require_integer(
 
 
 @overload
-def require_bool(name: str, value: Any, optional: Literal[False] = False) -> bool: ...
+def require_bool(
+    name: str,
+    value: Any,
+    optional: Literal[False] = False,
+    error: type[Exception] = TypeError,
+) -> bool: ...
 
 
 @overload
-def require_bool(name: str, value: Any, optional: bool) -> Optional[bool]: ...
+def require_bool(
+    name: str, value: Any, optional: bool, error: type[Exception] = TypeError
+) -> Optional[bool]: ...
 
 
-def require_bool(name: str, value: Any, optional: bool = False) -> Optional[bool]:
+def require_bool(
+    name: str, value: Any, optional: bool = False, error: type[Exception] = TypeError
+) -> Optional[bool]:
     """``value`` as a Python ``bool`` if it is ``True`` or ``False`` or a NumPy boolean
     scalar (``np.True_``, what ``(a > b).any()`` of an array gives: as for integers, a
     NumPy scalar is taken, see the module docstring), or ``None`` when ``optional``;
     otherwise ``TypeError("{name} must be True or False[ or None], got {value!r}")``. A
     flag read by truthiness took ``"no"`` or ``"False"`` as ``True``; ``0`` / ``1`` and
-    tensors (even 0-d boolean ones: pass ``bool(t)``) are refused. Use the returned value."""
+    tensors (even 0-d boolean ones: pass ``bool(t)``) are refused. Use the returned value.
+    ``error``: the exception class raised instead of ``TypeError`` (`HookedAttnResConfig`
+    passes ``ValueError``: every field of a config, as every value of a config.json, is
+    refused as a ``ValueError``)."""
     if optional and value is None:
         return None
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     hint = " (a tensor: pass bool(t))" if isinstance(value, torch.Tensor) else ""
-    raise TypeError(
+    raise error(
         f"{name} must be True or False{' or None' if optional else ''}, got {value!r}{hint}"
     )
 

@@ -21,7 +21,12 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from hooked_attnres._validation import is_integer, require_finite_number, require_integer
+from hooked_attnres._validation import (
+    is_integer,
+    require_bool,
+    require_finite_number,
+    require_integer,
+)
 
 LAYOUTS = ("cumulative", "kimi", "full", "none")
 MODES = ("block", "full")
@@ -187,17 +192,13 @@ class HookedAttnResConfig:
     def _check_types(self) -> None:
         """Every field has its type (a string for a boolean, ``True`` for a number or a
         non-finite float would otherwise be accepted and misread)."""
+        # as Python bools (`require_bool`: np.True_ is one, stored as True for the JSON);
+        # ValueError, as every other field's refusal
         for name in _BOOL_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        if self.tokenizer_prepends_bos is not None and not isinstance(
-            self.tokenizer_prepends_bos, bool
-        ):
-            raise ValueError(
-                f"tokenizer_prepends_bos must be True, False or None, got "
-                f"{self.tokenizer_prepends_bos!r}"
-            )
+            setattr(self, name, require_bool(name, getattr(self, name), error=ValueError))
+        self.tokenizer_prepends_bos = require_bool(
+            "tokenizer_prepends_bos", self.tokenizer_prepends_bos, optional=True, error=ValueError
+        )
         for name in _STR_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, str):

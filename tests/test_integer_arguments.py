@@ -68,6 +68,32 @@ def test_config_from_numpy_integers_is_the_config_of_ints():
     assert HookedAttnResConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_config_flags_are_read_by_require_bool_as_value_errors():
+    """The config's boolean fields are checked by the one flag rule (`require_bool`), with
+    the config's exception type (ValueError, as every config field): a NumPy bool is a
+    flag (it was refused, unlike a NumPy integer for a size), stored as a Python bool for
+    the JSON; tokenizer_prepends_bos says "True or False or None" as every optional flag."""
+    from hooked_attnres._validation import require_bool
+
+    flags = dict(tie_word_embeddings=True, default_prepend_bos=False, tokenizer_prepends_bos=False)
+    cfg = tiny_config(**{name: np.bool_(value) for name, value in flags.items()})
+    assert all(type(getattr(cfg, name)) is bool for name in flags)
+    assert cfg.to_json() == tiny_config(**flags).to_json()
+    assert HookedAttnResConfig.from_json(cfg.to_json()) == cfg
+    for name, value in (("default_prepend_bos", "yes"), ("use_attn_result", 1)):
+        with pytest.raises(ValueError, match=rf"^{name} must be True or False, got {value!r}$"):
+            tiny_config(**{name: value})
+    with pytest.raises(ValueError, match=r"^gated_mlp must be True or False, got tensor\(True\) "):
+        tiny_config(gated_mlp=torch.tensor(True))
+    with pytest.raises(
+        ValueError, match=r"^tokenizer_prepends_bos must be True or False or None, got 'no'$"
+    ):
+        tiny_config(tokenizer_prepends_bos="no")
+    # the rule's own exception type is unchanged for every other caller
+    with pytest.raises(TypeError, match=r"^flag must be True or False, got 'no'$"):
+        require_bool("flag", "no")
+
+
 def test_train_config_and_tasks_keep_python_ints():
     config = TrainConfig(
         steps=np.int64(3), warmup_steps=np.int64(1), batch_size=np.int32(2), data_seed=np.int64(1)
