@@ -1487,11 +1487,26 @@ def test_stop_at_eos_reads_the_end_token_as_transformer_bridge_does(tmp_path):
     assert torch.equal(no_tokenizer[0], ours[0])  # prompt 0 has no padding to mask
 
 
+def test_max_new_tokens_follows_the_integer_rule():
+    """max_new_tokens is checked by require_integer, as top_k and every integer argument
+    (one wording, ValueError): it had its own check and messages ("must be an integer", a
+    TypeError, beside "must be at least 1"). A NumPy integer generates what the int does."""
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    quiet = {"verbose": False, "stop_at_eos": False, "do_sample": False}
+    for bad in (2.5, True, "3", torch.tensor(3), np.array([3]), None, -1):
+        with pytest.raises(ValueError, match=r"^max_new_tokens must be an integer >= 1, got "):
+            model.generate(prompt, max_new_tokens=bad, **quiet)
+    want = model.generate(prompt, max_new_tokens=2, **quiet)
+    got = model.generate(prompt, max_new_tokens=np.int64(2), **quiet)
+    assert got.shape == (1, 5) and torch.equal(got, want)
+
+
 def test_bad_generation_arguments_are_refused():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (1, 3))
     quiet = {"verbose": False}
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be an integer >= 1, got 0$"):
         model.generate(prompt, max_new_tokens=0, **quiet)
     with pytest.raises(ValueError, match="return_type must be one of"):
         model.generate(prompt, return_type="logits", **quiet)

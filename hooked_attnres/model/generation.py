@@ -398,7 +398,9 @@ class GenerationMixin:
             require_bool("verbose", verbose),
         )
         prepend_bos = require_bool("prepend_bos", prepend_bos, optional=True)
-        self._check_generate_args(max_new_tokens, return_type, padding_side, generator)
+        max_new_tokens = self._check_generate_args(
+            max_new_tokens, return_type, padding_side, generator
+        )
         # checked whether or not they are used (greedy ignores top_k, top_p, temperature
         # and freq_penalty, as in TransformerLens)
         check_sampling_arguments(
@@ -462,11 +464,10 @@ class GenerationMixin:
                 break
         return self._generation_output(tokens, input_type, return_type)
 
-    def _check_generate_args(self, max_new_tokens, return_type, padding_side, generator) -> None:
-        if not is_integer(max_new_tokens):
-            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    def _check_generate_args(self, max_new_tokens, return_type, padding_side, generator) -> int:
+        """Refuses a bad argument (``ValueError`` / ``TypeError`` naming it); returns
+        ``max_new_tokens`` as a Python ``int`` (`require_integer`)."""
+        max_new_tokens = require_integer("max_new_tokens", max_new_tokens, 1)
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if padding_side not in (None, "left", "right"):
@@ -478,6 +479,7 @@ class GenerationMixin:
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return max_new_tokens
 
     def _generation_prompt(
         self, input, prepend_bos, padding_side, attention_mask
