@@ -98,6 +98,20 @@ def require_bool(
     )
 
 
+def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]:
+    """``value`` if it is one of ``choices`` (strings, and ``None`` where it is one): a
+    ``str`` (a NumPy string scalar, a ``str`` subclass, is returned as the Python ``str`` it
+    holds) or ``None``; otherwise ``ValueError("{name} must be one of {choices}, got
+    {value!r}")``. Tested by type before equality: ``value in choices`` compared a NumPy
+    array elementwise, which raised NumPy's "truth value of an array ... is ambiguous"
+    naming no argument, and took a 0-d ``np.array("str")`` for ``"str"``."""
+    if value is None and None in choices:
+        return None
+    if isinstance(value, str) and str(value) in [c for c in choices if isinstance(c, str)]:
+        return str(value)
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """``mask``, a ``[batch, pos]`` tensor of booleans or 0/1 integers (1 = real token, 0 =
     padding) of the tokens' ``shape``, as a boolean tensor; otherwise ``TypeError`` (not

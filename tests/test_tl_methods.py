@@ -1502,6 +1502,27 @@ def test_max_new_tokens_follows_the_integer_rule():
     assert got.shape == (1, 5) and torch.equal(got, want)
 
 
+def test_an_array_choice_is_refused_by_name():
+    """return_type / padding_side are tested by type before equality (`require_choice`):
+    ``value in choices`` compared a NumPy array elementwise, which raised NumPy's
+    "truth value of an array ... is ambiguous" naming no argument, and took a 0-d
+    ``np.array("str")`` as "str". A NumPy string scalar is the string it holds."""
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    quiet = {"verbose": False, "stop_at_eos": False, "do_sample": False, "max_new_tokens": 1}
+    allowed = re.escape("('input', 'str', 'tokens', None)")
+    for bad in (np.array(["str", "tokens"]), np.array("tokens"), torch.tensor([1, 2]), ["str"]):
+        with pytest.raises(ValueError, match=rf"^return_type must be one of {allowed}, got "):
+            model.generate(prompt, return_type=bad, **quiet)
+        with pytest.raises(ValueError, match=r"^padding_side must be one of \('left', 'right', "):
+            model.generate(prompt, padding_side=bad, **quiet)
+        with pytest.raises(ValueError, match=r"^return_type must be one of \('logits', 'loss', "):
+            model(prompt, return_type=bad)
+    want = model.generate(prompt, return_type="tokens", **quiet)
+    assert torch.equal(model.generate(prompt, return_type=np.str_("tokens"), **quiet), want)
+    torch.testing.assert_close(model(prompt, return_type=np.str_("logits")), model(prompt))
+
+
 def test_bad_generation_arguments_are_refused():
     model = routed_model("kimi")
     prompt = torch.randint(0, 50, (1, 3))

@@ -20,6 +20,7 @@ from hooked_attnres._validation import (
     is_finite_number,
     is_integer,
     require_bool,
+    require_choice,
     require_finite_number,
     require_integer,
     require_token_ids,
@@ -398,7 +399,7 @@ class GenerationMixin:
             require_bool("verbose", verbose),
         )
         prepend_bos = require_bool("prepend_bos", prepend_bos, optional=True)
-        max_new_tokens = self._check_generate_args(
+        max_new_tokens, return_type, padding_side = self._check_generate_args(
             max_new_tokens, return_type, padding_side, generator
         )
         # checked whether or not they are used (greedy ignores top_k, top_p, temperature
@@ -464,14 +465,15 @@ class GenerationMixin:
                 break
         return self._generation_output(tokens, input_type, return_type)
 
-    def _check_generate_args(self, max_new_tokens, return_type, padding_side, generator) -> int:
+    def _check_generate_args(
+        self, max_new_tokens, return_type, padding_side, generator
+    ) -> tuple[int, Optional[str], Optional[str]]:
         """Refuses a bad argument (``ValueError`` / ``TypeError`` naming it); returns
-        ``max_new_tokens`` as a Python ``int`` (`require_integer`)."""
+        ``(max_new_tokens, return_type, padding_side)`` as a Python ``int`` and strings
+        (`require_integer`, `require_choice`)."""
         max_new_tokens = require_integer("max_new_tokens", max_new_tokens, 1)
-        if return_type not in RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-        if padding_side not in (None, "left", "right"):
-            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        return_type = require_choice("return_type", return_type, RETURN_TYPES)
+        padding_side = require_choice("padding_side", padding_side, ("left", "right", None))
         if padding_side == "right":
             raise ValueError(
                 "generate pads batched prompts on the left, so that every prompt ends in the "
@@ -479,7 +481,7 @@ class GenerationMixin:
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return max_new_tokens
+        return max_new_tokens, return_type, padding_side
 
     def _generation_prompt(
         self, input, prepend_bos, padding_side, attention_mask

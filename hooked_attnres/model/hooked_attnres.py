@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._validation import (
     is_integer,
+    require_choice,
     require_integer,
     require_token_ids,
     require_token_mask,
@@ -563,8 +564,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 token in the key-value cache either), a loss with fewer than two
                 positions or with no two consecutive real tokens, or a bad argument.
         """
-        if return_type not in RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        return_type = require_choice("return_type", return_type, RETURN_TYPES)
         layers = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
