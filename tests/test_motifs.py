@@ -1482,10 +1482,14 @@ def test_custom_criteria_sentences_read_as_their_verdicts_decide(fraction, drop,
     m, o, e, oe = map(
         _read, re.findall(r"mass (\S+) vs (\S+), effect (\S+) vs (\S+)[.,]", text["D2"])[0]
     )
-    assert (m < Fraction(repr(mass_ratio)) * o) == (emb_mass < mass_ratio * 0.4), text["D2"]
-    assert (-e >= Fraction(repr(effect_ratio)) * max(-oe, 0)) == (
-        -emb_effect >= effect_ratio * 0.1
-    ), text["D2"]
+    # D2 is decided exactly, the ratios as written (audit 65: the float product 0.3 * 0.4
+    # rounded to the embedding mass 0.12 below it, D2 absent, printed "0.120 vs 0.400")
+    r_mass, r_effect = Fraction(repr(mass_ratio)), Fraction(repr(effect_ratio))
+    mass_met = Fraction(emb_mass) < r_mass * Fraction(0.4)
+    effect_met = -Fraction(emb_effect) >= r_effect * Fraction(0.1)
+    assert (m < r_mass * o) == mass_met, text["D2"]
+    assert (-e >= r_effect * max(-oe, 0)) == effect_met, text["D2"]
+    assert bool(rows.loc["D2", "present"]) == (mass_met and effect_met), text["D2"]
     (mass,) = re.findall(r"seed 0: mass (\S+), effect", text["D3-attn_res"])
     assert (_read(mass) >= Fraction(repr(min_mass))) == (pc_mass >= min_mass), text["D3-attn_res"]
     named = re.findall(r"= (\S+)x the top harm\.$", text["D3-attn_res"])
@@ -1617,3 +1621,46 @@ def test_the_report_files_are_written_in_utf8_whatever_the_locale(tmp_path, monk
     for name in ("report.md", "report.html"):
         text = (result.out_dir / name).read_bytes().decode("utf-8")
         assert "–" in text, name
+
+
+def test_d2_ratios_are_applied_exactly_as_written():
+    """D2's "embedding mass < r x current's" and "harm >= r x current's" are decided on the
+    numbers and the ratio as written (exactly, as a reader reads the sentence), not on the
+    float product: with r = 0.123, 0.123 * 0.14905962049611388 rounded to a float at or
+    below an embedding mass of 0.018334333321022005 that is below it exactly; D2 was
+    decided absent and the sentence printed both masses to 58 digits, reading as met. A
+    subnormal current mass's half rounded to 0, so an embedding mass of 0 was not below
+    it. Non-finite thresholds are refused (the exact reading has none)."""
+    from fractions import Fraction
+
+    from hooked_attnres.analysis import PREREGISTERED, Criteria
+
+    emb, cur = ("mlp_res", "all", "embedding"), ("mlp_res", "all", "current")
+    effects = {emb: (-0.5, -0.9, -0.1), cur: (-0.1, -0.2, -0.05)}
+    pattern = r"seed 0: mass (\S+) vs (\S+), effect"
+    for criteria, masses in (
+        (Criteria(d2_mass_ratio=0.123), (0.018334333321022005, 0.14905962049611388)),
+        (PREREGISTERED, (0.0, 5e-324)),
+    ):
+        mass = {("mlp_res", "embedding"): masses[0], ("mlp_res", "current"): masses[1]}
+        rows, text = _custom_sentences(criteria, effects, mass=mass)
+        ratio = Fraction(repr(criteria.d2_mass_ratio))
+        exactly = Fraction(masses[0]) < ratio * Fraction(masses[1])
+        assert exactly and bool(rows.loc["D2", "present"]), text["D2"]
+        m, o = (_read(t) for t in re.findall(pattern, text["D2"])[0])
+        assert m < ratio * o, text["D2"]
+    # harm: 1.1 x a current harm of 0.756 rounds to 0.8316000000000001, above an
+    # embedding harm of 0.8316 that is 1.1x it or more exactly
+    c = Criteria(d2_effect_ratio=1.1)
+    harm, base = 0.8316, 0.756
+    assert Fraction(harm) >= Fraction("1.1") * Fraction(base)
+    far = {("mlp_res", "embedding"): 0.1, ("mlp_res", "current"): 0.4}
+    rows, text = _custom_sentences(
+        c, {emb: (-harm, -0.9, -0.1), cur: (-base, -0.9, -0.2)}, mass=far
+    )
+    assert rows.loc["D2", "present"], text["D2"]
+    e, o = (_read(t) for t in re.findall(r"effect (\S+) vs (\S+)\.", text["D2"])[0])
+    assert -e >= Fraction("1.1") * max(-o, 0), text["D2"]
+    for name in ("d2_mass_ratio", "d2_effect_ratio", "d3_min_mass", "min_effect_fraction"):
+        with pytest.raises(ValueError, match=rf"^Criteria's {name} must be a finite number"):
+            Criteria(**{name: float("inf")})

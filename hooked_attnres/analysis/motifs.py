@@ -29,13 +29,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
+from fractions import Fraction
 from functools import partial
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite, require_integer
+from hooked_attnres._validation import (
+    first_non_finite,
+    require_finite_number,
+    require_integer,
+)
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import require_family_rows
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
@@ -107,6 +112,13 @@ class Criteria:
     d3_min_mass: float = 0.10
     d3_max_effect_fraction: float = 0.10
     schedule_max_deviation: float = 1e-6
+
+    def __post_init__(self) -> None:
+        # every threshold a finite number, kept as the Python number (D2 reads its ratios
+        # exactly, as written: an infinite one has no digits)
+        for name in self.__dataclass_fields__:
+            value = require_finite_number(f"Criteria's {name}", getattr(self, name))
+            object.__setattr__(self, name, value)
 
 
 PREREGISTERED = Criteria()
@@ -409,17 +421,26 @@ def _as_read(number: float, like) -> Any:
     return Decimal(repr(number)) if isinstance(like, Decimal) else number
 
 
+def _exactly(number: Any) -> Fraction:
+    """A float (or a printed `Decimal`) as the exact number it is."""
+    return Fraction(number) if isinstance(number, Decimal) else Fraction(float(number))
+
+
 def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
-    """D2's mass test: the embedding's MLP-router mass below half of current's."""
-    return bool(embedding < _as_read(criteria.d2_mass_ratio, current) * current)
+    """D2's mass test: the embedding's MLP-router mass below ``d2_mass_ratio`` (0.5) times
+    current's, compared exactly, the ratio as written (as a reader reads the sentence's
+    printed numbers, `printed_deciding`): in floats, ``0.123 * current`` rounded, and an
+    embedding mass below it exactly was decided absent, its sentence reading as met."""
+    ratio = Fraction(repr(float(criteria.d2_mass_ratio)))
+    return bool(_exactly(embedding) < ratio * _exactly(current))
 
 
 def _d2_effect(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
-    """D2's size test on the two effects: the embedding's harm at least twice current's
-    (current's counted as >= 0); its interval is tested apart."""
-    ratio = _as_read(criteria.d2_effect_ratio, current)
-    zero = Decimal(0) if isinstance(current, Decimal) else 0.0
-    return bool(-embedding >= ratio * max(-current, zero))
+    """D2's size test on the two effects: the embedding's harm at least ``d2_effect_ratio``
+    (2) times current's (current's counted as >= 0), compared exactly as `_d2_mass`; its
+    interval is tested apart."""
+    ratio = Fraction(repr(float(criteria.d2_effect_ratio)))
+    return bool(-_exactly(embedding) >= ratio * max(-_exactly(current), Fraction(0)))
 
 
 def same_top_family(top_mass: str, top_effect: str) -> bool:
