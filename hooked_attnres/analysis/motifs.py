@@ -421,9 +421,14 @@ def _as_read(number: float, like) -> Any:
     return Decimal(repr(number)) if isinstance(like, Decimal) else number
 
 
-def _exactly(number: Any) -> Fraction:
-    """A float (or a printed `Decimal`) as the exact number it is."""
-    return Fraction(number) if isinstance(number, Decimal) else Fraction(float(number))
+def _exactly(number: Any) -> Any:
+    """A float (or a printed `Decimal`) as the exact number it is (a `Fraction`; an
+    infinity, which no table the verdicts read holds, stays the float it is, compared
+    exactly as it is)."""
+    value = float(number)
+    if not math.isfinite(value):
+        return value
+    return Fraction(number) if isinstance(number, Decimal) else Fraction(value)
 
 
 def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
