@@ -1667,3 +1667,23 @@ def test_d2_ratios_are_applied_exactly_as_written():
     for name in ("d2_mass_ratio", "d2_effect_ratio", "d3_min_mass", "min_effect_fraction"):
         with pytest.raises(ValueError, match=rf"^Criteria's {name} must be a finite number"):
             Criteria(**{name: float("inf")})
+
+
+def test_verdicts_read_a_report_stored_before_the_d2_interval_column():
+    """A report stored before ``ci_high_embedding`` (and D3's ``effect_limit``) existed is
+    read as before (its D2 decision is checked by the tests its columns allow): checking
+    the criteria, motif_verdicts raised AttributeError on a present D2 row of one."""
+    from hooked_attnres.analysis import Criteria
+
+    emb, cur = ("mlp_res", "all", "embedding"), ("mlp_res", "all", "current")
+    effects = {emb: (-0.5, -0.9, -0.1), cur: (-0.1, -0.2, -0.05)}
+    mass = {("mlp_res", "embedding"): 0.1, ("mlp_res", "current"): 0.4}
+    report = motif_report(*tables(effects, mass=mass, seed=0))
+    assert report.set_index("claim").loc["D2", "present"]
+    old = report.drop(columns=["ci_high_embedding", "effect_limit"])
+    old.attrs = {}
+    pd.testing.assert_frame_equal(motif_verdicts(old), motif_verdicts(report))
+    # a present D2 whose masses fail the criteria given is still refused
+    strict = Criteria(d2_mass_ratio=0.2)
+    with pytest.raises(ValueError, match="D2 row seed 0 was not decided by Criteria"):
+        motif_verdicts(old, criteria=strict)

@@ -651,12 +651,13 @@ def _contradicts(row: pd.Series, criteria: Criteria) -> bool:
             by_size or by_accuracy
         )
     if claim == "D2":
-        decided = (
-            _d2_mass(row.mass_embedding, row.mass_current, criteria)
-            and _d2_effect(row.effect_embedding, row.effect_current, criteria)
-            and bool(row.ci_high_embedding < 0)
+        sizes = _d2_mass(row.mass_embedding, row.mass_current, criteria) and _d2_effect(
+            row.effect_embedding, row.effect_current, criteria
         )
-        return decided != bool(row.present)
+        high = row.get("ci_high_embedding", np.nan)
+        if pd.isna(high):  # stored before the column: a present D2 needs the sizes met
+            return bool(row.present) and not sizes
+        return (sizes and bool(high < 0)) != bool(row.present)
     if claim.startswith("D3"):
         limit = row.get("effect_limit", np.nan)
         if pd.isna(limit):
