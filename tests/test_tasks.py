@@ -405,3 +405,30 @@ def test_a_numpy_index_that_is_not_integer_or_bool_is_refused(index):
     batch = RETRIEVAL.sample(4, seed=0)
     with pytest.raises(IndexError, match=r"integer or bool dtype, got dtype .*astype\(bool\)"):
         batch[index]
+
+
+def test_a_list_or_tensor_of_any_integer_type_is_row_numbers():
+    """A list is read as NumPy reads it, and a tensor of any integer type but uint8 (a
+    mask to torch) is row numbers: a list of NumPy int8 scalars was an int8 tensor, which
+    torch cannot index with ("tensors used as indices must be long, int, byte or bool"),
+    and so was a torch int16 / uint16 tensor; a list NumPy reads as floats ([1.5], or
+    [np.uint64(1), -1]) crashed in torch (an IndexError without the argument, a
+    RuntimeError "Promotion for uint64 ... not supported"), now refused as a NumPy float
+    array is."""
+    batch = RETRIEVAL.sample(7, seed=3)
+    cases = [
+        ([np.int8(4), np.int8(0)], [4, 0]),
+        ([np.int8(-1), np.uint8(2)], [6, 2]),
+        (torch.tensor([5, 1], dtype=torch.int16), [5, 1]),
+        (torch.tensor([2, 3], dtype=torch.int8), [2, 3]),
+        (torch.tensor([6, 0], dtype=torch.uint16), [6, 0]),
+    ]
+    for index, rows in cases:
+        part = batch[index]
+        assert torch.equal(part.tokens, batch.tokens[rows]), index
+        assert torch.equal(part.answer, batch.answer[rows]), index
+    for index in ([1.5], [np.uint64(1), -1], torch.tensor([1.0, 2.0])):
+        with pytest.raises(IndexError, match=r"^a TaskBatch index array must be of an integer"):
+            batch[index]
+    with pytest.raises(IndexError, match=r"past int64"):
+        batch[torch.tensor([2**63], dtype=torch.uint64)]

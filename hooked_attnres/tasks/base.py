@@ -90,38 +90,43 @@ class TaskBatch:
 
     def __getitem__(self, index) -> TaskBatch:
         """A sub-batch (``index`` is an int, a slice, or a list / range / 1-d tensor / 1-d
-        array of row numbers or of one bool per row; a NumPy array of any integer dtype,
-        ``uint8`` included, is row numbers, as in NumPy, and so is a list of NumPy unsigned
-        scalars (a row number past int64 is refused); one of another dtype, float or
-        str, is refused as in NumPy). Anything else (a 0-d tensor,
-        ``None``, ``True``, a tuple) raises `IndexError`: it would drop or add an axis,
-        leaving ``tokens`` and ``answer_pos`` / ``answer`` / ``contrast`` misaligned; a
-        ``torch.uint8`` tensor (a mask to torch, rows to NumPy) is refused too
-        (`refuse_uint8_index`, the package's one rule for index tensors)."""
+        array of row numbers or of one bool per row; a list is read as NumPy reads it; a
+        NumPy array of any integer dtype, ``uint8`` included, is row numbers, as in NumPy,
+        and so is a tensor of any integer type but ``uint8`` (a row number past int64 is
+        refused); an array of another dtype, float or str, is refused as in NumPy).
+        Anything else (a 0-d tensor, ``None``, ``True``, a tuple) raises `IndexError`: it
+        would drop or add an axis, leaving ``tokens`` and ``answer_pos`` / ``answer`` /
+        ``contrast`` misaligned; a ``torch.uint8`` tensor (a mask to torch, rows to NumPy)
+        is refused too (`refuse_uint8_index`, the package's one rule for index tensors)."""
+        given = index  # named in a refusal (a list is read as an array below)
         if is_integer(index):  # a NumPy integer too: one row, never a dropped batch axis
             index, n = int(index), len(self)
             if not -n <= index < n:
                 raise IndexError(f"row {index} is out of range for a batch of {n} prompts")
             index = slice(index % n, index % n + 1)
-        elif isinstance(index, (list, range)):  # one tensor index (a list of lists is 2-d)
-            rows = _signed_rows(list(index))
-            index = torch.as_tensor(rows) if len(rows) else torch.zeros(0, dtype=torch.long)
+        elif isinstance(index, (list, range)):  # as NumPy reads it (a list of lists is 2-d)
+            index = _list_rows(list(index))
         if not isinstance(index, (slice, Tensor, np.ndarray)) or (
             not isinstance(index, slice) and index.ndim != 1
         ):
-            raise IndexError(_not_rows(index))
+            raise IndexError(_not_rows(given))
+        refuse_uint8_index("index", index)  # AmbiguousIndexError, an IndexError
+        if isinstance(index, Tensor) and index.dtype != torch.bool:
+            # row numbers of any integer type (torch indexes with int32 / int64 only)
+            if index.is_floating_point() or index.is_complex():
+                index = index.detach().cpu().numpy()  # refused below, as NumPy refuses it
+            else:
+                index = torch.as_tensor(_signed_rows(index)).long()
         if isinstance(index, np.ndarray) and index.dtype.kind not in "iub":
             # torch truncates a float array to row numbers; NumPy refuses it
             raise IndexError(
-                f"a NumPy TaskBatch index must be of an integer or bool dtype, got dtype "
+                f"a TaskBatch index array must be of an integer or bool dtype, got dtype "
                 f"{index.dtype}; pass index.astype(bool) for one bool per row or "
                 "index.astype(int) for row numbers"
             )
         if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
             # row numbers, as in NumPy: torch would read a uint8 array as a mask
             index = torch.as_tensor(_signed_rows(index).astype(np.int64))
-        else:  # a mask to torch, row numbers to NumPy: AmbiguousIndexError, an IndexError
-            refuse_uint8_index("index", index)
         return self._map(lambda tensor: tensor[index])
 
     def to(self, device) -> TaskBatch:
@@ -326,8 +331,22 @@ class Task:
         return vocab
 
 
+def _list_rows(rows: list) -> np.ndarray:
+    """A list of row numbers or bools as NumPy reads it (an array, checked as one by
+    `TaskBatch.__getitem__`; an empty list is no rows); ``IndexError`` for one NumPy
+    cannot read (ragged, of tensors of several elements). Read by torch, a list of NumPy
+    int8 scalars was an int8 tensor, which torch cannot index with, and one NumPy reads as
+    floats crashed in torch."""
+    if not rows:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        return np.asarray(rows)
+    except (ValueError, TypeError, RuntimeError):
+        raise IndexError(_not_rows(rows)) from None
+
+
 def _signed_rows(rows: Any) -> Any:
-    """``rows`` (a list or a NumPy array of row numbers) with unsigned integers as int64
+    """``rows`` (a NumPy array or a tensor of row numbers) with unsigned integers as int64
     (`unsigned_as_int64`: a list of NumPy uint8 scalars was a uint8 tensor, refused as an
     "ambiguous torch.uint8" index; a uint64 array's ``2**64 - 1`` was cast to -1, the last
     row); ``IndexError`` for a row number past int64."""
