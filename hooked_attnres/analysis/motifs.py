@@ -282,19 +282,14 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         harms = {b: -float(cell(router, b, family).effect) for b in BANDS}
         acc = float(accuracy.loc[(router, band, family)].effect)
         harmful = bool(here.ci_high < 0)
-        by_accuracy = bool(acc <= -criteria.min_accuracy_drop)
         fraction = float(-here.effect / clean) if clean > 0 else np.nan
-        # on the fraction the sentence prints (`_percent_text`): -effect >= 0.05 * clean
-        # rounds otherwise, and "5.0 %" read as met beside a motif absent for its size
+        by_accuracy, large = _criterion_2(fraction, acc, clean, criteria)
+        # as first written (before amendment 1), any harm met 5 % of a clean <= 0
         by_size = (
             bool(fraction >= criteria.min_effect_fraction)
             if clean > 0
             else bool(-here.effect >= criteria.min_effect_fraction * clean)
         )
-        # amendment 1 (docs/study.md): "5 % of the clean logit difference" is undefined
-        # for a model that does not prefer the answer (clean <= 0): only the accuracy
-        # criterion can hold there; as first written, any harm met it
-        large = (clean > 0 and by_size) or by_accuracy
         localised = harms[band] >= max(harms.values())
         return dict(
             effect=float(here.effect),
@@ -374,7 +369,6 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         pc = table.loc["prev_completed"]
         top_harm = float(table.harm.max())
         effect_limit = criteria.d3_max_effect_fraction * top_harm
-        no_effect = bool(pc.ci_low <= 0 <= pc.ci_high or abs(pc.effect) < effect_limit)
         rows.append(
             dict(
                 claim=f"D3-{router}",
@@ -388,7 +382,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
                 top_effect=top_effect,
                 top_harm=top_harm,
                 effect_limit=effect_limit,
-                present=bool(pc.mass >= criteria.d3_min_mass) and no_effect,
+                present=_d3_present(pc, effect_limit, criteria),
             )
         )
     mlp = family_table("mlp_res")
@@ -412,6 +406,29 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         row.setdefault("present_as_written", row["present"])
     order = {claim: i for i, claim in enumerate(CLAIMS)}
     return sorted(rows, key=lambda r: order[r["claim"]])
+
+
+def _criterion_2(
+    fraction: float, accuracy_effect: float, clean: float, criteria: Criteria
+) -> tuple[bool, bool]:
+    """A motif's criterion 2 (``(by_accuracy, large)``): the harm at least
+    ``min_effect_fraction`` of a positive clean logit difference, on the ``fraction`` the
+    sentence prints (`_percent_text`; ``-effect >= 0.05 * clean`` rounds otherwise, and
+    "5.0 %" read as met beside a motif absent for its size), or the accuracy down by
+    ``min_accuracy_drop`` or more. Amendment 1 (docs/study.md): "5 % of the clean logit
+    difference" is undefined for a model that does not prefer the answer (clean <= 0):
+    only the accuracy criterion can hold there."""
+    by_accuracy = bool(accuracy_effect <= -criteria.min_accuracy_drop)
+    by_size = clean > 0 and bool(fraction >= criteria.min_effect_fraction)
+    return by_accuracy, bool(by_size or by_accuracy)
+
+
+def _d3_present(row: Any, limit: float, criteria: Criteria) -> bool:
+    """D3 of ``row`` (``mass``, ``effect``, ``ci_low``, ``ci_high`` of prev_completed):
+    mass at least ``d3_min_mass``, and an interval containing 0 or ``|effect| < limit``
+    (``d3_max_effect_fraction`` times the top harm)."""
+    no_effect = bool(row.ci_low <= 0 <= row.ci_high or abs(row.effect) < limit)
+    return bool(row.mass >= criteria.d3_min_mass) and no_effect
 
 
 def _as_read(number: float, like) -> Any:
@@ -645,11 +662,10 @@ def _contradicts(row: pd.Series, criteria: Criteria) -> bool:
     stored before a column existed is not checked by it)."""
     claim = row.claim
     if claim in MOTIFS and claim != "M2" and not pd.isna(row.get("large_by_accuracy", np.nan)):
-        by_accuracy = bool(row.accuracy_effect <= -criteria.min_accuracy_drop)
-        by_size = row.clean > 0 and bool(row.effect_fraction >= criteria.min_effect_fraction)
-        return bool(row.large_by_accuracy) != by_accuracy or bool(row.large) != (
-            by_size or by_accuracy
+        by_accuracy, large = _criterion_2(
+            row.effect_fraction, row.accuracy_effect, row.clean, criteria
         )
+        return bool(row.large_by_accuracy) != by_accuracy or bool(row.large) != large
     if claim == "D2":
         sizes = _d2_mass(row.mass_embedding, row.mass_current, criteria) and _d2_effect(
             row.effect_embedding, row.effect_current, criteria
@@ -662,9 +678,7 @@ def _contradicts(row: pd.Series, criteria: Criteria) -> bool:
         limit = row.get("effect_limit", np.nan)
         if pd.isna(limit):
             return False
-        no_effect = bool(row.ci_low <= 0 <= row.ci_high or abs(row.effect) < limit)
-        decided = bool(row.mass >= criteria.d3_min_mass) and no_effect
-        return decided != bool(row.present) or bool(
+        return _d3_present(row, limit, criteria) != bool(row.present) or bool(
             limit != criteria.d3_max_effect_fraction * row.top_harm
         )
     return False
