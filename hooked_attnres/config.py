@@ -24,6 +24,7 @@ import torch
 from hooked_attnres._validation import (
     is_integer,
     require_bool,
+    require_choice,
     require_finite_number,
     require_integer,
 )
@@ -278,10 +279,9 @@ class HookedAttnResConfig:
             raise ValueError(
                 "use_qk_norm=False is not supported: Qwen3 normalises q and k per head"
             )
-        if self.default_padding_side not in ("right", "left"):
-            raise ValueError(
-                f"default_padding_side must be 'right' or 'left', got {self.default_padding_side!r}"
-            )
+        self.default_padding_side = require_choice(  # type: ignore[assignment]
+            "default_padding_side", self.default_padding_side, ("right", "left")
+        )
         self._validate_attnres()
 
     def _validate_attnres(self) -> None:

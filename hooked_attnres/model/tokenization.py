@@ -9,7 +9,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, require_bool, require_token_ids
+from hooked_attnres._validation import (
+    is_integer,
+    require_bool,
+    require_choice,
+    require_token_ids,
+)
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -164,10 +169,9 @@ class TokenizerMixin:
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """`to_tokens` plus the attention mask ``[batch, pos]`` (1 = real token, 0 = padding)."""
         self._require_tokenizer("to_tokens")
+        padding_side = require_choice("padding_side", padding_side, ("right", "left", None))
         if padding_side is None:
             padding_side = self.default_padding_side
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("to_tokens takes a string or a non-empty list of strings")
@@ -234,8 +238,7 @@ class TokenizerMixin:
         alone, so ``padding_side``, accepted for TransformerLens's signature, changes
         nothing."""
         self._require_tokenizer("to_str_tokens")
-        if padding_side not in (None, "right", "left"):
-            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
+        require_choice("padding_side", padding_side, ("right", "left", None))
         if isinstance(input, (list, tuple)) and not all(is_integer(t) for t in input):
             return [self._str_tokens_one(item, prepend_bos) for item in input]
         return self._str_tokens_one(input, prepend_bos)
