@@ -33,6 +33,7 @@ from hooked_attnres.interventions import (
     mask_sources,
     patch_sources,
     position_index,
+    set_weights,
 )
 from hooked_attnres.interventions.routing import Ablation, patch_committed
 from hooked_attnres.study import checkpoint_dir, run_dir, seeds_found, study_condition
@@ -281,6 +282,32 @@ def test_unsigned_positions_are_positions(model, batch, given, same):
     want = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, 0, positions=same))
     got = model.run_with_hooks(batch.tokens, fwd_hooks=mask_sources(model, 0, positions=given))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(
+        routing_mass(model, batch.tokens, positions=given).mass,
+        routing_mass(model, batch.tokens, positions=same).mass,
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, np.int8, np.int16])
+def test_small_signed_integer_positions_are_positions(model, batch, dtype):
+    # audit 68: position_index returned an int8 / int16 tensor as it was, and torch
+    # indexes with long, int, byte or bool tensors only: set_weights, patch_sources and
+    # routing_mass failed with a bare "tensors used as indices must be long, int, byte or
+    # bool tensors" (mask_sources worked: Ablation reads the positions as ints)
+    given = np.array([1, -2], dtype=dtype) if isinstance(dtype, type) else None
+    given = torch.tensor([1, -2], dtype=dtype) if given is None else given
+    same = [1, -2]
+    assert position_index(given, 7).dtype == torch.long
+    assert position_index(given, 7).tolist() == position_index(same, 7).tolist()
+    for hooks in (
+        lambda positions: set_weights(model, "uniform", positions=positions),
+        lambda positions: mask_sources(model, 0, positions=positions),
+    ):
+        want = model.run_with_hooks(batch.tokens, fwd_hooks=hooks(same))
+        got = model.run_with_hooks(batch.tokens, fwd_hooks=hooks(given))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(
         routing_mass(model, batch.tokens, positions=given).mass,
         routing_mass(model, batch.tokens, positions=same).mass,

@@ -322,6 +322,13 @@ def test_every_row_index_keeps_the_fields_aligned():
         # refused as an "ambiguous torch.uint8" index the caller never passed
         ([np.uint8(1), np.uint8(0), np.uint8(1), np.uint8(0)], [1, 0, 1, 0]),
         (np.array([6, 0], dtype=np.uint64), [6, 0]),
+        # a torch tensor of any integer dtype but uint8 (refused as ambiguous) is rows,
+        # as its NumPy array is: torch indexes with int32 / int64 only, so int8 / int16 /
+        # uint16-64 tensors failed with a bare "tensors used as indices must be long, ..."
+        (torch.tensor([6, -7], dtype=torch.int8), [6, 0]),
+        (torch.tensor([2, 5], dtype=torch.int16), [2, 5]),
+        (torch.tensor([4, 1], dtype=torch.uint16), [4, 1]),
+        (torch.tensor([0, 3], dtype=torch.uint64), [0, 3]),
     ]
     names = ("tokens", "answer_pos", "answer", "contrast", "corrupted_tokens", "targets")
     for index, rows in cases:

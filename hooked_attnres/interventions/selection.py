@@ -196,10 +196,11 @@ def resolve_routers(
 
 
 def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
-    """``positions`` as a tensor if they are integers (an int, a list, a range, a NumPy
-    array or a tensor; an empty one passes), else ``ValueError`` naming ``positions`` and
-    what to pass: a bool (``True`` indexed as a mask), floats, strings, or a generator (no
-    tensor reads one; "Could not infer dtype of generator" named no argument). Unsigned
+    """``positions`` as an int64 tensor if they are integers (an int, a list, a range, a
+    NumPy array or a tensor of any integer dtype; an empty one passes), else
+    ``ValueError`` naming ``positions`` and what to pass: a bool (``True`` indexed as a
+    mask), floats, strings, or a generator (no tensor reads one; "Could not infer dtype of
+    generator" named no argument). Unsigned
     integers (NumPy's or torch's) are read as int64 (a uint8 index compared with
     ``-n_pos`` wrapped around, refusing ``np.uint8(1)``; torch has no uint32 comparison),
     and one past int64 is refused (cast, ``2**64 - 1`` is -1); a ``torch.uint8`` tensor is
@@ -223,7 +224,7 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
             f"positions {positions!r} must be integers in {bounds} (an int, a list or a "
             f"tensor; list(...) a generator){alternative}"
         )
-    return index
+    return index.long()  # torch indexes with int32 / int64 only: int8 / int16 failed
 
 
 def check_positions(positions) -> Optional[Tensor]:
