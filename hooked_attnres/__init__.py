@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from hooked_attnres._version import __version__
 
 _LAZY = {
+    "AmbiguousIndexError": "hooked_attnres._validation",
     "AttnResActivationCache": "hooked_attnres.model.cache",
     "RoutedResidualPatchWarning": "hooked_attnres.model.hooked_root",
     "UnfoldedNormWarning": "hooked_attnres.model.cache",
@@ -48,6 +49,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from hooked_attnres._validation import AmbiguousIndexError
     from hooked_attnres.config import HookedAttnResConfig
     from hooked_attnres.loading import CheckpointConflictError, DirectoryBusyError
     from hooked_attnres.loading.io import CheckpointError
@@ -83,6 +85,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AmbiguousIndexError",
     "AttnResActivationCache",
     "FAMILIES",
     "ROUTERS",

@@ -402,7 +402,9 @@ def test_a_torch_uint8_index_is_refused_at_every_entry_point(batch):
     # refused it: now refused everywhere, a torch.bool tensor being the mask it is
     from transformer_lens.utilities import Slice
 
-    from hooked_attnres._validation import AmbiguousIndexError
+    # exported with the package's other error classes (audit 68: only the private
+    # hooked_attnres._validation held it, so a caller could not catch it by name)
+    from hooked_attnres import AmbiguousIndexError
 
     model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
     tokens = batch.tokens
@@ -444,6 +446,11 @@ def test_a_torch_uint8_index_is_refused_at_every_entry_point(batch):
     assert issubclass(AmbiguousIndexError, ValueError) and issubclass(
         AmbiguousIndexError, IndexError
     )
+    import hooked_attnres
+
+    assert "AmbiguousIndexError" in hooked_attnres.__all__
+    with pytest.raises(AmbiguousIndexError):  # the class raised is the exported one
+        position_index(u8, 7)
     # a bool tensor is the mask it is, wherever masks are taken (as in torch / NumPy)
     mask = torch.tensor(index, dtype=torch.bool)
     torch.testing.assert_close(
