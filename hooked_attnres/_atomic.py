@@ -180,7 +180,7 @@ def read_marker(directory: Union[str, Path]) -> Optional[dict[str, Any]]:
     """The parsed completion marker of a version directory, or ``None`` if it has none (or
     an unreadable one)."""
     try:
-        values = json.loads((Path(directory) / MARKER).read_text())
+        values = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if (
@@ -202,7 +202,7 @@ def _write_marker(directory: Path, sequence: int) -> None:
         "files": _files(directory),
     }
     partial = directory / (MARKER + ".partial")
-    with open(partial, "w") as handle:
+    with open(partial, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -611,7 +611,7 @@ def remove_file(path: Union[str, Path]) -> None:
 
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     """Write a small text file atomically (a temporary sibling, fsynced, renamed)."""
-    write_bytes_atomic(path, text.encode())
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 PARTIAL_INFIX = ".partial-"

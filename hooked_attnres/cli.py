@@ -248,7 +248,7 @@ def _earlier_summary(path: Path) -> list[dict]:
     """The runs an earlier ``train`` listed in ``path`` (none if it is missing or not a
     summary this command wrote)."""
     try:
-        rows = json.loads(path.read_text())
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):

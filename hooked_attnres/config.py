@@ -404,7 +404,7 @@ class HookedAttnResConfig:
     def to_json(self, path: Union[str, Path, None] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            Path(path).write_text(text + "\n", encoding="utf-8")
         return text
 
     @classmethod
@@ -412,7 +412,7 @@ class HookedAttnResConfig:
         """Parse a JSON string or read a JSON file."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
+            text = Path(text_or_path).read_text(encoding="utf-8")
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:

@@ -1168,3 +1168,35 @@ def test_an_interrupt_while_a_job_lock_is_removed_does_not_keep_the_folder_held(
     with exclusive_job(tmp_path, "test"):  # was: DirectoryBusyError (this process held it)
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+def test_a_tokenizer_config_outside_ascii_is_saved_and_loaded_whatever_the_locale(
+    tmp_path, monkeypatch, fmt
+):
+    """Audit 68: transformers writes tokenizer_config.json in UTF-8 with its characters as
+    they are (a special token "<｜think｜>"), and save_tokenizer / model_with_saved_tokenizer
+    read and rewrote it in the locale's encoding: under an ASCII locale (emulated here, as
+    for the study's report) save_pretrained failed with a bare UnicodeDecodeError, and
+    from_pretrained refused the file as "not a valid tokenizer config"."""
+    model = scrambled_model()
+    tokenizer = build_word_tokenizer(WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<｜think｜>"]})
+    model.set_tokenizer(tokenizer)
+    model.tokenizer.padding_side = "left"
+    real_read, real_write = Path.read_text, Path.write_text
+
+    def read_ascii(self, encoding=None, errors=None):
+        return real_read(self, encoding=encoding or "ascii", errors=errors)
+
+    def write_ascii(self, data, encoding=None, errors=None, newline=None):
+        return real_write(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
+
+    monkeypatch.setattr(Path, "read_text", read_ascii)
+    monkeypatch.setattr(Path, "write_text", write_ascii)
+    model.save_pretrained(tmp_path / "ckpt", format=fmt)
+    text = (tmp_path / "ckpt" / "tokenizer_config.json").read_bytes().decode("utf-8")
+    assert "<｜think｜>" in text and json.loads(text)["padding_side"] == "left"
+    loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
+    assert loaded.default_padding_side == "left"
+    assert loaded.to_str_tokens("w3 <｜think｜>", prepend_bos=False) == ["w3", "<｜think｜>"]

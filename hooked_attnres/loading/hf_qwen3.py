@@ -440,7 +440,7 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
         )
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
             require_not_lfs_pointer(index)
             raise CheckpointError(f"{index} is not a valid shard index ({error})") from error

@@ -323,7 +323,7 @@ def read_config_json(directory: Path) -> dict[str, Any]:
             + (some_names(sorted(p.name for p in directory.iterdir())) or "nothing")
         )
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, not the locale's
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         require_not_lfs_pointer(path)
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
@@ -366,9 +366,12 @@ def save_tokenizer(model: HookedAttnRes, directory: Path) -> None:
     model.tokenizer.save_pretrained(str(directory))
     path = Path(directory) / _TOKENIZER_FILES[1]
     if path.exists():
-        values = json.loads(path.read_text())
+        # UTF-8 as transformers writes it (its characters as they are, not the locale's:
+        # an ASCII locale failed on a special token outside ASCII)
+        values = json.loads(path.read_text(encoding="utf-8"))
         values["padding_side"] = model.default_padding_side
-        path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(values, indent=2, ensure_ascii=False) + "\n"
+        path.write_text(text, encoding="utf-8")
 
 
 def model_with_saved_tokenizer(
@@ -386,7 +389,7 @@ def model_with_saved_tokenizer(
     path = Path(directory) / _TOKENIZER_FILES[1]
     if tokenizer is not None and path.exists():
         try:
-            side = json.loads(path.read_text()).get("padding_side")
+            side = json.loads(path.read_text(encoding="utf-8")).get("padding_side")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
             raise CheckpointError(f"{path} is not a valid tokenizer config ({error})") from error
         if side in ("right", "left"):

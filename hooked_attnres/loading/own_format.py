@@ -61,7 +61,9 @@ def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
     if odd:  # e.g. float32 routers in a bfloat16 model: loaded back in their own dtype
         config[PARAMETER_DTYPES] = odd
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / CONFIG_NAME).write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     if model.tokenizer is not None:
         save_tokenizer(model, directory)
 

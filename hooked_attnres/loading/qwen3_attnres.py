@@ -204,7 +204,9 @@ def save_qwen3_attnres(
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(qwen3_attnres_config(model), indent=2) + "\n")
+        (tmp / "config.json").write_text(
+            json.dumps(qwen3_attnres_config(model), indent=2) + "\n", encoding="utf-8"
+        )
         if model.tokenizer is not None:
             save_tokenizer(model, tmp)
     return directory

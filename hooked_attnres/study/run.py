@@ -147,7 +147,7 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     path = metrics_path(recipe.name, seed, checkpoints)
     if not path.exists():
         return
-    metrics = json.loads(path.read_text())
+    metrics = json.loads(path.read_text(encoding="utf-8"))
     recorded = metrics.get("eval_tasks")
     expected = [repr(recipe.make_task())]
     if recorded is not None and recorded != expected:

@@ -377,7 +377,9 @@ class _Checkpoint:
             (tmp / "model").mkdir()
             save_model(model, tmp / "model", tokenizer)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / "trainer_state.json").write_text(
+                json.dumps(state, indent=2) + "\n", encoding="utf-8"
+            )
         self.overwrite = False  # written with a completion marker from now on
         self.step = state["step"]
 
@@ -458,7 +460,7 @@ class _Checkpoint:
         with reading(self.directory):
             if not (self.directory / "trainer_state.json").exists():
                 return None
-            state = json.loads((self.directory / "trainer_state.json").read_text())
+            state = json.loads((self.directory / "trainer_state.json").read_text(encoding="utf-8"))
             if "vocabulary" not in state:
                 # written before the vocabulary was part of the identity: the tokenizer
                 # saved with the checkpoint's model tells it (none saved: refused below)
