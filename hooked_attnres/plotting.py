@@ -523,6 +523,20 @@ def _blank_unread(
     return out
 
 
+def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
+    """``effects`` (rows of an effects table) with ``effect``, ``ci_low`` and ``ci_high``
+    NaN, drawn as no bar or point, where the ablation masked no router
+    (``n_masked_routers`` 0: no router of the group reads the family, or each that does
+    was left alone): its effect is 0 by construction, not a measured 0, which a bar of 0
+    with a [0, 0] whisker would state (the report prints "–" there). A table without the
+    column (a hand-made one) is drawn as it is."""
+    if "n_masked_routers" not in effects.columns:
+        return effects
+    out = effects.copy()
+    out.loc[effects.n_masked_routers.eq(0), list(ESTIMATE)] = np.nan
+    return out
+
+
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
@@ -560,7 +574,8 @@ def mass_effect_bars(
 ) -> go.Figure:
     """Per router type: routing mass (top row) and ablation effect (bottom row) of each
     family, with bootstrap-interval whiskers; each row shares its y-axis. A family no
-    router of the type reads (``family_read`` False) has no bars.
+    router of the type reads (``family_read`` False) has no bars, and an effect whose
+    ablation masked no router (``n_masked_routers`` 0) no effect bar.
 
     Args:
         mass_summary: `summarize_mass(mass, by=("router", "family"))` (with
@@ -591,6 +606,7 @@ def mass_effect_bars(
             f"router {router!r}",
             part.get("n_masked_routers"),
         )
+        part = _blank_unmasked(part)
         colors = [FAMILY_COLORS[f] for f in part.index]
         fig.add_trace(
             _bar(
@@ -639,8 +655,9 @@ def mass_effect_scatter(
 ) -> go.Figure:
     """Routing mass (x) against |ablation effect| (y) per family and router type, with
     both intervals; points far from the diagonal trend are dissociations. A family no
-    router of the type reads (``family_read`` False) has no point; a summary without
-    ``family_read`` is refused."""
+    router of the type reads (``family_read`` False) has no point, nor one whose ablation
+    masked no router (``n_masked_routers`` 0); a summary without ``family_read`` is
+    refused."""
     merged = _merged(mass_summary, effects, metric, group)
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()
@@ -648,9 +665,9 @@ def mass_effect_scatter(
         part = merged[merged.router == router].set_index("family")
         _blank_unread(part, (), f"router {router!r}", part.get("n_masked_routers"))
     # a family no router of the type reads: no point (it was drawn at mass 0, effect 0)
-    for (router, family), row in (
-        merged[merged.family_read.ne(False)].set_index(["router", "family"]).iterrows()
-    ):
+    # ... and one whose ablation masked nothing (`_blank_unmasked`) neither
+    drawn = _blank_unmasked(merged[merged.family_read.ne(False)]).dropna(subset=["effect"])
+    for (router, family), row in drawn.set_index(["router", "family"]).iterrows():
         size = abs(row.effect)
         low, high = sorted((abs(row.ci_low), abs(row.ci_high)))
         if row.ci_low <= 0 <= row.ci_high:
@@ -715,6 +732,8 @@ def effect_bands(
 ) -> go.Figure:
     """Ablation effect of each family per depth group (x) and router type (panel, shared
     y-axis), with bootstrap whiskers: where in depth each family matters (the paper's motifs).
+    A band whose ablation masked no router (``n_masked_routers`` 0, e.g. ``older`` in the
+    early band) has no bar: its effect is 0 by construction (`_blank_unmasked`).
 
     Args:
         effects: `ablation_effects` output.
@@ -764,6 +783,7 @@ def effect_bands(
         for family, color in families.items():
             rows = part[part.family == family].set_index("group").reindex(shown)
             _require_cells(rows.effect, "effects", f"router={router!r}, family={family!r}")
+            rows = _blank_unmasked(rows)
             fig.add_trace(
                 _bar(
                     shown,
@@ -824,7 +844,9 @@ def effects_by_seed(
 ) -> go.Figure:
     """One family's ablation effect per depth band (x), seeds side by side (bars), one
     panel per router type (row) and condition (column), every panel on one y-axis: the
-    figure of a routing motif across seeds and conditions.
+    figure of a routing motif across seeds and conditions. A band whose ablation masked no
+    router (``n_masked_routers`` 0) has no bar: its effect is 0 by construction, not
+    measured (`_blank_unmasked`; the report prints "–").
 
     Args:
         effects: `ablation_effects` rows with ``seed`` (and ``condition``) columns.
@@ -887,6 +909,7 @@ def effects_by_seed(
                 if seed not in absent[condition]:  # a seed the condition has: every band
                     where = f"condition={condition!r}, seed={seed}, router={router!r}"
                     _require_cells(rows.effect, "effects", where)
+                rows = _blank_unmasked(rows)
                 fig.add_trace(
                     _bar(
                         groups,
@@ -981,6 +1004,7 @@ def mass_effect_by_seed(
                     e.get("n_masked_routers"),
                 )
                 m = _blank_unread(m, ("mass", "ci_low", "ci_high"), where)
+                e = _blank_unmasked(e)
             common = dict(legendgroup=f"seed {seed}")
             fig.add_trace(
                 _bar(

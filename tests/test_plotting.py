@@ -505,3 +505,39 @@ def test_mass_effect_figures_leave_a_family_no_router_of_a_type_reads_blank(layo
         wrong = effects.assign(n_masked_routers=effects.n_masked_routers.clip(lower=1))
         with pytest.raises(ValueError, match="says no router reads.*different models"):
             plotting.mass_effect_bars(summary, wrong)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_effect_figures_leave_an_ablation_that_masked_nothing_blank(layout):
+    # audit 68: effect_bands and effects_by_seed drew a (router, band, family) whose
+    # ablation masked no router (n_masked_routers 0: no router of the band reads the
+    # family, e.g. older in the early band) as a bar of exactly 0 with a [0, 0] whisker, a
+    # measured-looking "no effect, certain", where the report prints "–" (the paperlike
+    # study's M3 figure: 9 such bars at early attention); mass_effect_bars blanked them
+    model = randomize_routing(tiny_model(attnres_layout=layout, n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    effects = ablation_effects(
+        model.eval(), batch, metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    effects = effects.assign(condition="c", seed=0)
+    nothing = effects[effects.n_masked_routers == 0]
+    assert len(nothing) and (nothing.effect == 0).all()  # the case: 0 by construction
+
+    def check(trace, router, family):
+        for group, value in zip(trace.x, trace.y, strict=True):
+            row = effects[
+                (effects.router == router) & (effects.group == group) & (effects.family == family)
+            ]
+            if row.n_masked_routers.item() == 0:
+                assert value is None or np.isnan(value), (router, group, family)
+            else:
+                assert value == pytest.approx(row.effect.item())
+
+    bands = plotting.effect_bands(effects.drop(columns=["condition", "seed"]), relative=False)
+    n_routers = len(set(effects.router))
+    for k, trace in enumerate(bands.data):
+        check(trace, ("attn_res", "mlp_res")[k // (len(bands.data) // n_routers)], trace.name)
+    for family in ("older", "prev_completed"):
+        for router in ("attn_res", "mlp_res"):
+            fig = plotting.effects_by_seed(effects, family, [router], relative=False)
+            check(fig.data[0], router, family)
