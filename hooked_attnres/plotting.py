@@ -21,7 +21,12 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from hooked_attnres._validation import is_integer, non_finite_in_column, require_selection
+from hooked_attnres._validation import (
+    is_integer,
+    non_finite_in_column,
+    require_bool,
+    require_selection,
+)
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import (
     family_read,
@@ -30,6 +35,7 @@ from hooked_attnres.analysis.mass import (
     require_read_agrees,
 )
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
+from hooked_attnres.interventions.selection import position_index
 from hooked_attnres.model.cache import RunRecord
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
 from hooked_attnres.model.passes import padding_of
@@ -317,6 +323,8 @@ def _real_tokens(
     position ``p``."""
     record = recorded_run(cache, "the cache", names, sliced=positions != "all")
     refuse_chunk_cache(record.n_past, "the cache")
+    if positions != "all":  # a position of the run (it failed in torch: "index 99 is out ...")
+        position_index(positions, cache[names[0]].shape[-2])
     real = padding_of(record.attention_mask)
     if real is None or positions == "all":
         real = record.kept(real)
@@ -372,6 +380,11 @@ def source_heatmap(
             that drops or reorders positions (its position ``p`` is not the run's).
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
+    if not isinstance(router, str):  # rows of two types would share the labels "layer k"
+        raise ValueError(
+            f"router must be one router type ('attn_res', 'mlp_res' or 'final_res'), got "
+            f"{router!r}: the rows of two types would be drawn under the same 'layer k' labels"
+        )
     if positions != "all" and not is_integer(positions):
         raise ValueError(f"positions must be 'all' or one position (an int), got {positions!r}")
     columns: list[str] = []
@@ -584,6 +597,7 @@ def mass_effect_bars(
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
     """
+    relative = require_bool("relative", relative)
     if relative and metric == "logit_diff":
         _require_table(effects, ["clean"], "effects")
     merged = _merged(mass_summary, effects, metric, group)
@@ -740,6 +754,7 @@ def effect_bands(
         groups: the groups to show, in order (default: every group except ``"all"``).
         relative: effects as a percentage of the clean logit difference.
     """
+    relative = require_bool("relative", relative)
     _require_table(effects, EFFECT_COLUMNS, "effects")
     chosen = effects[effects.metric == metric]
     if chosen.empty:
@@ -751,8 +766,8 @@ def effect_bands(
         "pass one model's effects (for several seeds or conditions use effects_by_seed)",
     )
     chosen, unit = _scaled(chosen, relative and metric == "logit_diff")
-    groups = (
-        require_selection("groups", groups)
+    groups = (  # one group by name is that group (a string would be its characters)
+        require_selection("groups", [groups] if isinstance(groups, str) else groups)
         if groups is not None
         else [g for g in dict.fromkeys(chosen.group) if g != "all"]
     )
@@ -856,6 +871,7 @@ def effects_by_seed(
         columns: conditions, one column each (default: the table's, in order).
         relative: effects as a percentage of each model's clean logit difference.
     """
+    relative = require_bool("relative", relative)
     _require_table(effects, EFFECT_COLUMNS, "effects")
     routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
     groups = require_selection("groups", [groups] if isinstance(groups, str) else groups)
@@ -955,6 +971,7 @@ def mass_effect_by_seed(
             without the column is refused).
         effects: `ablation_effects` rows (group ``"all"``) with the same columns.
     """
+    relative = require_bool("relative", relative)
     _require_table(effects, EFFECT_COLUMNS, "effects")
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)

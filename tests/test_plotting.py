@@ -541,3 +541,43 @@ def test_effect_figures_leave_an_ablation_that_masked_nothing_blank(layout):
         for router in ("attn_res", "mlp_res"):
             fig = plotting.effects_by_seed(effects, family, [router], relative=False)
             check(fig.data[0], router, family)
+
+
+def test_figures_refuse_bad_arguments_by_name():
+    # audit 68: source_heatmap(positions=99) failed with a bare IndexError ("index 99 is
+    # out of bounds for dimension 0 with size 7"); router=None or a list of router types
+    # drew attention and MLP rows under the same labels "layer k" (plotly puts them in one
+    # category row) or failed with KeyError: None; relative="no" plotted percent (a
+    # truthy string); effect_bands(groups="early") looked for the groups 'e', 'a', 'r', ...
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    for m in (None, mask):
+        _, cache = model.run_with_cache(tokens, attention_mask=m)
+        for bad in (7, -8, 99):
+            with pytest.raises(ValueError, match=rf"^positions {bad} must be .* \[-7, 7\)"):
+                plotting.source_heatmap(model, cache, positions=bad)
+    for bad in (None, ["attn_res", "mlp_res"], ("attn_res",)):
+        with pytest.raises(ValueError, match=r"^router must be one router type"):
+            plotting.source_heatmap(model, cache, router=bad, title="t")
+    effects = _effects()
+    one = effects.drop(columns=["condition", "seed"])
+    mass = _mass().drop(columns=["condition", "seed", "band"])
+    calls = (
+        lambda relative: plotting.effect_bands(one, relative=relative),
+        lambda relative: plotting.mass_effect_bars(mass, one, relative=relative),
+        lambda relative: plotting.effects_by_seed(effects, "older", ["mlp_res"], relative=relative),
+        lambda relative: plotting.mass_effect_by_seed(
+            _mass(), effects, "mlp_res", relative=relative
+        ),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match=r"^relative must be True or False, got 'no'"):
+            call("no")
+    # one group by name is that group, as effects_by_seed reads it
+    fig = plotting.effect_bands(one, groups="early", relative=False)
+    assert {tuple(trace.x) for trace in fig.data} == {("early",)}
+    for trace in fig.data[:4]:  # attention routers' panel: the table's early effects
+        row = one[(one.router == "attn_res") & (one.group == "early") & (one.family == trace.name)]
+        assert list(trace.y) == pytest.approx([row.effect.item()])
