@@ -22,6 +22,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import (
+    as_items,
     is_integer,
     non_finite_in_column,
     require_bool,
@@ -461,6 +462,11 @@ def patching_heatmap(
         ValueError: a shape that does not match the labels, an infinite value (it would
             stretch the colour scale to infinity) or no finite value at all (an empty
             figure)."""
+    # read once (a generator has no len); None refused by name (it had no len())
+    row_labels, column_labels = (
+        as_items(name, labels)
+        for name, labels in (("row_labels", row_labels), ("column_labels", column_labels))
+    )
     z = as_numpy(values)  # a tensor of any dtype (NumPy has no bfloat16) or device
     if z.ndim != 2 or z.shape != (len(row_labels), len(column_labels)):
         raise ValueError(

@@ -581,3 +581,19 @@ def test_figures_refuse_bad_arguments_by_name():
     for trace in fig.data[:4]:  # attention routers' panel: the table's early effects
         row = one[(one.router == "attn_res") & (one.group == "early") & (one.family == trace.name)]
         assert list(trace.y) == pytest.approx([row.effect.item()])
+
+
+def test_patching_heatmap_reads_its_labels_once_and_refuses_none_by_name():
+    # audit 68: labels=None failed with a bare "object of type 'NoneType' has no len()",
+    # and a generator of labels (no len) likewise
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3) - 2
+    for name in ("row_labels", "column_labels"):
+        labels = dict(row_labels=["l0", "l1"], column_labels=["a", "b", "c"])
+        labels[name] = None
+        with pytest.raises(ValueError, match=rf"^{name} must be a list"):
+            plotting.patching_heatmap(values, title="t", **labels)
+    fig = plotting.patching_heatmap(values, (f"l{i}" for i in range(2)), iter("abc"), title="t")
+    trace = fig.data[0]
+    assert list(trace.y) == ["l0", "l1"] and list(trace.x) == ["a", "b", "c"]
+    assert np.asarray(trace.z).tolist() == values.tolist()
+    assert (trace.zmin, trace.zmid, trace.zmax) == (-3.0, 0, 3.0)  # symmetric around 0
