@@ -1281,3 +1281,38 @@ def test_train_condition_refuses_bad_arguments_by_their_own_names(tmp_path):
         with pytest.raises(TypeError, match=rf"^{name} must be a Task"):
             train_condition("attnres", 0, out, **{name: value})
     assert not out.exists()
+
+
+def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
+    """``train(..., stop_after=k)`` returned ``model_dir = out_dir/model`` although only a
+    finished run writes it: over an earlier finished run (here of other settings, started
+    over with ``resume=False``) it named that run's model, whose weights are not the ones
+    this call trained. An unfinished run has ``model_dir`` ``None``; its state is the
+    checkpoint (``out_dir/checkpoint/model``); once finished, ``model_dir`` is the model."""
+    tok = task_tokenizer(TASK)
+    run = tmp_path / "run"
+    earlier = train(
+        build_model("attnres", 0, tok, SHAPE, 2),
+        TASK,
+        config(steps=2, warmup_steps=0, checkpoint_every=None),
+        run,
+        tokenizer=tok,
+        progress=False,
+    )
+    assert earlier.model_dir == run / "model"
+    cfg = config(steps=4, warmup_steps=0, checkpoint_every=None)
+    model = build_model("attnres", 1, tok, SHAPE, 2)
+    partial = train(
+        model, TASK, cfg, run, tokenizer=tok, progress=False, resume=False, stop_after=2
+    )
+    assert partial.steps == 2 and partial.model_dir is None
+    # what the call left: the checkpoint holds this model, out_dir/model the earlier run's
+    saved = HookedAttnRes.from_pretrained(run / "checkpoint" / "model")
+    assert_same_weights(weights(saved), weights(model))
+    kept = HookedAttnRes.from_pretrained(run / "model")
+    earlier_weights = weights(kept)
+    assert any(not torch.equal(earlier_weights[n], w) for n, w in weights(model).items())
+    finished = train(
+        build_model("attnres", 1, tok, SHAPE, 2), TASK, cfg, run, tokenizer=tok, progress=False
+    )
+    assert finished.steps == 4 and finished.model_dir == run / "model"

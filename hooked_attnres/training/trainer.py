@@ -238,7 +238,10 @@ class TrainResult:
     """What `train` returns (also written to ``out_dir/metrics.json``)."""
 
     out_dir: Path
-    model_dir: Path
+    # ``out_dir/model`` once the run is finished; ``None`` when this call stopped before the
+    # end (``stop_after``): only a finished run writes ``out_dir/model``, and a model there
+    # is an earlier run's (its state is in ``out_dir/checkpoint/model``)
+    model_dir: Optional[Path]
     steps: int
     final_accuracy: dict[str, float]
     seconds: float
@@ -692,7 +695,9 @@ def train(
             a shorter `InductionCopy`) is refused.
 
     Returns:
-        A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task.
+        A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task (of the last
+        evaluation); ``model_dir`` is ``out_dir/model``, or ``None`` if this call stopped
+        before the run's end (``stop_after``), which writes no final model.
     """
     # each list read once: a generator read a second time is empty (eval_tasks was read
     # three times, so a generator's tasks were never evaluated: final_accuracy {})
@@ -902,7 +907,8 @@ def train(
         seconds += time.perf_counter() - started
         checkpoint.save(model, optimizer, state(), tokenizer)
         final = history[-1].get("accuracy", {}) if history else {}
-        if step >= config.steps or stopped:
+        finished = step >= config.steps or stopped
+        if finished:
             model.eval()
             _check_finite(model, step, "the final model is not written")
             # the model and metrics.json are two writes: an earlier run's metrics go first,
@@ -914,4 +920,6 @@ def train(
                 save_model(model, tmp, tokenizer)
             metrics = {**state(), "final_accuracy": final}
             write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        return TrainResult(out_dir, model_dir, step, final, seconds, history, stopped)
+        return TrainResult(
+            out_dir, model_dir if finished else None, step, final, seconds, history, stopped
+        )
