@@ -15,6 +15,7 @@ no stand-in for an int; pass ``int(t)``). "A number" is the same with floats: a 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Optional, TypeGuard, overload
 
@@ -110,6 +111,26 @@ def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> O
     if isinstance(value, str) and str(value) in [c for c in choices if isinstance(c, str)]:
         return str(value)
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def require_tokenizer(name: str, value: Any) -> None:
+    """Refuse a ``value`` that is no tokenizer object (one with ``get_vocab``, as every
+    Hugging Face tokenizer has) and not ``None``: ``TypeError("{name} must be a Hugging Face
+    tokenizer ...")``. A name or path (``"gpt2"``) is not loaded, as TransformerLens would
+    (nothing here downloads); it failed later with ``AttributeError: 'str' object has no
+    attribute 'pad_token'``. Duck-typed, so that a wrapper around a tokenizer is taken."""
+    if value is None or (not isinstance(value, (str, bytes)) and hasattr(value, "get_vocab")):
+        return
+    why = (
+        "a name or path is not loaded here (nothing is downloaded)"
+        if isinstance(value, (str, bytes, os.PathLike))
+        else "it has no get_vocab"
+    )
+    raise TypeError(
+        f"{name} must be a Hugging Face tokenizer object or None, got the "
+        f"{type(value).__name__} {value!r}: {why}; pass the tokenizer itself, e.g. "
+        "transformers.AutoTokenizer.from_pretrained(local_directory)"
+    )
 
 
 def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Tensor:

@@ -755,3 +755,42 @@ def test_from_hf_qwen3_keeps_float64_weights_by_default(tmp_path, wrap, kind):
     assert {p.dtype for p in float32.parameters()} == {torch.float32}
     rounded = HookedAttnRes.from_hf_qwen3(source, wrap=wrap, dtype="float32")
     assert {p.dtype for p in rounded.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("kind", ["directory", "module"])
+def test_a_tokenizer_given_by_name_is_refused_with_what_to_pass(tmp_path, kind, monkeypatch):
+    """``from_hf_qwen3(tokenizer="gpt2")`` failed with ``AttributeError: 'str' object has no
+    attribute 'pad_token'`` (TransformerLens would download the named tokenizer; nothing
+    here downloads). A name, a path or another non-tokenizer is refused by name, saying to
+    pass the tokenizer object, before the weights are read; so is ``set_tokenizer`` and
+    `train`'s ``tokenizer=``. No tokenizer is loaded to find out."""
+    import transformers
+
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+    from hooked_attnres.training import TrainConfig, train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a tokenizer was loaded")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
+    source = hf_qwen3()
+    if kind == "directory":
+        source.save_pretrained(tmp_path)
+        source = tmp_path
+    for given, shown in (("gpt2", "the str 'gpt2'"), (Path("tok"), "the PosixPath"), (3, "int")):
+        with pytest.raises(
+            TypeError,
+            match=rf"^tokenizer must be a Hugging Face tokenizer .*{shown}"
+            r".*AutoTokenizer\.from_pretrained",
+        ):
+            HookedAttnRes.from_hf_qwen3(source, wrap="none", tokenizer=given)
+    model = HookedAttnRes.from_hf_qwen3(source, wrap="none")
+    with pytest.raises(TypeError, match=r"^tokenizer must be a Hugging Face tokenizer .*'gpt2'"):
+        model.set_tokenizer("gpt2")
+    task = KeyValueRetrieval(n_pairs=2, n_keys=4, n_values=4)
+    tok = task_tokenizer(task)
+    small = build_model("attnres", 0, tok, dict(d_model=16, n_layers=1, n_heads=2), 1)
+    with pytest.raises(TypeError, match=r"^tokenizer must be a Hugging Face tokenizer .*'gpt2'"):
+        train(small, task, TrainConfig(steps=1, warmup_steps=0), tmp_path / "run", "gpt2")
+    assert not (tmp_path / "run").exists()

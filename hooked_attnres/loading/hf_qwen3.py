@@ -29,6 +29,7 @@ from hooked_attnres._validation import (
     require_bool,
     require_finite_number,
     require_integer,
+    require_tokenizer,
     some_names,
 )
 from hooked_attnres.config import HookedAttnResConfig, _dtype_from_any
@@ -596,6 +597,7 @@ def from_hf_qwen3(
     num_blocks = require_integer("num_blocks", num_blocks, 1)
     require_finite_number("recency_bias", recency_bias)
     mmap = require_bool("mmap", mmap)
+    require_tokenizer("tokenizer", tokenizer)  # before the weights are read
     check_device(device)
     dtype = None if dtype is None else _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):

@@ -14,6 +14,7 @@ from hooked_attnres._validation import (
     require_bool,
     require_choice,
     require_token_ids,
+    require_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ class TokenizerMixin:
         def W_U(self) -> Tensor: ...
 
     def set_tokenizer(self, tokenizer) -> None:
-        """Attach a Hugging Face tokenizer (its vocabulary must fit in ``d_vocab``)."""
+        """Attach a Hugging Face tokenizer (its vocabulary must fit in ``d_vocab``; a name
+        such as ``"gpt2"`` is refused: `require_tokenizer`)."""
+        require_tokenizer("tokenizer", tokenizer)
         if tokenizer is not None:
             vocab = len(tokenizer)
             if vocab > self.cfg.d_vocab:

@@ -62,6 +62,7 @@ from hooked_attnres._validation import (
     require_bool,
     require_finite_number,
     require_integer,
+    require_tokenizer,
 )
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
@@ -725,6 +726,7 @@ def train(
     # read by truthiness before: resume="no" resumed, progress="False" showed the bar
     resume = require_bool("resume", resume)
     progress = require_bool("progress", progress)
+    require_tokenizer("tokenizer", tokenizer)
     _require_full_precision(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
