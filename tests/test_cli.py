@@ -580,3 +580,20 @@ def test_info_describes_a_vanilla_qwen3_run_instead_of_a_python_remedy(tmp_path,
     assert f"d_model {cfg.hidden_size}" in out
     assert f"{sum(p.numel() for p in hf.parameters()):,} parameters" in out
     assert "wrap='recency'" in out  # how the study reads it (a Python call, named as such)
+
+
+def test_a_run_folder_the_trainer_cannot_use_is_refused_with_the_command_line_remedy(
+    tmp_path, capsys
+):
+    """A run folder's ``model`` holding files the trainer did not write, or the run folder
+    being a file, was refused with the Python remedy only (``choose another out_dir``, a
+    name the command line does not have). Both name ``--out`` too, before any training."""
+    argv = ["train", "--out", str(tmp_path), "--no-progress", "--threads", "1", "--steps", "1"]
+    (tmp_path / "attnres_seed0" / "model").mkdir(parents=True)
+    (tmp_path / "attnres_seed0" / "model" / "notes.txt").write_text("mine")
+    (tmp_path / "vanilla_seed0").write_text("mine")
+    for condition in ("attnres", "vanilla"):
+        assert cli.main([*argv, "--condition", condition]) == 1
+        err = capsys.readouterr().err
+        assert "choose another out_dir (on the command line: another --out)" in err, err
+    assert not (tmp_path / "attnres_seed0" / "checkpoint").exists()

@@ -1316,3 +1316,15 @@ def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
         build_model("attnres", 1, tok, SHAPE, 2), TASK, cfg, run, tokenizer=tok, progress=False
     )
     assert finished.steps == 4 and finished.model_dir == run / "model"
+
+
+def test_train_condition_refuses_a_leaking_eval_task_by_its_own_name(tmp_path):
+    """A ``train_condition`` evaluation task that is not held out from its training task
+    was refused as ``eval_tasks: ...``, `train`'s argument, after the model was built; it is
+    refused as ``eval_task``, the argument the caller wrote, before any work."""
+    trained = InductionCopy(seq_len=6, copy_len=4, n_tokens=8)
+    held_out = InductionCopy(seq_len=6, copy_len=2, n_tokens=8)
+    assert held_out.leaks_into(trained) is not None
+    with pytest.raises(ValueError, match=r"^eval_task: .*not held out from training"):
+        train_condition("attnres", 0, tmp_path / "run", task=trained, eval_task=held_out)
+    assert not (tmp_path / "run").exists()

@@ -397,6 +397,9 @@ def train_condition(
         )
     task = study_task() if task is None else task
     config = study_train_config() if config is None else config
+    leak = None if eval_task is None else eval_task.leaks_into(task)
+    if leak is not None:  # before the model is built; train would name its eval_tasks
+        raise ValueError(f"eval_task: {leak}")
     tokenizer = task_tokenizer(task, *(() if eval_task is None else (eval_task,)))
     model = build_model(recipe.kind, seed, tokenizer, shape, num_blocks)
     description = {

@@ -221,6 +221,14 @@ def _trainer_may_replace(directory: Path) -> bool:
     return bool(foreign) and all(_LEGACY_NAMES.match(name) for name in foreign)
 
 
+# remedies in the words of both callers: `train` and the command line (whose run folders
+# are OUT/{condition}_seed{seed}, so another --out is another out_dir); a refused resumption
+_ANOTHER_OUT_DIR = "choose another out_dir (on the command line: another --out)"
+_START_OVER = (
+    "use another out_dir or resume=False (on the command line: another --out, or --no-resume)"
+)
+
+
 def _check_output(directory: Path) -> bool:
     """Fail before any work if the trainer may not write ``directory``; returns the
     ``overwrite`` flag for it."""
@@ -228,7 +236,7 @@ def _check_output(directory: Path) -> bool:
     check_replaceable(
         directory,
         overwrite=legacy,
-        remedy="Move them away or choose another out_dir (the trainer owns out_dir/model and "
+        remedy=f"Move them away or {_ANOTHER_OUT_DIR} (the trainer owns out_dir/model and "
         "out_dir/checkpoint)",
     )
     return legacy
@@ -352,13 +360,6 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
     finally:
         model.train(was_training)
     return out
-
-
-# the remedy of a refused resumption, in the words of both callers: `train` and the
-# command line (whose run folders are OUT/{condition}_seed{seed})
-_START_OVER = (
-    "use another out_dir or resume=False (on the command line: another --out, or --no-resume)"
-)
 
 
 class _Checkpoint:
@@ -730,7 +731,10 @@ def train(
     _require_full_precision(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {out_dir} is a file; the trainer writes a directory")
+        raise FileExistsError(
+            f"out_dir {out_dir} is a file; the trainer writes a directory: move it away or "
+            f"{_ANOTHER_OUT_DIR}"
+        )
     model_dir = out_dir / "model"
     model_overwrite = _check_output(model_dir)  # before any work
     checkpoint = _Checkpoint(out_dir)
