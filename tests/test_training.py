@@ -1328,3 +1328,24 @@ def test_train_condition_refuses_a_leaking_eval_task_by_its_own_name(tmp_path):
     with pytest.raises(ValueError, match=r"^eval_task: .*not held out from training"):
         train_condition("attnres", 0, tmp_path / "run", task=trained, eval_task=held_out)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_task_that_is_no_task_is_refused_as_eval_tasks(tmp_path):
+    """An ``eval_tasks`` entry that is no `Task` was refused as ``tasks must be Task
+    objects``, the other argument's name; each list is named as given."""
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    cfg = config(steps=1, warmup_steps=0)
+    for given, name in (({"tasks": [TASK, 5]}, "tasks"), ({"eval_tasks": [TASK, 5]}, "eval_tasks")):
+        tasks = given.get("tasks", TASK)
+        with pytest.raises(TypeError, match=rf"^{name} must be Task objects, got int"):
+            train(
+                model,
+                tasks,
+                cfg,
+                tmp_path / "run",
+                tokenizer=tok,
+                progress=False,
+                eval_tasks=given.get("eval_tasks"),
+            )
+    assert not (tmp_path / "run").exists()

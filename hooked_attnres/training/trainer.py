@@ -708,9 +708,10 @@ def train(
         raise ValueError("train needs at least one task")
     if eval_tasks is not None:
         eval_tasks = _as_list("eval_tasks", eval_tasks)
-    for task in tasks if eval_tasks is None else [*tasks, *eval_tasks]:
-        if not isinstance(task, Task):
-            raise TypeError(f"tasks must be Task objects, got {type(task).__name__}")
+    for name, listed in (("tasks", tasks), ("eval_tasks", eval_tasks or [])):
+        for task in listed:  # by the argument's own name
+            if not isinstance(task, Task):
+                raise TypeError(f"{name} must be Task objects, got {type(task).__name__}")
     for held_out in [] if eval_tasks is None else eval_tasks:
         for trained in tasks:  # a held-out answer trained on would inflate the accuracy
             leak = held_out.leaks_into(trained)
