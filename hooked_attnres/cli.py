@@ -258,10 +258,13 @@ def _earlier_summary(path: Path) -> list[dict]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from hooked_attnres import HookedAttnRes
+    from hooked_attnres._atomic import reading
     from hooked_attnres.loading.io import read_config_json
 
     path = Path(args.checkpoint)
-    if path.is_dir() and read_config_json(path).get("model_type") == "qwen3":
+    with reading(path):  # recovers an interrupted save first (the folder may be moved aside)
+        vanilla = path.is_dir() and read_config_json(path).get("model_type") == "qwen3"
+    if vanilla:
         # a vanilla run's model (train --condition vanilla): from_pretrained refuses it with
         # a Python remedy (from_hf_qwen3), which the command line has no option for
         model = HookedAttnRes.from_hf_qwen3(path, wrap="none")

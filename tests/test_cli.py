@@ -597,3 +597,19 @@ def test_a_run_folder_the_trainer_cannot_use_is_refused_with_the_command_line_re
         err = capsys.readouterr().err
         assert "choose another out_dir (on the command line: another --out)" in err, err
     assert not (tmp_path / "attnres_seed0" / "checkpoint").exists()
+
+
+def test_info_describes_a_vanilla_run_left_moved_aside_by_an_interrupted_save(tmp_path, capsys):
+    """A save interrupted after moving the old model aside (``.model.old-*``, no ``model``)
+    is recovered by every loader; ``info`` looked for the vanilla Qwen3 before recovering,
+    found no folder and gave the refusal with the Python remedy (``load it with
+    HookedAttnRes.from_hf_qwen3``). It recovers first, then describes the vanilla run."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres._atomic import atomic_directory
+
+    with atomic_directory(tmp_path / "model") as tmp:
+        hf_qwen3().save_pretrained(tmp)
+    (tmp_path / "model").rename(tmp_path / ".model.old-0000abcd")
+    assert cli.main(["info", str(tmp_path / "model"), "--threads", "1"]) == 0
+    assert "vanilla Qwen3 (no routers)" in capsys.readouterr().out
