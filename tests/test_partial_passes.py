@@ -477,3 +477,23 @@ def test_caching_hooks_over_key_value_passes_take_one_prefix_only(model, tokens)
     assert not split.stale and split.keys() == whole.cache_dict.keys()
     for name, tensor in split.items():  # float32: a watched hook may take another kernel
         torch.testing.assert_close(tensor, whole[name], rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_with_its_pass_record_pickles(model, tokens):
+    """Audit 70: a cache records its pass's `PassInput` (a weak reference to the model),
+    which made ``pickle`` / ``torch.save`` of every ``run_with_cache`` cache raise
+    TypeError. Loaded, it holds the same tensors, and a pass that fills the loaded dict
+    further counts as a pass of another model (its input cannot be checked)."""
+    _, cache = model.run_with_cache(tokens)
+    buffer = io.BytesIO()
+    torch.save(cache.cache_dict, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.source is not None and loaded.source.model is None
+    assert loaded.keys() == cache.cache_dict.keys() and not loaded.stale
+    assert all(torch.equal(loaded[name], cache[name]) for name in loaded)
+    assert len(pickle.dumps(cache)) > 0
+    _, hooks, _ = model.get_caching_hooks(names_filter="blocks.0.hook_resid_pre", cache=loaded)
+    with model.hooks(fwd_hooks=hooks):
+        model(tokens)
+    _refused(loaded, "a pass of another model")

@@ -83,9 +83,11 @@ class PassInput:
 
     Made once per pass, and only when a caching hook asks (`pass_input`): a pass caches
     nothing else. Its cost is one copy of the input (``[batch, pos]`` token ids; a state's
-    sources, ``[batch, pos, d_model]`` each) and a `WeightsSignature` (no weights copied)."""
+    sources, ``[batch, pos, d_model]`` each) and a `WeightsSignature` (no weights copied).
+    Pickled (``torch.save`` of a cache), it keeps its tensors but no model (``model`` is
+    ``None``): a pass after it counts as a pass of another model."""
 
-    model: weakref.ReferenceType[nn.Module]
+    model: Optional[weakref.ReferenceType[nn.Module]]
     weights: WeightsSignature
     kind: str
     tensors: tuple[Optional[Tensor], ...]
@@ -94,8 +96,8 @@ class PassInput:
     def difference(self, other: PassInput) -> Optional[str]:
         """``None`` if ``other`` (a later pass) computed from the same model, weights and
         input as this pass, else how it differs (for an error message)."""
-        model = other.model()
-        if model is None or model is not self.model():
+        model = None if other.model is None else other.model()
+        if model is None or self.model is None or model is not self.model():
             return "a pass of another model"
         changed = self.weights.change(model)
         if changed is not None:
@@ -110,6 +112,10 @@ class PassInput:
         if self.past is None or other.past is None or not _same_tensors(self.past, other.past):
             return "a pass after other positions in its key-value cache"
         return None
+
+    def __reduce__(self):
+        # a weak reference to the model cannot be pickled: a loaded record names no model
+        return (PassInput, (None, self.weights, self.kind, self.tensors, self.past))
 
 
 def _same_tensors(first: tuple, second: tuple) -> bool:
