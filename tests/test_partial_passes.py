@@ -497,3 +497,40 @@ def test_a_cache_with_its_pass_record_pickles(model, tokens):
     with model.hooks(fwd_hooks=hooks):
         model(tokens)
     _refused(loaded, "a pass of another model")
+
+
+def test_caching_hooks_over_a_pass_split_at_stop_at_layer_take_one_pass(model, tokens):
+    """Audit 70: ``model(tokens, stop_at_layer=2)`` then ``model(state, start_at_layer=2)``
+    (or `forward_from`) on the state it returned is one pass split in two, the
+    TransformerLens way; caching hooks over both into one `RunCacheDict` were refused as
+    passes over different inputs (every hook of the first part stale). The unchanged state
+    continues the pass: nothing stale, equal to ``run_with_cache(tokens)``. A state edited
+    in place, or a second part with ``logit_positions``, is another pass."""
+    early = lambda name: name == "hook_embed" or name.startswith(("blocks.0.", "blocks.1."))  # noqa: E731
+    kept: list = []
+
+    def first() -> None:
+        kept.clear()
+        kept.append(model(tokens, stop_at_layer=2))
+
+    def split(second) -> dict:
+        return _cached_over(model, [(early, first), (lambda name: not early(name), second)])
+
+    def edited() -> None:
+        with torch.no_grad():
+            kept[0].current.add_(1.0)
+        model(kept[0], start_at_layer=2)
+
+    _, whole = model.run_with_cache(tokens)
+    for second in (
+        lambda: model(kept[0], start_at_layer=2),
+        lambda: model.forward_from(kept[0], 4),
+    ):
+        cache = split(second)
+        assert not cache.stale and cache.keys() == whole.cache_dict.keys()
+        for name, tensor in cache.items():  # float32: a watched hook may take another kernel
+            torch.testing.assert_close(tensor, whole[name], rtol=1e-4, atol=1e-4)
+    positions = torch.tensor([1, 2, 3])
+    _refused(split(edited), "another input")
+    _refused(split(lambda: model(kept[0], start_at_layer=2, logit_positions=positions)), "another")
+    assert model(tokens, stop_at_layer=2).continues is None  # nothing cached: nothing kept

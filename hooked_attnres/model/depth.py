@@ -203,6 +203,11 @@ class DepthState(Generic[Payload]):
             pass without padding; `UNRECORDED` (the default) for a state built by hand,
             which resumes only with an explicit ``attention_mask=``. Both records survive
             ``dataclasses.replace`` and `gather_positions`.
+        continues: (keyword) for a state returned by ``stop_at_layer`` of a pass that
+            caching hooks recorded: that pass's `PassInput` maker and its sources as they
+            were (each tensor with its version counter), so that a pass started from the
+            unchanged state counts as the same pass for the caches (`RunCacheDict.stale`);
+            ``None`` otherwise.
     """
 
     blocks: list[Payload]
@@ -210,6 +215,7 @@ class DepthState(Generic[Payload]):
     current_is_committed: bool = False
     entering_sublayer: Optional[int] = field(default=None, kw_only=True, compare=False, repr=False)
     padding: Any = field(default=UNRECORDED, kw_only=True, compare=False, repr=False)
+    continues: Any = field(default=None, kw_only=True, compare=False, repr=False)
 
     @property
     def sources(self) -> list[Payload]:

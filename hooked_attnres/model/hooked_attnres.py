@@ -51,6 +51,8 @@ from hooked_attnres.model.norms import (
 )
 from hooked_attnres.model.passes import (
     PassInput,
+    continuation,
+    continued,
     in_pass,
     padding_of,
     pass_extent,
@@ -593,7 +595,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 state = self.embed_state(tokens)
         else:
             if isinstance(input, DepthState):  # the caller's, before any hook could edit it
-                source = self._pass_source("state", (*input.sources, positions))
+                source = self._state_source(input, positions, past_kv_cache)
             state = self._validate_state(input, layers.start)
             if tokens is not None:
                 tokens = self._validate_tokens(tokens)
@@ -634,6 +636,10 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 if stop_at_layer is not None:
                     state.entering_sublayer = 2 * layers.stop
                     state.padding = padding_of(mask)
+                    # a pass started from it continues this one (`_state_source`)
+                    state.continues = (
+                        None if past_kv_cache is not None else continuation(source, state.sources)
+                    )
                     return state
                 logits = self._unembed(state, shared_sums)
             if return_type == "logits":
@@ -664,6 +670,23 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             return PassInput(weakref.ref(self), WeightsSignature(self), kind, copies, past)
 
         return made
+
+    def _state_source(
+        self,
+        state: DepthState,
+        positions: Optional[Tensor],
+        past_kv_cache: Optional[KeyValueCache] = None,
+    ) -> Callable[[], PassInput]:
+        """The `PassInput` maker of a pass from ``state``: that of the pass that returned it
+        (``stop_at_layer``, `DepthState.continues`) where the state is unchanged and this
+        pass adds no ``logit_positions`` or key-value cache, so that caching hooks over
+        ``model(tokens, stop_at_layer=k)`` then ``model(state, start_at_layer=k)`` fill one
+        pass's cache; else a record of its own (copies of its sources)."""
+        if positions is None and past_kv_cache is None:
+            same = continued(state.continues, state.sources)
+            if same is not None:
+                return same
+        return self._pass_source("state", (*state.sources, positions))
 
     @staticmethod
     def _n_past(cache: Optional[KeyValueCache]) -> int:
@@ -903,7 +926,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         layer, is_mlp = divmod(int(sublayer), 2)
         positions = logit_positions if isinstance(logit_positions, Tensor) else None
         if isinstance(state, DepthState):  # the caller's, before any hook could edit it
-            source = self._pass_source("state", (*state.sources, positions))
+            source = self._state_source(state, positions)
         state = self._validate_state(state, layer, "mlp" if is_mlp else "attn")
         mask = self._validate_attention_mask(
             attention_mask, tuple(state.current.shape[:2]), state.current.device

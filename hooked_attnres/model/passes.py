@@ -134,6 +134,45 @@ def _same_tensors(first: tuple, second: tuple) -> bool:
     )
 
 
+def continuation(source: Optional[Callable[[], PassInput]], sources: list) -> Optional[tuple]:
+    """What a state returned by a pass (``stop_at_layer``) records of it
+    (`DepthState.continues`): the pass's `PassInput` maker and its ``sources`` with their
+    version counters, where the maker has made its record (caching hooks recorded the pass:
+    the record is of the input as it was); ``None`` otherwise, or for inference tensors
+    (which have no version counter)."""
+    made = getattr(source, "cache_info", None)
+    if made is None or made().currsize == 0 or any(s.is_inference() for s in sources):
+        return None
+    return _Continuation((source, tuple((tensor, tensor._version) for tensor in sources)))
+
+
+class _Continuation(tuple):
+    """`continuation`'s record. A deep copy or a pickle of a state drops it (``None``): its
+    copied tensors have new version counters, which could not tell an edit made before."""
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_dropped, ())
+
+
+def _dropped() -> None:
+    return None
+
+
+def continued(record: Optional[tuple], sources: list) -> Optional[Callable[[], PassInput]]:
+    """The `PassInput` maker of the pass a state continues (`continuation`), if its
+    ``sources`` are still the tensors that pass returned, unedited; else ``None``."""
+    if record is None:
+        return None
+    source, kept = record
+    if len(kept) != len(sources) or any(s.is_inference() for s in sources):
+        return None
+    same = all(s is t and s._version == v for s, (t, v) in zip(sources, kept, strict=True))
+    return source if same else None
+
+
 def in_pass() -> bool:
     """Whether a forward pass is running (`pass_extent`)."""
     return _CURRENT.get() is not None
