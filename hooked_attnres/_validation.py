@@ -101,15 +101,19 @@ def require_bool(
 
 def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]:
     """``value`` if it is one of ``choices`` (strings, and ``None`` where it is one): a
-    ``str`` (a NumPy string scalar, a ``str`` subclass, is returned as the Python ``str`` it
-    holds) or ``None``; otherwise ``ValueError("{name} must be one of {choices}, got
-    {value!r}")``. Tested by type before equality: ``value in choices`` compared a NumPy
-    array elementwise, which raised NumPy's "truth value of an array ... is ambiguous"
-    naming no argument, and took a 0-d ``np.array("str")`` for ``"str"``."""
+    ``str`` (a ``str`` subclass, a NumPy string scalar or a ``(str, Enum)`` member, is
+    returned as the Python ``str`` it holds) or ``None``; otherwise ``ValueError("{name}
+    must be one of {choices}, got {value!r}")``. Tested by type before equality: ``value in
+    choices`` compared a NumPy array elementwise, which raised NumPy's "truth value of an
+    array ... is ambiguous" naming no argument, and took a 0-d ``np.array("str")`` for
+    ``"str"``."""
     if value is None and None in choices:
         return None
-    if isinstance(value, str) and str(value) in [c for c in choices if isinstance(c, str)]:
-        return str(value)
+    # the characters a str subclass holds: its str() may differ (a (str, Enum) member's is
+    # 'Class.MEMBER', which refused padding_side=Side.LEFT, equal to "left")
+    text = str.__str__(value) if isinstance(value, str) else None
+    if text is not None and text in [c for c in choices if isinstance(c, str)]:
+        return text
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 

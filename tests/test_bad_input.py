@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 
@@ -210,6 +211,41 @@ def test_unknown_padding_side_is_refused(tok_model):
         tiny_config(default_padding_side="centre")
     with pytest.raises(ValueError, match=f"^{sides}array"):
         tiny_config(default_padding_side=np.array(["left", "right"]))
+
+
+class _Side(str, enum.Enum):
+    """A string option as an enum of strings (each member a ``str`` equal to its value)."""
+
+    LEFT = "left"
+    RIGHT = "right"
+    LOGITS = "logits"
+    TOKENS = "tokens"
+
+
+def test_a_string_option_given_as_a_str_enum_member_is_its_value(tok_model):
+    """Audit 71: require_choice read a ``str`` subclass by ``str()``, which for a
+    ``(str, Enum)`` member is ``'_Side.LEFT'``: ``padding_side=_Side.LEFT``, equal to
+    ``"left"`` and accepted before session 17's require_choice, was refused as "must be
+    one of ('right', 'left', None), got <_Side.LEFT: 'left'>". It is the string it holds,
+    stored as a plain ``str``."""
+    texts = ["w1", "w2 w3 w4"]
+    for side in (_Side.LEFT, _Side.RIGHT):
+        assert torch.equal(
+            tok_model.to_tokens(texts, padding_side=side),
+            tok_model.to_tokens(texts, padding_side=side.value),
+        )
+        assert tok_model.to_str_tokens("w1 w2", padding_side=side) == tok_model.to_str_tokens(
+            "w1 w2"
+        )
+        cfg = tiny_config(default_padding_side=side)
+        assert type(cfg.default_padding_side) is str and cfg.default_padding_side == side.value
+    tokens = tok_model.to_tokens("w1 w2")
+    assert torch.equal(tok_model(tokens, return_type=_Side.LOGITS), tok_model(tokens))
+    options = dict(max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(
+        tok_model.generate(tokens, return_type=_Side.TOKENS, padding_side=_Side.LEFT, **options),
+        tok_model.generate(tokens, return_type="tokens", padding_side="left", **options),
+    )
 
 
 def test_tokenizer_bigger_than_vocab_is_refused():
