@@ -1437,6 +1437,9 @@ _SHORT = st.builds(lambda m, k: float(f"{m}e{k}"), st.integers(1, 999), st.integ
     d3=st.tuples(_SHORT, _SHORT),
     steps=st.lists(st.integers(-3, 3), min_size=6, max_size=6),
 )
+# the float 0.009 is below 0.009 as written: a prev_completed effect of the float 2 * 0.009
+# is below 0.009x a top harm of 2 exactly (decided absent in floats until audit 72)
+@example(fraction=0.05, drop=0.02, ratios=(0.6, 1.5), d3=(0.2, 0.009), steps=[0] * 6)
 def test_custom_criteria_sentences_read_as_their_verdicts_decide(fraction, drop, ratios, d3, steps):
     """Numbers a few floats from custom thresholds: each printed number, read exactly
     (Fraction), is on the side of the custom threshold (as written, its repr) that the
@@ -1497,6 +1500,14 @@ def test_custom_criteria_sentences_read_as_their_verdicts_decide(fraction, drop,
     assert (_read(mass) >= Fraction(repr(min_mass))) == (pc_mass >= min_mass), text["D3-attn_res"]
     named = re.findall(r"= (\S+)x the top harm\.$", text["D3-attn_res"])
     assert [_read(t) for t in named] == [Fraction(repr(max_fraction))], text["D3-attn_res"]
+    # D3's size test exactly too, the fraction as written (audit 72: the float product
+    # 0.1 * 0.7 is 0.06999999999999999, equal to an effect below 0.07 exactly)
+    top = max(Fraction(2), -Fraction(pc_effect))
+    below = abs(Fraction(pc_effect)) < Fraction(repr(max_fraction)) * top
+    held = pc_mass >= min_mass and (pc_effect == 0 or below)
+    assert bool(rows.loc["D3-attn_res", "present"]) == held, text["D3-attn_res"]
+    for s, sign, limit in re.findall(r"\|effect\| (\S+) (<|>=) (\S+)", text["D3-attn_res"]):
+        assert (sign == "<") == below == (_read(s) < _read(limit)), text["D3-attn_res"]
 
 
 def test_verdicts_refuse_criteria_other_than_those_that_decided_the_report(tmp_path):
@@ -1687,3 +1698,28 @@ def test_verdicts_read_a_report_stored_before_the_d2_interval_column():
     strict = Criteria(d2_mass_ratio=0.2)
     with pytest.raises(ValueError, match="D2 row seed 0 was not decided by Criteria"):
         motif_verdicts(old, criteria=strict)
+
+
+def test_d3_effect_limit_is_applied_exactly_as_written():
+    """D3's "|effect| < 0.10x the top harm" is decided on the numbers and the fraction as
+    written (exactly, as D2's ratios and as a reader reads the sentence), not on the float
+    product: 0.1 * 0.7 rounds to the float 0.06999999999999999, equal to an effect of that
+    size, which is below 0.07 (= 0.10 x 0.7) exactly; D3 was decided absent. The sentence
+    prints the two numbers on the side the verdict decided."""
+    from fractions import Fraction
+
+    from hooked_attnres.analysis import PREREGISTERED
+
+    harm, size = 0.7, 0.06999999999999999
+    fraction = Fraction(repr(PREREGISTERED.d3_max_effect_fraction))
+    below = Fraction(size) < fraction * Fraction(harm)
+    assert below and not size < PREREGISTERED.d3_max_effect_fraction * harm  # the near-tie
+    effects = {
+        ("attn_res", "all", "current"): (-harm, -0.9, -0.5),
+        ("attn_res", "all", "prev_completed"): (-size, -0.08, -0.06),
+    }
+    rows, text = _custom_sentences(PREREGISTERED, effects)
+    assert bool(rows.loc["D3-attn_res", "present"]) == below, text["D3-attn_res"]
+    ((s, sign, limit),) = re.findall(r"\|effect\| (\S+) (<|>=) (\S+) =", text["D3-attn_res"])
+    assert sign == "<" and _read(s) < _read(limit), text["D3-attn_res"]
+    assert _read(s) < fraction * Fraction(harm), text["D3-attn_res"]

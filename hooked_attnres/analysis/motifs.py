@@ -382,7 +382,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
                 top_effect=top_effect,
                 top_harm=top_harm,
                 effect_limit=effect_limit,
-                present=_d3_present(pc, effect_limit, criteria),
+                present=_d3_present(pc, top_harm, criteria),
             )
         )
     mlp = family_table("mlp_res")
@@ -423,12 +423,21 @@ def _criterion_2(
     return by_accuracy, bool(by_size or by_accuracy)
 
 
-def _d3_present(row: Any, limit: float, criteria: Criteria) -> bool:
+def _d3_present(row: Any, top_harm: float, criteria: Criteria) -> bool:
     """D3 of ``row`` (``mass``, ``effect``, ``ci_low``, ``ci_high`` of prev_completed):
-    mass at least ``d3_min_mass``, and an interval containing 0 or ``|effect| < limit``
-    (``d3_max_effect_fraction`` times the top harm)."""
-    no_effect = bool(row.ci_low <= 0 <= row.ci_high or abs(row.effect) < limit)
+    mass at least ``d3_min_mass``, and an interval containing 0 or ``|effect|`` below
+    ``d3_max_effect_fraction`` times ``top_harm`` (`_d3_below`, exactly)."""
+    no_effect = bool(row.ci_low <= 0 <= row.ci_high) or _d3_below(row.effect, top_harm, criteria)
     return bool(row.mass >= criteria.d3_min_mass) and no_effect
+
+
+def _d3_below(effect: float, top_harm: float, criteria: Criteria) -> bool:
+    """D3's size test: ``|effect|`` below ``d3_max_effect_fraction`` times ``top_harm``,
+    compared exactly as D2's (`_as_written`): in floats, ``0.1 * 0.7`` rounds to
+    0.06999999999999999, and an effect of that size, below 0.07 exactly, was decided not
+    below (the stored ``effect_limit`` column stays that float product)."""
+    limit = _as_written(criteria.d3_max_effect_fraction) * _exactly(top_harm)
+    return bool(abs(_exactly(effect)) < limit)
 
 
 def _as_read(number: float, like) -> Any:
@@ -448,20 +457,25 @@ def _exactly(number: Any) -> Any:
     return Fraction(number) if isinstance(number, Decimal) else Fraction(value)
 
 
+def _as_written(threshold: float) -> Fraction:
+    """A criterion's ratio or threshold as written (its ``repr``'s digits, exactly: 0.1 is
+    1/10, not the float nearest it), the reading of D2's and D3's exact comparisons."""
+    return Fraction(repr(float(threshold)))
+
+
 def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
     """D2's mass test: the embedding's MLP-router mass below ``d2_mass_ratio`` (0.5) times
     current's, compared exactly, the ratio as written (as a reader reads the sentence's
     printed numbers, `printed_deciding`): in floats, ``0.123 * current`` rounded, and an
     embedding mass below it exactly was decided absent, its sentence reading as met."""
-    ratio = Fraction(repr(float(criteria.d2_mass_ratio)))
-    return bool(_exactly(embedding) < ratio * _exactly(current))
+    return bool(_exactly(embedding) < _as_written(criteria.d2_mass_ratio) * _exactly(current))
 
 
 def _d2_effect(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
     """D2's size test on the two effects: the embedding's harm at least ``d2_effect_ratio``
     (2) times current's (current's counted as >= 0), compared exactly as `_d2_mass`; its
     interval is tested apart."""
-    ratio = Fraction(repr(float(criteria.d2_effect_ratio)))
+    ratio = _as_written(criteria.d2_effect_ratio)
     return bool(-_exactly(embedding) >= ratio * max(-_exactly(current), Fraction(0)))
 
 
@@ -678,7 +692,7 @@ def _contradicts(row: pd.Series, criteria: Criteria) -> bool:
         limit = row.get("effect_limit", np.nan)
         if pd.isna(limit):
             return False
-        return _d3_present(row, limit, criteria) != bool(row.present) or bool(
+        return _d3_present(row, row.top_harm, criteria) != bool(row.present) or bool(
             limit != criteria.d3_max_effect_fraction * row.top_harm
         )
     return False
@@ -922,12 +936,33 @@ def _sentence(
                 size = abs(row.effect)
                 fraction = _threshold_text(criteria.d3_max_effect_fraction, 2)
                 what = f" = {fraction}x the top harm" if row.top_harm else ""
-                detail += (
-                    f", |effect| {_digits_apart(size, limit)} "
-                    f"{'<' if size < limit else '>='} {_digits_apart(limit, size)}{what}"
+                below = _d3_below(row.effect, row.top_harm, criteria)
+                texts = (
+                    (_digits_apart(size, limit), _digits_apart(limit, size))
+                    if (size < limit) == below  # the stored float limit reads as decided
+                    else _d3_exact_texts(size, row.top_harm, criteria)
                 )
+                detail += f", |effect| {texts[0]} {'<' if below else '>='} {texts[1]}{what}"
             details.append(detail)
     return head + ". " + "; ".join(details) + "."
+
+
+def _d3_exact_texts(size: float, top_harm: float, criteria: Criteria) -> tuple[str, str]:
+    """``size`` and D3's exact limit (``d3_max_effect_fraction`` as written times
+    ``top_harm``, `_d3_below`) with as many significant digits as put them on the sides
+    `_d3_below` decided: for a near-tie, where the stored float limit reads the other way
+    (``0.1 * 0.7`` is the float 0.06999999999999999, equal to an effect below 0.07)."""
+    below = _d3_below(size, top_harm, criteria)
+    limit = _as_written(criteria.d3_max_effect_fraction) * _exactly(top_harm)
+    with localcontext() as context:
+        context.prec = 2000  # exact: each is a finite decimal (a float times a decimal)
+        exact = (Decimal(size), Decimal(limit.numerator) / Decimal(limit.denominator))
+        for digits in range(2, 2000):
+            context.prec = digits
+            rounded = tuple(+value for value in exact)  # rounding is monotone
+            if (rounded[0] < rounded[1]) == below:
+                return format(rounded[0], "f"), format(rounded[1], "f")
+    return format(exact[0], "f"), format(exact[1], "f")
 
 
 def verdict_changes(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
