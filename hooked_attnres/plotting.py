@@ -462,9 +462,11 @@ def patching_heatmap(
         ValueError: a shape that does not match the labels, an infinite value (it would
             stretch the colour scale to infinity) or no finite value at all (an empty
             figure)."""
-    # read once (a generator has no len); None refused by name (it had no len())
+    # read once (a generator has no len); None refused by name (it had no len()); one
+    # string is one label, as effect_bands reads one group (it was its characters: rows
+    # "layer" of 5 values were labelled 'l', 'a', 'y', 'e', 'r')
     row_labels, column_labels = (
-        as_items(name, labels)
+        as_items(name, [labels] if isinstance(labels, str) else labels)
         for name, labels in (("row_labels", row_labels), ("column_labels", column_labels))
     )
     z = as_numpy(values)  # a tensor of any dtype (NumPy has no bfloat16) or device

@@ -597,3 +597,14 @@ def test_patching_heatmap_reads_its_labels_once_and_refuses_none_by_name():
     assert list(trace.y) == ["l0", "l1"] and list(trace.x) == ["a", "b", "c"]
     assert np.asarray(trace.z).tolist() == values.tolist()
     assert (trace.zmin, trace.zmid, trace.zmax) == (-3.0, 0, 3.0)  # symmetric around 0
+
+
+def test_patching_heatmap_reads_one_string_as_one_label():
+    # audit 72: a string was read as its characters: 5 rows labelled "layer" were drawn
+    # as rows 'l', 'a', 'y', 'e', 'r'; one string is one label (as effect_bands' groups)
+    with pytest.raises(ValueError, match=r"^values must be \[rows, columns\] = \[1, 2\]"):
+        plotting.patching_heatmap(torch.zeros(5, 2), "layer", ["a", "b"], title="t")
+    values = torch.tensor([[1.0, -2.0, 0.5]])
+    fig = plotting.patching_heatmap(values, "clean", ["a", "b", "c"], title="t")
+    assert list(fig.data[0].y) == ["clean"] and list(fig.data[0].x) == ["a", "b", "c"]
+    assert np.asarray(fig.data[0].z).tolist() == values.tolist()
