@@ -440,13 +440,6 @@ def _d3_below(effect: float, top_harm: float, criteria: Criteria) -> bool:
     return bool(abs(_exactly(effect)) < limit)
 
 
-def _as_read(number: float, like) -> Any:
-    """``number`` (a criterion's ratio or threshold) as a reader reads it beside ``like``:
-    itself beside a float, its written digits (``repr``) beside a `Decimal` (a printed
-    number read exactly, `printed_deciding`)."""
-    return Decimal(repr(number)) if isinstance(like, Decimal) else number
-
-
 def _exactly(number: Any) -> Any:
     """A float (or a printed `Decimal`) as the exact number it is (a `Fraction`; an
     infinity, which no table the verdicts read holds, stays the float it is, compared
@@ -459,7 +452,9 @@ def _exactly(number: Any) -> Any:
 
 def _as_written(threshold: float) -> Fraction:
     """A criterion's ratio or threshold as written (its ``repr``'s digits, exactly: 0.1 is
-    1/10, not the float nearest it), the reading of D2's and D3's exact comparisons."""
+    1/10, not the float nearest it): the one reading of a threshold, by D2's and D3's exact
+    comparisons, by `printed_deciding`'s reader (beside a printed number) and by
+    `claim_text` (whether a threshold's short text writes it)."""
     return Fraction(repr(float(threshold)))
 
 
@@ -721,7 +716,7 @@ def printed_deciding(values, digits: int, decide, spec: str = "f") -> list[str]:
     ``decide`` of the printed numbers to equal ``decide`` of the values: a sentence's
     numbers then show the comparison that decided its verdict, read as a reader reads
     them: each printed number exactly, a criterion's ratio or threshold by its written
-    digits (`_as_read`). As many: one more than the first decimal where a number and its
+    digits (`_as_written`). As many: one more than the first decimal where a number and its
     threshold differ, at most 16; past that (a tie in floats, or a value 1e-20 beside 0),
     ``repr``'s shortest digits, or else each value's exact decimal expansion. The texts
     were checked as floats parsed back, which at a tie let ``repr`` through where exact
@@ -811,7 +806,8 @@ def printed_beside(value: float, threshold: float, digits: int, spec: str = "f")
     threshold = float(threshold)
 
     def side(v) -> int:
-        written = _as_read(threshold, v)
+        # a printed number (a Decimal) is read beside the threshold as written
+        written = _as_written(threshold) if isinstance(v, Decimal) else threshold
         return int(v > written) - int(v < written)
 
     return printed_deciding([value], digits, side, spec)[0]
@@ -833,10 +829,11 @@ def claim_text(claim: str, criteria: Criteria = PREREGISTERED) -> str:
 
 
 def _threshold_text(threshold: float, digits: int) -> str:
-    """A criterion's ``threshold`` with ``digits`` decimals if they write it (as `_as_read`
-    reads it: its ``repr``), else its ``repr`` (0.125 with 2: "0.125", not "0.12")."""
+    """A criterion's ``threshold`` with ``digits`` decimals if they write it (as
+    `_as_written` reads it: its ``repr``), else its ``repr`` (0.125 with 2: "0.125", not
+    "0.12")."""
     text = f"{threshold:.{digits}f}"
-    return text if Decimal(text) == Decimal(repr(float(threshold))) else repr(float(threshold))
+    return text if Fraction(text) == _as_written(threshold) else repr(float(threshold))
 
 
 def _sentence(
