@@ -180,25 +180,36 @@ def is_finite_number(value: Any) -> bool:
     """Whether ``value`` is a finite number: a Python ``int`` or ``float``, or a NumPy
     integer or floating scalar (``np.float32(0.5)``, ``np.int64(3)``: what accepts ``0.5``
     and ``3`` accepts them too), never a ``bool`` (nor ``np.True_``), an array or a tensor
-    (as for integers, see the module docstring). Where the value is kept, take
-    `require_finite_number`'s result (a Python number)."""
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    (as for integers, see the module docstring), nor an integer too large for a float
+    (``10**400``: every use reads it as one, and ``math.isfinite`` raised a bare
+    ``OverflowError``). Where the value is kept, take `require_finite_number`'s result (a
+    Python number)."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the largest float
+        return False
 
 
 def require_finite_number(name: str, value: Any, optional: bool = False) -> Any:
     """``value`` as a Python ``int`` or ``float`` if it is a finite number
     (`is_finite_number`; a NumPy scalar becomes the Python number of its value, so what is
     stored or written to JSON is one), or ``None`` when ``optional``; otherwise
-    ``ValueError("{name} must be a finite number[ or None], got {value!r}")``."""
+    ``ValueError("{name} must be a finite number[ or None], got {value!r}")`` (an integer
+    too large for a float named by its size in bits)."""
     if optional and value is None:
         return value
     if not is_finite_number(value):
+        # an int too large for a float: named by its size (its repr may be thousands of
+        # digits, or beyond what Python converts to a str)
+        got = (
+            f"an integer of {value.bit_length()} bits, too large for a float"
+            if is_integer(value)
+            else repr(value)
+        )
         raise ValueError(
-            f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}"
+            f"{name} must be a finite number{' or None' if optional else ''}, got {got}"
         )
     if isinstance(value, np.integer):
         return int(value)

@@ -4,6 +4,7 @@ each criterion true, false, and at its boundary (docs/study.md, "Pre-registered 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -1678,6 +1679,20 @@ def test_d2_ratios_are_applied_exactly_as_written():
     for name in ("d2_mass_ratio", "d2_effect_ratio", "d3_min_mass", "min_effect_fraction"):
         with pytest.raises(ValueError, match=rf"^Criteria's {name} must be a finite number"):
             Criteria(**{name: float("inf")})
+
+
+def test_criteria_refuse_an_integer_too_large_for_a_float_by_name():
+    """``Criteria(d2_mass_ratio=10**400)`` raised a bare ``OverflowError`` (from
+    ``math.isfinite``), naming no criterion; every threshold is read as a float. The
+    largest integer a float holds is still taken."""
+    from hooked_attnres.analysis import Criteria
+
+    for name in ("d2_mass_ratio", "d3_max_effect_fraction", "schedule_max_deviation"):
+        for huge in (10**400, -(10**400), 2**1024):
+            with pytest.raises(ValueError, match=rf"^Criteria's {name} must be a finite number"):
+                Criteria(**{name: huge})
+    big = int(sys.float_info.max)
+    assert Criteria(d2_mass_ratio=big).d2_mass_ratio == big
 
 
 def test_verdicts_read_a_report_stored_before_the_d2_interval_column():
