@@ -213,6 +213,57 @@ def test_unknown_padding_side_is_refused(tok_model):
         tiny_config(default_padding_side=np.array(["left", "right"]))
 
 
+def test_every_string_option_is_a_choice_refused_by_name_for_an_array(tok_model):
+    """Audit 73: the string options below were checked with ``x in CHOICES``, which
+    compared a NumPy array elementwise (NumPy's "truth value of an array ... is
+    ambiguous") or hashed it (``TypeError: unhashable type``), naming no argument; now each
+    is `require_choice`'s: refused by name, and a NumPy string scalar taken as its str."""
+    from hooked_attnres.analysis.schedule import recency_schedule
+    from hooked_attnres.interventions import Ablation
+    from hooked_attnres.loading.hf_qwen3 import from_hf_qwen3
+    from hooked_attnres.study.conditions import CONDITIONS, get_condition
+    from hooked_attnres.tasks import make_task
+    from hooked_attnres.tasks.base import rng_for
+
+    model = tok_model
+    tokens = model.to_tokens("w3 w4 w3 w5")
+    calls = {
+        "mode": lambda v: model.get_token_position("w3", tokens, mode=v),
+        "wrap": lambda v: from_hf_qwen3(None, wrap=v, num_blocks=0),
+        "mode ": lambda v: recency_schedule(4, 2, 3.0, mode=v).sources,
+        "direction": lambda v: model.reset_hooks(direction=v),
+        "on_full": lambda v: Ablation.compile(model, "current", on_full=v),
+        "split": lambda v: rng_for(0, v).integers(1 << 30),
+        "condition": get_condition,
+        "task": lambda v: type(make_task(v)),
+    }
+    valid = {
+        "mode": "last",
+        "wrap": "none",
+        "mode ": "full",
+        "direction": "fwd",
+        "on_full": "skip",
+        "split": "test",
+        "condition": CONDITIONS[0],
+        "task": "induction",
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name.strip()} must be one of \(.*\), got array"):
+            call(np.array([valid[name], valid[name]]))
+        if name == "wrap":  # past the wrap, refused at the next argument
+            with pytest.raises(ValueError, match="^num_blocks must be an integer >= 1"):
+                call(np.str_(valid[name]))
+            continue
+        expected = call(valid[name])
+        got = call(np.str_(valid[name]))
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, expected), name
+        elif hasattr(got, "equals"):  # recency_schedule's DataFrame
+            assert got.equals(expected), name
+        else:
+            assert got == expected, name
+
+
 class _Side(str, enum.Enum):
     """A string option as an enum of strings (each member a ``str`` equal to its value)."""
 

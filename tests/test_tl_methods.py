@@ -1993,7 +1993,9 @@ def test_get_token_position():
     assert model.get_token_position("w3", "w3 w4", prepend_bos=True) == 1
     with pytest.raises(ValueError, match="does not occur in the prompt"):
         model.get_token_position("w9", tokens)
-    with pytest.raises(ValueError, match="mode must be 'first' or 'last'"):
+    with pytest.raises(
+        ValueError, match=r"^mode must be one of \('first', 'last'\), got 'middle'$"
+    ):
         model.get_token_position("w3", tokens, mode="middle")
     with pytest.raises(ValueError, match="takes one prompt"):
         model.get_token_position("w3", tokens.repeat(2, 1))

@@ -292,7 +292,9 @@ def test_hook_contexts_remove_exactly_their_own_hooks(tokens):
     model.reset_hooks()
     held = {name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks}
     assert held == {"blocks.1.hook_mlp_out"}
-    with pytest.raises(ValueError, match="Invalid direction"):
+    with pytest.raises(
+        ValueError, match=r"^direction must be one of \(.fwd., .bwd., .both.\), got .sideways.$"
+    ):
         model.reset_hooks(direction="sideways")
 
 

@@ -19,7 +19,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer, require_finite_number, require_integer
+from hooked_attnres._validation import (
+    is_integer,
+    require_choice,
+    require_finite_number,
+    require_integer,
+)
 from hooked_attnres.analysis.mass import family_read, require_finite_mass
 from hooked_attnres.config import MODES
 from hooked_attnres.interventions.checks import require_run_positions
@@ -80,8 +85,7 @@ def recency_schedule(
         )
     num_blocks = int(num_blocks)
     bias = float(require_finite_number("bias", bias))
-    if mode not in MODES:  # RoutingLayout reads any other mode as "block"
-        raise ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")
+    mode = require_choice("mode", mode, MODES)  # RoutingLayout reads any other as "block"
     layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
     source_rows, family_rows = [], []
     for site in layout.sites():

@@ -25,6 +25,7 @@ from torch import Tensor
 from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import (
     one_or_list,
+    require_choice,
     require_integer,
     require_selection,
     some_names,
@@ -373,8 +374,7 @@ class Ablation:
                 ``ValueError`` naming it (the renormalisation is undefined there) or
                 ``"skip"`` it (listed in ``skipped``).
         """
-        if on_full not in ("raise", "skip"):
-            raise ValueError(f"on_full must be 'raise' or 'skip', got {on_full!r}")
+        on_full = require_choice("on_full", on_full, ("raise", "skip"))
         check_positions(positions)
         layout = model.routing_layout
         masks, skipped = [], []

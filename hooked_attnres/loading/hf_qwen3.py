@@ -27,6 +27,7 @@ from hooked_attnres._atomic import reading
 from hooked_attnres._validation import (
     is_integer,
     require_bool,
+    require_choice,
     require_finite_number,
     require_integer,
     require_tokenizer,
@@ -592,8 +593,7 @@ def from_hf_qwen3(
     Returns:
         A `HookedAttnRes` in eval mode.
     """
-    if wrap not in WRAPS:
-        raise ValueError(f"wrap must be one of {WRAPS}, got {wrap!r}")
+    wrap = require_choice("wrap", wrap, WRAPS)
     num_blocks = require_integer("num_blocks", num_blocks, 1)
     require_finite_number("recency_bias", recency_bias)
     mmap = require_bool("mmap", mmap)

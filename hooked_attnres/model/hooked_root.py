@@ -49,6 +49,7 @@ from torch import Tensor
 
 from hooked_attnres._tl import HookedRootModule, HookPoint, Slice, get_act_name, slice_input
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
+from hooked_attnres._validation import require_choice
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
@@ -271,8 +272,7 @@ class HookedModule(HookedRootModule):
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         """TransformerLens semantics; hook points without hooks are skipped (a model has
         hundreds, and ``hooks()`` / ``run_with_hooks`` call this after every pass)."""
-        if direction not in ("fwd", "bwd", "both"):
-            raise ValueError(f"Invalid direction {direction}")
+        direction = require_choice("direction", direction, ("fwd", "bwd", "both"))
         guard = use_guard(self)
         if guard.hook_owner is not None:
             with guard.lock:

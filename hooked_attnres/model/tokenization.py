@@ -323,8 +323,7 @@ class TokenizerMixin:
                 token id outside ``[0, d_vocab)``.
             TypeError: ``single_token`` is a float, a bool or a tensor of floats.
         """
-        if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        mode = require_choice("mode", mode, ("first", "last"))
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)
         else:

@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from hooked_attnres._validation import require_bool, require_integer
+from hooked_attnres._validation import require_bool, require_choice, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
@@ -245,9 +245,7 @@ def get_condition(name: Union[str, Condition]) -> Condition:
     """The `Condition` of a name (``ValueError`` listing the names otherwise)."""
     if isinstance(name, Condition):
         return name
-    if name not in CONDITIONS_BY_NAME:
-        raise ValueError(f"condition must be one of {CONDITIONS}, got {name!r}")
-    return CONDITIONS_BY_NAME[name]
+    return CONDITIONS_BY_NAME[require_choice("condition", name, CONDITIONS)]
 
 
 # the HookedAttnResConfig fields a vanilla Qwen3ForCausalLM is built from (`build_vanilla`)

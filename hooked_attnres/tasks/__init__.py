@@ -1,5 +1,6 @@
 """Synthetic probe tasks with answers, contrasts and clean / corrupted pairs."""
 
+from hooked_attnres._validation import require_choice
 from hooked_attnres.tasks.base import Task, TaskBatch
 from hooked_attnres.tasks.induction import InductionCopy
 from hooked_attnres.tasks.retrieval import KeyValueRetrieval
@@ -10,9 +11,7 @@ TASKS = {"retrieval": KeyValueRetrieval, "induction": InductionCopy}
 
 def make_task(name: str, **kwargs) -> Task:
     """A task by name (``"retrieval"`` or ``"induction"``) with its knobs."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+    return TASKS[require_choice("task", name, tuple(TASKS))](**kwargs)
 
 
 __all__ = [

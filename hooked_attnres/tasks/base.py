@@ -25,6 +25,7 @@ from hooked_attnres._precision import widened
 from hooked_attnres._validation import (
     is_integer,
     refuse_uint8_index,
+    require_choice,
     require_integer,
     unsigned_as_int64,
 )
@@ -211,8 +212,7 @@ def in_split(ids: Sequence[int], split: str) -> bool:
 
 def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
     """The generator of one (seed, split, stream); streams give independent batches."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    split = require_choice("split", split, tuple(SPLITS))
     seed = require_integer("seed", seed, 0)
     return np.random.default_rng([seed, SPLITS[split], int(stream)])
 
