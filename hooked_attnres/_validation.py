@@ -99,6 +99,14 @@ def require_bool(
     )
 
 
+@overload
+def require_choice(name: str, value: Any, choices: Sequence[str]) -> str: ...
+
+
+@overload
+def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]: ...
+
+
 def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]:
     """``value`` if it is one of ``choices`` (strings, and ``None`` where it is one): a
     ``str`` (a ``str`` subclass, a NumPy string scalar or a ``(str, Enum)`` member, is
