@@ -33,6 +33,7 @@ from hooked_attnres.analysis.mass import (
     family_read,
     require_family_read_column,
     require_finite_mass,
+    require_masked_column,
     require_read_agrees,
 )
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
@@ -544,15 +545,21 @@ def _blank_unread(
     return out
 
 
+def _require_effects(effects: pd.DataFrame) -> None:
+    """Refuse an effects table without `EFFECT_COLUMNS` or without ``n_masked_routers``
+    (`require_masked_column`, the study report's check): without it `_blank_unmasked`
+    cannot tell an ablation that masked nothing from a measured 0."""
+    _require_table(effects, EFFECT_COLUMNS, "effects")
+    require_masked_column(effects, "the effect figures")
+
+
 def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
-    """``effects`` (rows of an effects table) with ``effect``, ``ci_low`` and ``ci_high``
-    NaN, drawn as no bar or point, where the ablation masked no router
-    (``n_masked_routers`` 0: no router of the group reads the family, or each that does
-    was left alone): its effect is 0 by construction, not a measured 0, which a bar of 0
-    with a [0, 0] whisker would state (the report prints "–" there). A table without the
-    column (a hand-made one) is drawn as it is."""
-    if "n_masked_routers" not in effects.columns:
-        return effects
+    """``effects`` (rows of an effects table, with ``n_masked_routers``: `_require_effects`)
+    with ``effect``, ``ci_low`` and ``ci_high`` NaN, drawn as no bar or point, where the
+    ablation masked no router (``n_masked_routers`` 0: no router of the group reads the
+    family, or each that does was left alone): its effect is 0 by construction, not a
+    measured 0, which a bar of 0 with a [0, 0] whisker would state (the report prints "–"
+    there)."""
     out = effects.copy()
     out.loc[effects.n_masked_routers.eq(0), list(ESTIMATE)] = np.nan
     return out
@@ -561,7 +568,7 @@ def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
-    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
@@ -763,7 +770,7 @@ def effect_bands(
         relative: effects as a percentage of the clean logit difference.
     """
     relative = require_bool("relative", relative)
-    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_effects(effects)
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
@@ -880,7 +887,7 @@ def effects_by_seed(
         relative: effects as a percentage of each model's clean logit difference.
     """
     relative = require_bool("relative", relative)
-    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_effects(effects)
     routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
     groups = require_selection("groups", [groups] if isinstance(groups, str) else groups)
     chosen = effects[
@@ -980,7 +987,7 @@ def mass_effect_by_seed(
         effects: `ablation_effects` rows (group ``"all"``) with the same columns.
     """
     relative = require_bool("relative", relative)
-    _require_table(effects, EFFECT_COLUMNS, "effects")
+    _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
     mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary

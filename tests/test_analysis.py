@@ -358,6 +358,7 @@ def _plot_tables(seeds=(0,), bands=("all",)):
                             effect=e,
                             ci_low=e - 0.1,
                             ci_high=e + 0.2,
+                            n_masked_routers=1,
                         )
                     )
     return pd.DataFrame(mass), pd.DataFrame(effects)
@@ -985,6 +986,7 @@ def test_seed_and_patching_figures_show_the_tables_numbers():
                             effect=effect,
                             ci_low=effect - 0.05,
                             ci_high=effect + 0.05,
+                            n_masked_routers=1,
                         )
                     )
     effects = pd.DataFrame(rows)

@@ -1322,7 +1322,12 @@ def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
     page = study_report_html(result)
     assert page.count("<td>–</td>") == 6 + 1  # the effect cells and the unread mass
     result.effects = effects.drop(columns="n_masked_routers")
-    with pytest.raises(ValueError, match="effects lacks the column 'n_masked_routers'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^effects lacks the column 'n_masked_routers' \(how many routers each "
+        r"ablation masked\), needed by the study report's tables: without it an ablation "
+        r"that masked nothing \(effect 0 by construction\) would be shown as a measured 0",
+    ):
         study_report(result)
 
 

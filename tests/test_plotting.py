@@ -36,6 +36,7 @@ def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), fam
                                 metric="logit_diff",
                                 clean=5.0 + seed,
                                 effect=effect,
+                                n_masked_routers=1,  # each ablation masked a router
                                 ci_low=effect - 0.003,
                                 ci_high=effect + 0.001,
                             )
@@ -541,6 +542,38 @@ def test_effect_figures_leave_an_ablation_that_masked_nothing_blank(layout):
         for router in ("attn_res", "mlp_res"):
             fig = plotting.effects_by_seed(effects, family, [router], relative=False)
             check(fig.data[0], router, family)
+
+
+def test_effect_figures_refuse_effects_without_n_masked_routers_as_the_report_does():
+    # audit 74: without n_masked_routers (a hand-made table) the effect figures drew an
+    # ablation that masked nothing (effect 0 by construction, e.g. older in the early band)
+    # as a measured 0 with a [0, 0] whisker, while the study report refused such a table by
+    # name; both now use one check (require_masked_column) with one message
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(model, batch, metrics="logit_diff", n_bootstrap=40, progress=False)
+    assert (effects.n_masked_routers == 0).any()  # the case the column tells apart
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    bare = effects.drop(columns="n_masked_routers")
+    seeds = bare.assign(condition="c", seed=0)
+    figures = {
+        "effect_bands": lambda: plotting.effect_bands(bare),
+        "effects_by_seed": lambda: plotting.effects_by_seed(seeds, "older", ["attn_res"]),
+        "mass_effect_bars": lambda: plotting.mass_effect_bars(summary, bare),
+        "mass_effect_scatter": lambda: plotting.mass_effect_scatter(summary, bare),
+        "mass_effect_by_seed": lambda: plotting.mass_effect_by_seed(
+            summary.assign(condition="c", seed=0), seeds, "attn_res"
+        ),
+    }
+    for draw in figures.values():
+        with pytest.raises(
+            ValueError,
+            match=r"^effects lacks the column 'n_masked_routers' \(how many routers each "
+            r"ablation masked\), needed by the effect figures: without it an ablation that "
+            r"masked nothing \(effect 0 by construction\) would be shown as a measured 0",
+        ):
+            draw()
 
 
 def test_figures_refuse_bad_arguments_by_name():

@@ -108,6 +108,19 @@ def require_family_read_column(mass_summary: pd.DataFrame, what: str) -> None:
         )
 
 
+def require_masked_column(effects: pd.DataFrame, what: str) -> None:
+    """Refuse effects without ``n_masked_routers`` (a hand-made table): only it tells an
+    ablation that masked nothing (effect 0 by construction) from a measured 0. ``what``
+    names the result that needs it (the study report's tables, the effect figures)."""
+    if "n_masked_routers" not in effects.columns:
+        raise ValueError(
+            "effects lacks the column 'n_masked_routers' (how many routers each ablation "
+            f"masked), needed by {what}: without it an ablation that masked nothing "
+            "(effect 0 by construction) would be shown as a measured 0; pass "
+            "ablation_effects output (a run_study result)"
+        )
+
+
 def require_read_agrees(read: pd.Series, masked: Optional[pd.Series], where: str) -> None:
     """Refuse effects that masked routers (``masked``: `ablation_effects`'
     ``n_masked_routers`` by family) for a family the mass summary says no router reads

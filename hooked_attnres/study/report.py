@@ -13,7 +13,7 @@ import pandas as pd
 
 from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
-from hooked_attnres.analysis.mass import require_family_read_column
+from hooked_attnres.analysis.mass import require_family_read_column, require_masked_column
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
     PREREGISTERED,
@@ -335,18 +335,6 @@ def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
 NOT_MEASURED = "–"
 
 
-def _require_masked_column(effects: pd.DataFrame) -> None:
-    """Refuse effects without ``n_masked_routers`` (a hand-made table): only it tells an
-    ablation that masked nothing (effect 0 by construction) from a measured 0."""
-    if "n_masked_routers" not in effects.columns:
-        raise ValueError(
-            "effects lacks the column 'n_masked_routers' (how many routers each ablation "
-            "masked), which the report's tables need: without it an ablation that masked "
-            "nothing (effect 0 by construction) would be printed as a measured 0.00; pass "
-            "ablation_effects output (a run_study result)"
-        )
-
-
 def _effect_cell(effects: pd.DataFrame, group: str, interval: bool = False) -> str:
     """One effect cell of the report's tables (``effects`` indexed by group): the effect in
     2 decimals (with its interval if ``interval``), or `NOT_MEASURED` where the ablation
@@ -401,7 +389,7 @@ def _tables_text(result: StudyResult) -> list[str]:
 def _effect_tables(result: StudyResult) -> list[Block]:
     blocks: list[Block] = []
     effects = result.effects[result.effects.metric == "logit_diff"]
-    _require_masked_column(effects)
+    require_masked_column(effects, "the study report's tables")
     require_family_read_column(result.mass_summary, "the study report")
     bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
     for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
