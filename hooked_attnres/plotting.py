@@ -23,7 +23,6 @@ from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import (
     as_items,
-    is_integer,
     non_finite_in_column,
     require_bool,
     require_selection,
@@ -311,9 +310,12 @@ def routing_heatmap(
 
 
 def _real_tokens(
-    cache, names: Sequence[str], positions: Union[str, int]
-) -> tuple[Optional[torch.Tensor], RunRecord]:
-    """``(real, record)``: the cache's `RunRecord`, and ``real``, ``[batch, pos]`` bool,
+    cache, names: Sequence[str], positions
+) -> tuple[Optional[torch.Tensor], RunRecord, Union[str, int]]:
+    """``(real, record, positions)``: ``positions`` ``"all"`` or one position read by the
+    package's position rule (`position_index`: an int, a NumPy integer or a 0-d integer
+    tensor, the integer it holds) as an ``int``, checked to be in the run; the cache's
+    `RunRecord`; and ``real``, ``[batch, pos]`` bool,
     True at the real tokens of the cached run at the positions the cache holds (those a
     ``pos_slice`` kept, `RunRecord.kept`; ``[batch, 1]`` for an int ``Slice``, which drops
     the position axis) where it had padding and ``positions`` is ``"all"`` (``None``: no
@@ -323,16 +325,17 @@ def _real_tokens(
     (`recorded_run`), and for one position a cache whose ``names`` were cached with a
     ``pos_slice`` that drops or reorders positions: its position ``p`` is not the run's
     position ``p``."""
-    record = recorded_run(cache, "the cache", names, sliced=positions != "all")
+    at_all = isinstance(positions, str)  # "all" (source_heatmap refuses other strings)
+    record = recorded_run(cache, "the cache", names, sliced=not at_all)
     refuse_chunk_cache(record.n_past, "the cache")
-    if positions != "all":  # a position of the run (it failed in torch: "index 99 is out ...")
-        position_index(positions, cache[names[0]].shape[-2])
+    if not at_all:  # a position of the run (it failed in torch: "index 99 is out ...")
+        positions = int(position_index(positions, cache[names[0]].shape[-2])[0])
     real = padding_of(record.attention_mask)
-    if real is None or positions == "all":
+    if real is None or at_all:
         real = record.kept(real)
         if real is not None and not record.has_position_axis:
             real = real[..., None]
-        return real, record
+        return real, record, positions
     padded = (~real[:, int(positions)]).nonzero().flatten().tolist()
     if padded:
         raise ValueError(
@@ -340,7 +343,7 @@ def _real_tokens(
             "attention_mask): their weights there are not of a token of theirs; pass a "
             "position every prompt has, or positions='all' (padding is left out)"
         )
-    return None, record
+    return None, record, positions
 
 
 def _batch_pos_sources(weights: torch.Tensor, record: RunRecord) -> torch.Tensor:
@@ -356,7 +359,7 @@ def source_heatmap(
     model: HookedAttnRes,
     cache,
     router: str = "attn_res",
-    positions: Union[str, int] = "all",
+    positions: Union[str, int, torch.Tensor] = "all",
     title: Optional[str] = None,
 ) -> go.Figure:
     """Layer x source heatmap of routing weights from a cache (cells of sources a layer
@@ -371,10 +374,12 @@ def source_heatmap(
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
         positions: ``"all"`` (mean over prompts and their real positions; of a cache
             made with a ``pos_slice``, over the real tokens at the positions it kept,
-            `RunRecord.kept`) or one position (mean over prompts).
+            `RunRecord.kept`) or one position (mean over prompts): an int or a 0-d
+            integer tensor, read as the integer it holds (`position_index`, as the
+            interventions read positions).
 
     Raises:
-        ValueError: no routers, a ``positions`` other than ``"all"`` or one int, non-finite
+        ValueError: no routers, a ``positions`` other than ``"all"`` or one integer, non-finite
             weights (at real positions), a position where some prompt is padding, a cache
             of a pass after key-value-cached positions (its position 0 is not the
             sequence's) or whose weights were cached by an earlier pass than the recorded
@@ -387,12 +392,18 @@ def source_heatmap(
             f"router must be one router type ('attn_res', 'mlp_res' or 'final_res'), got "
             f"{router!r}: the rows of two types would be drawn under the same 'layer k' labels"
         )
-    if positions != "all" and not is_integer(positions):
-        raise ValueError(f"positions must be 'all' or one position (an int), got {positions!r}")
+    # one position: an int or a 0-d integer tensor (`position_index` checks the rest)
+    one = not isinstance(positions, (str, list, tuple, range)) and not getattr(positions, "ndim", 0)
+    if not (one or (isinstance(positions, str) and positions == "all")):
+        raise ValueError(
+            "positions must be 'all' or one position (an int or a 0-d integer tensor), got "
+            f"{positions!r}"
+        )
     columns: list[str] = []
     rows = []
     sites = model.sites(router)
-    real, record = _real_tokens(cache, [site.hook("weights") for site in sites], positions)
+    names = [site.hook("weights") for site in sites]
+    real, record, positions = _real_tokens(cache, names, positions)
     for site in sites:
         weights = _batch_pos_sources(cache[site.hook("weights")], record)
         if real is not None:  # [batch, pos, n_sources] -> [n_real, n_sources]

@@ -576,6 +576,33 @@ def test_effect_figures_refuse_effects_without_n_masked_routers_as_the_report_do
             draw()
 
 
+def test_source_heatmap_reads_a_0d_integer_tensor_as_the_position_it_holds():
+    # audit 74: source_heatmap refused positions=torch.tensor(2) ("must be 'all' or one
+    # position (an int)") where the interventions (position_index / check_positions) read
+    # a 0-d integer tensor as the integer it holds; it now uses that rule
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+    for held, position in (
+        (torch.tensor(2), 2),
+        (torch.tensor(-1, dtype=torch.int16), 6),
+        (torch.tensor(3, dtype=torch.uint8), 3),
+        (np.int64(4), 4),
+    ):
+        fig = plotting.source_heatmap(model, cache, "mlp_res", positions=held)
+        z = np.asarray(fig.data[0].z, dtype=float)
+        for k, site in enumerate(model.sites("mlp_res")):  # the mean over prompts, by hand
+            expected = cache[site.hook("weights")][:, position].mean(0).tolist()
+            np.testing.assert_allclose(z[k][~np.isnan(z[k])], expected, rtol=1e-6)
+        assert f"(position {int(held)}, mean over prompts)" in fig.layout.title.text
+    with pytest.raises(ValueError, match=r"^positions must be 'all' or one position"):
+        plotting.source_heatmap(model, cache, positions=torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"^positions tensor\(2\.\) must be integers"):
+        plotting.source_heatmap(model, cache, positions=torch.tensor(2.0))
+    with pytest.raises(ValueError, match=r"^positions tensor\(7\) must be integers in \[-7, 7\)"):
+        plotting.source_heatmap(model, cache, positions=torch.tensor(7))
+
+
 def test_figures_refuse_bad_arguments_by_name():
     # audit 68: source_heatmap(positions=99) failed with a bare IndexError ("index 99 is
     # out of bounds for dimension 0 with size 7"); router=None or a list of router types
