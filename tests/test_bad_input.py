@@ -192,6 +192,15 @@ def test_string_without_tokenizer(model, text):
         model.to_tokens(text)
 
 
+def test_the_attached_tokenizer_check_is_named_for_what_it_checks(model, tok_model):
+    # audit 74: TokenizerMixin._require_tokenizer (is one attached?) shared its name with
+    # _validation.require_tokenizer (is the value a tokenizer object?); renamed, unchanged
+    assert not hasattr(model, "_require_tokenizer")
+    with pytest.raises(ValueError, match=r"^to_string needs a tokenizer, and none is attached"):
+        model._require_attached_tokenizer("to_string")
+    assert tok_model._require_attached_tokenizer("to_string") is tok_model.tokenizer
+
+
 def test_unknown_padding_side_is_refused(tok_model):
     # one wording for a string option (require_choice); an array was compared elementwise
     # (NumPy's "truth value of an array ... is ambiguous", naming no argument)

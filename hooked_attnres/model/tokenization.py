@@ -122,7 +122,10 @@ class TokenizerMixin:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if is_integer(pad) else None
 
-    def _require_tokenizer(self, what: str):
+    def _require_attached_tokenizer(self, what: str):
+        """The tokenizer attached to the model, else ``ValueError`` naming ``what`` (the
+        method that needs it). Whether a value *is* a tokenizer object is another check,
+        `hooked_attnres._validation.require_tokenizer`."""
         if self.tokenizer is None:
             raise ValueError(
                 f"{what} needs a tokenizer, and none is attached; pass token ids instead or "
@@ -171,7 +174,7 @@ class TokenizerMixin:
         truncate: bool = True,
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """`to_tokens` plus the attention mask ``[batch, pos]`` (1 = real token, 0 = padding)."""
-        self._require_tokenizer("to_tokens")
+        self._require_attached_tokenizer("to_tokens")
         padding_side = require_choice("padding_side", padding_side, ("right", "left", None))
         if padding_side is None:
             padding_side = self.default_padding_side
@@ -199,7 +202,7 @@ class TokenizerMixin:
         """The ids of one text, unpadded: the text tokenised alone (no special tokens),
         after the BOS id when ``prepend_bos`` (default the config's), cut to ``n_ctx``
         when ``truncate``."""
-        tokenizer = self._require_tokenizer("to_tokens")
+        tokenizer = self._require_attached_tokenizer("to_tokens")
         bos = self._bos_id(prepend_bos)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if bos is not None:
@@ -214,7 +217,7 @@ class TokenizerMixin:
     ) -> Union[str, list[str]]:
         """Decode one token id (an ``int`` or a 0-d tensor) or ``[pos]`` to a string, or
         ``[batch, pos]`` to a list of strings."""
-        tokenizer = self._require_tokenizer("to_string")
+        tokenizer = self._require_attached_tokenizer("to_string")
         tokens = torch.as_tensor(tokens)
         # integer ids in [0, d_vocab): a negative id overflowed the decoder
         require_token_ids(tokens, self.cfg.d_vocab)
@@ -240,7 +243,7 @@ class TokenizerMixin:
         or lists of ids, as in TransformerLens) gives one list per item, each tokenised
         alone, so ``padding_side``, accepted for TransformerLens's signature, changes
         nothing."""
-        self._require_tokenizer("to_str_tokens")
+        self._require_attached_tokenizer("to_str_tokens")
         require_choice("padding_side", padding_side, ("right", "left", None))
         if isinstance(input, (list, tuple)) and not all(is_integer(t) for t in input):
             return [self._str_tokens_one(item, prepend_bos) for item in input]
@@ -274,7 +277,7 @@ class TokenizerMixin:
         return self._decode_each(self._token_ids(text, prepend_bos, True))
 
     def _decode_each(self, tokens: Union[Int[Tensor, " pos"], list[int]]) -> list[str]:
-        tokenizer = self._require_tokenizer("to_str_tokens")
+        tokenizer = self._require_attached_tokenizer("to_str_tokens")
         ids = tokens.tolist() if isinstance(tokens, Tensor) else tokens
         return [tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids]
 
@@ -298,7 +301,7 @@ class TokenizerMixin:
         int_token = int(int_token)  # the tokenizer decodes Python ints
         if not 0 <= int_token < self.cfg.d_vocab:
             raise ValueError(f"token id {int_token} is not in [0, {self.cfg.d_vocab}) (d_vocab)")
-        return self._require_tokenizer("to_single_str_token").decode(
+        return self._require_attached_tokenizer("to_single_str_token").decode(
             [int_token], clean_up_tokenization_spaces=False
         )
 
