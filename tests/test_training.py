@@ -1349,3 +1349,65 @@ def test_an_eval_task_that_is_no_task_is_refused_as_eval_tasks(tmp_path):
                 eval_tasks=given.get("eval_tasks"),
             )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_and_training_state_outside_ascii_are_written_and_read_whatever_the_locale(
+    tmp_path, monkeypatch
+):
+    """Audit 74: the package's JSON and text files (`_atomic`'s completion marker,
+    ``config.json``, ``trainer_state.json``, ``metrics.json``, the tokenizer's files) are
+    written and read in UTF-8 whatever the locale. Under an ASCII locale (emulated: every
+    text ``open`` / ``Path.read_text`` / ``Path.write_text`` without an encoding is ASCII,
+    as for the tokenizer_config test) a run with a special token and a description outside
+    ASCII writes its checkpoint (this package's format), resumes from it to the
+    uninterrupted run's weights, and its final model loads back with the token."""
+    import builtins
+    from pathlib import Path
+
+    tok = task_tokenizer(TASK)
+    tok.add_special_tokens({"additional_special_tokens": ["<｜think｜>"]})
+    description = {"note": "Übung – α"}
+    cfg = config(steps=4, checkpoint_every=2, eval_every=2)
+
+    def run(out, stop_after=None):
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        train(
+            model,
+            TASK,
+            cfg,
+            out,
+            tokenizer=tok,
+            progress=False,
+            stop_after=stop_after,
+            description=description,
+        )
+        return model
+
+    whole = run(tmp_path / "whole")  # in the real locale: the reference
+    real_open, real_read, real_write = builtins.open, Path.read_text, Path.write_text
+
+    def open_ascii(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "ascii"
+        return real_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    def read_ascii(self, encoding=None, errors=None):
+        return real_read(self, encoding=encoding or "ascii", errors=errors)
+
+    def write_ascii(self, data, encoding=None, errors=None, newline=None):
+        return real_write(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
+
+    monkeypatch.setattr(builtins, "open", open_ascii)
+    monkeypatch.setattr(Path, "read_text", read_ascii)
+    monkeypatch.setattr(Path, "write_text", write_ascii)
+    out = tmp_path / "ascii locale"
+    run(out, stop_after=2)  # the checkpoint at step 2, then resumed from it
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_bytes().decode("utf-8"))
+    assert state["description"] == description
+    resumed = run(out)
+    assert_same_weights(weights(whole), weights(resumed))
+    metrics = json.loads((out / "metrics.json").read_bytes().decode("utf-8"))
+    assert metrics["description"] == description
+    loaded = HookedAttnRes.from_pretrained(out / "model")
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+    assert loaded.to_str_tokens("<｜think｜>", prepend_bos=False) == ["<｜think｜>"]
