@@ -248,26 +248,14 @@ class KeyValueCache:
         extends the layers one by one, so without this an interrupted pass would leave
         the early layers one chunk longer than the rest and ``n_past`` already advanced:
         the next pass would read wrong rotary positions and duplicated keys silently.)"""
-        saved = (
-            self.attention_mask,
-            self.n_past,
-            self.batch_size,
-            self._filled_by,
-            self._weights,
-            self._inputs,
-        )
+        fields = ("attention_mask", "n_past", "batch_size", "_filled_by", "_weights", "_inputs")
+        saved = [getattr(self, name) for name in fields]
         layers = [(layer.keys, layer.values) for layer in self.layers]
         try:
             yield
         except BaseException:
-            (
-                self.attention_mask,
-                self.n_past,
-                self.batch_size,
-                self._filled_by,
-                self._weights,
-                self._inputs,
-            ) = saved
+            for name, value in zip(fields, saved, strict=True):
+                setattr(self, name, value)
             for layer, (keys, values) in zip(self.layers, layers, strict=True):
                 layer.keys, layer.values = keys, values
             raise
