@@ -30,6 +30,7 @@ from hooked_attnres._validation import (
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import (
     family_read,
+    masked_nothing,
     require_family_read_column,
     require_finite_mass,
     require_masked_column,
@@ -572,7 +573,7 @@ def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
     measured 0, which a bar of 0 with a [0, 0] whisker would state (the report prints "–"
     there)."""
     out = effects.copy()
-    out.loc[effects.n_masked_routers.eq(0), list(ESTIMATE)] = np.nan
+    out.loc[masked_nothing(effects, "the effect figures"), list(ESTIMATE)] = np.nan
     return out
 
 

@@ -121,6 +121,16 @@ def require_masked_column(effects: pd.DataFrame, what: str) -> None:
         )
 
 
+def masked_nothing(effects: pd.DataFrame, what: str) -> pd.Series:
+    """Per row of an `ablation_effects` table: whether its ablation masked no router
+    (``n_masked_routers`` 0: no router of the group reads the family, or each that does was
+    left alone), so that its effect is 0 by construction, not a measured 0. The one rule of
+    the report's "–" cells and the figures' blanks; a table without the column is refused
+    (`require_masked_column`, ``what`` naming the result that needs it)."""
+    require_masked_column(effects, what)
+    return effects.n_masked_routers.eq(0)
+
+
 def require_read_agrees(read: pd.Series, masked: Optional[pd.Series], where: str) -> None:
     """Refuse effects that masked routers (``masked``: `ablation_effects`'
     ``n_masked_routers`` by family) for a family the mass summary says no router reads

@@ -13,7 +13,11 @@ import pandas as pd
 
 from hooked_attnres._validation import first_non_finite
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
-from hooked_attnres.analysis.mass import require_family_read_column, require_masked_column
+from hooked_attnres.analysis.mass import (
+    masked_nothing,
+    require_family_read_column,
+    require_masked_column,
+)
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
     PREREGISTERED,
@@ -339,9 +343,9 @@ def _effect_cell(effects: pd.DataFrame, group: str, interval: bool = False) -> s
     """One effect cell of the report's tables (``effects`` indexed by group): the effect in
     2 decimals (with its interval if ``interval``), or `NOT_MEASURED` where the ablation
     masked no router."""
-    row = effects.loc[group]
-    if row.n_masked_routers == 0:
+    if masked_nothing(effects, "the study report's tables").loc[group]:
         return NOT_MEASURED
+    row = effects.loc[group]
     text = _fmt(row.effect, 2)
     return f"{text} [{_fmt(row.ci_low, 2)}, {_fmt(row.ci_high, 2)}]" if interval else text
 
