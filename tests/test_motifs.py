@@ -1265,6 +1265,24 @@ def test_printed_beside_takes_a_numpy_threshold(threshold, steps):
     assert printed_beside(value, np.float64(threshold), 2) == printed_beside(value, threshold, 2)
 
 
+@pytest.mark.parametrize("threshold", [float("inf"), -float("inf")])
+def test_printed_beside_an_infinite_threshold_prints_the_value_as_asked(threshold):
+    """Audit 75: b151e99 read every threshold through ``_as_written`` (``Fraction(repr)``),
+    which has no infinity: ``printed_beside(1.0, inf, 2)`` raised "Invalid literal for
+    Fraction: 'inf'" where it printed "1.00" (its ``Decimal(repr)`` reading took one). An
+    infinite threshold is read as the float it is, as ``_exactly`` reads an infinite value;
+    a finite value is on its side of it at any digits (the asked ones), an infinite one is
+    printed as Python prints it."""
+    from hooked_attnres.analysis.motifs import printed_beside
+
+    for value, digits, kind in ((1.0, 2, "f"), (-0.125, 1, "+f"), (3e20, 2, "e")):
+        assert printed_beside(value, threshold, digits, kind) == format(
+            value, f"{kind[:-1]}.{digits}{kind[-1]}"
+        )
+    for value in (float("inf"), -float("inf")):
+        assert printed_beside(value, threshold, 2) == format(value, ".2f")
+
+
 def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
     """Audit finding: the effect tables printed "0.00" for ablations that masked no router
     (``older`` in the early band: no early router reads it; with kimi's early attention

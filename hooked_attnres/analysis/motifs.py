@@ -450,12 +450,15 @@ def _exactly(number: Any) -> Any:
     return Fraction(number) if isinstance(number, Decimal) else Fraction(value)
 
 
-def _as_written(threshold: float) -> Fraction:
+def _as_written(threshold: float) -> Any:
     """A criterion's ratio or threshold as written (its ``repr``'s digits, exactly: 0.1 is
     1/10, not the float nearest it): the one reading of a threshold, by D2's and D3's exact
     comparisons, by `printed_deciding`'s reader (beside a printed number) and by
-    `claim_text` (whether a threshold's short text writes it)."""
-    return Fraction(repr(float(threshold)))
+    `claim_text` (whether a threshold's short text writes it). An infinite threshold (no
+    `Criteria`'s, but `printed_beside`'s) stays the float it is, as `_exactly` keeps an
+    infinite value (``Fraction("inf")`` raised)."""
+    value = float(threshold)
+    return Fraction(repr(value)) if math.isfinite(value) else value
 
 
 def _d2_mass(embedding: float, current: float, criteria: Criteria = PREREGISTERED) -> bool:
