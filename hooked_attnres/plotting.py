@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import (
     as_items,
+    is_integer,
     non_finite_in_column,
     require_bool,
     require_selection,
@@ -393,8 +394,10 @@ def source_heatmap(
             f"router must be one router type ('attn_res', 'mlp_res' or 'final_res'), got "
             f"{router!r}: the rows of two types would be drawn under the same 'layer k' labels"
         )
-    # one position: an int or a 0-d integer tensor (`position_index` checks the rest)
-    one = not isinstance(positions, (str, list, tuple, range)) and not getattr(positions, "ndim", 0)
+    # one position: an integer or a 0-d tensor / array (`position_index` checks its dtype
+    # and range); not any container without an ndim (a deque of two positions was read as
+    # its first)
+    one = is_integer(positions) or getattr(positions, "ndim", None) == 0
     if not (one or (isinstance(positions, str) and positions == "all")):
         raise ValueError(
             "positions must be 'all' or one position (an int or a 0-d integer tensor), got "

@@ -4,6 +4,8 @@ test_analysis.py)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -601,6 +603,43 @@ def test_source_heatmap_reads_a_0d_integer_tensor_as_the_position_it_holds():
         plotting.source_heatmap(model, cache, positions=torch.tensor(2.0))
     with pytest.raises(ValueError, match=r"^positions tensor\(7\) must be integers in \[-7, 7\)"):
         plotting.source_heatmap(model, cache, positions=torch.tensor(7))
+
+
+def test_source_heatmap_refuses_several_positions_in_a_container_without_ndim():
+    # audit 75: a7528a7 took anything that is no str / list / tuple / range and has no
+    # ndim for one position and read the first of what position_index made of it: a
+    # deque([2, 5]) or array.array of positions 2 and 5 was drawn as position 2 alone
+    # (titled "position 2"), cells up to 0.43 off the mean over the two asked for; None or
+    # 2.0 were refused with position_index's "(an int, a list or a tensor ...)", naming a
+    # list, which source_heatmap refuses. One position is an integer (is_integer) or a 0-d
+    # array / tensor (position_index checks its dtype and range); the rest is refused here.
+    import array
+    import collections
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    tokens = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+    for given in (
+        collections.deque([2, 5]),
+        collections.deque([2]),
+        array.array("l", [2, 5]),
+        {2},
+        None,
+        2.0,
+        True,
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"^positions must be 'all' or one position \(an int or a 0-d integer "
+            rf"tensor\), got {re.escape(repr(given))}$",
+        ):
+            plotting.source_heatmap(model, cache, "mlp_res", positions=given)
+    # a 0-d NumPy array is one position, as a 0-d tensor (the mean over prompts, by hand)
+    fig = plotting.source_heatmap(model, cache, "mlp_res", positions=np.array(5))
+    z = np.asarray(fig.data[0].z, dtype=float)
+    for k, site in enumerate(model.sites("mlp_res")):
+        expected = cache[site.hook("weights")][:, 5].mean(0).tolist()
+        np.testing.assert_allclose(z[k][~np.isnan(z[k])], expected, rtol=1e-6)
 
 
 def test_figures_refuse_bad_arguments_by_name():
