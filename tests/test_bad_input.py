@@ -273,6 +273,42 @@ def test_every_string_option_is_a_choice_refused_by_name_for_an_array(tok_model)
             assert got == expected, name
 
 
+def test_the_string_options_8efd353_left_are_choices_refused_by_name_for_an_array(tok_model):
+    """Audit 75: 8efd353 moved string options to `require_choice`, but four kept their own
+    ``x in CHOICES`` check, so an array raised NumPy's "truth value of an array ... is
+    ambiguous" (``all_composition_scores``' mode, ``attribution_patch_routing_weights``'
+    method, ``stack_router_activation``'s router) or ``TypeError: unhashable type`` (the
+    study's ``make_task``), naming no argument; now each is `require_choice`'s, and a
+    NumPy string scalar gives what its str gives."""
+    from hooked_attnres.analysis.attribution import attribution_patch_routing_weights
+    from hooked_attnres.study.conditions import make_task
+
+    model = tok_model.eval()
+    tokens = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+
+    def metric(logits):
+        return logits[:, -1, 0].sum()
+
+    calls = {
+        "mode": (lambda v: model.all_composition_scores(v).scores, "V"),
+        "method": (
+            lambda v: attribution_patch_routing_weights(model, tokens, cache, metric, method=v),
+            "norm",
+        ),
+        "router": (lambda v: cache.stack_router_activation("weights", v)[0], "mlp_res"),
+        "task": (lambda v: vars(make_task(v)), "hard"),
+    }
+    for name, (call, valid) in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got array"):
+            call(np.array([valid, valid]))
+        expected, got = call(valid), call(np.str_(valid))
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, expected), name
+        else:
+            assert got == expected, name
+
+
 class _Side(str, enum.Enum):
     """A string option as an enum of strings (each member a ``str`` equal to its value)."""
 

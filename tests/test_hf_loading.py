@@ -460,7 +460,7 @@ def test_transformerlens_bridge_sees_the_same_activations(tmp_path):
             assert ours.layer_indices == theirs.layer_indices
             assert ours.scores.shape == theirs.scores.shape == (3, 4, 3, 4)
             assert (ours.scores - theirs.scores).abs().max() <= 1e-6, mode
-    with pytest.raises(ValueError, match=r"mode must be one of \['Q', 'K', 'V'\], got 'O'"):
+    with pytest.raises(ValueError, match=r"^mode must be one of \('Q', 'K', 'V'\), got 'O'$"):
         model.all_composition_scores("O")
 
 

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import (
+    require_choice,
     require_finite_number,
     require_integer,
     require_selection,
@@ -766,8 +767,7 @@ def attribution_patch_routing_weights(
         values of the patched runs.
     """
     require_eval(model, "attribution patching")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = require_choice("method", method, METHODS)
     routers = _check(model, corrupted_tokens, routers)
     site_rows = _site_rows(model, routers)
     sites = [site for _, site in site_rows]

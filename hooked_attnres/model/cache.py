@@ -41,7 +41,7 @@ from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_choice, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
 from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
@@ -1402,8 +1402,7 @@ class AttnResActivationCache(ActivationCache):
             ``True`` where layer ``l``'s router has source ``i`` (sources are
             oldest first, so the padding is at the end).
         """
-        if router not in SUBLAYER_ROUTERS:
-            raise ValueError(f"router must be one of {SUBLAYER_ROUTERS}, got {router!r}")
+        router = require_choice("router", router, SUBLAYER_ROUTERS)
         sites = self.model.sites(router)
         if not sites:
             raise ValueError(f"the {self._layout_name()} layout has no routers; nothing to stack")

@@ -13,7 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import CompositionScores, FactoredMatrix, composition_scores
-from hooked_attnres._validation import require_integer
+from hooked_attnres._validation import require_choice, require_integer
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -325,8 +325,7 @@ class WeightsMixin:
         score does not see (it is invariant to scaling either matrix), so the scores mean
         the same in every layout; but a high score is not a used path (a router may give
         the source no weight). Raises ``ValueError`` for another ``mode``."""
-        if mode not in ("Q", "K", "V"):
-            raise ValueError(f"mode must be one of ['Q', 'K', 'V'], got {mode!r}")
+        mode = require_choice("mode", mode, ("Q", "K", "V"))
         left = self.OV
         right = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: left}[mode]()
         scores = composition_scores(left, right, broadcast_dims=True)

@@ -74,9 +74,7 @@ def study_task(**overrides) -> KeyValueRetrieval:
 def make_task(name: str) -> Task:
     """A grid task by name (``"saturated"``, ``"hard"``, ``"induction"``, ``"paperlike"``,
     which is the ``saturated`` probe)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown study task {name!r}; tasks are {sorted(TASKS)}")
-    cls, values = TASKS[name]
+    cls, values = TASKS[require_choice("task", name, tuple(TASKS))]
     return cls(**values)
 
 
