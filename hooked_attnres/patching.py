@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hooked_attnres._precision import widened
 from hooked_attnres._tl import get_act_name
-from hooked_attnres._validation import require_selection
+from hooked_attnres._validation import require_choice, require_selection
 from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers, unread_commit
 from hooked_attnres.model.depth import (
@@ -308,8 +308,7 @@ def get_act_patch_committed_blocks_by_pos(
         ``hook_resid_post`` of the last layer for the final stream).
     """
     _check(model, corrupted_tokens)
-    if sublayer not in COMMIT_HOOKS:
-        raise ValueError(f"sublayer must be 'mlp' or 'attn', got {sublayer!r}")
+    sublayer = require_choice("sublayer", sublayer, tuple(COMMIT_HOOKS))
     layout = model.routing_layout
     labels = {layer: layout.committed_label(layer, sublayer) for layer in range(model.cfg.n_layers)}
     names = {  # the commit hooks of the blocks some router reads
@@ -356,8 +355,7 @@ def depth_state_name(model: HookedAttnRes, layer: int, sublayer: str = "attn") -
     """The clean-cache entry that holds the depth state entering ``layer``'s attention
     (``sublayer="attn"``) or MLP (``"mlp"``) router: its ``hook_sources`` (every source,
     stacked on axis -2), or ``hook_resid_pre`` / ``hook_resid_mid`` in layout ``"none"``."""
-    if sublayer not in DEPTH_STATE_SUBLAYERS:
-        raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+    sublayer = require_choice("sublayer", sublayer, DEPTH_STATE_SUBLAYERS)
     if not model.routing_layout.has_routers:
         return get_act_name("resid_pre" if sublayer == "attn" else "resid_mid", layer)
     return model.site(layer, SUBLAYER_ROUTERS[sublayer == "mlp"]).hook("sources")

@@ -223,7 +223,9 @@ def test_blocks_committed_after_attention_are_patched_where_every_sublayer_commi
         get_act_patch_committed_blocks_by_pos(
             blocks_model, corrupted, blocks_cache, metric, sublayer="attn"
         )
-    with pytest.raises(ValueError, match="sublayer must be 'mlp' or 'attn'"):
+    with pytest.raises(
+        ValueError, match=r"^sublayer must be one of \('attn', 'mlp'\), got 'final'$"
+    ):
         get_act_patch_committed_blocks_by_pos(model, corrupted, own, metric, sublayer="final")
 
 

@@ -1539,7 +1539,9 @@ def test_bad_calls_name_what_to_do():
     def metric(logits):
         return logits[:, -1, 0].mean()
 
-    with pytest.raises(ValueError, match="sublayer must be 'attn' or 'mlp'"):
+    with pytest.raises(
+        ValueError, match=r"^sublayer must be one of \('attn', 'mlp'\), got 'final'$"
+    ):
         get_act_patch_depth_state(model, tokens, cache, metric, sublayer="final")
     with pytest.raises(ValueError, match=r"\[batch, pos\]"):
         get_act_patch_depth_state(model, tokens[0], cache, metric)
