@@ -131,21 +131,34 @@ def test_padding_queries_have_zero_pattern_and_no_nan(layout):
     assert torch.all(cache["z", 1][1, :3] == 0)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
 def test_padding_query_scores_are_zero_at_every_key_they_see(side):
     """docs/hooks.md: a padding query's query is zeroed before the scores (any ``eps``),
     so its ``hook_attn_scores`` row is 0 at every key it sees and ``-inf`` elsewhere: its
-    own key alone with left padding, every key up to its own with right padding (no real
-    query follows a padding key, so only the causal mask applies)."""
+    own key and the real keys before it; in a batch where no real query follows a padding
+    key (right padding only) only the causal mask applies, so also the padding keys before
+    it. ``mixed``: one prompt padded on the right, one on the left (the docs said "every
+    key up to its own with right padding", which such a batch contradicts)."""
     model = routed_model("kimi")
-    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w5"], padding_side=side)
+    texts = ["w1 w2 w3 w4", "w5"]
+    tokens, mask = model.to_tokens_and_mask(
+        texts, padding_side="left" if side == "left" else "right"
+    )
+    if side == "mixed":  # and a third prompt, "w6" padded on the left
+        left, left_mask = model.to_tokens_and_mask(["w1 w2 w3 w4", "w6"], padding_side="left")
+        tokens, mask = torch.cat([tokens, left[1:]]), torch.cat([mask, left_mask[1:]])
+    row = 1
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
-    pads = (~mask[1].bool()).nonzero()[:, 0].tolist()
+    pads = (~mask[row].bool()).nonzero()[:, 0].tolist()
     assert len(pads) == 3
     for layer in range(model.cfg.n_layers):
-        scores = cache["attn_scores", layer][1]  # [head, query, key]
+        scores = cache["attn_scores", layer][row]  # [head, query, key]
         for query in pads:
-            seen = [query] if side == "left" else list(range(query + 1))
+            seen = {
+                "left": [query],
+                "right": list(range(query + 1)),
+                "mixed": [key for key in range(query + 1) if mask[row, key] or key == query],
+            }[side]
             blocked = [key for key in range(scores.shape[-1]) if key not in seen]
             assert torch.all(scores[:, query, seen] == 0), (layer, query)
             assert torch.all(scores[:, query, blocked] == float("-inf")), (layer, query)
