@@ -274,6 +274,10 @@ def test_the_readme_first_snippet_states_what_it_prints():
     model = namespace["model"]
     dims = {"batch": 4, "pos": 12, "n_sources": len(model.source_labels(4, "attn_res"))}
     assert check_stated_outputs(block, namespace, dims) == 2  # the shape and the labels
+    # "# {'embedding': [0], 'older': [1], ...}" (a dict the checker cannot read: "...")
+    families = model.source_families(4, "attn_res")
+    assert list(families)[:2] == ["embedding", "older"]
+    assert (families["embedding"], families["older"]) == ([0], [1])
 
 
 def test_the_package_docstring_quick_start_states_what_it_prints(tokens):
@@ -448,6 +452,43 @@ def test_the_router_sites_snippet_states_what_it_prints():
     exec(block, namespace)
     assert check_stated_outputs(block, namespace, {}) == 6
     assert namespace["model"].sites()[-1] == model.site(3, "mlp_res")  # no final router here
+
+
+def test_the_worked_example_of_the_layouts_gives_the_real_source_labels():
+    """docs/architecture.md's worked example (4 layers, 2 blocks): each cell is
+    ``model.source_labels(l, r)`` of its layout; ``-`` is no such router, ``...`` elides
+    the middle of a list whose length the cell gives in parentheses."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    table = doc.split("Worked example, 4 layers, 2 blocks")[1].split("\n\n")[1]
+    lines = table.strip().splitlines()
+    layouts = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    models = {layout: tiny_model(attnres_layout=layout) for layout in layouts}
+    checked = 0
+    for line in lines[2:]:
+        router, *cells = [c.strip() for c in line.strip("|").split("|")]
+        if router == "final":
+            layer, kind = None, "final_res"
+        else:
+            layer = int(router.split()[1])
+            kind = {"attention": "attn_res", "MLP": "mlp_res"}[router.split()[2]]
+        for layout, cell in zip(layouts, cells, strict=True):
+            model = models[layout]
+            if cell == "-":
+                with pytest.raises(ValueError, match="no final router"):
+                    model.site(layer, kind)
+                continue
+            labels = model.source_labels(model.site(layer, kind))
+            count = re.search(r"\((\d+)( sources)?\)$", cell)
+            stated = [s.strip() for s in re.sub(r"\(.*?\)", "", cell).split(",")]
+            if "..." in stated:
+                assert count and len(labels) == int(count.group(1)), (router, layout)
+                head = stated[: stated.index("...")]
+                tail = stated[stated.index("...") + 1 :]
+                assert labels[: len(head)] == head and labels[len(labels) - len(tail) :] == tail
+            else:
+                assert labels == stated, (router, layout, labels)
+            checked += 1
+    assert checked == 17
 
 
 def test_the_from_hf_qwen3_signature_in_loading_md_is_the_real_one():
