@@ -80,6 +80,30 @@ def test_every_hook_is_documented_with_its_shape_dtype_and_position_axis(
         assert hook.pos_dim == pos_axis, name
 
 
+@pytest.mark.parametrize("wrap", ["recency", "exact", "none"])
+def test_every_hook_of_the_hf_wraps_is_documented_with_its_shape(wrap):
+    """The hook table holds for the ``from_hf_qwen3`` wraps too (3 layers, 2 blocks: the
+    blocks end unevenly), the optional hooks on."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2)
+    model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
+    if wrap == "none":
+        model.set_use_split_qkv_input(True)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 5))
+    _, cache = model.run_with_cache(tokens)
+    patterns = documented_patterns()
+    for name, hook in model.hook_dict.items():
+        matches = [p for p in patterns if re.match(p, name)]
+        assert len(matches) == 1, f"{name} is documented {len(matches)} times"
+        shape, pos_axis, _ = patterns[matches[0]]
+        assert cache[name].shape == documented_shape(model, name, shape, 2, 5), name
+        assert hook.pos_dim == pos_axis, name
+
+
 def test_every_documented_hook_exists_in_some_layout():
     names = set()
     for layout, mode in [("cumulative", "full"), ("kimi", "block"), ("full", "block")]:
