@@ -401,6 +401,22 @@ def _refuses(call, layout: str):
         call()
 
 
+def test_the_unrouted_refusal_counts_the_sources_and_claims_no_sum():
+    """The refusal counts the router's sources as written ("1 depth source", not "mixes 1
+    depth sources") and says the unweighted components *need* not sum to the norm's input:
+    at a router of one source (kimi / full layer 0's attention router, weight 1) they do,
+    and the refusal is the conservative rule, not a measured failure."""
+    model = tiny_model(attnres_layout="kimi")
+    _, cache = model.run_with_cache(torch.randint(0, 50, (2, 5)))
+    with pytest.raises(ValueError, match=r"reads 1 depth source \(.*need not sum"):
+        cache.decompose_resid(0)
+    torch.testing.assert_close(  # the single source, weight 1: the embedding itself
+        cache.decompose_resid(0, routed=True).sum(0), cache["blocks.0.attn_res.hook_out"]
+    )
+    with pytest.raises(ValueError, match=r"reads 2 depth sources \(.*need not sum"):
+        cache.decompose_resid(2)
+
+
 def _final_norm_input(case: Case) -> torch.Tensor:
     """What ln_final normalises, from its own hooks (scale * normalized)."""
     return case.cache["ln_final.hook_normalized"] * case.cache["ln_final.hook_scale"]

@@ -536,11 +536,12 @@ class AttnResActivationCache(ActivationCache):
             return
         site = self.model.routing_layout.reader(point)
         n_sources = len(self.model.routing_layout.components(point))
+        sources = f"{n_sources} depth source{'s' if n_sources != 1 else ''}"
         raise ValueError(
             f"cache.{method} at {_where(self.model, point)} assumes one residual stream, but "
-            f"in the {self._layout_name()} layout the {site.kind} router there mixes "
-            f"{n_sources} depth sources (hook_resid_* holds only the current one), so "
-            "TransformerLens's unweighted components do not sum to what the norm reads. "
+            f"in the {self._layout_name()} layout the {site.kind} router there reads "
+            f"{sources} (hook_resid_* holds only the current one), so "
+            "TransformerLens's unweighted components need not sum to what the norm reads. "
             f"Pass routed=True to weight each component by the routing weights of the sources "
             f"that contain it (exact: they then sum to {site.hook('out')})"
             + (f", or use {instead}" if instead else "")
