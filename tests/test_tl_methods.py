@@ -628,6 +628,13 @@ def test_a_cache_can_be_pickled_and_copied_and_a_loaded_one_names_no_model():
             )
             with pytest.raises(ValueError, match="computed by another model"):
                 routed_model("kimi")(tokens[:, 4:], past_kv_cache=copied)
+    # docs/hooks.md: filled with gradients enabled, its keys carry their graph, and a deep
+    # copy is torch's refusal of non-leaf tensors (a shallow one works)
+    with_graph = KeyValueCache.init_cache(model.cfg)
+    model(tokens[:, :4], past_kv_cache=with_graph)
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(with_graph)
+    assert copy.copy(with_graph).check_filled_by(model) is None
 
 
 @pytest.mark.parametrize(
