@@ -552,7 +552,7 @@ def test_bad_inputs_are_refused():
             with pytest.raises(ValueError, match=f"already attached to {point}"):
                 attribute_routing(model, batch, method="norm", progress=False)
     result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
-    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+    with pytest.raises(ValueError, match="k=0 verifies no cell"):
         result.verify_top(0)
     with pytest.raises(ValueError, match=r"min_masked_mass must be in \(0, 1\]"):
         result.verify_top(3, min_masked_mass=1.5)
@@ -1000,3 +1000,82 @@ def test_masked_mass_selects_the_positions_the_metric_reads():
             )
             assert abs(float(got[i, j]) - expected) <= 1e-6
     assert got.isfinite().all()
+
+
+def test_flags_are_refused_unless_true_or_false():
+    """Audit 79: ``by_position`` and ``by_pos`` were read by truthiness, so
+    ``by_position="False"`` kept every per-position estimate and ``by_pos="no"`` returned
+    ``[routers, n_layers, pos]`` in place of ``[routers, n_layers]``, silently. Now a value
+    that is not True or False is refused by name (`require_bool`)."""
+    model = routed_model("cumulative", dtype=torch.float32)
+    batch = random_batch()
+    for bad in ("False", 0, None):
+        with pytest.raises(TypeError, match="by_position must be True or False"):
+            attribute_routing(model, batch, by_position=bad, progress=False)
+    _, cache = model.run_with_cache(batch.tokens)
+
+    def metric(logits):
+        return logits[:, -1, 0].sum()
+
+    for bad in ("no", 1):
+        with pytest.raises(TypeError, match="by_pos must be True or False"):
+            attribution_patch_routing_weights(
+                model, batch.corrupted_tokens, cache, metric, by_pos=bad
+            )
+    # NumPy booleans are taken, as everywhere
+    shape = attribution_patch_routing_weights(
+        model, batch.corrupted_tokens, cache, metric, by_pos=np.False_
+    ).shape
+    assert shape == (2, model.cfg.n_layers)
+
+
+def test_distinct_callable_metrics_of_one_name_are_refused_with_the_remedy():
+    """Audit 79: two different lambdas share the name ``<lambda>`` (the table and
+    ``per_prompt`` key metrics by name, so refusing is right), but the refusal said
+    "each entry would give the same rows again; give each once", which is false for two
+    different metrics and gives no way out. Now it says to name them."""
+    model = routed_model("cumulative", dtype=torch.float32)
+    batch = random_batch()
+    metrics = [
+        lambda b, logits: metric_values(b, logits, "logit_diff"),
+        lambda b, logits: metric_values(b, logits, "logprob"),
+    ]
+    for run in (attribute_routing, ablation_effects):
+        with pytest.raises(ValueError, match=r"different callables named '<lambda>'.*__name__"):
+            run(model, batch, metrics=metrics, progress=False)
+    with pytest.raises(ValueError, match="metrics repeats"):  # one callable twice: as before
+        attribute_routing(model, batch, metrics=[metrics[0], metrics[0]], progress=False)
+
+
+def test_verify_top_of_zero_cells_verifies_the_masked_mass_cells_only():
+    """Audit 79: ``verify_top(0, min_masked_mass=m)`` (verify only the all-or-nothing
+    cells, whatever their estimate) was refused as "k must be an integer >= 1". Now it
+    returns the `ablation_effects` rows of exactly the cells whose masked mass reaches
+    ``m``; a threshold no cell reaches gives an empty table with the same columns, and
+    ``k=0`` alone (which verifies nothing) is refused with the remedy."""
+    model = routed_model("kimi", dtype=torch.float32)
+    batch = random_batch(n=6, seed=7)
+    kwargs = dict(groups="layers", n_bootstrap=50, progress=False)
+    result = attribute_routing(model, batch, ["logit_diff", "logprob"], **kwargs)
+    threshold = float(np.quantile(result.masked_mass, 0.8))
+    chosen = {
+        (cell.router, cell.group, cell.family)
+        for cell, mass in zip(result.plan, result.masked_mass, strict=True)
+        if mass >= threshold
+    }
+    assert 0 < len(chosen) < len(result.plan)
+    verified = result.verify_top(0, min_masked_mass=threshold)
+    assert set(zip(verified.router, verified.group, verified.family, strict=True)) == chosen
+    assert len(verified) == 2 * len(chosen) and (verified.verified_because == "masked mass").all()
+    exact = ablation_effects(model, batch, metrics=["logit_diff", "logprob"], **kwargs)
+    merged = verified.merge(exact, on=["router", "group", "family", "metric"], suffixes=("", "_x"))
+    assert len(merged) == len(verified)
+    for column in ("clean", "ablated", "effect", "ci_low", "ci_high"):
+        np.testing.assert_array_equal(merged[column], merged[f"{column}_x"], err_msg=column)
+    none = result.verify_top(0, min_masked_mass=1.0)
+    assert result.masked_mass.max() < 1.0 and len(none) == 0
+    assert list(none.columns) == list(result.verify_top(1).columns)
+    with pytest.raises(ValueError, match="k=0 verifies no cell.*min_masked_mass"):
+        result.verify_top(0)
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        result.verify_top(-1)

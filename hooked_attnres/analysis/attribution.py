@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import (
+    require_bool,
     require_choice,
     require_finite_number,
     require_integer,
@@ -407,7 +408,8 @@ class RoutingAttribution:
         """Run the exact ablation of the ``k`` cells with the largest ``|estimate|``.
 
         Args:
-            k: how many cells (per metric).
+            k: how many cells (per metric); 0 with ``min_masked_mass`` verifies the cells
+                it selects only.
             metric: rank by this metric only (default: the top ``k`` of each metric).
             method: whose estimates rank the cells (default: the first method computed).
             min_masked_mass: also verify every cell whose ablation removes at least this
@@ -421,12 +423,18 @@ class RoutingAttribution:
             the same `run_ablations` and bootstrap) with ``estimate`` (of ``method``),
             ``error = estimate - effect``, ``method = "exact"``, ``estimate_method`` and
             ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
-            and ``|estimate|``.
+            and ``|estimate|`` (no rows, the same columns, when ``k=0`` and no cell reaches
+            ``min_masked_mass``).
         """
-        require_integer("k", k, 1)
+        k = require_integer("k", k, 0)
         require_finite_number("min_masked_mass", min_masked_mass, optional=True)
         if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
             raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
+        if k == 0 and min_masked_mass is None:
+            raise ValueError(
+                "k=0 verifies no cell: give k >= 1 for the largest estimates, or "
+                "min_masked_mass (e.g. 0.9) with k=0 to verify the all-or-nothing cells only"
+            )
         methods = self.settings["methods"]
         method = methods[0] if method is None else method
         if method not in methods:
@@ -444,6 +452,12 @@ class RoutingAttribution:
             order = np.argsort(-np.abs(estimates), kind="stable")
             top[name] = {int(i) for i in order[:k]}
         cells = sorted(far.union(*top.values()))
+        columns = [
+            *self.table.columns.drop(["estimate", "method"]),
+            *("estimate", "error", "method", "estimate_method", "verified_because"),
+        ]
+        if not cells:  # k=0 and no cell reaches min_masked_mass
+            return pd.DataFrame(columns=columns)
         sub_plan = [self.plan[i] for i in cells]
         metrics = [m for m in self.metrics if metric_name(m) in chosen]
         s = self.settings
@@ -489,7 +503,7 @@ class RoutingAttribution:
                     "verified_because": "top estimate" if i in top[name] else "masked mass",
                 }
             )
-        table = pd.DataFrame(out)
+        table = pd.DataFrame(out, columns=columns)
         table["_order"] = -table["estimate"].abs()
         return (
             table.sort_values(["metric", "_order"], kind="stable")
@@ -542,8 +556,9 @@ def attribute_routing(
 
     Raises:
         ValueError: a model in train mode or without routers, ``accuracy`` or an unknown
-            metric, a callable metric that does not return ``[batch]``, an unknown family,
-            router or group, an unknown method.
+            metric, a callable metric that does not return ``[batch]``, different callable
+            metrics of one name, an unknown family, router or group, an unknown method.
+        TypeError: ``by_position`` that is not True or False (``"False"`` was read as True).
     """
     start_time = time.perf_counter()
     require_eval(model, "attribute_routing")
@@ -555,6 +570,7 @@ def attribute_routing(
     _check_differentiable(metrics)
     methods = _check_methods(method)
     routers = check_routers(model, routers)  # read once: a generator is empty after
+    by_position = require_bool("by_position", by_position)  # "False" was read as True
     check_count("chunk", chunk)
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)
@@ -765,9 +781,13 @@ def attribution_patch_routing_weights(
         ``[len(routers), n_layers]`` or ``[len(routers), n_layers, pos]`` float32 (the final
         router in column 0, other columns NaN), on the model's device: estimated metric
         values of the patched runs.
+
+    Raises:
+        TypeError: ``by_pos`` that is not True or False (``"no"`` gave the by-position layout).
     """
     require_eval(model, "attribution patching")
     method = require_choice("method", method, METHODS)
+    by_pos = require_bool("by_pos", by_pos)  # "no" gave the by-position layout
     routers = _check(model, corrupted_tokens, routers)
     site_rows = _site_rows(model, routers)
     sites = [site for _, site in site_rows]

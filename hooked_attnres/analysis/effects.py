@@ -63,14 +63,26 @@ def metric_name(metric: Metric) -> str:
 def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     """Metrics as a list (a single one may be given bare): names from `METRICS` or
     callables ``fn(batch, logits) -> [batch]``; raises ``ValueError`` for unknown names,
-    an empty list or a name given twice (`require_selection`)."""
+    an empty list, a name given twice (`require_selection`) or different callables of one
+    name (two lambdas: the tables key metrics by name; the error says to name them)."""
     metrics = (
         [metrics] if isinstance(metrics, str) or callable(metrics) else as_items("metrics", metrics)
     )
+    names = [metric_name(m) for m in metrics]
+    for index, metric in enumerate(metrics):
+        shared = [m for m in metrics[:index] if metric_name(m) == names[index] and m is not metric]
+        if shared:
+            # the tables key metrics by name: two lambdas were refused as a metric given twice
+            raise ValueError(
+                f"metrics has different callables named {names[index]!r}; the tables and "
+                "per-prompt results are keyed by a metric's name, so their rows could not be "
+                "told apart. Give each callable its own __name__ (define it with def, or set "
+                "fn.__name__ = 'my_metric')"
+            )
     require_selection(
         "metrics",
         metrics,
-        [metric_name(m) for m in metrics],
+        names,
         why="a name of METRICS or a callable fn(batch, logits) -> [batch]",
     )
     unknown = [m for m in metrics if not callable(m) and m not in METRICS]
