@@ -1147,6 +1147,81 @@ def test_decompositions_refuse_a_cache_of_an_edited_run(case):
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def _cached_rms_analyses(cache, layer, mlp_input: bool, stack) -> dict:
+    """The cache's analyses that divide by the cached RMS of the norm at ``(layer,
+    mlp_input)`` (``layer=None``: ``ln_final``), by name; ``stack`` is a decomposition at
+    position -1 there."""
+    at = cache.model.cfg.n_layers if layer is None else layer
+    answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
+    calls = {
+        "decompose_resid": lambda: cache.decompose_resid(
+            layer, mlp_input, apply_ln=True, routed=True
+        ),
+        "get_full_resid_decomposition": lambda: cache.get_full_resid_decomposition(
+            layer, mlp_input, apply_ln=True, routed=True
+        ),
+        "stack_neuron_results": lambda: cache.stack_neuron_results(
+            at, mlp_input=mlp_input, apply_ln=True, routed=True
+        ),
+        "apply_ln_to_stack": lambda: cache.apply_ln_to_stack(
+            stack, layer, mlp_input, pos_slice=-1, routed=True
+        ),
+    }
+    if not mlp_input:
+        calls["stack_head_results"] = lambda: cache.stack_head_results(
+            at, apply_ln=True, routed=True
+        )
+    if layer is None:
+        calls["logit_attrs"] = lambda: cache.logit_attrs(
+            stack, answers, wrongs, pos_slice=-1, routed=True
+        )
+    return calls
+
+
+def test_analyses_dividing_by_a_cached_rms_refuse_a_cache_whose_norm_output_was_edited(case):
+    """Audit 78 (property search over edited runs): a run that edited a norm's output
+    (``hook_normalized``, here doubled) fed the unembedding (or the sublayer) another
+    vector than the norm's input divided by its cached RMS, but the analyses that divide
+    by that RMS did not look: ``logit_attrs`` summed to half the run's logit difference in
+    every layout (kimi, float64: 0.24 off a difference of 0.48), and ``apply_ln=True``
+    stacks summed to 2.4-3.1 away from what the norm output (a sum check of the stack
+    passes: it reads the norm's input). They refuse now, as for an edit of the stream
+    (`test_decompositions_refuse_a_cache_of_an_edited_run`); an edit of the RMS itself
+    (``hook_scale``), which the norm divides by, leaves them exact."""
+    model = case.model
+    n_layers = model.cfg.n_layers
+    direction = (model.W_U[:, ANSWER] - model.W_U[:, WRONG]) * model.ln_final.w
+    for norm, layer in (("ln_final", None), ("blocks.1.ln1", 1), ("blocks.1.ln2", 1)):
+        mlp_input = norm.endswith("ln2")
+        point = 2 * n_layers if layer is None else 2 * layer + mlp_input
+        double = [(f"{norm}.hook_normalized", lambda x, hook: 2 * x)]
+        with model.hooks(fwd_hooks=double):
+            logits, edited = model.run_with_cache(case.clean)
+        # the stack still sums to what the norm read: the edit is after it
+        stack = edited.decompose_resid(layer, mlp_input, pos_slice=-1, routed=True)
+        target = edited.norm_input(point)[:, -1]
+        assert torch.allclose(stack.sum(0), target, atol=ATOL)
+        # by hand: the input over the cached RMS is not what the norm output
+        scale = edited[f"{norm}.hook_scale"][:, -1]
+        normalized = edited[f"{norm}.hook_normalized"][:, -1]
+        assert (target / scale - normalized).abs().max() > 0.1
+        if layer is None:  # the DLA of the stack is not the run's own logit difference
+            true = logits[:, -1, ANSWER] - logits[:, -1, WRONG]
+            assert not torch.allclose(((stack / scale) * direction).sum(-1).sum(0), true)
+        for method, call in _cached_rms_analyses(edited, layer, mlp_input, stack).items():
+            refusal = rf"cache\.{method}: .*{norm}\.hook_normalized"
+            with warnings.catch_warnings(), pytest.raises(ValueError, match=refusal):
+                warnings.simplefilter("ignore", UnfoldedNormWarning)
+                call()
+    # an edit of the RMS: the norm divides by the edited scale, so the DLA stays exact
+    with model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda x, hook: 2 * x)]):
+        logits, rescaled = model.run_with_cache(case.clean)
+    stack = rescaled.decompose_resid(pos_slice=-1, routed=True)
+    attrs = _cached_rms_analyses(rescaled, None, False, stack)["logit_attrs"]()
+    true = logits[:, -1, ANSWER] - logits[:, -1, WRONG]
+    assert torch.allclose(attrs.sum(0), true, atol=ATOL)
+
+
 def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):
     """Audit finding: TransformerLens's head and neuron stacks read hook_z (or hook_result)
     and hook_post, not the sublayer output; a run that zero-ablated hook_attn_out or

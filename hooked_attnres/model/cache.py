@@ -707,6 +707,50 @@ class AttnResActivationCache(ActivationCache):
                 "unedited run, or read the router's hook_sources and hook_weights directly."
             )
 
+    def _require_norm_output(self, method: str, point: int) -> None:
+        """Refuse a cache whose norm at ``point`` did not output its input divided by its
+        cached RMS (``hook_normalized`` against `norm_input` over ``hook_scale``, at the
+        real tokens, to the rounding of the cache's dtype): the run edited
+        ``hook_normalized``, so the sublayer (or the unembedding) read another vector than
+        the one ``apply_ln`` / ``logit_attrs`` divide a stack by the cached RMS to stand
+        for, and their entries do not sum to it (``logit_attrs``: not to the run's logit
+        differences). An edit of ``hook_scale``, which the norm divides by, passes. A
+        cache without the three hooks is refused as in `_require_decomposable` (``KeyError``)
+        unless no forward hook but the caching ones was attached to its pass."""
+        norm = self.model.norm_at(point)
+        normalized_name, scale_name = norm.hook_normalized.name, norm.hook_scale.name
+        site = self.model.routing_layout.reader(point)
+        input_name = _resid_name(self.model, point) if site is None else site.hook("out")
+        names = [input_name, scale_name, normalized_name]
+        if any(name not in self.cache_dict for name in names):
+            if self.other_hooks_attached is False:
+                return
+            require_cached(
+                self.cache_dict,
+                names,
+                f"cache.{method} at {_where(self.model, point)} (other hooks than the "
+                "caching ones were attached to the model in the pass that made this cache, "
+                "or it does not record that, so they may have edited the norm's output; "
+                "checking that it is the norm's input over the cached RMS needs all three)",
+            )
+        normalized = self.cache_dict[normalized_name]
+        dtype = stat_dtype(normalized.dtype)
+        with torch.no_grad():
+            expected = self.cache_dict[input_name].to(dtype) / self.cache_dict[scale_name].to(dtype)
+            error, size = self._sum_error(expected, normalized.to(dtype))
+        if not error <= _decomposition_rtol(normalized.dtype, 1) * max(size, 1e-30):
+            raise ValueError(
+                f"cache.{method}: at {_where(self.model, point)} the norm's output "
+                f"({normalized_name}) is not its input ({input_name}) divided by its cached "
+                f"RMS ({scale_name}): max error {error:.3g}, max |output| {size:.3g}"
+                f"{_nan_note(error)}. The run that made this cache edited {normalized_name}, "
+                "so a stack divided by the cached RMS (apply_ln, logit_attrs) does not sum to "
+                "what was read after the norm (logit_attrs: not to the run's logit "
+                "differences). Analyse a cache of a run without that edit (an edit of "
+                "hook_scale, which the norm divides by, is exact), or read the edited "
+                "output directly."
+            )
+
     def _require_unit_results(self, method: str, head_layers: int, neuron_layers: int) -> None:
         """Refuse a cache whose per-head results (what TransformerLens's head stacks read:
         ``hook_result``, else ``hook_z @ W_O``) of a layer below ``head_layers``, or
@@ -1012,6 +1056,8 @@ class AttnResActivationCache(ActivationCache):
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
+        if apply_ln:
+            self._require_norm_output("decompose_resid", point)
         n_outputs = (point // 2) * ((mode != "mlp") + (mode != "attn")) + (
             point % 2 == 1 and mode != "mlp"
         )
@@ -1049,6 +1095,8 @@ class AttnResActivationCache(ActivationCache):
         self._require_decomposable("stack_head_results", point, head_layers=point // 2)
         self._require_head_inputs("stack_head_results")
         self._warn_unfolded(point, apply_ln)
+        if apply_ln:
+            self._require_norm_output("stack_head_results", point)
         cache = self._view(point, remainder=incl_remainder)
         return ActivationCache.stack_head_results(
             cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
@@ -1078,6 +1126,8 @@ class AttnResActivationCache(ActivationCache):
         )
         self._require_decomposable("stack_neuron_results", point, neuron_layers=point // 2)
         self._warn_unfolded(point, apply_ln)
+        if apply_ln:
+            self._require_norm_output("stack_neuron_results", point)
         cache = self._view(point, remainder=incl_remainder)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.stack_neuron_results(
@@ -1121,6 +1171,8 @@ class AttnResActivationCache(ActivationCache):
         )
         self._require_head_inputs("get_full_resid_decomposition")
         self._warn_unfolded(point, apply_ln)
+        if apply_ln:
+            self._require_norm_output("get_full_resid_decomposition", point)
         cache = self._view(point)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.get_full_resid_decomposition(
@@ -1173,6 +1225,7 @@ class AttnResActivationCache(ActivationCache):
             "apply_ln_to_stack", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
         self._warn_unfolded(point, True)
+        self._require_norm_output("apply_ln_to_stack", point)
         return ActivationCache.apply_ln_to_stack(
             self._plain(),
             residual_stack,
@@ -1210,6 +1263,7 @@ class AttnResActivationCache(ActivationCache):
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
         self._require_decomposable("logit_attrs", point)
+        self._require_norm_output("logit_attrs", point)
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
