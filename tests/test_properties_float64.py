@@ -796,3 +796,81 @@ def test_second_derivatives_of_a_padded_batch(name, watched):
         assert got is not None
         error = (got - expected).abs().max().item()
         assert error <= 1e-10 * max(1.0, expected.abs().max().item()), error
+
+
+def _edited_sum_errors(model, tokens, mask, name, factor, point):
+    """Run with the activation ``name`` times ``factor`` and cache; return ``{analysis:
+    error}`` for each cache analysis at read point ``point`` that did not refuse, the error
+    against what the run itself read: the norm's input (`norm_input`, the router's
+    ``hook_out`` or ``hook_resid_*``), the norm's output (its cached ``hook_normalized``)
+    and, at the unembedding, the logit difference of the run's logits."""
+    import warnings
+
+    from hooked_attnres import RoutedResidualPatchWarning, UnfoldedNormWarning
+
+    n_layers = model.cfg.n_layers
+    layer, mlp_input = (None, False) if point == 2 * n_layers else divmod(point, 2)
+    norm = model.norm_at(point).hook_normalized.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutedResidualPatchWarning)
+        warnings.simplefilter("ignore", UnfoldedNormWarning)
+        with model.hooks(fwd_hooks=[(name, lambda x, hook: x * factor)]):
+            logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+        answers = torch.arange(tokens.shape[0]) % 17
+        wrongs = (answers + 5) % 17
+        rows = torch.arange(tokens.shape[0])
+        difference = logits[rows, :, answers] - logits[rows, :, wrongs]
+        target, normalized = cache.norm_input(point), cache[norm]
+        calls = {
+            "decompose_resid": (
+                lambda: cache.decompose_resid(layer, mlp_input, routed=True).sum(0),
+                target,
+            ),
+            "get_full_resid_decomposition": (
+                lambda: cache.get_full_resid_decomposition(layer, mlp_input, routed=True).sum(0),
+                target,
+            ),
+            "decompose_resid(apply_ln=True)": (
+                lambda: cache.decompose_resid(layer, mlp_input, apply_ln=True, routed=True).sum(0),
+                normalized,
+            ),
+        }
+        if layer is None:
+            calls["logit_attrs"] = (
+                lambda: cache.logit_attrs(
+                    cache.decompose_resid(routed=True), answers, wrongs, routed=True
+                ).sum(0)[..., None],
+                difference[..., None],
+            )
+        errors = {}
+        for analysis, (call, expected) in calls.items():
+            try:
+                got = call()
+            except ValueError as error:
+                assert "edited" in str(error), error
+                continue
+            errors[analysis] = real_diff(got, expected, mask) / max(
+                1.0, expected.abs().max().item()
+            )
+    return errors
+
+
+@SETTINGS
+@given(case=any_case(), data=st.data())
+def test_cache_analyses_of_an_edited_run_are_exact_or_refuse(case, data):
+    """Audit 78: a hook scales one activation of the cached run (any hook of the model,
+    a norm's output among them); every decomposition at a random read point then either
+    refuses (naming the edit) or sums to what the run read there: the norm's input, the
+    norm's output for ``apply_ln=True`` and, at the unembedding, the run's own logit
+    differences for ``logit_attrs``. An edit of ``hook_normalized`` passed silently before
+    (``_require_norm_output``)."""
+    model, tokens, mask = case
+    norm_outputs = sorted(n for n in model.hook_dict if n.endswith("ln_final.hook_normalized"))
+    others = sorted(n for n in model.hook_dict if not n.endswith("hook_pattern"))
+    name = data.draw(st.one_of(st.sampled_from(norm_outputs), st.sampled_from(others)))
+    factor = data.draw(st.sampled_from([0.5, -1.0]))
+    point = data.draw(st.integers(0, 2 * model.cfg.n_layers))
+    if name.startswith("ln_final"):
+        point = 2 * model.cfg.n_layers
+    errors = _edited_sum_errors(model, tokens, mask, name, factor, point)
+    assert all(error <= 1e-9 for error in errors.values()), (name, point, errors)
