@@ -955,7 +955,8 @@ def effects_by_seed(
                 if seed not in absent[condition]:  # a seed the condition has: every band
                     where = f"condition={condition!r}, seed={seed}, router={router!r}"
                     _require_cells(rows.effect, "effects", where)
-                rows = _blank_unmasked(rows)
+                    # (an absent seed's slots are NaN rows: no bars, nothing to blank)
+                    rows = _blank_unmasked(rows)
                 fig.add_trace(
                     _bar(
                         groups,

@@ -1349,6 +1349,35 @@ def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
         study_report(result)
 
 
+def test_the_report_refuses_a_nan_n_masked_routers(tmp_path):
+    """Audit 76: an effects table whose ``n_masked_routers`` held NaN (an empty cell of
+    effects.csv, or a merge that did not match) printed the ablation's effect 0 as
+    "0.00" (NaN is not 0, so the cell was not "–"), a measured-looking number; refused now
+    by the figures' check (`require_masked_column`), naming the row."""
+    from hooked_attnres.study.report import study_report, study_report_html
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0], [])})
+    effects = result.effects.copy()
+    hole = (effects.group == "early") & (effects.family == "older")
+    effects.loc[hole, ["effect", "ci_low", "ci_high"]] = 0.0  # nothing masked: 0
+    effects.loc[hole, "n_masked_routers"] = None
+    path = tmp_path / "effects.csv"
+    effects.to_csv(path, index=False)
+    result.effects = pd.read_csv(path)
+    first = effects[hole & (effects.metric == "logit_diff")].iloc[0]
+    for report in (study_report, study_report_html):
+        with pytest.raises(
+            ValueError,
+            match=rf"^effects holds {int((hole & (effects.metric == 'logit_diff')).sum())} "
+            r"non-finite 'n_masked_routers' value\(s\) \(first: nan at condition="
+            rf"'hard_cumulative_L8', seed=0, router='{first.router}', group='early', "
+            r"family='older', metric='logit_diff'\), which the study report's tables cannot "
+            r"read: an ablation that masked nothing \(effect 0 by construction\) there would "
+            r"be shown as a measured effect",
+        ):
+            report(result)
+
+
 # thresholds other than the pre-registered ones, each deciding the cases below otherwise
 _CUSTOM = dict(
     min_effect_fraction=0.075,

@@ -578,6 +578,46 @@ def test_effect_figures_refuse_effects_without_n_masked_routers_as_the_report_do
             draw()
 
 
+def test_effect_figures_refuse_a_nan_n_masked_routers(tmp_path):
+    # audit 76: an effects table whose n_masked_routers held NaN (an empty cell of a CSV
+    # read back, or a merge that did not match) had an ablation that masked nothing drawn
+    # as a measured effect: NaN is not 0, so effect_bands drew 6 bars of exactly 0 (older
+    # and prev_completed in the early band); now refused by the one check
+    # (require_masked_column, also the study report's), naming the first such row
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(model, batch, metrics="logit_diff", n_bootstrap=40, progress=False)
+    nothing = effects.n_masked_routers == 0
+    assert nothing.any() and (effects[nothing].effect == 0).all()  # 0 by construction
+    effects.loc[nothing, "n_masked_routers"] = None  # the cells a CSV leaves empty
+    path = tmp_path / "effects.csv"
+    effects.to_csv(path, index=False)
+    read = pd.read_csv(path)
+    first = effects[nothing].iloc[0]
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    seeds = read.assign(condition="c", seed=0)
+    figures = {
+        "effect_bands": lambda: plotting.effect_bands(read),
+        "effects_by_seed": lambda: plotting.effects_by_seed(seeds, "older", ["attn_res"]),
+        "mass_effect_bars": lambda: plotting.mass_effect_bars(summary, read, group="early"),
+        "mass_effect_scatter": lambda: plotting.mass_effect_scatter(summary, read, group="early"),
+        "mass_effect_by_seed": lambda: plotting.mass_effect_by_seed(
+            summary.assign(condition="c", seed=0), seeds, "attn_res"
+        ),
+    }
+    for draw in figures.values():
+        with pytest.raises(
+            ValueError,
+            match=rf"^effects holds {int(nothing.sum())} non-finite 'n_masked_routers' "
+            rf"value\(s\) \(first: nan at (condition='c', seed=0, )?router='{first.router}', "
+            rf"group='{first.group}', "
+            rf"family='{first.family}'.*\), which the effect figures cannot read: an ablation "
+            r"that masked nothing",
+        ):
+            draw()
+
+
 def test_source_heatmap_reads_a_0d_integer_tensor_as_the_position_it_holds():
     # audit 74: source_heatmap refused positions=torch.tensor(2) ("must be 'all' or one
     # position (an int)") where the interventions (position_index / check_positions) read

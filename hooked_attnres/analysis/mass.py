@@ -109,15 +109,27 @@ def require_family_read_column(mass_summary: pd.DataFrame, what: str) -> None:
 
 
 def require_masked_column(effects: pd.DataFrame, what: str) -> None:
-    """Refuse effects without ``n_masked_routers`` (a hand-made table): only it tells an
-    ablation that masked nothing (effect 0 by construction) from a measured 0. ``what``
-    names the result that needs it (the study report's tables, the effect figures)."""
+    """Refuse effects without ``n_masked_routers`` (a hand-made table), or with a NaN or
+    infinite value in it (an empty cell of a CSV, a row a merge did not match): only it
+    tells an ablation that masked nothing (effect 0 by construction) from a measured 0, and
+    NaN is not 0, so such a row would be shown as measured. ``what`` names the result that
+    needs it (the study report's tables, the effect figures)."""
     if "n_masked_routers" not in effects.columns:
         raise ValueError(
             "effects lacks the column 'n_masked_routers' (how many routers each ablation "
             f"masked), needed by {what}: without it an ablation that masked nothing "
             "(effect 0 by construction) would be shown as a measured 0; pass "
             "ablation_effects output (a run_study result)"
+        )
+    keys = ("condition", "seed", "router", "group", "family", "metric")
+    found = non_finite_in_column(effects, "n_masked_routers", keys)
+    if found is not None:
+        raise ValueError(
+            f"effects holds {found[0]} non-finite 'n_masked_routers' value(s) (first: "
+            f"{found[1]} at {found[2]}), which {what} cannot read: an ablation that masked "
+            "nothing (effect 0 by construction) there would be shown as a measured effect; "
+            "pass ablation_effects output (a run_study result) with every row's count (an "
+            "empty cell of a CSV or a merge that did not match leaves NaN)"
         )
 
 
