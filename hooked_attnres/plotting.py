@@ -374,11 +374,16 @@ def source_heatmap(
             (a plain ``dict``) is refused, as patching refuses it (declare a dict's pass
             with `hooked_attnres.RunCacheDict`).
         router: ``"attn_res"``, ``"mlp_res"`` or ``"final_res"``.
-        positions: ``"all"`` (mean over prompts and their real positions; of a cache
-            made with a ``pos_slice``, over the real tokens at the positions it kept,
+        positions: ``"all"`` (one mean over the real tokens of every prompt, each token
+            once, so a prompt with more real tokens weighs more, unlike `routing_mass`'s
+            mean of each prompt's mean; the title gives the counts; of a cache made with a
+            ``pos_slice``, over the real tokens at the positions it kept,
             `RunRecord.kept`) or one position (mean over prompts): an int or a 0-d
             integer tensor, read as the integer it holds (`position_index`, as the
-            interventions read positions).
+            interventions read positions). Padding is known from the cache's
+            ``attention_mask`` only: a cache of right-padded `TaskBatch` tokens run
+            without one counts the padding; run it with ``attention_mask=`` (True up to
+            each prompt's ``answer_pos``).
 
     Raises:
         ValueError: no routers, a ``positions`` other than ``"all"`` or one integer, non-finite
@@ -410,6 +415,7 @@ def source_heatmap(
     real, record, positions = _real_tokens(cache, names, positions)
     for site in sites:
         weights = _batch_pos_sources(cache[site.hook("weights")], record)
+        weights_shape = weights.shape  # [batch, pos, n_sources]
         if real is not None:  # [batch, pos, n_sources] -> [n_real, n_sources]
             weights = weights[real.to(weights.device)][:, None]
         if not bool(torch.isfinite(weights).all()):  # blank would read "no such source"
@@ -443,13 +449,17 @@ def source_heatmap(
     )
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(title_text="source")
-    where = (
-        "mean over prompts and positions"
-        + (" the pos_slice kept" if record.pos_slice is not None else "")
-        + (", padding left out" if real is not None else "")
-        if positions == "all"
-        else f"position {positions}, mean over prompts"
-    )
+    where = f"position {positions}, mean over prompts"
+    if positions == "all":  # one mean over the tokens: a longer prompt weighs more
+        kept = " at the positions the pos_slice kept" if record.pos_slice is not None else ""
+        if real is None:
+            n_prompts, n_pos = weights_shape[:2]
+            where = f"mean over {n_prompts * n_pos} tokens{kept}: {n_prompts} prompts x {n_pos}"
+        else:
+            where = (
+                f"mean over the {int(real.sum())} real tokens{kept} of "
+                f"{int(real.any(dim=1).sum())} prompts, padding left out"
+            )
     return _finish(
         fig,
         title or f"Routing weights, {ROUTER_TITLES[router]} ({where})",

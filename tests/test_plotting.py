@@ -188,6 +188,47 @@ def test_source_heatmap_leaves_padding_out_and_refuses_positions_of_another_run(
     np.testing.assert_array_equal(np.asarray(redrawn, float), z)
 
 
+def test_source_heatmap_title_says_it_pools_the_real_tokens():
+    """Audit 76: positions='all' is one mean over the real tokens of every prompt (a prompt
+    with more real tokens weighs more); the title said "mean over prompts and positions",
+    which reads as the mean of each prompt's mean (`routing_mass`'s "all"), here up to
+    0.1 away. The title now gives what was pooled, counted from the mask."""
+    from transformer_lens.utilities import Slice
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4)).eval()
+    tokens = torch.randint(3, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :5] = 0  # 2 real tokens, left padding
+    mask[1, 6:] = 0  # 6 real tokens, right padding
+    real = mask.bool()
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    fig = plotting.source_heatmap(model, cache, "attn_res")
+    z, x = np.asarray(fig.data[0].z, dtype=float), list(fig.data[0].x)
+    gap = 0.0
+    for i, site in enumerate(model.sites("attn_res")):
+        weights = cache[site.hook("weights")].double()
+        tokens_pooled = torch.cat([weights[b][real[b]] for b in range(3)]).mean(0)
+        prompt_means = torch.stack([weights[b][real[b]].mean(0) for b in range(3)]).mean(0)
+        for j, label in enumerate(model.source_labels(site)):
+            assert z[i, x.index(label)] == pytest.approx(tokens_pooled[j].item(), abs=1e-6)
+        gap = max(gap, (tokens_pooled - prompt_means).abs().max().item())
+    assert gap > 0.05  # the two readings of "mean over prompts" differ here
+    n_real = int(real.sum())
+    assert fig.layout.title.text.endswith(
+        f"(mean over the {n_real} real tokens of 3 prompts, padding left out)"
+    )
+    _, at_one = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(1))
+    title = plotting.source_heatmap(model, at_one, "attn_res").layout.title.text
+    n_at_one = int(real[:, 1].sum())  # prompt 0 is padding there: 2 prompts
+    assert title.endswith(
+        f"(mean over the {n_at_one} real tokens at the positions the pos_slice kept of "
+        f"{n_at_one} prompts, padding left out)"
+    )
+    _, unpadded = model.run_with_cache(tokens)
+    title = plotting.source_heatmap(model, unpadded, "attn_res").layout.title.text
+    assert title.endswith(f"(mean over {3 * 7} tokens: 3 prompts x 7)")
+
+
 def test_source_heatmap_reads_a_pos_slice_cache_of_a_padded_run_at_its_real_tokens():
     """Audit 63: with positions='all' a pos_slice cache of a padded run was refused as
     positions whose padding cannot be told, which the cache records (`RunRecord.kept`):
