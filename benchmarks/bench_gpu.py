@@ -52,9 +52,8 @@ def forward_section(args, device: torch.device) -> dict:
         torch.manual_seed(0)
         hf = Qwen3ForCausalLM(Qwen3Config(**config)).eval().to(device, dtype)
         for wrap in WRAPS_06B:
-            model = HookedAttnRes.from_hf_qwen3(
-                hf, wrap=wrap, num_blocks=8, dtype=dtype, device=device
-            )
+            # 8 blocks (the default) for the wraps with blocks; "none" refuses num_blocks
+            model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, dtype=dtype, device=device)
             for batch_name, (batch, seq) in BATCHES_06B.items():
                 tokens = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
                 fns = synchronised(candidates(hf, model, tokens, routing_hooks(model)), device)

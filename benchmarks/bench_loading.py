@@ -92,9 +92,7 @@ def child(kind: str, directory: str, dtype: str, wrap: str, threads: int = 2) ->
         mmap = kind == "hooked_attnres_mmap"
 
         def load():
-            return HookedAttnRes.from_hf_qwen3(
-                directory, wrap=wrap, dtype=dtype, num_blocks=8, mmap=mmap
-            )
+            return HookedAttnRes.from_hf_qwen3(directory, wrap=wrap, dtype=dtype, mmap=mmap)
 
     before = rss_mb()
     start = time.perf_counter()

@@ -93,7 +93,8 @@ def main_06b(args) -> None:
         dtype = getattr(torch, dtype_name)
         hf = Qwen3ForCausalLM(config).eval().to(dtype)
         for wrap in args.wraps:
-            model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=8, dtype=dtype)
+            # 8 blocks (the default) for the wraps with blocks; "none" refuses num_blocks
+            model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, dtype=dtype)
             names = routing_hooks(model)
             for batch_name in args.batches:
                 batch, seq = BATCHES_06B[batch_name]
@@ -153,7 +154,7 @@ def main_06b_paired(args) -> None:
         dtype = getattr(torch, dtype_name)
         hf = Qwen3ForCausalLM(config).eval().to(dtype)
         models = {
-            wrap: HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=8, dtype=dtype)
+            wrap: HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, dtype=dtype)  # 8 blocks
             for wrap in args.wraps
         }
         results: dict = {}

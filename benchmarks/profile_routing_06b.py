@@ -84,7 +84,8 @@ def timed(
 
 def models(config: Qwen3Config, dtype: torch.dtype) -> tuple[Qwen3ForCausalLM, dict]:
     hf = Qwen3ForCausalLM(config).eval().to(dtype)
-    wraps = {w: HookedAttnRes.from_hf_qwen3(hf, wrap=w, num_blocks=8, dtype=dtype) for w in WRAPS}
+    # 8 blocks for the wraps that have blocks ("none" refuses num_blocks)
+    wraps = {w: HookedAttnRes.from_hf_qwen3(hf, wrap=w, dtype=dtype) for w in WRAPS}
     return hf, wraps
 
 

@@ -87,8 +87,10 @@ def task_of(model_dir: Path, task_name: Optional[str]) -> tuple[Task, str]:
 def load(model_dir: Path, args) -> tuple[HookedAttnRes, str]:
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") == "qwen3":
+        # the exact wrap has no bias (from_hf_qwen3 refuses one)
+        bias = {"recency_bias": args.recency_bias} if args.wrap == "recency" else {}
         model = HookedAttnRes.from_hf_qwen3(
-            model_dir, wrap=args.wrap, num_blocks=args.num_blocks, recency_bias=args.recency_bias
+            model_dir, wrap=args.wrap, num_blocks=args.num_blocks, **bias
         )
         how = f"from_hf_qwen3(wrap={args.wrap!r}, num_blocks={args.num_blocks})"
     else:

@@ -671,8 +671,9 @@ def test_linear_estimate_equals_finite_differences_on_wrapped_qwen3(wrap):
 
     from hooked_attnres import HookedAttnRes
 
+    bias = {"recency_bias": 1.0} if wrap == "recency" else {}  # the exact wrap has none
     model = HookedAttnRes.from_hf_qwen3(
-        hf_qwen3(), wrap=wrap, num_blocks=3, recency_bias=1.0, dtype=torch.float64
+        hf_qwen3(), wrap=wrap, num_blocks=3, dtype=torch.float64, **bias
     ).eval()
     batch = random_batch(d_vocab=model.cfg.d_vocab, seed=8)
     routers = ("attn_res", "mlp_res", "final_res") if wrap == "exact" else ("attn_res", "mlp_res")

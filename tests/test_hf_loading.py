@@ -188,6 +188,36 @@ def test_recency_wrap_routes_exactly_as_the_schedule(n_layers, num_blocks, bias)
         assert abs(schedule.mean_current - 0.8397) < 5e-5
 
 
+def test_from_hf_qwen3_refuses_a_wrap_argument_the_wrap_ignores():
+    """Audit 76: ``wrap="none", num_blocks=7`` loaded the plain Qwen3 as if num_blocks
+    were not there (the logits of num_blocks 2 and 7 were equal), and ``wrap="exact",
+    recency_bias=1.0`` loaded a model without a bias: refused by name. Left out, the
+    defaults are the recency wrap's 8 blocks and bias 3 (as before)."""
+    hf = hf_qwen3(num_hidden_layers=8, hidden_size=16, head_dim=4, intermediate_size=16)
+    with pytest.raises(
+        ValueError,
+        match=r"^num_blocks applies to the recency and exact wraps \(the AttnRes blocks "
+        r"they route over\); wrap='none' loads the plain residual Qwen3, which has no "
+        r"blocks, and would ignore it: leave num_blocks out, or pass wrap='recency' or "
+        r"'exact'$",
+    ):
+        HookedAttnRes.from_hf_qwen3(hf, wrap="none", num_blocks=7)
+    for wrap, has in (("exact", "routes without a bias"), ("none", "has no routers")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^recency_bias applies to the recency wrap only; wrap='{wrap}' {has} "
+            r"and would ignore it: leave recency_bias out, or pass wrap='recency'$",
+        ):
+            HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, recency_bias=1.0)
+    default = HookedAttnRes.from_hf_qwen3(hf)
+    given = HookedAttnRes.from_hf_qwen3(hf, num_blocks=8, recency_bias=3.0)
+    assert default.cfg == given.cfg
+    assert (default.cfg.attnres_num_blocks, default.cfg.attnres_recency_bias) == (8, 3.0)
+    # without the refused arguments: loads
+    assert HookedAttnRes.from_hf_qwen3(hf, wrap="exact").cfg.attnres_recency_bias is None
+    assert HookedAttnRes.from_hf_qwen3(hf, wrap="none").cfg.attnres_layout == "none"
+
+
 def test_recency_schedule_for_the_qwen3_06b_shape():
     schedule = recency_schedule(28, 8, 3.0)
     means = schedule.family_means

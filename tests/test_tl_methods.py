@@ -39,6 +39,15 @@ from hooked_attnres import (
 from hooked_attnres.model.generation import sample_logits, sampling_probabilities
 
 WRAPS = ("recency", "exact", "none")
+
+
+def wrapped_qwen3(wrap: str, **kwargs) -> HookedAttnRes:
+    """A tiny Qwen3 through ``wrap``, with 2 blocks where the wrap has blocks (``"none"``
+    has none and refuses ``num_blocks``)."""
+    blocks = {} if wrap == "none" else {"num_blocks": 2}
+    return HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, **blocks, **kwargs)
+
+
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -54,7 +63,7 @@ def every_model():
     for layout in LAYOUTS:
         yield layout, routed_model(layout)
     for wrap in WRAPS:
-        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2)
+        model = wrapped_qwen3(wrap)
         model.set_tokenizer(build_word_tokenizer(WORDS))
         yield f"wrap={wrap}", model
 
@@ -829,7 +838,7 @@ def test_weights_signature_tells_a_replaced_parameter_from_the_same_one():
 @pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
 def test_greedy_generation_is_repeated_argmax_of_full_forwards(name):
     if name.startswith("wrap"):
-        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=name[5:], num_blocks=2)
+        model = wrapped_qwen3(name[5:])
     else:
         model = routed_model(name)
     vocab = model.cfg.d_vocab
@@ -1734,7 +1743,7 @@ def test_optional_hooks_change_no_number_in_every_layout_and_wrap(tokens):
     real = mask.bool()
     models = [(layout, routed_model(layout, dtype="float64")) for layout in LAYOUTS]
     for wrap in WRAPS:
-        hf = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2, dtype="float64")
+        hf = wrapped_qwen3(wrap, dtype="float64")
         models.append((f"wrap={wrap}", hf))
     for name, model in models:
         off = model(tokens), model(tokens, attention_mask=mask)

@@ -369,6 +369,24 @@ def config_from_hf(config: Any, **overrides: Any) -> HookedAttnResConfig:
     return HookedAttnResConfig(**values)
 
 
+def _require_wrap_uses(wrap: str, num_blocks: Optional[int], recency_bias: Optional[float]) -> None:
+    """Refuse a ``num_blocks`` or ``recency_bias`` given (not ``None``) with a wrap that
+    does not use it (`wrap_overrides`): it would be ignored, and the model not the one
+    asked for (``wrap="none"`` loads the plain Qwen3 whatever ``num_blocks``)."""
+    if num_blocks is not None and wrap == "none":
+        raise ValueError(
+            "num_blocks applies to the recency and exact wraps (the AttnRes blocks they "
+            "route over); wrap='none' loads the plain residual Qwen3, which has no blocks, "
+            "and would ignore it: leave num_blocks out, or pass wrap='recency' or 'exact'"
+        )
+    if recency_bias is not None and wrap != "recency":
+        has = "routes without a bias" if wrap == "exact" else "has no routers"
+        raise ValueError(
+            f"recency_bias applies to the recency wrap only; wrap={wrap!r} {has} and would "
+            "ignore it: leave recency_bias out, or pass wrap='recency'"
+        )
+
+
 def wrap_overrides(wrap: str, num_blocks: int, recency_bias: float) -> dict[str, Any]:
     """The AttnRes config fields of each wrap."""
     if wrap == "recency":
@@ -563,8 +581,8 @@ def load_hf_weights(
 def from_hf_qwen3(
     source: Union[str, Path, Any],
     wrap: str = "recency",
-    num_blocks: int = 8,
-    recency_bias: float = 3.0,
+    num_blocks: Optional[int] = None,
+    recency_bias: Optional[float] = None,
     dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device] = "cpu",
     tokenizer=None,
@@ -578,8 +596,10 @@ def from_hf_qwen3(
             with ``model.safetensors.index.json``), or a ``Qwen3ForCausalLM``.
         wrap: ``"recency"``, ``"exact"`` or ``"none"`` (see the module docstring).
         num_blocks: AttnRes blocks for the recency and exact wraps (clipped to
-            ``n_layers``).
-        recency_bias: the recency wrap's bias ``b``.
+            ``n_layers``; default 8). ``wrap="none"`` has no blocks: a ``num_blocks`` given
+            with it raises ``ValueError`` (it would be ignored).
+        recency_bias: the recency wrap's bias ``b`` (default 3.0); given with another wrap
+            it raises ``ValueError`` (the exact wrap has no bias, ``"none"`` no routers).
         dtype: of the returned model (default: float32, or float64 if a weight is
             float64, so that the default never rounds a weight; bfloat16 and float16
             weights convert to float32 exactly).
@@ -594,8 +614,11 @@ def from_hf_qwen3(
         A `HookedAttnRes` in eval mode.
     """
     wrap = require_choice("wrap", wrap, WRAPS)
-    num_blocks = require_integer("num_blocks", num_blocks, 1)
-    require_finite_number("recency_bias", recency_bias)
+    num_blocks = require_integer("num_blocks", num_blocks, 1, optional=True)
+    recency_bias = require_finite_number("recency_bias", recency_bias, optional=True)
+    _require_wrap_uses(wrap, num_blocks, recency_bias)
+    num_blocks = 8 if num_blocks is None else num_blocks
+    recency_bias = 3.0 if recency_bias is None else recency_bias
     mmap = require_bool("mmap", mmap)
     require_tokenizer("tokenizer", tokenizer)  # before the weights are read
     check_device(device)
