@@ -213,3 +213,10 @@ def tiny_study_runs(root, condition: str, seeds, n_layers: int = 4, num_blocks: 
         HookedAttnRes(cfg, tokenizer=tokenizer).save_pretrained(
             run_dir(root, condition, seed) / "model", overwrite=True
         )
+
+
+def blocks_of(kind: str) -> dict:
+    """``{"num_blocks": 2}`` for an ``"attnres"`` model of the tests' tiny shapes; ``{}``
+    for a ``"vanilla"`` one, which has no blocks (`build_model` and `train_condition`
+    refuse a ``num_blocks`` for it)."""
+    return {"num_blocks": 2} if kind == "attnres" else {}

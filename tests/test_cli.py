@@ -582,6 +582,47 @@ def test_info_describes_a_vanilla_qwen3_run_instead_of_a_python_remedy(tmp_path,
     assert "wrap='recency'" in out  # how the study reads it (a Python call, named as such)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(attnres_layout="kimi", n_layers=5, attnres_num_blocks=4),
+        dict(attnres_layout="cumulative", n_layers=6, attnres_num_blocks=3),
+        dict(attnres_layout="kimi", n_layers=3, attnres_num_blocks=1),
+        dict(attnres_layout="none"),
+        dict(attnres_layout="full"),
+        dict(attnres_layout="cumulative", attnres_mode="full"),
+    ],
+)
+def test_info_gives_the_blocks_a_model_has(tmp_path, capsys, settings):
+    """Audit 76: ``info`` printed the config's ``attnres_num_blocks`` as the model's
+    blocks: "4 blocks" for 5 layers asked for 4 (blocks of ceil(5 / 4) = 2 layers: 3
+    blocks), "2 blocks" for a layout ``"none"`` model (no routers) and for a block per
+    sublayer (``"full"``, cumulative ``mode="full"``), none of which uses it. The count
+    here is that of the layers grouped by the block size, by hand."""
+    from helpers import tiny_model
+
+    model = tiny_model(**settings)
+    model.save_pretrained(tmp_path / "m")
+    assert cli.main(["info", str(tmp_path / "m"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()[0]
+    cfg = model.cfg
+    if settings["attnres_layout"] == "none":
+        expected = "no routers"
+    elif settings["attnres_layout"] == "full" or settings.get("attnres_mode") == "full":
+        expected = "a block per sublayer"
+    else:
+        size = -(-cfg.n_layers // cfg.attnres_num_blocks)
+        sizes = [0] * cfg.n_layers
+        for layer in range(cfg.n_layers):
+            sizes[layer // size] += 1
+        sizes = [n for n in sizes if n]
+        s = "s" if size != 1 else ""
+        expected = f"{len(sizes)} block{'s' if len(sizes) != 1 else ''} of {size} layer{s}"
+        if sizes[-1] != size:
+            expected += f" (the last of {sizes[-1]})"
+    assert f", d_model {cfg.d_model}, {expected}, " in out, out
+
+
 def test_a_run_folder_the_trainer_cannot_use_is_refused_with_the_command_line_remedy(
     tmp_path, capsys
 ):

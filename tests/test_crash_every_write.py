@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from crash_helpers import KILLED, run_forked
+from helpers import blocks_of
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres._atomic import leftovers_of
@@ -100,7 +101,7 @@ def _train(out_dir, model_kind: str = "attnres", lr: float = 3e-3, resume: bool 
         checkpoint_every=2,
         threads=1,  # the forked child trains with one thread; every run must match it
     )
-    model = build_model(model_kind, 0, tok, shape, 2)
+    model = build_model(model_kind, 0, tok, shape, **blocks_of(model_kind))
     train(model, task, config, out_dir, tokenizer=tok, progress=False, resume=resume)
 
 

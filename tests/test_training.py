@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import blocks_of
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.study import build_model, train_condition
@@ -55,7 +56,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("condition", ["attnres", "vanilla"])
 def test_training_lowers_the_loss(tmp_path, condition):
     tok = task_tokenizer(TASK)
-    model = build_model(condition, seed=0, tokenizer=tok, shape=SHAPE, num_blocks=2)
+    model = build_model(condition, seed=0, tokenizer=tok, shape=SHAPE, **blocks_of(condition))
     probe = TASK.sample(128, seed=9, split="test", vocab=tok)
     from hooked_attnres.training import model_logits
 
@@ -85,8 +86,8 @@ def test_same_seed_same_weights(tmp_path, condition):
             task=TASK,
             config=config(),
             shape=SHAPE,
-            num_blocks=2,
             progress=False,
+            **blocks_of(condition),
         )
         for i in range(2)
     ]
@@ -103,8 +104,8 @@ def test_same_seed_same_weights(tmp_path, condition):
         task=TASK,
         config=config(),
         shape=SHAPE,
-        num_blocks=2,
         progress=False,
+        **blocks_of(condition),
     )
     embedding = "model.embed_tokens.weight" if condition == "vanilla" else "embed.W_E"
     other_weights = load_file(str(sorted(other.model_dir.glob("*.safetensors"))[0]))
@@ -114,15 +115,16 @@ def test_same_seed_same_weights(tmp_path, condition):
 @pytest.mark.parametrize("condition", ["attnres", "vanilla"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, condition):
     tok = task_tokenizer(TASK)
-    whole = build_model(condition, 0, tok, SHAPE, 2)
+    whole = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     train(whole, TASK, config(), tmp_path / "whole", tokenizer=tok, progress=False)
 
-    parts = build_model(condition, 0, tok, SHAPE, 2)
+    parts = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     first = train(
         parts, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7
     )
     assert first.steps == 7 and not (tmp_path / "parts" / "model").exists()
-    fresh = build_model(condition, 0, tok, SHAPE, 2)  # a new process would start from scratch
+    # a new process would start from scratch
+    fresh = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     second = train(fresh, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False)
     assert second.steps == 12
     assert_same_weights(weights(whole), weights(fresh))
@@ -140,9 +142,9 @@ def test_the_same_model_object_resumes_its_own_run(tmp_path, condition):
     into the config object), so the model's identity changed and the vanilla run was
     refused as "written by a different run (model.config.architectures differs)"."""
     tok = task_tokenizer(TASK)
-    whole = build_model(condition, 0, tok, SHAPE, 2)
+    whole = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     train(whole, TASK, config(), tmp_path / "whole", tokenizer=tok, progress=False)
-    model = build_model(condition, 0, tok, SHAPE, 2)
+    model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     train(model, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7)
     second = train(model, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False)
     assert second.steps == 12
@@ -151,7 +153,7 @@ def test_the_same_model_object_resumes_its_own_run(tmp_path, condition):
 
 def dropout_qwen3(tok, dropout: float):
     """The study's vanilla model of `SHAPE` with attention dropout (random in training)."""
-    model = build_model("vanilla", 0, tok, SHAPE, 2)
+    model = build_model("vanilla", 0, tok, SHAPE)
     config = copy.deepcopy(model.config)
     config.attention_dropout = dropout
     with torch.random.fork_rng():
@@ -265,7 +267,6 @@ def test_outputs_load_as_checkpoints(tmp_path):
         task=TASK,
         config=config(),
         shape=SHAPE,
-        num_blocks=2,
         progress=False,
     )
     tok = task_tokenizer(TASK)
@@ -621,7 +622,7 @@ def test_resuming_into_another_model_is_refused_naming_what_differs(tmp_path):
     wider = build_model("attnres", 0, tok, SHAPE, 2).to(torch.float64)
     with pytest.raises(ValueError, match=r"model.config.dtype differs: 'float32' vs 'float64'"):
         train(wider, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
-    vanilla = build_model("vanilla", 0, tok, SHAPE, 2)
+    vanilla = build_model("vanilla", 0, tok, SHAPE)
     with pytest.raises(ValueError, match=r"different run \(model.class differs"):
         train(vanilla, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False)
 
@@ -694,9 +695,9 @@ def test_resuming_with_another_vocabulary_of_the_same_size_is_refused(tmp_path, 
     # it resumed silently and trained on other token ids from step 4 on (final weights 5.8e-3
     # from the uninterrupted run's in the audit's 6-step reproduction)
     tok, other = task_tokenizer(TASK), permuted_tokenizer(TASK)
-    model = build_model(condition, 0, tok, SHAPE, 2)
+    model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     train(model, TASK, config(), tmp_path / "run", tokenizer=tok, progress=False, stop_after=3)
-    resumed = build_model(condition, 0, other, SHAPE, 2)
+    resumed = build_model(condition, 0, other, SHAPE, **blocks_of(condition))
     before = weights(resumed)
     with pytest.raises(ValueError, match="another tokenizer: the vocabulary differs"):
         train(resumed, TASK, config(), tmp_path / "run", tokenizer=other, progress=False)
@@ -816,7 +817,7 @@ def test_the_trainer_takes_hand_written_adamw_steps_on_the_cross_entropy(tmp_pat
         )
         model = HookedAttnRes(cfg_model, tokenizer=tok)
     else:
-        model = build_model(condition, 0, tok, SHAPE, 2)
+        model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     model = model.double()
     reference = copy.deepcopy(model)
     cfg = config(
@@ -858,7 +859,7 @@ def test_the_training_loss_is_transformers_causal_lm_loss_of_the_supervised_toke
     (shifted by one, as transformers expects), and so does the loss of the same weights
     loaded with ``wrap="none"``. Multi-query prompts: the answered queries count too."""
     tok = task_tokenizer(TASK)
-    model = build_model("vanilla", 0, tok, SHAPE, 2)
+    model = build_model("vanilla", 0, tok, SHAPE)
     batch = TASK.sample(8, 5, "train", tok)
     supervised = batch.targets != -100
     assert (supervised.sum(1) == 2).all()  # n_queries=2: the answered query and the answer
@@ -903,7 +904,7 @@ def test_a_half_precision_model_is_refused_before_any_work(tmp_path, condition, 
     in float16 eps = 1e-8 underflows and the first update made the embedding infinite,
     reported as a divergence ("Lower lr"). The trainer refuses both, naming the remedy."""
     tok = task_tokenizer(TASK)
-    model = build_model(condition, 0, tok, SHAPE, 2).to(dtype)
+    model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition)).to(dtype)
     short = config(steps=2, eval_every=2, checkpoint_every=None)
     name = str(dtype).removeprefix("torch.")
     with pytest.raises(ValueError, match=rf"float32 or float64 parameters.*{name}.*\.float\(\)"):
@@ -933,7 +934,7 @@ def test_a_frozen_half_precision_parameter_is_trained_around_and_never_touched(t
     short = config(steps=3, eval_every=3, checkpoint_every=None, weight_decay=0.5)
     moved = {}
     for dtype in (torch.bfloat16, torch.float32):
-        model = build_model(condition, 0, tok, SHAPE, 2)
+        model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
         first = next(iter(model.parameters()))
         first.data = first.data.to(torch.bfloat16)  # the same values in both runs
         frozen = _freeze_embedding(model, dtype)
@@ -1126,7 +1127,7 @@ def test_resuming_from_a_model_of_other_initial_weights_is_refused(tmp_path, con
 
     def fresh(seed: int):
         if condition == "vanilla":
-            return build_model(condition, seed, tok, SHAPE, 2)
+            return build_model(condition, seed, tok, SHAPE, **blocks_of(condition))
         from hooked_attnres.config import HookedAttnResConfig
 
         # built without cfg.seed: initialised from the caller's random state
@@ -1160,7 +1161,7 @@ def test_the_same_model_object_resumes_after_an_error_between_checkpoints(tmp_pa
 
     tok = task_tokenizer(TASK)
     cfg = config(steps=4, checkpoint_every=2, eval_every=1)
-    whole = build_model("vanilla", 1, tok, SHAPE, 2)
+    whole = build_model("vanilla", 1, tok, SHAPE)
     train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
     real, calls = trainer.evaluate, []
 
@@ -1173,7 +1174,7 @@ def test_the_same_model_object_resumes_after_an_error_between_checkpoints(tmp_pa
     for edited in (True, False):
         run = tmp_path / f"run_{edited}"
         calls.clear()
-        model = build_model("vanilla", 1, tok, SHAPE, 2)
+        model = build_model("vanilla", 1, tok, SHAPE)
         monkeypatch.setattr(trainer, "evaluate", failing)
         with pytest.raises(MemoryError):
             train(model, TASK, cfg, run, tokenizer=tok, progress=False)
@@ -1275,12 +1276,55 @@ def test_train_condition_refuses_bad_arguments_by_their_own_names(tmp_path):
     name, before any work."""
     out = tmp_path / "run"
     for bad in (0, True, 2.0):
-        with pytest.raises(ValueError, match=rf"^num_blocks must be an integer >= 1, got {bad!r}"):
+        # (None: the default, STUDY_BLOCKS for 'attnres'; a vanilla model has no blocks)
+        with pytest.raises(
+            ValueError, match=rf"^num_blocks must be an integer >= 1 or None, got {bad!r}"
+        ):
             train_condition("attnres", 0, out, num_blocks=bad)
     for name, value in (("task", "retrieval"), ("eval_task", [TASK])):
         with pytest.raises(TypeError, match=rf"^{name} must be a Task"):
             train_condition("attnres", 0, out, **{name: value})
     assert not out.exists()
+
+
+def test_a_vanilla_condition_refuses_num_blocks_it_would_ignore(tmp_path):
+    """Audit 76: ``train_condition("vanilla", ..., num_blocks=6)`` trained the plain Qwen3
+    (no blocks: the same weights as with ``num_blocks=2``) and recorded ``num_blocks`` 6 in
+    its description (checkpoint, metrics.json), which no part of the run used; a grid
+    vanilla condition ignored it too, and `build_model` for both. Refused by name, before
+    any work; a 'vanilla' variant left without it records the recipe's `STUDY_BLOCKS`
+    (the count the study's recency wrap reads it with), as before."""
+    from hooked_attnres.study import STUDY_BLOCKS, get_condition
+
+    tok = task_tokenizer(TASK)
+    out = tmp_path / "run"
+    message = (
+        r"^num_blocks applies to Block AttnRes models; '{}' is a vanilla Qwen3, which has "
+        r"no blocks, and would ignore it: leave num_blocks out \(the study wraps a vanilla "
+        r"model with load_condition\(\.\.\., num_blocks=\.\.\.\)\)$"
+    )
+    grid = "hard_vanilla_L8"
+    assert get_condition(grid).kind == "vanilla"
+    with pytest.raises(ValueError, match=message.format("vanilla")):
+        build_model("vanilla", 0, tok, SHAPE, 2)
+    tiny = dict(task=TASK, config=config(steps=1, warmup_steps=0), shape=SHAPE, progress=False)
+    for condition, blocks in (("vanilla", 6), ("vanilla", STUDY_BLOCKS), (grid, 4)):
+        with pytest.raises(ValueError, match=message.format(condition)):
+            get_condition(condition).build(0, tok, SHAPE, blocks)
+        with pytest.raises(ValueError, match=message.format(condition)):
+            train_condition(condition, 0, out, num_blocks=blocks, **tiny)
+    assert not out.exists()
+    run = train_condition(
+        "vanilla",
+        0,
+        out,
+        task=TASK,
+        config=config(steps=1, warmup_steps=0, eval_every=1),
+        shape=SHAPE,
+        progress=False,
+    )
+    metrics = json.loads((run.out_dir / "metrics.json").read_text())
+    assert metrics["description"]["num_blocks"] == get_condition("vanilla").num_blocks
 
 
 def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):

@@ -279,6 +279,17 @@ class RoutingLayout:
         """Committed blocks are copies of a never-reset stream (cumulative layout)."""
         return self.layout == "cumulative"
 
+    @property
+    def layer_blocks(self) -> Optional[int]:
+        """How many blocks of ``layers_per_block`` layers the model has,
+        ``ceil(n_layers / layers_per_block)`` (fewer than ``attnres_num_blocks`` where it
+        does not divide ``n_layers``: 5 layers, ``N = 4``: 3 blocks of 2, 2 and 1 layers);
+        ``None`` where ``attnres_num_blocks`` is not used: no routers (``"none"``), or a
+        block per sublayer (``"full"``, cumulative ``mode="full"``)."""
+        if not self.has_routers or self.commits_after_attn(0):
+            return None
+        return -(-self.n_layers // self.layers_per_block)
+
     def commits_after_attn(self, layer: int) -> bool:
         """Whether the attention sublayer of ``layer`` ends a block."""
         return self.layout == "full" or (self.layout == "cumulative" and self.mode == "full")

@@ -160,8 +160,12 @@ class Condition:
         self, seed: int, tokenizer, shape: Optional[dict] = None, num_blocks: Optional[int] = None
     ) -> Union[HookedAttnRes, torch.nn.Module]:
         """The freshly initialised model (weights a function of ``seed``); ``shape`` and
-        ``num_blocks`` replace the recipe's (variants of the original two conditions)."""
+        ``num_blocks`` replace the recipe's (variants of the original two conditions). A
+        vanilla model has no blocks: ``num_blocks`` given for one raises ``ValueError``
+        (`refuse_vanilla_blocks`)."""
         shape = self.shape() if shape is None else dict(shape)
+        if self.kind != "attnres":
+            refuse_vanilla_blocks(self.name, num_blocks)
         if self.kind == "attnres":
             cfg = HookedAttnResConfig(
                 d_vocab=len(tokenizer),
@@ -175,7 +179,12 @@ class Condition:
         return build_vanilla(seed, tokenizer, shape)
 
     def description(self, seed: int) -> dict[str, Any]:
-        """What the trainer stores with the checkpoint (and checks on resume)."""
+        """What the trainer stores with the checkpoint (and checks on resume). A vanilla
+        model has no blocks: the grid's vanilla conditions record ``num_blocks`` ``None``;
+        the original ``"vanilla"`` records `STUDY_BLOCKS`, as its shipped checkpoints do
+        (a run resumes only with the description it started with), which is the block
+        count the study's recency wrap reads it with (`load_condition`: the recipe's
+        ``n_layers // 2``), not a property of the trained model."""
         if self.legacy:
             return {
                 "condition": self.kind,
@@ -315,15 +324,29 @@ def build_vanilla(seed: int, tokenizer, shape: dict) -> torch.nn.Module:
     return model.to(device=full.device, dtype=full.dtype)
 
 
+def refuse_vanilla_blocks(condition: str, num_blocks: Optional[int]) -> None:
+    """Refuse a ``num_blocks`` given for a vanilla condition: its model is a plain Qwen3
+    without blocks, so it would be ignored (and, by `train_condition`, recorded as if
+    used); the study reads a vanilla model through the recency wrap, whose blocks
+    `hooked_attnres.study.run.load_condition` takes."""
+    if num_blocks is not None:
+        raise ValueError(
+            f"num_blocks applies to Block AttnRes models; {condition!r} is a vanilla Qwen3, "
+            "which has no blocks, and would ignore it: leave num_blocks out (the study "
+            "wraps a vanilla model with load_condition(..., num_blocks=...))"
+        )
+
+
 def build_model(
     condition: str,
     seed: int,
     tokenizer,
     shape: Optional[dict] = None,
-    num_blocks: int = STUDY_BLOCKS,
+    num_blocks: Optional[int] = None,
 ) -> Union[HookedAttnRes, torch.nn.Module]:
     """A freshly initialised model of the original two conditions, ``"attnres"``
-    (cumulative, ``num_blocks`` blocks) or ``"vanilla"``, of ``shape`` (default
+    (cumulative, ``num_blocks`` blocks, default `STUDY_BLOCKS`) or ``"vanilla"`` (no
+    blocks: ``num_blocks`` given raises ``ValueError``), of ``shape`` (default
     `STUDY_SHAPE`); weights a function of ``seed``."""
     if condition not in ("attnres", "vanilla"):
         get_condition(condition)  # a known name: say to use Condition.build
@@ -331,6 +354,8 @@ def build_model(
             f"build_model builds 'attnres' or 'vanilla'; for {condition!r} use "
             "get_condition(name).build(seed, tokenizer)"
         )
+    if condition == "attnres" and num_blocks is None:
+        num_blocks = STUDY_BLOCKS
     return get_condition(condition).build(
         seed, tokenizer, STUDY_SHAPE if shape is None else shape, num_blocks
     )
@@ -344,7 +369,7 @@ def train_condition(
     eval_task: Optional[Task] = None,
     config: Optional[TrainConfig] = None,
     shape: Optional[dict] = None,
-    num_blocks: int = STUDY_BLOCKS,
+    num_blocks: Optional[int] = None,
     progress: bool = True,
     resume: bool = True,
 ) -> TrainResult:
@@ -354,7 +379,9 @@ def train_condition(
     With only ``condition``, ``seed`` and ``out_dir`` this is the condition's recipe
     (what the shipped checkpoints were trained with). The other arguments vary the
     original two conditions (``"attnres"``, ``"vanilla"``): the task, the evaluation task,
-    the optimiser settings, the shape and the number of blocks.
+    the optimiser settings, the shape and the number of blocks (``"attnres"`` only, default
+    `STUDY_BLOCKS`: a vanilla model has no blocks, and ``num_blocks`` given for one raises
+    ``ValueError``, as it would be ignored and recorded as if used).
     """
     recipe = get_condition(condition)
     # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
@@ -363,15 +390,18 @@ def train_condition(
     progress = require_bool("progress", progress)
     resume = require_bool("resume", resume)
     # by the name the caller wrote (the config refused "attnres_num_blocks=0")
-    num_blocks = require_integer("num_blocks", num_blocks, 1)
+    num_blocks = require_integer("num_blocks", num_blocks, 1, optional=True)
+    if recipe.kind != "attnres":
+        refuse_vanilla_blocks(condition, num_blocks)
     for name, value in (("task", task), ("eval_task", eval_task)):
         if value is not None and not isinstance(value, Task):
             raise TypeError(
                 f"{name} must be a Task (e.g. KeyValueRetrieval(n_pairs=4)) or None, got "
                 f"{type(value).__name__} {value!r}"
             )
-    custom = (
-        any(v is not None for v in (task, eval_task, config, shape)) or num_blocks != STUDY_BLOCKS
+    custom = any(v is not None for v in (task, eval_task, config, shape)) or num_blocks not in (
+        None,
+        STUDY_BLOCKS,
     )
     if custom and not recipe.legacy:
         raise ValueError(
@@ -402,7 +432,8 @@ def train_condition(
         "condition": recipe.kind,
         "model_seed": seed,
         "shape": shape or STUDY_SHAPE,
-        "num_blocks": num_blocks,
+        # a vanilla run's is the recipe's (see Condition.description), never a caller's
+        "num_blocks": STUDY_BLOCKS if num_blocks is None else num_blocks,
     }
     return train(
         model,
