@@ -256,6 +256,29 @@ def _earlier_summary(path: Path) -> list[dict]:
     return rows
 
 
+def _unfinished_run_note(model_dir: Path) -> str:
+    """A line for ``info`` when ``model_dir`` is a training run's ``model`` and the run
+    folder's checkpoint holds an unfinished run (e.g. one started over with --no-resume /
+    ``resume=False`` and stopped): ``model`` and ``metrics.json`` are then an earlier
+    finished run's, which only a finished run replaces; ``""`` otherwise (also when the
+    checkpoint cannot be read: the note is advice, the description stands)."""
+    if model_dir.name != "model":
+        return ""
+    state_file = model_dir.parent / "checkpoint" / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step, steps = int(state["step"]), int(state["train_config"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if step >= steps or state.get("stopped_early"):
+        return ""
+    return (
+        f"\nnote: {state_file.parent} holds an unfinished run (step {step} of {steps}): "
+        f"this model and {model_dir.parent / 'metrics.json'} are an earlier finished run's, "
+        "not that run's; resume it to replace them (the train command without --no-resume)"
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from hooked_attnres import HookedAttnRes
     from hooked_attnres._atomic import reading
@@ -274,7 +297,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"d_model {cfg.d_model}, {sum(p.numel() for p in model.parameters()):,} "
             f"parameters, tokenizer {'yes' if model.tokenizer is not None else 'no'}; the "
             "study reads it through HookedAttnRes.from_hf_qwen3(path, wrap='recency') "
-            "(docs/loading.md)"
+            "(docs/loading.md)" + _unfinished_run_note(path)
         )
         return 0
     model = HookedAttnRes.from_pretrained(args.checkpoint)
@@ -300,6 +323,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     for site in model.sites():
         print(f"  {str(site):20s} {model.source_labels(site)}")
+    note = _unfinished_run_note(path)
+    if note:
+        print(note.lstrip("\n"))
     return 0
 
 

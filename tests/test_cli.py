@@ -4,6 +4,7 @@ one-line errors, readable endings."""
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -621,6 +622,50 @@ def test_info_gives_the_blocks_a_model_has(tmp_path, capsys, settings):
         if sizes[-1] != size:
             expected += f" (the last of {sizes[-1]})"
     assert f", d_model {cfg.d_model}, {expected}, " in out, out
+
+
+@pytest.mark.parametrize("kind", ["attnres", "vanilla"])
+def test_info_says_when_a_run_folder_holds_a_newer_unfinished_run(tmp_path, capsys, kind):
+    """Audit 76: after a finished run, a run started over in its folder (``resume=False``,
+    --no-resume) and stopped leaves ``model`` and ``metrics.json`` of the finished run
+    (only a finished run replaces them) next to its own checkpoint; ``info`` of that
+    ``model`` described it as the folder's model, with nothing saying the folder's run is
+    another, unfinished one (the study reads that model too). It says so now, with the
+    checkpoint's step read from its trainer_state.json; a finished run gets no note."""
+    from helpers import blocks_of
+
+    from hooked_attnres.study import build_model
+    from hooked_attnres.tasks import KeyValueRetrieval, task_tokenizer
+    from hooked_attnres.training import TrainConfig, train
+
+    task = KeyValueRetrieval(n_pairs=2, n_keys=4, n_values=4)
+    tok = task_tokenizer(task)
+    shape = dict(d_model=16, n_layers=2, n_heads=2, n_key_value_heads=1, d_head=8, n_ctx=16)
+    run = tmp_path / "run"
+
+    def settings(steps):
+        return TrainConfig(steps=steps, batch_size=4, warmup_steps=0, eval_every=1, eval_size=8)
+
+    def info() -> str:
+        assert cli.main(["info", str(run / "model"), "--threads", "1"]) == 0
+        return capsys.readouterr().out
+
+    train(build_model(kind, 0, tok, shape, **blocks_of(kind)), task, settings(2), run,
+          tokenizer=tok, progress=False)  # fmt: skip
+    assert "note:" not in info()
+    train(build_model(kind, 1, tok, shape, **blocks_of(kind)), task, settings(4), run,
+          tokenizer=tok, progress=False, resume=False, stop_after=1)  # fmt: skip
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["step"], state["train_config"]["steps"]) == (1, 4)
+    assert (
+        f"note: {run / 'checkpoint'} holds an unfinished run (step 1 of 4): this model and "
+        f"{run / 'metrics.json'} are an earlier finished run's, not that run's; resume it to "
+        "replace them (the train command without --no-resume)"
+    ) in info()
+    assert json.loads((run / "metrics.json").read_text())["step"] == 2  # the earlier run's
+    train(build_model(kind, 1, tok, shape, **blocks_of(kind)), task, settings(4), run,
+          tokenizer=tok, progress=False)  # fmt: skip
+    assert "note:" not in info()
 
 
 def test_a_run_folder_the_trainer_cannot_use_is_refused_with_the_command_line_remedy(

@@ -1344,12 +1344,17 @@ def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
         progress=False,
     )
     assert earlier.model_dir == run / "model"
+    earlier_metrics = (run / "metrics.json").read_bytes()
     cfg = config(steps=4, warmup_steps=0, checkpoint_every=None)
     model = build_model("attnres", 1, tok, SHAPE, 2)
     partial = train(
         model, TASK, cfg, run, tokenizer=tok, progress=False, resume=False, stop_after=2
     )
     assert partial.steps == 2 and partial.model_dir is None
+    # audit 76: the call's own facts; metrics.json is the earlier run's, untouched (only a
+    # finished run writes it), and step 2 is no evaluation step (eval_every 6): no accuracy
+    assert [h["step"] for h in partial.history] == [1, 2] and partial.final_accuracy == {}
+    assert (run / "metrics.json").read_bytes() == earlier_metrics
     # what the call left: the checkpoint holds this model, out_dir/model the earlier run's
     saved = HookedAttnRes.from_pretrained(run / "checkpoint" / "model")
     assert_same_weights(weights(saved), weights(model))

@@ -244,7 +244,9 @@ def _check_output(directory: Path) -> bool:
 
 @dataclass
 class TrainResult:
-    """What `train` returns (also written to ``out_dir/metrics.json``)."""
+    """What `train` returns (a finished run's also written to ``out_dir/metrics.json``;
+    a call that stopped before the end writes none, and a ``metrics.json`` there is an
+    earlier finished run's)."""
 
     out_dir: Path
     # ``out_dir/model`` once the run is finished; ``None`` when this call stopped before the
@@ -697,9 +699,12 @@ def train(
             a shorter `InductionCopy`) is refused.
 
     Returns:
-        A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task (of the last
-        evaluation); ``model_dir`` is ``out_dir/model``, or ``None`` if this call stopped
-        before the run's end (``stop_after``), which writes no final model.
+        A `TrainResult`; ``final_accuracy`` is the held-out accuracy per task of the last
+        step taken, ``{}`` if that step was no evaluation step (a ``stop_after`` call can
+        stop between evaluations; its earlier ones are in ``history``); ``model_dir`` is
+        ``out_dir/model``, or ``None`` if this call stopped before the run's end
+        (``stop_after``), which writes no final model and no ``metrics.json`` (one there
+        is an earlier finished run's, as the model is).
     """
     # each list read once: a generator read a second time is empty (eval_tasks was read
     # three times, so a generator's tasks were never evaluated: final_accuracy {})
