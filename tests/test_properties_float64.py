@@ -678,8 +678,9 @@ def _padding_gradient_model(name: str) -> HookedAttnRes:
     if name in ("kimi", "full", "cumulative"):
         model = randomize_routing(HookedAttnRes(eps_zero_config(name, 3, 2)))
     else:
+        blocks = {} if name == "none" else {"num_blocks": 2}  # "none" has no blocks
         model = HookedAttnRes.from_hf_qwen3(
-            hf_qwen3(rms_norm_eps=0.0), wrap=name, num_blocks=2, dtype=torch.float64
+            hf_qwen3(rms_norm_eps=0.0), wrap=name, dtype=torch.float64, **blocks
         )
     with torch.no_grad():
         model.embed.W_E[0] = 0.0
