@@ -804,10 +804,12 @@ def _edited_sum_errors(model, tokens, mask, name, factor, point):
     error}`` for each cache analysis at read point ``point`` that did not refuse, the error
     against what the run itself read: the norm's input (`norm_input`, the router's
     ``hook_out`` or ``hook_resid_*``), the norm's output (its cached ``hook_normalized``)
-    and, at the unembedding, the logit difference of the run's logits."""
+    and, at the unembedding, the logit difference of the run's logits and the run's logits
+    (the last entry of a readout that applies ``ln_final`` itself)."""
     import warnings
 
     from hooked_attnres import RoutedResidualPatchWarning, UnfoldedNormWarning
+    from hooked_attnres.analysis import routing_lens
 
     n_layers = model.cfg.n_layers
     layer, mlp_input = (None, False) if point == 2 * n_layers else divmod(point, 2)
@@ -843,6 +845,17 @@ def _edited_sum_errors(model, tokens, mask, name, factor, point):
                 ).sum(0)[..., None],
                 difference[..., None],
             )
+            # the readouts that apply ln_final themselves: their last entry is the run's
+            calls["routing_lens"] = (lambda: routing_lens(model, cache).logits[-1], logits)
+            calls["accumulated_resid(apply_ln=True)"] = (
+                lambda: cache.accumulated_resid(apply_ln=True, routed=True)[-1],
+                normalized * model.ln_final.w,
+            )
+            if not model.routing_layout.has_final_router:
+                calls["logit_lens"] = (
+                    lambda: cache.logit_lens(positions=None).values[-1],
+                    logits,
+                )
         errors = {}
         for analysis, (call, expected) in calls.items():
             try:
@@ -863,10 +876,13 @@ def test_cache_analyses_of_an_edited_run_are_exact_or_refuse(case, data):
     a norm's output among them); every decomposition at a random read point then either
     refuses (naming the edit) or sums to what the run read there: the norm's input, the
     norm's output for ``apply_ln=True`` and, at the unembedding, the run's own logit
-    differences for ``logit_attrs``. An edit of ``hook_normalized`` passed silently before
-    (``_require_norm_output``)."""
+    differences for ``logit_attrs``, the run's logits (its ``ln_final`` output for
+    ``accumulated_resid(apply_ln=True)``) for the last entry of the readouts that apply
+    ``ln_final`` themselves (the routing lens, ``cache.logit_lens``). An edit of
+    ``hook_normalized`` passed silently before (``_require_norm_output``), and in the
+    readouts an edit of ``ln_final``'s ``hook_scale`` too (audit 82)."""
     model, tokens, mask = case
-    norm_outputs = sorted(n for n in model.hook_dict if n.endswith("ln_final.hook_normalized"))
+    norm_outputs = sorted(n for n in model.hook_dict if n.startswith("ln_final.hook_"))
     others = sorted(n for n in model.hook_dict if not n.endswith("hook_pattern"))
     name = data.draw(st.one_of(st.sampled_from(norm_outputs), st.sampled_from(others)))
     factor = data.draw(st.sampled_from([0.5, -1.0]))

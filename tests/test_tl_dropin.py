@@ -10,6 +10,7 @@ documented refusal.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -1220,6 +1221,73 @@ def test_analyses_dividing_by_a_cached_rms_refuse_a_cache_whose_norm_output_was_
     attrs = _cached_rms_analyses(rescaled, None, False, stack)["logit_attrs"]()
     true = logits[:, -1, ANSWER] - logits[:, -1, WRONG]
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
+
+
+def test_readouts_that_apply_ln_final_refuse_a_run_that_edited_it(case):
+    """Audit 82: the routing lens, ``accumulated_resid(apply_ln=True)`` at the unembedding
+    and ``cache.logit_lens`` apply ``ln_final`` to the cached stream themselves (its RMS
+    recomputed, its hooks not fired), so when the cached run edited ``ln_final`` their last
+    entry was not that run's logits, silently, in every layout and wrap: with
+    ``hook_scale`` times 1.5 the last entry was 1.5 times the logits (0.5 of their max
+    off), with ``hook_normalized`` negated 2 times their max off; also for a lens of token
+    ids run with such a hook attached. They refuse now (`_require_norm_output` with the
+    RMS recomputed), naming the edit; the stream below ``ln_final``, which the message
+    offers instead, is the unedited run's. A hook that only reads ``ln_final`` changes
+    nothing."""
+    from hooked_attnres.analysis import lens_hook_names
+
+    model = case.model
+    final = 2 * model.cfg.n_layers
+    for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
+        hook = [(name, lambda x, hook, factor=factor: factor * x)]
+        with model.hooks(fwd_hooks=hook):
+            logits, edited = model.run_with_cache(case.clean)
+        # by hand: ln_final applied to what it read is not what the run unembedded
+        by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
+        assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
+        # the stream below ln_final is the unedited run's (what the message offers)
+        torch.testing.assert_close(
+            edited.accumulated_resid(incl_mid=True, routed=True),
+            case.cache.accumulated_resid(incl_mid=True, routed=True),
+        )
+        refusals = {
+            "routing_lens": lambda cache=edited: routing_lens(model, cache),
+            "cache.accumulated_resid(apply_ln=True)": lambda cache=edited: cache.accumulated_resid(
+                apply_ln=True, routed=True
+            ),
+        }
+        if not case.routed_final:  # refused in kimi / full anyway
+            refusals["cache.logit_lens"] = lambda cache=edited: cache.logit_lens(positions=None)
+        for label, call in refusals.items():
+            match = rf"{re.escape(label)}: .*ln_final\.hook_normalized.*edited"
+            with pytest.raises(ValueError, match=match):
+                call()
+        with model.hooks(fwd_hooks=hook), pytest.raises(ValueError, match="routing_lens: "):
+            routing_lens(model, case.clean)  # its own pass, with the hook attached
+        # a cache that cannot show the edit is refused by name
+        names = [n for n in lens_hook_names(model) if n != "ln_final.hook_normalized"]
+        with model.hooks(fwd_hooks=hook):
+            _, partial = model.run_with_cache(case.clean, names_filter=names)
+        with pytest.raises(KeyError, match=r"routing_lens.*ln_final\.hook_normalized"):
+            routing_lens(model, partial)
+    # without the edit: a pass with no other hook needs no ln_final hook in its cache
+    _, plain = model.run_with_cache(case.clean, names_filter=names)
+    torch.testing.assert_close(
+        routing_lens(model, plain).logits[-1], case.logits, atol=ATOL, rtol=0
+    )
+    # a hook that reads ln_final: exact, the last entry is the plain run's logits
+    seen = []
+    watch = [("ln_final.hook_normalized", lambda x, hook: seen.append(hook.name))]
+    with model.hooks(fwd_hooks=watch):
+        lens = routing_lens(model, case.clean)
+        _, watched = model.run_with_cache(case.clean)
+    assert seen
+    stack = watched.accumulated_resid(apply_ln=True, routed=True)
+    for got in (lens.logits[-1], stack[-1] @ model.W_U + model.b_U):
+        torch.testing.assert_close(got, case.logits, atol=ATOL, rtol=0)
+    if not case.routed_final:
+        tool = watched.logit_lens(positions=None).values[-1]
+        torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
 
 
 def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):

@@ -10,7 +10,9 @@ exist there:
   (and, with ``incl_mid``, each MLP sublayer), ``ln_final(current) @ W_U`` in the
   ``none`` and ``cumulative`` layouts (TransformerLens's logit lens), and
   ``ln_final(final_router(sources)) @ W_U`` in ``kimi`` and ``full``. The last entry is
-  the model's readout, so it equals the model's logits in every layout.
+  the model's readout, so it equals the model's logits in every layout; ``ln_final`` is
+  applied by the lens (without its hooks), so a run that edited its ``hook_scale`` or
+  ``hook_normalized`` is refused.
 * **router readout** (``RoutingLens.router_logits``): ``ln_final(hook_out) @ W_U`` for every
   router, i.e. what each router feeds its sublayer, read as if it were the final stream.
   The final router's entry equals the logits too.
@@ -66,7 +68,9 @@ class RoutingLens:
 
 
 def lens_hook_names(model: HookedAttnRes, incl_mid: bool = False) -> list[str]:
-    """The hooks `routing_lens` reads (what ``run_with_cache(names_filter=...)`` must keep)."""
+    """The hooks `routing_lens` reads (what ``run_with_cache(names_filter=...)`` must keep);
+    ``ln_final.hook_normalized`` is read only to check that the run did not edit
+    ``ln_final`` (a cache of a pass without other hooks attached may lack it)."""
     layout = model.routing_layout
     n_layers = model.cfg.n_layers
     names = [site.hook("out") for site in model.sites()]
@@ -80,6 +84,7 @@ def lens_hook_names(model: HookedAttnRes, incl_mid: bool = False) -> list[str]:
             if incl_mid:
                 names.append(get_act_name("resid_mid", layer))
         names.append(get_act_name("resid_post", n_layers - 1))
+    names.append(model.ln_final.hook_normalized.name)  # to check that the run did not edit it
     return list(dict.fromkeys(names))
 
 
@@ -109,13 +114,19 @@ def routing_lens(
             (``model.run_with_cache(tokens, attention_mask=mask)``).
 
     Returns:
-        A `RoutingLens`; ``logits[-1]`` equals the model's logits (to float rounding).
+        A `RoutingLens`; ``logits[-1]`` equals the run's logits (to float rounding). The
+        earlier entries are ``ln_final`` (its RMS recomputed per vector, its hooks not
+        fired) of the states below, the lens by definition.
 
     Raises:
         KeyError: a cache without the hooks the lens reads (`lens_hook_names`; without the
             routers' ``hook_out`` for ``routers=False``), naming them.
         ValueError: a cache of another model, of a ``logit_positions`` run, or given with
-            an ``attention_mask``.
+            an ``attention_mask``; a run (the cache's, or the lens's own pass with hooks
+            attached) whose ``ln_final`` output is not its input over its own RMS (an
+            edit of ``ln_final.hook_scale`` or ``hook_normalized``: the last entry would
+            not be its logits; ``KeyError`` for a cache without ``ln_final.hook_normalized``
+            of a pass with other hooks attached, which cannot show it).
     """
     if isinstance(input, ActivationCache):
         if attention_mask is not None:
@@ -129,7 +140,9 @@ def routing_lens(
         cache = input
         if not isinstance(cache, AttnResActivationCache):
             cache = AttnResActivationCache(cache.cache_dict, model, cache.has_batch_dim)
-        needed = lens_hook_names(model, incl_mid)
+        # ln_final's output: needed only to check for an edit (`_require_norm_output`)
+        output = model.ln_final.hook_normalized.name
+        needed = [name for name in lens_hook_names(model, incl_mid) if name != output]
         if not routers:  # the routers' inputs are read for router_logits only
             inputs = {site.hook("out") for site in model.sites() if not site.is_final}
             needed = [name for name in needed if name not in inputs]
@@ -139,6 +152,8 @@ def routing_lens(
         _, cache = model.run_with_cache(
             input, names_filter=lens_hook_names(model, incl_mid), attention_mask=attention_mask
         )
+    # the lens applies ln_final itself: the run's must have output what it recomputes
+    cache._require_norm_output("routing_lens", 2 * model.cfg.n_layers, recompute=True)
     pos_slice = as_slice(positions, "positions")
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True

@@ -43,6 +43,7 @@ from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
 from hooked_attnres._validation import is_integer, require_choice, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
+from hooked_attnres.model.norms import padding_eps, rms_normalize
 from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
 
@@ -707,49 +708,80 @@ class AttnResActivationCache(ActivationCache):
                 "unedited run, or read the router's hook_sources and hook_weights directly."
             )
 
-    def _require_norm_output(self, method: str, point: int) -> None:
-        """Refuse a cache whose norm at ``point`` did not output its input divided by its
-        cached RMS (``hook_normalized`` against `norm_input` over ``hook_scale``, at the
-        real tokens, to the rounding of the cache's dtype): the run edited
-        ``hook_normalized``, so the sublayer (or the unembedding) read another vector than
-        the one ``apply_ln`` / ``logit_attrs`` divide a stack by the cached RMS to stand
-        for, and their entries do not sum to it (``logit_attrs``: not to the run's logit
-        differences). An edit of ``hook_scale``, which the norm divides by, passes. A
-        cache without the three hooks is refused as in `_require_decomposable` (``KeyError``)
-        unless no forward hook but the caching ones was attached to its pass."""
+    def _require_norm_output(self, method: str, point: int, recompute: bool = False) -> None:
+        """Refuse a cache whose norm at ``point`` did not output what ``method`` (the
+        caller's name, e.g. ``"cache.logit_attrs"``) stands for it to output: its input
+        divided by its cached RMS (``hook_normalized`` against `norm_input` over
+        ``hook_scale``, at the real tokens, to the rounding of the cache's dtype). The run
+        edited ``hook_normalized``, so the sublayer (or the unembedding) read another
+        vector than the one ``apply_ln`` / ``logit_attrs`` divide a stack by the cached RMS
+        to stand for, and their entries do not sum to it (``logit_attrs``: not to the run's
+        logit differences). An edit of ``hook_scale``, which the norm divides by, passes.
+
+        ``recompute``: for an analysis that applies the norm itself, its RMS recomputed
+        from the cached input (the routing lens, ``accumulated_resid(apply_ln=True)`` and
+        ``logit_lens`` at the unembedding): the output must then be the input over its own
+        RMS, so an edit of ``hook_scale`` is refused too (the readout of the norm's input
+        would not be what the run read after the norm: at ``ln_final``, not its logits).
+
+        A cache without the hooks compared (input, ``hook_normalized`` and, unless
+        ``recompute``, ``hook_scale``) is refused as in `_require_decomposable`
+        (``KeyError``) unless no forward hook but the caching ones was attached to its
+        pass."""
         norm = self.model.norm_at(point)
         normalized_name, scale_name = norm.hook_normalized.name, norm.hook_scale.name
         site = self.model.routing_layout.reader(point)
         input_name = _resid_name(self.model, point) if site is None else site.hook("out")
-        names = [input_name, scale_name, normalized_name]
+        names = [input_name, normalized_name] + ([] if recompute else [scale_name])
         if any(name not in self.cache_dict for name in names):
             if self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
                 names,
-                f"cache.{method} at {_where(self.model, point)} (other hooks than the "
-                "caching ones were attached to the model in the pass that made this cache, "
-                "or it does not record that, so they may have edited the norm's output; "
-                "checking that it is the norm's input over the cached RMS needs all three)",
+                f"{method} at {_where(self.model, point)} (other hooks than the caching "
+                "ones were attached to the model in the pass that made this cache, or it "
+                "does not record that, so they may have edited the norm's output; checking "
+                f"that it is the norm's input over {'its' if recompute else 'the cached'} "
+                f"RMS needs {'both' if recompute else 'all three'})",
             )
         normalized = self.cache_dict[normalized_name]
         dtype = stat_dtype(normalized.dtype)
         with torch.no_grad():
-            expected = self.cache_dict[input_name].to(dtype) / self.cache_dict[scale_name].to(dtype)
+            read = self.cache_dict[input_name].to(dtype)
+            if recompute:  # the run's padding: an eps = 0 all-zero padding row is finite
+                expected = rms_normalize(read, padding_eps(norm.eps, read, self.real_rows()))
+            else:
+                expected = read / self.cache_dict[scale_name].to(dtype)
             error, size = self._sum_error(expected, normalized.to(dtype))
-        if not error <= _decomposition_rtol(normalized.dtype, 1) * max(size, 1e-30):
+        if error <= _decomposition_rtol(normalized.dtype, 1) * max(size, 1e-30):
+            return
+        head = (
+            f"{method}: at {_where(self.model, point)} the norm's output ({normalized_name}) "
+            f"is not its input ({input_name}) divided by "
+        )
+        numbers = f": max error {error:.3g}, max |output| {size:.3g}{_nan_note(error)}. "
+        if recompute:
             raise ValueError(
-                f"cache.{method}: at {_where(self.model, point)} the norm's output "
-                f"({normalized_name}) is not its input ({input_name}) divided by its cached "
-                f"RMS ({scale_name}): max error {error:.3g}, max |output| {size:.3g}"
-                f"{_nan_note(error)}. The run that made this cache edited {normalized_name}, "
-                "so a stack divided by the cached RMS (apply_ln, logit_attrs) does not sum to "
-                "what was read after the norm (logit_attrs: not to the run's logit "
-                "differences). Analyse a cache of a run without that edit (an edit of "
-                "hook_scale, which the norm divides by, is exact), or read the edited "
-                "output directly."
+                f"{head}its RMS{numbers}The run that made this cache edited "
+                f"{normalized_name} or {scale_name} (for a lens of token ids: a hook attached "
+                f"to the model during its pass), but {method} applies the norm to the cached "
+                "stream itself, recomputing the RMS, so its entry for the norm's input is not "
+                "what the run read after the norm"
+                + (" (not the run's logits)" if point == 2 * self.model.cfg.n_layers else "")
+                + f". An edit of the norm changes nothing it reads: run {method} on a run "
+                "without that edit (the same stream, only the entry for the norm's input is "
+                f"the unedited readout), and read what the edited norm output from the "
+                f"edited run itself ({normalized_name}, its logits)."
             )
+        raise ValueError(
+            f"{head}its cached RMS ({scale_name}){numbers}The run that made this cache "
+            f"edited {normalized_name}, so a stack divided by the cached RMS (apply_ln, "
+            "logit_attrs) does not sum to what was read after the norm (logit_attrs: not to "
+            "the run's logit differences). Analyse a cache of a run without that edit (an "
+            "edit of hook_scale, which the norm divides by, is exact), or read the edited "
+            "output directly."
+        )
 
     def _require_unit_results(self, method: str, head_layers: int, neuron_layers: int) -> None:
         """Refuse a cache whose per-head results (what TransformerLens's head stacks read:
@@ -1057,7 +1089,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
         if apply_ln:
-            self._require_norm_output("decompose_resid", point)
+            self._require_norm_output("cache.decompose_resid", point)
         n_outputs = (point // 2) * ((mode != "mlp") + (mode != "attn")) + (
             point % 2 == 1 and mode != "mlp"
         )
@@ -1096,7 +1128,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_head_inputs("stack_head_results")
         self._warn_unfolded(point, apply_ln)
         if apply_ln:
-            self._require_norm_output("stack_head_results", point)
+            self._require_norm_output("cache.stack_head_results", point)
         cache = self._view(point, remainder=incl_remainder)
         return ActivationCache.stack_head_results(
             cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
@@ -1127,7 +1159,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_decomposable("stack_neuron_results", point, neuron_layers=point // 2)
         self._warn_unfolded(point, apply_ln)
         if apply_ln:
-            self._require_norm_output("stack_neuron_results", point)
+            self._require_norm_output("cache.stack_neuron_results", point)
         cache = self._view(point, remainder=incl_remainder)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.stack_neuron_results(
@@ -1172,7 +1204,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_head_inputs("get_full_resid_decomposition")
         self._warn_unfolded(point, apply_ln)
         if apply_ln:
-            self._require_norm_output("get_full_resid_decomposition", point)
+            self._require_norm_output("cache.get_full_resid_decomposition", point)
         cache = self._view(point)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
         return ActivationCache.get_full_resid_decomposition(
@@ -1225,7 +1257,7 @@ class AttnResActivationCache(ActivationCache):
             "apply_ln_to_stack", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
         self._warn_unfolded(point, True)
-        self._require_norm_output("apply_ln_to_stack", point)
+        self._require_norm_output("cache.apply_ln_to_stack", point)
         return ActivationCache.apply_ln_to_stack(
             self._plain(),
             residual_stack,
@@ -1263,7 +1295,7 @@ class AttnResActivationCache(ActivationCache):
         point = 2 * self.model.cfg.n_layers
         self._require("logit_attrs", point, routed)
         self._require_decomposable("logit_attrs", point)
-        self._require_norm_output("logit_attrs", point)
+        self._require_norm_output("cache.logit_attrs", point)
         self._require_stack_fits(
             "logit_attrs", residual_stack, point, pos_slice, batch_slice, has_batch_dim
         )
@@ -1300,7 +1332,9 @@ class AttnResActivationCache(ActivationCache):
         final router applied to the sources of the depth state at that point (what
         ``ln_final`` would read if the model stopped there; the last entry is exactly
         ``final_res.hook_out``). ``apply_ln=True`` is exact at the unembedding
-        (``layer=None``: ``ln_final`` applied to every entry, the logit lens); with a
+        (``layer=None``: ``ln_final`` applied to every entry by hand, its RMS recomputed,
+        the logit lens; the last entry is what ``ln_final`` output in the run, and a cache
+        whose run edited ``ln_final.hook_scale`` or ``hook_normalized`` is refused); with a
         smaller ``layer`` it divides by that layer's ``ln1`` RMS (``ln2`` with
         ``mlp_input``; a cached RMS, so it warns on unfolded gains), which is the RMS of a
         router's mixture in routed layouts, and refuses there."""
@@ -1334,6 +1368,10 @@ class AttnResActivationCache(ActivationCache):
             )
         else:
             stack, labels = self._routed_accumulated(layer, incl_mid, pos_slice, mlp_input)
+        if apply_ln and layer == n_layers:  # the last entry must be what ln_final output
+            self._require_norm_output(
+                "cache.accumulated_resid(apply_ln=True)", 2 * n_layers, recompute=True
+            )
         if apply_ln:  # ln_final per entry at the unembedding, else the cached RMS ("none")
             stack = self.apply_ln_to_stack(
                 stack,
@@ -1377,7 +1415,9 @@ class AttnResActivationCache(ActivationCache):
         in layouts without a final router; refuses in ``kimi`` / ``full``, where
         ``hooked_attnres.analysis.routing_lens`` is the lens over depth states. It runs
         on this cache, so ``ln_final`` is applied to each entry by `apply_ln_to_stack`
-        (``recompute_ln=True``: by hand, without firing ``ln_final``'s hooks). A
+        (``recompute_ln=True``: by hand, without firing ``ln_final``'s hooks), and a cache
+        whose run edited ``ln_final`` (``hook_scale`` or ``hook_normalized``) is refused
+        with ``apply_ln`` (the default): the final entry would not be its logits. A
         ``batch_slice`` cuts the cache (`apply_slice_to_batch_dim`, which keeps its rows
         of the run's padding) before the lens reads it: TransformerLens cuts the stack and
         normalises it without the slice, whose rows the cache could not tell (with
@@ -1390,6 +1430,10 @@ class AttnResActivationCache(ActivationCache):
                 "ln_final (hook_resid_* is the current block's partial sum). Use "
                 "hooked_attnres.analysis.routing_lens(model, cache), which applies the final "
                 "router to each depth state."
+            )
+        if kwargs.get("apply_ln", True):  # its last entry must be the run's logits
+            self._require_norm_output(
+                "cache.logit_lens", 2 * self.model.cfg.n_layers, recompute=True
             )
         cache: ActivationCache = self
         if self.has_batch_dim and kwargs.get("batch_slice") is not None:
