@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randomize_routing, tiny_model
+from helpers import build_word_tokenizer, randomize_routing, tiny_model
 
 from hooked_attnres import DepthState, RoutedResidualPatchWarning
 from hooked_attnres.model.depth import UNRECORDED, gather_positions
@@ -213,6 +213,31 @@ def test_a_loss_from_a_state_checks_its_tokens():
             model(state, start_at_layer=1, tokens=bad, return_type="loss")
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
         model(state, start_at_layer=1, tokens=tokens + 50, return_type="loss")
+
+
+def test_tokens_is_refused_with_a_token_or_text_input():
+    """Audit 82: ``tokens=`` is the token ids of a `DepthState` input (for its loss); with
+    token ids or text as the input the pass tokenises that input and ``tokens=`` was
+    dropped silently: ``model(a, tokens=b, return_type="loss")`` was the loss of ``a``
+    (3.901), not of ``b`` (3.918) nor an error (TransformerLens 4.3's Bridge drops it too,
+    docs/hooks.md). It is refused by name, for every return type; from a state it is
+    read as before."""
+    model = tiny_model(attnres_layout="kimi")
+    model.set_tokenizer(build_word_tokenizer([f"w{i}" for i in range(40)]))
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 43, (2, 2, 6), generator=generator)
+    loss_a, loss_b = model(a, return_type="loss"), model(b, return_type="loss")
+    assert abs(loss_a - loss_b) > 1e-3  # the two losses differ: which one is read matters
+    match = r"tokens= is the token ids of a DepthState input.*input=.*token ids or text"
+    for input in (a, "w1 w2 w3", ["w1 w2", "w3"]):
+        for return_type in ("loss", "both", "logits", None):
+            with pytest.raises(ValueError, match=match):
+                model(input, tokens=b, return_type=return_type)
+        with pytest.raises(ValueError, match=match):
+            model(input, tokens=b, stop_at_layer=1)
+    state = model(b, stop_at_layer=1)
+    from_state = model(state, start_at_layer=1, tokens=b, return_type="loss")
+    assert torch.allclose(from_state, loss_b)
 
 
 def test_a_hook_editing_in_place_leaves_the_given_state_unchanged(model, tokens):

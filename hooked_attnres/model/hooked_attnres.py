@@ -539,6 +539,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 residual stream; here the state holds every depth source).
             tokens: the token ids ``[batch, pos]`` of the state's prompts, needed for a loss
                 when ``input`` is a state (checked: another shape raises ``ValueError``).
+                With token ids or text as ``input`` it is refused (``ValueError``): the
+                pass scores the input's own tokens, and ``tokens=`` would be ignored.
             attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (left,
                 right or anywhere). Queries never attend to padding keys, rotary positions
                 count real tokens only (so a left-padded prompt gets the logits of the
@@ -564,7 +566,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         Raises:
             ValueError: an all-zero ``attention_mask`` row (of a prompt with no real
                 token in the key-value cache either), a loss with fewer than two
-                positions or with no two consecutive real tokens, or a bad argument.
+                positions or with no two consecutive real tokens, ``tokens=`` with token
+                ids or text as ``input``, or a bad argument.
         """
         return_type = require_choice("return_type", return_type, RETURN_TYPES)
         layers = self._layer_range(start_at_layer, stop_at_layer)
@@ -575,6 +578,14 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if start_at_layer is None:
             if isinstance(input, DepthState):
                 raise TypeError("a DepthState input needs start_at_layer (the layer it enters)")
+            if tokens is not None:  # the input's tokens are scored: it would be dropped
+                raise ValueError(
+                    "tokens= is the token ids of a DepthState input (with start_at_layer), "
+                    "for its loss; with input= token ids or text the pass scores the input's own "
+                    "token ids and would ignore tokens= (TransformerLens drops it silently). "
+                    "Pass the token ids to score as the input, model(tokens, "
+                    "return_type='loss'), or a DepthState with start_at_layer and tokens=."
+                )
             if isinstance(input, str) or (
                 isinstance(input, list) and input and all(isinstance(t, str) for t in input)
             ):
