@@ -43,7 +43,7 @@ from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
 from hooked_attnres._validation import is_integer, require_choice, require_integer
 from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
-from hooked_attnres.model.norms import padding_eps, rms_normalize
+from hooked_attnres.model.norms import padding_eps, rms_scale
 from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
 
@@ -749,8 +749,11 @@ class AttnResActivationCache(ActivationCache):
         dtype = stat_dtype(normalized.dtype)
         with torch.no_grad():
             read = self.cache_dict[input_name].to(dtype)
-            if recompute:  # the run's padding: an eps = 0 all-zero padding row is finite
-                expected = rms_normalize(read, padding_eps(norm.eps, read, self.real_rows()))
+            if recompute:  # with eps = 0 an all-zero row (padding) is 0, as the run made it,
+                # whether or not the cache records its padding (the readout's 0 / 0 there is
+                # nan, visibly; not a reason to refuse its other rows)
+                scale = rms_scale(read, padding_eps(norm.eps, read, self.real_rows()))
+                expected = read / scale.masked_fill(scale == 0, 1)
             else:
                 expected = read / self.cache_dict[scale_name].to(dtype)
             error, size = self._sum_error(expected, normalized.to(dtype))
