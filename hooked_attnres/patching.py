@@ -485,11 +485,12 @@ def router_patch_index(
     """
     import pandas as pd
 
-    if router not in SUBLAYER_ROUTERS:
-        raise ValueError(
-            f"router must be one of {SUBLAYER_ROUTERS} (generic_activation_patch indexes "
-            f"by layer; the final router has none), got {router!r}"
-        )
+    router = require_choice(
+        "router",
+        router,
+        SUBLAYER_ROUTERS,
+        why="generic_activation_patch indexes by layer; the final router has none",
+    )
     check_routers(model, router)
     name = RouterSite.activation_name(router, hook)
     axes = tuple(index_axis_names)

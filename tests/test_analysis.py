@@ -765,7 +765,7 @@ def test_single_router_and_family_may_be_bare_and_bad_ones_are_named(setup):
     bare = plan_ablations(model, families="embedding", routers="mlp_res", groups="all")
     listed = plan_ablations(model, families=["embedding"], routers=["mlp_res"], groups="all")
     assert bare == listed and len(bare) == 1
-    with pytest.raises(ValueError, match=r"unknown router 'attn'; routers are"):
+    with pytest.raises(ValueError, match=r"router must be one of \(.*\), got 'attn'"):
         plan_ablations(model, routers=["attn"])
     with pytest.raises(ValueError, match="unknown source 'embeddings'"):
         plan_ablations(model, families="embeddings")
@@ -876,9 +876,12 @@ def test_mass_positions_out_of_range_are_named(setup):
         table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5
     )
     # a position twice (also as p and p - n_pos) counted twice in the mean (0.17 mass off
-    # for [1, 1, 2], kimi): refused; the mean over distinct positions is the cache's
+    # for [1, 1, 2], kimi): refused, showing the positions as written (the message showed
+    # [1, 1, 2] for [1, 1 - n_pos, 2]); the mean over distinct positions is the cache's
     for repeated in ([1, 1, 2], [1, 1 - n_pos, 2]):
-        with pytest.raises(ValueError, match=r"positions repeats \[1\]"):
+        read = [p % n_pos for p in repeated]
+        shown = re.escape(str(repeated) + ("" if read == repeated else f", read as {read}"))
+        with pytest.raises(ValueError, match=rf"positions repeats \[1\] \(got {shown}\):"):
             routing_mass(model, batch, positions=repeated)
     _, cache = model.run_with_cache(batch.tokens)
     site = model.site(2, "attn_res")

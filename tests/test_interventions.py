@@ -201,7 +201,7 @@ def test_local_patching_touches_one_router_and_global_patching_every_reader(toke
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "unknown router"),
+        (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "router must be one of"),
         (lambda m: mask_sources(m, "embedding", layers=9), "not in"),
         (lambda m: mask_sources(m, "embedding", layers="deep"), "unknown depth band"),
         (lambda m: mask_sources(m, "newest"), "unknown source 'newest'"),
