@@ -206,6 +206,9 @@ def prompt_bucket(ids: Sequence[int]) -> int:
 
 
 def in_split(ids: Sequence[int], split: str) -> bool:
+    """Whether the question ``ids`` belongs to ``split`` (``"train"`` or ``"test"``; any
+    other value raises ``ValueError``: it was read as ``"train"``)."""
+    split = require_choice("split", split, tuple(SPLITS))
     is_test = prompt_bucket(ids) == 0
     return is_test if split == "test" else not is_test
 
