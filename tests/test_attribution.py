@@ -14,6 +14,7 @@ from hooked_attnres.analysis import (
     attribution_patch_routing_weights,
     metric_values,
     plan_ablations,
+    run_ablations,
 )
 from hooked_attnres.interventions import set_weights
 from hooked_attnres.model.depth import FAMILIES
@@ -1080,3 +1081,45 @@ def test_verify_top_of_zero_cells_verifies_the_masked_mass_cells_only():
         result.verify_top(0)
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         result.verify_top(-1)
+
+
+def test_progress_and_fast_flags_are_refused_unless_true_or_false():
+    """Audit 81: ``progress`` (attribute_routing, verify_top, run_ablations,
+    ablation_effects) and ``fast`` (run_ablations, ablation_effects) were read by
+    truthiness: ``progress="no"`` showed the bar and ``fast="False"`` took the fast path.
+    Each is refused by name now (`require_bool`, the one rule for flags), before any work."""
+    model = routed_model("cumulative", dtype=torch.float32)
+    batch = random_batch()
+    plan = plan_ablations(model, ["embedding"], "attn_res", "all")
+    calls = {
+        "attribute_routing": lambda **kw: attribute_routing(model, batch, **kw),
+        "ablation_effects": lambda **kw: ablation_effects(
+            model, batch, families=["embedding"], metrics=["logit_diff"], n_bootstrap=10, **kw
+        ),
+        "run_ablations": lambda **kw: run_ablations(model, batch, plan, **kw),
+    }
+    for name, call in calls.items():
+        for bad in ("no", 0, None):
+            with pytest.raises(TypeError, match=f"^progress must be True or False, got {bad!r}$"):
+                call(progress=bad)
+            if name != "attribute_routing":
+                with pytest.raises(TypeError, match=f"^fast must be True or False, got {bad!r}$"):
+                    call(fast=bad, progress=False)
+    result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
+    with pytest.raises(TypeError, match="^progress must be True or False, got 'False'$"):
+        result.verify_top(1, progress="False")
+    assert len(result.verify_top(1, progress=np.False_)) == 1  # NumPy booleans are taken
+
+
+def test_a_source_index_out_of_range_at_some_router_names_the_remedy():
+    """Audit 81: ``families=[1]`` in a sweep over routers that read different numbers of
+    sources (layer 0's attention router reads the embedding alone) was refused with
+    "source index 1 is out of range ..." and no way out; the message now says that an
+    index counts one router's sources and to name the family or label instead (a router
+    that lacks it selects nothing there)."""
+    model = routed_model("kimi", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"source index 1 is out of range .*name the family"):
+        plan_ablations(model, families=[1], routers="attn_res", groups="layers")
+    # the named family runs: layer 0's router, which lacks it, is left out of its masks
+    (cell, *_) = plan_ablations(model, families=["current"], routers="attn_res", groups="all")
+    assert 0 not in [site.layer for site, _ in cell.ablation.masks]

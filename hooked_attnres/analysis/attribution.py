@@ -427,6 +427,7 @@ class RoutingAttribution:
             ``min_masked_mass``).
         """
         k = require_integer("k", k, 0)
+        progress = require_bool("progress", progress)  # "False" showed the bar
         require_finite_number("min_masked_mass", min_masked_mass, optional=True)
         if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
             raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
@@ -571,6 +572,7 @@ def attribute_routing(
     methods = _check_methods(method)
     routers = check_routers(model, routers)  # read once: a generator is empty after
     by_position = require_bool("by_position", by_position)  # "False" was read as True
+    progress = require_bool("progress", progress)  # "no" showed the bar
     check_count("chunk", chunk)
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import as_items, one_or_list, require_selection
+from hooked_attnres._validation import as_items, one_or_list, require_bool, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
@@ -362,6 +362,8 @@ def run_ablations(
             "metrics are read at its answer positions"
         )
     check_count("chunk", chunk)
+    fast = require_bool("fast", fast)  # "False" took the fast path
+    progress = require_bool("progress", progress)  # "no" showed the bar
     if max_rows is not None:
         check_count("max_rows", max_rows)
     require_eval(model, "run_ablations")
