@@ -1123,3 +1123,25 @@ def test_a_source_index_out_of_range_at_some_router_names_the_remedy():
     # the named family runs: layer 0's router, which lacks it, is left out of its masks
     (cell, *_) = plan_ablations(model, families=["current"], routers="attn_res", groups="all")
     assert 0 not in [site.layer for site, _ in cell.ablation.masks]
+
+
+def test_verify_top_refuses_to_rank_estimates_that_are_not_numbers():
+    """Audit 81: in a float16 model whose forward pass overflows, 17 of 32 cells of the
+    per-layer sweep had NaN estimates; ``verify_top(3)`` ranked by ``|estimate|`` with
+    NaN sorted last, so it verified three cells whose estimate was 0 and returned them as
+    "the top estimates" (the NaN cells, of unknown size, were never looked at), and
+    ``min_masked_mass`` skipped the cells whose masked mass was NaN. Now it refuses,
+    naming the cells and the remedy (float32)."""
+    model = routed_model("kimi", dtype=torch.float64, scale=0.5)
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.mul_(1e8)  # its output overflows float16
+    model = model.to(torch.float16)
+    batch = random_batch(n=6, seed=1)
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        result = attribute_routing(model, batch, groups="layers", n_bootstrap=10, progress=False)
+    estimates = result.per_prompt[("linear", "logit_diff")].mean(axis=1)
+    assert np.isnan(estimates).any() and not np.isnan(estimates).all()  # some cells NaN
+    with pytest.raises(ValueError, match=r"not finite .* float32"):
+        result.verify_top(3)
+    with pytest.raises(ValueError, match=r"not finite .* float32"):
+        result.verify_top(0, min_masked_mass=0.5)

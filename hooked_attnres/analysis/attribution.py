@@ -425,6 +425,12 @@ class RoutingAttribution:
             ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
             and ``|estimate|`` (no rows, the same columns, when ``k=0`` and no cell reaches
             ``min_masked_mass``).
+
+        Raises:
+            ValueError: besides bad arguments, other hooks or weights than the attribution
+                had, and an estimate it ranks (or, with ``min_masked_mass``, a masked mass)
+                that is NaN (a pass that was not finite: NaN sorted last, so such cells were
+                never verified while others were returned as the largest).
         """
         k = require_integer("k", k, 0)
         progress = require_bool("progress", progress)  # "False" showed the bar
@@ -446,10 +452,13 @@ class RoutingAttribution:
             raise ValueError(f"metric {metric!r} was not computed; this result has {names}")
         far = set()
         if min_masked_mass is not None:
+            _require_rankable(self.plan, self.masked_mass, "masked mass")
             far = {int(i) for i in np.flatnonzero(self.masked_mass >= min_masked_mass)}
         top: dict[str, set[int]] = {}
         for name in chosen:
             estimates = self.per_prompt[(method, name)].mean(axis=1)
+            if k > 0:
+                _require_rankable(self.plan, estimates, f"{method} {name!r} estimate")
             order = np.argsort(-np.abs(estimates), kind="stable")
             top[name] = {int(i) for i in order[:k]}
         cells = sorted(far.union(*top.values()))
@@ -510,6 +519,22 @@ class RoutingAttribution:
             table.sort_values(["metric", "_order"], kind="stable")
             .drop(columns="_order")
             .reset_index(drop=True)
+        )
+
+
+def _require_rankable(plan: list[PlannedAblation], values: np.ndarray, what: str) -> None:
+    """Refuse to rank cells by ``values`` ``[n_cells]`` when one is NaN: NumPy sorts NaN
+    last and ``>=`` is False for it, so such a cell (of unknown size) would never be
+    verified while others were returned as the largest."""
+    bad = np.flatnonzero(np.isnan(values))
+    if len(bad):
+        cell = plan[int(bad[0])]
+        raise ValueError(
+            f"the {what} of {len(bad)} of {len(values)} cells is not finite (first: router "
+            f"{cell.router!r}, group {cell.group!r}, family {cell.family!r}), so the cells "
+            "cannot be ranked: the model's forward or backward pass was not finite (a float16 "
+            "overflow?). Run the attribution on the model in float32 (model.to(torch.float32)) "
+            "or bfloat16, or run ablation_effects on the cells you need"
         )
 
 
