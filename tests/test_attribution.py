@@ -1145,3 +1145,39 @@ def test_verify_top_refuses_to_rank_estimates_that_are_not_numbers():
         result.verify_top(3)
     with pytest.raises(ValueError, match=r"not finite .* float32"):
         result.verify_top(0, min_masked_mass=0.5)
+
+
+def test_a_callable_metric_is_told_from_nan_logits():
+    """Audit 81: `reads_answer_only` compared the metric of NaN-padded logits with its
+    value on the answer logits by ``allclose``, for which NaN != NaN; a prompt whose own
+    logits were NaN (a float16 overflow, here a hook writing NaN into one prompt) made a
+    metric that reads the answer position only look like one reading other positions:
+    attribute_routing refused it, blaming the metric. Prompts whose answer logits are not
+    finite now tell nothing either way; the others decide (a metric reading
+    ``answer_pos - 1`` is still refused), and when no probed prompt is finite the refusal
+    says the logits are not finite."""
+    model = routed_model("kimi", dtype=torch.float32)
+    batch = random_batch(n=6, seed=1)
+
+    def nan_in_prompt_0(x, hook):
+        x = x.clone()
+        x[0] = float("nan")
+        return x
+
+    def answer_only(b, logits):
+        return metric_values(b, logits, "logit_diff")
+
+    def before_answer(b, logits):
+        rows = torch.arange(len(b))
+        return logits[rows, b.answer_pos - 1, b.answer] * 1.0
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", nan_in_prompt_0)]):
+        with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+            result = attribute_routing(model, batch, answer_only, n_bootstrap=10, progress=False)
+        estimates = result.per_prompt[("linear", "answer_only")]
+        assert np.isnan(estimates[:, 0]).any() and np.isfinite(estimates[:, 1:]).all()
+        with pytest.raises(ValueError, match="reads logits at positions other than"):
+            attribute_routing(model, batch, before_answer, n_bootstrap=10, progress=False)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x * float("nan"))]):
+        with pytest.raises(ValueError, match="logits are not finite"):
+            attribute_routing(model, batch, answer_only, n_bootstrap=10, progress=False)

@@ -65,6 +65,7 @@ from hooked_attnres.analysis.effects import (
     metric_name,
     metric_values,
     plan_ablations,
+    probe_rows,
     reads_answer_only,
     run_ablations,
 )
@@ -127,6 +128,13 @@ def _check_answer_only(metrics: Sequence[Metric], batch: TaskBatch, logits: Tens
     with torch.no_grad():
         for metric in metrics:
             if callable(metric) and not reads_answer_only(metric, batch, logits):
+                if not logits[probe_rows(batch).to(logits.device)].isfinite().all(-1).any():
+                    raise ValueError(
+                        f"metric {metric_name(metric)!r} cannot be told to read the logits "
+                        "at batch.answer_pos only: the logits are not finite at every prompt "
+                        "it was tried on (the model's forward pass overflowed? run it in "
+                        "float32, model.to(torch.float32), or bfloat16)"
+                    )
                 raise ValueError(
                     f"metric {metric_name(metric)!r} reads logits at positions other than "
                     "batch.answer_pos (e.g. answer_pos - 1, the last position or a mean over "
