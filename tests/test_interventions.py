@@ -1884,6 +1884,8 @@ def test_a_key_value_cache_continued_under_other_interventions_is_refused(layout
     the interventions that fired in the passes that filled it, and a pass that continues
     it under others is refused (the cache left as it was); the same interventions, also
     an equal ablation rebuilt, continue it exactly."""
+    import copy
+
     from hooked_attnres import KeyValueCache
     from hooked_attnres.interventions import Ablation
 
@@ -1915,6 +1917,12 @@ def test_a_key_value_cache_continued_under_other_interventions_is_refused(layout
                 continued = model(rest, past_kv_cache=cache)
             expected = hooked if prefix_hooks else model(tokens)
             torch.testing.assert_close(continued, expected[:, 5:], atol=1e-12, rtol=0)
+        # a copy of a cache filled under the hooks continues under them
+        cache = KeyValueCache.init_cache(model.cfg)
+        with model.hooks(fwd_hooks=hooks), torch.no_grad():  # no graph: the cache copies
+            model(first, past_kv_cache=cache)
+            continued = model(rest, past_kv_cache=copy.deepcopy(cache))
+        torch.testing.assert_close(continued, hooked[:, 5:], atol=1e-12, rtol=0)
     # an equal ablation built again (its masks compare equal) continues the cache
     cache = KeyValueCache.init_cache(model.cfg)
     with model.hooks(fwd_hooks=ablation.hooks()):

@@ -239,8 +239,14 @@ class KeyValueCache:
             differs.append(f"without {some_names(added, 3)}, which this pass applies")
         if dropped:
             differs.append(f"with {some_names(dropped, 3)}, which this pass does not apply")
+        again = ""
+        if set(added) & set(dropped):
+            again = (
+                " (interventions of one description built again count as other ones, "
+                "except ablations, and so do those of a cache loaded from a file)"
+            )
         raise ValueError(
-            f"past_kv_cache holds {n_past} positions computed {'; and '.join(differs)}: a "
+            f"past_kv_cache holds {n_past} positions computed {'; and '.join(differs)}{again}: a "
             "pass with a key-value cache reads the cached keys and values as they were "
             "computed, so its numbers would be the full pass's with the interventions at "
             "the new positions only (or at the cached ones only), not those of the hooks "

@@ -62,6 +62,13 @@ class InterventionTag:
     what: str
     key: Any = field(default_factory=object, repr=False)
 
+    def __copy__(self) -> InterventionTag:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> InterventionTag:
+        # a copy of a cache (copy.deepcopy, to continue it two ways) names the same hooks
+        return self
+
 
 _CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
 
