@@ -309,9 +309,13 @@ def mask_hook(
     Args:
         where: ``[n_sources]`` (every prompt alike) or ``[batch, 1, n_sources]`` (one mask
             per row of the batch, as the batched ablation sweep uses).
-        positions: only mask at these positions (default: all).
-    """
+        positions: only mask at these positions (default: all; checked when built,
+            `check_positions`, and against the run's length when the hook runs).
 
+    The hook records its masks and positions in the running pass (`note_intervention`):
+    a key-value cache refuses a pass that continues it under other interventions than
+    the passes that filled it (`KeyValueCache.note_interventions`).
+    """
     index = check_positions(positions)
     # equal masks at equal positions are one intervention (an ablation compiled again)
     tag = InterventionTag(
