@@ -88,7 +88,8 @@ def test_every_hook_of_the_hf_wraps_is_documented_with_its_shape(wrap):
 
     from hooked_attnres import HookedAttnRes
 
-    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2)
+    blocks = {} if wrap == "none" else {"num_blocks": 2}  # wrap "none" has no blocks
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, **blocks)
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)
     if wrap == "none":
