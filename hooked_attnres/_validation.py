@@ -100,21 +100,27 @@ def require_bool(
 
 
 @overload
-def require_choice(name: str, value: Any, choices: Sequence[str]) -> str: ...
+def require_choice(name: str, value: Any, choices: Sequence[str], why: str = "") -> str: ...
 
 
 @overload
-def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]: ...
+def require_choice(
+    name: str, value: Any, choices: Sequence[Optional[str]], why: str = ""
+) -> Optional[str]: ...
 
 
-def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]:
+def require_choice(
+    name: str, value: Any, choices: Sequence[Optional[str]], why: str = ""
+) -> Optional[str]:
     """``value`` if it is one of ``choices`` (strings, and ``None`` where it is one): a
     ``str`` (a ``str`` subclass, a NumPy string scalar or a ``(str, Enum)`` member, is
     returned as the Python ``str`` it holds) or ``None``; otherwise ``ValueError("{name}
-    must be one of {choices}, got {value!r}")``. Tested by type before equality: ``value in
-    choices`` compared a NumPy array elementwise, which raised NumPy's "truth value of an
-    array ... is ambiguous" naming no argument, and took a 0-d ``np.array("str")`` for
-    ``"str"``."""
+    must be one of {choices}[ ({why})], got {value!r}")``, ``why`` saying why a choice
+    is not there (``router_patch_index``: the final router has no layer axis). Tested by
+    type before equality: ``value in choices`` compared a NumPy array elementwise, which
+    raised NumPy's "truth value of an array ... is ambiguous" naming no argument, took a
+    one-element array ``np.array(["attn_res"])`` for ``"attn_res"`` and a 0-d
+    ``np.array("str")`` for ``"str"``."""
     if value is None and None in choices:
         return None
     # the characters a str subclass holds: its str() may differ (a (str, Enum) member's is
@@ -122,7 +128,8 @@ def require_choice(name: str, value: Any, choices: Sequence[Optional[str]]) -> O
     text = str.__str__(value) if isinstance(value, str) else None
     if text is not None and text in [c for c in choices if isinstance(c, str)]:
         return text
-    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    because = f" ({why})" if why else ""
+    raise ValueError(f"{name} must be one of {tuple(choices)}{because}, got {value!r}")
 
 
 def require_tokenizer(name: str, value: Any) -> None:
@@ -359,22 +366,29 @@ def require_selection(
     items: Iterable[Any],
     labels: Optional[Sequence[Any]] = None,
     why: str = "the sweep would have no cell",
+    written: Optional[Sequence[Any]] = None,
 ) -> list[Any]:
     """``items`` as a list if it names at least one thing and nothing twice (compared by
     ``labels``, one per item, e.g. a metric's name; by the items themselves when
     ``None``); otherwise ``ValueError("{name} is empty: {why}; give at least one")`` or
     ``ValueError("{name} repeats ...")``: a repeated entry would give the same rows (or
     hooks) twice, silently. The one check of every list a sweep or intervention takes
-    (families, routers, metrics, methods). ``items`` may be any iterable (`as_items`: it
-    is read once; use the returned list), anything else is refused by ``name``."""
+    (families, routers, metrics, methods, positions). ``items`` may be any iterable
+    (`as_items`: it is read once; use the returned list), anything else is refused by
+    ``name``. ``written``: what the caller wrote, one per item, when the items (or
+    labels) are normalised forms of it: the message shows it, and the normalised keys
+    when they differ (positions ``[1, -6]`` of a 7-token run: "got [1, -6], read as
+    [1, 1]"; it showed only ``[1, 1]``)."""
     items = as_items(name, items)
     if not items:
         raise ValueError(f"{name} is empty: {why}; give at least one")
     keys = list(items if labels is None else labels)
     repeated = [key for index, key in enumerate(keys) if key in keys[:index]]
     if repeated:
+        got = keys if written is None else list(written)
+        read = "" if got == keys else f", read as {keys}"
         raise ValueError(
-            f"{name} repeats {list(dict.fromkeys(repeated))} (got {keys}): each entry would "
-            "give the same rows again; give each once"
+            f"{name} repeats {list(dict.fromkeys(repeated))} (got {got}{read}): each entry "
+            "would give the same rows again; give each once"
         )
     return items

@@ -45,6 +45,20 @@ from hooked_attnres.model.depth import (
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
+# the public names (docs/analysis.md); Metric, PatchSetter (type aliases) and
+# layer_pos_patch_setter (the sweeps' default setter; the docs use TransformerLens's own) are
+# not exported
+__all__ = [
+    "DEPTH_STATE_SUBLAYERS",
+    "depth_state_name",
+    "get_act_patch_committed_blocks_by_pos",
+    "get_act_patch_depth_state",
+    "get_act_patch_depth_state_by_pos",
+    "get_act_patch_routing_weights",
+    "get_act_patch_routing_weights_by_pos",
+    "router_patch_index",
+]
+
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 # (corrupted activation, index, clean activation) -> patched activation, as in
 # transformer_lens.patching.generic_activation_patch
@@ -485,11 +499,12 @@ def router_patch_index(
     """
     import pandas as pd
 
-    if router not in SUBLAYER_ROUTERS:
-        raise ValueError(
-            f"router must be one of {SUBLAYER_ROUTERS} (generic_activation_patch indexes "
-            f"by layer; the final router has none), got {router!r}"
-        )
+    router = require_choice(
+        "router",
+        router,
+        SUBLAYER_ROUTERS,
+        why="generic_activation_patch indexes by layer; the final router has none",
+    )
     check_routers(model, router)
     name = RouterSite.activation_name(router, hook)
     axes = tuple(index_axis_names)

@@ -20,6 +20,7 @@ from hooked_attnres.analysis import (
     bootstrap_ci,
     bootstrap_ci_rows,
     dissociation_report,
+    metric_values,
     plan_ablations,
     recency_schedule,
     routing_lens,
@@ -765,7 +766,7 @@ def test_single_router_and_family_may_be_bare_and_bad_ones_are_named(setup):
     bare = plan_ablations(model, families="embedding", routers="mlp_res", groups="all")
     listed = plan_ablations(model, families=["embedding"], routers=["mlp_res"], groups="all")
     assert bare == listed and len(bare) == 1
-    with pytest.raises(ValueError, match=r"unknown router 'attn'; routers are"):
+    with pytest.raises(ValueError, match=r"router must be one of \(.*\), got 'attn'"):
         plan_ablations(model, routers=["attn"])
     with pytest.raises(ValueError, match="unknown source 'embeddings'"):
         plan_ablations(model, families="embeddings")
@@ -876,9 +877,12 @@ def test_mass_positions_out_of_range_are_named(setup):
         table.groupby(["prompt", "router", "layer"]).mass.sum(), 1.0, atol=1e-5
     )
     # a position twice (also as p and p - n_pos) counted twice in the mean (0.17 mass off
-    # for [1, 1, 2], kimi): refused; the mean over distinct positions is the cache's
+    # for [1, 1, 2], kimi): refused, showing the positions as written (the message showed
+    # [1, 1, 2] for [1, 1 - n_pos, 2]); the mean over distinct positions is the cache's
     for repeated in ([1, 1, 2], [1, 1 - n_pos, 2]):
-        with pytest.raises(ValueError, match=r"positions repeats \[1\]"):
+        read = [p % n_pos for p in repeated]
+        shown = re.escape(str(repeated) + ("" if read == repeated else f", read as {read}"))
+        with pytest.raises(ValueError, match=rf"positions repeats \[1\] \(got {shown}\):"):
             routing_mass(model, batch, positions=repeated)
     _, cache = model.run_with_cache(batch.tokens)
     site = model.site(2, "attn_res")
@@ -1464,6 +1468,46 @@ def test_half_precision_logit_diff_effects_are_the_models_logits_subtracted_exac
     assert effects.effect.abs().max() > 0.02  # effects to measure
     np.testing.assert_allclose(effects.effect, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(effects.clean, float(clean.mean()), rtol=0, atol=1e-6)
+
+
+def test_accuracy_of_logits_without_an_argmax_is_nan_not_a_guess():
+    """Audit 81: ``accuracy`` took the argmax of the answer position's logits whatever
+    they held. torch's argmax picks the first NaN, so a float16 forward pass that
+    overflowed (NaN logits everywhere) scored every prompt 0 (1 where the answer is token
+    0), and the sweep reported a clean accuracy of 0, effects of exactly 0 and intervals
+    [0, 0] for a model that computed nothing, while ``logit_diff`` of the same run was NaN.
+    Now a prompt whose argmax is undefined (a NaN logit, or +inf attained twice: an
+    overflow tie) gets NaN, as the other metrics do; a single +inf is still the argmax."""
+    batch = TaskBatch(
+        tokens=torch.zeros(4, 2, dtype=torch.long),
+        answer_pos=torch.tensor([1, 1, 1, 1]),
+        answer=torch.tensor([0, 2, 0, 1]),
+        contrast=torch.tensor([1, 1, 1, 0]),
+        corrupted_tokens=torch.zeros(4, 2, dtype=torch.long),
+        targets=torch.full((4, 2), -100),
+    )
+    logits = torch.zeros(4, 2, 3, dtype=torch.float16)
+    logits[0, 1] = float("nan")  # argmax 0 = the answer: was scored correct
+    logits[1, 1, 1] = float("nan")
+    logits[2, 1, :2] = float("inf")  # a tie of overflows: argmax 0 = the answer
+    logits[3, 1, 1] = float("inf")  # one overflow: the answer, well defined
+    got = metric_values(batch, logits, "accuracy")
+    assert torch.isnan(got[:3]).all() and got[3] == 1.0, got
+
+    # end to end: a float16 model whose forward pass overflows (NaN logits)
+    model = randomize_routing(tiny_model(attnres_layout="kimi", d_model=48)).double()
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.mul_(1e8)  # its output overflows float16
+    model = model.to(torch.float16).eval()
+    run = random_batch(6, 8, 50)
+    with torch.no_grad():
+        assert torch.isnan(model(run.tokens)[:, -1]).all()
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        effects = ablation_effects(
+            model, run, families="embedding", groups="all", metrics=("accuracy",),
+            n_bootstrap=10, progress=False,
+        )  # fmt: skip
+    assert effects.clean.isna().all() and effects.effect.isna().all(), effects
 
 
 def test_float16_logit_diff_does_not_overflow_where_float32_does_not():

@@ -14,6 +14,7 @@ from hooked_attnres.analysis import (
     attribution_patch_routing_weights,
     metric_values,
     plan_ablations,
+    run_ablations,
 )
 from hooked_attnres.interventions import set_weights
 from hooked_attnres.model.depth import FAMILIES
@@ -1080,3 +1081,103 @@ def test_verify_top_of_zero_cells_verifies_the_masked_mass_cells_only():
         result.verify_top(0)
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         result.verify_top(-1)
+
+
+def test_progress_and_fast_flags_are_refused_unless_true_or_false():
+    """Audit 81: ``progress`` (attribute_routing, verify_top, run_ablations,
+    ablation_effects) and ``fast`` (run_ablations, ablation_effects) were read by
+    truthiness: ``progress="no"`` showed the bar and ``fast="False"`` took the fast path.
+    Each is refused by name now (`require_bool`, the one rule for flags), before any work."""
+    model = routed_model("cumulative", dtype=torch.float32)
+    batch = random_batch()
+    plan = plan_ablations(model, ["embedding"], "attn_res", "all")
+    calls = {
+        "attribute_routing": lambda **kw: attribute_routing(model, batch, **kw),
+        "ablation_effects": lambda **kw: ablation_effects(
+            model, batch, families=["embedding"], metrics=["logit_diff"], n_bootstrap=10, **kw
+        ),
+        "run_ablations": lambda **kw: run_ablations(model, batch, plan, **kw),
+    }
+    for name, call in calls.items():
+        for bad in ("no", 0, None):
+            with pytest.raises(TypeError, match=f"^progress must be True or False, got {bad!r}$"):
+                call(progress=bad)
+            if name != "attribute_routing":
+                with pytest.raises(TypeError, match=f"^fast must be True or False, got {bad!r}$"):
+                    call(fast=bad, progress=False)
+    result = attribute_routing(model, batch, n_bootstrap=10, progress=False)
+    with pytest.raises(TypeError, match="^progress must be True or False, got 'False'$"):
+        result.verify_top(1, progress="False")
+    assert len(result.verify_top(1, progress=np.False_)) == 1  # NumPy booleans are taken
+
+
+def test_a_source_index_out_of_range_at_some_router_names_the_remedy():
+    """Audit 81: ``families=[1]`` in a sweep over routers that read different numbers of
+    sources (layer 0's attention router reads the embedding alone) was refused with
+    "source index 1 is out of range ..." and no way out; the message now says that an
+    index counts one router's sources and to name the family or label instead (a router
+    that lacks it selects nothing there)."""
+    model = routed_model("kimi", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"source index 1 is out of range .*name the family"):
+        plan_ablations(model, families=[1], routers="attn_res", groups="layers")
+    # the named family runs: layer 0's router, which lacks it, is left out of its masks
+    (cell, *_) = plan_ablations(model, families=["current"], routers="attn_res", groups="all")
+    assert 0 not in [site.layer for site, _ in cell.ablation.masks]
+
+
+def test_verify_top_refuses_to_rank_estimates_that_are_not_numbers():
+    """Audit 81: in a float16 model whose forward pass overflows, 17 of 32 cells of the
+    per-layer sweep had NaN estimates; ``verify_top(3)`` ranked by ``|estimate|`` with
+    NaN sorted last, so it verified three cells whose estimate was 0 and returned them as
+    "the top estimates" (the NaN cells, of unknown size, were never looked at), and
+    ``min_masked_mass`` skipped the cells whose masked mass was NaN. Now it refuses,
+    naming the cells and the remedy (float32)."""
+    model = routed_model("kimi", dtype=torch.float64, scale=0.5)
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.mul_(1e8)  # its output overflows float16
+    model = model.to(torch.float16)
+    batch = random_batch(n=6, seed=1)
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        result = attribute_routing(model, batch, groups="layers", n_bootstrap=10, progress=False)
+    estimates = result.per_prompt[("linear", "logit_diff")].mean(axis=1)
+    assert np.isnan(estimates).any() and not np.isnan(estimates).all()  # some cells NaN
+    with pytest.raises(ValueError, match=r"not finite .* float32"):
+        result.verify_top(3)
+    with pytest.raises(ValueError, match=r"not finite .* float32"):
+        result.verify_top(0, min_masked_mass=0.5)
+
+
+def test_a_callable_metric_is_told_from_nan_logits():
+    """Audit 81: `reads_answer_only` compared the metric of NaN-padded logits with its
+    value on the answer logits by ``allclose``, for which NaN != NaN; a prompt whose own
+    logits were NaN (a float16 overflow, here a hook writing NaN into one prompt) made a
+    metric that reads the answer position only look like one reading other positions:
+    attribute_routing refused it, blaming the metric. Prompts whose answer logits are not
+    finite now tell nothing either way; the others decide (a metric reading
+    ``answer_pos - 1`` is still refused), and when no probed prompt is finite the refusal
+    says the logits are not finite."""
+    model = routed_model("kimi", dtype=torch.float32)
+    batch = random_batch(n=6, seed=1)
+
+    def nan_in_prompt_0(x, hook):
+        x = x.clone()
+        x[0] = float("nan")
+        return x
+
+    def answer_only(b, logits):
+        return metric_values(b, logits, "logit_diff")
+
+    def before_answer(b, logits):
+        rows = torch.arange(len(b))
+        return logits[rows, b.answer_pos - 1, b.answer] * 1.0
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", nan_in_prompt_0)]):
+        with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+            result = attribute_routing(model, batch, answer_only, n_bootstrap=10, progress=False)
+        estimates = result.per_prompt[("linear", "answer_only")]
+        assert np.isnan(estimates[:, 0]).any() and np.isfinite(estimates[:, 1:]).all()
+        with pytest.raises(ValueError, match="reads logits at positions other than"):
+            attribute_routing(model, batch, before_answer, n_bootstrap=10, progress=False)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x * float("nan"))]):
+        with pytest.raises(ValueError, match="logits are not finite"):
+            attribute_routing(model, batch, answer_only, n_bootstrap=10, progress=False)

@@ -88,7 +88,8 @@ def test_every_hook_of_the_hf_wraps_is_documented_with_its_shape(wrap):
 
     from hooked_attnres import HookedAttnRes
 
-    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, num_blocks=2)
+    blocks = {} if wrap == "none" else {"num_blocks": 2}  # wrap "none" has no blocks
+    model = HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap=wrap, **blocks)
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)
     if wrap == "none":
@@ -796,12 +797,19 @@ def test_the_reliability_config_examples_are_refused():
 PACKAGES = [
     "hooked_attnres",
     *(f"hooked_attnres.{p.parent.name}" for p in sorted(REPO.glob("hooked_attnres/*/__init__.py"))),
+    # public modules with an __all__ (hooked_attnres.patching): it was not checked
+    *(
+        f"hooked_attnres.{p.stem}"
+        for p in sorted(REPO.glob("hooked_attnres/[!_]*.py"))
+        if re.search(r"^__all__ = ", p.read_text(), re.M)
+    ),
 ]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_exported_name_is_documented(package):
-    """Every name of a package's ``__all__`` (the package and its subpackages) is named in
+    """Every name of a package's ``__all__`` (the package, its subpackages and the public
+    modules that have one, e.g. ``hooked_attnres.patching``) is named in
     code (a code block or an inline code span) in README.md or docs/*.md (benchmarks.md, a
     log, does not count)."""
     import importlib

@@ -201,7 +201,7 @@ def test_local_patching_touches_one_router_and_global_patching_every_reader(toke
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "unknown router"),
+        (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "router must be one of"),
         (lambda m: mask_sources(m, "embedding", layers=9), "not in"),
         (lambda m: mask_sources(m, "embedding", layers="deep"), "unknown depth band"),
         (lambda m: mask_sources(m, "newest"), "unknown source 'newest'"),
@@ -1871,3 +1871,64 @@ def test_the_resid_edit_warning_fires_where_routers_read_other_sources(layout):
         assert warned != silent, name
         if silent:  # the edit reached every logit (lm_head(ln_final(0)) = 0)
             assert zeroed.abs().max() == 0
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "exact"])
+def test_a_key_value_cache_continued_under_other_interventions_is_refused(layout, tokens):
+    """Audit 83: a key-value cache filled without an intervention and continued with it
+    (or the reverse) mixed a prefix computed one way with a suffix computed another: the
+    continuation gave the full pass with the intervention at the new positions only (or at
+    the cached ones only; equal to positions=range(...) to 1e-15), silently 0.01-0.6
+    logits off the full pass under the hooks attached (float64; kimi 0.50, cumulative
+    0.012, full 0.48, exact wrap 0.19 for masking the embedding). Each cache now records
+    the interventions that fired in the passes that filled it, and a pass that continues
+    it under others is refused (the cache left as it was); the same interventions, also
+    an equal ablation rebuilt, continue it exactly."""
+    import copy
+
+    from hooked_attnres import KeyValueCache
+    from hooked_attnres.interventions import Ablation
+
+    if layout == "exact":
+        model = HookedAttnRes.from_hf_qwen3(
+            hf_qwen3(), wrap="exact", num_blocks=2, dtype=torch.float64
+        ).eval()
+    else:
+        model = routed(layout, dtype=torch.float64)
+    layers = range(1, model.cfg.n_layers)
+    ablation = Ablation.compile(model, "embedding", layers=layers)
+    patch = patch_sources(model, "current", "mean")
+    first, rest = tokens[:, :5], tokens[:, 5:]
+    for hooks in (ablation.hooks(), patch):
+        with model.hooks(fwd_hooks=hooks):
+            hooked = model(tokens)
+        for prefix_hooks, rest_hooks, message in (
+            ([], hooks, "computed without .* which this pass applies"),
+            (hooks, [], "computed with .* which this pass does not apply"),
+        ):
+            cache = KeyValueCache.init_cache(model.cfg)
+            with model.hooks(fwd_hooks=prefix_hooks):
+                model(first, past_kv_cache=cache)
+            with model.hooks(fwd_hooks=rest_hooks):
+                with pytest.raises(ValueError, match=message):
+                    model(rest, past_kv_cache=cache)
+            assert cache.n_past == 5  # left as it was: continued as it was filled, exact
+            with model.hooks(fwd_hooks=prefix_hooks):
+                continued = model(rest, past_kv_cache=cache)
+            expected = hooked if prefix_hooks else model(tokens)
+            torch.testing.assert_close(continued, expected[:, 5:], atol=1e-12, rtol=0)
+        # a copy of a cache filled under the hooks continues under them
+        cache = KeyValueCache.init_cache(model.cfg)
+        with model.hooks(fwd_hooks=hooks), torch.no_grad():  # no graph: the cache copies
+            model(first, past_kv_cache=cache)
+            continued = model(rest, past_kv_cache=copy.deepcopy(cache))
+        torch.testing.assert_close(continued, hooked[:, 5:], atol=1e-12, rtol=0)
+    # an equal ablation built again (its masks compare equal) continues the cache
+    cache = KeyValueCache.init_cache(model.cfg)
+    with model.hooks(fwd_hooks=ablation.hooks()):
+        model(first, past_kv_cache=cache)
+    again = Ablation.compile(model, "embedding", layers=layers).hooks()
+    with model.hooks(fwd_hooks=again):
+        continued = model(rest, past_kv_cache=cache)
+    with model.hooks(fwd_hooks=again):
+        torch.testing.assert_close(continued, model(tokens)[:, 5:], atol=1e-12, rtol=0)

@@ -289,7 +289,7 @@ def test_bad_calls_are_refused():
         get_act_patch_routing_weights(model, tokens[:5], cache, metric)
     with pytest.raises(ValueError, match="batch"):
         get_act_patch_committed_blocks_by_pos(model, tokens[:5], cache, metric)
-    with pytest.raises(ValueError, match="unknown router"):
+    with pytest.raises(ValueError, match="router must be one of .*, got 'bogus_res'"):
         get_act_patch_routing_weights(model, tokens, cache, metric, routers=("bogus_res",))
     with pytest.raises(
         ValueError, match=r"\[batch, pos\] = \[6, \d+\] .* has \[6, \d+\]; .*equal lengths"

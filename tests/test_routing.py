@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -187,13 +188,56 @@ def test_invalid_router_queries_are_refused():
     model = tiny_model(attnres_layout="cumulative")
     with pytest.raises(
         ValueError,
-        match=r"unknown router 'attn'; routers are \('attn_res', 'mlp_res', 'final_res'\)",
+        match=r"^router must be one of \('attn_res', 'mlp_res', 'final_res'\), got 'attn'$",
     ):
         model.source_labels(0, "attn")
     with pytest.raises(ValueError, match="layer must be an integer"):
         model.source_labels(4, "attn_res")
     with pytest.raises(ValueError, match="no final router"):
         model.source_labels(None, "final_res")
+
+
+def test_router_kind_hook_and_sublayer_names_are_checked_by_type(tokens):
+    """A router kind, a router hook name or a sublayer that is no string is refused by
+    name (`require_choice`), saying what to pass: a hook name array raised
+    "'numpy.ndarray' object has no attribute 'removeprefix'", a one-element array of a
+    kind was taken ("['attn_res']_weights", a RouterSite whose kind was an array). A NumPy
+    string is the string it holds."""
+    import numpy as np
+
+    from hooked_attnres.model.depth import RouterSite, sublayer_index
+    from hooked_attnres.patching import router_patch_index
+
+    model = tiny_model(attnres_layout="cumulative").eval()
+    _, cache = model.run_with_cache(tokens)
+    hooks = r"hook must be one of \('sources', .*'weights', 'out', 'hook_sources', .*'hook_weights'"
+    for bad in (np.array(["weights"]), 3, "bogus"):
+        with pytest.raises(ValueError, match=hooks + r".*\), got " + re.escape(repr(bad)) + "$"):
+            cache.stack_router_activation(hook=bad)
+        with pytest.raises(ValueError, match=hooks):
+            model.site(0, "attn_res").hook(bad)
+        with pytest.raises(ValueError, match=hooks):
+            RouterSite.activation_name("attn_res", bad)
+    stacked, mask = cache.stack_router_activation(np.str_("hook_weights"))
+    expected, expected_mask = cache.stack_router_activation("weights")
+    assert torch.equal(stacked, expected) and torch.equal(mask, expected_mask)
+    kinds = r"router must be one of \('attn_res', 'mlp_res', 'final_res'\), got array"
+    with pytest.raises(ValueError, match=kinds):
+        RouterSite.activation_name(np.array(["attn_res"]), "weights")
+    with pytest.raises(ValueError, match=kinds):
+        model.routing_layout.site(0, np.array(["attn_res"]))
+    assert RouterSite.activation_name(np.str_("mlp_res"), "weights") == "mlp_res_weights"
+    with pytest.raises(
+        ValueError,
+        match=r"^router must be one of \('attn_res', 'mlp_res'\) \(generic_activation_patch "
+        r"indexes by layer; the final router has none\), got array\(\['attn_res'\]",
+    ):
+        router_patch_index(model, np.array(["attn_res"]), "weights")
+    for bad in (np.array(["attn"]), "final"):
+        sublayers = r"^sublayer must be one of \('attn', 'mlp'\), got "
+        with pytest.raises(ValueError, match=sublayers + re.escape(repr(bad)) + "$"):
+            sublayer_index(1, bad)
+    assert sublayer_index(1, np.str_("mlp")) == 3
 
 
 def test_editing_weights_changes_output_and_identity_hook_does_not(routed_layout, tokens):

@@ -1154,3 +1154,28 @@ def test_the_shipped_report_records_the_settings_a_default_study_records():
     assert list(recorded["versions"]) == list(shipped["versions"])
     for key in set(recorded) - {"versions", "threads", "seconds"}:
         assert recorded[key] == shipped[key], key
+
+
+def test_study_condition_refuses_a_progress_flag_before_the_forward_pass():
+    """Audit 81: `study_condition` passed ``progress`` on to `ablation_effects`, which
+    checks it (`require_bool`) only after the forward pass, the routing mass and the mass
+    summaries had run; now it is refused first, as every other argument."""
+    from helpers import tiny_model
+
+    from hooked_attnres.study.run import study_condition
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = tiny_model(attnres_layout="kimi").eval()
+    batch = TaskBatch(
+        tokens=torch.randint(0, 50, (4, 8)),
+        answer_pos=torch.full((4,), 7),
+        answer=torch.tensor([1, 2, 3, 4]),
+        contrast=torch.tensor([5, 6, 7, 8]),
+        corrupted_tokens=torch.randint(0, 50, (4, 8)),
+        targets=torch.full((4, 8), -100),
+    )
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(TypeError, match="^progress must be True or False, got 'no'$"):
+        study_condition(model, batch, n_bootstrap=10, progress="no")
+    assert not calls  # no forward pass ran

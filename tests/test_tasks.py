@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +120,24 @@ def test_a_one_query_prompt_is_in_the_split_of_the_hash_of_its_tokens():
             rows = task.sample(200, seed=1, split=split, vocab=tok).tokens.tolist()
             buckets = {zlib.crc32(np.asarray(r, dtype=np.int64).tobytes()) % 10 for r in rows}
             assert (buckets == {0}) if is_test else (0 not in buckets)
+
+
+def test_in_split_refuses_a_split_other_than_train_and_test():
+    """`in_split` read every split other than "test" (a typo "Test", "valid", None) as
+    train, silently; it takes "train" or "test" (a NumPy string too) and refuses the rest
+    by name."""
+    from hooked_attnres.tasks.base import in_split, prompt_bucket
+
+    # a test question (bucket 0), found without in_split
+    ids = next([a, b] for a in range(20) for b in range(20) if prompt_bucket([a, b]) == 0)
+    assert in_split(ids, "test") and not in_split(ids, "train")
+    assert in_split(ids, np.str_("test"))
+    for bad in ("Test", "valid", None, np.array(["test"])):
+        with pytest.raises(
+            ValueError,
+            match=r"^split must be one of \('train', 'test'\), got " + re.escape(repr(bad)) + "$",
+        ):
+            in_split(ids, bad)
 
 
 def test_retrieval_answer_is_the_queried_value_and_appears_once():

@@ -1721,7 +1721,7 @@ def test_bad_calls_name_what_to_do():
         router_patch_index(model, "attn_res", "weights", ("layer", "source", "source"))
     with pytest.raises(ValueError, match="index_axis_names is empty"):
         router_patch_index(model, "attn_res", "weights", ())
-    with pytest.raises(ValueError, match="no hook 'bogus'"):
+    with pytest.raises(ValueError, match=r"hook must be one of \(.*'hook_out'\), got 'bogus'"):
         cache.stack_router_activation("bogus")
     with pytest.raises(ValueError, match="router must be one of"):
         cache.stack_router_activation("weights", "final_res")

@@ -65,6 +65,7 @@ from hooked_attnres.analysis.effects import (
     metric_name,
     metric_values,
     plan_ablations,
+    probe_rows,
     reads_answer_only,
     run_ablations,
 )
@@ -127,6 +128,13 @@ def _check_answer_only(metrics: Sequence[Metric], batch: TaskBatch, logits: Tens
     with torch.no_grad():
         for metric in metrics:
             if callable(metric) and not reads_answer_only(metric, batch, logits):
+                if not logits[probe_rows(batch).to(logits.device)].isfinite().all(-1).any():
+                    raise ValueError(
+                        f"metric {metric_name(metric)!r} cannot be told to read the logits "
+                        "at batch.answer_pos only: the logits are not finite at every prompt "
+                        "it was tried on (the model's forward pass overflowed? run it in "
+                        "float32, model.to(torch.float32), or bfloat16)"
+                    )
                 raise ValueError(
                     f"metric {metric_name(metric)!r} reads logits at positions other than "
                     "batch.answer_pos (e.g. answer_pos - 1, the last position or a mean over "
@@ -425,8 +433,15 @@ class RoutingAttribution:
             ``verified_because`` (``"top estimate"`` or ``"masked mass"``), sorted by metric
             and ``|estimate|`` (no rows, the same columns, when ``k=0`` and no cell reaches
             ``min_masked_mass``).
+
+        Raises:
+            ValueError: besides bad arguments, other hooks or weights than the attribution
+                had, and an estimate it ranks (or, with ``min_masked_mass``, a masked mass)
+                that is NaN (a pass that was not finite: NaN sorted last, so such cells were
+                never verified while others were returned as the largest).
         """
         k = require_integer("k", k, 0)
+        progress = require_bool("progress", progress)  # "False" showed the bar
         require_finite_number("min_masked_mass", min_masked_mass, optional=True)
         if min_masked_mass is not None and not 0 < min_masked_mass <= 1:
             raise ValueError(f"min_masked_mass must be in (0, 1], got {min_masked_mass!r}")
@@ -445,10 +460,13 @@ class RoutingAttribution:
             raise ValueError(f"metric {metric!r} was not computed; this result has {names}")
         far = set()
         if min_masked_mass is not None:
+            _require_rankable(self.plan, self.masked_mass, "masked mass")
             far = {int(i) for i in np.flatnonzero(self.masked_mass >= min_masked_mass)}
         top: dict[str, set[int]] = {}
         for name in chosen:
             estimates = self.per_prompt[(method, name)].mean(axis=1)
+            if k > 0:
+                _require_rankable(self.plan, estimates, f"{method} {name!r} estimate")
             order = np.argsort(-np.abs(estimates), kind="stable")
             top[name] = {int(i) for i in order[:k]}
         cells = sorted(far.union(*top.values()))
@@ -512,6 +530,22 @@ class RoutingAttribution:
         )
 
 
+def _require_rankable(plan: list[PlannedAblation], values: np.ndarray, what: str) -> None:
+    """Refuse to rank cells by ``values`` ``[n_cells]`` when one is NaN: NumPy sorts NaN
+    last and ``>=`` is False for it, so such a cell (of unknown size) would never be
+    verified while others were returned as the largest."""
+    bad = np.flatnonzero(np.isnan(values))
+    if len(bad):
+        cell = plan[int(bad[0])]
+        raise ValueError(
+            f"the {what} of {len(bad)} of {len(values)} cells is not finite (first: router "
+            f"{cell.router!r}, group {cell.group!r}, family {cell.family!r}), so the cells "
+            "cannot be ranked: the model's forward or backward pass was not finite (a float16 "
+            "overflow?). Run the attribution on the model in float32 (model.to(torch.float32)) "
+            "or bfloat16, or run ablation_effects on the cells you need"
+        )
+
+
 def attribute_routing(
     model: HookedAttnRes,
     batch: TaskBatch,
@@ -571,6 +605,7 @@ def attribute_routing(
     methods = _check_methods(method)
     routers = check_routers(model, routers)  # read once: a generator is empty after
     by_position = require_bool("by_position", by_position)  # "False" was read as True
+    progress = require_bool("progress", progress)  # "no" showed the bar
     check_count("chunk", chunk)
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)

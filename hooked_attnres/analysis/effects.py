@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_attnres._precision import widened
-from hooked_attnres._validation import as_items, one_or_list, require_selection
+from hooked_attnres._validation import as_items, one_or_list, require_bool, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
@@ -155,7 +155,9 @@ def reads_answer_only(
     of whole-sequence logits that are NaN everywhere but at the answer positions (which
     hold ``answer_logits [batch, 1, d_vocab]``) must equal its value on ``answer_logits``
     with ``answer_pos`` 0. A metric that reads another position (``answer_pos - 1``, the
-    last one, a mean over positions) reads NaN there."""
+    last one, a mean over positions) reads NaN there. Prompts whose answer logits are not
+    finite are left out of the comparison (they tell nothing); with no finite one left,
+    False (the metric cannot be told to read the answer position only)."""
     index = probe_rows(batch)
     part = batch[index]
     answers = answer_logits[index.to(answer_logits.device)].detach()
@@ -165,6 +167,14 @@ def reads_answer_only(
     at_answer = dataclasses.replace(part, answer_pos=torch.zeros_like(part.answer_pos))
     whole = metric_values(part, probe, metric).detach()
     short = metric_values(at_answer, answers, metric).detach()
+    # a prompt whose answer logits are not finite (a float16 overflow) tells nothing: the
+    # metric is NaN there whatever it reads (and NaN != NaN made every metric look like
+    # one reading other positions); the finite prompts decide, and with none the metric
+    # cannot be told to read the answer position only
+    told = answers.isfinite().all(-1).all(-1)
+    if not told.any():
+        return False
+    whole, short = whole[told], short[told]
     scale = float(short.abs().max()) if short.isfinite().all() else 1.0
     return torch.allclose(whole, short, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
 
@@ -362,6 +372,8 @@ def run_ablations(
             "metrics are read at its answer positions"
         )
     check_count("chunk", chunk)
+    fast = require_bool("fast", fast)  # "False" took the fast path
+    progress = require_bool("progress", progress)  # "no" showed the bar
     if max_rows is not None:
         check_count("max_rows", max_rows)
     require_eval(model, "run_ablations")

@@ -207,7 +207,12 @@ def _position_weights(
         )
     index = position_index(positions, n_pos, weights.device)
     # one weight per position: a position twice (also as p and p - n_pos) would count twice
-    require_selection("positions", (index % n_pos).tolist(), why="nothing to average over")
+    require_selection(
+        "positions",
+        (index % n_pos).tolist(),
+        why="nothing to average over",
+        written=index.tolist(),
+    )
     return weights[:, index].mean(dim=1)
 
 

@@ -51,6 +51,8 @@ from hooked_attnres.interventions.selection import (
 from hooked_attnres.model.depth import RouterSite
 from hooked_attnres.model.norms import rms_scale
 from hooked_attnres.model.passes import (
+    InterventionTag,
+    note_intervention,
     padding_of,
     pass_mask,
     real_tokens,
@@ -307,10 +309,28 @@ def mask_hook(
     Args:
         where: ``[n_sources]`` (every prompt alike) or ``[batch, 1, n_sources]`` (one mask
             per row of the batch, as the batched ablation sweep uses).
-        positions: only mask at these positions (default: all).
+        positions: only mask at these positions (default: all; checked when built,
+            `check_positions`, and against the run's length when the hook runs).
+
+    The hook records its masks and positions in the running pass (`note_intervention`):
+    a key-value cache refuses a pass that continues it under other interventions than
+    the passes that filled it (`KeyValueCache.note_interventions`).
     """
+    index = check_positions(positions)
+    # equal masks at equal positions are one intervention (an ablation compiled again)
+    tag = InterventionTag(
+        f"{what} at {site.hook('logits')}",
+        (
+            "mask",
+            site,
+            tuple(where.shape),
+            tuple(where.reshape(-1).tolist()),
+            None if index is None else tuple(index.reshape(-1).tolist()),
+        ),
+    )
 
     def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
+        note_intervention(tag)
         mask = where.to(logits.device)
         pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
         if pos_mask is not None:
@@ -605,7 +625,9 @@ def set_weights(
             value=value,
             cached=from_cache,
             cache=weights,
+            tag=InterventionTag(f"set_weights at {site.hook('weights')}"),
         ):
+            note_intervention(tag)
             if isinstance(value, str):
                 new = torch.full_like(current, 1.0 / current.shape[-1])
             else:
@@ -662,7 +684,9 @@ def patch_sources(
             indices=indices,
             name=name,
             zero_check=zero_check,
+            tag=InterventionTag(f"patch_sources({sources!r}) at {name}"),
         ):
+            note_intervention(tag)
             out = stacked.clone()
             for index in indices:
                 current = stacked[..., index, :]
@@ -744,7 +768,14 @@ def patch_committed(
     for name in names:
         zero_check = _zero_row_check(zero_nan[name], "patch_committed")
 
-        def hook(block: Float[Tensor, "batch pos d_model"], hook, name=name, check=zero_check):
+        def hook(
+            block: Float[Tensor, "batch pos d_model"],
+            hook,
+            name=name,
+            check=zero_check,
+            tag=InterventionTag(f"patch_committed at {name}"),
+        ):
+            note_intervention(tag)
             new = resolve_value(value, block, lambda cache: cache[name], name)
             if check is not None:
                 check(new, positions, name)

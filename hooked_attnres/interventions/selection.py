@@ -294,7 +294,11 @@ def source_indices(model: HookedAttnRes, site: RouterSite, sources: SourceSpec) 
             if not -len(labels) <= spec < len(labels):
                 raise ValueError(
                     f"source index {spec} is out of range for {len(labels)} sources at "
-                    f"{site} ({labels})"
+                    f"{site} ({labels}); an index counts the sources of one router, and "
+                    "routers read different numbers of them: name the family (one of "
+                    f"{FAMILIES}) or the label instead, which a router that lacks it leaves "
+                    "alone (it selects nothing there), or select routers that all have "
+                    "that index (routers= / layers=)"
                 )
             out.append(int(spec) % len(labels))
         elif spec in FAMILIES:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import HookPoint
-from hooked_attnres._validation import is_integer, require_integer
+from hooked_attnres._validation import is_integer, require_integer, some_names
 from hooked_attnres.model.norms import (
     RMSNorm,
     is_observed,
@@ -119,7 +119,9 @@ class KeyValueCache:
     (`restored_on_error`), so it can be used again; a cache whose layers disagree with
     ``n_past`` (edited by hand) is refused by the next pass (`check_consistent`), and so
     is a cache that another model filled, or this model with other weights
-    (`check_filled_by`: one cache per model and weights).
+    (`check_filled_by`: one cache per model and weights), and a pass under other
+    interventions (`hooked_attnres.interventions`) than the passes that filled it
+    (`note_interventions`).
     """
 
     layers: list[LayerKeyValues]
@@ -132,6 +134,8 @@ class KeyValueCache:
     _weights: Optional[WeightsSignature] = field(default=None, repr=False, compare=False)
     # copies of the token ids of every pass that filled it, oldest first (`filled_with`)
     _inputs: tuple[Tensor, ...] = field(default=(), repr=False, compare=False)
+    # the `InterventionTag` s of the passes that filled it (`note_interventions`)
+    _interventions: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     @classmethod
     def init_cache(
@@ -215,6 +219,44 @@ class KeyValueCache:
         (`filled_with`)."""
         self._inputs = (*self._inputs, tokens.detach().clone())
 
+    def note_interventions(self, fired: set, n_past: int) -> None:
+        """Record the interventions that fired in a pass (``fired``: its
+        `hooked_attnres.model.passes.InterventionTag` s) that started on ``n_past`` cached
+        positions; raise ``ValueError`` where it continues positions filled under other
+        interventions. The cached keys and values are read as they were computed, so such
+        a pass gives the full pass with the intervention at the new positions only (or at
+        the cached ones only), not the numbers of the hooks attached (measured 0.01-0.6
+        logits off, silently, before audit 83). Hooks of your own are not seen (as in
+        TransformerLens, they act on the positions of the pass they run in)."""
+        now = frozenset(fired)
+        if n_past == 0 or now == self._interventions:
+            self._interventions = now
+            return
+        added = sorted(tag.what for tag in now - self._interventions)
+        dropped = sorted(tag.what for tag in self._interventions - now)
+        differs = []
+        if added:
+            differs.append(f"without {some_names(added, 3)}, which this pass applies")
+        if dropped:
+            differs.append(f"with {some_names(dropped, 3)}, which this pass does not apply")
+        again = ""
+        if set(added) & set(dropped):
+            again = (
+                " (interventions of one description built again count as other ones, "
+                "except ablations, and so do those of a cache loaded from a file)"
+            )
+        raise ValueError(
+            f"past_kv_cache holds {n_past} positions computed {'; and '.join(differs)}{again}: a "
+            "pass with a key-value cache reads the cached keys and values as they were "
+            "computed, so its numbers would be the full pass's with the interventions at "
+            "the new positions only (or at the cached ones only), not those of the hooks "
+            "attached now. Attach the same interventions (the same hook list, e.g. "
+            "with model.hooks(fwd_hooks=hooks): model.generate(...)) to every pass that "
+            "fills the cache, or start a new cache under them "
+            "(KeyValueCache.init_cache(model.cfg)); to intervene at some positions only, "
+            "run the whole sequence without a key-value cache with positions=..."
+        )
+
     def mark_filled_by(self, model: nn.Module) -> None:
         """Record ``model``, with its current weights, as the model that computed the cached
         positions (`check_filled_by`); a pass on an empty cache records its model."""
@@ -248,7 +290,15 @@ class KeyValueCache:
         extends the layers one by one, so without this an interrupted pass would leave
         the early layers one chunk longer than the rest and ``n_past`` already advanced:
         the next pass would read wrong rotary positions and duplicated keys silently.)"""
-        fields = ("attention_mask", "n_past", "batch_size", "_filled_by", "_weights", "_inputs")
+        fields = (
+            "attention_mask",
+            "n_past",
+            "batch_size",
+            "_filled_by",
+            "_weights",
+            "_inputs",
+            "_interventions",
+        )
         saved = [getattr(self, name) for name in fields]
         layers = [(layer.keys, layer.values) for layer in self.layers]
         try:

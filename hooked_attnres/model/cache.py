@@ -42,7 +42,12 @@ from torch import Tensor
 from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
 from hooked_attnres._validation import is_integer, require_choice, require_integer
-from hooked_attnres.model.depth import SOURCE_AXIS, SUBLAYER_ROUTERS, RouterSite, sublayer_index
+from hooked_attnres.model.depth import (
+    SOURCE_AXIS,
+    SUBLAYER_ROUTERS,
+    router_hook_key,
+    sublayer_index,
+)
 from hooked_attnres.model.norms import padding_eps, rms_scale
 from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
@@ -1508,8 +1513,7 @@ class AttnResActivationCache(ActivationCache):
         sites = self.model.sites(router)
         if not sites:
             raise ValueError(f"the {self._layout_name()} layout has no routers; nothing to stack")
-        RouterSite.activation_name(router, hook)  # checks the hook name
-        key = hook.removeprefix("hook_")
+        key = router_hook_key(hook)
         layout = self.model.routing_layout
         counts = [layout.n_sources(site) for site in sites]
         width = max(counts)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Unio
 import torch
 from torch import Tensor
 
-from hooked_attnres._validation import is_integer
+from hooked_attnres._validation import is_integer, require_choice
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -60,9 +60,24 @@ def sublayer_index(layer: int, sublayer: str) -> int:
     """The forward-order index of ``layer``'s ``sublayer`` (``"attn"`` or ``"mlp"``):
     ``2 * layer`` and ``2 * layer + 1`` (``2 * n_layers`` is what the final norm reads).
     The index of `DepthState` read points, `RouterSite.sublayer` and ``forward_from``."""
-    if sublayer not in COMMIT_HOOKS:
-        raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+    sublayer = require_choice("sublayer", sublayer, tuple(COMMIT_HOOKS))
     return 2 * layer + (sublayer == "mlp")
+
+
+def router_kind(kind: Any) -> str:
+    """``kind`` checked to be a router type of `ROUTERS` (`require_choice`: a NumPy string
+    is the ``str`` it holds; anything else, an array too, raises ``ValueError("router must
+    be one of ('attn_res', 'mlp_res', 'final_res'), got ...")``)."""
+    return require_choice("router", kind, ROUTERS)
+
+
+def router_hook_key(name: Any) -> str:
+    """The key of `ROUTER_HOOKS` that ``name`` names: ``"weights"`` or ``"hook_weights"``
+    (and so for ``"sources"``, ``"scale"``, ``"logits"``, ``"out"``) -> ``"weights"``;
+    anything else, a non-string too, raises ``ValueError("hook must be one of (...),
+    got ...")`` (`require_choice`)."""
+    names = tuple(ROUTER_HOOKS) + tuple(f"hook_{key}" for key in ROUTER_HOOKS)
+    return require_choice("hook", name, names).removeprefix("hook_")
 
 
 # the axis (counted from the end) along which each router hook holds its sources
@@ -123,11 +138,9 @@ class RouterSite:
     def hook(self, name: str) -> str:
         """The name of one of the router's hooks: ``"sources"``, ``"scale"``,
         ``"logits"``, ``"weights"`` or ``"out"`` (``"hook_weights"`` also works), e.g.
-        ``"blocks.3.attn_res.hook_weights"``."""
-        key = name.removeprefix("hook_")
-        if key not in ROUTER_HOOKS:
-            raise ValueError(f"a router has no hook {name!r}; its hooks are {list(ROUTER_HOOKS)}")
-        return f"{self.prefix}.{ROUTER_HOOKS[key]}"
+        ``"blocks.3.attn_res.hook_weights"``; another name raises ``ValueError``
+        (`router_hook_key`)."""
+        return f"{self.prefix}.{ROUTER_HOOKS[router_hook_key(name)]}"
 
     def alias(self, name: str) -> str:
         """A second name of one of the router's hooks that TransformerLens's
@@ -136,8 +149,7 @@ class RouterSite:
         functions and its `ActivationCache` accept it, so that
         ``transformer_lens.patching.generic_activation_patch(..., activation_name=
         "attn_res_weights", index_axis_names=("layer", "pos"))`` patches router hooks."""
-        key = name.removeprefix("hook_")
-        self.hook(key)  # checks the name
+        key = router_hook_key(name)
         if self.layer is None:
             return f"hook_{self.kind}_{key}"
         return f"blocks.{self.layer}.hook_{self.kind}_{key}"
@@ -145,13 +157,10 @@ class RouterSite:
     @staticmethod
     def activation_name(kind: str, name: str) -> str:
         """The ``get_act_name`` shorthand of a router hook: ``("attn_res", "weights") ->
-        "attn_res_weights"`` (``get_act_name("attn_res_weights", 3)`` is `alias`)."""
-        if kind not in ROUTERS:
-            raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
-        key = name.removeprefix("hook_")
-        if key not in ROUTER_HOOKS:
-            raise ValueError(f"a router has no hook {name!r}; its hooks are {list(ROUTER_HOOKS)}")
-        return f"{kind}_{key}"
+        "attn_res_weights"`` (``get_act_name("attn_res_weights", 3)`` is `alias`); an
+        unknown router or hook name raises ``ValueError`` (`router_kind`,
+        `router_hook_key`)."""
+        return f"{router_kind(kind)}_{router_hook_key(name)}"
 
     @property
     def table_layer(self) -> int:
@@ -343,8 +352,7 @@ class RoutingLayout:
                 ``"final_res"`` on a layout without a final router, naming what is valid.
         """
         self.require_routers()
-        if kind not in ROUTERS:
-            raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        kind = router_kind(kind)
         if kind == "final_res":
             if not self.has_final_router:
                 raise ValueError(
@@ -405,9 +413,7 @@ class RoutingLayout:
         wanted = (
             ROUTERS if kinds is None else ((kinds,) if isinstance(kinds, str) else tuple(kinds))
         )
-        for kind in wanted:
-            if kind not in ROUTERS:
-                raise ValueError(f"unknown router {kind!r}; routers are {ROUTERS}")
+        wanted = tuple(router_kind(kind) for kind in wanted)
         if kinds is not None and "final_res" in wanted:
             self.site(None, "final_res")  # raises on a layout without a final router
         out = [

@@ -574,6 +574,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
         n_past = self._n_past(past_kv_cache)  # before the pass's context extends the cache
+        fired: set = set()  # the interventions that fire in this pass (`note_intervention`)
         positions = logit_positions if isinstance(logit_positions, Tensor) else None
         if start_at_layer is None:
             if isinstance(input, DepthState):
@@ -602,7 +603,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             past = () if past_kv_cache is None else past_kv_cache.filled_with()
             source = self._pass_source("tokens", (tokens, positions), past)
             # hook_embed belongs to the pass: interventions there check its extent and mask
-            with pass_extent(n_past, tokens.shape[1], mask, source):
+            with pass_extent(n_past, tokens.shape[1], mask, source, fired):
                 state = self.embed_state(tokens)
         else:
             if isinstance(input, DepthState):  # the caller's, before any hook could edit it
@@ -636,7 +637,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 assert tokens is not None  # a cached pass starts from token ids
                 past_kv_cache.note_filled_with(tokens)
             shared_sums = SharedSums(self)
-            with pass_extent(n_past, state.current.shape[1], mask, source):
+            with pass_extent(n_past, state.current.shape[1], mask, source, fired):
                 state = self._run_sublayers(
                     state,
                     range(2 * layers.start, 2 * layers.stop),
@@ -653,6 +654,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                     )
                     return state
                 logits = self._unembed(state, shared_sums)
+            if past_kv_cache is not None:  # after every hook of the pass has fired
+                past_kv_cache.note_interventions(fired, n_past)
             if return_type == "logits":
                 return logits
             if return_type is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from jaxtyping import Bool, Float
@@ -45,6 +45,29 @@ class PassExtent:
     # the pass's `PassInput`, made when a caching hook first asks (`pass_input`); shared by
     # the extents of one forward pass (its embedding and its sublayers)
     source: Optional[Callable[[], PassInput]] = field(default=None, compare=False, repr=False)
+    # the `InterventionTag` s of the intervention hooks that fired in the pass
+    # (`note_intervention`); shared by the extents of one forward pass
+    fired: set = field(default_factory=set, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class InterventionTag:
+    """Names one hook of an intervention (`hooked_attnres.interventions`) in the record of
+    the passes that fill a key-value cache (`note_intervention`,
+    `KeyValueCache.note_interventions`). ``what`` describes it for error messages;
+    ``key`` makes two tags equal: by default a new object, so each hook built is its own
+    intervention, or a value (an ablation's router and mask), so an equal intervention
+    built again is the same."""
+
+    what: str
+    key: Any = field(default_factory=object, repr=False)
+
+    def __copy__(self) -> InterventionTag:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> InterventionTag:
+        # a copy of a cache (copy.deepcopy, to continue it two ways) names the same hooks
+        return self
 
 
 _CURRENT: ContextVar[Optional[PassExtent]] = ContextVar("hooked_attnres_pass", default=None)
@@ -192,17 +215,31 @@ def pass_extent(
     length: int,
     real: Optional[Tensor] = None,
     source: Optional[Callable[[], PassInput]] = None,
+    fired: Optional[set] = None,
 ) -> Iterator[None]:
     """Record the running pass's extent for the hooks that fire inside the block (a pass
     started from inside a hook restores the outer one afterwards); ``real``: the pass's
     ``[batch, length]`` attention mask of its own positions (True at real tokens), if any;
     ``source``: a function (memoised: every call returns one object) that makes the pass's
-    `PassInput`, for `pass_input`."""
-    token = _CURRENT.set(PassExtent(n_past, length, padding_of(real), source=source))
+    `PassInput`, for `pass_input`; ``fired``: the set that collects the pass's
+    `InterventionTag` s (`note_intervention`), one for all the extents of a pass."""
+    extent = PassExtent(n_past, length, padding_of(real), source=source)
+    if fired is not None:
+        object.__setattr__(extent, "fired", fired)
+    token = _CURRENT.set(extent)
     try:
         yield
     finally:
         _CURRENT.reset(token)
+
+
+def note_intervention(tag: InterventionTag) -> None:
+    """Record that an intervention's hook (``tag``) fired in the running pass (nothing
+    outside a pass): a key-value cache compares the interventions of the passes that fill
+    it with those of a pass that continues it (`KeyValueCache.note_interventions`)."""
+    extent = _CURRENT.get()
+    if extent is not None:
+        extent.fired.add(tag)
 
 
 def require_whole_sequence(

@@ -284,6 +284,7 @@ def study_condition(
         ValueError: before any work, a ``batch`` of fewer than 2 prompts (one prompt has no
             bootstrap interval: it failed after the whole sweep) or more than
             `MAX_PROBE_PROMPTS`, and an ``n_bootstrap`` or ``seed`` the bootstrap refuses.
+        TypeError: before any work, ``progress`` that is not True or False.
     """
     if len(batch) < 2:
         raise ValueError(
@@ -296,6 +297,7 @@ def study_condition(
             f"{MAX_PROBE_PROMPTS} ({WHY_MAX_PROBE_PROMPTS})"
         )
     check_bootstrap(n_bootstrap, 0.95, seed, "n_bootstrap")  # not after the forward pass
+    progress = require_bool("progress", progress)  # was checked after the mass tables
     with torch.no_grad():
         logits = model(batch.tokens)
     accuracy = pd.DataFrame(

@@ -176,8 +176,16 @@ class TaskBatch:
         ]
 
     def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
-        """1.0 where the argmax at the answer position is the answer, else 0.0."""
-        return (self.answer_logits(logits).argmax(-1) == self.answer.to(logits.device)).float()
+        """1.0 where the argmax at the answer position is the answer, else 0.0; NaN where
+        that argmax is undefined: the logits there hold a NaN, or +inf more than once (an
+        overflow tie, e.g. of a float16 pass). torch's argmax picks the first NaN (or the
+        first +inf), so a pass that overflowed scored 1 where the answer was that token
+        and 0 elsewhere, a number for a run that computed nothing (audit 81); a single
+        +inf is the argmax, as it exceeds every finite logit. ``[batch]`` float32."""
+        at = self.answer_logits(logits)
+        scores = (at.argmax(-1) == self.answer.to(logits.device)).float()
+        undefined = at.isnan().any(-1) | ((at == float("inf")).sum(-1) > 1)
+        return scores.masked_fill(undefined, float("nan"))
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:
         return self.correct(logits).mean().item()
@@ -206,6 +214,9 @@ def prompt_bucket(ids: Sequence[int]) -> int:
 
 
 def in_split(ids: Sequence[int], split: str) -> bool:
+    """Whether the question ``ids`` belongs to ``split`` (``"train"`` or ``"test"``; any
+    other value raises ``ValueError``: it was read as ``"train"``)."""
+    split = require_choice("split", split, tuple(SPLITS))
     is_test = prompt_bucket(ids) == 0
     return is_test if split == "test" else not is_test
 

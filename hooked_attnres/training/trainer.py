@@ -343,7 +343,9 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
     """Answer accuracy of ``model`` on each named batch: ``{name: fraction of the batch's
     prompts whose argmax at ``answer_pos`` is ``answer``}``, in eval mode (the caller's
     mode is restored, also on an error), ``chunk`` prompts (an integer >= 1) per forward
-    pass. An empty batch is refused (it has no accuracy)."""
+    pass. An empty batch is refused (it has no accuracy). A prompt whose argmax is
+    undefined (NaN logits, e.g. of an overflow; `TaskBatch.correct`) makes its batch's
+    accuracy NaN, not a guess."""
     # a chunk <= 0 gave an empty range: no prompt scored, accuracy 0.0 silently
     chunk = require_integer("chunk", chunk, 1)
     for name, batch in batches.items():
