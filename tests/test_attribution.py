@@ -1049,6 +1049,36 @@ def test_distinct_callable_metrics_of_one_name_are_refused_with_the_remedy():
         attribute_routing(model, batch, metrics=[metrics[0], metrics[0]], progress=False)
 
 
+def test_one_metric_given_twice_as_equal_objects_is_a_repeat_not_two_callables():
+    """Audit 87: 6d4c391 told "different callables" by identity (``is not``), so one
+    metric given twice as two equal objects got "metrics has different callables named
+    'logprob' ... Give each callable its own __name__", a false message with a wrong
+    remedy: a name built at run time (``"log" + "prob"``, a command line's, a NumPy
+    string) is equal to the literal but not the same object, and ``obj.method`` makes a
+    new bound method at each access. They are the same metric twice, refused as before
+    6d4c391 ("metrics repeats ... give each once"); different callables of one name are
+    still refused with the remedy."""
+    from hooked_attnres.analysis.effects import check_metrics
+
+    class Scorer:
+        def logprob(self, batch, logits):
+            return metric_values(batch, logits, "logprob")
+
+    scorer = Scorer()
+    literal, built = "logprob", "".join(["log", "prob"])
+    assert built == literal and built is not literal
+    assert scorer.logprob == scorer.logprob and scorer.logprob is not scorer.logprob
+    for metrics in (
+        [literal, built],
+        [literal, np.str_(literal)],
+        [scorer.logprob, scorer.logprob],
+    ):
+        with pytest.raises(ValueError, match=r"^metrics repeats .*give each once$"):
+            check_metrics(metrics)
+    with pytest.raises(ValueError, match=r"different callables named 'logprob'.*__name__"):
+        check_metrics([scorer.logprob, Scorer().logprob])  # two objects' methods
+
+
 def test_verify_top_of_zero_cells_verifies_the_masked_mass_cells_only():
     """Audit 79: ``verify_top(0, min_masked_mass=m)`` (verify only the all-or-nothing
     cells, whatever their estimate) was refused as "k must be an integer >= 1". Now it

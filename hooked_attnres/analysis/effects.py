@@ -70,7 +70,9 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
     )
     names = [metric_name(m) for m in metrics]
     for index, metric in enumerate(metrics):
-        shared = [m for m in metrics[:index] if metric_name(m) == names[index] and m is not metric]
+        # different: not equal (one name as two str objects, or obj.method taken twice, is
+        # one metric given twice, which require_selection refuses as a repeat)
+        shared = [m for m in metrics[:index] if metric_name(m) == names[index] and m != metric]
         if shared:
             # the tables key metrics by name: two lambdas were refused as a metric given twice
             raise ValueError(
