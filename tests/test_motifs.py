@@ -1283,6 +1283,22 @@ def test_printed_beside_an_infinite_threshold_prints_the_value_as_asked(threshol
         assert printed_beside(value, threshold, 2) == format(value, ".2f")
 
 
+def test_printed_beside_refuses_a_nan_threshold_by_name():
+    """Audit 87: 05d3ea3 let every non-finite threshold through `_as_written` as its
+    float, so a NaN one reached a `Decimal` comparison and raised
+    ``decimal.InvalidOperation: [<class 'decimal.InvalidOperation'>]`` (an
+    ``ArithmeticError``, not a ``ValueError``, naming nothing; before, "Invalid literal
+    for Fraction: 'nan'"). No number is on a side of NaN: refused as `printed_deciding`
+    refuses a NaN value, by name."""
+    import numpy as np
+
+    from hooked_attnres.analysis.motifs import printed_beside
+
+    for threshold in (float("nan"), np.float32("nan")):
+        with pytest.raises(ValueError, match=r"^cannot print 1\.0 beside the threshold nan: "):
+            printed_beside(1.0, threshold, 2)
+
+
 def test_the_report_tables_print_no_number_where_nothing_was_masked(tmp_path):
     """Audit finding: the effect tables printed "0.00" for ablations that masked no router
     (``older`` in the early band: no early router reads it; with kimi's early attention

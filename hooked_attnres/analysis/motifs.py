@@ -805,8 +805,14 @@ def printed_beside(value: float, threshold: float, digits: int, spec: str = "f")
     it (below, equal, above) as the value is. An effect of 4.9996 % of the clean
     difference printed "5.0 %" beside criterion 2's 5 %, which it fails. A NumPy
     ``threshold`` is read as the float it holds (a float32 one compared in float32, where
-    0.49999999999999994 equals 0.5)."""
+    0.49999999999999994 equals 0.5). A NaN ``threshold`` is refused (``ValueError``: no
+    number is on a side of it), as `printed_deciding` refuses a NaN value."""
     threshold = float(threshold)
+    if math.isnan(threshold):  # it reached a Decimal comparison: decimal.InvalidOperation
+        raise ValueError(
+            f"cannot print {value!r} beside the threshold nan: no number is on a side of NaN "
+            "(pass the finite threshold the value is tested against)"
+        )
 
     def side(v) -> int:
         # a printed number (a Decimal) is read beside the threshold as written
