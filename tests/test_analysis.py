@@ -1510,6 +1510,38 @@ def test_accuracy_of_logits_without_an_argmax_is_nan_not_a_guess():
     assert effects.clean.isna().all() and effects.effect.isna().all(), effects
 
 
+def test_accuracy_is_nan_only_where_an_infinite_tie_includes_the_answer():
+    """Audit 86: ``TaskBatch.correct`` gave NaN for any +inf tie, also when the answer
+    was finite below two +inf logits (then it is not the argmax: 0, as before audit 81),
+    and missed a row of -inf (argmax token 0: the answer 0 scored 1). Expected values
+    by construction: NaN only where the answer is among tied infinite maxima (or NaN)."""
+    inf = float("inf")
+    rows = [  # (answer, logits at the answer position, expected)
+        (2, [inf, inf, 1.0], 0.0),  # two other tokens overflowed: not the argmax
+        (0, [inf, inf, 1.0], math.nan),  # the answer ties another +inf
+        (1, [2.0, inf, 1.0], 1.0),  # a single +inf is the argmax
+        (0, [-inf, -inf, -inf], math.nan),  # every token ties at -inf
+        (0, [-inf, -inf, 3.0], 0.0),  # a -inf answer below a finite logit
+        (2, [-inf, -inf, 3.0], 1.0),
+        (1, [0.0, 1.0, math.nan], math.nan),
+    ]
+    n = len(rows)
+    batch = TaskBatch(
+        tokens=torch.zeros(n, 2, dtype=torch.long),
+        answer_pos=torch.ones(n, dtype=torch.long),
+        answer=torch.tensor([answer for answer, _, _ in rows]),
+        contrast=torch.tensor([(answer + 1) % 3 for answer, _, _ in rows]),
+        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
+        targets=torch.full((n, 2), -100),
+    )
+    for dtype in (torch.float16, torch.float32):
+        logits = torch.zeros(n, 2, 3, dtype=dtype)
+        logits[:, 1] = torch.tensor([values for _, values, _ in rows], dtype=dtype)
+        got = batch.correct(logits).tolist()
+        expected = [value for _, _, value in rows]
+        np.testing.assert_array_equal(got, expected, err_msg=str(dtype))
+
+
 def test_float16_logit_diff_does_not_overflow_where_float32_does_not():
     """Two float16 logits 8e4 apart: their difference overflowed float16 to inf."""
     batch = TaskBatch(

@@ -177,14 +177,19 @@ class TaskBatch:
 
     def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """1.0 where the argmax at the answer position is the answer, else 0.0; NaN where
-        that argmax is undefined: the logits there hold a NaN, or +inf more than once (an
-        overflow tie, e.g. of a float16 pass). torch's argmax picks the first NaN (or the
-        first +inf), so a pass that overflowed scored 1 where the answer was that token
-        and 0 elsewhere, a number for a run that computed nothing (audit 81); a single
-        +inf is the argmax, as it exceeds every finite logit. ``[batch]`` float32."""
+        whether it is the answer is undefined: the logits there hold a NaN, or the answer's
+        logit is the largest, infinite, and another token's equals it (an overflow tie of
+        +inf, e.g. of a float16 pass, or a row of -inf). torch's argmax picks the first NaN (or the
+        first of tied values), so a pass that overflowed scored 1 where the answer was
+        that token and 0 elsewhere, a number for a run that computed nothing (audit 81); a
+        single +inf is the argmax, as it exceeds every finite logit, and an answer below
+        two +inf is not the argmax (0.0). ``[batch]`` float32."""
         at = self.answer_logits(logits)
-        scores = (at.argmax(-1) == self.answer.to(logits.device)).float()
-        undefined = at.isnan().any(-1) | ((at == float("inf")).sum(-1) > 1)
+        answer = self.answer.to(logits.device)
+        scores = (at.argmax(-1) == answer).float()
+        own, top = at.gather(-1, answer[:, None]), at.amax(-1, keepdim=True)
+        tied = (own == top) & top.isinf() & ((at == top).sum(-1, keepdim=True) > 1)
+        undefined = at.isnan().any(-1) | tied[:, 0]
         return scores.masked_fill(undefined, float("nan"))
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:
