@@ -426,6 +426,28 @@ def test_stop_accuracy_ends_training_at_the_first_evaluation_that_reaches_it(tmp
     assert_same_weights(weights(again), weights(model))
 
 
+def test_stop_accuracy_is_not_reached_while_a_task_accuracy_is_nan(tmp_path, monkeypatch):
+    """Audit 86: since audit 81 an evaluation's accuracy can be NaN (a prompt whose argmax
+    is undefined, `TaskBatch.correct`). The stop test took ``min`` over the tasks, which
+    with NaN depends on their order: ``min([1.0, nan])`` is 1.0, so a run stopped early
+    (and wrote its final model) while one task's accuracy was NaN. A NaN accuracy reaches
+    no threshold, whichever task it is."""
+    import hooked_attnres.training.trainer as trainer_module
+
+    for accuracies in ({"a": 1.0, "b": math.nan}, {"a": math.nan, "b": 1.0}):
+
+        def evaluated(model, batches, got=accuracies) -> dict:
+            return dict(got)
+
+        monkeypatch.setattr(trainer_module, "evaluate", evaluated)
+        tok = task_tokenizer(TASK)
+        model = build_model("attnres", 0, tok, SHAPE, 2)
+        cfg = config(steps=4, eval_every=2, checkpoint_every=None, stop_accuracy=0.5)
+        out = tmp_path / str(list(accuracies.values()))
+        result = train(model, TASK, cfg, out, tokenizer=tok, progress=False)
+        assert not result.stopped_early and result.steps == 4, accuracies
+
+
 def test_a_stop_accuracy_never_reached_and_evaluations_change_no_weight(tmp_path):
     """Evaluations (any schedule) never change the weights, so a run whose stop accuracy
     is never reached equals the run without it, bit for bit, and records no stop."""

@@ -83,7 +83,8 @@ class TrainConfig:
         data_seed: seed of the prompt stream and of the held-out set.
         eval_every, eval_size: held-out accuracy schedule and size.
         stop_accuracy: stop at the first evaluation whose held-out accuracy is at least
-            this on every evaluation task (the final model is the model of that step;
+            this on every evaluation task (a NaN accuracy, `evaluate`, reaches no
+            threshold; the final model is the model of that step;
             ``None``: train all ``steps``; reaching it at the last step is a normal end).
             Evaluations never change the weights, so a run that does not reach it equals
             the same run without it, bit for bit.
@@ -805,7 +806,8 @@ def train(
             return (
                 config.stop_accuracy is not None
                 and record["step"] < config.steps
-                and min(record["accuracy"].values()) >= config.stop_accuracy
+                # every task (``min`` with a NaN accuracy depended on the tasks' order)
+                and all(v >= config.stop_accuracy for v in record["accuracy"].values())
             )
 
         def evaluation_due(at: int) -> bool:
