@@ -1932,3 +1932,48 @@ def test_a_key_value_cache_continued_under_other_interventions_is_refused(layout
         continued = model(rest, past_kv_cache=cache)
     with model.hooks(fwd_hooks=again):
         torch.testing.assert_close(continued, model(tokens)[:, 5:], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "recency"])
+def test_interventions_given_by_name_built_again_continue_a_key_value_cache(layout, tokens):
+    """Audit 86: the record of a key-value cache's interventions (audit 83) took every
+    `set_weights`, `patch_sources` and `patch_committed` hook built again for another
+    intervention, so the TransformerLens habit of writing the hook list inline in each
+    call (``fwd_hooks=set_weights(model, "uniform")`` in the prefill and again in the
+    continuation) was refused though the hooks are the same. A value given by name
+    (``"uniform"``, ``"zero"``, ``"mean"``) now names the intervention, as an ablation's
+    masks do: the continuation equals the full pass under the hooks; a tensor value built
+    again (it may change in place) and another name are still refused."""
+    from hooked_attnres import KeyValueCache
+
+    if layout == "recency":
+        model = HookedAttnRes.from_hf_qwen3(
+            hf_qwen3(), wrap="recency", num_blocks=2, dtype=torch.float64
+        ).eval()
+    else:
+        model = routed(layout, dtype=torch.float64)
+    builds = [
+        lambda: set_weights(model, "uniform", layers=[1]),
+        lambda: patch_sources(model, "current", "mean"),
+        lambda: patch_committed(model, "embedding", "mean"),
+    ]
+    first, rest = tokens[:, :5], tokens[:, 5:]
+    for build in builds:
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=build())
+        continued = model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=build())
+        expected = model.run_with_hooks(tokens, fwd_hooks=build())
+        torch.testing.assert_close(continued, expected[:, 5:], atol=1e-12, rtol=0)
+    n_sources = model.routing_layout.n_sources(model.site(1, "attn_res"))
+    uniform = torch.full((n_sources,), 1.0 / n_sources, dtype=torch.float64)
+    for one, other in (
+        (lambda: set_weights(model, uniform, layers=[1], routers="attn_res"),) * 2,
+        (
+            lambda: patch_sources(model, "current", "mean"),
+            lambda: patch_sources(model, "current", "zero"),
+        ),
+    ):
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=one())
+        with pytest.raises(ValueError, match="which this pass does not apply"):
+            model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=other())

@@ -14,7 +14,7 @@ ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -76,6 +76,28 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
     mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
     mask[position_index(positions, n_pos, device)] = True
     return mask
+
+
+def _intervention_tag(
+    what: str, where: object, key: Optional[Hashable], index: Optional[Tensor]
+) -> InterventionTag:
+    """The `InterventionTag` of one hook (``what``: its description) that writes the value
+    named by ``key`` at ``where`` (its router or hook and sources) at positions ``index``
+    (`check_positions`). A value with a key (an ablation's mask as a tuple of Python
+    numbers, or a value given by name: ``"uniform"``, ``"zero"``, ``"mean"``) makes the
+    same intervention built again the same one (e.g. the hook list written inline in each
+    call that fills a key-value cache); ``key=None`` (a tensor or a cache, which may change
+    in place) makes each hook built its own."""
+    if key is None:
+        return InterventionTag(what)
+    return InterventionTag(
+        what, (where, key, None if index is None else tuple(index.reshape(-1).tolist()))
+    )
+
+
+def _named(value: object) -> Optional[str]:
+    """The key of a value given by name (`_intervention_tag`), ``None`` for any other."""
+    return value if isinstance(value, str) else None
 
 
 def _at_positions(new: Tensor, current: Tensor, positions, pos_dim: int = 1) -> Tensor:
@@ -318,16 +340,8 @@ def mask_hook(
     """
     index = check_positions(positions)
     # equal masks at equal positions are one intervention (an ablation compiled again)
-    tag = InterventionTag(
-        f"{what} at {site.hook('logits')}",
-        (
-            "mask",
-            site,
-            tuple(where.shape),
-            tuple(where.reshape(-1).tolist()),
-            None if index is None else tuple(index.reshape(-1).tolist()),
-        ),
-    )
+    mask = (tuple(where.shape), tuple(where.reshape(-1).tolist()))  # plain Python: hashable
+    tag = _intervention_tag(f"{what} at {site.hook('logits')}", ("mask", site), mask, index)
 
     def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
         note_intervention(tag)
@@ -611,7 +625,7 @@ def set_weights(
             (it would be ignored), two entries for one router or a key that is not a
             router; weights of another number of sources, negative or not summing to 1.
     """
-    check_positions(positions)
+    index = check_positions(positions)
     hooks: Hooks = []
     sites = select_sites(model, routers, layers, bands)
     if _is_by_site(weights):
@@ -625,7 +639,12 @@ def set_weights(
             value=value,
             cached=from_cache,
             cache=weights,
-            tag=InterventionTag(f"set_weights at {site.hook('weights')}"),
+            tag=_intervention_tag(
+                f"set_weights at {site.hook('weights')}",
+                ("set_weights", site),
+                _named(weights),
+                index,
+            ),
         ):
             note_intervention(tag)
             if isinstance(value, str):
@@ -666,7 +685,7 @@ def patch_sources(
             ``hook_sources`` at the same router, e.g. clean sources into a corrupted run).
         positions: only patch at these positions (default: all).
     """
-    check_positions(positions)
+    index = check_positions(positions)
     selected = list(iter_selected(model, sources, routers, layers, bands))
     names = [site.hook("sources") for site, _ in selected]
     # a selection that no selected router has patches nothing: no hook, nothing to refuse
@@ -684,7 +703,12 @@ def patch_sources(
             indices=indices,
             name=name,
             zero_check=zero_check,
-            tag=InterventionTag(f"patch_sources({sources!r}) at {name}"),
+            tag=_intervention_tag(
+                f"patch_sources({sources!r}) at {name}",
+                ("patch_sources", name, tuple(indices)),
+                _named(value),
+                index,
+            ),
         ):
             note_intervention(tag)
             out = stacked.clone()
@@ -746,7 +770,7 @@ def patch_committed(
             ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
-    check_positions(positions)
+    index = check_positions(positions)
     labels = one_or_list("labels", labels)  # an index or a bool is refused by name below
     require_selection("labels", labels, why="it patches no source")
     names = [commit_hook_name(model, label) for label in labels]
@@ -773,7 +797,9 @@ def patch_committed(
             hook,
             name=name,
             check=zero_check,
-            tag=InterventionTag(f"patch_committed at {name}"),
+            tag=_intervention_tag(
+                f"patch_committed at {name}", ("patch_committed", name), _named(value), index
+            ),
         ):
             note_intervention(tag)
             new = resolve_value(value, block, lambda cache: cache[name], name)

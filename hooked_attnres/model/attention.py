@@ -243,7 +243,8 @@ class KeyValueCache:
         if set(added) & set(dropped):
             again = (
                 " (interventions of one description built again count as other ones, "
-                "except ablations, and so do those of a cache loaded from a file)"
+                "except ablations and those whose value is given by name, such as 'uniform' "
+                "or 'mean', and so do those of a cache loaded from a file)"
             )
         raise ValueError(
             f"past_kv_cache holds {n_past} positions computed {'; and '.join(differs)}{again}: a "

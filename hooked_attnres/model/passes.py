@@ -56,8 +56,9 @@ class InterventionTag:
     the passes that fill a key-value cache (`note_intervention`,
     `KeyValueCache.note_interventions`). ``what`` describes it for error messages;
     ``key`` makes two tags equal: by default a new object, so each hook built is its own
-    intervention, or a value (an ablation's router and mask), so an equal intervention
-    built again is the same."""
+    intervention, or a value (an ablation's router and mask, or a value given by name such
+    as ``"uniform"`` with its hook and positions), so an equal intervention built again is
+    the same."""
 
     what: str
     key: Any = field(default_factory=object, repr=False)
