@@ -1349,6 +1349,39 @@ def test_a_vanilla_condition_refuses_num_blocks_it_would_ignore(tmp_path):
     assert metrics["description"]["num_blocks"] == get_condition("vanilla").num_blocks
 
 
+def test_a_grid_recipe_refuses_a_num_blocks_other_than_its_own(tmp_path, monkeypatch):
+    """Audit 84: ``train_condition`` took ``num_blocks=STUDY_BLOCKS`` (4) for "left out",
+    so ``train_condition("hard_cumulative_L16", ..., num_blocks=4)`` trained the recipe's 8
+    blocks (16 layers, two per block), ignoring the 4 asked for, while ``num_blocks=3`` was
+    refused as a variation of a fixed recipe. A grid recipe now refuses every count but its
+    own, and takes its own (the recipe, not a variation). No training: ``train`` is
+    replaced by a stand-in that records the model it is given."""
+    import hooked_attnres.study.conditions as conditions
+    from hooked_attnres.study import STUDY_BLOCKS, get_condition
+
+    built = []
+
+    def record(model, *args, **kwargs):
+        built.append((model.cfg.attnres_num_blocks, kwargs["description"]["num_blocks"]))
+
+    monkeypatch.setattr(conditions, "train", record)
+    out = tmp_path / "run"
+    for name in ("hard_cumulative_L16", "hard_kimi_L16"):
+        recipe = get_condition(name)
+        own = recipe.n_layers // 2  # the grid's two layers per block
+        assert own != STUDY_BLOCKS
+        for asked in (STUDY_BLOCKS, own + 1):
+            with pytest.raises(ValueError, match=rf"^'{name}' is a fixed recipe; to vary it"):
+                train_condition(name, 0, out, num_blocks=asked, progress=False)
+        assert built == []
+        for asked in (own, None):  # its own count, given or left out: the recipe
+            train_condition(name, 0, out, num_blocks=asked, progress=False)
+            assert built.pop() == (own, own)
+    train_condition("attnres", 0, out, num_blocks=STUDY_BLOCKS, progress=False)
+    assert built.pop() == (STUDY_BLOCKS, STUDY_BLOCKS)  # 'attnres': 8 layers in 4 blocks
+    assert not out.exists()
+
+
 def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
     """``train(..., stop_after=k)`` returned ``model_dir = out_dir/model`` although only a
     finished run writes it: over an earlier finished run (here of other settings, started

@@ -381,7 +381,9 @@ def train_condition(
     original two conditions (``"attnres"``, ``"vanilla"``): the task, the evaluation task,
     the optimiser settings, the shape and the number of blocks (``"attnres"`` only, default
     `STUDY_BLOCKS`: a vanilla model has no blocks, and ``num_blocks`` given for one raises
-    ``ValueError``, as it would be ignored and recorded as if used).
+    ``ValueError``, as it would be ignored and recorded as if used). A grid condition is a
+    fixed recipe: a variation of it raises ``ValueError``, a ``num_blocks`` other than its
+    own (``n_layers // 2``) too.
     """
     recipe = get_condition(condition)
     # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
@@ -399,9 +401,10 @@ def train_condition(
                 f"{name} must be a Task (e.g. KeyValueRetrieval(n_pairs=4)) or None, got "
                 f"{type(value).__name__} {value!r}"
             )
-    custom = any(v is not None for v in (task, eval_task, config, shape)) or num_blocks not in (
-        None,
-        STUDY_BLOCKS,
+    # a recipe's own block count is no variation; any other is (a grid L16 recipe has 8
+    # blocks: num_blocks=4, STUDY_BLOCKS, was taken for "left out" and ignored)
+    custom = any(v is not None for v in (task, eval_task, config, shape)) or (
+        num_blocks is not None and num_blocks != recipe.num_blocks
     )
     if custom and not recipe.legacy:
         raise ValueError(
