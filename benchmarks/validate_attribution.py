@@ -16,7 +16,8 @@ prompts measured in the same run.
 
 A directory whose ``config.json`` is a vanilla Qwen3 (``model_type == "qwen3"``) is loaded
 with ``from_hf_qwen3(wrap=--wrap, num_blocks=--num-blocks, recency_bias=--recency-bias)``
-(the study's vanilla condition); others with ``from_pretrained``. The probe prompts come
+(the study's vanilla condition; ``--recency-bias`` only with the recency wrap, default
+3.0); others with ``from_pretrained``. The probe prompts come
 from the task recorded in the run's ``metrics.json`` (``eval_tasks``), else ``--task``,
 else the study's retrieval task: held-out split, data seed 1, like the study.
 
@@ -87,12 +88,13 @@ def task_of(model_dir: Path, task_name: Optional[str]) -> tuple[Task, str]:
 def load(model_dir: Path, args) -> tuple[HookedAttnRes, str]:
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") == "qwen3":
-        # the exact wrap has no bias (from_hf_qwen3 refuses one)
-        bias = {"recency_bias": args.recency_bias} if args.wrap == "recency" else {}
+        # --recency-bias left out: None, the recency wrap's default; given with the exact
+        # wrap, which has no bias, from_hf_qwen3 refuses it (it was dropped silently)
         model = HookedAttnRes.from_hf_qwen3(
-            model_dir, wrap=args.wrap, num_blocks=args.num_blocks, **bias
+            model_dir, wrap=args.wrap, num_blocks=args.num_blocks, recency_bias=args.recency_bias
         )
-        how = f"from_hf_qwen3(wrap={args.wrap!r}, num_blocks={args.num_blocks})"
+        bias = "" if args.recency_bias is None else f", recency_bias={args.recency_bias}"
+        how = f"from_hf_qwen3(wrap={args.wrap!r}, num_blocks={args.num_blocks}{bias})"
     else:
         model = HookedAttnRes.from_pretrained(model_dir)
         how = "from_pretrained"
@@ -275,7 +277,12 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default=None)
     parser.add_argument("--wrap", default="recency", choices=["recency", "exact"])
     parser.add_argument("--num-blocks", type=int, default=4)
-    parser.add_argument("--recency-bias", type=float, default=3.0)
+    parser.add_argument(
+        "--recency-bias",
+        type=float,
+        default=None,
+        help="the recency wrap's bias (default 3.0); refused with --wrap exact",
+    )
     parser.add_argument(
         "--out",
         default="attribution_validation",

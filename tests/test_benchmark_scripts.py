@@ -260,6 +260,23 @@ def test_validate_attribution(bench, tmp_path, capsys):
         assert line.count("|") == header.count("|"), line
 
 
+def test_validate_attribution_refuses_a_bias_the_exact_wrap_would_drop(bench, tmp_path):
+    """Audit 84: a vanilla model validated with ``--wrap exact --recency-bias 5`` dropped
+    the bias silently (the exact wrap has none; the result named no bias), as
+    ``from_hf_qwen3`` did before audit 76; it is passed on now, and refused there."""
+    from hooked_attnres.study import SHIPPED
+
+    model = SHIPPED / "vanilla_seed0" / "model"
+    argv = ["--model", str(model), "--prompts", "2", "--metrics", "logit_diff"]
+    module = bench(
+        "validate_attribution", *argv, "--wrap", "exact", "--recency-bias", "5",
+        "--out", str(tmp_path / "v.json"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^recency_bias applies to the recency wrap only; "):
+        module.main()
+    assert not (tmp_path / "v.json").exists()
+
+
 def test_bench_loading_child_loads(bench, tmp_path, capsys):
     """The timed load of each kind, in this process (the script runs it in children)."""
     module = bench("bench_loading")
