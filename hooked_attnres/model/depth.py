@@ -291,8 +291,9 @@ class RoutingLayout:
     @property
     def layer_blocks(self) -> Optional[int]:
         """How many blocks of ``layers_per_block`` layers the model has,
-        ``ceil(n_layers / layers_per_block)`` (fewer than ``attnres_num_blocks`` where it
-        does not divide ``n_layers``: 5 layers, ``N = 4``: 3 blocks of 2, 2 and 1 layers);
+        ``ceil(n_layers / layers_per_block)``, which can be fewer than
+        ``attnres_num_blocks`` when that does not divide ``n_layers`` (5 layers, ``N = 4``:
+        3 blocks of 2, 2 and 1 layers; 7 layers, ``N = 3``: 3 blocks of 3, 3 and 1);
         ``None`` where ``attnres_num_blocks`` is not used: no routers (``"none"``), or a
         block per sublayer (``"full"``, cumulative ``mode="full"``)."""
         if not self.has_routers or self.commits_after_attn(0):
