@@ -1290,6 +1290,32 @@ def test_readouts_that_apply_ln_final_refuse_a_run_that_edited_it(case):
         torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mlp_input", [False, True])
+def test_accumulated_resid_below_the_unembedding_names_itself_refusing_an_edited_norm(mlp_input):
+    """Audit 85: ``accumulated_resid(layer, apply_ln=True)`` below the unembedding (layout
+    ``none``) divides every entry by that layer's cached ``ln1`` (``ln2``) RMS, so its
+    last entry stands for what the norm output; with that norm's ``hook_normalized``
+    edited it was refused by the `apply_ln_to_stack` it calls, naming
+    ``cache.apply_ln_to_stack``, which the caller never called. It names itself now; an
+    edit of the other norm of that layer is not read and leaves it exact."""
+    model = _perturb_gains(tiny_model(attnres_layout="none", n_layers=3), seed=5)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(1))
+    read, other = ("ln2", "ln1") if mlp_input else ("ln1", "ln2")
+    with model.hooks(fwd_hooks=[(f"blocks.2.{read}.hook_normalized", lambda x, hook: 2 * x)]):
+        _, edited = model.run_with_cache(tokens)
+    match = rf"^cache\.accumulated_resid\(apply_ln=True\): .*blocks\.2\.{read}\.hook_normalized"
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=match):
+        warnings.simplefilter("ignore", UnfoldedNormWarning)
+        edited.accumulated_resid(2, apply_ln=True, mlp_input=mlp_input)
+    with model.hooks(fwd_hooks=[(f"blocks.2.{other}.hook_normalized", lambda x, hook: 2 * x)]):
+        _, unread = model.run_with_cache(tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfoldedNormWarning)
+        got = unread.accumulated_resid(2, apply_ln=True, mlp_input=mlp_input)
+    stack = unread.accumulated_resid(2, mlp_input=mlp_input)  # by hand: over the cached RMS
+    torch.testing.assert_close(got, stack / unread[f"blocks.2.{read}.hook_scale"])
+
+
 def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):
     """Audit finding: TransformerLens's head and neuron stacks read hook_z (or hook_result)
     and hook_post, not the sublayer output; a run that zero-ablated hook_attn_out or

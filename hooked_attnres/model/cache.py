@@ -1344,8 +1344,9 @@ class AttnResActivationCache(ActivationCache):
         the logit lens; the last entry is what ``ln_final`` output in the run, and a cache
         whose run edited ``ln_final.hook_scale`` or ``hook_normalized`` is refused); with a
         smaller ``layer`` it divides by that layer's ``ln1`` RMS (``ln2`` with
-        ``mlp_input``; a cached RMS, so it warns on unfolded gains), which is the RMS of a
-        router's mixture in routed layouts, and refuses there."""
+        ``mlp_input``; a cached RMS, so it warns on unfolded gains, and a cache whose run
+        edited that norm's ``hook_normalized`` is refused), which is the RMS of a router's
+        mixture in routed layouts, and refuses there."""
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("accumulated_resid", pos_slice)
         model, layout = self.model, self.model.routing_layout
@@ -1376,11 +1377,13 @@ class AttnResActivationCache(ActivationCache):
             )
         else:
             stack, labels = self._routed_accumulated(layer, incl_mid, pos_slice, mlp_input)
-        if apply_ln and layer == n_layers:  # the last entry must be what ln_final output
-            self._require_norm_output(
-                "cache.accumulated_resid(apply_ln=True)", 2 * n_layers, recompute=True
-            )
         if apply_ln:  # ln_final per entry at the unembedding, else the cached RMS ("none")
+            # the last entry must be what the norm output (ln_final: over its own RMS)
+            self._require_norm_output(
+                "cache.accumulated_resid(apply_ln=True)",
+                _point(model, layer, mlp_input and layer < n_layers),
+                recompute=layer == n_layers,
+            )
             stack = self.apply_ln_to_stack(
                 stack,
                 layer,
