@@ -1316,6 +1316,50 @@ def test_accumulated_resid_below_the_unembedding_names_itself_refusing_an_edited
     torch.testing.assert_close(got, stack / unread[f"blocks.2.{read}.hook_scale"])
 
 
+@pytest.mark.parametrize("layout", ["none", "kimi"])
+def test_readouts_of_an_unedited_run_whose_final_stream_overflowed_are_not_refused(layout):
+    """Audit 85: in a float16 run whose last MLP overflowed, ``ln_final``'s input is inf at
+    some real positions, so the norm output nan there (``inf / inf``), as the check's own
+    input over RMS does; the check's max error was nan and the routing lens, ``logit_lens``
+    and ``accumulated_resid(apply_ln=True)`` refused the unedited run, saying it edited
+    ``ln_final`` (before b013ada the lens returned, its earlier
+    entries finite, its last nan where the logits are: the lens is how one finds where a
+    run overflows). A nan where both the run's output and the input over the RMS are nan is
+    what the run read; a nan an edit wrote at a finite position is still refused."""
+    model = tiny_model(attnres_layout=layout, n_layers=3, dtype=torch.float16)
+    fp16_close = dict(atol=1e-3, rtol=0)  # float16 rounding of logits below 0.4
+    with torch.no_grad():
+        for param in model.blocks[2].mlp.parameters():
+            param.mul_(450)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits, cache = model.run_with_cache(tokens)
+    final = cache.norm_input(2 * model.cfg.n_layers)
+    assert not final.isfinite().all() and not logits.isfinite().all()  # it overflowed
+    assert cache["blocks.2.hook_resid_pre"].isfinite().all()  # below the last MLP: finite
+    lens = routing_lens(model, tokens)
+    torch.testing.assert_close(lens.logits[-1], logits, equal_nan=True, **fp16_close)
+    # by hand: ln_final (its hooked forward, nothing attached) of each state below
+    states = cache.accumulated_resid(routed=True)
+    for entry, state in zip(lens.logits[:-1], states[:-1], strict=True):
+        by_hand = model.ln_final(state) @ model.W_U + model.b_U
+        assert entry.isfinite().all()
+        torch.testing.assert_close(entry, by_hand, **fp16_close)
+    stack = cache.accumulated_resid(apply_ln=True, routed=True)
+    torch.testing.assert_close(stack[-1], model.ln_final(final), equal_nan=True, **fp16_close)
+    if layout == "none":
+        tool = cache.logit_lens(positions=None).values
+        torch.testing.assert_close(tool[-1], logits, equal_nan=True, **fp16_close)
+    # a nan written by an edit where the input is finite is refused
+    real = final[..., 0].isfinite()
+    nan_at_real = [
+        ("ln_final.hook_normalized", lambda x, hook: x.masked_fill(real[..., None], float("nan")))
+    ]
+    with model.hooks(fwd_hooks=nan_at_real):
+        _, edited = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match=r"routing_lens: .*ln_final\.hook_normalized.*nan"):
+        routing_lens(model, edited)
+
+
 def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):
     """Audit finding: TransformerLens's head and neuron stacks read hook_z (or hook_result)
     and hook_post, not the sublayer output; a run that zero-ablated hook_attn_out or

@@ -729,6 +729,9 @@ class AttnResActivationCache(ActivationCache):
         RMS, so an edit of ``hook_scale`` is refused too (the readout of the norm's input
         would not be what the run read after the norm: at ``ln_final``, not its logits).
 
+        A nan in both the output and the input over the RMS (an input that is not finite:
+        ``inf / inf``, as in the run) counts as agreeing; a nan only in the output is refused.
+
         A cache without the hooks compared (input, ``hook_normalized`` and, unless
         ``recompute``, ``hook_scale``) is refused as in `_require_decomposable`
         (``KeyError``) unless no forward hook but the caching ones was attached to its
@@ -761,7 +764,14 @@ class AttnResActivationCache(ActivationCache):
                 expected = read / scale.masked_fill(scale == 0, 1)
             else:
                 expected = read / self.cache_dict[scale_name].to(dtype)
-            error, size = self._sum_error(expected, normalized.to(dtype))
+            output = normalized.to(dtype)
+            # a row whose input is not finite (a float16 overflow) is nan after the norm in
+            # the run as here (inf / inf): what the run read, not an edit (an edit's nan
+            # where the input is finite is still refused)
+            both = expected.isnan() & output.isnan()
+            error, size = self._sum_error(
+                expected.masked_fill(both, 0), output.masked_fill(both, 0)
+            )
         if error <= _decomposition_rtol(normalized.dtype, 1) * max(size, 1e-30):
             return
         head = (
