@@ -765,13 +765,14 @@ class AttnResActivationCache(ActivationCache):
             else:
                 expected = read / self.cache_dict[scale_name].to(dtype)
             output = normalized.to(dtype)
-            # a row whose input is not finite (a float16 overflow) is nan after the norm in
-            # the run as here (inf / inf): what the run read, not an edit (an edit's nan
-            # where the input is finite is still refused)
-            both = expected.isnan() & output.isnan()
-            error, size = self._sum_error(
-                expected.masked_fill(both, 0), output.masked_fill(both, 0)
-            )
+            error, size = self._sum_error(expected, output)
+            if math.isnan(error):  # a row whose input is not finite (a float16 overflow) is
+                # nan after the norm in the run as here (inf / inf): what the run read, not an
+                # edit (an edit's nan where the input is finite is still refused)
+                both = expected.isnan() & output.isnan()
+                error, size = self._sum_error(
+                    expected.masked_fill(both, 0), output.masked_fill(both, 0)
+                )
         if error <= _decomposition_rtol(normalized.dtype, 1) * max(size, 1e-30):
             return
         head = (
