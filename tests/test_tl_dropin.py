@@ -1360,6 +1360,29 @@ def test_readouts_of_an_unedited_run_whose_final_stream_overflowed_are_not_refus
         routing_lens(model, edited)
 
 
+def test_analyses_dividing_by_ln_final_rms_name_it_when_a_names_filter_dropped_it(case):
+    """Audit 85: a cache of a pass without other hooks whose ``names_filter`` dropped
+    ``ln_final``'s hooks skips the norm-output check (it cannot have been edited), but
+    ``logit_attrs`` and the ``apply_ln=True`` stacks at the unembedding divide by
+    ``ln_final.hook_scale``: TransformerLens's lookup raised ``IndexError: index 3 is out
+    of range`` (``blocks[n_layers]``), naming nothing. They name the hook now."""
+    model = case.model
+    _, cache = model.run_with_cache(case.clean, names_filter=lambda name: "ln_final" not in name)
+    stack = cache.decompose_resid(pos_slice=-1, routed=True)
+    answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
+    calls = {
+        "logit_attrs": lambda: cache.logit_attrs(stack, answers, wrongs, pos_slice=-1, routed=True),
+        "decompose_resid": lambda: cache.decompose_resid(apply_ln=True, routed=True),
+        "apply_ln_to_stack": lambda: cache.apply_ln_to_stack(stack, pos_slice=-1, routed=True),
+    }
+    for method, call in calls.items():
+        match = (
+            rf"cache\.{method} \(it divides by the cached RMS\) lacks \['ln_final\.hook_scale'\]"
+        )
+        with pytest.raises(KeyError, match=match):
+            call()
+
+
 def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(case):
     """Audit finding: TransformerLens's head and neuron stacks read hook_z (or hook_result)
     and hook_post, not the sublayer output; a run that zero-ablated hook_attn_out or

@@ -742,6 +742,10 @@ class AttnResActivationCache(ActivationCache):
         input_name = _resid_name(self.model, point) if site is None else site.hook("out")
         names = [input_name, normalized_name] + ([] if recompute else [scale_name])
         if any(name not in self.cache_dict for name in names):
+            if not recompute:  # divided by (TransformerLens: an IndexError at ln_final)
+                require_cached(
+                    self.cache_dict, [scale_name], f"{method} (it divides by the cached RMS)"
+                )
             if self.other_hooks_attached is False:
                 return
             require_cached(
