@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -1977,3 +1978,56 @@ def test_interventions_given_by_name_built_again_continue_a_key_value_cache(layo
         model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=one())
         with pytest.raises(ValueError, match="which this pass does not apply"):
             model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=other())
+
+
+def test_a_key_value_cache_under_another_named_value_names_both_values(tokens):
+    """Audit 88: a cache filled under ``patch_sources(model, "current", "mean")`` and
+    continued under the same call with ``"zero"`` was refused (rightly), but both
+    interventions were described alike (``patch_sources('current') at ...``, once as
+    applied and once as not), with the note that interventions of one description built
+    again count as other ones except those whose value is given by name: as if the same
+    intervention were refused. The description shows a value given by name, so the message
+    says which value each pass applied, and the note (for tensor values built again) is
+    left out."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi", dtype=torch.float64)
+    site = model.site(1, "attn_res")
+    name = site.hook("sources")
+    pairs = [
+        (
+            lambda value: patch_sources(model, "current", value, routers=[site]),
+            f"patch_sources('current', '{{}}') at {name}",
+        ),
+        (
+            lambda value: patch_committed(model, "embedding", value),
+            "patch_committed('{}') at hook_embed",
+        ),
+    ]
+    for build, described in pairs:
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(tokens[:, :5], past_kv_cache=cache, fwd_hooks=build("mean"))
+        with pytest.raises(ValueError) as error:
+            model.run_with_hooks(tokens[:, 5:], past_kv_cache=cache, fwd_hooks=build("zero"))
+        message = str(error.value)
+        expected = (
+            f"computed without {described.format('zero')}, which this pass applies; and with "
+            f"{described.format('mean')}, which this pass does not apply: "
+        )
+        assert expected in message, message
+        assert "built again" not in message, message
+    n_sources = model.routing_layout.n_sources(site)
+    uniform = torch.full((n_sources,), 1.0 / n_sources, dtype=torch.float64)
+    cache = KeyValueCache.init_cache(model.cfg)
+    model.run_with_hooks(
+        tokens[:, :5], past_kv_cache=cache, fwd_hooks=set_weights(model, "uniform", routers=[site])
+    )
+    weights = site.hook("weights")
+    with pytest.raises(
+        ValueError, match=rf"with set_weights\('uniform'\) at {re.escape(weights)}, "
+    ):
+        model.run_with_hooks(
+            tokens[:, 5:],
+            past_kv_cache=cache,
+            fwd_hooks=set_weights(model, uniform, routers=[site]),
+        )

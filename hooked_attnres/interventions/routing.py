@@ -100,6 +100,16 @@ def _named(value: object) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def _call(function: str, value: object, *args: object) -> str:
+    """``function(args, value)`` as an intervention's description (`InterventionTag.what`)
+    shows it: a value given by name is shown, as it tells two such interventions apart (a
+    tensor or a cache is not)."""
+    shown = [repr(arg) for arg in args]
+    if _named(value) is not None:
+        shown.append(repr(str(value)))
+    return f"{function}({', '.join(shown)})" if shown else function
+
+
 def _at_positions(new: Tensor, current: Tensor, positions, pos_dim: int = 1) -> Tensor:
     """``new`` where ``positions`` select (all of it if ``positions`` is None), else
     ``current``; ``pos_dim`` is the position axis of ``[batch, pos, ...]`` tensors."""
@@ -640,7 +650,7 @@ def set_weights(
             cached=from_cache,
             cache=weights,
             tag=_intervention_tag(
-                f"set_weights at {site.hook('weights')}",
+                f"{_call('set_weights', weights)} at {site.hook('weights')}",
                 ("set_weights", site),
                 _named(weights),
                 index,
@@ -704,7 +714,7 @@ def patch_sources(
             name=name,
             zero_check=zero_check,
             tag=_intervention_tag(
-                f"patch_sources({sources!r}) at {name}",
+                f"{_call('patch_sources', value, sources)} at {name}",
                 ("patch_sources", name, tuple(indices)),
                 _named(value),
                 index,
@@ -798,7 +808,10 @@ def patch_committed(
             name=name,
             check=zero_check,
             tag=_intervention_tag(
-                f"patch_committed at {name}", ("patch_committed", name), _named(value), index
+                f"{_call('patch_committed', value)} at {name}",
+                ("patch_committed", name),
+                _named(value),
+                index,
             ),
         ):
             note_intervention(tag)
