@@ -17,9 +17,10 @@ prompts measured in the same run.
 A directory whose ``config.json`` is a vanilla Qwen3 (``model_type == "qwen3"``) is loaded
 with ``from_hf_qwen3(wrap=--wrap, num_blocks=--num-blocks, recency_bias=--recency-bias)``
 (the study's vanilla condition; ``--recency-bias`` only with the recency wrap, default
-3.0); others with ``from_pretrained``. The probe prompts come
-from the task recorded in the run's ``metrics.json`` (``eval_tasks``), else ``--task``,
-else the study's retrieval task: held-out split, data seed 1, like the study.
+3.0); others with ``from_pretrained`` (``--recency-bias`` refused when every model given
+is one: it would be ignored). The probe prompts come from the task recorded in the run's
+``metrics.json`` (``eval_tasks``), else ``--task``, else the study's retrieval task:
+held-out split, data seed 1, like the study.
 
 Writes ``benchmarks/results/attribution_validation.json`` (``--out NAME`` for another name
 there, ``--out path.json`` for a file elsewhere) and prints a markdown table for
@@ -85,9 +86,13 @@ def task_of(model_dir: Path, task_name: Optional[str]) -> tuple[Task, str]:
     return study_task(), "the study's retrieval task"
 
 
+def is_vanilla(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a vanilla Qwen3 (loaded with ``from_hf_qwen3``)."""
+    return json.loads((model_dir / "config.json").read_text()).get("model_type") == "qwen3"
+
+
 def load(model_dir: Path, args) -> tuple[HookedAttnRes, str]:
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") == "qwen3":
+    if is_vanilla(model_dir):
         # --recency-bias left out: None, the recency wrap's default; given with the exact
         # wrap, which has no bias, from_hf_qwen3 refuses it (it was dropped silently)
         model = HookedAttnRes.from_hf_qwen3(
@@ -298,6 +303,14 @@ def main() -> None:
         dirs = [SHIPPED / "attnres_seed0" / "model", SHIPPED / "vanilla_seed0" / "model"]
     if not dirs:
         raise SystemExit(f"no model directories found (looked for {args.checkpoints}/*/model)")
+    if args.recency_bias is not None and not any(is_vanilla(d) for d in dirs):
+        # every model is loaded with from_pretrained: the bias would be dropped silently
+        raise ValueError(
+            "--recency-bias applies to a vanilla Qwen3 (config.json model_type 'qwen3') "
+            "loaded with the recency wrap; every model given is a HookedAttnRes checkpoint, "
+            "loaded with from_pretrained and the routers it was saved with, which would "
+            "ignore it: leave --recency-bias out"
+        )
     all_results = []
     for model_dir in dirs:
         print(f"validating {model_dir} ...", flush=True)

@@ -277,6 +277,23 @@ def test_validate_attribution_refuses_a_bias_the_exact_wrap_would_drop(bench, tm
     assert not (tmp_path / "v.json").exists()
 
 
+def test_validate_attribution_refuses_a_bias_a_checkpoint_would_drop(bench, tmp_path):
+    """Audit 88: after f73b542 (``--recency-bias`` default None) a bias given for a
+    HookedAttnRes checkpoint, loaded with ``from_pretrained``, was still dropped silently
+    (the result said ``from_pretrained``); it is refused, naming the flag, when no model
+    given is a vanilla Qwen3 that would use it."""
+    from hooked_attnres.study import SHIPPED
+
+    model = SHIPPED / "attnres_seed0" / "model"
+    argv = ["--model", str(model), "--prompts", "2", "--metrics", "logit_diff"]
+    module = bench(
+        "validate_attribution", *argv, "--recency-bias", "5", "--out", str(tmp_path / "v.json")
+    )
+    with pytest.raises(ValueError, match=r"^--recency-bias applies to a vanilla Qwen3 .* ignore"):
+        module.main()
+    assert not (tmp_path / "v.json").exists()
+
+
 def test_bench_loading_child_loads(bench, tmp_path, capsys):
     """The timed load of each kind, in this process (the script runs it in children)."""
     module = bench("bench_loading")
