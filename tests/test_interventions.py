@@ -2031,3 +2031,47 @@ def test_a_key_value_cache_under_another_named_value_names_both_values(tokens):
             past_kv_cache=cache,
             fwd_hooks=set_weights(model, uniform, routers=[site]),
         )
+
+
+def test_a_key_value_cache_under_other_positions_names_them(tokens):
+    """Audit 89: a cache filled under an intervention at some positions and continued under
+    the same call at all positions (or others) was refused (rightly: its key holds the
+    positions), but both were described alike (``patch_sources('current', 'mean') at ...``
+    once as applied and once as not, for every kind, ablations too), with the note that
+    interventions built again count as other ones except ablations and values given by name:
+    as if the same intervention were refused. The description shows positions given."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi", dtype=torch.float64)
+    site = model.site(1, "attn_res")
+    sources, weights, logits = (site.hook(kind) for kind in ("sources", "weights", "logits"))
+    kinds = [
+        (
+            lambda **kw: patch_sources(model, "current", "mean", routers=[site], **kw),
+            f"patch_sources('current', 'mean') at {sources}",
+        ),
+        (
+            lambda **kw: set_weights(model, "uniform", routers=[site], **kw),
+            f"set_weights('uniform') at {weights}",
+        ),
+        (
+            lambda **kw: patch_committed(model, "embedding", "zero", **kw),
+            "patch_committed('zero') at hook_embed",
+        ),
+        (
+            lambda **kw: mask_sources(model, "current", routers=[site], **kw),
+            f"masking 'current' at {logits}",
+        ),
+    ]
+    for build, described in kinds:
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(tokens[:, :5], past_kv_cache=cache, fwd_hooks=build(positions=[0]))
+        with pytest.raises(ValueError) as error:
+            model.run_with_hooks(tokens[:, 5:], past_kv_cache=cache, fwd_hooks=build())
+        message = str(error.value)
+        expected = (
+            f"computed without {described}, which this pass applies; and with {described} "
+            "(positions=[0]), which this pass does not apply: "
+        )
+        assert expected in message, message
+        assert "built again" not in message, message

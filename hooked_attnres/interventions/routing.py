@@ -87,12 +87,14 @@ def _intervention_tag(
     numbers, or a value given by name: ``"uniform"``, ``"zero"``, ``"mean"``) makes the
     same intervention built again the same one (e.g. the hook list written inline in each
     call that fills a key-value cache); ``key=None`` (a tensor or a cache, which may change
-    in place) makes each hook built its own."""
+    in place) makes each hook built its own. Positions given are shown in the description
+    (``" (positions=[0, 2])"``): they tell two interventions apart as the key does."""
+    positions = None if index is None else tuple(index.reshape(-1).tolist())
+    if positions is not None:
+        what = f"{what} (positions={list(positions)})"
     if key is None:
         return InterventionTag(what)
-    return InterventionTag(
-        what, (where, key, None if index is None else tuple(index.reshape(-1).tolist()))
-    )
+    return InterventionTag(what, (where, key, positions))
 
 
 def _named(value: object) -> Optional[str]:
