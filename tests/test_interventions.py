@@ -2075,3 +2075,25 @@ def test_a_key_value_cache_under_other_positions_names_them(tokens):
         )
         assert expected in message, message
         assert "built again" not in message, message
+
+
+def test_an_ablation_written_another_way_continues_a_key_value_cache(tokens):
+    """Audit 89: an ablation's record compares by its masks and positions, but its
+    description (``masking 'current'`` / ``masking ['current']``) took part too, so the same
+    masks selected in another spelling were refused as other interventions (two
+    descriptions of one mask). The continuation is the full pass with the ablation."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed("kimi", dtype=torch.float64)
+    site = model.site(1, "attn_res")
+    cache = KeyValueCache.init_cache(model.cfg)
+    model.run_with_hooks(
+        tokens[:, :5], past_kv_cache=cache, fwd_hooks=mask_sources(model, "current", routers=[site])
+    )
+    got = model.run_with_hooks(
+        tokens[:, 5:],
+        past_kv_cache=cache,
+        fwd_hooks=mask_sources(model, ["current"], routers=[site]),
+    )
+    full = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "current", routers=[site]))
+    torch.testing.assert_close(got, full[:, 5:])

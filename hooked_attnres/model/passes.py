@@ -58,9 +58,10 @@ class InterventionTag:
     ``key`` makes two tags equal: by default a new object, so each hook built is its own
     intervention, or a value (an ablation's router and mask, or a value given by name such
     as ``"uniform"`` with its hook and positions), so an equal intervention built again is
-    the same."""
+    the same, however described (``what`` takes no part: one mask selected as ``'current'``
+    or ``['current']`` is one intervention)."""
 
-    what: str
+    what: str = field(compare=False)
     key: Any = field(default_factory=object, repr=False)
 
     def __copy__(self) -> InterventionTag:
