@@ -680,7 +680,7 @@ class AttnResActivationCache(ActivationCache):
         if target_name not in self.cache_dict or any(
             name not in self.cache_dict for name in names.values()
         ):
-            if self.other_hooks_attached is False:
+            if if_cached or self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
@@ -713,7 +713,9 @@ class AttnResActivationCache(ActivationCache):
                 "unedited run, or read the router's hook_sources and hook_weights directly."
             )
 
-    def _require_norm_output(self, method: str, point: int, recompute: bool = False) -> None:
+    def _require_norm_output(
+        self, method: str, point: int, recompute: bool = False, if_cached: bool = False
+    ) -> None:
         """Refuse a cache whose norm at ``point`` did not output what ``method`` (the
         caller's name, e.g. ``"cache.logit_attrs"``) stands for it to output: its input
         divided by its cached RMS (``hook_normalized`` against `norm_input` over
@@ -735,7 +737,7 @@ class AttnResActivationCache(ActivationCache):
         A cache without the hooks compared (input, ``hook_normalized`` and, unless
         ``recompute``, ``hook_scale``) is refused as in `_require_decomposable`
         (``KeyError``) unless no forward hook but the caching ones was attached to its
-        pass."""
+        pass, or ``if_cached`` (then only a cache that holds them is checked)."""
         norm = self.model.norm_at(point)
         normalized_name, scale_name = norm.hook_normalized.name, norm.hook_scale.name
         site = self.model.routing_layout.reader(point)
@@ -746,7 +748,7 @@ class AttnResActivationCache(ActivationCache):
                 require_cached(
                     self.cache_dict, [scale_name], f"{method} (it divides by the cached RMS)"
                 )
-            if self.other_hooks_attached is False:
+            if if_cached or self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
@@ -836,7 +838,7 @@ class AttnResActivationCache(ActivationCache):
         if source not in self.cache_dict:
             return  # TransformerLens's stack raises KeyError naming it
         if out_name not in self.cache_dict:
-            if self.other_hooks_attached is False:
+            if if_cached or self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
@@ -1260,7 +1262,9 @@ class AttnResActivationCache(ActivationCache):
         (what the ``routed=True`` producers return). ``recompute_ln=True`` at the
         unembedding applies ``ln_final`` itself to every entry (without firing its hooks:
         the result depends on the cache and the weights only, as the routing lens's) and
-        is allowed anywhere; with ``eps = 0`` it takes the run's padding (`real_rows`), so
+        is allowed anywhere, except on a cache that holds ``ln_final``'s hooks and shows
+        that its run edited them (TransformerLens's ``logit_lens`` tool reads the stream
+        through here: its last entry would not be the run's logits); with ``eps = 0`` it takes the run's padding (`real_rows`), so
         an all-zero padding row (a padding query's attention output) is finite, as in the
         run, not ``0 / 0``."""
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
@@ -1274,6 +1278,10 @@ class AttnResActivationCache(ActivationCache):
             # the run's padding: with eps 0 an all-zero padding row (a padding query's zero
             # attention output) is finite, as in the run, where it was 0 / 0
             real = self._stack_padding(residual_stack, pos_slice, batch_slice, has_batch_dim)
+            # TransformerLens's logit_lens tool reads the accumulated stream through here:
+            # its last entry stands for the run's logits, so a cache that shows an edit of
+            # ln_final is refused (one that does not hold its hooks cannot show it)
+            self._require_norm_output("cache.apply_ln_to_stack", point, True, if_cached=True)
             return self.model.ln_final.unhooked(residual_stack, real)
         self._require("apply_ln_to_stack", point, routed)
         self._require_stack_fits(
