@@ -16,6 +16,7 @@ from hooked_attnres import (
 )
 from hooked_attnres.interventions import patch_committed
 from hooked_attnres.patching import (
+    depth_state_name,
     get_act_patch_committed_blocks_by_pos,
     get_act_patch_depth_state,
     get_act_patch_depth_state_by_pos,
@@ -669,3 +670,114 @@ def test_sweeps_refuse_a_clean_cache_of_two_inputs(layout):
         get_act_patch_routing_weights(model, corrupted, two_passes(clean.clone()), metric),
         get_act_patch_routing_weights(model, corrupted, whole, metric),
     )
+
+
+def test_generic_activation_patch_is_exact_with_right_padding_and_not_with_left():
+    """Audit 90 (docs/analysis.md): TransformerLens's ``generic_activation_patch`` runs
+    ``model(corrupted)`` with no ``attention_mask``. With right padding every real token
+    is as in the masked run, so its cells equal the masked sweep's for a metric that reads
+    each prompt's last real token; with left padding they are off (0.45 on cells up to
+    0.57), which is why padded prompts go through the sweeps' ``attention_mask``."""
+    from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
+
+    from hooked_attnres.patching import router_patch_index
+
+    model = randomize_routing(
+        tiny_model(attnres_layout="kimi", n_layers=3, dtype=torch.float64), seed=3
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randint(1, 50, (3, 6), generator=generator)
+    corrupted = torch.randint(1, 50, (3, 6), generator=generator)
+    rows = torch.arange(3)
+    right = torch.ones(3, 6, dtype=torch.long)
+    right[1, 4:] = 0
+    right[2, 2:] = 0
+    left = right.flip(1)
+    for mask, exact in ((right, True), (left, False)):
+        last = mask.sum(1) - 1 if exact else torch.full((3,), 5)
+
+        def metric(logits, last=last):
+            return (logits[rows, last, 3] - logits[rows, last, 7]).sum()
+
+        _, cache = model.run_with_cache(clean, attention_mask=mask)
+        generic = generic_activation_patch(
+            model,
+            corrupted,
+            cache,
+            metric,
+            layer_pos_patch_setter,
+            **router_patch_index(model, "attn_res", "weights"),
+        )
+        masked = get_act_patch_routing_weights_by_pos(
+            model, corrupted, cache, metric, routers="attn_res", attention_mask=mask
+        )[0]
+        # the masked sweep's cell, against a masked full run with the same patch
+        name = model.site(2, "attn_res").hook("weights")
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                corrupted, attention_mask=mask, fwd_hooks=[(name, _from_donor_at(cache, name, 5))]
+            )
+        assert masked[2, 5].item() == pytest.approx(metric(logits).item(), abs=1e-6)
+        gap = (generic - masked).abs().max().item()
+        assert gap <= 1e-6 if exact else gap > 0.1
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_depth_state_cells_equal_full_runs_patching_what_each_later_router_reads(layout):
+    """Audit 90: a cell of `get_act_patch_depth_state_by_pos` against a full masked run
+    (right padding, float64) whose hooks give every router at and after the patched point
+    (and the final router / final stream) the sources it would read from the clean state
+    at that position: sources older than the state's current one are the clean ones; the
+    state's current source carries ``clean - corrupted`` into what grows from it (the
+    partial block and the block it commits in kimi / full; the stream and every later
+    snapshot in the cumulative layout)."""
+    model = randomize_routing(
+        tiny_model(attnres_layout=layout, n_layers=3, dtype=torch.float64), seed=3
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randint(1, 50, (3, 6), generator=generator)
+    corrupted = torch.randint(1, 50, (3, 6), generator=generator)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    last, rows = mask.sum(1) - 1, torch.arange(3)
+
+    def metric(logits):
+        return (logits[rows, last, 3] - logits[rows, last, 7]).sum()
+
+    _, cache = model.run_with_cache(clean, attention_mask=mask)
+    states = model.depth_states(corrupted, sublayers=True, attention_mask=mask)
+    snapshots = layout == "cumulative"
+    routers = [model.site(s // 2, ("attn_res", "mlp_res")[s % 2]) for s in range(6)]
+    for sublayer, layer, pos in [("attn", 1, 1), ("mlp", 1, 3), ("attn", 2, 0), ("mlp", 0, 1)]:
+        start = 2 * layer + (sublayer == "mlp")
+        state = cache[depth_state_name(model, layer, sublayer)]  # [batch, pos, n, d_model]
+        n = state.shape[-2]
+        delta = state[:, pos, -1] - states[start].current[:, pos]
+
+        # the sources growing from the state's current one (last index n - 1 or beyond)
+        grown = slice(n - 1, None if snapshots else n)
+
+        def give(sources, hook, pos=pos, state=state, n=n, grown=grown, delta=delta):
+            sources = sources.clone()
+            sources[:, pos, : n - 1] = state[:, pos, : n - 1]
+            sources[:, pos, grown] += delta[:, None]
+            return sources
+
+        hooks = [(site.hook("sources"), give) for site in routers[start:]]
+        if snapshots:  # ln_final reads the stream itself
+
+            def shift(stream, hook, pos=pos, delta=delta):
+                stream = stream.clone()
+                stream[:, pos] += delta
+                return stream
+
+            hooks.append(("blocks.2.hook_resid_post", shift))
+        else:
+            hooks.append(("final_res.hook_sources", give))
+        with torch.no_grad():
+            expected = metric(model.run_with_hooks(corrupted, attention_mask=mask, fwd_hooks=hooks))
+        cells = get_act_patch_depth_state_by_pos(
+            model, corrupted, cache, metric, sublayer=sublayer, attention_mask=mask
+        )
+        assert cells[layer, pos].item() == pytest.approx(expected.item(), rel=1e-6)
