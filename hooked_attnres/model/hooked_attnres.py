@@ -560,7 +560,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 cached ones (``attention_mask``, if given, covers only them; a prompt
                 may have no real token among them, if it has one in the cache); the cache
                 is extended by them. Hooks see the new positions only (TransformerLens
-                semantics). Not combinable with ``start_at_layer``, ``stop_at_layer`` or
+                semantics); a pass under other interventions (`hooked_attnres.interventions`)
+                than those that filled the cache raises ``ValueError`` (`KeyValueCache`).
+                Not combinable with ``start_at_layer``, ``stop_at_layer`` or
                 ``logit_positions``.
 
         Raises:
