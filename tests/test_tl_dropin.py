@@ -1290,6 +1290,33 @@ def test_readouts_that_apply_ln_final_refuse_a_run_that_edited_it(case):
         torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
 
 
+def test_transformerlens_logit_lens_tool_refuses_a_cache_that_shows_an_edited_ln_final(case):
+    """Audit 91: TransformerLens's ``logit_lens`` tool reads ``accumulated_resid(apply_ln=
+    False)`` through the cache's ``apply_ln_to_stack(recompute_ln=True)``, which did not
+    check, so ``logit_lens(model, cache=...)`` of a run that edited ``ln_final`` gave the
+    unedited readout as its last entry (0.097 off logits of 0.19 with ``hook_scale`` x1.5,
+    layout ``none``), silently. A cache that holds ``ln_final``'s hooks and shows the edit
+    is refused now; an unedited run's last entry is its logits."""
+    model = case.model
+    if case.routed_final:  # kimi / full: a final router mixes the sources before ln_final
+        with pytest.raises(ValueError):  # the tool's own single-stream check
+            tl_logit_lens(model, cache=case.cache, positions=None)
+        return
+    final = 2 * model.cfg.n_layers
+    for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
+        hook = [(name, lambda x, hook, factor=factor: factor * x)]
+        with model.hooks(fwd_hooks=hook):
+            logits, edited = model.run_with_cache(case.clean)
+        # by hand: ln_final applied to what it read is not what the run unembedded
+        by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
+        assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
+        match = r"cache\.apply_ln_to_stack: .*ln_final\.hook_normalized.*edited"
+        with pytest.raises(ValueError, match=match):
+            tl_logit_lens(model, cache=edited, positions=None)
+    tool = tl_logit_lens(model, cache=case.cache, positions=None).values[-1]
+    torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("mlp_input", [False, True])
 def test_accumulated_resid_below_the_unembedding_names_itself_refusing_an_edited_norm(mlp_input):
     """Audit 85: ``accumulated_resid(layer, apply_ln=True)`` below the unembedding (layout

@@ -680,7 +680,7 @@ class AttnResActivationCache(ActivationCache):
         if target_name not in self.cache_dict or any(
             name not in self.cache_dict for name in names.values()
         ):
-            if if_cached or self.other_hooks_attached is False:
+            if self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
@@ -838,7 +838,7 @@ class AttnResActivationCache(ActivationCache):
         if source not in self.cache_dict:
             return  # TransformerLens's stack raises KeyError naming it
         if out_name not in self.cache_dict:
-            if if_cached or self.other_hooks_attached is False:
+            if self.other_hooks_attached is False:
                 return
             require_cached(
                 self.cache_dict,
@@ -1264,9 +1264,9 @@ class AttnResActivationCache(ActivationCache):
         the result depends on the cache and the weights only, as the routing lens's) and
         is allowed anywhere, except on a cache that holds ``ln_final``'s hooks and shows
         that its run edited them (TransformerLens's ``logit_lens`` tool reads the stream
-        through here: its last entry would not be the run's logits); with ``eps = 0`` it takes the run's padding (`real_rows`), so
-        an all-zero padding row (a padding query's attention output) is finite, as in the
-        run, not ``0 / 0``."""
+        through here: its last entry would not be the run's logits); with ``eps = 0`` it
+        takes the run's padding (`real_rows`), so an all-zero padding row (a padding
+        query's attention output) is finite, as in the run, not ``0 / 0``."""
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("apply_ln_to_stack", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
