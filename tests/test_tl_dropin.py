@@ -1296,13 +1296,22 @@ def test_transformerlens_logit_lens_tool_refuses_a_cache_that_shows_an_edited_ln
     check, so ``logit_lens(model, cache=...)`` of a run that edited ``ln_final`` gave the
     unedited readout as its last entry (0.097 off logits of 0.19 with ``hook_scale`` x1.5,
     layout ``none``), silently. A cache that holds ``ln_final``'s hooks and shows the edit
-    is refused now; an unedited run's last entry is its logits."""
+    is refused now; an unedited run's last entry is its logits. Where a final router mixes
+    the sources (kimi / full / the exact wrap) the tool refuses by its own single-stream
+    check, and the same refusal of an edited run is that of the cache's
+    ``apply_ln_to_stack(accumulated_resid(routed=True), recompute_ln=True)`` (audit 92)."""
     model = case.model
-    if case.routed_final:  # kimi / full: a final router mixes the sources before ln_final
-        with pytest.raises(ValueError):  # the tool's own single-stream check
+    routed = case.routed_final  # a final router mixes the sources before ln_final
+
+    def readout(cache):  # the cache's own stack through the call the tool makes
+        stack = cache.accumulated_resid(routed=routed)
+        return cache.apply_ln_to_stack(stack, recompute_ln=True, routed=routed)[-1]
+
+    if routed:
+        with pytest.raises(ValueError, match="single-stream"):  # the tool's own check
             tl_logit_lens(model, cache=case.cache, positions=None)
-        return
     final = 2 * model.cfg.n_layers
+    match = r"cache\.apply_ln_to_stack: .*ln_final\.hook_normalized.*edited"
     for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
         hook = [(name, lambda x, hook, factor=factor: factor * x)]
         with model.hooks(fwd_hooks=hook):
@@ -1310,11 +1319,17 @@ def test_transformerlens_logit_lens_tool_refuses_a_cache_that_shows_an_edited_ln
         # by hand: ln_final applied to what it read is not what the run unembedded
         by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
         assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
-        match = r"cache\.apply_ln_to_stack: .*ln_final\.hook_normalized.*edited"
         with pytest.raises(ValueError, match=match):
-            tl_logit_lens(model, cache=edited, positions=None)
-    tool = tl_logit_lens(model, cache=case.cache, positions=None).values[-1]
-    torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
+            readout(edited)
+        if not routed:
+            with pytest.raises(ValueError, match=match):
+                tl_logit_lens(model, cache=edited, positions=None)
+    torch.testing.assert_close(
+        readout(case.cache) @ model.W_U + model.b_U, case.logits, atol=ATOL, rtol=0
+    )
+    if not routed:
+        tool = tl_logit_lens(model, cache=case.cache, positions=None).values[-1]
+        torch.testing.assert_close(tool, case.logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mlp_input", [False, True])
