@@ -155,6 +155,28 @@ def test_summarize_mass_refuses_a_group_without_some_prompts_and_grouping_by_pro
         assert row.n_prompts == 4
 
 
+def test_summarize_mass_refuses_prompt_ids_that_repeat_a_router_row():
+    """Audit 93: two routing_mass tables concatenated (batches of 6 and 2 prompts, each
+    numbered from 0) were summarised as 6 prompts: prompts 0 and 1 of both batches were
+    averaged into one, so the mean weighted the prompts unequally (0.052 off on a mass of
+    0.25, 4-layer kimi model), the interval was 0.078 off and n_prompts said 6, not 8. Such a table repeats a (prompt, router, layer, family)
+    row and is refused; renumbered, it equals the summary of one run of all 8 prompts."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(0))
+    first = routing_mass(model, tokens[:6], positions="all")
+    second = routing_mass(model, tokens[6:], positions="all")
+    with pytest.raises(ValueError, match=r"repeats .*prompt.*router.*concatenated"):
+        summarize_mass(pd.concat([first, second]), n_bootstrap=50)
+    renumbered = pd.concat([first, second.assign(prompt=second.prompt + 6)])
+    whole = routing_mass(model, tokens, positions="all")  # independent: one run of all 8
+    got = summarize_mass(renumbered, n_bootstrap=50)
+    expected = summarize_mass(whole, n_bootstrap=50)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-6)
+    assert (got.n_prompts == 8).all()
+    # the study's table: every row again with band "all", told apart by grouping by band
+    summarize_mass(pd.concat([whole, whole.assign(band="all")]), by=("band", "family"))
+
+
 def _percentile_bootstrap(values: np.ndarray, n_resamples: int, confidence: float, seed: int):
     """Independent reference: each row ``[rows, n]`` resampled with the prompts of one
     ``default_rng(seed).integers(0, n, (n_resamples, n))`` draw, and the ``(1 - c) / 2``,

@@ -365,8 +365,9 @@ def summarize_mass(
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
             other routers and prompts into a finite, wrong number), an unknown ``by``
             column (or ``"prompt"``, the bootstrap's unit), an empty ``by`` or one naming a
-            column twice, an empty table, or a group without rows for some prompt that
-            other groups have (a filtered table).
+            column twice, an empty table, a group without rows for some prompt that
+            other groups have (a filtered table), or a ``(prompt, router, layer, family)``
+            row twice within a group (two tables concatenated with the same prompt ids).
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     by = require_selection(
@@ -384,6 +385,24 @@ def summarize_mass(
     if mass.empty:
         raise ValueError("the mass table is empty: there is nothing to summarise")
     require_finite_mass(mass, "the summary")
+    # a (prompt, router, layer, family) twice within a group: the prompt ids do not name
+    # one prompt each (two routing_mass tables concatenated, both numbered from 0), and
+    # the per-prompt means would pool different prompts into one (a wrong mean and n)
+    keys = list(dict.fromkeys([*by, "prompt", "router", "layer", "family"]))
+    keys += [c for c in ("condition", "seed", "model") if c not in keys]
+    keys = [c for c in keys if c in mass.columns]
+    repeated = mass.duplicated(keys)
+    if repeated.any():
+        first = mass[repeated].iloc[0]
+        where = {k: v.item() if isinstance(v, np.generic) else v for k, v in first[keys].items()}
+        raise ValueError(
+            f"the mass table repeats {int(repeated.sum())} row(s) of one {tuple(keys)} "
+            f"(first: {where}): its prompt ids do not name one "
+            "prompt each (two routing_mass tables concatenated, both numbering their "
+            "prompts from 0?), and the summary would average different prompts as one; "
+            "renumber the prompts of each further table (second.assign(prompt="
+            "second.prompt + n_first)) or tell the tables apart by a column in by"
+        )
     # prompts in id order (the bootstrap draws prompts by position): with sort=False the
     # columns followed the table's row order, so a reordered table got other intervals
     per_prompt = (
