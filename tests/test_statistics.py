@@ -159,8 +159,9 @@ def test_summarize_mass_refuses_prompt_ids_that_repeat_a_router_row():
     """Audit 93: two routing_mass tables concatenated (batches of 6 and 2 prompts, each
     numbered from 0) were summarised as 6 prompts: prompts 0 and 1 of both batches were
     averaged into one, so the mean weighted the prompts unequally (0.052 off on a mass of
-    0.25, 4-layer kimi model), the interval was 0.078 off and n_prompts said 6, not 8. Such a table repeats a (prompt, router, layer, family)
-    row and is refused; renumbered, it equals the summary of one run of all 8 prompts."""
+    0.25, 4-layer kimi model), the interval was 0.078 off and n_prompts said 6, not 8.
+    Such a table repeats a (prompt, router, layer, family) row and is refused;
+    renumbered, it equals the summary of one run of all 8 prompts."""
     model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
     tokens = torch.randint(3, model.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(0))
     first = routing_mass(model, tokens[:6], positions="all")
@@ -175,6 +176,28 @@ def test_summarize_mass_refuses_prompt_ids_that_repeat_a_router_row():
     assert (got.n_prompts == 8).all()
     # the study's table: every row again with band "all", told apart by grouping by band
     summarize_mass(pd.concat([whole, whole.assign(band="all")]), by=("band", "family"))
+
+
+def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
+    """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
+    prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has
+    at its own position (4-layer kimi model). They are refused, as the interventions
+    refuse them; one position per prompt is answer_pos=, checked against the cache."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (3, 7), generator=torch.Generator().manual_seed(0))
+    per_prompt = torch.tensor([[2], [5], [3]])
+    for positions in (per_prompt, per_prompt.tolist()):
+        with pytest.raises(ValueError, match=r"flat list .*got shape \(3, 1\).*answer_pos="):
+            routing_mass(model, tokens, positions=positions)
+    mass = routing_mass(model, tokens, answer_pos=per_prompt[:, 0])
+    _, cache = model.run_with_cache(tokens)  # independent: each prompt's own position
+    for site in model.sites():
+        weights = cache[site.hook("weights")][torch.arange(3), per_prompt[:, 0]]  # [3, n]
+        for family, indices in model.source_families(site).items():
+            got = mass[(mass.router == site.kind) & (mass.layer == site.table_layer)]
+            got = got[got.family == family].sort_values("prompt").mass.to_numpy()
+            expected = weights[:, indices].sum(-1) if indices else torch.zeros(3)
+            np.testing.assert_allclose(got, expected.double().numpy(), atol=1e-6)
 
 
 def _percentile_bootstrap(values: np.ndarray, n_resamples: int, confidence: float, seed: int):

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 Positions = Union[str, Sequence[int], Tensor]
+# what to pass for one position per prompt (a [batch, 1] positions tensor is refused)
+PER_PROMPT = "pass answer_pos= ([batch], with positions='answer')"
 
 
 def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]) -> str:
@@ -205,7 +207,7 @@ def _position_weights(
         raise ValueError(
             f"positions must be 'answer', 'all' or a list of positions, got {positions!r}"
         )
-    index = position_index(positions, n_pos, weights.device)
+    index = position_index(positions, n_pos, weights.device, PER_PROMPT)
     # one weight per position: a position twice (also as p and p - n_pos) would count twice
     require_selection(
         "positions",
@@ -287,7 +289,7 @@ def routing_mass(
                     "padding; pass positions at or before every prompt's answer_pos"
                 )
     if last_real is not None and not isinstance(positions, str):
-        index = position_index(positions, tokens.shape[1], last_real.device)
+        index = position_index(positions, tokens.shape[1], last_real.device, PER_PROMPT)
         padded = ((index % tokens.shape[1])[None, :] > last_real[:, None]).any(dim=1)
         if bool(padded.any()):
             rows = padded.nonzero().flatten().tolist()

@@ -239,22 +239,36 @@ def check_positions(positions) -> Optional[Tensor]:
     index = _integer_positions(positions, "[-pos, pos) of the run", ", or None for all positions")
     if index.numel() == 0:
         raise ValueError("positions is empty: give at least one position, or None for all")
-    if index.ndim > 1:
-        raise ValueError(
-            f"positions must be one position or a flat list of positions (every prompt is "
-            f"edited at the same ones), got shape {tuple(index.shape)}: per-prompt positions "
-            "would be flattened and applied to every prompt. For per-prompt positions, "
-            "write a hook that edits [batch_index, positions]"
-        )
+    require_flat_positions(index, "edited", "write a hook that edits [batch_index, positions]")
     return index
 
 
-def position_index(positions, n_pos: int, device=None) -> Tensor:
-    """``positions`` (an int, a list or a tensor) as a flat long index tensor ``[n]``
-    (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
-    ``n_pos`` tokens."""
+def require_flat_positions(index: Tensor, verb: str, per_prompt: str) -> None:
+    """Refuse ``index`` (integer positions as a tensor, `_integer_positions`) with more than
+    one axis, a nested list or a ``[batch, k]`` tensor: every prompt is read (``verb``:
+    "edited", "read") at the same positions, so per-prompt positions would be flattened
+    and applied to every prompt. ``per_prompt`` says what to do instead."""
+    if index.ndim > 1:
+        raise ValueError(
+            f"positions must be one position or a flat list of positions (every prompt is "
+            f"{verb} at the same ones), got shape {tuple(index.shape)}: per-prompt positions "
+            f"would be flattened and applied to every prompt. For per-prompt positions, "
+            f"{per_prompt}"
+        )
+
+
+def position_index(
+    positions, n_pos: int, device=None, per_prompt: str = "read each prompt on its own"
+) -> Tensor:
+    """``positions`` (an int, a flat list or a 0-d / 1-d tensor) as a long index tensor
+    ``[n]`` (possibly empty), checked to be integers in ``[-n_pos, n_pos)`` of a run with
+    ``n_pos`` tokens; a nested list or a ``[batch, k]`` tensor (per-prompt positions, which
+    would be flattened and read at every prompt) is refused, ``per_prompt`` saying what to
+    do instead (`require_flat_positions`)."""
     bounds = f"[-{n_pos}, {n_pos})"
-    index = _integer_positions(positions, bounds).to(device).reshape(-1)
+    index = _integer_positions(positions, bounds)
+    require_flat_positions(index, "read", per_prompt)
+    index = index.to(device).reshape(-1)
     if index.numel() == 0:
         return index
     if ((index < -n_pos) | (index >= n_pos)).any():
