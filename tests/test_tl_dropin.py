@@ -1223,6 +1223,21 @@ def test_analyses_dividing_by_a_cached_rms_refuse_a_cache_whose_norm_output_was_
     assert torch.allclose(attrs.sum(0), true, atol=ATOL)
 
 
+def _runs_that_edited_ln_final(case):
+    """``(hook, cache)`` of ``case.clean`` run with ``ln_final.hook_scale`` x1.5, then with
+    ``ln_final.hook_normalized`` negated (``hook``: the fwd_hooks list), each checked by
+    hand: ``ln_final`` applied to what it read is far from what the run unembedded."""
+    model = case.model
+    final = 2 * model.cfg.n_layers
+    for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
+        hook = [(name, lambda x, hook, factor=factor: factor * x)]
+        with model.hooks(fwd_hooks=hook):
+            logits, edited = model.run_with_cache(case.clean)
+        by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
+        assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
+        yield hook, edited
+
+
 def test_readouts_that_apply_ln_final_refuse_a_run_that_edited_it(case):
     """Audit 82: the routing lens, ``accumulated_resid(apply_ln=True)`` at the unembedding
     and ``cache.logit_lens`` apply ``ln_final`` to the cached stream themselves (its RMS
@@ -1237,14 +1252,7 @@ def test_readouts_that_apply_ln_final_refuse_a_run_that_edited_it(case):
     from hooked_attnres.analysis import lens_hook_names
 
     model = case.model
-    final = 2 * model.cfg.n_layers
-    for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
-        hook = [(name, lambda x, hook, factor=factor: factor * x)]
-        with model.hooks(fwd_hooks=hook):
-            logits, edited = model.run_with_cache(case.clean)
-        # by hand: ln_final applied to what it read is not what the run unembedded
-        by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
-        assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
+    for hook, edited in _runs_that_edited_ln_final(case):
         # the stream below ln_final is the unedited run's (what the message offers)
         torch.testing.assert_close(
             edited.accumulated_resid(incl_mid=True, routed=True),
@@ -1310,15 +1318,8 @@ def test_transformerlens_logit_lens_tool_refuses_a_cache_that_shows_an_edited_ln
     if routed:
         with pytest.raises(ValueError, match="single-stream"):  # the tool's own check
             tl_logit_lens(model, cache=case.cache, positions=None)
-    final = 2 * model.cfg.n_layers
     match = r"cache\.apply_ln_to_stack: .*ln_final\.hook_normalized.*edited"
-    for name, factor in (("ln_final.hook_scale", 1.5), ("ln_final.hook_normalized", -1.0)):
-        hook = [(name, lambda x, hook, factor=factor: factor * x)]
-        with model.hooks(fwd_hooks=hook):
-            logits, edited = model.run_with_cache(case.clean)
-        # by hand: ln_final applied to what it read is not what the run unembedded
-        by_hand = model.ln_final(edited.norm_input(final)) @ model.W_U + model.b_U
-        assert (by_hand - logits).abs().max() > 0.3 * logits.abs().max()
+    for _, edited in _runs_that_edited_ln_final(case):
         with pytest.raises(ValueError, match=match):
             readout(edited)
         if not routed:
