@@ -220,3 +220,29 @@ def blocks_of(kind: str) -> dict:
     for a ``"vanilla"`` one, which has no blocks (`build_model` and `train_condition`
     refuse a ``num_blocks`` for it)."""
     return {"num_blocks": 2} if kind == "attnres" else {}
+
+
+def emulate_ascii_locale(monkeypatch) -> None:
+    """Make ASCII the locale's default encoding for the rest of a test: every text
+    ``open`` / ``Path.read_text`` / ``Path.write_text`` given no encoding reads and writes
+    ASCII (binary opens and explicit encodings are untouched), so a text file written or
+    read without ``encoding="utf-8"`` fails on a character outside ASCII."""
+    import builtins
+    from pathlib import Path
+
+    real_open, real_read, real_write = builtins.open, Path.read_text, Path.write_text
+
+    def open_ascii(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "ascii"
+        return real_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    def read_ascii(self, encoding=None, errors=None):
+        return real_read(self, encoding=encoding or "ascii", errors=errors)
+
+    def write_ascii(self, data, encoding=None, errors=None, newline=None):
+        return real_write(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
+
+    monkeypatch.setattr(builtins, "open", open_ascii)
+    monkeypatch.setattr(Path, "read_text", read_ascii)
+    monkeypatch.setattr(Path, "write_text", write_ascii)

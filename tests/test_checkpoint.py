@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from helpers import build_word_tokenizer, hf_qwen3, randomize_routing, tiny_model
+from helpers import (
+    build_word_tokenizer,
+    emulate_ascii_locale,
+    hf_qwen3,
+    randomize_routing,
+    tiny_model,
+)
 
 import hooked_attnres.loading.own_format as own_format_module
 from hooked_attnres import CheckpointError, HookedAttnRes
@@ -1184,16 +1190,7 @@ def test_a_tokenizer_config_outside_ascii_is_saved_and_loaded_whatever_the_local
     tokenizer.add_special_tokens({"additional_special_tokens": ["<｜think｜>"]})
     model.set_tokenizer(tokenizer)
     model.tokenizer.padding_side = "left"
-    real_read, real_write = Path.read_text, Path.write_text
-
-    def read_ascii(self, encoding=None, errors=None):
-        return real_read(self, encoding=encoding or "ascii", errors=errors)
-
-    def write_ascii(self, data, encoding=None, errors=None, newline=None):
-        return real_write(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
-
-    monkeypatch.setattr(Path, "read_text", read_ascii)
-    monkeypatch.setattr(Path, "write_text", write_ascii)
+    emulate_ascii_locale(monkeypatch)
     model.save_pretrained(tmp_path / "ckpt", format=fmt)
     text = (tmp_path / "ckpt" / "tokenizer_config.json").read_bytes().decode("utf-8")
     assert "<｜think｜>" in text and json.loads(text)["padding_side"] == "left"

@@ -1684,7 +1684,7 @@ def test_the_report_files_are_written_in_utf8_whatever_the_locale(tmp_path, monk
     encoding: under an ASCII locale (LC_ALL=C with PYTHONCOERCECLOCALE=0, measured:
     UnicodeEncodeError) the study failed after every model's work, and under cp1252 the page
     that declares charset utf-8 got the byte 0x96. Emulated here by a locale default of
-    ASCII for every write_text without an encoding."""
+    ASCII for every text open, read_text and write_text without an encoding."""
     from hooked_attnres.study.run import write_study
 
     result = fake_study(tmp_path / "tables", {"hard_cumulative_L8": ([0], [])})
@@ -1694,12 +1694,9 @@ def test_the_report_files_are_written_in_utf8_whatever_the_locale(tmp_path, monk
     result.mass = pd.DataFrame(  # mass.csv's per-layer rows (fake_study has none)
         [dict(condition="hard_cumulative_L8", seed=0, router="mlp_res", layer=0, band="early")]
     ).assign(family="embedding", n_sources=1, mass=0.25, prompt=0)
-    real = Path.write_text
+    from helpers import emulate_ascii_locale
 
-    def locale_ascii(self, data, encoding=None, errors=None, newline=None):
-        return real(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
-
-    monkeypatch.setattr(Path, "write_text", locale_ascii)
+    emulate_ascii_locale(monkeypatch)
     write_study(result)
     for name in ("report.md", "report.html"):
         text = (result.out_dir / name).read_bytes().decode("utf-8")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import blocks_of
+from helpers import blocks_of, emulate_ascii_locale
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.study import build_model, train_condition
@@ -41,6 +41,14 @@ def config(**overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def trained_attnres(tok, cfg: TrainConfig, out, **train_kwargs):
+    """A new tiny ``"attnres"`` model (seed 0, 2 blocks) trained on ``TASK`` into ``out``
+    without a progress bar; ``train_kwargs`` go to `train` (e.g. ``stop_after``)."""
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    train(model, TASK, cfg, out, tokenizer=tok, progress=False, **train_kwargs)
+    return model
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -1103,19 +1111,8 @@ def test_a_description_is_saved_as_json_resumes_with_tuples_and_is_checked_first
     cfg = config(steps=4, checkpoint_every=2, eval_every=2)
 
     def run(out, stop_after=None):
-        model = build_model("attnres", 0, tok, SHAPE, 2)
         description = {"blocks": (1, 2), "seed": np.int64(3), "dtype": torch.float64}
-        train(
-            model,
-            TASK,
-            cfg,
-            out,
-            tokenizer=tok,
-            progress=False,
-            stop_after=stop_after,
-            description=description,
-        )
-        return model
+        return trained_attnres(tok, cfg, out, stop_after=stop_after, description=description)
 
     whole = run(tmp_path / "whole")
     run(tmp_path / "resumed", stop_after=2)
@@ -1465,8 +1462,6 @@ def test_a_checkpoint_and_training_state_outside_ascii_are_written_and_read_what
     as for the tokenizer_config test) a run with a special token and a description outside
     ASCII writes its checkpoint (this package's format), resumes from it to the
     uninterrupted run's weights, and its final model loads back with the token."""
-    import builtins
-    from pathlib import Path
 
     tok = task_tokenizer(TASK)
     tok.add_special_tokens({"additional_special_tokens": ["<｜think｜>"]})
@@ -1474,36 +1469,10 @@ def test_a_checkpoint_and_training_state_outside_ascii_are_written_and_read_what
     cfg = config(steps=4, checkpoint_every=2, eval_every=2)
 
     def run(out, stop_after=None):
-        model = build_model("attnres", 0, tok, SHAPE, 2)
-        train(
-            model,
-            TASK,
-            cfg,
-            out,
-            tokenizer=tok,
-            progress=False,
-            stop_after=stop_after,
-            description=description,
-        )
-        return model
+        return trained_attnres(tok, cfg, out, stop_after=stop_after, description=description)
 
     whole = run(tmp_path / "whole")  # in the real locale: the reference
-    real_open, real_read, real_write = builtins.open, Path.read_text, Path.write_text
-
-    def open_ascii(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
-        if "b" not in mode and encoding is None:
-            encoding = "ascii"
-        return real_open(file, mode, buffering, encoding, *args, **kwargs)
-
-    def read_ascii(self, encoding=None, errors=None):
-        return real_read(self, encoding=encoding or "ascii", errors=errors)
-
-    def write_ascii(self, data, encoding=None, errors=None, newline=None):
-        return real_write(self, data, encoding=encoding or "ascii", errors=errors, newline=newline)
-
-    monkeypatch.setattr(builtins, "open", open_ascii)
-    monkeypatch.setattr(Path, "read_text", read_ascii)
-    monkeypatch.setattr(Path, "write_text", write_ascii)
+    emulate_ascii_locale(monkeypatch)
     out = tmp_path / "ascii locale"
     run(out, stop_after=2)  # the checkpoint at step 2, then resumed from it
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_bytes().decode("utf-8"))
