@@ -1154,11 +1154,12 @@ def test_the_metric_probe_sees_every_answer_position(setup):
     np.testing.assert_allclose(fast[1][at_last], full[1][at_last], atol=1e-6)
 
 
-def _padding_test_model(name: str) -> HookedAttnRes:
+def _padding_test_model(name: str, dtype: torch.dtype = torch.float32) -> HookedAttnRes:
     if name in ("recency", "exact"):
-        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(num_hidden_layers=4), wrap=name, num_blocks=2)
+        hf = hf_qwen3(num_hidden_layers=4)
+        model = HookedAttnRes.from_hf_qwen3(hf, wrap=name, num_blocks=2, dtype=dtype)
     else:
-        model = tiny_model(attnres_layout=name)
+        model = tiny_model(attnres_layout=name, dtype=dtype)
     return randomize_routing(model, seed=1).eval()  # routing that depends on the content
 
 
@@ -1206,6 +1207,107 @@ def test_routing_mass_of_a_right_padded_task_batch_reads_real_positions_only(nam
         routing_mass(model, batch, positions=[-1])
     with pytest.raises(ValueError, match="routers"):
         routing_mass(tiny_model(attnres_layout="none"), batch, positions="all")
+
+
+def _mass_alone(model: HookedAttnRes, tokens: torch.Tensor, at) -> dict:
+    """The family masses of one unpadded prompt ``tokens`` ``[pos]``, by hand from its own
+    cache: ``{(router, layer, family): mass}`` at position ``at`` (an index of its tokens)
+    or, for ``"all"``, averaged over its positions."""
+    _, cache = model.run_with_cache(tokens[None])
+    out = {}
+    for site in model.sites():
+        w = cache[site.hook("weights")][0]  # [pos, n_sources]
+        w = w.mean(0) if at == "all" else w[at]
+        for family, indices in model.routing_layout.families(site).items():
+            out[(site.kind, site.table_layer, family)] = float(w[indices].sum()) if indices else 0.0
+    return out
+
+
+@pytest.mark.parametrize("name", ["kimi", "cumulative", "full", "recency", "exact"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_routing_mass_of_padded_tokens_with_an_attention_mask_is_each_prompt_alone(name, side):
+    """Audit 96: routing_mass took no attention_mask, so padded token ids were run and
+    averaged as real tokens, silently (a warning only for a model with a left-padding
+    tokenizer): left padding was attended and shifted the rotary positions, 1.00 mass off
+    each prompt alone at its last real token (kimi, full; 0.56 cumulative, 0.72 / 0.99
+    the recency / exact wraps, float64), and "all" averaged the padding in (0.59-1.00).
+    With attention_mask= the prompts are run with it and the padding is never read: every
+    prompt's masses equal those of the prompt run alone, unpadded (by hand from its
+    cache), position by position ("answer" at a column of the padded tokens, a position
+    list) and over its real positions ("all"), in float64; positions reading padding are
+    refused, and summarize_mass of the table is the mean of the prompts' own masses."""
+    model = _padding_test_model(name, torch.float64)
+    n_pos, lengths = 7, [7, 4, 2]
+    prompts = torch.randint(3, 40, (3, n_pos), generator=torch.Generator().manual_seed(0))
+    tokens, mask = torch.ones_like(prompts), torch.zeros_like(prompts)  # token 1 pads
+    for row, length in enumerate(lengths):
+        real = slice(n_pos - length, n_pos) if side == "left" else slice(0, length)
+        tokens[row, real], mask[row, real] = prompts[row, :length], 1
+    alone = [
+        {at: _mass_alone(model, prompts[row, :length], at) for at in ("all", 0, length - 1)}
+        for row, length in enumerate(lengths)
+    ]
+    first = torch.tensor([n_pos - n if side == "left" else 0 for n in lengths])  # columns
+    last = torch.tensor([n_pos - 1 if side == "left" else n - 1 for n in lengths])
+    tables = {
+        "all": routing_mass(model, tokens, positions="all", attention_mask=mask, chunk=2),
+        0: routing_mass(model, tokens, answer_pos=first, attention_mask=mask),
+        "last": routing_mass(model, tokens, answer_pos=last, attention_mask=mask, chunk=2),
+    }
+    if side == "left":  # the last column is every prompt's last real token
+        tables["[-1]"] = routing_mass(model, tokens, positions=[-1], attention_mask=mask)
+    for key, table in tables.items():
+        for row, length in enumerate(lengths):
+            expected = alone[row]["all" if key == "all" else 0 if key == 0 else length - 1]
+            got = table[table.prompt == row]
+            assert len(got) == len(expected)
+            for r in got.itertuples():
+                assert r.mass == pytest.approx(expected[(r.router, r.layer, r.family)], abs=1e-12)
+    # the mean over prompts of each prompt's mean over a router type's layers
+    summary = summarize_mass(tables["all"], n_bootstrap=40).set_index(["router", "family"])
+    for (router, family), row in summary.iterrows():
+        means = [
+            np.mean([v for (k, _, f), v in prompt["all"].items() if k == router and f == family])
+            for prompt in alone
+        ]
+        assert row.mass == pytest.approx(np.mean(means), abs=1e-12)
+        assert row.n_prompts == 3
+    # a position list reading padding of some prompt, or an answer_pos at padding: refused
+    padding_of_1 = 0 if side == "left" else n_pos - 1  # prompts 1 and 2 pad there
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1, 2\] at padding \(padding "):
+        routing_mass(model, tokens, positions=[padding_of_1], attention_mask=mask)
+    moved = last.clone()
+    moved[2] = padding_of_1
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[2\], into their padding"):
+        routing_mass(model, tokens, answer_pos=moved, attention_mask=mask)
+
+
+def test_routing_mass_attention_mask_is_checked_and_refused_with_a_task_batch():
+    """Audit 96: the mask is checked as the model checks it, and a TaskBatch (whose padding
+    is the right padding after answer_pos) refuses one, saying what to pass instead; the
+    padding's routing never enters "all", even when a hook wrote nan there."""
+    from helpers import nan_at_padding
+
+    model = _padding_test_model("kimi")
+    tokens = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="shape of the tokens"):
+        routing_mass(model, tokens, positions="all", attention_mask=mask[:, :4])
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] are all zero"):
+        routing_mass(model, tokens, positions="all", attention_mask=mask * torch.tensor([[0], [1]]))
+    zeros = torch.zeros(2, dtype=torch.long)
+    batch = TaskBatch(
+        tokens, zeros + 4, zeros, zeros, tokens.clone(), torch.full_like(tokens, -100)
+    )
+    with pytest.raises(ValueError, match=r"TaskBatch has none.*batch\.tokens, answer_pos="):
+        routing_mass(model, batch, attention_mask=mask)
+    clean = routing_mass(model, tokens, positions="all", attention_mask=mask)
+    with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
+        edited = routing_mass(model, tokens, positions="all", attention_mask=mask)
+    np.testing.assert_allclose(edited.mass, clean.mass, atol=1e-6)
+    alone = _mass_alone(model, tokens[0, 2:], "all")
+    for r in clean[clean.prompt == 0].itertuples():
+        assert r.mass == pytest.approx(alone[(r.router, r.layer, r.family)], abs=1e-5)
 
 
 def test_summarize_mass_refuses_the_nan_of_a_float16_overflow():
@@ -1579,8 +1681,8 @@ def test_mean_over_a_task_batchs_real_positions_selects_them():
 
     weights = torch.rand(2, 4, 3, dtype=torch.float64)
     weights[0, 3] = float("nan")  # prompt 0: answer at 2, position 3 is padding
-    last_real = torch.tensor([2, 3])
-    got = _position_weights(weights, "all", None, last_real)
+    real = torch.arange(4) <= torch.tensor([2, 3])[:, None]  # [batch, pos]
+    got = _position_weights(weights, "all", None, real)
     expected = torch.stack([weights[0, :3].mean(0), weights[1].mean(0)])
     assert (got - expected).abs().max().item() <= 1e-15
 

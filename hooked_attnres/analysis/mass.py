@@ -17,6 +17,7 @@ from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
+from hooked_attnres.model.passes import padding_of
 from hooked_attnres.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -183,22 +184,20 @@ def _position_weights(
     weights: Tensor,
     positions: Positions,
     answer_pos: Optional[Tensor],
-    last_real: Optional[Tensor] = None,
+    real: Optional[Tensor] = None,
 ) -> Tensor:
-    """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest; ``last_real``
-    (``[batch]``, a `TaskBatch`'s ``answer_pos``) marks the positions after it as right
-    padding, and ``"all"`` averages each prompt's real positions (`routing_mass` refuses a
-    list reaching past them)."""
+    """``[batch, pos, n]`` -> ``[batch, n]`` at the positions of interest; ``real``
+    (``[batch, pos]`` bool, True at real tokens: `_real_positions`) makes ``"all"`` average
+    each prompt's real positions only (`routing_mass` refuses a list or an ``answer_pos``
+    that reads padding)."""
     n_pos = weights.shape[1]
-    if last_real is not None:
-        last_real = last_real.to(weights.device)
     if isinstance(positions, str):
         if positions == "all":
-            if last_real is None:
+            if real is None:
                 return weights.mean(dim=1)
-            real = (torch.arange(n_pos, device=weights.device) <= last_real[:, None])[..., None]
+            keep = real.to(weights.device)[..., None]
             # selected (a nan weight a hook wrote in the padding)
-            return sum_where(weights, real, dim=1) / real.sum(dim=1).to(weights.dtype)
+            return sum_where(weights, keep, dim=1) / keep.sum(dim=1).to(weights.dtype)
         if positions == "answer":
             if answer_pos is None:
                 raise ValueError("positions='answer' needs a TaskBatch (or answer_pos=...)")
@@ -218,6 +217,34 @@ def _position_weights(
     return weights[:, index].mean(dim=1)
 
 
+def _real_positions(
+    model: HookedAttnRes,
+    prompts: Union[TaskBatch, Tensor],
+    tokens: Tensor,
+    attention_mask: Optional[Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor], str]:
+    """The padding `routing_mass` leaves out: ``(mask, real, padding)``, ``mask`` the
+    checked ``attention_mask`` to run the prompts with (``None``: run unpadded), ``real``
+    ``[batch, pos]`` bool, True at real tokens (``None``: every position is real), and
+    ``padding`` how the message of a refusal names the padding. A `TaskBatch` is
+    right-padded after its ``answer_pos`` and run without a mask (causal attention keeps
+    its padding from the real positions); token ids are padded where ``attention_mask``
+    (`padding_of`) says, and run with it, as ``model(tokens, attention_mask=...)``."""
+    if isinstance(prompts, TaskBatch):
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is for token inputs: a TaskBatch has none (its padding is "
+                "the right padding after each prompt's answer_pos); pass routing_mass("
+                "model, batch.tokens, answer_pos=batch.answer_pos, attention_mask=mask)"
+            )
+        n_pos = tokens.shape[1]
+        last = prompts.answer_pos.to(tokens.device)
+        real = torch.arange(n_pos, device=tokens.device) <= last[:, None]
+        return None, real, "right padding, past the TaskBatch's answer_pos"
+    mask = model._validate_attention_mask(attention_mask, tuple(tokens.shape), tokens.device)
+    return mask, padding_of(mask), "padding (attention_mask 0)"
+
+
 def routing_mass(
     model: HookedAttnRes,
     prompts: Union[TaskBatch, Int[Tensor, "batch pos"]],
@@ -225,6 +252,7 @@ def routing_mass(
     answer_pos: Optional[Int[Tensor, " batch"]] = None,
     bands: Optional[dict] = None,
     chunk: int = 256,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> pd.DataFrame:
     """Routing weight of every source family at every router, per prompt.
 
@@ -232,16 +260,29 @@ def routing_mass(
         model: a routed `HookedAttnRes`.
         prompts: a `TaskBatch` or token ids ``[batch, pos]``.
         positions: ``"answer"`` (the answer position of each prompt), ``"all"`` (mean over
-            positions), or a list of positions (mean over them). For a `TaskBatch` the
-            positions after each prompt's ``answer_pos`` are right padding: ``"all"``
-            averages positions ``0..answer_pos`` of each prompt, and a list reaching past
-            some prompt's ``answer_pos`` raises ``ValueError``.
-        answer_pos: ``[batch]``, the positions ``positions="answer"`` reads (needed for
-            token inputs; a `TaskBatch`'s own by default, and one past it, in the right
-            padding, raises ``ValueError``). With other ``positions`` it raises
-            ``ValueError`` (it would be ignored).
+            each prompt's real positions), or a list of positions (mean over them). A
+            position is a column of the padded ``[batch, pos]`` tokens, the same index in
+            every prompt, as for the interventions' ``positions=`` (with left padding
+            ``[-1]`` is every prompt's last real token). The padding is never read: for a
+            `TaskBatch` the positions after each prompt's ``answer_pos`` (right padding),
+            for token ids those where ``attention_mask`` is 0; ``"all"`` averages each
+            prompt's real positions (its mass as if run alone, unpadded), and a list
+            holding a padding position of some prompt raises ``ValueError``.
+        answer_pos: ``[batch]``, the positions ``positions="answer"`` reads, columns of
+            the padded tokens (needed for token inputs; a `TaskBatch`'s own by default).
+            One at padding (past a `TaskBatch`'s ``answer_pos``, or where
+            ``attention_mask`` is 0) raises ``ValueError``, and so does ``answer_pos=``
+            with other ``positions`` (it would be ignored).
         bands: custom depth bands (default: thirds, see `depth_bands`).
         chunk: prompts per forward pass.
+        attention_mask: ``[batch, pos]``, 1 at real tokens and 0 at padding (left, right
+            or anywhere; e.g. the mask of ``model.to_tokens_and_mask``), for padded token
+            ids: the prompts are run with it, as ``model(tokens, attention_mask=mask)``,
+            so that each prompt's real positions route as the prompt alone, unpadded, and
+            its padding is left out as above. Without it token ids are taken as unpadded,
+            as by ``model(tokens)``: left padding would be attended as real tokens. A
+            `TaskBatch` takes none (``ValueError``: pass ``batch.tokens`` with
+            ``answer_pos=batch.answer_pos`` and the mask).
 
     Returns:
         A tidy DataFrame with one row per (prompt, router, layer, family): columns
@@ -253,8 +294,6 @@ def routing_mass(
         from a family that is there and gets no weight (figures draw it blank).
     """
     tokens = prompts.tokens if isinstance(prompts, TaskBatch) else prompts
-    # a TaskBatch's answer_pos is each prompt's last real position (right padding after)
-    last_real = prompts.answer_pos if isinstance(prompts, TaskBatch) else None
     reads_answer = isinstance(positions, str) and positions == "answer"
     if answer_pos is not None and not reads_answer:
         raise ValueError(
@@ -266,6 +305,8 @@ def routing_mass(
     check_count("chunk", chunk)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError("prompts must be a TaskBatch or a [batch, pos] tensor of token ids")
+    # the padding, never read: [batch, pos] True at real tokens (None: none)
+    mask, real, padding = _real_positions(model, prompts, tokens, attention_mask)
     if answer_pos is not None:
         answer_pos = torch.as_tensor(answer_pos)
         if answer_pos.shape != (tokens.shape[0],) or answer_pos.is_floating_point():
@@ -280,24 +321,25 @@ def routing_mass(
                 f"answer_pos must be in [0, {tokens.shape[1]}), got values in "
                 f"[{int(answer_pos.min())}, {int(answer_pos.max())}]"
             )
-        if last_real is not None:
-            padded = (answer_pos.to(last_real.device) > last_real).nonzero().flatten()
+        if real is not None:
+            prompt = torch.arange(len(answer_pos), device=real.device)
+            padded = (~real[prompt, answer_pos.to(real.device)]).nonzero().flatten()
             if len(padded):
                 raise ValueError(
-                    f"answer_pos reaches past the last real position (the TaskBatch's "
-                    f"answer_pos) of prompt(s) {padded.tolist()[:8]}, into their right "
-                    "padding; pass positions at or before every prompt's answer_pos"
+                    f"answer_pos points at prompt(s) {padded.tolist()[:8]}, into their "
+                    f"{padding}; pass a real position of every prompt (positions are "
+                    "columns of the padded tokens)"
                 )
-    if last_real is not None and not isinstance(positions, str):
-        index = position_index(positions, tokens.shape[1], last_real.device, PER_PROMPT)
-        padded = ((index % tokens.shape[1])[None, :] > last_real[:, None]).any(dim=1)
+    if real is not None and not isinstance(positions, str):
+        index = position_index(positions, tokens.shape[1], real.device, PER_PROMPT)
+        padded = (~real[:, index]).any(dim=1)
         if bool(padded.any()):
-            rows = padded.nonzero().flatten().tolist()
+            where = padded.nonzero().flatten().tolist()
             raise ValueError(
-                f"positions {positions!r} reach past the answer position of prompt(s) "
-                f"{rows[:8]} of the TaskBatch, into their right padding; pass positions at "
-                "or before every prompt's answer_pos, 'all' (each prompt's real positions) "
-                "or 'answer'"
+                f"positions {positions!r} read prompt(s) {where[:8]} at padding ({padding}); "
+                "pass positions real in every prompt (columns of the padded tokens: with "
+                "left padding [-1] is every prompt's last real token), 'all' (each "
+                "prompt's real positions) or 'answer' with answer_pos="
             )
     layout = model.routing_layout
     layout.require_routers()
@@ -310,8 +352,9 @@ def routing_mass(
         for start in range(0, tokens.shape[0], chunk):
             part = tokens[start : start + chunk]
             part_pos = None if answer_pos is None else answer_pos[start : start + chunk]
-            part_real = None if last_real is None else last_real[start : start + chunk]
-            _, cache = model.run_with_cache(part, names_filter=names)
+            part_mask = None if mask is None else mask[start : start + chunk]
+            part_real = None if real is None else real[start : start + chunk]
+            _, cache = model.run_with_cache(part, names_filter=names, attention_mask=part_mask)
             rows = []
             for name, families in zip(names, family_index, strict=True):
                 w = _position_weights(cache[name], positions, part_pos, part_real)  # [b, n]
