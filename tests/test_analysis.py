@@ -1301,6 +1301,8 @@ def test_routing_mass_attention_mask_is_checked_and_refused_with_a_task_batch():
     )
     with pytest.raises(ValueError, match=r"TaskBatch has none.*batch\.tokens, answer_pos="):
         routing_mass(model, batch, attention_mask=mask)
+    with pytest.raises(ValueError, match="routers"):  # layout none: nothing to route
+        routing_mass(tiny_model(attnres_layout="none"), tokens, "all", attention_mask=mask)
     clean = routing_mass(model, tokens, positions="all", attention_mask=mask)
     with model.hooks(fwd_hooks=[nan_at_padding(mask)]):
         edited = routing_mass(model, tokens, positions="all", attention_mask=mask)
@@ -1308,6 +1310,27 @@ def test_routing_mass_attention_mask_is_checked_and_refused_with_a_task_batch():
     alone = _mass_alone(model, tokens[0, 2:], "all")
     for r in clean[clean.prompt == 0].itertuples():
         assert r.mass == pytest.approx(alone[(r.router, r.layer, r.family)], abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full", "cumulative", "exact"])
+def test_routing_mass_of_an_eps_zero_zero_pad_batch_with_its_mask_is_finite(layout):
+    """Audit 96: a right-padded batch whose pad token has a zero embedding, in an eps = 0
+    model, is nan at every real position when run without a mask (docs/analysis.md); run
+    through routing_mass with its attention_mask (the tokens of a TaskBatch, which takes
+    none), its masses are finite and equal to the short prompt's alone, unpadded."""
+    model = _eps_zero_padded_model(layout)
+    generator = torch.Generator().manual_seed(1)
+    long = torch.randint(1, model.cfg.d_vocab, (6,), generator=generator)
+    short = torch.randint(1, model.cfg.d_vocab, (3,), generator=generator)
+    tokens = torch.stack([long, torch.cat([short, torch.zeros(3, dtype=torch.long)])])
+    mask = (torch.arange(6) < torch.tensor([6, 3])[:, None]).long()
+    answer_pos = torch.tensor([5, 2])
+    assert routing_mass(model, tokens, answer_pos=answer_pos).mass.isna().any()  # unmasked
+    mass = routing_mass(model, tokens, answer_pos=answer_pos, attention_mask=mask)
+    assert not mass.mass.isna().any()
+    expected = _mass_alone(model, short, 2)
+    for r in mass[mass.prompt == 1].itertuples():
+        assert r.mass == pytest.approx(expected[(r.router, r.layer, r.family)], abs=1e-12)
 
 
 def test_summarize_mass_refuses_the_nan_of_a_float16_overflow():
