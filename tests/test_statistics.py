@@ -178,6 +178,38 @@ def test_summarize_mass_refuses_prompt_ids_that_repeat_a_router_row():
     summarize_mass(pd.concat([whole, whole.assign(band="all")]), by=("band", "family"))
 
 
+def test_summarize_mass_names_the_column_that_tells_repeated_rows_apart():
+    """Audit 97: the refusal of a repeated (prompt, router, layer, family) row (audit 93)
+    said only that the prompt ids might not name one prompt each (two tables concatenated).
+    For rows told apart by a column outside by and outside condition / seed / model (two
+    layouts on the same tokens, a "layout" column; the study's band "all" copy summarised
+    by router) that diagnosis is wrong and the remedy "a column in by" named none: the
+    message names the column the repeated rows differ in, and a table without a "layer"
+    column says that the layers of a router type cannot be told apart. Grouped by the
+    column named, the table is summarised as each part alone."""
+    kimi = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    full = randomize_routing(tiny_model(attnres_layout="full"), seed=2).eval()
+    tokens = torch.randint(3, kimi.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    first = routing_mass(kimi, tokens, positions="all")
+    second = routing_mass(full, tokens, positions="all")
+    both = pd.concat([first.assign(layout="kimi"), second.assign(layout="full")])
+    with pytest.raises(ValueError, match=r"differ in \['layout'\]"):
+        summarize_mass(both, n_bootstrap=20)
+    with pytest.raises(ValueError, match=r"differ in \['band'\]"):
+        summarize_mass(pd.concat([first, first.assign(band="all")]), n_bootstrap=20)
+    # truly repeated rows (one table twice) differ in nothing: no column is named
+    with pytest.raises(ValueError, match=r"concatenated") as error:
+        summarize_mass(pd.concat([first, first]), n_bootstrap=20)
+    assert "differ in" not in str(error.value)
+    with pytest.raises(ValueError, match=r"no 'layer' column"):
+        summarize_mass(first.drop(columns="layer"), n_bootstrap=20)
+    got = summarize_mass(both, by=("layout", "router", "family"), n_bootstrap=20)
+    for layout, part in (("kimi", first), ("full", second)):
+        alone = summarize_mass(part, n_bootstrap=20)  # independent: each table on its own
+        mine = got[got.layout == layout].drop(columns="layout").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone)
+
+
 def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
     """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
     prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has

@@ -412,7 +412,10 @@ def summarize_mass(
             column (or ``"prompt"``, the bootstrap's unit), an empty ``by`` or one naming a
             column twice, an empty table, a group without rows for some prompt that
             other groups have (a filtered table), or a ``(prompt, router, layer, family)``
-            row twice within a group (two tables concatenated with the same prompt ids).
+            row twice within a group (two tables concatenated with the same prompt ids;
+            the message names a column outside ``by`` that the repeated rows differ in,
+            ``condition`` / ``seed`` / ``model`` excepted: rows of one prompt id are
+            averaged across those, as the same prompt under several models).
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     by = require_selection(
@@ -438,11 +441,36 @@ def summarize_mass(
     keys = [c for c in keys if c in mass.columns]
     repeated = mass.duplicated(keys)
     if repeated.any():
-        first = mass[repeated].iloc[0]
+        first = mass[repeated.to_numpy()].iloc[0]
         where = {k: v.item() if isinstance(v, np.generic) else v for k, v in first[keys].items()}
-        raise ValueError(
+        # what the repeated rows differ in (other than the mass): the column to group by
+        same = mass[(mass[keys] == first[keys]).all(axis=1).to_numpy()]
+        differ = [
+            c
+            for c in same.columns
+            if c not in ("mass", "n_sources") and same[c].nunique(dropna=False) > 1
+        ]
+        missing = [c for c in ("router", "layer") if c not in mass.columns]
+        head = (
             f"the mass table repeats {int(repeated.sum())} row(s) of one {tuple(keys)} "
-            f"(first: {where}): its prompt ids do not name one "
+            f"(first: {where})"
+        )
+        if missing:
+            raise ValueError(
+                f"{head}: it has no {' or '.join(map(repr, missing))} column, so the rows of "
+                "different routers cannot be told apart from prompts counted twice; add it "
+                "(routing_mass gives both)"
+            )
+        if differ:
+            raise ValueError(
+                f"{head}: the repeated rows differ in {differ}, which is not in by; rows of "
+                "one prompt id are averaged as one prompt across 'condition', 'seed' and "
+                "'model' only (the same prompts under several models). Add "
+                f"{differ[0]!r} to by, or renumber the prompts of each part if they are "
+                "different prompts (second.assign(prompt=second.prompt + n_first))"
+            )
+        raise ValueError(
+            f"{head}: its prompt ids do not name one "
             "prompt each (two routing_mass tables concatenated, both numbering their "
             "prompts from 0?), and the summary would average different prompts as one; "
             "renumber the prompts of each further table (second.assign(prompt="
