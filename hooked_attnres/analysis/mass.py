@@ -267,7 +267,10 @@ def routing_mass(
             `TaskBatch` the positions after each prompt's ``answer_pos`` (right padding),
             for token ids those where ``attention_mask`` is 0; ``"all"`` averages each
             prompt's real positions (its mass as if run alone, unpadded), and a list
-            holding a padding position of some prompt raises ``ValueError``.
+            holding a padding position of some prompt raises ``ValueError``. Every prompt
+            is read at the same positions: a nested list or a ``[batch, k]`` tensor
+            (per-prompt positions) raises ``ValueError`` (one position per prompt:
+            ``answer_pos=``).
         answer_pos: ``[batch]``, the positions ``positions="answer"`` reads, columns of
             the padded tokens (needed for token inputs; a `TaskBatch`'s own by default).
             One at padding (past a `TaskBatch`'s ``answer_pos``, or where
