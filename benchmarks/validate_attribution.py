@@ -16,9 +16,10 @@ prompts measured in the same run.
 
 A directory whose ``config.json`` is a vanilla Qwen3 (``model_type == "qwen3"``) is loaded
 with ``from_hf_qwen3(wrap=--wrap, num_blocks=--num-blocks, recency_bias=--recency-bias)``
-(the study's vanilla condition; ``--recency-bias`` only with the recency wrap, default
-3.0); others with ``from_pretrained`` (``--recency-bias`` refused when every model given
-is one: it would be ignored). The probe prompts come from the task recorded in the run's
+(the study's vanilla condition: default the recency wrap with 4 blocks; ``--recency-bias``
+only with the recency wrap, default 3.0); others with ``from_pretrained`` (``--wrap``,
+``--num-blocks`` and ``--recency-bias`` refused when every model given is one: they would
+be ignored). The probe prompts come from the task recorded in the run's
 ``metrics.json`` (``eval_tasks``), else ``--task``, else the study's retrieval task:
 held-out split, data seed 1, like the study.
 
@@ -55,6 +56,12 @@ from hooked_attnres.tasks import TASKS, Task
 
 TOP = 10
 MASKED_MASS = 0.9  # verify_top(..., min_masked_mass=) also verifies all-or-nothing cells
+# how a vanilla Qwen3 is wrapped when --wrap / --num-blocks are left out (the study's
+# vanilla condition); the flags default to None, so that one given can be told apart
+VANILLA_WRAP = "recency"
+VANILLA_BLOCKS = 4
+# the flags that apply to a vanilla Qwen3 only (from_hf_qwen3's arguments), by attribute
+VANILLA_FLAGS = {"wrap": "--wrap", "num_blocks": "--num-blocks", "recency_bias": "--recency-bias"}
 
 
 def parse_task(text: str) -> Optional[Task]:
@@ -95,11 +102,13 @@ def load(model_dir: Path, args) -> tuple[HookedAttnRes, str]:
     if is_vanilla(model_dir):
         # --recency-bias left out: None, the recency wrap's default; given with the exact
         # wrap, which has no bias, from_hf_qwen3 refuses it (it was dropped silently)
+        wrap = VANILLA_WRAP if args.wrap is None else args.wrap
+        blocks = VANILLA_BLOCKS if args.num_blocks is None else args.num_blocks
         model = HookedAttnRes.from_hf_qwen3(
-            model_dir, wrap=args.wrap, num_blocks=args.num_blocks, recency_bias=args.recency_bias
+            model_dir, wrap=wrap, num_blocks=blocks, recency_bias=args.recency_bias
         )
         bias = "" if args.recency_bias is None else f", recency_bias={args.recency_bias}"
-        how = f"from_hf_qwen3(wrap={args.wrap!r}, num_blocks={args.num_blocks}{bias})"
+        how = f"from_hf_qwen3(wrap={wrap!r}, num_blocks={blocks}{bias})"
     else:
         model = HookedAttnRes.from_pretrained(model_dir)
         how = "from_pretrained"
@@ -280,8 +289,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--metrics", nargs="+", default=["logit_diff", "logprob"])
     parser.add_argument("--task", choices=sorted(TASKS), default=None)
-    parser.add_argument("--wrap", default="recency", choices=["recency", "exact"])
-    parser.add_argument("--num-blocks", type=int, default=4)
+    parser.add_argument(
+        "--wrap",
+        default=None,
+        choices=["recency", "exact"],
+        help=f"a vanilla Qwen3's wrap (default {VANILLA_WRAP})",
+    )
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help=f"a vanilla Qwen3's AttnRes blocks (default {VANILLA_BLOCKS})",
+    )
     parser.add_argument(
         "--recency-bias",
         type=float,
@@ -303,13 +322,15 @@ def main() -> None:
         dirs = [SHIPPED / "attnres_seed0" / "model", SHIPPED / "vanilla_seed0" / "model"]
     if not dirs:
         raise SystemExit(f"no model directories found (looked for {args.checkpoints}/*/model)")
-    if args.recency_bias is not None and not any(is_vanilla(d) for d in dirs):
-        # every model is loaded with from_pretrained: the bias would be dropped silently
+    given = [flag for name, flag in VANILLA_FLAGS.items() if getattr(args, name) is not None]
+    if given and not any(is_vanilla(d) for d in dirs):
+        # every model is loaded with from_pretrained: the flags would be dropped silently
+        flags, one = " and ".join(given), len(given) == 1
         raise ValueError(
-            "--recency-bias applies to a vanilla Qwen3 (config.json model_type 'qwen3') "
-            "loaded with the recency wrap; every model given is a HookedAttnRes checkpoint, "
-            "loaded with from_pretrained and the routers it was saved with, which would "
-            "ignore it: leave --recency-bias out"
+            f"{flags} appl{'ies' if one else 'y'} to a vanilla Qwen3 (config.json model_type "
+            "'qwen3') loaded with from_hf_qwen3; every model given is a HookedAttnRes "
+            "checkpoint, loaded with from_pretrained and the blocks and routers it was saved "
+            f"with, which would ignore {'it' if one else 'them'}: leave {flags} out"
         )
     all_results = []
     for model_dir in dirs:

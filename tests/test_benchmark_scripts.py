@@ -294,6 +294,29 @@ def test_validate_attribution_refuses_a_bias_a_checkpoint_would_drop(bench, tmp_
     assert not (tmp_path / "v.json").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--wrap", "exact"], "--wrap applies"),
+        (["--num-blocks", "2"], "--num-blocks applies"),
+        (["--wrap", "exact", "--num-blocks", "2"], "--wrap and --num-blocks apply"),
+    ],
+)
+def test_validate_attribution_refuses_a_wrap_a_checkpoint_would_drop(bench, tmp_path, flags, named):
+    """Audit 95: ``--wrap`` and ``--num-blocks`` (defaults ``recency`` and 4) given for
+    HookedAttnRes checkpoints only were dropped silently (``--wrap exact --num-blocks 2``
+    validated the shipped cumulative model of 4 blocks, loaded with ``from_pretrained``);
+    refused by name now, as ``--recency-bias`` is (before any model is loaded)."""
+    from hooked_attnres.study import SHIPPED
+
+    model = SHIPPED / "attnres_seed0" / "model"
+    argv = ["--model", str(model), "--prompts", "2", "--metrics", "logit_diff", *flags]
+    module = bench("validate_attribution", *argv, "--out", str(tmp_path / "v.json"))
+    with pytest.raises(ValueError, match=rf"^{named} to a vanilla Qwen3 .* from_pretrained"):
+        module.main()
+    assert not (tmp_path / "v.json").exists()
+
+
 def test_bench_loading_child_loads(bench, tmp_path, capsys):
     """The timed load of each kind, in this process (the script runs it in children)."""
     module = bench("bench_loading")
