@@ -1163,19 +1163,101 @@ def test_study_condition_refuses_a_progress_flag_before_the_forward_pass():
     from helpers import tiny_model
 
     from hooked_attnres.study.run import study_condition
-    from hooked_attnres.tasks.base import TaskBatch
 
     model = tiny_model(attnres_layout="kimi").eval()
-    batch = TaskBatch(
-        tokens=torch.randint(0, 50, (4, 8)),
-        answer_pos=torch.full((4,), 7),
-        answer=torch.tensor([1, 2, 3, 4]),
-        contrast=torch.tensor([5, 6, 7, 8]),
-        corrupted_tokens=torch.randint(0, 50, (4, 8)),
-        targets=torch.full((4, 8), -100),
-    )
+    batch = _random_batch(4)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(TypeError, match="^progress must be True or False, got 'no'$"):
         study_condition(model, batch, n_bootstrap=10, progress="no")
     assert not calls  # no forward pass ran
+
+
+def _random_batch(n: int, seed: int = 0):
+    """``n`` prompts of 8 random tokens below 50 (a tiny model's vocabulary), answer at the
+    last position."""
+    from hooked_attnres.tasks.base import TaskBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    return TaskBatch(
+        tokens=torch.randint(0, 50, (n, 8), generator=generator),
+        answer_pos=torch.full((n,), 7),
+        answer=torch.arange(1, n + 1),
+        contrast=torch.arange(11, n + 11),
+        corrupted_tokens=torch.randint(0, 50, (n, 8), generator=generator),
+        targets=torch.full((n, 8), -100),
+    )
+
+
+def _not_finite_at(model: HookedAttnRes, prompts: list[int], answer_pos: Optional[int] = None):
+    """Make the logits of a whole-sequence pass NaN at ``prompts``: at ``answer_pos`` only,
+    and +inf at the earlier positions of ``prompts[-1]`` (which no metric reads), or
+    everywhere (``answer_pos`` None). A forward hook on the unembedding (its handle)."""
+
+    def hook(module, args, out):
+        out = out.clone()
+        if out.shape[1] == 1:  # the fast sweep's pass at the answer positions only
+            return out
+        if answer_pos is None:
+            out[prompts] = float("nan")
+        else:
+            out[prompts, answer_pos] = float("nan")
+            out[prompts[-1], :answer_pos] = float("inf")
+        return out
+
+    return model.unembed.register_forward_hook(hook)
+
+
+def test_study_condition_refuses_logits_that_are_not_finite_before_the_sweep(monkeypatch):
+    """Audit 95: clean logits that were NaN at some prompts' answer positions (a float16
+    overflow) gave NaN effects and intervals for every cell, refused by
+    `dissociation_report` only after the mass tables and the whole ablation sweep, naming
+    no model; refused now after the clean forward pass, counting the prompts (here 2 of 6;
+    a non-finite logit at a position no metric reads is not counted)."""
+    from helpers import tiny_model
+
+    import hooked_attnres.study.run as study_module
+
+    model = tiny_model(attnres_layout="kimi").eval()
+    for name in ("routing_mass", "summarize_mass", "ablation_effects"):
+        monkeypatch.setattr(study_module, name, lambda *a, _name=name, **k: pytest.fail(_name))
+    handle = _not_finite_at(model, [3, 1], answer_pos=7)
+    with pytest.raises(
+        ValueError,
+        match=r"^the clean logits of the model are not finite at the answer position of 2 of 6 "
+        r"probe prompts \(first: prompt 1, whose logit_diff is nan\)",
+    ):
+        study_module.study_condition(model, _random_batch(6), n_bootstrap=50, progress=False)
+    handle.remove()
+
+
+def test_a_study_names_the_model_whose_logits_are_not_finite(tmp_path, monkeypatch):
+    """Audit 95: `run_study` refuses such a model before its sweep, naming its condition
+    and seed (the refusal named neither, after the sweep)."""
+    import hooked_attnres.study.run as study_module
+
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0, 1), n_layers=4, num_blocks=2)
+    load = study_module.load_condition
+
+    def load_then_overflow(condition: str, seed: int, *args, **kwargs):
+        model = load(condition, seed, *args, **kwargs)
+        if seed == 1:
+            _not_finite_at(model, [0, 2, 5])
+        return model
+
+    monkeypatch.setattr(study_module, "load_condition", load_then_overflow)
+    sweep = study_module.ablation_effects
+    swept = []
+    monkeypatch.setattr(
+        study_module,
+        "ablation_effects",
+        lambda model, *a, **k: swept.append(model._study_seed) or sweep(model, *a, **k),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^the clean logits of the model of condition 'hard_kimi_L8' seed 1 are not "
+        r"finite at the answer position of 3 of 6 probe prompts \(first: prompt 0,",
+    ):
+        run_study(tmp_path / "out", tmp_path / "runs", **_QUICK_STUDY)
+    assert swept == [0]  # seed 0's sweep ran, seed 1's did not

@@ -34,6 +34,8 @@ from typing import Optional, Union
 
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from hooked_attnres._atomic import (
     LOCK_FILE,
@@ -49,6 +51,7 @@ from hooked_attnres._atomic import (
 from hooked_attnres._environment import numerics_environment
 from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
 from hooked_attnres._validation import (
+    first_non_finite,
     is_integer,
     require_bool,
     require_finite_number,
@@ -57,8 +60,10 @@ from hooked_attnres._validation import (
     some_names,
 )
 from hooked_attnres.analysis import (
+    METRICS,
     ablation_effects,
     dissociation_report,
+    metric_values,
     motif_report,
     motif_verdicts,
     recency_schedule,
@@ -133,11 +138,52 @@ def load_condition(
             path, wrap="recency", num_blocks=blocks, recency_bias=bias
         )
     setattr(model, _CONDITION_ATTRIBUTE, condition)  # kept by deepcopy, read by probe_prompts
+    setattr(model, _SEED_ATTRIBUTE, seed)  # its refusals name the model (`_model_name`)
     return model.eval()
 
 
 # the condition `load_condition` loaded a model for (so `probe_prompts` knows its task)
 _CONDITION_ATTRIBUTE = "_study_condition"
+_SEED_ATTRIBUTE = "_study_seed"  # and the model seed
+
+
+def _model_name(model: HookedAttnRes) -> str:
+    """The model in a refusal: ``"the model of condition 'x' seed s"`` for a model
+    `load_condition` loaded, else ``"the model"``."""
+    condition = getattr(model, _CONDITION_ATTRIBUTE, None)
+    if condition is None:
+        return "the model"
+    return f"the model of condition {condition!r} seed {getattr(model, _SEED_ATTRIBUTE, '?')}"
+
+
+def require_finite_clean(
+    model: HookedAttnRes, batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"]
+) -> None:
+    """Refuse clean ``logits`` ``[batch, pos, d_vocab]`` (of ``batch.tokens``) that leave a
+    prompt's metric not finite: a NaN or infinite logit at its answer position makes every
+    metric the study reads (`METRICS`: logit difference, log-probability, accuracy) NaN
+    there, so each effect of the sweep and each interval is NaN, and `dissociation_report`
+    and `motif_report` refused only after the mass tables and the whole ablation sweep.
+
+    Raises:
+        ValueError: naming the model (`_model_name`), how many of the prompts are not
+            finite, and the first one.
+    """
+    with torch.no_grad():
+        values = torch.stack([metric_values(batch, logits, m) for m in METRICS])
+    found = first_non_finite(values.T.cpu().numpy())  # [batch, metrics]: the first prompt
+    if found is None:
+        return
+    count = int((~values.isfinite().all(0)).sum())
+    prompt, metric = found
+    raise ValueError(
+        f"the clean logits of {_model_name(model)} are not finite at the answer position of "
+        f"{count} of {len(batch)} probe prompts (first: prompt {prompt}, whose "
+        f"{METRICS[metric]} is {float(values[metric, prompt])}), so their metrics and every "
+        "effect and interval would be NaN and no verdict could be decided (refused before "
+        "the mass tables and the ablation sweep): find what overflowed (a float16 model: "
+        "run it in float32, model.to(torch.float32)) or what made the weights produce it"
+    )
 
 
 def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
@@ -283,7 +329,9 @@ def study_condition(
     Raises:
         ValueError: before any work, a ``batch`` of fewer than 2 prompts (one prompt has no
             bootstrap interval: it failed after the whole sweep) or more than
-            `MAX_PROBE_PROMPTS`, and an ``n_bootstrap`` or ``seed`` the bootstrap refuses.
+            `MAX_PROBE_PROMPTS`, and an ``n_bootstrap`` or ``seed`` the bootstrap refuses;
+            after the clean forward pass, before the mass tables and the ablation sweep,
+            clean logits that are not finite at some prompt (`require_finite_clean`).
         TypeError: before any work, ``progress`` that is not True or False.
     """
     if len(batch) < 2:
@@ -300,6 +348,7 @@ def study_condition(
     progress = require_bool("progress", progress)  # was checked after the mass tables
     with torch.no_grad():
         logits = model(batch.tokens)
+    require_finite_clean(model, batch, logits)  # not after the whole sweep
     accuracy = pd.DataFrame(
         [
             {
