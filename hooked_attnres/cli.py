@@ -13,10 +13,11 @@ Errors print one line; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -329,6 +330,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _few_resamples_said_once(n_bootstrap: int) -> Iterator[None]:
+    """Too few bootstrap resamples for the study's 95 % intervals said once, as
+    ``--bootstrap N``: the study's warning named ``n_bootstrap``, which the command line
+    has not, twice per model (the mass summary's and the effects' intervals)."""
+    import re
+    import warnings
+
+    from hooked_attnres.analysis.bootstrap import too_few_resamples, too_few_resamples_text
+    from hooked_attnres.analysis.motifs import PREREGISTERED_CONFIDENCE as LEVEL
+
+    with warnings.catch_warnings():
+        if too_few_resamples(n_bootstrap, LEVEL):
+            said = too_few_resamples_text(f"--bootstrap {n_bootstrap}", LEVEL)
+            print(f"[{PROG}] warning: {said}", file=sys.stderr, flush=True)
+            python = too_few_resamples_text(f"n_bootstrap={n_bootstrap}", LEVEL)
+            warnings.filterwarnings("ignore", re.escape(python), RuntimeWarning)
+        yield
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import DirectoryBusyError
     from hooked_attnres.study import run_study
@@ -337,17 +358,18 @@ def cmd_study(args: argparse.Namespace) -> int:
     conditions = _conditions(args.conditions) if args.conditions else None
     check_out_dir(args.out, name="--out")  # run_study checks it too, naming out_dir
     try:
-        result = run_study(
-            out_dir=args.out,
-            checkpoints=args.checkpoints,
-            seeds=args.seeds,
-            conditions=conditions,
-            n_prompts=args.prompts,
-            n_bootstrap=args.bootstrap,
-            bootstrap_seed=args.bootstrap_seed,
-            progress=not args.no_progress,
-            robustness=not args.no_robustness,
-        )
+        with _few_resamples_said_once(args.bootstrap):
+            result = run_study(
+                out_dir=args.out,
+                checkpoints=args.checkpoints,
+                seeds=args.seeds,
+                conditions=conditions,
+                n_prompts=args.prompts,
+                n_bootstrap=args.bootstrap,
+                bootstrap_seed=args.bootstrap_seed,
+                progress=not args.no_progress,
+                robustness=not args.no_robustness,
+            )
     except DirectoryBusyError:
         raise  # the kept models are the other study's, and it holds them
     except BaseException:

@@ -548,6 +548,40 @@ def test_study_passes_the_bootstrap_seed(tmp_path, monkeypatch, capsys):
         assert calls[-1]["bootstrap_seed"] == seed
 
 
+def test_study_says_too_few_resamples_once_by_its_flag(tmp_path, monkeypatch, capsys):
+    """Audit 95: ``--bootstrap 10`` warned "n_bootstrap=10 leaves fewer than one resampled
+    mean ...", an argument the command line has not, twice per model; the command says it
+    once, as ``--bootstrap 10`` (the study's warnings, emitted here by the bootstrap the
+    study runs, are silenced), and not at all with enough resamples (40 at 95 %)."""
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from hooked_attnres import study
+    from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+
+    def fake_study(**kwargs):
+        for _ in range(4):  # two models' mass summaries and effects
+            bootstrap_ci_rows(np.ones((1, 3)), kwargs["n_bootstrap"], resamples_name="n_bootstrap")
+        return SimpleNamespace(accuracy=[], seconds=0.0)
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    for n, said in ((10, 1), (40, 0)):
+        argv = ["study", "--out", str(tmp_path / "s"), "--no-progress", "--bootstrap", str(n)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cli.main(argv) == 0
+        assert [str(w.message) for w in caught if "leaves fewer" in str(w.message)] == []
+        err = capsys.readouterr().err
+        assert err.count("leaves fewer") == said, err
+        if said:
+            assert err.startswith(
+                f"[hooked-attnres] warning: --bootstrap {n} leaves fewer than one resampled "
+                "mean beyond each bound of a 95% interval (it needs at least 40)"
+            ), err
+
+
 def test_a_run_of_other_settings_is_refused_with_the_command_line_remedy(tmp_path, capsys):
     """Training into the folder of a run with other settings is refused; the message gave
     the Python remedy only (``use another out_dir or resume=False``), which names nothing

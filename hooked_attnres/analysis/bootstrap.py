@@ -66,6 +66,17 @@ def too_few_resamples(n_resamples: int, confidence: float) -> bool:
     return n_resamples < min_resamples(confidence)
 
 
+def too_few_resamples_text(given: str, confidence: float) -> str:
+    """The warning of `too_few_resamples`, the count written as the caller gave it
+    (``given``: ``"n_bootstrap=10"`` in Python, ``"--bootstrap 10"`` on the command line)."""
+    return (
+        f"{given} leaves fewer than one resampled mean beyond each bound of a "
+        f"{confidence:.0%} interval (it needs at least {min_resamples(confidence)}): the "
+        "bounds are interpolated between the most extreme resampled means and the interval "
+        "covers the mean less often than its level says"
+    )
+
+
 def bootstrap_ci_rows(
     values: Union[np.ndarray, torch.Tensor],
     n_resamples: int = 1000,
@@ -116,11 +127,7 @@ def bootstrap_ci_rows(
         )
     if too_few_resamples(n_resamples, confidence):
         warnings.warn(
-            f"{resamples_name}={n_resamples} leaves fewer than one resampled mean beyond "
-            f"each bound of a {confidence:.0%} interval (it needs at least "
-            f"{min_resamples(confidence)}): the bounds are interpolated between "
-            "the most extreme resampled means and the interval covers the mean less often "
-            "than its level says",
+            too_few_resamples_text(f"{resamples_name}={n_resamples}", confidence),
             RuntimeWarning,
             stacklevel=2,
         )
