@@ -1261,3 +1261,30 @@ def test_a_study_names_the_model_whose_logits_are_not_finite(tmp_path, monkeypat
     ):
         run_study(tmp_path / "out", tmp_path / "runs", **_QUICK_STUDY)
     assert swept == [0]  # seed 0's sweep ran, seed 1's did not
+
+
+def test_the_recency_bias_is_recorded_only_for_a_study_that_wraps_a_vanilla_model(tmp_path):
+    """Audit 95: ``run.json`` (and the report's settings) recorded ``"recency_bias": 3.0``
+    for a study of trained Block AttnRes models only, where no model is read through the
+    recency wrap (it read as those models' bias); ``None`` there now, as
+    ``fresh_probe_seed`` is without the robustness check. A study with a vanilla condition
+    records the bias it wrapped that model with, and the report names it."""
+    from hooked_attnres.study.report import model_text
+    from hooked_attnres.study.run import RECENCY_BIAS, _RunSettings, _settings
+
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0,), n_layers=4, num_blocks=2)
+    run_study(tmp_path / "out", tmp_path / "runs", **_QUICK_STUDY)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["recency_bias"] is None
+    assert '"recency_bias": null' in (tmp_path / "out" / "report.md").read_text()
+    settings = _RunSettings(None, 6, 5, False)
+    for runs, bias in (
+        ([(condition, 0), ("hard_cumulative_L8", 1)], None),
+        ([(condition, 0), ("hard_vanilla_L8", 0)], RECENCY_BIAS),
+        ([("vanilla", 0)], RECENCY_BIAS),
+    ):
+        assert _settings(settings, runs)["recency_bias"] == bias, runs
+    vanilla = get_condition("hard_vanilla_L8")
+    assert vanilla.kind == "vanilla"
+    with pytest.raises(ValueError, match="settings record no recency_bias"):
+        model_text(vanilla.name, None)

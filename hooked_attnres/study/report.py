@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import pandas as pd
 
@@ -219,16 +219,22 @@ def _setting(result: StudyResult, name: str):
     return result.settings.get(name, defaults.get(name, "?"))
 
 
-def model_text(condition: str, recency_bias: float) -> str:
+def model_text(condition: str, recency_bias: Optional[float]) -> str:
     """What model a condition's numbers were measured on: a Block AttnRes checkpoint as
     trained, or a vanilla Qwen3 checkpoint through the recency wrap (`load_condition`),
-    whose function is not the plain model's."""
+    whose function is not the plain model's, with ``recency_bias`` (the study's setting,
+    ``None`` in a study without a vanilla condition, read by a vanilla one only)."""
     recipe = get_condition(condition)
     if recipe.kind == "attnres":
         return f"Block AttnRes, {recipe.layout}, as trained"
+    if recency_bias is None:
+        raise ValueError(
+            f"{condition!r} is read through the recency wrap, but the settings record no "
+            "recency_bias (None: a study without a vanilla condition)"
+        )
     return (
         f"vanilla Qwen3 through the recency wrap ({recipe.num_blocks} blocks, recency bias "
-        f"{recency_bias:g}), not the plain model"
+        f"{float(recency_bias):g}), not the plain model"
     )
 
 
@@ -427,7 +433,7 @@ def _effect_tables(result: StudyResult) -> list[Block]:
 
 def _accuracy_blocks(result: StudyResult) -> list[Block]:
     """The accuracy table, each row saying which model it scored on which prompts."""
-    bias = float(_setting(result, "recency_bias"))
+    bias = _setting(result, "recency_bias")
     prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
     table = result.accuracy[["condition", "seed", "n_prompts", "accuracy", "logit_diff"]].copy()
     table.insert(2, "model", [model_text(c, bias) for c in table.condition])
@@ -486,7 +492,7 @@ def document(result: StudyResult) -> list[Block]:
         ]
         for condition in dict.fromkeys(result.verdicts.condition):
             recipe = get_condition(condition)
-            kind = model_text(condition, float(_setting(result, "recency_bias")))
+            kind = model_text(condition, _setting(result, "recency_bias"))
             blocks.append(
                 ("h3", f"{condition} ({kind}, {recipe.n_layers} layers, task {recipe.task})")
             )

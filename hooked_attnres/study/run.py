@@ -872,7 +872,9 @@ def _settings(settings: _RunSettings, runs) -> dict:
         "n_bootstrap": settings.n_bootstrap,
         "bootstrap_seed": settings.bootstrap_seed,
         "confidence": 0.95,
-        "recency_bias": RECENCY_BIAS,
+        # the bias of the recency wrap, which only a vanilla condition is loaded through
+        # (`load_condition`); None when no run is one (3.0 read as the trained models')
+        "recency_bias": RECENCY_BIAS if any(_wrapped(c) for c, _ in runs) else None,
         "versions": {
             "hooked_attnres": __version__,
             "torch": torch.__version__,
@@ -882,6 +884,12 @@ def _settings(settings: _RunSettings, runs) -> dict:
         },
         "threads": torch.get_num_threads(),
     }
+
+
+def _wrapped(condition: str) -> bool:
+    """Whether `load_condition` reads ``condition`` through the recency wrap (a vanilla
+    condition), with `RECENCY_BIAS`."""
+    return get_condition(condition).kind == "vanilla"
 
 
 def _front(table: pd.DataFrame) -> pd.DataFrame:
