@@ -303,19 +303,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     model = HookedAttnRes.from_pretrained(args.checkpoint)
     cfg = model.cfg
-    layout = model.routing_layout
     # the blocks the model has (attnres_num_blocks is unused without routers or with a
     # block per sublayer, and may exceed the count: 5 layers, 4 asked, 3 blocks)
-    n_blocks, size = layout.layer_blocks, layout.layers_per_block
-    if not layout.has_routers:
-        blocks = "no routers"
-    elif n_blocks is None:
-        blocks = "a block per sublayer"
-    else:
-        last = cfg.n_layers - size * (n_blocks - 1)
-        blocks = f"{n_blocks} block{'s' if n_blocks != 1 else ''} of {size} layer" + (
-            f"{'s' if size != 1 else ''}" + (f" (the last of {last})" if last != size else "")
-        )
+    blocks = model.routing_layout.blocks_text()
     print(
         f"{args.checkpoint}: layout {cfg.attnres_layout}, {cfg.n_layers} layers, "
         f"d_model {cfg.d_model}, {blocks}, "

@@ -2097,3 +2097,39 @@ def test_an_ablation_written_another_way_continues_a_key_value_cache(tokens):
     )
     full = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "current", routers=[site]))
     torch.testing.assert_close(got, full[:, 5:])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(attnres_layout="full"), dict(attnres_layout="cumulative", attnres_mode="full")],
+)
+def test_a_cache_of_the_same_routing_is_taken_whatever_its_unused_block_count(settings):
+    """Audit 95: where ``attnres_num_blocks`` is unused (a block per sublayer; no routers,
+    e.g. ``from_hf_qwen3(wrap="none")``, which holds ``min(8, n_layers)``), a cache of one
+    model was refused for the same model with another number ("comes from a model with
+    layout 'full', 4 layers, 4 blocks, mode 'block' ... this model has ... 2 blocks: its
+    sources are not this model's sources"). Taken now: patching it in gives what patching
+    the model's own cache gives; and a refused cache names the blocks each model has."""
+    model = randomize_routing(tiny_model(**settings, attnres_num_blocks=2)).eval()
+    other = HookedAttnRes(model.cfg.replace(attnres_num_blocks=4)).eval()
+    other.load_state_dict(model.state_dict())
+    clean, corrupted = torch.randint(0, 50, (2, 2, 6))
+    own = model.run_with_cache(clean)[1]
+    theirs = other.run_with_cache(clean)[1]
+    outputs = []
+    for cache in (own, theirs):
+        hooks = patch_sources(model, "embedding", cache, routers="mlp_res")
+        outputs.append(model.run_with_hooks(corrupted, fwd_hooks=hooks))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], model(corrupted))  # the patch changed something
+    blocks = HookedAttnRes(model.cfg.replace(attnres_layout="kimi", attnres_mode="block"))
+    with pytest.raises(
+        ValueError,
+        match=rf"comes from a model with layout 'kimi', 4 layers, 2 blocks of 2 layers, "
+        rf"d_model 32, but this model has layout '{settings['attnres_layout']}', 4 layers, "
+        "a block per sublayer, d_model 32;",
+    ):
+        patch_sources(model, "embedding", blocks.run_with_cache(clean)[1], routers="mlp_res")
+    plain = tiny_model(attnres_layout="none", attnres_num_blocks=2)
+    plain_other = HookedAttnRes(plain.cfg.replace(attnres_num_blocks=4))
+    assert plain.routing_layout == plain_other.routing_layout

@@ -59,10 +59,13 @@ def activation_shapes(model: HookedAttnRes) -> dict[str, tuple[int, ...]]:
 
 
 def _describe(model) -> str:
-    cfg = model.cfg
+    """The routing and width of ``model``: the blocks it has (`RoutingLayout.blocks_text`;
+    the config's ``attnres_num_blocks`` and ``attnres_mode`` were printed, "3 blocks, mode
+    'block'" for a model without routers)."""
+    layout = model.routing_layout
     return (
-        f"layout {cfg.attnres_layout!r}, {cfg.n_layers} layers, "
-        f"{cfg.attnres_num_blocks} blocks, mode {cfg.attnres_mode!r}, d_model {cfg.d_model}"
+        f"layout {layout.layout!r}, {layout.n_layers} layers, {layout.blocks_text()}, "
+        f"d_model {model.cfg.d_model}"
     )
 
 

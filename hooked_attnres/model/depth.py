@@ -243,7 +243,8 @@ class RoutingLayout:
     Args:
         layout: ``"cumulative"``, ``"kimi"``, ``"full"`` or ``"none"``.
         n_layers: number of decoder layers ``L``.
-        layers_per_block: ``S = ceil(L / N)``.
+        layers_per_block: ``S = ceil(L / N)``; unused without routers and with a block
+            per sublayer (`from_config` gives 1 there).
         mode: ``"block"`` or ``"full"`` (cumulative layout only).
     """
 
@@ -255,6 +256,15 @@ class RoutingLayout:
 
     @classmethod
     def from_config(cls, cfg: HookedAttnResConfig) -> RoutingLayout:
+        """The routing of ``cfg``. Where ``attnres_num_blocks`` is unused (no routers, or a
+        block per sublayer) its ``layers_per_block`` is 1, so that two such models compare
+        equal whatever number their config holds (a plain model loaded with
+        ``from_hf_qwen3(wrap="none")`` holds ``min(8, n_layers)``: a cache of it was
+        refused for the same model built with another number, "its sources are not this
+        model's sources")."""
+        layout = cls(cfg.attnres_layout, cfg.n_layers, 1, cfg.attnres_mode)
+        if layout.layer_blocks is None:  # no layer spans blocks: S is unused
+            return layout
         return cls(cfg.attnres_layout, cfg.n_layers, cfg.layers_per_block, cfg.attnres_mode)
 
     # --- the schedule -----------------------------------------------------------------
@@ -299,6 +309,21 @@ class RoutingLayout:
         if not self.has_routers or self.commits_after_attn(0):
             return None
         return -(-self.n_layers // self.layers_per_block)
+
+    def blocks_text(self) -> str:
+        """The blocks the model has, in words: ``"no routers"``, ``"a block per
+        sublayer"``, or ``"3 blocks of 2 layers (the last of 1)"`` (`layer_blocks` of
+        ``layers_per_block`` layers; the config's ``attnres_num_blocks`` may exceed the
+        count, 5 layers, 4 asked, 3 blocks)."""
+        n_blocks, size = self.layer_blocks, self.layers_per_block
+        if not self.has_routers:
+            return "no routers"
+        if n_blocks is None:
+            return "a block per sublayer"
+        last = self.n_layers - size * (n_blocks - 1)
+        return f"{n_blocks} block{'s' if n_blocks != 1 else ''} of {size} layer" + (
+            f"{'s' if size != 1 else ''}" + (f" (the last of {last})" if last != size else "")
+        )
 
     def commits_after_attn(self, layer: int) -> bool:
         """Whether the attention sublayer of ``layer`` ends a block."""
