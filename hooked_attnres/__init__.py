@@ -30,6 +30,7 @@ _LAZY = {
     "RunCacheDict": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
+    "CheckpointIntegrityError": "hooked_attnres.loading.io",
     "CheckpointConflictError": "hooked_attnres.loading",
     "DirectoryBusyError": "hooked_attnres.loading",
     "ConcurrentUseError": "hooked_attnres.model.hooked_root",
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from hooked_attnres._validation import AmbiguousIndexError
     from hooked_attnres.config import HookedAttnResConfig
     from hooked_attnres.loading import CheckpointConflictError, DirectoryBusyError
-    from hooked_attnres.loading.io import CheckpointError
+    from hooked_attnres.loading.io import CheckpointError, CheckpointIntegrityError
     from hooked_attnres.model.attention import KeyValueCache
     from hooked_attnres.model.cache import (
         AttnResActivationCache,
@@ -91,6 +92,7 @@ __all__ = [
     "ROUTERS",
     "CheckpointConflictError",
     "CheckpointError",
+    "CheckpointIntegrityError",
     "ConcurrentUseError",
     "DepthRouter",
     "DepthState",

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory ``NAME``. A *version* of it is a directory that carries a
 completion marker, ``MARKER`` (``.hooked_attnres_complete.json``), written last and
-fsynced: ``{"sequence": n, "written_at": ..., "files": {relative path: size}}``. The
-sequence number grows by one with every save to ``NAME``.
+fsynced: ``{"sequence": n, "written_at": ..., "files": {relative path: size}, "sha256":
+{relative path: SHA-256 hex digest}}`` (``sha256`` since audit 98). The sequence number
+grows by one with every save to ``NAME``. `version_problems` compares a version's files
+with its marker (loads refuse a version changed after its save).
 
 Writer (`atomic_directory`), holding the exclusive lock:
 
@@ -15,10 +17,11 @@ Writer (`atomic_directory`), holding the exclusive lock:
 
 Recovery (`recover`, run by every save and by every load that finds leftovers), under the
 exclusive lock: among ``NAME``, ``.NAME.tmp-*`` and ``.NAME.old-*``, a leftover is complete
-iff its marker parses and every file it lists exists with the listed size; ``NAME`` is
-complete iff it has a marker (it only ever receives complete versions). The complete
-version with the highest sequence becomes ``NAME``; every other candidate is discarded
-(marker first). Directory names carry no order; only the marker's sequence does.
+iff its marker parses and every file it lists exists with the listed size and digest
+(`version_problems`); ``NAME`` is complete iff it has a marker (it only ever receives
+complete versions). The complete version with the highest sequence becomes ``NAME``;
+every other candidate is discarded (marker first). Directory names carry no order; only
+the marker's sequence does.
 
 Lock: ``flock`` on the parent directory (no lock file is created; readable directories on
 read-only file systems work too); a lock file ``.hooked_attnres.lock`` in the parent is the
@@ -37,6 +40,7 @@ SIGKILL itself the ``n``-th time (default 1) it reaches ``step`` (see `FAULT_STE
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -58,6 +62,9 @@ except ImportError:  # pragma: no cover
 
 MARKER = ".hooked_attnres_complete.json"
 MARKER_FORMAT = "hooked_attnres.complete"
+# the marker's ``{relative path: SHA-256 hex digest}`` of every file it lists (markers
+# written before audit 98 have none: their files are checked by size only)
+DIGESTS = "sha256"
 TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
 SIBLING_ID = "[0-9a-f]{8}"  # the <id> of `sibling`'s names, as a regular expression
@@ -193,13 +200,25 @@ def read_marker(directory: Union[str, Path]) -> Optional[dict[str, Any]]:
     return values
 
 
+def file_sha256(path: Union[str, Path]) -> str:
+    """The SHA-256 hex digest of a file's bytes (what ``sha256sum`` prints), read in 1 MiB
+    chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_marker(directory: Path, sequence: int) -> None:
+    files = _files(directory)
     marker = {
         "format": MARKER_FORMAT,
         "sequence": sequence,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pid": os.getpid(),
-        "files": _files(directory),
+        "files": files,
+        DIGESTS: {name: file_sha256(directory / name) for name in files},
     }
     partial = directory / (MARKER + ".partial")
     with open(partial, "w", encoding="utf-8") as handle:
@@ -211,18 +230,48 @@ def _write_marker(directory: Path, sequence: int) -> None:
     _fsync_dir(directory)
 
 
-def _leftover_complete(directory: Path) -> Optional[int]:
-    """The sequence of a complete leftover version (every listed file present with its
-    listed size), else ``None``."""
+def version_problems(directory: Union[str, Path]) -> dict[str, str]:
+    """How the files of a saved version differ from what its completion marker records:
+    ``{relative path: sentence}`` for each file missing, of another size, or whose SHA-256
+    differs (truncated, altered or edited after the save); empty if they match. A directory
+    without a marker (the shipped checkpoints, other tools' folders) records nothing, so
+    nothing is found; a marker that is there but cannot be read is a problem. Markers
+    written before audit 98 record sizes only. Every recorded file is read once."""
+    directory = Path(directory)
+    path = directory / MARKER
+    if not path.exists():
+        return {}
     marker = read_marker(directory)
-    if marker is None:
-        return None
+    digests = marker.get(DIGESTS, {}) if marker is not None else None
+    if marker is None or not isinstance(digests, dict):
+        return {MARKER: f"{MARKER} (the completion marker) cannot be read"}
+    problems = {}
     for name, size in marker["files"].items():
         try:
-            if (directory / name).stat().st_size != size:
-                return None
+            found_size = (directory / name).stat().st_size
         except OSError:
-            return None
+            problems[name] = f"{name} is missing (the save wrote {size} bytes)"
+            continue
+        expected = digests.get(name)
+        found = file_sha256(directory / name) if expected is not None else None
+        if found_size == size and found == expected:
+            continue
+        what = []
+        if found_size != size:
+            cut = " (truncated)" if found_size < size else ""
+            what.append(f"{found_size} bytes{cut} (saved: {size})")
+        if found != expected:
+            what.append(f"SHA-256 {found} (saved: {expected})")
+        problems[name] = f"{name} has {' and '.join(what)}"
+    return problems
+
+
+def _leftover_complete(directory: Path) -> Optional[int]:
+    """The sequence of a complete leftover version (every listed file present with its
+    listed size and digest: `version_problems`), else ``None``."""
+    marker = read_marker(directory)
+    if marker is None or version_problems(directory):
+        return None
     return marker["sequence"]
 
 
@@ -666,6 +715,7 @@ __all__ = [
     "read_marker",
     "recover",
     "remove_file",
+    "version_problems",
     "write_bytes_atomic",
     "write_text_atomic",
 ]

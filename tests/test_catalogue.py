@@ -22,7 +22,7 @@ import threading
 import pytest
 import torch
 from crash_helpers import EXITED, KILLED, Reporter, fork_and_wait, run_forked
-from helpers import tiny_model
+from helpers import tiny_model, unseal
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 from hooked_attnres._atomic import FAULT_STEPS, MARKER, leftovers_of, read_marker
@@ -295,9 +295,11 @@ def ctx(tmp_path_factory):
 
 
 def _rewrite_config(directory, **changes):
+    """Edit a saved config as another tool would write it (`unseal`)."""
     values = json.loads((directory / "config.json").read_text())
     values.update(changes)
     (directory / "config.json").write_text(json.dumps(values))
+    unseal(directory)
     return directory
 
 
@@ -308,6 +310,16 @@ def _rewrite_weight(directory, key, fn):
     state = safetensors.torch.load_file(str(path))
     state[key] = fn(state[key])
     safetensors.torch.save_file(state, str(path))
+    unseal(directory)
+    return directory
+
+
+def _flip_a_weight_byte(directory):
+    """Flip a bit of the last byte of the weights (tensor data: the file still parses)."""
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
     return directory
 
 
@@ -542,11 +554,18 @@ CASES = [
         lambda c: (
             lambda d: (
                 (d / "config.json").write_bytes(b"\xff\xfe{"),
+                unseal(d),
                 HookedAttnRes.from_pretrained(d),
             )
         )(c.saved()),
         ValueError,
         ["config.json is not valid JSON"],
+    ),
+    (
+        "load-weights-changed-after-their-save",
+        lambda c: HookedAttnRes.from_pretrained(_flip_a_weight_byte(c.saved())),
+        ValueError,
+        ["was changed after it was saved", "model.safetensors has SHA-256", "verify=False"],
     ),
     (
         "load-missing-directory",

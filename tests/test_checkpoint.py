@@ -17,6 +17,7 @@ from helpers import (
     hf_qwen3,
     randomize_routing,
     tiny_model,
+    unseal,
 )
 
 import hooked_attnres.loading.own_format as own_format_module
@@ -51,17 +52,21 @@ def assert_same_model(loaded: HookedAttnRes, original: HookedAttnRes) -> None:
 
 
 def rewrite_config(directory: Path, **changes) -> None:
+    """Edit a saved ``config.json`` as another tool would write it (`unseal`)."""
     path = directory / "config.json"
     values = json.loads(path.read_text())
     values.update(changes)
     path.write_text(json.dumps(values))
+    unseal(directory)
 
 
 def rewrite_weights(directory: Path, edit) -> None:
+    """Edit a saved ``model.safetensors`` as another tool would write it (`unseal`)."""
     path = directory / "model.safetensors"
     state = safetensors.torch.load_file(str(path))
     edit(state)
     safetensors.torch.save_file(state, str(path))
+    unseal(directory)
 
 
 @pytest.fixture
@@ -230,6 +235,7 @@ def test_a_dtype_record_that_does_not_match_the_weights_is_refused(tmp_path, rec
     else:
         values["parameter_dtypes"] = record
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(values))
+    unseal(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=message):
         HookedAttnRes.from_pretrained(tmp_path / "ckpt")
 
@@ -543,7 +549,8 @@ def test_truncated_weights(saved):
     path = directory / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated") as info:
+    unseal(directory)  # (with its marker: tests/test_integrity.py)
+    with pytest.raises(CheckpointError, match="file is truncated") as info:
         HookedAttnRes.from_pretrained(directory)
     assert "model.safetensors" in str(info.value)
 
@@ -554,6 +561,7 @@ def test_truncated_weights(saved):
 def test_weights_that_are_not_safetensors(saved, content):
     directory, _ = saved
     (directory / "model.safetensors").write_bytes(content)
+    unseal(directory)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -769,6 +777,7 @@ def test_tied_config_for_untied_weights_reports_unexpected_unembedding(saved):
 def test_missing_config(saved):
     directory, _ = saved
     (directory / "config.json").unlink()
+    unseal(directory)
     with pytest.raises(FileNotFoundError, match="config.json"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -776,6 +785,7 @@ def test_missing_config(saved):
 def test_invalid_json(saved):
     directory, _ = saved
     (directory / "config.json").write_text('{"d_model": 32,')
+    unseal(directory)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -783,6 +793,7 @@ def test_invalid_json(saved):
 def test_json_that_is_not_an_object(saved):
     directory, _ = saved
     (directory / "config.json").write_text("[1, 2]")
+    unseal(directory)
     with pytest.raises(CheckpointError, match="JSON object"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -799,6 +810,7 @@ def test_missing_model_type(saved):
     values = json.loads((directory / "config.json").read_text())
     del values["model_type"]
     (directory / "config.json").write_text(json.dumps(values))
+    unseal(directory)
     with pytest.raises(CheckpointError, match="model_type=None"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -812,6 +824,7 @@ def test_vanilla_qwen3_checkpoint_points_to_from_hf_qwen3(tmp_path):
 def test_missing_weights(saved):
     directory, _ = saved
     (directory / "model.safetensors").unlink()
+    unseal(directory)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         HookedAttnRes.from_pretrained(directory)
 
@@ -981,6 +994,7 @@ def test_tokenizer_files_without_a_padding_side_keep_the_configured_one(tmp_path
     values = json.loads(path.read_text())
     assert values.pop("padding_side") == "left"
     path.write_text(json.dumps(values))
+    unseal(tmp_path / "ckpt")
     loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
     assert loaded.default_padding_side == "left"
     assert torch.equal(loaded.to_tokens(BATCH), model.to_tokens(BATCH))

@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_study_runs
+from helpers import tiny_study_runs, unseal
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres.analysis import CLAIMS, recency_schedule
@@ -719,6 +719,7 @@ def test_an_interrupted_study_resumes_with_only_the_unfinished_models(tmp_path, 
             source = run_dir(tmp_path / "other", condition, 5) / "model" / "model.safetensors"
             target = run_dir(tmp_path / "runs", condition, 0) / "model" / "model.safetensors"
             target.write_bytes(source.read_bytes())
+            unseal(target.parent)  # replaced by hand (with the marker: refused as changed)
         runs.arm()
         settings = {**kwargs, **{k: v for k, v in changes.items() if k in kwargs}}
         run_study(out, **settings)
@@ -806,6 +807,7 @@ def test_a_kept_run_is_not_reused_after_its_checkpoints_tokenizer_changed(tmp_pa
     other = build_tokenizer(list(reversed(words)))
     assert len(other) == len(saved) and other.get_vocab() != saved.get_vocab()
     other.save_pretrained(str(model))
+    unseal(model)  # replaced by hand (with the marker: refused as changed)
     assert HookedAttnRes.from_pretrained(model).tokenizer.get_vocab() == other.get_vocab()
     after = _run_key(condition, 0, settings)
     assert {k for k in before if before[k] != after[k]} == {"checkpoint"}

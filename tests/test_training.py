@@ -748,6 +748,7 @@ def _as_written_before_the_vocabulary_was_recorded(run, tokenizer_saved: bool = 
             (run / "checkpoint" / "model" / name).unlink(missing_ok=True)
     marker = json.loads((run / "checkpoint" / MARKER).read_text())
     marker["files"] = _files(run / "checkpoint")  # a complete version of what is there
+    del marker["sha256"]  # written before digests were recorded (audit 98), as the rest
     (run / "checkpoint" / MARKER).write_text(json.dumps(marker))
 
 

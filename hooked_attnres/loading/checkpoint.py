@@ -26,6 +26,7 @@ from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public before the split)
     CONFIG_NAME,
     CheckpointError,
+    CheckpointIntegrityError,
     assign_state_dict,
     check_device,
     empty_model,
@@ -33,6 +34,7 @@ from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public befo
     read_config_json,
     read_safetensors,
     read_safetensors_shapes,
+    verify_saved_files,
 )
 from hooked_attnres.loading.own_format import (  # noqa: F401
     FORMAT,
@@ -96,6 +98,7 @@ def load_checkpoint(
     dtype: Union[str, torch.dtype, None] = None,
     model_class: Optional[type] = None,
     mmap: bool = False,
+    verify: bool = True,
 ):
     """Load a checkpoint directory, whatever its format.
 
@@ -118,14 +121,23 @@ def load_checkpoint(
         mmap: memory-map the weights instead of copying them (see ``docs/loading.md``:
             faster, but truncating the file later kills the process with SIGBUS and
             overwriting it in place changes the model). Default: copy.
+        verify: refuse a checkpoint whose files differ from what its completion marker
+            recorded at the save (each file's size and SHA-256): truncated, altered or
+            edited files raise `CheckpointIntegrityError` naming them. ``False`` loads them
+            unchecked (files you edited on purpose). A directory without a marker (the
+            shipped checkpoints, other tools' folders, saves before completion markers) is
+            never checked; one whose marker predates digests is checked by size only.
 
     The directory is read under the shared lock (a concurrent save waits; an interrupted
     save is recovered first), so the model is one complete saved version.
     """
     directory = Path(directory)
     mmap = require_bool("mmap", mmap)
+    verify = require_bool("verify", verify)
     check_device(device)
     with reading(directory):
+        if verify:  # the whole directory, whatever its format
+            verify_saved_files(directory)
         return _load_checkpoint(directory, device, dtype, model_class, mmap)
 
 
@@ -134,7 +146,13 @@ def _load_checkpoint(directory: Path, device, dtype, model_class, mmap: bool):
     model_type = values.get("model_type")
     if model_type == QWEN3_ATTNRES:
         return load_qwen3_attnres(
-            directory, device=device, dtype=dtype, model_class=model_class, mmap=mmap
+            # verified by load_checkpoint already (each file is read once)
+            directory,
+            device=device,
+            dtype=dtype,
+            model_class=model_class,
+            mmap=mmap,
+            verify=False,
         )
     if model_type == "qwen3":
         raise CheckpointError(

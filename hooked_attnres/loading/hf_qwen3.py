@@ -49,6 +49,7 @@ from hooked_attnres.loading.io import (
     require_finite_weights,
     require_not_lfs_pointer,
     stored_float_dtypes,
+    verify_saved_files,
 )
 
 if TYPE_CHECKING:
@@ -588,6 +589,7 @@ def from_hf_qwen3(
     tokenizer=None,
     model_class: Optional[type] = None,
     mmap: bool = False,
+    verify: bool = True,
 ):
     """Load a vanilla Qwen3 (local directory or in-memory ``Qwen3ForCausalLM``).
 
@@ -609,6 +611,10 @@ def from_hf_qwen3(
             its own).
         mmap: memory-map the weights of a directory instead of copying them (see
             ``docs/loading.md``); default: copy.
+        verify: refuse a directory saved by this library (the trainer's vanilla models)
+            whose files changed after the save (`CheckpointIntegrityError`, see
+            ``docs/loading.md``); ``False`` loads it unchecked. Directories without a
+            completion marker (Hugging Face's) are never checked.
 
     Returns:
         A `HookedAttnRes` in eval mode.
@@ -620,11 +626,14 @@ def from_hf_qwen3(
     num_blocks = 8 if num_blocks is None else num_blocks
     recency_bias = 3.0 if recency_bias is None else recency_bias
     mmap = require_bool("mmap", mmap)
+    verify = require_bool("verify", verify)
     require_tokenizer("tokenizer", tokenizer)  # before the weights are read
     check_device(device)
     dtype = None if dtype is None else _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):
         with reading(Path(source)):
+            if verify:
+                verify_saved_files(Path(source))
             return _from_hf_qwen3(
                 source, wrap, num_blocks, recency_bias, dtype, device, tokenizer, model_class, mmap
             )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hooked_attnres._atomic import version_problems
 from hooked_attnres._validation import non_finite_tensors, some_names
 from hooked_attnres.config import HookedAttnResConfig
 
@@ -38,6 +39,39 @@ _TOKENIZER_READS = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong and where."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A saved checkpoint whose files differ from what its completion marker recorded at
+    the save (truncated, bytes altered, a file edited or missing): loading it could give
+    a silently different model. The message names each file, its recorded and found size
+    and SHA-256, and what to do."""
+
+
+# what to do about a damaged checkpoint, for the loaders (the trainer says its own)
+LOAD_INTACT_COPY = (
+    "load an intact copy instead (a backup, or an earlier checkpoint), or save the model "
+    "again; if you edited these files on purpose, pass verify=False to load them unchecked"
+)
+
+
+def verify_saved_files(directory: Path, remedy: str = LOAD_INTACT_COPY) -> None:
+    """Refuse a directory whose files differ from what its completion marker records
+    (`hooked_attnres._atomic.version_problems`); one without a marker passes unchecked.
+
+    Raises:
+        CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`:
+            the checkpoint was committed and cloned without ``git lfs``).
+        CheckpointIntegrityError: naming every changed file, with ``remedy``.
+    """
+    problems = version_problems(directory)
+    for name in problems:
+        require_not_lfs_pointer(directory / name)
+    if problems:
+        raise CheckpointIntegrityError(
+            f"{directory} was changed after it was saved: {'; '.join(problems.values())}. What is "
+            f"read from it would not be what was saved; {remedy}"
+        )
 
 
 def describe_mismatch(

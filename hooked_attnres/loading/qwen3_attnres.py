@@ -41,6 +41,7 @@ from hooked_attnres.loading.io import (
     read_config_json,
     save_tokenizer,
     stored_float_dtypes,
+    verify_saved_files,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def load_qwen3_attnres(
     dtype: Union[str, torch.dtype, None] = None,
     model_class: Optional[type] = None,
     mmap: bool = False,
+    verify: bool = True,
 ):
     """Load a ``qwen3_attnres`` directory as a cumulative-layout `HookedAttnRes`.
 
@@ -117,9 +119,12 @@ def load_qwen3_attnres(
         dtype: default float32 (float64 if a weight is stored in float64: the default never
             rounds a weight).
         mmap: memory-map instead of copying (see `hooked_attnres.loading.load_checkpoint`).
+        verify: refuse files changed after the save (see `load_checkpoint`).
     """
     directory = Path(directory)
     with reading(directory):
+        if verify:
+            verify_saved_files(directory)
         return _load(directory, device, dtype, model_class, mmap)
 
 

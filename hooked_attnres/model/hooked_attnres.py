@@ -985,7 +985,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         supported format; see `hooked_attnres.loading.checkpoint.load_checkpoint`).
 
         Options: ``dtype``, ``device``, ``mmap`` (default False: the weights are copied, so
-        later changes to the files cannot reach the model)."""
+        later changes to the files cannot reach the model), ``verify`` (default True: a
+        checkpoint whose files changed after its save is refused with
+        `CheckpointIntegrityError`)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
         return load_checkpoint(directory, model_class=cls, **kwargs)

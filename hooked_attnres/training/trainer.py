@@ -64,6 +64,7 @@ from hooked_attnres._validation import (
     require_integer,
     require_tokenizer,
 )
+from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
 
@@ -466,8 +467,15 @@ class _Checkpoint:
         """The saved trainer state (model and optimizer restored in place), or ``None``
         if there is no checkpoint; an interrupted save is recovered first. The run's
         ``identity`` (its settings, model and vocabulary) must equal the saved one, checked
-        before anything is restored."""
+        before anything is restored, and every file must be as saved (its size and SHA-256
+        in the completion marker; `CheckpointIntegrityError` otherwise)."""
         with reading(self.directory):
+            # each save replaces the last, so there is no earlier checkpoint to fall back to
+            verify_saved_files(
+                self.directory,
+                remedy="no earlier checkpoint is kept (each checkpoint replaces the previous "
+                f"one): restore {self.directory} from a backup, or {_START_OVER}",
+            )
             if not (self.directory / "trainer_state.json").exists():
                 return None
             state = json.loads((self.directory / "trainer_state.json").read_text(encoding="utf-8"))

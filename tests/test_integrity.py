@@ -1,0 +1,226 @@
+"""A checkpoint changed after its save is refused (audit 98): the completion marker records
+every file's SHA-256, and loads and the trainer's resume compare the files with it. Before,
+a truncated file failed deep in a reader, and bytes flipped inside a tensor (the file
+still parses) or an edited config loaded silently as another model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from helpers import hf_qwen3, randomize_routing, tiny_model
+from test_training import SHAPE, TASK, config
+
+from hooked_attnres import CheckpointIntegrityError, HookedAttnRes
+from hooked_attnres._atomic import MARKER, atomic_directory, backups_of
+from hooked_attnres.study import build_model
+from hooked_attnres.tasks import task_tokenizer
+from hooked_attnres.training import train
+
+TOKENS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+# the config field of each format that the edit changes (a value, not the layout)
+EPS_FIELD = {"hooked_attnres": "eps", "qwen3_attnres": "rms_norm_eps"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def flip_tensor_bytes(path: Path) -> None:
+    """Flip a bit in each of 4 bytes in the middle of a safetensors file's tensor data
+    (after its 8-byte length and JSON header): the file still parses."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    middle = (start + len(data)) // 2
+    for offset in range(4):
+        data[middle + offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def edit_config(path: Path, field: str) -> None:
+    values = json.loads(path.read_text())
+    values[field] = values[field] * 10
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def saved_model(directory: Path, fmt: str = "hooked_attnres") -> HookedAttnRes:
+    model = randomize_routing(tiny_model(), seed=0)
+    model.save_pretrained(directory, format=fmt)
+    return model
+
+
+def assert_names_the_change(error, name: str, before: str, after: str) -> None:
+    message = str(error.value)
+    assert f"{name} has" in message
+    assert f"SHA-256 {after} (saved: {before})" in message
+    assert "verify=False" in message  # what to do
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "config"])
+def test_a_checkpoint_changed_after_its_save_is_refused_naming_the_file(tmp_path, fmt, damage):
+    directory = tmp_path / "ckpt"
+    saved_model(directory, fmt)
+    name = "config.json" if damage == "config" else "model.safetensors"
+    path = directory / name
+    before = sha256(path)
+    if damage == "truncated":
+        truncate(path)
+    elif damage == "flipped":
+        flip_tensor_bytes(path)
+        safetensors.torch.load_file(str(path))  # still a valid file: only the digest tells
+    else:
+        edit_config(path, EPS_FIELD[fmt])
+    with pytest.raises(CheckpointIntegrityError, match="was changed after it was saved") as info:
+        HookedAttnRes.from_pretrained(directory)
+    assert_names_the_change(info, name, before, sha256(path))
+    if damage == "truncated":
+        size = path.stat().st_size
+        assert f"{size} bytes (truncated) (saved: {size + 100})" in str(info.value)
+
+
+def test_flipped_weights_load_with_verify_false_as_the_file_now_holds_them(tmp_path):
+    """The opt-out loads the changed file as it is: the weights the file now holds, which
+    are not the saved model's (the silent change the check refuses by default)."""
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    flip_tensor_bytes(directory / "model.safetensors")
+    stored = safetensors.torch.load_file(str(directory / "model.safetensors"))
+    loaded = HookedAttnRes.from_pretrained(directory, verify=False)
+    found = loaded.state_dict()
+    assert all(torch.equal(found[name], tensor) for name, tensor in stored.items())
+    assert any(not torch.equal(found[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_edited_config_loads_with_verify_false(tmp_path):
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    edit_config(directory / "config.json", "eps")
+    assert HookedAttnRes.from_pretrained(directory, verify=False).cfg.eps == model.cfg.eps * 10
+    with pytest.raises(TypeError, match="verify"):
+        HookedAttnRes.from_pretrained(directory, verify="no")
+
+
+def test_an_intact_checkpoint_loads_bitwise_and_its_marker_records_the_digests(tmp_path):
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    marker = json.loads((directory / MARKER).read_text())
+    assert marker["sha256"] == {name: sha256(directory / name) for name in marker["files"]}
+    loaded = HookedAttnRes.from_pretrained(directory)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_missing_file_and_an_unreadable_marker_are_refused(tmp_path):
+    directory = tmp_path / "ckpt"
+    saved_model(directory)
+    (directory / "config.json").unlink()
+    with pytest.raises(CheckpointIntegrityError, match=r"config\.json is missing \(the save wrote"):
+        HookedAttnRes.from_pretrained(directory)
+    other = tmp_path / "other"
+    saved_model(other)
+    (other / MARKER).write_text('{"format": "hooked_attnres.complete", "seq')
+    with pytest.raises(CheckpointIntegrityError, match=re.escape(f"{MARKER} (the completion ma")):
+        HookedAttnRes.from_pretrained(other)
+
+
+def test_a_marker_written_before_digests_is_checked_by_size(tmp_path):
+    """Markers of earlier versions record sizes only: such a checkpoint loads as before,
+    and a file of another size is refused (before, only leftovers were checked)."""
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    marker = json.loads((directory / MARKER).read_text())
+    del marker["sha256"]
+    (directory / MARKER).write_text(json.dumps(marker))
+    loaded = HookedAttnRes.from_pretrained(directory)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    size = (directory / "config.json").stat().st_size
+    edit_config(directory / "config.json", "eps")
+    found = (directory / "config.json").stat().st_size
+    assert found != size
+    with pytest.raises(CheckpointIntegrityError, match=f"config.json has {found} bytes"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_a_vanilla_directory_saved_with_a_marker_is_checked_by_from_hf_qwen3(tmp_path):
+    """The trainer writes a vanilla run's model (Hugging Face's files) with a marker."""
+    directory = tmp_path / "vanilla"
+    with atomic_directory(directory) as tmp:
+        hf_qwen3().save_pretrained(tmp)
+    before = sha256(directory / "model.safetensors")
+    flip_tensor_bytes(directory / "model.safetensors")
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_hf_qwen3(directory, wrap="none")
+    assert_names_the_change(
+        info, "model.safetensors", before, sha256(directory / "model.safetensors")
+    )
+    HookedAttnRes.from_hf_qwen3(directory, wrap="none", verify=False)
+
+
+def test_recovery_skips_a_newer_leftover_changed_after_its_commit(tmp_path):
+    """A committed but not yet installed version (``.NAME.tmp-*``, what a kill after the
+    commit point leaves) whose weights changed since is not installed: the load falls back
+    to the intact older version. Before, its sizes matched, so it was installed."""
+    target = tmp_path / "ckpt"
+    older = saved_model(target)
+    newer = tmp_path / "newer"
+    saved_model(newer)
+    saved_model(newer)  # sequence 2: newer than target's 1
+    leftover = tmp_path / ".ckpt.tmp-0123abcd"
+    os.rename(newer, leftover)
+    flip_tensor_bytes(leftover / "model.safetensors")
+    loaded = HookedAttnRes.from_pretrained(target)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in older.state_dict().items())
+    assert backups_of(target) == []
+
+
+# --- the trainer's resume ----------------------------------------------------------------
+
+
+def stopped_run(out: Path):
+    tok = task_tokenizer(TASK)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    cfg = config(steps=4, checkpoint_every=2, eval_every=4)
+    train(model, TASK, cfg, out, tokenizer=tok, progress=False, stop_after=2)
+    return tok, cfg
+
+
+@pytest.mark.parametrize(
+    "name", ["optimizer.pt", "trainer_state.json", "model/model.safetensors", "model/config.json"]
+)
+def test_a_resume_from_a_changed_checkpoint_is_refused_and_keeps_it(tmp_path, name):
+    """The trainer keeps one checkpoint (each save replaces the last), so there is no earlier
+    one to fall back to: the resume refuses, naming the file, and leaves the checkpoint as
+    it is. Flipped bytes in ``optimizer.pt`` resumed silently before (final weights 5.7e-4
+    from the uninterrupted run's)."""
+    out = tmp_path / "run"
+    tok, cfg = stopped_run(out)
+    path = out / "checkpoint" / name
+    before = sha256(path)
+    if name.endswith(".safetensors"):
+        flip_tensor_bytes(path)
+    elif name.endswith(".json"):
+        values = json.loads(path.read_text())
+        values["step" if name == "trainer_state.json" else "eps"] *= 3
+        path.write_text(json.dumps(values, indent=2) + "\n")
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) * 3 // 4] ^= 0x40
+        path.write_bytes(bytes(data))
+    after = sha256(path)
+    fresh = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(CheckpointIntegrityError, match="no earlier checkpoint is kept") as info:
+        train(fresh, TASK, cfg, out, tokenizer=tok, progress=False)
+    assert f"SHA-256 {after} (saved: {before})" in str(info.value)
+    assert f"{name} has" in str(info.value) and "resume=False" in str(info.value)
+    assert sha256(path) == after and not (out / "model").exists()
