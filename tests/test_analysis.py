@@ -1229,8 +1229,9 @@ def test_routing_mass_of_padded_tokens_with_an_attention_mask_is_each_prompt_alo
     """Audit 96: routing_mass took no attention_mask, so padded token ids were run and
     averaged as real tokens, silently (a warning only for a model with a left-padding
     tokenizer): left padding was attended and shifted the rotary positions, 1.00 mass off
-    each prompt alone at its last real token (kimi, full; 0.56 cumulative, 0.72 / 0.99
-    the recency / exact wraps, float64), and "all" averaged the padding in (0.59-1.00).
+    each prompt alone at its last real token (kimi, full; 0.56 cumulative, 0.78 / 1.00
+    the recency / exact wraps, float64), and "all" averaged the padding in (0.60-1.00;
+    0.26-0.71 with right padding).
     With attention_mask= the prompts are run with it and the padding is never read: every
     prompt's masses equal those of the prompt run alone, unpadded (by hand from its
     cache), position by position ("answer" at a column of the padded tokens, a position
