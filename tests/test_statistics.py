@@ -210,6 +210,72 @@ def test_summarize_mass_names_the_column_that_tells_repeated_rows_apart():
         pd.testing.assert_frame_equal(mine, alone)
 
 
+def test_summarize_mass_pools_prompt_ids_only_across_models_of_one_prompt_set():
+    """Audit 100: rows of one prompt id were averaged as one prompt across every
+    ``condition`` (as across seeds), but a study's conditions can use different tasks, so
+    prompt 0 of one task was paired with prompt 0 of another. Conditions of 8 and 4
+    different prompts (tiny kimi models) gave a mass 0.027 off the summary of the 12
+    prompts, its interval 0.032 off and n_prompts 8; of 4 and 4, the mean was right but the
+    interval was 0.093 off and n_prompts 4 for 8. Seeds of one condition with different
+    prompt ids (4 and 8) weighed 1:3 in the mean (prompts 4-7 were the second's alone).
+    Both are refused; numbered apart, conditions are summarised as their 12 prompts, and
+    as models of one prompt set (a ``model`` column) the same prompts pool as before."""
+    first = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    second = randomize_routing(tiny_model(attnres_layout="kimi"), seed=2).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, first.cfg.d_vocab, (12, 6), generator=generator)
+    task_a = routing_mass(first, tokens[:8], positions="all").assign(condition="a", seed=0)
+    task_b = routing_mass(second, tokens[8:], positions="all").assign(condition="b", seed=0)
+    for n_a in (8, 4):
+        part_a = task_a[task_a.prompt < n_a]
+        with pytest.raises(ValueError, match=r"prompt ids of several conditions.*'condition'"):
+            summarize_mass(pd.concat([part_a, task_b]), n_bootstrap=50)
+        # numbered apart, (condition, prompt) is the unit: the summary of the n_a + 4
+        # prompts as one routing_mass table (independent: one run per prompt set, renumbered)
+        both = pd.concat([part_a, task_b])
+        apart = both.assign(prompt=both.groupby(["condition", "prompt"]).ngroup())
+        got = summarize_mass(apart, n_bootstrap=50)
+        later = routing_mass(second, tokens[8:], positions="all")
+        alone = pd.concat(
+            [
+                routing_mass(first, tokens[:n_a], positions="all"),
+                later.assign(prompt=later.prompt + n_a),
+            ]
+        )
+        pd.testing.assert_frame_equal(got, summarize_mass(alone, n_bootstrap=50), atol=1e-6)
+        assert (got.n_prompts == n_a + 4).all()
+    # two seeds of one condition (the same prompts): pooled per prompt, each prompt's mean
+    # over both models' routers (independent: NumPy over the prompts)
+    seeds = pd.concat(
+        [
+            routing_mass(first, tokens[:4], positions="all").assign(condition="a", seed=0),
+            routing_mass(second, tokens[:4], positions="all").assign(condition="a", seed=1),
+        ]
+    )
+    summary = summarize_mass(seeds, n_bootstrap=50)
+    for row in summary.itertuples():
+        group = seeds[(seeds.router == row.router) & (seeds.family == row.family)]
+        assert row.mass == pytest.approx(group.groupby("prompt").mass.mean().mean(), abs=1e-12)
+    assert (summary.n_prompts == 4).all()
+    # a seed without some prompts the other has: its models would weigh less
+    uneven = pd.concat([seeds[seeds.seed == 0], task_a.assign(seed=1)])
+    with pytest.raises(ValueError, match=r"\{'seed': 0\} lacks prompt\(s\) \[4, 5, 6, 7\]"):
+        summarize_mass(uneven, n_bootstrap=50)
+    # conditions of one prompt set, labelled as models: pooled per prompt as the seeds
+    relabelled = seeds.assign(seed=0, model=seeds.seed).drop(columns="condition")
+    pd.testing.assert_frame_equal(summarize_mass(relabelled, n_bootstrap=50), summary)
+    # grouped by condition, each condition is summarised alone (as many prompts each: a
+    # group without some prompts is refused, test above)
+    task_a = task_a[task_a.prompt < 4]
+    by_condition = summarize_mass(
+        pd.concat([task_a, task_b]), by=("condition", "router", "family"), n_bootstrap=50
+    )
+    for condition, part in (("a", task_a), ("b", task_b)):
+        mine = by_condition[by_condition.condition == condition].drop(columns="condition")
+        alone = summarize_mass(part.drop(columns=["condition", "seed"]), n_bootstrap=50)
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True), alone)
+
+
 def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
     """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
     prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has

@@ -390,6 +390,78 @@ def routing_mass(
     )
 
 
+def _require_one_prompt_set(mass: pd.DataFrame, by: list[str]) -> None:
+    """Refuse rows of one prompt id that `summarize_mass` would average as one prompt
+    without their being one prompt. Within a group, rows of one prompt id are averaged
+    across the ``seed`` and ``model`` values outside ``by`` (the same prompts under several
+    models: the study's seeds of one condition), so every such model must hold the same
+    prompt ids (one without some prompts would weigh less in the mean). Conditions are not
+    pooled so: a study's conditions can use different tasks, and prompt 0 of one task is
+    not prompt 0 of another (the table cannot tell), so rows of one prompt id under several
+    ``condition`` values are refused (conditions whose prompt ids are apart are summarised
+    as their prompts together, each (condition, prompt) one prompt)."""
+    if "condition" in mass.columns and "condition" not in by:
+        shared = mass.groupby([*by, "prompt"], dropna=False).condition.nunique(dropna=False)
+        if (shared > 1).any():
+            where = shared.index[(shared > 1).to_numpy()][0]
+            prompt = where[-1].item() if isinstance(where[-1], np.generic) else where[-1]
+            conditions = sorted(map(str, mass[mass.prompt == prompt].condition.unique()))
+            raise ValueError(
+                f"the mass table holds the prompt ids of several conditions (prompt {prompt} "
+                f"of {conditions[:4]}), and 'condition' is not in by: a study's conditions "
+                "can use different tasks, so prompt 0 of one need not be prompt 0 of "
+                "another, and the table cannot tell (rows of one prompt id are averaged as "
+                "one prompt across 'seed' and 'model' only). Add 'condition' to by; or, for "
+                "conditions of different prompts, number their prompts apart "
+                "(mass.assign(prompt=mass.groupby(['condition', 'prompt']).ngroup())); or, "
+                "for conditions of the same prompts (one task), label them as models "
+                "(mass.rename(columns={'condition': 'model'}))"
+            )
+    pooled = [c for c in ("seed", "model") if c in mass.columns and c not in by]
+    if not pooled:
+        return
+    # within a group (and a condition), every pooled model holds the same prompt ids
+    scope = [*by, *(["condition"] if "condition" in mass.columns else [])]
+    scope = list(dict.fromkeys(scope))
+    part = mass.groupby(pooled, dropna=False, sort=False).ngroup()
+    parts = part.groupby([mass[c] for c in scope], dropna=False).nunique()
+    per_prompt = part.groupby([mass[c] for c in [*scope, "prompt"]], dropna=False).nunique()
+    lacking = per_prompt.to_numpy() < parts.reindex(per_prompt.index.droplevel(-1)).to_numpy()
+    if not lacking.any():
+        return
+    where = per_prompt.index[lacking][0]
+    rows = (mass[scope] == pd.Series(dict(zip(scope, where[:-1], strict=True)))).all(axis=1)
+    inside = mass[rows.to_numpy()]
+    prompts = set(inside.prompt)
+    for key, held in inside.groupby(pooled, dropna=False, sort=True):
+        missing = sorted(prompts - set(held.prompt))
+        if missing:
+            key = key if isinstance(key, tuple) else (key,)
+            model = {
+                c: k.item() if isinstance(k, np.generic) else k
+                for c, k in zip(pooled, key, strict=True)
+            }
+            group = {
+                c: k.item() if isinstance(k, np.generic) else k
+                for c, k in zip(scope, where[:-1], strict=True)
+            }
+            raise ValueError(
+                f"in the group {group}, the model {model} lacks prompt(s) "
+                f"{[p.item() if isinstance(p, np.generic) else p for p in missing][:8]} that "
+                f"other {' / '.join(pooled)} values have: rows of one prompt id are averaged "
+                "as one prompt across them (the same prompts under several models), so "
+                "this model would weigh less in the mean over prompts; summarise the "
+                "models on the same prompts, or add "
+                f"{pooled[0]!r} to by"
+            )
+    raise ValueError(  # a group label that does not compare equal to itself (NaN)
+        f"a {' / '.join(pooled)} value lacks prompt ids that others have in the group "
+        f"{where[:-1]}: rows of one prompt id are averaged as one prompt across them, so it "
+        f"would weigh less; summarise the models on the same prompts, or add {pooled[0]!r} "
+        "to by"
+    )
+
+
 def summarize_mass(
     mass: pd.DataFrame,
     by: Sequence[str] = ("router", "family"),
@@ -417,8 +489,15 @@ def summarize_mass(
             other groups have (a filtered table), or a ``(prompt, router, layer, family)``
             row twice within a group (two tables concatenated with the same prompt ids;
             the message names a column outside ``by`` that the repeated rows differ in,
-            ``condition`` / ``seed`` / ``model`` excepted: rows of one prompt id are
-            averaged across those, as the same prompt under several models).
+            ``condition`` / ``seed`` / ``model`` excepted). Rows of one prompt id are
+            averaged as one prompt across the ``seed`` and ``model`` values outside ``by``
+            (the same prompts under several models, as a study's seeds of one condition):
+            a model without some prompt ids the others have in its group (and condition)
+            is refused (it would weigh less in the mean), and so are rows of one prompt id
+            under several ``condition`` values outside ``by`` (a study's conditions can use
+            different tasks, and the table cannot tell whether prompt 0 of one is prompt 0
+            of another; `_require_one_prompt_set`). Conditions whose prompt ids are apart
+            are summarised as their prompts together.
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     by = require_selection(
@@ -467,8 +546,8 @@ def summarize_mass(
         if differ:
             raise ValueError(
                 f"{head}: the repeated rows differ in {differ}, which is not in by; rows of "
-                "one prompt id are averaged as one prompt across 'condition', 'seed' and "
-                "'model' only (the same prompts under several models). Add "
+                "one prompt id are averaged as one prompt across 'seed' and 'model' only "
+                "(the same prompts under several models). Add "
                 f"{differ[0]!r} to by, or renumber the prompts of each part if they are "
                 "different prompts (second.assign(prompt=second.prompt + n_first))"
             )
@@ -479,6 +558,7 @@ def summarize_mass(
             "renumber the prompts of each further table (second.assign(prompt="
             "second.prompt + n_first)) or tell the tables apart by a column in by"
         )
+    _require_one_prompt_set(mass, list(by))
     # prompts in id order (the bootstrap draws prompts by position): with sort=False the
     # columns followed the table's row order, so a reordered table got other intervals
     per_prompt = (
