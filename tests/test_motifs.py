@@ -1803,3 +1803,46 @@ def test_d3_effect_limit_is_applied_exactly_as_written():
     ((s, sign, limit),) = re.findall(r"\|effect\| (\S+) (<|>=) (\S+) =", text["D3-attn_res"])
     assert sign == "<" and _read(s) < _read(limit), text["D3-attn_res"]
     assert _read(s) < fraction * Fraction(harm), text["D3-attn_res"]
+
+
+def test_d1_ranks_only_the_families_a_router_type_reads():
+    """Audit 100: D1 ranked every family, also one no router of the type reads (its mass 0,
+    its ablation masking nothing: effect 0, interval [0, 0]). Where every family read
+    helps when ablated (harm < 0), the unread family's harm 0 topped the harm ranking:
+    D1-attn_res read "present" (top effect ``older|prev_completed``, interval [0, 0] below
+    embedding's 0.3) for a model whose top-harm family, ``current`` (interval up to 0.45),
+    is not separated from embedding. As `dissociation_report`, D1 and D3 rank the families
+    the mass summary's ``family_read`` says the router type reads."""
+    unread = ("older", "prev_completed")
+    summary, effects = tables(
+        effects={
+            ("attn_res", "all", "embedding"): (0.5, 0.3, 0.7),
+            ("attn_res", "all", "current"): (0.4, 0.35, 0.45),
+            **{("attn_res", group, f): (0.0, 0.0, 0.0) for group in GROUPS for f in unread},
+        },
+        mass={("attn_res", "embedding"): 0.6, ("attn_res", "current"): 0.4}
+        | {("attn_res", f): 0.0 for f in unread},
+    )
+    where = (summary.router == "attn_res") & summary.family.isin(unread)
+    summary.loc[where, "family_read"] = False
+    masked = (effects.router == "attn_res") & effects.family.isin(unread)
+    effects.loc[masked, "n_masked_routers"] = 0
+    row = motif_report(summary, effects).set_index("claim").loc["D1-attn_res"]
+    # independent: D1 by hand over the two families read, embedding and current
+    harm = {"embedding": -0.5, "current": -0.4}
+    assert row.top_mass == "embedding" and row.top_effect == max(harm, key=harm.get)
+    assert not row.present  # current's ci_high 0.45 is not below embedding's ci_low 0.3
+    d3 = motif_report(summary, effects).set_index("claim").loc["D3-attn_res"]
+    assert d3.top_harm == max(harm.values()) and not d3.present
+    # a summary without family_read: a family of mass 0 may be unread, so it is refused
+    with pytest.raises(ValueError, match=r"lacks the column 'family_read'.*motif_report"):
+        motif_report(summary.drop(columns="family_read"), effects)
+    # ... and one whose every family has mass is read everywhere: the verdicts as with it
+    bare, bare_effects = tables()
+    pd.testing.assert_frame_equal(
+        motif_report(bare.drop(columns="family_read"), bare_effects),
+        motif_report(bare, bare_effects),
+    )
+    # effects that masked routers for a family the summary says is unread: other models
+    with pytest.raises(ValueError, match=r"says no router reads.*different models"):
+        motif_report(summary, effects.assign(n_masked_routers=1))

@@ -42,7 +42,11 @@ from hooked_attnres._validation import (
     require_integer,
 )
 from hooked_attnres.analysis.effects import require_measured
-from hooked_attnres.analysis.mass import require_family_rows
+from hooked_attnres.analysis.mass import (
+    require_family_read_column,
+    require_family_rows,
+    require_read_agrees,
+)
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
 
 BANDS = ("early", "middle", "late")
@@ -176,6 +180,32 @@ def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
     return table.set_index(["router", "family"]).mass
 
 
+def _families_read(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.Series:
+    """Whether some router of each sublayer type reads each family, indexed by (router,
+    family): the summary's ``family_read`` (the one rule, as `dissociation_report`), so
+    that D1 and D3 rank only families the router type has (an unread family's harm 0, its
+    ablation masking nothing, topped the ranking where every read family's ablation
+    helps). A summary without the column (a ``mass_summary.csv`` written before audit 53)
+    is read as every family read when each has mass (a mass > 0 has a source), and
+    refused otherwise; effects that masked routers for an unread family are refused
+    (tables of different models)."""
+    table = mass_summary
+    if "band" in table.columns:
+        table = table[table.band == "all"]
+    table = table[table.router.isin(SUBLAYER_ROUTERS)]
+    if "family_read" not in table.columns and bool((table.mass > 0).all()):
+        read = pd.Series(True, index=pd.MultiIndex.from_frame(table[["router", "family"]]))
+    else:
+        require_family_read_column(table, "motif_report (D1 and D3 rank the families read)")
+        read = table.set_index(["router", "family"]).family_read.astype(bool)
+    if "n_masked_routers" in effects.columns:
+        chosen = effects[(effects.metric == "logit_diff") & (effects.group == "all")]
+        for router in SUBLAYER_ROUTERS:
+            masked = chosen[chosen.router == router].set_index("family").n_masked_routers
+            require_read_agrees(read.loc[router], masked, f"router {router!r}")
+    return read
+
+
 def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
     require_measured(effects, "motif_report")
     for name, table, columns in (
@@ -262,6 +292,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     # criterion 2's "or at most -0.02 accuracy": without these rows it could never hold
     accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
+    read = _families_read(mass_summary, effects)
     _require_finite(logit, accuracy, mass)
     cleans = sorted(set(logit.clean.astype(float)))
     if len(cleans) > 1:
@@ -345,7 +376,9 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         return pd.DataFrame(out).set_index("family")
 
     for router in SUBLAYER_ROUTERS:
-        table = family_table(router)
+        whole = family_table(router)
+        # the families the router type reads (an unread one's harm 0 is no measured harm)
+        table = whole[[bool(read.loc[(router, f)]) for f in whole.index]]
         # ties (amendment 4): every family tied for the top must satisfy D1
         mass_tops = list(table.index[table.mass == table.mass.max()])
         effect_tops = list(table.index[table.harm == table.harm.max()])
@@ -366,7 +399,7 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
                 present=not set(mass_tops) & set(effect_tops) and separated,
             )
         )
-        pc = table.loc["prev_completed"]
+        pc = whole.loc["prev_completed"]  # unread: mass 0, so D3 does not hold
         top_harm = float(table.harm.max())
         effect_limit = criteria.d3_max_effect_fraction * top_harm
         rows.append(
@@ -496,7 +529,9 @@ def motif_report(
         mass_summary: `summarize_mass` by ``(router, family)`` over every layer, or the
             study's summary by ``(router, band, family)`` (its ``band == "all"`` rows are
             used). Every family needs a row at both sublayer router types; a summary
-            without band ``"all"`` rows or with a row missing is refused.
+            without band ``"all"`` rows or with a row missing is refused. D1 and D3 rank
+            the families its ``family_read`` says a router type reads (a summary without
+            the column: every family, if each has mass; else refused).
         effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
             default depth bands) and ``all``, and the metrics ``logit_diff`` and
             ``accuracy`` (criterion 2's 2 points; a table without it is refused), one clean
