@@ -276,6 +276,34 @@ def test_summarize_mass_pools_prompt_ids_only_across_models_of_one_prompt_set():
         pd.testing.assert_frame_equal(mine.reset_index(drop=True), alone)
 
 
+def test_summarize_mass_by_condition_takes_conditions_of_different_prompt_counts():
+    """With ``condition`` in ``by``, conditions of 8 and 4 prompts (different tasks) were
+    refused as a filtered table ("the group ... has no rows for prompt(s) [4, 5, 6, 7]"),
+    because one bootstrap resampled every group's prompts together. Each condition is its
+    own prompt set now: its rows equal its summary alone (independent: each condition
+    summarised by itself, and its mean by NumPy over its prompts)."""
+    first = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    second = randomize_routing(tiny_model(attnres_layout="cumulative"), seed=2).eval()
+    tokens = torch.randint(
+        3, first.cfg.d_vocab, (12, 6), generator=torch.Generator().manual_seed(3)
+    )
+    parts = {
+        "a": routing_mass(first, tokens[:8], positions="all").assign(condition="a", seed=0),
+        "b": routing_mass(second, tokens[8:], positions="all").assign(condition="b", seed=0),
+    }
+    by = ("condition", "router", "family")
+    got = summarize_mass(pd.concat(parts.values()), by=by, n_bootstrap=50)
+    assert got.condition.tolist() == sorted(got.condition.tolist())  # a's rows, then b's
+    for condition, part in parts.items():
+        mine = got[got.condition == condition].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, summarize_mass(part, by=by, n_bootstrap=50))
+        assert (mine.n_prompts == part.prompt.nunique()).all()
+        for row in mine.itertuples():
+            group = part[(part.router == row.router) & (part.family == row.family)]
+            mean = group.groupby("prompt").mass.mean().to_numpy().mean()
+            assert row.mass == pytest.approx(mean, abs=1e-12)
+
+
 def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
     """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
     prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has

@@ -497,7 +497,9 @@ def summarize_mass(
             under several ``condition`` values outside ``by`` (a study's conditions can use
             different tasks, and the table cannot tell whether prompt 0 of one is prompt 0
             of another; `_require_one_prompt_set`). Conditions whose prompt ids are apart
-            are summarised as their prompts together.
+            are summarised as their prompts together. With ``condition`` in ``by``, each
+            condition is summarised as its own prompt set (its rows equal its summary
+            alone), so conditions of different prompt counts can be summarised together.
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     by = require_selection(
@@ -559,6 +561,18 @@ def summarize_mass(
             "second.prompt + n_first)) or tell the tables apart by a column in by"
         )
     _require_one_prompt_set(mass, list(by))
+    if "condition" in by and mass["condition"].nunique(dropna=False) > 1:
+        # each condition is its own prompt set (its own task): its prompts are resampled
+        # on their own, so conditions of different prompt counts summarise together and
+        # each condition's rows equal its summary alone (the same draws as one table of
+        # equal counts, whose bootstrap draws the prompt columns shared by every group)
+        return pd.concat(
+            [
+                summarize_mass(part, by, n_bootstrap, confidence, seed)
+                for _, part in mass.groupby("condition", sort=False, dropna=False)
+            ],
+            ignore_index=True,
+        )
     # prompts in id order (the bootstrap draws prompts by position): with sort=False the
     # columns followed the table's row order, so a reordered table got other intervals
     per_prompt = (
