@@ -1113,20 +1113,55 @@ def test_sampling_probabilities_follow_the_documented_rules():
     assert chi2 < 20.5  # the 0.999 quantile of chi2 with 5 degrees of freedom
 
 
+def top_p_support(logits: list[float], top_p: float) -> list[bool]:
+    """The tokens top_p keeps, by its rule in plain Python floats (float64): every token
+    whose more likely tokens have a mass of at most top_p."""
+    total = sum(math.exp(v) for v in logits)
+    keep, mass_before = [True] * len(logits), 0.0
+    for index in sorted(range(len(logits)), key=lambda i: -logits[i]):
+        keep[index] = mass_before <= top_p
+        mass_before += math.exp(logits[index]) / total
+    return keep
+
+
+def test_top_p_follows_its_rule_over_a_large_vocabulary():
+    """Audit 101: the mass before each token was summed in float32 (as TransformerLens
+    does), which over a large vocabulary drifts by up to 2e-5. So top_p=1.0, which
+    TransformerLens documents as "sample from all tokens", dropped 575 to 960 of these
+    1000 tokens (131305 of 151936 on Qwen3-sized logits), and top_p=0.999 kept 1 to 3
+    tokens of 20000 that its rule drops. Compared with the rule in plain Python."""
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(4, 20000, generator=generator) * 3
+    logits = torch.randn(4, 1000, generator=generator) * 8
+    assert torch.equal(sampling_probabilities(logits, top_p=1.0), sampling_probabilities(logits))
+    for top_p in (0.9, 0.999):
+        kept = sampling_probabilities(wide, top_p=top_p) > 0
+        for row in range(4):
+            assert kept[row].tolist() == top_p_support(wide[row].tolist(), top_p), (top_p, row)
+
+
 def test_top_p_keeps_one_token_more_than_hugging_face_at_an_exact_boundary():
     """Documented differences: when the tokens before one reach top_p exactly, that token
     is kept (TransformerLens's rule) where Hugging Face stops; of tokens tied at the
     boundary, the lower id is kept (a stable sort; Hugging Face keeps the higher)."""
     import transformers.generation.logits_process as hf
 
-    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # dyadic: exact in float32
+    logits = torch.zeros(1, 4)  # probabilities 1/4 each, exact: masses before 0, 1/4, 1/2, 3/4
     probs = sampling_probabilities(logits, top_p=0.5)
-    assert probs[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0, 0], abs=1e-7)
+    assert probs[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0], abs=1e-7)
     theirs = hf.TopPLogitsWarper(0.5)(torch.zeros(1, 1, dtype=torch.long), logits).softmax(-1)
-    assert theirs[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert theirs[0].tolist() == [0.0, 0.0, 0.5, 0.5]
     torch.manual_seed(0)
     drawn = tl_sample_logits(logits.repeat(400, 1), top_p=0.5)
-    assert set(drawn.tolist()) == {0, 1}  # TransformerLens keeps token 1 too
+    assert set(drawn.tolist()) == {0, 1, 2}  # TransformerLens keeps the third too
+    # audit 101: the float32 logits log(0.5, 0.25, 0.125, 0.125) give token 0 a mass of
+    # 0.5000000007 > top_p = 0.5, so the rule keeps token 0 alone; the mass summed in
+    # float32 (TransformerLens) rounds to 0.5 and keeps token 1 too
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert top_p_support(logits[0].tolist(), 0.5) == [True, False, False, False]
+    assert sampling_probabilities(logits, top_p=0.5)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    drawn = tl_sample_logits(logits.repeat(400, 1), top_p=0.5)
+    assert set(drawn.tolist()) == {0, 1}
     # of tied tokens at the boundary the lower id is kept (Hugging Face keeps the higher)
     tied = torch.tensor([[0.0, 1.0, 1.0, -1.0]])
     assert sampling_probabilities(tied, top_p=0.3)[0].tolist() == [0.0, 1.0, 0.0, 0.0]

@@ -157,9 +157,12 @@ def _filtered_logits(
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif top_p is not None:
+    elif top_p is not None and top_p < 1:  # top_p = 1 keeps every token
         ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: low id first
-        before = ordered.softmax(dim=-1).cumsum(dim=-1)
+        # the mass before each token summed in float64: in float32 (TransformerLens) the sum
+        # over a large vocabulary drifts by up to 2e-5, so top_p = 1 dropped most tokens of
+        # a Qwen3-sized vocabulary and top_p < 1 cut at the wrong token
+        before = ordered.double().softmax(dim=-1).cumsum(dim=-1)
         # drop a token once the tokens before it already exceed top_p (the first is kept)
         drop = torch.zeros_like(before, dtype=torch.bool)
         drop[..., 1:] = before[..., :-1] > top_p
@@ -280,7 +283,9 @@ def sample_logits(
     ``k``-th too; ``k`` is clamped to the vocabulary) or ``top_p`` keeps, in order of
     probability, every token whose more likely tokens have a total probability of at most
     ``top_p`` (TransformerLens's rule: the smallest set that reaches ``top_p``, plus one
-    token when the tokens before it reach ``top_p`` exactly, where Hugging Face stops);
+    token when the tokens before it reach ``top_p`` exactly, where Hugging Face stops;
+    that total is summed in float64, TransformerLens's in float32, and ``top_p == 1``
+    keeps every token);
     ``top_k`` with ``top_p`` is refused unless ``temperature == 0``. The arithmetic is in
     the logits' dtype (float32 at least), the draw from the softmax in float32. Arguments
     are checked by `check_sampling_arguments`; NaN logits, or logits that overflow
