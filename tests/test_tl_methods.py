@@ -874,6 +874,28 @@ def test_batched_string_generation_equals_one_prompt_at_a_time():
         assert torch.equal(tokens[row, 5 - len(prompt.split()) :], alone[0])
 
 
+def test_the_penalties_of_a_left_padded_batch_do_not_count_its_padding():
+    """Documented (docs/hooks.md), untested until audit 101: a prompt of a left-padded
+    batch continues as it does alone under a repetition penalty, also when the pad token
+    is the likeliest next token (its logit made the top one here), which a penalty
+    counting the padding would divide by 3. Greedily (do_sample=False) and through the
+    sampling path at temperature 0, with and without the cache."""
+    model = routed_model("kimi")
+    prompts = ["w1 w2 w3 w4 w5", "w6"]
+    with torch.no_grad():
+        top = int(model(model.to_tokens(prompts[1]))[0, -1].argmax())
+        model.unembed.W_U[:, model.tokenizer.pad_token_id] = model.unembed.W_U[:, top] * 1.01
+    options = dict(max_new_tokens=4, stop_at_eos=False, verbose=False, repetition_penalty=3.0)
+    for greedy in (dict(do_sample=False), dict(temperature=0.0)):
+        alone = model.generate(model.to_tokens(prompts[1]), **greedy, **options)
+        assert alone[0, 1] == model.tokenizer.pad_token_id  # the pad token is chosen
+        for cached in (True, False):
+            batched = model.generate(
+                prompts, return_type="tokens", use_past_kv_cache=cached, **greedy, **options
+            )
+            assert torch.equal(batched[1, -alone.shape[1] :], alone[0]), (greedy, cached)
+
+
 def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
     """TransformerLens 4.x's generate(tokens, padding_side="left") reads the mask off the
     leading pad tokens; padding_side was ignored here, so the padding was attended and the
