@@ -896,6 +896,35 @@ def test_the_penalties_of_a_left_padded_batch_do_not_count_its_padding():
             assert torch.equal(batched[1, -alone.shape[1] :], alone[0]), (greedy, cached)
 
 
+def test_padding_without_a_pad_token_is_refused_where_it_would_be_read_as_text():
+    """Audit 101: with a tokenizer that has no pad token (nor an end token, which
+    set_tokenizer takes for it), to_tokens padded with token 0, a real token ("w0" here),
+    and generate(["w1 w2 w3", "w4"]) returned "w0 w0 w4 w30 w19 w35" for the short prompt:
+    its padding read as text. TransformerLens's tokenizer refuses to pad there; so do
+    to_tokens and generate. The mask of to_tokens_and_mask marks the padding, so it and
+    string forward passes still pad, and generate takes its tokens with that mask."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = routed_model("kimi")
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.set_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert model.tokenizer.pad_token_id is None and model.to_single_token("w0") == 0
+    prompts = ["w1 w2 w3", "w4"]
+    options = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="generate pads prompts of different lengths, and the"):
+        model.generate(prompts, **options)
+    for side in ("left", "right"):
+        with pytest.raises(ValueError, match="the tokenizer has no pad token"):
+            model.to_tokens(prompts, padding_side=side)
+    assert model.to_tokens(["w1 w2", "w3 w4"]).tolist() == [[1, 2], [3, 4]]  # no padding
+    tokens, mask = model.to_tokens_and_mask(prompts, padding_side="left")
+    alone = model.generate(model.to_tokens(prompts[1]), **options)
+    assert torch.equal(model.generate(tokens, attention_mask=mask, **options)[1, 2:], alone[0])
+    torch.testing.assert_close(model(prompts)[1, :1], model(prompts[1])[0])
+
+
 def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
     """TransformerLens 4.x's generate(tokens, padding_side="left") reads the mask off the
     leading pad tokens; padding_side was ignored here, so the padding was attended and the

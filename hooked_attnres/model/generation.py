@@ -330,6 +330,8 @@ class GenerationMixin:
 
         def _pad_token_id(self) -> Optional[int]: ...
 
+        def _refuse_padding_without_pad_token(self, mask, what: str) -> None: ...
+
         def _prepend_bos(self, prepend_bos: Optional[bool]) -> bool: ...
 
     @torch.no_grad()
@@ -511,6 +513,7 @@ class GenerationMixin:
             # not truncated (as in TransformerLens 4.x): a prompt cut to n_ctx would be
             # continued from its n_ctx-th token, not from its end
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, "left", truncate=False)
+            self._refuse_padding_without_pad_token(mask, "generate")
             input_type = "str" if isinstance(input, str) else "list"
         else:
             if input.is_floating_point():

@@ -157,13 +157,29 @@ class TokenizerMixin:
     ) -> Int[Tensor, "batch pos"]:
         """Tokenise a string or a list of strings to ``[batch, pos]``, padded on
         ``padding_side`` (``"right"`` or ``"left"``; default `default_padding_side`: the
-        tokenizer's ``padding_side``, as in TransformerLens).
+        tokenizer's ``padding_side``, as in TransformerLens) with the pad token (prompts of
+        different lengths and a tokenizer without one: ``ValueError``).
         Pass the padding's mask to the model (`to_tokens_and_mask`) or pass the strings
         themselves."""
-        tokens, _ = self.to_tokens_and_mask(
+        tokens, mask = self.to_tokens_and_mask(
             input, prepend_bos, padding_side, move_to_device, truncate
         )
+        self._refuse_padding_without_pad_token(mask, "to_tokens")
         return tokens
+
+    def _refuse_padding_without_pad_token(self, mask: Int[Tensor, "batch pos"], what: str) -> None:
+        """``ValueError`` when ``mask`` (of `to_tokens_and_mask`) has padding and the tokenizer
+        has no pad token: the padding is then token 0, a real token, which tokens handed on
+        without their mask cannot tell from the text (TransformerLens's tokenizer refuses
+        to pad without a pad token)."""
+        if self._pad_token_id() is None and not bool(mask.bool().all()):
+            raise ValueError(
+                f"{what} pads prompts of different lengths, and the tokenizer has no pad token "
+                "(nor an end token, which set_tokenizer takes for it): the padding would be "
+                "token 0, a real token, and read as text. Set model.tokenizer.pad_token, or "
+                "take the tokens with the mask that marks their padding from "
+                "model.to_tokens_and_mask"
+            )
 
     def to_tokens_and_mask(
         self,
