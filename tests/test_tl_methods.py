@@ -925,6 +925,22 @@ def test_padding_without_a_pad_token_is_refused_where_it_would_be_read_as_text()
     torch.testing.assert_close(model(prompts)[1, :1], model(prompts[1])[0])
 
 
+def test_the_strings_of_masked_token_prompts_leave_their_padding_out():
+    """Audit 101: generate(tokens, attention_mask=mask, return_type="str") decoded every
+    token, so padding of an id that is not a special token of the tokenizer (here w2, as
+    a pad id 0 is a real token of many vocabularies) was read as text: "w2 w2 w4 ..."
+    for the short prompt (TransformerBridge decodes it too). Each string is now decoded
+    from its prompt's real tokens and the continuation: the string of the prompt alone."""
+    model = routed_model("kimi")
+    options = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    tokens, mask = model.to_tokens_and_mask(["w1 w2 w3", "w4"], padding_side="left")
+    tokens = tokens.masked_fill(mask == 0, model.to_single_token("w2"))
+    texts = model.generate(tokens, attention_mask=mask, return_type="str", **options)
+    alone = model.generate(model.to_tokens("w4"), return_type="str", **options)
+    assert texts[1] == alone and texts[1].startswith("w4 ")
+    assert texts[0] == model.generate(tokens[:1], return_type="str", **options)
+
+
 def test_left_padded_tokens_with_padding_side_generate_as_with_their_mask():
     """TransformerLens 4.x's generate(tokens, padding_side="left") reads the mask off the
     leading pad tokens; padding_side was ignored here, so the padding was attended and the

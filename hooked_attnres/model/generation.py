@@ -470,7 +470,7 @@ class GenerationMixin:
             step_input, step_mask = sampled[:, None], None
             if stop_tokens and bool(finished.all()):
                 break
-        return self._generation_output(tokens, input_type, return_type)
+        return self._generation_output(tokens, mask, input_type, return_type)
 
     def _check_generate_args(
         self, max_new_tokens, return_type, padding_side, generator
@@ -598,7 +598,17 @@ class GenerationMixin:
             return stop_tokens[0]
         return int(tokenizer_eos)
 
-    def _generation_output(self, tokens, input_type: str, return_type: Optional[str]):
+    def _generation_output(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Optional[Int[Tensor, "batch pos"]],
+        input_type: str,
+        return_type: Optional[str],
+    ):
+        """What ``generate`` returns: ``tokens`` (padding included), or the strings of each
+        row's real tokens (``mask``; ``None``: every token): the padding is left out
+        whatever its id (TransformerLens decodes it, skipping it only when the pad token
+        is a special token)."""
         if return_type == "input":
             return_type = "tokens" if input_type == "tokens" else "str"
         if return_type in ("tokens", None):
@@ -607,7 +617,12 @@ class GenerationMixin:
             raise ValueError(
                 "return_type='str' needs a tokenizer; none is attached (use return_type='tokens')"
             )
-        texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
+        rows = (
+            tokens
+            if mask is None
+            else [row[real.bool()] for row, real in zip(tokens, mask, strict=True)]
+        )
+        texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
         # as TransformerLens 4.3: one string for one prompt given as a string or as token
         # ids ([pos] / [1, pos]); a list of strings keeps its list, also of one prompt
         return texts if input_type == "list" or len(texts) > 1 else texts[0]
