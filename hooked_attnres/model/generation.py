@@ -375,14 +375,15 @@ class GenerationMixin:
                 and logits to float rounding as re-running the whole sequence every step,
                 and much faster).
             prepend_bos, padding_side: for string inputs, as in ``to_tokens``; batched
-                prompts are always padded on the left (``padding_side="right"`` is refused).
+                prompts are always padded on the left (``padding_side="right"`` is refused),
+                with the pad token (none: ``ValueError``).
                 For a token input without ``attention_mask``, ``padding_side="left"`` reads
                 the mask off the tokens (as TransformerLens 4.x does): each row's leading pad
                 tokens are padding (a BOS equal to the pad token, with ``prepend_bos``, is
                 kept).
             return_type: ``"input"`` (strings for string input, tokens for tokens),
                 ``"str"`` or ``"tokens"`` (``[batch, pos + generated]``, the prompt
-                included; special tokens such as padding are skipped in strings);
+                included; strings leave out the padding and special tokens);
                 ``None`` is ``"tokens"``, as in TransformerLens 4.3 (not the default,
                 ``"input"``). With
                 ``"str"``, token ids of one prompt (``[pos]`` or ``[1, pos]``) give one
