@@ -230,13 +230,28 @@ def _write_marker(directory: Path, sequence: int) -> None:
     _fsync_dir(directory)
 
 
+def _line_endings_only(path: Path, expected: str) -> bool:
+    """Whether a JSON file differs from the saved bytes (SHA-256 ``expected``) in its line
+    endings only: git converts them in text files (``core.autocrlf``: CRLF on a Windows
+    checkout, LF on commit). JSON allows no raw line break inside a string, so every CR
+    and LF is whitespace between values and the file parses to the saved values."""
+    if path.suffix != ".json":
+        return False
+    lf = path.read_bytes().replace(b"\r\n", b"\n")
+    return any(
+        hashlib.sha256(data).hexdigest() == expected for data in (lf, lf.replace(b"\n", b"\r\n"))
+    )
+
+
 def version_problems(directory: Union[str, Path]) -> dict[str, str]:
     """How the files of a saved version differ from what its completion marker records:
     ``{relative path: sentence}`` for each file missing, of another size, or whose SHA-256
-    differs (truncated, altered or edited after the save); empty if they match. A directory
+    differs (truncated, altered or edited after the save); empty if they match (a JSON file
+    whose line endings alone differ matches: `_line_endings_only`). A directory
     without a marker (the shipped checkpoints, other tools' folders) records nothing, so
     nothing is found; a marker that is there but cannot be read is a problem. Markers
-    written before audit 98 record sizes only. Every recorded file is read once."""
+    written before audit 98 record sizes only. Every recorded file is read once (a JSON file
+    whose digest differs, twice)."""
     directory = Path(directory)
     path = directory / MARKER
     if not path.exists():
@@ -255,6 +270,8 @@ def version_problems(directory: Union[str, Path]) -> dict[str, str]:
         expected = digests.get(name)
         found = file_sha256(directory / name) if expected is not None else None
         if found_size == size and found == expected:
+            continue
+        if expected is not None and _line_endings_only(directory / name, expected):
             continue
         what = []
         if found_size != size:

@@ -283,15 +283,27 @@ def _unfinished_run_note(model_dir: Path) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from hooked_attnres import HookedAttnRes
     from hooked_attnres._atomic import reading
-    from hooked_attnres.loading.io import read_config_json
+    from hooked_attnres.loading.io import read_config_json, verify_saved_files
 
     path = Path(args.checkpoint)
-    with reading(path):  # recovers an interrupted save first (the folder may be moved aside)
+    # checked and loaded under one read lock (the loaders take it again), which recovers an
+    # interrupted save first (the folder may be moved aside)
+    with reading(path):
+        if not args.no_verify:  # the loaders' remedy (verify=False) is a Python argument
+            verify_saved_files(
+                path,
+                remedy="restore it from a backup, or save the model again; if you edited "
+                "these files on purpose, pass --no-verify to describe them as they are now",
+            )
         vanilla = path.is_dir() and read_config_json(path).get("model_type") == "qwen3"
-    if vanilla:
         # a vanilla run's model (train --condition vanilla): from_pretrained refuses it with
         # a Python remedy (from_hf_qwen3), which the command line has no option for
-        model = HookedAttnRes.from_hf_qwen3(path, wrap="none")
+        model = (
+            HookedAttnRes.from_hf_qwen3(path, wrap="none", verify=False)
+            if vanilla
+            else HookedAttnRes.from_pretrained(path, verify=False)
+        )
+    if vanilla:
         cfg = model.cfg
         print(
             f"{args.checkpoint}: vanilla Qwen3 (no routers), {cfg.n_layers} layers, "
@@ -301,7 +313,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             "(docs/loading.md)" + _unfinished_run_note(path)
         )
         return 0
-    model = HookedAttnRes.from_pretrained(args.checkpoint)
     cfg = model.cfg
     # the blocks the model has (attnres_num_blocks is unused without routers or with a
     # block per sublayer, and may exceed the count: 5 layers, 4 asked, 3 blocks)
@@ -521,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="describe a Block AttnRes checkpoint folder (or a vanilla Qwen3 run's model)",
     )
     info.add_argument("checkpoint", help="a checkpoint folder")
+    info.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="describe files changed after their save as they are now (default: refused; "
+        "docs/loading.md)",
+    )
     info.set_defaults(func=cmd_info)
 
     listing = sub.add_parser(

@@ -224,3 +224,75 @@ def test_a_resume_from_a_changed_checkpoint_is_refused_and_keeps_it(tmp_path, na
     assert f"SHA-256 {after} (saved: {before})" in str(info.value)
     assert f"{name} has" in str(info.value) and "resume=False" in str(info.value)
     assert sha256(path) == after and not (out / "model").exists()
+
+
+# --- legitimate copies and the remedies of the study and the command line (audit 103) -----
+
+
+def test_json_files_whose_line_endings_git_converted_load_as_saved(tmp_path):
+    """A checkpoint committed to git and checked out with ``core.autocrlf`` (Git for
+    Windows' default) has CRLF line endings in its JSON files, and one saved on Windows
+    (CRLF) and checked out elsewhere LF ones: the same JSON values, so the same model. Both
+    were refused as changed after the save (``config.json has 1258 bytes (saved: 1210)``).
+    A change beyond the line endings is still refused."""
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    names = [n for n in json.loads((directory / MARKER).read_text())["files"] if ".json" in n]
+    assert names
+    for name in names:  # the autocrlf checkout
+        path = directory / name
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    loaded = HookedAttnRes.from_pretrained(directory)
+    assert loaded.cfg == model.cfg
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    # saved with CRLF (the marker records the CRLF bytes), checked out with LF
+    marker = json.loads((directory / MARKER).read_text())
+    for name in names:
+        path = directory / name
+        marker["files"][name] = path.stat().st_size
+        marker["sha256"][name] = sha256(path)
+        path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
+    (directory / MARKER).write_text(json.dumps(marker))
+    assert HookedAttnRes.from_pretrained(directory).cfg == model.cfg
+    edit_config(directory / "config.json", "eps")
+    with pytest.raises(CheckpointIntegrityError, match="config.json has"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_the_study_names_its_own_remedy_for_a_changed_run(tmp_path):
+    """``load_condition`` (and so the study and ``hooked-attnres study``) has no
+    ``verify``: the refusal said ``pass verify=False``, which neither takes. It says to
+    restore the run or train it again."""
+    from helpers import tiny_study_runs
+
+    from hooked_attnres.study import load_condition
+
+    tiny_study_runs(tmp_path / "runs", "hard_cumulative_L8", (0,))
+    path = tmp_path / "runs" / "hard_cumulative_L8_seed0" / "model"
+    flip_tensor_bytes(path / "model.safetensors")
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors has SHA-256") as info:
+        load_condition("hard_cumulative_L8", 0, tmp_path / "runs")
+    message = str(info.value)
+    assert "verify=False" not in message, message
+    assert "restore it from a backup, or train the run again" in message, message
+    assert (
+        f"hooked-attnres train --condition hard_cumulative_L8 --seeds 0 --out "
+        f"{tmp_path / 'runs'} --no-resume" in message
+    ), message
+
+
+def test_info_names_the_command_lines_remedy_for_a_changed_checkpoint(tmp_path, capsys):
+    """``hooked-attnres info`` said ``pass verify=False``, a Python argument the command
+    line has no option for; it names ``--no-verify``, which describes the files as they
+    are now."""
+    from hooked_attnres import cli
+
+    directory = tmp_path / "ckpt"
+    model = saved_model(directory)
+    edit_config(directory / "config.json", "eps")
+    assert cli.main(["info", str(directory), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "was changed after it was saved: config.json has" in err, err
+    assert "verify=False" not in err and "pass --no-verify" in err, err
+    assert cli.main(["info", str(directory), "--threads", "1", "--no-verify"]) == 0
+    assert f"layout {model.cfg.attnres_layout}" in capsys.readouterr().out

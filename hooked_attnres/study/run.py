@@ -46,6 +46,7 @@ from hooked_attnres._atomic import (
     atomic_directory,
     check_replaceable,
     exclusive_job,
+    reading,
     write_bytes_atomic,
 )
 from hooked_attnres._environment import numerics_environment
@@ -74,6 +75,7 @@ from hooked_attnres.analysis import (
 )
 from hooked_attnres.analysis.bootstrap import check_bootstrap
 from hooked_attnres.interventions.selection import depth_bands
+from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.study.checkpoints import (
     SEED_DIGITS,
@@ -129,14 +131,22 @@ def load_condition(
         )
     path = checkpoint_dir(condition, seed, checkpoints)
     _check_trained_task(recipe, seed, checkpoints)
-    if recipe.kind == "attnres":
-        model = HookedAttnRes.from_pretrained(path)
-    else:
-        blocks = recipe.num_blocks if num_blocks is None else num_blocks
-        bias = RECENCY_BIAS if recency_bias is None else recency_bias
-        model = HookedAttnRes.from_hf_qwen3(
-            path, wrap="recency", num_blocks=blocks, recency_bias=bias
+    with reading(path):  # checked and loaded under one read lock (the loaders' take it again)
+        # the loaders' remedy (verify=False) is no argument of the study's: its own
+        verify_saved_files(
+            path,
+            remedy="restore it from a backup, or train the run again with the settings it "
+            f"was trained with (on the command line: hooked-attnres train --condition "
+            f"{condition} --seeds {seed} --out {path.parent.parent} --no-resume)",
         )
+        if recipe.kind == "attnres":
+            model = HookedAttnRes.from_pretrained(path, verify=False)
+        else:
+            blocks = recipe.num_blocks if num_blocks is None else num_blocks
+            bias = RECENCY_BIAS if recency_bias is None else recency_bias
+            model = HookedAttnRes.from_hf_qwen3(
+                path, wrap="recency", num_blocks=blocks, recency_bias=bias, verify=False
+            )
     setattr(model, _CONDITION_ATTRIBUTE, condition)  # kept by deepcopy, read by probe_prompts
     setattr(model, _SEED_ATTRIBUTE, seed)  # its refusals name the model (`_model_name`)
     return model.eval()
