@@ -275,8 +275,8 @@ def version_problems(directory: Union[str, Path]) -> dict[str, str]:
             continue
         what = []
         if found_size != size:
-            cut = " (truncated)" if found_size < size else ""
-            what.append(f"{found_size} bytes{cut} (saved: {size})")
+            shorter = " (shorter: truncated or rewritten)" if found_size < size else ""
+            what.append(f"{found_size} bytes{shorter} (saved: {size})")
         if found != expected:
             what.append(f"SHA-256 {found} (saved: {expected})")
         problems[name] = f"{name} has {' and '.join(what)}"

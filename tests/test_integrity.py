@@ -86,7 +86,9 @@ def test_a_checkpoint_changed_after_its_save_is_refused_naming_the_file(tmp_path
     assert_names_the_change(info, name, before, sha256(path))
     if damage == "truncated":
         size = path.stat().st_size
-        assert f"{size} bytes (truncated) (saved: {size + 100})" in str(info.value)
+        assert f"{size} bytes (shorter: truncated or rewritten) (saved: {size + 100})" in str(
+            info.value
+        )
 
 
 def test_flipped_weights_load_with_verify_false_as_the_file_now_holds_them(tmp_path):
@@ -296,3 +298,23 @@ def test_info_names_the_command_lines_remedy_for_a_changed_checkpoint(tmp_path, 
     assert "verify=False" not in err and "pass --no-verify" in err, err
     assert cli.main(["info", str(directory), "--threads", "1", "--no-verify"]) == 0
     assert f"layout {model.cfg.attnres_layout}" in capsys.readouterr().out
+
+
+def test_a_shorter_edited_config_is_not_called_truncated(tmp_path):
+    """A config rewritten shorter (here without indentation) was described as
+    ``config.json has 1131 bytes (truncated)``: the size tells only that it is shorter."""
+    directory = tmp_path / "ckpt"
+    saved_model(directory)
+    path = directory / "config.json"
+    size = path.stat().st_size
+    values = json.loads(path.read_text())
+    values["eps"] *= 10
+    path.write_text(json.dumps(values))
+    found = path.stat().st_size
+    assert found < size
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_pretrained(directory)
+    message = str(info.value)
+    assert f"config.json has {found} bytes (shorter: truncated or rewritten) (saved: {size})" in (
+        message
+    ), message
