@@ -16,12 +16,13 @@ prompts measured in the same run.
 
 A directory whose ``config.json`` is a vanilla Qwen3 (``model_type == "qwen3"``) is loaded
 with ``from_hf_qwen3(wrap=--wrap, num_blocks=--num-blocks, recency_bias=--recency-bias)``
-(the study's vanilla condition: default the recency wrap with 4 blocks; ``--recency-bias``
-only with the recency wrap, default 3.0); others with ``from_pretrained`` (``--wrap``,
-``--num-blocks`` and ``--recency-bias`` refused when every model given is one: they would
-be ignored). The probe prompts come from the task recorded in the run's
-``metrics.json`` (``eval_tasks``), else ``--task``, else the study's retrieval task:
-held-out split, data seed 1, like the study.
+(the study's vanilla condition: default the recency wrap with the blocks of the condition
+its folder names, ``{condition}_seed{n}/model``, ``n_layers // 2``, else 4;
+``--recency-bias`` only with the recency wrap, default 3.0); others with
+``from_pretrained`` (``--wrap``, ``--num-blocks`` and ``--recency-bias`` refused when every
+model given is one: they would be ignored). The probe prompts come from the task recorded
+in the run's ``metrics.json`` (``eval_tasks``), else ``--task``, else the study's retrieval
+task: held-out split, data seed 1, like the study.
 
 Writes ``benchmarks/results/attribution_validation.json`` (``--out NAME`` for another name
 there, ``--out path.json`` for a file elsewhere) and prints a markdown table for
@@ -51,13 +52,21 @@ from hooked_attnres.analysis import (
 )
 from hooked_attnres.analysis.dissociation import _spearman
 from hooked_attnres.patching import get_act_patch_routing_weights
-from hooked_attnres.study import PROBE_SEED, SHIPPED, study_task
+from hooked_attnres.study import (
+    PROBE_SEED,
+    SHIPPED,
+    available,
+    get_condition,
+    run_dir,
+    study_task,
+)
 from hooked_attnres.tasks import TASKS, Task
 
 TOP = 10
 MASKED_MASS = 0.9  # verify_top(..., min_masked_mass=) also verifies all-or-nothing cells
 # how a vanilla Qwen3 is wrapped when --wrap / --num-blocks are left out (the study's
-# vanilla condition); the flags default to None, so that one given can be told apart
+# vanilla condition: its recipe's blocks, `vanilla_blocks`; 4 for a directory of no
+# condition); the flags default to None, so that one given can be told apart
 VANILLA_WRAP = "recency"
 VANILLA_BLOCKS = 4
 # the flags that apply to a vanilla Qwen3 only (from_hf_qwen3's arguments), by attribute
@@ -98,12 +107,25 @@ def is_vanilla(model_dir: Path) -> bool:
     return json.loads((model_dir / "config.json").read_text()).get("model_type") == "qwen3"
 
 
+def vanilla_blocks(model_dir: Path) -> int:
+    """The blocks the study's recency wrap reads the vanilla run ``model_dir`` with
+    (`load_condition`: its condition's recipe, ``n_layers // 2``, 8 for an
+    ``*_vanilla_L16``), the condition named by its folder as the study finds runs
+    (``{condition}_seed{n}/model``, `available`); `VANILLA_BLOCKS` for a directory of
+    no condition (4 was taken for every run, audit 102)."""
+    run = model_dir.parent
+    for condition, seeds in available(run.parent).items():
+        if any(run_dir(run.parent, condition, seed) == run for seed in seeds):
+            return get_condition(condition).num_blocks
+    return VANILLA_BLOCKS
+
+
 def load(model_dir: Path, args) -> tuple[HookedAttnRes, str]:
     if is_vanilla(model_dir):
         # --recency-bias left out: None, the recency wrap's default; given with the exact
         # wrap, which has no bias, from_hf_qwen3 refuses it (it was dropped silently)
         wrap = VANILLA_WRAP if args.wrap is None else args.wrap
-        blocks = VANILLA_BLOCKS if args.num_blocks is None else args.num_blocks
+        blocks = vanilla_blocks(model_dir) if args.num_blocks is None else args.num_blocks
         model = HookedAttnRes.from_hf_qwen3(
             model_dir, wrap=wrap, num_blocks=blocks, recency_bias=args.recency_bias
         )
@@ -299,7 +321,10 @@ def main() -> None:
         "--num-blocks",
         type=int,
         default=None,
-        help=f"a vanilla Qwen3's AttnRes blocks (default {VANILLA_BLOCKS})",
+        help=(
+            "a vanilla Qwen3's AttnRes blocks (default: those the study reads its "
+            f"{{condition}}_seed{{n}} run with, n_layers // 2; else {VANILLA_BLOCKS})"
+        ),
     )
     parser.add_argument(
         "--recency-bias",

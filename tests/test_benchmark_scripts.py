@@ -356,3 +356,38 @@ def test_bench_loading_refuses_counts_below_one(
         module.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()  # refused before the checkpoint is written
+
+
+@pytest.mark.parametrize("condition", ["hard_vanilla_L16", "hard_vanilla_L8", "vanilla", None])
+def test_validate_attribution_reads_a_vanilla_run_with_the_studys_blocks(
+    bench, condition, tmp_path
+):
+    """Audit 102: a vanilla Qwen3 run was read through the recency wrap with 4 blocks
+    whatever its condition, said to be "the study's vanilla condition"; the study reads an
+    ``*_vanilla_L16`` run with its recipe's ``n_layers // 2`` = 8 blocks (`load_condition`),
+    so the script validated another routing than the study's (16 layers: 4 blocks of 4
+    layers, where the study has 8 of 2; here 6 layers, 3 blocks of 2 against 6 of 1). The
+    condition its folder names decides now, as in the study; a directory of no condition
+    keeps 4 blocks; a flag given still decides."""
+    from helpers import hf_qwen3
+
+    from hooked_attnres import HookedAttnRes
+    from hooked_attnres.study import get_condition, load_condition
+
+    runs = tmp_path / "runs"
+    model_dir = runs / (f"{condition}_seed0" if condition else "mine") / "model"
+    hf_qwen3(num_hidden_layers=6).save_pretrained(model_dir)
+    module = bench("validate_attribution", "--model", str(model_dir))
+    args = SimpleNamespace(wrap=None, num_blocks=None, recency_bias=None)
+    model, how = module.load(model_dir, args)
+    if condition is None:
+        blocks = 4
+        study = HookedAttnRes.from_hf_qwen3(model_dir, wrap="recency", num_blocks=4)
+    else:
+        blocks = get_condition(condition).n_layers // 2
+        study = load_condition(condition, 0, checkpoints=runs)
+    assert model.routing_layout == study.routing_layout
+    assert model.cfg.attnres_num_blocks == study.cfg.attnres_num_blocks == min(blocks, 6)
+    assert f"num_blocks={blocks})" in how
+    given = SimpleNamespace(wrap=None, num_blocks=3, recency_bias=None)
+    assert module.load(model_dir, given)[0].cfg.attnres_num_blocks == 3
