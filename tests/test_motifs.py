@@ -1846,3 +1846,36 @@ def test_d1_ranks_only_the_families_a_router_type_reads():
     # effects that masked routers for a family the summary says is unread: other models
     with pytest.raises(ValueError, match=r"says no router reads.*different models"):
         motif_report(summary, effects.assign(n_masked_routers=1))
+
+
+def test_a_summary_without_family_read_takes_a_family_its_ablation_masked_as_read():
+    """Audit 105: audit 100 read a summary without ``family_read`` (a ``mass_summary.csv``
+    written before audit 53) as every family read only when each has mass, and refused it
+    otherwise. A family read with weights that underflow to 0 has mass 0, but its ablation
+    masked routers (an ablation masks only sources a router reads): the effects tell it is
+    read, and the verdicts are those of the summary with ``family_read`` (before audit 100
+    too). A family of mass 0 whose ablation masked nothing is still refused; a NaN mass is
+    refused as non-finite, not as a summary without ``family_read``."""
+    summary, effects = tables(
+        effects={("attn_res", "all", "older"): harmful(-1.0)},
+        mass={("attn_res", "older"): 0.0, ("attn_res", "embedding"): 0.5},
+    )
+    assert summary.family_read.all() and (effects.n_masked_routers > 0).all()
+    bare = summary.drop(columns="family_read")
+    got = motif_report(bare, effects)
+    pd.testing.assert_frame_equal(got, motif_report(summary, effects))
+    d1 = got.set_index("claim").loc["D1-attn_res"]
+    assert d1.top_effect == "older" and d1.top_mass == "embedding"
+    # mass 0 and an ablation that masked nothing: read with no weight, or not read at all
+    nothing = effects.assign(
+        n_masked_routers=effects.n_masked_routers.where(
+            ~((effects.router == "attn_res") & (effects.family == "older")), 0
+        )
+    )
+    with pytest.raises(ValueError, match=r"lacks the column 'family_read'.*motif_report"):
+        motif_report(bare, nothing)
+    # a NaN mass (its ablation masking nothing, or not) is no mass 0: named as non-finite
+    bare.loc[(bare.router == "attn_res") & (bare.family == "older"), "mass"] = float("nan")
+    for other in (nothing, effects):
+        with pytest.raises(ValueError, match=r"non-finite mass at router='attn_res', family='old"):
+            motif_report(bare, other)

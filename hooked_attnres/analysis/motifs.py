@@ -186,20 +186,26 @@ def _families_read(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.Seri
     that D1 and D3 rank only families the router type has (an unread family's harm 0, its
     ablation masking nothing, topped the ranking where every read family's ablation
     helps). A summary without the column (a ``mass_summary.csv`` written before audit 53)
-    is read as every family read when each has mass (a mass > 0 has a source), and
-    refused otherwise; effects that masked routers for an unread family are refused
-    (tables of different models)."""
+    is read as every family read when each has mass or an ablation that masked a router
+    for it (a mass > 0 has a source, and an ablation masks only sources a router reads; a
+    read family's mass underflows to 0 where its weight does), and refused otherwise;
+    effects that masked routers for an unread family are refused (tables of different
+    models)."""
     table = mass_summary
     if "band" in table.columns:
         table = table[table.band == "all"]
     table = table[table.router.isin(SUBLAYER_ROUTERS)]
-    if "family_read" not in table.columns and bool((table.mass > 0).all()):
-        read = pd.Series(True, index=pd.MultiIndex.from_frame(table[["router", "family"]]))
-    else:
-        require_family_read_column(table, "motif_report (D1 and D3 rank the families read)")
-        read = table.set_index(["router", "family"]).family_read.astype(bool)
+    chosen = effects[(effects.metric == "logit_diff") & (effects.group == "all")]
+    if "family_read" not in table.columns:
+        read = table.set_index(["router", "family"]).mass > 0
+        if "n_masked_routers" in chosen.columns:
+            masked = chosen.set_index(["router", "family"]).n_masked_routers > 0
+            read |= masked.reindex(read.index, fill_value=False)
+        if bool(read.all()):
+            return read
+    require_family_read_column(table, "motif_report (D1 and D3 rank the families read)")
+    read = table.set_index(["router", "family"]).family_read.astype(bool)
     if "n_masked_routers" in effects.columns:
-        chosen = effects[(effects.metric == "logit_diff") & (effects.group == "all")]
         for router in SUBLAYER_ROUTERS:
             masked = chosen[chosen.router == router].set_index("family").n_masked_routers
             require_read_agrees(read.loc[router], masked, f"router {router!r}")
@@ -292,8 +298,10 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     # criterion 2's "or at most -0.02 accuracy": without these rows it could never hold
     accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
-    read = _families_read(mass_summary, effects)
     _require_finite(logit, accuracy, mass)
+    # after the finiteness check: a NaN mass is no "mass 0" (it was refused as a summary
+    # without family_read)
+    read = _families_read(mass_summary, effects)
     cleans = sorted(set(logit.clean.astype(float)))
     if len(cleans) > 1:
         raise ValueError(
@@ -531,7 +539,8 @@ def motif_report(
             used). Every family needs a row at both sublayer router types; a summary
             without band ``"all"`` rows or with a row missing is refused. D1 and D3 rank
             the families its ``family_read`` says a router type reads (a summary without
-            the column: every family, if each has mass; else refused).
+            the column: every family, if each has mass or an ablation that masked a
+            router for it; else refused).
         effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
             default depth bands) and ``all``, and the metrics ``logit_diff`` and
             ``accuracy`` (criterion 2's 2 points; a table without it is refused), one clean
