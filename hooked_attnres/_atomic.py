@@ -231,13 +231,18 @@ def _write_marker(directory: Path, sequence: int) -> None:
 
 
 def _line_endings_only(path: Path, expected: str) -> bool:
-    """Whether a JSON file differs from the saved bytes (SHA-256 ``expected``) in its line
-    endings only: git converts them in text files (``core.autocrlf``: CRLF on a Windows
-    checkout, LF on commit). JSON allows no raw line break inside a string, so every CR
-    and LF is whitespace between values and the file parses to the saved values."""
-    if path.suffix != ".json":
+    """Whether a JSON file or a chat template (``.jinja``) differs from the saved bytes
+    (SHA-256 ``expected``) in its line endings only: git converts them in text files
+    (``core.autocrlf``: CRLF on a Windows checkout, LF on commit). JSON allows no raw line
+    break inside a string, so every CR and LF is whitespace between values and the file
+    parses to the saved values; ``transformers`` reads a chat template in text mode
+    (universal newlines: CRLF read as LF), so the template is the saved one unless it holds
+    a CR of its own (read as a line break: refused)."""
+    if path.suffix not in (".json", ".jinja"):
         return False
     lf = path.read_bytes().replace(b"\r\n", b"\n")
+    if path.suffix == ".jinja" and b"\r" in lf:
+        return False
     return any(
         hashlib.sha256(data).hexdigest() == expected for data in (lf, lf.replace(b"\n", b"\r\n"))
     )

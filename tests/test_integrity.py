@@ -318,3 +318,46 @@ def test_a_shorter_edited_config_is_not_called_truncated(tmp_path):
     assert f"config.json has {found} bytes (shorter: truncated or rewritten) (saved: {size})" in (
         message
     ), message
+
+
+def test_a_chat_template_whose_line_endings_git_converted_loads_as_saved(tmp_path):
+    """Audit 105: audit 103 let JSON files whose line endings alone differ pass, but a
+    checkpoint whose tokenizer has a chat template (every Qwen3 tokenizer:
+    ``transformers`` saves it as ``chat_template.jinja``, a text file git converts too)
+    was still refused after a ``core.autocrlf`` checkout (``chat_template.jinja has 57
+    bytes (saved: 55)``). ``transformers`` reads the template in text mode (CRLF read as
+    LF), so it is the saved template: it loads, and the template read equals the saved
+    one. A template changed beyond its line endings, or holding a CR of its own (read as
+    a line break), is still refused."""
+    from helpers import build_word_tokenizer
+
+    directory = tmp_path / "ckpt"
+    model = randomize_routing(tiny_model(), seed=0)
+    tokenizer = build_word_tokenizer(["a", "b", "c"])
+    tokenizer.chat_template = "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %}"
+    model.set_tokenizer(tokenizer)
+    model.save_pretrained(directory)
+    template = directory / "chat_template.jinja"
+    saved = template.read_bytes()
+    assert b"\n" in saved
+    for path in directory.iterdir():  # the autocrlf checkout: every text file (no NUL)
+        data = path.read_bytes()
+        if path.name != MARKER and b"\0" not in data[:8000]:
+            path.write_bytes(data.replace(b"\n", b"\r\n"))
+    loaded = HookedAttnRes.from_pretrained(directory)
+    assert loaded.tokenizer.chat_template == tokenizer.chat_template
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    template.write_bytes(saved.replace(b"content", b"role").replace(b"\n", b"\r\n"))
+    with pytest.raises(CheckpointIntegrityError, match="chat_template.jinja has"):
+        HookedAttnRes.from_pretrained(directory)
+    # a template saved with CRLF (read as LF), given a CR of its own before each: its
+    # CRLF made LF are the saved bytes, but it reads with a blank line after each line
+    tokenizer.chat_template = "{% for m in messages %}\r\n{{ m['content'] }}\r\n{% endfor %}"
+    model.save_pretrained(directory)
+    assert b"\r\n" in template.read_bytes()
+    expected = HookedAttnRes.from_pretrained(directory).tokenizer.chat_template
+    template.write_bytes(template.read_bytes().replace(b"\r\n", b"\r\r\n"))
+    read = HookedAttnRes.from_pretrained(directory, verify=False).tokenizer.chat_template
+    assert read != expected  # another template
+    with pytest.raises(CheckpointIntegrityError, match="chat_template.jinja has"):
+        HookedAttnRes.from_pretrained(directory)
