@@ -304,6 +304,33 @@ def test_summarize_mass_by_condition_takes_conditions_of_different_prompt_counts
             assert row.mass == pytest.approx(mean, abs=1e-12)
 
 
+def test_summarize_mass_by_condition_keeps_the_row_order_of_one_summary():
+    """Audit 104: with ``condition`` not first in ``by`` (``("router", "condition",
+    "family")``), the conditions summarised one at a time came out as one block per
+    condition (every router of ``a``, then of ``b``), where one summary of the table, as
+    before, orders the rows by ``by`` (each router's ``a`` and ``b`` rows together). With
+    conditions of equal prompt counts the table is what it was: rows in ``by`` order, and
+    each row the summary of its condition alone."""
+    first = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    second = randomize_routing(tiny_model(attnres_layout="kimi"), seed=2).eval()
+    tokens = torch.randint(3, first.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(3))
+    parts = {
+        "a": routing_mass(first, tokens[:4], positions="all").assign(condition="a"),
+        "b": routing_mass(second, tokens[4:], positions="all").assign(condition="b"),
+    }
+    for by in (("router", "condition", "family"), ("family", "condition")):
+        got = summarize_mass(pd.concat(parts.values()), by=by, n_bootstrap=50)
+        # one summary's order: by each column's values in the table's order
+        table = pd.concat(parts.values())
+        rank = [{v: i for i, v in enumerate(table[c].unique())} for c in by]
+        keys = [tuple(r[v] for r, v in zip(rank, row, strict=True)) for row in got[list(by)].values]
+        assert keys == sorted(keys), by
+        for condition, part in parts.items():
+            alone = summarize_mass(part, by=by, n_bootstrap=50)
+            mine = got[got.condition == condition].reset_index(drop=True)
+            pd.testing.assert_frame_equal(mine, alone)
+
+
 def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
     """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
     prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has

@@ -462,6 +462,16 @@ def _require_one_prompt_set(mass: pd.DataFrame, by: list[str]) -> None:
     )
 
 
+def _per_prompt(mass: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """The mean mass of each group (``by``) and prompt, ``[group, prompt]``: groups in the
+    order of `summarize_mass`'s rows, prompts in id order (the bootstrap draws prompts by
+    position: with ``sort=False`` the columns followed the table's row order, so a
+    reordered table got other intervals); NaN where a group has no rows for a prompt."""
+    return (
+        mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt").sort_index(axis=1)
+    )
+
+
 def summarize_mass(
     mass: pd.DataFrame,
     by: Sequence[str] = ("router", "family"),
@@ -499,7 +509,8 @@ def summarize_mass(
             of another; `_require_one_prompt_set`). Conditions whose prompt ids are apart
             are summarised as their prompts together. With ``condition`` in ``by``, each
             condition is summarised as its own prompt set (its rows equal its summary
-            alone), so conditions of different prompt counts can be summarised together.
+            alone, in the rows' order by ``by``), so conditions of different prompt
+            counts can be summarised together.
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     by = require_selection(
@@ -565,19 +576,19 @@ def summarize_mass(
         # each condition is its own prompt set (its own task): its prompts are resampled
         # on their own, so conditions of different prompt counts summarise together and
         # each condition's rows equal its summary alone (the same draws as one table of
-        # equal counts, whose bootstrap draws the prompt columns shared by every group)
-        return pd.concat(
+        # equal counts, whose bootstrap draws the prompt columns shared by every group);
+        # rows in the order of one summary of the table (by `by`, not condition first)
+        out = pd.concat(
             [
                 summarize_mass(part, by, n_bootstrap, confidence, seed)
                 for _, part in mass.groupby("condition", sort=False, dropna=False)
             ],
             ignore_index=True,
         )
-    # prompts in id order (the bootstrap draws prompts by position): with sort=False the
-    # columns followed the table's row order, so a reordered table got other intervals
-    per_prompt = (
-        mass.groupby([*by, "prompt"], sort=False).mass.mean().unstack("prompt").sort_index(axis=1)
-    )
+        order = pd.MultiIndex.from_frame(_per_prompt(mass, by).index.to_frame(index=False))
+        rows = order.get_indexer(pd.MultiIndex.from_frame(out[list(by)]))
+        return out.iloc[np.argsort(rows, kind="stable")].reset_index(drop=True)
+    per_prompt = _per_prompt(mass, by)
     absent = per_prompt.isna()  # the mass is finite: NaN is a (group, prompt) without rows
     if absent.any(axis=None):
         group = absent.any(axis=1).idxmax()
