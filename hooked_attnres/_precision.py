@@ -6,6 +6,9 @@ float16 value is a float32 value). Where arithmetic on a half-precision model's 
 would round each result to 8 (11) bits -- a logit difference, a patching metric, a
 log-softmax, the sampling filters -- the operands are `widened` first.
 
+`float64_device` is where a float64 computation on a device's tensors runs: the device
+itself, or the host for one without float64 (Apple's MPS).
+
 `sum_where` sums the entries a mask keeps by selecting them, never by multiplying by a 0 /
 1 mask: an entry left out may be NaN (a hook's edit at a padding position; with eps = 0
 its routing was 0 / 0 before `padding_eps`), and NaN * 0 is NaN."""
@@ -33,3 +36,10 @@ def sum_where(values: Tensor, keep: Tensor, dim: int, keepdim: bool = False) -> 
     included); ``values``' shape without ``dim`` (kept with ``keepdim``)."""
     kept = torch.where(keep, values, values.new_zeros(()))
     return kept.sum(dim=dim, keepdim=keepdim)
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 arithmetic on ``device``'s tensors is done: ``device`` itself, or the
+    host (CPU) for Apple's MPS, which has no float64 ("Cannot convert a MPS Tensor to
+    float64 dtype"); the caller moves the result back to ``device``."""
+    return torch.device("cpu") if device.type == "mps" else device

@@ -16,6 +16,7 @@ import torch
 from helpers import LAYOUTS, randomize_routing, tiny_model
 
 from hooked_attnres.interventions import patch_committed, patch_sources, set_weights
+from hooked_attnres.model.generation import sample_logits, sampling_probabilities
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hooked_attnres"
 SCANNED = [
@@ -159,3 +160,62 @@ def test_routing_stays_float32_in_a_bfloat16_model_on_meta():
     with torch.no_grad(), model.hooks(fwd_hooks=watch):
         model(meta_state(model), start_at_layer=0)
     assert dtypes and set(dtypes.values()) == {torch.float32}
+
+
+class FakeMPS(torch.overrides.TorchFunctionMode):
+    """Apple's MPS device, which has no float64, faked on the host: a tensor moved
+    ``.to("mps")`` (and whatever is computed from one) reports ``device`` mps, and an op
+    on it that gives float64 raises MPS's ``TypeError``; ``.to("cpu")`` leaves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[int] = set()
+        self.kept: list[torch.Tensor] = []  # alive, so that their ids are not reused
+
+    def _mark(self, tensor):
+        if tensor.dtype == torch.float64:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype (faked)")
+        self.ids.add(id(tensor))
+        self.kept.append(tensor)
+        return tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__ and id(args[0]) in self.ids:
+            return torch.device("mps")
+        if func is torch.Tensor.to:
+            devices = [
+                a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))
+            ]
+            if devices:
+                rest = [a for a in args[1:] if not isinstance(a, (str, torch.device))]
+                kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+                moved = args[0].to(*rest, **kwargs).view_as(args[0])
+                return self._mark(moved) if torch.device(devices[0]).type == "mps" else moved
+        out = func(*args, **kwargs)
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if any(id(a) in self.ids for a in inputs):
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self._mark(tensor)
+        return out
+
+
+def test_top_p_sampling_runs_on_a_device_without_float64():
+    """Audit 104: top_p sums the mass before each token in float64 (audit 101), and MPS
+    has no float64: sampling with top_p raised "Cannot convert a MPS Tensor to float64"
+    there (faked here). That sum is done on the host for such a device, and the filtered
+    distribution, on the logits' device, equals the one computed on the CPU."""
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(0)) * 4
+    on_cpu = sampling_probabilities(logits, top_p=0.9)
+    with FakeMPS():
+        on_mps = logits.to("mps")
+        assert on_mps.device.type == "mps"
+        with pytest.raises(TypeError, match="float64"):  # the fake refuses float64
+            on_mps.double()
+        probs = sampling_probabilities(on_mps, top_p=0.9)
+        assert probs.device.type == "mps"
+        drawn = sample_logits(on_mps, top_p=0.9, generator=torch.Generator().manual_seed(1))
+        assert drawn.device.type == "mps"
+    assert torch.equal(probs, on_cpu)
+    assert (on_cpu.gather(-1, drawn[:, None]) > 0).all()

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_attnres._precision import widened
+from hooked_attnres._precision import float64_device, widened
 from hooked_attnres._validation import (
     is_finite_number,
     is_integer,
@@ -161,11 +161,14 @@ def _filtered_logits(
         ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: low id first
         # the mass before each token summed in float64: in float32 (TransformerLens) the sum
         # over a large vocabulary drifts by up to 2e-5, so top_p = 1 dropped most tokens of
-        # a Qwen3-sized vocabulary and top_p < 1 cut at the wrong token
-        before = ordered.double().softmax(dim=-1).cumsum(dim=-1)
+        # a Qwen3-sized vocabulary and top_p < 1 cut at the wrong token; on the host for a
+        # device without float64 (MPS)
+        before = ordered.to(float64_device(ordered.device), torch.float64)
+        before = before.softmax(dim=-1).cumsum(dim=-1)
         # drop a token once the tokens before it already exceed top_p (the first is kept)
         drop = torch.zeros_like(before, dtype=torch.bool)
         drop[..., 1:] = before[..., :-1] > top_p
+        drop = drop.to(logits.device)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
