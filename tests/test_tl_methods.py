@@ -1466,6 +1466,34 @@ def test_top_k_with_top_p_is_refused_only_where_they_filter():
         model.generate(prompt, **both, **dict(greedy, do_sample=True))
 
 
+def test_top_k_with_top_p_one_samples_as_top_k_alone():
+    """Audit 104: since top_p=1 keeps every token (audit 101), top_k with top_p=1.0 is
+    top_k alone, in TransformerLens (which ignores top_p beside top_k) and in Hugging Face
+    (whose generate adds no top_p filter at top_p=1.0; its warpers applied one after the
+    other give top_k's distribution): accepted (it was refused as an ambiguous pair), the
+    same distribution and, under one seed, TransformerLens's draws."""
+    import transformers.generation.logits_process as hf
+
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(0)) * 2
+    probs = sampling_probabilities(logits, top_k=5, top_p=1.0)
+    assert torch.equal(probs, sampling_probabilities(logits, top_k=5))
+    ids = torch.zeros(64, 1, dtype=torch.long)
+    theirs = hf.TopPLogitsWarper(1.0)(ids, hf.TopKLogitsWarper(5)(ids, logits)).softmax(-1)
+    torch.testing.assert_close(probs, theirs)
+    torch.manual_seed(3)
+    expected = tl_sample_logits(logits, top_k=5, top_p=1.0)
+    torch.manual_seed(3)
+    assert torch.equal(sample_logits(logits, top_k=5, top_p=1.0), expected)
+    model = routed_model("kimi")
+    prompt = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    options = dict(stop_at_eos=False, verbose=False, max_new_tokens=4)
+    drawn = model.generate(
+        prompt, top_k=3, top_p=1.0, generator=torch.Generator().manual_seed(1), **options
+    )
+    alone = model.generate(prompt, top_k=3, generator=torch.Generator().manual_seed(1), **options)
+    assert torch.equal(drawn, alone)
+
+
 def test_greedy_generation_equals_hugging_face_generate():
     """Greedy generate of the none wrap of a float64 Qwen3 equals HF's
     generate(do_sample=False) token for token: left-padded, with and without the cache,

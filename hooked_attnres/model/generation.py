@@ -52,7 +52,8 @@ def check_sampling_arguments(
     temperature or repetition penalty crashed in ``torch.multinomial``), and ``top_k`` and
     ``top_p`` are not combined where they filter: TransformerLens keeps ``top_k`` and
     silently ignores ``top_p``, Hugging Face applies both, so either reading would surprise
-    someone. Greedy decoding (``greedy``, i.e. ``generate(do_sample=False)``, or
+    someone; ``top_p == 1`` filters nothing (in both), so with ``top_k`` it is accepted
+    (``top_k`` alone). Greedy decoding (``greedy``, i.e. ``generate(do_sample=False)``, or
     ``temperature == 0``) takes the argmax, which neither filter changes (in both
     libraries), so there the pair is accepted."""
     for name, value in (
@@ -70,7 +71,8 @@ def check_sampling_arguments(
     top_k = require_integer("top_k", top_k, 1, optional=True)
     if top_p is not None and not (is_finite_number(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if top_k is not None and top_p is not None and not greedy and temperature != 0:
+    # top_p = 1 keeps every token: with top_k it is top_k alone (in both libraries)
+    if top_k is not None and top_p is not None and top_p < 1 and not greedy and temperature != 0:
         raise ValueError(
             f"top_k={top_k} and top_p={top_p} were both given: TransformerLens's "
             "sample_logits keeps top_k and ignores top_p, Hugging Face applies both; give "
@@ -289,7 +291,7 @@ def sample_logits(
     token when the tokens before it reach ``top_p`` exactly, where Hugging Face stops;
     that total is summed in float64, TransformerLens's in float32, and ``top_p == 1``
     keeps every token);
-    ``top_k`` with ``top_p`` is refused unless ``temperature == 0``. The arithmetic is in
+    ``top_k`` with ``top_p < 1`` is refused unless ``temperature == 0``. The arithmetic is in
     the logits' dtype (float32 at least), the draw from the softmax in float32. Arguments
     are checked by `check_sampling_arguments`; NaN logits, or logits that overflow
     (``temperature`` below about ``1e-37``), raise a ``ValueError``.
