@@ -925,6 +925,29 @@ def test_padding_without_a_pad_token_is_refused_where_it_would_be_read_as_text()
     torch.testing.assert_close(model(prompts)[1, :1], model(prompts[1])[0])
 
 
+def test_padding_refusal_names_set_tokenizer_for_a_tokenizer_with_an_end_token():
+    """Audit 104: a tokenizer with an end token but no pad token, attached without
+    set_tokenizer (model.tokenizer = ..., which the trainer's message suggests), is refused
+    padding too, and the message said it had "no pad token (nor an end token, which
+    set_tokenizer takes for it)": false, and without the remedy that fits. It names the
+    end token and set_tokenizer, which pads with it (tested: the batch then pads with it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = routed_model("kimi")
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w39")
+    prompts = ["w1 w2 w3", "w4"]
+    message = r"no pad token, and its end token 'w39' is not taken for it: attach it with"
+    with pytest.raises(ValueError, match=message):
+        model.to_tokens(prompts)
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompts, max_new_tokens=1, verbose=False)
+    model.set_tokenizer(model.tokenizer)  # the remedy named
+    assert model.to_tokens(prompts, padding_side="right").tolist() == [[1, 2, 3], [4, 39, 39]]
+
+
 def test_the_strings_of_masked_token_prompts_leave_their_padding_out():
     """Audit 101: generate(tokens, attention_mask=mask, return_type="str") decoded every
     token, so padding of an id that is not a special token of the tokenizer (here w2, as

@@ -173,12 +173,20 @@ class TokenizerMixin:
         without their mask cannot tell from the text (TransformerLens's tokenizer refuses
         to pad without a pad token)."""
         if self._pad_token_id() is None and not bool(mask.bool().all()):
+            eos = getattr(self.tokenizer, "eos_token", None)
+            remedy = (
+                f"no pad token, and its end token {eos!r} is not taken for it: attach it with "
+                "model.set_tokenizer(model.tokenizer), which pads with the end token, or set "
+                "model.tokenizer.pad_token"
+                if eos is not None  # attached as model.tokenizer = ..., not by set_tokenizer
+                else "no pad token (nor an end token, which set_tokenizer takes for it): "
+                "set model.tokenizer.pad_token"
+            )
             raise ValueError(
-                f"{what} pads prompts of different lengths, and the tokenizer has no pad token "
-                "(nor an end token, which set_tokenizer takes for it): the padding would be "
-                "token 0, a real token, and read as text. Set model.tokenizer.pad_token, or "
+                f"{what} pads prompts of different lengths, and the tokenizer has {remedy}; or "
                 "take the tokens with the mask that marks their padding from "
-                "model.to_tokens_and_mask"
+                "model.to_tokens_and_mask. Padding with token 0, a real token, would be read "
+                "as text"
             )
 
     def to_tokens_and_mask(
