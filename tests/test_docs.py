@@ -9,6 +9,7 @@ import os
 import re
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -828,3 +829,179 @@ def test_every_exported_name_is_documented(package):
         if not re.search(r"(?<![\w])" + re.escape(name) + r"(?![\w])", code)
     ]
     assert not missing, f"{package}: not in the docs: {missing}"
+
+
+# ---- calls written in the prose (inline code spans such as `routing_mass(positions="all")`
+# or `model.run_with_cache(..., pos_slice=...)`) name real functions and arguments
+
+
+def _inline_spans() -> list[tuple[str, str]]:
+    """``(page name, span)`` of every inline code span of README.md and docs/*.md
+    (benchmarks.md, a log, left out) that holds a call."""
+    spans = []
+    for page in MARKDOWN:
+        if page.name == "benchmarks.md":
+            continue
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        spans += [(page.name, s) for s in re.findall(r"`([^`\n]+)`", text) if re.search(r"\w\(", s)]
+    return spans
+
+
+def _span_expression(span: str):
+    """The span as a Python expression, the prose's placeholders made Python: an argument
+    left empty (``n_past=,``), ``[..]`` / ``{..}`` and a leading ``.method`` or ``with``;
+    ``None`` if it is no expression (a formula, a message)."""
+    text = re.sub(r"=\s*(?=[,)])", "=...", span.strip())
+    text = text.replace("[..]", "...").replace("{..}", "...")
+    text = re.sub(r"^(with |\w+ = )", "", text)
+    text = re.sub(r"^\.(?=\w+\()", "_any.", text)
+    try:
+        return ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+
+
+def _public_callables() -> dict[str, list]:
+    """``{name: [functions and classes of that name]}`` of every module of the package that
+    its packages import (defined in the package; the deprecated shims, which warn when
+    imported, are not imported here), and the TransformerLens tools the docs call by bare
+    name."""
+    import importlib
+    import sys
+
+    import transformer_lens.tools.analysis as tl_tools
+
+    for package in [*PACKAGES, "hooked_attnres.runtime"]:
+        importlib.import_module(package)
+    found: dict[str, list] = {}
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("hooked_attnres")]
+    for module in modules:
+        for name, obj in vars(module).items():
+            defined_here = getattr(obj, "__module__", "").startswith("hooked_attnres")
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and defined_here:
+                if obj not in found.setdefault(name, []):
+                    found[name].append(obj)
+    for name in ("logit_lens", "logit_readout", "direct_logit_attribution"):
+        found.setdefault(name, []).append(getattr(tl_tools, name))
+    return found
+
+
+def check_prose_calls(spans, candidates: dict[str, list], functions: dict[str, list]) -> int:
+    """Every call of a span whose function is found binds to that function's signature
+    (argument names, and the number of positional arguments unless ``...`` stands for
+    some): ``base.method(...)`` with ``base`` a key of ``candidates`` (objects the docs
+    call it on: any one that has the method and binds will do; none having it fails),
+    ``Class.method`` of a package class, ``hooked_attnres...f`` / ``transformer_lens...f``
+    by import, a bare name among ``functions``, else a method of the ``candidates``
+    (a span such as `accumulated_resid(apply_ln=True)`). Returns how many calls were
+    checked; raises ``AssertionError`` listing every call that does not bind."""
+    import builtins
+    import importlib
+
+    def targets(func: ast.expr) -> Optional[list]:
+        if isinstance(func, ast.Name):
+            if func.id in dir(builtins):  # `float("inf")`, `len()`: not the model's methods
+                return None
+            if func.id in functions:
+                return functions[func.id]
+            found = [
+                getattr(c, func.id) for cs in candidates.values() for c in cs if hasattr(c, func.id)
+            ]
+            return [f for f in found if callable(f)] or None
+        if not isinstance(func, ast.Attribute):
+            return None
+        base = ast.unparse(func.value)
+        if base in candidates:
+            return [getattr(c, func.attr) for c in candidates[base] if hasattr(c, func.attr)]
+        if base in functions and all(inspect.isclass(c) for c in functions[base]):
+            return [getattr(c, func.attr) for c in functions[base] if hasattr(c, func.attr)]
+        if base.split(".")[0] in ("hooked_attnres", "transformer_lens"):
+            try:
+                module = importlib.import_module(base)
+            except ImportError:
+                return None
+            return [getattr(module, func.attr)] if hasattr(module, func.attr) else []
+        return None
+
+    wrong, checked = [], 0
+    for page, span in spans:
+        tree = _span_expression(span)
+        for node in ast.walk(tree) if tree is not None else ():
+            if not isinstance(node, ast.Call):
+                continue
+            found = targets(node.func)
+            if found is None:
+                continue
+            elided = any(isinstance(a, ast.Starred) or ast.unparse(a) == "..." for a in node.args)
+            positional = [] if elided else node.args
+            keywords = {k.arg: None for k in node.keywords if k.arg}
+            errors = []
+            for function in found:
+                try:
+                    inspect.signature(function).bind_partial(*positional, **keywords)
+                    break
+                except TypeError as error:
+                    errors.append(str(error))
+                except ValueError:  # no signature (a builtin): nothing to check
+                    break
+            else:
+                wrong.append(f"{page}: `{span}`: {errors or 'no such function'}")
+            checked += 1
+    assert not wrong, "calls in the docs that do not bind:\n" + "\n".join(wrong)
+    return checked
+
+
+def test_calls_written_in_the_prose_name_real_arguments(tokens):
+    from hooked_attnres import KeyValueCache
+    from hooked_attnres.analysis import RoutingAttribution
+
+    model = tiny_model(attnres_layout="kimi")
+    _, cache = model.run_with_cache(tokens)
+    candidates = {
+        "model": [model],
+        "cache": [cache, KeyValueCache.init_cache(model.cfg)],  # both are called `cache`
+        "clean_cache": [cache],
+        "site": [model.site(1, "attn_res")],
+        "state": [model.embed_state(tokens)],
+        # `.verify_top(k)` (an attribution result: an instance, for the binding), `.bool()`
+        "_any": [model, cache, RoutingAttribution.__new__(RoutingAttribution), tokens],
+    }
+    assert check_prose_calls(_inline_spans(), candidates, _public_callables()) >= 300
+
+
+def test_the_prose_call_checker_catches_a_wrong_call():
+    model = tiny_model()
+    functions, candidates = _public_callables(), {"model": [model], "_any": [model]}
+    right = ["routing_mass(model, prompts, positions=..., attention_mask=)", ".to(device)"]
+    assert check_prose_calls([("p", s) for s in right], candidates, functions) == 2
+    wrong = {
+        "routing_mass(model, batch, mask=m)": "unexpected keyword argument 'mask'",
+        "metric_name(metric, 2)": "too many positional arguments",
+        "model.depth_states(tokens, sublayer=True)": "sublayer",
+        "model.routing_mass(batch)": "no such function",
+        ".verify_top(k)": "no such function",  # no candidate has it here
+    }
+    for span, message in wrong.items():
+        with pytest.raises(AssertionError, match=re.escape(message)):
+            check_prose_calls([("p", span)], candidates, functions)
+    # not calls of the package: formulas, messages, Python's own functions
+    other = ["sqrt(mean(s**2) + eps)", "float('inf')", "invalid literal for int()"]
+    assert check_prose_calls([("p", s) for s in other], candidates, functions) == 0
+
+
+def test_values_the_prose_states_are_the_real_ones():
+    """A sentence "`f(...)` is `value`" (`claim_text("M1")` is `"embedding through early MLP
+    routers"`) holds: the call, of the package's function of that name, gives the value."""
+    functions = _public_callables()
+    checked = 0
+    for page in MARKDOWN:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for call, stated in re.findall(r"`(\w+\([^`]*\))` is `([^`]+)`", text):
+            found, value = _leading_literal(stated)
+            name = call.split("(")[0]
+            if not found or name not in functions:
+                continue
+            (function,) = functions[name]
+            assert eval(call, {name: function}) == value, (page.name, call)  # noqa: S307
+            checked += 1
+    assert checked >= 2
