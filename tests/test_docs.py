@@ -837,13 +837,16 @@ def test_every_exported_name_is_documented(package):
 
 def _inline_spans() -> list[tuple[str, str]]:
     """``(page name, span)`` of every inline code span of README.md and docs/*.md
-    (benchmarks.md, a log, left out) that holds a call."""
+    (benchmarks.md, a log, left out) that holds a call; a span over several lines (a long
+    signature) joined into one."""
     spans = []
     for page in MARKDOWN:
         if page.name == "benchmarks.md":
             continue
         text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-        spans += [(page.name, s) for s in re.findall(r"`([^`\n]+)`", text) if re.search(r"\w\(", s)]
+        for span in re.findall(r"`([^`]+)`", text):
+            if re.search(r"\w\(", span):
+                spans.append((page.name, " ".join(span.split())))
     return spans
 
 
@@ -954,6 +957,7 @@ def check_prose_calls(spans, candidates: dict[str, list], functions: dict[str, l
 def test_calls_written_in_the_prose_name_real_arguments(tokens):
     from hooked_attnres import KeyValueCache
     from hooked_attnres.analysis import RoutingAttribution
+    from hooked_attnres.study import get_condition
 
     model = tiny_model(attnres_layout="kimi")
     _, cache = model.run_with_cache(tokens)
@@ -963,8 +967,15 @@ def test_calls_written_in_the_prose_name_real_arguments(tokens):
         "clean_cache": [cache],
         "site": [model.site(1, "attn_res")],
         "state": [model.embed_state(tokens)],
-        # `.verify_top(k)` (an attribution result: an instance, for the binding), `.bool()`
-        "_any": [model, cache, RoutingAttribution.__new__(RoutingAttribution), tokens],
+        # `.verify_top(k)` (an attribution result: an instance, for the binding),
+        # `.build(seed, tokenizer)` (a study condition), `.bool()`
+        "_any": [
+            model,
+            cache,
+            RoutingAttribution.__new__(RoutingAttribution),
+            get_condition("attnres"),
+            tokens,
+        ],
     }
     assert check_prose_calls(_inline_spans(), candidates, _public_callables()) >= 300
 
