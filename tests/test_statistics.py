@@ -331,6 +331,32 @@ def test_summarize_mass_by_condition_keeps_the_row_order_of_one_summary():
             pd.testing.assert_frame_equal(mine, alone)
 
 
+def test_summarize_mass_refuses_nan_labels_rather_than_drop_their_rows():
+    """A NaN in a ``by`` column (or ``prompt``) made pandas leave those rows out of every
+    group: with layer 0's band NaN, the early band's mass was layer 1's alone, silently;
+    with a NaN condition (``condition`` in by) it failed on an empty bootstrap matrix. Both
+    are refused, naming the column and the rows; the filled table is summarised."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    mass = routing_mass(model, tokens, positions="all")
+    early = mass.band == "early"
+    assert early.any() and (mass.layer[early] == 0).any() and (mass.layer[early] > 0).any()
+    holed = mass.assign(band=mass.band.where(mass.layer != 0))
+    n_holed = int(holed.band.isna().sum())
+    with pytest.raises(ValueError, match=rf"NaN labels .*'band': {n_holed}\}}.*fillna"):
+        summarize_mass(holed, by=("band", "family"), n_bootstrap=50)
+    twice = pd.concat([mass.assign(condition="a"), mass.assign(condition=np.nan)])
+    with pytest.raises(ValueError, match=rf"'condition': {len(mass)}\}}"):
+        summarize_mass(twice, by=("condition", "router", "family"), n_bootstrap=50)
+    with pytest.raises(ValueError, match=r"'prompt': 1\}"):
+        summarize_mass(mass.assign(prompt=mass.prompt.where(mass.index != 0)), n_bootstrap=50)
+    # filled, the band is summarised over all its layers (independent: NumPy per prompt)
+    filled = summarize_mass(holed.fillna({"band": "early"}), by=("band", "family"), n_bootstrap=50)
+    row = filled[(filled.band == "early") & (filled.family == "current")].iloc[0]
+    part = mass[early & (mass.family == "current")]
+    assert row.mass == pytest.approx(part.groupby("prompt").mass.mean().mean(), abs=1e-12)
+
+
 def test_routing_mass_refuses_per_prompt_positions_rather_than_flatten_them():
     """Audit 93: positions as a [batch, 1] tensor (or a nested list), one position per
     prompt, were flattened and averaged at every prompt: 0.66 off the mass each prompt has

@@ -495,7 +495,8 @@ def summarize_mass(
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
             other routers and prompts into a finite, wrong number), an unknown ``by``
             column (or ``"prompt"``, the bootstrap's unit), an empty ``by`` or one naming a
-            column twice, an empty table, a group without rows for some prompt that
+            column twice, an empty table, a NaN in a ``by`` column or ``prompt`` (pandas
+            would drop those rows from every group), a group without rows for some prompt that
             other groups have (a filtered table), or a ``(prompt, router, layer, family)``
             row twice within a group (two tables concatenated with the same prompt ids;
             the message names a column outside ``by`` that the repeated rows differ in,
@@ -528,6 +529,14 @@ def summarize_mass(
     if mass.empty:
         raise ValueError("the mass table is empty: there is nothing to summarise")
     require_finite_mass(mass, "the summary")
+    # a row without a label would fall out of every group (pandas drops NaN keys)
+    unlabelled = {c: int(n) for c in [*by, "prompt"] if c in mass and (n := mass[c].isna().sum())}
+    if unlabelled:
+        raise ValueError(
+            f"the mass table has NaN labels (column: rows) {unlabelled}: such rows would "
+            "be left out of every group without a word; fill them "
+            "(mass.fillna({column: value})) or drop those rows first"
+        )
     # a (prompt, router, layer, family) twice within a group: the prompt ids do not name
     # one prompt each (two routing_mass tables concatenated, both numbered from 0), and
     # the per-prompt means would pool different prompts into one (a wrong mean and n)
