@@ -1153,8 +1153,10 @@ def test_values_with_a_position_axis_are_refused_in_a_cache_chunk(tokens):
     the whole sequence: a key-value cache chunk of the same length used to take them at
     its own, later positions silently (the full forward of the sequence refuses the
     shape). Refused now, naming the pass; position-free values still give the full
-    forward's numbers in chunks."""
+    forward's numbers in chunks. An ablation's mask with a position axis (`mask_hook`) was
+    still taken at the chunk's positions until audit 107."""
     from hooked_attnres import KeyValueCache
+    from hooked_attnres.interventions import mask_hook
 
     model = routed("kimi", dtype=torch.float64)
     first, rest = tokens[:, :4], tokens[:, 4:8]  # two chunks of 4 positions
@@ -1169,6 +1171,10 @@ def test_values_with_a_position_axis_are_refused_in_a_cache_chunk(tokens):
         "a value from another run's cache": patch_sources(model, "embedding", clean, layers=2),
         r"a value tensor of shape \(3, 4, 3\)": set_weights(model, weights, routers=[site]),
         "set_weights at .* another run's cache": set_weights(model, clean, routers=[site]),
+        # audit 107: a mask with a position axis was applied at the chunk's positions
+        r"this ablation at .*hook_logits: a value tensor of shape \(3, 4, 3\)": [
+            mask_hook(site, weights > 0.5)
+        ],
     }
     for what, hooks in refused.items():
         with model.hooks(fwd_hooks=hooks):
@@ -1943,8 +1949,9 @@ def test_interventions_given_by_name_built_again_continue_a_key_value_cache(layo
     call (``fwd_hooks=set_weights(model, "uniform")`` in the prefill and again in the
     continuation) was refused though the hooks are the same. A value given by name
     (``"uniform"``, ``"zero"``, ``"mean"``) now names the intervention, as an ablation's
-    masks do: the continuation equals the full pass under the hooks; a tensor value built
-    again (it may change in place) and another name are still refused."""
+    masks do: the continuation equals the full pass under the hooks; another name is still
+    refused. (A tensor value built again was refused here until audit 107, which compares
+    it by its contents: `test_a_tensor_value_built_again_continues_a_key_value_cache`.)"""
     from hooked_attnres import KeyValueCache
 
     if layout == "recency":
@@ -1965,19 +1972,14 @@ def test_interventions_given_by_name_built_again_continue_a_key_value_cache(layo
         continued = model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=build())
         expected = model.run_with_hooks(tokens, fwd_hooks=build())
         torch.testing.assert_close(continued, expected[:, 5:], atol=1e-12, rtol=0)
-    n_sources = model.routing_layout.n_sources(model.site(1, "attn_res"))
-    uniform = torch.full((n_sources,), 1.0 / n_sources, dtype=torch.float64)
-    for one, other in (
-        (lambda: set_weights(model, uniform, layers=[1], routers="attn_res"),) * 2,
-        (
-            lambda: patch_sources(model, "current", "mean"),
-            lambda: patch_sources(model, "current", "zero"),
-        ),
-    ):
-        cache = KeyValueCache.init_cache(model.cfg)
-        model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=one())
-        with pytest.raises(ValueError, match="which this pass does not apply"):
-            model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=other())
+    cache = KeyValueCache.init_cache(model.cfg)
+    model.run_with_hooks(
+        first, past_kv_cache=cache, fwd_hooks=patch_sources(model, "current", "mean")
+    )
+    with pytest.raises(ValueError, match="which this pass does not apply"):
+        model.run_with_hooks(
+            rest, past_kv_cache=cache, fwd_hooks=patch_sources(model, "current", "zero")
+        )
 
 
 def test_a_key_value_cache_under_another_named_value_names_both_values(tokens):
@@ -2097,6 +2099,104 @@ def test_an_ablation_written_another_way_continues_a_key_value_cache(tokens):
     )
     full = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, "current", routers=[site]))
     torch.testing.assert_close(got, full[:, 5:])
+
+
+def _tensor_interventions(model):
+    """``(build, value, changed)`` for every intervention that reads a tensor (a value or a
+    mask): ``build(value)`` makes its hooks, ``changed`` is a value with other contents
+    (float64 values): patch_sources, patch_committed, set_weights and `mask_hook`."""
+    from hooked_attnres.interventions import mask_hook
+
+    site = model.site(2, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    generator = torch.Generator().manual_seed(3)
+    vector = torch.randn(model.cfg.d_model, generator=generator, dtype=torch.float64)
+    weights = torch.softmax(torch.randn(n, generator=generator, dtype=torch.float64), -1)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[0] = True
+    one_changed = vector.clone()
+    one_changed[1] += 0.25
+    return [
+        (lambda v: patch_sources(model, "current", v, routers=[site]), vector, one_changed),
+        (lambda v: patch_committed(model, "embedding", v), vector, one_changed),
+        (lambda v: set_weights(model, v, routers=[site]), weights, weights.flip(-1)),
+        (lambda v: [mask_hook(site, v)], mask, mask.roll(1)),  # another source masked
+    ]
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_a_tensor_value_built_again_continues_a_key_value_cache(layout, tokens, tmp_path):
+    """Audit 107: an intervention with a value tensor was keyed by the hook object built,
+    so a cache filled under ``patch_sources(..., value=t)`` was refused under
+    ``patch_sources(..., value=t.clone())`` (equal contents built again, e.g. the hook list
+    written inline in each call), and a cache loaded from a file could not be continued at
+    all under it. A value tensor now counts by the contents the hooks read (dtype, shape,
+    device, bits): the continuation equals the full pass under the intervention, also for
+    a cache saved and loaded (float64)."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed(layout, dtype=torch.float64)
+    first, rest = tokens[:, :5], tokens[:, 5:]
+    for build, value, _ in _tensor_interventions(model):
+        full = model.run_with_hooks(tokens, fwd_hooks=build(value))
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=build(value))
+        torch.save(cache, tmp_path / "cache.pt")
+        again = build(value.clone())
+        continued = model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=again)
+        torch.testing.assert_close(continued, full[:, 5:], atol=1e-12, rtol=0)
+        loaded = torch.load(tmp_path / "cache.pt", weights_only=False)
+        loaded.mark_filled_by(model)
+        continued = model.run_with_hooks(rest, past_kv_cache=loaded, fwd_hooks=again)
+        torch.testing.assert_close(continued, full[:, 5:], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_a_tensor_value_of_other_contents_is_refused_by_a_key_value_cache(layout, tokens):
+    """Audit 107: a value tensor (or an ablation's mask) edited in place between the pass
+    that filled a cache and the pass that continues it, under the same hook list, was
+    taken as the same intervention (the key was the hook built): the continuation mixed
+    keys computed with the old value and a suffix with the new one, silently (float64,
+    max |logit difference| from the full pass under the edited value: patch_sources with
+    a vector + 1, 0.15 kimi, 0.094 cumulative; a mask moved to another source 0.30 kimi,
+    0.0071 cumulative). The record holds the contents each pass read: a value of other
+    contents (one element changed, in place or built again; -0.0 for 0.0) is refused,
+    naming the intervention; put back, the cache continues exactly."""
+    from hooked_attnres import KeyValueCache
+
+    model = routed(layout, dtype=torch.float64)
+    first, rest = tokens[:, :5], tokens[:, 5:]
+    for build, value, changed in _tensor_interventions(model):
+        value = value.clone()  # edited below
+        hooks = build(value)
+        at = re.escape(hooks[0][0])
+        refused = (
+            f"computed without [^;]* at {at}, which this pass applies; and with [^:]* at {at}, "
+            "which this pass does not apply .*holds other contents"
+        )
+        cache = KeyValueCache.init_cache(model.cfg)
+        model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=hooks)
+        kept = value.clone()
+        with pytest.raises(ValueError, match=refused):  # built again with other contents
+            model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=build(changed))
+        value.copy_(changed)  # the same hooks, their value edited in place
+        with pytest.raises(ValueError, match=refused):
+            model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=hooks)
+        value.copy_(kept)  # put back: the contents the cache was filled with
+        continued = model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=hooks)
+        full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        torch.testing.assert_close(continued, full[:, 5:], atol=1e-12, rtol=0)
+    # bits, not ==: -0.0 is another value than 0.0
+    value = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    value[0] = 1.0
+    negative = torch.where(value == 0, -0.0, value)
+    assert torch.equal(negative, value)
+    cache = KeyValueCache.init_cache(model.cfg)
+    hooks = patch_committed(model, "embedding", value)
+    model.run_with_hooks(first, past_kv_cache=cache, fwd_hooks=hooks)
+    with pytest.raises(ValueError, match="holds other contents"):
+        hooks = patch_committed(model, "embedding", negative)
+        model.run_with_hooks(rest, past_kv_cache=cache, fwd_hooks=hooks)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ ablation sweep of `hooked_attnres.analysis` both build their hooks with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -52,6 +52,7 @@ from hooked_attnres.model.depth import RouterSite
 from hooked_attnres.model.norms import rms_scale
 from hooked_attnres.model.passes import (
     InterventionTag,
+    TensorContents,
     note_intervention,
     padding_of,
     pass_mask,
@@ -79,36 +80,77 @@ def _positions_mask(positions, n_pos: int, device) -> Optional[Tensor]:
 
 
 def _intervention_tag(
-    what: str, where: object, key: Optional[Hashable], index: Optional[Tensor]
-) -> InterventionTag:
-    """The `InterventionTag` of one hook (``what``: its description) that writes the value
-    named by ``key`` at ``where`` (its router or hook and sources) at positions ``index``
-    (`check_positions`). A value with a key (an ablation's mask as a tuple of Python
-    numbers, or a value given by name: ``"uniform"``, ``"zero"``, ``"mean"``) makes the
-    same intervention built again the same one (e.g. the hook list written inline in each
-    call that fills a key-value cache); ``key=None`` (a tensor or a cache, which may change
-    in place) makes each hook built its own. Positions given are shown in the description
-    (``" (positions=[0, 2])"``): they tell two interventions apart as the key does."""
+    what: str, where: object, value: object, index: Optional[Tensor]
+) -> Union[InterventionTag, Callable[[], InterventionTag]]:
+    """The `InterventionTag` of one hook (``what``: its description) that writes ``value``
+    at ``where`` (its router or hook and sources) at positions ``index``
+    (`check_positions`), for `note_intervention`. A value given by name (``"uniform"``,
+    ``"zero"``, ``"mean"``) or a tensor (a value or an ablation's mask) makes the same
+    intervention built again the same one (e.g. the hook list written inline in each call
+    that fills a key-value cache): a tensor by the contents the hook reads when it runs
+    (`_TensorTag`: a value edited in place after a pass read it is another intervention).
+    Any other value (``None``: another run's cache) makes each hook built its own. Positions
+    given are shown in the description (``" (positions=[0, 2])"``): they tell two
+    interventions apart as the value does."""
     positions = None if index is None else tuple(index.reshape(-1).tolist())
     if positions is not None:
         what = f"{what} (positions={list(positions)})"
-    if key is None:
-        return InterventionTag(what)
-    return InterventionTag(what, (where, key, positions))
+    if isinstance(value, Tensor):
+        return _TensorTag(what, where, value, positions)
+    if isinstance(value, str):
+        return InterventionTag(what, (where, value, positions))
+    return InterventionTag(what)
+
+
+class _TensorTag:
+    """Makes the `InterventionTag` of a hook that reads ``value`` (a tensor) when it runs:
+    keyed by the contents it reads then (`TensorContents`, a copy made when they change),
+    so a key-value cache records what its passes computed with, not what the tensor holds
+    later. Called by `note_intervention` only in a pass with a key-value cache; there it
+    costs one bit-wise comparison with the last copy (about 2 us for a ``[d_model]``
+    value). A tensor with a position axis (`_has_position_axis`) is refused by every pass
+    that continues a cache (`_require_aligned`): each call makes a tag of its own, and
+    nothing is copied."""
+
+    __slots__ = ("what", "where", "value", "positions", "_tag", "_read")
+
+    def __init__(self, what: str, where: object, value: Tensor, positions: Optional[tuple]):
+        self.what, self.where, self.value, self.positions = what, where, value, positions
+        self._tag: Optional[InterventionTag] = None
+        self._read: Optional[TensorContents] = None  # the contents in ``_tag``'s key
+
+    def __call__(self) -> InterventionTag:
+        if _has_position_axis(self.value):
+            # a pass that continues a key-value cache refuses it (`_require_aligned`): a
+            # tag of its own, nothing copied
+            return InterventionTag(self.what)
+        if self._tag is None or self._read is None or not self._read.holds(self.value):
+            self._read = TensorContents(self.value.detach().clone())
+            self._tag = InterventionTag(self.what, (self.where, self._read, self.positions))
+        return self._tag
 
 
 def _named(value: object) -> Optional[str]:
-    """The key of a value given by name (`_intervention_tag`), ``None`` for any other."""
+    """A value given by name (``"mean"``), ``None`` for any other."""
     return value if isinstance(value, str) else None
+
+
+def _tagged(value: object) -> object:
+    """What names a value in its hooks' tags (`_intervention_tag`): a name or a tensor;
+    ``None`` for another run's cache, read at positions of the whole sequence, which a
+    pass that continues a key-value cache refuses (`_require_aligned`) whatever filled it."""
+    return value if isinstance(value, (str, Tensor)) else None
 
 
 def _call(function: str, value: object, *args: object) -> str:
     """``function(args, value)`` as an intervention's description (`InterventionTag.what`)
-    shows it: a value given by name is shown, as it tells two such interventions apart (a
-    tensor or a cache is not)."""
+    shows it: a value given by name is shown, as it tells two such interventions apart,
+    and a tensor by its dtype and shape (a cache is not)."""
     shown = [repr(arg) for arg in args]
     if _named(value) is not None:
         shown.append(repr(str(value)))
+    elif isinstance(value, Tensor):
+        shown.append(f"<{str(value.dtype).removeprefix('torch.')} tensor {list(value.shape)}>")
     return f"{function}({', '.join(shown)})" if shown else function
 
 
@@ -120,6 +162,12 @@ def _at_positions(new: Tensor, current: Tensor, positions, pos_dim: int = 1) -> 
         return new.clone()  # never hand out a cache's tensor or a broadcast view
     pos_mask = pos_mask.reshape(-1, *([1] * (current.ndim - pos_dim - 1)))
     return torch.where(pos_mask, new, current)
+
+
+def _has_position_axis(value: Tensor) -> bool:
+    """Whether a value tensor (or a mask) addresses positions: its position axis, the one
+    before the last, has more than one (`_require_aligned`)."""
+    return value.ndim >= 2 and value.shape[-2] != 1
 
 
 def _require_aligned(value: Optional[Tensor], current: Tensor, where: str) -> None:
@@ -134,7 +182,7 @@ def _require_aligned(value: Optional[Tensor], current: Tensor, where: str) -> No
             f"{where}: a value from another run's cache",
             instead="patch from a cache of a run over the same positions, in one pass",
         )
-    elif value.ndim >= 2 and value.shape[-2] != 1:
+    elif _has_position_axis(value):
         require_whole_sequence(
             current.shape[-2],
             f"{where}: a value tensor of shape {tuple(value.shape)} (a position axis of "
@@ -352,11 +400,11 @@ def mask_hook(
     """
     index = check_positions(positions)
     # equal masks at equal positions are one intervention (an ablation compiled again)
-    mask = (tuple(where.shape), tuple(where.reshape(-1).tolist()))  # plain Python: hashable
-    tag = _intervention_tag(f"{what} at {site.hook('logits')}", ("mask", site), mask, index)
+    tag = _intervention_tag(f"{what} at {site.hook('logits')}", ("mask", site), where, index)
 
     def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
         note_intervention(tag)
+        _require_aligned(where, logits, f"{what} at {hook.name}")
         mask = where.to(logits.device)
         pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
         if pos_mask is not None:
@@ -652,9 +700,9 @@ def set_weights(
             cached=from_cache,
             cache=weights,
             tag=_intervention_tag(
-                f"{_call('set_weights', weights)} at {site.hook('weights')}",
+                f"{_call('set_weights', None if from_cache else value)} at {site.hook('weights')}",
                 ("set_weights", site),
-                _named(weights),
+                None if from_cache else value,
                 index,
             ),
         ):
@@ -718,7 +766,7 @@ def patch_sources(
             tag=_intervention_tag(
                 f"{_call('patch_sources', value, sources)} at {name}",
                 ("patch_sources", name, tuple(indices)),
-                _named(value),
+                _tagged(value),
                 index,
             ),
         ):
@@ -812,7 +860,7 @@ def patch_committed(
             tag=_intervention_tag(
                 f"{_call('patch_committed', value)} at {name}",
                 ("patch_committed", name),
-                _named(value),
+                _tagged(value),
                 index,
             ),
         ):

@@ -242,9 +242,10 @@ class KeyValueCache:
         again = ""
         if set(added) & set(dropped):
             again = (
-                " (interventions of one description built again count as other ones, "
-                "except ablations and those whose value is given by name, such as 'uniform' "
-                "or 'mean', and so do those of a cache loaded from a file)"
+                " (interventions of one description differ where a tensor they read (a value "
+                "or a mask) holds other contents than the cached positions were computed "
+                "with: another dtype, shape, device or bits, e.g. a tensor edited in place "
+                "since)"
             )
         raise ValueError(
             f"past_kv_cache holds {n_past} positions computed {'; and '.join(differs)}{again}: a "

@@ -576,7 +576,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)
         n_past = self._n_past(past_kv_cache)  # before the pass's context extends the cache
-        fired: set = set()  # the interventions that fire in this pass (`note_intervention`)
+        # the interventions that fire in a cached pass (`note_intervention`); a pass without
+        # a key-value cache records none
+        fired: Optional[set] = None if past_kv_cache is None else set()
         positions = logit_positions if isinstance(logit_positions, Tensor) else None
         if start_at_layer is None:
             if isinstance(input, DepthState):
@@ -657,6 +659,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                     return state
                 logits = self._unembed(state, shared_sums)
             if past_kv_cache is not None:  # after every hook of the pass has fired
+                assert fired is not None
                 past_kv_cache.note_interventions(fired, n_past)
             if return_type == "logits":
                 return logits

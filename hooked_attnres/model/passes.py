@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -46,8 +46,9 @@ class PassExtent:
     # the extents of one forward pass (its embedding and its sublayers)
     source: Optional[Callable[[], PassInput]] = field(default=None, compare=False, repr=False)
     # the `InterventionTag` s of the intervention hooks that fired in the pass
-    # (`note_intervention`); shared by the extents of one forward pass
-    fired: set = field(default_factory=set, compare=False, repr=False)
+    # (`note_intervention`); shared by the extents of one forward pass; ``None`` in a pass
+    # without a key-value cache, which records none
+    fired: Optional[set] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ class InterventionTag:
     the passes that fill a key-value cache (`note_intervention`,
     `KeyValueCache.note_interventions`). ``what`` describes it for error messages;
     ``key`` makes two tags equal: by default a new object, so each hook built is its own
-    intervention, or a value (an ablation's router and mask, or a value given by name such
-    as ``"uniform"`` with its hook and positions), so an equal intervention built again is
-    the same, however described (``what`` takes no part: one mask selected as ``'current'``
-    or ``['current']`` is one intervention)."""
+    intervention, or a value (an ablation's router and mask, a value given by name such as
+    ``"uniform"`` or a value tensor's `TensorContents`, with its hook and positions), so an
+    equal intervention built again is the same, however described (``what`` takes no part:
+    one mask selected as ``'current'`` or ``['current']`` is one intervention)."""
 
     what: str = field(compare=False)
     key: Any = field(default_factory=object, repr=False)
@@ -224,10 +225,9 @@ def pass_extent(
     ``[batch, length]`` attention mask of its own positions (True at real tokens), if any;
     ``source``: a function (memoised: every call returns one object) that makes the pass's
     `PassInput`, for `pass_input`; ``fired``: the set that collects the pass's
-    `InterventionTag` s (`note_intervention`), one for all the extents of a pass."""
-    extent = PassExtent(n_past, length, padding_of(real), source=source)
-    if fired is not None:
-        object.__setattr__(extent, "fired", fired)
+    `InterventionTag` s (`note_intervention`), one for all the extents of a pass (``None``:
+    a pass without a key-value cache, which records none)."""
+    extent = PassExtent(n_past, length, padding_of(real), source=source, fired=fired)
     token = _CURRENT.set(extent)
     try:
         yield
@@ -235,13 +235,59 @@ def pass_extent(
         _CURRENT.reset(token)
 
 
-def note_intervention(tag: InterventionTag) -> None:
-    """Record that an intervention's hook (``tag``) fired in the running pass (nothing
-    outside a pass): a key-value cache compares the interventions of the passes that fill
-    it with those of a pass that continues it (`KeyValueCache.note_interventions`)."""
+def note_intervention(tag: Union[InterventionTag, Callable[[], InterventionTag]]) -> None:
+    """Record that an intervention's hook (``tag``, or a function that makes it from what
+    the hook reads now, called only here) fired in the running pass (nothing outside a
+    pass, or in a pass without a key-value cache): a key-value cache compares the
+    interventions of the passes that fill it with those of a pass that continues it
+    (`KeyValueCache.note_interventions`)."""
     extent = _CURRENT.get()
-    if extent is not None:
-        extent.fired.add(tag)
+    if extent is not None and extent.fired is not None:
+        extent.fired.add(tag if isinstance(tag, InterventionTag) else tag())
+
+
+# integer dtypes of each element size, to compare floating-point tensors bit by bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """``tensor``'s bits (a view; an integer or bool tensor itself)."""
+    return tensor.view(_BITS[tensor.element_size()]) if tensor.is_floating_point() else tensor
+
+
+class TensorContents:
+    """The contents of a tensor that an intervention's hook read (``tensor``: a copy of it,
+    any shape), as part of its `InterventionTag` key: equal to another where dtype, shape,
+    device and bits are (`holds`). So a hook built again with a value of equal contents
+    (``value=t.clone()``) is the same intervention, and one whose value was edited in
+    place after a pass read it is another. Pickled with its copy: the interventions of a
+    key-value cache loaded from a file compare as before it was saved."""
+
+    __slots__ = ("tensor", "_bits", "_hash")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self._bits = _bits(tensor)
+        self._hash = hash((tensor.dtype, tuple(tensor.shape), tensor.device))
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` has these contents: the same dtype, shape, device and bits,
+        what no computation can tell apart (a nan equals the same nan and ``-0.0`` is not
+        ``0.0``, unlike ``torch.equal``). One comparison: a hook asks at every call of a
+        cached pass (`_TensorTag`)."""
+        mine = self.tensor
+        if tensor.dtype != mine.dtype or tensor.shape != mine.shape:
+            return False
+        return tensor.device == mine.device and torch.equal(_bits(tensor), self._bits)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorContents) and other.holds(self.tensor)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):
+        return (TensorContents, (self.tensor,))
 
 
 def require_whole_sequence(
