@@ -394,9 +394,12 @@ def mask_hook(
         positions: only mask at these positions (default: all; checked when built,
             `check_positions`, and against the run's length when the hook runs).
 
-    The hook records its masks and positions in the running pass (`note_intervention`):
-    a key-value cache refuses a pass that continues it under other interventions than
-    the passes that filled it (`KeyValueCache.note_interventions`).
+    The hook reads ``where`` when it runs, and records the contents it read and its
+    positions in the running pass (`note_intervention`): a key-value cache refuses a pass
+    that continues it under other interventions than the passes that filled it
+    (`KeyValueCache.note_interventions`), a mask edited in place since included. A mask
+    with a position axis (``[batch, pos, n_sources]``) is refused in a pass that runs part
+    of the sequence (`_require_aligned`).
     """
     index = check_positions(positions)
     # equal masks at equal positions are one intervention (an ablation compiled again)
