@@ -26,6 +26,7 @@ from helpers import (
     transformer_bridge_pair,
 )
 from transformer_lens import SVDInterpreter
+from transformer_lens import evals as tl_evals
 from transformer_lens.head_detector import detect_head
 from transformer_lens.utilities import sample_logits as tl_sample_logits
 from transformer_lens.utilities import test_prompt as tl_test_prompt
@@ -2250,6 +2251,37 @@ def test_transformerlens_test_prompt_runs_and_reports_the_true_rank(capsys):
         top = model.to_string(logits.argmax())
         assert f"Top 0th token. Logit: {logits.max().item():5.2f}" in printed, name
         assert f"|{top}|" in printed, name
+
+
+def big_vocab_models():
+    """Every layout and wrap with the 20000 ids ``transformer_lens.evals.induction_loss``
+    draws from (``torch.randint(100, 20000)``)."""
+    for layout in LAYOUTS:
+        yield layout, routed_model(layout, d_vocab=20_000, n_layers=2)
+    for wrap in WRAPS:
+        blocks = {} if wrap == "none" else {"num_blocks": 2}
+        hf = hf_qwen3(vocab_size=20_000, num_hidden_layers=2)
+        yield f"wrap={wrap}", HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, **blocks)
+
+
+def test_transformerlens_evals_read_the_models_own_loss():
+    """``transformer_lens.evals.induction_loss`` and ``evaluate_on_dataset`` read only the
+    logits (``model(tokens)``), so routing needs nothing: they equal the next-token loss
+    computed here from the logits, in every layout and wrap."""
+    batch, half = 2, 4
+    for name, model in big_vocab_models():
+        torch.manual_seed(0)
+        got = tl_evals.induction_loss(
+            model, batch_size=batch, subseq_len=half, prepend_bos=False, device="cpu"
+        )
+        torch.manual_seed(0)  # the same draw
+        tokens = torch.randint(100, 20_000, (batch, half)).repeat(1, 2)
+        with torch.no_grad():
+            log_probs = model(tokens).log_softmax(-1)[:, :-1]
+        losses = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos - 1]
+        assert torch.allclose(got, losses[:, half + 1 :].mean(), atol=1e-5), name
+        loss = tl_evals.evaluate_on_dataset(model, [{"tokens": tokens}], device="cpu")
+        assert math.isclose(loss, float(losses.mean()), abs_tol=1e-5), name
 
 
 # --- weights: tl_parameters and SVDInterpreter -----------------------------------------
