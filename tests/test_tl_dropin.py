@@ -1571,18 +1571,24 @@ def test_a_filtered_cache_of_an_edited_run_is_exact_or_refused(case):
 # --- TransformerLens 4.3's analysis tools -----------------------------------------------
 def test_transformerlens_direct_logit_attribution_tool_is_exact_or_refuses(case):
     """``transformer_lens.tools.analysis.direct_logit_attribution`` calls the cache's
-    ``decompose_resid`` / ``stack_head_results`` / ``logit_attrs`` without ``routed``: its
-    attributions sum to the logit difference where no final router mixes sources, and it
-    raises the cache's refusal where one does."""
+    ``decompose_resid`` / ``stack_head_results`` / ``accumulated_resid`` / ``logit_attrs``
+    without ``routed``: its attributions sum to the logit difference (``unit="layer"``: its
+    last entry, the final stream, is it) where no final router mixes sources, and it raises
+    the cache's refusal where one does."""
     answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
     true_diff = case.logits[:, -1, ANSWER] - case.logits[:, -1, WRONG]
-    for unit in ("component", "head"):
+    for unit in ("component", "head", "layer"):
 
         def call(unit=unit):
             return direct_logit_attribution(case.model, case.clean, answers, wrongs, unit=unit)
 
-        if case.routed_final:
+        if case.routed_final and unit == "layer":
+            with pytest.raises(ValueError, match=rf"'{case.layout}' layout.*routed=True"):
+                call()
+        elif case.routed_final:
             _refuses(call, case.layout)
+        elif unit == "layer":
+            assert torch.allclose(call().attribution[-1], true_diff, atol=ATOL)
         else:
             assert torch.allclose(call().attribution.sum(0), true_diff, atol=ATOL)
 
