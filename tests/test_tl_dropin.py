@@ -191,6 +191,22 @@ def test_transformerlens_by_pos_head_patching_matches_run_with_hooks(name):
     assert torch.allclose(by_pos[0, 1, 3], expected, atol=ATOL)
 
 
+def test_the_every_stacks_pad_key_value_heads_with_zeros():
+    """TransformerLens's documented convention with grouped-query attention (docs/hooks.md):
+    the k / v rows of ``get_act_patch_attn_head_all_pos_every`` hold the key-value heads
+    in their first columns and zeros after them, not one cell per query head."""
+    case = _CASES.setdefault("kimi", Case("kimi"))
+    n_kv = case.model.cfg.n_key_value_heads
+    assert n_kv < case.model.cfg.n_heads
+    every = _run_tl(case, "get_act_patch_attn_head_all_pos_every")
+    for row, name in (
+        (2, "get_act_patch_attn_head_k_all_pos"),
+        (3, "get_act_patch_attn_head_v_all_pos"),
+    ):
+        assert torch.equal(every[row, :, :n_kv], _run_tl(case, name))
+        assert not every[row, :, n_kv:].any()
+
+
 @pytest.mark.parametrize("layout", ["kimi", "cumulative"])
 def test_transformerlens_patching_is_the_run_with_hooks_patch_bit_for_bit_in_float64(layout):
     """Every cell of TransformerLens's (layer, pos) and all-position head sweeps equals the
