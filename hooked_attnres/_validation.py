@@ -257,6 +257,24 @@ def non_finite_in_column(
     return count, row[column], where
 
 
+def require_labelled(table: Any, columns: Sequence[str], what: str) -> None:
+    """Refuse a NaN (or ``None``) label in those of ``columns`` that ``table`` (a pandas
+    ``DataFrame``) has: ``ValueError`` naming each such column and its number of rows.
+    pandas' ``groupby``, ``pivot_table`` and ``unstack`` leave rows with a NaN key out of
+    every group, ``nunique`` does not count NaN, and ``==`` matches no NaN, so such rows
+    would drop out of a mean (or a second model pass for one) without a word. ``what``
+    names the table (``"the mass table"``)."""
+    unlabelled = {
+        c: n for c in dict.fromkeys(columns) if c in table and (n := int(table[c].isna().sum()))
+    }
+    if unlabelled:
+        raise ValueError(
+            f"{what} has NaN labels (column: rows) {unlabelled}: such rows would be left "
+            "out of every group without a word; fill them (table.fillna({column: value})) "
+            "or drop those rows first"
+        )
+
+
 def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     """``(name, number of NaN or infinite elements)`` for every floating tensor of
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.

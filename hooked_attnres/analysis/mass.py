@@ -12,7 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_attnres._precision import sum_where
-from hooked_attnres._validation import non_finite_in_column, require_selection
+from hooked_attnres._validation import non_finite_in_column, require_labelled, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
@@ -530,13 +530,7 @@ def summarize_mass(
         raise ValueError("the mass table is empty: there is nothing to summarise")
     require_finite_mass(mass, "the summary")
     # a row without a label would fall out of every group (pandas drops NaN keys)
-    unlabelled = {c: int(n) for c in [*by, "prompt"] if c in mass and (n := mass[c].isna().sum())}
-    if unlabelled:
-        raise ValueError(
-            f"the mass table has NaN labels (column: rows) {unlabelled}: such rows would "
-            "be left out of every group without a word; fill them "
-            "(mass.fillna({column: value})) or drop those rows first"
-        )
+    require_labelled(mass, [*by, "prompt"], "the mass table")
     # a (prompt, router, layer, family) twice within a group: the prompt ids do not name
     # one prompt each (two routing_mass tables concatenated, both numbered from 0), and
     # the per-prompt means would pool different prompts into one (a wrong mean and n)

@@ -40,6 +40,7 @@ from hooked_attnres._validation import (
     first_non_finite,
     require_finite_number,
     require_integer,
+    require_labelled,
 )
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
@@ -600,15 +601,13 @@ def _decided_by(report: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
 
 
 def _require_labels(table: pd.DataFrame, columns: list[str], what: str) -> None:
-    """Refuse a missing (NaN) ``condition`` / ``seed`` label: pandas' ``groupby`` drops
-    such rows, so that model would silently leave the count of seeds."""
+    """Refuse a table without a ``condition`` / ``seed`` column, or with a missing (NaN)
+    label in one (`require_labelled`): pandas' ``groupby`` drops such rows, so that model
+    would silently leave the count of seeds."""
     for column in columns:
         if column not in table.columns:
             raise ValueError(f"{what} lacks the column {column!r} that identifies a model")
-        if table[column].isna().any():
-            raise ValueError(
-                f"{what} has rows without a {column!r} (NaN); every row must name its model"
-            )
+    require_labelled(table, columns, what)
 
 
 def verdict_word(k: int, n: int) -> str:
