@@ -26,6 +26,7 @@ from hooked_attnres._validation import (
     is_integer,
     non_finite_in_column,
     require_bool,
+    require_labelled,
     require_selection,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy
@@ -250,9 +251,14 @@ def routing_heatmap(
         ValueError: a table without the columns of `routing_mass` (``n_sources`` included:
             without it an absent family's mass 0 reads as "present, no weight"), an empty
             one, a NaN or infinite mass (the mean would skip it) or ``n_sources``, several
-            models, a (router, layer, family) whose ``n_sources`` differs between rows, or
-            a router type it lacks.
+            models, a NaN label in ``condition``, ``seed``, ``model``, ``router``,
+            ``layer`` or ``family`` (`require_labelled`: a second model not counted, or
+            rows the means would drop), a (router, layer, family) whose ``n_sources``
+            differs between rows, or a router type it lacks.
     """
+    # a NaN label: a second model that nunique does not count, or rows the means drop
+    labels = ("condition", "seed", "model", "router", "layer", "family")
+    require_labelled(mass, labels, "the mass table")
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
             raise ValueError(
@@ -913,6 +919,9 @@ def effects_by_seed(
     """
     relative = require_bool("relative", relative)
     _require_effects(effects)
+    # a NaN condition or seed matches no panel or slot (== never holds): its bars were
+    # left out and its panel titled as lacking the seed
+    require_labelled(effects, ("condition", "seed"), "effects")
     routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
     groups = require_selection("groups", [groups] if isinstance(groups, str) else groups)
     chosen = effects[
@@ -1016,6 +1025,9 @@ def mass_effect_by_seed(
     _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
+    # a NaN condition or seed matches no panel or slot (`effects_by_seed`)
+    require_labelled(effects, ("condition", "seed"), "effects")
+    require_labelled(mass_summary, ("condition", "seed"), "mass_summary")
     mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
     mass = mass[mass.router == router]
     chosen = effects[

@@ -788,3 +788,61 @@ def test_patching_heatmap_reads_one_string_as_one_label():
     fig = plotting.patching_heatmap(values, "clean", ["a", "b", "c"], title="t")
     assert list(fig.data[0].y) == ["clean"] and list(fig.data[0].x) == ["a", "b", "c"]
     assert np.asarray(fig.data[0].z).tolist() == values.tolist()
+
+
+def test_routing_heatmap_refuses_nan_labels_rather_than_drop_or_pool_their_rows():
+    """Audit 109: a NaN label passed routing_heatmap's checks. A second model with seed NaN
+    was not counted (nunique skips NaN) and its prompts averaged into the first's: cells
+    0.25 off seed 0's own; with layer 1's rows of prompt 0 NaN, groupby left them out of
+    layer 1's mean (0.048 off). Both are refused, naming the column and its rows."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    mass = routing_mass(model, tokens, positions="all")
+    # the heatmap of the whole table: every cell the mean of its rows, by hand
+    fig = plotting.routing_heatmap(mass)
+    part = mass[mass.router == "attn_res"]
+    for i, layer in enumerate(sorted(set(part.layer))):
+        for j, family in enumerate(FAMILIES):
+            rows = part[(part.layer == layer) & (part.family == family)]
+            expected = np.mean(rows.mass.to_numpy()) if (rows.n_sources > 0).all() else np.nan
+            np.testing.assert_allclose(fig.data[0].z[i][j], expected, atol=1e-12)
+    other = mass.assign(seed=np.nan, mass=mass.mass * 0.5)
+    two = pd.concat([mass.assign(seed=0), other], ignore_index=True)
+    with pytest.raises(ValueError, match=rf"NaN labels .*\{{'seed': {len(mass)}\}}.*fillna"):
+        plotting.routing_heatmap(two)
+    hole = (mass.layer == 1) & (mass.prompt == 0)
+    with pytest.raises(ValueError, match=rf"\{{'layer': {int(hole.sum())}\}}"):
+        plotting.routing_heatmap(mass.assign(layer=mass.layer.where(~hole)))
+    with pytest.raises(ValueError, match=r"\{'family': 1\}"):
+        plotting.routing_heatmap(mass.assign(family=mass.family.where(mass.index != 5)))
+
+
+def test_seed_figures_refuse_nan_conditions_and_seeds():
+    """Audit 109: a NaN seed or condition matched no slot or panel (``==`` never holds for
+    NaN): effects_by_seed and mass_effect_by_seed drew no bars for that model's rows and
+    titled its panel "(no seed nan, nan, nan)" or "nan (no seed 0)". Refused, naming the
+    column and its rows."""
+    effects, mass = _effects(seeds=(0, 1)), _mass(seeds=(0, 1))
+    no_seed = effects.assign(seed=effects.seed.where(effects.seed != 1))
+    n_effects = int((effects.seed == 1).sum())
+    with pytest.raises(ValueError, match=rf"effects has NaN labels .*\{{'seed': {n_effects}\}}"):
+        plotting.effects_by_seed(no_seed, "older", ["mlp_res"])
+    with pytest.raises(ValueError, match=rf"effects has NaN labels .*\{{'seed': {n_effects}\}}"):
+        plotting.mass_effect_by_seed(mass, no_seed, "mlp_res")
+    no_seed_mass = mass.assign(seed=mass.seed.where(mass.seed != 1))
+    n_mass = int((mass.seed == 1).sum())
+    with pytest.raises(ValueError, match=rf"mass_summary has NaN labels .*\{{'seed': {n_mass}\}}"):
+        plotting.mass_effect_by_seed(no_seed_mass, effects, "mlp_res")
+    effects = _effects(conditions=("a", "b"))
+    no_condition = effects.assign(condition=effects.condition.where(effects.condition != "b"))
+    n_b = int((effects.condition == "b").sum())
+    with pytest.raises(ValueError, match=rf"\{{'condition': {n_b}\}}"):
+        plotting.effects_by_seed(no_condition, "older", ["mlp_res"])
+    # labelled, both models are drawn: seed 1's bars at its rows' values
+    fig = plotting.effects_by_seed(_effects(seeds=(0, 1)), "older", ["mlp_res"], relative=False)
+    seed_1 = _effects(seeds=(0, 1))
+    rows = seed_1[
+        (seed_1.seed == 1) & (seed_1.router == "mlp_res") & (seed_1.family == "older")
+    ].set_index("group")
+    (trace,) = [t for t in fig.data if t.name == "seed 1"]
+    assert list(trace.y) == [rows.effect[g] for g in ("early", "middle", "late")]

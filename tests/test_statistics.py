@@ -579,3 +579,32 @@ def test_summarize_mass_does_not_depend_on_the_row_order_of_the_table():
             assert (row.mass, row.ci_low, row.ci_high) == pytest.approx(
                 (per_prompt.mean(), low, high), abs=1e-12
             )
+
+
+def test_schedule_comparison_refuses_nan_labels_rather_than_drop_their_rows():
+    """Audit 109: a NaN layer (or family, or router) in a mass table left its rows out of
+    schedule_comparison's groupby: with layer 1's rows of prompt 0 NaN, layer 1's measured
+    mass was that of the other prompts, 0.013 off (4-layer cumulative model). Refused,
+    naming the column and its rows; the measured mass is each cell's mean over prompts."""
+    model = randomize_routing(tiny_model(attnres_layout="cumulative"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    mass = routing_mass(model, tokens, positions="all")
+    cfg = model.cfg
+    schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks, 3.0, cfg.attnres_mode)
+    table = schedule_comparison(mass, schedule)
+    for row in table.itertuples():  # independent: NumPy over the cell's prompts
+        cell = mass[
+            (mass.router == row.router) & (mass.layer == row.layer) & (mass.family == row.family)
+        ]
+        assert len(cell) == 4
+        assert row.measured == pytest.approx(np.mean(cell.mass.to_numpy()), abs=1e-12)
+    hole = (mass.layer == 1) & (mass.prompt == 0)
+    with pytest.raises(ValueError, match=rf"NaN labels .*\{{'layer': {int(hole.sum())}\}}"):
+        schedule_comparison(mass.assign(layer=mass.layer.where(~hole)), schedule)
+    with pytest.raises(ValueError, match=r"\{'router': 1, 'family': 1\}"):
+        schedule_comparison(
+            mass.assign(
+                family=mass.family.where(mass.index != 3), router=mass.router.where(mass.index != 9)
+            ),
+            schedule,
+        )
