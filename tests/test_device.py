@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import LAYOUTS, randomize_routing, tiny_model
 
+from hooked_attnres.analysis import recency_schedule, schedule_deviation
 from hooked_attnres.interventions import patch_committed, patch_sources, set_weights
 from hooked_attnres.model.generation import sample_logits, sampling_probabilities
 
@@ -219,3 +220,25 @@ def test_top_p_sampling_runs_on_a_device_without_float64():
         assert drawn.device.type == "mps"
     assert torch.equal(probs, on_cpu)
     assert (on_cpu.gather(-1, drawn[:, None]) > 0).all()
+
+
+def test_schedule_deviation_runs_on_a_device_without_float64():
+    """Audit 109: schedule_deviation compares the cached routing weights with the
+    schedule in float64 (``.double()``), which MPS lacks (faked here): it raised "Cannot
+    convert a MPS Tensor to float64". The comparison is done on the host for such a
+    device, and gives the deviation computed by hand from the CPU weights."""
+    model = randomize_routing(tiny_model(attnres_layout="cumulative"), seed=2).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+    schedule = recency_schedule(model.cfg.n_layers, model.cfg.attnres_num_blocks, 3.0)
+    names = {site: site.hook("weights") for site in model.sites()}
+    by_hand = max(
+        float((cache[name].double() - schedule.weights(site.layer, site.kind)).abs().max())
+        for site, name in names.items()
+    )
+    with FakeMPS():
+        on_mps = {name: cache[name].to("mps") for name in names.values()}
+        assert all(w.device.type == "mps" for w in on_mps.values())
+        deviation = schedule_deviation(model, on_mps, schedule)
+    assert by_hand > 0.01  # the routing is content-dependent: a deviation to get right
+    assert deviation == by_hand

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_attnres._precision import float64_device
 from hooked_attnres._validation import (
     is_integer,
     require_choice,
@@ -171,7 +172,8 @@ def schedule_deviation(
         require_run_positions(record, "schedule_deviation's cache", names, sliced=False)
     for site in model.sites():
         name = site.hook("weights")
-        measured = _real_positions(cache[name].double(), real)
+        weights = cache[name]  # float64 on the host for a device without it (MPS)
+        measured = _real_positions(weights.to(float64_device(weights.device), torch.float64), real)
         assert site.layer is not None  # the cumulative layout has no final router
         predicted = schedule.weights(site.layer, site.kind).to(measured.device)
         if measured.shape[-1] != predicted.shape[0]:
