@@ -761,6 +761,13 @@ def test_the_schedule_sentence_decides_from_every_seed_and_prints_its_side_of_th
     assert "to 7.6e-08 " in sentence([7.6e-8, 1e-8])  # the usual two digits otherwise
     with pytest.raises(ValueError, match="vanilla seed 0 holds a non-finite deviation"):
         sentence([float("nan"), 1e-7])
+    # audit 109: a seed labelled NaN was left out by groupby: "holds" on seed 0's 1e-7
+    unlabelled = pd.DataFrame(
+        {"condition": "vanilla", "seed": [0, float("nan")], "max_abs_deviation": [1e-7, 1e-3]}
+    )
+    result = StudyResult(tmp_path, empty, empty, empty, empty, empty, unlabelled, empty)
+    with pytest.raises(ValueError, match=r"schedule table has NaN labels .*\{'seed': 1\}"):
+        _schedule_sentences(result)
 
 
 def test_a_study_resumed_with_another_thread_count_recomputes_the_kept_models(
