@@ -286,6 +286,33 @@ def test_verdict_changes_between_two_prompt_sets():
     assert verdict_changes(first, first).empty
 
 
+def test_verdict_changes_refuses_a_claim_twice_rather_than_miss_a_model():
+    """Audit 109: a report with seed 0 twice and seed 1 missing has as many rows as the
+    full other report, so the length check passed; the merge paired seed 0's rows twice
+    and never compared seed 1, whose M1 changed: "no verdict changed". Refused, naming
+    the repeated row; the full reports give seed 1's change (compared by hand)."""
+    cell = ("mlp_res", "early", "embedding")
+    first = pd.concat(
+        [motif_report(*tables({cell: harmful(-1.0)}, seed=s)) for s in (0, 1)], ignore_index=True
+    )
+    second = pd.concat(
+        [motif_report(*tables({cell: harmful(-1.0)}, seed=0)), motif_report(*tables({}, seed=1))],
+        ignore_index=True,
+    )
+    changed = verdict_changes(first, second)
+    by_hand = first.merge(second, on=["seed", "claim"])
+    by_hand = by_hand[by_hand.present_x != by_hand.present_y]
+    assert not by_hand.empty and set(by_hand.seed) == {1}
+    assert changed[["seed", "claim"]].values.tolist() == by_hand[["seed", "claim"]].values.tolist()
+    twice = pd.concat([first[first.seed == 0]] * 2, ignore_index=True)
+    assert len(twice) == len(second)
+    with pytest.raises(
+        ValueError,
+        match=r"the first report has \d+ rows that repeat .*\{'seed': 0, 'claim': 'M1'\}",
+    ):
+        verdict_changes(twice, second)
+
+
 def test_bad_tables_are_refused_with_what_to_do():
     summary, effects = tables()
     with pytest.raises(ValueError, match="needs the groups"):

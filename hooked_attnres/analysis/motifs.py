@@ -1016,8 +1016,25 @@ def _d3_exact_texts(size: float, top_harm: float, criteria: Criteria) -> tuple[s
 
 def verdict_changes(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     """Per-seed claims whose ``present`` differs between two `motif_report` tables of the
-    same models (e.g. two disjoint sets of held-out prompts): the robustness check."""
+    same models (e.g. two disjoint sets of held-out prompts): the robustness check.
+
+    Raises:
+        ValueError: a ``(condition, seed, claim)`` row twice in either table (a report
+            concatenated twice: its repeated rows paired with one row of the other, so that
+            equal row counts hid a model of the other table that was never compared), a NaN
+            label (`require_labelled`), or tables that do not cover the same models and
+            claims.
+    """
     keys = [c for c in ("condition", "seed", "claim") if c in first.columns and c in second.columns]
+    for name, table in (("first", first), ("second", second)):
+        require_labelled(table, keys, f"the {name} report")
+        repeated = table[table.duplicated(keys, keep=False)]
+        if not repeated.empty:
+            first_row = {k: np.asarray(v).tolist() for k, v in repeated[keys].iloc[0].items()}
+            raise ValueError(
+                f"the {name} report has {len(repeated)} rows that repeat a {tuple(keys)} "
+                f"(first: {first_row}): pass motif_report's table of each model once"
+            )
     merged = first[keys + ["present"]].merge(
         second[keys + ["present"]], on=keys, suffixes=("_first", "_second")
     )
