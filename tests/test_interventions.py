@@ -2233,3 +2233,51 @@ def test_a_cache_of_the_same_routing_is_taken_whatever_its_unused_block_count(se
     plain = tiny_model(attnres_layout="none", attnres_num_blocks=2)
     plain_other = HookedAttnRes(plain.cfg.replace(attnres_num_blocks=4))
     assert plain.routing_layout == plain_other.routing_layout
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_a_two_dimensional_mask_or_weights_tensor_is_refused_not_read_as_positions(layout):
+    """Audit 110: `mask_hook` (and `set_weights`) documents ``[n_sources]`` and
+    ``[batch, 1, n_sources]`` (``[batch, pos, n_sources]`` in a whole-sequence pass), but
+    took any shape: a 2-D ``[batch, n_sources]`` mask (one per prompt) broadcast over
+    ``[batch, pos, n_sources]`` as ``[pos, n_sources]``, its row ``i`` at position ``i``
+    of every prompt. With ``batch == pos`` silently (float64, max |logit difference| from
+    the per-prompt masks meant: 0.38 kimi, 0.0086 cumulative, 0.27 full; weights 0.049
+    kimi), otherwise a bare broadcasting error. Refused now when built, naming the shapes
+    accepted; the per-prompt shape gives each prompt's own mask (checked against each
+    prompt run alone)."""
+    from hooked_attnres.interventions import mask_hook
+
+    model = routed(layout, dtype=torch.float64)
+    site = model.site(2, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    tokens = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(3, n, dtype=torch.bool)
+    for row in range(3):
+        masks[row, row % n] = True  # each prompt masks another source
+    accepted = "must be \\[n_sources\\], \\[batch, 1, n_sources\\] or \\[batch, pos, n_sources\\]"
+    for bad in (masks, masks[0][None], masks[None, None], torch.tensor(True)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=f"this ablation's mask {accepted}, got shape {shape}"):
+            mask_hook(site, bad)
+    with pytest.raises(ValueError, match=r"as \[pos, n_sources\].*mask\[:, None, :\]"):
+        mask_hook(site, masks)
+    weights = torch.softmax(torch.randn(3, n, dtype=torch.float64), -1)
+    with pytest.raises(ValueError, match=f"weights for {re.escape(str(site))} {accepted}"):
+        set_weights(model, weights, routers=[site])
+    # the documented shapes: one mask per prompt is each prompt's own
+    got = model.run_with_hooks(tokens, fwd_hooks=[mask_hook(site, masks[:, None, :])])
+    for row in range(3):
+        alone = model.run_with_hooks(tokens[row : row + 1], fwd_hooks=[mask_hook(site, masks[row])])
+        torch.testing.assert_close(got[row : row + 1], alone, atol=1e-12, rtol=0)
+    every = masks[:, None, :].expand(3, 3, n)  # [batch, pos, n_sources]
+    torch.testing.assert_close(
+        model.run_with_hooks(tokens, fwd_hooks=[mask_hook(site, every)]), got, atol=0, rtol=0
+    )
+    got = model.run_with_hooks(
+        tokens, fwd_hooks=set_weights(model, weights[:, None], routers=[site])
+    )
+    for row in range(3):
+        hooks = set_weights(model, weights[row], routers=[site])
+        alone = model.run_with_hooks(tokens[row : row + 1], fwd_hooks=hooks)
+        torch.testing.assert_close(got[row : row + 1], alone, atol=1e-12, rtol=0)

@@ -35,6 +35,7 @@ from hooked_attnres.interventions.checks import (
     check_cache_mask,
     check_cached,
     check_run_shape,
+    check_source_tensor,
     check_value_tensor,
     recorded_run,
 )
@@ -389,8 +390,11 @@ def mask_hook(
     """The ``hook_logits`` hook that masks ``where`` at one router.
 
     Args:
-        where: ``[n_sources]`` (every prompt alike) or ``[batch, 1, n_sources]`` (one mask
-            per row of the batch, as the batched ablation sweep uses).
+        where: bool ``[n_sources]`` (every prompt alike), ``[batch, 1, n_sources]`` (one
+            mask per row of the batch, as the batched ablation sweep uses) or ``[batch,
+            pos, n_sources]`` (one per prompt and position, a whole-sequence pass only);
+            another number of axes is refused when built (`check_source_tensor`: a 2-D
+            ``[batch, n_sources]`` broadcast as ``[pos, n_sources]`` until audit 110).
         positions: only mask at these positions (default: all; checked when built,
             `check_positions`, and against the run's length when the hook runs).
 
@@ -402,6 +406,7 @@ def mask_hook(
     of the sequence (`_require_aligned`).
     """
     index = check_positions(positions)
+    where = check_source_tensor(where, f"{what}'s mask")
     # equal masks at equal positions are one intervention (an ablation compiled again)
     tag = _intervention_tag(f"{what} at {site.hook('logits')}", ("mask", site), where, index)
 
@@ -631,7 +636,7 @@ def _weights_for(
         # as not summing to 1
         real = padding_of(recorded_run(weights, "the cache given to set_weights").attention_mask)
         weights = weights[name]
-    weights = torch.as_tensor(weights)
+    weights = check_source_tensor(weights, f"weights for {site}")
     if not weights.is_floating_point():
         weights = weights.float()  # a float64 model's float64 weights stay float64
     if weights.shape[-1] != n_sources:
@@ -674,8 +679,11 @@ def set_weights(
     """Replace routing weights.
 
     Args:
-        weights: ``"uniform"``; a tensor ``[n_sources]`` or ``[batch, pos, n_sources]``
-            (one router's shape, so usually with a single router selected); a dict
+        weights: ``"uniform"``; a tensor ``[n_sources]``, ``[batch, 1, n_sources]`` or
+            ``[batch, pos, n_sources]`` (one router's shape, so usually with a single
+            router selected; another number of axes is refused, `check_source_tensor`:
+            a 2-D ``[batch, n_sources]`` broadcast as ``[pos, n_sources]`` until audit
+            110); a dict
             ``{(layer, router) or RouterSite: tensor}`` with one entry per selected router
             and none for another; or an ``ActivationCache`` / dict of another run holding
             ``hook_weights`` (routing patching, e.g. clean weights into a corrupted run).
@@ -686,7 +694,8 @@ def set_weights(
         KeyError: a dict by router without an entry for a selected router.
         ValueError: a dict by router with an entry for a router outside the selection
             (it would be ignored), two entries for one router or a key that is not a
-            router; weights of another number of sources, negative or not summing to 1.
+            router; weights of another shape or number of sources, negative or not
+            summing to 1.
     """
     index = check_positions(positions)
     hooks: Hooks = []
