@@ -171,12 +171,15 @@ def _has_position_axis(value: Tensor) -> bool:
     return value.ndim >= 2 and value.shape[-2] != 1
 
 
-def _require_aligned(value: Optional[Tensor], current: Tensor, where: str) -> None:
+def _require_aligned(
+    value: Optional[Tensor], current: Tensor, where: str, kind: str = "value tensor"
+) -> None:
     """A value that addresses positions of the whole sequence (another run's cache:
     ``value=None``; a tensor whose position axis, the one before the last, has more than
     one position) is refused in a pass that runs part of the sequence
     (`require_whole_sequence`): a key-value cache chunk would read the value's first
-    positions at its own, later ones."""
+    positions at its own, later ones. ``kind`` names the tensor in the message (``"mask"``
+    for `mask_hook`'s)."""
     if value is None:
         require_whole_sequence(
             current.shape[-2],
@@ -186,9 +189,9 @@ def _require_aligned(value: Optional[Tensor], current: Tensor, where: str) -> No
     elif _has_position_axis(value):
         require_whole_sequence(
             current.shape[-2],
-            f"{where}: a value tensor of shape {tuple(value.shape)} (a position axis of "
+            f"{where}: a {kind} of shape {tuple(value.shape)} (a position axis of "
             f"{value.shape[-2]})",
-            instead="give a value without a position axis (its position axis of size 1)",
+            instead=f"give a {kind} without a position axis (its position axis of size 1)",
         )
 
 
@@ -412,7 +415,7 @@ def mask_hook(
 
     def hook(logits: Float[Tensor, "batch pos n_sources"], hook):
         note_intervention(tag)
-        _require_aligned(where, logits, f"{what} at {hook.name}")
+        _require_aligned(where, logits, f"{what} at {hook.name}", "mask")
         mask = where.to(logits.device)
         pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
         if pos_mask is not None:
