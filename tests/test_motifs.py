@@ -313,6 +313,36 @@ def test_verdict_changes_refuses_a_claim_twice_rather_than_miss_a_model():
         verdict_changes(twice, second)
 
 
+def test_verdict_changes_compares_models_told_apart_by_motif_reports_by():
+    """Review of audit 109: motif_report and motif_verdicts take ``by`` (e.g. models
+    labelled by a ``model`` column, as summarize_mass's message suggests for conditions of
+    one task), but verdict_changes keyed on condition / seed only, so two such models of
+    seed 0 were refused as "a report concatenated twice: pass each model once" (before
+    audit 109: "do not cover the same models"). With ``by`` it compares them (merged by
+    hand); without it the message names ``by``."""
+    cell = ("mlp_res", "early", "embedding")
+
+    def report(effects_of_b):
+        parts = [
+            [t.assign(model=model) for t in tables(effects, seed=0)]
+            for model, effects in (("a", {cell: harmful(-1.0)}), ("b", effects_of_b))
+        ]
+        mass, effects = (pd.concat(list(t), ignore_index=True) for t in zip(*parts, strict=True))
+        return motif_report(mass, effects, by=["model", "seed"])
+
+    first, second = report({cell: harmful(-1.0)}), report({})
+    keys = ["model", "seed", "claim"]
+    by_hand = first.merge(second, on=keys)
+    by_hand = by_hand[by_hand.present_x != by_hand.present_y]
+    assert not by_hand.empty and set(by_hand.model) == {"b"}
+    changed = verdict_changes(first, second, by=["model", "seed"])
+    assert changed[keys].values.tolist() == by_hand[keys].values.tolist()
+    with pytest.raises(ValueError, match=r"name it in by \(e.g. by=\['seed', 'model'\]\)"):
+        verdict_changes(first, second)
+    with pytest.raises(ValueError, match="the first report lacks the column 'task'"):
+        verdict_changes(first, second, by=["task", "seed"])
+
+
 def test_bad_tables_are_refused_with_what_to_do():
     summary, effects = tables()
     with pytest.raises(ValueError, match="needs the groups"):

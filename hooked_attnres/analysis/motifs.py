@@ -1014,26 +1014,37 @@ def _d3_exact_texts(size: float, top_harm: float, criteria: Criteria) -> tuple[s
     return format(exact[0], "f"), format(exact[1], "f")
 
 
-def verdict_changes(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+def verdict_changes(
+    first: pd.DataFrame, second: pd.DataFrame, by: Optional[list[str]] = None
+) -> pd.DataFrame:
     """Per-seed claims whose ``present`` differs between two `motif_report` tables of the
     same models (e.g. two disjoint sets of held-out prompts): the robustness check.
 
+    ``by``: the columns that identify one model, in both tables (as `motif_report`'s
+    ``by``, e.g. ``["model", "seed"]``); default those of ``condition`` and ``seed`` that
+    both tables have.
+
     Raises:
-        ValueError: a ``(condition, seed, claim)`` row twice in either table (a report
-            concatenated twice: its repeated rows paired with one row of the other, so that
-            equal row counts hid a model of the other table that was never compared), a NaN
-            label (`require_labelled`), or tables that do not cover the same models and
-            claims.
+        ValueError: a ``by`` column a table lacks; a ``(*by, claim)`` row twice in either
+            table (a report concatenated twice: its repeated rows paired with one row of
+            the other, so that equal row counts hid a model of the other table that was
+            never compared; or models told apart by a column not in ``by``), a NaN label
+            (`require_labelled`), or tables that do not cover the same models and claims.
     """
-    keys = [c for c in ("condition", "seed", "claim") if c in first.columns and c in second.columns]
+    if by is None:
+        by = [c for c in ("condition", "seed") if c in first.columns and c in second.columns]
+    keys = list(dict.fromkeys([*by, "claim"]))
     for name, table in (("first", first), ("second", second)):
-        require_labelled(table, keys, f"the {name} report")
+        _require_labels(table, list(by), f"the {name} report")  # by's columns, labelled
+        require_labelled(table, ["claim"], f"the {name} report")
         repeated = table[table.duplicated(keys, keep=False)]
         if not repeated.empty:
             first_row = {k: np.asarray(v).tolist() for k, v in repeated[keys].iloc[0].items()}
             raise ValueError(
                 f"the {name} report has {len(repeated)} rows that repeat a {tuple(keys)} "
-                f"(first: {first_row}): pass motif_report's table of each model once"
+                f"(first: {first_row}): pass motif_report's table of each model once; for "
+                "models told apart by another column (motif_report's by), name it in by "
+                f"(e.g. by={[*by, 'model']})"
             )
     merged = first[keys + ["present"]].merge(
         second[keys + ["present"]], on=keys, suffixes=("_first", "_second")
