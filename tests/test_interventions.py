@@ -2256,8 +2256,11 @@ def test_a_two_dimensional_mask_or_weights_tensor_is_refused_not_read_as_positio
     masks = torch.zeros(3, n, dtype=torch.bool)
     for row in range(3):
         masks[row, row % n] = True  # each prompt masks another source
-    accepted = "must be \\[n_sources\\], \\[batch, 1, n_sources\\] or \\[batch, pos, n_sources\\]"
-    for bad in (masks, masks[0][None], masks[None, None], torch.tensor(True)):
+    accepted = (
+        "must be \\[n_sources\\], \\[1, n_sources\\], \\[batch, 1, n_sources\\] or "
+        "\\[batch, pos, n_sources\\]"
+    )
+    for bad in (masks, masks[None, None], torch.tensor(True)):
         shape = re.escape(str(tuple(bad.shape)))
         with pytest.raises(ValueError, match=f"this ablation's mask {accepted}, got shape {shape}"):
             mask_hook(site, bad)
@@ -2282,3 +2285,43 @@ def test_a_two_dimensional_mask_or_weights_tensor_is_refused_not_read_as_positio
         hooks = set_weights(model, weights[row], routers=[site])
         alone = model.run_with_hooks(tokens[row : row + 1], fwd_hooks=hooks)
         torch.testing.assert_close(got[row : row + 1], alone, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_a_mask_or_weights_of_one_row_over_sources_is_taken_as_every_prompts(layout):
+    """Audit 113: a 2-D tensor whose first axis is 1 (``[1, n_sources]``, e.g. a single
+    prompt's ``clean_cache[name][:, -1]``) reads alike as one prompt's and as one
+    position's (both broadcast to every prompt and position) and was exact before audit
+    110, which refused it with the ambiguous ``[batch, n_sources]``. Taken again: equal
+    to the ``[n_sources]`` tensor's run (mask_hook, set_weights by tensor and by dict);
+    a 2-D tensor of more rows stays refused, naming both remedies."""
+    from hooked_attnres.interventions import mask_hook
+
+    model = routed(layout, dtype=torch.float64)
+    site = model.site(2, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    tokens = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[-1] = True
+    weights = torch.softmax(torch.randn(n, dtype=torch.float64), -1)
+    for one_row, flat in (
+        ([mask_hook(site, mask[None])], [mask_hook(site, mask)]),
+        (set_weights(model, weights[None], routers=[site]), set_weights(model, weights, [site])),
+        (
+            set_weights(model, {site: weights[None]}, [site]),
+            set_weights(model, {site: weights}, [site]),
+        ),
+    ):
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=one_row),
+            model.run_with_hooks(tokens, fwd_hooks=flat),
+            atol=0,
+            rtol=0,
+        )
+    # the masked source is masked: its weight is exactly 0 at every prompt and position
+    assert (
+        weights_under(model, tokens, [mask_hook(site, mask[None])])[site.hook("weights")][..., -1]
+        == 0
+    ).all()
+    with pytest.raises(ValueError, match=r"got shape \(2, .*tensor\[:, None, :\].*tensor\[None\]"):
+        set_weights(model, torch.stack([weights, weights]), routers=[site])

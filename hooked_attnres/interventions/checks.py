@@ -223,22 +223,26 @@ def check_source_tensor(value: Any, what: str) -> Tensor:
     """A tensor over a router's sources (an ablation's mask, routing weights), checked when
     the intervention is built: ``[n_sources]`` (every prompt and position alike),
     ``[batch, 1, n_sources]`` (one per prompt) or ``[batch, pos, n_sources]`` (one per
-    prompt and position). Any other number of axes is refused: a 2-D ``[batch,
-    n_sources]`` broadcast over ``[batch, pos, n_sources]`` as ``[pos, n_sources]``, its
-    row ``i`` at position ``i`` of every prompt (silently where batch == pos, before audit
-    110). ``what`` names the tensor; returns it (`torch.as_tensor`: a tensor itself)."""
+    prompt and position); ``[1, n_sources]`` too, which reads alike as one prompt's and as
+    one position's (every prompt and position alike, e.g. a single prompt's
+    ``cache[name][:, -1]``; refused from audit 110 to 113). Any other shape is refused: a
+    2-D ``[batch, n_sources]`` broadcast over ``[batch, pos, n_sources]`` as ``[pos,
+    n_sources]``, its row ``i`` at position ``i`` of every prompt (silently where batch ==
+    pos, before audit 110). ``what`` names the tensor; returns it (`torch.as_tensor`: a
+    tensor itself)."""
     tensor = torch.as_tensor(value)
-    if tensor.ndim not in (1, 3):
+    if tensor.ndim not in (1, 3) and not (tensor.ndim == 2 and tensor.shape[0] == 1):
         hint = ""
         if tensor.ndim == 2:
             hint = (
                 " (a 2-D tensor would broadcast over [batch, pos, n_sources] as [pos, "
                 "n_sources]: its row i at position i of every prompt, not at prompt i; for "
-                "one per prompt give tensor[:, None, :], e.g. mask[:, None, :])"
+                "one per prompt give tensor[:, None, :], e.g. mask[:, None, :]; for one per "
+                "position, every prompt alike, tensor[None])"
             )
         raise ValueError(
-            f"{what} must be [n_sources], [batch, 1, n_sources] or [batch, pos, n_sources], "
-            f"got shape {tuple(tensor.shape)}{hint}"
+            f"{what} must be [n_sources], [1, n_sources], [batch, 1, n_sources] or [batch, "
+            f"pos, n_sources], got shape {tuple(tensor.shape)}{hint}"
         )
     return tensor
 

@@ -396,8 +396,9 @@ def mask_hook(
         where: bool ``[n_sources]`` (every prompt alike), ``[batch, 1, n_sources]`` (one
             mask per row of the batch, as the batched ablation sweep uses) or ``[batch,
             pos, n_sources]`` (one per prompt and position, a whole-sequence pass only);
-            another number of axes is refused when built (`check_source_tensor`: a 2-D
-            ``[batch, n_sources]`` broadcast as ``[pos, n_sources]`` until audit 110).
+            ``[1, n_sources]`` is ``[n_sources]``; another shape is refused when built
+            (`check_source_tensor`: a 2-D ``[batch, n_sources]`` broadcast as ``[pos,
+            n_sources]`` until audit 110).
         positions: only mask at these positions (default: all; checked when built,
             `check_positions`, and against the run's length when the hook runs).
 
@@ -682,9 +683,9 @@ def set_weights(
     """Replace routing weights.
 
     Args:
-        weights: ``"uniform"``; a tensor ``[n_sources]``, ``[batch, 1, n_sources]`` or
-            ``[batch, pos, n_sources]`` (one router's shape, so usually with a single
-            router selected; another number of axes is refused, `check_source_tensor`:
+        weights: ``"uniform"``; a tensor ``[n_sources]`` (or ``[1, n_sources]``), ``[batch,
+            1, n_sources]`` or ``[batch, pos, n_sources]`` (one router's shape, so usually
+            with a single router selected; another shape is refused, `check_source_tensor`:
             a 2-D ``[batch, n_sources]`` broadcast as ``[pos, n_sources]`` until audit
             110); a dict
             ``{(layer, router) or RouterSite: tensor}`` with one entry per selected router
