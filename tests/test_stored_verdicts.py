@@ -13,6 +13,7 @@ the point: a second reading that agrees with the code on the published numbers.
 
 from __future__ import annotations
 
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -90,9 +91,9 @@ def decide_one_model(effects: pd.DataFrame, mass: pd.DataFrame, as_written: bool
     return out
 
 
-def decide(study: str) -> pd.DataFrame:
-    effects = pd.read_csv(RESULTS / study / "effects.csv")
-    mass = pd.read_csv(RESULTS / study / "mass_summary.csv")
+def decide(directory: Path) -> pd.DataFrame:
+    effects = pd.read_csv(directory / "effects.csv")
+    mass = pd.read_csv(directory / "mass_summary.csv")
     rows = []
     for (condition, seed), model_effects in effects.groupby(["condition", "seed"], sort=False):
         model_mass = mass[(mass.condition == condition) & (mass.seed == seed)]
@@ -114,20 +115,28 @@ def word(k: int, n: int) -> str:
     return "majority" if 2 * k > n else "minority"
 
 
-@pytest.mark.parametrize("study", STUDIES)
-def test_every_stored_decision_is_the_preregistered_texts(study):
-    mine = decide(study)
-    stored = pd.read_csv(RESULTS / study / "motifs.csv")
+# every merge is one row to one row: a row stored twice in place of another's (the other
+# missing) kept the lengths equal and was matched twice, unnoticed (audit 113)
+ONE_TO_ONE = "one_to_one"
+
+
+def check_decisions(directory: Path) -> None:
+    """The stored ``motifs.csv`` and ``verdicts.csv`` of ``directory`` are what the text
+    decides from its ``effects.csv`` and ``mass_summary.csv``."""
+    mine = decide(directory)
+    stored = pd.read_csv(directory / "motifs.csv")
     assert len(stored) == len(mine) == 10 * mine.groupby(["condition", "seed"]).ngroups
-    both = stored.merge(mine, on=["condition", "seed", "claim"], suffixes=("", "_text"))
+    both = stored.merge(
+        mine, on=["condition", "seed", "claim"], suffixes=("", "_text"), validate=ONE_TO_ONE
+    )
     assert len(both) == len(stored)
     for column in ("present", "present_as_written"):
         differ = both[both[column].astype(bool) != both[f"{column}_text"]]
         assert differ.empty, differ[["condition", "seed", "claim", column, f"{column}_text"]]
 
     counts = mine.groupby(["condition", "claim"]).present.agg(["sum", "count"]).reset_index()
-    verdicts = pd.read_csv(RESULTS / study / "verdicts.csv")
-    merged = verdicts.merge(counts, on=["condition", "claim"])
+    verdicts = pd.read_csv(directory / "verdicts.csv")
+    merged = verdicts.merge(counts, on=["condition", "claim"], validate=ONE_TO_ONE)
     assert len(merged) == len(verdicts) == len(counts)
     assert list(merged.k) == list(merged["sum"])
     assert list(merged.n) == list(merged["count"])
@@ -136,15 +145,45 @@ def test_every_stored_decision_is_the_preregistered_texts(study):
     ]
 
 
-@pytest.mark.parametrize("study", STUDIES)
-def test_the_stored_robustness_list_is_every_decision_the_second_prompt_set_changes(study):
-    first = pd.read_csv(RESULTS / study / "motifs.csv")
-    second = pd.read_csv(RESULTS / study / "fresh_motifs.csv")
-    both = first.merge(second, on=["condition", "seed", "claim"], suffixes=("_first", "_second"))
+def check_robustness(directory: Path) -> None:
+    """The stored ``robustness.csv`` lists every decision of ``motifs.csv`` that
+    ``fresh_motifs.csv`` (the second prompt set) changes, and only those."""
+    first = pd.read_csv(directory / "motifs.csv")
+    second = pd.read_csv(directory / "fresh_motifs.csv")
+    both = first.merge(
+        second,
+        on=["condition", "seed", "claim"],
+        suffixes=("_first", "_second"),
+        validate=ONE_TO_ONE,
+    )
     assert len(both) == len(first) == len(second)
     changed = both[both.present_first != both.present_second]
     key = ["condition", "seed", "claim", "present_first", "present_second"]
-    listed = pd.read_csv(RESULTS / study / "robustness.csv")
+    listed = pd.read_csv(directory / "robustness.csv")
     assert sorted(map(tuple, changed[key].values.tolist())) == sorted(
         map(tuple, listed[key].values.tolist())
     )
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_stored_decision_is_the_preregistered_texts(study):
+    check_decisions(RESULTS / study)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_the_stored_robustness_list_is_every_decision_the_second_prompt_set_changes(study):
+    check_robustness(RESULTS / study)
+
+
+@pytest.mark.parametrize("table", ["motifs.csv", "verdicts.csv", "fresh_motifs.csv"])
+def test_a_row_stored_twice_in_place_of_another_is_caught(tmp_path, table):
+    """Audit 113: a table with one row stored twice and another missing has the right
+    length, and each merge matched the twice-stored row twice: the checks passed (e.g.
+    ``verdicts.csv`` without one claim's verdict). Every merge is one to one now."""
+    shutil.copytree(RESULTS / "paperlike", tmp_path, dirs_exist_ok=True)
+    rows = pd.read_csv(tmp_path / table)
+    rows.iloc[[1]] = rows.iloc[[0]].to_numpy()  # row 0 twice, row 1 gone
+    rows.to_csv(tmp_path / table, index=False)
+    check = check_robustness if table == "fresh_motifs.csv" else check_decisions
+    with pytest.raises(pd.errors.MergeError, match="not a one-to-one merge"):
+        check(tmp_path)
