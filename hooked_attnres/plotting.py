@@ -596,6 +596,32 @@ def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _mass_of_group(mass_summary: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The rows of ``mass_summary`` over the layers of the effects' ``group``: those of band
+    ``group`` when the summary has a ``band`` column (`summarize_mass` by ``("router",
+    "band", "family")``, or the study's summary, whose band ``"all"`` is every layer); a
+    summary without one is of every layer of each router type, so only ``group`` ``"all"``
+    pairs with it (its mass was drawn beside a band's effect under the band's title)."""
+    if "band" in mass_summary.columns:
+        rows = mass_summary[mass_summary.band == group]
+        if rows.empty:
+            raise ValueError(
+                f"mass_summary has no rows of band {group!r} (its bands: "
+                f"{list(dict.fromkeys(mass_summary.band))}): the mass must be over the layers "
+                f"whose ablation the effects of group {group!r} measure; summarise the mass "
+                f"by ('router', 'family') for group 'all', or pass the group of a band it has"
+            )
+        return rows
+    if group != "all":
+        raise ValueError(
+            f"mass_summary has no 'band' column: its mass is over every layer of each router "
+            f"type, while the effects of group {group!r} mask that group's layers only; "
+            "summarise the mass by ('router', 'band', 'family') (routing_mass has the band "
+            f"column) to show band {group!r}, or plot group 'all'"
+        )
+    return mass_summary
+
+
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
 ) -> pd.DataFrame:
@@ -606,6 +632,7 @@ def _merged(
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
+    mass_summary = _mass_of_group(mass_summary, group)
     shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
     _require_table(
         shown,
@@ -637,8 +664,11 @@ def mass_effect_bars(
     ablation masked no router (``n_masked_routers`` 0) no effect bar.
 
     Args:
-        mass_summary: `summarize_mass(mass, by=("router", "family"))` (with
-            ``family_read``: a summary without it is refused).
+        mass_summary: `summarize_mass(mass, by=("router", "family"))` (every layer:
+            for ``group`` ``"all"``) or by ``("router", "band", "family")`` (its rows of
+            band ``group`` are shown: the mass of the layers the effects masked; a summary
+            without a ``band`` column and another ``group`` is refused), with
+            ``family_read`` (a summary without it is refused).
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
@@ -717,7 +747,8 @@ def mass_effect_scatter(
     both intervals; points far from the diagonal trend are dissociations. A family no
     router of the type reads (``family_read`` False) has no point, nor one whose ablation
     masked no router (``n_masked_routers`` 0); a summary without ``family_read`` is
-    refused."""
+    refused. ``mass_summary`` as in `mass_effect_bars` (its band ``group`` when it has a
+    ``band`` column; without one, ``group`` ``"all"`` only)."""
     merged = _merged(mass_summary, effects, metric, group)
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()

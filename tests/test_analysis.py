@@ -378,15 +378,23 @@ def test_mass_effect_plots_refuse_tables_of_several_models_or_bands():
         ].iloc[0]
         assert trace.x[0] == mass[(mass.router == router) & (mass.family == family)].mass.item()
         assert trace.y[0] == pytest.approx(abs(row.effect))
-    # a mass summary per depth band would pair every band's mass with the overall effect
-    # (32 points instead of 8), and two seeds would pair seed 0's mass with seed 1's effect
+    # a mass summary per depth band paired every band's mass with the overall effect (32
+    # points instead of 8); then it was refused; since audit 114 its band "all" (the
+    # effects' group) is drawn, and two seeds would pair seed 0's mass with seed 1's effect
     banded, _ = _plot_tables(bands=("early", "middle", "late", "all"))
+    points = plotting.mass_effect_scatter(banded, effects).data
+    assert len(points) == 2 * len(FAMILIES)
+    for trace in points:
+        family, router = trace.name.split(" (")[0], trace.marker.symbol
+        router = {"circle": "attn_res", "square": "mlp_res"}[router]
+        row = banded[(banded.router == router) & (banded.family == family)]
+        assert trace.x[0] == row[row.band == "all"].mass.item()
     with pytest.raises(
         ValueError,
         match=r"mass_summary has several rows for router='attn_res'"
-        r", family='embedding' \(they differ in \['band'\]\)",
+        r", family='embedding' \(they differ in \['seed'\]\)",
     ):
-        plotting.mass_effect_scatter(banded, effects)
+        plotting.mass_effect_scatter(_plot_tables(seeds=(0, 1), bands=("all",))[0], effects)
     two_mass, two_effects = _plot_tables(seeds=(0, 1))
     for plot in (plotting.mass_effect_scatter, plotting.mass_effect_bars):
         with pytest.raises(ValueError, match="several rows .* use mass_effect_by_seed"):

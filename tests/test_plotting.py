@@ -14,6 +14,7 @@ from helpers import hf_qwen3, randomize_routing, tiny_model
 
 from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
 from hooked_attnres.analysis import ablation_effects, routing_mass, summarize_mass
+from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.run import mass_by_layer
 from hooked_attnres.tasks.base import TaskBatch
@@ -846,3 +847,54 @@ def test_seed_figures_refuse_nan_conditions_and_seeds():
     ].set_index("group")
     (trace,) = [t for t in fig.data if t.name == "seed 1"]
     assert list(trace.y) == [rows.effect[g] for g in ("early", "middle", "late")]
+
+
+@pytest.mark.parametrize("layout", ["kimi", "full"])
+def test_mass_effect_figures_draw_the_mass_of_the_effects_group(layout):
+    """Audit 114: mass_effect_bars(group="early") and mass_effect_scatter drew the mass of
+    every layer (a summary by router and family) beside the early band's effects, titled
+    "group early": kimi attention embedding 0.49 where the early routers give it 0.73, older
+    0.06 where no early router reads it; a summary by band was refused. The mass is now the
+    summary's band ``group`` (by hand below: each prompt's mean over the band's routers,
+    then the mean over prompts); a summary without a band column is for group "all" only."""
+    model = randomize_routing(tiny_model(attnres_layout=layout, n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    mass = routing_mass(model, batch)
+    banded = summarize_mass(mass, by=("router", "band", "family"), n_bootstrap=40)
+    groups = {**depth_bands(6), "all": list(range(6))}  # the study's groups
+    effects = ablation_effects(
+        model, batch, groups=groups, metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+
+    def by_hand(router, band, family):  # NaN: no router of the band reads the family
+        rows = mass[(mass.router == router) & (mass.family == family)]
+        rows = rows if band == "all" else rows[rows.band == band]
+        read = (rows.n_sources > 0).any()
+        return rows.groupby("prompt").mass.mean().mean() if read else np.nan
+
+    study_like = pd.concat(
+        [banded, summarize_mass(mass, n_bootstrap=40).assign(band="all")], ignore_index=True
+    )
+    for summary, group in ((banded, "early"), (banded, "late"), (study_like, "all")):
+        bars = plotting.mass_effect_bars(summary, effects, group=group, relative=False)
+        routers = [r for r in plotting.ROUTERS if r in set(effects[effects.group == group].router)]
+        for k, router in enumerate(routers):
+            trace = bars.data[2 * k]  # the router type's mass bars
+            for family, value in zip(trace.x, trace.y, strict=True):
+                expected = by_hand(router, group, family)
+                if np.isnan(expected):
+                    assert value is None or np.isnan(value), (group, router, family)
+                else:
+                    assert value == pytest.approx(expected, abs=1e-9), (group, router, family)
+        scatter = plotting.mass_effect_scatter(summary, effects, group=group)
+        for trace in scatter.data:
+            family, router_title = trace.name.removesuffix(")").split(" (")
+            (router,) = [r for r, t in plotting.ROUTER_TITLES.items() if t == router_title]
+            assert trace.x[0] == pytest.approx(by_hand(router, group, family), abs=1e-9)
+    overall = summarize_mass(mass, n_bootstrap=40)  # every layer: group "all" only
+    for plot in (plotting.mass_effect_bars, plotting.mass_effect_scatter):
+        with pytest.raises(ValueError, match=r"^mass_summary has no 'band' column: its mass"):
+            plot(overall, effects, group="early")
+        with pytest.raises(ValueError, match=r"^mass_summary has no rows of band 'all'"):
+            plot(banded, effects)
