@@ -1059,7 +1059,7 @@ def mass_effect_by_seed(
     # a NaN condition or seed matches no panel or slot (`effects_by_seed`)
     require_labelled(effects, ("condition", "seed"), "effects")
     require_labelled(mass_summary, ("condition", "seed"), "mass_summary")
-    mass = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
+    mass = _mass_of_group(mass_summary, "all")  # every layer, as the effects of group "all"
     mass = mass[mass.router == router]
     chosen = effects[
         (effects.metric == "logit_diff") & (effects.group == "all") & (effects.router == router)

@@ -898,3 +898,6 @@ def test_mass_effect_figures_draw_the_mass_of_the_effects_group(layout):
             plot(overall, effects, group="early")
         with pytest.raises(ValueError, match=r"^mass_summary has no rows of band 'all'"):
             plot(banded, effects)
+    # the seed figure reads the same rule (band "all"; was: "no mass or logit_diff effects")
+    with pytest.raises(ValueError, match=r"^mass_summary has no rows of band 'all'"):
+        plotting.mass_effect_by_seed(banded, effects.assign(condition="c", seed=0), "attn_res")
