@@ -925,6 +925,18 @@ def _seed_note(absent: Sequence[int]) -> str:
     return f" (no seed {', '.join(map(str, absent))})" if absent else ""
 
 
+def _shown_effects(
+    chosen: pd.DataFrame, columns: Sequence[str], relative: bool
+) -> tuple[pd.DataFrame, str]:
+    """The rows of ``chosen`` (effects of a seed figure) of the conditions shown,
+    ``columns``, checked finite and in the plotted unit (`_scaled`): only they decide. A
+    condition not shown, e.g. a model at chance with a clean logit difference <= 0 (or a
+    NaN one), refused every figure of the table with ``relative=True`` (audit 117)."""
+    chosen = chosen[chosen.condition.isin(columns)]
+    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
+    return _scaled(chosen, relative)
+
+
 def effects_by_seed(
     effects: pd.DataFrame,
     family: str,
@@ -972,7 +984,6 @@ def effects_by_seed(
         "effects",
         "give each model a distinct condition or seed",
     )
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     for axis, asked in (("router", routers), ("group", groups)):
         lacking = [a for a in asked if a not in set(chosen[axis])]
         if lacking:  # an empty panel, or an empty slot on every panel's x-axis
@@ -980,9 +991,9 @@ def effects_by_seed(
                 f"effects has no logit_diff rows of {family!r} at {axis}(s) {lacking} (it has "
                 f"{list(dict.fromkeys(chosen[axis]))})"
             )
-    chosen, unit = _scaled(chosen, relative)
     columns = _columns(columns, chosen)
-    seeds = sorted(set(chosen.seed))
+    seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
+    chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(chosen, columns, seeds)
     titles = [
         f"{c}{_seed_note(absent[c])}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r]
@@ -1070,12 +1081,11 @@ def mass_effect_by_seed(
     remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
     _require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
     _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
-    _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
-    chosen, unit = _scaled(chosen, relative)
     columns = _columns(columns, chosen)
-    seeds = sorted(set(chosen.seed))
+    seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
     families = [f for f in FAMILIES if f in set(chosen.family)]  # the ones with an effect
+    chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
     fig = make_subplots(
         rows=2,

@@ -901,3 +901,48 @@ def test_mass_effect_figures_draw_the_mass_of_the_effects_group(layout):
     # the seed figure reads the same rule (band "all"; was: "no mass or logit_diff effects")
     with pytest.raises(ValueError, match=r"^mass_summary has no rows of band 'all'"):
         plotting.mass_effect_by_seed(banded, effects.assign(condition="c", seed=0), "attn_res")
+
+
+def test_seed_figures_scale_by_the_plotted_conditions_clean_difference_only():
+    """Audit 117: effects_by_seed and mass_effect_by_seed with relative=True refused a
+    figure of conditions whose clean logit differences are all positive because another
+    condition of the table, not shown (``columns=``), had one <= 0 (a model at chance) or
+    NaN: the percent conversion checked every row before the columns were chosen. Only the
+    plotted rows decide now; every bar is its effect in percent of its own model's clean
+    difference, by hand below, and the seed slots stay those of the whole table."""
+    effects = _effects(conditions=("a", "b", "c"), seeds=(0, 1))
+    effects = effects[~((effects.condition == "c") & (effects.seed == 1))]  # c lacks seed 1
+    mass = _mass(conditions=("a", "b", "c"), seeds=(0, 1))
+    mass = mass[~((mass.condition == "c") & (mass.seed == 1))]
+    for bad in (-0.5, np.nan):
+        table = effects.assign(clean=effects.clean.where(effects.condition != "b", bad))
+        by_seed = plotting.effects_by_seed(table, "older", ["mlp_res"], columns=["a", "c"])
+        pair = plotting.mass_effect_by_seed(mass, table, "mlp_res", columns=["c", "a"])
+        assert [a.text for a in by_seed.layout.annotations] == [
+            "a: MLP routers",
+            "c (no seed 1): MLP routers",
+        ]
+        assert [a.text for a in pair.layout.annotations] == ["c (no seed 1)", "a"]
+        checked = 0
+        for trace in [*by_seed.data, *pair.data]:
+            condition = trace.hovertemplate.split("<extra>")[1].removesuffix("</extra>")
+            seed = int(trace.name.split()[1])
+            if "mass" in trace.hovertemplate or (condition, seed) == ("c", 1):
+                continue  # the mass row, and the empty slots of the seed c lacks
+            group_figure = trace in by_seed.data
+            for x, value in zip(trace.x, trace.y, strict=True):
+                row = table[
+                    (table.condition == condition)
+                    & (table.seed == seed)
+                    & (table.router == "mlp_res")
+                    & (table.group == (x if group_figure else "all"))
+                    & (table.family == ("older" if group_figure else x))
+                ]
+                assert value == pytest.approx(100 * row.effect.item() / row.clean.item())
+                checked += 1
+        assert checked == 3 * 3 + 4 * 3  # (a 0, a 1, c 0) x 3 bands, x 4 families
+        # a plotted condition with such a clean difference is still refused
+        with pytest.raises(ValueError, match=r"clean|relative=True divides"):
+            plotting.effects_by_seed(table, "older", ["mlp_res"], columns=["a", "b"])
+        with pytest.raises(ValueError, match=r"clean|relative=True divides"):
+            plotting.mass_effect_by_seed(mass, table, "mlp_res", columns=["b"])
