@@ -624,7 +624,11 @@ def _mass_of_group(mass_summary: pd.DataFrame, group: str) -> pd.DataFrame:
 
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, str]:
+    """The mass rows of the effects' ``group`` (`_mass_of_group`) merged with the effects of
+    ``metric`` and ``group`` by router and family, and a title's note naming the mass rows
+    left out (families at the effects' router types without an effect row; ``""`` if
+    none). An effect without a mass row is refused (audit 117: the merge left it out)."""
     _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
@@ -647,7 +651,37 @@ def _merged(
     )
     _require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
     _require_one_row(chosen, ("router", "family"), "effects", remedy)
-    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", ""))
+    # an effect without a mass row was left out by the merge without a word (audit 117:
+    # a source label's, e.g. attn_0 with the largest effect of its router type)
+    have = set(zip(mass_summary.router, mass_summary.family, strict=True))
+    unpaired = [
+        (router, family)
+        for router, family in zip(chosen.router, chosen.family, strict=True)
+        if (router, family) not in have
+    ]
+    if unpaired:
+        raise ValueError(
+            f"effects has (router, family) rows {unpaired} without a mass_summary row to "
+            "pair with: the figure would leave them out. Select the effects to show, e.g. "
+            "effects[effects.family.isin(mass_summary.family) & effects.router.isin("
+            "mass_summary.router)] (a source label or index of plan_ablations has no family "
+            "mass: plot it with effect_bands), or pass the mass summary of the same model "
+            "with every router type and family"
+        )
+    # the effects choose the families shown, as they choose the router types (effects of
+    # some families only); the mass of the others at those router types is named in the
+    # title rather than left out without a word
+    paired = set(zip(chosen.router, chosen.family, strict=True))
+    left: dict[str, list[str]] = {}
+    for router, family in zip(shown.router, shown.family, strict=True):
+        if (router, family) not in paired:
+            left.setdefault(router, []).append(str(family))
+    note = "; ".join(
+        f"{', '.join(families)} at the {ROUTER_TITLES.get(router, router)}"
+        for router, families in left.items()
+    )
+    note = f" (no effects of {note}: not shown)" if note else ""
+    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
 
 
 def mass_effect_bars(
@@ -670,13 +704,16 @@ def mass_effect_bars(
             without a ``band`` column and another ``group`` is refused), with
             ``family_read`` (a summary without it is refused).
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
+            They choose the router types and families drawn: one without a mass row (a
+            source label such as ``attn_0``) is refused, and the mass of a family without
+            effects is not drawn, the title naming it.
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
     """
     relative = require_bool("relative", relative)
     if relative and metric == "logit_diff":
         _require_table(effects, ["clean"], "effects")
-    merged = _merged(mass_summary, effects, metric, group)
+    merged, note = _merged(mass_summary, effects, metric, group)
     merged, unit = _scaled(merged, relative and metric == "logit_diff")
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
@@ -732,7 +769,10 @@ def mass_effect_bars(
     )
     fig.update_xaxes(title_text="source family", row=2)
     return _finish(
-        fig, title or f"Mass vs causal effect ({metric}, group {group})", 650, categories="x"
+        fig,
+        (title or f"Mass vs causal effect ({metric}, group {group})") + note,
+        650,
+        categories="x",
     )
 
 
@@ -748,8 +788,10 @@ def mass_effect_scatter(
     router of the type reads (``family_read`` False) has no point, nor one whose ablation
     masked no router (``n_masked_routers`` 0); a summary without ``family_read`` is
     refused. ``mass_summary`` as in `mass_effect_bars` (its band ``group`` when it has a
-    ``band`` column; without one, ``group`` ``"all"`` only)."""
-    merged = _merged(mass_summary, effects, metric, group)
+    ``band`` column; without one, ``group`` ``"all"`` only); the effects choose the families
+    as there (one without a mass row refused, a family's mass without effects named in the
+    title)."""
+    merged, note = _merged(mass_summary, effects, metric, group)
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()
     for router in dict.fromkeys(merged.router):
@@ -787,7 +829,7 @@ def mass_effect_scatter(
             )
         )
     fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|ablation effect| ({metric})")
-    return _finish(fig, title or f"Routing mass vs |effect| ({metric})", 500)
+    return _finish(fig, (title or f"Routing mass vs |effect| ({metric})") + note, 500)
 
 
 def _families(column: pd.Series) -> dict:

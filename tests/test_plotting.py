@@ -4,6 +4,7 @@ test_analysis.py)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -95,8 +96,8 @@ def test_category_axes_keep_numeric_looking_labels_in_place():
         "mass_effect_by_seed": plotting.mass_effect_by_seed(
             _mass(seeds=(0, 1)), effects, "mlp_res"
         ),
-        "mass_effect_bars": plotting.mass_effect_bars(
-            _mass().drop(columns=["condition", "seed", "band"]), one
+        "mass_effect_bars": plotting.mass_effect_bars(  # (the mass is of mlp_res only)
+            _mass().drop(columns=["condition", "seed", "band"]), one[one.router == "mlp_res"]
         ),
     }
     for name, fig in figures.items():
@@ -946,3 +947,60 @@ def test_seed_figures_scale_by_the_plotted_conditions_clean_difference_only():
             plotting.effects_by_seed(table, "older", ["mlp_res"], columns=["a", "b"])
         with pytest.raises(ValueError, match=r"clean|relative=True divides"):
             plotting.mass_effect_by_seed(mass, table, "mlp_res", columns=["b"])
+
+
+def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_effects():
+    """Audit 117: mass_effect_bars and mass_effect_scatter merged the mass and the effects
+    by router and family, inner: an effect without a mass row was left out without a word
+    (masking the source label attn_0 of a full-layout model, the largest effect at its
+    attention routers, ten times the two families drawn), and so was the mass of a family
+    without effects. The first is refused, naming the rows; the second drawn without that
+    family, the title naming it (the effects choose the families, as the router types)."""
+    model = randomize_routing(tiny_model(attnres_layout="full", n_layers=4))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    effects = ablation_effects(
+        model,
+        batch,
+        families=("embedding", "older", "attn_0"),
+        groups="all",
+        metrics="logit_diff",
+        n_bootstrap=40,
+        progress=False,
+    )
+    bars_in_logits = functools.partial(plotting.mass_effect_bars, relative=False)
+    for plot in (bars_in_logits, plotting.mass_effect_scatter):
+        with pytest.raises(
+            ValueError,
+            match=r"^effects has \(router, family\) rows \[\('attn_res', 'attn_0'\), "
+            r"\('mlp_res', 'attn_0'\)\] without a mass_summary row",
+        ):
+            plot(summary, effects)
+    some = effects[effects.family != "attn_0"]
+    note = (
+        " (no effects of prev_completed, current at the attention routers; prev_completed, "
+        "current at the MLP routers: not shown)"
+    )
+    bars = plotting.mass_effect_bars(summary, some, relative=False)
+    assert bars.layout.title.text == "Mass vs causal effect (logit_diff, group all)" + note
+    for k, router in enumerate(("attn_res", "mlp_res")):
+        mass_trace, effect_trace = bars.data[2 * k], bars.data[2 * k + 1]
+        assert list(mass_trace.x) == list(effect_trace.x) == ["embedding", "older"]
+        for family, value in zip(mass_trace.x, mass_trace.y, strict=True):
+            row = summary[(summary.router == router) & (summary.family == family)]
+            assert value == row.mass.item()
+    scatter = plotting.mass_effect_scatter(summary, some, title="mine")
+    assert scatter.layout.title.text == "mine" + note
+    assert sorted(t.name for t in scatter.data) == sorted(
+        f"{f} ({plotting.ROUTER_TITLES[r]})"
+        for r in ("attn_res", "mlp_res")
+        for f in ("embedding", "older")
+    )
+    # every family: no note, the title as before
+    every = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    assert plotting.mass_effect_scatter(summary, every).layout.title.text == (
+        "Routing mass vs |effect| (logit_diff)"
+    )
