@@ -596,12 +596,16 @@ def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _mass_of_group(mass_summary: pd.DataFrame, group: str) -> pd.DataFrame:
+def _mass_of_group(
+    mass_summary: pd.DataFrame, group: str, routers: Sequence[str] = ()
+) -> pd.DataFrame:
     """The rows of ``mass_summary`` over the layers of the effects' ``group``: those of band
     ``group`` when the summary has a ``band`` column (`summarize_mass` by ``("router",
     "band", "family")``, or the study's summary, whose band ``"all"`` is every layer); a
     summary without one is of every layer of each router type, so only ``group`` ``"all"``
-    pairs with it (its mass was drawn beside a band's effect under the band's title)."""
+    pairs with it (its mass was drawn beside a band's effect under the band's title), and
+    ``"final"`` when the effects' ``routers`` are the final router's alone (its one group
+    in `plan_ablations`: that one router's mass; audit 117, refused since audit 114)."""
     if "band" in mass_summary.columns:
         rows = mass_summary[mass_summary.band == group]
         if rows.empty:
@@ -612,7 +616,8 @@ def _mass_of_group(mass_summary: pd.DataFrame, group: str) -> pd.DataFrame:
                 f"by ('router', 'family') for group 'all', or pass the group of a band it has"
             )
         return rows
-    if group != "all":
+    final_only = group == "final" and bool(routers) and set(routers) == {"final_res"}
+    if group != "all" and not final_only:
         raise ValueError(
             f"mass_summary has no 'band' column: its mass is over every layer of each router "
             f"type, while the effects of group {group!r} mask that group's layers only; "
@@ -636,7 +641,7 @@ def _merged(
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
-    mass_summary = _mass_of_group(mass_summary, group)
+    mass_summary = _mass_of_group(mass_summary, group, list(dict.fromkeys(chosen.router)))
     shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
     _require_table(
         shown,
@@ -701,7 +706,8 @@ def mass_effect_bars(
         mass_summary: `summarize_mass(mass, by=("router", "family"))` (every layer:
             for ``group`` ``"all"``) or by ``("router", "band", "family")`` (its rows of
             band ``group`` are shown: the mass of the layers the effects masked; a summary
-            without a ``band`` column and another ``group`` is refused), with
+            without a ``band`` column and a ``group`` other than ``"all"`` is refused,
+            except the final router's ``"final"``), with
             ``family_read`` (a summary without it is refused).
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
             They choose the router types and families drawn: one without a mass row (a

@@ -1004,3 +1004,43 @@ def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_e
     assert plotting.mass_effect_scatter(summary, every).layout.title.text == (
         "Routing mass vs |effect| (logit_diff)"
     )
+
+
+def test_mass_effect_figures_pair_the_final_routers_group_with_a_summary_without_bands():
+    """Audit 117: since audit 114 a summary by ('router', 'family') was refused for every
+    group other than "all", also for ``"final"``, the final router's one group
+    (`plan_ablations`): its mass there is of that one router, the layers the group masks,
+    and the figures had drawn it exactly. A group named "final" at other router types
+    (groups={"final": [3]}) is still refused: their mass is of every layer."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    mass = routing_mass(model, batch)
+    summary = summarize_mass(mass, n_bootstrap=40)
+    effects = ablation_effects(
+        model,
+        batch,
+        routers=("attn_res", "mlp_res", "final_res"),
+        metrics="logit_diff",
+        n_bootstrap=40,
+        progress=False,
+    )
+    final = mass[mass.router == "final_res"]
+    read = final.groupby("family").n_sources.max() > 0
+    by_hand = final.groupby(["family", "prompt"]).mass.mean().groupby("family").mean()
+    bars = plotting.mass_effect_bars(summary, effects, group="final", relative=False)
+    (mass_trace, _) = bars.data
+    for family, value in zip(mass_trace.x, mass_trace.y, strict=True):
+        if read[family]:
+            assert value == pytest.approx(by_hand[family], abs=1e-12)
+        else:
+            assert value is None or np.isnan(value)
+    scatter = plotting.mass_effect_scatter(summary, effects, group="final")
+    for trace in scatter.data:
+        family = trace.name.split(" (")[0]
+        assert trace.x[0] == pytest.approx(by_hand[family], abs=1e-12)
+    named = ablation_effects(
+        model, batch, groups={"final": [3]}, metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    with pytest.raises(ValueError, match=r"^mass_summary has no 'band' column"):
+        plotting.mass_effect_scatter(summary, named, group="final")
