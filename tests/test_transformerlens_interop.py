@@ -298,6 +298,78 @@ def test_hook_contexts_remove_exactly_their_own_hooks(tokens):
         model.reset_hooks(direction="sideways")
 
 
+def _other_thread_runs(model, tokens) -> list:
+    """What a pass of ``model`` on another thread returns (or the error it raises)."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(model(tokens))
+        except Exception as error:  # noqa: BLE001 - returned and asserted by the caller
+            result.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result
+
+
+def test_an_add_hook_that_attaches_nothing_leaves_other_threads_free(tokens):
+    """Audit 118: ``add_hook(..., dir="both")`` (TransformerLens's ``ValueError``: a hook
+    point takes "fwd" or "bwd") and a predicate that matches no hook point attached
+    nothing but claimed the model for the thread: another thread's plain pass was then
+    refused with ``ConcurrentUseError`` ("another thread has hooks attached") until
+    ``reset_hooks()``. As ``hooks()`` with ``reset_hooks_end=False`` and such a predicate."""
+    model = tiny_model()
+    expected = model(tokens)
+    with pytest.raises(ValueError, match=r"dir must be one of \('fwd', 'bwd'\), got 'both'"):
+        model.add_hook("hook_embed", lambda x, hook: None, dir="both")
+    assert not model.list_hooks()
+    (out,) = _other_thread_runs(model, tokens)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, expected), out
+    model.add_hook(lambda name: False, lambda x, hook: None)
+    (out,) = _other_thread_runs(model, tokens)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, expected), out
+    with model.hooks(fwd_hooks=[(lambda name: False, lambda x, hook: None)], reset_hooks_end=False):
+        (out,) = _other_thread_runs(model, tokens)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, expected), out
+    # a hook that is attached still holds the model, until it is removed
+    model.add_hook(lambda name: name == "hook_embed", lambda x, hook: None)
+    (out,) = _other_thread_runs(model, tokens)
+    assert isinstance(out, ConcurrentUseError)
+    model.reset_hooks()
+    (out,) = _other_thread_runs(model, tokens)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, expected), out
+
+
+@pytest.mark.parametrize("layout", ["kimi", "none"])
+def test_list_hooks_gives_the_hook_functions_passed(layout, tokens):
+    """Audit 118: TransformerLens's ``LensHandle.user_hook`` (``list_hooks()``, and each
+    hook point's ``fwd_hooks`` / ``bwd_hooks``) is the function passed to ``add_hook``;
+    here it was the wrapper that checks the hook's output (`shape_checked`) and, on a
+    routed model's ``hook_resid_*``, watches for edits."""
+    model = tiny_model(attnres_layout=layout)
+    perm, added, back, ctx, ctx_back, pred = (lambda x, hook: None for _ in range(6))
+    model.add_perma_hook("blocks.1.hook_resid_pre", perm)
+    model.add_hook("hook_embed", added, prepend=True)
+    model.add_hook("blocks.0.hook_attn_out", back, dir="bwd")
+    with model.hooks(
+        fwd_hooks=[("blocks.2.hook_resid_post", ctx), (lambda n: n.endswith("hook_scale"), pred)],
+        bwd_hooks=[("blocks.0.hook_mlp_out", ctx_back)],
+    ):
+        hooks = model.list_hooks()
+        assert [h.user_hook for h in hooks["blocks.1.hook_resid_pre"]] == [perm]
+        assert [h.user_hook for h in hooks["hook_embed"]] == [added]
+        assert [h.user_hook for h in hooks["blocks.0.hook_attn_out"]] == [back]
+        assert [h.user_hook for h in hooks["blocks.2.hook_resid_post"]] == [ctx]
+        assert [h.user_hook for h in hooks["blocks.0.hook_mlp_out"]] == [ctx_back]
+        assert [h.user_hook for h in hooks["ln_final.hook_scale"]] == [pred]
+        assert model.hook_dict["hook_embed"].fwd_hooks[0].user_hook is added
+        model(tokens)  # the wrappers still run
+    model.reset_hooks(including_permanent=True)
+    assert not model.list_hooks()
+
+
 @pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")
 def test_backward_hooks_and_incl_bwd_give_the_autograd_gradient(layout, tokens):
     """``run_with_cache(incl_bwd=True)`` and ``add_hook(..., dir="bwd")`` give, at every hook

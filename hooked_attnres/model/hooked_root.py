@@ -135,7 +135,24 @@ def shape_checked(fn: Callable) -> Callable:
     with contextlib.suppress(AttributeError, TypeError):
         functools.update_wrapper(checked, fn)
     checked._shape_checked = True  # type: ignore[attr-defined]
+    checked._user_hook = user_hook_of(fn)  # type: ignore[attr-defined]
     return checked
+
+
+def user_hook_of(fn: Callable) -> Callable:
+    """The function a caller passed, behind this module's wrappers of it (`shape_checked`,
+    the residual-edit watch)."""
+    return getattr(fn, "_user_hook", fn)
+
+
+def restore_user_hooks(points) -> None:
+    """Make each handle's ``user_hook`` on ``points`` (hook points) the function the caller
+    passed, as TransformerLens's ``LensHandle.user_hook`` (``list_hooks()``) is, rather
+    than this module's wrapper of it."""
+    for point in points:
+        for handle in (*point.fwd_hooks, *point.bwd_hooks):
+            if handle.user_hook is not None:
+                handle.user_hook = user_hook_of(handle.user_hook)
 
 
 class _UseGuard:
@@ -161,6 +178,18 @@ class _UseGuard:
                 "apply to its pass too (a model is not thread-safe while hooked, as in "
                 "TransformerLens); give each thread its own copy (copy.deepcopy(model))"
             )
+
+    def release_if_unhooked(self, model) -> None:
+        """Give up this thread's claim on ``model`` if no hook but permanent ones is
+        attached to its hook points (a call that claimed it attached nothing)."""
+        if self.hook_owner != threading.get_ident():
+            return
+        if not any(
+            not handle.is_permanent
+            for point in model.hook_points()
+            for handle in (*point.fwd_hooks, *point.bwd_hooks)
+        ):
+            self.hook_owner = None
 
     def claim_hooks(self, permanent: bool = False) -> None:
         with self.lock:
@@ -257,17 +286,27 @@ class HookedModule(HookedRootModule):
             name = self.resolve_hook_name(name)
         if not callable(hook):
             raise TypeError(f"the hook function for {name!r} is not callable: {hook!r}")
-        use_guard(self).claim_hooks(permanent=is_permanent)
+        # checked before the model is claimed: a hook point takes one direction
+        dir = require_choice("dir", dir, ("fwd", "bwd"))
+        guard = use_guard(self)
+        guard.claim_hooks(permanent=is_permanent)
         if dir == "fwd":
             hook = self._watch_resid_edits(name, hook)
-        return super().add_hook(
-            name,
-            shape_checked(hook),
-            dir=dir,
-            is_permanent=is_permanent,
-            level=level,
-            prepend=prepend,
-        )
+        try:
+            super().add_hook(
+                name,
+                shape_checked(hook),
+                dir=dir,
+                is_permanent=is_permanent,
+                level=level,
+                prepend=prepend,
+            )
+        finally:
+            if isinstance(name, str):
+                restore_user_hooks([self.hook_dict[name]])
+            else:  # a predicate may have matched no hook point: then nothing holds the model
+                restore_user_hooks(self.hook_points())
+                guard.release_if_unhooked(self)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         """TransformerLens semantics; hook points without hooks are skipped (a model has
@@ -277,15 +316,10 @@ class HookedModule(HookedRootModule):
         if guard.hook_owner is not None:
             with guard.lock:
                 guard._refuse_others("remove hooks")
-        remaining = False
         for point in self.hook_points():
             if point.fwd_hooks or point.bwd_hooks:
                 point.remove_hooks(direction, including_permanent=including_permanent, level=level)
-                remaining = remaining or any(
-                    not handle.is_permanent for handle in (*point.fwd_hooks, *point.bwd_hooks)
-                )
-        if not remaining:
-            guard.hook_owner = None
+        guard.release_if_unhooked(self)
 
     def clear_contexts(self) -> None:
         for point in self.hook_points():
@@ -313,6 +347,9 @@ class HookedModule(HookedRootModule):
             reset_hooks_end,
             clear_contexts,
         ) as model:
+            if fwd_hooks or bwd_hooks:
+                restore_user_hooks(self.hook_points())
+                use_guard(self).release_if_unhooked(self)  # predicates that matched nothing
             yield model
 
     def _resolved(self, name):
@@ -338,6 +375,7 @@ class HookedModule(HookedRootModule):
                 self._warn_resid_edit(edited)
             return out
 
+        watched._user_hook = user_hook_of(fn)  # type: ignore[attr-defined]
         return watched
 
     def _warn_resid_edit(self, name: str) -> None:
