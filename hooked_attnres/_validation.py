@@ -275,6 +275,29 @@ def require_labelled(table: Any, columns: Sequence[str], what: str) -> None:
         )
 
 
+def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
+    """Refuse a column of ``columns`` that ``table`` (a pandas ``DataFrame``) has and whose
+    labels mix text and numbers (``1`` and ``'1'``, e.g. one part of a concatenated table
+    read back from a CSV): ``ValueError`` naming the column, the kinds with their numbers
+    of rows and the remedy (one dtype). As a key, ``1`` and ``'1'`` are two labels, so rows
+    that should be one key (a repeated row, one prompt) would be told apart without a word,
+    and sorting the keys fails with a bare ``TypeError``. Only object columns can mix;
+    ``what`` names the table (``"the mass table"``)."""
+    for column in dict.fromkeys(columns):
+        if column not in table or table[column].dtype != object:
+            continue
+        values = table[column].dropna()
+        text = values.map(lambda v: isinstance(v, (str, bytes, np.str_, np.bytes_)))
+        if text.any() and not text.all():
+            shown = (values[text].iloc[0], values[~text].iloc[0])
+            raise ValueError(
+                f"{what}'s column {column!r} mixes text and numbers ({int(text.sum())} text "
+                f"and {int((~text).sum())} other labels, e.g. {shown[0]!r} and {shown[1]!r}): "
+                "1 and '1' would be two different labels; give the column one dtype "
+                f"first (table.astype({{{column!r}: int}}), or str for text labels)"
+            )
+
+
 def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     """``(name, number of NaN or infinite elements)`` for every floating tensor of
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.

@@ -178,6 +178,47 @@ def test_summarize_mass_refuses_prompt_ids_that_repeat_a_router_row():
     summarize_mass(pd.concat([whole, whole.assign(band="all")]), by=("band", "family"))
 
 
+def test_summarize_mass_refuses_a_key_column_that_mixes_text_and_numbers():
+    """Audit 115: a table whose ``prompt`` mixed ints and strings (one part read back from
+    a CSV) failed with pandas' bare ``TypeError`` ('<' not supported between str and int);
+    one whose ``layer`` did (``0`` and ``'0'``) was summarised silently: two batches both
+    numbered from 0 were not seen to repeat a (prompt, router, layer, family) row, so
+    prompts 0 and 1 of both were averaged as one (6 prompts, not 8; a mean 0.05 off).
+    Every key column that mixes text and numbers is refused, naming it and the remedy."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(0))
+    first = routing_mass(model, tokens[:6], positions="all")
+    second = routing_mass(model, tokens[6:], positions="all").assign(prompt=lambda t: t.prompt + 6)
+    for column in ("prompt", "layer", "router", "family"):
+        mixed = pd.concat([first, second.assign(**{column: second[column].astype(str)})])
+        if column in ("router", "family"):  # text columns: a number among the labels
+            mixed = pd.concat([first, second.assign(**{column: 1})])
+        with pytest.raises(
+            ValueError, match=rf"column '{column}' mixes text and numbers.*one dtype"
+        ):
+            summarize_mass(mixed, n_bootstrap=20)
+    for extra in ("seed", "condition", "band"):
+        mixed = pd.concat([first.assign(**{extra: 0}), second.assign(**{extra: "0"})])
+        by = ("band", "family") if extra == "band" else ("router", "family")
+        with pytest.raises(ValueError, match=rf"column '{extra}' mixes text"):
+            summarize_mass(mixed, by=by, n_bootstrap=20)
+    # the silent case: batches numbered from 0, the second's layers read back as text
+    with pytest.raises(ValueError, match=r"column 'layer' mixes"):
+        summarize_mass(
+            pd.concat(
+                [first, second.assign(prompt=second.prompt - 6, layer=second.layer.astype(str))]
+            ),
+            n_bootstrap=20,
+        )
+    # one dtype again: the summary of one run of all 8 prompts (independent)
+    restored = pd.concat([first, second.assign(layer=second.layer.astype(str))])
+    restored = restored.astype({"layer": int})
+    whole = routing_mass(model, tokens, positions="all")
+    pd.testing.assert_frame_equal(
+        summarize_mass(restored, n_bootstrap=50), summarize_mass(whole, n_bootstrap=50), atol=1e-6
+    )
+
+
 def test_summarize_mass_names_the_column_that_tells_repeated_rows_apart():
     """Audit 97: the refusal of a repeated (prompt, router, layer, family) row (audit 93)
     said only that the prompt ids might not name one prompt each (two tables concatenated).

@@ -12,7 +12,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_attnres._precision import sum_where
-from hooked_attnres._validation import non_finite_in_column, require_labelled, require_selection
+from hooked_attnres._validation import (
+    non_finite_in_column,
+    require_labelled,
+    require_one_kind,
+    require_selection,
+)
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import depth_bands, position_index
@@ -472,6 +477,11 @@ def _per_prompt(mass: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     )
 
 
+# the columns that identify a row of a routing_mass table (with ``by``): prompt and router
+# (its layer), the family and the condition / seed / model of a study's table
+_KEYS = ("prompt", "router", "layer", "family", "condition", "seed", "model")
+
+
 def summarize_mass(
     mass: pd.DataFrame,
     by: Sequence[str] = ("router", "family"),
@@ -496,11 +506,14 @@ def summarize_mass(
             other routers and prompts into a finite, wrong number), an unknown ``by``
             column (or ``"prompt"``, the bootstrap's unit), an empty ``by`` or one naming a
             column twice, an empty table, a NaN in a ``by`` column or ``prompt`` (pandas
-            would drop those rows from every group), a group without rows for some prompt that
-            other groups have (a filtered table), or a ``(prompt, router, layer, family)``
-            row twice within a group (two tables concatenated with the same prompt ids;
-            the message names a column outside ``by`` that the repeated rows differ in,
-            ``condition`` / ``seed`` / ``model`` excepted). Rows of one prompt id are
+            would drop those rows from every group), a key column (``by``, ``prompt``,
+            ``router``, ``layer``, ``family``, ``condition``, ``seed``, ``model``) whose
+            labels mix text and numbers (``1`` and ``'1'`` are two keys), a group without
+            rows for some prompt that other groups have (a filtered table), or a
+            ``(prompt, router, layer, family)`` row twice within a group (two tables
+            concatenated with the same prompt ids; the message names a column outside
+            ``by`` that the repeated rows differ in, ``condition`` / ``seed`` / ``model``
+            excepted). Rows of one prompt id are
             averaged as one prompt across the ``seed`` and ``model`` values outside ``by``
             (the same prompts under several models, as a study's seeds of one condition):
             a model without some prompt ids the others have in its group (and condition)
@@ -531,11 +544,12 @@ def summarize_mass(
     require_finite_mass(mass, "the summary")
     # a row without a label would fall out of every group (pandas drops NaN keys)
     require_labelled(mass, [*by, "prompt"], "the mass table")
+    # 1 and '1' are two keys: a repeated row would go unseen (and sorting them fails)
+    require_one_kind(mass, [*by, *_KEYS], "the mass table")
     # a (prompt, router, layer, family) twice within a group: the prompt ids do not name
     # one prompt each (two routing_mass tables concatenated, both numbered from 0), and
     # the per-prompt means would pool different prompts into one (a wrong mean and n)
-    keys = list(dict.fromkeys([*by, "prompt", "router", "layer", "family"]))
-    keys += [c for c in ("condition", "seed", "model") if c not in keys]
+    keys = list(dict.fromkeys([*by, *_KEYS]))
     keys = [c for c in keys if c in mass.columns]
     repeated = mass.duplicated(keys)
     if repeated.any():
