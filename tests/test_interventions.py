@@ -2287,6 +2287,35 @@ def test_a_two_dimensional_mask_or_weights_tensor_is_refused_not_read_as_positio
         torch.testing.assert_close(got[row : row + 1], alone, atol=1e-12, rtol=0)
 
 
+def test_a_mask_that_is_not_bool_is_refused_when_built_naming_its_dtype():
+    """Audit 115: `mask_hook` documents a bool mask but took any dtype when built; a 0/1
+    integer, uint8 or float mask (or a list of ints, which could as well be source
+    indices) failed only when the hook ran, with torch's "masked_fill_ only supports
+    boolean masks". Refused when built now (and by `mask_logits`), naming the mask, its
+    dtype and the remedies; the bool mask it names (``mask == 1``) runs as the bool mask."""
+    from hooked_attnres.interventions import mask_hook, mask_logits
+
+    model = routed("kimi", dtype=torch.float64)
+    site = model.site(2, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    tokens = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(0))
+    ones = torch.zeros(n, dtype=torch.long)
+    ones[0] = 1
+    for bad in (ones, ones.to(torch.uint8), ones.double(), ones.tolist(), ones[None, None]):
+        dtype = re.escape(str(torch.as_tensor(bad).dtype))
+        with pytest.raises(
+            TypeError, match=rf"this ablation's mask must be a bool tensor .*got dtype {dtype}"
+        ):
+            mask_hook(site, bad, positions=[1])
+    with pytest.raises(TypeError, match=r"x's mask must be a bool tensor.*mask == 1"):
+        mask_logits(torch.zeros(2, 3, n, dtype=torch.float64), ones, "x")
+    # independent: the same source masked by name (mask_sources) and by the bool mask
+    label = model.routing_layout.labels(site)[0]
+    by_name = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, [label], routers=[site]))
+    got = model.run_with_hooks(tokens, fwd_hooks=[mask_hook(site, ones == 1)])
+    torch.testing.assert_close(got, by_name, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
 def test_a_mask_or_weights_of_one_row_over_sources_is_taken_as_every_prompts(layout):
     """Audit 113: a 2-D tensor whose first axis is 1 (``[1, n_sources]``, e.g. a single

@@ -247,6 +247,19 @@ def check_source_tensor(value: Any, what: str) -> Tensor:
     return tensor
 
 
+def check_bool_mask(mask: Tensor, what: str) -> None:
+    """Refuse a mask over a router's sources that is not a bool tensor (``True`` where a
+    source is masked): ``TypeError`` naming ``what`` and the dtype. A 0/1 integer or float
+    tensor is not read as one (it could as well be source indices or routing weights, and
+    torch's ``masked_fill`` refuses it only when the hook runs, in its own words)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{what} must be a bool tensor (True where a source is masked), got dtype "
+            f"{mask.dtype}; for a 0/1 mask give mask == 1, for source indices select them "
+            "by name or index (mask_sources(model, sources=[...]))"
+        )
+
+
 def check_broadcast(value: Tensor, current: Tensor, name: str, what: str) -> None:
     """At hook time: a replacement tensor broadcasts to the running activation."""
     try:

@@ -31,6 +31,7 @@ from hooked_attnres._validation import (
     some_names,
 )
 from hooked_attnres.interventions.checks import (
+    check_bool_mask,
     check_broadcast,
     check_cache_mask,
     check_cached,
@@ -375,7 +376,9 @@ def mask_logits(
     Raises ``ValueError("{what} masks every source at some position ...")`` if a position
     is left with no finite logit, counting ``-inf`` already there (e.g. from another hook
     on the same router), where the softmax would return NaN.
+    ``TypeError`` for a ``where`` that is not bool (`check_bool_mask`).
     """
+    check_bool_mask(where, f"{what}'s mask")
     masked = logits.masked_fill(where, float("-inf"))
     if torch.isneginf(masked).all(dim=-1).any():
         raise ValueError(
@@ -398,7 +401,8 @@ def mask_hook(
             pos, n_sources]`` (one per prompt and position, a whole-sequence pass only);
             ``[1, n_sources]`` is ``[n_sources]``; another shape is refused when built
             (`check_source_tensor`: a 2-D ``[batch, n_sources]`` broadcast as ``[pos,
-            n_sources]`` until audit 110).
+            n_sources]`` until audit 110); another dtype than bool (a 0/1 integer or float
+            tensor) is refused when built, ``TypeError`` (`check_bool_mask`).
         positions: only mask at these positions (default: all; checked when built,
             `check_positions`, and against the run's length when the hook runs).
 
@@ -411,6 +415,7 @@ def mask_hook(
     """
     index = check_positions(positions)
     where = check_source_tensor(where, f"{what}'s mask")
+    check_bool_mask(where, f"{what}'s mask")
     # equal masks at equal positions are one intervention (an ablation compiled again)
     tag = _intervention_tag(f"{what} at {site.hook('logits')}", ("mask", site), where, index)
 
