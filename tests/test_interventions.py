@@ -1154,7 +1154,8 @@ def test_values_with_a_position_axis_are_refused_in_a_cache_chunk(tokens):
     its own, later positions silently (the full forward of the sequence refuses the
     shape). Refused now, naming the pass; position-free values still give the full
     forward's numbers in chunks. An ablation's mask with a position axis (`mask_hook`) was
-    still taken at the chunk's positions until audit 107."""
+    still taken at the chunk's positions until audit 107. Each message names its tensor
+    (a mask since audit 110, weights since audit 115: before, "a value tensor")."""
     from hooked_attnres import KeyValueCache
     from hooked_attnres.interventions import mask_hook
 
@@ -1169,13 +1170,16 @@ def test_values_with_a_position_axis_are_refused_in_a_cache_chunk(tokens):
     refused = {
         r"a value tensor of shape \(3, 4, 32\)": patch_committed(model, "block_1", per_position),
         "a value from another run's cache": patch_sources(model, "embedding", clean, layers=2),
-        r"a value tensor of shape \(3, 4, 3\)": set_weights(model, weights, routers=[site]),
+        # audit 115: named weights, not a value tensor, with the remedy for weights
+        r"set_weights at .*hook_weights: a weights tensor of shape \(3, 4, 3\)"
+        r"(?=.*give a weights tensor without a position axis)": set_weights(
+            model, weights, routers=[site]
+        ),
         "set_weights at .* another run's cache": set_weights(model, clean, routers=[site]),
         # audit 107: a mask with a position axis was applied at the chunk's positions
         # (audit 110: named a mask, not a value tensor, with the remedy for a mask)
-        r"this ablation at .*hook_logits: a mask of shape \(3, 4, 3\)": [
-            mask_hook(site, weights > 0.5)
-        ],
+        r"this ablation at .*hook_logits: a mask of shape \(3, 4, 3\)"
+        r"(?=.*give a mask without a position axis)": [mask_hook(site, weights > 0.5)],
     }
     for what, hooks in refused.items():
         with model.hooks(fwd_hooks=hooks):

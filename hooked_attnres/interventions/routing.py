@@ -180,7 +180,7 @@ def _require_aligned(
     one position) is refused in a pass that runs part of the sequence
     (`require_whole_sequence`): a key-value cache chunk would read the value's first
     positions at its own, later ones. ``kind`` names the tensor in the message (``"mask"``
-    for `mask_hook`'s)."""
+    for `mask_hook`'s, ``"weights tensor"`` for `set_weights`')."""
     if value is None:
         require_whole_sequence(
             current.shape[-2],
@@ -731,7 +731,12 @@ def set_weights(
             if isinstance(value, str):
                 new = torch.full_like(current, 1.0 / current.shape[-1])
             else:
-                _require_aligned(None if cached else value, current, f"set_weights at {hook.name}")
+                _require_aligned(
+                    None if cached else value,
+                    current,
+                    f"set_weights at {hook.name}",
+                    "weights tensor",
+                )
                 if cached:  # another run's weights: its prompts, position by position
                     check_run_shape(value, current, hook.name, "set_weights")
                     where = f"the cache given to set_weights at {hook.name}"
