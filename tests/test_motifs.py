@@ -1156,7 +1156,9 @@ def test_the_verdicts_say_when_the_intervals_had_too_few_bootstrap_resamples(tmp
     that need not contain the mean (effect -0.207, interval [-0.164, -0.164]: D1 present
     as "separated"), and its report said only "95 % percentile-bootstrap intervals"; the
     warning went to the console, not into the report. Fewer than 2 / (1 - 0.95) = 40
-    resamples leave less than one resampled mean beyond each bound."""
+    resamples leave less than one resampled mean beyond each bound. The remedy names
+    ``--bootstrap`` beside ``n_bootstrap`` (audit 115: a study run from the command line,
+    which has no ``n_bootstrap``, was told to rerun with it)."""
     from hooked_attnres.study import verdict_sentences
 
     def lines(n_bootstrap):
@@ -1167,7 +1169,8 @@ def test_the_verdicts_say_when_the_intervals_had_too_few_bootstrap_resamples(tmp
         first = lines(few)[0]
         assert first.startswith(f"The intervals were computed from {few} bootstrap resample"), first
         assert "fewer than the 40 that a 95 % interval needs" in first
-        assert "rerun with n_bootstrap >= 40" in first
+        # audit 115: the command line's flag too (the result does not say which was used)
+        assert "rerun with n_bootstrap >= 40 (hooked-attnres study --bootstrap 40 or" in first
     for enough in (40, 1000):
         assert not any("bootstrap resample" in line for line in lines(enough))
     # a result built by hand, without settings: nothing is claimed about the resamples

@@ -311,7 +311,9 @@ def _resample_lines(result: StudyResult) -> list[str]:
     needs (`hooked_attnres.analysis.bootstrap.min_resamples`): every verdict that reads an
     interval was then decided by intervals narrower than "95 %" (with 1 resample, a point
     that need not contain the mean), which the console warning alone left unsaid in the
-    report. Nothing for a result without ``settings["n_bootstrap"]`` (built by hand)."""
+    report. Nothing for a result without ``settings["n_bootstrap"]`` (built by hand). The
+    remedy names the argument and the command line's ``--bootstrap`` (the result does not
+    record which the study was run from)."""
     n_bootstrap = result.settings.get("n_bootstrap")
     if n_bootstrap is None or result.verdicts.empty:
         return []
@@ -319,14 +321,16 @@ def _resample_lines(result: StudyResult) -> list[str]:
     if not too_few_resamples(n_bootstrap, confidence):
         return []
     level = f"{100 * confidence:g} %"
+    # the result does not record whether it ran from Python or the command line: both named
+    need = min_resamples(confidence)
     return [
         f"The intervals were computed from {n_bootstrap} bootstrap resample"
-        f"{'s' if n_bootstrap != 1 else ''}, fewer than the {min_resamples(confidence)} that a "
+        f"{'s' if n_bootstrap != 1 else ''}, fewer than the {need} that a "
         f"{level} interval needs (at least one resampled mean beyond each bound): they cover "
         f"the mean less often than {level}, so every verdict that reads an interval "
         "(criterion 1 of the motifs, D1, D2, D3) was not decided as docs/study.md "
-        f"pre-registers; rerun with n_bootstrap >= {min_resamples(confidence)} (the study's "
-        "default is 1000)."
+        f"pre-registers; rerun with n_bootstrap >= {need} (hooked-attnres study --bootstrap "
+        f"{need} or more on the command line; the study's default is 1000)."
     ]
 
 
