@@ -354,23 +354,27 @@ def _few_resamples_said_once(n_bootstrap: int) -> Iterator[None]:
 def cmd_study(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import DirectoryBusyError
     from hooked_attnres.study import run_study
-    from hooked_attnres.study.run import check_out_dir, partial_dir
+    from hooked_attnres.study.run import check_out_dir, check_study_arguments, partial_dir
 
     conditions = _conditions(args.conditions) if args.conditions else None
     check_out_dir(args.out, name="--out")  # run_study checks it too, naming out_dir
+    arguments = {
+        "out_dir": args.out,
+        "checkpoints": args.checkpoints,
+        "seeds": args.seeds,
+        "conditions": conditions,
+        "n_prompts": args.prompts,
+        "n_bootstrap": args.bootstrap,
+        "progress": not args.no_progress,
+        "plots": True,
+        "robustness": not args.no_robustness,
+        "bootstrap_seed": args.bootstrap_seed,
+    }
     try:
+        # every argument refused before the warning about too few resamples, not after it
+        check_study_arguments(**arguments)
         with _few_resamples_said_once(args.bootstrap):
-            result = run_study(
-                out_dir=args.out,
-                checkpoints=args.checkpoints,
-                seeds=args.seeds,
-                conditions=conditions,
-                n_prompts=args.prompts,
-                n_bootstrap=args.bootstrap,
-                bootstrap_seed=args.bootstrap_seed,
-                progress=not args.no_progress,
-                robustness=not args.no_robustness,
-            )
+            result = run_study(**arguments)
     except DirectoryBusyError:
         raise  # the kept models are the other study's, and it holds them
     except BaseException:

@@ -582,6 +582,33 @@ def test_study_says_too_few_resamples_once_by_its_flag(tmp_path, monkeypatch, ca
             ), err
 
 
+def test_study_refuses_bad_arguments_before_warning_of_too_few_resamples(tmp_path, capsys):
+    """Audit 115: ``--bootstrap 10`` with a missing checkpoints folder (or another argument
+    run_study refuses) printed the warning about too few resamples first, then the error:
+    the arguments are checked first, so only the error is said; with them right, the
+    warning comes before any work (the study itself is not run here)."""
+    from hooked_attnres import study
+
+    missing = tmp_path / "nope"
+    argv = ["study", "--out", str(tmp_path / "s"), "--no-progress", "--bootstrap", "10"]
+    assert cli.main([*argv, "--checkpoints", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"no checkpoints folder at {missing}" in err, err
+    assert "leaves fewer" not in err, err
+    assert cli.main([*argv, "--conditions", "attnres", "--seeds", "99"]) == 1
+    err = capsys.readouterr().err
+    assert "no shipped checkpoint for attnres seed 99" in err and "leaves fewer" not in err, err
+
+    def refused(**kwargs):
+        raise RuntimeError("the study ran")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "run_study", refused)
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.index("--bootstrap 10 leaves fewer") < err.index("the study ran"), err
+
+
 def test_a_run_of_other_settings_is_refused_with_the_command_line_remedy(tmp_path, capsys):
     """Training into the folder of a run with other settings is refused; the message gave
     the Python remedy only (``use another out_dir or resume=False``), which names nothing

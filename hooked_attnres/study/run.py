@@ -431,6 +431,46 @@ def _seeds_summary(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.Data
     )
 
 
+def check_study_arguments(
+    out_dir: Union[str, Path],
+    checkpoints: Union[str, Path, None],
+    seeds: Optional[Sequence[int]],
+    conditions: Optional[Sequence[str]],
+    n_prompts: int,
+    n_bootstrap: int,
+    progress: bool,
+    plots: bool,
+    robustness: bool,
+    bootstrap_seed: int,
+) -> tuple[_RunSettings, list[tuple[str, int]], bool, bool]:
+    """`run_study`'s checks of its arguments, before any work (the same arguments; the
+    errors it raises): the settings every model is measured with, the ``(condition,
+    seed)`` runs and ``progress`` and ``plots`` as Python bools. The command line runs
+    them before it says anything about its arguments (``--bootstrap`` under 40 was
+    warned of before a missing checkpoints folder was refused, until audit 115)."""
+    if not is_integer(n_prompts) or n_prompts < 2:  # the minimum's reason, then the maximum's
+        raise ValueError(
+            f"n_prompts must be an integer >= 2 ({_WHY_TWO_PROMPTS}), got {n_prompts!r}"
+        )
+    n_prompts = require_integer(  # a Python int: written to the settings (JSON)
+        "n_prompts", n_prompts, 2, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
+    )
+    # before any model is loaded, not after the first; by the names of this call (the
+    # bootstrap's own "seed" would read as the model seeds)
+    n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
+    bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
+    # read by truthiness, "no" was True; robustness is written to every kept run's key too
+    progress = require_bool("progress", progress)
+    plots = require_bool("plots", plots)
+    robustness = require_bool("robustness", robustness)  # written to every kept run's key
+    check_out_dir(out_dir)
+    runs = find_runs(checkpoints, conditions, seeds)
+    for condition, seed in runs:  # every run's recorded task, not when its turn comes
+        _check_trained_task(get_condition(condition), seed, checkpoints)
+    settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness, bootstrap_seed)
+    return settings, runs, progress, plots
+
+
 def run_study(
     out_dir: Union[str, Path] = "study_out",
     checkpoints: Union[str, Path, None] = None,
@@ -472,27 +512,19 @@ def run_study(
         A `StudyResult`.
     """
     started = time.perf_counter()
-    if not is_integer(n_prompts) or n_prompts < 2:  # the minimum's reason, then the maximum's
-        raise ValueError(
-            f"n_prompts must be an integer >= 2 ({_WHY_TWO_PROMPTS}), got {n_prompts!r}"
-        )
-    n_prompts = require_integer(  # a Python int: written to the settings (JSON)
-        "n_prompts", n_prompts, 2, maximum=MAX_PROBE_PROMPTS, why_maximum=WHY_MAX_PROBE_PROMPTS
+    settings, runs, progress, plots = check_study_arguments(
+        out_dir,
+        checkpoints,
+        seeds,
+        conditions,
+        n_prompts,
+        n_bootstrap,
+        progress,
+        plots,
+        robustness,
+        bootstrap_seed,
     )
-    # before any model is loaded, not after the first; by the names of this call (the
-    # bootstrap's own "seed" would read as the model seeds)
-    n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
-    bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
-    # read by truthiness, "no" was True; robustness is written to every kept run's key too
-    progress = require_bool("progress", progress)
-    plots = require_bool("plots", plots)
-    robustness = require_bool("robustness", robustness)  # written to every kept run's key
-    check_out_dir(out_dir)
-    runs = find_runs(checkpoints, conditions, seeds)
-    for condition, seed in runs:  # every run's recorded task, not when its turn comes
-        _check_trained_task(get_condition(condition), seed, checkpoints)
     partial = partial_dir(out_dir)
-    settings = _RunSettings(checkpoints, n_prompts, n_bootstrap, robustness, bootstrap_seed)
     with _one_study_at_a_time(partial):
         tables: dict[str, list[pd.DataFrame]] = {}
         for condition, seed in runs:
@@ -505,7 +537,7 @@ def run_study(
             else:
                 if progress:
                     print(
-                        f"[study] {condition} seed {seed}: {n_prompts} probe prompts",
+                        f"[study] {condition} seed {seed}: {settings.n_prompts} probe prompts",
                         flush=True,
                     )
                 run_tables = _study_run(condition, seed, settings)
@@ -529,7 +561,7 @@ def run_study(
             fresh_motifs=joined.get("fresh_motifs", pd.DataFrame()),
             settings=_settings(settings, runs),
         )
-        if robustness:
+        if settings.robustness:
             result.robustness = verdict_changes(result.motifs, result.fresh_motifs)
         if plots:
             result.figures = study_figures(result)
