@@ -106,6 +106,32 @@ def test_schedule_comparison_refuses_a_schedule_of_another_shape():
         schedule_comparison(mass, recency_schedule(8, 4, 3.0))
 
 
+def test_schedule_comparison_names_the_schedules_blocks_as_the_layout_words_them():
+    """Audit 115: the refusal of a schedule of another shape said "(4 layers, 2 blocks)"
+    for a mode-full schedule, whose block count is unused (a block per sublayer). It now
+    words the blocks as `RoutingLayout.blocks_text` of the schedule's layout, the one
+    wording of block counts (compared with the layout built independently)."""
+    from hooked_attnres.model.depth import RoutingLayout
+
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2).eval()
+    tokens = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    mass = routing_mass(model, tokens, positions="all")
+    for num_blocks, mode, words in (
+        (2, "full", "a block per sublayer"),
+        (4, "block", "4 blocks of 1 layer"),
+        (3, "block", "2 blocks of 2 layers"),  # 3 asked, S = ceil(4 / 3) = 2: 2 blocks
+    ):
+        schedule = recency_schedule(4, num_blocks, 3.0, mode)
+        if (num_blocks, mode) == (3, "block"):  # the model's own shape: compared
+            schedule_comparison(mass, schedule)
+        else:
+            with pytest.raises(ValueError, match=rf"the schedule \(4 layers, {words}\) and"):
+                schedule_comparison(mass, schedule)
+        size = -(-4 // num_blocks)
+        assert schedule.layout == RoutingLayout("cumulative", 4, size, mode)
+        assert schedule.layout.blocks_text() == words
+
+
 def test_the_schedule_of_the_qwen3_06b_shape_is_the_design_notes_worked_example():
     """../shared/design/attnres.md section 4: L = 28, N = 8, S = 4, n = 1 + floor(l / 4)
     non-current sources at layer l; mean current mass (1/7) sum_{n=1..7} e^3 / (e^3 + n)."""

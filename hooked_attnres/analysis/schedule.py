@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
 
 
+def _cumulative_layout(n_layers: int, num_blocks: int, mode: str) -> RoutingLayout:
+    """The cumulative layout of ``n_layers`` in ``num_blocks`` blocks (``S = ceil(L / N)``)."""
+    return RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
+
+
 @dataclass(frozen=True)
 class RecencySchedule:
     """Predicted routing of a zero-query cumulative-layout model.
@@ -49,6 +54,8 @@ class RecencySchedule:
             family, weight`` (families absent at a router have weight 0).
         family_means: mean over layers of each family's weight; rows ``router`` in
             ``attn_res, mlp_res, all``, columns the four families.
+        mode: ``"block"`` or ``"full"`` (a snapshot after every sublayer: ``num_blocks``
+            is unused); `layout` is the routing it predicts.
     """
 
     n_layers: int
@@ -57,6 +64,12 @@ class RecencySchedule:
     sources: pd.DataFrame
     families: pd.DataFrame
     family_means: pd.DataFrame
+    mode: str = "block"
+
+    @property
+    def layout(self) -> RoutingLayout:
+        """The routing the schedule predicts: the cumulative layout of its shape and mode."""
+        return _cumulative_layout(self.n_layers, self.num_blocks, self.mode)
 
     @property
     def mean_current(self) -> float:
@@ -88,7 +101,7 @@ def recency_schedule(
     num_blocks = int(num_blocks)
     bias = float(require_finite_number("bias", bias))
     mode = require_choice("mode", mode, MODES)  # RoutingLayout reads any other as "block"
-    layout = RoutingLayout("cumulative", n_layers, math.ceil(n_layers / num_blocks), mode)
+    layout = _cumulative_layout(n_layers, num_blocks, mode)
     source_rows, family_rows = [], []
     for site in layout.sites():
         labels = layout.labels(site)
@@ -126,7 +139,7 @@ def recency_schedule(
     )
     overall = families.groupby("family").weight.mean().rename("all")
     means = pd.concat([by_router, overall.to_frame().T])[list(FAMILIES)]
-    return RecencySchedule(n_layers, num_blocks, bias, sources, families, means)
+    return RecencySchedule(n_layers, num_blocks, bias, sources, families, means, mode)
 
 
 def schedule_deviation(
@@ -266,8 +279,8 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
     differs = table.index[measured_read.reindex(table.index) != predicted_read]
     if len(differs):
         raise ValueError(
-            f"the schedule ({schedule.n_layers} layers, {schedule.num_blocks} blocks) and the "
-            f"measured model disagree on which source families exist at {list(differs)[:3]}: "
+            f"the schedule ({schedule.n_layers} layers, {schedule.layout.blocks_text()}) and "
+            f"the measured model disagree on which source families exist at {list(differs)[:3]}: "
             "the schedule is for a different shape (block size or mode) than the measured "
             "model"
         )
