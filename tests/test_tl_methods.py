@@ -2284,6 +2284,24 @@ def test_transformerlens_evals_read_the_models_own_loss():
         assert math.isclose(loss, float(losses.mean()), abs_tol=1e-5), name
 
 
+def test_induction_loss_on_a_small_vocabulary_is_refused_as_docs_architecture_quotes():
+    """Audit 115: docs/architecture.md quoted the refusal of ``induction_loss``'s token ids
+    (drawn in ``[100, 20000)``) on a smaller vocabulary as "token ids must be in [0,
+    d_vocab)", a text no message has: the real one shows the number, then "(d_vocab)".
+    The docs' quote, up to its ellipsis, is the start of the real message."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    quoted = re.search(r'refuses its tokens \([^"]*"([^"]*)"\)', text)
+    assert quoted is not None, "the quote of the induction_loss refusal"
+    head = " ".join(quoted.group(1).split()).split("[...]")[0]
+    model = routed_model("kimi")
+    assert model.cfg.d_vocab == 50
+    with pytest.raises(ValueError) as error:
+        tl_evals.induction_loss(model, batch_size=2, subseq_len=4, prepend_bos=False, device="cpu")
+    assert str(error.value).startswith(head), (head, str(error.value))
+
+
 # --- weights: tl_parameters and SVDInterpreter -----------------------------------------
 def aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Columns equal up to the sign of each singular vector."""
