@@ -760,3 +760,39 @@ def test_info_describes_a_vanilla_run_left_moved_aside_by_an_interrupted_save(tm
     (tmp_path / "model").rename(tmp_path / ".model.old-0000abcd")
     assert cli.main(["info", str(tmp_path / "model"), "--threads", "1"]) == 0
     assert "vanilla Qwen3 (no routers)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", ["model", "run"])
+def test_a_study_into_a_model_or_run_folder_of_this_library_is_refused(
+    folder, tmp_path, monkeypatch, capsys
+):
+    """Audit 116: ``study --checkpoints runs --out runs/{condition}_seed0/model`` replaced
+    the model checkpoint it had just studied with the report (the model was deleted: a
+    save of this library may replace a folder holding only its own saves, and a model
+    is one). A study replaces only an earlier study; the model's files stay as they were.
+    The same from Python (``run_study(out_dir=...)``) and for a training run's folder."""
+    from helpers import tiny_study_runs
+
+    from hooked_attnres.study import run, run_dir, run_study
+
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    runs = tmp_path / "runs"
+    tiny_study_runs(runs, "hard_kimi_L8", (0,))
+    model = run_dir(runs, "hard_kimi_L8", 0) / "model"
+    if folder == "run":  # a folder holding a marker of this library's save (a checkpoint)
+        from hooked_attnres._atomic import atomic_directory
+
+        with atomic_directory(tmp_path / "checkpoint") as tmp:
+            (tmp / "trainer_state.json").write_text("{}")
+        out = tmp_path / "checkpoint"
+    else:
+        out = model
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["study", "--checkpoints", str(runs), "--out", str(out), "--no-progress"]
+    assert cli.main(argv + ["--threads", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"refusing to replace {out}: it is not an earlier study" in err[0]
+    assert "choose another --out" in err[0] and "out_dir" not in err[0], err
+    with pytest.raises(FileExistsError, match="not an earlier study.*choose another out_dir"):
+        run_study(out, checkpoints=runs, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

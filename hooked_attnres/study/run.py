@@ -46,6 +46,7 @@ from hooked_attnres._atomic import (
     atomic_directory,
     check_replaceable,
     exclusive_job,
+    read_marker,
     reading,
     write_bytes_atomic,
 )
@@ -867,7 +868,7 @@ def check_out_dir(out_dir: Union[str, Path], name: str = "out_dir") -> None:
         ValueError: ``out_dir`` is the file-system root (`partial_dir`).
     """
     partial = partial_dir(out_dir, name)  # first: the root is refused before it is scanned
-    _check_study_folder(out_dir)
+    _check_study_folder(out_dir, name)
     if partial.exists() or partial.is_symlink():
         foreign = _foreign_kept(partial)
         if foreign == [partial.name]:
@@ -882,12 +883,24 @@ def check_out_dir(out_dir: Union[str, Path], name: str = "out_dir") -> None:
             )
 
 
-def _check_study_folder(out_dir: Union[str, Path]) -> None:
+def _check_study_folder(out_dir: Union[str, Path], name: str = "out_dir") -> None:
+    """Refuse an ``out_dir`` that is not new, empty or an earlier study of this library
+    (``name``: as `check_out_dir`). Holding only files a save of this library wrote is not
+    enough: a model checkpoint or a training run's checkpoint is one too, and the study's
+    save would delete it (``--out runs/{condition}_seed0/model`` replaced the model just
+    studied with the report)."""
     check_replaceable(
         out_dir,
         remedy="it does not hold an earlier study written by this "
-        "library; choose a new or empty folder for the study",
+        f"library; choose a new or empty folder for the study (another {name})",
     )
+    marker = read_marker(out_dir) if Path(out_dir).is_dir() else None
+    if marker is not None and not set(STUDY_FILES) <= set(marker["files"]):
+        raise CheckpointConflictError(
+            f"refusing to replace {out_dir}: it is not an earlier study but another save of "
+            f"this library ({some_names(sorted(marker['files']))}), which the study's save "
+            f"would delete; choose another {name} (a new or empty folder, or an earlier study)"
+        )
 
 
 def _settings(settings: _RunSettings, runs) -> dict:
@@ -952,6 +965,9 @@ def mass_by_layer(mass: pd.DataFrame) -> pd.DataFrame:
         .rename(columns={"mean": "mass", "count": "n_prompts"})
         .reset_index()
     )
+
+
+STUDY_FILES = ("run.json", "report.md")  # what every study writes (`write_study`)
 
 
 def write_study(result: StudyResult) -> Path:
