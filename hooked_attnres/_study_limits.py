@@ -14,3 +14,9 @@ WHY_MAX_PROBE_PROMPTS = (
     "the most probe prompts the study draws per model, MAX_PROBE_PROMPTS: its time and "
     "memory grow with them, each bootstrap holding 64 KB per prompt"
 )
+
+# The largest model seed (`train_condition`, ``hooked-attnres train/study --seeds``): the
+# largest torch's random generators take (``torch.manual_seed``, ``Generator.manual_seed``);
+# one more failed in the model's initialisation, after the run had started.
+MAX_SEED = 2**64 - 1
+WHY_MAX_SEED = "the largest seed torch's random generators take"

@@ -21,7 +21,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
-from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
+from hooked_attnres._study_limits import (
+    MAX_PROBE_PROMPTS,
+    MAX_SEED,
+    WHY_MAX_PROBE_PROMPTS,
+    WHY_MAX_SEED,
+)
 
 PROG = "hooked-attnres"
 
@@ -76,6 +81,7 @@ def _integer_at_least(minimum: int, maximum: Optional[int] = None, why_maximum: 
 
 POSITIVE = _integer_at_least(1)
 NON_NEGATIVE = _integer_at_least(0)
+SEED = _integer_at_least(0, MAX_SEED, WHY_MAX_SEED)  # a model seed torch takes
 
 
 def _parse_value(text: str):
@@ -451,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="condition names (`hooked-attnres list` shows them and their shipped seeds), "
         "'both' (the original attnres and vanilla) or 'grid' (every grid condition)",
     )
-    train.add_argument("--seeds", type=NON_NEGATIVE, nargs="+", default=[0], help="model seeds")
+    train.add_argument("--seeds", type=SEED, nargs="+", default=[0], help="model seeds")
     train.add_argument("--out", default="runs", help="output folder")
     train.add_argument(
         "--steps",
@@ -500,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument(
         "--seeds",
-        type=NON_NEGATIVE,
+        type=SEED,
         nargs="+",
         default=None,
         help="model seeds (default: every seed found)",

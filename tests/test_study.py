@@ -205,6 +205,15 @@ def test_bad_study_settings_are_refused_before_any_model_is_loaded(
         train_condition("attnres", -1, tmp_path / "never", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["attnres", "vanilla"])
+def test_a_seed_past_torchs_is_refused_before_the_run_starts(tmp_path, kind):
+    """Audit 116: one past torch's largest seed (2**64 - 1) failed in the model's
+    initialisation ("Overflow when unpacking long long"), after the run had started."""
+    with pytest.raises(ValueError, match=rf"^seed must be an integer <= {2**64 - 1} \(the"):
+        train_condition(kind, 2**64, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("flag", ["progress", "plots", "robustness"])
 @pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
 def test_the_study_flags_must_be_true_or_false(tmp_path, monkeypatch, flag, value):

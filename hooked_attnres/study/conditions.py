@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from hooked_attnres._study_limits import MAX_SEED, WHY_MAX_SEED
 from hooked_attnres._validation import require_bool, require_choice, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -387,7 +388,7 @@ def train_condition(
     """
     recipe = get_condition(condition)
     # run_dir would be {condition}_seed-1, which the study's checkpoint search never finds
-    seed = require_integer("seed", seed, 0)
+    seed = require_integer("seed", seed, 0, maximum=MAX_SEED, why_maximum=WHY_MAX_SEED)
     # before the model is built (train checks them too)
     progress = require_bool("progress", progress)
     resume = require_bool("resume", resume)
