@@ -188,6 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         except TypeError as error:
             raise CommandError(f"unknown setting: {error}") from error
+    if args.threads is not None:
+        _check_training_threads(args.threads, conditions, kwargs.get("config"))
     summary = Path(args.out) / "train_summary.json"
     results: list[dict] = []
     for seed in args.seeds:
@@ -249,6 +251,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\nsummary: {summary}; run the study on these with `{PROG} study --checkpoints {args.out}`"
     )
     return 0
+
+
+def _check_training_threads(threads: int, conditions: Sequence[str], config) -> None:
+    """Refuse ``--threads`` where the run would not use it: the trainer sets its
+    `TrainConfig.threads` inside the run, a grid condition's recipe fixes 1
+    (`Condition.threads`: the order of float sums depends on it) and ``--set threads=``
+    another; only a count left to the caller (``None``) is the one ``--threads`` sets."""
+    from hooked_attnres.study import get_condition
+
+    if config is not None and config.threads is not None and config.threads != threads:
+        raise CommandError(
+            f"--threads {threads} and --set threads={config.threads} disagree; give one"
+        )
+    for condition in conditions:
+        fixed = get_condition(condition).threads if config is None else None
+        if fixed is not None and fixed != threads:
+            raise CommandError(
+                f"--threads {threads} would be ignored: {condition} trains with {fixed} "
+                "thread(s), part of its recipe (the order of float sums depends on it); "
+                "leave --threads out"
+            )
 
 
 def _earlier_summary(path: Path) -> list[dict]:
@@ -439,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=POSITIVE,
         default=None,
         help="torch threads (default: OMP_NUM_THREADS if set, else the free cores; "
-        f"{default_threads()} now; more threads than free cores is slower)",
+        f"{default_threads()} now; more threads than free cores is slower; train refuses a "
+        "count other than the one its condition's recipe or --set threads= fixes)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -800,3 +800,41 @@ def test_a_study_into_a_model_or_run_folder_of_this_library_is_refused(
     with pytest.raises(FileExistsError, match="not an earlier study.*choose another out_dir"):
         run_study(out, checkpoints=runs, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_train_refuses_a_thread_count_the_recipe_would_override(tmp_path, monkeypatch, capsys):
+    """Audit 116: ``train --threads N`` was ignored while training a grid condition (its
+    recipe trains with ``threads=1``, `Condition.threads`, which the trainer sets inside
+    the run) and with ``--set threads=M``: the run used 1 (or M) threads, not N. Refused
+    unless the counts agree; where the recipe leaves the count to the caller (the
+    original two) ``--threads`` is used."""
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    seen = []
+
+    def fake_train(condition, seed, out_dir, config=None, **kwargs):
+        seen.append(condition if config is None else (condition, config.threads))
+        return TrainResult(out_dir, out_dir / "model", 1, {"retrieval": 0.5}, 1.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    argv = ["train", "--out", str(tmp_path), "--no-progress", "--condition"]
+    recipe = study.get_condition("hard_kimi_L8").threads
+    assert cli.main([*argv, "hard_kimi_L8", "--threads", str(recipe + 1)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and (
+            f"--threads {recipe + 1} would be ignored: hard_kimi_L8 trains with {recipe} "
+            "thread(s), part of its recipe"
+        )
+        in err[0]
+    ), err
+    assert cli.main([*argv, "attnres", "--threads", "3", "--set", "threads=2"]) == 1
+    assert "--threads 3 and --set threads=2 disagree; give one" in capsys.readouterr().err
+    assert seen == []
+    assert cli.main([*argv, "hard_kimi_L8", "--threads", str(recipe)]) == 0
+    assert cli.main([*argv, "attnres", "--threads", "2", "--set", "threads=2"]) == 0
+    assert cli.main([*argv, "attnres", "--threads", "3"]) == 0
+    assert seen == ["hard_kimi_L8", ("attnres", 2), "attnres"]
+    capsys.readouterr()
