@@ -91,7 +91,13 @@ def _parse_value(text: str):
         return text
 
 
-def _key_values(pairs: Sequence[str], what: str) -> dict:
+def _key_values(pairs: Sequence[str], what: str, takes: type) -> dict:
+    """``--{what} key=value ...`` as keyword arguments of the dataclass ``takes`` (a key
+    it has no field for is refused naming those it has: the dataclass said
+    "TrainConfig.__init__() got an unexpected keyword argument", a Python call)."""
+    import dataclasses
+
+    known = [f.name for f in dataclasses.fields(takes) if f.init]
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -100,6 +106,11 @@ def _key_values(pairs: Sequence[str], what: str) -> dict:
         if not key.strip():
             raise CommandError(f"--{what} takes key=value pairs, got {pair!r} (no key)")
         key = key.replace("-", "_")
+        if key not in known:
+            raise CommandError(
+                f"--{what} {pair}: {takes.__name__} has no setting {key!r}; --{what} takes "
+                f"{', '.join(known)}"
+            )
         if key in out:  # the last one would silently win
             raise CommandError(f"--{what} gives {key!r} twice; give it once")
         out[key] = _parse_value(value)
@@ -150,6 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_condition,
     )
     from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
+    from hooked_attnres.tasks import KeyValueRetrieval
+    from hooked_attnres.training import TrainConfig
 
     conditions = _conditions(args.condition)
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
@@ -170,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{', '.join(fixed)} {verb}; --steps / --set / --task-arg vary only 'attnres' "
                 "and 'vanilla'"
             )
-        values = _key_values(args.set, "set")
+        values = _key_values(args.set, "set", TrainConfig)
         if args.steps is not None:
             if "steps" in values and values["steps"] != args.steps:
                 raise CommandError(
@@ -181,13 +194,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             # however the steps are given, the warm-up keeps its share of the study run
             # (BASE_WARMUP of BASE_STEPS) unless it is set too
             values.setdefault("warmup_steps", round(BASE_WARMUP * values["steps"] / BASE_STEPS))
-        try:
-            kwargs = dict(
-                config=study_train_config(**values),
-                task=study_task(**_key_values(args.task_arg, "task-arg")),
-            )
-        except TypeError as error:
-            raise CommandError(f"unknown setting: {error}") from error
+        kwargs = dict(
+            config=study_train_config(**values),
+            task=study_task(**_key_values(args.task_arg, "task-arg", KeyValueRetrieval)),
+        )
     if args.threads is not None:
         _check_training_threads(args.threads, conditions, kwargs.get("config"))
     summary = Path(args.out) / "train_summary.json"

@@ -838,3 +838,32 @@ def test_train_refuses_a_thread_count_the_recipe_would_override(tmp_path, monkey
     assert cli.main([*argv, "attnres", "--threads", "3"]) == 0
     assert seen == ["hard_kimi_L8", ("attnres", 2), "attnres"]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("option", "cls"), [("--set", "TrainConfig"), ("--task-arg", "KeyValueRetrieval")]
+)
+def test_an_unknown_key_is_refused_naming_the_keys_the_option_takes(
+    option, cls, tmp_path, monkeypatch, capsys
+):
+    """Audit 116: ``--set seed=3`` said "unknown setting: TrainConfig.__init__() got an
+    unexpected keyword argument 'seed'", a Python call, and named no key the option takes.
+    It names the option, the key and every key it takes (the fields, read here)."""
+    import dataclasses
+
+    from hooked_attnres import study
+    from hooked_attnres.tasks import KeyValueRetrieval
+    from hooked_attnres.training import TrainConfig
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path / "r"), option]
+    assert cli.main([*argv, "steps=5", "seed=3"] if option == "--set" else [*argv, "seed=3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    fields = {"TrainConfig": TrainConfig, "KeyValueRetrieval": KeyValueRetrieval}[cls]
+    keys = ", ".join(f.name for f in dataclasses.fields(fields) if f.init)
+    assert (
+        len(err) == 1
+        and (f"{option} seed=3: {cls} has no setting 'seed'; {option} takes {keys}") in err[0]
+    ), err
+    assert "__init__" not in err[0]
+    assert not (tmp_path / "r").exists()
