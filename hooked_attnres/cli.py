@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Optional
 
 from hooked_attnres._study_limits import (
+    MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
     MAX_SEED,
+    WHY_MAX_BOOTSTRAP,
     WHY_MAX_PROBE_PROMPTS,
     WHY_MAX_SEED,
 )
@@ -551,7 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="held-out probe prompts per model",
     )
-    study.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
+    study.add_argument(
+        "--bootstrap",
+        type=_integer_at_least(1, MAX_BOOTSTRAP, WHY_MAX_BOOTSTRAP),
+        default=1000,
+        help="bootstrap resamples",
+    )
     study.add_argument(
         "--bootstrap-seed",
         type=NON_NEGATIVE,

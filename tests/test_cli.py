@@ -58,6 +58,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         (["study", "--prompts", "16385"], "argument --prompts: must be an integer <= 16384 ("),
         (["study", "--prompts", "1000000000"], "must be an integer <= 16384 (the most probe"),
         (["study", "--bootstrap", "-1"], "argument --bootstrap: must be an integer >= 1, got -1"),
+        (["study", "--bootstrap", "100001"], "--bootstrap: must be an integer <= 100000 (the"),
         (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
         (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
         # audit 116: past torch's seeds, train started the run and failed in the model's

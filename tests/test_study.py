@@ -182,6 +182,8 @@ def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
         # named as run_study's caller wrote them (they read "n_resamples must be ..." and
         # "seed must be ...", which in run_study reads as the model seeds)
         ({"n_bootstrap": 0}, "^n_bootstrap must be an integer >= 1, got 0"),
+        # audit 116: 10**12 failed after the first model's sweep, allocating 291 TiB
+        ({"n_bootstrap": 10**12}, r"^n_bootstrap must be an integer <= 100000 \(the most"),
         ({"bootstrap_seed": -1}, "^bootstrap_seed must be an integer >= 0, got -1"),
         ({"bootstrap_seed": 0.5}, "^bootstrap_seed must be an integer >= 0, got 0.5"),
         ({"n_prompts": 0}, "n_prompts must be an integer >= 2 .*, got 0"),
@@ -1188,6 +1190,9 @@ def test_study_condition_refuses_a_progress_flag_before_the_forward_pass():
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(TypeError, match="^progress must be True or False, got 'no'$"):
         study_condition(model, batch, n_bootstrap=10, progress="no")
+    # audit 116: past MAX_BOOTSTRAP, refused before the forward pass, not in the bootstrap
+    with pytest.raises(ValueError, match=r"^n_bootstrap must be an integer <= 100000 \("):
+        study_condition(model, batch, n_bootstrap=10**12, progress=False)
     assert not calls  # no forward pass ran
 
 

@@ -51,7 +51,12 @@ from hooked_attnres._atomic import (
     write_bytes_atomic,
 )
 from hooked_attnres._environment import numerics_environment
-from hooked_attnres._study_limits import MAX_PROBE_PROMPTS, WHY_MAX_PROBE_PROMPTS
+from hooked_attnres._study_limits import (
+    MAX_BOOTSTRAP,
+    MAX_PROBE_PROMPTS,
+    WHY_MAX_BOOTSTRAP,
+    WHY_MAX_PROBE_PROMPTS,
+)
 from hooked_attnres._validation import (
     first_non_finite,
     is_integer,
@@ -356,6 +361,9 @@ def study_condition(
             f"{MAX_PROBE_PROMPTS} ({WHY_MAX_PROBE_PROMPTS})"
         )
     check_bootstrap(n_bootstrap, 0.95, seed, "n_bootstrap")  # not after the forward pass
+    require_integer(
+        "n_bootstrap", n_bootstrap, 1, maximum=MAX_BOOTSTRAP, why_maximum=WHY_MAX_BOOTSTRAP
+    )
     progress = require_bool("progress", progress)  # was checked after the mass tables
     with torch.no_grad():
         logits = model(batch.tokens)
@@ -458,7 +466,9 @@ def check_study_arguments(
     )
     # before any model is loaded, not after the first; by the names of this call (the
     # bootstrap's own "seed" would read as the model seeds)
-    n_bootstrap = require_integer("n_bootstrap", n_bootstrap, 1)
+    n_bootstrap = require_integer(
+        "n_bootstrap", n_bootstrap, 1, maximum=MAX_BOOTSTRAP, why_maximum=WHY_MAX_BOOTSTRAP
+    )
     bootstrap_seed = require_integer("bootstrap_seed", bootstrap_seed, 0)
     # read by truthiness, "no" was True; robustness is written to every kept run's key too
     progress = require_bool("progress", progress)
