@@ -1,5 +1,5 @@
-"""The study's bounds that the command line checks when it parses its arguments (this module
-imports nothing, so ``hooked-attnres --help`` stays fast)."""
+"""The bounds of the study and training that the command line checks when it parses its
+arguments (this module imports nothing, so ``hooked-attnres --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,8 @@ WHY_MAX_BOOTSTRAP = (
 # one more failed in the model's initialisation, after the run had started.
 MAX_SEED = 2**64 - 1
 WHY_MAX_SEED = "the largest seed torch's random generators take"
+
+# The most torch threads (``--threads``, `TrainConfig.threads`): ``torch.set_num_threads``
+# takes a C int; 2**31 failed in it with "Overflow when unpacking long".
+MAX_THREADS = 2**31 - 1
+WHY_MAX_THREADS = "the most torch.set_num_threads takes, a C int"

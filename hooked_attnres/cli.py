@@ -25,9 +25,11 @@ from hooked_attnres._study_limits import (
     MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
     MAX_SEED,
+    MAX_THREADS,
     WHY_MAX_BOOTSTRAP,
     WHY_MAX_PROBE_PROMPTS,
     WHY_MAX_SEED,
+    WHY_MAX_THREADS,
 )
 
 PROG = "hooked-attnres"
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument(
         "--threads",
-        type=POSITIVE,
+        type=_integer_at_least(1, MAX_THREADS, WHY_MAX_THREADS),
         default=None,
         help="torch threads (default: OMP_NUM_THREADS if set, else the free cores; "
         f"{default_threads()} now; more threads than free cores is slower; train refuses a "

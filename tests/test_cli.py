@@ -53,6 +53,10 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     "argv, message",
     [
         (["info", "x", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+        # audit 116: torch.set_num_threads takes a C int; 2**31 failed with "Overflow when
+        # unpacking long", exit code 1
+        (["info", "x", "--threads", str(2**31)], f"--threads: must be an integer <= {2**31 - 1}"),
+        (["study", "--threads", str(2**64)], f"--threads: must be an integer <= {2**31 - 1} ("),
         (["study", "--prompts", "1"], "argument --prompts: must be an integer >= 2, got 1"),
         # audit 56: 10**9 drew prompts for days (a Python loop) towards a terabyte
         (["study", "--prompts", "16385"], "argument --prompts: must be an integer <= 16384 ("),

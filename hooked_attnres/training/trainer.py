@@ -56,6 +56,7 @@ from hooked_attnres._atomic import (
     write_text_atomic,
 )
 from hooked_attnres._environment import numerics_environment
+from hooked_attnres._study_limits import MAX_THREADS
 from hooked_attnres._validation import (
     as_items,
     non_finite_tensors,
@@ -144,7 +145,7 @@ class TrainConfig:
                 "multiplies every weight by 1 - lr * weight_decay each step, which would zero "
                 "the weights or flip their sign"
             )
-        if self.threads is not None and self.threads >= 2**31:
+        if self.threads is not None and self.threads > MAX_THREADS:
             raise ValueError(f"threads must be < 2**31 (torch.set_num_threads), got {self.threads}")
         if self.grad_clip is not None:
             self.grad_clip = number("grad_clip", self.grad_clip)
