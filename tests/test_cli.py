@@ -872,3 +872,21 @@ def test_an_unknown_key_is_refused_naming_the_keys_the_option_takes(
     ), err
     assert "__init__" not in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_info_of_a_training_run_folder_names_its_model(tmp_path, capsys):
+    """Audit 116: ``info runs/{condition}_seed0`` (the folder ``train`` names) said only
+    "has no config.json; found checkpoint, metrics.json, model"; it names the run's
+    ``model`` folder, the checkpoint to describe."""
+    from helpers import tiny_study_runs
+
+    from hooked_attnres.study import run_dir
+
+    tiny_study_runs(tmp_path, "hard_kimi_L8", (0,))
+    run = run_dir(tmp_path, "hard_kimi_L8", 0)
+    assert cli.main(["info", str(run), "--threads", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run} has no config.json; found model" in err[0], err
+    assert f"the checkpoint in it is {run / 'model'}" in err[0], err
+    assert cli.main(["info", str(run / "model"), "--threads", "1"]) == 0  # which describes
+    capsys.readouterr()

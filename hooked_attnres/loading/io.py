@@ -352,9 +352,13 @@ def read_config_json(directory: Path) -> dict[str, Any]:
         raise NotADirectoryError(f"{directory} is a file; a checkpoint is a directory")
     path = directory / CONFIG_NAME
     if not path.exists():
+        # a training run's folder (``{condition}_seed{n}``) holds its checkpoint in ``model``
+        inside = directory / "model"
+        hint = f"; the checkpoint in it is {inside}" if (inside / CONFIG_NAME).is_file() else ""
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_NAME}; found "
             + (some_names(sorted(p.name for p in directory.iterdir())) or "nothing")
+            + hint
         )
     try:
         values = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, not the locale's
