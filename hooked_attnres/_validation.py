@@ -298,6 +298,17 @@ def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
             )
 
 
+def require_keys(table: Any, columns: Sequence[str], what: str) -> None:
+    """Refuse key columns that cannot be grouped or matched by: a NaN label
+    (`require_labelled`) or labels that mix text and numbers (`require_one_kind`) in those
+    of ``columns`` that ``table`` (a pandas ``DataFrame``) has; ``what`` names the table.
+    The one check of the columns a table is grouped, matched (``==``) or merged by; not of
+    an effects table's ``family`` (or ``group``) column, which may mix family names and
+    source indices (`plan_ablations`' families) by design."""
+    require_labelled(table, columns, what)
+    require_one_kind(table, columns, what)
+
+
 def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     """``(name, number of NaN or infinite elements)`` for every floating tensor of
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.

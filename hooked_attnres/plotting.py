@@ -26,7 +26,7 @@ from hooked_attnres._validation import (
     is_integer,
     non_finite_in_column,
     require_bool,
-    require_labelled,
+    require_keys,
     require_selection,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy
@@ -252,13 +252,15 @@ def routing_heatmap(
             without it an absent family's mass 0 reads as "present, no weight"), an empty
             one, a NaN or infinite mass (the mean would skip it) or ``n_sources``, several
             models, a NaN label in ``condition``, ``seed``, ``model``, ``router``,
-            ``layer`` or ``family`` (`require_labelled`: a second model not counted, or
-            rows the means would drop), a (router, layer, family) whose ``n_sources``
+            ``layer`` or ``family``, or one whose labels mix text and numbers
+            (`require_keys`: a second model not counted, rows the means would drop, or
+            ``0`` and ``'0'`` drawn as two layers), a (router, layer, family) whose ``n_sources``
             differs between rows, or a router type it lacks.
     """
-    # a NaN label: a second model that nunique does not count, or rows the means drop
+    # a NaN label: a second model that nunique does not count, or rows the means drop;
+    # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
     labels = ("condition", "seed", "model", "router", "layer", "family")
-    require_labelled(mass, labels, "the mass table")
+    require_keys(mass, labels, "the mass table")
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
             raise ValueError(
@@ -1011,8 +1013,8 @@ def effects_by_seed(
     relative = require_bool("relative", relative)
     _require_effects(effects)
     # a NaN condition or seed matches no panel or slot (== never holds): its bars were
-    # left out and its panel titled as lacking the seed
-    require_labelled(effects, ("condition", "seed"), "effects")
+    # left out and its panel titled as lacking the seed; seeds 0 and '1' cannot be sorted
+    require_keys(effects, ("condition", "seed"), "effects")
     routers = require_selection("routers", [routers] if isinstance(routers, str) else routers)
     groups = require_selection("groups", [groups] if isinstance(groups, str) else groups)
     chosen = effects[
@@ -1116,8 +1118,8 @@ def mass_effect_by_seed(
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
     # a NaN condition or seed matches no panel or slot (`effects_by_seed`)
-    require_labelled(effects, ("condition", "seed"), "effects")
-    require_labelled(mass_summary, ("condition", "seed"), "mass_summary")
+    require_keys(effects, ("condition", "seed"), "effects")
+    require_keys(mass_summary, ("condition", "seed"), "mass_summary")
     mass = _mass_of_group(mass_summary, "all")  # every layer, as the effects of group "all"
     mass = mass[mass.router == router]
     chosen = effects[

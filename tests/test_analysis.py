@@ -2229,3 +2229,25 @@ def test_split_names_filter_caching_of_one_input_equals_one_run(layout):
         lambda c: c.decompose_resid(routed=routed),
     ):
         torch.testing.assert_close(call(cache), call(whole), atol=1e-12, rtol=0)
+
+
+def test_schedule_comparison_refuses_a_layer_column_mixing_text_and_numbers():
+    """Audit 121: a mass table whose second batch's layers were text (read back from a CSV)
+    was refused as "for a different shape than the measured model" (its layer '0' had no
+    prediction), a wrong reason. Refused (`require_one_kind`), naming the column; with one
+    dtype again the comparison equals that of one run of all the prompts."""
+    model = HookedAttnRes.from_hf_qwen3(
+        hf_qwen3(num_hidden_layers=4), wrap="recency", num_blocks=2, recency_bias=3.0
+    )
+    tokens = torch.randint(0, 61, (4, 5), generator=torch.Generator().manual_seed(0))
+    schedule = recency_schedule(4, 2, 3.0)
+    first = routing_mass(model, tokens[:2], positions="all")
+    second = routing_mass(model, tokens[2:], positions="all").assign(prompt=lambda t: t.prompt + 2)
+    mixed = pd.concat([first, second.assign(layer=second.layer.astype(str))])
+    with pytest.raises(ValueError, match=r"mass table's column 'layer' mixes text and numbers"):
+        schedule_comparison(mixed, schedule)
+    pd.testing.assert_frame_equal(
+        schedule_comparison(mixed.astype({"layer": int}), schedule),
+        schedule_comparison(routing_mass(model, tokens, positions="all"), schedule),
+        atol=1e-6,
+    )

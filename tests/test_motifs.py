@@ -1943,3 +1943,40 @@ def test_a_summary_without_family_read_takes_a_family_its_ablation_masked_as_rea
     for other in (nothing, effects):
         with pytest.raises(ValueError, match=r"non-finite mass at router='attn_res', family='old"):
             motif_report(bare, other)
+
+
+def test_model_labels_that_mix_text_and_numbers_are_refused():
+    """Audit 121: ``0`` and ``'0'`` are two labels to pandas (a table read back from a CSV
+    concatenated with one in memory). motif_report of seed 0's tables given twice, once
+    with seed '0', reported "two" models silently (20 rows; the same tables with seed 0
+    twice are refused: several rows per router, group and family); motif_verdicts of one
+    condition's report labelled 1 and '1' split it in two conditions, each "2 of 2 seeds"
+    (the report with condition 1 twice is refused: a seed with several rows), and of seeds
+    0, 1 and '2' failed with pandas' bare TypeError, as verdict_changes of int and text
+    seeds did (merge on int64 and str). Refused (`require_one_kind`), naming the column."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    summary = pd.concat([p[0] for p in parts], ignore_index=True)
+    effects = pd.concat([p[1] for p in parts], ignore_index=True)
+    report = motif_report(summary, effects)
+    one_summary, one_effects = parts[0]
+    with pytest.raises(ValueError, match=r"several rows per router, group and family"):
+        motif_report(pd.concat([one_summary] * 2), pd.concat([one_effects] * 2))
+    with pytest.raises(ValueError, match=r"effects's column 'seed' mixes text and numbers"):
+        motif_report(
+            pd.concat([one_summary, one_summary.assign(seed="0")]),
+            pd.concat([one_effects, one_effects.assign(seed="0")]),
+        )
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0, 1, 2\] have several"):
+        motif_verdicts(pd.concat([report.assign(condition=1)] * 2))
+    with pytest.raises(ValueError, match=r"the report's column 'condition' mixes text and"):
+        motif_verdicts(pd.concat([report.assign(condition=1), report.assign(condition="1")]))
+    text_2 = report.assign(seed=report.seed.astype(object).where(report.seed != 2, "2"))
+    with pytest.raises(ValueError, match=r"the report's column 'seed' mixes text and numbers"):
+        motif_verdicts(text_2)
+    with pytest.raises(ValueError, match=r"the second report's column 'seed' mixes text"):
+        verdict_changes(report, text_2)
+    # one dtype again: the verdicts and changes of the unmixed report
+    restored = text_2.astype({"seed": int})
+    pd.testing.assert_frame_equal(motif_verdicts(restored), motif_verdicts(report))
+    assert verdict_changes(report, restored).empty

@@ -1044,3 +1044,38 @@ def test_mass_effect_figures_pair_the_final_routers_group_with_a_summary_without
     )
     with pytest.raises(ValueError, match=r"^mass_summary has no 'band' column"):
         plotting.mass_effect_scatter(summary, named, group="final")
+
+
+def test_routing_heatmap_and_seed_figures_refuse_labels_mixing_text_and_numbers():
+    """Audit 121: ``1`` and ``'1'`` are two labels to pandas (one part of a concatenated
+    table read back from a CSV). routing_heatmap of two batches whose second's layers were
+    text drew every layer twice, each row the mean of one batch (8 rows for 4, cells 0.011
+    off the mean of all prompts), silently; a seed mixing 0 and '0' (or the seed figures'
+    seeds 0 and '1') failed with pandas' bare TypeError ('<' not supported between 'str' and
+    'int'). Refused (`require_one_kind`), naming the column and the remedy."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(0))
+    first = routing_mass(model, tokens[:6], positions="all")
+    second = routing_mass(model, tokens[6:], positions="all").assign(prompt=lambda t: t.prompt + 6)
+    mixed = pd.concat([first, second.assign(layer=second.layer.astype(str))])
+    with pytest.raises(ValueError, match=r"mass table's column 'layer' mixes text and numbers"):
+        plotting.routing_heatmap(mixed)
+    with pytest.raises(ValueError, match=r"column 'seed' mixes text and numbers.*one dtype"):
+        plotting.routing_heatmap(pd.concat([first.assign(seed=0), second.assign(seed="0")]))
+    # one dtype again: the heatmap of one run of all 8 prompts (independent)
+    restored = plotting.routing_heatmap(mixed.astype({"layer": int}))
+    whole = plotting.routing_heatmap(routing_mass(model, tokens, positions="all"))
+    for got, want in zip(restored.data, whole.data, strict=True):
+        assert got.y == want.y
+        np.testing.assert_allclose(np.asarray(got.z, float), np.asarray(want.z, float), atol=1e-6)
+    effects, mass = _effects(seeds=(0, 1)), _mass(seeds=(0, 1))
+
+    def text_seed_1(table):
+        return table.assign(seed=table.seed.astype(object).where(table.seed != 1, "1"))
+
+    with pytest.raises(ValueError, match=r"effects's column 'seed' mixes text and numbers"):
+        plotting.effects_by_seed(text_seed_1(effects), "older", ["mlp_res"])
+    with pytest.raises(ValueError, match=r"effects's column 'seed' mixes text and numbers"):
+        plotting.mass_effect_by_seed(mass, text_seed_1(effects), "mlp_res")
+    with pytest.raises(ValueError, match=r"mass_summary's column 'seed' mixes text"):
+        plotting.mass_effect_by_seed(text_seed_1(mass), effects, "mlp_res")

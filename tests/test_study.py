@@ -1311,3 +1311,23 @@ def test_the_recency_bias_is_recorded_only_for_a_study_that_wraps_a_vanilla_mode
     assert vanilla.kind == "vanilla"
     with pytest.raises(ValueError, match="settings record no recency_bias"):
         model_text(vanilla.name, None)
+
+
+def test_the_study_report_refuses_model_labels_mixing_text_and_numbers(tmp_path):
+    """Audit 121: a schedule table whose seed mixed 0 and '0' (one part read back from a
+    CSV) was counted as two seeds: "... prompts and 2 seed(s); the claim holds" of one
+    seed's rows (the table with seed 0 twice: "1 seed(s)"). The report's readers refuse a
+    condition or seed column that mixes text and numbers (`require_keys`), naming it."""
+    from hooked_attnres.study.report import _schedule_sentences
+    from hooked_attnres.study.run import StudyResult
+
+    empty = pd.DataFrame()
+
+    def sentence(seeds):
+        schedule = pd.DataFrame({"condition": "vanilla", "seed": seeds, "max_abs_deviation": 1e-7})
+        result = StudyResult(tmp_path, empty, empty, empty, empty, empty, schedule, empty)
+        return _schedule_sentences(result)[0]
+
+    assert "and 1 seed(s)" in sentence([0, 0])
+    with pytest.raises(ValueError, match=r"schedule table's column 'seed' mixes text and"):
+        sentence(pd.Series([0, "0"], dtype=object))

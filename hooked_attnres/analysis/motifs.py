@@ -40,7 +40,7 @@ from hooked_attnres._validation import (
     first_non_finite,
     require_finite_number,
     require_integer,
-    require_labelled,
+    require_keys,
 )
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
@@ -602,12 +602,13 @@ def _decided_by(report: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
 
 def _require_labels(table: pd.DataFrame, columns: list[str], what: str) -> None:
     """Refuse a table without a ``condition`` / ``seed`` column, or with a missing (NaN)
-    label in one (`require_labelled`): pandas' ``groupby`` drops such rows, so that model
-    would silently leave the count of seeds."""
+    label in one or labels that mix text and numbers (`require_keys`): pandas' ``groupby``
+    drops NaN rows, so that model would silently leave the count of seeds, and takes ``0``
+    and ``'0'`` for two models (one seed counted twice, one condition split in two)."""
     for column in columns:
         if column not in table.columns:
             raise ValueError(f"{what} lacks the column {column!r} that identifies a model")
-    require_labelled(table, columns, what)
+    require_keys(table, columns, what)
 
 
 def verdict_word(k: int, n: int) -> str:
@@ -1029,14 +1030,15 @@ def verdict_changes(
             table (a report concatenated twice: its repeated rows paired with one row of
             the other, so that equal row counts hid a model of the other table that was
             never compared; or models told apart by a column not in ``by``), a NaN label
-            (`require_labelled`), or tables that do not cover the same models and claims.
+            or labels mixing text and numbers (`require_keys`), or tables that do not cover
+            the same models and claims.
     """
     if by is None:
         by = [c for c in ("condition", "seed") if c in first.columns and c in second.columns]
     keys = list(dict.fromkeys([*by, "claim"]))
     for name, table in (("first", first), ("second", second)):
         _require_labels(table, list(by), f"the {name} report")  # by's columns, labelled
-        require_labelled(table, ["claim"], f"the {name} report")
+        require_keys(table, ["claim"], f"the {name} report")
         repeated = table[table.duplicated(keys, keep=False)]
         if not repeated.empty:
             first_row = {k: np.asarray(v).tolist() for k, v in repeated[keys].iloc[0].items()}

@@ -25,7 +25,7 @@ from hooked_attnres._validation import (
     require_choice,
     require_finite_number,
     require_integer,
-    require_labelled,
+    require_keys,
 )
 from hooked_attnres.analysis.mass import family_read, require_finite_mass
 from hooked_attnres.config import MODES
@@ -239,12 +239,13 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             one has and the other lacks (another number of layers), or another set of
             families at a router (another block size or mode; the predictions differ: the
             mass table's ``n_sources`` against the schedule's sources); a mass table
-            without ``n_sources``; a NaN ``router``, ``layer`` or ``family``
-            (`require_labelled`: the means would leave its rows out).
+            without ``n_sources``; a NaN ``router``, ``layer`` or ``family``, or one
+            mixing text and numbers (`require_keys`: the means would leave NaN rows out, and
+            a layer ``'0'`` has no prediction, which read as a schedule of another shape).
     """
     # a NaN router, layer or family: the filter and groupby would leave the row out of
     # its router's mean
-    require_labelled(mass, ("router", "layer", "family"), "the mass table")
+    require_keys(mass, ("router", "layer", "family"), "the mass table")
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
     require_finite_mass(measured, "the comparison")
     grouped = measured.groupby(["router", "layer", "family"]).mass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite, require_labelled
+from hooked_attnres._validation import first_non_finite, require_keys
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
 from hooked_attnres.analysis.mass import (
     masked_nothing,
@@ -173,7 +173,7 @@ def _schedule_sentences(result: StudyResult) -> list[str]:
     if result.schedule.empty:
         return []
     # a NaN condition or seed: groupby would leave that model's deviation out of the claim
-    require_labelled(result.schedule, MODEL_LABELS, "the study result's schedule table")
+    require_keys(result.schedule, MODEL_LABELS, "the study result's schedule table")
     deviations = result.schedule.max_abs_deviation
     found = first_non_finite(deviations)
     if found is not None:  # pandas' max skips NaN: the claim would hold on the other rows
@@ -391,7 +391,7 @@ def _tables_text(result: StudyResult) -> list[str]:
     """What the tables hold: the mass, the effects (masked where, left alone where) and
     the legend of `NOT_MEASURED`."""
     effects = result.effects[result.effects.metric == "logit_diff"]
-    require_labelled(result.accuracy, MODEL_LABELS, "the study result's accuracy table")
+    require_keys(result.accuracy, MODEL_LABELS, "the study result's accuracy table")
     n_models = len(result.accuracy.groupby(["condition", "seed"]))
     return [
         "Mass: mean routing weight of each family at the answer position over every router "
@@ -413,7 +413,7 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     require_family_read_column(result.mass_summary, "the study report")
     # a model with a NaN condition or seed matches no row (==): its table would be left out
     for name in ("accuracy", "mass_summary", "effects"):
-        require_labelled(getattr(result, name), MODEL_LABELS, f"the study result's {name} table")
+        require_keys(getattr(result, name), MODEL_LABELS, f"the study result's {name} table")
     bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
     for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
         mass = result.mass_summary
