@@ -281,12 +281,19 @@ def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
     read back from a CSV): ``ValueError`` naming the column, the kinds with their numbers
     of rows and the remedy (one dtype). As a key, ``1`` and ``'1'`` are two labels, so rows
     that should be one key (a repeated row, one prompt) would be told apart without a word,
-    and sorting the keys fails with a bare ``TypeError``. Only object columns can mix;
-    ``what`` names the table (``"the mass table"``)."""
+    and sorting the keys fails with a bare ``TypeError``. Only object and categorical
+    columns can mix (a categorical one by its categories: until audit 120 it was not read,
+    and its ``0`` and ``'0'`` were two keys silently); ``what`` names the table (``"the
+    mass table"``)."""
     for column in dict.fromkeys(columns):
-        if column not in table or table[column].dtype != object:
+        if column not in table:
             continue
-        values = table[column].dropna()
+        values = table[column]
+        if values.dtype.name == "category":
+            values = values.astype(object)  # the labels the rows hold, as for object
+        elif values.dtype != object:
+            continue
+        values = values.dropna()
         text = values.map(lambda v: isinstance(v, (str, bytes, np.str_, np.bytes_)))
         if text.any() and not text.all():
             shown = (values[text].iloc[0], values[~text].iloc[0])

@@ -245,6 +245,30 @@ def test_summarize_mass_refuses_a_key_column_that_mixes_text_and_numbers():
     )
 
 
+def test_summarize_mass_refuses_a_categorical_key_column_that_mixes_text_and_numbers():
+    """Audit 120: the check of audit 115 read object columns only, so the same concatenated
+    table with its ``layer`` made categorical (``astype("category")``, e.g. to save memory;
+    categories ``[0, 1, ..., '0', '1', ...]``) was summarised silently: two batches both
+    numbered from 0 (6 and 2 prompts), their layers ``0`` and ``'0'``, were not seen to
+    repeat a row, ``n_prompts`` 6 for 8. A categorical column of one kind is still taken,
+    with the numbers of the plain table (independent: the summary without categories)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi"), seed=1).eval()
+    tokens = torch.randint(3, model.cfg.d_vocab, (8, 6), generator=torch.Generator().manual_seed(0))
+    first = routing_mass(model, tokens[:6], positions="all")
+    second = routing_mass(model, tokens[6:], positions="all")
+    mixed = pd.concat([first, second.assign(layer=second.layer.astype(str))])
+    with pytest.raises(ValueError, match=r"column 'layer' mixes text and numbers.*one dtype"):
+        summarize_mass(mixed.astype({"layer": "category"}), n_bootstrap=40)
+    whole = routing_mass(model, tokens, positions="all")
+    keys = {"layer": "category", "router": "category", "family": "category"}
+    pd.testing.assert_frame_equal(
+        summarize_mass(whole.astype(keys), n_bootstrap=50),
+        summarize_mass(whole, n_bootstrap=50),
+        check_dtype=False,
+        check_categorical=False,
+    )
+
+
 def test_summarize_mass_names_the_column_that_tells_repeated_rows_apart():
     """Audit 97: the refusal of a repeated (prompt, router, layer, family) row (audit 93)
     said only that the prompt ids might not name one prompt each (two tables concatenated).
