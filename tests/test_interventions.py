@@ -2320,6 +2320,26 @@ def test_a_mask_that_is_not_bool_is_refused_when_built_naming_its_dtype():
     torch.testing.assert_close(got, by_name, atol=0, rtol=0)
 
 
+def test_a_list_mask_that_is_not_bool_is_told_a_remedy_that_works_for_a_list():
+    """Audit 120: a list of 0/1 ints was told "for a 0/1 mask give mask == 1", but a list
+    compared with 1 is the Python bool ``False``, refused as a mask of shape ``()``. The
+    message names the list's remedy, ``torch.tensor(mask) == 1``, and that mask runs as
+    the same source masked by name (independent: `mask_sources`)."""
+    from hooked_attnres.interventions import mask_hook
+
+    model = routed("kimi", dtype=torch.float64)
+    site = model.site(2, "attn_res")
+    n = model.routing_layout.n_sources(site)
+    tokens = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(0))
+    mask = [1] + [0] * (n - 1)
+    with pytest.raises(TypeError, match=r"got dtype torch.int64.*torch\.tensor\(mask\) == 1"):
+        mask_hook(site, mask)
+    label = model.routing_layout.labels(site)[0]
+    by_name = model.run_with_hooks(tokens, fwd_hooks=mask_sources(model, [label], routers=[site]))
+    got = model.run_with_hooks(tokens, fwd_hooks=[mask_hook(site, torch.tensor(mask) == 1)])
+    torch.testing.assert_close(got, by_name, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
 def test_a_mask_or_weights_of_one_row_over_sources_is_taken_as_every_prompts(layout):
     """Audit 113: a 2-D tensor whose first axis is 1 (``[1, n_sources]``, e.g. a single

@@ -255,8 +255,9 @@ def check_bool_mask(mask: Tensor, what: str) -> None:
     if mask.dtype != torch.bool:
         raise TypeError(
             f"{what} must be a bool tensor (True where a source is masked), got dtype "
-            f"{mask.dtype}; for a 0/1 mask give mask == 1, for source indices select them "
-            "by name or index (mask_sources(model, sources=[...]))"
+            f"{mask.dtype}; for a 0/1 mask give mask == 1 (torch.tensor(mask) == 1 for a "
+            "list: a list == 1 is False), for source indices select them by name or index "
+            "(mask_sources(model, sources=[...]))"
         )
 
 
