@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -314,7 +315,15 @@ def test_learning_rate_schedule():
         (dict(stop_accuracy="half"), "stop_accuracy must be a finite number"),
         # audit findings: accepted, then the weights flipped sign each step / a late crash
         (dict(lr=0.5, weight_decay=2.0), r"lr \* weight_decay must be < 1"),
-        (dict(threads=2**31), r"threads must be < 2\*\*31"),
+        # one check of the bound, in the command line's words (--threads: MAX_THREADS and
+        # its reason; TrainConfig said "threads must be < 2**31" in its own, review 124)
+        (
+            dict(threads=2**31),
+            re.escape(
+                f"threads must be an integer <= {2**31 - 1} (the most torch.set_num_threads "
+                f"takes, a C int), got {2**31}"
+            ),
+        ),
     ],
 )
 def test_bad_train_config(kwargs, message):

@@ -56,7 +56,7 @@ from hooked_attnres._atomic import (
     write_text_atomic,
 )
 from hooked_attnres._environment import numerics_environment
-from hooked_attnres._study_limits import MAX_THREADS
+from hooked_attnres._study_limits import MAX_THREADS, WHY_MAX_THREADS
 from hooked_attnres._validation import (
     as_items,
     non_finite_tensors,
@@ -111,8 +111,9 @@ class TrainConfig:
     threads: Optional[int] = None
 
     def __post_init__(self) -> None:
-        def integer(name: str, low: int, optional: bool = False) -> None:
-            setattr(self, name, require_integer(name, getattr(self, name), low, optional))
+        def integer(name: str, low: int, optional: bool = False, **bound: Any) -> None:
+            value = require_integer(name, getattr(self, name), low, optional, **bound)
+            setattr(self, name, value)
 
         def number(name: str, value: Any) -> float:
             return float(require_finite_number(name, value))
@@ -122,7 +123,8 @@ class TrainConfig:
         integer("warmup_steps", 0)
         integer("data_seed", 0)
         integer("checkpoint_every", 1, optional=True)
-        integer("threads", 1, optional=True)
+        # at most what torch.set_num_threads takes, as --threads (one bound, one wording)
+        integer("threads", 1, optional=True, maximum=MAX_THREADS, why_maximum=WHY_MAX_THREADS)
         self.lr = number("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
@@ -145,8 +147,6 @@ class TrainConfig:
                 "multiplies every weight by 1 - lr * weight_decay each step, which would zero "
                 "the weights or flip their sign"
             )
-        if self.threads is not None and self.threads > MAX_THREADS:
-            raise ValueError(f"threads must be < 2**31 (torch.set_num_threads), got {self.threads}")
         if self.grad_clip is not None:
             self.grad_clip = number("grad_clip", self.grad_clip)
             if self.grad_clip <= 0:
