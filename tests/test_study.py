@@ -216,6 +216,25 @@ def test_a_seed_past_torchs_is_refused_before_the_run_starts(tmp_path, kind):
     assert not (tmp_path / "never").exists()
 
 
+def test_the_studys_bounds_are_exported_beside_max_probe_prompts():
+    """Review 124: docs/study.md states ``MAX_BOOTSTRAP`` and ``MAX_SEED`` as the study's
+    bounds, beside ``MAX_PROBE_PROMPTS``, which `hooked_attnres.study` exports; they were
+    importable only from the private ``hooked_attnres._study_limits``."""
+    import re
+
+    import hooked_attnres.study as study
+    from hooked_attnres.study import MAX_BOOTSTRAP, MAX_PROBE_PROMPTS, MAX_SEED
+
+    assert {"MAX_BOOTSTRAP", "MAX_PROBE_PROMPTS", "MAX_SEED"} <= set(study.__all__)
+    docs = (Path(__file__).resolve().parents[1] / "docs/study.md").read_text()
+    for name, value in (("MAX_BOOTSTRAP", MAX_BOOTSTRAP), ("MAX_PROBE_PROMPTS", MAX_PROBE_PROMPTS)):
+        assert re.findall(rf"`{name}` = (\d+)", docs) == [str(value)]
+    # torch's largest seed: it takes MAX_SEED, and refuses one more
+    torch.Generator().manual_seed(MAX_SEED)
+    with pytest.raises((RuntimeError, ValueError), match="Overflow"):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+
+
 @pytest.mark.parametrize("flag", ["progress", "plots", "robustness"])
 @pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
 def test_the_study_flags_must_be_true_or_false(tmp_path, monkeypatch, flag, value):

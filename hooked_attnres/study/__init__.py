@@ -19,6 +19,7 @@ from hooked_attnres.study.checkpoints import (
 from hooked_attnres.study.conditions import (
     CONDITIONS,
     CONDITIONS_BY_NAME,
+    MAX_SEED,
     STUDY_BLOCKS,
     STUDY_SHAPE,
     TASKS,
@@ -39,6 +40,7 @@ from hooked_attnres.study.report import (
 )
 from hooked_attnres.study.run import (
     FRESH_PROBE_SEED,
+    MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
     PROBE_SEED,
     RECENCY_BIAS,
@@ -57,7 +59,9 @@ __all__ = [
     "CONDITIONS",
     "CONDITIONS_BY_NAME",
     "FRESH_PROBE_SEED",
+    "MAX_BOOTSTRAP",
     "MAX_PROBE_PROMPTS",
+    "MAX_SEED",
     "PROBE_SEED",
     "RECENCY_BIAS",
     "SHIPPED",
