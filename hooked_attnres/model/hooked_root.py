@@ -150,9 +150,10 @@ def restore_user_hooks(points) -> None:
     passed, as TransformerLens's ``LensHandle.user_hook`` (``list_hooks()``) is, rather
     than this module's wrapper of it."""
     for point in points:
-        for handle in (*point.fwd_hooks, *point.bwd_hooks):
-            if handle.user_hook is not None:
-                handle.user_hook = user_hook_of(handle.user_hook)
+        for handles in (point.fwd_hooks, point.bwd_hooks):
+            for handle in handles:
+                if handle.user_hook is not None:
+                    handle.user_hook = user_hook_of(handle.user_hook)
 
 
 class _UseGuard:
@@ -179,17 +180,18 @@ class _UseGuard:
                 "TransformerLens); give each thread its own copy (copy.deepcopy(model))"
             )
 
-    def release_if_unhooked(self, model) -> None:
-        """Give up this thread's claim on ``model`` if no hook but permanent ones is
-        attached to its hook points (a call that claimed it attached nothing)."""
+    def release_if_unhooked(self, points) -> None:
+        """Give up this thread's claim on the model if no hook but permanent ones is
+        attached to ``points`` (its hook points, or all of them that may hold one: a call
+        that claimed it attached nothing, or the hooks were removed)."""
         if self.hook_owner != threading.get_ident():
             return
-        if not any(
-            not handle.is_permanent
-            for point in model.hook_points()
-            for handle in (*point.fwd_hooks, *point.bwd_hooks)
-        ):
-            self.hook_owner = None
+        for point in points:
+            for handles in (point.fwd_hooks, point.bwd_hooks):
+                for handle in handles:
+                    if not handle.is_permanent:
+                        return
+        self.hook_owner = None
 
     def claim_hooks(self, permanent: bool = False) -> None:
         with self.lock:
@@ -306,7 +308,7 @@ class HookedModule(HookedRootModule):
                 restore_user_hooks([self.hook_dict[name]])
             else:  # a predicate may have matched no hook point: then nothing holds the model
                 restore_user_hooks(self.hook_points())
-                guard.release_if_unhooked(self)
+                guard.release_if_unhooked(self.hook_points())
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         """TransformerLens semantics; hook points without hooks are skipped (a model has
@@ -316,10 +318,10 @@ class HookedModule(HookedRootModule):
         if guard.hook_owner is not None:
             with guard.lock:
                 guard._refuse_others("remove hooks")
-        for point in self.hook_points():
-            if point.fwd_hooks or point.bwd_hooks:
-                point.remove_hooks(direction, including_permanent=including_permanent, level=level)
-        guard.release_if_unhooked(self)
+        hooked = [point for point in self.hook_points() if point.fwd_hooks or point.bwd_hooks]
+        for point in hooked:
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+        guard.release_if_unhooked(hooked)  # the others held no hook before, and hold none
 
     def clear_contexts(self) -> None:
         for point in self.hook_points():
@@ -347,9 +349,14 @@ class HookedModule(HookedRootModule):
             reset_hooks_end,
             clear_contexts,
         ) as model:
-            if fwd_hooks or bwd_hooks:
+            named = [name for name, _ in (*fwd_hooks, *bwd_hooks)]
+            if all(isinstance(name, str) for name in named):
+                # only the hook points just hooked: this runs around every sweep's pass
+                restore_user_hooks(dict.fromkeys(self.hook_dict[name] for name in named))
+            else:
                 restore_user_hooks(self.hook_points())
-                use_guard(self).release_if_unhooked(self)  # predicates that matched nothing
+                # predicates that matched nothing attached nothing: then nothing holds it
+                use_guard(self).release_if_unhooked(self.hook_points())
             yield model
 
     def _resolved(self, name):
