@@ -405,6 +405,32 @@ def test_hooks_and_add_hook_by_name_read_only_the_hook_points_they_hook(tokens):
     assert not model.hook_dict[hooked].fwd_hooks and not model.hook_dict[hooked].bwd_hooks
 
 
+def test_backward_hooks_of_a_reset_run_with_hooks_still_act_on_its_output(tokens):
+    """Audit 119: docs/hooks.md said that ``run_with_hooks(bwd_hooks=...)`` with the
+    default ``reset_hooks_end=True`` removes the backward hooks so that they never fire.
+    They are removed from the model, but PyTorch takes a module's backward hooks when its
+    forward runs: a ``backward()`` of that pass's output runs them (here a hook zeroing
+    the gradient at ``hook_embed`` zeroes ``W_E``'s); later passes do not have them."""
+    model = tiny_model(dtype=torch.float64)
+    model(tokens).sum().backward()
+    assert model.embed.W_E.grad.abs().sum() > 0  # the gradient the hook takes away
+    model.zero_grad()
+    fired = []
+
+    def zero(grad, hook):
+        fired.append(hook.name)
+        return grad * 0
+
+    out = model.run_with_hooks(tokens, bwd_hooks=[("hook_embed", zero)])
+    assert not model.list_hooks() and not fired
+    out.sum().backward()
+    assert fired == ["hook_embed"]
+    assert model.embed.W_E.grad.abs().sum() == 0
+    model.zero_grad()
+    model(tokens).sum().backward()  # a later pass runs without it
+    assert fired == ["hook_embed"] and model.embed.W_E.grad.abs().sum() > 0
+
+
 @pytest.mark.filterwarnings("ignore::hooked_attnres.RoutedResidualPatchWarning")
 def test_backward_hooks_and_incl_bwd_give_the_autograd_gradient(layout, tokens):
     """``run_with_cache(incl_bwd=True)`` and ``add_hook(..., dir="bwd")`` give, at every hook
