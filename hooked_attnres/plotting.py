@@ -1046,7 +1046,8 @@ def effects_by_seed(
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(chosen, columns, seeds)
     titles = [
-        f"{c}{_seed_note(absent[c])}: {ROUTER_TITLES[r]}" if c else ROUTER_TITLES[r]
+        # "" is no condition column (`_with_model_columns`); a condition 0 is one
+        f"{c}{_seed_note(absent[c])}: {ROUTER_TITLES[r]}" if c != "" else ROUTER_TITLES[r]
         for r in routers
         for c in columns
     ]
@@ -1142,7 +1143,9 @@ def mass_effect_by_seed(
         cols=len(columns),
         shared_yaxes="rows",
         shared_xaxes=True,
-        subplot_titles=[(c or ROUTER_TITLES[router]) + _seed_note(absent[c]) for c in columns],
+        subplot_titles=[  # "" is no condition column (`effects_by_seed`'s titles)
+            f"{c if c != '' else ROUTER_TITLES[router]}{_seed_note(absent[c])}" for c in columns
+        ],
         horizontal_spacing=0.04,
         vertical_spacing=0.1,
     )

@@ -1079,3 +1079,34 @@ def test_routing_heatmap_and_seed_figures_refuse_labels_mixing_text_and_numbers(
         plotting.mass_effect_by_seed(mass, text_seed_1(effects), "mlp_res")
     with pytest.raises(ValueError, match=r"mass_summary's column 'seed' mixes text"):
         plotting.mass_effect_by_seed(text_seed_1(mass), effects, "mlp_res")
+
+
+def test_seed_figures_title_conditions_that_are_numbers_as_their_text_twins():
+    """Conditions named by numbers (0, 1: e.g. a table read back from a CSV, where the
+    names "0" and "1" become integers) are conditions like any other. mass_effect_by_seed
+    failed with a bare TypeError (int + str) in its panel titles, and both seed figures took
+    a condition 0 for "no condition column": its panel was titled by the router type alone,
+    without its name or its absent seeds (audit 123). The figures equal those of the same
+    tables with the conditions as text."""
+    effects = _effects(conditions=("0", "1"), seeds=(0, 1, 2))
+    mass = _mass(conditions=("0", "1"), seeds=(0, 1, 2))
+    effects = effects[~((effects.condition == "0") & (effects.seed == 2))]
+    mass = mass[~((mass.condition == "0") & (mass.seed == 2))]
+
+    def numbered(table):
+        return table.astype({"condition": int})
+
+    for draw in (
+        lambda m, e, columns=None: plotting.effects_by_seed(
+            e, "older", ["mlp_res"], columns=columns
+        ),
+        lambda m, e, columns=None: plotting.mass_effect_by_seed(m, e, "mlp_res", columns=columns),
+    ):
+        text = draw(mass, effects)
+        titles = [a.text for a in text.layout.annotations]
+        assert titles[0].startswith("0 (no seed 2)") and titles[1].startswith("1")
+        for columns in (None, [0, 1]):
+            got = draw(numbered(mass), numbered(effects), columns)
+            assert [a.text for a in got.layout.annotations] == titles
+            for mine, twin in zip(got.data, text.data, strict=True):
+                np.testing.assert_array_equal(np.asarray(mine.y, float), np.asarray(twin.y, float))
