@@ -285,17 +285,26 @@ def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
     columns can mix (a categorical one by its categories: until audit 120 it was not read,
     and its ``0`` and ``'0'`` were two keys silently); ``what`` names the table (``"the
     mass table"``)."""
+
+    def is_text(value: Any) -> bool:
+        return isinstance(value, (str, bytes, np.str_, np.bytes_))
+
     for column in dict.fromkeys(columns):
         if column not in table:
             continue
         values = table[column]
-        if values.dtype.name == "category":
-            values = values.astype(object)  # the labels the rows hold, as for object
-        elif values.dtype != object:
+        if values.dtype.name == "category":  # the labels the rows hold, as for object
+            labels = values.cat.remove_unused_categories().cat.categories
+        elif values.dtype == object:
+            labels = values.drop_duplicates().dropna()
+        else:
             continue
-        values = values.dropna()
-        text = values.map(lambda v: isinstance(v, (str, bytes, np.str_, np.bytes_)))
-        if text.any() and not text.all():
+        # each distinct label once (text is never equal to a number, so they have the rows'
+        # kinds): testing row by row took 0.1 s a column of 300k rows
+        kinds = {is_text(v) for v in labels}
+        if len(kinds) > 1:
+            values = values.astype(object).dropna()
+            text = values.map(is_text)
             shown = (values[text].iloc[0], values[~text].iloc[0])
             raise ValueError(
                 f"{what}'s column {column!r} mixes text and numbers ({int(text.sum())} text "
