@@ -269,17 +269,15 @@ def test_summarize_mass_refuses_a_categorical_key_column_that_mixes_text_and_num
     )
 
 
-def test_the_key_column_check_costs_little_on_a_large_table():
+def test_the_key_column_check_of_a_large_table_counts_the_rows_it_refuses():
     """Audit 123: `require_keys`' test of text and numbers (`require_one_kind`) classified
     every row of an object or categorical column in Python: 0.28 s for the three text
     columns of a 300k-row mass table of object dtype, which routing_heatmap and
     schedule_comparison paid on each call since audit 121 (the heatmap 0.58 s for 0.20 s
     before), summarize_mass since audit 115 / 120. It classifies each distinct label once
-    (0.03 s there). The CPU time of the check of three object and one categorical column of
-    300k rows is well under the 0.20 s it took; a mixed column is still refused with its
-    numbers of rows."""
-    import time
-
+    (0.03 s there; measured, not timed here: the suite has no timed tests). Three object
+    columns and one categorical column of 300k rows of one kind each are taken, and a
+    mixed column is still refused with its numbers of rows, counted over every row."""
     from hooked_attnres._validation import require_keys
 
     n, rows = 300_000, np.arange(300_000)
@@ -296,9 +294,7 @@ def test_the_key_column_check_costs_little_on_a_large_table():
         }
     )
     assert all(table[c].dtype == np.dtype(object) for c in ("router", "family", "condition"))
-    start = time.process_time()
     require_keys(table, ["router", "family", "condition", "layer"], "the mass table")
-    assert time.process_time() - start < 0.08  # 0.026 s; 0.20 s before
     mixed = table.assign(condition=table.condition.where(table.index != n - 1, 7))
     with pytest.raises(
         ValueError, match=r"'condition' mixes text and numbers \(299999 text and 1 "
