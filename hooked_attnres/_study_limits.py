@@ -27,11 +27,15 @@ WHY_MAX_BOOTSTRAP = (
     "with them"
 )
 
-# The largest model seed (`train_condition`, ``hooked-attnres train/study --seeds``): the
-# largest torch's random generators take (``torch.manual_seed``, ``Generator.manual_seed``);
-# one more failed in the model's initialisation, after the run had started.
-MAX_SEED = 2**64 - 1
-WHY_MAX_SEED = "the largest seed torch's random generators take"
+# The largest model seed (`train_condition`, `run_study`, ``hooked-attnres train/study
+# --seeds``): the largest the study's tables hold as integers (int64). Torch's random
+# generators take up to 2**64 - 1 (2**64 failed in the model's initialisation, after the
+# run had started, audit 116), but a run of seed 2**63 or more trained and then failed in
+# its study after the model's work (the seed column uint64: pandas' merge raised KeyError
+# numpy.ulonglong) or, beside seed 0, was read as a float (2**63 and 2**63 + 1 one seed;
+# audit 122).
+MAX_SEED = 2**63 - 1
+WHY_MAX_SEED = "the largest seed the study's tables hold, int64"
 
 # The most torch threads (``--threads``, `TrainConfig.threads`): ``torch.set_num_threads``
 # takes a C int; 2**31 failed in it with "Overflow when unpacking long".

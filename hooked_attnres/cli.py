@@ -85,7 +85,7 @@ def _integer_at_least(minimum: int, maximum: Optional[int] = None, why_maximum: 
 
 POSITIVE = _integer_at_least(1)
 NON_NEGATIVE = _integer_at_least(0)
-SEED = _integer_at_least(0, MAX_SEED, WHY_MAX_SEED)  # a model seed torch takes
+SEED = _integer_at_least(0, MAX_SEED, WHY_MAX_SEED)  # a model seed the study holds
 
 
 def _parse_value(text: str):

@@ -66,9 +66,12 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         (["study", "--seeds", "0", "-2"], "argument --seeds: must be an integer >= 0, got -2"),
         (["train", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
         # audit 116: past torch's seeds, train started the run and failed in the model's
-        # init ("Overflow when unpacking long long"); the study's are the same model seeds
-        (["train", "--seeds", str(2**64)], f"--seeds: must be an integer <= {2**64 - 1} (the"),
-        (["study", "--seeds", str(2**64)], f"--seeds: must be an integer <= {2**64 - 1} (the"),
+        # init ("Overflow when unpacking long long"); the study's are the same model seeds.
+        # Audit 122: from 2**63 (past int64) the study failed after the model's work
+        # (KeyError numpy.ulonglong) or, beside seed 0, read the seeds as floats
+        (["train", "--seeds", str(2**64)], f"--seeds: must be an integer <= {2**63 - 1} (the"),
+        (["train", "--seeds", str(2**63)], f"--seeds: must be an integer <= {2**63 - 1} (the"),
+        (["study", "--seeds", str(2**63)], f"--seeds: must be an integer <= {2**63 - 1} (the"),
         (["train", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
         # a non-integer named neither the range nor what was accepted ('abc' is not an integer)
         (["train", "--steps", "abc"], "argument --steps: must be an integer >= 1, got 'abc'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -192,6 +193,9 @@ def test_only_folders_named_as_training_names_them_are_found_as_seeds(tmp_path):
         ({"n_prompts": 2.5}, "n_prompts must be an integer >= 2 .*, got 2.5"),
         ({"n_prompts": True}, "n_prompts must be an integer >= 2 .*, got True"),
         ({"seeds": [0, -1]}, "seeds must be an integer >= 0, got -1"),
+        # audit 122: the study's tables hold seeds as int64 (a larger one failed after the
+        # model's work); refused by its bound, not as a checkpoint that is missing
+        ({"seeds": [0, 2**63]}, rf"^seeds must be an integer <= {2**63 - 1} \(the largest"),
     ],
 )
 def test_bad_study_settings_are_refused_before_any_model_is_loaded(
@@ -207,12 +211,19 @@ def test_bad_study_settings_are_refused_before_any_model_is_loaded(
         train_condition("attnres", -1, tmp_path / "never", progress=False)
 
 
+@pytest.mark.parametrize("seed", [2**64, 2**63])
 @pytest.mark.parametrize("kind", ["attnres", "vanilla"])
-def test_a_seed_past_torchs_is_refused_before_the_run_starts(tmp_path, kind):
+def test_a_seed_past_torchs_is_refused_before_the_run_starts(tmp_path, kind, seed, monkeypatch):
     """Audit 116: one past torch's largest seed (2**64 - 1) failed in the model's
-    initialisation ("Overflow when unpacking long long"), after the run had started."""
-    with pytest.raises(ValueError, match=rf"^seed must be an integer <= {2**64 - 1} \(the"):
-        train_condition(kind, 2**64, tmp_path / "never", progress=False)
+    initialisation ("Overflow when unpacking long long"), after the run had started.
+    Audit 122: from 2**63 on, the run trained, but the study of it failed after the
+    model's work (its seed column uint64: pandas' merge raised KeyError numpy.ulonglong)
+    or, beside seed 0, read both seeds as floats (2**63 and 2**63 + 1 the same seed)."""
+    import hooked_attnres.study.conditions as conditions_module
+
+    monkeypatch.setattr(conditions_module, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=rf"^seed must be an integer <= {2**63 - 1} \(the"):
+        train_condition(kind, seed, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
 
 
@@ -229,10 +240,37 @@ def test_the_studys_bounds_are_exported_beside_max_probe_prompts():
     docs = (Path(__file__).resolve().parents[1] / "docs/study.md").read_text()
     for name, value in (("MAX_BOOTSTRAP", MAX_BOOTSTRAP), ("MAX_PROBE_PROMPTS", MAX_PROBE_PROMPTS)):
         assert re.findall(rf"`{name}` = (\d+)", docs) == [str(value)]
-    # torch's largest seed: it takes MAX_SEED, and refuses one more
+    # the largest seed the study's int64 tables hold (audit 122), which torch takes too
+    assert MAX_SEED == 2**63 - 1  # numpy.iinfo(numpy.int64).max
     torch.Generator().manual_seed(MAX_SEED)
-    with pytest.raises((RuntimeError, ValueError), match="Overflow"):
-        torch.Generator().manual_seed(MAX_SEED + 1)
+
+
+def test_a_run_found_with_a_seed_the_study_cannot_hold_is_refused_before_any_work(
+    tmp_path, monkeypatch
+):
+    """Audit 122: a run of seed 2**63 (which train wrote until now) was found by the
+    study's search and studied; the seed column became uint64 and the study failed after
+    the model's whole sweep (pandas' merge: KeyError numpy.ulonglong), or, beside a run of
+    seed 0, float64 (the seed written as 9.223372036854776e+18). Refused before any
+    model is loaded, naming the folder and the remedy."""
+    import hooked_attnres.study.run as study_module
+
+    tiny_study_runs(tmp_path / "runs", "hard_kimi_L8", (0, 2**63))
+    monkeypatch.setattr(study_module, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    folder = run_dir(tmp_path / "runs", "hard_kimi_L8", 2**63)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))} holds seed {2**63}, "):
+        run_study(tmp_path / "out", checkpoints=tmp_path / "runs", **_QUICK_STUDY)
+    assert not (tmp_path / "out").exists()
+    calls = []  # the other seed is studied when chosen
+
+    def reached(condition, seed, settings):
+        calls.append((condition, seed))
+        raise RuntimeError("reached")
+
+    monkeypatch.setattr(study_module, "_study_run", reached)
+    with pytest.raises(RuntimeError, match="reached"):
+        run_study(tmp_path / "out", checkpoints=tmp_path / "runs", seeds=[0], **_QUICK_STUDY)
+    assert calls == [("hard_kimi_L8", 0)]
 
 
 @pytest.mark.parametrize("flag", ["progress", "plots", "robustness"])

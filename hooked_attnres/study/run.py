@@ -54,8 +54,10 @@ from hooked_attnres._environment import numerics_environment
 from hooked_attnres._study_limits import (
     MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
+    MAX_SEED,
     WHY_MAX_BOOTSTRAP,
     WHY_MAX_PROBE_PROMPTS,
+    WHY_MAX_SEED,
 )
 from hooked_attnres._validation import (
     first_non_finite,
@@ -816,7 +818,8 @@ def find_runs(
     """``(condition, seed)`` pairs to study, conditions in the order given (default: every
     condition with a checkpoint, in `CONDITIONS` order), each with the seeds asked for
     (default: every seed found for it). One condition may be given as its name; seeds
-    must be a list (``seeds=3`` could mean seed 3 or three seeds: refused)."""
+    must be a list (``seeds=3`` could mean seed 3 or three seeds: refused), each at most
+    `MAX_SEED` (a run found of a larger seed is refused too: its study failed after the work)."""
     if isinstance(conditions, str):  # one name: it was read as its letters ("repeats 'u'")
         conditions = [conditions]
     if conditions is not None and not isinstance(conditions, Iterable):
@@ -837,7 +840,10 @@ def find_runs(
             get_condition(condition)
     if seeds is not None:
         seeds = require_selection("seeds", seeds, why="no model would be studied")
-        seeds = [require_integer("seeds", seed, 0) for seed in seeds]  # Python ints (JSON)
+        seeds = [  # Python ints (JSON)
+            require_integer("seeds", seed, 0, maximum=MAX_SEED, why_maximum=WHY_MAX_SEED)
+            for seed in seeds
+        ]
     if checkpoints is not None and not Path(checkpoints).is_dir():
         if not Path(checkpoints).exists():
             raise FileNotFoundError(f"no checkpoints folder at {checkpoints}")
@@ -862,7 +868,13 @@ def find_runs(
             )
         runs += [(name, seed) for seed in chosen]
     for name, seed in runs:
-        checkpoint_dir(name, seed, checkpoints)  # every checkpoint exists, before any work
+        path = checkpoint_dir(name, seed, checkpoints)  # every one exists, before any work
+        if seed > MAX_SEED:  # a run found (train wrote one until audit 122); seeds= is checked
+            raise ValueError(
+                f"{path.parent} holds seed {seed}, above {MAX_SEED} ({WHY_MAX_SEED}: its "
+                "study would fail after the model's work); choose the seeds to study "
+                "(seeds=[...], --seeds)"
+            )
     return runs
 
 
