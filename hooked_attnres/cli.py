@@ -155,8 +155,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres._atomic import updating, write_text_atomic
-    from hooked_attnres._validation import is_integer, require_selection
+    from hooked_attnres._atomic import read_marker, updating, write_text_atomic
+    from hooked_attnres._validation import is_integer, require_selection, some_names
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -167,6 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
+    from hooked_attnres.training.trainer import check_run_folder
 
     conditions = _conditions(args.condition)
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
@@ -177,6 +178,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--out {args.out} is a file; training writes one folder per run into the "
             "--out folder: choose a folder (new or holding earlier runs)"
         )
+    marker = read_marker(args.out) if Path(args.out).is_dir() else None
+    if marker is not None:  # a model, a study, a run's checkpoint (audit 126)
+        raise CommandError(
+            f"refusing to train into --out {args.out}: it is not a folder of runs but another "
+            f"save of this library ({some_names(sorted(marker['files']))}); choose another "
+            "--out (new or holding earlier runs)"
+        )
+    for seed in args.seeds:  # every run's folder before the first run trains
+        for condition in conditions:
+            check_run_folder(run_dir(args.out, condition, seed))
     custom = bool(args.set or args.task_arg or args.steps is not None)
     kwargs: dict = {}
     if custom:

@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -893,3 +894,38 @@ def test_info_of_a_training_run_folder_names_its_model(tmp_path, capsys):
     assert f"the checkpoint in it is {run / 'model'}" in err[0], err
     assert cli.main(["info", str(run / "model"), "--threads", "1"]) == 0  # which describes
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("where", ["out", "run"])
+def test_train_refuses_an_out_that_is_another_save_before_any_run(
+    where, tmp_path, monkeypatch, capsys
+):
+    """Audit 126: ``train --out X`` wrote its runs into a study's or a model's folder, and
+    replaced the model and ``metrics.json`` of a run folder that is no training run's (a
+    copy of a shipped checkpoint's folder, which has no ``checkpoint/``) with a new run's.
+    Both refused before any run trains (also when a later seed's folder is the one); the
+    files stay byte for byte."""
+    import shutil
+
+    from hooked_attnres.study import conditions, run_dir
+
+    monkeypatch.setattr(conditions, "train", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "out"
+    if where == "out":  # a model saved by this library
+        from helpers import tiny_model
+
+        tiny_model().save_pretrained(out)
+        match = f"refusing to train into --out {out}: it is not a folder of runs but another"
+    else:  # the second seed's folder is a copy of a shipped checkpoint's folder
+        shipped = Path(__file__).parent.parent / "hooked_attnres/data/study"
+        shutil.copytree(run_dir(shipped, "attnres", 0), run_dir(out, "attnres", 1))
+        match = (
+            f"refusing to train into {run_dir(out, 'attnres', 1)}: its model and metrics.json "
+            "are not a training run's"
+        )
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "--out", str(out)]
+    assert cli.main(argv + ["--no-progress", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1494,3 +1495,75 @@ def test_a_checkpoint_and_training_state_outside_ascii_are_written_and_read_what
     loaded = HookedAttnRes.from_pretrained(out / "model")
     assert loaded.tokenizer.get_vocab() == tok.get_vocab()
     assert loaded.to_str_tokens("<｜think｜>", prepend_bos=False) == ["<｜think｜>"]
+
+
+def _files_of(folder) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("kind", ["study", "model", "shipped", "own_files", "own_model"])
+def test_train_refuses_an_out_dir_that_is_not_a_run_folder(kind, tmp_path):
+    """Audit 126: ``train(out_dir=X)`` replaced ``X/model`` and deleted ``X/metrics.json``
+    when X was no training run's folder: a copy of a shipped checkpoint's folder (its model
+    and accuracy were replaced by a new run's), a folder of the user's own ``metrics.json``,
+    a model saved by this library at ``X/model``; and it wrote its run into a study's or a
+    model's folder. Refused before any work; every file stays byte for byte."""
+    import shutil
+
+    from hooked_attnres._atomic import atomic_directory
+    from hooked_attnres.study import run_dir
+
+    tok = task_tokenizer(TASK)
+    out = tmp_path / "out"
+    if kind == "study":  # a folder written by a study (its marker lists run.json, report.md)
+        with atomic_directory(out) as tmp:
+            (tmp / "run.json").write_text("{}")
+            (tmp / "report.md").write_text("# report\n")
+        match = "not a training run's folder but another save of this library"
+    elif kind in ("model", "own_model"):  # a model saved by this library, as X or X/model
+        build_model("attnres", 0, tok, SHAPE, 2).save_pretrained(
+            out if kind == "model" else out / "model"
+        )
+        match = (
+            "not a training run's folder but another save"
+            if kind == "model"
+            else "its model is not a training run's"
+        )
+    elif kind == "shipped":
+        shipped = run_dir(Path(__file__).parent.parent / "hooked_attnres/data/study", "attnres", 0)
+        shutil.copytree(shipped, out)
+        match = "its model and metrics.json are not a training run's"
+    else:
+        out.mkdir()
+        (out / "metrics.json").write_text('{"mine": 1}\n')
+        (out / "notes.txt").write_text("notes\n")
+        match = "its metrics.json is not a training run's"
+    before = _files_of(out)
+    model = build_model("attnres", 0, tok, SHAPE, 2)
+    for resume in (True, False):
+        with pytest.raises(
+            FileExistsError, match=f"refusing to train into {re.escape(str(out))}: .*{match}"
+        ):
+            train(model, TASK, config(steps=2), out, tokenizer=tok, progress=False, resume=resume)
+    assert _files_of(out) == before
+
+
+def test_train_into_an_earlier_run_folder_is_still_allowed(tmp_path):
+    """The refusal of audit 126 leaves a run's own folder: resumed, or started over."""
+    tok = task_tokenizer(TASK)
+    trained_attnres(tok, config(steps=2, eval_every=2, checkpoint_every=None), tmp_path)
+    cfg = config(steps=2, eval_every=2, checkpoint_every=None)
+    result = train(
+        build_model("attnres", 0, tok, SHAPE, 2),
+        TASK,
+        cfg,
+        tmp_path,
+        tok,
+        resume=False,
+        progress=False,
+    )
+    assert result.model_dir == tmp_path / "model" and (tmp_path / "metrics.json").is_file()

@@ -45,7 +45,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hooked_attnres._atomic import (
+    CheckpointConflictError,
     atomic_directory,
+    backups_of,
     check_replaceable,
     exclusive_job,
     fault_point,
@@ -64,6 +66,7 @@ from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
     require_tokenizer,
+    some_names,
 )
 from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -243,6 +246,36 @@ def _check_output(directory: Path) -> bool:
         "out_dir/checkpoint)",
     )
     return legacy
+
+
+def check_run_folder(out_dir: Path) -> None:
+    """Refuse, before any work, an ``out_dir`` that is not new, empty or a training run's
+    folder: the run writes ``model/``, ``checkpoint/`` and ``metrics.json`` into it and
+    replaces a ``model/`` and ``metrics.json`` there. A folder that is itself a save of this
+    library (a model checkpoint, a study, a run's ``checkpoint``: it has a completion
+    marker) is not a run's folder (one rule with the study's `check_out_dir`); nor are a
+    ``model/`` or ``metrics.json`` without the run's checkpoint beside them (a shipped
+    checkpoint's folder, or the user's own files), which the run replaced (audit 126)."""
+    marker = read_marker(out_dir) if out_dir.is_dir() else None
+    if marker is not None:
+        raise CheckpointConflictError(
+            f"refusing to train into {out_dir}: it is not a training run's folder but another "
+            f"save of this library ({some_names(sorted(marker['files']))}), into which the "
+            f"run would write its model, checkpoint and metrics.json; {_ANOTHER_OUT_DIR}: a "
+            "new or empty folder, or an earlier run's"
+        )
+    checkpoint = out_dir / "checkpoint"
+    if (checkpoint / "trainer_state.json").is_file() or backups_of(checkpoint):
+        return  # an earlier run's folder: resumed, or started over (resume=False)
+    theirs = [name for name in ("model", "metrics.json") if (out_dir / name).exists()]
+    if theirs:
+        raise CheckpointConflictError(
+            f"refusing to train into {out_dir}: its {' and '.join(theirs)} "
+            f"{'is' if len(theirs) == 1 else 'are'} not a training run's (there is no "
+            "checkpoint/trainer_state.json beside them: e.g. a shipped checkpoint's folder "
+            "or your own files), and the run would replace them; "
+            f"move them away or {_ANOTHER_OUT_DIR}"
+        )
 
 
 @dataclass
@@ -753,8 +786,9 @@ def train(
             f"out_dir {out_dir} is a file; the trainer writes a directory: move it away or "
             f"{_ANOTHER_OUT_DIR}"
         )
+    check_run_folder(out_dir)  # before any work
     model_dir = out_dir / "model"
-    model_overwrite = _check_output(model_dir)  # before any work
+    model_overwrite = _check_output(model_dir)
     checkpoint = _Checkpoint(out_dir)
     attached = getattr(model, "tokenizer", None)
     if tokenizer is None:
