@@ -216,6 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         _check_training_threads(args.threads, conditions, kwargs.get("config"))
     summary = Path(args.out) / "train_summary.json"
+    _earlier_summary(summary)  # refused before any run trains, not after the first
     results: list[dict] = []
     for seed in args.seeds:
         for condition in conditions:
@@ -299,15 +300,29 @@ def _check_training_threads(threads: int, conditions: Sequence[str], config) -> 
             )
 
 
+_SUMMARY_KEYS = {"condition", "seed", "out_dir", "accuracy", "seconds"}  # of every row
+
+
 def _earlier_summary(path: Path) -> list[dict]:
-    """The runs an earlier ``train`` listed in ``path`` (none if it is missing or not a
-    summary this command wrote)."""
+    """The runs an earlier ``train`` listed in ``path`` (none if it is missing).
+
+    Raises:
+        CommandError: ``path`` is not a summary this command wrote (e.g. the user's own
+            file): the command would replace it (it did, silently, before audit 126).
+    """
+    if not (path.exists() or path.is_symlink()):
+        return []
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        return []
+        rows = None
+    if not isinstance(rows, list) or not all(
+        isinstance(row, dict) and _SUMMARY_KEYS <= row.keys() for row in rows
+    ):
+        raise CommandError(
+            f"refusing to replace {path}: it is not a summary written by `{PROG} train`, and "
+            "the command writes its summary there; move it away or choose another --out"
+        )
     return rows
 
 

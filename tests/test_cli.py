@@ -929,3 +929,23 @@ def test_train_refuses_an_out_that_is_another_save_before_any_run(
     err = capsys.readouterr().err
     assert match in err, err
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("content", ['{"my": "notes"}\n', "[1, 2]\n", "not json\n"])
+def test_train_refuses_to_replace_a_train_summary_it_did_not_write(
+    content, tmp_path, monkeypatch, capsys
+):
+    """Audit 126: ``train --out X`` replaced a ``X/train_summary.json`` that it had not
+    written (read as "no earlier runs") with its own after the first run, silently.
+    Refused before any run trains; the file stays byte for byte."""
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    summary = tmp_path / "train_summary.json"
+    summary.write_text(content)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"refusing to replace {summary}: it is not a summary written by" in err, err
+    assert "choose another --out" in err
+    assert summary.read_text() == content
