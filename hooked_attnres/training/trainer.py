@@ -269,8 +269,13 @@ def check_run_folder(out_dir: Path) -> None:
         return  # an earlier run's folder: resumed, or started over (resume=False)
     theirs = [name for name in ("model", "metrics.json") if (out_dir / name).exists()]
     if theirs:
+        model = out_dir / "model"
+        held = sorted(p.name for p in model.iterdir()) if model.is_dir() else []
+        listed = [
+            f"model/ (holding {some_names(held)})" if n == "model" and held else n for n in theirs
+        ]
         raise CheckpointConflictError(
-            f"refusing to train into {out_dir}: its {' and '.join(theirs)} "
+            f"refusing to train into {out_dir}: its {' and '.join(listed)} "
             f"{'is' if len(theirs) == 1 else 'are'} not a training run's (there is no "
             "checkpoint/trainer_state.json beside them: e.g. a shipped checkpoint's folder "
             "or your own files), and the run would replace them; "
