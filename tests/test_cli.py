@@ -920,8 +920,9 @@ def test_train_refuses_an_out_that_is_another_save_before_any_run(
         shipped = Path(__file__).parent.parent / "hooked_attnres/data/study"
         shutil.copytree(run_dir(shipped, "attnres", 0), run_dir(out, "attnres", 1))
         match = (
-            f"refusing to train into {run_dir(out, 'attnres', 1)}: its model and metrics.json "
-            "are not a training run's"
+            f"refusing to train into {run_dir(out, 'attnres', 1)}: its model/ (holding "
+            "config.json, model.safetensors, tokenizer.json, tokenizer_config.json) and "
+            "metrics.json are not a training run's"
         )
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "--out", str(out)]
