@@ -28,6 +28,16 @@ def routed(layout: str, **overrides):
     ).eval()
 
 
+def routed_or_wrapped(layout: str) -> HookedAttnRes:
+    """A float64 `routed` model of ``layout``, or for ``"recency"`` / ``"exact"`` a tiny
+    HF Qwen3 wrapped with 2 blocks."""
+    if layout in ("recency", "exact"):
+        return HookedAttnRes.from_hf_qwen3(
+            hf_qwen3(), wrap=layout, num_blocks=2, dtype=torch.float64
+        ).eval()
+    return routed(layout, dtype=torch.float64)
+
+
 def weights_under(model, tokens, hooks) -> dict[str, torch.Tensor]:
     with model.hooks(fwd_hooks=hooks):
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_weights"))
@@ -1901,12 +1911,7 @@ def test_a_key_value_cache_continued_under_other_interventions_is_refused(layout
     from hooked_attnres import KeyValueCache
     from hooked_attnres.interventions import Ablation
 
-    if layout == "exact":
-        model = HookedAttnRes.from_hf_qwen3(
-            hf_qwen3(), wrap="exact", num_blocks=2, dtype=torch.float64
-        ).eval()
-    else:
-        model = routed(layout, dtype=torch.float64)
+    model = routed_or_wrapped(layout)
     layers = range(1, model.cfg.n_layers)
     ablation = Ablation.compile(model, "embedding", layers=layers)
     patch = patch_sources(model, "current", "mean")
@@ -1959,12 +1964,7 @@ def test_interventions_given_by_name_built_again_continue_a_key_value_cache(layo
     it by its contents: `test_a_tensor_value_built_again_continues_a_key_value_cache`.)"""
     from hooked_attnres import KeyValueCache
 
-    if layout == "recency":
-        model = HookedAttnRes.from_hf_qwen3(
-            hf_qwen3(), wrap="recency", num_blocks=2, dtype=torch.float64
-        ).eval()
-    else:
-        model = routed(layout, dtype=torch.float64)
+    model = routed_or_wrapped(layout)
     builds = [
         lambda: set_weights(model, "uniform", layers=[1]),
         lambda: patch_sources(model, "current", "mean"),
