@@ -200,6 +200,18 @@ def read_marker(directory: Union[str, Path]) -> Optional[dict[str, Any]]:
     return values
 
 
+def other_save(directory: Union[str, Path], keeps: tuple[str, ...] = ()) -> Optional[str]:
+    """The files of ``directory`` if it is itself a save of this library (it has a completion
+    marker: a model, a study, a training run's checkpoint) that does not list every name of
+    ``keeps``, named for a message (`some_names`); ``None`` otherwise (no marker, e.g. a new
+    folder, a file or a folder of runs, or a save listing ``keeps``). The one test of "another
+    save" by which a study's or a training run's output folder is refused."""
+    marker = read_marker(directory)
+    if marker is None or (keeps and set(keeps) <= set(marker["files"])):
+        return None
+    return some_names(sorted(marker["files"]))
+
+
 def file_sha256(path: Union[str, Path]) -> str:
     """The SHA-256 hex digest of a file's bytes (what ``sha256sum`` prints), read in 1 MiB
     chunks (``hashlib.file_digest`` needs Python 3.11)."""

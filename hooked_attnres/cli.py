@@ -155,8 +155,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres._atomic import read_marker, updating, write_text_atomic
-    from hooked_attnres._validation import is_integer, require_selection, some_names
+    from hooked_attnres._atomic import other_save, updating, write_text_atomic
+    from hooked_attnres._validation import is_integer, require_selection
     from hooked_attnres.study import (
         get_condition,
         run_dir,
@@ -178,11 +178,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--out {args.out} is a file; training writes one folder per run into the "
             "--out folder: choose a folder (new or holding earlier runs)"
         )
-    marker = read_marker(args.out) if Path(args.out).is_dir() else None
-    if marker is not None:  # a model, a study, a run's checkpoint (audit 126)
+    saved = other_save(args.out)
+    if saved is not None:  # a model, a study, a run's checkpoint (audit 126)
         raise CommandError(
             f"refusing to train into --out {args.out}: it is not a folder of runs but another "
-            f"save of this library ({some_names(sorted(marker['files']))}); choose another "
+            f"save of this library ({saved}); choose another "
             "--out (new or holding earlier runs)"
         )
     for seed in args.seeds:  # every run's folder before the first run trains

@@ -46,7 +46,7 @@ from hooked_attnres._atomic import (
     atomic_directory,
     check_replaceable,
     exclusive_job,
-    read_marker,
+    other_save,
     reading,
     write_bytes_atomic,
 )
@@ -916,11 +916,11 @@ def _check_study_folder(out_dir: Union[str, Path], name: str = "out_dir") -> Non
         remedy="it does not hold an earlier study written by this "
         f"library; choose a new or empty folder for the study (another {name})",
     )
-    marker = read_marker(out_dir) if Path(out_dir).is_dir() else None
-    if marker is not None and not set(STUDY_FILES) <= set(marker["files"]):
+    saved = other_save(out_dir, keeps=STUDY_FILES)
+    if saved is not None:
         raise CheckpointConflictError(
             f"refusing to replace {out_dir}: it is not an earlier study but another save of "
-            f"this library ({some_names(sorted(marker['files']))}), which the study's save "
+            f"this library ({saved}), which the study's save "
             f"would delete; choose another {name} (a new or empty folder, or an earlier study)"
         )
 

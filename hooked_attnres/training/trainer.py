@@ -52,6 +52,7 @@ from hooked_attnres._atomic import (
     exclusive_job,
     fault_point,
     foreign_files,
+    other_save,
     read_marker,
     reading,
     remove_file,
@@ -256,11 +257,11 @@ def check_run_folder(out_dir: Path) -> None:
     marker) is not a run's folder (one rule with the study's `check_out_dir`); nor are a
     ``model/`` or ``metrics.json`` without the run's checkpoint beside them (a shipped
     checkpoint's folder, or the user's own files), which the run replaced (audit 126)."""
-    marker = read_marker(out_dir) if out_dir.is_dir() else None
-    if marker is not None:
+    saved = other_save(out_dir)
+    if saved is not None:
         raise CheckpointConflictError(
             f"refusing to train into {out_dir}: it is not a training run's folder but another "
-            f"save of this library ({some_names(sorted(marker['files']))}), into which the "
+            f"save of this library ({saved}), into which the "
             f"run would write its model, checkpoint and metrics.json; {_ANOTHER_OUT_DIR}: a "
             "new or empty folder, or an earlier run's"
         )
