@@ -18,6 +18,7 @@ from hooked_attnres.interventions import (
     patch_sources,
     resolve_routers,
     resolve_sources,
+    resolve_value,
     set_weights,
 )
 
@@ -2378,3 +2379,63 @@ def test_a_mask_or_weights_of_one_row_over_sources_is_taken_as_every_prompts(lay
     ).all()
     with pytest.raises(ValueError, match=r"got shape \(2, .*tensor\[:, None, :\].*tensor\[None\]"):
         set_weights(model, torch.stack([weights, weights]), routers=[site])
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "recency", "exact"])
+def test_a_value_of_one_row_per_prompt_is_refused_as_it_reads_as_one_per_position(layout):
+    """Audit 128: `patch_sources` / `patch_committed` took any value tensor that
+    broadcasts to ``[batch, pos, d_model]``, so a 2-D ``[batch, d_model]`` (one value per
+    prompt) was read as ``[pos, d_model]``, its row ``i`` at position ``i`` of every
+    prompt: silently where batch == pos (float64, max |logit difference| from the
+    per-prompt values meant, kimi / cumulative / full / recency / exact: patch_sources
+    0.43 / 0.087 / 0.46 / 0.20 / 0.23, patch_committed 0.43 / 0.41 / 0.43 / 0.51 / 0.51),
+    otherwise a broadcasting error when the hook ran. Refused now when built, by the rule
+    of `mask_hook` / `set_weights` (`check_axes`), naming the shapes accepted and
+    both remedies; ``[1, d_model]`` is taken as ``[d_model]``; the per-prompt shape gives
+    each prompt's own value (each prompt run alone), the per-position shape each
+    position's (one patch per position, `positions=`)."""
+    model = routed_or_wrapped(layout)
+    d_model = model.cfg.d_model
+    site = model.site(1, "attn_res")
+    tokens = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(0))
+    values = torch.randn(
+        3, d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    accepted = (
+        r"must be a scalar, \[d_model\], \[1, d_model\], \[batch, 1, d_model\] or "
+        r"\[batch, pos, d_model\]"
+    )
+    for patch in (
+        lambda value, positions=None: patch_sources(
+            model, "embedding", value, routers=[site], positions=positions
+        ),
+        lambda value, positions=None: patch_committed(model, "embedding", value, positions),
+    ):
+        for bad in (values, values[:, :1]):  # [batch, d_model] and [batch, 1]
+            with pytest.raises(
+                ValueError,
+                match=rf"{accepted}, got shape {re.escape(str(tuple(bad.shape)))}"
+                r".*as \[pos, d_model\].*\[batch, 1, d_model\], .*value\[:, None, :\]"
+                r".*\[1, pos, d_model\], tensor\[None\]",
+            ):
+                patch(bad)
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=patch(values[:1])),
+            model.run_with_hooks(tokens, fwd_hooks=patch(values[0])),
+            atol=0,
+            rtol=0,
+        )
+        per_prompt = model.run_with_hooks(tokens, fwd_hooks=patch(values[:, None, :]))
+        for row in range(3):
+            alone = model.run_with_hooks(tokens[row : row + 1], fwd_hooks=patch(values[row]))
+            torch.testing.assert_close(per_prompt[row : row + 1], alone, atol=1e-12, rtol=0)
+        one_per_position = [hook for p in range(3) for hook in patch(values[p], positions=[p])]
+        torch.testing.assert_close(
+            model.run_with_hooks(tokens, fwd_hooks=patch(values[None])),  # [1, pos, d_model]
+            model.run_with_hooks(tokens, fwd_hooks=one_per_position),
+            atol=1e-12,
+            rtol=0,
+        )
+    # the one resolver of both, public: the same rule
+    with pytest.raises(ValueError, match=rf"patching at here: a value tensor {accepted}"):
+        resolve_value(values, torch.zeros(3, 3, d_model), lambda cache: cache["x"], "here")

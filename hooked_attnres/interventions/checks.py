@@ -207,11 +207,18 @@ def check_run_shape(cached: Tensor, current: Tensor, name: str, what: str) -> No
 
 
 def check_value_tensor(value: Any, d_model: int, what: str) -> Tensor:
-    """A replacement tensor broadcastable to ``[batch, pos, d_model]`` (checked now)."""
+    """A replacement tensor (`patch_sources`, `patch_committed`) checked when the
+    intervention is built: real, its last axis ``d_model`` (or 1, broadcast over it), and
+    its axes by the rule of the tensors over a router's sources (`check_axes`): a scalar,
+    ``[d_model]``, ``[1, d_model]`` (every prompt and position alike), ``[batch, 1,
+    d_model]`` (one per prompt) or ``[batch, pos, d_model]``. A 2-D ``[batch, d_model]``
+    read as ``[pos, d_model]`` (silently where batch == pos, before audit 128) is
+    refused, naming both remedies. Returns the tensor (`torch.as_tensor`)."""
     tensor = torch.as_tensor(value)
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{what}: value must be a real tensor, got dtype {tensor.dtype}")
-    if tensor.ndim > 3 or (tensor.ndim >= 1 and tensor.shape[-1] not in (1, d_model)):
+    check_axes(tensor, f"{what}: a value tensor", "d_model", "value", scalar=True)
+    if tensor.ndim >= 1 and tensor.shape[-1] not in (1, d_model):
         raise ValueError(
             f"{what}: a value tensor must broadcast to [batch, pos, d_model={d_model}], got "
             f"shape {tuple(tensor.shape)}"
@@ -219,31 +226,48 @@ def check_value_tensor(value: Any, d_model: int, what: str) -> Tensor:
     return tensor
 
 
+def check_axes(tensor: Tensor, what: str, last: str, example: str, scalar: bool = False) -> None:
+    """The one rule for a tensor over a last axis ``last`` (a router's sources, ``d_model``)
+    that an intervention broadcasts over ``[batch, pos, last]``: ``[last]`` (every prompt
+    and position alike), ``[1, last]`` (which reads alike as one prompt's and as one
+    position's), ``[batch, 1, last]`` (one per prompt) or ``[batch, pos, last]`` (one per
+    prompt and position); a 0-D tensor too where ``scalar``. Any other shape raises
+    ``ValueError`` naming ``what`` and the shapes accepted: a 2-D ``[batch, last]``
+    broadcast as ``[pos, last]``, its row ``i`` at position ``i`` of every prompt (a
+    silently wrong number where batch == pos), so the message names both remedies
+    (``example[:, None, :]`` for one per prompt, ``tensor[None]`` for one per position)."""
+    if tensor.ndim in (1, 3) or (tensor.ndim == 2 and tensor.shape[0] == 1):
+        return
+    if scalar and tensor.ndim == 0:
+        return
+    hint = ""
+    if tensor.ndim == 2:
+        hint = (
+            f" (a 2-D tensor would broadcast over [batch, pos, {last}] as [pos, {last}]: its "
+            "row i at position i of every prompt, not at prompt i; for one per prompt give "
+            f"[batch, 1, {last}], tensor[:, None, :], e.g. {example}[:, None, :]; for one per "
+            f"position, every prompt alike, [1, pos, {last}], tensor[None])"
+        )
+    scalar_text = "a scalar, " if scalar else ""
+    raise ValueError(
+        f"{what} must be {scalar_text}[{last}], [1, {last}], [batch, 1, {last}] or [batch, "
+        f"pos, {last}], got shape {tuple(tensor.shape)}{hint}"
+    )
+
+
 def check_source_tensor(value: Any, what: str) -> Tensor:
     """A tensor over a router's sources (an ablation's mask, routing weights), checked when
-    the intervention is built: ``[n_sources]`` (every prompt and position alike),
-    ``[batch, 1, n_sources]`` (one per prompt) or ``[batch, pos, n_sources]`` (one per
-    prompt and position); ``[1, n_sources]`` too, which reads alike as one prompt's and as
-    one position's (every prompt and position alike, e.g. a single prompt's
-    ``cache[name][:, -1]``; refused from audit 110 to 113). Any other shape is refused: a
-    2-D ``[batch, n_sources]`` broadcast over ``[batch, pos, n_sources]`` as ``[pos,
-    n_sources]``, its row ``i`` at position ``i`` of every prompt (silently where batch ==
-    pos, before audit 110). ``what`` names the tensor; returns it (`torch.as_tensor`: a
-    tensor itself)."""
+    the intervention is built by the rule of `check_axes`: ``[n_sources]`` (every prompt
+    and position alike), ``[batch, 1, n_sources]`` (one per prompt) or ``[batch, pos,
+    n_sources]`` (one per prompt and position); ``[1, n_sources]`` too, which reads alike
+    as one prompt's and as one position's (every prompt and position alike, e.g. a single
+    prompt's ``cache[name][:, -1]``; refused from audit 110 to 113). Any other shape is
+    refused: a 2-D ``[batch, n_sources]`` broadcast over ``[batch, pos, n_sources]`` as
+    ``[pos, n_sources]``, its row ``i`` at position ``i`` of every prompt (silently where
+    batch == pos, before audit 110). ``what`` names the tensor; returns it
+    (`torch.as_tensor`: a tensor itself)."""
     tensor = torch.as_tensor(value)
-    if tensor.ndim not in (1, 3) and not (tensor.ndim == 2 and tensor.shape[0] == 1):
-        hint = ""
-        if tensor.ndim == 2:
-            hint = (
-                " (a 2-D tensor would broadcast over [batch, pos, n_sources] as [pos, "
-                "n_sources]: its row i at position i of every prompt, not at prompt i; for "
-                "one per prompt give tensor[:, None, :], e.g. mask[:, None, :]; for one per "
-                "position, every prompt alike, tensor[None])"
-            )
-        raise ValueError(
-            f"{what} must be [n_sources], [1, n_sources], [batch, 1, n_sources] or [batch, "
-            f"pos, n_sources], got shape {tuple(tensor.shape)}{hint}"
-        )
+    check_axes(tensor, what, "n_sources", "mask")
     return tensor
 
 

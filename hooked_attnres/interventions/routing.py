@@ -213,8 +213,8 @@ def check_value(
     zero_nan: Sequence[str] = (),
 ) -> Value:
     """Check a patching value when the intervention is built: ``"zero"`` / ``"mean"``, a
-    cache holding ``hook_names`` with this model's shapes, or a tensor broadcastable to
-    ``[batch, pos, d_model]``. ``what`` is the calling function's name. Returns the value
+    cache holding ``hook_names`` with this model's shapes, or a tensor of the shapes
+    `check_value_tensor` takes. ``what`` is the calling function's name. Returns the value
     (a tensor for tensor-likes).
 
     Where a zero source is ``0 / 0`` at a norm that reads it (``zero_nan``, the norms
@@ -326,8 +326,10 @@ def resolve_value(
     in a pass whose ``attention_mask`` marks padding, over the prompts whose token at that
     position is real);
     a cache of another run (``from_cache(cache)`` picks the matching tensor, which must
-    have the run's ``[batch, pos]``); or a tensor broadcastable to ``current``. The one
-    value resolver of every patching intervention; ``where`` names the hook in errors."""
+    have the run's ``[batch, pos]``); or a tensor broadcastable to ``current`` whose axes
+    follow `check_value_tensor` (a 2-D ``[batch, d_model]`` is refused: it would be read as
+    ``[pos, d_model]``). The one value resolver of every patching intervention; ``where``
+    names the hook in errors."""
     if isinstance(value, str):
         if value == "zero":
             return torch.zeros_like(current)
@@ -345,7 +347,7 @@ def resolve_value(
         check_run_shape(new, current, where, "patching from a cache")
         check_cache_mask(value, pass_mask(), f"the cache patched in at {where}", "this run")
     else:
-        new = torch.as_tensor(value)
+        new = check_value_tensor(value, current.shape[-1], f"patching at {where}")
         _require_aligned(new, current, where)
         check_broadcast(new, current, where, "patching with a tensor")
     return new.to(current.device, current.dtype).expand_as(current)
@@ -766,9 +768,13 @@ def patch_sources(
     Args:
         sources: families, labels and/or indices.
         value: ``"zero"``; ``"mean"`` (the mean over the batch, per position, over the
-            prompts whose token there is real if the run has an ``attention_mask``); a tensor
-            broadcastable to ``[batch, pos, d_model]``; or a cache of another run (its
-            ``hook_sources`` at the same router, e.g. clean sources into a corrupted run).
+            prompts whose token there is real if the run has an ``attention_mask``); a
+            scalar, ``[d_model]`` or ``[1, d_model]`` tensor (every prompt and position
+            alike), ``[batch, 1, d_model]`` (one per prompt) or ``[batch, pos, d_model]``
+            (`check_value_tensor`: a 2-D ``[batch, d_model]``, which would be read as
+            ``[pos, d_model]``, is refused when built, audit 128); or a cache of another
+            run (its ``hook_sources`` at the same router, e.g. clean sources into a
+            corrupted run).
         positions: only patch at these positions (default: all).
     """
     index = check_positions(positions)
@@ -852,8 +858,10 @@ def patch_committed(
     Args:
         labels: one label or a list (not empty, each label once).
         value: ``"zero"``, ``"mean"`` (over the batch; over the prompts whose token is
-            real where the run has an ``attention_mask``), a tensor broadcastable to
-            ``[batch, pos, d_model]``, or a cache of another run (its value of the same hook).
+            real where the run has an ``attention_mask``), a tensor as `patch_sources`
+            takes (a scalar, ``[d_model]``, ``[1, d_model]``, ``[batch, 1, d_model]`` or
+            ``[batch, pos, d_model]``; a 2-D ``[batch, d_model]`` is refused), or a cache
+            of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
     index = check_positions(positions)
