@@ -950,3 +950,37 @@ def test_train_refuses_to_replace_a_train_summary_it_did_not_write(
     assert f"refusing to replace {summary}: it is not a summary written by" in err, err
     assert "choose another --out" in err
     assert summary.read_text() == content
+
+
+@pytest.mark.parametrize("later", ["file", "user_files"])
+def test_train_refuses_a_later_run_folder_the_trainer_refuses_before_any_run(
+    later, tmp_path, monkeypatch, capsys
+):
+    """Review 131: ``train --seeds 0 1`` checked seed 1's folder only for audit 126's
+    refusals before the first run; a folder the trainer refuses for another reason (a file
+    at ``OUT/{condition}_seed1``; an earlier run's folder whose ``model/`` holds a file of
+    the user's) was refused only after seed 0 had trained (hours for the grid). Refused
+    before any run now, in the trainer's words; the files stay byte for byte."""
+    from hooked_attnres._atomic import atomic_directory
+    from hooked_attnres.study import conditions, run_dir
+
+    monkeypatch.setattr(conditions, "train", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "out"
+    run = run_dir(out, "attnres", 1)
+    run.parent.mkdir(parents=True)
+    if later == "file":
+        run.write_text("mine\n")
+        match = f"out_dir {run} is a file; the trainer writes a directory"
+    else:  # an earlier run's folder (its checkpoint), a file of the user's in its model/
+        with atomic_directory(run / "checkpoint") as tmp:
+            (tmp / "trainer_state.json").write_text("{}\n")
+        (run / "model").mkdir()
+        (run / "model" / "notes.txt").write_text("mine\n")
+        match = f"refusing to replace {run / 'model'}: it holds files this library did not"
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "--out", str(out)]
+    assert cli.main(argv + ["--no-progress", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert "choose another out_dir (on the command line: another --out)" in err, err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

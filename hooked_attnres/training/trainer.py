@@ -255,8 +255,17 @@ def check_run_folder(out_dir: Path) -> None:
     replaces a ``model/`` and ``metrics.json`` there. A folder that is itself a save of this
     library (a model checkpoint, a study, a run's ``checkpoint``: it has a completion
     marker) is not a run's folder (one rule with the study's `check_out_dir`); nor are a
-    ``model/`` or ``metrics.json`` without the run's checkpoint beside them (a shipped
-    checkpoint's folder, or the user's own files), which the run replaced (audit 126)."""
+    ``model/`` or ``metrics.json`` without the run's checkpoint
+    beside them (a shipped checkpoint's folder, or the user's own files), which the run
+    replaced (audit 126). Also refused: a file at ``out_dir``, and a ``model/`` or
+    ``checkpoint/`` holding files the trainer did not write (`_check_output`): every
+    refusal of ``out_dir`` that `train` makes, so that ``hooked-attnres train`` checks each
+    run's folder before the first run trains (review 131)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(
+            f"out_dir {out_dir} is a file; the trainer writes a directory: move it away or "
+            f"{_ANOTHER_OUT_DIR}"
+        )
     saved = other_save(out_dir)
     if saved is not None:
         raise CheckpointConflictError(
@@ -266,12 +275,13 @@ def check_run_folder(out_dir: Path) -> None:
             "new or empty folder, or an earlier run's"
         )
     checkpoint = out_dir / "checkpoint"
-    if (checkpoint / "trainer_state.json").is_file() or backups_of(checkpoint):
-        return  # an earlier run's folder: resumed, or started over (resume=False)
+    model = out_dir / "model"
+    # not an earlier run's folder (resumed, or started over with resume=False): a model/
+    # or metrics.json there is not the run's
+    earlier = (checkpoint / "trainer_state.json").is_file() or backups_of(checkpoint)
+    held = sorted(p.name for p in model.iterdir()) if model.is_dir() else []
     theirs = [name for name in ("model", "metrics.json") if (out_dir / name).exists()]
-    if theirs:
-        model = out_dir / "model"
-        held = sorted(p.name for p in model.iterdir()) if model.is_dir() else []
+    if theirs and not earlier:
         listed = [
             f"model/ (holding {some_names(held)})" if n == "model" and held else n for n in theirs
         ]
@@ -282,6 +292,8 @@ def check_run_folder(out_dir: Path) -> None:
             "or your own files), and the run would replace them; "
             f"move them away or {_ANOTHER_OUT_DIR}"
         )
+    _check_output(model)
+    _check_output(checkpoint)
 
 
 @dataclass
@@ -787,11 +799,6 @@ def train(
     require_tokenizer("tokenizer", tokenizer)
     _require_full_precision(model)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(
-            f"out_dir {out_dir} is a file; the trainer writes a directory: move it away or "
-            f"{_ANOTHER_OUT_DIR}"
-        )
     check_run_folder(out_dir)  # before any work
     model_dir = out_dir / "model"
     model_overwrite = _check_output(model_dir)
