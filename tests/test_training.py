@@ -1567,3 +1567,20 @@ def test_train_into_an_earlier_run_folder_is_still_allowed(tmp_path):
         progress=False,
     )
     assert result.model_dir == tmp_path / "model" and (tmp_path / "metrics.json").is_file()
+
+
+def test_train_into_a_folder_with_an_empty_model_folder_is_allowed(tmp_path):
+    """Review 131: audit 126's check refused an ``out_dir`` whose ``model/`` is an empty
+    folder ("its model is not a training run's ..., and the run would replace them"),
+    though it holds nothing to replace (a save may replace an empty folder,
+    `check_replaceable`) and trained before. The run equals one into a new folder."""
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=2, eval_every=2, checkpoint_every=None)
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    trained_attnres(tok, cfg, out)
+    trained_attnres(tok, cfg, tmp_path / "new")
+    assert_same_weights(
+        weights(HookedAttnRes.from_pretrained(out / "model")),
+        weights(HookedAttnRes.from_pretrained(tmp_path / "new" / "model")),
+    )

@@ -255,7 +255,7 @@ def check_run_folder(out_dir: Path) -> None:
     replaces a ``model/`` and ``metrics.json`` there. A folder that is itself a save of this
     library (a model checkpoint, a study, a run's ``checkpoint``: it has a completion
     marker) is not a run's folder (one rule with the study's `check_out_dir`); nor are a
-    ``model/`` or ``metrics.json`` without the run's checkpoint
+    ``model/`` (unless an empty folder) or ``metrics.json`` without the run's checkpoint
     beside them (a shipped checkpoint's folder, or the user's own files), which the run
     replaced (audit 126). Also refused: a file at ``out_dir``, and a ``model/`` or
     ``checkpoint/`` holding files the trainer did not write (`_check_output`): every
@@ -277,10 +277,14 @@ def check_run_folder(out_dir: Path) -> None:
     checkpoint = out_dir / "checkpoint"
     model = out_dir / "model"
     # not an earlier run's folder (resumed, or started over with resume=False): a model/
-    # or metrics.json there is not the run's
+    # or metrics.json there is not the run's (an empty model/ holds nothing to replace)
     earlier = (checkpoint / "trainer_state.json").is_file() or backups_of(checkpoint)
     held = sorted(p.name for p in model.iterdir()) if model.is_dir() else []
-    theirs = [name for name in ("model", "metrics.json") if (out_dir / name).exists()]
+    theirs = [
+        name
+        for name in ("model", "metrics.json")
+        if (out_dir / name).exists() and not (name == "model" and model.is_dir() and not held)
+    ]
     if theirs and not earlier:
         listed = [
             f"model/ (holding {some_names(held)})" if n == "model" and held else n for n in theirs
