@@ -37,6 +37,7 @@ from hooked_attnres.analysis.mass import (
     require_finite_mass,
     require_masked_column,
     require_read_agrees,
+    require_same_layers,
 )
 from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
 from hooked_attnres.interventions.selection import position_index
@@ -607,7 +608,9 @@ def _mass_of_group(
     summary without one is of every layer of each router type, so only ``group`` ``"all"``
     pairs with it (its mass was drawn beside a band's effect under the band's title), and
     ``"final"`` when the effects' ``routers`` are the final router's alone (its one group
-    in `plan_ablations`: that one router's mass; audit 117, refused since audit 114)."""
+    in `plan_ablations`: that one router's mass; audit 117, refused since audit 114). The
+    band is chosen by name: `_merged` and `mass_effect_by_seed` then check its layers are
+    the group's (`require_same_layers`, audit 129)."""
     if "band" in mass_summary.columns:
         rows = mass_summary[mass_summary.band == group]
         if rows.empty:
@@ -645,6 +648,8 @@ def _merged(
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     mass_summary = _mass_of_group(mass_summary, group, list(dict.fromkeys(chosen.router)))
     shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
+    # the band is paired with the group by name: its layers must be those the group masked
+    require_same_layers(shown, effects, group, "the mass-effect figures")
     _require_table(
         shown,
         INTERVAL,
@@ -1123,6 +1128,7 @@ def mass_effect_by_seed(
     require_keys(mass_summary, ("condition", "seed"), "mass_summary")
     mass = _mass_of_group(mass_summary, "all")  # every layer, as the effects of group "all"
     mass = mass[mass.router == router]
+    require_same_layers(mass, effects, "all", "mass_effect_by_seed")
     chosen = effects[
         (effects.metric == "logit_diff") & (effects.group == "all") & (effects.router == router)
     ]

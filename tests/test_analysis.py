@@ -170,6 +170,11 @@ def test_ablation_effects_table(setup):
         ablation_effects(model, batch, groups="thirds", progress=False)
 
 
+# the layers of each group or band (as ablation_effects and summarize_mass write them) of a
+# 6-layer model, for hand-made tables
+BAND_LAYERS = {"early": "0,1", "middle": "2,3", "late": "4,5", "all": "0,1,2,3,4,5"}
+
+
 def _handmade_dissociation_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(mass, effects)`` of one MLP router type: ``current`` has the most mass (0.55),
     ``embedding`` the largest harm (-2.0)."""
@@ -181,12 +186,14 @@ def _handmade_dissociation_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
             "ci_low": 0.0,
             "ci_high": 1.0,
             "family_read": True,
+            "layers": BAND_LAYERS["all"],
         }
     )
     effects = pd.DataFrame(
         {
             "router": ["mlp_res"] * 4,
             "group": "all",
+            "layers": BAND_LAYERS["all"],
             "metric": "logit_diff",
             "family": list(FAMILIES),
             "effect": [-2.0, -0.5, 0.01, -0.4],
@@ -344,6 +351,7 @@ def _plot_tables(seeds=(0,), bands=("all",)):
                             ci_low=m - 0.01,
                             ci_high=m + 0.02,
                             family_read=True,
+                            layers=BAND_LAYERS[band],
                         )
                     )
                 for group in ("early", "all"):
@@ -353,6 +361,7 @@ def _plot_tables(seeds=(0,), bands=("all",)):
                             seed=seed,
                             router=router,
                             group=group,
+                            layers=BAND_LAYERS[group],
                             family=family,
                             metric="logit_diff",
                             clean=4.0,
@@ -623,6 +632,61 @@ def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers()
         model.eval()
 
 
+def test_summarize_mass_records_the_layers_of_each_group():
+    """Audit 129: the summary's ``layers`` (as ablation_effects writes a group's): the
+    layers of the group's rows, computed here from the table (the final router, layer -1,
+    adds none, as its effects' group "final"); the other columns are those of before."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    mass = routing_mass(model.eval(), random_batch(4, 5, model.cfg.d_vocab))
+    for by in (("router", "family"), ("router", "band", "family"), ("band",), ("layer",)):
+        summary = summarize_mass(mass, by=by, n_bootstrap=40)
+        assert list(summary.columns) == [
+            *by,
+            "mass",
+            "ci_low",
+            "ci_high",
+            "n_prompts",
+            "family_read",
+            "layers",
+        ]
+        for row in summary.itertuples(index=False):
+            rows = mass[(mass[list(by)] == pd.Series(row._asdict())[list(by)]).all(axis=1)]
+            held = sorted({int(layer) for layer in rows.layer if layer != -1})
+            assert row.layers == ",".join(str(layer) for layer in held), (by, row)
+
+
+def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
+    """Audit 129: dissociation_report paired the summary's mass with the effects of any
+    ``group`` by router type alone: the every-layer summary beside the early band's
+    effects (kimi, 6 layers) ranked older and prev_completed (all-layer mass 0.06 and 0.20),
+    which no early router reads, and embedding at 0.49 where the early routers give it
+    0.73. It now refuses mass of other layers than the group's (the summary's ``layers``),
+    and ranks a summary of the group's own layers by its mass."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(6, 7, model.cfg.d_vocab)
+    mass = routing_mass(model, batch)
+    effects = ablation_effects(
+        model, batch, groups="bands", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    overall = summarize_mass(mass, n_bootstrap=40)
+    with pytest.raises(
+        ValueError,
+        match=r"^at router='attn_res', the mass summary's rows paired with group 'early' are "
+        r"of layers \[0, 1, 2, 3, 4, 5\] but the effects of group 'early' masked layers "
+        r"\[0, 1\]: dissociation_report would",
+    ):
+        dissociation_report(overall, effects, group="early")
+    early = summarize_mass(mass[mass.band == "early"], n_bootstrap=40)
+    report = dissociation_report(early, effects, group="early").set_index("router")
+    for router in ("attn_res", "mlp_res"):
+        rows = mass[(mass.router == router) & (mass.band == "early")]
+        read = rows.groupby("family").n_sources.max() > 0
+        by_hand = rows.groupby(["family", "prompt"]).mass.mean().groupby("family").mean()
+        ranked = sorted(read.index[read], key=lambda f: (-by_hand[f], f))
+        assert report.loc[router, "mass_ranking"] == ranked
+
+
 def test_dissociation_report_when_mass_and_effect_agree():
     mass = pd.DataFrame(
         {
@@ -633,12 +697,14 @@ def test_dissociation_report_when_mass_and_effect_agree():
             "ci_high": 1.0,
             # attn: no router reads "older" (mass 0, no masked routers)
             "family_read": [True, False, True, True] + [True] * 4,
+            "layers": BAND_LAYERS["all"],
         }
     )
     effects = pd.DataFrame(
         {
             "router": ["attn_res"] * 4 + ["mlp_res"] * 4,
             "group": "all",
+            "layers": BAND_LAYERS["all"],
             "metric": "logit_diff",
             "family": list(FAMILIES) * 2,
             "effect": [-0.1, 0.0, 0.5, -3.0, 0.02, -1.0, 0.3, -0.2],
@@ -953,11 +1019,12 @@ def test_dissociation_report_refuses_an_appreciable_mass_that_is_no_number():
     every mass, so no family was listed as carrying appreciable mass without effect."""
     mass = pd.DataFrame(
         {"router": "mlp_res", "family": list(FAMILIES), "mass": 0.25, "ci_low": 0.0}
-    ).assign(ci_high=1.0, family_read=True)
+    ).assign(ci_high=1.0, family_read=True, layers=BAND_LAYERS["all"])
     effects = pd.DataFrame(
         {
             "router": "mlp_res",
             "group": "all",
+            "layers": BAND_LAYERS["all"],
             "metric": "logit_diff",
             "family": list(FAMILIES),
             "effect": 0.0,
@@ -992,6 +1059,7 @@ def test_seed_and_patching_figures_show_the_tables_numbers():
                             seed=seed,
                             router="mlp_res",
                             group=group,
+                            layers=BAND_LAYERS[group],
                             family=family,
                             metric="logit_diff",
                             clean=clean,
@@ -1022,6 +1090,7 @@ def test_seed_and_patching_figures_show_the_tables_numbers():
                 ci_low=0.2,
                 ci_high=0.3,
                 family_read=True,
+                layers=BAND_LAYERS["all"],
             )
             for c in ("a", "b")
             for s in (0, 1)

@@ -23,6 +23,8 @@ from hooked_attnres.analysis.motifs import same_top_family
 
 FAMILIES = ("embedding", "older", "prev_completed", "current")
 GROUPS = ("early", "middle", "late", "all")
+# the layers of each group (as ablation_effects writes them) of a 6-layer model
+LAYERS = {"early": "0,1", "middle": "2,3", "late": "4,5", "all": "0,1,2,3,4,5"}
 
 
 def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
@@ -39,6 +41,7 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                     dict(
                         router=router,
                         group=group,
+                        layers=LAYERS[group],
                         family=family,
                         metric="logit_diff",
                         clean=clean,
@@ -54,6 +57,7 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                     dict(
                         router=router,
                         group=group,
+                        layers=LAYERS[group],
                         family=family,
                         metric="accuracy",
                         clean=1.0,
@@ -66,7 +70,14 @@ def tables(effects=None, accuracy=None, mass=None, clean=10.0, seed=None):
                 )
     summary = pd.DataFrame(
         [
-            dict(router=r, band="all", family=f, mass=mass.get((r, f), 0.25), family_read=True)
+            dict(
+                router=r,
+                band="all",
+                family=f,
+                mass=mass.get((r, f), 0.25),
+                family_read=True,
+                layers=LAYERS["all"],
+            )
             for r in ("attn_res", "mlp_res")
             for f in FAMILIES
         ]
@@ -83,6 +94,32 @@ def present(report, claim) -> bool:
 
 def harmful(effect, width=0.2):
     return (effect, effect - width, effect + width)
+
+
+def test_motif_report_refuses_mass_of_other_layers_than_the_effects_group_all():
+    """Audit 129: D1 and D3 pair the summary's mass over every layer (band "all") with the
+    effects of group "all" by name only, so effects whose group "all" masked layers 0-1
+    were compared with the mass of layers 0-5. The summary's ``layers`` must be the
+    group's; a summary without the column (the stored docs/results files, written before
+    audit 129) is read as every layer only beside the study's sweep (group "all" of every
+    layer, the depth bands of its count), and refused beside other groups."""
+    summary, effects = tables(mass={("attn_res", "current"): 0.4})
+    expected = motif_report(summary, effects)
+    short = effects.assign(layers=effects.layers.where(effects.group != "all", "0,1"))
+    with pytest.raises(
+        ValueError,
+        match=r"^at router='attn_res', the mass summary's rows paired with group 'all' are of "
+        r"layers \[0, 1, 2, 3, 4, 5\] but the effects of group 'all' masked layers \[0, 1\]",
+    ):
+        motif_report(summary, short)
+    legacy = summary.drop(columns="layers")
+    pd.testing.assert_frame_equal(motif_report(legacy, effects), expected)
+    for other in (
+        short,
+        effects.assign(layers=effects.layers.where(effects.group != "early", "0")),
+    ):
+        with pytest.raises(ValueError, match=r"^mass_summary lacks the column 'layers'"):
+            motif_report(legacy, other)
 
 
 def test_where_nothing_matters_only_d3_holds():

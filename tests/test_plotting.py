@@ -20,6 +20,10 @@ from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.study.run import mass_by_layer
 from hooked_attnres.tasks.base import TaskBatch
 
+# the layers of each group or band (as ablation_effects and summarize_mass write them) of a
+# 6-layer model, for hand-made tables
+BAND_LAYERS = {"early": "0,1", "middle": "2,3", "late": "4,5", "all": "0,1,2,3,4,5"}
+
 
 def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), families=FAMILIES):
     """An effects table with a distinct value in every row (band groups and ``"all"``)."""
@@ -36,6 +40,7 @@ def _effects(conditions=("a",), seeds=(0,), routers=("attn_res", "mlp_res"), fam
                                 seed=seed,
                                 router=router,
                                 group=group,
+                                layers=BAND_LAYERS[group],
                                 family=family,
                                 metric="logit_diff",
                                 clean=5.0 + seed,
@@ -65,6 +70,7 @@ def _mass(conditions=("a",), seeds=(0,), router="mlp_res"):
                         ci_low=mass - 0.01,
                         ci_high=mass + 0.01,
                         family_read=True,
+                        layers=BAND_LAYERS["all"],
                     )
                 )
     return pd.DataFrame(rows)
@@ -902,6 +908,55 @@ def test_mass_effect_figures_draw_the_mass_of_the_effects_group(layout):
     # the seed figure reads the same rule (band "all"; was: "no mass or logit_diff effects")
     with pytest.raises(ValueError, match=r"^mass_summary has no rows of band 'all'"):
         plotting.mass_effect_by_seed(banded, effects.assign(condition="c", seed=0), "attn_res")
+
+
+def test_mass_effect_figures_refuse_a_group_named_like_a_band_of_other_layers(tmp_path):
+    """Audit 129: a band and a group were paired by name only, so the effects of
+    ``groups={"early": [0]}`` were drawn beside the default early band's mass (layers 0-1
+    of 6): kimi attention embedding 0.73 and current 0.27 where layer 0, the one masked,
+    gives 1.0 and 0.0. summarize_mass now records each band's layers, and the figures
+    refuse a band of other layers than the group masked; a band of the group's own layers
+    (routing_mass(bands=...)) is drawn, also read back from CSV files."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(
+        model, batch, groups={"early": [0]}, metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    default = summarize_mass(routing_mass(model, batch), ("router", "band", "family"), 40)
+    bars = functools.partial(plotting.mass_effect_bars, relative=False)
+    for plot in (bars, plotting.mass_effect_scatter):
+        with pytest.raises(
+            ValueError,
+            match=r"^at router='attn_res', the mass summary's rows paired with group 'early' "
+            r"are of layers \[0, 1\] but the effects of group 'early' masked layers \[0\]",
+        ):
+            plot(default, effects, group="early")
+    mass = routing_mass(model, batch, bands={"early": [0]})
+    own = summarize_mass(mass, ("router", "band", "family"), 40)
+    own.to_csv(tmp_path / "mass_summary.csv", index=False)
+    effects.to_csv(tmp_path / "effects.csv", index=False)
+    read_back = (pd.read_csv(tmp_path / "mass_summary.csv"), pd.read_csv(tmp_path / "effects.csv"))
+    assert read_back[0].layers.dtype != object  # "0" is read back as a number
+    for summary, table in ((own, effects), read_back):
+        bars = plotting.mass_effect_bars(summary, table, group="early", relative=False)
+        trace = bars.data[0]  # the attention routers' mass
+        for family, value in zip(trace.x, trace.y, strict=True):
+            rows = mass[(mass.router == "attn_res") & (mass.layer == 0) & (mass.family == family)]
+            expected = rows.mass.mean() if (rows.n_sources > 0).any() else np.nan
+            assert (np.isnan(expected) and np.isnan(value)) or value == pytest.approx(expected)
+    # the seed figure: band "all" of every layer against a group "all" of layers 0-4
+    study = summarize_mass(
+        pd.concat([mass, mass.assign(band="all")]), ("router", "band", "family"), 40
+    ).assign(condition="c", seed=0)
+    short = ablation_effects(
+        model, batch, groups={"all": range(5)}, metrics="logit_diff", n_bootstrap=40, progress=False
+    ).assign(condition="c", seed=0)
+    with pytest.raises(ValueError, match=r"masked layers \[0, 1, 2, 3, 4\]: mass_effect_by_seed"):
+        plotting.mass_effect_by_seed(study, short, "attn_res")
+    # effects without layers (by hand) cannot be paired with a band
+    with pytest.raises(ValueError, match=r"^effects lacks the column 'layers'"):
+        plotting.mass_effect_bars(own, effects.drop(columns="layers"), group="early")
 
 
 def test_seed_figures_scale_by_the_plotted_conditions_clean_difference_only():

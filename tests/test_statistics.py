@@ -662,11 +662,12 @@ def test_dissociation_spearman_with_ties_is_the_pearson_correlation_of_average_r
         effect_values = rng.choice([-0.5, -0.2, 0.2, 1.0], size=4)  # |effect| ties too
         mass = pd.DataFrame(
             {"router": "mlp_res", "family": families, "mass": mass_values, "ci_low": 0.0}
-        ).assign(ci_high=1.0, family_read=True)
+        ).assign(ci_high=1.0, family_read=True, layers="0,1,2")
         effects = pd.DataFrame(
             {
                 "router": "mlp_res",
                 "group": "all",
+                "layers": "0,1,2",
                 "metric": "logit_diff",
                 "family": families,
                 "effect": effect_values,

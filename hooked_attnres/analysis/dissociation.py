@@ -16,6 +16,7 @@ from hooked_attnres.analysis.mass import (
     require_family_read_column,
     require_family_rows,
     require_read_agrees,
+    require_same_layers,
 )
 from hooked_attnres.model.depth import FAMILIES
 
@@ -67,8 +68,10 @@ def dissociation_report(
             router and family, a missing family row (in either table, at a router type
             both have), a mass summary without a True / False ``family_read`` column, effects
             that masked routers for a family ``family_read`` says no router reads (tables of
-            different models), or a NaN / infinite mass, effect or interval bound (e.g. the
-            NaN intervals of one prompt).
+            different models), a summary of other layers than the effects of ``group``
+            masked (its ``layers``, `require_same_layers`: e.g. the every-layer summary
+            with ``group="early"``), or a NaN / infinite mass, effect or interval bound
+            (e.g. the NaN intervals of one prompt).
     """
     require_measured(effects, "dissociation_report")
     require_finite_number("appreciable_mass", appreciable_mass)
@@ -88,6 +91,13 @@ def dissociation_report(
                 "the effects of one model / seed"
             )
     routers = sorted(set(mass_summary.router) & set(chosen.router))
+    # the summary's mass must be of the layers the group masked (paired by router only)
+    require_same_layers(
+        mass_summary[mass_summary.router.isin(routers)],
+        effects[effects.metric == metric],
+        group,
+        "dissociation_report",
+    )
     require_family_rows(mass_summary, routers, "mass_summary")
     # a family without an effect row would drop out of the rankings and the top families
     require_family_rows(

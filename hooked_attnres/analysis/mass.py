@@ -20,7 +20,7 @@ from hooked_attnres._validation import (
 )
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count
-from hooked_attnres.interventions.selection import depth_bands, position_index
+from hooked_attnres.interventions.selection import BAND_NAMES, depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.model.passes import padding_of
 from hooked_attnres.tasks.base import TaskBatch
@@ -166,6 +166,140 @@ def require_read_agrees(read: pd.Series, masked: Optional[pd.Series], where: str
             f"masked {int(masked[clash[0]])} router(s) for {clash[0]!r}: the tables are "
             "of different models"
         )
+
+
+def layers_text(layers: Sequence[int]) -> str:
+    """A group's layers as a table's ``layers`` cell: ascending, comma-separated, as
+    `ablation_effects` writes a group's (``""``: none, the final router's group)."""
+    return ",".join(map(str, sorted(set(layers))))
+
+
+def layer_tuple(cell: object, what: str) -> tuple[int, ...]:
+    """A ``layers`` cell (`layers_text`; `ablation_effects`' and `summarize_mass`'s
+    column) as a tuple of layers: the text ``"0,1,2"``, one layer read back from a CSV as
+    a number (``3`` or ``3.0``), or none (``""``, or the NaN a CSV gives an empty cell).
+    ``what`` names the table in the message refusing anything else."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return ()
+    if isinstance(cell, (bool, np.bool_)):
+        raise ValueError(f"{what}'s 'layers' holds {cell!r}, not a list of layers")
+    if isinstance(cell, (int, np.integer)):
+        return (int(cell),)
+    if isinstance(cell, (float, np.floating)) and float(cell).is_integer():
+        return (int(cell),)
+    if isinstance(cell, str):
+        parts = [part.strip() for part in cell.split(",")] if cell.strip() else []
+        if all(part.lstrip("-").isdigit() for part in parts):
+            return tuple(sorted({int(part) for part in parts}))
+    raise ValueError(
+        f"{what}'s 'layers' holds {cell!r}, not a list of layers (comma-separated, as "
+        "ablation_effects and summarize_mass write them)"
+    )
+
+
+# the columns that tell the models of a table apart (a study's tables hold several)
+_MODEL_KEYS = ("condition", "seed", "model")
+
+
+def _layers_by_router(table: pd.DataFrame, keys: Sequence[str], what: str) -> dict:
+    """``{key: layers}`` of ``table``'s rows (``keys``: router and the model columns): the
+    one layer list each holds, refusing a key whose rows hold several."""
+    out: dict = {}
+    for key, cell in zip(
+        table[list(keys)].itertuples(index=False, name=None), table["layers"], strict=True
+    ):
+        layers = layer_tuple(cell, what)
+        if out.setdefault(key, layers) != layers:
+            where = dict(zip(keys, key, strict=True))
+            raise ValueError(
+                f"{what} holds rows of several layer sets at {where} ({list(out[key])} and "
+                f"{list(layers)}): pass the rows of one group (one band of the mass)"
+            )
+    return out
+
+
+def _default_sweep(effects: pd.DataFrame) -> Optional[dict[str, tuple[int, ...]]]:
+    """``{group: layers}`` when ``effects`` is the study's sweep, each of its models with a
+    group ``"all"`` of every layer ``0..n-1`` and every group named as a default depth band
+    with that band's layers (`depth_bands` of n): the groups a mass summary without a
+    ``layers`` column (one written before audit 129) is read as the library's defaults of
+    (band ``all`` or no band: every layer; a default band: its thirds; ``final``: the final
+    router). ``None`` otherwise: the pairing by name would be a guess."""
+    if "layers" not in effects.columns:
+        return None
+    keys = [c for c in _MODEL_KEYS if c in effects.columns]
+    parts = effects.groupby(keys, dropna=False, sort=False) if keys else [((), effects)]
+    sweep: Optional[dict[str, tuple[int, ...]]] = None
+    for _, part in parts:
+        groups: dict[str, set[tuple[int, ...]]] = {}
+        for group, cell, router in zip(part.group, part.layers, part.router, strict=True):
+            if router != "final_res":
+                groups.setdefault(group, set()).add(layer_tuple(cell, "effects"))
+        every = groups.get("all", set())
+        if len(every) != 1:
+            return None
+        (layers,) = every
+        if not layers or layers != tuple(range(len(layers))):
+            return None
+        defaults = {
+            **{name: tuple(band) for name, band in depth_bands(len(layers)).items()},
+            "all": layers,
+        }
+        for group, held in groups.items():
+            if group in (*BAND_NAMES, "all") and held != {defaults.get(group)}:
+                return None
+        defaults["final"] = ()
+        if sweep is not None and sweep != defaults:
+            return None  # models of several depths: no one default per name
+        sweep = defaults
+    return sweep
+
+
+def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, what: str) -> None:
+    """Refuse pairing ``mass`` (the mass summary's rows shown or compared with the effects
+    of ``group``: one band, or a summary without bands) with the effects of ``group`` unless
+    both are of the same layers, at each router type (and model: ``condition`` / ``seed`` /
+    ``model``) both have: the summary's ``layers`` (`summarize_mass`) against the effects'
+    (`ablation_effects`). A band and a group are paired by name, and a name says nothing of
+    the layers (``ablation_effects(groups={"early": [0]})`` beside the default bands'
+    mass, early = 0-2: the mass of other routers than those masked). ``effects``: the whole
+    effects table. A summary without ``layers`` (written before audit 129, or by hand) is
+    read as the library's defaults of its band's name only where the effects are the
+    study's sweep (`_default_sweep`); otherwise it is refused, as are effects without
+    ``layers`` (by hand). ``what`` names the result that needs the pairing."""
+    chosen = effects[effects.group == group]
+    if "layers" not in effects.columns:
+        raise ValueError(
+            f"effects lacks the column 'layers' (which layers each group masked), which "
+            f"{what} needs to pair the mass with the effects of group {group!r}: a group "
+            "named like a band need not be of its layers; pass ablation_effects output"
+        )
+    keys = ["router", *(c for c in _MODEL_KEYS if c in chosen.columns and c in mass.columns)]
+    masked = _layers_by_router(chosen, keys, "effects")
+    if "layers" not in mass.columns:
+        sweep = _default_sweep(effects)
+        if sweep is not None and group in sweep:
+            return  # the study's sweep: the band's layers are the defaults of its name
+        raise ValueError(
+            f"mass_summary lacks the column 'layers' (which layers each band covers: a "
+            f"summary written before audit 129, or by hand), so {what} cannot tell whether "
+            f"its mass is of the layers the effects of group {group!r} masked "
+            f"({[list(layers) for layers in dict.fromkeys(masked.values())]}); pass "
+            "summarize_mass(routing_mass(...)) of this version, or add the column (each "
+            "row's layers, comma-separated, as ablation_effects writes them)"
+        )
+    summarised = _layers_by_router(mass, keys, "mass_summary")
+    for key, layers in masked.items():
+        if key in summarised and summarised[key] != layers:
+            where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key, strict=True))
+            raise ValueError(
+                f"at {where}, the mass summary's rows paired with group {group!r} are of "
+                f"layers {list(summarised[key])} but the effects of group {group!r} masked "
+                f"layers {list(layers)}: {what} would show or compare the mass of other "
+                "routers than those masked (a band and a group are paired by name); "
+                "summarise the mass over the group's layers (routing_mass(..., bands=B) "
+                "with ablation_effects(..., groups=B), or the defaults of both)"
+            )
 
 
 def require_finite_mass(mass: pd.DataFrame, what: str) -> None:
@@ -499,7 +633,12 @@ def summarize_mass(
         ``n_sources`` (`routing_mass` output), ``family_read`` (last): whether
         some router of the group reads a source of the family (`family_read`); False
         where the family is absent at every router of the group (its mass is 0 because
-        there is nothing to weigh, not because the routers give it no weight).
+        there is nothing to weigh, not because the routers give it no weight); and, when
+        ``mass`` has ``layer``, ``layers`` (last, since audit 129): the layers of the
+        group's routers, ascending and comma-separated as `ablation_effects` writes a
+        group's (the final router, layer -1, adds none, as its group ``"final"``), which
+        every pairing of the mass with the effects of a group checks
+        (`require_same_layers`).
 
     Raises:
         ValueError: a NaN or infinite mass (pandas' mean would skip it, averaging the
@@ -628,4 +767,10 @@ def summarize_mass(
     if "n_sources" in mass.columns:
         read = family_read(mass, "the summary").groupby([mass[c] for c in by]).any()
         out["family_read"] = read.reindex(per_prompt.index).to_numpy()
+    if "layer" in mass.columns:
+        # the layers each group covers (the final router, layer -1, has none: as the
+        # effects of its group "final"), which the mass-effect pairings check
+        sublayer = mass[mass.layer.ne(-1)]
+        layers = sublayer.groupby([sublayer[c] for c in by]).layer.agg(layers_text)
+        out["layers"] = layers.reindex(per_prompt.index).fillna("").to_numpy()
     return out

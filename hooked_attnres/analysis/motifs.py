@@ -47,6 +47,7 @@ from hooked_attnres.analysis.mass import (
     require_family_read_column,
     require_family_rows,
     require_read_agrees,
+    require_same_layers,
 )
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
 
@@ -299,6 +300,14 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     # criterion 2's "or at most -0.02 accuracy": without these rows it could never hold
     accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
+    # D1 and D3 pair that mass with the effects of group "all": of the same layers
+    every = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
+    require_same_layers(
+        every[every.router.isin(SUBLAYER_ROUTERS)],
+        effects,
+        "all",
+        "motif_report (D1 and D3 pair the mass over every layer with the effects of group 'all')",
+    )
     _require_finite(logit, accuracy, mass)
     # after the finiteness check: a NaN mass is no "mass 0" (it was refused as a summary
     # without family_read)
@@ -541,7 +550,9 @@ def motif_report(
             without band ``"all"`` rows or with a row missing is refused. D1 and D3 rank
             the families its ``family_read`` says a router type reads (a summary without
             the column: every family, if each has mass or an ablation that masked a
-            router for it; else refused).
+            router for it; else refused). Its ``layers`` must be those of the effects'
+            group ``all`` (`require_same_layers`; a summary without the column, e.g. the
+            stored ``mass_summary.csv`` files, only beside the study's sweep of groups).
         effects: `ablation_effects` with the groups ``early``, ``middle``, ``late`` (the
             default depth bands) and ``all``, and the metrics ``logit_diff`` and
             ``accuracy`` (criterion 2's 2 points; a table without it is refused), one clean

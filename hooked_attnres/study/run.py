@@ -646,7 +646,8 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
 
 # --- resuming: every finished model's tables are kept until the whole study is written ----
 # The format of a kept run (bump it when what a run's tables hold changes).
-_PARTIAL_FORMAT = 3  # 2: the mass table has n_sources (audit 51); 3: mass_summary family_read
+# 2: the mass table has n_sources (audit 51); 3: mass_summary family_read; 4: and layers
+_PARTIAL_FORMAT = 4
 
 
 def partial_dir(out_dir: Union[str, Path], name: str = "out_dir") -> Path:
