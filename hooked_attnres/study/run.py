@@ -304,7 +304,8 @@ class StudyResult:
         accuracy: ``condition, seed, accuracy, logit_diff, n_prompts``.
         mass: per-prompt routing mass (`routing_mass` columns + ``condition, seed``).
         mass_summary: mean mass per ``condition, seed, router, band, family`` (band
-            ``"all"`` = every layer) with bootstrap intervals.
+            ``"all"`` = every layer) with bootstrap intervals, ``family_read`` and each
+            band's ``layers``.
         effects: `ablation_effects` rows + ``condition, seed`` (groups: bands and ``"all"``).
         dissociation: `dissociation_report` rows + ``condition, seed``.
         schedule: for recency-wrapped conditions, `schedule_comparison` + ``condition, seed``.
