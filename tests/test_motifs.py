@@ -2017,3 +2017,24 @@ def test_model_labels_that_mix_text_and_numbers_are_refused():
     restored = text_2.astype({"seed": int})
     pd.testing.assert_frame_equal(motif_verdicts(restored), motif_verdicts(report))
     assert verdict_changes(report, restored).empty
+
+
+TABLES = ("mass_summary", "effects", "motifs")
+
+
+@pytest.mark.parametrize("study", ["grid", "paperlike"])
+def test_motif_report_reads_the_stored_results_without_layers(study):
+    """Audit 129: the stored ``mass_summary.csv`` files predate the ``layers`` column; beside
+    their own ``effects.csv`` (the study's sweep) motif_report still reads them, and gives
+    the stored per-seed decisions (those of seed 0, to keep the test fast)."""
+    directory = Path(__file__).resolve().parents[1] / "docs" / "results" / study
+    mass, effects, stored = (
+        table[table.seed == 0]
+        for table in (pd.read_csv(directory / f"{name}.csv") for name in TABLES)
+    )
+    assert "layers" not in mass.columns and not stored.empty
+    report = motif_report(mass, effects)
+    key = ["condition", "seed", "claim"]
+    for column in ("present", "present_as_written"):
+        got = report.set_index(key)[column].sort_index()
+        pd.testing.assert_series_equal(got, stored.set_index(key)[column].sort_index())
