@@ -769,6 +769,13 @@ CASES = [
         ["d_model=32", "(7,)"],
     ),
     (
+        # one value per prompt as [batch, d_model]: read as [pos, d_model] before audit 128
+        "patch-sources-value-of-one-row-per-prompt",
+        _patch("patch_sources", "embedding", torch.zeros(2, 32)),
+        ValueError,
+        ["patch_sources: a value tensor", "got shape (2, 32)", "value[:, None, :]", "[None]"],
+    ),
+    (
         "patch-sources-unknown-value",
         _patch("patch_sources", "embedding", "median"),
         ValueError,
