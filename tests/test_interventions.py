@@ -2377,8 +2377,12 @@ def test_a_mask_or_weights_of_one_row_over_sources_is_taken_as_every_prompts(lay
         weights_under(model, tokens, [mask_hook(site, mask[None])])[site.hook("weights")][..., -1]
         == 0
     ).all()
-    with pytest.raises(ValueError, match=r"got shape \(2, .*tensor\[:, None, :\].*tensor\[None\]"):
+    # the remedy names set_weights' argument (it said ``mask[:, None, :]`` until review 132)
+    remedy = r"got shape \(2, .*tensor\[:, None, :\], e\.g\. weights\[:, None, :\].*tensor\[None\]"
+    with pytest.raises(ValueError, match=remedy):
         set_weights(model, torch.stack([weights, weights]), routers=[site])
+    with pytest.raises(ValueError, match=remedy):
+        set_weights(model, {site: torch.stack([weights, weights])}, routers=[site])
 
 
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "recency", "exact"])

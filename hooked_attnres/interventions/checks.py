@@ -255,7 +255,7 @@ def check_axes(tensor: Tensor, what: str, last: str, example: str, scalar: bool 
     )
 
 
-def check_source_tensor(value: Any, what: str) -> Tensor:
+def check_source_tensor(value: Any, what: str, example: str = "mask") -> Tensor:
     """A tensor over a router's sources (an ablation's mask, routing weights), checked when
     the intervention is built by the rule of `check_axes`: ``[n_sources]`` (every prompt
     and position alike), ``[batch, 1, n_sources]`` (one per prompt) or ``[batch, pos,
@@ -264,10 +264,11 @@ def check_source_tensor(value: Any, what: str) -> Tensor:
     prompt's ``cache[name][:, -1]``; refused from audit 110 to 113). Any other shape is
     refused: a 2-D ``[batch, n_sources]`` broadcast over ``[batch, pos, n_sources]`` as
     ``[pos, n_sources]``, its row ``i`` at position ``i`` of every prompt (silently where
-    batch == pos, before audit 110). ``what`` names the tensor; returns it
-    (`torch.as_tensor`: a tensor itself)."""
+    batch == pos, before audit 110). ``what`` names the tensor and ``example`` the
+    caller's argument in the message's remedy (``mask[:, None, :]``, ``weights[:, None,
+    :]``); returns it (`torch.as_tensor`: a tensor itself)."""
     tensor = torch.as_tensor(value)
-    check_axes(tensor, what, "n_sources", "mask")
+    check_axes(tensor, what, "n_sources", example)
     return tensor
 
 

@@ -647,7 +647,7 @@ def _weights_for(
         # as not summing to 1
         real = padding_of(recorded_run(weights, "the cache given to set_weights").attention_mask)
         weights = weights[name]
-    weights = check_source_tensor(weights, f"weights for {site}")
+    weights = check_source_tensor(weights, f"weights for {site}", "weights")
     if not weights.is_floating_point():
         weights = weights.float()  # a float64 model's float64 weights stay float64
     if weights.shape[-1] != n_sources:
