@@ -2391,8 +2391,9 @@ def test_a_value_of_one_row_per_prompt_is_refused_as_it_reads_as_one_per_positio
     broadcasts to ``[batch, pos, d_model]``, so a 2-D ``[batch, d_model]`` (one value per
     prompt) was read as ``[pos, d_model]``, its row ``i`` at position ``i`` of every
     prompt: silently where batch == pos (float64, max |logit difference| from the
-    per-prompt values meant, kimi / cumulative / full / recency / exact: patch_sources
-    0.43 / 0.087 / 0.46 / 0.20 / 0.23, patch_committed 0.43 / 0.41 / 0.43 / 0.51 / 0.51),
+    per-prompt values meant, this test's models and prompts, kimi / cumulative / full /
+    recency / exact: patch_sources 0.47 / 0.11 / 0.42 / 0.25 / 0.23, patch_committed
+    0.48 / 0.48 / 0.48 / 0.38 / 0.38),
     otherwise a broadcasting error when the hook ran. Refused now when built, by the rule
     of `mask_hook` / `set_weights` (`check_axes`), naming the shapes accepted and
     both remedies; ``[1, d_model]`` is taken as ``[d_model]``; the per-prompt shape gives
