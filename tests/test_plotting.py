@@ -1165,3 +1165,44 @@ def test_seed_figures_title_conditions_that_are_numbers_as_their_text_twins():
             assert [a.text for a in got.layout.annotations] == titles
             for mine, twin in zip(got.data, text.data, strict=True):
                 np.testing.assert_array_equal(np.asarray(mine.y, float), np.asarray(twin.y, float))
+
+
+def test_mass_effect_figures_read_layers_read_back_with_nullable_dtypes(tmp_path):
+    """Review 133: a ``layers`` cell read back from a CSV with pandas' nullable dtypes
+    (``dtype_backend="numpy_nullable"`` or ``"pyarrow"``) is ``<NA>`` where the final router's
+    group has no layers, and audit 129's check refused it ("holds <NA>, not a list of
+    layers"), where the figure was drawn before. It is read as no layers, as the NaN of a
+    plain read; the final router's mass drawn is the one computed from the table by hand."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=3, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    mass = routing_mass(model, batch)
+    summary = summarize_mass(mass, ("router", "band", "family"), 40)
+    effects = ablation_effects(
+        model,
+        batch,
+        routers=("attn_res", "mlp_res", "final_res"),
+        metrics="logit_diff",
+        n_bootstrap=40,
+        progress=False,
+    )
+    summary.to_csv(tmp_path / "mass_summary.csv", index=False)
+    effects.to_csv(tmp_path / "effects.csv", index=False)
+    for backend in ("numpy_nullable", "pyarrow"):
+        read = [
+            pd.read_csv(tmp_path / f"{name}.csv", dtype_backend=backend)
+            for name in ("mass_summary", "effects")
+        ]
+        assert read[1].layers.isna().any()  # the final router's group: <NA>
+        for group in ("final", "middle"):
+            bars = plotting.mass_effect_bars(*read, group=group, relative=False)
+            router = "final_res" if group == "final" else "attn_res"
+            trace = bars.data[0]
+            for family, value in zip(trace.x, trace.y, strict=True):
+                rows = mass[
+                    (mass.router == router) & (mass.band == group) & (mass.family == family)
+                ]
+                expected = rows.mass.mean() if (rows.n_sources > 0).any() else np.nan
+                assert (np.isnan(expected) and np.isnan(value)) or value == pytest.approx(
+                    expected
+                ), (backend, group, family)

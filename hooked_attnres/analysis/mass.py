@@ -177,9 +177,12 @@ def layers_text(layers: Sequence[int]) -> str:
 def layer_tuple(cell: object, what: str) -> tuple[int, ...]:
     """A ``layers`` cell (`layers_text`; `ablation_effects`' and `summarize_mass`'s
     column) as a tuple of layers: the text ``"0,1,2"``, one layer read back from a CSV as
-    a number (``3`` or ``3.0``), or none (``""``, or the NaN a CSV gives an empty cell).
+    a number (``3`` or ``3.0``), or none (``""``, or the missing value a CSV gives an
+    empty cell: NaN, or ``<NA>`` read with pandas' nullable dtypes, ``dtype_backend=``).
     ``what`` names the table in the message refusing anything else."""
-    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+    if cell is None or (
+        not isinstance(cell, str) and pd.api.types.is_scalar(cell) and pd.isna(cell)
+    ):
         return ()
     if isinstance(cell, (bool, np.bool_)):
         raise ValueError(f"{what}'s 'layers' holds {cell!r}, not a list of layers")
