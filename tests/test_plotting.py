@@ -1206,3 +1206,44 @@ def test_mass_effect_figures_read_layers_read_back_with_nullable_dtypes(tmp_path
                 assert (np.isnan(expected) and np.isnan(value)) or value == pytest.approx(
                     expected
                 ), (backend, group, family)
+
+
+def test_mass_effect_by_seed_reads_a_summary_without_layers_of_models_of_several_depths():
+    """Review 133: a mass summary without ``layers`` (a study's ``mass_summary.csv`` written
+    before audit 129, with ``family_read``) is paired beside the study's sweep, but audit
+    129 refused it when the sweep's models differ in depth, as every task of the shipped
+    grid does (``hard_cumulative_L8`` and ``_L16``): mass_effect_by_seed drew each condition
+    alone and refused the two together. Each model's groups are checked against the
+    defaults of its own depth; the mass drawn is each model's, by hand."""
+    batch = _random_task_batch(6, 7, 50)
+    summaries, effects, masses = [], [], {}
+    for condition, n_layers in (("a", 4), ("b", 6)):
+        model = randomize_routing(
+            tiny_model(attnres_layout="kimi", n_layers=n_layers, attnres_num_blocks=2)
+        ).eval()
+        mass = routing_mass(model, batch)
+        masses[condition] = mass
+        tag = {"condition": condition, "seed": 0}
+        summaries.append(
+            summarize_mass(
+                pd.concat([mass, mass.assign(band="all")]), ("router", "band", "family"), 40
+            ).assign(**tag)
+        )
+        groups = {**depth_bands(n_layers), "all": range(n_layers)}
+        effects.append(
+            ablation_effects(
+                model, batch, groups=groups, metrics="logit_diff", n_bootstrap=40, progress=False
+            ).assign(**tag)
+        )
+    old = pd.concat(summaries, ignore_index=True).drop(columns="layers")
+    figure = plotting.mass_effect_by_seed(
+        old, pd.concat(effects, ignore_index=True), "attn_res", columns=["a", "b"], relative=False
+    )
+    for trace, condition in zip(figure.data[::2], ("a", "b"), strict=True):
+        mass = masses[condition]
+        for family, value in zip(trace.x, trace.y, strict=True):
+            rows = mass[(mass.router == "attn_res") & (mass.family == family)]
+            if (rows.n_sources > 0).any():
+                assert value == pytest.approx(rows.mass.mean()), (condition, family)
+            else:  # no router of the type reads it: no bar
+                assert np.isnan(value), (condition, family)

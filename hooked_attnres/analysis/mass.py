@@ -221,18 +221,19 @@ def _layers_by_router(table: pd.DataFrame, keys: Sequence[str], what: str) -> di
     return out
 
 
-def _default_sweep(effects: pd.DataFrame) -> Optional[dict[str, tuple[int, ...]]]:
-    """``{group: layers}`` when ``effects`` is the study's sweep, each of its models with a
-    group ``"all"`` of every layer ``0..n-1`` and every group named as a default depth band
-    with that band's layers (`depth_bands` of n): the groups a mass summary without a
-    ``layers`` column (one written before audit 129) is read as the library's defaults of
-    (band ``all`` or no band: every layer; a default band: its thirds; ``final``: the final
-    router). ``None`` otherwise: the pairing by name would be a guess."""
+def _default_sweep(effects: pd.DataFrame) -> Optional[set[str]]:
+    """The group names a mass summary without a ``layers`` column (one written before
+    audit 129) is read as the library's defaults of (band ``all`` or no band: every layer;
+    a default band: its thirds; ``final``: the final router), when ``effects`` is the
+    study's sweep: each of its models with a group ``"all"`` of every layer ``0..n-1`` and
+    every group named as a default depth band with that band's layers (`depth_bands` of
+    that model's n; the models may differ in depth, as a task's 8- and 16-layer conditions
+    do). ``None`` otherwise: the pairing by name would be a guess."""
     if "layers" not in effects.columns:
         return None
     keys = [c for c in _MODEL_KEYS if c in effects.columns]
     parts = effects.groupby(keys, dropna=False, sort=False) if keys else [((), effects)]
-    sweep: Optional[dict[str, tuple[int, ...]]] = None
+    names: set[str] = set()
     for _, part in parts:
         groups: dict[str, set[tuple[int, ...]]] = {}
         for group, cell, router in zip(part.group, part.layers, part.router, strict=True):
@@ -251,11 +252,8 @@ def _default_sweep(effects: pd.DataFrame) -> Optional[dict[str, tuple[int, ...]]
         for group, held in groups.items():
             if group in (*BAND_NAMES, "all") and held != {defaults.get(group)}:
                 return None
-        defaults["final"] = ()
-        if sweep is not None and sweep != defaults:
-            return None  # models of several depths: no one default per name
-        sweep = defaults
-    return sweep
+        names.update(defaults, ("final",))  # each model's own defaults were checked
+    return names or None
 
 
 def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, what: str) -> None:
