@@ -69,6 +69,7 @@ from hooked_attnres.analysis.effects import (
     reads_answer_only,
     run_ablations,
 )
+from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import mask_logits
 from hooked_attnres.interventions.selection import check_routers
@@ -395,7 +396,7 @@ class RoutingAttribution:
                         {
                             "router": cell.router,
                             "group": cell.group,
-                            "layers": ",".join(map(str, cell.layers)),
+                            "layers": layers_text(cell.layers),
                             "family": cell.family,
                             "metric": metric,
                             "method": method,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from hooked_attnres._precision import widened
 from hooked_attnres._validation import as_items, one_or_list, require_bool, require_selection
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
+from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
@@ -555,7 +556,7 @@ def cell_rows(
         {
             "router": cell.router,
             "group": cell.group,
-            "layers": ",".join(map(str, cell.layers)),
+            "layers": layers_text(cell.layers),
             "family": cell.family,
             "metric": metric,
             "clean": base,

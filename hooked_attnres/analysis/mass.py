@@ -169,8 +169,10 @@ def require_read_agrees(read: pd.Series, masked: Optional[pd.Series], where: str
 
 
 def layers_text(layers: Sequence[int]) -> str:
-    """A group's layers as a table's ``layers`` cell: ascending, comma-separated, as
-    `ablation_effects` writes a group's (``""``: none, the final router's group)."""
+    """A group's layers as a table's ``layers`` cell: ascending, comma-separated
+    (``""``: none, the final router's group); the one writer of the column, for
+    `ablation_effects`, `attribute_routing`'s tables and `summarize_mass` (`layer_tuple`
+    reads it)."""
     return ",".join(map(str, sorted(set(layers))))
 
 
