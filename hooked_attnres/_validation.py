@@ -275,6 +275,51 @@ def require_labelled(table: Any, columns: Sequence[str], what: str) -> None:
         )
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, (str, bytes, np.str_, np.bytes_))
+
+
+def _label_kinds(values: Any) -> set[bool]:
+    """The kinds of the labels a pandas ``Series`` holds: ``True`` for text, ``False``
+    for numbers (and other labels), each kind once; empty for a column of NaN only. A
+    numeric or bool column holds numbers, a pandas string one text; an object or
+    categorical one (a categorical one by its categories) as its distinct labels are, each tested once
+    (text is never equal to a number, so they have the rows' kinds): testing row by row
+    took 0.1 s a column of 300k rows."""
+    if values.dtype.name == "category":  # the labels the rows hold, as for object
+        labels = values.cat.remove_unused_categories().cat.categories
+    elif values.dtype.kind in "biufc" or values.dtype.name in ("str", "string"):
+        # numbers, or pandas' string dtypes (text only)
+        return {values.dtype.kind not in "biufc"} if bool(values.notna().any()) else set()
+    else:
+        labels = values.drop_duplicates().dropna()
+    return {_is_text(v) for v in labels}
+
+
+def require_same_kind(tables: Sequence[tuple[str, Any]], columns: Sequence[str]) -> None:
+    """Refuse a column of ``columns`` that holds text in one of ``tables`` (``(what,
+    DataFrame)`` pairs, ``what`` naming the table: ``"the first report"``) and numbers in
+    another (seeds ``0, 1`` beside ``'0', '1'``, one table read back from a CSV without
+    its dtypes): ``ValueError`` naming the column, the two tables and the remedy (one
+    dtype). Matched across the tables, ``0`` and ``'0'`` are two labels: pandas' merge
+    failed with its own error ("You are trying to merge on int64 and str columns") and a
+    comparison of the keys found none in common. Each table's own column is checked by
+    `require_one_kind`; a table without the column, or with NaN labels only, is skipped."""
+    for column in dict.fromkeys(columns):
+        kinds: dict[bool, str] = {}
+        for what, table in tables:
+            if column in table:
+                for kind in _label_kinds(table[column]):
+                    kinds.setdefault(kind, what)
+        if len(kinds) > 1:  # in the order of tables (each of one kind, `require_one_kind`)
+            held = " and ".join(f"{'text' if t else 'numbers'} in {w}" for t, w in kinds.items())
+            raise ValueError(
+                f"the column {column!r} holds {held}: 1 and '1' would be "
+                f"two different labels, so no row would match; give both one dtype first "
+                f"(table.astype({{{column!r}: int}}), or str for text labels)"
+            )
+
+
 def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
     """Refuse a column of ``columns`` that ``table`` (a pandas ``DataFrame``) has and whose
     labels mix text and numbers (``1`` and ``'1'``, e.g. one part of a concatenated table
@@ -286,25 +331,13 @@ def require_one_kind(table: Any, columns: Sequence[str], what: str) -> None:
     and its ``0`` and ``'0'`` were two keys silently); ``what`` names the table (``"the
     mass table"``)."""
 
-    def is_text(value: Any) -> bool:
-        return isinstance(value, (str, bytes, np.str_, np.bytes_))
-
     for column in dict.fromkeys(columns):
         if column not in table:
             continue
         values = table[column]
-        if values.dtype.name == "category":  # the labels the rows hold, as for object
-            labels = values.cat.remove_unused_categories().cat.categories
-        elif values.dtype == object:
-            labels = values.drop_duplicates().dropna()
-        else:
-            continue
-        # each distinct label once (text is never equal to a number, so they have the rows'
-        # kinds): testing row by row took 0.1 s a column of 300k rows
-        kinds = {is_text(v) for v in labels}
-        if len(kinds) > 1:
+        if len(_label_kinds(values)) > 1:
             values = values.astype(object).dropna()
-            text = values.map(is_text)
+            text = values.map(_is_text)
             shown = (values[text].iloc[0], values[~text].iloc[0])
             raise ValueError(
                 f"{what}'s column {column!r} mixes text and numbers ({int(text.sum())} text "

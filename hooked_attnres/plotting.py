@@ -27,6 +27,7 @@ from hooked_attnres._validation import (
     non_finite_in_column,
     require_bool,
     require_keys,
+    require_same_kind,
     require_selection,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy
@@ -1126,6 +1127,8 @@ def mass_effect_by_seed(
     # a NaN condition or seed matches no panel or slot (`effects_by_seed`)
     require_keys(effects, ("condition", "seed"), "effects")
     require_keys(mass_summary, ("condition", "seed"), "mass_summary")
+    # seeds 0 and '0' (a table read back from a CSV): "mass_summary has no row for seed 0"
+    require_same_kind((("mass_summary", mass_summary), ("effects", effects)), ("condition", "seed"))
     mass = _mass_of_group(mass_summary, "all")  # every layer, as the effects of group "all"
     mass = mass[mass.router == router]
     require_same_layers(mass, effects, "all", "mass_effect_by_seed")

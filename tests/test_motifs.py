@@ -2038,3 +2038,34 @@ def test_motif_report_reads_the_stored_results_without_layers(study):
     for column in ("present", "present_as_written"):
         got = report.set_index(key)[column].sort_index()
         pd.testing.assert_series_equal(got, stored.set_index(key)[column].sort_index())
+
+
+def test_model_labels_of_two_tables_that_differ_in_kind_are_refused_by_name():
+    """Audit 127: two tables each of one kind, but seeds 0, 1 in one and '0', '1' in the
+    other (one read back from a CSV without dtypes): verdict_changes failed with pandas'
+    own merge error ("You are trying to merge on int64 and str columns"), and motif_report
+    said that the effects table lacks seed 0, which it holds. Refused, naming the column,
+    both tables and the remedy; the same tables with one dtype again give the result of
+    the unconverted ones."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(2)]
+    summary = pd.concat([p[0] for p in parts], ignore_index=True)
+    effects = pd.concat([p[1] for p in parts], ignore_index=True)
+    report = motif_report(summary, effects)
+    text = report.astype({"seed": str})
+    with pytest.raises(
+        ValueError,
+        match=r"^the column 'seed' holds numbers in the first report and text in the second "
+        r"report: .*give both one dtype",
+    ):
+        verdict_changes(report, text)
+    with pytest.raises(ValueError, match=r"^the column 'condition' holds text in the first "):
+        verdict_changes(report.assign(condition="1"), report.assign(condition=1))
+    with pytest.raises(
+        ValueError, match=r"^the column 'seed' holds numbers in mass_summary and text in effects"
+    ):
+        motif_report(summary, effects.astype({"seed": str}))
+    pd.testing.assert_frame_equal(
+        motif_report(summary, effects.astype({"seed": str}).astype({"seed": int})), report
+    )
+    assert verdict_changes(report, text.astype({"seed": int})).empty

@@ -353,6 +353,23 @@ def test_mass_effect_by_seed_refuses_missing_rows_and_names_absent_seeds():
         plotting.mass_effect_by_seed(mass[~gone], effects, "mlp_res")
 
 
+def test_mass_effect_by_seed_refuses_seeds_of_another_kind_in_the_other_table():
+    """Audit 127: seeds 0, 1 in one table and '0', '1' in the other (one read back from a
+    CSV without dtypes) were refused as "mass_summary has no row for condition='a',
+    seed=0", which it holds. Refused naming the column and both tables; with one dtype
+    again the figure is the one of the unconverted tables."""
+    effects = _effects(conditions=("a", "b"), seeds=(0, 1))
+    mass = _mass(conditions=("a", "b"), seeds=(0, 1))
+    with pytest.raises(ValueError, match=r"^the column 'seed' holds text in mass_summary and "):
+        plotting.mass_effect_by_seed(mass.astype({"seed": str}), effects, "mlp_res")
+    with pytest.raises(ValueError, match=r"^the column 'seed' holds numbers in mass_summary and "):
+        plotting.mass_effect_by_seed(mass, effects.astype({"seed": str}), "mlp_res")
+    back = mass.astype({"seed": str}).astype({"seed": int})
+    assert plotting.mass_effect_by_seed(back, effects, "mlp_res") == plotting.mass_effect_by_seed(
+        mass, effects, "mlp_res"
+    )
+
+
 def test_patching_heatmap_cell_text_keeps_small_values():
     # a 3-decimal text read "0.000" and "-0.000" on the darkest cells of a 1e-4 result
     values = np.array([[1.2e-4, -3.4e-4], [np.nan, 2.5e-5]])

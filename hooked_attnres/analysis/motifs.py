@@ -41,6 +41,7 @@ from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
     require_keys,
+    require_same_kind,
 )
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
@@ -579,6 +580,8 @@ def motif_report(
         return _decided_by(pd.DataFrame(_one_seed(mass_summary, effects, criteria)), criteria)
     for name, table in (("effects", effects), ("mass_summary", mass_summary)):
         _require_labels(table, by, name)
+    # seeds 0 and '0' (a table read back from a CSV): "the effects table lacks seed 0"
+    require_same_kind((("mass_summary", mass_summary), ("effects", effects)), by)
     measured = set(effects[by].itertuples(index=False, name=None))
     unmeasured = [
         dict(zip(by, key, strict=True))
@@ -1059,6 +1062,8 @@ def verdict_changes(
                 "models told apart by another column (motif_report's by), name it in by "
                 f"(e.g. by={[*by, 'model']})"
             )
+    # seeds 0 and '0' (a report read back from a CSV): pandas' own merge error
+    require_same_kind((("the first report", first), ("the second report", second)), keys)
     merged = first[keys + ["present"]].merge(
         second[keys + ["present"]], on=keys, suffixes=("_first", "_second")
     )
