@@ -132,6 +132,16 @@ def require_choice(
     raise ValueError(f"{name} must be one of {tuple(choices)}{because}, got {value!r}")
 
 
+def require_text(name: str, value: Any, what: str) -> str:
+    """``value`` as the Python ``str`` it holds, if it is a string with a character other
+    than whitespace (a ``str`` subclass or a NumPy string scalar); otherwise
+    ``ValueError("{name} must be a non-empty string ({what}), got {value!r}")``, ``what``
+    saying what the text is for."""
+    if isinstance(value, str) and value.strip():
+        return str.__str__(value)
+    raise ValueError(f"{name} must be a non-empty string ({what}), got {value!r}")
+
+
 def require_tokenizer(name: str, value: Any) -> None:
     """Refuse a ``value`` that is no tokenizer object (one with ``get_vocab``, as every
     Hugging Face tokenizer has) and not ``None``: ``TypeError("{name} must be a Hugging Face
@@ -283,9 +293,9 @@ def _label_kinds(values: Any) -> set[bool]:
     """The kinds of the labels a pandas ``Series`` holds: ``True`` for text, ``False``
     for numbers (and other labels), each kind once; empty for a column of NaN only. A
     numeric or bool column holds numbers, a pandas string one text; an object or
-    categorical one (a categorical one by its categories) as its distinct labels are, each tested once
-    (text is never equal to a number, so they have the rows' kinds): testing row by row
-    took 0.1 s a column of 300k rows."""
+    categorical one (a categorical one by its categories) the kinds of its distinct
+    labels, each tested once (text is never equal to a number, so they have the rows'
+    kinds): testing row by row took 0.1 s a column of 300k rows."""
     if values.dtype.name == "category":  # the labels the rows hold, as for object
         labels = values.cat.remove_unused_categories().cat.categories
     elif values.dtype.kind in "biufc" or values.dtype.name in ("str", "string"):

@@ -98,10 +98,15 @@ def _parse_value(text: str):
 def _key_values(pairs: Sequence[str], what: str, takes: type) -> dict:
     """``--{what} key=value ...`` as keyword arguments of the dataclass ``takes`` (a key
     it has no field for is refused naming those it has: the dataclass said
-    "TrainConfig.__init__() got an unexpected keyword argument", a Python call)."""
+    "TrainConfig.__init__() got an unexpected keyword argument", a Python call). A value
+    is read as JSON (a number, ``null``, a list), or kept as the text given where it is
+    not JSON or its field is text (a ``str`` field: ``name=5`` named the task by the
+    integer 5)."""
     import dataclasses
+    import typing
 
     known = [f.name for f in dataclasses.fields(takes) if f.init]
+    text = {key for key, kind in typing.get_type_hints(takes).items() if kind is str}
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -117,7 +122,7 @@ def _key_values(pairs: Sequence[str], what: str, takes: type) -> dict:
             )
         if key in out:  # the last one would silently win
             raise CommandError(f"--{what} gives {key!r} twice; give it once")
-        out[key] = _parse_value(value)
+        out[key] = value if key in text else _parse_value(value)
     return out
 
 
@@ -476,6 +481,24 @@ class _Refused(argparse.Action):
         raise argparse.ArgumentError(self, self.reason)
 
 
+class _Gathered(argparse.Action):
+    """A list option whose every occurrence counts (``--seeds 0 --seeds 1`` is ``--seeds
+    0 1``: argparse kept the last occurrence, silently dropping ``--set lr=1e-3`` before
+    ``--set batch_size=8``), refusing one given no value with ``empty`` as argparse's error
+    (exit code 2, ``argument --set: {empty}``): ``--set`` alone trained the full recipe."""
+
+    def __init__(self, *args, empty: str = "expected at least one value", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.empty = empty
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values:
+            raise argparse.ArgumentError(self, self.empty)
+        earlier = getattr(namespace, self.dest, None)
+        first = earlier is self.default or earlier is None  # the default is replaced
+        setattr(namespace, self.dest, list(values) if first else [*earlier, *values])
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults in the help, except where they say nothing: an option whose help
     names its own default (``default: the shipped``) and a flag's or unset option's ``None``
@@ -516,12 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--condition",
         nargs="+",
+        action=_Gathered,
         default=["both"],
         metavar="NAME",
         help="condition names (`hooked-attnres list` shows them and their shipped seeds), "
         "'both' (the original attnres and vanilla) or 'grid' (every grid condition)",
     )
-    train.add_argument("--seeds", type=SEED, nargs="+", default=[0], help="model seeds")
+    train.add_argument(
+        "--seeds", type=SEED, nargs="+", action=_Gathered, default=[0], help="model seeds"
+    )
     train.add_argument("--out", default="runs", help="output folder")
     train.add_argument(
         "--steps",
@@ -533,16 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set",
         nargs="*",
+        action=_Gathered,
+        empty="expected KEY=VALUE pairs, e.g. lr=1e-3; got none",
         default=[],
         metavar="KEY=VALUE",
-        help="TrainConfig fields, e.g. lr=1e-3 batch_size=32; original two only",
+        help="TrainConfig fields, one or more, e.g. lr=1e-3 batch_size=32; original two only",
     )
     train.add_argument(
         "--task-arg",
         nargs="*",
+        action=_Gathered,
+        empty="expected KEY=VALUE pairs, e.g. n_pairs=8; got none",
         default=[],
         metavar="KEY=VALUE",
-        help="KeyValueRetrieval settings, e.g. n_pairs=8; original two only",
+        help="KeyValueRetrieval settings, one or more, e.g. n_pairs=8 name=probe (a text "
+        "setting keeps the text given); original two only",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
@@ -564,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--conditions",
         nargs="+",
+        action=_Gathered,
         default=None,
         metavar="NAME",
         help="conditions to study (default: every one with a checkpoint)",
@@ -572,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=SEED,
         nargs="+",
+        action=_Gathered,
         default=None,
         help="model seeds (default: every seed found)",
     )

@@ -148,6 +148,65 @@ def test_the_warm_up_keeps_its_share_however_the_steps_are_given(
     assert seen == [steps_and_warm_up]
 
 
+def test_a_text_setting_keeps_the_text_given(tmp_path, monkeypatch):
+    """Audit 127: every ``--task-arg`` value was read as JSON, so ``name=5`` trained the
+    task named by the integer 5 (its batches' ``task`` 5). A text field (the task's
+    ``name``) keeps the text given, as typed; the numbers stay numbers."""
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    seen = []
+
+    def fake_train(condition, seed, out_dir, config=None, task=None, **kwargs):
+        seen.append(task)
+        return TrainResult(out_dir, out_dir / "model", config.steps, {"5": 0.5}, 1.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main([*argv, "--task-arg", "name=5", "n_pairs=5"]) == 0
+    assert seen == [study.study_task(name="5", n_pairs=5)]
+    assert type(seen[0].name) is str and type(seen[0].n_pairs) is int
+
+
+@pytest.mark.parametrize(("option", "example"), [("--set", "lr=1e-3"), ("--task-arg", "n_pairs=8")])
+@pytest.mark.parametrize("after", [[], ["--no-progress"]])
+def test_a_key_value_option_without_a_pair_is_refused(option, example, after, monkeypatch, capsys):
+    """Audit 127: ``train --set`` (or ``--set`` followed by another option) with no pair
+    trained the full recipe, as if it were not given. Refused when parsed, naming the
+    option and the form it takes."""
+    from hooked_attnres import study
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--condition", "attnres", option, *after])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected KEY=VALUE pairs, e.g. {example}; got none" in err
+
+
+def test_list_options_given_twice_are_gathered(tmp_path, monkeypatch):
+    """Audit 127: ``--set lr=1e-3 --set batch_size=8`` trained with the recipe's lr, and
+    ``--seeds 0 --seeds 1`` trained seed 1 only: argparse kept the last occurrence of an
+    option, silently. Every occurrence counts; a key given in two of them is refused as
+    one given twice in one."""
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    seen = []
+
+    def fake_train(condition, seed, out_dir, config=None, task=None, **kwargs):
+        seen.append((seed, config.lr, config.batch_size, task.n_pairs))
+        return TrainResult(out_dir, out_dir / "model", config.steps, {"retrieval": 0.5}, 1.0)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    options = ["--set", "lr=1e-3", "--seeds", "0", "--set", "batch_size=8", "--seeds", "1"]
+    assert cli.main([*argv, *options, "--task-arg", "n_pairs=5", "--task-arg", "n_keys=20"]) == 0
+    assert seen == [(0, 1e-3, 8, 5), (1, 1e-3, 8, 5)]
+    with pytest.raises(cli.CommandError, match="--set gives 'lr' twice; give it once"):
+        cli.main([*argv, "--debug", "--set", "lr=1e-3", "--set", "lr=2e-3"])
+
+
 def test_steps_given_twice_with_different_values_are_refused(tmp_path, monkeypatch, capsys):
     from hooked_attnres import study
 

@@ -270,6 +270,20 @@ def test_bad_induction_parameters(kwargs, message):
         InductionCopy(**kwargs)
 
 
+@pytest.mark.parametrize("cls", [KeyValueRetrieval, InductionCopy])
+@pytest.mark.parametrize("bad", [5, None, True, ["a"], "", "  "])
+def test_a_task_name_that_is_no_text_is_refused(cls, bad):
+    """Audit 127: ``KeyValueRetrieval(name=5)`` (what ``--task-arg name=5`` gave) drew
+    batches whose ``task`` was the integer 5, and ``name=["a"]`` failed in the trainer
+    after the run began (a dict keyed by it: unhashable list). A name is text."""
+    with pytest.raises(
+        ValueError, match=rf"^name must be a non-empty string .*, got {re.escape(repr(bad))}$"
+    ):
+        cls(name=bad)
+    named = cls(name=np.str_("probe"))  # a NumPy string: the Python str it holds
+    assert type(named.name) is str and named.sample(2).task == "probe"
+
+
 def test_bad_sampling_arguments():
     with pytest.raises(ValueError, match="split must be one of"):
         RETRIEVAL.sample(2, split="validation")

@@ -27,6 +27,7 @@ from hooked_attnres._validation import (
     refuse_uint8_index,
     require_choice,
     require_integer,
+    require_text,
     unsigned_as_int64,
 )
 
@@ -243,6 +244,16 @@ class Task:
     """
 
     name = "task"
+
+    def _check_name(self) -> None:
+        """Refuse a ``name`` that is no text (subclasses' ``__post_init__`` call it): the
+        batches' ``task``, the trainer's evaluation metrics and ``metrics.json`` are keyed
+        by it (``name=5`` drew batches of task 5, ``name=["a"]`` failed in the trainer
+        after the run began); a NumPy string is kept as the Python ``str`` it holds."""
+        name = require_text(
+            "name", self.name, "the task's name, which its batches and metrics carry"
+        )
+        object.__setattr__(self, "name", name)  # a frozen dataclass
 
     def words(self) -> list[str]:
         """Every word the task's prompts use (for building a tokenizer)."""

@@ -45,6 +45,7 @@ class InductionCopy(Task):
     name: str = "induction"
 
     def __post_init__(self) -> None:
+        self._check_name()
         for field_name in ("seq_len", "copy_len", "n_tokens"):
             value = require_integer(field_name, getattr(self, field_name), 1)
             object.__setattr__(self, field_name, value)  # a Python int (np.int64 given)

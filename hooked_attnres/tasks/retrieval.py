@@ -53,6 +53,7 @@ class KeyValueRetrieval(Task):
     name: str = "retrieval"
 
     def __post_init__(self) -> None:
+        self._check_name()
         for field_name in (
             "n_pairs",
             "n_keys",
