@@ -15,16 +15,17 @@ WHY_MAX_PROBE_PROMPTS = (
     "memory grow with them, each bootstrap holding 64 KB per prompt"
 )
 
-# The most bootstrap resamples of the study's intervals (`run_study`, `study_condition`,
-# ``hooked-attnres study --bootstrap``): 100 times the default 1000. Each bootstrap holds
+# The most bootstrap resamples of an interval (`run_study`, `study_condition`,
+# ``hooked-attnres study --bootstrap``, and since audit 127 every analysis's bootstrap,
+# `analysis.bootstrap.check_bootstrap`): 100 times the default 1000. Each bootstrap holds
 # ``rows x n_bootstrap`` resampled means and resamples 256 at a time (32 rows of 256
 # prompts: 26 MB and about 2 s per bootstrap at this bound, here); ``10**12`` failed after
 # the first model's sweep, allocating 291 TiB, and ``10**8`` would take 25 GB and half an
 # hour per bootstrap.
 MAX_BOOTSTRAP = 100_000
 WHY_MAX_BOOTSTRAP = (
-    "the most bootstrap resamples the study draws, MAX_BOOTSTRAP: its time and memory grow "
-    "with them"
+    "the most bootstrap resamples an interval draws, MAX_BOOTSTRAP: its time and memory "
+    "grow with them"
 )
 
 # The largest model seed (`train_condition`, `run_study`, ``hooked-attnres train/study

@@ -75,6 +75,34 @@ def test_n_bootstrap_is_refused_by_its_own_name(model, batch, caller, bad):
         _bootstrap_callers(model, batch)[caller](n_bootstrap=bad)
 
 
+@pytest.mark.parametrize(
+    "caller",
+    ["summarize_mass", "ablation_effects", "attribute_routing", "effect_rows", "study_condition"],
+)
+def test_n_bootstrap_past_the_bound_is_refused_before_any_forward_pass(model, batch, caller):
+    """Audit 127: ``ablation_effects(..., n_bootstrap=10**12)`` ran its whole sweep and
+    then failed allocating 175 TiB for the resampled means (tiny model; the study's
+    ``study_condition`` and ``run_study`` refuse past `MAX_BOOTSTRAP`, the analyses did
+    not). Every bootstrap refuses it when its arguments are checked, naming the bound."""
+    from hooked_attnres.analysis import bootstrap_ci
+    from hooked_attnres.study import MAX_BOOTSTRAP
+
+    call = _bootstrap_callers(model, batch)[caller]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for too_many in (MAX_BOOTSTRAP + 1, 10**12):
+            with pytest.raises(
+                ValueError, match=rf"^n_bootstrap must be an integer <= {MAX_BOOTSTRAP} \(the "
+            ):
+                call(n_bootstrap=too_many)
+    finally:
+        handle.remove()
+    assert calls == []
+    with pytest.raises(ValueError, match=rf"^n_resamples must be an integer <= {MAX_BOOTSTRAP}"):
+        bootstrap_ci([1.0, 2.0], n_resamples=10**12)
+
+
 def test_a_generator_of_routers_is_read_once(model, batch):
     # check_routers consumed it and plan_ablations saw none: "routers is empty"
     kwargs = dict(n_bootstrap=10, progress=False)

@@ -9,6 +9,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from hooked_attnres._study_limits import MAX_BOOTSTRAP, WHY_MAX_BOOTSTRAP
 from hooked_attnres._validation import is_finite_number, require_finite_number, require_integer
 
 
@@ -43,11 +44,15 @@ def check_bootstrap(
     as Python numbers (NumPy scalars are accepted: `hooked_attnres._validation`). The
     count is refused under ``resamples_name``, the name the caller's caller wrote (the
     analyses take it as ``n_bootstrap``; "n_resamples must be ..." named an argument
-    they do not have)."""
+    they do not have), and past `MAX_BOOTSTRAP` (100000) too: the resampled means of every
+    row are held at once, so ``ablation_effects(..., n_bootstrap=10**12)`` ran its whole
+    sweep before it failed allocating 175 TiB (audit 127)."""
     if not is_finite_number(confidence) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     return (
-        require_integer(resamples_name, n_resamples, 1),
+        require_integer(
+            resamples_name, n_resamples, 1, maximum=MAX_BOOTSTRAP, why_maximum=WHY_MAX_BOOTSTRAP
+        ),
         require_finite_number("confidence", confidence),
         require_integer("seed", seed, 0),
     )

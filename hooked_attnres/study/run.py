@@ -364,9 +364,6 @@ def study_condition(
             f"{MAX_PROBE_PROMPTS} ({WHY_MAX_PROBE_PROMPTS})"
         )
     check_bootstrap(n_bootstrap, 0.95, seed, "n_bootstrap")  # not after the forward pass
-    require_integer(
-        "n_bootstrap", n_bootstrap, 1, maximum=MAX_BOOTSTRAP, why_maximum=WHY_MAX_BOOTSTRAP
-    )
     progress = require_bool("progress", progress)  # was checked after the mass tables
     with torch.no_grad():
         logits = model(batch.tokens)
