@@ -1253,6 +1253,24 @@ def test_study_condition_refuses_a_progress_flag_before_the_forward_pass():
     assert not calls  # no forward pass ran
 
 
+def test_study_condition_refuses_a_batch_that_is_no_task_batch():
+    """Audit 127: ``study_condition(model, batch.tokens)`` failed with "'Tensor' object has
+    no attribute 'tokens'", ``[batch]`` was refused as "batch holds 1 prompt" and ``None``
+    as "object of type 'NoneType' has no len()". Refused naming what it takes."""
+    from helpers import tiny_model
+
+    from hooked_attnres.study.run import study_condition
+
+    model = tiny_model(attnres_layout="kimi").eval()
+    batch = _random_batch(4)
+    for bad in (batch.tokens, [batch], None):
+        with pytest.raises(
+            TypeError,
+            match=rf"^batch must be a TaskBatch \(probe prompts, .*got {type(bad).__name__}",
+        ):
+            study_condition(model, bad, progress=False)
+
+
 def _random_batch(n: int, seed: int = 0):
     """``n`` prompts of 8 random tokens below 50 (a tiny model's vocabulary), answer at the
     last position."""

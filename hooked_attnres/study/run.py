@@ -351,8 +351,15 @@ def study_condition(
             `MAX_PROBE_PROMPTS`, and an ``n_bootstrap`` or ``seed`` the bootstrap refuses;
             after the clean forward pass, before the mass tables and the ablation sweep,
             clean logits that are not finite at some prompt (`require_finite_clean`).
-        TypeError: before any work, ``progress`` that is not True or False.
+        TypeError: before any work, a ``batch`` that is no `TaskBatch` (its tokens alone
+            failed with "'Tensor' object has no attribute 'tokens'", ``[batch]`` was "1
+            prompt") and ``progress`` that is not True or False.
     """
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(
+            "batch must be a TaskBatch (probe prompts, e.g. probe_prompts(model, 256)), got "
+            f"{type(batch).__name__}"
+        )
     if len(batch) < 2:
         raise ValueError(
             f"batch holds {len(batch)} prompt; study_condition needs at least 2 "
