@@ -207,6 +207,25 @@ def test_list_options_given_twice_are_gathered(tmp_path, monkeypatch):
         cli.main([*argv, "--debug", "--set", "lr=1e-3", "--set", "lr=2e-3"])
 
 
+def test_study_list_options_given_twice_are_gathered(tmp_path, monkeypatch):
+    """Audit 127: ``study --seeds 0 --seeds 1`` studied seed 1 only (argparse kept the
+    last occurrence); so for ``--conditions``. Both count, as one option of both."""
+    from hooked_attnres import study
+    from hooked_attnres.study import run
+
+    seen = []
+
+    def record(**kw):
+        seen.append((kw["conditions"], kw["seeds"]))
+        raise RuntimeError("recorded")  # no study
+
+    monkeypatch.setattr(run, "check_study_arguments", record)
+    monkeypatch.setattr(study, "run_study", lambda **kw: pytest.fail("studied"))
+    argv = ["study", "--out", str(tmp_path / "s"), "--conditions", "attnres", "--seeds", "0"]
+    assert cli.main([*argv, "--conditions", "vanilla", "--seeds", "1"]) == 1
+    assert seen == [(["attnres", "vanilla"], [0, 1])]
+
+
 def test_steps_given_twice_with_different_values_are_refused(tmp_path, monkeypatch, capsys):
     from hooked_attnres import study
 
