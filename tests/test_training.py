@@ -1390,6 +1390,52 @@ def test_a_grid_recipe_refuses_a_num_blocks_other_than_its_own(tmp_path, monkeyp
     assert not out.exists()
 
 
+def test_train_condition_gives_a_longer_task_a_context_that_holds_its_prompts(
+    tmp_path, monkeypatch
+):
+    """Audit 127: the original two built the study's shape (``n_ctx`` 64) whatever the
+    task: ``--task-arg n_pairs=40 n_keys=40 n_values=40`` (prompts of 83 tokens) was
+    refused for ``attnres`` at its first training step ("sequence length 83 exceeds
+    n_ctx=64"), after the model was built, and trained ``vanilla`` silently past its
+    ``max_position_embeddings`` of 64. Like a grid recipe (`Condition.shape`), the context
+    now holds the longest prompt of the task and the evaluation task; a ``shape`` whose
+    ``n_ctx`` does not is refused before the model is built. No training: ``train`` is
+    replaced by a stand-in that runs the model it is given on the task's prompts."""
+    import hooked_attnres.study.conditions as conditions
+    from hooked_attnres.study import STUDY_SHAPE, study_task
+
+    task = study_task(n_pairs=40, n_keys=40, n_values=40)
+    evaluated = study_task(n_pairs=30, n_keys=40, n_values=40, n_distractors=30)
+    longest = max(task.prompt_length, evaluated.prompt_length)
+    assert task.prompt_length > STUDY_SHAPE["n_ctx"] and longest == evaluated.prompt_length
+    seen = []
+
+    def record(model, tasks, config, out_dir, tokenizer=None, **kwargs):
+        batch = evaluated.sample(2, 0, "test", tokenizer.get_vocab())
+        with torch.no_grad():  # the longest prompts run (a too short n_ctx refuses them)
+            logits = model(batch.tokens)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        seen.append((tuple(logits.shape), kwargs["description"]["shape"]["n_ctx"]))
+
+    monkeypatch.setattr(conditions, "train", record)
+    out = tmp_path / "run"
+    for kind in ("attnres", "vanilla"):
+        train_condition(kind, 0, out, task=task, eval_task=evaluated, progress=False)
+    assert [n_ctx for _, n_ctx in seen] == [longest, longest]
+    assert [shape[1] for shape, _ in seen] == [longest, longest]
+    short = dict(STUDY_SHAPE, n_ctx=longest - 1)
+    for kind in ("attnres", "vanilla"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^shape's n_ctx={longest - 1} is shorter than the prompts of eval_task "
+            rf"\({longest} tokens\)",
+        ):
+            train_condition(kind, 0, out, task=task, eval_task=evaluated, shape=short)
+    with pytest.raises(TypeError, match=r"^shape must be a dict of HookedAttnResConfig fields"):
+        train_condition("attnres", 0, out, task=task, shape=[("n_ctx", 128)])
+    assert len(seen) == 2 and not out.exists()
+
+
 def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
     """``train(..., stop_after=k)`` returned ``model_dir = out_dir/model`` although only a
     finished run writes it: over an earlier finished run (here of other settings, started

@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 from hooked_attnres._study_limits import MAX_SEED, WHY_MAX_SEED
-from hooked_attnres._validation import require_bool, require_choice, require_integer
+from hooked_attnres._validation import is_integer, require_bool, require_choice, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
@@ -362,6 +362,39 @@ def build_model(
     )
 
 
+def _shape_for(shape: Optional[dict], task: Task, eval_task: Optional[Task]) -> dict:
+    """The shape of a variation of the original two: ``shape`` if its context holds the
+    prompts of ``task`` and ``eval_task``; by default `STUDY_SHAPE` with ``n_ctx`` grown
+    to the longest of them, as a grid recipe's (`Condition.shape`). Before audit 127 it
+    was `STUDY_SHAPE` whatever the task: prompts of 83 tokens were refused by the AttnRes
+    model at its first training step and trained the vanilla one past its
+    ``max_position_embeddings`` of 64, silently.
+
+    Raises:
+        ValueError: a ``shape`` whose ``n_ctx`` (default that of `HookedAttnResConfig`) is
+            shorter than a task's prompts, naming the task and the length it needs.
+        TypeError: a ``shape`` that is neither a dict nor ``None``.
+    """
+    if shape is not None and not isinstance(shape, dict):  # it failed in the model's config
+        raise TypeError(
+            "shape must be a dict of HookedAttnResConfig fields (e.g. dict(STUDY_SHAPE, "
+            f"n_layers=4)) or None, got {type(shape).__name__} {shape!r}"
+        )
+    named = [("task", task), *([] if eval_task is None else [("eval_task", eval_task)])]
+    name, longest = max(((n, t.prompt_length) for n, t in named), key=lambda pair: pair[1])
+    if shape is None:
+        return {**STUDY_SHAPE, "n_ctx": max(STUDY_SHAPE["n_ctx"], longest)}
+    default = next(f.default for f in fields(HookedAttnResConfig) if f.name == "n_ctx")
+    n_ctx = shape.get("n_ctx", default)
+    if is_integer(n_ctx) and n_ctx < longest:  # any other n_ctx: the config's refusal
+        raise ValueError(
+            f"shape's n_ctx={n_ctx} is shorter than the prompts of {name} ({longest} tokens): "
+            f"give n_ctx >= {longest}, or leave shape out (the study's shape with a context "
+            "that holds them)"
+        )
+    return shape
+
+
 def train_condition(
     condition: str,
     seed: int,
@@ -430,12 +463,13 @@ def train_condition(
     leak = None if eval_task is None else eval_task.leaks_into(task)
     if leak is not None:  # before the model is built; train would name its eval_tasks
         raise ValueError(f"eval_task: {leak}")
+    shape = _shape_for(shape, task, eval_task)  # before the model is built
     tokenizer = task_tokenizer(task, *(() if eval_task is None else (eval_task,)))
     model = build_model(recipe.kind, seed, tokenizer, shape, num_blocks)
     description = {
         "condition": recipe.kind,
         "model_seed": seed,
-        "shape": shape or STUDY_SHAPE,
+        "shape": shape,
         # a vanilla run's is the recipe's (see Condition.description), never a caller's
         "num_blocks": STUDY_BLOCKS if num_blocks is None else num_blocks,
     }
