@@ -27,16 +27,18 @@ interval contains 0 or its effect is < 10 % of the top family's).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 
 from hooked_attnres._validation import (
+    as_items,
     first_non_finite,
     require_finite_number,
     require_integer,
@@ -540,7 +542,7 @@ def motif_report(
     mass_summary: pd.DataFrame,
     effects: pd.DataFrame,
     criteria: Criteria = PREREGISTERED,
-    by: Optional[list[str]] = None,
+    by: Union[str, Sequence[str], None] = None,
 ) -> pd.DataFrame:
     """Every pre-registered claim, per model seed (and per any other grouping column).
 
@@ -560,8 +562,8 @@ def motif_report(
             logit difference per model. With ``by`` columns, every model of
             ``mass_summary`` must be in ``effects`` and no row may lack its label.
         criteria: the thresholds (default: the pre-registered ones).
-        by: columns that identify one model, present in both tables (default: those of
-            ``condition`` and ``seed`` that exist).
+        by: columns that identify one model, present in both tables (one name is that
+            column; default: those of ``condition`` and ``seed`` that exist).
 
     Returns:
         One row per model and claim (`CLAIMS`): ``claim``, ``kind`` (motif /
@@ -572,6 +574,7 @@ def motif_report(
         `dissociation_report`'s ``top_abs_effect`` (largest ``|effect|``). The table's
         ``attrs["criteria"]`` is ``criteria`` (`motif_verdicts` writes its sentences by it).
     """
+    by = _by_columns(by)
     if by is None:
         by = [
             c for c in ("condition", "seed") if c in effects.columns and c in mass_summary.columns
@@ -614,6 +617,15 @@ def _decided_by(report: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
     return report
 
 
+def _by_columns(by: Any) -> Optional[list[str]]:
+    """``by`` as a list of column names: one name is that column (``by="seed"`` was read
+    letter by letter, "lacks the column 's'"), as `summarize_mass` reads it; ``None``
+    stays ``None`` (the default columns); a value that is no list is refused by name."""
+    if by is None:
+        return None
+    return [by] if isinstance(by, str) else as_items("by", by)
+
+
 def _require_labels(table: pd.DataFrame, columns: list[str], what: str) -> None:
     """Refuse a table without a ``condition`` / ``seed`` column, or with a missing (NaN)
     label in one or labels that mix text and numbers (`require_keys`): pandas' ``groupby``
@@ -644,7 +656,9 @@ def verdict_word(k: int, n: int) -> str:
 
 
 def motif_verdicts(
-    report: pd.DataFrame, by: Optional[list[str]] = None, criteria: Optional[Criteria] = None
+    report: pd.DataFrame,
+    by: Union[str, Sequence[str], None] = None,
+    criteria: Optional[Criteria] = None,
 ) -> pd.DataFrame:
     """Claims across seeds: one row per claim (and per ``by`` group, default
     ``condition`` when present) with ``k`` (seeds where present), ``n``, ``verdict``
@@ -659,6 +673,7 @@ def motif_verdicts(
     those criteria contradict: its sentences would print numbers on the wrong side of the
     thresholds they name."""
     criteria = _report_criteria(report, criteria)
+    by = _by_columns(by)
     if by is None:
         by = [c for c in ("condition",) if c in report.columns]
     _require_labels(report, [*by, *(["seed"] if "seed" in report.columns else [])], "the report")
@@ -1030,14 +1045,14 @@ def _d3_exact_texts(size: float, top_harm: float, criteria: Criteria) -> tuple[s
 
 
 def verdict_changes(
-    first: pd.DataFrame, second: pd.DataFrame, by: Optional[list[str]] = None
+    first: pd.DataFrame, second: pd.DataFrame, by: Union[str, Sequence[str], None] = None
 ) -> pd.DataFrame:
     """Per-seed claims whose ``present`` differs between two `motif_report` tables of the
     same models (e.g. two disjoint sets of held-out prompts): the robustness check.
 
     ``by``: the columns that identify one model, in both tables (as `motif_report`'s
-    ``by``, e.g. ``["model", "seed"]``); default those of ``condition`` and ``seed`` that
-    both tables have.
+    ``by``, e.g. ``["model", "seed"]``; one name is that column); default those of
+    ``condition`` and ``seed`` that both tables have.
 
     Raises:
         ValueError: a ``by`` column a table lacks; a ``(*by, claim)`` row twice in either
@@ -1047,6 +1062,7 @@ def verdict_changes(
             or labels mixing text and numbers (`require_keys`), or tables that do not cover
             the same models and claims.
     """
+    by = _by_columns(by)
     if by is None:
         by = [c for c in ("condition", "seed") if c in first.columns and c in second.columns]
     keys = list(dict.fromkeys([*by, "claim"]))
