@@ -137,17 +137,21 @@ def _patch_cells(
     corrupted_tokens: Tensor,
     clean_cache,
     metric: Metric,
-    cells: list[tuple[tuple, str, int, Any]],
+    targets: list[tuple[tuple, str, int]],
     shape: tuple[int, ...],
     desc: str,
+    by_pos: bool,
     patch_setter: PatchSetter = layer_pos_patch_setter,
     patch_state: bool = False,
     attention_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """The one patching driver: ``cells`` are ``(result index, hook name, start sublayer,
-    setter index)``; each cell runs the corrupted pass from its start sublayer (the
-    sublayer whose hook it patches, from the corrupted run's cached depth state) with the
-    hook's activation replaced by ``patch_setter(corrupted, setter index, clean)``.
+    """The one patching driver: ``targets`` are ``(result index, hook name, start
+    sublayer)``; each gives one cell (``by_pos=False``: setter index ``None``, the whole
+    activation) or one cell per position (``by_pos=True``: the position is appended to
+    the result index, to ``shape`` and to ``desc`` as ``" by pos"``, and is the setter
+    index). Each cell runs the corrupted pass from its start sublayer (the sublayer whose
+    hook it patches, from the corrupted run's cached depth state) with the hook's
+    activation replaced by ``patch_setter(corrupted, setter index, clean)``.
 
     With ``patch_state=True`` no hook is attached: ``hook name`` is the clean-cache entry
     holding the depth state entering the start sublayer (``hook_sources``, stacked on
@@ -160,7 +164,19 @@ def _patch_cells(
     with the same mask: a cache of `run_with_cache` records its mask, and another one is
     refused).
 
-    Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given)."""
+    Returns a float32 ``shape`` tensor on the model's device (NaN where no cell was given;
+    ``[*shape, pos]`` with ``by_pos``)."""
+    cells: list[tuple[tuple, str, int, Any]]
+    if by_pos:
+        n_pos = corrupted_tokens.shape[-1]
+        cells = [
+            ((*index, pos), name, start, pos)
+            for index, name, start in targets
+            for pos in range(n_pos)
+        ]
+        shape, desc = (*shape, n_pos), f"{desc} by pos"
+    else:
+        cells = [(index, name, start, None) for index, name, start in targets]
     mask = model._validate_attention_mask(
         attention_mask, tuple(corrupted_tokens.shape), corrupted_tokens.device
     )
@@ -216,6 +232,37 @@ def _column(site: RouterSite) -> int:
     return 0 if site.layer is None else site.layer
 
 
+def _patch_routing_weights(
+    model: HookedAttnRes,
+    corrupted_tokens: Tensor,
+    clean_cache,
+    patching_metric: Metric,
+    routers: Sequence[str],
+    attention_mask: Optional[Tensor],
+    by_pos: bool,
+) -> Tensor:
+    """`get_act_patch_routing_weights` (``[len(routers), n_layers]``) or, with ``by_pos``,
+    `get_act_patch_routing_weights_by_pos` (``[len(routers), n_layers, pos]``): each
+    router's ``hook_weights`` patched from the clean cache, the final router in layer
+    column 0."""
+    routers = _check(model, corrupted_tokens, routers)
+    targets = [
+        ((row, _column(site)), site.hook("weights"), site.sublayer)
+        for row, site in _site_rows(model, routers)
+    ]
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        targets,
+        (len(routers), model.cfg.n_layers),
+        "patch routing weights",
+        by_pos,
+        attention_mask=attention_mask,
+    )
+
+
 @torch.no_grad()
 def get_act_patch_routing_weights(
     model: HookedAttnRes,
@@ -241,20 +288,8 @@ def get_act_patch_routing_weights(
         ``[len(routers), n_layers]``; for ``"final_res"`` only column 0 is filled (the rest
         NaN).
     """
-    routers = _check(model, corrupted_tokens, routers)
-    cells = [
-        ((row, _column(site)), site.hook("weights"), site.sublayer, None)
-        for row, site in _site_rows(model, routers)
-    ]
-    return _patch_cells(
-        model,
-        corrupted_tokens,
-        clean_cache,
-        patching_metric,
-        cells,
-        (len(routers), model.cfg.n_layers),
-        "patch routing weights",
-        attention_mask=attention_mask,
+    return _patch_routing_weights(
+        model, corrupted_tokens, clean_cache, patching_metric, routers, attention_mask, by_pos=False
     )
 
 
@@ -276,22 +311,8 @@ def get_act_patch_routing_weights_by_pos(
     Returns:
         ``[len(routers), n_layers, pos]`` (final router in layer column 0).
     """
-    routers = _check(model, corrupted_tokens, routers)
-    n_pos = corrupted_tokens.shape[-1]
-    cells = [
-        ((row, _column(site), pos), site.hook("weights"), site.sublayer, pos)
-        for row, site in _site_rows(model, routers)
-        for pos in range(n_pos)
-    ]
-    return _patch_cells(
-        model,
-        corrupted_tokens,
-        clean_cache,
-        patching_metric,
-        cells,
-        (len(routers), model.cfg.n_layers, n_pos),
-        "patch routing weights by pos",
-        attention_mask=attention_mask,
+    return _patch_routing_weights(
+        model, corrupted_tokens, clean_cache, patching_metric, routers, attention_mask, by_pos=True
     )
 
 
@@ -342,21 +363,17 @@ def get_act_patch_committed_blocks_by_pos(
                 "for the blocks committed after the MLP sublayers)"
             )
         )
-    n_pos = corrupted_tokens.shape[-1]
     # committed at the end of the sublayer: the run starts at that sublayer
-    cells = [
-        ((layer, pos), name, sublayer_index(layer, sublayer), pos)
-        for layer, name in names.items()
-        for pos in range(n_pos)
-    ]
+    targets = [((layer,), name, sublayer_index(layer, sublayer)) for layer, name in names.items()]
     return _patch_cells(
         model,
         corrupted_tokens,
         clean_cache,
         patching_metric,
-        cells,
-        (model.cfg.n_layers, n_pos),
-        f"patch committed blocks ({sublayer}) by pos",
+        targets,
+        (model.cfg.n_layers,),
+        f"patch committed blocks ({sublayer})",
+        by_pos=True,
         attention_mask=attention_mask,
     )
 
@@ -375,19 +392,33 @@ def depth_state_name(model: HookedAttnRes, layer: int, sublayer: str = "attn") -
     return model.site(layer, SUBLAYER_ROUTERS[sublayer == "mlp"]).hook("sources")
 
 
-def _depth_state_cells(
-    model: HookedAttnRes, corrupted_tokens: Tensor, sublayer: str, by_pos: bool
-) -> list[tuple[tuple, str, int, Any]]:
+def _patch_depth_state(
+    model: HookedAttnRes,
+    corrupted_tokens: Tensor,
+    clean_cache,
+    patching_metric: Metric,
+    sublayer: str,
+    attention_mask: Optional[Tensor],
+    by_pos: bool,
+) -> Tensor:
+    """`get_act_patch_depth_state` (``[n_layers]``) or, with ``by_pos``,
+    `get_act_patch_depth_state_by_pos` (``[n_layers, pos]``): the clean depth state
+    entering each layer's ``sublayer`` router (`depth_state_name`) patched in."""
     _check_run(model, corrupted_tokens)
     name = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
-    start = {layer: sublayer_index(layer, sublayer) for layer in name}
-    if not by_pos:
-        return [((layer,), name[layer], start[layer], None) for layer in name]
-    return [
-        ((layer, pos), name[layer], start[layer], pos)
-        for layer in name
-        for pos in range(corrupted_tokens.shape[-1])
-    ]
+    targets = [((layer,), name[layer], sublayer_index(layer, sublayer)) for layer in name]
+    return _patch_cells(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        targets,
+        (model.cfg.n_layers,),
+        f"patch depth state ({sublayer})",
+        by_pos,
+        patch_state=True,
+        attention_mask=attention_mask,
+    )
 
 
 @torch.no_grad()
@@ -414,17 +445,14 @@ def get_act_patch_depth_state(
         ``[n_layers]``. Every cell equals the clean metric (the rest of the run only sees
         the state), which makes it a check on a normalised metric (1.0 everywhere).
     """
-    cells = _depth_state_cells(model, corrupted_tokens, sublayer, by_pos=False)
-    return _patch_cells(
+    return _patch_depth_state(
         model,
         corrupted_tokens,
         clean_cache,
         patching_metric,
-        cells,
-        (model.cfg.n_layers,),
-        f"patch depth state ({sublayer})",
-        patch_state=True,
-        attention_mask=attention_mask,
+        sublayer,
+        attention_mask,
+        by_pos=False,
     )
 
 
@@ -448,17 +476,8 @@ def get_act_patch_depth_state_by_pos(
     Returns:
         ``[n_layers, pos]``.
     """
-    cells = _depth_state_cells(model, corrupted_tokens, sublayer, by_pos=True)
-    return _patch_cells(
-        model,
-        corrupted_tokens,
-        clean_cache,
-        patching_metric,
-        cells,
-        (model.cfg.n_layers, corrupted_tokens.shape[-1]),
-        f"patch depth state ({sublayer}) by pos",
-        patch_state=True,
-        attention_mask=attention_mask,
+    return _patch_depth_state(
+        model, corrupted_tokens, clean_cache, patching_metric, sublayer, attention_mask, by_pos=True
     )
 
 
