@@ -110,71 +110,6 @@ def _check_penalty_tokens(
     return tokens.long(), token_mask
 
 
-def _filtered_logits(
-    final_logits: Float[Tensor, "batch d_vocab"],
-    top_k: Optional[int],
-    top_p: Optional[float],
-    temperature: float,
-    freq_penalty: float,
-    repetition_penalty: float,
-    tokens: Optional[Int[Tensor, "batch pos"]],
-    token_mask: Optional[Bool[Tensor, "batch pos"]],
-) -> Float[Tensor, "batch d_vocab"]:
-    """The logits `sample_logits` draws from (after the penalties, the temperature and
-    top-k / top-p; filtered tokens are ``-inf``), or for ``temperature == 0`` the penalised
-    logits it takes the argmax of. In the logits' dtype if at least float32, else float32
-    (float64 logits stay float64, as in TransformerLens: rounding them to float32 first
-    made near-ties choose another token)."""
-    top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
-    if not isinstance(final_logits, Tensor) or not final_logits.is_floating_point():
-        raise TypeError(
-            "final_logits must be a floating-point tensor [batch, d_vocab], got "
-            f"{final_logits.dtype if isinstance(final_logits, Tensor) else final_logits!r}"
-        )
-    if final_logits.ndim != 2:  # model(tokens)'s [batch, pos, d_vocab] gave a [batch, pos] argmax
-        raise ValueError(
-            "final_logits must be [batch, d_vocab], the logits of the last position "
-            f"(logits[:, -1] of a forward pass), got shape {tuple(final_logits.shape)}"
-        )
-    tokens, token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
-    if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
-        raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
-    logits = widened(final_logits)
-    counts = None
-    if tokens is not None and (freq_penalty > 0 or repetition_penalty != 1.0):
-        weights = None if token_mask is None else token_mask.to(logits.dtype)
-        counts = torch.zeros_like(logits).scatter_add_(
-            -1, tokens, torch.ones_like(tokens, dtype=logits.dtype) if weights is None else weights
-        )
-    if counts is not None and repetition_penalty != 1.0:
-        penalised = torch.where(
-            logits > 0, logits / repetition_penalty, logits * repetition_penalty
-        )
-        logits = torch.where(counts > 0, penalised, logits)
-    if temperature == 0.0:
-        return logits
-    logits = logits / temperature
-    if counts is not None and freq_penalty > 0:
-        logits = logits - freq_penalty * counts
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif top_p is not None and top_p < 1:  # top_p = 1 keeps every token
-        ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: low id first
-        # the mass before each token summed in float64: in float32 (TransformerLens) the sum
-        # over a large vocabulary drifts by up to 2e-5, so top_p = 1 dropped most tokens of
-        # a Qwen3-sized vocabulary and top_p < 1 cut at the wrong token; on the host for a
-        # device without float64 (MPS)
-        before = ordered.to(float64_device(ordered.device), torch.float64)
-        before = before.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the tokens before it already exceed top_p (the first is kept)
-        drop = torch.zeros_like(before, dtype=torch.bool)
-        drop[..., 1:] = before[..., :-1] > top_p
-        drop = drop.to(logits.device)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
 def _refuse_non_finite(
     logits: Float[Tensor, "batch d_vocab"],
     final_logits: Float[Tensor, "batch d_vocab"],
@@ -182,7 +117,7 @@ def _refuse_non_finite(
 ) -> None:
     """A ``ValueError`` instead of a NaN probability (``torch.multinomial``'s "probability
     tensor contains either `inf`, `nan` or element < 0") or the argmax of a NaN (a token,
-    silently). ``logits``: what `_filtered_logits` gave (float32 when sampling);
+    silently). ``logits``: what `_checked_logits` filtered (float32 when sampling);
     ``temperature == 0``: NaN and a row of only ``-inf`` (every token banned: its argmax,
     token 0, was returned silently) are refused; a ``+inf`` logit is the argmax."""
     bad = torch.isnan(logits).any(dim=-1)
@@ -218,21 +153,62 @@ def _checked_logits(
     tokens: Optional[Int[Tensor, "batch pos"]],
     token_mask: Optional[Bool[Tensor, "batch pos"]],
 ) -> Float[Tensor, "batch d_vocab"]:
-    """`_filtered_logits`, in float32 when sampling (as TransformerLens: filtered in the
-    logits' dtype, drawn in float32), after `_refuse_non_finite`: what the argmax
-    (``temperature == 0``) or the draw reads."""
-    logits = _filtered_logits(
-        final_logits,
-        top_k,
-        top_p,
-        temperature,
-        freq_penalty,
-        repetition_penalty,
-        tokens,
-        token_mask,
-    )
-    if temperature != 0.0:
-        logits = logits.float()
+    """The logits `sample_logits` draws from (after the penalties, the temperature and
+    top-k / top-p; filtered tokens are ``-inf``), float32 (as TransformerLens: filtered in
+    the logits' dtype, drawn in float32), or for ``temperature == 0`` the penalised logits
+    it takes the argmax of, in the logits' dtype if at least float32, else float32
+    (float64 logits stay float64, as in TransformerLens: rounding them to float32 first
+    made near-ties choose another token). Checked by `_refuse_non_finite` (NaN, or
+    nothing to choose: ``ValueError``)."""
+    top_k = check_sampling_arguments(top_k, top_p, temperature, freq_penalty, repetition_penalty)
+    if not isinstance(final_logits, Tensor) or not final_logits.is_floating_point():
+        raise TypeError(
+            "final_logits must be a floating-point tensor [batch, d_vocab], got "
+            f"{final_logits.dtype if isinstance(final_logits, Tensor) else final_logits!r}"
+        )
+    if final_logits.ndim != 2:  # model(tokens)'s [batch, pos, d_vocab] gave a [batch, pos] argmax
+        raise ValueError(
+            "final_logits must be [batch, d_vocab], the logits of the last position "
+            f"(logits[:, -1] of a forward pass), got shape {tuple(final_logits.shape)}"
+        )
+    tokens, token_mask = _check_penalty_tokens(final_logits, tokens, token_mask)
+    if (freq_penalty > 0 or repetition_penalty != 1.0) and tokens is None:
+        raise ValueError("freq_penalty and repetition_penalty need the tokens so far")
+    logits = widened(final_logits)
+    counts = None
+    if tokens is not None and (freq_penalty > 0 or repetition_penalty != 1.0):
+        weights = None if token_mask is None else token_mask.to(logits.dtype)
+        counts = torch.zeros_like(logits).scatter_add_(
+            -1, tokens, torch.ones_like(tokens, dtype=logits.dtype) if weights is None else weights
+        )
+    if counts is not None and repetition_penalty != 1.0:
+        penalised = torch.where(
+            logits > 0, logits / repetition_penalty, logits * repetition_penalty
+        )
+        logits = torch.where(counts > 0, penalised, logits)
+    if temperature == 0.0:
+        _refuse_non_finite(logits, final_logits, temperature)
+        return logits
+    logits = logits / temperature
+    if counts is not None and freq_penalty > 0:
+        logits = logits - freq_penalty * counts
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif top_p is not None and top_p < 1:  # top_p = 1 keeps every token
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: low id first
+        # the mass before each token summed in float64: in float32 (TransformerLens) the sum
+        # over a large vocabulary drifts by up to 2e-5, so top_p = 1 dropped most tokens of
+        # a Qwen3-sized vocabulary and top_p < 1 cut at the wrong token; on the host for a
+        # device without float64 (MPS)
+        before = ordered.to(float64_device(ordered.device), torch.float64)
+        before = before.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already exceed top_p (the first is kept)
+        drop = torch.zeros_like(before, dtype=torch.bool)
+        drop[..., 1:] = before[..., :-1] > top_p
+        drop = drop.to(logits.device)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    logits = logits.float()
     _refuse_non_finite(logits, final_logits, temperature)
     return logits
 
