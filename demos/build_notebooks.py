@@ -36,10 +36,34 @@ from hooked_attnres.study import load_condition, probe_prompts, get_condition
 CONDITION = "{MAIN}"        # a shipped Block AttnRes checkpoint (hooked-attnres list)
 model = load_condition(CONDITION, seed=0)
 task = get_condition(CONDITION).task
-batch = probe_prompts(model, n_prompts=64, task=task)   # held-out prompts of its task
+batch = probe_prompts(model, n_prompts=256, task=task)  # the study's held-out prompts
 print(batch.tokens.shape, batch.answer.shape)   # [batch, pos], [batch]
 print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[0]))
 """)
+
+# the intervention cell of the routing notebook (tests/test_demos.py runs it against
+# `ablation_effects`): effects per prompt, with their bootstrap interval
+INTERVENTION = """
+from hooked_attnres.analysis import bootstrap_ci
+from hooked_attnres.interventions import Ablation, set_weights
+
+ablation = Ablation.compile(model, "embedding", routers="mlp_res", layers="early")
+print([str(s) for s in ablation.sites], "start at sublayer", ablation.start_sublayer)
+clean_ld = batch.logit_diff(logits)                                           # [batch]
+masked_ld = batch.logit_diff(model.run_with_hooks(batch.tokens, fwd_hooks=ablation.hooks()))
+uniform_ld = batch.logit_diff(
+    model.run_with_hooks(batch.tokens, fwd_hooks=set_weights(model, "uniform")))
+masked_effect = bootstrap_ci(masked_ld - clean_ld)     # (mean, low, high), 95 %, over prompts
+uniform_effect = bootstrap_ci(uniform_ld - clean_ld)
+
+def effect_text(effect):
+    mean, low, high = effect
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] logits"
+
+print(f"clean logit difference {clean_ld.mean():.2f} ({len(batch)} prompts); change when the "
+      f"embedding is masked in the early MLP routers {effect_text(masked_effect)}, with "
+      f"uniform weights in every attention and MLP router {effect_text(uniform_effect)}")
+"""
 
 ROUTING = [
     md(f"""
@@ -76,27 +100,17 @@ plotting.source_heatmap(model, cache, router="mlp_res", positions=-1)
 ## Interventions are lists of `(hook_name, hook_fn)`
 
 Mask-and-renormalise the embedding source of the early MLP routers (`Ablation`, the one
-compiler behind `mask_sources` and the ablation sweep), then replace every router's
-weights by uniform ones.
+compiler behind `mask_sources` and the ablation sweep; the study's M1 ablation), then
+replace the weights of every attention and MLP router by uniform ones. Each effect is the
+mean per-prompt change of the logit difference with its 95 % bootstrap interval over the
+prompts (the numbers `ablation_effects` gives; on these 256 prompts, the study's).
 """),
-    code("""
-from hooked_attnres.interventions import Ablation, set_weights
-
-ablation = Ablation.compile(model, "embedding", routers="mlp_res", layers="early")
-print([str(s) for s in ablation.sites], "start at sublayer", ablation.start_sublayer)
-clean_ld = batch.logit_diff(logits).mean().item()
-masked = model.run_with_hooks(batch.tokens, fwd_hooks=ablation.hooks())
-masked_ld = batch.logit_diff(masked).mean().item()
-uniform_ld = batch.logit_diff(
-    model.run_with_hooks(batch.tokens, fwd_hooks=set_weights(model, "uniform"))).mean().item()
-print(f"logit difference: clean {clean_ld:.2f}, embedding masked in early MLP routers "
-      f"{masked_ld:.2f}, uniform routing everywhere {uniform_ld:.2f}")
-"""),
+    code(INTERVENTION),
     md("""
 ## The routing lens
 
 What the final readout would say from the sources that exist entering each layer; exact at
-the last layer (equal to the logits) in every layout.
+the last state, `final_post` (after the last layer: equal to the logits), in every layout.
 """),
     code("""
 from hooked_attnres.analysis import routing_lens
@@ -124,9 +138,10 @@ print(completion)
     md("## What this notebook showed"),
     code("""
 print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
-      f"{batch.accuracy(logits):.0%}): "
-      f"masking the embedding in the early MLP routers moves the logit difference from "
-      f"{clean_ld:.2f} to {masked_ld:.2f}; uniform routing everywhere gives {uniform_ld:.2f}. "
+      f"{batch.accuracy(logits):.0%}, clean logit difference {clean_ld.mean():.2f}): "
+      f"masking the embedding in the early MLP routers changes the logit difference by "
+      f"{effect_text(masked_effect)} (95 % bootstrap interval over the prompts); uniform "
+      f"weights in every attention and MLP router change it by {effect_text(uniform_effect)}. "
       + (f"The routing lens first ranks the answer on top for most prompts at {first_correct[0]} "
          f"({first_correct[1]:.0%} of them)" if first_correct else
          "The routing lens ranks the answer on top for most prompts at no state")
@@ -138,6 +153,16 @@ print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
 # the report's verdict table and its verdict sentences, in the pre-registered words
 # (replicated, majority, minority, absent; single seed), written once in
 # hooked_attnres.study.report
+# the accuracy cell of the motifs notebook: the report's table, each row naming the model it
+# scored (a vanilla condition's is its checkpoint through the recency wrap)
+ACCURACY = """
+from hooked_attnres.study import accuracy_table
+
+# a vanilla condition's rows score its checkpoint through the recency wrap, the model every
+# number of this notebook is measured on, not the plain Qwen3 (docs/loading.md)
+display(accuracy_table(result))
+"""
+
 SUMMARY = """
 from hooked_attnres.study import verdict_matrix, verdict_sentences
 
@@ -174,8 +199,8 @@ shipped = available()                       # {condition: [seeds]} of the shippe
 print(shipped)
 result = run_study(tempfile.mkdtemp(), n_prompts=256, n_bootstrap=1000, progress=False,
                    robustness=False)         # every shipped condition and seed
-result.accuracy
 """),
+    code(ACCURACY),
     code("""
 def claim(names, task, figure):
     \"\"\"The figure of one or more claims (names separated by spaces) for one task and
@@ -396,7 +421,7 @@ print(f"On {CONDITION} (clean and corrupted prompts differ only at position(s) {
       f"{len(at_last)} layers (at every other position at most {elsewhere:.2f})"
       + ((", as it must: only the last position differs and attention is causal"
           if as_expected else ", which causality forbids: a bug") if last_only else "")
-      + f"; the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.3f}. "
+      + f"; the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.2g}. "
       f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells. "
       f"The largest exact effect is {largest.family} at {largest.router} {largest.group}: "
       f"{largest.effect:+.2f} logits, estimated {largest.estimate:+.3f}"

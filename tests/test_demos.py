@@ -235,3 +235,73 @@ def test_token_labelled_patching_heatmaps_say_the_tokens_are_prompt_0s():
     assert "prompt 0's tokens" in axis and "mean over the prompts" in axis
     for call in token_labelled:
         assert "x_title=POSITION_AXIS" in call.split("\n\n")[0]
+
+
+def test_routing_notebook_gives_the_ablation_effect_with_its_interval(capsys):
+    """The routing notebook printed "masking the embedding in the early MLP routers moves
+    the logit difference from 8.60 to 8.23" (64 prompts, no interval): with CONDITION set to
+    saturated_cumulative_L16, the shipped condition that shows the paper's motifs, it read
+    "from 2.50 to 2.50" (-0.002), while the study's M1 effect of that model is -0.16
+    [-0.27, -0.07] logits on its 256 prompts. Its cell now gives the mean per-prompt change
+    with its 95 % bootstrap interval, the numbers `ablation_effects` gives for the cell."""
+    from hooked_attnres.analysis import ablation_effects
+    from hooked_attnres.study import load_condition, probe_prompts
+
+    model = load_condition("hard_cumulative_L8", seed=0)
+    batch = probe_prompts(model, n_prompts=48, task="hard")
+    namespace = dict(model=model, batch=batch, logits=model(batch.tokens))
+    exec(_builder()["INTERVENTION"], namespace)
+    printed = capsys.readouterr().out
+    row = (
+        ablation_effects(
+            model,
+            batch,
+            families="embedding",
+            routers="mlp_res",
+            groups="bands",
+            metrics="logit_diff",
+            n_bootstrap=1000,
+            progress=False,
+        )
+        .set_index("group")
+        .loc["early"]
+    )
+    expected = f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}] logits"
+    assert f"early MLP routers {expected}, with uniform weights in every attention" in printed
+    assert row.ci_low < row.effect < row.ci_high  # an interval, not a point
+    # the summary sentence carries the same interval
+    source = _builder()["NOTEBOOKS"]["01_routing_hooks.ipynb"][-1].source
+    assert "{effect_text(masked_effect)} (95 % bootstrap interval over the prompts)" in source
+
+
+def test_motif_notebook_accuracy_table_names_the_model_each_row_scored(tmp_path):
+    """The motifs notebook showed the bare ``result.accuracy``: hard_vanilla_L8 at 0.137 /
+    0.105 / 0.109 read as the trained Qwen3's accuracy, while it scores the checkpoint
+    through the recency wrap (the plain model: 0.133 / 0.086 / 0.109, docs/study.md); the
+    report's table says so in its model column since session 13, the notebook's did not."""
+    from test_motifs import fake_study
+
+    result = fake_study(
+        tmp_path, {"hard_cumulative_L8": ([0, 1], [0]), "hard_vanilla_L8": ([0, 1], [])}
+    )
+    shown = []
+    exec(_builder()["ACCURACY"], {"result": result, "display": shown.append})
+    (table,) = shown
+    models = dict(zip(table.condition, table.model, strict=True))
+    assert models["hard_vanilla_L8"].startswith("vanilla Qwen3 through the recency wrap")
+    assert models["hard_vanilla_L8"].endswith("not the plain model")
+    assert models["hard_cumulative_L8"] == "Block AttnRes, cumulative, as trained"
+    assert table.accuracy.tolist() == result.accuracy.accuracy.tolist()
+    # the rows the report prints, model column included
+    report = study_report(result)
+    for row in table.itertuples():
+        assert f"| {row.condition} | {row.seed} | {row.model} | " in report
+
+
+def test_patching_summary_prints_a_small_recovery_in_significant_digits():
+    """The largest routing-weight patch of hard_cumulative_L8 recovers 0.00057 of the
+    clean-minus-corrupted difference; the summary printed it in 3 decimals, "0.001"."""
+    import torch
+
+    text = _last_patching_cell(weights=torch.tensor([[0.00057, float("nan")]]))
+    assert "the largest routing-weight patch recovers 0.00057. " in text

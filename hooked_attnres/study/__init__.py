@@ -33,6 +33,7 @@ from hooked_attnres.study.conditions import (
 )
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import (
+    accuracy_table,
     study_report,
     study_report_html,
     verdict_matrix,
@@ -70,6 +71,7 @@ __all__ = [
     "TASKS",
     "Condition",
     "StudyResult",
+    "accuracy_table",
     "available",
     "build_model",
     "check_out_dir",

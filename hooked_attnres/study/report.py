@@ -444,13 +444,23 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     return blocks
 
 
-def _accuracy_blocks(result: StudyResult) -> list[Block]:
-    """The accuracy table, each row saying which model it scored on which prompts."""
+def accuracy_table(result: StudyResult) -> pd.DataFrame:
+    """``result.accuracy`` with each row saying which model it scored on which prompts:
+    columns condition, seed, model (`model_text`: a vanilla condition's rows score its
+    checkpoint through the recency wrap, not the plain Qwen3), prompts, n_prompts, accuracy,
+    logit_diff (unrounded; the report prints them in its digits)."""
     bias = _setting(result, "recency_bias")
     prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
     table = result.accuracy[["condition", "seed", "n_prompts", "accuracy", "logit_diff"]].copy()
     table.insert(2, "model", [model_text(c, bias) for c in table.condition])
     table.insert(3, "prompts", prompts)
+    return table
+
+
+def _accuracy_blocks(result: StudyResult) -> list[Block]:
+    """The accuracy table, each row saying which model it scored on which prompts."""
+    prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
+    table = accuracy_table(result)
     text = (
         "Each row scores the model named in its model column, the one every mass and ablation "
         "of this report was measured on, on n_prompts held-out probe prompts of its "
