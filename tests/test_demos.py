@@ -150,8 +150,38 @@ def test_patching_summary_counts_the_largest_exact_effects_verify_top_reran():
     # |effect| order: -9.0 (rank 6 by |estimate|), -3.0 (3), -2.0 (4), -1.0 (5), -0.05 (1)
     assert "of the 5 largest exact effects, verify_top(5) re-ran 1 (ranks by |estimate|: " in text
     assert "|estimate|: 6, 3, 4, 5, 1)" in text
-    assert "A ranking by the estimates misses large effects here" in text
+    assert (
+        "A ranking by the estimates misses 4 of them here (the largest: current at attn_res "
+        "layer 0, -9.00 logits)" in text
+    )
     assert "Rank with the estimates" not in text
+
+
+def test_patching_summary_names_the_largest_exact_effect_of_either_sign():
+    """The summary's "largest exact effect" was the most negative one: on hard_vanilla_L8
+    (at chance) it named prev_completed at attn_res layer 3, -0.0008 logits, while masking
+    current there at layer 1 moves the logit difference by +0.052; and "misses large
+    effects" was said of effects of at most 0.007 logits. The sentence now names the
+    largest |effect| and gives the size of the largest one the estimates missed."""
+    import pandas as pd
+
+    compared = pd.DataFrame(
+        {
+            "router": ["attn_res", "attn_res", "mlp_res"],
+            "group": ["layer 0", "layer 1", "layer 0"],
+            "family": ["current", "prev_completed", "older"],
+            "estimate": [0.06, -0.001, -0.0005],
+            "effect": [0.05, -0.0008, -0.0004],
+        }
+    )
+    compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min")
+    text = _last_patching_cell(
+        compared=compared, checked=compared.iloc[[0, 2]][["router", "group", "family"]]
+    )
+    assert "The largest exact effect is current at attn_res layer 0: +0.05 logits" in text
+    assert "misses 1 of them here (the largest: prev_completed at attn_res layer 1, -0.00 " in text
+    every = _last_patching_cell(compared=compared, checked=compared[["router", "group", "family"]])
+    assert "The estimates found the largest exact effects here" in every
 
 
 def test_patching_summary_says_the_last_position_recovers_all_by_construction():
