@@ -156,11 +156,13 @@ print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
 # the accuracy cell of the motifs notebook: the report's table, each row naming the model it
 # scored (a vanilla condition's is its checkpoint through the recency wrap)
 ACCURACY = """
+import pandas as pd
 from hooked_attnres.study import accuracy_table
 
 # a vanilla condition's rows score its checkpoint through the recency wrap, the model every
 # number of this notebook is measured on, not the plain Qwen3 (docs/loading.md)
-display(accuracy_table(result))
+with pd.option_context("display.max_colwidth", None):   # the model column in full
+    display(accuracy_table(result))
 """
 
 SUMMARY = """

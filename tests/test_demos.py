@@ -315,9 +315,15 @@ def test_motif_notebook_accuracy_table_names_the_model_each_row_scored(tmp_path)
         tmp_path, {"hard_cumulative_L8": ([0, 1], [0]), "hard_vanilla_L8": ([0, 1], [])}
     )
     shown = []
-    exec(_builder()["ACCURACY"], {"result": result, "display": shown.append})
-    (table,) = shown
+
+    def display(table):  # what the notebook renders, at the time it renders it
+        shown.append((table, table._repr_html_()))
+
+    exec(_builder()["ACCURACY"], {"result": result, "display": display})
+    ((table, html),) = shown
     models = dict(zip(table.condition, table.model, strict=True))
+    # pandas cuts a cell at 50 characters by default: "...recency wrap (4 bloc..."
+    assert f"<td>{models['hard_vanilla_L8']}</td>" in html
     assert models["hard_vanilla_L8"].startswith("vanilla Qwen3 through the recency wrap")
     assert models["hard_vanilla_L8"].endswith("not the plain model")
     assert models["hard_cumulative_L8"] == "Block AttnRes, cumulative, as trained"
