@@ -1436,6 +1436,54 @@ def test_train_condition_gives_a_longer_task_a_context_that_holds_its_prompts(
     assert len(seen) == 2 and not out.exists()
 
 
+def test_train_condition_takes_a_task_that_defines_only_words_and_draw(tmp_path, monkeypatch):
+    """Review 135: `Task`'s contract is ``words`` and ``_draw`` (its docstring); audit 127's
+    context (`train_condition` grows ``n_ctx`` to the task's ``prompt_length``) read a
+    ``prompt_length`` such a task does not define, and raised a bare
+    ``NotImplementedError`` where it trained before. Its prompts' length is now that of a
+    drawn prompt: the context holds them, checked against the width of a sampled batch
+    (prompts shorter and longer than the study's 64 tokens). No training: ``train`` is
+    replaced by a stand-in that runs the model it is given on the task's prompts."""
+    from dataclasses import dataclass
+
+    import hooked_attnres.study.conditions as conditions
+    from hooked_attnres.study import STUDY_SHAPE
+    from hooked_attnres.tasks import Task
+
+    @dataclass(frozen=True)
+    class Repeat(Task):  # the first word again after `length` words
+        length: int = 5
+        name: str = "repeat"
+
+        def words(self):
+            return [f"w{i}" for i in range(8)]
+
+        def _draw(self, rng, vocab):
+            ids = [vocab["<bos>"], *(vocab[f"w{i}"] for i in rng.integers(0, 8, self.length))]
+            other = vocab["w0"] if ids[1] != vocab["w0"] else vocab["w1"]
+            return ids, ids[1], other, ids, {}
+
+    seen = []
+
+    def record(model, task, config, out_dir, tokenizer=None, **kwargs):
+        tokens = task.sample(2, 0, "train", tokenizer.get_vocab()).tokens
+        with torch.no_grad():  # a context shorter than the prompts refuses them
+            logits = model(tokens)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        seen.append((tokens.shape[1], logits.shape[1], kwargs["description"]["shape"]["n_ctx"]))
+
+    monkeypatch.setattr(conditions, "train", record)
+    for length in (5, 80):
+        for kind in ("attnres", "vanilla"):
+            train_condition(kind, 0, tmp_path / "run", task=Repeat(length), progress=False)
+    widths = [width for width, _, _ in seen]
+    assert widths == [6, 6, 81, 81]  # <bos> and the words: prompts of length + 1 tokens
+    assert [n_ctx for _, _, n_ctx in seen] == [max(STUDY_SHAPE["n_ctx"], w) for w in widths]
+    assert [positions for _, positions, _ in seen] == widths
+    for shipped in (KeyValueRetrieval(n_pairs=7, n_distractors=2), InductionCopy()):
+        assert Task.prompt_length.fget(shipped) == shipped.sample(1).tokens.shape[1]
+
+
 def test_an_unfinished_run_names_no_model_not_an_earlier_runs(tmp_path):
     """``train(..., stop_after=k)`` returned ``model_dir = out_dir/model`` although only a
     finished run writes it: over an earlier finished run (here of other settings, started

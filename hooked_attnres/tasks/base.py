@@ -235,7 +235,8 @@ def rng_for(seed: int, split: str, stream: int = 0) -> np.random.Generator:
 
 
 class Task:
-    """Base class of probe tasks. Subclasses define `words` and `_draw`.
+    """Base class of probe tasks. Subclasses define `words` and `_draw` (and may define
+    `prompt_length`, by default the length of a drawn prompt).
 
     ``_draw(rng, vocab)`` returns one prompt as ``(ids, answer, contrast, corrupted_ids,
     supervised)`` with ``answer_pos = len(ids) - 1``; ``supervised`` maps earlier
@@ -261,7 +262,13 @@ class Task:
 
     @property
     def prompt_length(self) -> int:
-        raise NotImplementedError
+        """The number of tokens of every prompt (``pos`` of `sample`'s ``[batch, pos]``
+        tokens). By default the length of one drawn prompt, as every prompt of a task has
+        one length, so a subclass that defines only `words` and `_draw` has it:
+        `hooked_attnres.study.train_condition` sizes the model's context by it (review
+        135: it raised a bare ``NotImplementedError`` for such a task)."""
+        rng = rng_for(0, "train")
+        return len(self._draw(rng, self._resolve_vocab(None))[0])
 
     def _draw(self, rng: np.random.Generator, vocab: dict[str, int]):
         raise NotImplementedError
