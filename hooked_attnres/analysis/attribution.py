@@ -91,7 +91,7 @@ from hooked_attnres.patching import (
     _scalar,
     _site_rows,
 )
-from hooked_attnres.tasks.base import TaskBatch
+from hooked_attnres.tasks.base import TaskBatch, require_task_batch
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -597,10 +597,7 @@ def attribute_routing(
     """
     start_time = time.perf_counter()
     require_eval(model, "attribute_routing")
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(
-            f"batch must be a TaskBatch (e.g. task.sample(...)), got {type(batch).__name__}"
-        )
+    require_task_batch(batch, "e.g. task.sample(...)")
     metrics = check_metrics(metrics)
     _check_differentiable(metrics)
     methods = _check_methods(method)

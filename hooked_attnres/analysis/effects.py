@@ -44,7 +44,7 @@ from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
 from hooked_attnres.interventions.selection import check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
 from hooked_attnres.model.norms import any_hook_attached
-from hooked_attnres.tasks.base import TaskBatch
+from hooked_attnres.tasks.base import TaskBatch, require_task_batch
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -370,11 +370,7 @@ def run_ablations(
         ``[n_ablations, n_prompts]`` (keyed by the metrics as given).
     """
     metrics = check_metrics(metrics)
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(
-            f"batch must be a TaskBatch (task.sample(...)), got {type(batch).__name__}; the "
-            "metrics are read at its answer positions"
-        )
+    require_task_batch(batch, "task.sample(...)", "the metrics are read at its answer positions")
     check_count("chunk", chunk)
     fast = require_bool("fast", fast)  # "False" took the fast path
     progress = require_bool("progress", progress)  # "no" showed the bar

@@ -95,7 +95,7 @@ from hooked_attnres.study.checkpoints import (
 from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
-from hooked_attnres.tasks.base import Task, TaskBatch
+from hooked_attnres.tasks.base import Task, TaskBatch, require_task_batch
 
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
@@ -355,11 +355,7 @@ def study_condition(
             failed with "'Tensor' object has no attribute 'tokens'", ``[batch]`` was "1
             prompt") and ``progress`` that is not True or False.
     """
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(
-            "batch must be a TaskBatch (probe prompts, e.g. probe_prompts(model, 256)), got "
-            f"{type(batch).__name__}"
-        )
+    require_task_batch(batch, "probe prompts, e.g. probe_prompts(model, 256)")
     if len(batch) < 2:
         raise ValueError(
             f"batch holds {len(batch)} prompt; study_condition needs at least 2 "

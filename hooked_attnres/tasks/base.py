@@ -205,6 +205,19 @@ class TaskBatch:
         )
 
 
+def require_task_batch(batch: Any, example: str, why: str = "") -> TaskBatch:
+    """``batch`` if it is a `TaskBatch`, else a ``TypeError`` at the call boundary naming
+    what was given, ``example`` (how to make one, e.g. ``"task.sample(...)"``) and, if
+    given, ``why`` (appended after "; "): the analyses read its answer positions, so its
+    tokens alone failed deep inside ("'Tensor' object has no attribute 'tokens'")."""
+    if not isinstance(batch, TaskBatch):
+        reason = f"; {why}" if why else ""
+        raise TypeError(
+            f"batch must be a TaskBatch ({example}), got {type(batch).__name__}{reason}"
+        )
+    return batch
+
+
 def _not_rows(index) -> str:
     shape = f" of shape {tuple(index.shape)}" if hasattr(index, "shape") else ""
     return (
