@@ -15,7 +15,11 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.composition_scores import CompositionScores
 from transformer_lens.utilities import Slice, composition_scores, get_act_name, remove_batch_dim
 
-from hooked_attnres._validation import refuse_uint8_index, unsigned_as_int64
+from hooked_attnres._validation import (
+    refuse_uint8_index,
+    require_positions_in_range,
+    unsigned_as_int64,
+)
 
 
 def as_slice(value, name: str) -> Slice:
@@ -24,6 +28,26 @@ def as_slice(value, name: str) -> Slice:
     checked by `slice_input`."""
     checked = slice_input(value, name)
     return checked if isinstance(checked, Slice) else Slice(checked)
+
+
+def require_slice_in_range(pos_slice: Slice, n_pos: int, name: str, where: str) -> None:
+    """Refuse a checked position ``Slice`` (`as_slice`) that selects a position outside
+    ``[-n_pos, n_pos)`` (an int or an index array: `require_positions_in_range`, naming
+    ``name`` and ``where``, what has ``n_pos`` positions) or is a bool mask of another
+    length than ``n_pos``; torch raised a bare ``IndexError`` naming no argument. A
+    ``slice`` (``(start, stop)``) is not checked: as in Python, it keeps the positions it
+    finds."""
+    if pos_slice.mode not in ("int", "array"):
+        return
+    index = np.asarray(pos_slice.slice)
+    if index.dtype.kind != "b":
+        shown = f"{name} {index.tolist()!r}"  # [0, 30], not array([ 0, 30])
+        require_positions_in_range(shown, index, n_pos, where)
+    elif index.ndim == 1 and len(index) != n_pos:
+        raise ValueError(
+            f"{name} is a bool mask of {len(index)} positions, but {where}: give a mask of "
+            f"{n_pos} (or integer positions)"
+        )
 
 
 def slice_input(value, name: str):
@@ -87,6 +111,7 @@ __all__ = [
     "HookedRootModule",
     "Slice",
     "as_slice",
+    "require_slice_in_range",
     "composition_scores",
     "get_act_name",
     "remove_batch_dim",

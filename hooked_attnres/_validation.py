@@ -201,6 +201,20 @@ def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
         )
 
 
+def require_positions_in_range(shown: str, index: Any, n_pos: int, where: str) -> None:
+    """Refuse integer positions ``index`` (an int, or a tensor or array of integers of any
+    shape) outside ``[-n_pos, n_pos)``: ``ValueError("{shown} must be integers in [-n_pos,
+    n_pos) ({where})")``, ``shown`` naming the argument and its value (``"positions 30"``)
+    and ``where`` what has ``n_pos`` positions (``"this run has 6 tokens"``). The one range
+    check of positions (the interventions', `routing_mass`'s, `source_heatmap`'s and, of
+    a TransformerLens ``Slice``, the cache's methods', `routing_lens`'s and
+    ``run_with_cache``'s ``pos_slice``): indexing with such a position failed in torch
+    with a bare ``IndexError`` naming no argument."""
+    values = index if isinstance(index, torch.Tensor) else np.asarray(index)
+    if bool(((values < -n_pos) | (values >= n_pos)).any()):
+        raise ValueError(f"{shown} must be integers in [-{n_pos}, {n_pos}) ({where})")
+
+
 def is_finite_number(value: Any) -> bool:
     """Whether ``value`` is a finite number: a Python ``int`` or ``float``, or a NumPy
     integer or floating scalar (``np.float32(0.5)``, ``np.int64(3)``: what accepts ``0.5``

@@ -497,3 +497,45 @@ def test_a_torch_uint8_index_is_refused_at_every_entry_point(batch):
     # a Slice holds a NumPy array (TransformerLens converts the tensor): NumPy's reading
     got = cache.accumulated_resid(pos_slice=Slice(u8), routed=True)
     torch.testing.assert_close(got, every[:, :, index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [7, -8, [0, 7], np.int64(30), torch.tensor([-8, 1])])
+@pytest.mark.parametrize(
+    "call, name, where",
+    [
+        (lambda m, c, t, p: routing_lens(m, t, positions=p), "positions", "the cache holds"),
+        (lambda m, c, t, p: routing_lens(m, c, positions=p), "positions", "the cache holds"),
+        (lambda m, c, t, p: c.logit_lens(positions=p), "positions", "the cache holds"),
+        (lambda m, c, t, p: c.accumulated_resid(pos_slice=p), "pos_slice", "the cache holds"),
+        (lambda m, c, t, p: c.decompose_resid(pos_slice=p), "pos_slice", "the cache holds"),
+        (lambda m, c, t, p: c.get_neuron_results(0, pos_slice=p), "pos_slice", "the cache holds"),
+        (lambda m, c, t, p: m.run_with_cache(t, pos_slice=p), "pos_slice", "this run has 7 tokens"),
+        (lambda m, c, t, p: routing_mass(m, t, positions=p), "positions", "this run has 7 tokens"),
+    ],
+)
+def test_a_position_out_of_the_run_is_refused_naming_the_range(
+    model, batch, call, name, where, bad
+):
+    # the lens, the cache's methods and run_with_cache(pos_slice=) raised torch's bare
+    # "IndexError: index 7 is out of bounds for dimension 1 with size 7" (audit 137); the
+    # interventions, routing_mass and source_heatmap said this already (one check now)
+    assert batch.tokens.shape[1] == 7
+    _, cache = model.run_with_cache(batch.tokens)
+    with pytest.raises(ValueError, match=rf"^{name} .* must be integers in \[-7, 7\) \({where}"):
+        call(model, cache, batch.tokens, bad)
+
+
+def test_in_range_positions_and_masks_still_read_and_a_short_mask_is_refused(model, batch):
+    _, cache = model.run_with_cache(batch.tokens)
+    want = cache.accumulated_resid(pos_slice=[0, 6])
+    # -7 and -1 are positions 0 and 6 (counted from the end, as in Python)
+    torch.testing.assert_close(cache.accumulated_resid(pos_slice=[-7, -1]), want, rtol=0, atol=0)
+    got = routing_lens(model, cache, positions=[-7, -1]).logits
+    torch.testing.assert_close(got, routing_lens(model, cache, positions=[0, 6]).logits)
+    # a slice keeps the positions it finds, as in Python and TransformerLens
+    full = cache.accumulated_resid(pos_slice=None)
+    torch.testing.assert_close(cache.accumulated_resid(pos_slice=(0, 30)), full, rtol=0, atol=0)
+    # a bool mask of another length than the run's: torch's "The shape of the mask [3] at
+    # index 0 does not match the shape of the indexed tensor"
+    with pytest.raises(ValueError, match=r"^pos_slice is a bool mask of 3 positions, but the "):
+        cache.accumulated_resid(pos_slice=torch.tensor([True, False, True]))

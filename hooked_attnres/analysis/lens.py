@@ -155,6 +155,7 @@ def routing_lens(
     # the lens applies ln_final itself: the run's must have output what it recomputes
     cache._require_norm_output("routing_lens", 2 * model.cfg.n_layers, recompute=True)
     pos_slice = as_slice(positions, "positions")
+    cache._require_cached_positions(pos_slice, "positions")  # named as routing_lens's
     stack, labels = cache.accumulated_resid(
         incl_mid=incl_mid, pos_slice=pos_slice, return_labels=True, routed=True
     )

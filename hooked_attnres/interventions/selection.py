@@ -22,6 +22,7 @@ from hooked_attnres._validation import (
     one_or_list,
     refuse_uint8_index,
     require_integer,
+    require_positions_in_range,
     require_selection,
     unsigned_as_int64,
 )
@@ -271,11 +272,9 @@ def position_index(
     index = index.to(device).reshape(-1)
     if index.numel() == 0:
         return index
-    if ((index < -n_pos) | (index >= n_pos)).any():
-        raise ValueError(
-            f"positions {positions!r} must be integers in [-{n_pos}, {n_pos}) "
-            f"(this run has {n_pos} tokens)"
-        )
+    require_positions_in_range(
+        f"positions {positions!r}", index, n_pos, f"this run has {n_pos} tokens"
+    )
     return index
 
 

@@ -40,7 +40,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, widened
-from hooked_attnres._tl import ActivationCache, Slice, as_slice, get_act_name, slice_input
+from hooked_attnres._tl import (
+    ActivationCache,
+    Slice,
+    as_slice,
+    get_act_name,
+    require_slice_in_range,
+    slice_input,
+)
 from hooked_attnres._validation import is_integer, require_choice, require_integer
 from hooked_attnres.model.depth import (
     SOURCE_AXIS,
@@ -577,6 +584,7 @@ class AttnResActivationCache(ActivationCache):
         which TransformerLens applies as it is): it would index the prompts."""
         record = self._record()
         if record is None or self._has_position_axis():
+            self._require_cached_positions(pos_slice, name)
             return
         if as_slice(pos_slice, name).mode != "identity":
             cut = record.pos_slice
@@ -588,6 +596,23 @@ class AttnResActivationCache(ActivationCache):
                 f"would index its prompts. Pass {name}=None, or cache with "
                 f"pos_slice={cut.slice} (a plain int keeps a position axis of 1)"
             )
+
+    def _require_cached_positions(self, pos_slice, name: str = "pos_slice") -> None:
+        """Refuse a ``pos_slice`` (the argument ``name``) that selects a position the
+        cache does not hold (`require_slice_in_range`: an int or index out of ``[-n, n)``
+        of its ``n`` positions, or a bool mask of another length); torch raised a bare
+        ``IndexError``. ``n`` is the position extent of the cached residual hooks
+        (`residual_hook_names`; not checked for a cache without any), which for a cache
+        made with a ``pos_slice`` is the number of positions it kept."""
+        model = self.model
+        cached = [name for name in residual_hook_names(model) if name in self.cache_dict]
+        if not cached:
+            return
+        n_pos = self.cache_dict[cached[0]].shape[-2]  # [..., pos, d_model] (or 1)
+        record = self._record()
+        kept = " (those its pos_slice kept)" if record and record.pos_slice is not None else ""
+        where = f"the cache holds {n_pos} positions{kept}"
+        require_slice_in_range(as_slice(pos_slice, name), n_pos, name, where)
 
     def _require_full_run(self, method: str, pos_slice=None, name: str = "pos_slice") -> None:
         """Refuse a cache whose residual hooks an earlier pass than the recorded one

@@ -47,7 +47,14 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
-from hooked_attnres._tl import HookedRootModule, HookPoint, Slice, get_act_name, slice_input
+from hooked_attnres._tl import (
+    HookedRootModule,
+    HookPoint,
+    Slice,
+    get_act_name,
+    require_slice_in_range,
+    slice_input,
+)
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres._validation import require_choice
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
@@ -458,6 +465,8 @@ class HookedModule(HookedRootModule):
             """Whether ``pos_slice`` drops or reorders some of ``n_pos`` positions (the
             positions it keeps, in order, are the pass's only if it keeps all of them)."""
             if (n_pos, device) not in keeps_all:
+                where = f"this run has {n_pos} tokens"
+                require_slice_in_range(pos_slice, n_pos, "pos_slice", where)
                 every = torch.arange(n_pos, device=device)
                 kept = pos_slice.apply(every, dim=0)
                 keeps_all[n_pos, device] = kept.shape == every.shape and bool((kept == every).all())
