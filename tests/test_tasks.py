@@ -472,3 +472,35 @@ def test_a_list_or_tensor_of_any_integer_type_is_row_numbers():
             batch[index]
     with pytest.raises(IndexError, match=r"past int64"):
         batch[torch.tensor([2**63], dtype=torch.uint64)]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "correct", "logit_diff", "answer_logprob", "loss"])
+def test_logits_over_a_smaller_vocabulary_than_the_batch_are_refused(metric):
+    # audit 137: logits cut below an answer id failed in torch ("index 34 is out of bounds
+    # for dimension 1 with size 34", a RuntimeError from correct's gather), and logits
+    # cut between the answers and the prompt tokens gave a silently wrong accuracy and
+    # log-probability (the argmax and softmax over the columns left)
+    batch = RETRIEVAL.sample(32, seed=0, split="test")
+    n_vocab = len(task_tokenizer(RETRIEVAL).get_vocab())
+    top = int(batch.tokens.max())
+    assert top == n_vocab - 1 > int(max(batch.answer.max(), batch.contrast.max()))
+    logits = torch.randn(
+        32, batch.tokens.shape[1], n_vocab, generator=torch.Generator().manual_seed(0)
+    )
+    getattr(batch, metric)(logits)  # the whole vocabulary is read
+    for d_vocab in (int(batch.answer.max()), top):  # below an answer; above every answer
+        shape = re.escape(str((32, batch.tokens.shape[1], d_vocab)))
+        with pytest.raises(
+            ValueError,
+            match=rf"^logits have d_vocab={d_vocab} \(shape {shape}\), but this batch's token "
+            rf"ids reach {top} \(in its tokens, shape \(32, {batch.tokens.shape[1]}\)\)",
+        ):
+            getattr(batch, metric)(logits[..., :d_vocab])
+
+
+def test_the_loss_refuses_logits_of_other_positions_than_its_targets():
+    batch = RETRIEVAL.sample(4, seed=0, split="train")
+    n_vocab = len(task_tokenizer(RETRIEVAL).get_vocab())
+    logits = torch.zeros(4, batch.tokens.shape[1] - 1, n_vocab)
+    with pytest.raises(ValueError, match=r"^logits have \d+ positions .* but the targets \d+"):
+        batch.loss(logits)  # torch: "Expected input batch_size (40) to match target ..."

@@ -139,15 +139,41 @@ class TaskBatch:
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         return TaskBatch(**{name: v if name == "task" else fn(v) for name, v in values.items()})
 
-    def answer_logits(
-        self, logits: Float[Tensor, "batch pos d_vocab"]
-    ) -> Float[Tensor, "batch d_vocab"]:
-        """The logits at each prompt's answer position."""
+    def require_logits(self, logits: Any) -> None:
+        """Refuse ``logits`` that are not a ``[batch, pos, d_vocab]`` tensor of this batch's
+        ``batch``, or whose ``d_vocab`` does not cover every token id of the batch
+        (``tokens``, ``corrupted_tokens``, ``answer``, ``contrast``, ``targets``):
+        ``ValueError`` naming the shapes. Such logits are of no model that read these
+        prompts: an answer id past ``d_vocab`` failed in torch with a bare index error, and
+        one below it but under a prompt token's id gave a silently wrong `accuracy` and
+        `answer_logprob` (the argmax and softmax over a cut vocabulary: 0.457 for 0.426 of
+        256 retrieval prompts with their 44-token vocabulary cut to 36 columns)."""
         if not isinstance(logits, Tensor) or logits.ndim != 3 or logits.shape[0] != len(self):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(
                 f"logits must be [batch={len(self)}, pos, d_vocab] for this batch, got {shape}"
             )
+        highest = {
+            name: int(ids.max())
+            for name in ("tokens", "corrupted_tokens", "answer", "contrast", "targets")
+            if (ids := getattr(self, name)).numel()
+        }
+        if highest and max(highest.values()) >= logits.shape[-1]:
+            name = max(highest, key=highest.__getitem__)
+            raise ValueError(
+                f"logits have d_vocab={logits.shape[-1]} (shape {tuple(logits.shape)}), but "
+                f"this batch's token ids reach {highest[name]} (in its {name}, shape "
+                f"{tuple(getattr(self, name).shape)}): they are no logits over the task's "
+                f"vocabulary; pass the logits of a model whose d_vocab is at least "
+                f"{highest[name] + 1} (one logit per token id of the task's tokenizer)"
+            )
+
+    def answer_logits(
+        self, logits: Float[Tensor, "batch pos d_vocab"]
+    ) -> Float[Tensor, "batch d_vocab"]:
+        """The logits at each prompt's answer position (``logits`` checked by
+        `require_logits`)."""
+        self.require_logits(logits)
         if int(self.answer_pos.max()) >= logits.shape[1]:
             raise ValueError(
                 f"logits have {logits.shape[1]} positions but an answer sits at position "
@@ -197,7 +223,15 @@ class TaskBatch:
         return self.correct(logits).mean().item()
 
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        """Mean cross-entropy over the supervised positions (the training objective)."""
+        """Mean cross-entropy over the supervised positions (the training objective);
+        ``logits`` of the whole prompts (``[batch, pos, d_vocab]``, `require_logits`)."""
+        self.require_logits(logits)
+        if logits.shape[1] != self.targets.shape[1]:
+            raise ValueError(
+                f"logits have {logits.shape[1]} positions (shape {tuple(logits.shape)}) but the "
+                f"targets {self.targets.shape[1]} (shape {tuple(self.targets.shape)}); pass the "
+                "logits of the whole prompts"
+            )
         return torch.nn.functional.cross_entropy(
             widened(logits.flatten(0, 1)),
             self.targets.to(logits.device).flatten(),
