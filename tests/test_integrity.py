@@ -19,6 +19,8 @@ from test_training import SHAPE, TASK, config
 
 from hooked_attnres import CheckpointIntegrityError, HookedAttnRes
 from hooked_attnres._atomic import MARKER, atomic_directory, backups_of
+from hooked_attnres.loading import load_checkpoint
+from hooked_attnres.loading.qwen3_attnres import load_qwen3_attnres
 from hooked_attnres.study import build_model
 from hooked_attnres.tasks import task_tokenizer
 from hooked_attnres.training import train
@@ -361,3 +363,45 @@ def test_a_chat_template_whose_line_endings_git_converted_loads_as_saved(tmp_pat
     assert read != expected  # another template
     with pytest.raises(CheckpointIntegrityError, match="chat_template.jinja has"):
         HookedAttnRes.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("loader", ["load_checkpoint", "load_qwen3_attnres", "from_hf_qwen3"])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (dict(verify="no"), TypeError, r"^verify must be True or False, got 'no'"),
+        (dict(verify=0), TypeError, r"^verify must be True or False, got 0"),
+        (dict(mmap=1), TypeError, r"^mmap must be True or False, got 1"),
+        (dict(mmap="no"), TypeError, r"^mmap must be True or False, got 'no'"),
+        (dict(device=3.5), ValueError, r"^device=3.5 is not a torch device"),
+        # one past this machine's GPUs (every CUDA device where there is none): torch
+        # failed when the loaded model was moved, after every weight was read
+        (
+            dict(device=f"cuda:{torch.cuda.device_count()}"),
+            ValueError,
+            r"^device='cuda:\d+' is not on this machine: it has \d+ CUDA device\(s\)",
+        ),
+    ],
+)
+def test_every_loader_checks_its_arguments_before_reading(tmp_path, loader, bad, error, message):
+    # audit 137: load_qwen3_attnres, called directly, read its flags by truthiness
+    # (verify=0 loaded the changed file below unchecked, mmap="no" memory-mapped) and took
+    # device=3.5; now the one check of load_checkpoint and from_hf_qwen3
+    # (io.check_load_arguments), made before any file is read: of a directory that does
+    # not exist the arguments are refused first
+    call = {
+        "load_checkpoint": load_checkpoint,
+        "load_qwen3_attnres": load_qwen3_attnres,
+        "from_hf_qwen3": lambda d, **kw: HookedAttnRes.from_hf_qwen3(d, wrap="none", **kw),
+    }[loader]
+    with pytest.raises(error, match=message):
+        call(tmp_path / "nothing here", **bad)
+    if loader != "load_qwen3_attnres":
+        return
+    directory = tmp_path / "ckpt"
+    saved_model(directory, "qwen3_attnres")
+    flip_tensor_bytes(directory / "model.safetensors")
+    with pytest.raises(error, match=message):
+        call(directory, **bad)
+    with pytest.raises(CheckpointIntegrityError):  # what verify=True (the default) says
+        call(directory)

@@ -28,7 +28,7 @@ from hooked_attnres.loading.io import (  # noqa: F401  (re-exported: public befo
     CheckpointError,
     CheckpointIntegrityError,
     assign_state_dict,
-    check_device,
+    check_load_arguments,
     empty_model,
     load_tokenizer,
     read_config_json,
@@ -44,7 +44,8 @@ from hooked_attnres.loading.own_format import (  # noqa: F401
     write_checkpoint_files,
 )
 from hooked_attnres.loading.qwen3_attnres import MODEL_TYPE as QWEN3_ATTNRES
-from hooked_attnres.loading.qwen3_attnres import load_qwen3_attnres, save_qwen3_attnres
+from hooked_attnres.loading.qwen3_attnres import load_unchecked as load_qwen3_attnres_unchecked
+from hooked_attnres.loading.qwen3_attnres import save_qwen3_attnres
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -132,9 +133,7 @@ def load_checkpoint(
     save is recovered first), so the model is one complete saved version.
     """
     directory = Path(directory)
-    mmap = require_bool("mmap", mmap)
-    verify = require_bool("verify", verify)
-    check_device(device)
+    mmap, verify = check_load_arguments(device, mmap, verify)
     with reading(directory):
         if verify:  # the whole directory, whatever its format
             verify_saved_files(directory)
@@ -145,15 +144,9 @@ def _load_checkpoint(directory: Path, device, dtype, model_class, mmap: bool):
     values = read_config_json(directory)
     model_type = values.get("model_type")
     if model_type == QWEN3_ATTNRES:
-        return load_qwen3_attnres(
-            # verified by load_checkpoint already (each file is read once)
-            directory,
-            device=device,
-            dtype=dtype,
-            model_class=model_class,
-            mmap=mmap,
-            verify=False,
-        )
+        # its arguments checked and its files verified by load_checkpoint already (each
+        # file is read once)
+        return load_qwen3_attnres_unchecked(directory, device, dtype, model_class, mmap)
     if model_type == "qwen3":
         raise CheckpointError(
             f"{directory} is a vanilla Qwen3 checkpoint; load it with "

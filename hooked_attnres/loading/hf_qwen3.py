@@ -26,7 +26,6 @@ import torch
 from hooked_attnres._atomic import reading
 from hooked_attnres._validation import (
     is_integer,
-    require_bool,
     require_choice,
     require_finite_number,
     require_integer,
@@ -38,7 +37,7 @@ from hooked_attnres.loading.hf_keys import KeyMap
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
-    check_device,
+    check_load_arguments,
     default_load_dtype,
     describe_mismatch,
     empty_model,
@@ -625,10 +624,8 @@ def from_hf_qwen3(
     _require_wrap_uses(wrap, num_blocks, recency_bias)
     num_blocks = 8 if num_blocks is None else num_blocks
     recency_bias = 3.0 if recency_bias is None else recency_bias
-    mmap = require_bool("mmap", mmap)
-    verify = require_bool("verify", verify)
+    mmap, verify = check_load_arguments(device, mmap, verify)
     require_tokenizer("tokenizer", tokenizer)  # before the weights are read
-    check_device(device)
     dtype = None if dtype is None else _dtype_from_any(dtype)
     if isinstance(source, (str, Path)):
         with reading(Path(source)):

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hooked_attnres._atomic import version_problems
-from hooked_attnres._validation import non_finite_tensors, some_names
+from hooked_attnres._validation import non_finite_tensors, require_bool, some_names
 from hooked_attnres.config import HookedAttnResConfig
 
 if TYPE_CHECKING:
@@ -452,13 +452,37 @@ def empty_model(cfg: HookedAttnResConfig, tokenizer=None, model_class: Optional[
 
 
 def check_device(device) -> None:
-    """Refuse a device that torch cannot parse, before anything is read."""
+    """Refuse, before anything is read, a device that torch cannot parse, and a CUDA
+    device this machine does not have (``"cuda:7"`` with fewer GPUs, any ``"cuda"``
+    without CUDA) or ``"mps"`` where MPS is not available: torch failed only when the
+    loaded model was moved there, after every weight was read ("Torch not compiled with
+    CUDA enabled", an ``AssertionError``)."""
     if device is None:
         return
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device={device!r} is not a torch device ({error})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(
+                f"device={device!r} is not on this machine: it has {count} CUDA device(s)"
+                + (f", cuda:0 to cuda:{count - 1}" if count else "; load on device='cpu'")
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} is not on this machine (MPS is not available)")
+
+
+def check_load_arguments(device, mmap: Any, verify: Any) -> tuple[bool, bool]:
+    """The checks every checkpoint loader makes of its ``device``, ``mmap`` and
+    ``verify`` before it reads a file (`check_device`, and `require_bool` for the flags:
+    read by truthiness, ``mmap="no"`` memory-mapped and ``verify=0`` skipped the check);
+    returns ``(mmap, verify)`` as Python bools."""
+    mmap = require_bool("mmap", mmap)
+    verify = require_bool("verify", verify)
+    check_device(device)
+    return mmap, verify
 
 
 def assign_state_dict(

@@ -36,6 +36,7 @@ from hooked_attnres.loading.hf_qwen3 import (
 from hooked_attnres.loading.io import (
     CheckpointError,
     assign_state_dict,
+    check_load_arguments,
     default_load_dtype,
     model_with_saved_tokenizer,
     read_config_json,
@@ -122,13 +123,16 @@ def load_qwen3_attnres(
         verify: refuse files changed after the save (see `load_checkpoint`).
     """
     directory = Path(directory)
+    mmap, verify = check_load_arguments(device, mmap, verify)
     with reading(directory):
         if verify:
             verify_saved_files(directory)
-        return _load(directory, device, dtype, model_class, mmap)
+        return load_unchecked(directory, device, dtype, model_class, mmap)
 
 
-def _load(directory: Path, device, dtype, model_class, mmap: bool):
+def load_unchecked(directory: Path, device, dtype, model_class, mmap: bool):
+    """`load_qwen3_attnres` without its checks of the arguments (`check_load_arguments`),
+    its lock and its verification: for `load_checkpoint`, which made them (once)."""
     values = read_config_json(directory)
     where = str(directory)
     check_qwen3_config(values, where, model_types=(MODEL_TYPE,))
