@@ -42,3 +42,24 @@ WHY_MAX_SEED = "the largest seed the study's tables hold, int64"
 # takes a C int; 2**31 failed in it with "Overflow when unpacking long".
 MAX_THREADS = 2**31 - 1
 WHY_MAX_THREADS = "the most torch.set_num_threads takes, a C int"
+
+# The most words a probe task's prompts use (`KeyValueRetrieval`'s n_keys + n_values +
+# n_filler_words + 1, `InductionCopy`'s n_tokens + 1; ``hooked-attnres train --task-arg``),
+# and the longest prompt it draws (`Task.prompt_length`), refused in the task's
+# constructor before any list of words or prompt is made. The shipped recipes use at most
+# 41 words (``saturated`` / ``hard``: 16 keys, 16 values, 8 fillers, '?') and prompts of 21
+# tokens (``hard``: 9 pairs). Building the tokenizer and drawing prompts is Python work per
+# word and token:
+# n_keys=10**6 took 10 s and 1.5 GB before any model was built, and 10**9 would exhaust
+# memory; at these bounds 64 prompts are drawn in about 1 s here. 32 768 tokens is below
+# Qwen3-0.6B's context of 40 960; a model's own n_ctx and d_vocab are checked when it runs.
+MAX_TASK_WORDS = 65_536
+WHY_MAX_TASK_WORDS = (
+    "the most words a probe task's prompts use, MAX_TASK_WORDS: its tokenizer and prompts "
+    "are built word by word"
+)
+MAX_PROMPT_LENGTH = 32_768
+WHY_MAX_PROMPT_LENGTH = (
+    "the longest prompt a probe task draws, MAX_PROMPT_LENGTH: its prompts are drawn "
+    "token by token"
+)

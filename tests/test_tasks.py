@@ -504,3 +504,50 @@ def test_the_loss_refuses_logits_of_other_positions_than_its_targets():
     logits = torch.zeros(4, batch.tokens.shape[1] - 1, n_vocab)
     with pytest.raises(ValueError, match=r"^logits have \d+ positions .* but the targets \d+"):
         batch.loss(logits)  # torch: "Expected input batch_size (40) to match target ..."
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: KeyValueRetrieval(n_keys=10**9),
+            r"^n_keys \+ n_values \+ n_filler_words \+ 1 \('\?'\) = 1000000000 \+ 16 \+ 8 \+ 1 "
+            r"= 1000000025 words must be <= 65536 \(.*MAX_TASK_WORDS",
+        ),
+        (lambda: KeyValueRetrieval(n_values=10**6), r"= 1000025 words must be <= 65536"),
+        (lambda: KeyValueRetrieval(n_filler_words=10**6), r"= 1000033 words must be <= 65536"),
+        (
+            lambda: KeyValueRetrieval(n_distractors=10**9),
+            r"^prompt_length = 1000000011 tokens must be <= 32768 \(.*MAX_PROMPT_LENGTH",
+        ),
+        (
+            lambda: InductionCopy(n_tokens=10**6),
+            r"^n_tokens \+ 1 \('\|'\) = 1000000 \+ 1 = 1000001",
+        ),
+        (
+            lambda: InductionCopy(seq_len=40_000, n_tokens=50_000),
+            r"^prompt_length = 40006 tokens must be <= 32768",
+        ),
+    ],
+)
+def test_an_absurd_task_size_is_refused_when_the_task_is_made(make, message):
+    # audit 137: KeyValueRetrieval(n_keys=10**6) was made, and its tokenizer then took 19 s
+    # and 874 MB (n_keys=10**9, or hooked-attnres train --task-arg n_keys=1000000000, would
+    # exhaust memory) before any model was built
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_task_size_limits_hold_every_shipped_recipe_and_their_bounds_are_taken():
+    from hooked_attnres._study_limits import MAX_PROMPT_LENGTH, MAX_TASK_WORDS
+    from hooked_attnres.study.conditions import TASKS
+
+    for cls, values in TASKS.values():
+        task = cls(**values)
+        assert len(task.words()) <= 41 < MAX_TASK_WORDS and task.prompt_length <= MAX_PROMPT_LENGTH
+    at_bound = KeyValueRetrieval(n_keys=MAX_TASK_WORDS - 16 - 8 - 1)
+    assert len(at_bound.words()) == MAX_TASK_WORDS
+    longest = InductionCopy(seq_len=MAX_PROMPT_LENGTH - 6, copy_len=4, n_tokens=MAX_PROMPT_LENGTH)
+    assert longest.prompt_length == MAX_PROMPT_LENGTH
+    with pytest.raises(ValueError, match="must be <= 65536"):
+        KeyValueRetrieval(n_keys=MAX_TASK_WORDS - 16 - 8)

@@ -22,6 +22,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_attnres._precision import widened
+from hooked_attnres._study_limits import (
+    MAX_PROMPT_LENGTH,
+    MAX_TASK_WORDS,
+    WHY_MAX_PROMPT_LENGTH,
+    WHY_MAX_TASK_WORDS,
+)
 from hooked_attnres._validation import (
     is_integer,
     refuse_uint8_index,
@@ -302,6 +308,23 @@ class Task:
             "name", self.name, "the task's name, which its batches and metrics carry"
         )
         object.__setattr__(self, "name", name)  # a frozen dataclass
+
+    def _check_size(self, n_words: int, fields: str) -> None:
+        """Refuse a task whose prompts use more than `MAX_TASK_WORDS` words (``n_words``,
+        counted from the fields: `words` would make the list) or that draws prompts
+        longer than `MAX_PROMPT_LENGTH` (`prompt_length`): ``ValueError`` naming the
+        ``fields`` that size it and the limit. Subclasses' ``__post_init__`` call it once
+        their fields are integers, before anything is built."""
+        if n_words > MAX_TASK_WORDS:
+            raise ValueError(
+                f"{fields} = {n_words} words must be <= {MAX_TASK_WORDS} "
+                f"({WHY_MAX_TASK_WORDS})"
+            )
+        if self.prompt_length > MAX_PROMPT_LENGTH:
+            raise ValueError(
+                f"prompt_length = {self.prompt_length} tokens must be <= {MAX_PROMPT_LENGTH} "
+                f"({WHY_MAX_PROMPT_LENGTH})"
+            )
 
     def words(self) -> list[str]:
         """Every word the task's prompts use (for building a tokenizer)."""

@@ -49,6 +49,7 @@ class InductionCopy(Task):
         for field_name in ("seq_len", "copy_len", "n_tokens"):
             value = require_integer(field_name, getattr(self, field_name), 1)
             object.__setattr__(self, field_name, value)  # a Python int (np.int64 given)
+        self._check_size(self.n_tokens + 1, f"n_tokens + 1 ('|') = {self.n_tokens} + 1")
         if self.copy_len >= self.seq_len:
             raise ValueError(
                 f"copy_len={self.copy_len} must be smaller than seq_len={self.seq_len} (the answer "

@@ -64,6 +64,11 @@ class KeyValueRetrieval(Task):
         ):
             value = require_integer(field_name, getattr(self, field_name), 0)
             object.__setattr__(self, field_name, value)  # a Python int (np.int64 given)
+        self._check_size(
+            self.n_keys + self.n_values + self.n_filler_words + 1,
+            f"n_keys + n_values + n_filler_words + 1 ('?') = {self.n_keys} + "
+            f"{self.n_values} + {self.n_filler_words} + 1",
+        )
         if self.n_pairs < 2:
             raise ValueError(
                 f"n_pairs={self.n_pairs}: retrieval needs at least 2 pairs (the contrast "
