@@ -655,6 +655,38 @@ def test_summarize_mass_records_the_layers_of_each_group():
             assert row.layers == ",".join(str(layer) for layer in held), (by, row)
 
 
+def test_summarize_mass_takes_whole_float_layers_as_their_layers_and_refuses_others():
+    """Audit 137: a mass table whose ``layer`` is float (``0.0, 1.0``: a CSV column with
+    an empty cell reads back as float) was summarised with ``layers`` "0.0,1.0,2.0,3.0",
+    which dissociation_report then refused as "not a list of layers", and a layer 1.5 was
+    written "0.0,1.5,2.0,3.0" silently. One rule (`integer_layers`): a whole float is its
+    layer, exactly (the summary and the report equal those of the integer table); a float
+    that is no whole number, or NaN, is refused, never rounded."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=2)).eval()
+    batch = random_batch(4, 5, model.cfg.d_vocab)
+    mass = routing_mass(model, batch)
+    as_float = mass.astype({"layer": float})
+    effects = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=20, progress=False
+    )
+    for by in (("router", "family"), ("layer", "family")):
+        want = summarize_mass(mass, by=by, n_bootstrap=20)
+        pd.testing.assert_frame_equal(summarize_mass(as_float, by=by, n_bootstrap=20), want)
+    summary = summarize_mass(as_float, n_bootstrap=20)
+    assert set(summary.layers) == {"0,1", ""}  # the final router's group: none
+    want = dissociation_report(summarize_mass(mass, n_bootstrap=20), effects)
+    pd.testing.assert_frame_equal(dissociation_report(summary, effects), want)
+    for bad, shown in ((1.5, "1.5"), (float("nan"), "nan"), (float("inf"), "inf")):
+        table = as_float.copy()
+        table.loc[table.layer == 1, "layer"] = bad
+        with pytest.raises(
+            ValueError,
+            match=rf"^the mass table's column 'layer' holds \d+ value\(s\) that are no layer "
+            rf"\(a whole number\), e\.g\. {shown} in row \d+",
+        ):
+            summarize_mass(table, n_bootstrap=20)
+
+
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's

@@ -176,6 +176,38 @@ def layers_text(layers: Sequence[int]) -> str:
     return ",".join(map(str, sorted(set(layers))))
 
 
+def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``table`` with its ``layer`` column as integers (``int64``), the one rule for a
+    table's layers: integers, and floats that are whole numbers taken exactly as those
+    integers (``0.0`` is layer 0: a CSV read back gives a float column where some cell of
+    it is empty, as `layer_tuple` reads a one-layer cell ``3.0``); a float that is not a
+    whole number (``1.5``, never rounded), NaN or infinite raises ``ValueError`` naming
+    ``what`` (the table), how many rows and the first one. A table without ``layer``, or
+    with integer or text layers, is returned as it is. Until audit 137 `summarize_mass`
+    wrote a float column's layers as ``"0.0,1.0"``, which every pairing with the effects
+    then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``, silently."""
+    if "layer" not in table.columns:
+        return table
+    values = table["layer"]
+    numbers = values.dtype.kind == "f" or (
+        values.dtype == object and not any(isinstance(v, str) for v in values.dropna().unique())
+    )
+    if not numbers:
+        return table
+    floats = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    whole = np.isfinite(floats) & (floats == np.floor(floats))
+    if not whole.all():
+        bad = np.flatnonzero(~whole)
+        first = np.asarray(values.iloc[bad[0]]).tolist()  # 1.5, not np.float64(1.5)
+        raise ValueError(
+            f"{what}'s column 'layer' holds {len(bad)} value(s) that are no layer (a whole "
+            f"number), e.g. {first!r} in row {bad[0]}: a layer is an integer "
+            "(a whole float such as 1.0 is taken as it), and a value such as 1.5 is not "
+            "rounded; fix or drop those rows first"
+        )
+    return table.assign(layer=floats.astype(np.int64))
+
+
 def layer_tuple(cell: object, what: str) -> tuple[int, ...]:
     """A ``layers`` cell (`layers_text`; `ablation_effects`' and `summarize_mass`'s
     column) as a tuple of layers: the text ``"0,1,2"``, one layer read back from a CSV as
@@ -650,7 +682,9 @@ def summarize_mass(
             column twice, an empty table, a NaN in a ``by`` column or ``prompt`` (pandas
             would drop those rows from every group), a key column (``by``, ``prompt``,
             ``router``, ``layer``, ``family``, ``condition``, ``seed``, ``model``) whose
-            labels mix text and numbers (``1`` and ``'1'`` are two keys), a group without
+            labels mix text and numbers (``1`` and ``'1'`` are two keys), a ``layer`` that
+            is no whole number (``1.5``, NaN; `integer_layers`: a whole float such as
+            ``1.0``, of a CSV column with an empty cell, is that layer), a group without
             rows for some prompt that other groups have (a filtered table), or a
             ``(prompt, router, layer, family)`` row twice within a group (two tables
             concatenated with the same prompt ids; the message names a column outside
@@ -688,6 +722,9 @@ def summarize_mass(
     require_labelled(mass, [*by, "prompt"], "the mass table")
     # 1 and '1' are two keys: a repeated row would go unseen (and sorting them fails)
     require_one_kind(mass, [*by, *_KEYS], "the mass table")
+    # whole floats as the layers they are (a CSV column with an empty cell is float); any
+    # other float refused, so that the layers column holds "0,1", never "0.0,1.5"
+    mass = integer_layers(mass, "the mass table")
     # a (prompt, router, layer, family) twice within a group: the prompt ids do not name
     # one prompt each (two routing_mass tables concatenated, both numbered from 0), and
     # the per-prompt means would pool different prompts into one (a wrong mean and n)
