@@ -60,6 +60,5 @@ WHY_MAX_TASK_WORDS = (
 )
 MAX_PROMPT_LENGTH = 32_768
 WHY_MAX_PROMPT_LENGTH = (
-    "the longest prompt a probe task draws, MAX_PROMPT_LENGTH: its prompts are drawn "
-    "token by token"
+    "the longest prompt a probe task draws, MAX_PROMPT_LENGTH: its prompts are drawn token by token"
 )

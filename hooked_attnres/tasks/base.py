@@ -317,8 +317,7 @@ class Task:
         their fields are integers, before anything is built."""
         if n_words > MAX_TASK_WORDS:
             raise ValueError(
-                f"{fields} = {n_words} words must be <= {MAX_TASK_WORDS} "
-                f"({WHY_MAX_TASK_WORDS})"
+                f"{fields} = {n_words} words must be <= {MAX_TASK_WORDS} ({WHY_MAX_TASK_WORDS})"
             )
         if self.prompt_length > MAX_PROMPT_LENGTH:
             raise ValueError(
