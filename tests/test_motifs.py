@@ -971,6 +971,24 @@ def test_the_verdict_lines_keep_the_baselines_claims_without_a_block_attnres_con
     )
 
 
+@pytest.mark.parametrize("label", [float("nan"), "0"])
+def test_accuracy_table_refuses_the_seed_labels_the_report_refuses(tmp_path, label):
+    """`accuracy_table` (public since audit 130, the motifs notebook's table) showed a
+    table whose seed column holds a NaN or mixes 0 and '0' (two rows both reading seed 0,
+    of different models), where `study_report` refuses the same result (`require_keys`)."""
+    from hooked_attnres.study import accuracy_table
+    from hooked_attnres.study.report import study_report
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [])})
+    accuracy = result.accuracy.astype({"seed": object})
+    accuracy.loc[accuracy.index[1], "seed"] = label
+    result.accuracy = accuracy
+    why = "NaN labels" if label != "0" else "mixes text and numbers"
+    for show in (accuracy_table, study_report):
+        with pytest.raises(ValueError, match=f"the study result's accuracy table.*{why}"):
+            show(result)
+
+
 def test_the_accuracy_table_prints_the_same_digits_in_markdown_and_html(tmp_path):
     """pandas' HTML pads a float column to common digits and the Markdown printed each
     float as Python does: the shipped report's paperlike_vanilla_L16-like row read "0.18"

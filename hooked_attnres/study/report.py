@@ -448,7 +448,10 @@ def accuracy_table(result: StudyResult) -> pd.DataFrame:
     """``result.accuracy`` with each row saying which model it scored on which prompts:
     columns condition, seed, model (`model_text`: a vanilla condition's rows score its
     checkpoint through the recency wrap, not the plain Qwen3), prompts, n_prompts, accuracy,
-    logit_diff (unrounded; the report prints them in its digits)."""
+    logit_diff (unrounded; the report prints them in its digits). A condition or seed
+    column with a NaN label or mixing text and numbers is refused, as by the report
+    (`require_keys`)."""
+    require_keys(result.accuracy, MODEL_LABELS, "the study result's accuracy table")
     bias = _setting(result, "recency_bias")
     prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
     table = result.accuracy[["condition", "seed", "n_prompts", "accuracy", "logit_diff"]].copy()
