@@ -45,6 +45,7 @@ print(model.to_string(batch.tokens[0]), "->", model.to_string(batch.answer[0]))
 # `ablation_effects`): effects per prompt, with their bootstrap interval
 INTERVENTION = """
 from hooked_attnres.analysis import bootstrap_ci
+from hooked_attnres.analysis.motifs import printed_beside
 from hooked_attnres.interventions import Ablation, set_weights
 
 ablation = Ablation.compile(model, "embedding", routers="mlp_res", layers="early")
@@ -56,9 +57,10 @@ uniform_ld = batch.logit_diff(
 masked_effect = bootstrap_ci(masked_ld - clean_ld)     # (mean, low, high), 95 %, over prompts
 uniform_effect = bootstrap_ci(uniform_ld - clean_ld)
 
-def effect_text(effect):
+def effect_text(effect):   # each bound with the digits that put it on its side of 0
     mean, low, high = effect
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] logits"
+    low, high = (printed_beside(bound, 0.0, 2, "+f") for bound in (low, high))
+    return f"{mean:+.2f} [{low}, {high}] logits"
 
 print(f"clean logit difference {clean_ld.mean():.2f} ({len(batch)} prompts); change when the "
       f"embedding is masked in the early MLP routers {effect_text(masked_effect)}, with "

@@ -274,7 +274,10 @@ def test_routing_notebook_gives_the_ablation_effect_with_its_interval(capsys):
     "from 2.50 to 2.50" (-0.002), while the study's M1 effect of that model is -0.16
     [-0.27, -0.07] logits on its 256 prompts. Its cell now gives the mean per-prompt change
     with its 95 % bootstrap interval, the numbers `ablation_effects` gives for the cell."""
+    from decimal import Decimal
+
     from hooked_attnres.analysis import ablation_effects
+    from hooked_attnres.analysis.motifs import printed_beside
     from hooked_attnres.study import load_condition, probe_prompts
 
     model = load_condition("hard_cumulative_L8", seed=0)
@@ -296,9 +299,21 @@ def test_routing_notebook_gives_the_ablation_effect_with_its_interval(capsys):
         .set_index("group")
         .loc["early"]
     )
-    expected = f"{row.effect:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}] logits"
+    low, high = (printed_beside(bound, 0.0, 2, "+f") for bound in (row.ci_low, row.ci_high))
+    expected = f"{row.effect:+.2f} [{low}, {high}] logits"
     assert f"early MLP routers {expected}, with uniform weights in every attention" in printed
     assert row.ci_low < row.effect < row.ci_high  # an interval, not a point
+    # a tiny effect (the shipped vanilla's M1: +0.0003 [-0.0002, +0.0009] logits) read
+    # "+0.00 [-0.00, +0.00]", a point again; each bound is printed on its side of 0, as the
+    # report's sentences print it (`printed_beside`)
+    effect_text = namespace["effect_text"]
+    for effect in [(0.0003, -0.0002, 0.0009), (-0.004, -0.0061, -0.0021), (0.0, 0.0, 0.0)]:
+        text = effect_text(effect)
+        bounds = text.split("[")[1].split("]")[0].split(", ")
+        assert [Decimal(b).compare(0) for b in bounds] == [
+            Decimal(repr(b)).compare(0) for b in effect[1:]
+        ], text
+        assert text.endswith("] logits") and text.startswith(f"{effect[0]:+.2f} [")
     # the summary sentence carries the same interval
     source = _builder()["NOTEBOOKS"]["01_routing_hooks.ipynb"][-1].source
     assert "{effect_text(masked_effect)} (95 % bootstrap interval over the prompts)" in source
