@@ -272,7 +272,7 @@ def test_routing_notebook_gives_the_ablation_effect_with_its_interval(capsys):
     the logit difference from 8.60 to 8.23" (64 prompts, no interval): with CONDITION set to
     saturated_cumulative_L16, the shipped condition that shows the paper's motifs, it read
     "from 2.50 to 2.50" (-0.002), while the study's M1 effect of that model is -0.16
-    [-0.27, -0.07] logits on its 256 prompts. Its cell now gives the mean per-prompt change
+    [-0.27, -0.08] logits on its 256 prompts. Its cell now gives the mean per-prompt change
     with its 95 % bootstrap interval, the numbers `ablation_effects` gives for the cell."""
     from decimal import Decimal
 
