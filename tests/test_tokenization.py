@@ -270,3 +270,27 @@ def test_tokens_equal_transformer_bridges_for_a_sentencepiece_style_tokenizer(
     assert untruncated.shape[1] > n_ctx
     assert torch.equal(model.to_tokens(long, prepend_bos=False), untruncated[:, :n_ctx])
     assert bridge.to_tokens(long, prepend_bos=False).shape[1] == n_ctx - 1
+
+
+def test_to_str_tokens_refuses_ids_outside_the_vocabulary_as_to_string_does(model):
+    """Audit 138: an id past d_vocab decoded to '' (a wrong string, silently) and a negative
+    one failed in the tokenizer with "OverflowError: number too small to fit in target
+    type"; `to_string` refused both (`require_token_ids`)."""
+    for ids in ([3, 1000], [-1, 3]):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\) \(d_vocab\)"):
+            model.to_string(torch.tensor(ids))
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\) \(d_vocab\)"):
+            model.to_str_tokens(torch.tensor(ids))
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\) \(d_vocab\)"):
+            model.to_str_tokens(ids)  # a list of ids
+
+
+def test_a_token_id_for_text_and_text_for_token_ids_are_refused_by_name(model):
+    """Audit 138: ``to_tokens(3)`` and ``to_single_token(3)`` failed with "'int' object is
+    not iterable", ``to_string("w1")`` with torch's "new(): invalid data type 'str'"."""
+    with pytest.raises(TypeError, match="to_tokens takes a string or a non-empty list of strin"):
+        model.to_tokens(3)
+    with pytest.raises(TypeError, match="to_tokens takes a string .*, got int 3"):
+        model.to_single_token(3)
+    with pytest.raises(TypeError, match="to_string decodes token ids, got the string 'w1'"):
+        model.to_string("w1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -202,9 +203,16 @@ class TokenizerMixin:
         padding_side = require_choice("padding_side", padding_side, ("right", "left", None))
         if padding_side is None:
             padding_side = self.default_padding_side
-        texts = [input] if isinstance(input, str) else list(input)
+        # a token id (to_single_token(3)) is no iterable: list(3) said "'int' object is not
+        # iterable"
+        texts = [input] if isinstance(input, str) else []
+        if not isinstance(input, str) and isinstance(input, Iterable):
+            texts = list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("to_tokens takes a string or a non-empty list of strings")
+            raise TypeError(
+                "to_tokens takes a string or a non-empty list of strings, got "
+                f"{type(input).__name__} {input!r:.80}"
+            )
         ids = [self._token_ids(text, prepend_bos, truncate) for text in texts]
         width = max(len(row) for row in ids)
         if width == 0:
@@ -242,6 +250,11 @@ class TokenizerMixin:
         """Decode one token id (an ``int`` or a 0-d tensor) or ``[pos]`` to a string, or
         ``[batch, pos]`` to a list of strings."""
         tokenizer = self._require_attached_tokenizer("to_string")
+        if isinstance(tokens, str):  # torch.as_tensor said "new(): invalid data type 'str'"
+            raise TypeError(
+                f"to_string decodes token ids, got the string {tokens!r:.80}; to_tokens or "
+                "to_str_tokens read text"
+            )
         tokens = torch.as_tensor(tokens)
         # integer ids in [0, d_vocab): a negative id overflowed the decoder
         require_token_ids(tokens, self.cfg.d_vocab)
@@ -286,6 +299,9 @@ class TokenizerMixin:
         tokens = torch.as_tensor(input)
         if tokens.is_floating_point() or tokens.dtype == torch.bool:
             raise TypeError(f"to_str_tokens takes integer token ids, got dtype {tokens.dtype}")
+        # ids in [0, d_vocab), as to_string: one past it decoded to '', a negative one
+        # overflowed the decoder
+        require_token_ids(tokens, self.cfg.d_vocab)
         if tokens.ndim == 0:
             tokens = tokens[None]
         if tokens.ndim == 2 and tokens.shape[0] == 1:
