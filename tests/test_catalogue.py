@@ -439,6 +439,19 @@ def _mass(**kwargs):
     return call
 
 
+def _mass_of(batch, **kwargs):
+    from hooked_attnres.analysis import routing_mass
+
+    return routing_mass(_train_kwargs()[0].eval(), batch, **kwargs)
+
+
+def _attribution(batch, **kwargs):
+    from hooked_attnres.analysis import attribute_routing
+
+    model = _train_kwargs()[0].eval()
+    return attribute_routing(model, batch, progress=False, n_bootstrap=10, **kwargs)
+
+
 def _effects(batch_fn, **kwargs):
     def call(ctx):
         from hooked_attnres.analysis import ablation_effects
@@ -854,6 +867,24 @@ CASES = [
         _effects(lambda: _task_batch().tokens),
         TypeError,
         ["batch must be a TaskBatch"],
+    ),
+    (
+        "effects-empty-batch",
+        _effects(lambda: _task_batch()[:0]),
+        ValueError,
+        ["the batch holds no prompts", "run_ablations has nothing to measure"],
+    ),
+    (
+        "mass-empty-batch",
+        lambda c: _mass_of(_task_batch()[:0]),
+        ValueError,
+        ["the batch holds no prompts", "routing_mass has nothing to measure"],
+    ),
+    (
+        "attribution-empty-batch",
+        lambda c: _attribution(_task_batch()[:0]),
+        ValueError,
+        ["the batch holds no prompts", "attribute_routing has nothing to measure"],
     ),
     (
         "mass-answer-pos-wrong-length",

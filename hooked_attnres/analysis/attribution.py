@@ -597,7 +597,7 @@ def attribute_routing(
     """
     start_time = time.perf_counter()
     require_eval(model, "attribute_routing")
-    require_task_batch(batch, "e.g. task.sample(...)")
+    require_task_batch(batch, "attribute_routing")
     metrics = check_metrics(metrics)
     _check_differentiable(metrics)
     methods = _check_methods(method)

@@ -370,7 +370,7 @@ def run_ablations(
         ``[n_ablations, n_prompts]`` (keyed by the metrics as given).
     """
     metrics = check_metrics(metrics)
-    require_task_batch(batch, "task.sample(...)", "the metrics are read at its answer positions")
+    require_task_batch(batch, "run_ablations")
     check_count("chunk", chunk)
     fast = require_bool("fast", fast)  # "False" took the fast path
     progress = require_bool("progress", progress)  # "no" showed the bar

@@ -23,7 +23,7 @@ from hooked_attnres.interventions.checks import check_count
 from hooked_attnres.interventions.selection import BAND_NAMES, depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.model.passes import padding_of
-from hooked_attnres.tasks.base import TaskBatch
+from hooked_attnres.tasks.base import TaskBatch, require_prompts
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -482,6 +482,7 @@ def routing_mass(
     check_count("chunk", chunk)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError("prompts must be a TaskBatch or a [batch, pos] tensor of token ids")
+    require_prompts(tokens.shape[0], "routing_mass")
     # the padding, never read: [batch, pos] True at real tokens (None: none)
     mask, real, padding = _real_positions(model, prompts, tokens, attention_mask)
     if answer_pos is not None:

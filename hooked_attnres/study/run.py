@@ -355,7 +355,7 @@ def study_condition(
             failed with "'Tensor' object has no attribute 'tokens'", ``[batch]`` was "1
             prompt") and ``progress`` that is not True or False.
     """
-    require_task_batch(batch, "probe prompts, e.g. probe_prompts(model, 256)")
+    require_task_batch(batch, "study_condition", "probe prompts, e.g. probe_prompts(model, 256)")
     if len(batch) < 2:
         raise ValueError(
             f"batch holds {len(batch)} prompt; study_condition needs at least 2 "

@@ -245,19 +245,6 @@ class TaskBatch:
         )
 
 
-def require_task_batch(batch: Any, example: str, why: str = "") -> TaskBatch:
-    """``batch`` if it is a `TaskBatch`, else a ``TypeError`` at the call boundary naming
-    what was given, ``example`` (how to make one, e.g. ``"task.sample(...)"``) and, if
-    given, ``why`` (appended after "; "): the analyses read its answer positions, so its
-    tokens alone failed deep inside ("'Tensor' object has no attribute 'tokens'")."""
-    if not isinstance(batch, TaskBatch):
-        reason = f"; {why}" if why else ""
-        raise TypeError(
-            f"batch must be a TaskBatch ({example}), got {type(batch).__name__}{reason}"
-        )
-    return batch
-
-
 def _not_rows(index) -> str:
     shape = f" of shape {tuple(index.shape)}" if hasattr(index, "shape") else ""
     return (
@@ -460,3 +447,30 @@ def _signed_rows(rows: Any) -> Any:
             f"TaskBatch rows must be row numbers of the batch, got {rows!r} (past int64)"
         ) from None
     return rows if signed is None else signed
+
+
+def require_prompts(n_prompts: int, what: str) -> None:
+    """Refuse a batch of no prompts (``batch[:0]``, ``tokens[:0]``) that ``what`` (the
+    analysis) would measure: ``ValueError`` saying so. An analysis of none ran no pass and
+    failed deep inside (``routing_mass``: torch's "torch.cat(): expected a non-empty list
+    of Tensors"; ``ablation_effects`` and ``attribute_routing``: the bootstrap's "values
+    must be [rows, n] with n >= 1")."""
+    if n_prompts == 0:
+        raise ValueError(
+            f"the batch holds no prompts (0 rows, e.g. batch[:0]): {what} has nothing to "
+            "measure; pass at least one prompt"
+        )
+
+
+def require_task_batch(batch: Any, what: str, example: str = "task.sample(...)") -> TaskBatch:
+    """``batch`` if it is a `TaskBatch` of at least one prompt (`require_prompts`);
+    otherwise ``TypeError("batch must be a TaskBatch ({example}), got ...")``: ``what``
+    (the analysis) reads its metrics at the batch's answer positions, which tokens alone
+    do not give. Returns the batch."""
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(
+            f"batch must be a TaskBatch ({example}), got {type(batch).__name__}; {what} "
+            "reads its metrics at the batch's answer positions"
+        )
+    require_prompts(len(batch), what)
+    return batch
