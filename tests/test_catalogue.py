@@ -887,6 +887,18 @@ CASES = [
         ["the batch holds no prompts", "attribute_routing has nothing to measure"],
     ),
     (
+        "mass-bands-a-list",
+        lambda c: _mass_of(_task_batch(), bands=[[0], [1]]),
+        ValueError,
+        ["bands must be a dict of band name -> layers", "got the list [[0], [1]]"],
+    ),
+    (
+        "mass-bands-empty",
+        lambda c: _mass_of(_task_batch(), bands={}),
+        ValueError,
+        ["bands={} names no band"],
+    ),
+    (
         "mass-answer-pos-wrong-length",
         _mass(answer_pos=torch.tensor([1, 2])),
         ValueError,

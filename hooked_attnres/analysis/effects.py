@@ -41,7 +41,7 @@ from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check
 from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
 from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
-from hooked_attnres.interventions.selection import check_routers, depth_bands
+from hooked_attnres.interventions.selection import check_bands, check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
 from hooked_attnres.model.norms import any_hook_attached
 from hooked_attnres.tasks.base import TaskBatch, require_task_batch
@@ -272,8 +272,7 @@ def plan_ablations(
     routers = check_routers(model, routers)
     families = one_or_list("families", families)
     require_selection("families", families)
-    if bands is not None and not bands:
-        raise ValueError("bands={} names no band; give at least one name -> layers, or None")
+    check_bands(bands)
     if bands is not None and not (isinstance(groups, str) and groups == "bands"):
         raise ValueError(
             f"bands= applies to groups='bands' only, but groups={groups!r} would ignore it; "

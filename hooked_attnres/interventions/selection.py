@@ -10,7 +10,7 @@ a family or label that a router does not have selects nothing there.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -44,6 +44,7 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
     (start, stop) or list}``; they must be non-empty and inside ``[0, n_layers)``.
     """
     n_layers = require_integer("n_layers", n_layers, 1)
+    check_bands(bands)
     if bands is None:
         cuts = [0, math.ceil(n_layers / 3), math.ceil(2 * n_layers / 3), n_layers]
         out = {name: list(range(cuts[i], cuts[i + 1])) for i, name in enumerate(BAND_NAMES)}
@@ -55,6 +56,22 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
             raise ValueError(f"band {name!r} is empty")
         out[name] = layers
     return out
+
+
+def check_bands(bands) -> None:
+    """Refuse ``bands`` that is neither ``None`` nor a non-empty mapping of band name ->
+    layers: ``ValueError`` naming what was given. A list of layer lists failed with
+    "'list' object has no attribute 'items'"; an empty dict named no band (a mass table of
+    band 'other' only)."""
+    if bands is None:
+        return
+    if not isinstance(bands, Mapping):
+        raise ValueError(
+            f"bands must be a dict of band name -> layers (e.g. {{'early': [0, 1], 'late': "
+            f"[2, 3]}}) or None, got the {type(bands).__name__} {bands!r:.80}"
+        )
+    if not bands:
+        raise ValueError("bands={} names no band; give at least one name -> layers, or None")
 
 
 def _refuse_tensor(name: str, value) -> None:
