@@ -110,6 +110,19 @@ def _check_cache(
     check_cache_mask(clean_cache, attention_mask, "the clean cache", "the sweep")
 
 
+def _check_metric(metric: Any) -> None:
+    """Refuse a ``patching_metric`` that is not callable (a metric's name, ``"logit_diff"``,
+    as `ablation_effects` takes): ``TypeError`` before any pass (it failed with "'str'
+    object is not callable" after the corrupted run)."""
+    if not callable(metric):
+        raise TypeError(
+            f"patching_metric must be a function of the logits [batch, pos, d_vocab] "
+            f"returning a scalar, got the {type(metric).__name__} {metric!r:.80} (a metric's "
+            "name is taken by ablation_effects, not here); e.g. lambda logits: "
+            "batch.logit_diff(logits).mean() for a TaskBatch batch"
+        )
+
+
 def _scalar(value) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, (Tensor, int, float)):
         raise TypeError(
@@ -177,6 +190,7 @@ def _patch_cells(
         shape, desc = (*shape, n_pos), f"{desc} by pos"
     else:
         cells = [(index, name, start, None) for index, name, start in targets]
+    _check_metric(metric)
     mask = model._validate_attention_mask(
         attention_mask, tuple(corrupted_tokens.shape), corrupted_tokens.device
     )

@@ -838,6 +838,20 @@ CASES = [
         ["patching_metric must return", "str"],
     ),
     (
+        "patching-metric-a-name",
+        _act_patch(lambda c: c.cache, metric="logit_diff"),
+        TypeError,
+        ["patching_metric must be a function of the logits", "got the str 'logit_diff'"],
+    ),
+    (
+        "attribution-patching-metric-a-name",
+        lambda c: __import__(
+            "hooked_attnres.analysis", fromlist=["x"]
+        ).attribution_patch_routing_weights(c.model, c.tokens, c.cache, "logit_diff"),
+        TypeError,
+        ["patching_metric must be a function of the logits", "got the str 'logit_diff'"],
+    ),
+    (
         "patching-tokens-as-list",
         _act_patch(lambda c: c.cache, tokens=lambda c: [[1, 2]]),
         TypeError,

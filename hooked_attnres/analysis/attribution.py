@@ -87,6 +87,7 @@ from hooked_attnres.model.weights import WeightsSignature
 from hooked_attnres.patching import (
     _check,
     _check_cache,
+    _check_metric,
     _column,
     _scalar,
     _site_rows,
@@ -822,6 +823,7 @@ def attribution_patch_routing_weights(
     method = require_choice("method", method, METHODS)
     by_pos = require_bool("by_pos", by_pos)  # "no" gave the by-position layout
     routers = _check(model, corrupted_tokens, routers)
+    _check_metric(patching_metric)
     site_rows = _site_rows(model, routers)
     sites = [site for _, site in site_rows]
     mask = model._validate_attention_mask(
