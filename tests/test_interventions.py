@@ -19,6 +19,7 @@ from hooked_attnres.interventions import (
     resolve_routers,
     resolve_sources,
     resolve_value,
+    select_sites,
     set_weights,
 )
 
@@ -2444,3 +2445,20 @@ def test_a_value_of_one_row_per_prompt_is_refused_as_it_reads_as_one_per_positio
     # the one resolver of both, public: the same rule
     with pytest.raises(ValueError, match=rf"patching at here: a value tensor {accepted}"):
         resolve_value(values, torch.zeros(3, 3, d_model), lambda cache: cache["x"], "here")
+
+
+def test_bands_without_band_names_in_layers_are_refused_not_ignored(tokens):
+    """Audit 138: ``bands`` is read only for the band names in ``layers``, so
+    ``mask_sources(model, "embedding", bands={"early": [0]})`` masked the embedding at every
+    layer (0.012 off the intended layer-0 ablation on logits of 0.36, a 4-layer cumulative
+    model), and ``layers=[1]`` with ``bands`` ignored them too; a list of layer lists as
+    ``bands`` failed with "'list' object has no attribute 'items'"."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"bands=\{'early': \[0\]\} .*layers=None names none"):
+        mask_sources(model, "embedding", bands={"early": [0]})
+    with pytest.raises(ValueError, match=r"but layers=\[1\] names none, so bands would be ign"):
+        set_weights(model, torch.ones(3) / 3, layers=[1], bands={"early": [0]})
+    with pytest.raises(ValueError, match=r"^bands must be a dict of band name -> layers"):
+        mask_sources(model, "embedding", layers="early", bands=[[0], [1]])
+    # the control: band names in layers read the custom bands
+    assert select_sites(model, layers="x", bands={"x": [1]}) == select_sites(model, layers=[1])

@@ -128,14 +128,26 @@ def _layer_list(spec, n_layers: int) -> list[int]:
 def resolve_layers(
     model: HookedAttnRes, layers: LayerSpec = None, bands: Optional[dict] = None
 ) -> list[int]:
-    """Layer indices from an index, list, range, ``(start, stop)``, or band name(s)."""
+    """Layer indices from an index, list, range, ``(start, stop)``, or band name(s).
+
+    ``bands`` (custom band name -> layers, `depth_bands`) is read only for the band names
+    in ``layers``: with ``layers=None`` (every layer) or layer indices it is refused, as
+    it would be ignored (``mask_sources(model, "embedding", bands={"early": [0]})``
+    masked every layer, silently)."""
     n_layers = model.cfg.n_layers
-    if layers is None:
-        return list(range(n_layers))
     named = depth_bands(n_layers, bands)
     if isinstance(layers, str):
         layers = [layers]
-    if isinstance(layers, (list, tuple)) and any(isinstance(v, str) for v in layers):
+    by_name = isinstance(layers, (list, tuple)) and any(isinstance(v, str) for v in layers)
+    if bands is not None and not by_name:
+        raise ValueError(
+            f"bands={bands!r:.80} defines layer groups that layers selects by name "
+            f"(layers={next(iter(bands))!r}), but layers={layers!r:.80} names none, so "
+            "bands would be ignored; pass layers=<band name(s)>, or leave bands out"
+        )
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (list, tuple)) and by_name:
         if not all(isinstance(v, str) for v in layers):
             raise ValueError(
                 f"layers mixes band names and layer indices ({layers!r}); give "
