@@ -40,7 +40,11 @@ from hooked_attnres.analysis.mass import (
     require_read_agrees,
     require_same_layers,
 )
-from hooked_attnres.interventions.checks import recorded_run, refuse_chunk_cache
+from hooked_attnres.interventions.checks import (
+    check_cache_model,
+    recorded_run,
+    refuse_chunk_cache,
+)
 from hooked_attnres.interventions.selection import position_index
 from hooked_attnres.model.cache import RunRecord
 from hooked_attnres.model.depth import FAMILIES, ROUTERS
@@ -401,7 +405,9 @@ def source_heatmap(
             of a pass after key-value-cached positions (its position 0 is not the
             sequence's) or whose weights were cached by an earlier pass than the recorded
             one (`recorded_run`), and one position of a cache made with a ``pos_slice``
-            that drops or reorders positions (its position ``p`` is not the run's).
+            that drops or reorders positions (its position ``p`` is not the run's); a
+            cache of another model (`check_cache_model`; a dict of one by its routers'
+            source counts).
     """
     model.routing_layout.require_routers()  # (was: numpy's "zero-size array" error)
     if not isinstance(router, str):  # rows of two types would share the labels "layer k"
@@ -422,6 +428,9 @@ def source_heatmap(
     rows = []
     sites = model.sites(router)
     names = [site.hook("weights") for site in sites]
+    # a cache of another model: its sources are not this model's (it failed with "zip()
+    # argument 2 is shorter than argument 1")
+    check_cache_model(model, cache, "the cache")
     real, record, positions = _real_tokens(cache, names, positions)
     for site in sites:
         weights = _batch_pos_sources(cache[site.hook("weights")], record)
@@ -437,6 +446,12 @@ def source_heatmap(
         at = weights if positions == "all" else weights[:, [int(positions)]]
         weights = at.mean(dim=(0, 1))
         labels = model.source_labels(site)
+        if len(labels) != len(weights):  # a dict of another model's run (RunCacheDict)
+            raise ValueError(
+                f"the cache's {site.hook('weights')} has {len(weights)} sources, but this "
+                f"model's {site} reads {len(labels)}: the cache comes from another model; "
+                "cache a run of this model (model.run_with_cache(tokens))"
+            )
         for label in labels:
             if label not in columns:
                 columns.append(label)

@@ -1264,3 +1264,19 @@ def test_mass_effect_by_seed_reads_a_summary_without_layers_of_models_of_several
                 assert value == pytest.approx(rows.mass.mean()), (condition, family)
             else:  # no router of the type reads it: no bar
                 assert np.isnan(value), (condition, family)
+
+
+def test_source_heatmap_refuses_a_cache_of_another_model():
+    """Audit 138: a cache of a model with other routing (more sources per router) failed
+    with "zip() argument 2 is shorter than argument 1"; it is refused naming both models,
+    and a dict of another model's run (which does not know its model) by the source
+    counts."""
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = tiny_model()  # cumulative, 2 blocks
+    other = tiny_model(attnres_layout="full")  # one source per sublayer
+    _, cache = other.run_with_cache(tokens)
+    with pytest.raises(ValueError, match=r"^the cache comes from a model with layout 'full'"):
+        plotting.source_heatmap(model, cache)
+    _, plain = other.run_with_cache(tokens, return_cache_object=False)
+    with pytest.raises(ValueError, match=r"hook_weights has 1 sources, but this model.s attn_res"):
+        plotting.source_heatmap(model, plain)
