@@ -281,6 +281,24 @@ def non_finite_in_column(
     return count, row[column], where
 
 
+def require_columns(table: Any, columns: Sequence[str], what: str, made_by: str = "") -> None:
+    """Refuse a ``table`` that is no pandas ``DataFrame`` (``TypeError``) or lacks one of
+    ``columns`` (``ValueError("{what} lacks the column(s) [...] (it has [...])")``):
+    ``what`` names the table as the caller's argument (``"mass_summary"``), ``made_by`` the
+    call that makes it (``"summarize_mass(routing_mass(...))"``), shown as the remedy. The
+    one check of a table's columns: a table of another kind (the effects passed as the
+    mass summary, two arguments swapped) failed deep inside with pandas' ``KeyError`` or
+    "'DataFrame' object has no attribute 'metric'"."""
+    remedy = f"; pass {made_by}" if made_by else ""
+    if not hasattr(table, "columns") or not hasattr(table, "groupby"):
+        raise TypeError(f"{what} must be a pandas DataFrame{remedy}, got {type(table).__name__}")
+    missing = [c for c in dict.fromkeys(columns) if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{what} lacks the column(s) {missing} (it has {list(table.columns)}){remedy}"
+        )
+
+
 def require_labelled(table: Any, columns: Sequence[str], what: str) -> None:
     """Refuse a NaN (or ``None``) label in those of ``columns`` that ``table`` (a pandas
     ``DataFrame``) has: ``ValueError`` naming each such column and its number of rows.

@@ -26,6 +26,7 @@ from hooked_attnres._validation import (
     is_integer,
     non_finite_in_column,
     require_bool,
+    require_columns,
     require_keys,
     require_same_kind,
     require_selection,
@@ -121,9 +122,7 @@ def _require_table(
     interval is drawn as it is: plotly draws a whisker from ``value - arrayminus`` to
     ``value + array`` whatever their signs, i.e. from ``ci_low`` to ``ci_high`` (a
     percentile bootstrap interval may exclude the mean, e.g. with few resamples)."""
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"{what} lacks the column(s) {missing} (it has {list(table.columns)})")
+    require_columns(table, columns, what)
     if table.empty:
         raise ValueError(f"{what} has no rows: there is nothing to plot")
     keys = ("condition", "seed", "router", "layer", "group", "band", "family", "metric")

@@ -452,6 +452,14 @@ def _attribution(batch, **kwargs):
     return attribute_routing(model, batch, progress=False, n_bootstrap=10, **kwargs)
 
 
+@functools.cache
+def _tables():
+    """``(mass, mass summary, effects)`` of the tiny trained model on 8 prompts."""
+    mass = _mass_of(_task_batch())
+    effects = _effects(_task_batch)(None)
+    return mass, summarize_mass(mass, n_bootstrap=10), effects
+
+
 def _effects(batch_fn, **kwargs):
     def call(ctx):
         from hooked_attnres.analysis import ablation_effects
@@ -929,6 +937,43 @@ CASES = [
         lambda c: summarize_mass(_mass(positions="all")(c), by=("head",)),
         ValueError,
         ["cannot group by ['head']"],
+    ),
+    (
+        "summarize-the-effects-table",
+        lambda c: summarize_mass(_tables()[2]),
+        ValueError,
+        ["mass lacks the column(s) ['mass', 'prompt']", "pass routing_mass(...) output"],
+    ),
+    (
+        "summarize-a-dict",
+        lambda c: summarize_mass(_tables()[0].to_dict()),
+        TypeError,
+        ["mass must be a pandas DataFrame", "got dict"],
+    ),
+    (
+        "dissociation-tables-swapped",
+        lambda c: __import__("hooked_attnres.analysis", fromlist=["x"]).dissociation_report(
+            _tables()[2], _tables()[1]
+        ),
+        ValueError,
+        ["mass_summary lacks the column(s) ['mass']", "the first argument"],
+    ),
+    (
+        "motif-verdicts-of-a-summary",
+        lambda c: __import__("hooked_attnres.analysis", fromlist=["x"]).motif_verdicts(
+            _tables()[1]
+        ),
+        ValueError,
+        ["report lacks the column(s) ['claim', 'present']", "motif_report(...)"],
+    ),
+    (
+        "schedule-comparison-of-the-effects",
+        lambda c: __import__("hooked_attnres.analysis", fromlist=["x"]).schedule_comparison(
+            _tables()[2],
+            __import__("hooked_attnres.analysis", fromlist=["x"]).recency_schedule(2, 2),
+        ),
+        ValueError,
+        ["mass lacks the column(s)", "routing_mass(...) output"],
     ),
     ("batch-row-out-of-range", lambda c: _task_batch()[100], IndexError, ["row 100", "8 prompts"]),
     (

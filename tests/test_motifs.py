@@ -384,7 +384,7 @@ def test_bad_tables_are_refused_with_what_to_do():
     summary, effects = tables()
     with pytest.raises(ValueError, match="needs the groups"):
         motif_report(summary, effects[effects.group != "all"])
-    with pytest.raises(ValueError, match="lacks the columns"):
+    with pytest.raises(ValueError, match=r"mass_summary lacks the column\(s\) \[.mass.\]"):
         motif_report(summary.drop(columns="mass"), effects)
     with pytest.raises(ValueError, match="no 'logit_diff' rows"):
         motif_report(summary, effects[effects.metric == "accuracy"])

@@ -17,6 +17,7 @@ from hooked_attnres.analysis.mass import (
     require_family_rows,
     require_read_agrees,
     require_same_layers,
+    require_summary_and_effects,
 )
 from hooked_attnres.model.depth import FAMILIES
 
@@ -73,6 +74,7 @@ def dissociation_report(
             with ``group="early"``), or a NaN / infinite mass, effect or interval bound
             (e.g. the NaN intervals of one prompt).
     """
+    require_summary_and_effects(mass_summary, effects)
     require_measured(effects, "dissociation_report")
     require_finite_number("appreciable_mass", appreciable_mass)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]

@@ -14,6 +14,7 @@ from torch import Tensor
 from hooked_attnres._precision import sum_where
 from hooked_attnres._validation import (
     non_finite_in_column,
+    require_columns,
     require_labelled,
     require_one_kind,
     require_selection,
@@ -91,6 +92,27 @@ def family_read(mass: pd.DataFrame, what: str) -> pd.Series:
             "recompute the table with routing_mass"
         )
     return mass.n_sources > 0
+
+
+def require_summary_and_effects(
+    mass_summary: pd.DataFrame, effects: pd.DataFrame, extra: Sequence[str] = ()
+) -> None:
+    """The columns of a mass summary and an effects table read side by side
+    (`motif_report`, `dissociation_report`), `require_columns`, ``extra`` effects columns
+    too (`motif_report` reads ``clean``): the two tables swapped failed with "'DataFrame'
+    object has no attribute 'metric'"."""
+    require_columns(
+        mass_summary,
+        ("router", "family", "mass"),
+        "mass_summary",
+        "summarize_mass(routing_mass(...)), the first argument",
+    )
+    require_columns(
+        effects,
+        ("router", "group", "family", "metric", "effect", "ci_low", "ci_high", *extra),
+        "effects",
+        "ablation_effects(...), the second argument",
+    )
 
 
 def require_family_read_column(mass_summary: pd.DataFrame, what: str) -> None:
@@ -704,6 +726,7 @@ def summarize_mass(
             counts can be summarised together.
     """
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
+    require_columns(mass, ("mass", "prompt"), "mass", "routing_mass(...) output")
     by = require_selection(
         "by",
         [by] if isinstance(by, str) else by,

@@ -40,6 +40,7 @@ import pandas as pd
 from hooked_attnres._validation import (
     as_items,
     first_non_finite,
+    require_columns,
     require_finite_number,
     require_integer,
     require_keys,
@@ -51,6 +52,7 @@ from hooked_attnres.analysis.mass import (
     require_family_rows,
     require_read_agrees,
     require_same_layers,
+    require_summary_and_effects,
 )
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
 
@@ -218,18 +220,8 @@ def _families_read(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.Seri
 
 
 def _check_inputs(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> None:
+    require_summary_and_effects(mass_summary, effects, extra=("clean",))
     require_measured(effects, "motif_report")
-    for name, table, columns in (
-        ("mass_summary", mass_summary, {"router", "family", "mass"}),
-        (
-            "effects",
-            effects,
-            {"router", "group", "family", "metric", "effect", "ci_low", "ci_high", "clean"},
-        ),
-    ):
-        missing = columns - set(table.columns)
-        if missing:
-            raise ValueError(f"{name} lacks the columns {sorted(missing)}")
     if "confidence" in effects.columns:
         levels = sorted(set(effects.confidence.astype(float)))
         if any(abs(level - PREREGISTERED_CONFIDENCE) > 1e-12 for level in levels):
@@ -672,6 +664,7 @@ def motif_verdicts(
     refused, and so is a report whose stored decisions (criterion 2's ``large``, D2, D3)
     those criteria contradict: its sentences would print numbers on the wrong side of the
     thresholds they name."""
+    require_columns(report, ("claim", "present"), "report", "motif_report(...)")
     criteria = _report_criteria(report, criteria)
     by = _by_columns(by)
     if by is None:
@@ -1067,6 +1060,7 @@ def verdict_changes(
         by = [c for c in ("condition", "seed") if c in first.columns and c in second.columns]
     keys = list(dict.fromkeys([*by, "claim"]))
     for name, table in (("first", first), ("second", second)):
+        require_columns(table, ("claim", "present"), f"the {name} report", "motif_report(...)")
         _require_labels(table, list(by), f"the {name} report")  # by's columns, labelled
         require_keys(table, ["claim"], f"the {name} report")
         repeated = table[table.duplicated(keys, keep=False)]

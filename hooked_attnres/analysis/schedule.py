@@ -23,6 +23,7 @@ from hooked_attnres._precision import float64_device
 from hooked_attnres._validation import (
     is_integer,
     require_choice,
+    require_columns,
     require_finite_number,
     require_integer,
     require_keys,
@@ -245,6 +246,7 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
     """
     # a NaN router, layer or family: the filter and groupby would leave the row out of
     # its router's mean
+    require_columns(mass, ("router", "layer", "family", "mass"), "mass", "routing_mass(...) output")
     require_keys(mass, ("router", "layer", "family"), "the mass table")
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
     require_finite_mass(measured, "the comparison")
