@@ -2113,3 +2113,12 @@ def test_model_labels_of_two_tables_that_differ_in_kind_are_refused_by_name():
         motif_report(summary, effects.astype({"seed": str}).astype({"seed": int})), report
     )
     assert verdict_changes(report, text.astype({"seed": int})).empty
+
+
+def test_claim_text_refuses_an_unknown_claim_by_name():
+    """Audit 138: an unknown claim id failed with a bare ``KeyError: 'D9'``."""
+    from hooked_attnres.analysis import CLAIMS, claim_text
+
+    with pytest.raises(ValueError, match=r"^claim must be one of \('M1', .*got 'D9'"):
+        claim_text("D9")
+    assert all(claim_text(claim) for claim in CLAIMS)  # the control: every claim has a text

@@ -733,3 +733,14 @@ def test_schedule_comparison_refuses_nan_labels_rather_than_drop_their_rows():
             ),
             schedule,
         )
+
+
+def test_bootstrap_ci_refuses_values_that_are_not_one_axis():
+    """Audit 138: a number (``bootstrap_ci(3.0)``) failed with NumPy's "too many indices
+    for array: array is 0-dimensional"; a table of rows named the rows' function's shape."""
+    from hooked_attnres.analysis import bootstrap_ci
+
+    with pytest.raises(ValueError, match=r"^values must be \[n\] .*got shape \(\); for several"):
+        bootstrap_ci(3.0)
+    with pytest.raises(ValueError, match=r"got shape \(2, 3\); for several rows .*_rows"):
+        bootstrap_ci(np.ones((2, 3)))

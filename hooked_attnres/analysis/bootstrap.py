@@ -32,8 +32,18 @@ def bootstrap_ci(
 
     Returns:
         ``(mean, low, high)``.
+
+    Raises:
+        ValueError: ``values`` that are not one axis ``[n]`` (a number, ``3.0``, failed
+            with NumPy's "too many indices for array"; for rows use `bootstrap_ci_rows`).
     """
-    mean, low, high = bootstrap_ci_rows(as_numpy(values)[None, :], n_resamples, confidence, seed)
+    values = as_numpy(values)
+    if values.ndim != 1:
+        raise ValueError(
+            f"values must be [n] (one number per prompt), got shape {values.shape}; for "
+            "several rows [rows, n] use bootstrap_ci_rows"
+        )
+    mean, low, high = bootstrap_ci_rows(values[None, :], n_resamples, confidence, seed)
     return float(mean[0]), float(low[0]), float(high[0])
 
 

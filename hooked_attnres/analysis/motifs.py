@@ -40,6 +40,7 @@ import pandas as pd
 from hooked_attnres._validation import (
     as_items,
     first_non_finite,
+    require_choice,
     require_columns,
     require_finite_number,
     require_integer,
@@ -891,7 +892,9 @@ def printed_beside(value: float, threshold: float, digits: int, spec: str = "f")
 def claim_text(claim: str, criteria: Criteria = PREREGISTERED) -> str:
     """What a claim id (`CLAIMS`) says, e.g. ``"M1"`` -> ``"embedding through early MLP
     routers"``; D2 and D3 name ``criteria``'s thresholds (the pre-registered ``"< 0.5x
-    current's mass"``, ``">= 0.10 mass"``), each written as it reads exactly."""
+    current's mass"``, ``">= 0.10 mass"``), each written as it reads exactly. Another id
+    is refused by name (`require_choice`; it was a bare ``KeyError: 'D9'``)."""
+    claim = require_choice("claim", claim, CLAIMS)
     if claim in MOTIFS:
         return MOTIFS[claim][3]
     c = criteria
