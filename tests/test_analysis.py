@@ -2352,3 +2352,24 @@ def test_schedule_comparison_refuses_a_layer_column_mixing_text_and_numbers():
         schedule_comparison(routing_mass(model, tokens, positions="all"), schedule),
         atol=1e-6,
     )
+
+
+def test_schedule_deviation_refuses_a_schedule_of_more_layers_as_the_comparison_does():
+    """Audit 138: a schedule of 8 layers (4 blocks) beside a 4-layer, 2-block model predicts
+    the model's routers alike (the same block size), so schedule_deviation reported
+    agreement (2e-8) with a schedule of another model, which schedule_comparison refuses."""
+    from hooked_attnres.analysis import schedule_deviation
+
+    model = tiny_model(attnres_recency_bias=3.0)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+    assert schedule_deviation(model, cache, recency_schedule(4, 2, 3.0)) < 1e-6  # control
+    mass = routing_mass(model, tokens, positions="all")
+    for n_layers, num_blocks in ((8, 4), (6, 3)):
+        schedule = recency_schedule(n_layers, num_blocks, 3.0)
+        with pytest.raises(ValueError, match="different shape"):
+            schedule_comparison(mass, schedule)
+        with pytest.raises(
+            ValueError, match=rf"^the schedule is for {n_layers} layers, but the model has 4"
+        ):
+            schedule_deviation(model, cache, schedule)

@@ -158,7 +158,9 @@ def schedule_deviation(
             configured recency bias).
 
     Raises:
-        ValueError: a router's cached weights hold NaN or infinity at a token read (no
+        ValueError: a schedule of another number of layers (one of more layers, of the
+            model's block size, predicts the model's routers alike, and was reported as
+            agreeing); a router's cached weights hold NaN or infinity at a token read (no
             deviation can be measured; NaN would otherwise be skipped and the routing
             reported as agreeing); hooks whose padding cannot be told
             (`hooked_attnres.interventions.checks.require_run_positions`: last filled by
@@ -175,6 +177,13 @@ def schedule_deviation(
             raise ValueError("this model has no recency bias; pass a schedule explicitly")
         schedule = recency_schedule(
             cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias, cfg.attnres_mode
+        )
+    if schedule.n_layers != cfg.n_layers:  # as schedule_comparison refuses it
+        raise ValueError(
+            f"the schedule is for {schedule.n_layers} layers, but the model has "
+            f"{cfg.n_layers}; the schedule is for a different shape than the measured model "
+            "(a longer one agreed on the model's layers alone: pass recency_schedule of the "
+            "model's n_layers and num_blocks, or no schedule)"
         )
     worst = 0.0
     require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
