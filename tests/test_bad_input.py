@@ -556,3 +556,17 @@ def test_replace_validates():
     other = cfg.replace(attnres_layout="full", dtype="float16")
     assert other.attnres_layout == "full" and other.dtype == torch.float16
     assert cfg.attnres_layout == "cumulative" and cfg.dtype == torch.float32
+
+
+def test_run_with_cache_and_forward_flags_are_true_or_false(model):
+    """Audit 138: flags read by truthiness: ``return_cache_object="no"`` returned the cache
+    object, ``remove_batch_dim="no"`` dropped the batch axis of a one-prompt run, and
+    ``loss_per_token="no"`` returned the loss per token."""
+    for flag in ("return_cache_object", "remove_batch_dim", "incl_bwd"):
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'"):
+            model.run_with_cache(GOOD, **{flag: "no"})
+    with pytest.raises(TypeError, match=r"^loss_per_token must be True or False, got 'no'"):
+        model(GOOD, return_type="loss", loss_per_token="no")
+    # the controls: the flags themselves
+    assert isinstance(model.run_with_cache(GOOD, return_cache_object=False)[1], dict)
+    assert model(GOOD, return_type="loss", loss_per_token=True).shape == (1, 3)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._validation import (
     is_integer,
+    require_bool,
     require_choice,
     require_integer,
     require_token_ids,
@@ -572,6 +573,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 ids or text as ``input``, or a bad argument.
         """
         return_type = require_choice("return_type", return_type, RETURN_TYPES)
+        loss_per_token = require_bool("loss_per_token", loss_per_token)  # "no" was True
         layers = self._layer_range(start_at_layer, stop_at_layer)
         if past_kv_cache is not None:
             self._check_cache_call(past_kv_cache, start_at_layer, stop_at_layer, logit_positions)

@@ -56,7 +56,7 @@ from hooked_attnres._tl import (
     slice_input,
 )
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
-from hooked_attnres._validation import require_choice
+from hooked_attnres._validation import require_bool, require_choice
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
@@ -577,6 +577,11 @@ class HookedModule(HookedRootModule):
         # a forward hook on the model before the caching hooks are added (TransformerLens's
         # or a raw PyTorch one, or a global module hook) may edit what the pass caches
         hooked = forward_hooks_attached(self)
+        # flags read by truthiness: "no" returned the cache object, dropped the batch axis
+        return_cache_object = require_bool("return_cache_object", return_cache_object)
+        remove_batch_dim = require_bool("remove_batch_dim", remove_batch_dim)
+        if "incl_bwd" in kwargs:
+            kwargs["incl_bwd"] = require_bool("incl_bwd", kwargs["incl_bwd"])
         if "pos_slice" in kwargs:  # before TransformerLens' Slice.unwrap reads True as [True]
             kwargs["pos_slice"] = slice_input(kwargs["pos_slice"], "pos_slice")
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor):
