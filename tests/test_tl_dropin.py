@@ -406,7 +406,8 @@ def test_patching_an_optional_hook_that_is_off_names_its_set_use_call():
             )
         with pytest.raises(KeyError, match=rf"model\.{method}\(True\)"):
             case.cache[activation, -1]
-    with pytest.raises(KeyError, match="blocks.0.hook_nonexistent'$"):  # others as before
+    # others: the model's suggestions (audit 138; TransformerLens's bare KeyError of the name)
+    with pytest.raises(KeyError, match="blocks.0.hook_nonexistent' is not in this cache: unkn"):
         case.cache["blocks.0.hook_nonexistent"]
 
 
@@ -2193,3 +2194,23 @@ def test_logit_attrs_takes_lists_and_strings_for_both_token_arguments(case):
     assert torch.allclose(attrs.sum(0), logits[..., ANSWER] - logits[..., WRONG], atol=ATOL)
     with pytest.raises(TypeError, match=r"tokens.*to_single_token"):
         cache.logit_attrs(stack, ["a", "b"], **routed)
+
+
+def test_cache_keys_and_layers_out_of_range_are_refused_saying_why():
+    """Audit 138: ``cache["resid_pre", -99]`` failed with TransformerLens's ``KeyError:
+    'blocks.-95.hook_resid_pre'``, a misspelt name with a bare ``KeyError`` of the name,
+    and ``accumulated_resid(layer=99)`` / ``layer="1"`` with ``KeyError:
+    'blocks.5.hook_resid_pre'`` / a bare ``AssertionError``."""
+    model = tiny_model()  # 4 layers
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    for layer in (99, -99, 4, -5):
+        with pytest.raises(KeyError, match=rf"layer {layer} of .* is not in \[-4, 4\)"):
+            cache["resid_pre", layer]
+    assert torch.equal(cache["resid_pre", -1], cache["blocks.3.hook_resid_pre"])  # control
+    with pytest.raises(KeyError, match=r"is not in this cache: .*Did you mean \['blocks.0.hook_r"):
+        cache["blocks.0.hook_resid_pree"]
+    with pytest.raises(KeyError, match=r"Did you mean \['blocks.2.attn_res.hook_weights'"):
+        cache["weights", 2, "attn"]
+    for layer in (99, "1", -2):
+        with pytest.raises(ValueError, match=r"^layer must be an integer in \[0, 4\] \(or -1 / "):
+            cache.accumulated_resid(layer=layer)

@@ -498,8 +498,15 @@ class AttnResActivationCache(ActivationCache):
                 name = key if key in self.cache_dict else get_act_name(key)
             else:
                 key = tuple(key)
+                n_layers = self.model.cfg.n_layers
+                if len(key) > 1 and is_integer(key[1]) and not -n_layers <= key[1] < n_layers:
+                    # it named 'blocks.-95.hook_resid_pre' for layer -99 of 4
+                    raise KeyError(
+                        f"layer {key[1]!r} of {key!r} is not in [-{n_layers}, {n_layers}): "
+                        f"the model has {n_layers} layers"
+                    ) from None
                 if len(key) > 1 and is_integer(key[1]) and key[1] < 0:  # NumPy too
-                    key = (key[0], self.model.cfg.n_layers + int(key[1]), *key[2:])
+                    key = (key[0], n_layers + int(key[1]), *key[2:])
                 name = get_act_name(*key)
             real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:
@@ -513,6 +520,11 @@ class AttnResActivationCache(ActivationCache):
                     f"model.{method}(True) is on (TransformerLens's optional hooks); switch "
                     "it on before run_with_cache"
                 ) from None
+            if name not in self.model.hook_dict:  # a misspelt name: the model's suggestions
+                try:
+                    self.model.check_hook_name(name)
+                except KeyError as unknown:
+                    raise KeyError(f"{name!r} is not in this cache: {unknown}") from None
             raise
 
     # --- TransformerLens methods that make a new cache_dict: keep the record -------------
@@ -1401,6 +1413,10 @@ class AttnResActivationCache(ActivationCache):
         n_layers = model.cfg.n_layers
         if layer is None or layer == -1:
             layer = n_layers
+        # the range, as the decompositions check it (layer 99 was TransformerLens's KeyError
+        # 'blocks.5.hook_resid_pre', layer "1" a bare AssertionError)
+        _point(model, layer, False)
+        layer = int(layer)
         if apply_ln and layer != n_layers and layout.has_routers:
             raise ValueError(
                 f"accumulated_resid(apply_ln=True, layer={layer}) divides every entry by layer "
