@@ -1406,3 +1406,27 @@ def test_the_study_report_refuses_model_labels_mixing_text_and_numbers(tmp_path)
     assert "and 1 seed(s)" in sentence([0, 0])
     with pytest.raises(ValueError, match=r"schedule table's column 'seed' mixes text and"):
         sentence(pd.Series([0, "0"], dtype=object))
+
+
+def test_the_report_functions_refuse_what_is_no_study_result():
+    """Audit 138: a table (``result.accuracy``) or an output folder passed where a
+    `StudyResult` goes failed with "'DataFrame' object has no attribute 'settings'" or
+    "'str' object has no attribute 'accuracy'"."""
+    import pandas as pd
+
+    from hooked_attnres.study import (
+        accuracy_table,
+        study_figures,
+        study_report,
+        study_report_html,
+        verdict_sentences,
+    )
+
+    for fn in (accuracy_table, study_figures, study_report, study_report_html, verdict_sentences):
+        for bad in (pd.DataFrame({"accuracy": [1.0]}), "study_out"):
+            with pytest.raises(
+                TypeError,
+                match=rf"^{fn.__name__} takes the StudyResult of run_study\(...\) .*got the "
+                f"{type(bad).__name__}",
+            ):
+                fn(bad)

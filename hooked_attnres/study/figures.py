@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from hooked_attnres import plotting
 from hooked_attnres.analysis.motifs import MOTIFS, printed_beside
 from hooked_attnres.study.conditions import get_condition
+from hooked_attnres.study.report import require_study_result
 
 if TYPE_CHECKING:
     from hooked_attnres.study.run import StudyResult
@@ -37,6 +38,7 @@ def study_figures(result: StudyResult) -> dict[str, go.Figure]:
     """``{name: figure}``: per task, one figure per motif (M1, M2, M3: the family's effect
     per depth band), one per router type for the dissociations (mass and effect of every
     family), and the routing-mass heatmap of each condition's first seed."""
+    require_study_result(result, "study_figures")
     figures: dict[str, go.Figure] = {}
     for task, conditions in conditions_by_task(result).items():
         effects = result.effects[result.effects.condition.isin(conditions)]

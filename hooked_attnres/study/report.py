@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import pandas as pd
 
@@ -53,6 +53,20 @@ QUESTION = (
 
 def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
+
+
+def require_study_result(result: Any, what: str) -> None:
+    """Refuse a ``result`` that is no `StudyResult` (``TypeError`` naming ``what``, the
+    call): a table (``result.accuracy``) or an output folder's path failed with
+    "'DataFrame' object has no attribute 'settings'" or "'str' object has no attribute
+    'accuracy'"."""
+    from hooked_attnres.study.run import StudyResult
+
+    if not isinstance(result, StudyResult):
+        raise TypeError(
+            f"{what} takes the StudyResult of run_study(...) (or write_study's), got the "
+            f"{type(result).__name__} {result!r:.60}"
+        )
 
 
 def _conclusion(result: StudyResult) -> list[str]:
@@ -303,6 +317,7 @@ def verdict_sentences(result: StudyResult) -> list[str]:
     Args:
         result: a `run_study` result.
     """
+    require_study_result(result, "verdict_sentences")
     return _resample_lines(result) + _conclusion(result) + _schedule_sentences(result)
 
 
@@ -451,6 +466,7 @@ def accuracy_table(result: StudyResult) -> pd.DataFrame:
     logit_diff (unrounded; the report prints them in its digits). A condition or seed
     column with a NaN label or mixing text and numbers is refused, as by the report
     (`require_keys`)."""
+    require_study_result(result, "accuracy_table")
     require_keys(result.accuracy, MODEL_LABELS, "the study result's accuracy table")
     bias = _setting(result, "recency_bias")
     prompts = f"test split, data seed {_setting(result, 'probe_seed')}"
@@ -561,6 +577,7 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 def study_report(result: StudyResult) -> str:
     """The report as Markdown (the same content as ``report.html``; figures are named)."""
+    require_study_result(result, "study_report")
     out: list[str] = []
     for kind, payload in document(result):
         if out and out[-1].startswith("* ") and kind != "li":
@@ -595,6 +612,7 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 def study_report_html(result: StudyResult) -> str:
     """The report as one self-contained HTML page (plotly.js inlined once, so it opens
     offline); every figure is interactive and sizes to the page."""
+    require_study_result(result, "study_report_html")
     from hooked_attnres import plotting
 
     parts: list[str] = []
