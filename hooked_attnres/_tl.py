@@ -30,14 +30,21 @@ def as_slice(value, name: str) -> Slice:
     return checked if isinstance(checked, Slice) else Slice(checked)
 
 
+def selects_positions(pos_slice: Slice) -> bool:
+    """Whether a checked position ``Slice`` names positions (an int or an index array,
+    of integers or a bool mask), which `require_slice_in_range` checks: a ``slice`` keeps
+    the positions it finds, as in Python, and ``None`` keeps all."""
+    return pos_slice.mode in ("int", "array")
+
+
 def require_slice_in_range(pos_slice: Slice, n_pos: int, name: str, where: str) -> None:
     """Refuse a checked position ``Slice`` (`as_slice`) that selects a position outside
     ``[-n_pos, n_pos)`` (an int or an index array: `require_positions_in_range`, naming
     ``name`` and ``where``, what has ``n_pos`` positions) or is a bool mask of another
     length than ``n_pos``; torch raised a bare ``IndexError`` naming no argument. A
     ``slice`` (``(start, stop)``) is not checked: as in Python, it keeps the positions it
-    finds."""
-    if pos_slice.mode not in ("int", "array"):
+    finds (`selects_positions`)."""
+    if not selects_positions(pos_slice):
         return
     index = np.asarray(pos_slice.slice)
     if index.dtype.kind != "b":
@@ -112,6 +119,7 @@ __all__ = [
     "Slice",
     "as_slice",
     "require_slice_in_range",
+    "selects_positions",
     "composition_scores",
     "get_act_name",
     "remove_batch_dim",

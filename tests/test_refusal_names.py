@@ -539,3 +539,58 @@ def test_in_range_positions_and_masks_still_read_and_a_short_mask_is_refused(mod
     # index 0 does not match the shape of the indexed tensor"
     with pytest.raises(ValueError, match=r"^pos_slice is a bool mask of 3 positions, but the "):
         cache.accumulated_resid(pos_slice=torch.tensor([True, False, True]))
+
+
+def test_the_position_check_builds_no_hook_list_where_it_checks_nothing(model, batch, monkeypatch):
+    # audit 137's check listed the residual hooks (`residual_hook_names`, ~50 us on the
+    # tiny model) on every call of a cache method, pos_slice=None included: get_neuron_results
+    # took 76 us for 17 (review 140). A None or (start, stop) pos_slice selects no position
+    # it could miss, and a cached hook_embed gives the position extent at once
+    from hooked_attnres.model import cache as cache_module
+
+    _, cache = model.run_with_cache(batch.tokens)
+    listed = []
+    listing = cache_module.residual_hook_names
+    monkeypatch.setattr(
+        cache_module, "residual_hook_names", lambda m: listed.append(1) or listing(m)
+    )
+    for pos_slice in (None, (0, 30), slice(2, None), -1, [0, 6], torch.tensor([True] * 7)):
+        cache._require_cached_positions(pos_slice)
+    with pytest.raises(ValueError, match=r"^pos_slice \[0, 7\] must be integers in \[-7, 7\)"):
+        cache._require_cached_positions([0, 7])
+    assert listed == []
+
+
+def test_routing_lens_on_a_cache_without_a_position_axis_names_that_not_its_batch(model, batch):
+    # a cache made with pos_slice=Slice(k) holds [batch, d_model]: its axis -2 is the batch,
+    # which routing_lens's range check took for the positions ("positions 5 must be
+    # integers in [-4, 4) (the cache holds 4 positions ...)", a batch of 4; review 140)
+    from transformer_lens.utilities import Slice
+
+    _, cache = model.run_with_cache(batch.tokens, pos_slice=Slice(2))
+    assert cache["blocks.0.hook_resid_pre"].shape[0] == len(batch.tokens) == 4
+    with pytest.raises(ValueError, match=r"this cache has no position axis .* index its prompts"):
+        routing_lens(model, cache, positions=5)
+
+
+def test_a_pos_slice_past_a_cached_pass_says_it_counts_the_pass_positions(model, batch):
+    # with a key-value cache (generate, or a chunk after a prefill) run_with_cache's
+    # pos_slice indexes the pass's own positions (TransformerLens's semantics, and the
+    # hooks'): pos_slice=3 after a 7-token prefill said only "this run has 1 tokens" of
+    # a sequence of 8 (review 140)
+    from hooked_attnres import KeyValueCache
+
+    kv = KeyValueCache.init_cache(model.cfg.n_layers)
+    model(batch.tokens, past_kv_cache=kv)
+    step = batch.tokens[:, :1]
+    with pytest.raises(
+        ValueError,
+        match=r"^pos_slice \[3\] must be integers in \[-1, 1\) \(this run has 1 tokens, after "
+        r"the 7 its key-value cache holds: pos_slice counts the run's own positions",
+    ):
+        model.run_with_cache(step, past_kv_cache=kv, pos_slice=3)
+    # and the pass's last position is its -1 (its only one), whatever the cache holds
+    kv = KeyValueCache.init_cache(model.cfg.n_layers)
+    model(batch.tokens, past_kv_cache=kv)
+    _, cache = model.run_with_cache(step, past_kv_cache=kv, pos_slice=-1)
+    assert cache["resid_pre", 0].shape == (len(step), 1, model.cfg.d_model)

@@ -466,6 +466,12 @@ class HookedModule(HookedRootModule):
             positions it keeps, in order, are the pass's only if it keeps all of them)."""
             if (n_pos, device) not in keeps_all:
                 where = f"this run has {n_pos} tokens"
+                n_past = pass_n_past()
+                if n_past:  # generate, or a chunk after a prefill: not the sequence's
+                    where += (
+                        f", after the {n_past} its key-value cache holds: pos_slice counts "
+                        "the run's own positions, as the hooks see them"
+                    )
                 require_slice_in_range(pos_slice, n_pos, "pos_slice", where)
                 every = torch.arange(n_pos, device=device)
                 kept = pos_slice.apply(every, dim=0)
