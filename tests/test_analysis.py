@@ -687,6 +687,24 @@ def test_summarize_mass_takes_whole_float_layers_as_their_layers_and_refuses_oth
             summarize_mass(table, n_bootstrap=20)
 
 
+def test_summarize_mass_reads_a_categorical_float_layer_column_as_the_plain_one():
+    """Review 140: `integer_layers` read a categorical column's dtype (no float kind), so
+    the float table made categorical (``astype("category")``, which summarize_mass takes
+    since audit 120 with the numbers of the plain table) still wrote its layers
+    "0.0,1.0"; a categorical column of other layers is refused as the plain one is."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=2)).eval()
+    mass = routing_mass(model, random_batch(4, 5, model.cfg.d_vocab))
+    as_float = mass.astype({"layer": float})
+    for by in (("router", "family"), ("band", "family")):
+        want = summarize_mass(mass, by=by, n_bootstrap=20)
+        got = summarize_mass(as_float.astype({"layer": "category"}), by=by, n_bootstrap=20)
+        pd.testing.assert_frame_equal(got, want)
+    table = as_float.copy()
+    table.loc[table.layer == 1, "layer"] = 1.5
+    with pytest.raises(ValueError, match=r"^the mass table's column 'layer' holds .* e\.g\. 1\.5"):
+        summarize_mass(table.astype({"layer": "category"}), n_bootstrap=20)
+
+
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's

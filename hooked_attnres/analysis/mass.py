@@ -204,13 +204,18 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
     integers (``0.0`` is layer 0: a CSV read back gives a float column where some cell of
     it is empty, as `layer_tuple` reads a one-layer cell ``3.0``); a float that is not a
     whole number (``1.5``, never rounded), NaN or infinite raises ``ValueError`` naming
-    ``what`` (the table), how many rows and the first one. A table without ``layer``, or
+    ``what`` (the table), how many rows and the first one. A categorical column of float
+    categories is read as that float column (review 140). A table without ``layer``, or
     with integer or text layers, is returned as it is. Until audit 137 `summarize_mass`
     wrote a float column's layers as ``"0.0,1.0"``, which every pairing with the effects
     then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``, silently."""
     if "layer" not in table.columns:
         return table
     values = table["layer"]
+    if isinstance(values.dtype, pd.CategoricalDtype) and values.cat.categories.dtype.kind == "f":
+        # read by its labels, as `require_one_kind` reads it: float categories are floats
+        # (review 140: "0.0,1.0" was written for the float table made categorical)
+        values = values.astype(float)
     numbers = values.dtype.kind == "f" or (
         values.dtype == object and not any(isinstance(v, str) for v in values.dropna().unique())
     )
