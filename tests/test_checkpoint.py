@@ -1211,3 +1211,27 @@ def test_a_tokenizer_config_outside_ascii_is_saved_and_loaded_whatever_the_local
     loaded = HookedAttnRes.from_pretrained(tmp_path / "ckpt")
     assert loaded.default_padding_side == "left"
     assert loaded.to_str_tokens("w3 <｜think｜>", prepend_bos=False) == ["w3", "<｜think｜>"]
+
+
+# --- model_class= at the classmethods ------------------------------------------------------
+
+
+class _SubModel(HookedAttnRes):
+    pass
+
+
+def test_from_pretrained_refuses_model_class_naming_load_checkpoint(saved):
+    directory, _ = saved
+    with pytest.raises(TypeError, match=r"from_pretrained loads its own class.*load_checkpoint"):
+        HookedAttnRes.from_pretrained(directory, model_class=_SubModel)
+    # the remedy the message names builds the class asked for
+    from hooked_attnres.loading import load_checkpoint
+
+    assert type(load_checkpoint(directory, model_class=_SubModel)) is _SubModel
+
+
+def test_from_hf_qwen3_refuses_model_class_naming_the_function():
+    with pytest.raises(
+        TypeError, match=r"from_hf_qwen3 loads its own class.*hf_qwen3\.from_hf_qwen3"
+    ):
+        HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="none", model_class=_SubModel)

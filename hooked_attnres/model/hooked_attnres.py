@@ -110,6 +110,18 @@ def _hooked_block_skipped(block: AttnResBlock, but: str, instead: str) -> ValueE
     )
 
 
+def _refuse_model_class(cls: type, method: str, function: str, kwargs: dict) -> None:
+    """Refuse ``model_class=`` given to the classmethod ``method`` of ``cls``, which passes
+    ``cls`` itself to ``function`` (Python's own error was "got multiple values for keyword
+    argument 'model_class'")."""
+    if "model_class" in kwargs:
+        raise TypeError(
+            f"{cls.__name__}.{method} loads its own class ({cls.__name__}; a subclass's "
+            f"{method} builds that subclass), so it takes no model_class=; to build another "
+            f"class call {function}(..., model_class=...) instead"
+        )
+
+
 class Output(NamedTuple):
     """What ``forward(..., return_type="both")`` returns."""
 
@@ -982,6 +994,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         `hooked_attnres.loading.hf_qwen3.from_hf_qwen3`."""
         from hooked_attnres.loading.hf_qwen3 import from_hf_qwen3
 
+        _refuse_model_class(
+            cls, "from_hf_qwen3", "hooked_attnres.loading.hf_qwen3.from_hf_qwen3", kwargs
+        )
         return from_hf_qwen3(source, wrap=wrap, model_class=cls, **kwargs)
 
     @classmethod
@@ -995,4 +1010,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         `CheckpointIntegrityError`)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
+        _refuse_model_class(
+            cls, "from_pretrained", "hooked_attnres.loading.load_checkpoint", kwargs
+        )
         return load_checkpoint(directory, model_class=cls, **kwargs)
