@@ -2249,8 +2249,9 @@ def test_a_two_dimensional_mask_or_weights_tensor_is_refused_not_read_as_positio
     took any shape: a 2-D ``[batch, n_sources]`` mask (one per prompt) broadcast over
     ``[batch, pos, n_sources]`` as ``[pos, n_sources]``, its row ``i`` at position ``i``
     of every prompt. With ``batch == pos`` silently (float64, max |logit difference| from
-    the per-prompt masks meant: 0.38 kimi, 0.0086 cumulative, 0.27 full; weights 0.049
-    kimi), otherwise a bare broadcasting error. Refused now when built, naming the shapes
+    the per-prompt masks meant: 0.38 kimi, 0.0086 cumulative, 0.27 full; weights 0.32
+    kimi, 0.0067 cumulative, 0.21 full, re-measured in audit 141), otherwise a bare broadcasting
+    error. Refused now when built, naming the shapes
     accepted; the per-prompt shape gives each prompt's own mask (checked against each
     prompt run alone)."""
     from hooked_attnres.interventions import mask_hook

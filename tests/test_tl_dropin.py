@@ -712,7 +712,8 @@ def test_the_remainder_at_layer_0_is_the_first_attention_input(case):
     """At layer 0 no head or neuron has written yet, so the remainder is all of what ln1
     reads. TransformerLens reads ``cache["resid_post", layer - 1]`` there, which its
     negative layer index turns into the last layer's output: layout none returned the whole
-    model's final stream (0.03 off an input of 0.07, float32), the routed layouts refused."""
+    model's final stream (0.027 off an input of 0.050, float32; 0.063 in the none wrap), the
+    routed layouts refused."""
     warnings.simplefilter("ignore", UnfoldedNormWarning)  # the hand computation divides too
     cache, model = case.cache, case.model
     prefix = "blocks.0.ln1"
@@ -1127,8 +1128,9 @@ def test_decompositions_refuse_a_cache_of_an_edited_run(case):
     """When the run edited a depth source (here hook_resid_pre of layer 1 halved) or a
     router's copy of its sources (patch_sources), the components weighted by the routing
     weights no longer sum to what the norm read; the decompositions gave such sums
-    silently (kimi, final-router embedding source zeroed, float64: DLA -1.356 vs the true
-    logit difference -0.129). They refuse where the identity fails and stay exact where
+    silently (kimi, final-router embedding source zeroed, float64: DLA 1.85 vs the true
+    logit difference -0.017 on this kimi case's second prompt, audit 141). They refuse where the
+    identity fails and stay exact where
     the edit did not reach (a local patch at layer 2 leaves the unembedding exact)."""
     model = case.model
     answers, wrongs = torch.tensor([ANSWER, ANSWER]), torch.tensor([WRONG, WRONG])
@@ -1449,8 +1451,9 @@ def test_head_and_neuron_stacks_refuse_a_cache_whose_sublayer_output_was_edited(
     hook_mlp_out (the usual TransformerLens ablation) left the sum check of
     `test_decompositions_refuse_a_cache_of_an_edited_run` satisfied (it reads the sublayer
     outputs), and the stacks were returned silently: float64, get_full_resid_decomposition
-    summed 0.037 away from what ln_final read (inputs of 0.086, recency wrap) with layer 1's
-    attention output zeroed, 0.0033 with layer 0's MLP output zeroed, in every layout. They
+    summed 0.045 away from what ln_final read (inputs of 0.078, recency wrap) with layer 1's
+    attention output zeroed, up to 0.0022 with layer 0's MLP output zeroed, in every layout
+    (re-measured in audit 141). They
     refuse now; the sublayer decompositions stay exact."""
     model = case.model
     target = _final_norm_input(case)
