@@ -338,6 +338,25 @@ def _label_kinds(values: Any) -> set[bool]:
     return {_is_text(v) for v in labels}
 
 
+def _kinds_held(tables: Sequence[tuple[str, Any]], column: str) -> dict[bool, str]:
+    """The kinds of label (``True``: text, ``False``: numbers, `_label_kinds`) that
+    ``column`` holds across ``tables`` (``(what, DataFrame)`` pairs), each with the first
+    table holding it; tables without the column are skipped."""
+    kinds: dict[bool, str] = {}
+    for what, table in tables:
+        if column in table:
+            for kind in _label_kinds(table[column]):
+                kinds.setdefault(kind, what)
+    return kinds
+
+
+def differ_in_kind(tables: Sequence[tuple[str, Any]], column: str) -> bool:
+    """Whether ``column`` holds text in one of ``tables`` (``(what, DataFrame)`` pairs) and
+    numbers in another (`require_same_kind` refuses it): its labels match across them in
+    no row (``0`` is not ``'0'``)."""
+    return len(_kinds_held(tables, column)) > 1
+
+
 def require_same_kind(tables: Sequence[tuple[str, Any]], columns: Sequence[str]) -> None:
     """Refuse a column of ``columns`` that holds text in one of ``tables`` (``(what,
     DataFrame)`` pairs, ``what`` naming the table: ``"the first report"``) and numbers in
@@ -348,11 +367,7 @@ def require_same_kind(tables: Sequence[tuple[str, Any]], columns: Sequence[str])
     comparison of the keys found none in common. Each table's own column is checked by
     `require_one_kind`; a table without the column, or with NaN labels only, is skipped."""
     for column in dict.fromkeys(columns):
-        kinds: dict[bool, str] = {}
-        for what, table in tables:
-            if column in table:
-                for kind in _label_kinds(table[column]):
-                    kinds.setdefault(kind, what)
+        kinds = _kinds_held(tables, column)
         if len(kinds) > 1:  # in the order of tables (each of one kind, `require_one_kind`)
             held = " and ".join(f"{'text' if t else 'numbers'} in {w}" for t, w in kinds.items())
             raise ValueError(

@@ -737,6 +737,36 @@ def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
         assert report.loc[router, "mass_ranking"] == ranked
 
 
+def test_the_layer_check_reads_a_seed_of_another_kind_in_one_table():
+    """Audit 144: require_same_layers keyed the layers by the model columns both tables
+    have, so a seed 0 in the summary beside '0' in the effects (one table read back as
+    text) matched no key and the layers went unchecked: dissociation_report(every-layer
+    summary, group='early') ranked older and prev_completed, which no early router reads,
+    as audit 129 refused without seeds. Such a column is now read as one the tables do not
+    share: the same refusal, and the early summary's report equals the one without seeds."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(6, 7, model.cfg.d_vocab)
+    mass = routing_mass(model, batch)
+    effects = ablation_effects(
+        model, batch, groups="bands", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    overall = summarize_mass(mass, n_bootstrap=40)
+    for key, number, text in (("seed", 0, "0"), ("condition", 1, "1"), ("model", 2, "2")):
+        with pytest.raises(
+            ValueError,
+            match=r"^at router='attn_res', the mass summary's rows paired with group 'early' "
+            r"are of layers \[0, 1, 2, 3, 4, 5\] but the effects of group 'early' masked",
+        ):
+            dissociation_report(
+                overall.assign(**{key: number}), effects.assign(**{key: text}), group="early"
+            )
+    early = summarize_mass(mass[mass.band == "early"], n_bootstrap=40)
+    want = dissociation_report(early, effects, group="early")
+    got = dissociation_report(early.assign(seed=0), effects.assign(seed="0"), group="early")
+    pd.testing.assert_frame_equal(got, want)
+
+
 def test_dissociation_report_when_mass_and_effect_agree():
     mass = pd.DataFrame(
         {

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from hooked_attnres._precision import sum_where
 from hooked_attnres._validation import (
+    differ_in_kind,
     non_finite_in_column,
     require_columns,
     require_labelled,
@@ -336,7 +337,20 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
             f"{what} needs to pair the mass with the effects of group {group!r}: a group "
             "named like a band need not be of its layers; pass ablation_effects output"
         )
-    keys = ["router", *(c for c in _MODEL_KEYS if c in chosen.columns and c in mass.columns)]
+    # the model columns both tables have, each of one kind in both: a seed 0 beside '0' (one
+    # table read back as text) matches no key, and the layers went unchecked
+    # (dissociation_report ranked every layer's mass beside a band's effects, audit 144); it
+    # is read as a column one table lacks (the pairings that match rows by it refuse it,
+    # `require_same_kind`)
+    tables = (("mass_summary", mass), ("effects", chosen))
+    keys = [
+        "router",
+        *(
+            c
+            for c in _MODEL_KEYS
+            if c in chosen.columns and c in mass.columns and not differ_in_kind(tables, c)
+        ),
+    ]
     masked = _layers_by_router(chosen, keys, "effects")
     if "layers" not in mass.columns:
         sweep = _default_sweep(effects)
