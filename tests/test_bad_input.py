@@ -570,3 +570,34 @@ def test_run_with_cache_and_forward_flags_are_true_or_false(model):
     # the controls: the flags themselves
     assert isinstance(model.run_with_cache(GOOD, return_cache_object=False)[1], dict)
     assert model(GOOD, return_type="loss", loss_per_token=True).shape == (1, 3)
+
+
+def test_hooks_flags_are_true_or_false(model):
+    """Audit 144: run_with_cache's flags were checked (audit 138) but not those it shares
+    with run_with_hooks and the hooks context: ``reset_hooks_end="no"`` removed the hook
+    meant to stay (the next forward pass was the plain model's, not the hooked one, 0.07
+    logits apart on a tiny model), ``clear_contexts="no"`` cleared the hooks' contexts."""
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    hook = [("blocks.0.hook_attn_out", zero)]
+    for flag in ("reset_hooks_end", "clear_contexts"):
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'"):
+            model.run_with_hooks(GOOD, fwd_hooks=hook, **{flag: "no"})
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'"):
+            model.run_with_cache(GOOD, **{flag: "no"})
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'"):
+            with model.hooks(hook, **{flag: "no"}):
+                pass
+    assert not any(point.fwd_hooks for point in model.hook_points())  # refused before
+    # the control: reset_hooks_end=False keeps the hook, as a hook added by hand
+    hooked = model.run_with_hooks(GOOD, fwd_hooks=hook, reset_hooks_end=False)
+    try:
+        torch.testing.assert_close(model(GOOD), hooked, rtol=0, atol=0)
+    finally:
+        model.reset_hooks()
+    with model.hooks(hook):
+        by_hand = model(GOOD)
+    torch.testing.assert_close(hooked, by_hand, rtol=0, atol=0)
+    assert not torch.equal(model(GOOD), hooked)

@@ -339,7 +339,12 @@ class HookedModule(HookedRootModule):
     def hooks(self, fwd_hooks=[], bwd_hooks=[], reset_hooks_end=True, clear_contexts=False):
         """Context manager adding temporary hooks (TransformerLens semantics), names checked
         first, hook outputs checked (`HookOutputError`), refused while another thread uses
-        the model (`ConcurrentUseError`); router aliases resolved, residual edits watched."""
+        the model (`ConcurrentUseError`); router aliases resolved, residual edits watched.
+        ``reset_hooks_end`` and ``clear_contexts`` are True or False (`require_bool`, as
+        `run_with_cache`'s flags; ``run_with_hooks`` and ``run_with_cache`` pass theirs here):
+        ``reset_hooks_end="no"`` removed the hooks it meant to keep."""
+        reset_hooks_end = require_bool("reset_hooks_end", reset_hooks_end)
+        clear_contexts = require_bool("clear_contexts", clear_contexts)
         fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
         self._check_hook_list(fwd_hooks)
         self._check_hook_list(bwd_hooks)
