@@ -34,6 +34,7 @@ from hooked_attnres._validation import (
 from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import (
     family_read,
+    integer_layers,
     masked_nothing,
     require_family_read_column,
     require_finite_mass,
@@ -266,6 +267,9 @@ def routing_heatmap(
     # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
     labels = ("condition", "seed", "model", "router", "layer", "family")
     require_keys(mass, labels, "the mass table")
+    # the layers by summarize_mass's rule: 0.0 (a CSV column with an empty cell) is layer 0,
+    # drawn "layer 0" (was "layer 0.0"); 1.5 is refused (was drawn as a row "layer 1.5")
+    mass = integer_layers(mass, "the mass table")
     for column in ("condition", "seed", "model"):
         if column in mass.columns and mass[column].nunique() > 1:
             raise ValueError(

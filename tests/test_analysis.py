@@ -687,6 +687,33 @@ def test_summarize_mass_takes_whole_float_layers_as_their_layers_and_refuses_oth
             summarize_mass(table, n_bootstrap=20)
 
 
+def test_the_mass_readers_take_the_layers_by_summarize_mass_rule(setup):
+    """Audit 144: summarize_mass read a float ``layer`` column by `integer_layers` (audit
+    137: 0.0 is layer 0, 1.5 refused), but its siblings did not: routing_heatmap drew rows
+    "layer 0.0" and a row "layer 1.5", silently, and schedule_comparison returned float
+    layers and refused 1.5 as "a different shape". Both now read the layers by the one
+    rule: the float table gives what the integer table gives, and 1.5 is refused by name."""
+    model, batch = setup
+    mass = routing_mass(model, batch)
+    as_float = mass.astype({"layer": float})
+    schedule = recency_schedule(6, 3, 0.5)
+    pd.testing.assert_frame_equal(
+        schedule_comparison(as_float, schedule), schedule_comparison(mass, schedule)
+    )
+    want = plotting.routing_heatmap(mass).to_dict()
+    assert plotting.routing_heatmap(as_float).to_dict() == want
+    assert list(want["data"][0]["y"][:2]) == ["layer 0", "layer 1"]
+    bad = as_float.copy()
+    bad.loc[bad.layer == 1, "layer"] = 1.5
+    for call in (lambda: schedule_comparison(bad, schedule), lambda: plotting.routing_heatmap(bad)):
+        with pytest.raises(
+            ValueError,
+            match=r"^the mass table's column 'layer' holds \d+ value\(s\) that are no layer "
+            r"\(a whole number\), e\.g\. 1\.5 in row \d+",
+        ):
+            call()
+
+
 def test_summarize_mass_reads_a_categorical_float_layer_column_as_the_plain_one():
     """Review 140: `integer_layers` read a categorical column's dtype (no float kind), so
     the float table made categorical (``astype("category")``, which summarize_mass takes

@@ -28,7 +28,7 @@ from hooked_attnres._validation import (
     require_integer,
     require_keys,
 )
-from hooked_attnres.analysis.mass import family_read, require_finite_mass
+from hooked_attnres.analysis.mass import family_read, integer_layers, require_finite_mass
 from hooked_attnres.config import MODES
 from hooked_attnres.interventions.checks import require_run_positions
 from hooked_attnres.model.cache import record_of, require_cached
@@ -257,6 +257,9 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
     # its router's mean
     require_columns(mass, ("router", "layer", "family", "mass"), "mass", "routing_mass(...) output")
     require_keys(mass, ("router", "layer", "family"), "the mass table")
+    # the layers by summarize_mass's rule (`integer_layers`): 0.0 is layer 0, 1.5 is refused
+    # by name (it was "the schedule has no prediction ...: a different shape")
+    mass = integer_layers(mass, "the mass table")
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
     require_finite_mass(measured, "the comparison")
     grouped = measured.groupby(["router", "layer", "family"]).mass
