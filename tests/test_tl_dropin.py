@@ -10,6 +10,7 @@ documented refusal.
 from __future__ import annotations
 
 import itertools
+import pickle
 import re
 import warnings
 
@@ -2217,3 +2218,37 @@ def test_cache_keys_and_layers_out_of_range_are_refused_saying_why():
     for layer in (99, "1", -2):
         with pytest.raises(ValueError, match=r"^layer must be an integer in \[0, 4\] \(or -1 / "):
             cache.accumulated_resid(layer=layer)
+
+
+def test_a_missing_cache_key_writes_its_suggestions_only_when_shown(monkeypatch):
+    """Review of audit 138: a misspelt key's "Did you mean" ran difflib over every hook
+    name at the raise, so code that tests membership by catching the KeyError (TransformerLens
+    code trying ``cache["hook_pos_embed"]``, or a router alias on layout "none") paid it on
+    every miss: 3 ms on the tiny model, 10 to 40 ms on a 28-layer one (964 hook names), where
+    the bare KeyError took microseconds. The suggestions are now written when the message is
+    read; the exception is still a KeyError with the same message."""
+    model = tiny_model(attnres_layout="none")
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    calls = []
+    check = model.check_hook_name
+    monkeypatch.setattr(model, "check_hook_name", lambda name: calls.append(name) or check(name))
+    for key in ("hook_pos_embed", "blocks.0.hook_resid_pree", ("attn_res_weights", 1)):
+        try:
+            cache[key]
+        except KeyError:
+            pass
+    assert calls == []  # no suggestions computed for a miss nobody reads
+    with pytest.raises(KeyError) as caught:
+        cache["blocks.0.hook_resid_pree"]
+    assert caught.value.args == ("blocks.0.hook_resid_pree",)  # the name, as TransformerLens's
+    assert calls == []
+    assert re.search(r"is not in this cache: .*Did you mean \['blocks.0.hook_r", str(caught.value))
+    assert calls == ["blocks.0.hook_resid_pree"]
+    sent = pickle.loads(pickle.dumps(caught.value))  # to another process: the message, no model
+    assert type(sent) is KeyError and sent.args == (str(caught.value),)
+    # a hook the cache lacks (names_filter) is the bare KeyError, as before: no suggestions
+    _, some = model.run_with_cache(
+        torch.tensor([[1, 2, 3]]), names_filter="blocks.0.hook_resid_post"
+    )
+    with pytest.raises(KeyError, match=r"^'blocks.1.hook_resid_pre'$"):
+        some["resid_pre", 1]
