@@ -1426,7 +1426,16 @@ def test_the_report_functions_refuse_what_is_no_study_result():
         for bad in (pd.DataFrame({"accuracy": [1.0]}), "study_out"):
             with pytest.raises(
                 TypeError,
-                match=rf"^{fn.__name__} takes the StudyResult of run_study\(...\) .*got the "
-                f"{type(bad).__name__}",
+                match=rf"^{fn.__name__} takes the StudyResult that run_study\(...\) returns, "
+                f"got the {type(bad).__name__}",
             ):
                 fn(bad)
+    # review of audit 138: the message said "(or write_study's)", which reads as the path
+    # write_study returns, the very thing refused
+    folder = Path("study_out")
+    with pytest.raises(
+        TypeError, match=rf"^study_report takes .*got the {type(folder).__name__}"
+    ) as caught:
+        study_report(folder)
+    assert "write_study's" not in str(caught.value)
+    assert "a study folder (the path write_study returns) is no StudyResult" in str(caught.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import pandas as pd
@@ -63,9 +64,16 @@ def require_study_result(result: Any, what: str) -> None:
     from hooked_attnres.study.run import StudyResult
 
     if not isinstance(result, StudyResult):
+        # a folder: write_study returns its path, which reads as "write_study's" result
+        folder = (
+            "; a study folder (the path write_study returns) is no StudyResult and nothing "
+            "reads one back: its report is the report.md / report.html written there"
+            if isinstance(result, (str, os.PathLike))
+            else ""
+        )
         raise TypeError(
-            f"{what} takes the StudyResult of run_study(...) (or write_study's), got the "
-            f"{type(result).__name__} {result!r:.60}"
+            f"{what} takes the StudyResult that run_study(...) returns, got the "
+            f"{type(result).__name__} {result!r:.60}{folder}"
         )
 
 
