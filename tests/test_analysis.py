@@ -732,6 +732,48 @@ def test_summarize_mass_reads_a_categorical_float_layer_column_as_the_plain_one(
         summarize_mass(table.astype({"layer": "category"}), n_bootstrap=20)
 
 
+def test_summarize_mass_takes_text_layers_as_their_layers():
+    """Audit 142: a mass table whose ``layer`` column is text (``astype(str)``, or a CSV
+    read with ``dtype=str``) was summarised with
+    ``layers`` in text order, "0,1,10,11,2,...,9" for 12 layers, and the final router's
+    "-1" (``-1`` is no ``"-1"``), so its pairing with the effects of group "final" was
+    refused as "of layers [-1] but the effects ... masked layers []", a false reason. By the
+    one rule (`integer_layers`) the text of a whole number is that layer: the summary equals
+    the integer table's (by router or by layer), the final router's pairing is made, and a
+    text that is no layer ("a", "1.5") is refused naming it."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=12, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(4, 6, model.cfg.d_vocab)
+    mass = routing_mass(model, batch)
+    as_text = mass.astype({"layer": str})
+    for table in (as_text, as_text.astype({"layer": "category"})):
+        for by in (("router", "family"), ("layer", "family")):
+            want = summarize_mass(mass, by=by, n_bootstrap=40)
+            pd.testing.assert_frame_equal(summarize_mass(table, by=by, n_bootstrap=40), want)
+    summary = summarize_mass(as_text, n_bootstrap=40)
+    assert set(summary.layers) == {",".join(map(str, range(12))), ""}
+    effects = ablation_effects(
+        model,
+        batch,
+        routers=("attn_res", "final_res"),
+        groups="all",
+        metrics="logit_diff",
+        n_bootstrap=40,
+        progress=False,
+    )
+    want = dissociation_report(summarize_mass(mass, n_bootstrap=40), effects, group="final")
+    pd.testing.assert_frame_equal(dissociation_report(summary, effects, group="final"), want)
+    for bad in ("a", "1.5", " "):
+        table = as_text.copy()
+        table.loc[table.layer == "1", "layer"] = bad
+        with pytest.raises(
+            ValueError,
+            match=rf"^the mass table's column 'layer' holds \d+ value\(s\) that are no layer "
+            rf"\(a whole number\), e\.g\. '{re.escape(bad)}' in row \d+",
+        ):
+            summarize_mass(table, n_bootstrap=40)
+
+
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's

@@ -199,30 +199,47 @@ def layers_text(layers: Sequence[int]) -> str:
     return ",".join(map(str, sorted(set(layers))))
 
 
+def _layer_number(label: object) -> float:
+    """One ``layer`` label as the number it is (`integer_layers` keeps it if whole): an
+    integer, a float, or the text of an integer (``"3"``, ``"-1"``); NaN for anything
+    else (a bool, text such as ``"a"`` or ``"1.5"``), which is then refused."""
+    if isinstance(label, (bool, np.bool_)):
+        return float("nan")
+    if isinstance(label, str):
+        text = label.strip()
+        return float(int(text)) if text.lstrip("-").isdigit() else float("nan")
+    if isinstance(label, (int, np.integer, float, np.floating)):
+        return float(label)
+    return float("nan")
+
+
 def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
     """``table`` with its ``layer`` column as integers (``int64``), the one rule for a
-    table's layers: integers, and floats that are whole numbers taken exactly as those
-    integers (``0.0`` is layer 0: a CSV read back gives a float column where some cell of
-    it is empty, as `layer_tuple` reads a one-layer cell ``3.0``); a float that is not a
-    whole number (``1.5``, never rounded), NaN or infinite raises ``ValueError`` naming
-    ``what`` (the table), how many rows and the first one. A categorical column of float
-    categories is read as that float column (review 140). A table without ``layer``, or
-    with integer or text layers, is returned as it is. Until audit 137 `summarize_mass`
-    wrote a float column's layers as ``"0.0,1.0"``, which every pairing with the effects
-    then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``, silently."""
+    table's layers: integers, floats that are whole numbers and the text of an integer,
+    each taken exactly as that integer (``0.0`` is layer 0: a CSV read back gives a float
+    column where some cell of it is empty, as `layer_tuple` reads a one-layer cell
+    ``3.0``; ``"0"`` is layer 0: a column made text, ``astype(str)``, or read with
+    ``dtype=str``); a float that is not a whole number (``1.5``, never rounded), NaN,
+    infinite, or a text that is no integer (``"a"``, ``"1.5"``) raises ``ValueError``
+    naming ``what`` (the table), how many rows and the first one. A table without
+    ``layer``, or with integer layers, is returned as it is; a categorical column is read
+    by its labels (review 140: float categories as floats). Until audit 137
+    `summarize_mass` wrote a float column's layers as ``"0.0,1.0"``, which every pairing
+    with the effects then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``,
+    silently; until audit 142 a text column's as ``"0,1,10,11,2,...,9"`` (text order) and
+    the final router's ``"-1"`` (no ``-1``), so its pairing with group ``"final"`` was
+    refused as "of layers [-1]"."""
     if "layer" not in table.columns:
         return table
     values = table["layer"]
-    if isinstance(values.dtype, pd.CategoricalDtype) and values.cat.categories.dtype.kind == "f":
-        # read by its labels, as `require_one_kind` reads it: float categories are floats
-        # (review 140: "0.0,1.0" was written for the float table made categorical)
-        values = values.astype(float)
-    numbers = values.dtype.kind == "f" or (
-        values.dtype == object and not any(isinstance(v, str) for v in values.dropna().unique())
-    )
-    if not numbers:
+    if values.dtype.kind in "iu":
         return table
-    floats = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    if values.dtype.kind == "f":
+        floats = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    else:  # object, text or categorical: each distinct label read once
+        labels = values.astype(object)
+        number = {label: _layer_number(label) for label in labels.dropna().unique()}
+        floats = labels.map(number).to_numpy(dtype=float)
     whole = np.isfinite(floats) & (floats == np.floor(floats))
     if not whole.all():
         bad = np.flatnonzero(~whole)
@@ -230,8 +247,8 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
         raise ValueError(
             f"{what}'s column 'layer' holds {len(bad)} value(s) that are no layer (a whole "
             f"number), e.g. {first!r} in row {bad[0]}: a layer is an integer "
-            "(a whole float such as 1.0 is taken as it), and a value such as 1.5 is not "
-            "rounded; fix or drop those rows first"
+            "(a whole float such as 1.0, or its text '1', is taken as it), and a value such "
+            "as 1.5 is not rounded; fix or drop those rows first"
         )
     return table.assign(layer=floats.astype(np.int64))
 
