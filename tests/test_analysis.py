@@ -774,6 +774,29 @@ def test_summarize_mass_takes_text_layers_as_their_layers():
             summarize_mass(table, n_bootstrap=40)
 
 
+def test_summarize_mass_refuses_a_missing_layer_of_a_nullable_integer_column():
+    """Audit 142: a CSV read with pandas' nullable dtypes (``dtype_backend=
+    "numpy_nullable"`` or ``"pyarrow"``) gives ``layer`` an integer dtype whose empty cell
+    is ``<NA>``; `integer_layers` returned any integer column as it was, so the missing
+    layer was summarised by router (its row averaged in, its layer left out of
+    ``layers``), where the same CSV read with NumPy dtypes (the cell NaN) is refused. Both
+    are refused now, naming the rows; without a missing cell the summary equals the plain
+    table's."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    mass = routing_mass(model, random_batch(4, 6, model.cfg.d_vocab))
+    want = summarize_mass(mass, n_bootstrap=40)
+    for dtype in ("Int64", "int64[pyarrow]"):
+        table = mass.astype({"layer": dtype})
+        pd.testing.assert_frame_equal(summarize_mass(table, n_bootstrap=40), want)
+        table.loc[(table.layer == 1) & (table.prompt == 0), "layer"] = None
+        with pytest.raises(
+            ValueError,
+            match=r"^the mass table's column 'layer' holds 8 value\(s\) that are no layer "
+            r"\(a whole number\), e\.g\. <NA> in row \d+",
+        ):
+            summarize_mass(table, n_bootstrap=40)
+
+
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's

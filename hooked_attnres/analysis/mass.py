@@ -220,10 +220,12 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
     column where some cell of it is empty, as `layer_tuple` reads a one-layer cell
     ``3.0``; ``"0"`` is layer 0: a column made text, ``astype(str)``, or read with
     ``dtype=str``); a float that is not a whole number (``1.5``, never rounded), NaN,
-    infinite, or a text that is no integer (``"a"``, ``"1.5"``) raises ``ValueError``
-    naming ``what`` (the table), how many rows and the first one. A table without
-    ``layer``, or with integer layers, is returned as it is; a categorical column is read
-    by its labels (review 140: float categories as floats). Until audit 137
+    infinite, a missing value of a nullable integer column (``<NA>``: a CSV's empty cell
+    read with ``dtype_backend=``), or a text that is no integer (``"a"``, ``"1.5"``) raises
+    ``ValueError`` naming ``what`` (the table), how many rows and the first one. A table
+    without ``layer``, or with integer layers (none missing), is returned as it is; a
+    categorical column is read by its labels (review 140: float categories as floats).
+    Until audit 137
     `summarize_mass` wrote a float column's layers as ``"0.0,1.0"``, which every pairing
     with the effects then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``,
     silently; until audit 142 a text column's as ``"0,1,10,11,2,...,9"`` (text order) and
@@ -232,7 +234,7 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
     if "layer" not in table.columns:
         return table
     values = table["layer"]
-    if values.dtype.kind in "iu":
+    if values.dtype.kind in "iu" and not values.isna().any():  # <NA>: a nullable dtype's
         return table
     if values.dtype.kind == "f":
         floats = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
