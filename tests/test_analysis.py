@@ -800,9 +800,10 @@ def test_summarize_mass_refuses_a_missing_layer_of_a_nullable_integer_column():
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's
-    effects (kimi, 6 layers) ranked older and prev_completed (all-layer mass 0.06 and 0.20),
+    effects (kimi, 6 layers) ranked older and prev_completed (all-layer mass 0.04 and 0.22
+    with this batch; 0.06 and 0.20 with test_plotting's, the numbers of docs/analysis.md),
     which no early router reads, and embedding at 0.49 where the early routers give it
-    0.73. It now refuses mass of other layers than the group's (the summary's ``layers``),
+    0.79 (0.73). It now refuses mass of other layers than the group's (the summary's ``layers``),
     and ranks a summary of the group's own layers by its mass."""
     model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
     model.eval()
