@@ -2122,3 +2122,23 @@ def test_claim_text_refuses_an_unknown_claim_by_name():
     with pytest.raises(ValueError, match=r"^claim must be one of \('M1', .*got 'D9'"):
         claim_text("D9")
     assert all(claim_text(claim) for claim in CLAIMS)  # the control: every claim has a text
+
+
+def test_criteria_refuse_thresholds_outside_their_range_by_name():
+    """Audit 145: ``Criteria(min_effect_fraction=-1)`` was taken, and made every harm
+    "large" (harm >= -clean); every threshold of docs/study.md's criteria is a fraction,
+    ratio, mass or deviation >= 0, and the accuracy drop and D3's mass are at most 1
+    (accuracy and mass are fractions). The bounds themselves are taken."""
+    from hooked_attnres.analysis import Criteria
+    from hooked_attnres.analysis.motifs import CRITERIA_RANGES
+
+    assert set(CRITERIA_RANGES) == set(Criteria.__dataclass_fields__)
+    for name in Criteria.__dataclass_fields__:
+        with pytest.raises(ValueError, match=rf"^Criteria's {name} must be (>= 0|\[0, 1\]) .*-0.5"):
+            Criteria(**{name: -0.5})
+        assert getattr(Criteria(**{name: 0}), name) == 0
+    for name in ("min_accuracy_drop", "d3_min_mass"):
+        with pytest.raises(ValueError, match=rf"^Criteria's {name} must be \[0, 1\] .*1.5$"):
+            Criteria(**{name: 1.5})
+        assert getattr(Criteria(**{name: 1}), name) == 1
+    assert Criteria(d2_effect_ratio=3.0).d2_effect_ratio == 3.0  # ratios above 1 are taken

@@ -744,3 +744,26 @@ def test_bootstrap_ci_refuses_values_that_are_not_one_axis():
         bootstrap_ci(3.0)
     with pytest.raises(ValueError, match=r"got shape \(2, 3\); for several rows .*_rows"):
         bootstrap_ci(np.ones((2, 3)))
+
+
+def test_bootstrap_refuses_text_and_reads_numbers_of_any_kind():
+    """Audit 145: ``bootstrap_ci(["1", "2"])`` returned (1.5, 1.0, 2.0): NumPy parsed the
+    strings as numbers. Text (a str array, a pandas string or object column holding text)
+    is refused; booleans, numbers in an object array and NumPy integers are read as the
+    numbers they are (the same interval as their float64 values)."""
+    from hooked_attnres.analysis import bootstrap_ci, bootstrap_ci_rows
+
+    for text in (["1", "2"], pd.Series(["1", "2"]), pd.Series(["1", "2"], dtype="string")):
+        with pytest.raises(TypeError, match=r"^values must be numbers .*astype\(float\)"):
+            bootstrap_ci(text, n_resamples=50)
+    with pytest.raises(TypeError, match="holding text"):
+        bootstrap_ci_rows(np.array([[1.0, "2"]], dtype=object), n_resamples=50)
+    numbers = [1.0, 0.0, 1.0, 1.0]
+    expected = bootstrap_ci(np.array(numbers), n_resamples=50)
+    for same in (
+        [True, False, True, True],
+        np.array(numbers, dtype=object),
+        np.array([1, 0, 1, 1]),
+        pd.Series([1, 0, 1, 1], dtype="Int64"),
+    ):
+        assert bootstrap_ci(same, n_resamples=50) == expected

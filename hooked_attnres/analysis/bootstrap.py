@@ -15,10 +15,21 @@ from hooked_attnres._validation import is_finite_number, require_finite_number, 
 
 def as_numpy(values) -> np.ndarray:
     """A float64 NumPy array of a tensor on any device (or of any array-like): the one
-    place where the analyses move results to the host, once per table."""
+    place where the analyses move results to the host, once per table. Values that are no
+    numbers (strings, ``["1", "2"]``, which NumPy parsed as 1.0 and 2.0, or an object
+    array holding text) raise ``TypeError``; booleans are read as 0 and 1."""
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(values, dtype=np.float64)
+    held = np.asarray(values)
+    if held.dtype.kind not in "biufO" or (
+        held.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in held.ravel())
+    ):
+        raise TypeError(
+            f"values must be numbers (an array or tensor of a numeric dtype), got dtype "
+            f"{held.dtype}{' holding text' if held.dtype.kind == 'O' else ''}: text is not "
+            "parsed as numbers; convert it first (e.g. table[column].astype(float))"
+        )
+    return np.asarray(held, dtype=np.float64)
 
 
 def bootstrap_ci(

@@ -16,6 +16,7 @@ from hooked_attnres._validation import (
     differ_in_kind,
     non_finite_in_column,
     require_columns,
+    require_integer,
     require_labelled,
     require_one_kind,
     require_selection,
@@ -36,13 +37,16 @@ PER_PROMPT = "pass answer_pos= ([batch], with positions='answer')"
 
 
 def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]) -> str:
-    """The band a layer (or a router site) belongs to (``"final"`` for the final router)."""
+    """The band a layer (or a router site) belongs to (``"final"`` for the final router).
+    A layer that is no integer (`require_integer`: ``"0"``, ``0.0``) is refused: no band
+    holds it, so it was put in ``"other"`` without a word."""
     if isinstance(layer, RouterSite):
         if layer.is_final:
             return "final"
         layer = layer.layer
     if layer is None:  # the final router given as (None, "final_res")
         return "final"
+    layer = require_integer("band_of's layer", layer, 0)
     for name, layers in bands.items():
         if layer in layers:
             return name

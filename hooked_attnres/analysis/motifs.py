@@ -99,6 +99,18 @@ DISSOCIATIONS = {
 CLAIMS = (*MOTIFS, *DISSOCIATIONS)
 
 
+# each Criteria field's valid range (low, high or None, why), read against docs/study.md
+CRITERIA_RANGES: dict[str, tuple[float, Optional[float], str]] = {
+    "min_effect_fraction": (0, None, "a fraction of the clean logit difference"),
+    "min_accuracy_drop": (0, 1, "a drop of accuracy, a fraction in [0, 1]"),
+    "d2_mass_ratio": (0, None, "a ratio of two masses"),
+    "d2_effect_ratio": (0, None, "a ratio of two harms"),
+    "d3_min_mass": (0, 1, "a routing mass, a fraction in [0, 1]"),
+    "d3_max_effect_fraction": (0, None, "a fraction of the top harm"),
+    "schedule_max_deviation": (0, None, "a largest absolute deviation"),
+}
+
+
 @dataclass(frozen=True)
 class Criteria:
     """Thresholds of the criteria (the defaults are the pre-registered ones).
@@ -115,6 +127,12 @@ class Criteria:
         schedule_max_deviation: the schedule claim (a recency-wrapped vanilla model routes
             as the analytic schedule predicts) holds when the largest ``|measured -
             predicted|`` family mass is at most this (``docs/study.md``, amendment 2).
+
+    Every threshold is a finite number in its range (`CRITERIA_RANGES`), else
+    ``ValueError``: each is a fraction, ratio, mass or deviation that is never negative
+    (``min_effect_fraction=-1`` made every harm "large" without a word), and the two read
+    against a fraction in [0, 1] (an accuracy drop, a routing mass) are at most 1 (above
+    it no model could meet them).
     """
 
     min_effect_fraction: float = 0.05
@@ -130,6 +148,10 @@ class Criteria:
         # exactly, as written: an infinite one has no digits)
         for name in self.__dataclass_fields__:
             value = require_finite_number(f"Criteria's {name}", getattr(self, name))
+            low, high, why = CRITERIA_RANGES[name]
+            if value < low or (high is not None and value > high):
+                span = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"Criteria's {name} must be {span} ({why}), got {value!r}")
             object.__setattr__(self, name, value)
 
 
