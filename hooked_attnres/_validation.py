@@ -99,6 +99,12 @@ def require_bool(
     )
 
 
+def require_bools(**flags: Any) -> list[bool]:
+    """`require_bool` of each keyword (``name=value``), in the order given: the flags of
+    one call as Python bools (``x, y = require_bools(x=x, y=y)``)."""
+    return [require_bool(name, value) for name, value in flags.items()]
+
+
 @overload
 def require_choice(name: str, value: Any, choices: Sequence[str], why: str = "") -> str: ...
 

@@ -266,6 +266,8 @@ def routing_heatmap(
     # a NaN label: a second model that nunique does not count, or rows the means drop;
     # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
     labels = ("condition", "seed", "model", "router", "layer", "family")
+    # no DataFrame (a dict): refused by type, before require_keys reads its columns
+    require_columns(mass, (), "mass", "hooked_attnres.analysis.routing_mass(...)")
     require_keys(mass, labels, "the mass table")
     # the layers by summarize_mass's rule: 0.0 (a CSV column with an empty cell) is layer 0,
     # drawn "layer 0" (was "layer 0.0"); 1.5 is refused (was drawn as a row "layer 1.5")

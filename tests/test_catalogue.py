@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 
+import pandas as pd
 import pytest
 import torch
 from crash_helpers import EXITED, KILLED, Reporter, fork_and_wait, run_forked
@@ -26,7 +27,15 @@ from helpers import tiny_model, unseal
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig
 from hooked_attnres._atomic import FAULT_STEPS, MARKER, leftovers_of, read_marker
+from hooked_attnres._tl import Slice
 from hooked_attnres.analysis import bootstrap_ci, summarize_mass
+from hooked_attnres.analysis.lens import lens_hook_names, routing_lens
+from hooked_attnres.analysis.mass import band_of
+from hooked_attnres.analysis.motifs import Criteria
+from hooked_attnres.interventions.routing import batched_mask_hooks, mask_logits
+from hooked_attnres.plotting import patching_heatmap, routing_heatmap
+from hooked_attnres.study.report import verdict_matrix
+from hooked_attnres.study.run import model_is_zero_query
 
 # --- part 1: crashes ---------------------------------------------------------------------
 
@@ -470,6 +479,11 @@ def _effects(batch_fn, **kwargs):
     return call
 
 
+def _one_vector_cache(c):
+    """A cache without a batch axis nor a position axis: one [d_model] vector per hook."""
+    return c.model.run_with_cache(c.tokens[:1], remove_batch_dim=True, pos_slice=Slice(2))[1]
+
+
 def _shorter_weights(x, hook):
     return x[..., :-1]
 
@@ -826,6 +840,18 @@ CASES = [
         ValueError,
         ["(5, 6, 3)", "does not broadcast"],
     ),
+    (  # torch's bare "The size of tensor a (2) must match the size of tensor b (3)" (audit 145)
+        "mask-logits-of-another-width",
+        lambda c: mask_logits(torch.zeros(1, 3, 2), torch.tensor([True, False, False]), "this"),
+        ValueError,
+        ["this's mask", "(3,) does not broadcast", "(1, 3, 2)"],
+    ),
+    (  # "'str' object has no attribute 'positions'" (audit 145)
+        "batched-mask-hooks-of-text",
+        lambda c: batched_mask_hooks(["x"], 1),
+        TypeError,
+        ["batched_mask_hooks takes Ablation objects", "str 'x'"],
+    ),
     # --- activation patching: the whole cache is checked before the sweep ------------------------
     (
         "patching-cache-with-more-sources",
@@ -976,6 +1002,85 @@ CASES = [
         ["mass lacks the column(s)", "routing_mass(...) output"],
     ),
     ("batch-row-out-of-range", lambda c: _task_batch()[100], IndexError, ["row 100", "8 prompts"]),
+    # audit 145: silent wrong results, then bare errors
+    (  # a layer given as text was in no band: 'other'
+        "band-of-a-layer-as-text",
+        lambda c: band_of("0", {"early": [0, 1]}),
+        ValueError,
+        ["band_of's layer must be an integer >= 0", "'0'"],
+    ),
+    (  # a negative fraction made every harm "large"
+        "criteria-negative-effect-fraction",
+        lambda c: Criteria(min_effect_fraction=-1),
+        ValueError,
+        ["min_effect_fraction must be >= 0", "got -1"],
+    ),
+    (  # an accuracy drop above 1 no model can meet
+        "criteria-accuracy-drop-above-one",
+        lambda c: Criteria(min_accuracy_drop=2.0),
+        ValueError,
+        ["min_accuracy_drop must be [0, 1]", "got 2.0"],
+    ),
+    (  # NumPy parsed ["1", "2"] as 1.0 and 2.0
+        "bootstrap-of-text",
+        lambda c: bootstrap_ci(["1", "2"]),
+        TypeError,
+        ["values must be numbers", "<U1", "astype(float)"],
+    ),
+    (  # a flag read by truthiness: "no" was True (9 depth components, not 5)
+        "accumulated-resid-flag-as-text",
+        lambda c: c.cache.accumulated_resid(incl_mid="no"),
+        TypeError,
+        ["incl_mid must be True or False", "'no'"],
+    ),
+    (
+        "lens-hook-names-flag-as-text",
+        lambda c: lens_hook_names(c.model, incl_mid="yes"),
+        TypeError,
+        ["incl_mid must be True or False", "'yes'"],
+    ),
+    (  # IndexError: tuple index out of range
+        "accumulated-resid-of-a-cache-without-batch-nor-position-axis",
+        lambda c: _one_vector_cache(c).accumulated_resid(),
+        ValueError,
+        ["cache.accumulated_resid", "neither a batch axis", "pos_slice=Slice(2)", "pos_slice=2"],
+    ),
+    (  # IndexError: tuple index out of range
+        "routing-lens-of-a-cache-without-batch-nor-position-axis",
+        lambda c: routing_lens(c.model, _one_vector_cache(c)),
+        ValueError,
+        ["routing_lens: this cache has neither a batch axis", "pos_slice=2"],
+    ),
+    (  # "'str' object has no attribute 'named_parameters'"
+        "model-is-zero-query-of-a-path",
+        lambda c: model_is_zero_query("x"),
+        TypeError,
+        ["model_is_zero_query takes a HookedAttnRes, got str"],
+    ),
+    (  # "'dict' object has no attribute 'columns'" inside require_labelled
+        "routing-heatmap-of-a-dict",
+        lambda c: routing_heatmap({"mass": [0.5]}),
+        TypeError,
+        ["mass must be a pandas DataFrame", "routing_mass(...)", "got dict"],
+    ),
+    (
+        "patching-heatmap-of-text",
+        lambda c: patching_heatmap([["a", "b"]], ["r"], ["x", "y"], "t"),
+        TypeError,
+        ["values must be numbers"],
+    ),
+    (  # "'list' object has no attribute 'shape'"
+        "embed-state-of-a-list",
+        lambda c: c.model.embed_state([1, 2, 3]),
+        TypeError,
+        ["embed_state takes a [batch, pos] integer tensor", "got list"],
+    ),
+    (  # KeyError: 'condition'
+        "verdict-matrix-of-an-empty-table",
+        lambda c: verdict_matrix(pd.DataFrame()),
+        ValueError,
+        ["verdicts lacks the column(s) ['condition', 'claim', 'k', 'n', 'verdict']"],
+    ),
     (
         "logit-diff-of-other-logits",
         lambda c: _task_batch().logit_diff(torch.zeros(3, 4, 5)),

@@ -2440,3 +2440,76 @@ def test_logit_attrs_takes_a_string_of_one_token_for_both_token_arguments():
     assert torch.allclose(attrs.sum(0), logits[..., w3] - logits[..., w4], atol=1e-5)
     with pytest.raises(ValueError, match="same shape"):
         cache.logit_attrs(stack, "w3", [w4], routed=True)
+
+
+def test_cache_method_flags_that_are_not_bools_are_refused():
+    """Audit 145: the cache's methods read their flags by truthiness
+    (``accumulated_resid(incl_mid="no")`` stacked 9 components, not 5, silently); each
+    flag is refused by name (`require_bools`), and np.bool_ gives what the bool gives.
+    So are depth_states(sublayers=), accumulated_bias, fold_layer_norm, process_weights,
+    add_caching_hooks and routing_lens's flags."""
+    from hooked_attnres.analysis.lens import routing_lens
+
+    model = tiny_model()
+    tokens = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = model.run_with_cache(tokens)[1]
+    stack = cache.accumulated_resid()
+    calls = {
+        "accumulated_resid": (
+            cache.accumulated_resid,
+            ("incl_mid", "apply_ln", "mlp_input", "return_labels", "routed"),
+        ),
+        "decompose_resid": (
+            cache.decompose_resid,
+            ("mlp_input", "apply_ln", "incl_embeds", "return_labels", "routed"),
+        ),
+        "stack_head_results": (
+            cache.stack_head_results,
+            ("return_labels", "incl_remainder", "apply_ln", "routed"),
+        ),
+        "stack_neuron_results": (
+            lambda **k: cache.stack_neuron_results(1, **k),
+            ("return_labels", "incl_remainder", "apply_ln", "mlp_input", "routed"),
+        ),
+        "get_full_resid_decomposition": (
+            cache.get_full_resid_decomposition,
+            ("mlp_input", "expand_neurons", "apply_ln", "return_labels", "routed"),
+        ),
+        "apply_ln_to_stack": (
+            lambda **k: cache.apply_ln_to_stack(stack, **k),
+            ("mlp_input", "has_batch_dim", "recompute_ln", "routed"),
+        ),
+        "logit_attrs": (
+            lambda **k: cache.logit_attrs(stack, tokens=3, **k),
+            ("has_batch_dim", "routed"),
+        ),
+        "depth_states": (lambda **k: model.depth_states(tokens, **k), ("sublayers",)),
+        "accumulated_bias": (
+            lambda **k: model.accumulated_bias(1, **k),
+            ("mlp_input", "include_mlp_biases"),
+        ),
+        "fold_layer_norm": (model.fold_layer_norm, ("fold_biases", "center_weights")),
+        "process_weights": (
+            model.process_weights,
+            (
+                "fold_ln",
+                "center_writing_weights",
+                "center_unembed",
+                "fold_value_biases",
+                "refactor_factored_attn_matrices",
+            ),
+        ),
+        "add_caching_hooks": (model.add_caching_hooks, ("incl_bwd", "remove_batch_dim")),
+        "routing_lens": (lambda **k: routing_lens(model, cache, **k), ("incl_mid", "routers")),
+    }
+    for call, flags in calls.values():
+        for flag in flags:
+            with pytest.raises(TypeError, match=f"^{flag} must be True or False, got 'no'"):
+                call(**{flag: "no"})
+    assert not model.hook_dict["hook_embed"].fwd_hooks  # nothing attached by a refusal
+    for flag in ("incl_mid", "apply_ln", "mlp_input"):
+        expected = cache.accumulated_resid(**{flag: False})
+        torch.testing.assert_close(
+            cache.accumulated_resid(**{flag: np.False_}), expected, rtol=0, atol=0
+        )
+    assert cache.accumulated_resid(incl_mid=np.True_).shape[0] == 2 * model.cfg.n_layers + 1

@@ -294,3 +294,18 @@ def test_a_token_id_for_text_and_text_for_token_ids_are_refused_by_name(model):
         model.to_single_token(3)
     with pytest.raises(TypeError, match="to_string decodes token ids, got the string 'w1'"):
         model.to_string("w1")
+
+
+def test_to_tokens_flags_that_are_not_bools_are_refused(model):
+    """Audit 145: to_tokens / to_tokens_and_mask read truncate and move_to_device by
+    truthiness (``truncate="no"`` cut the text to n_ctx); they are refused by name, and
+    np.bool_ is the bool it holds (same tokens)."""
+    long_text = " ".join(["w1"] * (model.cfg.n_ctx + 3))
+    for call in (model.to_tokens, model.to_tokens_and_mask):
+        for flag in ("truncate", "move_to_device"):
+            with pytest.raises(TypeError, match=f"^{flag} must be True or False, got 'yes'"):
+                call("w1", **{flag: "yes"})
+    assert model.to_tokens(long_text, truncate=np.False_).shape[1] == model.cfg.n_ctx + 3
+    assert torch.equal(
+        model.to_tokens(long_text, truncate=np.True_), model.to_tokens(long_text, truncate=True)
+    )

@@ -28,6 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hooked_attnres._tl import ActivationCache, as_slice, get_act_name
+from hooked_attnres._validation import require_bool, require_bools
 from hooked_attnres.model.cache import (
     AttnResActivationCache,
     require_cached,
@@ -71,6 +72,7 @@ def lens_hook_names(model: HookedAttnRes, incl_mid: bool = False) -> list[str]:
     """The hooks `routing_lens` reads (what ``run_with_cache(names_filter=...)`` must keep);
     ``ln_final.hook_normalized`` is read only to check that the run did not edit
     ``ln_final`` (a cache of a pass without other hooks attached may lack it)."""
+    incl_mid = require_bool("incl_mid", incl_mid)  # read by truthiness, "no" was True
     layout = model.routing_layout
     n_layers = model.cfg.n_layers
     names = [site.hook("out") for site in model.sites()]
@@ -128,6 +130,7 @@ def routing_lens(
             not be its logits; ``KeyError`` for a cache without ``ln_final.hook_normalized``
             of a pass with other hooks attached, which cannot show it).
     """
+    incl_mid, routers = require_bools(incl_mid=incl_mid, routers=routers)  # "no" was True
     if isinstance(input, ActivationCache):
         if attention_mask is not None:
             raise ValueError(
@@ -147,6 +150,7 @@ def routing_lens(
             inputs = {site.hook("out") for site in model.sites() if not site.is_final}
             needed = [name for name in needed if name not in inputs]
         require_cached(cache.cache_dict, needed, "routing_lens's cache")
+        cache._require_batch_or_position_axis("routing_lens")
         require_one_position_axis(model, cache.cache_dict, needed, "routing_lens")
     else:
         _, cache = model.run_with_cache(

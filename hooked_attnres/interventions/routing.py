@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hooked_attnres._precision import stat_dtype, sum_where, widened
 from hooked_attnres._validation import (
+    as_items,
     one_or_list,
     require_choice,
     require_integer,
@@ -378,10 +379,16 @@ def mask_logits(
     Raises ``ValueError("{what} masks every source at some position ...")`` if a position
     is left with no finite logit, counting ``-inf`` already there (e.g. from another hook
     on the same router), where the softmax would return NaN.
-    ``TypeError`` for a ``where`` that is not bool (`check_bool_mask`).
+    ``TypeError`` for a ``where`` that is not bool (`check_bool_mask`); ``ValueError`` for
+    one that does not broadcast to ``logits`` (`check_broadcast`: another number of
+    sources; torch's bare size mismatch named neither).
     """
     check_bool_mask(where, f"{what}'s mask")
-    masked = logits.masked_fill(where, float("-inf"))
+    try:
+        masked = logits.masked_fill(where, float("-inf"))
+    except RuntimeError:  # checked only on failure: broadcast_shapes doubled the hook's time
+        check_broadcast(where, logits, "the router's logits", f"{what}'s mask")
+        raise
     if torch.isneginf(masked).all(dim=-1).any():
         raise ValueError(
             f"{what} masks every source at some position; the renormalised weights would be NaN"
@@ -534,6 +541,14 @@ def batched_mask_hooks(ablations: Sequence[Ablation], rows_per_copy: int, device
     `mask_hook` like `Ablation.hooks`). Position-restricted ablations are not batched.
     ``rows_per_copy`` is an integer >= 1 (0 and ``True`` built hooks for no or one row)."""
     rows_per_copy = require_integer("rows_per_copy", rows_per_copy, 1)
+    ablations = as_items("ablations", ablations)
+    for ablation in ablations:
+        if not isinstance(ablation, Ablation):
+            raise TypeError(
+                "batched_mask_hooks takes Ablation objects (plan_ablations' entries' .ablation), "
+                f"got "
+                f"the {type(ablation).__name__} {ablation!r:.80}"
+            )
     per_site: dict[RouterSite, Tensor] = {}
     for copy, ablation in enumerate(ablations):
         if ablation.positions is not None:

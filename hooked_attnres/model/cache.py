@@ -49,7 +49,7 @@ from hooked_attnres._tl import (
     selects_positions,
     slice_input,
 )
-from hooked_attnres._validation import is_integer, require_choice, require_integer
+from hooked_attnres._validation import is_integer, require_bools, require_choice, require_integer
 from hooked_attnres.model.depth import (
     SOURCE_AXIS,
     SUBLAYER_ROUTERS,
@@ -630,6 +630,23 @@ class AttnResActivationCache(ActivationCache):
                 f"pos_slice={cut.slice} (a plain int keeps a position axis of 1)"
             )
 
+    def _require_batch_or_position_axis(self, what: str) -> None:
+        """Refuse a cache without a position axis nor a batch axis (``remove_batch_dim=True``
+        with an int ``Slice``: its tensors are one ``[d_model]`` vector per hook), for the
+        depth stacks (``what``: ``"cache.accumulated_resid"``, ``"routing_lens"``), which
+        read both axes and failed with a bare ``IndexError: tuple index out of range``."""
+        record = self._record()
+        if record is None or record.has_position_axis or self.has_batch_dim:
+            return
+        cut = record.pos_slice
+        assert cut is not None
+        raise ValueError(
+            f"{what}: this cache has neither a batch axis (remove_batch_dim=True) nor a "
+            f"position axis (pos_slice=Slice({cut.slice}), an int Slice, which drops it): its "
+            f"tensors are one [d_model] vector per hook. Cache with pos_slice={cut.slice} (a "
+            "plain int keeps a position axis of 1), or without remove_batch_dim"
+        )
+
     def _require_cached_positions(self, pos_slice, name: str = "pos_slice") -> None:
         """Refuse a ``pos_slice`` (the argument ``name``) that selects a position the
         cache does not hold (`require_slice_in_range`: an int or index out of ``[-n, n)``
@@ -665,11 +682,15 @@ class AttnResActivationCache(ActivationCache):
         passes with other padding, key-value caches or ``pos_slice``, the last of which
         did not reach them; their positions and padding are not the recorded pass's),
         a cache of a ``logit_positions`` run (`require_one_position_axis`), and a
-        ``pos_slice`` on a cache without a position axis (`_require_position_axis`)."""
+        ``pos_slice`` on a cache without a position axis (`_require_position_axis`), and a
+        cache without a position axis nor a batch axis (``remove_batch_dim=True`` with an int
+        ``Slice``: its tensors are one ``[d_model]`` vector per hook; the depth stacks read
+        both axes, and failed with a bare ``IndexError``)."""
         record = self._record()
         if record is not None:
             names = residual_hook_names(self.model)
             require_run_positions(record, f"cache.{method}", names, sliced=False)
+        self._require_batch_or_position_axis(f"cache.{method}")
         self._require_position_axis(method, pos_slice, name)
         require_one_position_axis(
             self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
@@ -1177,6 +1198,14 @@ class AttnResActivationCache(ActivationCache):
         ``routed=True`` and returns router-weighted components that sum to the norm's
         input (module docstring). Where nothing is selected (layer 0 with
         ``incl_embeds=False``) the stack is empty (``n_components = 0``)."""
+        # flags read by truthiness took "no" for True
+        (mlp_input, apply_ln, incl_embeds, return_labels, routed) = require_bools(
+            mlp_input=mlp_input,
+            apply_ln=apply_ln,
+            incl_embeds=incl_embeds,
+            return_labels=return_labels,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("decompose_resid", pos_slice)
         point = _point(self.model, layer, mlp_input)
@@ -1213,6 +1242,13 @@ class AttnResActivationCache(ActivationCache):
         its layer's routed coefficient. Raw per-head outputs: ``cache.compute_head_results()``
         then ``cache["result", l]``. Refuses a cache whose heads do not sum to
         ``hook_attn_out`` (an edited sublayer output; `_require_unit_results`)."""
+        # flags read by truthiness took "no" for True
+        (return_labels, incl_remainder, apply_ln, routed) = require_bools(
+            return_labels=return_labels,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("stack_head_results", pos_slice)
         point = _point(self.model, layer, False)
@@ -1244,6 +1280,14 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``stack_neuron_results``; at a routed read point it needs
         ``routed=True`` and weights each neuron by its layer's routed coefficient. Refuses
         a cache whose neurons do not sum to ``hook_mlp_out`` (`_require_unit_results`)."""
+        # flags read by truthiness took "no" for True
+        (return_labels, incl_remainder, apply_ln, mlp_input, routed) = require_bools(
+            return_labels=return_labels,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            mlp_input=mlp_input,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         neuron_slice = slice_input(neuron_slice, "neuron_slice")
         self._require_full_run("stack_neuron_results", pos_slice)
@@ -1285,6 +1329,14 @@ class AttnResActivationCache(ActivationCache):
         router-weighted components summing to the norm's input. Refuses a cache whose heads
         (or, with ``expand_neurons``, neurons) do not sum to the sublayer outputs
         (`_require_unit_results`)."""
+        # flags read by truthiness took "no" for True
+        (mlp_input, expand_neurons, apply_ln, return_labels, routed) = require_bools(
+            mlp_input=mlp_input,
+            expand_neurons=expand_neurons,
+            apply_ln=apply_ln,
+            return_labels=return_labels,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("get_full_resid_decomposition", pos_slice)
         point = _point(self.model, layer, mlp_input)
@@ -1337,6 +1389,13 @@ class AttnResActivationCache(ActivationCache):
         through here: its last entry would not be the run's logits); with ``eps = 0`` it
         takes the run's padding (`real_rows`), so an all-zero padding row (a padding
         query's attention output) is finite, as in the run, not ``0 / 0``."""
+        # flags read by truthiness took "no" for True
+        (mlp_input, has_batch_dim, recompute_ln, routed) = require_bools(
+            mlp_input=mlp_input,
+            has_batch_dim=has_batch_dim,
+            recompute_ln=recompute_ln,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("apply_ln_to_stack", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
@@ -1390,6 +1449,8 @@ class AttnResActivationCache(ActivationCache):
         per position, for every row) unless of the cache's batch's length (then
         ``[1, pos]``); ``[rows, pos]``. Lists, tuples and arrays of ids are read as tensors.
         Returns ``[n_components, *batch_and_pos]``."""
+        # flags read by truthiness took "no" for True
+        has_batch_dim, routed = require_bools(has_batch_dim=has_batch_dim, routed=routed)
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("logit_attrs", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
@@ -1440,6 +1501,14 @@ class AttnResActivationCache(ActivationCache):
         ``mlp_input``; a cached RMS, so it warns on unfolded gains, and a cache whose run
         edited that norm's ``hook_normalized`` is refused), which is the RMS of a router's
         mixture in routed layouts, and refuses there."""
+        # flags read by truthiness took "no" for True
+        (incl_mid, apply_ln, mlp_input, return_labels, routed) = require_bools(
+            incl_mid=incl_mid,
+            apply_ln=apply_ln,
+            mlp_input=mlp_input,
+            return_labels=return_labels,
+            routed=routed,
+        )
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("accumulated_resid", pos_slice)
         model, layout = self.model, self.model.routing_layout

@@ -500,7 +500,16 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         ``attention_mask``: ``[batch, pos]``, 1 at real tokens, the padding the state is to
         be run with. The embedding does not depend on it, but the state records it
         (`DepthState.padding`) as `depth_states` does, so a resume with other padding is
-        refused; without it the state is that of an unpadded pass (``model(tokens)``)."""
+        refused; without it the state is that of an unpadded pass (``model(tokens)``).
+        ``tokens`` that are no tensor (a list) raise ``TypeError``, and are checked as the
+        forward pass checks them (`_validate_tokens`)."""
+        if not in_pass():  # a pass's own call has checked them
+            if not isinstance(tokens, Tensor):
+                raise TypeError(
+                    "embed_state takes a [batch, pos] integer tensor of token ids, got "
+                    f"{type(tokens).__name__}; pass torch.tensor(ids) or model.to_tokens(text)"
+                )
+            tokens = self._validate_tokens(tokens)
         if attention_mask is not None:
             attention_mask = self._validate_attention_mask(
                 attention_mask, tuple(tokens.shape), tokens.device
@@ -889,6 +898,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         states; index ``2 * l`` enters layer ``l``'s attention, ``2 * l + 1`` its MLP (for
         `forward_from`).
         """
+        sublayers = require_bool("sublayers", sublayers)  # "no" was True
         tokens = self._validate_tokens(tokens)
         if attention_mask is None:  # as in forward: left padding without a mask is attended
             self._warn_if_left_padded(tokens)

@@ -56,7 +56,7 @@ from hooked_attnres._tl import (
     slice_input,
 )
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
-from hooked_attnres._validation import require_bool, require_choice
+from hooked_attnres._validation import require_bool, require_bools, require_choice
 from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
@@ -452,6 +452,9 @@ class HookedModule(HookedRootModule):
         which hooks an earlier pass with another record filled last (``stale``). A
         ``cache`` given as a plain ``dict`` records nothing, and the interventions and
         sweeps refuse it (give a `RunCacheDict` to have it recorded)."""
+        incl_bwd, remove_batch_dim = require_bools(
+            incl_bwd=incl_bwd, remove_batch_dim=remove_batch_dim
+        )
         cache = RunCacheDict() if cache is None else cache
         # checked as the cache's methods check it (`slice_input`): unchecked, an unsigned
         # index array was a mask, [2.5] position 2 and a 0-d bool an added axis, silently

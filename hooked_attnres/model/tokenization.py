@@ -203,6 +203,9 @@ class TokenizerMixin:
         padding_side = require_choice("padding_side", padding_side, ("right", "left", None))
         if padding_side is None:
             padding_side = self.default_padding_side
+        # flags read by truthiness took "no" for True
+        move_to_device = require_bool("move_to_device", move_to_device)
+        truncate = require_bool("truncate", truncate)
         # a token id (to_single_token(3)) is no iterable: list(3) said "'int' object is not
         # iterable"
         texts = [input] if isinstance(input, str) else []

@@ -13,7 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from hooked_attnres._precision import stat_dtype
 from hooked_attnres._tl import CompositionScores, FactoredMatrix, composition_scores
-from hooked_attnres._validation import require_choice, require_integer
+from hooked_attnres._validation import require_bools, require_choice, require_integer
 
 if TYPE_CHECKING:
     from hooked_attnres.config import HookedAttnResConfig
@@ -346,6 +346,7 @@ class WeightsMixin:
         Raises:
             ValueError: ``layer`` outside ``[0, n_layers]`` (``[0, n_layers)`` with
                 ``mlp_input``, as TransformerLens asserts), where no residual stream is."""
+        mlp_input, _ = require_bools(mlp_input=mlp_input, include_mlp_biases=include_mlp_biases)
         n_layers = self.cfg.n_layers
         last = n_layers - 1 if mlp_input else n_layers
         if require_integer("layer", layer, minimum=0) > last:
@@ -380,6 +381,9 @@ class WeightsMixin:
             fold_biases, center_weights: TransformerLens's options for LayerNorm models;
                 RMSNorm has no bias and does not centre, so they must stay ``False``.
         """
+        fold_biases, center_weights = require_bools(
+            fold_biases=fold_biases, center_weights=center_weights
+        )
         if fold_biases or center_weights:
             raise ValueError(
                 "fold_biases and center_weights apply to LayerNorm models; Qwen3's RMSNorm "
@@ -437,7 +441,16 @@ class WeightsMixin:
             fold_value_biases: nothing to do: Qwen3 has no biases.
             refactor_factored_attn_matrices: not supported (rotary embeddings and the
                 q/k norms sit between ``W_Q`` and ``W_K``); ``True`` raises ``ValueError``.
+
+        Each flag is ``True`` or ``False`` (`require_bools`: ``"no"`` was read as ``True``).
         """
+        fold_ln, _, center_unembed, _, refactor_factored_attn_matrices = require_bools(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
         if refactor_factored_attn_matrices:
             raise ValueError(
                 "refactor_factored_attn_matrices is not supported: the rotary embedding and "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite, require_keys
+from hooked_attnres._validation import first_non_finite, require_columns, require_keys
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
 from hooked_attnres.analysis.mass import (
     masked_nothing,
@@ -361,8 +361,12 @@ def verdict_matrix(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Conditions x claims: ``"k/n verdict"`` per cell (one row per condition, in order).
 
     Args:
-        verdicts: `motif_verdicts` output (columns condition, claim, k, n, verdict).
+        verdicts: `motif_verdicts` output (columns condition, claim, k, n, verdict); a
+            table without them is refused (`require_columns`).
     """
+    require_columns(
+        verdicts, ("condition", "claim", "k", "n", "verdict"), "verdicts", "motif_verdicts(...)"
+    )
     table = {
         c: {r.claim: f"{r.k}/{r.n} {r.verdict}" for r in part.itertuples()}
         for c, part in verdicts.groupby("condition", sort=False)

@@ -415,7 +415,13 @@ def study_condition(
 
 
 def model_is_zero_query(model: HookedAttnRes) -> bool:
-    """True when every pseudo-query is zero (a recency-wrapped model)."""
+    """True when every pseudo-query is zero (a recency-wrapped model). ``TypeError`` for
+    what is no `HookedAttnRes`."""
+    if not isinstance(model, HookedAttnRes):
+        raise TypeError(
+            f"model_is_zero_query takes a HookedAttnRes, got {type(model).__name__}; load a "
+            "path first (HookedAttnRes.from_pretrained(path))"
+        )
     queries = [p for name, p in model.named_parameters() if name.endswith("query")]
     return bool(queries) and all(bool((q == 0).all()) for q in queries)
 
