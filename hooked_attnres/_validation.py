@@ -198,7 +198,7 @@ def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
         raise TypeError(
             f"token ids must be an integer tensor (torch.long), got dtype {tokens.dtype}"
         )
-    if tokens.numel() == 0:
+    if tokens.numel() == 0 or tokens.is_meta:  # a meta tensor holds no values to check
         return
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= d_vocab:

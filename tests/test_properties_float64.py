@@ -812,7 +812,8 @@ def _edited_sum_errors(model, tokens, mask, name, factor, point):
     from hooked_attnres.analysis import routing_lens
 
     n_layers = model.cfg.n_layers
-    layer, mlp_input = (None, False) if point == 2 * n_layers else divmod(point, 2)
+    layer, sublayer = (None, 0) if point == 2 * n_layers else divmod(point, 2)
+    mlp_input = bool(sublayer)  # the flags take True or False only (require_bool)
     norm = model.norm_at(point).hook_normalized.name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RoutedResidualPatchWarning)
