@@ -767,3 +767,20 @@ def test_bootstrap_refuses_text_and_reads_numbers_of_any_kind():
         pd.Series([1, 0, 1, 1], dtype="Int64"),
     ):
         assert bootstrap_ci(same, n_resamples=50) == expected
+
+
+def test_bootstrap_refuses_values_of_no_real_dtype_without_calling_them_text():
+    """Review of audit 145: ``as_numpy`` refused a complex or datetime array (NumPy had
+    dropped the imaginary part with a warning, or read the dates as counts of days) with
+    the message for text, "text is not parsed as numbers; convert it first (e.g.
+    table[column].astype(float))", a wrong reason and, for complex values, a remedy that
+    drops the imaginary part again; they are refused as no real numbers."""
+    from hooked_attnres.analysis import bootstrap_ci
+
+    for values, dtype in (
+        (np.array([1 + 1j, 2 + 0j]), "complex128"),
+        (np.array(["2020-01-01", "2020-01-02"], dtype="datetime64[D]"), r"datetime64\[D\]"),
+    ):
+        with pytest.raises(TypeError, match=rf"^values must be real numbers .*dtype {dtype};") as e:
+            bootstrap_ci(values, n_resamples=50)
+        assert "text" not in str(e.value)

@@ -17,17 +17,27 @@ def as_numpy(values) -> np.ndarray:
     """A float64 NumPy array of a tensor on any device (or of any array-like): the one
     place where the analyses move results to the host, once per table. Values that are no
     numbers (strings, ``["1", "2"]``, which NumPy parsed as 1.0 and 2.0, or an object
-    array holding text) raise ``TypeError``; booleans are read as 0 and 1."""
+    array holding text) raise ``TypeError``, and so do values of a dtype that is no real
+    number (complex, whose imaginary part NumPy dropped with a warning, or a datetime, read
+    as its count of days); booleans are read as 0 and 1."""
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
     held = np.asarray(values)
-    if held.dtype.kind not in "biufO" or (
-        held.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in held.ravel())
-    ):
+    kind = held.dtype.kind
+    if kind == "O":  # numbers (or booleans) held as objects are read as before
+        text = any(isinstance(v, (str, bytes)) for v in held.ravel())
+    else:
+        text = kind in "US"
+    if text:
         raise TypeError(
             f"values must be numbers (an array or tensor of a numeric dtype), got dtype "
-            f"{held.dtype}{' holding text' if held.dtype.kind == 'O' else ''}: text is not "
+            f"{held.dtype}{' holding text' if kind == 'O' else ''}: text is not "
             "parsed as numbers; convert it first (e.g. table[column].astype(float))"
+        )
+    if kind not in "biufO":  # complex, datetime, ...: the text's remedy would be wrong
+        raise TypeError(
+            f"values must be real numbers (an array or tensor of a numeric dtype), got dtype "
+            f"{held.dtype}; take the real quantity to analyse first (e.g. values.real)"
         )
     return np.asarray(held, dtype=np.float64)
 
