@@ -2514,3 +2514,23 @@ def test_schedule_deviation_refuses_a_schedule_of_more_layers_as_the_comparison_
             ValueError, match=rf"^the schedule is for {n_layers} layers, but the model has 4"
         ):
             schedule_deviation(model, cache, schedule)
+
+
+def test_band_of_a_negative_layer_names_the_final_router_and_the_remedy():
+    """Review of audit 145: ``band_of(-1, bands)`` (a mass table's layer of the final
+    router, `RouterSite.table_layer`, re-banded row by row) was refused as "band_of's layer
+    must be an integer >= 0, got -1", naming no remedy; the message says what -1 is and
+    what to pass. ``None`` gives the band the table's final rows hold."""
+    from hooked_attnres.analysis.mass import band_of
+
+    model = tiny_model(attnres_layout="kimi")
+    mass = routing_mass(model, torch.tensor([[1, 2, 3, 4]]), positions="all")
+    bands = {"early": [0, 1], "late": [2, 3]}
+    final = mass[mass.layer == -1]
+    assert len(final) and set(final.band) == {band_of(None, bands)}
+    with pytest.raises(
+        ValueError,
+        match=r"got -1: a mass table's layer -1 is the final router \(band 'final': pass "
+        r"None or its RouterSite\).*pass n_layers - 1",
+    ):
+        band_of(-1, bands)

@@ -14,6 +14,7 @@ from torch import Tensor
 from hooked_attnres._precision import sum_where
 from hooked_attnres._validation import (
     differ_in_kind,
+    is_integer,
     non_finite_in_column,
     require_columns,
     require_integer,
@@ -39,13 +40,22 @@ PER_PROMPT = "pass answer_pos= ([batch], with positions='answer')"
 def band_of(layer: Union[RouterSite, Optional[int]], bands: dict[str, list[int]]) -> str:
     """The band a layer (or a router site) belongs to (``"final"`` for the final router).
     A layer that is no integer (`require_integer`: ``"0"``, ``0.0``) is refused: no band
-    holds it, so it was put in ``"other"`` without a word."""
+    holds it, so it was put in ``"other"`` without a word. A negative layer is refused
+    naming the remedy: ``-1`` is a table's final router (`RouterSite.table_layer`), whose
+    band is ``"final"`` (pass ``None`` or its `RouterSite`), or a Python index of the last
+    layer (pass ``n_layers - 1``); it was ``"other"`` too."""
     if isinstance(layer, RouterSite):
         if layer.is_final:
             return "final"
         layer = layer.layer
     if layer is None:  # the final router given as (None, "final_res")
         return "final"
+    if is_integer(layer) and layer < 0:
+        raise ValueError(
+            f"band_of's layer must be an integer >= 0, got {layer!r}: a mass table's layer "
+            "-1 is the final router (band 'final': pass None or its RouterSite), and a "
+            "layer counted from the end is no layer (pass n_layers - 1 for the last)"
+        )
     layer = require_integer("band_of's layer", layer, 0)
     for name, layers in bands.items():
         if layer in layers:
