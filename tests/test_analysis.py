@@ -2534,3 +2534,27 @@ def test_band_of_a_negative_layer_names_the_final_router_and_the_remedy():
         r"None or its RouterSite\).*pass n_layers - 1",
     ):
         band_of(-1, bands)
+
+
+def test_summarize_mass_refuses_a_bool_layer_among_integers():
+    """Review of audit 142: `integer_layers` refuses a bool layer, but read each distinct
+    label once, and ``True == 1`` (one label to pandas and to a dict): an object column
+    with a 1 before a True read the True as layer 1, so a mass table whose layer-2 rows
+    held True was refused as "repeats 8 row(s) ... the repeated rows differ in ['band']
+    ... Add 'band' to by" (layer 2's rows taken for layer 1's), a false reason and remedy,
+    and with the True first the 1s were refused with it (16 values "no layer" for 8)."""
+    model = tiny_model(attnres_layout="kimi")
+    mass = routing_mass(model, torch.tensor([[1, 2, 3, 4]]), positions="all")
+    bad = mass.assign(layer=mass.layer.astype(object))
+    bad.loc[mass.layer.eq(2).to_numpy(), "layer"] = True
+    rows = int(mass.layer.eq(2).sum())
+    first = int(np.flatnonzero(mass.layer.eq(2).to_numpy())[0])
+    with pytest.raises(ValueError, match=rf"holds {rows} value\(s\) .*e\.g\. True in row {first}:"):
+        summarize_mass(bad)
+    # the True first (layer 0's rows): the 1s are layers, only the True rows are refused
+    bad = mass.assign(layer=mass.layer.astype(object))
+    bad.loc[mass.layer.eq(0).to_numpy(), "layer"] = True
+    rows = int(mass.layer.eq(0).sum())
+    first = int(np.flatnonzero(mass.layer.eq(0).to_numpy())[0])
+    with pytest.raises(ValueError, match=rf"holds {rows} value\(s\) .*e\.g\. True in row {first}:"):
+        summarize_mass(bad)

@@ -238,8 +238,10 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
     read with ``dtype_backend=``), or a text that is no integer (``"a"``, ``"1.5"``) raises
     ``ValueError`` naming ``what`` (the table), how many rows and the first one. A table
     without ``layer``, or with integer layers (none missing), is returned as it is; a
-    categorical column is read by its labels (review 140: float categories as floats).
-    Until audit 137
+    categorical column is read by its labels (review 140: float categories as floats),
+    each distinct label once, and a column that may mix bools with numbers (``infer_dtype``
+    "mixed" or "mixed-integer") row by row: ``True == 1``, so a bool among integers was
+    read as layer 1 (review of audit 142). Until audit 137
     `summarize_mass` wrote a float column's layers as ``"0.0,1.0"``, which every pairing
     with the effects then refused as "not a list of layers", and ``1.5`` as ``"0.0,1.5"``,
     silently; until audit 142 a text column's as ``"0,1,10,11,2,...,9"`` (text order) and
@@ -256,6 +258,11 @@ def integer_layers(table: pd.DataFrame, what: str) -> pd.DataFrame:
         labels = values.astype(object)
         number = {label: _layer_number(label) for label in labels.dropna().unique()}
         floats = labels.map(number).to_numpy(dtype=float)
+        if pd.api.types.infer_dtype(labels, skipna=True) in ("mixed", "mixed-integer"):
+            # True equals 1 (and hashes as it): among numbers a bool shares 1's distinct
+            # label, and was read as layer 1 (or, first, made the 1s "no layer"); a
+            # column of mixed kinds is read row by row
+            floats = labels.map(_layer_number, na_action="ignore").to_numpy(dtype=float)
     whole = np.isfinite(floats) & (floats == np.floor(floats))
     if not whole.all():
         bad = np.flatnonzero(~whole)
