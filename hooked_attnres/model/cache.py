@@ -687,14 +687,12 @@ class AttnResActivationCache(ActivationCache):
         ``Slice``: its tensors are one ``[d_model]`` vector per hook; the depth stacks read
         both axes, and failed with a bare ``IndexError``)."""
         record = self._record()
+        names = residual_hook_names(self.model)  # listed once, read by both checks
         if record is not None:
-            names = residual_hook_names(self.model)
             require_run_positions(record, f"cache.{method}", names, sliced=False)
         self._require_batch_or_position_axis(f"cache.{method}")
         self._require_position_axis(method, pos_slice, name)
-        require_one_position_axis(
-            self.model, self.cache_dict, residual_hook_names(self.model), f"cache.{method}"
-        )
+        require_one_position_axis(self.model, self.cache_dict, names, f"cache.{method}")
 
     def _require_head_inputs(self, method: str) -> None:
         """Refuse (`require_cached`) a cache without every layer's ``hook_z`` (or
