@@ -2193,6 +2193,25 @@ def test_get_token_position():
             model.get_token_position(bad, torch.tensor([w1, w3]))
 
 
+def test_get_token_position_refuses_prompt_tokens_that_are_not_token_ids():
+    """Audit 149 finding: the prompt's tokens were compared with ``==`` unchecked, so a
+    boolean tensor matched token 1 (``[False, True]`` gave position 1), a float tensor
+    matched ``5.0`` to token 5 beside a ``5.5`` no token has, and an id outside
+    ``[0, d_vocab)`` (``-1``, ``50``) was searched as if the model could read it; they are
+    refused as ``to_string`` and ``to_str_tokens`` refuse them."""
+    model = routed_model("none")
+    w3 = model.to_single_token("w3")
+    for bad in (torch.tensor([False, True]), torch.tensor([w3 + 0.5, float(w3)])):
+        with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+            model.get_token_position(1 if bad.dtype == torch.bool else w3, bad)
+    for bad in (torch.tensor([-1, w3]), [w3, 50], np.array([[w3, -2]])):
+        with pytest.raises(ValueError, match=re.escape("token ids must be in [0, 50)")):
+            model.get_token_position(w3, bad)
+    # valid ids as a list or a NumPy array are still searched
+    assert model.get_token_position(w3, [w3 + 1, w3]) == 1
+    assert model.get_token_position(w3, np.array([[w3, w3 + 1]])) == 0
+
+
 def test_residual_directions_refuse_ids_that_would_index_other_tokens():
     """Audit finding: ``tokens_to_residual_directions(-1)`` (and ``cache.logit_attrs``
     with ``tokens=-1``) returned the direction of token ``d_vocab - 1`` and a boolean

@@ -366,14 +366,18 @@ class TokenizerMixin:
 
         Raises:
             ValueError: the token does not occur, a bad ``mode``, a batch of prompts, or a
-                token id outside ``[0, d_vocab)``.
-            TypeError: ``single_token`` is a float, a bool or a tensor of floats.
+                token id outside ``[0, d_vocab)`` (``single_token`` or in ``input``).
+            TypeError: ``single_token`` is a float, a bool or a tensor of floats, or
+                ``input`` tokens are not integers (a float or boolean tensor).
         """
         mode = require_choice("mode", mode, ("first", "last"))
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)
         else:
             tokens = torch.as_tensor(input)
+            # compared with ==: a boolean tensor matched token 1 (True == 1), a float one
+            # 5.0 to token 5, and -1 / d_vocab were searched as ids (audit 149)
+            require_token_ids(tokens, self.cfg.d_vocab)
         if tokens.ndim == 2:
             if tokens.shape[0] != 1:
                 raise ValueError(
