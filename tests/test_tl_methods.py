@@ -2212,6 +2212,32 @@ def test_get_token_position_refuses_prompt_tokens_that_are_not_token_ids():
     assert model.get_token_position(w3, np.array([[w3, w3 + 1]])) == 0
 
 
+def test_token_helpers_refuse_what_torch_cannot_read_as_token_ids_by_name():
+    """Audit 149 finding: to_string, to_str_tokens, get_token_position and
+    tokens_to_residual_directions handed their input to torch.as_tensor unchecked, so a
+    ragged list of rows raised torch's "expected sequence of length 2 at dim 1 (got 1)",
+    None or a set "Could not infer dtype of NoneType", naming no argument and no remedy;
+    and an empty list, read by torch as float32, was refused as "got dtype torch.float32"
+    (an empty long tensor decodes to "", as in the tokenizer)."""
+    model = routed_model("none")
+    w3 = model.to_single_token("w3")
+    calls = {
+        "to_string": model.to_string,
+        "to_str_tokens": model.to_str_tokens,
+        "get_token_position": lambda bad: model.get_token_position(w3, bad),
+        "tokens_to_residual_directions": model.tokens_to_residual_directions,
+    }
+    for name, call in calls.items():
+        for bad in (None, {w3, w3 + 1}, object()):
+            with pytest.raises(TypeError, match=rf"^{name} takes token ids"):
+                call(bad)
+    with pytest.raises(TypeError, match=r"^to_string takes token ids.*decode each row"):
+        model.to_string([[w3, w3], [w3]])
+    with pytest.raises(TypeError, match=r"^get_token_position takes token ids"):
+        model.get_token_position(w3, [[w3, w3], [w3]])
+    assert model.to_string([]) == model.to_string(torch.tensor([], dtype=torch.long)) == ""
+
+
 def test_residual_directions_refuse_ids_that_would_index_other_tokens():
     """Audit finding: ``tokens_to_residual_directions(-1)`` (and ``cache.logit_attrs``
     with ``tokens=-1``) returned the direction of token ``d_vocab - 1`` and a boolean

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -26,6 +27,29 @@ class LeftPaddingWithoutMaskWarning(UserWarning):
     """Token ids that look left-padded (a row starts with the tokenizer's pad token, and
     the model pads on the left) were passed without an ``attention_mask``: the padding is
     attended as real tokens (TransformerLens's HookedTransformer would guess the mask)."""
+
+
+def _token_tensor(what: str, tokens: Any) -> Tensor:
+    """``tokens`` (a tensor, an array, an id or a list of them) as a tensor, for
+    `require_token_ids` to check. What torch cannot read is refused with a ``TypeError``
+    naming ``what`` (a ragged list of rows raised torch's "expected sequence of length 2 at
+    dim 1 (got 1)", ``None`` or a set "Could not infer dtype of NoneType"); an empty list,
+    which torch reads as float32, is an empty ``torch.long`` tensor."""
+    try:
+        tensor = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        ragged = isinstance(tokens, (list, tuple)) and any(
+            isinstance(row, (list, tuple, Tensor, np.ndarray)) for row in tokens
+        )
+        remedy = "; rows of different lengths: decode each row alone" if ragged else ""
+        raise TypeError(
+            f"{what} takes token ids (an int, a tensor or array of ints, or a list of ints or "
+            f"of equal-length rows), got {type(tokens).__name__} {tokens!r:.80} ({error})"
+            f"{remedy}"
+        ) from None
+    if tensor.numel() == 0 and not isinstance(tokens, (Tensor, np.ndarray)):
+        tensor = tensor.long()
+    return tensor
 
 
 class TokenizerMixin:
@@ -258,7 +282,7 @@ class TokenizerMixin:
                 f"to_string decodes token ids, got the string {tokens!r:.80}; to_tokens or "
                 "to_str_tokens read text"
             )
-        tokens = torch.as_tensor(tokens)
+        tokens = _token_tensor("to_string", tokens)
         # integer ids in [0, d_vocab): a negative id overflowed the decoder
         require_token_ids(tokens, self.cfg.d_vocab)
         if tokens.ndim == 0:
@@ -299,7 +323,7 @@ class TokenizerMixin:
                 "to_str_tokens takes a string, token ids, or a list of those; got a nested "
                 f"list holding {sorted({type(t).__name__ for t in input})}"
             )
-        tokens = torch.as_tensor(input)
+        tokens = _token_tensor("to_str_tokens", input)
         if tokens.is_floating_point() or tokens.dtype == torch.bool:
             raise TypeError(f"to_str_tokens takes integer token ids, got dtype {tokens.dtype}")
         # ids in [0, d_vocab), as to_string: one past it decoded to '', a negative one
@@ -374,7 +398,7 @@ class TokenizerMixin:
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)
         else:
-            tokens = torch.as_tensor(input)
+            tokens = _token_tensor("get_token_position", input)
             # compared with ==: a boolean tensor matched token 1 (True == 1), a float one
             # 5.0 to token 5, and -1 / d_vocab were searched as ids (audit 149)
             require_token_ids(tokens, self.cfg.d_vocab)
@@ -445,7 +469,7 @@ class TokenizerMixin:
                 from the end: ``-1`` gave the direction of token ``d_vocab - 1``)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        tokens = _token_tensor("tokens_to_residual_directions", tokens).to(self.W_U.device)
         require_token_ids(tokens, self.cfg.d_vocab)
         dtype = self.W_U.dtype if dtype is None else dtype
         gain = self.ln_final.w.to(dtype).reshape(-1, *([1] * tokens.ndim))
