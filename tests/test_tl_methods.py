@@ -1553,6 +1553,71 @@ def test_greedy_generation_equals_hugging_face_generate():
     assert torch.equal(out, expected)
 
 
+def test_seeded_sampling_draws_what_hugging_face_generate_draws():
+    """Independent reference (audit 149): under one torch.manual_seed, sampling from the
+    none wrap, and from the exact wrap with rms_norm_eps=0 (where it is vanilla Qwen3),
+    draws the same tokens as HF's generate(do_sample=True) of the same weights: left-padded
+    prompts of three lengths, with and without the cache, with a temperature, top_k or
+    top_p (HF's default top_k=50 switched off)."""
+    real = torch.randint(3, 61, (3, 6), generator=torch.Generator().manual_seed(0))
+    tokens, mask = torch.ones_like(real), torch.zeros_like(real)  # pad id 1
+    for row, length in enumerate((6, 2, 4)):
+        tokens[row, 6 - length :], mask[row, 6 - length :] = real[row, :length], 1
+    for wrap, eps in (("none", 1e-6), ("exact", 0.0)):
+        hf = hf_qwen3(rms_norm_eps=eps)
+        model = HookedAttnRes.from_hf_qwen3(hf_qwen3(rms_norm_eps=eps), wrap=wrap)
+        for options in (dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8)):
+            theirs = dict(dict(top_k=0, top_p=1.0, temperature=1.0), **options)
+            torch.manual_seed(3)
+            expected = hf.generate(
+                tokens, attention_mask=mask, do_sample=True, max_new_tokens=8, pad_token_id=1,
+                eos_token_id=None, **theirs,
+            )  # fmt: skip
+            for cached in (True, False):
+                torch.manual_seed(3)
+                out = model.generate(
+                    tokens, attention_mask=mask, do_sample=True, max_new_tokens=8,
+                    stop_at_eos=False, verbose=False, use_past_kv_cache=cached, **options,
+                )  # fmt: skip
+                assert torch.equal(out, expected), (wrap, options, cached)
+
+
+@pytest.mark.parametrize("name", [*LAYOUTS, *(f"wrap={wrap}" for wrap in WRAPS)])
+def test_each_generation_step_has_the_logits_of_the_unpadded_prompt_so_far(name):
+    """Independent reference (audit 149): every step of seeded sampling from left-padded
+    prompts of three lengths, with and without the key-value cache, reads the logits
+    (recorded by a forward hook on the model) that a full forward of that prompt alone,
+    unpadded, gives for the sequence so far, to 1e-12 in float64, in every layout and wrap."""
+    if name.startswith("wrap"):
+        model = wrapped_qwen3(name[5:], dtype=torch.float64)
+    else:
+        model = routed_model(name, dtype=torch.float64)
+    lengths, width, steps = (6, 1, 4), 6, 6
+    real = torch.randint(
+        3, model.cfg.d_vocab, (3, width), generator=torch.Generator().manual_seed(1)
+    )
+    tokens, mask = torch.ones_like(real), torch.zeros_like(real)
+    for row, length in enumerate(lengths):
+        tokens[row, width - length :], mask[row, width - length :] = real[row, :length], 1
+    runs = []
+    for cached in (True, False):
+        seen = []
+        handle = model.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[:, -1]))
+        try:
+            out = model.generate(
+                tokens, attention_mask=mask, max_new_tokens=steps, stop_at_eos=False,
+                verbose=False, use_past_kv_cache=cached, generator=torch.Generator().manual_seed(5),
+            )  # fmt: skip
+        finally:
+            handle.remove()
+        runs.append(out)
+        logits = torch.stack(seen, dim=1)  # [batch, steps, d_vocab]
+        for row, length in enumerate(lengths):
+            alone = model(out[row, width - length :][None])[0, length - 1 : length - 1 + steps]
+            assert (logits[row] - alone).abs().max() < 1e-12, (name, cached, row)
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_generation_stops_at_eos_and_pads_finished_prompts():
     model = routed_model("none")
     prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(2))
