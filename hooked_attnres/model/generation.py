@@ -607,4 +607,5 @@ class GenerationMixin:
         texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
         # as TransformerLens 4.3: one string for one prompt given as a string or as token
         # ids ([pos] / [1, pos]); a list of strings keeps its list, also of one prompt
+        # (there TransformerLens returns the string: a difference, docs/hooks.md)
         return texts if input_type == "list" or len(texts) > 1 else texts[0]
