@@ -1618,6 +1618,23 @@ def test_each_generation_step_has_the_logits_of_the_unpadded_prompt_so_far(name)
     assert torch.equal(runs[0], runs[1])
 
 
+def test_generate_refuses_return_type_str_without_a_tokenizer_before_generating():
+    """Audit 149 finding: return_type="str" without a tokenizer was refused only after
+    every token was generated (max_new_tokens forward passes, their tokens lost); now
+    before the first pass, as every other bad argument."""
+    model = tiny_model()
+    passes = []
+    handle = model.register_forward_hook(lambda module, args, out: passes.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"return_type='str' needs a tokenizer"):
+            model.generate(
+                torch.tensor([[3, 4]]), max_new_tokens=5, return_type="str", stop_at_eos=False
+            )
+    finally:
+        handle.remove()
+    assert passes == []
+
+
 def test_generation_stops_at_eos_and_pads_finished_prompts():
     model = routed_model("none")
     prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(2))

@@ -470,7 +470,15 @@ class GenerationMixin:
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if return_type == "str":  # refused before generating, not after every step ran
+            self._require_tokenizer_for_strings()
         return max_new_tokens, return_type, padding_side
+
+    def _require_tokenizer_for_strings(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(
+                "return_type='str' needs a tokenizer; none is attached (use return_type='tokens')"
+            )
 
     def _generation_prompt(
         self, input, prepend_bos, padding_side, attention_mask
@@ -595,10 +603,7 @@ class GenerationMixin:
             return_type = "tokens" if input_type == "tokens" else "str"
         if return_type in ("tokens", None):
             return tokens
-        if self.tokenizer is None:
-            raise ValueError(
-                "return_type='str' needs a tokenizer; none is attached (use return_type='tokens')"
-            )
+        self._require_tokenizer_for_strings()  # "input" of strings had one to tokenise them
         rows = (
             tokens
             if mask is None
