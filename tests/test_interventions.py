@@ -2323,6 +2323,29 @@ def test_a_mask_that_is_not_bool_is_refused_when_built_naming_its_dtype():
     torch.testing.assert_close(got, by_name, atol=0, rtol=0)
 
 
+def test_mask_logits_refuses_a_mask_with_extra_leading_axes_naming_the_shapes_accepted():
+    """Audit 147: `mask_logits` broadcast a mask with more axes than ``[batch, pos,
+    n_sources]`` (e.g. ``[1, 1, 1, n]`` or ``[5, batch, pos, n]``), returning logits of
+    more axes than the router's, silently; a 2-D ``[batch, n]`` was read as ``[pos, n]``
+    where batch == pos. It takes `mask_hook`'s shapes now (`check_axes`), refusing another
+    number of axes naming them; the shapes accepted give torch's own masked_fill."""
+    from hooked_attnres.interventions import mask_logits
+
+    n = 4
+    logits = torch.randn(3, 3, n, generator=torch.Generator().manual_seed(0))
+    accepted = r"\[n_sources\], \[1, n_sources\], \[batch, 1, n_sources\] or \[batch, pos"
+    for shape in ((1, 1, 1, n), (5, 3, 3, n), (3, n)):
+        bad = torch.zeros(shape, dtype=torch.bool)
+        bad[..., 0] = True
+        with pytest.raises(ValueError, match=rf"probe's mask must be {accepted}.*{shape[0]}"):
+            mask_logits(logits, bad, "probe")
+    for shape in ((n,), (1, n), (3, 1, n), (3, 3, n)):
+        where = torch.zeros(shape, dtype=torch.bool)
+        where[..., 1] = True
+        expected = torch.where(where.expand(3, 3, n), float("-inf"), logits)
+        torch.testing.assert_close(mask_logits(logits, where, "probe"), expected)
+
+
 def test_a_list_mask_that_is_not_bool_is_told_a_remedy_that_works_for_a_list():
     """Audit 120: a list of 0/1 ints was told "for a 0/1 mask give mask == 1", but a list
     compared with 1 is the Python bool ``False``, refused as a mask of shape ``()``. The

@@ -32,6 +32,7 @@ from hooked_attnres._validation import (
     some_names,
 )
 from hooked_attnres.interventions.checks import (
+    check_axes,
     check_bool_mask,
     check_broadcast,
     check_cache_mask,
@@ -379,10 +380,16 @@ def mask_logits(
     Raises ``ValueError("{what} masks every source at some position ...")`` if a position
     is left with no finite logit, counting ``-inf`` already there (e.g. from another hook
     on the same router), where the softmax would return NaN.
+    ``where`` has the shapes of `mask_hook`'s mask (`check_axes`): ``[n_sources]``,
+    ``[1, n_sources]``, ``[batch, 1, n_sources]`` or ``[batch, pos, n_sources]``;
+    ``ValueError`` naming them for another number of axes (extra leading axes broadcast the
+    result to more axes than the logits', silently before audit 147; a 2-D ``[batch,
+    n_sources]`` broadcast as ``[pos, n_sources]``).
     ``TypeError`` for a ``where`` that is not bool (`check_bool_mask`); ``ValueError`` for
     one that does not broadcast to ``logits`` (`check_broadcast`: another number of
     sources; torch's bare size mismatch named neither).
     """
+    check_axes(where, f"{what}'s mask", "n_sources", "mask")
     check_bool_mask(where, f"{what}'s mask")
     try:
         masked = logits.masked_fill(where, float("-inf"))
@@ -434,7 +441,7 @@ def mask_hook(
         mask = where.to(logits.device)
         pos_mask = _positions_mask(positions, logits.shape[-2], logits.device)
         if pos_mask is not None:
-            mask = mask & pos_mask[:, None]
+            mask = mask & pos_mask[None, :, None]  # [1 or batch, pos, n_sources]
         # another hook on the same router (e.g. a second mask_sources list) may have
         # masked the rest already
         return mask_logits(
