@@ -572,6 +572,37 @@ def test_run_with_cache_and_forward_flags_are_true_or_false(model):
     assert model(GOOD, return_type="loss", loss_per_token=True).shape == (1, 3)
 
 
+def test_cache_constructor_flags_are_true_or_false(model):
+    """Audit 147: ``AttnResActivationCache(..., has_batch_dim=...)`` kept its flag unchecked,
+    as TransformerLens reads it, by truthiness: ``has_batch_dim="False"`` around a cache
+    without a batch axis took its position axis for the batch (``apply_slice_to_batch_dim(0)``
+    returned position 0, ``[d_model]`` for ``[pos, d_model]``); ``other_hooks_attached`` was
+    unchecked too. Both go through `require_bool` now; the controls are the flags given as
+    bools (the unbatched cache refuses a batch slice, as TransformerLens does)."""
+    from hooked_attnres.model.cache import AttnResActivationCache
+
+    _, cache = model.run_with_cache(GOOD)
+    unbatched = {name: tensor[0] for name, tensor in cache.cache_dict.items()}
+    for flag in ("has_batch_dim", "other_hooks_attached"):
+        for bad in ("False", 0, torch.tensor(False)):
+            with pytest.raises(TypeError, match=rf"^{flag} must be True or False"):
+                AttnResActivationCache(unbatched, model, **{flag: bad})
+    plain = AttnResActivationCache(unbatched, model, has_batch_dim=np.False_)
+    assert plain.has_batch_dim is False
+    with pytest.raises(AssertionError, match="without a batch dim"):
+        plain.apply_slice_to_batch_dim(0)
+    assert (
+        AttnResActivationCache(unbatched, model, other_hooks_attached=None).other_hooks_attached
+        is None
+    )
+    assert (
+        AttnResActivationCache(
+            unbatched, model, other_hooks_attached=np.False_
+        ).other_hooks_attached
+        is False
+    )
+
+
 def test_hooks_flags_are_true_or_false(model):
     """Audit 144: run_with_cache's flags were checked (audit 138) but not those it shares
     with run_with_hooks and the hooks context: ``reset_hooks_end="no"`` removed the hook

@@ -49,7 +49,13 @@ from hooked_attnres._tl import (
     selects_positions,
     slice_input,
 )
-from hooked_attnres._validation import is_integer, require_bools, require_choice, require_integer
+from hooked_attnres._validation import (
+    is_integer,
+    require_bool,
+    require_bools,
+    require_choice,
+    require_integer,
+)
 from hooked_attnres.model.depth import (
     SOURCE_AXIS,
     SUBLAYER_ROUTERS,
@@ -427,6 +433,8 @@ class AttnResActivationCache(ActivationCache):
     nothing: giving either declares the pass, the other then meaning no key-value cache
     or no padding; around a `RunCacheDict`, a declaration that contradicts its record
     raises ``ValueError``). `to`, `apply_slice_to_batch_dim` and `remove_batch_dim` keep it.
+    ``has_batch_dim`` (``True`` / ``False``) and ``other_hooks_attached`` (or ``None``) are
+    checked as every flag (`require_bool`, ``TypeError``; unchecked before audit 147).
     """
 
     model: Any  # a HookedAttnRes
@@ -440,6 +448,10 @@ class AttnResActivationCache(ActivationCache):
         attention_mask: Optional[Tensor] = None,
         other_hooks_attached: Optional[bool] = None,
     ) -> None:
+        # flags checked as every other cache flag is (`require_bool`): a truthy "no" or 0
+        # was kept as has_batch_dim, read by TransformerLens as a batch axis (audit 147)
+        has_batch_dim = require_bool("has_batch_dim", has_batch_dim)
+        other_hooks_attached = require_bool("other_hooks_attached", other_hooks_attached, True)
         super().__init__(cache_dict, model, has_batch_dim)
         # what the arguments declare (None: read the cache_dict's record, live, so that a
         # dict the caching hooks refill after this object was made is read as it is now)
