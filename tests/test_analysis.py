@@ -628,6 +628,9 @@ def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers()
     try:
         with pytest.raises(ValueError, match="eval mode"):
             run_ablations(model, batch, plan[:1], progress=False)
+        # audit 147: ablation_effects's refusal named run_ablations, which it calls
+        with pytest.raises(ValueError, match="^ablation_effects needs the model in eval mode"):
+            ablation_effects(model, batch, progress=False)
     finally:
         model.eval()
 

@@ -914,13 +914,13 @@ CASES = [
         "effects-tokens-instead-of-batch",
         _effects(lambda: _task_batch().tokens),
         TypeError,
-        ["batch must be a TaskBatch"],
+        ["batch must be a TaskBatch", "ablation_effects reads its metrics"],
     ),
     (
         "effects-empty-batch",
         _effects(lambda: _task_batch()[:0]),
         ValueError,
-        ["the batch holds no prompts", "run_ablations has nothing to measure"],
+        ["the batch holds no prompts", "ablation_effects has nothing to measure"],
     ),
     (
         "mass-empty-batch",

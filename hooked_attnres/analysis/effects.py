@@ -489,6 +489,10 @@ def ablation_effects(
         0 exactly.
     """
     metrics = check_metrics(metrics)
+    # checked here too, so that the messages name the function called (they named
+    # run_ablations, audit 147)
+    require_task_batch(batch, "ablation_effects")
+    require_eval(model, "ablation_effects")
     # before the sweep, not after it
     n_bootstrap, confidence, seed = check_bootstrap(n_bootstrap, confidence, seed, "n_bootstrap")
     plan = plan_ablations(model, families, routers, groups, bands)
