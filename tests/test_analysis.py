@@ -112,6 +112,27 @@ def test_recency_wrapped_mass_equals_the_analytic_schedule():
         schedule_comparison(mass, recency_schedule(4, 2, 3.0))
 
 
+def test_schedule_comparison_of_a_mass_table_without_sublayer_rows_says_so():
+    """Audit 147: an empty mass table (or one holding no sublayer router's rows, e.g. the
+    final router's only) was told "the schedule is for a different shape than the measured
+    model", true of no schedule. It says the table is empty, or which routers it holds,
+    and what to pass; the control: the whole table of the same model compares."""
+    model = tiny_model(attnres_layout="cumulative", n_layers=4, attnres_num_blocks=2)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    mass = routing_mass(model.eval(), tokens, positions="all")
+    schedule = recency_schedule(4, 2, 3.0)
+    with pytest.raises(
+        ValueError,
+        match=r"the mass table is empty: no rows of the sublayer .*"
+        r"nothing to compare; pass the whole routing_mass\(model, batch\)",
+    ):
+        schedule_comparison(mass.iloc[:0], schedule)
+    final_only = mass.assign(router="final_res")
+    with pytest.raises(ValueError, match=r"has only the routers \['final_res'\]: no rows of"):
+        schedule_comparison(final_only, schedule)
+    assert len(schedule_comparison(mass, schedule)) == 4 * 2 * len(FAMILIES)
+
+
 def test_fast_sweep_equals_naive_sweep(setup):
     model, batch = setup
     plan = plan_ablations(model, groups="layers")

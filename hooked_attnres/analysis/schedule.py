@@ -251,7 +251,9 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             mass table's ``n_sources`` against the schedule's sources); a mass table
             without ``n_sources``; a NaN ``router``, ``layer`` or ``family``, or one
             mixing text and numbers (`require_keys`: the means would leave NaN rows out, and
-            a layer ``'0'`` has no prediction, which read as a schedule of another shape).
+            a layer ``'0'`` has no prediction, which read as a schedule of another shape);
+            a mass table without rows of a sublayer router (empty, or the final router's
+            only: it read as a schedule of another shape until audit 147).
     """
     # a NaN router, layer or family: the filter and groupby would leave the row out of
     # its router's mean
@@ -261,6 +263,13 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
     # by name (it was "the schedule has no prediction ...: a different shape")
     mass = integer_layers(mass, "the mass table")
     measured = mass[mass.router.isin(SUBLAYER_ROUTERS)]
+    if measured.empty:  # it read as "a different shape" (audit 147)
+        held = "is empty" if mass.empty else f"has only the routers {sorted(set(mass.router))}"
+        raise ValueError(
+            f"the mass table {held}: no rows of the sublayer routers {list(SUBLAYER_ROUTERS)}, "
+            "whose mass the schedule predicts, so there is nothing to compare; pass the whole "
+            "routing_mass(model, batch) table of a model of the schedule's shape"
+        )
     require_finite_mass(measured, "the comparison")
     grouped = measured.groupby(["router", "layer", "family"]).mass
     table = grouped.mean().rename("measured").to_frame()
