@@ -99,6 +99,32 @@ def require_bool(
     )
 
 
+def check_device(device) -> None:
+    """Refuse a device that torch cannot parse (``ValueError``, "is not a torch device"),
+    and a CUDA device this machine does not have (``"cuda:7"`` with fewer GPUs, any
+    ``"cuda"`` without CUDA) or ``"mps"`` where MPS is not available (``ValueError``, "is
+    not on this machine"); ``None``, ``"cpu"`` and ``"meta"`` pass. The one device check of
+    the loaders (before anything is read: torch failed only when the loaded model was moved
+    there, after every weight was read, "Torch not compiled with CUDA enabled", an
+    ``AssertionError``) and of `HookedAttnResConfig` (which took any device torch parses
+    until audit 147, and the model built from it failed so)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(
+                f"device={device!r} is not on this machine: it has {count} CUDA device(s)"
+                + (f", cuda:0 to cuda:{count - 1}" if count else "; use device='cpu'")
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} is not on this machine (MPS is not available)")
+
+
 def require_bools(**flags: Any) -> list[bool]:
     """`require_bool` of each keyword (``name=value``), in the order given: the flags of
     one call as Python bools (``x, y = require_bools(x=x, y=y)``)."""

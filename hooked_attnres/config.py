@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from hooked_attnres._validation import (
+    check_device,
     is_integer,
     require_bool,
     require_choice,
@@ -264,10 +265,10 @@ class HookedAttnResConfig:
         self.dtype = _dtype_from_any(self.dtype)
         if self.device is None:
             self.device = "cpu"
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device={self.device!r} is not a torch device ({error})") from None
+        # the loaders' check: a device torch parses but this machine lacks ("cuda:7", any
+        # "cuda" without CUDA) was taken, and the model built from it failed in torch's
+        # words ("Torch not compiled with CUDA enabled", audit 147)
+        check_device(self.device)
         self.device = str(self.device)
         for name, expected in _FIXED_ARCHITECTURE.items():
             if getattr(self, name) != expected:

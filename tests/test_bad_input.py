@@ -537,6 +537,35 @@ def test_json_round_trip(tmp_path):
     assert HookedAttnResConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_config_refuses_a_device_this_machine_lacks_as_the_loaders_do(monkeypatch):
+    """Audit 147: ``HookedAttnResConfig(device="cuda:7")`` was taken (torch parses it)
+    although the loaders refuse a device the machine lacks; the model built from it failed
+    in torch's words ("Torch not compiled with CUDA enabled", an ``AssertionError``). The
+    config makes the loaders' check (`check_device`): one past this machine's GPUs, and on
+    a machine without CUDA any ``"cuda"``, with the remedy; ``"cpu"`` and ``"meta"`` (a
+    string or a ``torch.device``) still build a model there."""
+    from hooked_attnres.loading import load_checkpoint
+
+    absent = f"cuda:{torch.cuda.device_count()}"
+    message = rf"^device='{absent}' is not on this machine: it has \d+ CUDA device\(s\)"
+    with pytest.raises(ValueError, match=message):
+        make(device=absent)
+    with pytest.raises(ValueError, match=message):  # the loaders' words, the same check
+        load_checkpoint("no such folder", device=absent)
+    with pytest.raises(ValueError, match=message):
+        make().replace(device=absent)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(
+            ValueError, match=r"is not on this machine: it has 0 CUDA device\(s\); use device='cpu'"
+        ):
+            make(device=device)
+    monkeypatch.undo()
+    for device in ("cpu", "meta", torch.device("meta"), torch.device("cpu")):
+        model = HookedAttnRes(make(device=device))
+        assert next(model.parameters()).device == torch.device(device)
+
+
 def test_replace_validates():
     cfg = make(attnres_num_blocks=2)
     with pytest.raises(ValueError, match="attnres_layout='diagonal' is unknown"):

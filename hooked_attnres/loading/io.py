@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hooked_attnres._atomic import version_problems
-from hooked_attnres._validation import non_finite_tensors, require_bool, some_names
+from hooked_attnres._validation import check_device, non_finite_tensors, require_bool, some_names
 from hooked_attnres.config import HookedAttnResConfig
 
 if TYPE_CHECKING:
@@ -449,29 +449,6 @@ def empty_model(cfg: HookedAttnResConfig, tokenizer=None, model_class: Optional[
     model_class = default_model_class() if model_class is None else model_class
     with torch.device("meta"):
         return model_class(cfg.replace(device="meta"), tokenizer=tokenizer)
-
-
-def check_device(device) -> None:
-    """Refuse, before anything is read, a device that torch cannot parse, and a CUDA
-    device this machine does not have (``"cuda:7"`` with fewer GPUs, any ``"cuda"``
-    without CUDA) or ``"mps"`` where MPS is not available: torch failed only when the
-    loaded model was moved there, after every weight was read ("Torch not compiled with
-    CUDA enabled", an ``AssertionError``)."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device ({error})") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (parsed.index is not None and parsed.index >= count):
-            raise ValueError(
-                f"device={device!r} is not on this machine: it has {count} CUDA device(s)"
-                + (f", cuda:0 to cuda:{count - 1}" if count else "; load on device='cpu'")
-            )
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r} is not on this machine (MPS is not available)")
 
 
 def check_load_arguments(device, mmap: Any, verify: Any) -> tuple[bool, bool]:
