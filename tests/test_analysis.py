@@ -798,6 +798,54 @@ def test_summarize_mass_takes_text_layers_as_their_layers():
             summarize_mass(table, n_bootstrap=40)
 
 
+def _old_layer_text(text: str):
+    """The rule both twin parsers of mass.py wrote before audit 147 (`_layer_number`: a
+    stripped label, `layer_tuple`: each stripped part): digits after leading minus signs,
+    then ``int``, which raised for what it does not take; ``None``: not an integer."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def test_layer_label_and_layers_cell_share_one_integer_parser_unchanged():
+    """Audit 147: `_layer_number` (a ``layer`` label) and `layer_tuple` (a ``layers``
+    cell's parts) each parsed the text of an integer; one parser now (`_integer_text`).
+    Every string of up to 3 characters over an alphabet of digits, signs, spaces, commas
+    and digits ``int`` refuses (``"\u00b2"``) is read as before: the same number or
+    tuple, or refused as before (NaN, "not a list of layers"); where the old rule raised
+    ``int``'s bare "invalid literal" (``"--1"``, ``"\u00b2"``), both refuse with the
+    table's message now, naming it."""
+    import itertools
+
+    from hooked_attnres.analysis.mass import _layer_number, integer_layers, layer_tuple
+
+    alphabet = ["-", "0", "1", "9", " ", "+", ".", "_", "a", ",", "\u00b2", "\u0663"]
+    texts = ["".join(t) for n in range(4) for t in itertools.product(alphabet, repeat=n)]
+    crashed = 0
+    for text in texts:
+        try:
+            old = _old_layer_text(text)
+        except ValueError:
+            crashed += 1
+            assert math.isnan(_layer_number(text))  # refused by integer_layers, by name
+        else:
+            new = _layer_number(text)
+            assert (math.isnan(new) and old is None) or new == old, text
+        # a layers cell: its comma-separated parts, each by the old rule
+        try:
+            parts = [_old_layer_text(p) for p in text.split(",")] if text.strip() else []
+        except ValueError:
+            parts = [None]
+        if None in parts:
+            with pytest.raises(ValueError, match=r"^tbl's 'layers' holds .*not a list of layers"):
+                layer_tuple(text, "tbl")
+        else:
+            assert layer_tuple(text, "tbl") == tuple(sorted(set(parts))), text
+    assert crashed > 0  # the alphabet reaches the old rule's crash
+    table = pd.DataFrame({"layer": ["--1", "0"]})
+    with pytest.raises(ValueError, match=r"^the table's column 'layer' holds 1 value.*'--1'"):
+        integer_layers(table, "the table")
+
+
 def test_summarize_mass_refuses_a_missing_layer_of_a_nullable_integer_column():
     """Audit 142: a CSV read with pandas' nullable dtypes (``dtype_backend=
     "numpy_nullable"`` or ``"pyarrow"``) gives ``layer`` an integer dtype whose empty cell

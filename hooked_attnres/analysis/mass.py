@@ -213,6 +213,24 @@ def layers_text(layers: Sequence[int]) -> str:
     return ",".join(map(str, sorted(set(layers))))
 
 
+def _integer_text(text: str) -> Optional[int]:
+    """The integer ``text`` writes, ``None`` if it writes none: digits (any that
+    ``str.isdigit`` and ``int`` both take, ``"\u0663"`` too), after at most one ``-``, with
+    spaces around (``"3"``, ``" -1 "``); not ``"+3"``, ``"1_0"``, ``"1.5"`` or ``""``. The
+    one parser of a layer's text, for `_layer_number` (a ``layer`` label) and `layer_tuple`
+    (each part of a ``layers`` cell), which had each their own (audit 147); theirs raised
+    ``int``'s "invalid literal" for ``"--1"`` or ``"\u00b2"`` (digits to ``isdigit``, not to
+    ``int``), refused now by the callers' messages."""
+    text = text.strip()
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isdigit():
+        return None
+    try:
+        return int(text)
+    except ValueError:  # "\u00b2": a digit to isdigit, no number to int
+        return None
+
+
 def _layer_number(label: object) -> float:
     """One ``layer`` label as the number it is (`integer_layers` keeps it if whole): an
     integer, a float, or the text of an integer (``"3"``, ``"-1"``); NaN for anything
@@ -220,8 +238,8 @@ def _layer_number(label: object) -> float:
     if isinstance(label, (bool, np.bool_)):
         return float("nan")
     if isinstance(label, str):
-        text = label.strip()
-        return float(int(text)) if text.lstrip("-").isdigit() else float("nan")
+        number = _integer_text(label)
+        return float("nan") if number is None else float(number)
     if isinstance(label, (int, np.integer, float, np.floating)):
         return float(label)
     return float("nan")
@@ -293,9 +311,9 @@ def layer_tuple(cell: object, what: str) -> tuple[int, ...]:
     if isinstance(cell, (float, np.floating)) and float(cell).is_integer():
         return (int(cell),)
     if isinstance(cell, str):
-        parts = [part.strip() for part in cell.split(",")] if cell.strip() else []
-        if all(part.lstrip("-").isdigit() for part in parts):
-            return tuple(sorted({int(part) for part in parts}))
+        parts = [_integer_text(part) for part in cell.split(",")] if cell.strip() else []
+        if None not in parts:
+            return tuple(sorted({part for part in parts if part is not None}))
     raise ValueError(
         f"{what}'s 'layers' holds {cell!r}, not a list of layers (comma-separated, as "
         "ablation_effects and summarize_mass write them)"
