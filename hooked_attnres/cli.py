@@ -101,7 +101,9 @@ def _key_values(pairs: Sequence[str], what: str, takes: type) -> dict:
     "TrainConfig.__init__() got an unexpected keyword argument", a Python call). A value
     is read as JSON (a number, ``null``, a list), or kept as the text given where it is
     not JSON or its field is text (a ``str`` field: ``name=5`` named the task by the
-    integer 5)."""
+    integer 5). A text field takes all the text after ``=``, quotes included
+    (``name="probe"`` is the name ``"probe"``, with its quotes: the text is not read as
+    JSON, docs/training.md)."""
     import dataclasses
     import typing
 
@@ -573,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="KeyValueRetrieval settings, one or more, e.g. n_pairs=8 name=probe (a text "
-        "setting keeps the text given); original two only",
+        "setting keeps the text given, quotes included; numbers are read as JSON); original "
+        "two only",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(

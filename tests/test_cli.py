@@ -166,6 +166,10 @@ def test_a_text_setting_keeps_the_text_given(tmp_path, monkeypatch):
     assert cli.main([*argv, "--task-arg", "name=5", "n_pairs=5"]) == 0
     assert seen == [study.study_task(name="5", n_pairs=5)]
     assert type(seen[0].name) is str and type(seen[0].n_pairs) is int
+    # audit 147: all the text, quotes included (the documented rule: a text setting is not
+    # read as JSON), as the shell hands over name='"probe"'
+    assert cli.main([*argv, "--no-resume", "--task-arg", 'name="probe"']) == 0
+    assert seen[-1] == study.study_task(name='"probe"')
 
 
 @pytest.mark.parametrize(("option", "example"), [("--set", "lr=1e-3"), ("--task-arg", "n_pairs=8")])
