@@ -205,6 +205,14 @@ def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Te
             f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}"
         )
     if tuple(mask.shape) != tuple(shape):
+        # tokens [pos] are one prompt [1, pos]: a [pos] mask beside them was refused
+        # quoting (1, pos), a shape the caller never passed, and no remedy (audit 151)
+        if mask.ndim == 1 and len(shape) == 2 and shape[0] == 1:
+            remedy = f": pass {name}[None]" if mask.shape[0] == shape[1] else ""
+            raise ValueError(
+                f"{name} must be [batch, pos] with the tokens' shape {tuple(shape)} (tokens "
+                f"[pos] are read as one prompt, [1, pos]), got {tuple(mask.shape)}{remedy}"
+            )
         raise ValueError(
             f"{name} must have the shape of the tokens {tuple(shape)}, got {tuple(mask.shape)}"
         )

@@ -219,6 +219,26 @@ def test_a_key_value_chunk_with_no_new_token_for_a_prompt_runs_as_the_whole_pass
         model(tokens[:, :2], attention_mask=mask[:, :2], past_kv_cache=fresh)
 
 
+def test_a_pos_mask_beside_pos_tokens_is_refused_naming_its_shape_and_the_remedy():
+    """Audit 151 (left undone by audit 149): tokens ``[pos]`` with a mask ``[pos]`` were
+    refused as "must have the shape of the tokens (1, 3), got (3,)", a shape the caller
+    never passed, and no remedy; the message says that ``[pos]`` tokens are one prompt
+    and to pass ``attention_mask[None]``, which gives the logits of the ``[1, pos]`` call."""
+    model = routed_model("kimi")
+    tokens, mask = torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1])
+    remedy = re.escape("(tokens [pos] are read as one prompt, [1, pos]), got (3,): pass ")
+    for call in (
+        lambda m: model(tokens, attention_mask=m),
+        lambda m: model.generate(tokens, attention_mask=m, max_new_tokens=1, verbose=False),
+    ):
+        with pytest.raises(ValueError, match=remedy + re.escape("attention_mask[None]")):
+            call(mask)
+    with pytest.raises(ValueError, match=re.escape("[1, pos]), got (2,)") + "$"):
+        model(tokens, attention_mask=mask[1:])
+    expected = model(tokens[None], attention_mask=mask[None])
+    assert torch.equal(model(tokens, attention_mask=mask[None]), expected)
+
+
 def test_bad_masks_and_empty_losses_are_refused():
     model = routed_model("cumulative")
     tokens = torch.randint(0, 50, (2, 5))
