@@ -239,6 +239,21 @@ def test_a_pos_mask_beside_pos_tokens_is_refused_naming_its_shape_and_the_remedy
     assert torch.equal(model(tokens, attention_mask=mask[None]), expected)
 
 
+def test_an_empty_prompt_in_a_batch_of_strings_is_refused_by_name():
+    """Audit 151 (left undone by audit 149): ``generate(["w1 w2", ""])`` and
+    ``model(["w1 w2", ""])`` were refused as "attention_mask row(s) [1] are all zero", a
+    mask the caller never passed; the message names the empty prompt."""
+    model = routed_model("none")
+    texts = ["w1 w2", "", "w3"]
+    empty = re.escape("prompt(s) [1] [''] tokenise to no tokens")
+    with pytest.raises(ValueError, match=rf"^generate: {empty}"):
+        model.generate(texts, max_new_tokens=1, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match=rf"^forward: {empty}"):
+        model(texts, prepend_bos=False)
+    with pytest.raises(ValueError, match=rf"^forward: {empty}"):
+        model.run_with_cache(texts)
+
+
 def test_bad_masks_and_empty_losses_are_refused():
     model = routed_model("cumulative")
     tokens = torch.randint(0, 50, (2, 5))

@@ -504,6 +504,7 @@ class GenerationMixin:
             # continued from its n_ctx-th token, not from its end
             tokens, mask = self.to_tokens_and_mask(input, prepend_bos, "left", truncate=False)
             self._refuse_padding_without_pad_token(mask, "generate")
+            self._refuse_empty_prompts(input, mask, "generate")
             input_type = "str" if isinstance(input, str) else "list"
         else:
             if input.is_floating_point():

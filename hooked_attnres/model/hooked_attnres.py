@@ -617,7 +617,10 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             if isinstance(input, str) or (
                 isinstance(input, list) and input and all(isinstance(t, str) for t in input)
             ):
+                texts = input
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
+                if attention_mask is None:
+                    self._refuse_empty_prompts(texts, mask, "forward")
                 attention_mask = mask if attention_mask is None else attention_mask
             tokens = self._validate_tokens(input, n_past=n_past)
             # a pass that starts a cache too (generate's first step); later passes

@@ -214,6 +214,22 @@ class TokenizerMixin:
                 "as text"
             )
 
+    def _refuse_empty_prompts(
+        self, texts: Union[str, list[str]], mask: Int[Tensor, "batch pos"], what: str
+    ) -> None:
+        """``ValueError`` naming the prompts of ``texts`` that tokenise to no tokens (``""``
+        without a BOS token): run as a batch (``mask``, of `to_tokens_and_mask`), each is a
+        row of padding only, which the forward pass refuses as "attention_mask row(s) [1]
+        are all zero", a mask the caller never passed (audit 151)."""
+        empty = (~mask.bool().any(dim=-1)).nonzero().flatten().tolist()
+        if empty:
+            shown = [texts[i] for i in empty[:4]] if isinstance(texts, list) else [texts]
+            raise ValueError(
+                f"{what}: prompt(s) {empty} {shown!r:.80} tokenise to no tokens (and no BOS "
+                "token was prepended); a prompt needs at least one: drop empty prompts from "
+                "the batch"
+            )
+
     def to_tokens_and_mask(
         self,
         input: Union[str, list[str]],
