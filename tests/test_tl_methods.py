@@ -2377,6 +2377,29 @@ def test_residual_directions_refuse_ids_that_would_index_other_tokens():
         cache.logit_attrs(stack, tokens=-1)
 
 
+def test_residual_directions_read_ids_of_every_integer_dtype_as_ids():
+    """Audit 151 finding: ``tokens_to_residual_directions`` indexed ``W_U`` with the ids'
+    own dtype, so a ``torch.uint8`` tensor of ``d_vocab`` ids was taken as a mask (49
+    directions, of the tokens whose id is non-zero, for 50 ids: the first 0.088 off in a
+    direction of norm 0.14, silently) and ``int8`` / ``int16`` ids, or ``uint8`` ones in
+    ``cache.logit_attrs``, crashed in torch's indexing; ``to_string`` and the forward pass
+    read ids of every integer dtype as ids."""
+    model = routed_model("none")
+    gain = model.state_dict()["ln_final.w"]
+    W_U = model.state_dict()["unembed.W_U"]  # [d_model, d_vocab], untied
+    ids = torch.arange(3, 53) % 50  # every id, 0 among them
+    expected = torch.stack([gain * W_U[:, int(t)] for t in ids])
+    tokens = torch.tensor([[3, 4, 5]])
+    _, cache = model.run_with_cache(tokens)
+    stack = cache.accumulated_resid(return_labels=False)
+    attrs = cache.logit_attrs(stack, tokens=tokens)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        if dtype != torch.int8:  # int8 holds ids up to 127 only
+            assert torch.equal(model.tokens_to_residual_directions(ids.to(dtype)), expected)
+        assert torch.equal(model.tokens_to_residual_directions(ids[:5].to(dtype)), expected[:5])
+        assert torch.equal(cache.logit_attrs(stack, tokens=tokens.to(dtype)), attrs)
+
+
 def test_accumulated_bias_is_zero_where_a_stream_is_and_refuses_other_layers():
     """Audit finding: any ``layer`` (100, -3, 2.5) gave a zero bias; TransformerLens
     indexes its blocks (or asserts) there."""

@@ -485,8 +485,11 @@ class TokenizerMixin:
                 from the end: ``-1`` gave the direction of token ``d_vocab - 1``)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        tokens = _token_tensor("tokens_to_residual_directions", tokens).to(self.W_U.device)
+        tokens = _token_tensor("tokens_to_residual_directions", tokens)
         require_token_ids(tokens, self.cfg.d_vocab)
+        # ids of any integer dtype index as ids: torch took a uint8 tensor as a mask and
+        # refused int8 / int16 ones (audit 151)
+        tokens = tokens.to(self.W_U.device, torch.long)
         dtype = self.W_U.dtype if dtype is None else dtype
         gain = self.ln_final.w.to(dtype).reshape(-1, *([1] * tokens.ndim))
         return (self.W_U[:, tokens].to(dtype) * gain).movedim(0, -1)
