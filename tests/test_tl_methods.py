@@ -1668,6 +1668,10 @@ def test_generate_refuses_return_type_str_without_a_tokenizer_before_generating(
     finally:
         handle.remove()
     assert passes == []
+    # a string prompt needs the tokenizer too: the remedy is not return_type='tokens' alone
+    # (which then failed in to_tokens; audit 151)
+    with pytest.raises(ValueError, match=r"needs a tokenizer; none is attached: call model\.set"):
+        model.generate("w1 w2", max_new_tokens=1, return_type="str", stop_at_eos=False)
 
 
 def test_generation_stops_at_eos_and_pads_finished_prompts():

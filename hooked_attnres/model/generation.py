@@ -476,8 +476,11 @@ class GenerationMixin:
 
     def _require_tokenizer_for_strings(self) -> None:
         if self.tokenizer is None:
+            # checked before a string input is tokenised: return_type='tokens' alone is no
+            # remedy for generate("text", return_type="str") (audit 151)
             raise ValueError(
-                "return_type='str' needs a tokenizer; none is attached (use return_type='tokens')"
+                "return_type='str' needs a tokenizer; none is attached: call "
+                "model.set_tokenizer(tokenizer), or pass token ids with return_type='tokens'"
             )
 
     def _generation_prompt(
