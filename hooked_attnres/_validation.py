@@ -234,7 +234,12 @@ def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
         )
     if tokens.numel() == 0 or tokens.is_meta:  # a meta tensor holds no values to check
         return
-    low, high = int(tokens.min()), int(tokens.max())
+    values: Any = tokens
+    if tokens.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # torch has no min / max for them ('"min_all" not implemented for UInt16'): a NumPy
+        # uint16 array of ids, as token datasets store them, crashed here (audit 151)
+        values = tokens.detach().cpu().numpy()
+    low, high = int(values.min()), int(values.max())
     if low < 0 or high >= d_vocab:
         raise ValueError(
             f"token ids must be in [0, {d_vocab}) (d_vocab), got values in [{low}, {high}]"

@@ -2333,6 +2333,29 @@ def test_get_token_position_refuses_prompt_tokens_that_are_not_token_ids():
     assert model.get_token_position(w3, np.array([[w3, w3 + 1]])) == 0
 
 
+def test_unsigned_token_ids_wider_than_a_byte_are_read_as_ids():
+    """Audit 151 finding: the id check took torch's min / max, which torch lacks for
+    uint16 / uint32 / uint64, so a NumPy ``uint16`` array of ids (as token datasets store
+    them) crashed with '"min_all" not implemented for 'UInt16'', naming nothing: in
+    get_token_position since audit 149 (it searched them before), and in to_string,
+    to_str_tokens, tokens_to_residual_directions and the forward pass. They give what the
+    same ids as int64 give; one past int64 is refused with its value."""
+    model = routed_model("none")
+    ids = torch.tensor([[5, 9, 7]])
+    logits = model(ids)
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        array = ids.numpy().astype(dtype)
+        assert model.get_token_position(7, array) == 2
+        assert model.to_string(array) == model.to_string(ids)
+        assert model.to_str_tokens(array) == model.to_str_tokens(ids)
+        directions = model.tokens_to_residual_directions(array)
+        assert torch.equal(directions, model.tokens_to_residual_directions(ids))
+        assert torch.equal(model(torch.from_numpy(array)), logits)
+    big = np.array([5, 2**64 - 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match=re.escape(f"got values in [5, {2**64 - 1}]")):
+        model.to_string(big)
+
+
 def test_token_helpers_refuse_what_torch_cannot_read_as_token_ids_by_name():
     """Audit 149 finding: to_string, to_str_tokens, get_token_position and
     tokens_to_residual_directions handed their input to torch.as_tensor unchecked, so a
