@@ -2346,6 +2346,33 @@ def test_mask_logits_refuses_a_mask_with_extra_leading_axes_naming_the_shapes_ac
         torch.testing.assert_close(mask_logits(logits, where, "probe"), expected)
 
 
+def test_mask_logits_refuses_a_mask_longer_than_the_logits_on_an_axis_they_have_of_one():
+    """Audit 152: a mask of an accepted shape whose batch or position axis is longer than
+    the logits' axis of size 1 (``[3, 1, n]`` masks for one prompt's ``[1, pos, n]``,
+    ``[1, 4, n]`` for one position's ``[1, 1, n]``) broadcast the result to more rows or
+    positions than the logits have (``[3, pos, n]``), silently; `check_broadcast` ran only
+    when torch refused. Refused naming both shapes; a mask that broadcasts to the logits
+    still gives torch's own masked_fill of them."""
+    from hooked_attnres.interventions import mask_logits
+
+    n = 4
+    generator = torch.Generator().manual_seed(0)
+    for logits_shape, mask_shape in (((1, 5, n), (3, 1, n)), ((1, 1, n), (1, 4, n))):
+        logits = torch.randn(logits_shape, generator=generator)
+        where = torch.zeros(mask_shape, dtype=torch.bool)
+        where[..., 0] = True
+        message = rf"probe's mask .*{re.escape(str(mask_shape))} does not broadcast to .*" + (
+            re.escape(str(logits_shape))
+        )
+        with pytest.raises(ValueError, match=message):
+            mask_logits(logits, where, "probe")
+    logits = torch.randn(3, 5, n, generator=generator)
+    where = torch.rand(3, 1, n, generator=generator) < 0.5
+    where[..., 0] = False
+    expected = torch.where(where.expand(3, 5, n), float("-inf"), logits)
+    torch.testing.assert_close(mask_logits(logits, where, "probe"), expected)
+
+
 def test_a_list_mask_that_is_not_bool_is_told_a_remedy_that_works_for_a_list():
     """Audit 120: a list of 0/1 ints was told "for a 0/1 mask give mask == 1", but a list
     compared with 1 is the Python bool ``False``, refused as a mask of shape ``()``. The

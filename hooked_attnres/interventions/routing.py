@@ -387,7 +387,10 @@ def mask_logits(
     n_sources]`` broadcast as ``[pos, n_sources]``).
     ``TypeError`` for a ``where`` that is not bool (`check_bool_mask`); ``ValueError`` for
     one that does not broadcast to ``logits`` (`check_broadcast`: another number of
-    sources; torch's bare size mismatch named neither).
+    sources, torch's bare size mismatch named neither; or a batch or position axis longer
+    than the logits' axis of size 1, e.g. ``[3, 1, n_sources]`` for ``[1, pos,
+    n_sources]`` logits, which broadcast the result to ``[3, pos, n_sources]``, silently
+    until audit 152).
     """
     check_axes(where, f"{what}'s mask", "n_sources", "mask")
     check_bool_mask(where, f"{what}'s mask")
@@ -396,6 +399,8 @@ def mask_logits(
     except RuntimeError:  # checked only on failure: broadcast_shapes doubled the hook's time
         check_broadcast(where, logits, "the router's logits", f"{what}'s mask")
         raise
+    if masked.shape != logits.shape:  # a longer axis where the logits' is 1 (audit 152)
+        check_broadcast(where, logits, "the router's logits", f"{what}'s mask")
     if torch.isneginf(masked).all(dim=-1).any():
         raise ValueError(
             f"{what} masks every source at some position; the renormalised weights would be NaN"
