@@ -1220,6 +1220,54 @@ def test_the_same_model_object_resumes_after_an_error_between_checkpoints(tmp_pa
             assert_same_weights(weights(whole), weights(model))
 
 
+@pytest.mark.parametrize("where", ["the second update", "the final checkpoint"])
+def test_a_model_left_by_an_error_before_any_checkpoint_is_not_trained_again_from_step_0(
+    tmp_path, monkeypatch, where
+):
+    """Audit 150: an error before the run's first checkpoint (in the second optimizer
+    update; or the final checkpoint failing, e.g. disk full, with ``checkpoint_every=None``)
+    leaves the model object trained part of the way, and no checkpoint to resume. Calling
+    ``train`` again with that object (the notebook workflow the docstring promises) found
+    no checkpoint and started again from step 0, from the updated weights: silently not
+    the uninterrupted run (final weights 1.5e-2 and 1.2e-2 off, another loss history).
+    It is refused now; the freshly built model then gives the uninterrupted run."""
+    import hooked_attnres.training.trainer as trainer
+
+    tok = task_tokenizer(TASK)
+    every = 2 if where == "the second update" else None
+    cfg = config(steps=3, warmup_steps=1, eval_every=3, eval_size=8, checkpoint_every=every)
+    whole = build_model("attnres", 0, tok, SHAPE, 2)
+    train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
+    model, run = build_model("attnres", 0, tok, SHAPE, 2), tmp_path / "run"
+    if where == "the second update":
+        real, calls = torch.optim.AdamW.step, []
+
+        def failing(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("an error inside the second update")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", failing)
+    else:
+
+        def failing(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(trainer, "atomic_directory", failing)
+    with pytest.raises((RuntimeError, OSError)):
+        train(model, TASK, cfg, run, tokenizer=tok, progress=False)
+    monkeypatch.undo()
+    assert not (run / "checkpoint").exists()
+    for resume in (True, False):
+        with pytest.raises(ValueError, match="left part-way through a run by an error.*build"):
+            train(model, TASK, cfg, run, tokenizer=tok, progress=False, resume=resume)
+    assert not (run / "checkpoint").exists()
+    fresh = build_model("attnres", 0, tok, SHAPE, 2)
+    train(fresh, TASK, cfg, run, tokenizer=tok, progress=False)
+    assert_same_weights(weights(whole), weights(fresh))
+
+
 def test_eval_tasks_given_as_a_generator_are_evaluated(tmp_path):
     """``eval_tasks`` was read three times (type check, leak check, evaluation): a generator
     was empty by the third, so the run evaluated nothing and ended with ``final_accuracy

@@ -388,6 +388,24 @@ def _note_left_by_error(model, initial: Optional[str]) -> None:
         pass
 
 
+def _require_not_left_by_error(model, weights: str, start: str) -> None:
+    """Refuse to train ``model`` from step 0 (``start`` says why: no checkpoint to resume,
+    or ``resume=False``) if an error left it part-way through a run (`_LEFT_BY_ERROR`)
+    with other weights than that run's initial ones and it still has them (``weights``,
+    its `_weights_identity` now): it would start from partly trained weights, silently
+    not the run asked for (audit 150: final weights 1.5e-2 off after an error in the
+    second update, before the first checkpoint)."""
+    left = _LEFT_BY_ERROR.get(model)
+    if left is not None and left[1] == weights and left[0] != weights:
+        raise ValueError(
+            "this model object was left part-way through a run by an error (some optimizer "
+            f"updates were made, and {start}), so training it now would start from its partly "
+            "trained weights, not from the run's initial ones, and would not equal an "
+            "uninterrupted run; build the model afresh (the same seed and settings) and "
+            "train it again"
+        )
+
+
 def load_model_state(model, directory: Path) -> None:
     """Copy the weights saved by `save_model` into ``model`` (in place)."""
     state = _saved_weights(directory)
@@ -753,6 +771,8 @@ def train(
         resume: continue from ``out_dir/checkpoint`` if it exists (the configuration must
             match, and ``model`` must be the run's freshly built model or the same object
             continuing it, also after an error; the result equals an uninterrupted run).
+            An object an error left part-way through a run with no checkpoint to return
+            to is refused (`ValueError`; also with ``resume=False``): build it afresh.
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call, without
             finishing; used to test and demonstrate resumption.
@@ -858,6 +878,14 @@ def train(
         saved = checkpoint.load(model, optimizer, identity) if resume else None
         if saved is not None:
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
+        else:  # step 0, from the model's weights: they must be the run's initial ones
+            _require_not_left_by_error(
+                model,
+                checkpoint.initial_weights,
+                f"{checkpoint.directory} holds no checkpoint to resume"
+                if resume
+                else "resume=False starts over",
+            )
         stopped = bool(saved.get("stopped_early", False)) if saved is not None else False
 
         def evaluate_into(record: dict[str, Any]) -> bool:
@@ -964,7 +992,11 @@ def train(
             seconds += time.perf_counter() - started
             bar.close()
             if consistent:
-                checkpoint.save(model, optimizer, state(), tokenizer)
+                try:
+                    checkpoint.save(model, optimizer, state(), tokenizer)
+                except BaseException:  # the model is past its last checkpoint (if any)
+                    _note_left_by_error(model, checkpoint.initial_weights)
+                    raise
             else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
                 _note_left_by_error(model, checkpoint.initial_weights)
                 warnings.warn(
@@ -981,7 +1013,11 @@ def train(
             raise
         bar.close()
         seconds += time.perf_counter() - started
-        checkpoint.save(model, optimizer, state(), tokenizer)
+        try:
+            checkpoint.save(model, optimizer, state(), tokenizer)
+        except BaseException:  # e.g. a full disk: the model is past its last checkpoint
+            _note_left_by_error(model, checkpoint.initial_weights)
+            raise
         final = history[-1].get("accuracy", {}) if history else {}
         finished = step >= config.steps or stopped
         if finished:
