@@ -13,7 +13,8 @@ Writer (`atomic_directory`), holding the exclusive lock:
 2. write the new version into ``.NAME.tmp-<id>``, fsync every file;
 3. write the marker with sequence ``n + 1`` and fsync it: **the commit point**;
 4. rename ``NAME`` to ``.NAME.old-<id>``, rename the new version to ``NAME``, fsync the parent;
-5. discard the old version: delete its marker first (fsynced), then its files.
+5. discard the old version: rename it to ``.NAME.tmp-<id>``, delete its marker (fsynced),
+   then its files (`_discard`).
 
 Recovery (`recover`, run by every save and by every load that finds leftovers), under the
 exclusive lock: among ``NAME``, ``.NAME.tmp-*`` and ``.NAME.old-*``, a leftover is complete
@@ -468,12 +469,27 @@ def backups_of(target: Union[str, Path]) -> list[Path]:
 
 
 def _discard(path: Path) -> None:
-    """Delete a version: its marker first (fsynced), so a partly deleted version is never
-    complete, then its files."""
+    """Delete a version: a set-aside one (``.NAME.old-<id>``) renamed to ``.NAME.tmp-<id>``
+    first, then its marker (fsynced), so a partly deleted version is never complete, then
+    its files. The rename takes it out of reach of the legacy restore of `_recover_locked`
+    (a lone ``.NAME.old-*`` without a marker, when ``NAME`` is gone, is installed as
+    ``NAME``): a kill after its marker was deleted left it there, and once ``NAME`` was
+    deleted it came back as ``NAME``, older or half deleted (audit 150); a ``.tmp-*``
+    without a marker is never installed."""
     if path.is_symlink() or not path.is_dir():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
+    set_aside = _SET_ASIDE.fullmatch(path.name)
+    if set_aside is not None:
+        renamed = path.with_name(f".{set_aside[1]}{TMP_INFIX}{set_aside[2]}")
+        try:
+            os.rename(path, renamed)
+        except OSError:  # deleted where it is, marker first, as before
+            pass
+        else:
+            _fsync_dir(path.parent)
+            path = renamed
     with contextlib.suppress(FileNotFoundError):
         (path / MARKER).unlink()
         _fsync_dir(path)
@@ -484,6 +500,10 @@ def _discard(path: Path) -> None:
             files[0].unlink()
         fault_point("discard_partial")
     shutil.rmtree(path, ignore_errors=True)
+
+
+# a set-aside version's name, ``.NAME.old-<id>``: ``(NAME, <id>)``
+_SET_ASIDE = re.compile(rf"\.(.+){re.escape(OLD_INFIX)}({SIBLING_ID})")
 
 
 def _recover_locked(target: Path) -> bool:

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 
@@ -123,6 +124,28 @@ def test_kill_during_recovery(tmp_path, first, second):
     assert outcome == KILLED
     assert tag_of(HookedAttnRes.from_pretrained(target)) == 2
     assert_clean(target)
+
+
+@pytest.mark.parametrize("step", ["discard_marker", "discard_partial"])
+def test_a_version_killed_while_discarded_never_comes_back_as_the_checkpoint(tmp_path, step):
+    """Audit 150: a save killed while it discarded the old version left it as
+    ``.NAME.old-*`` without its marker (deleted first), all or part of its files there. Once
+    ``NAME`` was deleted (``rm -rf NAME``: the hidden leftover stays), the legacy restore
+    (a lone ``.NAME.old-*`` without a marker: what saves before completion markers left)
+    installed it as ``NAME``: the deleted checkpoint came back as the older version,
+    unchecked, or half deleted ("has no config.json"), and every later save was refused as
+    "not written by this version of the library". The version being discarded is renamed
+    to a ``.NAME.tmp-*`` first, which is never installed without its marker."""
+    target = tmp_path / "ckpt"
+    save(1, target)
+    assert run_forked(save, 2, target, crash_at=step) == KILLED
+    assert leftovers_of(target)  # the old version, half discarded
+    shutil.rmtree(target)  # the user deletes the checkpoint (the hidden leftover stays)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        HookedAttnRes.from_pretrained(target)  # not version 1, nor a half-deleted one
+    assert_clean(target)
+    save(3, target)  # and a new save is not refused
+    assert tag_of(HookedAttnRes.from_pretrained(target)) == 3
 
 
 def _save_forever(report, target, tags) -> None:

@@ -77,7 +77,9 @@ def _assert_no_leftovers(root) -> None:
 # --- training ----------------------------------------------------------------------------
 
 # 4 steps, a checkpoint every 2: checkpoints after steps 2 and 4, the final model, metrics
-TRAIN_RENAMES = 2 + 3 + 2 + 1  # first save: marker, install; next: marker, aside, install
+# first save: marker, install; next: marker, aside, install, the old version renamed to
+# be discarded (`_atomic._discard`)
+TRAIN_RENAMES = 2 + 4 + 2 + 1
 
 
 def _train(out_dir, model_kind: str = "attnres", lr: float = 3e-3, resume: bool = True) -> None:
@@ -170,8 +172,8 @@ def test_training_failing_at_any_write_resumes_to_the_uninterrupted_run(tmp_path
 
 
 # a run started over (resume=False) in the folder of a finished run with other settings:
-# every save replaces a version (marker, aside, install), then metrics.json
-RESTART_RENAMES = 3 + 3 + 3 + 1
+# every save replaces a version (marker, aside, install, discard), then metrics.json
+RESTART_RENAMES = 4 + 4 + 4 + 1
 
 
 def test_a_run_started_over_makes_every_rename_counted_here(tmp_path, whole_run):
@@ -275,8 +277,9 @@ def test_a_folder_the_run_cannot_write_is_refused_before_any_training(tmp_path, 
 # --- the study ---------------------------------------------------------------------------
 
 STUDY_CONDITION = "hard_kimi_L8"
-# each model's kept tables (one file each), then the study folder: marker, (aside), install
-STUDY_RENAMES = {"new": 2 + 2, "over an earlier study": 2 + 3}
+# each model's kept tables (one file each), then the study folder: marker, (aside), install,
+# (the earlier study renamed to be discarded)
+STUDY_RENAMES = {"new": 2 + 2, "over an earlier study": 2 + 4}
 
 
 def _study(out, runs, n_bootstrap: int = 5):
