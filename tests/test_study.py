@@ -719,6 +719,36 @@ def test_a_saturated_run_under_a_paperlike_name_is_refused(tmp_path):
         load_condition("paperlike_cumulative_L8", 0, tmp_path)
 
 
+@pytest.mark.parametrize("under", [("hard_cumulative_L8", 1), ("hard_kimi_L8", 0)])
+def test_a_run_folder_under_another_seeds_or_conditions_name_is_refused(
+    tmp_path, monkeypatch, under
+):
+    """Audit 150: a run folder copied or renamed to another seed's name (shipped
+    ``hard_cumulative_L8`` seed 0 as ``_seed1``) was studied as a second model: two
+    identical rows, every seed spread 0, and "M2-attn replicated in 2 of 2 seeds" from one
+    model; under another condition of the same task (``hard_kimi_L8``) it was studied as
+    that condition's. Its ``metrics.json`` records the run (``description``): refused,
+    before any model is studied."""
+    import shutil
+
+    condition, seed = under
+    source = checkpoint_dir("hard_cumulative_L8", 0).parent
+    recorded = json.loads((source / "metrics.json").read_text())["description"]
+    shutil.copytree(source, run_dir(tmp_path / "runs", condition, seed))
+    differs = "model_seed=0" if seed else "layout='cumulative'"
+    assert recorded == get_condition("hard_cumulative_L8").description(0)
+    with pytest.raises(ValueError, match=rf"holds another run than its name says.*{differs}"):
+        load_condition(condition, seed, tmp_path / "runs")
+    runs = _CountedRuns(monkeypatch)
+    runs.arm()
+    with pytest.raises(ValueError, match="holds another run than its name says"):
+        run_study(tmp_path / "out", checkpoints=tmp_path / "runs", **_QUICK_STUDY)
+    assert runs.calls == []
+    shutil.rmtree(run_dir(tmp_path / "runs", condition, seed))
+    shutil.copytree(source, run_dir(tmp_path / "runs", "hard_cumulative_L8", 0))  # its own name
+    assert load_condition("hard_cumulative_L8", 0, tmp_path / "runs") is not None
+
+
 class _CountedRuns:
     """Stands in for the study's per-model run (``_study_run``): records the ``(condition,
     seed)`` of every call and, once `arm` is given ``interrupt_at=k``, raises

@@ -220,6 +220,22 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
             f"condition {recipe.name!r} ({expected}); load it with HookedAttnRes.from_pretrained "
             "(or from_hf_qwen3) and pass its task to probe_prompts(model, task=...)"
         )
+    # a run folder copied or renamed to another seed's or condition's name (audit 150: seed
+    # 0's copied to ``_seed1`` was studied as a second seed, "replicated in 2 of 2 seeds")
+    recorded, expected_run = metrics.get("description"), recipe.description(seed)
+    # the original two conditions also train with other shapes and blocks (`train_condition`)
+    compared = ("condition", "model_seed") if recipe.legacy else tuple(expected_run)
+    if isinstance(recorded, dict):
+        differ = [k for k in compared if k in recorded and recorded[k] != expected_run[k]]
+        if differ:
+            shown = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
+            wanted = ", ".join(f"{k}={expected_run[k]!r}" for k in differ)
+            raise ValueError(
+                f"{path.parent} holds another run than its name says: its metrics.json records "
+                f"{shown}, but condition {recipe.name!r} seed {seed} is {wanted} (a run folder "
+                "copied or renamed?); studied under this name it would be counted as another "
+                "model: put it under its own {condition}_seed{n} name, or train this one"
+            )
     # `paperlike` reads the `saturated` prompts: what tells them apart is the stopping rule
     stop = metrics.get("train_config", {}).get("stop_accuracy")
     if "train_config" in metrics and stop != recipe.stop_accuracy:
