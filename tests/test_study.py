@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -747,6 +748,26 @@ def test_a_run_folder_under_another_seeds_or_conditions_name_is_refused(
     shutil.rmtree(run_dir(tmp_path / "runs", condition, seed))
     shutil.copytree(source, run_dir(tmp_path / "runs", "hard_cumulative_L8", 0))  # its own name
     assert load_condition("hard_cumulative_L8", 0, tmp_path / "runs") is not None
+
+
+def test_a_kept_run_whose_bytes_changed_is_recomputed_not_read(tmp_path):
+    """Audit 150: a kept run (`partial_dir`) whose file still unpickles after a change (4
+    bytes of a float flipped) was read as it was, so the resumed study wrote the changed
+    number silently (``accuracy`` 0.75 read as another value). The tables' SHA-256 is
+    kept with them: a kept run whose tables differ from it is recomputed."""
+    from hooked_attnres.study import run as study_module
+
+    table = pd.DataFrame({"accuracy": [0.75], "n_prompts": [8]})
+    key = {"format": "test", "condition": "hard_kimi_L8", "seed": 0}
+    study_module._write_partial(tmp_path, "hard_kimi_L8", 0, key, {"accuracy": table})
+    read = study_module._read_partial(tmp_path, "hard_kimi_L8", 0, key)
+    pd.testing.assert_frame_equal(read["accuracy"], table)
+    path = study_module._partial_file(tmp_path, "hard_kimi_L8", 0)
+    data = path.read_bytes()
+    stored = np.float64(0.75).tobytes()
+    assert data.count(stored) == 1
+    path.write_bytes(data.replace(stored, np.float64(0.25).tobytes()))
+    assert study_module._read_partial(tmp_path, "hard_kimi_L8", 0, key) is None
 
 
 class _CountedRuns:

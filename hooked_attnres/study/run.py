@@ -669,8 +669,9 @@ def _study_run(condition: str, seed: int, settings: _RunSettings) -> dict[str, p
 
 # --- resuming: every finished model's tables are kept until the whole study is written ----
 # The format of a kept run (bump it when what a run's tables hold changes).
-# 2: the mass table has n_sources (audit 51); 3: mass_summary family_read; 4: and layers
-_PARTIAL_FORMAT = 4
+# 2: the mass table has n_sources (audit 51); 3: mass_summary family_read; 4: and layers;
+# 5: the tables pickled apart, with their SHA-256 (audit 150)
+_PARTIAL_FORMAT = 5
 
 
 def partial_dir(out_dir: Union[str, Path], name: str = "out_dir") -> Path:
@@ -806,9 +807,12 @@ def _write_partial(
     partial: Path, condition: str, seed: int, key: dict, run_tables: dict[str, pd.DataFrame]
 ) -> None:
     """Keep one finished model's tables (written atomically: a crash leaves the whole
-    file or none)."""
+    file or none), pickled apart with their SHA-256: `_read_partial` recomputes a kept
+    run whose tables changed since (a changed float still unpickles)."""
     partial.mkdir(parents=True, exist_ok=True)
-    data = pickle.dumps({"key": key, "tables": run_tables}, protocol=pickle.HIGHEST_PROTOCOL)
+    tables = pickle.dumps(run_tables, protocol=pickle.HIGHEST_PROTOCOL)
+    kept = {"key": key, "sha256": hashlib.sha256(tables).hexdigest(), "tables": tables}
+    data = pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
     write_bytes_atomic(_partial_file(partial, condition, seed), data)
 
 
@@ -816,17 +820,23 @@ def _read_partial(
     partial: Path, condition: str, seed: int, key: dict
 ) -> Optional[dict[str, pd.DataFrame]]:
     """A kept run's tables if it was made with exactly ``key``; ``None`` (recompute) if
-    there is none, it is unreadable, or anything in the key differs."""
+    there is none, it is unreadable, anything in the key differs, or its tables differ
+    from their SHA-256 (`_write_partial`)."""
     path = _partial_file(partial, condition, seed)
     if not path.is_file():
         return None
     try:
         kept = pickle.loads(path.read_bytes())  # written by `_write_partial` only
+        if not isinstance(kept, dict) or kept.get("key") != key:
+            return None
+        tables = kept.get("tables")
+        if not isinstance(tables, bytes) or hashlib.sha256(tables).hexdigest() != kept.get(
+            "sha256"
+        ):
+            return None
+        run_tables = pickle.loads(tables)
     except Exception:  # a damaged file: recompute the run
         return None
-    if not isinstance(kept, dict) or kept.get("key") != key:
-        return None
-    run_tables = kept.get("tables")
     if not isinstance(run_tables, dict) or not all(
         isinstance(table, pd.DataFrame) for table in run_tables.values()
     ):
