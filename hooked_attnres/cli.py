@@ -238,15 +238,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                     resume=not args.no_resume,
                     **kwargs,
                 )
-            except KeyboardInterrupt:  # the trainer wrote a checkpoint on its way out
+            # Ctrl-C: the trainer wrote a checkpoint on its way out; an error of the machine
+            # (a full disk, out of memory; not a refusal, FileExistsError): the last one is
+            # kept, and the run resumes from it once the cause is fixed (audit 150: the
+            # command said only the error)
+            except (KeyboardInterrupt, OSError, MemoryError) as error:
                 checkpoint = out_dir / "checkpoint"
-                if checkpoint.is_dir():
+                if checkpoint.is_dir() and not isinstance(error, FileExistsError):
                     again = (
                         "the command without --no-resume" if args.no_resume else "the same command"
                     )
+                    cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
                     print(
                         f"[{PROG}] {condition} seed {seed} stopped; its last checkpoint is kept "
-                        f"in {checkpoint}: run {again} again to resume",
+                        f"in {checkpoint}: {cause}run {again} again to resume",
                         file=sys.stderr,
                     )
                 raise

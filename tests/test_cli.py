@@ -549,6 +549,25 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
     assert f"last checkpoint is kept in {kept}: run {again} again to resume" in err, err
 
 
+def test_a_train_stopped_by_a_full_disk_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Audit 150: an error of the machine during a run (a full disk at a checkpoint, out of
+    memory) printed only the error, though the last checkpoint was kept and the same
+    command resumes from it once the cause is fixed."""
+    from hooked_attnres import study
+
+    def full_disk(condition, seed, out_dir, **kwargs):
+        (out_dir / "checkpoint").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(study, "train_condition", full_disk)
+    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    kept = tmp_path / "attnres_seed0" / "checkpoint"
+    assert "No space left on device" in err, err
+    assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in err
+
+
 def test_info_on_a_big_folder_names_a_few_of_its_files(tmp_path, capsys):
     # it listed every file of the folder in its one line (`info /tmp`: 150 names here)
     for i in range(40):
