@@ -750,6 +750,28 @@ def test_a_run_folder_under_another_seeds_or_conditions_name_is_refused(
     assert load_condition("hard_cumulative_L8", 0, tmp_path / "runs") is not None
 
 
+def test_a_run_stopped_in_its_final_writes_is_refused_until_finished(tmp_path, monkeypatch):
+    """Audit 150: a training run killed between its last two writes (a run started over
+    with other settings removes the earlier ``metrics.json``, then writes ``model/``, then
+    the new ``metrics.json``) left ``model/`` (possibly the earlier run's) with no
+    ``metrics.json`` beside its checkpoint: the study read that model as the folder's run,
+    its task unchecked. Refused now, naming the command that finishes the run."""
+    condition = "hard_kimi_L8"
+    tiny_study_runs(tmp_path / "runs", condition, (0, 1))
+    checkpoint = run_dir(tmp_path / "runs", condition, 1) / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    message = r"hard_kimi_L8_seed1 has a training checkpoint but no metrics.json.*--seeds 1"
+    with pytest.raises(ValueError, match=message):
+        load_condition(condition, 1, tmp_path / "runs")
+    assert load_condition(condition, 0, tmp_path / "runs") is not None  # no checkpoint
+    runs = _CountedRuns(monkeypatch)
+    runs.arm()
+    with pytest.raises(ValueError, match=message):
+        run_study(tmp_path / "out", checkpoints=tmp_path / "runs", **_QUICK_STUDY)
+    assert runs.calls == []
+
+
 def test_a_kept_run_whose_bytes_changed_is_recomputed_not_read(tmp_path):
     """Audit 150: a kept run (`partial_dir`) whose file still unpickles after a change (4
     bytes of a float flipped) was read as it was, so the resumed study wrote the changed

@@ -210,6 +210,16 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     prompts would measure the wrong task."""
     path = metrics_path(recipe.name, seed, checkpoints)
     if not path.exists():
+        state = path.parent / "checkpoint" / "trainer_state.json"
+        if state.is_file():  # a training run's folder: its last two writes never both ended
+            raise ValueError(
+                f"{path.parent} has a training checkpoint but no metrics.json: the run was "
+                "stopped in its final writes (the model and metrics.json; a run started "
+                "over removes the earlier metrics.json first), so its model/ may be an "
+                "earlier run's, and which task it was trained on cannot be checked; finish "
+                f"the run (hooked-attnres train --condition {recipe.name} --seeds {seed} "
+                f"--out {path.parent.parent}: it resumes from its checkpoint) and study it then"
+            )
         return
     metrics = json.loads(path.read_text(encoding="utf-8"))
     recorded = metrics.get("eval_tasks")
