@@ -795,10 +795,11 @@ def test_an_older_checkpoint_without_a_saved_tokenizer_is_refused(tmp_path):
         train(model, TASK, short, tmp_path / "run", tokenizer=tok, progress=False)
 
 
-def _reference_training(model, task, tok, cfg: TrainConfig) -> tuple[list[float], list[float]]:
+def _reference_training(model, tasks, tok, cfg: TrainConfig) -> tuple[list[float], list[float]]:
     """``cfg.steps`` updates of ``model`` written out by hand: the batch of step ``s`` is
-    ``task.sample(batch_size, data_seed, "train", stream=s)``; the loss the mean negative
-    log-softmax of the supervised targets (gathered, not `TaskBatch.loss`); gradients by
+    ``tasks[s % len(tasks)].sample(batch_size, data_seed, "train", stream=s)``; the loss
+    the mean negative log-softmax of the supervised targets (gathered, not
+    `TaskBatch.loss`); gradients by
     plain autograd (every hook watched: no fused backward); global-norm clipping; the
     warm-up / cosine schedule; AdamW (decoupled decay on every parameter, eps 1e-8).
     Returns the losses and each step's clipping coefficient."""
@@ -810,6 +811,7 @@ def _reference_training(model, task, tok, cfg: TrainConfig) -> tuple[list[float]
     losses, coefficients = [], []
     model.train()
     for step in range(cfg.steps):
+        task = tasks[step % len(tasks)]
         batch = task.sample(cfg.batch_size, cfg.data_seed, "train", tok.get_vocab(), stream=step)
         model.zero_grad(set_to_none=True)
         if isinstance(model, HookedAttnRes):
@@ -842,21 +844,32 @@ def _reference_training(model, task, tok, cfg: TrainConfig) -> tuple[list[float]
     return losses, coefficients
 
 
-@pytest.mark.parametrize("condition", ["attnres", "kimi", "vanilla"])
+@pytest.mark.parametrize(
+    "condition", ["attnres", "kimi", "full", "none", "vanilla", "recency", "exact"]
+)
 def test_the_trainer_takes_hand_written_adamw_steps_on_the_cross_entropy(tmp_path, condition):
     """Five float64 steps of `train` (warm-up, peak, cosine decay; clipping active at every
-    step; weight decay 0.3 on every parameter, norm gains, router queries and embeddings
-    included) equal `_reference_training`, and the history's loss and lr are its numbers.
-    The AttnRes models start with zero router queries (content-free routers), so the
-    fused router and RMSNorm backward passes are checked in training against autograd."""
-    tok = task_tokenizer(TASK)
-    if condition == "kimi":
+    step; weight decay 0.3 on every parameter, norm gains, router queries, recency biases
+    and embeddings included) equal `_reference_training`, and the history's loss and lr are
+    its numbers, in every layout and the HF wraps (docs/training.md "The numbers, exactly").
+    Two tasks: the steps alternate between the answered queries of ``TASK`` and the copied
+    tokens of an `InductionCopy`. The AttnRes models start with zero router queries
+    (content-free routers), so the fused router and RMSNorm backward passes are checked in
+    training against autograd."""
+    tasks = [TASK, InductionCopy(seq_len=5, copy_len=3, n_tokens=8)]
+    tok = task_tokenizer(*tasks)
+    if condition in ("kimi", "full", "none"):
         from hooked_attnres.config import HookedAttnResConfig
 
+        blocks = {"attnres_num_blocks": 2} if condition == "kimi" else {}
         cfg_model = HookedAttnResConfig(
-            d_vocab=len(tok), attnres_layout="kimi", attnres_num_blocks=2, seed=0, **SHAPE
+            d_vocab=len(tok), attnres_layout=condition, seed=0, **blocks, **SHAPE
         )
         model = HookedAttnRes(cfg_model, tokenizer=tok)
+    elif condition in ("recency", "exact"):  # the wraps of a vanilla Qwen3, trained
+        vanilla = build_model("vanilla", 0, tok, SHAPE).double()
+        blocks = {"num_blocks": 2} if condition == "recency" else {}
+        model = HookedAttnRes.from_hf_qwen3(vanilla, wrap=condition, tokenizer=tok, **blocks)
     else:
         model = build_model(condition, 0, tok, SHAPE, **blocks_of(condition))
     model = model.double()
@@ -875,8 +888,8 @@ def test_the_trainer_takes_hand_written_adamw_steps_on_the_cross_entropy(tmp_pat
         eval_size=8,
         checkpoint_every=None,
     )
-    result = train(model, TASK, cfg, tmp_path, tokenizer=tok, progress=False)
-    losses, coefficients = _reference_training(reference, TASK, tok, cfg)
+    result = train(model, tasks, cfg, tmp_path, tokenizer=tok, progress=False)
+    losses, coefficients = _reference_training(reference, tasks, tok, cfg)
     assert max(coefficients) < 1  # the clipping acts at every step
     assert [h["loss"] for h in result.history] == pytest.approx(losses, rel=1e-12)
     assert [h["lr"] for h in result.history] == pytest.approx(
