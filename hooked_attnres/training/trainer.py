@@ -76,13 +76,17 @@ from hooked_attnres.tasks.base import Task, TaskBatch
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (all defaults are the study's).
+    """Optimisation settings. The defaults are a generic recipe (2000 steps, peak lr 2e-3,
+    a checkpoint every 500 steps), not the study's: `hooked_attnres.study.study_train_config`
+    gives the study's (1200 steps, peak lr 5e-4, a checkpoint every 200); the other
+    defaults are shared (docs/training.md).
 
     Args:
         steps: optimiser steps.
         batch_size: prompts per step.
         lr: peak learning rate; ``min_lr_ratio`` of it at the end of the cosine.
-        warmup_steps: linear warm-up from 0.
+        warmup_steps: linear warm-up: step ``s`` (0-based) uses ``lr * (s + 1) /
+            warmup_steps``, so the first step already has ``lr / warmup_steps`` (`lr_at`).
         weight_decay, betas, grad_clip: AdamW (eps 1e-8; decoupled decay of every
             parameter, norm gains and router parameters included) and clipping by the
             global norm of all gradients (``grad_clip=None``: none).
