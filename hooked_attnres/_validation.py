@@ -460,6 +460,29 @@ def require_keys(table: Any, columns: Sequence[str], what: str) -> None:
     require_one_kind(table, columns, what)
 
 
+def require_decisions(table: Any, column: str, keys: Sequence[str], what: str) -> None:
+    """Refuse a ``column`` of ``table`` (a pandas ``DataFrame``) that holds anything but
+    ``True`` / ``False`` (Python or NumPy booleans) in some row: ``ValueError`` naming the
+    number of such rows and the first one's value, by those of ``keys`` the table has.
+    ``what`` names the table. For columns of decisions that are counted (``present`` of
+    a claim: "present in k of n seeds"): a missing decision (NaN, an empty cell of a CSV
+    read back) summed as not present, and the text ``"False"`` is true to Python."""
+    values = table[column]
+    if values.dtype == bool:
+        return
+    bad = ~values.map(lambda value: isinstance(value, (bool, np.bool_))).to_numpy(dtype=bool)
+    if bad.any():
+        row = table.iloc[int(np.flatnonzero(bad)[0])]
+        where = ", ".join(f"{k}={np.asarray(row[k]).tolist()!r}" for k in keys if k in table)
+        raise ValueError(
+            f"{what}'s column {column!r} must hold True or False (a decision) in every row, "
+            f"but {int(bad.sum())} row(s) hold other values (first: "
+            f"{np.asarray(row[column]).tolist()!r} at {where}): a missing decision would "
+            "count as not present; pass the table motif_report made (read back from a CSV, "
+            "every cell of the column True or False)"
+        )
+
+
 def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     """``(name, number of NaN or infinite elements)`` for every floating tensor of
     ``named`` (a mapping or ``(name, tensor)`` pairs) that has any, in the order given.

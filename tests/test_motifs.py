@@ -2142,3 +2142,67 @@ def test_criteria_refuse_thresholds_outside_their_range_by_name():
             Criteria(**{name: 1.5})
         assert getattr(Criteria(**{name: 1}), name) == 1
     assert Criteria(d2_effect_ratio=3.0).d2_effect_ratio == 3.0  # ratios above 1 are taken
+
+
+def test_motif_report_refuses_bands_that_are_not_the_preregistered_thirds():
+    """Audit 156: docs/study.md's inputs are "the depth bands (thirds: early, middle, late;
+    8 layers: 0-2, 3-5, 6-7; ...) and the group all (every layer of a router type at once)".
+    motif_report read the bands by name only: effects whose group "early" masked layer 0
+    alone and "middle" layers 1-3 of this 6-layer model (thirds: 0-1, 2-3, 4-5) decided M1
+    present from them, a motif of a band the criteria do not define. Refused, naming each
+    band's layers and the thirds; the same numbers on the thirds are decided as before."""
+    summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)})
+    assert present(motif_report(summary, effects), "M1")  # the thirds of 6 layers
+    other = effects.assign(
+        layers=effects.layers.mask(effects.group == "early", "0").mask(
+            effects.group == "middle", "1,2,3"
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^motif_report reads the pre-registered depth bands \(docs/study\.md: thirds "
+        r"of the layers\) and group 'all' of every layer, but the effects' group 'early' "
+        r"masked layers \[0\]; the thirds of 6 layers: early \[0, 1\], middle \[2, 3\], late "
+        r"\[4, 5\]",
+    ):
+        motif_report(summary, other)
+    # group "all" of layers 0-3 (the mass summary's too) is read as 4 layers, whose thirds
+    # the bands are not: nothing is decided on them either
+    part = effects.assign(layers=effects.layers.mask(effects.group == "all", "0,1,2,3"))
+    with pytest.raises(ValueError, match=r"group .middle. masked layers \[2, 3\]; the thirds of 4"):
+        motif_report(summary.assign(layers="0,1,2,3"), part)
+
+
+def test_verdicts_refuse_a_missing_per_seed_decision_rather_than_count_it_absent():
+    """Audit 156: docs/study.md reports each claim as "present in k of n seeds". A report
+    whose ``present`` is missing (NaN) for one seed, e.g. an empty cell of a motifs.csv
+    read back, counted that seed as absent: M1 present in all three decided seeds read
+    "present in 2 of 3 seeds (majority)"; verdict_changes counted a NaN as a change. Text
+    decisions ("True" / "False") are no decisions either. Both are refused, naming the
+    claim and seed; the decided report gives 3 of 3."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    report = motif_report(
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        pd.concat([p[1] for p in parts], ignore_index=True),
+    )
+    m1 = motif_verdicts(report).set_index("claim").loc["M1"]
+    assert (m1.k, m1.n, m1.verdict) == (3, 3, "replicated")
+    missing = report.astype({"present": object})
+    missing.loc[(missing.claim == "M1") & (missing.seed == 1), "present"] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"^the report's column 'present' must hold True or False \(a decision\) in every "
+        r"row, but 1 row\(s\) hold other values \(first: nan at claim='M1', seed=1\)",
+    ):
+        motif_verdicts(missing)
+    with pytest.raises(ValueError, match=r"^the second report's column 'present' must hold"):
+        verdict_changes(report, missing)
+    with pytest.raises(
+        ValueError,
+        match=r"^the report's column 'present' .* 30 row\(s\) .*"
+        r"first: 'True' at claim='M1', seed=0",
+    ):
+        motif_verdicts(report.assign(present=report.present.astype(str)))
+    # decisions of the same values in an object column (a concatenation) are read
+    assert motif_verdicts(report.astype({"present": object})).equals(motif_verdicts(report))

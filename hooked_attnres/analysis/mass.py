@@ -351,29 +351,54 @@ def _default_sweep(effects: pd.DataFrame) -> Optional[set[str]]:
     do). ``None`` otherwise: the pairing by name would be a guess."""
     if "layers" not in effects.columns:
         return None
+    names, mismatch = _sweep_groups(effects)
+    return None if mismatch is not None else names
+
+
+def default_sweep_mismatch(effects: pd.DataFrame) -> Optional[str]:
+    """Why ``effects`` (with its ``layers`` column) is not the study's sweep of
+    `_default_sweep` (a group ``"all"`` of every layer ``0..n-1`` and each default depth
+    band it has of that band's layers, the thirds of `depth_bands`), in words naming the
+    first group that is not and the thirds; ``None`` where it is. The pre-registered
+    criteria are defined on those groups (`motif_report`)."""
+    if "layers" not in effects.columns:
+        return "the effects lack the column 'layers' (which layers each group masked)"
+    return _sweep_groups(effects)[1]
+
+
+def _sweep_groups(effects: pd.DataFrame) -> tuple[set[str], Optional[str]]:
+    """(`_default_sweep`'s group names, `default_sweep_mismatch`'s words)."""
     keys = [c for c in _MODEL_KEYS if c in effects.columns]
     parts = effects.groupby(keys, dropna=False, sort=False) if keys else [((), effects)]
     names: set[str] = set()
-    for _, part in parts:
+    for key, part in parts:
+        model = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        at = f" (at {', '.join(f'{k}={v!r}' for k, v in model.items())})" if model else ""
         groups: dict[str, set[tuple[int, ...]]] = {}
         for group, cell, router in zip(part.group, part.layers, part.router, strict=True):
             if router != "final_res":
                 groups.setdefault(group, set()).add(layer_tuple(cell, "effects"))
         every = groups.get("all", set())
         if len(every) != 1:
-            return None
+            sets = sorted(list(layers) for layers in every)
+            return names, f"the effects' group 'all' masked the layer sets {sets}{at}"
         (layers,) = every
         if not layers or layers != tuple(range(len(layers))):
-            return None
-        defaults = {
-            **{name: tuple(band) for name, band in depth_bands(len(layers)).items()},
-            "all": layers,
-        }
+            return names, (
+                f"the effects' group 'all' masked layers {list(layers)}{at}, not every layer 0..n-1"
+            )
+        thirds = depth_bands(len(layers))
+        defaults = {**{name: tuple(band) for name, band in thirds.items()}, "all": layers}
         for group, held in groups.items():
             if group in (*BAND_NAMES, "all") and held != {defaults.get(group)}:
-                return None
+                shown = " and ".join(str(list(h)) for h in sorted(held))
+                written = ", ".join(f"{name} {band}" for name, band in thirds.items())
+                return names, (
+                    f"the effects' group {group!r} masked layers {shown}{at}; the thirds of "
+                    f"{len(layers)} layers: {written}"
+                )
         names.update(defaults, ("final",))  # each model's own defaults were checked
-    return names or None
+    return names, (None if names else "the effects hold no model")
 
 
 def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, what: str) -> None:

@@ -42,6 +42,7 @@ from hooked_attnres._validation import (
     first_non_finite,
     require_choice,
     require_columns,
+    require_decisions,
     require_finite_number,
     require_integer,
     require_keys,
@@ -49,6 +50,7 @@ from hooked_attnres._validation import (
 )
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
+    default_sweep_mismatch,
     require_family_read_column,
     require_family_rows,
     require_read_agrees,
@@ -326,6 +328,16 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         "all",
         "motif_report (D1 and D3 pair the mass over every layer with the effects of group 'all')",
     )
+    # the criteria's bands are the thirds of the layers, "all" every layer: a group named
+    # "early" of other layers decided the motifs of a band the criteria do not define
+    mismatch = default_sweep_mismatch(effects)
+    if mismatch is not None:
+        raise ValueError(
+            "motif_report reads the pre-registered depth bands (docs/study.md: thirds of "
+            "the layers) and group 'all' of every layer, but "
+            f"{mismatch}: run ablation_effects(groups={{**depth_bands(n_layers), 'all': "
+            "range(n_layers)}) (the study's sweep)"
+        )
     _require_finite(logit, accuracy, mass)
     # after the finiteness check: a NaN mass is no "mass 0" (it was refused as a summary
     # without family_read)
@@ -688,10 +700,12 @@ def motif_verdicts(
     those criteria contradict: its sentences would print numbers on the wrong side of the
     thresholds they name."""
     require_columns(report, ("claim", "present"), "report", "motif_report(...)")
-    criteria = _report_criteria(report, criteria)
     by = _by_columns(by)
     if by is None:
         by = [c for c in ("condition",) if c in report.columns]
+    # a missing decision (NaN) summed as absent: "present in 2 of 3 seeds" of 3 of 3
+    require_decisions(report, "present", [*by, "claim", "seed"], "the report")
+    criteria = _report_criteria(report, criteria)
     _require_labels(report, [*by, *(["seed"] if "seed" in report.columns else [])], "the report")
     rows = []
     groups = report.groupby(by, sort=False) if by else [((), report)]
@@ -1088,6 +1102,8 @@ def verdict_changes(
         require_columns(table, ("claim", "present"), f"the {name} report", "motif_report(...)")
         _require_labels(table, list(by), f"the {name} report")  # by's columns, labelled
         require_keys(table, ["claim"], f"the {name} report")
+        # a NaN decision differs from every other (NaN != NaN): a change "found"
+        require_decisions(table, "present", keys, f"the {name} report")
         repeated = table[table.duplicated(keys, keep=False)]
         if not repeated.empty:
             first_row = {k: np.asarray(v).tolist() for k, v in repeated[keys].iloc[0].items()}
