@@ -2206,3 +2206,29 @@ def test_verdicts_refuse_a_missing_per_seed_decision_rather_than_count_it_absent
         motif_verdicts(report.assign(present=report.present.astype(str)))
     # decisions of the same values in an object column (a concatenation) are read
     assert motif_verdicts(report.astype({"present": object})).equals(motif_verdicts(report))
+
+
+def test_criterion_2_as_first_written_is_read_exactly_at_a_clean_difference_below_0():
+    """Audit 156: docs/study.md reads every comparison "on the exact values the tables hold
+    and each threshold or ratio as its decimal digits", and criterion 2 as first written is
+    ``harm >= 0.05 * clean``. At clean -1 it was computed in floats, ``0.05 * -1.0`` is the
+    float -0.05, so a harm of the float -0.05 (below -1/20 exactly: the float 0.05 is above
+    1/20) met it and ``present_as_written`` read True. Decided exactly now, as the text
+    (a second reading, with Fractions) decides; an effect interval that excludes its own
+    mean is what makes this harm-less motif "harmful" (criterion 1 reads ci_high)."""
+    from fractions import Fraction
+
+    cell = ("mlp_res", "early", "embedding")
+    effects = {cell: (0.05, -0.3, -0.1)}
+    for band in ("middle", "late"):  # less harm elsewhere: early stays the most harmful band
+        effects[("mlp_res", band, "embedding")] = (2.0, 0.0, 3.0)
+    row = motif_report(*tables(effects, clean=-1.0)).set_index("claim").loc["M1"]
+    assert row.harmful and row.localised and not row.large_by_accuracy
+    as_written = Fraction(-0.05) >= Fraction(5, 100) * Fraction(-1.0)
+    assert not as_written
+    assert bool(row.present_as_written) is as_written
+    # a harm exactly at 5 % of clean -20 (the float -1.0) meets it, as written
+    effects[cell] = (1.0, -0.3, -0.1)
+    row = motif_report(*tables(effects, clean=-20.0)).set_index("claim").loc["M1"]
+    assert bool(row.present_as_written) is (Fraction(-1.0) >= Fraction(5, 100) * Fraction(-20.0))
+    assert row.present_as_written and not row.present

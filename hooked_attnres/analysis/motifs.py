@@ -363,11 +363,16 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
         harmful = bool(here.ci_high < 0)
         fraction = float(-here.effect / clean) if clean > 0 else np.nan
         by_accuracy, large = _criterion_2(fraction, acc, clean, criteria)
-        # as first written (before amendment 1), any harm met 5 % of a clean <= 0
+        # as first written (before amendment 1), any harm met 5 % of a clean <= 0; read
+        # exactly, as written (0.05 * -1.0 is the float -0.05, which a harm of the float
+        # -0.05, below -1/20 exactly, met)
         by_size = (
             bool(fraction >= criteria.min_effect_fraction)
             if clean > 0
-            else bool(-here.effect >= criteria.min_effect_fraction * clean)
+            else bool(
+                -_exactly(here.effect)
+                >= _as_written(criteria.min_effect_fraction) * _exactly(clean)
+            )
         )
         localised = harms[band] >= max(harms.values())
         return dict(
