@@ -49,10 +49,10 @@ from hooked_attnres._validation import (
 )
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
+    every_layer_mass,
     require_family_read_column,
     require_family_rows,
     require_read_agrees,
-    require_same_layers,
     require_summary_and_effects,
 )
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
@@ -319,11 +319,9 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
     # D1 and D3 pair that mass with the effects of group "all": of the same layers
-    every = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
-    require_same_layers(
-        every[every.router.isin(SUBLAYER_ROUTERS)],
+    every_layer_mass(
+        mass_summary[mass_summary.router.isin(SUBLAYER_ROUTERS)],
         effects,
-        "all",
         "motif_report (D1 and D3 pair the mass over every layer with the effects of group 'all')",
     )
     _require_finite(logit, accuracy, mass)

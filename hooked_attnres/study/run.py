@@ -82,6 +82,7 @@ from hooked_attnres.analysis import (
     verdict_changes,
 )
 from hooked_attnres.analysis.bootstrap import check_bootstrap
+from hooked_attnres.analysis.mass import every_layer_mass
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -453,7 +454,9 @@ def model_is_zero_query(model: HookedAttnRes) -> bool:
 
 
 def _seeds_summary(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
-    mass = mass_summary[mass_summary.band == "all"]
+    """`StudyResult.seeds_summary`: the mass over every layer (band ``"all"``) beside the
+    logit-difference effects of group ``"all"``, of the same layers (`every_layer_mass`)."""
+    mass = every_layer_mass(mass_summary, effects, "the seeds summary")
     effect = effects[(effects.group == "all") & (effects.metric == "logit_diff")].copy()
     effect["excludes_zero"] = (effect.ci_low > 0) | (effect.ci_high < 0)
     merged = mass.merge(
