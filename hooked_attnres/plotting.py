@@ -41,6 +41,7 @@ from hooked_attnres.analysis.mass import (
     require_masked_column,
     require_read_agrees,
     require_same_layers,
+    require_same_models,
 )
 from hooked_attnres.interventions.checks import (
     check_cache_model,
@@ -684,6 +685,9 @@ def _merged(
     )
     _require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
     _require_one_row(chosen, ("router", "family"), "effects", remedy)
+    # one row each, merged by router and family: of one model (seed 0's mass was drawn
+    # beside seed 1's effects)
+    require_same_models((("mass_summary", shown), ("effects", chosen)), "the mass-effect figures")
     # an effect without a mass row was left out by the merge without a word (audit 117:
     # a source label's, e.g. attn_0 with the largest effect of its router type)
     have = set(zip(mass_summary.router, mass_summary.family, strict=True))

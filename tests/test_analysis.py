@@ -932,6 +932,32 @@ def test_the_layer_check_reads_a_seed_of_another_kind_in_one_table():
     pd.testing.assert_frame_equal(got, want)
 
 
+def test_dissociation_report_refuses_the_mass_and_effects_of_other_models():
+    """Audit 148: dissociation_report paired the rows of the two tables by router and family
+    alone, so seed 0's mass beside seed 1's effects (two kimi 6-layer models routed by
+    seeds 0 and 1) ranked the MLP routers with spearman 1.0, where seed 0's own effects
+    give 0.8. Tables whose model labels (condition / seed / model, where both have the
+    column) differ are refused; of one label they give the report without labels."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(6, 7, model.cfg.d_vocab)
+    overall = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    effects = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    for key, mine, other in (("seed", 0, 1), ("condition", "a", "b"), ("model", "x", "y")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^dissociation_report pair the rows of mass_summary and effects by model, "
+            rf"but mass_summary holds models that effects lacks: \[\{{'{key}': {mine!r}\}}\]",
+        ):
+            dissociation_report(overall.assign(**{key: mine}), effects.assign(**{key: other}))
+        pd.testing.assert_frame_equal(
+            dissociation_report(overall.assign(**{key: mine}), effects.assign(**{key: mine})),
+            dissociation_report(overall, effects),
+        )
+
+
 def test_dissociation_report_when_mass_and_effect_agree():
     mass = pd.DataFrame(
         {

@@ -884,6 +884,30 @@ def test_the_report_tables_and_seeds_summary_refuse_mass_of_other_layers_than_gr
     assert (summary.n_seeds == 2).all()
 
 
+def test_the_report_tables_and_seeds_summary_refuse_tables_of_other_models(tmp_path):
+    """Audit 148: the seeds summary merged the mass and the effects by condition and seed,
+    so a seed one of them lacked fell out of the mean over seeds without a word (n_seeds 1
+    of 2), and the report's tables printed a model the mass summary lacked as an empty
+    table. Both refuse tables of other models (`require_same_models`)."""
+    import dataclasses
+
+    from hooked_attnres.study.report import study_report
+    from hooked_attnres.study.run import _seeds_summary
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [1])})
+    one_seed = result.mass_summary[result.mass_summary.seed == 0]
+    lacks = r"effects holds models that mass_summary lacks: \[\{'condition': 'hard_cumulative_L8', "
+    with pytest.raises(ValueError, match=r"^the seeds summary pair the rows .*" + lacks):
+        _seeds_summary(one_seed, result.effects)
+    with pytest.raises(ValueError, match=r"^the study report's tables pair the rows .*" + lacks):
+        study_report(dataclasses.replace(result, mass_summary=one_seed))
+    fewer = result.accuracy[result.accuracy.seed == 0]
+    with pytest.raises(
+        ValueError, match=r"^the study report's tables pair the rows of accuracy and effects"
+    ):
+        study_report(dataclasses.replace(result, accuracy=fewer))
+
+
 def test_the_report_says_which_per_seed_verdicts_the_second_prompt_set_changes(tmp_path):
     from hooked_attnres.study.report import _conclusion
 

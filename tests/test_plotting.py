@@ -1021,6 +1021,31 @@ def test_seed_figures_scale_by_the_plotted_conditions_clean_difference_only():
             plotting.mass_effect_by_seed(mass, table, "mlp_res", columns=["b"])
 
 
+def test_mass_effect_figures_refuse_the_mass_and_effects_of_other_models():
+    """Audit 148: mass_effect_bars and mass_effect_scatter merged the two tables by router
+    and family alone: seed 0's mass was drawn beside seed 1's effects. Tables whose model
+    labels (condition / seed / model, where both have the column) differ are refused; of
+    one label the bars are the summary's mass."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    bars = functools.partial(plotting.mass_effect_bars, relative=False)
+    for plot in (bars, plotting.mass_effect_scatter):
+        with pytest.raises(
+            ValueError,
+            match=r"^the mass-effect figures pair the rows of mass_summary and effects by "
+            r"model, but mass_summary holds models that effects lacks: \[\{'seed': 0\}\]",
+        ):
+            plot(summary.assign(seed=0), effects.assign(seed=1))
+    drawn = bars(summary.assign(seed=1), effects.assign(seed=1)).data[0]  # attention mass
+    expected = summary[summary.router == "attn_res"].set_index("family").mass
+    assert list(drawn.y) == pytest.approx(list(expected.reindex(list(drawn.x))))
+
+
 def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_effects():
     """Audit 117: mass_effect_bars and mass_effect_scatter merged the mass and the effects
     by router and family, inner: an effect without a mass row was left out without a word

@@ -402,10 +402,46 @@ def _default_layers(group: str, router: object, n_layers: int) -> Optional[str]:
     return layers_text(defaults[group]) if group in defaults else None
 
 
+def require_same_models(tables: Sequence[tuple[str, pd.DataFrame]], what: str) -> None:
+    """Refuse ``tables`` (``(name, table)`` pairs: a mass summary and effects, with the study's
+    accuracy) that hold other models, where ``what`` (the result) pairs their rows by router
+    and family: the model labels (``condition`` / ``seed`` / ``model``, those every table has,
+    each of one kind in all: a seed 0 beside ``'0'`` is read as a column they do not share,
+    as `require_same_layers` reads it) of each table must be those of the others. Until
+    audit 148 `dissociation_report` and the mass-effect figures paired seed 0's mass with
+    seed 1's effects, and the study's seeds summary and report tables left a model out of
+    the one table without a word (its seeds mean taken over the others, its report table
+    printed empty)."""
+    keys = [
+        c
+        for c in _MODEL_KEYS
+        if all(c in table.columns for _, table in tables) and not differ_in_kind(tables, c)
+    ]
+    if not keys:
+        return
+
+    def models(table: pd.DataFrame) -> set[tuple]:
+        rows = table[keys].itertuples(index=False, name=None)
+        return {tuple(None if pd.isna(v) else v for v in row) for row in rows}
+
+    (first, held), *others = [(name, models(table)) for name, table in tables]
+    for name, other in others:
+        for a, b, have, lack in ((first, name, held, other), (name, first, other, held)):
+            extra = [dict(zip(keys, m, strict=True)) for m in sorted(have - lack, key=repr)]
+            if extra:
+                raise ValueError(
+                    f"{what} pair the rows of {first} and {name} by model, but {a} holds "
+                    f"models that {b} lacks: {extra[:3]} "
+                    f"(by {keys}); pass the tables of the same models (e.g. the rows of one "
+                    "model in each: table[table.seed == 0])"
+                )
+
+
 def every_layer_mass(mass_summary: pd.DataFrame, effects: pd.DataFrame, what: str) -> pd.DataFrame:
     """The rows of ``mass_summary`` over every layer (band ``"all"`` of a summary by band, as
     the study's; a summary without ``band`` is every layer), refused unless they are of the
-    layers the ``effects``' group ``"all"`` masked (`require_same_layers`): the one pairing of
+    models of the ``effects`` (`require_same_models`) and of the layers their group ``"all"``
+    masked (`require_same_layers`): the one pairing of
     the every-layer mass with the effects of group ``"all"`` (`motif_report`'s D1 and D3, the
     study's seeds summary and its report's tables). ``what`` names the result that needs it.
     Until audit 148 the seeds summary and the report's tables paired them by name only: a
@@ -413,6 +449,7 @@ def every_layer_mass(mass_summary: pd.DataFrame, effects: pd.DataFrame, what: st
     printed beside the effects of a 3-layer model's layers 0-2 (whose mass is 0.581 and 0)."""
     if "band" in mass_summary.columns:
         mass_summary = mass_summary[mass_summary.band == "all"]
+    require_same_models((("mass_summary", mass_summary), ("effects", effects)), what)
     require_same_layers(mass_summary, effects, "all", what)
     return mass_summary
 
