@@ -2593,6 +2593,35 @@ def test_schedule_comparison_refuses_a_layer_column_mixing_text_and_numbers():
     )
 
 
+def test_schedule_comparison_refuses_the_mass_of_several_models():
+    """Audit 148: schedule_comparison grouped the mass by router, layer and family only, so
+    a mass table of two seeds (two 4-layer cumulative models, routed by seeds 0 and 1, on
+    the same prompts) was compared as one model: attention layer 0's ``current`` measured
+    0.379, the two models' mean, where seed 0 gives 0.362. Refused naming the column; one
+    model's rows give its comparison without the label."""
+    schedule = recency_schedule(4, 2, 3.0)
+    tokens = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
+    masses = [
+        routing_mass(
+            randomize_routing(tiny_model(n_layers=4, attnres_num_blocks=2), seed=s).eval(),
+            tokens,
+            positions="all",
+        )
+        for s in (0, 1)
+    ]
+    both = pd.concat([m.assign(seed=s) for s, m in enumerate(masses)])
+    with pytest.raises(
+        ValueError,
+        match=r"^schedule_comparison reads one model, but the table holds 2 'seed' values "
+        r"\(\[0, 1\]\), whose rows it would pool into one mean; pass one model's rows",
+    ):
+        schedule_comparison(both, schedule)
+    pd.testing.assert_frame_equal(
+        schedule_comparison(both[both.seed == 1], schedule),
+        schedule_comparison(masses[1], schedule),
+    )
+
+
 def test_schedule_deviation_refuses_a_schedule_of_more_layers_as_the_comparison_does():
     """Audit 138: a schedule of 8 layers (4 blocks) beside a 4-layer, 2-block model predicts
     the model's routers alike (the same block size), so schedule_deviation reported

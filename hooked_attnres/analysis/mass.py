@@ -437,6 +437,19 @@ def require_same_models(tables: Sequence[tuple[str, pd.DataFrame]], what: str) -
                 )
 
 
+def require_one_model(table: pd.DataFrame, what: str, remedy: str) -> None:
+    """Refuse a ``table`` of several models (several labels in a ``condition`` / ``seed`` /
+    ``model`` column, NaN counted as one) where ``what`` (the result) reads one model:
+    its means pooled the models' rows without a word. ``remedy`` says what to pass."""
+    for column in _MODEL_KEYS:
+        if column in table.columns and table[column].nunique(dropna=False) > 1:
+            labels = list(dict.fromkeys(table[column].tolist()))
+            raise ValueError(
+                f"{what} reads one model, but the table holds {len(labels)} {column!r} "
+                f"values ({labels[:4]}), whose rows it would pool into one mean; {remedy}"
+            )
+
+
 def every_layer_mass(mass_summary: pd.DataFrame, effects: pd.DataFrame, what: str) -> pd.DataFrame:
     """The rows of ``mass_summary`` over every layer (band ``"all"`` of a summary by band, as
     the study's; a summary without ``band`` is every layer), refused unless they are of the
