@@ -35,6 +35,7 @@ from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import (
     family_read,
     integer_layers,
+    layer_tuple,
     masked_nothing,
     require_family_read_column,
     require_finite_mass,
@@ -894,6 +895,25 @@ def _require_cells(values: pd.Series, what: str, series: str) -> None:
         )
 
 
+def _in_depth_order(chosen: pd.DataFrame) -> list:
+    """The groups of ``chosen`` (rows of an effects table) other than ``"all"``, in depth
+    order: by the first, then the last layer each masked (its ``layers``, `layer_tuple`; the
+    final router's group, which has none, last), ties in the table's order; in the table's
+    order without a ``layers`` column. The rows' order is no depth order: a table sorted by
+    its text columns (``sort_values``, a ``groupby``) drew the bands early, late, middle and
+    ``groups="layers"`` as layer 0, 1, 10, 11, 2, ... on the axis titled "depth band"."""
+    groups = [g for g in dict.fromkeys(chosen.group) if g != "all"]
+    if "layers" not in chosen.columns:
+        return groups
+    first = chosen.drop_duplicates("group").set_index("group").layers
+
+    def depth(group) -> tuple:
+        layers = layer_tuple(first[group], "effects")
+        return (0, layers[0], layers[-1]) if layers else (1, 0, 0)
+
+    return sorted(groups, key=depth)
+
+
 def effect_bands(
     effects: pd.DataFrame,
     metric: str = "logit_diff",
@@ -908,7 +928,8 @@ def effect_bands(
 
     Args:
         effects: `ablation_effects` output.
-        groups: the groups to show, in order (default: every group except ``"all"``).
+        groups: the groups to show, in order (default: every group except ``"all"``, in
+            depth order, by the layers each masked: `_in_depth_order`).
         relative: effects as a percentage of the clean logit difference.
     """
     relative = require_bool("relative", relative)
@@ -926,7 +947,7 @@ def effect_bands(
     groups = (  # one group by name is that group (a string would be its characters)
         require_selection("groups", [groups] if isinstance(groups, str) else groups)
         if groups is not None
-        else [g for g in dict.fromkeys(chosen.group) if g != "all"]
+        else _in_depth_order(chosen)
     )
     if not groups:
         raise ValueError(

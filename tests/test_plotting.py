@@ -1305,3 +1305,46 @@ def test_source_heatmap_refuses_a_cache_of_another_model():
     _, plain = other.run_with_cache(tokens, return_cache_object=False)
     with pytest.raises(ValueError, match=r"hook_weights has 1 sources, but this model.s attn_res"):
         plotting.source_heatmap(model, plain)
+
+
+def _bars_match_rows(trace, row_of, scale=lambda row: 100.0 / row.clean) -> None:
+    """Each bar of ``trace`` (value and whisker ends) is the table row ``row_of(x)`` of its
+    x label, in the plotted unit."""
+    y = np.asarray(trace.y, dtype=float)
+    top = y + np.asarray(trace.error_y.array, dtype=float)
+    bottom = y - np.asarray(trace.error_y.arrayminus, dtype=float)
+    for i, x in enumerate(trace.x):
+        row = row_of(x)
+        expected = np.array([row.effect, row.ci_high, row.ci_low]) * scale(row)
+        np.testing.assert_allclose([y[i], top[i], bottom[i]], expected, err_msg=str(x))
+
+
+def test_effect_bands_draws_the_groups_in_depth_order_whatever_the_row_order():
+    # a table sorted by its text columns (as a groupby or sort_values leaves it) put the
+    # bands in the order early, late, middle and the layers of groups="layers" in the order
+    # layer 0, layer 1, layer 10, layer 11, layer 2, ... on the axis titled "depth band"
+    bands = _effects().sort_values(["router", "group", "family"], ignore_index=True)
+    layers = pd.concat(
+        [
+            _effects(families=("embedding", "current")).assign(
+                group=f"layer {k}",
+                layers=str(k),
+                effect=-k / 10,
+                ci_low=-k / 10 - 0.01,
+                ci_high=-k / 10 + 0.02,
+            )
+            for k in range(12)
+        ],
+        ignore_index=True,
+    ).drop_duplicates(["router", "group", "family"])
+    layers = layers.sort_values(["router", "group", "family"], ignore_index=True)
+    for table in (bands, layers):
+        # the groups other than "all", by the first layer each masked (an independent order)
+        first = {g: int(str(t).split(",")[0]) for g, t in zip(table.group, table.layers)}
+        expected = sorted((g for g in first if g != "all"), key=first.get)
+        fig = plotting.effect_bands(table)
+        routers = {"x": "attn_res", "x2": "mlp_res"}
+        for trace in fig.data:
+            assert list(trace.x) == expected
+            rows = table[(table.router == routers[trace.xaxis]) & (table.family == trace.name)]
+            _bars_match_rows(trace, lambda g, rows=rows: rows[rows.group == g].iloc[0])
