@@ -689,14 +689,26 @@ def _merged(
     # one row each, merged by router and family: of one model (seed 0's mass was drawn
     # beside seed 1's effects)
     require_same_models((("mass_summary", shown), ("effects", chosen)), "the mass-effect figures")
-    # an effect without a mass row was left out by the merge without a word (audit 117:
-    # a source label's, e.g. attn_0 with the largest effect of its router type)
-    have = set(zip(mass_summary.router, mass_summary.family, strict=True))
-    unpaired = [
-        (router, family)
-        for router, family in zip(chosen.router, chosen.family, strict=True)
-        if (router, family) not in have
-    ]
+    note = _pairing_note(shown, chosen)
+    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
+
+
+def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
+    """Refuse effects (``chosen``, the rows drawn) with a ``(router, family)`` that no row
+    of ``mass`` (the mass rows at the effects' router types) has, and return a title's note
+    naming the mass of families without effects, which the figure leaves out (``""`` if
+    none). The effects choose the families shown, as they choose the router types: an
+    effect without a mass row was left out without a word (audit 117: a source label's,
+    e.g. attn_0 with the largest effect of its router type; in `mass_effect_by_seed` until
+    audit 153), and so was the mass of a family without effects in `mass_effect_by_seed`."""
+    have = set(zip(mass.router, mass.family, strict=True))
+    unpaired = list(
+        dict.fromkeys(
+            (router, family)
+            for router, family in zip(chosen.router, chosen.family, strict=True)
+            if (router, family) not in have
+        )
+    )
     if unpaired:
         raise ValueError(
             f"effects has (router, family) rows {unpaired} without a mass_summary row to "
@@ -706,20 +718,16 @@ def _merged(
             "mass: plot it with effect_bands), or pass the mass summary of the same model "
             "with every router type and family"
         )
-    # the effects choose the families shown, as they choose the router types (effects of
-    # some families only); the mass of the others at those router types is named in the
-    # title rather than left out without a word
     paired = set(zip(chosen.router, chosen.family, strict=True))
     left: dict[str, list[str]] = {}
-    for router, family in zip(shown.router, shown.family, strict=True):
+    for router, family in dict.fromkeys(zip(mass.router, mass.family, strict=True)):
         if (router, family) not in paired:
             left.setdefault(router, []).append(str(family))
     note = "; ".join(
         f"{', '.join(families)} at the {ROUTER_TITLES.get(router, router)}"
         for router, families in left.items()
     )
-    note = f" (no effects of {note}: not shown)" if note else ""
-    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
+    return f" (no effects of {note}: not shown)" if note else ""
 
 
 def mass_effect_bars(
@@ -1188,8 +1196,12 @@ def mass_effect_by_seed(
     _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
     columns = _columns(columns, chosen)
+    # the families with an effect (each has mass rows; the others' mass is named in the title)
+    note = _pairing_note(
+        mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)]
+    )
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
-    families = [f for f in FAMILIES if f in set(chosen.family)]  # the ones with an effect
+    families = [f for f in FAMILIES if f in set(chosen.family)]
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
     fig = make_subplots(
@@ -1260,7 +1272,7 @@ def mass_effect_by_seed(
     fig.update_layout(barmode="group")
     return _finish(
         fig,
-        title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side",
+        (title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side") + note,
         620,
         categories="x",
     )

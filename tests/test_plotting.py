@@ -1348,3 +1348,29 @@ def test_effect_bands_draws_the_groups_in_depth_order_whatever_the_row_order():
             assert list(trace.x) == expected
             rows = table[(table.router == routers[trace.xaxis]) & (table.family == trace.name)]
             _bars_match_rows(trace, lambda g, rows=rows: rows[rows.group == g].iloc[0])
+
+
+def test_mass_effect_by_seed_refuses_effects_without_mass_and_names_mass_without_effects():
+    # as mass_effect_bars (audit 117): masking a source label (attn_0) has no family mass
+    # to pair with; its effects were left out without a word (here the largest of the
+    # router type), and the mass of families without effects was dropped from the figure
+    # without the title saying so
+    effects = _effects(seeds=(0, 1), families=(*FAMILIES, "attn_0"))
+    effects.loc[effects.family == "attn_0", ["effect", "ci_low", "ci_high"]] = [-3.0, -3.5, -2.5]
+    mass = _mass(seeds=(0, 1))
+    with pytest.raises(ValueError, match=r"\('mlp_res', 'attn_0'\)\] without a mass_summary"):
+        plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    some = _effects(seeds=(0, 1), families=("embedding", "older"))
+    fig = plotting.mass_effect_by_seed(mass, some, "mlp_res")
+    assert "(no effects of prev_completed, current at the MLP routers: not shown)" in (
+        fig.layout.title.text
+    )
+    for trace in fig.data:  # the families drawn are those with effects, each its own row
+        assert list(trace.x) == ["embedding", "older"]
+        seed = int(trace.name.split()[1])
+        if "effect" in trace.hovertemplate:
+            rows = some[(some.router == "mlp_res") & (some.group == "all") & (some.seed == seed)]
+            _bars_match_rows(trace, lambda f, rows=rows: rows[rows.family == f].iloc[0])
+        else:
+            rows = mass[mass.seed == seed].set_index("family")
+            np.testing.assert_allclose(trace.y, rows.mass.loc[list(trace.x)])
