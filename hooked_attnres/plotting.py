@@ -322,7 +322,7 @@ def routing_heatmap(
                 colorbar=dict(title="mass"),
                 text=_cell_text(z),
                 texttemplate="%{text}",
-                hovertemplate="%{y}, %{x}: %{z:.3f}<extra>" + router + "</extra>",
+                hovertemplate="%{y}, %{x}: %{z:.3g}<extra>" + router + "</extra>",
             ),
             row=1,
             col=col,
@@ -476,7 +476,7 @@ def source_heatmap(
             colorbar=dict(title="weight"),
             text=_cell_text(z),
             texttemplate="%{text}",
-            hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>",
+            hovertemplate="%{y}, %{x}: %{z:.3g}<extra></extra>",
         )
     )
     fig.update_yaxes(autorange="reversed", title_text="layer")
@@ -790,7 +790,7 @@ def mass_effect_bars(
                 part.ci_high_mass,
                 "mass",
                 colors,
-                "%{x}: mass %{y:.3f}<extra></extra>",
+                "%{x}: mass %{y:.3g}<extra></extra>",
                 showlegend=False,
             ),
             row=1,
@@ -1244,7 +1244,7 @@ def mass_effect_by_seed(
                     m.ci_high,
                     f"seed {seed}",
                     color,
-                    f"seed {seed}, %{{x}}: mass %{{y:.3f}}<extra>{condition}</extra>",
+                    f"seed {seed}, %{{x}}: mass %{{y:.3g}}<extra>{condition}</extra>",
                     showlegend=col == 1,
                     **common,
                 ),

@@ -1374,3 +1374,39 @@ def test_mass_effect_by_seed_refuses_effects_without_mass_and_names_mass_without
         else:
             rows = mass[mass.seed == seed].set_index("family")
             np.testing.assert_allclose(trace.y, rows.mass.loc[list(trace.x)])
+
+
+def _hover_number(trace, value: float) -> float:
+    """``value`` as the hover text of ``trace`` prints it (its ``%{y:...}`` or ``%{z:...}``
+    format; d3's ``f`` and ``g`` read as Python's)."""
+    (spec,) = re.findall(r"%\{[yz]:([^}]+)\}", trace.hovertemplate)
+    return float(format(value, spec))
+
+
+def test_mass_hover_texts_keep_three_significant_digits_of_small_masses():
+    # the mass hovers printed 3 decimals: a mass of 0.00057 read "0.001" (75 % off) and
+    # 0.0004 "0.000", a family read with no weight; effects kept 3 significant digits
+    small = [0.00057, 0.0004, 0.25, 0.74903]
+    table = pd.DataFrame(
+        [
+            dict(router="attn_res", layer=layer, family=f, n_sources=1, mass=m)
+            for layer in (0, 1)
+            for f, m in zip(FAMILIES, small[layer:] + small[:layer], strict=True)
+        ]
+    )
+    masses = _mass(seeds=(0, 1)).assign(mass=small * 2, ci_low=0.0, ci_high=0.8)
+    one = _effects()
+    figures = [
+        plotting.routing_heatmap(table),
+        plotting.mass_effect_by_seed(masses, _effects(seeds=(0, 1)), "mlp_res"),
+        plotting.mass_effect_bars(
+            masses[masses.seed == 0].drop(columns=["condition", "seed", "band"]),
+            one[one.router == "mlp_res"],
+        ),
+    ]
+    for fig in figures:
+        traces = [t for t in fig.data if "effect" not in t.hovertemplate]
+        assert traces
+        for trace in traces:
+            for value in small:
+                assert _hover_number(trace, value) == pytest.approx(value, rel=0.005)
