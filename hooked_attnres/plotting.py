@@ -221,9 +221,21 @@ def _layer_label(layer: int) -> str:
     return "final" if layer == -1 else f"layer {layer}"
 
 
-def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
-    """Layer x family mean mass of one router type's rows of a `routing_mass` table, NaN
-    (a blank cell) where the router reads no source of the family (``n_sources`` 0)."""
+def _family_mass(mass: pd.DataFrame, router: str, families: Sequence[str]) -> pd.DataFrame:
+    """Layer x family mean mass of one router type's rows of a `routing_mass` table (the
+    columns ``families``), NaN (a blank cell) where the router reads no source of the family
+    (``n_sources`` 0). A (layer, family) without rows is refused: its blank cell would say
+    the router does not read the family (`routing_mass` writes a row of every family)."""
+    have = set(zip(mass.layer, mass.family, strict=True))
+    missing = [(k, f) for k in sorted(set(mass.layer)) for f in families if (k, f) not in have]
+    if missing:
+        layer, family = missing[0]
+        raise ValueError(
+            f"mass has no rows of router {router!r} at {len(missing)} (layer, family) "
+            f"cell(s) of the figure, first layer {layer}, family {family!r}: its blank cell "
+            "would read as 'the router does not read the family'; pass routing_mass's rows "
+            "of every family at every layer (it writes n_sources 0 where a family is absent)"
+        )
     cells = mass.groupby(["layer", "family"])
     counts = cells.n_sources.agg(["min", "max"])
     varies = counts["min"] != counts["max"]
@@ -236,7 +248,7 @@ def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
         )
     read = family_read(mass, "the routing heatmap").groupby([mass.layer, mass.family]).any()
     table = cells.mass.mean().where(read)  # NaN: the family is absent there
-    return table.unstack("family").reindex(columns=list(FAMILIES))
+    return table.unstack("family").reindex(columns=list(families))
 
 
 def routing_heatmap(
@@ -263,7 +275,9 @@ def routing_heatmap(
             ``layer`` or ``family``, or one whose labels mix text and numbers
             (`require_keys`: a second model not counted, rows the means would drop, or
             ``0`` and ``'0'`` drawn as two layers), a (router, layer, family) whose ``n_sources``
-            differs between rows, or a router type it lacks.
+            differs between rows, a router type it lacks, or a (layer, family) of a router
+            type shown without rows (its blank cell would read "not read"; a family the
+            whole table lacks has no column).
     """
     # a NaN label: a second model that nunique does not count, or rows the means drop;
     # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
@@ -299,7 +313,9 @@ def routing_heatmap(
             raise ValueError(
                 f"mass has no rows of router(s) {absent} (it has {sorted(set(mass.router))})"
             )
-    tables = {router: _family_mass(mass[mass.router == router], router) for router in routers}
+    # the families of the table (a table of some families draws those), in their order
+    families = [f for f in FAMILIES if f in set(mass.family)]
+    tables = {r: _family_mass(mass[mass.router == r], r, families) for r in routers}
     top = max(float(np.nanmax(t.to_numpy())) for t in tables.values())
     fig = make_subplots(
         rows=1,
@@ -313,7 +329,7 @@ def routing_heatmap(
         fig.add_trace(
             go.Heatmap(
                 z=z,
-                x=list(FAMILIES),
+                x=families,
                 y=[_layer_label(layer) for layer in table.index],
                 zmin=0,
                 zmax=top,
@@ -1197,9 +1213,7 @@ def mass_effect_by_seed(
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
     columns = _columns(columns, chosen)
     # the families with an effect (each has mass rows; the others' mass is named in the title)
-    note = _pairing_note(
-        mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)]
-    )
+    note = _pairing_note(mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)])
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
     families = [f for f in FAMILIES if f in set(chosen.family)]
     chosen, unit = _shown_effects(chosen, columns, relative)

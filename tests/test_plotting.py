@@ -1340,7 +1340,8 @@ def test_effect_bands_draws_the_groups_in_depth_order_whatever_the_row_order():
     layers = layers.sort_values(["router", "group", "family"], ignore_index=True)
     for table in (bands, layers):
         # the groups other than "all", by the first layer each masked (an independent order)
-        first = {g: int(str(t).split(",")[0]) for g, t in zip(table.group, table.layers)}
+        pairs = zip(table.group, table.layers, strict=True)
+        first = {g: int(str(t).split(",")[0]) for g, t in pairs}
         expected = sorted((g for g in first if g != "all"), key=first.get)
         fig = plotting.effect_bands(table)
         routers = {"x": "attn_res", "x2": "mlp_res"}
@@ -1410,3 +1411,27 @@ def test_mass_hover_texts_keep_three_significant_digits_of_small_masses():
         for trace in traces:
             for value in small:
                 assert _hover_number(trace, value) == pytest.approx(value, rel=0.005)
+
+
+def test_routing_heatmap_refuses_a_missing_cell_rather_than_draw_it_as_not_read():
+    # a blank cell says "the router does not read this family"; a (layer, family) without
+    # rows (a table filtered by hand) was drawn blank too: here layer 3's prev_completed,
+    # which its attention router reads, and the columns of families left out of the table
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    mass = routing_mass(model, torch.randint(0, 50, (3, 5)), positions="all")
+    read = mass[(mass.router == "attn_res") & (mass.n_sources > 0)]
+    layer, family = read[read.family == "prev_completed"][["layer", "family"]].iloc[-1]
+    hole = mass[~((mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family))]
+    with pytest.raises(ValueError, match=rf"no rows .*layer {layer}.*{family!r}"):
+        plotting.routing_heatmap(hole)
+    # families left out of the whole table are not drawn (no column), the others as measured
+    shown = ["embedding", "current"]
+    fig = plotting.routing_heatmap(mass[mass.family.isin(shown)])
+    for trace, router in zip(fig.data, ("attn_res", "mlp_res"), strict=True):
+        assert list(trace.x) == shown
+        rows = mass[mass.router == router]
+        for i, label in enumerate(trace.y):
+            for j, fam in enumerate(shown):
+                cell = rows[(rows.layer == int(label.split()[1])) & (rows.family == fam)]
+                expected = cell.mass.mean() if (cell.n_sources > 0).all() else np.nan
+                np.testing.assert_allclose(trace.z[i][j], expected, err_msg=f"{label} {fam}")
