@@ -64,6 +64,20 @@ FAMILY_COLORS = {
     "current": "#d62728",
 }
 SEED_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def _palette(n: int) -> list[str]:
+    """``n`` distinct colours for seeds or masked labels: `SEED_COLORS` first, then plotly's
+    ``Dark24``, then a sample of ``Turbo``. They were `SEED_COLORS` taken modulo six, so
+    seeds 0 and 6 were drawn in one colour under two legend entries."""
+    from plotly.colors import qualitative, sample_colorscale
+
+    colors = list(dict.fromkeys([*SEED_COLORS, *qualitative.Dark24]))
+    if n > len(colors):
+        colors += sample_colorscale("Turbo", [k / (n - 1) for k in range(n - len(colors))])
+    return colors[:n]
+
+
 ROUTER_TITLES = {
     "attn_res": "attention routers",
     "mlp_res": "MLP routers",
@@ -902,7 +916,7 @@ def _families(column: pd.Series) -> dict:
     present = list(dict.fromkeys(column))
     others = [f for f in present if f not in FAMILIES]
     out = {f: FAMILY_COLORS[f] for f in FAMILIES if f in present}
-    out.update({f: SEED_COLORS[k % len(SEED_COLORS)] for k, f in enumerate(others)})
+    out.update(dict(zip(others, _palette(len(others)), strict=True)))
     return out
 
 
@@ -1118,6 +1132,7 @@ def effects_by_seed(
             )
     columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
+    palette = _palette(len(seeds))  # one colour per seed, the same in every panel
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(chosen, columns, seeds)
     titles = [
@@ -1151,7 +1166,7 @@ def effects_by_seed(
                         rows.ci_low,
                         rows.ci_high,
                         f"seed {seed}",
-                        SEED_COLORS[k % len(SEED_COLORS)],
+                        palette[k],
                         f"seed {seed}, %{{x}}: %{{y:.3g}}<extra>{condition}</extra>",
                         showlegend=row == 1 and col == 1,
                         legendgroup=f"seed {seed}",
@@ -1215,6 +1230,7 @@ def mass_effect_by_seed(
     # the families with an effect (each has mass rows; the others' mass is named in the title)
     note = _pairing_note(mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)])
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
+    palette = _palette(len(seeds))  # one colour per seed, the same in every panel
     families = [f for f in FAMILIES if f in set(chosen.family)]
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
@@ -1231,7 +1247,7 @@ def mass_effect_by_seed(
     )
     for col, condition in enumerate(columns, start=1):
         for k, seed in enumerate(seeds):
-            color = SEED_COLORS[k % len(SEED_COLORS)]
+            color = palette[k]
             m = mass[(mass.condition == condition) & (mass.seed == seed)].set_index("family")
             m = m.reindex(families)
             e = chosen[(chosen.condition == condition) & (chosen.seed == seed)].set_index("family")

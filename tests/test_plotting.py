@@ -1435,3 +1435,27 @@ def test_routing_heatmap_refuses_a_missing_cell_rather_than_draw_it_as_not_read(
                 cell = rows[(rows.layer == int(label.split()[1])) & (rows.family == fam)]
                 expected = cell.mass.mean() if (cell.n_sources > 0).all() else np.nan
                 np.testing.assert_allclose(trace.z[i][j], expected, err_msg=f"{label} {fam}")
+
+
+def test_seed_and_label_colours_are_distinct_beyond_six():
+    # the palette of seeds (and of masked labels such as attn_0) had six colours, taken
+    # modulo six: seeds 0 and 6 (labels 1 and 7) were drawn in one colour under two legend
+    # entries; each is one colour in every panel
+    seeds = tuple(range(8))
+    effects = _effects(seeds=seeds)
+    masses = _mass(seeds=seeds)
+    for fig in (
+        plotting.effects_by_seed(effects, "older", ["attn_res", "mlp_res"]),
+        plotting.mass_effect_by_seed(masses, effects, "mlp_res"),
+    ):
+        colour = {}
+        for trace in fig.data:
+            assert colour.setdefault(trace.name, trace.marker.color) == trace.marker.color
+        assert sorted(colour) == sorted(f"seed {s}" for s in seeds)
+        assert len(set(colour.values())) == len(seeds)
+    labels = [f"attn_{k}" for k in range(8)]
+    fig = plotting.effect_bands(_effects(families=(*FAMILIES, *labels)))
+    colour = {}
+    for trace in fig.data:
+        assert colour.setdefault(trace.name, trace.marker.color) == trace.marker.color
+    assert len(set(colour.values())) == len(colour) == len(FAMILIES) + len(labels)
