@@ -35,12 +35,14 @@ from hooked_attnres.analysis.bootstrap import as_numpy
 from hooked_attnres.analysis.mass import (
     family_read,
     integer_layers,
+    layer_tuple,
     masked_nothing,
     require_family_read_column,
     require_finite_mass,
     require_masked_column,
     require_read_agrees,
     require_same_layers,
+    require_same_models,
 )
 from hooked_attnres.interventions.checks import (
     check_cache_model,
@@ -62,6 +64,20 @@ FAMILY_COLORS = {
     "current": "#d62728",
 }
 SEED_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def _palette(n: int) -> list[str]:
+    """``n`` distinct colours for seeds or masked labels: `SEED_COLORS` first, then plotly's
+    ``Dark24``, then a sample of ``Turbo``. They were `SEED_COLORS` taken modulo six, so
+    seeds 0 and 6 were drawn in one colour under two legend entries."""
+    from plotly.colors import qualitative, sample_colorscale
+
+    colors = list(dict.fromkeys([*SEED_COLORS, *qualitative.Dark24]))
+    if n > len(colors):
+        colors += sample_colorscale("Turbo", [k / (n - 1) for k in range(n - len(colors))])
+    return colors[:n]
+
+
 ROUTER_TITLES = {
     "attn_res": "attention routers",
     "mlp_res": "MLP routers",
@@ -219,9 +235,21 @@ def _layer_label(layer: int) -> str:
     return "final" if layer == -1 else f"layer {layer}"
 
 
-def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
-    """Layer x family mean mass of one router type's rows of a `routing_mass` table, NaN
-    (a blank cell) where the router reads no source of the family (``n_sources`` 0)."""
+def _family_mass(mass: pd.DataFrame, router: str, families: Sequence[str]) -> pd.DataFrame:
+    """Layer x family mean mass of one router type's rows of a `routing_mass` table (the
+    columns ``families``), NaN (a blank cell) where the router reads no source of the family
+    (``n_sources`` 0). A (layer, family) without rows is refused: its blank cell would say
+    the router does not read the family (`routing_mass` writes a row of every family)."""
+    have = set(zip(mass.layer, mass.family, strict=True))
+    missing = [(k, f) for k in sorted(set(mass.layer)) for f in families if (k, f) not in have]
+    if missing:
+        layer, family = missing[0]
+        raise ValueError(
+            f"mass has no rows of router {router!r} at {len(missing)} (layer, family) "
+            f"cell(s) of the figure, first layer {layer}, family {family!r}: its blank cell "
+            "would read as 'the router does not read the family'; pass routing_mass's rows "
+            "of every family at every layer (it writes n_sources 0 where a family is absent)"
+        )
     cells = mass.groupby(["layer", "family"])
     counts = cells.n_sources.agg(["min", "max"])
     varies = counts["min"] != counts["max"]
@@ -234,7 +262,7 @@ def _family_mass(mass: pd.DataFrame, router: str) -> pd.DataFrame:
         )
     read = family_read(mass, "the routing heatmap").groupby([mass.layer, mass.family]).any()
     table = cells.mass.mean().where(read)  # NaN: the family is absent there
-    return table.unstack("family").reindex(columns=list(FAMILIES))
+    return table.unstack("family").reindex(columns=list(families))
 
 
 def routing_heatmap(
@@ -261,7 +289,9 @@ def routing_heatmap(
             ``layer`` or ``family``, or one whose labels mix text and numbers
             (`require_keys`: a second model not counted, rows the means would drop, or
             ``0`` and ``'0'`` drawn as two layers), a (router, layer, family) whose ``n_sources``
-            differs between rows, or a router type it lacks.
+            differs between rows, a router type it lacks, or a (layer, family) of a router
+            type shown without rows (its blank cell would read "not read"; a family the
+            whole table lacks has no column).
     """
     # a NaN label: a second model that nunique does not count, or rows the means drop;
     # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
@@ -297,7 +327,9 @@ def routing_heatmap(
             raise ValueError(
                 f"mass has no rows of router(s) {absent} (it has {sorted(set(mass.router))})"
             )
-    tables = {router: _family_mass(mass[mass.router == router], router) for router in routers}
+    # the families of the table (a table of some families draws those), in their order
+    families = [f for f in FAMILIES if f in set(mass.family)]
+    tables = {r: _family_mass(mass[mass.router == r], r, families) for r in routers}
     top = max(float(np.nanmax(t.to_numpy())) for t in tables.values())
     fig = make_subplots(
         rows=1,
@@ -311,7 +343,7 @@ def routing_heatmap(
         fig.add_trace(
             go.Heatmap(
                 z=z,
-                x=list(FAMILIES),
+                x=families,
                 y=[_layer_label(layer) for layer in table.index],
                 zmin=0,
                 zmax=top,
@@ -320,7 +352,7 @@ def routing_heatmap(
                 colorbar=dict(title="mass"),
                 text=_cell_text(z),
                 texttemplate="%{text}",
-                hovertemplate="%{y}, %{x}: %{z:.3f}<extra>" + router + "</extra>",
+                hovertemplate="%{y}, %{x}: %{z:.3g}<extra>" + router + "</extra>",
             ),
             row=1,
             col=col,
@@ -474,7 +506,7 @@ def source_heatmap(
             colorbar=dict(title="weight"),
             text=_cell_text(z),
             texttemplate="%{text}",
-            hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>",
+            hovertemplate="%{y}, %{x}: %{z:.3g}<extra></extra>",
         )
     )
     fig.update_yaxes(autorange="reversed", title_text="layer")
@@ -684,14 +716,29 @@ def _merged(
     )
     _require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
     _require_one_row(chosen, ("router", "family"), "effects", remedy)
-    # an effect without a mass row was left out by the merge without a word (audit 117:
-    # a source label's, e.g. attn_0 with the largest effect of its router type)
-    have = set(zip(mass_summary.router, mass_summary.family, strict=True))
-    unpaired = [
-        (router, family)
-        for router, family in zip(chosen.router, chosen.family, strict=True)
-        if (router, family) not in have
-    ]
+    # one row each, merged by router and family: of one model (seed 0's mass was drawn
+    # beside seed 1's effects)
+    require_same_models((("mass_summary", shown), ("effects", chosen)), "the mass-effect figures")
+    note = _pairing_note(shown, chosen)
+    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
+
+
+def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
+    """Refuse effects (``chosen``, the rows drawn) with a ``(router, family)`` that no row
+    of ``mass`` (the mass rows at the effects' router types) has, and return a title's note
+    naming the mass of families without effects, which the figure leaves out (``""`` if
+    none). The effects choose the families shown, as they choose the router types: an
+    effect without a mass row was left out without a word (audit 117: a source label's,
+    e.g. attn_0 with the largest effect of its router type; in `mass_effect_by_seed` until
+    audit 153), and so was the mass of a family without effects in `mass_effect_by_seed`."""
+    have = set(zip(mass.router, mass.family, strict=True))
+    unpaired = list(
+        dict.fromkeys(
+            (router, family)
+            for router, family in zip(chosen.router, chosen.family, strict=True)
+            if (router, family) not in have
+        )
+    )
     if unpaired:
         raise ValueError(
             f"effects has (router, family) rows {unpaired} without a mass_summary row to "
@@ -701,20 +748,16 @@ def _merged(
             "mass: plot it with effect_bands), or pass the mass summary of the same model "
             "with every router type and family"
         )
-    # the effects choose the families shown, as they choose the router types (effects of
-    # some families only); the mass of the others at those router types is named in the
-    # title rather than left out without a word
     paired = set(zip(chosen.router, chosen.family, strict=True))
     left: dict[str, list[str]] = {}
-    for router, family in zip(shown.router, shown.family, strict=True):
+    for router, family in dict.fromkeys(zip(mass.router, mass.family, strict=True)):
         if (router, family) not in paired:
             left.setdefault(router, []).append(str(family))
     note = "; ".join(
         f"{', '.join(families)} at the {ROUTER_TITLES.get(router, router)}"
         for router, families in left.items()
     )
-    note = f" (no effects of {note}: not shown)" if note else ""
-    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
+    return f" (no effects of {note}: not shown)" if note else ""
 
 
 def mass_effect_bars(
@@ -777,7 +820,7 @@ def mass_effect_bars(
                 part.ci_high_mass,
                 "mass",
                 colors,
-                "%{x}: mass %{y:.3f}<extra></extra>",
+                "%{x}: mass %{y:.3g}<extra></extra>",
                 showlegend=False,
             ),
             row=1,
@@ -873,7 +916,7 @@ def _families(column: pd.Series) -> dict:
     present = list(dict.fromkeys(column))
     others = [f for f in present if f not in FAMILIES]
     out = {f: FAMILY_COLORS[f] for f in FAMILIES if f in present}
-    out.update({f: SEED_COLORS[k % len(SEED_COLORS)] for k, f in enumerate(others)})
+    out.update(dict(zip(others, _palette(len(others)), strict=True)))
     return out
 
 
@@ -890,6 +933,25 @@ def _require_cells(values: pd.Series, what: str, series: str) -> None:
         )
 
 
+def _in_depth_order(chosen: pd.DataFrame) -> list:
+    """The groups of ``chosen`` (rows of an effects table) other than ``"all"``, in depth
+    order: by the first, then the last layer each masked (its ``layers``, `layer_tuple`; the
+    final router's group, which has none, last), ties in the table's order; in the table's
+    order without a ``layers`` column. The rows' order is no depth order: a table sorted by
+    its text columns (``sort_values``, a ``groupby``) drew the bands early, late, middle and
+    ``groups="layers"`` as layer 0, 1, 10, 11, 2, ... on the axis titled "depth band"."""
+    groups = [g for g in dict.fromkeys(chosen.group) if g != "all"]
+    if "layers" not in chosen.columns:
+        return groups
+    first = chosen.drop_duplicates("group").set_index("group").layers
+
+    def depth(group) -> tuple:
+        layers = layer_tuple(first[group], "effects")
+        return (0, layers[0], layers[-1]) if layers else (1, 0, 0)
+
+    return sorted(groups, key=depth)
+
+
 def effect_bands(
     effects: pd.DataFrame,
     metric: str = "logit_diff",
@@ -904,7 +966,8 @@ def effect_bands(
 
     Args:
         effects: `ablation_effects` output.
-        groups: the groups to show, in order (default: every group except ``"all"``).
+        groups: the groups to show, in order (default: every group except ``"all"``, in
+            depth order, by the layers each masked: `_in_depth_order`).
         relative: effects as a percentage of the clean logit difference.
     """
     relative = require_bool("relative", relative)
@@ -922,7 +985,7 @@ def effect_bands(
     groups = (  # one group by name is that group (a string would be its characters)
         require_selection("groups", [groups] if isinstance(groups, str) else groups)
         if groups is not None
-        else [g for g in dict.fromkeys(chosen.group) if g != "all"]
+        else _in_depth_order(chosen)
     )
     if not groups:
         raise ValueError(
@@ -1069,6 +1132,7 @@ def effects_by_seed(
             )
     columns = _columns(columns, chosen)
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
+    palette = _palette(len(seeds))  # one colour per seed, the same in every panel
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(chosen, columns, seeds)
     titles = [
@@ -1102,7 +1166,7 @@ def effects_by_seed(
                         rows.ci_low,
                         rows.ci_high,
                         f"seed {seed}",
-                        SEED_COLORS[k % len(SEED_COLORS)],
+                        palette[k],
                         f"seed {seed}, %{{x}}: %{{y:.3g}}<extra>{condition}</extra>",
                         showlegend=row == 1 and col == 1,
                         legendgroup=f"seed {seed}",
@@ -1163,8 +1227,11 @@ def mass_effect_by_seed(
     _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
     columns = _columns(columns, chosen)
+    # the families with an effect (each has mass rows; the others' mass is named in the title)
+    note = _pairing_note(mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)])
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
-    families = [f for f in FAMILIES if f in set(chosen.family)]  # the ones with an effect
+    palette = _palette(len(seeds))  # one colour per seed, the same in every panel
+    families = [f for f in FAMILIES if f in set(chosen.family)]
     chosen, unit = _shown_effects(chosen, columns, relative)
     absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
     fig = make_subplots(
@@ -1180,7 +1247,7 @@ def mass_effect_by_seed(
     )
     for col, condition in enumerate(columns, start=1):
         for k, seed in enumerate(seeds):
-            color = SEED_COLORS[k % len(SEED_COLORS)]
+            color = palette[k]
             m = mass[(mass.condition == condition) & (mass.seed == seed)].set_index("family")
             m = m.reindex(families)
             e = chosen[(chosen.condition == condition) & (chosen.seed == seed)].set_index("family")
@@ -1207,7 +1274,7 @@ def mass_effect_by_seed(
                     m.ci_high,
                     f"seed {seed}",
                     color,
-                    f"seed {seed}, %{{x}}: mass %{{y:.3f}}<extra>{condition}</extra>",
+                    f"seed {seed}, %{{x}}: mass %{{y:.3g}}<extra>{condition}</extra>",
                     showlegend=col == 1,
                     **common,
                 ),
@@ -1235,7 +1302,7 @@ def mass_effect_by_seed(
     fig.update_layout(barmode="group")
     return _finish(
         fig,
-        title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side",
+        (title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side") + note,
         620,
         categories="x",
     )

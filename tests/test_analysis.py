@@ -932,6 +932,32 @@ def test_the_layer_check_reads_a_seed_of_another_kind_in_one_table():
     pd.testing.assert_frame_equal(got, want)
 
 
+def test_dissociation_report_refuses_the_mass_and_effects_of_other_models():
+    """Audit 148: dissociation_report paired the rows of the two tables by router and family
+    alone, so seed 0's mass beside seed 1's effects (two kimi 6-layer models routed by
+    seeds 0 and 1) ranked the MLP routers with spearman 1.0, where seed 0's own effects
+    give 0.8. Tables whose model labels (condition / seed / model, where both have the
+    column) differ are refused; of one label they give the report without labels."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(6, 7, model.cfg.d_vocab)
+    overall = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    effects = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    for key, mine, other in (("seed", 0, 1), ("condition", "a", "b"), ("model", "x", "y")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^dissociation_report pair the rows of mass_summary and effects by model, "
+            rf"but mass_summary holds models that effects lacks: \[\{{'{key}': {mine!r}\}}\]",
+        ):
+            dissociation_report(overall.assign(**{key: mine}), effects.assign(**{key: other}))
+        pd.testing.assert_frame_equal(
+            dissociation_report(overall.assign(**{key: mine}), effects.assign(**{key: mine})),
+            dissociation_report(overall, effects),
+        )
+
+
 def test_dissociation_report_when_mass_and_effect_agree():
     mass = pd.DataFrame(
         {
@@ -2564,6 +2590,35 @@ def test_schedule_comparison_refuses_a_layer_column_mixing_text_and_numbers():
         schedule_comparison(mixed.astype({"layer": int}), schedule),
         schedule_comparison(routing_mass(model, tokens, positions="all"), schedule),
         atol=1e-6,
+    )
+
+
+def test_schedule_comparison_refuses_the_mass_of_several_models():
+    """Audit 148: schedule_comparison grouped the mass by router, layer and family only, so
+    a mass table of two seeds (two 4-layer cumulative models, routed by seeds 0 and 1, on
+    the same prompts) was compared as one model: attention layer 0's ``current`` measured
+    0.379, the two models' mean, where seed 0 gives 0.362. Refused naming the column; one
+    model's rows give its comparison without the label."""
+    schedule = recency_schedule(4, 2, 3.0)
+    tokens = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
+    masses = [
+        routing_mass(
+            randomize_routing(tiny_model(n_layers=4, attnres_num_blocks=2), seed=s).eval(),
+            tokens,
+            positions="all",
+        )
+        for s in (0, 1)
+    ]
+    both = pd.concat([m.assign(seed=s) for s, m in enumerate(masses)])
+    with pytest.raises(
+        ValueError,
+        match=r"^schedule_comparison reads one model, but the table holds 2 'seed' values "
+        r"\(\[0, 1\]\), whose rows it would pool into one mean; pass one model's rows",
+    ):
+        schedule_comparison(both, schedule)
+    pd.testing.assert_frame_equal(
+        schedule_comparison(both[both.seed == 1], schedule),
+        schedule_comparison(masses[1], schedule),
     )
 
 

@@ -851,6 +851,63 @@ def test_the_report_states_the_preregistered_criteria_formula_for_formula(tmp_pa
     assert "interval excluding 0" in claim_text("D2")
 
 
+def test_the_report_tables_and_seeds_summary_refuse_mass_of_other_layers_than_group_all(
+    tmp_path,
+):
+    """Audit 148: the study report's tables and the seeds summary paired the mass of band
+    "all" with the effects of group "all" by name: a 6-layer model's mass (attention
+    embedding 0.563, prev_completed 0.104) was printed beside the effects of a 3-layer
+    model's layers 0-2 (whose own mass is 0.581 and 0). Both read `every_layer_mass` now
+    (the rule `require_same_layers`, as the figures and motif_report)."""
+    import dataclasses
+
+    from hooked_attnres.study.report import study_report
+    from hooked_attnres.study.run import _seeds_summary
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [1])})
+    effects = result.effects
+    short = effects.assign(layers=effects.layers.where(effects.group != "all", "0,1"))
+    head = (
+        r"^at router='attn_res', condition='hard_cumulative_L8', seed=0, the mass summary's "
+        r"rows paired with group 'all' are of layers \[0, 1, 2, 3, 4, 5\] but the effects of "
+        r"group 'all' masked layers \[0, 1\]: "
+    )
+    with pytest.raises(ValueError, match=head + "the study report's tables would show"):
+        study_report(dataclasses.replace(result, effects=short))
+    with pytest.raises(ValueError, match=head + "the seeds summary would show"):
+        _seeds_summary(result.mass_summary, short)
+    # of the same layers: each seed's every-layer mass beside its effects of group "all"
+    summary = _seeds_summary(result.mass_summary, effects).set_index(["router", "family"])
+    every = result.mass_summary[result.mass_summary.band == "all"]
+    expected = every.groupby(["router", "family"]).mass.mean()
+    pd.testing.assert_series_equal(summary.mass.sort_index(), expected, check_names=False)
+    assert (summary.n_seeds == 2).all()
+
+
+def test_the_report_tables_and_seeds_summary_refuse_tables_of_other_models(tmp_path):
+    """Audit 148: the seeds summary merged the mass and the effects by condition and seed,
+    so a seed one of them lacked fell out of the mean over seeds without a word (n_seeds 1
+    of 2), and the report's tables printed a model the mass summary lacked as an empty
+    table. Both refuse tables of other models (`require_same_models`)."""
+    import dataclasses
+
+    from hooked_attnres.study.report import study_report
+    from hooked_attnres.study.run import _seeds_summary
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [1])})
+    one_seed = result.mass_summary[result.mass_summary.seed == 0]
+    lacks = r"effects holds models that mass_summary lacks: \[\{'condition': 'hard_cumulative_L8', "
+    with pytest.raises(ValueError, match=r"^the seeds summary pair the rows .*" + lacks):
+        _seeds_summary(one_seed, result.effects)
+    with pytest.raises(ValueError, match=r"^the study report's tables pair the rows .*" + lacks):
+        study_report(dataclasses.replace(result, mass_summary=one_seed))
+    fewer = result.accuracy[result.accuracy.seed == 0]
+    with pytest.raises(
+        ValueError, match=r"^the study report's tables pair the rows of accuracy and effects"
+    ):
+        study_report(dataclasses.replace(result, accuracy=fewer))
+
+
 def test_the_report_says_which_per_seed_verdicts_the_second_prompt_set_changes(tmp_path):
     from hooked_attnres.study.report import _conclusion
 
@@ -2056,6 +2113,46 @@ def test_motif_report_reads_the_stored_results_without_layers(study):
     for column in ("present", "present_as_written"):
         got = report.set_index(key)[column].sort_index()
         pd.testing.assert_series_equal(got, stored.set_index(key)[column].sort_index())
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_summary_without_layers_is_checked_at_the_depth_of_its_conditions_recipe(labelled):
+    """Audit 148: a summary without ``layers`` (the stored ``mass_summary.csv`` files) was
+    paired by name with any effects that look like the study's sweep, those of a smaller
+    model too: the stored hard_cumulative_L16 seed-0 mass (every layer of 16) beside the
+    hard_cumulative_L8 seed-0 effects (group "all" = layers 0-7), labelled as the L16 model
+    or not labelled, decided D1 present at both router types, where the L16 model's own
+    effects decide it absent at both. A grid condition's recipe fixes its depth, so its
+    rows are read as the default bands at that depth and checked exactly; the stored
+    decisions are unchanged (`test_motif_report_reads_the_stored_results_without_layers`)."""
+    from hooked_attnres.interventions.selection import depth_bands
+    from hooked_attnres.study.conditions import get_condition
+
+    directory = Path(__file__).resolve().parents[1] / "docs" / "results" / "grid"
+    mass = pd.read_csv(directory / "mass_summary.csv")
+    effects = pd.read_csv(directory / "effects.csv")
+    big, small = "hard_cumulative_L16", "hard_cumulative_L8"
+    mass = mass[(mass.condition == big) & (mass.seed == 0)]
+    assert "layers" not in mass.columns
+    smaller = effects[(effects.condition == small) & (effects.seed == 0)]
+    n_big, n_small = get_condition(big).n_layers, get_condition(small).n_layers
+    # the effects record their groups' layers: the default bands of the smaller depth
+    recorded = dict(zip(smaller.group, smaller.layers, strict=True))
+    bands = {**depth_bands(n_small), "all": list(range(n_small))}
+    assert recorded == {g: ",".join(map(str, layers)) for g, layers in bands.items()}
+    if labelled:
+        smaller, where = smaller.assign(condition=big), f", condition='{big}', seed=0"
+    else:
+        smaller, where = smaller.drop(columns=["condition", "seed"]), ""
+    listed = ", ".join(map(str, range(n_big)))
+    with pytest.raises(
+        ValueError,
+        match=rf"^at router='attn_res'{where}, the mass summary's rows paired with group "
+        rf"'all' are of layers \[{listed}\] \(the summary has no 'layers' column: its band "
+        r"is read as the default band of its name at the depth of its condition's recipe\) "
+        rf"but the effects of group 'all' masked layers \[{', '.join(map(str, range(n_small)))}\]",
+    ):
+        motif_report(mass, smaller)
 
 
 def test_by_as_one_column_name_is_that_column():

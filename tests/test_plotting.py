@@ -1021,6 +1021,31 @@ def test_seed_figures_scale_by_the_plotted_conditions_clean_difference_only():
             plotting.mass_effect_by_seed(mass, table, "mlp_res", columns=["b"])
 
 
+def test_mass_effect_figures_refuse_the_mass_and_effects_of_other_models():
+    """Audit 148: mass_effect_bars and mass_effect_scatter merged the two tables by router
+    and family alone: seed 0's mass was drawn beside seed 1's effects. Tables whose model
+    labels (condition / seed / model, where both have the column) differ are refused; of
+    one label the bars are the summary's mass."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(
+        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
+    bars = functools.partial(plotting.mass_effect_bars, relative=False)
+    for plot in (bars, plotting.mass_effect_scatter):
+        with pytest.raises(
+            ValueError,
+            match=r"^the mass-effect figures pair the rows of mass_summary and effects by "
+            r"model, but mass_summary holds models that effects lacks: \[\{'seed': 0\}\]",
+        ):
+            plot(summary.assign(seed=0), effects.assign(seed=1))
+    drawn = bars(summary.assign(seed=1), effects.assign(seed=1)).data[0]  # attention mass
+    expected = summary[summary.router == "attn_res"].set_index("family").mass
+    assert list(drawn.y) == pytest.approx(list(expected.reindex(list(drawn.x))))
+
+
 def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_effects():
     """Audit 117: mass_effect_bars and mass_effect_scatter merged the mass and the effects
     by router and family, inner: an effect without a mass row was left out without a word
@@ -1280,3 +1305,157 @@ def test_source_heatmap_refuses_a_cache_of_another_model():
     _, plain = other.run_with_cache(tokens, return_cache_object=False)
     with pytest.raises(ValueError, match=r"hook_weights has 1 sources, but this model.s attn_res"):
         plotting.source_heatmap(model, plain)
+
+
+def _bars_match_rows(trace, row_of, scale=lambda row: 100.0 / row.clean) -> None:
+    """Each bar of ``trace`` (value and whisker ends) is the table row ``row_of(x)`` of its
+    x label, in the plotted unit."""
+    y = np.asarray(trace.y, dtype=float)
+    top = y + np.asarray(trace.error_y.array, dtype=float)
+    bottom = y - np.asarray(trace.error_y.arrayminus, dtype=float)
+    for i, x in enumerate(trace.x):
+        row = row_of(x)
+        expected = np.array([row.effect, row.ci_high, row.ci_low]) * scale(row)
+        np.testing.assert_allclose([y[i], top[i], bottom[i]], expected, err_msg=str(x))
+
+
+def test_effect_bands_draws_the_groups_in_depth_order_whatever_the_row_order():
+    # a table sorted by its text columns (as a groupby or sort_values leaves it) put the
+    # bands in the order early, late, middle and the layers of groups="layers" in the order
+    # layer 0, layer 1, layer 10, layer 11, layer 2, ... on the axis titled "depth band"
+    bands = _effects().sort_values(["router", "group", "family"], ignore_index=True)
+    layers = pd.concat(
+        [
+            _effects(families=("embedding", "current")).assign(
+                group=f"layer {k}",
+                layers=str(k),
+                effect=-k / 10,
+                ci_low=-k / 10 - 0.01,
+                ci_high=-k / 10 + 0.02,
+            )
+            for k in range(12)
+        ],
+        ignore_index=True,
+    ).drop_duplicates(["router", "group", "family"])
+    layers = layers.sort_values(["router", "group", "family"], ignore_index=True)
+    for table in (bands, layers):
+        # the groups other than "all", by the first layer each masked (an independent order)
+        pairs = zip(table.group, table.layers, strict=True)
+        first = {g: int(str(t).split(",")[0]) for g, t in pairs}
+        expected = sorted((g for g in first if g != "all"), key=first.get)
+        fig = plotting.effect_bands(table)
+        routers = {"x": "attn_res", "x2": "mlp_res"}
+        for trace in fig.data:
+            assert list(trace.x) == expected
+            rows = table[(table.router == routers[trace.xaxis]) & (table.family == trace.name)]
+            _bars_match_rows(trace, lambda g, rows=rows: rows[rows.group == g].iloc[0])
+
+
+def test_mass_effect_by_seed_refuses_effects_without_mass_and_names_mass_without_effects():
+    # as mass_effect_bars (audit 117): masking a source label (attn_0) has no family mass
+    # to pair with; its effects were left out without a word (here the largest of the
+    # router type), and the mass of families without effects was dropped from the figure
+    # without the title saying so
+    effects = _effects(seeds=(0, 1), families=(*FAMILIES, "attn_0"))
+    effects.loc[effects.family == "attn_0", ["effect", "ci_low", "ci_high"]] = [-3.0, -3.5, -2.5]
+    mass = _mass(seeds=(0, 1))
+    with pytest.raises(ValueError, match=r"\('mlp_res', 'attn_0'\)\] without a mass_summary"):
+        plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    some = _effects(seeds=(0, 1), families=("embedding", "older"))
+    fig = plotting.mass_effect_by_seed(mass, some, "mlp_res")
+    assert "(no effects of prev_completed, current at the MLP routers: not shown)" in (
+        fig.layout.title.text
+    )
+    for trace in fig.data:  # the families drawn are those with effects, each its own row
+        assert list(trace.x) == ["embedding", "older"]
+        seed = int(trace.name.split()[1])
+        if "effect" in trace.hovertemplate:
+            rows = some[(some.router == "mlp_res") & (some.group == "all") & (some.seed == seed)]
+            _bars_match_rows(trace, lambda f, rows=rows: rows[rows.family == f].iloc[0])
+        else:
+            rows = mass[mass.seed == seed].set_index("family")
+            np.testing.assert_allclose(trace.y, rows.mass.loc[list(trace.x)])
+
+
+def _hover_number(trace, value: float) -> float:
+    """``value`` as the hover text of ``trace`` prints it (its ``%{y:...}`` or ``%{z:...}``
+    format; d3's ``f`` and ``g`` read as Python's)."""
+    (spec,) = re.findall(r"%\{[yz]:([^}]+)\}", trace.hovertemplate)
+    return float(format(value, spec))
+
+
+def test_mass_hover_texts_keep_three_significant_digits_of_small_masses():
+    # the mass hovers printed 3 decimals: a mass of 0.00057 read "0.001" (75 % off) and
+    # 0.0004 "0.000", a family read with no weight; effects kept 3 significant digits
+    small = [0.00057, 0.0004, 0.25, 0.74903]
+    table = pd.DataFrame(
+        [
+            dict(router="attn_res", layer=layer, family=f, n_sources=1, mass=m)
+            for layer in (0, 1)
+            for f, m in zip(FAMILIES, small[layer:] + small[:layer], strict=True)
+        ]
+    )
+    masses = _mass(seeds=(0, 1)).assign(mass=small * 2, ci_low=0.0, ci_high=0.8)
+    one = _effects()
+    figures = [
+        plotting.routing_heatmap(table),
+        plotting.mass_effect_by_seed(masses, _effects(seeds=(0, 1)), "mlp_res"),
+        plotting.mass_effect_bars(
+            masses[masses.seed == 0].drop(columns=["condition", "seed", "band"]),
+            one[one.router == "mlp_res"],
+        ),
+    ]
+    for fig in figures:
+        traces = [t for t in fig.data if "effect" not in t.hovertemplate]
+        assert traces
+        for trace in traces:
+            for value in small:
+                assert _hover_number(trace, value) == pytest.approx(value, rel=0.005)
+
+
+def test_routing_heatmap_refuses_a_missing_cell_rather_than_draw_it_as_not_read():
+    # a blank cell says "the router does not read this family"; a (layer, family) without
+    # rows (a table filtered by hand) was drawn blank too: here layer 3's prev_completed,
+    # which its attention router reads, and the columns of families left out of the table
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    mass = routing_mass(model, torch.randint(0, 50, (3, 5)), positions="all")
+    read = mass[(mass.router == "attn_res") & (mass.n_sources > 0)]
+    layer, family = read[read.family == "prev_completed"][["layer", "family"]].iloc[-1]
+    hole = mass[~((mass.router == "attn_res") & (mass.layer == layer) & (mass.family == family))]
+    with pytest.raises(ValueError, match=rf"no rows .*layer {layer}.*{family!r}"):
+        plotting.routing_heatmap(hole)
+    # families left out of the whole table are not drawn (no column), the others as measured
+    shown = ["embedding", "current"]
+    fig = plotting.routing_heatmap(mass[mass.family.isin(shown)])
+    for trace, router in zip(fig.data, ("attn_res", "mlp_res"), strict=True):
+        assert list(trace.x) == shown
+        rows = mass[mass.router == router]
+        for i, label in enumerate(trace.y):
+            for j, fam in enumerate(shown):
+                cell = rows[(rows.layer == int(label.split()[1])) & (rows.family == fam)]
+                expected = cell.mass.mean() if (cell.n_sources > 0).all() else np.nan
+                np.testing.assert_allclose(trace.z[i][j], expected, err_msg=f"{label} {fam}")
+
+
+def test_seed_and_label_colours_are_distinct_beyond_six():
+    # the palette of seeds (and of masked labels such as attn_0) had six colours, taken
+    # modulo six: seeds 0 and 6 (labels 1 and 7) were drawn in one colour under two legend
+    # entries; each is one colour in every panel
+    seeds = tuple(range(8))
+    effects = _effects(seeds=seeds)
+    masses = _mass(seeds=seeds)
+    for fig in (
+        plotting.effects_by_seed(effects, "older", ["attn_res", "mlp_res"]),
+        plotting.mass_effect_by_seed(masses, effects, "mlp_res"),
+    ):
+        colour = {}
+        for trace in fig.data:
+            assert colour.setdefault(trace.name, trace.marker.color) == trace.marker.color
+        assert sorted(colour) == sorted(f"seed {s}" for s in seeds)
+        assert len(set(colour.values())) == len(seeds)
+    labels = [f"attn_{k}" for k in range(8)]
+    fig = plotting.effect_bands(_effects(families=(*FAMILIES, *labels)))
+    colour = {}
+    for trace in fig.data:
+        assert colour.setdefault(trace.name, trace.marker.color) == trace.marker.color
+    assert len(set(colour.values())) == len(colour) == len(FAMILIES) + len(labels)

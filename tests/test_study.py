@@ -772,6 +772,26 @@ def test_a_run_stopped_in_its_final_writes_is_refused_until_finished(tmp_path, m
     assert runs.calls == []
 
 
+def test_a_custom_legacy_run_stopped_in_its_final_writes_is_told_its_own_options(tmp_path):
+    """Review 155: audit 150's refusal of a run stopped in its final writes named the train
+    command without the options an ``attnres`` / ``vanilla`` run (the recipes that take
+    --steps / --set / --task-arg) was started with; run as named, that command was refused
+    as another run (``train_config.batch_size differs``), whose remedy (--no-resume or
+    another --out) discards the run. The message says to give them; so given, the command
+    finishes the run and the study reads it."""
+    from hooked_attnres import cli
+
+    options = ["--steps", "1", "--set", "batch_size=2", "--set", "eval_size=4"]
+    command = ["train", "--condition", "attnres", "--seeds", "0", "--out", str(tmp_path)]
+    assert cli.main([*command, *options, "--no-progress", "--threads", "1"]) == 0
+    (run_dir(tmp_path, "attnres", 0) / "metrics.json").unlink()  # stopped before it
+    with pytest.raises(ValueError, match="--seeds 0 --out .*, with the --steps / --set / --task"):
+        load_condition("attnres", 0, tmp_path)
+    assert cli.main([*command, "--no-progress", "--threads", "1"]) == 1  # without them
+    assert cli.main([*command, *options, "--no-progress", "--threads", "1"]) == 0
+    assert load_condition("attnres", 0, tmp_path) is not None
+
+
 def test_a_kept_run_whose_bytes_changed_is_recomputed_not_read(tmp_path):
     """Audit 150: a kept run (`partial_dir`) whose file still unpickles after a change (4
     bytes of a float flipped) was read as it was, so the resumed study wrote the changed

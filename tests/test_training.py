@@ -1281,6 +1281,56 @@ def test_a_model_left_by_an_error_before_any_checkpoint_is_not_trained_again_fro
     assert_same_weights(weights(whole), weights(fresh))
 
 
+@pytest.mark.parametrize("kind", ["attnres", "vanilla"])
+@pytest.mark.parametrize("how", ["stop_after", "Ctrl-C", "the final model's write"])
+def test_a_model_stopped_part_way_is_not_started_over_from_step_0(tmp_path, monkeypatch, kind, how):
+    """Review 155: a model object stopped part-way through a run at its checkpoint
+    (``stop_after``, Ctrl-C, or an error in the final model's write after the final
+    checkpoint) and passed to ``train(..., resume=False)`` "started over" from its partly
+    trained weights, silently not the run it claims (final weights 1.0e-2 off after
+    ``stop_after=3`` of 4 steps), as audit 150 refused for an error before any checkpoint.
+    It is refused now (also into a folder with no checkpoint); resuming it still gives the
+    uninterrupted run, and so does starting over with a freshly built model."""
+    import hooked_attnres.training.trainer as trainer
+
+    tok = task_tokenizer(TASK)
+    cfg = config(steps=4, warmup_steps=1, eval_every=2, eval_size=8, checkpoint_every=2)
+    blocks = blocks_of(kind)
+    whole = build_model(kind, 0, tok, SHAPE, **blocks)
+    train(whole, TASK, cfg, tmp_path / "whole", tokenizer=tok, progress=False)
+    model, run = build_model(kind, 0, tok, SHAPE, **blocks), tmp_path / "run"
+    if how == "stop_after":
+        train(model, TASK, cfg, run, tokenizer=tok, progress=False, stop_after=3)
+    else:
+        real, calls = (trainer.evaluate, trainer.save_model)[how != "Ctrl-C"], []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if how == "Ctrl-C" and len(calls) == 2:  # the evaluation after step 4
+                raise KeyboardInterrupt
+            if how != "Ctrl-C" and len(calls) == 3:  # checkpoints 2, 4, then the model
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, real.__name__, failing)
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            train(model, TASK, cfg, run, tokenizer=tok, progress=False)
+        monkeypatch.undo()
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == (3 if how == "stop_after" else 4)
+    for out in (run, tmp_path / "elsewhere"):
+        with pytest.raises(ValueError, match="left part-way through a run by .*resume=True"):
+            train(model, TASK, cfg, out, tokenizer=tok, progress=False, resume=False)
+    with pytest.raises(ValueError, match="left part-way through a run by .*build the model"):
+        train(model, TASK, cfg, tmp_path / "elsewhere", tokenizer=tok, progress=False)
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text()) == state
+    train(model, TASK, cfg, run, tokenizer=tok, progress=False)  # resumed: the same run
+    assert_same_weights(weights(whole), weights(model))
+    fresh = build_model(kind, 0, tok, SHAPE, **blocks)
+    train(fresh, TASK, cfg, run, tokenizer=tok, progress=False, resume=False)
+    assert_same_weights(weights(whole), weights(fresh))
+
+
 def test_eval_tasks_given_as_a_generator_are_evaluated(tmp_path):
     """``eval_tasks`` was read three times (type check, leak check, evaluation): a generator
     was empty by the third, so the run evaluated nothing and ended with ``final_accuracy

@@ -17,6 +17,7 @@ from hooked_attnres.analysis.mass import (
     require_family_rows,
     require_read_agrees,
     require_same_layers,
+    require_same_models,
     require_summary_and_effects,
 )
 from hooked_attnres.model.depth import FAMILIES
@@ -71,7 +72,9 @@ def dissociation_report(
             that masked routers for a family ``family_read`` says no router reads (tables of
             different models), a summary of other layers than the effects of ``group``
             masked (its ``layers``, `require_same_layers`: e.g. the every-layer summary
-            with ``group="early"``), or a NaN / infinite mass, effect or interval bound
+            with ``group="early"``), tables of other models (`require_same_models`: a
+            ``condition`` / ``seed`` / ``model`` label one table lacks), or a NaN / infinite
+            mass, effect or interval bound
             (e.g. the NaN intervals of one prompt).
     """
     require_summary_and_effects(mass_summary, effects)
@@ -92,6 +95,10 @@ def dissociation_report(
                 f"(columns {list(table.columns)}); summarize mass by ('router', 'family') and pass "
                 "the effects of one model / seed"
             )
+    # paired by router and family: of one model (seed 0's mass beside seed 1's effects)
+    require_same_models(
+        (("mass_summary", mass_summary), ("effects", chosen)), "dissociation_report"
+    )
     routers = sorted(set(mass_summary.router) & set(chosen.router))
     # the summary's mass must be of the layers the group masked (paired by router only)
     require_same_layers(

@@ -401,6 +401,97 @@ def _sweep_groups(effects: pd.DataFrame) -> tuple[set[str], Optional[str]]:
     return names, (None if names else "the effects hold no model")
 
 
+def _recipe_depths(conditions: pd.Series) -> list[Optional[int]]:
+    """Per label of a ``condition`` column: the depth of the study's fixed recipe of that
+    name (a grid condition such as ``hard_cumulative_L16``, which `train_condition` trains
+    at its recipe's ``n_layers`` only), or ``None`` where the name says no depth (the
+    original conditions ``attnres`` and ``vanilla``, which can be trained at any shape, a
+    name that is no condition, a label that is no text)."""
+    from hooked_attnres.study.conditions import CONDITIONS_BY_NAME  # study imports analysis
+
+    def depth(label: object) -> Optional[int]:
+        recipe = CONDITIONS_BY_NAME.get(label) if isinstance(label, str) else None
+        return None if recipe is None or recipe.legacy else recipe.n_layers
+
+    return [depth(label) for label in conditions]
+
+
+def _default_layers(group: str, router: object, n_layers: int) -> Optional[str]:
+    """The layers (`layers_text`) of the library's default group ``group`` of a model of
+    ``n_layers`` at ``router``, as `summarize_mass` writes a study's band: ``""`` at the
+    final router (its one group ``final``, no layers), every layer for ``all``, a default
+    depth band's thirds; ``None`` for another name (no default to read it as)."""
+    if router == "final_res":
+        return ""
+    defaults = {**depth_bands(n_layers), "all": list(range(n_layers))}
+    return layers_text(defaults[group]) if group in defaults else None
+
+
+def require_same_models(tables: Sequence[tuple[str, pd.DataFrame]], what: str) -> None:
+    """Refuse ``tables`` (``(name, table)`` pairs: a mass summary and effects, with the study's
+    accuracy) that hold other models, where ``what`` (the result) pairs their rows by router
+    and family: the model labels (``condition`` / ``seed`` / ``model``, those every table has,
+    each of one kind in all: a seed 0 beside ``'0'`` is read as a column they do not share,
+    as `require_same_layers` reads it) of each table must be those of the others. Until
+    audit 148 `dissociation_report` and the mass-effect figures paired seed 0's mass with
+    seed 1's effects, and the study's seeds summary and report tables left a model out of
+    the one table without a word (its seeds mean taken over the others, its report table
+    printed empty)."""
+    keys = [
+        c
+        for c in _MODEL_KEYS
+        if all(c in table.columns for _, table in tables) and not differ_in_kind(tables, c)
+    ]
+    if not keys:
+        return
+
+    def models(table: pd.DataFrame) -> set[tuple]:
+        rows = table[keys].itertuples(index=False, name=None)
+        return {tuple(None if pd.isna(v) else v for v in row) for row in rows}
+
+    (first, held), *others = [(name, models(table)) for name, table in tables]
+    for name, other in others:
+        for a, b, have, lack in ((first, name, held, other), (name, first, other, held)):
+            extra = [dict(zip(keys, m, strict=True)) for m in sorted(have - lack, key=repr)]
+            if extra:
+                raise ValueError(
+                    f"{what} pair the rows of {first} and {name} by model, but {a} holds "
+                    f"models that {b} lacks: {extra[:3]} "
+                    f"(by {keys}); pass the tables of the same models (e.g. the rows of one "
+                    "model in each: table[table.seed == 0])"
+                )
+
+
+def require_one_model(table: pd.DataFrame, what: str, remedy: str) -> None:
+    """Refuse a ``table`` of several models (several labels in a ``condition`` / ``seed`` /
+    ``model`` column, NaN counted as one) where ``what`` (the result) reads one model:
+    its means pooled the models' rows without a word. ``remedy`` says what to pass."""
+    for column in _MODEL_KEYS:
+        if column in table.columns and table[column].nunique(dropna=False) > 1:
+            labels = list(dict.fromkeys(table[column].tolist()))
+            raise ValueError(
+                f"{what} reads one model, but the table holds {len(labels)} {column!r} "
+                f"values ({labels[:4]}), whose rows it would pool into one mean; {remedy}"
+            )
+
+
+def every_layer_mass(mass_summary: pd.DataFrame, effects: pd.DataFrame, what: str) -> pd.DataFrame:
+    """The rows of ``mass_summary`` over every layer (band ``"all"`` of a summary by band, as
+    the study's; a summary without ``band`` is every layer), refused unless they are of the
+    models of the ``effects`` (`require_same_models`) and of the layers their group ``"all"``
+    masked (`require_same_layers`): the one pairing of
+    the every-layer mass with the effects of group ``"all"`` (`motif_report`'s D1 and D3, the
+    study's seeds summary and its report's tables). ``what`` names the result that needs it.
+    Until audit 148 the seeds summary and the report's tables paired them by name only: a
+    6-layer model's mass (attention ``embedding`` 0.563, ``prev_completed`` 0.104) was
+    printed beside the effects of a 3-layer model's layers 0-2 (whose mass is 0.581 and 0)."""
+    if "band" in mass_summary.columns:
+        mass_summary = mass_summary[mass_summary.band == "all"]
+    require_same_models((("mass_summary", mass_summary), ("effects", effects)), what)
+    require_same_layers(mass_summary, effects, "all", what)
+    return mass_summary
+
+
 def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, what: str) -> None:
     """Refuse pairing ``mass`` (the mass summary's rows shown or compared with the effects
     of ``group``: one band, or a summary without bands) with the effects of ``group`` unless
@@ -410,8 +501,13 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
     the layers (``ablation_effects(groups={"early": [0]})`` beside the default bands'
     mass, early = 0-2: the mass of other routers than those masked). ``effects``: the whole
     effects table. A summary without ``layers`` (written before audit 129, or by hand) is
-    read as the library's defaults of its band's name only where the effects are the
-    study's sweep (`_default_sweep`); otherwise it is refused, as are effects without
+    read as the library's defaults of its band's name (``group``): its rows of a grid
+    condition (a ``condition`` label naming a fixed recipe, `_recipe_depths`) at that
+    recipe's depth, and checked so (since audit 148: before, a 16-layer condition's mass
+    was paired with the effects of an 8-layer model's default groups); its other rows (no
+    ``condition`` column, the conditions ``attnres`` / ``vanilla``, a name that is no
+    condition), whose depth neither table tells, only where the effects are the study's
+    sweep (`_default_sweep`), unchecked; otherwise it is refused, as are effects without
     ``layers`` (by hand). ``what`` names the result that needs the pairing."""
     chosen = effects[effects.group == group]
     if "layers" not in effects.columns:
@@ -435,17 +531,38 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
         ),
     ]
     masked = _layers_by_router(chosen, keys, "effects")
+    note = ""
     if "layers" not in mass.columns:
-        sweep = _default_sweep(effects)
-        if sweep is not None and group in sweep:
-            return  # the study's sweep: the band's layers are the defaults of its name
-        raise ValueError(
-            f"mass_summary lacks the column 'layers' (which layers each band covers: a "
-            f"summary written before audit 129, or by hand), so {what} cannot tell whether "
-            f"its mass is of the layers the effects of group {group!r} masked "
-            f"({[list(layers) for layers in dict.fromkeys(masked.values())]}); pass "
-            "summarize_mass(routing_mass(...)) of this version, or add the column (each "
-            "row's layers, comma-separated, as ablation_effects writes them)"
+        # a summary written before audit 129: its band is read as the library's default of
+        # its name, at the depth its condition's recipe fixes (a grid condition), which is
+        # then checked exactly; rows of no known depth only beside the study's sweep
+        depths = _recipe_depths(mass["condition"]) if "condition" in mass.columns else []
+        cells = pd.Series(
+            [
+                None if depth is None else _default_layers(group, router, depth)
+                for router, depth in zip(mass.router, depths or [None] * len(mass), strict=True)
+            ],
+            index=mass.index,
+            dtype=object,
+        )
+        known = cells.notna()
+        if not known.all() or mass.empty:
+            sweep = _default_sweep(effects)
+            if sweep is None or group not in sweep:
+                raise ValueError(
+                    f"mass_summary lacks the column 'layers' (which layers each band covers: "
+                    f"a summary written before audit 129, or by hand), so {what} cannot tell "
+                    f"whether its mass is of the layers the effects of group {group!r} masked "
+                    f"({[list(layers) for layers in dict.fromkeys(masked.values())]}); pass "
+                    "summarize_mass(routing_mass(...)) of this version, or add the column "
+                    "(each row's layers, comma-separated, as ablation_effects writes them)"
+                )
+            # the study's sweep: the band's layers are the defaults of its name (the depth
+            # of the summary itself unknown: the check skipped, docs/analysis.md)
+        mass = mass[known.to_numpy()].assign(layers=cells[known])
+        note = (
+            " (the summary has no 'layers' column: its band is read as the default band of "
+            "its name at the depth of its condition's recipe)"
         )
     summarised = _layers_by_router(mass, keys, "mass_summary")
     for key, layers in masked.items():
@@ -453,9 +570,9 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
             where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key, strict=True))
             raise ValueError(
                 f"at {where}, the mass summary's rows paired with group {group!r} are of "
-                f"layers {list(summarised[key])} but the effects of group {group!r} masked "
-                f"layers {list(layers)}: {what} would show or compare the mass of other "
-                "routers than those masked (a band and a group are paired by name); "
+                f"layers {list(summarised[key])}{note} but the effects of group {group!r} "
+                f"masked layers {list(layers)}: {what} would show or compare the mass of "
+                "other routers than those masked (a band and a group are paired by name); "
                 "summarise the mass over the group's layers (routing_mass(..., bands=B) "
                 "with ablation_effects(..., groups=B), or the defaults of both)"
             )

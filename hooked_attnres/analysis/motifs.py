@@ -51,10 +51,10 @@ from hooked_attnres._validation import (
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
     default_sweep_mismatch,
+    every_layer_mass,
     require_family_read_column,
     require_family_rows,
     require_read_agrees,
-    require_same_layers,
     require_summary_and_effects,
 )
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS
@@ -321,11 +321,9 @@ def _one_seed(mass_summary: pd.DataFrame, effects: pd.DataFrame, criteria: Crite
     accuracy = _effect_rows(effects, "accuracy")
     mass = _all_layer_mass(mass_summary)
     # D1 and D3 pair that mass with the effects of group "all": of the same layers
-    every = mass_summary[mass_summary.band == "all"] if "band" in mass_summary else mass_summary
-    require_same_layers(
-        every[every.router.isin(SUBLAYER_ROUTERS)],
+    every_layer_mass(
+        mass_summary[mass_summary.router.isin(SUBLAYER_ROUTERS)],
         effects,
-        "all",
         "motif_report (D1 and D3 pair the mass over every layer with the effects of group 'all')",
     )
     # the criteria's bands are the thirds of the layers, "all" every layer: a group named

@@ -28,7 +28,12 @@ from hooked_attnres._validation import (
     require_integer,
     require_keys,
 )
-from hooked_attnres.analysis.mass import family_read, integer_layers, require_finite_mass
+from hooked_attnres.analysis.mass import (
+    family_read,
+    integer_layers,
+    require_finite_mass,
+    require_one_model,
+)
 from hooked_attnres.config import MODES
 from hooked_attnres.interventions.checks import require_run_positions
 from hooked_attnres.model.cache import record_of, require_cached
@@ -253,12 +258,19 @@ def schedule_comparison(mass: pd.DataFrame, schedule: RecencySchedule) -> pd.Dat
             mixing text and numbers (`require_keys`: the means would leave NaN rows out, and
             a layer ``'0'`` has no prediction, which read as a schedule of another shape);
             a mass table without rows of a sublayer router (empty, or the final router's
-            only: it read as a schedule of another shape until audit 147).
+            only: it read as a schedule of another shape until audit 147);
+            a table of several models (``condition`` / ``seed`` / ``model`` labels,
+            `require_one_model`: their rows were averaged into one ``measured``).
     """
     # a NaN router, layer or family: the filter and groupby would leave the row out of
     # its router's mean
     require_columns(mass, ("router", "layer", "family", "mass"), "mass", "routing_mass(...) output")
     require_keys(mass, ("router", "layer", "family"), "the mass table")
+    # several models' rows (a study's mass table of several seeds) were averaged into one
+    # "measured" (audit 148)
+    require_one_model(
+        mass, "schedule_comparison", "pass one model's rows (e.g. mass[mass.seed == 0])"
+    )
     # the layers by summarize_mass's rule (`integer_layers`): 0.0 is layer 0, 1.5 is refused
     # by name (it was "the schedule has no prediction ...: a different shape")
     mass = integer_layers(mass, "the mass table")

@@ -15,9 +15,11 @@ import pandas as pd
 from hooked_attnres._validation import first_non_finite, require_columns, require_keys
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
 from hooked_attnres.analysis.mass import (
+    every_layer_mass,
     masked_nothing,
     require_family_read_column,
     require_masked_column,
+    require_same_models,
 )
 from hooked_attnres.analysis.motifs import (
     CLAIMS,
@@ -442,9 +444,15 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     for name in ("accuracy", "mass_summary", "effects"):
         require_keys(getattr(result, name), MODEL_LABELS, f"the study result's {name} table")
     bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
+    # one table per model of the accuracy, of its mass and effects: a model one of them
+    # lacks was printed as an empty table (or without its rows)
+    what = "the study report's tables"
+    require_same_models((("accuracy", result.accuracy), ("effects", effects)), what)
+    # the mass over every layer, printed beside the effects of group "all": of the same
+    # models and layers
+    every = every_layer_mass(result.mass_summary, effects, what)
     for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
-        mass = result.mass_summary
-        mass = mass[(mass.condition == condition) & (mass.seed == seed) & (mass.band == "all")]
+        mass = every[(every.condition == condition) & (every.seed == seed)]
         eff = effects[(effects.condition == condition) & (effects.seed == seed)]
         rows = []
         for router in ("attn_res", "mlp_res"):

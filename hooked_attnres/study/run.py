@@ -82,6 +82,7 @@ from hooked_attnres.analysis import (
     verdict_changes,
 )
 from hooked_attnres.analysis.bootstrap import check_bootstrap
+from hooked_attnres.analysis.mass import every_layer_mass
 from hooked_attnres.interventions.selection import depth_bands
 from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -212,13 +213,22 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     if not path.exists():
         state = path.parent / "checkpoint" / "trainer_state.json"
         if state.is_file():  # a training run's folder: its last two writes never both ended
+            # the original two recipes also train with other settings, which a resume
+            # needs again (without them it is refused as another run, whose remedy,
+            # --no-resume or another --out, would discard this one; review 155)
+            options = (
+                ", with the --steps / --set / --task-arg options it was started with, if any"
+                if recipe.legacy
+                else ""
+            )
             raise ValueError(
                 f"{path.parent} has a training checkpoint but no metrics.json: the run was "
                 "stopped in its final writes (the model and metrics.json; a run started "
                 "over removes the earlier metrics.json first), so its model/ may be an "
                 "earlier run's, and which task it was trained on cannot be checked; finish "
                 f"the run (hooked-attnres train --condition {recipe.name} --seeds {seed} "
-                f"--out {path.parent.parent}: it resumes from its checkpoint) and study it then"
+                f"--out {path.parent.parent}{options}: it resumes from its checkpoint) and "
+                "study it then"
             )
         return
     metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -453,7 +463,9 @@ def model_is_zero_query(model: HookedAttnRes) -> bool:
 
 
 def _seeds_summary(mass_summary: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
-    mass = mass_summary[mass_summary.band == "all"]
+    """`StudyResult.seeds_summary`: the mass over every layer (band ``"all"``) beside the
+    logit-difference effects of group ``"all"``, of the same layers (`every_layer_mass`)."""
+    mass = every_layer_mass(mass_summary, effects, "the seeds summary")
     effect = effects[(effects.group == "all") & (effects.metric == "logit_diff")].copy()
     effect["excludes_zero"] = (effect.ci_low > 0) | (effect.ci_high < 0)
     merged = mass.merge(

@@ -374,39 +374,43 @@ def _weights_identity(model) -> str:
     return digest.hexdigest()
 
 
-# model object -> (the initial weights of the run an error left it in, its weights then):
-# the object is that run's, a step or more past the run's last checkpoint (an error between
-# two checkpoints writes none), so resuming it continues its own run
-_LEFT_BY_ERROR: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+# model object -> (the initial weights of the run it was left part-way through, its weights
+# then): by an error (a step or more past the run's last checkpoint: an error between two
+# checkpoints writes none), so resuming it continues its own run; or by Ctrl-C or
+# ``stop_after`` (at its checkpoint), so starting it over from step 0 is refused too
+_LEFT_PART_WAY: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
-def _note_left_by_error(model, initial: Optional[str]) -> None:
-    """Record that an error left ``model`` in the run that started from ``initial``
-    (`_LEFT_BY_ERROR`), for `_Checkpoint.load`; nothing if that cannot be done (e.g. an
-    out-of-memory error again: resuming then needs the run's freshly built model)."""
+def _note_left_part_way(model, initial: Optional[str]) -> None:
+    """Record that an error, Ctrl-C or ``stop_after`` left ``model`` part-way through the
+    run that started from ``initial`` (`_LEFT_PART_WAY`), for `_Checkpoint.load` and
+    `_require_not_left_part_way`; nothing if that cannot be done (e.g. an out-of-memory
+    error again: resuming then needs the run's freshly built model)."""
     if initial is None:
         return
     try:
-        _LEFT_BY_ERROR[model] = (initial, _weights_identity(model))
+        _LEFT_PART_WAY[model] = (initial, _weights_identity(model))
     except Exception:  # the caller's error is the one to see
         pass
 
 
-def _require_not_left_by_error(model, weights: str, start: str) -> None:
+def _require_not_left_part_way(model, weights: str, start: str) -> None:
     """Refuse to train ``model`` from step 0 (``start`` says why: no checkpoint to resume,
-    or ``resume=False``) if an error left it part-way through a run (`_LEFT_BY_ERROR`)
-    with other weights than that run's initial ones and it still has them (``weights``,
-    its `_weights_identity` now): it would start from partly trained weights, silently
-    not the run asked for (audit 150: final weights 1.5e-2 off after an error in the
-    second update, before the first checkpoint)."""
-    left = _LEFT_BY_ERROR.get(model)
+    or ``resume=False``) if an error, Ctrl-C or ``stop_after`` left it part-way through a
+    run (`_LEFT_PART_WAY`) with other weights than that run's initial ones and it still has
+    them (``weights``, its `_weights_identity` now): it would start from partly trained
+    weights, silently not the run asked for (audit 150: final weights 1.5e-2 off after an
+    error in the second update, before the first checkpoint; review 155: 1.0e-2 off with
+    ``resume=False`` after ``stop_after=3`` of 4 steps)."""
+    left = _LEFT_PART_WAY.get(model)
     if left is not None and left[1] == weights and left[0] != weights:
         raise ValueError(
-            "this model object was left part-way through a run by an error (some optimizer "
-            f"updates were made, and {start}), so training it now would start from its partly "
-            "trained weights, not from the run's initial ones, and would not equal an "
-            "uninterrupted run; build the model afresh (the same seed and settings) and "
-            "train it again"
+            "this model object was left part-way through a run by an error, Ctrl-C or "
+            f"stop_after (some optimizer updates were made, and {start}), so training it now "
+            "would start from its partly trained weights, not from the run's initial ones, "
+            "and would not equal an uninterrupted run; to continue that run, train it with "
+            "resume=True into that run's out_dir (if a checkpoint was written there); to "
+            "start over, build the model afresh (the same seed and settings) and train it"
         )
 
 
@@ -518,7 +522,7 @@ class _Checkpoint:
 
     def _require_run_model(self, model) -> None:
         """Refuse a model that is neither the run's initial model nor one an error left in
-        the run (`_LEFT_BY_ERROR`; both checked by the caller) nor the checkpoint's (the
+        the run (`_LEFT_PART_WAY`; both checked by the caller) nor the checkpoint's (the
         same model object continuing its run): its weights would
         be replaced by the checkpoint's, so the result would be the checkpoint's run, not
         the one asked for (e.g. a model of another seed, which a ``transformers`` config
@@ -565,7 +569,7 @@ class _Checkpoint:
                     del state["vocabulary"]
             self._require_same_run(state, identity)
             initial = state.pop("initial_weights", None)
-            left_by_error = _LEFT_BY_ERROR.get(model) == (initial, self.initial_weights)
+            left_by_error = _LEFT_PART_WAY.get(model) == (initial, self.initial_weights)
             if initial is not None and initial != self.initial_weights and not left_by_error:
                 self._require_run_model(model)
             self.initial_weights = initial
@@ -776,7 +780,9 @@ def train(
             match, and ``model`` must be the run's freshly built model or the same object
             continuing it, also after an error; the result equals an uninterrupted run).
             An object an error left part-way through a run with no checkpoint to return
-            to is refused (`ValueError`; also with ``resume=False``): build it afresh.
+            to is refused (`ValueError`; also with ``resume=False``): build it afresh. So is
+            one stopped part-way (``stop_after``, Ctrl-C) started over (``resume=False``
+            or another ``out_dir``): resume it, or build it afresh.
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call, without
             finishing; used to test and demonstrate resumption.
@@ -883,7 +889,7 @@ def train(
         if saved is not None:
             step, history, seconds = saved["step"], saved["history"], saved["seconds"]
         else:  # step 0, from the model's weights: they must be the run's initial ones
-            _require_not_left_by_error(
+            _require_not_left_part_way(
                 model,
                 checkpoint.initial_weights,
                 f"{checkpoint.directory} holds no checkpoint to resume"
@@ -998,11 +1004,10 @@ def train(
             if consistent:
                 try:
                     checkpoint.save(model, optimizer, state(), tokenizer)
-                except BaseException:  # the model is past its last checkpoint (if any)
-                    _note_left_by_error(model, checkpoint.initial_weights)
-                    raise
+                finally:  # part-way through the run, at its checkpoint or past it
+                    _note_left_part_way(model, checkpoint.initial_weights)
             else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
-                _note_left_by_error(model, checkpoint.initial_weights)
+                _note_left_part_way(model, checkpoint.initial_weights)
                 warnings.warn(
                     f"interrupted inside the optimizer update of step {updating}: the weights "
                     f"may be partly updated, so no checkpoint was written; "
@@ -1013,29 +1018,35 @@ def train(
             raise
         except BaseException:
             bar.close()
-            _note_left_by_error(model, checkpoint.initial_weights)
+            _note_left_part_way(model, checkpoint.initial_weights)
             raise
         bar.close()
         seconds += time.perf_counter() - started
+        finished = step >= config.steps or stopped
         try:
             checkpoint.save(model, optimizer, state(), tokenizer)
         except BaseException:  # e.g. a full disk: the model is past its last checkpoint
-            _note_left_by_error(model, checkpoint.initial_weights)
+            _note_left_part_way(model, checkpoint.initial_weights)
             raise
+        if not finished:  # stop_after: at its checkpoint, part-way through the run
+            _note_left_part_way(model, checkpoint.initial_weights)
         final = history[-1].get("accuracy", {}) if history else {}
-        finished = step >= config.steps or stopped
         if finished:
-            model.eval()
-            _check_finite(model, step, "the final model is not written")
-            # the model and metrics.json are two writes: an earlier run's metrics go first,
-            # so that a crash between them never pairs this model with another run's
-            # history and accuracy (e.g. train(resume=False) over a finished run; the
-            # resumed run writes both)
-            remove_file(out_dir / "metrics.json")
-            with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
-                save_model(model, tmp, tokenizer)
-            metrics = {**state(), "final_accuracy": final}
-            write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            try:
+                model.eval()
+                _check_finite(model, step, "the final model is not written")
+                # the model and metrics.json are two writes: an earlier run's metrics go
+                # first, so that a crash between them never pairs this model with another
+                # run's history and accuracy (e.g. train(resume=False) over a finished run;
+                # the resumed run writes both)
+                remove_file(out_dir / "metrics.json")
+                with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
+                    save_model(model, tmp, tokenizer)
+                metrics = {**state(), "final_accuracy": final}
+                write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            except BaseException:  # its final checkpoint is written: resuming finishes it
+                _note_left_part_way(model, checkpoint.initial_weights)
+                raise
         return TrainResult(
             out_dir, model_dir if finished else None, step, final, seconds, history, stopped
         )
