@@ -291,7 +291,8 @@ def routing_heatmap(
             ``0`` and ``'0'`` drawn as two layers), a (router, layer, family) whose ``n_sources``
             differs between rows, a router type it lacks, or a (layer, family) of a router
             type shown without rows (its blank cell would read "not read"; a family the
-            whole table lacks has no column).
+            whole table lacks has no column), or a ``family`` label that is no source
+            family (`FAMILIES`; it would have no column).
     """
     # a NaN label: a second model that nunique does not count, or rows the means drop;
     # labels mixing 0 and '0': two layers (rows) or models (sorting them fails)
@@ -327,7 +328,15 @@ def routing_heatmap(
             raise ValueError(
                 f"mass has no rows of router(s) {absent} (it has {sorted(set(mass.router))})"
             )
-    # the families of the table (a table of some families draws those), in their order
+    # the families of the table (a table of some families draws those), in their order; a
+    # label that is no family would have no column (left out, or no column at all)
+    others = sorted(set(mass.family) - set(FAMILIES), key=str)
+    if others:
+        raise ValueError(
+            f"mass has family label(s) {others} that are no source family (FAMILIES: "
+            f"{list(FAMILIES)}): the heatmap has a column per family and would leave them "
+            "out; pass routing_mass output, or plot a source's weights with source_heatmap"
+        )
     families = [f for f in FAMILIES if f in set(mass.family)]
     tables = {r: _family_mass(mass[mass.router == r], r, families) for r in routers}
     top = max(float(np.nanmax(t.to_numpy())) for t in tables.values())

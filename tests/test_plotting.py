@@ -1437,6 +1437,22 @@ def test_routing_heatmap_refuses_a_missing_cell_rather_than_draw_it_as_not_read(
                 np.testing.assert_allclose(trace.z[i][j], expected, err_msg=f"{label} {fam}")
 
 
+def test_routing_heatmap_refuses_a_family_label_that_is_no_source_family():
+    # since audit 153 the columns are the table's families among FAMILIES: a table of other
+    # labels (source labels, renamed families) failed with NumPy's bare "zero-size array to
+    # reduction operation fmax which has no identity" (before, an all-blank figure, "not
+    # read" everywhere), and such rows beside the families were left out without a word
+    model = randomize_routing(tiny_model(attnres_layout="kimi")).eval()
+    mass = routing_mass(model, torch.randint(0, 50, (2, 5)), positions="all")
+    names = dict(zip(FAMILIES, ["e", "o", "p", "c"], strict=True))
+    renamed = mass.assign(family=mass.family.map(names))
+    with pytest.raises(ValueError, match=r"family label\(s\) \['c', 'e', 'o', 'p'\].*FAMILIES"):
+        plotting.routing_heatmap(renamed)
+    extra = pd.concat([mass, mass[mass.family == "current"].assign(family="attn_0")])
+    with pytest.raises(ValueError, match=r"family label\(s\) \['attn_0'\]"):
+        plotting.routing_heatmap(extra)
+
+
 def test_seed_and_label_colours_are_distinct_beyond_six():
     # the palette of seeds (and of masked labels such as attn_0) had six colours, taken
     # modulo six: seeds 0 and 6 (labels 1 and 7) were drawn in one colour under two legend
