@@ -2147,12 +2147,43 @@ def test_a_summary_without_layers_is_checked_at_the_depth_of_its_conditions_reci
     listed = ", ".join(map(str, range(n_big)))
     with pytest.raises(
         ValueError,
-        match=rf"^at router='attn_res'{where}, the mass summary's rows paired with group "
-        rf"'all' are of layers \[{listed}\] \(the summary has no 'layers' column: its band "
-        r"is read as the default band of its name at the depth of its condition's recipe\) "
-        rf"but the effects of group 'all' masked layers \[{', '.join(map(str, range(n_small)))}\]",
+        match=rf"^at router='attn_res'{where}, the mass summary has no 'layers' column .*"
+        r"read as the default band of that name at the depth of their condition's recipe, "
+        rf"layers \[{listed}\], but the effects of group 'all' masked layers "
+        rf"\[{', '.join(map(str, range(n_small)))}\]: either the tables are of other models",
     ):
         motif_report(mass, smaller)
+
+
+def test_a_summary_without_layers_of_a_grid_name_at_another_depth_names_the_remedy():
+    """Review 157: a grid condition's name can hold a model of another depth (a model saved
+    as ``{condition}_seed{n}/model`` without its metrics.json is studied as it is, as the
+    tests' `tiny_study_runs` do). A summary without ``layers`` of such a model (here 6
+    layers, studied as ``hard_kimi_L8``, whose recipe has 8) beside its own effects was
+    refused as if its mass were of layers 0-7 ("are of layers [0, ..., 7]"), with the
+    remedy "summarise the mass over the group's layers (routing_mass(..., bands=B) with
+    ablation_effects(..., groups=B), or the defaults of both)", which the tables already
+    are. The tables cannot tell the recipe's run from such a model, so it is still
+    refused, saying so and naming what pairs them: the summary's ``layers`` column."""
+    from hooked_attnres.study.conditions import get_condition
+
+    condition = "hard_kimi_L8"
+    summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)}, seed=0)
+    summary, effects = summary.assign(condition=condition), effects.assign(condition=condition)
+    assert get_condition(condition).n_layers == 8 and LAYERS["all"] == "0,1,2,3,4,5"
+    with pytest.raises(
+        ValueError,
+        match=r"^at router='attn_res', condition='hard_kimi_L8', seed=0, the mass summary "
+        r"has no 'layers' column .* layers \[0, 1, 2, 3, 4, 5, 6, 7\], but the effects of "
+        r"group 'all' masked layers \[0, 1, 2, 3, 4, 5\]: .*the run studied under this grid "
+        r"condition's name is not of its recipe's depth .*recompute the summary with "
+        r"summarize_mass\(routing_mass\(\.\.\.\)\) of this version .*or add the column "
+        r"'layers'",
+    ):
+        motif_report(summary.drop(columns="layers"), effects)
+    # the remedy: with the summary's layers, the tables are paired (M1 harmful: present)
+    report = motif_report(summary, effects).set_index("claim")
+    assert bool(report.loc["M1", "present"])
 
 
 def test_by_as_one_column_name_is_that_column():

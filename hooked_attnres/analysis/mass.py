@@ -504,7 +504,10 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
     read as the library's defaults of its band's name (``group``): its rows of a grid
     condition (a ``condition`` label naming a fixed recipe, `_recipe_depths`) at that
     recipe's depth, and checked so (since audit 148: before, a 16-layer condition's mass
-    was paired with the effects of an 8-layer model's default groups); its other rows (no
+    was paired with the effects of an 8-layer model's default groups; a mismatch may also
+    be a model of another depth studied under a grid condition's name, which the tables
+    cannot tell apart: the message says both and names the summary's ``layers`` as the
+    remedy, review 157); its other rows (no
     ``condition`` column, the conditions ``attnres`` / ``vanilla``, a name that is no
     condition), whose depth neither table tells, only where the effects are the study's
     sweep (`_default_sweep`), unchecked; otherwise it is refused, as are effects without
@@ -531,8 +534,8 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
         ),
     ]
     masked = _layers_by_router(chosen, keys, "effects")
-    note = ""
-    if "layers" not in mass.columns:
+    from_recipe = "layers" not in mass.columns
+    if from_recipe:
         # a summary written before audit 129: its band is read as the library's default of
         # its name, at the depth its condition's recipe fixes (a grid condition), which is
         # then checked exactly; rows of no known depth only beside the study's sweep
@@ -560,17 +563,31 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
             # the study's sweep: the band's layers are the defaults of its name (the depth
             # of the summary itself unknown: the check skipped, docs/analysis.md)
         mass = mass[known.to_numpy()].assign(layers=cells[known])
-        note = (
-            " (the summary has no 'layers' column: its band is read as the default band of "
-            "its name at the depth of its condition's recipe)"
-        )
     summarised = _layers_by_router(mass, keys, "mass_summary")
     for key, layers in masked.items():
         if key in summarised and summarised[key] != layers:
             where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key, strict=True))
+            if from_recipe:
+                # the depth is the recipe's guess: the summary's own layers are unknown, and
+                # a grid condition's name may hold a model of another depth (a model saved
+                # under it without its metrics.json is studied as it is; audit 157)
+                raise ValueError(
+                    f"at {where}, the mass summary has no 'layers' column (a summary written "
+                    "before audit 129, or by hand), so its rows paired with group "
+                    f"{group!r} were read as the default band of that name at the depth of "
+                    f"their condition's recipe, layers {list(summarised[key])}, but the "
+                    f"effects of group {group!r} masked layers {list(layers)}: either the "
+                    "tables are of other models, or the run studied under this grid "
+                    "condition's name is not of its recipe's depth (a model saved there "
+                    f"without its metrics.json), and the summary cannot tell which, so {what} "
+                    "cannot pair them; recompute the summary with summarize_mass(routing_mass"
+                    "(...)) of this version (it records each band's layers), or add the "
+                    "column 'layers' (each row's layers, comma-separated, as ablation_effects "
+                    "writes them)"
+                )
             raise ValueError(
                 f"at {where}, the mass summary's rows paired with group {group!r} are of "
-                f"layers {list(summarised[key])}{note} but the effects of group {group!r} "
+                f"layers {list(summarised[key])} but the effects of group {group!r} "
                 f"masked layers {list(layers)}: {what} would show or compare the mass of "
                 "other routers than those masked (a band and a group are paired by name); "
                 "summarise the mass over the group's layers (routing_mass(..., bands=B) "
