@@ -908,6 +908,33 @@ def test_the_report_tables_and_seeds_summary_refuse_tables_of_other_models(tmp_p
         study_report(dataclasses.replace(result, accuracy=fewer))
 
 
+@pytest.mark.parametrize("table", ["accuracy", "mass_summary", "effects"])
+def test_the_report_tables_refuse_seeds_of_numbers_beside_seeds_of_text(tmp_path, table):
+    """Review 157: `require_same_models` reads a ``seed`` column holding numbers in one table
+    and text in another (0 beside '0', a table read back as text) as a column the tables do
+    not share, so the report's tables passed it, then matched each model's rows with ``==``
+    and found none: every model's table was printed empty, its mass and effects left out
+    without a word. Refused naming the column, the tables and the remedy."""
+    import dataclasses
+
+    from hooked_attnres.study.report import study_report
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [1])})
+    # the tables as given print each model's rows (8 of each: 2 router types x 4 families)
+    text = study_report(result)
+    for seed in (0, 1):
+        section = text.split(f"### hard_cumulative_L8, seed {seed}")[1].split("###")[0]
+        assert section.count("| attn_res |") == 4 and section.count("| mlp_res |") == 4
+    labels = getattr(result, table)
+    as_text = dataclasses.replace(result, **{table: labels.assign(seed=labels.seed.astype(str))})
+    with pytest.raises(
+        ValueError,
+        match=rf"^the column 'seed' holds .* the study result's {table} table.*: 1 and '1' "
+        r"would be two different labels, so no row would match; give both one dtype first",
+    ):
+        study_report(as_text)
+
+
 def test_the_report_says_which_per_seed_verdicts_the_second_prompt_set_changes(tmp_path):
     from hooked_attnres.study.report import _conclusion
 

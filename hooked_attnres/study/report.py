@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite, require_columns, require_keys
+from hooked_attnres._validation import (
+    first_non_finite,
+    require_columns,
+    require_keys,
+    require_same_kind,
+)
 from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
 from hooked_attnres.analysis.mass import (
     every_layer_mass,
@@ -443,6 +448,16 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     # a model with a NaN condition or seed matches no row (==): its table would be left out
     for name in ("accuracy", "mass_summary", "effects"):
         require_keys(getattr(result, name), MODEL_LABELS, f"the study result's {name} table")
+    # a seed 0 in one table beside '0' in another matches no row (==): every model's table
+    # was printed empty, without a word (review 157; `require_same_models` reads such a
+    # column as one the tables do not share)
+    require_same_kind(
+        [
+            (f"the study result's {name} table", getattr(result, name))
+            for name in ("accuracy", "mass_summary", "effects")
+        ],
+        MODEL_LABELS,
+    )
     bands = [g for g in ("early", "middle", "late") if g in set(effects.group)]
     # one table per model of the accuracy, of its mass and effects: a model one of them
     # lacks was printed as an empty table (or without its rows)
