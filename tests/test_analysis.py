@@ -948,8 +948,9 @@ def test_dissociation_report_refuses_the_mass_and_effects_of_other_models():
     for key, mine, other in (("seed", 0, 1), ("condition", "a", "b"), ("model", "x", "y")):
         with pytest.raises(
             ValueError,
-            match=rf"^dissociation_report pair the rows of mass_summary and effects by model, "
-            rf"but mass_summary holds models that effects lacks: \[\{{'{key}': {mine!r}\}}\]",
+            match=rf"^dissociation_report: the rows of mass_summary and effects are paired by "
+            rf"model, but mass_summary holds models that effects lacks: "
+            rf"\[\{{'{key}': {mine!r}\}}\]",
         ):
             dissociation_report(overall.assign(**{key: mine}), effects.assign(**{key: other}))
         pd.testing.assert_frame_equal(

@@ -897,13 +897,15 @@ def test_the_report_tables_and_seeds_summary_refuse_tables_of_other_models(tmp_p
     result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1], [1])})
     one_seed = result.mass_summary[result.mass_summary.seed == 0]
     lacks = r"effects holds models that mass_summary lacks: \[\{'condition': 'hard_cumulative_L8', "
-    with pytest.raises(ValueError, match=r"^the seeds summary pair the rows .*" + lacks):
+    with pytest.raises(ValueError, match=r"^the seeds summary: the rows .* are paired .*" + lacks):
         _seeds_summary(one_seed, result.effects)
-    with pytest.raises(ValueError, match=r"^the study report's tables pair the rows .*" + lacks):
+    with pytest.raises(
+        ValueError, match=r"^the study report's tables: the rows .* are paired .*" + lacks
+    ):
         study_report(dataclasses.replace(result, mass_summary=one_seed))
     fewer = result.accuracy[result.accuracy.seed == 0]
     with pytest.raises(
-        ValueError, match=r"^the study report's tables pair the rows of accuracy and effects"
+        ValueError, match=r"^the study report's tables: the rows of accuracy and effects are paired"
     ):
         study_report(dataclasses.replace(result, accuracy=fewer))
 

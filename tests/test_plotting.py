@@ -1037,7 +1037,7 @@ def test_mass_effect_figures_refuse_the_mass_and_effects_of_other_models():
     for plot in (bars, plotting.mass_effect_scatter):
         with pytest.raises(
             ValueError,
-            match=r"^the mass-effect figures pair the rows of mass_summary and effects by "
+            match=r"^the mass-effect figures: the rows of mass_summary and effects are paired by "
             r"model, but mass_summary holds models that effects lacks: \[\{'seed': 0\}\]",
         ):
             plot(summary.assign(seed=0), effects.assign(seed=1))

@@ -455,7 +455,7 @@ def require_same_models(tables: Sequence[tuple[str, pd.DataFrame]], what: str) -
             extra = [dict(zip(keys, m, strict=True)) for m in sorted(have - lack, key=repr)]
             if extra:
                 raise ValueError(
-                    f"{what} pair the rows of {first} and {name} by model, but {a} holds "
+                    f"{what}: the rows of {first} and {name} are paired by model, but {a} holds "
                     f"models that {b} lacks: {extra[:3]} "
                     f"(by {keys}); pass the tables of the same models (e.g. the rows of one "
                     "model in each: table[table.seed == 0])"
