@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import assume, example, given, settings
@@ -2389,3 +2390,29 @@ def test_criterion_2_as_first_written_is_read_exactly_at_a_clean_difference_belo
     row = motif_report(*tables(effects, clean=-20.0)).set_index("claim").loc["M1"]
     assert bool(row.present_as_written) is (Fraction(-1.0) >= Fraction(5, 100) * Fraction(-20.0))
     assert row.present_as_written and not row.present
+
+
+def test_k_of_n_counts_numpy_booleans_of_an_object_column_as_the_decisions_they_are():
+    """Review 160: `require_decisions` admits NumPy booleans in ``present`` (an object
+    column, e.g. a seed's missing decision filled with ``row.ci_high < 0``, a NumPy
+    comparison), but "k of n" summed them as Python objects, and ``np.True_ + np.True_`` is
+    ``np.True_`` (NumPy's boolean sum is "or"): M1 present in all three seeds read "present
+    in 1 of 3 seeds (minority)". Counted as the decisions they are: 3 of 3, as the report of
+    Python booleans (the independent count: the seeds whose row holds a true decision)."""
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    report = motif_report(
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        pd.concat([p[1] for p in parts], ignore_index=True),
+    )
+    numpy_decisions = report.assign(
+        present=pd.Series([np.bool_(v) for v in report.present], index=report.index, dtype=object)
+    )
+    assert {type(value) for value in numpy_decisions.present} == {np.bool_}
+    m1 = report[report.claim == "M1"]
+    expected = sum(1 for value in m1.present if value is True)
+    assert expected == 3
+    for table in (numpy_decisions, report):
+        verdict = motif_verdicts(table).set_index("claim").loc["M1"]
+        assert (verdict.k, verdict.n, verdict.verdict) == (expected, 3, "replicated")
+        assert "present in 3 of 3 seeds (replicated)" in verdict.sentence

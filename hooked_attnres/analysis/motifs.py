@@ -735,7 +735,9 @@ def motif_verdicts(
                     f"row per seed, but {' and '.join(problems)}; pass "
                     "motif_report's table of each model once, unfiltered"
                 )
-            k, n = int(rows_claim.present.sum()), len(rows_claim)
+            # counted as booleans (each True or False, `require_decisions`): an object
+            # column's NumPy booleans summed as "or" (np.True_ + np.True_ is np.True_)
+            k, n = int(rows_claim.present.to_numpy(dtype=bool).sum()), len(rows_claim)
             rows.append(
                 {
                     **dict(zip(by, key, strict=True)),
