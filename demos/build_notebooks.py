@@ -64,7 +64,27 @@ def effect_text(effect):   # each bound with the digits that put it on its side 
 
 print(f"clean logit difference {clean_ld.mean():.2f} ({len(batch)} prompts); change when the "
       f"embedding is masked in the early MLP routers {effect_text(masked_effect)}, with "
-      f"uniform weights in every attention and MLP router {effect_text(uniform_effect)}")
+      f"uniform weights in every attention and MLP router {effect_text(uniform_effect)} "
+      "(95 % bootstrap intervals over the prompts)")
+"""
+
+# the M1 verdict of the routing notebook's model (tests/test_demos.py runs it): the study's
+# own tables for this one model and `motif_report`, never a verdict by eye
+M1_VERDICT = """
+from hooked_attnres.analysis import motif_report, motif_verdicts
+from hooked_attnres.study import study_condition
+
+# the study's tables of this one model: the routing mass and the ablation sweep of every
+# family at every router type and depth band, 95 % bootstrap intervals over the prompts
+tables = study_condition(model, batch, n_bootstrap=1000, progress=False)
+motifs = motif_report(tables["mass_summary"], tables["effects"]).set_index("claim")
+m1 = motifs.loc["M1"]
+unmet = [name for name, met in (("1, harmful", m1.harmful), ("2, large", m1.large),
+                                ("3, localised", m1.localised)) if not met]
+m1_text = ("present: criteria 1-3 hold" if m1.present else
+           "absent: criterion " + " and criterion ".join(unmet) + " not met")
+print(f"M1 by the criteria of docs/study.md: {m1_text}")
+print(motif_verdicts(motifs.reset_index()).set_index("claim").loc["M1"].sentence)
 """
 
 ROUTING = [
@@ -109,6 +129,26 @@ prompts (the numbers `ablation_effects` gives; on these 256 prompts, the study's
 """),
     code(INTERVENTION),
     md("""
+## Is that the seed paper's M1 motif? The pre-registered criteria decide
+
+M1 is the motif `(embedding, MLP routers, early)`; the criteria, quoted from
+`docs/study.md`:
+
+> A motif `(f, r, band)` is *present* in a seed when all three hold:
+>
+> 1. harmful: `ci_high < 0` for `effect(f, r, band)` (the 95 % interval excludes 0);
+> 2. large: `harm >= 0.05 * clean`, or the accuracy effect of the same ablation is at most
+>    -0.02 (2 points);
+> 3. localised: `band` is the band where family `f` at router type `r` does the most harm
+>    (largest `harm` of `early`, `middle`, `late`; a tie counts as localised).
+
+> Since commit 269bd17 (2026-11-28 23:18) `motif_report` applies the 5 % test only when
+> `clean > 0` (otherwise only the 2-point accuracy test can make an effect large).
+
+The study's own tables for this model (`study_condition`, `motif_report`) decide it:
+"""),
+    code(M1_VERDICT),
+    md("""
 ## The routing lens
 
 What the final readout would say from the sources that exist entering each layer; exact at
@@ -122,7 +162,7 @@ print(lens.logits.shape)   # [n_states, batch, d_vocab] (one position)
 ranks = [(lens.logits[i].argsort(-1, descending=True) == batch.answer[:, None]).float().argmax(-1)
          for i in range(len(lens.labels))]   # per prompt, 0 = the answer is ranked first
 for label, rank in zip(lens.labels, ranks):
-    print(f"{label:>10s}: mean rank of the answer {rank.float().mean():5.1f}, "
+    print(f"{label:>10s}: mean rank of the answer (0 = top) {rank.float().mean():5.1f}, "
           f"ranked first in {(rank == 0).float().mean():4.0%} of the prompts")
 exact_last = torch.allclose(lens.logits[-1], logits[:, -1], atol=1e-4)
 print("last state equals the logits:", exact_last)
@@ -142,7 +182,8 @@ print(completion)
 print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
       f"{batch.accuracy(logits):.0%}, clean logit difference {clean_ld.mean():.2f}): "
       f"masking the embedding in the early MLP routers changes the logit difference by "
-      f"{effect_text(masked_effect)} (95 % bootstrap interval over the prompts); uniform "
+      f"{effect_text(masked_effect)} (95 % bootstrap interval over the prompts), so the "
+      f"seed paper's M1 motif is {m1_text} (docs/study.md); uniform "
       f"weights in every attention and MLP router change it by {effect_text(uniform_effect)}. "
       + (f"The routing lens first ranks the answer on top for most prompts at {first_correct[0]} "
          f"({first_correct[1]:.0%} of them)" if first_correct else
