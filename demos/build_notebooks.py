@@ -435,7 +435,10 @@ probe = probe_prompts(model, 128, task=task)
 attribution = attribute_routing(model, probe, groups="layers", method="norm",
                                 n_bootstrap=200, progress=False)
 checked = attribution.verify_top(5)
-display(checked[["router", "group", "family", "estimate", "effect"]])
+# every number in logits: the estimated and the exact change of the logit difference
+UNITS = {"estimate": "estimate (logits)", "effect": "exact effect (logits)",
+         "estimate_rank": "rank by |estimate|"}
+display(checked[["router", "group", "family", "estimate", "effect"]].rename(columns=UNITS))
 
 exact = ablation_effects(model, probe, groups="layers", metrics="logit_diff", n_bootstrap=200,
                          progress=False)
@@ -443,8 +446,9 @@ cells = ["router", "group", "family"]
 compared = attribution.table[cells + ["estimate"]].merge(exact[cells + ["effect"]], on=cells)
 compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min")
 spearman = compared.estimate.rank().corr(compared.effect.rank())  # Spearman: Pearson of ranks
-print(f"Spearman(estimate, exact effect) over {len(compared)} cells: {spearman:.2f}")
-compared.sort_values("effect").head(5)
+print(f"Spearman(estimate, exact effect) over {len(compared)} cells: {spearman:.2f}; "
+      "the 5 largest |exact effects|, the ones the last cell counts:")
+display(compared.loc[compared.effect.abs().nlargest(5).index].rename(columns=UNITS))
 """),
     md("## What this notebook showed"),
     code("""

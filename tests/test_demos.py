@@ -405,3 +405,34 @@ def test_patching_summary_prints_a_small_recovery_in_significant_digits():
 
     text = _last_patching_cell(weights=torch.tensor([[0.00057, float("nan")]]))
     assert "the largest routing-weight patch recovers 0.00057. " in text
+
+
+def test_attribution_tables_name_their_units_and_show_the_effects_the_summary_counts():
+    """The patching notebook's tables had bare ``estimate`` / ``effect`` columns (logits,
+    said nowhere), and its last table was the 5 most negative exact effects while its
+    summary counts the 5 largest |exact effects|: a positive effect among those (the
+    summary's "largest exact effect ... of either sign") was in the sentence, not in the
+    table."""
+    import pandas as pd
+
+    from hooked_attnres.study import load_condition, probe_prompts
+
+    model = load_condition("hard_cumulative_L8", seed=0)
+    (source,) = [c.source for c in _builder()["PATCHING"] if "attribute_routing(" in c.source]
+    shown: list[pd.DataFrame] = []
+    namespace = dict(
+        model=model,
+        task="hard",
+        probe_prompts=lambda model, n, task: probe_prompts(model, 8, task=task),
+        display=shown.append,
+    )
+    exec(source, namespace)
+    checked, largest = shown
+    for table in shown:
+        assert {"estimate (logits)", "exact effect (logits)"} <= set(table.columns)
+        assert "effect" not in table.columns and "estimate" not in table.columns
+    compared = namespace["compared"]
+    by_size = compared.effect.abs().sort_values(ascending=False, kind="stable")
+    assert largest["exact effect (logits)"].abs().tolist() == by_size.iloc[:5].tolist()
+    ranks = compared.loc[largest.index].estimate_rank
+    assert largest["rank by |estimate|"].tolist() == ranks.tolist()
