@@ -13,6 +13,8 @@ from pathlib import Path
 
 import nbformat
 
+from hooked_attnres.analysis.motifs import claim_text
+
 HERE = Path(__file__).parent
 # the shipped Block AttnRes condition the single-model notebooks use (docs/study.md)
 MAIN = "hard_cumulative_L8"
@@ -216,6 +218,14 @@ for sentence in verdict_sentences(result):
     print(f"* {sentence}")
 """
 
+
+def both_routers(claim: str) -> str:
+    """A dissociation decided per router type, in the report's words (`claim_text`)."""
+    text = claim_text(f"{claim}-attn_res").split(": ", 1)[1]
+    assert text == claim_text(f"{claim}-mlp_res").split(": ", 1)[1]
+    return f"{text} (attention routers, MLP routers)"
+
+
 MOTIFS = [
     md("""
 # The seed paper's routing motifs and its mass-versus-effect dissociation
@@ -228,8 +238,10 @@ dissociation (D1-D3): one figure with every seed side by side and the wrapped va
 baseline beside the Block AttnRes conditions, and one sentence generated from the numbers
 with "k of n seeds". Effects are in percent of each model's clean logit difference, or in
 logits for a task where some model's clean difference is under 1 logit (the figure titles
-say which), with 95 % bootstrap intervals over held-out prompts. The last cell states the
-verdicts in the words of the shipped report (`hooked_attnres.study.verdict_sentences`).
+say which). Every whisker, on an effect or on a routing mass, is a 95 % percentile-bootstrap
+interval over the held-out prompts (the prompts of each model are resampled). The last cell
+states the verdicts in the words of the shipped report
+(`hooked_attnres.study.verdict_sentences`).
 """),
     code("""
 import os
@@ -289,15 +301,16 @@ Across seeds, with amendment 3:
 > replicates nothing, so it now reads *single seed*
 
 The per-seed sentences below give the logit-difference effect, and the accuracy effect
-too where that is what met criterion 2 (`result.motifs` has every number).
+too where it meets criterion 2's 2-point test (whether or not the 5 % test is met as well;
+`result.motifs` has every number).
 """),
-    md("## M1: the embedding through early MLP routers"),
+    md(f"## M1: {claim_text('M1')}"),
     code("""
 for task in tasks:
     claim("M1", task, f"{task}_M1")
 """),
-    md("""
-## M2: the current stream through early attention and MLP routers
+    md(f"""
+## M2: {claim_text("M2")}
 
 M2 holds in a seed when it holds at the attention routers (M2-attn) and at the MLP routers
 (M2-mlp); each is also reported alone.
@@ -306,13 +319,13 @@ M2 holds in a seed when it holds at the attention routers (M2-attn) and at the M
 for task in tasks:
     claim("M2 M2-attn M2-mlp", task, f"{task}_M2")
 """),
-    md("## M3: older history through late attention routers"),
+    md(f"## M3: {claim_text('M3')}"),
     code("""
 for task in tasks:
     claim("M3", task, f"{task}_M3")
 """),
-    md("""
-## D1: top-mass family is not the top-effect family, intervals separated (attention, MLP)
+    md(f"""
+## D1: {both_routers("D1")}
 
 > **D1**, per router type: the top-mass family (largest `mass(f, r)`) is not the top-effect
 > family (largest `harm`), and their effect intervals are separated (the top-effect
@@ -328,8 +341,8 @@ for task in tasks:
     claim("D1-attn_res", task, f"{task}_mass_effect_attn_res")
     claim("D1-mlp_res", task, f"{task}_mass_effect_mlp_res")
 """),
-    md("""
-## D2: MLP routers, embedding: < 0.5x current's mass, >= 2x its harm, interval excluding 0
+    md(f"""
+## D2: {claim_text("D2")}
 
 > **D2**, MLP routers: `mass(embedding) < 0.5 * mass(current)`, and `harm(embedding) >=
 > 2 * max(harm(current), 0)` with the embedding effect's interval excluding 0
@@ -339,8 +352,8 @@ for task in tasks:
 for task in tasks:
     claim("D2", task, f"{task}_mass_effect_mlp_res")
 """),
-    md("""
-## D3: prev_completed carries mass, its effect's interval contains 0 or the effect is small
+    md(f"""
+## D3: {both_routers("D3")}
 
 > **D3**, per router type: `mass(prev_completed) >= 0.10`, and its effect interval
 > contains 0 or `|effect(prev_completed)| < 0.10 * harm(top-effect family)`.

@@ -436,3 +436,29 @@ def test_attribution_tables_name_their_units_and_show_the_effects_the_summary_co
     assert largest["exact effect (logits)"].abs().tolist() == by_size.iloc[:5].tolist()
     ranks = compared.loc[largest.index].estimate_rank
     assert largest["rank by |estimate|"].tolist() == ranks.tolist()
+
+
+def test_motif_notebook_headings_name_each_claim_as_the_report_does():
+    """The D3 heading read "its effect's interval contains 0 or the effect is small", a
+    looser criterion than the pre-registered one (|effect| < 0.10x the top harm), and the
+    D2 heading left out that current's harm counts as >= 0; each claim's heading is now
+    the report's wording of the claim (`claim_text`), per router type for D1 and D3."""
+    from hooked_attnres.analysis.motifs import CLAIMS, claim_text
+
+    headings = {}
+    for cell in _builder()["NOTEBOOKS"]["02_motifs_and_dissociation.ipynb"]:
+        first = cell.source.splitlines()[0]
+        if cell.cell_type == "markdown" and first.startswith("## ") and ": " in first:
+            claim, text = first[3:].split(": ", 1)
+            headings[claim] = text
+    assert sorted(headings) == ["D1", "D2", "D3", "M1", "M2", "M3"]
+    both = " (attention routers, MLP routers)"
+    for claim in CLAIMS:
+        if claim in ("M2-attn", "M2-mlp"):
+            continue
+        if claim.endswith(("-attn_res", "-mlp_res")):
+            heading = headings[claim.split("-")[0]]
+            assert heading.endswith(both), heading
+            assert claim_text(claim).split(": ", 1)[1] == heading[: -len(both)], claim
+        else:
+            assert headings[claim] == claim_text(claim), claim
