@@ -81,10 +81,10 @@ from hooked_attnres.study import study_condition
 tables = study_condition(model, batch, n_bootstrap=1000, progress=False)
 motifs = motif_report(tables["mass_summary"], tables["effects"]).set_index("claim")
 m1 = motifs.loc["M1"]
-unmet = [name for name, met in (("1, harmful", m1.harmful), ("2, large", m1.large),
-                                ("3, localised", m1.localised)) if not met]
+unmet = [name for name, met in (("1 (harmful)", m1.harmful), ("2 (large)", m1.large),
+                                ("3 (localised)", m1.localised)) if not met]
 m1_text = ("present: criteria 1-3 hold" if m1.present else
-           "absent: criterion " + " and criterion ".join(unmet) + " not met")
+           f"absent: criteri{'on' if len(unmet) == 1 else 'a'} {' and '.join(unmet)} not met")
 print(f"M1 by the criteria of docs/study.md: {m1_text}")
 print(motif_verdicts(motifs.reset_index()).set_index("claim").loc["M1"].sentence)
 """
@@ -98,8 +98,9 @@ softmax over depth sources (the embedding, completed blocks, the current stream)
 `HookedAttnRes` exposes every routing logit, weight and source as a TransformerLens
 `HookPoint`. On the shipped `{MAIN}` checkpoint (seed 0) we read the routing weights from
 TransformerLens's own `ActivationCache`, name every router by its `RouterSite`, ablate a
-source family with a hook list, look through the routing lens, and run TransformerLens's
-`generate`. Everything runs offline in seconds; the last cell states what we found.
+source family with a hook list (the study's M1 ablation, then decided by its pre-registered
+criteria), look through the routing lens, and run TransformerLens's `generate`. Everything
+runs offline in well under a minute; the last cell states what we found.
 """),
     SETUP,
     md("## The cache is TransformerLens's own `ActivationCache`"),
