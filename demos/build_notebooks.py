@@ -458,7 +458,7 @@ exact = ablation_effects(model, probe, groups="layers", metrics="logit_diff", n_
                          progress=False)
 cells = ["router", "group", "family"]
 compared = attribution.table[cells + ["estimate"]].merge(exact[cells + ["effect"]], on=cells)
-compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min")
+compared["estimate_rank"] = compared.estimate.abs().rank(ascending=False, method="min").astype(int)
 spearman = compared.estimate.rank().corr(compared.effect.rank())  # Spearman: Pearson of ranks
 print(f"Spearman(estimate, exact effect) over {len(compared)} cells: {spearman:.2f}; "
       "the 5 largest |exact effects|, the ones the last cell counts:")
