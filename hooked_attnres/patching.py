@@ -399,8 +399,11 @@ DEPTH_STATE_SUBLAYERS = ("attn", "mlp")
 def depth_state_name(model: HookedAttnRes, layer: int, sublayer: str = "attn") -> str:
     """The clean-cache entry that holds the depth state entering ``layer``'s attention
     (``sublayer="attn"``) or MLP (``"mlp"``) router: its ``hook_sources`` (every source,
-    stacked on axis -2), or ``hook_resid_pre`` / ``hook_resid_mid`` in layout ``"none"``."""
+    stacked on axis -2), or ``hook_resid_pre`` / ``hook_resid_mid`` in layout ``"none"``.
+    ``layer`` is read as `RoutingLayout.layer_index` reads it in every layout (a negative one
+    counts from the end; a bool, a float or one out of range raises ``ValueError``)."""
     sublayer = require_choice("sublayer", sublayer, DEPTH_STATE_SUBLAYERS)
+    layer = model.routing_layout.layer_index(layer)  # every layout alike ("none" had no check)
     if not model.routing_layout.has_routers:
         return get_act_name("resid_pre" if sublayer == "attn" else "resid_mid", layer)
     return model.site(layer, SUBLAYER_ROUTERS[sublayer == "mlp"]).hook("sources")

@@ -83,8 +83,14 @@ class RecencySchedule:
         return float(self.family_means.loc["all", "current"])
 
     def weights(self, layer: int, router: str) -> torch.Tensor:
-        """Predicted weights ``[n_sources]`` of one router."""
-        rows = self.sources[(self.sources.layer == layer) & (self.sources.router == router)]
+        """Predicted weights ``[n_sources]`` of one router, ``(layer, router)`` read as
+        ``model.site`` reads it (`RoutingLayout.site` of `layout`: a negative layer counts
+        from the end; a bool, a float, a layer out of range or an unknown router raises
+        ``ValueError``; the table's ``==`` read ``True`` as layer 1 and gave an empty tensor
+        for the rest)."""
+        site = self.layout.site(layer, router)
+        sources = self.sources
+        rows = sources[(sources.layer == site.layer) & (sources.router == site.kind)]
         return torch.tensor(rows.sort_values("source_index").weight.to_numpy(), dtype=torch.float64)
 
 

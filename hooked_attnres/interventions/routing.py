@@ -434,6 +434,11 @@ def mask_hook(
     with a position axis (``[batch, pos, n_sources]``) is refused in a pass that runs part
     of the sequence (`_require_aligned`).
     """
+    if not isinstance(site, RouterSite):  # no model here to check a pair against
+        raise TypeError(
+            f"mask_hook takes a RouterSite (model.site(layer, router)), got {site!r}; a "
+            "(layer, router) pair needs the model: pass model.site(*pair)"
+        )
     index = check_positions(positions)
     where = check_source_tensor(where, f"{what}'s mask")
     check_bool_mask(where, f"{what}'s mask")

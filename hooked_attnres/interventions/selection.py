@@ -183,7 +183,22 @@ def check_routers(
     return kinds
 
 
-RouterSpec = Union[None, str, RouterSite, Sequence[Union[str, RouterSite]]]
+RouterSpec = Union[None, str, RouterSite, tuple, Sequence[Union[str, RouterSite, tuple]]]
+
+
+def _names_a_site(value) -> bool:
+    """Whether ``routers=`` as a whole names one router (`RoutingLayout.check` reads it): a
+    `RouterSite` or a ``(layer, router)`` pair, a 2-tuple whose second item is a string and
+    whose first is not (``("attn_res", "mlp_res")`` is two router types). Inside a list,
+    every tuple is read as a pair."""
+    if isinstance(value, RouterSite):
+        return True
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[1], str)
+        and not isinstance(value[0], str)
+    )
 
 
 def select_sites(
@@ -196,17 +211,21 @@ def select_sites(
 
     Args:
         routers: router types (``"attn_res"``, ``"mlp_res"``, ``"final_res"``; default the
-            two sublayer types) and/or explicit `RouterSite` s (kept as given, checked).
+            two sublayer types) and/or explicit routers, `RouterSite` s or ``(layer,
+            router)`` pairs as ``model.source_labels`` takes them (`RoutingLayout.check`:
+            a negative layer counts from the end), kept as given (``layers`` does not
+            filter them).
         layers, bands: which layers of the router types (see `resolve_layers`); the final
             router has no layer, so ``layers`` does not filter it (it must be asked for).
     """
     layout = model.routing_layout
-    if isinstance(routers, RouterSite) or (
-        isinstance(routers, (list, tuple)) and any(isinstance(r, RouterSite) for r in routers)
+    if _names_a_site(routers) or (
+        isinstance(routers, (list, tuple))
+        and any(isinstance(r, (RouterSite, tuple)) for r in routers)
     ):
-        given = [routers] if isinstance(routers, RouterSite) else list(routers)
-        explicit = [layout.check(r) for r in given if isinstance(r, RouterSite)]
-        named = [r for r in given if not isinstance(r, RouterSite)]
+        given = [routers] if _names_a_site(routers) else list(routers)
+        explicit = [layout.check(r) for r in given if isinstance(r, (RouterSite, tuple))]
+        named = [r for r in given if not isinstance(r, (RouterSite, tuple))]
         typed = select_sites(model, named, layers, bands) if named else []
         chosen = set(explicit) | set(typed)
         return [site for site in layout.sites() if site in chosen]

@@ -385,18 +385,28 @@ class RoutingLayout:
                     f"the {self.layout!r} layout has no final router; routers are 'attn_res' "
                     "and 'mlp_res'"
                 )
-            if layer is not None and layer != self.n_layers:
+            # n_layers too (the sublayer it reads at is 2 * n_layers), as an integer only:
+            # 2.0 was the final router while 1.0 is no attn_res layer (audit 162)
+            if layer is not None and not (is_integer(layer) and layer == self.n_layers):
                 raise ValueError(f"the final router has no layer; pass layer=None, got {layer!r}")
             return RouterSite(None, kind, 2 * self.n_layers)
-        if not is_integer(layer) or not -self.n_layers <= layer < self.n_layers:
-            raise ValueError(
-                f"layer must be an integer in [-{self.n_layers}, {self.n_layers}) for router "
-                f"{kind!r}, got {layer!r}"
-            )
-        layer = int(layer) % self.n_layers
+        layer = self.layer_index(layer, f" for router {kind!r}")
         return RouterSite(
             layer, kind, sublayer_index(layer, "mlp" if kind == "mlp_res" else "attn")
         )
+
+    def layer_index(self, layer: Any, where: str = "") -> int:
+        """``layer`` as an index in ``[0, n_layers)``: an integer (`is_integer`: a bool, a
+        float, a string are refused) in ``[-n_layers, n_layers)``, a negative one counted
+        from the end; otherwise ``ValueError("layer must be an integer in [-L, L){where},
+        got ...")``. The layer rule of `site`, and of every layer argument that names no
+        router (``depth_state_name`` in layout ``"none"``)."""
+        if not is_integer(layer) or not -self.n_layers <= layer < self.n_layers:
+            raise ValueError(
+                f"layer must be an integer in [-{self.n_layers}, {self.n_layers}){where}, "
+                f"got {layer!r}"
+            )
+        return int(layer) % self.n_layers
 
     def resolve_alias(self, name: str) -> Optional[str]:
         """The hook name behind a `RouterSite.alias` of this model, else ``None``."""
@@ -414,14 +424,23 @@ class RoutingLayout:
 
     def check(self, site: Union[SiteLike, int, None], kind: Optional[str] = None) -> RouterSite:
         """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or
-        ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router."""
+        ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router
+        (`site`'s message: ``(True, "attn_res")`` and ``(True, kind="attn_res")`` alike) or
+        for a site or pair given with a ``kind`` (it names its own router: the ``kind`` was
+        dropped, so ``model.source_labels((0, "attn_res"), "mlp_res")`` gave the attention
+        router's labels), and ``TypeError`` for anything else without a ``kind``."""
+        if kind is not None:
+            if isinstance(site, (RouterSite, tuple)):
+                raise ValueError(
+                    f"{site!r} names its router, and router={kind!r} was given too; pass the "
+                    "site alone, or (layer, router)"
+                )
+            return self.site(site, kind)
         if isinstance(site, RouterSite):
             checked = self.site(site.layer, site.kind)
             if checked != site:
                 raise ValueError(f"{site!r} is not a router site of this model ({checked!r} is)")
             return checked
-        if kind is not None and (site is None or is_integer(site)):
-            return self.site(site, kind)
         if isinstance(site, tuple) and len(site) == 2:
             return self.site(*site)
         raise TypeError(f"expected a RouterSite or a (layer, router) pair, got {site!r}")
