@@ -215,7 +215,7 @@ def test_local_patching_touches_one_router_and_global_patching_every_reader(toke
     "call, message",
     [
         (lambda m: mask_sources(m, "embedding", routers="bogus_res"), "router must be one of"),
-        (lambda m: mask_sources(m, "embedding", layers=9), "not in"),
+        (lambda m: mask_sources(m, "embedding", layers=9), r"must be an integer in \[-4, 4\)"),
         (lambda m: mask_sources(m, "embedding", layers="deep"), "unknown depth band"),
         (lambda m: mask_sources(m, "newest"), "unknown source 'newest'"),
         (lambda m: mask_sources(m, 17, layers=3), "out of range"),
@@ -262,7 +262,7 @@ def test_depth_bands():
     }
     with pytest.raises(ValueError, match="empty"):
         depth_bands(8, {"none": []})
-    with pytest.raises(ValueError, match="not in"):
+    with pytest.raises(ValueError, match=r"must be an integer in \[-8, 8\), got 8"):
         depth_bands(8, {"beyond": [8]})
 
 
@@ -594,7 +594,7 @@ def test_global_patching_every_layout(layout, label, tokens):
         ),  # a label of other layouts
         (lambda m: mask_sources(m, -4, layers=3), "out of range"),
         (lambda m: mask_sources(m, True), "not a family, label or index"),
-        (lambda m: mask_sources(m, "embedding", layers=-5), "not in"),
+        (lambda m: mask_sources(m, "embedding", layers=-5), r"must be an integer in \[-4, 4\)"),
         (lambda m: mask_sources(m, "embedding", layers=(2, 9)), "not in"),
         (
             lambda m: mask_sources(m, "embedding", layers="early", bands={"first": [0]}),

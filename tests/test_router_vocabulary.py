@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import LAYOUTS, tiny_model
 
+from hooked_attnres.analysis.effects import plan_ablations
 from hooked_attnres.analysis.schedule import recency_schedule
-from hooked_attnres.interventions import mask_hook, mask_sources, select_sites
+from hooked_attnres.interventions import check_routers, mask_hook, mask_sources, select_sites
 from hooked_attnres.patching import depth_state_name
 
 N_LAYERS = 2
@@ -143,3 +144,31 @@ def test_selections_take_layer_router_pairs_as_sites(layout):
             select_sites(model, [(bad, "mlp_res")])
     with pytest.raises(ValueError, match="router must be one of .*got 'mlp_ress'"):
         select_sites(model, [(1, "mlp_ress")])
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_layer_lists_refuse_a_non_layer_as_model_site_does(layout):
+    """A layer of ``layers=`` / custom ``bands`` / ``groups`` that is no integer was refused
+    as ``layer True is not in [-2, 2)`` (it is, as a number): the message of ``model.site``
+    says what a layer is."""
+    model = small(layout)
+    for bad in (True, np.True_, 1.0, np.float64(1.0)):
+        with pytest.raises(ValueError, match=r"layer must be an integer in \[-2, 2\), got"):
+            select_sites(model, layers=[0, bad])
+        with pytest.raises(ValueError, match=r"layer must be an integer in \[-2, 2\), got"):
+            plan_ablations(model, "current", "attn_res", groups={"a": [bad]})
+    assert select_sites(model, "attn_res", layers=[-1]) == [model.site(-1, "attn_res")]
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_type_only_router_arguments_name_the_single_router_spelling(layout):
+    """The sweeps take router types (rows by type and layer); a pair was refused as "router
+    must be one of (...), got 1" and a `RouterSite` as "routers must be a list ... of items",
+    neither saying that single routers go to `select_sites` and the interventions."""
+    model = small(layout)
+    site = model.site(1, "mlp_res")
+    for given in [(1, "mlp_res"), [(1, "mlp_res")], site, [site], ["attn_res", site]]:
+        with pytest.raises(ValueError, match="names single routers.*select_sites"):
+            plan_ablations(model, "current", given)
+        with pytest.raises(ValueError, match="names single routers.*select_sites"):
+            check_routers(model, given)

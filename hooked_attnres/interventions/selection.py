@@ -26,7 +26,13 @@ from hooked_attnres._validation import (
     require_selection,
     unsigned_as_int64,
 )
-from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
+from hooked_attnres.model.depth import (
+    FAMILIES,
+    ROUTERS,
+    SUBLAYER_ROUTERS,
+    RouterSite,
+    layer_index,
+)
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -119,9 +125,7 @@ def _layer_list(spec, n_layers: int) -> list[int]:
     out = []
     for layer in items:
         _refuse_tensor("layers", layer)
-        if not is_integer(layer) or not -n_layers <= layer < n_layers:
-            raise ValueError(f"layer {layer!r} is not in [-{n_layers}, {n_layers})")
-        out.append(int(layer) % n_layers)
+        out.append(layer_index(layer, n_layers))  # the rule of model.site (audit 162)
     return out
 
 
@@ -172,6 +176,16 @@ def check_routers(
     ``"final_res"`` on a layout without a final router."""
     layout = model.routing_layout
     layout.require_routers()
+    if _names_a_site(routers) or (
+        isinstance(routers, (list, tuple))
+        and any(isinstance(r, (RouterSite, tuple)) for r in routers)
+    ):  # "got 1" / "must be a list ... of items, got RouterSite(...)" named no cause
+        raise ValueError(
+            f"routers={routers!r:.80} names single routers, but this argument takes router "
+            f"types {ROUTERS} (its rows or cells are by type and layer); to edit single "
+            "routers, pass RouterSites or (layer, router) pairs to select_sites / mask_sources "
+            "/ set_weights / patch_sources"
+        )
     kinds = tuple(
         require_selection(
             "routers",

@@ -64,6 +64,20 @@ def sublayer_index(layer: int, sublayer: str) -> int:
     return 2 * layer + (sublayer == "mlp")
 
 
+def layer_index(layer: Any, n_layers: int, where: str = "") -> int:
+    """``layer`` as an index in ``[0, n_layers)``: an integer (`is_integer`: a bool, a float,
+    a string are refused) in ``[-n_layers, n_layers)``, a negative one counted from the end;
+    otherwise ``ValueError("layer must be an integer in [-L, L){where}, got ...")``. The one
+    layer rule: `RoutingLayout.site` (through `RoutingLayout.layer_index`) and the layer
+    selections of the interventions (`resolve_layers`, custom bands and groups) read a
+    layer with it."""
+    if not is_integer(layer) or not -n_layers <= layer < n_layers:
+        raise ValueError(
+            f"layer must be an integer in [-{n_layers}, {n_layers}){where}, got {layer!r}"
+        )
+    return int(layer) % n_layers
+
+
 def router_kind(kind: Any) -> str:
     """``kind`` checked to be a router type of `ROUTERS` (`require_choice`: a NumPy string
     is the ``str`` it holds; anything else, an array too, raises ``ValueError("router must
@@ -396,17 +410,9 @@ class RoutingLayout:
         )
 
     def layer_index(self, layer: Any, where: str = "") -> int:
-        """``layer`` as an index in ``[0, n_layers)``: an integer (`is_integer`: a bool, a
-        float, a string are refused) in ``[-n_layers, n_layers)``, a negative one counted
-        from the end; otherwise ``ValueError("layer must be an integer in [-L, L){where},
-        got ...")``. The layer rule of `site`, and of every layer argument that names no
-        router (``depth_state_name`` in layout ``"none"``)."""
-        if not is_integer(layer) or not -self.n_layers <= layer < self.n_layers:
-            raise ValueError(
-                f"layer must be an integer in [-{self.n_layers}, {self.n_layers}){where}, "
-                f"got {layer!r}"
-            )
-        return int(layer) % self.n_layers
+        """`layer_index` of this layout's ``n_layers``: the layer rule of `site`, and of every
+        layer argument that names no router (``depth_state_name`` in layout ``"none"``)."""
+        return layer_index(layer, self.n_layers, where)
 
     def resolve_alias(self, name: str) -> Optional[str]:
         """The hook name behind a `RouterSite.alias` of this model, else ``None``."""
