@@ -237,7 +237,7 @@ def select_sites(
         isinstance(routers, (list, tuple))
         and any(isinstance(r, (RouterSite, tuple)) for r in routers)
     ):
-        given = [routers] if _names_a_site(routers) else list(routers)
+        given: list = [routers] if _names_a_site(routers) else list(routers)  # type: ignore[arg-type]
         explicit = [layout.check(r) for r in given if isinstance(r, (RouterSite, tuple))]
         named = [r for r in given if not isinstance(r, (RouterSite, tuple))]
         typed = select_sites(model, named, layers, bands) if named else []
