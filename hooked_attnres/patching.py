@@ -34,6 +34,7 @@ from hooked_attnres._tl import get_act_name
 from hooked_attnres._validation import require_choice, require_selection
 from hooked_attnres.interventions.checks import check_cache_mask, check_cached, require_eval
 from hooked_attnres.interventions.selection import check_routers, unread_commit
+from hooked_attnres.model.cache import require_cached, state_source_names
 from hooked_attnres.model.depth import (
     COMMIT_HOOKS,
     SUBLAYER_ROUTERS,
@@ -157,6 +158,7 @@ def _patch_cells(
     patch_setter: PatchSetter = layer_pos_patch_setter,
     patch_state: bool = False,
     attention_mask: Optional[Tensor] = None,
+    states_read: Optional[dict[str, list[str]]] = None,
 ) -> Tensor:
     """The one patching driver: ``targets`` are ``(result index, hook name, start
     sublayer)``; each gives one cell (``by_pos=False``: setter index ``None``, the whole
@@ -170,7 +172,9 @@ def _patch_cells(
     holding the depth state entering the start sublayer (``hook_sources``, stacked on
     axis -2, or one ``[batch, pos, d_model]`` tensor in layout ``"none"``), and the run
     starts from the corrupted state with every source replaced by
-    ``patch_setter(corrupted source, setter index, clean source)``.
+    ``patch_setter(corrupted source, setter index, clean source)``; ``states_read`` maps
+    such a ``hook name`` to the cache entries that hold the state's sources as stored
+    (`_stored_state_names`), which are read, stacked, instead of it where given.
 
     ``attention_mask`` (``[batch, pos]``, 1 at real tokens) is passed to the corrupted
     run and to every patched run (padded prompts; the clean cache must come from a run
@@ -195,11 +199,18 @@ def _patch_cells(
         attention_mask, tuple(corrupted_tokens.shape), corrupted_tokens.device
     )
     names = list(dict.fromkeys(name for _, name, _, _ in cells))
-    _check_cache(model, clean_cache, corrupted_tokens, names, mask)
+    states_read = states_read or {}
+    read = [part for name in names for part in states_read.get(name, [name])]
+    _check_cache(model, clean_cache, corrupted_tokens, read, mask)
+    stacked = {
+        name: torch.stack([clean_cache[part] for part in parts], dim=-2)
+        for name, parts in states_read.items()
+        if name in names
+    }
     states = model.depth_states(corrupted_tokens, sublayers=True, attention_mask=attention_mask)
     out = torch.full(shape, float("nan"), device=model.W_E.device)
     for index, name, start, setter_index in tqdm(cells, desc=desc, dynamic_ncols=True):
-        clean = clean_cache[name]
+        clean = stacked[name] if name in stacked else clean_cache[name]
         if patch_state:
             state = _patched_state(states[start], clean, setter_index, patch_setter, name)
             logits = model.forward_from(state, start, attention_mask=attention_mask)
@@ -401,7 +412,10 @@ def depth_state_name(model: HookedAttnRes, layer: int, sublayer: str = "attn") -
     (``sublayer="attn"``) or MLP (``"mlp"``) router: its ``hook_sources`` (every source,
     stacked on axis -2), or ``hook_resid_pre`` / ``hook_resid_mid`` in layout ``"none"``.
     ``layer`` is read as `RoutingLayout.layer_index` reads it in every layout (a negative one
-    counts from the end; a bool, a float or one out of range raises ``ValueError``)."""
+    counts from the end; a bool, a float or one out of range raises ``ValueError``).
+    ``hook_sources`` is the router's own copy, the state only where no hook edited it:
+    the depth-state sweeps read the stored sources where the cache has them
+    (`_stored_state_names`)."""
     sublayer = require_choice("sublayer", sublayer, DEPTH_STATE_SUBLAYERS)
     layer = model.routing_layout.layer_index(layer)  # every layout alike ("none" had no check)
     if not model.routing_layout.has_routers:
@@ -424,6 +438,9 @@ def _patch_depth_state(
     _check_run(model, corrupted_tokens)
     name = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
     targets = [((layer,), name[layer], sublayer_index(layer, sublayer)) for layer in name]
+    states_read = {
+        name: _stored_state_names(model, clean_cache, name, start) for _, name, start in targets
+    }
     return _patch_cells(
         model,
         corrupted_tokens,
@@ -435,7 +452,50 @@ def _patch_depth_state(
         by_pos,
         patch_state=True,
         attention_mask=attention_mask,
+        states_read={name: parts for name, parts in states_read.items() if parts is not None},
     )
+
+
+def _stored_state_names(
+    model: HookedAttnRes, clean_cache, name: str, sublayer: int
+) -> Optional[list[str]]:
+    """The cache entries to read the clean depth state entering ``sublayer`` from: the
+    hooks that hold its sources as stored (`state_source_names`: ``hook_embed``, commit
+    hooks, ``hook_resid_*``), what every router from there on reads, where the cache has
+    them all; ``None`` (read the router's ``hook_sources``, ``name``) in layout
+    ``"none"`` (its ``hook_resid_*`` is the state) and for a cache of a pass with no hook
+    but the caching ones (``other_hooks_attached`` False: ``hook_sources`` is then the
+    state, bit for bit). A router's ``hook_sources`` is its own copy: a hook of the run on
+    it (``patch_sources``, or any hook on that point) edits what that router mixes, not
+    the state, so read as the state the edit reached every later router (audit 163). A
+    cache without the stored hooks of a pass that had other hooks (or that does not
+    record it) is refused (``KeyError`` naming them)."""
+    if not model.routing_layout.has_routers:
+        return None
+    stored = state_source_names(model, sublayer)
+    if all(part in clean_cache for part in stored):
+        return stored
+    if _other_hooks_attached(clean_cache) is False:
+        return None
+    require_cached(
+        clean_cache,
+        stored,
+        f"the clean cache (its {name} is that router's own copy of its sources, which a hook "
+        "of the run that made the cache may have edited, e.g. patch_sources, so it is not "
+        "the depth state later routers read; other hooks than the caching ones were "
+        "attached in that pass, or the cache does not record it; the state is read from "
+        "the hooks that store each source)",
+    )
+    return stored  # not reached: require_cached raised
+
+
+def _other_hooks_attached(cache) -> Optional[bool]:
+    """``other_hooks_attached`` of a cache (`RunCacheDict`), of its ``cache_dict``, or
+    ``None`` (unknown)."""
+    found = getattr(cache, "other_hooks_attached", None)
+    if found is None:
+        found = getattr(getattr(cache, "cache_dict", None), "other_hooks_attached", None)
+    return found
 
 
 @torch.no_grad()

@@ -781,3 +781,63 @@ def test_depth_state_cells_equal_full_runs_patching_what_each_later_router_reads
             model, corrupted, cache, metric, sublayer=sublayer, attention_mask=mask
         )
         assert cells[layer, pos].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _float64_model(kind: str) -> HookedAttnRes:
+    """A float64 model of a native layout with random routing, or a wrap of a tiny Qwen3."""
+    from helpers import SMALL_QWEN3, hf_qwen3
+
+    hf = hf_qwen3(seed=3, num_hidden_layers=3, **SMALL_QWEN3).double()
+    if kind in ("recency", "exact"):
+        return HookedAttnRes.from_hf_qwen3(hf, wrap=kind, num_blocks=2, dtype=torch.float64).eval()
+    wrapped = HookedAttnRes.from_hf_qwen3(hf, wrap="recency", num_blocks=2, dtype=torch.float64)
+    model = HookedAttnRes(wrapped.cfg.replace(attnres_layout=kind, attnres_recency_bias=0.7))
+    own = {k: v for k, v in wrapped.state_dict().items() if "_res." not in k}
+    model.load_state_dict(own, strict=False)
+    return randomize_routing(model, seed=1).eval()
+
+
+@pytest.mark.parametrize("kind", ["kimi", "cumulative", "full", "recency", "exact"])
+def test_depth_state_patching_reads_the_stored_state_not_a_routers_edited_copy(kind):
+    """A clean cache of a run under `patch_sources` at layer 1's attention router (that
+    router's copy of the embedding replaced) holds the edit in that router's
+    ``hook_sources``, not in the depth state every later router reads. Patching the whole
+    clean state at every position, under the same hooks, must give the clean run under
+    them (a full forward pass). Audit 163: the sweep read ``hook_sources`` as the state, so
+    the edit leaked to every later router (layer 1's cell 0.158 off on 0.039, kimi)."""
+    from hooked_attnres.interventions import patch_sources
+
+    model = _float64_model(kind)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 17, (2, 4), generator=generator)
+    corrupted = torch.randint(0, 17, (2, 4), generator=generator)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    site = model.site(1, "attn_res")
+    value = torch.randn(model.cfg.d_model, generator=generator, dtype=torch.float64)
+    hooks = patch_sources(model, "embedding", value, routers=[site])
+    for attention_mask in (None, mask):
+        with model.hooks(fwd_hooks=hooks):
+            expected = metric(model(clean, attention_mask=attention_mask)).item()
+            _, cache = model.run_with_cache(clean, attention_mask=attention_mask)
+            for sublayer in ("attn", "mlp"):
+                cells = get_act_patch_depth_state(
+                    model, corrupted, cache, metric, sublayer, attention_mask=attention_mask
+                )
+                assert (cells.double() - expected).abs().max().item() <= 1e-6 * max(
+                    1, abs(expected)
+                )
+        # a cache of the router copies alone cannot tell the state: refused
+        with model.hooks(fwd_hooks=hooks):
+            _, sources_only = model.run_with_cache(
+                clean,
+                attention_mask=attention_mask,
+                names_filter=lambda name: name.endswith("hook_sources"),
+            )
+        with pytest.raises(KeyError, match="own copy of its sources"):
+            get_act_patch_depth_state(
+                model, corrupted, sources_only, metric, attention_mask=attention_mask
+            )
