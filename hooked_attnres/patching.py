@@ -42,6 +42,7 @@ from hooked_attnres.model.depth import (
     RouterSite,
     sublayer_index,
 )
+from hooked_attnres.model.norms import is_observed
 
 if TYPE_CHECKING:
     from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -213,7 +214,23 @@ def _patch_cells(
         clean = stacked[name] if name in stacked else clean_cache[name]
         if patch_state:
             state = _patched_state(states[start], clean, setter_index, patch_setter, name)
-            logits = model.forward_from(state, start, attention_mask=attention_mask)
+            entry = _watched_entry(model, start)
+            if entry is None:
+                logits = model.forward_from(state, start, attention_mask=attention_mask)
+            else:
+                # the clean current source is read after the hooks there ran in the clean
+                # run: it replaces what they make of the corrupted one, after them (as
+                # TransformerLens's resid_pre patching does), not before them, where
+                # they would edit it a second time (audit 163)
+                state = dataclasses.replace(state, current=states[start].current)
+                current = clean.unbind(dim=-2)[-1] if clean.ndim == 4 else clean
+
+                def patch_current(activation, hook, current=current, setter_index=setter_index):
+                    return patch_setter(activation, setter_index, current)
+
+                patch_current._state_patch = True  # type: ignore[attr-defined]
+                with model.hooks(fwd_hooks=[(entry, patch_current)]):
+                    logits = model.forward_from(state, start, attention_mask=attention_mask)
         else:
 
             def patch(activation, hook, clean=clean, setter_index=setter_index):
@@ -226,6 +243,17 @@ def _patch_cells(
         # 0.24, a tiny cumulative model)
         out[index] = _scalar(metric(widened(logits))).float().to(out.device)
     return out
+
+
+def _watched_entry(model: HookedAttnRes, sublayer: int) -> Optional[str]:
+    """``blocks.{l}.hook_resid_pre`` where a pass started at ``sublayer`` (an attention
+    sublayer, ``2 * l``) runs it on the state's current source before anything reads it,
+    and a hook watches it (`is_observed`); ``None`` otherwise."""
+    layer, is_mlp = divmod(sublayer, 2)
+    if is_mlp or layer >= model.cfg.n_layers:
+        return None
+    point = model.blocks[layer].hook_resid_pre
+    return point.name if is_observed(point) else None
 
 
 def _patched_state(

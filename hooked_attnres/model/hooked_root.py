@@ -377,7 +377,12 @@ class HookedModule(HookedRootModule):
     def _watch_resid_edits(self, name, fn: Callable) -> Callable:
         """``fn``, wrapped to warn once if it edits ``hook_resid_*`` in a routed layout."""
         layout = getattr(self, "routing_layout", None)
-        if layout is None or not layout.has_routers or getattr(fn, "_caches_only", False):
+        if (
+            layout is None
+            or not layout.has_routers
+            or getattr(fn, "_caches_only", False)
+            or getattr(fn, "_state_patch", False)  # a depth-state sweep's own patch
+        ):
             return fn
         if isinstance(name, str) and not name.endswith(RESID_HOOKS):
             return fn
