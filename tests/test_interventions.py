@@ -2513,3 +2513,43 @@ def test_bands_without_band_names_in_layers_are_refused_not_ignored(tokens):
         mask_sources(model, "embedding", layers="early", bands=[[0], [1]])
     # the control: band names in layers read the custom bands
     assert select_sites(model, layers="x", bands={"x": [1]}) == select_sites(model, layers=[1])
+
+
+def test_analyses_refuse_chunks_under_an_attached_mean_patch():
+    """A `patch_committed` / `patch_sources` hook with ``value="mean"`` averages over the
+    prompts of its pass. Attached around an analysis that runs the batch in chunks, each
+    chunk was patched with the mean of its own prompts (audit 163: `run_ablations`' clean
+    logit differences 0.35 off the whole batch's run under the hook with ``chunk=2``, 6
+    prompts, tiny kimi model, float64): refused. In one pass (``chunk`` >= the prompts)
+    the clean values are the full pass's under the hook."""
+    from hooked_attnres.analysis import (
+        attribute_routing,
+        plan_ablations,
+        routing_mass,
+        run_ablations,
+    )
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(50, (6, 5), generator=generator)
+    answer = torch.randint(50, (6,), generator=generator)
+    targets = torch.full((6, 5), -100)
+    targets[:, -1] = answer
+    batch = TaskBatch(tokens, torch.full((6,), 4), answer, (answer + 1) % 50, tokens, targets)
+    plan = plan_ablations(model)
+    for hooks in (
+        patch_committed(model, "embedding", "mean"),
+        patch_sources(model, "embedding", "mean", layers=1),
+    ):
+        with model.hooks(fwd_hooks=hooks):
+            expected = batch.logit_diff(model(tokens)).detach().numpy()
+            clean, _ = run_ablations(model, batch, plan, chunk=6, progress=False)
+            assert abs(clean["logit_diff"] - expected).max() <= 1e-12
+            message = "passes of chunk=2, but an intervention with value='mean' is attached"
+            with pytest.raises(ValueError, match=message):
+                run_ablations(model, batch, plan, chunk=2, progress=False)
+            with pytest.raises(ValueError, match=message):
+                routing_mass(model, batch, chunk=2)
+            with pytest.raises(ValueError, match=message):
+                attribute_routing(model, batch, chunk=2, progress=False)

@@ -71,7 +71,7 @@ from hooked_attnres.analysis.effects import (
 )
 from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
-from hooked_attnres.interventions.routing import mask_logits
+from hooked_attnres.interventions.routing import mask_logits, require_whole_batch_means
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
@@ -628,6 +628,7 @@ def attribute_routing(
     every_position = any_hook_attached(model)
     hooks_during_run = hook_signature(model)  # verify_top must see the same ones
     weights_during_run = WeightsSignature(model)  # and the same weights
+    require_whole_batch_means(model, n, chunk, "attribute_routing")
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:

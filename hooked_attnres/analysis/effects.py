@@ -40,7 +40,11 @@ from hooked_attnres._validation import as_items, one_or_list, require_bool, requ
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
-from hooked_attnres.interventions.routing import Ablation, batched_mask_hooks
+from hooked_attnres.interventions.routing import (
+    Ablation,
+    batched_mask_hooks,
+    require_whole_batch_means,
+)
 from hooked_attnres.interventions.selection import check_bands, check_routers, depth_bands
 from hooked_attnres.model.depth import FAMILIES, DepthState, RouterSite
 from hooked_attnres.model.norms import any_hook_attached
@@ -376,6 +380,7 @@ def run_ablations(
     if max_rows is not None:
         check_count("max_rows", max_rows)
     require_eval(model, "run_ablations")
+    require_whole_batch_means(model, len(batch), chunk, "run_ablations")
     fast = fast and not any_hook_attached(model)  # before the sweep attaches its own
     if fast and any(callable(metric) for metric in metrics):
         # the fast path computes logits at the answer positions only: a callable metric

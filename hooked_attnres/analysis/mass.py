@@ -24,6 +24,7 @@ from hooked_attnres._validation import (
 )
 from hooked_attnres.analysis.bootstrap import as_numpy, bootstrap_ci_rows, check_bootstrap
 from hooked_attnres.interventions.checks import check_count
+from hooked_attnres.interventions.routing import require_whole_batch_means
 from hooked_attnres.interventions.selection import BAND_NAMES, depth_bands, position_index
 from hooked_attnres.model.depth import FAMILIES, RouterSite
 from hooked_attnres.model.passes import padding_of
@@ -741,6 +742,7 @@ def routing_mass(
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError("prompts must be a TaskBatch or a [batch, pos] tensor of token ids")
     require_prompts(tokens.shape[0], "routing_mass")
+    require_whole_batch_means(model, tokens.shape[0], chunk, "routing_mass")
     # the padding, never read: [batch, pos] True at real tokens (None: none)
     mask, real, padding = _real_positions(model, prompts, tokens, attention_mask)
     if answer_pos is not None:

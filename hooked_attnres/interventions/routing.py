@@ -848,7 +848,7 @@ def patch_sources(
                 out[..., index, :] = _at_positions(new, current, positions)
             return out
 
-        hooks.append((name, hook))
+        hooks.append((name, _marked(hook, value)))
     return hooks
 
 
@@ -936,5 +936,39 @@ def patch_committed(
                 check(new, positions, name)
             return _at_positions(new, block, positions)
 
-        hooks.append((name, hook))
+        hooks.append((name, _marked(hook, value)))
     return hooks
+
+
+def _marked(hook: Callable, value: object) -> Callable:
+    """``hook``, marked as averaging over the prompts of its pass where ``value`` is
+    ``"mean"`` (`require_whole_batch_means` finds it attached)."""
+    if isinstance(value, str) and value == "mean":
+        hook._batch_mean = True  # type: ignore[attr-defined]
+    return hook
+
+
+def require_whole_batch_means(model: HookedAttnRes, n_prompts: int, chunk: int, what: str) -> None:
+    """Refuse an analysis (``what``) that runs ``n_prompts`` prompts in passes of
+    ``chunk`` while a `patch_sources` / `patch_committed` hook with ``value="mean"`` is
+    attached to ``model`` (``model.hooks(...)``, ``add_hook``): its mean is over the prompts
+    of each pass, so each chunk would be patched with its own prompts' mean, not the
+    batch's (a silently other intervention than ``model.run_with_hooks(tokens, ...)``
+    applies; audit 163). Nothing to refuse in one pass (``n_prompts <= chunk``)."""
+    if n_prompts <= chunk:
+        return
+    found = [
+        str(point.name)
+        for point in model.hook_points()
+        for handle in point.fwd_hooks
+        if getattr(handle.user_hook, "_batch_mean", False)
+    ]
+    if found:
+        raise ValueError(
+            f"{what} runs the {n_prompts} prompts in passes of chunk={chunk}, but an "
+            f"intervention with value='mean' is attached ({some_names(found)}): it averages "
+            "over the prompts of each pass, so each chunk would be patched with the mean of "
+            "its own prompts, not of the batch. Pass chunk >= the number of prompts, or "
+            "patch with the batch's mean as a tensor (e.g. from a cache of the whole batch: "
+            "cache[name].mean(0, keepdim=True))"
+        )
