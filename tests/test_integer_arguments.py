@@ -286,3 +286,52 @@ def test_layer_and_source_tensors_are_refused_by_name(value):
     as_list = np.array(value.tolist()).reshape(-1)
     assert select_sites(model, layers=as_list) == select_sites(model, layers=value.tolist())
     assert source_indices(model, site, as_list) == sorted(set(as_list.tolist()))
+
+
+@pytest.mark.parametrize("layout", ["kimi", "none"])
+def test_cache_decompositions_take_numpy_integer_layers(layout):
+    """Audit 159: ``cache.decompose_resid(np.int64(1))`` raised a bare ``AssertionError``
+    (TransformerLens's ``assert isinstance(layer, int)``) while every other analysis took a
+    NumPy integer layer. Each now gives what the int layer gives, whose components sum to
+    what the norm reads there."""
+    model = tiny_model(attnres_layout=layout, dtype=torch.float64)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    calls = {
+        "decompose_resid": lambda layer, mlp: cache.decompose_resid(layer, mlp, routed=True),
+        "stack_head_results": lambda layer, mlp: cache.stack_head_results(
+            layer, incl_remainder=True, routed=True
+        ),
+        "stack_neuron_results": lambda layer, mlp: cache.stack_neuron_results(
+            layer, incl_remainder=True, mlp_input=mlp, routed=True
+        ),
+        "get_full_resid_decomposition": lambda layer, mlp: cache.get_full_resid_decomposition(
+            layer, mlp, expand_neurons=False, routed=True
+        ),
+    }
+    for name, call in calls.items():
+        for layer, mlp in ((np.int64(1), True), (np.int32(2), False), (np.int64(0), False)):
+            mlp = mlp and name != "stack_head_results"  # it reads the attention input
+            got = call(layer, mlp)
+            assert torch.equal(got, call(int(layer), mlp)), name
+            norm_input = cache.norm_input(2 * int(layer) + mlp)
+            assert (got.sum(0) - norm_input).abs().max() <= 1e-12, (name, layer, mlp)
+    stack = cache.decompose_resid(1, routed=True)
+    assert torch.equal(
+        cache.apply_ln_to_stack(stack, np.int64(1), routed=True),
+        stack / cache["blocks.1.ln1.hook_scale"],
+    )
+
+
+@pytest.mark.parametrize("layer", [True, 2.0, -2, 5, torch.tensor(1)], ids=repr)
+def test_stack_activation_refuses_a_layer_that_is_not_one(layer):
+    """Audit 159: ``cache.stack_activation(name, layer)`` read ``True`` as layer 1 (the
+    stack of layer 0), raised a bare ``RuntimeError: stack expects a non-empty
+    TensorList`` for ``-2`` and ``TypeError`` for ``2.0``; now the rule of every integer
+    argument and the decompositions' range ``[0, n_layers]`` (or -1 / None)."""
+    model = tiny_model()  # 4 layers
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 4\] \(or -1 / None\)"):
+        cache.stack_activation("attn_out", layer)
+    expected = torch.stack([cache["attn_out", 0], cache["attn_out", 1]])
+    assert torch.equal(cache.stack_activation("attn_out", np.int64(2)), expected)

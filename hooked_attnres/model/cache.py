@@ -147,11 +147,20 @@ def _point(model: Any, layer: Optional[int], mlp_input: bool) -> int:
     if layer is None or layer == -1:
         layer = n_layers
     if not is_integer(layer) or not 0 <= layer <= n_layers:
-        raise ValueError(f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer}")
+        raise ValueError(
+            f"layer must be an integer in [0, {n_layers}] (or -1 / None), got {layer!r}"
+        )
     layer = int(layer)
     if mlp_input and layer == n_layers:
         raise ValueError("mlp_input=True needs a layer below n_layers (the unembedding has no MLP)")
     return sublayer_index(layer, "mlp" if mlp_input else "attn")
+
+
+def _tl_layer(layer: Any) -> Optional[int]:
+    """A ``layer`` `_point` accepted, as TransformerLens's methods take it: a Python ``int``
+    (or ``None``). A NumPy integer passed on made ``decompose_resid``'s ``assert
+    isinstance(layer, int)`` fail bare (audit 159)."""
+    return None if layer is None else int(layer)
 
 
 def _where(model: Any, point: int) -> str:
@@ -1219,6 +1228,7 @@ class AttnResActivationCache(ActivationCache):
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("decompose_resid", pos_slice)
         point = _point(self.model, layer, mlp_input)
+        layer = _tl_layer(layer)
         self._require("decompose_resid", point, routed)
         self._require_decomposable("decompose_resid", point, needs_embed=incl_embeds)
         self._warn_unfolded(point, apply_ln)
@@ -1262,6 +1272,7 @@ class AttnResActivationCache(ActivationCache):
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("stack_head_results", pos_slice)
         point = _point(self.model, layer, False)
+        layer = _tl_layer(layer)
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
@@ -1302,6 +1313,7 @@ class AttnResActivationCache(ActivationCache):
         neuron_slice = slice_input(neuron_slice, "neuron_slice")
         self._require_full_run("stack_neuron_results", pos_slice)
         point = _point(self.model, layer, mlp_input)
+        layer = _tl_layer(layer)
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
         )
@@ -1350,6 +1362,7 @@ class AttnResActivationCache(ActivationCache):
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("get_full_resid_decomposition", pos_slice)
         point = _point(self.model, layer, mlp_input)
+        layer = _tl_layer(layer)
         self._require("get_full_resid_decomposition", point, routed)
         self._require_decomposable(
             "get_full_resid_decomposition",
@@ -1410,6 +1423,7 @@ class AttnResActivationCache(ActivationCache):
         self._require_full_run("apply_ln_to_stack", pos_slice)
         batch_slice = slice_input(batch_slice, "batch_slice")
         point = _point(self.model, layer, mlp_input)
+        layer = _tl_layer(layer)
         if recompute_ln and point == 2 * self.model.cfg.n_layers:
             batch_slice = as_slice(batch_slice, "batch_slice")
             if has_batch_dim:  # as TransformerLens: the stack is cut to the batch slice
@@ -1654,8 +1668,8 @@ class AttnResActivationCache(ActivationCache):
         """TransformerLens's ``stack_activation`` (``[layer, *hook shape]``, the layers
         below ``layer``; empty for ``layer=0``); refuses router hooks whose ``n_sources``
         varies with depth (use `stack_router_activation`)."""
-        n_layers = self.model.cfg.n_layers
-        stop = n_layers if layer is None or layer == -1 else layer
+        # the decompositions' range (a bool was layer 1, -2 a bare RuntimeError; audit 159)
+        stop = _point(self.model, layer, False) // 2
         if stop == 0:  # no layer below 0 (TransformerLens's torch.stack of nothing raises)
             return self[(activation_name, 0, sublayer_type)].unsqueeze(0)[:0]
         names = [get_act_name(activation_name, lay, sublayer_type) for lay in range(stop)]
