@@ -667,6 +667,34 @@ def test_a_cache_that_stopped_early_is_refused_naming_stop_at_layer(case):
             call()
 
 
+@pytest.mark.parametrize("layout", ["none", "cumulative"])
+def test_an_uncached_hook_read_by_an_analysis_is_refused_saying_why(layout):
+    """Audit 159: where an analysis reads a hook the cache does not hold without checking
+    first (layout ``none`` / ``cumulative``'s ``accumulated_resid`` of a ``stop_at_layer``
+    cache; a decomposition of a ``names_filter`` cache of an unhooked pass, whose sum
+    check is skipped; ``get_neuron_results``, ``stack_activation``), it raised
+    TransformerLens's bare ``KeyError: 'blocks.2.hook_resid_pre'``, naming neither why nor
+    what to do. It is still a ``KeyError`` of the name (``args[0]``), now saying both."""
+    model = tiny_model(attnres_layout=layout)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    _, partial = model.run_with_cache(tokens, stop_at_layer=2)
+    _, filtered = model.run_with_cache(
+        tokens, names_filter=lambda name: "attn_out" not in name and "post" not in name
+    )
+    assert filtered.other_hooks_attached is False  # so the decompositions skip their check
+    calls = [
+        ("blocks.2.hook_resid_pre", lambda: partial.accumulated_resid(layer=2)),
+        ("blocks.0.hook_attn_out", lambda: filtered.decompose_resid(layer=2, routed=True)),
+        ("blocks.1.mlp.hook_post", lambda: filtered.get_neuron_results(1)),
+        ("blocks.0.hook_attn_out", lambda: filtered.stack_activation("attn_out", 2)),
+    ]
+    for name, call in calls:
+        with pytest.raises(KeyError, match=re.escape(f"'{name}' is not in this cache")) as caught:
+            call()
+        assert caught.value.args[0] == name
+        assert "names_filter" in str(caught.value) and "stop_at_layer" in str(caught.value)
+
+
 def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():
     """The reason for refusing: TransformerLens's own class on the exact wrap reads the DLA
     n_sources times too large (each source is averaged in, the components are not)."""
@@ -2246,9 +2274,14 @@ def test_a_missing_cache_key_writes_its_suggestions_only_when_shown(monkeypatch)
     assert calls == ["blocks.0.hook_resid_pree"]
     sent = pickle.loads(pickle.dumps(caught.value))  # to another process: the message, no model
     assert type(sent) is KeyError and sent.args == (str(caught.value),)
-    # a hook the cache lacks (names_filter) is the bare KeyError, as before: no suggestions
+    # a hook the cache lacks (names_filter): no suggestions, a KeyError of the name that
+    # says why it is missing (the bare KeyError until audit 159)
     _, some = model.run_with_cache(
         torch.tensor([[1, 2, 3]]), names_filter="blocks.0.hook_resid_post"
     )
-    with pytest.raises(KeyError, match=r"^'blocks.1.hook_resid_pre'$"):
+    before = list(calls)
+    with pytest.raises(
+        KeyError, match=r"^'blocks.1.hook_resid_pre' is not in this cache: the pass"
+    ):
         some["resid_pre", 1]
+    assert calls == before  # no suggestions computed

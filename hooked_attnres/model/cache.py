@@ -27,10 +27,11 @@ A read point is a sublayer index as in ``HookedAttnRes.forward_from``: ``2 * lay
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -134,6 +135,34 @@ class UnknownCacheKeyError(KeyError):
 
     def __reduce__(self):  # pickled (another process) as a KeyError of its message, no model
         return KeyError, (str(self),)
+
+
+class UncachedHookError(KeyError):
+    """A hook of the model that the cache does not hold, read by an analysis or by
+    indexing: a ``KeyError`` of the name (``args[0]``, as TransformerLens's bare one, which
+    said neither why nor what to do; audit 159) whose message says both."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.args[0]!r} is not in this cache: the pass that made it did not cache that "
+            "hook (a names_filter dropped it, or a stop_at_layer stopped before it). Run "
+            "model.run_with_cache(tokens) without them"
+        )
+
+
+@contextlib.contextmanager
+def naming_uncached(cache_dict: dict, model: Any) -> Iterator[None]:
+    """Re-raise TransformerLens's bare ``KeyError`` of a hook of ``model`` that
+    ``cache_dict`` lacks, from a method run inside, as `UncachedHookError`."""
+    try:
+        yield
+    except UncachedHookError:
+        raise
+    except KeyError as error:
+        name = error.args[0] if len(error.args) == 1 else None
+        if isinstance(name, str) and name not in cache_dict and name in model.hook_dict:
+            raise UncachedHookError(name) from None
+        raise
 
 
 class UnfoldedNormWarning(UserWarning):
@@ -567,6 +596,8 @@ class AttnResActivationCache(ActivationCache):
             if self.model.resolve_hook_name(name) not in self.model.hook_dict:
                 # a misspelt name: the model's suggestions, written when shown
                 raise UnknownCacheKeyError(name, self.model) from None
+            if name in self.model.hook_dict and name not in self.cache_dict:
+                raise UncachedHookError(name) from None
             raise
 
     # --- TransformerLens methods that make a new cache_dict: keep the record -------------
@@ -1243,9 +1274,10 @@ class AttnResActivationCache(ActivationCache):
             empty = like.new_zeros((0, *like.shape), dtype=dtype)
             return (empty, []) if return_labels else empty
         cache = self._view(point)
-        return ActivationCache.decompose_resid(
-            cache, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.decompose_resid(
+                cache, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels
+            )
 
     def stack_head_results(
         self,
@@ -1282,9 +1314,10 @@ class AttnResActivationCache(ActivationCache):
         if apply_ln:
             self._require_norm_output("cache.stack_head_results", point)
         cache = self._view(point, remainder=incl_remainder)
-        return ActivationCache.stack_head_results(
-            cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.stack_head_results(
+                cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
+            )
 
     def stack_neuron_results(
         self,
@@ -1323,17 +1356,18 @@ class AttnResActivationCache(ActivationCache):
             self._require_norm_output("cache.stack_neuron_results", point)
         cache = self._view(point, remainder=incl_remainder)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
-        return ActivationCache.stack_neuron_results(
-            cache,
-            layer,
-            pos_slice,
-            neuron_slice,
-            return_labels,
-            incl_remainder,
-            apply_ln,
-            project_output_onto,
-            mlp_input,
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.stack_neuron_results(
+                cache,
+                layer,
+                pos_slice,
+                neuron_slice,
+                return_labels,
+                incl_remainder,
+                apply_ln,
+                project_output_onto,
+                mlp_input,
+            )
 
     def get_full_resid_decomposition(
         self,
@@ -1377,16 +1411,17 @@ class AttnResActivationCache(ActivationCache):
             self._require_norm_output("cache.get_full_resid_decomposition", point)
         cache = self._view(point)
         project_output_onto = _widened(project_output_onto, analysis_dtype(self.model))
-        return ActivationCache.get_full_resid_decomposition(
-            cache,
-            layer,
-            mlp_input,
-            expand_neurons,
-            apply_ln,
-            pos_slice,
-            return_labels,
-            project_output_onto,
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.get_full_resid_decomposition(
+                cache,
+                layer,
+                mlp_input,
+                expand_neurons,
+                apply_ln,
+                pos_slice,
+                return_labels,
+                project_output_onto,
+            )
 
     def apply_ln_to_stack(
         self,
@@ -1442,16 +1477,17 @@ class AttnResActivationCache(ActivationCache):
         )
         self._warn_unfolded(point, True)
         self._require_norm_output("cache.apply_ln_to_stack", point)
-        return ActivationCache.apply_ln_to_stack(
-            self._plain(),
-            residual_stack,
-            layer,
-            mlp_input,
-            pos_slice,
-            batch_slice,
-            has_batch_dim,
-            recompute_ln,
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.apply_ln_to_stack(
+                self._plain(),
+                residual_stack,
+                layer,
+                mlp_input,
+                pos_slice,
+                batch_slice,
+                has_batch_dim,
+                recompute_ln,
+            )
 
     def logit_attrs(
         self,
@@ -1489,15 +1525,16 @@ class AttnResActivationCache(ActivationCache):
         if incorrect_tokens is not None:
             incorrect_tokens = self._token_tensor(incorrect_tokens, "incorrect_tokens")
         self._require_tokens_fit(residual_stack, tokens, pos_slice, batch_slice, has_batch_dim)
-        return ActivationCache.logit_attrs(
-            self._plain(wide=True),
-            residual_stack,
-            tokens,
-            incorrect_tokens,
-            pos_slice,
-            batch_slice,
-            has_batch_dim,
-        )
+        with naming_uncached(self.cache_dict, self.model):
+            return ActivationCache.logit_attrs(
+                self._plain(wide=True),
+                residual_stack,
+                tokens,
+                incorrect_tokens,
+                pos_slice,
+                batch_slice,
+                has_batch_dim,
+            )
 
     def accumulated_resid(
         self,
@@ -1554,9 +1591,10 @@ class AttnResActivationCache(ActivationCache):
                 "hooked_attnres.analysis.routing_lens."
             )
         if not layout.has_final_router:
-            stack, labels = ActivationCache.accumulated_resid(
-                self._plain(), layer, incl_mid, False, pos_slice, mlp_input, True
-            )
+            with naming_uncached(self.cache_dict, self.model):
+                stack, labels = ActivationCache.accumulated_resid(
+                    self._plain(), layer, incl_mid, False, pos_slice, mlp_input, True
+                )
         elif not routed:
             raise ValueError(
                 f"cache.accumulated_resid: in the {self._layout_name()} layout hook_resid_* "
