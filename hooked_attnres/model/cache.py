@@ -1304,7 +1304,7 @@ class AttnResActivationCache(ActivationCache):
         pos_slice = slice_input(pos_slice, "pos_slice")  # checked, unsigned as int64
         self._require_full_run("stack_head_results", pos_slice)
         point = _point(self.model, layer, False)
-        layer = _tl_layer(layer)
+        tl_layer = point // 2  # an int, as TransformerLens takes it (-1 / None: n_layers)
         self._require(
             "stack_head_results", point, routed, 'cache["result", l] for raw per-head outputs'
         )
@@ -1316,7 +1316,7 @@ class AttnResActivationCache(ActivationCache):
         cache = self._view(point, remainder=incl_remainder)
         with naming_uncached(self.cache_dict, self.model):
             return ActivationCache.stack_head_results(
-                cache, layer, return_labels, incl_remainder, pos_slice, apply_ln
+                cache, tl_layer, return_labels, incl_remainder, pos_slice, apply_ln
             )
 
     def stack_neuron_results(
@@ -1346,7 +1346,7 @@ class AttnResActivationCache(ActivationCache):
         neuron_slice = slice_input(neuron_slice, "neuron_slice")
         self._require_full_run("stack_neuron_results", pos_slice)
         point = _point(self.model, layer, mlp_input)
-        layer = _tl_layer(layer)
+        tl_layer = point // 2  # an int, as TransformerLens takes it (-1 / None: n_layers)
         self._require(
             "stack_neuron_results", point, routed, "cache.get_neuron_results(l) for raw outputs"
         )
@@ -1359,7 +1359,7 @@ class AttnResActivationCache(ActivationCache):
         with naming_uncached(self.cache_dict, self.model):
             return ActivationCache.stack_neuron_results(
                 cache,
-                layer,
+                tl_layer,
                 pos_slice,
                 neuron_slice,
                 return_labels,
