@@ -36,7 +36,8 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 from hooked_attnres.study import load_condition, probe_prompts, get_condition
 
 CONDITION = "{MAIN}"        # a shipped Block AttnRes checkpoint (hooked-attnres list)
-model = load_condition(CONDITION, seed=0)
+SEED = 0                    # its model seed
+model = load_condition(CONDITION, seed=SEED)
 task = get_condition(CONDITION).task
 batch = probe_prompts(model, n_prompts=256, task=task)  # the study's held-out prompts
 print(batch.tokens.shape, batch.answer.shape)   # [batch, pos], [batch]
@@ -86,7 +87,9 @@ unmet = [name for name, met in (("1 (harmful)", m1.harmful), ("2 (large)", m1.la
 m1_text = ("present: criteria 1-3 hold" if m1.present else
            f"absent: criteri{'on' if len(unmet) == 1 else 'a'} {' and '.join(unmet)} not met")
 print(f"M1 by the criteria of docs/study.md: {m1_text}")
-print(motif_verdicts(motifs.reset_index()).set_index("claim").loc["M1"].sentence)
+# the report's sentence, its clause named by the model's seed as in the shipped report
+verdicts = motif_verdicts(motifs.reset_index().assign(seed=SEED)).set_index("claim")
+print(verdicts.loc["M1"].sentence)
 """
 
 ROUTING = [
@@ -182,7 +185,7 @@ print(completion)
 """),
     md("## What this notebook showed"),
     code("""
-print(f"On {CONDITION} seed 0 ({len(batch)} held-out prompts, accuracy "
+print(f"On {CONDITION} seed {SEED} ({len(batch)} held-out prompts, accuracy "
       f"{batch.accuracy(logits):.0%}, clean logit difference {clean_ld.mean():.2f}): "
       f"masking the embedding in the early MLP routers changes the logit difference by "
       f"{effect_text(masked_effect)} (95 % bootstrap interval over the prompts), so the "

@@ -39,6 +39,30 @@ def test_notebook_runs(path, tmp_path):
     assert not errors
     # every code cell produced something to look at
     assert all(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    if path.name == "01_routing_hooks.ipynb":
+        _m1_clause_is_the_shipped_reports(notebook)
+
+
+def _m1_clause_is_the_shipped_reports(notebook) -> None:
+    """The routing notebook decides M1 with the study's tables on the study's prompts and
+    bootstrap (256 prompts of data seed 1, 1000 resamples, bootstrap seed 0), so its
+    per-seed clause is the shipped report's, number for number: fewer prompts or another
+    seed could print another verdict than the report's. It printed "the model: effect ..."
+    (a sentence starting in lower case, naming no seed) where the report reads "seed 0:
+    effect ..."."""
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    (sentence,) = [line for line in printed.splitlines() if line.startswith("M1 (")]
+    head, clause = sentence.split(". ", 1)
+    assert head.endswith("present in 0 of 1 seed (absent)") == ("absent: criteri" in printed)
+    report = (DEMOS.parent / "docs" / "results" / "shipped_report.md").read_text()
+    section = report.split("### hard_cumulative_L8 (")[1].split("\n### ")[0]
+    (shipped,) = [line for line in section.splitlines() if line.startswith("* M1 (")]
+    assert clause.startswith("seed 0: ") and clause.rstrip(".") in shipped, (clause, shipped)
 
 
 def test_notebooks_are_built_from_the_builder():
@@ -252,7 +276,7 @@ def test_routing_notebook_decides_m1_by_the_criteria_it_quotes(capsys):
 
     model = load_condition("hard_cumulative_L8", seed=0)
     batch = probe_prompts(model, n_prompts=16, task="hard")
-    namespace = dict(model=model, batch=batch)
+    namespace = dict(model=model, batch=batch, SEED=0)
     exec(_builder()["M1_VERDICT"], namespace)
     printed = capsys.readouterr().out
     effects = namespace["tables"]["effects"]
