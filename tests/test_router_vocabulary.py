@@ -172,3 +172,25 @@ def test_type_only_router_arguments_name_the_single_router_spelling(layout):
             plan_ablations(model, "current", given)
         with pytest.raises(ValueError, match="names single routers.*select_sites"):
             check_routers(model, given)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_a_tuple_of_a_site_and_a_router_type_is_two_routers(layout):
+    """``routers=(site, "mlp_res")`` (a tuple of a `RouterSite` and a router type) selected
+    the site and the MLP routers, as the list ``[site, "mlp_res"]`` does, until the pair
+    spelling (audit 162) read it as the pair ``(layer=site, router="mlp_res")`` and refused
+    it: "layer must be an integer ..., got RouterSite(...)" (audit 165)."""
+    model = small(layout)
+    site = model.site(1, "attn_res")
+    expected = [*model.sites("mlp_res"), site]
+    expected.sort(key=lambda s: s.sublayer)
+    for first in (site, (1, "attn_res")):
+        assert select_sites(model, (first, "mlp_res")) == expected
+        assert select_sites(model, [first, "mlp_res"]) == expected
+        hooks = mask_sources(model, "embedding", routers=(first, "mlp_res"), layers=[1])
+        listed = mask_sources(model, "embedding", routers=[first, "mlp_res"], layers=[1])
+        assert [name for name, _ in hooks] == [name for name, _ in listed]
+        assert [name for name, _ in hooks] == [
+            site.hook("logits"),
+            model.site(1, "mlp_res").hook("logits"),
+        ]

@@ -203,15 +203,16 @@ RouterSpec = Union[None, str, RouterSite, tuple, Sequence[Union[str, RouterSite,
 def _names_a_site(value) -> bool:
     """Whether ``routers=`` as a whole names one router (`RoutingLayout.check` reads it): a
     `RouterSite` or a ``(layer, router)`` pair, a 2-tuple whose second item is a string and
-    whose first is not (``("attn_res", "mlp_res")`` is two router types). Inside a list,
-    every tuple is read as a pair."""
+    whose first is no router spelling (``("attn_res", "mlp_res")`` is two router types,
+    ``(site, "mlp_res")`` and ``((1, "attn_res"), "mlp_res")`` a router and a type, as in a
+    list: audit 165). Inside a list, every tuple is read as a pair."""
     if isinstance(value, RouterSite):
         return True
     return (
         isinstance(value, tuple)
         and len(value) == 2
         and isinstance(value[1], str)
-        and not isinstance(value[0], str)
+        and not isinstance(value[0], (str, RouterSite, tuple))
     )
 
 
