@@ -60,6 +60,7 @@ from hooked_attnres._validation import (
 from hooked_attnres.model.depth import (
     SOURCE_AXIS,
     SUBLAYER_ROUTERS,
+    layer_index,
     router_hook_key,
     sublayer_index,
 )
@@ -572,14 +573,14 @@ class AttnResActivationCache(ActivationCache):
             else:
                 key = tuple(key)
                 n_layers = self.model.cfg.n_layers
-                if len(key) > 1 and is_integer(key[1]) and not -n_layers <= key[1] < n_layers:
-                    # it named 'blocks.-95.hook_resid_pre' for layer -99 of 4
-                    raise KeyError(
-                        f"layer {key[1]!r} of {key!r} is not in [-{n_layers}, {n_layers}): "
-                        f"the model has {n_layers} layers"
-                    ) from None
-                if len(key) > 1 and is_integer(key[1]) and key[1] < 0:  # NumPy too
-                    key = (key[0], n_layers + int(key[1]), *key[2:])
+                if len(key) > 1 and is_integer(key[1]):  # NumPy too; negative from the end
+                    try:  # the layer rule of model.site (`layer_index`)
+                        key = (key[0], layer_index(key[1], n_layers), *key[2:])
+                    except ValueError:  # it named 'blocks.-95.hook_resid_pre' for -99 of 4
+                        raise KeyError(
+                            f"layer {key[1]!r} of {key!r} is not in [-{n_layers}, {n_layers}): "
+                            f"the model has {n_layers} layers"
+                        ) from None
                 name = get_act_name(*key)
             real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:

@@ -70,7 +70,8 @@ def layer_index(layer: Any, n_layers: int, where: str = "") -> int:
     otherwise ``ValueError("layer must be an integer in [-L, L){where}, got ...")``. The one
     layer rule: `RoutingLayout.site` (through `RoutingLayout.layer_index`) and the layer
     selections of the interventions (`resolve_layers`, custom bands and groups) read a
-    layer with it."""
+    layer with it, and so does a cache key's integer layer (``cache["resid_pre", -1]``,
+    refused with TransformerLens's ``KeyError``)."""
     if not is_integer(layer) or not -n_layers <= layer < n_layers:
         raise ValueError(
             f"layer must be an integer in [-{n_layers}, {n_layers}){where}, got {layer!r}"
