@@ -176,10 +176,8 @@ def check_routers(
     ``"final_res"`` on a layout without a final router."""
     layout = model.routing_layout
     layout.require_routers()
-    if _names_a_site(routers) or (
-        isinstance(routers, (list, tuple))
-        and any(isinstance(r, (RouterSite, tuple)) for r in routers)
-    ):  # "got 1" / "must be a list ... of items, got RouterSite(...)" named no cause
+    # "got 1" / "must be a list ... of items, got RouterSite(...)" named no cause
+    if _names_sites(routers):
         raise ValueError(
             f"routers={routers!r:.80} names single routers, but this argument takes router "
             f"types {ROUTERS} (its rows or cells are by type and layer); to edit single "
@@ -216,6 +214,15 @@ def _names_a_site(value) -> bool:
     )
 
 
+def _names_sites(routers) -> bool:
+    """Whether ``routers=`` names single routers: as a whole (`_names_a_site`), or a list or
+    tuple with a `RouterSite` or a ``(layer, router)`` pair among its items."""
+    return _names_a_site(routers) or (
+        isinstance(routers, (list, tuple))
+        and any(isinstance(r, (RouterSite, tuple)) for r in routers)
+    )
+
+
 def select_sites(
     model: HookedAttnRes,
     routers: RouterSpec = None,
@@ -234,10 +241,7 @@ def select_sites(
             router has no layer, so ``layers`` does not filter it (it must be asked for).
     """
     layout = model.routing_layout
-    if _names_a_site(routers) or (
-        isinstance(routers, (list, tuple))
-        and any(isinstance(r, (RouterSite, tuple)) for r in routers)
-    ):
+    if _names_sites(routers):
         given: list = [routers] if _names_a_site(routers) else list(routers)  # type: ignore[arg-type]
         explicit = [layout.check(r) for r in given if isinstance(r, (RouterSite, tuple))]
         named = [r for r in given if not isinstance(r, (RouterSite, tuple))]
