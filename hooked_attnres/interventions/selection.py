@@ -47,7 +47,8 @@ def depth_bands(n_layers: int, bands: Optional[dict] = None) -> dict[str, list[i
 
     Default: thirds, ``early = [0, ceil(L/3))``, ``middle = [ceil(L/3), ceil(2L/3))``,
     ``late`` the rest (8 layers: 0-2, 3-5, 6-7). Custom bands: ``{"name": range or
-    (start, stop) or list}``; they must be non-empty and inside ``[0, n_layers)``.
+    (start, stop) or list}``; they must be non-empty, their layers in ``[-n_layers,
+    n_layers)`` (`layer_index`: a negative one counts from the end).
     """
     n_layers = require_integer("n_layers", n_layers, 1)
     check_bands(bands)
