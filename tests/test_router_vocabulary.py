@@ -194,3 +194,22 @@ def test_a_tuple_of_a_site_and_a_router_type_is_two_routers(layout):
             site.hook("logits"),
             model.site(1, "mlp_res").hook("logits"),
         ]
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative"])
+def test_layers_beside_only_explicit_routers_is_refused_not_ignored(layout):
+    """``layers=`` / ``bands=`` select layers of router types; explicit routers name their
+    own layer. With only explicit routers, ``mask_sources(..., routers=[(1, "attn_res")],
+    layers=[0])`` masked layer 1 and ignored ``layers`` without a word."""
+    model = small(layout)
+    for routers in ([(1, "attn_res")], model.site(1, "attn_res"), (1, "attn_res")):
+        with pytest.raises(ValueError, match=r"names only single routers.*layers=\[0\]"):
+            select_sites(model, routers, layers=[0])
+        with pytest.raises(ValueError, match=r"names only single routers.*layers='early'"):
+            mask_sources(model, "embedding", routers=routers, layers="early")
+        with pytest.raises(ValueError, match=r"names only single routers"):
+            select_sites(model, routers, layers=["a"], bands={"a": [0]})
+        assert select_sites(model, routers) == [model.site(1, "attn_res")]
+    # beside a router type, layers selects that type's layers: kept
+    mixed = select_sites(model, [(1, "attn_res"), "mlp_res"], layers=[0])
+    assert mixed == [model.site(0, "mlp_res"), model.site(1, "attn_res")]

@@ -237,7 +237,8 @@ def select_sites(
             two sublayer types) and/or explicit routers, `RouterSite` s or ``(layer,
             router)`` pairs as ``model.source_labels`` takes them (`RoutingLayout.check`:
             a negative layer counts from the end), kept as given (``layers`` does not
-            filter them).
+            filter them; with only such routers, ``layers`` or ``bands`` is refused, as it
+            would be ignored).
         layers, bands: which layers of the router types (see `resolve_layers`); the final
             router has no layer, so ``layers`` does not filter it (it must be asked for).
     """
@@ -246,6 +247,17 @@ def select_sites(
         given: list = [routers] if _names_a_site(routers) else list(routers)  # type: ignore[arg-type]
         explicit = [layout.check(r) for r in given if isinstance(r, (RouterSite, tuple))]
         named = [r for r in given if not isinstance(r, (RouterSite, tuple))]
+        if not named and (layers is not None or bands is not None):
+            # layers / bands select layers of router types: beside single routers only,
+            # they selected nothing, and routers=[(1, "attn_res")], layers=[0] edited layer 1
+            given_layers = f"layers={layers!r:.60}" if layers is not None else ""
+            given_bands = f"bands={bands!r:.60}" if bands is not None else ""
+            raise ValueError(
+                f"routers={routers!r:.80} names only single routers, each with its own layer, "
+                f"so {' and '.join(x for x in (given_layers, given_bands) if x)} would be "
+                "ignored; leave it out, or name router types (e.g. routers='attn_res') for "
+                "layers to select"
+            )
         typed = select_sites(model, named, layers, bands) if named else []
         chosen = set(explicit) | set(typed)
         return [site for site in layout.sites() if site in chosen]
