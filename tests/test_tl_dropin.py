@@ -695,6 +695,33 @@ def test_an_uncached_hook_read_by_an_analysis_is_refused_saying_why(layout):
         assert "names_filter" in str(caught.value) and "stop_at_layer" in str(caught.value)
 
 
+def test_an_uncached_optional_hook_whose_flag_is_on_names_every_reason():
+    """Review of audit 159: an optional hook (``set_use_attn_result``) the cache lacks while
+    its flag is on was always refused as ``switch it on before run_with_cache``, though it
+    was on and a ``names_filter`` (or ``stop_at_layer``) had dropped it; and its ``args[0]``
+    was that message, not the name. It is an `UncachedHookError` of the name naming the
+    filter, the early stop and the flag (which may have been off in that pass)."""
+    model = tiny_model()  # 4 layers
+    tokens = torch.tensor([[1, 2, 3]])
+    model.set_use_attn_result(False)
+    _, without_flag = model.run_with_cache(tokens)
+    model.set_use_attn_result(True)
+    _, filtered = model.run_with_cache(tokens, names_filter=lambda name: "result" not in name)
+    _, partial = model.run_with_cache(tokens, stop_at_layer=1)
+    assert "blocks.2.attn.hook_result" in model.run_with_cache(tokens)[1].cache_dict
+    for cache in (filtered, partial, without_flag):
+        with pytest.raises(KeyError) as caught:
+            cache["result", 2]
+        assert caught.value.args[0] == "blocks.2.attn.hook_result"
+        message = str(caught.value)
+        assert "switch it on" not in message
+        for reason in ("names_filter", "stop_at_layer", r"model.set_use_attn_result(True)"):
+            assert reason in message, (reason, message)
+    model.set_use_attn_result(False)  # off now: the flag is the reason
+    with pytest.raises(KeyError, match=r"exists only while model\.set_use_attn_result\(True\)"):
+        filtered["result", 2]
+
+
 def test_transformerlens_unweighted_decomposition_is_wrong_where_we_refuse():
     """The reason for refusing: TransformerLens's own class on the exact wrap reads the DLA
     n_sources times too large (each source is averaged in, the components are not)."""

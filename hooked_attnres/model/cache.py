@@ -144,10 +144,16 @@ class UncachedHookError(KeyError):
     said neither why nor what to do; audit 159) whose message says both."""
 
     def __str__(self) -> str:
+        from hooked_attnres.model.tl_methods import optional_hook_method
+
+        # an optional hook, on now, may have been off in that pass (review of audit 159)
+        flag = optional_hook_method(self.args[0])
+        off = f"model.{flag}(True) was off, " if flag else ""
+        on = f" and with model.{flag}(True) on" if flag else ""
         return (
             f"{self.args[0]!r} is not in this cache: the pass that made it did not cache that "
-            "hook (a names_filter dropped it, or a stop_at_layer stopped before it). Run "
-            "model.run_with_cache(tokens) without them"
+            f"hook ({off}a names_filter dropped it, or a stop_at_layer stopped before it). Run "
+            f"model.run_with_cache(tokens) without them{on}"
         )
 
 
@@ -588,7 +594,7 @@ class AttnResActivationCache(ActivationCache):
             from hooked_attnres.model.tl_methods import optional_hook_method
 
             method = optional_hook_method(name)
-            if method is not None:
+            if method is not None and name not in self.model.hook_dict:  # the flag is off
                 raise KeyError(
                     f"{name!r} is not in this cache: that hook exists only while "
                     f"model.{method}(True) is on (TransformerLens's optional hooks); switch "
