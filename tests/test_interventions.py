@@ -2553,3 +2553,45 @@ def test_analyses_refuse_chunks_under_an_attached_mean_patch():
                 routing_mass(model, batch, chunk=2)
             with pytest.raises(ValueError, match=message):
                 attribute_routing(model, batch, chunk=2, progress=False)
+
+
+def test_the_chunked_mean_refusal_names_a_tensor_that_reproduces_the_batch_mean():
+    """The refusal of a chunked analysis under ``value="mean"`` offers a tensor instead.
+    Followed as written it must reproduce the whole batch's ``"mean"``, for
+    `patch_sources` too, whose ``hook_sources`` is ``[batch, pos, n_sources, d_model]``:
+    review of audit 163: the message said ``cache[name].mean(0, keepdim=True)``, which for
+    `patch_sources` is ``[1, pos, n_sources, d_model]``, a value `patch_sources` refuses."""
+    from hooked_attnres.analysis import plan_ablations, run_ablations
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(50, (6, 5), generator=generator)
+    answer = torch.randint(50, (6,), generator=generator)
+    targets = torch.full((6, 5), -100)
+    targets[:, -1] = answer
+    batch = TaskBatch(tokens, torch.full((6,), 4), answer, (answer + 1) % 50, tokens, targets)
+    plan = plan_ablations(model)[:3]
+    site = model.site(1, "attn_res")
+    index = model.source_labels(site).index("embedding")
+    _, cache = model.run_with_cache(tokens)  # a run of the whole batch
+    for patch, recipe in (
+        (lambda value: patch_committed(model, "embedding", value), "cache[hook].mean(0"),
+        (
+            lambda value: patch_sources(model, "embedding", value, routers=[site]),
+            "cache[hook][:, :, i].mean(0",
+        ),
+    ):
+        hooks = patch("mean")
+        with model.hooks(fwd_hooks=hooks):
+            want = run_ablations(model, batch, plan, chunk=6, progress=False)
+            with pytest.raises(ValueError, match=re.escape(recipe)):
+                run_ablations(model, batch, plan, chunk=2, progress=False)
+        (name,) = [name for name, _ in hooks]
+        value = cache[name]
+        if value.ndim == 4:  # patch_sources: source i of that router
+            value = value[:, :, index]
+        with model.hooks(fwd_hooks=patch(value.mean(0, keepdim=True))):
+            got = run_ablations(model, batch, plan, chunk=2, progress=False)
+        for part in (0, 1):
+            assert abs(got[part]["logit_diff"] - want[part]["logit_diff"]).max() <= 1e-12

@@ -969,6 +969,9 @@ def require_whole_batch_means(model: HookedAttnRes, n_prompts: int, chunk: int, 
             f"intervention with value='mean' is attached ({some_names(found)}): it averages "
             "over the prompts of each pass, so each chunk would be patched with the mean of "
             "its own prompts, not of the batch. Pass chunk >= the number of prompts, or "
-            "patch with the batch's mean as a tensor (e.g. from a cache of the whole batch: "
-            "cache[name].mean(0, keepdim=True))"
+            "patch with the batch's mean as a [1, pos, d_model] tensor from a cache of a run "
+            "of the whole batch: cache[hook].mean(0, keepdim=True) for patch_committed, "
+            "cache[hook][:, :, i].mean(0, keepdim=True) for source i of patch_sources (one "
+            "call per router and source; in a padded batch, the mean over the prompts real "
+            "at each position, as 'mean' takes it)"
         )
