@@ -1832,3 +1832,32 @@ def test_the_documented_recipes_are_the_code_defaults():
     assert documented == [*settings(ours), ours.eval_size, ours.checkpoint_every]
     assert [float(v) for v in study.groups()] == [*settings(theirs), theirs.eval_size]
     assert [float(v) for v in study_checkpoints.groups()] == [theirs.lr, theirs.checkpoint_every]
+
+
+def test_evaluate_refuses_chunks_under_an_attached_mean_patch():
+    """`evaluate` runs a batch in chunks of ``chunk`` prompts: under an attached
+    ``value="mean"`` patch each chunk was patched with its own prompts' mean, not the
+    batch's (review of audit 163: 64 prompts, tiny kimi model, a patch of the embedding
+    by its mean: accuracy 0.1875 with ``chunk=2`` where the whole batch's pass under the
+    same hook gives 0.0156). Refused as the chunked analyses refuse it; in one pass
+    (``chunk`` >= the prompts) the accuracy is the whole pass's under the hook."""
+    from helpers import randomize_routing, tiny_model
+
+    from hooked_attnres.interventions import patch_committed
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(50, (8, 5), generator=generator)
+    with torch.no_grad():
+        answer = model(tokens)[:, -1].argmax(-1)  # accuracy 1.0 without the hook
+    targets = torch.full((8, 5), -100)
+    targets[:, -1] = answer
+    batch = TaskBatch(tokens, torch.full((8,), 4), answer, (answer + 1) % 50, tokens, targets)
+    with model.hooks(fwd_hooks=patch_committed(model, "embedding", "mean")):
+        with torch.no_grad():
+            want = (model(tokens)[:, -1].argmax(-1) == answer).double().mean().item()
+        assert evaluate(model, {"t": batch}, chunk=8) == {"t": want}
+        with pytest.raises(ValueError, match="evaluate runs the 8 prompts in passes of chunk=2"):
+            evaluate(model, {"t": batch}, chunk=2)
+    assert evaluate(model, {"t": batch}, chunk=2) == {"t": 1.0}  # the hook detached

@@ -69,6 +69,7 @@ from hooked_attnres._validation import (
     require_tokenizer,
     some_names,
 )
+from hooked_attnres.interventions.routing import require_whole_batch_means
 from hooked_attnres.loading.io import verify_saved_files
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
 from hooked_attnres.tasks.base import Task, TaskBatch
@@ -429,12 +430,15 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
     mode is restored, also on an error), ``chunk`` prompts (an integer >= 1) per forward
     pass. An empty batch is refused (it has no accuracy). A prompt whose argmax is
     undefined (NaN logits, e.g. of an overflow; `TaskBatch.correct`) makes its batch's
-    accuracy NaN, not a guess."""
+    accuracy NaN, not a guess. A batch of more than one chunk is refused while a
+    ``value="mean"`` patch is attached (`require_whole_batch_means`)."""
     # a chunk <= 0 gave an empty range: no prompt scored, accuracy 0.0 silently
     chunk = require_integer("chunk", chunk, 1)
     for name, batch in batches.items():
         if len(batch) == 0:
             raise ValueError(f"evaluate: batch {name!r} has no prompts, so it has no accuracy")
+        if isinstance(model, HookedAttnRes):  # an attached value="mean" patch: one pass
+            require_whole_batch_means(model, len(batch), chunk, "evaluate")
     was_training = model.training
     model.eval()
     out = {}
