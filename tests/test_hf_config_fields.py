@@ -479,3 +479,18 @@ def test_unimplemented_fields_are_refused_by_every_loader(tmp_path, fields, matc
                 HookedAttnRes.from_hf_qwen3(source, wrap=wrap)
     with pytest.raises(CheckpointError, match=match):
         HookedAttnRes.from_pretrained(attnres)
+
+
+@pytest.mark.parametrize(
+    "layer_types", [["full_attention"] * 2, ["full_attention"] * 3 + ["sliding_attention"]]
+)
+def test_layer_types_of_another_length_than_the_layers_are_refused(tmp_path, layer_types):
+    """transformers refuses layer_types with another number of entries than layers (the
+    3-layer checkpoint here); a short all-full list used to load, a long one was refused
+    for a sliding layer 3 the model does not have."""
+    directory = edited_checkpoint(tmp_path, layer_types=layer_types)
+    with pytest.raises(Exception, match=r"`num_hidden_layers` \(3\) must be equal"):
+        hf_module(directory)  # huggingface_hub's StrictDataclassClassValidationError
+    match = r"layer_types=\[.*\] \(expected a list of num_hidden_layers=3 entries"
+    with pytest.raises(CheckpointError, match=match):
+        HookedAttnRes.from_hf_qwen3(directory)

@@ -620,6 +620,11 @@ def test_bad_sources_fail_with_what_was_found(tmp_path):
 
     config["intermediate_size"], config["num_hidden_layers"] = 40, 4
     (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
+    # the saved layer_types still lists 3 layers, which transformers refuses too
+    with pytest.raises(CheckpointError, match=r"list of num_hidden_layers=4 entries"):
+        HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
+    del config["layer_types"]  # as an older config.json without them
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing keys.*model.layers.3"):
         HookedAttnRes.from_hf_qwen3(tmp_path / "resized")
 

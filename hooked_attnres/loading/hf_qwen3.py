@@ -203,6 +203,15 @@ def _sliding_window_problems(config: Any) -> list[str]:
         f"{n_ctx!r}, the longest sequence the loaded model accepts"
     )
     layer_types = _get(config, "layer_types")
+    n_layers = _get(config, "num_hidden_layers")
+    if layer_types is not None and (
+        not isinstance(layer_types, (list, tuple)) or len(layer_types) != n_layers
+    ):
+        # transformers 5 refuses such a config; transformers 4 fails on a short list
+        return [
+            f"layer_types={layer_types!r} (expected a list of num_hidden_layers={n_layers} "
+            "entries, one per layer, as transformers requires; or remove it)"
+        ]
     if layer_types is not None:
         other = sorted({str(kind) for kind in layer_types if kind != "full_attention"})
         where = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
@@ -237,7 +246,7 @@ def _sliding_window_problems(config: Any) -> list[str]:
     first = _get(config, "max_window_layers", 28)
     if not is_integer(first):
         return [f"use_sliding_window=True with max_window_layers={first!r} (expected an integer)"]
-    sliding = list(range(max(first, 0), _get(config, "num_hidden_layers")))
+    sliding = list(range(max(first, 0), n_layers))
     if not sliding or window_covers_n_ctx(window, n_ctx):
         return []
     return [
