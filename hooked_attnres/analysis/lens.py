@@ -53,7 +53,7 @@ class RoutingLens:
             ``"{l}_pre"`` (entering layer ``l``), ``"{l}_mid"`` (entering its MLP, with
             ``incl_mid``), ``"final_post"`` (after the last layer: the model's logits).
         router_logits: ``[n_routers, batch, *pos, d_vocab]``, the readout of each router's
-            ``hook_out`` (empty in layout ``"none"``).
+            ``hook_out`` (empty in layout ``"none"`` and with ``routers=False``).
         sites: the `RouterSite` of each ``router_logits`` entry, in forward order.
     """
 
