@@ -213,6 +213,28 @@ def other_save(directory: Union[str, Path], keeps: tuple[str, ...] = ()) -> Opti
     return some_names(sorted(marker["files"]))
 
 
+PACKAGE = Path(__file__).resolve().parent  # the installed package, hooked_attnres/
+
+
+def check_outside_package(path: Union[str, Path], name: str) -> None:
+    """Refuse an output folder ``path`` (called ``name`` in the message: ``"--out"``,
+    ``"out_dir"``) that is the package's own folder or inside it (links resolved): pip
+    deletes what is there on an upgrade or uninstall, and a run written into the shipped
+    checkpoints' folder (`hooked_attnres.study.SHIPPED`) would be listed and studied as
+    shipped (audit 169).
+
+    Raises:
+        ValueError: naming the package's folder and the remedy.
+    """
+    target = Path(path).resolve()
+    if target == PACKAGE or PACKAGE in target.parents:
+        raise ValueError(
+            f"{name} {path} is inside the package hooked_attnres ({PACKAGE}): pip deletes "
+            "what is written there on an upgrade or uninstall, and runs written beside the "
+            "shipped checkpoints would be taken for shipped ones; choose a folder outside it"
+        )
+
+
 def file_sha256(path: Union[str, Path]) -> str:
     """The SHA-256 hex digest of a file's bytes (what ``sha256sum`` prints), read in 1 MiB
     chunks (``hashlib.file_digest`` needs Python 3.11)."""

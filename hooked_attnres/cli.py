@@ -162,7 +162,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hooked_attnres._atomic import other_save, updating, write_text_atomic
+    from hooked_attnres._atomic import (
+        check_outside_package,
+        other_save,
+        updating,
+        write_text_atomic,
+    )
     from hooked_attnres._validation import is_integer, require_selection
     from hooked_attnres.study import (
         get_condition,
@@ -180,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
     # twice in the summary
     require_selection("--seeds", args.seeds, why="nothing would be trained")
+    check_outside_package(args.out, name="--out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CommandError(
             f"--out {args.out} is a file; training writes one folder per run into the "

@@ -1085,3 +1085,47 @@ def test_train_refuses_a_later_run_folder_the_trainer_refuses_before_any_run(
     assert match in err, err
     assert "choose another out_dir (on the command line: another --out)" in err, err
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "command, where",
+    [
+        ("train", "data/study"),  # a new seed beside the shipped runs: listed as shipped
+        ("train", "runs"),
+        ("study", "study_out"),
+        ("study", "data/study/new_study"),
+    ],
+)
+def test_an_out_inside_the_package_is_refused_before_any_work(command, where, monkeypatch, capsys):
+    """Audit 169: ``train --out hooked_attnres/data/study --seeds 5`` trained into the
+    shipped checkpoints' folder (``list`` and the default study then counted the run as
+    shipped), and ``--out hooked_attnres/...`` wrote runs or a study into the installed
+    package, which pip deletes on an upgrade or uninstall. Refused before any work, naming
+    the option; nothing is created there."""
+    import hooked_attnres
+    from hooked_attnres import study
+    from hooked_attnres.study import run
+
+    package = Path(hooked_attnres.__file__).resolve().parent
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(run, "_study_run", lambda *a, **k: pytest.fail("studied"))
+    out = package / where
+    before = sorted(package.rglob("*"))
+    argv = [command, "--conditions" if command == "study" else "--condition", "vanilla"]
+    argv += ["--seeds", "5" if command == "train" else "0", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"--out {out} is inside the package hooked_attnres ({package})" in err[0], err
+    assert sorted(package.rglob("*")) == before
+
+
+def test_a_training_run_folder_inside_the_package_is_refused():
+    """Audit 169: the trainer's own check of a run's folder (`train_condition`, `train`)
+    refuses one inside the package too, by the Python name ``out_dir``."""
+    from hooked_attnres.study import SHIPPED, run_dir
+    from hooked_attnres.training.trainer import check_run_folder
+
+    with pytest.raises(ValueError, match=r"out_dir .*vanilla_seed5 is inside the package"):
+        check_run_folder(run_dir(SHIPPED, "vanilla", 5))
+    assert not run_dir(SHIPPED, "vanilla", 5).exists()

@@ -44,6 +44,7 @@ from hooked_attnres._atomic import (
     SIBLING_ID,
     CheckpointConflictError,
     atomic_directory,
+    check_outside_package,
     check_replaceable,
     exclusive_job,
     other_save,
@@ -943,9 +944,11 @@ def check_out_dir(out_dir: Union[str, Path], name: str = "out_dir") -> None:
 
     Raises:
         CheckpointConflictError: a ``FileExistsError`` naming the files.
-        ValueError: ``out_dir`` is the file-system root (`partial_dir`).
+        ValueError: ``out_dir`` is the file-system root (`partial_dir`), or the package's
+            folder or inside it (`hooked_attnres._atomic.check_outside_package`).
     """
     partial = partial_dir(out_dir, name)  # first: the root is refused before it is scanned
+    check_outside_package(out_dir, name)  # and the package before it is scanned
     _check_study_folder(out_dir, name)
     if partial.exists() or partial.is_symlink():
         foreign = _foreign_kept(partial)

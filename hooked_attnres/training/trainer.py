@@ -48,6 +48,7 @@ from hooked_attnres._atomic import (
     CheckpointConflictError,
     atomic_directory,
     backups_of,
+    check_outside_package,
     check_replaceable,
     exclusive_job,
     fault_point,
@@ -263,9 +264,11 @@ def check_run_folder(out_dir: Path) -> None:
     ``model/`` (unless an empty folder) or ``metrics.json`` without the run's checkpoint
     beside them (a shipped checkpoint's folder, or the user's own files), which the run
     replaced (audit 126). Also refused: a file at ``out_dir``, and a ``model/`` or
-    ``checkpoint/`` holding files the trainer did not write (`_check_output`): every
+    ``checkpoint/`` holding files the trainer did not write (`_check_output`), and a folder
+    inside the package (`hooked_attnres._atomic.check_outside_package`, audit 169): every
     refusal of ``out_dir`` that `train` makes, so that ``hooked-attnres train`` checks each
     run's folder before the first run trains (review 131)."""
+    check_outside_package(out_dir, "out_dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(
             f"out_dir {out_dir} is a file; the trainer writes a directory: move it away or "
