@@ -612,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=_Gathered,
         default=None,
         metavar="NAME",
-        help="conditions to study (default: every one with a checkpoint)",
+        help="conditions to study (default: every one with a checkpoint); 'both' and "
+        "'grid' as for train",
     )
     study.add_argument(
         "--seeds",

@@ -1129,3 +1129,52 @@ def test_a_training_run_folder_inside_the_package_is_refused():
     with pytest.raises(ValueError, match=r"out_dir .*vanilla_seed5 is inside the package"):
         check_run_folder(run_dir(SHIPPED, "vanilla", 5))
     assert not run_dir(SHIPPED, "vanilla", 5).exists()
+
+
+def _documented_options() -> dict[str, dict[str, str]]:
+    """``{command: {option: default cell}}`` of the option tables of docs/study.md's
+    "Command-line options" (one table per command, after a line naming it in backticks:
+    ``hooked-attnres train``)."""
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "study.md").read_text()
+    section = text.split("### Command-line options", 1)[1].split("\n#", 1)[0]
+    tables: dict[str, dict[str, str]] = {}
+    command = None
+    for line in section.splitlines():
+        named = re.match(r"^`hooked-attnres (\w+)", line)
+        if named:
+            command = named.group(1)
+            tables[command] = {}
+        row = re.match(r"^\| `(--[\w-]+)[^`]*` \| ([^|]+) \|", line)
+        if row and command is not None:
+            tables[command][row.group(1)] = row.group(2).strip()
+    return tables
+
+
+def test_the_documented_options_and_defaults_are_the_parsers():
+    """Audit 169: docs/study.md lists every option of every command with its default, as
+    ``--help`` does (the docs named train's options in prose without --threads and
+    study's nowhere in one place); a default that is a value is written in backticks and is
+    the parser's (``256``, ``both``, ``0 1`` for a list), one the parser leaves unset is
+    written in words."""
+    import re
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    documented = _documented_options()
+    assert set(documented) == set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        options = {
+            action.option_strings[-1]: action.default
+            for action in sub._actions
+            if action.option_strings and action.dest != "help" and action.help != argparse.SUPPRESS
+        }
+        assert set(documented[name]) == set(options), name
+        for option, default in options.items():
+            cell = documented[name][option]
+            if default is None or default is False or default == []:  # not 0
+                assert not re.fullmatch(r"`[^`]*`", cell), (name, option, cell)
+            else:
+                shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+                assert cell == f"`{shown}`", (name, option, cell, default)
