@@ -391,7 +391,21 @@ def test_a_study_refused_as_busy_does_not_offer_another_studys_kept_models(
     assert "run the same command again" not in err
 
 
-def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
+def test_study_says_where_the_report_is_even_without_progress(tmp_path, monkeypatch, capsys):
+    """... and (audit 169) what the command line is given is what the model is measured
+    with: ``--prompts`` prompts, ``--bootstrap`` resamples and ``--bootstrap-seed`` in the
+    call of `study_condition` (whose tables hold every interval), recorded in run.json with
+    ``--threads``."""
+    from hooked_attnres.study import run
+
+    calls = []
+    real = run.study_condition
+
+    def recording(model, batch, n_bootstrap=1000, progress=True, seed=0):
+        calls.append((len(batch), n_bootstrap, seed))
+        return real(model, batch, n_bootstrap, progress, seed)
+
+    monkeypatch.setattr(run, "study_condition", recording)
     code = cli.main(
         [
             "study",
@@ -401,6 +415,10 @@ def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
             "16",
             "--bootstrap",
             "20",
+            "--bootstrap-seed",
+            "7",
+            "--threads",
+            "1",
             "--no-robustness",
             "--no-progress",
             "--out",
@@ -410,6 +428,14 @@ def test_study_says_where_the_report_is_even_without_progress(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and f"report {tmp_path / 's' / 'report.html'}" in out[0]
+    assert calls == [(16, 20, 7)]
+    settings = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert settings["runs"] == ["vanilla seed 0"] and settings["threads"] == 1
+    assert (settings["n_prompts"], settings["n_bootstrap"], settings["bootstrap_seed"]) == (
+        16,
+        20,
+        7,
+    )
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
