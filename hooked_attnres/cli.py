@@ -88,6 +88,23 @@ NON_NEGATIVE = _integer_at_least(0)
 SEED = _integer_at_least(0, MAX_SEED, WHY_MAX_SEED)  # a model seed the study holds
 
 
+def _condition_name(text: str) -> str:
+    """An argparse type: a condition name, ``both`` or ``grid`` (`_conditions` expands
+    them), refused at parse time naming the option and every accepted name (audit 169: a
+    wrong name was refused after torch was loaded, exit code 1, naming neither the option
+    nor 'both' and 'grid'). Loads the condition table, and with it torch, only when the
+    option is given: ``--help`` stays light."""
+    from hooked_attnres._validation import require_choice
+    from hooked_attnres.study.conditions import CONDITIONS
+
+    try:
+        return require_choice(
+            "NAME", text, ("both", "grid", *CONDITIONS), why="`hooked-attnres list` describes them"
+        )
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -551,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--condition",
+        type=_condition_name,
         nargs="+",
         action=_Gathered,
         default=["both"],
@@ -608,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument(
         "--conditions",
+        type=_condition_name,
         nargs="+",
         action=_Gathered,
         default=None,

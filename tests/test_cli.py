@@ -46,8 +46,6 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         cli.main(["info", str(tmp_path / "missing"), "--debug"])
     assert cli.main(["train", "--condition", "hard_kimi_L8", "--steps", "20"]) == 1
     assert "is a fixed recipe" in capsys.readouterr().err
-    assert cli.main(["train", "--condition", "nope"]) == 1
-    assert "condition must be one of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -1204,3 +1202,31 @@ def test_the_documented_options_and_defaults_are_the_parsers():
             else:
                 shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
                 assert cell == f"`{shown}`", (name, option, cell, default)
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_an_unknown_condition_is_refused_when_parsed_naming_the_option(
+    command, monkeypatch, capsys
+):
+    """Audit 169: ``--condition nope`` was refused after torch was loaded, with exit code 1
+    and ``condition must be one of (...)``: neither the option nor the names the command
+    takes besides the conditions ('both', 'grid'). Now argparse's refusal (exit code 2),
+    also after a valid name; the valid names still reach the command expanded."""
+    from hooked_attnres import study
+    from hooked_attnres.study import CONDITIONS
+
+    monkeypatch.setattr(study, "train_condition", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("studied"))
+    option = "--condition" if command == "train" else "--conditions"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, option, "attnres", "nope"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {option}: NAME must be one of ('both', 'grid', 'attnres', " in err, err
+    assert all(repr(name) in err for name in CONDITIONS) and "got 'nope'" in err, err
+    namespace = cli.build_parser().parse_args([command, option, "both", "hard_kimi_L8"])
+    assert cli._conditions(namespace.condition if command == "train" else namespace.conditions) == [
+        "attnres",
+        "vanilla",
+        "hard_kimi_L8",
+    ]
