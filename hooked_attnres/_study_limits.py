@@ -62,3 +62,27 @@ MAX_PROMPT_LENGTH = 32_768
 WHY_MAX_PROMPT_LENGTH = (
     "the longest prompt a probe task draws, MAX_PROMPT_LENGTH: its prompts are drawn token by token"
 )
+
+
+# The names of the study's grid of fixed recipes (`study.conditions`, which builds its grid
+# from these): ``{task}_{layout}_L{depth}``, each trained at its ``depth`` only, whereas the
+# original ``attnres`` and ``vanilla`` conditions can be trained at any shape. Here, beside
+# the study's other bounds, so that the analyses can read a grid condition's depth from a
+# table's ``condition`` label without importing the study application.
+GRID_TASKS = ("saturated", "hard", "induction", "paperlike")
+GRID_LAYOUTS = ("cumulative", "kimi", "vanilla")
+GRID_DEPTHS = (8, 16)
+
+
+def grid_condition_depth(name: object) -> int | None:
+    """The depth of the grid recipe called ``name`` (e.g. 16 for ``hard_cumulative_L16``),
+    or ``None`` for any other label (``attnres``, ``vanilla``, a name that is no condition,
+    a label that is no text)."""
+    if not isinstance(name, str):
+        return None
+    head, _, depth = name.rpartition("_L")
+    task, _, layout = head.partition("_")
+    for n_layers in GRID_DEPTHS:
+        if depth == str(n_layers) and task in GRID_TASKS and layout in GRID_LAYOUTS:
+            return n_layers
+    return None

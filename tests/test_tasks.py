@@ -551,3 +551,31 @@ def test_the_task_size_limits_hold_every_shipped_recipe_and_their_bounds_are_tak
     assert longest.prompt_length == MAX_PROMPT_LENGTH
     with pytest.raises(ValueError, match="must be <= 65536"):
         KeyValueRetrieval(n_keys=MAX_TASK_WORDS - 16 - 8)
+
+
+def test_the_grid_condition_depth_the_analyses_read_is_each_recipes_depth():
+    """The analyses read a grid condition's depth from its name (`grid_condition_depth`,
+    which imports nothing of the study application) where a mass summary records no
+    layers; it must be the depth `study.conditions` trains the recipe at, and ``None`` for
+    the original conditions (any shape) and for any other label."""
+    from hooked_attnres._study_limits import grid_condition_depth
+    from hooked_attnres.study.conditions import CONDITIONS_BY_NAME
+
+    assert len(CONDITIONS_BY_NAME) == 26
+    for name, recipe in CONDITIONS_BY_NAME.items():
+        assert grid_condition_depth(name) == (None if recipe.legacy else recipe.n_layers), name
+    for other in (
+        "attnres",
+        "vanilla",
+        "hard_cumulative_L12",
+        "hard_cumulative_l8",
+        "x_hard_kimi_L8",
+        "hard_kimi_L8_",
+        "hard_L8",
+        "kimi_L8",
+        "",
+        8,
+        None,
+        ("a",),
+    ):
+        assert grid_condition_depth(other) is None, other

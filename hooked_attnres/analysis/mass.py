@@ -12,6 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_attnres._precision import sum_where
+from hooked_attnres._study_limits import grid_condition_depth
 from hooked_attnres._validation import (
     differ_in_kind,
     is_integer,
@@ -408,13 +409,7 @@ def _recipe_depths(conditions: pd.Series) -> list[Optional[int]]:
     at its recipe's ``n_layers`` only), or ``None`` where the name says no depth (the
     original conditions ``attnres`` and ``vanilla``, which can be trained at any shape, a
     name that is no condition, a label that is no text)."""
-    from hooked_attnres.study.conditions import CONDITIONS_BY_NAME  # study imports analysis
-
-    def depth(label: object) -> Optional[int]:
-        recipe = CONDITIONS_BY_NAME.get(label) if isinstance(label, str) else None
-        return None if recipe is None or recipe.legacy else recipe.n_layers
-
-    return [depth(label) for label in conditions]
+    return [grid_condition_depth(label) for label in conditions]
 
 
 def _default_layers(group: str, router: object, n_layers: int) -> Optional[str]:

@@ -27,7 +27,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from hooked_attnres._study_limits import MAX_SEED, WHY_MAX_SEED
+from hooked_attnres._study_limits import (
+    GRID_DEPTHS,
+    GRID_LAYOUTS,
+    GRID_TASKS,
+    MAX_SEED,
+    WHY_MAX_SEED,
+)
 from hooked_attnres._validation import is_integer, require_bool, require_choice, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
@@ -61,6 +67,7 @@ TASKS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 # ``paperlike`` reads the ``saturated`` prompts; its recipe stops training early
 TASKS["paperlike"] = TASKS["saturated"]
+assert tuple(TASKS) == GRID_TASKS, "the grid's tasks are named once, in _study_limits"
 # the ``paperlike`` stopping rule (docs/study.md, "Addendum"): the first evaluation, every
 # 10 steps on 256 held-out prompts, at which accuracy is >= 0.50
 PAPERLIKE_STOP = dict(stop_accuracy=0.5, eval_every=10, eval_size=256)
@@ -233,14 +240,14 @@ def _grid() -> dict[str, Condition]:
             "vanilla", "vanilla", "saturated", threads=None, eval_every=200, legacy=True
         ),
     }
-    for n_layers in (8, 16):
+    for n_layers in GRID_DEPTHS:
         for task in TASKS:
             steps = GRID_STEPS[(task, n_layers)]
             stop: dict[str, Any] = PAPERLIKE_STOP if task == "paperlike" else {}
-            for layout in ("cumulative", "kimi"):
+            for layout in GRID_LAYOUTS[:-1]:  # the routed layouts, then "vanilla"
                 name = f"{task}_{layout}_L{n_layers}"
                 out[name] = Condition(name, "attnres", task, layout, n_layers, steps, **stop)
-            name = f"{task}_vanilla_L{n_layers}"
+            name = f"{task}_{GRID_LAYOUTS[-1]}_L{n_layers}"
             out[name] = Condition(name, "vanilla", task, None, n_layers, steps, **stop)
     return out
 
