@@ -27,6 +27,8 @@ _LAZY = {
     "AttnResActivationCache": "hooked_attnres.model.cache",
     "RoutedResidualPatchWarning": "hooked_attnres.model.hooked_root",
     "UnfoldedNormWarning": "hooked_attnres.model.cache",
+    "UncachedHookError": "hooked_attnres.model.cache",
+    "UnknownCacheKeyError": "hooked_attnres.model.cache",
     "RunCacheDict": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
     "CheckpointError": "hooked_attnres.loading.io",
@@ -58,7 +60,9 @@ if TYPE_CHECKING:
     from hooked_attnres.model.cache import (
         AttnResActivationCache,
         RunCacheDict,
+        UncachedHookError,
         UnfoldedNormWarning,
+        UnknownCacheKeyError,
     )
     from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RouterSite, RoutingLayout
     from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
@@ -108,7 +112,9 @@ __all__ = [
     "RouterSite",
     "RoutingLayout",
     "RunCacheDict",
+    "UncachedHookError",
     "UnfoldedNormWarning",
+    "UnknownCacheKeyError",
     "UnknownHookError",
     "__version__",
 ]

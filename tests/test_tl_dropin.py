@@ -2312,3 +2312,41 @@ def test_a_missing_cache_key_writes_its_suggestions_only_when_shown(monkeypatch)
     ):
         some["resid_pre", 1]
     assert calls == before  # no suggestions computed
+
+
+def test_every_error_and_warning_of_the_model_is_exported():
+    """Review 170: `UncachedHookError` (audit 159) and `UnknownCacheKeyError` (audit 138),
+    the cache's ``KeyError`` subclasses, were the only exception classes of
+    ``hooked_attnres.model`` not exported from ``hooked_attnres`` (as `UnknownHookError`
+    and `UnfoldedNormWarning` are), so code could not ``except`` them by import. Every
+    exception or warning class defined in a module of ``hooked_attnres.model`` is in both
+    ``__all__``s, and the class a miss raises is the exported one."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import hooked_attnres
+    import hooked_attnres.model as model_package
+
+    defined = set()
+    for info in pkgutil.iter_modules(model_package.__path__):
+        module = importlib.import_module(f"hooked_attnres.model.{info.name}")
+        for name, value in vars(module).items():
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+            ):
+                defined.add(name)
+    assert {"UncachedHookError", "UnknownCacheKeyError"} <= defined
+    for package in (hooked_attnres, model_package):
+        assert defined <= set(package.__all__), defined - set(package.__all__)
+        assert all(getattr(package, name) is not None for name in defined)
+    model = tiny_model()
+    _, some = model.run_with_cache(
+        torch.tensor([[1, 2, 3]]), names_filter="blocks.0.hook_resid_post"
+    )
+    with pytest.raises(hooked_attnres.UncachedHookError):
+        some["resid_pre", 1]
+    with pytest.raises(hooked_attnres.UnknownCacheKeyError):
+        some["blocks.0.hook_resid_pree"]

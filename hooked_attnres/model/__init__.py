@@ -1,7 +1,12 @@
 """The model: config-driven Qwen3 blocks threaded by an explicit depth state."""
 
 from hooked_attnres.model.attention import KeyValueCache
-from hooked_attnres.model.cache import AttnResActivationCache, UnfoldedNormWarning
+from hooked_attnres.model.cache import (
+    AttnResActivationCache,
+    UncachedHookError,
+    UnfoldedNormWarning,
+    UnknownCacheKeyError,
+)
 from hooked_attnres.model.depth import FAMILIES, ROUTERS, DepthState, RoutingLayout
 from hooked_attnres.model.hooked_attnres import HookedAttnRes, Output
 from hooked_attnres.model.hooked_root import (
@@ -29,6 +34,8 @@ __all__ = [
     "QKNormWarning",
     "RoutedResidualPatchWarning",
     "RoutingLayout",
+    "UncachedHookError",
     "UnfoldedNormWarning",
+    "UnknownCacheKeyError",
     "UnknownHookError",
 ]
