@@ -460,26 +460,38 @@ def require_keys(table: Any, columns: Sequence[str], what: str) -> None:
     require_one_kind(table, columns, what)
 
 
-def require_decisions(table: Any, column: str, keys: Sequence[str], what: str) -> None:
-    """Refuse a ``column`` of ``table`` (a pandas ``DataFrame``) that holds anything but
-    ``True`` / ``False`` (Python or NumPy booleans) in some row: ``ValueError`` naming the
-    number of such rows and the first one's value, by those of ``keys`` the table has.
-    ``what`` names the table. For columns of decisions that are counted (``present`` of
-    a claim: "present in k of n seeds"): a missing decision (NaN, an empty cell of a CSV
-    read back) summed as not present, and the text ``"False"`` is true to Python."""
+def require_decisions(
+    table: Any,
+    column: str,
+    keys: Sequence[str],
+    what: str,
+    reason: str = "a missing decision would count as not present",
+    remedy: str = (
+        "pass the table motif_report made (read back from a CSV, every cell of the column "
+        "True or False)"
+    ),
+) -> None:
+    """Refuse a ``column`` of ``table`` (a pandas ``DataFrame``) that holds anything but a
+    decision in some row: ``ValueError`` naming the number of such rows and the first one's
+    value, by those of ``keys`` the table has, then ``reason`` (what reading it would do)
+    and ``remedy``. ``what`` names the table. A decision is a value equal to ``True`` or
+    ``False`` (``isin``): a Python or NumPy boolean, or the number 1 / 0 (a CSV column of
+    1 and 0), each read as the boolean it equals; NaN (an empty cell of a CSV read back),
+    text (``"False"``, true to Python) and any other number are refused. The one rule of a
+    column of decisions: ``present`` of a claim (counted: "present in k of n seeds") and a
+    mass summary's ``family_read`` (`require_family_read_column`), which had each their
+    own until review 170 (``present`` refused the 1 / 0 that ``family_read`` read)."""
     values = table[column]
     if values.dtype == bool:
         return
-    bad = ~values.map(lambda value: isinstance(value, (bool, np.bool_))).to_numpy(dtype=bool)
+    bad = ~values.isin([True, False]).to_numpy(dtype=bool)
     if bad.any():
         row = table.iloc[int(np.flatnonzero(bad)[0])]
         where = ", ".join(f"{k}={np.asarray(row[k]).tolist()!r}" for k in keys if k in table)
         raise ValueError(
             f"{what}'s column {column!r} must hold True or False (a decision) in every row, "
             f"but {int(bad.sum())} row(s) hold other values (first: "
-            f"{np.asarray(row[column]).tolist()!r} at {where}): a missing decision would "
-            "count as not present; pass the table motif_report made (read back from a CSV, "
-            "every cell of the column True or False)"
+            f"{np.asarray(row[column]).tolist()!r} at {where}): {reason}; {remedy}"
         )
 
 

@@ -2476,7 +2476,12 @@ def test_dissociation_report_tells_present_families_by_family_read(num_blocks):
         dissociation_report(one_block, four_blocks)
     with pytest.raises(ValueError, match="lacks the column 'family_read'.*dissociation_report"):
         dissociation_report(summary.drop(columns="family_read"), effects)
-    with pytest.raises(ValueError, match="not True or False"):
+    with pytest.raises(
+        ValueError,
+        match=r"^mass_summary's column 'family_read' must hold True or False \(a decision\) in "
+        r"every row, but \d+ row\(s\) hold other values \(first: nan at router='attn_res', "
+        r"family='.*'\): dissociation_report cannot read",
+    ):
         dissociation_report(summary.assign(family_read=float("nan")), effects)
 
 

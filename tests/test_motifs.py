@@ -2416,3 +2416,63 @@ def test_k_of_n_counts_numpy_booleans_of_an_object_column_as_the_decisions_they_
         verdict = motif_verdicts(table).set_index("claim").loc["M1"]
         assert (verdict.k, verdict.n, verdict.verdict) == (expected, 3, "replicated")
         assert "present in 3 of 3 seeds (replicated)" in verdict.sentence
+
+
+def test_present_and_family_read_are_decisions_by_one_rule():
+    """Review 170: a report's ``present`` (audit 156, `require_decisions`) and a mass
+    summary's ``family_read`` (`require_family_read_column`) are both columns of True /
+    False, checked by two rules: ``family_read`` took the numbers 1 / 0 (a CSV column of 1
+    and 0), ``present`` refused them. One rule now: a column is accepted or refused alike
+    in both places, and an accepted one (1 / 0, NumPy booleans of an object column) gives
+    the numbers of the boolean table (motif_verdicts' k of n, verdict_changes, the
+    report); NaN, text and other numbers are refused in both."""
+    from hooked_attnres.analysis.mass import require_family_read_column
+
+    cell = ("mlp_res", "early", "embedding")
+    parts = [tables({cell: harmful(-1.0)}, seed=seed) for seed in range(3)]
+    summary = pd.concat([p[0] for p in parts], ignore_index=True)
+    effects = pd.concat([p[1] for p in parts], ignore_index=True)
+    report = motif_report(summary, effects)
+    assert report.present.dtype == bool and report.present.nunique() == 2
+    verdicts = motif_verdicts(report)
+    variants = {
+        "bool": lambda c: c,
+        "NumPy booleans": lambda c: pd.Series(list(c.to_numpy()), index=c.index, dtype=object),
+        "1 / 0": lambda c: c.astype(int),
+        "1.0 / 0.0": lambda c: c.astype(float),
+        "NaN": lambda c: c.astype(object).where(c.index != c.index[0], float("nan")),
+        "text": lambda c: c.astype(str),
+        "2": lambda c: c.astype(int).where(c.index != c.index[0], 2),
+    }
+    accepted = {}
+    for name, convert in variants.items():
+        outcomes = []
+        for table, column, check in (
+            (report, "present", motif_verdicts),
+            (summary, "family_read", lambda t: require_family_read_column(t, "the test")),
+        ):
+            try:
+                check(table.assign(**{column: convert(table[column])}))
+                outcomes.append(True)
+            except ValueError as error:
+                assert "must hold True or False (a decision)" in str(error), (name, error)
+                outcomes.append(False)
+        assert outcomes[0] == outcomes[1], (name, outcomes)
+        accepted[name] = outcomes[0]
+    assert accepted == {
+        "bool": True,
+        "NumPy booleans": True,
+        "1 / 0": True,
+        "1.0 / 0.0": True,
+        "NaN": False,
+        "text": False,
+        "2": False,
+    }
+    for name, convert in variants.items():
+        if not accepted[name]:
+            continue
+        read = report.assign(present=convert(report.present))
+        pd.testing.assert_frame_equal(motif_verdicts(read), verdicts)
+        assert verdict_changes(report, read).empty and verdict_changes(read, report).empty
+        same = summary.assign(family_read=convert(summary.family_read))
+        pd.testing.assert_frame_equal(motif_report(same, effects), report)

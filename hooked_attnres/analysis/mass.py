@@ -18,6 +18,7 @@ from hooked_attnres._validation import (
     is_integer,
     non_finite_in_column,
     require_columns,
+    require_decisions,
     require_integer,
     require_labelled,
     require_one_kind,
@@ -146,13 +147,14 @@ def require_family_read_column(mass_summary: pd.DataFrame, what: str) -> None:
             "or ranked as present; pass summarize_mass(routing_mass(...)) (routing_mass "
             "gives n_sources, from which summarize_mass derives family_read)"
         )
-    bad = mass_summary.family_read[~mass_summary.family_read.isin([True, False])]
-    if not bad.empty:
-        raise ValueError(
-            f"mass_summary's 'family_read' holds {len(bad)} value(s) that are not True or "
-            f"False (first: {bad.iloc[0]!r}), which {what} cannot read as whether a router "
-            "reads the family; pass summarize_mass(routing_mass(...)) of one model"
-        )
+    require_decisions(  # the one rule of a True / False column
+        mass_summary,
+        "family_read",
+        ("condition", "seed", "model", "router", "band", "family"),
+        "mass_summary",
+        f"{what} cannot read them as whether a router reads the family",
+        "pass summarize_mass(routing_mass(...)) of one model",
+    )
 
 
 def require_masked_column(effects: pd.DataFrame, what: str) -> None:
