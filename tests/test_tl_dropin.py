@@ -2350,3 +2350,41 @@ def test_every_error_and_warning_of_the_model_is_exported():
         some["resid_pre", 1]
     with pytest.raises(hooked_attnres.UnknownCacheKeyError):
         some["blocks.0.hook_resid_pree"]
+
+
+def test_a_hook_an_analysis_lacks_is_one_uncached_hook_error():
+    """Review 170: a hook a cache lacks was refused in two wordings of one remedy, by two
+    types: `UncachedHookError` (audit 159: ``cache[name]`` and TransformerLens's methods,
+    a ``KeyError`` of the name) and `require_cached` (routing_lens, the decompositions'
+    checks, patching's clean cache: a plain ``KeyError`` whose ``args[0]`` was its message,
+    "... lacks [...]; run model.run_with_cache(tokens) without a names_filter that drops
+    them ..."). Both are now `UncachedHookError`: ``args[0]`` the (first) name, one
+    sentence of cause and remedy, the reader named where an analysis refuses; it survives
+    pickling (another process) with its message."""
+    from hooked_attnres import UncachedHookError
+
+    model = tiny_model()
+    _, some = model.run_with_cache(
+        torch.tensor([[1, 2, 3]]), names_filter="blocks.0.hook_resid_post"
+    )
+    with pytest.raises(UncachedHookError) as indexed:
+        some["resid_pre", 1]
+    with pytest.raises(UncachedHookError) as analysed:
+        routing_lens(model, some)
+    lens = analysed.value
+    assert lens.args[0] == lens.missing[0] and lens.args[0] not in some.cache_dict
+    assert all(name in model.hook_dict and name not in some.cache_dict for name in lens.missing)
+    cause = (
+        ": the pass that made it did not cache {} (a names_filter dropped {}, or a "
+        "stop_at_layer stopped before {}). Run model.run_with_cache(tokens) without them"
+    )
+    assert str(indexed.value) == "'blocks.1.hook_resid_pre' is not in this cache" + (
+        cause.format("that hook", "it", "it")
+    )
+    assert str(lens) == f"routing_lens's cache lacks {lens.missing[:3]} ..." + cause.format(
+        "those hooks", "them", "them"
+    )
+    for error in (indexed.value, lens):
+        sent = pickle.loads(pickle.dumps(error))
+        assert type(sent) is UncachedHookError and str(sent) == str(error)
+        assert sent.args == error.args

@@ -69,16 +69,12 @@ from hooked_attnres.model.passes import PassInput, padding_of, same_padding
 
 
 def require_cached(cache, names, what: str) -> None:
-    """Raise ``KeyError`` naming the hooks of ``names`` that ``cache`` lacks (the one
+    """Raise `UncachedHookError` naming the hooks of ``names`` that ``cache`` lacks (the one
     message for a cache cached with a ``names_filter`` that dropped what is needed, or
-    of a pass that stopped before them)."""
+    of a pass that stopped before them; ``what`` names the reader)."""
     missing = [name for name in dict.fromkeys(names) if name not in cache]
     if missing:
-        raise KeyError(
-            f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; run "
-            "model.run_with_cache(tokens) without a names_filter that drops them and "
-            "without a stop_at_layer before them"
-        )
+        raise UncachedHookError(missing[0], what, missing)
 
 
 def require_one_position_axis(model: Any, cache: Any, names, what: str) -> None:
@@ -141,18 +137,36 @@ class UnknownCacheKeyError(KeyError):
 class UncachedHookError(KeyError):
     """A hook of the model that the cache does not hold, read by an analysis or by
     indexing: a ``KeyError`` of the name (``args[0]``, as TransformerLens's bare one, which
-    said neither why nor what to do; audit 159) whose message says both."""
+    said neither why nor what to do; audit 159) whose message says both. ``what`` (the
+    reader) and ``missing`` (every hook it lacks, ``name`` first) are given by
+    `require_cached`, whose ``KeyError`` of the message said the same remedy in other words
+    until review 170."""
+
+    def __init__(
+        self, name: str, what: Optional[str] = None, missing: Optional[list[str]] = None
+    ) -> None:
+        super().__init__(name)
+        self.what = what
+        self.missing = list(missing) if missing else [name]
+
+    def __reduce__(self):  # pickled with the reader and the hooks it lacks
+        return type(self), (self.args[0], self.what, self.missing)
 
     def __str__(self) -> str:
         from hooked_attnres.model.tl_methods import optional_hook_method
 
         # an optional hook, on now, may have been off in that pass (review of audit 159)
-        flag = optional_hook_method(self.args[0])
+        flag = next(filter(None, map(optional_hook_method, self.missing)), None)
         off = f"model.{flag}(True) was off, " if flag else ""
         on = f" and with model.{flag}(True) on" if flag else ""
+        if self.what is None:
+            lacks, them = f"{self.args[0]!r} is not in this cache", ("that hook", "it")
+        else:
+            more = " ..." if len(self.missing) > 3 else ""
+            lacks, them = f"{self.what} lacks {self.missing[:3]}{more}", ("those hooks", "them")
         return (
-            f"{self.args[0]!r} is not in this cache: the pass that made it did not cache that "
-            f"hook ({off}a names_filter dropped it, or a stop_at_layer stopped before it). Run "
+            f"{lacks}: the pass that made it did not cache {them[0]} ({off}a names_filter "
+            f"dropped {them[1]}, or a stop_at_layer stopped before {them[1]}). Run "
             f"model.run_with_cache(tokens) without them{on}"
         )
 
