@@ -17,7 +17,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing, rms_norm_in_float64
+from helpers import SMALL_QWEN3, hf_qwen3, randomize_routing, rms_norm_in_float64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_attnres import Edit, model_router_params, reference_forward, reference_route
@@ -48,16 +48,7 @@ KINDS = [
 def _models(kind, n_layers: int, num_blocks: int):
     """A float64 tiny Qwen3 and a HookedAttnRes of it: a wrap (``kind`` a string), or a
     native ``(layout, mode)`` on its weights with random routing."""
-    hf = hf_qwen3(
-        seed=n_layers,
-        num_hidden_layers=n_layers,
-        hidden_size=8,
-        intermediate_size=12,
-        head_dim=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=17,
-    ).double()
+    hf = hf_qwen3(seed=n_layers, num_hidden_layers=n_layers, **SMALL_QWEN3).double()
     wrap = kind if isinstance(kind, str) else "exact"
     model = HookedAttnRes.from_hf_qwen3(hf, wrap=wrap, num_blocks=num_blocks, dtype=torch.float64)
     if not isinstance(kind, str):
