@@ -20,6 +20,22 @@ HERE = Path(__file__).parent
 MAIN = "hard_cumulative_L8"
 
 
+# docs/study.md's pre-registered criteria and amendment 1, quoted word for word by the
+# routing and the motifs notebooks (tests/test_demos.py pins the quotes to the page)
+CRITERIA = """> A motif `(f, r, band)` is *present* in a seed when all three hold:
+>
+> 1. harmful: `ci_high < 0` for `effect(f, r, band)` (the 95 % interval excludes 0);
+> 2. large: `harm >= 0.05 * clean`, or the accuracy effect of the same ablation is at most
+>    -0.02 (2 points);
+> 3. localised: `band` is the band where family `f` at router type `r` does the most harm
+>    (largest `harm` of `early`, `middle`, `late`; a tie counts as localised).
+"""
+AMENDMENT_1 = """\
+> Since commit 269bd17 (2026-11-28 23:18) `motif_report` applies the 5 % test only when
+> `clean > 0` (otherwise only the 2-point accuracy test can make an effect large).
+"""
+
+
 def md(text: str):
     return nbformat.v4.new_markdown_cell(text.strip())
 
@@ -134,23 +150,14 @@ mean per-prompt change of the logit difference with its 95 % bootstrap interval 
 prompts (the numbers `ablation_effects` gives; on these 256 prompts, the study's).
 """),
     code(INTERVENTION),
-    md("""
+    md(f"""
 ## Is that the seed paper's M1 motif? The pre-registered criteria decide
 
 M1 is the motif `(embedding, MLP routers, early)`; the criteria, quoted from
 `docs/study.md`:
 
-> A motif `(f, r, band)` is *present* in a seed when all three hold:
->
-> 1. harmful: `ci_high < 0` for `effect(f, r, band)` (the 95 % interval excludes 0);
-> 2. large: `harm >= 0.05 * clean`, or the accuracy effect of the same ablation is at most
->    -0.02 (2 points);
-> 3. localised: `band` is the band where family `f` at router type `r` does the most harm
->    (largest `harm` of `early`, `middle`, `late`; a tie counts as localised).
-
-> Since commit 269bd17 (2026-11-28 23:18) `motif_report` applies the 5 % test only when
-> `clean > 0` (otherwise only the 2-point accuracy test can make an effect large).
-
+{CRITERIA}
+{AMENDMENT_1}
 The study's own tables for this model (`study_condition`, `motif_report`) decide it:
 """),
     code(M1_VERDICT),
@@ -275,7 +282,7 @@ def claim(names, task, figure):
 tasks = sorted({name.split("_M")[0] for name in result.figures if "_M1" in name})
 print("tasks:", tasks)
 """),
-    md("""
+    md(f"""
 ## The pre-registered criteria (quoted from `docs/study.md`)
 
 > Notation: `effect(f, r, g)` is the mean change of the logit difference when family `f` is
@@ -283,19 +290,10 @@ print("tasks:", tasks)
 > `clean` is the mean clean logit difference; `mass(f, r)` is the mean routing mass of
 > family `f` over every router of type `r` (band `all`).
 
-> A motif `(f, r, band)` is *present* in a seed when all three hold:
->
-> 1. harmful: `ci_high < 0` for `effect(f, r, band)` (the 95 % interval excludes 0);
-> 2. large: `harm >= 0.05 * clean`, or the accuracy effect of the same ablation is at most
->    -0.02 (2 points);
-> 3. localised: `band` is the band where family `f` at router type `r` does the most harm
->    (largest `harm` of `early`, `middle`, `late`; a tie counts as localised).
-
+{CRITERIA}
 Amendment 1:
 
-> Since commit 269bd17 (2026-11-28 23:18) `motif_report` applies the 5 % test only when
-> `clean > 0` (otherwise only the 2-point accuracy test can make an effect large).
-
+{AMENDMENT_1}
 Across seeds, with amendment 3:
 
 > Each claim is reported as "present in k of n seeds" and summarised as *replicated*
