@@ -2476,3 +2476,32 @@ def test_present_and_family_read_are_decisions_by_one_rule():
         assert verdict_changes(report, read).empty and verdict_changes(read, report).empty
         same = summary.assign(family_read=convert(summary.family_read))
         pd.testing.assert_frame_equal(motif_report(same, effects), report)
+
+
+def test_the_report_counts_d1_cases_as_decisions_whatever_the_column_holds(tmp_path):
+    """The report's D1 sentence summed ``present`` as it was: an object column of NumPy
+    booleans (which `require_decisions` takes as decisions) sums as NumPy's logical or, so
+    "in k of n cases" read 1 for any k >= 1; a NaN read as present. Counted as booleans
+    now, after the one check of a column of decisions."""
+    import dataclasses
+
+    import numpy as np
+
+    from hooked_attnres.study.report import _conclusion
+
+    result = fake_study(tmp_path, {"hard_cumulative_L8": ([0, 1, 2], [0, 1, 2])})
+    motifs = result.motifs.copy()
+    d1 = motifs.claim.str.startswith("D1")
+    motifs.loc[d1, "present"] = True  # every D1 case present: k = n, counted independently
+    n = int(d1.sum())
+    assert n > 1
+
+    def d1_line(table):
+        lines = _conclusion(dataclasses.replace(result, motifs=table))
+        return next(line for line in lines if line.startswith("Across Block AttnRes"))
+
+    assert f" in {n} of {n} cases" in d1_line(motifs)
+    as_numpy = motifs.assign(present=pd.Series([np.bool_(v) for v in motifs.present], dtype=object))
+    assert d1_line(as_numpy) == d1_line(motifs)
+    with pytest.raises(ValueError, match="present"):
+        d1_line(motifs.assign(present=motifs.present.astype(object).where(~d1, np.nan)))

@@ -15,6 +15,7 @@ import pandas as pd
 from hooked_attnres._validation import (
     first_non_finite,
     require_columns,
+    require_decisions,
     require_keys,
     require_same_kind,
 )
@@ -136,10 +137,14 @@ def _conclusion(result: StudyResult) -> list[str]:
         result.motifs.claim.str.startswith("D1") & result.motifs.condition.isin(trained)
     ]
     if not d1.empty:
+        # counted as booleans, after the one check of a column of decisions: an object
+        # column of NumPy booleans summed as NumPy's logical or (k read 1), a NaN as present
+        require_decisions(d1, "present", ("condition", "seed", "claim"), "the study's motifs")
         lines.append(
             f"Across Block AttnRes conditions, seeds and router types, the top-mass family was "
             f"not the top-effect family with separated intervals (D1) in "
-            f"{int(d1.present.sum())} of {len(d1)} cases; the same family was on top of both in "
+            f"{int(d1.present.to_numpy(dtype=bool).sum())} of {len(d1)} cases; the same "
+            f"family was on top of both in "
             f"{sum(map(same_top_family, d1.top_mass, d1.top_effect))}."
         )
     if not result.robustness.empty or not result.fresh_motifs.empty:
