@@ -2515,6 +2515,21 @@ def test_bands_without_band_names_in_layers_are_refused_not_ignored(tokens):
     assert select_sites(model, layers="x", bands={"x": [1]}) == select_sites(model, layers=[1])
 
 
+def _kimi_answer_batch(seed: int):
+    """A float64 kimi model with random routing, and 6 random prompts of 5 tokens as a
+    `TaskBatch` answered at the last position: ``(model, tokens, batch)``."""
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(50, (6, 5), generator=generator)
+    answer = torch.randint(50, (6,), generator=generator)
+    targets = torch.full((6, 5), -100)
+    targets[:, -1] = answer
+    batch = TaskBatch(tokens, torch.full((6,), 4), answer, (answer + 1) % 50, tokens, targets)
+    return model, tokens, batch
+
+
 def test_analyses_refuse_chunks_under_an_attached_mean_patch():
     """A `patch_committed` / `patch_sources` hook with ``value="mean"`` averages over the
     prompts of its pass. Attached around an analysis that runs the batch in chunks, each
@@ -2528,15 +2543,8 @@ def test_analyses_refuse_chunks_under_an_attached_mean_patch():
         routing_mass,
         run_ablations,
     )
-    from hooked_attnres.tasks.base import TaskBatch
 
-    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(50, (6, 5), generator=generator)
-    answer = torch.randint(50, (6,), generator=generator)
-    targets = torch.full((6, 5), -100)
-    targets[:, -1] = answer
-    batch = TaskBatch(tokens, torch.full((6,), 4), answer, (answer + 1) % 50, tokens, targets)
+    model, tokens, batch = _kimi_answer_batch(seed=0)
     plan = plan_ablations(model)
     for hooks in (
         patch_committed(model, "embedding", "mean"),
@@ -2562,15 +2570,8 @@ def test_the_chunked_mean_refusal_names_a_tensor_that_reproduces_the_batch_mean(
     review of audit 163: the message said ``cache[name].mean(0, keepdim=True)``, which for
     `patch_sources` is ``[1, pos, n_sources, d_model]``, a value `patch_sources` refuses."""
     from hooked_attnres.analysis import plan_ablations, run_ablations
-    from hooked_attnres.tasks.base import TaskBatch
 
-    model = randomize_routing(tiny_model(attnres_layout="kimi", dtype=torch.float64)).eval()
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(50, (6, 5), generator=generator)
-    answer = torch.randint(50, (6,), generator=generator)
-    targets = torch.full((6, 5), -100)
-    targets[:, -1] = answer
-    batch = TaskBatch(tokens, torch.full((6,), 4), answer, (answer + 1) % 50, tokens, targets)
+    model, tokens, batch = _kimi_answer_batch(seed=1)
     plan = plan_ablations(model)[:3]
     site = model.site(1, "attn_res")
     index = model.source_labels(site).index("embedding")
