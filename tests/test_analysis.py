@@ -869,6 +869,19 @@ def test_summarize_mass_refuses_a_missing_layer_of_a_nullable_integer_column():
             summarize_mass(table, n_bootstrap=40)
 
 
+def _kimi_six_layer_mass_and_effects(groups: str):
+    """``(mass, effects)`` of a 6-layer, 3-block kimi model with random routing on 6 random
+    prompts of 7 tokens: `routing_mass`, and `ablation_effects` by ``groups`` (the logit
+    difference, 40 resamples)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    model.eval()
+    batch = random_batch(6, 7, model.cfg.d_vocab)
+    effects = ablation_effects(
+        model, batch, groups=groups, metrics="logit_diff", n_bootstrap=40, progress=False
+    )
+    return routing_mass(model, batch), effects
+
+
 def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     """Audit 129: dissociation_report paired the summary's mass with the effects of any
     ``group`` by router type alone: the every-layer summary beside the early band's
@@ -877,13 +890,7 @@ def test_dissociation_report_refuses_effects_of_other_layers_than_the_mass():
     which no early router reads, and embedding at 0.49 where the early routers give it
     0.79 (0.73). It now refuses mass of other layers than the group's (the summary's ``layers``),
     and ranks a summary of the group's own layers by its mass."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    model.eval()
-    batch = random_batch(6, 7, model.cfg.d_vocab)
-    mass = routing_mass(model, batch)
-    effects = ablation_effects(
-        model, batch, groups="bands", metrics="logit_diff", n_bootstrap=40, progress=False
-    )
+    mass, effects = _kimi_six_layer_mass_and_effects("bands")
     overall = summarize_mass(mass, n_bootstrap=40)
     with pytest.raises(
         ValueError,
@@ -909,13 +916,7 @@ def test_the_layer_check_reads_a_seed_of_another_kind_in_one_table():
     summary, group='early') ranked older and prev_completed, which no early router reads,
     as audit 129 refused without seeds. Such a column is now read as one the tables do not
     share: the same refusal, and the early summary's report equals the one without seeds."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    model.eval()
-    batch = random_batch(6, 7, model.cfg.d_vocab)
-    mass = routing_mass(model, batch)
-    effects = ablation_effects(
-        model, batch, groups="bands", metrics="logit_diff", n_bootstrap=40, progress=False
-    )
+    mass, effects = _kimi_six_layer_mass_and_effects("bands")
     overall = summarize_mass(mass, n_bootstrap=40)
     for key, number, text in (("seed", 0, "0"), ("condition", 1, "1"), ("model", 2, "2")):
         with pytest.raises(
@@ -938,13 +939,8 @@ def test_dissociation_report_refuses_the_mass_and_effects_of_other_models():
     seeds 0 and 1) ranked the MLP routers with spearman 1.0, where seed 0's own effects
     give 0.8. Tables whose model labels (condition / seed / model, where both have the
     column) differ are refused; of one label they give the report without labels."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    model.eval()
-    batch = random_batch(6, 7, model.cfg.d_vocab)
-    overall = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
-    effects = ablation_effects(
-        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
-    )
+    mass, effects = _kimi_six_layer_mass_and_effects("all")
+    overall = summarize_mass(mass, n_bootstrap=40)
     for key, mine, other in (("seed", 0, 1), ("condition", "a", "b"), ("model", "x", "y")):
         with pytest.raises(
             ValueError,

@@ -1103,17 +1103,12 @@ def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_e
     )
 
 
-def test_mass_effect_figures_pair_the_final_routers_group_with_a_summary_without_bands():
-    """Audit 117: since audit 114 a summary by ('router', 'family') was refused for every
-    group other than "all", also for ``"final"``, the final router's one group
-    (`plan_ablations`): its mass there is of that one router, the layers the group masks,
-    and the figures had drawn it exactly. A group named "final" at other router types
-    (groups={"final": [3]}) is still refused: their mass is of every layer."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4))
+def _mass_and_effects_with_the_final_router(model):
+    """``(batch, mass, effects)``: 6 random task prompts of 7 tokens, and ``model``'s (put
+    in eval mode) `routing_mass` on them and `ablation_effects` at every router type, the
+    final router included (the logit difference, 40 resamples)."""
     batch = _random_task_batch(6, 7, model.cfg.d_vocab)
     model.eval()
-    mass = routing_mass(model, batch)
-    summary = summarize_mass(mass, n_bootstrap=40)
     effects = ablation_effects(
         model,
         batch,
@@ -1122,6 +1117,18 @@ def test_mass_effect_figures_pair_the_final_routers_group_with_a_summary_without
         n_bootstrap=40,
         progress=False,
     )
+    return batch, routing_mass(model, batch), effects
+
+
+def test_mass_effect_figures_pair_the_final_routers_group_with_a_summary_without_bands():
+    """Audit 117: since audit 114 a summary by ('router', 'family') was refused for every
+    group other than "all", also for ``"final"``, the final router's one group
+    (`plan_ablations`): its mass there is of that one router, the layers the group masks,
+    and the figures had drawn it exactly. A group named "final" at other router types
+    (groups={"final": [3]}) is still refused: their mass is of every layer."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4))
+    batch, mass, effects = _mass_and_effects_with_the_final_router(model)
+    summary = summarize_mass(mass, n_bootstrap=40)
     final = mass[mass.router == "final_res"]
     read = final.groupby("family").n_sources.max() > 0
     by_hand = final.groupby(["family", "prompt"]).mass.mean().groupby("family").mean()
@@ -1216,18 +1223,8 @@ def test_mass_effect_figures_read_layers_read_back_with_nullable_dtypes(tmp_path
     layers"), where the figure was drawn before. It is read as no layers, as the NaN of a
     plain read; the final router's mass drawn is the one computed from the table by hand."""
     model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=3, attnres_num_blocks=3))
-    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
-    model.eval()
-    mass = routing_mass(model, batch)
+    batch, mass, effects = _mass_and_effects_with_the_final_router(model)
     summary = summarize_mass(mass, ("router", "band", "family"), 40)
-    effects = ablation_effects(
-        model,
-        batch,
-        routers=("attn_res", "mlp_res", "final_res"),
-        metrics="logit_diff",
-        n_bootstrap=40,
-        progress=False,
-    )
     summary.to_csv(tmp_path / "mass_summary.csv", index=False)
     effects.to_csv(tmp_path / "effects.csv", index=False)
     for backend in ("numpy_nullable", "pyarrow"):
