@@ -464,8 +464,8 @@ def _patch_depth_state(
     `get_act_patch_depth_state_by_pos` (``[n_layers, pos]``): the clean depth state
     entering each layer's ``sublayer`` router (`depth_state_name`) patched in."""
     _check_run(model, corrupted_tokens)
-    name = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
-    targets = [((layer,), name[layer], sublayer_index(layer, sublayer)) for layer in name]
+    names = {layer: depth_state_name(model, layer, sublayer) for layer in range(model.cfg.n_layers)}
+    targets = [((layer,), names[layer], sublayer_index(layer, sublayer)) for layer in names]
     states_read = {
         name: _stored_state_names(model, clean_cache, name, start) for _, name, start in targets
     }
