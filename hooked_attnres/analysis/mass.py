@@ -345,24 +345,11 @@ def _layers_by_router(table: pd.DataFrame, keys: Sequence[str], what: str) -> di
     return out
 
 
-def _default_sweep(effects: pd.DataFrame) -> Optional[set[str]]:
-    """The group names a mass summary without a ``layers`` column (one written before
-    audit 129) is read as the library's defaults of (band ``all`` or no band: every layer;
-    a default band: its thirds; ``final``: the final router), when ``effects`` is the
-    study's sweep: each of its models with a group ``"all"`` of every layer ``0..n-1`` and
-    every group named as a default depth band with that band's layers (`depth_bands` of
-    that model's n; the models may differ in depth, as a task's 8- and 16-layer conditions
-    do). ``None`` otherwise: the pairing by name would be a guess."""
-    if "layers" not in effects.columns:
-        return None
-    names, mismatch = _sweep_groups(effects)
-    return None if mismatch is not None else names
-
-
 def default_sweep_mismatch(effects: pd.DataFrame) -> Optional[str]:
-    """Why ``effects`` (with its ``layers`` column) is not the study's sweep of
-    `_default_sweep` (a group ``"all"`` of every layer ``0..n-1`` and each default depth
-    band it has of that band's layers, the thirds of `depth_bands`), in words naming the
+    """Why ``effects`` (with its ``layers`` column) is not the study's sweep (each of its
+    models with a group ``"all"`` of every layer ``0..n-1`` and each default depth band it
+    has of that band's layers, the thirds of `depth_bands` of that model's n; the models
+    may differ in depth, as a task's 8- and 16-layer conditions do), in words naming the
     first group that is not and the thirds; ``None`` where it is. The pre-registered
     criteria are defined on those groups (`motif_report`)."""
     if "layers" not in effects.columns:
@@ -371,7 +358,11 @@ def default_sweep_mismatch(effects: pd.DataFrame) -> Optional[str]:
 
 
 def _sweep_groups(effects: pd.DataFrame) -> tuple[set[str], Optional[str]]:
-    """(`_default_sweep`'s group names, `default_sweep_mismatch`'s words)."""
+    """(the group names a mass summary without a ``layers`` column, one written before
+    audit 129, is read as the library's defaults of where ``effects`` is the study's sweep
+    (band ``all`` or no band: every layer; a default band: its thirds; ``final``: the final
+    router), `default_sweep_mismatch`'s words: ``None`` where it is the sweep, and then
+    only; otherwise the pairing by name would be a guess)."""
     keys = [c for c in _MODEL_KEYS if c in effects.columns]
     parts = effects.groupby(keys, dropna=False, sort=False) if keys else [((), effects)]
     names: set[str] = set()
@@ -403,15 +394,6 @@ def _sweep_groups(effects: pd.DataFrame) -> tuple[set[str], Optional[str]]:
                 )
         names.update(defaults, ("final",))  # each model's own defaults were checked
     return names, (None if names else "the effects hold no model")
-
-
-def _recipe_depths(conditions: pd.Series) -> list[Optional[int]]:
-    """Per label of a ``condition`` column: the depth of the study's fixed recipe of that
-    name (a grid condition such as ``hard_cumulative_L16``, which `train_condition` trains
-    at its recipe's ``n_layers`` only), or ``None`` where the name says no depth (the
-    original conditions ``attnres`` and ``vanilla``, which can be trained at any shape, a
-    name that is no condition, a label that is no text)."""
-    return [grid_condition_depth(label) for label in conditions]
 
 
 def _default_layers(group: str, router: object, n_layers: int) -> Optional[str]:
@@ -500,7 +482,7 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
     mass, early = 0-2: the mass of other routers than those masked). ``effects``: the whole
     effects table. A summary without ``layers`` (written before audit 129, or by hand) is
     read as the library's defaults of its band's name (``group``): its rows of a grid
-    condition (a ``condition`` label naming a fixed recipe, `_recipe_depths`) at that
+    condition (a ``condition`` label naming a fixed recipe, `grid_condition_depth`) at that
     recipe's depth, and checked so (since audit 148: before, a 16-layer condition's mass
     was paired with the effects of an 8-layer model's default groups; a mismatch may also
     be a model of another depth studied under a grid condition's name, which the tables
@@ -508,7 +490,7 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
     remedy, review 157); its other rows (no
     ``condition`` column, the conditions ``attnres`` / ``vanilla``, a name that is no
     condition), whose depth neither table tells, only where the effects are the study's
-    sweep (`_default_sweep`), unchecked; otherwise it is refused, as are effects without
+    sweep (`default_sweep_mismatch`), unchecked; otherwise it is refused, as are effects without
     ``layers`` (by hand). ``what`` names the result that needs the pairing."""
     chosen = effects[effects.group == group]
     if "layers" not in effects.columns:
@@ -537,19 +519,20 @@ def require_same_layers(mass: pd.DataFrame, effects: pd.DataFrame, group: str, w
         # a summary written before audit 129: its band is read as the library's default of
         # its name, at the depth its condition's recipe fixes (a grid condition), which is
         # then checked exactly; rows of no known depth only beside the study's sweep
-        depths = _recipe_depths(mass["condition"]) if "condition" in mass.columns else []
+        conditions = mass["condition"] if "condition" in mass.columns else [None] * len(mass)
+        depths = [grid_condition_depth(condition) for condition in conditions]
         cells = pd.Series(
             [
                 None if depth is None else _default_layers(group, router, depth)
-                for router, depth in zip(mass.router, depths or [None] * len(mass), strict=True)
+                for router, depth in zip(mass.router, depths, strict=True)
             ],
             index=mass.index,
             dtype=object,
         )
         known = cells.notna()
         if not known.all() or mass.empty:
-            sweep = _default_sweep(effects)
-            if sweep is None or group not in sweep:
+            sweep, mismatch = _sweep_groups(effects)  # effects has 'layers' (checked above)
+            if mismatch is not None or group not in sweep:
                 raise ValueError(
                     f"mass_summary lacks the column 'layers' (which layers each band covers: "
                     f"a summary written before audit 129, or by hand), so {what} cannot tell "
