@@ -1211,3 +1211,26 @@ def test_a_callable_metric_is_told_from_nan_logits():
     with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x * float("nan"))]):
         with pytest.raises(ValueError, match="logits are not finite"):
             attribute_routing(model, batch, answer_only, n_bootstrap=10, progress=False)
+
+
+def test_attribution_runs_under_inference_mode_and_on_a_batch_made_there():
+    """The estimates do not depend on where the call or the batch was made (audit 175:
+    under ``torch.inference_mode()``, or on a batch whose tensors were made there, the
+    answer positions indexed the logits in the backward's graph as inference tensors and
+    the call failed: "Inference tensors cannot be saved for backward")."""
+    model = routed_model("kimi", n_layers=2, attnres_num_blocks=2)
+    batch = random_batch()
+    kwargs = dict(metrics=["logit_diff", "logprob"], groups="layers", method=["linear", "norm"])
+    kwargs.update(n_bootstrap=40, progress=False)
+    plain = attribute_routing(model, batch, **kwargs)
+    with torch.inference_mode():
+        inside = attribute_routing(model, batch, **kwargs)
+        made_there = batch[list(range(len(batch)))]  # its tensors are inference tensors
+    assert made_there.answer_pos.is_inference()
+    outside = attribute_routing(model, made_there, **kwargs)
+    assert np.abs(plain.per_prompt[("linear", "logit_diff")]).max() > 1e-3
+    for result in (inside, outside):
+        for key, values in plain.per_prompt.items():
+            np.testing.assert_array_equal(result.per_prompt[key], values)
+        np.testing.assert_array_equal(result.masked_mass, plain.masked_mass)
+

@@ -632,11 +632,14 @@ def attribute_routing(
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
-        part = batch[first : first + chunk]
-        rows = slice(first, first + len(part))
-        answer_pos = part.answer_pos.to(model.embed.W_E.device)
-        at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
         with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
+            # copies made outside inference mode: the answer positions index the logits
+            # in the graph, and an inference tensor (a batch made, or this call run,
+            # under torch.inference_mode) cannot be saved for backward
+            part = batch[first : first + chunk]._map(torch.clone)
+            rows = slice(first, first + len(part))
+            answer_pos = part.answer_pos.to(model.embed.W_E.device)
+            at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
             with _capturing(model, sites, need_norm) as captures:
                 if every_position:
                     prompts = torch.arange(len(part), device=answer_pos.device)
