@@ -16,7 +16,7 @@ from hooked_attnres.analysis import (
     plan_ablations,
     run_ablations,
 )
-from hooked_attnres.interventions import set_weights
+from hooked_attnres.interventions import patch_sources, set_weights
 from hooked_attnres.model.depth import FAMILIES
 from hooked_attnres.patching import get_act_patch_routing_weights
 from hooked_attnres.tasks.base import TaskBatch
@@ -1234,3 +1234,45 @@ def test_attribution_runs_under_inference_mode_and_on_a_batch_made_there():
             np.testing.assert_array_equal(result.per_prompt[key], values)
         np.testing.assert_array_equal(result.masked_mass, plain.masked_mass)
 
+
+def test_attribution_refuses_a_batch_mean_intervention_which_couples_the_prompts():
+    """Under a ``value="mean"`` patch of a block source the prompts share the batch's mean,
+    so moving one prompt's routing weights changes the others' metrics: one backward of
+    the summed metric put those changes in the moved prompt's estimate. The cell means
+    were right, the per-prompt estimates (and the intervals over them) were not the
+    derivative of each prompt's own metric (audit 175: 6e-3 off, largest estimate 0.3,
+    3-layer kimi). Refused, naming the fixed-tensor mean that does not couple them."""
+    model = routed_model("kimi", scale=0.15, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(seed=3)
+    mean = patch_sources(model, "prev_completed", value="mean", routers="mlp_res", layers=[2])
+    plain = attribute_routing(model, batch, groups="layers", n_bootstrap=40, progress=False)
+    with model.hooks(fwd_hooks=mean):
+        with pytest.raises(ValueError, match="value='mean' is attached.*couples the prompts.*fixed.*cache"):
+            attribute_routing(model, batch, groups="layers", n_bootstrap=40, progress=False)
+        # one prompt has no other to couple to
+        with pytest.warns(RuntimeWarning, match="needs at least 2 prompts"):
+            alone = attribute_routing(model, batch[:1], groups="layers", progress=False)
+        assert alone.per_prompt[("linear", "logit_diff")].shape == (len(plain.plan), 1)
+    # the remedy: the batch's mean as a fixed tensor, per prompt the derivative of its
+    # own metric (a central difference moving every prompt's weights at once)
+    (name,) = [name for name, _ in mean]
+    site = model.site(2, "mlp_res")
+    index = model.source_labels(site).index("block_2")  # prev_completed there
+    _, cache = model.run_with_cache(batch.tokens)
+    fixed = patch_sources(
+        model,
+        "prev_completed",
+        value=cache[name][:, :, index].mean(0, keepdim=True),
+        routers="mlp_res",
+        layers=[2],
+    )
+    with model.hooks(fwd_hooks=fixed):
+        result = attribute_routing(model, batch, groups="layers", n_bootstrap=40, progress=False)
+        cell = next(c for c in result.plan if c.group == "layer 1" and not c.is_noop)
+        site, mask = cell.ablation.masks[0]
+        new = masked_weights(model, batch, site, mask)
+        expected = central_difference(model, batch, site, new)
+    i = result.plan.index(cell)
+    np.testing.assert_allclose(
+        result.per_prompt[("linear", "logit_diff")][i], expected.numpy(), atol=1e-6
+    )

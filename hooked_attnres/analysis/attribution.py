@@ -54,6 +54,7 @@ from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
     require_selection,
+    some_names,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
@@ -71,7 +72,11 @@ from hooked_attnres.analysis.effects import (
 )
 from hooked_attnres.analysis.mass import layers_text
 from hooked_attnres.interventions.checks import check_count, require_eval
-from hooked_attnres.interventions.routing import mask_logits, require_whole_batch_means
+from hooked_attnres.interventions.routing import (
+    batch_mean_hooks,
+    mask_logits,
+    require_whole_batch_means,
+)
 from hooked_attnres.interventions.selection import check_routers
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RouterSite
 from hooked_attnres.model.norms import (
@@ -317,6 +322,27 @@ def _router_estimate(
         out = weighted_sum(parts, new_weights.movedim(-1, 0))
         change = rms_normalize(out, eps) - capture.normalized_unrounded
     return (grads[1].to(weights.dtype) * change).sum(-1)
+
+
+def _require_independent_prompts(model: HookedAttnRes, n_prompts: int) -> None:
+    """Refuse ``value="mean"`` interventions (`batch_mean_hooks`) over several prompts: the
+    batch's mean couples them, so the gradient of the summed metric at one prompt's
+    routing weights holds the change of every prompt's metric, and each per-prompt
+    estimate (and the intervals over them) would be of the whole batch, not of its prompt
+    (the cell means stay right; audit 175: 6e-3 off per prompt, largest estimate 0.3)."""
+    found = batch_mean_hooks(model)
+    if n_prompts > 1 and found:
+        raise ValueError(
+            f"an intervention with value='mean' is attached ({some_names(found)}): the "
+            "batch's mean couples the prompts (moving one prompt's routing moves the mean "
+            "every prompt is patched with), so the one backward pass of the summed metric "
+            "would put the other prompts' changes in each prompt's estimate: the per-prompt "
+            "estimates and their intervals would not be each prompt's own. Patch with the "
+            "batch's mean as a fixed [1, pos, d_model] tensor from a cache of a run of the "
+            "whole batch (cache[hook].mean(0, keepdim=True) for patch_committed, "
+            "cache[hook][:, :, i].mean(0, keepdim=True) for source i of patch_sources), "
+            "or measure the exact effects under the 'mean' patch with ablation_effects"
+        )
 
 
 def _masked_weights(
@@ -593,7 +619,9 @@ def attribute_routing(
     Raises:
         ValueError: a model in train mode or without routers, ``accuracy`` or an unknown
             metric, a callable metric that does not return ``[batch]``, different callable
-            metrics of one name, an unknown family, router or group, an unknown method.
+            metrics of one name, an unknown family, router or group, an unknown method, a
+            ``value="mean"`` intervention attached while more than one prompt is
+            attributed (it couples the prompts: `batch_mean_hooks`).
         TypeError: ``by_position`` that is not True or False (``"False"`` was read as True).
     """
     start_time = time.perf_counter()
@@ -629,6 +657,7 @@ def attribute_routing(
     hooks_during_run = hook_signature(model)  # verify_top must see the same ones
     weights_during_run = WeightsSignature(model)  # and the same weights
     require_whole_batch_means(model, n, chunk, "attribute_routing")
+    _require_independent_prompts(model, n)
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:

@@ -948,6 +948,18 @@ def _marked(hook: Callable, value: object) -> Callable:
     return hook
 
 
+def batch_mean_hooks(model: HookedAttnRes) -> list[str]:
+    """The hook points of ``model`` with a `patch_sources` / `patch_committed` hook of
+    ``value="mean"`` attached (`_marked`): each prompt of a pass is patched with the mean
+    over the pass's prompts, so the prompts of one pass are no longer independent."""
+    return [
+        str(point.name)
+        for point in model.hook_points()
+        for handle in point.fwd_hooks
+        if getattr(handle.user_hook, "_batch_mean", False)
+    ]
+
+
 def require_whole_batch_means(model: HookedAttnRes, n_prompts: int, chunk: int, what: str) -> None:
     """Refuse an analysis (``what``) that runs ``n_prompts`` prompts in passes of
     ``chunk`` while a `patch_sources` / `patch_committed` hook with ``value="mean"`` is
@@ -957,12 +969,7 @@ def require_whole_batch_means(model: HookedAttnRes, n_prompts: int, chunk: int, 
     applies; audit 163). Nothing to refuse in one pass (``n_prompts <= chunk``)."""
     if n_prompts <= chunk:
         return
-    found = [
-        str(point.name)
-        for point in model.hook_points()
-        for handle in point.fwd_hooks
-        if getattr(handle.user_hook, "_batch_mean", False)
-    ]
+    found = batch_mean_hooks(model)
     if found:
         raise ValueError(
             f"{what} runs the {n_prompts} prompts in passes of chunk={chunk}, but an "
