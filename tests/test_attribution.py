@@ -1247,7 +1247,8 @@ def test_attribution_refuses_a_batch_mean_intervention_which_couples_the_prompts
     mean = patch_sources(model, "prev_completed", value="mean", routers="mlp_res", layers=[2])
     plain = attribute_routing(model, batch, groups="layers", n_bootstrap=40, progress=False)
     with model.hooks(fwd_hooks=mean):
-        with pytest.raises(ValueError, match="value='mean' is attached.*couples the prompts.*fixed.*cache"):
+        message = "value='mean' is attached.*couples the prompts.*fixed.*cache"
+        with pytest.raises(ValueError, match=message):
             attribute_routing(model, batch, groups="layers", n_bootstrap=40, progress=False)
         # one prompt has no other to couple to
         with pytest.warns(RuntimeWarning, match="needs at least 2 prompts"):
