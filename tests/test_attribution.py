@@ -1277,3 +1277,39 @@ def test_attribution_refuses_a_batch_mean_intervention_which_couples_the_prompts
     np.testing.assert_allclose(
         result.per_prompt[("linear", "logit_diff")][i], expected.numpy(), atol=1e-6
     )
+
+
+def test_a_batch_mean_taken_before_every_attributed_router_is_not_refused():
+    """A ``value="mean"`` patch whose mean does not depend on any routing weight the
+    attribution moves (the mean of layer 2's ``prev_completed`` source, attributing layer
+    2's ``mlp_res`` and the final router, read after it) couples no prompt's estimate to
+    another's: each per-prompt estimate is the derivative of its own metric (a central
+    difference under the same patch). Audit 179: refused as if coupled whenever more
+    than one prompt was attributed; the routers before it are still refused."""
+    model = routed_model("kimi", scale=0.15, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(seed=3)
+    mean = patch_sources(model, "prev_completed", value="mean", routers="mlp_res", layers=[2])
+    kwargs = dict(n_bootstrap=40, progress=False)
+    late = dict(routers=("mlp_res", "final_res"), groups={"late": [2]}, **kwargs)
+    with model.hooks(fwd_hooks=mean):
+        result = attribute_routing(model, batch, **late)
+        checked = 0
+        for i, cell in enumerate(result.plan):
+            if cell.is_noop:
+                continue
+            site, mask = cell.ablation.masks[0]
+            new = masked_weights(model, batch, site, mask)
+            expected = central_difference(model, batch, site, new)
+            estimates = result.per_prompt[("linear", "logit_diff")][i]
+            np.testing.assert_allclose(estimates, expected.numpy(), atol=1e-6)
+            checked += 1
+        assert checked == 8  # 4 families at layer 2's mlp_res, 4 at the final router
+        assert np.abs(result.per_prompt[("linear", "logit_diff")]).max() > 1e-2
+        # layer 1's mlp_res feeds the block the mean is taken of: coupled, refused
+        with pytest.raises(ValueError, match="value='mean'.*depends on routing weights"):
+            attribute_routing(model, batch, routers="mlp_res", groups={"l1": [1]}, **kwargs)
+        # refused mid-pass, nothing left behind: the allowed call gives the same numbers
+        again = attribute_routing(model, batch, **late)
+    for key, values in result.per_prompt.items():
+        np.testing.assert_array_equal(again.per_prompt[key], values)
+    assert all(param.requires_grad for param in model.parameters())

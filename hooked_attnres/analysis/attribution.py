@@ -54,7 +54,6 @@ from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
     require_selection,
-    some_names,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy, check_bootstrap
 from hooked_attnres.analysis.effects import (
@@ -324,25 +323,40 @@ def _router_estimate(
     return (grads[1].to(weights.dtype) * change).sum(-1)
 
 
-def _require_independent_prompts(model: HookedAttnRes, n_prompts: int) -> None:
-    """Refuse ``value="mean"`` interventions (`batch_mean_hooks`) over several prompts: the
-    batch's mean couples them, so the gradient of the summed metric at one prompt's
-    routing weights holds the change of every prompt's metric, and each per-prompt
-    estimate (and the intervals over them) would be of the whole batch, not of its prompt
-    (the cell means stay right; audit 175: 6e-3 off per prompt, largest estimate 0.3)."""
-    found = batch_mean_hooks(model)
-    if n_prompts > 1 and found:
-        raise ValueError(
-            f"an intervention with value='mean' is attached ({some_names(found)}): the "
-            "batch's mean couples the prompts (moving one prompt's routing moves the mean "
-            "every prompt is patched with), so the one backward pass of the summed metric "
-            "would put the other prompts' changes in each prompt's estimate: the per-prompt "
-            "estimates and their intervals would not be each prompt's own. Patch with the "
-            "batch's mean as a fixed [1, pos, d_model] tensor from a cache of a run of the "
-            "whole batch (cache[hook].mean(0, keepdim=True) for patch_committed, "
-            "cache[hook][:, :, i].mean(0, keepdim=True) for source i of patch_sources), "
-            "or measure the exact effects under the 'mean' patch with ablation_effects"
-        )
+@contextmanager
+def _refusing_coupled_means(model: HookedAttnRes, n_prompts: int) -> Iterator[None]:
+    """Refuse, while the block runs a pass of ``n_prompts > 1`` prompts, a ``value="mean"``
+    intervention (`batch_mean_hooks`) whose mean depends on routing weights the
+    attribution moves (its hook point's tensor in the graph: parameters are frozen, so
+    only a captured router's weights start one). Such a mean couples the prompts: the
+    gradient of the summed metric at one prompt's weights holds the change of every
+    prompt's metric, so each per-prompt estimate (and the intervals over them) would be
+    of the whole batch, not of its prompt (the cell means stay right; audit 175: 6e-3 off
+    per prompt, largest estimate 0.3). A mean taken before every attributed router (out
+    of the graph) couples nothing and is allowed (audit 179: it was refused too)."""
+    found = batch_mean_hooks(model) if n_prompts > 1 else []
+
+    def check(tensor: Tensor, hook) -> None:
+        if tensor.requires_grad:
+            raise ValueError(
+                f"an intervention with value='mean' is attached ({hook.name}) and its mean "
+                "depends on routing weights this attribution moves: the batch's mean "
+                "couples the prompts (moving one prompt's routing moves the mean every "
+                "prompt is patched with), so the one backward pass of the summed metric "
+                "would put the other prompts' changes in each prompt's estimate: the "
+                "per-prompt estimates and their intervals would not be each prompt's own. "
+                "Patch with the batch's mean as a fixed [1, pos, d_model] tensor from a "
+                "cache of a run of the whole batch (cache[hook].mean(0, keepdim=True) for "
+                "patch_committed, cache[hook][:, :, i].mean(0, keepdim=True) for source i "
+                "of patch_sources; in a padded batch, the mean over the prompts real at "
+                "each position, as 'mean' takes it), attribute only routers after the "
+                "mean, or measure the exact effects under the 'mean' patch with "
+                "ablation_effects"
+            )
+
+    # attached after the interventions already there: sees what the mean hook returns
+    with model.hooks(fwd_hooks=[(name, check) for name in dict.fromkeys(found)]):
+        yield
 
 
 def _masked_weights(
@@ -620,8 +634,10 @@ def attribute_routing(
         ValueError: a model in train mode or without routers, ``accuracy`` or an unknown
             metric, a callable metric that does not return ``[batch]``, different callable
             metrics of one name, an unknown family, router or group, an unknown method, a
-            ``value="mean"`` intervention attached while more than one prompt is
-            attributed (it couples the prompts: `batch_mean_hooks`).
+            ``value="mean"`` intervention attached whose mean depends on routing weights
+            the attribution moves, while more than one prompt is attributed (it couples
+            the prompts: `batch_mean_hooks`; a mean taken before every attributed router
+            is allowed).
         TypeError: ``by_position`` that is not True or False (``"False"`` was read as True).
     """
     start_time = time.perf_counter()
@@ -657,7 +673,6 @@ def attribute_routing(
     hooks_during_run = hook_signature(model)  # verify_top must see the same ones
     weights_during_run = WeightsSignature(model)  # and the same weights
     require_whole_batch_means(model, n, chunk, "attribute_routing")
-    _require_independent_prompts(model, n)
     chunks = list(range(0, n, chunk))
     bar = tqdm(total=len(chunks), disable=not progress, desc="attribution", dynamic_ncols=True)
     for first in chunks:
@@ -669,7 +684,10 @@ def attribute_routing(
             rows = slice(first, first + len(part))
             answer_pos = part.answer_pos.to(model.embed.W_E.device)
             at_answer = replace(part, answer_pos=torch.zeros_like(part.answer_pos))
-            with _capturing(model, sites, need_norm) as captures:
+            with (
+                _capturing(model, sites, need_norm) as captures,
+                _refusing_coupled_means(model, len(part)),
+            ):
                 if every_position:
                     prompts = torch.arange(len(part), device=answer_pos.device)
                     logits = model(part.tokens)[prompts, answer_pos].unsqueeze(1)
