@@ -331,8 +331,8 @@ def _refusing_coupled_means(model: HookedAttnRes, n_prompts: int) -> Iterator[No
     only a captured router's weights start one). Such a mean couples the prompts: the
     gradient of the summed metric at one prompt's weights holds the change of every
     prompt's metric, so each per-prompt estimate (and the intervals over them) would be
-    of the whole batch, not of its prompt (the cell means stay right; audit 175: 6e-3 off
-    per prompt, largest estimate 0.3). A mean taken before every attributed router (out
+    of the whole batch, not of its prompt (the cell means stay right; audit 175: 1.1e-3
+    off per prompt, largest estimate 0.21). A mean taken before every attributed router (out
     of the graph) couples nothing and is allowed (audit 179: it was refused too)."""
     found = batch_mean_hooks(model) if n_prompts > 1 else []
 
