@@ -460,6 +460,43 @@ def require_keys(table: Any, columns: Sequence[str], what: str) -> None:
     require_one_kind(table, columns, what)
 
 
+# the columns that tell models, bands or groups apart: the ones a repeated row's message
+# names where its rows differ in them (the column to split or select by)
+LABEL_COLUMNS = ("condition", "seed", "model", "band", "group")
+
+
+def require_one_row(table: Any, keys: Sequence[str], what: str, remedy: str) -> None:
+    """Refuse a ``table`` (a pandas ``DataFrame`` with the columns ``keys``) with several
+    rows for one value of ``keys``: ``ValueError("{what} has several rows for router='a',
+    family='x' (they differ in ['seed']): 2 rows of one ('router', 'family'), where it must
+    hold one; {remedy}")``, naming the first repeated cell, its number of rows, the key
+    columns, the `LABEL_COLUMNS` outside ``keys`` its rows differ in (where any do) and
+    the caller's ``remedy`` (pass one model's table, ...). The one check of "one row per
+    cell" before a table is indexed, paired or drawn by ``keys`` (several seeds' rows of a
+    cell were paired with each other, drawn on top of each other or read as one); ``what``
+    names the table. Keys are matched as pandas' ``duplicated`` matches them (NaN equal
+    to NaN)."""
+    keys = list(dict.fromkeys(keys))
+    repeated = table.duplicated(keys).to_numpy()
+    if not repeated.any():
+        return
+    rows = table[keys]
+    first = rows.iloc[int(np.flatnonzero(repeated)[0])]
+    same = ((rows == first) | (rows.isna() & first.isna())).all(axis=1).to_numpy()
+    cell = ", ".join(f"{k}={np.asarray(first[k]).tolist()!r}" for k in keys)
+    shared = table[same]
+    differ = [
+        c
+        for c in LABEL_COLUMNS
+        if c in table and c not in keys and shared[c].nunique(dropna=False) > 1
+    ]
+    raise ValueError(
+        f"{what} has several rows for {cell}"
+        + (f" (they differ in {differ})" if differ else "")
+        + f": {int(same.sum())} rows of one {tuple(keys)}, where it must hold one; {remedy}"
+    )
+
+
 def require_decisions(
     table: Any,
     column: str,

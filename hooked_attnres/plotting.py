@@ -28,6 +28,7 @@ from hooked_attnres._validation import (
     require_bool,
     require_columns,
     require_keys,
+    require_one_row,
     require_same_kind,
     require_selection,
 )
@@ -601,26 +602,6 @@ def patching_heatmap(
     return _finish(fig, title, 160 + 34 * len(row_labels), categories="xy")
 
 
-def _require_one_row(table: pd.DataFrame, keys: Sequence[str], what: str, remedy: str) -> None:
-    """Refuse a table with several rows for one cell of the figure (several models, seeds,
-    conditions or depth bands would be paired or drawn on top of each other)."""
-    repeated = table.duplicated(list(keys))
-    if repeated.any():
-        first = table[repeated].iloc[0]
-        cell = ", ".join(f"{key}={first[key]!r}" for key in keys)
-        same = table[(table[list(keys)] == first[list(keys)]).all(axis=1)]
-        extra = [
-            c
-            for c in ("condition", "seed", "band", "group")
-            if c in table and c not in keys and same[c].nunique() > 1
-        ]
-        raise ValueError(
-            f"{what} has several rows for {cell}"
-            + (f" (they differ in {extra})" if extra else "")
-            + f"; {remedy}"
-        )
-
-
 def _require_family_read(mass_summary: pd.DataFrame) -> None:
     """Refuse a mass summary without ``family_read`` (`require_family_read_column`)."""
     require_family_read_column(mass_summary, "the mass-effect figures")
@@ -723,8 +704,8 @@ def _merged(
         "pass one model's tables, with the mass summarised by ('router', 'family') "
         "(for several seeds or conditions use mass_effect_by_seed)"
     )
-    _require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
-    _require_one_row(chosen, ("router", "family"), "effects", remedy)
+    require_one_row(mass_summary, ("router", "family"), "mass_summary", remedy)
+    require_one_row(chosen, ("router", "family"), "effects", remedy)
     # one row each, merged by router and family: of one model (seed 0's mass was drawn
     # beside seed 1's effects)
     require_same_models((("mass_summary", shown), ("effects", chosen)), "the mass-effect figures")
@@ -984,7 +965,7 @@ def effect_bands(
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
-    _require_one_row(
+    require_one_row(
         chosen,
         ("router", "group", "family"),
         "effects",
@@ -1126,7 +1107,7 @@ def effects_by_seed(
             f"no logit_diff effects of {family!r} at {list(routers)} in {list(groups)}"
         )
     chosen = _with_model_columns(chosen)
-    _require_one_row(
+    require_one_row(
         chosen,
         ("condition", "seed", "router", "group"),
         "effects",
@@ -1232,8 +1213,8 @@ def mass_effect_by_seed(
         raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
     chosen, mass = _with_model_columns(chosen), _with_model_columns(mass)
     remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
-    _require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
-    _require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
+    require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
+    require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
     columns = _columns(columns, chosen)
     # the families with an effect (each has mass rows; the others' mass is named in the title)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hooked_attnres._validation import first_non_finite, require_finite_number
+from hooked_attnres._validation import first_non_finite, require_finite_number, require_one_row
 from hooked_attnres.analysis.effects import require_measured
 from hooked_attnres.analysis.mass import (
     require_family_read_column,
@@ -87,14 +87,12 @@ def dissociation_report(
             "ablation_effects(..., groups='all') with that metric"
         )
     for table, what in ((mass_summary, "mass_summary"), (chosen, "effects")):
-        repeated = table.duplicated(["router", "family"])
-        if repeated.any():
-            first = table[repeated].iloc[0]
-            raise ValueError(
-                f"{what} has several rows for router={first.router!r}, family={first.family!r} "
-                f"(columns {list(table.columns)}); summarize mass by ('router', 'family') and pass "
-                "the effects of one model / seed"
-            )
+        require_one_row(
+            table,
+            ("router", "family"),
+            what,
+            "summarize mass by ('router', 'family') and pass the effects of one model / seed",
+        )
     # paired by router and family: of one model (seed 0's mass beside seed 1's effects)
     require_same_models(
         (("mass_summary", mass_summary), ("effects", chosen)), "dissociation_report"

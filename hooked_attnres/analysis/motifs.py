@@ -46,6 +46,7 @@ from hooked_attnres._validation import (
     require_finite_number,
     require_integer,
     require_keys,
+    require_one_row,
     require_same_kind,
 )
 from hooked_attnres.analysis.effects import require_measured
@@ -173,12 +174,13 @@ def _effect_rows(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
             f"metrics including {metric!r} (the pre-registered criteria read 'logit_diff' "
             "and, for criterion 2's 2 points, 'accuracy')"
         )
+    require_one_row(
+        chosen,
+        ("router", "group", "family"),
+        "the effects table",
+        "pass one model seed at a time (motif_report splits by a 'seed' column)",
+    )
     chosen = chosen.set_index(["router", "group", "family"])
-    if chosen.index.duplicated().any():
-        raise ValueError(
-            "the effects table has several rows per router, group and family; pass "
-            "one model seed at a time (motif_report splits by a 'seed' column)"
-        )
     needed = [(r, g, f) for r in SUBLAYER_ROUTERS for g in (*BANDS, "all") for f in FAMILIES]
     missing = [cell for cell in needed if cell not in chosen.index]
     if missing:
@@ -203,11 +205,12 @@ def _all_layer_mass(mass_summary: pd.DataFrame) -> pd.Series:
                 f"{sorted(set(mass_summary.band))}); pass summarize_mass(mass, by=('router', "
                 "'family')), or summarize mass.assign(band='all') as the study does"
             )
-    if table.duplicated(["router", "family"]).any():
-        raise ValueError(
-            "mass_summary has several rows per router and family; pass one seed's "
-            "summary over all layers (band 'all')"
-        )
+    require_one_row(
+        table,
+        ("router", "family"),
+        "mass_summary",
+        "pass one seed's summary over all layers (band 'all')",
+    )
     require_family_rows(table, SUBLAYER_ROUTERS, "mass_summary")
     return table.set_index(["router", "family"]).mass
 
@@ -1109,15 +1112,13 @@ def verdict_changes(
         require_keys(table, ["claim"], f"the {name} report")
         # a NaN decision differs from every other (NaN != NaN): a change "found"
         require_decisions(table, "present", keys, f"the {name} report")
-        repeated = table[table.duplicated(keys, keep=False)]
-        if not repeated.empty:
-            first_row = {k: np.asarray(v).tolist() for k, v in repeated[keys].iloc[0].items()}
-            raise ValueError(
-                f"the {name} report has {len(repeated)} rows that repeat a {tuple(keys)} "
-                f"(first: {first_row}): pass motif_report's table of each model once; for "
-                "models told apart by another column (motif_report's by), name it in by "
-                f"(e.g. by={[*by, 'model']})"
-            )
+        require_one_row(
+            table,
+            keys,
+            f"the {name} report",
+            "pass motif_report's table of each model once; for models told apart by another "
+            f"column (motif_report's by), name it in by (e.g. by={[*by, 'model']})",
+        )
     # seeds 0 and '0' (a report read back from a CSV): pandas' own merge error
     require_same_kind((("the first report", first), ("the second report", second)), keys)
     merged = first[keys + ["present"]].merge(

@@ -1,0 +1,183 @@
+"""One rule, one message for "a table has several rows for one cell" (`require_one_row`):
+every table check that needs one row per (router, family), (router, group, family),
+(condition, seed, ...) or (seed, claim) refuses a repeated row with a message that names
+the repeated cell, the number of its rows, the key columns and the call site's remedy
+(audit 173: five sites had five wordings, some without the keys or the columns)."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+from test_analysis import _plot_tables
+from test_motifs import harmful, tables
+
+from hooked_attnres import plotting
+from hooked_attnres.analysis import dissociation_report, motif_report, verdict_changes
+
+PLOT_REMEDY = (
+    "pass one model's tables, with the mass summarised by ('router', 'family') (for several "
+    "seeds or conditions use mass_effect_by_seed)"
+)
+BY_SEED_REMEDY = "give each model a distinct condition or seed (and the mass one band, 'all')"
+
+
+def refused(cell: str, count: int, keys: tuple, remedy: str, what: str, differ: str = ""):
+    """The whole message of `require_one_row`, escaped (built from its parts by hand)."""
+    return re.escape(
+        f"{what} has several rows for {cell}{differ}: {count} rows of one {keys}, where it "
+        f"must hold one; {remedy}"
+    )
+
+
+def test_require_one_row_names_the_cell_its_rows_the_columns_and_the_remedy():
+    from hooked_attnres._validation import require_one_row
+
+    table = pd.DataFrame(
+        {
+            "router": ["a", "a", "b", "a"],
+            "family": ["x", "x", "x", "x"],
+            "seed": [0, 1, 0, 2],
+            "mass": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    require_one_row(table[table.seed != 1].iloc[:2], ("router", "family"), "t", "do this")
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "router='a', family='x'",
+            3,
+            ("router", "family"),
+            "do this",
+            "t",
+            " (they differ in ['seed'])",
+        ),
+    ):
+        require_one_row(table, ("router", "family"), "t", "do this")
+    # NaN keys repeat as pandas' duplicated finds them (counted as one cell, not as 0 rows)
+    nan = pd.DataFrame({"router": [None, None], "family": ["x", "x"], "mass": [0.1, 0.2]})
+    with pytest.raises(
+        ValueError, match=refused("router=None, family='x'", 2, ("router", "family"), "r", "t")
+    ):
+        require_one_row(nan, ["router", "family"], "t", "r")
+
+
+def test_the_mass_effect_figures_refuse_a_repeated_router_and_family():
+    mass, effects = _plot_tables()
+    two_mass, two_effects = _plot_tables(seeds=(0, 1))
+    differ = " (they differ in ['seed'])"
+    for plot in (plotting.mass_effect_scatter, plotting.mass_effect_bars):
+        cell = "router='attn_res', family='embedding'"
+        keys = ("router", "family")
+        with pytest.raises(
+            ValueError, match=refused(cell, 2, keys, PLOT_REMEDY, "mass_summary", differ)
+        ):
+            plot(two_mass[two_mass.seed.isin([0, 1])], effects)
+        with pytest.raises(
+            ValueError, match=refused(cell, 2, keys, PLOT_REMEDY, "effects", differ)
+        ):
+            plot(mass, two_effects)
+
+
+def test_effect_bands_refuses_a_repeated_router_group_and_family():
+    _, two_effects = _plot_tables(seeds=(0, 1))
+    remedy = "pass one model's effects (for several seeds or conditions use effects_by_seed)"
+    cell = "router='attn_res', group='early', family='embedding'"
+    keys = ("router", "group", "family")
+    with pytest.raises(
+        ValueError,
+        match=refused(cell, 2, keys, remedy, "effects", " (they differ in ['seed'])"),
+    ):
+        plotting.effect_bands(two_effects)
+
+
+def test_the_by_seed_figures_refuse_a_repeated_model_row():
+    mass, effects = _plot_tables(seeds=(0, 1))
+    mass, effects = mass.assign(condition="a"), effects.assign(condition="a")
+    twice = pd.concat([effects, effects], ignore_index=True)
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "condition='a', seed=0, router='mlp_res', group='early'",
+            2,
+            ("condition", "seed", "router", "group"),
+            "give each model a distinct condition or seed",
+            "effects",
+        ),
+    ):
+        plotting.effects_by_seed(twice, "older", ["mlp_res"], ["early"])
+    keys = ("condition", "seed", "family")
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "condition='a', seed=0, family='embedding'", 2, keys, BY_SEED_REMEDY, "effects"
+        ),
+    ):
+        plotting.mass_effect_by_seed(mass, twice, "mlp_res")
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "condition='a', seed=0, family='embedding'", 2, keys, BY_SEED_REMEDY, "mass_summary"
+        ),
+    ):
+        plotting.mass_effect_by_seed(pd.concat([mass, mass], ignore_index=True), effects, "mlp_res")
+
+
+def test_motif_report_refuses_a_repeated_effect_or_mass_row():
+    summary, effects = tables({("mlp_res", "early", "embedding"): harmful(-1.0)})
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "router='attn_res', group='early', family='embedding'",
+            2,
+            ("router", "group", "family"),
+            "pass one model seed at a time (motif_report splits by a 'seed' column)",
+            "the effects table",
+        ),
+    ):
+        motif_report(summary, pd.concat([effects, effects]), by=[])
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            "router='attn_res', family='embedding'",
+            2,
+            ("router", "family"),
+            "pass one seed's summary over all layers (band 'all')",
+            "mass_summary",
+        ),
+    ):
+        motif_report(pd.concat([summary, summary]), effects, by=[])
+
+
+def test_verdict_changes_refuses_a_repeated_report_row():
+    summary, effects = tables(seed=0)
+    report = motif_report(summary, effects)
+    remedy = (
+        "pass motif_report's table of each model once; for models told apart by another "
+        "column (motif_report's by), name it in by (e.g. by=['seed', 'model'])"
+    )
+    with pytest.raises(
+        ValueError,
+        match=refused("seed=0, claim='M1'", 2, ("seed", "claim"), remedy, "the first report"),
+    ):
+        verdict_changes(pd.concat([report, report], ignore_index=True), report)
+
+
+def test_dissociation_report_refuses_a_repeated_router_and_family():
+    summary, effects = tables()
+    summary, effects = summary.drop(columns="band"), effects.assign(seed=0)
+    remedy = "summarize mass by ('router', 'family') and pass the effects of one model / seed"
+    keys = ("router", "family")
+    cell = "router='attn_res', family='embedding'"
+    banded = pd.concat([summary.assign(band="early"), summary.assign(band="all")])
+    with pytest.raises(
+        ValueError,
+        match=refused(cell, 2, keys, remedy, "mass_summary", " (they differ in ['band'])"),
+    ):
+        dissociation_report(banded, effects)
+    two = pd.concat([effects, effects.assign(seed=1)])
+    with pytest.raises(
+        ValueError, match=refused(cell, 2, keys, remedy, "effects", " (they differ in ['seed'])")
+    ):
+        dissociation_report(summary, two)
