@@ -700,8 +700,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the status of a command cut short because its reader closed stdout (``| head -1``): what
+# a Unix tool killed by SIGPIPE (signal 13) reports, 128 + 13
+CLOSED_OUTPUT_STATUS = 141
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at ``os.devnull`` after a write into a closed pipe
+    failed (the Python docs' handling of SIGPIPE): the output still buffered would fail
+    again when Python flushes it at exit, printing "Exception ignored ... BrokenPipeError"
+    and ending with status 120. A stdout without a descriptor (a test's capture) is left."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line: the command's status, 1 after an error (one line on stderr),
+    130 after Ctrl-C, and `CLOSED_OUTPUT_STATUS` (141), quietly, when the reader of
+    stdout closed it (``hooked-attnres list | head -1``; it printed "error: [Errno 32]
+    Broken pipe" and ended with 1 until audit 173; ``--debug`` shows the traceback).
+    ``--help`` into a closed pipe ends with argparse's status (0), quietly."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help or a usage error: argparse's status
+        try:
+            sys.stdout.flush()  # a help still buffered fails here, not at Python's exit
+        except BrokenPipeError:
+            _stdout_to_devnull()
+        raise
     try:
         if args.command != "list":
             import torch
@@ -710,7 +740,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             torch.set_num_threads(args.threads if args.threads is not None else default_threads())
             tune_from_environment()  # reuse freed memory (HOOKED_ATTNRES_TUNE_MALLOC=0: don't)
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # output still buffered fails here, not at Python's exit
+        return status
+    except BrokenPipeError:  # the reader closed stdout: no error of the command
+        if args.debug:  # a broken pipe of something else than stdout: its traceback
+            raise
+        _stdout_to_devnull()
+        return CLOSED_OUTPUT_STATUS
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -1230,3 +1230,58 @@ def test_an_unknown_condition_is_refused_when_parsed_naming_the_option(
         "vanilla",
         "hard_kimi_L8",
     ]
+
+
+def _with_closed_stdout(argv, buffered):
+    """Run the command line in a child whose stdout is a pipe nobody reads (its read end
+    closed before the child starts, as ``| head -1`` closes it after a line, but for
+    certain): every write to stdout fails with EPIPE, at the write (``buffered`` False:
+    ``PYTHONUNBUFFERED=1``) or when the buffer is flushed (True: Python's default for a
+    pipe, where it used to fail at the interpreter's exit)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=str(Path(cli.__file__).parents[1]), OMP_NUM_THREADS="1")
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        code = "import sys; from hooked_attnres import cli; sys.exit(cli.main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv], stdout=write, stderr=subprocess.PIPE, env=env
+        )
+    finally:
+        os.close(write)
+    return done.returncode, done.stderr.decode()
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["list"], 141),
+        (["--help"], 0),
+        (["train", "--help"], 0),
+        (["study", "--help"], 0),
+        (["info", "--help"], 0),
+    ],
+)
+def test_output_into_a_closed_pipe_ends_quietly(argv, status, buffered):
+    """Audit 173: ``hooked-attnres list | head -1`` ended with "error: [Errno 32] Broken
+    pipe (BrokenPipeError ...)" and status 1 (unbuffered), or with Python's "Exception
+    ignored ... BrokenPipeError" and status 120 (a pipe's default buffering, as ``--help``
+    did): a reader that stops reading is no error of the command. A command cut short
+    ends as a Unix tool killed by SIGPIPE reports it, status 141 (128 + 13); the help ends
+    with argparse's own status, 0; nothing on stderr."""
+    assert _with_closed_stdout(argv, buffered) == (status, "")
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_info_into_a_closed_pipe_ends_quietly(tmp_path, buffered):
+    """``info`` prints a line per router: into a closed pipe it ends as ``list`` does."""
+    from helpers import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    argv = ["info", str(tmp_path / "m"), "--threads", "1"]
+    assert _with_closed_stdout(argv, buffered) == (141, "")
