@@ -2506,3 +2506,35 @@ def test_the_report_counts_d1_cases_as_decisions_whatever_the_column_holds(tmp_p
     assert d1_line(as_numpy) == d1_line(motifs)
     with pytest.raises(ValueError, match="present"):
         d1_line(motifs.assign(present=motifs.present.astype(object).where(~d1, np.nan)))
+
+
+@pytest.mark.parametrize("threshold", [0.02, 0.05, 0.1, 0.15, 0.3, 0.7, 1 / 3, 0.6])
+def test_custom_thresholds_decide_whole_prompt_ratios_at_the_threshold_as_the_ratios_do(
+    threshold,
+):
+    """Audit 173: criterion 2 (the harm's fraction, the accuracy drop) and D3's mass test
+    compare a float with the threshold's float, where D2 and D3's size test read the
+    threshold as written. For a value that is a ratio k/n (k of n prompts losing their
+    answer, a mass of 3/20) correctly rounded, the float comparison decides as the ratio
+    does at the threshold itself and beside it, for any threshold; reading 0.15, 0.3, 0.7
+    or 0.6 as written would refuse every tie (the float 0.3 is below 3/10: 3 of 10 prompts
+    would not meet a 0.3 drop). For the pre-registered 0.02, 0.05 and 0.10 both readings
+    agree (each float is above its decimal). Truth: the ratio as a Fraction."""
+    from fractions import Fraction
+
+    from hooked_attnres.analysis.motifs import Criteria, _criterion_2, _d3_present
+
+    criteria = Criteria(
+        min_accuracy_drop=threshold, min_effect_fraction=threshold, d3_min_mass=threshold
+    )
+    written = Fraction(repr(threshold))
+    ties = 0
+    for n in range(1, 61):
+        for k in range(n + 1):
+            met = Fraction(k, n) >= written
+            ties += Fraction(k, n) == written
+            by_accuracy, _ = _criterion_2(0.0, -(k / n), 1.0, criteria)
+            _, large = _criterion_2(k / n, 0.0, 1.0, criteria)
+            row = pd.Series(dict(mass=k / n, effect=0.0, ci_low=-1.0, ci_high=1.0))
+            assert (by_accuracy, large, _d3_present(row, 1.0, criteria)) == (met, met, met)
+    assert ties > 0 or threshold == 1 / 3  # 1/3 is written 0.3333333333333333: no k/n ties
