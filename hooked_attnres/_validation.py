@@ -480,9 +480,13 @@ def require_one_row(table: Any, keys: Sequence[str], what: str, remedy: str) -> 
     repeated = table.duplicated(keys).to_numpy()
     if not repeated.any():
         return
-    rows = table[keys]
-    first = rows.iloc[int(np.flatnonzero(repeated)[0])]
-    same = ((rows == first) | (rows.isna() & first.isna())).all(axis=1).to_numpy()
+    # the cell's rows as `duplicated` finds them: by each key's factorisation, where every
+    # missing value is one code (``rows == first`` read a nullable column's ``<NA> == 1``
+    # as equal, counting a row without the key in the cell, or failed on a missing key)
+    at = int(np.flatnonzero(repeated)[0])
+    codes = np.stack([table[k].factorize()[0] for k in keys], axis=1)
+    same = (codes == codes[at]).all(axis=1)
+    first = table[keys].iloc[at]
     cell = ", ".join(f"{k}={np.asarray(first[k]).tolist()!r}" for k in keys)
     shared = table[same]
     differ = [

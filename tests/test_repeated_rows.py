@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_analysis import _plot_tables
@@ -181,3 +182,89 @@ def test_dissociation_report_refuses_a_repeated_router_and_family():
         ValueError, match=refused(cell, 2, keys, remedy, "effects", " (they differ in ['seed'])")
     ):
         dissociation_report(summary, two)
+
+
+def test_a_missing_key_in_a_nullable_column_is_neither_counted_in_the_cell_nor_a_crash():
+    """Review 180: with pandas' nullable dtypes (a CSV read with ``dtype_backend=
+    "numpy_nullable"`` or ``"pyarrow"``) ``<NA> == 1`` is ``<NA>``, which the cell's
+    comparison read as "equal": a row whose key is missing was counted in the repeated
+    cell (``3 rows`` of seed 1 where it has 2, and its labels named as the difference), and
+    a repeated cell whose key is missing failed with pandas' "boolean value of NA is
+    ambiguous". The cell's rows are the ones ``duplicated`` matches (NaN equal to NaN)."""
+    from hooked_attnres._validation import require_one_row
+
+    keys = ("seed", "family")
+    for dtype in ("Int64", "int64[pyarrow]", "float64"):
+        # seed 1 twice (conditions a, b) and a row without a seed (condition c)
+        table = pd.DataFrame(
+            {
+                "seed": pd.array([1, 1, None], dtype=dtype),
+                "family": ["x", "x", "x"],
+                "condition": ["a", "a", "c"],
+            }
+        )
+        one = 1.0 if dtype == "float64" else 1
+        with pytest.raises(
+            ValueError, match=refused(f"seed={one!r}, family='x'", 2, keys, "r", "t")
+        ):
+            require_one_row(table, keys, "t", "r")
+        # no seed twice (conditions a, b) and seed 1 (condition c)
+        table = table.assign(seed=pd.array([None, None, 1], dtype=dtype))
+        with pytest.raises(ValueError, match=r"t has several rows for seed=(<NA>|nan), family='x'"):
+            require_one_row(table, keys, "t", "r")
+        with pytest.raises(ValueError, match=r": 2 rows of one \('seed', 'family'\), where"):
+            require_one_row(table, keys, "t", "r")
+    for dtype in ("string", "object"):
+        table = pd.DataFrame(
+            {
+                "router": pd.array(["a", "a", None], dtype=dtype),
+                "family": ["x", "x", "x"],
+                "seed": [0, 1, 2],
+            }
+        )
+        with pytest.raises(
+            ValueError,
+            match=refused(
+                "router='a', family='x'",
+                2,
+                ("router", "family"),
+                "r",
+                "t",
+                " (they differ in ['seed'])",
+            ),
+        ):
+            require_one_row(table, ("router", "family"), "t", "r")
+
+
+def test_effect_bands_counts_the_repeated_cell_beside_a_row_without_a_family():
+    """Review 180: one effect row given twice beside a row of its router and group whose
+    family cell is missing (a nullable ``string`` column): "3 rows of one (router, group,
+    family)" where the cell has 2."""
+    _, effects = _plot_tables()
+    twice = pd.concat([effects, effects.iloc[[0]]], ignore_index=True)
+    first = twice.iloc[0]
+    cell = (twice.router == first.router) & (twice.group == first.group)
+    other = int(np.flatnonzero(cell & (twice.family != first.family))[0])
+    family = twice.family.astype("string")
+    family.iloc[other] = pd.NA
+    twice = twice.assign(family=family)
+    rows = int(
+        (
+            (twice.router == first.router)
+            & (twice.group == first.group)
+            & (twice.family == first.family).fillna(False)
+        ).sum()
+    )
+    assert rows == 2
+    remedy = "pass one model's effects (for several seeds or conditions use effects_by_seed)"
+    with pytest.raises(
+        ValueError,
+        match=refused(
+            f"router={first.router!r}, group={first.group!r}, family={first.family!r}",
+            rows,
+            ("router", "group", "family"),
+            remedy,
+            "effects",
+        ),
+    ):
+        plotting.effect_bands(twice)
