@@ -465,6 +465,23 @@ def require_keys(table: Any, columns: Sequence[str], what: str) -> None:
 LABEL_COLUMNS = ("condition", "seed", "model", "band", "group")
 
 
+def repeated_cell(table: Any, keys: Sequence[str]) -> Optional[tuple[int, Any]]:
+    """The first cell of ``keys`` that ``table`` (a pandas ``DataFrame``) holds several
+    rows of: ``(position, rows)``, the position of its first repeated row (the one
+    ``duplicated`` marks) and a boolean array over the table's rows, ``True`` for each row
+    of that cell; ``None`` where no cell repeats. Keys are matched as ``duplicated``
+    matches them, by their factorisation (NaN and ``<NA>`` equal to each other, ``0`` and
+    ``'0'`` two labels): ``rows == first`` read a nullable column's ``<NA> == 1`` as
+    equal (a row without the key counted in the cell) and failed on a missing key."""
+    keys = list(dict.fromkeys(keys))
+    repeated = table.duplicated(keys).to_numpy()
+    if not repeated.any():
+        return None
+    at = int(np.flatnonzero(repeated)[0])
+    codes = np.stack([table[k].factorize()[0] for k in keys], axis=1)
+    return at, (codes == codes[at]).all(axis=1)
+
+
 def require_one_row(table: Any, keys: Sequence[str], what: str, remedy: str) -> None:
     """Refuse a ``table`` (a pandas ``DataFrame`` with the columns ``keys``) with several
     rows for one value of ``keys``: ``ValueError("{what} has several rows for router='a',
@@ -475,17 +492,12 @@ def require_one_row(table: Any, keys: Sequence[str], what: str, remedy: str) -> 
     cell" before a table is indexed, paired or drawn by ``keys`` (several seeds' rows of a
     cell were paired with each other, drawn on top of each other or read as one); ``what``
     names the table. Keys are matched as pandas' ``duplicated`` matches them (NaN equal
-    to NaN)."""
+    to NaN; `repeated_cell`)."""
     keys = list(dict.fromkeys(keys))
-    repeated = table.duplicated(keys).to_numpy()
-    if not repeated.any():
+    found = repeated_cell(table, keys)
+    if found is None:
         return
-    # the cell's rows as `duplicated` finds them: by each key's factorisation, where every
-    # missing value is one code (``rows == first`` read a nullable column's ``<NA> == 1``
-    # as equal, counting a row without the key in the cell, or failed on a missing key)
-    at = int(np.flatnonzero(repeated)[0])
-    codes = np.stack([table[k].factorize()[0] for k in keys], axis=1)
-    same = (codes == codes[at]).all(axis=1)
+    at, same = found
     first = table[keys].iloc[at]
     cell = ", ".join(f"{k}={np.asarray(first[k]).tolist()!r}" for k in keys)
     shared = table[same]

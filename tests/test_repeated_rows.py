@@ -268,3 +268,34 @@ def test_effect_bands_counts_the_repeated_cell_beside_a_row_without_a_family():
         ),
     ):
         plotting.effect_bands(twice)
+
+
+def test_summarize_mass_names_what_the_repeated_rows_differ_in_beside_a_missing_seed():
+    """Review 180: summarize_mass found the repeated cell's rows by ``rows == first``, as
+    require_one_row did: with a nullable ``seed`` (``Int64``, a CSV read with
+    ``dtype_backend="numpy_nullable"``), seed 1's table given twice beside rows without a
+    seed (<NA>) was said to "differ in ['seed'], which is not in by" (add 'seed' to by:
+    the two seed-1 copies would still repeat), and the same tables with the copies'
+    seed missing failed with pandas' "boolean value of NA is ambiguous". Both repeat a
+    prompt id: their rows differ in nothing, the prompts are counted twice."""
+    from hooked_attnres.analysis.mass import summarize_mass
+
+    rows = [
+        dict(prompt=p, router=r, layer=k, family=f, mass=0.5, n_sources=1)
+        for p in range(3)
+        for r in ("attn_res", "mlp_res")
+        for k in (0, 1)
+        for f in ("embedding", "older")
+    ]
+    one = pd.DataFrame(rows)
+    for twice, other in ((1, None), (None, 1)):
+        table = pd.concat(
+            [one.assign(seed=twice), one.assign(seed=twice), one.assign(seed=other)],
+            ignore_index=True,
+        )
+        table["seed"] = table.seed.astype("Int64")
+        with pytest.raises(ValueError) as info:
+            summarize_mass(table, by=("router", "family"), n_bootstrap=10)
+        message = str(info.value)
+        assert "differ in" not in message, message
+        assert "its prompt ids do not name one prompt each" in message, message

@@ -17,6 +17,7 @@ from hooked_attnres._validation import (
     differ_in_kind,
     is_integer,
     non_finite_in_column,
+    repeated_cell,
     require_columns,
     require_decisions,
     require_integer,
@@ -972,12 +973,13 @@ def summarize_mass(
     # the per-prompt means would pool different prompts into one (a wrong mean and n)
     keys = list(dict.fromkeys([*by, *_KEYS]))
     keys = [c for c in keys if c in mass.columns]
-    repeated = mass.duplicated(keys)
-    if repeated.any():
-        first = mass[repeated.to_numpy()].iloc[0]
+    found = repeated_cell(mass, keys)
+    if found is not None:
+        at, rows = found
+        first = mass.iloc[at]
         where = {k: v.item() if isinstance(v, np.generic) else v for k, v in first[keys].items()}
         # what the repeated rows differ in (other than the mass): the column to group by
-        same = mass[(mass[keys] == first[keys]).all(axis=1).to_numpy()]
+        same = mass[rows]
         differ = [
             c
             for c in same.columns
@@ -985,8 +987,8 @@ def summarize_mass(
         ]
         missing = [c for c in ("router", "layer") if c not in mass.columns]
         head = (
-            f"the mass table repeats {int(repeated.sum())} row(s) of one {tuple(keys)} "
-            f"(first: {where})"
+            f"the mass table repeats {int(mass.duplicated(keys).sum())} row(s) of one "
+            f"{tuple(keys)} (first: {where})"
         )
         if missing:
             raise ValueError(
