@@ -288,19 +288,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "seconds": round(result.seconds, 1),
                 }
             )
-            print(
-                f"[{PROG}] {condition} seed {seed}: held-out accuracy {accuracy} in "
-                f"{result.seconds:.0f} s",
-                flush=True,
-            )
             # after every run, so that Ctrl-C or a crash later keeps the finished ones; runs
             # of earlier commands into the same folder stay listed, and so do those another
-            # command running at the same time listed meanwhile (read again, under the lock)
+            # command running at the same time listed meanwhile (read again, under the lock);
+            # before the line that reports the run, which fails if the reader of stdout has
+            # closed it (`train | head -1`: the finished run went unlisted until review 180)
             done = {(row["condition"], row["seed"]) for row in results}
             with updating(summary):
                 earlier = _earlier_summary(summary)
                 kept = [r for r in earlier if (r.get("condition"), r.get("seed")) not in done]
                 write_text_atomic(summary, json.dumps(kept + results, indent=2) + "\n")
+            print(
+                f"[{PROG}] {condition} seed {seed}: held-out accuracy {accuracy} in "
+                f"{result.seconds:.0f} s",
+                flush=True,
+            )
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
         final = float(next(iter(row["accuracy"].values()), float("nan")))
@@ -720,9 +722,11 @@ def _stdout_to_devnull() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line: the command's status, 1 after an error (one line on stderr),
-    130 after Ctrl-C, and `CLOSED_OUTPUT_STATUS` (141), quietly, when the reader of
-    stdout closed it (``hooked-attnres list | head -1``; it printed "error: [Errno 32]
-    Broken pipe" and ended with 1 until audit 173; ``--debug`` shows the traceback).
+    130 after Ctrl-C, and `CLOSED_OUTPUT_STATUS` (141), with no error line, when the
+    reader of stdout closed it (``hooked-attnres list | head -1``; it printed "error:
+    [Errno 32] Broken pipe" and ended with 1 until audit 173; ``--debug`` shows the
+    traceback); what a command cut short kept for resuming is named on stderr as after
+    Ctrl-C.
     ``--help`` into a closed pipe ends with argparse's status (0), quietly."""
     try:
         args = build_parser().parse_args(argv)

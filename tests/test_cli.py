@@ -1285,3 +1285,60 @@ def test_info_into_a_closed_pipe_ends_quietly(tmp_path, buffered):
     tiny_model().save_pretrained(tmp_path / "m")
     argv = ["info", str(tmp_path / "m"), "--threads", "1"]
     assert _with_closed_stdout(argv, buffered) == (141, "")
+
+
+def test_train_into_a_closed_pipe_lists_the_run_it_finished(tmp_path, monkeypatch):
+    """Review 180: ``train | head -1``: the reader closes stdout after the first line
+    (``training attnres seed 0 -> ...``); the run trains to its end, and the line that
+    reports it fails. The summary was written after that line, so the finished run was
+    missing from ``train_summary.json`` (no file at all after the first run) though its
+    model was written; it is written before the line now, and the command ends with 141."""
+    import io
+    import json
+
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    trained = []
+
+    def fake_train(condition, seed, out_dir, **kwargs):
+        trained.append((condition, seed))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return TrainResult(out_dir, out_dir / "model", 5, {"retrieval": 0.5}, 2.0)
+
+    class ClosedAfterOneLine(io.StringIO):
+        def write(self, text):
+            if "\n" in self.getvalue():  # the reader has its line and is gone
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    monkeypatch.setattr(sys, "stdout", ClosedAfterOneLine())
+    argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--no-progress"]) == 141
+    assert trained == [("attnres", 0)]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert [(r["condition"], r["seed"]) for r in summary] == [("attnres", 0)]
+
+
+def test_a_study_into_a_closed_pipe_still_says_where_its_finished_models_are_kept(
+    tmp_path, monkeypatch, capsys
+):
+    """Review 180: a command cut short by a closed stdout ends with 141 and no error line,
+    but not with nothing on stderr, as docs/study.md said: what it kept for resuming is
+    named there, as after Ctrl-C (the study's finished models)."""
+    from hooked_attnres import study
+    from hooked_attnres.study.run import partial_dir
+
+    out = tmp_path / "study_out"
+
+    def cut_short(out_dir, **kwargs):
+        partial_dir(out_dir).mkdir()
+        (partial_dir(out_dir) / "vanilla_seed0.pkl").write_bytes(b"")  # one model finished
+        raise BrokenPipeError(32, "Broken pipe")  # its next progress line
+
+    monkeypatch.setattr(study, "run_study", cut_short)
+    assert cli.main(["study", "--out", str(out), "--no-progress"]) == 141
+    err = capsys.readouterr().err
+    assert "error" not in err, err
+    assert f"kept in {tmp_path / 'study_out.partial'}: run the same command again" in err, err
