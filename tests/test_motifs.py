@@ -2368,13 +2368,14 @@ def test_verdicts_refuse_a_missing_per_seed_decision_rather_than_count_it_absent
 
 
 def test_criterion_2_as_first_written_is_read_exactly_at_a_clean_difference_below_0():
-    """Audit 156: docs/study.md reads every comparison "on the exact values the tables hold
-    and each threshold or ratio as its decimal digits", and criterion 2 as first written is
-    ``harm >= 0.05 * clean``. At clean -1 it was computed in floats, ``0.05 * -1.0`` is the
-    float -0.05, so a harm of the float -0.05 (below -1/20 exactly: the float 0.05 is above
-    1/20) met it and ``present_as_written`` read True. Decided exactly now, as the text
-    (a second reading, with Fractions) decides; an effect interval that excludes its own
-    mean is what makes this harm-less motif "harmful" (criterion 1 reads ci_high)."""
+    """Audit 156: docs/study.md reads every comparison "on the exact values the tables hold"
+    and a threshold that multiplies a value "as its decimal digits", and criterion 2 as
+    first written is ``harm >= 0.05 * clean``. At clean -1 it was computed in floats,
+    ``0.05 * -1.0`` is the float -0.05, so a harm of the float -0.05 (below -1/20 exactly:
+    the float 0.05 is above 1/20) met it and ``present_as_written`` read True. Decided
+    exactly now, as the text (a second reading, with Fractions) decides; an effect interval
+    that excludes its own mean is what makes this harm-less motif "harmful" (criterion 1
+    reads ci_high)."""
     from fractions import Fraction
 
     cell = ("mlp_res", "early", "embedding")
@@ -2538,3 +2539,48 @@ def test_custom_thresholds_decide_whole_prompt_ratios_at_the_threshold_as_the_ra
             row = pd.Series(dict(mass=k / n, effect=0.0, ci_low=-1.0, ci_high=1.0))
             assert (by_accuracy, large, _d3_present(row, 1.0, criteria)) == (met, met, met)
     assert ties > 0 or threshold == 1 / 3  # 1/3 is written 0.3333333333333333: no k/n ties
+
+
+def test_the_preregistered_thresholds_compared_as_floats_decide_every_float_as_written():
+    """Review 180: docs/study.md says which comparisons read a threshold as its decimal
+    digits (D2's ratios, D3's 0.10 x harm) and which compare a value with the threshold's
+    float (criterion 2's fraction >= 0.05 and accuracy drop >= 0.02, D3's mass >= 0.10, the
+    schedule claim's deviation <= 1e-6), and that for the pre-registered thresholds both
+    decide every float alike: the float of 0.05, 0.02 and 0.10 is above its decimal (no
+    float lies between, as it is the nearest), the float of 1e-6, read by <=, below it.
+    Checked here at the threshold's float and its 20 nearest floats each side, with the
+    decimal reading (a Fraction of the digits) as the truth."""
+    import math
+    from fractions import Fraction
+
+    from hooked_attnres.analysis.motifs import PREREGISTERED, _criterion_2, _d3_present
+
+    def around(threshold):
+        values, up, down = [threshold], threshold, threshold
+        for _ in range(20):
+            up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+            values += [up, down]
+        return values
+
+    c = PREREGISTERED
+    for value in around(c.min_effect_fraction):
+        _, large = _criterion_2(value, 0.0, 1.0, c)
+        assert large is (Fraction(value) >= Fraction(repr(c.min_effect_fraction))), value
+    for value in around(c.min_accuracy_drop):
+        by_accuracy, _ = _criterion_2(0.0, -value, 1.0, c)
+        assert by_accuracy is (Fraction(value) >= Fraction(repr(c.min_accuracy_drop))), value
+    for value in around(c.d3_min_mass):
+        row = pd.Series(dict(mass=value, effect=0.0, ci_low=-1.0, ci_high=1.0))
+        assert _d3_present(row, 1.0, c) is (Fraction(value) >= Fraction(repr(c.d3_min_mass)))
+    # the schedule claim (report.py: largest <= threshold): no float in (its float, 1e-6]
+    written = Fraction(repr(c.schedule_max_deviation))
+    for value in around(c.schedule_max_deviation):
+        assert (value <= c.schedule_max_deviation) is (Fraction(value) <= written), value
+    # each of the four rounds the way that agrees; 0.3 rounds down, and the float 0.3,
+    # read by >=, meets it as a float and not as written (a custom threshold)
+    assert all(
+        Fraction(t) > Fraction(repr(t))
+        for t in (c.min_effect_fraction, c.min_accuracy_drop, c.d3_min_mass)
+    )
+    assert Fraction(c.schedule_max_deviation) < written
+    assert Fraction(0.3) < Fraction("0.3")
