@@ -100,6 +100,36 @@ def test_a_site_with_another_router_is_refused(layout):
     )
 
 
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_a_site_with_its_own_router_is_accepted(layout):
+    """``model.source_labels((0, "attn_res"), "attn_res")`` was refused ("names its router,
+    and router='attn_res' was given too") though the router given is the site's own: the
+    same router, read by the one rule (`router_kind`: a NumPy string too, ``(-1, ...)``
+    counted from the end), gives the site's answer; another router stays refused."""
+    model = small(layout)
+    layout_ = model.routing_layout
+    sites = model.sites()
+    for site in sites:
+        given = [site, (site.layer, site.kind)]
+        if site.layer is not None:
+            given.append((site.layer - N_LAYERS, site.kind))
+        expected = layout_.labels(site)
+        for spelled in given:
+            for kind in (site.kind, np.str_(site.kind)):
+                assert model.source_labels(spelled, kind) == expected
+                assert model.source_families(spelled, kind) == layout_.families(site)
+                assert model.router(spelled, kind) is model.router(site)
+                assert model.norm_after(spelled, kind) is model.norm_after(site)
+                assert layout_.n_sources(spelled, kind) == len(expected)
+            for other in (
+                kind for kind in ("attn_res", "mlp_res", "final_res") if kind != site.kind
+            ):
+                with pytest.raises(ValueError, match=f"names its router.*router='{other}'"):
+                    model.source_labels(spelled, other)
+            with pytest.raises(ValueError, match=r"router must be one of .*got 'attn_ress'"):
+                model.source_labels(spelled, "attn_ress")
+
+
 @pytest.mark.parametrize("layout", ["kimi", "full"])
 def test_the_final_router_layer_is_none_or_the_integer_n_layers(layout):
     """``model.site(2.0, "final_res")`` was the final router (``2.0 == n_layers``) while

@@ -433,15 +433,20 @@ class RoutingLayout:
         """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or
         ``(layer, kind=...)``; raises ``ValueError`` if this layout has no such router
         (`site`'s message: ``(True, "attn_res")`` and ``(True, kind="attn_res")`` alike) or
-        for a site or pair given with a ``kind`` (it names its own router: the ``kind`` was
+        for a site or pair given with another ``kind`` than its own (the ``kind`` was
         dropped, so ``model.source_labels((0, "attn_res"), "mlp_res")`` gave the attention
-        router's labels), and ``TypeError`` for anything else without a ``kind``."""
+        router's labels), and ``TypeError`` for anything else without a ``kind``. A site or
+        pair given with its own router (`router_kind`'s reading: ``((0, "attn_res"),
+        "attn_res")``) is that site."""
         if kind is not None:
             if isinstance(site, (RouterSite, tuple)):
-                raise ValueError(
-                    f"{site!r} names its router, and router={kind!r} was given too; pass the "
-                    "site alone, or (layer, router)"
-                )
+                checked = self.check(site)
+                if router_kind(kind) != checked.kind:
+                    raise ValueError(
+                        f"{site!r} names its router, and router={kind!r} was given too; pass "
+                        "the site alone, or (layer, router)"
+                    )
+                return checked
             return self.site(site, kind)
         if isinstance(site, RouterSite):
             checked = self.site(site.layer, site.kind)
