@@ -28,6 +28,7 @@ _LAZY = {
     "RoutedResidualPatchWarning": "hooked_attnres.model.hooked_root",
     "UnfoldedNormWarning": "hooked_attnres.model.cache",
     "UncachedHookError": "hooked_attnres.model.cache",
+    "HookKeyError": "hooked_attnres.model.cache",
     "UnknownCacheKeyError": "hooked_attnres.model.cache",
     "RunCacheDict": "hooked_attnres.model.cache",
     "HookedAttnResConfig": "hooked_attnres.config",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from hooked_attnres.model.attention import KeyValueCache
     from hooked_attnres.model.cache import (
         AttnResActivationCache,
+        HookKeyError,
         RunCacheDict,
         UncachedHookError,
         UnfoldedNormWarning,
@@ -102,6 +104,7 @@ __all__ = [
     "DepthState",
     "DirectoryBusyError",
     "HookedAttnRes",
+    "HookKeyError",
     "HookOutputError",
     "HookedAttnResConfig",
     "KeyValueCache",

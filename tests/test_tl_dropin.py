@@ -28,6 +28,7 @@ from hooked_attnres import (
     AttnResActivationCache,
     DepthState,
     HookedAttnRes,
+    HookKeyError,
     RoutedResidualPatchWarning,
     UnfoldedNormWarning,
 )
@@ -2299,8 +2300,10 @@ def test_a_missing_cache_key_writes_its_suggestions_only_when_shown(monkeypatch)
     assert calls == []
     assert re.search(r"is not in this cache: .*Did you mean \['blocks.0.hook_r", str(caught.value))
     assert calls == ["blocks.0.hook_resid_pree"]
-    sent = pickle.loads(pickle.dumps(caught.value))  # to another process: the message, no model
-    assert type(sent) is KeyError and sent.args == (str(caught.value),)
+    sent = pickle.loads(pickle.dumps(caught.value))  # to another process: no model
+    # the name and the message (a KeyError of the message until audit 174)
+    assert type(sent) is HookKeyError and sent.args == ("blocks.0.hook_resid_pree",)
+    assert str(sent) == str(caught.value)
     # a hook the cache lacks (names_filter): no suggestions, a KeyError of the name that
     # says why it is missing (the bare KeyError until audit 159)
     _, some = model.run_with_cache(

@@ -2126,6 +2126,69 @@ def test_switching_an_optional_hook_off_refuses_to_drop_its_hooks(tokens):
     )
 
 
+def _refusal_of(call):
+    """The ``KeyError`` ``call()`` raises (caught as ``except KeyError`` code catches it)."""
+    try:
+        call()
+    except KeyError as error:
+        return error
+    raise AssertionError("no KeyError")
+
+
+def test_a_hook_the_model_lacks_is_a_key_error_of_its_name(tokens):
+    """TransformerLens refuses an unknown hook name with ``KeyError(name)`` (``mod_dict[name]``
+    / ``cache_dict[name]``). Here ``args[0]`` was the whole message for a hook switched off
+    (``set_use_*``), a misspelt one or a module, from ``add_hook`` / ``run_with_hooks`` /
+    ``names_filter`` (and a plain ``KeyError`` of the message from ``cache[name]`` of a hook
+    switched off); and a router or commit hook that the layout lacks (every router hook in
+    layout ``"none"``, ``final_res.*`` in ``"cumulative"``) was refused as a misspelling,
+    "Did you mean ['blocks.0.attn.hook_z', ...]", not saying why. Now every one is a
+    ``KeyError`` whose ``args`` are ``(name,)`` (``.key`` too) and whose ``str()`` says why:
+    the flag to switch on, or what the layout has; pickled alike."""
+    import pickle
+
+    from hooked_attnres.model.tl_methods import OPTIONAL_HOOKS
+
+    models = {layout: routed_model(layout) for layout in ("none", "cumulative", "kimi")}
+    cases = []  # (layout, name, what str() must say)
+    for leaf, method in OPTIONAL_HOOKS.items():
+        name = f"blocks.1.{'' if leaf == 'hook_mlp_in' else 'attn.'}{leaf}"
+        cases.append(("kimi", name, rf"exists only while model\.{method}\(True\) is on"))
+    no_routers = r"attnres_layout='none' and therefore no routers"
+    for name in [
+        "blocks.0.attn_res.hook_weights",
+        "blocks.1.mlp_res.key_norm.hook_scale",
+        "final_res.hook_sources",
+        "blocks.0.hook_attn_res_weights",  # get_act_name's alias
+        "hook_final_res_logits",
+    ]:
+        cases.append(("none", name, no_routers))
+    for name in ["final_res.hook_weights", "hook_final_res_out"]:
+        cases.append(("cumulative", name, "the 'cumulative' layout has no final router"))
+    cases.append(("kimi", "blocks.1.hook_committed_mid", r"no block ends after layer 1's attn"))
+    cases.append(("kimi", "blocks.1.attn_res.hook_weightz", r"unknown hook name.*Did you mean"))
+    cases.append(("kimi", "blocks.1.attn", "is a module, not a hook point"))
+    for layout, name, says in cases:
+        model = models[layout]
+        _, cache = model.run_with_cache(tokens)
+        calls = [
+            lambda m=model, n=name: m.add_hook(n, lambda x, hook: x),
+            lambda m=model, n=name: m.run_with_hooks(tokens, fwd_hooks=[(n, lambda x, hook: x)]),
+            lambda m=model, n=name: m.run_with_cache(tokens, names_filter=[n]),
+        ]
+        if name != "blocks.1.attn":
+            calls.append(lambda c=cache, n=name: c[n])
+        for call in calls:
+            error = _refusal_of(call)
+            assert error.args == (name,) and error.key == name, (name, error.args)
+            assert re.search(says, str(error)), (name, str(error))
+            assert name in str(error)
+            copy = pickle.loads(pickle.dumps(error))
+            assert isinstance(copy, KeyError) and copy.args == (name,), (name, copy.args)
+            assert str(copy) == str(error)
+        assert not any(point.fwd_hooks for point in model.hook_dict.values())
+
+
 def test_a_flag_assigned_to_the_config_directly_is_named_when_its_hook_is_missing(tokens):
     """``model.cfg.use_attn_result = True`` (TransformerLens 2.x read the flag during the
     pass) creates no hook here; the refusal of a hook on it says so."""

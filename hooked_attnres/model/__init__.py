@@ -3,6 +3,7 @@
 from hooked_attnres.model.attention import KeyValueCache
 from hooked_attnres.model.cache import (
     AttnResActivationCache,
+    HookKeyError,
     UncachedHookError,
     UnfoldedNormWarning,
     UnknownCacheKeyError,
@@ -26,6 +27,7 @@ __all__ = [
     "ConcurrentUseError",
     "DepthRouter",
     "DepthState",
+    "HookKeyError",
     "HookOutputError",
     "HookedAttnRes",
     "KeyValueCache",

@@ -112,12 +112,39 @@ def residual_hook_names(model: Any) -> list[str]:
     return names
 
 
-class UnknownCacheKeyError(KeyError):
-    """A cache key that names no hook of the model (a misspelt name): a ``KeyError`` of the
-    name (``args[0]``, as TransformerLens's) whose message gives the model's suggestions
-    (``check_hook_name``'s "Did you mean"). They are written when the message is read, not
-    at the raise: difflib over every hook name took 10 to 40 ms on a 28-layer model, paid on
-    every miss by code that tests membership by catching the ``KeyError``."""
+class HookKeyError(KeyError):
+    """A ``KeyError`` of one hook name, as TransformerLens's ``KeyError(name)`` of
+    ``mod_dict[name]`` / ``cache_dict[name]``: ``args == (name,)`` and `key` is the name
+    (``except KeyError as error: error.args[0]`` reads it), while ``str()`` is ``message``,
+    saying why and what to do (a bare ``KeyError`` prints only ``repr(name)``). The base of
+    `UnknownHookError`, `UnknownCacheKeyError` and `UncachedHookError`; until audit 174 a
+    hook switched off (``set_use_*``), a misspelt one or a module was refused with the
+    message as ``args[0]``."""
+
+    def __init__(self, name: str, message: Optional[str] = None) -> None:
+        super().__init__(name)
+        self.message = message
+
+    @property
+    def key(self) -> str:
+        """The hook name (``args[0]``)."""
+        return self.args[0]
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return repr(self.args[0]) if self.message is None else self.message
+
+    def __reduce__(self):  # pickled with its name and its message
+        return type(self), (self.args[0], self.message)
+
+
+class UnknownCacheKeyError(HookKeyError):
+    """A cache key that names no hook of the model (a misspelt name, a hook switched off, a
+    router hook the layout lacks): a `HookKeyError` of the name (``args[0]``, as
+    TransformerLens's) whose message is ``check_hook_name``'s (the model's suggestions,
+    "Did you mean", or the flag to switch on, or what the layout has). It is written when
+    the message is read, not at the raise: difflib over every hook name took 10 to 40 ms on
+    a 28-layer model, paid on every miss by code that tests membership by catching the
+    ``KeyError``."""
 
     def __init__(self, name: str, model: Any) -> None:
         super().__init__(name)
@@ -130,13 +157,13 @@ class UnknownCacheKeyError(KeyError):
             return f"{self.args[0]!r} is not in this cache: {unknown}"
         return repr(self.args[0])  # a hook the model gained since
 
-    def __reduce__(self):  # pickled (another process) as a KeyError of its message, no model
-        return KeyError, (str(self),)
+    def __reduce__(self):  # pickled (another process) without the model, with its message
+        return HookKeyError, (self.args[0], str(self))
 
 
-class UncachedHookError(KeyError):
+class UncachedHookError(HookKeyError):
     """A hook of the model that the cache does not hold, read by an analysis or by
-    indexing: a ``KeyError`` of the name (``args[0]``, as TransformerLens's bare one, which
+    indexing: a `HookKeyError` of the name (``args[0]``, as TransformerLens's bare one, which
     said neither why nor what to do; audit 159) whose message says both. ``what`` (the
     reader) and ``missing`` (every hook it lacks, ``name`` first) are given by
     `require_cached`, whose ``KeyError`` of the message said the same remedy in other words
@@ -605,17 +632,9 @@ class AttnResActivationCache(ActivationCache):
             real = layout.resolve_alias(name)
             if real is not None and real in self.cache_dict:
                 return self.cache_dict[real]
-            from hooked_attnres.model.tl_methods import optional_hook_method
-
-            method = optional_hook_method(name)
-            if method is not None and name not in self.model.hook_dict:  # the flag is off
-                raise KeyError(
-                    f"{name!r} is not in this cache: that hook exists only while "
-                    f"model.{method}(True) is on (TransformerLens's optional hooks); switch "
-                    "it on before run_with_cache"
-                ) from None
             if self.model.resolve_hook_name(name) not in self.model.hook_dict:
-                # a misspelt name: the model's suggestions, written when shown
+                # a misspelt name, a hook switched off, a router hook the layout lacks:
+                # check_hook_name's message, written when shown
                 raise UnknownCacheKeyError(name, self.model) from None
             if name in self.model.hook_dict and name not in self.cache_dict:
                 raise UncachedHookError(name) from None

@@ -121,6 +121,15 @@ _ALIAS = re.compile(
 )
 
 
+# a router hook's full name (RouterSite.hook) and a commit hook's (COMMIT_HOOKS)
+_ROUTER_HOOK = re.compile(
+    r"(?:blocks\.(\d+)\.)?(attn_res|mlp_res|final_res)\.("
+    + "|".join(re.escape(leaf) for leaf in ROUTER_HOOKS.values())
+    + ")"
+)
+_COMMIT_HOOK = re.compile(r"blocks\.(\d+)\.(" + "|".join(COMMIT_HOOKS.values()) + ")")
+
+
 @dataclass(frozen=True)
 class RouterSite:
     """Where one router sits: ``(layer, kind)``, ``layer=None`` for the final router.
@@ -428,6 +437,40 @@ class RoutingLayout:
         except ValueError:
             return None
         return site.hook(key)
+
+    def absent_hook(self, name: str) -> Optional[str]:
+        """Why this layout has no hook ``name`` where ``name`` is a router hook (`RouterSite.hook`
+        or `RouterSite.alias` spelling) or a commit hook (`COMMIT_HOOKS`) that another layout
+        or layer has: `site`'s refusal (``"this model has attnres_layout='none' and
+        therefore no routers"``, ``"the 'cumulative' layout has no final router; ..."``, a
+        layer out of range), or the sublayer that ends no block here; ``None`` for any other
+        name (and for one this layout has)."""
+        router = _ROUTER_HOOK.fullmatch(name) or _ALIAS.fullmatch(name)
+        if router is not None:
+            layer, kind = router.group(1), router.group(2)
+            if (layer is None) != (kind == "final_res"):
+                return None  # no router's spelling
+            try:
+                self.site(None if layer is None else int(layer), kind)
+            except ValueError as refused:
+                return str(refused)
+            return None
+        commit = _COMMIT_HOOK.fullmatch(name)
+        if commit is None:
+            return None
+        if not self.has_routers:
+            return NO_ROUTERS
+        try:
+            layer_ = self.layer_index(int(commit.group(1)), " for a commit hook")
+        except ValueError as refused:
+            return str(refused)
+        sublayer = next(key for key, leaf in COMMIT_HOOKS.items() if leaf == commit.group(2))
+        if self.commit_hook(layer_, sublayer) is not None:
+            return None
+        return (
+            f"no block ends after layer {layer_}'s {sublayer} in the {self.layout!r} layout "
+            f"({self.blocks_text()}); model.routing_layout.commit_hooks() names the commit hooks"
+        )
 
     def check(self, site: Union[SiteLike, int, None], kind: Optional[str] = None) -> RouterSite:
         """A `RouterSite` of this layout from a site, a ``(layer, kind)`` pair, or

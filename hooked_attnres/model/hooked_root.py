@@ -57,7 +57,7 @@ from hooked_attnres._tl import (
 )
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres._validation import require_bool, require_bools, require_choice
-from hooked_attnres.model.cache import AttnResActivationCache, RunCacheDict
+from hooked_attnres.model.cache import AttnResActivationCache, HookKeyError, RunCacheDict
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
 from hooked_attnres.model.passes import (
@@ -70,11 +70,9 @@ from hooked_attnres.model.passes import (
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
-class UnknownHookError(KeyError):
-    """A hook name that the model does not have (a ``KeyError``, as in TransformerLens)."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes
-        return str(self.args[0])
+class UnknownHookError(HookKeyError):
+    """A hook name that the model does not have: a `HookKeyError` (``KeyError(name)``, as
+    TransformerLens's ``mod_dict[name]``) whose message says why (`check_hook_name`)."""
 
 
 class RoutedResidualPatchWarning(UserWarning):
@@ -260,19 +258,27 @@ class HookedModule(HookedRootModule):
         return name if real is None else real
 
     def check_hook_name(self, name: str) -> None:
-        """Raise `UnknownHookError` naming the closest hook names if ``name`` is unknown."""
+        """Raise `UnknownHookError` of ``name`` if it is unknown: for a router or commit hook
+        that this layout lacks, saying what the layout has (`RoutingLayout.absent_hook`),
+        else naming the closest hook names."""
         if self.resolve_hook_name(name) in self.hook_dict:
             return
+        layout = getattr(self, "routing_layout", None)
+        absent = None if layout is None else layout.absent_hook(name)
+        if absent is not None:
+            raise UnknownHookError(name, f"{name!r} is not a hook of this model: {absent}")
         close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
         hint = f" Did you mean {close}?" if close else ""
         if name in self.mod_dict:
             raise UnknownHookError(
-                f"{name!r} is a module, not a hook point.{hint} All hook names: model.hook_dict."
+                name,
+                f"{name!r} is a module, not a hook point.{hint} All hook names: model.hook_dict.",
             )
         raise UnknownHookError(
+            name,
             f"unknown hook name {name!r}.{hint} All {len(self.hook_dict)} hook names are in "
             "model.hook_dict; a name can also be a predicate such as "
-            "lambda name: name.endswith('hook_weights')."
+            "lambda name: name.endswith('hook_weights').",
         )
 
     def _check_hook_list(self, hooks: list) -> None:

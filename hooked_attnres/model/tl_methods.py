@@ -196,8 +196,9 @@ class TLMethodsMixin:
                     else ""
                 )
                 raise UnknownHookError(
+                    name,
                     f"{name!r} exists only while model.{method}(True) is on "
-                    f"(TransformerLens's optional hooks){assigned}"
+                    f"(TransformerLens's optional hooks){assigned}",
                 )
         super().check_hook_name(name)  # type: ignore[misc]
 
