@@ -12,6 +12,7 @@ import itertools
 import math
 import re
 import warnings
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -2187,6 +2188,64 @@ def test_a_hook_the_model_lacks_is_a_key_error_of_its_name(tokens):
             assert isinstance(copy, KeyError) and copy.args == (name,), (name, copy.args)
             assert str(copy) == str(error)
         assert not any(point.fwd_hooks for point in model.hook_dict.values())
+
+
+def _noisy_edit(activation: torch.Tensor, hook) -> Optional[torch.Tensor]:
+    """Scale and add fixed noise (the same on every call), so that an edit of router
+    logits is not a shift that the softmax ignores."""
+    if not activation.is_floating_point():
+        return None
+    noise = torch.randn(activation.shape, generator=torch.Generator().manual_seed(0))
+    return (activation.float() * 1.25 + 0.01 * noise).to(activation.dtype)
+
+
+def test_a_hook_added_on_a_hook_point_acts_as_one_added_through_the_model(tokens):
+    """Audit 174: ``model.hook_dict[name].add_hook(fn)`` (TransformerLens's
+    ``HookPoint.add_hook``) bypasses the model's ``add_hook`` (no thread claim, no output
+    check). Its edit must still reach the forward pass as the model's ``add_hook``'s does,
+    in every layout and wrap, float64, float32 and bfloat16, content-dependent and
+    content-free routers, where the hook-free shortcuts (`SharedSums`, in-place norms)
+    would skip a hook they did not see: for every hook point, bit-identical logits to
+    ``model.add_hook(name, fn)``'s, within 1e-9 (float64) of the pass with every shortcut
+    off (a global module hook too); ``model.reset_hooks()`` removes it and a ``hooks()``
+    context leaves it, as TransformerLens's do."""
+    # 2 layers (3 for the wraps; wrap="none" runs layout "none"'s code); float64 also
+    # against the pass with every shortcut off
+    models = [(layout, routed_model(layout, n_layers=2).double(), 1e-9) for layout in LAYOUTS]
+    models += [(f"wrap={wrap}", wrapped_qwen3(wrap).double(), 1e-9) for wrap in WRAPS[:2]]
+    for layout in ("cumulative", "kimi", "full"):  # content-free routers: SharedSums
+        for dtype in (torch.float32, torch.bfloat16):
+            model = tiny_model(attnres_layout=layout, n_layers=2, dtype=dtype)
+            models.append((f"{layout} {dtype}", model, None))
+    models.append(("wrap=recency bf16", wrapped_qwen3("recency", dtype=torch.bfloat16), None))
+    tokens = tokens[:2, :5]
+    for label, model, tolerance in models:
+        with torch.no_grad():
+            plain = model(tokens)
+            for name, point in model.hook_dict.items():
+                point.add_hook(_noisy_edit)
+                direct = model(tokens)
+                with model.hooks():  # a context leaves it, as TransformerLens's
+                    pass
+                assert len(point.fwd_hooks) == 1, (label, name)
+                if tolerance is not None:
+                    every_path = torch.nn.modules.module.register_module_forward_hook(
+                        lambda *args: None
+                    )
+                    try:
+                        error = (direct - model(tokens)).abs().max().item()
+                    finally:
+                        every_path.remove()
+                    assert error <= tolerance, (label, name, error)
+                model.reset_hooks()
+                assert not point.fwd_hooks, (label, name)
+                model.add_hook(name, _noisy_edit)
+                through_model = model(tokens)
+                model.reset_hooks()
+                assert torch.equal(direct, through_model), (label, name)
+                if name.endswith(("hook_weights", "hook_resid_pre", "hook_attn_out")):
+                    assert not torch.equal(direct, plain), (label, name)  # the edit counts
+            assert torch.equal(model(tokens), plain), label
 
 
 def test_a_flag_assigned_to_the_config_directly_is_named_when_its_hook_is_missing(tokens):
