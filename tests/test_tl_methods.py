@@ -2199,30 +2199,80 @@ def _noisy_edit(activation: torch.Tensor, hook) -> Optional[torch.Tensor]:
     return (activation.float() * 1.25 + 0.01 * noise).to(activation.dtype)
 
 
+def _hook_point_kinds(model: HookedAttnRes) -> list[str]:
+    """One hook point of each kind, in forward order. Names alike but for the layer, the
+    router (``attn_res`` / ``mlp_res`` / ``final_res``), the `RMSNorm` (``ln1`` / ``ln2``
+    / ``ln_final`` / ``attn.q_norm`` / ``attn.k_norm``) and the head input (``q`` / ``k`` /
+    ``v``) are one kind, whose shortcut the same code decides (`is_observed` of the hook
+    point); each kind's hook point is the middle one of its names in forward order: a later
+    layer's, whose routers read several sources (a single source is routed without
+    logits)."""
+    kinds: dict[str, list[str]] = {}
+    for name in model.hook_dict:
+        kind = re.sub(r"blocks\.\d+\.", "", name)
+        kind = re.sub(r"^(attn_res|mlp_res|final_res)\.", "router.", kind)
+        kind = re.sub(r"^(ln1|ln2|ln_final|attn\.q_norm|attn\.k_norm)\.", "norm.", kind)
+        kind = re.sub(r"hook_(rot_)?[qkv]$", r"hook_\1qkv", kind)
+        kinds.setdefault(kind, []).append(name)
+    chosen = {names[len(names) // 2] for names in kinds.values()}
+    return [name for name in model.hook_dict if name in chosen]
+
+
+def _norm_hooks(model: HookedAttnRes) -> list[str]:
+    """The norms' hook points of `_hook_point_kinds` (an `RMSNorm`'s and a router's
+    ``key_norm.hook_scale``)."""
+    return [name for name in _hook_point_kinds(model) if name.endswith(("scale", "normalized"))]
+
+
+def _router_hook_points(model: HookedAttnRes) -> list[str]:
+    """Where a content-free router's shortcut (`SharedSums`) decides: ``hook_weights`` of
+    each router type's last router, and the stacked hooks (``hook_sources``,
+    ``key_norm.hook_scale``) of the last one."""
+    last = {site.kind: site for site in model.sites()}
+    names = [site.hook("weights") for site in last.values()]
+    final = model.sites()[-1]
+    return names + [final.hook("sources"), final.hook("scale")]
+
+
 def test_a_hook_added_on_a_hook_point_acts_as_one_added_through_the_model(tokens):
     """Audit 174: ``model.hook_dict[name].add_hook(fn)`` (TransformerLens's
     ``HookPoint.add_hook``) bypasses the model's ``add_hook`` (no thread claim, no output
     check). Its edit must still reach the forward pass as the model's ``add_hook``'s does,
-    in every layout and wrap, float64, float32 and bfloat16, content-dependent and
-    content-free routers, where the hook-free shortcuts (`SharedSums`, in-place norms)
-    would skip a hook they did not see: for every hook point, bit-identical logits to
-    ``model.add_hook(name, fn)``'s, within 1e-9 (float64) of the pass with every shortcut
-    off (a global module hook too); ``model.reset_hooks()`` removes it and a ``hooks()``
-    context leaves it, as TransformerLens's do."""
-    # 2 layers (3 for the wraps; wrap="none" runs layout "none"'s code); float64 also
-    # against the pass with every shortcut off
-    models = [(layout, routed_model(layout, n_layers=2).double(), 1e-9) for layout in LAYOUTS]
-    models += [(f"wrap={wrap}", wrapped_qwen3(wrap).double(), 1e-9) for wrap in WRAPS[:2]]
-    for layout in ("cumulative", "kimi", "full"):  # content-free routers: SharedSums
-        for dtype in (torch.float32, torch.bfloat16):
-            model = tiny_model(attnres_layout=layout, n_layers=2, dtype=dtype)
-            models.append((f"{layout} {dtype}", model, None))
-    models.append(("wrap=recency bf16", wrapped_qwen3("recency", dtype=torch.bfloat16), None))
+    where the hook-free shortcuts (`SharedSums`, fused norms and attention, the routers'
+    unobserved path) would skip a hook they did not see: bit-identical logits to
+    ``model.add_hook(name, fn)``'s, and within 1e-9 (float64) of the pass with every
+    shortcut off (a global module hook); ``model.reset_hooks()`` removes it and a
+    ``hooks()`` context leaves it, as TransformerLens's do. One hook point of each kind
+    (`_hook_point_kinds`) in every layout, float64, content-dependent routers and the
+    content-free ``recency`` wrap (the norms' also with gradients on, where their fused
+    path decides); the router hooks (`_router_hook_points`) where `SharedSums` is on:
+    the content-free routers of the ``exact`` wrap (float32) and of every routed layout
+    (bfloat16). Every hook point of 13 models took 6 s of CPU (12 s on the shared test
+    machine); review 181 cut it to these, which fail as that did when `SharedSums`, a
+    router's or the attention's shortcut decides on the thread guard (hooks attached
+    through the model) instead of the hooks attached, and also when a norm's does."""
+    models = [
+        (layout, routed_model(layout, n_layers=2).double(), _hook_point_kinds, 1e-9, False)
+        for layout in LAYOUTS
+    ]
+    models.append(
+        ("wrap=recency", wrapped_qwen3("recency").double(), _hook_point_kinds, 1e-9, False)
+    )
+    # with gradients, the norms' fused path (a hand-written backward) decides too
+    models.append(
+        ("kimi, grad", routed_model("kimi", n_layers=2).double(), _norm_hooks, 1e-9, True)
+    )
+    # content-free routers, where SharedSums is on (it decides by dtype: bfloat16 apart)
+    models.append(("wrap=exact float32", wrapped_qwen3("exact"), _router_hook_points, None, False))
+    for layout in ("cumulative", "kimi", "full"):
+        model = tiny_model(attnres_layout=layout, n_layers=2, dtype=torch.bfloat16)
+        models.append((f"{layout} bfloat16", model, _router_hook_points, None, False))
     tokens = tokens[:2, :5]
-    for label, model, tolerance in models:
-        with torch.no_grad():
+    for label, model, hook_points, tolerance, grad in models:
+        with torch.set_grad_enabled(grad):
             plain = model(tokens)
-            for name, point in model.hook_dict.items():
+            for name in hook_points(model):
+                point = model.hook_dict[name]
                 point.add_hook(_noisy_edit)
                 direct = model(tokens)
                 with model.hooks():  # a context leaves it, as TransformerLens's
