@@ -31,6 +31,7 @@ from hooked_attnres import (
     HookKeyError,
     RoutedResidualPatchWarning,
     UnfoldedNormWarning,
+    UnknownCacheKeyError,
 )
 from hooked_attnres.analysis import routing_lens
 from hooked_attnres.patching import (
@@ -2301,9 +2302,11 @@ def test_a_missing_cache_key_writes_its_suggestions_only_when_shown(monkeypatch)
     assert re.search(r"is not in this cache: .*Did you mean \['blocks.0.hook_r", str(caught.value))
     assert calls == ["blocks.0.hook_resid_pree"]
     sent = pickle.loads(pickle.dumps(caught.value))  # to another process: no model
-    # the name and the message (a KeyError of the message until audit 174)
-    assert type(sent) is HookKeyError and sent.args == ("blocks.0.hook_resid_pree",)
-    assert str(sent) == str(caught.value)
+    # the name and the message (a KeyError of the message until audit 174), its class
+    # kept (a HookKeyError until review 181: ``except UnknownCacheKeyError`` missed it)
+    assert type(sent) is UnknownCacheKeyError and sent.args == ("blocks.0.hook_resid_pree",)
+    assert str(sent) == str(caught.value) == sent.message and sent.model is None
+    assert isinstance(sent, HookKeyError)
     # a hook the cache lacks (names_filter): no suggestions, a KeyError of the name that
     # says why it is missing (the bare KeyError until audit 159)
     _, some = model.run_with_cache(
@@ -2390,4 +2393,5 @@ def test_a_hook_an_analysis_lacks_is_one_uncached_hook_error():
     for error in (indexed.value, lens):
         sent = pickle.loads(pickle.dumps(error))
         assert type(sent) is UncachedHookError and str(sent) == str(error)
+        assert error.message == sent.message == str(error)  # None until review 181
         assert sent.args == error.args

@@ -34,6 +34,7 @@ from transformer_lens.utilities import test_prompt as tl_test_prompt
 
 from hooked_attnres import (
     HookedAttnRes,
+    HookKeyError,
     KeyValueCache,
     LeftPaddingWithoutMaskWarning,
     UnknownHookError,
@@ -2184,9 +2185,12 @@ def test_a_hook_the_model_lacks_is_a_key_error_of_its_name(tokens):
             assert error.args == (name,) and error.key == name, (name, error.args)
             assert re.search(says, str(error)), (name, str(error))
             assert name in str(error)
+            # .message is str() for every subclass (None for a cache's until review 181)
+            assert isinstance(error, HookKeyError) and error.message == str(error)
             copy = pickle.loads(pickle.dumps(error))
-            assert isinstance(copy, KeyError) and copy.args == (name,), (name, copy.args)
-            assert str(copy) == str(error)
+            # its class too (a cache's UnknownCacheKeyError came back a HookKeyError)
+            assert type(copy) is type(error) and copy.args == (name,), (name, copy.args)
+            assert str(copy) == str(error) == copy.message
         assert not any(point.fwd_hooks for point in model.hook_dict.values())
 
 

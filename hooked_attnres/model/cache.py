@@ -115,26 +115,33 @@ def residual_hook_names(model: Any) -> list[str]:
 class HookKeyError(KeyError):
     """A ``KeyError`` of one hook name, as TransformerLens's ``KeyError(name)`` of
     ``mod_dict[name]`` / ``cache_dict[name]``: ``args == (name,)`` and `key` is the name
-    (``except KeyError as error: error.args[0]`` reads it), while ``str()`` is ``message``,
-    saying why and what to do (a bare ``KeyError`` prints only ``repr(name)``). The base of
+    (``except KeyError as error: error.args[0]`` reads it), while ``str()`` and `message`
+    say why and what to do (a bare ``KeyError`` prints only ``repr(name)``). The base of
     `UnknownHookError`, `UnknownCacheKeyError` and `UncachedHookError`; until audit 174 a
     hook switched off (``set_use_*``), a misspelt one or a module was refused with the
-    message as ``args[0]``."""
+    message as ``args[0]``. ``message`` given here is ``str()``; a subclass that writes its
+    own ``__str__`` (a cache's, from its model or its reader) leaves it ``None``."""
 
     def __init__(self, name: str, message: Optional[str] = None) -> None:
         super().__init__(name)
-        self.message = message
+        self._message = message
 
     @property
     def key(self) -> str:
         """The hook name (``args[0]``)."""
         return self.args[0]
 
-    def __str__(self) -> str:  # KeyError would print the message with quotes
-        return repr(self.args[0]) if self.message is None else self.message
+    @property
+    def message(self) -> str:
+        """Why the name is refused and what to do: ``str(self)``, for every subclass (it
+        was ``None`` for a cache's until review 181)."""
+        return str(self)
 
-    def __reduce__(self):  # pickled with its name and its message
-        return type(self), (self.args[0], self.message)
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return repr(self.args[0]) if self._message is None else self._message
+
+    def __reduce__(self):  # pickled with its class, its name and its message
+        return type(self), (self.args[0], self._message)
 
 
 class UnknownCacheKeyError(HookKeyError):
@@ -146,11 +153,13 @@ class UnknownCacheKeyError(HookKeyError):
     a 28-layer model, paid on every miss by code that tests membership by catching the
     ``KeyError``."""
 
-    def __init__(self, name: str, model: Any) -> None:
-        super().__init__(name)
-        self.model = model
+    def __init__(self, name: str, model: Any = None, message: Optional[str] = None) -> None:
+        super().__init__(name, message)
+        self.model = model  # None once pickled: the message written then is kept
 
     def __str__(self) -> str:
+        if self.model is None:
+            return super().__str__()
         try:
             self.model.check_hook_name(self.args[0])
         except KeyError as unknown:
@@ -158,7 +167,9 @@ class UnknownCacheKeyError(HookKeyError):
         return repr(self.args[0])  # a hook the model gained since
 
     def __reduce__(self):  # pickled (another process) without the model, with its message
-        return HookKeyError, (self.args[0], str(self))
+        # and its class (a HookKeyError until review 181: `except UnknownCacheKeyError`
+        # in the process that received it missed it)
+        return type(self), (self.args[0], None, str(self))
 
 
 class UncachedHookError(HookKeyError):
