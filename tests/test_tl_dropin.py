@@ -2265,8 +2265,11 @@ def test_cache_keys_and_layers_out_of_range_are_refused_saying_why():
     model = tiny_model()  # 4 layers
     _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
     for layer in (99, -99, 4, -5):
-        with pytest.raises(KeyError, match=rf"layer {layer} of .* is not in \[-4, 4\)"):
+        with pytest.raises(HookKeyError, match=rf"layer {layer} of .* is not in \[-4, 4\)") as info:
             cache["resid_pre", layer]
+        # TransformerLens's name of the key as args[0], as every refused hook name (it was
+        # the whole message, printed in quotes)
+        assert info.value.args == (f"blocks.{layer}.hook_resid_pre",)
     assert torch.equal(cache["resid_pre", -1], cache["blocks.3.hook_resid_pre"])  # control
     with pytest.raises(KeyError, match=r"is not in this cache: .*Did you mean \['blocks.0.hook_r"):
         cache["blocks.0.hook_resid_pree"]

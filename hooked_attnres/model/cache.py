@@ -635,9 +635,11 @@ class AttnResActivationCache(ActivationCache):
                     try:  # the layer rule of model.site (`layer_index`)
                         key = (key[0], layer_index(key[1], n_layers), *key[2:])
                     except ValueError:  # it named 'blocks.-95.hook_resid_pre' for -99 of 4
-                        raise KeyError(
+                        # a HookKeyError of TransformerLens's name for the key (args[0])
+                        raise HookKeyError(
+                            get_act_name(*key),
                             f"layer {key[1]!r} of {key!r} is not in [-{n_layers}, {n_layers}): "
-                            f"the model has {n_layers} layers"
+                            f"the model has {n_layers} layers",
                         ) from None
                 name = get_act_name(*key)
             real = layout.resolve_alias(name)
