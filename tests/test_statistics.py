@@ -554,7 +554,7 @@ def test_bootstrap_with_fewer_resamples_than_its_level_needs_warns():
         _, low, high = bootstrap_ci_rows(data, n_resamples, 0.95, seed=1)
         return float(np.mean((low <= 2.0) & (2.0 <= high)))
 
-    with pytest.warns(RuntimeWarning, match=r"n_resamples=10 .* 95% interval .* at least 40"):
+    with pytest.warns(RuntimeWarning, match=r"n_resamples=10 .* 95 % interval .* at least 40"):
         few = coverage(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -784,3 +784,13 @@ def test_bootstrap_refuses_values_of_no_real_dtype_without_calling_them_text():
         with pytest.raises(TypeError, match=rf"^values must be real numbers .*dtype {dtype};") as e:
             bootstrap_ci(values, n_resamples=50)
         assert "text" not in str(e.value)
+
+
+def test_too_few_resamples_warning_writes_the_level_as_the_report_and_figures_do():
+    """The warning wrote the level with Python's ``.0%``: a 99.9 % interval read "a 100%
+    interval" (a level no interval has), where the report and the figures write "99.9 %"
+    (`level_text`, one rule for the level's text)."""
+    from hooked_attnres.analysis.bootstrap import too_few_resamples_text
+
+    assert "of a 99.9 % interval (it needs at least 2000)" in too_few_resamples_text("n=10", 0.999)
+    assert "of a 95 % interval (it needs at least 40)" in too_few_resamples_text("n=10", 0.95)

@@ -89,6 +89,11 @@ def check_bootstrap(
     )
 
 
+def level_text(confidence: float) -> str:
+    """An interval's level as the report and the figures write it: ``0.95`` -> ``"95 %"``."""
+    return f"{100 * float(confidence):g} %"
+
+
 def min_resamples(confidence: float) -> int:
     """The fewest bootstrap resamples that leave at least one resampled mean beyond each
     bound of a ``confidence`` interval: ``2 / (1 - confidence)`` (40 at 95 %, 200 at 99 %).
@@ -107,7 +112,7 @@ def too_few_resamples_text(given: str, confidence: float) -> str:
     (``given``: ``"n_bootstrap=10"`` in Python, ``"--bootstrap 10"`` on the command line)."""
     return (
         f"{given} leaves fewer than one resampled mean beyond each bound of a "
-        f"{confidence:.0%} interval (it needs at least {min_resamples(confidence)}): the "
+        f"{level_text(confidence)} interval (it needs at least {min_resamples(confidence)}): the "
         "bounds are interpolated between the most extreme resampled means and the interval "
         "covers the mean less often than its level says"
     )
