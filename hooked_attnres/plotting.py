@@ -32,7 +32,7 @@ from hooked_attnres._validation import (
     require_same_kind,
     require_selection,
 )
-from hooked_attnres.analysis.bootstrap import as_numpy
+from hooked_attnres.analysis.bootstrap import as_numpy, level_text
 from hooked_attnres.analysis.mass import (
     family_read,
     integer_layers,
@@ -166,15 +166,74 @@ def _require_table(
             )
 
 
-def _finish(fig: go.Figure, title: str, height: int, categories: str = "") -> go.Figure:
+def _interval_source(rows: pd.DataFrame, what: str) -> str:
+    """What the intervals ``ci_low`` / ``ci_high`` of ``rows`` (the rows a figure draws)
+    are, read from their own columns: the level from ``confidence`` (``"95 %"``; not stated
+    where the column is missing or NaN: "level not recorded in the table"), the prompts
+    from ``n_prompts`` (``"over 256 prompts"``, a range where the rows differ), and, for
+    attribution estimates (a ``method`` column other than ``"exact"``), whose intervals
+    they are. The intervals are percentile-bootstrap intervals over prompts, as
+    `summarize_mass`, `ablation_effects` and `attribute_routing` compute them. A level
+    outside (0, 1) (95 for 95 %) is refused: it would be printed as 9500 %."""
+    levels, unrecorded = [], True
+    if "confidence" in rows.columns:
+        values = pd.to_numeric(rows.confidence, errors="coerce")
+        bad = sorted({float(v) for v in values.dropna() if not 0 < v < 1})
+        if bad:
+            raise ValueError(
+                f"{what} has confidence value(s) {bad[:4]} outside (0, 1): the level of its "
+                "intervals is a fraction (0.95 for 95 %); the figure would misstate it"
+            )
+        levels = [level_text(v) for v in sorted(set(values.dropna()))]
+        unrecorded = bool(values.isna().any())
+    head = " or ".join(levels) + " " if levels else ""
+    prompts = "prompts"
+    if "n_prompts" in rows.columns:
+        counts = sorted({int(n) for n in pd.to_numeric(rows.n_prompts, errors="coerce").dropna()})
+        if counts:
+            span = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+            prompts = f"{span} prompts"
+    text = f"{head}percentile-bootstrap intervals over {prompts}"
+    if "method" in rows.columns:
+        methods = [str(m) for m in dict.fromkeys(rows.method) if m != "exact"]
+        if methods:
+            text += f" of the attribution estimates (method {', '.join(methods)})"
+    if unrecorded:
+        text += (
+            " (level not recorded in the table)"
+            if not levels
+            else " (level not recorded for some rows)"
+        )
+    return text
+
+
+def _whiskers(parts: Sequence[tuple[str, str, pd.DataFrame]]) -> str:
+    """The line under a figure's title that says what its whiskers are: ``parts``, ``(name
+    of the whiskers, name of their table, the table rows they draw)``, each read by
+    `_interval_source`; one
+    phrase when they agree, one per part (``"routing mass, ...; effect, ..."``) when not.
+    Every figure with whiskers says it (a figure saved alone or shown in a notebook has no
+    report prose beside it)."""
+    texts = [(name, _interval_source(rows, table)) for name, table, rows in parts]
+    if len({text for _, text in texts}) == 1:
+        return f"whiskers: {texts[0][1]}"
+    return "whiskers: " + "; ".join(f"{name}, {text}" for name, text in texts)
+
+
+def _finish(
+    fig: go.Figure, title: str, height: int, categories: str = "", whiskers: str = ""
+) -> go.Figure:
     """Title, height and margins; the axes named in ``categories`` (``"x"``, ``"y"``,
     ``"xy"``) are categorical whatever the plotly template. Only some templates (the
     default ``"plotly"`` among them) keep labels that look like numbers as categories;
     under ``pio.templates.default = "none"`` (or ``"presentation"``, ``"gridon"``, ...)
     plotly.js made such an axis numeric: position tokens ``["9", "3", "5"]`` drew their
     columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
-    lost the columns of its three non-numbers."""
+    lost the columns of its three non-numbers. ``whiskers`` (`_whiskers`), where the figure
+    has any, is the title's subtitle."""
     fig.update_layout(title=title, height=height, autosize=True, margin=dict(t=80, l=70, r=30))
+    if whiskers:
+        fig.update_layout(title_subtitle_text=whiskers, margin_t=100)
     if "x" in categories:
         fig.update_xaxes(type="category")
     if "y" in categories:
@@ -677,11 +736,13 @@ def _mass_of_group(
 
 def _merged(
     mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
-) -> tuple[pd.DataFrame, str]:
+) -> tuple[pd.DataFrame, str, tuple[pd.DataFrame, pd.DataFrame]]:
     """The mass rows of the effects' ``group`` (`_mass_of_group`) merged with the effects of
-    ``metric`` and ``group`` by router and family, and a title's note naming the mass rows
+    ``metric`` and ``group`` by router and family, a title's note naming the mass rows
     left out (families at the effects' router types without an effect row; ``""`` if
-    none). An effect without a mass row is refused (audit 117: the merge left it out)."""
+    none), and the rows drawn of each table, ``(mass, effects)``, whose columns say what
+    the whiskers are (`_whiskers`). An effect without a mass row is refused (audit 117: the
+    merge left it out)."""
     _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
@@ -710,7 +771,10 @@ def _merged(
     # beside seed 1's effects)
     require_same_models((("mass_summary", shown), ("effects", chosen)), "the mass-effect figures")
     note = _pairing_note(shown, chosen)
-    return mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", "")), note
+    paired = pd.MultiIndex.from_frame(chosen[["router", "family"]])
+    drawn = shown[pd.MultiIndex.from_frame(shown[["router", "family"]]).isin(paired)]
+    merged = mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", ""))
+    return merged, note, (drawn, chosen)
 
 
 def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
@@ -780,7 +844,7 @@ def mass_effect_bars(
     relative = require_bool("relative", relative)
     if relative and metric == "logit_diff":
         _require_table(effects, ["clean"], "effects")
-    merged, note = _merged(mass_summary, effects, metric, group)
+    merged, note, (drawn, chosen) = _merged(mass_summary, effects, metric, group)
     merged, unit = _scaled(merged, relative and metric == "logit_diff")
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
@@ -840,6 +904,9 @@ def mass_effect_bars(
         (title or f"Mass vs causal effect ({metric}, group {group})") + note,
         650,
         categories="x",
+        whiskers=_whiskers(
+            (("routing mass", "mass_summary", drawn), ("effect", "effects", chosen))
+        ),
     )
 
 
@@ -858,7 +925,7 @@ def mass_effect_scatter(
     ``band`` column; without one, ``group`` ``"all"`` only); the effects choose the families
     as there (one without a mass row refused, a family's mass without effects named in the
     title)."""
-    merged, note = _merged(mass_summary, effects, metric, group)
+    merged, note, (drawn_mass, chosen) = _merged(mass_summary, effects, metric, group)
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()
     for router in dict.fromkeys(merged.router):
@@ -896,7 +963,15 @@ def mass_effect_scatter(
             )
         )
     fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|ablation effect| ({metric})")
-    return _finish(fig, (title or f"Routing mass vs |effect| ({metric})") + note, 500)
+    whiskers = _whiskers(
+        (
+            ("routing mass (x)", "mass_summary", drawn_mass),
+            ("|effect| (y)", "effects", chosen),
+        )
+    )
+    return _finish(
+        fig, (title or f"Routing mass vs |effect| ({metric})") + note, 500, whiskers=whiskers
+    )
 
 
 def _families(column: pd.Series) -> dict:
@@ -1025,7 +1100,13 @@ def effect_bands(
     )
     fig.update_xaxes(title_text="depth band")
     fig.update_layout(barmode="group")
-    return _finish(fig, title or f"Ablation effect per depth group ({metric})", 450, categories="x")
+    return _finish(
+        fig,
+        title or f"Ablation effect per depth group ({metric})",
+        450,
+        categories="x",
+        whiskers=_whiskers((("effect", "effects", chosen),)),
+    )
 
 
 def _columns(columns: Optional[Sequence[str]], chosen: pd.DataFrame) -> list[str]:
@@ -1172,6 +1253,7 @@ def effects_by_seed(
         title or f"Masking {family}: effect per depth band, seeds side by side",
         140 + 260 * len(routers),
         categories="x",
+        whiskers=_whiskers((("effect", "effects", chosen),)),
     )
 
 
@@ -1295,4 +1377,14 @@ def mass_effect_by_seed(
         (title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side") + note,
         620,
         categories="x",
+        whiskers=_whiskers(
+            (
+                (
+                    "routing mass",
+                    "mass_summary",
+                    mass[mass.condition.isin(columns) & mass.family.isin(families)],
+                ),
+                ("effect", "effects", chosen),
+            )
+        ),
     )

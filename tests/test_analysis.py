@@ -659,7 +659,8 @@ def test_fast_sweep_equals_naive_sweep_with_a_final_router_and_skipped_routers()
 def test_summarize_mass_records_the_layers_of_each_group():
     """Audit 129: the summary's ``layers`` (as ablation_effects writes a group's): the
     layers of the group's rows, computed here from the table (the final router, layer -1,
-    adds none, as its effects' group "final"); the other columns are those of before."""
+    adds none, as its effects' group "final"); the other columns are those of before, with
+    ``confidence`` (the intervals' level, session 22) after ``n_prompts``."""
     model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
     mass = routing_mass(model.eval(), random_batch(4, 5, model.cfg.d_vocab))
     for by in (("router", "family"), ("router", "band", "family"), ("band",), ("layer",)):
@@ -670,6 +671,7 @@ def test_summarize_mass_records_the_layers_of_each_group():
             "ci_low",
             "ci_high",
             "n_prompts",
+            "confidence",
             "family_read",
             "layers",
         ]

@@ -1472,3 +1472,91 @@ def test_seed_and_label_colours_are_distinct_beyond_six():
     for trace in fig.data:
         assert colour.setdefault(trace.name, trace.marker.color) == trace.marker.color
     assert len(set(colour.values())) == len(colour) == len(FAMILIES) + len(labels)
+
+
+def _subtitle(fig) -> str:
+    return fig.layout.title.subtitle.text
+
+
+def test_figures_with_whiskers_say_what_their_whiskers_are():
+    """Session 21's leftover: what a figure's whiskers are (95 % percentile-bootstrap
+    intervals over the prompts) was said only in the study report's prose, not on the
+    figure, so a figure saved alone (save_html, a notebook) did not say it. Each figure with
+    whiskers says it under its title, read from the drawn rows' own ``confidence`` and
+    ``n_prompts`` columns; a level the table does not record is not stated."""
+    effects = _effects(seeds=(0, 1)).assign(confidence=0.9, n_prompts=12)
+    mass = _mass(seeds=(0, 1)).assign(confidence=0.9, n_prompts=12)
+    one_e = effects[effects.seed == 0].drop(columns=["condition", "seed"])
+    one_m = mass[mass.seed == 0].drop(columns=["condition", "seed", "band"])
+    one_e = one_e[one_e.router == "mlp_res"]
+    same = "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
+    figures = {
+        "bars": plotting.mass_effect_bars(one_m, one_e),
+        "scatter": plotting.mass_effect_scatter(one_m, one_e),
+        "bands": plotting.effect_bands(one_e),
+        "by_seed": plotting.effects_by_seed(effects, "current", ["attn_res", "mlp_res"]),
+        "mass_by_seed": plotting.mass_effect_by_seed(mass, effects, "mlp_res"),
+    }
+    for name, fig in figures.items():
+        assert _subtitle(fig) == same, name
+    # a summary without the level (a study's mass_summary.csv of before): no level for the
+    # mass whiskers, the effects' level for theirs
+    bars = plotting.mass_effect_bars(one_m.drop(columns="confidence"), one_e)
+    assert _subtitle(bars) == (
+        "whiskers: routing mass, percentile-bootstrap intervals over 12 prompts (level not "
+        "recorded in the table); effect, 90 % percentile-bootstrap intervals over 12 prompts"
+    )
+    scatter = plotting.mass_effect_scatter(one_m.drop(columns="confidence"), one_e)
+    assert _subtitle(scatter) == (
+        "whiskers: routing mass (x), percentile-bootstrap intervals over 12 prompts (level "
+        "not recorded in the table); |effect| (y), 90 % percentile-bootstrap intervals over "
+        "12 prompts"
+    )
+    # models with different prompt counts and levels: the figure says both
+    mixed = effects.assign(
+        n_prompts=np.where(effects.seed == 0, 12, 20),
+        confidence=np.where(effects.seed == 0, 0.9, 0.95),
+    )
+    assert _subtitle(plotting.effects_by_seed(mixed, "current", ["mlp_res"])) == (
+        "whiskers: 90 % or 95 % percentile-bootstrap intervals over 12 to 20 prompts"
+    )
+    # neither column: no level, no count
+    bare = plotting.effect_bands(one_e.drop(columns=["confidence", "n_prompts"]))
+    assert _subtitle(bare) == (
+        "whiskers: percentile-bootstrap intervals over prompts (level not recorded in the table)"
+    )
+    # attribution estimates (a method column) are named as such
+    estimates = one_e.assign(method="linear")
+    assert _subtitle(plotting.effect_bands(estimates)) == (
+        "whiskers: 90 % percentile-bootstrap intervals over 12 prompts of the attribution "
+        "estimates (method linear)"
+    )
+    # a level that is no fraction (95 for 95 %) is refused, not printed as 9500 %
+    with pytest.raises(ValueError, match=r"^effects has confidence value\(s\) \[95.0\] outside"):
+        plotting.effect_bands(one_e.assign(confidence=95.0))
+    # the heatmaps have no whiskers, and no such line
+    table = pd.DataFrame(
+        [dict(router="attn_res", layer=0, family=f, n_sources=1, mass=0.25) for f in FAMILIES]
+    )
+    assert _subtitle(plotting.routing_heatmap(table)) is None
+
+
+def test_whisker_line_reads_the_level_of_real_tables():
+    """The figures' whisker line of `summarize_mass` and `ablation_effects` output computed
+    at a level of 80 % over 6 prompts (the summary now records its level, as the effects
+    do)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", attnres_num_blocks=2)).eval()
+    batch = _random_task_batch(6, 5, 50)
+    summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40, confidence=0.8)
+    assert (summary.confidence == 0.8).all()
+    effects = ablation_effects(
+        model,
+        batch,
+        groups="all",
+        metrics="logit_diff",
+        n_bootstrap=40,
+        confidence=0.8,
+        progress=False,
+    )
+    fig = plotting.mass_effect_bars(summary, effects, relative=False)
+    assert _subtitle(fig) == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"

@@ -375,6 +375,36 @@ def test_the_report_states_the_verdicts_in_text_and_html(shipped_study):
     assert "analytic schedule to" in markdown
 
 
+def test_the_study_figures_say_what_their_whiskers_are_as_the_report_and_shipped_report_do(
+    shipped_study,
+):
+    """Session 21's leftover: the figures' whiskers were said to be "95 % bootstrap
+    intervals over prompts" only in the report's prose. Every study figure with whiskers
+    (all but the routing heatmaps) now says it under its title, from its tables' own
+    ``confidence`` and ``n_prompts`` (48 prompts here); the report's paragraph says the
+    figures say it, with the level of the study's settings, in the words of
+    docs/results/shipped_report.md."""
+    out, result = shipped_study
+    for name, fig in result.figures.items():
+        expected = (
+            None
+            if name.startswith("routing_")
+            else "whiskers: 95 % percentile-bootstrap intervals over 48 prompts"
+        )
+        assert fig.layout.title.subtitle.text == expected, name
+    shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
+
+    def paragraph(text: str) -> str:
+        (line,) = [line for line in text.splitlines() if line.startswith("Effects are in percent")]
+        return line
+
+    written = paragraph((out / "report.md").read_text())
+    assert written == paragraph(shipped)
+    assert (
+        "whiskers are 95 % bootstrap intervals over prompts (each figure says so under" in written
+    )
+
+
 def test_a_failed_study_leaves_the_previous_results_and_foreign_folders_are_refused(
     tmp_path, monkeypatch
 ):

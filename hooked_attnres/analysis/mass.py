@@ -906,7 +906,9 @@ def summarize_mass(
     of one router type), then the mean and its interval are taken over prompts.
 
     Returns:
-        Columns ``*by, mass, ci_low, ci_high, n_prompts`` and, when ``mass`` has
+        Columns ``*by, mass, ci_low, ci_high, n_prompts, confidence`` (the intervals'
+        level, as `ablation_effects` records it; the figures say it, since session 22)
+        and, when ``mass`` has
         ``n_sources`` (`routing_mass` output), ``family_read`` (last): whether
         some router of the group reads a source of the family (`family_read`); False
         where the family is absent at every router of the group (its mass is 0 because
@@ -1048,6 +1050,7 @@ def summarize_mass(
     out = per_prompt.index.to_frame(index=False)
     out["mass"], out["ci_low"], out["ci_high"] = mean, low, high
     out["n_prompts"] = per_prompt.shape[1]
+    out["confidence"] = confidence  # the intervals' level, as ablation_effects records it
     if "n_sources" in mass.columns:
         read = family_read(mass, "the summary").groupby([mass[c] for c in by]).any()
         out["family_read"] = read.reindex(per_prompt.index).to_numpy()

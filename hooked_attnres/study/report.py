@@ -19,7 +19,7 @@ from hooked_attnres._validation import (
     require_keys,
     require_same_kind,
 )
-from hooked_attnres.analysis.bootstrap import min_resamples, too_few_resamples
+from hooked_attnres.analysis.bootstrap import level_text, min_resamples, too_few_resamples
 from hooked_attnres.analysis.mass import (
     every_layer_mass,
     masked_nothing,
@@ -294,7 +294,7 @@ def _criteria(result: StudyResult) -> list[str]:
         + ", ".join(f"{b} {layers[0]}-{layers[-1]}" for b, layers in depth_bands(n).items())
         for n in depths
     )
-    level = f"{100 * float(_setting(result, 'confidence')):g} %"
+    level = level_text(_setting(result, "confidence"))
     return [
         "Criteria (pre-registered in docs/study.md on 2026-11-28, with its amendments 1-4), "
         f"on {level} percentile-bootstrap intervals over prompts. effect(f, r, g) is the mean "
@@ -355,7 +355,7 @@ def _resample_lines(result: StudyResult) -> list[str]:
     confidence = float(_setting(result, "confidence"))
     if not too_few_resamples(n_bootstrap, confidence):
         return []
-    level = f"{100 * confidence:g} %"
+    level = level_text(confidence)
     # the result does not record whether it ran from Python or the command line: both named
     need = min_resamples(confidence)
     return [
@@ -588,8 +588,10 @@ def document(result: StudyResult) -> list[Block]:
                 "p",
                 "Effects are in percent of each model's clean logit difference "
                 "(answer minus contrast), or in logits for a task where some model's clean "
-                "difference is under 1 logit (its titles say which); whiskers are 95 % bootstrap "
-                "intervals over prompts; panels that are compared share their y-axis.",
+                "difference is under 1 logit (its titles say which); whiskers are "
+                f"{level_text(_setting(result, 'confidence'))} bootstrap intervals over prompts "
+                "(each figure says so under its title); panels that are compared share their "
+                "y-axis.",
             ),
         ]
         blocks += [("figure", name) for name in result.figures]
