@@ -109,8 +109,18 @@ def plotly_js() -> str:
 
 
 def _cell_text(z: np.ndarray, digits: int = 2) -> list[list[str]]:
-    """Cell labels: the value rounded, blank where it is missing (never "NaN")."""
-    return [["" if np.isnan(v) else f"{v:.{digits}f}" for v in row] for row in np.asarray(z, float)]
+    """Cell labels: the value rounded to ``digits`` decimals, blank where it is missing
+    (never "NaN"); a value that is not 0 but would round to it with two significant digits
+    (audit 177: a mass of 0.004 read "0.00", the text of a family read with no weight)."""
+
+    def label(v: float) -> str:
+        if np.isnan(v):
+            return ""
+        if v != 0 and abs(v) < 0.5 * 10.0**-digits:
+            return f"{v:.2g}"
+        return f"{v:.{digits}f}"
+
+    return [[label(v) for v in row] for row in np.asarray(z, float)]
 
 
 def _distinct_labels(labels: Sequence, what: str) -> list[str]:

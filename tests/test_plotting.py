@@ -416,7 +416,11 @@ def test_routing_heatmap_leaves_absent_families_blank_in_every_layout():
                         ]
                         if family in read:
                             assert z[i, j] == pytest.approx(rows.mass.mean(), abs=1e-6)
-                            assert trace.text[i][j] == f"{rows.mass.mean():.2f}"
+                            # the rounded mass; one that is not 0 never reads "0.00"
+                            # (audit 177: 1.5e-05 did, the text of a family with no weight)
+                            text, value = trace.text[i][j], rows.mass.mean()
+                            assert float(text) == pytest.approx(value, rel=0.05, abs=0.005)
+                            assert (text == "0.00") == (value == 0), (name, site, text)
                         else:  # was drawn as 0.00, like a family that gets no weight
                             assert np.isnan(z[i, j]) and trace.text[i][j] == "", (name, site)
                             n_absent += table is mass
@@ -1560,3 +1564,27 @@ def test_whisker_line_reads_the_level_of_real_tables():
     )
     fig = plotting.mass_effect_bars(summary, effects, relative=False)
     assert _subtitle(fig) == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"
+
+
+def test_heatmap_cell_texts_print_no_nonzero_value_as_zero():
+    """Audit 177: the cell texts rounded to a fixed number of decimals, so a routing mass of
+    0.004 or 0.0004 read "0.00", the text of a family that is read and gets no weight
+    (exactly 0; the hovers were fixed for this in an earlier audit, the cells were not), and
+    a patching cell of 2e-5 beside one of 0.5 read "0.000". A value that rounds to 0 is
+    printed with two significant digits; exact 0 stays "0.00"."""
+    masses = [0.004, 0.0004, 0.0, 0.9956]
+    table = pd.DataFrame(
+        [
+            dict(router="attn_res", layer=0, family=f, n_sources=1, mass=m)
+            for f, m in zip(FAMILIES, masses, strict=True)
+        ]
+    )
+    (text,) = plotting.routing_heatmap(table).data[0].text
+    assert text[2] == "0.00" and text[3] == "1.00"
+    for cell, value in zip(text[:2], masses[:2], strict=True):
+        assert float(cell) == pytest.approx(value, rel=0.05), cell
+    values = np.array([[0.5, 2e-5, -3e-5, 0.0]])
+    (text,) = plotting.patching_heatmap(values, ["l0"], list("abcd"), title="t").data[0].text
+    assert text[0] == "0.500" and text[3] == "0.000"
+    for cell, value in zip(text[1:3], values[0, 1:3], strict=True):
+        assert float(cell) == pytest.approx(value, rel=0.05), cell
