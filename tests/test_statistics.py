@@ -794,3 +794,23 @@ def test_too_few_resamples_warning_writes_the_level_as_the_report_and_figures_do
 
     assert "of a 99.9 % interval (it needs at least 2000)" in too_few_resamples_text("n=10", 0.999)
     assert "of a 95 % interval (it needs at least 40)" in too_few_resamples_text("n=10", 0.95)
+
+
+def test_level_text_never_rounds_a_level_to_one_no_interval_has():
+    """Review 182: `level_text` wrote ``100 * confidence`` with ``:g`` (six significant
+    digits), so a 99.99999 % interval (``confidence=0.9999999``, which the bootstrap takes)
+    read "100 %" in the too-few-resamples warning, the report and the figures, the fault
+    audit 177 fixed for ``.0%``: a level no interval has. Six significant digits, more
+    where those read 100 % (or 0 %)."""
+    from hooked_attnres.analysis.bootstrap import level_text, too_few_resamples_text
+
+    for confidence in (0.95, 0.999, 0.9999999, 0.99999999999, 0.8, 0.123456789, 1e-9):
+        text = level_text(confidence)
+        assert text.endswith(" %"), text
+        percent = float(text[: -len(" %")])
+        assert 0 < percent < 100 and percent / 100 == pytest.approx(confidence, rel=1e-5), text
+    assert level_text(0.9999999) == "99.99999 %" and level_text(0.99999999999) == "99.999999999 %"
+    assert level_text(0.95) == "95 %" and level_text(0.999) == "99.9 %"
+    # a float32 0.95 (0.949999988...) still reads as the level it was meant to be
+    assert level_text(np.float32(0.95)) == "95 %"
+    assert "of a 99.99999 % interval" in too_few_resamples_text("n=10", 0.9999999)

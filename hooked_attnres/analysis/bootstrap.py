@@ -90,8 +90,15 @@ def check_bootstrap(
 
 
 def level_text(confidence: float) -> str:
-    """An interval's level as the report and the figures write it: ``0.95`` -> ``"95 %"``."""
-    return f"{100 * float(confidence):g} %"
+    """An interval's level as the report and the figures write it: ``0.95`` -> ``"95 %"``,
+    six significant digits, more where those would read 100 % or 0 %, levels no interval
+    has (review 182: ``0.9999999`` read "100 %")."""
+    percent = 100 * float(confidence)
+    for digits in range(6, 18):
+        text = f"{percent:.{digits}g}"
+        if 0 < float(text) < 100:
+            break
+    return f"{text} %"
 
 
 def min_resamples(confidence: float) -> int:
