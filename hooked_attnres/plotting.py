@@ -110,15 +110,18 @@ def plotly_js() -> str:
 
 def _cell_text(z: np.ndarray, digits: int = 2) -> list[list[str]]:
     """Cell labels: the value rounded to ``digits`` decimals, blank where it is missing
-    (never "NaN"); a value that is not 0 but would round to it with two significant digits
-    (audit 177: a mass of 0.004 read "0.00", the text of a family read with no weight)."""
+    (never "NaN"); a value that is not 0 but prints as 0 there with two significant digits
+    (audit 177: a mass of 0.004 read "0.00", the text of a family read with no weight; the
+    printed text decides, review 182: a bound ``0.5 * 10**-digits`` in floating point let
+    5e-7 print "0.000000"); exact 0, -0.0 too, reads ``0.00...``."""
 
     def label(v: float) -> str:
         if np.isnan(v):
             return ""
-        if v != 0 and abs(v) < 0.5 * 10.0**-digits:
+        text = f"{v + 0.0:.{digits}f}"  # + 0.0: -0.0 is 0.0
+        if v != 0 and float(text) == 0:
             return f"{v:.2g}"
-        return f"{v:.{digits}f}"
+        return text
 
     return [[label(v) for v in row] for row in np.asarray(z, float)]
 

@@ -1588,3 +1588,17 @@ def test_heatmap_cell_texts_print_no_nonzero_value_as_zero():
     assert text[0] == "0.500" and text[3] == "0.000"
     for cell, value in zip(text[1:3], values[0, 1:3], strict=True):
         assert float(cell) == pytest.approx(value, rel=0.05), cell
+
+
+def test_heatmap_cell_texts_decide_zero_by_the_printed_text():
+    """Review 182: audit 177 printed a value with two significant digits where it was under
+    half the last decimal, ``0.5 * 10.0**-digits``, computed in floating point. At six
+    decimals (a patching heatmap whose largest magnitude is 1e-4) that bound is a hair under
+    5e-7, so 5e-7 itself was printed with six decimals, "0.000000", the text of exact 0.
+    Now the printed text decides: a value that is not 0 never prints as a zero, and -0.0
+    (exactly 0) prints "0.000000", not "-0.000000"."""
+    values = np.array([[1e-4, 5e-7, -5e-7, -0.0]])
+    (text,) = plotting.patching_heatmap(values, ["l0"], list("abcd"), title="t").data[0].text
+    assert text[0] == "0.000100" and text[3] == "0.000000"
+    for cell, value in zip(text[1:3], values[0, 1:3], strict=True):
+        assert float(cell) == pytest.approx(value, rel=0.05), cell
