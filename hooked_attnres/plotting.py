@@ -33,6 +33,7 @@ from hooked_attnres._validation import (
     require_selection,
 )
 from hooked_attnres.analysis.bootstrap import as_numpy, level_text
+from hooked_attnres.analysis.effects import effect_name, estimate_method
 from hooked_attnres.analysis.mass import (
     family_read,
     integer_layers,
@@ -182,12 +183,15 @@ def _require_table(
 def _interval_source(rows: pd.DataFrame, what: str) -> str:
     """What the intervals ``ci_low`` / ``ci_high`` of ``rows`` (the rows a figure draws)
     are, read from their own columns: the level from ``confidence`` (``"95 %"``; not stated
-    where the column is missing or NaN: "level not recorded in the table"), the prompts
+    where the column is missing or NaN: "level and method not recorded in the table"), the prompts
     from ``n_prompts`` (``"over 256 prompts"``, a range where the rows differ), and, for
-    attribution estimates (a ``method`` column other than ``"exact"``), whose intervals
-    they are. The intervals are percentile-bootstrap intervals over prompts, as
-    `summarize_mass`, `ablation_effects` and `attribute_routing` compute them. A level
-    outside (0, 1) (95 for 95 %) is refused: it would be printed as 9500 %."""
+    attribution estimates (`estimate_method`: a ``method`` other than ``"exact"``), whose
+    intervals they are. A recorded level is that of percentile-bootstrap intervals over
+    prompts, as `summarize_mass`, `ablation_effects` and `attribute_routing` compute and
+    record them; a table without one (built by hand, or a CSV written before the column)
+    says neither level nor method (review 182: "percentile-bootstrap" was stated of any
+    table). A level outside (0, 1) (95 for 95 %) is refused: it would be printed as
+    9500 %."""
     levels, unrecorded = [], True
     if "confidence" in rows.columns:
         values = pd.to_numeric(rows.confidence, errors="coerce")
@@ -206,16 +210,16 @@ def _interval_source(rows: pd.DataFrame, what: str) -> str:
         if counts:
             span = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
             prompts = f"{span} prompts"
-    text = f"{head}percentile-bootstrap intervals over {prompts}"
-    if "method" in rows.columns:
-        methods = [str(m) for m in dict.fromkeys(rows.method) if m != "exact"]
-        if methods:
-            text += f" of the attribution estimates (method {', '.join(methods)})"
+    kind = f"{head}percentile-bootstrap intervals" if levels else "intervals"
+    text = f"{kind} over {prompts}"
+    method = estimate_method(rows, what)
+    if method is not None:
+        text += f" of the attribution estimates (method {method})"
     if unrecorded:
         text += (
-            " (level not recorded in the table)"
+            " (level and method not recorded in the table)"
             if not levels
-            else " (level not recorded for some rows)"
+            else " (level and method not recorded for some rows)"
         )
     return text
 
@@ -231,6 +235,13 @@ def _whiskers(parts: Sequence[tuple[str, str, pd.DataFrame]]) -> str:
     if len({text for _, text in texts}) == 1:
         return f"whiskers: {texts[0][1]}"
     return "whiskers: " + "; ".join(f"{name}, {text}" for name, text in texts)
+
+
+def _effect_noun(method: Optional[str], measured: str) -> str:
+    """A default title's word for the plotted effects: ``measured`` (the figure's own
+    word) for measured effects, `effect_name` for attribution estimates (``method``,
+    `estimate_method`): a first-order estimate titled "causal effect" read as measured."""
+    return measured if method is None else effect_name(method)
 
 
 def _finish(
@@ -748,20 +759,22 @@ def _mass_of_group(
 
 
 def _merged(
-    mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str
-) -> tuple[pd.DataFrame, str, tuple[pd.DataFrame, pd.DataFrame]]:
+    mass_summary: pd.DataFrame, effects: pd.DataFrame, metric: str, group: str, what: str
+) -> tuple[pd.DataFrame, str, tuple[pd.DataFrame, pd.DataFrame], Optional[str]]:
     """The mass rows of the effects' ``group`` (`_mass_of_group`) merged with the effects of
     ``metric`` and ``group`` by router and family, a title's note naming the mass rows
     left out (families at the effects' router types without an effect row; ``""`` if
-    none), and the rows drawn of each table, ``(mass, effects)``, whose columns say what
-    the whiskers are (`_whiskers`). An effect without a mass row is refused (audit 117: the
-    merge left it out)."""
+    none), the rows drawn of each table, ``(mass, effects)``, whose columns say what
+    the whiskers are (`_whiskers`), and the method of the effects if they are attribution
+    estimates (`estimate_method`, refused for ``what``, the figure, if of several kinds).
+    An effect without a mass row is refused (audit 117: the merge left it out)."""
     _require_effects(effects)
     _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     _require_family_read(mass_summary)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
+    method = estimate_method(chosen, what)  # before the one-row check: two methods
     _require_table(chosen, ESTIMATE, "effects", finite=ESTIMATE, intervals=True)
     mass_summary = _mass_of_group(mass_summary, group, list(dict.fromkeys(chosen.router)))
     shown = mass_summary[mass_summary.router.isin(set(chosen.router))]
@@ -787,7 +800,7 @@ def _merged(
     paired = pd.MultiIndex.from_frame(chosen[["router", "family"]])
     drawn = shown[pd.MultiIndex.from_frame(shown[["router", "family"]]).isin(paired)]
     merged = mass_summary.merge(chosen, on=["router", "family"], suffixes=("_mass", ""))
-    return merged, note, (drawn, chosen)
+    return merged, note, (drawn, chosen), method
 
 
 def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
@@ -857,7 +870,9 @@ def mass_effect_bars(
     relative = require_bool("relative", relative)
     if relative and metric == "logit_diff":
         _require_table(effects, ["clean"], "effects")
-    merged, note, (drawn, chosen) = _merged(mass_summary, effects, metric, group)
+    merged, note, (drawn, chosen), method = _merged(
+        mass_summary, effects, metric, group, "mass_effect_bars"
+    )
     merged, unit = _scaled(merged, relative and metric == "logit_diff")
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
@@ -909,12 +924,15 @@ def mass_effect_bars(
         )
     fig.update_yaxes(title_text="routing mass", row=1, col=1)
     fig.update_yaxes(
-        title_text=f"ablation effect ({unit if metric == 'logit_diff' else metric})", row=2, col=1
+        title_text=f"{effect_name(method)} ({unit if metric == 'logit_diff' else metric})",
+        row=2,
+        col=1,
     )
     fig.update_xaxes(title_text="source family", row=2)
     return _finish(
         fig,
-        (title or f"Mass vs causal effect ({metric}, group {group})") + note,
+        (title or f"Mass vs {_effect_noun(method, 'causal effect')} ({metric}, group {group})")
+        + note,
         650,
         categories="x",
         whiskers=_whiskers(
@@ -938,7 +956,9 @@ def mass_effect_scatter(
     ``band`` column; without one, ``group`` ``"all"`` only); the effects choose the families
     as there (one without a mass row refused, a family's mass without effects named in the
     title)."""
-    merged, note, (drawn_mass, chosen) = _merged(mass_summary, effects, metric, group)
+    merged, note, (drawn_mass, chosen), method = _merged(
+        mass_summary, effects, metric, group, "mass_effect_scatter"
+    )
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     fig = go.Figure()
     for router in dict.fromkeys(merged.router):
@@ -975,7 +995,7 @@ def mass_effect_scatter(
                 ),
             )
         )
-    fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|ablation effect| ({metric})")
+    fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|{effect_name(method)}| ({metric})")
     whiskers = _whiskers(
         (
             ("routing mass (x)", "mass_summary", drawn_mass),
@@ -983,7 +1003,10 @@ def mass_effect_scatter(
         )
     )
     return _finish(
-        fig, (title or f"Routing mass vs |effect| ({metric})") + note, 500, whiskers=whiskers
+        fig,
+        (title or f"Routing mass vs |{_effect_noun(method, 'effect')}| ({metric})") + note,
+        500,
+        whiskers=whiskers,
     )
 
 
@@ -1043,7 +1066,10 @@ def effect_bands(
     early band) has no bar: its effect is 0 by construction (`_blank_unmasked`).
 
     Args:
-        effects: `ablation_effects` output.
+        effects: `ablation_effects` output, or `attribute_routing`'s ``.table`` of one
+            method, whose estimates the axis and title name ("attribution estimate
+            (linear)", `estimate_method`, as in every effect figure; a table of several
+            kinds is refused).
         groups: the groups to show, in order (default: every group except ``"all"``, in
             depth order, by the layers each masked: `_in_depth_order`).
         relative: effects as a percentage of the clean logit difference.
@@ -1053,6 +1079,7 @@ def effect_bands(
     chosen = effects[effects.metric == metric]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}")
+    name = effect_name(estimate_method(chosen, "effect_bands"))  # before the one-row check
     require_one_row(
         chosen,
         ("router", "group", "family"),
@@ -1109,13 +1136,13 @@ def effect_bands(
                 col=col,
             )
     fig.update_yaxes(
-        title_text=f"ablation effect ({unit if metric == 'logit_diff' else metric})", row=1, col=1
+        title_text=f"{name} ({unit if metric == 'logit_diff' else metric})", row=1, col=1
     )
     fig.update_xaxes(title_text="depth band")
     fig.update_layout(barmode="group")
     return _finish(
         fig,
-        title or f"Ablation effect per depth group ({metric})",
+        title or f"{name[0].upper()}{name[1:]} per depth group ({metric})",
         450,
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
@@ -1200,6 +1227,7 @@ def effects_by_seed(
         raise ValueError(
             f"no logit_diff effects of {family!r} at {list(routers)} in {list(groups)}"
         )
+    method = estimate_method(chosen, "effects_by_seed")  # before the one-row check
     chosen = _with_model_columns(chosen)
     require_one_row(
         chosen,
@@ -1258,12 +1286,13 @@ def effects_by_seed(
                     row=row,
                     col=col,
                 )
-    fig.update_yaxes(title_text=f"effect ({unit})", col=1)
+    fig.update_yaxes(title_text=f"{effect_name(method)} ({unit})", col=1)
     fig.update_xaxes(title_text="depth band", row=len(routers))
     fig.update_layout(barmode="group")
     return _finish(
         fig,
-        title or f"Masking {family}: effect per depth band, seeds side by side",
+        title
+        or f"Masking {family}: {_effect_noun(method, 'effect')} per depth band, seeds side by side",
         140 + 260 * len(routers),
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
@@ -1306,6 +1335,7 @@ def mass_effect_by_seed(
     ]
     if chosen.empty or mass.empty:
         raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
+    method = estimate_method(chosen, "mass_effect_by_seed")  # before the one-row check
     chosen, mass = _with_model_columns(chosen), _with_model_columns(mass)
     remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
     require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
@@ -1382,12 +1412,17 @@ def mass_effect_by_seed(
                 col=col,
             )
     fig.update_yaxes(title_text="routing mass", row=1, col=1)
-    fig.update_yaxes(title_text=f"effect ({unit})", row=2, col=1)
+    fig.update_yaxes(title_text=f"{effect_name(method)} ({unit})", row=2, col=1)
     fig.update_xaxes(title_text="source family", row=2)
     fig.update_layout(barmode="group")
     return _finish(
         fig,
-        (title or f"Mass vs effect, {ROUTER_TITLES[router]}, seeds side by side") + note,
+        (
+            title
+            or f"Mass vs {_effect_noun(method, 'effect')}, {ROUTER_TITLES[router]}, seeds side "
+            "by side"
+        )
+        + note,
         620,
         categories="x",
         whiskers=_whiskers(

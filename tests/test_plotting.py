@@ -1504,17 +1504,25 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
     for name, fig in figures.items():
         assert _subtitle(fig) == same, name
     # a summary without the level (a study's mass_summary.csv of before): no level for the
-    # mass whiskers, the effects' level for theirs
+    # mass whiskers, the effects' level for theirs; nor a method (review 182: such a table,
+    # or one built by hand, was said to hold percentile-bootstrap intervals)
     bars = plotting.mass_effect_bars(one_m.drop(columns="confidence"), one_e)
     assert _subtitle(bars) == (
-        "whiskers: routing mass, percentile-bootstrap intervals over 12 prompts (level not "
-        "recorded in the table); effect, 90 % percentile-bootstrap intervals over 12 prompts"
+        "whiskers: routing mass, intervals over 12 prompts (level and method not recorded in "
+        "the table); effect, 90 % percentile-bootstrap intervals over 12 prompts"
     )
     scatter = plotting.mass_effect_scatter(one_m.drop(columns="confidence"), one_e)
     assert _subtitle(scatter) == (
-        "whiskers: routing mass (x), percentile-bootstrap intervals over 12 prompts (level "
-        "not recorded in the table); |effect| (y), 90 % percentile-bootstrap intervals over "
-        "12 prompts"
+        "whiskers: routing mass (x), intervals over 12 prompts (level and method not recorded "
+        "in the table); |effect| (y), 90 % percentile-bootstrap intervals over 12 prompts"
+    )
+    # some rows without a level (a table concatenated from one without the column)
+    part = pd.concat(
+        [one_e[one_e.group != "all"].drop(columns="confidence"), one_e[one_e.group == "all"]]
+    )
+    assert _subtitle(plotting.effect_bands(part, groups=["early", "all"])) == (
+        "whiskers: 90 % percentile-bootstrap intervals over 12 prompts (level and method not "
+        "recorded for some rows)"
     )
     # models with different prompt counts and levels: the figure says both
     mixed = effects.assign(
@@ -1527,7 +1535,7 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
     # neither column: no level, no count
     bare = plotting.effect_bands(one_e.drop(columns=["confidence", "n_prompts"]))
     assert _subtitle(bare) == (
-        "whiskers: percentile-bootstrap intervals over prompts (level not recorded in the table)"
+        "whiskers: intervals over prompts (level and method not recorded in the table)"
     )
     # attribution estimates (a method column) are named as such
     estimates = one_e.assign(method="linear")
@@ -1602,3 +1610,88 @@ def test_heatmap_cell_texts_decide_zero_by_the_printed_text():
     assert text[0] == "0.000100" and text[3] == "0.000000"
     for cell, value in zip(text[1:3], values[0, 1:3], strict=True):
         assert float(cell) == pytest.approx(value, rel=0.05), cell
+
+
+def _effect_axes(fig) -> list[str]:
+    """The y-axis titles of ``fig`` that name the plotted effects (not the mass's)."""
+    return [
+        a.title.text for a in fig.select_yaxes() if a.title.text and a.title.text != "routing mass"
+    ]
+
+
+def test_effect_figures_name_attribution_estimates_by_their_method():
+    """Audit 177's leftover: every effect figure takes `attribute_routing`'s table (its
+    ``effect`` is the first-order estimate, ``ci_low`` / ``ci_high`` its bootstrap interval,
+    ``n_masked_routers`` as ablation_effects writes it, so the bars are drawn right) but
+    labelled its axis "ablation effect" and effect_bands' title "Ablation effect",
+    mass_effect_bars' "Mass vs causal effect": a first-order estimate read as a measured
+    effect. The axis and title now name what the table holds, by one rule
+    (`estimate_method`, which `require_measured` reads too): "attribution estimate (linear)".
+    `verify_top`'s rows (method "exact") are measured and keep "ablation effect"."""
+    effects = _effects(seeds=(0, 1)).assign(confidence=0.9, n_prompts=12)
+    mass = _mass(seeds=(0, 1)).assign(confidence=0.9, n_prompts=12)
+    one_m = mass[mass.seed == 0].drop(columns=["condition", "seed", "band"])
+    one_e = effects[(effects.seed == 0) & (effects.router == "mlp_res")]
+    one_e = one_e.drop(columns=["condition", "seed"])
+    unit = "% of the clean logit difference"
+    for method, name in (
+        (None, "ablation effect"),
+        ("exact", "ablation effect"),
+        ("linear", "attribution estimate (linear)"),
+        ("norm", "attribution estimate (norm)"),
+    ):
+        e = one_e if method is None else one_e.assign(method=method)
+        both = effects if method is None else effects.assign(method=method)
+        bands = plotting.effect_bands(e)
+        assert _effect_axes(bands) == [f"{name} ({unit})"], method
+        assert (
+            bands.layout.title.text == f"{name[0].upper()}{name[1:]} per depth group (logit_diff)"
+        )
+        bars = plotting.mass_effect_bars(one_m, e)
+        assert _effect_axes(bars) == [f"{name} ({unit})"], method
+        noun = "causal effect" if method in (None, "exact") else name
+        assert bars.layout.title.text == f"Mass vs {noun} (logit_diff, group all)"
+        scatter = plotting.mass_effect_scatter(one_m, e)
+        assert _effect_axes(scatter) == [f"|{name}| (logit_diff)"], method
+        for fig in (
+            plotting.effects_by_seed(both, "current", ["attn_res", "mlp_res"]),
+            plotting.mass_effect_by_seed(mass, both, "mlp_res"),
+        ):
+            assert set(_effect_axes(fig)) == {f"{name} ({unit})"}, method
+        estimated = method in ("linear", "norm")
+        assert ("of the attribution estimates" in _subtitle(bands)) == estimated
+    # one kind per figure: two methods, estimates beside measured rows (another seed's), or
+    # rows without a method (a measured table concatenated with estimates) are refused
+    two = pd.concat([one_e.assign(method="linear"), one_e.assign(method="norm")])
+    with pytest.raises(
+        ValueError, match=r"^effect_bands: effects mixes methods \['linear', 'norm'\]"
+    ):
+        plotting.effect_bands(two)
+    mixed = effects.assign(method=np.where(effects.seed == 0, "exact", "linear"))
+    with pytest.raises(
+        ValueError, match=r"^effects_by_seed: effects mixes methods \['exact', 'linear'\]"
+    ):
+        plotting.effects_by_seed(mixed, "current", ["mlp_res"])
+    concatenated = pd.concat(
+        [effects[effects.seed == 0], effects[effects.seed == 1].assign(method="linear")]
+    )
+    with pytest.raises(
+        ValueError, match=r"^mass_effect_by_seed: effects has rows without a method"
+    ):
+        plotting.mass_effect_by_seed(mass, concatenated, "mlp_res")
+
+
+def test_require_measured_refuses_a_concatenated_table_with_its_message():
+    """Review 182: `require_measured` (motif_report, dissociation_report) printed
+    ``sorted(set(effects.method))``, which for ablation_effects rows concatenated with
+    attribution estimates (method NaN beside "linear") failed with Python's bare
+    "'<' not supported between instances of 'float' and 'str'"."""
+    from hooked_attnres.analysis.effects import require_measured
+
+    effects = _effects()
+    concatenated = pd.concat([effects, effects.assign(method="linear")])
+    with pytest.raises(ValueError, match=r"^motif_report: effects has rows without a method"):
+        require_measured(concatenated, "motif_report")
+    with pytest.raises(ValueError, match=r"^motif_report needs measured effects .*\['linear'\]"):
+        require_measured(effects.assign(method="linear"), "motif_report")
+    require_measured(effects.assign(method="exact"), "motif_report")  # verify_top's rows

@@ -507,13 +507,55 @@ def ablation_effects(
     return pd.DataFrame(effect_rows(plan, clean, ablated, metrics, n_bootstrap, confidence, seed))
 
 
+def estimate_method(effects: pd.DataFrame, what: str) -> Optional[str]:
+    """What the ``effect`` column of ``effects`` holds, read from its ``method`` column (one
+    rule, for `require_measured` and the figures' labels): ``None`` for measured effects
+    (`ablation_effects`, no ``method`` column; `RoutingAttribution.verify_top`, method
+    ``"exact"``), else the method whose first-order estimates it holds (`attribute_routing`:
+    ``"linear"`` or ``"norm"``).
+
+    Raises:
+        ValueError: (naming ``what``, the reader) a table of several kinds, whose effect
+            column one name cannot describe: two methods, estimates beside measured rows,
+            or rows without a method (NaN: ablation_effects rows concatenated with
+            estimates; `require_measured` failed there with Python's bare ``TypeError``,
+            review 182).
+    """
+    if "method" not in effects.columns:
+        return None
+    methods = list(dict.fromkeys(effects.method))
+    named = [m for m in methods if isinstance(m, str)]
+    if len(named) < len(methods):
+        raise ValueError(
+            f"{what}: effects has rows without a method (NaN, e.g. ablation_effects rows "
+            f"concatenated with attribution estimates) beside rows of method(s) {named}: its "
+            "effect column would mix measured effects with first-order estimates; pass one "
+            "kind (effects[effects.method == 'linear'], or the measured rows alone)"
+        )
+    if len(methods) > 1:
+        raise ValueError(
+            f'{what}: effects mixes methods {methods} ("exact": measured by verify_top; '
+            '"linear" / "norm": attribute_routing\'s first-order estimates); pass one: '
+            f"effects[effects.method == {methods[0]!r}]"
+        )
+    return None if not methods or methods == ["exact"] else str(methods[0])
+
+
+def effect_name(method: Optional[str]) -> str:
+    """The name of an effect column (`estimate_method`'s ``method``): ``"ablation effect"``
+    (measured) or ``"attribution estimate (linear)"``, as the figures label it."""
+    return "ablation effect" if method is None else f"attribution estimate ({method})"
+
+
 def require_measured(effects: pd.DataFrame, what: str) -> None:
-    """Refuse a table of attribution *estimates* (`attribute_routing`: a ``method`` column)
-    where measured effects are needed (the pre-registered verdicts, the dissociation)."""
-    if "method" in effects.columns and (effects.method != "exact").any():
+    """Refuse a table of attribution *estimates* (`attribute_routing`: a ``method`` column
+    other than ``"exact"``, `estimate_method`) where measured effects are needed (the
+    pre-registered verdicts, the dissociation)."""
+    method = estimate_method(effects, what)
+    if method is not None:
         raise ValueError(
             f"{what} needs measured effects (ablation_effects), but this table holds "
-            f"attribution estimates (method {sorted(set(effects.method))}); verify them with "
+            f"attribution estimates (method {[method]}); verify them with "
             "RoutingAttribution.verify_top or run ablation_effects"
         )
 
