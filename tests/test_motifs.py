@@ -2584,3 +2584,19 @@ def test_the_preregistered_thresholds_compared_as_floats_decide_every_float_as_w
     )
     assert Fraction(c.schedule_max_deviation) < written
     assert Fraction(0.3) < Fraction("0.3")
+
+def test_the_report_tables_headers_read_the_level_of_the_settings(tmp_path):
+    """Audit 177's leftover: the effect tables' headers were the fixed text "mass [95% CI]"
+    and "effect, all layers [95% CI]", whatever level the study's settings record, and wrote
+    it otherwise than the rest of the report ("95 %", `level_text`). They now read the level
+    from the settings, as the criteria line and the figures paragraph do."""
+    from hooked_attnres.study.report import study_report
+
+    seeds = {"hard_cumulative_L8": ([0], [0])}
+    for recorded, level in ((None, "95 %"), ({"confidence": 0.9}, "90 %")):
+        text = study_report(fake_study(tmp_path, seeds, settings=recorded))
+        headers = [line for line in text.splitlines() if line.startswith("| router | family |")]
+        assert headers and all(
+            f"| mass [{level} CI] | effect, all layers [{level} CI] |" in line for line in headers
+        ), headers
+        assert "95% CI" not in text

@@ -403,6 +403,14 @@ def test_the_study_figures_say_what_their_whiskers_are_as_the_report_and_shipped
     assert (
         "whiskers are 95 % bootstrap intervals over prompts (each figure says so under" in written
     )
+    # the effect tables' headers read the level too (audit 177's leftover: the fixed
+    # "mass [95% CI]"); shipped_report.md's were edited to the regenerated ones
+
+    def headers(text: str) -> set[str]:
+        return {line for line in text.splitlines() if line.startswith("| router | family |")}
+
+    (header,) = headers((out / "report.md").read_text())
+    assert headers(shipped) == {header} and "| mass [95 % CI] |" in header
 
 
 def test_a_failed_study_leaves_the_previous_results_and_foreign_folders_are_refused(

@@ -471,6 +471,8 @@ def _effect_tables(result: StudyResult) -> list[Block]:
     # the mass over every layer, printed beside the effects of group "all": of the same
     # models and layers
     every = every_layer_mass(result.mass_summary, effects, what)
+    # the level of the study's intervals (it was the fixed text "95% CI")
+    interval = f"{level_text(_setting(result, 'confidence'))} CI"
     for (condition, seed), _ in result.accuracy.groupby(["condition", "seed"], sort=False):
         mass = every[(every.condition == condition) & (every.seed == seed)]
         eff = effects[(effects.condition == condition) & (effects.seed == seed)]
@@ -486,12 +488,12 @@ def _effect_tables(result: StudyResult) -> list[Block]:
                 row = {
                     "router": router,
                     "family": family,
-                    "mass [95% CI]": (
+                    f"mass [{interval}]": (
                         f"{_fmt(m.mass)} [{_fmt(m.ci_low)}, {_fmt(m.ci_high)}]"
                         if read
                         else NOT_MEASURED
                     ),
-                    "effect, all layers [95% CI]": _effect_cell(e, "all", interval=True),
+                    f"effect, all layers [{interval}]": _effect_cell(e, "all", interval=True),
                 }
                 row.update({f"effect, {b}": _effect_cell(e, b) for b in bands})
                 rows.append(row)
