@@ -1430,7 +1430,12 @@ def mass_effect_by_seed(
                 (
                     "routing mass",
                     "mass_summary",
-                    mass[mass.condition.isin(columns) & mass.family.isin(families)],
+                    # the drawn rows: a seed the effects lack is not drawn (review 182)
+                    mass[
+                        mass.condition.isin(columns)
+                        & mass.seed.isin(seeds)
+                        & mass.family.isin(families)
+                    ],
                 ),
                 ("effect", "effects", chosen),
             )

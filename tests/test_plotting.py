@@ -1695,3 +1695,15 @@ def test_require_measured_refuses_a_concatenated_table_with_its_message():
     with pytest.raises(ValueError, match=r"^motif_report needs measured effects .*\['linear'\]"):
         require_measured(effects.assign(method="linear"), "motif_report")
     require_measured(effects.assign(method="exact"), "motif_report")  # verify_top's rows
+
+
+def test_mass_effect_by_seed_whisker_line_reads_the_drawn_seeds_only():
+    """Review 182: `mass_effect_by_seed` draws the seeds of the effects; the whisker line
+    read the mass rows of every seed, so a seed the effects lack (not drawn) put its level
+    in the line: "routing mass, 90 % or 99 % ..." where every drawn whisker is 90 %."""
+    effects = _effects(seeds=(0, 1)).assign(confidence=0.9, n_prompts=12)
+    mass = _mass(seeds=(0, 1, 2)).assign(n_prompts=12)
+    mass = mass.assign(confidence=np.where(mass.seed == 2, 0.99, 0.9))
+    fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    assert {trace.name for trace in fig.data} == {"seed 0", "seed 1"}
+    assert _subtitle(fig) == "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
