@@ -2585,6 +2585,7 @@ def test_the_preregistered_thresholds_compared_as_floats_decide_every_float_as_w
     assert Fraction(c.schedule_max_deviation) < written
     assert Fraction(0.3) < Fraction("0.3")
 
+
 def test_the_report_tables_headers_read_the_level_of_the_settings(tmp_path):
     """Audit 177's leftover: the effect tables' headers were the fixed text "mass [95% CI]"
     and "effect, all layers [95% CI]", whatever level the study's settings record, and wrote
