@@ -579,3 +579,41 @@ def test_the_grid_condition_depth_the_analyses_read_is_each_recipes_depth():
         ("a",),
     ):
         assert grid_condition_depth(other) is None, other
+
+
+@pytest.mark.parametrize(
+    "metric", ["accuracy", "correct", "logit_diff", "answer_logprob", "answer_logits", "loss"]
+)
+def test_every_metric_refuses_a_batch_of_no_prompts(metric):
+    """Audit 184: ``batch[:0]``'s metrics failed in torch ("max(): Expected reduction dim
+    to be specified for input.numel() == 0") and its ``loss`` was a NaN, silently."""
+    batch = RETRIEVAL.sample(4, seed=0)
+    logits = torch.zeros(4, batch.tokens.shape[1], len(task_tokenizer(RETRIEVAL)))
+    with pytest.raises(
+        ValueError,
+        match=rf"^the batch holds no prompts \(0 rows, e.g. batch\[:0\]\): TaskBatch\.{metric} "
+        "has nothing to measure",
+    ):
+        getattr(batch[:0], metric)(logits[:0])
+
+
+def test_logit_diff_refuses_a_prompt_whose_contrast_is_its_answer():
+    """Audit 184: a batch whose contrast equals its answer (a hand-made one: every task's
+    contrast is another token, checked on 26150 drawn prompts) gave a logit difference of
+    exactly 0 for that prompt whatever the model, averaged into the others silently."""
+    batch = RETRIEVAL.sample(4, seed=0)
+    logits = torch.randn(
+        4,
+        batch.tokens.shape[1],
+        len(task_tokenizer(RETRIEVAL)),
+        generator=torch.Generator().manual_seed(0),
+    )
+    same = batch.contrast.clone()
+    same[[1, 3]] = batch.answer[[1, 3]]
+    with pytest.raises(
+        ValueError,
+        match=r"^logit_diff: prompt\(s\) \[1, 3\] have their answer as contrast \(token ids "
+        rf"\[{int(batch.answer[1])}, {int(batch.answer[3])}\]\): their logit difference is 0 "
+        "whatever the model",
+    ):
+        dataclasses.replace(batch, contrast=same).logit_diff(logits)

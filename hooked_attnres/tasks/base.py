@@ -145,8 +145,11 @@ class TaskBatch:
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         return TaskBatch(**{name: v if name == "task" else fn(v) for name, v in values.items()})
 
-    def require_logits(self, logits: Any) -> None:
-        """Refuse ``logits`` that are not a ``[batch, pos, d_vocab]`` tensor of this batch's
+    def require_logits(self, logits: Any, what: str = "TaskBatch.require_logits") -> None:
+        """Refuse a batch of no prompts (`require_prompts`, naming ``what``, the metric
+        asked for: its value is undefined; audit 184: torch failed with "max(): Expected
+        reduction dim to be specified" and `loss` was NaN), and ``logits`` that are not a
+        ``[batch, pos, d_vocab]`` tensor of this batch's
         ``batch``, or whose ``d_vocab`` does not cover every token id of the batch
         (``tokens``, ``corrupted_tokens``, ``answer``, ``contrast``, ``targets``):
         ``ValueError`` naming the shapes. Such logits are of no model that read these
@@ -154,6 +157,7 @@ class TaskBatch:
         one below it but under a prompt token's id gave a silently wrong `accuracy` and
         `answer_logprob` (the argmax and softmax over a cut vocabulary: 0.457 for 0.426 of
         256 retrieval prompts with their 44-token vocabulary cut to 36 columns)."""
+        require_prompts(len(self), what)
         if not isinstance(logits, Tensor) or logits.ndim != 3 or logits.shape[0] != len(self):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(
@@ -175,11 +179,11 @@ class TaskBatch:
             )
 
     def answer_logits(
-        self, logits: Float[Tensor, "batch pos d_vocab"]
+        self, logits: Float[Tensor, "batch pos d_vocab"], what: str = "TaskBatch.answer_logits"
     ) -> Float[Tensor, "batch d_vocab"]:
         """The logits at each prompt's answer position (``logits`` checked by
-        `require_logits`)."""
-        self.require_logits(logits)
+        `require_logits`; ``what``: the metric named in a refusal)."""
+        self.require_logits(logits, what)
         if int(self.answer_pos.max()) >= logits.shape[1]:
             raise ValueError(
                 f"logits have {logits.shape[1]} positions but an answer sits at position "
@@ -194,15 +198,27 @@ class TaskBatch:
         bfloat16 / float16 logits (float64 for float64 ones): the two logits are widened
         (exactly) before the subtraction, which in the logits' dtype would round the
         difference to 8 (11) bits, an error of the size of the model's own rounding (up
-        to 4e-3 on a logit difference of 1.5 in a tiny bfloat16 model)."""
-        at = self.answer_logits(logits)
+        to 4e-3 on a logit difference of 1.5 in a tiny bfloat16 model). A prompt whose
+        ``contrast`` is its ``answer`` is refused (``ValueError`` naming the prompts): its
+        difference is 0 whatever the model (audit 184: a hand-made batch averaged such
+        zeros into the others silently; every task's contrast is another token)."""
+        at = self.answer_logits(logits, "TaskBatch.logit_diff")
+        same = (self.answer == self.contrast).nonzero().flatten()
+        if len(same):
+            rows = same.tolist()
+            raise ValueError(
+                f"logit_diff: prompt(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} have their "
+                f"answer as contrast (token ids {self.answer[same[:8]].tolist()}): their logit "
+                "difference is 0 whatever the model; give each prompt a contrast other than "
+                "its answer (a task's contrast is the answer of its corrupted prompt)"
+            )
         rows = torch.arange(len(self), device=at.device)
         answer = widened(at[rows, self.answer.to(at.device)])
         return answer - widened(at[rows, self.contrast.to(at.device)])
 
     def answer_logprob(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """Log-probability of the correct answer."""
-        at = self.answer_logits(logits)
+        at = self.answer_logits(logits, "TaskBatch.answer_logprob")
         logprobs = widened(at).log_softmax(-1)
         return logprobs[
             torch.arange(len(self), device=logprobs.device), self.answer.to(logprobs.device)
@@ -217,7 +233,7 @@ class TaskBatch:
         that token and 0 elsewhere, a number for a run that computed nothing (audit 81); a
         single +inf is the argmax, as it exceeds every finite logit, and an answer below
         two +inf is not the argmax (0.0). ``[batch]`` float32."""
-        at = self.answer_logits(logits)
+        at = self.answer_logits(logits, "TaskBatch.correct")
         answer = self.answer.to(logits.device)
         scores = (at.argmax(-1) == answer).float()
         own, top = at.gather(-1, answer[:, None]), at.amax(-1, keepdim=True)
@@ -226,12 +242,14 @@ class TaskBatch:
         return scores.masked_fill(undefined, float("nan"))
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:
+        """The mean of `correct` over the prompts (a batch of none is refused)."""
+        require_prompts(len(self), "TaskBatch.accuracy")
         return self.correct(logits).mean().item()
 
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """Mean cross-entropy over the supervised positions (the training objective);
         ``logits`` of the whole prompts (``[batch, pos, d_vocab]``, `require_logits`)."""
-        self.require_logits(logits)
+        self.require_logits(logits, "TaskBatch.loss")
         if logits.shape[1] != self.targets.shape[1]:
             raise ValueError(
                 f"logits have {logits.shape[1]} positions (shape {tuple(logits.shape)}) but the "
