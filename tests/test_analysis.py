@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -2689,3 +2690,43 @@ def test_summarize_mass_refuses_a_bool_layer_among_integers():
     first = int(np.flatnonzero(mass.layer.eq(0).to_numpy())[0])
     with pytest.raises(ValueError, match=rf"holds {rows} value\(s\) .*e\.g\. True in row {first}:"):
         summarize_mass(bad)
+
+
+def test_correct_credits_a_finite_tie_for_the_top_logit_by_its_share_not_by_token_order():
+    """Audit 184: ``correct`` took torch's argmax, the first of tied logits, so an answer
+    tied for the top logit with another token scored 1 when its id was the lower one and 0
+    otherwise: a number of the vocabulary's order. In bfloat16 such ties are common (3 to 5
+    of 512 probe prompts of the shipped ``paperlike`` / ``hard`` L8 models; none in
+    float32). Now a finite tie of ``k`` tokens, the answer among them, scores ``1 / k``,
+    the chance a uniformly random tie-break picks the answer, whatever the ids; infinite
+    ties stay NaN. Expected values by construction."""
+    rows = [  # (answer, logits at the answer position, expected)
+        (0, [2.0, 1.0, 2.0], 0.5),  # the lower id of a tie: was 1
+        (2, [2.0, 1.0, 2.0], 0.5),  # the higher id of the same tie: was 0
+        (1, [2.0, 1.0, 2.0], 0.0),  # below the tie
+        (1, [0.0, 0.0, 0.0], 1 / 3),  # every token ties: was 0 (1 for answer 0)
+        (0, [0.0, 0.0, 0.0], 1 / 3),
+        (1, [0.5, 3.0, 3.0], 0.5),
+        (2, [0.5, 3.0, 1.0], 0.0),
+        (1, [0.5, 3.0, 1.0], 1.0),
+    ]
+    n = len(rows)
+    batch = TaskBatch(
+        tokens=torch.zeros(n, 2, dtype=torch.long),
+        answer_pos=torch.ones(n, dtype=torch.long),
+        answer=torch.tensor([answer for answer, _, _ in rows]),
+        contrast=torch.tensor([(answer + 1) % 3 for answer, _, _ in rows]),
+        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
+        targets=torch.full((n, 2), -100),
+    )
+    expected = [value for _, _, value in rows]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        logits = torch.zeros(n, 2, 3, dtype=dtype)
+        logits[:, 1] = torch.tensor([values for _, values, _ in rows], dtype=dtype)
+        np.testing.assert_allclose(batch.correct(logits).tolist(), expected, rtol=1e-7)
+        assert batch.accuracy(logits) == pytest.approx(sum(expected) / n)
+        # the same logits with the vocabulary reversed: the same scores
+        flipped = dataclasses.replace(batch, answer=2 - batch.answer, contrast=2 - batch.contrast)
+        np.testing.assert_allclose(
+            flipped.correct(logits.flip(-1)).tolist(), expected, rtol=1e-7, err_msg=str(dtype)
+        )

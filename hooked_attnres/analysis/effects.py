@@ -106,7 +106,8 @@ def metric_values(
 ) -> Float[Tensor, " batch"]:
     """Per-prompt metric ``[batch]`` (float32; float64 in a float64 model) read at
     ``batch.answer_pos``: ``logit_diff`` (answer - contrast), ``logprob`` (of the answer) or
-    ``accuracy`` (1 if the argmax is the answer, else 0; NaN where the argmax is undefined:
+    ``accuracy`` (1 if the argmax is the answer, else 0; ``1 / k`` where the answer ties
+    ``k - 1`` other tokens for the largest finite logit; NaN where the argmax is undefined:
     a NaN logit or an infinite tie, `TaskBatch.correct`), or a callable ``metric(batch, logits)``
     that returns one float per prompt ``[batch]``; a callable is given the logits in
     float32 for a bfloat16 / float16 model (exactly; its own arithmetic on 8-bit logits

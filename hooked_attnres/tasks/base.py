@@ -205,9 +205,9 @@ class TaskBatch:
         at = self.answer_logits(logits, "TaskBatch.logit_diff")
         same = (self.answer == self.contrast).nonzero().flatten()
         if len(same):
-            rows = same.tolist()
+            listed = same.tolist()
             raise ValueError(
-                f"logit_diff: prompt(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} have their "
+                f"logit_diff: prompt(s) {listed[:8]}{' ...' if len(listed) > 8 else ''} have their "
                 f"answer as contrast (token ids {self.answer[same[:8]].tolist()}): their logit "
                 "difference is 0 whatever the model; give each prompt a contrast other than "
                 "its answer (a task's contrast is the answer of its corrupted prompt)"
@@ -225,20 +225,26 @@ class TaskBatch:
         ]
 
     def correct(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
-        """1.0 where the argmax at the answer position is the answer, else 0.0; NaN where
-        whether it is the answer is undefined: the logits there hold a NaN, or the answer's
-        logit is the largest, infinite, and another token's equals it (an overflow tie of
-        +inf, e.g. of a float16 pass, or a row of -inf). torch's argmax picks the first NaN (or the
-        first of tied values), so a pass that overflowed scored 1 where the answer was
-        that token and 0 elsewhere, a number for a run that computed nothing (audit 81); a
-        single +inf is the argmax, as it exceeds every finite logit, and an answer below
-        two +inf is not the argmax (0.0). ``[batch]`` float32."""
+        """1.0 where the answer's logit at the answer position is the largest, alone; ``1 /
+        k`` where it ties ``k - 1`` other tokens' for the largest, finite (the chance that
+        a uniformly random tie-break picks the answer); 0.0 where another token's logit is
+        larger; NaN where whether it is the answer is undefined: the logits there hold a
+        NaN, or the answer's logit is the largest, infinite, and another token's equals it
+        (an overflow tie of +inf, e.g. of a float16 pass, or a row of -inf). torch's
+        argmax picks the first NaN (or the first of tied values), so a pass that
+        overflowed scored 1 where the answer was that token and 0 elsewhere, a number for
+        a run that computed nothing (audit 81), and a finite tie scored 1 where the
+        answer's id was the lower one, 0 where it was the higher (audit 184: 3 to 5 of 512
+        probe prompts of shipped models in bfloat16, none in float32); a single +inf is
+        the largest, as it exceeds every finite logit, and an answer below two +inf is not
+        (0.0). ``[batch]`` float32."""
         at = self.answer_logits(logits, "TaskBatch.correct")
         answer = self.answer.to(logits.device)
-        scores = (at.argmax(-1) == answer).float()
-        own, top = at.gather(-1, answer[:, None]), at.amax(-1, keepdim=True)
-        tied = (own == top) & top.isinf() & ((at == top).sum(-1, keepdim=True) > 1)
-        undefined = at.isnan().any(-1) | tied[:, 0]
+        own, top = at.gather(-1, answer[:, None])[:, 0], at.amax(-1)
+        n_top = (at == top[:, None]).sum(-1)
+        scores = torch.where(own == top, 1 / n_top.float(), 0.0)
+        tied = (own == top) & top.isinf() & (n_top > 1)
+        undefined = at.isnan().any(-1) | tied
         return scores.masked_fill(undefined, float("nan"))
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:

@@ -429,7 +429,9 @@ def load_model_state(model, directory: Path) -> None:
 @torch.no_grad()
 def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str, float]:
     """Answer accuracy of ``model`` on each named batch: ``{name: fraction of the batch's
-    prompts whose argmax at ``answer_pos`` is ``answer``}``, in eval mode (the caller's
+    prompts whose argmax at ``answer_pos`` is ``answer``}`` (a prompt whose answer ties
+    ``k - 1`` other tokens for the largest logit counts ``1 / k``, `TaskBatch.correct`), in
+    eval mode (the caller's
     mode is restored, also on an error), ``chunk`` prompts (an integer >= 1) per forward
     pass. An empty batch is refused (it has no accuracy). A prompt whose argmax is
     undefined (NaN logits, e.g. of an overflow; `TaskBatch.correct`) makes its batch's
