@@ -746,6 +746,20 @@ def test_bootstrap_ci_refuses_values_that_are_not_one_axis():
         bootstrap_ci(np.ones((2, 3)))
 
 
+def test_bootstrap_ci_of_no_values_names_their_own_shape():
+    """Review 185: ``bootstrap_ci([])`` was refused as "values must be [rows, n] with n >=
+    1, got shape (1, 0)": the shape of the one-row table it builds for `bootstrap_ci_rows`,
+    not of what the caller passed, and a form ([rows, n]) the caller did not use."""
+    from hooked_attnres.analysis import bootstrap_ci
+
+    for empty in ([], np.zeros(0), torch.zeros(0)):
+        with pytest.raises(
+            ValueError,
+            match=r"^values must hold at least one number \(one per prompt\), got shape \(0,\)",
+        ):
+            bootstrap_ci(empty)
+
+
 def test_bootstrap_refuses_text_and_reads_numbers_of_any_kind():
     """Audit 145: ``bootstrap_ci(["1", "2"])`` returned (1.5, 1.0, 2.0): NumPy parsed the
     strings as numbers. Text (a str array, a pandas string or object column holding text)

@@ -56,13 +56,20 @@ def bootstrap_ci(
 
     Raises:
         ValueError: ``values`` that are not one axis ``[n]`` (a number, ``3.0``, failed
-            with NumPy's "too many indices for array"; for rows use `bootstrap_ci_rows`).
+            with NumPy's "too many indices for array"; for rows use `bootstrap_ci_rows`),
+            or of no values (``[]``: named by its shape ``(0,)``; review 185: it named the
+            ``(1, 0)`` of the one-row table built for `bootstrap_ci_rows`).
     """
     values = as_numpy(values)
     if values.ndim != 1:
         raise ValueError(
             f"values must be [n] (one number per prompt), got shape {values.shape}; for "
             "several rows [rows, n] use bootstrap_ci_rows"
+        )
+    if len(values) == 0:  # named by its own shape, not by the [1, 0] table built below
+        raise ValueError(
+            f"values must hold at least one number (one per prompt), got shape {values.shape}: "
+            "the mean of no values is undefined"
         )
     mean, low, high = bootstrap_ci_rows(values[None, :], n_resamples, confidence, seed)
     return float(mean[0]), float(low[0]), float(high[0])
