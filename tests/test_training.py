@@ -1861,3 +1861,33 @@ def test_evaluate_refuses_chunks_under_an_attached_mean_patch():
         with pytest.raises(ValueError, match="evaluate runs the 8 prompts in passes of chunk=2"):
             evaluate(model, {"t": batch}, chunk=2)
     assert evaluate(model, {"t": batch}, chunk=2) == {"t": 1.0}  # the hook detached
+
+
+def test_evaluate_is_batch_accuracy_whatever_the_chunk_with_tie_shares():
+    """Review 185: `evaluate` summed each chunk's `TaskBatch.correct` in float32, which
+    rounds a sum of the 1/3 shares of three-way ties (audit 184): 7 such prompts read
+    0.33333332198006765 in one chunk, where `TaskBatch.accuracy` of the same logits reads
+    0.3333333432674408 (the float32 share, as every prompt's), and chunks of 3 read
+    0.33333333475249155. Now both sum in float64 (exact for these shares) and agree for
+    any chunk."""
+    from types import SimpleNamespace
+
+    from hooked_attnres.tasks.base import TaskBatch
+
+    class EveryTokenTies(torch.nn.Module):  # a causal LM whose logits are all 0: k = d_vocab
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 3))
+
+    n = 7
+    batch = TaskBatch(
+        tokens=torch.zeros(n, 2, dtype=torch.long),
+        answer_pos=torch.ones(n, dtype=torch.long),
+        answer=torch.arange(n) % 3,
+        contrast=(torch.arange(n) + 1) % 3,
+        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
+        targets=torch.full((n, 2), -100),
+    )
+    share = torch.tensor(1 / 3, dtype=torch.float32).item()  # the float32 of 1/3
+    assert batch.accuracy(torch.zeros(n, 2, 3)) == share
+    for chunk in (1, 2, 3, 256):
+        assert evaluate(EveryTokenTies(), {"t": batch}, chunk=chunk) == {"t": share}, chunk

@@ -237,7 +237,8 @@ class TaskBatch:
         answer's id was the lower one, 0 where it was the higher (audit 184: 3 to 5 of 512
         probe prompts of shipped models in bfloat16, none in float32); a single +inf is
         the largest, as it exceeds every finite logit, and an answer below two +inf is not
-        (0.0). ``[batch]`` float32."""
+        (0.0). ``[batch]`` float32: a share ``1 / k`` is the float32 of it, exact for ``k`` a
+        power of 2, 1.0e-8 above 1/3 for ``k = 3`` (docs/study.md, threshold reading)."""
         at = self.answer_logits(logits, "TaskBatch.correct")
         answer = self.answer.to(logits.device)
         own, top = at.gather(-1, answer[:, None])[:, 0], at.amax(-1)
@@ -248,9 +249,11 @@ class TaskBatch:
         return scores.masked_fill(undefined, float("nan"))
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"]) -> float:
-        """The mean of `correct` over the prompts (a batch of none is refused)."""
+        """The mean of `correct` over the prompts (a batch of none is refused), taken in
+        float64: k of n prompts is ``k / n`` correctly rounded, as `evaluate` gives it
+        (review 185: the float32 mean read 3 of 10 as 0.30000001192092896)."""
         require_prompts(len(self), "TaskBatch.accuracy")
-        return self.correct(logits).mean().item()
+        return self.correct(logits).double().mean().item()
 
     def loss(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """Mean cross-entropy over the supervised positions (the training objective);

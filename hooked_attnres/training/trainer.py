@@ -430,8 +430,9 @@ def load_model_state(model, directory: Path) -> None:
 def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str, float]:
     """Answer accuracy of ``model`` on each named batch: ``{name: fraction of the batch's
     prompts whose argmax at ``answer_pos`` is ``answer``}`` (a prompt whose answer ties
-    ``k - 1`` other tokens for the largest logit counts ``1 / k``, `TaskBatch.correct`), in
-    eval mode (the caller's
+    ``k - 1`` other tokens for the largest logit counts ``1 / k``, `TaskBatch.correct`;
+    summed in float64, so the result is `TaskBatch.accuracy` of the batch whatever
+    ``chunk``: review 185), in eval mode (the caller's
     mode is restored, also on an error), ``chunk`` prompts (an integer >= 1) per forward
     pass. An empty batch is refused (it has no accuracy). A prompt whose argmax is
     undefined (NaN logits, e.g. of an overflow; `TaskBatch.correct`) makes its batch's
@@ -452,7 +453,10 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
             correct = 0.0
             for start in range(0, len(batch), chunk):
                 part = batch[start : start + chunk]
-                correct += part.correct(model_logits(model, part.tokens)).sum().item()
+                # a float64 sum, exact for the float32 shares: the chunk does not round it,
+                # and the result is TaskBatch.accuracy's (a float32 sum rounded 1/3 shares)
+                scores = part.correct(model_logits(model, part.tokens))
+                correct += scores.double().sum().item()
             out[name] = correct / len(batch)
     finally:
         model.train(was_training)
