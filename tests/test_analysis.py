@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 from helpers import hf_qwen3, randomize_routing, tiny_model
+from torch import Tensor
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig, plotting
 from hooked_attnres._tl import Slice
@@ -2730,3 +2732,56 @@ def test_correct_credits_a_finite_tie_for_the_top_logit_by_its_share_not_by_toke
         np.testing.assert_allclose(
             flipped.correct(logits.flip(-1)).tolist(), expected, rtol=1e-7, err_msg=str(dtype)
         )
+
+
+def _tie_batch(answer_logits: list[list[float]], answers: list[int]) -> tuple[TaskBatch, Tensor]:
+    """A `TaskBatch` answered at position 1 and float32 logits there (``[n, 2, d_vocab]``)."""
+    n = len(answers)
+    batch = TaskBatch(
+        tokens=torch.zeros(n, 2, dtype=torch.long),
+        answer_pos=torch.ones(n, dtype=torch.long),
+        answer=torch.tensor(answers),
+        contrast=(torch.tensor(answers) + 1) % len(answer_logits[0]),
+        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
+        targets=torch.full((n, 2), -100),
+    )
+    logits = torch.zeros(n, 2, len(answer_logits[0]))
+    logits[:, 1] = torch.tensor(answer_logits)
+    return batch, logits
+
+
+def test_accuracy_is_the_mean_share_correctly_rounded_not_its_float32():
+    """Review 185: ``TaskBatch.accuracy`` averaged the shares in float32, so 3 of 10
+    prompts correct read 0.30000001192092896 (the float32 of 3/10), where `evaluate` of the
+    same prompts gives 0.3 (a float64 sum divided once). Now the float64 mean: k/n (or,
+    with the half shares of ties of 2, 1.5/10) correctly rounded, as Python's ``k / n``."""
+    for n_right, n_tied, n in ((3, 0, 10), (1, 1, 10), (0, 3, 7), (5, 2, 11)):
+        rows = [[2.0, 1.0, 0.0]] * n_right + [[2.0, 2.0, 0.0]] * n_tied
+        rows += [[0.0, 2.0, 1.0]] * (n - n_right - n_tied)
+        batch, logits = _tie_batch(rows, [0] * n)
+        share = Fraction(n_right) + Fraction(n_tied, 2)
+        assert batch.accuracy(logits) == float(share / n), (n_right, n_tied, n)
+
+
+def test_a_drop_of_tied_prompts_meets_criterion_2_exactly():
+    """Audit 184's tie credit makes an accuracy effect a mean of fractional differences.
+    docs/study.md: with ties of 2 tokens the differences are exact halves, so the effect is
+    still the correctly rounded ratio and meets criterion 2's 2 points exactly: 2 of 50
+    prompts whose answer ties one other token (1/2 each) and loses it under the ablation
+    drop accuracy by 1/50 exactly. Before audit 184 the tie scored 1 (answer of the lower
+    id, here) and the drop read 2/50."""
+    from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows
+    from hooked_attnres.analysis.motifs import PREREGISTERED, _criterion_2
+
+    n = 50
+    clean_rows = [[2.0, 2.0, 0.0]] * 2 + [[3.0, 1.0, 0.0]] * (n - 2)
+    ablated_rows = [[1.0, 2.0, 0.0]] * 2 + [[3.0, 1.0, 0.0]] * (n - 2)
+    batch, clean = _tie_batch(clean_rows, [0] * n)
+    _, ablated = _tie_batch(ablated_rows, [0] * n)
+    difference = metric_values(batch, ablated, "accuracy") - metric_values(batch, clean, "accuracy")
+    mean = bootstrap_ci_rows(difference[None].numpy(), 40)[0][0]
+    assert (
+        Fraction(mean) == Fraction(float(Fraction(-1, n)))
+        and mean == -PREREGISTERED.min_accuracy_drop
+    )
+    assert _criterion_2(0.0, mean, 1.0, PREREGISTERED) == (True, True)

@@ -712,8 +712,9 @@ def test_k_of_n_counts_each_seed_once():
 
 def test_a_two_point_accuracy_drop_of_whole_prompts_meets_criterion_2_exactly():
     """Criterion 2 reads "at most -0.02": 1 of 50, 2 of 100, ... prompts losing their
-    answer must meet it exactly (per-prompt accuracies are float32 0/1; the effect must be
-    the correctly rounded k/n, not a float32 mean a hair above -0.02)."""
+    answer must meet it exactly (per-prompt accuracies of whole prompts are float32 0/1; the
+    effect must be the correctly rounded k/n, not a float32 mean a hair above -0.02; tied
+    prompts' shares: test_analysis.py::test_a_drop_of_tied_prompts_meets_criterion_2_exactly)."""
     import numpy as np
 
     from hooked_attnres.analysis.bootstrap import bootstrap_ci_rows

@@ -104,7 +104,8 @@ def check_metrics(metrics: Union[Metric, Sequence[Metric]]) -> list[Metric]:
 def metric_values(
     batch: TaskBatch, logits: Float[Tensor, "batch pos d_vocab"], metric: Metric
 ) -> Float[Tensor, " batch"]:
-    """Per-prompt metric ``[batch]`` (float32; float64 in a float64 model) read at
+    """Per-prompt metric ``[batch]`` (float32; float64 in a float64 model, but for
+    ``accuracy``, float32 in every model: `TaskBatch.correct`) read at
     ``batch.answer_pos``: ``logit_diff`` (answer - contrast), ``logprob`` (of the answer) or
     ``accuracy`` (1 if the argmax is the answer, else 0; ``1 / k`` where the answer ties
     ``k - 1`` other tokens for the largest finite logit; NaN where the argmax is undefined:
