@@ -1570,3 +1570,20 @@ def test_the_report_functions_refuse_what_is_no_study_result():
         study_report(folder)
     assert "write_study's" not in str(caught.value)
     assert "a study folder (the path write_study returns) is no StudyResult" in str(caught.value)
+
+
+def test_the_report_defines_accuracy_in_the_words_of_the_shipped_report(shipped_study):
+    """Audit 184 made an answer tied for the largest logit score 1/k (argmax had scored it
+    1 or 0 by token id); the report's definition of accuracy says so, and
+    docs/results/shipped_report.md holds the same paragraph (the main job's report.md must
+    equal it but for the seconds line; no shipped model has such a tie in float32)."""
+    out, _ = shipped_study
+    shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
+
+    def paragraph(text: str) -> str:
+        (line,) = [line for line in text.splitlines() if line.startswith("Each row scores")]
+        return line
+
+    written = paragraph((out / "report.md").read_text())
+    assert written == paragraph(shipped)
+    assert "tied with k - 1 other tokens for the largest scores 1/k" in written

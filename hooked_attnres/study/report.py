@@ -527,7 +527,8 @@ def _accuracy_blocks(result: StudyResult) -> list[Block]:
         "of this report was measured on, on n_prompts held-out probe prompts of its "
         f"condition's task ({prompts}; not the prompts the trainer evaluated on, data seed 0): "
         "accuracy is the fraction of those prompts whose largest logit at the answer position "
-        "is the answer; logit_diff is the mean logit difference there, answer minus contrast "
+        "is the answer (an answer tied with k - 1 other tokens for the largest scores 1/k); "
+        "logit_diff is the mean logit difference there, answer minus contrast "
         "(the clean logit difference every effect is compared with)."
     )
     if any(get_condition(c).kind == "vanilla" for c in dict.fromkeys(table.condition)):
