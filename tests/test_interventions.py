@@ -2596,3 +2596,37 @@ def test_the_chunked_mean_refusal_names_a_tensor_that_reproduces_the_batch_mean(
             got = run_ablations(model, batch, plan, chunk=2, progress=False)
         for part in (0, 1):
             assert abs(got[part]["logit_diff"] - want[part]["logit_diff"]).max() <= 1e-12
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full", "recency", "exact"])
+def test_python_number_values_are_taken_at_python_precision(layout):
+    """A value or weights given as Python numbers (a float, a list or a tuple of floats,
+    which are float64) is what the hook writes in a float64 model, to the bit, as the same
+    numbers given as a float64 tensor are (audit 183: ``torch.as_tensor`` read them as
+    float32, so ``0.1`` was written as 0.100000001490116 and a ``[d_model]`` list of
+    random floats was 3e-9 off in the logits of the reference test's models)."""
+    model = routed_or_wrapped(layout)
+    tokens = torch.tensor([[1, 5, 2, 7], [3, 3, 9, 4]])
+    layout_ = model.routing_layout
+    site = next(s for s in model.sites() if layout_.n_sources(s) >= 3)
+    n_sources, d_model = layout_.n_sources(site), model.cfg.d_model
+    vector = [0.1 * (i + 1) / 3 for i in range(d_model)]  # no float32 holds these
+    weights = [0.1, 0.2] + [0.7 / (n_sources - 2)] * (n_sources - 2)
+    label = next(label for label in layout_.commit_hooks() if layout_.commit_readers(label))
+    commit = commit_hook_name(model, label)
+    cases = [
+        (patch_sources(model, 0, vector, routers=[site]), site.hook("sources"), vector, 0),
+        (patch_sources(model, 0, tuple(vector), routers=[site]), site.hook("sources"), vector, 0),
+        (patch_sources(model, 0, 0.1, routers=[site]), site.hook("sources"), [0.1] * d_model, 0),
+        (patch_committed(model, label, vector), commit, vector, None),
+        (patch_committed(model, label, 0.1), commit, [0.1] * d_model, None),
+        (set_weights(model, weights, routers=[site]), site.hook("weights"), weights, None),
+        (set_weights(model, {site: weights}, routers=[site]), site.hook("weights"), weights, None),
+    ]
+    for hooks, name, numbers, source in cases:
+        with model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(tokens, names_filter=name)
+        written = cache[name] if source is None else cache[name][:, :, source]
+        expected = torch.tensor(numbers, dtype=torch.float64).expand_as(written)
+        assert written.dtype == torch.float64
+        assert torch.equal(written, expected), (name, (written - expected).abs().max().item())

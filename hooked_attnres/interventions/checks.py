@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -206,6 +207,22 @@ def check_run_shape(cached: Tensor, current: Tensor, name: str, what: str) -> No
         )
 
 
+def as_number_tensor(value: Any) -> Tensor:
+    """``value`` (a replacement value, routing weights, a mask) as a tensor: a tensor
+    itself, a NumPy array or scalar in its own dtype, and Python numbers (a float, a list
+    or a tuple of them) with Python floats in float64, their own precision. Read by
+    ``torch.as_tensor`` alone they became float32 (torch's default dtype): in a float64
+    model ``patch_committed(model, label, 0.1)`` wrote 0.100000001490116, and a
+    ``[d_model]`` list of floats was up to 6e-8 off what it says (audit 183). The hook
+    casts the tensor to the activation's dtype when it runs."""
+    if isinstance(value, Tensor):
+        return value
+    tensor = torch.as_tensor(value)
+    if tensor.is_floating_point() and not isinstance(value, (np.ndarray, np.generic)):
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    return tensor
+
+
 def check_value_tensor(value: Any, d_model: int, what: str) -> Tensor:
     """A replacement tensor (`patch_sources`, `patch_committed`) checked when the
     intervention is built: real, its last axis ``d_model`` (or 1, broadcast over it), and
@@ -213,8 +230,9 @@ def check_value_tensor(value: Any, d_model: int, what: str) -> Tensor:
     ``[d_model]``, ``[1, d_model]`` (every prompt and position alike), ``[batch, 1,
     d_model]`` (one per prompt) or ``[batch, pos, d_model]``. A 2-D ``[batch, d_model]``
     read as ``[pos, d_model]`` (silently where batch == pos, before audit 128) is
-    refused, naming both remedies. Returns the tensor (`torch.as_tensor`)."""
-    tensor = torch.as_tensor(value)
+    refused, naming both remedies. Returns the tensor (`as_number_tensor`: Python floats
+    in float64)."""
+    tensor = as_number_tensor(value)
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{what}: value must be a real tensor, got dtype {tensor.dtype}")
     check_axes(tensor, f"{what}: a value tensor", "d_model", "value", scalar=True)
@@ -266,8 +284,8 @@ def check_source_tensor(value: Any, what: str, example: str = "mask") -> Tensor:
     ``[pos, n_sources]``, its row ``i`` at position ``i`` of every prompt (silently where
     batch == pos, before audit 110). ``what`` names the tensor and ``example`` the
     caller's argument in the message's remedy (``mask[:, None, :]``, ``weights[:, None,
-    :]``); returns it (`torch.as_tensor`: a tensor itself)."""
-    tensor = torch.as_tensor(value)
+    :]``); returns it (`as_number_tensor`: a tensor itself, Python floats in float64)."""
+    tensor = as_number_tensor(value)
     check_axes(tensor, what, "n_sources", example)
     return tensor
 

@@ -728,7 +728,8 @@ def set_weights(
             a 2-D ``[batch, n_sources]`` broadcast as ``[pos, n_sources]`` until audit
             110); a dict
             ``{(layer, router) or RouterSite: tensor}`` with one entry per selected router
-            and none for another; or an ``ActivationCache`` / dict of another run holding
+            and none for another (a list of Python floats is read in float64,
+            `as_number_tensor`); or an ``ActivationCache`` / dict of another run holding
             ``hook_weights`` (routing patching, e.g. clean weights into a corrupted run).
         routers, layers, bands: which routers (default: every attention and MLP router).
         positions: only replace at these positions (default: all).
@@ -804,7 +805,8 @@ def patch_sources(
             scalar, ``[d_model]`` or ``[1, d_model]`` tensor (every prompt and position
             alike), ``[batch, 1, d_model]`` (one per prompt) or ``[batch, pos, d_model]``
             (`check_value_tensor`: a 2-D ``[batch, d_model]``, which would be read as
-            ``[pos, d_model]``, is refused when built, audit 128); or a cache of another
+            ``[pos, d_model]``, is refused when built, audit 128); Python numbers (a
+            float, a list) are read in float64 (`as_number_tensor`); or a cache of another
             run (its ``hook_sources`` at the same router, e.g. clean sources into a
             corrupted run).
         positions: only patch at these positions (default: all).
@@ -892,8 +894,8 @@ def patch_committed(
         value: ``"zero"``, ``"mean"`` (over the batch; over the prompts whose token is
             real where the run has an ``attention_mask``), a tensor as `patch_sources`
             takes (a scalar, ``[d_model]``, ``[1, d_model]``, ``[batch, 1, d_model]`` or
-            ``[batch, pos, d_model]``; a 2-D ``[batch, d_model]`` is refused), or a cache
-            of another run (its value of the same hook).
+            ``[batch, pos, d_model]``; a 2-D ``[batch, d_model]`` is refused; Python
+            numbers in float64), or a cache of another run (its value of the same hook).
         positions: only patch at these positions (default: all).
     """
     index = check_positions(positions)
