@@ -2630,3 +2630,26 @@ def test_python_number_values_are_taken_at_python_precision(layout):
         expected = torch.tensor(numbers, dtype=torch.float64).expand_as(written)
         assert written.dtype == torch.float64
         assert torch.equal(written, expected), (name, (written - expected).abs().max().item())
+
+
+def test_a_slice_or_a_bool_mask_as_positions_is_refused_naming_the_indices_to_give():
+    """``positions=`` takes integer positions; a slice and a bool mask over positions are
+    refused when the intervention is built, and the message says what to give instead:
+    the slice's positions, ``list(range(n_pos))[s]``, or the mask's,
+    ``torch.nonzero(mask).flatten().tolist()`` (audit 183: both were refused as "must be
+    integers" without the conversion)."""
+    model = routed("kimi")
+    for positions, remedy in (
+        (slice(1, 3), "list(range(n_pos))[slice(1, 3, None)]"),
+        (slice(-2, None), "list(range(n_pos))[slice(-2, None, None)]"),
+        ([True, False, True], "torch.nonzero(mask).flatten().tolist()"),
+        (torch.tensor([False, True]), "torch.nonzero(mask).flatten().tolist()"),
+    ):
+        for build in (
+            lambda p: mask_sources(model, "embedding", layers=[2], positions=p),
+            lambda p: patch_committed(model, "embedding", "mean", positions=p),
+            lambda p: set_weights(model, "uniform", positions=p),
+        ):
+            with pytest.raises(ValueError, match="must be integers") as error:
+                build(positions)
+            assert remedy in str(error.value), str(error.value)

@@ -303,9 +303,23 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
     ):
         raise ValueError(
             f"positions {positions!r} must be integers in {bounds} (an int, a list or a "
-            f"tensor; list(...) a generator){alternative}"
+            f"tensor; list(...) a generator){_positions_hint(positions, index)}{alternative}"
         )
     return index.long()  # torch indexes with int32 / int64 only: int8 / int16 failed
+
+
+def _positions_hint(positions, index: Optional[Tensor]) -> str:
+    """What to give instead of a slice or a bool mask over positions (`_integer_positions`
+    refuses both): their positions as integers (audit 183: refused without the
+    conversion)."""
+    if isinstance(positions, slice):
+        return f"; for a slice, its positions: list(range(n_pos))[{positions!r}]"
+    if index is not None and index.dtype == torch.bool and index.ndim >= 1:
+        return (
+            "; for a bool mask over positions, the positions it marks: "
+            "torch.nonzero(mask).flatten().tolist()"
+        )
+    return ""
 
 
 def check_positions(positions) -> Optional[Tensor]:
