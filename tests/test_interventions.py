@@ -2653,3 +2653,22 @@ def test_a_slice_or_a_bool_mask_as_positions_is_refused_naming_the_indices_to_gi
             with pytest.raises(ValueError, match="must be integers") as error:
                 build(positions)
             assert remedy in str(error.value), str(error.value)
+
+
+def test_routing_interventions_in_layout_none_name_the_hooks_to_edit_instead():
+    """Layout ``none`` has no routers: every routing intervention refuses it when built,
+    saying so and naming what edits its one residual stream instead, its TransformerLens
+    hooks with ``run_with_hooks`` (audit 183: the message said why, not what to use)."""
+    model = tiny_model(attnres_layout="none")
+    for build in (
+        lambda: mask_sources(model, "embedding"),
+        lambda: set_weights(model, "uniform"),
+        lambda: patch_sources(model, "embedding"),
+        lambda: patch_committed(model, "embedding"),
+        lambda: select_sites(model),
+        lambda: commit_hook_name(model, "embedding"),
+    ):
+        with pytest.raises(ValueError, match="attnres_layout='none' and therefore no routers") as e:
+            build()
+        for name in ("hook_embed", "hook_resid_pre", "run_with_hooks"):
+            assert name in str(e.value), str(e.value)

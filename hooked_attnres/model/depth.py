@@ -103,7 +103,12 @@ SOURCE_AXIS: dict[str, Optional[int]] = {
     "weights": -1,
     "out": None,
 }
-NO_ROUTERS = "this model has attnres_layout='none' and therefore no routers"
+NO_ROUTERS = (
+    "this model has attnres_layout='none' and therefore no routers (no routing to edit or "
+    "read): its one residual stream is edited through its TransformerLens hooks, hook_embed "
+    "and blocks.{l}.hook_resid_pre / hook_attn_out / hook_mlp_out, with run_with_hooks "
+    "(transformer_lens.patching patches them)"
+)
 
 
 def source_axis(hook_name: str) -> Optional[int]:
