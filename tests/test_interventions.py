@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import eps_zero_config, hf_qwen3, nan_at_padding, randomize_routing, tiny_model
@@ -2634,25 +2635,50 @@ def test_python_number_values_are_taken_at_python_precision(layout):
 
 def test_a_slice_or_a_bool_mask_as_positions_is_refused_naming_the_indices_to_give():
     """``positions=`` takes integer positions; a slice and a bool mask over positions are
-    refused when the intervention is built, and the message says what to give instead:
-    the slice's positions, ``list(range(n_pos))[s]``, or the mask's,
-    ``torch.nonzero(mask).flatten().tolist()`` (audit 183: both were refused as "must be
-    integers" without the conversion)."""
+    refused when the intervention is built (and by `routing_mass`, which shares the rule),
+    and the message says what to give instead, a conversion that runs on what was given
+    and gives the positions it marks: the slice's, ``list(range(n_pos))[s]``, or the
+    mask's, ``torch.as_tensor(mask).nonzero().flatten().tolist()`` (audit 183: refused as
+    "must be integers" without the conversion; audit 186: the conversion given,
+    ``torch.nonzero(mask)``, raised TypeError on a list or a NumPy mask). A 2-d bool
+    mask marks positions per prompt: the 1-d conversion would interleave prompt and
+    position indices ([0, 0, 0, 2, 1, 1, ...] for a [2, 4] mask), so it is not offered
+    there; the message says every prompt takes the same positions."""
+    from hooked_attnres.analysis import routing_mass
+
     model = routed("kimi")
-    for positions, remedy in (
-        (slice(1, 3), "list(range(n_pos))[slice(1, 3, None)]"),
-        (slice(-2, None), "list(range(n_pos))[slice(-2, None, None)]"),
-        ([True, False, True], "torch.nonzero(mask).flatten().tolist()"),
-        (torch.tensor([False, True]), "torch.nonzero(mask).flatten().tolist()"),
-    ):
-        for build in (
-            lambda p: mask_sources(model, "embedding", layers=[2], positions=p),
-            lambda p: patch_committed(model, "embedding", "mean", positions=p),
-            lambda p: set_weights(model, "uniform", positions=p),
-        ):
+    n_pos = 4
+    tokens = torch.tensor([[1, 5, 2, 7], [3, 3, 9, 4]])
+    one_d = (
+        (slice(1, 3), [1, 2]),
+        (slice(-2, None), [2, 3]),
+        (slice(None, None, -2), [3, 1]),
+        ([True, False, True, False], [0, 2]),
+        (np.array([False, True, True, False]), [1, 2]),
+        (torch.tensor([False, True, False, True]), [1, 3]),
+    )
+    builders = (
+        lambda p: mask_sources(model, "embedding", layers=[1], positions=p),
+        lambda p: patch_committed(model, "embedding", "mean", positions=p),
+        lambda p: set_weights(model, "uniform", positions=p),
+        lambda p: routing_mass(model, tokens, positions=p),
+    )
+    for positions, marked in one_d:
+        for build in builders:
             with pytest.raises(ValueError, match="must be integers") as error:
                 build(positions)
-            assert remedy in str(error.value), str(error.value)
+            message = str(error.value)
+            advice = re.search(r"(list\(range\(n_pos\)\)\[[^]]*\]|torch\.as_tensor\(mask\)[^,]*)", message)
+            assert advice is not None, message
+            scope = {"torch": torch, "n_pos": n_pos, "mask": positions}
+            assert eval(advice.group(0), scope) == marked, message  # the advice runs
+    per_prompt = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    for build in builders:
+        with pytest.raises(ValueError, match="must be integers") as error:
+            build(per_prompt)
+        message = str(error.value)
+        assert "shape (2, 4) marks positions per prompt" in message, message
+        assert "every prompt" in message and "1-d [pos] mask" in message, message
 
 
 def test_routing_interventions_in_layout_none_name_the_hooks_to_edit_instead():

@@ -310,16 +310,26 @@ def _integer_positions(positions, bounds: str, alternative: str = "") -> Tensor:
 
 def _positions_hint(positions, index: Optional[Tensor]) -> str:
     """What to give instead of a slice or a bool mask over positions (`_integer_positions`
-    refuses both): their positions as integers (audit 183: refused without the
-    conversion)."""
+    refuses both): a conversion that runs on what was given (a list, a NumPy array or a
+    tensor) and gives the positions it marks (audit 183: refused without the conversion;
+    audit 186: ``torch.nonzero(mask)`` raised TypeError on a list or an array). A bool
+    mask of more than one axis marks positions per prompt, which no flat list of positions
+    is: the 1-d conversion would interleave prompt and position indices, so it is offered
+    for a ``[pos]`` mask only."""
     if isinstance(positions, slice):
-        return f"; for a slice, its positions: list(range(n_pos))[{positions!r}]"
-    if index is not None and index.dtype == torch.bool and index.ndim >= 1:
         return (
-            "; for a bool mask over positions, the positions it marks: "
-            "torch.nonzero(mask).flatten().tolist()"
+            f"; for a slice, its positions: list(range(n_pos))[{positions!r}], n_pos the "
+            "run's number of positions (tokens.shape[1])"
         )
-    return ""
+    if index is None or index.dtype != torch.bool or index.ndim == 0:
+        return ""
+    convert = "torch.as_tensor(mask).nonzero().flatten().tolist()"
+    if index.ndim == 1:
+        return f"; for a bool mask over positions, the positions it marks: {convert}"
+    return (
+        f"; a bool mask of shape {tuple(index.shape)} marks positions per prompt, but every "
+        f"prompt takes the same positions: a 1-d [pos] mask's positions are {convert}"
+    )
 
 
 def check_positions(positions) -> Optional[Tensor]:
