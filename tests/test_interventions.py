@@ -2698,3 +2698,20 @@ def test_routing_interventions_in_layout_none_name_the_hooks_to_edit_instead():
             build()
         for name in ("hook_embed", "hook_resid_pre", "run_with_hooks"):
             assert name in str(e.value), str(e.value)
+
+
+def test_set_weights_refuses_complex_weights():
+    """Routing weights are real: complex ones (a Python list holding ``0.5 + 0.5j``, or a
+    complex tensor) are refused when the intervention is built, ``TypeError`` naming the
+    dtype (audit 186: ``.float()`` dropped the imaginary part with a UserWarning only, so
+    ``[0.5 + 0.5j, 0.5, 0, ...]`` was applied as ``[0.5, 0.5, 0, ...]``), as a patching
+    value's complex tensor is."""
+    model = routed("kimi", dtype=torch.float64)
+    site = next(s for s in model.sites() if model.routing_layout.n_sources(s) >= 3)
+    n_sources = model.routing_layout.n_sources(site)
+    given = [0.5 + 0.5j, 0.5] + [0.0] * (n_sources - 2)
+    for weights in (given, torch.tensor(given), {site: given}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the UserWarning was all there was
+            with pytest.raises(TypeError, match=rf"weights for {re.escape(str(site))} must be real"):
+                set_weights(model, weights, routers=[site])

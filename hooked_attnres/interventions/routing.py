@@ -680,6 +680,8 @@ def _weights_for(
         real = padding_of(recorded_run(weights, "the cache given to set_weights").attention_mask)
         weights = weights[name]
     weights = check_source_tensor(weights, f"weights for {site}", "weights")
+    if weights.is_complex():  # .float() dropped the imaginary part, a UserWarning only
+        raise TypeError(f"weights for {site} must be real, got dtype {weights.dtype}")
     if not weights.is_floating_point():
         weights = weights.float()  # a float64 model's float64 weights stay float64
     if weights.shape[-1] != n_sources:
@@ -740,6 +742,7 @@ def set_weights(
             (it would be ignored), two entries for one router or a key that is not a
             router; weights of another shape or number of sources, negative or not
             summing to 1.
+        TypeError: complex weights (their imaginary part was dropped, audit 186).
     """
     index = check_positions(positions)
     hooks: Hooks = []
