@@ -218,29 +218,47 @@ class HandEdit(Edit):
 
 
 class Composed(Edit):
+    """Several edits of one pass: each hook of `Edit` passes its value (the last argument)
+    through the edits in order. Every public method of `Edit` is chained (defined below
+    from `Edit` itself), so none, ``state`` included (audit 186), nor one added to `Edit`
+    later, is silently the unedited pass."""
+
     def __init__(self, edits):
         self.edits = edits
 
-    def _chain(self, method, *args):
+
+def _chained(method):
+    def chain(self, *args):
         value = args[-1]
         for edit in self.edits:
             value = getattr(edit, method)(*args[:-1], value)
         return value
 
-    def embed(self, embedding):
-        return self._chain("embed", embedding)
+    chain.__name__ = method
+    return chain
 
-    def commit(self, label, block):
-        return self._chain("commit", label, block)
 
-    def sources(self, prefix, sources):
-        return self._chain("sources", prefix, sources)
+for _method in [name for name, f in vars(Edit).items() if callable(f) and name[0] != "_"]:
+    setattr(Composed, _method, _chained(_method))
 
-    def logits(self, prefix, logits):
-        return self._chain("logits", prefix, logits)
 
-    def weights(self, prefix, weights):
-        return self._chain("weights", prefix, weights)
+def test_composed_chains_every_edit_method():
+    """`Composed` passes each hook of `Edit` (every public method, so one added to `Edit`
+    later too) through its edits in order (audit 186: it did not define ``state``, so a
+    composed edit of the depth state was silently the unedited pass)."""
+    methods = [name for name, f in vars(Edit).items() if callable(f) and name[0] != "_"]
+    assert "state" in methods and "weights" in methods
+
+    class Tag(Edit):
+        def __init__(self, tag):
+            self.tag = tag
+
+    for name in methods:
+        setattr(Tag, name, lambda self, *args: args[-1] + [self.tag])
+    composed = Composed([Tag("a"), Tag("b")])
+    for name in methods:
+        n_args = getattr(Edit, name).__code__.co_argcount - 1  # the edited value last
+        assert getattr(composed, name)(*[None] * (n_args - 1), []) == ["a", "b"], name
 
 
 def _intervention(rng, model, clean, clean_cache, mask, n_pos):
