@@ -2633,6 +2633,34 @@ def test_python_number_values_are_taken_at_python_precision(layout):
         assert torch.equal(written, expected), (name, (written - expected).abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_python_number_values_write_the_bits_of_before_below_float64(dtype):
+    """Below float64 the float64 reading of Python numbers (audit 183) writes the bits the
+    float32 reading wrote: torch casts float64 to bfloat16 / float16 through float32 (so
+    ``1 + 2**-8 + 2**-30``, a bfloat16 tie once in float32, is written as 1.0 both ways,
+    not as the correctly rounded 1.0078125), and float64 to float32 rounds once. No stored
+    or tested number of a float32 / bfloat16 / float16 model moves (audit 186)."""
+    model = routed("kimi", dtype=dtype)
+    tokens = torch.tensor([[1, 5, 2, 7], [3, 3, 9, 4]])
+    layout = model.routing_layout
+    site = next(s for s in model.sites() if layout.n_sources(s) >= 3)
+    n_sources, d_model = layout.n_sources(site), model.cfg.d_model
+    ties = [1 + 2**-8 + 2**-30, 1 + 2**-11 + 2**-40]  # bfloat16 / float16 ties in float32
+    vector = [ties[i % 2] if i < 4 else 0.1 * (i + 1) / 3 for i in range(d_model)]
+    weights = [0.1, 0.2] + [0.7 / (n_sources - 2)] * (n_sources - 2)
+    cases = [
+        (patch_sources(model, 0, vector, routers=[site]), site.hook("sources"), vector, 0),
+        (patch_committed(model, "embedding", vector), "hook_embed", vector, None),
+        (set_weights(model, weights, routers=[site]), site.hook("weights"), weights, None),
+    ]
+    for hooks, name, numbers, source in cases:
+        with model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(tokens, names_filter=name)
+        written = cache[name] if source is None else cache[name][:, :, source]
+        before = torch.tensor(numbers, dtype=torch.float32).to(written.dtype)
+        assert torch.equal(written, before.expand_as(written)), name
+
+
 def test_a_slice_or_a_bool_mask_as_positions_is_refused_naming_the_indices_to_give():
     """``positions=`` takes integer positions; a slice and a bool mask over positions are
     refused when the intervention is built (and by `routing_mass`, which shares the rule),

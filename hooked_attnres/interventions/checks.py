@@ -214,7 +214,8 @@ def as_number_tensor(value: Any) -> Tensor:
     ``torch.as_tensor`` alone they became float32 (torch's default dtype): in a float64
     model ``patch_committed(model, label, 0.1)`` wrote 0.100000001490116, and a
     ``[d_model]`` list of floats was up to 6e-8 off what it says (audit 183). The hook
-    casts the tensor to the activation's dtype when it runs."""
+    casts the tensor to the activation's dtype when it runs: below float64 the bits of the
+    float32 reading (torch casts float64 to bfloat16 / float16 through float32)."""
     if isinstance(value, Tensor):
         return value
     tensor = torch.as_tensor(value)
