@@ -132,6 +132,24 @@ def test_zero_queries_give_analytic_weights(bias, tokens):
         assert torch.allclose(weights, expected.expand_as(weights), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_recency_bias_starts_at_the_configured_number_in_the_model_dtype(dtype):
+    """Review 186: a native float64 model's routers started at the float32 of the config's
+    bias (0.1 read 0.100000001490116), as the weights were filled before the model was
+    converted; each now holds the configured number as its dtype holds it, and the seeded
+    matrices are the float32 draws they were (the same in every dtype's precision)."""
+    model = tiny_model(attnres_layout="kimi", attnres_recency_bias=0.1, dtype=dtype)
+    expected = torch.tensor(0.1, dtype=torch.float64).to(dtype)
+    biases = [model.router(layer, router).recency_bias for layer, router in model.routers()]
+    assert biases and all(torch.equal(bias.detach(), expected) for bias in biases)
+    reference = tiny_model(attnres_layout="kimi", attnres_recency_bias=0.1)  # float32
+    for (name, param), (_, ref) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        if not name.endswith("recency_bias"):
+            assert torch.equal(param.detach(), ref.detach().to(dtype)), name
+
+
 def test_uniform_routing_at_init_in_kimi_layout(tokens):
     model = tiny_model(attnres_layout="kimi", attnres_recency_bias=None)
     _, cache = model.run_with_cache(tokens)

@@ -220,8 +220,11 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             if cfg.tie_word_embeddings
             else Unembed(cfg.d_model, cfg.d_vocab)
         )
-        self.init_weights()
         self.to(device=cfg.device, dtype=cfg.dtype)
+        # after the conversion: a recency bias of 0.1 in a float64 model is 0.1, not the
+        # float32 0.100000001490116 it was when filled before (review 186); the random
+        # matrices are drawn in float32 either way, so seeded weights are unchanged
+        self.init_weights()
         self._create_optional_hooks()  # cfg.use_attn_result etc. (TransformerLens flags)
         self.setup()
         self.set_tokenizer(tokenizer)
@@ -241,7 +244,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
         ``attnres_recency_bias``.
 
         With ``cfg.seed`` set, a private generator makes the weights a function of the
-        seed alone (the global RNG is left untouched).
+        seed alone (the global RNG is left untouched). The matrices are drawn in float32
+        whatever ``cfg.dtype``; the gains and biases are filled in the model's dtype (a
+        recency bias of 0.1 is 0.1 in a float64 model).
         """
         cfg = self.cfg
         if self.embed.W_E.is_meta:  # an empty shell that a loader will fill
