@@ -810,6 +810,58 @@ def test_a_run_stopped_in_its_final_writes_is_refused_until_finished(tmp_path, m
     assert runs.calls == []
 
 
+def test_an_unfinished_training_run_is_refused_not_left_out_of_the_study(tmp_path, monkeypatch):
+    """Audit 178: ``hooked-attnres train --seeds 0 1`` killed during seed 1's training
+    leaves ``{condition}_seed1/`` with its checkpoint and no ``model/``; the study's
+    default selection (every seed found, every condition found) skipped that folder
+    without a word, so the study of the two seeds asked for was silently a study of one
+    ("present in 1 of 1 seeds"), and a condition whose every run was unfinished was left
+    out of the report. Refused now before any model is studied, naming the folder, its
+    step and how to finish it or leave it out; with the seeds (and conditions) named so
+    that it is left out, the study runs."""
+    import shutil
+
+    condition = "hard_kimi_L8"
+    root = tmp_path / "runs"
+    tiny_study_runs(root, condition, (0,))
+    checkpoint = run_dir(root, condition, 1) / "checkpoint"  # seed 1: unfinished
+    checkpoint.mkdir(parents=True)
+    state = {"step": 3, "train_config": {"steps": 8}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    message = (
+        r"hard_kimi_L8_seed1 holds an unfinished training run \(step 3 of 8, no model/\): "
+        r"the study would leave it out; finish it \(hooked-attnres train --condition "
+        r"hard_kimi_L8 --seeds 1 --out .*runs: it resumes .*--seeds"
+    )
+    for conditions, seeds in ((None, None), ([condition], None), (None, [1]), (None, [0, 1])):
+        with pytest.raises(ValueError, match=message):
+            find_runs(root, conditions, seeds)
+    runs = _CountedRuns(monkeypatch)
+    runs.arm()
+    with pytest.raises(ValueError, match=message):
+        run_study(tmp_path / "out", checkpoints=root, **_QUICK_STUDY)
+    assert runs.calls == []
+    # a condition whose only run is unfinished (it was left out of the report)
+    shutil.copytree(checkpoint, run_dir(root, "hard_cumulative_L8", 0) / "checkpoint")
+    with pytest.raises(ValueError, match=r"hard_cumulative_L8_seed0 holds an unfinished .*1 more"):
+        find_runs(root, None, [0, 1])
+    with pytest.raises(ValueError, match=r"hard_cumulative_L8_seed0 holds an unfinished"):
+        find_runs(root, None, [0])
+    # left out by name: the finished run alone
+    assert find_runs(root, [condition], [0]) == [(condition, 0)]
+    # a run folder killed before its first checkpoint (nothing in it yet) is unfinished too
+    shutil.rmtree(run_dir(root, "hard_cumulative_L8", 0))
+    shutil.rmtree(run_dir(root, condition, 1) / "checkpoint")
+    with pytest.raises(
+        ValueError,
+        match=r"hard_kimi_L8_seed1 holds an unfinished training run "
+        r"\(no checkpoint yet, no model/\)",
+    ):
+        find_runs(root, None, None)
+    shutil.rmtree(run_dir(root, condition, 1))
+    assert find_runs(root, None, None) == [(condition, 0)]
+
+
 def test_a_custom_legacy_run_stopped_in_its_final_writes_is_told_its_own_options(tmp_path):
     """Review 155: audit 150's refusal of a run stopped in its final writes named the train
     command without the options an ``attnres`` / ``vanilla`` run (the recipes that take

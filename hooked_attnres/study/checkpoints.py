@@ -8,6 +8,7 @@ shipped checkpoints use the same convention under ``hooked_attnres/data/study``
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,4 +89,37 @@ def available(checkpoints: Optional[PathLike] = None) -> dict[str, list[int]]:
         )
         if seeds:
             out[condition] = seeds
+    return out
+
+
+def unfinished_runs(
+    checkpoints: PathLike, conditions: Sequence[str], seeds: Optional[Sequence[int]] = None
+) -> list[tuple[str, int, str]]:
+    """``(condition, seed, progress)`` of every run folder ``{condition}_seed{n}`` under
+    ``checkpoints`` (of ``conditions``; of ``seeds``, default any) that holds no
+    ``model/config.json``: a training run started and not finished (killed, interrupted
+    or failed before its model was written), which `available` does not list. ``progress``
+    says how far it got (``"step 3 of 8"``, or ``"no checkpoint yet"``) for a message."""
+    root = Path(checkpoints)
+    out = []
+    for condition in conditions:
+        for path in sorted(root.glob(f"{condition}_seed*")):
+            seed_text = path.name.rsplit("_seed", 1)[1]
+            if not re.fullmatch(SEED_DIGITS, seed_text) or not path.is_dir():
+                continue
+            seed = int(seed_text)
+            if (seeds is not None and seed not in seeds) or (
+                path / "model" / "config.json"
+            ).exists():
+                continue
+            progress = "no checkpoint yet"
+            try:
+                state = json.loads(
+                    (path / "checkpoint" / "trainer_state.json").read_text(encoding="utf-8")
+                )
+                progress = f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
+            except (OSError, ValueError, KeyError, TypeError):
+                if (path / "checkpoint").exists():
+                    progress = "a checkpoint"
+            out.append((condition, seed, progress))
     return out

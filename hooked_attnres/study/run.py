@@ -93,6 +93,7 @@ from hooked_attnres.study.checkpoints import (
     checkpoint_dir,
     metrics_path,
     run_dir,
+    unfinished_runs,
 )
 from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
@@ -876,7 +877,10 @@ def find_runs(
     condition with a checkpoint, in `CONDITIONS` order), each with the seeds asked for
     (default: every seed found for it). One condition may be given as its name; seeds
     must be a list (``seeds=3`` could mean seed 3 or three seeds: refused), each at most
-    `MAX_SEED` (a run found of a larger seed is refused too: its study failed after the work)."""
+    `MAX_SEED` (a run found of a larger seed is refused too: its study failed after the work).
+    A run folder under ``checkpoints`` of the conditions and seeds asked for (by default,
+    of any) whose training was not finished (no ``model/``: `unfinished_runs`) is refused
+    (``ValueError``): the selection by what is found left it out silently (audit 178)."""
     if isinstance(conditions, str):  # one name: it was read as its letters ("repeats 'u'")
         conditions = [conditions]
     if conditions is not None and not isinstance(conditions, Iterable):
@@ -909,6 +913,8 @@ def find_runs(
             "{condition}_seed{n}/model runs (what `hooked-attnres train --out DIR` writes)"
         )
     found = available(checkpoints)
+    if checkpoints is not None:
+        _refuse_unfinished(checkpoints, conditions, seeds)
     names = list(conditions) if conditions is not None else list(found)
     holds = f"{checkpoints} holds" if checkpoints is not None else "the shipped checkpoints hold"
     if not names:
@@ -933,6 +939,33 @@ def find_runs(
                 "(seeds=[...], --seeds)"
             )
     return runs
+
+
+def _refuse_unfinished(
+    checkpoints: Union[str, Path], conditions: Optional[Sequence[str]], seeds
+) -> None:
+    """Refuse a training run started and not finished among the runs asked for (every
+    condition and seed by default; `unfinished_runs`): the selection by what is found
+    skipped it without a word, so a study of the seeds trained was silently one of fewer
+    (audit 178), and a condition whose every run was unfinished was left out."""
+    asked = CONDITIONS if conditions is None else conditions
+    unfinished = unfinished_runs(checkpoints, asked, seeds)
+    if not unfinished:
+        return
+    condition, seed, progress = unfinished[0]
+    others = f" (and {len(unfinished) - 1} more)" if len(unfinished) > 1 else ""
+    options = (
+        ", with the --steps / --set / --task-arg options it was started with, if any"
+        if get_condition(condition).legacy
+        else ""
+    )
+    raise ValueError(
+        f"{run_dir(checkpoints, condition, seed)} holds an unfinished training run "
+        f"({progress}, no model/){others}: the study would leave it out; finish it "
+        f"(hooked-attnres train --condition {condition} --seeds {seed} --out {checkpoints}"
+        f"{options}: it resumes from its checkpoint), or name the conditions and seeds to "
+        "study without it (--conditions / --seeds; conditions=, seeds=)"
+    )
 
 
 def check_out_dir(out_dir: Union[str, Path], name: str = "out_dir") -> None:
