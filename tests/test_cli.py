@@ -573,6 +573,25 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
     assert f"last checkpoint is kept in {kept}: run {again} again to resume" in err, err
 
 
+def test_ctrl_c_while_the_arguments_are_read_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Audit 178: argparse reads a condition name through `_condition_name`, which loads
+    the condition table and with it torch (seconds), before `main`'s handler of Ctrl-C:
+    ``hooked-attnres train`` interrupted in its first seconds (1 of 10 SIGINTs at random
+    moments) ended in a ``KeyboardInterrupt`` traceback, not the command's one line and
+    exit code 130."""
+
+    def interrupted(text: str) -> str:
+        raise KeyboardInterrupt  # Ctrl-C while torch loads
+
+    monkeypatch.setattr(cli, "_condition_name", interrupted)
+    try:
+        code = cli.main(["train", "--condition", "attnres", "--no-progress"])
+    except KeyboardInterrupt:
+        code = "a KeyboardInterrupt out of main (a traceback)"
+    assert code == 130
+    assert capsys.readouterr().err == "hooked-attnres: interrupted\n"
+
+
 def test_a_train_stopped_by_a_full_disk_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """Audit 150: an error of the machine during a run (a full disk at a checkpoint, out of
     memory) printed only the error, though the last checkpoint was kept and the same
