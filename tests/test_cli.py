@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -609,6 +610,58 @@ def test_a_train_stopped_by_a_full_disk_says_how_to_resume(tmp_path, monkeypatch
     kept = tmp_path / "attnres_seed0" / "checkpoint"
     assert "No space left on device" in err, err
     assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in err
+
+
+@pytest.mark.parametrize("fails", ["model.safetensors", "optimizer.pt"])
+def test_a_checkpoint_write_failing_for_lack_of_space_says_so_and_how_to_resume(tmp_path, fails):
+    """Audit 178: ``train`` into a full disk (a tmpfs of 12, 22 and 30 MB) failed with
+    ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 7639104 vs
+    7638996`` (torch.save of optimizer.pt) and, for the weights, safetensors'
+    ``SafetensorError ... No space left on device (os error 28)``: neither an `OSError`,
+    so the command named no cause (torch) and did not say that the last checkpoint is kept
+    and the same command resumes. Both are raised as the `OSError` they are now. Here a
+    file size limit (``RLIMIT_FSIZE``: the write fails with EFBIG, as a full disk fails with
+    ENOSPC) is set before the second checkpoint, so the first is kept; in a forked child."""
+    import resource
+    import signal
+
+    from crash_helpers import fork_and_wait
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    err = tmp_path / "stderr.txt"
+    argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
+    argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
+
+    def run() -> None:
+        saves = []
+        original = trainer._Checkpoint.save
+
+        def save(self, *args, **kwargs):
+            saves.append(1)
+            if len(saves) == 2:  # the disk is full from the second checkpoint on
+                weights = self.directory / "model" / "model.safetensors"
+                size = weights.stat().st_size
+                limit = size - 1 if fails == "model.safetensors" else size + 4096
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not the signal
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            return original(self, *args, **kwargs)
+
+        trainer._Checkpoint.save = save
+        sys.stderr = open(err, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
+        code = cli.main(argv)
+        sys.stderr.flush()
+        os._exit(10 + code)
+
+    status = fork_and_wait(run)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 11, status  # main returned 1
+    text = err.read_text()
+    kept = out / "attnres_seed0" / "checkpoint"
+    assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in text
+    assert "hooked-attnres: error: [Errno 27] File too large" in text, text
+    assert "(OSError; --debug shows the traceback)" in text, text
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 2
 
 
 def test_info_on_a_big_folder_names_a_few_of_its_files(tmp_path, capsys):

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import threading
@@ -333,10 +334,63 @@ def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens).logits
 
 
+@contextmanager
+def _write_errors_as_os_errors() -> Iterator[list[OSError]]:
+    """Raise a failed write inside the block (a full disk: ENOSPC) as the `OSError` it is:
+    safetensors raises ``SafetensorError: ... I/O error: No space left on device (os error
+    28)`` and torch.save, given a file object that records its write errors (`_torch_save`
+    appends them to the list yielded), ``RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...``, naming no cause. The command line
+    names the checkpoint kept and how to resume after an `OSError` only (audit 178)."""
+    failed: list[OSError] = []
+    try:
+        yield failed
+    except OSError:
+        raise
+    except Exception as error:
+        if failed:
+            raise failed[0] from error
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if type(error).__name__ == "SafetensorError" and code is not None:
+            number = int(code[1])
+            raise OSError(number, os.strerror(number)) from error
+        raise
+
+
+class _RecordedWrites:
+    """A binary file for torch.save whose failed writes are appended to ``failed``
+    (torch reports them as a bare "unexpected pos": `_write_errors_as_os_errors`)."""
+
+    def __init__(self, handle, failed: list[OSError]):
+        self.handle, self.failed = handle, failed
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.failed.append(error)
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(value, path: Path) -> None:
+    """``torch.save(value, path)``; a failed write raised as its `OSError`."""
+    with _write_errors_as_os_errors() as failed, open(path, "wb") as handle:
+        torch.save(value, _RecordedWrites(handle, failed))
+
+
 def save_model(model, directory: Path, tokenizer=None) -> None:
     """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
     into an existing directory, with ``tokenizer`` (a HookedAttnRes: its attached one, or
-    ``tokenizer`` when none is attached)."""
+    ``tokenizer`` when none is attached). A failed write (a full disk) is raised as its
+    `OSError` (`_write_errors_as_os_errors`)."""
+    with _write_errors_as_os_errors():
+        _save_model(model, directory, tokenizer)
+
+
+def _save_model(model, directory: Path, tokenizer=None) -> None:
     if isinstance(model, HookedAttnRes):
         from hooked_attnres.loading.own_format import write_checkpoint_files
 
@@ -482,7 +536,7 @@ class _Checkpoint:
         with atomic_directory(self.directory, overwrite=self.overwrite) as tmp:
             (tmp / "model").mkdir()
             save_model(model, tmp / "model", tokenizer)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(
                 json.dumps(state, indent=2) + "\n", encoding="utf-8"
             )
