@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import IO, Any, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -378,7 +378,8 @@ class _RecordedWrites:
 def _torch_save(value, path: Path) -> None:
     """``torch.save(value, path)``; a failed write raised as its `OSError`."""
     with _write_errors_as_os_errors() as failed, open(path, "wb") as handle:
-        torch.save(value, _RecordedWrites(handle, failed))
+        # torch.save calls write (and flush) only
+        torch.save(value, cast(IO[bytes], _RecordedWrites(handle, failed)))
 
 
 def save_model(model, directory: Path, tokenizer=None) -> None:
