@@ -369,18 +369,19 @@ def _unfinished_run_note(model_dir: Path) -> str:
     ``resume=False`` and stopped): ``model`` and ``metrics.json`` are then an earlier
     finished run's, which only a finished run replaces; ``""`` otherwise (also when the
     checkpoint cannot be read: the note is advice, the description stands)."""
+    from hooked_attnres.training.trainer import saved_progress
+
     if model_dir.name != "model":
         return ""
-    state_file = model_dir.parent / "checkpoint" / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        step, steps = int(state["step"]), int(state["train_config"]["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    progress = saved_progress(model_dir.parent)
+    if progress is None:
         return ""
-    if step >= steps or state.get("stopped_early"):
+    step, steps, stopped_early = progress
+    if step >= steps or stopped_early:
         return ""
     return (
-        f"\nnote: {state_file.parent} holds an unfinished run (step {step} of {steps}): "
+        f"\nnote: {model_dir.parent / 'checkpoint'} holds an unfinished run (step {step} of "
+        f"{steps}): "
         f"this model and {model_dir.parent / 'metrics.json'} are an earlier finished run's, "
         "not that run's; resume it to replace them (the train command without --no-resume)"
     )

@@ -862,6 +862,23 @@ def test_an_unfinished_training_run_is_refused_not_left_out_of_the_study(tmp_pat
     assert find_runs(root, None, None) == [(condition, 0)]
 
 
+def test_an_unfinished_legacy_run_is_told_its_own_options_and_an_unreadable_state(tmp_path):
+    """Review 187: the train command that finishes an unfinished run is the one
+    `_check_trained_task` names (`finish_command`): for the original two recipes with the
+    options the run was started with (a resume without them is refused as another run);
+    a checkpoint whose ``trainer_state.json`` cannot be read is still an unfinished run."""
+    checkpoint = run_dir(tmp_path, "attnres", 2) / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{not json")
+    with pytest.raises(
+        ValueError,
+        match=r"attnres_seed2 holds an unfinished training run \(a checkpoint, no model/\): "
+        r".*--seeds 2 --out .*, with the --steps / --set / --task-arg options it was started "
+        r"with, if any: it resumes from its checkpoint\)",
+    ):
+        find_runs(tmp_path, None, None)
+
+
 def test_a_custom_legacy_run_stopped_in_its_final_writes_is_told_its_own_options(tmp_path):
     """Review 155: audit 150's refusal of a run stopped in its final writes named the train
     command without the options an ``attnres`` / ``vanilla`` run (the recipes that take

@@ -8,7 +8,6 @@ shipped checkpoints use the same convention under ``hooked_attnres/data/study``
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Optional, Union
 
 from hooked_attnres._validation import as_items, require_integer
 from hooked_attnres.study.conditions import CONDITIONS, get_condition
+from hooked_attnres.training.trainer import saved_progress
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
 PathLike = Union[str, Path]
@@ -112,14 +112,28 @@ def unfinished_runs(
                 path / "model" / "config.json"
             ).exists():
                 continue
-            progress = "no checkpoint yet"
-            try:
-                state = json.loads(
-                    (path / "checkpoint" / "trainer_state.json").read_text(encoding="utf-8")
-                )
-                progress = f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
-            except (OSError, ValueError, KeyError, TypeError):
-                if (path / "checkpoint").exists():
-                    progress = "a checkpoint"
+            saved = saved_progress(path)
+            if saved is not None:
+                progress = f"step {saved[0]} of {saved[1]}"
+            else:
+                progress = "a checkpoint" if (path / "checkpoint").exists() else "no checkpoint yet"
             out.append((condition, seed, progress))
     return out
+
+
+def finish_command(condition: str, seed: int, root: PathLike) -> str:
+    """How to finish the training run of ``condition`` and ``seed`` under ``root`` (stopped
+    before its model and ``metrics.json`` were both written): the ``train`` command that
+    resumes it from its checkpoint, for a message. The original two recipes (``legacy``)
+    also train with other settings, which a resume needs again: without them it is refused
+    as another run, whose remedy (--no-resume or another --out) would discard this one
+    (review 155)."""
+    options = (
+        ", with the --steps / --set / --task-arg options it was started with, if any"
+        if get_condition(condition).legacy
+        else ""
+    )
+    return (
+        f"hooked-attnres train --condition {condition} --seeds {seed} --out {root}{options}: "
+        "it resumes from its checkpoint"
+    )

@@ -91,6 +91,7 @@ from hooked_attnres.study.checkpoints import (
     SEED_DIGITS,
     available,
     checkpoint_dir,
+    finish_command,
     metrics_path,
     run_dir,
     unfinished_runs,
@@ -215,21 +216,12 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
     if not path.exists():
         state = path.parent / "checkpoint" / "trainer_state.json"
         if state.is_file():  # a training run's folder: its last two writes never both ended
-            # the original two recipes also train with other settings, which a resume
-            # needs again (without them it is refused as another run, whose remedy,
-            # --no-resume or another --out, would discard this one; review 155)
-            options = (
-                ", with the --steps / --set / --task-arg options it was started with, if any"
-                if recipe.legacy
-                else ""
-            )
             raise ValueError(
                 f"{path.parent} has a training checkpoint but no metrics.json: the run was "
                 "stopped in its final writes (the model and metrics.json; a run started "
                 "over removes the earlier metrics.json first), so its model/ may be an "
                 "earlier run's, and which task it was trained on cannot be checked; finish "
-                f"the run (hooked-attnres train --condition {recipe.name} --seeds {seed} "
-                f"--out {path.parent.parent}{options}: it resumes from its checkpoint) and "
+                f"the run ({finish_command(recipe.name, seed, path.parent.parent)}) and "
                 "study it then"
             )
         return
@@ -954,17 +946,11 @@ def _refuse_unfinished(
         return
     condition, seed, progress = unfinished[0]
     others = f" (and {len(unfinished) - 1} more)" if len(unfinished) > 1 else ""
-    options = (
-        ", with the --steps / --set / --task-arg options it was started with, if any"
-        if get_condition(condition).legacy
-        else ""
-    )
     raise ValueError(
         f"{run_dir(checkpoints, condition, seed)} holds an unfinished training run "
         f"({progress}, no model/){others}: the study would leave it out; finish it "
-        f"(hooked-attnres train --condition {condition} --seeds {seed} --out {checkpoints}"
-        f"{options}: it resumes from its checkpoint), or name the conditions and seeds to "
-        "study without it (--conditions / --seeds; conditions=, seeds=)"
+        f"({finish_command(condition, seed, checkpoints)}), or name the conditions and "
+        "seeds to study without it (--conditions / --seeds; conditions=, seeds=)"
     )
 
 

@@ -256,6 +256,24 @@ def _check_output(directory: Path) -> bool:
     return legacy
 
 
+def saved_progress(out_dir: Union[str, Path]) -> Optional[tuple[int, int, bool]]:
+    """``(step, steps, stopped_early)`` of the checkpoint in ``out_dir/checkpoint`` (a
+    run's folder: the step it reached, of the steps its config asks for, and whether
+    ``stop_accuracy`` ended it early), read from its ``trainer_state.json``; ``None`` when
+    there is none or it cannot be read. For messages about a run (how far it got), not
+    for resuming (`_Checkpoint.load` checks the files first)."""
+    state_file = Path(out_dir) / "checkpoint" / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        return (
+            int(state["step"]),
+            int(state["train_config"]["steps"]),
+            bool(state.get("stopped_early", False)),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def check_run_folder(out_dir: Path) -> None:
     """Refuse, before any work, an ``out_dir`` that is not new, empty or a training run's
     folder: the run writes ``model/``, ``checkpoint/`` and ``metrics.json`` into it and
