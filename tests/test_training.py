@@ -1891,3 +1891,30 @@ def test_evaluate_is_batch_accuracy_whatever_the_chunk_with_tie_shares():
     assert batch.accuracy(torch.zeros(n, 2, 3)) == share
     for chunk in (1, 2, 3, 256):
         assert evaluate(EveryTokenTies(), {"t": batch}, chunk=chunk) == {"t": share}, chunk
+
+def test_an_optimizer_pt_written_by_torch_save_to_a_path_still_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    """Review 187: since audit 178 `_torch_save` gives torch.save a file object, so the
+    zip entries of ``optimizer.pt`` are named ``archive/...``; a checkpoint of an earlier
+    version (torch.save to the path: ``optimizer/...``) must still resume to the
+    uninterrupted run, bitwise."""
+    import zipfile
+
+    from hooked_attnres.training import trainer
+
+    tok = task_tokenizer(TASK)
+    whole = build_model("attnres", 0, tok, SHAPE, **blocks_of("attnres"))
+    train(whole, TASK, config(), tmp_path / "whole", tokenizer=tok, progress=False)
+    monkeypatch.setattr(trainer, "_torch_save", lambda value, path: torch.save(value, path))
+    parts = build_model("attnres", 0, tok, SHAPE, **blocks_of("attnres"))
+    train(parts, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False, stop_after=7)
+    saved = zipfile.ZipFile(tmp_path / "parts" / "checkpoint" / "optimizer.pt").namelist()
+    assert saved[0].startswith("optimizer/"), saved  # as the earlier version wrote it
+    monkeypatch.undo()
+    fresh = build_model("attnres", 0, tok, SHAPE, **blocks_of("attnres"))
+    second = train(fresh, TASK, config(), tmp_path / "parts", tokenizer=tok, progress=False)
+    assert second.steps == 12
+    assert_same_weights(weights(whole), weights(fresh))
+    rewritten = zipfile.ZipFile(tmp_path / "parts" / "checkpoint" / "optimizer.pt").namelist()
+    assert rewritten[0].startswith("archive/"), rewritten  # the checkpoint the resume wrote
