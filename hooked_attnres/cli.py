@@ -737,12 +737,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:
             _stdout_to_devnull()
         raise
-
-    try:
+    except KeyboardInterrupt:
         # a condition name loads the condition table, and torch, while it is read: Ctrl-C
         # then ended in a KeyboardInterrupt traceback (audit 178)
-        args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     try:

@@ -1892,6 +1892,7 @@ def test_evaluate_is_batch_accuracy_whatever_the_chunk_with_tie_shares():
     for chunk in (1, 2, 3, 256):
         assert evaluate(EveryTokenTies(), {"t": batch}, chunk=chunk) == {"t": share}, chunk
 
+
 def test_an_optimizer_pt_written_by_torch_save_to_a_path_still_resumes_exactly(
     tmp_path, monkeypatch
 ):
