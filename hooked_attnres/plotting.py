@@ -28,6 +28,7 @@ from hooked_attnres._validation import (
     require_bool,
     require_columns,
     require_keys,
+    require_labelled,
     require_one_row,
     require_same_kind,
     require_selection,
@@ -345,7 +346,9 @@ def _family_mass(mass: pd.DataFrame, router: str, families: Sequence[str]) -> pd
             f"{counts.loc[(layer, family), 'max']}): they are not one model's routing_mass rows"
         )
     read = family_read(mass, "the routing heatmap").groupby([mass.layer, mass.family]).any()
-    table = cells.mass.mean().where(read)  # NaN: the family is absent there
+    # NaN: the family is absent there; in float (a nullable Float64 mass, a CSV read with
+    # pandas' nullable dtypes, left <NA> there, on which np.nanmax failed: audit 191)
+    table = cells.mass.mean().astype(float).where(read)
     return table.unstack("family").reindex(columns=list(families))
 
 
@@ -685,9 +688,15 @@ def patching_heatmap(
     return _finish(fig, title, 160 + 34 * len(row_labels), categories="xy")
 
 
-def _require_family_read(mass_summary: pd.DataFrame) -> None:
-    """Refuse a mass summary without ``family_read`` (`require_family_read_column`)."""
+def _require_mass_summary(mass_summary: pd.DataFrame) -> None:
+    """Refuse a mass summary without `MASS_COLUMNS`, an empty one, one without
+    ``family_read`` (`require_family_read_column`), or one with a missing (NaN, ``None``,
+    ``<NA>``) ``router``, ``family`` or ``band`` label (`require_labelled`, as of the
+    effects, `_require_effects`): its rows matched no effect, and the effects were refused
+    as lacking a mass row (audit 191)."""
+    _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
     require_family_read_column(mass_summary, "the mass-effect figures")
+    require_labelled(mass_summary, ("router", "family", "band"), "mass_summary")
 
 
 def _blank_unread(
@@ -708,8 +717,14 @@ def _blank_unread(
 def _require_effects(effects: pd.DataFrame) -> None:
     """Refuse an effects table without `EFFECT_COLUMNS` or without ``n_masked_routers``
     (`require_masked_column`, the study report's check): without it `_blank_unmasked`
-    cannot tell an ablation that masked nothing from a measured 0."""
+    cannot tell an ablation that masked nothing from a measured 0; and one with a missing
+    (NaN, ``None`` or ``<NA>``) ``router``, ``group``, ``family`` or ``metric`` label, by
+    the shared refusal of NaN labels (`require_labelled`): a row without one matches no
+    panel, bar or metric (``==`` never holds), and a ``<NA>`` family of a nullable column
+    failed with pandas' bare "boolean value of NA is ambiguous" (audit 191). Not of their
+    kinds: ``family`` and ``group`` may mix names and source indices (`require_keys`)."""
     _require_table(effects, EFFECT_COLUMNS, "effects")
+    require_labelled(effects, ("router", "group", "family", "metric"), "effects")
     require_masked_column(effects, "the effect figures")
 
 
@@ -769,8 +784,7 @@ def _merged(
     estimates (`estimate_method`, refused for ``what``, the figure, if of several kinds).
     An effect without a mass row is refused (audit 117: the merge left it out)."""
     _require_effects(effects)
-    _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
-    _require_family_read(mass_summary)
+    _require_mass_summary(mass_summary)
     chosen = effects[(effects.metric == metric) & (effects.group == group)]
     if chosen.empty:
         raise ValueError(f"no effects for metric={metric!r}, group={group!r}")
@@ -803,14 +817,31 @@ def _merged(
     return merged, note, (drawn, chosen), method
 
 
-def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
+def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame, by_model: bool = False) -> str:
     """Refuse effects (``chosen``, the rows drawn) with a ``(router, family)`` that no row
     of ``mass`` (the mass rows at the effects' router types) has, and return a title's note
-    naming the mass of families without effects, which the figure leaves out (``""`` if
-    none). The effects choose the families shown, as they choose the router types: an
-    effect without a mass row was left out without a word (audit 117: a source label's,
-    e.g. attn_0 with the largest effect of its router type; in `mass_effect_by_seed` until
-    audit 153), and so was the mass of a family without effects in `mass_effect_by_seed`."""
+    naming the mass the figure leaves out (``""`` if none): of the models without effects
+    (with ``by_model``: the ``(condition, seed)`` pairs of ``mass`` that ``chosen`` lacks,
+    ``"seed 2 of b"``, ``"seed 2"`` without a condition, `_with_model_columns`) and of
+    the families without effects (of the other models). The effects choose the models and
+    families shown, as they choose the router types: an effect without a mass row was left
+    out without a word (audit 117: a source label's, e.g. attn_0 with the largest effect of
+    its router type; in `mass_effect_by_seed` until audit 153), and so was the mass of a
+    family without effects in `mass_effect_by_seed`, and of a model without effects until
+    audit 191."""
+    pieces = []
+    if by_model:
+        models = ["condition", "seed"]
+        drawn = set(zip(chosen.condition, chosen.seed, strict=True))
+        lacking: dict = {}
+        for condition, seed in dict.fromkeys(zip(mass.condition, mass.seed, strict=True)):
+            if (condition, seed) not in drawn:
+                lacking.setdefault(condition, []).append(str(seed))
+        pieces += [
+            f"seed {', '.join(seeds)}" + (f" of {condition}" if condition != "" else "")
+            for condition, seeds in lacking.items()
+        ]
+        mass = mass[pd.MultiIndex.from_frame(mass[models]).isin(list(drawn))]
     have = set(zip(mass.router, mass.family, strict=True))
     unpaired = list(
         dict.fromkeys(
@@ -834,8 +865,11 @@ def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame) -> str:
         if (router, family) not in paired:
             left.setdefault(router, []).append(str(family))
     note = "; ".join(
-        f"{', '.join(families)} at the {ROUTER_TITLES.get(router, router)}"
-        for router, families in left.items()
+        pieces
+        + [
+            f"{', '.join(families)} at the {ROUTER_TITLES.get(router, router)}"
+            for router, families in left.items()
+        ]
     )
     return f" (no effects of {note}: not shown)" if note else ""
 
@@ -874,6 +908,7 @@ def mass_effect_bars(
         mass_summary, effects, metric, group, "mass_effect_bars"
     )
     merged, unit = _scaled(merged, relative and metric == "logit_diff")
+    name = effect_name(method)  # the axis's and the hovers' name of the effects
     routers = [r for r in ROUTERS if r in set(merged.router)]
     fig = make_subplots(
         rows=2,
@@ -914,9 +949,9 @@ def mass_effect_bars(
                 part.effect,
                 part.ci_low,
                 part.ci_high,
-                "effect",
+                name,
                 colors,
-                "%{x}: effect %{y:.3g}<extra></extra>",
+                f"%{{x}}: {name} %{{y:.3g}}<extra></extra>",
                 showlegend=False,
             ),
             row=2,
@@ -924,9 +959,7 @@ def mass_effect_bars(
         )
     fig.update_yaxes(title_text="routing mass", row=1, col=1)
     fig.update_yaxes(
-        title_text=f"{effect_name(method)} ({unit if metric == 'logit_diff' else metric})",
-        row=2,
-        col=1,
+        title_text=f"{name} ({unit if metric == 'logit_diff' else metric})", row=2, col=1
     )
     fig.update_xaxes(title_text="source family", row=2)
     return _finish(
@@ -1316,12 +1349,16 @@ def mass_effect_by_seed(
             ``band`` column exists) with ``seed`` (and ``condition``) columns and
             ``family_read`` (a family no router of the type reads has no bars; a summary
             without the column is refused).
-        effects: `ablation_effects` rows (group ``"all"``) with the same columns.
+        effects: `ablation_effects` rows (group ``"all"``) with the same columns. They
+            choose the models (``condition``, ``seed``) and families drawn: an effect
+            without a mass row is refused, and the mass of a model or family without
+            effects is not drawn, the title naming it (`_pairing_note`: "(no effects of
+            seed 2 of b; prev_completed at the MLP routers: not shown)"; with ``columns``,
+            of those conditions only).
     """
     relative = require_bool("relative", relative)
     _require_effects(effects)
-    _require_table(mass_summary, MASS_COLUMNS, "mass_summary")
-    _require_family_read(mass_summary)
+    _require_mass_summary(mass_summary)
     # a NaN condition or seed matches no panel or slot (`effects_by_seed`)
     require_keys(effects, ("condition", "seed"), "effects")
     require_keys(mass_summary, ("condition", "seed"), "mass_summary")
@@ -1336,19 +1373,32 @@ def mass_effect_by_seed(
     if chosen.empty or mass.empty:
         raise ValueError(f"no mass or logit_diff effects (group 'all') at {router!r}")
     method = estimate_method(chosen, "mass_effect_by_seed")  # before the one-row check
+    name = effect_name(method)  # the axis's and the hovers' name of the effects
     chosen, mass = _with_model_columns(chosen), _with_model_columns(mass)
     remedy = "give each model a distinct condition or seed (and the mass one band, 'all')"
     require_one_row(chosen, ("condition", "seed", "family"), "effects", remedy)
     require_one_row(mass, ("condition", "seed", "family"), "mass_summary", remedy)
     _require_table(mass, INTERVAL, "mass_summary", finite=INTERVAL, intervals=True)
+    asked = columns  # None: every condition of the effects, the mass of others named
     columns = _columns(columns, chosen)
-    # the families with an effect (each has mass rows; the others' mass is named in the title)
-    note = _pairing_note(mass[mass.condition.isin(columns)], chosen[chosen.condition.isin(columns)])
+    # the models and families with an effect (each has mass rows; the mass of the others,
+    # of the conditions shown or of every condition, is named in the title)
+    note = _pairing_note(
+        mass if asked is None else mass[mass.condition.isin(columns)],
+        chosen[chosen.condition.isin(columns)],
+        by_model=True,
+    )
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
     palette = _palette(len(seeds))  # one colour per seed, the same in every panel
     families = [f for f in FAMILIES if f in set(chosen.family)]
     chosen, unit = _shown_effects(chosen, columns, relative)
-    absent = _absent_seeds(pd.concat([chosen, mass]), columns, seeds)
+    # the effects choose the models: a seed whose mass alone a condition has is absent
+    absent = _absent_seeds(chosen, columns, seeds)
+    models = pd.MultiIndex.from_frame(mass[["condition", "seed"]])
+    drawn = mass[
+        models.isin(list(set(zip(chosen.condition, chosen.seed, strict=True))))
+        & mass.family.isin(families)
+    ]
     fig = make_subplots(
         rows=2,
         cols=len(columns),
@@ -1404,7 +1454,7 @@ def mass_effect_by_seed(
                     e.ci_high,
                     f"seed {seed}",
                     color,
-                    f"seed {seed}, %{{x}}: effect %{{y:.3g}}<extra>{condition}</extra>",
+                    f"seed {seed}, %{{x}}: {name} %{{y:.3g}}<extra>{condition}</extra>",
                     showlegend=False,
                     **common,
                 ),
@@ -1412,7 +1462,7 @@ def mass_effect_by_seed(
                 col=col,
             )
     fig.update_yaxes(title_text="routing mass", row=1, col=1)
-    fig.update_yaxes(title_text=f"{effect_name(method)} ({unit})", row=2, col=1)
+    fig.update_yaxes(title_text=f"{name} ({unit})", row=2, col=1)
     fig.update_xaxes(title_text="source family", row=2)
     fig.update_layout(barmode="group")
     return _finish(
@@ -1430,12 +1480,8 @@ def mass_effect_by_seed(
                 (
                     "routing mass",
                     "mass_summary",
-                    # the drawn rows: a seed the effects lack is not drawn (review 182)
-                    mass[
-                        mass.condition.isin(columns)
-                        & mass.seed.isin(seeds)
-                        & mass.family.isin(families)
-                    ],
+                    # the drawn rows: a model the effects lack is not drawn (review 182)
+                    drawn,
                 ),
                 ("effect", "effects", chosen),
             )

@@ -1707,3 +1707,132 @@ def test_mass_effect_by_seed_whisker_line_reads_the_drawn_seeds_only():
     fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
     assert {trace.name for trace in fig.data} == {"seed 0", "seed 1"}
     assert _subtitle(fig) == "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
+
+
+def test_mass_effect_by_seed_names_the_models_whose_mass_it_leaves_out():
+    """Audit 191: the effects choose the models drawn (as they choose the families); the
+    mass of a model without effects (seed 2 here) was left out without a word, where the
+    title names the mass of a family without effects. It is named there, by the same note:
+    "(no effects of seed 2: not shown)"; the whisker line reads the drawn models only."""
+    effects = _effects(conditions=("a", "b"), seeds=(0, 1, 2))
+    effects = effects[~((effects.condition == "a") & (effects.seed == 2))]
+    mass = _mass(conditions=("a", "b", "c"), seeds=(0, 1, 2))
+    fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    assert fig.layout.title.text.endswith(
+        " (no effects of seed 2 of a; seed 0, 1, 2 of c: not shown)"
+    )
+    assert [a.text for a in fig.layout.annotations] == ["a (no seed 2)", "b"]
+    # the columns chosen: models of other conditions are not left out, they are not asked
+    only_a = plotting.mass_effect_by_seed(mass, effects, "mlp_res", columns=["a"])
+    assert only_a.layout.title.text.endswith(" (no effects of seed 2 of a: not shown)")
+    # a model without a condition column, and a family without effects: both named
+    one = _effects(seeds=(0, 1), families=("embedding", "older")).drop(columns="condition")
+    three = _mass(seeds=(0, 1, 2)).drop(columns="condition")
+    fig = plotting.mass_effect_by_seed(three, one, "mlp_res")
+    assert fig.layout.title.text.endswith(
+        " (no effects of seed 2; prev_completed, current at the MLP routers: not shown)"
+    )
+    assert {trace.name for trace in fig.data} == {"seed 0", "seed 1"}
+    # every model with effects: no note, as before
+    full = plotting.mass_effect_by_seed(_mass(seeds=(0, 1)), _effects(seeds=(0, 1)), "mlp_res")
+    assert "not shown" not in full.layout.title.text
+
+
+def test_effect_hovers_name_the_effects_as_the_axis_does():
+    """Audit 191: the hover texts of mass_effect_bars and mass_effect_by_seed said "effect"
+    of attribution estimates, whose axis reads "attribution estimate (linear)" (review
+    182); they use the axis's name (`effect_name` of `estimate_method`)."""
+    effects, mass = _effects(seeds=(0, 1)), _mass(seeds=(0, 1))
+    one_m = mass[mass.seed == 0].drop(columns=["condition", "seed", "band"])
+    one_e = effects[(effects.seed == 0) & (effects.router == "mlp_res")]
+    one_e = one_e.drop(columns=["condition", "seed"])
+    for method, name in (
+        (None, "ablation effect"),
+        ("exact", "ablation effect"),
+        ("linear", "attribution estimate (linear)"),
+        ("norm", "attribution estimate (norm)"),
+    ):
+        e, both = (
+            (one_e, effects)
+            if method is None
+            else (one_e.assign(method=method), effects.assign(method=method))
+        )
+        for fig in (
+            plotting.mass_effect_bars(one_m, e),
+            plotting.mass_effect_by_seed(mass, both, "mlp_res"),
+        ):
+            hovers = [t.hovertemplate for t in fig.data if ": mass %{y" not in t.hovertemplate]
+            assert len(hovers) == len(fig.data) // 2
+            assert all(f": {name} %{{y:.3g}}" in h for h in hovers), (method, hovers)
+
+
+def test_effect_figures_refuse_missing_labels_by_the_shared_refusal(tmp_path):
+    """Audit 191: an effects table with a missing ``family`` (``<NA>`` read back with
+    pandas' nullable dtypes) failed in effect_bands with pandas' bare "boolean value of NA is
+    ambiguous"; a NaN one was refused as a missing row of family nan, and effects_by_seed
+    drew the table without its rows. Every effect figure refuses it by the shared refusal
+    of NaN labels (`require_labelled`), naming the column and its number of rows."""
+    effects, mass = _effects(seeds=(0, 1)), _mass(seeds=(0, 1))
+    effects.to_csv(tmp_path / "effects.csv", index=False)
+    n_older = int((effects.family == "older").sum())
+    one_m = mass[mass.seed == 0].drop(columns=["condition", "seed", "band"])
+    for backend in (None, "numpy_nullable", "pyarrow"):
+        kw = {} if backend is None else {"dtype_backend": backend}
+        read = pd.read_csv(tmp_path / "effects.csv", **kw)
+        read.loc[read.family == "older", "family"] = None
+        one = read[read.seed == 0].drop(columns=["condition", "seed"])
+        for draw, table, n in (
+            (plotting.effect_bands, one, n_older // 2),
+            (lambda t: plotting.effects_by_seed(t, "current", ["mlp_res"]), read, n_older),
+            (lambda t: plotting.mass_effect_by_seed(mass, t, "mlp_res"), read, n_older),
+            (lambda t: plotting.mass_effect_bars(one_m, t), one, n_older // 2),
+            (lambda t: plotting.mass_effect_scatter(one_m, t), one, n_older // 2),
+        ):
+            with pytest.raises(
+                ValueError, match=rf"^effects has NaN labels \(column: rows\) \{{'family': {n}\}}"
+            ):
+                draw(table)
+
+
+def test_routing_heatmap_reads_a_mass_table_read_back_with_nullable_dtypes(tmp_path):
+    """Audit 191: `routing_mass`'s table read back from its CSV with pandas' nullable dtypes
+    (``Float64`` mass) failed in routing_heatmap with pandas' bare "boolean value of NA is
+    ambiguous": the blank cell of a family a router does not read was ``<NA>``, which
+    ``np.nanmax`` cannot compare. The figure is the one of the plain read (whose cells the
+    layout tests check against the table)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=4))
+    model.eval()
+    mass = routing_mass(model, _random_task_batch(4, 6, model.cfg.d_vocab))
+    assert (mass.n_sources == 0).any()  # a family some router does not read: a blank cell
+    mass.to_csv(tmp_path / "mass.csv", index=False)
+    plain = plotting.routing_heatmap(pd.read_csv(tmp_path / "mass.csv"))
+    for backend in ("numpy_nullable", "pyarrow"):
+        read = pd.read_csv(tmp_path / "mass.csv", dtype_backend=backend)
+        assert plotting.routing_heatmap(read) == plain, backend
+
+
+def test_mass_effect_figures_refuse_missing_labels_of_the_mass_summary(tmp_path):
+    """Audit 191: a mass summary with a missing ``family`` or ``router`` (``<NA>`` read back
+    with nullable dtypes) was refused as "effects has (router, family) rows ... without a
+    mass_summary row", blaming the effects; a missing ``band`` left its rows out (a row of
+    band "all" would be a missing bar). Refused by the shared refusal of NaN labels, naming
+    the mass summary's column and its number of rows."""
+    effects, mass = _effects(seeds=(0, 1)), _mass(seeds=(0, 1))
+    mass.to_csv(tmp_path / "mass.csv", index=False)
+    one_e = effects[(effects.seed == 0) & (effects.router == "mlp_res")]
+    for backend in (None, "numpy_nullable", "pyarrow"):
+        kw = {} if backend is None else {"dtype_backend": backend}
+        for column in ("router", "family", "band"):
+            read = pd.read_csv(tmp_path / "mass.csv", **kw)
+            read.loc[read.family == "older", column] = None
+            one_m = read[read.seed == 0]
+            for draw, table, n in (
+                (lambda t: plotting.mass_effect_by_seed(t, effects, "mlp_res"), read, 2),
+                (lambda t: plotting.mass_effect_bars(t, one_e), one_m, 1),
+                (lambda t: plotting.mass_effect_scatter(t, one_e), one_m, 1),
+            ):
+                with pytest.raises(
+                    ValueError,
+                    match=rf"^mass_summary has NaN labels \(column: rows\) \{{'{column}': {n}\}}",
+                ):
+                    draw(table)
