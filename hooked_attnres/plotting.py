@@ -1067,23 +1067,54 @@ def _require_cells(values: pd.Series, what: str, series: str) -> None:
         )
 
 
+def _rows_text(index: Sequence) -> str:
+    """Row labels for a message: the first ten, ``"[0, 1, ...]"`` beyond."""
+    shown = [str(label) for label in list(index)[:10]]
+    return "[" + ", ".join(shown) + (", ...]" if len(index) > 10 else "]")
+
+
 def _in_depth_order(chosen: pd.DataFrame) -> list:
     """The groups of ``chosen`` (rows of an effects table) other than ``"all"``, in depth
     order: by the first, then the last layer each masked (its ``layers``, `layer_tuple`; the
     final router's group, which has none, last), ties in the table's order; in the table's
     order without a ``layers`` column. The rows' order is no depth order: a table sorted by
     its text columns (``sort_values``, a ``groupby``) drew the bands early, late, middle and
-    ``groups="layers"`` as layer 0, 1, 10, 11, 2, ... on the axis titled "depth band"."""
+    ``groups="layers"`` as layer 0, 1, 10, 11, 2, ... on the axis titled "depth band".
+
+    Every row of a group is read (review 192: the first row's ``layers`` alone placed a
+    band whose first cell was NaN last, as the final router's group, drawing middle, late,
+    early): a group whose rows hold several layer lists, or none at a router type other
+    than the final router (``final_res``, whose group masks no layer list), is refused,
+    naming the group and its rows."""
     groups = [g for g in dict.fromkeys(chosen.group) if g != "all"]
     if "layers" not in chosen.columns:
         return groups
-    first = chosen.drop_duplicates("group").set_index("group").layers
-
-    def depth(group) -> tuple:
-        layers = layer_tuple(first[group], "effects")
-        return (0, layers[0], layers[-1]) if layers else (1, 0, 0)
-
-    return sorted(groups, key=depth)
+    order = {}
+    for group in groups:
+        rows = chosen[chosen.group == group]
+        held: dict[tuple, list] = {}
+        for label, cell in zip(rows.index, rows.layers, strict=True):
+            held.setdefault(layer_tuple(cell, "effects"), []).append(label)
+        if len(held) > 1:
+            sets = ", ".join(
+                f"{list(layers) if layers else 'none'} at rows {_rows_text(labels)}"
+                for layers, labels in held.items()
+            )
+            raise ValueError(
+                f"effects' rows of group {group!r} do not hold one layer list: {sets}; the "
+                "group's place in depth order is unknown: pass ablation_effects' rows (each "
+                "group's layers in every row), or choose the order with groups=[...]"
+            )
+        (layers,) = held
+        if not layers and not (rows.router == "final_res").all():
+            raise ValueError(
+                f"effects' rows of group {group!r} hold no layers (rows "
+                f"{_rows_text(rows.index)}), which only the final router's group may: the "
+                "group's place in depth order is unknown: pass ablation_effects' rows (each "
+                "group's layers in every row), or choose the order with groups=[...]"
+            )
+        order[group] = (0, layers[0], layers[-1]) if layers else (1, 0, 0)
+    return sorted(groups, key=order.__getitem__)
 
 
 def effect_bands(
@@ -1104,7 +1135,8 @@ def effect_bands(
             (linear)", `estimate_method`, as in every effect figure; a table of several
             kinds is refused).
         groups: the groups to show, in order (default: every group except ``"all"``, in
-            depth order, by the layers each masked: `_in_depth_order`).
+            depth order, by the layers each masked: `_in_depth_order`, which refuses a
+            group whose rows hold several layer lists, or none outside the final router).
         relative: effects as a percentage of the clean logit difference.
     """
     relative = require_bool("relative", relative)
@@ -1413,7 +1445,9 @@ def mass_effect_by_seed(
     for col, condition in enumerate(columns, start=1):
         for k, seed in enumerate(seeds):
             color = palette[k]
-            m = mass[(mass.condition == condition) & (mass.seed == seed)].set_index("family")
+            # the drawn mass rows: a model without effects has none (review 192: seed 2 of
+            # a, which b has, was drawn in a's panel titled "(no seed 2)")
+            m = drawn[(drawn.condition == condition) & (drawn.seed == seed)].set_index("family")
             m = m.reindex(families)
             e = chosen[(chosen.condition == condition) & (chosen.seed == seed)].set_index("family")
             e = e.reindex(families)

@@ -1352,6 +1352,51 @@ def test_effect_bands_draws_the_groups_in_depth_order_whatever_the_row_order():
             _bars_match_rows(trace, lambda g, rows=rows: rows[rows.group == g].iloc[0])
 
 
+def test_effect_bands_reads_the_depth_order_from_every_row_of_a_group(tmp_path):
+    """Review 192 (audit 191's leftover): the depth order read the ``layers`` of a group's
+    first row only, so a band whose first row had no layers (a NaN cell) was put last, as
+    the final router's group is: the bands were drawn middle, late, early. A band group
+    whose rows disagree on their layers or lack them is refused, naming the group and its
+    rows; the final router's group, whose rows have no layers, is drawn last."""
+    effects = _effects()
+    final = _effects(routers=("final_res",)).query("group == 'all'")
+    final = final.assign(group="final", layers="")
+    table = pd.concat([effects, final], ignore_index=True)
+    table.to_csv(tmp_path / "effects.csv", index=False)
+    for backend in (None, "numpy_nullable", "pyarrow"):
+        kw = {} if backend is None else {"dtype_backend": backend}
+        read = pd.read_csv(tmp_path / "effects.csv", **kw)  # "" read back as NaN / <NA>
+        fig = plotting.effect_bands(read)
+        assert {tuple(t.x) for t in fig.data} == {
+            ("early", "middle", "late"),  # the sublayer routers
+            ("final",),  # the final router's one group
+        }
+        assert [t.xaxis for t in fig.data if tuple(t.x) == ("final",)] == ["x3"] * 4
+        early = read.index[read.group == "early"].tolist()
+        for cell, text in ((None, "none"), ("2,3", r"\[2, 3\]")):
+            bad = read.copy()
+            bad.loc[early[0], "layers"] = cell
+            with pytest.raises(
+                ValueError,
+                match=rf"^effects' rows of group 'early' do not hold one layer list: {text} at "
+                rf"rows \[{early[0]}\], \[0, 1\] at rows \[{', '.join(map(str, early[1:]))}\]",
+            ):
+                plotting.effect_bands(bad)
+        # a band group without layers in every row is no final router's group
+        bad = read.copy()
+        bad.loc[bad.group == "middle", "layers"] = None
+        middle = read.index[read.group == "middle"].tolist()
+        with pytest.raises(
+            ValueError,
+            match=rf"^effects' rows of group 'middle' hold no layers \(rows "
+            rf"\[{', '.join(map(str, middle))}\]\)",
+        ):
+            plotting.effect_bands(bad)
+        # the groups chosen by name: in their order, no depth order read
+        chosen = plotting.effect_bands(bad, groups=["late", "middle", "early"])
+        assert {tuple(t.x) for t in chosen.data} == {("late", "middle", "early")}
+
+
 def test_mass_effect_by_seed_refuses_effects_without_mass_and_names_mass_without_effects():
     # as mass_effect_bars (audit 117): masking a source label (attn_0) has no family mass
     # to pair with; its effects were left out without a word (here the largest of the
@@ -1736,6 +1781,37 @@ def test_mass_effect_by_seed_names_the_models_whose_mass_it_leaves_out():
     # every model with effects: no note, as before
     full = plotting.mass_effect_by_seed(_mass(seeds=(0, 1)), _effects(seeds=(0, 1)), "mlp_res")
     assert "not shown" not in full.layout.title.text
+
+
+def test_mass_effect_by_seed_draws_no_mass_of_a_model_without_effects():
+    """Review 192: the mass of a model the effects lack in one condition (seed 2 of a,
+    which b has) was drawn in a's panel, bars 0.18 to 0.24 beside no effect, under the
+    titles "a (no seed 2)" and "(no effects of seed 2 of a: not shown)". Each mass bar
+    drawn is the mass row of a model (condition, seed) with effects, of its own family."""
+    effects = _effects(conditions=("a", "b"), seeds=(0, 1, 2))
+    effects = effects[~((effects.condition == "a") & (effects.seed == 2))]
+    effects = effects[effects.router == "mlp_res"]
+    mass = _mass(conditions=("a", "b"), seeds=(0, 1, 2))
+    for columns in (None, ["a"], ["b", "a"]):
+        fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res", columns=columns)
+        assert fig.layout.title.text.endswith(" (no effects of seed 2 of a: not shown)")
+        mass_traces = [t for t in fig.data if ": mass %{y" in t.hovertemplate]
+        drawn = set()
+        for trace in mass_traces:
+            condition = trace.hovertemplate.split("<extra>")[1].split("</extra>")[0]
+            seed = int(trace.name.removeprefix("seed "))
+            has_effects = bool(((effects.condition == condition) & (effects.seed == seed)).any())
+            for family, y in zip(trace.x, trace.y, strict=True):
+                if np.isnan(y):
+                    continue
+                assert has_effects, (condition, seed, family, y)
+                row = mass[
+                    (mass.condition == condition) & (mass.seed == seed) & (mass.family == family)
+                ]
+                assert y == row.mass.item()
+                drawn.add((condition, seed))
+        expected = {("b", 0), ("b", 1), ("b", 2), ("a", 0), ("a", 1)}
+        assert drawn == {m for m in expected if columns is None or m[0] in columns}
 
 
 def test_effect_hovers_name_the_effects_as_the_axis_does():
