@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
@@ -37,6 +39,44 @@ PROG = "hooked-attnres"
 
 class CommandError(Exception):
     """A usage problem found while running a command (printed as one line)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, docker stop, SLURM preemption) while a command runs, raised
+    by the command's handler where Ctrl-C raises `KeyboardInterrupt`: the trainer writes
+    its checkpoint (and holds it back inside an optimizer update) and the command says how
+    to resume, as on Ctrl-C, then exits with 143 (128 + 15). Before audit 188 SIGTERM
+    ended the process at once: the steps since the last checkpoint were lost."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` inside the block; the handler found is put back after.
+    The command line's only: the library installs no handler of its own. Outside the main
+    thread, or where the handler was set outside Python (it could not be put back),
+    nothing is changed."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(error: KeyboardInterrupt) -> int:
+    """Ctrl-C's line and exit code 130, or SIGTERM's and 143 (`Terminated`)."""
+    if isinstance(error, Terminated):
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def default_threads() -> int:
@@ -722,13 +762,18 @@ def _stdout_to_devnull() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line: the command's status, 1 after an error (one line on stderr),
-    130 after Ctrl-C, and `CLOSED_OUTPUT_STATUS` (141), with no error line, when the
-    reader of stdout closed it (``hooked-attnres list | head -1``; it printed "error:
-    [Errno 32] Broken pipe" and ended with 1 until audit 173; ``--debug`` shows the
-    traceback); what a command cut short kept for resuming is named on stderr as after
-    Ctrl-C.
-    ``--help`` into a closed pipe ends with argparse's status (0), quietly."""
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); its exit code: 0, 1 (an
+    error, one line on stderr; ``--debug`` shows the traceback), 2 (an option refused
+    when parsed), 130 (Ctrl-C), 143 (SIGTERM) or `CLOSED_OUTPUT_STATUS` (141, with no
+    error line) when the reader of stdout closed it (``hooked-attnres list | head -1``; it
+    printed "error: [Errno 32] Broken pipe" and ended with 1 until audit 173). What a
+    command cut short kept for resuming is named on stderr as after Ctrl-C. ``--help``
+    into a closed pipe ends with argparse's status (0), quietly."""
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit:  # --help or a usage error: argparse's status
@@ -737,11 +782,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:
             _stdout_to_devnull()
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (`Terminated`)
         # a condition name loads the condition table, and torch, while it is read: Ctrl-C
         # then ended in a KeyboardInterrupt traceback (audit 178)
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(error)
     try:
         if args.command != "list":
             import torch
@@ -758,9 +802,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         _stdout_to_devnull()
         return CLOSED_OUTPUT_STATUS
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (`Terminated`)
+        return _interrupted(error)
     except Exception as error:  # one clear line; --debug for the traceback
         if args.debug:
             raise

@@ -345,9 +345,13 @@ def test_train_summary_keeps_the_runs_of_a_command_running_at_the_same_time(
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("by", ["ctrl_c", "sigterm"])
 def test_an_interrupted_study_says_where_the_finished_models_are_kept(
-    tmp_path, monkeypatch, capsys
+    by, tmp_path, monkeypatch, capsys
 ):
+    # SIGTERM (audit 188): the study was killed at once, without naming the kept models
+    import signal
+
     from hooked_attnres import study
     from hooked_attnres.study.run import partial_dir
 
@@ -356,13 +360,19 @@ def test_an_interrupted_study_says_where_the_finished_models_are_kept(
     def interrupted(out_dir, **kwargs):
         partial_dir(out_dir).mkdir()
         (partial_dir(out_dir) / "vanilla_seed0.pkl").write_bytes(b"")  # one model finished
+        if by == "sigterm":  # what `timeout` or docker stop sends (the default would
+            # end pytest itself: the command must have its own handler while it runs)
+            assert callable(signal.getsignal(signal.SIGTERM)), "no SIGTERM handler"
+            signal.raise_signal(signal.SIGTERM)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(study, "run_study", interrupted)
-    assert cli.main(["study", "--out", str(out), "--no-progress"]) == 130
-    assert f"kept in {tmp_path / 'study_out.partial'}: run the same command again" in (
-        capsys.readouterr().err
-    )
+    code = cli.main(["study", "--out", str(out), "--no-progress"])
+    assert code == {"ctrl_c": 130, "sigterm": 143}[by]
+    err = capsys.readouterr().err
+    assert f"kept in {tmp_path / 'study_out.partial'}: run the same command again" in err
+    last = {"ctrl_c": "interrupted", "sigterm": "terminated (SIGTERM)"}[by]
+    assert err.endswith(f"hooked-attnres: {last}\n"), err
 
 
 def test_a_study_refused_as_busy_does_not_offer_another_studys_kept_models(
@@ -1414,3 +1424,81 @@ def test_a_study_into_a_closed_pipe_still_says_where_its_finished_models_are_kep
     err = capsys.readouterr().err
     assert "error" not in err, err
     assert f"kept in {tmp_path / 'study_out.partial'}: run the same command again" in err, err
+
+
+@pytest.mark.parametrize("during", ["after_step", "inside_update"])
+def test_sigterm_stops_a_training_with_a_checkpoint_and_says_how_to_resume(during, tmp_path):
+    """Audit 188: SIGTERM (sent by ``timeout``, docker stop, SLURM preemption) ended
+    ``hooked-attnres train`` at once: no checkpoint of the steps since the last one, no
+    resume hint, the process killed by signal 15. The command treats it as Ctrl-C now:
+    the trainer writes its checkpoint (SIGTERM inside an optimizer update waits for the
+    update, as Ctrl-C does), the command names it and how to resume, and exits with 143
+    (128 + 15). Here the run sends itself SIGTERM at step 3 of 4 (checkpoints every 2
+    steps), in a forked child."""
+    import signal
+
+    import torch
+    from crash_helpers import fork_and_wait
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    err = tmp_path / "stderr.txt"
+    argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
+    argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
+
+    def run() -> None:
+        updates = []
+        original_step = torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            updates.append(1)
+            if during == "inside_update" and len(updates) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original_step(self, *args, **kwargs)
+
+        def fault_point(name: str) -> None:
+            if during == "after_step" and name == "train_step" and len(updates) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        torch.optim.AdamW.step = step  # type: ignore[method-assign]
+        trainer.fault_point = fault_point
+        sys.stderr = open(err, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
+        code = cli.main(argv)
+        sys.stderr.flush()
+        os._exit(code - 100)  # 43: main returned 143
+
+    status = fork_and_wait(run)
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 43, status
+    text = err.read_text()
+    kept = out / "attnres_seed0" / "checkpoint"
+    assert f"last checkpoint is kept in {kept}: run the same command again to resume" in text
+    assert text.endswith("hooked-attnres: terminated (SIGTERM)\n"), text
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_the_command_line_restores_the_sigterm_handler_it_found(monkeypatch, capsys):
+    # only the command line treats SIGTERM as an interrupt, while it runs; the caller's
+    # handler is put back after (a library call installs none: test_training)
+    import signal
+
+    seen = []
+
+    def callers_handler(signum, frame):
+        seen.append(signum)
+
+    def listing(args) -> int:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        monkeypatch.setattr(cli, "cmd_list", listing)
+        assert cli.main(["list"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen and seen[0] is not callers_handler and callable(seen[0])
+    with pytest.raises(cli.Terminated):
+        seen[0](signal.SIGTERM, None)

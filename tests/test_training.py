@@ -1919,3 +1919,28 @@ def test_an_optimizer_pt_written_by_torch_save_to_a_path_still_resumes_exactly(
     assert_same_weights(weights(whole), weights(fresh))
     rewritten = zipfile.ZipFile(tmp_path / "parts" / "checkpoint" / "optimizer.pt").namelist()
     assert rewritten[0].startswith("archive/"), rewritten  # the checkpoint the resume wrote
+
+
+def test_a_library_training_leaves_the_sigterm_handler_alone(tmp_path, monkeypatch):
+    """Audit 188 (guard): only the command line turns SIGTERM into an interrupt; `train`
+    called from Python installs no SIGTERM handler, not even while it holds Ctrl-C back
+    inside an optimizer update (SIGTERM left to the system ends the process there, as the
+    caller chose)."""
+    import signal
+
+    tok = task_tokenizer(TASK)
+    real_step, seen = torch.optim.AdamW.step, []
+
+    def recording(self, *args, **kwargs):
+        seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    trained_attnres(tok, config(steps=2, eval_every=2, eval_size=4, batch_size=2), tmp_path)
+    assert len(seen) == 2
+    for sigterm, sigint in seen:
+        assert sigterm is signal.SIG_DFL
+        assert sigint is not signal.default_int_handler  # Ctrl-C is held back there
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

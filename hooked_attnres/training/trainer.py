@@ -11,9 +11,10 @@
   ``_step_seed(data_seed, s)`` before step ``s`` (dropout of a ``transformers`` model),
   inside ``torch.random.fork_rng`` (the caller's random state is left as it was). A
   checkpoint (model, optimizer, step, history) is written atomically every
-  ``checkpoint_every`` steps, at the end, and on ``KeyboardInterrupt`` (Ctrl-C waits for
-  an optimizer update and its bookkeeping to finish); ``train`` resumes from it, for the
-  same settings and model only.
+  ``checkpoint_every`` steps, at the end, and on ``KeyboardInterrupt`` (Ctrl-C, or
+  SIGTERM where the caller's handler raises one, as the command line's does; either waits
+  for an optimizer update and its bookkeeping to finish: `_interrupts_deferred`);
+  ``train`` resumes from it, for the same settings and model only.
 * Held-out accuracy on ``eval_size`` test-split prompts every ``eval_every`` steps; a
   tqdm bar shows loss and accuracy.
 
@@ -764,26 +765,39 @@ def _own_rng(model) -> Iterator[Callable[[int], None]]:
         yield seed
 
 
+# the signals that stop a training run with a checkpoint: Ctrl-C (SIGINT; Python's
+# default handler raises KeyboardInterrupt) and SIGTERM (`timeout`, docker stop, SLURM
+# preemption) where the caller's handler raises a KeyboardInterrupt for it, as the command
+# line's does (`hooked_attnres.cli`); a library call installs no handler of its own
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) inside the block and deliver it right after: the
-    optimizer update and the step's bookkeeping are then never cut apart, so the
-    checkpoint written on `KeyboardInterrupt` always has as many updates as steps. The
-    caller's handler gets the signal afterwards (``signal.raise_signal``); outside the
-    main thread, where Python handles no signal, or where the handler was not set from
-    Python (it could not be put back), nothing is changed."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and deliver them right
+    after: the optimizer update and the step's bookkeeping are then never cut apart, so
+    the checkpoint written on `KeyboardInterrupt` always has as many updates as steps.
+    Only a signal whose handler is a Python function is held back (Ctrl-C's default,
+    `signal.default_int_handler`; the command line's SIGTERM handler): the caller's
+    handler gets it afterwards (``signal.raise_signal``), in the order received. A signal
+    left to the system (SIGTERM's default: the process ends at once), or ignored, is not
+    touched; outside the main thread, where Python handles no signal, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {
+        signum: handler for signum in _STOP_SIGNALS if callable(handler := signal.getsignal(signum))
+    }
     received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for held in previous:
+        signal.signal(held, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
+        for held, handler in previous.items():
+            signal.signal(held, handler)
+        for arrived in dict.fromkeys(received):  # the first to raise ends the delivery
+            signal.raise_signal(arrived)
 
 
 def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
