@@ -669,6 +669,31 @@ def check_replaceable(
 
 
 @contextlib.contextmanager
+def write_errors_as_os_errors() -> Iterator[list[OSError]]:
+    """Raise a failed write inside the block (a full disk: ENOSPC) as the `OSError` it is:
+    safetensors raises ``SafetensorError: ... I/O error: No space left on device (os error
+    28)`` and torch.save, given a file object that records its write errors (the trainer's
+    ``_torch_save`` appends them to the list yielded), ``RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...``, naming no cause. The command line
+    names the checkpoint kept and how to resume after an `OSError` only (audit 178).
+    `atomic_directory` applies it to every save (audit 188: ``save_pretrained`` in either
+    format raised the ``SafetensorError``; only the trainer converted it)."""
+    failed: list[OSError] = []
+    try:
+        yield failed
+    except OSError:
+        raise
+    except Exception as error:
+        if failed:
+            raise failed[0] from error
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if type(error).__name__ == "SafetensorError" and code is not None:
+            number = int(code[1])
+            raise OSError(number, os.strerror(number)) from error
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; when the block ends without an exception it
     becomes the new version of ``target`` (protocol in the module docstring).
@@ -680,7 +705,8 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
             anything is written.
 
     On an exception before the commit point the temporary directory is removed and
-    ``target`` is left as it was.
+    ``target`` is left as it was; a failed write of the block (a full disk) is raised as
+    its `OSError` (`write_errors_as_os_errors`), whatever wrote it.
     """
     target = _real(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -694,7 +720,8 @@ def atomic_directory(target: Union[str, Path], overwrite: bool = False) -> Itera
         tmp.mkdir()
         committed = False
         try:
-            yield tmp
+            with write_errors_as_os_errors():
+                yield tmp
             fault_point("payload")
             _default_modes(tmp)
             _fsync_tree(tmp)
@@ -793,5 +820,6 @@ __all__ = [
     "remove_file",
     "version_problems",
     "write_bytes_atomic",
+    "write_errors_as_os_errors",
     "write_text_atomic",
 ]

@@ -1235,3 +1235,54 @@ def test_from_hf_qwen3_refuses_model_class_naming_the_function():
         TypeError, match=r"from_hf_qwen3 loads its own class.*hf_qwen3\.from_hf_qwen3"
     ):
         HookedAttnRes.from_hf_qwen3(hf_qwen3(), wrap="none", model_class=_SubModel)
+
+
+@pytest.mark.parametrize("fmt", ["hooked_attnres", "qwen3_attnres", "trainer_vanilla"])
+def test_a_save_failing_for_lack_of_space_raises_the_os_error(tmp_path, fmt):
+    """Audit 188: on a full disk ``save_pretrained`` (either format) raised safetensors'
+    ``SafetensorError: Error while serializing: I/O error: No space left on device (os
+    error 28)``, not an `OSError` (only the trainer converted it, audit 178). The one
+    shared save (`atomic_directory`) raises the `OSError` now, for every writer: the
+    trainer's save of a vanilla model (``transformers``' save_pretrained) too, and the
+    failed save is rolled back. Here a file size limit (``RLIMIT_FSIZE``: the write fails
+    with EFBIG, as a full disk fails with ENOSPC) smaller than the weights, in a forked
+    child."""
+    import errno
+    import resource
+    import signal
+
+    from crash_helpers import fork_and_wait
+
+    from hooked_attnres._atomic import atomic_directory
+    from hooked_attnres.training.trainer import save_model
+
+    model = hf_qwen3() if fmt == "trainer_vanilla" else tiny_model()
+    report = tmp_path / "raised.json"
+
+    def run() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            if fmt == "trainer_vanilla":  # as the trainer writes its checkpoint's model
+                with atomic_directory(tmp_path / "m") as tmp:
+                    save_model(model, tmp)
+            else:
+                model.save_pretrained(tmp_path / "m", format=fmt)
+            raised = {"type": None}
+        except Exception as error:
+            raised = {
+                "type": type(error).__name__,
+                "is_os_error": isinstance(error, OSError),
+                "errno": getattr(error, "errno", None),
+                "message": str(error),
+            }
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        report.write_text(json.dumps(raised))
+
+    status = fork_and_wait(run)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    raised = json.loads(report.read_text())
+    assert raised["is_os_error"] and raised["errno"] == errno.EFBIG, raised
+    assert raised["message"] == f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
+    assert not (tmp_path / "m").exists()  # rolled back
+    assert [p.name for p in tmp_path.iterdir()] == ["raised.json"]

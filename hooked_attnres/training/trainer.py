@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import signal
 import threading
@@ -59,6 +58,7 @@ from hooked_attnres._atomic import (
     read_marker,
     reading,
     remove_file,
+    write_errors_as_os_errors,
     write_text_atomic,
 )
 from hooked_attnres._environment import numerics_environment
@@ -353,32 +353,9 @@ def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens).logits
 
 
-@contextmanager
-def _write_errors_as_os_errors() -> Iterator[list[OSError]]:
-    """Raise a failed write inside the block (a full disk: ENOSPC) as the `OSError` it is:
-    safetensors raises ``SafetensorError: ... I/O error: No space left on device (os error
-    28)`` and torch.save, given a file object that records its write errors (`_torch_save`
-    appends them to the list yielded), ``RuntimeError: [enforce fail at
-    inline_container.cc:672] . unexpected pos ...``, naming no cause. The command line
-    names the checkpoint kept and how to resume after an `OSError` only (audit 178)."""
-    failed: list[OSError] = []
-    try:
-        yield failed
-    except OSError:
-        raise
-    except Exception as error:
-        if failed:
-            raise failed[0] from error
-        code = re.search(r"\(os error (\d+)\)", str(error))
-        if type(error).__name__ == "SafetensorError" and code is not None:
-            number = int(code[1])
-            raise OSError(number, os.strerror(number)) from error
-        raise
-
-
 class _RecordedWrites:
     """A binary file for torch.save whose failed writes are appended to ``failed``
-    (torch reports them as a bare "unexpected pos": `_write_errors_as_os_errors`)."""
+    (torch reports them as a bare "unexpected pos": `write_errors_as_os_errors`)."""
 
     def __init__(self, handle, failed: list[OSError]):
         self.handle, self.failed = handle, failed
@@ -396,7 +373,7 @@ class _RecordedWrites:
 
 def _torch_save(value, path: Path) -> None:
     """``torch.save(value, path)``; a failed write raised as its `OSError`."""
-    with _write_errors_as_os_errors() as failed, open(path, "wb") as handle:
+    with write_errors_as_os_errors() as failed, open(path, "wb") as handle:
         # torch.save calls write (and flush) only
         torch.save(value, cast(IO[bytes], _RecordedWrites(handle, failed)))
 
@@ -404,13 +381,8 @@ def _torch_save(value, path: Path) -> None:
 def save_model(model, directory: Path, tokenizer=None) -> None:
     """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
     into an existing directory, with ``tokenizer`` (a HookedAttnRes: its attached one, or
-    ``tokenizer`` when none is attached). A failed write (a full disk) is raised as its
-    `OSError` (`_write_errors_as_os_errors`)."""
-    with _write_errors_as_os_errors():
-        _save_model(model, directory, tokenizer)
-
-
-def _save_model(model, directory: Path, tokenizer=None) -> None:
+    ``tokenizer`` when none is attached). Called inside `atomic_directory`, which raises a
+    failed write (a full disk) as its `OSError` (`write_errors_as_os_errors`)."""
     if isinstance(model, HookedAttnRes):
         from hooked_attnres.loading.own_format import write_checkpoint_files
 
