@@ -1944,3 +1944,37 @@ def test_a_library_training_leaves_the_sigterm_handler_alone(tmp_path, monkeypat
         assert sigint is not signal.default_int_handler  # Ctrl-C is held back there
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_no_progress_hides_the_bar_transformers_shows_when_a_vanilla_model_is_saved(
+    tmp_path, capsys
+):
+    """Audit 188: ``progress=False`` (``--no-progress``) hid the trainer's bar but not
+    ``transformers``' ``Writing model shards`` bar, drawn on stderr by every save of a
+    vanilla model (each checkpoint and the final model). It is hidden now, only during the
+    save: the hook transformers had (here a caller's) is put back after."""
+    from transformers.utils import logging as hf_logging
+
+    tok = task_tokenizer(TASK)
+    small = config(steps=2, eval_every=2, eval_size=4, batch_size=2, checkpoint_every=1)
+
+    def trained(out, progress: bool) -> str:
+        model = build_model("vanilla", 0, tok, SHAPE, **blocks_of("vanilla"))
+        train(model, TASK, small, tmp_path / out, tokenizer=tok, progress=progress)
+        return capsys.readouterr().err
+
+    assert "Writing model shards" in trained("shown", True)  # the bar this is about
+    created = []
+
+    def callers_hook(factory, args, kwargs):
+        created.append(kwargs.get("desc"))
+        return factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(callers_hook)
+    try:
+        err = trained("hidden", False)
+        assert hf_logging.set_tqdm_hook(previous) is callers_hook  # put back
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+    assert "Writing model shards" not in err and "it/s" not in err, err
+    assert created == []  # no bar was made at all, not even through the caller's hook

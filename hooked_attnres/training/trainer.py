@@ -378,11 +378,13 @@ def _torch_save(value, path: Path) -> None:
         torch.save(value, cast(IO[bytes], _RecordedWrites(handle, failed)))
 
 
-def save_model(model, directory: Path, tokenizer=None) -> None:
+def save_model(model, directory: Path, tokenizer=None, progress: bool = True) -> None:
     """Write a HookedAttnRes (this package's format) or a HF model (``save_pretrained``)
     into an existing directory, with ``tokenizer`` (a HookedAttnRes: its attached one, or
     ``tokenizer`` when none is attached). Called inside `atomic_directory`, which raises a
-    failed write (a full disk) as its `OSError` (`write_errors_as_os_errors`)."""
+    failed write (a full disk) as its `OSError` (`write_errors_as_os_errors`).
+    ``progress=False`` hides the bar ``transformers`` draws while it writes a HF model
+    (``Writing model shards``: `_transformers_bars_hidden`)."""
     if isinstance(model, HookedAttnRes):
         from hooked_attnres.loading.own_format import write_checkpoint_files
 
@@ -394,10 +396,33 @@ def save_model(model, directory: Path, tokenizer=None) -> None:
         # memory; put them back so that saving does not change the model's identity (a
         # run continued with the same model object would be refused as another run's)
         architectures, dtype = model.config.architectures, model.config.dtype
-        model.save_pretrained(str(directory))
+        with _transformers_bars_hidden(not progress):
+            model.save_pretrained(str(directory))
         model.config.architectures, model.config.dtype = architectures, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
+
+
+@contextmanager
+def _transformers_bars_hidden(hidden: bool = True) -> Iterator[None]:
+    """Inside the block ``transformers`` draws no progress bar (if ``hidden``): every bar
+    it makes is made disabled (`transformers.utils.logging.set_tqdm_hook`, public since
+    transformers 5.9, the oldest this package takes); the hook it had, a caller's or
+    none, is put back after. Before audit 188 ``progress=False`` (``--no-progress``) left
+    its ``Writing model shards`` bar on stderr at every save of a vanilla model."""
+    if not hidden:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    def disabled(factory: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        return factory(*args, **{**kwargs, "disable": True})
+
+    previous = hf_logging.set_tqdm_hook(disabled)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def _saved_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -512,8 +537,9 @@ def evaluate(model, batches: dict[str, TaskBatch], chunk: int = 256) -> dict[str
 class _Checkpoint:
     """The resumable state in ``out_dir/checkpoint``."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, progress: bool = True):
         self.directory = out_dir / "checkpoint"
+        self.progress = progress  # False: transformers' bar of a vanilla save is hidden
         self.overwrite = _check_output(self.directory)
         self.step: Optional[int] = None  # the step of the last checkpoint written or read
         # `_weights_identity` of the run's model before its first step, written with every
@@ -527,7 +553,7 @@ class _Checkpoint:
             state = {**state, "initial_weights": self.initial_weights}
         with atomic_directory(self.directory, overwrite=self.overwrite) as tmp:
             (tmp / "model").mkdir()
-            save_model(model, tmp / "model", tokenizer)
+            save_model(model, tmp / "model", tokenizer, self.progress)
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(
                 json.dumps(state, indent=2) + "\n", encoding="utf-8"
@@ -908,7 +934,7 @@ def train(
     check_run_folder(out_dir)  # before any work
     model_dir = out_dir / "model"
     model_overwrite = _check_output(model_dir)
-    checkpoint = _Checkpoint(out_dir)
+    checkpoint = _Checkpoint(out_dir, progress)
     attached = getattr(model, "tokenizer", None)
     if tokenizer is None:
         tokenizer = attached
@@ -1113,7 +1139,7 @@ def train(
                 # the resumed run writes both)
                 remove_file(out_dir / "metrics.json")
                 with atomic_directory(model_dir, overwrite=model_overwrite) as tmp:
-                    save_model(model, tmp, tokenizer)
+                    save_model(model, tmp, tokenizer, progress)
                 metrics = {**state(), "final_accuracy": final}
                 write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             except BaseException:  # its final checkpoint is written: resuming finishes it
