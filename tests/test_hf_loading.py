@@ -369,6 +369,46 @@ def test_schedule_deviation_refuses_hooks_whose_padding_cannot_be_told():
         schedule_deviation(model, cache, schedule)
 
 
+def test_schedule_deviation_refuses_a_cache_of_padding_only():
+    """Audit 193: a padded run cached at positions that are all padding (``pos_slice=[1, 0]``
+    of a prompt with two padding tokens first) left no token to compare, and
+    schedule_deviation failed inside torch ("max(): Expected reduction dim to be specified
+    for input.numel() == 0"); 0.0 would report agreement with nothing measured. Refused by
+    name, with what to cache instead; a position of a real token in the same slice is read
+    (control, against the weights read by hand)."""
+    from helpers import tiny_model
+
+    model = randomize_routing(
+        tiny_model(attnres_layout="cumulative", dtype=torch.float64), seed=3
+    ).eval()
+    cfg = model.cfg
+    schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias)
+    tokens = torch.tensor([[9, 9, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    for pos_slice in ([1, 0], Slice(0), slice(0, 2)):
+        for drop in (False, True):
+            _, cache = model.run_with_cache(
+                tokens, attention_mask=mask, pos_slice=pos_slice, remove_batch_dim=drop
+            )
+            with pytest.raises(
+                ValueError,
+                match=r"schedule_deviation's cache holds no real token.*only padding"
+                r".*pos_slice that keeps a real token",
+            ):
+                schedule_deviation(model, cache, schedule)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=[1, 3])
+    _, whole = model.run_with_cache(tokens, attention_mask=mask)
+    expected = max(
+        (whole[site.hook("weights")][0, 3] - schedule.weights(site.layer, site.kind))
+        .abs()
+        .max()
+        .item()
+        for site in model.sites()
+    )
+    assert expected > 0.01
+    assert schedule_deviation(model, cache, schedule) == pytest.approx(expected, abs=1e-15)
+
+
 def test_sharded_transformers_directory_with_tokenizer(tmp_path):
     hf = hf_qwen3(num_hidden_layers=3)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")

@@ -175,7 +175,8 @@ def schedule_deviation(
             deviation can be measured; NaN would otherwise be skipped and the routing
             reported as agreeing); hooks whose padding cannot be told
             (`hooked_attnres.interventions.checks.require_run_positions`: last filled by
-            an earlier pass).
+            an earlier pass); a cache whose every position is padding (a ``pos_slice``
+            that kept only padding: nothing to compare, and 0.0 would report agreement).
     """
     cfg = model.cfg
     if cfg.attnres_layout != "cumulative":
@@ -204,6 +205,13 @@ def schedule_deviation(
     if record is not None:  # hooks whose padding cannot be told
         names = [site.hook("weights") for site in model.sites()]
         require_run_positions(record, "schedule_deviation's cache", names, sliced=False)
+    if real is not None and not bool(real.any()):  # torch's max of nothing failed (audit 193)
+        raise ValueError(
+            "schedule_deviation's cache holds no real token: its run's attention_mask marks "
+            "every cached position as padding (only padding was kept), so no routing can be "
+            "compared with the schedule (0.0 would report agreement with nothing measured); "
+            "cache the whole run, or a pos_slice that keeps a real token"
+        )
     for site in model.sites():
         name = site.hook("weights")
         weights = cache[name]  # float64 on the host for a device without it (MPS)
