@@ -2002,14 +2002,7 @@ def test_accuracy_is_nan_only_where_an_infinite_tie_includes_the_answer():
         (1, [0.0, 1.0, math.nan], math.nan),
     ]
     n = len(rows)
-    batch = TaskBatch(
-        tokens=torch.zeros(n, 2, dtype=torch.long),
-        answer_pos=torch.ones(n, dtype=torch.long),
-        answer=torch.tensor([answer for answer, _, _ in rows]),
-        contrast=torch.tensor([(answer + 1) % 3 for answer, _, _ in rows]),
-        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
-        targets=torch.full((n, 2), -100),
-    )
+    batch, _ = _tie_batch([values for _, values, _ in rows], [answer for answer, _, _ in rows])
     for dtype in (torch.float16, torch.float32):
         logits = torch.zeros(n, 2, 3, dtype=dtype)
         logits[:, 1] = torch.tensor([values for _, values, _ in rows], dtype=dtype)
@@ -2713,14 +2706,7 @@ def test_correct_credits_a_finite_tie_for_the_top_logit_by_its_share_not_by_toke
         (1, [0.5, 3.0, 1.0], 1.0),
     ]
     n = len(rows)
-    batch = TaskBatch(
-        tokens=torch.zeros(n, 2, dtype=torch.long),
-        answer_pos=torch.ones(n, dtype=torch.long),
-        answer=torch.tensor([answer for answer, _, _ in rows]),
-        contrast=torch.tensor([(answer + 1) % 3 for answer, _, _ in rows]),
-        corrupted_tokens=torch.zeros(n, 2, dtype=torch.long),
-        targets=torch.full((n, 2), -100),
-    )
+    batch, _ = _tie_batch([values for _, values, _ in rows], [answer for answer, _, _ in rows])
     expected = [value for _, _, value in rows]
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         logits = torch.zeros(n, 2, 3, dtype=dtype)
