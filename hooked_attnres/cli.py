@@ -57,10 +57,16 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises `Terminated` inside the block; the handler found is put back after.
     The command line's only: the library installs no handler of its own. Outside the main
-    thread, or where the handler was set outside Python (it could not be put back),
-    nothing is changed."""
+    thread, where the handler was set outside Python (it could not be put back), or where
+    SIGTERM is ignored (``trap '' TERM``: it stays ignored, as Python leaves an ignored
+    SIGINT to the system; until review 194 it ended the command with 143), nothing is
+    changed."""
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or previous is None
+        or previous == signal.SIG_IGN
+    ):
         yield
         return
     signal.signal(signal.SIGTERM, _raise_terminated)

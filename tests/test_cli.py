@@ -1502,3 +1502,30 @@ def test_the_command_line_restores_the_sigterm_handler_it_found(monkeypatch, cap
     assert seen and seen[0] is not callers_handler and callable(seen[0])
     with pytest.raises(cli.Terminated):
         seen[0](signal.SIGTERM, None)
+
+
+def test_a_sigterm_the_caller_ignores_stays_ignored(monkeypatch, capsys):
+    """Review 194: the command replaced an ignored SIGTERM (``trap '' TERM``, a supervisor
+    that starts it with SIGTERM ignored) with its own handler, so that SIGTERM, which ran on
+    before audit 188, ended the command with 143. An ignored SIGTERM stays ignored, as
+    Python leaves an ignored SIGINT to the system (no KeyboardInterrupt)."""
+    import signal
+
+    seen = []
+
+    def listing(args) -> int:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        signal.raise_signal(signal.SIGTERM)  # ignored: the command runs on
+        print("ran on")
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(cli, "cmd_list", listing)
+        code = cli.main(["list"])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (0, "ran on\n", ""), (code, out, err)
+    assert seen == [signal.SIG_IGN]
