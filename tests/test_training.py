@@ -1978,3 +1978,37 @@ def test_no_progress_hides_the_bar_transformers_shows_when_a_vanilla_model_is_sa
         hf_logging.set_tqdm_hook(previous)
     assert "Writing model shards" not in err and "it/s" not in err, err
     assert created == []  # no bar was made at all, not even through the caller's hook
+
+
+def test_a_ctrl_c_as_the_deferral_ends_does_not_swallow_sigterm_for_good(monkeypatch):
+    """Review 194: `_interrupts_deferred` put SIGINT's handler back, then SIGTERM's; a
+    Ctrl-C handled between the two (its KeyboardInterrupt raised there) left the holding
+    handler as SIGTERM's for good, so every later SIGTERM was appended to a list nobody
+    reads: a caller's handler (here one that records) never ran again. A SIGTERM after the
+    block reaches the caller's handler now, however the block was left."""
+    import signal
+
+    from hooked_attnres.training.trainer import _interrupts_deferred
+
+    real_signal, armed, called = signal.signal, [True], []
+
+    def ctrl_c_as_sigint_is_put_back(signum, handler):
+        previous = real_signal(signum, handler)
+        if signum == signal.SIGINT and handler is signal.default_int_handler and armed:
+            armed.clear()
+            raise KeyboardInterrupt  # Ctrl-C, handled right after its handler is back
+        return previous
+
+    def callers_handler(signum, frame):
+        called.append(signum)
+
+    previous = real_signal(signal.SIGTERM, callers_handler)
+    try:
+        monkeypatch.setattr(signal, "signal", ctrl_c_as_sigint_is_put_back)
+        with pytest.raises(KeyboardInterrupt), _interrupts_deferred():
+            pass
+        monkeypatch.undo()
+        signal.raise_signal(signal.SIGTERM)
+        assert called == [signal.SIGTERM]
+    finally:
+        real_signal(signal.SIGTERM, previous)

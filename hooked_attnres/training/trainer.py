@@ -779,19 +779,33 @@ def _interrupts_deferred() -> Iterator[None]:
     `signal.default_int_handler`; the command line's SIGTERM handler): the caller's
     handler gets it afterwards (``signal.raise_signal``), in the order received. A signal
     left to the system (SIGTERM's default: the process ends at once), or ignored, is not
-    touched; outside the main thread, where Python handles no signal, nothing is changed."""
+    touched; outside the main thread, where Python handles no signal, nothing is changed.
+    A holding handler left in place after the block (an interrupt raised while the handlers
+    are put back: a Ctrl-C right after SIGINT's) passes each signal on to the caller's
+    handler; until review 194 it kept them for good (SIGTERM never reached the caller)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {
-        signum: handler for signum in _STOP_SIGNALS if callable(handler := signal.getsignal(signum))
+        signum: cast(Callable[[int, Any], Any], handler)
+        for signum in _STOP_SIGNALS
+        if callable(handler := signal.getsignal(signum))
     }
     received: list[int] = []
+    over = False  # the block is done: the signals the holder still gets are passed on
+
+    def hold(signum: int, frame: Any) -> Any:
+        if over:
+            return previous[signal.Signals(signum)](signum, frame)
+        received.append(signum)
+        return None
+
     for held in previous:
-        signal.signal(held, lambda signum, frame: received.append(signum))
+        signal.signal(held, hold)
     try:
         yield
     finally:
+        over = True
         for held, handler in previous.items():
             signal.signal(held, handler)
         for arrived in dict.fromkeys(received):  # the first to raise ends the delivery
