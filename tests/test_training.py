@@ -2012,3 +2012,30 @@ def test_a_ctrl_c_as_the_deferral_ends_does_not_swallow_sigterm_for_good(monkeyp
         assert called == [signal.SIGTERM]
     finally:
         real_signal(signal.SIGTERM, previous)
+
+
+def test_saves_of_two_threads_without_progress_put_transformers_hook_back(tmp_path):
+    """Review 194: `_transformers_bars_hidden` swapped transformers' global tqdm hook per
+    save; two threads saving with ``progress=False`` whose saves overlap (A starts, B
+    starts, A ends, B ends) left the hiding hook in place for good (B put back the hook
+    it had found: A's), so every later bar of transformers was hidden. The order is
+    driven here by hand, in one thread."""
+    from transformers.utils import logging as hf_logging
+
+    from hooked_attnres.training.trainer import _transformers_bars_hidden
+
+    def callers_hook(factory, args, kwargs):
+        return factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(callers_hook)
+    try:
+        a, b = _transformers_bars_hidden(), _transformers_bars_hidden()
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        shown = hf_logging.tqdm(range(3), desc="during B").disable
+        b.__exit__(None, None, None)
+        assert shown is True  # B's save still hides its bars
+        assert hf_logging.set_tqdm_hook(previous) is callers_hook  # put back
+    finally:
+        hf_logging.set_tqdm_hook(previous)

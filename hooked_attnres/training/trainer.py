@@ -408,21 +408,38 @@ def _transformers_bars_hidden(hidden: bool = True) -> Iterator[None]:
     """Inside the block ``transformers`` draws no progress bar (if ``hidden``): every bar
     it makes is made disabled (`transformers.utils.logging.set_tqdm_hook`, public since
     transformers 5.9, the oldest this package takes); the hook it had, a caller's or
-    none, is put back after. Before audit 188 ``progress=False`` (``--no-progress``) left
-    its ``Writing model shards`` bar on stderr at every save of a vanilla model."""
+    none, is put back after (by the last to end, where saves of several threads overlap).
+    Before audit 188 ``progress=False`` (``--no-progress``) left its ``Writing model
+    shards`` bar on stderr at every save of a vanilla model."""
     if not hidden:
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    def disabled(factory: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        return factory(*args, **{**kwargs, "disable": True})
-
-    previous = hf_logging.set_tqdm_hook(disabled)
+    with _HIDING_LOCK:  # the hook is global: saves of several threads share one hiding
+        if not _hiding:
+            _hiding.append(hf_logging.set_tqdm_hook(_disabled_bar))
+        _hiding.append(_disabled_bar)
     try:
         yield
     finally:
-        hf_logging.set_tqdm_hook(previous)
+        with _HIDING_LOCK:  # the last save to end puts the hook found back (review 194:
+            # A starts, B starts, A ends put the caller's hook back under B's save, and
+            # B's end the hiding hook, for good)
+            _hiding.pop()
+            if len(_hiding) == 1:
+                hf_logging.set_tqdm_hook(_hiding.pop())
+
+
+def _disabled_bar(factory: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A transformers tqdm hook: the bar made disabled (`_transformers_bars_hidden`)."""
+    return factory(*args, **{**kwargs, "disable": True})
+
+
+# `_transformers_bars_hidden` of the saves running now: the hook found first, then one
+# entry per save
+_HIDING_LOCK = threading.Lock()
+_hiding: list[Any] = []
 
 
 def _saved_weights(directory: Path) -> dict[str, torch.Tensor]:
