@@ -622,6 +622,14 @@ def test_a_train_stopped_by_a_full_disk_says_how_to_resume(tmp_path, monkeypatch
     assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in err
 
 
+def _tiny_train_argv(out: Path) -> list[str]:
+    """``train`` of the attnres condition into ``out``: 4 steps of 2 prompts, a checkpoint
+    every 2 steps, one thread, no progress bar (the forked crash tests' run)."""
+    argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
+    argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
+    return argv
+
+
 @pytest.mark.parametrize("fails", ["model.safetensors", "optimizer.pt"])
 def test_a_checkpoint_write_failing_for_lack_of_space_says_so_and_how_to_resume(tmp_path, fails):
     """Audit 178: ``train`` into a full disk (a tmpfs of 12, 22 and 30 MB) failed with
@@ -641,8 +649,7 @@ def test_a_checkpoint_write_failing_for_lack_of_space_says_so_and_how_to_resume(
 
     out = tmp_path / "runs"
     err = tmp_path / "stderr.txt"
-    argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
-    argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
+    argv = _tiny_train_argv(out)
 
     def run() -> None:
         saves = []
@@ -1444,8 +1451,7 @@ def test_sigterm_stops_a_training_with_a_checkpoint_and_says_how_to_resume(durin
 
     out = tmp_path / "runs"
     err = tmp_path / "stderr.txt"
-    argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
-    argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
+    argv = _tiny_train_argv(out)
 
     def run() -> None:
         updates = []
