@@ -119,8 +119,9 @@ class HookKeyError(KeyError):
     say why and what to do (a bare ``KeyError`` prints only ``repr(name)``). The base of
     `UnknownHookError`, `UnknownCacheKeyError` and `UncachedHookError`; until audit 174 a
     hook switched off (``set_use_*``), a misspelt one or a module was refused with the
-    message as ``args[0]``. ``message`` given here is ``str()``; a subclass that writes its
-    own ``__str__`` (a cache's, from its model or its reader) leaves it ``None``."""
+    message as ``args[0]``. The ``message`` given here is ``str()``; a subclass that writes
+    its own ``__str__`` (a cache's, from its model or its reader) passes none, and its
+    `message` property is that ``str()`` too (review 181)."""
 
     def __init__(self, name: str, message: Optional[str] = None) -> None:
         super().__init__(name)
