@@ -375,6 +375,12 @@ def test_the_report_states_the_verdicts_in_text_and_html(shipped_study):
     assert "analytic schedule to" in markdown
 
 
+def _line_starting(prefix: str, text: str) -> str:
+    """The one line of a report's ``text`` that starts with ``prefix`` (asserted one)."""
+    (line,) = [line for line in text.splitlines() if line.startswith(prefix)]
+    return line
+
+
 def test_the_study_figures_say_what_their_whiskers_are_as_the_report_and_shipped_report_do(
     shipped_study,
 ):
@@ -393,13 +399,8 @@ def test_the_study_figures_say_what_their_whiskers_are_as_the_report_and_shipped
         )
         assert fig.layout.title.subtitle.text == expected, name
     shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
-
-    def paragraph(text: str) -> str:
-        (line,) = [line for line in text.splitlines() if line.startswith("Effects are in percent")]
-        return line
-
-    written = paragraph((out / "report.md").read_text())
-    assert written == paragraph(shipped)
+    written = _line_starting("Effects are in percent", (out / "report.md").read_text())
+    assert written == _line_starting("Effects are in percent", shipped)
     assert (
         "whiskers are 95 % bootstrap intervals over prompts (each figure says so under" in written
     )
@@ -1648,11 +1649,6 @@ def test_the_report_defines_accuracy_in_the_words_of_the_shipped_report(shipped_
     equal it but for the seconds line; no shipped model has such a tie in float32)."""
     out, _ = shipped_study
     shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
-
-    def paragraph(text: str) -> str:
-        (line,) = [line for line in text.splitlines() if line.startswith("Each row scores")]
-        return line
-
-    written = paragraph((out / "report.md").read_text())
-    assert written == paragraph(shipped)
+    written = _line_starting("Each row scores", (out / "report.md").read_text())
+    assert written == _line_starting("Each row scores", shipped)
     assert "tied with k - 1 other tokens for the largest scores 1/k" in written
