@@ -76,6 +76,22 @@ def model_router_params(model) -> RouterParams:
     return params
 
 
+def model_reference_forward(hf, model, tokens, attention_mask=None, edit: Optional[Edit] = None):
+    """`reference_forward` of ``model``'s layout, blocks, mode and router parameters (read
+    from its config and routers), on ``hf``'s weights: ``(logits, weights)``."""
+    cfg = model.cfg
+    return reference_forward(
+        hf,
+        cfg.attnres_layout,
+        cfg.attnres_num_blocks,
+        model_router_params(model),
+        tokens,
+        cfg.attnres_mode,
+        attention_mask=attention_mask,
+        edit=edit,
+    )
+
+
 def reference_forward(
     hf,
     layout: str,

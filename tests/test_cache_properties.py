@@ -20,7 +20,12 @@ import torch
 from helpers import SMALL_QWEN3, hf_qwen3, randomize_routing, rms_norm_in_float64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_attnres import Edit, model_router_params, reference_forward, reference_route
+from reference_attnres import (
+    Edit,
+    model_reference_forward,
+    model_router_params,
+    reference_route,
+)
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from hooked_attnres import HookedAttnRes
@@ -110,18 +115,10 @@ def reference(hf, model, tokens, mask) -> dict:
             block.mlp.down_proj.register_forward_pre_hook(pre(post, layer, True)),
         ]
     handles.append(hf.model.norm.register_forward_pre_hook(pre(norm_in, 2 * n)))
-    cfg = model.cfg
     try:
         with torch.enable_grad(), patch.object(Qwen3RMSNorm, "forward", rms_norm_in_float64):
-            logits, weights = reference_forward(
-                hf,
-                cfg.attnres_layout,
-                cfg.attnres_num_blocks,
-                model_router_params(model),
-                tokens,
-                cfg.attnres_mode,
-                attention_mask=mask,
-                edit=edit,
+            logits, weights = model_reference_forward(
+                hf, model, tokens, attention_mask=mask, edit=edit
             )
             leaves = {"embed": edit.embedding, **leaves}
             coef = {}

@@ -479,6 +479,19 @@ def _read_by_type(model: HookedAttnRes) -> dict[str, set[str]]:
     return out
 
 
+def _kimi_effects(**kwargs) -> tuple[HookedAttnRes, TaskBatch, pd.DataFrame]:
+    """A 6-layer, 3-block kimi model with random routing (eval mode), 6 random prompts of
+    7 tokens, and their logit_diff ablation effects (40 resamples; ``kwargs`` go to
+    `ablation_effects`, e.g. ``groups``)."""
+    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
+    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
+    model.eval()
+    effects = ablation_effects(
+        model, batch, metrics="logit_diff", n_bootstrap=40, progress=False, **kwargs
+    )
+    return model, batch, effects
+
+
 def _random_task_batch(n: int, n_pos: int, d_vocab: int) -> TaskBatch:
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(d_vocab, (n, n_pos), generator=generator)
@@ -621,10 +634,7 @@ def test_effect_figures_refuse_effects_without_n_masked_routers_as_the_report_do
     # ablation that masked nothing (effect 0 by construction, e.g. older in the early band)
     # as a measured 0 with a [0, 0] whisker, while the study report refused such a table by
     # name; both now use one check (require_masked_column) with one message
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
-    model.eval()
-    effects = ablation_effects(model, batch, metrics="logit_diff", n_bootstrap=40, progress=False)
+    model, batch, effects = _kimi_effects()
     assert (effects.n_masked_routers == 0).any()  # the case the column tells apart
     summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
     bare = effects.drop(columns="n_masked_routers")
@@ -654,10 +664,7 @@ def test_effect_figures_refuse_a_nan_n_masked_routers(tmp_path):
     # as a measured effect: NaN is not 0, so effect_bands drew 6 bars of exactly 0 (older
     # and prev_completed in the early band); now refused by the one check
     # (require_masked_column, also the study report's), naming the first such row
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
-    model.eval()
-    effects = ablation_effects(model, batch, metrics="logit_diff", n_bootstrap=40, progress=False)
+    model, batch, effects = _kimi_effects()
     nothing = effects.n_masked_routers == 0
     assert nothing.any() and (effects[nothing].effect == 0).all()  # 0 by construction
     effects.loc[nothing, "n_masked_routers"] = None  # the cells a CSV leaves empty
@@ -938,12 +945,7 @@ def test_mass_effect_figures_refuse_a_group_named_like_a_band_of_other_layers(tm
     gives 1.0 and 0.0. summarize_mass now records each band's layers, and the figures
     refuse a band of other layers than the group masked; a band of the group's own layers
     (routing_mass(bands=...)) is drawn, also read back from CSV files."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
-    model.eval()
-    effects = ablation_effects(
-        model, batch, groups={"early": [0]}, metrics="logit_diff", n_bootstrap=40, progress=False
-    )
+    model, batch, effects = _kimi_effects(groups={"early": [0]})
     default = summarize_mass(routing_mass(model, batch), ("router", "band", "family"), 40)
     bars = functools.partial(plotting.mass_effect_bars, relative=False)
     for plot in (bars, plotting.mass_effect_scatter):
@@ -1030,12 +1032,7 @@ def test_mass_effect_figures_refuse_the_mass_and_effects_of_other_models():
     and family alone: seed 0's mass was drawn beside seed 1's effects. Tables whose model
     labels (condition / seed / model, where both have the column) differ are refused; of
     one label the bars are the summary's mass."""
-    model = randomize_routing(tiny_model(attnres_layout="kimi", n_layers=6, attnres_num_blocks=3))
-    batch = _random_task_batch(6, 7, model.cfg.d_vocab)
-    model.eval()
-    effects = ablation_effects(
-        model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
-    )
+    model, batch, effects = _kimi_effects(groups="all")
     summary = summarize_mass(routing_mass(model, batch), n_bootstrap=40)
     bars = functools.partial(plotting.mass_effect_bars, relative=False)
     for plot in (bars, plotting.mass_effect_scatter):

@@ -17,7 +17,7 @@ import torch
 from helpers import SMALL_QWEN3, hf_qwen3, randomize_routing, real_diff, rms_norm_in_float64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_attnres import Edit, model_router_params, reference_forward
+from reference_attnres import Edit, model_reference_forward
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from hooked_attnres import HookedAttnRes
@@ -102,18 +102,8 @@ def _case(seed, configs, max_pos, padding):
 
 def reference(model, hf, tokens, mask=None, edit=None):
     """The reference's logits of ``model``'s layout (float64 throughout)."""
-    cfg = model.cfg
     with torch.no_grad(), patch.object(Qwen3RMSNorm, "forward", rms_norm_in_float64):
-        logits, _ = reference_forward(
-            hf,
-            cfg.attnres_layout,
-            cfg.attnres_num_blocks,
-            model_router_params(model),
-            tokens,
-            cfg.attnres_mode,
-            attention_mask=mask,
-            edit=edit,
-        )
+        logits, _ = model_reference_forward(hf, model, tokens, attention_mask=mask, edit=edit)
     return logits
 
 
