@@ -1287,6 +1287,37 @@ def test_dissociation_report_refuses_effects_without_a_family():
         dissociation_report(mass, effects[effects.family != "current"])
 
 
+def test_dissociation_report_refuses_effects_of_a_router_type_the_mass_lacks():
+    """Audit 196: the report ranked the router types both tables have, so the effects of a
+    router type the mass summary lacks (attention here, beside the MLP mass only) dropped
+    out of it without a word: one row, mlp_res, where the effects measured two router
+    types. Refused naming the router type and the table that lacks it, as the figures
+    refuse an effect without a mass row; the mass of a router type without effects (the
+    final router's beside group ``all``, which never masks it) is not compared: the
+    effects choose the router types, one row each."""
+    mass, effects = _handmade_dissociation_tables()
+    attention = effects.assign(router="attn_res", effect=effects.effect[::-1].to_numpy())
+    both = pd.concat([effects, attention], ignore_index=True)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "dissociation_report: the effects hold the router type(s) ['attn_res'], which "
+            "mass_summary lacks"
+        ),
+    ):
+        dissociation_report(mass, both)
+    # with the attention mass too, one row per router type of the effects
+    attention_mass = mass.assign(router="attn_res")
+    report = dissociation_report(pd.concat([mass, attention_mass]), both)
+    assert list(report.router) == ["attn_res", "mlp_res"]
+    # mass of a router type the effects lack: the effects' router types, one row each
+    final = mass.assign(router="final_res")
+    report = dissociation_report(pd.concat([mass, final]), effects)
+    assert list(report.router) == ["mlp_res"]
+    mine = dissociation_report(mass, effects)
+    pd.testing.assert_frame_equal(report, mine)
+
+
 def test_dissociation_report_refuses_an_appreciable_mass_that_is_no_number():
     """Audit finding: ``appreciable_mass=nan`` (or ``True``, read as 1) compared false with
     every mass, so no family was listed as carrying appreciable mass without effect."""

@@ -51,7 +51,9 @@ def dissociation_report(
             finite number).
 
     Returns:
-        Columns: ``router``; ``mass_ranking`` / ``abs_effect_ranking`` (families, largest
+        One row per router type of the effects (of ``metric`` and ``group``; the mass of
+        other router types, e.g. the final router's beside group ``"all"``, which never
+        masks it, is not compared). Columns: ``router``; ``mass_ranking`` / ``abs_effect_ranking`` (families, largest
         first, ties in name order; the effect ranked by ``|effect|``); ``spearman`` (rank
         correlation of mass and ``|effect|`` over the families present: those some
         router of the type reads, ``family_read``, whatever their mass); ``top_mass``,
@@ -67,8 +69,9 @@ def dissociation_report(
 
     Raises:
         ValueError: an ``appreciable_mass`` that is no finite number, several rows per
-            router and family, a missing family row (in either table, at a router type
-            both have), a mass summary without a True / False ``family_read`` column, effects
+            router and family, effects of a router type the mass summary lacks (its row
+            was left out without a word until audit 196), a missing family row (in either
+            table, at a router type of the effects), a mass summary without a True / False ``family_read`` column, effects
             that masked routers for a family ``family_read`` says no router reads (tables of
             different models), a summary of other layers than the effects of ``group``
             masked (its ``layers``, `require_same_layers`: e.g. the every-layer summary
@@ -97,7 +100,19 @@ def dissociation_report(
     require_same_models(
         (("mass_summary", mass_summary), ("effects", chosen)), "dissociation_report"
     )
-    routers = sorted(set(mass_summary.router) & set(chosen.router))
+    # the effects choose the router types (as in the mass-effect figures): one of theirs
+    # without mass dropped out of the report without a word (audit 196); the mass of a
+    # router type without effects is not compared (the final router's beside group "all")
+    unpaired = sorted(set(chosen.router) - set(mass_summary.router), key=str)
+    if unpaired:
+        raise ValueError(
+            f"dissociation_report: the effects hold the router type(s) {unpaired}, which "
+            f"mass_summary lacks (it has {sorted(set(mass_summary.router), key=str)}): "
+            "their report row would be left out; pass the mass summary of every router type "
+            "of the effects (summarize_mass of routing_mass output has each), or select the "
+            "effects to report: effects[effects.router.isin(mass_summary.router)]"
+        )
+    routers = sorted(set(chosen.router), key=str)
     # the summary's mass must be of the layers the group masked (paired by router only)
     require_same_layers(
         mass_summary[mass_summary.router.isin(routers)],
