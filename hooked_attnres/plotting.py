@@ -11,7 +11,7 @@ difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -817,6 +817,36 @@ def _merged(
     return merged, note, (drawn, chosen), method
 
 
+def _labels(values: Iterable) -> list:
+    """Distinct labels of a column, in order, as plain Python values (no ``np.int64(0)``)."""
+    return [np.asarray(v).tolist() for v in dict.fromkeys(values)]
+
+
+def _require_models_of_effects(mass: pd.DataFrame, chosen: pd.DataFrame) -> None:
+    """Refuse effects (``chosen``, with ``condition`` and ``seed`` columns) of a model
+    (``(condition, seed)``) that no row of ``mass`` is of, naming the models and both
+    tables' labels (audit 196: tables of other condition labels, ``a`` beside ``b``, were
+    refused as effects "(router, family) rows [...] without a mass_summary row to pair
+    with", and told to select families or router types, which both tables had)."""
+    have = set(zip(mass.condition, mass.seed, strict=True))
+    lacking = [
+        m for m in dict.fromkeys(zip(chosen.condition, chosen.seed, strict=True)) if m not in have
+    ]
+    if not lacking:
+        return
+    named = "; ".join(
+        f"condition={np.asarray(c).tolist()!r}, seed={np.asarray(s).tolist()!r}"
+        for c, s in lacking[:3]
+    ) + (f" (and {len(lacking) - 3} more)" if len(lacking) > 3 else "")
+    raise ValueError(
+        f"mass_summary has no row for {named}, a model of the effects: the tables hold "
+        f"other models (conditions: effects {_labels(chosen.condition)}, mass_summary "
+        f"{_labels(mass.condition)}; seeds: effects {_labels(chosen.seed)}, mass_summary "
+        f"{_labels(mass.seed)}; a table without a condition or seed column is of condition "
+        "'' and seed 0); pass the mass summary of the effects' models, labelled as they are"
+    )
+
+
 def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame, by_model: bool = False) -> str:
     """Refuse effects (``chosen``, the rows drawn) with a ``(router, family)`` that no row
     of ``mass`` (the mass rows at the effects' router types) has, and return a title's note
@@ -833,6 +863,7 @@ def _pairing_note(mass: pd.DataFrame, chosen: pd.DataFrame, by_model: bool = Fal
     if by_model:
         models = ["condition", "seed"]
         drawn = set(zip(chosen.condition, chosen.seed, strict=True))
+        _require_models_of_effects(mass, chosen)
         lacking: dict = {}
         for condition, seed in dict.fromkeys(zip(mass.condition, mass.seed, strict=True)):
             if (condition, seed) not in drawn:

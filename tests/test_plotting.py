@@ -353,6 +353,45 @@ def test_mass_effect_by_seed_refuses_missing_rows_and_names_absent_seeds():
         plotting.mass_effect_by_seed(mass[~gone], effects, "mlp_res")
 
 
+def test_mass_effect_by_seed_says_the_tables_hold_other_models_not_missing_family_rows():
+    """Audit 196: tables whose condition (or seed) labels differ (the mass of condition a
+    beside the effects of b, or a summary without a condition column beside effects with
+    one) were refused as "effects has (router, family) rows [...] without a mass_summary row
+    to pair with", advising to select families or router types, which both tables have. The
+    message names the effects' models without mass and both tables' labels."""
+    effects = _effects(conditions=("b",), seeds=(0,))
+    mass = _mass(conditions=("a",), seeds=(0,))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "mass_summary has no row for condition='b', seed=0, a model of the effects: the "
+            "tables hold other models (conditions: effects ['b'], mass_summary ['a']; seeds: "
+            "effects [0], mass_summary [0]"
+        ),
+    ):
+        plotting.mass_effect_by_seed(mass, effects, "mlp_res")
+    # a summary without a condition column is of condition ''
+    with pytest.raises(
+        ValueError,
+        match=re.escape("(conditions: effects ['b'], mass_summary ['']; seeds: effects [0]"),
+    ):
+        plotting.mass_effect_by_seed(mass.drop(columns="condition"), effects, "mlp_res")
+    # seeds that differ: the same message, naming the seeds
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "mass_summary has no row for condition='b', seed=1, a model of the effects: the "
+            "tables hold other models (conditions: effects ['b'], mass_summary ['b']; seeds: "
+            "effects [1], mass_summary [0]"
+        ),
+    ):
+        plotting.mass_effect_by_seed(
+            mass.assign(condition="b"), effects.assign(seed=1), "mlp_res"
+        )
+    # labelled alike, drawn
+    plotting.mass_effect_by_seed(mass.assign(condition="b"), effects, "mlp_res")
+
+
 def test_mass_effect_by_seed_refuses_seeds_of_another_kind_in_the_other_table():
     """Audit 127: seeds 0, 1 in one table and '0', '1' in the other (one read back from a
     CSV without dtypes) were refused as "mass_summary has no row for condition='a',
