@@ -385,9 +385,7 @@ def test_mass_effect_by_seed_says_the_tables_hold_other_models_not_missing_famil
             "effects [1], mass_summary [0]"
         ),
     ):
-        plotting.mass_effect_by_seed(
-            mass.assign(condition="b"), effects.assign(seed=1), "mlp_res"
-        )
+        plotting.mass_effect_by_seed(mass.assign(condition="b"), effects.assign(seed=1), "mlp_res")
     # labelled alike, drawn
     plotting.mass_effect_by_seed(mass.assign(condition="b"), effects, "mlp_res")
 

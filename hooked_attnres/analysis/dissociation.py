@@ -53,13 +53,14 @@ def dissociation_report(
     Returns:
         One row per router type of the effects (of ``metric`` and ``group``; the mass of
         other router types, e.g. the final router's beside group ``"all"``, which never
-        masks it, is not compared). Columns: ``router``; ``mass_ranking`` / ``abs_effect_ranking`` (families, largest
-        first, ties in name order; the effect ranked by ``|effect|``); ``spearman`` (rank
-        correlation of mass and ``|effect|`` over the families present: those some
-        router of the type reads, ``family_read``, whatever their mass); ``top_mass``,
-        ``top_abs_effect`` (every family tied for the top, joined by ``|``; the top of the
-        ``|effect|`` ranking, which may be a family whose ablation helps: the
-        pre-registered D1 of `motif_report` ranks by harm instead, its ``top_effect``),
+        masks it, is not compared). Columns: ``router``; ``mass_ranking`` /
+        ``abs_effect_ranking`` (families, largest first, ties in name order; the effect
+        ranked by ``|effect|``); ``spearman`` (rank correlation of mass and ``|effect|``
+        over the families present: those some router of the type reads,
+        ``family_read``, whatever their mass); ``top_mass``, ``top_abs_effect`` (every
+        family tied for the top, joined by ``|``; the top of the ``|effect|`` ranking,
+        which may be a family whose ablation helps: the pre-registered D1 of
+        `motif_report` ranks by harm instead, its ``top_effect``),
         ``top_mass_is_top_abs_effect`` (one family is on top of both); ``shares`` (for
         every family, its mass and its share of the total ``|effect|``, NaN when every
         effect is 0: there is no total to share;
@@ -71,14 +72,14 @@ def dissociation_report(
         ValueError: an ``appreciable_mass`` that is no finite number, several rows per
             router and family, effects of a router type the mass summary lacks (its row
             was left out without a word until audit 196), a missing family row (in either
-            table, at a router type of the effects), a mass summary without a True / False ``family_read`` column, effects
-            that masked routers for a family ``family_read`` says no router reads (tables of
-            different models), a summary of other layers than the effects of ``group``
-            masked (its ``layers``, `require_same_layers`: e.g. the every-layer summary
-            with ``group="early"``), tables of other models (`require_same_models`: a
-            ``condition`` / ``seed`` / ``model`` label one table lacks), or a NaN / infinite
-            mass, effect or interval bound
-            (e.g. the NaN intervals of one prompt).
+            table, at a router type of the effects), a mass summary without a True /
+            False ``family_read`` column, effects that masked routers for a family
+            ``family_read`` says no router reads (tables of different models), a summary
+            of other layers than the effects of ``group`` masked (its ``layers``,
+            `require_same_layers`: e.g. the every-layer summary with ``group="early"``),
+            tables of other models (`require_same_models`: a ``condition`` / ``seed`` /
+            ``model`` label one table lacks), or a NaN / infinite mass, effect or
+            interval bound (e.g. the NaN intervals of one prompt).
     """
     require_summary_and_effects(mass_summary, effects)
     require_measured(effects, "dissociation_report")
