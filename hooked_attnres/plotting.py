@@ -181,11 +181,32 @@ def _require_table(
             )
 
 
+def _prompt_counts(column: pd.Series, what: str) -> list[int]:
+    """The distinct prompt counts of a table's ``n_prompts`` column (missing cells left
+    out), in order; a value that is no whole number from 1 (``12.5``, a mean over tables;
+    0; text) is refused, naming the values (audit 196: ``int()`` printed 12.5 as "12
+    prompts", and text was left out without a word)."""
+    present = column.dropna()
+    numbers = pd.to_numeric(present, errors="coerce")
+    whole = numbers.notna() & np.isfinite(numbers.astype(float)) & (numbers >= 1)
+    whole &= numbers.where(whole, 0).astype(float) % 1 == 0
+    if not whole.all():
+        bad = list(dict.fromkeys(np.asarray(v).tolist() for v in present[~whole]))
+        raise ValueError(
+            f"{what} has n_prompts value(s) {bad[:4]} that are no count of prompts (a whole "
+            "number from 1): its intervals are over no one prompt set (a mean over tables?), "
+            "and the figure would misstate it; pass the rows as summarize_mass, "
+            "ablation_effects or attribute_routing wrote them"
+        )
+    return sorted({int(n) for n in numbers})
+
+
 def _interval_source(rows: pd.DataFrame, what: str) -> str:
     """What the intervals ``ci_low`` / ``ci_high`` of ``rows`` (the rows a figure draws)
     are, read from their own columns: the level from ``confidence`` (``"95 %"``; not stated
     where the column is missing or NaN: "level and method not recorded in the table"), the prompts
-    from ``n_prompts`` (``"over 256 prompts"``, a range where the rows differ), and, for
+    from ``n_prompts`` (``"over 256 prompts"``, a range where the rows differ; a count that is
+    no whole number refused, `_prompt_counts`; rows without one said), and, for
     attribution estimates (`estimate_method`: a ``method`` other than ``"exact"``), whose
     intervals they are. A recorded level is that of percentile-bootstrap intervals over
     prompts, as `summarize_mass`, `ablation_effects` and `attribute_routing` compute and
@@ -205,17 +226,20 @@ def _interval_source(rows: pd.DataFrame, what: str) -> str:
         levels = [level_text(v) for v in sorted(set(values.dropna()))]
         unrecorded = bool(values.isna().any())
     head = " or ".join(levels) + " " if levels else ""
-    prompts = "prompts"
+    prompts, uncounted = "prompts", False
     if "n_prompts" in rows.columns:
-        counts = sorted({int(n) for n in pd.to_numeric(rows.n_prompts, errors="coerce").dropna()})
+        counts = _prompt_counts(rows.n_prompts, what)
         if counts:
             span = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
             prompts = f"{span} prompts"
+            uncounted = bool(rows.n_prompts.isna().any())
     kind = f"{head}percentile-bootstrap intervals" if levels else "intervals"
     text = f"{kind} over {prompts}"
     method = estimate_method(rows, what)
     if method is not None:
         text += f" of the attribution estimates (method {method})"
+    if uncounted:
+        text += " (the number of prompts not recorded for some rows)"
     if unrecorded:
         text += (
             " (level and method not recorded in the table)"

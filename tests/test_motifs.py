@@ -553,6 +553,13 @@ def test_non_finite_numbers_are_refused_not_read_as_absent():
     one_prompt = effects.assign(ci_low=nan, ci_high=nan, n_prompts=1)
     with pytest.raises(ValueError, match="non-finite ci_low .* from 1 prompt"):
         motif_report(summary, one_prompt)
+    # audit 196: the count was printed as int(n_prompts): 1.5 (rows averaged over tables)
+    # read "from 1 prompt(s)", and a missing count failed with Python's "cannot convert
+    # float NaN to integer" in place of the refusal; the count is printed as it is
+    with pytest.raises(ValueError, match=r"non-finite ci_low \(nan\) .* from 1\.5 prompt"):
+        motif_report(summary, one_prompt.assign(n_prompts=1.5))
+    with pytest.raises(ValueError, match=r"family='embedding'; the pre-registered verdicts"):
+        motif_report(summary, one_prompt.assign(n_prompts=nan))
     with pytest.raises(ValueError, match="non-finite clean"):
         motif_report(*tables(clean=nan))
     with pytest.raises(ValueError, match="accuracy effects hold a non-finite effect"):

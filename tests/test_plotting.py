@@ -1632,6 +1632,39 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
     assert _subtitle(plotting.routing_heatmap(table)) is None
 
 
+def test_whisker_line_refuses_a_prompt_count_that_is_no_whole_number():
+    """Audit 196: the whisker line printed ``int(n_prompts)``, so rows averaged over tables
+    (a mean of models of 12 and 13 prompts, n_prompts 12.5) read "over 12 prompts", and a
+    count that is no number (text) was left out, the line reading "over 12 prompts" of the
+    others. ``n_prompts`` counts the prompts an interval is over (`summarize_mass`,
+    `ablation_effects` and `attribute_routing` write a whole number): anything else is
+    refused, naming the values; rows without a count are said to be so."""
+    effects = _effects().assign(confidence=0.9, n_prompts=12)
+    effects = effects[effects.router == "mlp_res"].drop(columns=["condition", "seed"])
+    for bad, shown in ((12.5, "[12.5]"), (0, "[0]"), (float("inf"), "[inf]"), ("x", "['x']")):
+        table = effects.astype({"n_prompts": object})
+        table.loc[table.index[0], "n_prompts"] = bad
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"effects has n_prompts value(s) {shown} that are no count of prompts (a "
+                "whole number from 1)"
+            ),
+        ):
+            plotting.effect_bands(table)
+    # a count of 12.0 (a float column, e.g. a CSV with a missing cell) is 12 prompts
+    assert _subtitle(plotting.effect_bands(effects.astype({"n_prompts": float}))) == (
+        "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
+    )
+    # rows without a count: said, not read as the others' count
+    part = effects.astype({"n_prompts": float})
+    part.loc[part.group == "all", "n_prompts"] = np.nan
+    assert _subtitle(plotting.effect_bands(part, groups=["early", "all"])) == (
+        "whiskers: 90 % percentile-bootstrap intervals over 12 prompts (the number of "
+        "prompts not recorded for some rows)"
+    )
+
+
 def test_whisker_line_reads_the_level_of_real_tables():
     """The figures' whisker line of `summarize_mass` and `ablation_effects` output computed
     at a level of 80 % over 6 prompts (the summary now records its level, as the effects

@@ -293,11 +293,9 @@ def _require_finite(logit: pd.DataFrame, accuracy: pd.DataFrame, mass: pd.Series
         if found is not None:
             row, column = found
             router, group, family = table.index[row]
-            prompts = (
-                f" from {int(table.n_prompts.iloc[row])} prompt(s)"
-                if "n_prompts" in table.columns
-                else ""
-            )
+            # the count as it is (int() read 1.5 as 1 and failed on NaN: audit 196)
+            count = table.n_prompts.iloc[row] if "n_prompts" in table.columns else None
+            prompts = f" from {np.asarray(count).tolist()!r} prompt(s)" if pd.notna(count) else ""
             raise ValueError(
                 f"the {metric} effects hold a non-finite {columns[column]} "
                 f"({values[row, column]}) at router={router!r}, group={group!r}, "
