@@ -326,6 +326,24 @@ def non_finite_in_column(
     return count, row[column], where
 
 
+def require_unique_columns(table: Any, what: str) -> None:
+    """Refuse a pandas ``DataFrame`` with several columns of one name (``pd.concat([a, b],
+    axis=1)`` of two tables that share a column): ``ValueError`` naming them. ``table.router``
+    of such a table is a table, not a column: its names were read as labels (the router type
+    'router'), rows compared by both columns (``duplicated``: two cells where one column
+    repeats a key), or pandas and NumPy failed with their own words (audit 196). ``what``
+    names the table."""
+    repeated = table.columns[table.columns.duplicated()]
+    if len(repeated):
+        names = [np.asarray(c).tolist() for c in dict.fromkeys(repeated)]
+        raise ValueError(
+            f"{what} has several columns named {names} (e.g. of pd.concat(axis=1)), so "
+            "which one a column name reads is unknown; keep one of each: "
+            "table.loc[:, ~table.columns.duplicated()] (if they hold the same values), or "
+            "rename them"
+        )
+
+
 def require_columns(table: Any, columns: Sequence[str], what: str, made_by: str = "") -> None:
     """Refuse a ``table`` that is no pandas ``DataFrame`` (``TypeError``) or lacks one of
     ``columns`` (``ValueError("{what} lacks the column(s) [...] (it has [...])")``):
@@ -333,10 +351,12 @@ def require_columns(table: Any, columns: Sequence[str], what: str, made_by: str 
     call that makes it (``"summarize_mass(routing_mass(...))"``), shown as the remedy. The
     one check of a table's columns: a table of another kind (the effects passed as the
     mass summary, two arguments swapped) failed deep inside with pandas' ``KeyError`` or
-    "'DataFrame' object has no attribute 'metric'"."""
+    "'DataFrame' object has no attribute 'metric'". A table with several columns of one
+    name is refused too (`require_unique_columns`)."""
     remedy = f"; pass {made_by}" if made_by else ""
     if not hasattr(table, "columns") or not hasattr(table, "groupby"):
         raise TypeError(f"{what} must be a pandas DataFrame{remedy}, got {type(table).__name__}")
+    require_unique_columns(table, what)
     missing = [c for c in dict.fromkeys(columns) if c not in table.columns]
     if missing:
         raise ValueError(
@@ -492,7 +512,9 @@ def require_one_row(table: Any, keys: Sequence[str], what: str, remedy: str) -> 
     cell" before a table is indexed, paired or drawn by ``keys`` (several seeds' rows of a
     cell were paired with each other, drawn on top of each other or read as one); ``what``
     names the table. Keys are matched as pandas' ``duplicated`` matches them (NaN equal
-    to NaN; `repeated_cell`)."""
+    to NaN; `repeated_cell`). A table with several columns of one name is refused
+    (`require_unique_columns`: it passed whatever its rows, audit 196)."""
+    require_unique_columns(table, what)
     keys = list(dict.fromkeys(keys))
     found = repeated_cell(table, keys)
     if found is None:

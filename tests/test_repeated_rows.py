@@ -65,6 +65,40 @@ def test_require_one_row_names_the_cell_its_rows_the_columns_and_the_remedy():
         require_one_row(nan, ["router", "family"], "t", "r")
 
 
+def test_a_table_with_two_columns_of_one_name_is_refused_naming_the_columns():
+    """Audit 196: a table with two columns of one name (``pd.concat([a, b], axis=1)``)
+    passed `require_one_row` whatever its rows (``duplicated`` matched both columns, so the
+    rows a, x, p and a, x, q were two cells of ('router', 'family')), and the callers then
+    read ``table.router`` as a table: `dissociation_report` refused the router type
+    'router' (the column's name) as one the mass summary lacks, and with a repeated
+    ``family`` or ``effect`` failed with Python's "zip() argument 2 is shorter than
+    argument 1" or NumPy's "truth value of an array ... is ambiguous". Refused by name, by
+    `require_one_row` and by `require_columns` (the one check of a table's columns)."""
+    from hooked_attnres._validation import require_columns
+
+    twice = pd.concat(
+        [
+            pd.DataFrame({"router": ["a", "a"], "family": ["x", "x"], "effect": [1.0, 2.0]}),
+            pd.DataFrame({"router": ["p", "q"], "effect": [1.0, 2.0]}),
+        ],
+        axis=1,
+    )
+    message = re.escape(
+        "t has several columns named ['router', 'effect'] (e.g. of pd.concat(axis=1)), so "
+        "which one a column name reads is unknown"
+    )
+    with pytest.raises(ValueError, match=message):
+        require_one_row(twice, ("router", "family"), "t", "r")
+    with pytest.raises(ValueError, match=message):
+        require_columns(twice, ("family",), "t")
+    mass, effects = tables()
+    effects = effects[effects.group == "all"]
+    with pytest.raises(ValueError, match=r"^effects has several columns named \['router'\]"):
+        dissociation_report(mass, pd.concat([effects, effects[["router"]]], axis=1))
+    with pytest.raises(ValueError, match=r"^mass_summary has several columns named \['family'\]"):
+        dissociation_report(pd.concat([mass, mass[["family"]]], axis=1), effects)
+
+
 def test_the_mass_effect_figures_refuse_a_repeated_router_and_family():
     mass, effects = _plot_tables()
     two_mass, two_effects = _plot_tables(seeds=(0, 1))
