@@ -181,24 +181,35 @@ def _require_table(
             )
 
 
+def _is_count(value: object) -> bool:
+    """Whether ``value`` (a cell of ``n_prompts``) is a count of prompts: an integer
+    (`is_integer`: no ``bool``) or a whole float from 1. Not ``True`` (read as 1), text
+    (``"12"``: the library reads no text as a number, `as_numpy`), a complex number or a
+    date (read as its count of nanoseconds)."""
+    if is_integer(value):
+        return bool(value >= 1)
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value) and value >= 1) and float(value).is_integer()
+    return False
+
+
 def _prompt_counts(column: pd.Series, what: str) -> list[int]:
     """The distinct prompt counts of a table's ``n_prompts`` column (missing cells left
-    out), in order; a value that is no whole number from 1 (``12.5``, a mean over tables;
-    0; text) is refused, naming the values (audit 196: ``int()`` printed 12.5 as "12
-    prompts", and text was left out without a word)."""
-    present = column.dropna()
-    numbers = pd.to_numeric(present, errors="coerce")
-    whole = numbers.notna() & np.isfinite(numbers.astype(float)) & (numbers >= 1)
-    whole &= numbers.where(whole, 0).astype(float) % 1 == 0
-    if not whole.all():
-        bad = list(dict.fromkeys(np.asarray(v).tolist() for v in present[~whole]))
+    out), in order; a value that is no count (`_is_count`: ``12.5``, a mean over tables;
+    0; ``True``; text; a date) is refused, naming the values (audit 196: ``int()`` printed
+    12.5 as "12 prompts", and text was left out without a word; review 200: ``True`` read
+    as 1 prompt, a date as its nanoseconds, ``"12"`` as 12, and a complex number failed
+    with Python's "int() argument must be [...]")."""
+    present = column.dropna().tolist()
+    bad = list(dict.fromkeys(np.asarray(v).tolist() for v in present if not _is_count(v)))
+    if bad:
         raise ValueError(
             f"{what} has n_prompts value(s) {bad[:4]} that are no count of prompts (a whole "
             "number from 1): its intervals are over no one prompt set (a mean over tables?), "
             "and the figure would misstate it; pass the rows as summarize_mass, "
             "ablation_effects or attribute_routing wrote them"
         )
-    return sorted({int(n) for n in numbers})
+    return sorted({int(n) for n in present})
 
 
 def _interval_source(rows: pd.DataFrame, what: str) -> str:

@@ -1652,6 +1652,20 @@ def test_whisker_line_refuses_a_prompt_count_that_is_no_whole_number():
             ),
         ):
             plotting.effect_bands(table)
+    # review 200: True (read as 1: "over 1 to 12 prompts"), text "12" (the library reads no
+    # text as a number, `as_numpy`), a complex number (Python's "int() argument must be
+    # [...] not 'complex'"), a whole column of booleans ("over 1 prompts") or of dates
+    # (2020-01-01 read as 1577836800000000000 prompts) are no counts either
+    objects = effects.astype({"n_prompts": object})
+    for bad, shown in ((True, "[True]"), ("12", "['12']"), (12 + 0j, "[(12+0j)]")):
+        table = objects.copy()
+        table.loc[table.index[0], "n_prompts"] = bad
+        with pytest.raises(ValueError, match=re.escape(f"n_prompts value(s) {shown} that are no")):
+            plotting.effect_bands(table)
+    date = pd.Timestamp("2020-01-01")
+    for column, shown in ((True, "[True]"), (date, f"[{date!r}]")):
+        with pytest.raises(ValueError, match=re.escape(f"n_prompts value(s) {shown} that are no")):
+            plotting.effect_bands(effects.assign(n_prompts=column))
     # a count of 12.0 (a float column, e.g. a CSV with a missing cell) is 12 prompts
     assert _subtitle(plotting.effect_bands(effects.astype({"n_prompts": float}))) == (
         "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
