@@ -185,7 +185,7 @@ def _is_count(value: object) -> bool:
     """Whether ``value`` (a cell of ``n_prompts``) is a count of prompts: an integer
     (`is_integer`: no ``bool``) or a whole float from 1. Not ``True`` (read as 1), text
     (``"12"``: the library reads no text as a number, `as_numpy`), a complex number or a
-    date (read as its count of nanoseconds)."""
+    date (read as its count of time units since 1970)."""
     if is_integer(value):
         return bool(value >= 1)
     if isinstance(value, (float, np.floating)):
@@ -198,7 +198,7 @@ def _prompt_counts(column: pd.Series, what: str) -> list[int]:
     out), in order; a value that is no count (`_is_count`: ``12.5``, a mean over tables;
     0; ``True``; text; a date) is refused, naming the values (audit 196: ``int()`` printed
     12.5 as "12 prompts", and text was left out without a word; review 200: ``True`` read
-    as 1 prompt, a date as its nanoseconds, ``"12"`` as 12, and a complex number failed
+    as 1 prompt, a date as its time units since 1970, ``"12"`` as 12, and a complex number failed
     with Python's "int() argument must be [...]")."""
     present = column.dropna().tolist()
     bad = list(dict.fromkeys(np.asarray(v).tolist() for v in present if not _is_count(v)))

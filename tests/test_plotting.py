@@ -1655,7 +1655,8 @@ def test_whisker_line_refuses_a_prompt_count_that_is_no_whole_number():
     # review 200: True (read as 1: "over 1 to 12 prompts"), text "12" (the library reads no
     # text as a number, `as_numpy`), a complex number (Python's "int() argument must be
     # [...] not 'complex'"), a whole column of booleans ("over 1 prompts") or of dates
-    # (2020-01-01 read as 1577836800000000000 prompts) are no counts either
+    # (2020-01-01 read as 1577836800000000 prompts, its microseconds since 1970) are no
+    # counts either
     objects = effects.astype({"n_prompts": object})
     for bad, shown in ((True, "[True]"), ("12", "['12']"), (12 + 0j, "[(12+0j)]")):
         table = objects.copy()
