@@ -611,11 +611,11 @@ def router_patch_index(
     ``generic_activation_patch`` runs ``model(corrupted_tokens)`` without an
     ``attention_mask``: for left-padded prompts the padding is attended and the rotary
     positions shift, and the cells are off (0.45 on cells up to 0.57, a 3-layer kimi model,
-    float64) with no error (a `LeftPaddingWithoutMaskWarning` only if the model has a
-    tokenizer that pads on the left, once per model). Right padding is harmless for a
-    metric that reads real tokens (causal attention). For left-padded prompts use
-    `get_act_patch_routing_weights_by_pos` (and the other sweeps here), which take
-    ``attention_mask``.
+    float64). Its hooks therefore raise ``ValueError`` when their clean cache records left
+    padding (`hooked_attnres.model.hooked_root.padding_checked`; until audit 199 there was
+    no error). Right padding is harmless for a metric that reads real tokens (causal
+    attention). For left-padded prompts use `get_act_patch_routing_weights_by_pos` (and
+    the other sweeps here), which take ``attention_mask``.
 
     Args:
         router: ``"attn_res"`` or ``"mlp_res"`` (the final router has no layer axis).

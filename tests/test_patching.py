@@ -675,18 +675,31 @@ def test_sweeps_refuse_a_clean_cache_of_two_inputs(layout):
     )
 
 
-def test_generic_activation_patch_is_exact_with_right_padding_and_not_with_left():
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_generic_activation_patch_is_exact_with_right_padding_and_refused_with_left(
+    layout, monkeypatch
+):
     """Audit 90 (docs/analysis.md): TransformerLens's ``generic_activation_patch`` runs
     ``model(corrupted)`` with no ``attention_mask``. With right padding every real token
     is as in the masked run, so its cells equal the masked sweep's for a metric that reads
-    each prompt's last real token; with left padding they are off (0.45 on cells up to
-    0.57), which is why padded prompts go through the sweeps' ``attention_mask``."""
-    from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
+    each prompt's last real token. With left padding they were off, silently: 0.445 on
+    cells up to 0.566 (kimi), 0.390 of 0.659 (full), 0.012 of 0.020 (cumulative; audit
+    199). A TransformerLens patching hook whose clean activation comes from a cache that
+    records left padding now refuses a pass run without that mask, naming the sweeps that
+    take ``attention_mask=``; the same hook in a pass run with the mask is exact."""
+    from functools import partial
+
+    from transformer_lens.patching import (
+        generic_activation_patch,
+        get_act_patch_resid_pre,
+        layer_pos_patch_setter,
+    )
+    from transformer_lens.utilities import get_act_name
 
     from hooked_attnres.patching import router_patch_index
 
     model = randomize_routing(
-        tiny_model(attnres_layout="kimi", n_layers=3, dtype=torch.float64), seed=3
+        tiny_model(attnres_layout=layout, n_layers=3, dtype=torch.float64), seed=3
     ).eval()
     generator = torch.Generator().manual_seed(1)
     clean = torch.randint(1, 50, (3, 6), generator=generator)
@@ -696,6 +709,7 @@ def test_generic_activation_patch_is_exact_with_right_padding_and_not_with_left(
     right[1, 4:] = 0
     right[2, 2:] = 0
     left = right.flip(1)
+    name = model.site(2, "attn_res").hook("weights")
     for mask, exact in ((right, True), (left, False)):
         last = mask.sum(1) - 1 if exact else torch.full((3,), 5)
 
@@ -703,26 +717,59 @@ def test_generic_activation_patch_is_exact_with_right_padding_and_not_with_left(
             return (logits[rows, last, 3] - logits[rows, last, 7]).sum()
 
         _, cache = model.run_with_cache(clean, attention_mask=mask)
-        generic = generic_activation_patch(
-            model,
-            corrupted,
-            cache,
-            metric,
-            layer_pos_patch_setter,
-            **router_patch_index(model, "attn_res", "weights"),
-        )
         masked = get_act_patch_routing_weights_by_pos(
             model, corrupted, cache, metric, routers="attn_res", attention_mask=mask
         )[0]
         # the masked sweep's cell, against a masked full run with the same patch
-        name = model.site(2, "attn_res").hook("weights")
         with torch.no_grad():
             logits = model.run_with_hooks(
                 corrupted, attention_mask=mask, fwd_hooks=[(name, _from_donor_at(cache, name, 5))]
             )
         assert masked[2, 5].item() == pytest.approx(metric(logits).item(), abs=1e-6)
-        gap = (generic - masked).abs().max().item()
-        assert gap <= 1e-6 if exact else gap > 0.1
+        # TransformerLens's residual patching over the cache's RunCacheDict (the dict of
+        # return_cache_object=False), against a masked full run with its cell patched
+        resid = get_act_name("resid_pre", 1)
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                corrupted, attention_mask=mask, fwd_hooks=[(resid, _from_donor_at(cache, resid, 2))]
+            )
+        resid_cell = metric(logits).item()
+        runs = {
+            "routing": partial(
+                generic_activation_patch,
+                model,
+                corrupted,
+                cache,
+                metric,
+                layer_pos_patch_setter,
+                **router_patch_index(model, "attn_res", "weights"),
+            ),
+            "resid": partial(get_act_patch_resid_pre, model, corrupted, cache.cache_dict, metric),
+        }
+        if exact:
+            assert (runs["routing"]() - masked).abs().max().item() <= 1e-6
+            assert runs["resid"]()[1, 2].item() == pytest.approx(resid_cell, abs=1e-6)
+            continue
+        for what, hook in (("routing", "attn_res\\.hook_weights"), ("resid", "hook_resid_pre")):
+            with pytest.raises(
+                ValueError,
+                match=r"^TransformerLens's activation patching patched blocks\.0\."
+                + hook
+                + r" from a cache whose attention_mask records left padding \(prompts "
+                r"\[1, 2\]\).*without that mask.*get_act_patch_routing_weights\(_by_pos\)"
+                r".*attention_mask=mask",
+            ):
+                runs[what]()
+        # TransformerLens's own hooks in passes run with the cache's mask (its
+        # model.run_with_hooks given the mask): the cells of the masked runs
+        with monkeypatch.context() as patched:
+            patched.setattr(
+                model,
+                "run_with_hooks",
+                partial(type(model).run_with_hooks, model, attention_mask=mask),
+            )
+            assert (runs["routing"]() - masked).abs().max().item() <= 1e-6
+            assert runs["resid"]()[1, 2].item() == pytest.approx(resid_cell, abs=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from hooked_attnres._precision import stat_dtype, widened
 from hooked_attnres._tl import (
@@ -293,6 +295,39 @@ def state_source_names(model: Any, point: int) -> list[str]:
     return layout.source_hooks(point)
 
 
+# tensor -> weak reference to the cache (a `RunCacheDict` or an `AttnResActivationCache`)
+# that last returned it by ``cache[name]``: how a TransformerLens patching hook, which
+# holds only ``clean_cache[name]``, is traced to the padding its cache records
+# (`served_padding`)
+_SERVED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _note_served(value: Any, cache: Any) -> Any:
+    if isinstance(value, Tensor):
+        _SERVED[value] = weakref.ref(cache)
+    return value
+
+
+def served_padding(tensor: Tensor) -> Optional[Bool[Tensor, "batch pos"]]:
+    """The padding (``[batch, pos]``, True at real tokens; `RunCacheDict.attention_mask`)
+    recorded by the cache that last returned ``tensor`` by ``cache[name]``, or ``None``
+    where that cache records none or no cache returned it."""
+    ref = _SERVED.get(tensor)
+    cache = None if ref is None else ref()
+    record = None if cache is None else record_of(cache)
+    return None if record is None else record.attention_mask
+
+
+def left_padded_rows(real: Optional[Tensor]) -> list[int]:
+    """The rows of ``real`` (``[batch, pos]``, True at real tokens) with padding before a
+    real token: those whose real tokens a pass without the mask would move (right
+    padding, after every real token, changes no real token of a causal pass)."""
+    if real is None or real.ndim != 2:
+        return []
+    before = torch.cummax(real.flip(-1).int(), dim=-1).values.flip(-1).bool()
+    return (before & ~real).any(-1).nonzero().flatten().tolist()
+
+
 class RunCacheDict(dict):
     """The plain ``dict`` of ``run_with_cache(..., return_cache_object=False)`` and of the
     caching hooks: it records what patching must know of the pass that made it, as the
@@ -344,6 +379,9 @@ class RunCacheDict(dict):
         super().__init__(*args, **kwargs)
         self.n_past = require_integer("n_past", n_past, 0)
         self.attention_mask = padding_of(attention_mask)
+
+    def __getitem__(self, name: Any) -> Any:
+        return _note_served(super().__getitem__(name), self)
 
     def copy(self) -> RunCacheDict:
         """A shallow copy that keeps the record (``dict.copy`` would drop it)."""
@@ -621,6 +659,9 @@ class AttnResActivationCache(ActivationCache):
 
     # --- indexing -----------------------------------------------------------------------
     def __getitem__(self, key) -> Tensor:
+        return _note_served(self._item(key), self)
+
+    def _item(self, key) -> Tensor:
         try:
             return super().__getitem__(key)
         except KeyError:

@@ -57,7 +57,13 @@ from hooked_attnres._tl import (
 )
 from hooked_attnres._tl import remove_batch_dim as drop_batch_dim
 from hooked_attnres._validation import require_bool, require_bools, require_choice
-from hooked_attnres.model.cache import AttnResActivationCache, HookKeyError, RunCacheDict
+from hooked_attnres.model.cache import (
+    AttnResActivationCache,
+    HookKeyError,
+    RunCacheDict,
+    left_padded_rows,
+    served_padding,
+)
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
 from hooked_attnres.model.passes import (
@@ -65,6 +71,7 @@ from hooked_attnres.model.passes import (
     pass_mask,
     pass_n_past,
     require_whole_sequence,
+    same_padding,
 )
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -110,6 +117,48 @@ def _describe_shape_change(name: str, expected: tuple, found: tuple) -> str:
             "model.source_labels)"
         )
     return message
+
+
+def padding_checked(fn: Callable) -> Callable:
+    """``fn``, a hook; if it is one of TransformerLens's activation-patching hooks
+    (``generic_activation_patch`` and the ``get_act_patch_*`` built on it: a ``partial``
+    holding ``clean_activation=clean_cache[name]``) whose clean activation comes from a
+    cache that records left padding (`served_padding`), wrapped to raise ``ValueError`` in
+    a pass run without that padding: TransformerLens runs ``model(corrupted_tokens)``
+    with no ``attention_mask``, so the padding was attended and the rotary positions
+    shifted, and every cell was off (0.45 on cells up to 0.57, a 3-layer kimi model; audit
+    199). Right padding changes no real token of a causal pass and is not refused; nor is
+    a cache that records no padding (one made without the mask: the runs agree)."""
+    clean = getattr(fn, "keywords", {}).get("clean_activation") if isinstance(fn, partial) else None
+    if not isinstance(clean, Tensor) or getattr(fn.func, "__module__", "") != (
+        "transformer_lens.patching"
+    ):
+        return fn
+    real = served_padding(clean)
+    left = left_padded_rows(real)
+    if not left:
+        return fn
+
+    def checked(tensor, hook):
+        if not same_padding(pass_mask(), real):
+            raise ValueError(
+                f"TransformerLens's activation patching patched {hook.name} from a cache "
+                f"whose attention_mask records left padding (prompts {left[:4]}) into a pass "
+                "run without that mask (generic_activation_patch and its get_act_patch_* "
+                "functions pass none): the padding would be attended as real tokens and "
+                "shift the rotary positions, every cell off (docs/analysis.md). Use "
+                "hooked_attnres.patching's sweeps, which take the mask: "
+                "get_act_patch_routing_weights(_by_pos), "
+                "get_act_patch_committed_blocks_by_pos or get_act_patch_depth_state(_by_pos) "
+                "with attention_mask=mask; for another hook, patch it in "
+                "model.run_with_hooks(corrupted_tokens, attention_mask=mask, fwd_hooks=...)"
+            )
+        return fn(tensor, hook=hook)
+
+    with contextlib.suppress(AttributeError, TypeError):
+        functools.update_wrapper(checked, fn)
+    checked._user_hook = user_hook_of(fn)  # type: ignore[attr-defined]
+    return checked
 
 
 def shape_checked(fn: Callable) -> Callable:
@@ -306,7 +355,7 @@ class HookedModule(HookedRootModule):
         guard = use_guard(self)
         guard.claim_hooks(permanent=is_permanent)
         if dir == "fwd":
-            hook = self._watch_resid_edits(name, hook)
+            hook = self._watch_resid_edits(name, padding_checked(hook))
         try:
             super().add_hook(
                 name,
@@ -355,7 +404,10 @@ class HookedModule(HookedRootModule):
         self._check_hook_list(fwd_hooks)
         self._check_hook_list(bwd_hooks)
         fwd_hooks = [
-            (self._resolved(name), self._watch_resid_edits(self._resolved(name), fn))
+            (
+                self._resolved(name),
+                self._watch_resid_edits(self._resolved(name), padding_checked(fn)),
+            )
             for name, fn in fwd_hooks
         ]
         bwd_hooks = [(self._resolved(name), fn) for name, fn in bwd_hooks]
