@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import LAYOUTS, randomize_routing, tiny_model
 
+from hooked_attnres import RunCacheDict
 from hooked_attnres.analysis import recency_schedule, schedule_deviation
 from hooked_attnres.interventions import patch_committed, patch_sources, set_weights
 from hooked_attnres.model.generation import sample_logits, sampling_probabilities
@@ -237,7 +238,8 @@ def test_schedule_deviation_runs_on_a_device_without_float64():
         for site, name in names.items()
     )
     with FakeMPS():
-        on_mps = {name: cache[name].to("mps") for name in names.values()}
+        # a RunCacheDict: it records the run's padding (none), as schedule_deviation needs
+        on_mps = RunCacheDict({name: cache[name].to("mps") for name in names.values()})
         assert all(w.device.type == "mps" for w in on_mps.values())
         deviation = schedule_deviation(model, on_mps, schedule)
     assert by_hand > 0.01  # the routing is content-dependent: a deviation to get right

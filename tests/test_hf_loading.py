@@ -16,7 +16,7 @@ from reference_attnres import reference_forward
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hooked_attnres import CheckpointError, HookedAttnRes, QKNormWarning
+from hooked_attnres import CheckpointError, HookedAttnRes, QKNormWarning, RunCacheDict
 from hooked_attnres._tl import Slice
 from hooked_attnres.analysis import recency_schedule, schedule_deviation
 
@@ -271,7 +271,7 @@ def test_a_non_finite_routing_weight_is_refused_not_read_as_agreement():
     tokens = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(0))
     names = [site.hook("weights") for site in model.sites()]
     _, cache = model.run_with_cache(tokens, names_filter=names)
-    cache = {name: cache[name].clone() for name in names}
+    cache = RunCacheDict({name: cache[name].clone() for name in names})  # of an unpadded run
     schedule = recency_schedule(3, 2, 3.0)
     assert schedule_deviation(model, cache, schedule) < 1e-6
     cache[names[1]][0, 0, 0] = float("nan")
@@ -367,6 +367,54 @@ def test_schedule_deviation_refuses_hooks_whose_padding_cannot_be_told():
         model(tokens, stop_at_layer=1)
     with pytest.raises(ValueError, match="were last filled by an earlier pass"):
         schedule_deviation(model, cache, schedule)
+
+
+def test_schedule_deviation_refuses_a_cache_that_records_no_padding():
+    """Audit 199: a plain ``dict`` of a cache (``dict(cache.cache_dict)``, a dict built by
+    hand or loaded), or a TransformerLens ``ActivationCache`` around one, records no
+    padding, and schedule_deviation read every position of it as a real token: 0.357 for a
+    left-padded run whose real token deviates by 0.299 (the padding's routing counted). It
+    refuses such a cache now, naming the cache object and `RunCacheDict`, which records
+    it; a `RunCacheDict` declaring the mask gives the real tokens' deviation (by hand)."""
+    from helpers import tiny_model
+    from transformer_lens import ActivationCache
+
+    model = randomize_routing(
+        tiny_model(attnres_layout="cumulative", dtype=torch.float64), seed=6, scale=0.5
+    )
+    cfg = model.cfg
+    schedule = recency_schedule(cfg.n_layers, cfg.attnres_num_blocks, cfg.attnres_recency_bias)
+    tokens = torch.tensor([[28] * 8 + [7]])
+    mask = torch.tensor([[0] * 8 + [1]])
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    by_hand = max(
+        (cache[site.hook("weights")][0, -1] - schedule.weights(site.layer, site.kind))
+        .abs()
+        .max()
+        .item()
+        for site in model.sites()
+    )
+    padded = max(
+        (cache[site.hook("weights")][0] - schedule.weights(site.layer, site.kind))
+        .abs()
+        .max()
+        .item()
+        for site in model.sites()
+    )
+    assert padded > by_hand + 0.05  # the padding would change the answer
+    assert schedule_deviation(model, cache, schedule) == pytest.approx(by_hand, abs=1e-15)
+    plain = dict(cache.cache_dict)
+    for unrecorded in (plain, ActivationCache(plain, model)):
+        with pytest.raises(
+            ValueError,
+            match=r"^schedule_deviation's cache \((dict|ActivationCache)\) does not record "
+            r"the pass that made it .*padding positions would be read as real tokens.*"
+            r"model\.run_with_cache.*hooked_attnres\.RunCacheDict\(tensors, n_past=0, "
+            r"attention_mask=mask\)",
+        ):
+            schedule_deviation(model, unrecorded, schedule)
+    declared = RunCacheDict(plain, attention_mask=mask)
+    assert schedule_deviation(model, declared, schedule) == pytest.approx(by_hand, abs=1e-15)
 
 
 def test_schedule_deviation_refuses_a_cache_of_padding_only():

@@ -35,8 +35,8 @@ from hooked_attnres.analysis.mass import (
     require_one_model,
 )
 from hooked_attnres.config import MODES
-from hooked_attnres.interventions.checks import require_run_positions
-from hooked_attnres.model.cache import record_of, require_cached
+from hooked_attnres.interventions.checks import recorded_run
+from hooked_attnres.model.cache import require_cached
 from hooked_attnres.model.depth import FAMILIES, SUBLAYER_ROUTERS, RoutingLayout
 from hooked_attnres.model.passes import padding_of
 
@@ -161,10 +161,14 @@ def schedule_deviation(
 
     Args:
         model: a cumulative-layout `HookedAttnRes`.
-        cache: an ``ActivationCache`` (or dict) holding every router's ``hook_weights``
-            (``[batch, pos, n_sources]``). The padding its run recorded (``attention_mask``,
-            `hooked_attnres.model.cache.record_of`) is left out, at the positions a
-            ``pos_slice`` kept (`RunRecord.kept`).
+        cache: an ``ActivationCache`` of ``run_with_cache`` (or its
+            ``return_cache_object=False`` dict, a `RunCacheDict`) holding every router's
+            ``hook_weights`` (``[batch, pos, n_sources]``). The padding its run recorded
+            (``attention_mask``, `hooked_attnres.model.cache.record_of`) is left out, at
+            the positions a ``pos_slice`` kept (`RunRecord.kept`). A cache that records
+            nothing (a plain ``dict``, or a cache object around one) is refused: its
+            padding could not be told (until audit 199 it was read as real tokens);
+            declare a dict's pass with ``RunCacheDict(tensors, attention_mask=mask)``.
         schedule: the prediction (default: `recency_schedule` of the model's shape and
             configured recency bias).
 
@@ -173,7 +177,8 @@ def schedule_deviation(
             model's block size, predicts the model's routers alike, and was reported as
             agreeing); a router's cached weights hold NaN or infinity at a token read (no
             deviation can be measured; NaN would otherwise be skipped and the routing
-            reported as agreeing); hooks whose padding cannot be told
+            reported as agreeing); a cache that records no pass (`recorded_run`); hooks
+            whose padding cannot be told
             (`hooked_attnres.interventions.checks.require_run_positions`: last filled by
             an earlier pass); a cache whose every position is padding (a ``pos_slice``
             that kept only padding: nothing to compare, and 0.0 would report agreement).
@@ -198,13 +203,13 @@ def schedule_deviation(
             "model's n_layers and num_blocks, or no schedule)"
         )
     worst = 0.0
-    require_cached(cache, [site.hook("weights") for site in model.sites()], "the cache")
-    record = record_of(cache)
+    names = [site.hook("weights") for site in model.sites()]
+    require_cached(cache, names, "the cache")
+    # a cache that records no padding (a plain dict) is refused: its padding positions
+    # were read as real tokens (audit 199); so are hooks whose padding cannot be told
+    record = recorded_run(cache, "schedule_deviation's cache", names, sliced=False)
     # the padding at the cached positions (a pos_slice's: `RunRecord.kept`)
-    real = None if record is None else record.kept(padding_of(record.attention_mask))
-    if record is not None:  # hooks whose padding cannot be told
-        names = [site.hook("weights") for site in model.sites()]
-        require_run_positions(record, "schedule_deviation's cache", names, sliced=False)
+    real = record.kept(padding_of(record.attention_mask))
     if real is not None and not bool(real.any()):  # torch's max of nothing failed (audit 193)
         raise ValueError(
             "schedule_deviation's cache holds no real token: its run's attention_mask marks "
