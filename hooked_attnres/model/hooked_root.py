@@ -129,7 +129,9 @@ def padding_checked(fn: Callable) -> Callable:
     shifted, and every cell was off (0.45 on cells up to 0.57, a 3-layer kimi model; audit
     199). Right padding changes no real token of a causal pass and is not refused; nor is
     a cache that records no padding (one made without the mask: the runs agree)."""
-    clean = getattr(fn, "keywords", {}).get("clean_activation") if isinstance(fn, partial) else None
+    if not isinstance(fn, partial):
+        return fn
+    clean = fn.keywords.get("clean_activation")
     if not isinstance(clean, Tensor) or getattr(fn.func, "__module__", "") != (
         "transformer_lens.patching"
     ):
