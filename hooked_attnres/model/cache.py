@@ -318,16 +318,6 @@ def served_padding(tensor: Tensor) -> Optional[Bool[Tensor, "batch pos"]]:
     return None if record is None else record.attention_mask
 
 
-def left_padded_rows(real: Optional[Tensor]) -> list[int]:
-    """The rows of ``real`` (``[batch, pos]``, True at real tokens) with padding before a
-    real token: those whose real tokens a pass without the mask would move (right
-    padding, after every real token, changes no real token of a causal pass)."""
-    if real is None or real.ndim != 2:
-        return []
-    before = torch.cummax(real.flip(-1).int(), dim=-1).values.flip(-1).bool()
-    return (before & ~real).any(-1).nonzero().flatten().tolist()
-
-
 class RunCacheDict(dict):
     """The plain ``dict`` of ``run_with_cache(..., return_cache_object=False)`` and of the
     caching hooks: it records what patching must know of the pass that made it, as the

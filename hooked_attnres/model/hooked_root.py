@@ -61,12 +61,12 @@ from hooked_attnres.model.cache import (
     AttnResActivationCache,
     HookKeyError,
     RunCacheDict,
-    left_padded_rows,
     served_padding,
 )
 from hooked_attnres.model.depth import source_axis
 from hooked_attnres.model.norms import forward_hooks_attached
 from hooked_attnres.model.passes import (
+    left_padded_rows,
     pass_input,
     pass_mask,
     pass_n_past,

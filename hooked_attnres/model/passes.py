@@ -95,6 +95,16 @@ def same_padding(first: Optional[Tensor], second: Optional[Tensor]) -> bool:
     return first.shape == second.shape and torch.equal(first, second.to(first.device))
 
 
+def left_padded_rows(real: Optional[Bool[Tensor, "batch pos"]]) -> list[int]:
+    """The rows of ``real`` (``[batch, pos]``, True at real tokens) with padding before a
+    real token: those whose real tokens a pass without the mask would move (right
+    padding, after every real token, changes no real token of a causal pass)."""
+    if real is None or real.ndim != 2:
+        return []
+    before = torch.cummax(real.flip(-1).int(), dim=-1).values.flip(-1).bool()
+    return (before & ~real).any(-1).nonzero().flatten().tolist()
+
+
 @dataclass(frozen=True, eq=False)
 class PassInput:
     """What a forward pass computed its activations from, besides its ``n_past`` and padding
