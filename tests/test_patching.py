@@ -760,6 +760,14 @@ def test_generic_activation_patch_is_exact_with_right_padding_and_refused_with_l
                 r".*attention_mask=mask",
             ):
                 runs[what]()
+        # a hook of your own that reads the clean cache is not checked: it runs in the pass
+        # asked for (docs/analysis.md), one with the mask above (resid_cell), one without
+        # it here, whose cell is that of the unmasked run
+        with torch.no_grad():
+            unmasked = model.run_with_hooks(
+                corrupted, fwd_hooks=[(resid, _from_donor_at(cache, resid, 2))]
+            )
+        assert abs(metric(unmasked).item() - resid_cell) > 1e-3
         # TransformerLens's own hooks in passes run with the cache's mask (its
         # model.run_with_hooks given the mask): the cells of the masked runs
         with monkeypatch.context() as patched:
