@@ -10,6 +10,9 @@ floats (even ``3.0``), strings, arrays of any shape (even of one element) and to
 no stand-in for an int; pass ``int(t)``). "A number" is the same with floats: a Python
 ``int`` or ``float`` or a NumPy integer or floating scalar, returned by
 `require_finite_number` as a Python number.
+
+torch is imported inside the checks that need it, not with the module: the command
+line's ``list`` and its reading of arguments use these checks without loading torch.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Optional, TypeGuard, overload
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeGuard, overload
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def some_names(names: Sequence[str], limit: int = 5) -> str:
@@ -93,6 +98,8 @@ def require_bool(
         return None
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
+    import torch
+
     hint = " (a tensor: pass bool(t))" if isinstance(value, torch.Tensor) else ""
     raise error(
         f"{name} must be True or False{' or None' if optional else ''}, got {value!r}{hint}"
@@ -108,6 +115,8 @@ def check_device(device) -> None:
     there, after every weight was read, "Torch not compiled with CUDA enabled", an
     ``AssertionError``) and of `HookedAttnResConfig` (which took any device torch parses
     until audit 147, and the model built from it failed so)."""
+    import torch
+
     if device is None:
         return
     try:
@@ -199,6 +208,8 @@ def require_token_mask(name: str, mask: Any, shape: tuple[int, ...]) -> torch.Te
     padding) of the tokens' ``shape``, as a boolean tensor; otherwise ``TypeError`` (not
     such a tensor) or ``ValueError`` (another shape, a value other than 0 and 1), naming
     ``name``."""
+    import torch
+
     if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
         raise TypeError(
             f"{name} must be a [batch, pos] tensor of 0/1 integers or booleans, got "
@@ -228,6 +239,8 @@ def require_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
     ``[0, d_vocab)`` (``ValueError``, showing the range found). Indexing a weight with
     them would not fail but give other rows: a negative id counts from the end, a boolean
     tensor is a mask."""
+    import torch
+
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(
             f"token ids must be an integer tensor (torch.long), got dtype {tokens.dtype}"
@@ -255,6 +268,8 @@ def require_positions_in_range(shown: str, index: Any, n_pos: int, where: str) -
     a TransformerLens ``Slice``, the cache's methods', `routing_lens`'s and
     ``run_with_cache``'s ``pos_slice``): indexing with such a position failed in torch
     with a bare ``IndexError`` naming no argument."""
+    import torch
+
     values = index if isinstance(index, torch.Tensor) else np.asarray(index)
     if bool(((values < -n_pos) | (values >= n_pos)).any()):
         raise ValueError(f"{shown} must be integers in [-{n_pos}, {n_pos}) ({where})")
@@ -578,6 +593,8 @@ def non_finite_tensors(named: Any) -> list[tuple[str, int]]:
     finite iff its minimum and maximum are; 27 GB/s on one thread of this machine's CPU
     for a warm, contiguous tensor, so it costs little next to reading the weights); only a
     tensor that fails it is counted element by element."""
+    import torch
+
     items = named.items() if hasattr(named, "items") else named
     out = []
     for name, tensor in items:
@@ -607,6 +624,8 @@ def refuse_uint8_index(name: str, value: Any) -> None:
     and NumPy unsigned arrays are indices (as in NumPy: `unsigned_as_int64`); a ``Slice``
     holds a NumPy array (TransformerLens converts a tensor), so ``Slice(t)`` of a uint8
     tensor is read as NumPy's uint8 array."""
+    import torch
+
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim > 0:
         raise AmbiguousIndexError(
             f"{name} is a torch.uint8 tensor, which is ambiguous as an index: torch (and "
@@ -624,6 +643,8 @@ def unsigned_as_int64(value: Any) -> Optional[np.ndarray]:
     (``np.uint8(1) < -5``), so the analyses read them as int64. ``ValueError`` for a value
     past int64 (its cast would wrap: ``2**64 - 1`` is -1), which is no index of any run;
     the caller names its argument."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         dtype = value.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype.is_signed or dtype == torch.bool:

@@ -138,10 +138,10 @@ def _condition_name(text: str) -> str:
     """An argparse type: a condition name, ``both`` or ``grid`` (`_conditions` expands
     them), refused at parse time naming the option and every accepted name (audit 169: a
     wrong name was refused after torch was loaded, exit code 1, naming neither the option
-    nor 'both' and 'grid'). Loads the condition table, and with it torch, only when the
-    option is given: ``--help`` stays light."""
+    nor 'both' and 'grid'). Reads the light table of condition names (no torch: until
+    audit 198 it loaded torch, about 5 s, before a wrong name was refused)."""
     from hooked_attnres._validation import require_choice
-    from hooked_attnres.study.conditions import CONDITIONS
+    from hooked_attnres.study.recipes import CONDITIONS
 
     try:
         return require_choice(
@@ -207,15 +207,16 @@ def _conditions(names: Sequence[str]) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from hooked_attnres.study import CONDITIONS, available, get_condition
+    # the light recipes and checkpoint folders: no torch (audit 198: `list` took about 5 s)
+    from hooked_attnres.study.checkpoints import available
+    from hooked_attnres.study.recipes import RECIPES
 
     shipped = available()
     print(
         f"{'condition':24s} {'kind':8s} {'layout':11s} {'layers':>6s} {'task':10s} {'steps':>6s}"
         "  shipped seeds"
     )
-    for name in CONDITIONS:
-        c = get_condition(name)
+    for name, c in RECIPES.items():
         seeds = " ".join(map(str, shipped.get(name, []))) or "-"
         print(
             f"{name:24s} {c.kind:8s} {str(c.layout or '-'):11s} {c.n_layers:6d} {c.task:10s} "
@@ -239,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         study_train_config,
         train_condition,
     )
-    from hooked_attnres.study.conditions import BASE_STEPS, BASE_WARMUP
+    from hooked_attnres.study.recipes import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
     from hooked_attnres.training.trainer import check_run_folder

@@ -24,6 +24,39 @@ def test_help_imports_neither_torch_nor_transformer_lens():
     assert out.stdout.split() == ["False", "False"]
 
 
+HEAVY = ("torch", "transformers", "transformer_lens", "plotly", "pandas")
+
+
+@pytest.mark.parametrize(
+    "argv, status, said",
+    [
+        (["list"], 0, "hard_cumulative_L8"),
+        (["--help"], 0, "usage: hooked-attnres"),
+        (["train", "--help"], 0, "--condition NAME"),
+        (["train", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["train", "--condition", "nope"], 2, "argument --condition: NAME must be one of"),
+        (["study", "--conditions", "grid", "--seeds", "-1"], 2, "argument --seeds: must be"),
+        (["list", "--threads", "2"], 2, "list computes nothing with torch"),
+    ],
+)
+def test_light_commands_import_no_torch(argv, status, said):
+    """Audit 198: ``list``, a condition name and the errors of parsing loaded torch,
+    transformers, TransformerLens, plotly and pandas (about 5 s) through the study package,
+    though none of them uses any: they are loaded where a command computes with them."""
+    code = (
+        "import sys\n"
+        "from hooked_attnres.cli import main\n"
+        "try:\n    status = main(sys.argv[1:])\n"
+        "except SystemExit as end:\n    status = end.code\n"
+        f"print('status', status, 'heavy', *[m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.splitlines()[-1].split() == ["status", str(status), "heavy"]
+    assert said in out.stdout + out.stderr
+
+
 def test_every_option_has_help_text_and_shows_its_default():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -1347,9 +1380,8 @@ def _with_closed_stdout(argv, buffered):
 
 @pytest.mark.parametrize(
     "argv, status, buffered",
-    # `list` unbuffered (each write fails; its buffered twin, the failure at Python's
-    # exit, is `info`'s below: each child imports torch, about 4.5 s)
-    [(["list"], 141, False)]
+    # `list` unbuffered (each write fails) and buffered (the failure at Python's exit)
+    [(["list"], 141, buffered) for buffered in (True, False)]
     + [
         (argv, 0, buffered)
         for argv in (["--help"], ["train", "--help"], ["study", "--help"], ["info", "--help"])

@@ -875,7 +875,9 @@ def _public_callables() -> dict[str, list]:
     import transformer_lens.tools.analysis as tl_tools
 
     for package in [*PACKAGES, "hooked_attnres.runtime"]:
-        importlib.import_module(package)
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", ()):  # a lazy package's modules (study)
+            getattr(module, name)
     found: dict[str, list] = {}
     modules = [m for name, m in list(sys.modules.items()) if name.startswith("hooked_attnres")]
     for module in modules:

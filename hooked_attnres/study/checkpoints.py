@@ -4,6 +4,9 @@ A training run of one condition and model seed writes ``{root}/{condition}_seed{
 (`run_dir`) with the model in ``model/`` (`checkpoint_dir`) and its ``metrics.json``. The
 shipped checkpoints use the same convention under ``hooked_attnres/data/study``
 (`SHIPPED`), so ``checkpoints=None`` means "the shipped ones".
+
+This module imports no model or trainer at import (`available` serves ``hooked-attnres list``,
+which loads no torch).
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from hooked_attnres._validation import as_items, require_integer
-from hooked_attnres.study.conditions import CONDITIONS, get_condition
-from hooked_attnres.training.trainer import saved_progress
+from hooked_attnres.study.recipes import CONDITIONS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
 PathLike = Union[str, Path]
@@ -34,6 +36,8 @@ def run_dir(root: PathLike, condition: str, seed: int) -> Path:
 def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:
     """The ``model`` directory of a condition and seed, under ``checkpoints`` or, when it is
     ``None``, among the shipped checkpoints; a clear error if there is none."""
+    from hooked_attnres.study.conditions import get_condition
+
     get_condition(condition)
     root = SHIPPED if checkpoints is None else Path(checkpoints)
     path = run_dir(root, condition, seed) / "model"
@@ -100,6 +104,8 @@ def unfinished_runs(
     ``model/config.json``: a training run started and not finished (killed, interrupted
     or failed before its model was written), which `available` does not list. ``progress``
     says how far it got (``"step 3 of 8"``, or ``"no checkpoint yet"``) for a message."""
+    from hooked_attnres.training.trainer import saved_progress
+
     root = Path(checkpoints)
     out = []
     for condition in conditions:
@@ -128,6 +134,8 @@ def finish_command(condition: str, seed: int, root: PathLike) -> str:
     also train with other settings, which a resume needs again: without them it is refused
     as another run, whose remedy (--no-resume or another --out) would discard this one
     (review 155)."""
+    from hooked_attnres.study.conditions import get_condition
+
     options = (
         ", with the --steps / --set / --task-arg options it was started with, if any"
         if get_condition(condition).legacy

@@ -27,16 +27,17 @@ from typing import Any, Optional, Union
 
 import torch
 
-from hooked_attnres._study_limits import (
-    GRID_DEPTHS,
-    GRID_LAYOUTS,
-    GRID_TASKS,
-    MAX_SEED,
-    WHY_MAX_SEED,
-)
+from hooked_attnres._study_limits import GRID_TASKS, MAX_SEED, WHY_MAX_SEED
 from hooked_attnres._validation import is_integer, require_bool, require_choice, require_integer
 from hooked_attnres.config import HookedAttnResConfig
 from hooked_attnres.model.hooked_attnres import HookedAttnRes
+from hooked_attnres.study.recipes import (
+    BASE_STEPS,
+    BASE_WARMUP,
+    CONDITIONS,
+    Recipe,
+    grid,
+)
 from hooked_attnres.tasks import InductionCopy, KeyValueRetrieval, Task, task_tokenizer
 from hooked_attnres.training.trainer import TrainConfig, TrainResult, train
 
@@ -51,7 +52,6 @@ STUDY_SHAPE = dict(
     rotary_base=10_000.0,
 )
 STUDY_BLOCKS = 4
-BASE_STEPS, BASE_WARMUP = 1200, 100
 
 # the probe tasks of the grid, by name (the arguments are part of every recipe)
 TASKS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -68,9 +68,6 @@ TASKS: dict[str, tuple[type, dict[str, Any]]] = {
 # ``paperlike`` reads the ``saturated`` prompts; its recipe stops training early
 TASKS["paperlike"] = TASKS["saturated"]
 assert tuple(TASKS) == GRID_TASKS, "the grid's tasks are named once, in _study_limits"
-# the ``paperlike`` stopping rule (docs/study.md, "Addendum"): the first evaluation, every
-# 10 steps on 256 held-out prompts, at which accuracy is >= 0.50
-PAPERLIKE_STOP = dict(stop_accuracy=0.5, eval_every=10, eval_size=256)
 
 
 def study_task(**overrides) -> KeyValueRetrieval:
@@ -103,44 +100,10 @@ def study_train_config(**overrides) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class Condition:
-    """A named training recipe.
-
-    Attributes:
-        name: the condition's name (also the checkpoint folder prefix).
-        kind: ``"attnres"`` (a ``HookedAttnRes``) or ``"vanilla"`` (a HF Qwen3).
-        task: a key of `TASKS`.
-        layout: the AttnRes layout (``None`` for vanilla).
-        n_layers: depth; AttnRes models have ``n_layers // 2`` blocks.
-        steps: optimiser steps (the warm-up scales with them: ``round(100 * steps / 1200)``).
-        threads: ``torch.set_num_threads`` while training (part of the recipe: the order of
-            float reductions depends on it); ``None`` leaves the machine's default.
-        eval_every: held-out evaluation interval (does not change the weights).
-        legacy: the original two conditions' recipe (their ``train`` description).
-        eval_size: held-out prompts per evaluation.
-        stop_accuracy: `TrainConfig.stop_accuracy` (``None``: train every step).
-    """
-
-    name: str
-    kind: str
-    task: str
-    layout: Optional[str] = None
-    n_layers: int = 8
-    steps: int = BASE_STEPS
-    threads: Optional[int] = 1
-    eval_every: int = 100
-    legacy: bool = False
-    eval_size: int = 512
-    stop_accuracy: Optional[float] = None
-
-    @property
-    def num_blocks(self) -> int:
-        return self.n_layers // 2
-
-    @property
-    def baseline(self) -> str:
-        """The vanilla condition of the same task and depth (the wrapped baseline)."""
-        return "vanilla" if self.legacy else f"{self.task}_vanilla_L{self.n_layers}"
+class Condition(Recipe):
+    """A named training recipe (`Recipe`: its attributes, defined with the light table of
+    `hooked_attnres.study.recipes`) with the methods that build, describe and train its
+    model."""
 
     def make_task(self) -> Task:
         return make_task(self.task)
@@ -210,50 +173,9 @@ class Condition:
         }
 
 
-# optimiser steps per (task, depth): 8-layer models train the study's 1200 steps; a
-# 16-layer model cannot do that in the 5-minute budget on one thread, so it gets the
-# largest multiple of 50 whose estimated time fits 240 s (docs/study.md, "The grid")
-GRID_STEPS = {
-    ("hard", 8): 1200,
-    ("saturated", 8): 1200,
-    ("induction", 8): 1200,
-    ("hard", 16): 650,
-    ("saturated", 16): 900,
-    ("induction", 16): 750,
-}
-for _depth in (8, 16):  # ``paperlike`` has the ``saturated`` steps (and usually stops earlier)
-    GRID_STEPS[("paperlike", _depth)] = GRID_STEPS[("saturated", _depth)]
-
-
-def _grid() -> dict[str, Condition]:
-    out: dict[str, Condition] = {
-        "attnres": Condition(
-            "attnres",
-            "attnres",
-            "saturated",
-            "cumulative",
-            threads=None,
-            eval_every=200,
-            legacy=True,
-        ),
-        "vanilla": Condition(
-            "vanilla", "vanilla", "saturated", threads=None, eval_every=200, legacy=True
-        ),
-    }
-    for n_layers in GRID_DEPTHS:
-        for task in TASKS:
-            steps = GRID_STEPS[(task, n_layers)]
-            stop: dict[str, Any] = PAPERLIKE_STOP if task == "paperlike" else {}
-            for layout in GRID_LAYOUTS[:-1]:  # the routed layouts, then "vanilla"
-                name = f"{task}_{layout}_L{n_layers}"
-                out[name] = Condition(name, "attnres", task, layout, n_layers, steps, **stop)
-            name = f"{task}_{GRID_LAYOUTS[-1]}_L{n_layers}"
-            out[name] = Condition(name, "vanilla", task, None, n_layers, steps, **stop)
-    return out
-
-
-CONDITIONS_BY_NAME: dict[str, Condition] = _grid()
-CONDITIONS = tuple(CONDITIONS_BY_NAME)
+# every condition's recipe, from the one table of `hooked_attnres.study.recipes` (which
+# names them in the same order, `CONDITIONS`)
+CONDITIONS_BY_NAME: dict[str, Condition] = grid(Condition)
 
 
 def get_condition(name: Union[str, Condition]) -> Condition:
