@@ -17,9 +17,9 @@ command line's ``--help``) does not load torch or TransformerLens until they are
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from hooked_attnres._lazy import lazy_names
 from hooked_attnres._version import __version__
 
 _LAZY = {
@@ -79,16 +79,7 @@ if TYPE_CHECKING:
     from hooked_attnres.model.weights import QKNormWarning
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'hooked_attnres' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 
 __all__ = [

@@ -6,13 +6,18 @@
   never imports the study application, not even inside a function;
 * TransformerLens is imported only by ``hooked_attnres/_tl.py``;
 * router hook names are formatted only by the layout (``RouterSite.hook``);
-* every hook name the layout derives exists in the model.
+* every hook name the layout derives exists in the model;
+* a package that imports its names on first use does so with the one loader
+  (``hooked_attnres._lazy``), naming for mypy the modules it loads them from.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +115,56 @@ def test_the_library_never_imports_the_study_application():
         if used:
             offenders.append(f"{name} imports {sorted(used)}")
     assert not offenders, offenders
+
+
+# the packages whose names are imported on first use (a ``_LAZY`` table of name -> module)
+LAZY_PACKAGES = sorted(
+    name for name, path in MODULES.items() if re.search(r"^_LAZY = ", path.read_text(), re.M)
+)
+
+
+def test_the_lazy_packages_are_found():
+    assert LAZY_PACKAGES == ["hooked_attnres", "hooked_attnres.study"]
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_a_lazy_package_loads_each_name_with_the_one_loader(package):
+    """Review 203: ``hooked_attnres.study`` (lazy since audit 198) had its own copy of the
+    package's ``__getattr__`` and ``__dir__``; both are now `hooked_attnres._lazy`'s. The
+    ``TYPE_CHECKING`` imports (what mypy sees) name the module of each name the table
+    loads it from, ``__all__`` names them all, and each loads the object of its module."""
+    module = importlib.import_module(package)
+    assert module.__getattr__.__module__ == "hooked_attnres._lazy"
+    assert module.__dir__.__module__ == "hooked_attnres._lazy"
+    typed = {
+        alias.asname or alias.name: node.module
+        for block in ast.parse(MODULES[package].read_text()).body
+        if isinstance(block, ast.If) and _is_type_checking(block)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == module._LAZY
+    assert set(module.__all__) - {"__version__"} == set(module._LAZY)
+    for name, where in module._LAZY.items():
+        assert getattr(module, name) is getattr(importlib.import_module(where), name)
+    with pytest.raises(AttributeError, match=f"^module '{package}' has no attribute 'nope'$"):
+        module.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_a_lazy_package_lists_its_names_before_loading_them(package):
+    """``dir()`` (tab completion) lists every name of ``__all__`` without importing torch;
+    ``from package import *`` then loads them."""
+    code = (
+        "import sys, importlib\n"
+        f"m = importlib.import_module({package!r})\n"
+        "print(sorted(set(m.__all__) - set(dir(m))), 'torch' in sys.modules)\n"
+        f"exec('from {package} import *')\n"
+        "print(all(name in globals() for name in m.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "False", "True"]
 
 
 def test_transformer_lens_is_imported_only_through_tl():

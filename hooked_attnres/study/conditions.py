@@ -13,7 +13,8 @@ Conditions (``docs/study.md`` explains the grid):
 * ``{task}_vanilla_L{n}``: the vanilla Qwen3 baseline of the same shape and task;
 * tasks: ``hard`` (key-value retrieval, 9 pairs), ``saturated`` (the original 6-pair
   probe), ``induction``, and ``paperlike`` (the 6-pair probe trained only until held-out
-  accuracy first reaches 0.50, `PAPERLIKE_STOP`: a partly capable model like the paper's);
+  accuracy first reaches 0.50, `recipes.PAPERLIKE_STOP`: a partly capable model like the
+  paper's);
 * ``attnres`` and ``vanilla``: the original two conditions (saturated probe, 8 layers,
   trained with the machine's default threads).
 """
