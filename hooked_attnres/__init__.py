@@ -79,7 +79,8 @@ if TYPE_CHECKING:
     from hooked_attnres.model.weights import QKNormWarning
 
 
-__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
+if not TYPE_CHECKING:  # hidden from type checkers, so that they flag a misspelt name
+    __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 
 __all__ = [

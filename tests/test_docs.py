@@ -979,7 +979,10 @@ def test_calls_written_in_the_prose_name_real_arguments(tokens):
             tokens,
         ],
     }
-    assert check_prose_calls(_inline_spans(), candidates, _public_callables()) >= 300
+    checked = check_prose_calls(_inline_spans(), candidates, _public_callables())
+    # a floor near the count (529 in session 23): a drop of whole packages from
+    # `_public_callables` (the lazy `study` package once took 44 calls out) fails here
+    assert checked >= 500, checked
 
 
 def test_the_prose_call_checker_catches_a_wrong_call():
