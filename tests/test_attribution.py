@@ -193,6 +193,92 @@ def test_norm_method_is_exact_where_the_rest_is_linear(layout):
     np.testing.assert_allclose(again.table.estimate, norm.estimate, atol=1e-12)
 
 
+def _rms_by_hand(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
+def test_norm_method_is_the_derivative_at_the_norm_output_of_every_router(layout):
+    """Audit 202: ``method="norm"`` at the attention and MLP routers (the test above
+    checks the final router only), and in `attribution_patch_routing_weights` (checked
+    against no reference before), with left padding. Reference by hand, float64: the
+    derivative of the metric along ``y + eps (RMSNorm(sum_i w_new_i V_i) - y)`` at each
+    router's norm output ``y`` (``hook_normalized``, before the gain), all of a band cell's
+    routers at once; ``w_new`` the masked weights, or the clean run's in patching."""
+    model = routed_model(layout, scale=0.3)
+    batch = random_batch(seed=4)
+    result = attribute_routing(model, batch, method="norm", progress=False)
+    _, cache = model.run_with_cache(batch.tokens)
+    checked = 0
+    for i, cell in enumerate(result.plan):
+        deltas = {}
+        for site, mask in cell.ablation.masks:
+            logits = cache[site.hook("logits")]
+            new = logits.masked_fill(torch.tensor(mask), float("-inf")).softmax(-1)
+            norm = model.norm_after(site)
+            mixed = (new.unsqueeze(-1) * cache[site.hook("sources")]).sum(-2)
+            change = _rms_by_hand(mixed, norm.eps) - cache[norm.hook_normalized.name]
+            deltas[norm.hook_normalized.name] = change
+        if not deltas:
+            continue
+        values = []
+        for sign in (1, -1):
+            hooks = [
+                (name, lambda y, hook, d=delta, s=sign: y + s * EPS * d)
+                for name, delta in deltas.items()
+            ]
+            values.append(metric_at(model, batch, hooks))
+        expected = ((values[0] - values[1]) / (2 * EPS)).numpy()
+        np.testing.assert_allclose(
+            result.per_prompt[("norm", "logit_diff")][i], expected, atol=1e-7
+        )
+        checked += 1
+    assert checked >= 12 and np.abs(result.per_prompt[("norm", "logit_diff")]).max() > 1e-3
+
+    generator = torch.Generator().manual_seed(12)
+    clean = torch.randint(1, 50, (2, 6), generator=generator)
+    corrupted = torch.randint(1, 50, (2, 6), generator=generator)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # the second prompt is 4 tokens long, left-padded
+    clean[1, :2] = corrupted[1, :2] = 0
+
+    def metric(logits):
+        return (logits[:, -1, 3] - logits[:, -1, 7]).sum()
+
+    routers = routers_of(layout)
+    _, clean_cache = model.run_with_cache(clean, attention_mask=mask)
+    _, corrupted_cache = model.run_with_cache(corrupted, attention_mask=mask)
+    estimate = attribution_patch_routing_weights(
+        model, corrupted, clean_cache, metric, routers=routers, method="norm", attention_mask=mask
+    )
+    with torch.no_grad():
+        base = float(metric(model(corrupted, attention_mask=mask)))
+    largest = 0.0
+    for site in model.sites():
+        norm = model.norm_after(site)
+        name = norm.hook_normalized.name
+        mixed = (
+            clean_cache[site.hook("weights")].unsqueeze(-1) * corrupted_cache[site.hook("sources")]
+        ).sum(-2)
+        change = _rms_by_hand(mixed, norm.eps) - corrupted_cache[name]
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                logits = model.run_with_hooks(
+                    corrupted,
+                    attention_mask=mask,
+                    fwd_hooks=[(name, lambda y, hook, s=sign, d=change: y + s * EPS * d)],
+                )
+            values.append(float(metric(logits)))
+        expected = base + (values[0] - values[1]) / (2 * EPS)
+        got = float(estimate[routers.index(site.kind), 0 if site.layer is None else site.layer])
+        # a float32 result: its rounding is up to 3e-8 here; the largest change of a
+        # layout is 3.7e-3 (cumulative) to 7.4e-2 (kimi)
+        assert abs(got - expected) <= 1e-7, (site, got, expected)
+        largest = max(largest, abs(expected - base))
+    assert largest > 1e-3
+
+
 def test_table_has_the_shape_columns_and_order_of_ablation_effects():
     model = routed_model("cumulative", dtype=torch.float32, n_layers=4)
     batch = random_batch(n=6, seed=4)
