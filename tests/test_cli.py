@@ -838,7 +838,7 @@ def test_study_says_too_few_resamples_once_by_its_flag(tmp_path, monkeypatch, ca
         if said:
             assert err.startswith(
                 f"[hooked-attnres] warning: --bootstrap {n} leaves fewer than one resampled "
-                "mean beyond each bound of a 95 % interval (it needs at least 40)"
+                "mean per 2.5 % tail of a 95 % interval (it needs at least 40)"
             ), err
 
 

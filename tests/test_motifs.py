@@ -1307,7 +1307,7 @@ def test_the_verdicts_say_when_the_intervals_had_too_few_bootstrap_resamples(tmp
     that need not contain the mean (effect -0.207, interval [-0.164, -0.164]: D1 present
     as "separated"), and its report said only "95 % percentile-bootstrap intervals"; the
     warning went to the console, not into the report. Fewer than 2 / (1 - 0.95) = 40
-    resamples leave less than one resampled mean beyond each bound. The remedy names
+    resamples leave less than one resampled mean per tail the interval cuts off. The remedy names
     ``--bootstrap`` beside ``n_bootstrap`` (audit 115: a study run from the command line,
     which has no ``n_bootstrap``, was told to rerun with it)."""
     from hooked_attnres.study import verdict_sentences

@@ -546,8 +546,10 @@ def test_bootstrap_with_fewer_resamples_than_its_level_needs_warns():
     """Audit finding: any n_resamples >= 1 was taken silently; with 1 the "95 % interval"
     is one resampled mean (zero width, 0 % coverage), with 10 it covers the true mean of
     N(2, 3^2) samples of 30 in 75 % of 400 datasets (1000 resamples: 93 %). Fewer than
-    2 / (1 - confidence) resamples (less than one resampled mean beyond each bound) now
-    warn."""
+    2 / (1 - confidence) resamples (less than one resampled mean per tail the interval cuts
+    off, n * (1 - confidence) / 2 < 1) now warn. Review 202: the warning said "fewer than
+    one resampled mean beyond each bound", which no count of two or more resamples leaves
+    (10 resamples: the lowest mean is below the low bound, the highest above the high)."""
     data = np.random.default_rng(0).normal(2.0, 3.0, size=(400, 30))
 
     def coverage(n_resamples: int) -> float:
@@ -556,15 +558,19 @@ def test_bootstrap_with_fewer_resamples_than_its_level_needs_warns():
 
     with pytest.warns(RuntimeWarning, match=r"n_resamples=10 .* 95 % interval .* at least 40"):
         few = coverage(10)
+    # what the old wording denied: one resampled mean of 10 lies beyond each bound
+    means = data[0][np.random.default_rng(5).integers(0, 30, (10, 30))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    assert (means < low).sum() == 1 and (means > high).sum() == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         many = coverage(1000)
-        bootstrap_ci_rows(data[:2], 40, 0.95)  # 40 resamples: one beyond each bound
+        bootstrap_ci_rows(data[:2], 40, 0.95)  # 40 resamples: 40 * 2.5 % = 1 per tail
         bootstrap_ci_rows(data[:2], 20, 0.9)
     # the binomial standard error of a coverage over 400 datasets is at most 0.025:
     # 1000 resamples are within 3 of the level, 10 more than 6 below it
     assert many >= 0.95 - 3 * 0.025 and few <= 0.95 - 6 * 0.025
-    with pytest.warns(RuntimeWarning, match="at least 200"):
+    with pytest.warns(RuntimeWarning, match="per 0.5 % tail of a 99 % interval .*at least 200"):
         bootstrap_ci_rows(data[:2], 199, 0.99)
     with pytest.warns(RuntimeWarning, match="n_resamples=1 "):
         _, low, high = bootstrap_ci([0.0, 1.0], n_resamples=1)

@@ -109,10 +109,13 @@ def level_text(confidence: float) -> str:
 
 
 def min_resamples(confidence: float) -> int:
-    """The fewest bootstrap resamples that leave at least one resampled mean beyond each
-    bound of a ``confidence`` interval: ``2 / (1 - confidence)`` (40 at 95 %, 200 at 99 %).
-    With fewer, the bounds are interpolated between the most extreme resampled means and
-    the interval covers the mean less often than its level says."""
+    """The fewest bootstrap resamples that put one resampled mean, or more, in each tail
+    that a ``confidence`` interval cuts off (``(1 - confidence) / 2`` of the resamples:
+    ``n * 2.5 % >= 1`` at 95 %): ``2 / (1 - confidence)`` (40 at 95 %, 200 at 99 %). With
+    fewer, each bound is read between the two most extreme resampled means on its side and
+    the interval covers the mean less often than its level says (review 202: this said
+    "at least one resampled mean beyond each bound", which every count of two or more
+    resamples leaves)."""
     return math.ceil(2 / (1 - confidence) - 1e-9)  # 1e-9: 2 / (1 - 0.9) is 20.000000000000004
 
 
@@ -125,10 +128,10 @@ def too_few_resamples_text(given: str, confidence: float) -> str:
     """The warning of `too_few_resamples`, the count written as the caller gave it
     (``given``: ``"n_bootstrap=10"`` in Python, ``"--bootstrap 10"`` on the command line)."""
     return (
-        f"{given} leaves fewer than one resampled mean beyond each bound of a "
-        f"{level_text(confidence)} interval (it needs at least {min_resamples(confidence)}): the "
-        "bounds are interpolated between the most extreme resampled means and the interval "
-        "covers the mean less often than its level says"
+        f"{given} leaves fewer than one resampled mean per {level_text((1 - confidence) / 2)} "
+        f"tail of a {level_text(confidence)} interval (it needs at least "
+        f"{min_resamples(confidence)}): the bounds are read between the most extreme resampled "
+        "means and the interval covers the mean less often than its level says"
     )
 
 
@@ -153,9 +156,9 @@ def bootstrap_ci_rows(
         prompt (``n = 1``) every resample is that prompt, so there is no interval: ``low``
         and ``high`` are NaN and a ``RuntimeWarning`` says so (the mean is returned).
         Fewer than ``2 / (1 - confidence)`` resamples (40 at 95 %) leave less than one
-        resampled mean beyond each bound: the interval is returned with a
-        ``RuntimeWarning`` (its coverage falls short of ``confidence``: 75 % for a 95 %
-        interval of 10 resamples of 30 normal values, 0 % for 1 resample).
+        resampled mean per tail the interval cuts off (`min_resamples`): the interval is
+        returned with a ``RuntimeWarning`` (its coverage falls short of ``confidence``:
+        75 % for a 95 % interval of 10 resamples of 30 normal values, 0 % for 1 resample).
     """
     values = as_numpy(values)
     if values.ndim != 2 or values.shape[1] < 1:

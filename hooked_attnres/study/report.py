@@ -361,7 +361,7 @@ def _resample_lines(result: StudyResult) -> list[str]:
     return [
         f"The intervals were computed from {n_bootstrap} bootstrap resample"
         f"{'s' if n_bootstrap != 1 else ''}, fewer than the {need} that a "
-        f"{level} interval needs (at least one resampled mean beyond each bound): they cover "
+        f"{level} interval needs (one resampled mean per tail it cuts off): they cover "
         f"the mean less often than {level}, so every verdict that reads an interval "
         "(criterion 1 of the motifs, D1, D2, D3) was not decided as docs/study.md "
         f"pre-registers; rerun with n_bootstrap >= {need} (hooked-attnres study --bootstrap "
