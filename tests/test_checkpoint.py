@@ -21,7 +21,7 @@ from helpers import (
 )
 
 import hooked_attnres.loading.own_format as own_format_module
-from hooked_attnres import CheckpointError, HookedAttnRes
+from hooked_attnres import CheckpointError, HookedAttnRes, HookedAttnResConfig
 from hooked_attnres._atomic import MARKER, backups_of, read_marker, recover
 
 TOKENS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -852,6 +852,47 @@ def test_invalid_config_value(saved):
     rewrite_config(directory, attnres_layout="diagonal")
     with pytest.raises(CheckpointError, match="not a valid config.*attnres_layout='diagonal'"):
         HookedAttnRes.from_pretrained(directory)
+
+
+def without_config_fields(directory: Path, *names: str) -> None:
+    path = directory / "config.json"
+    values = json.loads(path.read_text())
+    for name in names:
+        del values[name]
+    path.write_text(json.dumps(values))
+    unseal(directory)
+
+
+# (field, saved value that is not the default): every format-1 save wrote them, so a
+# config.json without one was read as the default, another model (audit 204)
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("attnres_num_blocks", 2),
+        ("attnres_layout", "kimi"),
+        ("eps", 1e-3),
+        ("rotary_base", 500.0),
+        ("attnres_recency_bias", 1.5),
+        ("n_ctx", 24),
+    ],
+)
+def test_config_without_a_saved_field_is_refused(tmp_path, field, value):
+    model = scrambled_model(**{field: value})
+    directory = model.save_pretrained(tmp_path / "ckpt")
+    defaults = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, d_vocab=50)
+    assert getattr(model.cfg, field) != getattr(defaults, field)  # the default is another model
+    without_config_fields(directory, field)
+    with pytest.raises(CheckpointError, match=re.escape(f"has no {[field]} in its config.json")):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_config_without_default_padding_side_loads(tmp_path):
+    """The one field added after format version 1: a checkpoint saved before it (as the
+    shipped attnres_seed0) loads with the default, right padding, as it was then."""
+    model = scrambled_model()
+    directory = model.save_pretrained(tmp_path / "ckpt")
+    without_config_fields(directory, "default_padding_side")
+    assert_same_model(HookedAttnRes.from_pretrained(directory), model)
 
 
 # 1.0 and true: JSON numbers and booleans that equal 1 in Python were read as version 1

@@ -14,6 +14,7 @@ A checkpoint is a directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -43,6 +44,12 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 # config.json's record of the parameters whose dtype is not the config's ``dtype``
 PARAMETER_DTYPES = "parameter_dtypes"
+# the `HookedAttnResConfig` fields a version-1 config.json may lack: ``device`` is never
+# written, and ``default_padding_side`` was added after the format (a checkpoint saved
+# before it, as the shipped ``attnres_seed0``, pads on the right, its default). Every other
+# field has been written by every save since the first, so one that is missing means a
+# config this library did not write, and its default would be another model
+FIELDS_A_SAVE_MAY_LACK = ("device", "default_padding_side")
 
 
 def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
@@ -92,6 +99,7 @@ def load_own_format(
     for key in ("model_type", "library_version"):
         values.pop(key, None)
     recorded = _recorded_dtypes(directory, values.pop(PARAMETER_DTYPES, {}))
+    _require_saved_fields(directory, values)
     try:
         cfg = HookedAttnResConfig.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -121,6 +129,24 @@ def load_own_format(
     # no dtype: every tensor as stored, which the check above found to be its recorded one
     state = read_safetensors(weights, dtype=None if dtype is None else cfg.dtype, mmap=mmap)
     return assign_state_dict(model, state, device or "cpu")
+
+
+def _require_saved_fields(directory: Path, values: dict[str, Any]) -> None:
+    """Refuse a ``config.json`` that lacks a field every save of format version 1 wrote
+    (all but `FIELDS_A_SAVE_MAY_LACK`): its default is not what was saved (e.g. no
+    ``attnres_num_blocks`` read as ``min(8, n_layers)``, no ``eps`` as 1e-6)."""
+    missing = [
+        f.name
+        for f in dataclasses.fields(HookedAttnResConfig)
+        if f.name not in values and f.name not in FIELDS_A_SAVE_MAY_LACK
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{directory} has no {missing} in its {CONFIG_NAME}, which every save of format "
+            f"version {FORMAT_VERSION} writes: the defaults need not be the saved model's (a "
+            "config.json written by hand or another tool must give every field of "
+            "HookedAttnResConfig.to_dict() except device)"
+        )
 
 
 def _recorded_dtypes(directory: Path, record: Any) -> dict[str, torch.dtype]:
