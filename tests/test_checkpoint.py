@@ -882,8 +882,12 @@ def test_config_without_a_saved_field_is_refused(tmp_path, field, value):
     defaults = HookedAttnResConfig(d_model=32, n_layers=4, n_heads=4, d_vocab=50)
     assert getattr(model.cfg, field) != getattr(defaults, field)  # the default is another model
     without_config_fields(directory, field)
-    with pytest.raises(CheckpointError, match=re.escape(f"has no {[field]} in its config.json")):
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"has no {[field]} in its config.json")
+    ) as info:
         HookedAttnRes.from_pretrained(directory)
+    # and names every field a config.json may omit (it named device alone)
+    assert str(info.value).endswith("but ['device', 'default_padding_side'])")
 
 
 def test_config_without_default_padding_side_loads(tmp_path):

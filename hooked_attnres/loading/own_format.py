@@ -44,12 +44,14 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 # config.json's record of the parameters whose dtype is not the config's ``dtype``
 PARAMETER_DTYPES = "parameter_dtypes"
-# the `HookedAttnResConfig` fields a version-1 config.json may lack: ``device`` is never
-# written, and ``default_padding_side`` was added after the format (a checkpoint saved
-# before it, as the shipped ``attnres_seed0``, pads on the right, its default). Every other
-# field has been written by every save since the first, so one that is missing means a
-# config this library did not write, and its default would be another model
-FIELDS_A_SAVE_MAY_LACK = ("device", "default_padding_side")
+# the `HookedAttnResConfig` fields a save does not write (where the model runs is not part of it)
+UNSAVED_FIELDS = ("device",)
+# the fields a version-1 config.json may lack: the unsaved ones, and ``default_padding_side``,
+# added after the format (a checkpoint saved before it, as the shipped ``attnres_seed0``,
+# pads on the right, its default). Every other field has been written by every save since
+# the first, so one that is missing means a config this library did not write, and its
+# default would be another model
+FIELDS_A_SAVE_MAY_LACK = (*UNSAVED_FIELDS, "default_padding_side")
 
 
 def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
@@ -60,7 +62,8 @@ def write_checkpoint_files(model: HookedAttnRes, directory: Path) -> None:
         "library_version": __version__,
     }
     config.update(model.cfg.to_dict())
-    config.pop("device")
+    for name in UNSAVED_FIELDS:
+        config.pop(name)
     state = {
         name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
     }
@@ -145,7 +148,7 @@ def _require_saved_fields(directory: Path, values: dict[str, Any]) -> None:
             f"{directory} has no {missing} in its {CONFIG_NAME}, which every save of format "
             f"version {FORMAT_VERSION} writes: the defaults need not be the saved model's (a "
             "config.json written by hand or another tool must give every field of "
-            "HookedAttnResConfig.to_dict() except device)"
+            f"HookedAttnResConfig.to_dict() but {list(FIELDS_A_SAVE_MAY_LACK)})"
         )
 
 
