@@ -94,6 +94,47 @@ def test_public_qwen3_attnres_checkpoint_loads(tmp_path, mode, num_blocks):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_a_qwen3_attnres_config_without_its_attnres_and_rope_fields_loads_with_the_public_defaults(
+    tmp_path,
+):
+    """The public code's config class (``Qwen3AttnResConfig`` in ``modeling_attnres.py`` of
+    github.com/wdlctc/open-attention-residuals, a subclass of transformers' ``Qwen3Config``)
+    defaults ``attnres_num_blocks`` to 8, ``attnres_mode`` to "block", ``attnres_gate_type``
+    to "bias" and ``attnres_recency_bias_init`` to 3.0, and leaves RoPE to ``Qwen3Config``;
+    a config.json without them is that model (audit 206). 10 layers: 8 blocks are blocks of
+    2 layers, unlike 1 (N = n_layers) or 10 (N = 1); block mode unlike full."""
+    from transformers import Qwen3Config
+
+    hf = hf_qwen3(num_hidden_layers=10)
+    directory = tmp_path / "public"
+    routers = write_public_qwen3_attnres(directory, hf, 2)
+    config = json.loads((directory / "config.json").read_text())
+    omitted = [
+        "attnres_num_blocks",
+        "attnres_mode",
+        "attnres_gate_type",
+        "attnres_recency_bias_init",
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+    ]
+    for name in omitted:
+        config.pop(name, None)
+    (directory / "config.json").write_text(json.dumps(config))
+    # transformers reads no RoPE settings as the default RoPE of the reference module
+    plain = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    assert Qwen3Config(**plain).rope_parameters == hf.config.rope_parameters
+
+    model = HookedAttnRes.from_pretrained(directory)
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = reference_forward(
+            hf, "cumulative", 8, public_router_params(routers), tokens, "block"
+        )
+        got = model(tokens)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("mode", ["block", "full"])
 def test_qwen3_attnres_round_trip(tmp_path, mode):
     hf = hf_qwen3(num_hidden_layers=4, tie_word_embeddings=(mode == "full"))

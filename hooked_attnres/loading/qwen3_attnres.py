@@ -74,6 +74,7 @@ def attnres_overrides(values: dict, where: str) -> dict:
             f"{list(KNOWN_ATTNRES_FIELDS)}); a fork's extra routing options would be ignored "
             "silently, so the checkpoint is refused"
         )
+    # a missing field takes the public code's default (docs/loading.md, audit 206)
     gate = values.get("attnres_gate_type", "bias")
     if gate not in SUPPORTED_GATES:
         raise CheckpointError(
