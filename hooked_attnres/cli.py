@@ -412,23 +412,22 @@ def _earlier_summary(path: Path) -> list[dict]:
 
 def _unfinished_run_note(model_dir: Path) -> str:
     """A line for ``info`` when ``model_dir`` is a training run's ``model`` and the run
-    folder's checkpoint holds an unfinished run (e.g. one started over with --no-resume /
-    ``resume=False`` and stopped): ``model`` and ``metrics.json`` are then an earlier
-    finished run's, which only a finished run replaces; ``""`` otherwise (also when the
-    checkpoint cannot be read: the note is advice, the description stands)."""
-    from hooked_attnres.training.trainer import saved_progress
+    folder's checkpoint holds another run than the one ``model`` and ``metrics.json`` are
+    of (`checkpoint_run_differs`: e.g. one started over with --no-resume / ``resume=False``
+    and stopped or killed): they are an earlier finished run's, which only a finished run
+    replaces; ``""`` otherwise. The study refuses such a folder."""
+    from hooked_attnres.training.trainer import checkpoint_run_differs
 
     if model_dir.name != "model":
         return ""
-    progress = saved_progress(model_dir.parent)
-    if progress is None:
+    try:
+        other = checkpoint_run_differs(model_dir.parent)
+    except (OSError, ValueError):  # metrics.json unreadable: the note is advice
         return ""
-    step, steps, stopped_early = progress
-    if step >= steps or stopped_early:
+    if other is None:
         return ""
     return (
-        f"\nnote: {model_dir.parent / 'checkpoint'} holds an unfinished run (step {step} of "
-        f"{steps}): "
+        f"\nnote: {model_dir.parent / 'checkpoint'} holds another run ({other}): "
         f"this model and {model_dir.parent / 'metrics.json'} are an earlier finished run's, "
         "not that run's; resume it to replace them (the train command without --no-resume)"
     )

@@ -979,7 +979,7 @@ def test_info_says_when_a_run_folder_holds_a_newer_unfinished_run(tmp_path, caps
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     assert (state["step"], state["train_config"]["steps"]) == (1, 4)
     assert (
-        f"note: {run / 'checkpoint'} holds an unfinished run (step 1 of 4): this model and "
+        f"note: {run / 'checkpoint'} holds another run (step 1 of 4): this model and "
         f"{run / 'metrics.json'} are an earlier finished run's, not that run's; resume it to "
         "replace them (the train command without --no-resume)"
     ) in info()
@@ -1569,3 +1569,60 @@ def test_a_sigterm_the_caller_ignores_stays_ignored(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert (code, out, err) == (0, "ran on\n", ""), (code, out, err)
     assert seen == [signal.SIG_IGN]
+
+
+@pytest.mark.parametrize(
+    "killed", ["before_the_first_checkpoint", "after_it", "in_the_final_writes"]
+)
+def test_a_study_refuses_a_finished_run_started_over_and_killed(killed, tmp_path, capsys):
+    """Audit 197: ``train --no-resume`` (here with lr 1e-3) into the folder of a finished
+    run (lr 5e-4), killed (SIGKILL, in a forked child) before it finished, left the earlier
+    run's ``model/`` and ``metrics.json`` beside its own checkpoint, and ``study`` read
+    them as the run's without a word (4 of 5 crash points measured; only a kill between
+    the final writes, where metrics.json was already removed, was refused): the user
+    believes the run retrained at lr 1e-3, the study reads the lr 5e-4 model. Killed after
+    its first update, before its first checkpoint (``train_step:1``), the earlier run's
+    checkpoint was left too, so nothing said that a new run had started: a run started
+    over in a folder holding an earlier model writes a checkpoint of its step 0 first now.
+    The study refuses every such folder, naming the checkpoint's run and how to finish it;
+    once finished, the run is studied."""
+    import signal
+
+    from crash_helpers import KILLED, run_forked
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    assert cli.main(_tiny_train_argv(out)) == 0
+    run = out / "attnres_seed0"
+    earlier = json.loads((run / "metrics.json").read_text())
+    assert earlier["train_config"]["lr"] == 5e-4  # the recipe's
+    again = [*_tiny_train_argv(out), "--no-resume", "--set", "lr=1e-3"]
+
+    def started_over() -> None:
+        if killed == "in_the_final_writes":  # the final checkpoint is written, model/ not yet
+
+            def removed(path) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            trainer.remove_file = removed
+        cli.main(again)
+
+    crash_at = {"before_the_first_checkpoint": "train_step:1", "after_it": "train_step:3"}
+    assert run_forked(started_over, crash_at=crash_at.get(killed)) == KILLED
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["train_config"]["lr"] == 1e-3  # the folder says a new run started
+    assert json.loads((run / "metrics.json").read_text()) == earlier  # still the earlier run's
+    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
+    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    assert cli.main(study) == 1
+    err = capsys.readouterr().err
+    progress = f"step {state['step']} of 4"
+    assert (
+        f"{run}: its model/ and metrics.json are an earlier finished run's, not the run its "
+        f"checkpoint holds ({progress}" in err
+    ), err
+    assert "finish the run (hooked-attnres train --condition attnres --seeds 0 --out" in err, err
+    assert cli.main([*_tiny_train_argv(out), "--set", "lr=1e-3"]) == 0  # resumed, finished
+    assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
+    assert cli.main(study) == 0

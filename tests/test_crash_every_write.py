@@ -172,8 +172,10 @@ def test_training_failing_at_any_write_resumes_to_the_uninterrupted_run(tmp_path
 
 
 # a run started over (resume=False) in the folder of a finished run with other settings:
-# every save replaces a version (marker, aside, install, discard), then metrics.json
-RESTART_RENAMES = 4 + 4 + 4 + 1
+# every save replaces a version (marker, aside, install, discard): its step-0 checkpoint
+# (audit 197: written at once beside the earlier run's model), its step-2 and final
+# checkpoints and its model; then metrics.json
+RESTART_RENAMES = 4 + 4 + 4 + 4 + 1
 
 
 def test_a_run_started_over_makes_every_rename_counted_here(tmp_path, whole_run):
@@ -189,7 +191,11 @@ def test_a_run_started_over_and_killed_never_pairs_its_model_with_the_old_metric
 ):
     """``train(resume=False)`` over a finished run with other settings, killed at any
     write: ``model/`` and ``metrics.json`` must describe one run (or the metrics be gone),
-    never the new model with the old run's history and accuracy."""
+    never the new model with the old run's history and accuracy; and where they are the
+    earlier run's, its checkpoint is too or `checkpoint_run_differs` says it is not
+    (audit 197: the study read the earlier model as the new run's)."""
+    from hooked_attnres.training.trainer import checkpoint_run_differs
+
     out = tmp_path / "run"
     shutil.copytree(whole_run_dir(whole_run), out)
     old_weights, old_metrics = whole_run[2]
@@ -199,6 +205,12 @@ def test_a_run_started_over_and_killed_never_pairs_its_model_with_the_old_metric
     if (out / "metrics.json").exists():
         lr = json.loads((out / "metrics.json").read_text())["train_config"]["lr"]
         assert lr == (old_metrics["train_config"]["lr"] if old_model else 1e-3)
+        differs = checkpoint_run_differs(out)  # first: it recovers a checkpoint moved aside
+        state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+        if state["train_config"]["lr"] != lr:  # the checkpoint is the new run's
+            assert differs == f"step {state['step']} of 4", k
+        else:
+            assert differs is None, k
 
 
 @pytest.mark.parametrize("whole_run", ["attnres"], indirect=True)

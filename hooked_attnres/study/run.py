@@ -100,6 +100,7 @@ from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_co
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.tasks.base import Task, TaskBatch, require_task_batch
+from hooked_attnres.training.trainer import checkpoint_run_differs
 
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
@@ -225,6 +226,15 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
                 "study it then"
             )
         return
+    other = checkpoint_run_differs(path.parent)
+    if other is not None:
+        raise ValueError(
+            f"{path.parent}: its model/ and metrics.json are an earlier finished run's, not "
+            f"the run its checkpoint holds ({other}: a run started over, --no-resume or "
+            "resume=False, and stopped or killed before its end, which alone replaces "
+            "them); studied, the earlier model would be read as that run's; finish the run "
+            f"({finish_command(recipe.name, seed, path.parent.parent)}) and study it then"
+        )
     metrics = json.loads(path.read_text(encoding="utf-8"))
     recorded = metrics.get("eval_tasks")
     expected = [repr(recipe.make_task())]

@@ -275,6 +275,47 @@ def saved_progress(out_dir: Union[str, Path]) -> Optional[tuple[int, int, bool]]
         return None
 
 
+def _run_record(state: dict, drop: str) -> str:
+    """What identifies a run's weights in a ``trainer_state.json`` or ``metrics.json``
+    (``drop``: the key only that file has), as canonical JSON text: its settings, tasks,
+    model, step and history, less ``seconds`` (a finished run resumed adds the time of
+    its final writes to its checkpoint, not yet to metrics.json). Text, not the values:
+    a NaN accuracy is not equal to itself."""
+    kept = {k: v for k, v in state.items() if k not in (drop, "seconds")}
+    return json.dumps(kept, sort_keys=True)
+
+
+def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
+    """How far the run in ``out_dir/checkpoint`` got (``"step 2 of 4"``), when that run is
+    not the one ``out_dir/metrics.json`` records, so ``out_dir/model`` (written with
+    metrics.json) is an earlier finished run's: a run started over (``resume=False``,
+    --no-resume) and stopped, or killed, before its final writes; ``None`` when both record
+    the same run (also after a start-over of the same settings and environment killed in
+    its final writes: the training is deterministic, the weights are the same) or either
+    file is missing. A ``trainer_state.json`` that cannot be read is said so (what it
+    holds cannot be compared). Audit 197: the study read such a folder's model as the
+    run's."""
+    out_dir = Path(out_dir)
+    state_file = out_dir / "checkpoint" / "trainer_state.json"
+    metrics_file = out_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    # a save of the checkpoint killed between moving the last one aside and installing
+    # its own left no checkpoint/ in place: recovered first, as a load does
+    with reading(state_file.parent):
+        if not state_file.is_file():
+            return None
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            progress = f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"a checkpoint whose {state_file.name} cannot be read"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    if _run_record(state, "initial_weights") == _run_record(metrics, "final_accuracy"):
+        return None
+    return progress
+
+
 def check_run_folder(out_dir: Path) -> None:
     """Refuse, before any work, an ``out_dir`` that is not new, empty or a training run's
     folder: the run writes ``model/``, ``checkpoint/`` and ``metrics.json`` into it and
@@ -1049,6 +1090,14 @@ def train(
             if config.stop_accuracy is not None:
                 out["stopped_early"] = stopped
             return out
+
+        if saved is None and model_dir.is_dir() and any(model_dir.iterdir()):
+            # started over beside an earlier finished run's model (and metrics.json), which
+            # only this run's end replaces: its checkpoint says from now on that the folder
+            # holds another run (`checkpoint_run_differs`), also if it is killed before its
+            # first periodic checkpoint (audit 197: the earlier run's checkpoint was left,
+            # and the study read the earlier model as this run's)
+            checkpoint.save(model, optimizer, state(), tokenizer)
 
         model.train()
         last_loss = float("nan")
