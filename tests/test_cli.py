@@ -1626,3 +1626,124 @@ def test_a_study_refuses_a_finished_run_started_over_and_killed(killed, tmp_path
     assert cli.main([*_tiny_train_argv(out), "--set", "lr=1e-3"]) == 0  # resumed, finished
     assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
     assert cli.main(study) == 0
+
+
+@pytest.mark.parametrize(
+    "first, second", [("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"), ("SIGINT", "SIGINT")]
+)
+@pytest.mark.parametrize("during", ["inside_update", "interrupt_checkpoint"])
+def test_a_second_stop_signal_keeps_the_checkpoint_and_the_first_ones_exit_code(
+    first, second, during, tmp_path
+):
+    """Audit 197: two stop signals (Ctrl-C, SIGTERM; e.g. Ctrl-C pressed twice, or a
+    scheduler's SIGTERM after Ctrl-C). Inside an optimizer update both were held and the
+    first was delivered: the checkpoint of step 3 was written, exit code the first's. But
+    the second arriving while the interrupt's checkpoint was written (no signal was held
+    there) aborted that write: the checkpoint stayed at step 2, step 3 was lost, and the
+    exit code was the second's (SIGINT then SIGTERM: 143, not 130). The rule now, both
+    places: the checkpoint of the step reached is written whole, and the first signal
+    decides the exit code and the line said (a later one, while the run stops, is
+    dropped; kill -9 still ends it at once, the last checkpoint kept). Steps 4, a
+    checkpoint every 2, the first signal at step 3, in a forked child."""
+    import signal
+
+    import torch
+    from crash_helpers import fork_and_wait
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    err = tmp_path / "stderr.txt"
+    signals = [getattr(signal, first), getattr(signal, second)]
+
+    def run() -> None:
+        updates: list[int] = []
+        original_step, original_save = torch.optim.AdamW.step, trainer._torch_save
+
+        def step(self, *args, **kwargs):
+            updates.append(1)
+            if during == "inside_update" and len(updates) == 3:
+                os.kill(os.getpid(), signals[0])
+                os.kill(os.getpid(), signals[1])
+            return original_step(self, *args, **kwargs)
+
+        def fault_point(name: str) -> None:
+            if during == "interrupt_checkpoint" and name == "train_step" and len(updates) == 3:
+                os.kill(os.getpid(), signals[0])
+
+        def torch_save(value, path) -> None:  # the optimizer.pt of the interrupt's checkpoint
+            if during == "interrupt_checkpoint" and len(updates) == 3:
+                os.kill(os.getpid(), signals[1])
+            original_save(value, path)
+
+        torch.optim.AdamW.step = step  # type: ignore[method-assign]
+        trainer.fault_point = fault_point
+        trainer._torch_save = torch_save
+        sys.stderr = open(err, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
+        code = cli.main(_tiny_train_argv(out))
+        sys.stderr.flush()
+        os._exit(code - 100)
+
+    status = fork_and_wait(run)
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) + 100 == 128 + signals[0], status
+    text = err.read_text()
+    said = "terminated (SIGTERM)" if first == "SIGTERM" else "interrupted"
+    assert text.endswith(f"hooked-attnres: {said}\n"), text
+    kept = out / "attnres_seed0" / "checkpoint"
+    assert f"last checkpoint is kept in {kept}: run the same command again to resume" in text
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_a_ctrl_c_while_the_final_checkpoint_is_written_keeps_the_runs_last_steps(tmp_path):
+    """Audit 197: Ctrl-C while a finished run's final checkpoint was written aborted that
+    write: the checkpoint stayed at the last periodic one (step 2 of 4), so the steps since
+    (here 2; up to checkpoint_every - 1) were lost, and the resume trained them again. The
+    final checkpoint is written whole now and Ctrl-C is delivered right after it (exit
+    130); the same command then writes the model and metrics.json without a step."""
+    import signal
+
+    import torch
+    from crash_helpers import fork_and_wait
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+
+    def run() -> None:
+        updates: list[int] = []
+        original_step, original_save = torch.optim.AdamW.step, trainer._torch_save
+
+        def step(self, *args, **kwargs):
+            updates.append(1)
+            return original_step(self, *args, **kwargs)
+
+        def torch_save(value, path) -> None:
+            if len(updates) == 4:  # the final checkpoint's optimizer.pt
+                os.kill(os.getpid(), signal.SIGINT)
+            original_save(value, path)
+
+        torch.optim.AdamW.step = step  # type: ignore[method-assign]
+        trainer._torch_save = torch_save
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
+        os._exit(cli.main(_tiny_train_argv(out)) - 100)
+
+    status = fork_and_wait(run)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 30, status  # main returned 130
+    run_folder = out / "attnres_seed0"
+    assert json.loads((run_folder / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    assert not (run_folder / "model").exists()
+    steps: list[int] = []
+    original = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = counted  # type: ignore[method-assign]
+    try:
+        assert cli.main(_tiny_train_argv(out)) == 0
+    finally:
+        torch.optim.AdamW.step = original  # type: ignore[method-assign]
+    assert steps == []  # nothing trained again
+    assert json.loads((run_folder / "metrics.json").read_text())["step"] == 4

@@ -829,13 +829,17 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def _interrupts_deferred(deliver: bool = True) -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and deliver them right
     after: the optimizer update and the step's bookkeeping are then never cut apart, so
     the checkpoint written on `KeyboardInterrupt` always has as many updates as steps.
     Only a signal whose handler is a Python function is held back (Ctrl-C's default,
     `signal.default_int_handler`; the command line's SIGTERM handler): the caller's
-    handler gets it afterwards (``signal.raise_signal``), in the order received. A signal
+    handler gets it afterwards (``signal.raise_signal``), in the order received, the first
+    to raise ending the delivery (the first signal decides: SIGINT then SIGTERM raises
+    `KeyboardInterrupt`, exit code 130 on the command line); ``deliver=False`` drops them
+    instead (the checkpoint written because of an interrupt: the run is stopping already,
+    and a second Ctrl-C or SIGTERM aborted that write until audit 197). A signal
     left to the system (SIGTERM's default: the process ends at once), or ignored, is not
     touched; outside the main thread, where Python handles no signal, nothing is changed.
     A holding handler left in place after the block (an interrupt raised while the handlers
@@ -866,8 +870,8 @@ def _interrupts_deferred() -> Iterator[None]:
         over = True
         for held, handler in previous.items():
             signal.signal(held, handler)
-        for arrived in dict.fromkeys(received):  # the first to raise ends the delivery
-            signal.raise_signal(arrived)
+        for arrived in dict.fromkeys(received) if deliver else ():
+            signal.raise_signal(arrived)  # the first to raise ends the delivery
 
 
 def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
@@ -1181,7 +1185,11 @@ def train(
             bar.close()
             if consistent:
                 try:
-                    checkpoint.save(model, optimizer, state(), tokenizer)
+                    # written whole: a second Ctrl-C or SIGTERM (pressed again, a scheduler's
+                    # after Ctrl-C) is dropped, the first decides how the run ends; it aborted
+                    # this write before audit 197, losing the steps since the last checkpoint
+                    with _interrupts_deferred(deliver=False):
+                        checkpoint.save(model, optimizer, state(), tokenizer)
                 finally:  # part-way through the run, at its checkpoint or past it
                     _note_left_part_way(model, checkpoint.initial_weights)
             else:  # raised inside an optimizer update (not by Ctrl-C, which waits)
@@ -1202,7 +1210,10 @@ def train(
         seconds += time.perf_counter() - started
         finished = step >= config.steps or stopped
         try:
-            checkpoint.save(model, optimizer, state(), tokenizer)
+            # Ctrl-C or SIGTERM waits for the final checkpoint (audit 197: it aborted the
+            # write, and the steps since the last periodic checkpoint were trained again)
+            with _interrupts_deferred():
+                checkpoint.save(model, optimizer, state(), tokenizer)
         except BaseException:  # e.g. a full disk: the model is past its last checkpoint
             _note_left_part_way(model, checkpoint.initial_weights)
             raise
