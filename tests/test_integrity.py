@@ -230,6 +230,35 @@ def test_a_resume_from_a_changed_checkpoint_is_refused_and_keeps_it(tmp_path, na
     assert sha256(path) == after and not (out / "model").exists()
 
 
+@pytest.mark.parametrize("name", ["optimizer.pt", "trainer_state.json", "model/model.safetensors"])
+def test_a_truncated_file_of_a_checkpoint_without_a_marker_is_named(tmp_path, name):
+    """Audit 197: a checkpoint without a completion marker (an earlier trainer version's,
+    or assembled by hand) is not checked against its save, so a truncated file failed in
+    its reader with words that named neither the file nor the checkpoint nor a remedy:
+    torch's ``PytorchStreamReader failed reading zip archive: failed finding central
+    directory`` (RuntimeError), ``Error while deserializing header: incomplete metadata,
+    file not fully covered`` (SafetensorError) and ``Unterminated string starting at: line
+    52 column 7`` (JSONDecodeError). It is a `CheckpointError` naming the file now, and the
+    checkpoint is left as it is."""
+    from helpers import unseal
+
+    from hooked_attnres import CheckpointError
+
+    out = tmp_path / "run"
+    tok, cfg = stopped_run(out)
+    unseal(out / "checkpoint")
+    path = out / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    after = sha256(path)
+    fresh = build_model("attnres", 0, tok, SHAPE, 2)
+    with pytest.raises(CheckpointError) as info:
+        train(fresh, TASK, cfg, out, tokenizer=tok, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"could not read {path}: the file is truncated or corrupt ("), message
+    assert "no completion marker" in message and "resume=False" in message, message
+    assert sha256(path) == after and not (out / "model").exists()
+
+
 # --- legitimate copies and the remedies of the study and the command line (audit 103) -----
 
 

@@ -47,6 +47,52 @@ def test_shipped_checkpoints_match_their_sha256sums():
         assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
 
 
+@pytest.mark.parametrize("change", ["a flipped byte", "a file not listed"])
+def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
+    change, tmp_path, monkeypatch
+):
+    """Audit 197: the shipped checkpoints have no completion marker (they are never
+    rewritten), so their loads checked nothing: one byte flipped inside a tensor of the
+    shipped ``attnres`` seed 0 weights (the file still parses) loaded silently as that model,
+    though ``SHA256SUMS`` beside them records every weight file's digest (only this test
+    file read it). `load_condition` compares the weights of a shipped checkpoint with it now
+    (a copy of the shipped folder here: the package's own files are not touched)."""
+    import shutil
+
+    from hooked_attnres import CheckpointIntegrityError
+    from hooked_attnres.study import checkpoints as checkpoints_module
+
+    copy = tmp_path / "study"
+    shutil.copytree(SHIPPED, copy)
+    monkeypatch.setattr(checkpoints_module, "SHIPPED", copy)
+    weights = copy / "attnres_seed0" / "model" / "model.safetensors"
+    load_condition("attnres", 0)  # as shipped: loads
+    if change == "a flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        weights.write_bytes(bytes(data))
+        found = hashlib.sha256(bytes(data)).hexdigest()
+        expected = (
+            f"has SHA-256 {found}, not the {_sums_of(copy)[weights.relative_to(copy).as_posix()]}"
+        )
+    else:
+        lines = (copy / "SHA256SUMS").read_text().splitlines(keepends=True)
+        (copy / "SHA256SUMS").write_text(
+            "".join(line for line in lines if "attnres_seed0/" not in line)
+        )
+        expected = "is not listed in"
+    with pytest.raises(CheckpointIntegrityError) as info:
+        load_condition("attnres", 0)
+    message = str(info.value)
+    assert f"the shipped checkpoint's {weights} {expected}" in message, message
+    assert "reinstall hooked-attnres" in message, message
+
+
+def _sums_of(root: Path) -> dict[str, str]:
+    lines = (root / "SHA256SUMS").read_text().split("\n")
+    return dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
+
+
 @pytest.mark.parametrize("condition,seed", SHIPPED_RUNS)
 def test_shipped_checkpoints_are_their_recipe_and_score_as_recorded(condition, seed):
     recipe = get_condition(condition)

@@ -11,6 +11,7 @@ which loads no torch).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from hooked_attnres._validation import as_items, require_integer
 from hooked_attnres.study.recipes import CONDITIONS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
+SHIPPED_SUMS = "SHA256SUMS"  # in `SHIPPED`: ``{digest}  {condition}_seed{n}/model/{file}`` lines
 PathLike = Union[str, Path]
 
 
@@ -55,6 +57,50 @@ def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike
             f"{condition} --seeds {seed} --out {checkpoints}`"
         )
     return path
+
+
+def verify_shipped(model_dir: Path) -> None:
+    """Refuse a shipped checkpoint (``model_dir`` under `SHIPPED`) whose weight files are
+    not the ones `SHIPPED_SUMS` lists (another SHA-256, or not listed): the shipped
+    checkpoints carry no completion marker (they are never rewritten), so the loaders
+    check nothing, and a byte flipped inside a tensor loaded silently as the shipped model
+    (audit 197). A Git LFS pointer is named as one first. ``model_dir`` elsewhere: nothing.
+
+    Raises:
+        CheckpointIntegrityError: naming the file, its digest and the remedy.
+    """
+    from hooked_attnres.loading.io import CheckpointIntegrityError, require_not_lfs_pointer
+
+    root = SHIPPED.resolve()
+    try:
+        model_dir.resolve().relative_to(root)
+    except ValueError:
+        return
+    sums_file = root / SHIPPED_SUMS
+    try:
+        lines = sums_file.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    listed = {
+        name.strip(): digest
+        for digest, name in (line.split(maxsplit=1) for line in lines if line.strip())
+    }
+    remedy = "reinstall hooked-attnres (or restore the file from the repository)"
+    for path in sorted(model_dir.glob("*.safetensors")):
+        name = path.resolve().relative_to(root).as_posix()
+        if name not in listed:
+            raise CheckpointIntegrityError(
+                f"the shipped checkpoint's {path} is not listed in {sums_file}, so it cannot "
+                f"be checked against the weights shipped; {remedy}"
+            )
+        found = hashlib.sha256(path.read_bytes()).hexdigest()
+        if found != listed[name]:
+            require_not_lfs_pointer(path)
+            raise CheckpointIntegrityError(
+                f"the shipped checkpoint's {path} has SHA-256 {found}, not the {listed[name]} "
+                f"{sums_file} lists: it was changed after it was shipped, and would load as "
+                f"other weights; {remedy}"
+            )
 
 
 def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:

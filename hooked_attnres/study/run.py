@@ -95,6 +95,7 @@ from hooked_attnres.study.checkpoints import (
     metrics_path,
     run_dir,
     unfinished_runs,
+    verify_shipped,
 )
 from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_condition, make_task
 from hooked_attnres.study.figures import study_figures
@@ -152,6 +153,7 @@ def load_condition(
             f"was trained with (on the command line: hooked-attnres train --condition "
             f"{condition} --seeds {seed} --out {path.parent.parent} --no-resume)",
         )
+        verify_shipped(path)  # the shipped checkpoints have no marker: SHA256SUMS instead
         if recipe.kind == "attnres":
             model = HookedAttnRes.from_pretrained(path, verify=False)
         else:

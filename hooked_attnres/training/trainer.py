@@ -484,13 +484,43 @@ _hiding: list[Any] = []
 
 
 def _saved_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the ``*.safetensors`` files `save_model` wrote into ``directory``."""
+    """Every tensor of the ``*.safetensors`` files `save_model` wrote into ``directory``
+    (one that cannot be read: `_read_saved`)."""
     from safetensors.torch import load_file
 
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(path)))
+        state.update(_read_saved(path, lambda p: load_file(str(p))))
     return state
+
+
+def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)`` of a checkpoint's file; a file its reader cannot parse (truncated or
+    corrupt) raised as a `CheckpointError` naming it, where the readers named neither the
+    file nor a remedy (audit 197: torch's ``PytorchStreamReader failed reading zip
+    archive``, safetensors' ``incomplete metadata, file not fully covered``, a bare
+    JSONDecodeError). A checkpoint with a completion marker was checked against its save
+    first (`verify_saved_files`); one without (an earlier version's, or assembled by
+    hand) was not, which the message says."""
+    from safetensors import SafetensorError
+
+    from hooked_attnres.loading.io import CheckpointError
+
+    try:
+        return read(path)
+    except (ValueError, RuntimeError, EOFError, SafetensorError) as error:
+        checkpoint = next((p for p in path.parents if p.name == "checkpoint"), path.parent)
+        unchecked = (
+            f" ({checkpoint} has no completion marker, written by an earlier version or by "
+            "hand, so its files are not checked against their save)"
+            if read_marker(checkpoint) is None
+            else ""
+        )
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"could not read {path}: the file is truncated or corrupt ({type(error).__name__}: "
+            f"{cause}){unchecked}; restore {checkpoint} from a backup, or {_START_OVER}"
+        ) from error
 
 
 def _weights_identity(model) -> str:
@@ -703,7 +733,10 @@ class _Checkpoint:
             )
             if not (self.directory / "trainer_state.json").exists():
                 return None
-            state = json.loads((self.directory / "trainer_state.json").read_text(encoding="utf-8"))
+            state = _read_saved(
+                self.directory / "trainer_state.json",
+                lambda path: json.loads(path.read_text(encoding="utf-8")),
+            )
             if "vocabulary" not in state:
                 # written before the vocabulary was part of the identity: the tokenizer
                 # saved with the checkpoint's model tells it (none saved: refused below)
@@ -718,7 +751,10 @@ class _Checkpoint:
             self.initial_weights = initial
             load_model_state(model, self.directory / "model")
             optimizer.load_state_dict(
-                torch.load(self.directory / "optimizer.pt", weights_only=True)
+                _read_saved(
+                    self.directory / "optimizer.pt",
+                    lambda path: torch.load(path, weights_only=True),
+                )
             )
         self.step = state["step"]
         return state
