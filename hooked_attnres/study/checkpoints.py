@@ -11,7 +11,6 @@ which loads no torch).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +68,7 @@ def verify_shipped(model_dir: Path) -> None:
     Raises:
         CheckpointIntegrityError: naming the file, its digest and the remedy.
     """
+    from hooked_attnres._atomic import file_sha256
     from hooked_attnres.loading.io import CheckpointIntegrityError, require_not_lfs_pointer
 
     root = SHIPPED.resolve()
@@ -93,7 +93,7 @@ def verify_shipped(model_dir: Path) -> None:
                 f"the shipped checkpoint's {path} is not listed in {sums_file}, so it cannot "
                 f"be checked against the weights shipped; {remedy}"
             )
-        found = hashlib.sha256(path.read_bytes()).hexdigest()
+        found = file_sha256(path)  # the digest every marker records, read in chunks
         if found != listed[name]:
             require_not_lfs_pointer(path)
             raise CheckpointIntegrityError(
