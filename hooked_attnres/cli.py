@@ -229,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import (
         check_outside_package,
         other_save,
+        read_marker,
         updating,
         write_text_atomic,
     )
@@ -299,6 +300,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for condition in conditions:
             out_dir = run_dir(args.out, condition, seed)
             print(f"[{PROG}] training {condition} seed {seed} -> {out_dir}", flush=True)
+            checkpoint = out_dir / "checkpoint"
+            # the checkpoint's version before the run (every save raises its sequence): one
+            # still there after a stop is an earlier run's, which --no-resume does not resume
+            before = (checkpoint.is_dir(), (read_marker(checkpoint) or {}).get("sequence"))
             try:
                 result = train_condition(
                     condition,
@@ -313,12 +318,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             # kept, and the run resumes from it once the cause is fixed (audit 150: the
             # command said only the error)
             except (KeyboardInterrupt, OSError, MemoryError) as error:
-                checkpoint = out_dir / "checkpoint"
-                if checkpoint.is_dir() and not isinstance(error, FileExistsError):
+                after = (checkpoint.is_dir(), (read_marker(checkpoint) or {}).get("sequence"))
+                cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
+                if isinstance(error, FileExistsError) or not checkpoint.is_dir():
+                    raise
+                if args.no_resume and after == before:
+                    # started over, stopped before its first checkpoint (e.g. a full disk
+                    # while its step-0 checkpoint was written): resuming would resume the
+                    # earlier run, refused for other settings (review 207)
+                    print(
+                        f"[{PROG}] {condition} seed {seed} stopped before it wrote a "
+                        f"checkpoint: {out_dir} still holds the earlier run, as it was; "
+                        f"{cause}run the same command again to start it over",
+                        file=sys.stderr,
+                    )
+                else:
                     again = (
                         "the command without --no-resume" if args.no_resume else "the same command"
                     )
-                    cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
                     print(
                         f"[{PROG}] {condition} seed {seed} stopped; its last checkpoint is kept "
                         f"in {checkpoint}: {cause}run {again} again to resume",

@@ -1747,3 +1747,48 @@ def test_a_ctrl_c_while_the_final_checkpoint_is_written_keeps_the_runs_last_step
         torch.optim.AdamW.step = original  # type: ignore[method-assign]
     assert steps == []  # nothing trained again
     assert json.loads((run_folder / "metrics.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("stopped_by", ["a full disk", "Ctrl-C"])
+def test_a_run_started_over_that_wrote_no_checkpoint_says_the_folder_holds_the_earlier_run(
+    stopped_by, tmp_path, monkeypatch, capsys
+):
+    """Review 207: ``train --no-resume --set lr=1e-3`` over a finished lr 5e-4 run, stopped
+    while its step-0 checkpoint was written (a full disk: ENOSPC from the write of its
+    optimizer.pt; or Ctrl-C), wrote no checkpoint: the folder still held the earlier run,
+    checkpoint included. The command said `run the command without --no-resume again to
+    resume`, which was then refused (``train_config.lr differs``). It says now that the
+    folder still holds the earlier run and to run the same command again, which then starts
+    the run over and finishes it."""
+    import errno
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    assert cli.main(_tiny_train_argv(out)) == 0
+    run = out / "attnres_seed0"
+    earlier = {name: (run / name).read_bytes() for name in ("metrics.json",)}
+    earlier_state = (run / "checkpoint" / "trainer_state.json").read_bytes()
+    again = [*_tiny_train_argv(out), "--no-resume", "--set", "lr=1e-3"]
+    original_save = trainer._torch_save
+
+    def failing(value, path) -> None:  # the step-0 checkpoint's optimizer.pt
+        if stopped_by == "a full disk":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_torch_save", failing)
+    capsys.readouterr()
+    assert cli.main(again) == (1 if stopped_by == "a full disk" else 130)
+    err = capsys.readouterr().err
+    assert (run / "checkpoint" / "trainer_state.json").read_bytes() == earlier_state
+    assert (run / "metrics.json").read_bytes() == earlier["metrics.json"]
+    cause = "fix the cause and " if stopped_by == "a full disk" else ""
+    assert (
+        f"attnres seed 0 stopped before it wrote a checkpoint: {run} still holds the earlier "
+        f"run, as it was; {cause}run the same command again to start it over"
+    ) in err, err
+    assert "without --no-resume" not in err, err
+    monkeypatch.setattr(trainer, "_torch_save", original_save)
+    assert cli.main(again) == 0  # the same command: started over and finished
+    assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
