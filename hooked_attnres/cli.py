@@ -437,8 +437,12 @@ def _unfinished_run_note(model_dir: Path) -> str:
 
     if model_dir.name != "model":
         return ""
+    from hooked_attnres.loading.io import CheckpointError
+
     try:
         other = checkpoint_run_differs(model_dir.parent)
+    except CheckpointError as error:  # its trainer_state.json: what it holds is unknown
+        return f"\nnote: {error}"
     except (OSError, ValueError):  # metrics.json unreadable: the note is advice
         return ""
     if other is None:

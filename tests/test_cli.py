@@ -1792,3 +1792,39 @@ def test_a_run_started_over_that_wrote_no_checkpoint_says_the_folder_holds_the_e
     monkeypatch.setattr(trainer, "_torch_save", original_save)
     assert cli.main(again) == 0  # the same command: started over and finished
     assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("broken", ["truncated", "without its step"])
+def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
+    broken, tmp_path, capsys
+):
+    """Review 207: a finished run whose ``checkpoint/trainer_state.json`` cannot be read
+    (truncated) was refused by the study as ``its model/ and metrics.json are an earlier
+    finished run's, not the run its checkpoint holds (a checkpoint whose trainer_state.json
+    cannot be read ...)``, and ``info`` said the model was an earlier run's: both claims
+    unestablished (here false: model/ and metrics.json are the run's), and the remedy it
+    named (resume the run) fails on that file. The refusal is a `CheckpointError` naming
+    the file now (the reader's, `_read_saved`, as a resume says it), and ``info`` notes it."""
+    out = tmp_path / "runs"
+    assert cli.main(_tiny_train_argv(out)) == 0
+    run = out / "attnres_seed0"
+    state = run / "checkpoint" / "trainer_state.json"
+    if broken == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        expected = f"could not read {state}: the file is truncated or corrupt (JSONDecodeError"
+    else:
+        kept = json.loads(state.read_text())
+        del kept["step"]
+        state.write_text(json.dumps(kept))
+        expected = f"{state} records no step of steps (KeyError: 'step'), so the run it holds"
+    capsys.readouterr()
+    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
+    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    assert cli.main(study) == 1
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "earlier finished run's" not in err, err
+    assert cli.main(["info", str(run / "model")]) == 0
+    said = capsys.readouterr().out
+    assert f"note: {expected}" in said, said
+    assert "earlier finished run's" not in said, said

@@ -292,9 +292,12 @@ def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
     --no-resume) and stopped, or killed, before its final writes; ``None`` when both record
     the same run (also after a start-over of the same settings and environment killed in
     its final writes: the training is deterministic, the weights are the same) or either
-    file is missing. A ``trainer_state.json`` that cannot be read is said so (what it
-    holds cannot be compared). Audit 197: the study read such a folder's model as the
-    run's."""
+    file is missing. Audit 197: the study read such a folder's model as the run's.
+
+    Raises:
+        CheckpointError: a ``trainer_state.json`` that cannot be read (`_read_saved`) or
+            records no step of steps, naming it: what it holds cannot be compared (review
+            207: it was reported as another run, the model as an earlier run's)."""
     out_dir = Path(out_dir)
     state_file = out_dir / "checkpoint" / "trainer_state.json"
     metrics_file = out_dir / "metrics.json"
@@ -305,11 +308,17 @@ def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
     with reading(state_file.parent):
         if not state_file.is_file():
             return None
+        state = _read_saved(state_file, lambda path: json.loads(path.read_text(encoding="utf-8")))
         try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
             progress = f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return f"a checkpoint whose {state_file.name} cannot be read"
+        except (ValueError, KeyError, TypeError) as error:
+            from hooked_attnres.loading.io import CheckpointError
+
+            raise CheckpointError(
+                f"{state_file} records no step of steps ({type(error).__name__}: {error}), so "
+                f"the run it holds cannot be compared with {metrics_file}; restore "
+                f"{state_file.parent} from a backup, or {_START_OVER}"
+            ) from error
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     if _run_record(state, "initial_weights") == _run_record(metrics, "final_accuracy"):
         return None
