@@ -1693,6 +1693,13 @@ def test_a_second_stop_signal_keeps_the_checkpoint_and_the_first_ones_exit_code(
     kept = out / "attnres_seed0" / "checkpoint"
     assert f"last checkpoint is kept in {kept}: run the same command again to resume" in text
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 3
+    # the held second signal is answered (review 207: it said nothing, so it looked lost)
+    notice = (
+        f"hooked_attnres: {second} received while the interrupted run's checkpoint is "
+        "written: the run stops once it is written (Ctrl-\\ or kill -9 ends it at once, "
+        "keeping the checkpoint before)\n"
+    )
+    assert text.count(notice) == (during == "interrupt_checkpoint"), text
 
 
 def test_a_ctrl_c_while_the_final_checkpoint_is_written_keeps_the_runs_last_steps(tmp_path):
@@ -1725,11 +1732,19 @@ def test_a_ctrl_c_while_the_final_checkpoint_is_written_keeps_the_runs_last_step
 
         torch.optim.AdamW.step = step  # type: ignore[method-assign]
         trainer._torch_save = torch_save
-        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
-        os._exit(cli.main(_tiny_train_argv(out)) - 100)
+        sys.stderr = open(err, "w", encoding="utf-8")  # noqa: SIM115 (the child's)
+        code = cli.main(_tiny_train_argv(out))
+        sys.stderr.flush()
+        os._exit(code - 100)
 
+    err = tmp_path / "stderr.txt"
     status = fork_and_wait(run)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 30, status  # main returned 130
+    assert (
+        "hooked_attnres: SIGINT received while the final checkpoint is written: the run stops "
+        "once it is written (Ctrl-\\ or kill -9 ends it at once, keeping the checkpoint before)"
+        in err.read_text()
+    ), err.read_text()
     run_folder = out / "attnres_seed0"
     assert json.loads((run_folder / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
     assert not (run_folder / "model").exists()

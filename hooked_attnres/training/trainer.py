@@ -31,6 +31,7 @@ import json
 import math
 import re
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -874,7 +875,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _interrupts_deferred(deliver: bool = True) -> Iterator[None]:
+def _interrupts_deferred(deliver: bool = True, writing: Optional[str] = None) -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and deliver them right
     after: the optimizer update and the step's bookkeeping are then never cut apart, so
     the checkpoint written on `KeyboardInterrupt` always has as many updates as steps.
@@ -887,6 +888,10 @@ def _interrupts_deferred(deliver: bool = True) -> Iterator[None]:
     and a second Ctrl-C or SIGTERM aborted that write until audit 197). A signal
     left to the system (SIGTERM's default: the process ends at once), or ignored, is not
     touched; outside the main thread, where Python handles no signal, nothing is changed.
+    ``writing``: what the block writes (e.g. "the final checkpoint"), for a long block: the
+    first signal held is answered on stderr (`_held_signal_notice`: the run stops once that
+    is written, and how to end it at once), since a Ctrl-C that seems to do nothing is
+    pressed again or followed by ``kill -9`` (review 207: it said nothing).
     A holding handler left in place after the block (an interrupt raised while the handlers
     are put back: a Ctrl-C right after SIGINT's) passes each signal on to the caller's
     handler; until review 194 it kept them for good (SIGTERM never reached the caller)."""
@@ -904,6 +909,8 @@ def _interrupts_deferred(deliver: bool = True) -> Iterator[None]:
     def hold(signum: int, frame: Any) -> Any:
         if over:
             return previous[signal.Signals(signum)](signum, frame)
+        if writing is not None and not received:
+            _held_signal_notice(signum, writing)
         received.append(signum)
         return None
 
@@ -917,6 +924,21 @@ def _interrupts_deferred(deliver: bool = True) -> Iterator[None]:
             signal.signal(held, handler)
         for arrived in dict.fromkeys(received) if deliver else ():
             signal.raise_signal(arrived)  # the first to raise ends the delivery
+
+
+def _held_signal_notice(signum: int, writing: str) -> None:
+    """Tell the user on stderr that a stop signal is held while ``writing`` is written
+    (`_interrupts_deferred`); a failing stderr never stops the write."""
+    try:
+        print(
+            f"hooked_attnres: {signal.Signals(signum).name} received while {writing} is "
+            "written: the run stops once it is written (Ctrl-\\ or kill -9 ends it at once, "
+            "keeping the checkpoint before)",
+            file=sys.stderr,
+            flush=True,
+        )
+    except (OSError, ValueError, RuntimeError):  # closed, full or reentered stderr
+        pass
 
 
 def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
@@ -1233,7 +1255,8 @@ def train(
                     # written whole: a second Ctrl-C or SIGTERM (pressed again, a scheduler's
                     # after Ctrl-C) is dropped, the first decides how the run ends; it aborted
                     # this write before audit 197, losing the steps since the last checkpoint
-                    with _interrupts_deferred(deliver=False):
+                    writing = "the interrupted run's checkpoint"
+                    with _interrupts_deferred(deliver=False, writing=writing):
                         checkpoint.save(model, optimizer, state(), tokenizer)
                 finally:  # part-way through the run, at its checkpoint or past it
                     _note_left_part_way(model, checkpoint.initial_weights)
@@ -1257,7 +1280,7 @@ def train(
         try:
             # Ctrl-C or SIGTERM waits for the final checkpoint (audit 197: it aborted the
             # write, and the steps since the last periodic checkpoint were trained again)
-            with _interrupts_deferred():
+            with _interrupts_deferred(writing="the final checkpoint"):
                 checkpoint.save(model, optimizer, state(), tokenizer)
         except BaseException:  # e.g. a full disk: the model is past its last checkpoint
             _note_left_part_way(model, checkpoint.initial_weights)
