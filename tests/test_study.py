@@ -41,13 +41,16 @@ SHIPPED_RUNS = [(c, s) for c, seeds in available().items() for s in seeds]
 def test_shipped_checkpoints_match_their_sha256sums():
     lines = (SHIPPED / "SHA256SUMS").read_text().split("\n")
     listed = dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
-    weights = sorted(p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*.safetensors"))
-    assert sorted(listed) == weights  # every weight file is listed, nothing else
+    files = sorted(
+        p.relative_to(SHIPPED).as_posix() for p in SHIPPED.glob("*/model/*") if p.is_file()
+    )
+    # every file of every shipped model is listed (weights, config, tokenizer), nothing else
+    assert sorted(listed) == files and any(f.endswith("/config.json") for f in files)
     for name, digest in listed.items():
         assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
 
 
-@pytest.mark.parametrize("change", ["a flipped byte", "a file not listed"])
+@pytest.mark.parametrize("change", ["a flipped byte", "a file not listed", "an edited config"])
 def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     change, tmp_path, monkeypatch
 ):
@@ -66,8 +69,25 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     shutil.copytree(SHIPPED, copy)
     monkeypatch.setattr(checkpoints_module, "SHIPPED", copy)
     weights = copy / "attnres_seed0" / "model" / "model.safetensors"
-    load_condition("attnres", 0)  # as shipped: loads
-    if change == "a flipped byte":
+    clean = load_condition("attnres", 0)  # as shipped: loads
+    if change == "an edited config":  # session 23: only the weights were listed
+        weights = weights.with_name("config.json")  # the file the message names
+        config = json.loads(weights.read_text())
+        config["eps"] = 1e-5  # shipped: 1e-6; a model that loads, with other logits
+        weights.write_text(json.dumps(config))
+        import torch
+
+        tokens = torch.tensor([[1, 2, 3, 4]])
+        with monkeypatch.context() as unchecked:  # what the edit does, unchecked
+            unchecked.setattr(checkpoints_module, "verify_shipped", lambda path: None)
+            unchecked.setattr("hooked_attnres.study.run.verify_shipped", lambda path: None)
+            edited = load_condition("attnres", 0)
+        assert (edited(tokens) - clean(tokens)).abs().max() > 1e-4
+        found = hashlib.sha256(weights.read_bytes()).hexdigest()
+        expected = (
+            f"has SHA-256 {found}, not the {_sums_of(copy)[weights.relative_to(copy).as_posix()]}"
+        )
+    elif change == "a flipped byte":
         data = bytearray(weights.read_bytes())
         data[len(data) // 2] ^= 0x40
         weights.write_bytes(bytes(data))
@@ -78,7 +98,7 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     else:
         lines = (copy / "SHA256SUMS").read_text().splitlines(keepends=True)
         (copy / "SHA256SUMS").write_text(
-            "".join(line for line in lines if "attnres_seed0/" not in line)
+            "".join(line for line in lines if "attnres_seed0/model/model." not in line)
         )
         expected = "is not listed in"
     with pytest.raises(CheckpointIntegrityError) as info:
@@ -86,6 +106,31 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     message = str(info.value)
     assert f"the shipped checkpoint's {weights} {expected}" in message, message
     assert "reinstall hooked-attnres" in message, message
+
+
+@pytest.mark.parametrize("line", ["5205ac90\n", "not-a-digest  attnres_seed0/model/x\n"])
+def test_a_sha256sums_line_that_is_no_digest_and_file_is_refused_by_number(
+    line, tmp_path, monkeypatch
+):
+    """Review 207: a line of ``SHA256SUMS`` without a file name failed with Python's bare
+    "not enough values to unpack"; one whose digest is no SHA-256 was read as a digest
+    that no file could match. Both are refused, naming the line."""
+    import shutil
+
+    from hooked_attnres import CheckpointIntegrityError
+    from hooked_attnres.study import checkpoints as checkpoints_module
+
+    copy = tmp_path / "study"
+    shutil.copytree(SHIPPED, copy)
+    monkeypatch.setattr(checkpoints_module, "SHIPPED", copy)
+    sums = copy / "SHA256SUMS"
+    sums.write_text(sums.read_text() + "\n" + line)
+    number = len(sums.read_text().splitlines())
+    with pytest.raises(CheckpointIntegrityError) as info:
+        load_condition("attnres", 0)
+    assert f"line {number} of {sums} is no '{{sha256}}  {{file}}' pair ({line.strip()!r})" in str(
+        info.value
+    ), info.value
 
 
 def _sums_of(root: Path) -> dict[str, str]:

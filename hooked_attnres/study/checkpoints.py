@@ -59,14 +59,17 @@ def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike
 
 
 def verify_shipped(model_dir: Path) -> None:
-    """Refuse a shipped checkpoint (``model_dir`` under `SHIPPED`) whose weight files are
-    not the ones `SHIPPED_SUMS` lists (another SHA-256, or not listed): the shipped
-    checkpoints carry no completion marker (they are never rewritten), so the loaders
-    check nothing, and a byte flipped inside a tensor loaded silently as the shipped model
-    (audit 197). A Git LFS pointer is named as one first. ``model_dir`` elsewhere: nothing.
+    """Refuse a shipped checkpoint (``model_dir`` under `SHIPPED`) whose files (weights,
+    ``config.json``, tokenizer) are not the ones `SHIPPED_SUMS` lists (another SHA-256, or
+    not listed): the shipped checkpoints carry no completion marker (they are never
+    rewritten), so the loaders check nothing, and a byte flipped inside a tensor loaded
+    silently as the shipped model (audit 197), as did an edited ``config.json`` (an ``eps``
+    changed from 1e-6 to 1e-5 moved the logits; the list held the weights only until
+    session 23). A Git LFS pointer is named as one first. ``model_dir`` elsewhere: nothing.
 
     Raises:
-        CheckpointIntegrityError: naming the file, its digest and the remedy.
+        CheckpointIntegrityError: naming the file, its digest and the remedy; or a line of
+            `SHIPPED_SUMS` that is no ``{digest}  {path}`` pair.
     """
     from hooked_attnres._atomic import file_sha256
     from hooked_attnres.loading.io import CheckpointIntegrityError, require_not_lfs_pointer
@@ -81,17 +84,25 @@ def verify_shipped(model_dir: Path) -> None:
         lines = sums_file.read_text(encoding="utf-8").splitlines()
     except OSError:
         lines = []
-    listed = {
-        name.strip(): digest
-        for digest, name in (line.split(maxsplit=1) for line in lines if line.strip())
-    }
     remedy = "reinstall hooked-attnres (or restore the file from the repository)"
-    for path in sorted(model_dir.glob("*.safetensors")):
+    listed: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            continue
+        if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+            raise CheckpointIntegrityError(
+                f"line {number} of {sums_file} is no '{{sha256}}  {{file}}' pair ({line!r}), so "
+                f"the shipped checkpoints cannot be checked; {remedy}"
+            )
+        listed[fields[1].strip()] = fields[0]
+    # every file a load may read; hidden ones (a desktop's .DS_Store) no load reads
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name[0] != "."):
         name = path.resolve().relative_to(root).as_posix()
         if name not in listed:
             raise CheckpointIntegrityError(
                 f"the shipped checkpoint's {path} is not listed in {sums_file}, so it cannot "
-                f"be checked against the weights shipped; {remedy}"
+                f"be checked against the files shipped; {remedy}"
             )
         found = file_sha256(path)  # the digest every marker records, read in chunks
         if found != listed[name]:
@@ -99,7 +110,7 @@ def verify_shipped(model_dir: Path) -> None:
             raise CheckpointIntegrityError(
                 f"the shipped checkpoint's {path} has SHA-256 {found}, not the {listed[name]} "
                 f"{sums_file} lists: it was changed after it was shipped, and would load as "
-                f"other weights; {remedy}"
+                f"another model; {remedy}"
             )
 
 
