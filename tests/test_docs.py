@@ -13,7 +13,7 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_config, tiny_model
 
 from hooked_attnres.interventions.selection import depth_bands
 
@@ -114,6 +114,78 @@ def test_every_documented_hook_exists_in_some_layout():
     names |= set(tiny_model(attnres_layout="none", **flags).hook_dict)
     for pattern in documented_patterns():
         assert any(re.match(pattern, name) for name in names), pattern
+
+
+def _at_a_glance(page: Path) -> str:
+    """The "At a glance" section of ``page`` (up to the next ``## `` heading)."""
+    return page.read_text().split("## At a glance\n")[1].split("\n## ")[0]
+
+
+ROUTED = [("cumulative", "block"), ("cumulative", "full"), ("kimi", "block"), ("full", "block")]
+
+
+@pytest.mark.parametrize("layout,mode", [*ROUTED, ("none", "block")])
+def test_the_at_a_glance_router_hooks_are_every_routers_hooks_with_the_tables_shapes(
+    layout, mode
+):
+    """docs/hooks.md's "At a glance": "Each router has five hooks" under its prefix, the
+    rows of its table, with the shapes of the hook table; and its `names_filter` "keeps
+    the five hooks of every router, no other" (the optional hooks on)."""
+    glance = _at_a_glance(DOC)
+    rows = re.findall(r"^\| `\{prefix\}\.([\w.]+)` \| (`\[[^`]+\]`) \|", glance, flags=re.M)
+    assert len(rows) == 5
+    patterns = documented_patterns()
+    for prefix in ("blocks.{l}.{r}", "final_res"):
+        for hook, shape in rows:
+            name = f"{prefix}.{hook}".format(l=0, r="mlp_res")
+            (match,) = [p for p in patterns if re.match(p, name)]
+            assert patterns[match][0] == shape, (prefix, hook)
+    model = tiny_model(attnres_layout=layout, attnres_mode=mode, use_attn_result=True)
+    model.set_use_hook_mlp_in(True)
+    if layout == "none":
+        model.set_use_split_qkv_input(True)
+    router_hooks = set()
+    for site in model.sites() if layout != "none" else []:
+        hooks = {n for n in model.hook_dict if n.startswith(site.prefix + ".")}
+        assert hooks == {f"{site.prefix}.{hook}" for hook, _ in rows}, site
+        router_hooks |= hooks
+    (span,) = re.findall(r"`names_filter=(lambda name: [^`]+)`", glance)
+    keep = eval(span)  # noqa: S307 (the docs' own filter)
+    assert {name for name in model.hook_dict if keep(name)} == router_hooks
+
+
+def test_the_hooks_at_a_glance_snippet_states_what_it_prints():
+    glance_block = _python_block("docs/hooks.md", 'names_filter=lambda name: "_res." in name')
+    namespace: dict = {}
+    exec(glance_block, namespace)
+    model, cache, tokens = namespace["model"], namespace["cache"], namespace["batch"].tokens
+    # "shipped: cumulative, 8 layers, 4 blocks"
+    assert (model.cfg.attnres_layout, model.cfg.n_layers) == ("cumulative", 8)
+    assert model.cfg.attnres_num_blocks == 4
+    dims = {"batch": tokens.shape[0], "pos": tokens.shape[1], "n_sources": 4}
+    assert check_stated_outputs(glance_block, namespace, dims) == 2
+    hooks = ("hook_sources", "key_norm.hook_scale", "hook_logits", "hook_weights", "hook_out")
+    assert set(cache.keys()) == {f"{s.prefix}.{h}" for s in model.sites() for h in hooks}
+
+
+def test_the_hook_counts_stated_for_a_28_layer_model_are_the_real_ones():
+    """"a 28-layer model's 964 hook names (`len(model.hook_dict)`, no `set_use_*` hook on:
+    964 in the `kimi` layout with 4 blocks, ...)": each count of the sentence."""
+    text = " ".join(DOC.read_text().split())
+    stated = text.split("28-layer model's ")[1].split("), review")[0]
+    counts = re.findall(r"(\d+) in (?:the )?`(\w+)`(?: layout)?(?: with (\d+) blocks)?", stated)
+    assert len(counts) == 4 and stated.startswith(f"{counts[0][0]} hook names")
+    for count, layout, blocks in counts:
+        overrides = {"attnres_num_blocks": int(blocks)} if blocks else {}
+        model = tiny_model(n_layers=28, attnres_layout=layout, **overrides)
+        assert len(model.hook_dict) == int(count), (layout, blocks)
+    # "8 blocks, the default config"
+    default = tiny_config(n_layers=28, attnres_num_blocks=None)  # every AttnRes field default
+    assert (default.attnres_layout, default.attnres_mode, default.attnres_num_blocks) == (
+        "cumulative",
+        "block",
+        8,
+    )
 
 
 def test_architecture_doc_quotes_the_reference_forward_verbatim():
