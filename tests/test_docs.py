@@ -125,9 +125,7 @@ ROUTED = [("cumulative", "block"), ("cumulative", "full"), ("kimi", "block"), ("
 
 
 @pytest.mark.parametrize("layout,mode", [*ROUTED, ("none", "block")])
-def test_the_at_a_glance_router_hooks_are_every_routers_hooks_with_the_tables_shapes(
-    layout, mode
-):
+def test_the_at_a_glance_router_hooks_are_every_routers_hooks_with_the_tables_shapes(layout, mode):
     """docs/hooks.md's "At a glance": "Each router has five hooks" under its prefix, the
     rows of its table, with the shapes of the hook table; and its `names_filter` "keeps
     the five hooks of every router, no other" (the optional hooks on)."""
@@ -169,7 +167,7 @@ def test_the_hooks_at_a_glance_snippet_states_what_it_prints():
 
 
 def test_the_hook_counts_stated_for_a_28_layer_model_are_the_real_ones():
-    """"a 28-layer model's 964 hook names (`len(model.hook_dict)`, no `set_use_*` hook on:
+    """ "a 28-layer model's 964 hook names (`len(model.hook_dict)`, no `set_use_*` hook on:
     964 in the `kimi` layout with 4 blocks, ...)": each count of the sentence."""
     text = " ".join(DOC.read_text().split())
     stated = text.split("28-layer model's ")[1].split("), review")[0]
@@ -787,6 +785,116 @@ def _documented_signatures(page: str) -> list[tuple[str, list[str]]]:
         parts = re.split(r",\s*(?![^()]*\))", arguments) if arguments else []
         rows.append((name, [part.strip() for part in parts]))
     return rows
+
+
+def check_glance_returns(rows: list[str], columns: dict, shapes: dict) -> int:
+    """Each stated column list and shape of docs/analysis.md's "At a glance" table is the
+    real one. In a row, a code span that is a call (`f(...)`, `.verify_top(k)`) or an
+    attribute (`.sources`) names what the spans after it describe: a list `a, b, c` is
+    ``columns[name]`` (after "+ ": its last columns; followed by "`, then": its first;
+    after "rows ": ``columns[name + ".index"]``), a shape `[a, b]` is ``shapes[name]``.
+    Returns how many were checked."""
+    checked = 0
+    for row in rows:
+        name = None
+        for match in re.finditer(r"`([^`]+)`", row):
+            span, before = match.group(1), row[: match.start()]
+            called = re.match(r"^(\w+)\(|^\.(\w+)", span)
+            if called:
+                name = called.group(1) or called.group(2)
+            elif re.fullmatch(r"\[[\w, ]+\]", span):
+                assert [a.strip() for a in span.strip("[]").split(",")] == shapes[name], span
+                checked += 1
+            elif re.fullmatch(r"[\w*]+(, [\w*]+)+", span):
+                stated = span.split(", ")
+                if before.endswith("rows "):
+                    real = columns[name + ".index"]
+                elif before.endswith("+ "):
+                    real = columns[name][-len(stated) :]
+                elif row[match.end() :].startswith(", then"):
+                    real = columns[name][: len(stated)]
+                else:
+                    real = columns[name]
+                assert stated == real, (name, stated, real)
+                checked += 1
+    return checked
+
+
+def test_the_analysis_at_a_glance_states_the_real_columns_and_shapes():
+    """Every column list and shape of docs/analysis.md's "At a glance" table, from the
+    functions run on tiny models (kimi; the schedule's on a cumulative one)."""
+    import pandas as pd
+
+    import hooked_attnres.analysis
+    from hooked_attnres import patching
+    from hooked_attnres.analysis import (
+        ablation_effects,
+        attribute_routing,
+        dissociation_report,
+        motif_report,
+        motif_verdicts,
+        recency_schedule,
+        routing_mass,
+        schedule_comparison,
+        summarize_mass,
+    )
+    from hooked_attnres.tasks.base import TaskBatch
+
+    model = _routed("kimi")
+    generator = torch.Generator().manual_seed(0)
+    n, n_pos, n_layers = 4, 7, model.cfg.n_layers
+    batch = TaskBatch(
+        tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
+        answer_pos=torch.full((n,), n_pos - 1),
+        answer=torch.tensor([1, 2, 3, 4]),
+        contrast=torch.tensor([5, 6, 7, 8]),
+        corrupted_tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
+        targets=torch.full((n, n_pos), -100),
+    )
+    mass = routing_mass(model, batch)
+    summary = summarize_mass(mass)
+    groups = {**depth_bands(n_layers), "all": range(n_layers)}
+    effects = ablation_effects(
+        model, batch, groups=groups, metrics=("logit_diff", "accuracy"), progress=False
+    )
+    attribution = attribute_routing(model, batch, groups="layers", progress=False)
+    report = motif_report(summary, effects)
+    schedule = recency_schedule(n_layers, model.cfg.attnres_num_blocks)
+    cumulative = _routed("cumulative")
+    columns = {
+        "routing_mass": list(mass.columns),
+        # "*by" of the default by=("router", "family")
+        "summarize_mass": ["*by", *summary.columns[2:]],
+        "ablation_effects": list(effects.columns),
+        "table": list(attribution.table.columns),
+        "verify_top": list(attribution.verify_top(2).columns),
+        "sources": list(schedule.sources.columns),
+        "families": list(schedule.families.columns),
+        "family_means.index": list(schedule.family_means.index),
+        "schedule_comparison": list(
+            schedule_comparison(routing_mass(cumulative, batch), schedule).columns
+        ),
+        "dissociation_report": list(dissociation_report(summary, effects).columns),
+        "motif_report": list(report.columns),
+        "motif_verdicts": list(motif_verdicts(report).columns),
+    }
+    assert list(summary.columns[:2]) == ["router", "family"]
+    # "`.table`: those columns + ...", "`.verify_top(k)` ...: those columns + ..."
+    assert columns["table"][: len(effects.columns)] == list(effects.columns)
+    assert columns["verify_top"][: len(effects.columns)] == list(effects.columns)
+    # "`.family_means`: ... one column per family"
+    assert list(schedule.family_means.columns) == list(hooked_attnres.FAMILIES)
+    # "one row per claim of `CLAIMS` (and per `condition` / `seed` ...)", "one row per claim
+    # (and `condition`)"
+    assert report.claim.tolist() == list(hooked_attnres.analysis.CLAIMS)
+    two = pd.concat([report.assign(condition="a"), report.assign(condition="b")])
+    assert len(motif_verdicts(two)) == 2 * len(report)
+    # "one row per prompt, router and family"
+    assert len(mass) == n * len(model.sites()) * len(hooked_attnres.FAMILIES)
+    sweeps = [name for name in patching.__all__ if name.startswith("get_act_patch_")]
+    shapes = {name: annotated_axes(getattr(patching, name)) for name in sweeps}
+    rows = re.findall(r"^\|.*\|$", _at_a_glance(REPO / "docs" / "analysis.md"), flags=re.M)
+    assert check_glance_returns(rows[2:], columns, shapes) == 17
 
 
 @pytest.mark.parametrize("page", ["docs/analysis.md", "docs/training.md"])
