@@ -780,6 +780,46 @@ def test_generic_activation_patch_is_exact_with_right_padding_and_refused_with_l
             assert runs["resid"]()[1, 2].item() == pytest.approx(resid_cell, abs=1e-6)
 
 
+def test_the_record_of_served_tensors_names_the_last_cache_and_is_released():
+    """The record that traces ``clean_cache[name]`` to its cache's padding (`served_padding`,
+    read by the TransformerLens patching refusal above): the padding of the cache that last
+    returned the tensor (the cache object or its `RunCacheDict`, another cache returning it
+    later decides), none once that cache is gone, and nothing is kept for a tensor that is
+    gone (review 212 made the record a plain dict keyed by the tensor's id, cheaper per
+    lookup than torch's WeakTensorKeyDictionary: this test guards that change)."""
+    import gc
+
+    from hooked_attnres.model import cache as cache_module
+    from hooked_attnres.model.cache import served_padding
+
+    model = tiny_model(n_layers=2)
+    tokens = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    name = "blocks.1.hook_resid_pre"
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    tensor = cache[name]
+    assert torch.equal(served_padding(tensor), mask.bool())
+    assert served_padding(tensor.clone()) is None  # no cache returned it
+    assert cache[name] is tensor  # served again: the same record
+    assert torch.equal(served_padding(tensor), mask.bool())
+    unpadded = RunCacheDict({name: tensor})  # another cache, recording no padding
+    assert unpadded[name] is tensor
+    assert served_padding(tensor) is None
+    assert torch.equal(served_padding(cache.cache_dict[name]), mask.bool())  # its dict's
+    del unpadded
+    del cache
+    gc.collect()
+    assert served_padding(tensor) is None  # the cache that returned it is gone
+    recorded = len(cache_module._SERVED)
+    fresh = RunCacheDict({name: tensor.clone()}, attention_mask=mask)
+    assert torch.equal(served_padding(fresh[name]), mask.bool())
+    assert len(cache_module._SERVED) == recorded + 1
+    del fresh
+    gc.collect()
+    assert len(cache_module._SERVED) == recorded  # its tensor gone, so is its record
+
+
 @pytest.mark.parametrize("layout", ["kimi", "cumulative", "full"])
 def test_depth_state_cells_equal_full_runs_patching_what_each_later_router_reads(layout):
     """Audit 90: a cell of `get_act_patch_depth_state_by_pos` against a full masked run
