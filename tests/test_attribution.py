@@ -60,6 +60,19 @@ def metric_at(model, batch, hooks, metric="logit_diff"):
         return metric_values(batch, model.run_with_hooks(batch.tokens, fwd_hooks=hooks), metric)
 
 
+def central_difference_of_deltas(model, batch, deltas, metric="logit_diff"):
+    """d metric / d eps of the run whose hooks add ``eps * delta`` to each named activation
+    (``deltas``: ``{hook name: delta}``), by central differences."""
+    values = []
+    for sign in (1, -1):
+        hooks = [
+            (name, lambda x, hook, d=delta, s=sign: x + s * EPS * d)
+            for name, delta in deltas.items()
+        ]
+        values.append(metric_at(model, batch, hooks, metric))
+    return (values[0] - values[1]) / (2 * EPS)
+
+
 def central_difference(model, batch, site, new_weights, positions=None, metric="logit_diff"):
     """d metric / d eps of the weights ``w + eps (new - w)`` at one router (set_weights)."""
     _, cache = model.run_with_cache(batch.tokens, names_filter=site.hook("weights"))
@@ -118,14 +131,7 @@ def test_band_cell_is_the_derivative_of_moving_every_router_at_once(routed_layou
             logits = cache[site.hook("logits")]
             new = logits.masked_fill(torch.tensor(mask), float("-inf")).softmax(-1)
             deltas[site.hook("weights")] = new - cache[site.hook("weights")]
-        values = []
-        for sign in (1, -1):
-            hooks = [
-                (name, lambda w, hook, d=delta, s=sign: w + s * EPS * d)
-                for name, delta in deltas.items()
-            ]
-            values.append(metric_at(model, batch, hooks))
-        expected = ((values[0] - values[1]) / (2 * EPS)).numpy()
+        expected = central_difference_of_deltas(model, batch, deltas).numpy()
         np.testing.assert_allclose(
             result.per_prompt[("linear", "logit_diff")][i], expected, atol=1e-6
         )
@@ -221,14 +227,7 @@ def test_norm_method_is_the_derivative_at_the_norm_output_of_every_router(layout
             deltas[norm.hook_normalized.name] = change
         if not deltas:
             continue
-        values = []
-        for sign in (1, -1):
-            hooks = [
-                (name, lambda y, hook, d=delta, s=sign: y + s * EPS * d)
-                for name, delta in deltas.items()
-            ]
-            values.append(metric_at(model, batch, hooks))
-        expected = ((values[0] - values[1]) / (2 * EPS)).numpy()
+        expected = central_difference_of_deltas(model, batch, deltas).numpy()
         np.testing.assert_allclose(
             result.per_prompt[("norm", "logit_diff")][i], expected, atol=1e-7
         )
