@@ -58,8 +58,11 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     rewritten), so their loads checked nothing: one byte flipped inside a tensor of the
     shipped ``attnres`` seed 0 weights (the file still parses) loaded silently as that model,
     though ``SHA256SUMS`` beside them records every weight file's digest (only this test
-    file read it). `load_condition` compares the weights of a shipped checkpoint with it now
-    (a copy of the shipped folder here: the package's own files are not touched)."""
+    file read it). `load_condition` compares every file of a shipped checkpoint's model/
+    with it now (weights, config.json, tokenizer; an edited config.json loaded silently
+    with other logits while only the weights were listed, until session 23), and refuses
+    a file it does not list (a copy of the shipped folder here: the package's own files
+    are not touched)."""
     import shutil
 
     from hooked_attnres import CheckpointIntegrityError
