@@ -62,6 +62,9 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 MARKER = ".hooked_attnres_complete.json"
+# a digest manifest (``{sha256}  {path}`` lines), where a folder without a marker may be
+# listed (`hooked_attnres.loading.io.digest_manifest`: the shipped checkpoints)
+MANIFEST = "SHA256SUMS"
 MARKER_FORMAT = "hooked_attnres.complete"
 # the marker's ``{relative path: SHA-256 hex digest}`` of every file it lists (markers
 # written before audit 98 have none: their files are checked by size only)

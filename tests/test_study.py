@@ -50,7 +50,9 @@ def test_shipped_checkpoints_match_their_sha256sums():
         assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
 
 
-@pytest.mark.parametrize("change", ["a flipped byte", "a file not listed", "an edited config"])
+@pytest.mark.parametrize(
+    "change", ["a flipped byte", "a file not listed", "an edited config", "a listed file missing"]
+)
 def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     change, tmp_path, monkeypatch
 ):
@@ -81,10 +83,8 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
         import torch
 
         tokens = torch.tensor([[1, 2, 3, 4]])
-        with monkeypatch.context() as unchecked:  # what the edit does, unchecked
-            unchecked.setattr(checkpoints_module, "verify_shipped", lambda path: None)
-            unchecked.setattr("hooked_attnres.study.run.verify_shipped", lambda path: None)
-            edited = load_condition("attnres", 0)
+        # what the edit does, unchecked
+        edited = HookedAttnRes.from_pretrained(weights.parent, verify=False).eval()
         assert (edited(tokens) - clean(tokens)).abs().max() > 1e-4
         found = hashlib.sha256(weights.read_bytes()).hexdigest()
         expected = (
@@ -98,6 +98,10 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
         expected = (
             f"has SHA-256 {found}, not the {_sums_of(copy)[weights.relative_to(copy).as_posix()]}"
         )
+    elif change == "a listed file missing":  # audit 211: loaded without its tokenizer
+        weights = weights.with_name("tokenizer.json")
+        weights.unlink()
+        expected = f"is listed in {copy / 'SHA256SUMS'} but missing"
     else:
         lines = (copy / "SHA256SUMS").read_text().splitlines(keepends=True)
         (copy / "SHA256SUMS").write_text(
@@ -107,7 +111,7 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     with pytest.raises(CheckpointIntegrityError) as info:
         load_condition("attnres", 0)
     message = str(info.value)
-    assert f"the shipped checkpoint's {weights} {expected}" in message, message
+    assert f"{weights} {expected}" in message, message
     assert "reinstall hooked-attnres" in message, message
 
 

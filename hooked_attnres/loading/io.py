@@ -6,6 +6,7 @@ other loading module and no model module (the model class is passed in).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hooked_attnres._atomic import version_problems
+from hooked_attnres._atomic import MANIFEST, MARKER, file_sha256, version_problems
 from hooked_attnres._validation import check_device, non_finite_tensors, require_bool, some_names
 from hooked_attnres.config import HookedAttnResConfig
 
@@ -55,22 +56,137 @@ LOAD_INTACT_COPY = (
 )
 
 
-def verify_saved_files(directory: Path, remedy: str = LOAD_INTACT_COPY) -> None:
+# what to do about a file of a folder that differs from its digest manifest, for the loaders
+LOAD_LISTED_COPY = (
+    "restore the folder's files from where they came from (the checkpoints shipped in "
+    "hooked_attnres/data/study: reinstall hooked-attnres, or restore the file from its "
+    "repository); if you changed these files on purpose, pass verify=False to load them "
+    "unchecked"
+)
+
+
+def verify_saved_files(directory: Path, remedy: Optional[str] = None) -> None:
     """Refuse a directory whose files differ from what its completion marker records
-    (`hooked_attnres._atomic.version_problems`); one without a marker passes unchecked.
+    (`hooked_attnres._atomic.version_problems`), or, if it has no marker, from what the
+    digest manifest that lists its files records (`digest_manifest`, `verify_manifest`:
+    the shipped checkpoints); a directory with neither passes unchecked.
+
+    Args:
+        directory: the checkpoint directory.
+        remedy: what the message says to do; default `LOAD_INTACT_COPY` for a marker,
+            `LOAD_LISTED_COPY` for a manifest (the loaders' remedies, ``verify=False``).
 
     Raises:
         CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`:
             the checkpoint was committed and cloned without ``git lfs``).
         CheckpointIntegrityError: naming every changed file, with ``remedy``.
     """
+    directory = Path(directory)
+    if not (directory / MARKER).exists():
+        manifest = digest_manifest(directory)
+        if manifest is not None:
+            verify_manifest(directory, manifest, LOAD_LISTED_COPY if remedy is None else remedy)
+        return
     problems = version_problems(directory)
     for name in problems:
         require_not_lfs_pointer(directory / name)
     if problems:
+        remedy = LOAD_INTACT_COPY if remedy is None else remedy
         raise CheckpointIntegrityError(
             f"{directory} was changed after it was saved: {'; '.join(problems.values())}. What is "
             f"read from it would not be what was saved; {remedy}"
+        )
+
+
+def _manifest_lines(manifest: Path) -> list[str]:
+    """The lines of a digest manifest (UTF-8; bytes that are not, as `os.fsdecode` gives
+    them in file names)."""
+    try:
+        return manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as error:
+        raise CheckpointIntegrityError(
+            f"{manifest} cannot be read ({error}), so the files it lists cannot be checked; "
+            "make it readable, or pass verify=False to load the files unchecked"
+        ) from error
+
+
+def digest_manifest(directory: Path) -> Optional[Path]:
+    """The digest manifest that covers ``directory``: the file ``SHA256SUMS`` (`MANIFEST`)
+    in the directory's grandparent (of its real path, symbolic links followed), if one of
+    its lines names a file of ``directory`` as ``{parent}/{directory}/{file}`` (its path
+    relative to the grandparent, ``/``-separated: ``attnres_seed0/model/config.json`` in
+    ``hooked_attnres/data/study/SHA256SUMS``). ``None`` otherwise: no such file, one in
+    another folder (the parent, or further up), or one that lists other folders only (the
+    folders of runs of one's own beside the listed ones). A directory with a completion
+    marker is checked against its marker instead (`verify_saved_files`).
+
+    Raises:
+        CheckpointIntegrityError: the grandparent's ``SHA256SUMS`` exists and cannot be read.
+    """
+    real = Path(directory).resolve()
+    if not real.is_dir() or len(real.parts) < 3:
+        return None
+    manifest = real.parent.parent / MANIFEST
+    if not manifest.is_file():
+        return None
+    prefix = f"{real.parent.name}/{real.name}/"
+    for line in _manifest_lines(manifest):
+        fields = line.split(maxsplit=1)
+        if len(fields) == 2 and fields[1].strip().startswith(prefix):
+            return manifest
+    return None
+
+
+def verify_manifest(directory: Path, manifest: Path, remedy: str) -> None:
+    """Refuse ``directory`` unless each of its files is listed in the digest manifest
+    ``manifest`` with its SHA-256, and each file of it listed there exists.
+
+    The manifest holds ``{sha256}  {path}`` lines (what ``sha256sum`` prints: 64 lower-case
+    hex digits, white space, the path relative to the manifest's folder, ``/``-separated);
+    ``directory`` must lie under that folder. Files are compared byte for byte (no line
+    ending is converted). Hidden files (a desktop's ``.DS_Store``) are read by no loader
+    and not compared; subfolders neither.
+
+    Raises:
+        CheckpointIntegrityError: a line that is no such pair (naming its number; the
+            manifest cannot be trusted), or, naming each file: one not listed, one with
+            another SHA-256, one listed and missing; each with ``remedy``.
+        CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`).
+    """
+    directory = Path(directory)
+    root = Path(manifest).resolve().parent
+    base = directory.resolve().relative_to(root).as_posix()
+    listed: dict[str, str] = {}
+    for number, line in enumerate(_manifest_lines(manifest), start=1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            continue
+        if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+            raise CheckpointIntegrityError(
+                f"line {number} of {manifest} is no '{{sha256}}  {{file}}' pair ({line!r}), so "
+                f"the files it lists cannot be checked; {remedy}"
+            )
+        listed[fields[1].strip()] = fields[0]
+    problems = []
+    # every file a load may read; hidden ones (a desktop's .DS_Store) no load reads
+    present = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name[0] != ".")
+    for name in present:
+        path, key = directory / name, f"{base}/{name}"
+        if key not in listed:
+            problems.append(f"{path} is not listed in {manifest}, so it cannot be checked")
+            continue
+        found = file_sha256(path)  # the digest every marker records, read in chunks
+        if found != listed[key]:
+            require_not_lfs_pointer(path)
+            problems.append(f"{path} has SHA-256 {found}, not the {listed[key]} {manifest} lists")
+    for key in sorted(listed):  # a listed file of this folder that is not there
+        name = key[len(base) + 1 :]
+        if key.startswith(f"{base}/") and "/" not in name and not (directory / name).is_file():
+            problems.append(f"{directory / name} is listed in {manifest} but missing")
+    if problems:
+        raise CheckpointIntegrityError(
+            f"{'; '.join(problems)}. What is read from {directory} would not be the files "
+            f"{manifest} lists (they were changed after it was written); {remedy}"
         )
 
 

@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
+from hooked_attnres._atomic import MANIFEST
 from hooked_attnres._validation import as_items, require_integer
 from hooked_attnres.study.recipes import CONDITIONS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "study"
-SHIPPED_SUMS = "SHA256SUMS"  # in `SHIPPED`: ``{digest}  {condition}_seed{n}/model/{file}`` lines
+# in `SHIPPED`: ``{digest}  {condition}_seed{n}/model/{file}`` lines, the loaders' digest
+# manifest (`hooked_attnres.loading.io.digest_manifest`)
+SHIPPED_SUMS = MANIFEST
 PathLike = Union[str, Path]
 
 
@@ -58,60 +61,38 @@ def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike
     return path
 
 
-def verify_shipped(model_dir: Path) -> None:
+def verify_shipped(model_dir: Path) -> bool:
     """Refuse a shipped checkpoint (``model_dir`` under `SHIPPED`) whose files (weights,
-    ``config.json``, tokenizer) are not the ones `SHIPPED_SUMS` lists (another SHA-256, or
-    not listed): the shipped checkpoints carry no completion marker (they are never
-    rewritten), so the loaders check nothing, and a byte flipped inside a tensor loaded
-    silently as the shipped model (audit 197), as did an edited ``config.json`` (an ``eps``
-    changed from 1e-6 to 1e-5 moved the logits; the list held the weights only until
-    session 23). A Git LFS pointer is named as one first. ``model_dir`` elsewhere: nothing.
+    ``config.json``, tokenizer) are not the ones `SHIPPED_SUMS` lists (another SHA-256, not
+    listed, or listed and missing), with the shipped checkpoints' remedy (reinstall). The
+    check is the loaders' digest manifest (`hooked_attnres.loading.io.verify_manifest`, audit
+    211: ``HookedAttnRes.from_pretrained`` of a shipped folder makes it too), made here
+    against `SHIPPED_SUMS` even for a folder it lists nothing of. Before audit 197 nothing
+    checked the shipped checkpoints (a byte flipped inside a tensor loaded silently), and
+    until session 23 the list held the weights only (an edited ``config.json`` loaded).
+
+    Returns:
+        ``True`` if ``model_dir`` is a shipped checkpoint (checked), ``False`` otherwise
+        (nothing done).
 
     Raises:
-        CheckpointIntegrityError: naming the file, its digest and the remedy; or a line of
+        CheckpointIntegrityError: naming each file, its digest and the remedy; or a line of
             `SHIPPED_SUMS` that is no ``{digest}  {path}`` pair.
     """
-    from hooked_attnres._atomic import file_sha256
-    from hooked_attnres.loading.io import CheckpointIntegrityError, require_not_lfs_pointer
+    from hooked_attnres.loading.io import verify_manifest
 
     root = SHIPPED.resolve()
     try:
         model_dir.resolve().relative_to(root)
     except ValueError:
-        return
-    sums_file = root / SHIPPED_SUMS
-    try:
-        lines = sums_file.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    remedy = "reinstall hooked-attnres (or restore the file from the repository)"
-    listed: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        fields = line.split(maxsplit=1)
-        if not fields:
-            continue
-        if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
-            raise CheckpointIntegrityError(
-                f"line {number} of {sums_file} is no '{{sha256}}  {{file}}' pair ({line!r}), so "
-                f"the shipped checkpoints cannot be checked; {remedy}"
-            )
-        listed[fields[1].strip()] = fields[0]
-    # every file a load may read; hidden ones (a desktop's .DS_Store) no load reads
-    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name[0] != "."):
-        name = path.resolve().relative_to(root).as_posix()
-        if name not in listed:
-            raise CheckpointIntegrityError(
-                f"the shipped checkpoint's {path} is not listed in {sums_file}, so it cannot "
-                f"be checked against the files shipped; {remedy}"
-            )
-        found = file_sha256(path)  # the digest every marker records, read in chunks
-        if found != listed[name]:
-            require_not_lfs_pointer(path)
-            raise CheckpointIntegrityError(
-                f"the shipped checkpoint's {path} has SHA-256 {found}, not the {listed[name]} "
-                f"{sums_file} lists: it was changed after it was shipped, and would load as "
-                f"another model; {remedy}"
-            )
+        return False
+    verify_manifest(
+        model_dir,
+        root / SHIPPED_SUMS,
+        remedy="the shipped checkpoints' files: reinstall hooked-attnres (or restore the file "
+        "from the repository)",
+    )
+    return True
 
 
 def metrics_path(condition: str, seed: int = 0, checkpoints: Optional[PathLike] = None) -> Path:

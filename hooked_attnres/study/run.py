@@ -146,14 +146,16 @@ def load_condition(
     path = checkpoint_dir(condition, seed, checkpoints)
     _check_trained_task(recipe, seed, checkpoints)
     with reading(path):  # checked and loaded under one read lock (the loaders' take it again)
-        # the loaders' remedy (verify=False) is no argument of the study's: its own
-        verify_saved_files(
-            path,
-            remedy="restore it from a backup, or train the run again with the settings it "
-            f"was trained with (on the command line: hooked-attnres train --condition "
-            f"{condition} --seeds {seed} --out {path.parent.parent} --no-resume)",
-        )
-        verify_shipped(path)  # the shipped checkpoints have no marker: SHA256SUMS instead
+        # the shipped checkpoints: their SHA256SUMS, with the remedy to reinstall; a run
+        # of one's own: its marker (or a digest manifest listing it, e.g. in a copy of the
+        # shipped tree), with the study's remedy (verify=False is no argument of the study's)
+        if not verify_shipped(path):
+            verify_saved_files(
+                path,
+                remedy="restore it from a backup, or train the run again with the settings "
+                f"it was trained with (on the command line: hooked-attnres train --condition "
+                f"{condition} --seeds {seed} --out {path.parent.parent} --no-resume)",
+            )
         if recipe.kind == "attnres":
             model = HookedAttnRes.from_pretrained(path, verify=False)
         else:
