@@ -292,9 +292,10 @@ def version_problems(directory: Union[str, Path]) -> dict[str, str]:
     differs (truncated, altered or edited after the save); empty if they match (a JSON file
     whose line endings alone differ matches: `_line_endings_only`). A directory
     without a marker (the shipped checkpoints, other tools' folders) records nothing, so
-    nothing is found; a marker that is there but cannot be read is a problem. Markers
-    written before audit 98 record sizes only. Every recorded file is read once (a JSON file
-    whose digest differs, twice)."""
+    nothing is found (the loaders check such a folder against a digest manifest that lists
+    it instead, `hooked_attnres.loading.io.verify_saved_files`); a marker that is there but
+    cannot be read is a problem. Markers written before audit 98 record sizes only. Every
+    recorded file is read once (a JSON file whose digest differs, twice)."""
     directory = Path(directory)
     path = directory / MARKER
     if not path.exists():

@@ -125,9 +125,11 @@ def load_checkpoint(
         verify: refuse a checkpoint whose files differ from what its completion marker
             recorded at the save (each file's size and SHA-256): truncated, altered or
             edited files raise `CheckpointIntegrityError` naming them. ``False`` loads them
-            unchecked (files you edited on purpose). A directory without a marker (the
-            shipped checkpoints, other tools' folders, saves before completion markers) is
-            never checked; one whose marker predates digests is checked by size only.
+            unchecked (files you edited on purpose). A directory without a marker is
+            checked against the digest manifest that lists its files (``SHA256SUMS`` in its
+            grandparent: the shipped checkpoints; `hooked_attnres.loading.io.digest_manifest`),
+            if there is one; other tools' folders and saves before completion markers are
+            never checked; a marker that predates digests is checked by size only.
 
     The directory is read under the shared lock (a concurrent save waits; an interrupted
     save is recovered first), so the model is one complete saved version.

@@ -620,9 +620,11 @@ def from_hf_qwen3(
         mmap: memory-map the weights of a directory instead of copying them (see
             ``docs/loading.md``); default: copy.
         verify: refuse a directory saved by this library (the trainer's vanilla models)
-            whose files changed after the save (`CheckpointIntegrityError`, see
-            ``docs/loading.md``); ``False`` loads it unchecked. Directories without a
-            completion marker (Hugging Face's) are never checked.
+            whose files changed after the save, or one without a completion marker whose
+            files differ from the digest manifest that lists them (the shipped vanilla
+            checkpoints' ``SHA256SUMS``) (`CheckpointIntegrityError`, see
+            ``docs/loading.md``); ``False`` loads it unchecked. Other directories without a
+            marker (Hugging Face's) are never checked.
 
     Returns:
         A `HookedAttnRes` in eval mode.

@@ -121,7 +121,8 @@ def load_qwen3_attnres(
         dtype: default float32 (float64 if a weight is stored in float64: the default never
             rounds a weight).
         mmap: memory-map instead of copying (see `hooked_attnres.loading.load_checkpoint`).
-        verify: refuse files changed after the save (see `load_checkpoint`).
+        verify: refuse files changed after the save, or differing from a digest manifest
+            that lists them (see `load_checkpoint`).
     """
     directory = Path(directory)
     mmap, verify = check_load_arguments(device, mmap, verify)

@@ -1024,8 +1024,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
 
         Options: ``dtype``, ``device``, ``mmap`` (default False: the weights are copied, so
         later changes to the files cannot reach the model), ``verify`` (default True: a
-        checkpoint whose files changed after its save is refused with
-        `CheckpointIntegrityError`)."""
+        checkpoint whose files changed after its save, or, without a completion marker,
+        differ from the digest manifest that lists them (the shipped checkpoints'
+        ``SHA256SUMS``), is refused with `CheckpointIntegrityError`)."""
         from hooked_attnres.loading.checkpoint import load_checkpoint
 
         _refuse_model_class(
