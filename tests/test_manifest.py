@@ -229,3 +229,94 @@ def test_a_study_run_from_a_copy_of_the_shipped_tree_is_checked(tmp_path):
     message = str(info.value)
     assert "model.safetensors has SHA-256" in message, message
     assert "verify=False" not in message and "train the run again" in message, message
+
+
+def own_runs(tmp_path: Path) -> Path:
+    """``tmp_path/runs`` holding ``x_seed0/model`` and ``x_seed1/model``: a user's runs
+    without completion markers (saved before markers, or copied with ``cp model/*``,
+    which leaves the hidden marker behind), files as the shipped ``attnres_seed0``."""
+    runs = tmp_path / "runs"
+    for run in ("x_seed0", "x_seed1"):
+        shutil.copytree(SHIPPED / ATTNRES / "model", runs / run / "model")
+    return runs
+
+
+def test_a_users_manifest_of_the_weights_alone_checks_them_and_no_other_file(tmp_path):
+    """Review 213: ``cd runs && sha256sum */model/model.safetensors > SHA256SUMS`` (the
+    "recreate bit for bit" check of docs/training.md, kept in a file) lists each run's
+    weights as ``x_seed0/model/model.safetensors``: the grandparent rule applies to
+    ``runs/x_seed0/model``, and every other file of it (config, tokenizer) was refused as
+    not listed, so the user's own runs no longer loaded. A manifest that does not list the
+    folder's ``config.json`` lists some files of it, not the folder: those are checked."""
+    runs = own_runs(tmp_path)
+    weights = {run: runs / run / "model" / "model.safetensors" for run in ("x_seed0", "x_seed1")}
+    (runs / "SHA256SUMS").write_text(
+        "".join(f"{sha256(path)}  {run}/model/model.safetensors\n" for run, path in weights.items())
+    )
+    directory = runs / "x_seed0" / "model"
+    (directory / "notes.txt").write_text("mine")  # unlisted, as config and tokenizer
+    found = HookedAttnRes.from_pretrained(directory).state_dict()
+    shipped = HookedAttnRes.from_pretrained(SHIPPED / ATTNRES / "model").state_dict()
+    assert found.keys() == shipped.keys()
+    assert all(torch.equal(found[key], shipped[key]) for key in found)
+    listed_digest = sha256(weights["x_seed0"])
+    flip_weight_byte(weights["x_seed0"])  # what the manifest lists is still checked
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_pretrained(directory)
+    message = str(info.value)
+    path = weights["x_seed0"]
+    assert f"{path} has SHA-256 {sha256(path)}, not the {listed_digest}" in message, message
+    assert "not listed" not in message, message
+    weights["x_seed0"].unlink()  # and a listed file missing
+    with pytest.raises(CheckpointIntegrityError, match="safetensors is listed in .* but missing"):
+        HookedAttnRes.from_pretrained(directory)
+
+
+def test_a_users_manifest_that_lists_the_config_lists_the_folder_whole(tmp_path):
+    """``sha256sum */model/* > SHA256SUMS``: the folder's ``config.json`` is listed, so the
+    manifest is taken to list the folder whole (as the shipped one): a file added later,
+    which a loader may read, is refused as not listed."""
+    runs = own_runs(tmp_path)
+    directory = runs / "x_seed0" / "model"
+    (runs / "SHA256SUMS").write_text(
+        "".join(f"{sha256(p)}  x_seed0/model/{p.name}\n" for p in sorted(directory.iterdir()))
+    )
+    HookedAttnRes.from_pretrained(directory)
+    (directory / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_pretrained(directory)
+    assert f"{directory / 'special_tokens_map.json'} is not listed in" in str(info.value)
+
+
+def test_a_manifest_that_is_a_symbolic_link_is_read_where_the_link_is(tmp_path):
+    """Review 213: ``runs/SHA256SUMS`` a link to a manifest kept elsewhere: its paths are
+    relative to ``runs`` (where ``sha256sum -c`` would read them); before, the load failed
+    with Python's bare "is not in the subpath" ``ValueError``."""
+    runs = own_runs(tmp_path)
+    path = runs / "x_seed0" / "model" / "model.safetensors"
+    kept = tmp_path / "manifests"
+    kept.mkdir()
+    listed_digest = sha256(path)
+    (kept / "SHA256SUMS").write_text(f"{listed_digest}  x_seed0/model/model.safetensors\n")
+    (runs / "SHA256SUMS").symlink_to(kept / "SHA256SUMS")
+    HookedAttnRes.from_pretrained(path.parent)
+    flip_weight_byte(path)
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_pretrained(path.parent)
+    assert f"{path} has SHA-256 {sha256(path)}, not the {listed_digest}" in str(info.value)
+
+
+def test_a_binary_mode_line_lists_its_file(tmp_path):
+    """Review 213: ``sha256sum -b`` (``shasum -b``, the default of some systems) prints
+    ``{sha256} *{file}``: the ``*`` marks binary mode and is no part of the name. Such a
+    manifest was not taken to list the folder (``*x_seed0/...``), so a flipped weight byte
+    loaded silently though the manifest records the file's digest."""
+    runs = own_runs(tmp_path)
+    path = runs / "x_seed0" / "model" / "model.safetensors"
+    listed_digest = sha256(path)
+    (runs / "SHA256SUMS").write_text(f"{listed_digest} *x_seed0/model/model.safetensors\n")
+    HookedAttnRes.from_pretrained(path.parent)
+    flip_weight_byte(path)
+    with pytest.raises(CheckpointIntegrityError) as info:
+        HookedAttnRes.from_pretrained(path.parent)
+    assert f"{path} has SHA-256 {sha256(path)}, not the {listed_digest}" in str(info.value)

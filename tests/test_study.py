@@ -51,7 +51,14 @@ def test_shipped_checkpoints_match_their_sha256sums():
 
 
 @pytest.mark.parametrize(
-    "change", ["a flipped byte", "a file not listed", "an edited config", "a listed file missing"]
+    "change",
+    [
+        "a flipped byte",
+        "a file not listed",
+        "an edited config",
+        "a listed file missing",
+        "the folder listed nowhere",
+    ],
 )
 def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
     change, tmp_path, monkeypatch
@@ -102,11 +109,10 @@ def test_a_shipped_checkpoint_whose_weights_differ_from_sha256sums_is_refused(
         weights = weights.with_name("tokenizer.json")
         weights.unlink()
         expected = f"is listed in {copy / 'SHA256SUMS'} but missing"
-    else:
+    else:  # review 213: a shipped folder is listed whole, even where the manifest lacks it
+        gone = "attnres_seed0/model/model." if change == "a file not listed" else "attnres_seed0/"
         lines = (copy / "SHA256SUMS").read_text().splitlines(keepends=True)
-        (copy / "SHA256SUMS").write_text(
-            "".join(line for line in lines if "attnres_seed0/model/model." not in line)
-        )
+        (copy / "SHA256SUMS").write_text("".join(line for line in lines if gone not in line))
         expected = "is not listed in"
     with pytest.raises(CheckpointIntegrityError) as info:
         load_condition("attnres", 0)

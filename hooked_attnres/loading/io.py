@@ -58,10 +58,10 @@ LOAD_INTACT_COPY = (
 
 # what to do about a file of a folder that differs from its digest manifest, for the loaders
 LOAD_LISTED_COPY = (
-    "restore the folder's files from where they came from (the checkpoints shipped in "
+    "restore the folder's files from where they came from (for the checkpoints shipped in "
     "hooked_attnres/data/study: reinstall hooked-attnres, or restore the file from its "
-    "repository); if you changed these files on purpose, pass verify=False to load them "
-    "unchecked"
+    "repository), or write the manifest again if the files are the ones you want listed; "
+    "if you changed these files on purpose, pass verify=False to load them unchecked"
 )
 
 
@@ -110,6 +110,19 @@ def _manifest_lines(manifest: Path) -> list[str]:
         ) from error
 
 
+def _manifest_entry(line: str) -> Optional[tuple[str, str]]:
+    """A digest manifest line's ``(digest, path)`` as ``sha256sum`` prints it:
+    ``{digest}  {path}``, or ``{digest} *{path}`` in binary mode (``sha256sum -b``; the
+    ``*`` is no part of the path); ``None`` for a line without both (the digest is not
+    checked here: `verify_manifest` refuses one that is no SHA-256)."""
+    fields = line.split(maxsplit=1)
+    if len(fields) != 2:
+        return None
+    path = fields[1].strip()
+    path = path[1:] if path.startswith("*") else path
+    return (fields[0], path) if path else None
+
+
 def digest_manifest(directory: Path) -> Optional[Path]:
     """The digest manifest that covers ``directory``: the file ``SHA256SUMS`` (`MANIFEST`)
     in the directory's grandparent (of its real path, symbolic links followed), if one of
@@ -118,7 +131,8 @@ def digest_manifest(directory: Path) -> Optional[Path]:
     ``hooked_attnres/data/study/SHA256SUMS``). ``None`` otherwise: no such file, one in
     another folder (the parent, or further up), or one that lists other folders only (the
     folders of runs of one's own beside the listed ones). A directory with a completion
-    marker is checked against its marker instead (`verify_saved_files`).
+    marker is checked against its marker instead (`verify_saved_files`). Whether the
+    manifest lists the folder whole or some files of it: `verify_manifest`.
 
     Raises:
         CheckpointIntegrityError: the grandparent's ``SHA256SUMS`` exists and cannot be read.
@@ -131,49 +145,68 @@ def digest_manifest(directory: Path) -> Optional[Path]:
         return None
     prefix = f"{real.parent.name}/{real.name}/"
     for line in _manifest_lines(manifest):
-        fields = line.split(maxsplit=1)
-        if len(fields) == 2 and fields[1].strip().startswith(prefix):
+        entry = _manifest_entry(line)
+        if entry is not None and entry[1].startswith(prefix):
             return manifest
     return None
 
 
-def verify_manifest(directory: Path, manifest: Path, remedy: str) -> None:
-    """Refuse ``directory`` unless each of its files is listed in the digest manifest
-    ``manifest`` with its SHA-256, and each file of it listed there exists.
+def verify_manifest(
+    directory: Path, manifest: Path, remedy: str, whole: Optional[bool] = None
+) -> None:
+    """Refuse ``directory`` unless each file of it listed in the digest manifest
+    ``manifest`` exists with the SHA-256 listed, and, if the manifest lists the folder
+    whole, each of its files is listed.
 
     The manifest holds ``{sha256}  {path}`` lines (what ``sha256sum`` prints: 64 lower-case
-    hex digits, white space, the path relative to the manifest's folder, ``/``-separated);
+    hex digits, white space, the path relative to the folder the manifest is in (a link to
+    a manifest: the link's), ``/``-separated; ``{sha256} *{path}`` in binary mode);
     ``directory`` must lie under that folder. Files are compared byte for byte (no line
     ending is converted). Hidden files (a desktop's ``.DS_Store``) are read by no loader
     and not compared; subfolders neither.
 
+    Args:
+        directory: the folder checked.
+        manifest: its digest manifest (`digest_manifest`).
+        remedy: what the message says to do.
+        whole: whether the manifest lists every file of the folder, so that a file it does
+            not list is refused (a file a loader may read, such as a
+            ``special_tokens_map.json``, would change the model). Default: if it lists the
+            folder's ``config.json`` (the shipped checkpoints' manifest, and ``sha256sum
+            */model/*``); one that lists the weights alone (``sha256sum
+            */model/model.safetensors``, a check of a retrained run) checks those.
+
     Raises:
         CheckpointIntegrityError: a line that is no such pair (naming its number; the
-            manifest cannot be trusted), or, naming each file: one not listed, one with
-            another SHA-256, one listed and missing; each with ``remedy``.
+            manifest cannot be trusted), or, naming each file: one not listed (``whole``),
+            one with another SHA-256, one listed and missing; each with ``remedy``.
         CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`).
     """
     directory = Path(directory)
-    root = Path(manifest).resolve().parent
+    # the folder the manifest is in, not the one a link to it points into
+    root = Path(manifest).absolute().parent.resolve()
     base = directory.resolve().relative_to(root).as_posix()
     listed: dict[str, str] = {}
     for number, line in enumerate(_manifest_lines(manifest), start=1):
-        fields = line.split(maxsplit=1)
-        if not fields:
+        if not line.strip():
             continue
-        if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        entry = _manifest_entry(line)
+        if entry is None or not re.fullmatch(r"[0-9a-f]{64}", entry[0]):
             raise CheckpointIntegrityError(
                 f"line {number} of {manifest} is no '{{sha256}}  {{file}}' pair ({line!r}), so "
                 f"the files it lists cannot be checked; {remedy}"
             )
-        listed[fields[1].strip()] = fields[0]
+        listed[entry[1]] = entry[0]
+    if whole is None:
+        whole = f"{base}/config.json" in listed
     problems = []
     # every file a load may read; hidden ones (a desktop's .DS_Store) no load reads
     present = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name[0] != ".")
     for name in present:
         path, key = directory / name, f"{base}/{name}"
         if key not in listed:
-            problems.append(f"{path} is not listed in {manifest}, so it cannot be checked")
+            if whole:
+                problems.append(f"{path} is not listed in {manifest}, so it cannot be checked")
             continue
         found = file_sha256(path)  # the digest every marker records, read in chunks
         if found != listed[key]:
