@@ -713,15 +713,13 @@ def test_cache_routing_pieces_have_their_documented_shapes(layout, tokens):
         assert stacked.shape == (cfg.n_layers, *tokens.shape, cfg.d_model)
 
 
-@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
-def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
-    from hooked_attnres.analysis import ablation_effects, attribute_routing, routing_mass
+def _random_batch():
+    """4 prompts of 7 random tokens, answers read at the last position (seeded)."""
     from hooked_attnres.tasks.base import TaskBatch
 
-    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
     generator = torch.Generator().manual_seed(0)
     n, n_pos = 4, 7
-    batch = TaskBatch(
+    return TaskBatch(
         tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
         answer_pos=torch.full((n,), n_pos - 1),
         answer=torch.tensor([1, 2, 3, 4]),
@@ -729,6 +727,15 @@ def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
         corrupted_tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
         targets=torch.full((n, n_pos), -100),
     )
+
+
+@pytest.mark.parametrize("layout", ["cumulative", "kimi", "full", "none"])
+def test_routing_analyses_give_their_documented_tables_and_shapes(layout):
+    from hooked_attnres.analysis import ablation_effects, attribute_routing, routing_mass
+
+    model = _routed(layout) if layout != "none" else tiny_model(attnres_layout="none").eval()
+    batch = _random_batch()
+    n, n_pos = batch.tokens.shape
     if layout == "none":
         for analysis in (routing_mass, ablation_effects, attribute_routing):
             with pytest.raises(ValueError, match="no routers"):
@@ -838,19 +845,10 @@ def test_the_analysis_at_a_glance_states_the_real_columns_and_shapes():
         schedule_comparison,
         summarize_mass,
     )
-    from hooked_attnres.tasks.base import TaskBatch
 
     model = _routed("kimi")
-    generator = torch.Generator().manual_seed(0)
-    n, n_pos, n_layers = 4, 7, model.cfg.n_layers
-    batch = TaskBatch(
-        tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
-        answer_pos=torch.full((n,), n_pos - 1),
-        answer=torch.tensor([1, 2, 3, 4]),
-        contrast=torch.tensor([5, 6, 7, 8]),
-        corrupted_tokens=torch.randint(0, 50, (n, n_pos), generator=generator),
-        targets=torch.full((n, n_pos), -100),
-    )
+    batch = _random_batch()
+    n, n_layers = len(batch.tokens), model.cfg.n_layers
     mass = routing_mass(model, batch)
     summary = summarize_mass(mass)
     groups = {**depth_bands(n_layers), "all": range(n_layers)}
