@@ -157,11 +157,9 @@ def unfinished_runs(
                 path / "model" / "config.json"
             ).exists():
                 continue
-            saved = saved_progress(path)
-            if saved is not None:
-                progress = f"step {saved[0]} of {saved[1]}"
-            else:
-                progress = "a checkpoint" if (path / "checkpoint").exists() else "no checkpoint yet"
+            progress = saved_progress(path) or (
+                "a checkpoint" if (path / "checkpoint").exists() else "no checkpoint yet"
+            )
             out.append((condition, seed, progress))
     return out
 

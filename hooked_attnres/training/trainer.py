@@ -258,21 +258,24 @@ def _check_output(directory: Path) -> bool:
     return legacy
 
 
-def saved_progress(out_dir: Union[str, Path]) -> Optional[tuple[int, int, bool]]:
-    """``(step, steps, stopped_early)`` of the checkpoint in ``out_dir/checkpoint`` (a
-    run's folder: the step it reached, of the steps its config asks for, and whether
-    ``stop_accuracy`` ended it early), read from its ``trainer_state.json``; ``None`` when
-    there is none or it cannot be read. For messages about a run (how far it got), not
-    for resuming (`_Checkpoint.load` checks the files first)."""
+def _progress_text(state: Any) -> str:
+    """How far the run of a parsed ``trainer_state.json`` got, ``"step 3 of 8"`` (the step
+    it reached, of the steps its config asks for).
+
+    Raises:
+        ValueError, KeyError, TypeError: a state without a step of steps."""
+    return f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
+
+
+def saved_progress(out_dir: Union[str, Path]) -> Optional[str]:
+    """How far the run of the checkpoint in ``out_dir/checkpoint`` (a run's folder) got,
+    ``"step 3 of 8"`` (`_progress_text` of its ``trainer_state.json``); ``None`` when there
+    is none or it cannot be read. For messages about a run, not for resuming
+    (`_Checkpoint.load` checks the files first)."""
     state_file = Path(out_dir) / "checkpoint" / "trainer_state.json"
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        return (
-            int(state["step"]),
-            int(state["train_config"]["steps"]),
-            bool(state.get("stopped_early", False)),
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _progress_text(json.loads(state_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -311,7 +314,7 @@ def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
             return None
         state = _read_saved(state_file, lambda path: json.loads(path.read_text(encoding="utf-8")))
         try:
-            progress = f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
+            progress = _progress_text(state)
         except (ValueError, KeyError, TypeError) as error:
             from hooked_attnres.loading.io import CheckpointError
 
