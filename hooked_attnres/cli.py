@@ -225,11 +225,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_version(checkpoint: Path) -> tuple[bool, object]:
+    """Whether ``checkpoint`` exists and its marker's sequence, which every save raises: the
+    same before and after a run, the run wrote no checkpoint."""
+    from hooked_attnres._atomic import read_marker
+
+    return checkpoint.is_dir(), (read_marker(checkpoint) or {}).get("sequence")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres._atomic import (
         check_outside_package,
         other_save,
-        read_marker,
         updating,
         write_text_atomic,
     )
@@ -301,9 +308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             out_dir = run_dir(args.out, condition, seed)
             print(f"[{PROG}] training {condition} seed {seed} -> {out_dir}", flush=True)
             checkpoint = out_dir / "checkpoint"
-            # the checkpoint's version before the run (every save raises its sequence): one
-            # still there after a stop is an earlier run's, which --no-resume does not resume
-            before = (checkpoint.is_dir(), (read_marker(checkpoint) or {}).get("sequence"))
+            # one still there after a stop is an earlier run's, which --no-resume does not resume
+            before = _checkpoint_version(checkpoint)
             try:
                 result = train_condition(
                     condition,
@@ -318,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # kept, and the run resumes from it once the cause is fixed (audit 150: the
             # command said only the error)
             except (KeyboardInterrupt, OSError, MemoryError) as error:
-                after = (checkpoint.is_dir(), (read_marker(checkpoint) or {}).get("sequence"))
+                after = _checkpoint_version(checkpoint)
                 cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
                 if isinstance(error, FileExistsError) or not checkpoint.is_dir():
                     raise
@@ -810,8 +816,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _stdout_to_devnull()
         raise
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (`Terminated`)
-        # a condition name loads the condition table, and torch, while it is read: Ctrl-C
-        # then ended in a KeyboardInterrupt traceback (audit 178)
+        # while the options are read (a condition name loaded torch then, until audit
+        # 198): Ctrl-C ended in a KeyboardInterrupt traceback (audit 178)
         return _interrupted(error)
     try:
         if args.command != "list":
