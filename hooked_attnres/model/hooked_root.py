@@ -357,7 +357,7 @@ class HookedModule(HookedRootModule):
         guard = use_guard(self)
         guard.claim_hooks(permanent=is_permanent)
         if dir == "fwd":
-            hook = self._watch_resid_edits(name, padding_checked(hook))
+            hook = self._forward_hook(name, hook)
         try:
             super().add_hook(
                 name,
@@ -406,10 +406,7 @@ class HookedModule(HookedRootModule):
         self._check_hook_list(fwd_hooks)
         self._check_hook_list(bwd_hooks)
         fwd_hooks = [
-            (
-                self._resolved(name),
-                self._watch_resid_edits(self._resolved(name), padding_checked(fn)),
-            )
+            (self._resolved(name), self._forward_hook(self._resolved(name), fn))
             for name, fn in fwd_hooks
         ]
         bwd_hooks = [(self._resolved(name), fn) for name, fn in bwd_hooks]
@@ -433,6 +430,13 @@ class HookedModule(HookedRootModule):
 
     def _resolved(self, name):
         return self.resolve_hook_name(name) if isinstance(name, str) else name
+
+    def _forward_hook(self, name, fn: Callable) -> Callable:
+        """A forward hook ``fn`` at ``name`` as the model attaches it (`add_hook` and
+        `hooks` alike): refused in a pass without the left padding of the cache it patches
+        from (`padding_checked`) and watched for edits of ``hook_resid_*``
+        (`_watch_resid_edits`)."""
+        return self._watch_resid_edits(name, padding_checked(fn))
 
     def _watch_resid_edits(self, name, fn: Callable) -> Callable:
         """``fn``, wrapped to warn once if it edits ``hook_resid_*`` in a routed layout."""
