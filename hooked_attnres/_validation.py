@@ -341,6 +341,12 @@ def non_finite_in_column(
     return count, row[column], where
 
 
+def distinct_labels(values: Iterable[Any]) -> list[Any]:
+    """The distinct values of ``values``, in order of first appearance, as plain Python
+    values for a message (``0``, not ``np.int64(0)``)."""
+    return [np.asarray(value).tolist() for value in dict.fromkeys(values)]
+
+
 def require_unique_columns(table: Any, what: str) -> None:
     """Refuse a pandas ``DataFrame`` with several columns of one name (``pd.concat([a, b],
     axis=1)`` of two tables that share a column): ``ValueError`` naming them. ``table.router``
@@ -350,7 +356,7 @@ def require_unique_columns(table: Any, what: str) -> None:
     names the table."""
     repeated = table.columns[table.columns.duplicated()]
     if len(repeated):
-        names = [np.asarray(c).tolist() for c in dict.fromkeys(repeated)]
+        names = distinct_labels(repeated)
         raise ValueError(
             f"{what} has several columns named {names} (e.g. of pd.concat(axis=1)), so "
             "which one a column name reads is unknown; keep one of each: "

@@ -11,7 +11,7 @@ difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from hooked_attnres._validation import (
     as_items,
+    distinct_labels,
     is_integer,
     non_finite_in_column,
     require_bool,
@@ -201,7 +202,7 @@ def _prompt_counts(column: pd.Series, what: str) -> list[int]:
     as 1 prompt, a date as its time units since 1970, ``"12"`` as 12, and a complex number failed
     with Python's "int() argument must be [...]")."""
     present = column.dropna().tolist()
-    bad = list(dict.fromkeys(np.asarray(v).tolist() for v in present if not _is_count(v)))
+    bad = distinct_labels(v for v in present if not _is_count(v))
     if bad:
         raise ValueError(
             f"{what} has n_prompts value(s) {bad[:4]} that are no count of prompts (a whole "
@@ -852,11 +853,6 @@ def _merged(
     return merged, note, (drawn, chosen), method
 
 
-def _labels(values: Iterable) -> list:
-    """Distinct labels of a column, in order, as plain Python values (no ``np.int64(0)``)."""
-    return [np.asarray(v).tolist() for v in dict.fromkeys(values)]
-
-
 def _require_models_of_effects(mass: pd.DataFrame, chosen: pd.DataFrame) -> None:
     """Refuse effects (``chosen``, with ``condition`` and ``seed`` columns) of a model
     (``(condition, seed)``) that no row of ``mass`` is of, naming the models and both
@@ -873,11 +869,12 @@ def _require_models_of_effects(mass: pd.DataFrame, chosen: pd.DataFrame) -> None
         f"condition={np.asarray(c).tolist()!r}, seed={np.asarray(s).tolist()!r}"
         for c, s in lacking[:3]
     ) + (f" (and {len(lacking) - 3} more)" if len(lacking) > 3 else "")
+    labels = distinct_labels
     raise ValueError(
         f"mass_summary has no row for {named}, a model of the effects: the tables hold "
-        f"other models (conditions: effects {_labels(chosen.condition)}, mass_summary "
-        f"{_labels(mass.condition)}; seeds: effects {_labels(chosen.seed)}, mass_summary "
-        f"{_labels(mass.seed)}; a table without a condition or seed column is of condition "
+        f"other models (conditions: effects {labels(chosen.condition)}, mass_summary "
+        f"{labels(mass.condition)}; seeds: effects {labels(chosen.seed)}, mass_summary "
+        f"{labels(mass.seed)}; a table without a condition or seed column is of condition "
         "'' and seed 0); pass the mass summary of the effects' models, labelled as they are"
     )
 
