@@ -12,7 +12,12 @@ import torch
 from helpers import LAYOUTS, build_word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each (a second thread on a busy core is slow)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

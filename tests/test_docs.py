@@ -1302,3 +1302,20 @@ def test_the_command_line_checker_catches_a_wrong_command():
     # a bash line is a complete command: a mention there is refused
     with pytest.raises(AssertionError, match="required: checkpoint"):
         check_commands([("p", "hooked-attnres info", True)], parser)
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """CI must run what the README tells a user to run: the README's test command is the
+    last command of ``.ci/run``, character for character (both once said ``pytest -q``;
+    the two could drift apart when one gains an option such as ``-n 2``)."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    after = readme.split("Run the tests", 1)[1]
+    command = after.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert command.startswith(".venv/bin/python -m pytest"), command
+    ci = [
+        line.strip()
+        for line in (root / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert ci[-1] == command, (ci[-1], command)
