@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_study_runs, unseal
 
 from hooked_attnres import HookedAttnRes
+from hooked_attnres._study_limits import GRID_TASKS
 from hooked_attnres.analysis import CLAIMS, recency_schedule
 from hooked_attnres.study import (
     SHIPPED,
@@ -185,6 +186,49 @@ def test_shipped_checkpoints_are_their_recipe_and_score_as_recorded(condition, s
         assert metrics["step"] < recipe.steps
         evaluated = [h["accuracy"] for h in metrics["history"] if "accuracy" in h]
         assert all(min(a.values()) < recipe.stop_accuracy for a in evaluated[:-1])
+
+
+@pytest.mark.parametrize("task_name", GRID_TASKS)
+def test_probe_prompts_are_none_of_the_prompts_their_recipe_trained_or_stopped_on(task_name):
+    """docs/study.md, "Held-out prompts, answers and seeds": the study's probe prompts
+    (test split, data seeds 1 and 2) are none of the prompts a grid recipe trains on (its
+    stream, data seed 0) or scores during training (the trainer's held-out set, data seed 0,
+    which chose `paperlike`'s stop). A seed or split slip would make them coincide: probe
+    prompts of the recipe's data seed are its held-out set, and of the train split its first
+    batches (the positive controls; audit 216 measured 0 of 512 per shipped model in the
+    whole streams, up to 76,800 prompts)."""
+    from types import SimpleNamespace
+
+    from hooked_attnres.study import FRESH_PROBE_SEED, PROBE_SEED
+    from hooked_attnres.tasks import task_tokenizer
+
+    recipe = get_condition(f"{task_name}_cumulative_L8")
+    config, task = recipe.train_config(), recipe.make_task()
+    tokenizer = task_tokenizer(task)
+    model = SimpleNamespace(tokenizer=tokenizer)  # probe_prompts reads its tokenizer only
+    vocab = tokenizer.get_vocab()
+
+    def rows(batch):
+        return {tuple(row) for row in batch.tokens.tolist()}
+
+    trained = set().union(
+        *(
+            rows(task.sample(config.batch_size, config.data_seed, "train", vocab, stream=step))
+            for step in range(16)
+        )
+    )
+    scored = rows(task.sample(config.eval_size, config.data_seed, "test", vocab))
+    probe = probe_prompts(model, 256, PROBE_SEED, task)
+    fresh = probe_prompts(model, 256, FRESH_PROBE_SEED, task, exclude=probe)
+    assert config.data_seed not in (PROBE_SEED, FRESH_PROBE_SEED)
+    for drawn in (probe, fresh):
+        assert len(rows(drawn)) == 256  # no prompt twice
+        assert not rows(drawn) & (trained | scored)
+    assert not rows(probe) & rows(fresh)
+    # the controls: the same comparison finds the prompts of a seed or split slip
+    assert len(rows(probe_prompts(model, 256, config.data_seed, task)) & scored) == 256
+    slipped = task.sample(256, config.data_seed, "train", vocab)  # stream 0: step 0's batch
+    assert len(rows(slipped) & trained) >= config.batch_size
 
 
 def test_the_vanilla_checkpoint_is_a_plain_hugging_face_directory():
