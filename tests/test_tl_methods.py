@@ -2194,6 +2194,62 @@ def test_a_hook_the_model_lacks_is_a_key_error_of_its_name(tokens):
         assert not any(point.fwd_hooks for point in model.hook_dict.values())
 
 
+def test_a_router_hook_spelt_below_its_router_names_the_hook(tokens):
+    """``cache["weights", 3, "attn_res"]`` is ``blocks.3.attn_res.hook_weights`` (README), so a
+    TransformerLens user writes ``cache["scale", 3, "attn_res"]`` (``get_act_name("scale", 3,
+    "attn_res")``) for the router's RMS: ``blocks.3.attn_res.hook_scale``, whose hook is
+    ``blocks.3.attn_res.key_norm.hook_scale``. Audit 215: the refusal suggested
+    ``['blocks.3.attn_res.hook_sources', 'blocks.3.attn.q_norm.hook_scale', ...]``, never the
+    key norm's hook, and ``final_res.hook_scale`` in the cumulative layout suggested
+    ``ln_final.hook_scale`` instead of saying the layout has no final router. Now the message
+    names the hook and its alias, and the layout's refusal for a router it lacks."""
+    models = {layout: routed_model(layout) for layout in ("none", "cumulative", "kimi")}
+    cases = [  # (layout, name, the hook the message must name, its alias)
+        (
+            "kimi",
+            "blocks.1.attn_res.hook_scale",
+            "blocks.1.attn_res.key_norm.hook_scale",
+            "blocks.1.hook_attn_res_scale",
+        ),
+        (
+            "cumulative",
+            "blocks.2.mlp_res.hook_scale",
+            "blocks.2.mlp_res.key_norm.hook_scale",
+            "blocks.2.hook_mlp_res_scale",
+        ),
+        ("kimi", "final_res.hook_scale", "final_res.key_norm.hook_scale", "hook_final_res_scale"),
+        (
+            "kimi",
+            "blocks.1.mlp_res.key_norm.hook_weights",
+            "blocks.1.mlp_res.hook_weights",
+            "blocks.1.hook_mlp_res_weights",
+        ),
+    ]
+    for layout, name, hook, alias in cases:
+        model = models[layout]
+        _, cache = model.run_with_cache(tokens)
+        for call in [
+            lambda m=model, n=name: m.run_with_hooks(tokens, fwd_hooks=[(n, lambda x, hook: x)]),
+            lambda c=cache, n=name: c[n],
+        ]:
+            error = _refusal_of(call)
+            assert error.args == (name,)
+            assert f"is {hook!r} (or its alias {alias!r}" in str(error), str(error)
+            assert "Did you mean" not in str(error)
+        assert torch.equal(cache[alias], cache[hook])  # what the message offers works
+    _, cache = models["kimi"].run_with_cache(tokens)
+    error = _refusal_of(lambda: cache["scale", 1, "attn_res"])
+    assert "'blocks.1.attn_res.key_norm.hook_scale'" in str(error)
+    for layout, name, says in [
+        ("cumulative", "final_res.hook_scale", "the 'cumulative' layout has no final router"),
+        ("none", "blocks.1.attn_res.hook_scale", r"attnres_layout='none' and therefore no"),
+        ("kimi", "blocks.9.attn_res.hook_scale", r"layer must be an integer in \[-4, 4\)"),
+    ]:
+        _, cache = models[layout].run_with_cache(tokens)
+        error = _refusal_of(lambda c=cache, n=name: c[n])
+        assert re.search(says, str(error)) and "Did you mean" not in str(error), str(error)
+
+
 def _noisy_edit(activation: torch.Tensor, hook) -> Optional[torch.Tensor]:
     """Scale and add fixed noise (the same on every call), so that an edit of router
     logits is not a shift that the softmax ignores."""

@@ -133,6 +133,14 @@ _ROUTER_HOOK = re.compile(
     + ")"
 )
 _COMMIT_HOOK = re.compile(r"blocks\.(\d+)\.(" + "|".join(COMMIT_HOOKS.values()) + ")")
+# a router hook spelt with another path below the router: "blocks.3.attn_res.hook_scale"
+# (get_act_name("scale", 3, "attn_res"), cache["scale", 3, "attn_res"]) for the key norm's
+# "blocks.3.attn_res.key_norm.hook_scale", or "key_norm.hook_weights" for "hook_weights"
+_ROUTER_HOOK_SPELLING = re.compile(
+    r"(?:blocks\.(\d+)\.)?(attn_res|mlp_res|final_res)\.(?:key_norm\.)?hook_("
+    + "|".join(ROUTER_HOOKS)
+    + ")"
+)
 
 
 @dataclass(frozen=True)
@@ -443,14 +451,47 @@ class RoutingLayout:
             return None
         return site.hook(key)
 
+    def router_hook_spelling(self, name: str) -> Optional[str]:
+        """Where a router hook that ``name`` spells with another path below the router is:
+        ``"blocks.3.attn_res.hook_scale"`` (what ``get_act_name("scale", 3, "attn_res")``
+        and ``cache["scale", 3, "attn_res"]`` build, as ``cache["weights", 3, "attn_res"]``
+        builds ``hook_weights``) names the key norm's ``"blocks.3.attn_res.key_norm.hook_scale"``,
+        so the text says that name and its alias (`RouterSite.alias`); ``None`` for any other
+        name, for a hook's own name and for a router this layout lacks (`absent_hook`)."""
+        match = _ROUTER_HOOK_SPELLING.fullmatch(name)
+        if match is None or not self.has_routers:
+            return None
+        layer, kind, key = match.group(1), match.group(2), match.group(3)
+        if (layer is None) != (kind == "final_res"):
+            return None
+        try:
+            site = self.site(None if layer is None else int(layer), kind)
+        except ValueError:
+            return None
+        if site.hook(key) == name:
+            return None
+        shorthand = RouterSite.activation_name(kind, key)
+        key_text = f"[{shorthand!r}]" if site.layer is None else f"[{shorthand!r}, {site.layer}]"
+        where = "final router" if site.layer is None else f"{kind} router of layer {site.layer}"
+        return (
+            f"the {key} hook of the {where} is {site.hook(key)!r} (or its alias "
+            f"{site.alias(key)!r}: cache{key_text}, get_act_name({shorthand!r}"
+            f"{'' if site.layer is None else f', {site.layer}'}))"
+        )
+
     def absent_hook(self, name: str) -> Optional[str]:
-        """Why this layout has no hook ``name`` where ``name`` is a router hook (`RouterSite.hook`
-        or `RouterSite.alias` spelling) or a commit hook (`COMMIT_HOOKS`) that another layout
-        or layer has: `site`'s refusal (``"this model has attnres_layout='none' and
-        therefore no routers"``, ``"the 'cumulative' layout has no final router; ..."``, a
-        layer out of range), or the sublayer that ends no block here; ``None`` for any other
-        name (and for one this layout has)."""
-        router = _ROUTER_HOOK.fullmatch(name) or _ALIAS.fullmatch(name)
+        """Why this layout has no hook ``name`` where ``name`` is a router hook
+        (`RouterSite.hook`, `RouterSite.alias` or `router_hook_spelling` spelling) or a
+        commit hook (`COMMIT_HOOKS`) that another layout or layer has: `site`'s refusal
+        (``"this model has attnres_layout='none' and therefore no routers"``, ``"the
+        'cumulative' layout has no final router; ..."``, a layer out of range), or the
+        sublayer that ends no block here; ``None`` for any other name (and for one this
+        layout has)."""
+        router = (
+            _ROUTER_HOOK.fullmatch(name)
+            or _ALIAS.fullmatch(name)
+            or _ROUTER_HOOK_SPELLING.fullmatch(name)
+        )
         if router is not None:
             layer, kind = router.group(1), router.group(2)
             if (layer is None) != (kind == "final_res"):

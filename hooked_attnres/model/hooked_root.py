@@ -318,6 +318,9 @@ class HookedModule(HookedRootModule):
         absent = None if layout is None else layout.absent_hook(name)
         if absent is not None:
             raise UnknownHookError(name, f"{name!r} is not a hook of this model: {absent}")
+        spelling = None if layout is None else layout.router_hook_spelling(name)
+        if spelling is not None:
+            raise UnknownHookError(name, f"unknown hook name {name!r}: {spelling}.")
         close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
         hint = f" Did you mean {close}?" if close else ""
         if name in self.mod_dict:
