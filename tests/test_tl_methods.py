@@ -39,6 +39,7 @@ from hooked_attnres import (
     LeftPaddingWithoutMaskWarning,
     UnknownHookError,
 )
+from hooked_attnres.model.depth import ROUTER_HOOKS, ROUTERS
 from hooked_attnres.model.generation import sample_logits, sampling_probabilities
 
 WRAPS = ("recency", "exact", "none")
@@ -2248,6 +2249,69 @@ def test_a_router_hook_spelt_below_its_router_names_the_hook(tokens):
         _, cache = models[layout].run_with_cache(tokens)
         error = _refusal_of(lambda c=cache, n=name: c[n])
         assert re.search(says, str(error)) and "Did you mean" not in str(error), str(error)
+
+
+def test_the_final_router_keyed_as_transformer_lens_builds_it_names_its_hook(tokens):
+    """``cache["scale", None, "final_res"]`` builds ``ln_final.final_res.hook_scale``
+    (``get_act_name`` puts ``ln_final.`` before a layerless ``"scale"``), and
+    ``cache["weights", 0, "final_res"]`` / ``cache["weights", None, "attn_res"]`` give a
+    final router a layer and a sublayer router none. Review 217: these suggested
+    ``ln_final.hook_scale`` (the final norm's RMS, another tensor: 'Did you mean') or the
+    ``mlp_res`` hooks of layer 0; now the final router's hook and alias, or `site`'s refusal."""
+    models = {layout: routed_model(layout) for layout in ("none", "cumulative", "kimi")}
+    caches = {layout: model.run_with_cache(tokens)[1] for layout, model in models.items()}
+    error = _refusal_of(lambda: caches["kimi"]["scale", None, "final_res"])
+    assert error.args == ("ln_final.final_res.hook_scale",)
+    assert "is 'final_res.key_norm.hook_scale' (or its alias 'hook_final_res_scale'" in str(
+        error
+    ), str(error)
+    assert "Did you mean" not in str(error)
+    for layout, key, says in [
+        ("cumulative", ("scale", None, "final_res"), "the 'cumulative' layout has no final"),
+        ("none", ("scale", None, "final_res"), "attnres_layout='none' and therefore no routers"),
+        ("kimi", ("weights", 0, "final_res"), "the final router has no layer; pass layer=None"),
+        ("kimi", ("weights", None, "attn_res"), r"router 'attn_res', got None"),
+    ]:
+        error = _refusal_of(lambda c=caches[layout], k=key: c[k])
+        assert re.search(says, str(error)) and "Did you mean" not in str(error), str(error)
+    # the final router at sublayer 2 * n_layers (`site` accepts layer n_layers for it)
+    name = f"blocks.{models['kimi'].cfg.n_layers}.final_res.hook_weights"
+    error = _refusal_of(lambda: models["kimi"].check_hook_name(name))
+    assert "is 'final_res.hook_weights' (or its alias 'hook_final_res_weights'" in str(error)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_router_hook_spelling_names_only_hooks_of_the_layout(layout):
+    """Each name of the router-hook grammar (``[blocks.L.|ln_final.]<router>.[key_norm.]
+    hook_<hook>``, every router, layers None, 0, last, n_layers and 9) that is no hook is
+    refused with the layout's reason, never difflib's guess, and every hook name the
+    message quotes is a hook of this model (or an alias of one); every real hook and alias
+    is accepted."""
+    model = tiny_model(attnres_layout=layout)
+    n_layers = model.cfg.n_layers
+    for name in model.hook_dict:
+        model.check_hook_name(name)
+    for site in model.sites():
+        for key in ROUTER_HOOKS:
+            model.check_hook_name(site.alias(key))
+    checked = 0
+    for kind in ROUTERS:
+        for layer in (None, 0, n_layers - 1, n_layers, 9):
+            for key in ROUTER_HOOKS:
+                for below in ("", "key_norm.", "ln_final."):
+                    prefix = ("" if layer is None else f"blocks.{layer}.") + (
+                        below if below == "ln_final." else ""
+                    )
+                    name = f"{prefix}{kind}.{'' if below == 'ln_final.' else below}hook_{key}"
+                    if name in model.hook_dict or (layer is not None and below == "ln_final."):
+                        continue
+                    error = _refusal_of(lambda n=name: model.check_hook_name(n))
+                    assert "Did you mean" not in str(error), str(error)
+                    for quoted in re.findall(r"'([\w.]+)'", str(error)):
+                        if quoted != name and "hook_" in quoted and quoted != "hook_weights":
+                            assert model.resolve_hook_name(quoted) in model.hook_dict, str(error)
+                    checked += 1
+    assert checked >= 100
 
 
 def _noisy_edit(activation: torch.Tensor, hook) -> Optional[torch.Tensor]:

@@ -120,27 +120,29 @@ def source_axis(hook_name: str) -> Optional[int]:
     return None
 
 
+_KINDS = "|".join(ROUTERS)
+_KEYS = "|".join(ROUTER_HOOKS)
 # RouterSite.alias: "blocks.{l}.hook_{kind}_{hook}" / "hook_final_res_{hook}"
-_ALIAS = re.compile(
-    r"(?:blocks\.(\d+)\.)?hook_(attn_res|mlp_res|final_res)_(sources|scale|logits|weights|out)"
+_ALIAS = re.compile(r"(?:blocks\.(\d+)\.)?hook_(" + _KINDS + ")_(" + _KEYS + ")")
+# a router hook's full name (RouterSite.hook) and the names that spell it with another path
+# below the router (the modules of ROUTER_HOOKS' leaves, "key_norm."): get_act_name("scale",
+# 3, "attn_res") and cache["scale", 3, "attn_res"] build "blocks.3.attn_res.hook_scale" for
+# "blocks.3.attn_res.key_norm.hook_scale", and get_act_name("scale", None, "final_res")
+# "ln_final.final_res.hook_scale" (TransformerLens puts "ln_final." before a layerless scale)
+_BELOW = "|".join(
+    sorted({re.escape(leaf.rpartition(".")[0]) for leaf in ROUTER_HOOKS.values()} - {""})
 )
-
-
-# a router hook's full name (RouterSite.hook) and a commit hook's (COMMIT_HOOKS)
 _ROUTER_HOOK = re.compile(
-    r"(?:blocks\.(\d+)\.)?(attn_res|mlp_res|final_res)\.("
-    + "|".join(re.escape(leaf) for leaf in ROUTER_HOOKS.values())
+    r"(?:blocks\.(\d+)\.|ln_final\.)?("
+    + _KINDS
+    + r")\.(?:(?:"
+    + _BELOW
+    + r")\.)?hook_("
+    + _KEYS
     + ")"
 )
+# a commit hook's (COMMIT_HOOKS)
 _COMMIT_HOOK = re.compile(r"blocks\.(\d+)\.(" + "|".join(COMMIT_HOOKS.values()) + ")")
-# a router hook spelt with another path below the router: "blocks.3.attn_res.hook_scale"
-# (get_act_name("scale", 3, "attn_res"), cache["scale", 3, "attn_res"]) for the key norm's
-# "blocks.3.attn_res.key_norm.hook_scale", or "key_norm.hook_weights" for "hook_weights"
-_ROUTER_HOOK_SPELLING = re.compile(
-    r"(?:blocks\.(\d+)\.)?(attn_res|mlp_res|final_res)\.(?:key_norm\.)?hook_("
-    + "|".join(ROUTER_HOOKS)
-    + ")"
-)
 
 
 @dataclass(frozen=True)
@@ -437,42 +439,51 @@ class RoutingLayout:
         layer argument that names no router (``depth_state_name`` in layout ``"none"``)."""
         return layer_index(layer, self.n_layers, where)
 
+    def _named_site(self, match: re.Match) -> RouterSite:
+        """The router that a name matched by `_ALIAS` or `_ROUTER_HOOK` (group 1 the layer,
+        group 2 the router) points at, by `site`'s rules: its ``ValueError`` for a router
+        this layout lacks (layout ``"none"``, the final router of ``"cumulative"``, a layer
+        out of range, a final router given a layer, a sublayer router given none)."""
+        layer = match.group(1)
+        return self.site(None if layer is None else int(layer), match.group(2))
+
     def resolve_alias(self, name: str) -> Optional[str]:
         """The hook name behind a `RouterSite.alias` of this model, else ``None``."""
         match = _ALIAS.fullmatch(name)
         if match is None or not self.has_routers:
             return None
-        layer, kind, key = match.group(1), match.group(2), match.group(3)
-        if (layer is None) != (kind == "final_res"):
-            return None
+        if (match.group(1) is None) != (match.group(2) == "final_res"):
+            return None  # the alias of a final router has no layer, a sublayer router's one
         try:
-            site = self.site(None if layer is None else int(layer), kind)
+            site = self._named_site(match)
         except ValueError:
             return None
-        return site.hook(key)
+        return site.hook(match.group(3))
 
     def router_hook_spelling(self, name: str) -> Optional[str]:
         """Where a router hook that ``name`` spells with another path below the router is:
         ``"blocks.3.attn_res.hook_scale"`` (what ``get_act_name("scale", 3, "attn_res")``
         and ``cache["scale", 3, "attn_res"]`` build, as ``cache["weights", 3, "attn_res"]``
         builds ``hook_weights``) names the key norm's ``"blocks.3.attn_res.key_norm.hook_scale"``,
-        so the text says that name and its alias (`RouterSite.alias`); ``None`` for any other
-        name, for a hook's own name and for a router this layout lacks (`absent_hook`)."""
-        match = _ROUTER_HOOK_SPELLING.fullmatch(name)
-        if match is None or not self.has_routers:
-            return None
-        layer, kind, key = match.group(1), match.group(2), match.group(3)
-        if (layer is None) != (kind == "final_res"):
+        and ``"ln_final.final_res.hook_scale"`` (``cache["scale", None, "final_res"]``) the
+        final router's, so the text says that name and its alias (`RouterSite.alias`);
+        ``None`` for any other name, for a hook's own name and for a router this layout
+        lacks (`absent_hook`)."""
+        match = _ROUTER_HOOK.fullmatch(name)
+        if match is None:
             return None
         try:
-            site = self.site(None if layer is None else int(layer), kind)
+            site = self._named_site(match)
         except ValueError:
-            return None
+            return None  # absent_hook says why
+        key = match.group(3)
         if site.hook(key) == name:
             return None
-        shorthand = RouterSite.activation_name(kind, key)
+        shorthand = RouterSite.activation_name(site.kind, key)
         key_text = f"[{shorthand!r}]" if site.layer is None else f"[{shorthand!r}, {site.layer}]"
-        where = "final router" if site.layer is None else f"{kind} router of layer {site.layer}"
+        where = (
+            "final router" if site.layer is None else f"{site.kind} router of layer {site.layer}"
+        )
         return (
             f"the {key} hook of the {where} is {site.hook(key)!r} (or its alias "
             f"{site.alias(key)!r}: cache{key_text}, get_act_name({shorthand!r}"
@@ -484,20 +495,13 @@ class RoutingLayout:
         (`RouterSite.hook`, `RouterSite.alias` or `router_hook_spelling` spelling) or a
         commit hook (`COMMIT_HOOKS`) that another layout or layer has: `site`'s refusal
         (``"this model has attnres_layout='none' and therefore no routers"``, ``"the
-        'cumulative' layout has no final router; ..."``, a layer out of range), or the
-        sublayer that ends no block here; ``None`` for any other name (and for one this
-        layout has)."""
-        router = (
-            _ROUTER_HOOK.fullmatch(name)
-            or _ALIAS.fullmatch(name)
-            or _ROUTER_HOOK_SPELLING.fullmatch(name)
-        )
+        'cumulative' layout has no final router; ..."``, a layer out of range, ``"the final
+        router has no layer; ..."``), or the sublayer that ends no block here; ``None`` for
+        any other name (and for one this layout has)."""
+        router = _ROUTER_HOOK.fullmatch(name) or _ALIAS.fullmatch(name)
         if router is not None:
-            layer, kind = router.group(1), router.group(2)
-            if (layer is None) != (kind == "final_res"):
-                return None  # no router's spelling
             try:
-                self.site(None if layer is None else int(layer), kind)
+                self._named_site(router)
             except ValueError as refused:
                 return str(refused)
             return None
