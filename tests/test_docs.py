@@ -16,6 +16,7 @@ import torch
 from helpers import tiny_config, tiny_model
 
 from hooked_attnres.interventions.selection import depth_bands
+from hooked_attnres.model.depth import ROUTER_HOOKS
 
 DOC = Path(__file__).parents[1] / "docs" / "hooks.md"
 
@@ -703,14 +704,20 @@ def test_cache_routing_pieces_have_their_documented_shapes(layout, tokens):
         torch.testing.assert_close(total, norm_input)
     if layout == "none":
         return
+    # docs/hooks.md's table of stack_router_activation's shapes, one row per hook
+    table = DOC.read_text().split("`stack_router_activation(hook, router)` returns")[1]
+    rows = re.findall(r"^  \| ((?:`\"\w+\"`(?:, )?)+) \| `\[([^\]]+)\]`", table, flags=re.M)
+    shapes = {hook: shape for hooks, shape in rows for hook in re.findall(r"\"(\w+)\"", hooks)}
+    assert sorted(shapes) == sorted(ROUTER_HOOKS)
     for router in ("attn_res", "mlp_res"):
         counts = [len(model.source_labels(site)) for site in model.sites(router)]
-        stacked, mask = cache.stack_router_activation("weights", router)
-        assert stacked.shape == (cfg.n_layers, *tokens.shape, max(counts))
-        assert mask.shape == (cfg.n_layers, max(counts))
-        assert mask.sum(1).tolist() == counts
-        stacked, mask = cache.stack_router_activation("out", router)
-        assert stacked.shape == (cfg.n_layers, *tokens.shape, cfg.d_model)
+        dims = dict(n_layers=cfg.n_layers, batch=tokens.shape[0], pos=tokens.shape[1])
+        dims |= dict(max_sources=max(counts), d_model=cfg.d_model, **{"1": 1})
+        for hook, shape in shapes.items():
+            stacked, mask = cache.stack_router_activation(hook, router)
+            assert stacked.shape == tuple(dims[axis.strip()] for axis in shape.split(",")), hook
+            assert mask.shape == (cfg.n_layers, max(counts))
+            assert mask.sum(1).tolist() == counts
 
 
 def _random_batch():

@@ -1837,10 +1837,14 @@ class AttnResActivationCache(ActivationCache):
 
         Returns:
             ``(stacked, mask)``: ``stacked`` is ``[n_layers, *hook shape]`` with the
-            ``n_sources`` axis grown to the largest ``n_sources`` of these routers (for
-            ``"out"`` there is no source axis and nothing is padded); ``mask[l, i]`` is
-            ``True`` where layer ``l``'s router has source ``i`` (sources are
-            oldest first, so the padding is at the end).
+            ``n_sources`` axis grown to the largest ``n_sources`` of these routers,
+            ``max_sources``: ``[n_layers, batch, pos, max_sources, d_model]`` for
+            ``"sources"``, ``[n_layers, batch, pos, max_sources, 1]`` for ``"scale"``,
+            ``[n_layers, batch, pos, max_sources]`` for ``"logits"`` and ``"weights"``,
+            ``[n_layers, batch, pos, d_model]`` for ``"out"`` (no source axis, nothing
+            padded); ``mask`` is ``[n_layers, max_sources]``, ``mask[l, i]`` ``True``
+            where layer ``l``'s router has source ``i`` (sources are oldest first, so the
+            padding is at the end).
         """
         router = require_choice("router", router, SUBLAYER_ROUTERS)
         sites = self.model.sites(router)
