@@ -10,8 +10,10 @@ the identity is, since continuing would not equal an uninterrupted run)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,3 +25,19 @@ def numerics_environment(*also: ModuleType) -> dict[str, Any]:
     study passes ``pandas``, whose tables it keeps)."""
     versions = [torch.__version__, np.__version__, *(module.__version__ for module in also)]
     return {"threads": torch.get_num_threads(), "versions": [str(v) for v in versions]}
+
+
+@contextmanager
+def thread_count(threads: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count after it
+    (``None``: nothing is touched). The trainer (`TrainConfig.threads`) and the command
+    line (``--threads``) set the count this way."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

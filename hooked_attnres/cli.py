@@ -819,13 +819,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         # while the options are read (a condition name loaded torch then, until audit
         # 198): Ctrl-C ended in a KeyboardInterrupt traceback (audit 178)
         return _interrupted(error)
+    # the caller's torch thread count is put back when the command returns (main called
+    # in a process that goes on: the tests, a notebook); it stayed at the command's
+    threads = contextlib.ExitStack()
     try:
         if args.command != "list":
-            import torch
-
+            from hooked_attnres._environment import thread_count
             from hooked_attnres.runtime import tune_from_environment
 
-            torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+            threads.enter_context(
+                thread_count(args.threads if args.threads is not None else default_threads())
+            )
             tune_from_environment()  # reuse freed memory (HOOKED_ATTNRES_TUNE_MALLOC=0: don't)
         status = args.func(args)
         sys.stdout.flush()  # output still buffered fails here, not at Python's exit
@@ -846,6 +850,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        threads.close()
 
 
 if __name__ == "__main__":

@@ -598,6 +598,30 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
     assert cli.default_threads() == 2
 
 
+def test_a_command_puts_the_callers_thread_count_back(tmp_path, monkeypatch, capsys):
+    """A command sets torch's thread count while it runs (``--threads``, else
+    `default_threads`) and puts the caller's back when it returns, also after an error.
+    It left its own count in the process: a test calling `cli.main` with ``--threads 3``
+    left every later test of its pytest worker on 3 threads (the suite runs two workers
+    on two cores, one thread each)."""
+    import torch
+    from helpers import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    seen = []
+    monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the default count when --threads is not given
+    caller = torch.get_num_threads()
+    for threads in (["--threads", "3"], []):
+        assert cli.main(["info", str(tmp_path / "m"), *threads]) == 0
+        assert torch.get_num_threads() == caller
+    monkeypatch.undo()  # the real info: a folder that is no checkpoint is an error (1)
+    assert cli.main(["info", str(tmp_path / "none"), "--threads", "3"]) == 1
+    assert torch.get_num_threads() == caller
+    assert seen == [3, 2]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("no_resume", [False, True])
 def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatch, capsys):
     # it said only "hooked-attnres: interrupted", though the run's checkpoint was kept and

@@ -160,8 +160,7 @@ def test_training_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path,
 @pytest.mark.parametrize("whole_run", ["attnres"], indirect=True)  # the writes' error paths
 @pytest.mark.parametrize("k", range(TRAIN_RENAMES))  # do not depend on the model
 def test_training_failing_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, whole_run, k):
-    out = tmp_path / "run"
-    torch.set_num_threads(1)
+    out = tmp_path / "run"  # _train trains with threads=1 (it set 1 here, never restored)
     real, _ = _renames_until(k, kill=False)
     try:
         with pytest.raises(_Crash):

@@ -62,7 +62,7 @@ from hooked_attnres._atomic import (
     write_errors_as_os_errors,
     write_text_atomic,
 )
-from hooked_attnres._environment import numerics_environment
+from hooked_attnres._environment import numerics_environment, thread_count
 from hooked_attnres._study_limits import MAX_THREADS, WHY_MAX_THREADS
 from hooked_attnres._validation import (
     as_items,
@@ -819,21 +819,6 @@ def _as_list(name: str, tasks: Any) -> list:
     return [tasks] if isinstance(tasks, Task) else as_items(name, tasks)
 
 
-@contextmanager
-def _thread_count(threads: Optional[int]) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, the caller's count after it
-    (``None``: nothing is touched)."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 # the spawn key of the per-step torch seeds (`_step_seed`); the task streams use their own
 _STEP_RNG_STREAM = 0x5EED5
 
@@ -1101,7 +1086,7 @@ def train(
     # one run at a time per out_dir (two would pair one's model with the other's metrics)
     with (
         exclusive_job(out_dir, "training run"),
-        _thread_count(config.threads),
+        thread_count(config.threads),
         _own_rng(model) as seed_step,
     ):
         eval_tasks = tasks if eval_tasks is None else eval_tasks
