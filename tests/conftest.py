@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,6 +12,13 @@ import pytest
 import torch
 from helpers import LAYOUTS, build_word_tokenizer
 from transformers import PreTrainedTokenizerFast
+
+# Ctrl-C as in a terminal: a suite started in the background of a non-interactive shell
+# (`pytest &`, nohup) inherits SIGINT ignored (POSIX), and Python then installs no handler;
+# xdist's workers inherit that too. The Ctrl-C tests (in process, and in the forked
+# children of crash_helpers) need Python's handler: three of test_training failed there.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on two cores: one thread each (a second thread on a busy core is slow)

@@ -30,10 +30,8 @@ def _child(fn: Callable[..., None], crash_at: Optional[str], args: tuple) -> Non
         # parallel region waits forever on threads that do not exist (libgomp has no fork
         # handler). One thread keeps every op inline in the child.
         torch.set_num_threads(1)
-        # Ctrl-C as in a terminal: a suite started in the background of a non-interactive
-        # shell inherits SIGINT ignored (POSIX), and Python then installs no handler, so the
-        # children's Ctrl-C tests failed there (the run went on: exit 0 where 130)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # (Ctrl-C reaches the child as in a terminal: conftest.py installs Python's SIGINT
+        # handler where the suite was started with SIGINT ignored, and a fork inherits it)
         if crash_at is None:
             os.environ.pop(CRASH_ENV, None)
         else:
