@@ -1050,21 +1050,22 @@ def _span_expression(span: str):
 
 
 def _public_callables() -> dict[str, list]:
-    """``{name: [functions and classes of that name]}`` of every module of the package that
-    its packages import (defined in the package; the deprecated shims, which warn when
-    imported, are not imported here), and the TransformerLens tools the docs call by bare
-    name."""
+    """``{name: [functions and classes of that name]}`` of every module of the package
+    (defined in the package; the deprecated shim, which warns when imported and only
+    re-exports, is not imported here), and the TransformerLens tools the docs call by bare
+    name. Every module, imported here: the modules found in ``sys.modules`` depended on the
+    tests the process had run before (`hooked_attnres.cli` after a command-line test)."""
     import importlib
-    import sys
+    import pkgutil
 
     import transformer_lens.tools.analysis as tl_tools
 
-    for package in [*PACKAGES, "hooked_attnres.runtime"]:
-        module = importlib.import_module(package)
-        for name in getattr(module, "__all__", ()):  # a lazy package's modules (study)
-            getattr(module, name)
+    import hooked_attnres
+
+    names = [m.name for m in pkgutil.walk_packages(hooked_attnres.__path__, "hooked_attnres.")]
+    shims = {"hooked_attnres.training.study"}
+    modules = [hooked_attnres] + [importlib.import_module(n) for n in names if n not in shims]
     found: dict[str, list] = {}
-    modules = [m for name, m in list(sys.modules.items()) if name.startswith("hooked_attnres")]
     for module in modules:
         for name, obj in vars(module).items():
             defined_here = getattr(obj, "__module__", "").startswith("hooked_attnres")
@@ -1168,6 +1169,23 @@ def test_calls_written_in_the_prose_name_real_arguments(tokens):
     # a floor near the count (529 in session 23): a drop of whole packages from
     # `_public_callables` (the lazy `study` package once took 44 calls out) fails here
     assert checked >= 500, checked
+
+
+def test_the_public_callables_do_not_depend_on_the_tests_run_before(monkeypatch):
+    """Audit 214: the prose checker took the package's modules then in ``sys.modules``, so
+    `hooked_attnres.cli`'s functions were candidates only in a pytest worker that had run
+    a command-line test before (725 names in a fresh process, 755 after every module was
+    imported): which calls were checked depended on the order of the tests."""
+    import sys
+
+    import hooked_attnres
+
+    before = _public_callables()
+    monkeypatch.delitem(sys.modules, "hooked_attnres.cli", raising=False)
+    monkeypatch.delattr(hooked_attnres, "cli", raising=False)  # as in a fresh process
+    fresh = _public_callables()
+    monkeypatch.undo()  # this process's cli module back
+    assert fresh.keys() == before.keys() and "default_threads" in fresh
 
 
 def test_the_prose_call_checker_catches_a_wrong_call():
