@@ -238,8 +238,7 @@ def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, whole_r
         real(path, text)
 
     monkeypatch.setattr(trainer_module, "write_text_atomic", second_run_meanwhile)
-    torch.set_num_threads(1)
-    _train(out, "attnres")
+    _train(out, "attnres")  # with threads=1 (it set 1 here too, never restored)
     assert refused
     weights, metrics = _final(out, "attnres")
     reference_weights, reference_metrics = whole_run[2]  # the uninterrupted 3e-3 run
@@ -279,7 +278,6 @@ def test_a_folder_the_run_cannot_write_is_refused_before_any_training(tmp_path, 
     monkeypatch.setattr(os, "open", read_only_open)
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
     monkeypatch.setattr(trainer_module, "fault_point", steps.append)
-    torch.set_num_threads(1)
     with pytest.raises(PermissionError, match=r"Permission denied.*run/"):
         _train(out, "attnres")
     assert steps == [] and list(out.iterdir()) == []
