@@ -324,27 +324,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             # kept, and the run resumes from it once the cause is fixed (audit 150: the
             # command said only the error)
             except (KeyboardInterrupt, OSError, MemoryError) as error:
-                after = _checkpoint_version(checkpoint)
-                cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
-                if isinstance(error, FileExistsError) or not checkpoint.is_dir():
+                if isinstance(error, FileExistsError):  # a refusal, not a stop
                     raise
-                if args.no_resume and after == before:
-                    # started over, stopped before its first checkpoint (e.g. a full disk
-                    # while its step-0 checkpoint was written): resuming would resume the
-                    # earlier run, refused for other settings (review 207)
+                # its own checkpoint is kept unless it was started over (--no-resume) and
+                # stopped before its first one (e.g. a full disk while its step-0 checkpoint
+                # was written): then the folder is as it was, and resuming would resume the
+                # earlier run, refused for other settings (review 207)
+                own = not args.no_resume or _checkpoint_version(checkpoint) != before
+                cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
+                runs = [(name, n) for n in args.seeds for name in conditions]
+                if args.no_resume and len(runs) > 1:  # what each run needs (audit 218)
+                    _print_how_to_finish(args, runs, len(results), own, cause)
+                elif checkpoint.is_dir():
+                    if not args.no_resume:
+                        again = f": {cause}run the same command again to resume"
+                    elif own:
+                        again = f": {cause}run the command without --no-resume again to resume"
+                    else:
+                        again = f"; {cause}run the same command again to start it over"
                     print(
-                        f"[{PROG}] {condition} seed {seed} stopped before it wrote a "
-                        f"checkpoint: {out_dir} still holds the earlier run, as it was; "
-                        f"{cause}run the same command again to start it over",
-                        file=sys.stderr,
-                    )
-                else:
-                    again = (
-                        "the command without --no-resume" if args.no_resume else "the same command"
-                    )
-                    print(
-                        f"[{PROG}] {condition} seed {seed} stopped; its last checkpoint is kept "
-                        f"in {checkpoint}: {cause}run {again} again to resume",
+                        f"[{PROG}] {_stopped_run(condition, seed, out_dir, own)}{again}",
                         file=sys.stderr,
                     )
                 raise
@@ -384,6 +383,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\nsummary: {summary}; run the study on these with `{PROG} study --checkpoints {args.out}`"
     )
     return 0
+
+
+def _stopped_run(condition: str, seed: int, out_dir: Path, kept: bool) -> str:
+    """What the folder of a run ``train`` stopped holds, for its message: ``kept``, the
+    run's own last checkpoint; else (started over with --no-resume and stopped before it
+    wrote one) what it held before (`_held_run`)."""
+    if kept:
+        return (
+            f"{condition} seed {seed} stopped; its last checkpoint is kept in "
+            f"{out_dir / 'checkpoint'}"
+        )
+    return f"{condition} seed {seed} stopped before it wrote a checkpoint: {_held_run(out_dir)}"
+
+
+def _held_run(out_dir: Path) -> str:
+    """What a run folder ``train --no-resume`` has not yet written to holds, read from it:
+    the earlier run (how far its checkpoint got, if it can be read), or nothing."""
+    from hooked_attnres._atomic import backups_of
+    from hooked_attnres.training.trainer import saved_progress
+
+    checkpoint = out_dir / "checkpoint"
+    if not (checkpoint.exists() or backups_of(checkpoint) or (out_dir / "model").exists()):
+        return f"{out_dir} holds no run yet"
+    progress = saved_progress(out_dir)
+    at = f" (its checkpoint at {progress})" if progress is not None else ""
+    return f"{out_dir} still holds the earlier run, as it was{at}"
+
+
+def _print_how_to_finish(
+    args: argparse.Namespace, runs: list[tuple[str, int]], finished: int, kept: bool, cause: str
+) -> None:
+    """After ``train --no-resume`` of several ``runs`` (``(condition, seed)`` in the order
+    trained) stopped in run ``runs[finished]`` (``kept``: its own checkpoint is kept), print
+    to stderr what each run's folder holds and needs, and the commands that finish them:
+    the stopped run resumed (without --no-resume) if it has its checkpoint, the runs not
+    started (and a stopped one without its checkpoint) started over (--no-resume), the
+    finished ones not again. The same command again restarted the finished runs, and
+    without --no-resume it resumed, or refused, the earlier runs of the folders not yet
+    started (audit 218)."""
+    from hooked_attnres.study import run_dir
+    from hooked_attnres.study.checkpoints import train_command
+    from hooked_attnres.training.trainer import saved_progress
+
+    # the command's options as given (each --set / --task-arg pair is KEY=VALUE, so none
+    # reads as an option)
+    options = ["--steps", str(args.steps)] if args.steps is not None else []
+    options += ["--set", *args.set] if args.set else []
+    options += ["--task-arg", *args.task_arg] if args.task_arg else []
+    options += ["--threads", str(args.threads)] if args.threads is not None else []
+    options += ["--no-progress"] if args.no_progress else []
+    restart: dict[int, list[str]] = {}  # seed -> conditions to start over
+    commands = []
+    print(f"[{PROG}] this command's runs and what each needs:", file=sys.stderr)
+    for index, (condition, seed) in enumerate(runs):
+        out_dir = run_dir(args.out, condition, seed)
+        if index < finished:
+            needs = f"{condition} seed {seed} finished in this command: nothing"
+        elif index == finished and kept:
+            progress = saved_progress(out_dir)
+            at = f" (at {progress}, written by this command)" if progress is not None else ""
+            state = f"{_stopped_run(condition, seed, out_dir, kept)}{at}"
+            needs = f"{state}: resume it (without --no-resume)"
+            commands.append(train_command([condition], [seed], args.out, options))
+        else:
+            if index == finished:
+                state = _stopped_run(condition, seed, out_dir, kept)
+            else:
+                state = f"{condition} seed {seed} not started: {_held_run(out_dir)}"
+            needs = f"{state}; start it over (--no-resume)"
+            restart.setdefault(seed, []).append(condition)
+        print(f"  {needs}", file=sys.stderr)
+    # one command per set of conditions, with the seeds that need it (at most two: the
+    # rest of the stopped seed's conditions, and every condition of the later seeds)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for seed, names in restart.items():
+        groups.setdefault(tuple(names), []).append(seed)
+    for group, seeds in groups.items():
+        commands.append(train_command(group, seeds, args.out, [*options, "--no-resume"]))
+    print(f"[{PROG}] to finish this command's runs, {cause}run:", file=sys.stderr)
+    for command in commands:
+        print(f"  {command}", file=sys.stderr)
 
 
 def _check_training_threads(threads: int, conditions: Sequence[str], config) -> None:

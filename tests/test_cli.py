@@ -1825,12 +1825,121 @@ def test_a_run_started_over_that_wrote_no_checkpoint_says_the_folder_holds_the_e
     cause = "fix the cause and " if stopped_by == "a full disk" else ""
     assert (
         f"attnres seed 0 stopped before it wrote a checkpoint: {run} still holds the earlier "
-        f"run, as it was; {cause}run the same command again to start it over"
+        f"run, as it was (its checkpoint at step 4 of 4); {cause}run the same command again "
+        "to start it over"
     ) in err, err
     assert "without --no-resume" not in err, err
     monkeypatch.setattr(trainer, "_torch_save", original_save)
     assert cli.main(again) == 0  # the same command: started over and finished
     assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("stopped_by", ["Ctrl-C", "a full disk", "a full disk at its first save"])
+def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
+    stopped_by, tmp_path, monkeypatch, capsys
+):
+    """Audit 218: ``train --no-resume`` of several runs (``--condition both --seeds 0 1 2``
+    over finished runs, now with lr 1e-3), stopped in its third run, said to run "the
+    command without --no-resume" again (or "the same command"): the same command restarted
+    the runs it had finished, and without --no-resume it left the runs not yet started
+    with the earlier lr 5e-4 run (resumed as finished, or refused). It lists each run's
+    state and prints the commands that finish them: the stopped run resumed if it holds
+    this command's checkpoint (Ctrl-C at step 3 writes one of step 3; a full disk at step 3
+    keeps the step-2 one), else started over, as are the runs not started; the finished
+    ones are not named. Run, those commands train exactly those runs, and every run ends
+    with lr 1e-3."""
+    import errno
+    import shlex
+
+    from hooked_attnres import study
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    argv = _tiny_train_argv(out)
+    argv[argv.index("attnres")] = "both"
+    argv += ["--seeds", "0", "1", "2"]
+    assert cli.main(argv) == 0
+    again = [*argv, "--no-resume", "--set", "lr=1e-3"]
+    # the third run of the command is (attnres, seed 1): stopped at its step 3, or at its
+    # first save (each run started over saves thrice: step 0, step 2 and its end)
+    calls = {"train_step": 0, "save": 0}
+    original_save = trainer._torch_save
+
+    def stop(reason: str) -> None:
+        if stopped_by == "Ctrl-C":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def step(name: str) -> None:
+        calls["train_step"] += 1
+        if calls["train_step"] == 2 * 4 + 3 and stopped_by != "a full disk at its first save":
+            stop(name)
+
+    def save(value, path) -> None:
+        calls["save"] += 1
+        if calls["save"] == 2 * 3 + 1 and stopped_by == "a full disk at its first save":
+            stop("save")
+        original_save(value, path)
+
+    monkeypatch.setattr(trainer, "fault_point", step)
+    monkeypatch.setattr(trainer, "_torch_save", save)
+    capsys.readouterr()
+    assert cli.main(again) == (130 if stopped_by == "Ctrl-C" else 1)
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    finished = {
+        r: (out / f"{r}_seed0" / "metrics.json").read_bytes() for r in ("attnres", "vanilla")
+    }
+    for condition in ("attnres", "vanilla"):
+        assert json.loads(finished[condition])["train_config"]["lr"] == 1e-3
+    stopped = out / "attnres_seed1"
+    kept = stopped_by != "a full disk at its first save"
+    state = json.loads((stopped / "checkpoint" / "trainer_state.json").read_text())
+    assert state["train_config"]["lr"] == (1e-3 if kept else 5e-4), state["train_config"]
+    lines = [line.strip() for line in err.splitlines()]
+    assert "attnres seed 0 finished in this command: nothing" in lines, err
+    assert "vanilla seed 0 finished in this command: nothing" in lines, err
+    if kept:
+        at = 3 if stopped_by == "Ctrl-C" else 2
+        assert state["step"] == at
+        assert (
+            f"attnres seed 1 stopped; its last checkpoint is kept in {stopped / 'checkpoint'} "
+            f"(at step {at} of 4, written by this command): resume it (without --no-resume)"
+        ) in lines, err
+    else:
+        assert (
+            f"attnres seed 1 stopped before it wrote a checkpoint: {stopped} still holds the "
+            "earlier run, as it was (its checkpoint at step 4 of 4); start it over (--no-resume)"
+        ) in lines, err
+    for condition, seed in (("vanilla", 1), ("attnres", 2), ("vanilla", 2)):
+        assert (
+            f"{condition} seed {seed} not started: {out / f'{condition}_seed{seed}'} still "
+            "holds the earlier run, as it was (its checkpoint at step 4 of 4); start it over "
+            "(--no-resume)"
+        ) in lines, err
+    cause = "" if stopped_by == "Ctrl-C" else "fix the cause and "
+    commands = lines[
+        lines.index(f"[hooked-attnres] to finish this command's runs, {cause}run:") + 1 :
+    ]
+    commands = [shlex.split(line) for line in commands if line.startswith("hooked-attnres train")]
+    trained = []
+    original_train = study.train_condition
+
+    def recorded(condition, seed, out_dir, resume=True, **kwargs):
+        trained.append((condition, seed, resume))
+        return original_train(condition, seed, out_dir, resume=resume, **kwargs)
+
+    monkeypatch.setattr(study, "train_condition", recorded)
+    for command in commands:
+        assert command[0] == "hooked-attnres"
+        assert cli.main(command[1:]) == 0, command
+    first = [("attnres", 1, True)] if kept else [("attnres", 1, False)]
+    assert trained == first + [("vanilla", 1, False), ("attnres", 2, False), ("vanilla", 2, False)]
+    for condition in ("attnres", "vanilla"):  # the finished runs are as they were
+        assert (out / f"{condition}_seed0" / "metrics.json").read_bytes() == finished[condition]
+        for seed in (1, 2):
+            metrics = json.loads((out / f"{condition}_seed{seed}" / "metrics.json").read_text())
+            assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), (condition, seed)
 
 
 @pytest.mark.parametrize("broken", ["truncated", "without its step"])

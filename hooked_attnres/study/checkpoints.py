@@ -12,6 +12,7 @@ which loads no torch).
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -164,6 +165,19 @@ def unfinished_runs(
     return out
 
 
+def train_command(
+    conditions: Sequence[str], seeds: Sequence[int], root: PathLike, options: Sequence[str] = ()
+) -> str:
+    """The ``hooked-attnres train`` command line that trains ``conditions`` x ``seeds`` into
+    ``root`` with ``options`` (its further arguments, e.g. ``["--no-resume"]``), quoted for
+    a POSIX shell (`shlex.join`: a folder with a space stays one argument), for a message."""
+    seed_texts = [str(seed) for seed in seeds]
+    return shlex.join(
+        ["hooked-attnres", "train", "--condition", *conditions, "--seeds", *seed_texts]
+        + ["--out", str(root), *options]
+    )
+
+
 def finish_command(condition: str, seed: int, root: PathLike) -> str:
     """How to finish the training run of ``condition`` and ``seed`` under ``root`` (stopped
     before its model and ``metrics.json`` were both written): the ``train`` command that
@@ -178,7 +192,4 @@ def finish_command(condition: str, seed: int, root: PathLike) -> str:
         if get_condition(condition).legacy
         else ""
     )
-    return (
-        f"hooked-attnres train --condition {condition} --seeds {seed} --out {root}{options}: "
-        "it resumes from its checkpoint"
-    )
+    return f"{train_command([condition], [seed], root)}{options}: it resumes from its checkpoint"

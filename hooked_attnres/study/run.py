@@ -94,6 +94,7 @@ from hooked_attnres.study.checkpoints import (
     finish_command,
     metrics_path,
     run_dir,
+    train_command,
     unfinished_runs,
     verify_shipped,
 )
@@ -153,8 +154,8 @@ def load_condition(
             verify_saved_files(
                 path,
                 remedy="restore it from a backup, or train the run again with the settings "
-                f"it was trained with (on the command line: hooked-attnres train --condition "
-                f"{condition} --seeds {seed} --out {path.parent.parent} --no-resume)",
+                "it was trained with (on the command line: "
+                f"{train_command([condition], [seed], path.parent.parent, ['--no-resume'])})",
             )
         if recipe.kind == "attnres":
             model = HookedAttnRes.from_pretrained(path, verify=False)
