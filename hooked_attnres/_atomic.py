@@ -50,7 +50,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
@@ -286,11 +286,14 @@ def _line_endings_only(path: Path, expected: str) -> bool:
     )
 
 
-def version_problems(directory: Union[str, Path]) -> dict[str, str]:
+def version_problems(
+    directory: Union[str, Path], names: Optional[Collection[str]] = None
+) -> dict[str, str]:
     """How the files of a saved version differ from what its completion marker records:
     ``{relative path: sentence}`` for each file missing, of another size, or whose SHA-256
     differs (truncated, altered or edited after the save); empty if they match (a JSON file
-    whose line endings alone differ matches: `_line_endings_only`). A directory
+    whose line endings alone differ matches: `_line_endings_only`). ``names``: only these
+    recorded files are checked (default: every one). A directory
     without a marker (the shipped checkpoints, other tools' folders) records nothing, so
     nothing is found (the loaders check such a folder against a digest manifest that lists
     it instead, `hooked_attnres.loading.io.verify_saved_files`); a marker that is there but
@@ -306,6 +309,8 @@ def version_problems(directory: Union[str, Path]) -> dict[str, str]:
         return {MARKER: f"{MARKER} (the completion marker) cannot be read"}
     problems = {}
     for name, size in marker["files"].items():
+        if names is not None and name not in names:
+            continue
         try:
             found_size = (directory / name).stat().st_size
         except OSError:

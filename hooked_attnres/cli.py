@@ -526,18 +526,14 @@ def _unfinished_run_note(model_dir: Path) -> str:
     from hooked_attnres.loading.io import CheckpointError
 
     try:
-        other = checkpoint_run_differs(model_dir.parent)
+        other = checkpoint_run_differs(
+            model_dir.parent, resume="the train command without --no-resume"
+        )
     except CheckpointError as error:  # its trainer_state.json: what it holds is unknown
         return f"\nnote: {error}"
     except (OSError, ValueError):  # metrics.json unreadable: the note is advice
         return ""
-    if other is None:
-        return ""
-    return (
-        f"\nnote: {model_dir.parent / 'checkpoint'} holds another run ({other}): "
-        f"this model and {model_dir.parent / 'metrics.json'} are an earlier finished run's, "
-        "not that run's; resume it to replace them (the train command without --no-resume)"
-    )
+    return "" if other is None else f"\nnote: {other}"
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -1002,11 +1002,22 @@ def test_info_says_when_a_run_folder_holds_a_newer_unfinished_run(tmp_path, caps
           tokenizer=tok, progress=False, resume=False, stop_after=1)  # fmt: skip
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     assert (state["step"], state["train_config"]["steps"]) == (1, 4)
+    said = info()
+    # the first difference of their settings: the model's seed (a transformers config
+    # records none), then the steps
+    differs = "model.config.seed: 1 vs 0" if kind == "attnres" else "train_config.steps: 4 vs 2"
     assert (
-        f"note: {run / 'checkpoint'} holds another run (step 1 of 4): this model and "
-        f"{run / 'metrics.json'} are an earlier finished run's, not that run's; resume it to "
-        "replace them (the train command without --no-resume)"
-    ) in info()
+        f"note: {run / 'checkpoint'} (at step 1 of 4) and {run / 'metrics.json'} record "
+        f"different runs ({differs}): either the checkpoint's run was started over"
+    ) in said, said
+    assert (
+        f"which alone replaces {run / 'model'} and metrics.json, so both are an earlier "
+        "finished run's; or metrics.json was changed after it was written"
+    ) in said, said
+    assert (
+        "in either case resume the run (the train command without --no-resume), which "
+        "writes model/ and metrics.json from the checkpoint"
+    ) in said, said
     assert json.loads((run / "metrics.json").read_text())["step"] == 2  # the earlier run's
     train(build_model(kind, 1, tok, shape, **blocks_of(kind)), task, settings(4), run,
           tokenizer=tok, progress=False)  # fmt: skip
@@ -1643,10 +1654,11 @@ def test_a_study_refuses_a_finished_run_started_over_and_killed(killed, tmp_path
     err = capsys.readouterr().err
     progress = f"step {state['step']} of 4"
     assert (
-        f"{run}: its model/ and metrics.json are an earlier finished run's, not the run its "
-        f"checkpoint holds ({progress}" in err
-    ), err
-    assert "finish the run (hooked-attnres train --condition attnres --seeds 0 --out" in err, err
+        f"{run} is not studied as it is: {run / 'checkpoint'} (at {progress}) and "
+        f"{run / 'metrics.json'} record different runs (train_config.lr: 0.001 vs 0.0005): "
+        "either the checkpoint's run was started over"
+    ) in err, err
+    assert "resume the run (hooked-attnres train --condition attnres --seeds 0 --out" in err, err
     assert cli.main([*_tiny_train_argv(out), "--set", "lr=1e-3"]) == 0  # resumed, finished
     assert json.loads((run / "metrics.json").read_text())["train_config"]["lr"] == 1e-3
     assert cli.main(study) == 0
@@ -1942,9 +1954,10 @@ def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
             assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), (condition, seed)
 
 
+@pytest.mark.parametrize("sealed", [True, False])
 @pytest.mark.parametrize("broken", ["truncated", "without its step"])
 def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
-    broken, tmp_path, capsys
+    broken, sealed, tmp_path, capsys
 ):
     """Review 207: a finished run whose ``checkpoint/trainer_state.json`` cannot be read
     (truncated) was refused by the study as ``its model/ and metrics.json are an earlier
@@ -1952,7 +1965,11 @@ def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
     cannot be read ...)``, and ``info`` said the model was an earlier run's: both claims
     unestablished (here false: model/ and metrics.json are the run's), and the remedy it
     named (resume the run) fails on that file. The refusal is a `CheckpointError` naming
-    the file now (the reader's, `_read_saved`, as a resume says it), and ``info`` notes it."""
+    the file now (the reader's, `_read_saved`, as a resume says it), and ``info`` notes it;
+    with the checkpoint's completion marker in place (``sealed``), the file is found
+    changed after its save first (audit 218), as a resume finds it."""
+    from helpers import unseal
+
     out = tmp_path / "runs"
     assert cli.main(_tiny_train_argv(out)) == 0
     run = out / "attnres_seed0"
@@ -1965,6 +1982,10 @@ def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
         del kept["step"]
         state.write_text(json.dumps(kept))
         expected = f"{state} records no step of steps (KeyError: 'step'), so the run it holds"
+    if sealed:
+        expected = f"{run / 'checkpoint'} was changed after it was saved: trainer_state.json has"
+    else:
+        unseal(run / "checkpoint")
     capsys.readouterr()
     study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
     study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
@@ -1976,3 +1997,72 @@ def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
     said = capsys.readouterr().out
     assert f"note: {expected}" in said, said
     assert "earlier finished run's" not in said, said
+
+
+@pytest.mark.parametrize(
+    "changed", ["trainer_state.json", "unsealed trainer_state.json", "metrics.json"]
+)
+def test_a_run_file_changed_after_its_write_is_not_called_another_run(changed, tmp_path, capsys):
+    """Audit 218: one digit of a recorded loss changed in a finished run's
+    ``checkpoint/trainer_state.json`` (still valid JSON) made the study refuse the run, and
+    ``info`` note it, as "another run" than metrics.json's, its model/ an earlier finished
+    run's: untrue. The checkpoint's completion marker records the file's SHA-256, so the
+    change is named as such (as a resume names it). What nothing records a digest of,
+    metrics.json (and trainer_state.json of a checkpoint without a marker), cannot be told
+    from another run: the message says both, where the two records first differ, and what
+    to do in each case; followed for a changed metrics.json (resume the run), the run is
+    studied again with its own history."""
+    from helpers import unseal
+
+    out = tmp_path / "runs"
+    assert cli.main(_tiny_train_argv(out)) == 0
+    run = out / "attnres_seed0"
+    checkpoint = run / "checkpoint"
+    path = run / "metrics.json" if changed == "metrics.json" else checkpoint / "trainer_state.json"
+    original = json.loads(path.read_text())["history"][1]["loss"]
+    text = path.read_text()
+    at = text.index(f'"loss": {original!r}') + len('"loss": ') + 2  # the first decimal
+    path.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :])
+    now = json.loads(path.read_text())["history"][1]["loss"]
+    assert now != original and len(path.read_text()) == len(text)
+    if changed == "unsealed trainer_state.json":
+        unseal(checkpoint)
+    capsys.readouterr()
+    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
+    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    assert cli.main(study) == 1
+    err = capsys.readouterr().err
+    assert cli.main(["info", str(run / "model")]) == 0
+    note = capsys.readouterr().out
+    if changed == "trainer_state.json":
+        expected = f"{checkpoint} was changed after it was saved: trainer_state.json has SHA-256"
+        for said in (err, note):
+            assert expected in said, said
+            assert "record different runs" not in said and "earlier finished" not in said, said
+        return
+    saved, finished = (now, original) if "trainer_state" in changed else (original, now)
+    differ = (
+        f"{checkpoint} (at step 4 of 4) and {run / 'metrics.json'} record different runs "
+        f"(history[1].loss: {saved!r} vs {finished!r}): either the checkpoint's run was "
+        "started over"
+    )
+    if changed == "metrics.json":
+        could_be = (
+            "or metrics.json was changed after it was written (trainer_state.json matches the "
+            "SHA-256 its checkpoint recorded, but no digest of metrics.json is kept, so the "
+            "two cannot be told apart); in either case resume the run"
+        )
+    else:
+        could_be = (
+            "or metrics.json or trainer_state.json was changed after it was written (the "
+            "checkpoint records no digest of trainer_state.json"
+        )
+    for said in (err, note):
+        assert differ in said and could_be in said, said
+    if changed == "metrics.json":  # resumed, the run writes its metrics.json again
+        assert cli.main(_tiny_train_argv(out)) == 0
+        assert json.loads(path.read_text())["history"][1]["loss"] == original
+        assert cli.main(study) == 0
+    else:
+        restore = f"if trainer_state.json changed, restore {checkpoint} from a backup"
+        assert restore in err and restore in note, (err, note)

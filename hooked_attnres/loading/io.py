@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -65,7 +65,9 @@ LOAD_LISTED_COPY = (
 )
 
 
-def verify_saved_files(directory: Path, remedy: Optional[str] = None) -> None:
+def verify_saved_files(
+    directory: Path, remedy: Optional[str] = None, names: Optional[Collection[str]] = None
+) -> None:
     """Refuse a directory whose files differ from what its completion marker records
     (`hooked_attnres._atomic.version_problems`), or, if it has no marker, from what the
     digest manifest that lists its files records (`digest_manifest`, `verify_manifest`:
@@ -75,6 +77,8 @@ def verify_saved_files(directory: Path, remedy: Optional[str] = None) -> None:
         directory: the checkpoint directory.
         remedy: what the message says to do; default `LOAD_INTACT_COPY` for a marker,
             `LOAD_LISTED_COPY` for a manifest (the loaders' remedies, ``verify=False``).
+        names: check only these files the marker records (relative paths; default every
+            one); a directory checked against a manifest is checked whole.
 
     Raises:
         CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`:
@@ -87,7 +91,7 @@ def verify_saved_files(directory: Path, remedy: Optional[str] = None) -> None:
         if manifest is not None:
             verify_manifest(directory, manifest, LOAD_LISTED_COPY if remedy is None else remedy)
         return
-    problems = version_problems(directory)
+    problems = version_problems(directory, names)
     for name in problems:
         require_not_lfs_pointer(directory / name)
     if problems:

@@ -231,15 +231,11 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
                 "study it then"
             )
         return
-    other = checkpoint_run_differs(path.parent)
-    if other is not None:
-        raise ValueError(
-            f"{path.parent}: its model/ and metrics.json are an earlier finished run's, not "
-            f"the run its checkpoint holds ({other}: a run started over, --no-resume or "
-            "resume=False, and stopped or killed before its end, which alone replaces "
-            "them); studied, the earlier model would be read as that run's; finish the run "
-            f"({finish_command(recipe.name, seed, path.parent.parent)}) and study it then"
-        )
+    other = checkpoint_run_differs(
+        path.parent, resume=finish_command(recipe.name, seed, path.parent.parent)
+    )
+    if other is not None:  # its model/ may be an earlier run's, read as this run's
+        raise ValueError(f"{path.parent} is not studied as it is: {other}; then study it")
     metrics = json.loads(path.read_text(encoding="utf-8"))
     recorded = metrics.get("eval_tasks")
     expected = [repr(recipe.make_task())]

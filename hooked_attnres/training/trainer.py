@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hooked_attnres._atomic import (
+    DIGESTS,
     CheckpointConflictError,
     atomic_directory,
     backups_of,
@@ -289,29 +290,54 @@ def _run_record(state: dict, drop: str) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
-def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
-    """How far the run in ``out_dir/checkpoint`` got (``"step 2 of 4"``), when that run is
-    not the one ``out_dir/metrics.json`` records, so ``out_dir/model`` (written with
-    metrics.json) is an earlier finished run's: a run started over (``resume=False``,
-    --no-resume) and stopped, or killed, before its final writes; ``None`` when both record
-    the same run (also after a start-over of the same settings and environment killed in
-    its final writes: the training is deterministic, the weights are the same) or either
-    file is missing. Audit 197: the study read such a folder's model as the run's.
+# how to resume a run, in the words of both callers of `checkpoint_run_differs`
+_RESUME = (
+    "train(...) into the run's out_dir with resume=True (on the command line: the train "
+    "command without --no-resume)"
+)
+
+
+def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> Optional[str]:
+    """Why ``out_dir/checkpoint`` and ``out_dir/metrics.json`` record different runs, and
+    what to do (resume the run, ``resume`` saying how), for a message; ``None`` when both
+    record the same run (also after a start-over of the same settings and environment
+    killed in its final writes: the training is deterministic, the weights are the same)
+    or either file is missing. A difference means a run started over (``resume=False``,
+    --no-resume) and stopped, or killed, before its final writes, so ``out_dir/model``
+    (written with metrics.json) is an earlier finished run's (audit 197: the study read
+    such a folder's model as the run's); or a file changed after it was written. A changed
+    ``trainer_state.json`` is told by the SHA-256 its checkpoint's completion marker
+    records (refused, below); a changed ``metrics.json`` is not (nothing records its
+    digest), nor is a ``trainer_state.json`` whose checkpoint records none (an earlier
+    version's), so the text names those possibilities too, with what to do in each case,
+    and where the two records first differ (`_record_difference`), which the reader can
+    judge (audit 218: a digit changed in trainer_state.json was called another run).
 
     Raises:
+        CheckpointIntegrityError: ``trainer_state.json`` differs from the SHA-256 its
+            checkpoint's completion marker records (`verify_saved_files`).
         CheckpointError: a ``trainer_state.json`` that cannot be read (`_read_saved`) or
             records no step of steps, naming it: what it holds cannot be compared (review
             207: it was reported as another run, the model as an earlier run's)."""
     out_dir = Path(out_dir)
-    state_file = out_dir / "checkpoint" / "trainer_state.json"
+    checkpoint = out_dir / "checkpoint"
+    state_file = checkpoint / "trainer_state.json"
     metrics_file = out_dir / "metrics.json"
     if not metrics_file.is_file():
         return None
     # a save of the checkpoint killed between moving the last one aside and installing
     # its own left no checkpoint/ in place: recovered first, as a load does
-    with reading(state_file.parent):
+    with reading(checkpoint):
         if not state_file.is_file():
             return None
+        verify_saved_files(
+            checkpoint,
+            remedy=f"the run it holds cannot be compared with {metrics_file}; restore "
+            f"{checkpoint} from a backup, or {_START_OVER}",
+            names=[state_file.name],
+        )
+        digests = (read_marker(checkpoint) or {}).get(DIGESTS)
+        checked = isinstance(digests, dict) and state_file.name in digests
         state = _read_saved(state_file, lambda path: json.loads(path.read_text(encoding="utf-8")))
         try:
             progress = _progress_text(state)
@@ -321,12 +347,55 @@ def checkpoint_run_differs(out_dir: Union[str, Path]) -> Optional[str]:
             raise CheckpointError(
                 f"{state_file} records no step of steps ({type(error).__name__}: {error}), so "
                 f"the run it holds cannot be compared with {metrics_file}; restore "
-                f"{state_file.parent} from a backup, or {_START_OVER}"
+                f"{checkpoint} from a backup, or {_START_OVER}"
             ) from error
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-    if _run_record(state, "initial_weights") == _run_record(metrics, "final_accuracy"):
+    saved, finished = _run_record(state, "initial_weights"), _run_record(metrics, "final_accuracy")
+    if saved == finished:
         return None
-    return progress
+    where = _record_difference(json.loads(saved), json.loads(finished))
+    differ = f"{checkpoint} (at {progress}) and {metrics_file} record different runs ({where})"
+    started_over = (
+        "either the checkpoint's run was started over (resume=False, --no-resume) and "
+        f"stopped or killed before its end, which alone replaces {out_dir / 'model'} and "
+        "metrics.json, so both are an earlier finished run's"
+    )
+    rewrite = f"resume the run ({resume}), which writes model/ and metrics.json from the checkpoint"
+    if checked:
+        return (
+            f"{differ}: {started_over}; or metrics.json was changed after it was written "
+            "(trainer_state.json matches the SHA-256 its checkpoint recorded, but no digest "
+            f"of metrics.json is kept, so the two cannot be told apart); in either case {rewrite}"
+        )
+    return (
+        f"{differ}: {started_over}; or metrics.json or trainer_state.json was changed after "
+        "it was written (the checkpoint records no digest of trainer_state.json: written by "
+        "an earlier version or by hand; none of metrics.json is kept), which cannot be told "
+        f"apart; if the run was started over or metrics.json changed, {rewrite}; if "
+        f"trainer_state.json changed, restore {checkpoint} from a backup, or {_START_OVER}"
+    )
+
+
+def _record_difference(saved: dict, finished: dict) -> str:
+    """Where a checkpoint's run record and a metrics.json's (`_run_record`, parsed) first
+    differ, for a message: ``"train_config.lr: 0.001 vs 0.0005"`` (the checkpoint's value
+    first); the settings, tasks and model before how far the run got, and that before its
+    history. A list of another length is counted (``"history: 2 vs 4 entries"``), another
+    container only named."""
+    progress = ("step", "stopped_early", "history")
+    groups = [[k for k in {**saved, **finished} if k not in progress], *[[k] for k in progress]]
+    for keys in groups:
+        first = _first_difference(
+            {k: saved.get(k) for k in keys}, {k: finished.get(k) for k in keys}
+        )
+        if first is not None:
+            field, before, now = first
+            if isinstance(before, list) and isinstance(now, list):
+                return f"{field}: {len(before)} vs {len(now)} entries"
+            if isinstance(before, (list, dict)) or isinstance(now, (list, dict)):
+                return f"{field} differs"
+            return f"{field}: {before!r} vs {now!r}"
+    return "they differ"  # cannot be: the caller compared their texts
 
 
 def check_run_folder(out_dir: Path) -> None:
@@ -929,16 +998,29 @@ def _held_signal_notice(signum: int, writing: str) -> None:
         pass
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are equal, a NaN equal to a NaN (as JSON text, NaN is)."""
+    return bool(a == b) or json.dumps(a, sort_keys=True, default=str) == json.dumps(
+        b, sort_keys=True, default=str
+    )
+
+
 def _first_difference(saved: Any, now: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
     """``(field, saved value, value now)`` where two JSON values first differ, descending
-    into dicts (``field`` dotted, ``""`` for the values themselves); ``None`` if equal."""
-    if saved == now:
+    into dicts and into lists of one length (``field`` dotted, ``[i]`` for a list's item,
+    ``""`` for the values themselves; a NaN equals a NaN: `_same_json`); ``None`` if
+    equal."""
+    if _same_json(saved, now):
         return None
     if isinstance(saved, dict) and isinstance(now, dict):
         for key in sorted(set(saved) | set(now), key=str):
-            if saved.get(key) != now.get(key):
+            if not _same_json(saved.get(key), now.get(key)):
                 field = f"{path}.{key}" if path else str(key)
                 return _first_difference(saved.get(key), now.get(key), field)
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for index, (item, other) in enumerate(zip(saved, now, strict=True)):
+            if not _same_json(item, other):  # "history[1].loss", not two whole histories
+                return _first_difference(item, other, f"{path}[{index}]")
     return path, saved, now
 
 
