@@ -2066,3 +2066,45 @@ def test_a_run_file_changed_after_its_write_is_not_called_another_run(changed, t
     else:
         restore = f"if trainer_state.json changed, restore {checkpoint} from a backup"
         assert restore in err and restore in note, (err, note)
+
+
+@pytest.mark.parametrize("out", ["-runs", "my runs"])
+def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp_path, monkeypatch):
+    """Review 222: the commands `train --no-resume` prints when stopped in one of several
+    runs (`_print_how_to_finish`), read by a POSIX shell (`shlex.split`) and the command
+    line's parser, give back the command's options (a --task-arg text with a space and
+    quotes, --set, --steps, --threads, --no-progress) and train exactly the runs left, for
+    every run it can stop in, its checkpoint kept or not. A folder named with a leading
+    dash (``--out=-runs``) was printed ``--out -runs``, which the parser refuses (argument
+    --out: expected one argument): it is printed ``--out=-runs`` now."""
+    import contextlib
+    import io
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    argv = ["train", "--condition", "both", "--seeds", "2", "0", f"--out={out}", "--steps", "4"]
+    argv += ["--set", "lr=1e-3", "--task-arg", "name=probe x", 'key="it\'s"', "--threads", "1"]
+    args = parser.parse_args([*argv, "--no-progress", "--no-resume"])
+    runs = [(condition, seed) for seed in (2, 0) for condition in ("attnres", "vanilla")]
+    for stopped in range(len(runs)):
+        for kept in (True, False):
+            said = io.StringIO()
+            with contextlib.redirect_stderr(said):
+                cli._print_how_to_finish(args, runs, stopped, kept, "")
+            commands = [
+                shlex.split(line) for line in said.getvalue().splitlines()
+                if line.strip().startswith("hooked-attnres train")
+            ]  # fmt: skip
+            trained = []
+            for words in commands:
+                assert words[:2] == ["hooked-attnres", "train"], words
+                again = parser.parse_args(words[1:])
+                for option in ("out", "steps", "set", "task_arg", "threads", "no_progress"):
+                    assert getattr(again, option) == getattr(args, option), (option, words)
+                conditions = cli._conditions(again.condition)
+                trained += [(c, s, again.no_resume) for s in again.seeds for c in conditions]
+            left = [(c, s, True) for c, s in runs[stopped:]]
+            if kept:
+                left[0] = (*runs[stopped], False)  # resumed
+            assert sorted(trained) == sorted(left), (stopped, kept, commands)

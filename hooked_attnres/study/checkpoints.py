@@ -170,11 +170,14 @@ def train_command(
 ) -> str:
     """The ``hooked-attnres train`` command line that trains ``conditions`` x ``seeds`` into
     ``root`` with ``options`` (its further arguments, e.g. ``["--no-resume"]``), quoted for
-    a POSIX shell (`shlex.join`: a folder with a space stays one argument), for a message."""
+    a POSIX shell (`shlex.join`: a folder with a space stays one argument), for a message.
+    A folder named with a leading dash is given as ``--out=-runs``: ``--out -runs`` is
+    refused by the parser (expected one argument)."""
     seed_texts = [str(seed) for seed in seeds]
+    out = ["--out", str(root)] if not str(root).startswith("-") else [f"--out={root}"]
     return shlex.join(
         ["hooked-attnres", "train", "--condition", *conditions, "--seeds", *seed_texts]
-        + ["--out", str(root), *options]
+        + [*out, *options]
     )
 
 
