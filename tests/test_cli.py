@@ -2068,6 +2068,54 @@ def test_a_run_file_changed_after_its_write_is_not_called_another_run(changed, t
         assert restore in err and restore in note, (err, note)
 
 
+@pytest.mark.parametrize("checkpoint", ["beside it", "none"])
+def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, tmp_path, capsys):
+    """Review 222: a run's ``metrics.json`` cut short (a copy or a disk that failed made the
+    study end in ``error: Unterminated string starting at: line 13 column 5 (char 199)
+    (JSONDecodeError ...)``, naming neither the file nor a remedy, and ``info`` of its
+    model left out its note on the run folder without a word. Both name the file now, and
+    what to do: with the run's checkpoint beside it, resume the run, which writes it again
+    (followed here: the study then runs); without one, restore it or train the run again."""
+    import shutil
+
+    out = tmp_path / "runs"
+    assert cli.main(_tiny_train_argv(out)) == 0
+    run = out / "attnres_seed0"
+    metrics = run / "metrics.json"
+    whole = metrics.read_text()
+    metrics.write_text(whole[: len(whole) // 2])
+    if checkpoint == "none":
+        shutil.rmtree(run / "checkpoint")
+    capsys.readouterr()
+    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
+    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    assert cli.main(study) == 1
+    err = capsys.readouterr().err
+    assert cli.main(["info", str(run / "model")]) == 0
+    note = capsys.readouterr().out
+    named = f"could not read {metrics}: the file is truncated or corrupt (JSONDecodeError: "
+    if checkpoint == "beside it":
+        remedies = {
+            err: "resume the run (hooked-attnres train --condition attnres --seeds 0 --out "
+            f"{out}, with the --steps / --set / --task-arg options it was started with",
+            note: "resume the run (the train command without --no-resume), which writes "
+            "model/ and metrics.json from the checkpoint",
+        }
+    else:
+        remedy = (
+            f"no checkpoint of the run is beside it to write it again from: restore it from a "
+            f"backup (a shipped run's: reinstall hooked-attnres), or move {run} away and train "
+            "the run again"
+        )
+        remedies = {err: remedy, note: remedy}
+    for said, remedy in remedies.items():
+        assert named in said and remedy in said, said
+    if checkpoint == "beside it":  # followed: the run's checkpoint writes it again
+        assert cli.main(_tiny_train_argv(out)) == 0
+        assert json.loads(metrics.read_text())["history"] == json.loads(whole)["history"]
+        assert cli.main(study) == 0
+
+
 @pytest.mark.parametrize("out", ["-runs", "my runs"])
 def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp_path, monkeypatch):
     """Review 222: the commands `train --no-resume` prints when stopped in one of several

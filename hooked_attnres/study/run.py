@@ -102,7 +102,7 @@ from hooked_attnres.study.conditions import CONDITIONS, TASKS, Condition, get_co
 from hooked_attnres.study.figures import study_figures
 from hooked_attnres.study.report import study_report, study_report_html
 from hooked_attnres.tasks.base import Task, TaskBatch, require_task_batch
-from hooked_attnres.training.trainer import checkpoint_run_differs
+from hooked_attnres.training.trainer import checkpoint_run_differs, read_run_metrics
 
 RECENCY_BIAS = 3.0
 PROBE_SEED = 1  # the probe prompts: test split, data seed 1 (training evaluated on seed 0)
@@ -231,12 +231,11 @@ def _check_trained_task(recipe: Condition, seed: int, checkpoints) -> None:
                 "study it then"
             )
         return
-    other = checkpoint_run_differs(
-        path.parent, resume=finish_command(recipe.name, seed, path.parent.parent)
-    )
+    resume = finish_command(recipe.name, seed, path.parent.parent)
+    other = checkpoint_run_differs(path.parent, resume=resume)
     if other is not None:  # its model/ may be an earlier run's, read as this run's
         raise ValueError(f"{path.parent} is not studied as it is: {other}; then study it")
-    metrics = json.loads(path.read_text(encoding="utf-8"))
+    metrics = read_run_metrics(path.parent, resume=resume)
     recorded = metrics.get("eval_tasks")
     expected = [repr(recipe.make_task())]
     if recorded is not None and recorded != expected:

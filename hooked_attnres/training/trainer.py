@@ -297,6 +297,47 @@ _RESUME = (
 )
 
 
+def _rewrite(resume: str) -> str:
+    """The remedy that writes a run's ``model/`` and ``metrics.json`` again from its
+    checkpoint, ``resume`` saying how to resume it, for a message."""
+    return f"resume the run ({resume}), which writes model/ and metrics.json from the checkpoint"
+
+
+def read_run_metrics(out_dir: Union[str, Path], resume: str = _RESUME) -> dict:
+    """``out_dir/metrics.json``, the record a finished run wrote with its model, parsed.
+
+    Raises:
+        CheckpointError: the file is no JSON object (truncated or corrupt), naming it and
+            what to do: with the run's checkpoint beside it, resume the run (``resume``
+            saying how), which writes it again; without one, restore it or train the run
+            again (review 222: a bare JSONDecodeError, which named neither).
+        OSError: it cannot be read."""
+    from hooked_attnres.loading.io import CheckpointError
+
+    out_dir = Path(out_dir)
+    metrics_file = out_dir / "metrics.json"
+    text = metrics_file.read_text(encoding="utf-8")
+    try:
+        metrics = json.loads(text)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"it holds a JSON {type(metrics).__name__}, not an object")
+    except ValueError as error:
+        if (out_dir / "checkpoint" / "trainer_state.json").is_file():
+            remedy = _rewrite(resume)
+        else:
+            remedy = (
+                "no checkpoint of the run is beside it to write it again from: restore it "
+                "from a backup (a shipped run's: reinstall hooked-attnres), or move "
+                f"{out_dir} away and train the run again"
+            )
+        cause = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"could not read {metrics_file}: the file is truncated or corrupt "
+            f"({type(error).__name__}: {cause}); {remedy}"
+        ) from error
+    return metrics
+
+
 def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> Optional[str]:
     """Why ``out_dir/checkpoint`` and ``out_dir/metrics.json`` record different runs, and
     what to do (resume the run, ``resume`` saying how), for a message; ``None`` when both
@@ -314,6 +355,8 @@ def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> 
     judge (audit 218: a digit changed in trainer_state.json was called another run).
 
     Raises:
+        CheckpointError: a ``metrics.json`` that cannot be read (`read_run_metrics`), with
+            or without a checkpoint beside it.
         CheckpointIntegrityError: ``trainer_state.json`` differs from the SHA-256 its
             checkpoint's completion marker records (`verify_saved_files`).
         CheckpointError: a ``trainer_state.json`` that cannot be read (`_read_saved`) or
@@ -328,6 +371,7 @@ def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> 
     # a save of the checkpoint killed between moving the last one aside and installing
     # its own left no checkpoint/ in place: recovered first, as a load does
     with reading(checkpoint):
+        metrics = read_run_metrics(out_dir, resume)  # named if it cannot be read
         if not state_file.is_file():
             return None
         verify_saved_files(
@@ -349,7 +393,6 @@ def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> 
                 f"the run it holds cannot be compared with {metrics_file}; restore "
                 f"{checkpoint} from a backup, or {_START_OVER}"
             ) from error
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     saved, finished = _run_record(state, "initial_weights"), _run_record(metrics, "final_accuracy")
     if saved == finished:
         return None
@@ -360,7 +403,7 @@ def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> 
         f"stopped or killed before its end, which alone replaces {out_dir / 'model'} and "
         "metrics.json, so both are an earlier finished run's"
     )
-    rewrite = f"resume the run ({resume}), which writes model/ and metrics.json from the checkpoint"
+    rewrite = _rewrite(resume)
     if checked:
         return (
             f"{differ}: {started_over}; or metrics.json was changed after it was written "
@@ -395,7 +438,8 @@ def _record_difference(saved: dict, finished: dict) -> str:
             if isinstance(before, (list, dict)) or isinstance(now, (list, dict)):
                 return f"{field} differs"
             return f"{field}: {before!r} vs {now!r}"
-    return "they differ"  # cannot be: the caller compared their texts
+    # equal as values, not as text: a number written otherwise (4 vs 4.0, true vs 1)
+    return "they differ"
 
 
 def check_run_folder(out_dir: Path) -> None:
