@@ -1,7 +1,8 @@
 """Plotly figures for routing and mass-versus-effect analyses.
 
 Every function returns a ``plotly.graph_objects.Figure`` with a title and axis labels that
-sizes to its container (``autosize``). Colour scales come from the data (routing mass:
+sizes to its container (``autosize``); a long title is broken into lines (`wrapped_title`).
+Colour scales come from the data (routing mass:
 0 to its largest value; signed results: symmetric around 0 up to the largest magnitude),
 missing cells are blank, and ablation effects are shown as a percentage of the clean logit
 difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %.
@@ -11,6 +12,7 @@ difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -281,6 +283,25 @@ def _effect_noun(method: Optional[str], measured: str) -> str:
     return measured if method is None else effect_name(method)
 
 
+# the longest line of a figure title, in characters: about 730 px in plotly's default title
+# font (7.3 px a character), which fits a figure 800 px wide (a notebook's output area, a
+# report column); the study's titles ran to 185 characters, about 1360 px, and were cut at
+# the right edge of a 1100 px figure (audit 219)
+TITLE_WIDTH = 100
+TITLE_LINE = 22  # px of top margin (and of height) per added title line
+
+
+def wrapped_title(text: str, width: int = TITLE_WIDTH) -> str:
+    """``text`` broken at spaces into lines of at most ``width`` characters, joined by
+    plotly's ``<br>`` (a word longer than ``width`` stays whole, on its own line); text
+    that already has a ``<br>`` is returned as it is."""
+    if "<br>" in text or len(text) <= width:
+        return text
+    return "<br>".join(
+        textwrap.wrap(text, width=width, break_long_words=False, break_on_hyphens=False)
+    )
+
+
 def _finish(
     fig: go.Figure, title: str, height: int, categories: str = "", whiskers: str = ""
 ) -> go.Figure:
@@ -291,10 +312,21 @@ def _finish(
     plotly.js made such an axis numeric: position tokens ``["9", "3", "5"]`` drew their
     columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
     lost the columns of its three non-numbers. ``whiskers`` (`_whiskers`), where the figure
-    has any, is the title's subtitle."""
-    fig.update_layout(title=title, height=height, autosize=True, margin=dict(t=80, l=70, r=30))
+    has any, is the title's subtitle. A title longer than `TITLE_WIDTH` characters is broken
+    into lines there (`wrapped_title`) and the top margin grows by `TITLE_LINE` per added
+    line: plotly draws a title on one line and cuts it at the figure's edge."""
+    title = wrapped_title(title)
+    extra = TITLE_LINE * title.count("<br>")
+    fig.update_layout(
+        # the title's top 20 px below the figure's (plotly's "auto" puts its first line's
+        # baseline mid-margin and its further lines below, over the subtitle)
+        title=dict(text=title, yref="container", y=1, yanchor="top", pad_t=20),
+        height=height + extra,
+        autosize=True,
+        margin=dict(t=80 + extra, l=70, r=30),
+    )
     if whiskers:
-        fig.update_layout(title_subtitle_text=whiskers, margin_t=100)
+        fig.update_layout(title_subtitle_text=wrapped_title(whiskers), margin_t=100 + extra)
     if "x" in categories:
         fig.update_xaxes(type="category")
     if "y" in categories:

@@ -259,3 +259,16 @@ def unseal(directory) -> None:
     from hooked_attnres._atomic import MARKER
 
     (Path(directory) / MARKER).unlink(missing_ok=True)  # a second edit finds it unsealed
+
+
+def title_of(fig) -> str:
+    """A figure's title as one line: `hooked_attnres.plotting` breaks a long title into
+    lines with plotly's ``<br>`` (audit 219: titles of 185 characters ran off the figure)."""
+    return fig.layout.title.text.replace("<br>", " ")
+
+
+def subtitle_of(fig) -> str | None:
+    """A figure's subtitle (its whisker line) as one line, as `title_of`; None if it has
+    none."""
+    text = fig.layout.title.subtitle.text
+    return None if text is None else text.replace("<br>", " ")

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, tiny_model, title_of
 from torch import Tensor
 
 from hooked_attnres import HookedAttnRes, HookedAttnResConfig, plotting
@@ -298,7 +298,7 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
                 assert np.isnan(z[layer, j])
     # one position: the cells are that position's weights averaged over prompts, as titled
     last = plotting.source_heatmap(model, cache, "mlp_res", positions=-1)
-    assert "position -1, mean over prompts" in last.layout.title.text
+    assert "position -1, mean over prompts" in title_of(last)
     weights = cache["blocks.0.mlp_res.hook_weights"][:, -1].mean(0)
     assert np.asarray(last.data[0].z, dtype=float)[0, 0] == pytest.approx(weights[0].item())
     # bar heights and whisker ends are the summary's and the effect table's numbers
@@ -336,7 +336,7 @@ def test_plots_are_figures_and_self_contained_html(setup, tmp_path):
         for cell, v in zip(row_t, row_z, strict=True)
     )
     for name, figure in figures.items():
-        assert figure.layout.title.text, name
+        assert title_of(figure), name
         assert figure.layout.autosize and figure.layout.width is None, name
         assert any(axis.title.text for axis in (figure.layout.xaxis, figure.layout.yaxis)), name
     for name, figure in figures.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing, tiny_model
+from helpers import hf_qwen3, randomize_routing, subtitle_of, tiny_model, title_of
 
 from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
 from hooked_attnres.analysis import ablation_effects, routing_mass, summarize_mass
@@ -171,7 +171,7 @@ def test_source_heatmap_leaves_padding_out_and_refuses_positions_of_another_run(
         expected = (weights * real[..., None]).sum((0, 1)) / real.sum()
         for j, label in enumerate(model.source_labels(site)):
             assert z[i, list(fig.data[0].x).index(label)] == pytest.approx(expected[j].item())
-    assert "padding left out" in fig.layout.title.text
+    assert "padding left out" in title_of(fig)
     # position 2 is real in both prompts; position -1 is padding of prompt 1
     at_two = np.asarray(plotting.source_heatmap(model, cache, "mlp_res", 2).data[0].z, float)
     site = model.site(3, "mlp_res")
@@ -222,18 +222,18 @@ def test_source_heatmap_title_says_it_pools_the_real_tokens():
         gap = max(gap, (tokens_pooled - prompt_means).abs().max().item())
     assert gap > 0.05  # the two readings of "mean over prompts" differ here
     n_real = int(real.sum())
-    assert fig.layout.title.text.endswith(
+    assert title_of(fig).endswith(
         f"(mean over the {n_real} real tokens of 3 prompts, padding left out)"
     )
     _, at_one = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(1))
-    title = plotting.source_heatmap(model, at_one, "attn_res").layout.title.text
+    title = title_of(plotting.source_heatmap(model, at_one, "attn_res"))
     n_at_one = int(real[:, 1].sum())  # prompt 0 is padding there: 2 prompts
     assert title.endswith(
         f"(mean over the {n_at_one} real tokens at the positions the pos_slice kept of "
         f"{n_at_one} prompts, padding left out)"
     )
     _, unpadded = model.run_with_cache(tokens)
-    title = plotting.source_heatmap(model, unpadded, "attn_res").layout.title.text
+    title = title_of(plotting.source_heatmap(model, unpadded, "attn_res"))
     assert title.endswith(f"(mean over {3 * 7} tokens: 3 prompts x 7)")
 
 
@@ -269,7 +269,7 @@ def test_source_heatmap_reads_a_pos_slice_cache_of_a_padded_run_at_its_real_toke
 
     for pos_slice, kept in (([0, 5, 2, 7], [0, 5, 2, 7]), ((1, 6), list(range(1, 6)))):
         _, cache = model.run_with_cache(tokens, attention_mask=mask, pos_slice=pos_slice)
-        assert "padding left out" in check(cache, kept).layout.title.text
+        assert "padding left out" in title_of(check(cache, kept))
         with pytest.raises(ValueError, match="were cached with a pos_slice"):
             plotting.source_heatmap(model, cache, "mlp_res", positions=0)
     _, at_one = model.run_with_cache(tokens, attention_mask=mask, pos_slice=Slice(1))
@@ -750,7 +750,7 @@ def test_source_heatmap_reads_a_0d_integer_tensor_as_the_position_it_holds():
         for k, site in enumerate(model.sites("mlp_res")):  # the mean over prompts, by hand
             expected = cache[site.hook("weights")][:, position].mean(0).tolist()
             np.testing.assert_allclose(z[k][~np.isnan(z[k])], expected, rtol=1e-6)
-        assert f"(position {int(held)}, mean over prompts)" in fig.layout.title.text
+        assert f"(position {int(held)}, mean over prompts)" in title_of(fig)
     with pytest.raises(ValueError, match=r"^positions must be 'all' or one position"):
         plotting.source_heatmap(model, cache, positions=torch.tensor([2]))
     with pytest.raises(ValueError, match=r"^positions tensor\(2\.\) must be integers"):
@@ -1118,7 +1118,7 @@ def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_e
         "current at the MLP routers: not shown)"
     )
     bars = plotting.mass_effect_bars(summary, some, relative=False)
-    assert bars.layout.title.text == "Mass vs causal effect (logit_diff, group all)" + note
+    assert title_of(bars) == "Mass vs causal effect (logit_diff, group all)" + note
     for k, router in enumerate(("attn_res", "mlp_res")):
         mass_trace, effect_trace = bars.data[2 * k], bars.data[2 * k + 1]
         assert list(mass_trace.x) == list(effect_trace.x) == ["embedding", "older"]
@@ -1126,7 +1126,7 @@ def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_e
             row = summary[(summary.router == router) & (summary.family == family)]
             assert value == row.mass.item()
     scatter = plotting.mass_effect_scatter(summary, some, title="mine")
-    assert scatter.layout.title.text == "mine" + note
+    assert title_of(scatter) == "mine" + note
     assert sorted(t.name for t in scatter.data) == sorted(
         f"{f} ({plotting.ROUTER_TITLES[r]})"
         for r in ("attn_res", "mlp_res")
@@ -1136,7 +1136,7 @@ def test_mass_effect_figures_refuse_effects_without_mass_and_name_mass_without_e
     every = ablation_effects(
         model, batch, groups="all", metrics="logit_diff", n_bootstrap=40, progress=False
     )
-    assert plotting.mass_effect_scatter(summary, every).layout.title.text == (
+    assert title_of(plotting.mass_effect_scatter(summary, every)) == (
         "Routing mass vs |effect| (logit_diff)"
     )
 
@@ -1444,7 +1444,7 @@ def test_mass_effect_by_seed_refuses_effects_without_mass_and_names_mass_without
     some = _effects(seeds=(0, 1), families=("embedding", "older"))
     fig = plotting.mass_effect_by_seed(mass, some, "mlp_res")
     assert "(no effects of prev_completed, current at the MLP routers: not shown)" in (
-        fig.layout.title.text
+        title_of(fig)
     )
     for trace in fig.data:  # the families drawn are those with effects, each its own row
         assert list(trace.x) == ["embedding", "older"]
@@ -1558,7 +1558,7 @@ def test_seed_and_label_colours_are_distinct_beyond_six():
 
 
 def _subtitle(fig) -> str:
-    return fig.layout.title.subtitle.text
+    return subtitle_of(fig)
 
 
 def test_figures_with_whiskers_say_what_their_whiskers_are():
@@ -1771,13 +1771,11 @@ def test_effect_figures_name_attribution_estimates_by_their_method():
         both = effects if method is None else effects.assign(method=method)
         bands = plotting.effect_bands(e)
         assert _effect_axes(bands) == [f"{name} ({unit})"], method
-        assert (
-            bands.layout.title.text == f"{name[0].upper()}{name[1:]} per depth group (logit_diff)"
-        )
+        assert title_of(bands) == f"{name[0].upper()}{name[1:]} per depth group (logit_diff)"
         bars = plotting.mass_effect_bars(one_m, e)
         assert _effect_axes(bars) == [f"{name} ({unit})"], method
         noun = "causal effect" if method in (None, "exact") else name
-        assert bars.layout.title.text == f"Mass vs {noun} (logit_diff, group all)"
+        assert title_of(bars) == f"Mass vs {noun} (logit_diff, group all)"
         scatter = plotting.mass_effect_scatter(one_m, e)
         assert _effect_axes(scatter) == [f"|{name}| (logit_diff)"], method
         for fig in (
@@ -1845,24 +1843,22 @@ def test_mass_effect_by_seed_names_the_models_whose_mass_it_leaves_out():
     effects = effects[~((effects.condition == "a") & (effects.seed == 2))]
     mass = _mass(conditions=("a", "b", "c"), seeds=(0, 1, 2))
     fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
-    assert fig.layout.title.text.endswith(
-        " (no effects of seed 2 of a; seed 0, 1, 2 of c: not shown)"
-    )
+    assert title_of(fig).endswith(" (no effects of seed 2 of a; seed 0, 1, 2 of c: not shown)")
     assert [a.text for a in fig.layout.annotations] == ["a (no seed 2)", "b"]
     # the columns chosen: models of other conditions are not left out, they are not asked
     only_a = plotting.mass_effect_by_seed(mass, effects, "mlp_res", columns=["a"])
-    assert only_a.layout.title.text.endswith(" (no effects of seed 2 of a: not shown)")
+    assert title_of(only_a).endswith(" (no effects of seed 2 of a: not shown)")
     # a model without a condition column, and a family without effects: both named
     one = _effects(seeds=(0, 1), families=("embedding", "older")).drop(columns="condition")
     three = _mass(seeds=(0, 1, 2)).drop(columns="condition")
     fig = plotting.mass_effect_by_seed(three, one, "mlp_res")
-    assert fig.layout.title.text.endswith(
+    assert title_of(fig).endswith(
         " (no effects of seed 2; prev_completed, current at the MLP routers: not shown)"
     )
     assert {trace.name for trace in fig.data} == {"seed 0", "seed 1"}
     # every model with effects: no note, as before
     full = plotting.mass_effect_by_seed(_mass(seeds=(0, 1)), _effects(seeds=(0, 1)), "mlp_res")
-    assert "not shown" not in full.layout.title.text
+    assert "not shown" not in title_of(full)
 
 
 def test_mass_effect_by_seed_draws_no_mass_of_a_model_without_effects():
@@ -1876,7 +1872,7 @@ def test_mass_effect_by_seed_draws_no_mass_of_a_model_without_effects():
     mass = _mass(conditions=("a", "b"), seeds=(0, 1, 2))
     for columns in (None, ["a"], ["b", "a"]):
         fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res", columns=columns)
-        assert fig.layout.title.text.endswith(" (no effects of seed 2 of a: not shown)")
+        assert title_of(fig).endswith(" (no effects of seed 2 of a: not shown)")
         mass_traces = [t for t in fig.data if ": mass %{y" in t.hovertemplate]
         drawn = set()
         for trace in mass_traces:
@@ -1994,3 +1990,34 @@ def test_mass_effect_figures_refuse_missing_labels_of_the_mass_summary(tmp_path)
                     match=rf"^mass_summary has NaN labels \(column: rows\) \{{'{column}': {n}\}}",
                 ):
                     draw(table)
+
+
+def test_a_long_title_is_broken_into_lines_that_fit_the_figure():
+    """plotly draws a title on one line and cuts it at the figure's edge: the study's
+    titles ran to 185 characters (about 1360 px) and lost their end, the reason the task is
+    plotted in logits, in a figure 1100 px wide (the motifs notebook, the report). A title
+    longer than `TITLE_WIDTH` characters is broken at spaces, the top margin and the height
+    grow by one line each per added line, and the title is anchored at the figure's top (its
+    further lines were drawn over the subtitle)."""
+    title = (
+        "M1 (embedding through early MLP routers), task hard: effect of masking embedding "
+        "per band (in logits: hard_vanilla_L8 seed 0 has a clean logit difference of 0.02)"
+    )
+    values = [[0.5, -1.0, 0.0], [0.1, 0.2, 0.3]]
+
+    def heatmap(text):
+        return plotting.patching_heatmap(values, ["a", "b"], ["x", "y", "z"], title=text)
+
+    wrapped, short = heatmap(title), heatmap("short title")
+    lines = wrapped.layout.title.text.split("<br>")
+    assert len(title) > plotting.TITLE_WIDTH
+    assert len(lines) == 2 and max(len(line) for line in lines) <= plotting.TITLE_WIDTH
+    assert " ".join(lines) == title
+    assert short.layout.title.text == "short title"
+    assert wrapped.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE
+    assert wrapped.layout.height - short.layout.height == plotting.TITLE_LINE
+    assert (wrapped.layout.title.yref, wrapped.layout.title.yanchor) == ("container", "top")
+    # a word longer than a line stays whole; a title already broken is kept as it is
+    word = "x" * (plotting.TITLE_WIDTH + 5)
+    assert plotting.wrapped_title(f"a {word} b") == f"a<br>{word}<br>b"
+    assert plotting.wrapped_title("one<br>two " * 20) == "one<br>two " * 20

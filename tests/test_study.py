@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_study_runs, unseal
+from helpers import subtitle_of, tiny_study_runs, title_of, unseal
 
 from hooked_attnres import HookedAttnRes
 from hooked_attnres._study_limits import GRID_TASKS
@@ -545,7 +545,7 @@ def test_the_study_figures_say_what_their_whiskers_are_as_the_report_and_shipped
             if name.startswith("routing_")
             else "whiskers: 95 % percentile-bootstrap intervals over 48 prompts"
         )
-        assert fig.layout.title.subtitle.text == expected, name
+        assert subtitle_of(fig) == expected, name
     shipped = (Path(__file__).resolve().parents[1] / "docs/results/shipped_report.md").read_text()
     written = _line_starting("Effects are in percent", (out / "report.md").read_text())
     assert written == _line_starting("Effects are in percent", shipped)
@@ -629,7 +629,7 @@ def test_a_study_of_tiny_models_has_every_claim_for_every_seed(tmp_path):
     from hooked_attnres.study import study_figures
 
     def titles(figures):
-        return [f.layout.title.text for n, f in figures.items() if not n.startswith("rout")]
+        return [title_of(f) for n, f in figures.items() if not n.startswith("rout")]
 
     def units(figures):
         return {
