@@ -44,6 +44,17 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         if o.output_type == "error"
     ]
     assert not errors
+    # no warning or progress bar: nothing on stderr (tqdm's "TqdmWarning: IProgress not
+    # found. Please update jupyter and ipywidgets" was the first output of every notebook,
+    # though the notebooks switch tqdm's bars off)
+    noise = [
+        o.text
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stderr"
+    ]
+    assert not noise, noise
     # every code cell produced something to look at
     assert all(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
     if path.name == "01_routing_hooks.ipynb":
