@@ -12,7 +12,7 @@ difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %
 
 from __future__ import annotations
 
-import textwrap
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -291,15 +291,38 @@ TITLE_WIDTH = 100
 TITLE_LINE = 22  # px of top margin (and of height) per added title line
 
 
+# plotly's line break (``<br>``, ``<BR>``, ``<br />``: the pattern plotly.js reads) and any
+# tag; a tag's text is not shown, and a space inside one is no place to break a line
+_BREAK = re.compile(r"<br(\s[^>]*)?>", re.IGNORECASE)
+_TAG = re.compile(r"<[^<>]*>")
+
+
+def _shown_length(text: str) -> int:
+    """The number of characters of ``text`` a figure shows: its tags left out."""
+    return len(_TAG.sub("", text))
+
+
+def _added_lines(text: str) -> int:
+    """The number of line breaks plotly draws in ``text``."""
+    return len(_BREAK.findall(text))
+
+
 def wrapped_title(text: str, width: int = TITLE_WIDTH) -> str:
-    """``text`` broken at spaces into lines of at most ``width`` characters, joined by
-    plotly's ``<br>`` (a word longer than ``width`` stays whole, on its own line); text
-    that already has a ``<br>`` is returned as it is."""
-    if "<br>" in text or len(text) <= width:
+    """``text`` broken at spaces outside its tags into lines that show at most ``width``
+    characters (tags not counted), joined by plotly's ``<br>`` (a word longer than
+    ``width`` stays whole, on its own line); text that already has a line break (``<br>``
+    in any of plotly's spellings) is returned as it is, as is text that fits."""
+    if _added_lines(text) or _shown_length(text) <= width:
         return text
-    return "<br>".join(
-        textwrap.wrap(text, width=width, break_long_words=False, break_on_hyphens=False)
-    )
+    # whitespace inside a tag (<a href="..." target="...">) held by a NUL while splitting
+    words = _TAG.sub(lambda tag: re.sub(r"\s", "\0", tag.group()), text).split()
+    lines: list[str] = []
+    for word in words:
+        if lines and _shown_length(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "<br>".join(lines).replace("\0", " ")
 
 
 def _finish(
@@ -312,21 +335,23 @@ def _finish(
     plotly.js made such an axis numeric: position tokens ``["9", "3", "5"]`` drew their
     columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
     lost the columns of its three non-numbers. ``whiskers`` (`_whiskers`), where the figure
-    has any, is the title's subtitle. A title longer than `TITLE_WIDTH` characters is broken
-    into lines there (`wrapped_title`) and the top margin grows by `TITLE_LINE` per added
-    line: plotly draws a title on one line and cuts it at the figure's edge."""
-    title = wrapped_title(title)
-    extra = TITLE_LINE * title.count("<br>")
+    has any, is the title's subtitle. A title or subtitle longer than `TITLE_WIDTH`
+    characters is broken into lines there (`wrapped_title`) and the top margin and the
+    height grow by `TITLE_LINE` per added line of either: plotly draws a title on one line
+    and cuts it at the figure's edge."""
+    title, whiskers = wrapped_title(title), wrapped_title(whiskers)
+    extra = TITLE_LINE * (_added_lines(title) + _added_lines(whiskers))
     fig.update_layout(
-        # the title's top 20 px below the figure's (plotly's "auto" puts its first line's
-        # baseline mid-margin and its further lines below, over the subtitle)
+        # anchored at the top (plotly's "auto" puts its first line's baseline mid-margin
+        # and its further lines below, over the subtitle): in chromium the first line's top
+        # is 17 px below the figure's for one line, 5 px for more (review 223)
         title=dict(text=title, yref="container", y=1, yanchor="top", pad_t=20),
         height=height + extra,
         autosize=True,
         margin=dict(t=80 + extra, l=70, r=30),
     )
     if whiskers:
-        fig.update_layout(title_subtitle_text=wrapped_title(whiskers), margin_t=100 + extra)
+        fig.update_layout(title_subtitle_text=whiskers, margin_t=100 + extra)
     if "x" in categories:
         fig.update_xaxes(type="category")
     if "y" in categories:

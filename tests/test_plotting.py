@@ -2021,3 +2021,57 @@ def test_a_long_title_is_broken_into_lines_that_fit_the_figure():
     word = "x" * (plotting.TITLE_WIDTH + 5)
     assert plotting.wrapped_title(f"a {word} b") == f"a<br>{word}<br>b"
     assert plotting.wrapped_title("one<br>two " * 20) == "one<br>two " * 20
+
+
+def test_a_title_is_broken_outside_its_tags_by_the_length_it_shows():
+    """Review 223: `wrapped_title` broke a title at any space, also one inside an HTML tag
+    (``<a href="..."<br>target="_blank">``: plotly draws the broken tag as text), counted
+    the tags' characters as shown text, and took only ``<br>`` for a break plotly draws
+    (``<BR>``, ``<br />`` too: such a title was broken again, and the figure did not grow
+    for its lines)."""
+    words = " ".join(["word"] * 15)  # 74 characters
+    link = '<a href="https://example.org/x" target="_blank">the source</a>'
+    title = f"{words} {link} {words}"
+    lines = plotting.wrapped_title(title).split("<br>")
+    assert " ".join(lines) == title
+    assert any(link in line for line in lines)  # the tag whole, on one line
+    shown = [re.sub(r"<[^<>]*>", "", line) for line in lines]
+    assert [len(line) for line in shown] == [plotting.TITLE_WIDTH, 59]  # the tag not counted
+    # what counts is the text shown: 100 characters in bold are one line, 101 are two
+    bold = f"<b>{'x ' * 49}y</b>"
+    assert len(re.sub(r"<[^<>]*>", "", bold)) == plotting.TITLE_WIDTH - 1
+    assert plotting.wrapped_title(bold) == bold
+    assert plotting.wrapped_title(f"<b>{'x ' * 49}yy</b>") == f"<b>{'x ' * 49}yy</b>"
+    assert plotting.wrapped_title(f"<b>{'x ' * 50}y</b>") == f"<b>{'x ' * 49}x<br>y</b>"
+
+    def heatmap(text):
+        return plotting.patching_heatmap([[0.5, -1.0]], ["a"], ["x", "y"], title=text)
+
+    short = heatmap("short")
+    for br in ("<br>", "<BR>", "<br />"):
+        broken = f"{words}{br}{words} {words}"  # the author's break, lines over 100 kept
+        assert plotting.wrapped_title(broken) == broken, br
+        fig = heatmap(broken)
+        assert fig.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE, br
+        assert fig.layout.height - short.layout.height == plotting.TITLE_LINE, br
+
+
+def test_a_long_whisker_subtitle_grows_the_figure_by_its_lines():
+    """Review 223: a whisker subtitle longer than `TITLE_WIDTH` was broken into lines, but
+    the figure grew only for the title's lines (chromium, 800 px wide: this subtitle of 2
+    lines ended 6 px above the panel titles; one of 3 lines, 44 to 89 px, ran 9 px into
+    them, which start at 80 px; 28 px and more apart now)."""
+    short = plotting.effect_bands(_effects())
+    effects = _effects()
+    effects["confidence"] = np.where(np.arange(len(effects)) % 2, 0.9, 0.95)
+    effects["n_prompts"] = np.where(np.arange(len(effects)) % 3, 48.0, np.nan)
+    effects.loc[0, "n_prompts"] = 12
+    long = plotting.effect_bands(effects)
+    added = long.layout.title.subtitle.text.count("<br>")
+    assert short.layout.title.subtitle.text.count("<br>") == 0 and added == 1
+    assert subtitle_of(long) == (
+        "whiskers: 90 % or 95 % percentile-bootstrap intervals over 12 to 48 prompts "
+        "(the number of prompts not recorded for some rows)"
+    )
+    assert long.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE * added
+    assert long.layout.height - short.layout.height == plotting.TITLE_LINE * added
