@@ -1557,10 +1557,6 @@ def test_seed_and_label_colours_are_distinct_beyond_six():
     assert len(set(colour.values())) == len(colour) == len(FAMILIES) + len(labels)
 
 
-def _subtitle(fig) -> str:
-    return subtitle_of(fig)
-
-
 def test_figures_with_whiskers_say_what_their_whiskers_are():
     """Session 21's leftover: what a figure's whiskers are (95 % percentile-bootstrap
     intervals over the prompts) was said only in the study report's prose, not on the
@@ -1581,17 +1577,17 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
         "mass_by_seed": plotting.mass_effect_by_seed(mass, effects, "mlp_res"),
     }
     for name, fig in figures.items():
-        assert _subtitle(fig) == same, name
+        assert subtitle_of(fig) == same, name
     # a summary without the level (a study's mass_summary.csv of before): no level for the
     # mass whiskers, the effects' level for theirs; nor a method (review 182: such a table,
     # or one built by hand, was said to hold percentile-bootstrap intervals)
     bars = plotting.mass_effect_bars(one_m.drop(columns="confidence"), one_e)
-    assert _subtitle(bars) == (
+    assert subtitle_of(bars) == (
         "whiskers: routing mass, intervals over 12 prompts (level and method not recorded in "
         "the table); effect, 90 % percentile-bootstrap intervals over 12 prompts"
     )
     scatter = plotting.mass_effect_scatter(one_m.drop(columns="confidence"), one_e)
-    assert _subtitle(scatter) == (
+    assert subtitle_of(scatter) == (
         "whiskers: routing mass (x), intervals over 12 prompts (level and method not recorded "
         "in the table); |effect| (y), 90 % percentile-bootstrap intervals over 12 prompts"
     )
@@ -1599,7 +1595,7 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
     part = pd.concat(
         [one_e[one_e.group != "all"].drop(columns="confidence"), one_e[one_e.group == "all"]]
     )
-    assert _subtitle(plotting.effect_bands(part, groups=["early", "all"])) == (
+    assert subtitle_of(plotting.effect_bands(part, groups=["early", "all"])) == (
         "whiskers: 90 % percentile-bootstrap intervals over 12 prompts (level and method not "
         "recorded for some rows)"
     )
@@ -1608,17 +1604,17 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
         n_prompts=np.where(effects.seed == 0, 12, 20),
         confidence=np.where(effects.seed == 0, 0.9, 0.95),
     )
-    assert _subtitle(plotting.effects_by_seed(mixed, "current", ["mlp_res"])) == (
+    assert subtitle_of(plotting.effects_by_seed(mixed, "current", ["mlp_res"])) == (
         "whiskers: 90 % or 95 % percentile-bootstrap intervals over 12 to 20 prompts"
     )
     # neither column: no level, no count
     bare = plotting.effect_bands(one_e.drop(columns=["confidence", "n_prompts"]))
-    assert _subtitle(bare) == (
+    assert subtitle_of(bare) == (
         "whiskers: intervals over prompts (level and method not recorded in the table)"
     )
     # attribution estimates (a method column) are named as such
     estimates = one_e.assign(method="linear")
-    assert _subtitle(plotting.effect_bands(estimates)) == (
+    assert subtitle_of(plotting.effect_bands(estimates)) == (
         "whiskers: 90 % percentile-bootstrap intervals over 12 prompts of the attribution "
         "estimates (method linear)"
     )
@@ -1629,7 +1625,7 @@ def test_figures_with_whiskers_say_what_their_whiskers_are():
     table = pd.DataFrame(
         [dict(router="attn_res", layer=0, family=f, n_sources=1, mass=0.25) for f in FAMILIES]
     )
-    assert _subtitle(plotting.routing_heatmap(table)) is None
+    assert subtitle_of(plotting.routing_heatmap(table)) is None
 
 
 def test_whisker_line_refuses_a_prompt_count_that_is_no_whole_number():
@@ -1668,13 +1664,13 @@ def test_whisker_line_refuses_a_prompt_count_that_is_no_whole_number():
         with pytest.raises(ValueError, match=re.escape(f"n_prompts value(s) {shown} that are no")):
             plotting.effect_bands(effects.assign(n_prompts=column))
     # a count of 12.0 (a float column, e.g. a CSV with a missing cell) is 12 prompts
-    assert _subtitle(plotting.effect_bands(effects.astype({"n_prompts": float}))) == (
+    assert subtitle_of(plotting.effect_bands(effects.astype({"n_prompts": float}))) == (
         "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
     )
     # rows without a count: said, not read as the others' count
     part = effects.astype({"n_prompts": float})
     part.loc[part.group == "all", "n_prompts"] = np.nan
-    assert _subtitle(plotting.effect_bands(part, groups=["early", "all"])) == (
+    assert subtitle_of(plotting.effect_bands(part, groups=["early", "all"])) == (
         "whiskers: 90 % percentile-bootstrap intervals over 12 prompts (the number of "
         "prompts not recorded for some rows)"
     )
@@ -1698,7 +1694,7 @@ def test_whisker_line_reads_the_level_of_real_tables():
         progress=False,
     )
     fig = plotting.mass_effect_bars(summary, effects, relative=False)
-    assert _subtitle(fig) == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"
+    assert subtitle_of(fig) == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"
 
 
 def test_heatmap_cell_texts_print_no_nonzero_value_as_zero():
@@ -1784,7 +1780,7 @@ def test_effect_figures_name_attribution_estimates_by_their_method():
         ):
             assert set(_effect_axes(fig)) == {f"{name} ({unit})"}, method
         estimated = method in ("linear", "norm")
-        assert ("of the attribution estimates" in _subtitle(bands)) == estimated
+        assert ("of the attribution estimates" in subtitle_of(bands)) == estimated
     # one kind per figure: two methods, estimates beside measured rows (another seed's), or
     # rows without a method (a measured table concatenated with estimates) are refused
     two = pd.concat([one_e.assign(method="linear"), one_e.assign(method="norm")])
@@ -1831,7 +1827,7 @@ def test_mass_effect_by_seed_whisker_line_reads_the_drawn_seeds_only():
     mass = mass.assign(confidence=np.where(mass.seed == 2, 0.99, 0.9))
     fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res")
     assert {trace.name for trace in fig.data} == {"seed 0", "seed 1"}
-    assert _subtitle(fig) == "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
+    assert subtitle_of(fig) == "whiskers: 90 % percentile-bootstrap intervals over 12 prompts"
 
 
 def test_mass_effect_by_seed_names_the_models_whose_mass_it_leaves_out():
