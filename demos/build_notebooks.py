@@ -264,8 +264,9 @@ say which). Every whisker, on an effect or on a routing mass, is a 95 % percenti
 interval over the held-out prompts (the prompts of each model are resampled). The last cell
 states the verdicts in the words of the shipped report
 (`hooked_attnres.study.verdict_sentences`). The first code cell studies all 17 shipped models
-on 256 prompts each, without a progress bar: 3 to 4 minutes (190 s and 212 s on 2 CPU cores shared
-with other jobs); every cell after it takes well under a second.
+on 256 prompts each, without a progress bar: 2 to 4 minutes (122 s on one torch thread of a
+quiet machine; 190 s and 212 s on 2 CPU cores shared with other jobs); every cell after it
+takes well under a second.
 """),
     code(f"""
 {PREAMBLE}
