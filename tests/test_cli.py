@@ -2068,14 +2068,18 @@ def test_a_run_file_changed_after_its_write_is_not_called_another_run(changed, t
         assert restore in err and restore in note, (err, note)
 
 
+@pytest.mark.parametrize("damage", ["cut short", "a byte not UTF-8"])
 @pytest.mark.parametrize("checkpoint", ["beside it", "none"])
-def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, tmp_path, capsys):
+def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, damage, tmp_path, capsys):
     """Review 222: a run's ``metrics.json`` cut short (a copy or a disk that failed made the
     study end in ``error: Unterminated string starting at: line 13 column 5 (char 199)
     (JSONDecodeError ...)``, naming neither the file nor a remedy, and ``info`` of its
     model left out its note on the run folder without a word. Both name the file now, and
     what to do: with the run's checkpoint beside it, resume the run, which writes it again
-    (followed here: the study then runs); without one, restore it or train the run again."""
+    (followed here: the study then runs); without one, restore it or train the run again.
+    Audit 225: one byte that is no UTF-8 (0xff) still ended the study in a bare
+    ``'utf-8' codec can't decode byte 0xff in position 40 (UnicodeDecodeError)`` and left
+    ``info``'s note out: the file was decoded before the check that names it."""
     import shutil
 
     out = tmp_path / "runs"
@@ -2083,7 +2087,12 @@ def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, tmp_path,
     run = out / "attnres_seed0"
     metrics = run / "metrics.json"
     whole = metrics.read_text()
-    metrics.write_text(whole[: len(whole) // 2])
+    if damage == "cut short":
+        metrics.write_text(whole[: len(whole) // 2])
+        error = "JSONDecodeError"
+    else:
+        metrics.write_bytes(whole[:40].encode() + b"\xff" + whole[41:].encode())
+        error = "UnicodeDecodeError"
     if checkpoint == "none":
         shutil.rmtree(run / "checkpoint")
     capsys.readouterr()
@@ -2093,7 +2102,7 @@ def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, tmp_path,
     err = capsys.readouterr().err
     assert cli.main(["info", str(run / "model")]) == 0
     note = capsys.readouterr().out
-    named = f"could not read {metrics}: the file is truncated or corrupt (JSONDecodeError: "
+    named = f"could not read {metrics}: the file is truncated or corrupt ({error}: "
     if checkpoint == "beside it":
         remedies = {
             err: "resume the run (hooked-attnres train --condition attnres --seeds 0 --out "

@@ -307,18 +307,18 @@ def read_run_metrics(out_dir: Union[str, Path], resume: str = _RESUME) -> dict:
     """``out_dir/metrics.json``, the record a finished run wrote with its model, parsed.
 
     Raises:
-        CheckpointError: the file is no JSON object (truncated or corrupt), naming it and
-            what to do: with the run's checkpoint beside it, resume the run (``resume``
-            saying how), which writes it again; without one, restore it or train the run
-            again (review 222: a bare JSONDecodeError, which named neither).
+        CheckpointError: the file is no JSON object, or not UTF-8 (truncated or corrupt),
+            naming it and what to do: with the run's checkpoint beside it, resume the run
+            (``resume`` saying how), which writes it again; without one, restore it or train
+            the run again (review 222: a bare JSONDecodeError, which named neither; audit
+            225: a bare UnicodeDecodeError).
         OSError: it cannot be read."""
     from hooked_attnres.loading.io import CheckpointError
 
     out_dir = Path(out_dir)
     metrics_file = out_dir / "metrics.json"
-    text = metrics_file.read_text(encoding="utf-8")
-    try:
-        metrics = json.loads(text)
+    try:  # decoded in here: a byte that is no UTF-8 is a corrupt file too (audit 225)
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         if not isinstance(metrics, dict):
             raise ValueError(f"it holds a JSON {type(metrics).__name__}, not an object")
     except ValueError as error:
@@ -330,12 +330,18 @@ def read_run_metrics(out_dir: Union[str, Path], resume: str = _RESUME) -> dict:
                 "from a backup (a shipped run's: reinstall hooked-attnres), or move "
                 f"{out_dir} away and train the run again"
             )
-        cause = str(error).strip().splitlines()[0]
-        raise CheckpointError(
-            f"could not read {metrics_file}: the file is truncated or corrupt "
-            f"({type(error).__name__}: {cause}); {remedy}"
-        ) from error
+        raise CheckpointError(f"{_unreadable(metrics_file, error)}; {remedy}") from error
     return metrics
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """``"could not read PATH: the file is truncated or corrupt (ERROR: first line)"``, the
+    start of a message on a run's file that its reader could not parse (`read_run_metrics`,
+    `_read_saved`)."""
+    lines = str(error).strip().splitlines()
+    cause = lines[0] if lines else ""
+    corrupt = f"the file is truncated or corrupt ({type(error).__name__}: {cause})"
+    return f"could not read {path}: {corrupt}"
 
 
 def checkpoint_run_differs(out_dir: Union[str, Path], resume: str = _RESUME) -> Optional[str]:
@@ -642,10 +648,9 @@ def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
             if read_marker(checkpoint) is None
             else ""
         )
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"could not read {path}: the file is truncated or corrupt ({type(error).__name__}: "
-            f"{cause}){unchecked}; restore {checkpoint} from a backup, or {_START_OVER}"
+            f"{_unreadable(path, error)}{unchecked}; restore {checkpoint} from a backup, or "
+            f"{_START_OVER}"
         ) from error
 
 
