@@ -687,6 +687,24 @@ def _tiny_train_argv(out: Path) -> list[str]:
     return argv
 
 
+def _tiny_study_argv(checkpoints: Path, out: Path) -> list[str]:
+    """``study`` of the runs under ``checkpoints`` into ``out``: 4 prompts, 10 bootstrap
+    resamples, no robustness pass, no progress lines, one thread."""
+    argv = ["study", "--checkpoints", str(checkpoints), "--out", str(out), "--prompts", "4"]
+    argv += ["--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    return argv
+
+
+def _study_refusal_and_info(study: list[str], run: Path, capsys) -> tuple[str, str]:
+    """What the ``study`` command line refusing (exit 1) says on stderr, and what ``info``
+    of ``run``'s model (exit 0) prints, output of earlier calls dropped."""
+    capsys.readouterr()
+    assert cli.main(study) == 1
+    err = capsys.readouterr().err
+    assert cli.main(["info", str(run / "model")]) == 0
+    return err, capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fails", ["model.safetensors", "optimizer.pt"])
 def test_a_checkpoint_write_failing_for_lack_of_space_says_so_and_how_to_resume(tmp_path, fails):
     """Audit 178: ``train`` into a full disk (a tmpfs of 12, 22 and 30 MB) failed with
@@ -1648,8 +1666,7 @@ def test_a_study_refuses_a_finished_run_started_over_and_killed(killed, tmp_path
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     assert state["train_config"]["lr"] == 1e-3  # the folder says a new run started
     assert json.loads((run / "metrics.json").read_text()) == earlier  # still the earlier run's
-    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
-    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    study = _tiny_study_argv(out, tmp_path / "study")
     assert cli.main(study) == 1
     err = capsys.readouterr().err
     progress = f"step {state['step']} of 4"
@@ -1987,8 +2004,7 @@ def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
     else:
         unseal(run / "checkpoint")
     capsys.readouterr()
-    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
-    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
+    study = _tiny_study_argv(out, tmp_path / "study")
     assert cli.main(study) == 1
     err = capsys.readouterr().err
     assert expected in err, err
@@ -2027,13 +2043,8 @@ def test_a_run_file_changed_after_its_write_is_not_called_another_run(changed, t
     assert now != original and len(path.read_text()) == len(text)
     if changed == "unsealed trainer_state.json":
         unseal(checkpoint)
-    capsys.readouterr()
-    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
-    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
-    assert cli.main(study) == 1
-    err = capsys.readouterr().err
-    assert cli.main(["info", str(run / "model")]) == 0
-    note = capsys.readouterr().out
+    study = _tiny_study_argv(out, tmp_path / "study")
+    err, note = _study_refusal_and_info(study, run, capsys)
     if changed == "trainer_state.json":
         expected = f"{checkpoint} was changed after it was saved: trainer_state.json has SHA-256"
         for said in (err, note):
@@ -2095,13 +2106,8 @@ def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, damage, t
         error = "UnicodeDecodeError"
     if checkpoint == "none":
         shutil.rmtree(run / "checkpoint")
-    capsys.readouterr()
-    study = ["study", "--checkpoints", str(out), "--out", str(tmp_path / "study"), "--prompts"]
-    study += ["4", "--bootstrap", "10", "--no-robustness", "--no-progress", "--threads", "1"]
-    assert cli.main(study) == 1
-    err = capsys.readouterr().err
-    assert cli.main(["info", str(run / "model")]) == 0
-    note = capsys.readouterr().out
+    study = _tiny_study_argv(out, tmp_path / "study")
+    err, note = _study_refusal_and_info(study, run, capsys)
     named = f"could not read {metrics}: the file is truncated or corrupt ({error}: "
     if checkpoint == "beside it":
         remedies = {
