@@ -515,10 +515,12 @@ def _earlier_summary(path: Path) -> list[dict]:
 
 def _unfinished_run_note(model_dir: Path) -> str:
     """A line for ``info`` when ``model_dir`` is a training run's ``model`` and the run
-    folder's checkpoint holds another run than the one ``model`` and ``metrics.json`` are
-    of (`checkpoint_run_differs`: e.g. one started over with --no-resume / ``resume=False``
-    and stopped or killed): they are an earlier finished run's, which only a finished run
-    replaces; ``""`` otherwise. The study refuses such a folder."""
+    folder's checkpoint and ``metrics.json`` record different runs (`checkpoint_run_differs`:
+    one started over with --no-resume / ``resume=False`` and stopped or killed, so
+    ``model`` and ``metrics.json`` are an earlier finished run's; or a file changed after
+    its write, which it cannot always tell apart), or when either file cannot be read or
+    ``trainer_state.json`` differs from its recorded SHA-256 (the `CheckpointError`); ``""``
+    otherwise. The study refuses such a folder."""
     from hooked_attnres.training.trainer import checkpoint_run_differs
 
     if model_dir.name != "model":
@@ -529,9 +531,9 @@ def _unfinished_run_note(model_dir: Path) -> str:
         other = checkpoint_run_differs(
             model_dir.parent, resume="the train command without --no-resume"
         )
-    except CheckpointError as error:  # its trainer_state.json: what it holds is unknown
+    except CheckpointError as error:  # a file unreadable or changed: what it holds is unknown
         return f"\nnote: {error}"
-    except (OSError, ValueError):  # metrics.json unreadable: the note is advice
+    except (OSError, ValueError):  # a file the OS does not let it read: the note is advice
         return ""
     return "" if other is None else f"\nnote: {other}"
 
