@@ -2171,3 +2171,30 @@ def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp
             if kept:
                 left[0] = (*runs[stopped], False)  # resumed
             assert sorted(trained) == sorted(left), (stopped, kept, commands)
+
+
+@pytest.mark.parametrize("folder", ["-runs", "my runs"])
+def test_the_train_command_a_missing_run_names_reads_back_as_that_run(
+    folder, tmp_path, monkeypatch
+):
+    """Audit 225: `checkpoint_dir` of a run not trained under ``checkpoints`` said "train it
+    with `hooked-attnres train --condition vanilla --seeds 1 --out my runs`", written by
+    hand beside `train_command` (review 222), so unquoted: a shell splits ``my runs`` into
+    two arguments (the parser refuses ``runs``), and ``--out -runs`` is refused (expected
+    one argument). Read back by `shlex.split` and the parser, it gives the run."""
+    import shlex
+
+    from hooked_attnres.study.checkpoints import checkpoint_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint; train it with `") as info:
+        checkpoint_dir("vanilla", 1, folder)
+    words = shlex.split(str(info.value).split("`")[1])
+    assert words[:2] == ["hooked-attnres", "train"], words
+    args = cli.build_parser().parse_args(words[1:])
+    assert (args.condition, args.seeds, args.out, args.no_resume) == (
+        ["vanilla"],
+        [1],
+        folder,
+        False,
+    )

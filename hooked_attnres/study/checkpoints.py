@@ -51,13 +51,12 @@ def checkpoint_dir(condition: str, seed: int = 0, checkpoints: Optional[PathLike
             shipped = sorted(p.name for p in SHIPPED.glob("*_seed*")) if SHIPPED.exists() else []
             raise FileNotFoundError(
                 f"no shipped checkpoint for {condition} seed {seed} (shipped: {shipped}); train "
-                f"it with `hooked-attnres train --condition {condition} --seeds {seed} --out runs` "
-                "and "
-                "pass the runs directory to the study"
+                f"it with `{train_command([condition], [seed], 'runs')}` and pass the runs "
+                "directory to the study"
             )
         raise FileNotFoundError(
-            f"{path} holds no checkpoint; train it with `hooked-attnres train --condition "
-            f"{condition} --seeds {seed} --out {checkpoints}`"
+            f"{path} holds no checkpoint; train it with "
+            f"`{train_command([condition], [seed], checkpoints)}`"
         )
     return path
 
