@@ -248,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         study_train_config,
         train_condition,
     )
+    from hooked_attnres.study.checkpoints import study_command
     from hooked_attnres.study.recipes import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
@@ -379,9 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{row['condition']:24s} {row['seed']:4d} {final:9.1%} {row['seconds']:8.0f}  "
             f"{row['out_dir']}/model"
         )
-    print(
-        f"\nsummary: {summary}; run the study on these with `{PROG} study --checkpoints {args.out}`"
-    )
+    print(f"\nsummary: {summary}; run the study on these with `{study_command(args.out)}`")
     return 0
 
 

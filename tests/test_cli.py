@@ -2198,3 +2198,25 @@ def test_the_train_command_a_missing_run_names_reads_back_as_that_run(
         folder,
         False,
     )
+
+
+@pytest.mark.parametrize("folder", ["-runs", "my runs"])
+def test_the_study_command_train_ends_with_reads_back_as_its_folder(
+    folder, tmp_path, monkeypatch, capsys
+):
+    """Audit 225: ``train`` ends with "run the study on these with `hooked-attnres study
+    --checkpoints my runs`", unquoted: a shell splits the folder (the parser refuses
+    ``runs``), and ``--checkpoints -runs`` is refused (expected one argument). Read back by
+    `shlex.split` and the parser, it names the folder trained into."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    argv = _tiny_train_argv(Path("x"))
+    argv[argv.index("--out") + 1] = f"--out={folder}"
+    argv.remove("--out")
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    words = shlex.split(line.split("`")[1])
+    assert words[:2] == ["hooked-attnres", "study"], line
+    assert cli.build_parser().parse_args(words[1:]).checkpoints == folder, line

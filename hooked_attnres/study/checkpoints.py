@@ -173,11 +173,23 @@ def train_command(
     A folder named with a leading dash is given as ``--out=-runs``: ``--out -runs`` is
     refused by the parser (expected one argument)."""
     seed_texts = [str(seed) for seed in seeds]
-    out = ["--out", str(root)] if not str(root).startswith("-") else [f"--out={root}"]
     return shlex.join(
         ["hooked-attnres", "train", "--condition", *conditions, "--seeds", *seed_texts]
-        + [*out, *options]
+        + [*_folder_option("--out", root), *options]
     )
+
+
+def study_command(checkpoints: PathLike) -> str:
+    """The ``hooked-attnres study`` command line that studies the runs under
+    ``checkpoints``, quoted for a POSIX shell as `train_command` is, for a message."""
+    return shlex.join(["hooked-attnres", "study", *_folder_option("--checkpoints", checkpoints)])
+
+
+def _folder_option(option: str, folder: PathLike) -> list[str]:
+    """``[option, folder]`` for a command line, or ``[f"{option}={folder}"]`` for a folder
+    named with a leading dash, which the parser would take for an option (``--out -runs``:
+    expected one argument)."""
+    return [f"{option}={folder}"] if str(folder).startswith("-") else [option, str(folder)]
 
 
 def finish_command(condition: str, seed: int, root: PathLike) -> str:
