@@ -276,6 +276,21 @@ def _whiskers(parts: Sequence[tuple[str, str, pd.DataFrame]]) -> str:
     return "whiskers: " + "; ".join(f"{name}, {text}" for name, text in texts)
 
 
+# what a figure's blank cell, missing bar or point means (`_blank_line`)
+UNREAD_CELL = "blank: the router reads no source of the family (n_sources 0)"
+NO_SOURCE = "blank: the layer has no such source"
+UNREAD = "no router of the type reads the family"
+UNMASKED = "the ablation masked no router (its effect is 0 by construction)"
+
+
+def _blank_line(reasons: Sequence[tuple[bool, str]]) -> str:
+    """The line under a figure's title that says what its blanks are: the texts of
+    ``reasons`` (``(the figure draws such a blank, text)``) that occur, ``""`` if none.
+    A blank cell or a missing bar of a figure saved alone (or in the study report, whose
+    prose does not say it) read as a measured 0 or a dropped row (audit 221)."""
+    return "; ".join(text for occurs, text in reasons if occurs)
+
+
 def _effect_noun(method: Optional[str], measured: str) -> str:
     """A default title's word for the plotted effects: ``measured`` (the figure's own
     word) for measured effects, `effect_name` for attribution estimates (``method``,
@@ -326,7 +341,12 @@ def wrapped_title(text: str, width: int = TITLE_WIDTH) -> str:
 
 
 def _finish(
-    fig: go.Figure, title: str, height: int, categories: str = "", whiskers: str = ""
+    fig: go.Figure,
+    title: str,
+    height: int,
+    categories: str = "",
+    whiskers: str = "",
+    blanks: str = "",
 ) -> go.Figure:
     """Title, height and margins; the axes named in ``categories`` (``"x"``, ``"y"``,
     ``"xy"``) are categorical whatever the plotly template. Only some templates (the
@@ -335,12 +355,14 @@ def _finish(
     plotly.js made such an axis numeric: position tokens ``["9", "3", "5"]`` drew their
     columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
     lost the columns of its three non-numbers. ``whiskers`` (`_whiskers`), where the figure
-    has any, is the title's subtitle. A title or subtitle longer than `TITLE_WIDTH`
+    has any, and ``blanks`` (`_blank_line`), where it draws any, are the title's subtitle,
+    each on lines of its own. A title or either subtitle line longer than `TITLE_WIDTH`
     characters is broken into lines there (`wrapped_title`) and the top margin and the
     height grow by `TITLE_LINE` per added line of either: plotly draws a title on one line
     and cuts it at the figure's edge."""
-    title, whiskers = wrapped_title(title), wrapped_title(whiskers)
-    extra = TITLE_LINE * (_added_lines(title) + _added_lines(whiskers))
+    title = wrapped_title(title)
+    subtitle = "<br>".join(wrapped_title(line) for line in (whiskers, blanks) if line)
+    extra = TITLE_LINE * (_added_lines(title) + _added_lines(subtitle))
     fig.update_layout(
         # anchored at the top (plotly's "auto" puts its first line's baseline mid-margin
         # and its further lines below, over the subtitle): in chromium the first line's top
@@ -350,8 +372,8 @@ def _finish(
         autosize=True,
         margin=dict(t=80 + extra, l=70, r=30),
     )
-    if whiskers:
-        fig.update_layout(title_subtitle_text=whiskers, margin_t=100 + extra)
+    if subtitle:
+        fig.update_layout(title_subtitle_text=subtitle, margin_t=100 + extra)
     if "x" in categories:
         fig.update_xaxes(type="category")
     if "y" in categories:
@@ -548,7 +570,14 @@ def routing_heatmap(
         )
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
     fig.update_xaxes(title_text="source family")
-    return _finish(fig, title, 160 + 40 * mass.layer.nunique(), categories="xy")
+    unread = any(t.isna().to_numpy().any() for t in tables.values())
+    return _finish(
+        fig,
+        title,
+        160 + 40 * mass.layer.nunique(),
+        categories="xy",
+        blanks=_blank_line(((unread, UNREAD_CELL),)),
+    )
 
 
 def _real_tokens(
@@ -716,6 +745,7 @@ def source_heatmap(
         title or f"Routing weights, {ROUTER_TITLES[router]} ({where})",
         160 + 40 * len(rows),
         categories="xy",
+        blanks=_blank_line(((bool(np.isnan(z).any()), NO_SOURCE),)),
     )
 
 
@@ -831,6 +861,18 @@ def _blank_unmasked(effects: pd.DataFrame) -> pd.DataFrame:
     out = effects.copy()
     out.loc[masked_nothing(effects, "the effect figures"), list(ESTIMATE)] = np.nan
     return out
+
+
+def _blank_kinds(rows: pd.DataFrame) -> tuple[bool, bool]:
+    """Which blanks a figure draws of ``rows`` (effects, with the mass summary's
+    ``family_read`` where the figure pairs them): ``(some family no router of the type
+    reads, some read family whose ablation masked no router)``, the blanks of
+    `_blank_unread` and `_blank_unmasked`, for `_blank_line`."""
+    nothing = masked_nothing(rows, "the effect figures").fillna(False).astype(bool)
+    unread = nothing & False  # a nullable n_masked_routers read back from a CSV: plain bool
+    if "family_read" in rows.columns:
+        unread = rows.family_read.eq(False).fillna(False).astype(bool)
+    return bool(unread.any()), bool((nothing & ~unread).any())
 
 
 def _mass_of_group(
@@ -1091,6 +1133,15 @@ def mass_effect_bars(
         whiskers=_whiskers(
             (("routing mass", "mass_summary", drawn), ("effect", "effects", chosen))
         ),
+        blanks=_blank_line(
+            tuple(
+                zip(
+                    _blank_kinds(merged),
+                    (f"no bars: {UNREAD}", f"no effect bar: {UNMASKED}"),
+                    strict=True,
+                )
+            )
+        ),
     )
 
 
@@ -1155,11 +1206,13 @@ def mass_effect_scatter(
             ("|effect| (y)", "effects", chosen),
         )
     )
+    unread, nothing = _blank_kinds(merged)
     return _finish(
         fig,
         (title or f"Routing mass vs |{_effect_noun(method, 'effect')}| ({metric})") + note,
         500,
         whiskers=whiskers,
+        blanks=_blank_line(((unread, f"no point: {UNREAD}"), (nothing, f"no point: {UNMASKED}"))),
     )
 
 
@@ -1331,6 +1384,7 @@ def effect_bands(
         450,
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
+        blanks=_blank_line(((_blank_kinds(chosen)[1], f"no bar: {UNMASKED}"),)),
     )
 
 
@@ -1481,6 +1535,7 @@ def effects_by_seed(
         140 + 260 * len(routers),
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
+        blanks=_blank_line(((_blank_kinds(chosen)[1], f"no bar: {UNMASKED}"),)),
     )
 
 
@@ -1562,6 +1617,7 @@ def mass_effect_by_seed(
         horizontal_spacing=0.04,
         vertical_spacing=0.1,
     )
+    unread = nothing = False  # the blanks drawn (`_blank_kinds`)
     for col, condition in enumerate(columns, start=1):
         for k, seed in enumerate(seeds):
             color = palette[k]
@@ -1575,6 +1631,8 @@ def mass_effect_by_seed(
                 where = f"condition={condition!r}, seed={seed}"
                 _require_cells(m.mass, "mass_summary", where)
                 _require_cells(e.effect, "effects", where)
+                kinds = _blank_kinds(e.assign(family_read=m.family_read))
+                unread, nothing = unread or kinds[0], nothing or kinds[1]
                 # a family no router of the type reads: no bars (they were drawn as 0)
                 e = _blank_unread(
                     e.assign(family_read=m.family_read),
@@ -1639,5 +1697,8 @@ def mass_effect_by_seed(
                 ),
                 ("effect", "effects", chosen),
             )
+        ),
+        blanks=_blank_line(
+            ((unread, f"no bars: {UNREAD}"), (nothing, f"no effect bar: {UNMASKED}"))
         ),
     )

@@ -5,6 +5,7 @@ Imported explicitly (``from helpers import tiny_model``); ``conftest.py`` holds 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -268,7 +269,26 @@ def title_of(fig) -> str:
 
 
 def subtitle_of(fig) -> str | None:
-    """A figure's subtitle (its whisker line) as one line, as `title_of`; None if it has
-    none."""
+    """A figure's subtitle (its whisker line, then its blank line where it has one) as one
+    line, as `title_of`; None if it has none."""
     text = fig.layout.title.subtitle.text
     return None if text is None else text.replace("<br>", " ")
+
+
+# how a line of a figure's subtitle begins: the whisker line, or the line that says what
+# the figure's blanks are ("blank: ...", "no bars: ...", "no effect bar: ...", "no point: ...")
+_SUBTITLE_LINE = re.compile(r"(whiskers|blank|no [a-z ]+?): ")
+
+
+def subtitle_lines(fig) -> list[str]:
+    """A figure's subtitle as its lines (the whisker line, the blank line), each as one
+    line: the ``<br>`` of a wrapped line joined by a space, the ``<br>`` before a line's
+    first word kept as the break; ``[]`` if it has none."""
+    text = fig.layout.title.subtitle.text
+    lines: list[str] = []
+    for piece in [] if text is None else text.split("<br>"):
+        if lines and not _SUBTITLE_LINE.match(piece):
+            lines[-1] = f"{lines[-1]} {piece}"
+        else:
+            lines.append(piece)
+    return lines

@@ -11,7 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import hf_qwen3, randomize_routing, subtitle_of, tiny_model, title_of
+from helpers import (
+    hf_qwen3,
+    randomize_routing,
+    subtitle_lines,
+    subtitle_of,
+    tiny_model,
+    title_of,
+)
 
 from hooked_attnres import HookedAttnRes, RunCacheDict, plotting
 from hooked_attnres.analysis import ablation_effects, routing_mass, summarize_mass
@@ -1694,7 +1701,8 @@ def test_whisker_line_reads_the_level_of_real_tables():
         progress=False,
     )
     fig = plotting.mass_effect_bars(summary, effects, relative=False)
-    assert subtitle_of(fig) == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"
+    # (a second line says what the blank bars of the family no router reads are)
+    assert subtitle_lines(fig)[0] == "whiskers: 80 % percentile-bootstrap intervals over 6 prompts"
 
 
 def test_heatmap_cell_texts_print_no_nonzero_value_as_zero():
@@ -2071,3 +2079,71 @@ def test_a_long_whisker_subtitle_grows_the_figure_by_its_lines():
     )
     assert long.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE * added
     assert long.layout.height - short.layout.height == plotting.TITLE_LINE * added
+
+
+BLANK_UNREAD = "no bars: no router of the type reads the family"
+BLANK_UNMASKED = "no bar: the ablation masked no router (its effect is 0 by construction)"
+
+
+def test_figures_say_what_their_blank_cells_and_missing_bars_mean():
+    """Audit 221: every figure drew a family a router does not read, a source a layer lacks
+    and an ablation that masked nothing (effect 0 by construction, "–" in the report) as a
+    blank cell or no bar, and said so only in docstrings and docs: a figure saved alone
+    (save_html, a notebook, the study report's figures) showed the empty slot of
+    ``older`` at the early routers beside bars of 0.001 without a word, readable as a
+    measured 0 or a dropped row. Each figure now says what its blanks are, under its title
+    (after the whisker line), only where it draws one; the cells and bars stay blank."""
+    # the routing heatmap: older and prev_completed absent at layer 0 (n_sources 0)
+    table = pd.DataFrame(
+        [
+            dict(
+                router="attn_res",
+                layer=layer,
+                family=f,
+                n_sources=int(layer or f in ("embedding", "current")),
+                mass=0.25,
+            )
+            for layer in (0, 1)
+            for f in FAMILIES
+        ]
+    )
+    fig = plotting.routing_heatmap(table)
+    assert np.isnan(np.asarray(fig.data[0].z, float)[0]).sum() == 2
+    assert subtitle_lines(fig) == ["blank: the router reads no source of the family (n_sources 0)"]
+    assert subtitle_lines(plotting.routing_heatmap(table.assign(n_sources=1))) == []
+    # the source heatmap of a kimi model: attn_res layer 0 reads the embedding alone
+    model = tiny_model(attnres_layout="kimi")
+    _, cache = model.run_with_cache(torch.arange(6)[None])
+    fig = plotting.source_heatmap(model, cache)
+    assert np.isnan(np.asarray(fig.data[0].z, float)).any()
+    assert subtitle_lines(fig) == ["blank: the layer has no such source"]
+    # the effect figures: a family no router reads (both bars) and one masked by nothing
+    whiskers = "whiskers: 95 % percentile-bootstrap intervals over 12 prompts"
+    effects = _effects(seeds=(0, 1), routers=("mlp_res",)).assign(confidence=0.95, n_prompts=12)
+    mass = _mass(seeds=(0, 1)).assign(confidence=0.95, n_prompts=12)
+    older, early = effects.family == "older", effects.group == "early"
+    unread = effects.assign(
+        n_masked_routers=np.where(older, 0, 1), effect=np.where(older, 0.0, effects.effect)
+    )
+    unread = unread.assign(ci_low=np.where(older, 0.0, unread.ci_low))
+    unread = unread.assign(ci_high=np.where(older, 0.0, unread.ci_high))
+    mass_unread = mass.assign(family_read=mass.family != "older")
+    one_e = unread[unread.seed == 0].drop(columns=["condition", "seed"])
+    one_m = mass_unread[mass_unread.seed == 0].drop(columns=["condition", "seed", "band"])
+    bars = plotting.mass_effect_bars(one_m, one_e)
+    assert np.isnan(bars.data[0].y[FAMILIES.index("older")])
+    assert subtitle_lines(bars) == [whiskers, BLANK_UNREAD]
+    scatter = plotting.mass_effect_scatter(one_m, one_e)
+    assert len(scatter.data) == 3
+    assert subtitle_lines(scatter) == [whiskers, "no point: no router of the type reads the family"]
+    by_seed = plotting.mass_effect_by_seed(mass_unread, unread, "mlp_res")
+    assert subtitle_lines(by_seed) == [whiskers, BLANK_UNREAD]
+    # masked nothing in the early band only (the family is read elsewhere)
+    nothing = effects.assign(n_masked_routers=np.where(older & early, 0, 1))
+    bands = plotting.effect_bands(nothing[nothing.seed == 0])
+    assert np.isnan(bands.data[FAMILIES.index("older")].y[0])
+    assert subtitle_lines(bands) == [whiskers, BLANK_UNMASKED]
+    seeds = plotting.effects_by_seed(nothing, "older", ["mlp_res"])
+    assert subtitle_lines(seeds) == [whiskers, BLANK_UNMASKED]
+    # a figure without blanks keeps its whisker line alone
+    assert subtitle_lines(plotting.effects_by_seed(nothing, "current", ["mlp_res"])) == [whiskers]
