@@ -1058,8 +1058,9 @@ def mass_effect_bars(
             ``family_read`` (a summary without it is refused).
         effects: `ablation_effects` output; rows with ``metric`` and ``group`` are shown.
             They choose the router types and families drawn: one without a mass row (a
-            source label such as ``attn_0``) is refused, and the mass of a family without
-            effects is not drawn, the title naming it.
+            source label such as ``attn_0``) is refused, one with a mass row is drawn after
+            the four families, and the mass of a family without effects is not drawn, the
+            title naming it.
         relative: effects as a percentage of the clean logit difference (``logit_diff``
             only); ``False``: in the metric's own unit.
     """
@@ -1082,7 +1083,9 @@ def mass_effect_bars(
     )
     for col, router in enumerate(routers, start=1):
         part = merged[merged.router == router].set_index("family")
-        part = part.reindex([f for f in FAMILIES if f in part.index])
+        # the families, then a source label both tables hold (it was left out: audit 221)
+        colours = _families(part.index)
+        part = part.reindex(list(colours))
         part = _blank_unread(
             part,
             ("mass", "ci_low_mass", "ci_high_mass", "effect", "ci_low", "ci_high"),
@@ -1090,7 +1093,7 @@ def mass_effect_bars(
             part.get("n_masked_routers"),
         )
         part = _blank_unmasked(part)
-        colors = [FAMILY_COLORS[f] for f in part.index]
+        colors = list(colours.values())
         fig.add_trace(
             _bar(
                 part.index,
@@ -1216,7 +1219,7 @@ def mass_effect_scatter(
     )
 
 
-def _families(column: pd.Series) -> dict:
+def _families(column: Union[pd.Series, pd.Index]) -> dict:
     """``{family: colour}`` of the masked families in a table's ``family`` column: the four
     families in their order, then labels or indices (`plan_ablations` masks those too)
     in the table's order, each with a colour of its own."""
@@ -1597,7 +1600,7 @@ def mass_effect_by_seed(
     )
     seeds = sorted(set(chosen.seed))  # every model's seed has a slot (`_absent_seeds`)
     palette = _palette(len(seeds))  # one colour per seed, the same in every panel
-    families = [f for f in FAMILIES if f in set(chosen.family)]
+    families = list(_families(chosen.family))  # a source label too (`mass_effect_bars`)
     chosen, unit = _shown_effects(chosen, columns, relative)
     # the effects choose the models: a seed whose mass alone a condition has is absent
     absent = _absent_seeds(chosen, columns, seeds)

@@ -2147,3 +2147,39 @@ def test_figures_say_what_their_blank_cells_and_missing_bars_mean():
     assert subtitle_lines(seeds) == [whiskers, BLANK_UNMASKED]
     # a figure without blanks keeps its whisker line alone
     assert subtitle_lines(plotting.effects_by_seed(nothing, "current", ["mlp_res"])) == [whiskers]
+
+
+def test_mass_effect_bars_draw_a_source_label_with_mass_and_effect_rows():
+    """Audit 221: mass_effect_bars and mass_effect_by_seed drew the four families only
+    (``reindex(FAMILIES)``), so a source label that both tables hold (``attn_0``, mass 0.9,
+    effect -0.5: the largest of the figure) was left out without a word, while
+    mass_effect_scatter and effect_bands drew it. It is drawn after the families, as in
+    effect_bands, with its own colour."""
+    effects, mass = _effects(routers=("mlp_res",)), _mass()
+    effects = pd.concat(
+        [
+            effects,
+            effects[effects.family == "older"].assign(
+                family="attn_0", effect=-0.5, ci_low=-0.6, ci_high=-0.4
+            ),
+        ]
+    )
+    mass = pd.concat(
+        [
+            mass,
+            mass[mass.family == "older"].assign(
+                family="attn_0", mass=0.9, ci_low=0.85, ci_high=0.95
+            ),
+        ]
+    )
+    one_e = effects.drop(columns=["condition", "seed"])
+    one_m = mass.drop(columns=["condition", "seed", "band"])
+    bars = plotting.mass_effect_bars(one_m, one_e, relative=False)
+    by_seed = plotting.mass_effect_by_seed(mass, effects, "mlp_res", relative=False)
+    for fig in (bars, by_seed):
+        top, bottom = fig.data
+        assert list(top.x) == [*FAMILIES, "attn_0"] == list(bottom.x)
+        assert (top.y[-1], top.y[-1] - top.error_y.arrayminus[-1]) == pytest.approx((0.9, 0.85))
+        assert bottom.y[-1] + bottom.error_y.array[-1] == pytest.approx(-0.4)
+        assert bottom.y[-1] == pytest.approx(-0.5)
+    assert len(set(bars.data[0].marker.color)) == 5  # a colour of its own
