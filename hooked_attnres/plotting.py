@@ -291,6 +291,19 @@ def _blank_line(reasons: Sequence[tuple[bool, str]]) -> str:
     return "; ".join(text for occurs, text in reasons if occurs)
 
 
+def _effect_blanks(kinds: tuple[bool, bool], missing: tuple[str, str]) -> str:
+    """`_blank_line` of an effect figure's blanks (`_blank_kinds`: a family no router of the
+    type reads, an ablation that masked no router), ``missing`` naming what the figure
+    leaves out for each (``("no bars", "no effect bar")``, ``"no point"``, ``"no bar"``)."""
+    unread, nothing = kinds
+    return _blank_line(
+        ((unread, f"{missing[0]}: {UNREAD}"), (nothing, f"{missing[1]}: {UNMASKED}"))
+    )
+
+
+PAIRED = ("no bars", "no effect bar")  # a mass and an effect bar per family (`_effect_blanks`)
+
+
 def _effect_noun(method: Optional[str], measured: str) -> str:
     """A default title's word for the plotted effects: ``measured`` (the figure's own
     word) for measured effects, `effect_name` for attribution estimates (``method``,
@@ -1081,11 +1094,13 @@ def mass_effect_bars(
         vertical_spacing=0.1,
         subplot_titles=[ROUTER_TITLES[r] for r in routers],
     )
+    # the families, then a source label both tables hold (it was left out: audit 221), each
+    # in one colour in every panel (review 224: chosen per panel, a label read at one
+    # router type only gave another label's colour to a label of the next panel)
+    colours = _families(merged.family)
     for col, router in enumerate(routers, start=1):
         part = merged[merged.router == router].set_index("family")
-        # the families, then a source label both tables hold (it was left out: audit 221)
-        colours = _families(part.index)
-        part = part.reindex(list(colours))
+        part = part.reindex([f for f in colours if f in set(part.index)])
         part = _blank_unread(
             part,
             ("mass", "ci_low_mass", "ci_high_mass", "effect", "ci_low", "ci_high"),
@@ -1093,7 +1108,7 @@ def mass_effect_bars(
             part.get("n_masked_routers"),
         )
         part = _blank_unmasked(part)
-        colors = list(colours.values())
+        colors = [colours[f] for f in part.index]
         fig.add_trace(
             _bar(
                 part.index,
@@ -1136,15 +1151,7 @@ def mass_effect_bars(
         whiskers=_whiskers(
             (("routing mass", "mass_summary", drawn), ("effect", "effects", chosen))
         ),
-        blanks=_blank_line(
-            tuple(
-                zip(
-                    _blank_kinds(merged),
-                    (f"no bars: {UNREAD}", f"no effect bar: {UNMASKED}"),
-                    strict=True,
-                )
-            )
-        ),
+        blanks=_effect_blanks(_blank_kinds(merged), PAIRED),
     )
 
 
@@ -1167,6 +1174,7 @@ def mass_effect_scatter(
         mass_summary, effects, metric, group, "mass_effect_scatter"
     )
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
+    colours = _families(merged.family)  # a source label's too (review 224: all were gray)
     fig = go.Figure()
     for router in dict.fromkeys(merged.router):
         part = merged[merged.router == router].set_index("family")
@@ -1185,9 +1193,7 @@ def mass_effect_scatter(
                 y=[size],
                 mode="markers",
                 name=f"{family} ({ROUTER_TITLES[router]})",
-                marker=dict(
-                    color=FAMILY_COLORS.get(family, "gray"), symbol=symbols[router], size=12
-                ),
+                marker=dict(color=colours[family], symbol=symbols[router], size=12),
                 error_x=dict(
                     type="data",
                     symmetric=False,
@@ -1209,13 +1215,12 @@ def mass_effect_scatter(
             ("|effect| (y)", "effects", chosen),
         )
     )
-    unread, nothing = _blank_kinds(merged)
     return _finish(
         fig,
         (title or f"Routing mass vs |{_effect_noun(method, 'effect')}| ({metric})") + note,
         500,
         whiskers=whiskers,
-        blanks=_blank_line(((unread, f"no point: {UNREAD}"), (nothing, f"no point: {UNMASKED}"))),
+        blanks=_effect_blanks(_blank_kinds(merged), ("no point", "no point")),
     )
 
 
@@ -1387,7 +1392,7 @@ def effect_bands(
         450,
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
-        blanks=_blank_line(((_blank_kinds(chosen)[1], f"no bar: {UNMASKED}"),)),
+        blanks=_effect_blanks(_blank_kinds(chosen), ("no bar", "no bar")),
     )
 
 
@@ -1538,7 +1543,7 @@ def effects_by_seed(
         140 + 260 * len(routers),
         categories="x",
         whiskers=_whiskers((("effect", "effects", chosen),)),
-        blanks=_blank_line(((_blank_kinds(chosen)[1], f"no bar: {UNMASKED}"),)),
+        blanks=_effect_blanks(_blank_kinds(chosen), ("no bar", "no bar")),
     )
 
 
@@ -1701,7 +1706,5 @@ def mass_effect_by_seed(
                 ("effect", "effects", chosen),
             )
         ),
-        blanks=_blank_line(
-            ((unread, f"no bars: {UNREAD}"), (nothing, f"no effect bar: {UNMASKED}"))
-        ),
+        blanks=_effect_blanks((unread, nothing), PAIRED),
     )

@@ -283,11 +283,12 @@ _SUBTITLE_LINE = re.compile(r"(whiskers|blank|no [a-z ]+?): ")
 def subtitle_lines(fig) -> list[str]:
     """A figure's subtitle as its lines (the whisker line, the blank line), each as one
     line: the ``<br>`` of a wrapped line joined by a space, the ``<br>`` before a line's
-    first word kept as the break; ``[]`` if it has none."""
+    first word kept as the break (a piece after one ending in ``;`` continues it: the
+    parts of a line are joined by ``"; "``); ``[]`` if it has none."""
     text = fig.layout.title.subtitle.text
     lines: list[str] = []
     for piece in [] if text is None else text.split("<br>"):
-        if lines and not _SUBTITLE_LINE.match(piece):
+        if lines and (lines[-1].endswith(";") or not _SUBTITLE_LINE.match(piece)):
             lines[-1] = f"{lines[-1]} {piece}"
         else:
             lines.append(piece)

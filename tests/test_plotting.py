@@ -2183,3 +2183,84 @@ def test_mass_effect_bars_draw_a_source_label_with_mass_and_effect_rows():
         assert bottom.y[-1] + bottom.error_y.array[-1] == pytest.approx(-0.4)
         assert bottom.y[-1] == pytest.approx(-0.5)
     assert len(set(bars.data[0].marker.color)) == 5  # a colour of its own
+
+
+def test_a_source_label_has_one_colour_in_every_panel_and_in_the_scatter():
+    """Review 224: mass_effect_bars chose the colours of source labels per panel, so a
+    label read at one router type only moved the others: ``attn_1`` was drawn in #4c72b0
+    at the attention routers and #dd8452 at the MLP routers, where #4c72b0 was ``attn_0``'s.
+    mass_effect_scatter drew every source label gray (two labels of one router type, one
+    colour and symbol). Both now take the colours of the figure's labels together, as
+    effect_bands does (`_families`)."""
+
+    def with_label(table, router, label, **values):
+        older = table[(table.family == "older") & (table.router == router)]
+        return older.assign(family=label, **values)
+
+    effects = _effects(routers=("attn_res", "mlp_res")).drop(columns=["condition", "seed"])
+    mass = pd.concat([_mass(router="attn_res"), _mass()]).drop(
+        columns=["condition", "seed", "band"]
+    )
+    labels = [("attn_res", "attn_1"), ("mlp_res", "attn_0"), ("mlp_res", "attn_1")]
+    effects = pd.concat(
+        [
+            effects,
+            *(with_label(effects, r, f, effect=-0.3, ci_low=-0.4, ci_high=-0.2) for r, f in labels),
+        ]
+    )
+    mass = pd.concat(
+        [mass, *(with_label(mass, r, f, mass=0.5, ci_low=0.4, ci_high=0.6) for r, f in labels)]
+    )
+    bars = plotting.mass_effect_bars(mass, effects, relative=False)
+    colours = {}  # label -> colour, over both panels and rows
+    for trace in bars.data:
+        for label, colour in zip(trace.x, trace.marker.color, strict=True):
+            colours.setdefault(label, set()).add(colour)
+    assert list(bars.data[0].x) == [*FAMILIES, "attn_1"]  # the attention routers
+    # the labels in the table's order (attn_1 first, at the attention routers) in each panel
+    assert list(bars.data[2].x) == [*FAMILIES, "attn_1", "attn_0"]
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({c for (c,) in colours.values()}) == len(FAMILIES) + 2
+    scatter = plotting.mass_effect_scatter(mass, effects)
+    points = {t.name.split(" (")[0]: t.marker.color for t in scatter.data}
+    assert points == {label: colour for label, (colour,) in colours.items()}
+
+
+def test_the_blank_line_grows_the_figure_by_its_lines():
+    """Review 224: the line that says what a figure's blanks are (audit 221) came with the
+    title wrapping of review 223; each line it adds under the whisker line (one, and one
+    more where it is longer than `TITLE_WIDTH` and wrapped) grows the top margin and the
+    height by `TITLE_LINE`, as the whisker line's do (chromium, 800 px wide: a subtitle of
+    3 lines ends 34 px above the panel titles, of 4 lines 41 px)."""
+    effects = _effects(routers=("mlp_res",)).drop(columns=["condition", "seed"])
+    mass = _mass().drop(columns=["condition", "seed", "band"])
+    older, current = effects.family == "older", effects.family == "current"
+    zero = dict(effect=0.0, ci_low=0.0, ci_high=0.0)
+    blanks = effects.assign(n_masked_routers=np.where(older | current, 0, 1))
+    blanks.loc[older | current, list(zero)] = list(zero.values())
+    unread = mass.assign(family_read=mass.family != "older")
+    plain = plotting.mass_effect_bars(mass, effects, relative=False)
+    both = plotting.mass_effect_bars(unread, blanks, relative=False)
+    one = plotting.mass_effect_bars(mass, blanks[~older], relative=False)
+    assert subtitle_lines(both)[1] == (
+        "no bars: no router of the type reads the family; no effect bar: the ablation masked "
+        "no router (its effect is 0 by construction)"
+    )
+    assert subtitle_lines(one)[1:] == [
+        "no effect bar: the ablation masked no router (its effect is 0 by construction)"
+    ]
+    for fig, added in ((one, 1), (both, 2)):  # the line, wrapped once where it is long
+        assert fig.layout.title.subtitle.text.count("<br>") == added
+        assert fig.layout.margin.t - plain.layout.margin.t == plotting.TITLE_LINE * added
+        assert fig.layout.height - plain.layout.height == plotting.TITLE_LINE * added
+    # a figure whose subtitle is its blank line alone has the margin of a whisker line
+    table = pd.DataFrame(
+        [
+            dict(router="attn_res", layer=0, family=f, n_sources=int(f != "older"), mass=0.25)
+            for f in FAMILIES
+        ]
+    )
+    heatmap = plotting.routing_heatmap(table)
+    bare = plotting.routing_heatmap(table.assign(n_sources=1))
+    assert subtitle_lines(heatmap) == [plotting.UNREAD_CELL] and subtitle_lines(bare) == []
+    assert heatmap.layout.margin.t == plain.layout.margin.t > bare.layout.margin.t
