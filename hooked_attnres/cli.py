@@ -520,16 +520,14 @@ def _unfinished_run_note(model_dir: Path) -> str:
     its write, which it cannot always tell apart), or when either file cannot be read or
     ``trainer_state.json`` differs from its recorded SHA-256 (the `CheckpointError`); ``""``
     otherwise. The study refuses such a folder."""
-    from hooked_attnres.training.trainer import checkpoint_run_differs
+    from hooked_attnres.training.trainer import RESUME_ON_COMMAND_LINE, checkpoint_run_differs
 
     if model_dir.name != "model":
         return ""
     from hooked_attnres.loading.io import CheckpointError
 
     try:
-        other = checkpoint_run_differs(
-            model_dir.parent, resume="the train command without --no-resume"
-        )
+        other = checkpoint_run_differs(model_dir.parent, resume=RESUME_ON_COMMAND_LINE)
     except CheckpointError as error:  # a file unreadable or changed: what it holds is unknown
         return f"\nnote: {error}"
     except (OSError, ValueError):  # a file the OS does not let it read: the note is advice

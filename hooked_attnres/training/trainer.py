@@ -290,10 +290,12 @@ def _run_record(state: dict, drop: str) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
-# how to resume a run, in the words of both callers of `checkpoint_run_differs`
+# how to resume a run on the command line (`info`'s note says only this), and in the words
+# of both callers of `checkpoint_run_differs`
+RESUME_ON_COMMAND_LINE = "the train command without --no-resume"
 _RESUME = (
-    "train(...) into the run's out_dir with resume=True (on the command line: the train "
-    "command without --no-resume)"
+    "train(...) into the run's out_dir with resume=True (on the command line: "
+    f"{RESUME_ON_COMMAND_LINE})"
 )
 
 
