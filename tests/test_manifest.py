@@ -180,18 +180,22 @@ def test_a_completion_marker_takes_precedence_over_a_manifest(tmp_path):
 
 def test_a_file_not_listed_or_listed_and_missing_is_refused(tmp_path):
     """A file of a listed folder that the manifest does not list cannot be checked (a
-    hidden one, e.g. ``.DS_Store``, is read by no loader and passes); a listed file that is
+    hidden one, e.g. ``.DS_Store``, is read by no loader and passes, as do notes: see
+    ``test_a_whole_manifest_lets...``); a listed file that is
     missing is refused: the shipped ``vanilla`` folder without its tokenizer files loaded
     as a model without a tokenizer."""
     root = shipped_copy(tmp_path, (VANILLA,))
     directory = root / VANILLA / "model"
     (directory / ".DS_Store").write_bytes(b"\0")
     load(directory)  # hidden: not read by a loader, not checked
-    (directory / "notes.txt").write_text("mine")
+    (directory / "special_tokens_map.json").write_text("{}")  # a loader reads it
     with pytest.raises(CheckpointIntegrityError) as info:
         load(directory)
-    assert f"{directory / 'notes.txt'} is not listed in {root / 'SHA256SUMS'}" in str(info.value)
-    (directory / "notes.txt").unlink()
+    message = str(info.value)
+    assert f"{directory / 'special_tokens_map.json'} is not listed in {root / 'SHA256SUMS'}" in (
+        message
+    ), message
+    (directory / "special_tokens_map.json").unlink()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).unlink()
     assert load(directory, verify=False).tokenizer is None  # what it did unchecked
@@ -286,6 +290,55 @@ def test_a_users_manifest_that_lists_the_config_lists_the_folder_whole(tmp_path)
     with pytest.raises(CheckpointIntegrityError) as info:
         HookedAttnRes.from_pretrained(directory)
     assert f"{directory / 'special_tokens_map.json'} is not listed in" in str(info.value)
+
+
+# files a user adds to a folder, which no loader reads (notes, a README, a notebook, a plot)
+NOTES = ("notes.txt", "README.md", "analysis.ipynb", "logits.png")
+# files of the kinds a load reads: this library's (config, weights, a shard index) and the
+# tokenizer's (transformers' AutoTokenizer: special tokens, a template, vocabularies)
+READ = (
+    "generation_config.json",
+    "special_tokens_map.json",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "chat_template.jinja",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "Tokenizer.JSON",  # any case: tokenizer.json to a case-insensitive file system
+)
+
+
+@pytest.mark.parametrize("run", [ATTNRES, VANILLA])
+def test_a_whole_manifest_lets_a_file_no_loader_reads_be_added_and_refuses_others(tmp_path, run):
+    """Audit 229: a manifest that lists a folder whole (``sha256sum */model/*``, or the
+    shipped one) refused any file added to the folder later, so ``notes.txt`` or a README
+    beside the weights made the folder unloadable though no loader reads them. A file of
+    a kind a load reads is still refused when not listed (it could change the model)."""
+    root = shipped_copy(tmp_path, (run,))
+    directory = root / run / "model"
+    as_listed = load(directory).state_dict()
+    for name in NOTES:
+        (directory / name).write_text("mine")
+    found = load(directory).state_dict()  # loads, as the listed files
+    assert found.keys() == as_listed.keys()
+    assert all(torch.equal(found[key], as_listed[key]) for key in found)
+    flip_weight_byte(directory / "model.safetensors")  # the listed files are still checked
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors has SHA-256"):
+        load(directory)
+    shutil.copy2(SHIPPED / run / "model" / "model.safetensors", directory / "model.safetensors")
+    added = [name for name in READ if not (directory / name).exists()]  # vanilla has some
+    assert len(added) >= len(READ) - 1, added
+    for name in added:
+        (directory / name).write_text("{}")
+        with pytest.raises(CheckpointIntegrityError) as info:
+            load(directory)
+        message = str(info.value)
+        assert f"{directory / name} is not listed in {root / 'SHA256SUMS'}" in message, message
+        assert "notes.txt" not in message and "README.md" not in message, message
+        (directory / name).unlink()
+    load(directory)
 
 
 def test_a_manifest_that_is_a_symbolic_link_is_read_where_the_link_is(tmp_path):

@@ -37,6 +37,37 @@ _TOKENIZER_READS = (
     "config.json",
 )
 
+# what a load of a model folder may read, besides `_TOKENIZER_READS`: this library's
+# config, weights and shard index (any ``.json``, ``.safetensors``), and the files of any
+# tokenizer class ``AutoTokenizer`` may pick (its templates and vocabularies: ``.jinja``,
+# ``.model``, ``.spm``, ``.tiktoken``, ``.codes``, ``.tokenizer``, ``vocab.txt``,
+# ``merges.txt``, ``dict.txt``), and other frameworks' weights (``.bin``, ``.pt``, ``.pth``),
+# whatever their case; `may_be_read` (a whole digest manifest refuses such a file unlisted)
+_READ_SUFFIXES = (
+    ".json",
+    ".safetensors",
+    ".jinja",
+    ".model",
+    ".spm",
+    ".tiktoken",
+    ".codes",
+    ".tokenizer",
+    ".bin",
+    ".pt",
+    ".pth",
+)
+_READ_NAMES = frozenset(
+    name.lower() for name in (*_TOKENIZER_READS, "vocab.txt", "merges.txt", "dict.txt")
+)
+
+
+def may_be_read(name: str) -> bool:
+    """Whether a file named ``name`` in a model folder is of a kind a load may read (this
+    library's loaders, or ``AutoTokenizer`` for any tokenizer class): `_READ_SUFFIXES`,
+    `_READ_NAMES`, in any case. Notes, a README, a notebook or a plot are not."""
+    lowered = name.lower()
+    return lowered in _READ_NAMES or lowered.endswith(_READ_SUFFIXES)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong and where."""
@@ -167,22 +198,25 @@ def verify_manifest(
     a manifest: the link's), ``/``-separated; ``{sha256} *{path}`` in binary mode);
     ``directory`` must lie under that folder. Files are compared byte for byte (no line
     ending is converted). Hidden files (a desktop's ``.DS_Store``) are read by no loader
-    and not compared; subfolders neither.
+    and not compared; subfolders neither; nor, unlisted, a file of a kind no load reads
+    (`may_be_read`: notes, a README, a notebook, a plot), even in a folder listed whole.
 
     Args:
         directory: the folder checked.
         manifest: its digest manifest (`digest_manifest`).
         remedy: what the message says to do.
         whole: whether the manifest lists every file of the folder, so that a file it does
-            not list is refused (a file a loader may read, such as a
-            ``special_tokens_map.json``, would change the model). Default: if it lists the
-            folder's ``config.json`` (the shipped checkpoints' manifest, and ``sha256sum
-            */model/*``); one that lists the weights alone (``sha256sum
+            not list is refused if a load may read it (`may_be_read`: a
+            ``special_tokens_map.json`` or a weights shard would change the model; until
+            audit 229 any file, so a ``notes.txt`` made the folder unloadable). Default:
+            if it lists the folder's ``config.json`` (the shipped checkpoints' manifest,
+            and ``sha256sum */model/*``); one that lists the weights alone (``sha256sum
             */model/model.safetensors``, a check of a retrained run) checks those.
 
     Raises:
         CheckpointIntegrityError: a line that is no such pair (naming its number; the
-            manifest cannot be trusted), or, naming each file: one not listed (``whole``),
+            manifest cannot be trusted), or, naming each file: one not listed that a load
+            may read (``whole``),
             one with another SHA-256, one listed and missing; each with ``remedy``.
         CheckpointError: a changed file is a Git LFS pointer (`require_not_lfs_pointer`).
     """
@@ -209,7 +243,7 @@ def verify_manifest(
     for name in present:
         path, key = directory / name, f"{base}/{name}"
         if key not in listed:
-            if whole:
+            if whole and may_be_read(name):  # notes of one's own: read by no load
                 problems.append(f"{path} is not listed in {manifest}, so it cannot be checked")
             continue
         found = file_sha256(path)  # the digest every marker records, read in chunks
