@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
+from hooked_attnres.__main__ import PROG, interrupted
 from hooked_attnres._study_limits import (
     MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
@@ -33,8 +34,6 @@ from hooked_attnres._study_limits import (
     WHY_MAX_SEED,
     WHY_MAX_THREADS,
 )
-
-PROG = "hooked-attnres"
 
 
 class CommandError(Exception):
@@ -81,8 +80,7 @@ def _interrupted(error: KeyboardInterrupt) -> int:
     if isinstance(error, Terminated):
         print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-    print(f"{PROG}: interrupted", file=sys.stderr)
-    return 128 + signal.SIGINT
+    return interrupted()
 
 
 def default_threads() -> int:

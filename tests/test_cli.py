@@ -2220,3 +2220,60 @@ def test_the_study_command_train_ends_with_reads_back_as_its_folder(
     words = shlex.split(line.split("`")[1])
     assert words[:2] == ["hooked-attnres", "study"], line
     assert cli.build_parser().parse_args(words[1:]).checkpoints == folder, line
+
+
+# A sitecustomize (found first on PYTHONPATH) that makes the command line's import wait:
+# the import of ``hooked_attnres._study_limits``, which `hooked_attnres.cli` imports at its
+# top, says so on stderr and sleeps, so that a SIGINT lands inside the module's import
+SLOW_IMPORT = """
+import sys, time
+
+class SlowImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hooked_attnres._study_limits":
+            sys.stderr.write("importing the command line\\n")
+            sys.stderr.flush()
+            time.sleep(30)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+"""
+
+
+def _console_script() -> str:
+    """What the ``hooked-attnres`` script pip writes from pyproject.toml runs: its entry
+    point ``module:function`` imported, then called (read here from pyproject.toml)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, function = re.search(r'^hooked-attnres = "([\w.]+):(\w+)"$', text, re.M).groups()
+    return f"import sys\nfrom {module} import {function}\nsys.exit({function}())"
+
+
+@pytest.mark.parametrize("how", ["the console script", "python -m hooked_attnres"])
+def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback(how, tmp_path):
+    """Audit 229: Ctrl-C in the first moments of a command, while Python imports the
+    command line (before `main` runs and handles Ctrl-C; the first ~25 ms of
+    ``hooked-attnres info``, 3 of 3 SIGINTs at 5-20 ms), ended in a ``KeyboardInterrupt``
+    traceback with exit code 1 or -2, not the one line and 130 of every later moment; and
+    ``python -m hooked_attnres`` did not run (no ``__main__``). The import is made to wait
+    here (`SLOW_IMPORT`) and SIGINT sent once it does, so the moment is the same each run."""
+    import signal
+
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    if how == "the console script":
+        command = [sys.executable, "-c", _console_script(), "list"]
+    else:
+        command = [sys.executable, "-m", "hooked_attnres", "list"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert process.stderr.readline() == "importing the command line\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert (process.returncode, out, err) == (130, "", "hooked-attnres: interrupted\n")
