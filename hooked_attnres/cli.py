@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from hooked_attnres.__main__ import PROG, interrupted
 from hooked_attnres._study_limits import (
@@ -246,11 +246,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         study_train_config,
         train_condition,
     )
-    from hooked_attnres.study.checkpoints import study_command
+    from hooked_attnres.study.checkpoints import study_command, train_command
     from hooked_attnres.study.recipes import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
-    from hooked_attnres.training.trainer import check_run_folder
+    from hooked_attnres.training.trainer import TrainingDivergedError, check_run_folder
 
     conditions = _conditions(args.condition)
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
@@ -299,16 +299,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.threads is not None:
         _check_training_threads(args.threads, conditions, kwargs.get("config"))
-    summary = Path(args.out) / "train_summary.json"
+    summary = Path(args.out) / TRAIN_SUMMARY
     _earlier_summary(summary)  # refused before any run trains, not after the first
     results: list[dict] = []
-    for seed in args.seeds:
-        for condition in conditions:
+    runs = [(name, n) for n in args.seeds for name in conditions]
+    # what each run needs is listed however such a command ends once a run has started
+    # (audit 218: Ctrl-C or an error of the machine; audit 226: also a refusal, a
+    # divergence, an error of a later run or of the summary's write)
+    listed = args.no_resume and len(runs) > 1
+    index, stage = 0, "not started"  # the run the command is at, and how far it got
+    try:
+        for index in range(len(runs)):  # `index` read after the loop, in the handler
+            condition, seed = runs[index]
+            stage = "not started"
             out_dir = run_dir(args.out, condition, seed)
             print(f"[{PROG}] training {condition} seed {seed} -> {out_dir}", flush=True)
             checkpoint = out_dir / "checkpoint"
-            # one still there after a stop is an earlier run's, which --no-resume does not resume
+            # one still there after a stop is an earlier run's, which --no-resume does not
+            # resume
             before = _checkpoint_version(checkpoint)
+            stage = "training"
             try:
                 result = train_condition(
                     condition,
@@ -323,22 +333,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             # kept, and the run resumes from it once the cause is fixed (audit 150: the
             # command said only the error)
             except (KeyboardInterrupt, OSError, MemoryError) as error:
-                if isinstance(error, FileExistsError):  # a refusal, not a stop
-                    raise
-                # its own checkpoint is kept unless it was started over (--no-resume) and
-                # stopped before its first one (e.g. a full disk while its step-0 checkpoint
-                # was written): then the folder is as it was, and resuming would resume the
-                # earlier run, refused for other settings (review 207)
-                own = not args.no_resume or _checkpoint_version(checkpoint) != before
-                cause = "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
-                runs = [(name, n) for n in args.seeds for name in conditions]
-                if args.no_resume and len(runs) > 1:  # what each run needs (audit 218)
-                    _print_how_to_finish(args, runs, len(results), own, cause)
-                elif checkpoint.is_dir():
+                # a refusal is no stop; several runs started over are listed below
+                if not isinstance(error, FileExistsError) and not listed and checkpoint.is_dir():
+                    # its own checkpoint is kept unless it was started over (--no-resume)
+                    # and stopped before its first one (e.g. a full disk while its step-0
+                    # checkpoint was written): then the folder is as it was, and resuming
+                    # would resume the earlier run, refused for other settings (review 207)
+                    own = not args.no_resume or _checkpoint_version(checkpoint) != before
+                    cause = _fix_first(error)
                     if not args.no_resume:
                         again = f": {cause}run the same command again to resume"
-                    elif own:
-                        again = f": {cause}run the command without --no-resume again to resume"
+                    elif own:  # the command itself, not "without --no-resume" (audit 226)
+                        command = train_command([condition], [seed], args.out, _options(args))
+                        again = f": {cause}run `{command}` to resume"
                     else:
                         again = f"; {cause}run the same command again to start it over"
                     print(
@@ -346,6 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 raise
+            stage = "unlisted"  # finished, not yet in the summary
             accuracy = ", ".join(f"{k} {v:.1%}" for k, v in result.final_accuracy.items())
             results.append(
                 {
@@ -358,19 +366,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             # after every run, so that Ctrl-C or a crash later keeps the finished ones; runs
             # of earlier commands into the same folder stay listed, and so do those another
-            # command running at the same time listed meanwhile (read again, under the lock);
-            # before the line that reports the run, which fails if the reader of stdout has
-            # closed it (`train | head -1`: the finished run went unlisted until review 180)
+            # command running at the same time listed meanwhile (read again, under the
+            # lock); before the line that reports the run, which fails if the reader of
+            # stdout has closed it (`train | head -1`: the finished run went unlisted until
+            # review 180)
             done = {(row["condition"], row["seed"]) for row in results}
             with updating(summary):
                 earlier = _earlier_summary(summary)
                 kept = [r for r in earlier if (r.get("condition"), r.get("seed")) not in done]
                 write_text_atomic(summary, json.dumps(kept + results, indent=2) + "\n")
+                stage = "finished"
             print(
                 f"[{PROG}] {condition} seed {seed}: held-out accuracy {accuracy} in "
                 f"{result.seconds:.0f} s",
                 flush=True,
             )
+    except (Exception, KeyboardInterrupt) as error:  # reported by `main`, after the list
+        ending: RunEnding = "not started"
+        if stage == "finished":  # e.g. its line into a closed pipe: the next is not started
+            index += 1
+        elif stage == "unlisted":
+            ending = "unlisted"
+        elif stage == "training":
+            if isinstance(error, TrainingDivergedError):
+                ending = "diverged"
+            else:  # its own checkpoint, or the folder as it was (review 207)
+                ending = "kept" if _checkpoint_version(checkpoint) != before else "stopped"
+        if listed and (ending != "not started" or 0 < index < len(runs)):
+            _print_how_to_finish(args, runs, index, ending, _fix_first(error))
+        raise
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
         final = float(next(iter(row["accuracy"].values()), float("nan")))
@@ -408,47 +432,88 @@ def _held_run(out_dir: Path) -> str:
     return f"{out_dir} still holds the earlier run, as it was{at}"
 
 
-def _print_how_to_finish(
-    args: argparse.Namespace, runs: list[tuple[str, int]], finished: int, kept: bool, cause: str
-) -> None:
-    """After ``train --no-resume`` of several ``runs`` (``(condition, seed)`` in the order
-    trained) stopped in run ``runs[finished]`` (``kept``: its own checkpoint is kept), print
-    to stderr what each run's folder holds and needs, and the commands that finish them:
-    the stopped run resumed (without --no-resume) if it has its checkpoint, the runs not
-    started (and a stopped one without its checkpoint) started over (--no-resume), the
-    finished ones not again. The same command again restarted the finished runs, and
-    without --no-resume it resumed, or refused, the earlier runs of the folders not yet
-    started (audit 218)."""
-    from hooked_attnres.study import run_dir
-    from hooked_attnres.study.checkpoints import train_command
-    from hooked_attnres.training.trainer import saved_progress
+# how the run a ``train --no-resume`` command of several runs ended at stands
+# (`_print_how_to_finish`)
+RunEnding = Literal["not started", "kept", "stopped", "diverged", "unlisted"]
 
-    # the command's options as given (each --set / --task-arg pair is KEY=VALUE, so none
-    # reads as an option)
+
+def _fix_first(error: BaseException) -> str:
+    """What a message's remedy says before "run ...": nothing after Ctrl-C or SIGTERM (a
+    `KeyboardInterrupt`), "fix the cause and " after an error."""
+    return "" if isinstance(error, KeyboardInterrupt) else "fix the cause and "
+
+
+def _options(args: argparse.Namespace) -> list[str]:
+    """The ``train`` command's options as given, less the runs, --out and --no-resume: for
+    the commands a stopped command prints (`train_command`). Each --set / --task-arg pair
+    is KEY=VALUE, so none reads as an option."""
     options = ["--steps", str(args.steps)] if args.steps is not None else []
     options += ["--set", *args.set] if args.set else []
     options += ["--task-arg", *args.task_arg] if args.task_arg else []
     options += ["--threads", str(args.threads)] if args.threads is not None else []
     options += ["--no-progress"] if args.no_progress else []
+    return options
+
+
+def _print_how_to_finish(
+    args: argparse.Namespace,
+    runs: list[tuple[str, int]],
+    index: int,
+    ending: RunEnding,
+    cause: str,
+) -> None:
+    """After ``train --no-resume`` of several ``runs`` (``(condition, seed)`` in the order
+    trained) ended at ``runs[index]``, the runs before it finished, print to stderr what
+    each run's folder holds and needs, and the commands that finish them (``cause``: what
+    they need first, `_fix_first`): the runs not started (and a stopped one without its
+    checkpoint, or one that diverged) started over (--no-resume); a stopped run with its
+    checkpoint resumed (without --no-resume), and so a finished one the summary does not
+    list yet (which writes its model again and lists it); the finished ones not again.
+    The same command again restarted the finished runs, and without --no-resume it
+    resumed, or refused, the earlier runs of the folders not yet started (audit 218).
+
+    ``ending`` says how ``runs[index]`` ended: ``"not started"``; ``"kept"`` (stopped, its
+    own checkpoint kept); ``"stopped"`` (stopped before its first checkpoint, the folder as
+    it was: also a refusal of the run); ``"diverged"`` (`TrainingDivergedError`: resumed,
+    it would diverge again); ``"unlisted"`` (finished, but the command ended before
+    ``train_summary.json`` listed it: it may still list an earlier run of the folder).
+    Every ending of such a command once a run has started prints this list (audit 226:
+    only Ctrl-C and an error of the machine did)."""
+    from hooked_attnres.study import run_dir
+    from hooked_attnres.study.checkpoints import train_command
+    from hooked_attnres.training.trainer import saved_progress
+
+    options = _options(args)
     restart: dict[int, list[str]] = {}  # seed -> conditions to start over
     commands = []
     print(f"[{PROG}] this command's runs and what each needs:", file=sys.stderr)
-    for index, (condition, seed) in enumerate(runs):
+    for position, (condition, seed) in enumerate(runs):
         out_dir = run_dir(args.out, condition, seed)
-        if index < finished:
+        if position < index:
             needs = f"{condition} seed {seed} finished in this command: nothing"
-        elif index == finished and kept:
-            progress = saved_progress(out_dir)
-            at = f" (at {progress}, written by this command)" if progress is not None else ""
-            state = f"{_stopped_run(condition, seed, out_dir, kept)}{at}"
-            needs = f"{state}: resume it (without --no-resume)"
+        elif position == index and ending in ("kept", "unlisted"):
+            if ending == "kept":
+                progress = saved_progress(out_dir)
+                at = f" (at {progress}, written by this command)" if progress is not None else ""
+                state = f"{_stopped_run(condition, seed, out_dir, True)}{at}"
+                needs = f"{state}: resume it (without --no-resume)"
+            else:  # resuming a finished run writes its model again, and the command lists it
+                needs = (
+                    f"{condition} seed {seed} finished in this command, but "
+                    f"{Path(args.out) / TRAIN_SUMMARY} does not list it (the command ended "
+                    "before it was written): resume it (without --no-resume), which lists it"
+                )
             commands.append(train_command([condition], [seed], args.out, options))
         else:
-            if index == finished:
-                state = _stopped_run(condition, seed, out_dir, kept)
+            if position == index and ending == "diverged":
+                state = f"{condition} seed {seed} diverged (the error below)"
+                how = ", with settings that do not diverge"
+            elif position == index and ending == "stopped":
+                state, how = _stopped_run(condition, seed, out_dir, False), ""
             else:
                 state = f"{condition} seed {seed} not started: {_held_run(out_dir)}"
-            needs = f"{state}; start it over (--no-resume)"
+                how = ""
+            needs = f"{state}; start it over (--no-resume){how}"
             restart.setdefault(seed, []).append(condition)
         print(f"  {needs}", file=sys.stderr)
     # one command per set of conditions, with the seeds that need it (at most two: the
@@ -484,6 +549,7 @@ def _check_training_threads(threads: int, conditions: Sequence[str], config) -> 
             )
 
 
+TRAIN_SUMMARY = "train_summary.json"  # in --out: the runs `train` trained there
 _SUMMARY_KEYS = {"condition", "seed", "out_dir", "accuracy", "seconds"}  # of every row
 
 

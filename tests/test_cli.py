@@ -624,8 +624,13 @@ def test_a_command_puts_the_callers_thread_count_back(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("no_resume", [False, True])
 def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatch, capsys):
-    # it said only "hooked-attnres: interrupted", though the run's checkpoint was kept and
-    # the same command resumes it (with --no-resume, the same command would start over)
+    """It said only "hooked-attnres: interrupted", though the run's checkpoint was kept
+    and the same command resumes it (with --no-resume, the same command would start
+    over). With --no-resume it said "run the command without --no-resume again" until
+    audit 226: it prints that command now, its options kept, which read back by a POSIX
+    shell and the parser is the command given less --no-resume."""
+    import shlex
+
     from hooked_attnres import study
 
     def interrupted(condition, seed, out_dir, **kwargs):
@@ -633,12 +638,23 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(study, "train_condition", interrupted)
-    argv = ["train", "--condition", "attnres", "--out", str(tmp_path), "--no-progress"]
+    out = tmp_path / "my runs"
+    argv = ["train", "--condition", "attnres", "--seeds", "3", "--out", str(out), "--no-progress"]
+    argv += ["--set", "lr=1e-3", "--steps", "4"]
     assert cli.main(argv + ["--no-resume"] * no_resume) == 130
     err = capsys.readouterr().err
-    kept = tmp_path / "attnres_seed0" / "checkpoint"
-    again = "the command without --no-resume" if no_resume else "the same command"
-    assert f"last checkpoint is kept in {kept}: run {again} again to resume" in err, err
+    kept = out / "attnres_seed3" / "checkpoint"
+    said = f"last checkpoint is kept in {kept}: run "
+    assert said in err, err
+    if not no_resume:
+        assert f"{said}the same command again to resume" in err, err
+        return
+    assert err.count("`") == 2 and err.split("`")[2].startswith(" to resume\n"), err
+    words = shlex.split(err.split("`")[1])
+    assert words[:2] == ["hooked-attnres", "train"], words
+    parser = cli.build_parser()
+    given, again = parser.parse_args(argv), parser.parse_args(words[1:])
+    assert vars(again) == vars(given), words
 
 
 def test_ctrl_c_while_the_arguments_are_read_exits_130_without_a_traceback(monkeypatch, capsys):
@@ -1463,12 +1479,18 @@ def test_info_into_a_closed_pipe_ends_quietly(tmp_path):
     assert _with_closed_stdout(argv, buffered) == (141, "")
 
 
-def test_train_into_a_closed_pipe_lists_the_run_it_finished(tmp_path, monkeypatch):
+@pytest.mark.parametrize("no_resume", [False, True])
+def test_train_into_a_closed_pipe_lists_the_run_it_finished(
+    no_resume, tmp_path, monkeypatch, capsys
+):
     """Review 180: ``train | head -1``: the reader closes stdout after the first line
     (``training attnres seed 0 -> ...``); the run trains to its end, and the line that
     reports it fails. The summary was written after that line, so the finished run was
     missing from ``train_summary.json`` (no file at all after the first run) though its
-    model was written; it is written before the line now, and the command ends with 141."""
+    model was written; it is written before the line now, and the command ends with 141.
+    With --no-resume (audit 226) it says on stderr that the run finished and the next was
+    not started, and the command that trains that one only (the same command would train
+    the finished run again)."""
     import io
     import json
 
@@ -1491,10 +1513,23 @@ def test_train_into_a_closed_pipe_lists_the_run_it_finished(tmp_path, monkeypatc
     monkeypatch.setattr(study, "train_condition", fake_train)
     monkeypatch.setattr(sys, "stdout", ClosedAfterOneLine())
     argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "--out", str(tmp_path)]
-    assert cli.main([*argv, "--no-progress"]) == 141
+    assert cli.main([*argv, "--no-progress"] + ["--no-resume"] * no_resume) == 141
     assert trained == [("attnres", 0)]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert [(r["condition"], r["seed"]) for r in summary] == [("attnres", 0)]
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
+    if not no_resume:
+        assert lines == []
+        return
+    run = tmp_path / "attnres_seed1"
+    assert lines == [
+        "[hooked-attnres] this command's runs and what each needs:",
+        "attnres seed 0 finished in this command: nothing",
+        f"attnres seed 1 not started: {run} holds no run yet; start it over (--no-resume)",
+        "[hooked-attnres] to finish this command's runs, fix the cause and run:",
+        f"hooked-attnres train --condition attnres --seeds 1 --out {tmp_path} --no-progress "
+        "--no-resume",
+    ]
 
 
 def test_a_study_into_a_closed_pipe_still_says_where_its_finished_models_are_kept(
@@ -1878,9 +1913,7 @@ def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
     ones are not named. Run, those commands train exactly those runs, and every run ends
     with lr 1e-3."""
     import errno
-    import shlex
 
-    from hooked_attnres import study
     from hooked_attnres.training import trainer
 
     out = tmp_path / "runs"
@@ -1947,10 +1980,30 @@ def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
             "(--no-resume)"
         ) in lines, err
     cause = "" if stopped_by == "Ctrl-C" else "fix the cause and "
-    commands = lines[
-        lines.index(f"[hooked-attnres] to finish this command's runs, {cause}run:") + 1 :
-    ]
-    commands = [shlex.split(line) for line in commands if line.startswith("hooked-attnres train")]
+    trained = _finish_as_printed(err, cause, monkeypatch)
+    first = [("attnres", 1, True)] if kept else [("attnres", 1, False)]
+    assert trained == first + [("vanilla", 1, False), ("attnres", 2, False), ("vanilla", 2, False)]
+    for condition in ("attnres", "vanilla"):  # the finished runs are as they were
+        assert (out / f"{condition}_seed0" / "metrics.json").read_bytes() == finished[condition]
+        for seed in (1, 2):
+            metrics = json.loads((out / f"{condition}_seed{seed}" / "metrics.json").read_text())
+            assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), (condition, seed)
+
+
+def _finish_as_printed(err: str, cause: str, monkeypatch) -> list[tuple[str, int, bool]]:
+    """Run the commands a ``train --no-resume`` of several runs printed on stderr ``err``
+    after ``to finish this command's runs, {cause}run:``, read by a POSIX shell
+    (`shlex.split`), each ending with 0; the runs they trained, ``(condition, seed,
+    resume)`` in order."""
+    import shlex
+
+    from hooked_attnres import study
+
+    lines = [line.strip() for line in err.splitlines()]
+    header = f"[hooked-attnres] to finish this command's runs, {cause}run:"
+    assert header in lines, err
+    after = lines[lines.index(header) + 1 :]
+    printed = [line for line in after if line.startswith("hooked-attnres train ")]
     trained = []
     original_train = study.train_condition
 
@@ -1959,16 +2012,124 @@ def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
         return original_train(condition, seed, out_dir, resume=resume, **kwargs)
 
     monkeypatch.setattr(study, "train_condition", recorded)
-    for command in commands:
-        assert command[0] == "hooked-attnres"
+    for command in map(shlex.split, printed):
+        assert command[:2] == ["hooked-attnres", "train"], command
         assert cli.main(command[1:]) == 0, command
-    first = [("attnres", 1, True)] if kept else [("attnres", 1, False)]
-    assert trained == first + [("vanilla", 1, False), ("attnres", 2, False), ("vanilla", 2, False)]
-    for condition in ("attnres", "vanilla"):  # the finished runs are as they were
-        assert (out / f"{condition}_seed0" / "metrics.json").read_bytes() == finished[condition]
-        for seed in (1, 2):
-            metrics = json.loads((out / f"{condition}_seed{seed}" / "metrics.json").read_text())
-            assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), (condition, seed)
+    monkeypatch.setattr(study, "train_condition", original_train)
+    return trained
+
+
+@pytest.mark.parametrize("ending", ["refused", "an error", "diverged", "summary not written"])
+def test_every_ending_of_a_train_no_resume_of_several_runs_names_what_each_run_needs(
+    ending, tmp_path, monkeypatch, capsys
+):
+    """Audit 226: ``train --no-resume`` of several runs listed each run's state and the
+    commands that finish them (audit 218) only when stopped by Ctrl-C, SIGTERM or an error
+    of the machine. Ended in its second run (``--seeds 0 1 2`` over finished runs, now
+    with lr 1e-3) by a refusal of the run's folder (a file appeared in its model/), another
+    error in the run (at step 3), a divergence (a weight made NaN at step 3) or a failed
+    write of train_summary.json after the run, it said only the error: which runs had
+    finished, and that the same command would train them again, was not said. Each ending
+    lists them now, before the error (still reported, exit code 1): the refused run started
+    over, the run stopped by an error resumed from the checkpoint this command wrote, the
+    diverged run started over, the run the summary does not list resumed (which lists it);
+    the runs not started started over. Run, those commands train exactly those runs, every
+    run ends with lr 1e-3, and the summary lists each run's final accuracy."""
+    import errno
+
+    import torch
+
+    from hooked_attnres import _atomic, study
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    argv = [*_tiny_train_argv(out), "--seeds", "0", "1", "2"]
+    assert cli.main(argv) == 0
+    again = [*argv, "--no-resume", "--set", "lr=1e-3"]
+    second = out / "attnres_seed1"
+    foreign = second / "model" / "notes.txt"  # a file the trainer did not write
+    calls = {"train_step": 0, "summary": 0}
+    models = []
+    original_train, original_logits = study.train_condition, trainer.model_logits
+    original_write = _atomic.write_text_atomic
+
+    def train_condition(condition, seed, out_dir, **kwargs):
+        if seed == 1 and ending == "refused":  # e.g. another process wrote there meanwhile
+            foreign.write_text("mine\n")
+        return original_train(condition, seed, out_dir, **kwargs)
+
+    def model_logits(model, tokens):
+        models.append(model)
+        return original_logits(model, tokens)
+
+    def step(name: str) -> None:
+        calls["train_step"] += 1
+        if calls["train_step"] == 4 + 3:  # the second run's step 3
+            if ending == "an error":
+                raise ValueError("an error at step 3")
+            if ending == "diverged":
+                with torch.no_grad():
+                    next(models[-1].parameters()).fill_(float("nan"))
+
+    def write_text_atomic(path, text):
+        if Path(path).name == "train_summary.json":
+            calls["summary"] += 1
+            if calls["summary"] == 2 and ending == "summary not written":
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original_write(path, text)
+
+    monkeypatch.setattr(study, "train_condition", train_condition)
+    monkeypatch.setattr(trainer, "model_logits", model_logits)
+    monkeypatch.setattr(trainer, "fault_point", step)
+    monkeypatch.setattr(_atomic, "write_text_atomic", write_text_atomic)
+    capsys.readouterr()
+    assert cli.main(again) == 1
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    error = {
+        "refused": f"{foreign.name}",
+        "an error": "an error at step 3 (ValueError;",
+        "diverged": "is not finite after step 3",
+        "summary not written": "No space left on device (OSError;",
+    }[ending]
+    lines = [line.strip() for line in err.splitlines()]
+    said = [line for line in lines if line.startswith("hooked-attnres: error:")]
+    assert len(said) == 1 and error in said[0] and lines[-1] == said[0], err
+    if ending == "diverged":
+        assert "(TrainingDivergedError;" in said[0], err
+    earlier = "still holds the earlier run, as it was (its checkpoint at step 4 of 4)"
+    summary = out / "train_summary.json"
+    assert lines[lines.index("[hooked-attnres] this command's runs and what each needs:") :][
+        1:4
+    ] == [
+        "attnres seed 0 finished in this command: nothing",
+        {
+            "refused": f"attnres seed 1 stopped before it wrote a checkpoint: {second} "
+            f"{earlier}; start it over (--no-resume)",
+            "an error": f"attnres seed 1 stopped; its last checkpoint is kept in "
+            f"{second / 'checkpoint'} (at step 2 of 4, written by this command): resume it "
+            "(without --no-resume)",
+            "diverged": "attnres seed 1 diverged (the error below); start it over "
+            "(--no-resume), with settings that do not diverge",
+            "summary not written": f"attnres seed 1 finished in this command, but {summary} "
+            "does not list it (the command ended before it was written): resume it (without "
+            "--no-resume), which lists it",
+        }[ending],
+        f"attnres seed 2 not started: {out / 'attnres_seed2'} {earlier}; start it over "
+        "(--no-resume)",
+    ], err
+    finished = (out / "attnres_seed0" / "metrics.json").read_bytes()
+    foreign.unlink(missing_ok=True)  # the cause fixed
+    trained = _finish_as_printed(err, "fix the cause and ", monkeypatch)
+    resumed = ending in ("an error", "summary not written")
+    assert trained == [("attnres", 1, resumed), ("attnres", 2, False)]
+    assert (out / "attnres_seed0" / "metrics.json").read_bytes() == finished
+    rows = {row["seed"]: row for row in json.loads(summary.read_text())}
+    assert sorted(rows) == [0, 1, 2]
+    for seed in (0, 1, 2):
+        metrics = json.loads((out / f"attnres_seed{seed}" / "metrics.json").read_text())
+        assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), seed
+        assert rows[seed]["accuracy"] == metrics["final_accuracy"], seed
 
 
 @pytest.mark.parametrize("sealed", [True, False])
@@ -2137,7 +2298,8 @@ def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp
     runs (`_print_how_to_finish`), read by a POSIX shell (`shlex.split`) and the command
     line's parser, give back the command's options (a --task-arg text with a space and
     quotes, --set, --steps, --threads, --no-progress) and train exactly the runs left, for
-    every run it can stop in, its checkpoint kept or not. A folder named with a leading
+    every run it can stop in, however it ends there (audit 226: its checkpoint kept or not,
+    diverged, not started, finished and not listed). A folder named with a leading
     dash (``--out=-runs``) was printed ``--out -runs``, which the parser refuses (argument
     --out: expected one argument): it is printed ``--out=-runs`` now."""
     import contextlib
@@ -2151,10 +2313,10 @@ def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp
     args = parser.parse_args([*argv, "--no-progress", "--no-resume"])
     runs = [(condition, seed) for seed in (2, 0) for condition in ("attnres", "vanilla")]
     for stopped in range(len(runs)):
-        for kept in (True, False):
+        for ending in ("kept", "stopped", "diverged", "not started", "unlisted"):
             said = io.StringIO()
             with contextlib.redirect_stderr(said):
-                cli._print_how_to_finish(args, runs, stopped, kept, "")
+                cli._print_how_to_finish(args, runs, stopped, ending, "")
             commands = [
                 shlex.split(line) for line in said.getvalue().splitlines()
                 if line.strip().startswith("hooked-attnres train")
@@ -2168,9 +2330,9 @@ def test_the_commands_a_stopped_train_prints_read_back_as_the_runs_left(out, tmp
                 conditions = cli._conditions(again.condition)
                 trained += [(c, s, again.no_resume) for s in again.seeds for c in conditions]
             left = [(c, s, True) for c, s in runs[stopped:]]
-            if kept:
-                left[0] = (*runs[stopped], False)  # resumed
-            assert sorted(trained) == sorted(left), (stopped, kept, commands)
+            if ending in ("kept", "unlisted"):
+                left[0] = (*runs[stopped], False)  # resumed (a finished run: to list it)
+            assert sorted(trained) == sorted(left), (stopped, ending, commands)
 
 
 @pytest.mark.parametrize("folder", ["-runs", "my runs"])
