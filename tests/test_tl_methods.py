@@ -538,6 +538,33 @@ def test_hooks_in_cached_passes_see_the_new_positions_and_can_find_their_offset(
     assert not torch.equal(cached, model.generate(tokens[:, :5], **options))  # it edits
 
 
+def test_a_string_continuing_a_cache_is_refused_a_default_bos_in_mid_sequence():
+    """Audit 228: with ``cfg.default_prepend_bos=True`` a string that continues a
+    key-value cache (``model(" w4 w5", past_kv_cache=kv)``) got the default BOS token
+    prepended, so the cached sequence held a BOS in its middle and the continuation's
+    logits were off the whole text's forward pass (1.85 in a float64 kimi model),
+    silently. Now refused unless ``prepend_bos`` is given: ``False`` continues the text
+    (the whole pass's logits), ``True`` puts a BOS there as asked. A pass that starts
+    the cache still prepends it."""
+    for name, model in every_model():
+        model = model.to(torch.float64)
+        model.cfg.default_prepend_bos = True
+        whole = model("w1 w2 w3 w4 w5")  # [bos, w1, ..., w5]
+        kv = KeyValueCache.init_cache(model.cfg)
+        first = model("w1 w2 w3", past_kv_cache=kv)  # starts the cache: BOS prepended
+        assert kv.n_past == 4, name
+        with pytest.raises(ValueError, match=r"continues a key-value cache \(4 cached posi"):
+            model(" w4 w5", past_kv_cache=kv)
+        with pytest.raises(ValueError, match="prepend_bos=False to continue"):
+            model.run_with_cache(["w4 w5"], past_kv_cache=kv)
+        assert kv.n_past == 4, name  # the refused passes left the cache as it was
+        rest = model(" w4 w5", past_kv_cache=kv, prepend_bos=False)
+        got = torch.cat((first, rest), dim=1)
+        torch.testing.assert_close(got, whole, rtol=0, atol=1e-12, msg=name)
+        model(" w6", past_kv_cache=kv, prepend_bos=True)  # asked for: a BOS there
+        assert kv.n_past == 8, name
+
+
 def test_cache_misuse_is_refused():
     model = routed_model("kimi")
     with pytest.raises(ValueError, match="past_kv_cache holds 3 prompts, the input has 2"):

@@ -555,7 +555,9 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             return_type: ``"logits"`` (``[batch, pos, d_vocab]``), ``"loss"`` (mean
                 next-token cross-entropy), ``"both"`` (an `Output`), or ``None``.
             loss_per_token: return the loss per position ``[batch, pos - 1]``.
-            prepend_bos, padding_side: as in TransformerLens (string inputs only);
+            prepend_bos, padding_side: as in TransformerLens (string inputs only; a
+                string that continues a ``past_kv_cache`` needs ``prepend_bos`` given when
+                ``cfg.default_prepend_bos`` is true: the default BOS would sit mid-sequence);
                 ``padding_side`` is ``"right"`` or ``"left"`` (default
                 ``model.default_padding_side``: the tokenizer's ``padding_side``, set from
                 ``cfg.default_padding_side``), and the attention mask of the padding is
@@ -596,7 +598,8 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
             ValueError: an all-zero ``attention_mask`` row (of a prompt with no real
                 token in the key-value cache either), a loss with fewer than two
                 positions or with no two consecutive real tokens, ``tokens=`` with token
-                ids or text as ``input``, or a bad argument.
+                ids or text as ``input``, text continuing a ``past_kv_cache`` without
+                ``prepend_bos`` where the default prepends a BOS, or a bad argument.
         """
         return_type = require_choice("return_type", return_type, RETURN_TYPES)
         loss_per_token = require_bool("loss_per_token", loss_per_token)  # "no" was True
@@ -623,6 +626,15 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                 isinstance(input, list) and input and all(isinstance(t, str) for t in input)
             ):
                 texts = input
+                if n_past > 0 and prepend_bos is None and self._prepend_bos(None):
+                    # the default BOS would sit in the middle of the cached sequence
+                    raise ValueError(
+                        f"this text continues a key-value cache ({n_past} cached positions), "
+                        "and cfg.default_prepend_bos=True would put a BOS token in the "
+                        "middle of the sequence; pass prepend_bos=False to continue the "
+                        "text (the logits of one pass over the whole text), or "
+                        "prepend_bos=True to put a BOS token there"
+                    )
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
                 if attention_mask is None:
                     self._refuse_empty_prompts(texts, mask, "forward")
