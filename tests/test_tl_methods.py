@@ -565,6 +565,31 @@ def test_a_string_continuing_a_cache_is_refused_a_default_bos_in_mid_sequence():
         assert kv.n_past == 8, name
 
 
+def test_a_string_batch_continuing_a_cache_may_add_nothing_to_a_prompt():
+    """Audit 228: texts continuing a key-value cache where one prompt adds no token
+    (``model(["w5", ""], past_kv_cache=kv)``) were refused as "tokenise to no tokens ...
+    drop empty prompts from the batch", a remedy a batched cache cannot take, though
+    token ids with that prompt's row all padding run. They run now, on either padding
+    side: each prompt's real positions equal that prompt's text run alone (float64, every
+    layout and wrap). An empty prompt that starts a cache is still refused."""
+    for name, model in every_model():
+        model = model.to(torch.float64)
+        for side in ("left", "right"):
+            kv = KeyValueCache.init_cache(model.cfg)
+            chunks = [
+                model(texts, past_kv_cache=kv, padding_side=side)
+                for texts in (["w1 w2", "w3"], ["w5", ""], ["w6", "w7 w8"])
+            ]
+            got, real = torch.cat(chunks, dim=1), kv.attention_mask
+            assert real.sum(-1).tolist() == [4, 3], (name, side)
+            for row, text in enumerate(("w1 w2 w5 w6", "w3 w7 w8")):
+                torch.testing.assert_close(
+                    got[row, real[row]], model(text)[0], rtol=0, atol=1e-12, msg=(name, side)
+                )
+        with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] \[''\] tokenise to no tokens"):
+            model(["w5", ""], past_kv_cache=KeyValueCache.init_cache(model.cfg))
+
+
 def test_cache_misuse_is_refused():
     model = routed_model("kimi")
     with pytest.raises(ValueError, match="past_kv_cache holds 3 prompts, the input has 2"):

@@ -636,7 +636,7 @@ class HookedAttnRes(GenerationMixin, TLMethodsMixin, TokenizerMixin, WeightsMixi
                         "prepend_bos=True to put a BOS token there"
                     )
                 input, mask = self.to_tokens_and_mask(input, prepend_bos, padding_side)
-                if attention_mask is None:
+                if attention_mask is None and n_past == 0:  # a continuation may add none
                     self._refuse_empty_prompts(texts, mask, "forward")
                 attention_mask = mask if attention_mask is None else attention_mask
             tokens = self._validate_tokens(input, n_past=n_past)
