@@ -565,6 +565,24 @@ def test_a_string_continuing_a_cache_is_refused_a_default_bos_in_mid_sequence():
         assert kv.n_past == 8, name
 
 
+def test_a_state_of_padded_text_names_the_mask_that_resumes_it():
+    """Audit 228: a state stopped from texts of several lengths (padded by the tokenizer)
+    is refused without its mask, and the message said to pass "the attention_mask= of the
+    ... call that made the state", which a text call never passed; it now names
+    to_tokens_and_mask, whose mask resumes the state to the text's logits."""
+    texts = ["w1 w2 w3", "w4"]
+    for name, model in every_model():
+        model = model.to(torch.float64)
+        full = model(texts, padding_side="left")
+        state = model(texts, padding_side="left", stop_at_layer=2)
+        with pytest.raises(ValueError, match=r"model\.to_tokens_and_mask\(texts\) with the sa"):
+            model(state, start_at_layer=2)
+        _, mask = model.to_tokens_and_mask(texts, padding_side="left")
+        torch.testing.assert_close(
+            model(state, start_at_layer=2, attention_mask=mask), full, rtol=0, atol=1e-12, msg=name
+        )
+
+
 def test_a_string_batch_continuing_a_cache_may_add_nothing_to_a_prompt():
     """Audit 228: texts continuing a key-value cache where one prompt adds no token
     (``model(["w5", ""], past_kv_cache=kv)``) were refused as "tokenise to no tokens ...

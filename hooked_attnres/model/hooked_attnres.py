@@ -94,7 +94,9 @@ def _check_same_padding(
     raise ValueError(
         f"{where}: this DepthState came from a pass {made}, and this call's attention_mask "
         f"is {now}; pass the attention_mask= of the depth_states / stop_at_layer call that "
-        "made the state (padding moves rotary positions and the keys a query attends to)"
+        "made the state (for text, the mask of model.to_tokens_and_mask(texts) with the same "
+        "prepend_bos and padding_side; padding moves rotary positions and the keys a query "
+        "attends to)"
     )
 
 
