@@ -13,6 +13,7 @@ difference by default (``relative=True``), so that -0.15 out of 14 reads as -1 %
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -311,23 +312,10 @@ def _effect_noun(method: Optional[str], measured: str) -> str:
     return measured if method is None else effect_name(method)
 
 
-# the longest line of a figure title, in characters: about 730 px in plotly's default title
-# font (7.3 px a character), which fits a figure 800 px wide (a notebook's output area, a
-# report column); the study's titles ran to 185 characters, about 1360 px, and were cut at
-# the right edge of a 1100 px figure (audit 219)
-TITLE_WIDTH = 100
-TITLE_LINE = 22  # px of top margin (and of height) per added title line
-
-
 # plotly's line break (``<br>``, ``<BR>``, ``<br />``: the pattern plotly.js reads) and any
 # tag; a tag's text is not shown, and a space inside one is no place to break a line
 _BREAK = re.compile(r"<br(\s[^>]*)?>", re.IGNORECASE)
 _TAG = re.compile(r"<[^<>]*>")
-
-
-def _shown_length(text: str) -> int:
-    """The number of characters of ``text`` a figure shows: its tags left out."""
-    return len(_TAG.sub("", text))
 
 
 def _added_lines(text: str) -> int:
@@ -335,22 +323,179 @@ def _added_lines(text: str) -> int:
     return len(_BREAK.findall(text))
 
 
-def wrapped_title(text: str, width: int = TITLE_WIDTH) -> str:
-    """``text`` broken at spaces outside its tags into lines that show at most ``width``
-    characters (tags not counted), joined by plotly's ``<br>`` (a word longer than
-    ``width`` stays whole, on its own line); text that already has a line break (``<br>``
-    in any of plotly's spellings) is returned as it is, as is text that fits."""
-    if _added_lines(text) or _shown_length(text) <= width:
-        return text
-    # whitespace inside a tag (<a href="..." target="...">) held by a NUL while splitting
-    words = _TAG.sub(lambda tag: re.sub(r"\s", "\0", tag.group()), text).split()
+# the figures are laid out for this width and wider (px): a notebook's output area, a report
+# column. A title line, a subtitle line and a panel title are fitted to it by an estimate of
+# their rendered width (`text_width`); a wider figure only spreads its panels further apart.
+REFERENCE_WIDTH = 800
+TITLE_WIDTH = 700  # px a title or subtitle line may take there (it starts 40 px in)
+TITLE_SIZE = 17  # plotly's title font (px); its subtitle's and its panel titles' below
+SUBTITLE_SIZE = 12
+PANEL_TITLE_SIZE = 16
+PANEL_TITLE_MIN = 11  # the smallest font a panel title is shrunk to before words are split
+PANEL_GAP = 8  # px kept between neighbouring panel titles (and a title and the figure's edge)
+TITLE_LINE = 22  # px of top margin (and of height) per added title line
+
+# The width of a character in em (its font size): an upper bound of each class's widths in
+# DejaVu Sans, the font chromium draws plotly's list ("Open Sans", verdana, arial,
+# sans-serif) with where none of those is installed, measured with canvas.measureText; Open
+# Sans and Arial are narrower. A wide or fullwidth character (CJK: `unicodedata`'s
+# east_asian_width "W" or "F") is 1 em in a CJK font.
+_NARROW = set(" '.,:;!|/\\()[]`-ijlIJftr")
+_WIDE = set("mwMW%@#+<=>^~×&—…")
+
+
+def _char_width(char: str) -> float:
+    """The width of ``char`` in em (`text_width`)."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0.0
+    if char in _WIDE or unicodedata.east_asian_width(char) in ("W", "F"):
+        return 1.0
+    if char == " ":
+        return 0.32
+    if char in _NARROW:
+        return 0.42
+    if char.isupper() or not char.isascii():
+        return 0.8
+    return 0.64
+
+
+def text_width(text: str, size: float) -> float:
+    """An estimate, from above, of the width in px of ``text`` drawn by plotly in a font of
+    ``size`` px, its tags left out (calibrated in chromium, whose fallback font DejaVu Sans
+    is the widest of plotly's font list: the study's titles measured 0.80 to 0.95 of it;
+    the estimate counts 1 em per CJK character, as every CJK font draws it)."""
+    return size * sum(_char_width(char) for char in _TAG.sub("", text))
+
+
+def _units(text: str, split_words: bool) -> list[tuple[bool, str]]:
+    """``text`` as the units a line may be broken between, each ``(a space before it,
+    text)``: words (a tag, whose spaces are no place to break, glued to its word), each
+    wide character (CJK: a line may break between any two) and, with ``split_words``, the
+    pieces of a word after each ``_`` (``hard_`` ``cumulative_`` ``L16``)."""
+    units: list[tuple[bool, str]] = []
+    space, word = False, ""
+    for match in re.finditer(r"<[^<>]*>|\s+|.", text, re.DOTALL):
+        piece = match.group()
+        if piece.isspace():
+            if word:
+                units.append((space, word))
+            space, word = bool(units), ""
+            continue
+        wide = len(piece) == 1 and unicodedata.east_asian_width(piece) in ("W", "F")
+        if wide and word and not _TAG.fullmatch(word):
+            units.append((space, word))
+            space, word = False, ""
+        word += piece
+        if wide or (split_words and piece == "_"):
+            units.append((space, word))
+            space, word = False, ""
+    if word:
+        units.append((space, word))
+    return units
+
+
+def _wrapped(text: str, width: float, size: float, split_words: bool = False) -> list[str]:
+    """``text`` broken greedily into lines whose `text_width` at ``size`` is at most
+    ``width`` px, between the `_units` of the text (a unit wider than ``width`` stays
+    whole, on its own line)."""
     lines: list[str] = []
-    for word in words:
-        if lines and _shown_length(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
+    for space, unit in _units(text, split_words):
+        if lines and text_width(f"{lines[-1]}{' ' if space else ''}{unit}", size) <= width:
+            lines[-1] += f"{' ' if space else ''}{unit}"
         else:
-            lines.append(word)
-    return "<br>".join(lines).replace("\0", " ")
+            lines.append(unit)
+    return lines
+
+
+def wrapped_title(text: str, width: float = TITLE_WIDTH, size: float = TITLE_SIZE) -> str:
+    """``text`` broken into lines of at most ``width`` px in a font of ``size`` px, by the
+    estimate of their rendered width (`text_width`, tags not counted), joined by plotly's
+    ``<br>``: at spaces outside its tags and between wide (CJK) characters (a word wider
+    than ``width`` stays whole, on its own line); text that already has a line break
+    (``<br>`` in any of plotly's spellings) is returned as it is, as is text that fits."""
+    if _added_lines(text) or text_width(text, size) <= width:
+        return text
+    return "<br>".join(_wrapped(text, width, size))
+
+
+LEGEND_ITEM = 50  # px a legend entry takes besides its text (plotly's symbol and padding)
+COLORBAR = 100  # px a colour bar and its title take at the right of the panels
+PANEL_LINES = 3  # the most lines a panel title is broken into before its font shrinks
+LINE_SPACING = 1.3  # plotly's line height, in em
+
+
+def _right_side(fig: go.Figure) -> float:
+    """The px at the right of the panels: the right margin, or what plotly widens it to for
+    the legend (its longest entry, `text_width` at 12 px, plus `LEGEND_ITEM`) or for a
+    colour bar (`COLORBAR`)."""
+    named = [
+        str(t.name)
+        for t in fig.data
+        if t.name and t.showlegend is not False and t.type != "heatmap"
+    ]
+    legend = LEGEND_ITEM + max(text_width(n, 12) for n in named) if len(named) > 1 else 0
+    scale = any(t.type == "heatmap" and t.showscale is not False for t in fig.data)
+    return max(fig.layout.margin.r, legend + 20, COLORBAR if scale else 0)
+
+
+def _fit_panel_titles(fig: go.Figure) -> tuple[float, float]:
+    """Fit the panel titles (the annotations of ``make_subplots``) to the figure at
+    `REFERENCE_WIDTH` px, and so at every wider one (the panels only spread apart): each is
+    broken into lines (`wrapped_title`'s units) no wider, by `text_width`, than the distance
+    from its centre to its neighbour's in the row (or twice that to the figure's edge) less
+    `PANEL_GAP`, so two neighbours never meet; in the largest font from
+    ``PANEL_TITLE_SIZE`` down to `PANEL_TITLE_MIN` at which each is at most `PANEL_LINES`
+    lines of whole words, else at the smallest, a word wider than its room split after its
+    ``_`` (``hard_cumulative_<br>L16``). Their added lines are given room: the rows below
+    the first are moved down (their y-axis domains and titles), and the figure's top margin
+    grows for the first row's. Returns ``(px added above the first row, px added between
+    rows)``. Before (audit 227), plotly's one-line titles of the study's six conditions ran
+    into each other at 800, 1000 and 1400 px (chromium: by 184, 150 and 82 px)."""
+    titles = [a for a in fig.layout.annotations if a.yanchor == "bottom" and a.xref == "paper"]
+    if not titles:
+        return 0.0, 0.0
+    left, right = fig.layout.margin.l, _right_side(fig)
+    plot = REFERENCE_WIDTH - left - right  # the panels' width, px
+    rooms = []
+    for a in titles:
+        centre = a.x * plot
+        others = [abs(b.x - a.x) * plot for b in titles if b is not a and b.y == a.y]
+        edges = (2 * (left + centre), 2 * (plot + right - centre))
+        rooms.append(min([*others, *edges]) - PANEL_GAP)
+    texts = [str(a.text) for a in titles]
+    for size in range(PANEL_TITLE_SIZE, PANEL_TITLE_MIN - 1, -1):
+        lines = [_wrapped(t, room, size) or [t] for t, room in zip(texts, rooms, strict=True)]
+        fits = all(
+            len(ls) <= PANEL_LINES and max(text_width(line, size) for line in ls) <= room
+            for ls, room in zip(lines, rooms, strict=True)
+        )
+        if fits:
+            break
+    else:
+        lines = [_wrapped(t, room, size, True) or [t] for t, room in zip(texts, rooms, strict=True)]
+    line = LINE_SPACING * size
+    rows = sorted({a.y for a in titles}, reverse=True)  # paper y of each row's top
+    added = {y: 0.0 for y in rows}
+    for a, ls in zip(titles, lines, strict=True):
+        a.update(text="<br>".join(ls), font_size=size)
+        added[a.y] = max(added[a.y], line * (len(ls) - 1))
+    inner = sum(added[y] for y in rows[1:])
+    if inner:
+        margin = fig.layout.margin
+        height = fig.layout.height - margin.t - (80 if margin.b is None else margin.b)
+
+        def moved(y: float) -> float:  # paper y after the gaps above the rows below y grew
+            return (y * height + sum(added[r] for r in rows[1:] if r < y - 1e-9)) / (height + inner)
+
+        for axis in fig.select_yaxes():
+            low, high = axis.domain
+            shift = moved(high) - high * height / (height + inner)
+            axis.domain = (low * height / (height + inner) + shift, moved(high))
+        for a in titles:
+            a.y = moved(a.y)
+    top = added[rows[0]]
+    fig.update_layout(height=fig.layout.height + top + inner, margin_t=fig.layout.margin.t + top)
+    return top, inner
 
 
 def _finish(
@@ -369,12 +514,15 @@ def _finish(
     columns at x = 9, 3, 5 (in the order 3, 5, 9), and ``["<bos>", "7", "+", "5", "="]``
     lost the columns of its three non-numbers. ``whiskers`` (`_whiskers`), where the figure
     has any, and ``blanks`` (`_blank_line`), where it draws any, are the title's subtitle,
-    each on lines of its own. A title or either subtitle line longer than `TITLE_WIDTH`
-    characters is broken into lines there (`wrapped_title`) and the top margin and the
-    height grow by `TITLE_LINE` per added line of either: plotly draws a title on one line
-    and cuts it at the figure's edge."""
+    each on lines of its own. A title or either subtitle line wider than `TITLE_WIDTH` px
+    (`text_width`, in its font) is broken into lines there (`wrapped_title`) and the top
+    margin and the height grow by `TITLE_LINE` per added line of either: plotly draws a
+    title on one line and cuts it at the figure's edge. The panel titles are fitted to
+    `REFERENCE_WIDTH` (`_fit_panel_titles`)."""
     title = wrapped_title(title)
-    subtitle = "<br>".join(wrapped_title(line) for line in (whiskers, blanks) if line)
+    subtitle = "<br>".join(
+        wrapped_title(line, size=SUBTITLE_SIZE) for line in (whiskers, blanks) if line
+    )
     extra = TITLE_LINE * (_added_lines(title) + _added_lines(subtitle))
     fig.update_layout(
         # anchored at the top (plotly's "auto" puts its first line's baseline mid-margin
@@ -387,6 +535,7 @@ def _finish(
     )
     if subtitle:
         fig.update_layout(title_subtitle_text=subtitle, margin_t=100 + extra)
+    _fit_panel_titles(fig)
     if "x" in categories:
         fig.update_xaxes(type="category")
     if "y" in categories:

@@ -2000,9 +2000,9 @@ def test_a_long_title_is_broken_into_lines_that_fit_the_figure():
     """plotly draws a title on one line and cuts it at the figure's edge: the study's
     titles ran to 185 characters (about 1360 px) and lost their end, the reason the task is
     plotted in logits, in a figure 1100 px wide (the motifs notebook, the report). A title
-    longer than `TITLE_WIDTH` characters is broken at spaces, the top margin and the height
-    grow by one line each per added line, and the title is anchored at the figure's top (its
-    further lines were drawn over the subtitle)."""
+    wider than `TITLE_WIDTH` px by `text_width` is broken at spaces, the top margin and the
+    height grow by one line each per added line, and the title is anchored at the figure's
+    top (its further lines were drawn over the subtitle)."""
     title = (
         "M1 (embedding through early MLP routers), task hard: effect of masking embedding "
         "per band (in logits: hard_vanilla_L8 seed 0 has a clean logit difference of 0.02)"
@@ -2014,20 +2014,61 @@ def test_a_long_title_is_broken_into_lines_that_fit_the_figure():
 
     wrapped, short = heatmap(title), heatmap("short title")
     lines = wrapped.layout.title.text.split("<br>")
-    assert len(title) > plotting.TITLE_WIDTH
-    assert len(lines) == 2 and max(len(line) for line in lines) <= plotting.TITLE_WIDTH
+    size, width = plotting.TITLE_SIZE, plotting.TITLE_WIDTH
+    assert plotting.text_width(title, size) > width
+    assert len(lines) > 1 and max(plotting.text_width(line, size) for line in lines) <= width
+    # greedy: no line could have taken the next line's first word
+    for line, after in zip(lines[:-1], lines[1:], strict=True):
+        assert plotting.text_width(f"{line} {after.split()[0]}", size) > width
     assert " ".join(lines) == title
     assert short.layout.title.text == "short title"
-    assert wrapped.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE
-    assert wrapped.layout.height - short.layout.height == plotting.TITLE_LINE
+    added = len(lines) - 1
+    assert wrapped.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE * added
+    assert wrapped.layout.height - short.layout.height == plotting.TITLE_LINE * added
     assert (wrapped.layout.title.yref, wrapped.layout.title.yanchor) == ("container", "top")
-    # a word longer than a line stays whole; a title already broken is kept as it is
-    word = "x" * (plotting.TITLE_WIDTH + 5)
+    # a word wider than a line stays whole; a title already broken is kept as it is
+    word = "x" * 70
+    assert plotting.text_width(word, size) > width
     assert plotting.wrapped_title(f"a {word} b") == f"a<br>{word}<br>b"
     assert plotting.wrapped_title("one<br>two " * 20) == "one<br>two " * 20
 
 
-def test_a_title_is_broken_outside_its_tags_by_the_length_it_shows():
+def test_a_title_is_wrapped_by_its_width_not_its_count_of_characters():
+    """Audit 227: `wrapped_title` broke lines at 100 characters, which fit 800 px only for
+    narrow letters: 100 characters of the study's titles measured 850 px in chromium (its
+    font DejaVu Sans), 20 words "WWW" (79 characters) about 1100 px, and a CJK title of 60
+    characters (1 em each: 1020 px) has no space to break at and was never broken. Lines are
+    now fitted to `TITLE_WIDTH` px by the estimate `text_width`, and CJK text breaks
+    between its characters."""
+    size, width = plotting.TITLE_SIZE, plotting.TITLE_WIDTH
+    # the estimate: a CJK character is 1 em, W wider than i, tags and combining marks none
+    assert plotting.text_width("漢字", 10) == 20
+    assert (
+        plotting.text_width("W", 10) > plotting.text_width("a", 10) > plotting.text_width("i", 10)
+    )
+    assert plotting.text_width("<b>x</b>", 10) == plotting.text_width("x", 10)
+    assert plotting.text_width("e\u0301", 10) == plotting.text_width("e", 10)
+    wide = " ".join(["WWW"] * 20)
+    lines = plotting.wrapped_title(wide).split("<br>")
+    assert len(wide) < 100 and len(lines) > 1 and " ".join(lines) == wide
+    assert max(plotting.text_width(line, size) for line in lines) <= width
+    cjk = "路由质量与消融效应" * 6 + "（按层）"  # 58 characters, no space
+    lines = plotting.wrapped_title(cjk).split("<br>")
+    assert "".join(lines) == cjk and len(lines) == 2
+    assert max(plotting.text_width(line, size) for line in lines) <= width
+    assert plotting.text_width(lines[0] + lines[1][0], size) > width  # the first line full
+    # a tag stays whole and glued to its CJK character; its text is not counted
+    tagged = f'<a href="https://example.org/a b">{cjk[:3]}</a>{cjk}'
+    lines = plotting.wrapped_title(tagged).split("<br>")
+    assert "".join(lines) == tagged and lines[0].startswith('<a href="https://example.org/a b">')
+    # a subtitle line is fitted in the subtitle's smaller font: more fits on a line
+    text = " ".join(["word"] * 40)
+    title_lines = plotting.wrapped_title(text).count("<br>")
+    subtitle_lines = plotting.wrapped_title(text, size=plotting.SUBTITLE_SIZE).count("<br>")
+    assert subtitle_lines < title_lines
+
+
+def test_a_title_is_broken_outside_its_tags_by_the_width_it_shows():
     """Review 223: `wrapped_title` broke a title at any space, also one inside an HTML tag
     (``<a href="..."<br>target="_blank">``: plotly draws the broken tag as text), counted
     the tags' characters as shown text, and took only ``<br>`` for a break plotly draws
@@ -2039,21 +2080,20 @@ def test_a_title_is_broken_outside_its_tags_by_the_length_it_shows():
     lines = plotting.wrapped_title(title).split("<br>")
     assert " ".join(lines) == title
     assert any(link in line for line in lines)  # the tag whole, on one line
-    shown = [re.sub(r"<[^<>]*>", "", line) for line in lines]
-    assert [len(line) for line in shown] == [plotting.TITLE_WIDTH, 59]  # the tag not counted
-    # what counts is the text shown: 100 characters in bold are one line, 101 are two
-    bold = f"<b>{'x ' * 49}y</b>"
-    assert len(re.sub(r"<[^<>]*>", "", bold)) == plotting.TITLE_WIDTH - 1
-    assert plotting.wrapped_title(bold) == bold
-    assert plotting.wrapped_title(f"<b>{'x ' * 49}yy</b>") == f"<b>{'x ' * 49}yy</b>"
-    assert plotting.wrapped_title(f"<b>{'x ' * 50}y</b>") == f"<b>{'x ' * 49}x<br>y</b>"
+    widths = [plotting.text_width(line, plotting.TITLE_SIZE) for line in lines]
+    assert max(widths) <= plotting.TITLE_WIDTH
+    # what counts is the text shown: a short text in a long tag is one line
+    long_tag = f'<a href="https://example.org/{"y" * 300}">short</a>'
+    assert plotting.wrapped_title(long_tag) == long_tag
+    fits = " ".join(["word"] * 10)
+    assert plotting.wrapped_title(f"<b>{fits}</b>") == f"<b>{fits}</b>"
 
     def heatmap(text):
         return plotting.patching_heatmap([[0.5, -1.0]], ["a"], ["x", "y"], title=text)
 
     short = heatmap("short")
     for br in ("<br>", "<BR>", "<br />"):
-        broken = f"{words}{br}{words} {words}"  # the author's break, lines over 100 kept
+        broken = f"{words}{br}{words} {words}"  # the author's break, long lines kept
         assert plotting.wrapped_title(broken) == broken, br
         fig = heatmap(broken)
         assert fig.layout.margin.t - short.layout.margin.t == plotting.TITLE_LINE, br
@@ -2251,6 +2291,8 @@ def test_the_blank_line_grows_the_figure_by_its_lines():
     ]
     for fig, added in ((one, 1), (both, 2)):  # the line, wrapped once where it is long
         assert fig.layout.title.subtitle.text.count("<br>") == added
+        # (and the title's lines: a note of the mass not shown may add one)
+        added += fig.layout.title.text.count("<br>") - plain.layout.title.text.count("<br>")
         assert fig.layout.margin.t - plain.layout.margin.t == plotting.TITLE_LINE * added
         assert fig.layout.height - plain.layout.height == plotting.TITLE_LINE * added
     # a figure whose subtitle is its blank line alone has the margin of a whisker line
@@ -2264,3 +2306,68 @@ def test_the_blank_line_grows_the_figure_by_its_lines():
     bare = plotting.routing_heatmap(table.assign(n_sources=1))
     assert subtitle_lines(heatmap) == [plotting.UNREAD_CELL] and subtitle_lines(bare) == []
     assert heatmap.layout.margin.t == plain.layout.margin.t > bare.layout.margin.t
+
+
+STUDY_CONDITIONS = tuple(
+    f"hard_{kind}_L{n}" for n in (8, 16) for kind in ("cumulative", "kimi", "vanilla")
+)
+
+
+def _panel_rows(fig) -> dict:
+    """``{paper y: [panel title annotations]}``, left to right."""
+    rows: dict = {}
+    for a in fig.layout.annotations:
+        rows.setdefault(a.y, []).append(a)
+    return {y: sorted(row, key=lambda a: a.x) for y, row in rows.items()}
+
+
+def test_panel_titles_never_meet_at_800_px():
+    """Audit 227: plotly draws a panel title on one line, centred over its panel; the
+    study's six conditions ("hard_cumulative_L16: attention routers") ran into each other
+    at 800, 1000 and 1400 px (chromium: by up to 184, 150 and 82 px). Each is now
+    broken into lines no wider (by `text_width`, in its font) than the distance from its
+    centre to its neighbour's at 800 px less `PANEL_GAP`, so neighbours keep apart there and
+    at any wider size; its text is unchanged but for the breaks; the rows below the first
+    are moved down to hold their titles' lines."""
+    effects = _effects(conditions=STUDY_CONDITIONS, seeds=(0, 1, 2))
+    mass = _mass(conditions=STUDY_CONDITIONS, seeds=(0, 1, 2))
+    figures = {
+        "effects_by_seed": plotting.effects_by_seed(effects, "older", ["attn_res", "mlp_res"]),
+        "mass_effect_by_seed": plotting.mass_effect_by_seed(mass, effects, "mlp_res"),
+    }
+    for name, fig in figures.items():
+        names = {str(t.name) for t in fig.data if t.showlegend is not False}
+        legend = 50 + max(plotting.text_width(n, 12) for n in names) + 20  # at the right
+        plot = 800 - fig.layout.margin.l - max(fig.layout.margin.r, legend)
+        size = fig.layout.annotations[0].font.size
+        assert size >= plotting.PANEL_TITLE_MIN, name
+        rows = _panel_rows(fig)
+        for row in rows.values():
+            assert len(row) == len(STUDY_CONDITIONS), name
+            for left, right in zip(row[:-1], row[1:], strict=True):
+                room = (right.x - left.x) * plot - plotting.PANEL_GAP
+                for a in (left, right):
+                    widths = [plotting.text_width(line, size) for line in a.text.split("<br>")]
+                    assert max(widths) <= room, (name, a.text, widths, room)
+        # every title's text, its breaks taken out (after "_" a word was split)
+        texts = [
+            re.sub(r"(?<=_)<br>", "", a.text).replace("<br>", " ")
+            for row in rows.values()
+            for a in row
+        ]
+        want = (
+            [f"{c}: {r}" for r in ("attention routers", "MLP routers") for c in STUDY_CONDITIONS]
+            if name == "effects_by_seed"
+            else list(STUDY_CONDITIONS)
+        )
+        assert texts == want, name
+        # each title sits on its panel's top; a row's titles clear the row above (and its
+        # tick labels, 35 px)
+        tops = {axis.domain[1] for axis in fig.select_yaxes()}
+        assert all(min(abs(y - top) for top in tops) < 1e-9 for y in rows), name
+        height = fig.layout.height - fig.layout.margin.t - 80  # the panels' height, px
+        bottoms = {axis.domain[0] for axis in fig.select_yaxes()}
+        for y in sorted(rows)[:-1]:  # the rows of titles below the first
+            above = min(b for b in bottoms if b > y)
+            lines = max(a.text.count("<br>") + 1 for a in rows[y])
+            assert (above - y) * height >= lines * 1.3 * size + 35, name
