@@ -550,7 +550,8 @@ ESTIMATE = ("effect", "ci_low", "ci_high")  # ... and of an effects table
 
 
 def _bar(x, y, low, high, name: str, color, hover: str, showlegend: bool = True, **kw) -> go.Bar:
-    """A bar series with asymmetric interval whiskers from ``low`` to ``high``."""
+    """A bar series with asymmetric interval whiskers from ``low`` to ``high`` (also its
+    ``customdata``, which the hover texts show: `_effect_hover`, `_mass_hover`)."""
     y, low, high = (np.asarray(v, dtype=float) for v in (y, low, high))
     return go.Bar(
         x=list(x),
@@ -559,8 +560,45 @@ def _bar(x, y, low, high, name: str, color, hover: str, showlegend: bool = True,
         marker_color=color,
         showlegend=showlegend,
         error_y=dict(type="data", symmetric=False, array=high - y, arrayminus=y - low),
+        customdata=np.column_stack([low, high]),  # the interval, for the hover text
         hovertemplate=hover,
         **kw,
+    )
+
+
+# the unit of an effect on each of the library's metrics (`METRICS`), for the hover texts
+METRIC_UNITS = {
+    "logprob": "nats (log-probability of the answer)",
+    "accuracy": "(accuracy, a fraction of the prompts)",
+}
+_INTERVAL = "interval [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
+
+
+def _unit_text(metric: str, unit: str) -> str:
+    """What an effect on ``metric`` is measured in, after its number in a hover text:
+    ``unit`` (`_scaled`'s: ``"logits"`` or ``"% of the clean logit difference"``) for
+    ``logit_diff``, `METRIC_UNITS` for the others, a callable metric's own unit named."""
+    if metric == "logit_diff":
+        return unit
+    return METRIC_UNITS.get(metric, f"(in the unit of {metric})")
+
+
+def _effect_hover(label: str, name: str, metric: str, unit: str, extra: str = "") -> str:
+    """The hover text of an effect bar (`_bar`): ``label`` (the series, ``"seed 0, "``)
+    and the x, the effect's name, metric, value and unit (`_unit_text`), and its interval.
+    Before audit 227 it was the bare number ("early: -12.3"), in percent or logits or
+    accuracy unsaid. ``extra`` is the hover's side box (a seed figure's condition)."""
+    return (
+        f"{label}%{{x}}<br>{name} on {metric}: %{{y:.3g}} {_unit_text(metric, unit)}"
+        f"<br>{_INTERVAL}<extra>{extra}</extra>"
+    )
+
+
+def _mass_hover(label: str, extra: str = "") -> str:
+    """The hover text of a routing-mass bar (`_bar`), as `_effect_hover`'s."""
+    return (
+        f"{label}%{{x}}<br>routing mass: %{{y:.3g}} (a fraction of the router's weight)"
+        f"<br>{_INTERVAL}<extra>{extra}</extra>"
     )
 
 
@@ -1266,7 +1304,7 @@ def mass_effect_bars(
                 part.ci_high_mass,
                 "mass",
                 colors,
-                "%{x}: mass %{y:.3g}<extra></extra>",
+                _mass_hover(""),
                 showlegend=False,
             ),
             row=1,
@@ -1280,7 +1318,7 @@ def mass_effect_bars(
                 part.ci_high,
                 name,
                 colors,
-                f"%{{x}}: {name} %{{y:.3g}}<extra></extra>",
+                _effect_hover("", name, metric, unit),
                 showlegend=False,
             ),
             row=2,
@@ -1318,10 +1356,13 @@ def mass_effect_scatter(
     refused. ``mass_summary`` as in `mass_effect_bars` (its band ``group`` when it has a
     ``band`` column; without one, ``group`` ``"all"`` only); the effects choose the families
     as there (one without a mass row refused, a family's mass without effects named in the
-    title)."""
+    title). A point's hover text names its family, router type and group, its mass and
+    |effect| with their intervals, the effect's metric and unit, and the signed effect
+    (audit 227: the points had plotly's default hover, "(0.31, 1.2)", and the trace name)."""
     merged, note, (drawn_mass, chosen), method = _merged(
         mass_summary, effects, metric, group, "mass_effect_scatter"
     )
+    name = effect_name(method)  # the axis's and the hovers' name of the effects
     symbols = {"attn_res": "circle", "mlp_res": "square", "final_res": "diamond"}
     colours = _families(merged.family)  # a source label's too (review 224: all were gray)
     fig = go.Figure()
@@ -1355,9 +1396,20 @@ def mass_effect_scatter(
                     array=[high - size],
                     arrayminus=[size - low],
                 ),
+                customdata=[
+                    [row.ci_low_mass, row.ci_high_mass, row.effect, row.ci_low, row.ci_high]
+                ],
+                hovertemplate=(
+                    f"{family}, {ROUTER_TITLES[router]}, group {group}<br>routing mass: "
+                    "%{x:.3g} (a fraction of the router's weight), interval "
+                    "[%{customdata[0]:.3g}, %{customdata[1]:.3g}]<br>"
+                    f"|{name}| on {metric}: %{{y:.3g}} {_unit_text(metric, 'logits')}<br>"
+                    f"{name}: %{{customdata[2]:.3g}}, interval "
+                    "[%{customdata[3]:.3g}, %{customdata[4]:.3g}]<extra></extra>"
+                ),
             )
         )
-    fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|{effect_name(method)}| ({metric})")
+    fig.update_layout(xaxis_title="routing mass", yaxis_title=f"|{name}| ({metric})")
     whiskers = _whiskers(
         (
             ("routing mass (x)", "mass_summary", drawn_mass),
@@ -1523,7 +1575,7 @@ def effect_bands(
                     rows.ci_high,
                     str(family),
                     color,
-                    f"{family} %{{x}}: %{{y:.3g}}<extra></extra>",
+                    _effect_hover(f"{family}, ", name, metric, unit),
                     showlegend=col == 1,
                     legendgroup=str(family),
                 ),
@@ -1675,7 +1727,13 @@ def effects_by_seed(
                         rows.ci_high,
                         f"seed {seed}",
                         palette[k],
-                        f"seed {seed}, %{{x}}: %{{y:.3g}}<extra>{condition}</extra>",
+                        _effect_hover(
+                            f"seed {seed}, ",
+                            effect_name(method),
+                            "logit_diff",
+                            unit,
+                            str(condition),
+                        ),
                         showlegend=row == 1 and col == 1,
                         legendgroup=f"seed {seed}",
                     ),
@@ -1808,7 +1866,7 @@ def mass_effect_by_seed(
                     m.ci_high,
                     f"seed {seed}",
                     color,
-                    f"seed {seed}, %{{x}}: mass %{{y:.3g}}<extra>{condition}</extra>",
+                    _mass_hover(f"seed {seed}, ", str(condition)),
                     showlegend=col == 1,
                     **common,
                 ),
@@ -1823,7 +1881,7 @@ def mass_effect_by_seed(
                     e.ci_high,
                     f"seed {seed}",
                     color,
-                    f"seed {seed}, %{{x}}: {name} %{{y:.3g}}<extra>{condition}</extra>",
+                    _effect_hover(f"seed {seed}, ", name, "logit_diff", unit, str(condition)),
                     showlegend=False,
                     **common,
                 ),

@@ -1877,7 +1877,7 @@ def test_mass_effect_by_seed_draws_no_mass_of_a_model_without_effects():
     for columns in (None, ["a"], ["b", "a"]):
         fig = plotting.mass_effect_by_seed(mass, effects, "mlp_res", columns=columns)
         assert title_of(fig).endswith(" (no effects of seed 2 of a: not shown)")
-        mass_traces = [t for t in fig.data if ": mass %{y" in t.hovertemplate]
+        mass_traces = [t for t in fig.data if "routing mass: %{y" in t.hovertemplate]
         drawn = set()
         for trace in mass_traces:
             condition = trace.hovertemplate.split("<extra>")[1].split("</extra>")[0]
@@ -1919,9 +1919,11 @@ def test_effect_hovers_name_the_effects_as_the_axis_does():
             plotting.mass_effect_bars(one_m, e),
             plotting.mass_effect_by_seed(mass, both, "mlp_res"),
         ):
-            hovers = [t.hovertemplate for t in fig.data if ": mass %{y" not in t.hovertemplate]
+            hovers = [
+                t.hovertemplate for t in fig.data if "routing mass: %{y" not in t.hovertemplate
+            ]
             assert len(hovers) == len(fig.data) // 2
-            assert all(f": {name} %{{y:.3g}}" in h for h in hovers), (method, hovers)
+            assert all(f"{name} on logit_diff: %{{y:.3g}}" in h for h in hovers), (method, hovers)
 
 
 def test_effect_figures_refuse_missing_labels_by_the_shared_refusal(tmp_path):
@@ -2371,3 +2373,55 @@ def test_panel_titles_never_meet_at_800_px():
             above = min(b for b in bottoms if b > y)
             lines = max(a.text.count("<br>") + 1 for a in rows[y])
             assert (above - y) * height >= lines * 1.3 * size + 35, name
+
+
+def test_hover_texts_say_what_the_number_is_in_and_its_interval():
+    """Audit 227: the effect bars' hover text was the bare number ("early: -12.3"), which
+    read the same in percent of the clean logit difference, in logits and for accuracy,
+    and the scatter's points had plotly's default hover. Each bar now says the effect's
+    name, metric and unit and shows its interval (its customdata: the table's ci_low and
+    ci_high in the plotted unit); a point names its family, router type and group, its mass
+    and effect with their intervals."""
+    one = _effects().drop(columns=["condition", "seed"])
+    mass = pd.concat([_mass(router=r) for r in ("attn_res", "mlp_res")]).drop(
+        columns=["condition", "seed"]
+    )
+    percent, logits = "% of the clean logit difference", "logits"
+    accuracy = one.assign(metric="accuracy")
+    cases = [
+        (plotting.effect_bands(one), percent, 100 / one.clean.iloc[0]),
+        (plotting.effect_bands(one, relative=False), logits, 1.0),
+        (plotting.effect_bands(accuracy, "accuracy"), "(accuracy, a fraction of the prompts)", 1.0),
+        (plotting.effects_by_seed(one, "older", ["mlp_res"]), percent, 100 / one.clean.iloc[0]),
+        (plotting.mass_effect_bars(mass, one, relative=False), logits, 1.0),
+        (plotting.mass_effect_by_seed(_mass(), _effects(), "mlp_res"), percent, 20.0),
+    ]
+    for fig, unit, factor in cases:
+        for trace in fig.data:
+            hover = trace.hovertemplate
+            low, high = np.asarray(trace.customdata, dtype=float).T
+            if "routing mass: %{y:.3g} (a fraction of the router's weight)" in hover:
+                lows = np.round(np.concatenate([mass.ci_low, _mass().ci_low]), 9)
+                assert np.isin(np.round(low[~np.isnan(low)], 9), lows).all()
+            else:
+                metric = "accuracy" if "accuracy" in unit else "logit_diff"
+                assert f"ablation effect on {metric}: %{{y:.3g}} {unit}<br>" in hover, hover
+                # the interval shown is the table's, in the plotted unit
+                table = accuracy if metric == "accuracy" else one
+                shown = ~np.isnan(low)
+                assert np.isin(np.round(low[shown] / factor, 9), np.round(table.ci_low, 9)).all(), (
+                    hover
+                )
+                assert (high[shown] >= low[shown]).all()
+            assert "interval [%{customdata[0]:.3g}, %{customdata[1]:.3g}]" in hover
+    scatter = plotting.mass_effect_scatter(mass, one)
+    merged = mass.merge(one[one.group == "all"], on=["router", "family"], suffixes=("_m", ""))
+    for trace in scatter.data:
+        family, router = trace.name.split(" (")[0], trace.name.split(" (")[1][:-1]
+        key = {v: k for k, v in plotting.ROUTER_TITLES.items()}[router]
+        row = merged[(merged.router == key) & (merged.family == family)].iloc[0]
+        assert trace.hovertemplate.startswith(f"{family}, {router}, group all<br>routing mass")
+        assert "|ablation effect| on logit_diff: %{y:.3g} logits" in trace.hovertemplate
+        assert list(trace.customdata[0]) == pytest.approx(
+            [row.ci_low_m, row.ci_high_m, row.effect, row.ci_low, row.ci_high]
+        )
