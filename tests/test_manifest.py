@@ -341,6 +341,79 @@ def test_a_whole_manifest_lets_a_file_no_loader_reads_be_added_and_refuses_other
     load(directory)
 
 
+def test_every_file_a_tokenizer_class_of_transformers_reads_is_of_a_kind_a_load_may_read():
+    """Review 230: the files ``AutoTokenizer`` may read from a folder, taken from the
+    installed transformers (each tokenizer class's ``vocab_files_names``), not copied from
+    `may_be_read`'s lists: a whole manifest refuses each of them unlisted."""
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
+
+    from hooked_attnres.loading.io import may_be_read
+
+    names = set()
+    for classes in TOKENIZER_MAPPING_NAMES.values():
+        for name in classes if isinstance(classes, (tuple, list)) else [classes]:
+            if name is not None:
+                # a composite (RagTokenizer) names none: its parts' classes are listed too
+                found = getattr(tokenizer_class_from_name(name), "vocab_files_names", {})
+                names |= set(found.values())
+    assert {"tokenizer.json", "vocab.json", "merges.txt", "spiece.model"} <= names, names
+    assert [name for name in sorted(names) if not may_be_read(name)] == []
+
+
+TEMPLATES = "additional_chat_templates"  # transformers' subfolder of named chat templates
+TEMPLATE = "{% for message in messages %}{{ message['content'] }} mine{% endfor %}"
+
+
+@pytest.mark.parametrize("run", [ATTNRES, VANILLA])
+def test_a_whole_manifest_checks_the_chat_templates_the_tokenizer_reads_from_its_subfolder(
+    tmp_path, run
+):
+    """Review 230: ``AutoTokenizer`` reads every ``*.jinja`` of the folder's
+    ``additional_chat_templates`` subfolder (a dotted one too) as a named chat template;
+    subfolders were never compared, so a template added to (or edited in) a folder listed
+    whole loaded silently as ``model.tokenizer.chat_template``. Such a template is refused
+    unlisted and compared listed; notes in that subfolder are not."""
+    from transformers.utils.hub import CHAT_TEMPLATE_DIR
+
+    assert CHAT_TEMPLATE_DIR == TEMPLATES  # the subfolder transformers reads
+    root = shipped_copy(tmp_path, (run,))
+    directory = root / run / "model"
+    assert load(directory).tokenizer.chat_template is None  # as shipped: no template
+    (directory / TEMPLATES).mkdir()
+    (directory / TEMPLATES / "README.md").write_text("mine")  # a note: read by no load
+    load(directory)
+    sums = (root / "SHA256SUMS").read_text()
+    for name in ("mine.jinja", ".mine.jinja"):
+        path = directory / TEMPLATES / name
+        path.write_text(TEMPLATE)
+        # what a load reads from it, unchecked
+        assert load(directory, verify=False).tokenizer.chat_template == {
+            name.removesuffix(".jinja"): TEMPLATE
+        }
+        with pytest.raises(CheckpointIntegrityError) as info:
+            load(directory)
+        message = str(info.value)
+        assert f"{path} is not listed in {root / 'SHA256SUMS'}" in message, message
+        assert "README.md" not in message, message
+        # listed (``sha256sum */model/* */model/additional_chat_templates/*``): compared
+        line = f"{sha256(path)}  {run}/model/{TEMPLATES}/{name}\n"
+        (root / "SHA256SUMS").write_text(sums + line)
+        assert load(directory).tokenizer.chat_template == {name.removesuffix(".jinja"): TEMPLATE}
+        path.write_text(TEMPLATE.replace("mine", "yours"))
+        with pytest.raises(CheckpointIntegrityError) as info:
+            load(directory)
+        assert f"{path} has SHA-256 {sha256(path)}, not the {line[:64]}" in str(info.value)
+        path.unlink()  # and listed, missing
+        with pytest.raises(CheckpointIntegrityError) as info:
+            load(directory)
+        assert f"{path} is listed in {root / 'SHA256SUMS'} but missing" in str(info.value)
+        (root / "SHA256SUMS").write_text(sums)
+    load(directory)
+
+
 def test_a_manifest_that_is_a_symbolic_link_is_read_where_the_link_is(tmp_path):
     """Review 213: ``runs/SHA256SUMS`` a link to a manifest kept elsewhere: its paths are
     relative to ``runs`` (where ``sha256sum -c`` would read them); before, the load failed

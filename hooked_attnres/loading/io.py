@@ -59,6 +59,10 @@ _READ_SUFFIXES = (
 _READ_NAMES = frozenset(
     name.lower() for name in (*_TOKENIZER_READS, "vocab.txt", "merges.txt", "dict.txt")
 )
+# the subfolder of a model folder whose ``*.jinja`` files ``AutoTokenizer`` reads as named
+# chat templates (transformers' ``CHAT_TEMPLATE_DIR``; a dotted one too): the one subfolder
+# a load reads, so the one a digest manifest compares (`verify_manifest`)
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 def may_be_read(name: str) -> bool:
@@ -67,6 +71,25 @@ def may_be_read(name: str) -> bool:
     `_READ_NAMES`, in any case. Notes, a README, a notebook or a plot are not."""
     lowered = name.lower()
     return lowered in _READ_NAMES or lowered.endswith(_READ_SUFFIXES)
+
+
+def _compared_files(directory: Path) -> list[str]:
+    """The files of ``directory`` a digest manifest compares, as paths relative to it
+    (``/``-separated): its own (hidden ones, a desktop's ``.DS_Store``, no load reads) and
+    those of its `_CHAT_TEMPLATE_DIR` subfolder (dotted ones too: ``AutoTokenizer`` reads
+    each ``*.jinja`` there); no other subfolder is read by a load."""
+    found = [p.name for p in directory.iterdir() if p.is_file() and p.name[0] != "."]
+    templates = directory / _CHAT_TEMPLATE_DIR
+    if templates.is_dir():
+        found += [f"{_CHAT_TEMPLATE_DIR}/{p.name}" for p in templates.iterdir() if p.is_file()]
+    return sorted(found)
+
+
+def _within_reach(name: str) -> bool:
+    """Whether ``name`` (relative to a model folder) is where `_compared_files` looks: a
+    file of the folder or of its `_CHAT_TEMPLATE_DIR` subfolder."""
+    folder, _, file = name.rpartition("/")
+    return folder in ("", _CHAT_TEMPLATE_DIR) and file != ""
 
 
 class CheckpointError(ValueError):
@@ -198,8 +221,10 @@ def verify_manifest(
     a manifest: the link's), ``/``-separated; ``{sha256} *{path}`` in binary mode);
     ``directory`` must lie under that folder. Files are compared byte for byte (no line
     ending is converted). Hidden files (a desktop's ``.DS_Store``) are read by no loader
-    and not compared; subfolders neither; nor, unlisted, a file of a kind no load reads
-    (`may_be_read`: notes, a README, a notebook, a plot), even in a folder listed whole.
+    and not compared; subfolders neither, but for the chat templates ``AutoTokenizer``
+    reads from ``additional_chat_templates`` (`_compared_files`); nor, unlisted, a file of
+    a kind no load reads (`may_be_read`: notes, a README, a notebook, a plot), even in a
+    folder listed whole.
 
     Args:
         directory: the folder checked.
@@ -238,9 +263,7 @@ def verify_manifest(
     if whole is None:
         whole = f"{base}/config.json" in listed
     problems = []
-    # every file a load may read; hidden ones (a desktop's .DS_Store) no load reads
-    present = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name[0] != ".")
-    for name in present:
+    for name in _compared_files(directory):
         path, key = directory / name, f"{base}/{name}"
         if key not in listed:
             if whole and may_be_read(name):  # notes of one's own: read by no load
@@ -252,7 +275,7 @@ def verify_manifest(
             problems.append(f"{path} has SHA-256 {found}, not the {listed[key]} {manifest} lists")
     for key in sorted(listed):  # a listed file of this folder that is not there
         name = key[len(base) + 1 :]
-        if key.startswith(f"{base}/") and "/" not in name and not (directory / name).is_file():
+        if key.startswith(f"{base}/") and _within_reach(name) and not (directory / name).is_file():
             problems.append(f"{directory / name} is listed in {manifest} but missing")
     if problems:
         raise CheckpointIntegrityError(
