@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Optional
 
-from hooked_attnres.__main__ import PROG, interrupted
+from hooked_attnres.__main__ import PROG, Terminated, interrupted
 from hooked_attnres._study_limits import (
     MAX_BOOTSTRAP,
     MAX_PROBE_PROMPTS,
@@ -38,14 +38,6 @@ from hooked_attnres._study_limits import (
 
 class CommandError(Exception):
     """A usage problem found while running a command (printed as one line)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, docker stop, SLURM preemption) while a command runs, raised
-    by the command's handler where Ctrl-C raises `KeyboardInterrupt`: the trainer writes
-    its checkpoint (and holds it back inside an optimizer update) and the command says how
-    to resume, as on Ctrl-C, then exits with 143 (128 + 15). Before audit 188 SIGTERM
-    ended the process at once: the steps since the last checkpoint were lost."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -73,14 +65,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupted(error: KeyboardInterrupt) -> int:
-    """Ctrl-C's line and exit code 130, or SIGTERM's and 143 (`Terminated`)."""
-    if isinstance(error, Terminated):
-        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    return interrupted()
 
 
 def default_threads() -> int:
@@ -957,7 +941,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (`Terminated`)
         # while the options are read (a condition name loaded torch then, until audit
         # 198): Ctrl-C ended in a KeyboardInterrupt traceback (audit 178)
-        return _interrupted(error)
+        return interrupted(error)
     # the caller's torch thread count is put back when the command returns (main called
     # in a process that goes on: the tests, a notebook); it stayed at the command's
     threads = contextlib.ExitStack()
@@ -979,7 +963,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         _stdout_to_devnull()
         return CLOSED_OUTPUT_STATUS
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (`Terminated`)
-        return _interrupted(error)
+        return interrupted(error)
     except Exception as error:  # one clear line; --debug for the traceback
         if args.debug:
             raise

@@ -2439,3 +2439,53 @@ def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback
     finally:
         process.kill()
     assert (process.returncode, out, err) == (130, "", "hooked-attnres: interrupted\n")
+
+
+# A sitecustomize that makes the command line's `main` raise SIGTERM's `Terminated` outside
+# its own handling (as SIGTERM landing after that handling is left, or while it prints):
+# the module is imported as it is, then its `main` replaced
+TERMINATED_OUTSIDE_MAIN = """
+import importlib.machinery, sys
+
+class Patch:
+    def find_spec(self, name, path=None, target=None):
+        if name != "hooked_attnres.cli":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+
+            def main(argv=None):
+                raise module.Terminated
+
+            module.main = main
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Patch())
+"""
+
+
+@pytest.mark.parametrize("how", ["the console script", "python -m hooked_attnres"])
+def test_sigterm_outside_mains_handling_exits_143_with_its_own_line(how, tmp_path):
+    """Review 230: the entry point's Ctrl-C handling (audit 229) took any
+    ``KeyboardInterrupt`` reaching it for Ctrl-C, so SIGTERM's `Terminated` (a
+    ``KeyboardInterrupt``) raised where `main` no longer handles it printed
+    ``hooked-attnres: interrupted`` and exited 130, not SIGTERM's line and 143; under
+    ``python -m`` the ``__main__`` module and the one the command line imports are two."""
+    (tmp_path / "sitecustomize.py").write_text(TERMINATED_OUTSIDE_MAIN)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    if how == "the console script":
+        command = [sys.executable, "-c", _console_script(), "list"]
+    else:
+        command = [sys.executable, "-m", "hooked_attnres", "list"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        143,
+        "",
+        "hooked-attnres: terminated (SIGTERM)\n",
+    )
