@@ -234,7 +234,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hooked_attnres.study.recipes import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
-    from hooked_attnres.training.trainer import TrainingDivergedError, check_run_folder
+    from hooked_attnres.training.trainer import (
+        TrainingDivergedError,
+        _interrupts_deferred,
+        check_run_folder,
+    )
 
     conditions = _conditions(args.condition)
     # a seed given twice would train (or, resuming, rewrite) the same run twice and list it
@@ -377,7 +381,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             else:  # its own checkpoint, or the folder as it was (review 207)
                 ending = "kept" if _checkpoint_version(checkpoint) != before else "stopped"
         if listed and (ending != "not started" or 0 < index < len(runs)):
-            _print_how_to_finish(args, runs, index, ending, _fix_first(error))
+            # whole: a Ctrl-C or SIGTERM while it is printed (pressed again while the
+            # command ends) is dropped, not raised in its place, which cut the list and
+            # replaced the error (review 231)
+            with _interrupts_deferred(deliver=False):
+                _print_how_to_finish(args, runs, index, ending, _fix_first(error))
         raise
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:

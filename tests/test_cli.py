@@ -2132,6 +2132,61 @@ def test_every_ending_of_a_train_no_resume_of_several_runs_names_what_each_run_n
         assert rows[seed]["accuracy"] == metrics["final_accuracy"], seed
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_train_lists_its_runs_leaves_the_list_whole(
+    signum, tmp_path, monkeypatch
+):
+    """``train --no-resume`` of several runs ended by an error in its second run lists each
+    run and the commands that finish them (`_print_how_to_finish`). A Ctrl-C (or SIGTERM)
+    while that list was printed, e.g. pressed again by someone waiting for the command to
+    end, cut it at that line and replaced the error (exit code 130, no error line): here
+    at its header, the runs and the commands went unprinted, and the same command again
+    trains the finished run over. The list is printed whole now, the signal dropped (the
+    command is ending already), and the error reported as before (exit code 1); its
+    commands, run, train exactly the runs left."""
+    import signal
+
+    from hooked_attnres import study
+    from hooked_attnres.training import TrainResult
+
+    failing = {"seed": 1}
+
+    def fake_train(condition, seed, out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if seed == failing["seed"]:
+            raise ValueError(f"an error in seed {seed}")
+        return TrainResult(out_dir, out_dir / "model", 5, {"retrieval": 0.5}, 2.0)
+
+    header = "this command's runs and what each needs"
+    sent: list[str] = []
+    said: list[str] = []
+
+    class SignalAtTheList:  # stderr, a stop signal received as the list starts
+        def write(self, text: str) -> int:
+            said.append(text)
+            if header in text and not sent:
+                sent.append(signum)
+                signal.raise_signal(getattr(signal, signum))
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(study, "train_condition", fake_train)
+    monkeypatch.setattr(sys, "stderr", SignalAtTheList())
+    argv = ["train", "--condition", "attnres", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--no-progress", "--no-resume"]) == 1
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    assert sent == [signum]
+    err = "".join(said)
+    lines = [line.strip() for line in err.splitlines()]
+    assert lines[-1].startswith("hooked-attnres: error: an error in seed 1 (ValueError;"), err
+    assert "attnres seed 0 finished in this command: nothing" in lines, err
+    failing["seed"] = None  # the cause fixed
+    trained = _finish_as_printed(err, "fix the cause and ", monkeypatch)
+    assert trained == [("attnres", 1, False), ("attnres", 2, False)]
+
+
 @pytest.mark.parametrize("sealed", [True, False])
 @pytest.mark.parametrize("broken", ["truncated", "without its step"])
 def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(
