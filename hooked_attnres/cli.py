@@ -257,9 +257,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"save of this library ({saved}); choose another "
             "--out (new or holding earlier runs)"
         )
-    for seed in args.seeds:  # every run's folder before the first run trains
-        for condition in conditions:
-            check_run_folder(run_dir(args.out, condition, seed))
+    runs = [(name, n) for n in args.seeds for name in conditions]  # in the order trained
+    for condition, seed in runs:  # every run's folder before the first run trains
+        check_run_folder(run_dir(args.out, condition, seed))
     custom = bool(args.set or args.task_arg or args.steps is not None)
     kwargs: dict = {}
     if custom:
@@ -290,7 +290,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = Path(args.out) / TRAIN_SUMMARY
     _earlier_summary(summary)  # refused before any run trains, not after the first
     results: list[dict] = []
-    runs = [(name, n) for n in args.seeds for name in conditions]
     # what each run needs is listed however such a command ends once a run has started
     # (audit 218: Ctrl-C or an error of the machine; audit 226: also a refusal, a
     # divergence, an error of a later run or of the summary's write)
