@@ -230,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         study_train_config,
         train_condition,
     )
-    from hooked_attnres.study.checkpoints import study_command, train_command
+    from hooked_attnres.study.checkpoints import study_command
     from hooked_attnres.study.recipes import BASE_STEPS, BASE_WARMUP
     from hooked_attnres.tasks import KeyValueRetrieval
     from hooked_attnres.training import TrainConfig
@@ -331,7 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     if not args.no_resume:
                         again = f": {cause}run the same command again to resume"
                     elif own:  # the command itself, not "without --no-resume" (audit 226)
-                        command = train_command([condition], [seed], args.out, _options(args))
+                        command = _resume_command(args, condition, seed)
                         again = f": {cause}run `{command}` to resume"
                     else:
                         again = f"; {cause}run the same command again to start it over"
@@ -446,6 +446,23 @@ def _options(args: argparse.Namespace) -> list[str]:
     return options
 
 
+def _resume_command(args: argparse.Namespace, condition: str, seed: int) -> str:
+    """The ``train`` command that resumes the run of ``condition`` and ``seed`` a ``train
+    --no-resume`` of ``args`` stopped with its own checkpoint kept: its options
+    (`_options`) and, if it gave no --threads, the count the checkpoint was written with
+    (`saved_threads`): the default, the free cores, changes with the machine's load, and a
+    resume with another count is refused (it moves float sums; review 231)."""
+    from hooked_attnres.study import run_dir
+    from hooked_attnres.study.checkpoints import train_command
+    from hooked_attnres.training.trainer import saved_threads
+
+    options = _options(args)
+    threads = saved_threads(run_dir(args.out, condition, seed)) if args.threads is None else None
+    if threads is not None:
+        options += ["--threads", str(threads)]
+    return train_command([condition], [seed], args.out, options)
+
+
 def _print_how_to_finish(
     args: argparse.Namespace,
     runs: list[tuple[str, int]],
@@ -494,7 +511,7 @@ def _print_how_to_finish(
                     f"{Path(args.out) / TRAIN_SUMMARY} does not list it (the command ended "
                     "before it was written): resume it (without --no-resume), which lists it"
                 )
-            commands.append(train_command([condition], [seed], args.out, options))
+            commands.append(_resume_command(args, condition, seed))
         else:
             if position == index and ending == "diverged":
                 state = f"{condition} seed {seed} diverged (the error below)"

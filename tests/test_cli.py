@@ -2187,6 +2187,62 @@ def test_a_stop_signal_while_train_lists_its_runs_leaves_the_list_whole(
     assert trained == [("attnres", 1, False), ("attnres", 2, False)]
 
 
+@pytest.mark.parametrize("seeds", [["0"], ["0", "1"]])
+def test_the_resume_a_stopped_train_no_resume_prints_keeps_its_thread_count(
+    seeds, tmp_path, monkeypatch, capsys
+):
+    """``train --no-resume`` stopped with its checkpoint kept prints the command that
+    resumes the run (one run: `...: run` it `to resume`; several: in the list of commands
+    that finish them). Without --threads the run trains with the machine's default, the
+    free cores (OMP_NUM_THREADS here), which changes with the load; the printed command,
+    run with another default, was refused (the checkpoint "was written with 1 threads ...
+    this run has 2": another count moves float sums). It names the checkpoint's count,
+    ``--threads 1``, now: run with a default of 2 it resumes the run, which ends as an
+    uninterrupted run of 1 thread does (metrics.json equal, but for the seconds)."""
+    import shlex
+
+    from hooked_attnres.training import trainer
+
+    def train_argv(out: Path) -> list[str]:
+        argv = [*_tiny_train_argv(out), "--seeds", *seeds]
+        del argv[argv.index("--threads") : argv.index("--threads") + 2]  # the default
+        return argv
+
+    out = tmp_path / "runs"
+    argv = train_argv(out)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.main(train_argv(tmp_path / "uninterrupted")) == 0
+    calls = {"train_step": 0}
+
+    def step(name: str) -> None:
+        calls["train_step"] += 1
+        if calls["train_step"] == 4 * (len(seeds) - 1) + 3:  # the last run's step 3
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "fault_point", step)
+    capsys.readouterr()
+    assert cli.main([*argv, "--no-resume"]) == 130
+    err = capsys.readouterr().err
+    monkeypatch.setattr(trainer, "fault_point", lambda name: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the machine's load changed
+    if len(seeds) == 1:
+        command = shlex.split(err.split("`")[1])
+        assert cli.main(command[1:]) == 0, err
+    else:
+        assert _finish_as_printed(err, "", monkeypatch) == [("attnres", 1, True)]
+    last = f"attnres_seed{seeds[-1]}"
+    metrics, uninterrupted = (
+        {
+            k: v
+            for k, v in json.loads((root / last / "metrics.json").read_text()).items()
+            if k != "seconds"
+        }
+        for root in (out, tmp_path / "uninterrupted")
+    )
+    assert metrics == uninterrupted
+    assert metrics["environment"]["threads"] == 1
+
+
 @pytest.mark.parametrize("sealed", [True, False])
 @pytest.mark.parametrize("broken", ["truncated", "without its step"])
 def test_a_finished_run_whose_checkpoint_state_is_unreadable_is_named_as_such(

@@ -67,6 +67,7 @@ from hooked_attnres._environment import numerics_environment, thread_count
 from hooked_attnres._study_limits import MAX_THREADS, WHY_MAX_THREADS
 from hooked_attnres._validation import (
     as_items,
+    is_integer,
     non_finite_tensors,
     require_bool,
     require_finite_number,
@@ -268,16 +269,36 @@ def _progress_text(state: Any) -> str:
     return f"step {int(state['step'])} of {int(state['train_config']['steps'])}"
 
 
+def _saved_state(out_dir: Union[str, Path]) -> Any:
+    """The parsed ``trainer_state.json`` of the checkpoint in ``out_dir/checkpoint`` (a
+    run's folder); ``None`` when there is none or it cannot be read. For messages about a
+    run, not for resuming (`_Checkpoint.load` checks the files first)."""
+    state_file = Path(out_dir) / "checkpoint" / "trainer_state.json"
+    try:
+        return json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def saved_progress(out_dir: Union[str, Path]) -> Optional[str]:
     """How far the run of the checkpoint in ``out_dir/checkpoint`` (a run's folder) got,
     ``"step 3 of 8"`` (`_progress_text` of its ``trainer_state.json``); ``None`` when there
-    is none or it cannot be read. For messages about a run, not for resuming
-    (`_Checkpoint.load` checks the files first)."""
-    state_file = Path(out_dir) / "checkpoint" / "trainer_state.json"
+    is none or it cannot be read (`_saved_state`)."""
     try:
-        return _progress_text(json.loads(state_file.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
+        return _progress_text(_saved_state(out_dir))
+    except (ValueError, KeyError, TypeError):
         return None
+
+
+def saved_threads(out_dir: Union[str, Path]) -> Optional[int]:
+    """The torch thread count the run of the checkpoint in ``out_dir/checkpoint`` trained
+    with (its ``environment``: a resume with another count is refused, as it moves float
+    sums); ``None`` when there is none or it cannot be read (`_saved_state`). For the
+    command that resumes the run."""
+    state = _saved_state(out_dir)
+    environment = state.get("environment") if isinstance(state, dict) else None
+    threads = environment.get("threads") if isinstance(environment, dict) else None
+    return threads if is_integer(threads) and threads >= 1 else None
 
 
 def _run_record(state: dict, drop: str) -> str:
