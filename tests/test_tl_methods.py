@@ -1864,6 +1864,31 @@ def test_stop_at_eos_reads_the_end_token_as_transformer_bridge_does(tmp_path):
     assert torch.equal(no_tokenizer[0], ours[0])  # prompt 0 has no padding to mask
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # HF's
+def test_transformer_bridge_puts_the_default_bos_in_a_continuation_ours_refuses(tmp_path):
+    """Audit 232: docs/hooks.md says TransformerLens prepends the default BOS to text that
+    continues a key-value cache, silently, where ours refuses it: TransformerBridge 4.3
+    with ``default_prepend_bos=True`` embeds ``[bos, w4, w5]`` after ``[bos, w1, w2, w3]``
+    (its ``to_tokens`` reads the default, as HookedTransformer's forward did)."""
+    bridge, model = transformer_bridge_pair(tmp_path, build_word_tokenizer(WORDS))
+    bridge.cfg.default_prepend_bos = model.cfg.default_prepend_bos = True
+    bos = model.tokenizer.bos_token_id
+    ids = model.to_tokens("w1 w2 w3 w4 w5", prepend_bos=False)[0].tolist()
+    embedded: list = []
+    embed = bridge.original_model.model.embed_tokens
+    handle = embed.register_forward_hook(lambda _m, args, _o: embedded.append(args[0].tolist()))
+    try:
+        _, hf_cache = bridge("w1 w2 w3", return_type="logits_and_cache")
+        bridge(" w4 w5", past_key_values=hf_cache)  # no error
+    finally:
+        handle.remove()
+    assert embedded == [[[bos, *ids[:3]]], [[bos, *ids[3:]]]]
+    kv = KeyValueCache.init_cache(model.cfg)
+    model("w1 w2 w3", past_kv_cache=kv)
+    with pytest.raises(ValueError, match="would put a BOS token in the middle of the seq"):
+        model(" w4 w5", past_kv_cache=kv)
+
+
 def test_max_new_tokens_follows_the_integer_rule():
     """max_new_tokens is checked by require_integer, as top_k and every integer argument
     (one wording, ValueError): it had its own check and messages ("must be an integer", a
