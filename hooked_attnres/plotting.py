@@ -427,13 +427,16 @@ LINE_SPACING = 1.3  # plotly's line height, in em
 def _right_side(fig: go.Figure) -> float:
     """The px at the right of the panels: the right margin, or what plotly widens it to for
     the legend (its longest entry, `text_width` at 12 px, plus `LEGEND_ITEM`) or for a
-    colour bar (`COLORBAR`)."""
-    named = [
-        str(t.name)
-        for t in fig.data
-        if t.name and t.showlegend is not False and t.type != "heatmap"
-    ]
-    legend = LEGEND_ITEM + max(text_width(n, 12) for n in named) if len(named) > 1 else 0
+    colour bar (`COLORBAR`). plotly draws the legend (``layout.showlegend`` unset) where two
+    traces would show in it or one trace sets ``showlegend=True`` (review 233: a figure of
+    one seed, or `effect_bands` of one family, was taken to have no legend, and its panel
+    titles were fitted to panels 80 px wider than drawn)."""
+    shown = [t for t in fig.data if t.showlegend is not False and t.type != "heatmap"]
+    drawn = fig.layout.showlegend
+    if drawn is None:
+        drawn = len(shown) > 1 or any(t.showlegend is True for t in shown)
+    names = [str(t.name) for t in shown if t.name]
+    legend = LEGEND_ITEM + max(text_width(n, 12) for n in names) if drawn and names else 0
     scale = any(t.type == "heatmap" and t.showscale is not False for t in fig.data)
     return max(fig.layout.margin.r, legend + 20, COLORBAR if scale else 0)
 

@@ -2425,3 +2425,27 @@ def test_hover_texts_say_what_the_number_is_in_and_its_interval():
         assert list(trace.customdata[0]) == pytest.approx(
             [row.ci_low_m, row.ci_high_m, row.effect, row.ci_low, row.ci_high]
         )
+
+
+def test_panel_titles_leave_room_for_a_legend_of_one_entry():
+    """Review 233: plotly draws a legend where one trace has ``showlegend=True`` (a
+    figure of one seed, or `effect_bands` of one family), but `_right_side` counted a legend
+    only from two entries: the panels of a one-seed `effects_by_seed` were taken to be 700 px
+    wide at 800 px where chromium drew them 620 px (a legend 110 px, as with three seeds),
+    and titles of six conditions ("mmmmmm0: MLP routers") ran into each other (by 5 px) and
+    over the legend. A figure of one seed is now fitted as one of two seeds, whose legend
+    (entries "seed 0", "seed 1") chromium draws as wide."""
+    conditions = tuple(f"mmmmmm{i}" for i in range(6))
+    for family in ("older", "current"):
+        one, two = (
+            plotting.effects_by_seed(_effects(conditions=conditions, seeds=s), family, ["mlp_res"])
+            for s in ((0,), (0, 1))
+        )
+        titles = [(a.text, a.font.size) for a in one.layout.annotations]
+        assert titles == [(a.text, a.font.size) for a in two.layout.annotations], family
+    # effect_bands of one family has a legend of its one entry (each panel's trace shown
+    # from the first panel only)
+    single = _effects().drop(columns=["condition", "seed"])
+    bands = plotting.effect_bands(single[single.family == "prev_completed"])
+    shown = plotting.text_width("prev_completed", 12)
+    assert plotting._right_side(bands) > shown > bands.layout.margin.r
