@@ -312,10 +312,25 @@ def _effect_noun(method: Optional[str], measured: str) -> str:
     return measured if method is None else effect_name(method)
 
 
-# plotly's line break (``<br>``, ``<BR>``, ``<br />``: the pattern plotly.js reads) and any
-# tag; a tag's text is not shown, and a space inside one is no place to break a line
+# plotly's line break (``<br>``, ``<BR>``, ``<br />``: the pattern plotly.js reads)
 _BREAK = re.compile(r"<br(\s[^>]*)?>", re.IGNORECASE)
-_TAG = re.compile(r"<[^<>]*>")
+# plotly.js (svg_text) splits text at ``<...>`` and draws a piece as markup if its name (after
+# ``<`` or ``</``, up to a space or ``>``, in any case) is one of `_MARKUP`, any other as its
+# text ("mass < 0.1 and effect > 1"); markup is not shown, and a space inside it is no place
+# to break a line (review 233: every ``<...>`` was taken for markup, `_is_markup`)
+_PIECES = re.compile(r"(<[^<>]*>)")
+_MARKUP = ("br", "sup", "sub", "s", "u", "b", "i", "a", "span", "em")
+
+
+def _is_markup(piece: str) -> bool:
+    """Whether ``piece`` (of ``_PIECES.split``) is a tag plotly draws as markup."""
+    name = re.match(r"<(/?)([^ >]*)", piece) if piece.endswith(">") else None
+    return name is not None and name.group(2).lower() in _MARKUP
+
+
+def _shown_text(text: str) -> str:
+    """``text`` as plotly shows it: its markup (`_is_markup`) left out."""
+    return "".join(piece for piece in _PIECES.split(text) if not _is_markup(piece))
 
 
 def _added_lines(text: str) -> int:
@@ -361,28 +376,32 @@ def _char_width(char: str) -> float:
 
 def text_width(text: str, size: float) -> float:
     """An estimate, from above, of the width in px of ``text`` drawn by plotly in a font of
-    ``size`` px, its tags left out (calibrated in chromium, whose fallback font DejaVu Sans
-    is the widest of plotly's font list: the study's titles measured 0.80 to 0.95 of it;
-    the estimate counts 1 em per CJK character, as every CJK font draws it)."""
-    return size * sum(_char_width(char) for char in _TAG.sub("", text))
+    ``size`` px, its markup left out (`_shown_text`); calibrated in chromium, whose fallback
+    font DejaVu Sans is the widest of plotly's font list: the study's titles measured 0.80
+    to 0.95 of it; the estimate counts 1 em per CJK character, as every CJK font draws it."""
+    return size * sum(_char_width(char) for char in _shown_text(text))
 
 
 def _units(text: str, split_words: bool) -> list[tuple[bool, str]]:
     """``text`` as the units a line may be broken between, each ``(a space before it,
-    text)``: words (a tag, whose spaces are no place to break, glued to its word), each
+    text)``: words (plotly's markup, whose spaces are no place to break, glued to its word:
+    `_is_markup`; other text in ``<...>`` is words as any text), each
     wide character (CJK: a line may break between any two) and, with ``split_words``, the
     pieces of a word after each ``_`` (``hard_`` ``cumulative_`` ``L16``)."""
     units: list[tuple[bool, str]] = []
     space, word = False, ""
-    for match in re.finditer(r"<[^<>]*>|\s+|.", text, re.DOTALL):
-        piece = match.group()
+    pieces = (
+        [part] if _is_markup(part) else re.findall(r"\s+|.", part, re.DOTALL)
+        for part in _PIECES.split(text)
+    )
+    for piece in (piece for part in pieces for piece in part):
         if piece.isspace():
             if word:
                 units.append((space, word))
             space, word = bool(units), ""
             continue
         wide = len(piece) == 1 and unicodedata.east_asian_width(piece) in ("W", "F")
-        if wide and word and not _TAG.fullmatch(word):
+        if wide and word and not _is_markup(word):
             units.append((space, word))
             space, word = False, ""
         word += piece

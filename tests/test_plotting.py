@@ -2449,3 +2449,29 @@ def test_panel_titles_leave_room_for_a_legend_of_one_entry():
     bands = plotting.effect_bands(single[single.family == "prev_completed"])
     shown = plotting.text_width("prev_completed", 12)
     assert plotting._right_side(bands) > shown > bands.layout.margin.r
+
+
+def test_text_in_angle_brackets_that_plotly_shows_is_measured_and_broken():
+    """Review 233: `text_width` and `wrapped_title` took any ``<...>`` for a tag, whose text
+    is not shown and whose spaces are no place to break; plotly.js (svg_text) draws as
+    markup only its tags (br, sup, sub, s, u, b, i, a, span, em; a name read up to a space
+    or ``>``) and any other as its text. A title "values a < b and c > d " six times (138
+    characters, 1202 px in chromium) was measured as "values a  d ..." (630 px) and left on
+    one line, cut at the edge of an 800 px figure. Now such text counts character by
+    character and breaks at its spaces; plotly's tags still count nothing."""
+    size = 10
+
+    def chars(text):  # the width of each character, summed
+        return sum(plotting.text_width(c, size) for c in text)
+
+    shown = "p < 0.05 where mass > 0.5"
+    assert plotting.text_width(shown, size) == pytest.approx(chars(shown))
+    assert plotting.text_width("<br/>x", size) == pytest.approx(chars("<br/>x"))  # not a br
+    for tag in ("b", "B", "i", "em", "sup", "sub", "s", "u", "span", 'a href="x y"'):
+        name = tag.split()[0]
+        marked = f"<{tag}>a b</{name}>"
+        assert plotting.text_width(marked, size) == pytest.approx(chars("a b")), tag
+    title = "values a < b and c > d " * 6
+    lines = plotting.wrapped_title(title).split("<br>")
+    assert len(lines) > 1 and " ".join(lines) == title.strip()
+    assert max(chars(line) for line in lines) <= plotting.TITLE_WIDTH * size / plotting.TITLE_SIZE
