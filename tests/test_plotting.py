@@ -2475,3 +2475,45 @@ def test_text_in_angle_brackets_that_plotly_shows_is_measured_and_broken():
     lines = plotting.wrapped_title(title).split("<br>")
     assert len(lines) > 1 and " ".join(lines) == title.strip()
     assert max(chars(line) for line in lines) <= plotting.TITLE_WIDTH * size / plotting.TITLE_SIZE
+
+
+def test_each_bar_hover_shows_its_own_rows_interval():
+    """Review 233: the hover test above checked that each shown lower bound is some row's
+    (``np.isin``), so an interval shown on another bar (customdata out of step with x) would
+    pass it. Here each bar's hover data (customdata, read by `_effect_hover` /
+    `_mass_hover` as ``[ci_low, ci_high]``) is that of the table row of its router type, x
+    and series, in the plotted unit (percent of that row's own clean difference: every row
+    has its own here)."""
+    one = _effects().drop(columns=["condition", "seed"])
+    one = one.assign(clean=3.0 + np.arange(len(one)) / 7)  # a factor of its own per row
+    one = one.assign(ci_low=one.effect - 0.002 * (1 + np.arange(len(one)) % 5))
+    mass = pd.concat([_mass(router=r) for r in ("attn_res", "mlp_res")]).drop(
+        columns=["condition", "seed"]
+    )
+    mass = mass.assign(ci_high=mass.mass + 0.001 * (1 + np.arange(len(mass))))
+    routers = {"x": "attn_res", "x2": "mlp_res", "x3": "attn_res", "x4": "mlp_res"}
+    checked = 0
+    for relative in (True, False):
+        for fig in (
+            plotting.effect_bands(one, relative=relative),
+            plotting.mass_effect_bars(mass, one, relative=relative),
+        ):
+            for trace in fig.data:
+                router = routers[trace.xaxis]
+                is_mass = trace.hovertemplate.startswith("%{x}<br>routing mass")
+                for x, y, (low, high) in zip(trace.x, trace.y, trace.customdata, strict=True):
+                    if np.isnan(y):
+                        continue
+                    if is_mass:
+                        row = mass[(mass.router == router) & (mass.family == x)].iloc[0]
+                        want = [row.mass, row.ci_low, row.ci_high]
+                    else:
+                        group, family = (x, trace.name) if trace.name in FAMILIES else ("all", x)
+                        row = one[
+                            (one.router == router) & (one.group == group) & (one.family == family)
+                        ].iloc[0]
+                        factor = 100 / row.clean if relative else 1.0
+                        want = [row.effect * factor, row.ci_low * factor, row.ci_high * factor]
+                    assert [y, low, high] == pytest.approx(want, rel=1e-12), (trace.name, x)
+                    checked += 1
+    assert checked == 2 * (2 * 3 * 4 + 2 * (4 + 4))
