@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from hooked_attnres.__main__ import PROG, Terminated, interrupted
 from hooked_attnres._study_limits import (
@@ -34,6 +34,9 @@ from hooked_attnres._study_limits import (
     WHY_MAX_SEED,
     WHY_MAX_THREADS,
 )
+
+if TYPE_CHECKING:  # torch, imported when a command needs it
+    from hooked_attnres.training.trainer import TrainingDivergedError
 
 
 class CommandError(Exception):
@@ -328,11 +331,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                     # would resume the earlier run, refused for other settings (review 207)
                     own = not args.no_resume or _checkpoint_version(checkpoint) != before
                     cause = _fix_first(error)
-                    if not args.no_resume:
-                        again = f": {cause}run the same command again to resume"
+                    if not args.no_resume:  # it and the runs after it, each resumed
+                        commands = _train_commands(args, runs[index:], resume=True)
+                        rest = " it and finish this command's runs" if index + 1 < len(runs) else ""
+                        again = f": {cause}run {_quoted(commands)} to resume{rest}"
                     elif own:  # the command itself, not "without --no-resume" (audit 226)
-                        command = _resume_command(args, condition, seed)
-                        again = f": {cause}run `{command}` to resume"
+                        command = _quoted(_train_commands(args, [runs[index]], resume=True))
+                        again = f": {cause}run {command} to resume"
                     else:
                         again = f"; {cause}run the same command again to start it over"
                     print(
@@ -384,7 +389,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             # command ends) is dropped, not raised in its place, which cut the list and
             # replaced the error (review 231)
             with _interrupts_deferred(deliver=False):
-                _print_how_to_finish(args, runs, index, ending, _fix_first(error))
+                _print_how_to_finish(args, runs, index, ending, error)
+        elif ending == "diverged":  # one run, or several resumed: said only the error
+            assert isinstance(error, TrainingDivergedError)
+            condition, seed = runs[index]
+            others = _train_commands(args, runs[index + 1 :], resume=True)
+            after = (
+                f"; to finish this command's other runs, run {_quoted(others)}" if others else ""
+            )
+            print(f"[{PROG}] {_diverged_run(condition, seed, error)}{after}", file=sys.stderr)
         raise
     print(f"\n{'condition':24s} {'seed':>4s} {'accuracy':>9s} {'seconds':>8s}  model")
     for row in results:
@@ -446,21 +459,60 @@ def _options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def _resume_command(args: argparse.Namespace, condition: str, seed: int) -> str:
-    """The ``train`` command that resumes the run of ``condition`` and ``seed`` a ``train
-    --no-resume`` of ``args`` stopped with its own checkpoint kept: its options
-    (`_options`) and, if it gave no --threads, the count the checkpoint was written with
-    (`saved_threads`): the default, the free cores, changes with the machine's load, and a
-    resume with another count is refused (it moves float sums; review 231)."""
+def _train_commands(
+    args: argparse.Namespace, runs: Sequence[tuple[str, int]], resume: bool
+) -> list[str]:
+    """The ``train`` commands that train ``runs`` (``(condition, seed)``, in the order
+    trained) into the --out of a ``train`` of ``args``, with its options (`_options`):
+    resumed (``resume``), or started over (--no-resume). Resumed, a run whose folder holds
+    a checkpoint is given the thread count it was written with (`resume_options`) if the
+    command gave no --threads: the default, the free cores, changes with the machine's
+    load, and a resume with another count is refused (it moves float sums; review 231:
+    printed after --no-resume; review 234: also after a stop without it, which said "run
+    the same command again"). One command per thread count and set of conditions, with
+    the seeds that need it, in the order trained; ``[]`` for no runs."""
     from hooked_attnres.study import run_dir
-    from hooked_attnres.study.checkpoints import train_command
-    from hooked_attnres.training.trainer import saved_threads
+    from hooked_attnres.study.checkpoints import resume_options, train_command
 
-    options = _options(args)
-    threads = saved_threads(run_dir(args.out, condition, seed)) if args.threads is None else None
-    if threads is not None:
-        options += ["--threads", str(threads)]
-    return train_command([condition], [seed], args.out, options)
+    options = _options(args) + ([] if resume else ["--no-resume"])
+    by_seed: dict[tuple[tuple[str, ...], int], list[str]] = {}  # (threads, seed) -> conditions
+    for condition, seed in runs:
+        folder = run_dir(args.out, condition, seed)
+        needs = resume_options(folder) if resume and args.threads is None else []
+        by_seed.setdefault((tuple(needs), seed), []).append(condition)
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
+    for (threads, seed), names in by_seed.items():
+        groups.setdefault((threads, tuple(names)), []).append(seed)
+    return [
+        train_command(names, seeds, args.out, [*options, *threads])
+        for (threads, names), seeds in groups.items()
+    ]
+
+
+def _quoted(commands: Sequence[str]) -> str:
+    """``commands`` in backquotes for a message: ```a```, or ```a`, then `b```."""
+    return ", then ".join(f"`{command}`" for command in commands)
+
+
+def _diverged_run(condition: str, seed: int, error: TrainingDivergedError) -> str:
+    """What a run of ``condition`` and ``seed`` that diverged (``error``, a
+    `TrainingDivergedError`, at its ``step``) needs, for a message: nothing ``train`` can
+    do. Training is deterministic (measured, review 234: a run diverging at step 8,
+    resumed from its step-6 checkpoint or started over, on 1 or 2 threads, diverged at
+    step 8 again, its kept checkpoints bitwise equal), so its settings diverge again; and
+    settings are fixed before results are seen (docs/study.md, the pre-registered
+    criteria; docs/training.md), so one seed's settings changed after it diverged would
+    make the condition's seeds runs of different settings, chosen by their results."""
+    from hooked_attnres.study import get_condition
+
+    fixed = "" if get_condition(condition).legacy else " (a new condition: its recipe is fixed)"
+    return (
+        f"{condition} seed {seed} diverged at step {error.step} with these settings (the error "
+        "below): training is deterministic, so resumed or started over with them it diverges "
+        "again at that step, and changing this seed's settings alone after seeing it diverge "
+        "breaks the study's pre-registration (settings are fixed before results are seen): "
+        f"report it as diverged, or train every seed of {condition} again with new settings{fixed}"
+    )
 
 
 def _print_how_to_finish(
@@ -468,31 +520,33 @@ def _print_how_to_finish(
     runs: list[tuple[str, int]],
     index: int,
     ending: RunEnding,
-    cause: str,
+    error: BaseException,
 ) -> None:
     """After ``train --no-resume`` of several ``runs`` (``(condition, seed)`` in the order
-    trained) ended at ``runs[index]``, the runs before it finished, print to stderr what
-    each run's folder holds and needs, and the commands that finish them (``cause``: what
-    they need first, `_fix_first`): the runs not started (and a stopped one without its
-    checkpoint, or one that diverged) started over (--no-resume); a stopped run with its
+    trained) ended at ``runs[index]`` by ``error``, the runs before it finished, print to
+    stderr what each run's folder holds and needs, and the commands that finish them
+    (`_train_commands`; what they need first, `_fix_first`): the runs not started (and a
+    stopped one without its checkpoint) started over (--no-resume); a stopped run with its
     checkpoint resumed (without --no-resume), and so a finished one the summary does not
-    list yet (which writes its model again and lists it); the finished ones not again.
-    The same command again restarted the finished runs, and without --no-resume it
-    resumed, or refused, the earlier runs of the folders not yet started (audit 218).
+    list yet (which writes its model again and lists it); the finished ones not again; a
+    diverged one by none (`_diverged_run`: its settings diverge again), the commands then
+    for "this command's other runs", with no cause to fix first (until review 234 it was
+    started over in the command of the runs not started, "with settings that do not
+    diverge", which that command repeated). The same command again restarted the finished
+    runs, and without --no-resume it resumed, or refused, the earlier runs of the folders
+    not yet started (audit 218).
 
     ``ending`` says how ``runs[index]`` ended: ``"not started"``; ``"kept"`` (stopped, its
     own checkpoint kept); ``"stopped"`` (stopped before its first checkpoint, the folder as
-    it was: also a refusal of the run); ``"diverged"`` (`TrainingDivergedError`: resumed,
-    it would diverge again); ``"unlisted"`` (finished, but the command ended before
+    it was: also a refusal of the run); ``"diverged"`` (`TrainingDivergedError`: resumed
+    or started over, it diverges again); ``"unlisted"`` (finished, but the command ended before
     ``train_summary.json`` listed it: it may still list an earlier run of the folder).
     Every ending of such a command once a run has started prints this list (audit 226:
     only Ctrl-C and an error of the machine did)."""
     from hooked_attnres.study import run_dir
-    from hooked_attnres.study.checkpoints import train_command
-    from hooked_attnres.training.trainer import saved_progress
+    from hooked_attnres.training.trainer import TrainingDivergedError, saved_progress
 
-    options = _options(args)
-    restart: dict[int, list[str]] = {}  # seed -> conditions to start over
+    restart: list[tuple[str, int]] = []  # the runs to start over
     commands = []
     print(f"[{PROG}] this command's runs and what each needs:", file=sys.stderr)
     for position, (condition, seed) in enumerate(runs):
@@ -511,27 +565,24 @@ def _print_how_to_finish(
                     f"{Path(args.out) / TRAIN_SUMMARY} does not list it (the command ended "
                     "before it was written): resume it (without --no-resume), which lists it"
                 )
-            commands.append(_resume_command(args, condition, seed))
+            commands += _train_commands(args, [(condition, seed)], resume=True)
+        elif position == index and isinstance(error, TrainingDivergedError):
+            needs = _diverged_run(condition, seed, error)
         else:
-            if position == index and ending == "diverged":
-                state = f"{condition} seed {seed} diverged (the error below)"
-                how = ", with settings that do not diverge"
-            elif position == index and ending == "stopped":
-                state, how = _stopped_run(condition, seed, out_dir, False), ""
+            if position == index and ending == "stopped":
+                state = _stopped_run(condition, seed, out_dir, False)
             else:
                 state = f"{condition} seed {seed} not started: {_held_run(out_dir)}"
-                how = ""
-            needs = f"{state}; start it over (--no-resume){how}"
-            restart.setdefault(seed, []).append(condition)
+            needs = f"{state}; start it over (--no-resume)"
+            restart.append((condition, seed))
         print(f"  {needs}", file=sys.stderr)
-    # one command per set of conditions, with the seeds that need it (at most two: the
-    # rest of the stopped seed's conditions, and every condition of the later seeds)
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for seed, names in restart.items():
-        groups.setdefault(tuple(names), []).append(seed)
-    for group, seeds in groups.items():
-        commands.append(train_command(group, seeds, args.out, [*options, "--no-resume"]))
-    print(f"[{PROG}] to finish this command's runs, {cause}run:", file=sys.stderr)
+    # at most two commands start runs over: the rest of the stopped seed's conditions, and
+    # every condition of the later seeds
+    commands += _train_commands(args, restart, resume=False)
+    if not commands:  # the last run diverged
+        return
+    whose = "other runs, " if ending == "diverged" else f"runs, {_fix_first(error)}"
+    print(f"[{PROG}] to finish this command's {whose}run:", file=sys.stderr)
     for command in commands:
         print(f"  {command}", file=sys.stderr)
 
@@ -597,9 +648,13 @@ def _unfinished_run_note(model_dir: Path) -> str:
     if model_dir.name != "model":
         return ""
     from hooked_attnres.loading.io import CheckpointError
+    from hooked_attnres.study.checkpoints import resume_options
 
+    # with the thread count the checkpoint was written with: the default may be another
+    threads = " ".join(resume_options(model_dir.parent))
+    resume = f"{RESUME_ON_COMMAND_LINE}, with {threads}" if threads else RESUME_ON_COMMAND_LINE
     try:
-        other = checkpoint_run_differs(model_dir.parent, resume=RESUME_ON_COMMAND_LINE)
+        other = checkpoint_run_differs(model_dir.parent, resume=resume)
     except CheckpointError as error:  # a file unreadable or changed: what it holds is unknown
         return f"\nnote: {error}"
     except (OSError, ValueError):  # a file the OS does not let it read: the note is advice

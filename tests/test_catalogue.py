@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -1304,8 +1305,12 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 5.*step 4\) is kept"):
+        with pytest.raises(
+            TrainingDivergedError, match=r"loss is nan at step 5.*step 4\) is kept"
+        ) as error:
             _train(tmp_path)  # trains with threads=1
+        assert error.value.step == 5  # the step that diverged, for the command line's advice
+        assert pickle.loads(pickle.dumps(error.value)).step == 5
         assert torch.get_num_threads() == 3  # the caller's count, also after an error
     finally:
         torch.set_num_threads(previous)
@@ -1340,8 +1345,9 @@ def test_weights_made_non_finite_by_an_update_are_never_written(
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(TrainingDivergedError, match=message):
+    with pytest.raises(TrainingDivergedError, match=message) as error:
         _train(tmp_path)
+    assert error.value.step == poisoned_at  # the update that made them so
     assert not (tmp_path / "model").exists()
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint

@@ -627,8 +627,9 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
     """It said only "hooked-attnres: interrupted", though the run's checkpoint was kept
     and the same command resumes it (with --no-resume, the same command would start
     over). With --no-resume it said "run the command without --no-resume again" until
-    audit 226: it prints that command now, its options kept, which read back by a POSIX
-    shell and the parser is the command given less --no-resume."""
+    audit 226, without it "run the same command again" until review 234: it prints that
+    command now, its options kept, which read back by a POSIX shell and the parser is the
+    command given less --no-resume (a checkpoint of no thread count: none added)."""
     import shlex
 
     from hooked_attnres import study
@@ -646,9 +647,6 @@ def test_an_interrupted_train_says_how_to_resume(no_resume, tmp_path, monkeypatc
     kept = out / "attnres_seed3" / "checkpoint"
     said = f"last checkpoint is kept in {kept}: run "
     assert said in err, err
-    if not no_resume:
-        assert f"{said}the same command again to resume" in err, err
-        return
     assert err.count("`") == 2 and err.split("`")[2].startswith(" to resume\n"), err
     words = shlex.split(err.split("`")[1])
     assert words[:2] == ["hooked-attnres", "train"], words
@@ -692,7 +690,8 @@ def test_a_train_stopped_by_a_full_disk_says_how_to_resume(tmp_path, monkeypatch
     err = capsys.readouterr().err
     kept = tmp_path / "attnres_seed0" / "checkpoint"
     assert "No space left on device" in err, err
-    assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in err
+    said = f"last checkpoint is kept in {kept}: fix the cause and run "
+    assert _resume_printed(err, said, argv), err
 
 
 def _tiny_train_argv(out: Path) -> list[str]:
@@ -701,6 +700,23 @@ def _tiny_train_argv(out: Path) -> list[str]:
     argv = ["train", "--condition", "attnres", "--out", str(out), "--no-progress", "--steps"]
     argv += ["4", "--set", "batch_size=2", "eval_size=4", "checkpoint_every=2", "--threads", "1"]
     return argv
+
+
+def _resume_printed(err: str, said: str, argv: list[str]) -> bool:
+    """Whether ``err`` says ``said`` followed by a command in backquotes and ``to resume``,
+    which read by a POSIX shell and the parser is the ``train`` command ``argv``."""
+    import shlex
+
+    if said + "`" not in err:
+        return False
+    command, after = err.split(said + "`", 1)[1].split("`", 1)
+    words = shlex.split(command)
+    parser = cli.build_parser()
+    return (
+        after.startswith(" to resume")
+        and words[:2] == ["hooked-attnres", "train"]
+        and vars(parser.parse_args(words[1:])) == vars(parser.parse_args(argv))
+    )
 
 
 def _tiny_study_argv(checkpoints: Path, out: Path) -> list[str]:
@@ -766,7 +782,8 @@ def test_a_checkpoint_write_failing_for_lack_of_space_says_so_and_how_to_resume(
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 11, status  # main returned 1
     text = err.read_text()
     kept = out / "attnres_seed0" / "checkpoint"
-    assert f"last checkpoint is kept in {kept}: fix the cause and run the same command" in text
+    said = f"last checkpoint is kept in {kept}: fix the cause and run "
+    assert _resume_printed(text, said, argv), text
     assert "hooked-attnres: error: [Errno 27] File too large" in text, text
     assert "(OSError; --debug shows the traceback)" in text, text
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 2
@@ -1048,9 +1065,11 @@ def test_info_says_when_a_run_folder_holds_a_newer_unfinished_run(tmp_path, caps
         f"which alone replaces {run / 'model'} and metrics.json, so both are an earlier "
         "finished run's; or metrics.json was changed after it was written"
     ) in said, said
+    threads = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    threads = threads["environment"]["threads"]  # which a resume on the command line needs
     assert (
-        "in either case resume the run (the train command without --no-resume), which "
-        "writes model/ and metrics.json from the checkpoint"
+        "in either case resume the run (the train command without --no-resume, with "
+        f"--threads {threads}), which writes model/ and metrics.json from the checkpoint"
     ) in said, said
     assert json.loads((run / "metrics.json").read_text())["step"] == 2  # the earlier run's
     train(build_model(kind, 1, tok, shape, **blocks_of(kind)), task, settings(4), run,
@@ -1601,7 +1620,7 @@ def test_sigterm_stops_a_training_with_a_checkpoint_and_says_how_to_resume(durin
     assert os.WEXITSTATUS(status) == 43, status
     text = err.read_text()
     kept = out / "attnres_seed0" / "checkpoint"
-    assert f"last checkpoint is kept in {kept}: run the same command again to resume" in text
+    assert _resume_printed(text, f"last checkpoint is kept in {kept}: run ", argv), text
     assert text.endswith("hooked-attnres: terminated (SIGTERM)\n"), text
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 3
 
@@ -1779,7 +1798,9 @@ def test_a_second_stop_signal_keeps_the_checkpoint_and_the_first_ones_exit_code(
     said = "terminated (SIGTERM)" if first == "SIGTERM" else "interrupted"
     assert text.endswith(f"hooked-attnres: {said}\n"), text
     kept = out / "attnres_seed0" / "checkpoint"
-    assert f"last checkpoint is kept in {kept}: run the same command again to resume" in text
+    assert _resume_printed(
+        text, f"last checkpoint is kept in {kept}: run ", _tiny_train_argv(out)
+    ), text
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 3
     # the held second signal is answered (review 207: it said nothing, so it looked lost)
     notice = (
@@ -1990,20 +2011,28 @@ def test_a_stopped_train_no_resume_of_several_runs_names_what_each_run_needs(
             assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), (condition, seed)
 
 
-def _finish_as_printed(err: str, cause: str, monkeypatch) -> list[tuple[str, int, bool]]:
+def _finish_as_printed(
+    err: str, cause: str, monkeypatch, whose: str = "runs"
+) -> list[tuple[str, int, bool]]:
     """Run the commands a ``train --no-resume`` of several runs printed on stderr ``err``
-    after ``to finish this command's runs, {cause}run:``, read by a POSIX shell
+    after ``to finish this command's {whose}, {cause}run:``, read by a POSIX shell
     (`shlex.split`), each ending with 0; the runs they trained, ``(condition, seed,
     resume)`` in order."""
+    lines = [line.strip() for line in err.splitlines()]
+    header = f"[hooked-attnres] to finish this command's {whose}, {cause}run:"
+    assert header in lines, err
+    after = lines[lines.index(header) + 1 :]
+    printed = [line for line in after if line.startswith("hooked-attnres train ")]
+    return _run_printed(printed, monkeypatch)
+
+
+def _run_printed(printed: list[str], monkeypatch) -> list[tuple[str, int, bool]]:
+    """Run the ``train`` commands ``printed``, read by a POSIX shell (`shlex.split`), each
+    ending with 0; the runs they trained, ``(condition, seed, resume)`` in order."""
     import shlex
 
     from hooked_attnres import study
 
-    lines = [line.strip() for line in err.splitlines()]
-    header = f"[hooked-attnres] to finish this command's runs, {cause}run:"
-    assert header in lines, err
-    after = lines[lines.index(header) + 1 :]
-    printed = [line for line in after if line.startswith("hooked-attnres train ")]
     trained = []
     original_train = study.train_condition
 
@@ -2032,9 +2061,13 @@ def test_every_ending_of_a_train_no_resume_of_several_runs_names_what_each_run_n
     finished, and that the same command would train them again, was not said. Each ending
     lists them now, before the error (still reported, exit code 1): the refused run started
     over, the run stopped by an error resumed from the checkpoint this command wrote, the
-    diverged run started over, the run the summary does not list resumed (which lists it);
-    the runs not started started over. Run, those commands train exactly those runs, every
-    run ends with lr 1e-3, and the summary lists each run's final accuracy."""
+    run the summary does not list resumed (which lists it); the runs not started started
+    over. Run, those commands train exactly those runs, every run ends with lr 1e-3, and
+    the summary lists each run's final accuracy. The diverged run was started over in the
+    command of the runs not started, "with settings that do not diverge", which that
+    command repeated (review 234): it is said to diverge again with them (at its step 3)
+    and that only all of the condition's seeds may change them, with no command for it;
+    the command printed for "this command's other runs" trains the run not started."""
     import errno
 
     import torch
@@ -2109,8 +2142,12 @@ def test_every_ending_of_a_train_no_resume_of_several_runs_names_what_each_run_n
             "an error": f"attnres seed 1 stopped; its last checkpoint is kept in "
             f"{second / 'checkpoint'} (at step 2 of 4, written by this command): resume it "
             "(without --no-resume)",
-            "diverged": "attnres seed 1 diverged (the error below); start it over "
-            "(--no-resume), with settings that do not diverge",
+            "diverged": "attnres seed 1 diverged at step 3 with these settings (the error "
+            "below): training is deterministic, so resumed or started over with them it "
+            "diverges again at that step, and changing this seed's settings alone after seeing "
+            "it diverge breaks the study's pre-registration (settings are fixed before results "
+            "are seen): report it as diverged, or train every seed of attnres again with new "
+            "settings",
             "summary not written": f"attnres seed 1 finished in this command, but {summary} "
             "does not list it (the command ended before it was written): resume it (without "
             "--no-resume), which lists it",
@@ -2120,6 +2157,16 @@ def test_every_ending_of_a_train_no_resume_of_several_runs_names_what_each_run_n
     ], err
     finished = (out / "attnres_seed0" / "metrics.json").read_bytes()
     foreign.unlink(missing_ok=True)  # the cause fixed
+    if ending == "diverged":  # no command for it: only the run not started is trained
+        assert _finish_as_printed(err, "", monkeypatch, "other runs") == [("attnres", 2, False)]
+        state = json.loads((second / "checkpoint" / "trainer_state.json").read_text())
+        assert (state["train_config"]["lr"], state["step"]) == (1e-3, 2)  # its last good one
+        assert json.loads((second / "metrics.json").read_text())["train_config"]["lr"] == 5e-4
+        for seed in (0, 2):
+            metrics = json.loads((out / f"attnres_seed{seed}" / "metrics.json").read_text())
+            assert (metrics["train_config"]["lr"], metrics["step"]) == (1e-3, 4), seed
+        assert (out / "attnres_seed0" / "metrics.json").read_bytes() == finished
+        return
     trained = _finish_as_printed(err, "fix the cause and ", monkeypatch)
     resumed = ending in ("an error", "summary not written")
     assert trained == [("attnres", 1, resumed), ("attnres", 2, False)]
@@ -2187,20 +2234,22 @@ def test_a_stop_signal_while_train_lists_its_runs_leaves_the_list_whole(
     assert trained == [("attnres", 1, False), ("attnres", 2, False)]
 
 
-@pytest.mark.parametrize("seeds", [["0"], ["0", "1"]])
-def test_the_resume_a_stopped_train_no_resume_prints_keeps_its_thread_count(
-    seeds, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("no_resume", [True, False])
+@pytest.mark.parametrize("seeds", [["0"], ["0", "1", "2"]])
+def test_the_resume_a_stopped_train_prints_keeps_its_thread_count(
+    seeds, no_resume, tmp_path, monkeypatch, capsys
 ):
-    """``train --no-resume`` stopped with its checkpoint kept prints the command that
-    resumes the run (one run: `...: run` it `to resume`; several: in the list of commands
+    """``train`` stopped with its checkpoint kept prints the command that resumes the run
+    (one run: `...: run` it `to resume`; several with --no-resume: in the list of commands
     that finish them). Without --threads the run trains with the machine's default, the
-    free cores (OMP_NUM_THREADS here), which changes with the load; the printed command,
-    run with another default, was refused (the checkpoint "was written with 1 threads ...
-    this run has 2": another count moves float sums). It names the checkpoint's count,
-    ``--threads 1``, now: run with a default of 2 it resumes the run, which ends as an
-    uninterrupted run of 1 thread does (metrics.json equal, but for the seconds)."""
-    import shlex
-
+    free cores (OMP_NUM_THREADS here), which changes with the load; a resume with another
+    default was refused (the checkpoint "was written with 1 threads ... this run has 2":
+    another count moves float sums). With --no-resume the printed command names the
+    checkpoint's count, ``--threads 1``, since review 231; without it the command said
+    "run the same command again to resume", refused so, until review 234: it prints the
+    commands now, the stopped run's with its count. Run with a default of 2, they resume
+    the stopped run, which ends as an uninterrupted run of 1 thread does (metrics.json
+    equal, but for the seconds), and train the run not started (on the default, 2)."""
     from hooked_attnres.training import trainer
 
     def train_argv(out: Path) -> list[str]:
@@ -2212,29 +2261,88 @@ def test_the_resume_a_stopped_train_no_resume_prints_keeps_its_thread_count(
     argv = train_argv(out)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cli.main(train_argv(tmp_path / "uninterrupted")) == 0
+    stopped = min(1, len(seeds) - 1)  # the second run, if there are several
     calls = {"train_step": 0}
 
     def step(name: str) -> None:
         calls["train_step"] += 1
-        if calls["train_step"] == 4 * (len(seeds) - 1) + 3:  # the last run's step 3
+        if calls["train_step"] == 4 * stopped + 3:  # its step 3
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "fault_point", step)
     capsys.readouterr()
-    assert cli.main([*argv, "--no-resume"]) == 130
+    assert cli.main([*argv, "--no-resume"] if no_resume else argv) == 130
     err = capsys.readouterr().err
     monkeypatch.setattr(trainer, "fault_point", lambda name: None)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the machine's load changed
-    if len(seeds) == 1:
-        command = shlex.split(err.split("`")[1])
-        assert cli.main(command[1:]) == 0, err
-    else:
-        assert _finish_as_printed(err, "", monkeypatch) == [("attnres", 1, True)]
-    last = f"attnres_seed{seeds[-1]}"
+    if no_resume and len(seeds) > 1:
+        trained = _finish_as_printed(err, "", monkeypatch)
+    else:  # the commands of the line that says the run stopped
+        line = next(line for line in err.splitlines() if "last checkpoint is kept in" in line)
+        trained = _run_printed(line.split("`")[1::2], monkeypatch)
+    later = [("attnres", int(seed), not no_resume) for seed in seeds[stopped + 1 :]]
+    assert trained == [("attnres", stopped, True), *later], err
     metrics, uninterrupted = (
         {
             k: v
-            for k, v in json.loads((root / last / "metrics.json").read_text()).items()
+            for k, v in json.loads(
+                (root / f"attnres_seed{stopped}" / "metrics.json").read_text()
+            ).items()
+            if k != "seconds"
+        }
+        for root in (out, tmp_path / "uninterrupted")
+    )
+    assert metrics == uninterrupted
+    assert metrics["environment"]["threads"] == 1
+    for _, seed, _ in later:
+        metrics = json.loads((out / f"attnres_seed{seed}" / "metrics.json").read_text())
+        assert (metrics["step"], metrics["environment"]["threads"]) == (4, 2)
+
+
+def test_the_command_a_study_quotes_to_finish_a_run_keeps_its_thread_count(
+    tmp_path, monkeypatch, capsys
+):
+    """The study refuses a run stopped before its model was written and quotes the
+    ``train`` command that finishes it (`finish_command`: for the original two recipes,
+    "with the --steps / --set / --task-arg options it was started with"). Trained without
+    --threads (the default, the free cores: 1 here), that command, given those options, was
+    refused under another default ("was written with 1 threads ... this run has 2"):
+    it names the checkpoint's count now (review 234), and the run it finishes equals an
+    uninterrupted one (metrics.json, but the seconds)."""
+    import shlex
+
+    from hooked_attnres.training import trainer
+
+    def train_argv(out: Path) -> list[str]:
+        argv = _tiny_train_argv(out)
+        del argv[argv.index("--threads") : argv.index("--threads") + 2]  # the default
+        return argv
+
+    out = tmp_path / "runs"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.main(train_argv(tmp_path / "uninterrupted")) == 0
+
+    def step(name: str) -> None:
+        raise KeyboardInterrupt  # after its first step: the checkpoint of step 1 is written
+
+    monkeypatch.setattr(trainer, "fault_point", step)
+    assert cli.main(train_argv(out)) == 130
+    monkeypatch.setattr(trainer, "fault_point", lambda name: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the machine's load changed
+    capsys.readouterr()
+    assert cli.main(_tiny_study_argv(out, tmp_path / "study")) == 1
+    err = capsys.readouterr().err
+    assert "holds an unfinished training run (step 1 of 4, no model/)" in err, err
+    quoted = err.split("finish it (", 1)[1]
+    command = shlex.split(quoted.split(", with the --steps / --set / --task-arg options", 1)[0])
+    assert command[:2] == ["hooked-attnres", "train"], err
+    started = train_argv(out)  # the options it was started with: those after --out
+    options = started[started.index("--out") + 2 :]
+    assert cli.main([*command[1:], *options]) == 0, command
+    metrics, uninterrupted = (
+        {
+            k: v
+            for k, v in json.loads((root / "attnres_seed0" / "metrics.json").read_text()).items()
             if k != "seconds"
         }
         for root in (out, tmp_path / "uninterrupted")
@@ -2384,9 +2492,10 @@ def test_a_truncated_metrics_json_is_named_with_what_to_do(checkpoint, damage, t
     if checkpoint == "beside it":
         remedies = {
             err: "resume the run (hooked-attnres train --condition attnres --seeds 0 --out "
-            f"{out}, with the --steps / --set / --task-arg options it was started with",
-            note: "resume the run (the train command without --no-resume), which writes "
-            "model/ and metrics.json from the checkpoint",
+            f"{out} --threads 1, with the --steps / --set / --task-arg options it was started "
+            "with",
+            note: "resume the run (the train command without --no-resume, with --threads 1), "
+            "which writes model/ and metrics.json from the checkpoint",
         }
     else:
         remedy = (
@@ -2600,3 +2709,86 @@ def test_sigterm_outside_mains_handling_exits_143_with_its_own_line(how, tmp_pat
         "",
         "hooked-attnres: terminated (SIGTERM)\n",
     )
+
+
+def _diverged_at(err: str, condition: str, seed: int) -> int:
+    """The step the line ``[hooked-attnres] {condition} seed {seed} diverged at step k``
+    of ``err`` names (its advice: said before the error, which is the last line)."""
+    lines = err.splitlines()
+    said = f"[hooked-attnres] {condition} seed {seed} diverged at step "
+    advice = [line for line in lines if line.startswith(said)]
+    assert len(advice) == 1, err
+    assert "(TrainingDivergedError;" in lines[-1], err
+    assert (
+        "training is deterministic, so resumed or started over with them it diverges again "
+        "at that step, and changing this seed's settings alone after seeing it diverge breaks "
+        "the study's pre-registration (settings are fixed before results are seen): report it "
+        f"as diverged, or train every seed of {condition} again with new settings"
+    ) in advice[0], err
+    return int(advice[0][len(said) :].split(" ", 1)[0])
+
+
+def test_a_diverged_run_is_told_that_its_settings_diverge_again(tmp_path, capsys):
+    """``train`` of one run that diverged said only the error (`TrainingDivergedError`,
+    "... Lower lr or clip the gradients"), which for a study run is no remedy: a fixed
+    recipe takes no --set, and one seed's settings changed after it diverged are settings
+    chosen by its results (review 234). It says now, before the error (exit code 1 as
+    before), that the run diverged at step k with these settings and diverges again, and
+    the remedies the pre-registration leaves. Its claim holds: the same command again
+    (resumed from the last good checkpoint) and started over (--no-resume) diverge at the
+    same step, here with lr 1e5 (no weight decay, no warm-up), the kept checkpoints equal."""
+    out = tmp_path / "runs"
+    argv = _tiny_train_argv(out)
+    argv[argv.index("--steps") + 1] = "12"
+    argv += ["--set", "lr=1e5", "weight_decay=0", "warmup_steps=0"]
+    checkpoint = out / "attnres_seed0" / "checkpoint"
+    steps, states = [], []
+    for again in ([], [], ["--no-resume"]):
+        assert cli.main([*argv, *again]) == 1
+        steps.append(_diverged_at(capsys.readouterr().err, "attnres", 0))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        states.append({k: v for k, v in state.items() if k != "seconds"})
+        states[-1]["weights"] = (checkpoint / "model" / "model.safetensors").read_bytes()
+    assert steps[0] > states[0]["step"] > 0, (steps, states[0]["step"])  # a checkpoint kept
+    assert steps == [steps[0]] * 3 and states == [states[0]] * 3, steps
+
+
+def test_a_diverged_run_of_several_resumed_names_the_command_of_the_others(
+    tmp_path, monkeypatch, capsys
+):
+    """``train`` of several runs (without --no-resume, which lists them) whose second run
+    diverged said only the error: neither that the runs after it were not trained nor how
+    to train them (the same command again resumes the diverged run, which diverges again,
+    review 234). It gives the diverged run's advice and the command of the runs after it
+    (exit code 1 as before); that command trains exactly those."""
+    import torch
+
+    from hooked_attnres.training import trainer
+
+    out = tmp_path / "runs"
+    argv = [*_tiny_train_argv(out), "--seeds", "0", "1", "2"]
+    calls, models = {"train_step": 0}, []
+    original_logits = trainer.model_logits
+
+    def model_logits(model, tokens):
+        models.append(model)
+        return original_logits(model, tokens)
+
+    def step(name: str) -> None:
+        calls["train_step"] += 1
+        if calls["train_step"] == 4 + 3:  # the second run's step 3: a weight made NaN
+            with torch.no_grad():
+                next(models[-1].parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(trainer, "model_logits", model_logits)
+    monkeypatch.setattr(trainer, "fault_point", step)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert _diverged_at(err, "attnres", 1) == 3
+    line = next(line for line in err.splitlines() if " diverged at step " in line)
+    assert "; to finish this command's other runs, run `" in line, err
+    assert _run_printed(line.split("`")[1::2], monkeypatch) == [("attnres", 2, True)]
+    for seed in (0, 2):
+        assert json.loads((out / f"attnres_seed{seed}" / "metrics.json").read_text())["step"] == 4
+    assert not (out / "attnres_seed1" / "metrics.json").exists()

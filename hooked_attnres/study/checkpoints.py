@@ -192,13 +192,27 @@ def _folder_option(option: str, folder: PathLike) -> list[str]:
     return [f"{option}={folder}"] if str(folder).startswith("-") else [option, str(folder)]
 
 
+def resume_options(folder: PathLike) -> list[str]:
+    """The ``train`` options that a resume of the run in ``folder`` (a run's folder) needs
+    besides its settings: ``["--threads", "N"]``, the thread count its checkpoint was
+    written with (`saved_threads`); ``[]`` if it holds no checkpoint that records one.
+    Without --threads a command trains with the machine's default, the free cores, which
+    changes with its load, and a resume with another count is refused (it moves float
+    sums: "checkpoint was written with 1 threads ... this run has 2"; review 231)."""
+    from hooked_attnres.training.trainer import saved_threads
+
+    threads = saved_threads(folder)
+    return [] if threads is None else ["--threads", str(threads)]
+
+
 def finish_command(condition: str, seed: int, root: PathLike) -> str:
     """How to finish the training run of ``condition`` and ``seed`` under ``root`` (stopped
     before its model and ``metrics.json`` were both written): the ``train`` command that
-    resumes it from its checkpoint, for a message. The original two recipes (``legacy``)
-    also train with other settings, which a resume needs again: without them it is refused
-    as another run, whose remedy (--no-resume or another --out) would discard this one
-    (review 155)."""
+    resumes it from its checkpoint, with the thread count it was written with
+    (`resume_options`), for a message. The original two recipes (``legacy``) also train
+    with other settings, which a resume needs again: without them it is refused as another
+    run, whose remedy (--no-resume or another --out) would discard this one (review
+    155)."""
     from hooked_attnres.study.conditions import get_condition
 
     options = (
@@ -206,4 +220,7 @@ def finish_command(condition: str, seed: int, root: PathLike) -> str:
         if get_condition(condition).legacy
         else ""
     )
-    return f"{train_command([condition], [seed], root)}{options}: it resumes from its checkpoint"
+    command = train_command(
+        [condition], [seed], root, resume_options(run_dir(root, condition, seed))
+    )
+    return f"{command}{options}: it resumes from its checkpoint"

@@ -209,14 +209,22 @@ class TrainConfig:
 
 class TrainingDivergedError(FloatingPointError):
     """The loss or the weights became NaN or infinite; training stopped without writing
-    them (the last good checkpoint is kept)."""
+    them (the last good checkpoint is kept). ``step`` is the step that diverged: the one
+    whose loss was not finite, or whose update made the weights so (1 is the first)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):  # pickled with its step (the default passes the message alone)
+        return (type(self), (str(self), self.step))
 
 
 def _check_finite(model, step: int, where: str) -> None:
     bad = non_finite_tensors(model.named_parameters())
     if bad:
         raise TrainingDivergedError(
-            f"parameter {bad[0][0]} is not finite after step {step}; {where}"
+            f"parameter {bad[0][0]} is not finite after step {step}; {where}", step
         )
 
 
@@ -1347,7 +1355,8 @@ def train(
                         f"the training loss is {last_loss} at step {step + 1} (lr "
                         f"{config.lr_at(step):.3g}, grad_clip {config.grad_clip}): training "
                         f"stopped; {checkpoint.describe()} and no final model was written. Lower "
-                        "lr or clip the gradients"
+                        "lr or clip the gradients",
+                        step + 1,
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
