@@ -566,7 +566,8 @@ def _print_how_to_finish(
                     "before it was written): resume it (without --no-resume), which lists it"
                 )
             commands += _train_commands(args, [(condition, seed)], resume=True)
-        elif position == index and isinstance(error, TrainingDivergedError):
+        elif position == index and ending == "diverged":
+            assert isinstance(error, TrainingDivergedError), error
             needs = _diverged_run(condition, seed, error)
         else:
             if position == index and ending == "stopped":
