@@ -1398,3 +1398,67 @@ def test_a_batch_mean_taken_before_every_attributed_router_is_not_refused():
     for key, values in result.per_prompt.items():
         np.testing.assert_array_equal(again.per_prompt[key], values)
     assert all(param.requires_grad for param in model.parameters())
+
+
+def test_a_hook_or_a_metric_that_mixes_the_prompts_of_a_pass_is_refused():
+    """A user's hook that mixes the prompts of a pass (a mean over the batch, a roll) or
+    a callable metric that does (values minus their batch mean) couples the prompts like
+    a ``value="mean"`` patch: one backward of the summed metric put the other prompts'
+    changes in each prompt's estimate. The cell means were first-order right, the
+    per-prompt estimates and their intervals were not each prompt's own, silently
+    (audit 235, this model and batch: under a batch mean of layer 1's ``hook_attn_out``
+    the per-prompt estimates were up to 0.0098 off the central difference of each
+    prompt's metric, largest estimate 0.035; under the roll 0.024 off, largest 0.15;
+    with the batch-centred metric every estimate was 0, the summed metric being
+    constant, where each prompt's derivative reached 0.072; the cell means within
+    3e-11). A probe backward refuses it; a hook or metric acting on each prompt alone,
+    and one prompt, are not refused, and their per-prompt estimates are the central
+    differences of each prompt's metric."""
+    model = routed_model("kimi", scale=0.15, n_layers=3, attnres_num_blocks=3)
+    batch = random_batch(n=6, seed=1)
+    kwargs = dict(groups="layers", n_bootstrap=20, progress=False)
+
+    def batch_mean(x, hook):
+        return x.mean(0, keepdim=True).expand_as(x)
+
+    def roll_by_2(x, hook):
+        return 0.5 * (x + x.roll(2, 0))
+
+    def rescale(x, hook):  # each prompt alone
+        return 1.1 * x
+
+    def centred(b, logits):
+        values = metric_values(b, logits, "logit_diff")
+        return values - values.mean()
+
+    def shifted(b, logits):  # each prompt alone
+        return metric_values(b, logits, "logit_diff") - 1.0
+
+    message = "prompts of a pass are coupled.*'logit_diff'.*act on each prompt alone"
+    for hook in (batch_mean, roll_by_2):
+        for method in ("linear", "norm"):
+            with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", hook)]):
+                with pytest.raises(ValueError, match=message):
+                    attribute_routing(model, batch, method=method, **kwargs)
+    with pytest.raises(ValueError, match="prompts of a pass are coupled.*'centred'"):
+        attribute_routing(model, batch, ["logit_diff", centred], **kwargs)
+    assert all(param.requires_grad for param in model.parameters())  # restored
+    # one prompt (each chunk of one) has no other to couple to
+    with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", batch_mean)]):
+        with pytest.warns(RuntimeWarning, match="needs at least 2 prompts"):
+            attribute_routing(model, batch[:1], **kwargs)
+        attribute_routing(model, batch, chunk=1, **kwargs)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", rescale)]):
+        result = attribute_routing(model, batch, [shifted], **kwargs)
+        checked = 0
+        for i, cell in enumerate(result.plan):
+            if cell.is_noop or cell.group != "layer 0":
+                continue
+            site, mask = cell.ablation.masks[0]
+            new = masked_weights(model, batch, site, mask)
+            expected = central_difference(model, batch, site, new, metric=shifted)
+            np.testing.assert_allclose(
+                result.per_prompt[("linear", "shifted")][i], expected.numpy(), atol=1e-6
+            )
+            checked += 1
+    assert checked >= 2

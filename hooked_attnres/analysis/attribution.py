@@ -288,6 +288,59 @@ def _gradients(
     return out
 
 
+def _require_separable(
+    values: Float[Tensor, " batch"],
+    captures: dict[RouterSite, _Capture],
+    need_norm: bool,
+    grads: dict[RouterSite, tuple[Tensor, Optional[Tensor]]],
+    retain: bool,
+    name: str,
+) -> None:
+    """Refuse a pass whose prompts are coupled: the metric of one prompt depending on
+    another prompt's routing weights, through a hook that mixes the prompts of a pass
+    (a batch mean, ``x.roll(1, 0)``) or a callable metric that does (values minus their
+    batch mean). The estimates take the gradient of the *summed* metric at each prompt's
+    weights as that prompt's own; coupled, it holds the other prompts' changes too
+    (the cell means stay first-order right, the per-prompt estimates and intervals do
+    not).
+
+    The probe: one more backward, of the metric summed over the prompts ``S`` of even
+    Thue-Morse colour (``j`` with an even number of 1 bits). For prompts that do not
+    interact its gradient is ``grads``' at the prompts of ``S`` (the same arithmetic:
+    equal to the bit in practice) and exactly 0 at the others; a coupling between a
+    prompt of ``S`` and one outside it (in either direction) shows. The colouring has
+    no period, so a mix of every prompt, or of each with the one ``d`` places on (a
+    roll), always crosses it; a coupling confined to prompts of one colour (only
+    prompts 0 and 3, say) is not seen."""
+    n = len(values)
+    chosen = [bin(j).count("1") % 2 == 0 for j in range(n)]
+    scales = torch.tensor(chosen, dtype=values.dtype, device=values.device)
+    probed = _gradients(values * scales, captures, need_norm, retain)
+    worst, largest = 0.0, 0.0
+    for site, pair in probed.items():
+        for got, plain in zip(pair, grads[site], strict=True):
+            if got is None or plain is None:
+                continue
+            expected = plain * scales.to(plain.dtype).reshape(-1, *[1] * (plain.ndim - 1))
+            worst = max(worst, float((got - expected).abs().nan_to_num(0.0).max()))
+            for side in (expected, got):  # a summed metric that is constant: plain is 0
+                largest = max(largest, float(side.abs().nan_to_num(0.0).max()))
+    # the margin is for a backward kernel whose sum for one prompt depends on the others'
+    if worst > 64 * torch.finfo(values.dtype).eps * largest:
+        raise ValueError(
+            f"the prompts of a pass are coupled: metric {name!r} of one prompt depends on "
+            "another prompt's routing weights (a hook attached to the model mixes the "
+            "prompts of a pass, e.g. a mean over the batch, or the callable metric does, "
+            "e.g. values minus their batch mean; relative size of the coupling "
+            f"{worst / largest:.2g}). The one backward pass of the summed metric would put "
+            "the other prompts' changes in each prompt's estimate: the per-prompt "
+            "estimates and their intervals would not be each prompt's own. Make the hook "
+            "act on each prompt alone (a batch statistic as a fixed tensor from a cache of "
+            "a run of the whole batch), return per-prompt values that read only that "
+            "prompt's logits, or measure the exact effects with ablation_effects"
+        )
+
+
 def _router_estimate(
     method: str,
     model: HookedAttnRes,
@@ -627,8 +680,9 @@ def attribute_routing(
         and ``method``), ``.verify_top(k)`` (exact ablation of the largest estimates).
 
     Cost: one forward pass with the routers observed (their hooked path) plus one backward
-    pass without parameter gradients, about 2.5 F per metric (F = a plain forward pass);
-    ``docs/benchmarks.md`` has the measured number.
+    pass without parameter gradients, about 2.5 F per metric (F = a plain forward pass;
+    one more backward while a hook is attached or for a callable metric: the coupling
+    probe); ``docs/benchmarks.md`` has the measured number.
 
     Raises:
         ValueError: a model in train mode or without routers, ``accuracy`` or an unknown
@@ -637,7 +691,9 @@ def attribute_routing(
             ``value="mean"`` intervention attached whose mean depends on routing weights
             the attribution moves, while more than one prompt is attributed (it couples
             the prompts: `batch_mean_hooks`; a mean taken before every attributed router
-            is allowed).
+            is allowed), and a hook or callable metric that mixes the prompts of a pass
+            (a batch mean, a roll; `_require_separable`'s probe, one more backward per
+            metric while a hook is attached or the metric is a callable).
         TypeError: ``by_position`` that is not True or False (``"False"`` was read as True).
     """
     start_time = time.perf_counter()
@@ -708,11 +764,16 @@ def attribute_routing(
                         "gradient (it returns a detached or piecewise-constant value)"
                     )
                 clean[names[index]][rows] = as_numpy(values)
+                more = index < len(metrics) - 1  # another metric's backward follows
+                # the model treats each prompt alone; what the user adds may not
+                probe = bool(captures) and len(part) > 1 and (every_position or callable(metric))
                 grads = (
-                    _gradients(values, captures, need_norm, retain=index < len(metrics) - 1)
+                    _gradients(values, captures, need_norm, retain=more or probe)
                     if captures
                     else {}
                 )
+                if probe:
+                    _require_separable(values, captures, need_norm, grads, more, names[index])
                 with torch.no_grad():
                     if index == 0:
                         mass_sums += as_numpy(_masked_mass(model, plan, captures, answer_pos))
