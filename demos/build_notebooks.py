@@ -118,6 +118,21 @@ verdicts = motif_verdicts(motifs.reset_index().assign(seed=SEED)).set_index("cla
 print(verdicts.loc["M1"].sentence)
 """
 
+# the routing notebook's mass-versus-effect cell (tests/test_demos.py runs it): the seed
+# paper's question on this model, and the verdict of every claim, not only M1's
+MASS_EFFECT = """
+from hooked_attnres import plotting
+
+# mass of each family over every router of a type (band all) beside the effect of masking it
+# at all of them (group all); whiskers: 95 % bootstrap intervals over the prompts
+display(plotting.mass_effect_bars(tables["mass_summary"], tables["effects"],
+                                  title=f"{CONDITION} seed {SEED}: routing mass vs effect"))
+held = motifs.index[motifs.present].tolist()          # claims present on this model
+not_held = motifs.index[~motifs.present].tolist()
+for claim in verdicts.index.drop("M1"):               # M1's sentence is printed above
+    print(verdicts.loc[claim].sentence)
+"""
+
 ROUTING = [
     md(f"""
 # Reading and steering depth routing
@@ -128,9 +143,11 @@ softmax over depth sources (the embedding, completed blocks, the current stream)
 `HookPoint`. On the shipped `{MAIN}` checkpoint (seed 0) we read the routing weights from
 TransformerLens's own `ActivationCache`, name every router by its `RouterSite`, ablate a
 source family with a hook list (the study's M1 ablation, then decided by its pre-registered
-criteria), look through the routing lens, and run TransformerLens's `generate`. Everything
-runs offline in under a minute (42 s on 2 CPU cores shared with other jobs, the kernel's start
-included; the M1 verdict's ablation sweep is 16 s of it); the last cell states what we found.
+criteria), weigh each source family's routing mass against its causal effect, look through
+the routing lens, and run TransformerLens's `generate`. Everything runs offline in under a
+minute, the kernel's start included: 15 s on one torch thread of a quiet machine, 42 s on 2
+CPU cores shared with other jobs (the study's tables for the verdicts, one ablation sweep: 4 s
+and 16 s of it). The last cell states what we found.
 """),
     SETUP,
     md("## The cache is TransformerLens's own `ActivationCache`"),
@@ -173,6 +190,16 @@ The study's own tables for this model (`study_condition`, `motif_report`) decide
 """),
     code(M1_VERDICT),
     md("""
+## Mass versus effect, and the seed paper's other claims on this model
+
+The seed paper's question: is the family with the most routing mass the one whose masking
+does the most harm? The same tables decide every pre-registered claim (M1-M3, D1-D3) on
+this model; the figure and the sentences are computed from them, so they hold for any
+`CONDITION` and `SEED` you set above (one seed decides nothing across seeds: the shipped
+report gives every seed).
+"""),
+    code(MASS_EFFECT),
+    md("""
 ## The routing lens
 
 What the final readout would say from the sources that exist entering each layer; exact at
@@ -209,6 +236,8 @@ print(f"On {CONDITION} seed {SEED} ({len(batch)} held-out prompts, accuracy "
       f"{effect_text(masked_effect)} (95 % bootstrap interval over the prompts), so the "
       f"seed paper's M1 motif is {m1_text} (docs/study.md); uniform "
       f"weights in every attention and MLP router change it by {effect_text(uniform_effect)}. "
+      f"Of the pre-registered claims, this model shows {', '.join(held) or 'none'} and not "
+      f"{', '.join(not_held) or 'none'} (its verdicts above). "
       + (f"The routing lens first ranks the answer on top for most prompts at {first_correct[0]} "
          f"({first_correct[1]:.0%} of them)" if first_correct else
          "The routing lens ranks the answer on top for most prompts at no state")
@@ -264,9 +293,9 @@ say which). Every whisker, on an effect or on a routing mass, is a 95 % percenti
 interval over the held-out prompts (the prompts of each model are resampled). The last cell
 states the verdicts in the words of the shipped report
 (`hooked_attnres.study.verdict_sentences`). The first code cell studies all 17 shipped models
-on 256 prompts each, without a progress bar: 2 to 4 minutes (122 s on one torch thread of a
-quiet machine; 190 s and 212 s on 2 CPU cores shared with other jobs); every cell after it
-takes well under a second.
+on 256 prompts each, without a progress bar: 1 to 4 minutes (66 s and 68 s on one torch
+thread of a quiet machine; 190 s and 212 s on 2 CPU cores shared with other jobs); every cell
+after it takes well under a second.
 """),
     code(f"""
 {PREAMBLE}
@@ -329,7 +358,12 @@ for task in tasks:
 ## M2: {claim_text("M2")}
 
 M2 holds in a seed when it holds at the attention routers (M2-attn) and at the MLP routers
-(M2-mlp); each is also reported alone.
+(M2-mlp); each is also reported alone. Read it beside the recency-wrapped vanilla baselines,
+whose routing is the fixed analytic schedule (the last cell checks it); `docs/study.md` on
+the wrapped baselines of the `paperlike` runs:
+
+> with the wrap's fixed schedule `current` is nearly all of the input, so M2 alone does not
+> separate learned routing from a residual stream.
 """),
     code("""
 for task in tasks:
@@ -397,7 +431,8 @@ context; the metric is the clean answer's logit difference, normalised so 0 is t
 corrupted run and 1 the clean run. We patch routing weights, whole depth states (the
 routed-layout replacement for `resid_pre` patching) and committed blocks, then estimate
 every ablation at once by attribution, verify the largest estimates exactly and compare
-every estimate with the exact sweep. The last cell states what we found.
+every estimate with the exact sweep. Everything runs offline in about 12 s (one torch
+thread of a quiet machine, the kernel's start included). The last cell states what we found.
 """),
     SETUP,
     code("""
@@ -458,7 +493,7 @@ sublayer's RMSNorm times the exact change of its normalised input; `"linear"` st
 routing weights); `verify_top` runs the exact ablation for the cells with the largest
 estimates. A first-order estimate can miss an all-or-nothing ablation entirely
 (`docs/analysis.md`, "Where the linear estimate fails"), so we also run the exact sweep of
-all cells (`ablation_effects`, 64 exact ablations: under 10 s here) and compare.
+all cells (`ablation_effects`, 64 exact ablations: about 3 s here) and compare.
 """),
     code("""
 from hooked_attnres.analysis import ablation_effects, attribute_routing
@@ -498,13 +533,26 @@ top5 = compared.loc[compared.effect.abs().nlargest(5).index]
 rerun = top5.merge(checked[cells], on=cells)   # the 5 largest |exact effects| verify_top re-ran
 missed = top5.merge(checked[cells], on=cells, how="left", indicator=True)
 missed = missed[missed._merge == "left_only"]   # the others, largest |effect| first
+weight_best = float(weights.nan_to_num().max())
+block_layer, block_pos = divmod(int(blocks.nan_to_num(nan=-float("inf")).argmax()),
+                                blocks.shape[1])       # the largest committed-block patch
+weights_and_blocks = (
+    f"the largest routing-weight patch recovers {weight_best:.2g}. "
+    + ("The clean routing weights alone thus restore almost none of the clean run, against 1 "
+       "for the whole depth state: the difference between the runs goes through the sources "
+       "the routers read, not through how they weight them. "
+       if weight_best < 0.01 and len(full) == len(at_last) else "")
+    + (f"Patching one committed block recovers at most {float(blocks[block_layer, block_pos]):.2f} "
+       f"(layer {block_layer}'s, at position {block_pos}). " if not blocks.isnan().all()
+       else "")
+)
 print(f"On {CONDITION} (clean and corrupted prompts differ only at position(s) {differ}): "
       f"patching the whole clean depth state at the last position recovers at least 0.99 of "
       f"the clean-minus-corrupted logit difference entering {len(full)} of "
       f"{len(at_last)} layers (at every other position at most {elsewhere:.2f})"
       + ((", as it must: only the last position differs and attention is causal"
           if as_expected else ", which causality forbids: a bug") if last_only else "")
-      + f"; the largest routing-weight patch recovers {float(weights.nan_to_num().max()):.2g}. "
+      + f"; {weights_and_blocks}"
       f"Attribution took {attribution.seconds:.1f} s for {len(attribution.plan)} cells. "
       f"The largest exact effect is {largest.family} at {largest.router} {largest.group}: "
       f"{largest.effect:+.2f} logits, estimated {largest.estimate:+.3f}"

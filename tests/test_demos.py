@@ -170,6 +170,7 @@ def _last_patching_cell(**overrides):
         differ=[3],
         state=state,
         weights=torch.tensor([[0.1, float("nan")]]),
+        blocks=torch.tensor([[float("nan")] * 4, [0.0, 0.0, 0.0, 0.2], [0.0, 0.0, 0.0, 0.07]]),
         attribution=types.SimpleNamespace(seconds=0.5, plan=list(range(6))),
         compared=compared,
         checked=checked,
@@ -505,3 +506,61 @@ def test_motif_notebook_headings_name_each_claim_as_the_report_does():
             assert claim_text(claim).split(": ", 1)[1] == heading[: -len(both)], claim
         else:
             assert headings[claim] == claim_text(claim), claim
+
+
+def test_routing_notebook_shows_which_of_the_papers_claims_its_model_shows(capsys):
+    """The routing notebook decided M1 on its model (absent: 3.3 % of the clean 8.64) and
+    said nothing of the claims that hold there: on hard_cumulative_L8 seed 0 the shipped
+    report has M2-attn (masking `current` in the early attention routers costs 95 % of the
+    clean difference), D1 at the attention routers (top mass `embedding`, top effect
+    `current`: the paper's mass-versus-effect dissociation) and D3 at both router types. A
+    reader of the notebook saw only a claim that does not replicate. It now draws the
+    model's mass beside its effects and prints every claim's verdict from `motif_report`,
+    and its closing sentence names the claims that hold and those that do not."""
+    from hooked_attnres.analysis import motif_report, motif_verdicts
+    from hooked_attnres.study import load_condition, probe_prompts
+
+    model = load_condition("hard_cumulative_L8", seed=0)
+    batch = probe_prompts(model, n_prompts=16, task="hard")
+    shown = []
+    namespace = dict(model=model, batch=batch, SEED=0, CONDITION="hard_cumulative_L8")
+    exec(_builder()["M1_VERDICT"], namespace)
+    capsys.readouterr()
+    namespace["display"] = shown.append  # the kernel's display
+    exec(_builder()["MASS_EFFECT"], namespace)
+    printed = capsys.readouterr().out.splitlines()
+    tables = namespace["tables"]
+    report = motif_report(tables["mass_summary"], tables["effects"])
+    verdicts = motif_verdicts(report.assign(seed=0)).set_index("claim")
+    others = [claim for claim in verdicts.index if claim != "M1"]  # M1's is printed above
+    assert printed[-len(others) :] == [verdicts.loc[c].sentence for c in others]
+    held = report[report.present].claim.tolist()
+    assert held and set(held) != set(report.claim)  # both lists of the summary are shown
+    assert namespace["held"] == held
+    assert namespace["not_held"] == report[~report.present].claim.tolist()
+    (figure,) = shown  # the mass and effect bars of every router type
+    assert {trace.name for trace in figure.data} == {"mass", "ablation effect"}
+    assert "hard_cumulative_L8 seed 0: routing mass vs effect" in figure.layout.title.text
+    source = _builder()["NOTEBOOKS"]["01_routing_hooks.ipynb"][-1].source
+    assert "this model shows {', '.join(held) or 'none'} and not" in source
+
+
+def test_patching_summary_says_what_the_weight_and_block_patches_recover():
+    """On hard_cumulative_L8 the committed-block patch at the last position recovers 0.20
+    of the clean-minus-corrupted difference at layer 1 (0.07 at layer 3, 0.02 at layer 5),
+    and the routing-weight patch at most 0.00057, beside 1 for the whole depth state: the
+    summary gave the weights' number without what it means and said nothing of the
+    blocks' heatmap. Both are stated now, computed from the patching results."""
+    import torch
+
+    text = _last_patching_cell(weights=torch.tensor([[0.00057, float("nan")]]))
+    assert (
+        "recovers 0.00057. The clean routing weights alone thus restore almost none of the "
+        "clean run, against 1 for the whole depth state: the difference between the runs goes "
+        "through the sources the routers read, not through how they weight them. Patching one "
+        "committed block recovers at most 0.20 (layer 1's, at position 3). Attribution" in text
+    )
+    strong = _last_patching_cell(weights=torch.tensor([[0.3, float("nan")]]))
+    assert "restore almost none" not in strong and "recovers 0.3. Patching one" in strong
+    no_blocks = _last_patching_cell(blocks=torch.full((3, 4), float("nan")))
+    assert "committed block" not in no_blocks
