@@ -2642,6 +2642,20 @@ def _console_script() -> str:
     return f"import sys\nfrom {module} import {function}\nsys.exit({function}())"
 
 
+def _entry_point_run(tmp_path, sitecustomize: str, how: str) -> tuple[list[str], dict]:
+    """``(command, env)`` that runs ``hooked-attnres list`` through the entry point ``how``
+    names ("the console script" or ``python -m``), with ``sitecustomize`` (its text) on
+    the child's path."""
+    (tmp_path / "sitecustomize.py").write_text(sitecustomize)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    if how == "the console script":
+        command = [sys.executable, "-c", _console_script(), "list"]
+    else:
+        command = [sys.executable, "-m", "hooked_attnres", "list"]
+    return command, env
+
+
 @pytest.mark.parametrize("how", ["the console script", "python -m hooked_attnres"])
 def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback(how, tmp_path):
     """Audit 229: Ctrl-C in the first moments of a command, while Python imports the
@@ -2652,13 +2666,7 @@ def test_ctrl_c_while_the_command_line_is_imported_exits_130_without_a_traceback
     here (`SLOW_IMPORT`) and SIGINT sent once it does, so the moment is the same each run."""
     import signal
 
-    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    if how == "the console script":
-        command = [sys.executable, "-c", _console_script(), "list"]
-    else:
-        command = [sys.executable, "-m", "hooked_attnres", "list"]
+    command, env = _entry_point_run(tmp_path, SLOW_IMPORT, how)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
     )
@@ -2706,13 +2714,7 @@ def test_sigterm_outside_mains_handling_exits_143_with_its_own_line(how, tmp_pat
     ``KeyboardInterrupt``) raised where `main` no longer handles it printed
     ``hooked-attnres: interrupted`` and exited 130, not SIGTERM's line and 143; under
     ``python -m`` the ``__main__`` module and the one the command line imports are two."""
-    (tmp_path / "sitecustomize.py").write_text(TERMINATED_OUTSIDE_MAIN)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    if how == "the console script":
-        command = [sys.executable, "-c", _console_script(), "list"]
-    else:
-        command = [sys.executable, "-m", "hooked_attnres", "list"]
+    command, env = _entry_point_run(tmp_path, TERMINATED_OUTSIDE_MAIN, how)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (
         143,
